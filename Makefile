@@ -1,0 +1,71 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both create what they need.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+PYTHON  ?= python3
+PKGS    := indexer publisher
+PROTO_OUT := indexer/_proto
+
+.PHONY: setup redis-server test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc proto clean
+
+setup: $(STAMP) redis-server
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# redis-server comes from Debian's package; install it when missing and we can.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing redis-server with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	  else \
+	    echo "redis-server is missing: install Debian's redis-server package" >&2; exit 1; \
+	  fi; }
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(PKGS) tests bench
+	$(VENV)/bin/mypy
+
+typecheck: lint
+
+pytest: setup
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+test: setup lint pytest
+
+run: setup
+	$(VENV)/bin/kv-indexer serve
+
+demo: setup
+	$(VENV)/bin/python -m indexer.demo
+
+proto: $(STAMP)
+	$(PY) -m indexer._protogen
+
+bench: bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild
+
+bench-keys: setup
+	$(PY) -m bench.keys
+
+bench-memory: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m bench.memory_vs_dynamo
+
+bench-redis: setup
+	$(PY) -m bench.redis_backend
+
+bench-events: setup
+	$(PY) -m bench.event_path
+
+bench-grpc: setup
+	$(PY) -m bench.grpc_score
+
+bench-rebuild: setup
+	$(PY) -m bench.rebuild
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,146 @@
+"""Redis backend: ingest rate, Score latency and memory per entry (`make bench-redis`).
+
+Starts a private redis-server (or uses --redis-url), ingests a generated shared-prefix
+workload of 64 workers and >= 1M blocks through `RedisIndex.apply` from one process, then
+times Score for 8,192-token queries. Targets (issue 2): ingest >= 300k blocks/s, Score p99
+<= 1.5 ms, <= 100 bytes of Redis memory per (block, worker) entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from bench.report import verdict, write_section
+from bench.workload import make_workload
+from indexer.index.protocol import ScoreQuery
+from indexer.index.redis import RedisIndex
+from indexer.keys import block_keys_for_tokens
+from tests.servers import RedisServer
+
+MODEL = "bench/model"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run(args: argparse.Namespace, url: str) -> str:
+    t0 = time.perf_counter()
+    workload = make_workload(args.workers, args.blocks, n_queries=args.queries)
+    batches = workload.batches(MODEL)
+    print(f"workload: {workload.blocks:,} blocks in {len(batches):,} batches "
+          f"({time.perf_counter() - t0:.1f}s to generate)")
+
+    admin = aioredis.Redis.from_url(url)
+    await admin.flushall()
+    mem_before = int((await admin.info("memory"))["used_memory"])
+    index = RedisIndex.from_url(url)
+
+    gc.collect()
+    start = time.perf_counter()
+    for i in range(0, len(batches), args.chunk):
+        await index.apply(batches[i : i + args.chunk])
+    ingest_s = time.perf_counter() - start
+    ingest_rate = workload.blocks / ingest_s
+
+    mem_after = int((await admin.info("memory"))["used_memory"])
+    workers = await index.workers(MODEL)
+    entries = sum(sum(w.blocks_by_tier.values()) for w in workers)
+    distinct = await admin.hlen(f"kvi:{{m:{_escape(MODEL)}}}:blk")
+    bytes_per_entry = (mem_after - mem_before) / max(entries, 1)
+    print(f"ingest: {ingest_rate:,.0f} blocks/s; {entries:,} entries, {distinct:,} distinct "
+          f"blocks; {bytes_per_entry:.1f} bytes per entry")
+
+    queries = workload.queries
+    score_only: list[float] = []
+    with_hash: list[float] = []
+    matched = 0
+    for rep in range(args.reps + 1):
+        for tokens in queries:
+            t_hash = time.perf_counter()
+            keys = block_keys_for_tokens(tokens, 16, MODEL)
+            t_score = time.perf_counter()
+            result = await index.score(ScoreQuery(model=MODEL, block_keys=keys))
+            t_end = time.perf_counter()
+            if rep:  # rep 0 warms up
+                score_only.append((t_end - t_score) * 1e6)
+                with_hash.append((t_end - t_hash) * 1e6)
+                matched += bool(result.scores)
+    await index.close()
+    await admin.aclose()
+
+    p50, p99 = statistics.median(score_only), pct(score_only, 0.99)
+    h50, h99 = statistics.median(with_hash), pct(with_hash, 0.99)
+    print(f"score: p50 {p50:.0f} us, p99 {p99:.0f} us; with hashing p50 {h50:.0f} us, "
+          f"p99 {h99:.0f} us; {matched}/{len(score_only)} queries had a hit")
+    rows = "\n".join(f"| {k} | {v} |" for k, v in workload.describe().items())
+    ingest_ok = verdict(ingest_rate >= 300_000)
+    memory_ok = verdict(bytes_per_entry <= 100)
+    return f"""Private redis-server {await _redis_version(url)} on loopback, one client process
+(redis-py asyncio + hiredis), `RedisIndex.apply` in chunks of {args.chunk} batches (one
+pipeline each, one atomic Lua call per batch).
+
+| workload | |
+|---|---|
+{rows}
+
+| figure | measured | target | |
+|---|---:|---:|---|
+| ingest, blocks/s (hashing included) | {ingest_rate:,.0f} | >= 300,000 | {ingest_ok} |
+| Redis memory per (block, worker) entry | {bytes_per_entry:.1f} B | <= 100 B | {memory_ok} |
+| Score p50 (8,192 tokens, {args.workers} workers, {distinct:,} blocks) | {p50:,.0f} us | | |
+| Score p99 | {p99:,.0f} us | <= 1,500 us | {verdict(p99 <= 1500)} |
+| Score incl. hashing the prompt, p50 / p99 | {h50:,.0f} / {h99:,.0f} us | | |
+
+{entries:,} (block, worker, tier) entries; used_memory grew by {mem_after - mem_before:,} bytes
+(blocks hash, per-worker engine-hash maps and ghost lists together). {len(score_only):,} timed
+queries ({args.reps} passes over {len(queries)}), {matched:,} with at least one hit.
+"""
+
+
+def _escape(model: str) -> str:
+    from publisher.bus import escape_token
+
+    return escape_token(model)
+
+
+async def _redis_version(url: str) -> str:
+    client = aioredis.Redis.from_url(url)
+    info = await client.info("server")
+    await client.aclose()
+    return str(info["redis_version"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workers", type=int, default=64)
+    parser.add_argument("--blocks", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--redis-url", default=None, help="default: a private redis-server")
+    args = parser.parse_args()
+    server = None
+    url = args.redis_url
+    if url is None:
+        server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))).start()
+        url = server.url
+    try:
+        body = asyncio.run(run(args, url))
+    finally:
+        if server is not None:
+            server.stop()
+    write_section("redis", "Redis backend: ingest, Score, memory", "make bench-redis", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Generated from protos/ by `python -m indexer._protogen`; do not edit."""

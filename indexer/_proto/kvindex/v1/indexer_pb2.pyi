@@ -1,0 +1,228 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("model", "lora_name", "cache_salt", "token_ids", "block_keys", "workers", "tier_weights", "include_zero", "block_size")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LORA_NAME_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_KEYS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    TIER_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_ZERO_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    lora_name: str
+    cache_salt: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    block_keys: _containers.RepeatedScalarFieldContainer[int]
+    workers: _containers.RepeatedScalarFieldContainer[str]
+    tier_weights: TierWeights
+    include_zero: bool
+    block_size: int
+    def __init__(self, model: _Optional[str] = ..., lora_name: _Optional[str] = ..., cache_salt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., block_keys: _Optional[_Iterable[int]] = ..., workers: _Optional[_Iterable[str]] = ..., tier_weights: _Optional[_Union[TierWeights, _Mapping]] = ..., include_zero: _Optional[bool] = ..., block_size: _Optional[int] = ...) -> None: ...
+
+class TierWeights(_message.Message):
+    __slots__ = ("gpu", "cpu", "storage", "other")
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_FIELD_NUMBER: _ClassVar[int]
+    OTHER_FIELD_NUMBER: _ClassVar[int]
+    gpu: float
+    cpu: float
+    storage: float
+    other: float
+    def __init__(self, gpu: _Optional[float] = ..., cpu: _Optional[float] = ..., storage: _Optional[float] = ..., other: _Optional[float] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("query_blocks", "scores", "freshness")
+    QUERY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    FRESHNESS_FIELD_NUMBER: _ClassVar[int]
+    query_blocks: int
+    scores: _containers.RepeatedCompositeFieldContainer[WorkerScore]
+    freshness: Freshness
+    def __init__(self, query_blocks: _Optional[int] = ..., scores: _Optional[_Iterable[_Union[WorkerScore, _Mapping]]] = ..., freshness: _Optional[_Union[Freshness, _Mapping]] = ...) -> None: ...
+
+class WorkerScore(_message.Message):
+    __slots__ = ("worker_id", "dp_rank", "matched_blocks", "weighted_score", "blocks_by_tier")
+    class BlocksByTierEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    DP_RANK_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTED_SCORE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_BY_TIER_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    dp_rank: int
+    matched_blocks: int
+    weighted_score: float
+    blocks_by_tier: _containers.ScalarMap[str, int]
+    def __init__(self, worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., matched_blocks: _Optional[int] = ..., weighted_score: _Optional[float] = ..., blocks_by_tier: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class Freshness(_message.Message):
+    __slots__ = ("last_event_age_seconds", "degraded_workers", "rebuilding")
+    LAST_EVENT_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    REBUILDING_FIELD_NUMBER: _ClassVar[int]
+    last_event_age_seconds: float
+    degraded_workers: _containers.RepeatedScalarFieldContainer[str]
+    rebuilding: bool
+    def __init__(self, last_event_age_seconds: _Optional[float] = ..., degraded_workers: _Optional[_Iterable[str]] = ..., rebuilding: _Optional[bool] = ...) -> None: ...
+
+class FindBestWorkerRequest(_message.Message):
+    __slots__ = ("score", "loads", "overlap_weight", "temperature", "seed")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    LOADS_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    score: ScoreRequest
+    loads: _containers.RepeatedCompositeFieldContainer[WorkerLoad]
+    overlap_weight: float
+    temperature: float
+    seed: int
+    def __init__(self, score: _Optional[_Union[ScoreRequest, _Mapping]] = ..., loads: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ..., overlap_weight: _Optional[float] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class WorkerLoad(_message.Message):
+    __slots__ = ("worker_id", "dp_rank", "active_blocks", "waiting_requests", "prefill_tokens_in_flight")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    DP_RANK_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    dp_rank: int
+    active_blocks: int
+    waiting_requests: int
+    prefill_tokens_in_flight: int
+    def __init__(self, worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., active_blocks: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., prefill_tokens_in_flight: _Optional[int] = ...) -> None: ...
+
+class FindBestWorkerResponse(_message.Message):
+    __slots__ = ("worker_id", "dp_rank", "matched_blocks", "candidates", "freshness")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    DP_RANK_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    FRESHNESS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    dp_rank: int
+    matched_blocks: int
+    candidates: _containers.RepeatedCompositeFieldContainer[CandidateCost]
+    freshness: Freshness
+    def __init__(self, worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., matched_blocks: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[CandidateCost, _Mapping]]] = ..., freshness: _Optional[_Union[Freshness, _Mapping]] = ...) -> None: ...
+
+class CandidateCost(_message.Message):
+    __slots__ = ("worker_id", "dp_rank", "matched_blocks", "prefill_blocks", "active_blocks", "cost")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    DP_RANK_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    dp_rank: int
+    matched_blocks: int
+    prefill_blocks: int
+    active_blocks: int
+    cost: float
+    def __init__(self, worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., matched_blocks: _Optional[int] = ..., prefill_blocks: _Optional[int] = ..., active_blocks: _Optional[int] = ..., cost: _Optional[float] = ...) -> None: ...
+
+class ScoreBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[ScoreRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[ScoreRequest, _Mapping]]] = ...) -> None: ...
+
+class ScoreBatchResponse(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[ScoreResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[ScoreResponse, _Mapping]]] = ...) -> None: ...
+
+class ListWorkersRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListWorkersResponse(_message.Message):
+    __slots__ = ("workers",)
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("model", "worker_id", "dp_rank", "epoch", "last_seq", "degraded", "blocks_by_tier", "last_event_age_seconds")
+    class BlocksByTierEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    DP_RANK_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_BY_TIER_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVENT_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    worker_id: str
+    dp_rank: int
+    epoch: int
+    last_seq: int
+    degraded: bool
+    blocks_by_tier: _containers.ScalarMap[str, int]
+    last_event_age_seconds: float
+    def __init__(self, model: _Optional[str] = ..., worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., epoch: _Optional[int] = ..., last_seq: _Optional[int] = ..., degraded: _Optional[bool] = ..., blocks_by_tier: _Optional[_Mapping[str, int]] = ..., last_event_age_seconds: _Optional[float] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("batches_applied", "events_applied", "blocks_stored", "blocks_removed", "duplicates", "stale", "gaps", "resyncs_requested", "dropped", "workers", "lag_seconds")
+    class DroppedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    BATCHES_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_STORED_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    GAPS_FIELD_NUMBER: _ClassVar[int]
+    RESYNCS_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    batches_applied: int
+    events_applied: int
+    blocks_stored: int
+    blocks_removed: int
+    duplicates: int
+    stale: int
+    gaps: int
+    resyncs_requested: int
+    dropped: _containers.ScalarMap[str, int]
+    workers: int
+    lag_seconds: float
+    def __init__(self, batches_applied: _Optional[int] = ..., events_applied: _Optional[int] = ..., blocks_stored: _Optional[int] = ..., blocks_removed: _Optional[int] = ..., duplicates: _Optional[int] = ..., stale: _Optional[int] = ..., gaps: _Optional[int] = ..., resyncs_requested: _Optional[int] = ..., dropped: _Optional[_Mapping[str, int]] = ..., workers: _Optional[int] = ..., lag_seconds: _Optional[float] = ...) -> None: ...

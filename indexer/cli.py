@@ -1,0 +1,254 @@
+"""`kv-indexer`: query a running indexer over gRPC, or run one (`serve`).
+
+    kv-indexer score --target HOST:PORT --model M --tokens-file F   (F: JSON list of ids)
+    kv-indexer workers [--model M]
+    kv-indexer stats
+    kv-indexer serve ...                                            (see `serve --help`)
+
+Tables for people by default, `--json` for scripts. `--target` defaults to
+$KV_INDEXER_TARGET, else 127.0.0.1:50051. Exit status: 0 on success, 1 when the call
+failed (the gRPC status and message go to stderr), 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Final, cast
+
+import msgspec
+
+from indexer.client import (
+    DEFAULT_TARGET,
+    IndexerClient,
+    IndexerClientError,
+    IndexerStats,
+    Query,
+    ScoreAnswer,
+    WorkerStatus,
+)
+from indexer.index.protocol import TIERS
+
+__all__ = ["main"]
+
+TARGET_ENV: Final = "KV_INDEXER_TARGET"
+DEFAULT_CLI_TIMEOUT: Final = 5.0
+_MAX_TOKEN: Final = 2**32 - 1
+
+
+class UsageError(Exception):
+    """Bad input the user can fix (exit status 2)."""
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Columns padded to their widest cell; numbers right-aligned."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], int | float) for row in rows) and bool(rows)
+               for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w)
+                 for v, w, num in zip(values, widths, numeric, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(headers), *(line(r) for r in cells)])
+
+
+def _tier_cells(blocks_by_tier: dict[str, int]) -> list[int]:
+    return [blocks_by_tier.get(tier, 0) for tier in TIERS]
+
+
+def read_tokens(path: str) -> list[int]:
+    """Token ids from a JSON list in `path` ("-" = stdin)."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        tokens = json.loads(text)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise UsageError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(tokens, list) or not all(
+        type(t) is int and 0 <= t <= _MAX_TOKEN for t in tokens
+    ):
+        raise UsageError(f"{path} must hold a JSON list of token ids (integers in "
+                         f"[0, {_MAX_TOKEN}])")
+    return tokens
+
+
+def _print_json(value: object) -> None:
+    print(msgspec.json.encode(value).decode())
+
+
+def _show_score(answer: ScoreAnswer) -> None:
+    fresh = answer.freshness
+    degraded = ", ".join(fresh.degraded_workers) or "none"
+    print(f"query: {answer.query_blocks} blocks; last event {fresh.last_event_age_seconds:.1f} "
+          f"s ago; degraded: {degraded}" + ("; index REBUILDING" if fresh.rebuilding else ""))
+    if not answer.scores:
+        print("no worker holds any block of the query")
+        return
+    print(_table(
+        ["WORKER", "RANK", "MATCHED", "WEIGHTED", *(t.upper() for t in TIERS)],
+        [[s.worker_id, s.dp_rank, s.matched_blocks, round(s.weighted_score, 2),
+          *_tier_cells(s.blocks_by_tier)] for s in answer.scores],
+    ))
+
+
+def _show_workers(workers: list[WorkerStatus]) -> None:
+    if not workers:
+        print("no workers")
+        return
+    print(_table(
+        ["MODEL", "WORKER", "RANK", "EPOCH", "SEQ", "DEGRADED", *(t.upper() for t in TIERS),
+         "AGE_S"],
+        [[w.model, w.worker_id, w.dp_rank, w.epoch, w.last_seq, "yes" if w.degraded else "no",
+          *_tier_cells(w.blocks_by_tier), round(w.last_event_age_seconds, 1)]
+         for w in workers],
+    ))
+
+
+def _show_stats(stats: IndexerStats) -> None:
+    rows: list[list[object]] = [
+        [name, getattr(stats, name)] for name in IndexerStats.__struct_fields__
+        if name not in ("dropped", "lag_seconds")
+    ]
+    rows.append(["lag_seconds", round(stats.lag_seconds, 3)])
+    rows.extend([f"dropped[{reason}]", count] for reason, count in sorted(stats.dropped.items()))
+    print(_table(["COUNTER", "VALUE"], rows))
+
+
+def _cmd_score(client: IndexerClient, args: argparse.Namespace) -> int:
+    query = Query(model=args.model, token_ids=read_tokens(args.tokens_file),
+                  lora_name=args.lora_name, cache_salt=args.cache_salt,
+                  workers=args.worker or (), include_zero=args.include_zero,
+                  block_size=args.block_size)
+    answer = client.score(query)
+    if args.json:
+        _print_json(answer)
+    else:
+        _show_score(answer)
+    return 0
+
+
+def _cmd_workers(client: IndexerClient, args: argparse.Namespace) -> int:
+    workers = client.list_workers(args.model)
+    if args.json:
+        _print_json(workers)
+    else:
+        _show_workers(workers)
+    return 0
+
+
+def _cmd_stats(client: IndexerClient, args: argparse.Namespace) -> int:
+    stats = client.stats()
+    if args.json:
+        _print_json(stats)
+    else:
+        _show_stats(stats)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--target", default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
+                        help=f"indexer gRPC address HOST:PORT (env {TARGET_ENV}; "
+                             f"default %(default)s)")
+    common.add_argument("--timeout", type=float, default=DEFAULT_CLI_TIMEOUT,
+                        help="seconds per call, retries included (default %(default)s)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    parser = argparse.ArgumentParser(
+        prog="kv-indexer", description="Query a running KV-cache indexer, or run one.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    score = sub.add_parser("score", parents=[common], help="score a prompt against the index")
+    score.add_argument("--model", required=True, help="served model name")
+    score.add_argument("--tokens-file", required=True,
+                       help="JSON list of prompt token ids ('-' = stdin)")
+    score.add_argument("--lora-name", default="", help="LoRA adapter (default: base model)")
+    score.add_argument("--cache-salt", default="", help="cache salt (default: none)")
+    score.add_argument("--worker", action="append",
+                       help="only consider this worker id (repeatable)")
+    score.add_argument("--block-size", type=int, default=0,
+                       help="tokens per block (default: the model's, as the index knows it)")
+    score.add_argument("--include-zero", action="store_true",
+                       help="also list workers with no matched block")
+    score.set_defaults(run=_cmd_score)
+    workers = sub.add_parser("workers", parents=[common], help="list the workers of the index")
+    workers.add_argument("--model", default=None, help="only this model's workers")
+    workers.set_defaults(run=_cmd_workers)
+    stats = sub.add_parser("stats", parents=[common], help="event pipeline and index counters")
+    stats.set_defaults(run=_cmd_stats)
+    sub.add_parser("serve", help="run the indexer service (kv-indexer serve --help)",
+                   add_help=False)
+    sub.add_parser("rebuild", help="make every indexer rebuild from snapshots + stream "
+                   "(kv-indexer rebuild --help)", add_help=False)
+    sub.add_parser("bench", help="benchmarks: kv-indexer bench routing --help",
+                   add_help=False)
+    return parser
+
+
+def _rebuild(argv: list[str]) -> int:
+    """`kv-indexer rebuild`: every indexer on this NATS rebuilds every partition."""
+    parser = argparse.ArgumentParser(prog="kv-indexer rebuild", description=(
+        "Ask every running indexer (and any started later) to rebuild each partition from "
+        "its newest snapshot and the stream after it."))
+    parser.add_argument("--nats-url", default=os.environ.get("KV_INDEXER_NATS_URL"),
+                        help="NATS the indexers use (env KV_INDEXER_NATS_URL)")
+    parser.add_argument("--partitions", type=int,
+                        default=int(os.environ.get("KV_INDEXER_PARTITIONS", "8")),
+                        help="stream partitions (env KV_INDEXER_PARTITIONS; default 8)")
+    args = parser.parse_args(argv)
+    if not args.nats_url:
+        parser.error("--nats-url is required (or KV_INDEXER_NATS_URL)")
+    recovery = importlib.import_module("indexer.recovery")
+    asyncio.run(recovery.request_rebuild(args.nats_url, args.partitions))
+    print(f"rebuild requested for {args.partitions} partitions")
+    return 0
+
+
+def _bench(argv: list[str]) -> int:
+    if argv[:1] != ["routing"]:
+        print("usage: kv-indexer bench routing [options]  (--help for them)", file=sys.stderr)
+        return 2
+    routing_main = cast(Callable[[list[str]], int],
+                        importlib.import_module("indexer.bench_routing").main)
+    return routing_main(argv[1:])
+
+
+def _serve(argv: list[str]) -> int:
+    """`kv-indexer serve ...`: every argument goes to the service's own parser."""
+    serve_main = cast(Callable[[list[str]], int],
+                      importlib.import_module("indexer.app").main)
+    return serve_main(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["serve"]:
+        return _serve(args_list[1:])
+    if args_list[:1] == ["rebuild"]:
+        return _rebuild(args_list[1:])
+    if args_list[:1] == ["bench"]:
+        return _bench(args_list[1:])
+    parser = _parser()
+    args = parser.parse_args(args_list)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    run = cast(Callable[[IndexerClient, argparse.Namespace], int], args.run)
+    try:
+        with IndexerClient(args.target, timeout=args.timeout) as client:
+            return run(client, args)
+    except UsageError as exc:
+        print(f"kv-indexer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except IndexerClientError as exc:
+        print(f"kv-indexer {args.command}: {exc.code.name}: {exc.details}", file=sys.stderr)
+        return 1

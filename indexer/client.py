@@ -1,0 +1,513 @@
+"""Client of the indexer's gRPC API, with a sync face (`IndexerClient`) and an async face
+(`AsyncIndexerClient`) over shared request building and response conversion.
+
+    with IndexerClient("127.0.0.1:50051") as client:
+        answer = client.score(Query(model="m", token_ids=tokens))
+        choice = client.find_best_worker(Query(model="m", token_ids=tokens),
+                                         loads=[WorkerLoad("w-1", active_blocks=120)])
+
+Every call has a deadline (`timeout`, default 1 s, spanning its retries) and is retried on
+UNAVAILABLE with bounded exponential backoff (all RPCs are reads, so retrying is safe).
+Results are typed structs, never protobuf messages. gRPC errors become:
+
+    IndexerClientError           any failed call; `code` and `details` from the server
+    ├── InvalidArgumentError     the request is malformed (the message names the field)
+    ├── FailedPreconditionError  no live worker for the model, block size unknown
+    ├── UnavailableError         no server, or its index backend is down (after retries)
+    ├── DeadlineExceededError    the call's timeout passed
+    ├── ResourceExhaustedError   a message over the size limit
+    └── InternalError            a bug on the server (it logged the traceback)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Any, Final, Self
+
+import grpc
+import msgspec
+
+from indexer._proto.kvindex.v1 import indexer_pb2 as pb
+from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "DEFAULT_TIMEOUT",
+    "AsyncIndexerClient",
+    "CandidateCost",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "Freshness",
+    "IndexerClient",
+    "IndexerClientError",
+    "IndexerStats",
+    "InternalError",
+    "InvalidArgumentError",
+    "Query",
+    "ResourceExhaustedError",
+    "RetryPolicy",
+    "ScoreAnswer",
+    "TierWeightOverride",
+    "UnavailableError",
+    "WorkerChoice",
+    "WorkerLoad",
+    "WorkerMatch",
+    "WorkerStatus",
+]
+
+DEFAULT_TARGET: Final = "127.0.0.1:50051"
+DEFAULT_TIMEOUT: Final = 1.0
+DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024  # the server's default limit
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+class IndexerClientError(Exception):
+    """A call that failed; `code` is the gRPC status code, `details` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class InvalidArgumentError(IndexerClientError):
+    """The server refused the request as malformed."""
+
+
+class FailedPreconditionError(IndexerClientError):
+    """The index cannot answer yet (no live worker for the model, unknown block size)."""
+
+
+class UnavailableError(IndexerClientError):
+    """The server (or its backend) could not be reached, retries included."""
+
+
+class DeadlineExceededError(IndexerClientError):
+    """The call's timeout passed before an answer."""
+
+
+class ResourceExhaustedError(IndexerClientError):
+    """A message exceeded the size limit (or the server is out of resources)."""
+
+
+class InternalError(IndexerClientError):
+    """The server failed unexpectedly."""
+
+
+_ERRORS: Final[dict[grpc.StatusCode, type[IndexerClientError]]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.INTERNAL: InternalError,
+}
+
+
+def error_from_rpc(exc: grpc.RpcError) -> IndexerClientError:
+    """The typed error of a failed call."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    return _ERRORS.get(code, IndexerClientError)(code, details)
+
+
+# --- requests and results ----------------------------------------------------------------
+
+
+class TierWeightOverride(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-tier weights for one query; None = the server's configured weight."""
+
+    gpu: float | None = None
+    cpu: float | None = None
+    storage: float | None = None
+    other: float | None = None
+
+
+class Query(msgspec.Struct, frozen=True, kw_only=True):
+    """One prefix-overlap query: exactly one of `token_ids` and `block_keys`."""
+
+    model: str
+    token_ids: Sequence[int] | None = None
+    block_keys: Sequence[int] | None = None
+    lora_name: str = ""
+    cache_salt: str = ""
+    workers: Sequence[str] = ()  # candidate worker ids; empty = every live worker
+    tier_weights: TierWeightOverride | None = None
+    include_zero: bool = False
+    block_size: int = 0  # 0 = the model's block size as the index learnt it
+
+
+class WorkerLoad(msgspec.Struct, frozen=True):
+    """Load the router attributes to one (worker, dp_rank), for FindBestWorker."""
+
+    worker_id: str
+    dp_rank: int = 0
+    active_blocks: int = 0
+    waiting_requests: int = 0
+    prefill_tokens_in_flight: int = 0
+
+
+class Freshness(msgspec.Struct, frozen=True):
+    last_event_age_seconds: float
+    degraded_workers: list[str]
+    rebuilding: bool
+
+
+class WorkerMatch(msgspec.Struct, frozen=True):
+    worker_id: str
+    dp_rank: int
+    matched_blocks: int
+    weighted_score: float
+    blocks_by_tier: dict[str, int]
+
+
+class ScoreAnswer(msgspec.Struct, frozen=True):
+    query_blocks: int
+    scores: list[WorkerMatch]  # matched_blocks desc, then worker_id, dp_rank
+    freshness: Freshness
+
+
+class CandidateCost(msgspec.Struct, frozen=True):
+    worker_id: str
+    dp_rank: int
+    matched_blocks: int
+    prefill_blocks: int
+    active_blocks: int
+    cost: float
+
+
+class WorkerChoice(msgspec.Struct, frozen=True):
+    worker_id: str
+    dp_rank: int
+    matched_blocks: int
+    candidates: list[CandidateCost]  # cost ascending
+    freshness: Freshness
+
+
+class WorkerStatus(msgspec.Struct, frozen=True):
+    model: str
+    worker_id: str
+    dp_rank: int
+    epoch: int
+    last_seq: int
+    degraded: bool
+    blocks_by_tier: dict[str, int]
+    last_event_age_seconds: float
+
+
+class IndexerStats(msgspec.Struct, frozen=True):
+    batches_applied: int
+    events_applied: int
+    blocks_stored: int
+    blocks_removed: int
+    duplicates: int
+    stale: int
+    gaps: int
+    resyncs_requested: int
+    dropped: dict[str, int]
+    workers: int
+    lag_seconds: float
+
+
+def _score_request(query: Query) -> pb.ScoreRequest:
+    if isinstance(query.token_ids, bytes | bytearray | memoryview):
+        # A bytes object is a Sequence[int] of bytes, not of token ids: refuse, not guess.
+        raise TypeError("Query.token_ids must be a sequence of ints, not bytes "
+                        "(unpack packed u32 tokens first)")
+    request = pb.ScoreRequest(
+        model=query.model, lora_name=query.lora_name, cache_salt=query.cache_salt,
+        workers=query.workers, include_zero=query.include_zero, block_size=query.block_size,
+    )
+    if query.token_ids is not None:
+        request.token_ids.extend(query.token_ids)
+    if query.block_keys is not None:
+        request.block_keys.extend(query.block_keys)
+    weights = query.tier_weights
+    if weights is not None:
+        request.tier_weights.SetInParent()
+        for name in ("gpu", "cpu", "storage", "other"):
+            value = getattr(weights, name)
+            if value is not None:
+                setattr(request.tier_weights, name, value)
+    return request
+
+
+def _find_request(
+    query: Query,
+    loads: Sequence[WorkerLoad],
+    overlap_weight: float | None,
+    temperature: float | None,
+    seed: int | None,
+) -> pb.FindBestWorkerRequest:
+    request = pb.FindBestWorkerRequest(
+        score=_score_request(query),
+        loads=[pb.WorkerLoad(worker_id=w.worker_id, dp_rank=w.dp_rank,
+                             active_blocks=w.active_blocks,
+                             waiting_requests=w.waiting_requests,
+                             prefill_tokens_in_flight=w.prefill_tokens_in_flight)
+               for w in loads],
+    )
+    if overlap_weight is not None:
+        request.overlap_weight = overlap_weight
+    if temperature is not None:
+        request.temperature = temperature
+    if seed is not None:
+        request.seed = seed
+    return request
+
+
+def _freshness(msg: pb.Freshness) -> Freshness:
+    return Freshness(msg.last_event_age_seconds, list(msg.degraded_workers), msg.rebuilding)
+
+
+def _score_answer(msg: pb.ScoreResponse) -> ScoreAnswer:
+    return ScoreAnswer(
+        msg.query_blocks,
+        [WorkerMatch(s.worker_id, s.dp_rank, s.matched_blocks, s.weighted_score,
+                     dict(s.blocks_by_tier)) for s in msg.scores],
+        _freshness(msg.freshness),
+    )
+
+
+def _worker_choice(msg: pb.FindBestWorkerResponse) -> WorkerChoice:
+    return WorkerChoice(
+        msg.worker_id, msg.dp_rank, msg.matched_blocks,
+        [CandidateCost(c.worker_id, c.dp_rank, c.matched_blocks, c.prefill_blocks,
+                       c.active_blocks, c.cost) for c in msg.candidates],
+        _freshness(msg.freshness),
+    )
+
+
+def _worker_statuses(msg: pb.ListWorkersResponse) -> list[WorkerStatus]:
+    return [WorkerStatus(w.model, w.worker_id, w.dp_rank, w.epoch, w.last_seq, w.degraded,
+                         dict(w.blocks_by_tier), w.last_event_age_seconds)
+            for w in msg.workers]
+
+
+def _indexer_stats(msg: pb.GetStatsResponse) -> IndexerStats:
+    return IndexerStats(msg.batches_applied, msg.events_applied, msg.blocks_stored,
+                        msg.blocks_removed, msg.duplicates, msg.stale, msg.gaps,
+                        msg.resyncs_requested, dict(msg.dropped), msg.workers, msg.lag_seconds)
+
+
+# --- retries -----------------------------------------------------------------------------
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """Retries of UNAVAILABLE calls: exponential backoff with jitter, within the deadline."""
+
+    max_attempts: int = 4
+    initial_backoff: float = 0.05
+    max_backoff: float = 1.0
+    multiplier: float = 2.0
+    jitter: float = 0.2  # each delay is scaled by a random factor in [1 - jitter, 1 + jitter]
+
+    def delays(self) -> Iterator[float]:
+        """The sleep before each retry (max_attempts - 1 of them)."""
+        backoff = self.initial_backoff
+        for _ in range(self.max_attempts - 1):
+            yield min(backoff, self.max_backoff) * random.uniform(1 - self.jitter,
+                                                                  1 + self.jitter)
+            backoff *= self.multiplier
+
+
+class _Attempts:
+    """The deadline of one call and what is left of its retries."""
+
+    __slots__ = ("deadline", "delays")
+
+    def __init__(self, timeout: float, retry: RetryPolicy) -> None:
+        self.deadline = time.monotonic() + timeout
+        self.delays = retry.delays()
+
+    def remaining(self) -> float:
+        return max(self.deadline - time.monotonic(), 0.0)
+
+    def retry_delay(self, exc: grpc.RpcError) -> float | None:
+        """How long to wait before trying again, or None to give up with `exc`."""
+        if not hasattr(exc, "code") or exc.code() != grpc.StatusCode.UNAVAILABLE:
+            return None
+        delay = next(self.delays, None)
+        if delay is None or time.monotonic() + delay >= self.deadline:
+            return None
+        return delay
+
+
+# --- the two faces -----------------------------------------------------------------------
+
+
+class _BaseClient:
+    """Settings, channel options and deadlines shared by both faces."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            # Reconnect quickly after the indexer restarts (gRPC's default starts at 1 s).
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+            *options,
+        ]
+        self._channel = self._open_channel()
+        self._stub = pb_grpc.KvIndexerStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def _open_channel(self) -> Any:
+        raise NotImplementedError
+
+    def _attempts(self, timeout: float | None) -> _Attempts:
+        return _Attempts(self.timeout if timeout is None else timeout, self.retry)
+
+
+class IndexerClient(_BaseClient):
+    """Blocking client; one channel, safe to share between threads."""
+
+    def _open_channel(self) -> Any:
+        return grpc.insecure_channel(self.target, options=self._options)
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        attempts = self._attempts(timeout)
+        while True:
+            try:
+                return method(request, timeout=attempts.remaining())
+            except grpc.RpcError as exc:
+                delay = attempts.retry_delay(exc)
+                if delay is None:
+                    raise error_from_rpc(exc) from exc
+            time.sleep(delay)
+
+    def score(self, query: Query, *, timeout: float | None = None) -> ScoreAnswer:
+        """Per (worker, dp_rank), the leading query blocks it holds."""
+        return _score_answer(self._call(self._stub.Score, _score_request(query), timeout))
+
+    def find_best_worker(
+        self,
+        query: Query,
+        loads: Sequence[WorkerLoad] = (),
+        *,
+        overlap_weight: float | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+        timeout: float | None = None,
+    ) -> WorkerChoice:
+        """The worker with the lowest overlap + load cost (see docs/grpc.md)."""
+        request = _find_request(query, loads, overlap_weight, temperature, seed)
+        return _worker_choice(self._call(self._stub.FindBestWorker, request, timeout))
+
+    def score_batch(
+        self, queries: Sequence[Query], *, timeout: float | None = None
+    ) -> list[ScoreAnswer]:
+        """Several queries in one round trip; answers in query order."""
+        request = pb.ScoreBatchRequest(requests=[_score_request(q) for q in queries])
+        response = self._call(self._stub.ScoreBatch, request, timeout)
+        return [_score_answer(r) for r in response.responses]
+
+    def list_workers(
+        self, model: str | None = None, *, timeout: float | None = None
+    ) -> list[WorkerStatus]:
+        """The workers the index holds (of one model, or of all)."""
+        request = pb.ListWorkersRequest(model=model or "")
+        return _worker_statuses(self._call(self._stub.ListWorkers, request, timeout))
+
+    def stats(self, *, timeout: float | None = None) -> IndexerStats:
+        """Event pipeline and index counters."""
+        return _indexer_stats(self._call(self._stub.GetStats, pb.GetStatsRequest(), timeout))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncIndexerClient(_BaseClient):
+    """asyncio client; create and use it on one event loop."""
+
+    def _open_channel(self) -> Any:
+        return grpc.aio.insecure_channel(self.target, options=self._options)
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        attempts = self._attempts(timeout)
+        while True:
+            try:
+                return await method(request, timeout=attempts.remaining())
+            except grpc.RpcError as exc:
+                delay = attempts.retry_delay(exc)
+                if delay is None:
+                    raise error_from_rpc(exc) from exc
+            await asyncio.sleep(delay)
+
+    async def score(self, query: Query, *, timeout: float | None = None) -> ScoreAnswer:
+        """Per (worker, dp_rank), the leading query blocks it holds."""
+        return _score_answer(await self._call(self._stub.Score, _score_request(query), timeout))
+
+    async def find_best_worker(
+        self,
+        query: Query,
+        loads: Sequence[WorkerLoad] = (),
+        *,
+        overlap_weight: float | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+        timeout: float | None = None,
+    ) -> WorkerChoice:
+        """The worker with the lowest overlap + load cost (see docs/grpc.md)."""
+        request = _find_request(query, loads, overlap_weight, temperature, seed)
+        return _worker_choice(await self._call(self._stub.FindBestWorker, request, timeout))
+
+    async def score_batch(
+        self, queries: Sequence[Query], *, timeout: float | None = None
+    ) -> list[ScoreAnswer]:
+        """Several queries in one round trip; answers in query order."""
+        request = pb.ScoreBatchRequest(requests=[_score_request(q) for q in queries])
+        response = await self._call(self._stub.ScoreBatch, request, timeout)
+        return [_score_answer(r) for r in response.responses]
+
+    async def list_workers(
+        self, model: str | None = None, *, timeout: float | None = None
+    ) -> list[WorkerStatus]:
+        """The workers the index holds (of one model, or of all)."""
+        request = pb.ListWorkersRequest(model=model or "")
+        return _worker_statuses(await self._call(self._stub.ListWorkers, request, timeout))
+
+    async def stats(self, *, timeout: float | None = None) -> IndexerStats:
+        """Event pipeline and index counters."""
+        response = await self._call(self._stub.GetStats, pb.GetStatsRequest(), timeout)
+        return _indexer_stats(response)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

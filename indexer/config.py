@@ -1,0 +1,140 @@
+"""`kv-indexer serve` settings: every flag has a KV_INDEXER_* environment variable.
+
+Built once from flags and environment into a frozen `ServiceConfig`, validated at start-up
+(a bad value fails with a message naming the setting), then passed down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import msgspec
+
+from indexer.errors import ConfigError
+from indexer.index.protocol import DEFAULT_MAX_QUERY_TOKENS
+from publisher.jetstream import DEFAULT_PARTITIONS
+
+__all__ = ["SETTINGS", "ServiceConfig", "parse_service_config"]
+
+
+class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
+    nats_url: str | None = None  # None: start an embedded nats-server
+    data_dir: Path = Path(".kv-indexer")
+    redis_url: str | None = None  # None: in-memory index
+    grpc_listen: str = "127.0.0.1:50051"
+    metrics_listen: str = "127.0.0.1:9400"  # "" disables /metrics
+    partitions: int = DEFAULT_PARTITIONS
+    liveness_ttl_s: float = 10.0
+    liveness_grace_s: float = 30.0
+    stream_max_age_s: float = 3600.0
+    stream_max_bytes: int = 1 << 30
+    fetch_batch: int = 512
+    apply_chunk: int = 256
+    max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
+    snapshot_every_batches: int = 100_000
+    snapshot_every_s: float = 300.0
+    snapshot_keep: int = 3
+    log_format: str = "auto"  # auto | json | console
+    log_level: str = "info"
+
+
+# (flag, field, type, help) - the env var is KV_INDEXER_<FIELD upper-case>
+SETTINGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--nats-url", "nats_url", str, "NATS server URL; unset: start an embedded nats-server"),
+    ("--data-dir", "data_dir", Path, "data dir of the embedded nats-server (JetStream files)"),
+    ("--redis-url", "redis_url", str, "Redis URL for the index; unset: in-memory index"),
+    ("--grpc-listen", "grpc_listen", str, "gRPC listen address host:port"),
+    ("--metrics-listen", "metrics_listen", str, "Prometheus /metrics address; '' disables"),
+    ("--partitions", "partitions", int, "stream partitions (consumers); same on every process"),
+    ("--liveness-ttl", "liveness_ttl_s", float, "seconds a worker entry lives without refresh"),
+    ("--liveness-grace", "liveness_grace_s", float,
+     "seconds after a worker's entry expires before its blocks are removed"),
+    ("--stream-max-age", "stream_max_age_s", float, "seconds events are kept in the stream"),
+    ("--stream-max-bytes", "stream_max_bytes", int, "bytes kept in the stream"),
+    ("--fetch-batch", "fetch_batch", int, "messages fetched per pull"),
+    ("--apply-chunk", "apply_chunk", int, "batches per index apply call"),
+    ("--max-query-tokens", "max_query_tokens", int, "largest Score query, in tokens"),
+    ("--snapshot-every-batches", "snapshot_every_batches", int,
+     "snapshot a partition after this many batches"),
+    ("--snapshot-every", "snapshot_every_s", float, "or after this many seconds"),
+    ("--snapshot-keep", "snapshot_keep", int, "snapshots kept per partition"),
+    ("--log-format", "log_format", str, "auto (console on a TTY, else JSON), json or console"),
+    ("--log-level", "log_level", str, "debug, info, warning or error"),
+)
+
+
+def env_name(field: str) -> str:
+    return f"KV_INDEXER_{field.upper()}"
+
+
+def parse_service_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> ServiceConfig:
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(prog="kv-indexer serve",
+                                     description="Run the KV-event indexer service.")
+    for flag, field, _kind, help_text in SETTINGS:
+        parser.add_argument(flag, dest=field, default=None,
+                            help=f"{help_text} (env {env_name(field)})")
+    args = parser.parse_args(argv)
+    values: dict[str, object] = {}
+    for _flag, field, kind, _help in SETTINGS:
+        raw = getattr(args, field)
+        source = _flag
+        if raw is None and env_name(field) in environ:
+            raw, source = environ[env_name(field)], env_name(field)
+        if raw is None:
+            continue
+        values[field] = _convert(raw, kind, source)
+    config = ServiceConfig(**values)  # type: ignore[arg-type]
+    validate(config)
+    return config
+
+
+def _convert(raw: str, kind: type, source: str) -> object:
+    if raw == "" and kind is str:
+        return ""
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {raw!r} is not a valid {kind.__name__}") from exc
+
+
+def validate(config: ServiceConfig) -> None:
+    checks = (
+        (config.partitions >= 1, "--partitions must be >= 1"),
+        (config.liveness_ttl_s > 0, "--liveness-ttl must be > 0"),
+        (config.liveness_grace_s >= 0, "--liveness-grace must be >= 0"),
+        (config.fetch_batch >= 1, "--fetch-batch must be >= 1"),
+        (config.apply_chunk >= 1, "--apply-chunk must be >= 1"),
+        (config.max_query_tokens >= 1, "--max-query-tokens must be >= 1"),
+        (config.snapshot_every_batches >= 1, "--snapshot-every-batches must be >= 1"),
+        (config.snapshot_every_s > 0, "--snapshot-every must be > 0"),
+        (config.snapshot_keep >= 1, "--snapshot-keep must be >= 1"),
+        (config.stream_max_age_s > 0, "--stream-max-age must be > 0"),
+        (config.stream_max_bytes > 0, "--stream-max-bytes must be > 0"),
+        (config.log_format in ("auto", "json", "console"),
+         "--log-format must be auto, json or console"),
+        (config.log_level in ("debug", "info", "warning", "error"),
+         "--log-level must be debug, info, warning or error"),
+        (config.grpc_listen == "" or _is_host_port(config.grpc_listen),
+         "--grpc-listen must be host:port (or empty: no gRPC)"),
+        (config.metrics_listen == "" or _is_host_port(config.metrics_listen),
+         "--metrics-listen must be host:port or empty"),
+        (config.nats_url is None or "://" in config.nats_url,
+         "--nats-url must be a URL like nats://host:4222"),
+        (config.redis_url is None or config.redis_url.startswith(("redis://", "rediss://",
+                                                                  "unix://")),
+         "--redis-url must be a redis://, rediss:// or unix:// URL"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _is_host_port(value: str) -> bool:
+    host, _, port = value.rpartition(":")
+    return bool(host) and port.isdigit() and 0 <= int(port) <= 65535

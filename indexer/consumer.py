@@ -1,0 +1,472 @@
+"""JetStream -> index: durable pull consumers, sequence tracking, dead letters, resyncs.
+
+One `PartitionConsumer` per owned partition fetches up to `fetch_batch` messages, decodes
+them, classifies each batch against the `SequenceTracker` (duplicate, stale, gap), applies
+the rest to the index in chunks and acks the fetch with one AckAll ack, only after the index
+has everything. Poison messages are acked, copied to the dead-letter stream with the
+reason, and counted. A backend failure keeps the fetched messages and retries them (telling
+JetStream the work is in progress), so nothing is acked before it is indexed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import gc
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from typing import Final
+
+import msgspec
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import NotFoundError
+
+from indexer.errors import BackendError
+from indexer.index.protocol import Index, ResyncRequest
+from indexer.recovery import SnapshotStore, partition_of, partition_ranks
+from publisher.bus import (
+    DEAD_LETTER_SUBJECT,
+    STREAM_NAME,
+    BusError,
+    EventBatch,
+    UnsupportedSchemaError,
+    block_count,
+    decode_batch,
+)
+from publisher.jetstream import consumer_name, partition_filter, resync_subject
+
+__all__ = [
+    "ConsumerSettings",
+    "ConsumerStats",
+    "PartitionConsumer",
+    "ResyncRequester",
+    "SequenceTracker",
+    "Verdict",
+]
+
+log = structlog.get_logger("indexer.consumer")
+
+_RETRY_BACKOFF_S: Final = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    fetch_batch: int = 512
+    fetch_timeout_s: float = 0.25
+    apply_chunk: int = 256
+    ack_wait_s: float = 30.0
+    resync_min_interval_s: float = 5.0
+    snapshot_every_batches: int = 100_000
+    snapshot_every_s: float = 300.0
+    purge_after_snapshot: bool = True
+    marker_check_s: float = 1.0
+
+
+class ConsumerStats(msgspec.Struct):
+    messages: int = 0
+    batches_applied: int = 0
+    duplicates: int = 0
+    stale: int = 0
+    gaps: int = 0
+    resyncs_requested: int = 0
+    dead_letters: dict[str, int] = msgspec.field(default_factory=dict)
+    backend_retries: int = 0
+    rebuilds: int = 0
+    snapshots: int = 0
+    consumer_restarts: int = 0
+    blocks_seen: int = 0  # blocks named by the events of applied batches
+    last_applied_ts: float = 0.0  # engine timestamp of the newest batch applied
+    last_applied_at: float = 0.0  # wall clock when it was applied
+    # seconds from a batch's timestamp to its application, most recent last (bounded)
+    lag_samples: deque[float] = msgspec.field(default_factory=lambda: deque(maxlen=100_000))
+
+
+class Verdict(enum.Enum):
+    NEXT = "next"  # the expected batch (or the first of a new epoch)
+    GAP = "gap"  # later than expected: batches are missing before it
+    DUPLICATE = "duplicate"
+    STALE = "stale"  # from an older epoch
+
+
+RankKey = tuple[str, str, int]  # model, worker id, dp rank
+
+
+class SequenceTracker:
+    """Where each (model, worker, rank) stands: its epoch and the last seq handed on."""
+
+    def __init__(self) -> None:
+        self._positions: dict[RankKey, tuple[int, int]] = {}
+
+    def seed(self, key: RankKey, epoch: int, last_seq: int) -> None:
+        self._positions[key] = (epoch, last_seq)
+
+    def classify(self, batch: EventBatch, pending: dict[RankKey, tuple[int, int]]) -> Verdict:
+        """Judge `batch` against the committed position, or one staged in `pending`."""
+        key = (batch.model, batch.worker_id, batch.dp_rank)
+        epoch, last = pending.get(key) or self._positions.get(key, (-1, -1))
+        if batch.epoch < epoch:
+            return Verdict.STALE
+        if batch.epoch == epoch and batch.seq <= last:
+            return Verdict.DUPLICATE
+        pending[key] = (batch.epoch, batch.seq)
+        # A new epoch (or a rank seen for the first time) starts at seq 0.
+        expected = last + 1 if batch.epoch == epoch else 0
+        return Verdict.NEXT if batch.seq == expected else Verdict.GAP
+
+    def commit(self, pending: dict[RankKey, tuple[int, int]]) -> None:
+        self._positions.update(pending)
+
+    def forget_partition(self, partition: int, partitions: int) -> None:
+        """Forget every rank of a partition (it is being rebuilt)."""
+        for key in [k for k in self._positions if partition_of(k[0], k[1], partitions)
+                    == partition]:
+            del self._positions[key]
+
+
+class ResyncRequester:
+    """Asks a worker's publisher to re-send its state, at most once per interval per rank."""
+
+    def __init__(self, nc: NatsClient, min_interval_s: float, stats: ConsumerStats) -> None:
+        self._nc = nc
+        self._min_interval_s = min_interval_s
+        self._stats = stats
+        self._last: dict[RankKey, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def request(self, request: ResyncRequest) -> None:
+        key = (request.model, request.worker_id, request.dp_rank)
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < self._min_interval_s:
+            return
+        self._last[key] = now
+        self._stats.resyncs_requested += 1
+        task = asyncio.get_running_loop().create_task(self._send(request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, request: ResyncRequest) -> None:
+        payload = msgspec.json.encode({"dp_rank": request.dp_rank, "epoch": request.epoch,
+                                       "reason": request.reason})
+        subject = resync_subject(request.model, request.worker_id)
+        try:
+            await self._nc.request(subject, payload, timeout=2.0)
+            log.info("resync_requested", model=request.model, worker=request.worker_id,
+                     dp_rank=request.dp_rank, reason=request.reason)
+        except Exception as exc:  # noqa: BLE001 - a missing publisher must not stop ingest
+            log.warning("resync_unanswered", model=request.model, worker=request.worker_id,
+                        dp_rank=request.dp_rank, reason=request.reason, error=repr(exc))
+
+
+class PartitionConsumer:
+    """The durable pull consumer of one stream partition, feeding the index.
+
+    At start it resumes where its durable consumer stopped if the index's marker for the
+    partition matches the recorded one; otherwise it rebuilds the partition (newest valid
+    snapshot, then the stream from the sequence after it). It re-checks the marker while
+    running, so an index that lost its data (Redis flushed or restarted) is rebuilt in
+    place, and it snapshots the partition every `snapshot_every_batches` batches or
+    `snapshot_every_s` seconds.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        index: Index,
+        partition: int,
+        *,
+        tracker: SequenceTracker,
+        resync: ResyncRequester,
+        stats: ConsumerStats,
+        settings: ConsumerSettings,
+        snapshots: SnapshotStore | None = None,
+    ) -> None:
+        self.partition = partition
+        self.rebuilding = False
+        self._js = js
+        self._index = index
+        self._tracker = tracker
+        self._resync = resync
+        self._stats = stats
+        self._settings = settings
+        self._snapshots = snapshots
+        self._marker: str | None = None
+        self._marker_checked = 0.0
+        self._last_stream_seq = 0
+        self._batches_since_snapshot = 0
+        self._last_snapshot = time.monotonic()
+        self._rebuild_started = 0.0
+        self._log = log.bind(partition=partition)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fetch, apply and ack until `stop` is set; the batch in hand is finished first."""
+        sub = await self._subscribe(await self._start_seq())
+        self._log.info("partition_consumer_started", rebuilding=self.rebuilding)
+        try:
+            while not stop.is_set():
+                if await self._lost_marker():
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                    sub = await self._subscribe(await self._rebuild("index lost its data"))
+                msgs = await self._fetch(sub)
+                if msgs:
+                    await self.process(msgs, stop)
+                elif self.rebuilding and not await self._finish_rebuild():
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                    sub = await self._subscribe(await self._rebuild("index lost its data"))
+                await self._maybe_snapshot()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            self._log.info("partition_consumer_stopped")
+
+    # --- start, rebuild ----------------------------------------------------------------
+
+    async def _start_seq(self) -> int | None:
+        """None: resume the durable consumer; else the stream sequence to replay from."""
+        if self._snapshots is None:
+            return None
+        expected = await self._snapshots.expected_marker(self.partition)
+        current = await self._index.get_marker(self._marker_name)
+        if expected is not None and current == expected:
+            self._marker = current
+            return None
+        return await self._rebuild("no marker" if current is None else "marker mismatch")
+
+    @property
+    def _marker_name(self) -> str:
+        return f"partition.{self.partition}"
+
+    async def _rebuild(self, reason: str) -> int:
+        """Rebuild the partition (retrying while the backend is unavailable)."""
+        self.rebuilding = True
+        self._stats.rebuilds += 1
+        attempt = 0
+        while True:
+            try:
+                return await self._rebuild_once(reason)
+            except BackendError as exc:
+                attempt += 1
+                delay = _RETRY_BACKOFF_S[min(attempt, len(_RETRY_BACKOFF_S)) - 1]
+                self._log.warning("partition_rebuild_failed", error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+
+    async def _rebuild_once(self, reason: str) -> int:
+        assert self._snapshots is not None
+        started = time.monotonic()
+        await self._index.reset_caches()
+        # A provisional marker: if the index loses its data again while we rebuild, the
+        # marker goes with it and the rebuild starts over instead of trusting a hole.
+        self._marker = f"rebuilding-{uuid.uuid4().hex}"
+        await self._index.set_marker(self._marker_name, self._marker)
+        partitions = self._snapshots.partitions
+        for model, ref in await partition_ranks(self._index, self.partition, partitions):
+            await self._index.remove_worker(model, ref.worker_id)
+        self._tracker.forget_partition(self.partition, partitions)
+        snapshot = await self._snapshots.load_newest(self.partition)
+        start = 1
+        if snapshot is not None:
+            await self._index.import_ranks(snapshot.ranks)
+            for rank in snapshot.ranks:
+                self._tracker.seed((rank.model, rank.worker_id, rank.dp_rank), rank.epoch,
+                                   rank.last_seq)
+            start = snapshot.stream_seq + 1
+        with contextlib.suppress(NotFoundError):
+            await self._js.delete_consumer(STREAM_NAME, consumer_name(self.partition))
+        self._rebuild_started = started
+        # A first start has no marker: that is routine, not a warning.
+        emit = self._log.info if reason == "no marker" else self._log.warning
+        emit("partition_rebuild", reason=reason, from_seq=start,
+             snapshot_ranks=len(snapshot.ranks) if snapshot else 0,
+             load_s=round(time.monotonic() - started, 3))
+        return start
+
+    async def _finish_rebuild(self) -> bool:
+        """Caught up with the stream: record the marker; the partition is trusted again.
+
+        False if the index lost its data during the rebuild (then it starts over)."""
+        assert self._snapshots is not None
+        if await self._index.get_marker(self._marker_name) != self._marker:
+            return False
+        self._marker = await self._snapshots.new_marker(self.partition)
+        await self._index.set_marker(self._marker_name, self._marker)
+        self.rebuilding = False
+        self._marker_checked = time.monotonic()
+        self._log.info("partition_rebuilt",
+                       seconds=round(time.monotonic() - self._rebuild_started, 3))
+        gc.collect()
+        gc.freeze()  # the rebuilt ledgers are long-lived: keep them out of GC passes
+        return True
+
+    async def _lost_marker(self) -> bool:
+        if self._snapshots is None or self._marker is None:
+            return False
+        now = time.monotonic()
+        if now - self._marker_checked < self._settings.marker_check_s:
+            return False
+        self._marker_checked = now
+        assert self._snapshots is not None
+        try:
+            if await self._index.get_marker(self._marker_name) != self._marker:
+                return True  # the index lost its data (Redis flushed, restarted, replaced)
+        except BackendError:
+            return False  # the apply path retries; check again later
+        expected = await self._snapshots.expected_marker(self.partition)
+        # A rebuild in progress owns no recorded marker yet; `kv-indexer rebuild` changes it.
+        return not self.rebuilding and expected != self._marker
+
+    async def _subscribe(self, start_seq: int | None) -> JetStreamContext.PullSubscription:
+        config = js_api.ConsumerConfig(
+            ack_policy=js_api.AckPolicy.ALL, ack_wait=self._settings.ack_wait_s,
+            max_ack_pending=self._settings.fetch_batch * 4,
+            filter_subject=partition_filter(self.partition))
+        if start_seq is not None:
+            config.deliver_policy = js_api.DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = start_seq
+        return await self._js.pull_subscribe(
+            partition_filter(self.partition), durable=consumer_name(self.partition),
+            stream=STREAM_NAME, config=config)
+
+    # --- snapshots ---------------------------------------------------------------------
+
+    async def _maybe_snapshot(self) -> None:
+        if self._snapshots is None or self.rebuilding:
+            return
+        due_batches = self._batches_since_snapshot >= self._settings.snapshot_every_batches
+        due_time = time.monotonic() - self._last_snapshot >= self._settings.snapshot_every_s
+        if not (due_batches or due_time) or self._batches_since_snapshot == 0:
+            return
+        try:
+            await self.snapshot()
+        except BackendError as exc:
+            self._log.warning("snapshot_failed", error=str(exc))  # the next one will do
+
+    async def snapshot(self) -> int:
+        """Snapshot the partition now; returns the snapshot's size in bytes."""
+        assert self._snapshots is not None
+        ranks = await partition_ranks(self._index, self.partition, self._snapshots.partitions)
+        states = await self._index.export_ranks(ranks)
+        if await self._index.get_marker(self._marker_name) != self._marker:
+            self._log.warning("snapshot_skipped", reason="index lost its data")
+            return 0  # what we exported may be a hole: never store it (or purge for it)
+        size = await self._snapshots.save(self.partition, self._last_stream_seq, states)
+        self._stats.snapshots += 1
+        self._batches_since_snapshot = 0
+        self._last_snapshot = time.monotonic()
+        if self._settings.purge_after_snapshot:
+            oldest = await self._snapshots.oldest_kept_seq(self.partition)
+            if oldest is not None:
+                await self._snapshots.purge_below(self.partition, oldest)
+        return size
+
+    async def _fetch(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
+        """What is there now (up to a batch), else wait for the next message only.
+
+        A `fetch(n)` that finds fewer than n messages lingers until n arrive or it times
+        out, which would add up to the timeout to every event's lag on a quiet stream.
+        """
+        try:
+            return await sub.fetch(self._settings.fetch_batch, timeout=0.002)
+        except (NatsTimeoutError, TimeoutError):
+            pass
+        try:
+            return await sub.fetch(1, timeout=self._settings.fetch_timeout_s)
+        except (NatsTimeoutError, TimeoutError):
+            return []
+
+    async def process(self, msgs: Sequence[Msg], stop: asyncio.Event | None = None) -> None:
+        """Handle one fetch; returns once the index has it and JetStream has the ack."""
+        self._stats.messages += len(msgs)
+        self._batches_since_snapshot += len(msgs)
+        pending: dict[RankKey, tuple[int, int]] = {}
+        batches: list[EventBatch] = []
+        for msg in msgs:
+            batch = await self._decode(msg)
+            if batch is not None and self._admit(batch, pending):
+                batches.append(batch)
+        await self._apply_with_retry(batches, msgs, stop)
+        self._tracker.commit(pending)
+        if msgs:
+            self._last_stream_seq = msgs[-1].metadata.sequence.stream
+            await msgs[-1].ack()  # AckAll: acknowledges the whole fetch
+
+    async def _decode(self, msg: Msg) -> EventBatch | None:
+        try:
+            return decode_batch(msg.data)
+        except UnsupportedSchemaError as exc:
+            await self._dead_letter(msg, "unsupported_schema", exc)
+        except BusError as exc:
+            await self._dead_letter(msg, "undecodable", exc)
+        return None
+
+    def _admit(self, batch: EventBatch, pending: dict[RankKey, tuple[int, int]]) -> bool:
+        verdict = self._tracker.classify(batch, pending)
+        if verdict is Verdict.DUPLICATE:
+            self._stats.duplicates += 1
+            return False
+        if verdict is Verdict.STALE:
+            self._stats.stale += 1
+            return False
+        if verdict is Verdict.GAP:
+            self._stats.gaps += 1
+            self._log.warning("sequence_gap", model=batch.model, worker=batch.worker_id,
+                              dp_rank=batch.dp_rank, epoch=batch.epoch, seq=batch.seq)
+            self._resync.request(ResyncRequest(batch.model, batch.worker_id, batch.dp_rank,
+                                               batch.epoch, "sequence_gap"))
+        return True
+
+    async def _apply_with_retry(
+        self, batches: list[EventBatch], msgs: Sequence[Msg], stop: asyncio.Event | None
+    ) -> None:
+        chunk = self._settings.apply_chunk
+        done = 0
+        attempt = 0
+        while done < len(batches):
+            try:
+                await self._index.apply(batches[done : done + chunk], validated=True)
+            except BackendError as exc:
+                attempt += 1
+                self._stats.backend_retries += 1
+                delay = _RETRY_BACKOFF_S[min(attempt, len(_RETRY_BACKOFF_S)) - 1]
+                self._log.warning("index_apply_failed", error=str(exc), attempt=attempt,
+                                  retry_in_s=delay)
+                if msgs:
+                    with contextlib.suppress(Exception):
+                        await msgs[-1].in_progress()
+                await asyncio.sleep(delay)
+                continue
+            attempt = 0
+            applied = batches[done : done + chunk]
+            done += len(applied)
+            self._record(applied)
+            await asyncio.sleep(0)  # let Score calls in between big fetches
+
+    def _record(self, applied: list[EventBatch]) -> None:
+        stats = self._stats
+        now = time.time()
+        stats.batches_applied += len(applied)
+        stats.last_applied_ts = applied[-1].ts
+        stats.last_applied_at = now
+        lags = stats.lag_samples
+        for batch in applied:
+            lags.append(now - batch.ts)
+            stats.blocks_seen += block_count(batch)
+
+    async def _dead_letter(self, msg: Msg, reason: str, exc: Exception) -> None:
+        self._stats.dead_letters[reason] = self._stats.dead_letters.get(reason, 0) + 1
+        meta = msg.metadata
+        self._log.warning("dead_letter", reason=reason, subject=msg.subject,
+                          stream_seq=meta.sequence.stream, error=str(exc)[:200])
+        headers = {"Kv-Reason": reason, "Kv-Error": str(exc)[:500],
+                   "Kv-Subject": msg.subject, "Kv-Stream-Seq": str(meta.sequence.stream)}
+        try:
+            await self._js.publish(f"{DEAD_LETTER_SUBJECT}.{reason}", msg.data, headers=headers)
+        except Exception as pub_exc:  # noqa: BLE001 - counting and logging is the floor
+            self._log.error("dead_letter_publish_failed", reason=reason, error=repr(pub_exc))

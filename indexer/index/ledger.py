@@ -1,0 +1,387 @@
+"""Per-worker ingest state: engine block hashes -> canonical keys, shared by every backend.
+
+A `WorkerLedger` belongs to one (model, worker_id, dp_rank). It turns bus events into
+presence changes (set or clear the bit `slot * 4 + tier` of some block keys) that a
+`PresenceSink` applies, so the in-memory and Redis backends differ only in their sink.
+
+Engine hashes name content within an epoch, so the mapping of a block that left every
+tier is kept as a "ghost": a child stored later still resolves its parent. Ghosts form an
+LRU of evicted blocks (most recently evicted last; a ghost stored again leaves it), trimmed
+to `ghost_capacity` at the end of each batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Final, Protocol
+
+import structlog
+
+from indexer.index.protocol import (
+    TIER_BITS,
+    TIERS,
+    ApplyOutcome,
+    IndexStats,
+    RankState,
+    ResyncHook,
+    ResyncRequest,
+    tier_index,
+)
+from indexer.keys import block_keys, root_seed
+from publisher.bus import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+
+__all__ = [
+    "LOG_HASH",
+    "LOG_MAP",
+    "Journal",
+    "LedgerLogError",
+    "PresenceSink",
+    "WorkerLedger",
+    "stored_block_size",
+]
+
+# A ledger as a log (Redis persistence and snapshots), records replayed in order:
+#   b"M" engine hash u64, key u64, tier mask u8   the mapping now is (key, tiers)
+#   b"D" engine hash u64                          the mapping is gone
+#   b"U" engine hash u64                          no longer a ghost
+#   b"G" engine hash u64                          now the most recently evicted ghost
+LOG_MAP: Final = struct.Struct("<cQQB")
+LOG_HASH: Final = struct.Struct("<cQ")
+
+
+class LedgerLogError(ValueError):
+    """A ledger log that does not parse (corrupt or truncated)."""
+
+log = structlog.get_logger("indexer.ingest")
+
+cached_root_seed: Callable[[str, str | None, str | None], int] = functools.lru_cache(4096)(
+    root_seed
+)
+
+
+def stored_block_size(batch: EventBatch) -> int | None:
+    """The block size of the batch's last token-carrying store, if any."""
+    for event in reversed(batch.events):
+        if isinstance(event, BlockStored) and event.token_ids:
+            return event.block_size
+    return None
+
+
+class PresenceSink(Protocol):
+    """Where a ledger's presence changes go (one bit position for many keys)."""
+
+    def set_bits(self, keys: list[int], bitpos: int) -> None: ...
+
+    def clear_bits(self, keys: list[int], bitpos: int) -> None: ...
+
+
+class Journal:
+    """What one batch changed in a ledger, for backends that persist ledgers."""
+
+    __slots__ = ("dirty", "ghost_pushed", "reset", "unghosted")
+
+    def __init__(self) -> None:
+        self.reset = False  # the ledger was emptied before the rest of the changes
+        self.dirty: set[int] = set()  # engine hashes whose mapping or tiers changed
+        self.ghost_pushed: list[int] = []  # became (most recent) ghosts, in order
+        self.unghosted: set[int] = set()  # stopped being ghosts (stored again or trimmed)
+
+
+class WorkerLedger:
+    """Engine-hash map, held tiers, sequence position and health of one worker rank."""
+
+    __slots__ = (
+        "counts",
+        "degraded",
+        "dp_rank",
+        "epoch",
+        "ghost_capacity",
+        "ghosts",
+        "journal",
+        "keys",
+        "last_seq",
+        "last_ts",
+        "model",
+        "slot",
+        "tiers",
+        "warned",
+        "worker_id",
+    )
+
+    def __init__(
+        self, model: str, worker_id: str, dp_rank: int, slot: int, ghost_capacity: int
+    ) -> None:
+        self.model = model
+        self.worker_id = worker_id
+        self.dp_rank = dp_rank
+        self.slot = slot
+        self.ghost_capacity = ghost_capacity
+        self.keys: dict[int, int] = {}  # engine hash -> key, held blocks and ghosts
+        self.tiers: dict[int, int] = {}  # engine hash -> mask of tiers holding it
+        self.ghosts: OrderedDict[int, None] = OrderedDict()  # oldest eviction first
+        self.counts = [0] * len(TIERS)  # held blocks per tier
+        self.epoch = -1
+        self.last_seq = -1
+        self.last_ts = 0.0
+        self.degraded = False
+        self.warned = False
+        self.journal: Journal | None = None
+
+    # --- batches -----------------------------------------------------------------------
+
+    def check(self, batch: EventBatch) -> ApplyOutcome:
+        """Whether `batch` would be applied, without changing anything."""
+        if batch.epoch < self.epoch:
+            return ApplyOutcome.STALE_EPOCH
+        if batch.epoch == self.epoch and batch.seq <= self.last_seq:
+            return ApplyOutcome.DUPLICATE
+        return ApplyOutcome.APPLIED
+
+    def apply(
+        self,
+        batch: EventBatch,
+        sink: PresenceSink,
+        stats: IndexStats,
+        on_resync: ResyncHook | None,
+    ) -> ApplyOutcome:
+        outcome = self.check(batch)
+        if outcome is ApplyOutcome.STALE_EPOCH:
+            stats.stale += 1
+            return outcome
+        if outcome is ApplyOutcome.DUPLICATE:
+            stats.duplicates += 1
+            return outcome
+        if batch.epoch != self.epoch:
+            if self.epoch >= 0:
+                log.info("worker_new_epoch", worker=self.worker_id, dp_rank=self.dp_rank,
+                         old_epoch=self.epoch, epoch=batch.epoch)
+            if self.epoch >= 0:
+                self.clear(sink)
+            self.epoch = batch.epoch
+            self.last_seq = -1
+        for event in batch.events:
+            if isinstance(event, BlockStored):
+                self._store(event, sink, stats, on_resync)
+            elif isinstance(event, BlockRemoved):
+                self._remove(event, sink, stats)
+            elif isinstance(event, AllBlocksCleared):
+                self.clear(sink)
+        self.last_seq = batch.seq
+        self.last_ts = batch.ts
+        self._trim_ghosts()
+        stats.batches_applied += 1
+        stats.events_applied += len(batch.events)
+        return outcome
+
+    def clear(self, sink: PresenceSink) -> None:
+        """Drop every held block and the whole engine-hash map; health starts afresh."""
+        for tier in range(len(TIERS)):
+            if self.counts[tier]:
+                bit = 1 << tier
+                held = [self.keys[h] for h, mask in self.tiers.items() if mask & bit]
+                sink.clear_bits(held, self.slot * TIER_BITS + tier)
+        self.keys.clear()
+        self.tiers.clear()
+        self.ghosts.clear()
+        self.counts = [0] * len(TIERS)
+        self.degraded = False
+        self.warned = False
+        if self.journal is not None:
+            self.journal.reset = True
+            self.journal.dirty.clear()
+            self.journal.ghost_pushed.clear()
+            self.journal.unghosted.clear()
+
+    # --- events ------------------------------------------------------------------------
+
+    def _store(
+        self,
+        event: BlockStored,
+        sink: PresenceSink,
+        stats: IndexStats,
+        on_resync: ResyncHook | None,
+    ) -> None:
+        tier = tier_index(event.medium)
+        hashes = event.block_hashes
+        if event.token_ids:
+            if event.parent_hash is None:
+                seed = cached_root_seed(self.model, event.lora_name, event.cache_salt)
+            else:
+                parent = self.keys.get(event.parent_hash)
+                if parent is None:
+                    self._unknown_parent(event, stats, on_resync)
+                    return
+                seed = parent
+            new_keys = block_keys(event.token_ids, event.block_size, seed, event.extra_keys)
+        else:
+            hashes, new_keys = self._resolve_known(hashes, stats)
+        bit = 1 << tier
+        keys, tiers = self.keys, self.tiers
+        added: list[int] = []
+        for h, key in zip(hashes, new_keys, strict=True):
+            old = keys.get(h)
+            mask = tiers.get(h, 0)
+            if old is not None:
+                if not mask:
+                    self._unghost(h)
+                elif old != key:
+                    self._forget(h, old, sink)
+                    mask = 0
+            keys[h] = key
+            if not mask & bit:
+                tiers[h] = mask | bit
+                added.append(key)
+        if added:
+            sink.set_bits(added, self.slot * TIER_BITS + tier)
+            self.counts[tier] += len(added)
+            stats.blocks_stored += len(added)
+        if self.journal is not None:
+            self.journal.dirty.update(hashes)
+
+    def _resolve_known(self, hashes: list[int], stats: IndexStats) -> tuple[list[int], list[int]]:
+        """Token-less (offload) stores name blocks by engine hash only."""
+        known_hashes: list[int] = []
+        known_keys: list[int] = []
+        for h in hashes:
+            key = self.keys.get(h)
+            if key is None:
+                stats.drop("unknown_block")
+            else:
+                known_hashes.append(h)
+                known_keys.append(key)
+        return known_hashes, known_keys
+
+    def _remove(self, event: BlockRemoved, sink: PresenceSink, stats: IndexStats) -> None:
+        tier = tier_index(event.medium)
+        bit = 1 << tier
+        keys, tiers = self.keys, self.tiers
+        removed: list[int] = []
+        journal = self.journal
+        for h in event.block_hashes:
+            mask = tiers.get(h, 0)
+            if not mask & bit:
+                if h not in keys:
+                    stats.drop("unknown_block")
+                continue
+            mask ^= bit
+            if mask:
+                tiers[h] = mask
+            else:
+                del tiers[h]
+                self.ghosts[h] = None
+                if journal is not None:
+                    journal.ghost_pushed.append(h)
+            removed.append(keys[h])
+            if journal is not None:
+                journal.dirty.add(h)
+        if removed:
+            sink.clear_bits(removed, self.slot * TIER_BITS + tier)
+            self.counts[tier] -= len(removed)
+            stats.blocks_removed += len(removed)
+
+    def _forget(self, engine_hash: int, key: int, sink: PresenceSink) -> None:
+        """The engine hash now names other content: its old presence goes."""
+        mask = self.tiers.pop(engine_hash, 0)
+        for tier in range(len(TIERS)):
+            if mask & (1 << tier):
+                sink.clear_bits([key], self.slot * TIER_BITS + tier)
+                self.counts[tier] -= 1
+
+    def _unghost(self, engine_hash: int) -> None:
+        """A ghost is stored again: it is live, no longer an eviction to remember."""
+        if self.ghosts.pop(engine_hash, 0) is None and self.journal is not None:
+            self.journal.unghosted.add(engine_hash)
+
+    def _trim_ghosts(self) -> None:
+        ghosts, keys = self.ghosts, self.keys
+        journal = self.journal
+        while len(ghosts) > self.ghost_capacity:
+            h, _ = ghosts.popitem(last=False)
+            del keys[h]
+            if journal is not None:
+                journal.unghosted.add(h)
+                journal.dirty.add(h)
+
+    def _unknown_parent(
+        self, event: BlockStored, stats: IndexStats, on_resync: ResyncHook | None
+    ) -> None:
+        stats.drop("unknown_parent")
+        if not self.warned:
+            self.warned = True
+            log.warning("unknown_parent", model=self.model, worker=self.worker_id,
+                        dp_rank=self.dp_rank, epoch=self.epoch, parent=event.parent_hash,
+                        blocks=len(event.block_hashes))
+        if not self.degraded:
+            self.degraded = True
+            stats.resyncs_requested += 1
+            if on_resync is not None:
+                on_resync(ResyncRequest(self.model, self.worker_id, self.dp_rank, self.epoch,
+                                        "unknown_parent"))
+
+    # --- persistence -------------------------------------------------------------------
+
+    def to_log(self) -> bytes:
+        """The whole map and ghost order as a log snapshot."""
+        tiers = self.tiers
+        return b"".join(
+            [LOG_MAP.pack(b"M", h, key, tiers.get(h, 0)) for h, key in self.keys.items()]
+            + [LOG_HASH.pack(b"G", h) for h in self.ghosts]
+        )
+
+    def load_log(self, data: bytes) -> None:
+        """Replay a log into the map and ghosts (raises LedgerLogError if corrupt)."""
+        keys, tiers, ghosts = self.keys, self.tiers, self.ghosts
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        try:
+            while pos < end:
+                tag = view[pos]
+                if tag == 0x4D:  # M
+                    _, h, key, mask = LOG_MAP.unpack_from(view, pos)
+                    keys[h] = key
+                    if mask:
+                        tiers[h] = mask
+                    else:
+                        tiers.pop(h, None)
+                    pos += LOG_MAP.size
+                    continue
+                _, h = LOG_HASH.unpack_from(view, pos)
+                if tag == 0x44:  # D
+                    keys.pop(h, None)
+                    tiers.pop(h, None)
+                    ghosts.pop(h, None)
+                elif tag == 0x55:  # U
+                    ghosts.pop(h, None)
+                elif tag == 0x47:  # G
+                    ghosts[h] = None
+                    ghosts.move_to_end(h)
+                else:
+                    raise LedgerLogError(f"unknown ledger log tag {tag} at byte {pos}")
+                pos += LOG_HASH.size
+        except struct.error as exc:
+            raise LedgerLogError(f"truncated ledger log at byte {pos}") from exc
+
+    def export(self) -> RankState:
+        return RankState(self.model, self.worker_id, self.dp_rank, self.epoch, self.last_seq,
+                         self.last_ts, self.degraded, self.to_log())
+
+    def restore(self, state: RankState, sink: PresenceSink) -> None:
+        """Replace this rank's state by a snapshot of it, presence included."""
+        self.clear(sink)
+        self.load_log(state.log)
+        self.epoch, self.last_seq, self.last_ts = state.epoch, state.last_seq, state.last_ts
+        self.degraded = self.warned = state.degraded
+        for tier in range(len(TIERS)):
+            bit = 1 << tier
+            held = [self.keys[h] for h, mask in self.tiers.items() if mask & bit]
+            self.counts[tier] = len(held)
+            if held:
+                sink.set_bits(held, self.slot * TIER_BITS + tier)
+
+    # --- views -------------------------------------------------------------------------
+
+    def blocks_by_tier(self) -> dict[str, int]:
+        return {name: n for name, n in zip(TIERS, self.counts, strict=True) if n}

@@ -1,0 +1,18 @@
+-- Find or allocate the slot (bit nibble) of a worker rank within a model.
+-- KEYS[1] model prefix; ARGV[1] worker id, ARGV[2] dp rank.
+-- Returns {slot, created (0|1)}. Freed slots are reused smallest first.
+local p = KEYS[1]
+local ref = ARGV[1] .. '\n' .. ARGV[2]
+local s = redis.call('HGET', p .. 'slots', ref)
+if s then
+  return {s, 0}
+end
+local free = redis.call('ZPOPMIN', p .. 'free')
+if free[1] then
+  s = free[1]
+else
+  s = tostring(redis.call('INCR', p .. 'nextslot') - 1)
+end
+redis.call('HSET', p .. 'slots', ref, s)
+redis.call('INCR', p .. 'slotver')
+return {s, 1}

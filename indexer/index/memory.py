@@ -1,0 +1,282 @@
+"""In-memory index: the embedded default, and a library a router may embed.
+
+Per model: `blocks` maps a block key to its presence mask (a Python int, one nibble per
+worker slot), and one `WorkerLedger` per (worker, dp_rank) holds the engine-hash map.
+The async methods do no I/O; `MemoryIndex.sync` gives the same calls without a loop.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+
+from indexer.index.ledger import WorkerLedger, stored_block_size
+from indexer.index.protocol import (
+    TIER_BITS,
+    ApplyOutcome,
+    IndexConfig,
+    IndexStats,
+    RankState,
+    ResyncHook,
+    ScoreQuery,
+    ScoreResult,
+    WorkerInfo,
+    WorkerRef,
+)
+from indexer.scoring import prefix_match_query, slot_bits, validate_query, worker_scores
+from publisher.bus import EventBatch, validate_batch
+
+__all__ = ["MemoryIndex", "SyncMemoryIndex"]
+
+
+class _ModelSpace:
+    """One model's blocks and workers; it is the PresenceSink of its ledgers."""
+
+    def __init__(self, model: str, ghost_capacity: int) -> None:
+        self.model = model
+        self.ghost_capacity = ghost_capacity
+        self.blocks: dict[int, int] = {}
+        self.ledgers: dict[WorkerRef, WorkerLedger] = {}
+        self.by_slot: dict[int, WorkerLedger] = {}
+        self.slots_of_worker: dict[str, int] = {}  # worker id -> slot_bits of its ranks
+        self.block_size: int | None = None
+        self._free: list[int] = []
+        self._next_slot = 0
+
+    def set_bits(self, keys: list[int], bitpos: int) -> None:
+        bit = 1 << bitpos
+        blocks = self.blocks
+        get = blocks.get
+        for key in keys:
+            blocks[key] = get(key, 0) | bit
+
+    def clear_bits(self, keys: list[int], bitpos: int) -> None:
+        keep = ~(1 << bitpos)
+        blocks = self.blocks
+        for key in keys:
+            mask = blocks.get(key, 0) & keep
+            if mask:
+                blocks[key] = mask
+            else:
+                blocks.pop(key, None)
+
+    def ledger(self, ref: WorkerRef) -> WorkerLedger:
+        found = self.ledgers.get(ref)
+        if found is not None:
+            return found
+        slot = heapq.heappop(self._free) if self._free else self._next_slot
+        self._next_slot = max(self._next_slot, slot + 1)
+        ledger = WorkerLedger(self.model, ref.worker_id, ref.dp_rank, slot, self.ghost_capacity)
+        self.ledgers[ref] = ledger
+        self.by_slot[slot] = ledger
+        self.slots_of_worker[ref.worker_id] = (
+            self.slots_of_worker.get(ref.worker_id, 0) | slot_bits([slot])
+        )
+        return ledger
+
+    def drop_ledger(self, ledger: WorkerLedger) -> None:
+        ledger.clear(self)
+        del self.ledgers[WorkerRef(ledger.worker_id, ledger.dp_rank)]
+        del self.by_slot[ledger.slot]
+        remaining = self.slots_of_worker[ledger.worker_id] & ~slot_bits([ledger.slot])
+        if remaining:
+            self.slots_of_worker[ledger.worker_id] = remaining
+        else:
+            del self.slots_of_worker[ledger.worker_id]
+        heapq.heappush(self._free, ledger.slot)
+
+    def ref_of_slot(self, slot: int) -> WorkerRef:
+        ledger = self.by_slot[slot]
+        return WorkerRef(ledger.worker_id, ledger.dp_rank)
+
+    def candidates(self, workers: frozenset[str] | None) -> int:
+        if workers is None:
+            return slot_bits(self.by_slot)
+        mask = 0
+        for worker_id in workers:
+            mask |= self.slots_of_worker.get(worker_id, 0)
+        return mask
+
+
+class SyncMemoryIndex:
+    """The in-memory index without an event loop: for routers that embed it."""
+
+    def __init__(self, config: IndexConfig | None = None, on_resync: ResyncHook | None = None):
+        self.config = config or IndexConfig()
+        self.config.validate()
+        self.on_resync = on_resync
+        self._models: dict[str, _ModelSpace] = {}
+        self._stats = IndexStats()
+        self.markers: dict[str, str] = {}
+
+    def apply(
+        self, batches: Sequence[EventBatch], *, validated: bool = False
+    ) -> list[ApplyOutcome]:
+        """Apply in order; a batch that fails validation raises before anything changes."""
+        if not validated:
+            for batch in batches:
+                validate_batch(batch)
+        outcomes: list[ApplyOutcome] = []
+        for batch in batches:
+            space = self._models.get(batch.model)
+            if space is None:
+                space = self._models[batch.model] = _ModelSpace(
+                    batch.model, self.config.ghost_capacity
+                )
+            ledger = space.ledger(WorkerRef(batch.worker_id, batch.dp_rank))
+            outcomes.append(ledger.apply(batch, space, self._stats, self.on_resync))
+            space.block_size = stored_block_size(batch) or space.block_size
+        return outcomes
+
+    def score(self, query: ScoreQuery) -> ScoreResult:
+        validate_query(query, self.config)
+        space = self._models.get(query.model)
+        if space is None:
+            return ScoreResult(query.query_blocks, [])
+        candidates = space.candidates(query.workers)
+        matches = prefix_match_query(query, space.blocks.get, candidates, self.config)
+        return ScoreResult(query.query_blocks, worker_scores(matches, space.ref_of_slot))
+
+    def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
+        ledgers = self._ledgers_of(model, worker_id, dp_rank)
+        space = self._models.get(model)
+        for ledger in ledgers:
+            assert space is not None
+            ledger.clear(space)
+        return len(ledgers)
+
+    def remove_worker(self, model: str, worker_id: str) -> int:
+        ledgers = self._ledgers_of(model, worker_id, None)
+        space = self._models.get(model)
+        for ledger in ledgers:
+            assert space is not None
+            space.drop_ledger(ledger)
+        if space is not None and not space.ledgers:
+            del self._models[model]
+        return len(ledgers)
+
+    def workers(self, model: str | None = None) -> list[WorkerInfo]:
+        spaces = [self._models[model]] if model in self._models else []
+        if model is None:
+            spaces = list(self._models.values())
+        infos = [
+            WorkerInfo(space.model, ledger.worker_id, ledger.dp_rank, ledger.epoch,
+                       ledger.last_seq, ledger.degraded, ledger.blocks_by_tier(),
+                       ledger.last_ts)
+            for space in spaces
+            for ledger in space.ledgers.values()
+        ]
+        infos.sort(key=lambda w: (w.model, w.worker_id, w.dp_rank))
+        return infos
+
+    def block_size(self, model: str) -> int | None:
+        space = self._models.get(model)
+        return space.block_size if space is not None else None
+
+    def stats(self) -> IndexStats:
+        return self._stats.snapshot(sum(len(space.ledgers) for space in self._models.values()))
+
+    def export_ranks(self, ranks: Sequence[tuple[str, WorkerRef]]) -> list[RankState]:
+        states = []
+        for model, ref in ranks:
+            space = self._models.get(model)
+            ledger = space.ledgers.get(ref) if space is not None else None
+            if ledger is not None:
+                states.append(ledger.export())
+        return states
+
+    def import_ranks(self, states: Sequence[RankState]) -> None:
+        for state in states:
+            space = self._models.get(state.model)
+            if space is None:
+                space = self._models[state.model] = _ModelSpace(state.model,
+                                                                self.config.ghost_capacity)
+            space.ledger(WorkerRef(state.worker_id, state.dp_rank)).restore(state, space)
+
+    def presence(self, model: str) -> dict[int, dict[WorkerRef, int]]:
+        """Every block key of a model -> {worker: tier mask}; for tests and snapshots."""
+        space = self._models.get(model)
+        if space is None:
+            return {}
+        return {key: _split_mask(mask, space) for key, mask in space.blocks.items()}
+
+    def _ledgers_of(self, model: str, worker_id: str, dp_rank: int | None) -> list[WorkerLedger]:
+        space = self._models.get(model)
+        if space is None:
+            return []
+        return [
+            ledger
+            for ref, ledger in space.ledgers.items()
+            if ref.worker_id == worker_id and (dp_rank is None or ref.dp_rank == dp_rank)
+        ]
+
+
+def _split_mask(mask: int, space: _ModelSpace) -> dict[WorkerRef, int]:
+    out: dict[WorkerRef, int] = {}
+    slot = 0
+    while mask:
+        nibble = mask & 15
+        if nibble:
+            ledger = space.by_slot[slot]
+            out[WorkerRef(ledger.worker_id, ledger.dp_rank)] = nibble
+        mask >>= TIER_BITS
+        slot += 1
+    return out
+
+
+class MemoryIndex:
+    """The async face of the in-memory index (the `Index` protocol)."""
+
+    def __init__(self, config: IndexConfig | None = None, on_resync: ResyncHook | None = None):
+        self.sync = SyncMemoryIndex(config, on_resync)
+
+    @property
+    def config(self) -> IndexConfig:
+        return self.sync.config
+
+    async def apply(
+        self, batches: Sequence[EventBatch], *, validated: bool = False
+    ) -> list[ApplyOutcome]:
+        return self.sync.apply(batches, validated=validated)
+
+    async def score(self, query: ScoreQuery) -> ScoreResult:
+        return self.sync.score(query)
+
+    async def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
+        return self.sync.clear_worker(model, worker_id, dp_rank)
+
+    async def remove_worker(self, model: str, worker_id: str) -> int:
+        return self.sync.remove_worker(model, worker_id)
+
+    async def workers(self, model: str | None = None) -> list[WorkerInfo]:
+        return self.sync.workers(model)
+
+    async def stats(self) -> IndexStats:
+        return self.sync.stats()
+
+    async def block_size(self, model: str) -> int | None:
+        return self.sync.block_size(model)
+
+    async def presence(self, model: str) -> dict[int, dict[WorkerRef, int]]:
+        return self.sync.presence(model)
+
+    async def export_ranks(self, ranks: Sequence[tuple[str, WorkerRef]]) -> list[RankState]:
+        return self.sync.export_ranks(ranks)
+
+    async def import_ranks(self, states: Sequence[RankState]) -> None:
+        self.sync.import_ranks(states)
+
+    async def reset_caches(self) -> None:
+        return None  # nothing is cached: the memory is the index
+
+    async def get_marker(self, name: str) -> str | None:
+        return self.sync.markers.get(name)
+
+    async def set_marker(self, name: str, value: str | None) -> None:
+        if value is None:
+            self.sync.markers.pop(name, None)
+        else:
+            self.sync.markers[name] = value
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,587 @@
+"""Redis index backend (redis.asyncio + hiredis). Layout in docs/architecture.md.
+
+Every key of a model shares the hash tag `{m:<model>}`, so one model's index lives in one
+hash slot and each batch is one atomic Lua call even on Redis Cluster:
+
+    kvi:{m:M}:blk                HASH  key (8 B, LE) -> presence mask (LE bytes, no trailing 0)
+    kvi:{m:M}:slots              HASH  "worker\\nrank" -> slot
+    kvi:{m:M}:slotver            STR   bumped whenever a slot is allocated or freed
+    kvi:{m:M}:free / nextslot    ZSET / STR  slot allocation
+    kvi:{m:M}:w:<slot>:meta      HASH  pos (epoch, seq), ts, n0..n3, degraded, worker, rank
+    kvi:{m:M}:w:<slot>:log       STR   the rank's ledger as an append-only log (below)
+    kvi:{m:M}:block_size         STR   block size the model's workers store with
+    kvi:models                   SET   model names (for listing only)
+
+A ledger log is a sequence of records, replayed in order on reload:
+    b"M" engine hash u64, key u64, tier mask u8   the mapping now is (key, tiers)
+    b"D" engine hash u64                          the mapping is gone
+    b"U" engine hash u64                          no longer a ghost
+    b"G" engine hash u64                          now the most recently evicted ghost
+Each call appends one segment per changed rank; when a log grows past twice its live
+size (and `log_compact_min_bytes`) or the rank is reset, the owner replaces it by a snapshot.
+
+The consumer that owns a worker's partition keeps that worker's `WorkerLedger` in memory
+(loaded from Redis on first use) and ships each batch's changes to `apply.lua`, which
+refuses them unless Redis still holds the (epoch, seq) the ledger started from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from array import array
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import ConnectionError, RedisError, ResponseError, TimeoutError
+
+from indexer.errors import BackendError
+from indexer.index.ledger import LOG_HASH, LOG_MAP, Journal, WorkerLedger, stored_block_size
+from indexer.index.protocol import (
+    TIER_BITS,
+    TIERS,
+    ApplyOutcome,
+    IndexConfig,
+    IndexStats,
+    RankState,
+    ResyncHook,
+    ScoreQuery,
+    ScoreResult,
+    WorkerInfo,
+    WorkerRef,
+)
+from indexer.scoring import prefix_match, query_keys, slot_bits, validate_query, worker_scores
+from publisher.bus import EventBatch, escape_token, validate_batch
+
+__all__ = ["DEFAULT_LOG_COMPACT_MIN_BYTES", "RedisIndex"]
+
+log = structlog.get_logger("indexer.redis")
+
+MODELS_KEY: Final = "kvi:models"
+DEFAULT_LOG_COMPACT_MIN_BYTES: Final = 64 * 1024
+_MAX_CALLS: Final = 8  # script calls one apply() is split into, so Python and Redis overlap
+_OP_HEADER: Final = struct.Struct("<cHI")
+_RECORD_HEADER: Final = struct.Struct("<H16s16sdBIIIIIHII")
+_POSITION: Final = struct.Struct(">qq")
+
+
+def model_prefix(model: str) -> str:
+    return f"kvi:{{m:{escape_token(model)}}}:"
+
+
+class _ScriptMissingError(Exception):
+    """Redis answered NOSCRIPT: it lost the script, so nothing of the call ran."""
+
+
+async def _read_reply(conn: Any) -> Any:
+    """One pipelined reply; an error reply is returned, not raised, like the others."""
+    try:
+        return await conn.read_response(disconnect_on_error=True)
+    except ResponseError as exc:
+        return exc
+
+
+def _position(epoch: int, seq: int) -> bytes:
+    return _POSITION.pack(epoch, seq)
+
+
+def _lua(name: str) -> str:
+    return resources.files("indexer.index").joinpath(f"lua/{name}").read_text()
+
+
+class _OpsSink:
+    """Collects a ledger's presence changes as the packed ops `apply.lua` reads."""
+
+    __slots__ = ("ops",)
+
+    def __init__(self) -> None:
+        self.ops = bytearray()
+
+    def set_bits(self, keys: list[int], bitpos: int) -> None:
+        self.ops += _OP_HEADER.pack(b"S", bitpos, len(keys))
+        self.ops += array("Q", keys).tobytes()
+
+    def clear_bits(self, keys: list[int], bitpos: int) -> None:
+        self.ops += _OP_HEADER.pack(b"C", bitpos, len(keys))
+        self.ops += array("Q", keys).tobytes()
+
+
+class _SlotMap:
+    """A model's slot -> worker rank map, as of `version`."""
+
+    __slots__ = ("by_slot", "slots_of_worker", "version")
+
+    def __init__(self, version: bytes | None, slots: dict[bytes, bytes]) -> None:
+        self.version = version
+        self.by_slot: dict[int, WorkerRef] = {}
+        self.slots_of_worker: dict[str, int] = {}
+        for ref_raw, slot_raw in slots.items():
+            worker_id, _, rank = ref_raw.decode().rpartition("\n")
+            slot = int(slot_raw)
+            self.by_slot[slot] = WorkerRef(worker_id, int(rank))
+            self.slots_of_worker[worker_id] = (
+                self.slots_of_worker.get(worker_id, 0) | slot_bits([slot])
+            )
+
+    def candidates(self, workers: frozenset[str] | None) -> int:
+        if workers is None:
+            return slot_bits(self.by_slot)
+        mask = 0
+        for worker_id in workers:
+            mask |= self.slots_of_worker.get(worker_id, 0)
+        return mask
+
+
+class RedisIndex:
+    """The Index on Redis; apply() of one worker must come from one process at a time."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        config: IndexConfig | None = None,
+        on_resync: ResyncHook | None = None,
+        log_compact_min_bytes: int = DEFAULT_LOG_COMPACT_MIN_BYTES,
+    ) -> None:
+        self.log_compact_min_bytes = log_compact_min_bytes
+        self.config = config or IndexConfig()
+        self.config.validate()
+        self.on_resync = on_resync
+        self._redis = client
+        self._apply_script = client.register_script(_lua("apply.lua"))
+        self._apply_sha: str | None = None
+        self._slot_script = client.register_script(_lua("slot.lua"))
+        self._score_script = client.register_script(_lua("score.lua"))
+        self._ledgers: dict[tuple[str, WorkerRef], WorkerLedger] = {}
+        self._log_bytes: dict[WorkerLedger, int] = {}  # size of each ledger's log in Redis
+        self._slot_maps: dict[str, _SlotMap] = {}
+        self._known_models: set[str] = set()
+        self._block_sizes: dict[str, int] = {}
+        self._stats = IndexStats()
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> RedisIndex:
+        client = aioredis.Redis.from_url(url, decode_responses=False)
+        return cls(client, **kwargs)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    # --- ingest ------------------------------------------------------------------------
+
+    async def apply(
+        self, batches: Sequence[EventBatch], *, validated: bool = False
+    ) -> list[ApplyOutcome]:
+        if not validated:
+            for batch in batches:
+                validate_batch(batch)
+        async with self._lock:
+            try:
+                try:
+                    return await self._apply(batches)
+                except _ScriptMissingError:
+                    # Redis restarted and lost its scripts; none ran, so every cached ledger
+                    # may be ahead of Redis: reload them all and run the call again.
+                    self._ledgers.clear()
+                    self._log_bytes.clear()
+                    return await self._apply(batches)
+            except (RedisError, _ScriptMissingError) as exc:
+                await self._reset_after_failure(exc)
+                raise BackendError(f"redis apply failed: {exc}") from exc
+
+    async def _reset_after_failure(self, exc: Exception) -> None:
+        """Redis holds the truth: forget what was cached; drop sockets a restart killed."""
+        self._forget_all()
+        if isinstance(exc, ConnectionError | TimeoutError | OSError):
+            await self._redis.connection_pool.disconnect()
+
+    async def _apply(self, batches: Sequence[EventBatch]) -> list[ApplyOutcome]:
+        await self._register_models(batches)
+        sha = await self._script_sha()
+        outcomes: dict[int, ApplyOutcome] = {}
+        step = max(8, -(-len(batches) // _MAX_CALLS))
+        conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            # RESP pipelining on one connection: each call goes out as soon as it is built,
+            # so Redis runs it while Python builds the next; replies come back in order.
+            pending: list[tuple[str, list[bytes], list[WorkerLedger]]] = []
+            for start in range(0, len(batches), step):
+                group = list(enumerate(batches[start : start + step], start))
+                records, sent = await self._build_records(group, outcomes)
+                for model, model_records in records.items():
+                    await conn.send_command("EVALSHA", sha, 1, model_prefix(model),
+                                            *model_records)
+                    pending.append((model, model_records, sent[model]))
+            replies = [await _read_reply(conn) for _ in pending]
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await self._redis.connection_pool.release(conn)
+        for (model, model_records, ledgers), reply in zip(pending, replies, strict=True):
+            self._check_statuses(model, model_records, ledgers, reply)
+        return [outcomes[i] for i in range(len(batches))]
+
+    async def _script_sha(self) -> str:
+        if self._apply_sha is None:
+            self._apply_sha = str(await self._redis.script_load(self._apply_script.script))
+        return self._apply_sha
+
+    def _check_statuses(
+        self, model: str, records: list[bytes], ledgers: list[WorkerLedger], reply: Any
+    ) -> None:
+        """Raise unless every record of a call applied; forget the ledgers if not."""
+        ok = (isinstance(reply, list) and len(reply) == len(records)
+              and (not reply or reply[-1] != b"conflict"))
+        if ok:
+            return
+        for ledger in ledgers:
+            self._forget(ledger)
+        if isinstance(reply, ResponseError):
+            if "NOSCRIPT" in str(reply):
+                self._apply_sha = None
+                raise _ScriptMissingError(str(reply))
+            raise BackendError(f"redis apply failed for {model}: {reply}")
+        applied = len(reply) - 1 if isinstance(reply, list) else 0
+        failed = ledgers[applied]
+        log.warning("ledger_conflict", model=model, worker=failed.worker_id,
+                    dp_rank=failed.dp_rank, applied=applied)
+        raise BackendError(
+            f"worker {failed.worker_id}/{failed.dp_rank} of {model} was written by another "
+            f"process; {applied} of {len(ledgers)} records were applied"
+        )
+
+    async def _build_records(
+        self, group: list[tuple[int, EventBatch]], outcomes: dict[int, ApplyOutcome]
+    ) -> tuple[dict[str, list[bytes]], dict[str, list[WorkerLedger]]]:
+        """Run the group's batches through their ledgers: one record per changed rank."""
+        sinks: dict[WorkerLedger, tuple[bytes, _OpsSink]] = {}
+        changed: set[WorkerLedger] = set()
+        for i, batch in group:
+            ledger = await self._ledger(batch.model, WorkerRef(batch.worker_id, batch.dp_rank))
+            if ledger not in sinks:
+                sinks[ledger] = (_position(ledger.epoch, ledger.last_seq), _OpsSink())
+                ledger.journal = Journal()
+            outcome = ledger.apply(batch, sinks[ledger][1], self._stats, self.on_resync)
+            outcomes[i] = outcome
+            if outcome is ApplyOutcome.APPLIED:
+                changed.add(ledger)
+        records: dict[str, list[bytes]] = {}
+        sent: dict[str, list[WorkerLedger]] = {}
+        for ledger, (expected, sink) in sinks.items():
+            if ledger in changed:
+                records.setdefault(ledger.model, []).append(self._record(ledger, expected, sink))
+                sent.setdefault(ledger.model, []).append(ledger)
+            ledger.journal = None
+        return records, sent
+
+    async def _run_records(
+        self, records: dict[str, list[bytes]], sent: dict[str, list[WorkerLedger]]
+    ) -> None:
+        """One atomic script call per model, in a pipeline."""
+        if not records:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        models = list(records)
+        for model in models:
+            await self._apply_script(keys=[model_prefix(model)],
+                                     args=records[model], client=pipe)
+        results = await pipe.execute(raise_on_error=False)
+        for model, reply in zip(models, results, strict=True):
+            self._check_statuses(model, records[model], sent[model], reply)
+
+    def _forget(self, ledger: WorkerLedger) -> None:
+        self._ledgers.pop((ledger.model, WorkerRef(ledger.worker_id, ledger.dp_rank)), None)
+        self._log_bytes.pop(ledger, None)
+
+    def _record(
+        self, ledger: WorkerLedger, expected: bytes, sink: _OpsSink, remove: bool = False
+    ) -> bytes:
+        """The packed record apply.lua reads for one rank (layout in apply.lua)."""
+        journal = ledger.journal
+        assert journal is not None
+        worker = ledger.worker_id.encode()
+        log_segment = b""
+        replace = False
+        if not remove:
+            log_segment, replace = self._log_segment(ledger, journal)
+        flags = (1 if replace else 0) | (2 if ledger.degraded else 0) | (4 if remove else 0)
+        header = _RECORD_HEADER.pack(
+            ledger.slot, expected, _position(ledger.epoch, ledger.last_seq), ledger.last_ts,
+            flags, *ledger.counts, ledger.dp_rank, len(worker), len(sink.ops),
+            len(log_segment),
+        )
+        return b"".join((header, worker, sink.ops, log_segment))
+
+    def _log_segment(self, ledger: WorkerLedger, journal: Journal) -> tuple[bytes, bool]:
+        """What to append to the ledger's log, or a snapshot to replace it (True)."""
+        keys, tiers = ledger.keys, ledger.tiers
+        if not journal.reset:
+            pack_map, pack_hash = LOG_MAP.pack, LOG_HASH.pack
+            parts = [
+                pack_map(b"M", h, key, tiers.get(h, 0)) if (key := keys.get(h)) is not None
+                else pack_hash(b"D", h)
+                for h in journal.dirty
+            ]
+            ghosts = ledger.ghosts
+            parts.extend(pack_hash(b"U", h) for h in journal.unghosted if h not in ghosts)
+            last_pushes = dict.fromkeys(reversed(journal.ghost_pushed))
+            parts.extend(pack_hash(b"G", h) for h in reversed(last_pushes) if h in ghosts)
+            segment = b"".join(parts)
+            size = self._log_bytes.get(ledger, 0) + len(segment)
+            live = LOG_MAP.size * len(keys) + LOG_HASH.size * len(ledger.ghosts)
+            if size <= max(self.log_compact_min_bytes, 2 * live):
+                self._log_bytes[ledger] = size
+                return segment, False
+        snapshot = ledger.to_log()
+        self._log_bytes[ledger] = len(snapshot)
+        return snapshot, True
+
+    async def _register_models(self, batches: Sequence[EventBatch]) -> None:
+        """Record new models and changed block sizes (idempotent, outside the scripts)."""
+        last_of_model = {b.model: b for b in batches}
+        await self._register_models_named(set(last_of_model))
+        for model, batch in last_of_model.items():
+            # One batch per model and call: block sizes change only with a redeploy.
+            size = stored_block_size(batch)
+            if size is not None and self._block_sizes.get(model) != size:
+                await self._redis.set(model_prefix(model) + "block_size", size)
+                self._block_sizes[model] = size
+
+    async def _register_models_named(self, models: set[str]) -> None:
+        new = models - self._known_models
+        if new:
+            await self._redis.sadd(MODELS_KEY, *sorted(new))
+            self._known_models |= new
+
+    async def block_size(self, model: str) -> int | None:
+        cached = self._block_sizes.get(model)
+        if cached is not None:
+            return cached
+        try:
+            raw = await self._redis.get(model_prefix(model) + "block_size")
+        except RedisError as exc:
+            raise BackendError(f"redis block_size failed: {exc}") from exc
+        if raw is None:
+            return None
+        self._block_sizes[model] = int(raw)
+        return int(raw)
+
+    async def _ledger(self, model: str, ref: WorkerRef) -> WorkerLedger:
+        ledger = self._ledgers.get((model, ref))
+        if ledger is None:
+            ledger = await self._load_ledger(model, ref)
+            self._ledgers[(model, ref)] = ledger
+        return ledger
+
+    async def _load_ledger(self, model: str, ref: WorkerRef) -> WorkerLedger:
+        prefix = model_prefix(model)
+        slot_raw, created = await self._slot_script(
+            keys=[prefix], args=[ref.worker_id, ref.dp_rank]
+        )
+        slot = int(slot_raw)
+        ledger = WorkerLedger(model, ref.worker_id, ref.dp_rank, slot,
+                              self.config.ghost_capacity)
+        if created:
+            return ledger
+        wp = f"{prefix}w:{slot}:"
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hgetall(wp + "meta")
+        pipe.get(wp + "log")
+        meta, log_bytes = await pipe.execute()
+        if meta:
+            ledger.epoch, ledger.last_seq = _POSITION.unpack(meta[b"pos"])
+            ledger.last_ts = float(meta[b"ts"])
+            ledger.counts = [int(meta[f"n{t}".encode()]) for t in range(len(TIERS))]
+            ledger.degraded = ledger.warned = meta[b"degraded"] == b"1"
+        if log_bytes:
+            ledger.load_log(log_bytes)
+            self._log_bytes[ledger] = len(log_bytes)
+        return ledger
+
+    # --- queries -----------------------------------------------------------------------
+
+    async def score(self, query: ScoreQuery) -> ScoreResult:
+        validate_query(query, self.config)
+        keys = query_keys(query)
+        if not keys:
+            return ScoreResult(0, [])
+        prefix = model_prefix(query.model)
+        try:
+            # One round trip, one packed argument: the masks up to the first unheld block.
+            version, *values = await self._score_script(
+                keys=[prefix + "blk", prefix + "slotver"], args=[array("Q", keys).tobytes()])
+            slot_map = await self._slot_map(query.model, version or None)
+        except RedisError as exc:
+            raise BackendError(f"redis score failed: {exc}") from exc
+        candidates = slot_map.candidates(query.workers)
+        masks = (int.from_bytes(v, "little") if v else 0 for v in values)
+        matches = prefix_match(masks, candidates, query.tier_weights or self.config.tier_weights,
+                               query.include_zero)
+        return ScoreResult(len(keys), worker_scores(matches, slot_map.by_slot.__getitem__))
+
+    async def _slot_map(self, model: str, version: bytes | None = None,
+                        fresh: bool = False) -> _SlotMap:
+        """The slot map; reloaded when Redis says it changed or `fresh` is asked for."""
+        cached = self._slot_maps.get(model)
+        if cached is not None and not fresh and cached.version == version:
+            return cached
+        prefix = model_prefix(model)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.get(prefix + "slotver")
+        pipe.hgetall(prefix + "slots")
+        version, slots = await pipe.execute()
+        slot_map = _SlotMap(version, slots)
+        self._slot_maps[model] = slot_map
+        return slot_map
+
+    # --- administration ----------------------------------------------------------------
+
+    async def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
+        return await self._drop(model, worker_id, dp_rank, remove=False)
+
+    async def remove_worker(self, model: str, worker_id: str) -> int:
+        return await self._drop(model, worker_id, None, remove=True)
+
+    async def _drop(self, model: str, worker_id: str, dp_rank: int | None, remove: bool) -> int:
+        async with self._lock:
+            try:
+                slot_map = await self._slot_map(model, fresh=True)
+                refs = [
+                    ref for ref in slot_map.by_slot.values()
+                    if ref.worker_id == worker_id and (dp_rank is None or ref.dp_rank == dp_rank)
+                ]
+                records: list[bytes] = []
+                sent: list[WorkerLedger] = []
+                for ref in refs:
+                    ledger = await self._ledger(model, ref)
+                    expected = _position(ledger.epoch, ledger.last_seq)
+                    sink = _OpsSink()
+                    ledger.journal = Journal()
+                    ledger.clear(sink)
+                    records.append(self._record(ledger, expected, sink, remove=remove))
+                    ledger.journal = None
+                    sent.append(ledger)
+                await self._run_records({model: records} if records else {}, {model: sent})
+                if remove:
+                    for ledger in sent:
+                        self._forget(ledger)
+                return len(refs)
+            except RedisError as exc:
+                self._ledgers.clear()
+                self._log_bytes.clear()
+                raise BackendError(f"redis clear failed: {exc}") from exc
+
+    async def workers(self, model: str | None = None) -> list[WorkerInfo]:
+        try:
+            models = [model] if model else sorted(
+                m.decode() if isinstance(m, bytes) else m
+                for m in await self._redis.smembers(MODELS_KEY)
+            )
+            infos: list[WorkerInfo] = []
+            for name in models:
+                infos.extend(await self._model_workers(name))
+        except RedisError as exc:
+            raise BackendError(f"redis workers failed: {exc}") from exc
+        infos.sort(key=lambda w: (w.model, w.worker_id, w.dp_rank))
+        return infos
+
+    async def _model_workers(self, model: str) -> list[WorkerInfo]:
+        slot_map = await self._slot_map(model, fresh=True)
+        prefix = model_prefix(model)
+        pipe = self._redis.pipeline(transaction=False)
+        slots = sorted(slot_map.by_slot)
+        for slot in slots:
+            pipe.hgetall(f"{prefix}w:{slot}:meta")
+        infos = []
+        for slot, meta in zip(slots, await pipe.execute(), strict=True):
+            if not meta:
+                continue
+            ref = slot_map.by_slot[slot]
+            counts = [int(meta[f"n{t}".encode()]) for t in range(len(TIERS))]
+            epoch, seq = _POSITION.unpack(meta[b"pos"])
+            infos.append(WorkerInfo(
+                model, ref.worker_id, ref.dp_rank, epoch, seq,
+                meta[b"degraded"] == b"1",
+                {name: n for name, n in zip(TIERS, counts, strict=True) if n},
+                float(meta[b"ts"]),
+            ))
+        return infos
+
+    async def stats(self) -> IndexStats:
+        return self._stats.snapshot(len(await self.workers()))
+
+    async def export_ranks(self, ranks: Sequence[tuple[str, WorkerRef]]) -> list[RankState]:
+        async with self._lock:
+            try:
+                return [(await self._ledger(model, ref)).export() for model, ref in ranks]
+            except RedisError as exc:
+                raise BackendError(f"redis export failed: {exc}") from exc
+
+    async def import_ranks(self, states: Sequence[RankState]) -> None:
+        async with self._lock:
+            try:
+                records: dict[str, list[bytes]] = {}
+                sent: dict[str, list[WorkerLedger]] = {}
+                for state in states:
+                    ledger = await self._ledger(state.model,
+                                                WorkerRef(state.worker_id, state.dp_rank))
+                    expected = _position(ledger.epoch, ledger.last_seq)
+                    sink = _OpsSink()
+                    ledger.journal = Journal()
+                    ledger.restore(state, sink)
+                    records.setdefault(state.model, []).append(
+                        self._record(ledger, expected, sink))
+                    sent.setdefault(state.model, []).append(ledger)
+                    ledger.journal = None
+                await self._register_models_named({s.model for s in states})
+                await self._run_records(records, sent)
+            except RedisError as exc:
+                await self._reset_after_failure(exc)
+                raise BackendError(f"redis import failed: {exc}") from exc
+
+    async def reset_caches(self) -> None:
+        async with self._lock:
+            self._forget_all()
+
+    def _forget_all(self) -> None:
+        self._ledgers.clear()
+        self._log_bytes.clear()
+        self._slot_maps.clear()
+        self._known_models.clear()
+        self._block_sizes.clear()
+        self._apply_sha = None
+
+    async def get_marker(self, name: str) -> str | None:
+        try:
+            raw = await self._redis.get(f"kvi:marker:{name}")
+        except RedisError as exc:
+            raise BackendError(f"redis get_marker failed: {exc}") from exc
+        return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    async def set_marker(self, name: str, value: str | None) -> None:
+        try:
+            if value is None:
+                await self._redis.delete(f"kvi:marker:{name}")
+            else:
+                await self._redis.set(f"kvi:marker:{name}", value)
+        except RedisError as exc:
+            raise BackendError(f"redis set_marker failed: {exc}") from exc
+
+    async def presence(self, model: str) -> dict[int, dict[WorkerRef, int]]:
+        slot_map = await self._slot_map(model, fresh=True)
+        out: dict[int, dict[WorkerRef, int]] = {}
+        async for field, value in self._redis.hscan_iter(model_prefix(model) + "blk", count=1000):
+            mask = int.from_bytes(value, "little")
+            holders: dict[WorkerRef, int] = {}
+            slot = 0
+            while mask:
+                if mask & 15:
+                    holders[slot_map.by_slot[slot]] = mask & 15
+                mask >>= TIER_BITS
+                slot += 1
+            out[int.from_bytes(field, "little")] = holders
+        return out

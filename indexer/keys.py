@@ -1,0 +1,89 @@
+"""Canonical block keys: the one implementation (spec in docs/block-keys.md).
+
+key(block i) = xxh3_64(tokens of block i as u32 little-endian [+ extra key bytes of block i],
+                      seed = key(block i - 1))
+key(block -1) = root_seed(model, lora_name, cache_salt)
+
+Keys are unsigned 64-bit ints. Only full blocks get keys. Different models, adapters or
+cache salts start from different roots, so they never share keys.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from collections.abc import Sequence
+from typing import Final
+
+import xxhash
+
+from publisher.bus import pack_tokens
+
+__all__ = ["KEY_SCHEME", "block_keys", "block_keys_for_tokens", "root_seed"]
+
+KEY_SCHEME: Final = b"kv-indexer/block-keys/v1"
+
+_xxh3: Final = xxhash.xxh3_64_intdigest
+_u32: Final = struct.Struct("<I")
+
+
+def _field(text: str | None) -> bytes:
+    raw = (text or "").encode()
+    return _u32.pack(len(raw)) + raw
+
+
+def root_seed(model: str, lora_name: str | None = None, cache_salt: str | None = None) -> int:
+    """Seed of the first block: xxh3_64 over the scheme tag and length-prefixed names.
+
+    `None` and "" are the same (no adapter, no salt).
+    """
+    return int(_xxh3(KEY_SCHEME + _field(model) + _field(lora_name) + _field(cache_salt)))
+
+
+def block_keys(
+    tokens: bytes | memoryview,
+    block_size: int,
+    seed: int,
+    extra_keys: Sequence[bytes] | None = None,
+) -> list[int]:
+    """Chained keys of the full blocks in `tokens` (packed u32 little-endian).
+
+    `seed` is the root seed for a sequence start, or the key of the block before the first.
+    `extra_keys`, when given, holds one bytes entry per full block (b"" for none).
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be > 0, got {block_size}")
+    stride = block_size * 4
+    view = memoryview(tokens)
+    n_blocks = len(view) // stride
+    keys: list[int] = []
+    append = keys.append
+    h = _xxh3
+    if extra_keys is None:
+        for off in range(0, n_blocks * stride, stride):
+            seed = h(view[off : off + stride], seed)
+            append(seed)
+        return keys
+    if len(extra_keys) < n_blocks:
+        raise ValueError(f"extra_keys has {len(extra_keys)} entries for {n_blocks} blocks")
+    for i in range(n_blocks):
+        chunk = view[i * stride : (i + 1) * stride]
+        extra = extra_keys[i]
+        seed = h(chunk.tobytes() + extra if extra else chunk, seed)
+        append(seed)
+    return keys
+
+
+def block_keys_for_tokens(
+    tokens: Sequence[int] | array[int],
+    block_size: int,
+    model: str,
+    *,
+    lora_name: str | None = None,
+    cache_salt: str | None = None,
+    extra_keys: Sequence[bytes] | None = None,
+) -> list[int]:
+    """Keys of a prompt's full blocks from token ids, starting at the model's root."""
+    return block_keys(
+        pack_tokens(tokens), block_size, root_seed(model, lora_name, cache_salt), extra_keys
+    )

@@ -1,0 +1,121 @@
+"""Worker liveness: publishers keep an entry in a KV bucket with a TTL; the indexer drops
+the blocks of a worker whose entry expired or was deleted, after a grace period.
+
+The watcher tracks when each entry was last written. A worker counts as gone when its entry
+was deleted, or was not refreshed within the bucket TTL; once gone for `grace_s` it is
+removed from the index (all DP ranks). Workers the index holds that never had an entry
+since this process started are treated the same way, from start-up on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import msgspec
+import structlog
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from indexer.index.protocol import Index
+from publisher.jetstream import (
+    WorkerRecord,
+    ensure_liveness_bucket,
+    parse_liveness_key,
+)
+
+__all__ = ["LivenessWatcher"]
+
+log = structlog.get_logger("indexer.liveness")
+
+_DELETE_OPS = {"DEL", "PURGE"}
+
+
+class LivenessWatcher:
+    """Keeps `live` (model, worker) -> record; removes expired workers from the index."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        index: Index,
+        *,
+        ttl_s: float,
+        grace_s: float,
+        check_every_s: float = 1.0,
+    ) -> None:
+        self.live: dict[tuple[str, str], WorkerRecord] = {}
+        self.removed = 0
+        self._js = js
+        self._index = index
+        self._ttl_s = ttl_s
+        self._grace_s = grace_s
+        self._check_every_s = check_every_s
+        self._seen_at: dict[tuple[str, str], float] = {}
+        self._gone_since: dict[tuple[str, str], float] = {}
+        self._started = time.monotonic()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        kv = await ensure_liveness_bucket(self._js, self._ttl_s)
+        watch_task = asyncio.create_task(self._watch(kv))
+        try:
+            while not stop.is_set():
+                await self.sweep()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self._check_every_s)
+        finally:
+            watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watch_task
+
+    async def _watch(self, kv: KeyValue) -> None:
+        watcher = await kv.watchall()
+        async for entry in watcher:
+            if entry is None or entry.key is None:
+                continue
+            try:
+                key = parse_liveness_key(entry.key)
+            except ValueError:
+                continue
+            if entry.operation in _DELETE_OPS:
+                self.live.pop(key, None)
+                self._seen_at.pop(key, None)
+                self._gone_since.setdefault(key, time.monotonic())
+                continue
+            try:
+                record = msgspec.json.decode(entry.value or b"", type=WorkerRecord)
+            except msgspec.DecodeError:
+                log.warning("bad_liveness_entry", key=entry.key)
+                continue
+            self.live[key] = record
+            self._seen_at[key] = time.monotonic()
+            self._gone_since.pop(key, None)
+
+    def is_gone(self, model: str, worker_id: str) -> bool:
+        """The worker's entry expired or was deleted (its blocks go after the grace)."""
+        return (model, worker_id) in self._gone_since
+
+    def is_live(self, model: str, worker_id: str) -> bool:
+        seen = self._seen_at.get((model, worker_id))
+        return seen is not None and time.monotonic() - seen <= self._ttl_s
+
+    async def sweep(self) -> None:
+        """Remove workers gone for longer than the grace period."""
+        now = time.monotonic()
+        for key, seen in list(self._seen_at.items()):
+            if now - seen > self._ttl_s:
+                self.live.pop(key, None)
+                del self._seen_at[key]
+                self._gone_since.setdefault(key, seen + self._ttl_s)
+        for info in await self._index.workers():
+            key = (info.model, info.worker_id)
+            if key not in self._seen_at:
+                self._gone_since.setdefault(key, max(self._started, now - self._ttl_s))
+        for key, since in list(self._gone_since.items()):
+            if now - since >= self._grace_s:
+                ranks = await self._index.remove_worker(*key)
+                del self._gone_since[key]
+                if ranks:
+                    self.removed += 1
+                    log.info("worker_expired", model=key[0], worker=key[1], ranks=ranks,
+                             gone_for_s=round(now - since, 1))

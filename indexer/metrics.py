@@ -1,0 +1,124 @@
+"""Prometheus metrics on /metrics, from snapshots refreshed by the service's event loop.
+
+The HTTP server runs in prometheus-client's thread; it only reads the latest snapshot, so
+a scrape never touches the index or the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from indexer.consumer import ConsumerStats
+from indexer.index.protocol import Index, IndexStats, WorkerInfo
+
+__all__ = ["MetricsExporter"]
+
+
+@dataclass
+class _Snapshot:
+    index: IndexStats = field(default_factory=IndexStats)
+    consumer: ConsumerStats = field(default_factory=ConsumerStats)
+    workers: list[WorkerInfo] = field(default_factory=list)
+    lag_p50: float = 0.0
+    lag_p99: float = 0.0
+
+
+class _Collector(Collector):
+    def __init__(self, exporter: MetricsExporter) -> None:
+        self._exporter = exporter
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._exporter.snapshot
+        idx, con = snap.index, snap.consumer
+        counters = (
+            ("kv_indexer_batches_applied", "Bus batches applied to the index", idx.batches_applied),
+            ("kv_indexer_events_applied", "Events applied to the index", idx.events_applied),
+            ("kv_indexer_blocks_stored", "Block entries added to the index", idx.blocks_stored),
+            ("kv_indexer_blocks_removed", "Block entries removed", idx.blocks_removed),
+            ("kv_indexer_duplicates", "Batches skipped as already applied",
+             idx.duplicates + con.duplicates),
+            ("kv_indexer_stale", "Batches of an older epoch skipped", idx.stale + con.stale),
+            ("kv_indexer_gaps", "Sequence gaps seen by the consumer", con.gaps),
+            ("kv_indexer_resyncs_requested", "Resyncs asked of publishers",
+             con.resyncs_requested),
+            ("kv_indexer_messages", "Messages fetched from JetStream", con.messages),
+            ("kv_indexer_backend_retries", "Index apply calls retried", con.backend_retries),
+            ("kv_indexer_rebuilds", "Partition rebuilds (snapshot + stream replay)",
+             con.rebuilds),
+            ("kv_indexer_snapshots", "Partition snapshots stored", con.snapshots),
+            ("kv_indexer_consumer_restarts", "Partition consumers restarted after a failure",
+             con.consumer_restarts),
+        )
+        for name, doc, value in counters:
+            yield CounterMetricFamily(name, doc, value=value)
+        dropped = CounterMetricFamily("kv_indexer_dropped", "Events or blocks dropped",
+                                      labels=["reason"])
+        for reason, count in sorted(idx.dropped.items()):
+            dropped.add_metric([reason], count)
+        yield dropped
+        dead = CounterMetricFamily("kv_indexer_dead_letters", "Poison messages dead-lettered",
+                                   labels=["reason"])
+        for reason, count in sorted(con.dead_letters.items()):
+            dead.add_metric([reason], count)
+        yield dead
+        lag = GaugeMetricFamily("kv_indexer_lag_seconds",
+                                "Event timestamp to applied, recent quantiles",
+                                labels=["quantile"])
+        lag.add_metric(["0.5"], snap.lag_p50)
+        lag.add_metric(["0.99"], snap.lag_p99)
+        yield lag
+        blocks = GaugeMetricFamily("kv_indexer_worker_blocks", "Blocks held per worker and tier",
+                                   labels=["model", "worker", "dp_rank", "tier"])
+        degraded = GaugeMetricFamily("kv_indexer_worker_degraded", "1 while a worker is degraded",
+                                     labels=["model", "worker", "dp_rank"])
+        for w in snap.workers:
+            for tier, n in w.blocks_by_tier.items():
+                blocks.add_metric([w.model, w.worker_id, str(w.dp_rank), tier], n)
+            degraded.add_metric([w.model, w.worker_id, str(w.dp_rank)], int(w.degraded))
+        yield blocks
+        yield degraded
+        yield GaugeMetricFamily("kv_indexer_workers", "Worker ranks in the index",
+                                value=len(snap.workers))
+
+
+class MetricsExporter:
+    """Serves /metrics; `run()` refreshes the snapshot every `interval_s`."""
+
+    def __init__(self, index: Index, consumer: ConsumerStats, interval_s: float = 2.0) -> None:
+        self.snapshot = _Snapshot()
+        self.registry = CollectorRegistry()
+        self.registry.register(_Collector(self))
+        self._index = index
+        self._consumer = consumer
+        self._interval_s = interval_s
+        self.port = 0
+
+    def serve(self, listen: str) -> int:
+        host, _, port = listen.rpartition(":")
+        server, _thread = start_http_server(int(port), addr=host, registry=self.registry)
+        self.port = int(server.server_port)
+        return self.port
+
+    async def refresh(self) -> None:
+        lags = list(self._consumer.lag_samples)[-10_000:]
+        self.snapshot = _Snapshot(
+            index=await self._index.stats(), consumer=self._consumer,
+            workers=await self._index.workers(),
+            lag_p50=statistics.median(lags) if lags else 0.0,
+            lag_p99=sorted(lags)[int(0.99 * (len(lags) - 1))] if lags else 0.0,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                await self.refresh()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._interval_s)

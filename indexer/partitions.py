@@ -1,0 +1,141 @@
+"""Which indexer process consumes which partition: leases in a JetStream KV bucket.
+
+Every process announces itself (`m.<id>`, refreshed each tick) and holds leases `p.<k>`
+created with compare-and-set and renewed with the revision it last saw; the bucket's TTL
+frees the leases of a process that died. Each process aims at its fair share,
+ceil(partitions / live members): it takes free leases while below it and hands back the
+extras (after stopping their consumers) while above it. So there is at most one active
+consumer per partition, and per-worker order holds while ingest spreads over processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import structlog
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import (
+    BadRequestError,
+    BucketNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+)
+from nats.js.errors import NotFoundError as JsNotFoundError
+from nats.js.kv import KeyValue
+
+__all__ = ["LEASE_BUCKET", "PartitionLeases"]
+
+log = structlog.get_logger("indexer.partitions")
+
+LEASE_BUCKET: Final = "kv_indexer_leases"
+
+StartPartition = Callable[[int], Awaitable[None]]
+StopPartition = Callable[[int], Awaitable[None]]
+
+
+async def _lease_bucket(js: JetStreamContext, ttl_s: float) -> KeyValue:
+    try:
+        return await js.key_value(LEASE_BUCKET)
+    except (BucketNotFoundError, JsNotFoundError):
+        try:
+            return await js.create_key_value(js_api.KeyValueConfig(
+                bucket=LEASE_BUCKET, ttl=ttl_s, history=1, storage=js_api.StorageType.FILE))
+        except BadRequestError:
+            return await js.key_value(LEASE_BUCKET)
+
+
+class PartitionLeases:
+    """Acquires, renews and releases partition leases; starts and stops consumers."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        partitions: int,
+        *,
+        start: StartPartition,
+        stop: StopPartition,
+        ttl_s: float = 6.0,
+        member_id: str | None = None,
+    ) -> None:
+        self.partitions = partitions
+        self.member_id = member_id or uuid.uuid4().hex[:12]
+        self.ttl_s = ttl_s
+        self.held: dict[int, int] = {}  # partition -> lease revision
+        self._js = js
+        self._start = start
+        self._stop = stop
+        self._kv: KeyValue | None = None
+        self._log = log.bind(member=self.member_id)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._kv = await _lease_bucket(self._js, self.ttl_s)
+        try:
+            while not stop.is_set():
+                await self.tick()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.ttl_s / 3)
+        finally:
+            await self.release_all()
+
+    async def tick(self) -> None:
+        kv = self._kv
+        assert kv is not None
+        await kv.put(f"m.{self.member_id}", b"1")
+        members = await self._live_members(kv)
+        share = math.ceil(self.partitions / max(1, len(members)))
+        await self._renew(kv)
+        for partition in range(self.partitions):
+            if len(self.held) >= share:
+                break
+            if partition not in self.held:
+                await self._try_acquire(kv, partition)
+        while len(self.held) > share:
+            await self._release(max(self.held))
+
+    async def _live_members(self, kv: KeyValue) -> list[str]:
+        # kv.keys(filters=...) raises NoKeysError on nats-py 2.16 even when keys match.
+        try:
+            keys = [k for k in await kv.keys() if k.startswith("m.")]
+        except NoKeysError:
+            keys = []
+        return keys or [f"m.{self.member_id}"]
+
+    async def _renew(self, kv: KeyValue) -> None:
+        for partition, revision in list(self.held.items()):
+            try:
+                self.held[partition] = await kv.update(f"p.{partition}",
+                                                       self.member_id.encode(), last=revision)
+            except (KeyWrongLastSequenceError, BadRequestError):
+                self._log.warning("lease_lost", partition=partition)
+                del self.held[partition]
+                await self._stop(partition)
+
+    async def _try_acquire(self, kv: KeyValue, partition: int) -> None:
+        try:
+            revision = await kv.create(f"p.{partition}", self.member_id.encode())
+        except (KeyWrongLastSequenceError, BadRequestError):
+            return  # someone else holds it
+        self.held[partition] = revision
+        self._log.info("lease_acquired", partition=partition)
+        await self._start(partition)
+
+    async def _release(self, partition: int) -> None:
+        await self._stop(partition)  # the consumer finishes its batch in hand first
+        revision = self.held.pop(partition)
+        assert self._kv is not None
+        with contextlib.suppress(Exception):
+            await self._kv.delete(f"p.{partition}", last=revision)
+        self._log.info("lease_released", partition=partition)
+
+    async def release_all(self) -> None:
+        for partition in list(self.held):
+            await self._release(partition)
+        if self._kv is not None:
+            with contextlib.suppress(Exception):
+                await self._kv.delete(f"m.{self.member_id}")

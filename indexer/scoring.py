@@ -1,0 +1,277 @@
+"""Longest cached prefix per worker, from per-block presence masks (pure, backend-free).
+
+A presence mask holds one nibble per worker slot (bit `slot * 4 + tier`). The walk keeps
+the nibble-bit-0 positions of the slots still matching (`alive`) and stops as soon as no
+candidate is left. When every alive slot holds a block on GPU a step is one AND and a
+compare; `_Walk.step` does the rest (a slot dropping out, copies in other tiers).
+
+Two drivers share that walk: `prefix_match` over masks already looked up (Redis fetches
+them in one round trip), and `prefix_match_tokens`, which hashes token ids into keys and
+looks them up in the same loop, so blocks past the last match are never hashed.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import repeat
+from typing import NamedTuple
+
+import xxhash
+
+from indexer.errors import ConfigError, InvalidQueryError, QueryTooLargeError
+from indexer.index.ledger import cached_root_seed
+from indexer.index.protocol import (
+    TIER_BITS,
+    TIERS,
+    IndexConfig,
+    ScoreQuery,
+    TierWeights,
+    WorkerRef,
+    WorkerScore,
+)
+from indexer.keys import block_keys
+from publisher.bus import pack_tokens
+
+__all__ = [
+    "SlotMatch",
+    "prefix_match",
+    "prefix_match_query",
+    "prefix_match_tokens",
+    "query_keys",
+    "slot_bits",
+    "validate_query",
+    "worker_scores",
+]
+
+GPU = 0
+_PACK_CHUNK_BLOCKS = 32  # token lists are packed this many blocks at a time
+
+
+class SlotMatch(NamedTuple):
+    slot: int
+    matched_blocks: int
+    weighted_score: float
+    blocks_by_tier: dict[str, int]
+
+
+def slot_bits(slots: Iterable[int]) -> int:
+    """The walk's `alive` form of a set of slots (bit 0 of each slot's nibble)."""
+    mask = 0
+    for slot in slots:
+        mask |= 1 << (slot * TIER_BITS)
+    return mask
+
+
+def worker_scores(
+    matches: Iterable[SlotMatch], ref_of_slot: Callable[[int], WorkerRef]
+) -> list[WorkerScore]:
+    """Matches as WorkerScores, best first (matched blocks, weighted score, then ids)."""
+    scores = [
+        WorkerScore((ref := ref_of_slot(m.slot)).worker_id, ref.dp_rank, m.matched_blocks,
+                    m.weighted_score, m.blocks_by_tier)
+        for m in matches
+    ]
+    scores.sort(key=lambda s: (-s.matched_blocks, -s.weighted_score, s.worker_id, s.dp_rank))
+    return scores
+
+
+def validate_query(query: ScoreQuery, config: IndexConfig) -> None:
+    if not query.model:
+        raise InvalidQueryError("model must not be empty")
+    if (query.block_keys is None) == (query.token_ids is None):
+        raise InvalidQueryError("give exactly one of block_keys and token_ids")
+    if query.token_ids is not None:
+        if query.block_size <= 0:
+            raise InvalidQueryError("block_size must be > 0 with token_ids")
+        if isinstance(query.token_ids, bytes) and len(query.token_ids) % 4:
+            raise InvalidQueryError("packed token_ids must be a multiple of 4 bytes")
+        n_tokens = len(query.token_ids) // (4 if isinstance(query.token_ids, bytes) else 1)
+        if n_tokens > config.max_query_tokens:
+            raise QueryTooLargeError(
+                f"query of {n_tokens} tokens exceeds the limit of {config.max_query_tokens}"
+            )
+    elif query.block_keys is not None and len(query.block_keys) > config.max_query_blocks:
+        raise QueryTooLargeError(
+            f"query of {len(query.block_keys)} blocks exceeds the limit of "
+            f"{config.max_query_blocks} blocks ({config.max_query_tokens} tokens)"
+        )
+    if query.tier_weights is not None:
+        try:
+            query.tier_weights.validate()
+        except ConfigError as exc:
+            raise InvalidQueryError(str(exc)) from exc
+
+
+def query_keys(query: ScoreQuery) -> Sequence[int]:
+    """All of the query's block keys (for backends that fetch masks in one go)."""
+    if query.block_keys is not None:
+        return query.block_keys
+    assert query.token_ids is not None
+    tokens = query.token_ids
+    # A plain list packs fastest; protobuf repeated fields are copied to one first.
+    packed = (tokens if isinstance(tokens, bytes)
+              else pack_tokens(tokens if isinstance(tokens, list) else list(tokens)))
+    seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
+    return block_keys(packed, query.block_size, seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _best_tier_table(weights: tuple[float, ...]) -> tuple[tuple[int, ...], bool]:
+    """Best tier of each nibble value (ties to the lower tier), and whether GPU always wins."""
+    table = [GPU] * 16
+    for nibble in range(1, 16):
+        present = [t for t in range(len(TIERS)) if nibble >> t & 1]
+        table[nibble] = max(present, key=lambda t: (weights[t], -t))
+    gpu_always_best = all(table[n] == GPU for n in range(1, 16, 2))
+    return tuple(table), gpu_always_best
+
+
+def _bits(mask: int) -> Iterator[int]:
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
+
+
+class _Walk:
+    """State of one prefix walk; drivers inline the all-on-GPU step and call `step`."""
+
+    __slots__ = ("alive", "alive4", "best", "fast", "include_zero", "matched", "mixed",
+                 "weights")
+
+    def __init__(self, candidates: int, weights: TierWeights, include_zero: bool) -> None:
+        self.weights = weights.as_tuple()
+        self.best, gpu_always_best = _best_tier_table(self.weights)
+        self.fast = gpu_always_best  # an all-GPU step needs no further look
+        self.alive = candidates
+        self.alive4 = candidates * 15
+        self.include_zero = include_zero
+        self.matched: dict[int, int] = {}
+        self.mixed: list[int] = []  # masks of steps where some alive slot lacks a GPU copy
+
+    def step(self, mask: int, depth: int) -> int:
+        """Block `depth` has presence `mask`; returns the slots still matching."""
+        alive = self.alive
+        present = mask & self.alive4
+        anywhere = (present | present >> 1 | present >> 2 | present >> 3) & alive
+        if anywhere != alive:
+            if depth or self.include_zero:
+                for bit in _bits(alive ^ anywhere):
+                    self.matched[bit] = depth
+            self.alive = alive = anywhere
+            if not alive:
+                return 0
+            self.alive4 = alive * 15
+            present &= self.alive4
+        if present & alive != alive or not self.fast:
+            self.mixed.append(present)
+        return alive
+
+    def finish(self, depth: int, candidates: int) -> list[SlotMatch]:
+        if depth or self.include_zero:
+            for bit in _bits(self.alive):
+                self.matched[bit] = depth
+        return self._tally(candidates)
+
+    def _tally(self, candidates: int) -> list[SlotMatch]:
+        best, weights = self.best, self.weights
+        off_gpu: dict[int, list[int]] = {}
+        for present in self.mixed:
+            anywhere = (present | present >> 1 | present >> 2 | present >> 3) & candidates
+            # With GPU always the best tier only slots lacking a GPU copy need a look.
+            slots = anywhere & ~present if self.fast else anywhere
+            for bit in _bits(slots):
+                tier = best[present >> bit & 15]
+                if tier != GPU:
+                    counts = off_gpu.setdefault(bit, [0] * len(TIERS))
+                    counts[tier] += 1
+        results: list[SlotMatch] = []
+        gpu_weight = weights[GPU]
+        for bit, n_matched in self.matched.items():
+            if bit not in off_gpu:
+                by_gpu = {"gpu": n_matched} if n_matched else {}
+                results.append(SlotMatch(bit // TIER_BITS, n_matched, gpu_weight * n_matched,
+                                         by_gpu))
+                continue
+            counts = off_gpu[bit]
+            counts[GPU] = n_matched - sum(counts[1:])
+            by_tier = {TIERS[t]: c for t, c in enumerate(counts) if c}
+            weighted = sum(weights[t] * c for t, c in enumerate(counts))
+            results.append(SlotMatch(bit // TIER_BITS, n_matched, weighted, by_tier))
+        return results
+
+
+def prefix_match(
+    masks: Iterable[int], candidates: int, weights: TierWeights, include_zero: bool = False
+) -> list[SlotMatch]:
+    """Match every candidate slot (given in `slot_bits` form) against the block masks.
+
+    Slots that match nothing are left out unless `include_zero`.
+    """
+    walk = _Walk(candidates, weights, include_zero)
+    alive, fast, step = candidates, walk.fast, walk.step
+    depth = 0
+    for mask in masks:
+        if not (fast and mask & alive == alive):
+            alive = step(mask, depth)
+            if not alive:
+                break
+        depth += 1
+    return walk.finish(depth, candidates)
+
+
+def prefix_match_tokens(
+    lookup: Callable[[int, int], int],
+    tokens: Sequence[int] | bytes,
+    *,
+    block_size: int,
+    seed: int,
+    candidates: int,
+    weights: TierWeights,
+    include_zero: bool = False,
+) -> list[SlotMatch]:
+    """`prefix_match` of the prompt's blocks, hashed and looked up (`lookup(key, 0)`) in
+    the same loop: nothing past the last matching block is packed or hashed."""
+    walk = _Walk(candidates, weights, include_zero)
+    alive, fast, step = candidates, walk.fast, walk.step
+    h = xxhash.xxh3_64_intdigest
+    stride = block_size * 4
+    depth = 0
+    for chunk in _packed_chunks(tokens, block_size):
+        for off in range(0, len(chunk), stride):
+            seed = h(chunk[off : off + stride], seed)
+            mask = lookup(seed, 0)
+            if not (fast and mask & alive == alive):
+                alive = step(mask, depth)
+                if not alive:
+                    return walk.finish(depth, candidates)
+            depth += 1
+    return walk.finish(depth, candidates)
+
+
+def _packed_chunks(tokens: Sequence[int] | bytes, block_size: int) -> Iterator[memoryview]:
+    """The prompt's full blocks as packed u32 bytes, a few blocks at a time."""
+    stride = block_size * 4
+    if isinstance(tokens, bytes):
+        yield memoryview(tokens)[: len(tokens) // stride * stride]
+        return
+    end = len(tokens) // block_size * block_size
+    step = block_size * _PACK_CHUNK_BLOCKS
+    for start in range(0, end, step):
+        yield memoryview(pack_tokens(tokens[start : min(start + step, end)]))
+
+
+def prefix_match_query(
+    query: ScoreQuery, lookup: Callable[[int, int], int], candidates: int, config: IndexConfig
+) -> list[SlotMatch]:
+    """Walk a validated query against a key -> mask lookup, whichever form it came in."""
+    weights = query.tier_weights or config.tier_weights
+    if query.block_keys is not None:
+        masks = map(lookup, query.block_keys, repeat(0))
+        return prefix_match(masks, candidates, weights, query.include_zero)
+    assert query.token_ids is not None
+    seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
+    return prefix_match_tokens(lookup, query.token_ids, block_size=query.block_size, seed=seed,
+                               candidates=candidates, weights=weights,
+                               include_zero=query.include_zero)

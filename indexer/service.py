@@ -1,0 +1,585 @@
+"""The router-facing gRPC server: a grpc.aio servicer of `kvindex.v1.KvIndexer` over an Index.
+
+`start_grpc_server` registers three services on one port: `kvindex.v1.KvIndexer`, the
+standard `grpc.health.v1.Health` (SERVING for "" and "kvindex.v1.KvIndexer") and server
+reflection. Requests become `Index` calls; errors are converted here, at the boundary:
+
+    InvalidQueryError (and request checks)  INVALID_ARGUMENT   message names the field
+    no live worker (FindBestWorker)         FAILED_PRECONDITION message names the model
+    block size unknown (token_ids query)    FAILED_PRECONDITION message names the model
+    BackendError                            UNAVAILABLE
+    deadline passed before / during work    DEADLINE_EXCEEDED
+    anything else                           INTERNAL (traceback logged as `rpc_failed`)
+
+"Live workers of a model" are asked of one `WorkerDirectory` (by default the index's own
+worker list, cached for `worker_cache_seconds`); a liveness registry plugs in there as its
+`source`. Handlers hold no lock across an await, so reads interleave with ingest; the
+in-memory index scores synchronously on the loop (well under a millisecond for 8k tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Final, NamedTuple, Protocol, TypeVar
+
+import grpc
+import msgspec
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from indexer._proto.kvindex.v1 import indexer_pb2 as pb
+from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
+from indexer.errors import BackendError, ConfigError, InvalidQueryError
+from indexer.index.protocol import (
+    TIERS,
+    Index,
+    IndexConfig,
+    ScoreQuery,
+    ScoreResult,
+    TierWeights,
+    WorkerInfo,
+)
+from indexer.scheduling import (
+    DEFAULT_OVERLAP_WEIGHT,
+    DEFAULT_TEMPERATURE,
+    Candidate,
+    choose_worker,
+)
+
+__all__ = [
+    "DEFAULT_LISTEN",
+    "DEFAULT_MAX_BATCH_REQUESTS",
+    "DEFAULT_MAX_CONCURRENT_QUERIES",
+    "DEFAULT_MAX_CONCURRENT_RPCS",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_WORKER_CACHE_SECONDS",
+    "SERVICE_NAME",
+    "CandidateSet",
+    "KvIndexerService",
+    "LiveWorkerSource",
+    "PipelineStats",
+    "ServiceSettings",
+    "WorkerDirectory",
+    "server_options",
+    "start_grpc_server",
+]
+
+log = structlog.get_logger("indexer.service")
+
+SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["KvIndexer"].full_name
+HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+DEFAULT_LISTEN: Final = "127.0.0.1:50051"
+# A 1M-token ScoreRequest is ~3-5 MB of varints; 16 MiB leaves room for ScoreBatch.
+DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
+DEFAULT_MAX_BATCH_REQUESTS: Final = 1024
+DEFAULT_BATCH_CONCURRENCY: Final = 8
+DEFAULT_WORKER_CACHE_SECONDS: Final = 0.5
+# Index queries in flight at once (redis-py's asyncio pool allows 100 connections); the
+# rest wait their turn within their deadline.
+DEFAULT_MAX_CONCURRENT_QUERIES: Final = 64
+# RPCs the server accepts at once; more are refused with RESOURCE_EXHAUSTED (load shedding).
+DEFAULT_MAX_CONCURRENT_RPCS: Final = 1024
+_STALE_FACTOR: Final = 4  # a cached worker list this many TTLs old is still served (refreshing)
+_MAX_CACHED_MODELS: Final = 4096
+_MAX_TIER_WEIGHT: Final = 1e6
+
+T = TypeVar("T")
+LiveWorkerSource = Callable[[str | None], Awaitable[list[WorkerInfo]]]
+
+
+class ServiceSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Settings of the gRPC server (limits documented in docs/grpc.md)."""
+
+    # grpc.max_receive_message_length and grpc.max_send_message_length.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Most queries one ScoreBatch may carry.
+    max_batch_requests: int = DEFAULT_MAX_BATCH_REQUESTS
+    # ScoreBatch queries scored at the same time (overlaps backend round trips).
+    batch_concurrency: int = DEFAULT_BATCH_CONCURRENCY
+    # How long a model's live-worker list is reused; 0 = ask the source on every call.
+    worker_cache_seconds: float = DEFAULT_WORKER_CACHE_SECONDS
+    # Index queries in flight at once; further Score calls wait for a slot.
+    max_concurrent_queries: int = DEFAULT_MAX_CONCURRENT_QUERIES
+    # RPCs in progress at once (grpc maximum_concurrent_rpcs); None = unbounded.
+    max_concurrent_rpcs: int | None = DEFAULT_MAX_CONCURRENT_RPCS
+
+    def validate(self) -> None:
+        if self.max_message_bytes < 4096:
+            raise ConfigError("max_message_bytes must be >= 4096")
+        if self.max_batch_requests <= 0:
+            raise ConfigError("max_batch_requests must be > 0")
+        if self.batch_concurrency <= 0:
+            raise ConfigError("batch_concurrency must be > 0")
+        if not (math.isfinite(self.worker_cache_seconds) and self.worker_cache_seconds >= 0):
+            raise ConfigError("worker_cache_seconds must be a finite number >= 0")
+        if self.max_concurrent_queries <= 0:
+            raise ConfigError("max_concurrent_queries must be > 0")
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs <= 0:
+            raise ConfigError("max_concurrent_rpcs must be > 0 (or None)")
+
+
+class PipelineStats(Protocol):
+    """Counters the event consumer keeps outside the index (`ConsumerStats`), read live
+    by GetStats: batches it filtered before the index saw them, gaps, dead letters."""
+
+    @property
+    def duplicates(self) -> int: ...
+
+    @property
+    def stale(self) -> int: ...
+
+    @property
+    def gaps(self) -> int: ...
+
+    @property
+    def resyncs_requested(self) -> int: ...
+
+    @property
+    def dead_letters(self) -> Mapping[str, int]: ...
+
+    @property
+    def last_applied_ts(self) -> float: ...
+
+
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    """Channel arguments of the server: message size limits, no port sharing."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+# --- candidates --------------------------------------------------------------------------
+
+
+class CandidateSet:
+    """Live (worker, dp_rank)s of one model, with what Score needs of them precomputed."""
+
+    __slots__ = ("degraded", "ids", "newest_ts", "refs", "workers")
+
+    def __init__(self, workers: Sequence[WorkerInfo]) -> None:
+        self.workers = tuple(workers)
+        self.ids = frozenset(w.worker_id for w in self.workers)
+        self.refs = frozenset((w.worker_id, w.dp_rank) for w in self.workers)
+        self.newest_ts = max((w.last_event_ts for w in self.workers), default=0.0)
+        self.degraded = sorted({w.worker_id for w in self.workers if w.degraded})
+
+    def restrict(self, worker_ids: Collection[str]) -> CandidateSet:
+        """The candidates whose worker id is in `worker_ids`."""
+        return CandidateSet([w for w in self.workers if w.worker_id in worker_ids])
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+
+class _Cached(NamedTuple):
+    fetched: float  # time.monotonic() when the fetch started
+    candidates: CandidateSet
+
+
+class WorkerDirectory:
+    """Live workers per model, from `source`, each list reused for `ttl` seconds.
+
+    One fetch per model at a time: concurrent callers share it. An expired list younger
+    than `4 * ttl` is still answered while a refresh runs in the background, so a slow
+    source (Redis) costs no request its latency; an older one waits for the refresh.
+    """
+
+    def __init__(self, source: LiveWorkerSource, ttl: float) -> None:
+        self.source = source
+        self.ttl = ttl
+        self._cache: dict[str, _Cached] = {}
+        self._refreshing: dict[str, asyncio.Task[CandidateSet]] = {}
+
+    async def candidates(self, model: str) -> CandidateSet:
+        if self.ttl <= 0:
+            return CandidateSet(await self.source(model))
+        now = time.monotonic()
+        cached = self._cache.get(model)
+        if cached is not None and now - cached.fetched < self.ttl:
+            return cached.candidates
+        task = self._refreshing.get(model)
+        if task is None:
+            task = asyncio.create_task(self._refresh(model))
+            self._refreshing[model] = task
+            task.add_done_callback(functools.partial(self._refreshed, model))
+        if cached is not None and now - cached.fetched < self.ttl * _STALE_FACTOR:
+            return cached.candidates
+        return await asyncio.shield(task)
+
+    async def listing(self, model: str | None) -> list[WorkerInfo]:
+        """Every live worker (of one model, or all), uncached: for ListWorkers, GetStats."""
+        return await self.source(model)
+
+    async def _refresh(self, model: str) -> CandidateSet:
+        started = time.monotonic()
+        found = CandidateSet(await self.source(model))
+        if len(self._cache) >= _MAX_CACHED_MODELS and model not in self._cache:
+            del self._cache[next(iter(self._cache))]
+        self._cache[model] = _Cached(started, found)
+        return found
+
+    def _refreshed(self, model: str, task: asyncio.Task[CandidateSet]) -> None:
+        self._refreshing.pop(model, None)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("worker_refresh_failed", error=str(exc))
+
+
+# --- errors --------------------------------------------------------------------------
+
+
+class _StatusError(Exception):
+    """A request the servicer refuses with a specific status code."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+def _precondition(details: str) -> _StatusError:
+    return _StatusError(grpc.StatusCode.FAILED_PRECONDITION, details)
+
+
+def _status_of(rpc: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status code and details an exception becomes on the wire."""
+    if isinstance(exc, _StatusError):
+        return exc.code, exc.details
+    if isinstance(exc, InvalidQueryError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, BackendError):
+        return grpc.StatusCode.UNAVAILABLE, f"index backend unavailable: {exc}"
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+    log.error("rpc_failed", rpc=rpc, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error in {rpc} ({type(exc).__name__})"
+
+
+def _index_config(index: Index) -> IndexConfig:
+    config = getattr(index, "config", None)
+    return config if isinstance(config, IndexConfig) else IndexConfig()
+
+
+def _age(now: float, ts: float) -> float:
+    return max(now - ts, 0.0) if ts > 0 else 0.0
+
+
+# --- the servicer ------------------------------------------------------------------------
+
+
+class KvIndexerService(pb_grpc.KvIndexerServicer):
+    """`kvindex.v1.KvIndexer` over an `Index`."""
+
+    def __init__(
+        self,
+        index: Index,
+        *,
+        settings: ServiceSettings | None = None,
+        live_workers: LiveWorkerSource | None = None,
+        rebuilding: Callable[[], bool] | None = None,
+        consumer_stats: PipelineStats | None = None,
+    ) -> None:
+        self.index = index
+        self.settings = settings or ServiceSettings()
+        self.settings.validate()
+        self.config = _index_config(index)
+        self.directory = WorkerDirectory(live_workers or index.workers,
+                                         self.settings.worker_cache_seconds)
+        # Is the index rebuilding (from the bus or a snapshot)? Set by the recovery stage.
+        self.rebuilding: Callable[[], bool] = rebuilding or (lambda: False)
+        self.consumer_stats = consumer_stats
+        self._rng = random.Random()
+        self._query_slots = asyncio.Semaphore(self.settings.max_concurrent_queries)
+
+    # --- RPCs (names fixed by the proto) -------------------------------------------------
+
+    async def Score(  # noqa: N802
+        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreResponse:
+        return await self._guarded("Score", context, lambda: self._score(request, ""))
+
+    async def FindBestWorker(  # noqa: N802
+        self, request: pb.FindBestWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FindBestWorkerResponse:
+        return await self._guarded("FindBestWorker", context,
+                                   lambda: self._find_best_worker(request))
+
+    async def ScoreBatch(  # noqa: N802
+        self, request: pb.ScoreBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreBatchResponse:
+        return await self._guarded("ScoreBatch", context, lambda: self._score_batch(request))
+
+    async def ListWorkers(  # noqa: N802
+        self, request: pb.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListWorkersResponse:
+        return await self._guarded("ListWorkers", context, lambda: self._list_workers(request))
+
+    async def GetStats(  # noqa: N802
+        self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetStatsResponse:
+        return await self._guarded("GetStats", context, self._get_stats)
+
+    # --- the boundary ------------------------------------------------------------------
+
+    async def _guarded(
+        self, rpc: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Run `work()` unless the deadline has passed; convert what it raises to a status.
+
+        grpc.aio cancels the handler's task when the deadline passes mid-call (and the
+        client sees DEADLINE_EXCEEDED), so backend calls in flight stop there too.
+        """
+        try:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError
+            return await work()
+        except Exception as exc:  # noqa: BLE001 - the boundary: every error becomes a status
+            code, details = _status_of(rpc, exc)
+        await context.abort(code, details)
+        raise AssertionError("context.abort returned")  # pragma: no cover
+
+    # --- Score -------------------------------------------------------------------------
+
+    async def _score(self, request: pb.ScoreRequest, field: str) -> pb.ScoreResponse:
+        self._check_query(request, field)
+        candidates = await self._candidates(request)
+        result = await self._run_query(request, candidates, field, request.include_zero)
+        response = pb.ScoreResponse(query_blocks=result.query_blocks,
+                                    freshness=self._freshness(candidates))
+        add = response.scores.add  # ~3x faster than building WorkerScore(...) with a map
+        for s in result.scores:
+            by_tier = add(worker_id=s.worker_id, dp_rank=s.dp_rank,
+                          matched_blocks=s.matched_blocks,
+                          weighted_score=s.weighted_score).blocks_by_tier
+            for tier, count in s.blocks_by_tier.items():
+                by_tier[tier] = count
+        return response
+
+    def _check_query(self, request: pb.ScoreRequest, field: str) -> None:
+        """Refuse a malformed query, naming the field (`field` prefixes nested names)."""
+        if not request.model:
+            raise InvalidQueryError(f"{field}model must not be empty")
+        n_tokens, n_keys = len(request.token_ids), len(request.block_keys)
+        if n_tokens and n_keys:
+            raise InvalidQueryError(f"exactly one of {field}token_ids and {field}block_keys "
+                                    "must be set, got both")
+        if not n_tokens and not n_keys:
+            raise InvalidQueryError(f"exactly one of {field}token_ids and {field}block_keys "
+                                    "must be set, both are empty")
+        limit = self.config.max_query_tokens
+        if n_tokens > limit:
+            raise InvalidQueryError(f"{field}token_ids: query of {n_tokens} tokens exceeds "
+                                    f"the limit of {limit}")
+        max_blocks = limit // max(request.block_size, self.config.min_block_size)
+        if n_keys > max_blocks:
+            raise InvalidQueryError(f"{field}block_keys: query of {n_keys} blocks exceeds the "
+                                    f"limit of {max_blocks} blocks ({limit} tokens)")
+
+    def _tier_weights(self, request: pb.ScoreRequest, field: str) -> TierWeights | None:
+        """The request's weights over the configured ones; None when it sets none."""
+        if not request.HasField("tier_weights"):
+            return None
+        given, base = request.tier_weights, self.config.tier_weights
+        values: dict[str, float] = {}
+        for name in TIERS:
+            value = getattr(given, name) if given.HasField(name) else getattr(base, name)
+            if not (math.isfinite(value) and 0.0 <= value <= _MAX_TIER_WEIGHT):
+                raise InvalidQueryError(f"{field}tier_weights.{name} must be a finite number "
+                                        f"in [0, {_MAX_TIER_WEIGHT:g}], got {value!r}")
+            values[name] = value
+        return TierWeights(**values)
+
+    async def _candidates(self, request: pb.ScoreRequest) -> CandidateSet:
+        """The live workers of the request's model, narrowed to `workers` if given."""
+        candidates = await self.directory.candidates(request.model)
+        if request.workers:
+            return candidates.restrict(frozenset(request.workers))
+        return candidates
+
+    async def _run_query(
+        self, request: pb.ScoreRequest, candidates: CandidateSet, field: str, include_zero: bool
+    ) -> ScoreResult:
+        weights = self._tier_weights(request, field)
+        tokens = request.token_ids
+        block_size = request.block_size
+        if tokens and not block_size:
+            block_size = await self.index.block_size(request.model) or 0
+        if not candidates:
+            blocks = len(tokens) // block_size if tokens and block_size else len(request.block_keys)
+            return ScoreResult(blocks, [])
+        if tokens and not block_size:
+            raise _precondition(f"block size unknown: no worker of model {request.model!r} has "
+                                f"published tokens yet; set {field}block_size")
+        query = ScoreQuery(
+            model=request.model,
+            # The repeated field itself: the index slices it lazily, only as far as a
+            # worker still matches (cheaper than converting all 8k ids up front).
+            token_ids=tokens if tokens else None,
+            block_keys=None if tokens else request.block_keys,
+            block_size=block_size,
+            lora_name=request.lora_name or None,
+            cache_salt=request.cache_salt or None,
+            workers=candidates.ids,
+            tier_weights=weights,
+            include_zero=include_zero,
+        )
+        async with self._query_slots:
+            result = await self.index.score(query)
+        refs = candidates.refs
+        if any((s.worker_id, s.dp_rank) not in refs for s in result.scores):
+            result = ScoreResult(result.query_blocks, [
+                s for s in result.scores if (s.worker_id, s.dp_rank) in refs])
+        return result
+
+    def _freshness(self, candidates: CandidateSet) -> pb.Freshness:
+        return pb.Freshness(last_event_age_seconds=_age(time.time(), candidates.newest_ts),
+                            degraded_workers=candidates.degraded, rebuilding=self.rebuilding())
+
+    # --- FindBestWorker ----------------------------------------------------------------
+
+    async def _find_best_worker(
+        self, request: pb.FindBestWorkerRequest
+    ) -> pb.FindBestWorkerResponse:
+        query = request.score
+        self._check_query(query, "score.")
+        overlap_weight = (request.overlap_weight if request.HasField("overlap_weight")
+                          else DEFAULT_OVERLAP_WEIGHT)
+        temperature = (request.temperature if request.HasField("temperature")
+                       else DEFAULT_TEMPERATURE)
+        candidates = await self._candidates(query)
+        if not candidates:
+            scope = " among the requested workers" if query.workers else ""
+            raise _precondition(f"no live workers for model {query.model!r}{scope}")
+        result = await self._run_query(query, candidates, "score.", include_zero=False)
+        matched = {(s.worker_id, s.dp_rank): s.matched_blocks for s in result.scores}
+        loads = {(load.worker_id, load.dp_rank): load for load in request.loads}  # last wins
+        idle = pb.WorkerLoad()
+        options = []
+        for w in candidates.workers:
+            ref = (w.worker_id, w.dp_rank)
+            load = loads.get(ref, idle)
+            options.append(Candidate(w.worker_id, w.dp_rank, matched.get(ref, 0),
+                                     load.active_blocks, load.waiting_requests))
+        rng = random.Random(request.seed) if request.HasField("seed") else self._rng
+        chosen, ranked = choose_worker(options, result.query_blocks,
+                                       overlap_weight=overlap_weight,
+                                       temperature=temperature, rng=rng)
+        response = pb.FindBestWorkerResponse(
+            worker_id=chosen.worker_id, dp_rank=chosen.dp_rank,
+            matched_blocks=chosen.matched_blocks, freshness=self._freshness(candidates))
+        add = response.candidates.add
+        for c in ranked:
+            add(worker_id=c.worker_id, dp_rank=c.dp_rank, matched_blocks=c.matched_blocks,
+                prefill_blocks=c.prefill_blocks, active_blocks=c.active_blocks, cost=c.cost)
+        return response
+
+    # --- ScoreBatch --------------------------------------------------------------------
+
+    async def _score_batch(self, request: pb.ScoreBatchRequest) -> pb.ScoreBatchResponse:
+        queries = request.requests
+        limit = self.settings.max_batch_requests
+        if len(queries) > limit:
+            raise InvalidQueryError(f"requests: {len(queries)} queries exceed the limit of "
+                                    f"{limit} per ScoreBatch")
+        fields = [f"requests[{i}]." for i in range(len(queries))]
+        for query, field in zip(queries, fields, strict=True):
+            self._check_query(query, field)  # refuse the whole batch before any work
+        responses: list[pb.ScoreResponse] = []
+        step = self.settings.batch_concurrency
+        for start in range(0, len(queries), step):
+            group = zip(queries[start : start + step], fields[start : start + step], strict=True)
+            responses.extend(await asyncio.gather(*(self._score(q, f) for q, f in group)))
+        return pb.ScoreBatchResponse(responses=responses)
+
+    # --- ListWorkers, GetStats -----------------------------------------------------------
+
+    async def _list_workers(self, request: pb.ListWorkersRequest) -> pb.ListWorkersResponse:
+        infos = await self.directory.listing(request.model or None)
+        now = time.time()
+        response = pb.ListWorkersResponse()
+        add = response.workers.add
+        for w in infos:
+            by_tier = add(model=w.model, worker_id=w.worker_id, dp_rank=w.dp_rank,
+                          epoch=max(w.epoch, 0), last_seq=w.last_seq, degraded=w.degraded,
+                          last_event_age_seconds=_age(now, w.last_event_ts)).blocks_by_tier
+            for tier, count in w.blocks_by_tier.items():
+                by_tier[tier] = count
+        return response
+
+    async def _get_stats(self) -> pb.GetStatsResponse:
+        stats = await self.index.stats()
+        infos = await self.directory.listing(None)
+        newest = max((w.last_event_ts for w in infos), default=0.0)
+        response = pb.GetStatsResponse(
+            batches_applied=stats.batches_applied,
+            events_applied=stats.events_applied,
+            blocks_stored=stats.blocks_stored,
+            blocks_removed=stats.blocks_removed,
+            duplicates=stats.duplicates,
+            stale=stats.stale,
+            resyncs_requested=stats.resyncs_requested,
+            dropped=stats.dropped,
+            workers=stats.workers,
+        )
+        consumer = self.consumer_stats
+        if consumer is not None:
+            # The consumer drops duplicates / stale batches before the index sees them,
+            # and its resync count is of requests actually sent (the index's, rate-limited).
+            response.duplicates += consumer.duplicates
+            response.stale += consumer.stale
+            response.gaps = consumer.gaps
+            response.resyncs_requested = consumer.resyncs_requested
+            for reason, count in consumer.dead_letters.items():
+                response.dropped[reason] += count
+            newest = max(newest, consumer.last_applied_ts)
+        response.lag_seconds = _age(time.time(), newest)
+        return response
+
+
+# --- the server --------------------------------------------------------------------------
+
+
+async def start_grpc_server(
+    index: Index,
+    listen: str = DEFAULT_LISTEN,
+    *,
+    settings: ServiceSettings | None = None,
+    live_workers: LiveWorkerSource | None = None,
+    rebuilding: Callable[[], bool] | None = None,
+    consumer_stats: PipelineStats | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server for `index` on `listen` ("host:0" picks a free port).
+
+    Registers KvIndexer, health (SERVING) and reflection; returns the server and the
+    bound port. Stop it with `await server.stop(grace)`.
+    """
+    settings = settings or ServiceSettings()
+    settings.validate()
+    servicer = KvIndexerService(index, settings=settings, live_workers=live_workers,
+                                rebuilding=rebuilding, consumer_stats=consumer_stats)
+    server = grpc.aio.server(options=server_options(settings),
+                             maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+    pb_grpc.add_KvIndexerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    health_servicer = health.aio.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+    try:
+        port = int(server.add_insecure_port(listen))
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {listen}: {exc}") from exc
+    if port == 0:
+        raise ConfigError(f"cannot listen on {listen}")
+    await server.start()
+    log.info("grpc_listening", listen=listen, port=port)
+    return server, port

@@ -1,0 +1,328 @@
+"""The bus contract: what publishers put on NATS JetStream and indexers read back.
+
+This module is the single definition both packages import. It is deliberately light
+(msgspec only) so the indexer can import it without pulling in ZMQ or the publisher.
+
+Wire format: msgpack maps (field names on the wire), one `EventBatch` per NATS message.
+Schema evolution follows msgspec's rules: new fields are added with defaults at the end,
+unknown fields are ignored, and a change that old readers cannot ignore bumps
+`SCHEMA_VERSION`, which readers reject with `UnsupportedSchemaError`.
+
+Engine block hashes travel as unsigned 64-bit ints: the publisher folds every engine
+form (signed ints, unsigned ints, raw digest bytes) into u64 with `engine_hash_to_u64`.
+Token ids travel packed as little-endian u32 (`pack_tokens`), four bytes per token.
+"""
+
+from __future__ import annotations
+
+import re
+from array import array
+from collections.abc import Sequence
+from typing import Final
+
+import msgspec
+import xxhash
+
+__all__ = [
+    "DEAD_LETTER_SUBJECT",
+    "MAX_BLOCKS_PER_EVENT",
+    "MAX_EVENTS_PER_BATCH",
+    "MAX_MESSAGE_BYTES",
+    "SCHEMA_VERSION",
+    "STREAM_NAME",
+    "STREAM_SUBJECTS",
+    "SUBJECT_PREFIX",
+    "AllBlocksCleared",
+    "BlockRemoved",
+    "BlockStored",
+    "BusDecodeError",
+    "BusError",
+    "Event",
+    "EventBatch",
+    "UnsupportedSchemaError",
+    "block_count",
+    "decode_batch",
+    "encode_batch",
+    "engine_hash_to_u64",
+    "escape_token",
+    "msg_id",
+    "pack_tokens",
+    "parse_subject",
+    "subject_for",
+    "unescape_token",
+    "unpack_tokens",
+    "validate_batch",
+]
+
+SCHEMA_VERSION: Final = 1
+
+STREAM_NAME: Final = "KV_EVENTS"
+SUBJECT_PREFIX: Final = "kv.events"
+STREAM_SUBJECTS: Final = f"{SUBJECT_PREFIX}.>"
+DEAD_LETTER_SUBJECT: Final = "kv.deadletter"
+
+# Limits a reader enforces before touching the index ("absurd sizes").
+MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
+MAX_EVENTS_PER_BATCH: Final = 65_536
+MAX_BLOCKS_PER_EVENT: Final = 65_536
+
+_U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+
+
+class BusError(Exception):
+    """Root of the bus errors.
+
+    BusError
+    ├── BusDecodeError          bytes are not a valid EventBatch (truncated, wrong types, too big)
+    └── UnsupportedSchemaError  a well-formed batch of a schema version this reader does not know
+    """
+
+
+class BusDecodeError(BusError):
+    """The payload is not a valid EventBatch."""
+
+
+class UnsupportedSchemaError(BusError):
+    """The batch declares a schema version this reader does not understand."""
+
+    def __init__(self, version: object) -> None:
+        super().__init__(
+            f"unsupported bus schema version {version!r} (reader knows {SCHEMA_VERSION})"
+        )
+        self.version = version
+
+
+class BlockStored(msgspec.Struct, tag="stored", omit_defaults=True, gc=False):
+    """Blocks became full and cached on a worker, in sequence order.
+
+    `token_ids` holds `block_size` little-endian u32 tokens per block. Offload events
+    (a copy moved to CPU or storage) may carry no tokens and `block_size == 0`: the
+    blocks are then known only by engine hash.
+    """
+
+    block_hashes: list[int]
+    parent_hash: int | None = None
+    token_ids: bytes = b""
+    block_size: int = 0
+    medium: str = "gpu"
+    lora_name: str | None = None
+    cache_salt: str | None = None
+    # One entry per block (b"" = none): canonical bytes of the block's extra keys
+    # (multimodal hashes and the like), mixed into that block's key.
+    extra_keys: list[bytes] | None = None
+
+
+class BlockRemoved(msgspec.Struct, tag="removed", omit_defaults=True, gc=False):
+    """Blocks left a tier of a worker's cache."""
+
+    block_hashes: list[int]
+    medium: str = "gpu"
+
+
+class AllBlocksCleared(msgspec.Struct, tag="cleared", gc=False):
+    """The worker (this DP rank) dropped its whole cache."""
+
+
+Event = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class EventBatch(msgspec.Struct, omit_defaults=True, gc=False):
+    """One NATS message: the events of one engine step of one (worker, dp_rank).
+
+    `epoch` is unique per publisher start (and grows with time); `seq` is gapless per
+    (worker_id, dp_rank, epoch), starting at 0.
+    """
+
+    schema: int
+    model: str
+    worker_id: str
+    epoch: int
+    seq: int
+    events: list[Event]
+    dp_rank: int = 0
+    ts: float = 0.0
+
+
+class _SchemaProbe(msgspec.Struct):
+    schema: int | str | float | None = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(EventBatch)
+_probe_decoder = msgspec.msgpack.Decoder(_SchemaProbe)
+
+
+def encode_batch(batch: EventBatch) -> bytes:
+    return _encoder.encode(batch)
+
+
+def decode_batch(payload: bytes | memoryview) -> EventBatch:
+    """Decode and validate one batch; raise a BusError subclass naming what is wrong."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise BusDecodeError(f"message of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        batch = _decoder.decode(payload)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        _raise_if_other_schema(payload)
+        raise BusDecodeError(f"invalid EventBatch: {exc}") from exc
+    validate_batch(batch)
+    return batch
+
+
+def _raise_if_other_schema(payload: bytes | memoryview) -> None:
+    try:
+        probe = _probe_decoder.decode(payload)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return
+    if probe.schema is not None and probe.schema != SCHEMA_VERSION:
+        raise UnsupportedSchemaError(probe.schema)
+
+
+def validate_batch(batch: EventBatch) -> None:
+    """Raise a BusError unless `batch` is one an index may apply (decode_batch calls it)."""
+    if batch.schema != SCHEMA_VERSION:
+        raise UnsupportedSchemaError(batch.schema)
+    if not batch.model:
+        raise BusDecodeError("empty model")
+    if not batch.worker_id:
+        raise BusDecodeError("empty worker_id")
+    if batch.seq < 0 or batch.epoch < 0 or batch.dp_rank < 0:
+        raise BusDecodeError("seq, epoch and dp_rank must be >= 0")
+    if len(batch.events) > MAX_EVENTS_PER_BATCH:
+        raise BusDecodeError(f"{len(batch.events)} events exceed {MAX_EVENTS_PER_BATCH}")
+    for event in batch.events:
+        if isinstance(event, BlockStored):
+            _check_stored(event)
+        elif isinstance(event, BlockRemoved):
+            _check_hashes(event.block_hashes)
+
+
+def _check_hashes(hashes: list[int]) -> None:
+    if len(hashes) > MAX_BLOCKS_PER_EVENT:
+        raise BusDecodeError(f"{len(hashes)} blocks exceed {MAX_BLOCKS_PER_EVENT}")
+    if hashes and (min(hashes) < 0 or max(hashes) > _U64):
+        bad = next(h for h in hashes if not 0 <= h <= _U64)
+        raise BusDecodeError(f"block hash {bad} is not an unsigned 64-bit int")
+
+
+def _check_stored(event: BlockStored) -> None:
+    _check_hashes(event.block_hashes)
+    if event.parent_hash is not None and not 0 <= event.parent_hash <= _U64:
+        raise BusDecodeError(f"parent hash {event.parent_hash} is not an unsigned 64-bit int")
+    n_blocks = len(event.block_hashes)
+    if event.token_ids:
+        if event.block_size <= 0:
+            raise BusDecodeError("token_ids given with block_size <= 0")
+        expected = n_blocks * event.block_size * 4
+        if len(event.token_ids) != expected:
+            raise BusDecodeError(
+                f"token_ids hold {len(event.token_ids)} bytes; {n_blocks} blocks of "
+                f"{event.block_size} u32 tokens need {expected}"
+            )
+    if event.extra_keys is not None and len(event.extra_keys) != n_blocks:
+        raise BusDecodeError(
+            f"extra_keys has {len(event.extra_keys)} entries for {n_blocks} blocks"
+        )
+
+
+def block_count(batch: EventBatch) -> int:
+    """Blocks named by the batch's stored and removed events."""
+    return sum(len(e.block_hashes) for e in batch.events if not isinstance(e, AllBlocksCleared))
+
+
+def pack_tokens(tokens: Sequence[int] | array[int]) -> bytes:
+    """Token ids as packed little-endian u32 (the bus and block-key form)."""
+    packed = tokens if isinstance(tokens, array) and tokens.typecode == "I" else array("I", tokens)
+    if _BIG_ENDIAN:
+        packed = array("I", packed)
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def unpack_tokens(data: bytes) -> list[int]:
+    tokens = array("I")
+    tokens.frombytes(data)
+    if _BIG_ENDIAN:
+        tokens.byteswap()
+    return tokens.tolist()
+
+
+_BIG_ENDIAN: Final = array("I", [1]).tobytes()[0] == 0
+assert array("I").itemsize == 4, "array('I') must be 32-bit on this platform"
+
+
+def engine_hash_to_u64(value: int | bytes) -> int:
+    """Fold an engine block hash (signed int, unsigned int or digest bytes) into u64.
+
+    Ints keep their low 64 bits (two's complement for negatives), so signed and unsigned
+    spellings of one hash agree. Bytes are hashed with xxh3_64: they are opaque ids.
+    """
+    if isinstance(value, bytes):
+        return int(xxhash.xxh3_64_intdigest(value))
+    return value & _U64
+
+
+# --- subjects -------------------------------------------------------------------------
+
+_SAFE_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_-]")
+_ESCAPE = re.compile(r"~[0-9A-F]{2}")
+
+
+def escape_token(text: str) -> str:
+    """Reversibly escape any string into one valid NATS subject token.
+
+    Characters outside [A-Za-z0-9_-] become `~XX` per UTF-8 byte (upper-case hex); `~`
+    itself is escaped, so the mapping is injective. The empty string becomes `~`.
+    """
+    if not text:
+        return "~"
+    out: list[str] = []
+    for ch in text:
+        if _SAFE_TOKEN_CHARS.fullmatch(ch):
+            out.append(ch)
+        else:
+            out.extend(f"~{b:02X}" for b in ch.encode())
+    return "".join(out)
+
+
+def unescape_token(token: str) -> str:
+    if token == "~":
+        return ""
+    raw = bytearray()
+    i = 0
+    while i < len(token):
+        ch = token[i]
+        if ch == "~":
+            if not _ESCAPE.fullmatch(token, i, i + 3):
+                raise ValueError(f"bad escape in subject token {token!r}")
+            raw.append(int(token[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            if not _SAFE_TOKEN_CHARS.fullmatch(ch):
+                raise ValueError(f"unescaped {ch!r} in subject token {token!r}")
+            raw.extend(ch.encode())
+            i += 1
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"subject token {token!r} is not escaped UTF-8") from exc
+
+
+def subject_for(model: str, worker_id: str) -> str:
+    return f"{SUBJECT_PREFIX}.{escape_token(model)}.{escape_token(worker_id)}"
+
+
+def parse_subject(subject: str) -> tuple[str, str]:
+    """Inverse of `subject_for`: (model, worker_id)."""
+    prefix = SUBJECT_PREFIX + "."
+    if not subject.startswith(prefix):
+        raise ValueError(f"not a KV event subject: {subject!r}")
+    parts = subject[len(prefix) :].split(".")
+    if len(parts) != 2:
+        raise ValueError(f"not a KV event subject: {subject!r}")
+    return unescape_token(parts[0]), unescape_token(parts[1])
+
+
+def msg_id(worker_id: str, dp_rank: int, epoch: int, seq: int) -> str:
+    """The Nats-Msg-Id of a batch: JetStream drops a re-publish within its duplicate window."""
+    return f"{worker_id}|{dp_rank}|{epoch}|{seq}"

@@ -1,0 +1,109 @@
+"""`kv-publisher bridge` (engine ZMQ -> JetStream) and `kv-publisher simulate`.
+
+Every bridge flag has a KV_PUBLISHER_* environment variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import structlog
+import zmq.asyncio
+
+from publisher.jetstream import StreamSettings
+from publisher.publisher import KVEventPublisher
+from publisher.zmq_source import EngineSource
+
+__all__ = ["BRIDGE_SETTINGS", "main"]
+
+log = structlog.get_logger("publisher.cli")
+
+# (flag, env suffix, default, help)
+BRIDGE_SETTINGS: tuple[tuple[str, str, str | None, str], ...] = (
+    ("--zmq-endpoint", "ZMQ_ENDPOINT", None, "engine KV events endpoint, tcp://HOST:5557"),
+    ("--replay-endpoint", "REPLAY_ENDPOINT", None, "engine replay endpoint, tcp://HOST:5558"),
+    ("--model", "MODEL", None, "model name the worker serves"),
+    ("--worker-id", "WORKER_ID", None, "this worker's id (unique in the fleet)"),
+    ("--dp-size", "DP_SIZE", "1", "data-parallel ranks (ports offset by rank)"),
+    ("--topic", "TOPIC", "", "ZMQ topic the engine publishes on"),
+    ("--nats-url", "NATS_URL", "nats://127.0.0.1:4222", "NATS server URL"),
+    ("--block-size", "BLOCK_SIZE", "16", "engine block size in tokens"),
+    ("--flavor", "FLAVOR", "vllm", "vllm or sglang"),
+    ("--max-pending", "MAX_PENDING", "10000", "batches buffered while NATS is slow or away"),
+    ("--log-format", "LOG_FORMAT", "auto", "auto (console on a TTY, else JSON), json, console"),
+)
+
+
+def _bridge_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kv-publisher bridge",
+                                     description="Bridge an engine's ZMQ KV events to NATS.")
+    for flag, env, default, help_text in BRIDGE_SETTINGS:
+        env_var = f"KV_PUBLISHER_{env}"
+        parser.add_argument(flag, default=os.environ.get(env_var, default),
+                            help=f"{help_text} (env {env_var})")
+    return parser
+
+
+def parse_bridge_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = _bridge_parser()
+    args = parser.parse_args(argv)
+    for flag in ("--zmq-endpoint", "--model", "--worker-id"):
+        name = flag[2:].replace("-", "_")
+        if not getattr(args, name):
+            parser.error(f"{flag} is required (or KV_PUBLISHER_{name.upper()})")
+    for flag in ("--dp-size", "--block-size", "--max-pending"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if not str(value).isdigit() or int(value) < 1:
+            parser.error(f"{flag} must be a positive integer, got {value!r}")
+    if args.log_format not in ("auto", "json", "console"):
+        parser.error(f"--log-format must be auto, json or console, got {args.log_format!r}")
+    if args.flavor not in ("vllm", "sglang"):
+        parser.error(f"--flavor must be vllm or sglang, got {args.flavor!r}")
+    return args
+
+
+async def run_bridge(args: argparse.Namespace) -> None:
+    publisher = KVEventPublisher(args.model, args.worker_id, block_size=int(args.block_size),
+                                 nats_url=args.nats_url, dp_size=int(args.dp_size),
+                                 stream=StreamSettings(), max_pending=int(args.max_pending))
+    await publisher.start()
+    ctx = zmq.asyncio.Context()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sources = [EngineSource(ctx, rank, args.zmq_endpoint, replay_endpoint=args.replay_endpoint,
+                            topic=args.topic, flavor=args.flavor) for rank in publisher.ranks]
+    print(f"kv-publisher bridge: {args.zmq_endpoint} ({args.dp_size} rank(s)) -> "
+          f"{args.nats_url} as {args.model} / {args.worker_id}", flush=True)
+    try:
+        await asyncio.gather(*(source.run(stop) for source in sources))
+    finally:
+        await publisher.close()
+        ctx.term()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: kv-publisher {bridge,simulate} [options]  (--help on each)")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "bridge":
+        from indexer.app import configure_logging  # noqa: PLC0415 - shared log setup
+
+        args = parse_bridge_args(rest)
+        configure_logging(args.log_format)
+        asyncio.run(run_bridge(args))
+        return 0
+    if command == "simulate":
+        from publisher.simulate import main as simulate_main  # noqa: PLC0415
+
+        return simulate_main(rest)
+    print(f"kv-publisher: unknown command {command!r} (bridge, simulate)", file=sys.stderr)
+    return 2

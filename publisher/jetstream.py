@@ -1,0 +1,160 @@
+"""JetStream objects both sides rely on: the event stream, its partitions, the worker
+registry (liveness) bucket, the dead-letter stream and the resync subjects.
+
+Publishers publish to `kv.events.<model>.<worker>` (see `publisher.bus.subject_for`). The
+stream stores each message under `kv.part.<p>.<model>.<worker>`, where the server picks
+`p = partition(N, model, worker)` (a deterministic hash of the two tokens): all events of a
+worker land in one partition, in order, and publishers need not know N. Each partition has
+one durable pull consumer, owned by one indexer process at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Final
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+from publisher.bus import (
+    DEAD_LETTER_SUBJECT,
+    STREAM_NAME,
+    STREAM_SUBJECTS,
+    SUBJECT_PREFIX,
+    escape_token,
+    unescape_token,
+)
+
+__all__ = [
+    "DEAD_LETTER_STREAM",
+    "DEFAULT_PARTITIONS",
+    "LIVENESS_BUCKET",
+    "PARTITION_PREFIX",
+    "RESYNC_PREFIX",
+    "StreamSettings",
+    "WorkerRecord",
+    "consumer_name",
+    "ensure_dead_letter_stream",
+    "ensure_liveness_bucket",
+    "ensure_stream",
+    "liveness_key",
+    "parse_liveness_key",
+    "partition_filter",
+    "resync_subject",
+]
+
+PARTITION_PREFIX: Final = "kv.part"
+DEFAULT_PARTITIONS: Final = 8
+DEAD_LETTER_STREAM: Final = "KV_DEADLETTER"
+LIVENESS_BUCKET: Final = "kv_workers"
+RESYNC_PREFIX: Final = "kv.resync"
+CONSUMER_PREFIX: Final = "kvidx-p"
+
+
+class StreamSettings(msgspec.Struct, frozen=True, kw_only=True):
+    partitions: int = DEFAULT_PARTITIONS
+    max_age_s: float = 3600.0
+    max_bytes: int = 1 << 30
+    duplicate_window_s: float = 120.0
+    liveness_ttl_s: float = 10.0
+
+
+def partition_filter(partition: int) -> str:
+    return f"{PARTITION_PREFIX}.{partition}.>"
+
+
+def consumer_name(partition: int) -> str:
+    return f"{CONSUMER_PREFIX}{partition}"
+
+
+def resync_subject(model: str, worker_id: str) -> str:
+    return f"{RESYNC_PREFIX}.{escape_token(model)}.{escape_token(worker_id)}"
+
+
+def liveness_key(model: str, worker_id: str) -> str:
+    """KV keys allow [-/_=.A-Za-z0-9]: the subject-token escape, with `=` for `~`."""
+    return f"{escape_token(model)}.{escape_token(worker_id)}".replace("~", "=")
+
+
+def parse_liveness_key(key: str) -> tuple[str, str]:
+    model, _, worker = key.replace("=", "~").partition(".")
+    return unescape_token(model), unescape_token(worker)
+
+
+class WorkerRecord(msgspec.Struct, kw_only=True):
+    """A publisher's entry in the liveness bucket (JSON), refreshed every TTL / 3."""
+
+    model: str
+    worker_id: str
+    block_size: int
+    dp_size: int = 1
+    tiers: list[str] = msgspec.field(default_factory=lambda: ["gpu"])
+    epoch: int = 0
+    last_seq: dict[str, int] = msgspec.field(default_factory=dict)  # dp rank -> bus seq
+    version: str = ""
+
+
+def stream_config(settings: StreamSettings) -> js_api.StreamConfig:
+    transform = js_api.SubjectTransform(
+        src=f"{SUBJECT_PREFIX}.*.*",
+        dest=f"{PARTITION_PREFIX}.{{{{partition({settings.partitions},1,2)}}}}"
+        f".{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}",
+    )
+    return js_api.StreamConfig(
+        name=STREAM_NAME,
+        subjects=[STREAM_SUBJECTS],
+        subject_transform=transform,
+        storage=js_api.StorageType.FILE,
+        retention=js_api.RetentionPolicy.LIMITS,
+        max_age=settings.max_age_s,
+        max_bytes=settings.max_bytes,
+        duplicate_window=settings.duplicate_window_s,
+        discard=js_api.DiscardPolicy.OLD,
+    )
+
+
+async def ensure_stream(js: JetStreamContext, settings: StreamSettings) -> js_api.StreamInfo:
+    """Create the event stream, or check an existing one has our partition count."""
+    wanted = stream_config(settings)
+    try:
+        info = await js.stream_info(STREAM_NAME)
+    except NotFoundError:
+        try:
+            return await js.add_stream(wanted)
+        except BadRequestError:  # created concurrently by another process
+            info = await js.stream_info(STREAM_NAME)
+    current = info.config.subject_transform
+    if current is None or current.dest != wanted.subject_transform.dest:  # type: ignore[union-attr]
+        raise RuntimeError(
+            f"stream {STREAM_NAME} exists with subject transform "
+            f"{current.dest if current else None!r}; this process expects "
+            f"{settings.partitions} partitions ({wanted.subject_transform.dest!r})"  # type: ignore[union-attr]
+        )
+    return info
+
+
+async def ensure_dead_letter_stream(js: JetStreamContext) -> None:
+    config = js_api.StreamConfig(
+        name=DEAD_LETTER_STREAM, subjects=[f"{DEAD_LETTER_SUBJECT}.>"],
+        storage=js_api.StorageType.FILE, max_msgs=100_000, max_age=7 * 24 * 3600.0,
+    )
+    try:
+        await js.stream_info(DEAD_LETTER_STREAM)
+    except NotFoundError:
+        with contextlib.suppress(BadRequestError):
+            await js.add_stream(config)
+
+
+async def ensure_liveness_bucket(js: JetStreamContext, ttl_s: float) -> KeyValue:
+    try:
+        return await js.key_value(LIVENESS_BUCKET)
+    except (BucketNotFoundError, NotFoundError):
+        try:
+            return await js.create_key_value(js_api.KeyValueConfig(
+                bucket=LIVENESS_BUCKET, ttl=ttl_s, history=1,
+                storage=js_api.StorageType.FILE))
+        except BadRequestError:
+            return await js.key_value(LIVENESS_BUCKET)

@@ -1,0 +1,178 @@
+"""Engine side of the bridge: one SUB socket per DP rank, engine seq tracking, replay.
+
+Live messages are `[topic, seq, payload]`. The next expected seq is tracked per rank:
+- a gap is filled from the engine's replay socket (DEALER; both answer forms); a gap the
+  replay cannot fill becomes AllBlocksCleared for the rank (fewer hits, never wrong ones)
+  and is counted;
+- a seq lower than expected means the engine restarted: a new epoch starts (the index
+  forgets the old one; vLLM sends no AllBlocksCleared at start-up);
+- the first message seen with seq > 0 also asks the replay for what came before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Final, Literal
+
+import msgspec
+import structlog
+import zmq
+import zmq.asyncio
+
+from publisher.bus import AllBlocksCleared
+from publisher.engines import (
+    EngineDecodeError,
+    decode_engine_payload,
+    encode_replay_request,
+    parse_live_frames,
+    parse_replay_frames,
+)
+from publisher.publisher import RankPublisher
+
+__all__ = ["EngineSource", "SourceStats", "rank_endpoint"]
+
+log = structlog.get_logger("publisher.zmq")
+
+_POLL_MS: Final = 200
+_SUB_HWM: Final = 100_000
+
+
+class SourceStats(msgspec.Struct):
+    batches: int = 0
+    gaps: int = 0
+    gaps_filled: int = 0
+    gaps_unfilled: int = 0
+    engine_restarts: int = 0
+    bad_messages: int = 0
+    skipped_events: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+def rank_endpoint(endpoint: str, dp_rank: int) -> str:
+    """vLLM adds the DP rank to the TCP port of both endpoints."""
+    if dp_rank == 0 or not endpoint.startswith("tcp://"):
+        return endpoint
+    host, _, port = endpoint.rpartition(":")
+    return f"{host}:{int(port) + dp_rank}"
+
+
+class EngineSource:
+    """Reads one engine rank's ZMQ events into its RankPublisher."""
+
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        rank: RankPublisher,
+        endpoint: str,
+        *,
+        replay_endpoint: str | None = None,
+        topic: str = "",
+        flavor: Literal["vllm", "sglang"] = "vllm",
+        replay_timeout_s: float = 2.0,
+    ) -> None:
+        self.stats = SourceStats()
+        self.next_seq: int | None = None
+        self._ctx = ctx
+        self._rank = rank
+        self._endpoint = rank_endpoint(endpoint, rank.dp_rank)
+        self._replay_endpoint = (rank_endpoint(replay_endpoint, rank.dp_rank)
+                                 if replay_endpoint else None)
+        self._topic = topic
+        self._flavor = flavor
+        self._replay_timeout_s = replay_timeout_s
+        self._log = log.bind(worker=rank.worker_id, dp_rank=rank.dp_rank)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, _SUB_HWM)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.connect(self._endpoint)
+        sub.subscribe(self._topic.encode())
+        self._log.info("engine_source_started", endpoint=self._endpoint,
+                       replay=self._replay_endpoint)
+        try:
+            while not stop.is_set():
+                if await sub.poll(_POLL_MS):
+                    await self.on_frames(await sub.recv_multipart())
+        finally:
+            sub.close()
+
+    async def on_frames(self, frames: list[bytes]) -> None:
+        try:
+            seq, payload = parse_live_frames(frames)
+        except EngineDecodeError as exc:
+            self.stats.bad_messages += 1
+            self._log.warning("bad_engine_message", error=str(exc))
+            return
+        await self.on_batch(seq, payload)
+
+    async def on_batch(self, seq: int, payload: bytes) -> None:
+        expected = self.next_seq
+        if expected is not None and seq < expected:
+            self.stats.engine_restarts += 1
+            self._log.info("engine_restarted", seq=seq, expected=expected)
+            self._rank.restart_epoch()
+            expected = 0
+        elif expected is None:
+            expected = 0
+        if seq > expected:
+            await self._fill_gap(expected, seq)
+        self._publish(seq, payload)
+
+    async def _fill_gap(self, start: int, end: int) -> None:
+        self.stats.gaps += 1
+        missing = await self.replay(start, end)
+        if missing is None:
+            self.stats.gaps_unfilled += 1
+            self._log.warning("gap_unfilled", start=start, end=end)
+            self._rank.publish([AllBlocksCleared()])
+            return
+        self.stats.gaps_filled += 1
+        for seq, payload in missing:
+            self._publish(seq, payload)
+
+    def _publish(self, seq: int, payload: bytes) -> None:
+        self.next_seq = seq + 1
+        self.stats.batches += 1
+        try:
+            batch = decode_engine_payload(payload, flavor=self._flavor)
+        except EngineDecodeError as exc:
+            # What the batch did is unknown: treat it as a gap nobody can fill.
+            self.stats.bad_messages += 1
+            self._log.warning("bad_engine_payload", seq=seq, error=str(exc))
+            self._rank.publish([AllBlocksCleared()])
+            return
+        for skipped in batch.skipped:
+            reason = skipped.split(":", 1)[0]
+            self.stats.skipped_events[reason] = self.stats.skipped_events.get(reason, 0) + 1
+        self._rank.publish(batch.events, batch.ts)
+
+    async def replay(self, start: int, end: int) -> list[tuple[int, bytes]] | None:
+        """Batches start..end-1 from the engine's replay buffer, or None if it lacks any."""
+        if self._replay_endpoint is None:
+            return None
+        dealer = self._ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(self._replay_endpoint)
+        got: dict[int, bytes] = {}
+        try:
+            await dealer.send_multipart(encode_replay_request(start))
+            while True:
+                if not await dealer.poll(int(self._replay_timeout_s * 1000)):
+                    self._log.warning("replay_timeout", start=start, end=end)
+                    return None
+                answer = parse_replay_frames(await dealer.recv_multipart())
+                if answer is None:
+                    break
+                seq, payload = answer
+                if start <= seq < end:
+                    got[seq] = payload
+        except EngineDecodeError as exc:
+            self._log.warning("bad_replay_answer", error=str(exc))
+            return None
+        finally:
+            with contextlib.suppress(Exception):
+                dealer.close()
+        if len(got) != end - start:
+            return None
+        return sorted(got.items())

@@ -1,0 +1,70 @@
+"""Service settings: flags, environment variables, validation, and the README table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from indexer.config import SETTINGS, env_name, parse_service_config
+from indexer.errors import ConfigError
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+class TestParsing:
+    """Flags win over environment variables, which win over defaults."""
+
+    def test_defaults(self) -> None:
+        """No flag and no environment: embedded NATS, in-memory index, gRPC on 50051."""
+        config = parse_service_config([], environ={})
+        assert (config.nats_url, config.redis_url, config.grpc_listen) == (
+            None, None, "127.0.0.1:50051")
+
+    def test_environment_and_flags(self) -> None:
+        """KV_INDEXER_* variables are read; a flag overrides its variable."""
+        env = {"KV_INDEXER_REDIS_URL": "redis://r:6379/0", "KV_INDEXER_PARTITIONS": "4"}
+        config = parse_service_config(["--partitions", "16"], environ=env)
+        assert (config.redis_url, config.partitions) == ("redis://r:6379/0", 16)
+
+
+class TestValidation:
+    """A bad setting fails at start-up with a message naming it."""
+
+    @pytest.mark.parametrize(
+        ("argv", "env", "message"),
+        [
+            (["--partitions", "0"], {}, "--partitions"),
+            (["--partitions", "many"], {}, "--partitions"),
+            ([], {"KV_INDEXER_PARTITIONS": "x"}, "KV_INDEXER_PARTITIONS"),
+            (["--grpc-listen", "nowhere"], {}, "--grpc-listen"),
+            (["--redis-url", "localhost:6379"], {}, "--redis-url"),
+            (["--nats-url", "localhost"], {}, "--nats-url"),
+            (["--log-format", "xml"], {}, "--log-format"),
+            (["--liveness-ttl", "-1"], {}, "--liveness-ttl"),
+        ],
+    )
+    def test_rejected(self, argv: list[str], env: dict[str, str], message: str) -> None:
+        """Each invalid value raises ConfigError naming the flag or variable."""
+        with pytest.raises(ConfigError, match=message):
+            parse_service_config(argv, environ=env)
+
+
+class TestDocumented:
+    """The README's configuration table lists every flag and variable there is."""
+
+    def test_readme_lists_every_setting(self) -> None:
+        """Each flag and its KV_INDEXER_* variable appear in README.md."""
+        text = README.read_text()
+        for flag, field, _kind, _help in SETTINGS:
+            assert f"`{flag}`" in text, flag
+            assert f"`{env_name(field)}`" in text, env_name(field)
+
+    def test_readme_lists_every_bridge_setting(self) -> None:
+        """Each kv-publisher bridge flag and its KV_PUBLISHER_* variable appear in README.md."""
+        from publisher.cli import BRIDGE_SETTINGS
+
+        text = README.read_text()
+        for flag, env, _default, _help in BRIDGE_SETTINGS:
+            assert f"`{flag}`" in text, flag
+            assert f"`KV_PUBLISHER_{env}`" in text, env

@@ -1,0 +1,423 @@
+"""The Index contract: every backend gives exactly the reference model's answers.
+
+Hypothesis generates engine histories (stores, offloads, removes, clears, restarts,
+duplicates, stale epochs, gaps, unknown parents, interleaved workers and DP ranks); each
+backend ingests them and must agree with `tests.reference.ReferenceIndex` on outcomes,
+presence (block key by block key), scores, per-worker tier counts and drop counters.
+The Redis backend is also driven by two successive index instances, so a worker's ledger
+reloaded from Redis must carry on exactly where the first left off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+import xxhash
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from indexer.index.memory import MemoryIndex
+from indexer.index.protocol import Index, IndexConfig, ScoreQuery, TierWeights, WorkerRef
+from indexer.index.redis import RedisIndex
+from indexer.keys import block_keys_for_tokens
+from publisher.bus import (
+    SCHEMA_VERSION,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    Event,
+    EventBatch,
+    pack_tokens,
+)
+from tests.reference import ReferenceIndex
+from tests.servers import RedisServer
+
+MODEL = "org/model-1.5"
+BLOCK = 4
+DEPTH = 5
+CHOICES = 3
+WORKERS = ("w-a", "10.0.0.2:8000", "w/c")
+GHOST_CAPACITY = 3
+MEDIA = ("gpu", "GPU", "cpu", "CPU_PINNED", "storage", "FS", "weird-tier")
+
+
+def block_tokens(depth: int, choice: int) -> list[int]:
+    return [choice * 1000 + depth * 10 + j for j in range(BLOCK)]
+
+
+def path_tokens(path: tuple[int, ...], start: int = 0) -> list[int]:
+    return [t for depth in range(start, len(path)) for t in block_tokens(depth, path[depth])]
+
+
+def engine_hash(path: tuple[int, ...], epoch: int) -> int:
+    return int(xxhash.xxh3_64_intdigest(repr(path).encode(), seed=epoch))
+
+
+@dataclass
+class Engine:
+    """What one simulated engine rank has published so far."""
+
+    epoch: int = 1
+    seq: int = -1
+    last: EventBatch | None = None
+    history: list[int] = field(default_factory=list)
+
+
+paths = st.lists(st.integers(0, CHOICES - 1), min_size=1, max_size=DEPTH).map(tuple)
+worker_refs = st.tuples(st.sampled_from(WORKERS), st.integers(0, 1))
+
+
+@st.composite
+def event_specs(draw: st.DrawFn) -> tuple[str, Any]:
+    kind = draw(st.sampled_from(
+        ["store", "store", "store", "store", "offload", "remove", "remove", "orphan", "clear"]
+    ))
+    path = draw(paths)
+    if kind == "store":
+        split = draw(st.integers(0, len(path) - 1))
+        medium = draw(st.sampled_from(("gpu", "gpu", "GPU", "cpu")))
+        lora = draw(st.sampled_from((None, None, None, "adapter")))
+        return kind, (path, split, medium, lora)
+    if kind in ("offload", "remove"):
+        lo = draw(st.integers(0, len(path) - 1))
+        return kind, (path, lo, draw(st.sampled_from(MEDIA)))
+    return kind, path
+
+
+def make_event(kind: str, spec: Any, epoch: int) -> Event:
+    if kind == "store":
+        path, split, medium, lora = spec
+        return BlockStored(
+            block_hashes=[engine_hash(path[: i + 1], epoch) for i in range(split, len(path))],
+            parent_hash=engine_hash(path[:split], epoch) if split else None,
+            token_ids=pack_tokens(path_tokens(path, split)),
+            block_size=BLOCK,
+            medium=medium,
+            lora_name=lora,
+        )
+    if kind == "orphan":
+        return BlockStored(block_hashes=[engine_hash(spec, epoch) ^ 0xABC],
+                           parent_hash=engine_hash(spec, epoch) ^ 0xDEF,
+                           token_ids=pack_tokens(block_tokens(0, 9)), block_size=BLOCK)
+    if kind == "offload":
+        path, lo, medium = spec
+        return BlockStored(block_hashes=[engine_hash(path[: i + 1], epoch)
+                                         for i in range(lo, len(path))], medium=medium)
+    if kind == "remove":
+        path, lo, medium = spec
+        return BlockRemoved(block_hashes=[engine_hash(path[: i + 1], epoch)
+                                          for i in range(lo, len(path))], medium=medium)
+    return AllBlocksCleared()
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> list[EventBatch]:
+    """A sequence of bus batches as engines (and a flaky network) would produce them."""
+    engines: dict[tuple[str, int], Engine] = {}
+    batches: list[EventBatch] = []
+    for _ in range(draw(st.integers(1, 40))):
+        worker_id, rank = draw(worker_refs)
+        engine = engines.setdefault((worker_id, rank), Engine())
+        action = draw(st.sampled_from(["events"] * 8 + ["dup", "stale", "gap", "restart"]))
+        if action == "dup" and engine.last is not None:
+            batches.append(engine.last)
+            continue
+        if action == "stale" and engine.last is not None and engine.epoch > 1:
+            stale = EventBatch(schema=SCHEMA_VERSION, model=MODEL, worker_id=worker_id,
+                               dp_rank=rank, epoch=engine.epoch - 1, seq=engine.seq + 5,
+                               events=[AllBlocksCleared()])
+            batches.append(stale)
+            continue
+        if action == "restart":
+            engine.epoch += 1
+            engine.seq = -1
+        if action == "gap":
+            engine.seq += 2
+        specs = draw(st.lists(event_specs(), min_size=1, max_size=3))
+        engine.seq += 1
+        batch = EventBatch(
+            schema=SCHEMA_VERSION, model=MODEL, worker_id=worker_id, dp_rank=rank,
+            epoch=engine.epoch, seq=engine.seq, ts=float(len(batches)),
+            events=[make_event(kind, spec, engine.epoch) for kind, spec in specs],
+        )
+        engine.last = batch
+        batches.append(batch)
+    return batches
+
+
+weights_st = st.one_of(
+    st.none(),
+    st.builds(TierWeights, gpu=st.sampled_from([1.0, 0.3]), cpu=st.sampled_from([0.8, 2.0]),
+              storage=st.sampled_from([0.5, 0.0]), other=st.sampled_from([0.25, 1.5])),
+)
+queries_st = st.lists(
+    st.tuples(paths, st.one_of(st.none(), st.frozensets(st.sampled_from((*WORKERS, "nobody")))),
+              weights_st, st.booleans(), st.sampled_from((None, "adapter"))),
+    min_size=1, max_size=12,
+)
+chunk_sizes = st.lists(st.one_of(st.integers(1, 6), st.just(64)), min_size=1, max_size=40)
+
+CONFIG = IndexConfig(ghost_capacity=GHOST_CAPACITY)
+
+
+async def check_against_reference(
+    make_index: Callable[[], Awaitable[Index]],
+    batches: list[EventBatch],
+    chunks: list[int],
+    queries: list[Any],
+    *,
+    split_at: int | None = None,
+) -> None:
+    reference = ReferenceIndex(GHOST_CAPACITY)
+    expected_outcomes = [reference.apply(b) for b in batches]
+    one_instance = split_at is None or split_at >= len(batches)
+    index = await make_index()
+    outcomes: list[str] = []
+    pos = 0
+    chunk_iter = iter(chunks * (len(batches) + 1))
+    while pos < len(batches):
+        if split_at is not None and pos >= split_at:
+            await index.close()
+            index = await make_index()  # a new process: ledgers come back from Redis
+            split_at = None
+        end = min(pos + next(chunk_iter), len(batches))
+        if split_at is not None and pos < split_at < end:
+            end = split_at
+        outcomes += [o.value for o in await index.apply(batches[pos:end])]
+        pos = end
+    try:
+        assert outcomes == expected_outcomes
+        assert await index.presence(MODEL) == reference.presence(MODEL)
+        for path, workers, weights, include_zero, lora in queries:
+            keys = block_keys_for_tokens(path_tokens(path), BLOCK, MODEL, lora_name=lora)
+            result = await index.score(ScoreQuery(
+                model=MODEL, block_keys=keys, workers=workers, tier_weights=weights,
+                include_zero=include_zero))
+            got = [(s.worker_id, s.dp_rank, s.matched_blocks, s.weighted_score, s.blocks_by_tier)
+                   for s in result.scores]
+            assert got == reference.score(MODEL, keys, workers, weights or CONFIG.tier_weights,
+                                          include_zero)
+            assert result.query_blocks == len(keys)
+            tokens = path_tokens(path) + [7] * (len(path) % BLOCK)  # a partial block: ignored
+            for token_form in (tokens, pack_tokens(tokens)):
+                by_tokens = await index.score(ScoreQuery(
+                    model=MODEL, token_ids=token_form, block_size=BLOCK, lora_name=lora,
+                    workers=workers, tier_weights=weights, include_zero=include_zero))
+                assert by_tokens == result
+        infos = await index.workers(MODEL)
+        assert {(w.worker_id, w.dp_rank) for w in infos} == {
+            (ref.worker_id, ref.dp_rank) for (_, ref) in reference.workers}
+        for info in infos:
+            ref = WorkerRef(info.worker_id, info.dp_rank)
+            ref_worker = reference.workers[(MODEL, ref)]
+            assert info.blocks_by_tier == reference.blocks_by_tier(MODEL, ref)
+            assert (info.epoch, info.last_seq) == (ref_worker.epoch, ref_worker.last_seq)
+            assert info.degraded == ref_worker.degraded
+        if one_instance:  # counters are per process
+            stats = await index.stats()
+            assert stats.duplicates == expected_outcomes.count("duplicate")
+            assert stats.stale == expected_outcomes.count("stale_epoch")
+    finally:
+        await index.close()
+
+
+def reference_drops(batches: list[EventBatch]) -> dict[str, int]:
+    reference = ReferenceIndex(GHOST_CAPACITY)
+    for batch in batches:
+        reference.apply(batch)
+    return reference.dropped
+
+
+class TestMemoryIndexContract:
+    """The in-memory backend against the reference model."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(batches=histories(), chunks=chunk_sizes, queries=queries_st)
+    def test_matches_reference(self, batches: list[EventBatch], chunks: list[int],
+                               queries: list[Any]) -> None:
+        """Outcomes, presence, scores and worker views equal the reference model's."""
+
+        async def make() -> Index:
+            return MemoryIndex(CONFIG)
+
+        asyncio.run(check_against_reference(make, batches, chunks, queries))
+
+    @settings(max_examples=100, deadline=None)
+    @given(batches=histories())
+    def test_drop_counters_match_reference(self, batches: list[EventBatch]) -> None:
+        """Unknown parents and unknown blocks are counted exactly as the reference counts them."""
+        index = MemoryIndex(CONFIG)
+        index.sync.apply(batches)
+        assert index.sync.stats().dropped == reference_drops(batches)
+
+
+class TestRedisIndexContract:
+    """The Redis backend against the reference model, on a private redis-server."""
+
+    @settings(max_examples=80, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(batches=histories(), chunks=chunk_sizes, queries=queries_st,
+           split=st.one_of(st.none(), st.integers(0, 40)), compact=st.sampled_from([0, 65536]))
+    def test_matches_reference(self, redis_server: RedisServer, batches: list[EventBatch],
+                               chunks: list[int], queries: list[Any], *,
+                               split: int | None, compact: int) -> None:
+        """Same as memory, and a second instance resumes from the ledger logs in Redis
+        (appended to, or compacted into snapshots)."""
+
+        async def run() -> None:
+            admin = aioredis.Redis.from_url(redis_server.url)
+            await admin.flushall()
+            await admin.aclose()
+
+            async def make() -> Index:
+                return RedisIndex.from_url(redis_server.url, config=CONFIG,
+                                           log_compact_min_bytes=compact)
+
+            await check_against_reference(make, batches, chunks, queries, split_at=split)
+
+        asyncio.run(run())
+
+    @settings(max_examples=30, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(batches=histories())
+    def test_drop_counters_match_reference(self, redis_server: RedisServer,
+                                           batches: list[EventBatch]) -> None:
+        """Drop counters of the Redis backend equal the reference model's."""
+
+        async def run() -> dict[str, int]:
+            admin = aioredis.Redis.from_url(redis_server.url)
+            await admin.flushall()
+            await admin.aclose()
+            index = RedisIndex.from_url(redis_server.url, config=CONFIG)
+            try:
+                await index.apply(batches)
+                return (await index.stats()).dropped
+            finally:
+                await index.close()
+
+        assert asyncio.run(run()) == reference_drops(batches)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def any_index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
+    """Each backend in turn; the Redis one on a flushed private redis-server."""
+    if request.param == "memory":
+        yield MemoryIndex(CONFIG)
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    client = aioredis.Redis.from_url(server.url)
+    await client.flushall()
+    index = RedisIndex(client, config=CONFIG)
+    yield index
+    await index.close()
+
+
+class TestQueryErrors:
+    """Queries the index refuses get a clear error on every backend; nothing changes."""
+
+    @pytest.mark.parametrize(
+        ("query", "message"),
+        [
+            (ScoreQuery(model="", block_keys=[1]), "model must not be empty"),
+            (ScoreQuery(model=MODEL), "exactly one of block_keys and token_ids"),
+            (ScoreQuery(model=MODEL, block_keys=[1], token_ids=[1, 2], block_size=1),
+             "exactly one of"),
+            (ScoreQuery(model=MODEL, token_ids=[1, 2, 3, 4]), "block_size must be > 0"),
+            (ScoreQuery(model=MODEL, token_ids=b"\x01\x02\x03", block_size=1), "multiple of 4"),
+            (ScoreQuery(model=MODEL, token_ids=[0] * (CONFIG.max_query_tokens + 1),
+                        block_size=16), "exceeds the limit"),
+            (ScoreQuery(model=MODEL, block_keys=[0] * (CONFIG.max_query_blocks + 1)),
+             "exceeds the limit"),
+            (ScoreQuery(model=MODEL, block_keys=[1], tier_weights=TierWeights(cpu=-1.0)),
+             "tier weight cpu"),
+        ],
+    )
+    async def test_refused(self, any_index: Index, query: ScoreQuery, message: str) -> None:
+        """Each malformed query raises InvalidQueryError naming what is wrong."""
+        from indexer.errors import InvalidQueryError
+
+        with pytest.raises(InvalidQueryError, match=message):
+            await any_index.score(query)
+
+    async def test_bad_batch_leaves_index_unchanged(self, any_index: Index) -> None:
+        """A batch list with one invalid batch raises before any batch is applied."""
+        from publisher.bus import BusError
+
+        good = EventBatch(schema=SCHEMA_VERSION, model=MODEL, worker_id="w", epoch=1, seq=0,
+                          events=[make_event("store", ((0, 1), 0, "gpu", None), 1)])
+        bad_tokens = EventBatch(schema=SCHEMA_VERSION, model=MODEL, worker_id="w", epoch=1,
+                                seq=1, events=[BlockStored(block_hashes=[1, 2],
+                                                           token_ids=b"\x00" * 12,
+                                                           block_size=BLOCK)])
+        wrong_schema = EventBatch(schema=SCHEMA_VERSION + 1, model=MODEL, worker_id="w",
+                                  epoch=1, seq=1, events=[])
+        huge_hash = EventBatch(schema=SCHEMA_VERSION, model=MODEL, worker_id="w", epoch=1,
+                               seq=1, events=[BlockRemoved(block_hashes=[2**64])])
+        for bad in (bad_tokens, wrong_schema, huge_hash):
+            with pytest.raises(BusError):
+                await any_index.apply([good, bad])
+        assert await any_index.presence(MODEL) == {}
+        assert await any_index.workers() == []
+
+    async def test_block_size_is_learned(self, any_index: Index) -> None:
+        """The model's block size comes from its workers' token-carrying stores."""
+        assert await any_index.block_size(MODEL) is None
+        await any_index.apply([EventBatch(
+            schema=SCHEMA_VERSION, model=MODEL, worker_id="w", epoch=1, seq=0,
+            events=[make_event("store", ((0, 1), 0, "gpu", None), 1)])])
+        assert await any_index.block_size(MODEL) == BLOCK
+        assert await any_index.block_size("other") is None
+
+    async def test_unknown_model_scores_nothing(self, any_index: Index) -> None:
+        """A model nobody serves gives no scores, with the query's block count."""
+        result = await any_index.score(ScoreQuery(model="nobody/serves-this", block_keys=[1, 2]))
+        assert (result.query_blocks, result.scores) == (2, [])
+
+
+class TestExportImport:
+    """A rank's exported state, imported into a fresh index, gives the same index."""
+
+    @settings(max_examples=40, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(batches=histories())
+    def test_round_trip(self, redis_server: RedisServer, batches: list[EventBatch]) -> None:
+        """Export every rank from memory; import into memory and into Redis: same presence,
+        same positions, and later batches apply the same way."""
+
+        async def run() -> None:
+            source = MemoryIndex(CONFIG)
+            half = len(batches) // 2
+            await source.apply(batches[:half])
+            ranks = [(MODEL, WorkerRef(w.worker_id, w.dp_rank))
+                     for w in await source.workers(MODEL)]
+            states = await source.export_ranks(ranks)
+            admin = aioredis.Redis.from_url(redis_server.url)
+            await admin.flushall()
+            await admin.aclose()
+            targets: list[Index] = [MemoryIndex(CONFIG), RedisIndex.from_url(
+                redis_server.url, config=CONFIG)]
+            await source.apply(batches[half:])
+            for target in targets:
+                await target.import_ranks(states)
+                await target.apply(batches[half:])
+                assert await target.presence(MODEL) == await source.presence(MODEL)
+                assert [(w.worker_id, w.dp_rank, w.epoch, w.last_seq, w.blocks_by_tier)
+                        for w in await target.workers(MODEL)] == [
+                    (w.worker_id, w.dp_rank, w.epoch, w.last_seq, w.blocks_by_tier)
+                    for w in await source.workers(MODEL)]
+                await target.close()
+
+        asyncio.run(run())
+
+    async def test_markers(self, any_index: Index) -> None:
+        """Markers are stored, read back and deleted."""
+        assert await any_index.get_marker("p.0") is None
+        await any_index.set_marker("p.0", "gen-1")
+        assert await any_index.get_marker("p.0") == "gen-1"
+        await any_index.set_marker("p.0", None)
+        assert await any_index.get_marker("p.0") is None

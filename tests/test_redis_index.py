@@ -1,0 +1,153 @@
+"""Redis-specific guarantees: durable ledgers, bounded logs, atomic guarded writes, layout."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from redis.cluster import key_slot
+
+from indexer.errors import BackendError
+from indexer.index.memory import MemoryIndex
+from indexer.index.protocol import ApplyOutcome, IndexConfig, ScoreQuery
+from indexer.index.redis import RedisIndex, model_prefix
+from tests.servers import RedisServer
+from tests.test_ledger import BS, MODEL, TOKENS, batch, stored
+
+pytestmark = pytest.mark.integration
+
+CONFIG = IndexConfig(ghost_capacity=3)
+
+
+def keys_of_prompt() -> list[int]:
+    from indexer.keys import block_keys_for_tokens
+
+    return block_keys_for_tokens(TOKENS, BS, MODEL)
+
+
+async def matched(index: RedisIndex | MemoryIndex) -> int:
+    result = await index.score(ScoreQuery(model=MODEL, block_keys=keys_of_prompt()))
+    return result.scores[0].matched_blocks if result.scores else 0
+
+
+class TestDurableLedger:
+    """A new process resumes a worker exactly where the last one stopped."""
+
+    async def test_ghost_fifo_survives_reload(self, redis_client: aioredis.Redis) -> None:
+        """Ghosts popped before a restart stay forgotten; the ones kept still resolve."""
+        from publisher.bus import BlockRemoved
+
+        history = [batch(0, stored(1, 6)), batch(1, BlockRemoved(block_hashes=[6, 5, 4, 3, 2]))]
+        later = [batch(2, stored(4, 4, parent=3)), batch(3, stored(6, 6, parent=5))]
+        memory = MemoryIndex(CONFIG)
+        await memory.apply(history + later)
+
+        first = RedisIndex(redis_client, config=CONFIG)
+        await first.apply(history)
+        second = RedisIndex(redis_client, config=CONFIG)  # no shared Python state
+        await second.apply(later)
+        # ghosts after the removal: [4, 3, 2] (6 and 5 were popped): parent 3 resolves,
+        # parent 5 does not
+        assert (await second.stats()).dropped == (await memory.stats()).dropped == {
+            "unknown_parent": 1}
+        assert await second.presence(MODEL) == await memory.presence(MODEL)
+
+    async def test_compacted_log_stays_bounded_and_replays(
+        self, redis_client: aioredis.Redis
+    ) -> None:
+        """Store/remove churn keeps the log within twice its live size; a reload agrees."""
+        from publisher.bus import BlockRemoved
+
+        index = RedisIndex(redis_client, config=CONFIG, log_compact_min_bytes=0)
+        memory = MemoryIndex(CONFIG)
+        seq = 0
+        for _ in range(50):
+            for b in (batch(seq, stored(1, 6)), batch(seq + 1, BlockRemoved(block_hashes=[5, 6]))):
+                await index.apply([b])
+                await memory.apply([b])
+            seq += 2
+        log_key = f"{model_prefix(MODEL)}w:0:log"
+        live = 18 * 6 + 9 * 3
+        assert 0 < await redis_client.strlen(log_key) <= 2 * live + 18 * 6
+        reloaded = RedisIndex(redis_client, config=CONFIG)
+        final = batch(seq, stored(6, 6, parent=5))
+        await reloaded.apply([final])
+        await memory.apply([final])
+        assert await reloaded.presence(MODEL) == await memory.presence(MODEL)
+        assert (await reloaded.stats()).dropped == {}  # parent 5 is a ghost: it resolved
+        assert await matched(reloaded) == 4  # block 5 itself is evicted: the prefix stops
+
+
+class TestGuardedWrites:
+    """A batch is written only from the position the writer's ledger started at."""
+
+    async def test_replayed_batches_change_nothing(self, redis_client: aioredis.Redis) -> None:
+        """Re-applying applied batches from a fresh process reports duplicates, state intact."""
+        history = [batch(0, stored(1, 3)), batch(1, stored(4, 6, parent=3))]
+        await RedisIndex(redis_client).apply(history)
+        before = await RedisIndex(redis_client).presence(MODEL)
+        again = RedisIndex(redis_client)
+        assert await again.apply(history) == [ApplyOutcome.DUPLICATE] * 2
+        assert await again.presence(MODEL) == before
+
+    async def test_second_writer_is_refused(self, redis_client: aioredis.Redis) -> None:
+        """A writer whose ledger is stale gets BackendError; it recovers after reloading."""
+        a, b = RedisIndex(redis_client), RedisIndex(redis_client)
+        await a.apply([batch(0, stored(1, 2))])
+        await b.apply([batch(1, stored(3, 3, parent=2))])  # b loads the ledger at seq 0
+        with pytest.raises(BackendError, match="another process"):
+            await a.apply([batch(1, stored(3, 3, parent=2)), batch(2, stored(4, 4, parent=3))])
+        assert await matched(b) == 3  # nothing of a's refused call landed
+        assert await a.apply([batch(2, stored(4, 4, parent=3))]) == [ApplyOutcome.APPLIED]
+        assert await matched(a) == 4
+
+
+class TestLayout:
+    """Keys of a model share one hash slot; worker removal never scans the keyspace."""
+
+    async def test_one_hash_slot_per_model(self, redis_client: aioredis.Redis) -> None:
+        """Every key the index writes for a model maps to the same cluster slot."""
+        index = RedisIndex(redis_client)
+        await index.apply([batch(0, stored(1, 6)), batch(0, stored(1, 2), worker="other:1")])
+        keys = [k async for k in redis_client.scan_iter(match="kvi:{*")]
+        assert len(keys) >= 5
+        assert len({key_slot(k) for k in keys}) == 1
+
+    async def test_clear_and_remove_do_not_scan(self, redis_client: aioredis.Redis) -> None:
+        """clear_worker and remove_worker use per-worker structures only (no KEYS/SCAN)."""
+        index = RedisIndex(redis_client)
+        await index.apply([batch(0, stored(1, 6)), batch(0, stored(1, 3), worker="x")])
+        await redis_client.config_resetstat()
+        assert await index.clear_worker(MODEL, "w") == 1
+        assert await matched(index) == 3
+        assert await index.remove_worker(MODEL, "x") == 1
+        stats = await redis_client.info("commandstats")
+        assert not {"cmdstat_keys", "cmdstat_scan", "cmdstat_hscan"} & set(stats)
+        assert [w.worker_id for w in await index.workers(MODEL)] == ["w"]
+        assert await index.presence(MODEL) == {}
+
+
+class TestRedisFailure:
+    """Redis going away is a BackendError; nothing half-applied when it comes back."""
+
+    async def test_restart_mid_stream(self, tmp_path: Path) -> None:
+        """Apply, kill redis-server, apply fails cleanly, restart (empty) and continue."""
+        server = RedisServer(tmp_path).start()
+        try:
+            index = RedisIndex.from_url(server.url)
+            await index.apply([batch(0, stored(1, 3))])
+            server.kill()
+            with pytest.raises(BackendError):
+                await index.apply([batch(1, stored(4, 4, parent=3))])
+            server.start()
+            await asyncio.sleep(0.05)
+            # Redis came back empty: the ledger is reloaded from it, so the worker starts
+            # fresh and the orphan is an unknown parent, not a wrong answer.
+            await index.apply([batch(1, stored(4, 4, parent=3))])
+            assert (await index.stats()).dropped == {"unknown_parent": 1}
+            assert await index.presence(MODEL) == {}
+            await index.close()
+        finally:
+            server.stop()

@@ -1,0 +1,128 @@
+"""Two indexer processes share one Redis: partitions split between them, one survives the
+other's SIGKILL by taking over its partitions, and no event is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from indexer.embedded import EmbeddedNats
+from indexer.index.protocol import ScoreQuery
+from indexer.index.redis import RedisIndex
+from indexer.partitions import LEASE_BUCKET
+from publisher.jetstream import StreamSettings
+from publisher.publisher import KVEventPublisher
+from tests.servers import RedisServer
+from tests.test_event_path import BS, MODEL, TOKENS, eventually
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 4
+WORKERS = [f"worker-{i}" for i in range(12)]
+
+
+def start_indexer(nats_url: str, redis_url: str, log: Path) -> subprocess.Popen[bytes]:
+    code = "import sys; from indexer.app import main; sys.exit(main(sys.argv[1:]))"
+    args = ["--nats-url", nats_url, "--redis-url", redis_url, "--grpc-listen", "",
+            "--metrics-listen", "",
+            "--partitions", str(PARTITIONS), "--liveness-grace", "600", "--log-format", "json"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, env=env)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+async def lease_owners(nats_url: str) -> dict[str, str]:
+    nc = await nats.connect(nats_url)
+    try:
+        kv = await nc.jetstream().key_value(LEASE_BUCKET)
+        owners = {}
+        for key in [k for k in await kv.keys() if k.startswith("p.")]:
+            entry = await kv.get(key)
+            owners[key] = (entry.value or b"").decode()
+        return owners
+    except Exception:  # noqa: BLE001 - bucket or keys not there yet
+        return {}
+    finally:
+        await nc.close()
+
+
+async def publish_round(pubs: list[KVEventPublisher], first: int, last: int) -> None:
+    """Every worker stores blocks first..last of the same prompt."""
+    for pub in pubs:
+        pub.stored(list(range(first, last + 1)), TOKENS[(first - 1) * BS : last * BS],
+                   parent_hash=first - 1 if first > 1 else None)
+        assert await pub.flush()
+
+
+async def all_matched(index: RedisIndex, blocks: int) -> bool:
+    result = await index.score(ScoreQuery(model=MODEL, token_ids=TOKENS, block_size=BS))
+    got = {s.worker_id: s.matched_blocks for s in result.scores}
+    return got == dict.fromkeys(WORKERS, blocks)
+
+
+class TestTwoProcesses:
+    """Partition leases keep one consumer per partition across processes."""
+
+    async def test_split_and_failover(self, nats_server: EmbeddedNats,
+                                      private_redis: RedisServer, tmp_path: Path) -> None:
+        """2 processes hold 2 partitions each; after one is SIGKILLed the other holds 4."""
+        procs = [start_indexer(nats_server.url, private_redis.url, tmp_path / f"idx{i}.log")
+                 for i in range(2)]
+        index = RedisIndex.from_url(private_redis.url)
+        pubs = [KVEventPublisher(MODEL, worker, block_size=BS, nats_url=nats_server.url,
+                                 stream=StreamSettings(partitions=PARTITIONS))
+                for worker in WORKERS]
+        try:
+            for pub in pubs:
+                await pub.start()
+            async def split() -> bool:
+                owners = await lease_owners(nats_server.url)
+                counts = sorted(list(owners.values()).count(o) for o in set(owners.values()))
+                return len(owners) == PARTITIONS and counts == [2, 2]
+
+            await eventually(split, timeout=30)
+            await publish_round(pubs, 1, 4)
+            await eventually(lambda: all_matched(index, 4), timeout=20)
+
+            procs[0].send_signal(signal.SIGKILL)
+            procs[0].wait(10)
+            started = time.monotonic()
+
+            async def taken_over() -> bool:
+                owners = await lease_owners(nats_server.url)
+                return len(owners) == PARTITIONS and len(set(owners.values())) == 1
+
+            await publish_round(pubs, 5, 8)
+            await eventually(taken_over, timeout=30)
+            await eventually(lambda: all_matched(index, 8), timeout=30)
+            print(f"failover took {time.monotonic() - started:.1f}s")
+        finally:
+            for pub in pubs:
+                await pub.close()
+            await index.close()
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        assert procs[1].returncode == 0, (tmp_path / "idx1.log").read_text()[-3000:]
+        await asyncio.sleep(0)
