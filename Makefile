@@ -10,7 +10,7 @@ PROTO_OUT := indexer/_proto
 
 setup: $(STAMP) redis-server
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml native/keys.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

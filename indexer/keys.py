@@ -6,6 +6,9 @@ key(block -1) = root_seed(model, lora_name, cache_salt)
 
 Keys are unsigned 64-bit ints. Only full blocks get keys. Different models, adapters or
 cache salts start from different roots, so they never share keys.
+
+The loop runs in C (`indexer._native`, built from native/keys.c at install) when the
+extension is there, else in Python below; `NATIVE` says which. Both give the same keys.
 """
 
 from __future__ import annotations
@@ -19,7 +22,14 @@ import xxhash
 
 from publisher.bus import pack_tokens
 
-__all__ = ["KEY_SCHEME", "block_keys", "block_keys_for_tokens", "root_seed"]
+try:
+    from indexer import _native
+except ImportError:  # installed without a C compiler: the pure-Python loops
+    _native = None  # type: ignore[assignment]
+
+__all__ = ["KEY_SCHEME", "NATIVE", "block_keys", "block_keys_for_tokens", "root_seed"]
+
+NATIVE: Final = _native is not None
 
 KEY_SCHEME: Final = b"kv-indexer/block-keys/v1"
 
@@ -51,6 +61,18 @@ def block_keys(
     `seed` is the root seed for a sequence start, or the key of the block before the first.
     `extra_keys`, when given, holds one bytes entry per full block (b"" for none).
     """
+    if extra_keys is None and _native is not None:
+        return _native.chain_keys(tokens, block_size, seed)
+    return block_keys_python(tokens, block_size, seed, extra_keys)
+
+
+def block_keys_python(
+    tokens: bytes | memoryview,
+    block_size: int,
+    seed: int,
+    extra_keys: Sequence[bytes] | None = None,
+) -> list[int]:
+    """`block_keys` without the C extension (the reference the extension is tested against)."""
     if block_size <= 0:
         raise ValueError(f"block_size must be > 0, got {block_size}")
     stride = block_size * 4

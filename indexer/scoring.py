@@ -7,13 +7,14 @@ compare; `_Walk.step` does the rest (a slot dropping out, copies in other tiers)
 
 Two drivers share that walk: `prefix_match` over masks already looked up (Redis fetches
 them in one round trip), and `prefix_match_tokens`, which hashes token ids into keys and
-looks them up in the same loop, so blocks past the last match are never hashed.
+looks them up in the same loop, so blocks past the last match are never hashed. With the
+C extension (`indexer.keys.NATIVE`) that hash-and-look-up loop runs in C.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import repeat
 from typing import NamedTuple
 
@@ -30,14 +31,18 @@ from indexer.index.protocol import (
     WorkerRef,
     WorkerScore,
 )
-from indexer.keys import block_keys
+from indexer.keys import NATIVE, block_keys
 from publisher.bus import pack_tokens
+
+if NATIVE:
+    from indexer._native import chain_masks
 
 __all__ = [
     "SlotMatch",
     "prefix_match",
     "prefix_match_query",
     "prefix_match_tokens",
+    "prefix_match_tokens_python",
     "query_keys",
     "slot_bits",
     "validate_query",
@@ -222,7 +227,7 @@ def prefix_match(
 
 
 def prefix_match_tokens(
-    lookup: Callable[[int, int], int],
+    blocks: Mapping[int, int],
     tokens: Sequence[int] | bytes,
     *,
     block_size: int,
@@ -231,10 +236,31 @@ def prefix_match_tokens(
     weights: TierWeights,
     include_zero: bool = False,
 ) -> list[SlotMatch]:
-    """`prefix_match` of the prompt's blocks, hashed and looked up (`lookup(key, 0)`) in
-    the same loop: nothing past the last matching block is packed or hashed."""
+    """`prefix_match` of the prompt's blocks, hashed and looked up in `blocks` (key ->
+    mask) in the same loop: nothing past the last matching block is packed or hashed."""
+    if NATIVE and type(blocks) is dict:
+        # C stops at the first block no candidate holds in any tier: the walk ends there.
+        masks = chain_masks(blocks, tokens, block_size, seed, candidates * 15)
+        return prefix_match(masks, candidates, weights, include_zero)
+    return prefix_match_tokens_python(blocks, tokens, block_size=block_size, seed=seed,
+                                      candidates=candidates, weights=weights,
+                                      include_zero=include_zero)
+
+
+def prefix_match_tokens_python(
+    blocks: Mapping[int, int],
+    tokens: Sequence[int] | bytes,
+    *,
+    block_size: int,
+    seed: int,
+    candidates: int,
+    weights: TierWeights,
+    include_zero: bool = False,
+) -> list[SlotMatch]:
+    """`prefix_match_tokens` without the C extension."""
     walk = _Walk(candidates, weights, include_zero)
     alive, fast, step = candidates, walk.fast, walk.step
+    lookup = blocks.get
     h = xxhash.xxh3_64_intdigest
     stride = block_size * 4
     depth = 0
@@ -263,15 +289,15 @@ def _packed_chunks(tokens: Sequence[int] | bytes, block_size: int) -> Iterator[m
 
 
 def prefix_match_query(
-    query: ScoreQuery, lookup: Callable[[int, int], int], candidates: int, config: IndexConfig
+    query: ScoreQuery, blocks: Mapping[int, int], candidates: int, config: IndexConfig
 ) -> list[SlotMatch]:
-    """Walk a validated query against a key -> mask lookup, whichever form it came in."""
+    """Walk a validated query against `blocks` (key -> mask), whichever form it came in."""
     weights = query.tier_weights or config.tier_weights
     if query.block_keys is not None:
-        masks = map(lookup, query.block_keys, repeat(0))
+        masks = map(blocks.get, query.block_keys, repeat(0))
         return prefix_match(masks, candidates, weights, query.include_zero)
     assert query.token_ids is not None
     seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
-    return prefix_match_tokens(lookup, query.token_ids, block_size=query.block_size, seed=seed,
+    return prefix_match_tokens(blocks, query.token_ids, block_size=query.block_size, seed=seed,
                                candidates=candidates, weights=weights,
                                include_zero=query.include_zero)

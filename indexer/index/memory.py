@@ -134,7 +134,7 @@ class SyncMemoryIndex:
         if space is None:
             return ScoreResult(query.query_blocks, [])
         candidates = space.candidates(query.workers)
-        matches = prefix_match_query(query, space.blocks.get, candidates, self.config)
+        matches = prefix_match_query(query, space.blocks, candidates, self.config)
         return ScoreResult(query.query_blocks, worker_scores(matches, space.ref_of_slot))
 
     def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
