@@ -51,23 +51,25 @@ def root_seed(model: str, lora_name: str | None = None, cache_salt: str | None =
 
 
 def block_keys(
-    tokens: bytes | memoryview,
+    tokens: bytes | memoryview | Sequence[int],
     block_size: int,
     seed: int,
     extra_keys: Sequence[bytes] | None = None,
 ) -> list[int]:
-    """Chained keys of the full blocks in `tokens` (packed u32 little-endian).
+    """Chained keys of the full blocks in `tokens` (packed u32 little-endian, or token ids).
 
     `seed` is the root seed for a sequence start, or the key of the block before the first.
     `extra_keys`, when given, holds one bytes entry per full block (b"" for none).
     """
     if extra_keys is None and _native is not None:
         return _native.chain_keys(tokens, block_size, seed)
+    if not isinstance(tokens, bytes | bytearray | memoryview):
+        tokens = pack_tokens(tokens)
     return block_keys_python(tokens, block_size, seed, extra_keys)
 
 
 def block_keys_python(
-    tokens: bytes | memoryview,
+    tokens: bytes | bytearray | memoryview,
     block_size: int,
     seed: int,
     extra_keys: Sequence[bytes] | None = None,
@@ -106,6 +108,4 @@ def block_keys_for_tokens(
     extra_keys: Sequence[bytes] | None = None,
 ) -> list[int]:
     """Keys of a prompt's full blocks from token ids, starting at the model's root."""
-    return block_keys(
-        pack_tokens(tokens), block_size, root_seed(model, lora_name, cache_salt), extra_keys
-    )
+    return block_keys(tokens, block_size, root_seed(model, lora_name, cache_salt), extra_keys)

@@ -5,22 +5,20 @@ the nibble-bit-0 positions of the slots still matching (`alive`) and stops as so
 candidate is left. When every alive slot holds a block on GPU a step is one AND and a
 compare; `_Walk.step` does the rest (a slot dropping out, copies in other tiers).
 
-Two drivers share that walk: `prefix_match` over masks already looked up (Redis fetches
-them in one round trip), and `prefix_match_tokens`, which hashes token ids into keys and
-looks them up in the same loop, so blocks past the last match are never hashed. With the
-C extension (`indexer.keys.NATIVE`) that hash-and-look-up loop runs in C.
+`prefix_match` walks masks already looked up: Redis fetches them in one round trip, the
+memory index's table hashes token ids and looks them up in one loop (in C when the
+extension is built), so blocks past the last match are never hashed.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import repeat
 from typing import NamedTuple
 
-import xxhash
-
 from indexer.errors import ConfigError, InvalidQueryError, QueryTooLargeError
+from indexer.index.block_table import BlockMasks
 from indexer.index.ledger import cached_root_seed
 from indexer.index.protocol import (
     TIER_BITS,
@@ -31,18 +29,13 @@ from indexer.index.protocol import (
     WorkerRef,
     WorkerScore,
 )
-from indexer.keys import NATIVE, block_keys
-from publisher.bus import pack_tokens
-
-if NATIVE:
-    from indexer._native import chain_masks
+from indexer.keys import block_keys
 
 __all__ = [
     "SlotMatch",
     "prefix_match",
     "prefix_match_query",
-    "prefix_match_tokens",
-    "prefix_match_tokens_python",
+    "prefix_match_runs",
     "query_keys",
     "slot_bits",
     "validate_query",
@@ -50,7 +43,6 @@ __all__ = [
 ]
 
 GPU = 0
-_PACK_CHUNK_BLOCKS = 32  # token lists are packed this many blocks at a time
 
 
 class SlotMatch(NamedTuple):
@@ -114,11 +106,10 @@ def query_keys(query: ScoreQuery) -> Sequence[int]:
         return query.block_keys
     assert query.token_ids is not None
     tokens = query.token_ids
-    # A plain list packs fastest; protobuf repeated fields are copied to one first.
-    packed = (tokens if isinstance(tokens, bytes)
-              else pack_tokens(tokens if isinstance(tokens, list) else list(tokens)))
+    # Lists convert fastest; protobuf repeated fields are copied to one first.
+    ids = tokens if isinstance(tokens, bytes | list) else list(tokens)
     seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
-    return block_keys(packed, query.block_size, seed)
+    return block_keys(ids, query.block_size, seed)
 
 
 @functools.lru_cache(maxsize=64)
@@ -153,10 +144,12 @@ class _Walk:
         self.alive4 = candidates * 15
         self.include_zero = include_zero
         self.matched: dict[int, int] = {}
-        self.mixed: list[int] = []  # masks of steps where some alive slot lacks a GPU copy
+        # (present, blocks) of steps where some alive slot lacks a GPU copy
+        self.mixed: list[tuple[int, int]] = []
 
-    def step(self, mask: int, depth: int) -> int:
-        """Block `depth` has presence `mask`; returns the slots still matching."""
+    def step(self, mask: int, depth: int, blocks: int = 1) -> int:
+        """Blocks `depth` to `depth + blocks - 1` have presence `mask`; returns the slots
+        still matching."""
         alive = self.alive
         present = mask & self.alive4
         anywhere = (present | present >> 1 | present >> 2 | present >> 3) & alive
@@ -170,7 +163,7 @@ class _Walk:
             self.alive4 = alive * 15
             present &= self.alive4
         if present & alive != alive or not self.fast:
-            self.mixed.append(present)
+            self.mixed.append((present, blocks))
         return alive
 
     def finish(self, depth: int, candidates: int) -> list[SlotMatch]:
@@ -182,7 +175,7 @@ class _Walk:
     def _tally(self, candidates: int) -> list[SlotMatch]:
         best, weights = self.best, self.weights
         off_gpu: dict[int, list[int]] = {}
-        for present in self.mixed:
+        for present, blocks in self.mixed:
             anywhere = (present | present >> 1 | present >> 2 | present >> 3) & candidates
             # With GPU always the best tier only slots lacking a GPU copy need a look.
             slots = anywhere & ~present if self.fast else anywhere
@@ -190,7 +183,7 @@ class _Walk:
                 tier = best[present >> bit & 15]
                 if tier != GPU:
                     counts = off_gpu.setdefault(bit, [0] * len(TIERS))
-                    counts[tier] += 1
+                    counts[tier] += blocks
         results: list[SlotMatch] = []
         gpu_weight = weights[GPU]
         for bit, n_matched in self.matched.items():
@@ -226,78 +219,39 @@ def prefix_match(
     return walk.finish(depth, candidates)
 
 
-def prefix_match_tokens(
-    blocks: Mapping[int, int],
-    tokens: Sequence[int] | bytes,
-    *,
-    block_size: int,
-    seed: int,
-    candidates: int,
-    weights: TierWeights,
-    include_zero: bool = False,
+def prefix_match_runs(
+    runs: Sequence[int], candidates: int, weights: TierWeights, include_zero: bool = False
 ) -> list[SlotMatch]:
-    """`prefix_match` of the prompt's blocks, hashed and looked up in `blocks` (key ->
-    mask) in the same loop: nothing past the last matching block is packed or hashed."""
-    if NATIVE and type(blocks) is dict:
-        # C stops at the first block no candidate holds in any tier: the walk ends there.
-        masks = chain_masks(blocks, tokens, block_size, seed, candidates * 15)
-        return prefix_match(masks, candidates, weights, include_zero)
-    return prefix_match_tokens_python(blocks, tokens, block_size=block_size, seed=seed,
-                                      candidates=candidates, weights=weights,
-                                      include_zero=include_zero)
+    """`prefix_match` of masks given as runs of equal masks, flat: [mask, count, ...].
 
-
-def prefix_match_tokens_python(
-    blocks: Mapping[int, int],
-    tokens: Sequence[int] | bytes,
-    *,
-    block_size: int,
-    seed: int,
-    candidates: int,
-    weights: TierWeights,
-    include_zero: bool = False,
-) -> list[SlotMatch]:
-    """`prefix_match_tokens` without the C extension."""
+    A run is one step: its first block may end some slots' matches, the rest cannot.
+    """
     walk = _Walk(candidates, weights, include_zero)
     alive, fast, step = candidates, walk.fast, walk.step
-    lookup = blocks.get
-    h = xxhash.xxh3_64_intdigest
-    stride = block_size * 4
     depth = 0
-    for chunk in _packed_chunks(tokens, block_size):
-        for off in range(0, len(chunk), stride):
-            seed = h(chunk[off : off + stride], seed)
-            mask = lookup(seed, 0)
-            if not (fast and mask & alive == alive):
-                alive = step(mask, depth)
-                if not alive:
-                    return walk.finish(depth, candidates)
-            depth += 1
+    for i in range(0, len(runs), 2):
+        mask, blocks = runs[i], runs[i + 1]
+        if not (fast and mask & alive == alive):
+            alive = step(mask, depth, blocks)
+            if not alive:
+                break
+        depth += blocks
     return walk.finish(depth, candidates)
 
 
-def _packed_chunks(tokens: Sequence[int] | bytes, block_size: int) -> Iterator[memoryview]:
-    """The prompt's full blocks as packed u32 bytes, a few blocks at a time."""
-    stride = block_size * 4
-    if isinstance(tokens, bytes):
-        yield memoryview(tokens)[: len(tokens) // stride * stride]
-        return
-    end = len(tokens) // block_size * block_size
-    step = block_size * _PACK_CHUNK_BLOCKS
-    for start in range(0, end, step):
-        yield memoryview(pack_tokens(tokens[start : min(start + step, end)]))
-
-
 def prefix_match_query(
-    query: ScoreQuery, blocks: Mapping[int, int], candidates: int, config: IndexConfig
+    query: ScoreQuery, blocks: BlockMasks, candidates: int, config: IndexConfig
 ) -> list[SlotMatch]:
-    """Walk a validated query against `blocks` (key -> mask), whichever form it came in."""
+    """Walk a validated query against `blocks` (key -> mask), whichever form it came in.
+
+    Token ids are hashed and looked up by the table in one loop that stops at the first
+    block no candidate holds in any tier (the walk would end there too).
+    """
     weights = query.tier_weights or config.tier_weights
     if query.block_keys is not None:
         masks = map(blocks.get, query.block_keys, repeat(0))
         return prefix_match(masks, candidates, weights, query.include_zero)
     assert query.token_ids is not None
     seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
-    return prefix_match_tokens(blocks, query.token_ids, block_size=query.block_size, seed=seed,
-                               candidates=candidates, weights=weights,
-                               include_zero=query.include_zero)
+    runs = blocks.mask_runs(query.token_ids, query.block_size, seed, candidates * 15)
+    return prefix_match_runs(runs, candidates, weights, query.include_zero)

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from indexer.index.block_table import DictBlockTable
 from indexer.index.protocol import TIER_BITS, TierWeights
 from indexer.keys import NATIVE, block_keys_python
-from indexer.scoring import prefix_match_tokens, prefix_match_tokens_python, slot_bits
+from indexer.scoring import prefix_match, prefix_match_runs, slot_bits
 from publisher.bus import pack_tokens
 from tests.test_keys import CASES
 
 if NATIVE:
-    from indexer._native import chain_keys, chain_masks
+    from indexer._native import BlockTable, chain_keys
 
 # `make setup` builds the extension; only an install without a compiler may lack it.
 pytestmark = pytest.mark.skipif(
@@ -86,58 +89,167 @@ class TestChainKeys:
         assert chain_keys(pack_tokens(range(17)), 16, 7) == chain_keys(list(range(16)), 16, 7)
 
 
+U64 = st.integers(min_value=0, max_value=2**64 - 1)
+# Few distinct keys, so operations hit the same entries again and again.
+key_pool = st.lists(U64, min_size=1, max_size=40, unique=True)
+
+
 @st.composite
-def stored_prefixes(draw: st.DrawFn) -> tuple[list[int], int, dict[int, int], int, bool]:
-    """A prompt, and an index where each slot holds some prefix of it in some tiers."""
+def table_ops(draw: st.DrawFn) -> list[tuple[str, list[int], int]]:
+    keys = draw(key_pool)
+    ops = []
+    for _ in range(draw(st.integers(1, 60))):
+        chosen = draw(st.lists(st.sampled_from(keys), max_size=12))
+        bitpos = draw(st.integers(0, 4 * 70))
+        ops.append((draw(st.sampled_from(["set", "clear"])), chosen, bitpos))
+    return ops
+
+
+def apply_ops(table: Any, ops: list[tuple[str, list[int], int]]) -> None:
+    for op, keys, bitpos in ops:
+        if op == "set":
+            table.set_bits(keys, 1 << bitpos)
+        else:
+            table.clear_bits(keys, ~(1 << bitpos))
+
+
+class TestBlockTable:
+    @fast
+    @given(ops=table_ops(), secret=U64, probe=U64)
+    def test_same_contents_as_dict(
+            self, ops: list[tuple[str, list[int], int]], secret: int, probe: int) -> None:
+        """Any sequence of set/clear: the C table holds exactly what the dict holds."""
+        native, reference = BlockTable(secret=secret), DictBlockTable()
+        apply_ops(native, ops)
+        apply_ops(reference, ops)
+        assert sorted(native.items()) == sorted(reference.items())
+        assert len(native) == len(reference)
+        assert all(mask for _, mask in native.items())  # zero masks are dropped
+        for key in [*reference, probe]:
+            assert native.get(key, 0) == reference.get(key, 0)
+
+    def test_many_keys_with_deletes_keep_every_probe_run_intact(self) -> None:
+        """Grow to 200k keys, delete every third, shrink to a few: lookups stay exact.
+
+        Deleting shifts later members of a probe run back; a wrong shift would lose keys
+        that sit past a deleted one in the same run.
+        """
+        rng = random.Random(7)
+        keys = list({rng.getrandbits(64) for _ in range(200_000)})
+        table = BlockTable(secret=rng.getrandbits(64))
+        table.set_bits(keys, 1)
+        table.set_bits(keys[::2], 2)
+        table.clear_bits(keys[::3], ~1 & ~2)
+        kept = {k for i, k in enumerate(keys) if i % 3}
+        assert len(table) == len(kept)
+        for i, key in enumerate(keys):
+            expected = 0 if i % 3 == 0 else (1 | (2 if i % 2 == 0 else 0))
+            assert table.get(key, 0) == expected
+        table.clear_bits(keys[: 199_000], -4)  # keep only higher bits: every mask -> 0
+        assert len(table) == len([k for k in keys[199_000:] if k in kept])
+        assert sorted(k for k, _ in table.items()) == sorted(k for k in keys[199_000:]
+                                                             if k in kept)
+
+    def test_bad_arguments(self) -> None:
+        table = BlockTable()
+        with pytest.raises(TypeError, match="bit must be an int"):
+            table.set_bits([1], 1.0)  # type: ignore[arg-type]
+        with pytest.raises(OverflowError, match="block key"):
+            table.set_bits([2**64], 1)
+        with pytest.raises(OverflowError):
+            table.get(-1, 0)
+        with pytest.raises(TypeError):
+            table.set_bits(5, 1)  # type: ignore[arg-type]
+        assert len(table) == 0
+        assert table.get(3, 9) == 9
+
+    def test_clear_empties(self) -> None:
+        table = BlockTable()
+        table.set_bits(range(1000), 1)
+        table.clear()
+        assert len(table) == 0 and table.items() == [] and table.get(5, 0) == 0
+        table.set_bits([5], 4)
+        assert table.items() == [(5, 4)]
+
+
+@st.composite
+def stored_prefixes(draw: st.DrawFn) -> tuple[list[int], int, int, list[tuple[int, int]], int]:
+    """A prompt, and presence where each slot holds some prefix of it in some tiers."""
     block_size = draw(st.integers(1, 8))
     n_blocks = draw(st.integers(0, 24))
     tokens = draw(st.lists(token, min_size=n_blocks * block_size,
                            max_size=n_blocks * block_size + block_size - 1))
     seed = draw(seed_st)
     keys = block_keys_python(pack_tokens(tokens), block_size, seed)
-    blocks: dict[int, int] = {}
+    presence: dict[int, int] = {}
     n_slots = draw(st.integers(1, 6))
     for slot in range(n_slots):
-        held = draw(st.integers(0, len(keys)))
-        for depth in range(held):
-            tier = draw(st.integers(0, TIER_BITS - 1))
-            bit = 1 << (slot * TIER_BITS + tier)
-            blocks[keys[depth]] = blocks.get(keys[depth], 0) | bit
-    # A hole: a block a slot lost mid-prefix (evicted), which must end its match there.
+        for depth in range(draw(st.integers(0, len(keys)))):
+            bit = 1 << (slot * TIER_BITS + draw(st.integers(0, TIER_BITS - 1)))
+            presence[keys[depth]] = presence.get(keys[depth], 0) | bit
+    # A hole: a block evicted mid-prefix, which must end every match there.
     if keys and draw(st.booleans()):
-        blocks.pop(keys[draw(st.integers(0, len(keys) - 1))], None)
+        presence.pop(keys[draw(st.integers(0, len(keys) - 1))], None)
     candidates = slot_bits(draw(st.sets(st.integers(0, n_slots), min_size=1)))
-    return tokens, block_size, blocks, candidates, draw(st.booleans())
+    return tokens, block_size, seed, sorted(presence.items()), candidates
 
 
-class TestChainMasks:
+def expand(runs: list[int]) -> list[int]:
+    """Runs [mask, count, ...] as one mask per block."""
+    return [mask for i in range(0, len(runs), 2) for mask in [runs[i]] * runs[i + 1]]
+
+
+class TestMaskRuns:
     @fast
-    @given(case=stored_prefixes(), seed=seed_st)
-    def test_walk_matches_python(
-            self, case: tuple[list[int], int, dict[int, int], int, bool], seed: int) -> None:
-        """Scores through the C lookup loop equal the Python loop's, in every case."""
-        tokens, block_size, blocks, candidates, include_zero = case
+    @given(case=stored_prefixes(), include_zero=st.booleans())
+    def test_same_runs_and_scores_as_dict(
+            self, case: tuple[list[int], int, int, list[tuple[int, int]], int],
+            include_zero: bool) -> None:
+        """The C table's hash-and-look-up loop returns the dict table's runs, and the run
+        walk scores exactly like the per-block walk, for ids and packed bytes."""
+        tokens, block_size, seed, presence, candidates = case
+        native, reference = BlockTable(secret=seed), DictBlockTable()
+        for key, mask in presence:
+            native.set_bits([key], mask)
+            reference.set_bits([key], mask)
         for form in (tokens, pack_tokens(tokens)):
-            for root in (seed, 0):
-                kwargs: dict[str, Any] = dict(block_size=block_size, seed=root,
-                                              candidates=candidates, weights=WEIGHTS,
-                                              include_zero=include_zero)
-                native = prefix_match_tokens(blocks, form, **kwargs)
-                python = prefix_match_tokens_python(blocks, form, **kwargs)
-                assert sorted(native) == sorted(python)
+            for wanted in (candidates * 15, None):
+                expected = reference.mask_runs(form, block_size, seed, wanted)
+                assert native.mask_runs(form, block_size, seed, wanted) == expected
+                runs = expected[1::2]
+                assert all(n > 0 for n in runs)
+                masks = expected[0::2]
+                assert all(a != b for a, b in itertools.pairwise(masks))
+            runs = native.mask_runs(form, block_size, seed, candidates * 15)
+            every_block = expand(reference.mask_runs(form, block_size, seed, None))
+            assert sorted(prefix_match_runs(runs, candidates, WEIGHTS, include_zero)) == sorted(
+                prefix_match(every_block, candidates, WEIGHTS, include_zero))
 
     def test_stops_at_first_missing_block(self) -> None:
         keys = block_keys_python(pack_tokens(range(12)), 4, 9)
-        blocks = {keys[0]: 1, keys[2]: 1}
-        assert chain_masks(blocks, list(range(12)), 4, 9, None) == [1]
+        table = BlockTable()
+        table.set_bits([keys[0], keys[2]], 1)
+        assert table.mask_runs(list(range(12)), 4, 9, None) == [1, 1]
 
     def test_stops_where_no_wanted_bit_is_set(self) -> None:
         """A block held only by slots outside `wanted` ends the lookups."""
         keys = block_keys_python(pack_tokens(range(12)), 4, 9)
-        blocks = {keys[0]: 0b1_0001, keys[1]: 0b1_0000, keys[2]: 0b1_0001}
-        assert chain_masks(blocks, list(range(12)), 4, 9, 0b1111) == [0b1_0001]
-        assert chain_masks(blocks, list(range(12)), 4, 9, None) == [0b1_0001, 0b1_0000, 0b1_0001]
+        table = BlockTable()
+        table.set_bits([keys[0], keys[2]], 0b1_0001)
+        table.set_bits([keys[1]], 0b1_0000)
+        assert table.mask_runs(list(range(12)), 4, 9, 0b1111) == [0b1_0001, 1]
+        assert table.mask_runs(list(range(12)), 4, 9, None) == [
+            0b1_0001, 1, 0b1_0000, 1, 0b1_0001, 1]
 
-    def test_needs_a_dict(self) -> None:
-        with pytest.raises(TypeError, match="dict"):
-            chain_masks([], [1, 2], 1, 0, None)  # type: ignore[arg-type]
+    def test_equal_masks_make_one_run_across_prefetch_chunks(self) -> None:
+        """Prompts longer than the prefetch window: every block is looked up, in order."""
+        tokens = list(range(16 * 37))
+        keys = block_keys_python(pack_tokens(tokens), 16, 3)
+        table = BlockTable()
+        table.set_bits(keys, 0b1)
+        table.set_bits(keys[:30], 0b1_0000)
+        assert table.mask_runs(tokens, 16, 3, None) == [0b1_0001, 30, 0b1, 7]
+        assert table.mask_runs(tokens[: 16 * 20 + 5], 16, 3, None) == [0b1_0001, 20]
+        table.set_bits(keys[10:11], 0b100)
+        assert table.mask_runs(tokens, 16, 3, None) == [
+            0b1_0001, 10, 0b1_0101, 1, 0b1_0001, 19, 0b1, 7]

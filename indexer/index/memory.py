@@ -1,7 +1,8 @@
 """In-memory index: the embedded default, and a library a router may embed.
 
-Per model: `blocks` maps a block key to its presence mask (a Python int, one nibble per
-worker slot), and one `WorkerLedger` per (worker, dp_rank) holds the engine-hash map.
+Per model: `blocks` (a `BlockMasks` table) maps a block key to its presence mask (an int,
+one nibble per worker slot), and one `WorkerLedger` per (worker, dp_rank) holds the
+engine-hash map.
 The async methods do no I/O; `MemoryIndex.sync` gives the same calls without a loop.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
+from indexer.index.block_table import new_block_table
 from indexer.index.ledger import WorkerLedger, stored_block_size
 from indexer.index.protocol import (
     TIER_BITS,
@@ -35,30 +37,20 @@ class _ModelSpace:
     def __init__(self, model: str, ghost_capacity: int) -> None:
         self.model = model
         self.ghost_capacity = ghost_capacity
-        self.blocks: dict[int, int] = {}
+        self.blocks = new_block_table()
         self.ledgers: dict[WorkerRef, WorkerLedger] = {}
         self.by_slot: dict[int, WorkerLedger] = {}
+        self.all_slots = 0  # slot_bits(by_slot), kept current
         self.slots_of_worker: dict[str, int] = {}  # worker id -> slot_bits of its ranks
         self.block_size: int | None = None
         self._free: list[int] = []
         self._next_slot = 0
 
     def set_bits(self, keys: list[int], bitpos: int) -> None:
-        bit = 1 << bitpos
-        blocks = self.blocks
-        get = blocks.get
-        for key in keys:
-            blocks[key] = get(key, 0) | bit
+        self.blocks.set_bits(keys, 1 << bitpos)
 
     def clear_bits(self, keys: list[int], bitpos: int) -> None:
-        keep = ~(1 << bitpos)
-        blocks = self.blocks
-        for key in keys:
-            mask = blocks.get(key, 0) & keep
-            if mask:
-                blocks[key] = mask
-            else:
-                blocks.pop(key, None)
+        self.blocks.clear_bits(keys, ~(1 << bitpos))
 
     def ledger(self, ref: WorkerRef) -> WorkerLedger:
         found = self.ledgers.get(ref)
@@ -69,6 +61,7 @@ class _ModelSpace:
         ledger = WorkerLedger(self.model, ref.worker_id, ref.dp_rank, slot, self.ghost_capacity)
         self.ledgers[ref] = ledger
         self.by_slot[slot] = ledger
+        self.all_slots |= slot_bits([slot])
         self.slots_of_worker[ref.worker_id] = (
             self.slots_of_worker.get(ref.worker_id, 0) | slot_bits([slot])
         )
@@ -78,6 +71,7 @@ class _ModelSpace:
         ledger.clear(self)
         del self.ledgers[WorkerRef(ledger.worker_id, ledger.dp_rank)]
         del self.by_slot[ledger.slot]
+        self.all_slots &= ~slot_bits([ledger.slot])
         remaining = self.slots_of_worker[ledger.worker_id] & ~slot_bits([ledger.slot])
         if remaining:
             self.slots_of_worker[ledger.worker_id] = remaining
@@ -91,7 +85,7 @@ class _ModelSpace:
 
     def candidates(self, workers: frozenset[str] | None) -> int:
         if workers is None:
-            return slot_bits(self.by_slot)
+            return self.all_slots
         mask = 0
         for worker_id in workers:
             mask |= self.slots_of_worker.get(worker_id, 0)
