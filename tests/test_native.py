@@ -253,3 +253,83 @@ class TestMaskRuns:
         table.set_bits(keys[10:11], 0b100)
         assert table.mask_runs(tokens, 16, 3, None) == [
             0b1_0001, 10, 0b1_0101, 1, 0b1_0001, 19, 0b1, 7]
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def unpacked_tokens(field: int, tokens: list[int]) -> bytes:
+    """A repeated uint32 in the non-packed encoding (one tag per value), which parsers
+    must accept as well as the packed one."""
+    return b"".join(varint(field << 3) + varint(t) for t in tokens)
+
+
+class TestUint32Field:
+    @fast
+    @given(tokens=st.lists(token, max_size=300), workers=st.lists(st.text(max_size=5),
+                                                                   max_size=3))
+    def test_packed_as_protobuf_serialises_it(self, tokens: list[int], workers: list[str]) -> None:
+        from indexer._native import uint32_field
+        from indexer._proto.kvindex.v1 import indexer_pb2 as pb
+
+        request = pb.ScoreRequest(model="m", token_ids=tokens, workers=workers, block_size=16,
+                                  block_keys=[2**64 - 1])
+        assert uint32_field(request.SerializeToString(), (10,)) == pack_tokens(tokens)
+        nested = pb.FindBestWorkerRequest(score=request, overlap_weight=2.0,
+                                          loads=[pb.WorkerLoad(worker_id="w", active_blocks=7)])
+        assert uint32_field(nested.SerializeToString(), (1, 10)) == pack_tokens(tokens)
+
+    @fast
+    @given(first=st.lists(token, max_size=20), second=st.lists(token, max_size=20))
+    def test_unpacked_and_split_occurrences_concatenate(
+            self, first: list[int], second: list[int]) -> None:
+        """Unpacked values, and several occurrences of the field (or of the enclosing
+        message), are appended in order: what protobuf's own parser makes of them."""
+        from indexer._native import uint32_field
+        from indexer._proto.kvindex.v1 import indexer_pb2 as pb
+
+        raw = (unpacked_tokens(10, first) + pb.ScoreRequest(model="m").SerializeToString()
+               + pb.ScoreRequest(token_ids=second).SerializeToString())
+        parsed = pb.ScoreRequest.FromString(raw)
+        assert list(parsed.token_ids) == first + second
+        assert uint32_field(raw, (10,)) == pack_tokens(first + second)
+        inner = [pb.ScoreRequest(token_ids=part).SerializeToString() for part in (first, second)]
+        outer = b"".join(varint(1 << 3 | 2) + varint(len(m)) + m for m in inner)
+        assert list(pb.FindBestWorkerRequest.FromString(outer).score.token_ids) == first + second
+        assert uint32_field(outer, (1, 10)) == pack_tokens(first + second)
+
+    def test_wide_varints_truncate_like_uint32(self) -> None:
+        from indexer._native import uint32_field
+        from indexer._proto.kvindex.v1 import indexer_pb2 as pb
+
+        raw = varint(10 << 3) + varint(2**40 + 5)
+        assert list(pb.ScoreRequest.FromString(raw).token_ids) == [5]
+        assert uint32_field(raw, (10,)) == pack_tokens([5])
+
+    @pytest.mark.parametrize("raw", [
+        varint(10 << 3) + b"\x80",  # truncated varint
+        varint(10 << 3 | 2) + varint(9) + b"\x01",  # length past the end
+        varint(3 << 3 | 1) + b"\0" * 3,  # truncated fixed64
+        varint(3 << 3 | 3),  # group wire type
+        varint(10 << 3) + b"\xff" * 11,  # varint over 10 bytes
+    ])
+    def test_malformed_is_value_error(self, raw: bytes) -> None:
+        from indexer._native import uint32_field
+
+        with pytest.raises(ValueError):
+            uint32_field(raw, (10,))
+
+    def test_bad_path(self) -> None:
+        from indexer._native import uint32_field
+
+        for path in ((), (0,), (2**29,), tuple(range(1, 10))):
+            with pytest.raises(ValueError):
+                uint32_field(b"", path)
+        with pytest.raises(TypeError):
+            uint32_field(b"", [10])  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ from structlog.testing import capture_logs
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
 from indexer.consumer import ConsumerStats
+from indexer.grpc_handlers import TOKEN_PATHS, add_kv_indexer_service
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, ScoreQuery, ScoreResult, WorkerInfo
 from indexer.index.redis import RedisIndex
@@ -37,6 +38,7 @@ from indexer.keys import block_keys_for_tokens
 from indexer.service import (
     SERVICE_NAME,
     CandidateSet,
+    KvIndexerService,
     ServiceSettings,
     WorkerDirectory,
     start_grpc_server,
@@ -45,6 +47,7 @@ from publisher.bus import SCHEMA_VERSION, AllBlocksCleared, BlockStored, Event, 
 from publisher.bus import pack_tokens as pack
 from tests.servers import RedisServer
 from tests.test_index_contract import BLOCK, MODEL, make_event, path_tokens
+from tests.test_native import unpacked_tokens, varint
 
 PROMPT = (0, 0, 0, 0)
 TOKENS = path_tokens(PROMPT)
@@ -274,6 +277,52 @@ class TestScore:
         async with serving(index, rebuilding=lambda: True) as (s, _):
             response = await s.Score(pb.ScoreRequest(model=MODEL, token_ids=TOKENS))
         assert response.freshness.rebuilding
+
+
+class TestWireTokens:
+    """Score and FindBestWorker read token ids off the wire (grpc_handlers.WireTokens)."""
+
+    def test_every_rpc_is_registered(self) -> None:
+        """The hand-built handler table serves every method of the service."""
+        handlers: dict[str, Any] = {}
+
+        class Capture:
+            def add_generic_rpc_handlers(self, _: Any) -> None:
+                pass
+
+            def add_registered_method_handlers(self, _: str, table: Any) -> None:
+                handlers.update(table)
+
+        add_kv_indexer_service(KvIndexerService(MemoryIndex()), Capture())  # type: ignore[arg-type]
+        service = pb.DESCRIPTOR.services_by_name["KvIndexer"]
+        assert set(handlers) == {m.name for m in service.methods}
+        assert set(TOKEN_PATHS) <= set(handlers)
+
+    @pytest.mark.parametrize("rpc", ["Score", "FindBestWorker"])
+    async def test_unpacked_encoding_scores_like_packed(self, index: Index, rpc: str) -> None:
+        """A client that sends token_ids unpacked (legal protobuf) gets the same answer."""
+        packed_request: Any = pb.ScoreRequest(model=MODEL, token_ids=TOKENS)
+        unpacked = pb.ScoreRequest(model=MODEL).SerializeToString() + unpacked_tokens(10, TOKENS)
+        assert list(pb.ScoreRequest.FromString(unpacked).token_ids) == TOKENS
+        if rpc == "FindBestWorker":
+            packed_request = pb.FindBestWorkerRequest(score=packed_request)
+            unpacked = varint(1 << 3 | 2) + varint(len(unpacked)) + unpacked
+        response_type = pb.ScoreResponse if rpc == "Score" else pb.FindBestWorkerResponse
+        async with serving(index) as (_, port):
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            try:
+                call = channel.unary_unary(f"/{SERVICE_NAME}/{rpc}")
+                from_packed = await call(packed_request.SerializeToString())
+                from_unpacked = await call(unpacked)
+            finally:
+                await channel.close()
+        answer, other = response_type.FromString(from_packed), response_type.FromString(
+            from_unpacked)
+        answer.ClearField("freshness")  # its event age moves between the calls
+        other.ClearField("freshness")
+        assert answer == other
+        matched = answer.scores[0].matched_blocks if rpc == "Score" else answer.matched_blocks
+        assert matched == 4
 
 
 class TestScoreErrors:
