@@ -268,6 +268,10 @@ def _index_config(index: Index) -> IndexConfig:
     return config if isinstance(config, IndexConfig) else IndexConfig()
 
 
+def _token_count(request: pb.ScoreRequest, wire_tokens: bytes | None) -> int:
+    return len(wire_tokens) // 4 if wire_tokens is not None else len(request.token_ids)
+
+
 def _age(now: float, ts: float) -> float:
     return max(now - ts, 0.0) if ts > 0 else 0.0
 
@@ -355,7 +359,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
 
     async def _score(self, request: pb.ScoreRequest, field: str,
                      wire_tokens: bytes | None = None) -> pb.ScoreResponse:
-        self._check_query(request, field)
+        self._check_query(request, field, wire_tokens)
         candidates = await self._candidates(request)
         result = await self._run_query(request, candidates, field, request.include_zero,
                                        wire_tokens)
@@ -370,11 +374,12 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
                 by_tier[tier] = count
         return response
 
-    def _check_query(self, request: pb.ScoreRequest, field: str) -> None:
+    def _check_query(self, request: pb.ScoreRequest, field: str,
+                     wire_tokens: bytes | None = None) -> None:
         """Refuse a malformed query, naming the field (`field` prefixes nested names)."""
         if not request.model:
             raise InvalidQueryError(f"{field}model must not be empty")
-        n_tokens, n_keys = len(request.token_ids), len(request.block_keys)
+        n_tokens, n_keys = _token_count(request, wire_tokens), len(request.block_keys)
         if n_tokens and n_keys:
             raise InvalidQueryError(f"exactly one of {field}token_ids and {field}block_keys "
                                     "must be set, got both")
@@ -418,7 +423,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         """Score the request; `wire_tokens` are its token ids as packed u32 when the
         deserialiser read them off the wire (`grpc_handlers.WireTokens`)."""
         weights = self._tier_weights(request, field)
-        n_tokens = len(request.token_ids)
+        n_tokens = _token_count(request, wire_tokens)
         tokens = wire_tokens if wire_tokens is not None else request.token_ids
         block_size = request.block_size
         if tokens and not block_size:
@@ -458,7 +463,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         self, request: pb.FindBestWorkerRequest, wire_tokens: bytes | None = None
     ) -> pb.FindBestWorkerResponse:
         query = request.score
-        self._check_query(query, "score.")
+        self._check_query(query, "score.", wire_tokens)
         overlap_weight = (request.overlap_weight if request.HasField("overlap_weight")
                           else DEFAULT_OVERLAP_WEIGHT)
         temperature = (request.temperature if request.HasField("temperature")

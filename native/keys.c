@@ -8,7 +8,8 @@
  * against tests/vectors/block_keys.json.
  *
  *   chain_keys(tokens, block_size, seed) -> list[int]
- *   uint32_field(message, path) -> bytes: a repeated uint32 field, read off the wire.
+ *   take_uint32_field(message, path) -> (bytes, bytes): a repeated uint32 field, read off
+ *       the wire and cut out of the message.
  *   BlockTable: block key -> presence mask, the in-memory index's hash table, whose
  *       mask_runs() hashes a prompt and looks its blocks up in one loop.
  *
@@ -682,15 +683,16 @@ static PyModuleDef_Slot native_slots[] = {
     {0, NULL},
 };
 
-/* ---- uint32_field: a repeated uint32 field of a serialised protobuf message -------------
+/* ---- take_uint32_field: a repeated uint32 field, taken out of a serialised message -----
  *
  * upb hands a parsed repeated field to Python one int object at a time (~25 ns each, 200 us
- * for an 8k-token prompt); reading the varints from the wire bytes into packed u32 costs a
- * few ns each. The caller parses the message with protobuf first, so the bytes are known
- * valid; this walk still bounds-checks everything and raises ValueError on malformed input.
- * Protobuf semantics: packed and unpacked encodings are both accepted, every occurrence is
- * appended in order (also across repeated occurrences of the enclosing messages), and a
- * varint wider than 32 bits is truncated to its low 32 bits, as a uint32 field is.
+ * for an 8k-token prompt), and parsing it at all costs more than reading it here. So the
+ * field is read from the wire bytes into packed u32 and cut out of the message; protobuf
+ * then parses only the small rest. Malformed input raises ValueError (bounds are checked
+ * everywhere). Protobuf semantics: packed and unpacked encodings are both accepted, every
+ * occurrence is appended in order (also across repeated occurrences of the enclosing
+ * messages, which protobuf merges), and a varint wider than 32 bits keeps its low 32 bits,
+ * as a uint32 field does.
  */
 
 typedef struct {
@@ -700,30 +702,74 @@ typedef struct {
 } ByteBuf;
 
 static int
-buf_put_u32(ByteBuf *buf, uint32_t value)
+buf_reserve(ByteBuf *buf, size_t extra)
 {
-    if (buf->len + 4 > buf->cap) {
-        size_t cap = buf->cap ? buf->cap * 2 : 4096;
-        unsigned char *grown = PyMem_Realloc(buf->data, cap);
-        if (grown == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        buf->data = grown;
-        buf->cap = cap;
+    if (buf->len + extra <= buf->cap) {
+        return 0;
     }
-    unsigned char *out = buf->data + buf->len;
-    out[0] = (unsigned char)value;
-    out[1] = (unsigned char)(value >> 8);
-    out[2] = (unsigned char)(value >> 16);
-    out[3] = (unsigned char)(value >> 24);
-    buf->len += 4;
+    size_t cap = buf->cap ? buf->cap : 256;
+    while (cap < buf->len + extra) {
+        cap *= 2;
+    }
+    unsigned char *grown = PyMem_Realloc(buf->data, cap);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    buf->data = grown;
+    buf->cap = cap;
     return 0;
 }
 
 static int
+buf_put(ByteBuf *buf, const unsigned char *bytes, size_t n)
+{
+    if (buf_reserve(buf, n) < 0) {
+        return -1;
+    }
+    memcpy(buf->data + buf->len, bytes, n);
+    buf->len += n;
+    return 0;
+}
+
+static int
+buf_put_u32(ByteBuf *buf, uint32_t value)
+{
+    unsigned char le[4] = {(unsigned char)value, (unsigned char)(value >> 8),
+                           (unsigned char)(value >> 16), (unsigned char)(value >> 24)};
+    return buf_put(buf, le, 4);
+}
+
+static int
+buf_put_varint(ByteBuf *buf, uint64_t value)
+{
+    unsigned char bytes[10];
+    size_t n = 0;
+    do {
+        bytes[n++] = (unsigned char)((value & 0x7F) | (value > 0x7F ? 0x80 : 0));
+        value >>= 7;
+    } while (value);
+    return buf_put(buf, bytes, n);
+}
+
+static inline int
 read_varint(const unsigned char **pos, const unsigned char *end, uint64_t *value)
 {
+    const unsigned char *p = *pos;
+    if (end - p >= 10) { /* room for the longest varint: no bounds checks */
+        uint64_t result = 0;
+        for (int shift = 0; shift < 70; shift += 7) {
+            unsigned char byte = *p++;
+            result |= (uint64_t)(byte & 0x7F) << (shift < 64 ? shift : 0);
+            if (!(byte & 0x80)) {
+                *pos = p;
+                *value = result;
+                return 0;
+            }
+        }
+        PyErr_SetString(PyExc_ValueError, "varint longer than 10 bytes");
+        return -1;
+    }
     uint64_t result = 0;
     for (int shift = 0; shift < 64; shift += 7) {
         if (*pos >= end) {
@@ -741,31 +787,40 @@ read_varint(const unsigned char **pos, const unsigned char *end, uint64_t *value
     return -1;
 }
 
+typedef struct {
+    const uint32_t *path;
+    Py_ssize_t path_len;
+    ByteBuf values; /* packed u32 of the field */
+} FieldTake;
+
+/* Copy the message in [pos, end) to `rest` without the field at path[depth:]. */
 static int
-collect_uint32(const unsigned char *pos, const unsigned char *end, const uint32_t *path,
-               Py_ssize_t depth, Py_ssize_t path_len, ByteBuf *out)
+take_field(FieldTake *take, const unsigned char *pos, const unsigned char *end,
+           Py_ssize_t depth, ByteBuf *rest)
 {
     while (pos < end) {
+        const unsigned char *field_start = pos;
         uint64_t tag, value;
         if (read_varint(&pos, end, &tag) < 0) {
             return -1;
         }
-        uint64_t field = tag >> 3;
-        int wire = (int)(tag & 7);
-        int wanted = field == path[depth];
-        int last = depth == path_len - 1;
-        switch (wire) {
+        int wanted = (tag >> 3) == take->path[depth];
+        int last = depth == take->path_len - 1;
+        switch ((int)(tag & 7)) {
         case 0:
             if (read_varint(&pos, end, &value) < 0) {
                 return -1;
             }
-            if (wanted && last && buf_put_u32(out, (uint32_t)value) < 0) {
-                return -1;
+            if (wanted && last) {
+                if (buf_put_u32(&take->values, (uint32_t)value) < 0) {
+                    return -1;
+                }
+                continue;
             }
             break;
         case 1:
         case 5: {
-            size_t width = wire == 1 ? 8 : 4;
+            size_t width = (tag & 7) == 1 ? 8 : 4;
             if ((size_t)(end - pos) < width) {
                 PyErr_SetString(PyExc_ValueError, "truncated fixed-width field");
                 return -1;
@@ -783,43 +838,70 @@ collect_uint32(const unsigned char *pos, const unsigned char *end, const uint32_
             }
             const unsigned char *stop = pos + value;
             if (wanted && last) {
-                while (pos < stop) {
-                    if (read_varint(&pos, stop, &value) < 0 ||
-                        buf_put_u32(out, (uint32_t)value) < 0) {
+                if (value == 0) {
+                    continue;
+                }
+                /* at most one value per byte: reserve once, not per value */
+                if (buf_reserve(&take->values, 4 * (size_t)value) < 0) {
+                    return -1;
+                }
+                unsigned char *out = take->values.data + take->values.len;
+                while (pos < stop) { /* value > 0 here: data is allocated */
+                    if (read_varint(&pos, stop, &value) < 0) {
                         return -1;
                     }
+                    out[0] = (unsigned char)value;
+                    out[1] = (unsigned char)(value >> 8);
+                    out[2] = (unsigned char)(value >> 16);
+                    out[3] = (unsigned char)(value >> 24);
+                    out += 4;
                 }
-            } else if (wanted &&
-                       collect_uint32(pos, stop, path, depth + 1, path_len, out) < 0) {
-                return -1;
+                take->values.len = (size_t)(out - take->values.data);
+                continue;
+            }
+            if (wanted) { /* an enclosing message: copy it without the field, new length */
+                ByteBuf inner = {NULL, 0, 0};
+                int failed = take_field(take, pos, stop, depth + 1, &inner) < 0 ||
+                             buf_put_varint(rest, tag) < 0 ||
+                             buf_put_varint(rest, inner.len) < 0 ||
+                             (inner.len && buf_put(rest, inner.data, inner.len) < 0);
+                PyMem_Free(inner.data);
+                if (failed) {
+                    return -1;
+                }
+                pos = stop;
+                continue;
             }
             pos = stop;
             break;
         }
         default:
-            PyErr_Format(PyExc_ValueError, "unsupported wire type %d", wire);
+            PyErr_Format(PyExc_ValueError, "unsupported wire type %d", (int)(tag & 7));
+            return -1;
+        }
+        if (buf_put(rest, field_start, (size_t)(pos - field_start)) < 0) {
             return -1;
         }
     }
     return 0;
 }
 
-PyDoc_STRVAR(uint32_field_doc,
-"uint32_field(message, path) -> bytes\n\n"
+PyDoc_STRVAR(take_uint32_field_doc,
+"take_uint32_field(message, path) -> tuple[bytes, bytes]\n\n"
 "The values of the repeated uint32 field at path (field numbers, outermost first; the\n"
 "ones before the last name embedded message fields) of a serialised protobuf message,\n"
-"as packed u32 little-endian.");
+"as packed u32 little-endian, and the message without that field.");
 
 #define MAX_FIELD_PATH 8
 
 static PyObject *
-uint32_field(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+take_uint32_field(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     uint32_t path[MAX_FIELD_PATH];
     Py_buffer view;
-    ByteBuf out = {NULL, 0, 0};
     if (nargs != 2 || !PyTuple_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "uint32_field(message, path: tuple[int, ...])");
+        PyErr_SetString(PyExc_TypeError,
+                        "take_uint32_field(message, path: tuple[int, ...])");
         return NULL;
     }
     Py_ssize_t path_len = PyTuple_GET_SIZE(args[1]);
@@ -841,20 +923,27 @@ uint32_field(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
         return NULL;
     }
+    FieldTake take = {path, path_len, {NULL, 0, 0}};
+    ByteBuf rest = {NULL, 0, 0};
     const unsigned char *start = view.buf;
-    int failed = collect_uint32(start, start + view.len, path, 0, path_len, &out) < 0;
+    PyObject *result = NULL;
+    if (take_field(&take, start, start + view.len, 0, &rest) == 0) {
+        /* y# turns a NULL pointer into None: empty buffers are given as "". */
+        const char *values = take.values.data ? (const char *)take.values.data : "";
+        const char *remainder = rest.data ? (const char *)rest.data : "";
+        result = Py_BuildValue("(y#y#)", values, (Py_ssize_t)take.values.len, remainder,
+                               (Py_ssize_t)rest.len);
+    }
     PyBuffer_Release(&view);
-    PyObject *result = failed ? NULL
-                              : PyBytes_FromStringAndSize((const char *)out.data,
-                                                          (Py_ssize_t)out.len);
-    PyMem_Free(out.data);
+    PyMem_Free(take.values.data);
+    PyMem_Free(rest.data);
     return result;
 }
 
 static PyMethodDef native_methods[] = {
     {"chain_keys", (PyCFunction)(void (*)(void))chain_keys, METH_FASTCALL, chain_keys_doc},
-    {"uint32_field", (PyCFunction)(void (*)(void))uint32_field, METH_FASTCALL,
-     uint32_field_doc},
+    {"take_uint32_field", (PyCFunction)(void (*)(void))take_uint32_field, METH_FASTCALL,
+     take_uint32_field_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -270,20 +270,34 @@ def unpacked_tokens(field: int, tokens: list[int]) -> bytes:
     return b"".join(varint(field << 3) + varint(t) for t in tokens)
 
 
-class TestUint32Field:
+def without_tokens(message: Any) -> Any:
+    """A copy of a ScoreRequest or FindBestWorkerRequest with token_ids cleared."""
+    copy = type(message)()
+    copy.CopyFrom(message)
+    (copy.score if hasattr(copy, "score") else copy).ClearField("token_ids")
+    return copy
+
+
+class TestTakeUint32Field:
     @fast
-    @given(tokens=st.lists(token, max_size=300), workers=st.lists(st.text(max_size=5),
-                                                                   max_size=3))
-    def test_packed_as_protobuf_serialises_it(self, tokens: list[int], workers: list[str]) -> None:
-        from indexer._native import uint32_field
+    @given(tokens=st.lists(token, max_size=300),
+           workers=st.lists(st.text(max_size=5), max_size=3))
+    def test_values_and_rest_as_protobuf_sees_them(
+            self, tokens: list[int], workers: list[str]) -> None:
+        """The values come out packed; the rest parses to the message without them."""
+        from indexer._native import take_uint32_field
         from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 
         request = pb.ScoreRequest(model="m", token_ids=tokens, workers=workers, block_size=16,
-                                  block_keys=[2**64 - 1])
-        assert uint32_field(request.SerializeToString(), (10,)) == pack_tokens(tokens)
+                                  block_keys=[2**64 - 1], include_zero=True)
+        values, rest = take_uint32_field(request.SerializeToString(), (10,))
+        assert values == pack_tokens(tokens)
+        assert pb.ScoreRequest.FromString(rest) == without_tokens(request)
         nested = pb.FindBestWorkerRequest(score=request, overlap_weight=2.0,
                                           loads=[pb.WorkerLoad(worker_id="w", active_blocks=7)])
-        assert uint32_field(nested.SerializeToString(), (1, 10)) == pack_tokens(tokens)
+        values, rest = take_uint32_field(nested.SerializeToString(), (1, 10))
+        assert values == pack_tokens(tokens)
+        assert pb.FindBestWorkerRequest.FromString(rest) == without_tokens(nested)
 
     @fast
     @given(first=st.lists(token, max_size=20), second=st.lists(token, max_size=20))
@@ -291,26 +305,55 @@ class TestUint32Field:
             self, first: list[int], second: list[int]) -> None:
         """Unpacked values, and several occurrences of the field (or of the enclosing
         message), are appended in order: what protobuf's own parser makes of them."""
-        from indexer._native import uint32_field
+        from indexer._native import take_uint32_field
         from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 
         raw = (unpacked_tokens(10, first) + pb.ScoreRequest(model="m").SerializeToString()
                + pb.ScoreRequest(token_ids=second).SerializeToString())
         parsed = pb.ScoreRequest.FromString(raw)
         assert list(parsed.token_ids) == first + second
-        assert uint32_field(raw, (10,)) == pack_tokens(first + second)
-        inner = [pb.ScoreRequest(token_ids=part).SerializeToString() for part in (first, second)]
+        values, rest = take_uint32_field(raw, (10,))
+        assert values == pack_tokens(first + second)
+        assert pb.ScoreRequest.FromString(rest) == pb.ScoreRequest(model="m")
+        inner = [pb.ScoreRequest(token_ids=part, workers=["w"]).SerializeToString()
+                 for part in (first, second)]
         outer = b"".join(varint(1 << 3 | 2) + varint(len(m)) + m for m in inner)
-        assert list(pb.FindBestWorkerRequest.FromString(outer).score.token_ids) == first + second
-        assert uint32_field(outer, (1, 10)) == pack_tokens(first + second)
+        merged = pb.FindBestWorkerRequest.FromString(outer)
+        assert list(merged.score.token_ids) == first + second
+        values, rest = take_uint32_field(outer, (1, 10))
+        assert values == pack_tokens(first + second)
+        assert pb.FindBestWorkerRequest.FromString(rest) == without_tokens(merged)
 
     def test_wide_varints_truncate_like_uint32(self) -> None:
-        from indexer._native import uint32_field
+        from indexer._native import take_uint32_field
         from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 
         raw = varint(10 << 3) + varint(2**40 + 5)
         assert list(pb.ScoreRequest.FromString(raw).token_ids) == [5]
-        assert uint32_field(raw, (10,)) == pack_tokens([5])
+        assert take_uint32_field(raw, (10,)) == (pack_tokens([5]), b"")
+
+    @pytest.mark.parametrize("value", [0, 127, 128, 2**32 - 1, 2**32, 2**63, 2**64 - 1])
+    def test_every_varint_width_with_and_without_room(self, value: int) -> None:
+        """Short and 10-byte varints, near the end of the bytes and far from it."""
+        from indexer._native import take_uint32_field
+        from indexer._proto.kvindex.v1 import indexer_pb2 as pb
+
+        tail = pb.ScoreRequest(model="x" * 30).SerializeToString()
+        for raw in (varint(10 << 3) + varint(value),
+                    varint(10 << 3) + varint(value) + tail,
+                    varint(10 << 3 | 2) + varint(len(varint(value)) * 2) + varint(value) * 2
+                    + tail):
+            expected = list(pb.ScoreRequest.FromString(raw).token_ids)
+            assert expected[0] == value % 2**32
+            values, _ = take_uint32_field(raw, (10,))
+            assert values == pack_tokens(expected)
+
+    def test_no_such_field(self) -> None:
+        from indexer._native import take_uint32_field
+
+        assert take_uint32_field(b"", (10,)) == (b"", b"")
+        raw = varint(1 << 3 | 2) + varint(1) + b"m"
+        assert take_uint32_field(raw, (10,)) == (b"", raw)
 
     @pytest.mark.parametrize("raw", [
         varint(10 << 3) + b"\x80",  # truncated varint
@@ -320,16 +363,16 @@ class TestUint32Field:
         varint(10 << 3) + b"\xff" * 11,  # varint over 10 bytes
     ])
     def test_malformed_is_value_error(self, raw: bytes) -> None:
-        from indexer._native import uint32_field
+        from indexer._native import take_uint32_field
 
         with pytest.raises(ValueError):
-            uint32_field(raw, (10,))
+            take_uint32_field(raw, (10,))
 
     def test_bad_path(self) -> None:
-        from indexer._native import uint32_field
+        from indexer._native import take_uint32_field
 
         for path in ((), (0,), (2**29,), tuple(range(1, 10))):
             with pytest.raises(ValueError):
-                uint32_field(b"", path)
+                take_uint32_field(b"", path)
         with pytest.raises(TypeError):
-            uint32_field(b"", [10])  # type: ignore[arg-type]
+            take_uint32_field(b"", [10])  # type: ignore[arg-type]

@@ -298,6 +298,21 @@ class TestWireTokens:
         assert set(handlers) == {m.name for m in service.methods}
         assert set(TOKEN_PATHS) <= set(handlers)
 
+    async def test_malformed_request_fails_and_the_server_goes_on(self, index: Index) -> None:
+        """Undecodable bytes fail that call only; the next good call is answered."""
+        async with serving(index) as (stub, port):
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            try:
+                call = channel.unary_unary(f"/{SERVICE_NAME}/Score")
+                for raw in (varint(10 << 3 | 2) + varint(9) + b"\x01", b"\x52\x80"):
+                    with pytest.raises(grpc.aio.AioRpcError) as failed:
+                        await call(raw)
+                    assert failed.value.code() != grpc.StatusCode.OK
+            finally:
+                await channel.close()
+            response = await stub.Score(pb.ScoreRequest(model=MODEL, token_ids=TOKENS))
+            assert rows(response)[0] == ("w-a", 0, 4)
+
     @pytest.mark.parametrize("rpc", ["Score", "FindBestWorker"])
     async def test_unpacked_encoding_scores_like_packed(self, index: Index, rpc: str) -> None:
         """A client that sends token_ids unpacked (legal protobuf) gets the same answer."""

@@ -53,7 +53,13 @@ from indexer.index.protocol import (
     WorkerInfo,
     WorkerRef,
 )
-from indexer.scoring import prefix_match, query_keys, slot_bits, validate_query, worker_scores
+from indexer.scoring import (
+    prefix_match_runs,
+    query_keys,
+    slot_bits,
+    validate_query,
+    worker_scores,
+)
 from publisher.bus import EventBatch, escape_token, validate_batch
 
 __all__ = ["DEFAULT_LOG_COMPACT_MIN_BYTES", "RedisIndex"]
@@ -418,9 +424,12 @@ class RedisIndex:
         except RedisError as exc:
             raise BackendError(f"redis score failed: {exc}") from exc
         candidates = slot_map.candidates(query.workers)
-        masks = (int.from_bytes(v, "little") if v else 0 for v in values)
-        matches = prefix_match(masks, candidates, query.tier_weights or self.config.tier_weights,
-                               query.include_zero)
+        # Runs of equal masks, flat: [mask bytes, count, ...] (see lua/score.lua).
+        runs: list[int] = [int.from_bytes(v, "little") if i % 2 == 0 else v
+                           for i, v in enumerate(values)]
+        matches = prefix_match_runs(runs, candidates,
+                                    query.tier_weights or self.config.tier_weights,
+                                    query.include_zero)
         return ScoreResult(len(keys), worker_scores(matches, slot_map.by_slot.__getitem__))
 
     async def _slot_map(self, model: str, version: bytes | None = None,
