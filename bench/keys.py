@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.report import verdict, write_section
-from indexer.keys import block_keys, block_keys_for_tokens, root_seed
+from indexer.keys import NATIVE, block_keys, block_keys_for_tokens, block_keys_python, root_seed
 from publisher.bus import pack_tokens
 
 N_TOKENS = 8_192
@@ -77,11 +77,15 @@ def main(argv: list[str] | None = None) -> None:
     assert len(block_keys(packed, BLOCK_SIZE, seed)) == n_blocks
     assert block_keys(packed, BLOCK_SIZE, seed) == block_keys_for_tokens(tokens, BLOCK_SIZE, MODEL)
 
+    assert block_keys_python(packed, BLOCK_SIZE, seed) == block_keys(packed, BLOCK_SIZE, seed)
+    loop = "C loop" if NATIVE else "Python loop: C extension not built"
     rows: list[tuple[str, list[float], float | None]] = [
-        ("`block_keys` (packed u32 bytes)",
+        (f"`block_keys` (packed u32 bytes; {loop})",
          measure(lambda: block_keys(packed, BLOCK_SIZE, seed), runs), TARGET_US),
-        ("`block_keys_for_tokens` (Python list)",
+        (f"`block_keys_for_tokens` (Python list; {loop})",
          measure(lambda: block_keys_for_tokens(tokens, BLOCK_SIZE, MODEL), runs), None),
+        ("`block_keys_python` (packed u32 bytes; the pure-Python fallback)",
+         measure(lambda: block_keys_python(packed, BLOCK_SIZE, seed), runs), TARGET_US),
     ]
     dynamo = dynamo_hasher()
     if dynamo is not None:

@@ -219,6 +219,27 @@ class WorkerLedger:
         else:
             hashes, new_keys = self._resolve_known(hashes, stats)
         bit = 1 << tier
+        keys = self.keys
+        if (len(hashes) == len(new_keys) and keys.keys().isdisjoint(distinct := set(hashes))
+                and len(distinct) == len(hashes)):
+            # The usual store: every block is new to this rank (neither held nor a ghost;
+            # tiers only holds hashes that keys holds), so each one is simply added.
+            keys.update(zip(hashes, new_keys, strict=True))
+            self.tiers.update(dict.fromkeys(hashes, bit))
+            added = list(new_keys)
+        else:
+            added = self._store_each(hashes, new_keys, bit, sink)
+        if added:
+            sink.set_bits(added, self.slot * TIER_BITS + tier)
+            self.counts[tier] += len(added)
+            stats.blocks_stored += len(added)
+        if self.journal is not None:
+            self.journal.dirty.update(hashes)
+
+    def _store_each(
+        self, hashes: list[int], new_keys: list[int], bit: int, sink: PresenceSink
+    ) -> list[int]:
+        """Store block by block (re-stores, ghosts, changed content); returns keys added."""
         keys, tiers = self.keys, self.tiers
         added: list[int] = []
         for h, key in zip(hashes, new_keys, strict=True):
@@ -234,12 +255,7 @@ class WorkerLedger:
             if not mask & bit:
                 tiers[h] = mask | bit
                 added.append(key)
-        if added:
-            sink.set_bits(added, self.slot * TIER_BITS + tier)
-            self.counts[tier] += len(added)
-            stats.blocks_stored += len(added)
-        if self.journal is not None:
-            self.journal.dirty.update(hashes)
+        return added
 
     def _resolve_known(self, hashes: list[int], stats: IndexStats) -> tuple[list[int], list[int]]:
         """Token-less (offload) stores name blocks by engine hash only."""
