@@ -1,10 +1,13 @@
 """Types of the optional C extension built from native/keys.c."""
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 Tokens = bytes | memoryview | Sequence[int]
 
 def chain_keys(tokens: Tokens, block_size: int, seed: int) -> list[int]: ...
+def pack_log_entries(
+    hashes: Iterable[int], keys: dict[int, int], tiers: dict[int, int]
+) -> bytes: ...
 def take_uint32_field(message: bytes, path: tuple[int, ...]) -> tuple[bytes, bytes]: ...
 
 class BlockTable:

@@ -10,6 +10,7 @@
  *   chain_keys(tokens, block_size, seed) -> list[int]
  *   take_uint32_field(message, path) -> (bytes, bytes): a repeated uint32 field, read off
  *       the wire and cut out of the message.
+ *   pack_log_entries(hashes, keys, tiers) -> bytes: the Redis ledger log's M/D records.
  *   BlockTable: block key -> presence mask, the in-memory index's hash table, whose
  *       mask_runs() hashes a prompt and looks its blocks up in one loop.
  *
@@ -940,10 +941,98 @@ take_uint32_field(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* ---- pack_log_entries: the Redis ledger log's M/D records for dirty engine hashes --------
+ *
+ * For each hash: b"M" + hash + key (u64 LE each) + tier mask (u8) when `keys` maps it, else
+ * b"D" + hash: struct formats "<cQQB" and "<cQ" of indexer/index/ledger.py (LOG_MAP,
+ * LOG_HASH), in the iteration order of `hashes`.
+ */
+
+static int
+dict_u64(PyObject *dict, PyObject *key, uint64_t *value, int *found)
+{
+    PyObject *item = PyDict_GetItemWithError(dict, key);
+    if (item == NULL) {
+        *found = 0;
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    *found = 1;
+    unsigned long long v = PyLong_AsUnsignedLongLong(item);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *value = (uint64_t)v;
+    return 0;
+}
+
+static void
+put_u64_le(unsigned char *out, uint64_t value)
+{
+    for (int i = 0; i < 8; i++) {
+        out[i] = (unsigned char)(value >> (8 * i));
+    }
+}
+
+static PyObject *
+pack_log_entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyDict_Check(args[1]) || !PyDict_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "pack_log_entries(hashes, keys: dict, tiers: dict)");
+        return NULL;
+    }
+    PyObject *iter = PyObject_GetIter(args[0]);
+    if (iter == NULL) {
+        return NULL;
+    }
+    ByteBuf out = {NULL, 0, 0};
+    PyObject *item;
+    while ((item = PyIter_Next(iter)) != NULL) {
+        unsigned char entry[18];
+        uint64_t hash, key, tiers = 0;
+        int has_key, has_tiers;
+        unsigned long long h = PyLong_AsUnsignedLongLong(item);
+        int failed = (h == (unsigned long long)-1 && PyErr_Occurred()) ||
+                     dict_u64(args[1], item, &key, &has_key) < 0 ||
+                     (has_key && dict_u64(args[2], item, &tiers, &has_tiers) < 0);
+        Py_DECREF(item);
+        if (failed) {
+            goto fail;
+        }
+        hash = (uint64_t)h;
+        if (tiers > 0xFF) {
+            PyErr_SetString(PyExc_OverflowError, "tier mask does not fit a byte");
+            goto fail;
+        }
+        entry[0] = has_key ? 'M' : 'D';
+        put_u64_le(entry + 1, hash);
+        if (has_key) {
+            put_u64_le(entry + 9, key);
+            entry[17] = (unsigned char)tiers;
+        }
+        if (buf_put(&out, entry, has_key ? 18 : 9) < 0) {
+            goto fail;
+        }
+    }
+    if (PyErr_Occurred()) {
+        goto fail;
+    }
+    Py_DECREF(iter);
+    PyObject *result = PyBytes_FromStringAndSize(out.data ? (const char *)out.data : "",
+                                                 (Py_ssize_t)out.len);
+    PyMem_Free(out.data);
+    return result;
+fail:
+    Py_DECREF(iter);
+    PyMem_Free(out.data);
+    return NULL;
+}
+
 static PyMethodDef native_methods[] = {
     {"chain_keys", (PyCFunction)(void (*)(void))chain_keys, METH_FASTCALL, chain_keys_doc},
     {"take_uint32_field", (PyCFunction)(void (*)(void))take_uint32_field, METH_FASTCALL,
      take_uint32_field_doc},
+    {"pack_log_entries", (PyCFunction)(void (*)(void))pack_log_entries, METH_FASTCALL,
+     "pack_log_entries(hashes, keys, tiers) -> bytes: the ledger log's M/D records."},
     {NULL, NULL, 0, NULL},
 };
 

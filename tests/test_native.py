@@ -376,3 +376,32 @@ class TestTakeUint32Field:
                 take_uint32_field(b"", path)
         with pytest.raises(TypeError):
             take_uint32_field(b"", [10])  # type: ignore[arg-type]
+
+
+class TestPackLogEntries:
+    @fast
+    @given(entries=st.dictionaries(U64, st.tuples(U64, st.integers(0, 15)), max_size=30),
+           gone=st.lists(U64, max_size=10))
+    def test_same_records_as_python(
+            self, entries: dict[int, tuple[int, int]], gone: list[int]) -> None:
+        """M records for mapped hashes (tiers default 0), D for the rest, in order."""
+        from indexer._native import pack_log_entries
+        from indexer.index.ledger import pack_log_entries_python
+
+        keys = {h: key for h, (key, _) in entries.items()}
+        tiers = {h: t for h, (_, t) in entries.items() if t}
+        hashes = [*entries, *gone]
+        expected = pack_log_entries_python(hashes, keys, tiers)
+        assert pack_log_entries(hashes, keys, tiers) == expected
+        assert pack_log_entries(set(hashes), keys, tiers) == pack_log_entries_python(
+            set(hashes), keys, tiers)
+
+    def test_bad_values(self) -> None:
+        from indexer._native import pack_log_entries
+
+        with pytest.raises(OverflowError):
+            pack_log_entries([1], {1: 2}, {1: 256})
+        with pytest.raises(OverflowError):
+            pack_log_entries([-1], {}, {})
+        with pytest.raises(TypeError):
+            pack_log_entries([1], [], {})  # type: ignore[arg-type]

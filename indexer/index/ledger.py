@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Final, Protocol
 
 import structlog
@@ -30,8 +30,11 @@ from indexer.index.protocol import (
     ResyncRequest,
     tier_index,
 )
-from indexer.keys import block_keys, root_seed
+from indexer.keys import NATIVE, block_keys, root_seed
 from publisher.bus import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+
+if NATIVE:
+    from indexer._native import pack_log_entries as _pack_log_entries
 
 __all__ = [
     "LOG_HASH",
@@ -40,6 +43,8 @@ __all__ = [
     "LedgerLogError",
     "PresenceSink",
     "WorkerLedger",
+    "pack_log_entries",
+    "pack_log_entries_python",
     "stored_block_size",
 ]
 
@@ -50,6 +55,25 @@ __all__ = [
 #   b"G" engine hash u64                          now the most recently evicted ghost
 LOG_MAP: Final = struct.Struct("<cQQB")
 LOG_HASH: Final = struct.Struct("<cQ")
+
+
+def pack_log_entries(hashes: Iterable[int], keys: dict[int, int], tiers: dict[int, int]) -> bytes:
+    """An M record for each hash `keys` maps (tiers from `tiers`), a D record for the rest."""
+    if NATIVE:
+        return _pack_log_entries(hashes, keys, tiers)
+    return pack_log_entries_python(hashes, keys, tiers)
+
+
+def pack_log_entries_python(
+    hashes: Iterable[int], keys: dict[int, int], tiers: dict[int, int]
+) -> bytes:
+    """`pack_log_entries` without the C extension."""
+    pack_map, pack_hash = LOG_MAP.pack, LOG_HASH.pack
+    return b"".join([
+        pack_map(b"M", h, key, tiers.get(h, 0)) if (key := keys.get(h)) is not None
+        else pack_hash(b"D", h)
+        for h in hashes
+    ])
 
 
 class LedgerLogError(ValueError):

@@ -39,7 +39,14 @@ import structlog
 from redis.exceptions import ConnectionError, RedisError, ResponseError, TimeoutError
 
 from indexer.errors import BackendError
-from indexer.index.ledger import LOG_HASH, LOG_MAP, Journal, WorkerLedger, stored_block_size
+from indexer.index.ledger import (
+    LOG_HASH,
+    LOG_MAP,
+    Journal,
+    WorkerLedger,
+    pack_log_entries,
+    stored_block_size,
+)
 from indexer.index.protocol import (
     TIER_BITS,
     TIERS,
@@ -326,12 +333,8 @@ class RedisIndex:
         """What to append to the ledger's log, or a snapshot to replace it (True)."""
         keys, tiers = ledger.keys, ledger.tiers
         if not journal.reset:
-            pack_map, pack_hash = LOG_MAP.pack, LOG_HASH.pack
-            parts = [
-                pack_map(b"M", h, key, tiers.get(h, 0)) if (key := keys.get(h)) is not None
-                else pack_hash(b"D", h)
-                for h in journal.dirty
-            ]
+            pack_hash = LOG_HASH.pack
+            parts = [pack_log_entries(journal.dirty, keys, tiers)]
             ghosts = ledger.ghosts
             parts.extend(pack_hash(b"U", h) for h in journal.unghosted if h not in ghosts)
             last_pushes = dict.fromkeys(reversed(journal.ghost_pushed))
