@@ -581,3 +581,30 @@ class TestTraceTokens:
         a, b = trace_tokens(first), trace_tokens(second)
         assert (len(a), len(b)) == (first.input_length, second.input_length) == (6758, 7322)
         assert a[:512] == b[:512] and a[512:1024] != b[512:1024]
+
+
+def test_engine_stats_add_sums_every_field() -> None:
+    """`EngineStats.add` names its fields one by one: a new field must be summed too."""
+    import dataclasses
+
+    from publisher.simulate import EngineStats
+
+    names = [f.name for f in dataclasses.fields(EngineStats)]
+    total = EngineStats(**{name: i + 1 for i, name in enumerate(names)})
+    total.add(EngineStats(**{name: 10 * (i + 1) for i, name in enumerate(names)}))
+    assert [getattr(total, name) for name in names] == [11 * (i + 1) for i in range(len(names))]
+
+
+def test_synthetic_prompts_are_deterministic_and_in_range() -> None:
+    """Same seed, same prompts; ids are in 0..65535; prompts share their prefixes."""
+    from itertools import islice
+
+    from publisher.simulate import synthetic_prompts
+
+    first = list(islice(synthetic_prompts(seed=3, n_prefixes=2, prefix_tokens=64), 20))
+    again = list(islice(synthetic_prompts(seed=3, n_prefixes=2, prefix_tokens=64), 20))
+    assert first == again
+    assert all(0 <= t < 65_536 for p in first for t in p)
+    assert len({tuple(p[:64]) for p in first}) <= 2
+    assert all(65 <= len(p) <= 64 + 1_024 for p in first)
+    assert len({t for p in first for t in p}) > 1_000  # not a constant fill
