@@ -31,6 +31,7 @@ from tests.servers import RedisServer
 
 MODEL = "bench/event-path"
 BLOCK_SIZE = 16
+WARMUP_S = 1.0  # lag samples of a window's first second are reported apart
 
 
 # --- the fleet (child process) ------------------------------------------------------------
@@ -163,7 +164,8 @@ async def measure(args: argparse.Namespace, nats_url: str, redis_url: str) -> di
         out[f"lag{rate}"] = await _window(service, nats_url, args, rate=float(rate))
         r = out[f"lag{rate}"]
         print(f"paced {rate:,}/s: achieved {r['rate']:,.0f} blocks/s, lag p50 "
-              f"{r['p50'] * 1e3:.1f} ms p99 {r['p99'] * 1e3:.1f} ms")
+              f"{r['p50'] * 1e3:.1f} ms p99 {r['p99'] * 1e3:.1f} ms; after {WARMUP_S:.0f} s: "
+              f"p50 {r['steady_p50'] * 1e3:.1f} ms p99 {r['steady_p99'] * 1e3:.1f} ms")
     await service.close()
     return out
 
@@ -173,6 +175,7 @@ async def _window(service: IndexerService, nats_url: str, args: argparse.Namespa
     stats = service.stats
     before_blocks = stats.blocks_seen
     stats.lag_samples.clear()
+    stats.lag_sample_ts.clear()
     proc, conn = run_fleet_process(nats_url, args.workers, args.duration, rate)
     started = time.perf_counter()
     result = await wait_result(conn, proc)
@@ -180,11 +183,19 @@ async def _window(service: IndexerService, nats_url: str, args: argparse.Namespa
     while stats.blocks_seen < target and time.perf_counter() - started < 120:
         await asyncio.sleep(0.05)
     lags = list(stats.lag_samples)
+    # Steady state: batches stamped after the first WARMUP_S of the window. The fleet
+    # starts 16 engines at once (new epochs: the indexer clears their previous blocks),
+    # which is a restart storm, not steady ingest.
+    steady_from = result["started_wall"] + WARMUP_S
+    steady = [lag for lag, ts in zip(lags, stats.lag_sample_ts, strict=True)
+              if ts >= steady_from]
     applied = stats.blocks_seen - before_blocks
     window = max(stats.last_applied_at - result["started_wall"], result["publish_s"])
     return {"rate": applied / window,
             "blocks": applied, "p50": statistics.median(lags) if lags else float("nan"),
-            "p99": pct(lags, 0.99), "engine_rate": result["engine_blocks"] / result["produce_s"]}
+            "p99": pct(lags, 0.99), "engine_rate": result["engine_blocks"] / result["produce_s"],
+            "steady_p50": statistics.median(steady) if steady else float("nan"),
+            "steady_p99": pct(steady, 0.99)}
 
 
 def report(out: dict[str, Any], args: argparse.Namespace) -> str:
@@ -201,18 +212,24 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> str:
     ]
     for rate in (10_000, 50_000):
         r = out[f"lag{rate}"]
-        ok = r["p99"] <= 0.05 and r["rate"] >= 0.9 * rate
         target = "p99 <= 50 ms" if rate == 50_000 else ""
-        rows.append(f"| lag at {rate:,} blocks/s (achieved {r['rate']:,.0f}) | p50 "
-                    f"{r['p50'] * 1e3:.1f} ms, p99 {r['p99'] * 1e3:.1f} ms | {target} | "
-                    f"{verdict(ok) if rate == 50_000 else ''} |")
+        rows.append(f"| lag at {rate:,} blocks/s (achieved {r['rate']:,.0f}), all batches | "
+                    f"p50 {r['p50'] * 1e3:.1f} ms, p99 {r['p99'] * 1e3:.1f} ms | {target} | "
+                    f"{verdict(r['p99'] <= 0.05 and r['rate'] >= 0.9 * rate) if target else ''} |")
+        ok = r["steady_p99"] <= 0.05 and r["rate"] >= 0.9 * rate
+        rows.append(f"| lag at {rate:,} blocks/s, after the first {WARMUP_S:.0f} s | p50 "
+                    f"{r['steady_p50'] * 1e3:.1f} ms, p99 {r['steady_p99'] * 1e3:.1f} ms | "
+                    f"{target} | {verdict(ok) if target else ''} |")
     table = "\n".join(rows)
     return f"""{args.workers} mock vLLM engines (LRU pools of 8,192 blocks, map wire form,
 synthetic prompts sharing 512-token prefixes) with one bridge each, in one child process;
 the indexer (Redis backend, {args.partitions} partitions) in the bench process; private
 nats-server and redis-server; all on the same 2 cores. Blocks count stored and removed
 blocks named by events. Lag is from the engine's batch timestamp to the batch being applied
-to the index (after which Score sees it).
+to the index (after which Score sees it). Each window starts a fresh fleet: 16 engines
+come up at once with new epochs, so the indexer clears their previous blocks while the
+first batches arrive; lag is reported over all batches and over those stamped after the
+window's first {WARMUP_S:.0f} s (steady ingest).
 
 | figure | measured | target | |
 |---|---|---|---|

@@ -86,6 +86,8 @@ class ConsumerStats(msgspec.Struct):
     last_applied_at: float = 0.0  # wall clock when it was applied
     # seconds from a batch's timestamp to its application, most recent last (bounded)
     lag_samples: deque[float] = msgspec.field(default_factory=lambda: deque(maxlen=100_000))
+    # the engine timestamps of those batches, index for index
+    lag_sample_ts: deque[float] = msgspec.field(default_factory=lambda: deque(maxlen=100_000))
 
 
 class Verdict(enum.Enum):
@@ -454,9 +456,10 @@ class PartitionConsumer:
         stats.batches_applied += len(applied)
         stats.last_applied_ts = applied[-1].ts
         stats.last_applied_at = now
-        lags = stats.lag_samples
+        lags, lag_ts = stats.lag_samples, stats.lag_sample_ts
         for batch in applied:
             lags.append(now - batch.ts)
+            lag_ts.append(batch.ts)
             stats.blocks_seen += block_count(batch)
 
     async def _dead_letter(self, msg: Msg, reason: str, exc: Exception) -> None:
