@@ -13,12 +13,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-# Only what `pip install .` needs (pyproject's readme is README.md); .dockerignore keeps
-# the rest of the tree out of the build context.
+# Only what `pip install .` needs (pyproject's readme is README.md; native/ holds the C
+# hot loops); .dockerignore keeps the rest of the tree out of the build context.
 COPY pyproject.toml README.md ./
+COPY native ./native
 COPY indexer ./indexer
 COPY publisher ./publisher
-RUN pip install . && rm -rf /src
+# gcc only for the build: the C extension must be in the image (the check fails the build
+# otherwise), the compiler need not.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install . \
+    && python -c "import indexer.keys as k; assert k.NATIVE, 'indexer._native not built'" \
+    && apt-get purge -y gcc libc6-dev && apt-get autoremove -y \
+    && rm -rf /var/lib/apt/lists/* /src
 
 # An unprivileged user; /data holds the embedded nats-server's JetStream files when no
 # KV_INDEXER_NATS_URL is given.
