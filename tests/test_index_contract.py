@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import pytest
 import redis.asyncio as aioredis
@@ -21,6 +22,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from indexer.index.block_table import DictBlockTable
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, ScoreQuery, TierWeights, WorkerRef
 from indexer.index.redis import RedisIndex
@@ -254,6 +256,27 @@ class TestMemoryIndexContract:
         index = MemoryIndex(CONFIG)
         index.sync.apply(batches)
         assert index.sync.stats().dropped == reference_drops(batches)
+
+
+class TestMemoryIndexPurePythonContract:
+    """The in-memory backend as an install without the C extension runs it: dict table,
+    Python key loop. Same reference, same answers."""
+
+    @settings(max_examples=150, deadline=None)
+    @given(batches=histories(), chunks=chunk_sizes, queries=queries_st)
+    def test_matches_reference(self, batches: list[EventBatch], chunks: list[int],
+                               queries: list[Any]) -> None:
+        made: list[MemoryIndex] = []
+
+        async def make() -> Index:
+            made.append(MemoryIndex(CONFIG))
+            return made[-1]
+
+        with mock.patch("indexer.index.memory.new_block_table", DictBlockTable), \
+                mock.patch("indexer.keys._native", None):
+            asyncio.run(check_against_reference(make, batches, chunks, queries))
+        tables = [space.blocks for index in made for space in index.sync._models.values()]
+        assert all(type(table) is DictBlockTable for table in tables)
 
 
 class TestRedisIndexContract:
