@@ -34,7 +34,7 @@ class BlockMirror:
     """Engine hash -> block content and tiers, in store order (parents before children)."""
 
     def __init__(self, ghost_capacity: int = _DEFAULT_GHOSTS) -> None:
-        self.blocks: OrderedDict[int, _Block] = OrderedDict()
+        self.blocks: dict[int, _Block] = {}  # insertion order: parents before children
         self.ghosts: OrderedDict[int, _Block] = OrderedDict()
         self._ghost_capacity = ghost_capacity
 
