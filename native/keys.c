@@ -508,19 +508,33 @@ table_items(BlockTable *table, PyObject *Py_UNUSED(ignored))
         return NULL;
     }
     Py_ssize_t out = 0;
+    /* Tuples are GC-tracked: allocating one may run a collection, and a finaliser could
+     * change the table. Entries are re-read each step; a size change is an error. */
     for (size_t i = 0; i < table->capacity; i++) {
         TableEntry *entry = &table->entries[i];
         if (entry->mask == NULL) {
             continue;
         }
+        if (out >= PyList_GET_SIZE(items)) {
+            Py_DECREF(items);
+            PyErr_SetString(PyExc_RuntimeError, "BlockTable changed size during items()");
+            return NULL;
+        }
+        PyObject *mask = Py_NewRef(entry->mask); /* held across the tuple's allocation */
         PyObject *key = PyLong_FromUnsignedLongLong(entry->key);
-        PyObject *pair = key == NULL ? NULL : PyTuple_Pack(2, key, entry->mask);
+        PyObject *pair = key == NULL ? NULL : PyTuple_Pack(2, key, mask);
         Py_XDECREF(key);
+        Py_DECREF(mask);
         if (pair == NULL) {
             Py_DECREF(items);
             return NULL;
         }
         PyList_SET_ITEM(items, out++, pair);
+    }
+    if (out != PyList_GET_SIZE(items)) {
+        Py_DECREF(items);
+        PyErr_SetString(PyExc_RuntimeError, "BlockTable changed size during items()");
+        return NULL;
     }
     return items;
 }
