@@ -149,15 +149,31 @@ source_block(TokenSource *src, Py_ssize_t i)
     return src->scratch;
 }
 
+/* An int in 0..2**64-1; `what` names it in the OverflowError. */
 static int
-parse_seed(PyObject *obj, uint64_t *seed)
+parse_u64(PyObject *obj, const char *what, uint64_t *out)
 {
     unsigned long long value = PyLong_AsUnsignedLongLong(obj);
     if (value == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Format(PyExc_OverflowError, "%s is outside 0..2**64-1", what);
+        }
         return -1;
     }
-    *seed = (uint64_t)value;
+    *out = (uint64_t)value;
     return 0;
+}
+
+/* The (tokens, block_size, seed) arguments of chain_keys and mask_runs. */
+static int
+source_from_args(TokenSource *src, PyObject *tokens, PyObject *block_size_obj,
+                 PyObject *seed_obj, uint64_t *seed)
+{
+    Py_ssize_t block_size = PyLong_AsSsize_t(block_size_obj);
+    if ((block_size == -1 && PyErr_Occurred()) || parse_u64(seed_obj, "seed", seed) < 0) {
+        return -1;
+    }
+    return source_open(src, tokens, block_size);
 }
 
 PyDoc_STRVAR(chain_keys_doc,
@@ -168,17 +184,12 @@ static PyObject *
 chain_keys(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     TokenSource src;
-    Py_ssize_t block_size;
     uint64_t seed;
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "chain_keys(tokens, block_size, seed)");
         return NULL;
     }
-    block_size = PyLong_AsSsize_t(args[1]);
-    if ((block_size == -1 && PyErr_Occurred()) || parse_seed(args[2], &seed) < 0) {
-        return NULL;
-    }
-    if (source_open(&src, args[0], block_size) < 0) {
+    if (source_from_args(&src, args[0], args[1], args[2], &seed) < 0) {
         return NULL;
     }
     PyObject *keys = PyList_New(src.n_blocks);
@@ -329,15 +340,7 @@ table_delete(BlockTable *table, TableEntry *entry)
 static int
 parse_key(PyObject *obj, uint64_t *key)
 {
-    unsigned long long value = PyLong_AsUnsignedLongLong(obj);
-    if (value == (unsigned long long)-1 && PyErr_Occurred()) {
-        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
-            PyErr_SetString(PyExc_OverflowError, "block key is outside 0..2**64-1");
-        }
-        return -1;
-    }
-    *key = (uint64_t)value;
-    return 0;
+    return parse_u64(obj, "block key", key);
 }
 
 static int
@@ -409,18 +412,28 @@ table_get(BlockTable *table, PyObject *const *args, Py_ssize_t nargs)
     return nargs == 2 ? Py_NewRef(args[1]) : PyLong_FromLong(0);
 }
 
+/* The (keys, int) arguments of set_bits and clear_bits: the keys as a fast sequence (a new
+ * reference), the int (borrowed) in *value. */
+static PyObject *
+keys_and_int(PyObject *const *args, Py_ssize_t nargs, const char *usage, const char *what,
+             PyObject **value)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return NULL;
+    }
+    if (require_exact_int(args[1], what) < 0) {
+        return NULL;
+    }
+    *value = args[1];
+    return PySequence_Fast(args[0], "keys must be a sequence of ints");
+}
+
 static PyObject *
 table_set_bits(BlockTable *table, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "set_bits(keys, bit)");
-        return NULL;
-    }
-    PyObject *bit = args[1];
-    if (require_exact_int(bit, "bit") < 0) {
-        return NULL;
-    }
-    PyObject *keys = PySequence_Fast(args[0], "keys must be a sequence of ints");
+    PyObject *bit = NULL;
+    PyObject *keys = keys_and_int(args, nargs, "set_bits(keys, bit)", "bit", &bit);
     if (keys == NULL) {
         return NULL;
     }
@@ -455,15 +468,8 @@ fail:
 static PyObject *
 table_clear_bits(BlockTable *table, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "clear_bits(keys, keep)");
-        return NULL;
-    }
-    PyObject *keep = args[1];
-    if (require_exact_int(keep, "keep") < 0) {
-        return NULL;
-    }
-    PyObject *keys = PySequence_Fast(args[0], "keys must be a sequence of ints");
+    PyObject *keep = NULL;
+    PyObject *keys = keys_and_int(args, nargs, "clear_bits(keys, keep)", "keep", &keep);
     if (keys == NULL) {
         return NULL;
     }
@@ -565,7 +571,6 @@ static PyObject *
 table_mask_runs(BlockTable *table, PyObject *const *args, Py_ssize_t nargs)
 {
     TokenSource src;
-    Py_ssize_t block_size;
     uint64_t seed;
     uint64_t ahead[PREFETCH_AHEAD];
     PyObject *run_mask = NULL; /* borrowed from the table while the run grows */
@@ -578,11 +583,7 @@ table_mask_runs(BlockTable *table, PyObject *const *args, Py_ssize_t nargs)
     if (wanted != NULL && require_exact_int(wanted, "wanted") < 0) {
         return NULL;
     }
-    block_size = PyLong_AsSsize_t(args[1]);
-    if ((block_size == -1 && PyErr_Occurred()) || parse_seed(args[2], &seed) < 0) {
-        return NULL;
-    }
-    if (source_open(&src, args[0], block_size) < 0) {
+    if (source_from_args(&src, args[0], args[1], args[2], &seed) < 0) {
         return NULL;
     }
     PyObject *runs = PyList_New(0);

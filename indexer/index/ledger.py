@@ -250,7 +250,7 @@ class WorkerLedger:
             # tiers only holds hashes that keys holds), so each one is simply added.
             keys.update(zip(hashes, new_keys, strict=True))
             self.tiers.update(dict.fromkeys(hashes, bit))
-            added = list(new_keys)
+            added = new_keys
         else:
             added = self._store_each(hashes, new_keys, bit, sink)
         if added:

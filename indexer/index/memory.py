@@ -61,18 +61,18 @@ class _ModelSpace:
         ledger = WorkerLedger(self.model, ref.worker_id, ref.dp_rank, slot, self.ghost_capacity)
         self.ledgers[ref] = ledger
         self.by_slot[slot] = ledger
-        self.all_slots |= slot_bits([slot])
-        self.slots_of_worker[ref.worker_id] = (
-            self.slots_of_worker.get(ref.worker_id, 0) | slot_bits([slot])
-        )
+        bits = slot_bits([slot])
+        self.all_slots |= bits
+        self.slots_of_worker[ref.worker_id] = self.slots_of_worker.get(ref.worker_id, 0) | bits
         return ledger
 
     def drop_ledger(self, ledger: WorkerLedger) -> None:
         ledger.clear(self)
         del self.ledgers[WorkerRef(ledger.worker_id, ledger.dp_rank)]
         del self.by_slot[ledger.slot]
-        self.all_slots &= ~slot_bits([ledger.slot])
-        remaining = self.slots_of_worker[ledger.worker_id] & ~slot_bits([ledger.slot])
+        bits = slot_bits([ledger.slot])
+        self.all_slots &= ~bits
+        remaining = self.slots_of_worker[ledger.worker_id] & ~bits
         if remaining:
             self.slots_of_worker[ledger.worker_id] = remaining
         else:
