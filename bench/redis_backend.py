@@ -41,16 +41,23 @@ async def run(args: argparse.Namespace, url: str) -> str:
           f"({time.perf_counter() - t0:.1f}s to generate)")
 
     admin = aioredis.Redis.from_url(url)
-    await admin.flushall()
-    mem_before = int((await admin.info("memory"))["used_memory"])
-    index = RedisIndex.from_url(url)
-
-    gc.collect()
-    start = time.perf_counter()
-    for i in range(0, len(batches), args.chunk):
-        await index.apply(batches[i : i + args.chunk])
-    ingest_s = time.perf_counter() - start
-    ingest_rate = workload.blocks / ingest_s
+    rates: list[float] = []
+    index: RedisIndex | None = None
+    for _ in range(args.ingest_rounds):  # each round ingests into an empty Redis
+        if index is not None:
+            await index.close()
+        await admin.flushall()
+        mem_before = int((await admin.info("memory"))["used_memory"])
+        index = RedisIndex.from_url(url)
+        gc.collect()
+        start = time.perf_counter()
+        for i in range(0, len(batches), args.chunk):
+            await index.apply(batches[i : i + args.chunk])
+        rates.append(workload.blocks / (time.perf_counter() - start))
+        print(f"ingest round: {rates[-1]:,.0f} blocks/s")
+    assert index is not None
+    ingest_rate = statistics.median(rates)
+    rounds = " / ".join(f"{r:,.0f}" for r in rates)
 
     mem_after = int((await admin.info("memory"))["used_memory"])
     workers = await index.workers(MODEL)
@@ -95,7 +102,8 @@ pipeline each, one atomic Lua call per batch).
 
 | figure | measured | target | |
 |---|---:|---:|---|
-| ingest, blocks/s (hashing included) | {ingest_rate:,.0f} | >= 300,000 | {ingest_ok} |
+| ingest, blocks/s (hashing included; median of {len(rates)} rounds: {rounds}) \
+| {ingest_rate:,.0f} | >= 300,000 | {ingest_ok} |
 | Redis memory per (block, worker) entry | {bytes_per_entry:.1f} B | <= 100 B | {memory_ok} |
 | Score p50 (8,192 tokens, {args.workers} workers, {distinct:,} blocks) | {p50:,.0f} us | | |
 | Score p99 | {p99:,.0f} us | <= 1,500 us | {verdict(p99 <= 1500)} |
@@ -126,6 +134,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--ingest-rounds", type=int, default=3, help="median of this many")
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--redis-url", default=None, help="default: a private redis-server")
     args = parser.parse_args()
