@@ -71,8 +71,9 @@ async def _fleet(nats_url: str, workers: int, duration: float,
     started = time.perf_counter()
     worker = 0
     while (elapsed := time.perf_counter() - started) < duration:
-        stored = fleet.stats().stored_blocks
-        if rate is not None and stored > rate * elapsed:
+        engine_stats = fleet.stats()  # blocks = stored + removed, as the indexer counts them
+        if rate is not None and engine_stats.stored_blocks + engine_stats.removed_blocks \
+                > rate * elapsed:
             await asyncio.sleep(0.002)
             continue
         fleet.serve(worker, next(prompts))

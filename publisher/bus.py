@@ -15,6 +15,7 @@ Token ids travel packed as little-endian u32 (`pack_tokens`), four bytes per tok
 
 from __future__ import annotations
 
+import functools
 import re
 from array import array
 from collections.abc import Sequence
@@ -308,6 +309,7 @@ def unescape_token(token: str) -> str:
         raise ValueError(f"subject token {token!r} is not escaped UTF-8") from exc
 
 
+@functools.lru_cache(maxsize=4096)  # one subject per (model, worker), asked once per batch
 def subject_for(model: str, worker_id: str) -> str:
     return f"{SUBJECT_PREFIX}.{escape_token(model)}.{escape_token(worker_id)}"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from typing import Final
 
 from publisher.bus import AllBlocksCleared, BlockRemoved, BlockStored, Event
 
@@ -18,25 +18,28 @@ __all__ = ["BlockMirror"]
 
 _DEFAULT_GHOSTS = 65_536
 
-
-@dataclass(slots=True)
-class _Block:
-    parent: int | None
-    tokens: bytes
-    block_size: int
-    lora_name: str | None
-    cache_salt: str | None
-    extra: bytes
-    tiers: set[str] = field(default_factory=set)
+# A held block is a plain tuple: (parent, tokens, context, extra, tier mask), where context
+# is (block_size, lora_name, cache_salt), shared by the blocks of one event. Plain tuples of
+# ints, bytes and str leave the garbage collector's tracking after its first pass; with a
+# mirror of ~10^5 blocks per rank, GC-tracked block objects cost the bridge more than the
+# mirror's own work.
+_Context = tuple[int, str | None, str | None]
+_Held = tuple[int | None, bytes, _Context, bytes, int]
+_PARENT: Final = 0
+_TOKENS: Final = 1
+_CONTEXT: Final = 2
+_EXTRA: Final = 3
+_TIERS: Final = 4
 
 
 class BlockMirror:
-    """Engine hash -> block content and tiers, in store order (parents before children)."""
+    """Engine hash -> block content and tiers, plus recently evicted blocks (ghosts)."""
 
     def __init__(self, ghost_capacity: int = _DEFAULT_GHOSTS) -> None:
-        self.blocks: dict[int, _Block] = {}  # insertion order: parents before children
-        self.ghosts: OrderedDict[int, _Block] = OrderedDict()
+        self.blocks: dict[int, _Held] = {}
+        self.ghosts: OrderedDict[int, _Held] = OrderedDict()
         self._ghost_capacity = ghost_capacity
+        self._tier_bits: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -54,43 +57,58 @@ class BlockMirror:
         self.blocks.clear()
         self.ghosts.clear()
 
+    def _bit(self, tier: str) -> int:
+        bit = self._tier_bits.get(tier)
+        if bit is None:
+            bit = self._tier_bits[tier] = 1 << len(self._tier_bits)
+        return bit
+
     def _store(self, event: BlockStored) -> None:
+        bit = self._bit(event.medium)
+        blocks = self.blocks
         if not event.token_ids:
             for h in event.block_hashes:
-                block = self.blocks.get(h) or self._revive(h)
-                if block is not None:
-                    block.tiers.add(event.medium)
+                held = blocks.get(h) or self._revive(h)
+                if held is not None and not held[_TIERS] & bit:
+                    blocks[h] = (*held[:_TIERS], held[_TIERS] | bit)
             return
-        stride = event.block_size * 4
+        ghosts = self.ghosts
+        tokens, stride = event.token_ids, event.block_size * 4
+        context = (event.block_size, event.lora_name, event.cache_salt)
+        extra_keys = event.extra_keys
         parent = event.parent_hash
         for i, h in enumerate(event.block_hashes):
-            block = self.blocks.get(h)
-            if block is None:
-                self.ghosts.pop(h, None)
-                extra = event.extra_keys[i] if event.extra_keys else b""
-                block = _Block(parent, event.token_ids[i * stride : (i + 1) * stride],
-                               event.block_size, event.lora_name, event.cache_salt, extra)
-                self.blocks[h] = block
-            block.tiers.add(event.medium)
+            held = blocks.get(h)
+            if held is None:
+                if ghosts:
+                    ghosts.pop(h, None)
+                extra = extra_keys[i] if extra_keys else b""
+                blocks[h] = (parent, tokens[i * stride : (i + 1) * stride], context, extra, bit)
+            elif not held[_TIERS] & bit:
+                blocks[h] = (*held[:_TIERS], held[_TIERS] | bit)
             parent = h
 
-    def _revive(self, h: int) -> _Block | None:
-        block = self.ghosts.pop(h, None)
-        if block is not None:
-            self.blocks[h] = block
-        return block
+    def _revive(self, h: int) -> _Held | None:
+        held = self.ghosts.pop(h, None)
+        if held is not None:
+            self.blocks[h] = held
+        return held
 
     def _remove(self, event: BlockRemoved) -> None:
+        bit = self._bit(event.medium)
+        blocks, ghosts = self.blocks, self.ghosts
         for h in event.block_hashes:
-            block = self.blocks.get(h)
-            if block is None:
+            held = blocks.get(h)
+            if held is None or not held[_TIERS] & bit:
                 continue
-            block.tiers.discard(event.medium)
-            if not block.tiers:
-                del self.blocks[h]
-                self.ghosts[h] = block
-                while len(self.ghosts) > self._ghost_capacity:
-                    self.ghosts.popitem(last=False)
+            tiers = held[_TIERS] & ~bit
+            if tiers:
+                blocks[h] = (*held[:_TIERS], tiers)
+                continue
+            del blocks[h]
+            ghosts[h] = (*held[:_TIERS], 0)
+            if len(ghosts) > self._ghost_capacity:
+                ghosts.popitem(last=False)
 
     def snapshot(self, max_blocks_per_event: int = 256) -> Iterator[Event]:
         """AllBlocksCleared, then events that rebuild every held block on every tier.
@@ -98,51 +116,66 @@ class BlockMirror:
         Consecutive blocks of one chain (same tier, adapter and salt) share one event.
         """
         yield AllBlocksCleared()
-        sent: set[int] = set()
+        tiers_by_name = sorted(self._tier_bits.items())
         run: BlockStored | None = None
-        for h, block in self.blocks.items():
-            for event in self._ancestors(block.parent, sent):
+        for h, held, live in self._parents_first():
+            if not live:  # an evicted ancestor: stored, then removed again
                 if run is not None:
                     yield run
                     run = None
-                yield event
-            for tier in sorted(block.tiers):
-                if run is not None and _extends(run, h, block, tier, max_blocks_per_event):
+                yield _stored(h, held, "gpu")
+                yield BlockRemoved(block_hashes=[h], medium="gpu")
+                continue
+            for tier, bit in tiers_by_name:
+                if not held[_TIERS] & bit:
+                    continue
+                if run is not None and _extends(run, h, held, tier, max_blocks_per_event):
                     run.block_hashes.append(h)
-                    run.token_ids += block.tokens
+                    run.token_ids += held[_TOKENS]
                     continue
                 if run is not None:
                     yield run
-                run = self._stored(h, block, tier)
-            sent.add(h)
+                run = _stored(h, held, tier)
         if run is not None:
             yield run
 
-    def _ancestors(self, parent: int | None, sent: set[int]) -> Iterator[Event]:
-        """Evicted ancestors a live block chains from: stored, then removed again."""
-        chain: list[int] = []
-        while parent is not None and parent not in sent and parent not in self.blocks:
-            ghost = self.ghosts.get(parent)
-            if ghost is None:
-                break
-            chain.append(parent)
-            parent = ghost.parent
-        for h in reversed(chain):
-            ghost = self.ghosts[h]
-            yield self._stored(h, ghost, "gpu")
-            yield BlockRemoved(block_hashes=[h], medium="gpu")
-            sent.add(h)
+    def _parents_first(self) -> Iterator[tuple[int, _Held, bool]]:
+        """Held blocks with the ancestors they chain from (held or ghost), parents first.
 
-    @staticmethod
-    def _stored(h: int, block: _Block, tier: str) -> BlockStored:
-        return BlockStored(block_hashes=[h], parent_hash=block.parent, token_ids=block.tokens,
-                           block_size=block.block_size, medium=tier, lora_name=block.lora_name,
-                           cache_salt=block.cache_salt,
-                           extra_keys=[block.extra] if block.extra else None)
+        Store order is not enough: a block stored while its parent was unknown is older
+        than the parent that arrived later.
+        """
+        blocks, ghosts = self.blocks, self.ghosts
+        sent: set[int] = set()
+        for h, held in blocks.items():
+            if h in sent:
+                continue
+            chain = [(h, held)]
+            on_chain = {h}
+            parent = held[_PARENT]
+            while parent is not None and parent not in sent and parent not in on_chain:
+                ancestor = blocks.get(parent) or ghosts.get(parent)
+                if ancestor is None:
+                    break
+                chain.append((parent, ancestor))
+                on_chain.add(parent)
+                parent = ancestor[_PARENT]
+            for ancestor_hash, ancestor in reversed(chain):
+                sent.add(ancestor_hash)
+                yield ancestor_hash, ancestor, ancestor_hash in blocks
 
 
-def _extends(run: BlockStored, h: int, block: _Block, tier: str, limit: int) -> bool:
-    return (run.medium == tier and block.parent == run.block_hashes[-1]
-            and run.block_size == block.block_size and run.lora_name == block.lora_name
-            and run.cache_salt == block.cache_salt and not block.extra
+def _stored(h: int, held: _Held, tier: str) -> BlockStored:
+    block_size, lora_name, cache_salt = held[_CONTEXT]
+    extra = held[_EXTRA]
+    return BlockStored(block_hashes=[h], parent_hash=held[_PARENT], token_ids=held[_TOKENS],
+                       block_size=block_size, medium=tier, lora_name=lora_name,
+                       cache_salt=cache_salt, extra_keys=[extra] if extra else None)
+
+
+def _extends(run: BlockStored, h: int, held: _Held, tier: str, limit: int) -> bool:
+    block_size, lora_name, cache_salt = held[_CONTEXT]
+    return (run.medium == tier and held[_PARENT] == run.block_hashes[-1]
+            and run.block_size == block_size and run.lora_name == lora_name
+            and run.cache_salt == cache_salt and not held[_EXTRA]
             and run.extra_keys is None and len(run.block_hashes) < limit)
