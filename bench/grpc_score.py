@@ -48,19 +48,22 @@ SATURATION_TARGET = 2_000
 # --- the server process ------------------------------------------------------------------
 
 
-def _serve(kind: str, memory_index: MemoryIndex | None, redis_url: str,
+def _serve(kind: str, memory_index: MemoryIndex | None, redis_url: str, listen: str,
            conn: Connection) -> None:
-    """Child: serve the index on a free port; answer 'cpu' and 'stop' on `conn`."""
-    asyncio.run(_serve_async(kind, memory_index, redis_url, conn))
+    """Child: serve the index on `listen`; answer 'cpu' and 'stop' on `conn`."""
+    asyncio.run(_serve_async(kind, memory_index, redis_url, listen, conn))
 
 
 async def _serve_async(kind: str, memory_index: MemoryIndex | None, redis_url: str,
-                       conn: Connection) -> None:
+                       listen: str, conn: Connection) -> None:
     from indexer.index.redis import RedisIndex
-    from indexer.service import start_grpc_server
+    from indexer.service import ServiceSettings, start_grpc_server
 
     index: Any = memory_index if kind == "memory" else RedisIndex.from_url(redis_url)
-    server, port = await start_grpc_server(index, "127.0.0.1:0")
+    # Several processes on one port is how `kv-indexer serve --grpc-processes N` serves a
+    # Redis index (indexer/readers.py); without NATS here, every indexed worker is live.
+    server, port = await start_grpc_server(index, listen,
+                                           settings=ServiceSettings(share_port=True))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -80,26 +83,37 @@ async def _serve_async(kind: str, memory_index: MemoryIndex | None, redis_url: s
 
 
 class ServerProcess:
-    """The forked server; `cpu()` is its CPU time so far (seconds)."""
+    """`procs` forked servers on one port; `cpu()` is their CPU time so far (seconds)."""
 
-    def __init__(self, kind: str, memory_index: MemoryIndex | None, redis_url: str = "") -> None:
-        self.conn, child = mp.get_context("fork").Pipe()
-        self.proc = mp.get_context("fork").Process(
-            target=_serve, args=(kind, memory_index, redis_url, child), daemon=True)
-        self.proc.start()
-        if not self.conn.poll(60):
-            raise RuntimeError("server process did not start")
-        self.port: int = self.conn.recv()
+    def __init__(self, kind: str, memory_index: MemoryIndex | None, redis_url: str = "",
+                 procs: int = 1) -> None:
+        self.procs = procs
+        self._children: list[tuple[Connection, Any]] = []
+        listen = "127.0.0.1:0"
+        for _ in range(procs):
+            conn, child = mp.get_context("fork").Pipe()
+            proc = mp.get_context("fork").Process(
+                target=_serve, args=(kind, memory_index, redis_url, listen, child), daemon=True)
+            proc.start()
+            if not conn.poll(60):
+                raise RuntimeError("server process did not start")
+            self.port: int = conn.recv()
+            listen = f"127.0.0.1:{self.port}"
+            self._children.append((conn, proc))
 
     def cpu(self) -> float:
-        self.conn.send("cpu")
-        return float(self.conn.recv())
+        total = 0.0
+        for conn, _ in self._children:
+            conn.send("cpu")
+            total += float(conn.recv())
+        return total
 
     def stop(self) -> None:
-        self.conn.send("stop")
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
+        for conn, proc in self._children:
+            conn.send("stop")
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
 
 
 def process_cpu(pid: int) -> float:
@@ -122,6 +136,7 @@ class ClientJob:
     duration: float = 5.0
     phase: float = 0.0  # offset of this process's open-loop schedule, fraction of a period
     expected: list[int] = field(default_factory=list)
+    channels: int = 1  # connections of their own (no shared subchannel); calls round-robin
 
 
 @dataclass
@@ -142,22 +157,31 @@ async def _client_async(job: ClientJob, ready: Any, go: Any) -> ClientResult:
     import grpc
 
     # Requests go out pre-serialised (the router's encoding cost is not the server's);
-    # answers are parsed, as a router would.
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{job.port}") as channel:
-        call = channel.unary_unary(SCORE_METHOD, request_serializer=None,
-                                   response_deserializer=pb.ScoreResponse.FromString)
-        await call(job.requests[0], timeout=30)
+    # answers are parsed, as a router would. Each channel is its own TCP connection, so
+    # the kernel can hand connections to different server processes.
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{job.port}",
+                                          options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(job.channels)]
+    calls = [channel.unary_unary(SCORE_METHOD, request_serializer=None,
+                                 response_deserializer=pb.ScoreResponse.FromString)
+             for channel in channels]
+    try:
+        for call in calls:
+            await call(job.requests[0], timeout=30)
         ready.set()
         await asyncio.get_running_loop().run_in_executor(None, go.wait)
         cpu = time.process_time()
         if job.mode == "verify":
-            result = await _verify(call, job)
+            result = await _verify(calls, job)
         elif job.mode == "closed":
-            result = await _closed_loop(call, job)
+            result = await _closed_loop(calls, job)
         else:
-            result = await _open_loop(call, job)
+            result = await _open_loop(calls, job)
         result.cpu = time.process_time() - cpu
         return result
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
 def count_error(result: ClientResult, exc: Exception) -> None:
@@ -165,23 +189,23 @@ def count_error(result: ClientResult, exc: Exception) -> None:
     result.errors[code] = result.errors.get(code, 0) + 1
 
 
-async def _verify(call: Any, job: ClientJob) -> ClientResult:
+async def _verify(calls: list[Any], job: ClientJob) -> ClientResult:
     result = ClientResult()
-    for request, expected in zip(job.requests, job.expected, strict=True):
-        response = await call(request, timeout=10)
+    for i, (request, expected) in enumerate(zip(job.requests, job.expected, strict=True)):
+        response = await calls[i % len(calls)](request, timeout=10)
         best = response.scores[0].matched_blocks if response.scores else 0
         result.mismatches += best != expected
     return result
 
 
-async def _closed_loop(call: Any, job: ClientJob) -> ClientResult:
+async def _closed_loop(calls: list[Any], job: ClientJob) -> ClientResult:
     result = ClientResult()
     requests = job.requests
     start = time.perf_counter()
     measure_from = start + job.warmup
     end = measure_from + job.duration
 
-    async def worker(offset: int) -> None:
+    async def worker(offset: int, call: Any) -> None:
         i = offset
         while True:
             t0 = time.perf_counter()
@@ -197,11 +221,11 @@ async def _closed_loop(call: Any, job: ClientJob) -> ClientResult:
                 result.latencies.append(t1 - t0)
             i += job.tasks
 
-    await asyncio.gather(*(worker(k * 7) for k in range(job.tasks)))
+    await asyncio.gather(*(worker(k * 7, calls[k % len(calls)]) for k in range(job.tasks)))
     return result
 
 
-async def _open_loop(call: Any, job: ClientJob) -> ClientResult:
+async def _open_loop(calls: list[Any], job: ClientJob) -> ClientResult:
     result = ClientResult()
     requests = job.requests
     period = 1.0 / job.rate
@@ -213,7 +237,7 @@ async def _open_loop(call: Any, job: ClientJob) -> ClientResult:
     async def one(i: int, scheduled: float) -> None:
         t0 = time.perf_counter()
         try:
-            await call(requests[i % len(requests)], timeout=10)
+            await calls[i % len(calls)](requests[i % len(requests)], timeout=10)
         except Exception as exc:  # noqa: BLE001 - counted, the run goes on
             count_error(result, exc)
             return
@@ -329,7 +353,8 @@ def measure(backend: str, label: str, server: ServerProcess, jobs: list[ClientJo
 def run_backend(backend: str, server: ServerProcess, args: argparse.Namespace,
                 requests: list[bytes], expected: list[int], *,
                 redis_pid: int | None = None) -> list[Row]:
-    [checked] = run_clients([ClientJob(server.port, "verify", requests, expected=expected)])
+    [checked] = run_clients([ClientJob(server.port, "verify", requests, expected=expected,
+                                       channels=args.channels)])
     if checked.mismatches:
         raise SystemExit(f"{backend}: {checked.mismatches} queries disagree with MemoryIndex")
     print(f"  {backend}: all {len(requests)} queries agree with the in-process MemoryIndex")
@@ -337,7 +362,8 @@ def run_backend(backend: str, server: ServerProcess, args: argparse.Namespace,
     for concurrency in args.concurrency:
         procs = min(args.client_procs, concurrency)
         jobs = [ClientJob(server.port, "closed", requests, tasks=concurrency // procs,
-                          warmup=args.warmup, duration=args.duration) for _ in range(procs)]
+                          warmup=args.warmup, duration=args.duration,
+                          channels=args.channels) for _ in range(procs)]
         # Back-to-back runs on this shared machine differ by 10-20%: report the run with
         # the median rate, and every run's rate beside it.
         reps = sorted((measure(backend, f"{concurrency} concurrent", server, jobs, redis_pid)
@@ -350,7 +376,8 @@ def run_backend(backend: str, server: ServerProcess, args: argparse.Namespace,
     for rate in args.rates:
         jobs = [ClientJob(server.port, "open", requests, rate=rate / args.rate_procs,
                           warmup=args.warmup, duration=args.rate_duration,
-                          phase=k / args.rate_procs) for k in range(args.rate_procs)]
+                          phase=k / args.rate_procs, channels=args.channels)
+                for k in range(args.rate_procs)]
         rows.append(measure(backend, f"{rate:,} calls/s fixed", server, jobs, redis_pid))
     return rows
 
@@ -428,13 +455,17 @@ def report(args: argparse.Namespace, described: dict[str, str], rows: list[Row],
     rates = ", ".join(f"{r:,}" for r in args.rates)
     lines = [
         "Real server (`indexer.service.start_grpc_server`, grpc.aio, default settings) in its "
-        "own process, forked once the index is loaded; load from separate grpc.aio client "
-        "processes on the same host (loopback). Each call is a `Score` of one 8,192-token "
+        "own process, forked once the index is loaded; with Redis also N server processes "
+        "sharing the port (SO_REUSEPORT), as `kv-indexer serve --grpc-processes N` runs "
+        "them (the kernel gives each connection to one process). Load from separate "
+        f"grpc.aio client processes on the same host (loopback), each over {args.channels} "
+        "connections of its own, calls round-robin. Each call is a `Score` of one 8,192-token "
         "prompt sent as `token_ids` (pre-serialised, ~22 KB; the answer is parsed). Closed "
         f"loop: N calls in flight for {args.duration:g} s after {args.warmup:g} s of warm-up; "
         f"open loop: {rates} calls/s on a fixed schedule for {args.rate_duration:g} s "
         "(latency from send; 'from schedule' also counts client lag). CPU is the share of "
-        "one core over the run, warm-up included; the machine has 2 cores for server, "
+        "one core over the run, warm-up included (server: all its processes); the machine "
+        "has 2 cores for server, "
         "redis-server and clients together. Before timing, every query's best match over "
         "gRPC was checked against an in-process MemoryIndex.",
         "",
@@ -464,13 +495,13 @@ def report(args: argparse.Namespace, described: dict[str, str], rows: list[Row],
             lines.append(f"| {backend} | {step} | {pct(latencies, 0.5) * 1e3:.3f} | "
                          f"{pct(latencies, 0.99) * 1e3:.3f} |")
     lines += ["", "| target | backend | measured | result |", "|---|---|---|---|"]
-    for backend in args.backends:
+    for backend in dict.fromkeys(r.backend for r in rows):
         at_rate = [r for r in rows if r.backend == backend
                    and r.load == f"{RATE_TARGET:,} calls/s fixed"]
         closed = [r for r in rows if r.backend == backend and r.p99_sched_ms is None]
         for r in at_rate:
             ok = r.p99_ms <= P99_TARGET_MS and r.rate >= 0.97 * RATE_TARGET and not r.errors
-            shown = verdict(ok) if backend == "redis" else "— (target is for Redis)"
+            shown = verdict(ok) if backend.startswith("redis") else "— (target is for Redis)"
             lines.append(f"| p99 <= {P99_TARGET_MS:g} ms at {RATE_TARGET:,} calls/s | "
                          f"{backend} | {r.p99_ms:.2f} ms at {r.rate:,.0f} calls/s | {shown} |")
         if closed:
@@ -500,6 +531,10 @@ def main() -> None:
     parser.add_argument("--rate-duration", type=float, default=15.0)
     parser.add_argument("--backends", nargs="+", default=["memory", "redis"])
     parser.add_argument("--chunk", type=int, default=1024, help="batches per Redis apply()")
+    parser.add_argument("--redis-procs", type=int, nargs="+", default=[1, 2],
+                        help="server processes on one port over Redis (--grpc-processes)")
+    parser.add_argument("--channels", type=int, default=16,
+                        help="connections per client process (calls round-robin)")
     parser.add_argument("--no-write", action="store_true", help="print, do not write the doc")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
@@ -545,12 +580,14 @@ def main() -> None:
                 print(f"  redis: loaded in {elapsed:.1f} s", flush=True)
                 baselines["redis"] = asyncio.run(
                     redis_in_process(redis.url, workload.queries, requests, block_size))
-                server = ServerProcess("redis", None, redis.url)
-                try:
-                    rows += run_backend("redis", server, args, requests, expected,
-                                        redis_pid=redis.proc.pid)
-                finally:
-                    server.stop()
+                for procs in args.redis_procs:
+                    server = ServerProcess("redis", None, redis.url, procs=procs)
+                    label = "redis" if procs == 1 else f"redis, {procs} server processes"
+                    try:
+                        rows += run_backend(label, server, args, requests, expected,
+                                            redis_pid=redis.proc.pid)
+                    finally:
+                        server.stop()
             finally:
                 redis.stop()
     notes.append(

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 import nats
 import structlog
 from nats.aio.client import Client as NatsClient
@@ -39,6 +40,7 @@ from indexer.index.redis import RedisIndex
 from indexer.liveness import LivenessWatcher
 from indexer.metrics import MetricsExporter
 from indexer.partitions import PartitionLeases
+from indexer.readers import ReaderPool
 from indexer.recovery import SnapshotStore
 from publisher.jetstream import (
     StreamSettings,
@@ -131,6 +133,7 @@ class IndexerService:
     snapshots: SnapshotStore | None = None
     metrics: MetricsExporter | None = None
     metrics_port: int = 0
+    readers: ReaderPool | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -181,21 +184,27 @@ class IndexerService:
     async def _start_grpc(self) -> None:
         if not self.config.grpc_listen:
             return
-        from indexer.service import start_grpc_server  # noqa: PLC0415 - grpc loads lazily
+        from indexer.service import ServiceSettings, start_grpc_server  # noqa: PLC0415
 
         assert self.index is not None
+        extra = self.config.grpc_processes - 1
         self._server, self.grpc_port = await start_grpc_server(
             self._served_index, self.config.grpc_listen, consumer_stats=self.stats,
+            settings=ServiceSettings(share_port=extra > 0),
             rebuilding=lambda: self.rebuilding,
             live_workers=self._live_workers)
+        if extra:
+            host = self.config.grpc_listen.rpartition(":")[0]
+            reader_config = msgspec.structs.replace(self.config, nats_url=self.nats_url)
+            self.readers = ReaderPool(reader_config, f"{host}:{self.grpc_port}", extra)
+            self.readers.start()
+            self._tasks.append(asyncio.create_task(self.readers.supervise(self._stop)))
 
     async def _live_workers(self, model: str | None) -> list[WorkerInfo]:
         """Workers routers may be sent to: in the index, and not known to be gone."""
         assert self.index is not None
         workers = await self.index.workers(model)
-        if self.liveness is None:
-            return workers
-        return [w for w in workers if not self.liveness.is_gone(w.model, w.worker_id)]
+        return workers if self.liveness is None else self.liveness.live_only(workers)
 
     async def _start_consumers(self) -> None:
         assert self._js is not None
@@ -265,6 +274,8 @@ class IndexerService:
                 await task
         for partition in list(self._consumers):
             await self._stop_partition(partition)
+        if self.readers is not None:
+            await asyncio.to_thread(self.readers.stop)
         if self._server is not None:
             await self._server.stop(2.0)  # type: ignore[attr-defined]
         if self._nc is not None:
@@ -279,7 +290,8 @@ class IndexerService:
         backend = f"redis {self.config.redis_url}" if self.config.redis_url else "in-memory"
         nats_kind = "embedded" if self._embedded else "external"
         return (f"kv-indexer serving\n  gRPC     {self.config.grpc_listen} (port "
-                f"{self.grpc_port})\n  NATS     {self.nats_url} ({nats_kind})\n"
+                f"{self.grpc_port}, {self.config.grpc_processes} process(es))\n"
+                f"  NATS     {self.nats_url} ({nats_kind})\n"
                 f"  metrics  {self.config.metrics_listen or 'off'}\n"
                 f"  index    {backend}\n  partitions {self.config.partitions}")
 

@@ -25,6 +25,7 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: Path = Path(".kv-indexer")
     redis_url: str | None = None  # None: in-memory index
     grpc_listen: str = "127.0.0.1:50051"
+    grpc_processes: int = 1  # > 1: extra read-only gRPC server processes (Redis index only)
     metrics_listen: str = "127.0.0.1:9400"  # "" disables /metrics
     partitions: int = DEFAULT_PARTITIONS
     liveness_ttl_s: float = 10.0
@@ -47,6 +48,8 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
     ("--data-dir", "data_dir", Path, "data dir of the embedded nats-server (JetStream files)"),
     ("--redis-url", "redis_url", str, "Redis URL for the index; unset: in-memory index"),
     ("--grpc-listen", "grpc_listen", str, "gRPC listen address host:port"),
+    ("--grpc-processes", "grpc_processes", int,
+     "processes serving gRPC on that address (Redis index only; >1 adds read-only servers)"),
     ("--metrics-listen", "metrics_listen", str, "Prometheus /metrics address; '' disables"),
     ("--partitions", "partitions", int, "stream partitions (consumers); same on every process"),
     ("--liveness-ttl", "liveness_ttl_s", float, "seconds a worker entry lives without refresh"),
@@ -106,6 +109,11 @@ def _convert(raw: str, kind: type, source: str) -> object:
 def validate(config: ServiceConfig) -> None:
     checks = (
         (config.partitions >= 1, "--partitions must be >= 1"),
+        (config.grpc_processes >= 1, "--grpc-processes must be >= 1"),
+        (config.grpc_processes == 1 or config.redis_url is not None,
+         "--grpc-processes > 1 needs --redis-url (the in-memory index lives in one process)"),
+        (config.grpc_processes == 1 or config.grpc_listen != "",
+         "--grpc-processes > 1 needs --grpc-listen"),
         (config.liveness_ttl_s > 0, "--liveness-ttl must be > 0"),
         (config.liveness_grace_s >= 0, "--liveness-grace must be >= 0"),
         (config.fetch_batch >= 1, "--fetch-batch must be >= 1"),

@@ -50,11 +50,14 @@ __all__ = [
     "ResyncRequester",
     "SequenceTracker",
     "Verdict",
+    "marker_is_rebuilding",
+    "marker_name",
 ]
 
 log = structlog.get_logger("indexer.consumer")
 
 _RETRY_BACKOFF_S: Final = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+_REBUILDING_PREFIX: Final = "rebuilding-"
 
 
 class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -166,6 +169,15 @@ class ResyncRequester:
                         dp_rank=request.dp_rank, reason=request.reason, error=repr(exc))
 
 
+def marker_name(partition: int) -> str:
+    """The index marker a partition's consumer trusts; "rebuilding-..." while it rebuilds."""
+    return f"partition.{partition}"
+
+
+def marker_is_rebuilding(marker: str | None) -> bool:
+    return marker is None or marker.startswith(_REBUILDING_PREFIX)
+
+
 class PartitionConsumer:
     """The durable pull consumer of one stream partition, feeding the index.
 
@@ -244,7 +256,7 @@ class PartitionConsumer:
 
     @property
     def _marker_name(self) -> str:
-        return f"partition.{self.partition}"
+        return marker_name(self.partition)
 
     async def _rebuild(self, reason: str) -> int:
         """Rebuild the partition (retrying while the backend is unavailable)."""
@@ -266,7 +278,7 @@ class PartitionConsumer:
         await self._index.reset_caches()
         # A provisional marker: if the index loses its data again while we rebuild, the
         # marker goes with it and the rebuild starts over instead of trusting a hole.
-        self._marker = f"rebuilding-{uuid.uuid4().hex}"
+        self._marker = f"{_REBUILDING_PREFIX}{uuid.uuid4().hex}"
         await self._index.set_marker(self._marker_name, self._marker)
         partitions = self._snapshots.partitions
         for model, ref in await partition_ranks(self._index, self.partition, partitions):

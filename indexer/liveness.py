@@ -18,7 +18,7 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from indexer.index.protocol import Index
+from indexer.index.protocol import Index, WorkerInfo
 from publisher.jetstream import (
     WorkerRecord,
     ensure_liveness_bucket,
@@ -43,6 +43,7 @@ class LivenessWatcher:
         ttl_s: float,
         grace_s: float,
         check_every_s: float = 1.0,
+        remove_expired: bool = True,
     ) -> None:
         self.live: dict[tuple[str, str], WorkerRecord] = {}
         self.removed = 0
@@ -51,6 +52,7 @@ class LivenessWatcher:
         self._ttl_s = ttl_s
         self._grace_s = grace_s
         self._check_every_s = check_every_s
+        self._remove_expired = remove_expired  # False: only track (read-only processes)
         self._seen_at: dict[tuple[str, str], float] = {}
         self._gone_since: dict[tuple[str, str], float] = {}
         self._started = time.monotonic()
@@ -95,6 +97,10 @@ class LivenessWatcher:
         """The worker's entry expired or was deleted (its blocks go after the grace)."""
         return (model, worker_id) in self._gone_since
 
+    def live_only(self, workers: list[WorkerInfo]) -> list[WorkerInfo]:
+        """The workers routers may be sent to: not known to be gone."""
+        return [w for w in workers if (w.model, w.worker_id) not in self._gone_since]
+
     def is_live(self, model: str, worker_id: str) -> bool:
         seen = self._seen_at.get((model, worker_id))
         return seen is not None and time.monotonic() - seen <= self._ttl_s
@@ -111,6 +117,8 @@ class LivenessWatcher:
             key = (info.model, info.worker_id)
             if key not in self._seen_at:
                 self._gone_since.setdefault(key, max(self._started, now - self._ttl_s))
+        if not self._remove_expired:
+            return
         for key, since in list(self._gone_since.items()):
             if now - since >= self._grace_s:
                 ranks = await self._index.remove_worker(*key)

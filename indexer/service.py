@@ -109,6 +109,9 @@ class ServiceSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_concurrent_queries: int = DEFAULT_MAX_CONCURRENT_QUERIES
     # RPCs in progress at once (grpc maximum_concurrent_rpcs); None = unbounded.
     max_concurrent_rpcs: int | None = DEFAULT_MAX_CONCURRENT_RPCS
+    # Let other processes bind the same address (SO_REUSEPORT; the kernel spreads
+    # connections over them). Off by default: a second server on a port is a mistake.
+    share_port: bool = False
 
     def validate(self) -> None:
         if self.max_message_bytes < 4096:
@@ -149,11 +152,11 @@ class PipelineStats(Protocol):
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
-    """Channel arguments of the server: message size limits, no port sharing."""
+    """Channel arguments of the server: message size limits, port sharing."""
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(settings.share_port)),
     ]
 
 

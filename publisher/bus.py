@@ -29,10 +29,12 @@ __all__ = [
     "MAX_BLOCKS_PER_EVENT",
     "MAX_EVENTS_PER_BATCH",
     "MAX_MESSAGE_BYTES",
+    "MEDIUM_TIERS",
     "SCHEMA_VERSION",
     "STREAM_NAME",
     "STREAM_SUBJECTS",
     "SUBJECT_PREFIX",
+    "TIERS",
     "AllBlocksCleared",
     "BlockRemoved",
     "BlockStored",
@@ -50,6 +52,7 @@ __all__ = [
     "pack_tokens",
     "parse_subject",
     "subject_for",
+    "tier_of",
     "unescape_token",
     "unpack_tokens",
     "validate_batch",
@@ -67,7 +70,29 @@ MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
 MAX_EVENTS_PER_BATCH: Final = 65_536
 MAX_BLOCKS_PER_EVENT: Final = 65_536
 
+# Storage tiers, in the index's bit order, and the engine medium names (any case) that
+# mean each. A medium not named here belongs to "other".
+TIERS: Final = ("gpu", "cpu", "storage", "other")
+MEDIUM_TIERS: Final = {
+    "gpu": "gpu",
+    "cuda": "gpu",
+    "hbm": "gpu",
+    "cpu": "cpu",
+    "cpu_pinned": "cpu",
+    "host": "cpu",
+    "storage": "storage",
+    "disk": "storage",
+    "fs": "storage",
+    "obj": "storage",
+    "external": "storage",
+}
+
 _U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def tier_of(medium: str) -> str:
+    """The tier an event's medium names."""
+    return MEDIUM_TIERS.get(medium.lower(), "other")
 
 
 class BusError(Exception):

@@ -33,6 +33,7 @@ import msgspec
 from publisher.bus import (
     MAX_BLOCKS_PER_EVENT,
     MAX_EVENTS_PER_BATCH,
+    MEDIUM_TIERS,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -73,22 +74,6 @@ SKIP_REASONS: Final = frozenset(
 
 _U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 _MAX_DETAIL: Final = 64
-
-# Engine medium names (any case) -> the bus's canonical names; see
-# `indexer.index.protocol.tier_index`. Unknown media pass through lower-cased.
-_CANONICAL_MEDIA: Final = {
-    "gpu": "gpu",
-    "cuda": "gpu",
-    "hbm": "gpu",
-    "cpu": "cpu",
-    "cpu_pinned": "cpu",
-    "host": "cpu",
-    "storage": "storage",
-    "disk": "storage",
-    "fs": "storage",
-    "obj": "storage",
-    "external": "storage",
-}
 
 # Positional field names after the tag. vLLM appends newer fields at the end (group_idx,
 # kv_cache_spec_*: ignored); SGLang's layout is shared up to `medium` only.
@@ -273,7 +258,7 @@ def canonical_medium(medium: str | None) -> str:
     if not medium:
         return "gpu"
     lowered = medium.lower()
-    return _CANONICAL_MEDIA.get(lowered, lowered)
+    return MEDIUM_TIERS.get(lowered, lowered)
 
 
 def _medium(raw: object, event: str) -> str:

@@ -12,13 +12,14 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Final
 
-from publisher.bus import AllBlocksCleared, BlockRemoved, BlockStored, Event
+from publisher.bus import TIERS, AllBlocksCleared, BlockRemoved, BlockStored, Event, tier_of
 
 __all__ = ["BlockMirror"]
 
 _DEFAULT_GHOSTS = 65_536
 
-# A held block is a plain tuple: (parent, tokens, context, extra, tier mask), where context
+# A held block is a plain tuple: (parent, tokens, context, extra, tier mask), where the
+# mask has bit i for TIERS[i] (media are mapped to tiers as the index maps them), context
 # is (block_size, lora_name, cache_salt), shared by the blocks of one event. Plain tuples of
 # ints, bytes and str leave the garbage collector's tracking after its first pass; with a
 # mirror of ~10^5 blocks per rank, GC-tracked block objects cost the bridge more than the
@@ -39,7 +40,7 @@ class BlockMirror:
         self.blocks: dict[int, _Held] = {}
         self.ghosts: OrderedDict[int, _Held] = OrderedDict()
         self._ghost_capacity = ghost_capacity
-        self._tier_bits: dict[str, int] = {}
+        self._bits: dict[str, int] = {}  # medium name as sent -> its tier's bit
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -57,10 +58,10 @@ class BlockMirror:
         self.blocks.clear()
         self.ghosts.clear()
 
-    def _bit(self, tier: str) -> int:
-        bit = self._tier_bits.get(tier)
+    def _bit(self, medium: str) -> int:
+        bit = self._bits.get(medium)
         if bit is None:
-            bit = self._tier_bits[tier] = 1 << len(self._tier_bits)
+            bit = self._bits[medium] = 1 << TIERS.index(tier_of(medium))
         return bit
 
     def _store(self, event: BlockStored) -> None:
@@ -116,7 +117,7 @@ class BlockMirror:
         Consecutive blocks of one chain (same tier, adapter and salt) share one event.
         """
         yield AllBlocksCleared()
-        tiers_by_name = sorted(self._tier_bits.items())
+        tier_bits = [(tier, 1 << i) for i, tier in enumerate(TIERS)]
         run: BlockStored | None = None
         for h, held, live in self._parents_first():
             if not live:  # an evicted ancestor: stored, then removed again
@@ -126,7 +127,7 @@ class BlockMirror:
                 yield _stored(h, held, "gpu")
                 yield BlockRemoved(block_hashes=[h], medium="gpu")
                 continue
-            for tier, bit in tiers_by_name:
+            for tier, bit in tier_bits:
                 if not held[_TIERS] & bit:
                     continue
                 if run is not None and _extends(run, h, held, tier, max_blocks_per_event):

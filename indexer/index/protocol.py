@@ -15,7 +15,7 @@ from typing import Final, NamedTuple, Protocol, runtime_checkable
 import msgspec
 
 from indexer.errors import ConfigError
-from publisher.bus import EventBatch
+from publisher.bus import MEDIUM_TIERS, TIERS, EventBatch
 
 __all__ = [
     "DEFAULT_GHOST_CAPACITY",
@@ -39,23 +39,9 @@ __all__ = [
 ]
 
 # Tier slots inside a worker's nibble; order is the bit position.
-TIERS: Final = ("gpu", "cpu", "storage", "other")
 TIER_BITS: Final = 4
 GPU, CPU, STORAGE, OTHER = range(4)
-
-_TIER_ALIASES: Final = {
-    "gpu": GPU,
-    "cuda": GPU,
-    "hbm": GPU,
-    "cpu": CPU,
-    "cpu_pinned": CPU,
-    "host": CPU,
-    "storage": STORAGE,
-    "disk": STORAGE,
-    "fs": STORAGE,
-    "obj": STORAGE,
-    "external": STORAGE,
-}
+_TIER_ALIASES: Final = {medium: TIERS.index(tier) for medium, tier in MEDIUM_TIERS.items()}
 
 DEFAULT_MAX_QUERY_TOKENS: Final = 1_048_576
 DEFAULT_GHOST_CAPACITY: Final = 65_536

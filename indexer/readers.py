@@ -1,0 +1,153 @@
+"""Read-only gRPC server processes over the shared Redis index (`--grpc-processes N`).
+
+One Python process serves about one core of Score calls. With a Redis index, the process
+that runs the consumers also serves gRPC, and N-1 reader processes serve the same address
+beside it: every server binds with SO_REUSEPORT and the kernel hands each new connection
+to one of them. A reader scores from Redis, watches worker liveness and partition markers,
+and applies nothing: ingest, expiry and recovery stay with the consumer process.
+
+The main process supervises its readers: one that dies is started again (counted in
+`ReaderPool.restarts`); closing the service stops them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing as mp
+import signal
+import time
+from multiprocessing.process import BaseProcess
+
+import nats
+import structlog
+
+from indexer.config import ServiceConfig
+from indexer.consumer import marker_is_rebuilding, marker_name
+from indexer.index.protocol import Index, IndexConfig, WorkerInfo
+from indexer.index.redis import RedisIndex
+from indexer.liveness import LivenessWatcher
+
+__all__ = ["PartitionMarkers", "ReaderPool", "serve_reader"]
+
+log = structlog.get_logger("indexer.readers")
+
+_RESTART_BACKOFF_S = 1.0
+_MARKER_POLL_S = 1.0
+
+
+class ReaderPool:
+    """The reader processes of one indexer: started, restarted when they die, stopped."""
+
+    def __init__(self, config: ServiceConfig, listen: str, count: int) -> None:
+        self.config = config
+        self.listen = listen  # the address the main process bound, with its real port
+        self.count = count
+        self.restarts = 0
+        self._procs: list[BaseProcess] = []
+        self._ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited event loop
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p.pid is not None and p.is_alive()]
+
+    def start(self) -> None:
+        self._procs = [self._spawn(i) for i in range(self.count)]
+
+    def _spawn(self, number: int) -> BaseProcess:
+        proc = self._ctx.Process(target=reader_main, args=(self.config, self.listen, number),
+                                 name=f"kv-indexer-reader-{number}", daemon=True)
+        proc.start()
+        return proc
+
+    async def supervise(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            for number, proc in enumerate(self._procs):
+                if not proc.is_alive() and not stop.is_set():
+                    log.warning("reader_died", reader=number, exitcode=proc.exitcode)
+                    self.restarts += 1
+                    self._procs[number] = self._spawn(number)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _RESTART_BACKOFF_S)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: the reader stops its server gracefully
+        deadline = time.monotonic() + timeout_s
+        for proc in self._procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1.0)
+        self._procs = []
+
+
+class PartitionMarkers:
+    """Whether any partition is being rebuilt, as the consumers' markers in the index say."""
+
+    def __init__(self, index: Index, partitions: int) -> None:
+        self.rebuilding = True  # until the first look
+        self._index = index
+        self._partitions = partitions
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                markers = [await self._index.get_marker(marker_name(p))
+                           for p in range(self._partitions)]
+                self.rebuilding = any(marker_is_rebuilding(m) for m in markers)
+            except Exception as exc:  # noqa: BLE001 - Redis away: keep the last answer
+                log.warning("marker_poll_failed", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _MARKER_POLL_S)
+
+
+def reader_main(config: ServiceConfig, listen: str, number: int) -> None:
+    from indexer.app import configure_logging, settle_gc  # noqa: PLC0415 - avoids a cycle
+
+    configure_logging(config.log_format, config.log_level)
+    settle_gc()
+    log.info("reader_starting", reader=number, listen=listen)
+    asyncio.run(serve_reader(config, listen))
+
+
+async def serve_reader(config: ServiceConfig, listen: str,
+                       ready: asyncio.Event | None = None) -> None:
+    """Serve gRPC reads of the Redis index on `listen` until SIGTERM / SIGINT."""
+    from indexer.service import ServiceSettings, start_grpc_server  # noqa: PLC0415
+
+    assert config.redis_url is not None and config.nats_url is not None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    nc = await nats.connect(config.nats_url, name="kv-indexer-reader",
+                            max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    index = RedisIndex.from_url(config.redis_url,
+                                config=IndexConfig(max_query_tokens=config.max_query_tokens))
+    liveness = LivenessWatcher(nc.jetstream(), index, ttl_s=config.liveness_ttl_s,
+                               grace_s=config.liveness_grace_s, remove_expired=False)
+    markers = PartitionMarkers(index, config.partitions)
+    tasks = [asyncio.create_task(liveness.run(stop)), asyncio.create_task(markers.run(stop))]
+
+    async def live_workers(model: str | None) -> list[WorkerInfo]:
+        return liveness.live_only(await index.workers(model))
+
+    server, _ = await start_grpc_server(index, listen, settings=ServiceSettings(share_port=True),
+                                        live_workers=live_workers,
+                                        rebuilding=lambda: markers.rebuilding)
+    log.info("reader_serving", listen=listen)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        await server.stop(2.0)
+        for task in tasks:
+            with contextlib.suppress(Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        await index.close()
+        log.info("reader_stopped")

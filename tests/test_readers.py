@@ -1,0 +1,136 @@
+"""`--grpc-processes`: reader processes serve gRPC on the consumer's address from Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from indexer.app import IndexerService
+from indexer.client import AsyncIndexerClient, Query, ScoreAnswer
+from indexer.config import parse_service_config
+from indexer.embedded import EmbeddedNats
+from indexer.errors import ConfigError
+from tests.servers import RedisServer
+from tests.test_event_path import BS, MODEL, TOKENS, eventually, publisher, service_config
+
+pytestmark = pytest.mark.integration
+
+QUERY = Query(model=MODEL, token_ids=TOKENS, block_size=BS)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def service(nats_server: EmbeddedNats,
+                  private_redis: RedisServer) -> AsyncIterator[IndexerService]:
+    svc = IndexerService(service_config(nats_server.url, redis_url=private_redis.url,
+                                        grpc_listen="127.0.0.1:0", grpc_processes=3))
+    await svc.start()
+    yield svc
+    await svc.close()
+
+
+async def score_on_new_connection(port: int) -> ScoreAnswer | None:
+    """A Score over a connection of its own (no shared subchannel); None if refused."""
+    client = AsyncIndexerClient(f"127.0.0.1:{port}", timeout=2.0,
+                                options=[("grpc.use_local_subchannel_pool", 1)])
+    try:
+        return await client.score(QUERY)
+    except Exception:  # noqa: BLE001 - not serving (yet)
+        return None
+    finally:
+        await client.close()
+
+
+def matched(answer: ScoreAnswer | None) -> dict[str, int]:
+    return {} if answer is None else {s.worker_id: s.matched_blocks for s in answer.scores}
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+class TestReaders:
+    async def test_readers_answer_alone_from_redis(self, service: IndexerService,
+                                                   nats_server: EmbeddedNats) -> None:
+        """With the consumer process's own server stopped, new connections still get
+        the right scores, freshness and worker list: the readers serve them."""
+        assert service.readers is not None
+        await eventually(lambda: _true(len(service.readers.pids) == 2))  # type: ignore[union-attr]
+        async with publisher(nats_server.url, "w1") as one, \
+                publisher(nats_server.url, "w2") as two:
+            one.stored(list(range(1, 9)), TOKENS, parent_hash=None)
+            two.stored(list(range(1, 4)), TOKENS[: 3 * BS], parent_hash=None)
+            assert await one.flush() and await two.flush()
+
+            async def indexed() -> bool:
+                answer = await score_on_new_connection(service.grpc_port)
+                return matched(answer) == {"w1": 8, "w2": 3}
+
+            await eventually(indexed, timeout=20)
+            await eventually(lambda: _true(not service.rebuilding))
+            await service._server.stop(0)  # type: ignore[union-attr]
+
+            async def readers_answer() -> bool:
+                answers = await asyncio.gather(*(score_on_new_connection(service.grpc_port)
+                                                 for _ in range(8)))
+                return all(matched(a) == {"w1": 8, "w2": 3} and not a.freshness.rebuilding
+                           for a in answers if a is not None) and any(answers)
+
+            await eventually(readers_answer, timeout=20)
+            client = AsyncIndexerClient(f"127.0.0.1:{service.grpc_port}", timeout=2.0)
+            try:
+                workers = await client.list_workers(MODEL)
+            finally:
+                await client.close()
+            assert sorted(w.worker_id for w in workers) == ["w1", "w2"]
+
+    async def test_a_dead_reader_is_started_again(self, service: IndexerService) -> None:
+        assert service.readers is not None
+        readers = service.readers
+        await eventually(lambda: _true(len(readers.pids) == 2), timeout=20)
+        victim = readers.pids[0]
+        os.kill(victim, signal.SIGKILL)
+        await eventually(lambda: _true(len(readers.pids) == 2 and victim not in readers.pids),
+                         timeout=20)
+        assert readers.restarts == 1
+
+    async def test_close_stops_the_readers(self, nats_server: EmbeddedNats,
+                                           private_redis: RedisServer) -> None:
+        svc = IndexerService(service_config(nats_server.url, redis_url=private_redis.url,
+                                            grpc_listen="127.0.0.1:0", grpc_processes=2))
+        await svc.start()
+        assert svc.readers is not None
+        await eventually(lambda: _true(len(svc.readers.pids) == 1))  # type: ignore[union-attr]
+        [pid] = svc.readers.pids
+        await svc.close()
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        with grpc.insecure_channel(f"127.0.0.1:{svc.grpc_port}") as channel, \
+                pytest.raises(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(channel).result(timeout=0.5)
+
+
+class TestConfig:
+    def test_readers_need_redis_and_a_listen_address(self) -> None:
+        with pytest.raises(ConfigError, match="needs --redis-url"):
+            parse_service_config(["--grpc-processes", "2"], environ={})
+        with pytest.raises(ConfigError, match="needs --grpc-listen"):
+            parse_service_config(["--grpc-processes", "2", "--redis-url", "redis://x",
+                                  "--grpc-listen", ""], environ={})
+        with pytest.raises(ConfigError, match=">= 1"):
+            parse_service_config(["--grpc-processes", "0"], environ={})
+        config = parse_service_config([], environ={"KV_INDEXER_GRPC_PROCESSES": "4",
+                                                   "KV_INDEXER_REDIS_URL": "redis://x"})
+        assert config.grpc_processes == 4
