@@ -50,6 +50,7 @@ def fleet_main(nats_url: str, workers: int, phases: list[Phase], conn: Connectio
 async def _fleet(nats_url: str, workers: int, phases: list[Phase]) -> dict[str, Any]:
     import zmq.asyncio
 
+    from publisher.cli import settle_gc
     from publisher.jetstream import StreamSettings
     from publisher.publisher import KVEventPublisher
     from publisher.simulate import MockFleet, synthetic_prompts
@@ -68,6 +69,7 @@ async def _fleet(nats_url: str, workers: int, phases: list[Phase]) -> dict[str, 
                             replay_endpoint=engine.replay_endpoint)
                for pub, engine in zip(pubs, fleet.all_engines(), strict=True)]
     tasks = [asyncio.create_task(s.run(stop)) for s in sources]
+    settle_gc()  # as `kv-publisher bridge` does once it is up
     await asyncio.sleep(0.5)  # SUB sockets connect
     prompts = synthetic_prompts(prefix_tokens=512, max_suffix=1024)
     started_wall = time.time()
