@@ -87,6 +87,10 @@ DEFAULT_MAX_CONCURRENT_QUERIES: Final = 64
 # RPCs the server accepts at once; more are refused with RESOURCE_EXHAUSTED (load shedding).
 DEFAULT_MAX_CONCURRENT_RPCS: Final = 1024
 _STALE_FACTOR: Final = 4  # a cached worker list this many TTLs old is still served (refreshing)
+# An empty worker list is kept this long at most, and never served stale: a model without
+# workers is usually one whose first workers are about to register (start-up), and each
+# call refused meanwhile is a routing decision lost.
+_EMPTY_TTL_S: Final = 0.05
 _MAX_CACHED_MODELS: Final = 4096
 _MAX_TIER_WEIGHT: Final = 1e6
 
@@ -194,6 +198,7 @@ class WorkerDirectory:
     One fetch per model at a time: concurrent callers share it. An expired list younger
     than `4 * ttl` is still answered while a refresh runs in the background, so a slow
     source (Redis) costs no request its latency; an older one waits for the refresh.
+    An empty list lives at most `_EMPTY_TTL_S` and is never answered stale.
     """
 
     def __init__(self, source: LiveWorkerSource, ttl: float) -> None:
@@ -207,6 +212,10 @@ class WorkerDirectory:
             return CandidateSet(await self.source(model))
         now = time.monotonic()
         cached = self._cache.get(model)
+        if cached is not None and not cached.candidates:
+            if now - cached.fetched < min(self.ttl, _EMPTY_TTL_S):
+                return cached.candidates
+            cached = None  # wait for the refresh below
         if cached is not None and now - cached.fetched < self.ttl:
             return cached.candidates
         task = self._refreshing.get(model)

@@ -742,6 +742,26 @@ class TestWorkerDirectory:
         await asyncio.sleep(0.01)
         assert (await directory.candidates("m")).ids == frozenset({"w1"})
 
+    async def test_an_empty_list_is_not_kept_while_workers_register(self) -> None:
+        """No workers yet: asked again after 50 ms (not the TTL), and never served stale."""
+        workers: list[WorkerInfo] = []
+        calls = 0
+
+        async def source(model: str | None) -> list[WorkerInfo]:
+            nonlocal calls
+            calls += 1
+            return list(workers)
+
+        directory = WorkerDirectory(source, ttl=60)
+        assert not await directory.candidates("m")
+        assert not await directory.candidates("m") and calls == 1  # briefly cached
+        workers.append(WorkerInfo("m", "w0", 0, 1, 0, False, {}, 0.0))
+        await asyncio.sleep(0.06)
+        assert (await directory.candidates("m")).ids == frozenset({"w0"})
+        assert calls == 2
+        workers.clear()  # a non-empty list is kept for the TTL
+        assert (await directory.candidates("m")).ids == frozenset({"w0"})
+
     async def test_restrict_keeps_named_workers(self) -> None:
         """CandidateSet.restrict narrows by worker id and recomputes freshness inputs."""
         infos = [WorkerInfo("m", w, r, 1, 0, w == "b", {}, ts)
