@@ -135,6 +135,7 @@ def run_fleet(nats_url: str, workers: int, procs: int,
         proc = mp.get_context("spawn").Process(target=fleet_main,
                                                args=(nats_url, ids, share, start_at, child))
         proc.start()
+        child.close()  # so a fleet process that dies shows as EOF, not a silent hang
         running.append((proc, parent))
     return running
 
@@ -318,6 +319,8 @@ def main() -> None:
     parser.add_argument("--fleet-procs", type=int, nargs="+", default=[1, 2],
                         help="fleet layouts: processes the engines and bridges are spread over")
     args = parser.parse_args()
+    if not all(1 <= procs <= args.workers for procs in args.fleet_procs):
+        parser.error("--fleet-procs must be between 1 and --workers")
     configure_logging("json", "warning")
     outs: dict[int, dict[str, Any]] = {}
     for procs in args.fleet_procs:  # each layout on fresh servers

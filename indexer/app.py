@@ -14,7 +14,7 @@ import gc
 import logging
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -40,7 +40,7 @@ from indexer.index.redis import RedisIndex
 from indexer.liveness import LivenessWatcher
 from indexer.metrics import MetricsExporter
 from indexer.partitions import PartitionLeases
-from indexer.readers import ReaderPool
+from indexer.readers import PartitionMarkers, ReaderPool
 from indexer.recovery import SnapshotStore
 from publisher.jetstream import (
     StreamSettings,
@@ -188,11 +188,15 @@ class IndexerService:
 
         assert self.index is not None
         extra = self.config.grpc_processes - 1
+        rebuilding: Callable[[], bool] = lambda: self.rebuilding  # noqa: E731
+        if extra:  # answer `rebuilding` from the partition markers, as the readers do
+            markers = PartitionMarkers(self.index, self.config.partitions)
+            self._tasks.append(asyncio.create_task(markers.run(self._stop)))
+            rebuilding = lambda: self.rebuilding or markers.rebuilding  # noqa: E731
         self._server, self.grpc_port = await start_grpc_server(
             self._served_index, self.config.grpc_listen, consumer_stats=self.stats,
             settings=ServiceSettings(share_port=extra > 0),
-            rebuilding=lambda: self.rebuilding,
-            live_workers=self._live_workers)
+            rebuilding=rebuilding, live_workers=self._live_workers)
         if extra:
             host = self.config.grpc_listen.rpartition(":")[0]
             reader_config = msgspec.structs.replace(self.config, nats_url=self.nats_url)

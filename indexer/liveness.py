@@ -62,7 +62,10 @@ class LivenessWatcher:
         watch_task = asyncio.create_task(self._watch(kv))
         try:
             while not stop.is_set():
-                await self.sweep()
+                try:
+                    await self.sweep()
+                except Exception as exc:  # noqa: BLE001 - index away: keep watching, retry
+                    log.warning("liveness_sweep_failed", error=str(exc))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), self._check_every_s)
         finally:
@@ -113,11 +116,13 @@ class LivenessWatcher:
                 self.live.pop(key, None)
                 del self._seen_at[key]
                 self._gone_since.setdefault(key, seen + self._ttl_s)
-        for info in await self._index.workers():
-            key = (info.model, info.worker_id)
-            if key not in self._seen_at:
-                self._gone_since.setdefault(key, max(self._started, now - self._ttl_s))
+        indexed = {(info.model, info.worker_id) for info in await self._index.workers()}
+        for key in indexed - self._seen_at.keys():
+            self._gone_since.setdefault(key, max(self._started, now - self._ttl_s))
         if not self._remove_expired:
+            # Whoever removes workers does it; forget those no longer in the index.
+            for key in self._gone_since.keys() - indexed:
+                del self._gone_since[key]
             return
         for key, since in list(self._gone_since.items()):
             if now - since >= self._grace_s:

@@ -32,7 +32,8 @@ __all__ = ["PartitionMarkers", "ReaderPool", "serve_reader"]
 
 log = structlog.get_logger("indexer.readers")
 
-_RESTART_BACKOFF_S = 1.0
+_SUPERVISE_EVERY_S = 1.0
+_RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # a reader that keeps dying waits longer
 _MARKER_POLL_S = 1.0
 
 
@@ -45,6 +46,8 @@ class ReaderPool:
         self.count = count
         self.restarts = 0
         self._procs: list[BaseProcess] = []
+        self._failures: list[int] = []  # consecutive early deaths per reader
+        self._due: list[float] = []  # monotonic time a dead reader may start again
         self._ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited event loop
 
     @property
@@ -53,6 +56,8 @@ class ReaderPool:
 
     def start(self) -> None:
         self._procs = [self._spawn(i) for i in range(self.count)]
+        self._failures = [0] * self.count
+        self._due = [0.0] * self.count
 
     def _spawn(self, number: int) -> BaseProcess:
         proc = self._ctx.Process(target=reader_main, args=(self.config, self.listen, number),
@@ -61,14 +66,27 @@ class ReaderPool:
         return proc
 
     async def supervise(self, stop: asyncio.Event) -> None:
+        started = [time.monotonic()] * self.count
         while not stop.is_set():
+            now = time.monotonic()
             for number, proc in enumerate(self._procs):
-                if not proc.is_alive() and not stop.is_set():
-                    log.warning("reader_died", reader=number, exitcode=proc.exitcode)
+                if proc.is_alive() or stop.is_set():
+                    continue
+                if self._due[number] == 0.0:  # just found dead
+                    early = now - started[number] < _RESTART_BACKOFF_S[-1]
+                    self._failures[number] = self._failures[number] + 1 if early else 1
+                    delay = _RESTART_BACKOFF_S[min(self._failures[number],
+                                                   len(_RESTART_BACKOFF_S)) - 1]
+                    self._due[number] = now + delay
+                    log.warning("reader_died", reader=number, exitcode=proc.exitcode,
+                                restart_in_s=delay)
+                if now >= self._due[number]:
                     self.restarts += 1
+                    self._due[number] = 0.0
+                    started[number] = now
                     self._procs[number] = self._spawn(number)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), _RESTART_BACKOFF_S)
+                await asyncio.wait_for(stop.wait(), _SUPERVISE_EVERY_S)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         for proc in self._procs:
@@ -122,6 +140,9 @@ async def serve_reader(config: ServiceConfig, listen: str,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    parent = mp.parent_process()
+    if parent is not None:  # the consumer process died without stopping us: stop too
+        loop.add_reader(parent.sentinel, stop.set)
     nc = await nats.connect(config.nats_url, name="kv-indexer-reader",
                             max_reconnect_attempts=-1, reconnect_time_wait=0.5)
     index = RedisIndex.from_url(config.redis_url,

@@ -144,26 +144,32 @@ class BlockMirror:
         """Held blocks with the ancestors they chain from (held or ghost), parents first.
 
         Store order is not enough: a block stored while its parent was unknown is older
-        than the parent that arrived later.
+        than the parent that arrived later. A chain that does not reach a root (its top
+        parent is neither held nor a ghost: never seen, or a ghost already trimmed) is left
+        out: the index could not resolve it, and re-sending it would only mark the worker
+        degraded and ask for another resync.
         """
         blocks, ghosts = self.blocks, self.ghosts
         sent: set[int] = set()
+        unresolvable: set[int] = set()
         for h, held in blocks.items():
-            if h in sent:
+            if h in sent or h in unresolvable:
                 continue
             chain = [(h, held)]
             on_chain = {h}
             parent = held[_PARENT]
-            while parent is not None and parent not in sent and parent not in on_chain:
+            while parent is not None and parent not in sent:
                 ancestor = blocks.get(parent) or ghosts.get(parent)
-                if ancestor is None:
+                if ancestor is None or parent in on_chain or parent in unresolvable:
+                    unresolvable.update(on_chain)
                     break
                 chain.append((parent, ancestor))
                 on_chain.add(parent)
                 parent = ancestor[_PARENT]
-            for ancestor_hash, ancestor in reversed(chain):
-                sent.add(ancestor_hash)
-                yield ancestor_hash, ancestor, ancestor_hash in blocks
+            else:
+                for ancestor_hash, ancestor in reversed(chain):
+                    sent.add(ancestor_hash)
+                    yield ancestor_hash, ancestor, ancestor_hash in blocks
 
 
 def _stored(h: int, held: _Held, tier: str) -> BlockStored:

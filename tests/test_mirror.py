@@ -105,6 +105,21 @@ def test_a_parent_cycle_does_not_hang_the_snapshot() -> None:
     mirror.apply([BlockStored(block_hashes=[1], parent_hash=2, token_ids=_tokens(1),
                               block_size=4),
                   BlockStored(block_hashes=[2], parent_hash=1, token_ids=_tokens(1),
-                              block_size=4)])
+                              block_size=4),
+                  BlockStored(block_hashes=[3], token_ids=_tokens(1), block_size=4)])
     stored = [e for e in mirror.snapshot() if isinstance(e, BlockStored)]
-    assert sorted(h for e in stored for h in e.block_hashes) == [1, 2]
+    assert [e.block_hashes for e in stored] == [[3]]  # a cycle reaches no root
+
+
+def test_chains_that_reach_no_root_are_left_out() -> None:
+    """An orphan, and a block whose evicted ancestors' ghosts were trimmed: the index
+    could not resolve them, so a resync does not send them (no degraded loop)."""
+    mirror = BlockMirror(ghost_capacity=1)
+    mirror.apply([
+        BlockStored(block_hashes=[1, 2, 3], token_ids=_tokens(3), block_size=4),
+        BlockRemoved(block_hashes=[1, 2]),  # ghosts: 2 only (1 trimmed)
+        BlockStored(block_hashes=[9], parent_hash=8, token_ids=_tokens(1), block_size=4),
+        BlockStored(block_hashes=[5, 6], token_ids=_tokens(2), block_size=4),
+    ])
+    stored = [e for e in mirror.snapshot() if isinstance(e, BlockStored)]
+    assert [e.block_hashes for e in stored] == [[5, 6]]

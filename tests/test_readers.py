@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing as mp
 import os
 import signal
+import socket
+import time
 from collections.abc import AsyncIterator, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import grpc
@@ -13,9 +17,10 @@ import pytest
 
 from indexer.app import IndexerService
 from indexer.client import AsyncIndexerClient, Query, ScoreAnswer
-from indexer.config import parse_service_config
+from indexer.config import ServiceConfig, parse_service_config
 from indexer.embedded import EmbeddedNats
 from indexer.errors import ConfigError
+from indexer.readers import ReaderPool
 from tests.servers import RedisServer
 from tests.test_event_path import BS, MODEL, TOKENS, eventually, publisher, service_config
 
@@ -134,3 +139,54 @@ class TestConfig:
         config = parse_service_config([], environ={"KV_INDEXER_GRPC_PROCESSES": "4",
                                                    "KV_INDEXER_REDIS_URL": "redis://x"})
         assert config.grpc_processes == 4
+
+
+def _pool_parent(config: ServiceConfig, listen: str, conn: Connection) -> None:
+    """A stand-in consumer process: starts one reader, reports its pid, then idles."""
+    pool = ReaderPool(config, listen, 1)
+    pool.start()
+    conn.send(pool.pids)
+    time.sleep(3600)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state == "Z"  # exited; only waiting to be reaped by whoever adopted it
+
+
+async def test_a_reader_stops_when_its_consumer_process_dies(
+        nats_server: EmbeddedNats, private_redis: RedisServer) -> None:
+    """SIGKILL of the process that started the readers (no clean shutdown): they exit
+    instead of serving a port nobody ingests for."""
+    config = service_config(nats_server.url, redis_url=private_redis.url,
+                            grpc_listen="127.0.0.1:0", grpc_processes=2)
+    ctx = mp.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe(duplex=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    parent = ctx.Process(target=_pool_parent, args=(config, f"127.0.0.1:{port}", child_conn))
+    parent.start()
+    child_conn.close()
+    try:
+        assert parent_conn.poll(30)
+        [reader] = parent_conn.recv()
+        await eventually(lambda: _true(serving(port)), timeout=30)  # serving
+        os.kill(parent.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        parent.join(5)
+        await eventually(lambda: _true(_gone(reader)), timeout=15)
+    finally:
+        if parent.is_alive():
+            parent.kill()
+
+
+def serving(port: int) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=0.5)
+        except grpc.FutureTimeoutError:
+            return False
+    return True
