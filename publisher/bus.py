@@ -52,7 +52,7 @@ __all__ = [
     "pack_tokens",
     "parse_subject",
     "subject_for",
-    "tier_of",
+    "tier_index",
     "unescape_token",
     "unpack_tokens",
     "validate_batch",
@@ -87,12 +87,15 @@ MEDIUM_TIERS: Final = {
     "external": "storage",
 }
 
+_TIER_SLOTS: Final = {medium: TIERS.index(tier) for medium, tier in MEDIUM_TIERS.items()}
+_OTHER_SLOT: Final = TIERS.index("other")
+
 _U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 
 
-def tier_of(medium: str) -> str:
-    """The tier an event's medium names."""
-    return MEDIUM_TIERS.get(medium.lower(), "other")
+def tier_index(medium: str) -> int:
+    """Position in TIERS (the index's bit order) of the tier an event's medium names."""
+    return _TIER_SLOTS.get(medium.lower(), _OTHER_SLOT)
 
 
 class BusError(Exception):

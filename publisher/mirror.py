@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Final
 
-from publisher.bus import TIERS, AllBlocksCleared, BlockRemoved, BlockStored, Event, tier_of
+from publisher.bus import TIERS, AllBlocksCleared, BlockRemoved, BlockStored, Event, tier_index
 
 __all__ = ["BlockMirror"]
 
@@ -40,7 +40,6 @@ class BlockMirror:
         self.blocks: dict[int, _Held] = {}
         self.ghosts: OrderedDict[int, _Held] = OrderedDict()
         self._ghost_capacity = ghost_capacity
-        self._bits: dict[str, int] = {}  # medium name as sent -> its tier's bit
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -58,14 +57,8 @@ class BlockMirror:
         self.blocks.clear()
         self.ghosts.clear()
 
-    def _bit(self, medium: str) -> int:
-        bit = self._bits.get(medium)
-        if bit is None:
-            bit = self._bits[medium] = 1 << TIERS.index(tier_of(medium))
-        return bit
-
     def _store(self, event: BlockStored) -> None:
-        bit = self._bit(event.medium)
+        bit = 1 << tier_index(event.medium)
         blocks = self.blocks
         if not event.token_ids:
             for h in event.block_hashes:
@@ -96,7 +89,7 @@ class BlockMirror:
         return held
 
     def _remove(self, event: BlockRemoved) -> None:
-        bit = self._bit(event.medium)
+        bit = 1 << tier_index(event.medium)
         blocks, ghosts = self.blocks, self.ghosts
         for h in event.block_hashes:
             held = blocks.get(h)

@@ -15,7 +15,7 @@ from typing import Final, NamedTuple, Protocol, runtime_checkable
 import msgspec
 
 from indexer.errors import ConfigError
-from publisher.bus import MEDIUM_TIERS, TIERS, EventBatch
+from publisher.bus import TIERS, EventBatch, tier_index
 
 __all__ = [
     "DEFAULT_GHOST_CAPACITY",
@@ -41,15 +41,9 @@ __all__ = [
 # Tier slots inside a worker's nibble; order is the bit position.
 TIER_BITS: Final = 4
 GPU, CPU, STORAGE, OTHER = range(4)
-_TIER_ALIASES: Final = {medium: TIERS.index(tier) for medium, tier in MEDIUM_TIERS.items()}
 
 DEFAULT_MAX_QUERY_TOKENS: Final = 1_048_576
 DEFAULT_GHOST_CAPACITY: Final = 65_536
-
-
-def tier_index(medium: str) -> int:
-    """Tier slot of an engine medium name; unknown media share the `other` slot."""
-    return _TIER_ALIASES.get(medium.lower(), OTHER)
 
 
 class TierWeights(msgspec.Struct, frozen=True, kw_only=True):
