@@ -14,7 +14,7 @@ import gc
 import logging
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -188,11 +188,14 @@ class IndexerService:
 
         assert self.index is not None
         extra = self.config.grpc_processes - 1
-        rebuilding: Callable[[], bool] = lambda: self.rebuilding  # noqa: E731
-        if extra:  # answer `rebuilding` from the partition markers, as the readers do
+        markers: PartitionMarkers | None = None
+        if extra:  # answer `rebuilding` from the partition markers too, as the readers do
             markers = PartitionMarkers(self.index, self.config.partitions)
             self._tasks.append(asyncio.create_task(markers.run(self._stop)))
-            rebuilding = lambda: self.rebuilding or markers.rebuilding  # noqa: E731
+
+        def rebuilding() -> bool:
+            return self.rebuilding or (markers is not None and markers.rebuilding)
+
         self._server, self.grpc_port = await start_grpc_server(
             self._served_index, self.config.grpc_listen, consumer_stats=self.stats,
             settings=ServiceSettings(share_port=extra > 0),

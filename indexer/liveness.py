@@ -102,7 +102,7 @@ class LivenessWatcher:
 
     def live_only(self, workers: list[WorkerInfo]) -> list[WorkerInfo]:
         """The workers routers may be sent to: not known to be gone."""
-        return [w for w in workers if (w.model, w.worker_id) not in self._gone_since]
+        return [w for w in workers if not self.is_gone(w.model, w.worker_id)]
 
     def is_live(self, model: str, worker_id: str) -> bool:
         seen = self._seen_at.get((model, worker_id))

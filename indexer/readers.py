@@ -46,8 +46,9 @@ class ReaderPool:
         self.count = count
         self.restarts = 0
         self._procs: list[BaseProcess] = []
-        self._failures: list[int] = []  # consecutive early deaths per reader
-        self._due: list[float] = []  # monotonic time a dead reader may start again
+        self._started = [0.0] * count  # monotonic time each reader was (re)started
+        self._failures = [0] * count  # consecutive early deaths per reader
+        self._due = [0.0] * count  # when a dead reader may start again; 0: not yet dead
         self._ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited event loop
 
     @property
@@ -56,24 +57,22 @@ class ReaderPool:
 
     def start(self) -> None:
         self._procs = [self._spawn(i) for i in range(self.count)]
-        self._failures = [0] * self.count
-        self._due = [0.0] * self.count
 
     def _spawn(self, number: int) -> BaseProcess:
         proc = self._ctx.Process(target=reader_main, args=(self.config, self.listen, number),
                                  name=f"kv-indexer-reader-{number}", daemon=True)
         proc.start()
+        self._started[number] = time.monotonic()
         return proc
 
     async def supervise(self, stop: asyncio.Event) -> None:
-        started = [time.monotonic()] * self.count
         while not stop.is_set():
             now = time.monotonic()
             for number, proc in enumerate(self._procs):
                 if proc.is_alive() or stop.is_set():
                     continue
                 if self._due[number] == 0.0:  # just found dead
-                    early = now - started[number] < _RESTART_BACKOFF_S[-1]
+                    early = now - self._started[number] < _RESTART_BACKOFF_S[-1]
                     self._failures[number] = self._failures[number] + 1 if early else 1
                     delay = _RESTART_BACKOFF_S[min(self._failures[number],
                                                    len(_RESTART_BACKOFF_S)) - 1]
@@ -83,7 +82,6 @@ class ReaderPool:
                 if now >= self._due[number]:
                     self.restarts += 1
                     self._due[number] = 0.0
-                    started[number] = now
                     self._procs[number] = self._spawn(number)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), _SUPERVISE_EVERY_S)
@@ -130,8 +128,7 @@ def reader_main(config: ServiceConfig, listen: str, number: int) -> None:
     asyncio.run(serve_reader(config, listen))
 
 
-async def serve_reader(config: ServiceConfig, listen: str,
-                       ready: asyncio.Event | None = None) -> None:
+async def serve_reader(config: ServiceConfig, listen: str) -> None:
     """Serve gRPC reads of the Redis index on `listen` until SIGTERM / SIGINT."""
     from indexer.service import ServiceSettings, start_grpc_server  # noqa: PLC0415
 
@@ -159,8 +156,6 @@ async def serve_reader(config: ServiceConfig, listen: str,
                                         live_workers=live_workers,
                                         rebuilding=lambda: markers.rebuilding)
     log.info("reader_serving", listen=listen)
-    if ready is not None:
-        ready.set()
     try:
         await stop.wait()
     finally:
