@@ -24,7 +24,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from bench.report import verdict, write_section
+from bench.report import pct, verdict, write_section
 from indexer.app import IndexerService, configure_logging
 from indexer.config import ServiceConfig
 from indexer.embedded import EmbeddedNats
@@ -165,11 +165,6 @@ async def wait_result(conn: Connection, proc: mp.Process) -> dict[str, Any]:
     result: dict[str, Any] = conn.recv()
     proc.join(30)
     return result
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 async def measure(args: argparse.Namespace, procs: int, nats_url: str,

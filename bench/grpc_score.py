@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from bench.report import verdict, write_section
+from bench.report import pct, verdict, write_section
 from bench.workload import make_workload
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer.index.memory import MemoryIndex
@@ -286,11 +286,6 @@ def run_clients(jobs: list[ClientJob]) -> list[ClientResult]:
 
 
 # --- scenarios ---------------------------------------------------------------------------
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 @dataclass

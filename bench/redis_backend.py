@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from bench.report import verdict, write_section
+from bench.report import pct, verdict, write_section
 from bench.workload import make_workload
 from indexer.index.protocol import ScoreQuery
 from indexer.index.redis import RedisIndex
@@ -26,11 +26,6 @@ from indexer.keys import block_keys_for_tokens
 from tests.servers import RedisServer
 
 MODEL = "bench/model"
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def run(args: argparse.Namespace, url: str) -> str:

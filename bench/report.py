@@ -19,6 +19,12 @@ its section; targets that are missed are marked **MISSED**.
 """
 
 
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (nearest rank below) of `values`; NaN when there are none."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
