@@ -151,3 +151,30 @@ class TestRedisFailure:
             await index.close()
         finally:
             server.stop()
+
+    async def test_queries_survive_a_restart(self, tmp_path: Path) -> None:
+        """Score fails cleanly while Redis is down and works again once it is back
+        (the empty Redis has lost the score script too)."""
+        server = RedisServer(tmp_path).start()
+        try:
+            index = RedisIndex.from_url(server.url)
+            await index.apply([batch(0, stored(1, 3))])
+            assert await matched(index) == 3
+            server.kill()
+            with pytest.raises(BackendError):
+                await matched(index)
+            server.start()
+            await asyncio.sleep(0.05)
+            assert await matched(index) == 0  # an empty Redis, and no error
+            await index.apply([batch(0, stored(1, 2), worker="v")])
+            assert await matched(index) == 2
+            await index.close()
+        finally:
+            server.stop()
+
+    async def test_queries_survive_a_script_flush(self, redis_client: aioredis.Redis) -> None:
+        index = RedisIndex(redis_client)
+        await index.apply([batch(0, stored(1, 3))])
+        assert await matched(index) == 3
+        await redis_client.script_flush()
+        assert await matched(index) == 3

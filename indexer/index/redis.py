@@ -36,7 +36,13 @@ from typing import Any, Final
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import ConnectionError, RedisError, ResponseError, TimeoutError
+from redis.exceptions import (
+    ConnectionError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TimeoutError,
+)
 
 from indexer.errors import BackendError
 from indexer.index.ledger import (
@@ -60,6 +66,7 @@ from indexer.index.protocol import (
     WorkerInfo,
     WorkerRef,
 )
+from indexer.index.redis_pipe import RedisPipe
 from indexer.scoring import (
     prefix_match_runs,
     query_keys,
@@ -167,6 +174,8 @@ class RedisIndex:
         self._apply_sha: str | None = None
         self._slot_script = client.register_script(_lua("slot.lua"))
         self._score_script = client.register_script(_lua("score.lua"))
+        self._score_sha: str | None = None
+        self._queries = RedisPipe.for_client(client)  # None: queries stay on redis-py
         self._ledgers: dict[tuple[str, WorkerRef], WorkerLedger] = {}
         self._log_bytes: dict[WorkerLedger, int] = {}  # size of each ledger's log in Redis
         self._slot_maps: dict[str, _SlotMap] = {}
@@ -181,6 +190,8 @@ class RedisIndex:
         return cls(client, **kwargs)
 
     async def close(self) -> None:
+        if self._queries is not None:
+            await self._queries.close()
         await self._redis.aclose()
 
     # --- ingest ------------------------------------------------------------------------
@@ -254,7 +265,7 @@ class RedisIndex:
         for ledger in ledgers:
             self._forget(ledger)
         if isinstance(reply, ResponseError):
-            if "NOSCRIPT" in str(reply):
+            if isinstance(reply, NoScriptError):  # redis-py strips "NOSCRIPT" off the text
                 self._apply_sha = None
                 raise _ScriptMissingError(str(reply))
             raise BackendError(f"redis apply failed for {model}: {reply}")
@@ -421,10 +432,12 @@ class RedisIndex:
         prefix = model_prefix(query.model)
         try:
             # One round trip, one packed argument: the masks up to the first unheld block.
-            version, *values = await self._score_script(
-                keys=[prefix + "blk", prefix + "slotver"], args=[array("Q", keys).tobytes()])
+            version, *values = await self._masks(prefix, array("Q", keys).tobytes())
             slot_map = await self._slot_map(query.model, version or None)
         except RedisError as exc:
+            if isinstance(exc, ConnectionError | TimeoutError):
+                # The next query reconnects the pipe; redis-py's pooled sockets are as dead.
+                await self._redis.connection_pool.disconnect()
             raise BackendError(f"redis score failed: {exc}") from exc
         candidates = slot_map.candidates(query.workers)
         # Runs of equal masks, flat: [mask bytes, count, ...] (see lua/score.lua).
@@ -434,6 +447,23 @@ class RedisIndex:
                                     query.tier_weights or self.config.tier_weights,
                                     query.include_zero)
         return ScoreResult(len(keys), worker_scores(matches, slot_map.by_slot.__getitem__))
+
+    async def _masks(self, prefix: str, packed_keys: bytes) -> list[Any]:
+        """score.lua's reply; over the shared query pipe when there is one."""
+        keys = (prefix + "blk", prefix + "slotver")
+        reply: list[Any]
+        if self._queries is None:
+            reply = await self._score_script(keys=keys, args=[packed_keys])
+            return reply
+        try:
+            if self._score_sha is None:
+                raise NoScriptError
+            reply = await self._queries.call("EVALSHA", self._score_sha, 2, *keys, packed_keys)
+        except NoScriptError:  # first use, or Redis restarted and lost its scripts
+            script = str(self._score_script.script)
+            self._score_sha = (await self._queries.call("SCRIPT", "LOAD", script)).decode()
+            reply = await self._queries.call("EVALSHA", self._score_sha, 2, *keys, packed_keys)
+        return reply
 
     async def _slot_map(self, model: str, version: bytes | None = None,
                         fresh: bool = False) -> _SlotMap:

@@ -1,0 +1,92 @@
+"""The query pipe: one connection, many concurrent callers, each gets its own reply."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+
+from indexer.index.redis_pipe import RedisPipe
+from tests.servers import RedisServer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def pipe(redis_client: aioredis.Redis) -> AsyncIterator[RedisPipe]:
+    pipe = RedisPipe.for_client(redis_client)
+    assert pipe is not None
+    yield pipe
+    await pipe.close()
+
+
+async def test_concurrent_callers_get_their_own_replies(pipe: RedisPipe,
+                                                        redis_client: aioredis.Redis) -> None:
+    await redis_client.mset({f"k{i}": f"v{i}".encode() for i in range(500)})
+    replies = await asyncio.gather(*(pipe.call("GET", f"k{i}") for i in range(500)))
+    assert replies == [f"v{i}".encode() for i in range(500)]
+
+
+async def test_a_caller_that_gives_up_does_not_shift_the_replies(pipe: RedisPipe) -> None:
+    slow = asyncio.ensure_future(pipe.call("BLPOP", "nothing-here", "0.2"))
+    await asyncio.sleep(0.02)
+    slow.cancel()
+    # The BLPOP's nil arrives first and must go nowhere, not to the next caller.
+    assert await pipe.call("ECHO", "after") == b"after"
+    assert await pipe.call("ECHO", "again") == b"again"
+
+
+async def test_error_replies_raise(pipe: RedisPipe) -> None:
+    with pytest.raises(NoScriptError):
+        await pipe.call("EVALSHA", "0" * 40, 0)
+    with pytest.raises(ResponseError, match="unknown command"):
+        await pipe.call("NO-SUCH-COMMAND")
+    assert await pipe.call("PING") == b"PONG"  # the connection is still good
+
+
+async def test_password_and_database_from_the_url(redis_server: RedisServer,
+                                                  redis_client: aioredis.Redis) -> None:
+    url = f"redis://:s3cret@127.0.0.1:{redis_server.port}/5"
+    client = aioredis.Redis.from_url(url, decode_responses=False)
+    await redis_client.config_set("requirepass", "s3cret")
+    try:
+        await client.set("where", b"db5")
+        pipe = RedisPipe.for_client(client)
+        assert pipe is not None
+        assert await pipe.call("GET", "where") == b"db5"
+        await pipe.close()
+        wrong = RedisPipe.for_client(aioredis.Redis.from_url(url.replace("s3cret", "wrong")))
+        assert wrong is not None
+        with pytest.raises(ResponseError):
+            await wrong.call("PING")
+    finally:
+        await client.config_set("requirepass", "")
+        await client.aclose()
+
+
+def test_tls_stays_on_redis_py() -> None:
+    assert RedisPipe.for_client(aioredis.Redis.from_url("rediss://127.0.0.1:6380/0")) is None
+    assert RedisPipe.for_client(aioredis.Redis.from_url("unix:///tmp/r.sock?db=2")) is not None
+
+
+async def test_reconnects_after_redis_restarts(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path).start()
+    try:
+        pipe = RedisPipe(("127.0.0.1", server.port))
+        assert await pipe.call("PING") == b"PONG"
+        pending = asyncio.ensure_future(pipe.call("BLPOP", "nothing-here", "5"))
+        await asyncio.sleep(0.05)
+        server.kill()
+        with pytest.raises(ConnectionError):
+            await pending
+        with pytest.raises(ConnectionError):
+            await pipe.call("PING")
+        server.start()
+        assert await pipe.call("PING") == b"PONG"
+        await pipe.close()
+    finally:
+        server.stop()
