@@ -28,6 +28,7 @@ refuses them unless Redis still holds the (epoch, seq) the ledger started from.
 from __future__ import annotations
 
 import asyncio
+import functools
 import struct
 from array import array
 from collections.abc import Sequence
@@ -88,6 +89,7 @@ _RECORD_HEADER: Final = struct.Struct("<H16s16sdBIIIIIHII")
 _POSITION: Final = struct.Struct(">qq")
 
 
+@functools.lru_cache(maxsize=1024)
 def model_prefix(model: str) -> str:
     return f"kvi:{{m:{escape_token(model)}}}:"
 

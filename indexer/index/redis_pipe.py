@@ -34,6 +34,7 @@ class _Protocol(asyncio.Protocol):
         self.reader = hiredis.Reader()
         self.waiters: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
+        self._unsent: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -48,6 +49,7 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._unsent.clear()
         error = ConnectionError(f"redis connection lost: {exc or 'closed by server'}")
         while self.waiters:
             waiter = self.waiters.popleft()
@@ -57,10 +59,20 @@ class _Protocol(asyncio.Protocol):
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         if self.transport is None or self.transport.is_closing():
             raise ConnectionError("redis connection is closed")
-        waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(packed)
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        # Commands issued in one turn of the event loop leave in one write (one syscall
+        # here, one read in Redis) at the end of that turn.
+        if not self._unsent:
+            loop.call_soon(self._flush)
+        self._unsent.append(packed)
         self.waiters.append(waiter)
         return waiter
+
+    def _flush(self) -> None:
+        if self.transport is not None and self._unsent:
+            self.transport.write(b"".join(self._unsent))
+        self._unsent.clear()
 
 
 def _pack(args: tuple[bytes | str | int | None, ...]) -> bytes:
