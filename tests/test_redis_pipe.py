@@ -68,6 +68,18 @@ async def test_password_and_database_from_the_url(redis_server: RedisServer,
         await client.aclose()
 
 
+def test_a_new_event_loop_gets_a_new_connection(redis_server: RedisServer) -> None:
+    """asyncio.run() twice with one pipe: the second loop must not wait on the first's
+    socket (nothing reads it once that loop has stopped)."""
+    pipe = RedisPipe(("127.0.0.1", redis_server.port))
+
+    async def ping() -> bytes:
+        return bytes(await asyncio.wait_for(pipe.call("PING"), 5))
+
+    assert asyncio.run(ping()) == b"PONG"
+    assert asyncio.run(ping()) == b"PONG"
+
+
 def test_tls_stays_on_redis_py() -> None:
     assert RedisPipe.for_client(aioredis.Redis.from_url("rediss://127.0.0.1:6380/0")) is None
     assert RedisPipe.for_client(aioredis.Redis.from_url("unix:///tmp/r.sock?db=2")) is not None

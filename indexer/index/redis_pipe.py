@@ -34,6 +34,7 @@ class _Protocol(asyncio.Protocol):
         self.reader = hiredis.Reader()
         self.waiters: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()  # a socket serves the loop that opened it
         self._unsent: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -59,12 +60,11 @@ class _Protocol(asyncio.Protocol):
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         if self.transport is None or self.transport.is_closing():
             raise ConnectionError("redis connection is closed")
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
+        waiter = self.loop.create_future()
         # Commands issued in one turn of the event loop leave in one write (one syscall
         # here, one read in Redis) at the end of that turn.
         if not self._unsent:
-            loop.call_soon(self._flush)
+            self.loop.call_soon(self._flush)
         self._unsent.append(packed)
         self.waiters.append(waiter)
         return waiter
@@ -117,7 +117,8 @@ class RedisPipe:
     async def call(self, *args: bytes | str | int) -> Any:
         """One command's reply; an error reply raises ResponseError (NoScriptError)."""
         protocol = self._protocol
-        if protocol is None or protocol.transport is None:
+        if (protocol is None or protocol.transport is None
+                or protocol.loop is not asyncio.get_running_loop()):
             protocol = await self._connect()
         return _raise_if_error(await protocol.send(_pack(args)))
 
@@ -130,7 +131,8 @@ class RedisPipe:
 
     async def _connect(self) -> _Protocol:
         # Concurrent first calls share one connection attempt.
-        if self._connecting is None or self._connecting.done():
+        if (self._connecting is None or self._connecting.done()
+                or self._connecting.get_loop() is not asyncio.get_running_loop()):
             self._connecting = asyncio.ensure_future(self._open())
         protocol = await asyncio.shield(self._connecting)
         self._protocol = protocol
