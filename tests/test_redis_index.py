@@ -158,6 +158,7 @@ class TestRedisFailure:
         server = RedisServer(tmp_path).start()
         try:
             index = RedisIndex.from_url(server.url)
+            assert index._queries is not None  # the query pipe is what is under test
             await index.apply([batch(0, stored(1, 3))])
             assert await matched(index) == 3
             server.kill()
@@ -174,7 +175,9 @@ class TestRedisFailure:
 
     async def test_queries_survive_a_script_flush(self, redis_client: aioredis.Redis) -> None:
         index = RedisIndex(redis_client)
+        assert index._queries is not None
         await index.apply([batch(0, stored(1, 3))])
         assert await matched(index) == 3
         await redis_client.script_flush()
         assert await matched(index) == 3
+        await index.close()

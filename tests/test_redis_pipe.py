@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 from indexer.index.redis_pipe import RedisPipe
 from tests.servers import RedisServer
@@ -29,6 +29,26 @@ async def test_concurrent_callers_get_their_own_replies(pipe: RedisPipe,
     await redis_client.mset({f"k{i}": f"v{i}".encode() for i in range(500)})
     replies = await asyncio.gather(*(pipe.call("GET", f"k{i}") for i in range(500)))
     assert replies == [f"v{i}".encode() for i in range(500)]
+
+
+async def test_callers_arriving_while_it_connects_share_one_connection(
+        redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
+    async def connected() -> int:
+        return int((await redis_client.info("clients"))["connected_clients"])
+
+    before = await connected()
+    pipe = RedisPipe(("127.0.0.1", redis_server.port))
+
+    async def ping_after(turns: int) -> bytes:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        return bytes(await pipe.call("PING"))
+
+    assert set(await asyncio.gather(*(ping_after(i % 8) for i in range(200)))) == {b"PONG"}
+    assert await connected() == before + 1
+    await pipe.close()
+    await asyncio.sleep(0.05)
+    assert await connected() == before
 
 
 async def test_a_caller_that_gives_up_does_not_shift_the_replies(pipe: RedisPipe) -> None:
@@ -76,8 +96,13 @@ def test_a_new_event_loop_gets_a_new_connection(redis_server: RedisServer) -> No
     async def ping() -> bytes:
         return bytes(await asyncio.wait_for(pipe.call("PING"), 5))
 
+    async def ping_and_close() -> bytes:
+        reply = await ping()
+        await pipe.close()
+        return reply
+
     assert asyncio.run(ping()) == b"PONG"
-    assert asyncio.run(ping()) == b"PONG"
+    assert asyncio.run(ping_and_close()) == b"PONG"
 
 
 def test_tls_stays_on_redis_py() -> None:
@@ -102,3 +127,39 @@ async def test_reconnects_after_redis_restarts(tmp_path: Path) -> None:
         await pipe.close()
     finally:
         server.stop()
+
+
+async def _silent_server() -> tuple[asyncio.Server, int, list[int]]:
+    """Accepts connections, reads what comes, never answers; counts connections."""
+    accepted: list[int] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        while await reader.read(65536):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], accepted
+
+
+async def test_a_silent_server_times_out_and_the_next_call_reconnects() -> None:
+    server, port, accepted = await _silent_server()
+    async with server:
+        pipe = RedisPipe(("127.0.0.1", port), reply_timeout=0.2)
+        for expected_connections in (1, 2):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(pipe.call("PING"), 5)
+            assert len(accepted) == expected_connections
+        await pipe.close()
+
+
+async def test_close_while_connecting_is_a_connection_error() -> None:
+    server, port, _ = await _silent_server()
+    async with server:
+        pipe = RedisPipe(("127.0.0.1", port), password="never-answered")
+        call = asyncio.ensure_future(pipe.call("PING"))
+        await asyncio.sleep(0.1)  # connected; AUTH sent and unanswered
+        await pipe.close()
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(call, 5)

@@ -176,7 +176,7 @@ class RedisIndex:
         self._apply_sha: str | None = None
         self._slot_script = client.register_script(_lua("slot.lua"))
         self._score_script = client.register_script(_lua("score.lua"))
-        self._score_sha: str | None = None
+        self._score_sha = str(self._score_script.sha)
         self._queries = RedisPipe.for_client(client)  # None: queries stay on redis-py
         self._ledgers: dict[tuple[str, WorkerRef], WorkerLedger] = {}
         self._log_bytes: dict[WorkerLedger, int] = {}  # size of each ledger's log in Redis
@@ -438,8 +438,7 @@ class RedisIndex:
             slot_map = await self._slot_map(query.model, version or None)
         except RedisError as exc:
             if isinstance(exc, ConnectionError | TimeoutError):
-                # The next query reconnects the pipe; redis-py's pooled sockets are as dead.
-                await self._redis.connection_pool.disconnect()
+                await self._drop_idle_sockets()
             raise BackendError(f"redis score failed: {exc}") from exc
         candidates = slot_map.candidates(query.workers)
         # Runs of equal masks, flat: [mask bytes, count, ...] (see lua/score.lua).
@@ -450,6 +449,15 @@ class RedisIndex:
                                     query.include_zero)
         return ScoreResult(len(keys), worker_scores(matches, slot_map.by_slot.__getitem__))
 
+    async def _drop_idle_sockets(self) -> None:
+        """After a query lost its connection: the next query reconnects the pipe, and
+        redis-py's idle pooled sockets are likely as dead (a restart); busy ones are left
+        to their users."""
+        try:
+            await self._redis.connection_pool.disconnect(inuse_connections=False)
+        except RedisError:
+            log.debug("redis_pool_disconnect_failed", exc_info=True)
+
     async def _masks(self, prefix: str, packed_keys: bytes) -> list[Any]:
         """score.lua's reply; over the shared query pipe when there is one."""
         keys = (prefix + "blk", prefix + "slotver")
@@ -458,8 +466,6 @@ class RedisIndex:
             reply = await self._score_script(keys=keys, args=[packed_keys])
             return reply
         try:
-            if self._score_sha is None:
-                raise NoScriptError
             reply = await self._queries.call("EVALSHA", self._score_sha, 2, *keys, packed_keys)
         except NoScriptError:  # first use, or Redis restarted and lost its scripts
             script = str(self._score_script.script)

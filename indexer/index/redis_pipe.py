@@ -1,15 +1,17 @@
 """One Redis connection that carries every concurrent query, pipelined.
 
-redis-py's asyncio client spends 80-130 µs of CPU per command (pool checkout, retry
+redis-py's asyncio client spends 80-135 µs of CPU per command (pool checkout, retry
 wrappers, stream reads) and gives each concurrent command a connection of its own. Score
 sends one EVALSHA per call, so on the query path that overhead was a fifth of the server's
-CPU. Here a command is one `transport.write` of hiredis-packed bytes and one future; replies
-come back in order on the same socket, so Redis reads (and answers) bursts of concurrent
-queries with one syscall each way. About 20-55 µs per command (bench/grpc_score.py).
+CPU. Here a command is hiredis-packed bytes and one future; commands issued in one turn of
+the event loop leave in one write, and replies resolve the futures in order, so Redis
+reads (and answers) bursts of concurrent queries with one syscall each way. About 20-55 µs
+per command.
 
 Plain TCP and Unix sockets with a password and a database number are spoken here; anything
-else a URL can ask for (TLS, credential providers) stays on redis-py: `for_client` returns
-None and the caller keeps using its client.
+else a URL can ask for (TLS, credential providers, RESP3) stays on redis-py: `for_client`
+returns None and the caller keeps using its client. Every failure is a redis-py exception
+(ConnectionError, TimeoutError, ResponseError, NoScriptError).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, Final
 
 import hiredis
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 __all__ = ["RedisPipe"]
 
@@ -28,13 +30,15 @@ _PLAIN_CLASSES: Final = (aioredis.Connection, aioredis.UnixDomainSocketConnectio
 
 
 class _Protocol(asyncio.Protocol):
-    """Feeds replies to the waiting futures, oldest first."""
+    """Feeds replies to the waiting futures, oldest first; gives up on a silent server."""
 
-    def __init__(self) -> None:
+    def __init__(self, reply_timeout: float | None) -> None:
         self.reader = hiredis.Reader()
-        self.waiters: deque[asyncio.Future[Any]] = deque()
+        self.waiters: deque[tuple[asyncio.Future[Any], float]] = deque()  # (future, sent at)
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()  # a socket serves the loop that opened it
+        self._reply_timeout = reply_timeout
+        self._watchdog: asyncio.TimerHandle | None = None
         self._unsent: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -44,38 +48,67 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
-            waiter = self.waiters.popleft()
+            waiter, _ = self.waiters.popleft()
             if not waiter.done():  # a caller that gave up (deadline) no longer listens
                 waiter.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        self._unsent.clear()
-        error = ConnectionError(f"redis connection lost: {exc or 'closed by server'}")
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(error)
+        self._fail_all(ConnectionError(f"redis connection lost: {exc or 'closed by server'}"))
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         if self.transport is None or self.transport.is_closing():
             raise ConnectionError("redis connection is closed")
         waiter = self.loop.create_future()
-        # Commands issued in one turn of the event loop leave in one write (one syscall
-        # here, one read in Redis) at the end of that turn.
         if not self._unsent:
             self.loop.call_soon(self._flush)
         self._unsent.append(packed)
-        self.waiters.append(waiter)
+        self.waiters.append((waiter, self.loop.time()))
+        if self._reply_timeout is not None and self._watchdog is None:
+            self._watchdog = self.loop.call_later(self._reply_timeout, self._check_replies)
         return waiter
+
+    def close(self) -> None:
+        if self.loop.is_closed():  # nothing can run there any more, nor be woken
+            self.transport = None
+            self.waiters.clear()
+            return
+        if self.transport is not None:
+            self.transport.close()
+        self._fail_all(ConnectionError("redis connection closed"))
 
     def _flush(self) -> None:
         if self.transport is not None and self._unsent:
             self.transport.write(b"".join(self._unsent))
         self._unsent.clear()
 
+    def _check_replies(self) -> None:
+        """Redis answers in order: if the oldest command waited too long, the socket is
+        dead or the server is stuck; drop it so the next query reconnects."""
+        self._watchdog = None
+        if not self.waiters or self._reply_timeout is None:
+            return
+        waited = self.loop.time() - self.waiters[0][1]
+        if waited >= self._reply_timeout:
+            if self.transport is not None:
+                self.transport.abort()
+            self._fail_all(TimeoutError(f"no reply from redis in {self._reply_timeout:g} s"))
+        else:
+            self._watchdog = self.loop.call_later(self._reply_timeout - waited,
+                                                  self._check_replies)
 
-def _pack(args: tuple[bytes | str | int | None, ...]) -> bytes:
+    def _fail_all(self, error: Exception) -> None:
+        self.transport = None
+        self._unsent.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        while self.waiters:
+            waiter, _ = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+
+
+def _pack(args: tuple[bytes | str | int, ...]) -> bytes:
     packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]  # stub: a 1-tuple
     return packed
 
@@ -94,16 +127,19 @@ class RedisPipe:
 
     def __init__(self, address: tuple[str, int] | str, *, db: int = 0,
                  username: str | None = None, password: str | None = None,
-                 connect_timeout: float | None = 5.0) -> None:
+                 connect_timeout: float | None = 5.0,
+                 reply_timeout: float | None = None) -> None:
         self._address = address
         self._handshake = _handshake_commands(db, username, password)
         self._connect_timeout = connect_timeout
+        self._reply_timeout = reply_timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Task[_Protocol] | None = None
 
     @classmethod
     def for_client(cls, client: aioredis.Redis) -> RedisPipe | None:
-        """A pipe to where `client` connects, or None if it needs what only redis-py speaks."""
+        """A pipe to where `client` connects, with its timeouts and credentials, or None
+        if it needs what only redis-py speaks."""
         pool = client.connection_pool
         kwargs = pool.connection_kwargs
         if (pool.connection_class not in _PLAIN_CLASSES or kwargs.get("credential_provider")
@@ -112,7 +148,8 @@ class RedisPipe:
         address = kwargs["path"] if "path" in kwargs else (kwargs["host"], kwargs["port"])
         return cls(address, db=int(kwargs.get("db") or 0), username=kwargs.get("username"),
                    password=kwargs.get("password"),
-                   connect_timeout=kwargs.get("socket_connect_timeout", 5.0))
+                   connect_timeout=kwargs.get("socket_connect_timeout", 5.0),
+                   reply_timeout=kwargs.get("socket_timeout"))
 
     async def call(self, *args: bytes | str | int) -> Any:
         """One command's reply; an error reply raises ResponseError (NoScriptError)."""
@@ -123,20 +160,26 @@ class RedisPipe:
         return _raise_if_error(await protocol.send(_pack(args)))
 
     async def close(self) -> None:
-        if self._connecting is not None:
+        if self._connecting is not None and not self._connecting.done():
             self._connecting.cancel()
-        if self._protocol is not None and self._protocol.transport is not None:
-            self._protocol.transport.close()
+        self._connecting = None
+        if self._protocol is not None:
+            self._protocol.close()
         self._protocol = None
 
     async def _connect(self) -> _Protocol:
-        # Concurrent first calls share one connection attempt.
-        if (self._connecting is None or self._connecting.done()
-                or self._connecting.get_loop() is not asyncio.get_running_loop()):
-            self._connecting = asyncio.ensure_future(self._open())
-        protocol = await asyncio.shield(self._connecting)
-        self._protocol = protocol
-        return protocol
+        # Callers that find no connection share one attempt; the one that succeeded is
+        # the connection until it is lost.
+        loop = asyncio.get_running_loop()
+        task = self._connecting
+        if task is None or task.get_loop() is not loop or task.done():
+            task = self._connecting = loop.create_task(self._open())
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():  # close() stopped the attempt, not this caller's deadline
+                raise ConnectionError("redis pipe closed while connecting") from None
+            raise
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -144,27 +187,32 @@ class RedisPipe:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if isinstance(self._address, str):
-                    _, protocol = await loop.create_unix_connection(_Protocol, self._address)
+                    _, protocol = await loop.create_unix_connection(
+                        lambda: _Protocol(self._reply_timeout), self._address)
                 else:
                     host, port = self._address
-                    _, protocol = await loop.create_connection(_Protocol, host, port)
+                    _, protocol = await loop.create_connection(
+                        lambda: _Protocol(self._reply_timeout), host, port)
                 replies = [protocol.send(_pack(c)) for c in self._handshake]
                 for reply in await asyncio.gather(*replies):
                     _raise_if_error(reply)
-            return protocol
         except BaseException as exc:
-            if protocol is not None and protocol.transport is not None:
-                protocol.transport.close()
-            if isinstance(exc, OSError | TimeoutError):
+            if protocol is not None:
+                protocol.close()
+            if isinstance(exc, OSError | asyncio.TimeoutError):
                 raise ConnectionError(
-                    f"cannot connect to redis at {self._address}: {exc}") from exc
+                    f"cannot connect to redis at {self._address}: {exc!r}") from exc
             raise
+        if self._protocol is not None:
+            self._protocol.close()  # e.g. a socket of an event loop that has ended
+        self._protocol = protocol
+        return protocol
 
 
 def _handshake_commands(db: int, username: str | None,
-                        password: str | None) -> list[tuple[str | int | None, ...]]:
-    commands: list[tuple[str | int | None, ...]] = []
-    if password is not None:
+                        password: str | None) -> list[tuple[str | int, ...]]:
+    commands: list[tuple[str | int, ...]] = []
+    if password:  # as redis-py: an empty password means no AUTH
         commands.append(("AUTH", username, password) if username else ("AUTH", password))
     if db:
         commands.append(("SELECT", db))
