@@ -504,8 +504,32 @@ def report(args: argparse.Namespace, described: dict[str, str], rows: list[Row],
             lines.append(f"| >= {SATURATION_TARGET:,} Score calls/s at saturation | {backend} | "
                          f"{best.rate:,.0f} calls/s ({best.load}) | "
                          f"{verdict(best.rate >= SATURATION_TARGET)} |")
-    lines += ["", *notes]
+    lines += ["", *cpu_per_call(rows), "", *notes]
     return "\n".join(lines)
+
+
+def cpu_per_call(rows: list[Row]) -> list[str]:
+    """CPU milliseconds per call of each side, from the fastest closed-loop row of each
+    backend, and the memory backend's p99 at the target rate: gRPC's own floor here."""
+    lines = ["CPU per call at each backend's fastest closed-loop load (ms of one core; the "
+             "machine has 2 cores for all three):", "",
+             "| backend | calls/s | server | redis-server | clients |", "|---|---:|---:|---:|---:|"]
+    for backend in dict.fromkeys(r.backend for r in rows):
+        closed = [r for r in rows if r.backend == backend and r.p99_sched_ms is None]
+        if not closed:
+            continue
+        best = max(closed, key=lambda r: r.rate)
+        redis = f"{best.redis_cpu / best.rate * 1e3:.3f}" if best.redis_cpu else "—"
+        lines.append(f"| {backend} | {best.rate:,.0f} | {best.server_cpu / best.rate * 1e3:.3f} "
+                     f"| {redis} | {best.client_cpu / best.rate * 1e3:.3f} |")
+    floor = [r for r in rows if r.backend == "memory"
+             and r.load == f"{RATE_TARGET:,} calls/s fixed"]
+    if floor:
+        lines += ["", f"The in-memory backend, which makes no network call of its own, has a "
+                  f"p99 of {floor[0].p99_ms:.2f} ms at {RATE_TARGET:,} calls/s in this run: "
+                  "the floor that gRPC (grpc.aio, server and clients on these 2 cores) sets "
+                  "before Redis adds its round trip."]
+    return lines
 
 
 def main() -> None:
