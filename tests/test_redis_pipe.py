@@ -163,3 +163,15 @@ async def test_close_while_connecting_is_a_connection_error() -> None:
         await pipe.close()
         with pytest.raises(ConnectionError):
             await asyncio.wait_for(call, 5)
+
+
+async def test_the_reply_timeout_comes_from_the_url() -> None:
+    server, port, _ = await _silent_server()
+    async with server:
+        client = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0?socket_timeout=0.2")
+        pipe = RedisPipe.for_client(client)
+        assert pipe is not None
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(pipe.call("PING"), 5)
+        await pipe.close()
+        await client.aclose()
