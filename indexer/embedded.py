@@ -2,10 +2,17 @@
 
 `kv-indexer serve` without `--nats-url` starts one; tests start private ones on free
 ports and kill or restart them.
+
+The server runs in a session of its own, so a Ctrl-C in the terminal (a signal to the
+whole foreground process group) reaches only the indexer, which drains its consumers and
+then stops the server: stopping both at once left the consumers timing out against a
+dead server for seconds and logging failures. On Linux the server is also told to exit
+when the process that started it dies, so a killed indexer leaves no server behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -14,6 +21,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -56,6 +64,29 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _death_signal_setter() -> Callable[[], None] | None:
+    """What the child runs before exec so that it gets SIGTERM when the thread that
+    started it ends (Linux). prctl is looked up here, in the parent: the child only makes
+    the one system call, nothing that could wait on a lock another thread held at fork."""
+    if sys.platform != "linux":
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def set_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+    return set_death_signal
+
+
+_SET_DEATH_SIGNAL = _death_signal_setter()
+
+
 class EmbeddedNats:
     """A nats-server child process; `url` is valid once `start()` returns."""
 
@@ -76,6 +107,8 @@ class EmbeddedNats:
             [find_nats_server(), "-a", self.host, "-p", str(self.port), "-js",
              "-sd", str(self.data_dir / "jetstream"), "-l", str(log_file)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_SET_DEATH_SIGNAL,  # noqa: PLW1509 - one syscall, see above
         )
         self._wait_ready(timeout)
         log.info("nats_started", url=self.url, data_dir=str(self.data_dir), pid=self.proc.pid)

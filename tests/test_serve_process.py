@@ -1,0 +1,86 @@
+"""`kv-indexer serve` on its embedded default, as a process: it stops cleanly on Ctrl-C,
+and its nats-server never outlives it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.servers import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def _start_serve(tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
+    """The service in a process group of its own, as a shell runs a foreground job;
+    returns it and its nats-server's pid once it serves."""
+    code = "import sys; from indexer.app import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "--data-dir", str(tmp_path / "data"), "--grpc-listen",
+         f"127.0.0.1:{free_port()}", "--metrics-listen", "", "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout is not None
+    nats_pid = 0
+    deadline = time.monotonic() + 60
+    for line in proc.stdout:
+        if line.startswith("{") and '"nats_started"' in line:
+            nats_pid = int(json.loads(line)["pid"])
+        if "kv-indexer serving" in line:
+            break
+        assert time.monotonic() < deadline, "kv-indexer serve did not come up"
+    assert nats_pid, "no nats_started line"
+    return proc, nats_pid
+
+
+def _gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # A child that has exited but is not yet reaped still answers kill(0).
+        if Path(f"/proc/{pid}/stat").exists() and \
+                Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _kill_if_left(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_ctrl_c_stops_the_consumers_before_nats(tmp_path: Path) -> None:
+    proc, nats_pid = _start_serve(tmp_path)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends the foreground job
+        output, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, output
+        # The consumers drained against a live server: no failures, no timeouts.
+        assert "partition_consumer_failed" not in output, output
+        assert "Traceback" not in output, output
+        assert _gone(nats_pid, 10)
+    finally:
+        _kill_if_left(nats_pid)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_a_killed_indexer_takes_its_nats_server_along(tmp_path: Path) -> None:
+    proc, nats_pid = _start_serve(tmp_path)
+    try:
+        proc.kill()
+        proc.wait(10)
+        assert _gone(nats_pid, 10)
+    finally:
+        _kill_if_left(nats_pid)
