@@ -79,6 +79,9 @@ async def run(args: argparse.Namespace, url: str) -> str:
                 matched += bool(result.scores)
     await index.close()
     await admin.aclose()
+    query_cpu = {name: await query_cpu_per_call(url, queries, pipelined)
+                 for name, pipelined in (("one pipelined connection", True),
+                                         ("redis-py", False))}
 
     p50, p99 = statistics.median(score_only), pct(score_only, 0.99)
     h50, h99 = statistics.median(with_hash), pct(with_hash, 0.99)
@@ -104,10 +107,46 @@ pipeline each, one atomic Lua call per batch).
 | Score p99 | {p99:,.0f} us | <= 1,500 us | {verdict(p99 <= 1500)} |
 | Score incl. hashing the prompt, p50 / p99 | {h50:,.0f} / {h99:,.0f} us | | |
 
+Score's connection to Redis: this process's CPU per `RedisIndex.score` and calls/s, with
+N queries in flight ({QUERY_CPU_CALLS:,} calls each; Redis's own work is not counted):
+
+| queries go over | CPU µs per call, 1 in flight | 8 in flight | calls/s, 8 in flight |
+|---|---:|---:|---:|
+{query_cpu_rows(query_cpu)}
+
 {entries:,} (block, worker, tier) entries; used_memory grew by {mem_after - mem_before:,} bytes
 (blocks hash, per-worker engine-hash maps and ghost lists together). {len(score_only):,} timed
 queries ({args.reps} passes over {len(queries)}), {matched:,} with at least one hit.
 """
+
+
+QUERY_CPU_CALLS = 3_000
+
+
+async def query_cpu_per_call(url: str, queries: list[list[int]],
+                             pipelined: bool) -> dict[int, tuple[float, float]]:
+    """{in flight: (CPU µs per call, calls/s)} of `RedisIndex.score` over the index at
+    `url`, with queries pipelined on one connection or sent through redis-py."""
+    index = RedisIndex.from_url(url, pipelined_queries=pipelined)
+    keys = [block_keys_for_tokens(tokens, 16, MODEL) for tokens in queries]
+    out: dict[int, tuple[float, float]] = {}
+    for in_flight in (1, 8, 1, 8):  # the first pass of each warms up, the second counts
+
+        async def caller(first: int, step: int) -> None:
+            for i in range(first, QUERY_CPU_CALLS, step):
+                await index.score(ScoreQuery(model=MODEL, block_keys=keys[i % len(keys)]))
+
+        cpu, wall = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(caller(k, in_flight) for k in range(in_flight)))
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        out[in_flight] = (cpu / QUERY_CPU_CALLS * 1e6, QUERY_CPU_CALLS / wall)
+    await index.close()
+    return out
+
+
+def query_cpu_rows(query_cpu: dict[str, dict[int, tuple[float, float]]]) -> str:
+    return "\n".join(f"| {name} | {by[1][0]:.0f} | {by[8][0]:.0f} | {by[8][1]:,.0f} |"
+                     for name, by in query_cpu.items())
 
 
 def _escape(model: str) -> str:

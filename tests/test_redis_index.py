@@ -181,3 +181,20 @@ class TestRedisFailure:
         await redis_client.script_flush()
         assert await matched(index) == 3
         await index.close()
+
+
+class TestQueryPaths:
+    """Queries over the pipelined connection and through redis-py (the TLS path) agree."""
+
+    async def test_same_answers(self, redis_client: aioredis.Redis) -> None:
+        writer = RedisIndex(redis_client)
+        await writer.apply([batch(0, stored(1, 3)), batch(0, stored(1, 2), worker="v")])
+        piped = RedisIndex(redis_client)
+        plain = RedisIndex(redis_client, pipelined_queries=False)
+        assert piped._queries is not None and plain._queries is None
+        query = ScoreQuery(model=MODEL, block_keys=keys_of_prompt(), include_zero=True)
+        first, second = await piped.score(query), await plain.score(query)
+        assert first == second
+        assert sorted((s.worker_id, s.matched_blocks) for s in first.scores) == [
+            ("v", 2), ("w", 3)]
+        await piped.close()

@@ -166,6 +166,7 @@ class RedisIndex:
         config: IndexConfig | None = None,
         on_resync: ResyncHook | None = None,
         log_compact_min_bytes: int = DEFAULT_LOG_COMPACT_MIN_BYTES,
+        pipelined_queries: bool = True,
     ) -> None:
         self.log_compact_min_bytes = log_compact_min_bytes
         self.config = config or IndexConfig()
@@ -177,7 +178,8 @@ class RedisIndex:
         self._slot_script = client.register_script(_lua("slot.lua"))
         self._score_script = client.register_script(_lua("score.lua"))
         self._score_sha = str(self._score_script.sha)
-        self._queries = RedisPipe.for_client(client)  # None: queries stay on redis-py
+        # None: queries stay on redis-py (asked for, or a URL the pipe does not speak).
+        self._queries = RedisPipe.for_client(client) if pipelined_queries else None
         self._ledgers: dict[tuple[str, WorkerRef], WorkerLedger] = {}
         self._log_bytes: dict[WorkerLedger, int] = {}  # size of each ledger's log in Redis
         self._slot_maps: dict[str, _SlotMap] = {}
