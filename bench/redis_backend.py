@@ -110,8 +110,8 @@ pipeline each, one atomic Lua call per batch).
 Score's connection to Redis: this process's CPU per `RedisIndex.score` and calls/s, with
 N queries in flight ({QUERY_CPU_CALLS:,} calls each; Redis's own work is not counted):
 
-| queries go over | CPU µs per call, 1 in flight | 8 in flight | calls/s, 8 in flight |
-|---|---:|---:|---:|
+| queries go over | CPU µs/call, 1 in flight | 8 in flight | calls/s, 1 in flight | 8 |
+|---|---:|---:|---:|---:|
 {query_cpu_rows(query_cpu)}
 
 {entries:,} (block, worker, tier) entries; used_memory grew by {mem_after - mem_before:,} bytes
@@ -145,8 +145,8 @@ async def query_cpu_per_call(url: str, queries: list[list[int]],
 
 
 def query_cpu_rows(query_cpu: dict[str, dict[int, tuple[float, float]]]) -> str:
-    return "\n".join(f"| {name} | {by[1][0]:.0f} | {by[8][0]:.0f} | {by[8][1]:,.0f} |"
-                     for name, by in query_cpu.items())
+    return "\n".join(f"| {name} | {by[1][0]:.0f} | {by[8][0]:.0f} | {by[1][1]:,.0f} "
+                     f"| {by[8][1]:,.0f} |" for name, by in query_cpu.items())
 
 
 def _escape(model: str) -> str:
