@@ -177,7 +177,6 @@ class RedisIndex:
         self._apply_sha: str | None = None
         self._slot_script = client.register_script(_lua("slot.lua"))
         self._score_script = client.register_script(_lua("score.lua"))
-        self._score_sha = str(self._score_script.sha)
         # None: queries stay on redis-py (asked for, or a URL the pipe does not speak).
         self._queries = RedisPipe.for_client(client) if pipelined_queries else None
         self._ledgers: dict[tuple[str, WorkerRef], WorkerLedger] = {}
@@ -467,12 +466,12 @@ class RedisIndex:
         if self._queries is None:
             reply = await self._score_script(keys=keys, args=[packed_keys])
             return reply
+        sha = str(self._score_script.sha)  # SHA1 of the script text, known before loading
         try:
-            reply = await self._queries.call("EVALSHA", self._score_sha, 2, *keys, packed_keys)
+            reply = await self._queries.call("EVALSHA", sha, 2, *keys, packed_keys)
         except NoScriptError:  # first use, or Redis restarted and lost its scripts
-            script = str(self._score_script.script)
-            self._score_sha = (await self._queries.call("SCRIPT", "LOAD", script)).decode()
-            reply = await self._queries.call("EVALSHA", self._score_sha, 2, *keys, packed_keys)
+            await self._queries.call("SCRIPT", "LOAD", str(self._score_script.script))
+            reply = await self._queries.call("EVALSHA", sha, 2, *keys, packed_keys)
         return reply
 
     async def _slot_map(self, model: str, version: bytes | None = None,
