@@ -175,3 +175,24 @@ async def test_the_reply_timeout_comes_from_the_url() -> None:
             await asyncio.wait_for(pipe.call("PING"), 5)
         await pipe.close()
         await client.aclose()
+
+
+async def test_a_malformed_reply_drops_the_connection_and_no_caller_gets_it() -> None:
+    """Garbage on the socket (not RESP) fails the callers waiting on it with a
+    ConnectionError; the next call opens a new connection."""
+    replies = [b"!!not resp\r\n", b"+PONG\r\n"]
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reply = replies.pop(0)
+        while await reader.read(65536):
+            writer.write(reply)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with server:
+        pipe = RedisPipe(("127.0.0.1", server.sockets[0].getsockname()[1]))
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(pipe.call("PING"), 5)
+        assert await asyncio.wait_for(pipe.call("PING"), 5) == b"PONG"
+        await pipe.close()
