@@ -6,7 +6,7 @@ PYTHON  ?= python3
 PKGS    := indexer publisher
 PROTO_OUT := indexer/_proto
 
-.PHONY: setup redis-server test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc proto clean
+.PHONY: setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc proto clean
 
 setup: $(STAMP) redis-server
 
@@ -24,6 +24,18 @@ redis-server:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
 	  else \
 	    echo "redis-server is missing: install Debian's redis-server package" >&2; exit 1; \
+	  fi; }
+
+# bench-grpc's load generator (bench/grpcload.c) links libnghttp2; without it the bench
+# runs its Python clients only.
+libnghttp2-dev:
+	@[ -f /usr/include/nghttp2/nghttp2.h ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing libnghttp2-dev with apt-get"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnghttp2-dev; } \
+	      || echo "could not install libnghttp2-dev: bench-grpc will run its Python clients only" >&2; \
+	  else \
+	    echo "libnghttp2-dev is missing: bench-grpc will run its Python clients only" >&2; \
 	  fi; }
 
 lint: $(STAMP)
@@ -61,7 +73,7 @@ bench-redis: setup
 bench-events: setup
 	$(PY) -m bench.event_path
 
-bench-grpc: setup
+bench-grpc: setup libnghttp2-dev
 	$(PY) -m bench.grpc_score
 
 bench-rebuild: setup

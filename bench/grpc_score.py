@@ -31,6 +31,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from bench import grpcload
 from bench.report import pct, verdict, write_section
 from bench.workload import make_workload
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
@@ -137,6 +138,7 @@ class ClientJob:
     phase: float = 0.0  # offset of this process's open-loop schedule, fraction of a period
     expected: list[int] = field(default_factory=list)
     channels: int = 1  # connections of their own (no shared subchannel); calls round-robin
+    grpcload: grpcload.GrpcLoad | None = None  # run by bench/grpcload.c, not grpc.aio
 
 
 @dataclass
@@ -267,6 +269,8 @@ async def _open_loop(calls: list[Any], job: ClientJob) -> ClientResult:
 
 def run_clients(jobs: list[ClientJob]) -> list[ClientResult]:
     """Start one spawned process per job, release them together, collect the results."""
+    if jobs[0].grpcload is not None:
+        return [run_grpcload(job) for job in jobs]
     ctx = mp.get_context("spawn")
     go = ctx.Event()
     out = ctx.Queue()
@@ -283,6 +287,22 @@ def run_clients(jobs: list[ClientJob]) -> list[ClientResult]:
     for proc in procs:
         proc.join(10)
     return results
+
+
+def run_grpcload(job: ClientJob) -> ClientResult:
+    """One closed- or open-loop run of bench/grpcload.c."""
+    assert job.grpcload is not None and job.mode in ("closed", "open")
+    closed = job.mode == "closed"
+    with tempfile.TemporaryDirectory() as tmp:
+        latencies = Path(tmp) / "latencies"
+        proc = grpcload.start(
+            job.grpcload, latencies, port=job.port, method=SCORE_METHOD, mode=job.mode,
+            amount=job.tasks if closed else job.rate,
+            connections=min(job.channels, job.tasks) if closed else job.channels,
+            warmup=job.warmup, duration=job.duration)
+        run = grpcload.finish(proc, latencies, timeout=job.warmup + job.duration + 60)
+    return ClientResult(latencies=run.latencies, from_schedule=[] if closed else run.from_schedule,
+                        errors=run.errors, max_lag=run.max_lag, cpu=run.cpu)
 
 
 # --- scenarios ---------------------------------------------------------------------------
@@ -302,6 +322,11 @@ class Row:
     client_cpu: float
     p99_sched_ms: float | None = None
     max_lag_ms: float | None = None
+    clients: str = "grpcload"  # the load generator: "grpcload" or "grpc.aio"
+
+    @property
+    def closed_loop(self) -> bool:
+        return self.p99_sched_ms is None
 
 
 def merge_counts(counts: list[dict[str, int]]) -> dict[str, int]:
@@ -323,7 +348,8 @@ def measure(backend: str, label: str, server: ServerProcess, jobs: list[ClientJo
     results = run_clients(jobs)
     cpu1 = server.cpu()
     redis1 = process_cpu(redis_pid) if redis_pid else 0.0
-    wall = jobs[0].warmup + jobs[0].duration + 1.0  # + spawn/ready time, roughly
+    clients = "grpc.aio" if jobs[0].grpcload is None else "grpcload"
+    wall = jobs[0].warmup + jobs[0].duration + (1.0 if clients == "grpc.aio" else 0.1)
     latencies = [x for r in results for x in r.latencies]
     sched = [x for r in results for x in r.from_schedule]
     duration = jobs[0].duration
@@ -335,9 +361,10 @@ def measure(backend: str, label: str, server: ServerProcess, jobs: list[ClientJo
         sum(r.cpu for r in results) / (jobs[0].warmup + jobs[0].duration),
         pct(sched, 0.99) * 1e3 if sched else None,
         max(r.max_lag for r in results) * 1e3 if sched else None,
+        clients,
     )
-    print(f"  {backend:6} {label:22} {row.rate:8,.0f} calls/s  p50 {row.p50_ms:6.2f} ms  "
-          f"p99 {row.p99_ms:6.2f} ms  errors {show_errors(row.errors)}  "
+    print(f"  {backend:6} {clients:8} {label:22} {row.rate:8,.0f} calls/s  "
+          f"p50 {row.p50_ms:6.2f} ms  p99 {row.p99_ms:6.2f} ms  errors {show_errors(row.errors)}  "
           f"server cpu {row.server_cpu:.2f}  "
           f"clients cpu {row.client_cpu:.2f}"
           + (f"  redis cpu {row.redis_cpu:.2f}" if row.redis_cpu is not None else "")
@@ -345,20 +372,45 @@ def measure(backend: str, label: str, server: ServerProcess, jobs: list[ClientJo
     return row
 
 
-def run_backend(backend: str, server: ServerProcess, args: argparse.Namespace,
-                requests: list[bytes], expected: list[int], *,
+@dataclass
+class Bench:
+    """What every run of one bench invocation shares."""
+
+    args: argparse.Namespace
+    requests: list[bytes]
+    expected: list[int]  # each request's best match, from an in-process MemoryIndex
+    load: grpcload.GrpcLoad | None  # None: grpcload could not be built
+
+
+def run_backend(bench: Bench, backend: str, server: ServerProcess, *,
                 redis_pid: int | None = None) -> list[Row]:
+    args, requests, expected = bench.args, bench.requests, bench.expected
     [checked] = run_clients([ClientJob(server.port, "verify", requests, expected=expected,
                                        channels=args.channels)])
     if checked.mismatches:
         raise SystemExit(f"{backend}: {checked.mismatches} queries disagree with MemoryIndex")
     print(f"  {backend}: all {len(requests)} queries agree with the in-process MemoryIndex")
     rows = []
-    for concurrency in args.concurrency:
-        procs = min(args.client_procs, concurrency)
+    if bench.load is not None:
+        rows += run_loads(bench, backend, server, load=bench.load,
+                          concurrencies=args.concurrency, rates=args.rates, redis_pid=redis_pid)
+    rows += run_loads(bench, backend, server, load=None, concurrencies=args.aio_concurrency,
+                      rates=args.aio_rates, redis_pid=redis_pid)
+    return rows
+
+
+def run_loads(bench: Bench, backend: str, server: ServerProcess, *,
+              load: grpcload.GrpcLoad | None, concurrencies: list[int], rates: list[int],
+              redis_pid: int | None) -> list[Row]:
+    """Closed loops at each concurrency, then open loops at each rate, from grpcload
+    (`load`) or from grpc.aio client processes (`load` None)."""
+    args, requests = bench.args, bench.requests
+    rows = []
+    for concurrency in concurrencies:
+        procs = 1 if load is not None else min(args.client_procs, concurrency)
         jobs = [ClientJob(server.port, "closed", requests, tasks=concurrency // procs,
                           warmup=args.warmup, duration=args.duration,
-                          channels=args.channels) for _ in range(procs)]
+                          channels=args.channels, grpcload=load) for _ in range(procs)]
         # Back-to-back runs on this shared machine differ by 10-20%: report the run with
         # the median rate, and every run's rate beside it.
         reps = sorted((measure(backend, f"{concurrency} concurrent", server, jobs, redis_pid)
@@ -368,11 +420,12 @@ def run_backend(backend: str, server: ServerProcess, args: argparse.Namespace,
             median.load += (f" (median of {len(reps)}: "
                             + " / ".join(f"{row.rate:,.0f}" for row in reps) + ")")
         rows.append(median)
-    for rate in args.rates:
-        jobs = [ClientJob(server.port, "open", requests, rate=rate / args.rate_procs,
+    for rate in rates:
+        procs = 1 if load is not None else args.rate_procs
+        jobs = [ClientJob(server.port, "open", requests, rate=rate / procs,
                           warmup=args.warmup, duration=args.rate_duration,
-                          phase=k / args.rate_procs, channels=args.channels)
-                for k in range(args.rate_procs)]
+                          phase=k / procs, channels=args.channels, grpcload=load)
+                for k in range(procs)]
         rows.append(measure(backend, f"{rate:,} calls/s fixed", server, jobs, redis_pid))
     return rows
 
@@ -447,15 +500,20 @@ async def redis_in_process(url: str, queries: list[list[int]], requests: list[by
 
 def report(args: argparse.Namespace, described: dict[str, str], rows: list[Row],
            baselines: dict[str, dict[str, list[float]]], notes: list[str]) -> str:
-    rates = ", ".join(f"{r:,}" for r in args.rates)
+    rates = ", ".join(f"{r:,}" for r in sorted({*args.rates, *args.aio_rates}, reverse=True))
     lines = [
         "Real server (`indexer.service.start_grpc_server`, grpc.aio, default settings) in its "
         "own process, forked once the index is loaded; with Redis also N server processes "
         "sharing the port (SO_REUSEPORT), as `kv-indexer serve --grpc-processes N` runs "
-        "them (the kernel gives each connection to one process). Load from separate "
-        f"grpc.aio client processes on the same host (loopback), each over {args.channels} "
-        "connections of its own, calls round-robin. Each call is a `Score` of one 8,192-token "
-        "prompt sent as `token_ids` (pre-serialised, ~22 KB; the answer is parsed). Closed "
+        "them (the kernel gives each connection to one process). Load from the same host "
+        "(loopback) over 16 connections, calls round-robin, by one of two generators: "
+        "**grpcload** (`bench/grpcload.c`: HTTP/2 through libnghttp2, one process, a few "
+        "tens of µs of CPU per call; the headline, since a router runs on its own host) and "
+        "**grpc.aio** (Python client processes, about 0.2 ms of CPU per call on the 2 cores "
+        "the server also needs, as a Python router on the same host would load it). Each "
+        "call is a `Score` of one 8,192-token prompt sent as `token_ids` (pre-serialised, "
+        "~22 KB; the 300 queries in turn; grpcload checks each answer's grpc-status, "
+        "grpc.aio parses the answer). Closed "
         f"loop: N calls in flight for {args.duration:g} s after {args.warmup:g} s of warm-up; "
         f"open loop: {rates} calls/s on a fixed schedule for {args.rate_duration:g} s "
         "(latency from send; 'from schedule' also counts client lag). CPU is the share of "
@@ -467,18 +525,18 @@ def report(args: argparse.Namespace, described: dict[str, str], rows: list[Row],
         "| workload | |", "|---|---|",
         *(f"| {k} | {v} |" for k, v in described.items()),
         "",
-        "| backend | load | calls/s | p50 ms | p99 ms | errors | server CPU | redis CPU | "
-        "clients CPU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| backend | clients | load | calls/s | p50 ms | p99 ms | errors | server CPU | "
+        "redis CPU | clients CPU |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         redis_cpu = f"{r.redis_cpu:.2f}" if r.redis_cpu is not None else "—"
         p99 = f"{r.p99_ms:.2f}"
         if r.p99_sched_ms is not None:
             p99 += f" (from schedule {r.p99_sched_ms:.2f})"
-        lines.append(f"| {r.backend} | {r.load} | {r.rate:,.0f} | {r.p50_ms:.2f} | {p99} | "
-                     f"{show_errors(r.errors)} | {r.server_cpu:.2f} | {redis_cpu} | "
-                     f"{r.client_cpu:.2f} |")
+        lines.append(f"| {r.backend} | {r.clients} | {r.load} | {r.rate:,.0f} | "
+                     f"{r.p50_ms:.2f} | {p99} | {show_errors(r.errors)} | {r.server_cpu:.2f} | "
+                     f"{redis_cpu} | {r.client_cpu:.2f} |")
     lines += ["", "Where the time goes: the same queries in one process without transport, one "
               "call at a time (`index.score` with the ids as a list; parsing the ~22 KB "
               "request with the server's deserialiser, which reads the token ids off the wire "
@@ -489,46 +547,62 @@ def report(args: argparse.Namespace, described: dict[str, str], rows: list[Row],
         for step, latencies in steps.items():
             lines.append(f"| {backend} | {step} | {pct(latencies, 0.5) * 1e3:.3f} | "
                          f"{pct(latencies, 0.99) * 1e3:.3f} |")
-    lines += ["", "| target | backend | measured | result |", "|---|---|---|---|"]
-    for backend in dict.fromkeys(r.backend for r in rows):
-        at_rate = [r for r in rows if r.backend == backend
-                   and r.load == f"{RATE_TARGET:,} calls/s fixed"]
-        closed = [r for r in rows if r.backend == backend and r.p99_sched_ms is None]
-        for r in at_rate:
+    lines += ["", *targets(rows), "", *cpu_per_call(rows), "", *notes]
+    return "\n".join(lines)
+
+
+def by_setup(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
+    """Rows grouped by (backend, load generator), in order of appearance."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.backend, row.clients), []).append(row)
+    return groups
+
+
+def targets(rows: list[Row]) -> list[str]:
+    lines = ["| target | backend | clients | measured | result |", "|---|---|---|---|---|"]
+    for (backend, clients), group in by_setup(rows).items():
+        for r in group:
+            if r.load != f"{RATE_TARGET:,} calls/s fixed":
+                continue
             ok = r.p99_ms <= P99_TARGET_MS and r.rate >= 0.97 * RATE_TARGET and not r.errors
             shown = verdict(ok) if backend.startswith("redis") else "— (target is for Redis)"
             lines.append(f"| p99 <= {P99_TARGET_MS:g} ms at {RATE_TARGET:,} calls/s | "
-                         f"{backend} | {r.p99_ms:.2f} ms at {r.rate:,.0f} calls/s | {shown} |")
+                         f"{backend} | {clients} | {r.p99_ms:.2f} ms at {r.rate:,.0f} calls/s "
+                         f"| {shown} |")
+        closed = [r for r in group if r.closed_loop]
         if closed:
             best = max(closed, key=lambda r: r.rate)
             lines.append(f"| >= {SATURATION_TARGET:,} Score calls/s at saturation | {backend} | "
-                         f"{best.rate:,.0f} calls/s ({best.load}) | "
-                         f"{verdict(best.rate >= SATURATION_TARGET)} |")
-    lines += ["", *cpu_per_call(rows), "", *notes]
-    return "\n".join(lines)
+                         f"{clients} | {best.rate:,.0f} calls/s ({best.load}) | "
+                         f"{verdict(best.rate >= SATURATION_TARGET and not best.errors)} |")
+    return lines
 
 
 def cpu_per_call(rows: list[Row]) -> list[str]:
     """CPU milliseconds per call of each side, from the fastest closed-loop row of each
-    backend, and the memory backend's p99 at the target rate: gRPC's own floor here."""
-    lines = ["CPU per call at each backend's fastest closed-loop load (ms of one core; the "
+    setup, and the memory backend's p99 at the target rate: gRPC's own floor here."""
+    lines = ["CPU per call at each setup's fastest closed-loop load (ms of one core; the "
              "machine has 2 cores for all three):", "",
-             "| backend | calls/s | server | redis-server | clients |", "|---|---:|---:|---:|---:|"]
-    for backend in dict.fromkeys(r.backend for r in rows):
-        closed = [r for r in rows if r.backend == backend and r.p99_sched_ms is None]
+             "| backend | clients | calls/s | server | redis-server | clients |",
+             "|---|---|---:|---:|---:|---:|"]
+    for (backend, clients), group in by_setup(rows).items():
+        closed = [r for r in group if r.closed_loop]
         if not closed:
             continue
         best = max(closed, key=lambda r: r.rate)
         redis = f"{best.redis_cpu / best.rate * 1e3:.3f}" if best.redis_cpu else "—"
-        lines.append(f"| {backend} | {best.rate:,.0f} | {best.server_cpu / best.rate * 1e3:.3f} "
-                     f"| {redis} | {best.client_cpu / best.rate * 1e3:.3f} |")
+        lines.append(f"| {backend} | {clients} | {best.rate:,.0f} | "
+                     f"{best.server_cpu / best.rate * 1e3:.3f} | {redis} | "
+                     f"{best.client_cpu / best.rate * 1e3:.3f} |")
     floor = [r for r in rows if r.backend == "memory"
              and r.load == f"{RATE_TARGET:,} calls/s fixed"]
     if floor:
+        shown = ", ".join(f"{r.p99_ms:.2f} ms with {r.clients}" for r in floor)
         lines += ["", f"The in-memory backend, which makes no network call of its own, has a "
-                  f"p99 of {floor[0].p99_ms:.2f} ms at {RATE_TARGET:,} calls/s in this run: "
-                  "the floor that gRPC (grpc.aio, server and clients on these 2 cores) sets "
-                  "before Redis adds its round trip."]
+                  f"p99 of {shown} at {RATE_TARGET:,} calls/s in this run: the floor that "
+                  "gRPC (grpc.aio server, load on the same 2 cores) sets before Redis adds "
+                  "its round trip."]
     return lines
 
 
@@ -537,12 +611,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=64)
     parser.add_argument("--blocks", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=300)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32],
+                        help="closed loops, calls in flight (grpcload)")
+    parser.add_argument("--aio-concurrency", type=int, nargs="*", default=[32],
+                        help="closed loops with grpc.aio clients")
+    parser.add_argument("--aio-rates", type=int, nargs="*", default=[RATE_TARGET],
+                        help="open loops with grpc.aio clients, calls/s")
     parser.add_argument("--client-procs", type=int, default=1,
                         help="client processes sharing a closed-loop run")
     parser.add_argument("--rates", type=int, nargs="+", default=[RATE_TARGET, 500],
-                        help="open-loop rates, calls/s")
-    parser.add_argument("--rate-procs", type=int, default=1)
+                        help="open-loop rates, calls/s (grpcload)")
+    parser.add_argument("--rate-procs", type=int, default=1,
+                        help="grpc.aio client processes sharing an open loop")
     parser.add_argument("--reps", type=int, default=3,
                         help="closed-loop runs per concurrency; the median-rate run is reported")
     parser.add_argument("--warmup", type=float, default=2.0)
@@ -578,16 +658,41 @@ def main() -> None:
     gc.collect()
     gc.freeze()  # the forked server inherits the index; keep its GC off these objects
 
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = grpcload.build()
+        load = None
+        if binary is not None:
+            load = grpcload.GrpcLoad(binary, Path(tmp) / "bodies")
+            grpcload.write_bodies(requests, load.bodies)
+        bench = Bench(args, requests, expected, load)
+        rows, baselines = run_all(bench, workload.queries, batches, block_size, index)
+    notes = [
+        "Errors are counted by status: once an open loop outruns the server, CANCELLED is "
+        "gRPC core shedding calls its accept queue (1,000) cannot hold and RESOURCE_EXHAUSTED "
+        "the server refusing calls beyond `max_concurrent_rpcs` (1,024 in progress). 1-minute "
+        f"load average {load_before:.2f} before the run and {os.getloadavg()[0]:.2f} after it "
+        "(the bench's own processes add about 1.5; the rest is other work on this shared "
+        f"machine, which shows in the tails). Total run {time.perf_counter() - t0:.0f} s."]
+    body = report(args, workload.describe(), rows, baselines, notes)
+    print(body)
+    if not args.no_write:
+        write_section("grpc", "gRPC Score on loopback: latency and throughput",
+                      "python -m bench.grpc_score", body)
+
+
+def run_all(bench: Bench, queries: list[list[int]], batches: list[Any], block_size: int,
+            index: MemoryIndex) -> tuple[list[Row], dict[str, dict[str, list[float]]]]:
+    """Every backend and server count: the rows, and the in-process timings."""
+    args, requests = bench.args, bench.requests
     rows: list[Row] = []
     baselines: dict[str, dict[str, list[float]]] = {}
-    notes: list[str] = []
     for backend in args.backends:
         if backend == "memory":
             baselines["memory"] = asyncio.run(
-                time_in_process(index, workload.queries, requests, block_size))
+                time_in_process(index, queries, requests, block_size))
             server = ServerProcess("memory", index)
             try:
-                rows += run_backend("memory", server, args, requests, expected)
+                rows += run_backend(bench, "memory", server)
             finally:
                 server.stop()
             continue
@@ -598,29 +703,17 @@ def main() -> None:
                 elapsed = asyncio.run(load_redis(redis.url, batches, args.chunk))
                 print(f"  redis: loaded in {elapsed:.1f} s", flush=True)
                 baselines["redis"] = asyncio.run(
-                    redis_in_process(redis.url, workload.queries, requests, block_size))
+                    redis_in_process(redis.url, queries, requests, block_size))
                 for procs in args.redis_procs:
                     server = ServerProcess("redis", None, redis.url, procs=procs)
                     label = "redis" if procs == 1 else f"redis, {procs} server processes"
                     try:
-                        rows += run_backend(label, server, args, requests, expected,
-                                            redis_pid=redis.proc.pid)
+                        rows += run_backend(bench, label, server, redis_pid=redis.proc.pid)
                     finally:
                         server.stop()
             finally:
                 redis.stop()
-    notes.append(
-        "Errors are counted by status: once an open loop outruns the server, CANCELLED is "
-        "gRPC core shedding calls its accept queue (1,000) cannot hold and RESOURCE_EXHAUSTED "
-        "the server refusing calls beyond `max_concurrent_rpcs` (1,024 in progress). 1-minute "
-        f"load average {load_before:.2f} before the run and {os.getloadavg()[0]:.2f} after it "
-        "(the bench's own processes add about 1.5; the rest is other work on this shared "
-        f"machine, which shows in the tails). Total run {time.perf_counter() - t0:.0f} s.")
-    body = report(args, workload.describe(), rows, baselines, notes)
-    print(body)
-    if not args.no_write:
-        write_section("grpc", "gRPC Score on loopback: latency and throughput",
-                      "python -m bench.grpc_score", body)
+    return rows, baselines
 
 
 if __name__ == "__main__":
