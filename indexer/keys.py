@@ -27,7 +27,15 @@ try:
 except ImportError:  # installed without a C compiler: the pure-Python loops
     _native = None  # type: ignore[assignment]
 
-__all__ = ["KEY_SCHEME", "NATIVE", "block_keys", "block_keys_for_tokens", "root_seed"]
+__all__ = [
+    "KEY_SCHEME",
+    "NATIVE",
+    "block_keys",
+    "block_keys_for_tokens",
+    "block_keys_packed",
+    "pack_keys",
+    "root_seed",
+]
 
 NATIVE: Final = _native is not None
 
@@ -66,6 +74,20 @@ def block_keys(
     if not isinstance(tokens, bytes | bytearray | memoryview):
         tokens = pack_tokens(tokens)
     return block_keys_python(tokens, block_size, seed, extra_keys)
+
+
+def block_keys_packed(
+    tokens: bytes | memoryview | Sequence[int], block_size: int, seed: int
+) -> bytes:
+    """`block_keys` as u64 little-endian, 8 bytes per block (what the Redis index sends)."""
+    if _native is not None:
+        return _native.chain_keys_packed(tokens, block_size, seed)
+    return pack_keys(block_keys(tokens, block_size, seed))
+
+
+def pack_keys(keys: Sequence[int]) -> bytes:
+    """Block keys as u64 little-endian, 8 bytes each."""
+    return struct.pack(f"<{len(keys)}Q", *keys)
 
 
 def block_keys_python(

@@ -29,7 +29,7 @@ from indexer.index.protocol import (
     WorkerRef,
     WorkerScore,
 )
-from indexer.keys import block_keys
+from indexer.keys import block_keys, block_keys_packed, pack_keys
 
 __all__ = [
     "SlotMatch",
@@ -37,6 +37,7 @@ __all__ = [
     "prefix_match_query",
     "prefix_match_runs",
     "query_keys",
+    "query_keys_packed",
     "slot_bits",
     "validate_query",
     "worker_scores",
@@ -110,6 +111,17 @@ def query_keys(query: ScoreQuery) -> Sequence[int]:
     ids = tokens if isinstance(tokens, bytes | list) else list(tokens)
     seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
     return block_keys(ids, query.block_size, seed)
+
+
+def query_keys_packed(query: ScoreQuery) -> bytes:
+    """`query_keys` as u64 little-endian, 8 bytes per block."""
+    if query.block_keys is not None:
+        return pack_keys(query.block_keys)
+    assert query.token_ids is not None
+    tokens = query.token_ids
+    ids = tokens if isinstance(tokens, bytes | list) else list(tokens)
+    seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
+    return block_keys_packed(ids, query.block_size, seed)
 
 
 @functools.lru_cache(maxsize=64)

@@ -8,6 +8,8 @@
  * against tests/vectors/block_keys.json.
  *
  *   chain_keys(tokens, block_size, seed) -> list[int]
+ *   chain_keys_packed(tokens, block_size, seed) -> bytes: the same keys as u64
+ *       little-endian, for callers that send them on (Redis) rather than use them.
  *   take_uint32_field(message, path) -> (bytes, bytes): a repeated uint32 field, read off
  *       the wire and cut out of the message.
  *   pack_log_entries(hashes, keys, tiers) -> bytes: the Redis ledger log's M/D records.
@@ -212,6 +214,45 @@ chain_keys(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return keys;
 fail:
     Py_XDECREF(keys);
+    source_close(&src);
+    return NULL;
+}
+
+PyDoc_STRVAR(chain_keys_packed_doc,
+"chain_keys_packed(tokens, block_size, seed) -> bytes\n\n"
+"chain_keys as u64 little-endian, 8 bytes per block.");
+
+static PyObject *
+chain_keys_packed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    TokenSource src;
+    uint64_t seed;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "chain_keys_packed(tokens, block_size, seed)");
+        return NULL;
+    }
+    if (source_from_args(&src, args[0], args[1], args[2], &seed) < 0) {
+        return NULL;
+    }
+    PyObject *packed = PyBytes_FromStringAndSize(NULL, src.n_blocks * 8);
+    if (packed == NULL) {
+        goto fail;
+    }
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(packed);
+    for (Py_ssize_t i = 0; i < src.n_blocks; i++) {
+        const unsigned char *block = source_block(&src, i);
+        if (block == NULL) {
+            goto fail;
+        }
+        seed = XXH3_64bits_withSeed(block, (size_t)src.stride, seed);
+        for (int b = 0; b < 8; b++) {
+            *out++ = (unsigned char)(seed >> (8 * b));
+        }
+    }
+    source_close(&src);
+    return packed;
+fail:
+    Py_XDECREF(packed);
     source_close(&src);
     return NULL;
 }
@@ -1044,6 +1085,8 @@ fail:
 
 static PyMethodDef native_methods[] = {
     {"chain_keys", (PyCFunction)(void (*)(void))chain_keys, METH_FASTCALL, chain_keys_doc},
+    {"chain_keys_packed", (PyCFunction)(void (*)(void))chain_keys_packed, METH_FASTCALL,
+     chain_keys_packed_doc},
     {"take_uint32_field", (PyCFunction)(void (*)(void))take_uint32_field, METH_FASTCALL,
      take_uint32_field_doc},
     {"pack_log_entries", (PyCFunction)(void (*)(void))pack_log_entries, METH_FASTCALL,

@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 
 from indexer.index.block_table import DictBlockTable
 from indexer.index.protocol import TIER_BITS, TierWeights
-from indexer.keys import NATIVE, block_keys_python
+from indexer.keys import NATIVE, block_keys_python, pack_keys
 from indexer.scoring import prefix_match, prefix_match_runs, slot_bits
 from publisher.bus import pack_tokens
 from tests.test_keys import CASES
 
 if NATIVE:
-    from indexer._native import BlockTable, chain_keys
+    from indexer._native import BlockTable, chain_keys, chain_keys_packed
 
 # `make setup` builds the extension; only an install without a compiler may lack it.
 pytestmark = pytest.mark.skipif(
@@ -59,10 +59,24 @@ class TestChainKeys:
         assert chain_keys(memoryview(packed), block_size, seed) == expected
         assert chain_keys(bytearray(packed), block_size, seed) == expected
 
+    @fast
+    @given(tokens=st.lists(token, max_size=200), block_size=st.integers(1, 40), seed=seed_st)
+    def test_packed_keys(self, tokens: list[int], block_size: int, seed: int) -> None:
+        """chain_keys_packed is the Python keys as u64 little-endian, from ints or bytes."""
+        expected = pack_keys(block_keys_python(pack_tokens(tokens), block_size, seed))
+        assert chain_keys_packed(pack_tokens(tokens), block_size, seed) == expected
+        assert chain_keys_packed(tokens, block_size, seed) == expected
+
+    def test_packed_keys_byte_order(self) -> None:
+        [key] = chain_keys([1, 2], 2, 7)
+        assert chain_keys_packed([1, 2], 2, 7) == key.to_bytes(8, "little")
+
     @pytest.mark.parametrize("bad", [-1, 2**32, 2**70])
     def test_token_out_of_range(self, bad: int) -> None:
         with pytest.raises(OverflowError):
             chain_keys([1, bad, 3, 4], 2, 0)
+        with pytest.raises(OverflowError):
+            chain_keys_packed([1, bad, 3, 4], 2, 0)
 
     def test_non_int_token(self) -> None:
         with pytest.raises(TypeError):

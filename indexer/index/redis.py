@@ -70,7 +70,7 @@ from indexer.index.protocol import (
 from indexer.index.redis_pipe import RedisPipe
 from indexer.scoring import (
     prefix_match_runs,
-    query_keys,
+    query_keys_packed,
     slot_bits,
     validate_query,
     worker_scores,
@@ -429,13 +429,13 @@ class RedisIndex:
 
     async def score(self, query: ScoreQuery) -> ScoreResult:
         validate_query(query, self.config)
-        keys = query_keys(query)
-        if not keys:
+        packed_keys = query_keys_packed(query)
+        if not packed_keys:
             return ScoreResult(0, [])
         prefix = model_prefix(query.model)
         try:
             # One round trip, one packed argument: the masks up to the first unheld block.
-            version, *values = await self._masks(prefix, array("Q", keys).tobytes())
+            version, *values = await self._masks(prefix, packed_keys)
             slot_map = await self._slot_map(query.model, version or None)
         except RedisError as exc:
             if isinstance(exc, ConnectionError | TimeoutError):
@@ -448,7 +448,8 @@ class RedisIndex:
         matches = prefix_match_runs(runs, candidates,
                                     query.tier_weights or self.config.tier_weights,
                                     query.include_zero)
-        return ScoreResult(len(keys), worker_scores(matches, slot_map.by_slot.__getitem__))
+        return ScoreResult(len(packed_keys) // 8,
+                           worker_scores(matches, slot_map.by_slot.__getitem__))
 
     async def _drop_idle_sockets(self) -> None:
         """After a query lost its connection: the next query reconnects the pipe, and
