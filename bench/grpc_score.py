@@ -426,7 +426,16 @@ def run_loads(bench: Bench, backend: str, server: ServerProcess, *,
                           warmup=args.warmup, duration=args.rate_duration,
                           phase=k / procs, channels=args.channels, grpcload=load)
                 for k in range(procs)]
-        rows.append(measure(backend, f"{rate:,} calls/s fixed", server, jobs, redis_pid))
+        # One run's p99 rests on its slowest ~1% of calls, which this shared machine's
+        # hiccups move a lot: the target rate is run `reps` times, the median p99 reported.
+        runs = args.reps if rate == RATE_TARGET else 1
+        reps = sorted((measure(backend, f"{rate:,} calls/s fixed", server, jobs, redis_pid)
+                       for _ in range(runs)), key=lambda row: row.p99_ms)
+        median = reps[len(reps) // 2]
+        if len(reps) > 1:
+            median.load += (f" (median p99 of {len(reps)}: "
+                            + " / ".join(f"{row.p99_ms:.2f}" for row in reps) + " ms)")
+        rows.append(median)
     return rows
 
 
@@ -516,7 +525,8 @@ def report(args: argparse.Namespace, described: dict[str, str], rows: list[Row],
         "grpc.aio parses the answer). Closed "
         f"loop: N calls in flight for {args.duration:g} s after {args.warmup:g} s of warm-up; "
         f"open loop: {rates} calls/s on a fixed schedule for {args.rate_duration:g} s "
-        "(latency from send; 'from schedule' also counts client lag). CPU is the share of "
+        "(latency from send; 'from schedule' also counts client lag), the target rate "
+        f"{args.reps} times with the median p99 reported. CPU is the share of "
         "one core over the run, warm-up included (server: all its processes); the machine "
         "has 2 cores for server, "
         "redis-server and clients together. Before timing, every query's best match over "
@@ -563,7 +573,7 @@ def targets(rows: list[Row]) -> list[str]:
     lines = ["| target | backend | clients | measured | result |", "|---|---|---|---|---|"]
     for (backend, clients), group in by_setup(rows).items():
         for r in group:
-            if r.load != f"{RATE_TARGET:,} calls/s fixed":
+            if not r.load.startswith(f"{RATE_TARGET:,} calls/s fixed"):
                 continue
             ok = r.p99_ms <= P99_TARGET_MS and r.rate >= 0.97 * RATE_TARGET and not r.errors
             shown = verdict(ok) if backend.startswith("redis") else "— (target is for Redis)"
@@ -596,7 +606,7 @@ def cpu_per_call(rows: list[Row]) -> list[str]:
                      f"{best.server_cpu / best.rate * 1e3:.3f} | {redis} | "
                      f"{best.client_cpu / best.rate * 1e3:.3f} |")
     floor = [r for r in rows if r.backend == "memory"
-             and r.load == f"{RATE_TARGET:,} calls/s fixed"]
+             and r.load.startswith(f"{RATE_TARGET:,} calls/s fixed")]
     if floor:
         shown = ", ".join(f"{r.p99_ms:.2f} ms with {r.clients}" for r in floor)
         lines += ["", f"The in-memory backend, which makes no network call of its own, has a "
