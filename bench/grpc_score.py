@@ -438,6 +438,7 @@ def run_loads(bench: Bench, backend: str, server: ServerProcess, *,
         reps = sorted((measure(backend, f"{concurrency} concurrent", server, jobs, redis_pid)
                        for _ in range(args.reps)), key=lambda row: row.rate)
         median = reps[len(reps) // 2]
+        median.errors = merge_counts([row.errors for row in reps])  # no run's errors hide
         if len(reps) > 1:
             median.load += (f" (median of {len(reps)}: "
                             + " / ".join(f"{row.rate:,.0f}" for row in reps) + ")")
@@ -449,14 +450,18 @@ def run_loads(bench: Bench, backend: str, server: ServerProcess, *,
                           phase=k / procs, channels=args.channels, grpcload=load)
                 for k in range(procs)]
         # One run's p99 rests on its slowest ~1% of calls, which this shared machine's
-        # hiccups move a lot: the target rate is run `reps` times, the median p99 reported.
+        # hiccups move a lot: the target rate is run `reps` times and the run with the
+        # median p99 from schedule is reported, with every run's errors and lowest rate.
         runs = args.reps if rate == RATE_TARGET else 1
         reps = sorted((measure(backend, f"{rate:,} calls/s fixed", server, jobs, redis_pid)
-                       for _ in range(runs)), key=lambda row: row.p99_ms)
+                       for _ in range(runs)), key=lambda row: row.p99_sched_ms or 0.0)
         median = reps[len(reps) // 2]
+        median.errors = merge_counts([row.errors for row in reps])
+        median.rate = min(row.rate for row in reps)
         if len(reps) > 1:
-            median.load += (f" (median p99 of {len(reps)}: "
-                            + " / ".join(f"{row.p99_ms:.2f}" for row in reps) + " ms)")
+            median.load += (f" (median of {len(reps)}, p99 from schedule: "
+                            + " / ".join(f"{row.p99_sched_ms or 0.0:.2f}" for row in reps)
+                            + " ms)")
         rows.append(median)
     return rows
 
@@ -538,7 +543,8 @@ def report(args: argparse.Namespace, described: dict[str, str], rows: list[Row],
         "in-memory one builds the same index itself); with Redis also N server processes "
         "sharing the port (SO_REUSEPORT), as `kv-indexer serve --grpc-processes N` runs "
         "them (the kernel gives each connection to one process). Load from the same host "
-        "(loopback) over 16 connections, calls round-robin, by one of two generators: "
+        f"(loopback) over {args.channels} connections (a closed loop with fewer calls in "
+        "flight: one per call), calls round-robin, by one of two generators: "
         "**grpcload** (`bench/grpcload.c`: HTTP/2 through libnghttp2, one process, a few "
         "tens of µs of CPU per call; the headline, since a router runs on its own host) and "
         "**grpc.aio** (Python client processes, about 0.2 ms of CPU per call on the 2 cores "
@@ -549,7 +555,8 @@ def report(args: argparse.Namespace, described: dict[str, str], rows: list[Row],
         f"loop: N calls in flight for {args.duration:g} s after {args.warmup:g} s of warm-up; "
         f"open loop: {rates} calls/s on a fixed schedule for {args.rate_duration:g} s "
         "(latency from send; 'from schedule' also counts client lag), the target rate "
-        f"{args.reps} times with the median p99 reported. CPU is the share of "
+        f"{args.reps} times, reporting the run with the median p99 from schedule, which the "
+        "target is judged on. CPU is the share of "
         "one core over the run, warm-up included (server: all its processes); the machine "
         "has 2 cores for server, "
         "redis-server and clients together. Before timing, every query's best match over "
@@ -598,11 +605,13 @@ def targets(rows: list[Row]) -> list[str]:
         for r in group:
             if not r.load.startswith(f"{RATE_TARGET:,} calls/s fixed"):
                 continue
-            ok = r.p99_ms <= P99_TARGET_MS and r.rate >= 0.97 * RATE_TARGET and not r.errors
+            # Judged from the scheduled send time: a late send is a late answer too.
+            p99 = r.p99_sched_ms if r.p99_sched_ms is not None else r.p99_ms
+            ok = p99 <= P99_TARGET_MS and r.rate >= 0.97 * RATE_TARGET and not r.errors
             shown = verdict(ok) if backend.startswith("redis") else "— (target is for Redis)"
             lines.append(f"| p99 <= {P99_TARGET_MS:g} ms at {RATE_TARGET:,} calls/s | "
-                         f"{backend} | {clients} | {r.p99_ms:.2f} ms at {r.rate:,.0f} calls/s "
-                         f"| {shown} |")
+                         f"{backend} | {clients} | {p99:.2f} ms from schedule "
+                         f"({r.p99_ms:.2f} from send) at {r.rate:,.0f} calls/s | {shown} |")
         closed = [r for r in group if r.closed_loop]
         if closed:
             best = max(closed, key=lambda r: r.rate)
@@ -631,9 +640,11 @@ def cpu_per_call(rows: list[Row]) -> list[str]:
     floor = [r for r in rows if r.backend == "memory"
              and r.load.startswith(f"{RATE_TARGET:,} calls/s fixed")]
     if floor:
-        shown = ", ".join(f"{r.p99_ms:.2f} ms with {r.clients}" for r in floor)
+        shown = ", ".join(f"{r.p99_sched_ms or r.p99_ms:.2f} ms with {r.clients}"
+                          for r in floor)
         lines += ["", f"The in-memory backend, which makes no network call of its own, has a "
-                  f"p99 of {shown} at {RATE_TARGET:,} calls/s in this run: the floor that "
+                  f"p99 (from schedule) of {shown} at {RATE_TARGET:,} calls/s in this run: "
+                  "the floor that "
                   "gRPC (grpc.aio server, load on the same 2 cores) sets before Redis adds "
                   "its round trip."]
     return lines

@@ -13,8 +13,10 @@
  * Open loop: RATE calls/s on a fixed schedule. Calls round-robin over CONNECTIONS. OUT gets
  * one line per measured call, "from_send_us from_schedule_us" (closed loop: the same number
  * twice). stdout gets one JSON object: calls measured, errors by grpc-status (whole run;
- * "reset" for a stream that ended without one), CPU seconds of this process and the
- * largest lag of a send behind its schedule.
+ * "no_status" for a stream that ended without a valid one: reset, or no trailers), CPU
+ * seconds of this process and the largest lag of a send behind its schedule. A server that
+ * goes away (GOAWAY, closed connection) or calls unanswered 30 s after the end stop the
+ * run with exit status 2.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -28,13 +30,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 
-enum { MAX_CONNS = 256, STATUS_RESET = 17, N_STATUS = 18 };
+enum { MAX_CONNS = 256, NO_STATUS = 17, N_STATUS = 18 };
 
 typedef struct {
   const uint8_t *data;
@@ -96,6 +99,10 @@ static ssize_t read_body(nghttp2_session *session, int32_t stream_id, uint8_t *b
 }
 
 static void submit(Conn *conn, double scheduled) {
+  if (!nghttp2_session_check_request_allowed(conn->session)) {
+    errno = 0; /* after GOAWAY every new stream would be refused: stop, do not spin */
+    die("the server is going away (GOAWAY)");
+  }
   Call *call = calloc(1, sizeof *call);
   if (!call) die("calloc");
   call->conn = conn;
@@ -136,19 +143,21 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
   Call *call = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
   if (!call) return 0;
   int status = 0;
-  for (size_t i = 0; i < valuelen && value[i] >= '0' && value[i] <= '9'; i++)
+  size_t i = 0;
+  for (; i < valuelen && i < 3 && value[i] >= '0' && value[i] <= '9'; i++)
     status = status * 10 + (value[i] - '0');
-  call->status = status < STATUS_RESET ? status : STATUS_RESET;
+  call->status = i == 0 || i != valuelen || status >= NO_STATUS ? NO_STATUS : status;
   return 0;
 }
 
 static int on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t error_code,
                            void *user_data) {
-  (void)user_data;
+  (void)user_data, (void)error_code;
   Call *call = nghttp2_session_get_stream_user_data(session, stream_id);
   if (!call) return 0;
   double done = now();
-  int status = error_code || call->status < 0 ? STATUS_RESET : call->status;
+  /* a status that arrived stands, even if the stream was then reset */
+  int status = call->status >= 0 ? call->status : NO_STATUS;
   in_flight--;
   if (status) {
     errors[status]++;
@@ -223,7 +232,7 @@ static void open_conn(Conn *conn, int port) {
 
 /* Wait for socket events (or `timer`), handle them and flush every connection. */
 static void step(int timer, int timeout_ms) {
-  if (measuring && now() > end_time + 30) {
+  if (now() > end_time + 30) { /* end_time is the warm-up call's deadline before the run */
     errno = 0;
     die("calls still unanswered 30 s after the end");
   }
@@ -286,11 +295,13 @@ int main(int argc, char **argv) {
   if (n_conns < 1 || n_conns > MAX_CONNS || load <= 0) die("bad arguments");
   snprintf(authority, sizeof authority, "127.0.0.1:%d", port);
 
+  prctl(PR_SET_TIMERSLACK, 1UL); /* wake for the schedule, not up to 50 µs after it */
   epfd = epoll_create1(0);
   int timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
   struct epoll_event tev = {.events = EPOLLIN, .data.ptr = NULL};
   if (epfd < 0 || timer < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, timer, &tev)) die("epoll");
   for (int i = 0; i < n_conns; i++) open_conn(&conns[i], port);
+  end_time = now();
   for (int i = 0; i < n_conns; i++) submit(&conns[i], now()); /* one unmeasured call each */
   while (in_flight) step(timer, 1000);
 
@@ -322,8 +333,8 @@ int main(int argc, char **argv) {
          max_lag);
   for (int s = 1, first = 1; s < N_STATUS; s++) {
     if (!errors[s]) continue;
-    if (s == STATUS_RESET)
-      printf("%s\"reset\": %ld", first ? "" : ", ", errors[s]);
+    if (s == NO_STATUS)
+      printf("%s\"no_status\": %ld", first ? "" : ", ", errors[s]);
     else
       printf("%s\"%d\": %ld", first ? "" : ", ", s, errors[s]);
     first = 0;

@@ -73,18 +73,23 @@ def start(load: GrpcLoad, latencies: Path, *, port: int, method: str, mode: str,
     return subprocess.Popen(
         [str(load.binary), str(port), method, str(load.bodies), str(latencies), mode,
          f"{amount:g}", str(connections), f"{warmup:g}", f"{duration:g}"],
-        stdout=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc: subprocess.Popen[str], latencies: Path, timeout: float) -> LoadRun:
     """Wait for a run started by `start` and read its figures."""
-    stdout, _ = proc.communicate(timeout=timeout)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # or it goes on loading the server through later measurements
+        proc.communicate()
+        raise
     if proc.returncode:
-        raise RuntimeError(f"grpcload failed with exit code {proc.returncode}")
+        raise RuntimeError(f"grpcload failed ({proc.returncode}): {stderr.strip()}")
     summary = json.loads(stdout)
     run = LoadRun(cpu=summary["cpu"], max_lag=summary["max_lag"])
     for code, count in summary["errors"].items():
-        name = _STATUS_NAMES.get(int(code), f"STATUS_{code}") if code.isdigit() else "RESET"
+        name = _STATUS_NAMES.get(int(code), f"STATUS_{code}") if code.isdigit() else "NO_STATUS"
         run.errors[name] = count
     for line in latencies.read_text().splitlines():
         from_send, from_schedule = line.split()

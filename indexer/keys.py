@@ -14,6 +14,7 @@ extension is there, else in Python below; `NATIVE` says which. Both give the sam
 from __future__ import annotations
 
 import struct
+import sys
 from array import array
 from collections.abc import Sequence
 from typing import Final
@@ -86,8 +87,11 @@ def block_keys_packed(
 
 
 def pack_keys(keys: Sequence[int]) -> bytes:
-    """Block keys as u64 little-endian, 8 bytes each."""
-    return struct.pack(f"<{len(keys)}Q", *keys)
+    """Block keys as u64 little-endian, 8 bytes each (OverflowError outside 0..2**64-1)."""
+    packed = array("Q", keys)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
 
 
 def block_keys_python(

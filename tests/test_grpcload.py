@@ -1,5 +1,6 @@
 """bench/grpcload.c, the bench's C load generator, against a real server: it must count
-what it measures and every non-OK status, or bench-grpc's figures mean nothing."""
+only answered calls as measured, every non-OK status as an error, and stop (not spin)
+when the server goes away, or bench-grpc's figures mean nothing."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 from bench import grpcload
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer.index.memory import MemoryIndex
-from tests.test_service import CONFIG, scenario, serving
+from indexer.service import start_grpc_server
+from tests.test_service import CONFIG, NO_CACHE, scenario
 
 SCORE = "/kvindex.v1.KvIndexer/Score"
 VALID = pb.ScoreRequest(model="m", block_keys=[1, 2, 3]).SerializeToString()
@@ -26,32 +28,52 @@ def binary() -> Path:
     return built
 
 
-async def run(binary: Path, tmp_path: Path, bodies: list[bytes], mode: str,
-              amount: float) -> grpcload.LoadRun:
+async def run(binary: Path, tmp_path: Path, bodies: list[bytes], *, mode: str, amount: float,
+              duration: float = 0.5, stop_server_after: float | None = None) -> grpcload.LoadRun:
     load = grpcload.GrpcLoad(binary, tmp_path / "bodies")
     grpcload.write_bodies(bodies, load.bodies)
     index = MemoryIndex(CONFIG)
     await index.apply(scenario())
-    async with serving(index) as (_, port):
+    server, port = await start_grpc_server(index, "127.0.0.1:0", settings=NO_CACHE)
+    try:
         proc = grpcload.start(load, tmp_path / "latencies", port=port, method=SCORE,
                               mode=mode, amount=amount, connections=2, warmup=0.1,
-                              duration=0.5)
-        return await asyncio.to_thread(grpcload.finish, proc, tmp_path / "latencies", 30)
+                              duration=duration)
+        finished = asyncio.create_task(
+            asyncio.to_thread(grpcload.finish, proc, tmp_path / "latencies", 30))
+        if stop_server_after is not None:
+            await asyncio.sleep(stop_server_after)
+            await server.stop(grace=2)  # GOAWAY, then the calls in flight may finish
+        return await finished
+    finally:
+        await server.stop(None)
 
 
-async def test_closed_loop_counts_calls_and_errors_by_status(binary: Path,
-                                                             tmp_path: Path) -> None:
-    result = await run(binary, tmp_path, [VALID, INVALID], "closed", 4)
+async def test_answered_calls_are_measured(binary: Path, tmp_path: Path) -> None:
+    result = await run(binary, tmp_path, [VALID], mode="closed", amount=4)
+    assert result.errors == {}
     assert len(result.latencies) > 10
     assert all(0 < x < 5 for x in result.latencies)
-    # Bodies alternate, so failures are about as many as successes (plus the warm-up's).
-    failed = result.errors["INVALID_ARGUMENT"]
+
+
+async def test_failed_calls_are_counted_by_status_not_measured(binary: Path,
+                                                              tmp_path: Path) -> None:
+    result = await run(binary, tmp_path, [INVALID], mode="closed", amount=4)
+    assert result.latencies == []
     assert set(result.errors) == {"INVALID_ARGUMENT"}
-    assert failed >= len(result.latencies) // 2
+    assert result.errors["INVALID_ARGUMENT"] > 10
 
 
-async def test_open_loop_keeps_its_schedule(binary: Path, tmp_path: Path) -> None:
-    result = await run(binary, tmp_path, [VALID], "open", 200)
+async def test_open_loop_sends_on_schedule(binary: Path, tmp_path: Path) -> None:
+    result = await run(binary, tmp_path, [VALID, VALID], mode="open", amount=200)
     assert result.errors == {}
     assert 90 <= len(result.latencies) <= 101  # 200 calls/s over 0.5 s
-    assert all(s >= f for s, f in zip(result.from_schedule, result.latencies, strict=True))
+    assert result.max_lag < 0.1
+
+
+async def test_a_server_going_away_stops_the_run(binary: Path, tmp_path: Path) -> None:
+    """After GOAWAY every new call would be refused at once: the generator must stop with
+    an error instead of spinning through refused calls until its end."""
+    with pytest.raises(RuntimeError, match="GOAWAY"):
+        await run(binary, tmp_path, [VALID], mode="closed", amount=4, duration=20,
+                  stop_server_after=0.5)
