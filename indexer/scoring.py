@@ -29,14 +29,13 @@ from indexer.index.protocol import (
     WorkerRef,
     WorkerScore,
 )
-from indexer.keys import block_keys, block_keys_packed, pack_keys
+from indexer.keys import block_keys_packed, pack_keys
 
 __all__ = [
     "SlotMatch",
     "prefix_match",
     "prefix_match_query",
     "prefix_match_runs",
-    "query_keys",
     "query_keys_packed",
     "slot_bits",
     "validate_query",
@@ -101,20 +100,9 @@ def validate_query(query: ScoreQuery, config: IndexConfig) -> None:
             raise InvalidQueryError(str(exc)) from exc
 
 
-def query_keys(query: ScoreQuery) -> Sequence[int]:
-    """All of the query's block keys (for backends that fetch masks in one go)."""
-    if query.block_keys is not None:
-        return query.block_keys
-    assert query.token_ids is not None
-    tokens = query.token_ids
-    # Lists convert fastest; protobuf repeated fields are copied to one first.
-    ids = tokens if isinstance(tokens, bytes | list) else list(tokens)
-    seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
-    return block_keys(ids, query.block_size, seed)
-
-
 def query_keys_packed(query: ScoreQuery) -> bytes:
-    """`query_keys` as u64 little-endian, 8 bytes per block."""
+    """All of the query's block keys as u64 little-endian, 8 bytes each (for backends that
+    fetch every mask in one go, like Redis)."""
     if query.block_keys is not None:
         return pack_keys(query.block_keys)
     assert query.token_ids is not None
