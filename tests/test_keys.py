@@ -14,7 +14,14 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from indexer.keys import KEY_SCHEME, block_keys, block_keys_for_tokens, root_seed
+from indexer.keys import (
+    KEY_SCHEME,
+    block_keys,
+    block_keys_for_tokens,
+    block_keys_packed,
+    pack_keys,
+    root_seed,
+)
 from publisher.bus import pack_tokens
 
 VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
@@ -291,3 +298,33 @@ class TestErrors:
         """Token ids outside 0..2**32-1 are rejected instead of silently wrapping."""
         with pytest.raises(OverflowError):
             block_keys_for_tokens([1, 2, bad, 4], 2, "m")
+
+
+class TestPacked:
+    """The keys Redis is sent: u64 little-endian, 8 bytes per block, C or Python."""
+
+    @settings(max_examples=100, deadline=None)
+    @given(tokens=st.lists(st.integers(0, 2**32 - 1), max_size=100),
+           block_size=st.integers(1, 8), seed=st.integers(0, 2**64 - 1))
+    def test_packed_keys_are_the_keys_little_endian(self, tokens: list[int], block_size: int,
+                                                    seed: int) -> None:
+        keys = block_keys(pack_tokens(tokens), block_size, seed)
+        expected = b"".join(key.to_bytes(8, "little") for key in keys)
+        assert pack_keys(keys) == expected
+        assert block_keys_packed(pack_tokens(tokens), block_size, seed) == expected
+        assert block_keys_packed(tokens, block_size, seed) == expected
+
+    @pytest.mark.parametrize("bad", [-1, 2**64])
+    def test_key_out_of_u64_range(self, bad: int) -> None:
+        with pytest.raises(OverflowError):
+            pack_keys([1, bad])
+
+    def test_python_fallback(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without the C extension the same bytes come from the Python loop."""
+        import indexer.keys as keys_module
+
+        tokens = list(range(64))
+        expected = block_keys_packed(tokens, 4, 7)
+        monkeypatch.setattr(keys_module, "_native", None)
+        assert keys_module.block_keys_packed(tokens, 4, 7) == expected
+        assert len(expected) == 16 * 8
