@@ -178,23 +178,29 @@ source_from_args(TokenSource *src, PyObject *tokens, PyObject *block_size_obj,
     return source_open(src, tokens, block_size);
 }
 
-PyDoc_STRVAR(chain_keys_doc,
-"chain_keys(tokens, block_size, seed) -> list[int]\n\n"
-"Chained xxh3_64 keys of the full blocks in tokens, starting from seed.");
+static void
+put_u64_le(unsigned char *out, uint64_t value)
+{
+    for (int i = 0; i < 8; i++) {
+        out[i] = (unsigned char)(value >> (8 * i));
+    }
+}
 
+/* chain_keys and chain_keys_packed: the same loop, the keys as ints or as packed bytes. */
 static PyObject *
-chain_keys(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+chain(PyObject *const *args, Py_ssize_t nargs, int packed, const char *usage)
 {
     TokenSource src;
     uint64_t seed;
     if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "chain_keys(tokens, block_size, seed)");
+        PyErr_SetString(PyExc_TypeError, usage);
         return NULL;
     }
     if (source_from_args(&src, args[0], args[1], args[2], &seed) < 0) {
         return NULL;
     }
-    PyObject *keys = PyList_New(src.n_blocks);
+    PyObject *keys = packed ? PyBytes_FromStringAndSize(NULL, src.n_blocks * 8)
+                            : PyList_New(src.n_blocks);
     if (keys == NULL) {
         goto fail;
     }
@@ -204,6 +210,10 @@ chain_keys(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         }
         seed = XXH3_64bits_withSeed(block, (size_t)src.stride, seed);
+        if (packed) {
+            put_u64_le((unsigned char *)PyBytes_AS_STRING(keys) + i * 8, seed);
+            continue;
+        }
         PyObject *key = PyLong_FromUnsignedLongLong(seed);
         if (key == NULL) {
             goto fail;
@@ -218,6 +228,16 @@ fail:
     return NULL;
 }
 
+PyDoc_STRVAR(chain_keys_doc,
+"chain_keys(tokens, block_size, seed) -> list[int]\n\n"
+"Chained xxh3_64 keys of the full blocks in tokens, starting from seed.");
+
+static PyObject *
+chain_keys(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    return chain(args, nargs, 0, "chain_keys(tokens, block_size, seed)");
+}
+
 PyDoc_STRVAR(chain_keys_packed_doc,
 "chain_keys_packed(tokens, block_size, seed) -> bytes\n\n"
 "chain_keys as u64 little-endian, 8 bytes per block.");
@@ -225,36 +245,7 @@ PyDoc_STRVAR(chain_keys_packed_doc,
 static PyObject *
 chain_keys_packed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    TokenSource src;
-    uint64_t seed;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "chain_keys_packed(tokens, block_size, seed)");
-        return NULL;
-    }
-    if (source_from_args(&src, args[0], args[1], args[2], &seed) < 0) {
-        return NULL;
-    }
-    PyObject *packed = PyBytes_FromStringAndSize(NULL, src.n_blocks * 8);
-    if (packed == NULL) {
-        goto fail;
-    }
-    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(packed);
-    for (Py_ssize_t i = 0; i < src.n_blocks; i++) {
-        const unsigned char *block = source_block(&src, i);
-        if (block == NULL) {
-            goto fail;
-        }
-        seed = XXH3_64bits_withSeed(block, (size_t)src.stride, seed);
-        for (int b = 0; b < 8; b++) {
-            *out++ = (unsigned char)(seed >> (8 * b));
-        }
-    }
-    source_close(&src);
-    return packed;
-fail:
-    Py_XDECREF(packed);
-    source_close(&src);
-    return NULL;
+    return chain(args, nargs, 1, "chain_keys_packed(tokens, block_size, seed)");
 }
 
 /* ---- BlockTable: u64 block key -> presence mask (exact int) ------------------------------
@@ -1019,14 +1010,6 @@ dict_u64(PyObject *dict, PyObject *key, uint64_t *value, int *found)
     }
     *value = (uint64_t)v;
     return 0;
-}
-
-static void
-put_u64_le(unsigned char *out, uint64_t value)
-{
-    for (int i = 0; i < 8; i++) {
-        out[i] = (unsigned char)(value >> (8 * i));
-    }
 }
 
 static PyObject *
