@@ -107,6 +107,7 @@ def query_keys_packed(query: ScoreQuery) -> bytes:
         return pack_keys(query.block_keys)
     assert query.token_ids is not None
     tokens = query.token_ids
+    # Lists convert fastest; protobuf repeated fields are copied to one first.
     ids = tokens if isinstance(tokens, bytes | list) else list(tokens)
     seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
     return block_keys_packed(ids, query.block_size, seed)

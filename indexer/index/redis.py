@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import struct
-from array import array
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Final
@@ -68,6 +67,7 @@ from indexer.index.protocol import (
     WorkerRef,
 )
 from indexer.index.redis_pipe import RedisPipe
+from indexer.keys import pack_keys
 from indexer.scoring import (
     prefix_match_runs,
     query_keys_packed,
@@ -124,11 +124,11 @@ class _OpsSink:
 
     def set_bits(self, keys: list[int], bitpos: int) -> None:
         self.ops += _OP_HEADER.pack(b"S", bitpos, len(keys))
-        self.ops += array("Q", keys).tobytes()
+        self.ops += pack_keys(keys)
 
     def clear_bits(self, keys: list[int], bitpos: int) -> None:
         self.ops += _OP_HEADER.pack(b"C", bitpos, len(keys))
-        self.ops += array("Q", keys).tobytes()
+        self.ops += pack_keys(keys)
 
 
 class _SlotMap:
