@@ -26,6 +26,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -435,14 +436,9 @@ def run_loads(bench: Bench, backend: str, server: ServerProcess, *,
                           channels=args.channels, grpcload=load) for _ in range(procs)]
         # Back-to-back runs on this shared machine differ by 10-20%: report the run with
         # the median rate, and every run's rate beside it.
-        reps = sorted((measure(backend, f"{concurrency} concurrent", server, jobs, redis_pid)
-                       for _ in range(args.reps)), key=lambda row: row.rate)
-        median = reps[len(reps) // 2]
-        median.errors = merge_counts([row.errors for row in reps])  # no run's errors hide
-        if len(reps) > 1:
-            median.load += (f" (median of {len(reps)}: "
-                            + " / ".join(f"{row.rate:,.0f}" for row in reps) + ")")
-        rows.append(median)
+        reps = [measure(backend, f"{concurrency} concurrent", server, jobs, redis_pid)
+                for _ in range(args.reps)]
+        rows.append(median_run(reps, lambda row: row.rate, "", lambda row: f"{row.rate:,.0f}"))
     for rate in rates:
         procs = 1 if load is not None else args.rate_procs
         jobs = [ClientJob(server.port, "open", requests, rate=rate / procs,
@@ -453,17 +449,26 @@ def run_loads(bench: Bench, backend: str, server: ServerProcess, *,
         # hiccups move a lot: the target rate is run `reps` times and the run with the
         # median p99 from schedule is reported, with every run's errors and lowest rate.
         runs = args.reps if rate == RATE_TARGET else 1
-        reps = sorted((measure(backend, f"{rate:,} calls/s fixed", server, jobs, redis_pid)
-                       for _ in range(runs)), key=lambda row: row.p99_sched_ms or 0.0)
-        median = reps[len(reps) // 2]
-        median.errors = merge_counts([row.errors for row in reps])
+        reps = [measure(backend, f"{rate:,} calls/s fixed", server, jobs, redis_pid)
+                for _ in range(runs)]
+        median = median_run(reps, lambda row: row.p99_sched_ms or 0.0,
+                            ", p99 ms from schedule", lambda row: f"{row.p99_sched_ms or 0.0:.2f}")
         median.rate = min(row.rate for row in reps)
-        if len(reps) > 1:
-            median.load += (f" (median of {len(reps)}, p99 from schedule: "
-                            + " / ".join(f"{row.p99_sched_ms or 0.0:.2f}" for row in reps)
-                            + " ms)")
         rows.append(median)
     return rows
+
+
+def median_run(reps: list[Row], key: Callable[[Row], float], what: str,
+               show: Callable[[Row], str]) -> Row:
+    """The run with the median `key`, carrying every run's errors (none may hide) and,
+    in its label, every run's `show` value."""
+    ordered = sorted(reps, key=key)
+    median = ordered[len(ordered) // 2]
+    median.errors = merge_counts([row.errors for row in ordered])
+    if len(ordered) > 1:
+        median.load += (f" (median of {len(ordered)}{what}: "
+                        + " / ".join(show(row) for row in ordered) + ")")
+    return median
 
 
 async def load_redis(url: str, batches: list[Any], chunk: int) -> float:
