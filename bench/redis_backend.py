@@ -1,6 +1,7 @@
 """Redis backend: ingest rate, Score latency and memory per entry (`make bench-redis`).
 
-Starts a private redis-server (or uses --redis-url), ingests a generated shared-prefix
+Starts a private redis-server (or uses --redis-url: an empty database, which the bench
+empties again between its rounds, or any database with --flush), ingests a generated shared-prefix
 workload of 64 workers and >= 1M blocks through `RedisIndex.apply` from one process, then
 times Score for 8,192-token queries. Targets (issue 2): ingest >= 300k blocks/s, Score p99
 <= 1.5 ms, <= 100 bytes of Redis memory per (block, worker) entry.
@@ -28,7 +29,21 @@ from tests.servers import RedisServer
 MODEL = "bench/model"
 
 
-async def run(args: argparse.Namespace, url: str) -> str:
+class NotEmptyError(RuntimeError):
+    """The Redis database the bench was pointed at holds someone else's keys."""
+
+
+async def check_empty(admin: aioredis.Redis, url: str) -> None:
+    """Refuse a database that holds keys: each ingest round starts with FLUSHDB."""
+    keys = int(await admin.dbsize())
+    if keys:
+        raise NotEmptyError(
+            f"{url} holds {keys:,} key{'s' if keys != 1 else ''} and every ingest round "
+            "empties it (FLUSHDB): point --redis-url at an empty database, or add --flush "
+            "if its keys may go")
+
+
+async def run(args: argparse.Namespace, url: str, *, user_url: bool = False) -> str:
     t0 = time.perf_counter()
     workload = make_workload(args.workers, args.blocks, n_queries=args.queries)
     batches = workload.batches(MODEL)
@@ -36,12 +51,14 @@ async def run(args: argparse.Namespace, url: str) -> str:
           f"({time.perf_counter() - t0:.1f}s to generate)")
 
     admin = aioredis.Redis.from_url(url)
+    if user_url and not args.flush:
+        await check_empty(admin, url)
     rates: list[float] = []
     index: RedisIndex | None = None
     for _ in range(args.ingest_rounds):  # each round ingests into an empty Redis
         if index is not None:
             await index.close()
-        await admin.flushall()
+        await admin.flushdb()  # only the URL's database: the bench's own keys
         mem_before = int((await admin.info("memory"))["used_memory"])
         index = RedisIndex.from_url(url)
         gc.collect()
@@ -90,7 +107,8 @@ async def run(args: argparse.Namespace, url: str) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in workload.describe().items())
     ingest_ok = verdict(ingest_rate >= 300_000)
     memory_ok = verdict(bytes_per_entry <= 100)
-    return f"""Private redis-server {await _redis_version(url)} on loopback, one client process
+    where = "the --redis-url server" if user_url else "private redis-server, on loopback"
+    return f"""Redis {await _redis_version(url)} ({where}), one client process
 (redis-py asyncio + hiredis), `RedisIndex.apply` in chunks of {args.chunk} batches (one
 pipeline each, one atomic Lua call per batch).
 
@@ -170,7 +188,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--ingest-rounds", type=int, default=3, help="median of this many")
     parser.add_argument("--chunk", type=int, default=256)
-    parser.add_argument("--redis-url", default=None, help="default: a private redis-server")
+    parser.add_argument("--redis-url", default=None,
+                        help="an empty Redis database to use (default: a private redis-server)")
+    parser.add_argument("--flush", action="store_true",
+                        help="let the bench empty a --redis-url database that holds keys")
     args = parser.parse_args()
     server = None
     url = args.redis_url
@@ -178,7 +199,9 @@ def main() -> None:
         server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))).start()
         url = server.url
     try:
-        body = asyncio.run(run(args, url))
+        body = asyncio.run(run(args, url, user_url=server is None))
+    except NotEmptyError as exc:
+        raise SystemExit(f"bench-redis: {exc}") from None
     finally:
         if server is not None:
             server.stop()

@@ -198,3 +198,22 @@ class TestQueryPaths:
         assert sorted((s.worker_id, s.matched_blocks) for s in first.scores) == [
             ("v", 2), ("w", 3)]
         await piped.close()
+
+
+class TestBenchRedisTarget:
+    """`make bench-redis --redis-url` empties its database each round: only an empty one."""
+
+    async def test_refuses_a_database_with_keys(self, redis_client: aioredis.Redis,
+                                                redis_server: RedisServer) -> None:
+        from bench.redis_backend import NotEmptyError, check_empty
+
+        await redis_client.set("someone:else", b"1")
+        with pytest.raises(NotEmptyError, match="holds 1 key and"):
+            await check_empty(redis_client, redis_server.url)
+        assert await redis_client.get("someone:else") == b"1"
+
+    async def test_accepts_an_empty_database(self, redis_client: aioredis.Redis,
+                                             redis_server: RedisServer) -> None:
+        from bench.redis_backend import check_empty
+
+        await check_empty(redis_client, redis_server.url)
