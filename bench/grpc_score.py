@@ -63,7 +63,7 @@ class IndexSource:
 
 def _serve(source: IndexSource, listen: str, conn: Connection) -> None:
     """Child: serve the index on `listen`; answer 'cpu' and 'stop' on `conn`."""
-    from indexer.app import settle_gc
+    from indexer.app import run_event_loop, settle_gc
     from indexer.index.redis import RedisIndex
 
     index: Any
@@ -75,7 +75,7 @@ def _serve(source: IndexSource, listen: str, conn: Connection) -> None:
         index.sync.apply(workload.batches(MODEL))
         del workload
     settle_gc()  # as `kv-indexer serve` and its reader processes do
-    asyncio.run(_serve_async(index, listen, conn))
+    run_event_loop(_serve_async(index, listen, conn))  # uvloop, as `kv-indexer serve` runs
 
 
 async def _serve_async(index: Any, listen: str, conn: Connection) -> None:
@@ -138,6 +138,12 @@ class ServerProcess:
             proc.join(10)
             if proc.is_alive():
                 proc.kill()
+
+
+def _server_loop() -> str:
+    from indexer.config import uvloop_installed
+
+    return "uvloop" if uvloop_installed() else "asyncio's event loop"
 
 
 def process_cpu(pid: int) -> float:
@@ -543,11 +549,12 @@ def report(args: argparse.Namespace, described: dict[str, str], rows: list[Row],
            baselines: dict[str, dict[str, list[float]]], notes: list[str]) -> str:
     rates = ", ".join(f"{r:,}" for r in sorted({*args.rates, *args.aio_rates}, reverse=True))
     lines = [
-        "Real server (`indexer.service.start_grpc_server`, grpc.aio, default settings, GC "
-        "tuned as `kv-indexer serve` tunes it) in a process of its own, spawned (the "
-        "in-memory one builds the same index itself); with Redis also N server processes "
-        "sharing the port (SO_REUSEPORT), as `kv-indexer serve --grpc-processes N` runs "
-        "them (the kernel gives each connection to one process). Load from the same host "
+        "Real server (`indexer.service.start_grpc_server`, grpc.aio, default settings, on "
+        f"{_server_loop()} with GC tuned as `kv-indexer serve` runs it) in a process of its "
+        "own, spawned (the in-memory one builds the same index itself); with Redis also N "
+        "server processes sharing the port (SO_REUSEPORT), as `kv-indexer serve "
+        "--grpc-processes N` runs them (the kernel gives each connection to one process). "
+        "Load from the same host "
         f"(loopback) over {args.channels} connections (a closed loop with fewer calls in "
         "flight: one per call), calls round-robin, by one of two generators: "
         "**grpcload** (`bench/grpcload.c`: HTTP/2 through libnghttp2, one process, a few "

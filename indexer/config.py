@@ -7,6 +7,7 @@ Built once from flags and environment into a frozen `ServiceConfig`, validated a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     snapshot_keep: int = 3
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
+    event_loop: str = "auto"  # auto (uvloop when installed) | uvloop | asyncio
 
 
 # (flag, field, type, help) - the env var is KV_INDEXER_<FIELD upper-case>
@@ -66,7 +68,13 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
     ("--snapshot-keep", "snapshot_keep", int, "snapshots kept per partition"),
     ("--log-format", "log_format", str, "auto (console on a TTY, else JSON), json or console"),
     ("--log-level", "log_level", str, "debug, info, warning or error"),
+    ("--event-loop", "event_loop", str,
+     "auto (uvloop when installed, else asyncio's own), uvloop or asyncio"),
 )
+
+
+def uvloop_installed() -> bool:
+    return importlib.util.find_spec("uvloop") is not None
 
 
 def env_name(field: str) -> str:
@@ -128,6 +136,10 @@ def validate(config: ServiceConfig) -> None:
          "--log-format must be auto, json or console"),
         (config.log_level in ("debug", "info", "warning", "error"),
          "--log-level must be debug, info, warning or error"),
+        (config.event_loop in ("auto", "uvloop", "asyncio"),
+         "--event-loop must be auto, uvloop or asyncio"),
+        (config.event_loop != "uvloop" or uvloop_installed(),
+         "--event-loop uvloop: uvloop is not installed"),
         (config.grpc_listen == "" or _is_host_port(config.grpc_listen),
          "--grpc-listen must be host:port (or empty: no gRPC)"),
         (config.metrics_listen == "" or _is_host_port(config.metrics_listen),

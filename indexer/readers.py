@@ -120,12 +120,16 @@ class PartitionMarkers:
 
 
 def reader_main(config: ServiceConfig, listen: str, number: int) -> None:
-    from indexer.app import configure_logging, settle_gc  # noqa: PLC0415 - avoids a cycle
+    from indexer.app import (  # noqa: PLC0415 - avoids a cycle
+        configure_logging,
+        run_event_loop,
+        settle_gc,
+    )
 
     configure_logging(config.log_format, config.log_level)
     settle_gc()
     log.info("reader_starting", reader=number, listen=listen)
-    asyncio.run(serve_reader(config, listen))
+    run_event_loop(serve_reader(config, listen), config.event_loop)
 
 
 async def serve_reader(config: ServiceConfig, listen: str) -> None:

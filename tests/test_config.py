@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
+from indexer.app import run_event_loop
 from indexer.config import SETTINGS, env_name, parse_service_config
 from indexer.errors import ConfigError
 
@@ -42,6 +44,7 @@ class TestValidation:
             (["--nats-url", "localhost"], {}, "--nats-url"),
             (["--log-format", "xml"], {}, "--log-format"),
             (["--liveness-ttl", "-1"], {}, "--liveness-ttl"),
+            (["--event-loop", "trio"], {}, "--event-loop"),
         ],
     )
     def test_rejected(self, argv: list[str], env: dict[str, str], message: str) -> None:
@@ -68,3 +71,26 @@ class TestDocumented:
         for flag, env, _default, _help in BRIDGE_SETTINGS:
             assert f"`{flag}`" in text, flag
             assert f"`KV_PUBLISHER_{env}`" in text, env
+
+
+class TestEventLoop:
+    """`--event-loop`: uvloop unless asked for asyncio's own loop."""
+
+    @staticmethod
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    def test_auto_runs_uvloop_when_installed(self) -> None:
+        pytest.importorskip("uvloop")
+        assert parse_service_config([], environ={}).event_loop == "auto"
+        assert run_event_loop(self.loop_module(), "auto").startswith("uvloop")
+
+    def test_asyncio_runs_asyncio_s_own_loop(self) -> None:
+        config = parse_service_config(["--event-loop", "asyncio"], environ={})
+        assert run_event_loop(self.loop_module(), config.event_loop).startswith("asyncio")
+
+    def test_uvloop_asked_for_but_missing_is_a_config_error(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr("indexer.config.uvloop_installed", lambda: False)
+        with pytest.raises(ConfigError, match="uvloop is not installed"):
+            parse_service_config(["--event-loop", "uvloop"], environ={})

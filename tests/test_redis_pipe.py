@@ -105,6 +105,28 @@ def test_a_new_event_loop_gets_a_new_connection(redis_server: RedisServer) -> No
     assert asyncio.run(ping_and_close()) == b"PONG"
 
 
+def test_pipelined_calls_on_uvloop(redis_server: RedisServer) -> None:
+    """`kv-indexer serve` runs on uvloop, whose transports are not asyncio.Transport
+    subclasses: the pipe must speak through them all the same."""
+    pytest.importorskip("uvloop")
+    from indexer.app import run_event_loop
+
+    pipe = RedisPipe(("127.0.0.1", redis_server.port))
+
+    async def calls() -> tuple[str, list[bytes]]:
+        try:
+            await pipe.call("SET", "uv:key", "value")
+            replies = await asyncio.wait_for(
+                asyncio.gather(*(pipe.call("GET", "uv:key") for _ in range(20))), 5)
+            return type(asyncio.get_running_loop()).__module__, replies
+        finally:
+            await pipe.close()
+
+    loop_module, replies = run_event_loop(calls(), "uvloop")
+    assert loop_module.startswith("uvloop")
+    assert replies == [b"value"] * 20
+
+
 def test_tls_stays_on_redis_py() -> None:
     assert RedisPipe.for_client(aioredis.Redis.from_url("rediss://127.0.0.1:6380/0")) is None
     assert RedisPipe.for_client(aioredis.Redis.from_url("unix:///tmp/r.sock?db=2")) is not None
