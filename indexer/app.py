@@ -327,7 +327,13 @@ class IndexerService:
                 f"{self.grpc_port}, {self.config.grpc_processes} process(es))\n"
                 f"  NATS     {self.nats_url} ({nats_kind})\n"
                 f"  metrics  {self.config.metrics_listen or 'off'}\n"
-                f"  index    {backend}\n  partitions {self.config.partitions}")
+                f"  index    {backend}\n  partitions {self.config.partitions}\n"
+                f"  loop     {_loop_name()}")
+
+
+def _loop_name() -> str:
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.startswith("uvloop") else "asyncio"
 
 
 async def serve(config: ServiceConfig) -> None:

@@ -14,14 +14,18 @@ from pathlib import Path
 
 import pytest
 
+from indexer.config import uvloop_installed
 from tests.servers import free_port
 
 pytestmark = pytest.mark.integration
 
 
-def _start_serve(tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
+BANNER_LINES = 7  # IndexerService.banner()
+
+
+def _start_serve(tmp_path: Path) -> tuple[subprocess.Popen[str], int, str]:
     """The service in a process group of its own, as a shell runs a foreground job;
-    returns it and its nats-server's pid once it serves."""
+    returns it, its nats-server's pid and its banner once it serves."""
     code = "import sys; from indexer.app import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "--data-dir", str(tmp_path / "data"), "--grpc-listen",
@@ -38,7 +42,8 @@ def _start_serve(tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
             break
         assert time.monotonic() < deadline, "kv-indexer serve did not come up"
     assert nats_pid, "no nats_started line"
-    return proc, nats_pid
+    banner = line + "".join(proc.stdout.readline() for _ in range(BANNER_LINES - 1))
+    return proc, nats_pid, banner
 
 
 def _gone(pid: int, within: float) -> bool:
@@ -62,7 +67,7 @@ def _kill_if_left(pid: int) -> None:
 
 
 def test_ctrl_c_stops_the_consumers_before_nats(tmp_path: Path) -> None:
-    proc, nats_pid = _start_serve(tmp_path)
+    proc, nats_pid, banner = _start_serve(tmp_path)
     try:
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends the foreground job
         output, _ = proc.communicate(timeout=30)
@@ -71,13 +76,15 @@ def test_ctrl_c_stops_the_consumers_before_nats(tmp_path: Path) -> None:
         assert "partition_consumer_failed" not in output, output
         assert "Traceback" not in output, output
         assert _gone(nats_pid, 10)
+        if uvloop_installed():  # the default --event-loop auto serves on it
+            assert "loop     uvloop" in banner, banner
     finally:
         _kill_if_left(nats_pid)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
 def test_a_killed_indexer_takes_its_nats_server_along(tmp_path: Path) -> None:
-    proc, nats_pid = _start_serve(tmp_path)
+    proc, nats_pid, _ = _start_serve(tmp_path)
     try:
         proc.kill()
         proc.wait(10)
