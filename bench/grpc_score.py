@@ -2,17 +2,18 @@
 
 64 workers hold >= 1M blocks (bench/workload.py); routers send 8,192-token prompts as
 token ids. For each backend (in-memory, Redis on a private redis-server) the real server
-(`indexer.service.start_grpc_server`) runs in its own process, forked after the index is
-loaded; load comes from separate client processes (grpc.aio), so neither shares the
-server's GIL:
+(`indexer.service.start_grpc_server`) runs in processes of its own, spawned and set up as
+`kv-indexer serve` sets them up (event loop, GC); the load comes from another process,
+bench/grpcload.c (C, libnghttp2) or, for comparison, grpc.aio clients, so nothing shares
+the server's GIL:
 
-- closed loop: 1, 8 and 32 concurrent calls (each task sends its next call when the
-  previous answers) for a fixed time: p50, p99, calls/s;
-- open loop: fixed rates (1,000 and 500 calls/s) for a fixed time, latency from send (and from the
-  scheduled send time, which includes any client lag).
+- closed loop: 1, 8 and 32 concurrent calls (each sends its next call when the previous
+  answers) for a fixed time: p50, p99, calls/s;
+- open loop: fixed rates (1,000 and 500 calls/s) for a fixed time, latency from send and
+  from the scheduled send time (which includes any client lag; the target is judged on it).
 
 Before timing, every query's best match over gRPC is checked against an in-process
-MemoryIndex. Targets (issue 3): p99 <= 3 ms at 1,000 calls/s with Redis; >= 2,000 Score
+MemoryIndex. Targets (issue 4): p99 <= 3 ms at 1,000 calls/s with Redis; >= 2,000 Score
 calls/s at saturation.
 """
 

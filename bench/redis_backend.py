@@ -1,10 +1,10 @@
 """Redis backend: ingest rate, Score latency and memory per entry (`make bench-redis`).
 
 Starts a private redis-server (or uses --redis-url: an empty database, which the bench
-empties again between its rounds, or any database with --flush), ingests a generated shared-prefix
-workload of 64 workers and >= 1M blocks through `RedisIndex.apply` from one process, then
-times Score for 8,192-token queries. Targets (issue 2): ingest >= 300k blocks/s, Score p99
-<= 1.5 ms, <= 100 bytes of Redis memory per (block, worker) entry.
+empties again between its rounds, or any database with --flush), ingests a generated
+shared-prefix workload of 64 workers and >= 1M blocks through `RedisIndex.apply` from one
+process, then times Score for 8,192-token queries. Targets (issue 2): ingest >= 300k
+blocks/s, Score p99 <= 1.5 ms, <= 100 bytes of Redis memory per (block, worker) entry.
 """
 
 from __future__ import annotations
