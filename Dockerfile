@@ -1,5 +1,5 @@
 # kv-indexer image: `kv-indexer serve` by default; the same image runs `kv-publisher bridge`
-# and `kv-publisher simulate` (override the entrypoint, see docker-compose.yml).
+# and `kv-sim engines` (override the entrypoint, see docker-compose.yml).
 #
 #   docker build -t kv-indexer:local .
 #   docker run --rm -p 50051:50051 -p 9400:9400 kv-indexer:local          # embedded NATS
@@ -23,7 +23,7 @@ COPY publisher ./publisher
 # otherwise), the compiler need not.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install . \
-    && python -c "import indexer.keys as k; assert k.NATIVE, 'indexer._native not built'" \
+    && python -c "import kvcore.keys as k; assert k.NATIVE, 'kvcore._native not built'" \
     && apt-get purge -y gcc libc6-dev && apt-get autoremove -y \
     && rm -rf /var/lib/apt/lists/* /src
 

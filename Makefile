@@ -3,14 +3,14 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTHON  ?= python3
-PKGS    := indexer publisher
+PKGS    := kvcore publisher indexer kvsim
 PROTO_OUT := indexer/_proto
 
 .PHONY: setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc proto clean
 
 setup: $(STAMP) redis-server
 
-$(STAMP): pyproject.toml native/keys.c
+$(STAMP): pyproject.toml $(wildcard native/*.c native/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
@@ -53,7 +53,7 @@ run: setup
 	$(VENV)/bin/kv-indexer serve
 
 demo: setup
-	$(VENV)/bin/python -m indexer.demo
+	$(VENV)/bin/kv-sim demo
 
 proto: $(STAMP)
 	$(PY) -m indexer._protogen

@@ -24,11 +24,12 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from bench.report import pct, verdict, write_section
-from indexer.app import IndexerService, configure_logging
+from indexer.app import IndexerService
 from indexer.config import ServiceConfig
 from indexer.embedded import EmbeddedNats
-from tests.servers import RedisServer
+from kvcore.runtime import configure_logging, settle_gc
+from kvsim.report import pct, verdict, write_section
+from tests.support.servers import RedisServer
 
 MODEL = "bench/event-path"
 BLOCK_SIZE = 16
@@ -53,10 +54,9 @@ async def _fleet(nats_url: str, worker_ids: list[str], phases: list[Phase],
     """Engines + bridges for `worker_ids`; phases start at wall time `start_at`."""
     import zmq.asyncio
 
-    from publisher.cli import settle_gc
-    from publisher.jetstream import StreamSettings
+    from kvcore.topology import StreamSettings
+    from kvsim.mock_engines import MockFleet, synthetic_prompts
     from publisher.publisher import KVEventPublisher
-    from publisher.simulate import MockFleet, synthetic_prompts
     from publisher.zmq_source import EngineSource
 
     workers = len(worker_ids)
@@ -177,7 +177,7 @@ async def measure(args: argparse.Namespace, procs: int, nats_url: str,
     # 1. bridge only (the stream fills; nobody consumes)
     from nats import connect
 
-    from publisher.jetstream import StreamSettings, ensure_stream
+    from kvcore.topology import StreamSettings, ensure_stream
 
     nc = await connect(nats_url)
     await ensure_stream(nc.jetstream(), StreamSettings(partitions=args.partitions))

@@ -2,7 +2,7 @@
 
 64 workers hold >= 1M blocks (bench/workload.py); routers send 8,192-token prompts as
 token ids. For each backend (in-memory, Redis on a private redis-server) the real server
-(`indexer.service.start_grpc_server`) runs in processes of its own, spawned and set up as
+(`indexer.serve.service.start_grpc_server`) runs in processes of its own, spawned and set up as
 `kv-indexer serve` sets them up (event loop, GC); the load comes from another process,
 bench/grpcload.c (C, libnghttp2) or, for comparison, grpc.aio clients, so nothing shares
 the server's GIL:
@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from bench import grpcload
-from bench.report import pct, verdict, write_section
 from bench.workload import make_workload
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import ScoreQuery
-from tests.servers import RedisServer
+from kvsim.report import pct, verdict, write_section
+from tests.support.servers import RedisServer
 
 MODEL = "bench/model"
 SCORE_METHOD = "/kvindex.v1.KvIndexer/Score"
@@ -64,8 +64,8 @@ class IndexSource:
 
 def _serve(source: IndexSource, listen: str, conn: Connection) -> None:
     """Child: serve the index on `listen`; answer 'cpu' and 'stop' on `conn`."""
-    from indexer.app import run_event_loop, settle_gc
     from indexer.index.redis import RedisIndex
+    from kvcore.runtime import SERVER_GC_THRESHOLDS, run_event_loop, settle_gc
 
     index: Any
     if source.redis_url:
@@ -75,15 +75,15 @@ def _serve(source: IndexSource, listen: str, conn: Connection) -> None:
         workload = make_workload(source.workers, source.blocks, n_queries=source.queries)
         index.sync.apply(workload.batches(MODEL))
         del workload
-    settle_gc()  # as `kv-indexer serve` and its reader processes do
+    settle_gc(SERVER_GC_THRESHOLDS)  # as `kv-indexer serve` and its reader processes do
     run_event_loop(_serve_async(index, listen, conn))  # uvloop, as `kv-indexer serve` runs
 
 
 async def _serve_async(index: Any, listen: str, conn: Connection) -> None:
-    from indexer.service import ServiceSettings, start_grpc_server
+    from indexer.serve.service import ServiceSettings, start_grpc_server
 
     # Several processes on one port is how `kv-indexer serve --grpc-processes N` serves a
-    # Redis index (indexer/readers.py); without NATS here, every indexed worker is live.
+    # Redis index (indexer/serve/readers.py); without NATS here, every indexed worker is live.
     server, port = await start_grpc_server(index, listen,
                                            settings=ServiceSettings(share_port=True))
     stop = asyncio.Event()
@@ -142,7 +142,7 @@ class ServerProcess:
 
 
 def _server_loop() -> str:
-    from indexer.config import uvloop_installed
+    from kvcore.runtime import uvloop_installed
 
     return "uvloop" if uvloop_installed() else "asyncio's event loop"
 
@@ -507,8 +507,8 @@ async def time_in_process(
 ) -> dict[str, list[float]]:
     """Seconds per call without transport, one call at a time: `index.score` (ids as a
     list), parsing the request, and the servicer (parse, Score handler, serialise)."""
-    from indexer.grpc_handlers import score_request_parser
-    from indexer.service import KvIndexerService
+    from indexer.serve.grpc_handlers import score_request_parser
+    from indexer.serve.service import KvIndexerService
 
     servicer = KvIndexerService(index)
     parse = score_request_parser()  # the server's own deserialiser
@@ -550,7 +550,7 @@ def report(args: argparse.Namespace, described: dict[str, str], rows: list[Row],
            baselines: dict[str, dict[str, list[float]]], notes: list[str]) -> str:
     rates = ", ".join(f"{r:,}" for r in sorted({*args.rates, *args.aio_rates}, reverse=True))
     lines = [
-        "Real server (`indexer.service.start_grpc_server`, grpc.aio, default settings, on "
+        "Real server (`indexer.serve.service.start_grpc_server`, grpc.aio, default settings, on "
         f"{_server_loop()} with GC tuned as `kv-indexer serve` runs it) in a process of its "
         "own, spawned (the in-memory one builds the same index itself); with Redis also N "
         "server processes sharing the port (SO_REUSEPORT), as `kv-indexer serve "

@@ -2,7 +2,7 @@
 
     python -m bench.keys            (make bench-keys)
 
-Measures indexer.keys.block_keys from packed u32 bytes (the bus form, what the indexer
+Measures kvcore.keys.block_keys from packed u32 bytes (the bus form, what the indexer
 does per BlockStored event) and block_keys_for_tokens from a Python list (what a Score
 request with token ids costs), plus Dynamo's compute_block_hash_for_seq when the
 ai-dynamo-runtime package is importable, for contrast. Writes its section of
@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.report import verdict, write_section
-from indexer.keys import NATIVE, block_keys, block_keys_for_tokens, block_keys_python, root_seed
-from publisher.bus import pack_tokens
+from kvcore.bus import pack_tokens
+from kvcore.keys import NATIVE, block_keys, block_keys_for_tokens, block_keys_python, root_seed
+from kvsim.report import verdict, write_section
 
 N_TOKENS = 8_192
 BLOCK_SIZE = 16

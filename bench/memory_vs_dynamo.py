@@ -32,7 +32,6 @@ from typing import Any
 import msgspec
 from dynamo._core import RadixTree, compute_block_hash_for_seq
 
-from bench.report import verdict, write_section
 from bench.workload import (
     DEFAULT_SEED,
     Workload,
@@ -43,7 +42,8 @@ from bench.workload import (
 )
 from indexer.index.memory import SyncMemoryIndex
 from indexer.index.protocol import ScoreQuery
-from indexer.keys import block_keys_for_tokens
+from kvcore.keys import block_keys_for_tokens
+from kvsim.report import verdict, write_section
 
 MODEL = "bench/model"
 BLOCK_SIZE = 16

@@ -21,14 +21,15 @@ from pathlib import Path
 import nats
 import redis.asyncio as aioredis
 
-from bench.report import verdict, write_section
 from bench.workload import make_workload
-from indexer.app import IndexerService, configure_logging
+from indexer.app import IndexerService
 from indexer.config import ServiceConfig
 from indexer.embedded import EmbeddedNats
-from publisher.bus import EventBatch, block_count, encode_batch, msg_id, subject_for
-from publisher.jetstream import StreamSettings, ensure_stream
-from tests.servers import RedisServer
+from kvcore.bus import EventBatch, block_count, encode_batch, msg_id, subject_for
+from kvcore.runtime import configure_logging
+from kvcore.topology import StreamSettings, ensure_stream
+from kvsim.report import verdict, write_section
+from tests.support.servers import RedisServer
 
 MODEL = "bench/rebuild"
 

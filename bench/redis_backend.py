@@ -19,12 +19,12 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from bench.report import pct, verdict, write_section
 from bench.workload import make_workload
 from indexer.index.protocol import ScoreQuery
 from indexer.index.redis import RedisIndex
-from indexer.keys import block_keys_for_tokens
-from tests.servers import RedisServer
+from kvcore.keys import block_keys_for_tokens
+from kvsim.report import pct, verdict, write_section
+from tests.support.servers import RedisServer
 
 MODEL = "bench/model"
 
@@ -168,7 +168,7 @@ def query_cpu_rows(query_cpu: dict[str, dict[int, tuple[float, float]]]) -> str:
 
 
 def _escape(model: str) -> str:
-    from publisher.bus import escape_token
+    from kvcore.bus import escape_token
 
     return escape_token(model)
 

@@ -30,8 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final, Literal
 
-from indexer.keys import block_keys
-from publisher.bus import (
+from kvcore.bus import (
     SCHEMA_VERSION,
     BlockStored,
     Event,
@@ -39,6 +38,7 @@ from publisher.bus import (
     pack_tokens,
     unpack_tokens,
 )
+from kvcore.keys import block_keys
 
 __all__ = [
     "DEFAULT_SEED",

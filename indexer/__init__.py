@@ -1,6 +1,6 @@
 """kv-indexer: a global index of which inference worker holds which KV-cache blocks.
 
-The public API: block keys (`indexer.keys`), the `Index` interface with its in-memory
+The public API: block keys (`kvcore.keys`), the `Index` interface with its in-memory
 backend (`MemoryIndex`, `SyncMemoryIndex`) and Redis backend (`indexer.index.redis`).
 """
 
@@ -23,7 +23,7 @@ from indexer.index import (
     WorkerRef,
     WorkerScore,
 )
-from indexer.keys import block_keys, block_keys_for_tokens, root_seed
+from kvcore.keys import block_keys, block_keys_for_tokens, root_seed
 
 __all__ = [
     "ApplyOutcome",

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
-import logging
 import signal
 import sys
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -25,117 +22,41 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from indexer.config import ServiceConfig, parse_service_config
-from indexer.consumer import (
-    ConsumerSettings,
-    ConsumerStats,
-    PartitionConsumer,
-    ResyncRequester,
-    SequenceTracker,
-)
 from indexer.embedded import NATS_DEFAULT_PORT, EmbeddedNats, port_is_free
 from indexer.errors import ConfigError
 from indexer.index.instrumented import InstrumentedIndex
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, WorkerInfo
 from indexer.index.redis import RedisIndex
-from indexer.liveness import LivenessWatcher
+from indexer.ingest.consumer import (
+    ConsumerSettings,
+    ConsumerStats,
+    PartitionConsumer,
+    ResyncRequester,
+    SequenceTracker,
+)
+from indexer.ingest.liveness import LivenessWatcher
+from indexer.ingest.partitions import PartitionLeases
+from indexer.ingest.recovery import SnapshotStore
 from indexer.metrics import MetricsExporter
-from indexer.partitions import PartitionLeases
-from indexer.readers import PartitionMarkers, ReaderPool
-from indexer.recovery import SnapshotStore
-from publisher.jetstream import (
+from indexer.serve.readers import PartitionMarkers, ReaderPool
+from kvcore.runtime import (
+    SERVER_GC_THRESHOLDS,
+    configure_logging,
+    loop_name,
+    run_event_loop,
+    settle_gc,
+)
+from kvcore.topology import (
     StreamSettings,
     ensure_dead_letter_stream,
     ensure_liveness_bucket,
     ensure_stream,
 )
 
-__all__ = ["IndexerService", "configure_logging", "main", "run_event_loop", "scoped_logging",
-           "settle_gc"]
+__all__ = ["IndexerService", "main"]
 
 log = structlog.get_logger("indexer.app")
-T = TypeVar("T")
-
-
-GC_THRESHOLDS = (2_000, 50, 1000)
-
-
-def settle_gc() -> None:
-    """Keep full collections rare and every collection short: the index is long-lived,
-    event lag and Score latency are not.
-
-    Python's default thresholds run a full collection every few hundred thousand
-    allocations, walking every tracked object: measured on the event path it put 200 ms
-    into the p99 lag at 10k blocks/s. Long-lived objects are frozen (moved out of the
-    collector's sight) after start-up and after each rebuild, and full collections wait
-    for 1,000 middle ones. The youngest generation stays small on purpose: grpc.aio
-    leaves three objects in a reference cycle per call, which only a collection frees.
-    At 50,000 that was one 11-15 ms pause every ~17,000 calls, the worst of the Score
-    p99.9 at 1,000 calls/s; at 2,000 the pauses are 25 times shorter and more frequent.
-    """
-    gc.set_threshold(*GC_THRESHOLDS)
-    gc.collect()
-    gc.freeze()
-
-
-def run_event_loop(main: Coroutine[Any, Any, T], event_loop: str = "auto") -> T:
-    """Run `main` to completion on uvloop (libuv), unless `event_loop` is "asyncio" or, for
-    "auto", uvloop is not installed.
-
-    Under uvloop a server process spends less CPU per call in the loop and in its
-    transports (the Redis pipe, gRPC's wake-ups): at 1,000 Score calls/s with Redis the
-    p99 fell by 10-13% in A/B runs, and 32 calls in flight were served a third faster.
-    """
-    if event_loop != "asyncio":
-        try:
-            import uvloop  # noqa: PLC0415 - optional: not on every platform
-        except ImportError:
-            if event_loop == "uvloop":
-                raise
-        else:
-            return uvloop.run(main)
-    return asyncio.run(main)
-
-
-def configure_logging(log_format: str = "auto", level: str = "info") -> None:
-    """structlog: JSON lines in containers, readable console output on a terminal."""
-    json_logs = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
-    )
-
-
-@contextlib.contextmanager
-def scoped_logging(level: str) -> Iterator[None]:
-    """Plain console logs at `level` to stderr for a while (demo, benchmarks); the previous
-    structlog setup afterwards."""
-    saved = structlog.get_config()
-    structlog.configure(
-        processors=[structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso", utc=True),
-                    structlog.dev.ConsoleRenderer(colors=False)],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
-    )
-    try:
-        yield
-    finally:
-        structlog.configure(**saved)
 
 
 @dataclass
@@ -203,7 +124,7 @@ class IndexerService:
         self.liveness = LivenessWatcher(self._js, self.index, ttl_s=config.liveness_ttl_s,
                                         grace_s=config.liveness_grace_s)
         self._tasks.append(asyncio.create_task(self.liveness.run(self._stop)))
-        settle_gc()
+        settle_gc(SERVER_GC_THRESHOLDS)
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(config.metrics_listen)
             self._tasks.append(asyncio.create_task(self.metrics.run(self._stop)))
@@ -211,7 +132,7 @@ class IndexerService:
     async def _start_grpc(self) -> None:
         if not self.config.grpc_listen:
             return
-        from indexer.service import ServiceSettings, start_grpc_server  # noqa: PLC0415
+        from indexer.serve.service import ServiceSettings, start_grpc_server  # noqa: PLC0415
 
         assert self.index is not None
         extra = self.config.grpc_processes - 1
@@ -328,12 +249,7 @@ class IndexerService:
                 f"  NATS     {self.nats_url} ({nats_kind})\n"
                 f"  metrics  {self.config.metrics_listen or 'off'}\n"
                 f"  index    {backend}\n  partitions {self.config.partitions}\n"
-                f"  loop     {_loop_name()}")
-
-
-def _loop_name() -> str:
-    module = type(asyncio.get_running_loop()).__module__
-    return "uvloop" if module.startswith("uvloop") else "asyncio"
+                f"  loop     {loop_name()}")
 
 
 async def serve(config: ServiceConfig) -> None:

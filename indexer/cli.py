@@ -19,6 +19,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Final, cast
 
@@ -207,19 +208,25 @@ def _rebuild(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not args.nats_url:
         parser.error("--nats-url is required (or KV_INDEXER_NATS_URL)")
-    recovery = importlib.import_module("indexer.recovery")
+    recovery = importlib.import_module("indexer.ingest.recovery")
     asyncio.run(recovery.request_rebuild(args.nats_url, args.partitions))
     print(f"rebuild requested for {args.partitions} partitions")
     return 0
 
 
+BENCH_ENTRY_POINTS: Final = "kv_indexer.bench"
+
+
 def _bench(argv: list[str]) -> int:
-    if argv[:1] != ["routing"]:
-        print("usage: kv-indexer bench routing [options]  (--help for them)", file=sys.stderr)
+    """`kv-indexer bench NAME`: benchmarks are tools outside the service (`kvsim`), found
+    through the `kv_indexer.bench` entry points of whatever is installed."""
+    found = {ep.name: ep for ep in entry_points(group=BENCH_ENTRY_POINTS)}
+    if argv[:1] == [] or argv[0] not in found:
+        names = ", ".join(sorted(found)) or "none installed"
+        print(f"usage: kv-indexer bench NAME [options]  (NAME: {names})", file=sys.stderr)
         return 2
-    routing_main = cast(Callable[[list[str]], int],
-                        importlib.import_module("indexer.bench_routing").main)
-    return routing_main(argv[1:])
+    bench_main = cast(Callable[[list[str]], int], found[argv[0]].load())
+    return bench_main(argv[1:])
 
 
 def _serve(argv: list[str]) -> int:

@@ -7,7 +7,6 @@ Built once from flags and environment into a frozen `ServiceConfig`, validated a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,7 +15,8 @@ import msgspec
 
 from indexer.errors import ConfigError
 from indexer.index.protocol import DEFAULT_MAX_QUERY_TOKENS
-from publisher.jetstream import DEFAULT_PARTITIONS
+from kvcore.runtime import uvloop_installed
+from kvcore.topology import DEFAULT_PARTITIONS
 
 __all__ = ["SETTINGS", "ServiceConfig", "parse_service_config"]
 
@@ -71,10 +71,6 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
     ("--event-loop", "event_loop", str,
      "auto (uvloop when installed, else asyncio's own), uvloop or asyncio"),
 )
-
-
-def uvloop_installed() -> bool:
-    return importlib.util.find_spec("uvloop") is not None
 
 
 def env_name(field: str) -> str:

@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from indexer.consumer import ConsumerStats
 from indexer.index.protocol import Index, IndexStats, WorkerInfo
+from indexer.ingest.consumer import ConsumerStats
 
 __all__ = ["MetricsExporter"]
 

@@ -1,8 +1,8 @@
-/* indexer._native: the block-key hot loops in C (spec: docs/block-keys.md).
+/* kvcore._native: the block-key hot loops in C (spec: docs/block-keys.md).
  *
  * key(block i) = xxh3_64(tokens of block i as u32 little-endian, seed = key(block i - 1))
  *
- * Python does the same in indexer/keys.py and indexer/scoring.py; this module only removes
+ * Python does the same in kvcore/keys.py and indexer/index/scoring.py; this module only removes
  * the per-block interpreter overhead (one xxh3 call, one slice, one dict lookup per block
  * cost ~250 ns in Python, ~25 ns here). Both paths are checked against each other and
  * against tests/vectors/block_keys.json.
@@ -707,7 +707,7 @@ static PySequenceMethods table_as_sequence = {
 
 static PyTypeObject BlockTableType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "indexer._native.BlockTable",
+    .tp_name = "kvcore._native.BlockTable",
     .tp_doc = "BlockTable(secret=0): block key (u64) -> presence mask (int).",
     .tp_basicsize = sizeof(BlockTable),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -1079,7 +1079,7 @@ static PyMethodDef native_methods[] = {
 
 static struct PyModuleDef native_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "indexer._native",
+    .m_name = "kvcore._native",
     .m_doc = "Block-key hashing and prefix lookup hot loops (optional C speed-up).",
     .m_size = 0,
     .m_methods = native_methods,

@@ -1,4 +1,4 @@
-"""`kv-publisher bridge` (engine ZMQ -> JetStream) and `kv-publisher simulate`.
+"""`kv-publisher bridge`: engine ZMQ -> JetStream.
 
 Every bridge flag has a KV_PUBLISHER_* environment variable.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
 import signal
 import sys
@@ -16,7 +15,8 @@ from collections.abc import Sequence
 import structlog
 import zmq.asyncio
 
-from publisher.jetstream import StreamSettings
+from kvcore.runtime import configure_logging, settle_gc
+from kvcore.topology import StreamSettings
 from publisher.publisher import KVEventPublisher
 from publisher.zmq_source import EngineSource
 
@@ -68,18 +68,6 @@ def parse_bridge_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def settle_gc() -> None:
-    """Freeze what start-up built out of the collector's sight.
-
-    Full collections walk every tracked object. In the event-path bench (16 engines and
-    their bridges in one process) they took up to 84 ms each, every one a spike in event
-    lag; with start-up's objects frozen, at most 24 ms. Objects made later are collected
-    as usual (the mirror's blocks are plain tuples, which the collector stops tracking).
-    """
-    gc.collect()
-    gc.freeze()
-
-
 async def run_bridge(args: argparse.Namespace) -> None:
     publisher = KVEventPublisher(args.model, args.worker_id, block_size=int(args.block_size),
                                  nats_url=args.nats_url, dp_size=int(args.dp_size),
@@ -105,19 +93,14 @@ async def run_bridge(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: kv-publisher {bridge,simulate} [options]  (--help on each)")
+        print("usage: kv-publisher bridge [options]  (--help for them)")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "bridge":
-        from indexer.app import configure_logging  # noqa: PLC0415 - shared log setup
-
         args = parse_bridge_args(rest)
         configure_logging(args.log_format)
         asyncio.run(run_bridge(args))
         return 0
-    if command == "simulate":
-        from publisher.simulate import main as simulate_main  # noqa: PLC0415
-
-        return simulate_main(rest)
-    print(f"kv-publisher: unknown command {command!r} (bridge, simulate)", file=sys.stderr)
+    print(f"kv-publisher: unknown command {command!r} (bridge; mock engines: kv-sim engines)",
+          file=sys.stderr)
     return 2

@@ -10,7 +10,7 @@ ZMQ multipart messages of the live and replay protocols. The wire forms are desc
   dropped (vLLM <= 0.23, SGLang) or maps tagged by `"type"` with default fields omitted
   (vLLM >= 0.24); unknown map fields and extra trailing array fields are ignored;
 - block hashes are signed ints, unsigned 64-bit ints or raw digest bytes; all of them are
-  folded into u64 with `publisher.bus.engine_hash_to_u64`.
+  folded into u64 with `kvcore.bus.engine_hash_to_u64`.
 
 Errors:
 
@@ -30,7 +30,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from publisher.bus import (
+from kvcore.bus import (
     MAX_BLOCKS_PER_EVENT,
     MAX_EVENTS_PER_BATCH,
     MEDIUM_TIERS,

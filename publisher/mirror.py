@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Final
 
-from publisher.bus import TIERS, AllBlocksCleared, BlockRemoved, BlockStored, Event, tier_index
+from kvcore.bus import TIERS, AllBlocksCleared, BlockRemoved, BlockStored, Event, tier_index
 
 __all__ = ["BlockMirror"]
 

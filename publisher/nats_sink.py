@@ -19,7 +19,7 @@ import msgspec
 import structlog
 from nats.js import JetStreamContext
 
-from publisher.bus import EventBatch, block_count, encode_batch, msg_id, subject_for
+from kvcore.bus import EventBatch, block_count, encode_batch, msg_id, subject_for
 
 __all__ = ["NatsSink", "SinkStats"]
 

@@ -25,7 +25,7 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from publisher.bus import (
+from kvcore.bus import (
     SCHEMA_VERSION,
     AllBlocksCleared,
     BlockRemoved,
@@ -35,7 +35,7 @@ from publisher.bus import (
     engine_hash_to_u64,
     pack_tokens,
 )
-from publisher.jetstream import (
+from kvcore.topology import (
     StreamSettings,
     WorkerRecord,
     ensure_liveness_bucket,

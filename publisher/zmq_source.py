@@ -20,7 +20,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from publisher.bus import AllBlocksCleared
+from kvcore.bus import AllBlocksCleared
 from publisher.engines import (
     EngineDecodeError,
     decode_engine_payload,

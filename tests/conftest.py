@@ -7,7 +7,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from indexer.embedded import EmbeddedNats
-from tests.servers import RedisServer
+from tests.support.servers import RedisServer
 
 
 @pytest.fixture(scope="session")

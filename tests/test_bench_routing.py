@@ -1,4 +1,4 @@
-"""`kv-indexer bench routing` (indexer/bench_routing.py): a small replay through the whole
+"""`kv-indexer bench routing` (kvsim/routing.py): a small replay through the whole
 system, and the pieces the figures rest on (the single-cache bound, pinned pools)."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from indexer.bench_routing import (
+from kvsim.mock_engines import TraceRecord, trace_tokens
+from kvsim.routing import (
     POLICIES,
     PinnedPool,
     RoutingReport,
@@ -20,7 +21,6 @@ from indexer.bench_routing import (
     report_body,
     single_cache_hits,
 )
-from publisher.simulate import TraceRecord, trace_tokens
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / \
     "mooncake_conversation_trace.jsonl"

@@ -15,9 +15,9 @@ import zmq.asyncio
 from indexer.app import IndexerService
 from indexer.embedded import EmbeddedNats
 from indexer.index.protocol import ScoreQuery
-from publisher.jetstream import StreamSettings
+from kvcore.topology import StreamSettings
+from kvsim.mock_engines import MockEngine
 from publisher.publisher import KVEventPublisher
-from publisher.simulate import MockEngine
 from publisher.zmq_source import EngineSource
 from tests.test_event_path import eventually, service_config
 

@@ -1,4 +1,4 @@
-"""The bus contract (publisher.bus): encoding, validation, subjects, engine hashes."""
+"""The bus contract (kvcore.bus): encoding, validation, subjects, engine hashes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import xxhash
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from publisher.bus import (
+from kvcore.bus import (
     MAX_BLOCKS_PER_EVENT,
     MAX_EVENTS_PER_BATCH,
     MAX_MESSAGE_BYTES,
@@ -509,7 +509,7 @@ class TestLivenessKeys:
     @settings(max_examples=200, deadline=None)
     def test_round_trip_and_valid(self, model: str, worker: str) -> None:
         """Any model and worker id give a key of KV-legal characters that parses back."""
-        from publisher.jetstream import liveness_key, parse_liveness_key
+        from kvcore.topology import liveness_key, parse_liveness_key
 
         key = liveness_key(model, worker)
         assert re.fullmatch(r"[-/_=.A-Za-z0-9]+", key)

@@ -20,13 +20,13 @@ import zmq.asyncio
 
 from indexer.embedded import EmbeddedNats
 from indexer.index.redis import RedisIndex
-from publisher.bus import EventBatch, encode_batch, subject_for
-from publisher.jetstream import StreamSettings
+from kvcore.bus import EventBatch, encode_batch, subject_for
+from kvcore.topology import StreamSettings
+from kvsim.mock_engines import MockFleet, synthetic_prompts
 from publisher.publisher import KVEventPublisher
-from publisher.simulate import MockFleet, synthetic_prompts
 from publisher.zmq_source import EngineSource
-from tests.reference import ReferenceIndex
-from tests.servers import RedisServer
+from tests.support.reference import ReferenceIndex
+from tests.support.servers import RedisServer
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 

@@ -35,8 +35,8 @@ from indexer.client import (
     WorkerMatch,
 )
 from indexer.index.protocol import Index
-from indexer.service import start_grpc_server
-from tests.servers import free_port
+from indexer.serve.service import start_grpc_server
+from tests.support.servers import free_port
 from tests.test_service import (
     AGE,
     MODEL,

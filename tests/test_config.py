@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from indexer.app import run_event_loop
 from indexer.config import SETTINGS, env_name, parse_service_config
 from indexer.errors import ConfigError
+from kvcore.runtime import run_event_loop
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

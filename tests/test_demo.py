@@ -1,4 +1,4 @@
-"""`python -m indexer.demo` (`make demo`): the whole pipeline headless for a few seconds."""
+"""`python -m kvsim.demo` (`make demo`): the whole pipeline headless for a few seconds."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from indexer.demo import InFlight, main, parse_args
+from kvsim.demo import InFlight, main, parse_args
 
 TICK = re.compile(
     r"^t=(?P<t>[\d.]+)s requests=(?P<requests>\d+) kv_aware_hit_rate=(?P<kv>[\d.]+) "

@@ -3,7 +3,7 @@ manifests and the Grafana dashboard use only flags, environment variables and me
 exist, and the pieces that must agree with each other do.
 
 No container runs here (no Docker engine needed): the files are parsed and every
-`kv-indexer serve`, `kv-publisher bridge` and `kv-publisher simulate` command found in them
+`kv-indexer serve`, `kv-publisher bridge` and `kv-sim engines` command found in them
 goes through the real argument parsers.
 """
 
@@ -22,10 +22,10 @@ import pytest
 from prometheus_client import generate_latest
 
 from indexer.config import SETTINGS, env_name, parse_service_config
-from indexer.consumer import ConsumerStats
 from indexer.index.memory import MemoryIndex
+from indexer.ingest.consumer import ConsumerStats
 from indexer.metrics import MetricsExporter
-from publisher import simulate
+from kvsim import mock_engines as simulate
 from publisher.cli import BRIDGE_SETTINGS, parse_bridge_args
 
 try:
@@ -43,7 +43,7 @@ KUBERNETES = ROOT / "deploy" / "kubernetes"
 DASHBOARD = ROOT / "deploy" / "grafana" / "kv-indexer-dashboard.json"
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 
-SERVE, BRIDGE, SIMULATE = "kv-indexer serve", "kv-publisher bridge", "kv-publisher simulate"
+SERVE, BRIDGE, SIMULATE = "kv-indexer serve", "kv-publisher bridge", "kv-sim engines"
 OUR_IMAGE = "kv-indexer:"  # images built from the Dockerfile (compose tag and manifests)
 
 

@@ -15,7 +15,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from publisher.bus import (
+from kvcore.bus import (
     MAX_BLOCKS_PER_EVENT,
     MAX_EVENTS_PER_BATCH,
     AllBlocksCleared,

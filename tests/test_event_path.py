@@ -16,7 +16,7 @@ from indexer.app import IndexerService
 from indexer.config import ServiceConfig
 from indexer.embedded import EmbeddedNats
 from indexer.index.protocol import ScoreQuery
-from publisher.bus import (
+from kvcore.bus import (
     SCHEMA_VERSION,
     BlockStored,
     EventBatch,
@@ -25,7 +25,7 @@ from publisher.bus import (
     pack_tokens,
     subject_for,
 )
-from publisher.jetstream import DEAD_LETTER_STREAM, StreamSettings
+from kvcore.topology import DEAD_LETTER_STREAM, StreamSettings
 from publisher.publisher import KVEventPublisher
 
 pytestmark = pytest.mark.integration
@@ -150,7 +150,7 @@ class TestResync:
     async def test_gap_triggers_resync(self, nats_server: EmbeddedNats,
                                        service: IndexerService) -> None:
         """A lost batch (a removal) is a gap; the resync re-sends the rank without it."""
-        from publisher.bus import BlockRemoved
+        from kvcore.bus import BlockRemoved
 
         async with publisher(nats_server.url) as pub:
             store(pub, 1, 8)

@@ -12,7 +12,7 @@ import pytest
 from bench import grpcload
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer.index.memory import MemoryIndex
-from indexer.service import start_grpc_server
+from indexer.serve.service import start_grpc_server
 from tests.test_service import CONFIG, NO_CACHE, scenario
 
 SCORE = "/kvindex.v1.KvIndexer/Score"

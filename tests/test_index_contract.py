@@ -2,7 +2,7 @@
 
 Hypothesis generates engine histories (stores, offloads, removes, clears, restarts,
 duplicates, stale epochs, gaps, unknown parents, interleaved workers and DP ranks); each
-backend ingests them and must agree with `tests.reference.ReferenceIndex` on outcomes,
+backend ingests them and must agree with `tests.support.reference.ReferenceIndex` on outcomes,
 presence (block key by block key), scores, per-worker tier counts and drop counters.
 The Redis backend is also driven by two successive index instances, so a worker's ledger
 reloaded from Redis must carry on exactly where the first left off.
@@ -26,8 +26,7 @@ from indexer.index.block_table import DictBlockTable
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, ScoreQuery, TierWeights, WorkerRef
 from indexer.index.redis import RedisIndex
-from indexer.keys import block_keys_for_tokens
-from publisher.bus import (
+from kvcore.bus import (
     SCHEMA_VERSION,
     AllBlocksCleared,
     BlockRemoved,
@@ -36,8 +35,9 @@ from publisher.bus import (
     EventBatch,
     pack_tokens,
 )
-from tests.reference import ReferenceIndex
-from tests.servers import RedisServer
+from kvcore.keys import block_keys_for_tokens
+from tests.support.reference import ReferenceIndex
+from tests.support.servers import RedisServer
 
 MODEL = "org/model-1.5"
 BLOCK = 4
@@ -273,7 +273,7 @@ class TestMemoryIndexPurePythonContract:
             return made[-1]
 
         with mock.patch("indexer.index.memory.new_block_table", DictBlockTable), \
-                mock.patch("indexer.keys._native", None):
+                mock.patch("kvcore.keys._native", None):
             asyncio.run(check_against_reference(make, batches, chunks, queries))
         tables = [space.blocks for index in made for space in index.sync._models.values()]
         assert all(type(table) is DictBlockTable for table in tables)
@@ -369,7 +369,7 @@ class TestQueryErrors:
 
     async def test_bad_batch_leaves_index_unchanged(self, any_index: Index) -> None:
         """A batch list with one invalid batch raises before any batch is applied."""
-        from publisher.bus import BusError
+        from kvcore.bus import BusError
 
         good = EventBatch(schema=SCHEMA_VERSION, model=MODEL, worker_id="w", epoch=1, seq=0,
                           events=[make_event("store", ((0, 1), 0, "gpu", None), 1)])

@@ -1,4 +1,4 @@
-"""Block keys (indexer.keys) against the spec: vectors, properties, errors."""
+"""Block keys (kvcore.keys) against the spec: vectors, properties, errors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from indexer.keys import (
+from kvcore.bus import pack_tokens
+from kvcore.keys import (
     KEY_SCHEME,
     block_keys,
     block_keys_for_tokens,
@@ -22,7 +23,6 @@ from indexer.keys import (
     pack_keys,
     root_seed,
 )
-from publisher.bus import pack_tokens
 
 VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
 VECTORS: dict[str, Any] = json.loads((VECTORS_DIR / "block_keys.json").read_text("utf-8"))
@@ -321,7 +321,7 @@ class TestPacked:
 
     def test_python_fallback(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Without the C extension the same bytes come from the Python loop."""
-        import indexer.keys as keys_module
+        import kvcore.keys as keys_module
 
         tokens = list(range(64))
         expected = block_keys_packed(tokens, 4, 7)

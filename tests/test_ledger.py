@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from indexer.index.memory import SyncMemoryIndex
 from indexer.index.protocol import ApplyOutcome, IndexConfig, ResyncRequest, ScoreQuery
-from indexer.keys import block_keys_for_tokens
-from publisher.bus import (
+from kvcore.bus import (
     SCHEMA_VERSION,
     AllBlocksCleared,
     BlockRemoved,
@@ -14,6 +13,7 @@ from publisher.bus import (
     EventBatch,
     pack_tokens,
 )
+from kvcore.keys import block_keys_for_tokens
 
 MODEL = "m"
 BS = 4

@@ -7,9 +7,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from publisher.bus import SCHEMA_VERSION, BlockRemoved, BlockStored, Event, EventBatch
+from kvcore.bus import SCHEMA_VERSION, BlockRemoved, BlockStored, Event, EventBatch
 from publisher.mirror import BlockMirror
-from tests.reference import ReferenceIndex
+from tests.support.reference import ReferenceIndex
 from tests.test_index_contract import MODEL, event_specs, make_event, path_tokens
 
 NO_GHOST_LIMIT = 10**6
@@ -95,7 +95,7 @@ def test_ghosts_are_bounded() -> None:
 
 
 def _tokens(blocks: int) -> bytes:
-    from publisher.bus import pack_tokens
+    from kvcore.bus import pack_tokens
 
     return pack_tokens(path_tokens(tuple(range(blocks))))
 

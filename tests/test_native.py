@@ -1,4 +1,4 @@
-"""The C hot loops (indexer._native) against the pure-Python loops they replace."""
+"""The C hot loops (kvcore._native) against the pure-Python loops they replace."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 
 from indexer.index.block_table import DictBlockTable
 from indexer.index.protocol import TIER_BITS, TierWeights
-from indexer.keys import NATIVE, block_keys_python, pack_keys
-from indexer.scoring import prefix_match, prefix_match_runs, slot_bits
-from publisher.bus import pack_tokens
+from indexer.index.scoring import prefix_match, prefix_match_runs, slot_bits
+from kvcore.bus import pack_tokens
+from kvcore.keys import NATIVE, block_keys_python, pack_keys
 from tests.test_keys import CASES
 
 if NATIVE:
-    from indexer._native import BlockTable, chain_keys, chain_keys_packed
+    from kvcore._native import BlockTable, chain_keys, chain_keys_packed
 
 # `make setup` builds the extension; only an install without a compiler may lack it.
 pytestmark = pytest.mark.skipif(
@@ -34,8 +34,8 @@ WEIGHTS = TierWeights()
 
 
 def test_extension_is_built() -> None:
-    """The install built indexer._native (a compiler was there): the fast path is live."""
-    assert NATIVE, "indexer._native is missing: run `make setup` on a machine with gcc"
+    """The install built kvcore._native (a compiler was there): the fast path is live."""
+    assert NATIVE, "kvcore._native is missing: run `make setup` on a machine with gcc"
 
 
 class TestChainKeys:
@@ -299,8 +299,8 @@ class TestTakeUint32Field:
     def test_values_and_rest_as_protobuf_sees_them(
             self, tokens: list[int], workers: list[str]) -> None:
         """The values come out packed; the rest parses to the message without them."""
-        from indexer._native import take_uint32_field
         from indexer._proto.kvindex.v1 import indexer_pb2 as pb
+        from kvcore._native import take_uint32_field
 
         request = pb.ScoreRequest(model="m", token_ids=tokens, workers=workers, block_size=16,
                                   block_keys=[2**64 - 1], include_zero=True)
@@ -319,8 +319,8 @@ class TestTakeUint32Field:
             self, first: list[int], second: list[int]) -> None:
         """Unpacked values, and several occurrences of the field (or of the enclosing
         message), are appended in order: what protobuf's own parser makes of them."""
-        from indexer._native import take_uint32_field
         from indexer._proto.kvindex.v1 import indexer_pb2 as pb
+        from kvcore._native import take_uint32_field
 
         raw = (unpacked_tokens(10, first) + pb.ScoreRequest(model="m").SerializeToString()
                + pb.ScoreRequest(token_ids=second).SerializeToString())
@@ -339,8 +339,8 @@ class TestTakeUint32Field:
         assert pb.FindBestWorkerRequest.FromString(rest) == without_tokens(merged)
 
     def test_wide_varints_truncate_like_uint32(self) -> None:
-        from indexer._native import take_uint32_field
         from indexer._proto.kvindex.v1 import indexer_pb2 as pb
+        from kvcore._native import take_uint32_field
 
         raw = varint(10 << 3) + varint(2**40 + 5)
         assert list(pb.ScoreRequest.FromString(raw).token_ids) == [5]
@@ -349,8 +349,8 @@ class TestTakeUint32Field:
     @pytest.mark.parametrize("value", [0, 127, 128, 2**32 - 1, 2**32, 2**63, 2**64 - 1])
     def test_every_varint_width_with_and_without_room(self, value: int) -> None:
         """Short and 10-byte varints, near the end of the bytes and far from it."""
-        from indexer._native import take_uint32_field
         from indexer._proto.kvindex.v1 import indexer_pb2 as pb
+        from kvcore._native import take_uint32_field
 
         tail = pb.ScoreRequest(model="x" * 30).SerializeToString()
         for raw in (varint(10 << 3) + varint(value),
@@ -363,7 +363,7 @@ class TestTakeUint32Field:
             assert values == pack_tokens(expected)
 
     def test_no_such_field(self) -> None:
-        from indexer._native import take_uint32_field
+        from kvcore._native import take_uint32_field
 
         assert take_uint32_field(b"", (10,)) == (b"", b"")
         raw = varint(1 << 3 | 2) + varint(1) + b"m"
@@ -377,13 +377,13 @@ class TestTakeUint32Field:
         varint(10 << 3) + b"\xff" * 11,  # varint over 10 bytes
     ])
     def test_malformed_is_value_error(self, raw: bytes) -> None:
-        from indexer._native import take_uint32_field
+        from kvcore._native import take_uint32_field
 
         with pytest.raises(ValueError):
             take_uint32_field(raw, (10,))
 
     def test_bad_path(self) -> None:
-        from indexer._native import take_uint32_field
+        from kvcore._native import take_uint32_field
 
         for path in ((), (0,), (2**29,), tuple(range(1, 10))):
             with pytest.raises(ValueError):
@@ -399,8 +399,8 @@ class TestPackLogEntries:
     def test_same_records_as_python(
             self, entries: dict[int, tuple[int, int]], gone: list[int]) -> None:
         """M records for mapped hashes (tiers default 0), D for the rest, in order."""
-        from indexer._native import pack_log_entries
         from indexer.index.ledger import pack_log_entries_python
+        from kvcore._native import pack_log_entries
 
         keys = {h: key for h, (key, _) in entries.items()}
         tiers = {h: t for h, (_, t) in entries.items() if t}
@@ -411,7 +411,7 @@ class TestPackLogEntries:
             set(hashes), keys, tiers)
 
     def test_bad_values(self) -> None:
-        from indexer._native import pack_log_entries
+        from kvcore._native import pack_log_entries
 
         with pytest.raises(OverflowError):
             pack_log_entries([1], {1: 2}, {1: 256})

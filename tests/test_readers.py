@@ -20,8 +20,8 @@ from indexer.client import AsyncIndexerClient, Query, ScoreAnswer
 from indexer.config import ServiceConfig, parse_service_config
 from indexer.embedded import EmbeddedNats
 from indexer.errors import ConfigError
-from indexer.readers import ReaderPool
-from tests.servers import RedisServer
+from indexer.serve.readers import ReaderPool
+from tests.support.servers import RedisServer
 from tests.test_event_path import BS, MODEL, TOKENS, eventually, publisher, service_config
 
 pytestmark = pytest.mark.integration

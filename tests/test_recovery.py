@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from indexer.app import IndexerService
 from indexer.embedded import EmbeddedNats
 from indexer.index.protocol import RankState
-from indexer.recovery import (
+from indexer.ingest.recovery import (
     SNAPSHOT_BUCKET,
     Snapshot,
     SnapshotCorruptError,
@@ -21,9 +21,9 @@ from indexer.recovery import (
     encode_snapshot,
     partition_of,
 )
-from publisher.bus import STREAM_NAME, subject_for
-from publisher.jetstream import partition_filter
-from tests.servers import RedisServer
+from kvcore.bus import STREAM_NAME, subject_for
+from kvcore.topology import partition_filter
+from tests.support.servers import RedisServer
 from tests.test_event_path import (
     PARTITIONS,
     _eq,
@@ -182,7 +182,7 @@ class TestForcedRebuild:
 
     async def test_request_rebuild(self, nats_server: EmbeddedNats) -> None:
         """After request_rebuild every partition rebuilds once, and the index is whole."""
-        from indexer.recovery import request_rebuild
+        from indexer.ingest.recovery import request_rebuild
 
         svc = IndexerService(service_config(nats_server.url, snapshot_every_batches=2))
         await svc.start()

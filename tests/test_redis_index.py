@@ -13,7 +13,7 @@ from indexer.errors import BackendError
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import ApplyOutcome, IndexConfig, ScoreQuery
 from indexer.index.redis import RedisIndex, model_prefix
-from tests.servers import RedisServer
+from tests.support.servers import RedisServer
 from tests.test_ledger import BS, MODEL, TOKENS, batch, stored
 
 pytestmark = pytest.mark.integration
@@ -22,7 +22,7 @@ CONFIG = IndexConfig(ghost_capacity=3)
 
 
 def keys_of_prompt() -> list[int]:
-    from indexer.keys import block_keys_for_tokens
+    from kvcore.keys import block_keys_for_tokens
 
     return block_keys_for_tokens(TOKENS, BS, MODEL)
 
@@ -37,7 +37,7 @@ class TestDurableLedger:
 
     async def test_ghost_fifo_survives_reload(self, redis_client: aioredis.Redis) -> None:
         """Ghosts popped before a restart stay forgotten; the ones kept still resolve."""
-        from publisher.bus import BlockRemoved
+        from kvcore.bus import BlockRemoved
 
         history = [batch(0, stored(1, 6)), batch(1, BlockRemoved(block_hashes=[6, 5, 4, 3, 2]))]
         later = [batch(2, stored(4, 4, parent=3)), batch(3, stored(6, 6, parent=5))]
@@ -58,7 +58,7 @@ class TestDurableLedger:
         self, redis_client: aioredis.Redis
     ) -> None:
         """Store/remove churn keeps the log within twice its live size; a reload agrees."""
-        from publisher.bus import BlockRemoved
+        from kvcore.bus import BlockRemoved
 
         index = RedisIndex(redis_client, config=CONFIG, log_compact_min_bytes=0)
         memory = MemoryIndex(CONFIG)

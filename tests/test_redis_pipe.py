@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 from indexer.index.redis_pipe import RedisPipe
-from tests.servers import RedisServer
+from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +109,7 @@ def test_pipelined_calls_on_uvloop(redis_server: RedisServer) -> None:
     """`kv-indexer serve` runs on uvloop, whose transports are not asyncio.Transport
     subclasses: the pipe must speak through them all the same."""
     pytest.importorskip("uvloop")
-    from indexer.app import run_event_loop
+    from kvcore.runtime import run_event_loop
 
     pipe = RedisPipe(("127.0.0.1", redis_server.port))
 

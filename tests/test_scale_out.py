@@ -18,10 +18,10 @@ import pytest
 from indexer.embedded import EmbeddedNats
 from indexer.index.protocol import ScoreQuery
 from indexer.index.redis import RedisIndex
-from indexer.partitions import LEASE_BUCKET
-from publisher.jetstream import StreamSettings
+from indexer.ingest.partitions import LEASE_BUCKET
+from kvcore.topology import StreamSettings
 from publisher.publisher import KVEventPublisher
-from tests.servers import RedisServer
+from tests.support.servers import RedisServer
 from tests.test_event_path import BS, MODEL, TOKENS, eventually
 
 pytestmark = pytest.mark.integration

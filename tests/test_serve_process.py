@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from indexer.config import uvloop_installed
-from tests.servers import free_port
+from kvcore.runtime import uvloop_installed
+from tests.support.servers import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -29,23 +29,22 @@ from structlog.testing import capture_logs
 
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
-from indexer.consumer import ConsumerStats
-from indexer.grpc_handlers import TOKEN_PATHS, add_kv_indexer_service
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, ScoreQuery, ScoreResult, WorkerInfo
 from indexer.index.redis import RedisIndex
-from indexer.keys import block_keys_for_tokens
-from indexer.service import (
+from indexer.ingest.consumer import ConsumerStats
+from indexer.serve.directory import CandidateSet, WorkerDirectory
+from indexer.serve.grpc_handlers import TOKEN_PATHS, add_kv_indexer_service
+from indexer.serve.service import (
     SERVICE_NAME,
-    CandidateSet,
     KvIndexerService,
     ServiceSettings,
-    WorkerDirectory,
     start_grpc_server,
 )
-from publisher.bus import SCHEMA_VERSION, AllBlocksCleared, BlockStored, Event, EventBatch
-from publisher.bus import pack_tokens as pack
-from tests.servers import RedisServer
+from kvcore.bus import SCHEMA_VERSION, AllBlocksCleared, BlockStored, Event, EventBatch
+from kvcore.bus import pack_tokens as pack
+from kvcore.keys import block_keys_for_tokens
+from tests.support.servers import RedisServer
 from tests.test_index_contract import BLOCK, MODEL, make_event, path_tokens
 from tests.test_native import unpacked_tokens, varint
 

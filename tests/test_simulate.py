@@ -1,4 +1,4 @@
-"""Mock engines (publisher.simulate): the pool, the real ZMQ wire, replay, fleets and traces."""
+"""Mock engines (kvsim.mock_engines): the pool, the real ZMQ wire, replay, fleets and traces."""
 
 from __future__ import annotations
 
@@ -15,15 +15,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from publisher.bus import AllBlocksCleared, BlockRemoved, BlockStored, Event
-from publisher.engines import (
-    EngineBatch,
-    decode_engine_payload,
-    encode_replay_request,
-    parse_live_frames,
-    parse_replay_frames,
-)
-from publisher.simulate import (
+from kvcore.bus import AllBlocksCleared, BlockRemoved, BlockStored, Event
+from kvsim.mock_engines import (
     BlockPool,
     FleetStats,
     MockEngine,
@@ -38,12 +31,17 @@ from publisher.simulate import (
     run_fleet,
     trace_tokens,
 )
+from publisher.engines import (
+    EngineBatch,
+    decode_engine_payload,
+    encode_replay_request,
+    parse_live_frames,
+    parse_replay_frames,
+)
 
 ANY_PORT = "tcp://127.0.0.1:*"
 # shared/ sits beside the checkout (CI and sessions alike)
-TRACES = next((p for p in (Path(__file__).resolve().parents[2] / "shared" / "traces",
-                           Path("/work/shared/traces")) if p.is_dir()),
-              Path(__file__).resolve().parents[2] / "shared" / "traces")
+TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 RECV_TIMEOUT = 5.0
 PROBE_TOPIC = b"__probe__"
 PROBE_INTERVAL = 0.02
@@ -531,7 +529,7 @@ class TestFleet:
         assert stats.total.hit_tokens > 0  # conversation turns share prefixes
 
     def test_main_prints_endpoints_and_counts(self, capsys: pytest.CaptureFixture[str]) -> None:
-        """`kv-publisher simulate` prints its endpoints, per-second lines and totals."""
+        """`kv-sim engines` prints its endpoints, per-second lines and totals."""
         code = main(
             [
                 "--workers",
@@ -587,7 +585,7 @@ def test_engine_stats_add_sums_every_field() -> None:
     """`EngineStats.add` names its fields one by one: a new field must be summed too."""
     import dataclasses
 
-    from publisher.simulate import EngineStats
+    from kvsim.mock_engines import EngineStats
 
     names = [f.name for f in dataclasses.fields(EngineStats)]
     total = EngineStats(**{name: i + 1 for i, name in enumerate(names)})
@@ -599,7 +597,7 @@ def test_synthetic_prompts_are_deterministic_and_in_range() -> None:
     """Same seed, same prompts; ids are in 0..65535; prompts share their prefixes."""
     from itertools import islice
 
-    from publisher.simulate import synthetic_prompts
+    from kvsim.mock_engines import synthetic_prompts
 
     first = list(islice(synthetic_prompts(seed=3, n_prefixes=2, prefix_tokens=64), 20))
     again = list(islice(synthetic_prompts(seed=3, n_prefixes=2, prefix_tokens=64), 20))

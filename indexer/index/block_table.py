@@ -1,6 +1,6 @@
 """The in-memory index's table: block key (u64) -> presence mask (int, a nibble per slot).
 
-`new_block_table()` gives the C table (`indexer._native.BlockTable`: open addressing with
+`new_block_table()` gives the C table (`kvcore._native.BlockTable`: open addressing with
 the key and mask inline, keyed slot mix, prefetching lookups) when the extension is built,
 else `DictBlockTable`, a dict with the same methods. Both pass tests/test_native.py's
 comparison, and every index test runs on whichever this install has.
@@ -14,11 +14,11 @@ from typing import Protocol
 
 import xxhash
 
-from indexer.keys import NATIVE
-from publisher.bus import pack_tokens
+from kvcore.bus import pack_tokens
+from kvcore.keys import NATIVE
 
 if NATIVE:
-    from indexer._native import BlockTable
+    from kvcore._native import BlockTable
 
 __all__ = ["BlockMasks", "DictBlockTable", "new_block_table"]
 

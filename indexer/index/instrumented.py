@@ -21,7 +21,7 @@ from indexer.index.protocol import (
     WorkerInfo,
     WorkerRef,
 )
-from publisher.bus import EventBatch
+from kvcore.bus import EventBatch
 
 __all__ = ["SCORE_BUCKETS_S", "InstrumentedIndex"]
 

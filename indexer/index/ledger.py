@@ -30,11 +30,11 @@ from indexer.index.protocol import (
     ResyncRequest,
     tier_index,
 )
-from indexer.keys import NATIVE, block_keys, root_seed
-from publisher.bus import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+from kvcore.bus import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+from kvcore.keys import NATIVE, block_keys, root_seed
 
 if NATIVE:
-    from indexer._native import pack_log_entries as _pack_log_entries
+    from kvcore._native import pack_log_entries as _pack_log_entries
 
 __all__ = [
     "LOG_HASH",

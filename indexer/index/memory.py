@@ -25,8 +25,8 @@ from indexer.index.protocol import (
     WorkerInfo,
     WorkerRef,
 )
-from indexer.scoring import prefix_match_query, slot_bits, validate_query, worker_scores
-from publisher.bus import EventBatch, validate_batch
+from indexer.index.scoring import prefix_match_query, slot_bits, validate_query, worker_scores
+from kvcore.bus import EventBatch, validate_batch
 
 __all__ = ["MemoryIndex", "SyncMemoryIndex"]
 

@@ -15,7 +15,7 @@ from typing import Final, NamedTuple, Protocol, runtime_checkable
 import msgspec
 
 from indexer.errors import ConfigError
-from publisher.bus import TIERS, EventBatch, tier_index
+from kvcore.bus import TIERS, EventBatch, tier_index
 
 __all__ = [
     "DEFAULT_GHOST_CAPACITY",
@@ -202,7 +202,7 @@ class Index(Protocol):
     ) -> list[ApplyOutcome]:
         """Apply batches in order; each is applied exactly once in effect.
 
-        Every batch is checked first (`publisher.bus.validate_batch`) and nothing is applied
+        Every batch is checked first (`kvcore.bus.validate_batch`) and nothing is applied
         if one fails, unless the caller says they were `validated` (`decode_batch` does).
         """
         ...

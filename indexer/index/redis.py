@@ -67,15 +67,15 @@ from indexer.index.protocol import (
     WorkerRef,
 )
 from indexer.index.redis_pipe import RedisPipe
-from indexer.keys import pack_keys
-from indexer.scoring import (
+from indexer.index.scoring import (
     prefix_match_runs,
     query_keys_packed,
     slot_bits,
     validate_query,
     worker_scores,
 )
-from publisher.bus import EventBatch, escape_token, validate_batch
+from kvcore.bus import EventBatch, escape_token, validate_batch
+from kvcore.keys import pack_keys
 
 __all__ = ["DEFAULT_LOG_COMPACT_MIN_BYTES", "RedisIndex"]
 

@@ -1,7 +1,7 @@
 """Write tests/vectors/block_keys.json: block-key test vectors for other languages.
 
 This is a second, deliberately naive implementation of docs/block-keys.md. It does not
-import `indexer.keys`: it packs bytes with `struct` and calls xxh3_64 directly, so the
+import `kvcore.keys`: it packs bytes with `struct` and calls xxh3_64 directly, so the
 vectors check the canonical implementation instead of echoing it.
 
     .venv/bin/python tests/vectors/make_block_keys.py

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from indexer.index.protocol import TIERS, TierWeights, WorkerRef, tier_index
-from indexer.keys import block_keys, root_seed
-from publisher.bus import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+from kvcore.bus import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+from kvcore.keys import block_keys, root_seed
 
 
 @dataclass

@@ -14,7 +14,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 _HEADER = """# Benchmarks
 
 Every figure below was measured by the command named in its section, on the machine it
-names, and written here by that command (`bench/report.py`). Re-run a command to refresh
+names, and written here by that command (`kvsim/report.py`). Re-run a command to refresh
 its section; targets that are missed are marked **MISSED**.
 """
 

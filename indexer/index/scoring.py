@@ -29,7 +29,7 @@ from indexer.index.protocol import (
     WorkerRef,
     WorkerScore,
 )
-from indexer.keys import block_keys_packed, pack_keys
+from kvcore.keys import block_keys_packed, pack_keys
 
 __all__ = [
     "SlotMatch",

@@ -7,7 +7,7 @@ key(block -1) = root_seed(model, lora_name, cache_salt)
 Keys are unsigned 64-bit ints. Only full blocks get keys. Different models, adapters or
 cache salts start from different roots, so they never share keys.
 
-The loop runs in C (`indexer._native`, built from native/keys.c at install) when the
+The loop runs in C (`kvcore._native`, built from native/ at install) when the
 extension is there, else in Python below; `NATIVE` says which. Both give the same keys.
 """
 
@@ -21,10 +21,10 @@ from typing import Final
 
 import xxhash
 
-from publisher.bus import pack_tokens
+from kvcore.bus import pack_tokens
 
 try:
-    from indexer import _native
+    from kvcore import _native
 except ImportError:  # installed without a C compiler: the pure-Python loops
     _native = None  # type: ignore[assignment]
 

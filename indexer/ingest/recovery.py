@@ -35,8 +35,8 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from indexer.index.protocol import Index, RankState, WorkerRef
-from publisher.bus import STREAM_NAME, escape_token
-from publisher.jetstream import partition_filter
+from kvcore.bus import STREAM_NAME, escape_token
+from kvcore.topology import partition_filter
 
 __all__ = [
     "SNAPSHOT_BUCKET",
@@ -49,7 +49,7 @@ __all__ = [
     "partition_of",
 ]
 
-log = structlog.get_logger("indexer.recovery")
+log = structlog.get_logger("indexer.ingest.recovery")
 
 SNAPSHOT_BUCKET: Final = "kv_indexer_snapshots"
 STATE_BUCKET: Final = "kv_indexer_state"

@@ -3,7 +3,7 @@
 A parsed `repeated uint32 token_ids` reaches Python one int object at a time (~25 ns each:
 ~200 us of an 8k-token Score). With the C extension, Score and FindBestWorker requests are
 deserialised into `WireTokens`: the token ids read straight from the request bytes as
-packed u32 and cut out of them (`indexer._native.take_uint32_field`), and the message
+packed u32 and cut out of them (`kvcore._native.take_uint32_field`), and the message
 parsed from the rest, so its `token_ids` is empty. The servicer accepts either form;
 without the extension the generated deserialisers are used as is.
 """
@@ -18,10 +18,10 @@ import grpc
 
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
-from indexer.keys import NATIVE
+from kvcore.keys import NATIVE
 
 if NATIVE:
-    from indexer._native import take_uint32_field
+    from kvcore._native import take_uint32_field
 
 __all__ = ["SERVICE_NAME", "WireTokens", "add_kv_indexer_service", "score_request_parser",
            "unwrap"]

@@ -6,7 +6,7 @@
         [--max-requests N] [--redis-url URL] [--tune-overlap-weights 1,2,4 ...]
 
 A Mooncake trace is replayed against simulated engines, once per policy, each time on a fresh
-fleet of the `kv-publisher simulate` engines (`MockEngine`: an LRU pool of `--capacity-blocks`
+fleet of the `kv-sim engines` engines (`MockEngine`: an LRU pool of `--capacity-blocks`
 GPU blocks per worker publishing real vLLM ZMQ events):
 
 - `kv`: the router calls FindBestWorker over gRPC with the engines' current loads, against a
@@ -48,8 +48,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import heapq
-import importlib
-import importlib.util
 import itertools
 import math
 import multiprocessing
@@ -62,7 +60,6 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Final, Protocol
 
 import msgspec
@@ -70,16 +67,17 @@ import structlog
 import xxhash
 import zmq.asyncio
 
-from indexer.app import IndexerService, scoped_logging
+from indexer.app import IndexerService
 from indexer.client import AsyncIndexerClient, IndexerClientError, Query, WorkerLoad
 from indexer.config import ServiceConfig, validate
 from indexer.scheduling import DEFAULT_OVERLAP_WEIGHT as SERVER_OVERLAP_WEIGHT
 from indexer.scheduling import DEFAULT_TEMPERATURE as SERVER_TEMPERATURE
 from indexer.scheduling import Candidate, choose_worker
-from publisher.bus import pack_tokens
-from publisher.jetstream import StreamSettings
-from publisher.publisher import KVEventPublisher
-from publisher.simulate import (
+from kvcore.bus import pack_tokens
+from kvcore.runtime import scoped_logging
+from kvcore.topology import StreamSettings
+from kvsim import report as bench_report
+from kvsim.mock_engines import (
     TRACE_BLOCK_TOKENS,
     BlockPool,
     MockEngine,
@@ -90,6 +88,7 @@ from publisher.simulate import (
     load_trace,
     trace_tokens,
 )
+from publisher.publisher import KVEventPublisher
 from publisher.zmq_source import EngineSource
 
 __all__ = [
@@ -132,7 +131,7 @@ _POLL_S: Final = 0.001
 _PLOT_WINDOWS: Final = 40
 _TUNE_PROCESSES: Final = 2
 
-log = structlog.get_logger("indexer.bench_routing")
+log = structlog.get_logger("kvsim.routing")
 
 
 # --- settings ------------------------------------------------------------------------------
@@ -796,7 +795,7 @@ def _fleet(settings: RoutingSettings, buffer_steps: int) -> MockFleet:
 @contextlib.asynccontextmanager
 async def _bridges(fleet: MockFleet, nats_url: str, model: str, block_size: int,
                    liveness_ttl_s: float) -> AsyncIterator[list[_Bridge]]:
-    """One bridge per engine, as `kv-publisher bridge` runs it (indexer/demo.py's wiring)."""
+    """One bridge per engine, as `kv-publisher bridge` runs it (kvsim/demo.py's wiring)."""
     ctx = zmq.asyncio.Context()
     stop = asyncio.Event()
     bridges: list[_Bridge] = []
@@ -1214,7 +1213,7 @@ def _targets(report: RoutingReport, trace: TraceReport) -> str:
 
 
 def _verdict(ok: bool) -> str:
-    return _report_module().verdict(ok)  # type: ignore[no-any-return]
+    return bench_report.verdict(ok)
 
 
 def _tuning_table(rows: Sequence[TuningRow], chosen: tuple[float, float]) -> str:
@@ -1351,20 +1350,6 @@ def report_body(report: RoutingReport, plot_path: Path | None) -> str:
     return "\n".join(parts)
 
 
-def _report_module() -> ModuleType:
-    """bench/report.py of this checkout (the `bench` directory is not an installed package)."""
-    try:
-        return importlib.import_module("bench.report")
-    except ImportError:
-        path = Path(__file__).resolve().parent.parent / "bench" / "report.py"
-        spec = importlib.util.spec_from_file_location("_kv_indexer_bench_report", path)
-        if spec is None or spec.loader is None:
-            raise
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-
 def _command(argv: Sequence[str]) -> str:
     return " ".join(["kv-indexer bench routing", *argv])
 
@@ -1402,7 +1387,7 @@ def main(argv: list[str]) -> int:
     if settings.plot is not None:
         plot(runs, settings.plot)
     if settings.write_doc:
-        _report_module().write_section(
+        bench_report.write_section(
             "routing", "Routing quality on Mooncake traces", _command(argv),
             report_body(report, settings.plot))
     return 0

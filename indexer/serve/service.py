@@ -20,12 +20,11 @@ in-memory index scores synchronously on the loop (well under a millisecond for 8
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from typing import Final, NamedTuple, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Final, Protocol, TypeVar
 
 import grpc
 import msgspec
@@ -36,7 +35,6 @@ from grpc_reflection.v1alpha import reflection
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
 from indexer.errors import BackendError, ConfigError, InvalidQueryError
-from indexer.grpc_handlers import WireTokens, add_kv_indexer_service, unwrap
 from indexer.index.protocol import (
     TIERS,
     Index,
@@ -44,7 +42,6 @@ from indexer.index.protocol import (
     ScoreQuery,
     ScoreResult,
     TierWeights,
-    WorkerInfo,
 )
 from indexer.scheduling import (
     DEFAULT_OVERLAP_WEIGHT,
@@ -52,6 +49,8 @@ from indexer.scheduling import (
     Candidate,
     choose_worker,
 )
+from indexer.serve.directory import CandidateSet, LiveWorkerSource, WorkerDirectory
+from indexer.serve.grpc_handlers import WireTokens, add_kv_indexer_service, unwrap
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -61,17 +60,14 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_WORKER_CACHE_SECONDS",
     "SERVICE_NAME",
-    "CandidateSet",
     "KvIndexerService",
-    "LiveWorkerSource",
     "PipelineStats",
     "ServiceSettings",
-    "WorkerDirectory",
     "server_options",
     "start_grpc_server",
 ]
 
-log = structlog.get_logger("indexer.service")
+log = structlog.get_logger("indexer.serve.service")
 
 SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["KvIndexer"].full_name
 HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -86,16 +82,9 @@ DEFAULT_WORKER_CACHE_SECONDS: Final = 0.5
 DEFAULT_MAX_CONCURRENT_QUERIES: Final = 64
 # RPCs the server accepts at once; more are refused with RESOURCE_EXHAUSTED (load shedding).
 DEFAULT_MAX_CONCURRENT_RPCS: Final = 1024
-_STALE_FACTOR: Final = 4  # a cached worker list this many TTLs old is still served (refreshing)
-# An empty worker list is kept this long at most, and never served stale: a model without
-# workers is usually one whose first workers are about to register (start-up), and each
-# call refused meanwhile is a routing decision lost.
-_EMPTY_TTL_S: Final = 0.05
-_MAX_CACHED_MODELS: Final = 4096
 _MAX_TIER_WEIGHT: Final = 1e6
 
 T = TypeVar("T")
-LiveWorkerSource = Callable[[str | None], Awaitable[list[WorkerInfo]]]
 
 
 class ServiceSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -162,87 +151,6 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", int(settings.share_port)),
     ]
-
-
-# --- candidates --------------------------------------------------------------------------
-
-
-class CandidateSet:
-    """Live (worker, dp_rank)s of one model, with what Score needs of them precomputed."""
-
-    __slots__ = ("degraded", "ids", "newest_ts", "refs", "workers")
-
-    def __init__(self, workers: Sequence[WorkerInfo]) -> None:
-        self.workers = tuple(workers)
-        self.ids = frozenset(w.worker_id for w in self.workers)
-        self.refs = frozenset((w.worker_id, w.dp_rank) for w in self.workers)
-        self.newest_ts = max((w.last_event_ts for w in self.workers), default=0.0)
-        self.degraded = sorted({w.worker_id for w in self.workers if w.degraded})
-
-    def restrict(self, worker_ids: Collection[str]) -> CandidateSet:
-        """The candidates whose worker id is in `worker_ids`."""
-        return CandidateSet([w for w in self.workers if w.worker_id in worker_ids])
-
-    def __len__(self) -> int:
-        return len(self.workers)
-
-
-class _Cached(NamedTuple):
-    fetched: float  # time.monotonic() when the fetch started
-    candidates: CandidateSet
-
-
-class WorkerDirectory:
-    """Live workers per model, from `source`, each list reused for `ttl` seconds.
-
-    One fetch per model at a time: concurrent callers share it. An expired list younger
-    than `4 * ttl` is still answered while a refresh runs in the background, so a slow
-    source (Redis) costs no request its latency; an older one waits for the refresh.
-    An empty list lives at most `_EMPTY_TTL_S` and is never answered stale.
-    """
-
-    def __init__(self, source: LiveWorkerSource, ttl: float) -> None:
-        self.source = source
-        self.ttl = ttl
-        self._cache: dict[str, _Cached] = {}
-        self._refreshing: dict[str, asyncio.Task[CandidateSet]] = {}
-
-    async def candidates(self, model: str) -> CandidateSet:
-        if self.ttl <= 0:
-            return CandidateSet(await self.source(model))
-        now = time.monotonic()
-        cached = self._cache.get(model)
-        if cached is not None and not cached.candidates:
-            if now - cached.fetched < min(self.ttl, _EMPTY_TTL_S):
-                return cached.candidates
-            cached = None  # wait for the refresh below
-        if cached is not None and now - cached.fetched < self.ttl:
-            return cached.candidates
-        task = self._refreshing.get(model)
-        if task is None:
-            task = asyncio.create_task(self._refresh(model))
-            self._refreshing[model] = task
-            task.add_done_callback(functools.partial(self._refreshed, model))
-        if cached is not None and now - cached.fetched < self.ttl * _STALE_FACTOR:
-            return cached.candidates
-        return await asyncio.shield(task)
-
-    async def listing(self, model: str | None) -> list[WorkerInfo]:
-        """Every live worker (of one model, or all), uncached: for ListWorkers, GetStats."""
-        return await self.source(model)
-
-    async def _refresh(self, model: str) -> CandidateSet:
-        started = time.monotonic()
-        found = CandidateSet(await self.source(model))
-        if len(self._cache) >= _MAX_CACHED_MODELS and model not in self._cache:
-            del self._cache[next(iter(self._cache))]
-        self._cache[model] = _Cached(started, found)
-        return found
-
-    def _refreshed(self, model: str, task: asyncio.Task[CandidateSet]) -> None:
-        self._refreshing.pop(model, None)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.warning("worker_refresh_failed", error=str(exc))
 
 
 # --- errors --------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """JetStream objects both sides rely on: the event stream, its partitions, the worker
 registry (liveness) bucket, the dead-letter stream and the resync subjects.
 
-Publishers publish to `kv.events.<model>.<worker>` (see `publisher.bus.subject_for`). The
+Publishers publish to `kv.events.<model>.<worker>` (see `kvcore.bus.subject_for`). The
 stream stores each message under `kv.part.<p>.<model>.<worker>`, where the server picks
 `p = partition(N, model, worker)` (a deterministic hash of the two tokens): all events of a
 worker land in one partition, in order, and publishers need not know N. Each partition has
@@ -19,7 +19,7 @@ from nats.js import api as js_api
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from publisher.bus import (
+from kvcore.bus import (
     DEAD_LETTER_SUBJECT,
     STREAM_NAME,
     STREAM_SUBJECTS,

@@ -31,7 +31,7 @@ from nats.js.kv import KeyValue
 
 __all__ = ["LEASE_BUCKET", "PartitionLeases"]
 
-log = structlog.get_logger("indexer.partitions")
+log = structlog.get_logger("indexer.ingest.partitions")
 
 LEASE_BUCKET: Final = "kv_indexer_leases"
 

@@ -31,8 +31,8 @@ from nats.js.errors import NotFoundError
 
 from indexer.errors import BackendError
 from indexer.index.protocol import Index, ResyncRequest
-from indexer.recovery import SnapshotStore, partition_of, partition_ranks
-from publisher.bus import (
+from indexer.ingest.recovery import SnapshotStore, partition_of, partition_ranks
+from kvcore.bus import (
     DEAD_LETTER_SUBJECT,
     STREAM_NAME,
     BusError,
@@ -41,7 +41,7 @@ from publisher.bus import (
     block_count,
     decode_batch,
 )
-from publisher.jetstream import consumer_name, partition_filter, resync_subject
+from kvcore.topology import consumer_name, partition_filter, resync_subject
 
 __all__ = [
     "ConsumerSettings",
@@ -54,7 +54,7 @@ __all__ = [
     "marker_name",
 ]
 
-log = structlog.get_logger("indexer.consumer")
+log = structlog.get_logger("indexer.ingest.consumer")
 
 _RETRY_BACKOFF_S: Final = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 _REBUILDING_PREFIX: Final = "rebuilding-"

@@ -29,8 +29,8 @@ flight), so FindBestWorker trades cache overlap against load (`--overlap-weight`
 the index has not heard from yet hold nothing as far as it knows; the router weighs them with
 zero overlap itself.
 
-    python -m indexer.demo                          # live view until Ctrl-C
-    python -m indexer.demo --duration 10 --no-tty   # one plain line per second, then a summary
+    python -m kvsim.demo                          # live view until Ctrl-C
+    python -m kvsim.demo --duration 10 --no-tty   # one plain line per second, then a summary
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from typing import Any, Final, Protocol
 
 import zmq.asyncio
 
-from indexer.app import IndexerService, scoped_logging
+from indexer.app import IndexerService
 from indexer.client import (
     AsyncIndexerClient,
     CandidateCost,
@@ -62,9 +62,10 @@ from indexer.client import (
 )
 from indexer.config import ServiceConfig, validate
 from indexer.index.protocol import TIERS
-from publisher.jetstream import StreamSettings
+from kvcore.runtime import scoped_logging
+from kvcore.topology import StreamSettings
+from kvsim.mock_engines import EngineStats, MockFleet, synthetic_prompts
 from publisher.publisher import KVEventPublisher
-from publisher.simulate import EngineStats, MockFleet, synthetic_prompts
 from publisher.zmq_source import EngineSource
 
 __all__ = [
@@ -112,7 +113,7 @@ class DemoSettings:
 def _parser() -> argparse.ArgumentParser:
     d = DemoSettings()
     parser = argparse.ArgumentParser(
-        prog="python -m indexer.demo",
+        prog="kv-sim demo",
         description="The indexer, a simulated fleet with bridges, and KV-aware routing "
                     "(FindBestWorker) against round robin on an identical fleet.")
     parser.add_argument("--workers", type=int, default=d.workers, help="engines per fleet")
@@ -681,7 +682,7 @@ async def _main(settings: DemoSettings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m indexer.demo [--duration S] [--no-tty] ...`; 0 when it ran."""
+    """`python -m kvsim.demo [--duration S] [--no-tty] ...`; 0 when it ran."""
     settings = parse_args(sys.argv[1:] if argv is None else argv)
     with scoped_logging(settings.log_level):
         asyncio.run(_main(settings))

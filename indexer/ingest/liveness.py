@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from indexer.index.protocol import Index, WorkerInfo
-from publisher.jetstream import (
+from kvcore.topology import (
     WorkerRecord,
     ensure_liveness_bucket,
     parse_liveness_key,
@@ -27,7 +27,7 @@ from publisher.jetstream import (
 
 __all__ = ["LivenessWatcher"]
 
-log = structlog.get_logger("indexer.liveness")
+log = structlog.get_logger("indexer.ingest.liveness")
 
 _DELETE_OPS = {"DEL", "PURGE"}
 

@@ -23,14 +23,15 @@ import nats
 import structlog
 
 from indexer.config import ServiceConfig
-from indexer.consumer import marker_is_rebuilding, marker_name
 from indexer.index.protocol import Index, IndexConfig, WorkerInfo
 from indexer.index.redis import RedisIndex
-from indexer.liveness import LivenessWatcher
+from indexer.ingest.consumer import marker_is_rebuilding, marker_name
+from indexer.ingest.liveness import LivenessWatcher
+from kvcore.runtime import SERVER_GC_THRESHOLDS, configure_logging, run_event_loop, settle_gc
 
 __all__ = ["PartitionMarkers", "ReaderPool", "serve_reader"]
 
-log = structlog.get_logger("indexer.readers")
+log = structlog.get_logger("indexer.serve.readers")
 
 _SUPERVISE_EVERY_S = 1.0
 _RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # a reader that keeps dying waits longer
@@ -120,21 +121,15 @@ class PartitionMarkers:
 
 
 def reader_main(config: ServiceConfig, listen: str, number: int) -> None:
-    from indexer.app import (  # noqa: PLC0415 - avoids a cycle
-        configure_logging,
-        run_event_loop,
-        settle_gc,
-    )
-
     configure_logging(config.log_format, config.log_level)
-    settle_gc()
+    settle_gc(SERVER_GC_THRESHOLDS)
     log.info("reader_starting", reader=number, listen=listen)
     run_event_loop(serve_reader(config, listen), config.event_loop)
 
 
 async def serve_reader(config: ServiceConfig, listen: str) -> None:
     """Serve gRPC reads of the Redis index on `listen` until SIGTERM / SIGINT."""
-    from indexer.service import ServiceSettings, start_grpc_server  # noqa: PLC0415
+    from indexer.serve.service import ServiceSettings, start_grpc_server  # noqa: PLC0415
 
     assert config.redis_url is not None and config.nats_url is not None
     stop = asyncio.Event()

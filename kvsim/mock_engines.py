@@ -1,4 +1,4 @@
-"""Mock vLLM engines that speak the real ZMQ wire, and a fleet driver (`kv-publisher simulate`).
+"""Mock vLLM engines that speak the real ZMQ wire, and a fleet driver (`kv-sim engines`).
 
 Three layers, each usable alone:
 
@@ -41,7 +41,7 @@ import msgspec
 import xxhash
 import zmq
 
-from publisher.bus import engine_hash_to_u64, pack_tokens
+from kvcore.bus import engine_hash_to_u64, pack_tokens
 from publisher.engines import END_MARKER_SEQ
 
 __all__ = [
@@ -915,7 +915,7 @@ def _difference(current: EngineStats, previous: EngineStats) -> EngineStats:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kv-publisher simulate",
+        prog="kv-sim engines",
         description="Mock vLLM engines publishing KV events over ZMQ (PUB + replay ROUTER).",
     )
     parser.add_argument("--workers", type=int, default=1)
@@ -938,7 +938,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    """`kv-publisher simulate ...`: serve until the trace ends, --duration, or Ctrl-C."""
+    """`kv-sim engines ...`: serve until the trace ends, --duration, or Ctrl-C."""
     args = _parser().parse_args(argv)
     rate = args.rate if args.rate is not None or args.trace is not None else 20.0
 

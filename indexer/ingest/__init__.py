@@ -1,0 +1,1 @@
+"""Ingest: durable JetStream consumers, partition leases, liveness and recovery."""

@@ -1,0 +1,116 @@
+"""Process set-up shared by `kv-indexer` and `kv-publisher`: logging, event loop, GC."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import importlib.util
+import logging
+import sys
+from collections.abc import Coroutine, Iterator
+from typing import Any, Final, TypeVar
+
+import structlog
+
+__all__ = [
+    "SERVER_GC_THRESHOLDS",
+    "configure_logging",
+    "loop_name",
+    "run_event_loop",
+    "scoped_logging",
+    "settle_gc",
+    "uvloop_installed",
+]
+
+T = TypeVar("T")
+
+# A long-lived index server: full collections rare, the youngest generation small.
+SERVER_GC_THRESHOLDS: Final = (2_000, 50, 1000)
+
+
+def settle_gc(thresholds: tuple[int, int, int] | None = None) -> None:
+    """Freeze what start-up built out of the collector's sight, optionally with new
+    thresholds (`SERVER_GC_THRESHOLDS` for the indexer; the bridge keeps Python's).
+
+    Full collections walk every tracked object; frozen objects are not walked, so a
+    collection's pause depends on what was made since start-up, not on the index or the
+    mirror. Full collections waiting for 1,000 middle ones keeps them rare in a server
+    whose heap is mostly long-lived. The youngest generation stays small on purpose:
+    grpc.aio leaves three objects in a reference cycle per call, which only a collection
+    frees, and a large generation frees them in one long pause (docs/benchmarks.md, the
+    bench-grpc section's GC note).
+    """
+    if thresholds is not None:
+        gc.set_threshold(*thresholds)
+    gc.collect()
+    gc.freeze()
+
+
+def uvloop_installed() -> bool:
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def run_event_loop(main: Coroutine[Any, Any, T], event_loop: str = "auto") -> T:
+    """Run `main` to completion on uvloop (libuv), unless `event_loop` is "asyncio" or, for
+    "auto", uvloop is not installed.
+
+    Under uvloop a server process spends less CPU per call in the loop and in its
+    transports (the Redis pipe, gRPC's wake-ups); docs/benchmarks.md has the A/B.
+    """
+    if event_loop != "asyncio":
+        try:
+            import uvloop  # noqa: PLC0415 - optional: not on every platform
+        except ImportError:
+            if event_loop == "uvloop":
+                raise
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
+def loop_name() -> str:
+    """"uvloop" or "asyncio": the running loop's kind."""
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.startswith("uvloop") else "asyncio"
+
+
+def configure_logging(log_format: str = "auto", level: str = "info") -> None:
+    """structlog: JSON lines in containers, readable console output on a terminal."""
+    json_logs = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+@contextlib.contextmanager
+def scoped_logging(level: str) -> Iterator[None]:
+    """Plain console logs at `level` to stderr for a while (demo, benchmarks); the previous
+    structlog setup afterwards."""
+    saved = structlog.get_config()
+    structlog.configure(
+        processors=[structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    structlog.dev.ConsoleRenderer(colors=False)],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
