@@ -20,14 +20,13 @@ import nats
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry
 
 from indexer.config import ServiceConfig, parse_service_config
 from indexer.embedded import NATS_DEFAULT_PORT, EmbeddedNats, port_is_free
 from indexer.errors import ConfigError
-from indexer.index.instrumented import InstrumentedIndex
-from indexer.index.memory import MemoryIndex
+from indexer.index.factory import build_index, served_index
 from indexer.index.protocol import Index, IndexConfig, WorkerInfo
-from indexer.index.redis import RedisIndex
 from indexer.ingest.consumer import (
     ConsumerSettings,
     ConsumerStats,
@@ -103,22 +102,17 @@ class IndexerService:
         await ensure_dead_letter_stream(self._js)
         await ensure_liveness_bucket(self._js, config.liveness_ttl_s)
         resync = ResyncRequester(self._nc, 5.0, self.stats)
-        index_config = IndexConfig(max_query_tokens=config.max_query_tokens)
-        self.index = (
-            RedisIndex.from_url(config.redis_url, config=index_config, on_resync=resync.request)
-            if config.redis_url else MemoryIndex(index_config, on_resync=resync.request)
-        )
+        registry = CollectorRegistry() if config.metrics_listen else None
+        self.index = build_index(IndexConfig(max_query_tokens=config.max_query_tokens),
+                                 redis_url=config.redis_url, on_resync=resync.request)
+        self._served_index = served_index(self.index, registry)
         self._tracker = SequenceTracker()
         for info in await self.index.workers():
             self._tracker.seed((info.model, info.worker_id, info.dp_rank), info.epoch,
                                info.last_seq)
         self._resync = resync
-        if config.metrics_listen:
-            self.metrics = MetricsExporter(self.index, self.stats)
-            # The index served to routers is timed; ingest uses the bare one.
-            self._served_index: Index = InstrumentedIndex(self.index, self.metrics.registry)
-        else:
-            self._served_index = self.index
+        if registry is not None:
+            self.metrics = MetricsExporter(self.index, self.stats, registry)
         await self._start_grpc()
         await self._start_consumers()
         self.liveness = LivenessWatcher(self._js, self.index, ttl_s=config.liveness_ttl_s,

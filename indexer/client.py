@@ -33,6 +33,7 @@ import msgspec
 
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
+from indexer.scheduling import CandidateCost
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -173,15 +174,6 @@ class ScoreAnswer(msgspec.Struct, frozen=True):
     freshness: Freshness
 
 
-class CandidateCost(msgspec.Struct, frozen=True):
-    worker_id: str
-    dp_rank: int
-    matched_blocks: int
-    prefill_blocks: int
-    active_blocks: int
-    cost: float
-
-
 class WorkerChoice(msgspec.Struct, frozen=True):
     worker_id: str
     dp_rank: int
@@ -279,7 +271,7 @@ def _worker_choice(msg: pb.FindBestWorkerResponse) -> WorkerChoice:
     return WorkerChoice(
         msg.worker_id, msg.dp_rank, msg.matched_blocks,
         [CandidateCost(c.worker_id, c.dp_rank, c.matched_blocks, c.prefill_blocks,
-                       c.active_blocks, c.cost) for c in msg.candidates],
+                       c.active_blocks, c.cost, c.waiting_requests) for c in msg.candidates],
         _freshness(msg.freshness),
     )
 

@@ -92,9 +92,10 @@ class _Collector(Collector):
 class MetricsExporter:
     """Serves /metrics; `run()` refreshes the snapshot every `interval_s`."""
 
-    def __init__(self, index: Index, consumer: ConsumerStats, interval_s: float = 2.0) -> None:
+    def __init__(self, index: Index, consumer: ConsumerStats,
+                 registry: CollectorRegistry | None = None, interval_s: float = 2.0) -> None:
         self.snapshot = _Snapshot()
-        self.registry = CollectorRegistry()
+        self.registry = registry or CollectorRegistry()
         self.registry.register(_Collector(self))
         self._index = index
         self._consumer = consumer

@@ -30,6 +30,8 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import Final, NamedTuple
 
+import msgspec
+
 from indexer.errors import InvalidQueryError
 
 __all__ = [
@@ -59,16 +61,17 @@ class Candidate(NamedTuple):
     waiting_requests: int = 0
 
 
-class CandidateCost(NamedTuple):
-    """One candidate's cost breakdown (lower cost is better)."""
+class CandidateCost(msgspec.Struct, frozen=True):
+    """One candidate's cost breakdown (lower cost is better): what FindBestWorker ranks and
+    answers (the client library hands out the same type)."""
 
     worker_id: str
     dp_rank: int
     matched_blocks: int
     prefill_blocks: int
     active_blocks: int
-    waiting_requests: int
     cost: float
+    waiting_requests: int = 0
 
 
 def validate_knobs(overlap_weight: float, temperature: float) -> None:
@@ -91,8 +94,8 @@ def rank_costs(
     for c in candidates:
         prefill = max(query_blocks - c.matched_blocks, 0)
         costs.append(CandidateCost(c.worker_id, c.dp_rank, c.matched_blocks, prefill,
-                                   c.active_blocks, c.waiting_requests,
-                                   overlap_weight * prefill + c.active_blocks))
+                                   c.active_blocks, overlap_weight * prefill + c.active_blocks,
+                                   c.waiting_requests))
     costs.sort(key=_rank_key)
     return costs
 

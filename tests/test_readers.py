@@ -190,3 +190,61 @@ def serving(port: int) -> bool:
         except grpc.FutureTimeoutError:
             return False
     return True
+
+
+def free_port_pair() -> int:
+    """A port P with P + 1 free too (the service's metrics port and reader 0's)."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no two adjacent free ports")
+
+
+async def test_a_reader_exports_its_score_latency(nats_server: EmbeddedNats,
+                                                  private_redis: RedisServer) -> None:
+    """Reader processes build their index with the same factory as the consumer process:
+    Scores they answer are timed, on the service's metrics port + 1 + reader number."""
+    import urllib.request
+
+    port = free_port_pair()
+    svc = IndexerService(service_config(nats_server.url, redis_url=private_redis.url,
+                                        grpc_listen="127.0.0.1:0", grpc_processes=2,
+                                        metrics_listen=f"127.0.0.1:{port}"))
+    await svc.start()
+    try:
+        assert svc.readers is not None
+        await eventually(lambda: _true(len(svc.readers.pids) == 1))  # type: ignore[union-attr]
+        async with publisher(nats_server.url, "w1") as one:  # a candidate, so Score runs
+            one.stored(list(range(1, 9)), TOKENS, parent_hash=None)
+            assert await one.flush()
+
+            async def indexed() -> bool:
+                return matched(await score_on_new_connection(svc.grpc_port)) == {"w1": 8}
+
+            await eventually(indexed, timeout=20)
+            await svc._server.stop(0)  # type: ignore[union-attr]  # only the reader answers
+
+            def reader_score_count() -> float:
+                url = f"http://127.0.0.1:{port + 1}/metrics"
+                with urllib.request.urlopen(url, timeout=2) as reply:
+                    text = reply.read().decode()
+                return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                           if line.startswith("kv_indexer_score_seconds_count"))
+
+            async def reader_timed_a_score() -> bool:
+                await score_on_new_connection(svc.grpc_port)
+                try:
+                    return await asyncio.to_thread(reader_score_count) > 0
+                except OSError:
+                    return False
+
+            await eventually(reader_timed_a_score, timeout=20)
+    finally:
+        await svc.close()

@@ -1,7 +1,7 @@
 """An Index wrapper that times Score calls into a Prometheus histogram.
 
-Chosen at construction (the service wraps the index it serves when metrics are on), so
-backends carry no metrics code of their own.
+Applied by `indexer.index.factory.build_index` when metrics are on, so backends carry no
+metrics code of their own.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from indexer.index.protocol import (
     ApplyOutcome,
     Index,
+    IndexConfig,
     IndexStats,
     RankState,
     ScoreQuery,
@@ -38,6 +39,10 @@ class InstrumentedIndex:
             "kv_indexer_score_seconds", "Index Score latency (hashing and lookups)",
             ["backend", "outcome"], buckets=SCORE_BUCKETS_S, registry=registry)
         self._backend = type(inner).__name__
+
+    @property
+    def config(self) -> IndexConfig:
+        return self.inner.config
 
     async def score(self, query: ScoreQuery) -> ScoreResult:
         started = time.perf_counter()

@@ -46,6 +46,9 @@ DEFAULT_MAX_QUERY_TOKENS: Final = 1_048_576
 DEFAULT_GHOST_CAPACITY: Final = 65_536
 
 
+MAX_TIER_WEIGHT: Final = 1e6
+
+
 class TierWeights(msgspec.Struct, frozen=True, kw_only=True):
     """Weight of one matched block by the best tier it sits in on that worker."""
 
@@ -57,10 +60,12 @@ class TierWeights(msgspec.Struct, frozen=True, kw_only=True):
     def as_tuple(self) -> tuple[float, float, float, float]:
         return (self.gpu, self.cpu, self.storage, self.other)
 
-    def validate(self) -> None:
+    def validate(self, field: str = "") -> None:
+        """Every weight finite and in [0, MAX_TIER_WEIGHT]; `field` prefixes the name."""
         for name, value in zip(TIERS, self.as_tuple(), strict=True):
-            if math.isnan(value) or not 0.0 <= value <= 1e6:
-                raise ConfigError(f"tier weight {name}={value} must be a number >= 0")
+            if not (math.isfinite(value) and 0.0 <= value <= MAX_TIER_WEIGHT):
+                raise ConfigError(f"tier weight {name} ({field}tier_weights.{name}) must be a "
+                                  f"finite number in [0, {MAX_TIER_WEIGHT:g}], got {value!r}")
 
 
 class IndexConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -196,6 +201,11 @@ class IndexStats(msgspec.Struct):
 @runtime_checkable
 class Index(Protocol):
     """Block key -> workers, fed by bus batches, queried by prompt prefix."""
+
+    @property
+    def config(self) -> IndexConfig:
+        """The settings it was built with (query limits, tier weights)."""
+        ...
 
     async def apply(
         self, batches: Sequence[EventBatch], *, validated: bool = False

@@ -33,6 +33,8 @@ from kvcore.keys import block_keys_packed, pack_keys
 
 __all__ = [
     "SlotMatch",
+    "check_query_shape",
+    "check_tier_weights",
     "prefix_match",
     "prefix_match_query",
     "prefix_match_runs",
@@ -73,31 +75,48 @@ def worker_scores(
     return scores
 
 
+def check_query_shape(model: str, n_tokens: int | None, n_keys: int | None, *,
+                      block_size: int, config: IndexConfig, field: str = "") -> None:
+    """The rules every query obeys, wherever it comes from (the gRPC boundary checks them
+    before any work, naming fields with the `field` prefix; every backend's score() again).
+
+    `n_tokens` / `n_keys` are None when the query does not give them.
+    """
+    if not model:
+        raise InvalidQueryError(f"{field}model must not be empty")
+    if (n_tokens is None) == (n_keys is None):
+        state = "both are empty" if n_tokens is None else "got both"
+        raise InvalidQueryError(f"exactly one of {field}block_keys and {field}token_ids must "
+                                f"be set, {state}")
+    limit = config.max_query_tokens
+    n_tokens, n_keys = n_tokens or 0, n_keys or 0
+    if n_tokens > limit:
+        raise QueryTooLargeError(f"{field}token_ids: query of {n_tokens} tokens exceeds the "
+                                 f"limit of {limit}")
+    max_blocks = limit // max(block_size, config.min_block_size)
+    if n_keys > max_blocks:
+        raise QueryTooLargeError(f"{field}block_keys: query of {n_keys} blocks exceeds the "
+                                 f"limit of {max_blocks} blocks ({limit} tokens)")
+
+
+def check_tier_weights(weights: TierWeights, field: str = "") -> None:
+    try:
+        weights.validate(field)
+    except ConfigError as exc:
+        raise InvalidQueryError(str(exc)) from exc
+
+
 def validate_query(query: ScoreQuery, config: IndexConfig) -> None:
-    if not query.model:
-        raise InvalidQueryError("model must not be empty")
-    if (query.block_keys is None) == (query.token_ids is None):
-        raise InvalidQueryError("give exactly one of block_keys and token_ids")
-    if query.token_ids is not None:
-        if query.block_size <= 0:
-            raise InvalidQueryError("block_size must be > 0 with token_ids")
-        if isinstance(query.token_ids, bytes) and len(query.token_ids) % 4:
-            raise InvalidQueryError("packed token_ids must be a multiple of 4 bytes")
-        n_tokens = len(query.token_ids) // (4 if isinstance(query.token_ids, bytes) else 1)
-        if n_tokens > config.max_query_tokens:
-            raise QueryTooLargeError(
-                f"query of {n_tokens} tokens exceeds the limit of {config.max_query_tokens}"
-            )
-    elif query.block_keys is not None and len(query.block_keys) > config.max_query_blocks:
-        raise QueryTooLargeError(
-            f"query of {len(query.block_keys)} blocks exceeds the limit of "
-            f"{config.max_query_blocks} blocks ({config.max_query_tokens} tokens)"
-        )
+    tokens = query.token_ids
+    if isinstance(tokens, bytes) and len(tokens) % 4:
+        raise InvalidQueryError("packed token_ids must be a multiple of 4 bytes")
+    n_tokens = None if tokens is None else len(tokens) // (4 if isinstance(tokens, bytes) else 1)
+    n_keys = None if query.block_keys is None else len(query.block_keys)
+    check_query_shape(query.model, n_tokens, n_keys, block_size=query.block_size, config=config)
+    if tokens is not None and query.block_size <= 0:
+        raise InvalidQueryError("block_size must be > 0 with token_ids")
     if query.tier_weights is not None:
-        try:
-            query.tier_weights.validate()
-        except ConfigError as exc:
-            raise InvalidQueryError(str(exc)) from exc
+        check_tier_weights(query.tier_weights)
 
 
 def query_keys_packed(query: ScoreQuery) -> bytes:

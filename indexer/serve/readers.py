@@ -21,10 +21,11 @@ from multiprocessing.process import BaseProcess
 
 import nats
 import structlog
+from prometheus_client import CollectorRegistry, start_http_server
 
 from indexer.config import ServiceConfig
+from indexer.index.factory import build_index, served_index
 from indexer.index.protocol import Index, IndexConfig, WorkerInfo
-from indexer.index.redis import RedisIndex
 from indexer.ingest.consumer import marker_is_rebuilding, marker_name
 from indexer.ingest.liveness import LivenessWatcher
 from kvcore.runtime import SERVER_GC_THRESHOLDS, configure_logging, run_event_loop, settle_gc
@@ -124,10 +125,17 @@ def reader_main(config: ServiceConfig, listen: str, number: int) -> None:
     configure_logging(config.log_format, config.log_level)
     settle_gc(SERVER_GC_THRESHOLDS)
     log.info("reader_starting", reader=number, listen=listen)
-    run_event_loop(serve_reader(config, listen), config.event_loop)
+    run_event_loop(serve_reader(config, listen, number), config.event_loop)
 
 
-async def serve_reader(config: ServiceConfig, listen: str) -> None:
+def reader_metrics_address(metrics_listen: str, number: int) -> tuple[str, int]:
+    """Reader n (from 0) answers /metrics on the service's metrics port + n + 1 (any free
+    port when the service's is 0)."""
+    host, _, port = metrics_listen.rpartition(":")
+    return host, int(port) + number + 1 if int(port) else 0
+
+
+async def serve_reader(config: ServiceConfig, listen: str, number: int = 0) -> None:
     """Serve gRPC reads of the Redis index on `listen` until SIGTERM / SIGINT."""
     from indexer.serve.service import ServiceSettings, start_grpc_server  # noqa: PLC0415
 
@@ -141,8 +149,12 @@ async def serve_reader(config: ServiceConfig, listen: str) -> None:
         loop.add_reader(parent.sentinel, stop.set)
     nc = await nats.connect(config.nats_url, name="kv-indexer-reader",
                             max_reconnect_attempts=-1, reconnect_time_wait=0.5)
-    index = RedisIndex.from_url(config.redis_url,
-                                config=IndexConfig(max_query_tokens=config.max_query_tokens))
+    registry = CollectorRegistry() if config.metrics_listen else None
+    index = served_index(build_index(IndexConfig(max_query_tokens=config.max_query_tokens),
+                                     redis_url=config.redis_url), registry)
+    if registry is not None:
+        host, port = reader_metrics_address(config.metrics_listen, number)
+        start_http_server(port, addr=host, registry=registry)
     liveness = LivenessWatcher(nc.jetstream(), index, ttl_s=config.liveness_ttl_s,
                                grace_s=config.liveness_grace_s, remove_expired=False)
     markers = PartitionMarkers(index, config.partitions)

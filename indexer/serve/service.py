@@ -38,11 +38,11 @@ from indexer.errors import BackendError, ConfigError, InvalidQueryError
 from indexer.index.protocol import (
     TIERS,
     Index,
-    IndexConfig,
     ScoreQuery,
     ScoreResult,
     TierWeights,
 )
+from indexer.index.scoring import check_query_shape, check_tier_weights
 from indexer.scheduling import (
     DEFAULT_OVERLAP_WEIGHT,
     DEFAULT_TEMPERATURE,
@@ -50,7 +50,7 @@ from indexer.scheduling import (
     choose_worker,
 )
 from indexer.serve.directory import CandidateSet, LiveWorkerSource, WorkerDirectory
-from indexer.serve.grpc_handlers import WireTokens, add_kv_indexer_service, unwrap
+from indexer.serve.grpc_handlers import SERVICE_NAME, WireTokens, add_kv_indexer_service, unwrap
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -69,7 +69,6 @@ __all__ = [
 
 log = structlog.get_logger("indexer.serve.service")
 
-SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["KvIndexer"].full_name
 HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 DEFAULT_LISTEN: Final = "127.0.0.1:50051"
 # A 1M-token ScoreRequest is ~3-5 MB of varints; 16 MiB leaves room for ScoreBatch.
@@ -82,7 +81,6 @@ DEFAULT_WORKER_CACHE_SECONDS: Final = 0.5
 DEFAULT_MAX_CONCURRENT_QUERIES: Final = 64
 # RPCs the server accepts at once; more are refused with RESOURCE_EXHAUSTED (load shedding).
 DEFAULT_MAX_CONCURRENT_RPCS: Final = 1024
-_MAX_TIER_WEIGHT: Final = 1e6
 
 T = TypeVar("T")
 
@@ -183,11 +181,6 @@ def _status_of(rpc: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error in {rpc} ({type(exc).__name__})"
 
 
-def _index_config(index: Index) -> IndexConfig:
-    config = getattr(index, "config", None)
-    return config if isinstance(config, IndexConfig) else IndexConfig()
-
-
 def _token_count(request: pb.ScoreRequest, wire_tokens: bytes | None) -> int:
     return len(wire_tokens) // 4 if wire_tokens is not None else len(request.token_ids)
 
@@ -214,7 +207,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         self.index = index
         self.settings = settings or ServiceSettings()
         self.settings.validate()
-        self.config = _index_config(index)
+        self.config = index.config
         self.directory = WorkerDirectory(live_workers or index.workers,
                                          self.settings.worker_cache_seconds)
         # Is the index rebuilding (from the bus or a snapshot)? Set by the recovery stage.
@@ -297,23 +290,9 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
     def _check_query(self, request: pb.ScoreRequest, field: str,
                      wire_tokens: bytes | None = None) -> None:
         """Refuse a malformed query, naming the field (`field` prefixes nested names)."""
-        if not request.model:
-            raise InvalidQueryError(f"{field}model must not be empty")
-        n_tokens, n_keys = _token_count(request, wire_tokens), len(request.block_keys)
-        if n_tokens and n_keys:
-            raise InvalidQueryError(f"exactly one of {field}token_ids and {field}block_keys "
-                                    "must be set, got both")
-        if not n_tokens and not n_keys:
-            raise InvalidQueryError(f"exactly one of {field}token_ids and {field}block_keys "
-                                    "must be set, both are empty")
-        limit = self.config.max_query_tokens
-        if n_tokens > limit:
-            raise InvalidQueryError(f"{field}token_ids: query of {n_tokens} tokens exceeds "
-                                    f"the limit of {limit}")
-        max_blocks = limit // max(request.block_size, self.config.min_block_size)
-        if n_keys > max_blocks:
-            raise InvalidQueryError(f"{field}block_keys: query of {n_keys} blocks exceeds the "
-                                    f"limit of {max_blocks} blocks ({limit} tokens)")
+        check_query_shape(request.model, _token_count(request, wire_tokens) or None,
+                          len(request.block_keys) or None, block_size=request.block_size,
+                          config=self.config, field=field)
 
     def _tier_weights(self, request: pb.ScoreRequest, field: str) -> TierWeights | None:
         """The request's weights over the configured ones; None when it sets none."""
@@ -322,12 +301,10 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         given, base = request.tier_weights, self.config.tier_weights
         values: dict[str, float] = {}
         for name in TIERS:
-            value = getattr(given, name) if given.HasField(name) else getattr(base, name)
-            if not (math.isfinite(value) and 0.0 <= value <= _MAX_TIER_WEIGHT):
-                raise InvalidQueryError(f"{field}tier_weights.{name} must be a finite number "
-                                        f"in [0, {_MAX_TIER_WEIGHT:g}], got {value!r}")
-            values[name] = value
-        return TierWeights(**values)
+            values[name] = getattr(given, name) if given.HasField(name) else getattr(base, name)
+        weights = TierWeights(**values)
+        check_tier_weights(weights, field)
+        return weights
 
     async def _candidates(self, request: pb.ScoreRequest) -> CandidateSet:
         """The live workers of the request's model, narrowed to `workers` if given."""
@@ -413,7 +390,8 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         add = response.candidates.add
         for c in ranked:
             add(worker_id=c.worker_id, dp_rank=c.dp_rank, matched_blocks=c.matched_blocks,
-                prefill_blocks=c.prefill_blocks, active_blocks=c.active_blocks, cost=c.cost)
+                prefill_blocks=c.prefill_blocks, active_blocks=c.active_blocks, cost=c.cost,
+                waiting_requests=c.waiting_requests)
         return response
 
     # --- ScoreBatch --------------------------------------------------------------------

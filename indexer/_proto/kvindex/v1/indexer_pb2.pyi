@@ -124,20 +124,22 @@ class FindBestWorkerResponse(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., matched_blocks: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[CandidateCost, _Mapping]]] = ..., freshness: _Optional[_Union[Freshness, _Mapping]] = ...) -> None: ...
 
 class CandidateCost(_message.Message):
-    __slots__ = ("worker_id", "dp_rank", "matched_blocks", "prefill_blocks", "active_blocks", "cost")
+    __slots__ = ("worker_id", "dp_rank", "matched_blocks", "prefill_blocks", "active_blocks", "cost", "waiting_requests")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DP_RANK_FIELD_NUMBER: _ClassVar[int]
     MATCHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     dp_rank: int
     matched_blocks: int
     prefill_blocks: int
     active_blocks: int
     cost: float
-    def __init__(self, worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., matched_blocks: _Optional[int] = ..., prefill_blocks: _Optional[int] = ..., active_blocks: _Optional[int] = ..., cost: _Optional[float] = ...) -> None: ...
+    waiting_requests: int
+    def __init__(self, worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., matched_blocks: _Optional[int] = ..., prefill_blocks: _Optional[int] = ..., active_blocks: _Optional[int] = ..., cost: _Optional[float] = ..., waiting_requests: _Optional[int] = ...) -> None: ...
 
 class ScoreBatchRequest(_message.Message):
     __slots__ = ("requests",)
