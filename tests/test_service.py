@@ -836,3 +836,16 @@ class TestConcurrency:
         first_score = events.index("score")
         last_score = len(events) - 1 - events[::-1].index("score")
         assert "apply" in events[first_score:last_score], "ingest stalled behind the reads"
+
+
+class TestServedIndexConfig:
+    def test_limits_come_from_the_index_behind_the_metrics_wrapper(self) -> None:
+        """The servicer's own size check uses the served index's config, also when that
+        index is wrapped for metrics (it fell back to IndexConfig() defaults before)."""
+        from prometheus_client import CollectorRegistry
+
+        from indexer.index.factory import served_index
+
+        config = IndexConfig(max_query_tokens=64)
+        wrapped = served_index(MemoryIndex(config), CollectorRegistry())
+        assert KvIndexerService(wrapped).config.max_query_tokens == 64
