@@ -32,7 +32,6 @@ from indexer.ingest.consumer import (
     ConsumerStats,
     PartitionConsumer,
     ResyncRequester,
-    SequenceTracker,
 )
 from indexer.ingest.liveness import LivenessWatcher
 from indexer.ingest.partitions import PartitionLeases
@@ -106,10 +105,6 @@ class IndexerService:
         self.index = build_index(IndexConfig(max_query_tokens=config.max_query_tokens),
                                  redis_url=config.redis_url, on_resync=resync.request)
         self._served_index = served_index(self.index, registry)
-        self._tracker = SequenceTracker()
-        for info in await self.index.workers():
-            self._tracker.seed((info.model, info.worker_id, info.dp_rank), info.epoch,
-                               info.last_seq)
         self._resync = resync
         if registry is not None:
             self.metrics = MetricsExporter(self.index, self.stats, registry)
@@ -173,7 +168,7 @@ class IndexerService:
     async def _start_partition(self, partition: int) -> None:
         assert self._js is not None and self.index is not None
         consumer = PartitionConsumer(
-            self._js, self.index, partition, tracker=self._tracker, resync=self._resync,
+            self._js, self.index, partition, resync=self._resync,
             stats=self.stats, snapshots=self.snapshots, settings=ConsumerSettings(
                 fetch_batch=self.config.fetch_batch, apply_chunk=self.config.apply_chunk,
                 snapshot_every_batches=self.config.snapshot_every_batches,

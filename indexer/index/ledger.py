@@ -178,6 +178,10 @@ class WorkerLedger:
         if outcome is ApplyOutcome.DUPLICATE:
             stats.duplicates += 1
             return outcome
+        # A new epoch (or a rank seen for the first time) starts at seq 0.
+        expected = self.last_seq + 1 if batch.epoch == self.epoch else 0
+        if batch.seq != expected:
+            outcome = ApplyOutcome.APPLIED_AFTER_GAP
         if batch.epoch != self.epoch:
             if self.epoch >= 0:
                 log.info("worker_new_epoch", worker=self.worker_id, dp_rank=self.dp_rank,

@@ -98,9 +98,19 @@ class WorkerRef(NamedTuple):
 
 
 class ApplyOutcome(enum.Enum):
+    """What applying one batch did. The index's ledger of a rank is the one owner of its
+    stream position (epoch, last seq); the consumer acts on these outcomes."""
+
     APPLIED = "applied"
+    # Applied, but batches are missing before it (a seq past the next one, or a new epoch
+    # or a rank first seen at seq > 0): the rank's state needs a resync.
+    APPLIED_AFTER_GAP = "applied_after_gap"
     DUPLICATE = "duplicate"  # (epoch, seq) already applied: nothing changed
     STALE_EPOCH = "stale_epoch"  # from an epoch older than the worker's current one
+
+    @property
+    def applied(self) -> bool:
+        return self is ApplyOutcome.APPLIED or self is ApplyOutcome.APPLIED_AFTER_GAP
 
 
 class ResyncRequest(NamedTuple):

@@ -294,7 +294,7 @@ class RedisIndex:
                 ledger.journal = Journal()
             outcome = ledger.apply(batch, sinks[ledger][1], self._stats, self.on_resync)
             outcomes[i] = outcome
-            if outcome is ApplyOutcome.APPLIED:
+            if outcome.applied:
                 changed.add(ledger)
         records: dict[str, list[bytes]] = {}
         sent: dict[str, list[WorkerLedger]] = {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import gc
 import time
 import uuid
@@ -30,8 +29,8 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
 from indexer.errors import BackendError
-from indexer.index.protocol import Index, ResyncRequest
-from indexer.ingest.recovery import SnapshotStore, partition_of, partition_ranks
+from indexer.index.protocol import ApplyOutcome, Index, ResyncRequest
+from indexer.ingest.recovery import SnapshotStore, partition_ranks
 from kvcore.bus import (
     DEAD_LETTER_SUBJECT,
     STREAM_NAME,
@@ -48,8 +47,6 @@ __all__ = [
     "ConsumerStats",
     "PartitionConsumer",
     "ResyncRequester",
-    "SequenceTracker",
-    "Verdict",
     "marker_is_rebuilding",
     "marker_name",
 ]
@@ -93,46 +90,7 @@ class ConsumerStats(msgspec.Struct):
     lag_sample_ts: deque[float] = msgspec.field(default_factory=lambda: deque(maxlen=100_000))
 
 
-class Verdict(enum.Enum):
-    NEXT = "next"  # the expected batch (or the first of a new epoch)
-    GAP = "gap"  # later than expected: batches are missing before it
-    DUPLICATE = "duplicate"
-    STALE = "stale"  # from an older epoch
-
-
 RankKey = tuple[str, str, int]  # model, worker id, dp rank
-
-
-class SequenceTracker:
-    """Where each (model, worker, rank) stands: its epoch and the last seq handed on."""
-
-    def __init__(self) -> None:
-        self._positions: dict[RankKey, tuple[int, int]] = {}
-
-    def seed(self, key: RankKey, epoch: int, last_seq: int) -> None:
-        self._positions[key] = (epoch, last_seq)
-
-    def classify(self, batch: EventBatch, pending: dict[RankKey, tuple[int, int]]) -> Verdict:
-        """Judge `batch` against the committed position, or one staged in `pending`."""
-        key = (batch.model, batch.worker_id, batch.dp_rank)
-        epoch, last = pending.get(key) or self._positions.get(key, (-1, -1))
-        if batch.epoch < epoch:
-            return Verdict.STALE
-        if batch.epoch == epoch and batch.seq <= last:
-            return Verdict.DUPLICATE
-        pending[key] = (batch.epoch, batch.seq)
-        # A new epoch (or a rank seen for the first time) starts at seq 0.
-        expected = last + 1 if batch.epoch == epoch else 0
-        return Verdict.NEXT if batch.seq == expected else Verdict.GAP
-
-    def commit(self, pending: dict[RankKey, tuple[int, int]]) -> None:
-        self._positions.update(pending)
-
-    def forget_partition(self, partition: int, partitions: int) -> None:
-        """Forget every rank of a partition (it is being rebuilt)."""
-        for key in [k for k in self._positions if partition_of(k[0], k[1], partitions)
-                    == partition]:
-            del self._positions[key]
 
 
 class ResyncRequester:
@@ -195,7 +153,6 @@ class PartitionConsumer:
         index: Index,
         partition: int,
         *,
-        tracker: SequenceTracker,
         resync: ResyncRequester,
         stats: ConsumerStats,
         settings: ConsumerSettings,
@@ -205,7 +162,6 @@ class PartitionConsumer:
         self.rebuilding = False
         self._js = js
         self._index = index
-        self._tracker = tracker
         self._resync = resync
         self._stats = stats
         self._settings = settings
@@ -283,14 +239,10 @@ class PartitionConsumer:
         partitions = self._snapshots.partitions
         for model, ref in await partition_ranks(self._index, self.partition, partitions):
             await self._index.remove_worker(model, ref.worker_id)
-        self._tracker.forget_partition(self.partition, partitions)
         snapshot = await self._snapshots.load_newest(self.partition)
         start = 1
         if snapshot is not None:
             await self._index.import_ranks(snapshot.ranks)
-            for rank in snapshot.ranks:
-                self._tracker.seed((rank.model, rank.worker_id, rank.dp_rank), rank.epoch,
-                                   rank.last_seq)
             start = snapshot.stream_seq + 1
         with contextlib.suppress(NotFoundError):
             await self._js.delete_consumer(STREAM_NAME, consumer_name(self.partition))
@@ -399,14 +351,12 @@ class PartitionConsumer:
         """Handle one fetch; returns once the index has it and JetStream has the ack."""
         self._stats.messages += len(msgs)
         self._batches_since_snapshot += len(msgs)
-        pending: dict[RankKey, tuple[int, int]] = {}
         batches: list[EventBatch] = []
         for msg in msgs:
             batch = await self._decode(msg)
-            if batch is not None and self._admit(batch, pending):
+            if batch is not None:
                 batches.append(batch)
         await self._apply_with_retry(batches, msgs, stop)
-        self._tracker.commit(pending)
         if msgs:
             self._last_stream_seq = msgs[-1].metadata.sequence.stream
             await msgs[-1].ack()  # AckAll: acknowledges the whole fetch
@@ -420,22 +370,6 @@ class PartitionConsumer:
             await self._dead_letter(msg, "undecodable", exc)
         return None
 
-    def _admit(self, batch: EventBatch, pending: dict[RankKey, tuple[int, int]]) -> bool:
-        verdict = self._tracker.classify(batch, pending)
-        if verdict is Verdict.DUPLICATE:
-            self._stats.duplicates += 1
-            return False
-        if verdict is Verdict.STALE:
-            self._stats.stale += 1
-            return False
-        if verdict is Verdict.GAP:
-            self._stats.gaps += 1
-            self._log.warning("sequence_gap", model=batch.model, worker=batch.worker_id,
-                              dp_rank=batch.dp_rank, epoch=batch.epoch, seq=batch.seq)
-            self._resync.request(ResyncRequest(batch.model, batch.worker_id, batch.dp_rank,
-                                               batch.epoch, "sequence_gap"))
-        return True
-
     async def _apply_with_retry(
         self, batches: list[EventBatch], msgs: Sequence[Msg], stop: asyncio.Event | None
     ) -> None:
@@ -443,8 +377,9 @@ class PartitionConsumer:
         done = 0
         attempt = 0
         while done < len(batches):
+            applied = batches[done : done + chunk]
             try:
-                await self._index.apply(batches[done : done + chunk], validated=True)
+                outcomes = await self._index.apply(applied, validated=True)
             except BackendError as exc:
                 attempt += 1
                 self._stats.backend_retries += 1
@@ -457,22 +392,37 @@ class PartitionConsumer:
                 await asyncio.sleep(delay)
                 continue
             attempt = 0
-            applied = batches[done : done + chunk]
             done += len(applied)
-            self._record(applied)
+            self._record(applied, outcomes)
             await asyncio.sleep(0)  # let Score calls in between big fetches
 
-    def _record(self, applied: list[EventBatch]) -> None:
+    def _record(self, batches: list[EventBatch], outcomes: list[ApplyOutcome]) -> None:
+        """Count what the index did with each batch; a gap asks the worker for a resync."""
         stats = self._stats
         now = time.time()
-        stats.batches_applied += len(applied)
-        stats.last_applied_ts = applied[-1].ts
-        stats.last_applied_at = now
         lags, lag_ts = stats.lag_samples, stats.lag_sample_ts
-        for batch in applied:
+        for batch, outcome in zip(batches, outcomes, strict=True):
+            if outcome is ApplyOutcome.DUPLICATE:
+                stats.duplicates += 1
+                continue
+            if outcome is ApplyOutcome.STALE_EPOCH:
+                stats.stale += 1
+                continue
+            if outcome is ApplyOutcome.APPLIED_AFTER_GAP:
+                self._on_gap(batch)
+            stats.batches_applied += 1
+            stats.last_applied_ts = batch.ts
+            stats.last_applied_at = now
             lags.append(now - batch.ts)
             lag_ts.append(batch.ts)
             stats.blocks_seen += block_count(batch)
+
+    def _on_gap(self, batch: EventBatch) -> None:
+        self._stats.gaps += 1
+        self._log.warning("sequence_gap", model=batch.model, worker=batch.worker_id,
+                          dp_rank=batch.dp_rank, epoch=batch.epoch, seq=batch.seq)
+        self._resync.request(ResyncRequest(batch.model, batch.worker_id, batch.dp_rank,
+                                           batch.epoch, "sequence_gap"))
 
     async def _dead_letter(self, msg: Msg, reason: str, exc: Exception) -> None:
         self._stats.dead_letters[reason] = self._stats.dead_letters.get(reason, 0) + 1

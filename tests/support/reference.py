@@ -46,6 +46,8 @@ class ReferenceIndex:
             return "stale_epoch"
         if batch.epoch == worker.epoch and batch.seq <= worker.last_seq:
             return "duplicate"
+        expected = worker.last_seq + 1 if batch.epoch == worker.epoch else 0
+        outcome = "applied" if batch.seq == expected else "applied_after_gap"
         if batch.epoch != worker.epoch:
             worker.clear()
             worker.epoch = batch.epoch
@@ -61,7 +63,7 @@ class ReferenceIndex:
             h = worker.ghosts.pop(0)
             assert h not in worker.held
             del worker.key_of[h]
-        return "applied"
+        return outcome
 
     def _store(self, model: str, worker: RefWorker, event: BlockStored) -> None:
         tier = tier_index(event.medium)
