@@ -1,4 +1,4 @@
-"""Types of the optional C extension built from native/keys.c."""
+"""Types of the optional C extension built from native/*.c (module.c lists what is where)."""
 
 from collections.abc import Iterable, Sequence
 

@@ -1,0 +1,58 @@
+/* bytebuf.h: little-endian output helpers shared by more than one part of kvcore._native:
+ * put_u64_le (chain_keys_packed's keys, pack_log_entries' records) and ByteBuf, the growable
+ * output buffer of take_uint32_field and pack_log_entries.
+ *
+ * Static inline: their callers call them once per value or record, in loops, and inline
+ * them (as they did when everything was one file).
+ */
+#ifndef KVCORE_NATIVE_BYTEBUF_H
+#define KVCORE_NATIVE_BYTEBUF_H
+
+#include "native.h"
+
+static inline void
+put_u64_le(unsigned char *out, uint64_t value)
+{
+    for (int i = 0; i < 8; i++) {
+        out[i] = (unsigned char)(value >> (8 * i));
+    }
+}
+
+typedef struct {
+    unsigned char *data;
+    size_t len;
+    size_t cap;
+} ByteBuf;
+
+static inline int
+buf_reserve(ByteBuf *buf, size_t extra)
+{
+    if (buf->len + extra <= buf->cap) {
+        return 0;
+    }
+    size_t cap = buf->cap ? buf->cap : 256;
+    while (cap < buf->len + extra) {
+        cap *= 2;
+    }
+    unsigned char *grown = PyMem_Realloc(buf->data, cap);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    buf->data = grown;
+    buf->cap = cap;
+    return 0;
+}
+
+static inline int
+buf_put(ByteBuf *buf, const unsigned char *bytes, size_t n)
+{
+    if (buf_reserve(buf, n) < 0) {
+        return -1;
+    }
+    memcpy(buf->data + buf->len, bytes, n);
+    buf->len += n;
+    return 0;
+}
+
+#endif /* KVCORE_NATIVE_BYTEBUF_H */

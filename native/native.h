@@ -1,0 +1,40 @@
+/* native.h: what module.c needs from each part of kvcore._native, and the include every
+ * file of the extension starts with.
+ *
+ * The extension is one shared object built from several C files (one per concern); the
+ * names shared between them are hidden so that, as when it was one file, PyInit__native
+ * is the object's only exported symbol and calls between the files stay direct.
+ */
+#ifndef KVCORE_NATIVE_H
+#define KVCORE_NATIVE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define NATIVE_INTERNAL __attribute__((visibility("hidden")))
+#else
+#define NATIVE_INTERNAL
+#endif
+
+/* chain.c */
+NATIVE_INTERNAL extern const char chain_keys_doc[];
+NATIVE_INTERNAL extern const char chain_keys_packed_doc[];
+NATIVE_INTERNAL PyObject *chain_keys(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+NATIVE_INTERNAL PyObject *chain_keys_packed(PyObject *module, PyObject *const *args,
+                                            Py_ssize_t nargs);
+
+/* block_table.c */
+NATIVE_INTERNAL extern PyTypeObject BlockTableType;
+
+/* wire.c */
+NATIVE_INTERNAL extern const char take_uint32_field_doc[];
+NATIVE_INTERNAL PyObject *take_uint32_field(PyObject *module, PyObject *const *args,
+                                            Py_ssize_t nargs);
+
+/* log_pack.c */
+NATIVE_INTERNAL PyObject *pack_log_entries(PyObject *module, PyObject *const *args,
+                                           Py_ssize_t nargs);
+
+#endif /* KVCORE_NATIVE_H */
