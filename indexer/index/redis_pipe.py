@@ -1,9 +1,9 @@
 """One Redis connection that carries every concurrent query, pipelined.
 
-redis-py's asyncio client spends about 100 µs of CPU per command on pool checkout, retry
-wrappers and stream reads, and gives each concurrent command a connection of its own.
-Score sends one EVALSHA per call, so on the query path that overhead was a fifth of the
-server's CPU. Here a command is hiredis-packed bytes and one future. Commands issued in one
+redis-py's asyncio client spends much of a command's CPU on pool checkout, retry wrappers
+and stream reads, and gives each concurrent command a connection of its own. Score sends
+one EVALSHA per call, so on the query path that overhead was a large share of the server's
+CPU. Here a command is hiredis-packed bytes and one future. Commands issued in one
 turn of the event loop leave in one write, and replies resolve the futures in order, so
 Redis reads (and answers) bursts of concurrent queries with one syscall each way.
 `make bench-redis` compares the two paths ("Score's connection to Redis").

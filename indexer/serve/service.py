@@ -278,7 +278,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
                                        wire_tokens)
         response = pb.ScoreResponse(query_blocks=result.query_blocks,
                                     freshness=self._freshness(candidates))
-        add = response.scores.add  # ~3x faster than building WorkerScore(...) with a map
+        add = response.scores.add  # much faster than building WorkerScore(...) with a map
         for s in result.scores:
             by_tier = add(worker_id=s.worker_id, dp_rank=s.dp_rank,
                           matched_blocks=s.matched_blocks,
