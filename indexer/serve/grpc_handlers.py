@@ -2,10 +2,11 @@
 
 A parsed `repeated uint32 token_ids` reaches Python one int object at a time, a large part
 of an 8k-token Score's cost (docs/benchmarks.md, gRPC Score). With the C extension, Score
-and FindBestWorker requests are deserialised into `WireTokens`: the token ids read straight
-from the request bytes as packed u32 and cut out of them (`kvcore._native.take_uint32_field`), and the message
-parsed from the rest, so its `token_ids` is empty. The servicer accepts either form;
-without the extension the generated deserialisers are used as is.
+and FindBestWorker requests are deserialised into `WireTokens`: the token ids read
+straight from the request bytes as packed u32 and cut out of them
+(`kvcore._native.take_uint32_field`), and the message parsed from the rest, so its
+`token_ids` is empty. The servicer accepts either form; without the extension the
+generated deserialisers are used as is.
 """
 
 from __future__ import annotations
