@@ -64,7 +64,6 @@ from typing import Any, Final, Protocol
 
 import msgspec
 import structlog
-import xxhash
 import zmq.asyncio
 
 from indexer.app import IndexerService
@@ -74,6 +73,7 @@ from indexer.scheduling import DEFAULT_OVERLAP_WEIGHT as SERVER_OVERLAP_WEIGHT
 from indexer.scheduling import DEFAULT_TEMPERATURE as SERVER_TEMPERATURE
 from indexer.scheduling import Candidate, choose_worker
 from kvcore.bus import pack_tokens
+from kvcore.keys import block_keys
 from kvcore.runtime import scoped_logging
 from kvcore.topology import StreamSettings
 from kvsim import report as bench_report
@@ -400,16 +400,6 @@ def _shared_prefix_blocks(trace: _Trace, block_size: int) -> int:
     return min(common * TRACE_BLOCK_TOKENS, shortest) // block_size
 
 
-def _chain(packed: bytes, n_blocks: int, block_size: int, seed: int) -> Iterator[int]:
-    """Chained block hashes, as `BlockPool.block_hashes` computes them (lazily)."""
-    view = memoryview(packed)
-    width = block_size * 4
-    previous = seed
-    for i in range(n_blocks):
-        previous = xxhash.xxh3_64_intdigest(view[i * width:(i + 1) * width], previous)
-        yield previous
-
-
 def single_cache_hits(records: Sequence[TraceRecord], block_size: int) -> list[int]:
     """Hit tokens per request of one infinite cache: the longest prefix, in whole blocks,
     that an earlier request had."""
@@ -426,7 +416,7 @@ def reference_hits(records: Sequence[TraceRecord], block_size: int,
     lru_hits: list[int] = []
     for record in records:
         tokens = trace_tokens(record)
-        chain = list(_chain(pack_tokens(tokens), len(tokens) // block_size, block_size, 0))
+        chain = block_keys(tokens, block_size, 0)  # the chain under any fixed seed
         bound_hits.append(_leading(chain, seen) * block_size)
         seen.update(chain)
         if pooled_capacity:
@@ -485,17 +475,6 @@ class PinnedPool(BlockPool):
                 pinned[h] = left
             else:
                 del pinned[h]
-
-    def matched_blocks(self, packed: bytes, query_blocks: int) -> int:
-        """Leading blocks of a packed prompt this pool holds (hashed only as far as needed)."""
-        gpu, cpu = self.gpu, self.cpu
-        n = min(query_blocks, self.capacity_blocks)
-        matched = 0
-        for h in _chain(packed, n, self.block_size, self.seed):
-            if h not in gpu and h not in cpu:
-                break
-            matched += 1
-        return matched
 
     def _evict_gpu(self, count: int, protected: set[int], events: list[PoolEvent]) -> None:
         pinned = self.pinned
