@@ -399,6 +399,13 @@ class EngineStats:
         self.stored_blocks += other.stored_blocks
         self.removed_blocks += other.removed_blocks
 
+    def minus(self, earlier: EngineStats) -> EngineStats:
+        """What these counters gained since `earlier`."""
+        out = EngineStats()
+        for f in fields(out):
+            setattr(out, f.name, getattr(self, f.name) - getattr(earlier, f.name))
+        return out
+
 
 class MockEngine:
     """One vLLM worker rank: a `BlockPool` publishing its KV events over ZMQ like vLLM.
@@ -886,7 +893,7 @@ async def run_fleet(
             nonlocal last_tick, previous
             current = fleet.stats()
             stats.elapsed, stats.total = now - start, current
-            stats.window = _difference(current, previous)
+            stats.window = current.minus(previous)
             previous, last_tick = current, now
             if on_tick is not None:
                 on_tick(stats)
@@ -913,13 +920,6 @@ async def run_fleet(
                 await asyncio.sleep(0)
         tick(loop.time())
     return stats
-
-
-def _difference(current: EngineStats, previous: EngineStats) -> EngineStats:
-    out = EngineStats()
-    for f in fields(out):
-        setattr(out, f.name, getattr(current, f.name) - getattr(previous, f.name))
-    return out
 
 
 # --- command line -----------------------------------------------------------------------

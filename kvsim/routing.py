@@ -51,36 +51,31 @@ import heapq
 import itertools
 import math
 import multiprocessing
-import random
 import statistics
 import sys
 import tempfile
 import time
-from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import msgspec
 import structlog
-import zmq.asyncio
 
 from indexer.app import IndexerService
-from indexer.client import AsyncIndexerClient, IndexerClientError, Query, WorkerLoad
+from indexer.client import AsyncIndexerClient, IndexerClientError, WorkerLoad
 from indexer.config import ServiceConfig, validate
 from indexer.scheduling import DEFAULT_OVERLAP_WEIGHT as SERVER_OVERLAP_WEIGHT
 from indexer.scheduling import DEFAULT_TEMPERATURE as SERVER_TEMPERATURE
-from indexer.scheduling import Candidate, choose_worker
-from kvcore.bus import pack_tokens
 from kvcore.keys import block_keys
 from kvcore.runtime import scoped_logging
-from kvcore.topology import StreamSettings
 from kvsim import report as bench_report
+from kvsim.bridges import Bridge, bridges, worker_id
 from kvsim.mock_engines import (
     TRACE_BLOCK_TOKENS,
     BlockPool,
-    MockEngine,
     MockFleet,
     PoolEvent,
     PoolRemoved,
@@ -88,8 +83,7 @@ from kvsim.mock_engines import (
     load_trace,
     trace_tokens,
 )
-from publisher.publisher import KVEventPublisher
-from publisher.zmq_source import EngineSource
+from kvsim.routers import KvRouter, OracleRouter, RandomRouter, RoundRobinRouter, Router
 
 __all__ = [
     "DEFAULT_DECODE_RATE",
@@ -507,11 +501,6 @@ def _pin_pools(fleet: MockFleet) -> list[PinnedPool]:
     return pools
 
 
-def worker_id(worker: int) -> str:
-    """Zero-padded, so the index's tie-break on worker id follows the worker number."""
-    return f"engine-{worker:03d}"
-
-
 @dataclass(slots=True)
 class _Worker:
     active_blocks: int = 0
@@ -576,144 +565,27 @@ class EngineClock:
         return end - now
 
 
-# --- routers -------------------------------------------------------------------------------
+# --- the kv policy's wait for the event path ----------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    worker: int
-    predicted_blocks: int | None = None  # leading blocks the router expected there
-    fallback: str | None = None
+class EventPathCatchUp:
+    """After each step of the kv policy, wait (wall time, at most `timeout_s`) until every
+    bridge has read every batch its engine sent, every publisher's buffer is in JetStream,
+    and ListWorkers shows each worker's last published seq applied."""
 
-
-class Router(Protocol):
-    async def route(self, index: int, tokens: list[int], loads: list[WorkerLoad]) -> Decision:
-        ...
-
-    async def after_step(self) -> None:
-        ...
-
-
-class RoundRobinRouter:
-    def __init__(self, workers: int) -> None:
-        self._workers = workers
-
-    async def route(self, index: int, tokens: list[int], loads: list[WorkerLoad]) -> Decision:
-        return Decision(index % self._workers)
-
-    async def after_step(self) -> None:
-        return None
-
-
-class RandomRouter:
-    def __init__(self, workers: int, seed: int) -> None:
-        self._workers = workers
-        self._rng = random.Random(seed)
-
-    async def route(self, index: int, tokens: list[int], loads: list[WorkerLoad]) -> Decision:
-        return Decision(self._rng.randrange(self._workers))
-
-    async def after_step(self) -> None:
-        return None
-
-
-def _request_seed(seed: int, index: int) -> int:
-    return (seed * 1_000_003 + index) & 0xFFFF_FFFF_FFFF_FFFF
-
-
-def _candidates(matched: Sequence[int], loads: Sequence[WorkerLoad]) -> list[Candidate]:
-    return [Candidate(load.worker_id, load.dp_rank, m, load.active_blocks, load.waiting_requests)
-            for m, load in zip(matched, loads, strict=True)]
-
-
-def _worker_number(wid: str) -> int:
-    prefix = "engine-"
-    if not wid.startswith(prefix) or not wid[len(prefix):].isdigit():
-        raise ValueError(f"unknown worker {wid!r}")
-    return int(wid[len(prefix):])
-
-
-class OracleRouter:
-    """The cost function over the engines' own pools (no index, no staleness)."""
-
-    def __init__(self, pools: Sequence[PinnedPool], settings: RoutingSettings) -> None:
-        self._pools = pools
-        self._settings = settings
-
-    def choose(self, index: int, tokens: list[int], loads: list[WorkerLoad]) -> Decision:
-        s = self._settings
-        packed = pack_tokens(tokens)
-        query_blocks = len(tokens) // s.block_size
-        matched = [pool.matched_blocks(packed, query_blocks) for pool in self._pools]
-        chosen, _ = choose_worker(_candidates(matched, loads), query_blocks,
-                                  overlap_weight=s.overlap_weight, temperature=s.temperature,
-                                  rng=random.Random(_request_seed(s.seed, index)))
-        return Decision(_worker_number(chosen.worker_id), chosen.matched_blocks)
-
-    async def route(self, index: int, tokens: list[int], loads: list[WorkerLoad]) -> Decision:
-        return self.choose(index, tokens, loads)
-
-    async def after_step(self) -> None:
-        return None
-
-
-@dataclass(slots=True)
-class _Bridge:
-    engine: MockEngine
-    publisher: KVEventPublisher
-    source: EngineSource
-
-
-class KvRouter:
-    """FindBestWorker over gRPC; after each step, the event path catches up (bounded)."""
-
-    def __init__(self, client: AsyncIndexerClient, bridges: Sequence[_Bridge], model: str,
-                 settings: RoutingSettings) -> None:
+    def __init__(self, client: AsyncIndexerClient, bridges: Sequence[Bridge], model: str,
+                 timeout_s: float) -> None:
         self._client = client
         self._bridges = bridges
         self._model = model
-        self._settings = settings
-        self.latencies_ms: list[float] = []
+        self._timeout_s = timeout_s
         self.waits_ms: list[float] = []
         self.timeouts = 0
-        self.fallbacks: Counter[str] = Counter()
 
-    async def route(self, index: int, tokens: list[int], loads: list[WorkerLoad]) -> Decision:
-        s = self._settings
-        seed = _request_seed(s.seed, index) if s.temperature > 0 else None
-        started = time.perf_counter()
-        try:
-            choice = await self._client.find_best_worker(
-                Query(model=self._model, token_ids=tokens), loads,
-                overlap_weight=s.overlap_weight, temperature=s.temperature, seed=seed,
-                timeout=10.0)
-        except IndexerClientError as exc:
-            # No worker indexed yet (the first step): every worker counts as empty.
-            self.fallbacks[exc.code.name] += 1
-            return self._local(index, tokens, loads, {}, exc.code.name)
-        self.latencies_ms.append((time.perf_counter() - started) * 1000.0)
-        known = {c.worker_id: c.matched_blocks for c in choice.candidates}
-        if len(known) < len(loads):
-            # Workers the index has not heard from yet hold nothing as far as it knows:
-            # decide over every worker, as the server would with all of them live.
-            self.fallbacks["unindexed_workers"] += 1
-            return self._local(index, tokens, loads, known, None)
-        return Decision(_worker_number(choice.worker_id), choice.matched_blocks)
-
-    def _local(self, index: int, tokens: list[int], loads: list[WorkerLoad],
-               known: dict[str, int], fallback: str | None) -> Decision:
-        s = self._settings
-        query_blocks = len(tokens) // s.block_size
-        matched = [known.get(load.worker_id, 0) for load in loads]
-        chosen, _ = choose_worker(_candidates(matched, loads), query_blocks,
-                                  overlap_weight=s.overlap_weight, temperature=s.temperature,
-                                  rng=random.Random(_request_seed(s.seed, index)))
-        return Decision(_worker_number(chosen.worker_id), chosen.matched_blocks, fallback)
-
-    async def after_step(self) -> None:
+    async def wait(self) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        deadline = started + self._settings.catch_up_timeout_s
+        deadline = started + self._timeout_s
         while not await self._caught_up():
             if loop.time() >= deadline:
                 self.timeouts += 1
@@ -741,7 +613,7 @@ class KvRouter:
                     return False
         return True
 
-    def catch_up(self) -> CatchUp:
+    def stats(self) -> CatchUp:
         sources = [b.source.stats for b in self._bridges]
         return CatchUp(
             steps=len(self.waits_ms), timeouts=self.timeouts, wait=_latency(self.waits_ms),
@@ -769,34 +641,6 @@ def _quantile(ordered: Sequence[float], q: float) -> float:
 def _fleet(settings: RoutingSettings, buffer_steps: int) -> MockFleet:
     return MockFleet(n_workers=settings.workers, capacity_blocks=settings.capacity_blocks,
                      block_size=settings.block_size, base_port=0, buffer_steps=buffer_steps)
-
-
-@contextlib.asynccontextmanager
-async def _bridges(fleet: MockFleet, nats_url: str, model: str, block_size: int,
-                   liveness_ttl_s: float) -> AsyncIterator[list[_Bridge]]:
-    """One bridge per engine, as `kv-publisher bridge` runs it (kvsim/demo.py's wiring)."""
-    ctx = zmq.asyncio.Context()
-    stop = asyncio.Event()
-    bridges: list[_Bridge] = []
-    tasks: list[asyncio.Task[None]] = []
-    try:
-        for w, ranks in enumerate(fleet.engines):
-            engine = ranks[0]
-            publisher = KVEventPublisher(model, worker_id(w), block_size=block_size,
-                                         nats_url=nats_url,
-                                         stream=StreamSettings(liveness_ttl_s=liveness_ttl_s))
-            await publisher.start()
-            source = EngineSource(ctx, publisher.ranks[0], engine.endpoint,
-                                  replay_endpoint=engine.replay_endpoint)
-            bridges.append(_Bridge(engine, publisher, source))
-            tasks.append(asyncio.create_task(source.run(stop)))
-        await asyncio.sleep(0.3)  # SUB sockets connect (earlier batches come back by replay)
-        yield bridges
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(b.publisher.close() for b in bridges), return_exceptions=True)
-        ctx.term()
 
 
 class _Progress:
@@ -827,8 +671,10 @@ class _Outcome:
 
 
 async def _replay(trace: _Trace, fleet: MockFleet, router: Router, *, pools: list[PinnedPool],
-                  settings: RoutingSettings, label: str) -> _Outcome:
-    """Replay the trace through `router` on `fleet` (whose pools are `pools`)."""
+                  settings: RoutingSettings, label: str,
+                  after_step: Callable[[], Awaitable[None]] | None = None) -> _Outcome:
+    """Replay the trace through `router` on `fleet` (whose pools are `pools`), awaiting
+    `after_step` after each step."""
     out = _Outcome(EngineClock(pools, settings.prefill_rate, settings.decode_rate))
     clock, series, ttfts, predicted = out.clock, out.series, out.ttfts, out.predicted
     progress = _Progress(settings.progress, label, len(trace.records))
@@ -849,7 +695,8 @@ async def _replay(trace: _Trace, fleet: MockFleet, router: Router, *, pools: lis
             hit_total += hit
             prompt_total += record.input_length
             progress.tick(len(series.hit_tokens), hit_total, prompt_total)
-        await router.after_step()
+        if after_step is not None:
+            await after_step()
     return out
 
 
@@ -889,7 +736,9 @@ async def _run_policy(policy: str, trace: _Trace,
         pools = _pin_pools(fleet)
         router: Router
         if policy == "oracle":
-            router = OracleRouter(pools, settings)
+            router = OracleRouter(pools, block_size=settings.block_size,
+                                  overlap_weight=settings.overlap_weight,
+                                  temperature=settings.temperature, seed=settings.seed)
         elif policy == "round-robin":
             router = RoundRobinRouter(settings.workers)
         elif policy == "random":
@@ -921,17 +770,21 @@ async def _run_kv(trace: _Trace, settings: RoutingSettings, label: str,
                 pools = _pin_pools(fleet)
                 client = await stack.enter_async_context(
                     AsyncIndexerClient(f"127.0.0.1:{service.grpc_port}", timeout=5.0))
-                bridges = await stack.enter_async_context(
-                    _bridges(fleet, service.nats_url, model, settings.block_size,
-                             config.liveness_ttl_s))
-                router = KvRouter(client, bridges, model, settings)
+                running = await stack.enter_async_context(
+                    bridges(fleet, service.nats_url, model, settings.block_size,
+                            config.liveness_ttl_s))
+                router = KvRouter(client, model, block_size=settings.block_size,
+                                  overlap_weight=settings.overlap_weight,
+                                  temperature=settings.temperature, seed=settings.seed,
+                                  timeout=10.0)
+                catch_up = EventPathCatchUp(client, running, model, settings.catch_up_timeout_s)
                 out = await _replay(trace, fleet, router, pools=pools, settings=settings,
-                                    label=label)
+                                    label=label, after_step=catch_up.wait)
                 result = _result(
                     "kv", trace, out, block_size=settings.block_size,
                     wall_s=time.perf_counter() - started,
                     find_best_worker=_latency(router.latencies_ms),
-                    fallbacks=dict(router.fallbacks), catch_up=router.catch_up())
+                    fallbacks=dict(router.fallbacks), catch_up=catch_up.stats())
         finally:
             await service.close()
     return result, out.series
