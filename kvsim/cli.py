@@ -16,7 +16,7 @@ _USAGE = "usage: kv-sim {engines,demo,bench routing} [options]  (--help on each)
 
 
 def bench_routing(argv: list[str]) -> int:
-    from kvsim.routing import main as routing_main  # noqa: PLC0415 - heavy, on demand
+    from kvsim.routing.cli import main as routing_main  # noqa: PLC0415 - heavy, on demand
 
     return routing_main(argv)
 

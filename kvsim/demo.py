@@ -3,7 +3,7 @@
 Everything runs in one process:
 
 ```
-                    ┌─▶ KvAwareRouter ──FindBestWorker──▶ IndexerService (gRPC, memory index)
+                    ┌─▶ InFlightKvRouter ─FindBestWorker─▶ IndexerService (gRPC, memory index)
  synthetic prompts ─┤        │                                 ▲ JetStream (embedded NATS)
  (one stream)       │        │                              bridges (one per engine)
                     │        │                                 ▲ ZMQ (vLLM wire)
@@ -23,11 +23,12 @@ Everything runs in one process:
 The hit rates shown are the engines' own counts (cached prompt tokens / prompt tokens, as
 `MockEngine.serve` returns them), never the index's prediction, which is shown beside them.
 
-The router reports its own load, as a router in front of real engines would: each request
+Both routers are the routing bench's (`kvsim.routers`: `KvRouter`, `RoundRobinRouter`). The
+KV-aware one reports its own load, as a router in front of real engines would: each request
 holds its prompt's blocks on its worker for `--request-lifetime` router steps (the requests in
 flight), so FindBestWorker trades cache overlap against load (`--overlap-weight`). Workers
 the index has not heard from yet hold nothing as far as it knows; the router weighs them with
-zero overlap itself.
+zero overlap itself (counted as `unindexed_workers` fallbacks).
 
     python -m kvsim.demo                          # live view until Ctrl-C
     python -m kvsim.demo --duration 10 --no-tty   # one plain line per second, then a summary
@@ -45,34 +46,30 @@ import sys
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
-
-import zmq.asyncio
 
 from indexer.app import IndexerService
 from indexer.client import (
     AsyncIndexerClient,
-    CandidateCost,
     IndexerClientError,
-    Query,
     WorkerLoad,
 )
 from indexer.config import ServiceConfig, validate
 from indexer.index.protocol import TIERS
+from indexer.scheduling import DEFAULT_TEMPERATURE
 from kvcore.runtime import scoped_logging
-from kvcore.topology import StreamSettings
+from kvsim.bridges import bridges, worker_id
 from kvsim.mock_engines import EngineStats, MockFleet, synthetic_prompts
-from publisher.publisher import KVEventPublisher
-from publisher.zmq_source import EngineSource
+from kvsim.report import pct
+from kvsim.routers import Decision, KvRouter, RoundRobinRouter
 
 __all__ = [
     "DemoSettings",
     "InFlight",
-    "KvAwareRouter",
-    "RoundRobinRouter",
+    "InFlightKvRouter",
     "Snapshot",
     "main",
     "parse_args",
@@ -172,10 +169,6 @@ def parse_args(argv: Sequence[str]) -> DemoSettings:
     )
 
 
-def worker_id(worker: int) -> str:
-    return f"engine-{worker}"
-
-
 # --- routers ----------------------------------------------------------------------------
 
 
@@ -200,112 +193,27 @@ class InFlight:
         self._running.append((self._step + self._lifetime, worker, blocks))
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Where a request goes, what the index expected there, and how the choice was made."""
-
-    worker: int
-    predicted_blocks: int  # leading blocks the index said the worker holds
-    fallback: str | None = None  # why FindBestWorker's answer was not used, if it was not
-
-
-class KvAwareRouter:
-    """FindBestWorker over gRPC, with router-side load; unknown workers count as empty."""
+class InFlightKvRouter:
+    """`KvRouter` (FindBestWorker) fed with the demo's own load: each request holds its
+    prompt's blocks on its worker for `lifetime` router steps (`InFlight`)."""
 
     def __init__(self, client: AsyncIndexerClient, settings: DemoSettings) -> None:
-        self.client = client
-        self.settings = settings
+        self.kv = KvRouter(client, MODEL, block_size=settings.block_size,
+                           overlap_weight=settings.overlap_weight,
+                           temperature=DEFAULT_TEMPERATURE, seed=settings.seed,
+                           latency_samples=_LATENCY_SAMPLES)
         self.load = InFlight(settings.workers, settings.lifetime)
-        self.latencies_ms: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
-        self.fallbacks: Counter[str] = Counter()
         self.predicted_tokens = 0
+        self._block_size = settings.block_size
 
-    async def route(self, tokens: Sequence[int]) -> Route:
+    async def route(self, index: int, tokens: list[int]) -> Decision:
         self.load.step()
-        settings = self.settings
-        query_blocks = len(tokens) // settings.block_size
-        active = self.load.active_blocks
-        loads = [WorkerLoad(worker_id(w), active_blocks=active[w]) for w in range(len(active))]
-        started = time.perf_counter()
-        try:
-            choice = await self.client.find_best_worker(
-                Query(model=MODEL, token_ids=tokens), loads,
-                overlap_weight=settings.overlap_weight)
-        except IndexerClientError as exc:
-            # No live worker yet (start-up) or the indexer is away: least loaded worker.
-            route = Route(min(range(len(active)), key=active.__getitem__), 0, exc.code.name)
-        else:
-            self.latencies_ms.append((time.perf_counter() - started) * 1000.0)
-            route = self._merge(choice.worker_id, choice.candidates, query_blocks)
-        if route.fallback is not None:
-            self.fallbacks[route.fallback] += 1
-        self.load.start(route.worker, query_blocks)
-        self.predicted_tokens += route.predicted_blocks * settings.block_size
-        return route
-
-    def _merge(self, chosen: str, candidates: Sequence[CandidateCost],
-               query_blocks: int) -> Route:
-        """The index's pick, unless a worker it has not heard from is cheaper (as empty)."""
-        known = {c.worker_id: c for c in candidates}
-        best = known.get(chosen)
-        best_cost = best.cost if best is not None else float("inf")
-        route = Route(self._worker_index(chosen), best.matched_blocks if best else 0)
-        for w, active in enumerate(self.load.active_blocks):
-            if worker_id(w) in known:
-                continue
-            cost = self.settings.overlap_weight * query_blocks + active
-            if cost < best_cost:
-                best_cost, route = cost, Route(w, 0)
-        return route
-
-    def _worker_index(self, wid: str) -> int:
-        prefix = "engine-"
-        if not wid.startswith(prefix) or not wid[len(prefix):].isdigit():
-            raise ValueError(f"FindBestWorker chose an unknown worker {wid!r}")
-        return int(wid[len(prefix):])
-
-
-class RoundRobinRouter:
-    """The baseline: request i goes to worker i mod n."""
-
-    def __init__(self, workers: int) -> None:
-        self._next = itertools.cycle(range(workers))
-
-    def route(self) -> int:
-        return next(self._next)
-
-
-# --- bridges ----------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def bridges(fleet: MockFleet, nats_url: str, settings: DemoSettings,
-                  liveness_ttl_s: float) -> AsyncIterator[list[EngineSource]]:
-    """One bridge per engine (rank 0 of each worker), as `kv-publisher bridge` runs it."""
-    ctx = zmq.asyncio.Context()
-    stop = asyncio.Event()
-    publishers: list[KVEventPublisher] = []
-    sources: list[EngineSource] = []
-    tasks: list[asyncio.Task[None]] = []
-    try:
-        for w, ranks in enumerate(fleet.engines):
-            engine = ranks[0]
-            publisher = KVEventPublisher(MODEL, worker_id(w), block_size=settings.block_size,
-                                         nats_url=nats_url,
-                                         stream=StreamSettings(liveness_ttl_s=liveness_ttl_s))
-            await publisher.start()
-            publishers.append(publisher)
-            source = EngineSource(ctx, publisher.ranks[0], engine.endpoint,
-                                  replay_endpoint=engine.replay_endpoint)
-            sources.append(source)
-            tasks.append(asyncio.create_task(source.run(stop)))
-        await asyncio.sleep(0.3)  # SUB sockets connect (earlier batches come back by replay)
-        yield sources
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(p.close() for p in publishers), return_exceptions=True)
-        ctx.term()
+        loads = [WorkerLoad(worker_id(w), active_blocks=active)
+                 for w, active in enumerate(self.load.active_blocks)]
+        decision = await self.kv.route(index, tokens, loads)
+        self.load.start(decision.worker, len(tokens) // self._block_size)
+        self.predicted_tokens += (decision.predicted_blocks or 0) * self._block_size
+        return decision
 
 
 # --- what is shown ----------------------------------------------------------------------
@@ -374,25 +282,11 @@ def _hit_rate(stats: EngineStats) -> float:
     return stats.hit_tokens / stats.prompt_tokens if stats.prompt_tokens else 0.0
 
 
-def _difference(current: EngineStats, previous: EngineStats) -> EngineStats:
-    out = EngineStats()
-    for f in fields(out):
-        setattr(out, f.name, getattr(current, f.name) - getattr(previous, f.name))
-    return out
-
-
-def _quantile(samples: Sequence[float], q: float) -> float:
-    if not samples:
-        return 0.0
-    ordered = sorted(samples)
-    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
-
-
 class Monitor:
     """Builds snapshots: engine counters, the router's own counts, and the indexer over gRPC."""
 
     def __init__(self, service: IndexerService, client: AsyncIndexerClient,
-                 kv_fleet: MockFleet, rr_fleet: MockFleet, router: KvAwareRouter) -> None:
+                 kv_fleet: MockFleet, rr_fleet: MockFleet, router: InFlightKvRouter) -> None:
         self._service = service
         self._client = client
         self._kv_fleet = kv_fleet
@@ -410,19 +304,19 @@ class Monitor:
         snap = Snapshot(
             elapsed_s=now - self._started, requests=kv.requests,
             kv_hit_rate=_hit_rate(kv), rr_hit_rate=_hit_rate(rr),
-            kv_window_hit_rate=_hit_rate(_difference(kv, self._last_kv)),
-            rr_window_hit_rate=_hit_rate(_difference(rr, self._last_rr)),
+            kv_window_hit_rate=_hit_rate(kv.minus(self._last_kv)),
+            rr_window_hit_rate=_hit_rate(rr.minus(self._last_rr)),
             kv_predicted_hit_rate=(self._router.predicted_tokens / kv.prompt_tokens
                                    if kv.prompt_tokens else 0.0),
-            fallbacks=dict(self._router.fallbacks),
+            fallbacks=dict(self._router.kv.fallbacks),
         )
-        latencies = list(self._router.latencies_ms)
+        latencies = list(self._router.kv.latencies_ms)
         snap.route_p50_ms = statistics.median(latencies) if latencies else 0.0
-        snap.route_p99_ms = _quantile(latencies, 0.99)
+        snap.route_p99_ms = pct(latencies, 0.99) if latencies else 0.0
         consumer = self._service.stats
         lags = list(itertools.islice(reversed(consumer.lag_samples), _LAG_SAMPLES))
         snap.lag_p50_ms = (statistics.median(lags) * 1000.0) if lags else 0.0
-        snap.lag_p99_ms = _quantile(lags, 0.99) * 1000.0
+        snap.lag_p99_ms = (pct(lags, 0.99) * 1000.0) if lags else 0.0
         snap.workers = self._engine_rows()
         await self._add_index(snap, now)
         self._last_kv, self._last_rr = kv, rr
@@ -608,8 +502,9 @@ async def run_demo(settings: DemoSettings, stop: asyncio.Event | None = None) ->
                 client = await stack.enter_async_context(
                     AsyncIndexerClient(f"127.0.0.1:{service.grpc_port}", timeout=1.0))
                 await stack.enter_async_context(
-                    bridges(kv_fleet, service.nats_url, settings, service.config.liveness_ttl_s))
-                router = KvAwareRouter(client, settings)
+                    bridges(kv_fleet, service.nats_url, MODEL, settings.block_size,
+                            service.config.liveness_ttl_s))
+                router = InFlightKvRouter(client, settings)
                 monitor = Monitor(service, client, kv_fleet, rr_fleet, router)
                 header = _header(service, settings)
                 view = _view(header, settings)
@@ -637,7 +532,7 @@ def _view(header: str, settings: DemoSettings) -> View:
     return PlainView(header)
 
 
-async def _drive(settings: DemoSettings, router: KvAwareRouter, kv_fleet: MockFleet,
+async def _drive(settings: DemoSettings, router: InFlightKvRouter, kv_fleet: MockFleet,
                  rr_fleet: MockFleet, stop: asyncio.Event) -> None:
     """The prompt stream, paced at `rate`; each prompt goes to both fleets."""
     loop = asyncio.get_running_loop()
@@ -658,9 +553,9 @@ async def _drive(settings: DemoSettings, router: KvAwareRouter, kv_fleet: MockFl
             await asyncio.sleep(0)  # bridges and consumers run between requests
         if stop.is_set():
             return
-        route = await router.route(tokens)
-        kv_fleet.serve(route.worker, tokens)
-        rr_fleet.serve(round_robin.route(), tokens)
+        decision = await router.route(i, tokens)
+        kv_fleet.serve(decision.worker, tokens)
+        rr_fleet.serve((await round_robin.route(i, tokens, [])).worker, tokens)
 
 
 async def _refresh(monitor: Monitor, view: View, settings: DemoSettings,

@@ -3,8 +3,8 @@
 Three layers, each usable alone:
 
 - `BlockPool`: one worker rank's prefix cache (pure, no I/O). An LRU of GPU blocks, an
-  optional CPU offload LRU, engine block hashes chained over (parent, block tokens) under a
-  per-process seed, and the KV events each request causes.
+  optional CPU offload LRU, engine block hashes (the `kvcore.keys` chain, started from a
+  per-process seed rather than a model's root) and the KV events each request causes.
 - `MockEngine`: a `BlockPool` behind vLLM's transport. A PUB socket sends
   `[topic, seq (8-byte big-endian), payload]`, where the payload is the msgpack batch
   `[ts, events, dp_rank]` encoded with msgspec like the engine does (`wire="map"`: vLLM >= 0.24,
@@ -41,7 +41,8 @@ import msgspec
 import xxhash
 import zmq
 
-from kvcore.bus import engine_hash_to_u64, pack_tokens
+from kvcore.bus import engine_hash_to_u64
+from kvcore.keys import block_keys
 from publisher.engines import END_MARKER_SEQ
 
 __all__ = [
@@ -75,7 +76,9 @@ HashForm = Literal["u64", "bytes"]  # ints (vLLM default) or raw digests (INT_BL
 
 DEFAULT_BASE_PORT: Final = 5557
 TRACE_BLOCK_TOKENS: Final = 512
-_TRACE_SCHEME: Final = b"kv-indexer/trace-block/v1"
+# Tag of the SHAKE-128 stream a trace hash id expands into token ids (`trace_tokens`): a
+# token generator, not a block key (block keys are `kvcore.keys`).
+_TRACE_TOKENS_SCHEME: Final = b"kv-indexer/trace-block/v1"
 _U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 _POLL_MS: Final = 50
 
@@ -134,17 +137,25 @@ class BlockPool:
         self.cpu: OrderedDict[int, None] = OrderedDict()
 
     def block_hashes(self, tokens: Sequence[int]) -> list[int]:
-        """Engine hashes of the prompt's full blocks (at most `capacity_blocks`)."""
+        """Engine hashes of the prompt's full blocks (at most `capacity_blocks`): the block-key
+        chain (`kvcore.keys.block_keys`) started from this process's seed instead of a model's
+        root, so they are opaque to the index like vLLM's."""
         bs = self.block_size
         n_blocks = min(len(tokens) // bs, self.capacity_blocks)
-        packed = pack_tokens(tokens[: n_blocks * bs])
-        width = bs * 4
-        hashes: list[int] = []
-        previous = self.seed
-        for i in range(n_blocks):
-            previous = xxhash.xxh3_64_intdigest(packed[i * width : (i + 1) * width], previous)
-            hashes.append(previous)
-        return hashes
+        return block_keys(tokens[: n_blocks * bs], bs, self.seed)
+
+    def matched_blocks(self, packed: bytes, query_blocks: int) -> int:
+        """Leading blocks of a packed prompt (u32 little-endian) that either tier holds."""
+        n = min(query_blocks, self.capacity_blocks)
+        keys = block_keys(memoryview(packed)[: n * self.block_size * 4], self.block_size,
+                          self.seed)
+        gpu, cpu = self.gpu, self.cpu
+        matched = 0
+        for h in keys:
+            if h not in gpu and h not in cpu:
+                break
+            matched += 1
+        return matched
 
     def serve(self, tokens: Sequence[int]) -> tuple[int, list[PoolEvent]]:
         """Cache the prompt's full blocks; return (cached prefix tokens, events in order)."""
@@ -387,6 +398,13 @@ class EngineStats:
         self.events += other.events
         self.stored_blocks += other.stored_blocks
         self.removed_blocks += other.removed_blocks
+
+    def minus(self, earlier: EngineStats) -> EngineStats:
+        """What these counters gained since `earlier`."""
+        out = EngineStats()
+        for f in fields(out):
+            setattr(out, f.name, getattr(self, f.name) - getattr(earlier, f.name))
+        return out
 
 
 class MockEngine:
@@ -751,15 +769,16 @@ def trace_tokens(record: TraceRecord) -> list[int]:
     """
     tokens: array[int] = array("H")
     for hash_id in record.hash_ids:
-        tokens.frombytes(_trace_block(hash_id))
+        tokens.frombytes(_trace_block_tokens(hash_id))
     if _BIG_ENDIAN:
         tokens.byteswap()
     return tokens[: record.input_length].tolist()
 
 
 @functools.lru_cache(maxsize=16_384)
-def _trace_block(hash_id: int) -> bytes:
-    data = _TRACE_SCHEME + hash_id.to_bytes(8, "little")
+def _trace_block_tokens(hash_id: int) -> bytes:
+    """The 512 token ids of trace hash id `hash_id`, as little-endian u16."""
+    data = _TRACE_TOKENS_SCHEME + hash_id.to_bytes(8, "little")
     return hashlib.shake_128(data).digest(2 * TRACE_BLOCK_TOKENS)
 
 
@@ -874,7 +893,7 @@ async def run_fleet(
             nonlocal last_tick, previous
             current = fleet.stats()
             stats.elapsed, stats.total = now - start, current
-            stats.window = _difference(current, previous)
+            stats.window = current.minus(previous)
             previous, last_tick = current, now
             if on_tick is not None:
                 on_tick(stats)
@@ -901,13 +920,6 @@ async def run_fleet(
                 await asyncio.sleep(0)
         tick(loop.time())
     return stats
-
-
-def _difference(current: EngineStats, previous: EngineStats) -> EngineStats:
-    out = EngineStats()
-    for f in fields(out):
-        setattr(out, f.name, getattr(current, f.name) - getattr(previous, f.name))
-    return out
 
 
 # --- command line -----------------------------------------------------------------------

@@ -12,15 +12,12 @@ import msgspec
 import pytest
 
 from kvsim.mock_engines import TraceRecord, trace_tokens
-from kvsim.routing import (
-    POLICIES,
-    PinnedPool,
-    RoutingReport,
-    main,
-    parse_args,
-    report_body,
-    single_cache_hits,
-)
+from kvsim.routing.cli import main
+from kvsim.routing.clock import PinnedPool
+from kvsim.routing.markdown import report_body
+from kvsim.routing.results import RoutingReport
+from kvsim.routing.settings import POLICIES, parse_args
+from kvsim.routing.traces import single_cache_hits
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / \
     "mooncake_conversation_trace.jsonl"
