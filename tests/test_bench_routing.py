@@ -1,4 +1,4 @@
-"""`kv-indexer bench routing` (kvsim/routing.py): a small replay through the whole
+"""`kv-indexer bench routing` (kvsim/routing/): a small replay through the whole
 system, and the pieces the figures rest on (the single-cache bound, pinned pools)."""
 
 from __future__ import annotations
