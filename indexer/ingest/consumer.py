@@ -72,8 +72,6 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
 class ConsumerStats(msgspec.Struct):
     messages: int = 0
     batches_applied: int = 0
-    duplicates: int = 0
-    stale: int = 0
     gaps: int = 0
     resyncs_requested: int = 0
     dead_letters: dict[str, int] = msgspec.field(default_factory=dict)
@@ -402,11 +400,7 @@ class PartitionConsumer:
         now = time.time()
         lags, lag_ts = stats.lag_samples, stats.lag_sample_ts
         for batch, outcome in zip(batches, outcomes, strict=True):
-            if outcome is ApplyOutcome.DUPLICATE:
-                stats.duplicates += 1
-                continue
-            if outcome is ApplyOutcome.STALE_EPOCH:
-                stats.stale += 1
+            if not outcome.applied:  # duplicate or stale: the index counted it
                 continue
             if outcome is ApplyOutcome.APPLIED_AFTER_GAP:
                 self._on_gap(batch)

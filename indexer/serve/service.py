@@ -121,13 +121,7 @@ class ServiceSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 class PipelineStats(Protocol):
     """Counters the event consumer keeps outside the index (`ConsumerStats`), read live
-    by GetStats: batches it filtered before the index saw them, gaps, dead letters."""
-
-    @property
-    def duplicates(self) -> int: ...
-
-    @property
-    def stale(self) -> int: ...
+    by GetStats: gaps, resyncs sent, dead letters, the newest batch applied."""
 
     @property
     def gaps(self) -> int: ...
@@ -444,10 +438,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         )
         consumer = self.consumer_stats
         if consumer is not None:
-            # The consumer drops duplicates / stale batches before the index sees them,
-            # and its resync count is of requests actually sent (the index's, rate-limited).
-            response.duplicates += consumer.duplicates
-            response.stale += consumer.stale
+            # Its resync count is of requests actually sent (the index's, rate-limited).
             response.gaps = consumer.gaps
             response.resyncs_requested = consumer.resyncs_requested
             for reason, count in consumer.dead_letters.items():
