@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 import nats
 import structlog
+from grpc_health.v1 import health
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
@@ -37,6 +38,8 @@ from indexer.ingest.liveness import LivenessWatcher
 from indexer.ingest.partitions import PartitionLeases
 from indexer.ingest.recovery import SnapshotStore
 from indexer.metrics import MetricsExporter
+from indexer.probes import ProcessProbes
+from indexer.serve.health import ServingHealth
 from indexer.serve.readers import PartitionMarkers, ReaderPool
 from kvcore.runtime import (
     SERVER_GC_THRESHOLDS,
@@ -44,6 +47,7 @@ from kvcore.runtime import (
     loop_name,
     run_event_loop,
     settle_gc,
+    supervise,
 )
 from kvcore.topology import (
     StreamSettings,
@@ -80,9 +84,12 @@ class IndexerService:
     metrics: MetricsExporter | None = None
     metrics_port: int = 0
     readers: ReaderPool | None = None
+    health: ServingHealth | None = None
+    probes: ProcessProbes | None = None
 
     async def start(self) -> None:
         config = self.config
+        self._health_servicer = health.aio.HealthServicer()
         if config.nats_url is None:
             # NATS's usual port when it is free, so a bridge next to `make run` finds it.
             port = NATS_DEFAULT_PORT if port_is_free(NATS_DEFAULT_PORT) else None
@@ -106,17 +113,24 @@ class IndexerService:
                                  redis_url=config.redis_url, on_resync=resync.request)
         self._served_index = served_index(self.index, registry)
         self._resync = resync
-        if registry is not None:
-            self.metrics = MetricsExporter(self.index, self.stats, registry)
         await self._start_grpc()
         await self._start_consumers()
+        self.probes = ProcessProbes(self.index, self._nc, self.consumers, self.leases,
+                                    stall_s=config.ingest_stall_s)
+        self.health = ServingHealth(self._health_servicer, self.probes.probes())
+        await self.health.update()
+        self._background("health", self.health.run)
+        if registry is not None:
+            self.metrics = MetricsExporter(self.index, self.stats, registry,
+                                           health=self.health, probes=self.probes,
+                                           leases=self.leases)
         self.liveness = LivenessWatcher(self._js, self.index, ttl_s=config.liveness_ttl_s,
                                         grace_s=config.liveness_grace_s)
-        self._tasks.append(asyncio.create_task(self.liveness.run(self._stop)))
+        self._background("liveness", self.liveness.run)
         settle_gc(SERVER_GC_THRESHOLDS)
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(config.metrics_listen)
-            self._tasks.append(asyncio.create_task(self.metrics.run(self._stop)))
+            self._background("metrics", self.metrics.run)
 
     async def _start_grpc(self) -> None:
         if not self.config.grpc_listen:
@@ -128,13 +142,14 @@ class IndexerService:
         markers: PartitionMarkers | None = None
         if extra:  # answer `rebuilding` from the partition markers too, as the readers do
             markers = PartitionMarkers(self.index, self.config.partitions)
-            self._tasks.append(asyncio.create_task(markers.run(self._stop)))
+            self._background("markers", markers.run)
 
         def rebuilding() -> bool:
             return self.rebuilding or (markers is not None and markers.rebuilding)
 
         self._server, self.grpc_port = await start_grpc_server(
             self._served_index, self.config.grpc_listen, consumer_stats=self.stats,
+            health_servicer=self._health_servicer,
             settings=ServiceSettings(share_port=extra > 0),
             rebuilding=rebuilding, live_workers=self._live_workers)
         if extra:
@@ -142,7 +157,7 @@ class IndexerService:
             reader_config = msgspec.structs.replace(self.config, nats_url=self.nats_url)
             self.readers = ReaderPool(reader_config, f"{host}:{self.grpc_port}", extra)
             self.readers.start()
-            self._tasks.append(asyncio.create_task(self.readers.supervise(self._stop)))
+            self._background("readers", self.readers.supervise)
 
     async def _live_workers(self, model: str | None) -> list[WorkerInfo]:
         """Workers routers may be sent to: in the index, and not known to be gone."""
@@ -159,7 +174,7 @@ class IndexerService:
             self.leases = PartitionLeases(self._js, self.config.partitions,
                                           start=self._start_partition,
                                           stop=self._stop_partition)
-            self._tasks.append(asyncio.create_task(self.leases.run(self._stop)))
+            self._background("leases", self.leases.run)
             return
         # In memory every partition is ours, and rebuilt at start (the index is empty).
         for partition in range(self.config.partitions):
@@ -174,19 +189,17 @@ class IndexerService:
                 snapshot_every_batches=self.config.snapshot_every_batches,
                 snapshot_every_s=self.config.snapshot_every_s))
         stop = asyncio.Event()
-        task = asyncio.create_task(self._supervise(consumer, stop))
+        task = asyncio.create_task(supervise(f"partition-{partition}", consumer.run, stop,
+                                             on_failure=self._consumer_failed))
         self._consumers[partition] = (stop, task, consumer)
 
-    async def _supervise(self, consumer: PartitionConsumer, stop: asyncio.Event) -> None:
-        """Run a partition consumer; if it fails unexpectedly, log it and start it again."""
-        while not stop.is_set():
-            try:
-                await consumer.run(stop)
-            except Exception:
-                self.stats.consumer_restarts += 1
-                log.exception("partition_consumer_failed", partition=consumer.partition)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
+    def _consumer_failed(self, _name: str) -> None:
+        self.stats.consumer_restarts += 1
+
+    def _background(self, name: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+        """A task that lives as long as the process: supervised, its failures counted."""
+        self._tasks.append(asyncio.create_task(
+            supervise(name, run, self._stop, on_failure=self.stats.task_failed)))
 
     async def _stop_partition(self, partition: int) -> None:
         entry = self._consumers.pop(partition, None)

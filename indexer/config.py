@@ -39,6 +39,7 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     snapshot_every_batches: int = 100_000
     snapshot_every_s: float = 300.0
     snapshot_keep: int = 3
+    ingest_stall_s: float = 30.0  # health: pending messages without progress this long
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
     event_loop: str = "auto"  # auto (uvloop when installed) | uvloop | asyncio
@@ -66,6 +67,9 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
      "snapshot a partition after this many batches"),
     ("--snapshot-every", "snapshot_every_s", float, "or after this many seconds"),
     ("--snapshot-keep", "snapshot_keep", int, "snapshots kept per partition"),
+    ("--ingest-stall", "ingest_stall_s", float,
+     "seconds a partition may have pending messages without progress before health says "
+     "NOT_SERVING"),
     ("--log-format", "log_format", str, "auto (console on a TTY, else JSON), json or console"),
     ("--log-level", "log_level", str, "debug, info, warning or error"),
     ("--event-loop", "event_loop", str,
@@ -125,6 +129,7 @@ def validate(config: ServiceConfig) -> None:
         (config.max_query_tokens >= 1, "--max-query-tokens must be >= 1"),
         (config.snapshot_every_batches >= 1, "--snapshot-every-batches must be >= 1"),
         (config.snapshot_every_s > 0, "--snapshot-every must be > 0"),
+        (config.ingest_stall_s > 0, "--ingest-stall must be > 0"),
         (config.snapshot_keep >= 1, "--snapshot-keep must be >= 1"),
         (config.stream_max_age_s > 0, "--stream-max-age must be > 0"),
         (config.stream_max_bytes > 0, "--stream-max-bytes must be > 0"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import statistics
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -18,6 +19,9 @@ from prometheus_client.registry import Collector
 
 from indexer.index.protocol import Index, IndexStats, WorkerInfo
 from indexer.ingest.consumer import ConsumerStats
+from indexer.ingest.partitions import PartitionLeases
+from indexer.probes import ProcessProbes
+from indexer.serve.health import ServingHealth
 
 __all__ = ["MetricsExporter"]
 
@@ -64,6 +68,12 @@ class _Collector(Collector):
         for reason, count in sorted(idx.dropped.items()):
             dropped.add_metric([reason], count)
         yield dropped
+        failures = CounterMetricFamily(
+            "kv_indexer_task_failures", "Background tasks that failed and were restarted",
+            labels=["task"])
+        for task, count in sorted(con.task_failures.items()):
+            failures.add_metric([task], count)
+        yield failures
         dead = CounterMetricFamily("kv_indexer_dead_letters", "Poison messages dead-lettered",
                                    labels=["reason"])
         for reason, count in sorted(con.dead_letters.items()):
@@ -87,13 +97,19 @@ class _Collector(Collector):
         yield degraded
         yield GaugeMetricFamily("kv_indexer_workers", "Worker ranks in the index",
                                 value=len(snap.workers))
+        yield from self._exporter.process_gauges()
 
 
 class MetricsExporter:
     """Serves /metrics; `run()` refreshes the snapshot every `interval_s`."""
 
     def __init__(self, index: Index, consumer: ConsumerStats,
-                 registry: CollectorRegistry | None = None, interval_s: float = 2.0) -> None:
+                 registry: CollectorRegistry | None = None, interval_s: float = 2.0, *,
+                 health: ServingHealth | None = None, probes: ProcessProbes | None = None,
+                 leases: PartitionLeases | None = None) -> None:
+        self.health = health
+        self.probes = probes
+        self.leases = leases
         self.snapshot = _Snapshot()
         self.registry = registry or CollectorRegistry()
         self.registry.register(_Collector(self))
@@ -101,6 +117,32 @@ class MetricsExporter:
         self._consumer = consumer
         self._interval_s = interval_s
         self.port = 0
+
+    def process_gauges(self) -> Iterator[Metric]:
+        """What health judges by, read live (cheap attributes only)."""
+        con = self._consumer
+        since = time.time() - con.last_applied_at if con.last_applied_at else -1.0
+        yield GaugeMetricFamily("kv_indexer_seconds_since_last_apply",
+                                "Seconds since a batch was last applied (-1: none yet)",
+                                value=since)
+        if self.health is not None:
+            yield GaugeMetricFamily("kv_indexer_serving",
+                                    "1 while gRPC health says SERVING, 0 while NOT_SERVING",
+                                    value=int(self.health.serving))
+        if self.probes is not None:
+            yield GaugeMetricFamily("kv_indexer_backend_up",
+                                    "1 while the index backend answers", value=int(
+                                        self.probes.backend_up))
+            pending = GaugeMetricFamily("kv_indexer_consumer_pending",
+                                        "Messages of a held partition not yet applied",
+                                        labels=["partition"])
+            for partition, count in sorted(self.probes.pending.items()):
+                pending.add_metric([str(partition)], count)
+            yield pending
+        if self.leases is not None:
+            yield GaugeMetricFamily("kv_indexer_partitions_held",
+                                    "Partitions whose lease this process holds",
+                                    value=len(self.leases.held))
 
     def serve(self, listen: str) -> int:
         host, _, port = listen.rpartition(":")

@@ -8,7 +8,8 @@ import gc
 import importlib.util
 import logging
 import sys
-from collections.abc import Coroutine, Iterator
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Final, TypeVar
 
 import structlog
@@ -20,10 +21,18 @@ __all__ = [
     "run_event_loop",
     "scoped_logging",
     "settle_gc",
+    "supervise",
     "uvloop_installed",
 ]
 
 T = TypeVar("T")
+
+log = structlog.get_logger("kvcore.runtime")
+
+# Delays before restarting a failed background task; a task that ran this long without
+# failing starts the sequence over.
+SUPERVISE_BACKOFF_S: Final = (0.1, 0.5, 1.0, 2.0, 5.0)
+_HEALTHY_RUN_S: Final = 30.0
 
 # A long-lived index server: full collections rare, the youngest generation small.
 SERVER_GC_THRESHOLDS: Final = (2_000, 50, 1000)
@@ -114,3 +123,33 @@ def scoped_logging(level: str) -> Iterator[None]:
         yield
     finally:
         structlog.configure(**saved)
+
+
+async def supervise(
+    name: str,
+    run: Callable[[asyncio.Event], Awaitable[None]],
+    stop: asyncio.Event,
+    *,
+    on_failure: Callable[[str], None] | None = None,
+) -> None:
+    """Run `run(stop)` until `stop` is set. A background task of a long-lived process must
+    never end unnoticed: an exception, or a return while `stop` is not set, is logged
+    (`task_failed`, with the traceback), counted through `on_failure(name)`, and the task
+    is started again after a backoff (`SUPERVISE_BACKOFF_S`)."""
+    failures = 0
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            await run(stop)
+        except Exception:
+            log.exception("task_failed", task=name)
+        else:
+            if stop.is_set():
+                return
+            log.error("task_failed", task=name, error="returned while the process runs")
+        if on_failure is not None:
+            on_failure(name)
+        failures = 1 if time.monotonic() - started > _HEALTHY_RUN_S else failures + 1
+        delay = SUPERVISE_BACKOFF_S[min(failures, len(SUPERVISE_BACKOFF_S)) - 1]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)

@@ -55,6 +55,9 @@ class InstrumentedIndex:
             self.score_seconds.labels(self._backend, outcome).observe(
                 time.perf_counter() - started)
 
+    async def ping(self) -> None:
+        await self.inner.ping()
+
     async def apply(
         self, batches: Sequence[EventBatch], *, validated: bool = False
     ) -> list[ApplyOutcome]:

@@ -236,6 +236,9 @@ class MemoryIndex:
     async def score(self, query: ScoreQuery) -> ScoreResult:
         return self.sync.score(query)
 
+    async def ping(self) -> None:
+        return None
+
     async def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
         return self.sync.clear_worker(model, worker_id, dp_rank)
 

@@ -231,6 +231,10 @@ class Index(Protocol):
         """Per (worker, dp_rank): consecutive leading query blocks cached in any tier."""
         ...
 
+    async def ping(self) -> None:
+        """Return when the backend answers; raise BackendError when it does not."""
+        ...
+
     async def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
         """Drop every block of the worker (one DP rank or all); returns ranks cleared."""
         ...

@@ -607,6 +607,12 @@ class RedisIndex:
         self._block_sizes.clear()
         self._apply_sha = None
 
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except RedisError as exc:
+            raise BackendError(f"redis ping failed: {exc}") from exc
+
     async def get_marker(self, name: str) -> str | None:
         try:
             raw = await self._redis.get(f"kvi:marker:{name}")

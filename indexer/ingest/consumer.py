@@ -79,6 +79,7 @@ class ConsumerStats(msgspec.Struct):
     rebuilds: int = 0
     snapshots: int = 0
     consumer_restarts: int = 0
+    task_failures: dict[str, int] = msgspec.field(default_factory=dict)  # by task name
     blocks_seen: int = 0  # blocks named by the events of applied batches
     last_applied_ts: float = 0.0  # engine timestamp of the newest batch applied
     last_applied_at: float = 0.0  # wall clock when it was applied
@@ -86,6 +87,10 @@ class ConsumerStats(msgspec.Struct):
     lag_samples: deque[float] = msgspec.field(default_factory=lambda: deque(maxlen=100_000))
     # the engine timestamps of those batches, index for index
     lag_sample_ts: deque[float] = msgspec.field(default_factory=lambda: deque(maxlen=100_000))
+
+
+    def task_failed(self, name: str) -> None:
+        self.task_failures[name] = self.task_failures.get(name, 0) + 1
 
 
 RankKey = tuple[str, str, int]  # model, worker id, dp rank
@@ -167,6 +172,7 @@ class PartitionConsumer:
         self._marker: str | None = None
         self._marker_checked = 0.0
         self._last_stream_seq = 0
+        self.last_progress = time.monotonic()  # when a fetch was last applied and acked
         self._batches_since_snapshot = 0
         self._last_snapshot = time.monotonic()
         self._rebuild_started = 0.0
@@ -211,6 +217,11 @@ class PartitionConsumer:
     @property
     def _marker_name(self) -> str:
         return marker_name(self.partition)
+
+    async def pending(self) -> int:
+        """Messages of the partition not yet applied and acked (JetStream's count)."""
+        info = await self._js.consumer_info(STREAM_NAME, consumer_name(self.partition))
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
     async def _rebuild(self, reason: str) -> int:
         """Rebuild the partition (retrying while the backend is unavailable)."""
@@ -357,6 +368,7 @@ class PartitionConsumer:
         await self._apply_with_retry(batches, msgs, stop)
         if msgs:
             self._last_stream_seq = msgs[-1].metadata.sequence.stream
+            self.last_progress = time.monotonic()
             await msgs[-1].ack()  # AckAll: acknowledges the whole fetch
 
     async def _decode(self, msg: Msg) -> EventBatch | None:

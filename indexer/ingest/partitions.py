@@ -6,6 +6,11 @@ frees the leases of a process that died. Each process aims at its fair share,
 ceil(partitions / live members): it takes free leases while below it and hands back the
 extras (after stopping their consumers) while above it. So there is at most one active
 consumer per partition, and per-worker order holds while ingest spreads over processes.
+
+NATS may be away for any length of time: a tick that fails is logged, counted and tried
+again next tick. Leases not renewed for a TTL may belong to someone else by now, so their
+consumers are stopped ("lease_expired_unreachable"); when NATS is back the process takes
+its share again.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -67,6 +73,9 @@ class PartitionLeases:
         self.member_id = member_id or uuid.uuid4().hex[:12]
         self.ttl_s = ttl_s
         self.held: dict[int, int] = {}  # partition -> lease revision
+        self.share = 0  # the fair share at the last tick
+        self.tick_failures = 0
+        self.last_tick_ok = time.monotonic()
         self._js = js
         self._start = start
         self._stop = stop
@@ -74,21 +83,42 @@ class PartitionLeases:
         self._log = log.bind(member=self.member_id)
 
     async def run(self, stop: asyncio.Event) -> None:
-        self._kv = await _lease_bucket(self._js, self.ttl_s)
         try:
             while not stop.is_set():
-                await self.tick()
+                await self._tick_or_wait_out()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.ttl_s / 3)
         finally:
             await self.release_all()
+
+    async def _tick_or_wait_out(self) -> None:
+        try:
+            if self._kv is None:
+                self._kv = await _lease_bucket(self._js, self.ttl_s)
+            await self.tick()
+        except Exception as exc:  # noqa: BLE001 - NATS away or slow: try again next tick
+            self.tick_failures += 1
+            unrenewed_s = time.monotonic() - self.last_tick_ok
+            self._log.warning("lease_tick_failed", error=repr(exc), held=sorted(self.held),
+                              unrenewed_s=round(unrenewed_s, 1))
+            if self.held and unrenewed_s > self.ttl_s:
+                await self._abandon_all()
+        else:
+            self.last_tick_ok = time.monotonic()
+
+    async def _abandon_all(self) -> None:
+        """Stop the consumers of leases that may have expired; NATS cannot be told."""
+        for partition in sorted(self.held):
+            self._log.warning("lease_expired_unreachable", partition=partition)
+            del self.held[partition]
+            await self._stop(partition)
 
     async def tick(self) -> None:
         kv = self._kv
         assert kv is not None
         await kv.put(f"m.{self.member_id}", b"1")
         members = await self._live_members(kv)
-        share = math.ceil(self.partitions / max(1, len(members)))
+        share = self.share = math.ceil(self.partitions / max(1, len(members)))
         await self._renew(kv)
         for partition in range(self.partitions):
             if len(self.held) >= share:

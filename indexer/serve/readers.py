@@ -28,7 +28,13 @@ from indexer.index.factory import build_index, served_index
 from indexer.index.protocol import Index, IndexConfig, WorkerInfo
 from indexer.ingest.consumer import marker_is_rebuilding, marker_name
 from indexer.ingest.liveness import LivenessWatcher
-from kvcore.runtime import SERVER_GC_THRESHOLDS, configure_logging, run_event_loop, settle_gc
+from kvcore.runtime import (
+    SERVER_GC_THRESHOLDS,
+    configure_logging,
+    run_event_loop,
+    settle_gc,
+    supervise,
+)
 
 __all__ = ["PartitionMarkers", "ReaderPool", "serve_reader"]
 
@@ -158,7 +164,8 @@ async def serve_reader(config: ServiceConfig, listen: str, number: int = 0) -> N
     liveness = LivenessWatcher(nc.jetstream(), index, ttl_s=config.liveness_ttl_s,
                                grace_s=config.liveness_grace_s, remove_expired=False)
     markers = PartitionMarkers(index, config.partitions)
-    tasks = [asyncio.create_task(liveness.run(stop)), asyncio.create_task(markers.run(stop))]
+    tasks = [asyncio.create_task(supervise("liveness", liveness.run, stop)),
+             asyncio.create_task(supervise("markers", markers.run, stop))]
 
     async def live_workers(model: str | None) -> list[WorkerInfo]:
         return liveness.live_only(await index.workers(model))

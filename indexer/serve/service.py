@@ -459,11 +459,13 @@ async def start_grpc_server(
     live_workers: LiveWorkerSource | None = None,
     rebuilding: Callable[[], bool] | None = None,
     consumer_stats: PipelineStats | None = None,
+    health_servicer: health.aio.HealthServicer | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server for `index` on `listen` ("host:0" picks a free port).
 
-    Registers KvIndexer, health (SERVING) and reflection; returns the server and the
-    bound port. Stop it with `await server.stop(grace)`.
+    Registers KvIndexer, health and reflection; returns the server and the bound port.
+    Health is `health_servicer`, whose status its owner keeps true (`ServingHealth`);
+    without one, a servicer that always answers SERVING. Stop it with `await server.stop(grace)`.
     """
     settings = settings or ServiceSettings()
     settings.validate()
@@ -472,9 +474,10 @@ async def start_grpc_server(
     server = grpc.aio.server(options=server_options(settings),
                              maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
     add_kv_indexer_service(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if health_servicer is None:  # nobody watches this server's parts: always SERVING
+        health_servicer = health.aio.HealthServicer()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
