@@ -19,7 +19,8 @@ from kvcore.topology import StreamSettings
 from kvsim.mock_engines import MockEngine
 from publisher.publisher import KVEventPublisher
 from publisher.zmq_source import EngineSource
-from tests.test_event_path import eventually, service_config
+from tests.support.event_path import service_config
+from tests.support.polling import eventually, is_true
 
 pytestmark = pytest.mark.integration
 
@@ -142,7 +143,7 @@ class TestGaps:
             engine.drop_next(5)
             for tokens in queries[4:]:
                 engine.serve(tokens)
-            await eventually(lambda: _true(source.stats.gaps_unfilled == 1))
+            await eventually(lambda: is_true(source.stats.gaps_unfilled == 1))
             await asyncio.sleep(0.3)
             for tokens in queries:
                 assert await index_matched(service, tokens) <= engine_matched(engine, tokens)
@@ -181,6 +182,3 @@ class TestRestarts:
                 await eventually(lambda: agrees(service, engine, queries))
                 assert source.stats.gaps_filled == 1
 
-
-async def _true(value: bool) -> bool:
-    return value

@@ -4,8 +4,7 @@ private nats-server (killed and restarted where the test says so)."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -13,7 +12,6 @@ import nats
 import pytest
 
 from indexer.app import IndexerService
-from indexer.config import ServiceConfig
 from indexer.embedded import EmbeddedNats
 from indexer.index.protocol import ScoreQuery
 from kvcore.bus import (
@@ -27,31 +25,19 @@ from kvcore.bus import (
 )
 from kvcore.topology import DEAD_LETTER_STREAM, StreamSettings
 from publisher.publisher import KVEventPublisher
+from tests.support.event_path import (
+    BS,
+    MODEL,
+    PARTITIONS,
+    TOKENS,
+    matched,
+    publisher,
+    service_config,
+    store,
+)
+from tests.support.polling import equals, eventually, is_true
 
 pytestmark = pytest.mark.integration
-
-MODEL = "org/model-7b"
-BS = 4
-PARTITIONS = 2
-TOKENS = list(range(1000, 1000 + 8 * BS))  # eight blocks; engine hashes 1..8
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
-def service_config(nats_url: str, **overrides: object) -> ServiceConfig:
-    values: dict[str, object] = {"nats_url": nats_url, "grpc_listen": "", "metrics_listen": "",
-                                 "partitions": PARTITIONS, "liveness_ttl_s": 3.0,
-                                 "liveness_grace_s": 60.0}
-    values.update(overrides)
-    return ServiceConfig(**values)  # type: ignore[arg-type]
-
 
 @pytest.fixture
 async def service(nats_server: EmbeddedNats) -> AsyncIterator[IndexerService]:
@@ -59,24 +45,6 @@ async def service(nats_server: EmbeddedNats) -> AsyncIterator[IndexerService]:
     await svc.start()
     yield svc
     await svc.close()
-
-
-def publisher(url: str, worker: str = "w1", **kwargs: object) -> KVEventPublisher:
-    return KVEventPublisher(MODEL, worker, block_size=BS, nats_url=url,
-                            stream=StreamSettings(partitions=PARTITIONS, liveness_ttl_s=3.0),
-                            **kwargs)  # type: ignore[arg-type]
-
-
-async def matched(svc: IndexerService, worker: str = "w1") -> int:
-    assert svc.index is not None
-    result = await svc.index.score(ScoreQuery(model=MODEL, token_ids=TOKENS, block_size=BS))
-    return next((s.matched_blocks for s in result.scores if s.worker_id == worker), 0)
-
-
-def store(pub: KVEventPublisher, first: int, last: int) -> None:
-    """Blocks first..last (1-based) of TOKENS, chained, engine hash = position."""
-    pub.stored(list(range(first, last + 1)), TOKENS[(first - 1) * BS : last * BS],
-               parent_hash=first - 1 if first > 1 else None)
 
 
 class TestDelivery:
@@ -90,13 +58,13 @@ class TestDelivery:
             pub.end_step()
             store(pub, 5, 8)
             await pub.flush()
-            await eventually(lambda: _eq(matched(service), 8))
+            await eventually(lambda: equals(matched(service), 8))
             pub.removed([5])
             await pub.flush()
-            await eventually(lambda: _eq(matched(service), 4))
+            await eventually(lambda: equals(matched(service), 4))
             pub.cleared()
             await pub.flush()
-            await eventually(lambda: _eq(matched(service), 0))
+            await eventually(lambda: equals(matched(service), 0))
         assert service.stats.gaps == 0
 
     async def test_duplicate_deliveries_are_skipped(self, nats_server: EmbeddedNats,
@@ -111,8 +79,8 @@ class TestDelivery:
             await js.publish(subject_for(MODEL, "dup"), encode_batch(batch),
                              headers={"Nats-Msg-Id": f"{msg_id('dup', 0, 1, 0)}-{attempt}"})
         await nc.close()
-        await eventually(lambda: _eq(matched(service, "dup"), 2))
-        await eventually(lambda: _true(service.stats.duplicates == 1))
+        await eventually(lambda: equals(matched(service, "dup"), 2))
+        await eventually(lambda: is_true(service.stats.duplicates == 1))
         assert service.stats.batches_applied == 1
 
 
@@ -133,7 +101,7 @@ class TestPoison:
                           events=[BlockStored(block_hashes=[1], token_ids=pack_tokens(
                               TOKENS[:BS]), block_size=BS)])
         await js.publish(subject, encode_batch(good), headers={"Nats-Msg-Id": "good"})
-        await eventually(lambda: _eq(matched(service, "p"), 1))
+        await eventually(lambda: equals(matched(service, "p"), 1))
         assert service.stats.dead_letters == {"undecodable": 1, "unsupported_schema": 1}
         info = await js.stream_info(DEAD_LETTER_STREAM)
         assert info.state.messages == 2
@@ -155,13 +123,13 @@ class TestResync:
         async with publisher(nats_server.url) as pub:
             store(pub, 1, 8)
             await pub.flush()
-            await eventually(lambda: _eq(matched(service), 8))
+            await eventually(lambda: equals(matched(service), 8))
             rank = pub.ranks[0]
             rank.mirror.apply([BlockRemoved(block_hashes=[5])])
             rank.seq += 1  # the batch removing block 5 is lost on the way
             pub.removed([8])
             await pub.flush()
-            await eventually(lambda: _eq(matched(service), 4))  # without resync: 7
+            await eventually(lambda: equals(matched(service), 4))  # without resync: 7
             assert service.stats.gaps == 1
             assert rank.resyncs == 1
 
@@ -173,7 +141,7 @@ class TestResync:
                 block_hashes=[1, 2], token_ids=pack_tokens(TOKENS[: 2 * BS]), block_size=BS)])
             store(pub, 3, 3)  # parent 2 was never published
             await pub.flush()
-            await eventually(lambda: _eq(matched(service), 3))
+            await eventually(lambda: equals(matched(service), 3))
             assert pub.ranks[0].resyncs == 1
 
 
@@ -188,10 +156,10 @@ class TestLiveness:
             async with publisher(nats_server.url) as pub:
                 store(pub, 1, 4)
                 await pub.flush()
-                await eventually(lambda: _eq(matched(svc), 4))
-                await eventually(lambda: _true(svc.liveness is not None
+                await eventually(lambda: equals(matched(svc), 4))
+                await eventually(lambda: is_true(svc.liveness is not None
                                                and svc.liveness.is_live(MODEL, "w1")))
-            await eventually(lambda: _eq(matched(svc), 0), timeout=5)
+            await eventually(lambda: equals(matched(svc), 0), timeout=5)
             assert svc.liveness is not None and svc.liveness.removed == 1
         finally:
             await svc.close()
@@ -207,13 +175,13 @@ class TestLiveness:
             await pub.start()
             store(pub, 1, 4)
             await pub.flush()
-            await eventually(lambda: _eq(matched(svc), 4))
-            await eventually(lambda: _true(svc.liveness is not None
+            await eventually(lambda: equals(matched(svc), 4))
+            await eventually(lambda: is_true(svc.liveness is not None
                                            and svc.liveness.is_live(MODEL, "w1")))
             pub._stop.set()  # the keep-alive loop ends, as if the process died
             await asyncio.sleep(0.8)
             assert await matched(svc) == 4  # still within TTL + grace
-            await eventually(lambda: _eq(matched(svc), 0), timeout=6)
+            await eventually(lambda: equals(matched(svc), 0), timeout=6)
         finally:
             await svc.close()
             await pub.close()
@@ -228,7 +196,7 @@ class TestRestarts:
         async with publisher(nats_server.url) as pub:
             store(pub, 1, 4)
             await pub.flush()
-            await eventually(lambda: _eq(matched(service), 4))
+            await eventually(lambda: equals(matched(service), 4))
             nats_server.kill()
             store(pub, 5, 6)
             pub.end_step()
@@ -236,7 +204,7 @@ class TestRestarts:
             nats_server.start()
             store(pub, 7, 8)
             assert await pub.flush(15)
-            await eventually(lambda: _eq(matched(service), 8), timeout=15)
+            await eventually(lambda: equals(matched(service), 8), timeout=15)
         assert service.stats.gaps == 0
 
     async def test_memory_index_rebuilt_from_stream(self, nats_server: EmbeddedNats,
@@ -247,22 +215,14 @@ class TestRestarts:
             await first.start()
             store(pub, 1, 6)
             await pub.flush()
-            await eventually(lambda: _eq(matched(first), 6))
+            await eventually(lambda: equals(matched(first), 6))
             await first.close()
             second = IndexerService(service_config(nats_server.url))
             await second.start()
             try:
-                await eventually(lambda: _eq(matched(second), 6))
+                await eventually(lambda: equals(matched(second), 6))
             finally:
                 await second.close()
-
-
-async def _eq(value: Awaitable[int], expected: int) -> bool:
-    return await value == expected
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 class TestMetrics:
@@ -278,7 +238,7 @@ class TestMetrics:
             async with publisher(nats_server.url) as pub:
                 store(pub, 1, 4)
                 await pub.flush()
-                await eventually(lambda: _eq(matched(svc), 4))
+                await eventually(lambda: equals(matched(svc), 4))
             assert svc.metrics is not None
             await svc.metrics.refresh()
             url = f"http://127.0.0.1:{svc.metrics_port}/metrics"
@@ -317,10 +277,10 @@ class TestServiceWiring:
                     for pub in (stays, leaves):
                         store(pub, 1, 4)
                         await pub.flush()
-                    await eventually(lambda: _eq(matched(svc, "leaves"), 4))
-                    await eventually(lambda: _true(svc.liveness is not None and
+                    await eventually(lambda: equals(matched(svc, "leaves"), 4))
+                    await eventually(lambda: is_true(svc.liveness is not None and
                                                    svc.liveness.is_live(MODEL, "leaves")))
-                    await eventually(lambda: _true(not svc.rebuilding))  # caught up
+                    await eventually(lambda: is_true(not svc.rebuilding))  # caught up
                     answer = await client.score(query)
                     assert {s.worker_id for s in answer.scores} == {"stays", "leaves"}
                     assert not answer.freshness.rebuilding
@@ -328,7 +288,7 @@ class TestServiceWiring:
                     assert (await client.score(query)).freshness.rebuilding
                     svc.consumers()[0].rebuilding = False
                 # "leaves" closed: entry deleted; grace (60 s) keeps its blocks in the index
-                await eventually(lambda: _true(svc.liveness is not None and
+                await eventually(lambda: is_true(svc.liveness is not None and
                                                svc.liveness.is_gone(MODEL, "leaves")))
                 assert await matched(svc, "leaves") == 4
 

@@ -8,9 +8,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 import grpc
 import pytest
@@ -21,19 +20,14 @@ from indexer.config import ServiceConfig, parse_service_config
 from indexer.embedded import EmbeddedNats
 from indexer.errors import ConfigError
 from indexer.serve.readers import ReaderPool
+from tests.support.event_path import BS, MODEL, TOKENS, publisher, service_config
+from tests.support.polling import eventually, is_true
+from tests.support.processes import exited
 from tests.support.servers import RedisServer
-from tests.test_event_path import BS, MODEL, TOKENS, eventually, publisher, service_config
 
 pytestmark = pytest.mark.integration
 
 QUERY = Query(model=MODEL, token_ids=TOKENS, block_size=BS)
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -62,17 +56,13 @@ def matched(answer: ScoreAnswer | None) -> dict[str, int]:
     return {} if answer is None else {s.worker_id: s.matched_blocks for s in answer.scores}
 
 
-async def _true(value: bool) -> bool:
-    return value
-
-
 class TestReaders:
     async def test_readers_answer_alone_from_redis(self, service: IndexerService,
                                                    nats_server: EmbeddedNats) -> None:
         """With the consumer process's own server stopped, new connections still get
         the right scores, freshness and worker list: the readers serve them."""
         assert service.readers is not None
-        await eventually(lambda: _true(len(service.readers.pids) == 2))  # type: ignore[union-attr]
+        await eventually(lambda: is_true(len(service.readers.pids) == 2))  # type: ignore[union-attr]
         async with publisher(nats_server.url, "w1") as one, \
                 publisher(nats_server.url, "w2") as two:
             one.stored(list(range(1, 9)), TOKENS, parent_hash=None)
@@ -84,7 +74,7 @@ class TestReaders:
                 return matched(answer) == {"w1": 8, "w2": 3}
 
             await eventually(indexed, timeout=20)
-            await eventually(lambda: _true(not service.rebuilding))
+            await eventually(lambda: is_true(not service.rebuilding))
             await service._server.stop(0)  # type: ignore[union-attr]
 
             async def readers_answer() -> bool:
@@ -104,10 +94,10 @@ class TestReaders:
     async def test_a_dead_reader_is_started_again(self, service: IndexerService) -> None:
         assert service.readers is not None
         readers = service.readers
-        await eventually(lambda: _true(len(readers.pids) == 2), timeout=20)
+        await eventually(lambda: is_true(len(readers.pids) == 2), timeout=20)
         victim = readers.pids[0]
         os.kill(victim, signal.SIGKILL)
-        await eventually(lambda: _true(len(readers.pids) == 2 and victim not in readers.pids),
+        await eventually(lambda: is_true(len(readers.pids) == 2 and victim not in readers.pids),
                          timeout=20)
         assert readers.restarts == 1
 
@@ -117,7 +107,7 @@ class TestReaders:
                                             grpc_listen="127.0.0.1:0", grpc_processes=2))
         await svc.start()
         assert svc.readers is not None
-        await eventually(lambda: _true(len(svc.readers.pids) == 1))  # type: ignore[union-attr]
+        await eventually(lambda: is_true(len(svc.readers.pids) == 1))  # type: ignore[union-attr]
         [pid] = svc.readers.pids
         await svc.close()
         with pytest.raises(ProcessLookupError):
@@ -149,14 +139,6 @@ def _pool_parent(config: ServiceConfig, listen: str, conn: Connection) -> None:
     time.sleep(3600)
 
 
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return state == "Z"  # exited; only waiting to be reaped by whoever adopted it
-
-
 async def test_a_reader_stops_when_its_consumer_process_dies(
         nats_server: EmbeddedNats, private_redis: RedisServer) -> None:
     """SIGKILL of the process that started the readers (no clean shutdown): they exit
@@ -174,10 +156,10 @@ async def test_a_reader_stops_when_its_consumer_process_dies(
     try:
         assert parent_conn.poll(30)
         [reader] = parent_conn.recv()
-        await eventually(lambda: _true(serving(port)), timeout=30)  # serving
+        await eventually(lambda: is_true(serving(port)), timeout=30)  # serving
         os.kill(parent.pid, signal.SIGKILL)  # type: ignore[arg-type]
         parent.join(5)
-        await eventually(lambda: _true(_gone(reader)), timeout=15)
+        await eventually(lambda: is_true(exited(reader)), timeout=15)
     finally:
         if parent.is_alive():
             parent.kill()

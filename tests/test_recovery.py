@@ -23,17 +23,9 @@ from indexer.ingest.recovery import (
 )
 from kvcore.bus import STREAM_NAME, subject_for
 from kvcore.topology import partition_filter
+from tests.support.event_path import PARTITIONS, matched, publisher, service_config, store
+from tests.support.polling import equals, eventually, is_true
 from tests.support.servers import RedisServer
-from tests.test_event_path import (
-    PARTITIONS,
-    _eq,
-    _true,
-    eventually,
-    matched,
-    publisher,
-    service_config,
-    store,
-)
 
 pytestmark = pytest.mark.integration
 
@@ -102,8 +94,8 @@ class TestRebuild:
                 store(pub, block, block)
                 await pub.flush()
                 if block in (3, 6):  # two rounds, a snapshot after each
-                    await eventually(lambda b=block: _eq(matched(first), b))
-                    await eventually(lambda b=block: _true(first.stats.snapshots >= b // 3))
+                    await eventually(lambda b=block: equals(matched(first), b))
+                    await eventually(lambda b=block: is_true(first.stats.snapshots >= b // 3))
             await first.close()
             nc = await nats.connect(nats_server.url)
             info = await nc.jetstream().stream_info(STREAM_NAME)
@@ -114,9 +106,9 @@ class TestRebuild:
             second = IndexerService(config)
             await second.start()
             try:
-                await eventually(lambda: _eq(matched(second), 8))
+                await eventually(lambda: equals(matched(second), 8))
                 assert second.stats.rebuilds == PARTITIONS
-                await eventually(lambda: _true(not second.rebuilding))
+                await eventually(lambda: is_true(not second.rebuilding))
             finally:
                 await second.close()
 
@@ -129,8 +121,8 @@ class TestRebuild:
             for block in range(1, 5):
                 store(pub, block, block)
                 await pub.flush()
-                await eventually(lambda b=block: _eq(matched(first), b))
-                await eventually(lambda b=block: _true(first.stats.snapshots >= b))
+                await eventually(lambda b=block: equals(matched(first), b))
+                await eventually(lambda b=block: is_true(first.stats.snapshots >= b))
             await first.close()
             nc = await nats.connect(nats_server.url)
             bucket = await nc.jetstream().object_store(SNAPSHOT_BUCKET)
@@ -141,7 +133,7 @@ class TestRebuild:
             second = IndexerService(config)
             await second.start()
             try:
-                await eventually(lambda: _eq(matched(second), 4))
+                await eventually(lambda: equals(matched(second), 4))
                 assert second.snapshots is not None and second.snapshots.corrupt_found >= 1
             finally:
                 await second.close()
@@ -161,16 +153,16 @@ class TestIndexLosesData:
                 for block in range(1, 7):
                     store(pub, block, block)
                     await pub.flush()
-                await eventually(lambda: _eq(matched(svc), 6))
+                await eventually(lambda: equals(matched(svc), 6))
                 client = aioredis.Redis.from_url(redis_server.url)
                 await client.flushall()
                 await client.aclose()
                 assert await matched(svc) == 0
-                await eventually(lambda: _eq(matched(svc), 6), timeout=15)
+                await eventually(lambda: equals(matched(svc), 6), timeout=15)
                 assert svc.stats.rebuilds >= PARTITIONS + 1  # the start, then the flush
                 store(pub, 7, 8)
                 await pub.flush()
-                await eventually(lambda: _eq(matched(svc), 8))
+                await eventually(lambda: equals(matched(svc), 8))
         finally:
             await svc.close()
             redis_server.stop()
@@ -190,12 +182,12 @@ class TestForcedRebuild:
             async with publisher(nats_server.url) as pub:
                 store(pub, 1, 4)
                 await pub.flush()
-                await eventually(lambda: _eq(matched(svc), 4))
-                await eventually(lambda: _true(not svc.rebuilding))
+                await eventually(lambda: equals(matched(svc), 4))
+                await eventually(lambda: is_true(not svc.rebuilding))
                 before = svc.stats.rebuilds
                 await request_rebuild(nats_server.url, PARTITIONS)
-                await eventually(lambda: _true(svc.stats.rebuilds == before + PARTITIONS))
-                await eventually(lambda: _true(not svc.rebuilding))
+                await eventually(lambda: is_true(svc.stats.rebuilds == before + PARTITIONS))
+                await eventually(lambda: is_true(not svc.rebuilding))
                 assert await matched(svc) == 4
                 await asyncio.sleep(1.5)  # settled: no further rebuilds
                 assert svc.stats.rebuilds == before + PARTITIONS
@@ -213,13 +205,13 @@ class TestRebuildCommand:
         svc = IndexerService(service_config(nats_server.url))
         await svc.start()
         try:
-            await eventually(lambda: _true(not svc.rebuilding))
+            await eventually(lambda: is_true(not svc.rebuilding))
             before = svc.stats.rebuilds
             code = await asyncio.to_thread(
                 cli_main, ["rebuild", "--nats-url", nats_server.url,
                            "--partitions", str(PARTITIONS)])
             assert code == 0
-            await eventually(lambda: _true(svc.stats.rebuilds == before + PARTITIONS))
+            await eventually(lambda: is_true(svc.stats.rebuilds == before + PARTITIONS))
         finally:
             await svc.close()
 

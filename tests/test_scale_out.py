@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import nats
@@ -21,8 +20,9 @@ from indexer.index.redis import RedisIndex
 from indexer.ingest.partitions import LEASE_BUCKET
 from kvcore.topology import StreamSettings
 from publisher.publisher import KVEventPublisher
+from tests.support.event_path import BS, MODEL, TOKENS
+from tests.support.polling import eventually
 from tests.support.servers import RedisServer
-from tests.test_event_path import BS, MODEL, TOKENS, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -38,13 +38,6 @@ def start_indexer(nats_url: str, redis_url: str, log: Path) -> subprocess.Popen[
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-c", code, *args], stdout=log.open("wb"),
                             stderr=subprocess.STDOUT, env=env)
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 async def lease_owners(nats_url: str) -> dict[str, str]:
