@@ -1,5 +1,6 @@
-"""The event path end to end: KVEventPublisher -> JetStream -> consumer -> index, on a
-private nats-server (killed and restarted where the test says so)."""
+"""The event path end to end: KVEventPublisher -> JetStream -> consumer -> index, on the
+session's nats-server (JetStream emptied around each test), or on a private one where the
+test kills and restarts it."""
 
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ from tests.support.polling import equals, eventually, is_true
 
 pytestmark = pytest.mark.integration
 
+
 @pytest.fixture
-async def service(nats_server: EmbeddedNats) -> AsyncIterator[IndexerService]:
-    svc = IndexerService(service_config(nats_server.url))
+async def service(nats_url: str) -> AsyncIterator[IndexerService]:
+    svc = IndexerService(service_config(nats_url))
     await svc.start()
     yield svc
     await svc.close()
@@ -50,10 +52,10 @@ async def service(nats_server: EmbeddedNats) -> AsyncIterator[IndexerService]:
 class TestDelivery:
     """Published events reach the index, once each, in order."""
 
-    async def test_store_remove_clear(self, nats_server: EmbeddedNats,
+    async def test_store_remove_clear(self, nats_url: str,
                                       service: IndexerService) -> None:
         """Stores, a removal and a clear arrive in order and the index follows them."""
-        async with publisher(nats_server.url) as pub:
+        async with publisher(nats_url) as pub:
             store(pub, 1, 4)
             pub.end_step()
             store(pub, 5, 8)
@@ -67,13 +69,13 @@ class TestDelivery:
             await eventually(lambda: equals(matched(service), 0))
         assert service.stats.gaps == 0
 
-    async def test_duplicate_deliveries_are_skipped(self, nats_server: EmbeddedNats,
+    async def test_duplicate_deliveries_are_skipped(self, nats_url: str,
                                                     service: IndexerService) -> None:
         """The same batch stored twice in the stream (dedup bypassed) is applied once."""
         batch = EventBatch(schema=SCHEMA_VERSION, model=MODEL, worker_id="dup", epoch=1, seq=0,
                            events=[BlockStored(block_hashes=[1, 2], token_ids=pack_tokens(
                                TOKENS[: 2 * BS]), block_size=BS)])
-        nc = await nats.connect(nats_server.url)
+        nc = await nats.connect(nats_url)
         js = nc.jetstream()
         for attempt in range(2):
             await js.publish(subject_for(MODEL, "dup"), encode_batch(batch),
@@ -87,10 +89,10 @@ class TestDelivery:
 class TestPoison:
     """Undecodable or unknown-schema messages are dead-lettered; the consumer goes on."""
 
-    async def test_poison_goes_to_dead_letter(self, nats_server: EmbeddedNats,
+    async def test_poison_goes_to_dead_letter(self, nats_url: str,
                                               service: IndexerService) -> None:
         """Garbage and a schema-99 batch are acked, copied with reasons, counted."""
-        nc = await nats.connect(nats_server.url)
+        nc = await nats.connect(nats_url)
         js = nc.jetstream()
         subject = subject_for(MODEL, "p")
         await js.publish(subject, b"\x93\x01\x02", headers={"Nats-Msg-Id": "junk"})
@@ -115,12 +117,12 @@ class TestPoison:
 class TestResync:
     """Gaps and unknown parents make the publisher re-send its mirror: the index heals."""
 
-    async def test_gap_triggers_resync(self, nats_server: EmbeddedNats,
+    async def test_gap_triggers_resync(self, nats_url: str,
                                        service: IndexerService) -> None:
         """A lost batch (a removal) is a gap; the resync re-sends the rank without it."""
         from kvcore.bus import BlockRemoved
 
-        async with publisher(nats_server.url) as pub:
+        async with publisher(nats_url) as pub:
             store(pub, 1, 8)
             await pub.flush()
             await eventually(lambda: equals(matched(service), 8))
@@ -133,10 +135,10 @@ class TestResync:
             assert service.stats.gaps == 1
             assert rank.resyncs == 1
 
-    async def test_unknown_parent_triggers_resync(self, nats_server: EmbeddedNats,
+    async def test_unknown_parent_triggers_resync(self, nats_url: str,
                                                   service: IndexerService) -> None:
         """A child whose parent the index never saw gets the rank re-sent."""
-        async with publisher(nats_server.url) as pub:
+        async with publisher(nats_url) as pub:
             pub.ranks[0].mirror.apply([BlockStored(
                 block_hashes=[1, 2], token_ids=pack_tokens(TOKENS[: 2 * BS]), block_size=BS)])
             store(pub, 3, 3)  # parent 2 was never published
@@ -148,12 +150,12 @@ class TestResync:
 class TestLiveness:
     """A worker whose liveness entry goes away loses its blocks after the grace period."""
 
-    async def test_deleted_entry_purges_worker(self, nats_server: EmbeddedNats) -> None:
+    async def test_deleted_entry_purges_worker(self, nats_url: str) -> None:
         """A publisher that closes deletes its entry; its blocks go after the grace."""
-        svc = IndexerService(service_config(nats_server.url, liveness_grace_s=0.5))
+        svc = IndexerService(service_config(nats_url, liveness_grace_s=0.5))
         await svc.start()
         try:
-            async with publisher(nats_server.url) as pub:
+            async with publisher(nats_url) as pub:
                 store(pub, 1, 4)
                 await pub.flush()
                 await eventually(lambda: equals(matched(svc), 4))
@@ -164,12 +166,12 @@ class TestLiveness:
         finally:
             await svc.close()
 
-    async def test_expired_entry_purges_worker(self, nats_server: EmbeddedNats) -> None:
+    async def test_expired_entry_purges_worker(self, nats_url: str) -> None:
         """A publisher that stops refreshing (crashed) expires after the TTL, then goes."""
-        svc = IndexerService(service_config(nats_server.url, liveness_ttl_s=1.0,
+        svc = IndexerService(service_config(nats_url, liveness_ttl_s=1.0,
                                             liveness_grace_s=0.5))
         await svc.start()
-        pub = KVEventPublisher(MODEL, "w1", block_size=BS, nats_url=nats_server.url,
+        pub = KVEventPublisher(MODEL, "w1", block_size=BS, nats_url=nats_url,
                                stream=StreamSettings(partitions=PARTITIONS, liveness_ttl_s=1.0))
         try:
             await pub.start()
@@ -190,34 +192,38 @@ class TestLiveness:
 class TestRestarts:
     """NATS restarts and indexer restarts lose nothing."""
 
-    async def test_nats_restart_mid_stream(self, nats_server: EmbeddedNats,
-                                           service: IndexerService) -> None:
+    async def test_nats_restart_mid_stream(self, nats_server: EmbeddedNats) -> None:
         """Events published across a nats-server kill and restart all reach the index."""
-        async with publisher(nats_server.url) as pub:
-            store(pub, 1, 4)
-            await pub.flush()
-            await eventually(lambda: equals(matched(service), 4))
-            nats_server.kill()
-            store(pub, 5, 6)
-            pub.end_step()
-            await asyncio.sleep(0.3)
-            nats_server.start()
-            store(pub, 7, 8)
-            assert await pub.flush(15)
-            await eventually(lambda: equals(matched(service), 8), timeout=15)
-        assert service.stats.gaps == 0
+        service = IndexerService(service_config(nats_server.url))  # on the private server
+        await service.start()
+        try:
+            async with publisher(nats_server.url) as pub:
+                store(pub, 1, 4)
+                await pub.flush()
+                await eventually(lambda: equals(matched(service), 4))
+                nats_server.kill()
+                store(pub, 5, 6)
+                pub.end_step()
+                await asyncio.sleep(0.3)
+                nats_server.start()
+                store(pub, 7, 8)
+                assert await pub.flush(15)
+                await eventually(lambda: equals(matched(service), 8), timeout=15)
+            assert service.stats.gaps == 0
+        finally:
+            await service.close()
 
-    async def test_memory_index_rebuilt_from_stream(self, nats_server: EmbeddedNats,
+    async def test_memory_index_rebuilt_from_stream(self, nats_url: str,
                                                     tmp_path: Path) -> None:
         """A restarted in-memory indexer replays the retained stream and has it all again."""
-        async with publisher(nats_server.url) as pub:
-            first = IndexerService(service_config(nats_server.url))
+        async with publisher(nats_url) as pub:
+            first = IndexerService(service_config(nats_url))
             await first.start()
             store(pub, 1, 6)
             await pub.flush()
             await eventually(lambda: equals(matched(first), 6))
             await first.close()
-            second = IndexerService(service_config(nats_server.url))
+            second = IndexerService(service_config(nats_url))
             await second.start()
             try:
                 await eventually(lambda: equals(matched(second), 6))
@@ -228,14 +234,14 @@ class TestRestarts:
 class TestMetrics:
     """/metrics exposes the index's and the consumer's counters."""
 
-    async def test_scrape(self, nats_server: EmbeddedNats) -> None:
+    async def test_scrape(self, nats_url: str) -> None:
         """After events and a poison message, the counters show both."""
         import urllib.request
 
-        svc = IndexerService(service_config(nats_server.url, metrics_listen="127.0.0.1:0"))
+        svc = IndexerService(service_config(nats_url, metrics_listen="127.0.0.1:0"))
         await svc.start()
         try:
-            async with publisher(nats_server.url) as pub:
+            async with publisher(nats_url) as pub:
                 store(pub, 1, 4)
                 await pub.flush()
                 await eventually(lambda: equals(matched(svc), 4))
@@ -262,18 +268,18 @@ class TestMetrics:
 class TestServiceWiring:
     """gRPC answers reflect the service's rebuild state and worker liveness."""
 
-    async def test_rebuilding_flag_and_gone_workers(self, nats_server: EmbeddedNats) -> None:
+    async def test_rebuilding_flag_and_gone_workers(self, nats_url: str) -> None:
         """Score says `rebuilding` while a partition rebuilds; a worker whose liveness
         entry was deleted is no longer a candidate, even before its blocks are removed."""
         from indexer.client import AsyncIndexerClient, Query
 
-        svc = IndexerService(service_config(nats_server.url, grpc_listen="127.0.0.1:0"))
+        svc = IndexerService(service_config(nats_url, grpc_listen="127.0.0.1:0"))
         await svc.start()
         client = AsyncIndexerClient(f"127.0.0.1:{svc.grpc_port}")
         query = Query(model=MODEL, token_ids=TOKENS, block_size=BS)
         try:
-            async with publisher(nats_server.url, "stays") as stays:
-                async with publisher(nats_server.url, "leaves") as leaves:
+            async with publisher(nats_url, "stays") as stays:
+                async with publisher(nats_url, "leaves") as leaves:
                     for pub in (stays, leaves):
                         store(pub, 1, 4)
                         await pub.flush()

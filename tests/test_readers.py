@@ -17,7 +17,6 @@ import pytest
 from indexer.app import IndexerService
 from indexer.client import AsyncIndexerClient, Query, ScoreAnswer
 from indexer.config import ServiceConfig, parse_service_config
-from indexer.embedded import EmbeddedNats
 from indexer.errors import ConfigError
 from indexer.serve.readers import ReaderPool
 from tests.support.event_path import BS, MODEL, TOKENS, publisher, service_config
@@ -31,9 +30,9 @@ QUERY = Query(model=MODEL, token_ids=TOKENS, block_size=BS)
 
 
 @pytest.fixture
-async def service(nats_server: EmbeddedNats,
+async def service(nats_url: str,
                   private_redis: RedisServer) -> AsyncIterator[IndexerService]:
-    svc = IndexerService(service_config(nats_server.url, redis_url=private_redis.url,
+    svc = IndexerService(service_config(nats_url, redis_url=private_redis.url,
                                         grpc_listen="127.0.0.1:0", grpc_processes=3))
     await svc.start()
     yield svc
@@ -58,13 +57,13 @@ def matched(answer: ScoreAnswer | None) -> dict[str, int]:
 
 class TestReaders:
     async def test_readers_answer_alone_from_redis(self, service: IndexerService,
-                                                   nats_server: EmbeddedNats) -> None:
+                                                   nats_url: str) -> None:
         """With the consumer process's own server stopped, new connections still get
         the right scores, freshness and worker list: the readers serve them."""
         assert service.readers is not None
         await eventually(lambda: is_true(len(service.readers.pids) == 2))  # type: ignore[union-attr]
-        async with publisher(nats_server.url, "w1") as one, \
-                publisher(nats_server.url, "w2") as two:
+        async with publisher(nats_url, "w1") as one, \
+                publisher(nats_url, "w2") as two:
             one.stored(list(range(1, 9)), TOKENS, parent_hash=None)
             two.stored(list(range(1, 4)), TOKENS[: 3 * BS], parent_hash=None)
             assert await one.flush() and await two.flush()
@@ -101,9 +100,9 @@ class TestReaders:
                          timeout=20)
         assert readers.restarts == 1
 
-    async def test_close_stops_the_readers(self, nats_server: EmbeddedNats,
+    async def test_close_stops_the_readers(self, nats_url: str,
                                            private_redis: RedisServer) -> None:
-        svc = IndexerService(service_config(nats_server.url, redis_url=private_redis.url,
+        svc = IndexerService(service_config(nats_url, redis_url=private_redis.url,
                                             grpc_listen="127.0.0.1:0", grpc_processes=2))
         await svc.start()
         assert svc.readers is not None
@@ -140,10 +139,10 @@ def _pool_parent(config: ServiceConfig, listen: str, conn: Connection) -> None:
 
 
 async def test_a_reader_stops_when_its_consumer_process_dies(
-        nats_server: EmbeddedNats, private_redis: RedisServer) -> None:
+        nats_url: str, private_redis: RedisServer) -> None:
     """SIGKILL of the process that started the readers (no clean shutdown): they exit
     instead of serving a port nobody ingests for."""
-    config = service_config(nats_server.url, redis_url=private_redis.url,
+    config = service_config(nats_url, redis_url=private_redis.url,
                             grpc_listen="127.0.0.1:0", grpc_processes=2)
     ctx = mp.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe(duplex=False)

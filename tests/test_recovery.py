@@ -11,7 +11,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from indexer.app import IndexerService
-from indexer.embedded import EmbeddedNats
 from indexer.index.protocol import RankState
 from indexer.ingest.recovery import (
     SNAPSHOT_BUCKET,
@@ -63,12 +62,12 @@ class TestSnapshotCodec:
 class TestPartitionFunction:
     """Our partition_of agrees with nats-server's subject transform."""
 
-    async def test_matches_server(self, nats_server: EmbeddedNats) -> None:
+    async def test_matches_server(self, nats_url: str) -> None:
         """Messages of many workers land in the partition partition_of predicts."""
-        svc = IndexerService(service_config(nats_server.url))
+        svc = IndexerService(service_config(nats_url))
         await svc.start()
         await svc.close()  # leaves the stream with its transform
-        nc = await nats.connect(nats_server.url)
+        nc = await nats.connect(nats_url)
         js = nc.jetstream()
         workers = [f"w-{i}:80{i}" for i in range(24)]
         for w in workers:
@@ -84,10 +83,10 @@ class TestPartitionFunction:
 class TestRebuild:
     """A restarted index is rebuilt from the newest valid snapshot and the stream tail."""
 
-    async def test_snapshot_then_tail(self, nats_server: EmbeddedNats) -> None:
+    async def test_snapshot_then_tail(self, nats_url: str) -> None:
         """Snapshots are taken, the stream purged below them, and a new process rebuilds."""
-        config = service_config(nats_server.url, snapshot_every_batches=2)
-        async with publisher(nats_server.url) as pub:
+        config = service_config(nats_url, snapshot_every_batches=2)
+        async with publisher(nats_url) as pub:
             first = IndexerService(config)
             await first.start()
             for block in range(1, 7):
@@ -97,7 +96,7 @@ class TestRebuild:
                     await eventually(lambda b=block: equals(matched(first), b))
                     await eventually(lambda b=block: is_true(first.stats.snapshots >= b // 3))
             await first.close()
-            nc = await nats.connect(nats_server.url)
+            nc = await nats.connect(nats_url)
             info = await nc.jetstream().stream_info(STREAM_NAME)
             assert info.state.first_seq > 1  # purged below the oldest snapshot kept
             await nc.close()
@@ -112,10 +111,10 @@ class TestRebuild:
             finally:
                 await second.close()
 
-    async def test_corrupt_newest_snapshot_falls_back(self, nats_server: EmbeddedNats) -> None:
+    async def test_corrupt_newest_snapshot_falls_back(self, nats_url: str) -> None:
         """A damaged newest snapshot is reported and skipped; an older one is used."""
-        config = service_config(nats_server.url, snapshot_every_batches=1)
-        async with publisher(nats_server.url) as pub:
+        config = service_config(nats_url, snapshot_every_batches=1)
+        async with publisher(nats_url) as pub:
             first = IndexerService(config)
             await first.start()
             for block in range(1, 5):
@@ -124,7 +123,7 @@ class TestRebuild:
                 await eventually(lambda b=block: equals(matched(first), b))
                 await eventually(lambda b=block: is_true(first.stats.snapshots >= b))
             await first.close()
-            nc = await nats.connect(nats_server.url)
+            nc = await nats.connect(nats_url)
             bucket = await nc.jetstream().object_store(SNAPSHOT_BUCKET)
             names = sorted(i.name for i in await bucket.list(ignore_deletes=True))
             newest = names[-1]
@@ -142,14 +141,14 @@ class TestRebuild:
 class TestIndexLosesData:
     """Redis emptied under a running indexer: the partition is rebuilt in place."""
 
-    async def test_redis_flushed(self, nats_server: EmbeddedNats, tmp_path: Path) -> None:
+    async def test_redis_flushed(self, nats_url: str, tmp_path: Path) -> None:
         """FLUSHALL while running: markers vanish, partitions rebuild, blocks come back."""
         redis_server = RedisServer(tmp_path / "redis").start()
-        svc = IndexerService(service_config(nats_server.url, redis_url=redis_server.url,
+        svc = IndexerService(service_config(nats_url, redis_url=redis_server.url,
                                             snapshot_every_batches=3))
         await svc.start()
         try:
-            async with publisher(nats_server.url) as pub:
+            async with publisher(nats_url) as pub:
                 for block in range(1, 7):
                     store(pub, block, block)
                     await pub.flush()
@@ -172,20 +171,20 @@ class TestIndexLosesData:
 class TestForcedRebuild:
     """`kv-indexer rebuild` makes running indexers rebuild every partition."""
 
-    async def test_request_rebuild(self, nats_server: EmbeddedNats) -> None:
+    async def test_request_rebuild(self, nats_url: str) -> None:
         """After request_rebuild every partition rebuilds once, and the index is whole."""
         from indexer.ingest.recovery import request_rebuild
 
-        svc = IndexerService(service_config(nats_server.url, snapshot_every_batches=2))
+        svc = IndexerService(service_config(nats_url, snapshot_every_batches=2))
         await svc.start()
         try:
-            async with publisher(nats_server.url) as pub:
+            async with publisher(nats_url) as pub:
                 store(pub, 1, 4)
                 await pub.flush()
                 await eventually(lambda: equals(matched(svc), 4))
                 await eventually(lambda: is_true(not svc.rebuilding))
                 before = svc.stats.rebuilds
-                await request_rebuild(nats_server.url, PARTITIONS)
+                await request_rebuild(nats_url, PARTITIONS)
                 await eventually(lambda: is_true(svc.stats.rebuilds == before + PARTITIONS))
                 await eventually(lambda: is_true(not svc.rebuilding))
                 assert await matched(svc) == 4
@@ -198,17 +197,17 @@ class TestForcedRebuild:
 class TestRebuildCommand:
     """`kv-indexer rebuild` reaches a running indexer through NATS."""
 
-    async def test_cli(self, nats_server: EmbeddedNats) -> None:
+    async def test_cli(self, nats_url: str) -> None:
         """The command exits 0 and the service rebuilds every partition."""
         from indexer.cli import main as cli_main
 
-        svc = IndexerService(service_config(nats_server.url))
+        svc = IndexerService(service_config(nats_url))
         await svc.start()
         try:
             await eventually(lambda: is_true(not svc.rebuilding))
             before = svc.stats.rebuilds
             code = await asyncio.to_thread(
-                cli_main, ["rebuild", "--nats-url", nats_server.url,
+                cli_main, ["rebuild", "--nats-url", nats_url,
                            "--partitions", str(PARTITIONS)])
             assert code == 0
             await eventually(lambda: is_true(svc.stats.rebuilds == before + PARTITIONS))

@@ -14,7 +14,6 @@ from pathlib import Path
 import nats
 import pytest
 
-from indexer.embedded import EmbeddedNats
 from indexer.index.protocol import ScoreQuery
 from indexer.index.redis import RedisIndex
 from indexer.ingest.partitions import LEASE_BUCKET
@@ -72,20 +71,20 @@ async def all_matched(index: RedisIndex, blocks: int) -> bool:
 class TestTwoProcesses:
     """Partition leases keep one consumer per partition across processes."""
 
-    async def test_split_and_failover(self, nats_server: EmbeddedNats,
+    async def test_split_and_failover(self, nats_url: str,
                                       private_redis: RedisServer, tmp_path: Path) -> None:
         """2 processes hold 2 partitions each; after one is SIGKILLed the other holds 4."""
-        procs = [start_indexer(nats_server.url, private_redis.url, tmp_path / f"idx{i}.log")
+        procs = [start_indexer(nats_url, private_redis.url, tmp_path / f"idx{i}.log")
                  for i in range(2)]
         index = RedisIndex.from_url(private_redis.url)
-        pubs = [KVEventPublisher(MODEL, worker, block_size=BS, nats_url=nats_server.url,
+        pubs = [KVEventPublisher(MODEL, worker, block_size=BS, nats_url=nats_url,
                                  stream=StreamSettings(partitions=PARTITIONS))
                 for worker in WORKERS]
         try:
             for pub in pubs:
                 await pub.start()
             async def split() -> bool:
-                owners = await lease_owners(nats_server.url)
+                owners = await lease_owners(nats_url)
                 counts = sorted(list(owners.values()).count(o) for o in set(owners.values()))
                 return len(owners) == PARTITIONS and counts == [2, 2]
 
@@ -98,7 +97,7 @@ class TestTwoProcesses:
             started = time.monotonic()
 
             async def taken_over() -> bool:
-                owners = await lease_owners(nats_server.url)
+                owners = await lease_owners(nats_url)
                 return len(owners) == PARTITIONS and len(set(owners.values())) == 1
 
             await publish_round(pubs, 5, 8)
