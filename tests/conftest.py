@@ -7,7 +7,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from indexer.embedded import EmbeddedNats
-from tests.support.servers import RedisServer
+from indexer.index.protocol import Index
+from tests.support.grpc_scenario import make_index, scenario
+from tests.support.servers import RedisServer, empty_jetstream
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +29,49 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redi
 
 
 @pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own (for processes the test starts, or to kill)."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
-    """A private nats-server with JetStream in a temp dir; the test may kill and restart it."""
+    """A private nats-server with JetStream in a temp dir; the test may kill and restart it.
+    Tests that leave the server alone take `nats_url` instead."""
     server = EmbeddedNats(tmp_path / "nats").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def session_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
+    """One nats-server with JetStream for the session; tests reach it through `nats_url`."""
+    server = EmbeddedNats(Path(tmp_path_factory.mktemp("nats"))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def nats_url(session_nats: EmbeddedNats) -> AsyncIterator[str]:
+    """The session nats-server's URL, its JetStream empty: every stream, KV bucket and
+    object store is deleted before the test and again after it, so a test sees only what
+    it made (the product's stream and bucket names are fixed: there is no per-test prefix).
+    The server must stay up: a test that stops, kills or restarts NATS takes `nats_server`.
+    Core NATS subjects are shared, but nothing outlives a test to listen on them."""
+    assert session_nats.proc is not None and session_nats.proc.poll() is None, \
+        "the session nats-server is down: did a test stop it instead of using nats_server?"
+    await empty_jetstream(session_nats.url)
+    yield session_nats.url
+    await empty_jetstream(session_nats.url)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
+    """The gRPC scenario (tests/support/grpc_scenario.py), loaded into each backend in
+    turn: the in-memory index, then the Redis index on the flushed session redis-server."""
+    idx = await make_index(request.param, request)
+    await idx.apply(scenario())
+    yield idx
+    await idx.close()

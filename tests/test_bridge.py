@@ -13,13 +13,13 @@ import pytest
 import zmq.asyncio
 
 from indexer.app import IndexerService
-from indexer.embedded import EmbeddedNats
 from indexer.index.protocol import ScoreQuery
 from kvcore.topology import StreamSettings
 from kvsim.mock_engines import MockEngine
 from publisher.publisher import KVEventPublisher
 from publisher.zmq_source import EngineSource
-from tests.test_event_path import eventually, service_config
+from tests.support.event_path import service_config
+from tests.support.polling import eventually, is_true
 
 pytestmark = pytest.mark.integration
 
@@ -82,9 +82,9 @@ async def bridge(nats_url: str, engine: MockEngine) -> AsyncIterator[EngineSourc
 
 
 @asynccontextmanager
-async def setup(nats_server: EmbeddedNats, **engine_kwargs: Any) -> AsyncIterator[
+async def setup(nats_url: str, **engine_kwargs: Any) -> AsyncIterator[
         tuple[IndexerService, MockEngine]]:
-    service = IndexerService(service_config(nats_server.url))
+    service = IndexerService(service_config(nats_url))
     await service.start()
     engine = MockEngine(capacity_blocks=engine_kwargs.pop("capacity_blocks", 24),
                         block_size=BS, endpoint="tcp://127.0.0.1:*",
@@ -101,11 +101,11 @@ class TestWireForms:
 
     @pytest.mark.parametrize(("wire", "hash_form"), [("map", "u64"), ("positional", "u64"),
                                                      ("positional", "signed"), ("map", "bytes")])
-    async def test_index_follows_engine(self, nats_server: EmbeddedNats, wire: str,
+    async def test_index_follows_engine(self, nats_url: str, wire: str,
                                         hash_form: str) -> None:
         """After serving prompts (with LRU evictions), the index matches the engine's pool."""
-        async with setup(nats_server, wire=wire, hash_form=hash_form) as (service, engine), \
-                bridge(nats_server.url, engine) as source:
+        async with setup(nats_url, wire=wire, hash_form=hash_form) as (service, engine), \
+                bridge(nats_url, engine) as source:
             queries = prompts(30)
             for tokens in queries:
                 engine.serve(tokens)
@@ -118,10 +118,10 @@ class TestWireForms:
 class TestGaps:
     """Lost engine messages: refilled from the replay buffer, or cleared when they can't be."""
 
-    async def test_gap_filled_by_replay(self, nats_server: EmbeddedNats) -> None:
+    async def test_gap_filled_by_replay(self, nats_url: str) -> None:
         """Dropped live batches come back through the replay socket."""
-        async with setup(nats_server) as (service, engine), \
-                bridge(nats_server.url, engine) as source:
+        async with setup(nats_url) as (service, engine), \
+                bridge(nats_url, engine) as source:
             queries = prompts(12)
             for i, tokens in enumerate(queries):
                 if i == 4:
@@ -131,10 +131,10 @@ class TestGaps:
             assert source.stats.gaps_filled >= 1
             assert source.stats.gaps_unfilled == 0
 
-    async def test_gap_replay_cannot_fill(self, nats_server: EmbeddedNats) -> None:
+    async def test_gap_replay_cannot_fill(self, nats_url: str) -> None:
         """A gap beyond the replay buffer clears the worker: fewer hits, never wrong ones."""
-        async with setup(nats_server, buffer_steps=2) as (service, engine), \
-                bridge(nats_server.url, engine) as source:
+        async with setup(nats_url, buffer_steps=2) as (service, engine), \
+                bridge(nats_url, engine) as source:
             queries = prompts(12)
             for tokens in queries[:4]:
                 engine.serve(tokens)
@@ -142,7 +142,7 @@ class TestGaps:
             engine.drop_next(5)
             for tokens in queries[4:]:
                 engine.serve(tokens)
-            await eventually(lambda: _true(source.stats.gaps_unfilled == 1))
+            await eventually(lambda: is_true(source.stats.gaps_unfilled == 1))
             await asyncio.sleep(0.3)
             for tokens in queries:
                 assert await index_matched(service, tokens) <= engine_matched(engine, tokens)
@@ -151,10 +151,10 @@ class TestGaps:
 class TestRestarts:
     """Engine and bridge restarts."""
 
-    async def test_engine_restart(self, nats_server: EmbeddedNats) -> None:
+    async def test_engine_restart(self, nats_url: str) -> None:
         """seq back to 0: a new epoch; the old blocks are forgotten."""
-        async with setup(nats_server) as (service, engine), \
-                bridge(nats_server.url, engine) as source:
+        async with setup(nats_url) as (service, engine), \
+                bridge(nats_url, engine) as source:
             queries = prompts(10)
             for tokens in queries[:5]:
                 engine.serve(tokens)
@@ -165,22 +165,19 @@ class TestRestarts:
             await eventually(lambda: agrees(service, engine, queries))
             assert source.stats.engine_restarts == 1
 
-    async def test_bridge_restart(self, nats_server: EmbeddedNats) -> None:
+    async def test_bridge_restart(self, nats_url: str) -> None:
         """Events published while no bridge ran are recovered by the next one from replay."""
-        async with setup(nats_server) as (service, engine):
+        async with setup(nats_url) as (service, engine):
             queries = prompts(12)
-            async with bridge(nats_server.url, engine):
+            async with bridge(nats_url, engine):
                 for tokens in queries[:4]:
                     engine.serve(tokens)
                 await eventually(lambda: agrees(service, engine, queries[:4]))
             for tokens in queries[4:8]:
                 engine.serve(tokens)  # nobody listening
-            async with bridge(nats_server.url, engine) as source:
+            async with bridge(nats_url, engine) as source:
                 for tokens in queries[8:]:
                     engine.serve(tokens)
                 await eventually(lambda: agrees(service, engine, queries))
                 assert source.stats.gaps_filled == 1
 
-
-async def _true(value: bool) -> bool:
-    return value

@@ -1,7 +1,8 @@
 """IndexerClient (sync), AsyncIndexerClient and the `kv-indexer` CLI against a real server.
 
 The server runs on the test's event loop; blocking calls (the sync client, the CLI) run in
-a worker thread so the loop keeps serving. Both backends, as in tests/test_service.py.
+a worker thread so the loop keeps serving. Both backends (the `index` fixture), as in
+tests/test_service.py.
 """
 
 from __future__ import annotations
@@ -36,29 +37,12 @@ from indexer.client import (
 )
 from indexer.index.protocol import Index
 from indexer.serve.service import start_grpc_server
+from tests.support.grpc_scenario import AGE, NO_CACHE, TOKENS, SlowScores, serving
+from tests.support.prompt_tree import MODEL
 from tests.support.servers import free_port
-from tests.test_service import (
-    AGE,
-    MODEL,
-    NO_CACHE,
-    TOKENS,
-    SlowScores,
-    make_index,
-    scenario,
-    serving,
-)
 
 T = TypeVar("T")
 FAST_RETRY = RetryPolicy(max_attempts=30, initial_backoff=0.05, max_backoff=0.2)
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
-    """The scenario of tests/test_service.py, loaded into each backend in turn."""
-    idx = await make_index(request.param, request)
-    await idx.apply(scenario())
-    yield idx
-    await idx.close()
 
 
 @pytest.fixture

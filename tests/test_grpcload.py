@@ -13,7 +13,7 @@ from bench import grpcload
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer.index.memory import MemoryIndex
 from indexer.serve.service import start_grpc_server
-from tests.test_service import CONFIG, NO_CACHE, scenario
+from tests.support.grpc_scenario import CONFIG, NO_CACHE, scenario
 
 SCORE = "/kvindex.v1.KvIndexer/Score"
 VALID = pb.ScoreRequest(model="m", block_keys=[1, 2, 3]).SerializeToString()

@@ -18,7 +18,6 @@ from unittest import mock
 
 import pytest
 import redis.asyncio as aioredis
-import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,33 +30,16 @@ from kvcore.bus import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
-    Event,
     EventBatch,
     pack_tokens,
 )
 from kvcore.keys import block_keys_for_tokens
+from tests.support.prompt_tree import BLOCK, MODEL, event_specs, make_event, path_tokens, paths
 from tests.support.reference import ReferenceIndex
 from tests.support.servers import RedisServer
 
-MODEL = "org/model-1.5"
-BLOCK = 4
-DEPTH = 5
-CHOICES = 3
 WORKERS = ("w-a", "10.0.0.2:8000", "w/c")
 GHOST_CAPACITY = 3
-MEDIA = ("gpu", "GPU", "cpu", "CPU_PINNED", "storage", "FS", "weird-tier")
-
-
-def block_tokens(depth: int, choice: int) -> list[int]:
-    return [choice * 1000 + depth * 10 + j for j in range(BLOCK)]
-
-
-def path_tokens(path: tuple[int, ...], start: int = 0) -> list[int]:
-    return [t for depth in range(start, len(path)) for t in block_tokens(depth, path[depth])]
-
-
-def engine_hash(path: tuple[int, ...], epoch: int) -> int:
-    return int(xxhash.xxh3_64_intdigest(repr(path).encode(), seed=epoch))
 
 
 @dataclass
@@ -70,51 +52,7 @@ class Engine:
     history: list[int] = field(default_factory=list)
 
 
-paths = st.lists(st.integers(0, CHOICES - 1), min_size=1, max_size=DEPTH).map(tuple)
 worker_refs = st.tuples(st.sampled_from(WORKERS), st.integers(0, 1))
-
-
-@st.composite
-def event_specs(draw: st.DrawFn) -> tuple[str, Any]:
-    kind = draw(st.sampled_from(
-        ["store", "store", "store", "store", "offload", "remove", "remove", "orphan", "clear"]
-    ))
-    path = draw(paths)
-    if kind == "store":
-        split = draw(st.integers(0, len(path) - 1))
-        medium = draw(st.sampled_from(("gpu", "gpu", "GPU", "cpu")))
-        lora = draw(st.sampled_from((None, None, None, "adapter")))
-        return kind, (path, split, medium, lora)
-    if kind in ("offload", "remove"):
-        lo = draw(st.integers(0, len(path) - 1))
-        return kind, (path, lo, draw(st.sampled_from(MEDIA)))
-    return kind, path
-
-
-def make_event(kind: str, spec: Any, epoch: int) -> Event:
-    if kind == "store":
-        path, split, medium, lora = spec
-        return BlockStored(
-            block_hashes=[engine_hash(path[: i + 1], epoch) for i in range(split, len(path))],
-            parent_hash=engine_hash(path[:split], epoch) if split else None,
-            token_ids=pack_tokens(path_tokens(path, split)),
-            block_size=BLOCK,
-            medium=medium,
-            lora_name=lora,
-        )
-    if kind == "orphan":
-        return BlockStored(block_hashes=[engine_hash(spec, epoch) ^ 0xABC],
-                           parent_hash=engine_hash(spec, epoch) ^ 0xDEF,
-                           token_ids=pack_tokens(block_tokens(0, 9)), block_size=BLOCK)
-    if kind == "offload":
-        path, lo, medium = spec
-        return BlockStored(block_hashes=[engine_hash(path[: i + 1], epoch)
-                                         for i in range(lo, len(path))], medium=medium)
-    if kind == "remove":
-        path, lo, medium = spec
-        return BlockRemoved(block_hashes=[engine_hash(path[: i + 1], epoch)
-                                          for i in range(lo, len(path))], medium=medium)
-    return AllBlocksCleared()
 
 
 @st.composite

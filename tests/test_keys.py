@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import struct
 from array import array
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -23,10 +21,8 @@ from kvcore.keys import (
     pack_keys,
     root_seed,
 )
+from tests.support.key_vectors import CASES, VECTORS, VECTORS_DIR
 
-VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
-VECTORS: dict[str, Any] = json.loads((VECTORS_DIR / "block_keys.json").read_text("utf-8"))
-CASES: list[dict[str, Any]] = VECTORS["cases"]
 U64_MAX = 2**64 - 1
 
 

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from kvcore.bus import SCHEMA_VERSION, BlockRemoved, BlockStored, Event, EventBatch
 from publisher.mirror import BlockMirror
+from tests.support.prompt_tree import MODEL, event_specs, make_event, path_tokens
 from tests.support.reference import ReferenceIndex
-from tests.test_index_contract import MODEL, event_specs, make_event, path_tokens
 
 NO_GHOST_LIMIT = 10**6
 

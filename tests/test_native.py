@@ -16,7 +16,8 @@ from indexer.index.protocol import TIER_BITS, TierWeights
 from indexer.index.scoring import prefix_match, prefix_match_runs, slot_bits
 from kvcore.bus import pack_tokens
 from kvcore.keys import NATIVE, block_keys_python, pack_keys
-from tests.test_keys import CASES
+from tests.support.key_vectors import CASES
+from tests.support.protobuf_wire import unpacked_tokens, varint
 
 if NATIVE:
     from kvcore._native import BlockTable, chain_keys, chain_keys_packed
@@ -267,21 +268,6 @@ class TestMaskRuns:
         table.set_bits(keys[10:11], 0b100)
         assert table.mask_runs(tokens, 16, 3, None) == [
             0b1_0001, 10, 0b1_0101, 1, 0b1_0001, 19, 0b1, 7]
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def unpacked_tokens(field: int, tokens: list[int]) -> bytes:
-    """A repeated uint32 in the non-packed encoding (one tag per value), which parsers
-    must accept as well as the packed one."""
-    return b"".join(varint(field << 3) + varint(t) for t in tokens)
 
 
 def without_tokens(message: Any) -> Any:

@@ -8,9 +8,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 import grpc
 import pytest
@@ -18,11 +17,12 @@ import pytest
 from indexer.app import IndexerService
 from indexer.client import AsyncIndexerClient, Query, ScoreAnswer
 from indexer.config import ServiceConfig, parse_service_config
-from indexer.embedded import EmbeddedNats
 from indexer.errors import ConfigError
 from indexer.serve.readers import ReaderPool
+from tests.support.event_path import BS, MODEL, TOKENS, publisher, service_config
+from tests.support.polling import eventually, is_true
+from tests.support.processes import exited
 from tests.support.servers import RedisServer
-from tests.test_event_path import BS, MODEL, TOKENS, eventually, publisher, service_config
 
 pytestmark = pytest.mark.integration
 
@@ -30,16 +30,9 @@ QUERY = Query(model=MODEL, token_ids=TOKENS, block_size=BS)
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def service(nats_server: EmbeddedNats,
+async def service(nats_url: str,
                   private_redis: RedisServer) -> AsyncIterator[IndexerService]:
-    svc = IndexerService(service_config(nats_server.url, redis_url=private_redis.url,
+    svc = IndexerService(service_config(nats_url, redis_url=private_redis.url,
                                         grpc_listen="127.0.0.1:0", grpc_processes=3))
     await svc.start()
     yield svc
@@ -62,19 +55,15 @@ def matched(answer: ScoreAnswer | None) -> dict[str, int]:
     return {} if answer is None else {s.worker_id: s.matched_blocks for s in answer.scores}
 
 
-async def _true(value: bool) -> bool:
-    return value
-
-
 class TestReaders:
     async def test_readers_answer_alone_from_redis(self, service: IndexerService,
-                                                   nats_server: EmbeddedNats) -> None:
+                                                   nats_url: str) -> None:
         """With the consumer process's own server stopped, new connections still get
         the right scores, freshness and worker list: the readers serve them."""
         assert service.readers is not None
-        await eventually(lambda: _true(len(service.readers.pids) == 2))  # type: ignore[union-attr]
-        async with publisher(nats_server.url, "w1") as one, \
-                publisher(nats_server.url, "w2") as two:
+        await eventually(lambda: is_true(len(service.readers.pids) == 2))  # type: ignore[union-attr]
+        async with publisher(nats_url, "w1") as one, \
+                publisher(nats_url, "w2") as two:
             one.stored(list(range(1, 9)), TOKENS, parent_hash=None)
             two.stored(list(range(1, 4)), TOKENS[: 3 * BS], parent_hash=None)
             assert await one.flush() and await two.flush()
@@ -84,7 +73,7 @@ class TestReaders:
                 return matched(answer) == {"w1": 8, "w2": 3}
 
             await eventually(indexed, timeout=20)
-            await eventually(lambda: _true(not service.rebuilding))
+            await eventually(lambda: is_true(not service.rebuilding))
             await service._server.stop(0)  # type: ignore[union-attr]
 
             async def readers_answer() -> bool:
@@ -104,20 +93,20 @@ class TestReaders:
     async def test_a_dead_reader_is_started_again(self, service: IndexerService) -> None:
         assert service.readers is not None
         readers = service.readers
-        await eventually(lambda: _true(len(readers.pids) == 2), timeout=20)
+        await eventually(lambda: is_true(len(readers.pids) == 2), timeout=20)
         victim = readers.pids[0]
         os.kill(victim, signal.SIGKILL)
-        await eventually(lambda: _true(len(readers.pids) == 2 and victim not in readers.pids),
+        await eventually(lambda: is_true(len(readers.pids) == 2 and victim not in readers.pids),
                          timeout=20)
         assert readers.restarts == 1
 
-    async def test_close_stops_the_readers(self, nats_server: EmbeddedNats,
+    async def test_close_stops_the_readers(self, nats_url: str,
                                            private_redis: RedisServer) -> None:
-        svc = IndexerService(service_config(nats_server.url, redis_url=private_redis.url,
+        svc = IndexerService(service_config(nats_url, redis_url=private_redis.url,
                                             grpc_listen="127.0.0.1:0", grpc_processes=2))
         await svc.start()
         assert svc.readers is not None
-        await eventually(lambda: _true(len(svc.readers.pids) == 1))  # type: ignore[union-attr]
+        await eventually(lambda: is_true(len(svc.readers.pids) == 1))  # type: ignore[union-attr]
         [pid] = svc.readers.pids
         await svc.close()
         with pytest.raises(ProcessLookupError):
@@ -149,19 +138,11 @@ def _pool_parent(config: ServiceConfig, listen: str, conn: Connection) -> None:
     time.sleep(3600)
 
 
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return state == "Z"  # exited; only waiting to be reaped by whoever adopted it
-
-
 async def test_a_reader_stops_when_its_consumer_process_dies(
-        nats_server: EmbeddedNats, private_redis: RedisServer) -> None:
+        nats_url: str, private_redis: RedisServer) -> None:
     """SIGKILL of the process that started the readers (no clean shutdown): they exit
     instead of serving a port nobody ingests for."""
-    config = service_config(nats_server.url, redis_url=private_redis.url,
+    config = service_config(nats_url, redis_url=private_redis.url,
                             grpc_listen="127.0.0.1:0", grpc_processes=2)
     ctx = mp.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe(duplex=False)
@@ -174,10 +155,10 @@ async def test_a_reader_stops_when_its_consumer_process_dies(
     try:
         assert parent_conn.poll(30)
         [reader] = parent_conn.recv()
-        await eventually(lambda: _true(serving(port)), timeout=30)  # serving
+        await eventually(lambda: is_true(serving(port)), timeout=30)  # serving
         os.kill(parent.pid, signal.SIGKILL)  # type: ignore[arg-type]
         parent.join(5)
-        await eventually(lambda: _true(_gone(reader)), timeout=15)
+        await eventually(lambda: is_true(exited(reader)), timeout=15)
     finally:
         if parent.is_alive():
             parent.kill()
@@ -207,21 +188,21 @@ def free_port_pair() -> int:
     raise RuntimeError("no two adjacent free ports")
 
 
-async def test_a_reader_exports_its_score_latency(nats_server: EmbeddedNats,
+async def test_a_reader_exports_its_score_latency(nats_url: str,
                                                   private_redis: RedisServer) -> None:
     """Reader processes build their index with the same factory as the consumer process:
     Scores they answer are timed, on the service's metrics port + 1 + reader number."""
     import urllib.request
 
     port = free_port_pair()
-    svc = IndexerService(service_config(nats_server.url, redis_url=private_redis.url,
+    svc = IndexerService(service_config(nats_url, redis_url=private_redis.url,
                                         grpc_listen="127.0.0.1:0", grpc_processes=2,
                                         metrics_listen=f"127.0.0.1:{port}"))
     await svc.start()
     try:
         assert svc.readers is not None
-        await eventually(lambda: _true(len(svc.readers.pids) == 1))  # type: ignore[union-attr]
-        async with publisher(nats_server.url, "w1") as one:  # a candidate, so Score runs
+        await eventually(lambda: is_true(len(svc.readers.pids) == 1))  # type: ignore[union-attr]
+        async with publisher(nats_url, "w1") as one:  # a candidate, so Score runs
             one.stored(list(range(1, 9)), TOKENS, parent_hash=None)
             assert await one.flush()
 

@@ -11,7 +11,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from indexer.app import IndexerService
-from indexer.embedded import EmbeddedNats
 from indexer.index.protocol import RankState
 from indexer.ingest.recovery import (
     SNAPSHOT_BUCKET,
@@ -23,17 +22,9 @@ from indexer.ingest.recovery import (
 )
 from kvcore.bus import STREAM_NAME, subject_for
 from kvcore.topology import partition_filter
+from tests.support.event_path import PARTITIONS, matched, publisher, service_config, store
+from tests.support.polling import equals, eventually, is_true
 from tests.support.servers import RedisServer
-from tests.test_event_path import (
-    PARTITIONS,
-    _eq,
-    _true,
-    eventually,
-    matched,
-    publisher,
-    service_config,
-    store,
-)
 
 pytestmark = pytest.mark.integration
 
@@ -71,12 +62,12 @@ class TestSnapshotCodec:
 class TestPartitionFunction:
     """Our partition_of agrees with nats-server's subject transform."""
 
-    async def test_matches_server(self, nats_server: EmbeddedNats) -> None:
+    async def test_matches_server(self, nats_url: str) -> None:
         """Messages of many workers land in the partition partition_of predicts."""
-        svc = IndexerService(service_config(nats_server.url))
+        svc = IndexerService(service_config(nats_url))
         await svc.start()
         await svc.close()  # leaves the stream with its transform
-        nc = await nats.connect(nats_server.url)
+        nc = await nats.connect(nats_url)
         js = nc.jetstream()
         workers = [f"w-{i}:80{i}" for i in range(24)]
         for w in workers:
@@ -92,20 +83,20 @@ class TestPartitionFunction:
 class TestRebuild:
     """A restarted index is rebuilt from the newest valid snapshot and the stream tail."""
 
-    async def test_snapshot_then_tail(self, nats_server: EmbeddedNats) -> None:
+    async def test_snapshot_then_tail(self, nats_url: str) -> None:
         """Snapshots are taken, the stream purged below them, and a new process rebuilds."""
-        config = service_config(nats_server.url, snapshot_every_batches=2)
-        async with publisher(nats_server.url) as pub:
+        config = service_config(nats_url, snapshot_every_batches=2)
+        async with publisher(nats_url) as pub:
             first = IndexerService(config)
             await first.start()
             for block in range(1, 7):
                 store(pub, block, block)
                 await pub.flush()
                 if block in (3, 6):  # two rounds, a snapshot after each
-                    await eventually(lambda b=block: _eq(matched(first), b))
-                    await eventually(lambda b=block: _true(first.stats.snapshots >= b // 3))
+                    await eventually(lambda b=block: equals(matched(first), b))
+                    await eventually(lambda b=block: is_true(first.stats.snapshots >= b // 3))
             await first.close()
-            nc = await nats.connect(nats_server.url)
+            nc = await nats.connect(nats_url)
             info = await nc.jetstream().stream_info(STREAM_NAME)
             assert info.state.first_seq > 1  # purged below the oldest snapshot kept
             await nc.close()
@@ -114,25 +105,25 @@ class TestRebuild:
             second = IndexerService(config)
             await second.start()
             try:
-                await eventually(lambda: _eq(matched(second), 8))
+                await eventually(lambda: equals(matched(second), 8))
                 assert second.stats.rebuilds == PARTITIONS
-                await eventually(lambda: _true(not second.rebuilding))
+                await eventually(lambda: is_true(not second.rebuilding))
             finally:
                 await second.close()
 
-    async def test_corrupt_newest_snapshot_falls_back(self, nats_server: EmbeddedNats) -> None:
+    async def test_corrupt_newest_snapshot_falls_back(self, nats_url: str) -> None:
         """A damaged newest snapshot is reported and skipped; an older one is used."""
-        config = service_config(nats_server.url, snapshot_every_batches=1)
-        async with publisher(nats_server.url) as pub:
+        config = service_config(nats_url, snapshot_every_batches=1)
+        async with publisher(nats_url) as pub:
             first = IndexerService(config)
             await first.start()
             for block in range(1, 5):
                 store(pub, block, block)
                 await pub.flush()
-                await eventually(lambda b=block: _eq(matched(first), b))
-                await eventually(lambda b=block: _true(first.stats.snapshots >= b))
+                await eventually(lambda b=block: equals(matched(first), b))
+                await eventually(lambda b=block: is_true(first.stats.snapshots >= b))
             await first.close()
-            nc = await nats.connect(nats_server.url)
+            nc = await nats.connect(nats_url)
             bucket = await nc.jetstream().object_store(SNAPSHOT_BUCKET)
             names = sorted(i.name for i in await bucket.list(ignore_deletes=True))
             newest = names[-1]
@@ -141,7 +132,7 @@ class TestRebuild:
             second = IndexerService(config)
             await second.start()
             try:
-                await eventually(lambda: _eq(matched(second), 4))
+                await eventually(lambda: equals(matched(second), 4))
                 assert second.snapshots is not None and second.snapshots.corrupt_found >= 1
             finally:
                 await second.close()
@@ -150,27 +141,27 @@ class TestRebuild:
 class TestIndexLosesData:
     """Redis emptied under a running indexer: the partition is rebuilt in place."""
 
-    async def test_redis_flushed(self, nats_server: EmbeddedNats, tmp_path: Path) -> None:
+    async def test_redis_flushed(self, nats_url: str, tmp_path: Path) -> None:
         """FLUSHALL while running: markers vanish, partitions rebuild, blocks come back."""
         redis_server = RedisServer(tmp_path / "redis").start()
-        svc = IndexerService(service_config(nats_server.url, redis_url=redis_server.url,
+        svc = IndexerService(service_config(nats_url, redis_url=redis_server.url,
                                             snapshot_every_batches=3))
         await svc.start()
         try:
-            async with publisher(nats_server.url) as pub:
+            async with publisher(nats_url) as pub:
                 for block in range(1, 7):
                     store(pub, block, block)
                     await pub.flush()
-                await eventually(lambda: _eq(matched(svc), 6))
+                await eventually(lambda: equals(matched(svc), 6))
                 client = aioredis.Redis.from_url(redis_server.url)
                 await client.flushall()
                 await client.aclose()
                 assert await matched(svc) == 0
-                await eventually(lambda: _eq(matched(svc), 6), timeout=15)
+                await eventually(lambda: equals(matched(svc), 6), timeout=15)
                 assert svc.stats.rebuilds >= PARTITIONS + 1  # the start, then the flush
                 store(pub, 7, 8)
                 await pub.flush()
-                await eventually(lambda: _eq(matched(svc), 8))
+                await eventually(lambda: equals(matched(svc), 8))
         finally:
             await svc.close()
             redis_server.stop()
@@ -180,22 +171,22 @@ class TestIndexLosesData:
 class TestForcedRebuild:
     """`kv-indexer rebuild` makes running indexers rebuild every partition."""
 
-    async def test_request_rebuild(self, nats_server: EmbeddedNats) -> None:
+    async def test_request_rebuild(self, nats_url: str) -> None:
         """After request_rebuild every partition rebuilds once, and the index is whole."""
         from indexer.ingest.recovery import request_rebuild
 
-        svc = IndexerService(service_config(nats_server.url, snapshot_every_batches=2))
+        svc = IndexerService(service_config(nats_url, snapshot_every_batches=2))
         await svc.start()
         try:
-            async with publisher(nats_server.url) as pub:
+            async with publisher(nats_url) as pub:
                 store(pub, 1, 4)
                 await pub.flush()
-                await eventually(lambda: _eq(matched(svc), 4))
-                await eventually(lambda: _true(not svc.rebuilding))
+                await eventually(lambda: equals(matched(svc), 4))
+                await eventually(lambda: is_true(not svc.rebuilding))
                 before = svc.stats.rebuilds
-                await request_rebuild(nats_server.url, PARTITIONS)
-                await eventually(lambda: _true(svc.stats.rebuilds == before + PARTITIONS))
-                await eventually(lambda: _true(not svc.rebuilding))
+                await request_rebuild(nats_url, PARTITIONS)
+                await eventually(lambda: is_true(svc.stats.rebuilds == before + PARTITIONS))
+                await eventually(lambda: is_true(not svc.rebuilding))
                 assert await matched(svc) == 4
                 await asyncio.sleep(1.5)  # settled: no further rebuilds
                 assert svc.stats.rebuilds == before + PARTITIONS
@@ -206,20 +197,20 @@ class TestForcedRebuild:
 class TestRebuildCommand:
     """`kv-indexer rebuild` reaches a running indexer through NATS."""
 
-    async def test_cli(self, nats_server: EmbeddedNats) -> None:
+    async def test_cli(self, nats_url: str) -> None:
         """The command exits 0 and the service rebuilds every partition."""
         from indexer.cli import main as cli_main
 
-        svc = IndexerService(service_config(nats_server.url))
+        svc = IndexerService(service_config(nats_url))
         await svc.start()
         try:
-            await eventually(lambda: _true(not svc.rebuilding))
+            await eventually(lambda: is_true(not svc.rebuilding))
             before = svc.stats.rebuilds
             code = await asyncio.to_thread(
-                cli_main, ["rebuild", "--nats-url", nats_server.url,
+                cli_main, ["rebuild", "--nats-url", nats_url,
                            "--partitions", str(PARTITIONS)])
             assert code == 0
-            await eventually(lambda: _true(svc.stats.rebuilds == before + PARTITIONS))
+            await eventually(lambda: is_true(svc.stats.rebuilds == before + PARTITIONS))
         finally:
             await svc.close()
 

@@ -13,8 +13,8 @@ from indexer.errors import BackendError
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import ApplyOutcome, IndexConfig, ScoreQuery
 from indexer.index.redis import RedisIndex, model_prefix
+from tests.support.ledger_batches import BS, MODEL, TOKENS, batch, stored
 from tests.support.servers import RedisServer
-from tests.test_ledger import BS, MODEL, TOKENS, batch, stored
 
 pytestmark = pytest.mark.integration
 

@@ -9,20 +9,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import nats
 import pytest
 
-from indexer.embedded import EmbeddedNats
 from indexer.index.protocol import ScoreQuery
 from indexer.index.redis import RedisIndex
 from indexer.ingest.partitions import LEASE_BUCKET
 from kvcore.topology import StreamSettings
 from publisher.publisher import KVEventPublisher
+from tests.support.event_path import BS, MODEL, TOKENS
+from tests.support.polling import eventually
 from tests.support.servers import RedisServer
-from tests.test_event_path import BS, MODEL, TOKENS, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -38,13 +37,6 @@ def start_indexer(nats_url: str, redis_url: str, log: Path) -> subprocess.Popen[
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-c", code, *args], stdout=log.open("wb"),
                             stderr=subprocess.STDOUT, env=env)
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 async def lease_owners(nats_url: str) -> dict[str, str]:
@@ -79,20 +71,20 @@ async def all_matched(index: RedisIndex, blocks: int) -> bool:
 class TestTwoProcesses:
     """Partition leases keep one consumer per partition across processes."""
 
-    async def test_split_and_failover(self, nats_server: EmbeddedNats,
+    async def test_split_and_failover(self, nats_url: str,
                                       private_redis: RedisServer, tmp_path: Path) -> None:
         """2 processes hold 2 partitions each; after one is SIGKILLed the other holds 4."""
-        procs = [start_indexer(nats_server.url, private_redis.url, tmp_path / f"idx{i}.log")
+        procs = [start_indexer(nats_url, private_redis.url, tmp_path / f"idx{i}.log")
                  for i in range(2)]
         index = RedisIndex.from_url(private_redis.url)
-        pubs = [KVEventPublisher(MODEL, worker, block_size=BS, nats_url=nats_server.url,
+        pubs = [KVEventPublisher(MODEL, worker, block_size=BS, nats_url=nats_url,
                                  stream=StreamSettings(partitions=PARTITIONS))
                 for worker in WORKERS]
         try:
             for pub in pubs:
                 await pub.start()
             async def split() -> bool:
-                owners = await lease_owners(nats_server.url)
+                owners = await lease_owners(nats_url)
                 counts = sorted(list(owners.values()).count(o) for o in set(owners.values()))
                 return len(owners) == PARTITIONS and counts == [2, 2]
 
@@ -105,7 +97,7 @@ class TestTwoProcesses:
             started = time.monotonic()
 
             async def taken_over() -> bool:
-                owners = await lease_owners(nats_server.url)
+                owners = await lease_owners(nats_url)
                 return len(owners) == PARTITIONS and len(set(owners.values())) == 1
 
             await publish_round(pubs, 5, 8)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kvcore.runtime import uvloop_installed
+from tests.support.processes import exits_within
 from tests.support.servers import free_port
 
 pytestmark = pytest.mark.integration
@@ -46,21 +47,6 @@ def _start_serve(tmp_path: Path) -> tuple[subprocess.Popen[str], int, str]:
     return proc, nats_pid, banner
 
 
-def _gone(pid: int, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        # A child that has exited but is not yet reaped still answers kill(0).
-        if Path(f"/proc/{pid}/stat").exists() and \
-                Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _kill_if_left(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
@@ -75,7 +61,7 @@ def test_ctrl_c_stops_the_consumers_before_nats(tmp_path: Path) -> None:
         # The consumers drained against a live server: no failures, no timeouts.
         assert "partition_consumer_failed" not in output, output
         assert "Traceback" not in output, output
-        assert _gone(nats_pid, 10)
+        assert exits_within(nats_pid, 10)
         if uvloop_installed():  # the default --event-loop auto serves on it
             assert "loop     uvloop" in banner, banner
     finally:
@@ -88,6 +74,6 @@ def test_a_killed_indexer_takes_its_nats_server_along(tmp_path: Path) -> None:
     try:
         proc.kill()
         proc.wait(10)
-        assert _gone(nats_pid, 10)
+        assert exits_within(nats_pid, 10)
     finally:
         _kill_if_left(nats_pid)

@@ -1,7 +1,7 @@
 """The gRPC service through a real grpc.aio server on a free port, on both backends.
 
 Every test that takes `index` runs twice: on the in-memory index and on the Redis index
-(the private redis-server). The scenario (BLOCK = 4 tokens per block, prompt = 4 blocks):
+(the private redis-server), loaded with the scenario of tests/support/grpc_scenario.py:
 
     w-a rank 0   the whole prompt on GPU          matched 4
     w-c rank 0   its first 3 blocks on CPU        matched 3
@@ -12,7 +12,6 @@ Every test that takes `index` runs twice: on the in-memory index and on the Redi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -39,74 +37,24 @@ from indexer.serve.service import (
     SERVICE_NAME,
     KvIndexerService,
     ServiceSettings,
-    start_grpc_server,
 )
-from kvcore.bus import SCHEMA_VERSION, AllBlocksCleared, BlockStored, Event, EventBatch
+from kvcore.bus import AllBlocksCleared, BlockStored, EventBatch
 from kvcore.bus import pack_tokens as pack
 from kvcore.keys import block_keys_for_tokens
+from tests.support.grpc_scenario import (
+    AGE,
+    CONFIG,
+    PROMPT,
+    TOKENS,
+    SlowScores,
+    batch,
+    scenario,
+    serving,
+    store,
+)
+from tests.support.prompt_tree import BLOCK, MODEL, make_event, path_tokens
+from tests.support.protobuf_wire import unpacked_tokens, varint
 from tests.support.servers import RedisServer
-from tests.test_index_contract import BLOCK, MODEL, make_event, path_tokens
-from tests.test_native import unpacked_tokens, varint
-
-PROMPT = (0, 0, 0, 0)
-TOKENS = path_tokens(PROMPT)
-CONFIG = IndexConfig(max_query_tokens=4096, min_block_size=BLOCK)
-AGE = 5.0  # seconds: the scenario's events were published this long ago
-NO_CACHE = ServiceSettings(worker_cache_seconds=0)
-
-
-def batch(worker: str, rank: int, seq: int, events: list[Event], *, model: str = MODEL,
-          ts: float | None = None) -> EventBatch:
-    return EventBatch(schema=SCHEMA_VERSION, model=model, worker_id=worker, dp_rank=rank,
-                      epoch=1, seq=seq, events=events,
-                      ts=time.time() - AGE if ts is None else ts)
-
-
-def store(path: tuple[int, ...], medium: str = "gpu") -> Event:
-    return make_event("store", (path, 0, medium, None), 1)
-
-
-def scenario() -> list[EventBatch]:
-    return [
-        batch("w-a", 0, 0, [store(PROMPT)]),
-        batch("w-b", 0, 0, [store((0, 0))]),
-        batch("w-b", 1, 0, [store((1,))]),
-        batch("w-c", 0, 0, [store((0, 0, 0), "cpu")]),
-    ]
-
-
-async def make_index(kind: str, request: pytest.FixtureRequest) -> Index:
-    if kind == "memory":
-        return MemoryIndex(CONFIG)
-    server: RedisServer = request.getfixturevalue("redis_server")
-    admin = aioredis.Redis.from_url(server.url)
-    await admin.flushall()
-    await admin.aclose()
-    return RedisIndex.from_url(server.url, config=CONFIG)
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
-    """The scenario, loaded into each backend in turn."""
-    idx = await make_index(request.param, request)
-    await idx.apply(scenario())
-    yield idx
-    await idx.close()
-
-
-@contextlib.asynccontextmanager
-async def serving(
-    index: Any, settings: ServiceSettings = NO_CACHE, listen: str = "127.0.0.1:0",
-    **hooks: Any,
-) -> AsyncIterator[tuple[pb_grpc.KvIndexerStub, int]]:
-    """A real server for `index` and a stub on an aio channel to it."""
-    server, port = await start_grpc_server(index, listen, settings=settings, **hooks)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield pb_grpc.KvIndexerStub(channel), port
-    finally:
-        await channel.close()
-        await server.stop(None)
 
 
 @pytest.fixture
@@ -123,26 +71,6 @@ async def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call
     return info.value.code(), info.value.details() or ""
-
-
-class SlowScores:
-    """A real index whose score() first waits `delay` seconds (to let deadlines pass)."""
-
-    def __init__(self, inner: Index, delay: float) -> None:
-        self.inner = inner
-        self.delay = delay
-        self.cancelled = asyncio.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    async def score(self, query: ScoreQuery) -> ScoreResult:
-        try:
-            await asyncio.sleep(self.delay)
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
-        return await self.inner.score(query)
 
 
 class CountingScores:

@@ -1,5 +1,6 @@
-"""Private nats-server and redis-server processes for tests: free ports, temp dirs,
-killable and restartable by the test that owns them."""
+"""Private redis-server processes for tests (free ports, temp dirs, killable and
+restartable by the test that owns them), and emptying a shared nats-server's JetStream
+between tests. nats-servers themselves are indexer.embedded.EmbeddedNats."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+
+import nats
 
 
 def free_port() -> int:
@@ -71,3 +74,20 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait(10)
         self.proc = None
+
+
+async def empty_jetstream(url: str) -> list[str]:
+    """Delete every stream on the nats-server at `url` (KV buckets and object stores are
+    streams too: KV_<bucket>, OBJ_<store>), with their consumers and messages. Returns the
+    names deleted."""
+    nc = await nats.connect(url, allow_reconnect=False)
+    try:
+        jsm = nc.jsm()
+        names = sorted(info.config.name for info in await jsm.streams_info() if info.config.name)
+        for name in names:
+            await jsm.delete_stream(name)
+        if await jsm.streams_info():
+            raise RuntimeError(f"streams left on {url} after deleting {names}")
+        return names
+    finally:
+        await nc.close()
