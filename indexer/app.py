@@ -14,18 +14,20 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 import msgspec
 import nats
 import structlog
 from grpc_health.v1 import health
 from nats.aio.client import Client as NatsClient
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
 from indexer.config import ServiceConfig, parse_service_config
 from indexer.embedded import NATS_DEFAULT_PORT, EmbeddedNats, port_is_free
-from indexer.errors import ConfigError
+from indexer.errors import BackendError, ConfigError
 from indexer.index.factory import build_index, served_index
 from indexer.index.protocol import Index, IndexConfig, WorkerInfo
 from indexer.ingest.consumer import (
@@ -59,6 +61,9 @@ from kvcore.topology import (
 __all__ = ["IndexerService", "main"]
 
 log = structlog.get_logger("indexer.app")
+
+# A backend or NATS away: background tasks are restarted without a traceback in the log.
+OUTAGES: Final = (BackendError, NatsError, TimeoutError, ConnectionError)
 
 
 @dataclass
@@ -190,7 +195,8 @@ class IndexerService:
                 snapshot_every_s=self.config.snapshot_every_s))
         stop = asyncio.Event()
         task = asyncio.create_task(supervise(f"partition-{partition}", consumer.run, stop,
-                                             on_failure=self._consumer_failed))
+                                             on_failure=self._consumer_failed,
+                                             outages=OUTAGES))
         self._consumers[partition] = (stop, task, consumer)
 
     def _consumer_failed(self, _name: str) -> None:
@@ -199,7 +205,8 @@ class IndexerService:
     def _background(self, name: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         """A task that lives as long as the process: supervised, its failures counted."""
         self._tasks.append(asyncio.create_task(
-            supervise(name, run, self._stop, on_failure=self.stats.task_failed)))
+            supervise(name, run, self._stop, on_failure=self.stats.task_failed,
+                      outages=OUTAGES)))
 
     async def _stop_partition(self, partition: int) -> None:
         entry = self._consumers.pop(partition, None)

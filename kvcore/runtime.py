@@ -131,16 +131,21 @@ async def supervise(
     stop: asyncio.Event,
     *,
     on_failure: Callable[[str], None] | None = None,
+    outages: tuple[type[BaseException], ...] = (),
 ) -> None:
     """Run `run(stop)` until `stop` is set. A background task of a long-lived process must
     never end unnoticed: an exception, or a return while `stop` is not set, is logged
     (`task_failed`, with the traceback), counted through `on_failure(name)`, and the task
-    is started again after a backoff (`SUPERVISE_BACKOFF_S`)."""
+    is started again after a backoff (`SUPERVISE_BACKOFF_S`). Exceptions of the `outages`
+    types (a server away: expected, and repeated while it lasts) are logged as
+    `task_interrupted` without a traceback."""
     failures = 0
     while not stop.is_set():
         started = time.monotonic()
         try:
             await run(stop)
+        except outages as exc:
+            log.warning("task_interrupted", task=name, error=repr(exc)[:300])
         except Exception:
             log.exception("task_failed", task=name)
         else:

@@ -25,6 +25,7 @@ from kvcore.topology import StreamSettings
 from kvsim.mock_engines import MockFleet, synthetic_prompts
 from publisher.publisher import KVEventPublisher
 from publisher.zmq_source import EngineSource
+from tests.support.capture import CapturingSink
 from tests.support.reference import ReferenceIndex
 from tests.support.servers import RedisServer
 
@@ -73,22 +74,6 @@ class Indexer:
     def count(self, event: str) -> int:
         return sum(log.read_text().count(f'"event": "{event}"')
                    for log in self.log_dir.glob("indexer-*.log"))
-
-
-class CapturingSink:
-    """Wraps a publisher's sink: every batch it accepts is recorded, in order."""
-
-    def __init__(self, pub: KVEventPublisher, published: list[EventBatch]) -> None:
-        assert pub.sink is not None
-        original = pub.sink.offer
-
-        def offer(batch: EventBatch) -> bool:
-            accepted = original(batch)
-            if accepted:
-                published.append(batch)
-            return accepted
-
-        pub.sink.offer = offer  # type: ignore[method-assign]
 
 
 async def converged(index: RedisIndex, published: list[EventBatch]) -> bool:
