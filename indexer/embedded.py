@@ -90,10 +90,14 @@ _SET_DEATH_SIGNAL = _death_signal_setter()
 class EmbeddedNats:
     """A nats-server child process; `url` is valid once `start()` returns."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1"):
+    def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1",
+                 *, max_payload: int | None = None):
         self.data_dir = data_dir
         self.host = host
         self.port = port or free_port()
+        # The server's max_payload (None: its default, 1 MiB); read at each start, so a test
+        # may restart the server with another limit.
+        self.max_payload = max_payload
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -103,9 +107,14 @@ class EmbeddedNats:
     def start(self, timeout: float = 10.0) -> EmbeddedNats:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log_file = self.data_dir / "nats-server.log"
+        argv = [find_nats_server(), "-a", self.host, "-p", str(self.port), "-js",
+                "-sd", str(self.data_dir / "jetstream"), "-l", str(log_file)]
+        if self.max_payload is not None:  # no command-line flag for it: a config file
+            config = self.data_dir / "nats-server.conf"
+            config.write_text(f"max_payload: {int(self.max_payload)}\n")
+            argv += ["-c", str(config)]
         self.proc = subprocess.Popen(
-            [find_nats_server(), "-a", self.host, "-p", str(self.port), "-js",
-             "-sd", str(self.data_dir / "jetstream"), "-l", str(log_file)],
+            argv,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
             preexec_fn=_SET_DEATH_SIGNAL,  # noqa: PLW1509 - one syscall, see above

@@ -56,6 +56,7 @@ __all__ = [
     "unescape_token",
     "unpack_tokens",
     "validate_batch",
+    "validate_event",
 ]
 
 SCHEMA_VERSION: Final = 1
@@ -220,22 +221,30 @@ def validate_batch(batch: EventBatch) -> None:
     if len(batch.events) > MAX_EVENTS_PER_BATCH:
         raise BusDecodeError(f"{len(batch.events)} events exceed {MAX_EVENTS_PER_BATCH}")
     for event in batch.events:
-        if isinstance(event, BlockStored):
-            _check_stored(event)
-        elif isinstance(event, BlockRemoved):
-            _check_hashes(event.block_hashes)
+        validate_event(event)
 
 
-def _check_hashes(hashes: list[int]) -> None:
-    if len(hashes) > MAX_BLOCKS_PER_EVENT:
-        raise BusDecodeError(f"{len(hashes)} blocks exceed {MAX_BLOCKS_PER_EVENT}")
+def validate_event(event: Event, *, max_blocks: int | None = MAX_BLOCKS_PER_EVENT) -> None:
+    """Raise a BusDecodeError unless `event` is one `validate_batch` accepts.
+
+    A publisher checks events with `max_blocks=None` before it cuts them to the bus limits.
+    """
+    if isinstance(event, BlockStored):
+        _check_stored(event, max_blocks)
+    elif isinstance(event, BlockRemoved):
+        _check_hashes(event.block_hashes, max_blocks)
+
+
+def _check_hashes(hashes: list[int], max_blocks: int | None) -> None:
+    if max_blocks is not None and len(hashes) > max_blocks:
+        raise BusDecodeError(f"{len(hashes)} blocks exceed {max_blocks}")
     if hashes and (min(hashes) < 0 or max(hashes) > _U64):
         bad = next(h for h in hashes if not 0 <= h <= _U64)
         raise BusDecodeError(f"block hash {bad} is not an unsigned 64-bit int")
 
 
-def _check_stored(event: BlockStored) -> None:
-    _check_hashes(event.block_hashes)
+def _check_stored(event: BlockStored, max_blocks: int | None) -> None:
+    _check_hashes(event.block_hashes, max_blocks)
     if event.parent_hash is not None and not 0 <= event.parent_hash <= _U64:
         raise BusDecodeError(f"parent hash {event.parent_hash} is not an unsigned 64-bit int")
     n_blocks = len(event.block_hashes)

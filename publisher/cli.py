@@ -36,6 +36,8 @@ BRIDGE_SETTINGS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--block-size", "BLOCK_SIZE", "16", "engine block size in tokens"),
     ("--flavor", "FLAVOR", "vllm", "vllm or sglang"),
     ("--max-pending", "MAX_PENDING", "10000", "batches buffered while NATS is slow or away"),
+    ("--metrics-listen", "METRICS_LISTEN", "",
+     "HOST:PORT serving Prometheus /metrics and /healthz (empty: off)"),
     ("--log-format", "LOG_FORMAT", "auto", "auto (console on a TTY, else JSON), json, console"),
 )
 
@@ -65,7 +67,20 @@ def parse_bridge_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(f"--log-format must be auto, json or console, got {args.log_format!r}")
     if args.flavor not in ("vllm", "sglang"):
         parser.error(f"--flavor must be vllm or sglang, got {args.flavor!r}")
+    if args.metrics_listen:
+        try:
+            parse_listen(args.metrics_listen)
+        except ValueError as exc:
+            parser.error(f"--metrics-listen: {exc}")
     return args
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`host:port` (port 0: any free one) -> (host, port); ValueError if it is not one."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # a bare ":port" listens on all
 
 
 async def run_bridge(args: argparse.Namespace) -> None:
@@ -80,12 +95,24 @@ async def run_bridge(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     sources = [EngineSource(ctx, rank, args.zmq_endpoint, replay_endpoint=args.replay_endpoint,
                             topic=args.topic, flavor=args.flavor) for rank in publisher.ranks]
+    http = None
+    served = ""
+    if args.metrics_listen:
+        # prometheus_client only when asked for: the sidecar stays small without it.
+        from publisher.metrics import BridgeHttpServer  # noqa: PLC0415
+
+        http = BridgeHttpServer(publisher, sources)
+        host, port = parse_listen(args.metrics_listen)
+        port = await http.start(host, port)
+        served = f"; /metrics and /healthz on {host}:{port}"
     settle_gc()
     print(f"kv-publisher bridge: {args.zmq_endpoint} ({args.dp_size} rank(s)) -> "
-          f"{args.nats_url} as {args.model} / {args.worker_id}", flush=True)
+          f"{args.nats_url} as {args.model} / {args.worker_id}{served}", flush=True)
     try:
         await asyncio.gather(*(source.run(stop) for source in sources))
     finally:
+        if http is not None:
+            await http.close()
         await publisher.close()
         ctx.term()
 

@@ -9,7 +9,7 @@ are kept as bounded "ghosts" and re-sent as stored-then-removed, so children res
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Final
 
 from kvcore.bus import TIERS, AllBlocksCleared, BlockRemoved, BlockStored, Event, tier_index
@@ -56,6 +56,14 @@ class BlockMirror:
     def clear(self) -> None:
         self.blocks.clear()
         self.ghosts.clear()
+
+    def forget(self, hashes: Iterable[int]) -> None:
+        """Drop blocks entirely (held or ghost): ones that cannot be published. A block
+        chaining from a forgotten one reaches no root, so snapshots leave it out too."""
+        blocks, ghosts = self.blocks, self.ghosts
+        for h in hashes:
+            blocks.pop(h, None)
+            ghosts.pop(h, None)
 
     def _store(self, event: BlockStored) -> None:
         bit = 1 << tier_index(event.medium)

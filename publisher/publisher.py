@@ -1,8 +1,13 @@
-"""Publishing a worker's KV events: per-rank sequencing, resyncs, liveness.
+"""Publishing a worker's KV events: per-rank sequencing, size limits, resyncs, liveness.
 
 `RankPublisher` turns event lists into bus batches for one (worker, dp_rank): a new epoch
-per start (and per engine restart), a gapless seq, and a mirror of the rank's blocks. When
-the sink refuses a batch (buffer full) or the indexer asks for a resync, the rank publishes
+per start (and per engine restart), a gapless seq, and a mirror of the rank's blocks.
+Events are cut to the connected server's max_payload (`publisher.splitter`): an engine
+step or a resync that does not fit one message goes out as several consecutive batches,
+each with its own seq. A block too large for any message is dropped (counted, logged),
+forgotten by the mirror with every block chaining from it, and a resync is asked for, so
+the index ends equal to what the mirror can publish. When the sink refuses a batch (buffer
+full), a batch is dropped on the way, or the indexer asks for a resync, the rank publishes
 AllBlocksCleared plus its mirror once the sink has room: the index is rebuilt exactly.
 
 `KVEventPublisher` is the library face for engines that publish directly (stored, removed,
@@ -14,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import msgspec
 import nats
@@ -30,10 +37,12 @@ from kvcore.bus import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
+    BusError,
     Event,
     EventBatch,
     engine_hash_to_u64,
     pack_tokens,
+    validate_event,
 )
 from kvcore.topology import (
     StreamSettings,
@@ -44,13 +53,18 @@ from kvcore.topology import (
 )
 from publisher.mirror import BlockMirror
 from publisher.nats_sink import NatsSink
+from publisher.splitter import envelope_bytes, event_bytes, split_events
 
 __all__ = ["KVEventPublisher", "RankPublisher", "SyncKVEventPublisher", "new_epoch"]
 
 log = structlog.get_logger("publisher")
 
 T = TypeVar("T")
-_SNAPSHOT_EVENTS_PER_BATCH = 256
+_UNSENDABLE_CAPACITY: Final = 65_536
+# A resync asked for because blocks were dropped waits this long after the previous one:
+# a server limit smaller than a block makes every step drop, and each resync re-sends all.
+_DROP_RESYNC_INTERVAL_S: Final = 5.0
+_TICK_S: Final = 0.5
 
 
 def new_epoch() -> int:
@@ -59,7 +73,7 @@ def new_epoch() -> int:
 
 
 class RankPublisher:
-    """Bus batches of one (worker, dp_rank): epoch, gapless seq, mirror, resync."""
+    """Bus batches of one (worker, dp_rank): epoch, gapless seq, mirror, size, resync."""
 
     def __init__(self, model: str, worker_id: str, dp_rank: int, sink: NatsSink) -> None:
         self.model = model
@@ -70,48 +84,204 @@ class RankPublisher:
         self.mirror = BlockMirror()
         self.resyncs = 0
         self._sink = sink
+        self._envelope = envelope_bytes(model, worker_id, dp_rank)
+        self._reserve = sink.header_reserve(worker_id, dp_rank)
         self._resync_due = False
+        self._resync_blocking = False  # batches were lost: hold live events until it goes
+        self._resync_not_before = 0.0
+        self._last_resync = -math.inf
+        self._resync_seq = -1  # first seq of the newest resync of this epoch
+        # Blocks that could not be published (too large), and blocks chaining from them.
+        self._unsendable: OrderedDict[int, None] = OrderedDict()
         self._log = log.bind(model=model, worker=worker_id, dp_rank=dp_rank)
 
     def publish(self, events: Sequence[Event], ts: float | None = None) -> None:
         """Publish one engine step's events (mirrored even if the sink refuses them)."""
+        events = self._checked(events)
+        batches, unsendable = self._fit(events, resync=False)
         self.mirror.apply(events)
-        if self._resync_due and not self._try_resync():
+        if unsendable:
+            self.mirror.forget(unsendable)
+        if self._resync_due and self._resync_blocking:
+            self._try_resync()  # its snapshot holds this step too
             return
-        if events and not self._offer(list(events), ts):
-            self._resync_due = True
+        if batches and not self._offer_all(batches, ts):
+            self._resync_due = self._resync_blocking = True
+            self._resync_not_before = 0.0
             self._log.warning("sink_full_resync_pending", pending=self._sink.pending)
+            return
+        if self._resync_due:
+            self._try_resync()
 
     def restart_epoch(self) -> None:
         """The engine restarted: its old blocks are gone; the index forgets the old epoch."""
         self.epoch = new_epoch()
         self.seq = 0
         self.mirror.clear()
-        self._resync_due = False
+        self._unsendable.clear()
+        self._resync_due = self._resync_blocking = False
+        self._resync_seq = -1
 
     def request_resync(self, reason: str) -> None:
         self._log.info("resync", reason=reason, blocks=len(self.mirror))
         self._resync_due = True
+        self._resync_not_before = 0.0
         self._try_resync()
 
-    def _try_resync(self) -> bool:
-        events = list(self.mirror.snapshot())
-        n_batches = -(-len(events) // _SNAPSHOT_EVENTS_PER_BATCH)
-        if self._sink.pending + n_batches > self._sink.max_pending:
-            return False  # not yet: try again when the sink has room
-        for i in range(0, len(events), _SNAPSHOT_EVENTS_PER_BATCH):
-            self._offer(events[i : i + _SNAPSHOT_EVENTS_PER_BATCH], None)
-        self._resync_due = False
-        self.resyncs += 1
+    def batch_dropped(self, epoch: int, seq: int, reason: str) -> None:
+        """The sink could not publish batch `seq` (see `NatsSink`): re-send the rank,
+        unless a resync that follows that batch is already on its way."""
+        if epoch != self.epoch or seq < self._resync_seq:
+            return
+        self._resync_after_drop(reason)
+
+    def tick(self) -> None:
+        """Publish a resync that is due (called periodically and after drops)."""
+        if self._resync_due:
+            self._try_resync()
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _checked(self, events: Sequence[Event]) -> list[Event]:
+        """The events the indexer's validator accepts (block counts aside: cut later)."""
+        kept: list[Event] = []
+        for event in events:
+            try:
+                validate_event(event, max_blocks=None)
+            except BusError as exc:
+                blocks = 0 if isinstance(event, AllBlocksCleared) else len(event.block_hashes)
+                self._sink.stats.drop("invalid_event", blocks=blocks)
+                self._log.warning("event_dropped", reason="invalid_event", error=str(exc),
+                                  blocks=blocks)
+                continue
+            kept.append(event)
+        return kept
+
+    def _resync_after_drop(self, reason: str) -> None:
+        if not self._resync_due:
+            self._resync_not_before = self._last_resync + _DROP_RESYNC_INTERVAL_S
+        self._resync_due = True
+        self._log.info("resync_after_drop", reason=reason, blocks=len(self.mirror))
+
+    def _fit(self, events: Sequence[Event], *, resync: bool) -> tuple[list[list[Event]],
+                                                                      list[int]]:
+        """`events` cut into batches that fit the sink; the hashes that cannot be sent."""
+        if not events:
+            return [], []
+        limit = self._sink.batch_limit(self._reserve)
+        split = split_events(events, limit - self._envelope)
+        stats = self._sink.stats
+        if len(split.batches) > 1:
+            stats.splits += 1
+        stats.split_events += split.cut_events
+        unsendable: list[int] = []
+        if split.oversized:
+            # A stored block is dropped with its descendants; a removal or a clear that
+            # does not fit (a limit of a few hundred bytes) leaves the index behind: both
+            # ask for a resync, which re-sends what can be sent.
+            other = 0
+            for event in split.oversized:
+                if isinstance(event, BlockStored):
+                    unsendable.extend(event.block_hashes)
+                else:
+                    other += 1 if isinstance(event, AllBlocksCleared) else len(
+                        event.block_hashes)
+            for h in unsendable:
+                self._mark_unsendable(h)
+            for reason, blocks in (("block_too_large", len(unsendable)),
+                                   ("event_too_large", other)):
+                if blocks:
+                    stats.drop(reason, blocks=blocks)
+                    self._log.warning("blocks_dropped", reason=reason, blocks=blocks,
+                                      event_bytes=event_bytes(split.oversized[0]),
+                                      batch_limit=limit, max_payload=self._sink.max_payload,
+                                      during_resync=resync)
+            if not resync:
+                self._resync_after_drop("block_too_large" if unsendable else "event_too_large")
+        batches = self._without_unsendable(split.batches, unsendable)
+        if resync and unsendable:
+            self.mirror.forget(unsendable)
+        return batches, unsendable
+
+    def _mark_unsendable(self, h: int) -> None:
+        self._unsendable[h] = None
+        self._unsendable.move_to_end(h)
+        if len(self._unsendable) > _UNSENDABLE_CAPACITY:
+            self._unsendable.popitem(last=False)
+
+    def _without_unsendable(self, batches: list[list[Event]],
+                            unsendable: list[int]) -> list[list[Event]]:
+        """Leave out blocks chaining from (or naming) a block that could not be sent."""
+        if not self._unsendable:
+            return batches
+        bad = self._unsendable
+        out: list[list[Event]] = []
+        dropped = 0
+        for batch in batches:
+            kept: list[Event] = []
+            for event in batch:
+                if isinstance(event, AllBlocksCleared):
+                    kept.append(event)
+                    continue
+                hashes = event.block_hashes
+                if isinstance(event, BlockStored) and event.token_ids:
+                    if event.parent_hash is not None and event.parent_hash in bad:
+                        for h in hashes:
+                            self._mark_unsendable(h)
+                        unsendable.extend(hashes)
+                        dropped += len(hashes)
+                        continue
+                    for h in hashes:  # sent now (a larger limit than before): sendable
+                        bad.pop(h, None)
+                elif any(h in bad for h in hashes):
+                    rest = [h for h in hashes if h not in bad]
+                    if isinstance(event, BlockStored):
+                        dropped += len(hashes) - len(rest)
+                    if rest:
+                        kept.append(msgspec.structs.replace(event, block_hashes=rest))
+                    continue
+                kept.append(event)
+            if kept:
+                out.append(kept)
+        if dropped:
+            self._sink.stats.drop("unsendable_chain", blocks=dropped)
+            self._log.warning("blocks_dropped", reason="unsendable_chain", blocks=dropped)
+        return out
+
+    def _offer_all(self, batches: list[list[Event]], ts: float | None, *,
+                   force: bool = False) -> bool:
+        """Offer every batch, or none when the sink lacks room for all of them."""
+        if len(batches) > self._sink.room() and not force:
+            self._sink.stats.refused += len(batches)
+            return False
+        stamp = time.time() if ts is None else ts
+        for events in batches:
+            batch = EventBatch(schema=SCHEMA_VERSION, model=self.model,
+                               worker_id=self.worker_id, dp_rank=self.dp_rank,
+                               epoch=self.epoch, seq=self.seq, ts=stamp, events=events)
+            accepted = self._sink.offer(batch, force=force)
+            assert accepted, "the sink had room"
+            self.seq += 1
         return True
 
-    def _offer(self, events: list[Event], ts: float | None) -> bool:
-        batch = EventBatch(schema=SCHEMA_VERSION, model=self.model, worker_id=self.worker_id,
-                           dp_rank=self.dp_rank, epoch=self.epoch, seq=self.seq,
-                           ts=time.time() if ts is None else ts, events=events)
-        if not self._sink.offer(batch):
+    def _try_resync(self) -> bool:
+        if time.monotonic() < self._resync_not_before or not self._sink.room():
+            return False  # not yet: try again on the next step or tick
+        started = time.perf_counter()
+        batches, _ = self._fit(list(self.mirror.snapshot()), resync=True)
+        # A resync larger than the whole buffer (a mirror of 10^5 blocks cut to a server
+        # limit of a few KiB) goes once the buffer is empty, or it never could.
+        idle = self._sink.pending == 0
+        if len(batches) > self._sink.room() and not idle:
             return False
-        self.seq += 1
+        first = self.seq
+        self._offer_all(batches, None, force=idle)
+        self._resync_due = self._resync_blocking = False
+        self._resync_seq = first
+        self._last_resync = time.monotonic()
+        self.resyncs += 1
+        self._log.info("resync_queued", blocks=len(self.mirror), batches=len(batches),
+                       first_seq=first, seconds=round(time.perf_counter() - started, 4))
         return True
 
 
@@ -125,7 +295,8 @@ class KVEventPublisher:
         pub.removed([h1])
         await pub.flush()
     ```
-    Events given between two `flush()` / `end_step()` calls form one bus batch.
+    Events given between two `flush()` / `end_step()` calls form one engine step: one bus
+    batch, or several consecutive ones when the step does not fit the server's max_payload.
     """
 
     def __init__(
@@ -139,6 +310,7 @@ class KVEventPublisher:
         stream: StreamSettings | None = None,
         max_pending: int = 10_000,
         version: str = "",
+        stall_s: float = 30.0,
     ) -> None:
         self.model = model
         self.worker_id = worker_id
@@ -148,6 +320,7 @@ class KVEventPublisher:
         self.version = version
         self._stream = stream or StreamSettings()
         self._max_pending = max_pending
+        self.stall_s = stall_s
         self._nc: NatsClient | None = None
         self.sink: NatsSink | None = None
         self.ranks: list[RankPublisher] = []
@@ -168,11 +341,13 @@ class KVEventPublisher:
         js = self._nc.jetstream()
         # The indexer owns the stream (its partition count); until it exists the sink
         # buffers (bounded) and retries.
-        self.sink = NatsSink(js, max_pending=self._max_pending)
+        self.sink = NatsSink(js, max_pending=self._max_pending, nc=self._nc,
+                             on_dropped=self._on_dropped)
         self.ranks = [RankPublisher(self.model, self.worker_id, r, self.sink)
                       for r in range(self.dp_size)]
         self._tasks.append(asyncio.create_task(self.sink.run(self._stop)))
         self._tasks.append(asyncio.create_task(self._keep_alive()))
+        self._tasks.append(asyncio.create_task(self._tick()))
         await self._nc.subscribe(resync_subject(self.model, self.worker_id),
                                  cb=self._on_resync)
 
@@ -232,7 +407,43 @@ class KVEventPublisher:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
 
+    # --- health ------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, why): NATS connected and the sink not stalled for `stall_s`."""
+        if self._nc is None or self.sink is None:
+            return False, "not started"
+        if self._nc.is_closed:
+            return False, "NATS connection closed"
+        if not self._nc.is_connected:
+            return False, f"NATS disconnected (reconnecting to {self.nats_url})"
+        stalled = self.sink.stalled_for()
+        if stalled > self.stall_s:
+            return False, (f"sink stalled: {self.sink.pending} batches pending, none "
+                           f"acknowledged for {stalled:.0f} s (last error: "
+                           f"{self.sink.last_error or 'none'})")
+        return True, f"ok: NATS connected, {self.sink.pending} batches pending"
+
     # --- liveness and resync -----------------------------------------------------------
+
+    def _on_dropped(self, dp_rank: int, epoch: int, seq: int, reason: str) -> None:
+        if 0 <= dp_rank < len(self.ranks):
+            rank = self.ranks[dp_rank]
+            rank.batch_dropped(epoch, seq, reason)
+            # not from inside the sink's loop: the rank offers to the sink
+            asyncio.get_running_loop().call_soon(rank.tick)
+
+    async def _tick(self) -> None:
+        """Resyncs that are due go out even while the engine is idle."""
+        while not self._stop.is_set():
+            for rank in self.ranks:
+                rank.tick()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), _TICK_S)
 
     def record(self) -> WorkerRecord:
         return WorkerRecord(

@@ -83,6 +83,10 @@ class EngineSource:
         self._replay_timeout_s = replay_timeout_s
         self._log = log.bind(worker=rank.worker_id, dp_rank=rank.dp_rank)
 
+    @property
+    def dp_rank(self) -> int:
+        return self._rank.dp_rank
+
     async def run(self, stop: asyncio.Event) -> None:
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.RCVHWM, _SUB_HWM)

@@ -99,7 +99,8 @@ def test_no_import_cycles() -> None:
 
 def test_the_bridge_starts_without_the_indexer_stack() -> None:
     """`kv-publisher` runs in every GPU pod: importing its command line must not load
-    redis, prometheus_client, grpc or any of the indexer's modules."""
+    redis, grpc or any of the indexer's modules, nor prometheus_client (loaded only for
+    --metrics-listen)."""
     code = ("import sys, publisher.cli; "
             "print('\\n'.join(sorted(m for m in sys.modules if m.split('.')[0] in "
             "{'redis', 'prometheus_client', 'grpc', 'indexer', 'kvsim'})))")

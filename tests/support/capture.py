@@ -19,8 +19,8 @@ class CapturingSink:
         assert pub.sink is not None
         original = pub.sink.offer
 
-        def offer(batch: EventBatch) -> bool:
-            accepted = original(batch)
+        def offer(batch: EventBatch, **kwargs: bool) -> bool:
+            accepted = original(batch, **kwargs)
             if accepted:
                 published.append(batch)
             return accepted
