@@ -16,6 +16,7 @@ Token ids travel packed as little-endian u32 (`pack_tokens`), four bytes per tok
 from __future__ import annotations
 
 import functools
+import math
 import re
 from array import array
 from collections.abc import Sequence
@@ -27,8 +28,12 @@ import xxhash
 __all__ = [
     "DEAD_LETTER_SUBJECT",
     "MAX_BLOCKS_PER_EVENT",
+    "MAX_DP_RANK",
     "MAX_EVENTS_PER_BATCH",
+    "MAX_EXTRA_KEY_BYTES",
     "MAX_MESSAGE_BYTES",
+    "MAX_NAME_BYTES",
+    "MAX_POSITION",
     "MEDIUM_TIERS",
     "SCHEMA_VERSION",
     "STREAM_NAME",
@@ -44,6 +49,7 @@ __all__ = [
     "EventBatch",
     "UnsupportedSchemaError",
     "block_count",
+    "check_identity",
     "decode_batch",
     "encode_batch",
     "engine_hash_to_u64",
@@ -70,6 +76,12 @@ DEAD_LETTER_SUBJECT: Final = "kv.deadletter"
 MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
 MAX_EVENTS_PER_BATCH: Final = 65_536
 MAX_BLOCKS_PER_EVENT: Final = 65_536
+# Every field bounded by what every backend can store (the Redis record packs the rank as
+# u16 and (epoch, seq) as signed 64-bit); anything beyond is refused at the bus.
+MAX_NAME_BYTES: Final = 256  # model, worker_id, lora_name, cache_salt, medium (UTF-8)
+MAX_DP_RANK: Final = 65_535
+MAX_POSITION: Final = 2**63 - 1  # epoch and seq
+MAX_EXTRA_KEY_BYTES: Final = 4_096  # one block's extra keys
 
 # Storage tiers, in the index's bit order, and the engine medium names (any case) that
 # mean each. A medium not named here belongs to "other".
@@ -212,12 +224,15 @@ def validate_batch(batch: EventBatch) -> None:
     """Raise a BusError unless `batch` is one an index may apply (decode_batch calls it)."""
     if batch.schema != SCHEMA_VERSION:
         raise UnsupportedSchemaError(batch.schema)
-    if not batch.model:
-        raise BusDecodeError("empty model")
-    if not batch.worker_id:
-        raise BusDecodeError("empty worker_id")
+    check_identity(batch.model, batch.worker_id)
     if batch.seq < 0 or batch.epoch < 0 or batch.dp_rank < 0:
         raise BusDecodeError("seq, epoch and dp_rank must be >= 0")
+    if batch.seq > MAX_POSITION or batch.epoch > MAX_POSITION:
+        raise BusDecodeError(f"seq and epoch must be <= {MAX_POSITION}")
+    if batch.dp_rank > MAX_DP_RANK:
+        raise BusDecodeError(f"dp_rank {batch.dp_rank} exceeds {MAX_DP_RANK}")
+    if not math.isfinite(batch.ts):
+        raise BusDecodeError(f"ts {batch.ts!r} is not a finite number")
     if len(batch.events) > MAX_EVENTS_PER_BATCH:
         raise BusDecodeError(f"{len(batch.events)} events exceed {MAX_EVENTS_PER_BATCH}")
     for event in batch.events:
@@ -233,6 +248,21 @@ def validate_event(event: Event, *, max_blocks: int | None = MAX_BLOCKS_PER_EVEN
         _check_stored(event, max_blocks)
     elif isinstance(event, BlockRemoved):
         _check_hashes(event.block_hashes, max_blocks)
+        _check_name("medium", event.medium)
+
+
+def check_identity(model: str, worker_id: str) -> None:
+    """Raise a BusDecodeError unless (model, worker_id) may name a worker on the bus."""
+    for field, value in (("model", model), ("worker_id", worker_id)):
+        if not value:
+            raise BusDecodeError(f"empty {field}")
+        _check_name(field, value)
+
+
+def _check_name(field: str, value: str | None) -> None:
+    if value is not None and len(value) * 4 > MAX_NAME_BYTES \
+            and len(value.encode()) > MAX_NAME_BYTES:
+        raise BusDecodeError(f"{field} of {len(value.encode())} bytes exceeds {MAX_NAME_BYTES}")
 
 
 def _check_hashes(hashes: list[int], max_blocks: int | None) -> None:
@@ -245,6 +275,9 @@ def _check_hashes(hashes: list[int], max_blocks: int | None) -> None:
 
 def _check_stored(event: BlockStored, max_blocks: int | None) -> None:
     _check_hashes(event.block_hashes, max_blocks)
+    _check_name("medium", event.medium)
+    _check_name("lora_name", event.lora_name)
+    _check_name("cache_salt", event.cache_salt)
     if event.parent_hash is not None and not 0 <= event.parent_hash <= _U64:
         raise BusDecodeError(f"parent hash {event.parent_hash} is not an unsigned 64-bit int")
     n_blocks = len(event.block_hashes)
@@ -257,10 +290,13 @@ def _check_stored(event: BlockStored, max_blocks: int | None) -> None:
                 f"token_ids hold {len(event.token_ids)} bytes; {n_blocks} blocks of "
                 f"{event.block_size} u32 tokens need {expected}"
             )
-    if event.extra_keys is not None and len(event.extra_keys) != n_blocks:
-        raise BusDecodeError(
-            f"extra_keys has {len(event.extra_keys)} entries for {n_blocks} blocks"
-        )
+    if event.extra_keys is not None:
+        if len(event.extra_keys) != n_blocks:
+            raise BusDecodeError(
+                f"extra_keys has {len(event.extra_keys)} entries for {n_blocks} blocks"
+            )
+        if any(len(extra) > MAX_EXTRA_KEY_BYTES for extra in event.extra_keys):
+            raise BusDecodeError(f"an extra_keys entry exceeds {MAX_EXTRA_KEY_BYTES} bytes")
 
 
 def block_count(batch: EventBatch) -> int:

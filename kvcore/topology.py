@@ -11,6 +11,7 @@ one durable pull consumer, owned by one indexer process at a time.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Final
 
 import msgspec
@@ -44,6 +45,7 @@ __all__ = [
     "parse_liveness_key",
     "partition_filter",
     "resync_subject",
+    "stored_subject_identity",
 ]
 
 PARTITION_PREFIX: Final = "kv.part"
@@ -64,6 +66,19 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 def partition_filter(partition: int) -> str:
     return f"{PARTITION_PREFIX}.{partition}.>"
+
+
+@functools.lru_cache(maxsize=65_536)
+def stored_subject_identity(subject: str) -> tuple[str, str] | None:
+    """(model, worker_id) a stored message's subject `kv.part.<p>.<model>.<worker>` names:
+    the identity its publisher was allowed to publish as; None if it is not one."""
+    parts = subject.split(".")
+    if len(parts) != 5 or f"{parts[0]}.{parts[1]}" != PARTITION_PREFIX:
+        return None
+    try:
+        return unescape_token(parts[3]), unescape_token(parts[4])
+    except ValueError:
+        return None
 
 
 def consumer_name(partition: int) -> str:

@@ -40,6 +40,7 @@ from kvcore.bus import (
     BusError,
     Event,
     EventBatch,
+    check_identity,
     engine_hash_to_u64,
     pack_tokens,
     validate_event,
@@ -312,6 +313,7 @@ class KVEventPublisher:
         version: str = "",
         stall_s: float = 30.0,
     ) -> None:
+        check_identity(model, worker_id)  # BusError: refused here, not by the indexer
         self.model = model
         self.worker_id = worker_id
         self.block_size = block_size

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from indexer.app import IndexerService
 from indexer.config import ServiceConfig
 from indexer.embedded import EmbeddedNats
+from indexer.index.protocol import ApplyOutcome
 from kvcore.bus import EventBatch
 from kvcore.topology import StreamSettings
 from publisher.publisher import KVEventPublisher
@@ -211,3 +212,161 @@ async def test_health_says_when_ingest_stalls(nats_url: str, tmp_path: Path) -> 
         await client.aclose()
         await fleet.close()
         redis_server.stop()
+
+
+def forged(model: str, worker: str, **fields: object) -> bytes:
+    """A batch payload as an attacker or a broken publisher would send it: msgpack of any
+    field values, not limited by EventBatch's types."""
+    import msgspec
+
+    body: dict[str, object] = {"schema": 1, "model": model, "worker_id": worker, "epoch": 1,
+                               "seq": 0, "events": [{"type": "cleared"}], "dp_rank": 0}
+    body.update(fields)
+    return msgspec.msgpack.encode(body)
+
+
+# (subject's worker, payload, dead-letter reason): each is refused, counted, and costs
+# nobody else anything
+FORGERIES: list[tuple[str, bytes, str]] = [
+    ("mallory", forged(MODEL, "m" * 100_000), "undecodable"),
+    ("mallory", forged(MODEL, "mallory", dp_rank=2**40), "undecodable"),
+    ("mallory", forged(MODEL, "mallory", seq=2**64 - 1), "undecodable"),
+    ("mallory", forged(MODEL, "mallory", epoch=2**64 - 1), "undecodable"),
+    ("mallory", forged(MODEL, "mallory", ts=float("nan")), "undecodable"),
+    ("mallory", forged(MODEL, "mallory", events=[{"type": "stored", "block_hashes": [1],
+                                                  "medium": "x" * 10_000}]), "undecodable"),
+    # the victim's identity in the payload, on the attacker's own subject
+    ("mallory", forged(MODEL, "w0", epoch=2**63 - 1), "identity_mismatch"),
+    ("mallory", forged(MODEL, "w1", seq=2**62), "identity_mismatch"),
+    ("mallory", forged("other/model", "w2"), "identity_mismatch"),
+    # its own identity, an epoch from the far future
+    ("mallory", forged(MODEL, "mallory", epoch=2**63 - 1), "epoch_in_future"),
+]
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_forged_batches_cost_nobody_anything(backend: str, nats_url: str,
+                                                   tmp_path: Path) -> None:
+    """Out-of-range and forged batches published between 8 workers' traffic (sharing
+    their fetches) are dead-lettered with their reasons; every honest worker ends exact,
+    with no gap and no resync."""
+    import nats
+
+    from kvcore.bus import subject_for
+
+    redis_server = RedisServer(tmp_path / "redis").start() if backend == "redis" else None
+    fleet = Fleet(nats_url)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    try:
+        async with indexer(nats_url, redis_server and redis_server.url) as service:
+            assert service.index is not None
+            await fleet.start()
+            for round_ in range(len(FORGERIES)):
+                fleet.store(range(round_ * 10, round_ * 10 + 10))
+                worker, payload, _ = FORGERIES[round_]
+                await js.publish(subject_for(MODEL, worker), payload,
+                                 headers={"Nats-Msg-Id": f"forged-{round_}"})
+            await fleet.flush()
+            await eventually(lambda: caught_up(service.index, fleet.published, MODEL), 120)
+            expected: dict[str, int] = {}
+            for _, _, reason in FORGERIES:
+                expected[reason] = expected.get(reason, 0) + 1
+            await eventually(lambda: equals_dict(service.stats.dead_letters, expected), 30)
+            assert await mismatches(service.index, fleet.published, MODEL) == (0, 0, 0)
+            assert (service.stats.gaps, service.stats.resyncs_requested) == (0, 0)
+            workers = {w.worker_id for w in await service.index.workers(MODEL)}
+            assert workers == {f"w{w}" for w in range(WORKERS)}  # mallory never got in
+    finally:
+        await nc.close()
+        await fleet.close()
+        if redis_server is not None:
+            redis_server.stop()
+
+
+async def equals_dict(got: dict[str, int], want: dict[str, int]) -> bool:
+    return got == want
+
+
+async def test_a_wild_seq_is_a_gap_not_a_high_water_mark(nats_url: str) -> None:
+    """A rank's batch 2^40 seqs ahead is not applied (it would make every real batch
+    after it a duplicate): it counts as a gap and asks for a resync, and the rank's next
+    real batch still applies."""
+    import nats
+
+    from kvcore.bus import (
+        SCHEMA_VERSION,
+        BlockStored,
+        EventBatch,
+        encode_batch,
+        pack_tokens,
+        subject_for,
+    )
+
+    def batch(seq: int, block: int) -> bytes:
+        return encode_batch(EventBatch(
+            schema=SCHEMA_VERSION, model=MODEL, worker_id="solo", epoch=1, seq=seq,
+            events=[BlockStored(block_hashes=[block], parent_hash=block - 1 or None,
+                                token_ids=pack_tokens(range(block * BS, (block + 1) * BS)),
+                                block_size=BS)]))
+
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    try:
+        async with indexer(nats_url, None) as service:
+            assert service.index is not None
+            for i, seq in enumerate((0, 1 << 40, 1)):
+                await js.publish(subject_for(MODEL, "solo"), batch(seq, i + 1),
+                                 headers={"Nats-Msg-Id": f"solo-{i}"})
+            index = service.index
+
+            async def at_seq_one() -> bool:
+                return [w.last_seq for w in await index.workers(MODEL)] == [1]
+
+            await eventually(at_seq_one, 30)
+            assert service.stats.gaps == 1
+            assert (await index.stats()).dropped.get("seq_jump") == 1
+    finally:
+        await nc.close()
+
+
+async def test_a_batch_the_index_raises_on_costs_only_itself(nats_url: str) -> None:
+    """Should a well-formed batch still make the index raise (a bug, not an outage), the
+    fetch is applied batch by batch: that batch alone is dead-lettered (apply_failed),
+    the other workers' batches of the same fetches are applied, none is lost."""
+    import nats
+
+    from kvcore.bus import SCHEMA_VERSION, AllBlocksCleared, encode_batch, subject_for
+
+    fleet = Fleet(nats_url)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    try:
+        async with indexer(nats_url, None) as service:
+            assert service.index is not None
+            real_apply = service.index.apply
+
+            async def apply(batches: list[EventBatch], *,
+                            validated: bool = False) -> list[ApplyOutcome]:
+                if any(b.worker_id == "poison" for b in batches):
+                    raise ValueError("a bug the index trips on")
+                return await real_apply(batches, validated=validated)
+
+            service.index.apply = apply  # type: ignore[method-assign]
+            await fleet.start()
+            for seq in range(5):
+                fleet.store(range(seq * 10, seq * 10 + 10))
+                payload = encode_batch(EventBatch(schema=SCHEMA_VERSION, model=MODEL,
+                                                  worker_id="poison", epoch=1, seq=seq,
+                                                  events=[AllBlocksCleared()]))
+                await js.publish(subject_for(MODEL, "poison"), payload,
+                                 headers={"Nats-Msg-Id": f"poison-{seq}"})
+            await fleet.flush()
+            await eventually(lambda: caught_up(service.index, fleet.published, MODEL), 120)
+            await eventually(lambda: equals_dict(service.stats.dead_letters,
+                                                 {"apply_failed": 5}), 30)
+            assert await mismatches(service.index, fleet.published, MODEL) == (0, 0, 0)
+            assert service.stats.resyncs_requested == 0
+    finally:
+        await nc.close()
+        await fleet.close()

@@ -21,6 +21,7 @@ from typing import Final, Protocol
 import structlog
 
 from indexer.index.protocol import (
+    MAX_SEQ_JUMP,
     TIER_BITS,
     TIERS,
     ApplyOutcome,
@@ -74,6 +75,11 @@ def pack_log_entries_python(
         else pack_hash(b"D", h)
         for h in hashes
     ])
+
+
+def starts_with_clear(batch: EventBatch) -> bool:
+    """A batch that replaces the rank's whole state (a resync begins this way)."""
+    return bool(batch.events) and isinstance(batch.events[0], AllBlocksCleared)
 
 
 class LedgerLogError(ValueError):
@@ -180,6 +186,9 @@ class WorkerLedger:
             return outcome
         # A new epoch (or a rank seen for the first time) starts at seq 0.
         expected = self.last_seq + 1 if batch.epoch == self.epoch else 0
+        if batch.seq - expected > MAX_SEQ_JUMP and not starts_with_clear(batch):
+            stats.drop("seq_jump")
+            return ApplyOutcome.SEQ_JUMP
         if batch.seq != expected:
             outcome = ApplyOutcome.APPLIED_AFTER_GAP
         if batch.epoch != self.epoch:

@@ -97,6 +97,9 @@ class WorkerRef(NamedTuple):
     dp_rank: int
 
 
+MAX_SEQ_JUMP: Final = 1 << 20
+
+
 class ApplyOutcome(enum.Enum):
     """What applying one batch did. The index's ledger of a rank is the one owner of its
     stream position (epoch, last seq); the consumer acts on these outcomes."""
@@ -107,6 +110,9 @@ class ApplyOutcome(enum.Enum):
     APPLIED_AFTER_GAP = "applied_after_gap"
     DUPLICATE = "duplicate"  # (epoch, seq) already applied: nothing changed
     STALE_EPOCH = "stale_epoch"  # from an epoch older than the worker's current one
+    # More than MAX_SEQ_JUMP past the next seq and not a resync (which starts by clearing):
+    # not applied, so one wild seq cannot become a high-water mark that blinds the rank.
+    SEQ_JUMP = "seq_jump"
 
     @property
     def applied(self) -> bool:

@@ -16,7 +16,7 @@ import gc
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
 import msgspec
@@ -40,7 +40,12 @@ from kvcore.bus import (
     block_count,
     decode_batch,
 )
-from kvcore.topology import consumer_name, partition_filter, resync_subject
+from kvcore.topology import (
+    consumer_name,
+    partition_filter,
+    resync_subject,
+    stored_subject_identity,
+)
 
 __all__ = [
     "ConsumerSettings",
@@ -67,6 +72,7 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     snapshot_every_s: float = 300.0
     purge_after_snapshot: bool = True
     marker_check_s: float = 1.0
+    max_epoch_skew_s: float = 300.0  # epochs further in the future are refused
 
 
 class ConsumerStats(msgspec.Struct):
@@ -360,36 +366,84 @@ class PartitionConsumer:
         """Handle one fetch; returns once the index has it and JetStream has the ack."""
         self._stats.messages += len(msgs)
         self._batches_since_snapshot += len(msgs)
-        batches: list[EventBatch] = []
+        decoded: list[tuple[Msg, EventBatch]] = []
         for msg in msgs:
             batch = await self._decode(msg)
             if batch is not None:
-                batches.append(batch)
-        await self._apply_with_retry(batches, msgs, stop)
+                decoded.append((msg, batch))
+        await self._apply_all(decoded, msgs)
         if msgs:
             self._last_stream_seq = msgs[-1].metadata.sequence.stream
             self.last_progress = time.monotonic()
             await msgs[-1].ack()  # AckAll: acknowledges the whole fetch
 
     async def _decode(self, msg: Msg) -> EventBatch | None:
+        """The batch, if it is well formed and may be trusted; else dead-lettered."""
         try:
-            return decode_batch(msg.data)
+            batch = decode_batch(msg.data)
         except UnsupportedSchemaError as exc:
             await self._dead_letter(msg, "unsupported_schema", exc)
+            return None
         except BusError as exc:
             await self._dead_letter(msg, "undecodable", exc)
-        return None
+            return None
+        # The subject is the identity (NATS permissions decide who may publish on it);
+        # the payload's own claim is only believed when it agrees.
+        if stored_subject_identity(msg.subject) != (batch.model, batch.worker_id):
+            await self._dead_letter(msg, "identity_mismatch", ValueError(
+                f"payload names {batch.model!r} / {batch.worker_id!r}"))
+            return None
+        # Epochs are publish-time nanoseconds: one from the future would make every real
+        # batch of the rank stale.
+        if batch.epoch > time.time_ns() + int(self._settings.max_epoch_skew_s * 1e9):
+            await self._dead_letter(msg, "epoch_in_future", ValueError(
+                f"epoch {batch.epoch} is more than {self._settings.max_epoch_skew_s:g} s "
+                "ahead of this clock"))
+            return None
+        return batch
 
-    async def _apply_with_retry(
-        self, batches: list[EventBatch], msgs: Sequence[Msg], stop: asyncio.Event | None
-    ) -> None:
+    async def _apply_all(self, decoded: list[tuple[Msg, EventBatch]],
+                         msgs: Sequence[Msg]) -> None:
+        """Apply every batch, chunk by chunk, before the fetch is acked (AckAll). A chunk
+        the index raises on (anything but a backend outage, which is retried) is applied
+        again batch by batch, and only the batches that raise again are dead-lettered: one
+        bad batch never costs other workers theirs."""
         chunk = self._settings.apply_chunk
-        done = 0
-        attempt = 0
-        while done < len(batches):
-            applied = batches[done : done + chunk]
+        for start in range(0, len(decoded), chunk):
+            part = decoded[start : start + chunk]
             try:
-                outcomes = await self._index.apply(applied, validated=True)
+                await self._apply_with_retry([batch for _, batch in part], msgs)
+            except Exception as exc:  # noqa: BLE001 - find the batch, keep the others
+                self._log.error("index_apply_raised", error=repr(exc)[:300], batches=len(part))
+                await self._apply_one_by_one(part, msgs)
+            await asyncio.sleep(0)  # let Score calls in between big fetches
+
+    async def _apply_one_by_one(self, part: list[tuple[Msg, EventBatch]],
+                                msgs: Sequence[Msg]) -> None:
+        for msg, batch in part:
+            # What the failed call left in memory (a ledger ahead of its backend) goes;
+            # each rank is read afresh from the backend, so nothing applies twice.
+            await self._with_backend_retry(self._index.reset_caches, msgs)
+            try:
+                await self._apply_with_retry([batch], msgs)
+            except Exception as exc:  # noqa: BLE001 - this batch, and only it, is refused
+                await self._with_backend_retry(self._index.reset_caches, msgs)
+                await self._dead_letter(msg, "apply_failed", exc)
+
+    async def _apply_with_retry(self, batches: list[EventBatch], msgs: Sequence[Msg]) -> None:
+        async def apply() -> None:
+            self._record(batches, await self._index.apply(batches, validated=True))
+
+        await self._with_backend_retry(apply, msgs)
+
+    async def _with_backend_retry(self, call: Callable[[], Awaitable[None]],
+                                  msgs: Sequence[Msg]) -> None:
+        """`call()`, again and again while the index backend is unavailable."""
+        attempt = 0
+        while True:
+            try:
+                await call()
+                return
             except BackendError as exc:
                 attempt += 1
                 self._stats.backend_retries += 1
@@ -400,11 +454,6 @@ class PartitionConsumer:
                     with contextlib.suppress(Exception):
                         await msgs[-1].in_progress()
                 await asyncio.sleep(delay)
-                continue
-            attempt = 0
-            done += len(applied)
-            self._record(applied, outcomes)
-            await asyncio.sleep(0)  # let Score calls in between big fetches
 
     def _record(self, batches: list[EventBatch], outcomes: list[ApplyOutcome]) -> None:
         """Count what the index did with each batch; a gap asks the worker for a resync."""
@@ -412,6 +461,9 @@ class PartitionConsumer:
         now = time.time()
         lags, lag_ts = stats.lag_samples, stats.lag_sample_ts
         for batch, outcome in zip(batches, outcomes, strict=True):
+            if outcome is ApplyOutcome.SEQ_JUMP:  # not applied: a resync restores the rank
+                self._on_gap(batch)
+                continue
             if not outcome.applied:  # duplicate or stale: the index counted it
                 continue
             if outcome is ApplyOutcome.APPLIED_AFTER_GAP:

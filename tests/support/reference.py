@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from indexer.index.protocol import TIERS, TierWeights, WorkerRef, tier_index
+from indexer.index.protocol import MAX_SEQ_JUMP, TIERS, TierWeights, WorkerRef, tier_index
 from kvcore.bus import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
 from kvcore.keys import block_keys, root_seed
 
@@ -47,6 +47,10 @@ class ReferenceIndex:
         if batch.epoch == worker.epoch and batch.seq <= worker.last_seq:
             return "duplicate"
         expected = worker.last_seq + 1 if batch.epoch == worker.epoch else 0
+        resync = bool(batch.events) and isinstance(batch.events[0], AllBlocksCleared)
+        if batch.seq - expected > MAX_SEQ_JUMP and not resync:
+            self._drop("seq_jump")
+            return "seq_jump"
         outcome = "applied" if batch.seq == expected else "applied_after_gap"
         if batch.epoch != worker.epoch:
             worker.clear()
