@@ -45,6 +45,7 @@ __all__ = [
     "parse_liveness_key",
     "partition_filter",
     "resync_subject",
+    "server_max_payload",
     "stored_subject_identity",
 ]
 
@@ -79,6 +80,16 @@ def stored_subject_identity(subject: str) -> tuple[str, str] | None:
         return unescape_token(parts[3]), unescape_token(parts[4])
     except ValueError:
         return None
+
+
+DEFAULT_MAX_PAYLOAD: Final = 1 << 20
+
+
+def server_max_payload(js: JetStreamContext) -> int:
+    """The largest message (headers included) the connected server accepts."""
+    nc = getattr(js, "_nc", None)  # nats-py keeps the client there; no public accessor
+    value = getattr(nc, "max_payload", 0) if nc is not None else 0
+    return int(value) if value else DEFAULT_MAX_PAYLOAD
 
 
 def consumer_name(partition: int) -> str:

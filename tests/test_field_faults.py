@@ -370,3 +370,37 @@ async def test_a_batch_the_index_raises_on_costs_only_itself(nats_url: str) -> N
     finally:
         await nc.close()
         await fleet.close()
+
+
+async def test_a_poison_message_at_the_size_limit_is_dead_lettered(tmp_path: Path) -> None:
+    """Garbage that just fits the server's max_payload: its dead-letter copy (with its
+    reason headers) would not, so the copy is cut and says so; the consumer's connection
+    survives and the next batch is applied."""
+    import nats
+
+    from kvcore.bus import DEAD_LETTER_SUBJECT, subject_for
+    from kvcore.topology import DEAD_LETTER_STREAM
+
+    limit = 64 * 1024
+    nats_server = EmbeddedNats(tmp_path / "nats", max_payload=limit).start()
+    fleet = Fleet(nats_server.url)
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    try:
+        async with indexer(nats_server.url, None) as service:
+            assert service.index is not None
+            await js.publish(subject_for(MODEL, "w0"), b"\xc1" * (limit - 300),
+                             headers={"Nats-Msg-Id": "big-poison"})
+            await fleet.start()
+            fleet.store(range(3))
+            await fleet.flush()
+            await eventually(lambda: caught_up(service.index, fleet.published, MODEL), 60)
+            assert service.stats.dead_letters == {"undecodable": 1}
+            copy = await js.get_last_msg(DEAD_LETTER_STREAM, f"{DEAD_LETTER_SUBJECT}.undecodable")
+            assert copy.headers is not None
+            assert copy.headers["Kv-Truncated-From"] == str(limit - 300)
+            assert copy.data is not None and len(copy.data) < limit - 300
+    finally:
+        await nc.close()
+        await fleet.close()
+        nats_server.stop()

@@ -44,6 +44,7 @@ from kvcore.topology import (
     consumer_name,
     partition_filter,
     resync_subject,
+    server_max_payload,
     stored_subject_identity,
 )
 
@@ -60,6 +61,7 @@ log = structlog.get_logger("indexer.ingest.consumer")
 
 _RETRY_BACKOFF_S: Final = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 _REBUILDING_PREFIX: Final = "rebuilding-"
+_HEADER_ROOM: Final = 256  # the header block's framing, Nats-Msg-Id and such, with margin
 
 
 class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -489,7 +491,15 @@ class PartitionConsumer:
                           stream_seq=meta.sequence.stream, error=str(exc)[:200])
         headers = {"Kv-Reason": reason, "Kv-Error": str(exc)[:500],
                    "Kv-Subject": msg.subject, "Kv-Stream-Seq": str(meta.sequence.stream)}
+        data = msg.data
+        # The copy must fit the server's limit with its headers: a message that barely fit
+        # would otherwise make the server close this connection.
+        room = server_max_payload(self._js) - _HEADER_ROOM - sum(
+            len(k) + len(v) + 4 for k, v in headers.items())
+        if len(data) > room:
+            headers["Kv-Truncated-From"] = str(len(data))
+            data = data[: max(room, 0)]
         try:
-            await self._js.publish(f"{DEAD_LETTER_SUBJECT}.{reason}", msg.data, headers=headers)
+            await self._js.publish(f"{DEAD_LETTER_SUBJECT}.{reason}", data, headers=headers)
         except Exception as pub_exc:  # noqa: BLE001 - counting and logging is the floor
             self._log.error("dead_letter_publish_failed", reason=reason, error=repr(pub_exc))
