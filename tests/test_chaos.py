@@ -6,11 +6,7 @@ reference model computes from the events that were published."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,6 +22,7 @@ from kvsim.mock_engines import MockFleet, synthetic_prompts
 from publisher.publisher import KVEventPublisher
 from publisher.zmq_source import EngineSource
 from tests.support.capture import CapturingSink
+from tests.support.processes import IndexerProcess
 from tests.support.reference import ReferenceIndex
 from tests.support.servers import RedisServer
 
@@ -36,44 +33,6 @@ WORKERS = 4
 REQUESTS = 240
 PARTITIONS = 2
 SEED = 20261122
-
-
-class Indexer:
-    """`kv-indexer serve` as a child process that can be SIGKILLed and started again."""
-
-    def __init__(self, nats_url: str, redis_url: str, log_dir: Path) -> None:
-        self.args = ["--nats-url", nats_url, "--redis-url", redis_url, "--grpc-listen", "",
-                     "--metrics-listen", "", "--partitions", str(PARTITIONS),
-                     "--snapshot-every-batches", "40", "--liveness-grace", "3600",
-                     "--log-format", "json"]
-        self.log_dir = log_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        code = "import sys; from indexer.app import main; sys.exit(main(sys.argv[1:]))"
-        log = (self.log_dir / f"indexer-{self.starts}.log").open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-c", code, *self.args], stdout=log,
-                                     stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.starts += 1
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-    def count(self, event: str) -> int:
-        return sum(log.read_text().count(f'"event": "{event}"')
-                   for log in self.log_dir.glob("indexer-*.log"))
 
 
 async def converged(index: RedisIndex, published: list[EventBatch]) -> bool:
@@ -96,7 +55,8 @@ class TestChaos:
         rng = random.Random(SEED)
         nats_server = EmbeddedNats(tmp_path / "nats").start()
         redis_server = RedisServer(tmp_path / "redis").start()
-        indexer = Indexer(nats_server.url, redis_server.url, tmp_path)
+        indexer = IndexerProcess(nats_server.url, redis_server.url, tmp_path,
+                                 partitions=PARTITIONS, snapshot_every_batches=40)
         indexer.start()
         fleet = MockFleet(n_workers=WORKERS, capacity_blocks=48, block_size=16,
                           base_port=0).start()

@@ -143,6 +143,11 @@ def marker_name(partition: int) -> str:
     return f"partition.{partition}"
 
 
+def position_marker_name(partition: int) -> str:
+    """The index marker holding the last stream sequence applied for a partition."""
+    return f"position.{partition}"
+
+
 def marker_is_rebuilding(marker: str | None) -> bool:
     return marker is None or marker.startswith(_REBUILDING_PREFIX)
 
@@ -180,6 +185,7 @@ class PartitionConsumer:
         self._marker: str | None = None
         self._marker_checked = 0.0
         self._last_stream_seq = 0
+        self._acked_seq = 0  # the last stream sequence this consumer acknowledged
         self.last_progress = time.monotonic()  # when a fetch was last applied and acked
         self._batches_since_snapshot = 0
         self._last_snapshot = time.monotonic()
@@ -218,13 +224,36 @@ class PartitionConsumer:
         expected = await self._snapshots.expected_marker(self.partition)
         current = await self._index.get_marker(self._marker_name)
         if expected is not None and current == expected:
-            self._marker = current
-            return None
+            position, floor = await self._position(), await self._ack_floor()
+            if position >= floor:
+                self._marker = current
+                self._acked_seq = floor
+                return None
+            # Restored from an older dump, or a lagging replica promoted: the marker
+            # matches but writes the stream saw acknowledged are missing.
+            return await self._rebuild(f"index behind the stream (reflects {position}, "
+                                       f"acknowledged {floor})")
         return await self._rebuild("no marker" if current is None else "marker mismatch")
 
     @property
     def _marker_name(self) -> str:
         return marker_name(self.partition)
+
+    async def _record_position(self) -> None:
+        await self._index.set_marker(position_marker_name(self.partition),
+                                     str(self._last_stream_seq))
+
+    async def _position(self) -> int:
+        """The stream sequence the index says it reflects for this partition."""
+        raw = await self._index.get_marker(position_marker_name(self.partition))
+        return int(raw) if raw and raw.isdigit() else 0
+
+    async def _ack_floor(self) -> int:
+        try:
+            info = await self._js.consumer_info(STREAM_NAME, consumer_name(self.partition))
+        except NotFoundError:
+            return 0
+        return int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
 
     async def pending(self) -> int:
         """Messages of the partition not yet applied and acked (JetStream's count)."""
@@ -248,6 +277,7 @@ class PartitionConsumer:
     async def _rebuild_once(self, reason: str) -> int:
         assert self._snapshots is not None
         started = time.monotonic()
+        self._acked_seq = 0  # the replay acknowledges afresh
         await self._index.reset_caches()
         # A provisional marker: if the index loses its data again while we rebuild, the
         # marker goes with it and the rebuild starts over instead of trusting a hole.
@@ -299,6 +329,8 @@ class PartitionConsumer:
         try:
             if await self._index.get_marker(self._marker_name) != self._marker:
                 return True  # the index lost its data (Redis flushed, restarted, replaced)
+            if not self.rebuilding and await self._position() < self._acked_seq:
+                return True  # it came back with older data: acknowledged writes are gone
         except BackendError:
             return False  # the apply path retries; check again later
         expected = await self._snapshots.expected_marker(self.partition)
@@ -376,8 +408,12 @@ class PartitionConsumer:
         await self._apply_all(decoded, msgs)
         if msgs:
             self._last_stream_seq = msgs[-1].metadata.sequence.stream
-            self.last_progress = time.monotonic()
+            # Recorded before the ack: an index that holds every acked message always
+            # reflects a position >= the ack floor, so one found below it lost writes.
+            await self._with_backend_retry(self._record_position, msgs)
             await msgs[-1].ack()  # AckAll: acknowledges the whole fetch
+            self._acked_seq = self._last_stream_seq
+            self.last_progress = time.monotonic()
 
     async def _decode(self, msg: Msg) -> EventBatch | None:
         """The batch, if it is well formed and may be trusted; else dead-lettered."""
