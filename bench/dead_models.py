@@ -50,7 +50,7 @@ LIVE_WORKERS = 4
 LIVE_BLOCKS = 4_096
 DEAD_BLOCKS = 16
 BLOCK = 16
-TTL_S = 60.0
+TTL_S = 600.0  # the dead models' entries are written once: they must outlive state (1)
 GRACE_S = 3.0
 CALLS = 30
 HEADER = ("| state | models listed | Redis keys | indexer CPU | redis-server CPU "
@@ -141,8 +141,8 @@ def service(nats_url: str, redis_url: str) -> IndexerService:
 async def started(svc: IndexerService) -> IndexerService:
     await svc.start()
 
-    async def ready() -> bool:
-        return bool(svc.consumers()) and not svc.rebuilding
+    async def ready() -> bool:  # every partition leased and consuming: steady idling
+        return len(svc.consumers()) == svc.config.partitions and not svc.rebuilding
 
     await eventually(ready, "the consumers")
     return svc
@@ -154,9 +154,19 @@ async def run(args: argparse.Namespace, nats_url: str, redis_url: str) -> str:
     kv = await ensure_liveness_bucket(nc.jetstream(), TTL_S)
     live = [(LIVE_MODEL, f"live-{w}") for w in range(LIVE_WORKERS)]
     dead = [(dead_model(i), f"gone-{i}") for i in range(args.models)]
-    for model, worker in live + dead:
+    async def register(model: str, worker: str) -> None:
         await kv.put(liveness_key(model, worker), msgspec.json.encode(
             WorkerRecord(model=model, worker_id=worker, block_size=BLOCK)))
+
+    async def keep_live_workers_alive() -> None:  # as their publishers do, every TTL / 3
+        while True:
+            for model, worker in live:
+                await register(model, worker)
+            await asyncio.sleep(TTL_S / 3)
+
+    for model, worker in dead:
+        await register(model, worker)
+    keepalive = asyncio.create_task(keep_live_workers_alive())
 
     svc = await started(service(nats_url, redis_url))
     assert svc.liveness is not None
@@ -213,6 +223,7 @@ async def run(args: argparse.Namespace, nats_url: str, redis_url: str) -> str:
     states.append(await measure(f"after a restart over {args.models:,} leftover models",
                                 svc, admin, args.window))
     await svc.close()
+    keepalive.cancel()
     await nc.close()
     await admin.aclose()
     return report(args, states, expiry_s, drop_s, left_models=left_models, left_keys=left_keys)
@@ -238,7 +249,8 @@ The dead models' workers deleted their liveness entries; {expiry_s:.1f} s later 
 {GRACE_S:g} s included) liveness had removed all {args.models:,} and the models with them.
 A restart over {left_models:,} listed models ({left_keys:,} keys) left without a rank, as
 older versions left them: {drop_s:.1f} s from the start of the service until its first
-liveness sweep had dropped them (start-up included).
+liveness sweep had dropped them (start-up included). State (3) is a second service started
+in the same process after the first one closed.
 """
 
 
