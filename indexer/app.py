@@ -140,7 +140,7 @@ class IndexerService:
     async def _start_grpc(self) -> None:
         if not self.config.grpc_listen:
             return
-        from indexer.serve.service import ServiceSettings, start_grpc_server  # noqa: PLC0415
+        from indexer.serve.service import service_settings, start_grpc_server  # noqa: PLC0415
 
         assert self.index is not None
         extra = self.config.grpc_processes - 1
@@ -155,7 +155,7 @@ class IndexerService:
         self._server, self.grpc_port = await start_grpc_server(
             self._served_index, self.config.grpc_listen, consumer_stats=self.stats,
             health_servicer=self._health_servicer,
-            settings=ServiceSettings(share_port=extra > 0),
+            settings=service_settings(self.config, share_port=extra > 0),
             rebuilding=rebuilding, live_workers=self._live_workers)
         if extra:
             host = self.config.grpc_listen.rpartition(":")[0]

@@ -7,6 +7,7 @@ Built once from flags and environment into a frozen `ServiceConfig`, validated a
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,6 +16,13 @@ import msgspec
 
 from indexer.errors import ConfigError
 from indexer.index.protocol import DEFAULT_MAX_QUERY_TOKENS
+from indexer.serve.limits import (
+    DEFAULT_CONNECTION_IDLE_S,
+    DEFAULT_MAX_BATCH_REQUESTS,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_REQUEST_LOADS,
+    DEFAULT_MAX_REQUEST_WORKERS,
+)
 from kvcore.runtime import uvloop_installed
 from kvcore.topology import DEFAULT_PARTITIONS
 
@@ -27,6 +35,8 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str | None = None  # None: in-memory index
     grpc_listen: str = "127.0.0.1:50051"
     grpc_processes: int = 1  # > 1: extra read-only gRPC server processes (Redis index only)
+    grpc_idle_timeout_s: float = DEFAULT_CONNECTION_IDLE_S  # 0: idle connections stay open
+    grpc_max_connections: int = DEFAULT_MAX_CONNECTIONS  # per process; 0: no cap
     metrics_listen: str = "127.0.0.1:9400"  # "" disables /metrics
     partitions: int = DEFAULT_PARTITIONS
     liveness_ttl_s: float = 10.0
@@ -36,6 +46,9 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     fetch_batch: int = 512
     apply_chunk: int = 256
     max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
+    max_request_workers: int = DEFAULT_MAX_REQUEST_WORKERS
+    max_request_loads: int = DEFAULT_MAX_REQUEST_LOADS
+    max_batch_requests: int = DEFAULT_MAX_BATCH_REQUESTS
     snapshot_every_batches: int = 100_000
     snapshot_every_s: float = 300.0
     snapshot_keep: int = 3
@@ -53,6 +66,10 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
     ("--grpc-listen", "grpc_listen", str, "gRPC listen address host:port"),
     ("--grpc-processes", "grpc_processes", int,
      "processes serving gRPC on that address (Redis index only; >1 adds read-only servers)"),
+    ("--grpc-idle-timeout", "grpc_idle_timeout_s", float,
+     "seconds a gRPC connection may stay without a call before the server closes it; 0: never"),
+    ("--grpc-max-connections", "grpc_max_connections", int,
+     "gRPC connections each serving process accepts at once (more are closed); 0: no cap"),
     ("--metrics-listen", "metrics_listen", str, "Prometheus /metrics address; '' disables"),
     ("--partitions", "partitions", int, "stream partitions (consumers); same on every process"),
     ("--liveness-ttl", "liveness_ttl_s", float, "seconds a worker entry lives without refresh"),
@@ -63,6 +80,10 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
     ("--fetch-batch", "fetch_batch", int, "messages fetched per pull"),
     ("--apply-chunk", "apply_chunk", int, "batches per index apply call"),
     ("--max-query-tokens", "max_query_tokens", int, "largest Score query, in tokens"),
+    ("--max-request-workers", "max_request_workers", int,
+     "most worker ids in a query's `workers` (Score, FindBestWorker, each ScoreBatch query)"),
+    ("--max-request-loads", "max_request_loads", int, "most entries in FindBestWorker's `loads`"),
+    ("--max-batch-requests", "max_batch_requests", int, "most queries in one ScoreBatch"),
     ("--snapshot-every-batches", "snapshot_every_batches", int,
      "snapshot a partition after this many batches"),
     ("--snapshot-every", "snapshot_every_s", float, "or after this many seconds"),
@@ -127,6 +148,12 @@ def validate(config: ServiceConfig) -> None:
         (config.fetch_batch >= 1, "--fetch-batch must be >= 1"),
         (config.apply_chunk >= 1, "--apply-chunk must be >= 1"),
         (config.max_query_tokens >= 1, "--max-query-tokens must be >= 1"),
+        (config.max_request_workers >= 1, "--max-request-workers must be >= 1"),
+        (config.max_request_loads >= 1, "--max-request-loads must be >= 1"),
+        (config.max_batch_requests >= 1, "--max-batch-requests must be >= 1"),
+        (math.isfinite(config.grpc_idle_timeout_s) and config.grpc_idle_timeout_s >= 0,
+         "--grpc-idle-timeout must be a number of seconds >= 0"),
+        (config.grpc_max_connections >= 0, "--grpc-max-connections must be >= 0"),
         (config.snapshot_every_batches >= 1, "--snapshot-every-batches must be >= 1"),
         (config.snapshot_every_s > 0, "--snapshot-every must be > 0"),
         (config.ingest_stall_s > 0, "--ingest-stall must be > 0"),

@@ -4,7 +4,6 @@ filled by replay, gaps replay cannot fill, engine restarts, and the bridge resta
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,20 +19,13 @@ from publisher.publisher import KVEventPublisher
 from publisher.zmq_source import EngineSource
 from tests.support.event_path import service_config
 from tests.support.polling import eventually, is_true
+from tests.support.prompts import prompts
 
 pytestmark = pytest.mark.integration
 
 MODEL = "mock/model"
 BS = 16
 WORKER = "engine-0"
-
-
-def prompts(n: int, seed: int = 7) -> list[list[int]]:
-    """Prompts sharing a few system prefixes, so the LRU pool both hits and evicts."""
-    rng = random.Random(seed)
-    systems = [[rng.randrange(50_000) for _ in range(BS * 4)] for _ in range(3)]
-    return [rng.choice(systems) + [rng.randrange(50_000) for _ in range(BS * rng.randint(1, 6))]
-            for _ in range(n)]
 
 
 def engine_matched(engine: MockEngine, tokens: list[int]) -> int:

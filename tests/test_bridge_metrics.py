@@ -21,8 +21,8 @@ from kvcore.topology import StreamSettings, ensure_stream
 from kvsim.mock_engines import MockEngine
 from publisher.cli import parse_bridge_args, parse_listen
 from publisher.publisher import KVEventPublisher
-from tests.test_bridge import prompts
-from tests.test_event_path import eventually
+from tests.support.polling import eventually
+from tests.support.prompts import prompts
 
 pytestmark = pytest.mark.integration
 

@@ -30,6 +30,28 @@ class TestParsing:
         assert (config.redis_url, config.partitions) == ("redis://r:6379/0", 16)
 
 
+class TestServerLimits:
+    """The gRPC limits of `kv-indexer serve` reach the server's settings."""
+
+    def test_defaults_are_the_servers(self) -> None:
+        from indexer.serve.service import ServiceSettings, service_settings
+
+        settings = service_settings(parse_service_config([], environ={}))
+        assert settings == ServiceSettings()
+
+    def test_flags_and_environment(self) -> None:
+        from indexer.serve.service import service_settings
+
+        env = {"KV_INDEXER_MAX_REQUEST_LOADS": "7", "KV_INDEXER_GRPC_IDLE_TIMEOUT_S": "2.5"}
+        config = parse_service_config(
+            ["--max-request-workers", "9", "--max-batch-requests", "3",
+             "--grpc-max-connections", "0"], environ=env)
+        settings = service_settings(config, share_port=True)
+        assert (settings.max_request_workers, settings.max_request_loads,
+                settings.max_batch_requests, settings.connection_idle_s,
+                settings.max_connections, settings.share_port) == (9, 7, 3, 2.5, None, True)
+
+
 class TestValidation:
     """A bad setting fails at start-up with a message naming it."""
 
@@ -45,6 +67,12 @@ class TestValidation:
             (["--log-format", "xml"], {}, "--log-format"),
             (["--liveness-ttl", "-1"], {}, "--liveness-ttl"),
             (["--event-loop", "trio"], {}, "--event-loop"),
+            (["--max-request-workers", "0"], {}, "--max-request-workers"),
+            ([], {"KV_INDEXER_MAX_REQUEST_LOADS": "0"}, "--max-request-loads"),
+            (["--max-batch-requests", "0"], {}, "--max-batch-requests"),
+            (["--grpc-idle-timeout", "-1"], {}, "--grpc-idle-timeout"),
+            (["--grpc-idle-timeout", "nan"], {}, "--grpc-idle-timeout"),
+            (["--grpc-max-connections", "-1"], {}, "--grpc-max-connections"),
         ],
     )
     def test_rejected(self, argv: list[str], env: dict[str, str], message: str) -> None:

@@ -340,6 +340,33 @@ class TestQueryErrors:
         assert (result.query_blocks, result.scores) == (2, [])
 
 
+class TestModelLifetime:
+    """A model lives while it has a worker rank, on every backend."""
+
+    async def test_model_goes_with_its_last_worker(self, any_index: Index) -> None:
+        """Removing the last worker forgets the model: no blocks, no block size, no
+        listing; another model is untouched, and the model can start again afresh."""
+        def stores(model: str, worker: str, rank: int = 0) -> EventBatch:
+            return EventBatch(schema=SCHEMA_VERSION, model=model, worker_id=worker,
+                              dp_rank=rank, epoch=1, seq=0,
+                              events=[make_event("store", ((0, 1), 0, "gpu", None), 1)])
+
+        await any_index.apply([stores(MODEL, "a"), stores(MODEL, "b", 0),
+                               stores(MODEL, "b", 1), stores("other", "c")])
+        assert await any_index.remove_worker(MODEL, "a") == 1
+        assert await any_index.block_size(MODEL) == BLOCK  # b still serves it
+        assert await any_index.remove_worker(MODEL, "b") == 2
+        assert await any_index.workers(MODEL) == []
+        assert await any_index.presence(MODEL) == {}
+        assert await any_index.block_size(MODEL) is None
+        assert [w.model for w in await any_index.workers()] == ["other"]
+        assert await any_index.drop_empty_models() == []  # nothing was left behind
+        assert len(await any_index.presence("other")) == 2
+        await any_index.apply([stores(MODEL, "d")])
+        assert [(w.worker_id, w.last_seq) for w in await any_index.workers(MODEL)] == [("d", 0)]
+        assert await any_index.block_size(MODEL) == BLOCK
+
+
 class TestExportImport:
     """A rank's exported state, imported into a fresh index, gives the same index."""
 

@@ -107,3 +107,12 @@ def test_the_bridge_starts_without_the_indexer_stack() -> None:
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, cwd=ROOT).stdout.split()
     assert loaded == []
+
+
+def test_test_modules_do_not_import_each_other() -> None:
+    """Shared fixtures and builders live in tests/support, not in other test modules."""
+    wrong = [f"{path.name} imports {target}"
+             for path in sorted((ROOT / "tests").glob("test_*.py"))
+             for target in imports(path)
+             if target.startswith("tests.test_")]
+    assert not wrong, wrong

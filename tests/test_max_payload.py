@@ -51,8 +51,9 @@ from kvsim.mock_engines import (
 from publisher.nats_sink import header_bytes
 from publisher.publisher import KVEventPublisher, RankPublisher
 from publisher.zmq_source import EngineSource
+from tests.support.event_path import service_config
+from tests.support.polling import eventually
 from tests.support.reference import ReferenceIndex
-from tests.test_event_path import eventually, service_config
 
 pytestmark = pytest.mark.integration
 

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
+import msgspec
+import nats
 import pytest
 import redis.asyncio as aioredis
 from redis.cluster import key_slot
 
+from indexer.embedded import EmbeddedNats
 from indexer.errors import BackendError
 from indexer.index.memory import MemoryIndex
-from indexer.index.protocol import ApplyOutcome, IndexConfig, ScoreQuery
-from indexer.index.redis import RedisIndex, model_prefix
+from indexer.index.protocol import ApplyOutcome, IndexConfig, ScoreQuery, WorkerRef
+from indexer.index.redis import MODELS_KEY, RedisIndex, model_prefix
+from indexer.ingest.liveness import LivenessWatcher
+from kvcore.bus import SCHEMA_VERSION, EventBatch, pack_tokens
+from kvcore.topology import WorkerRecord, ensure_liveness_bucket, liveness_key
 from tests.support.ledger_batches import BS, MODEL, TOKENS, batch, stored
+from tests.support.polling import eventually
 from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -127,6 +135,171 @@ class TestLayout:
         assert not {"cmdstat_keys", "cmdstat_scan", "cmdstat_hscan"} & set(stats)
         assert [w.worker_id for w in await index.workers(MODEL)] == ["w"]
         assert await index.presence(MODEL) == {}
+
+
+DEAD_MODELS = 2_000
+DEAD_BLOCKS = 16  # blocks each abandoned model's worker stores
+
+
+def dead_batch(i: int) -> EventBatch:
+    """The one batch the worker of abandoned model i ever sent: 16 blocks of its own."""
+    tokens = [i * 1_000 + t for t in range(DEAD_BLOCKS * BS)]
+    return EventBatch(schema=SCHEMA_VERSION, model=f"abandoned/{i}", worker_id=f"gone-{i}",
+                      dp_rank=0, epoch=1, seq=0, events=[stored_tokens(tokens)])
+
+
+def stored_tokens(tokens: list[int]) -> Any:
+    from kvcore.bus import BlockStored
+
+    return BlockStored(block_hashes=list(range(1, len(tokens) // BS + 1)), parent_hash=None,
+                       token_ids=pack_tokens(tokens), block_size=BS)
+
+
+async def ingest(index: RedisIndex, batches: list[EventBatch], chunk: int = 256) -> None:
+    for start in range(0, len(batches), chunk):
+        await index.apply(batches[start : start + chunk])
+
+
+async def keys_outside(client: aioredis.Redis, model: str) -> list[bytes]:
+    """Keys of the database that are neither `model`'s nor the model list (SCAN, here in
+    the test: the product never scans)."""
+    prefix = model_prefix(model).encode()
+    return [key async for key in client.scan_iter(count=1000)
+            if not key.startswith(prefix) and key != MODELS_KEY.encode()]
+
+
+class CountingConnection(aioredis.Connection):
+    """A redis-py connection that counts its writes: pipelined commands leave in one."""
+
+    sends = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        CountingConnection.sends += 1
+        await super().send_packed_command(command, check_health)
+
+
+class TestModelCollection:
+    """A model goes with its last worker rank; models listed without one are dropped."""
+
+    async def test_expired_models_leave_nothing(self, redis_client: aioredis.Redis,
+                                                redis_server: RedisServer,
+                                                nats_server: EmbeddedNats) -> None:
+        """2,000 models whose only worker stops: liveness removes the workers, and with
+        them every key of their models; the live model beside them keeps its blocks."""
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        kv = await ensure_liveness_bucket(js, 60.0)
+        await kv.put(liveness_key(MODEL, "w"), msgspec.json.encode(
+            WorkerRecord(model=MODEL, worker_id="w", block_size=BS)))
+        # The process that expires workers is not the one that wrote them (no shared cache).
+        expiring = RedisIndex.from_url(redis_server.url)
+        watcher = LivenessWatcher(js, expiring, ttl_s=60.0, grace_s=0.0, check_every_s=0.1)
+        stop = asyncio.Event()
+        task = asyncio.create_task(watcher.run(stop))
+        writer = RedisIndex.from_url(redis_server.url)
+        try:
+            await eventually(lambda: _true(watcher.is_live(MODEL, "w")))
+            await writer.apply([batch(0, stored(1, 6))])
+            await ingest(writer, [dead_batch(i) for i in range(DEAD_MODELS)])
+            live_blocks = await writer.presence(MODEL)
+            await eventually(lambda: _true(watcher.removed == DEAD_MODELS), timeout=120)
+        finally:
+            stop.set()
+            await task
+            await nc.close()
+        assert await redis_client.smembers(MODELS_KEY) == {MODEL.encode()}
+        assert await keys_outside(redis_client, MODEL) == []
+        reader = RedisIndex.from_url(redis_server.url)
+        assert await matched(reader) == 6
+        assert await reader.presence(MODEL) == live_blocks
+        assert [w.worker_id for w in await reader.workers()] == ["w"]
+        for index in (writer, expiring, reader):
+            await index.close()
+
+    async def test_leftovers_go_at_the_first_sweep(self, redis_client: aioredis.Redis,
+                                                   nats_server: EmbeddedNats) -> None:
+        """Models an older version left listed without a rank (slot allocation, version,
+        block size; a crash's stray rank keys) are dropped by the first liveness sweep."""
+        index = RedisIndex(redis_client)
+        await index.apply([batch(0, stored(1, 6))])
+        pipe = redis_client.pipeline(transaction=False)
+        for i in range(DEAD_MODELS):
+            model = f"left/{i}"
+            prefix = model_prefix(model)
+            pipe.sadd(MODELS_KEY, model)
+            pipe.set(prefix + "slotver", 7)
+            pipe.set(prefix + "nextslot", 2)
+            pipe.zadd(prefix + "free", {"0": 0, "1": 1})
+            pipe.set(prefix + "block_size", 16)
+            pipe.hset(prefix + "w:1:meta", "pos", b"\x00" * 16)
+            pipe.set(prefix + "w:1:log", b"M" * 17)
+            pipe.hset(prefix + "blk", b"\x00" * 8, b"\x10")
+        await pipe.execute()
+        nc = await nats.connect(nats_server.url)
+        try:
+            watcher = LivenessWatcher(nc.jetstream(), RedisIndex(redis_client), ttl_s=10.0,
+                                      grace_s=3600.0)
+            await watcher.sweep()
+        finally:
+            await nc.close()
+        assert await redis_client.smembers(MODELS_KEY) == {MODEL.encode()}
+        assert await keys_outside(redis_client, MODEL) == []
+        assert await matched(index) == 6
+
+    async def test_workers_costs_constant_round_trips(self, redis_server: RedisServer) -> None:
+        """workers() over 10 or 2,000 models: the same number of writes to Redis (the
+        model list, then one pipeline of one script call per model)."""
+        client = aioredis.Redis.from_url(redis_server.url, connection_class=CountingConnection)
+        await client.flushall()
+        index = RedisIndex(client)
+        sends = {}
+        for models in (10, DEAD_MODELS):
+            await ingest(index, [dead_batch(i) for i in range(models)])
+            assert len(await index.workers()) == models  # loads the script if need be
+            CountingConnection.sends = 0
+            infos = await index.workers()
+            sends[models] = CountingConnection.sends
+            assert len(infos) == models
+            assert infos[0].blocks_by_tier == {"gpu": DEAD_BLOCKS}
+        assert sends == {10: 2, DEAD_MODELS: 2}
+        await index.close()
+
+    async def test_a_collected_model_starts_afresh(self, redis_client: aioredis.Redis) -> None:
+        """A model collected and used again: a reader that cached its old slot map, and a
+        writer that still holds the old rank's ledger, both see the new rank only."""
+        writer, reader, stale = (RedisIndex(redis_client) for _ in range(3))
+        # stale wrote a (slot 0) up to (epoch 1, seq 1) and keeps a's ledger there.
+        await stale.apply([batch(0, stored(1, 3), worker="a"),
+                           batch(1, stored(4, 6, parent=3), worker="a")])
+        assert await matched(reader) == 6  # caches slot 0 = a
+        assert await writer.remove_worker(MODEL, "a") == 1
+        assert await redis_client.smembers(MODELS_KEY) == set()
+        assert await redis_client.keys("*") == []
+        # b takes slot 0 again, at the position a's stale ledger expects (epoch 1, seq 1).
+        await writer.apply([batch(0, stored(1, 3), worker="b"), batch(1, stored(4, 4, parent=3),
+                                                                      worker="b")])
+        result = await reader.score(ScoreQuery(model=MODEL, block_keys=keys_of_prompt()))
+        assert [(s.worker_id, s.matched_blocks) for s in result.scores] == [("b", 4)]
+        with pytest.raises(BackendError, match="written or removed by another process"):
+            await stale.apply([batch(2, stored(5, 5, parent=4), worker="a")])
+        assert await reader.workers() == await writer.workers()
+        assert [w.worker_id for w in await reader.workers()] == ["b"]
+        assert await reader.block_size(MODEL) == BS
+        assert await matched(reader) == 4
+
+    async def test_a_model_with_a_rank_is_never_collected(
+            self, redis_client: aioredis.Redis) -> None:
+        """drop_empty_models leaves models that have a rank, even one without a batch yet."""
+        index = RedisIndex(redis_client)
+        await index.apply([batch(0, stored(1, 2))])
+        await index.export_ranks([("other", WorkerRef("x", 0))])  # allocates, applies nothing
+        assert await index.drop_empty_models() == []
+        assert await redis_client.smembers(MODELS_KEY) == {MODEL.encode(), b"other"}
+        assert await matched(index) == 2
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 class TestRedisFailure:

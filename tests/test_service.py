@@ -12,6 +12,8 @@ Every test that takes `index` runs twice: on the in-memory index and on the Redi
 from __future__ import annotations
 
 import asyncio
+import random
+import resource
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -34,9 +36,12 @@ from indexer.ingest.consumer import ConsumerStats
 from indexer.serve.directory import CandidateSet, WorkerDirectory
 from indexer.serve.grpc_handlers import TOKEN_PATHS, add_kv_indexer_service
 from indexer.serve.service import (
+    FD_RESERVE,
     SERVICE_NAME,
     KvIndexerService,
     ServiceSettings,
+    connection_cap,
+    server_options,
 )
 from kvcore.bus import AllBlocksCleared, BlockStored, EventBatch
 from kvcore.bus import pack_tokens as pack
@@ -234,7 +239,7 @@ class TestWireTokens:
                 for raw in (varint(10 << 3 | 2) + varint(9) + b"\x01", b"\x52\x80"):
                     with pytest.raises(grpc.aio.AioRpcError) as failed:
                         await call(raw)
-                    assert failed.value.code() != grpc.StatusCode.OK
+                    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             finally:
                 await channel.close()
             response = await stub.Score(pb.ScoreRequest(model=MODEL, token_ids=TOKENS))
@@ -722,6 +727,178 @@ class TestLoadLimits:
                  for o in outcomes]
         assert codes.count(grpc.StatusCode.OK) == 2
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4
+
+
+METHODS = pb.DESCRIPTOR.services_by_name["KvIndexer"].methods
+MESSAGE_TYPES = {m.name: getattr(pb, m.input_type.name) for m in METHODS}
+
+
+def undecodable(method: str, count: int = 40) -> list[bytes]:
+    """Bodies the method's request type does not parse: fixed cases (truncated varint,
+    length past the end, a field of wire type 7, invalid UTF-8 in a string field), then
+    seeded random bytes the parser rejects."""
+    message_type = MESSAGE_TYPES[method]
+    fixed = [b"\x08\x80", b"\x0a\xff\xff\xff\xff\x0f", b"\x0f", b"\x0a\x02\xff\xfe"]
+    rng = random.Random(f"{method}-bodies")
+    found: list[bytes] = []
+    for body in fixed + [rng.randbytes(rng.randint(1, 64)) for _ in range(20 * count)]:
+        try:
+            message_type.FromString(body)
+        except Exception:  # noqa: BLE001 - DecodeError: exactly what is wanted
+            found.append(body)
+        if len(found) == count:
+            break
+    return found
+
+
+class TestHardening:
+    """Undecodable requests, oversized lists and idle or excess connections."""
+
+    @pytest.mark.parametrize("method", [m.name for m in METHODS])
+    async def test_undecodable_request_is_invalid_argument(self, method: str) -> None:
+        """Bytes that are no valid request: INVALID_ARGUMENT naming the message type
+        (gRPC's own answer to a deserialiser's exception is UNKNOWN); the server goes on."""
+        index = MemoryIndex(CONFIG)
+        await index.apply(scenario())
+        bodies = undecodable(method)
+        assert len(bodies) == 40
+        async with serving(index) as (stub, port):
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            try:
+                call = channel.unary_unary(f"/{SERVICE_NAME}/{method}")
+                for body in bodies:
+                    code, details = await status_of(call(body, timeout=10))
+                    assert code == grpc.StatusCode.INVALID_ARGUMENT, body
+                    assert f"not a valid {MESSAGE_TYPES[method].DESCRIPTOR.full_name}" in details
+            finally:
+                await channel.close()
+            response = await stub.Score(pb.ScoreRequest(model=MODEL, token_ids=TOKENS))
+            assert rows(response)[0] == ("w-a", 0, 4)
+
+    async def test_workers_and_loads_over_the_default_caps(self, index: Index) -> None:
+        """65,537 worker ids or load entries: INVALID_ARGUMENT naming the field and the
+        cap, in every RPC that carries them; 65,536 are served."""
+        at_cap = [f"w-{i}" for i in range(65_535)] + ["w-a"]
+        over = [*at_cap, "one-more"]
+        loads = [pb.WorkerLoad(worker_id=w) for w in at_cap]
+        query = pb.ScoreRequest(model=MODEL, token_ids=TOKENS)
+        async with serving(index) as (stub, _):
+            answer = await stub.Score(pb.ScoreRequest(model=MODEL, token_ids=TOKENS,
+                                                      workers=at_cap))
+            assert rows(answer) == [("w-a", 0, 4)]
+            best = await stub.FindBestWorker(pb.FindBestWorkerRequest(
+                score=pb.ScoreRequest(model=MODEL, token_ids=TOKENS, workers=at_cap),
+                loads=loads))
+            assert best.worker_id == "w-a"
+            refused = [
+                (stub.Score(pb.ScoreRequest(model=MODEL, token_ids=TOKENS, workers=over)),
+                 "workers: 65537 worker ids exceed the limit of 65536"),
+                (stub.FindBestWorker(pb.FindBestWorkerRequest(score=pb.ScoreRequest(
+                    model=MODEL, token_ids=TOKENS, workers=over))),
+                 "score.workers: 65537 worker ids exceed the limit of 65536"),
+                (stub.FindBestWorker(pb.FindBestWorkerRequest(
+                    score=query, loads=[*loads, pb.WorkerLoad(worker_id="x")])),
+                 "loads: 65537 entries exceed the limit of 65536"),
+                (stub.ScoreBatch(pb.ScoreBatchRequest(requests=[query, pb.ScoreRequest(
+                    model=MODEL, token_ids=TOKENS, workers=over)])),
+                 "requests[1].workers: 65537 worker ids exceed the limit of 65536"),
+            ]
+            for call, message in refused:
+                code, details = await status_of(call)
+                assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    async def test_caps_are_settings(self, index: Index) -> None:
+        """max_request_workers and max_request_loads set the caps."""
+        settings = ServiceSettings(worker_cache_seconds=0, max_request_workers=2,
+                                   max_request_loads=1)
+        loads = [pb.WorkerLoad(worker_id="w-a"), pb.WorkerLoad(worker_id="w-b")]
+        async with serving(index, settings) as (stub, _):
+            code, details = await status_of(stub.Score(pb.ScoreRequest(
+                model=MODEL, token_ids=TOKENS, workers=["w-a", "w-b", "w-c"])))
+            assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                       "workers: 3 worker ids exceed the limit of 2")
+            code, details = await status_of(stub.FindBestWorker(pb.FindBestWorkerRequest(
+                score=pb.ScoreRequest(model=MODEL, token_ids=TOKENS), loads=loads)))
+            assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                       "loads: 2 entries exceed the limit of 1")
+            answer = await stub.Score(pb.ScoreRequest(model=MODEL, token_ids=TOKENS,
+                                                      workers=["w-a", "w-b"]))
+            assert [r[0] for r in rows(answer)] == ["w-a", "w-b"]
+
+    async def test_idle_connection_is_closed(self) -> None:
+        """A connection without a call for connection_idle_s is closed by the server (the
+        client's channel goes IDLE) and the next call reconnects."""
+        index = MemoryIndex(CONFIG)
+        await index.apply(scenario())
+        settings = ServiceSettings(worker_cache_seconds=0, connection_idle_s=0.5)
+        async with serving(index, settings) as (_, port):
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}",
+                                                options=[("grpc.use_local_subchannel_pool", 1)])
+            try:
+                stub = pb_grpc.KvIndexerStub(channel)
+                await stub.GetStats(pb.GetStatsRequest(), timeout=10)
+                assert channel.get_state() == grpc.ChannelConnectivity.READY
+                deadline = time.monotonic() + 20
+                while (channel.get_state() == grpc.ChannelConnectivity.READY
+                       and time.monotonic() < deadline):
+                    await asyncio.sleep(0.05)
+                assert channel.get_state() == grpc.ChannelConnectivity.IDLE
+                answer = await stub.Score(pb.ScoreRequest(model=MODEL, token_ids=TOKENS),
+                                          timeout=10)
+                assert rows(answer)[0] == ("w-a", 0, 4)
+            finally:
+                await channel.close()
+
+    async def test_connections_beyond_the_cap_are_refused(self) -> None:
+        """With max_connections 2, a third connection is closed at once (UNAVAILABLE);
+        once one of the two closes, a new one is accepted."""
+        index = MemoryIndex(CONFIG)
+        settings = ServiceSettings(worker_cache_seconds=0, connection_idle_s=0,
+                                   max_connections=2)
+        async with serving(index, settings) as (_, port):
+            channels = [grpc.aio.insecure_channel(
+                f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(4)]
+            try:
+                stubs = [pb_grpc.KvIndexerStub(c) for c in channels]
+                for stub in stubs[:2]:
+                    await stub.GetStats(pb.GetStatsRequest(), timeout=10)
+                code, _ = await status_of(stubs[2].GetStats(pb.GetStatsRequest(), timeout=10))
+                assert code == grpc.StatusCode.UNAVAILABLE
+                await channels[0].close()
+                deadline = time.monotonic() + 20
+                while True:  # the server notices the close by itself
+                    try:
+                        await stubs[3].GetStats(pb.GetStatsRequest(), timeout=10)
+                        break
+                    except grpc.aio.AioRpcError:
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.1)
+            finally:
+                for channel in channels:
+                    await channel.close()
+
+    def test_server_options(self) -> None:
+        """Idle timeout and connection cap become grpc channel arguments; 0 / None: none."""
+        options = dict(server_options(ServiceSettings(connection_idle_s=1.5,
+                                                      max_connections=100)))
+        assert options["grpc.max_connection_idle_ms"] == 1500
+        assert options["grpc.max_allowed_incoming_connections"] == 100
+        off = dict(server_options(ServiceSettings(connection_idle_s=0, max_connections=None)))
+        assert "grpc.max_connection_idle_ms" not in off
+        assert "grpc.max_allowed_incoming_connections" not in off
+
+    def test_connection_cap_fits_the_descriptor_limit(self) -> None:
+        """A cap above RLIMIT_NOFILE less FD_RESERVE is lowered to it, with a warning."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            pytest.skip("no descriptor limit")
+        with capture_logs() as logs:
+            cap = connection_cap(ServiceSettings(max_connections=soft))
+        assert cap == max(1, soft - FD_RESERVE)
+        assert [e["event"] for e in logs] == ["grpc_connection_cap_lowered"]
+        assert connection_cap(ServiceSettings(max_connections=1)) == 1
 
 
 class TestConcurrency:

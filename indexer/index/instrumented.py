@@ -69,6 +69,9 @@ class InstrumentedIndex:
     async def remove_worker(self, model: str, worker_id: str) -> int:
         return await self.inner.remove_worker(model, worker_id)
 
+    async def drop_empty_models(self) -> list[str]:
+        return await self.inner.drop_empty_models()
+
     async def workers(self, model: str | None = None) -> list[WorkerInfo]:
         return await self.inner.workers(model)
 

@@ -149,6 +149,13 @@ class SyncMemoryIndex:
             del self._models[model]
         return len(ledgers)
 
+    def drop_empty_models(self) -> list[str]:
+        """Model spaces without a rank (remove_worker already drops the one it empties)."""
+        empty = [name for name, space in self._models.items() if not space.ledgers]
+        for name in empty:
+            del self._models[name]
+        return empty
+
     def workers(self, model: str | None = None) -> list[WorkerInfo]:
         spaces = [self._models[model]] if model in self._models else []
         if model is None:
@@ -244,6 +251,9 @@ class MemoryIndex:
 
     async def remove_worker(self, model: str, worker_id: str) -> int:
         return self.sync.remove_worker(model, worker_id)
+
+    async def drop_empty_models(self) -> list[str]:
+        return self.sync.drop_empty_models()
 
     async def workers(self, model: str | None = None) -> list[WorkerInfo]:
         return self.sync.workers(model)

@@ -246,7 +246,14 @@ class Index(Protocol):
         ...
 
     async def remove_worker(self, model: str, worker_id: str) -> int:
-        """Forget the worker entirely (all DP ranks); returns ranks removed."""
+        """Forget the worker entirely (all DP ranks); returns ranks removed. A model whose
+        last rank goes is forgotten with it (blocks, block size, everything it stored)."""
+        ...
+
+    async def drop_empty_models(self) -> list[str]:
+        """Forget models the index lists without any worker rank (left by an older
+        version, or a crash between a model's last removal and its clean-up); returns
+        their names. Cheap when there are none: liveness calls it periodically."""
         ...
 
     async def workers(self, model: str | None = None) -> list[WorkerInfo]:

@@ -12,6 +12,11 @@ hash slot and each batch is one atomic Lua call even on Redis Cluster:
     kvi:{m:M}:block_size         STR   block size the model's workers store with
     kvi:models                   SET   model names (for listing only)
 
+A model lives while it has a rank: removing its last rank (`remove_worker`, which is also
+how liveness expiry removes workers) deletes all its keys in one `gc.lua` call, which
+names each key from the model's own structures (no scan), and unlists it. Models listed
+without a rank (left by older versions or a crash) go at `drop_empty_models`.
+
 A ledger log is a sequence of records, replayed in order on reload:
     b"M" engine hash u64, key u64, tier mask u8   the mapping now is (key, tiers)
     b"D" engine hash u64                          the mapping is gone
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 import struct
 from collections.abc import Sequence
 from importlib import resources
@@ -36,6 +42,7 @@ from typing import Any, Final
 
 import redis.asyncio as aioredis
 import structlog
+from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ConnectionError,
     NoScriptError,
@@ -85,7 +92,7 @@ MODELS_KEY: Final = "kvi:models"
 DEFAULT_LOG_COMPACT_MIN_BYTES: Final = 64 * 1024
 _MAX_CALLS: Final = 8  # script calls one apply() is split into, so Python and Redis overlap
 _OP_HEADER: Final = struct.Struct("<cHI")
-_RECORD_HEADER: Final = struct.Struct("<H16s16sdBIIIIIHII")
+_RECORD_HEADER: Final = struct.Struct("<H16s16sdBIIIIIHIII")
 _POSITION: Final = struct.Struct(">qq")
 
 
@@ -129,6 +136,23 @@ class _OpsSink:
     def clear_bits(self, keys: list[int], bitpos: int) -> None:
         self.ops += _OP_HEADER.pack(b"C", bitpos, len(keys))
         self.ops += pack_keys(keys)
+
+
+def _worker_infos(model: str, reply: list[Any]) -> list[WorkerInfo]:
+    """The ranks of one `workers.lua` reply that have metadata (a batch applied)."""
+    infos = []
+    for i in range(1, len(reply), 9):
+        ref_raw, _slot, pos, ts, *counts, degraded = reply[i : i + 9]
+        if pos is None:
+            continue
+        worker_id, _, rank = ref_raw.decode().rpartition("\n")
+        epoch, seq = _POSITION.unpack(pos)
+        infos.append(WorkerInfo(
+            model, worker_id, int(rank), epoch, seq, degraded == b"1",
+            {name: int(n) for name, n in zip(TIERS, counts, strict=True) if int(n)},
+            float(ts),
+        ))
+    return infos
 
 
 class _SlotMap:
@@ -177,6 +201,8 @@ class RedisIndex:
         self._apply_sha: str | None = None
         self._slot_script = client.register_script(_lua("slot.lua"))
         self._score_script = client.register_script(_lua("score.lua"))
+        self._workers_script = client.register_script(_lua("workers.lua"))
+        self._gc_script = client.register_script(_lua("gc.lua"))
         # None: queries stay on redis-py (asked for, or a URL the pipe does not speak).
         self._queries = RedisPipe.for_client(client) if pipelined_queries else None
         self._ledgers: dict[tuple[str, WorkerRef], WorkerLedger] = {}
@@ -226,7 +252,6 @@ class RedisIndex:
             await self._redis.connection_pool.disconnect()
 
     async def _apply(self, batches: Sequence[EventBatch]) -> list[ApplyOutcome]:
-        await self._register_models(batches)
         sha = await self._script_sha()
         outcomes: dict[int, ApplyOutcome] = {}
         step = max(8, -(-len(batches) // _MAX_CALLS))
@@ -250,6 +275,7 @@ class RedisIndex:
             await self._redis.connection_pool.release(conn)
         for (model, model_records, ledgers), reply in zip(pending, replies, strict=True):
             self._check_statuses(model, model_records, ledgers, reply)
+        await self._register_models(batches)
         return [outcomes[i] for i in range(len(batches))]
 
     async def _script_sha(self) -> str:
@@ -277,8 +303,8 @@ class RedisIndex:
         log.warning("ledger_conflict", model=model, worker=failed.worker_id,
                     dp_rank=failed.dp_rank, applied=applied)
         raise BackendError(
-            f"worker {failed.worker_id}/{failed.dp_rank} of {model} was written by another "
-            f"process; {applied} of {len(ledgers)} records were applied"
+            f"worker {failed.worker_id}/{failed.dp_rank} of {model} was written or removed by "
+            f"another process; {applied} of {len(ledgers)} records were applied"
         )
 
     async def _build_records(
@@ -286,7 +312,7 @@ class RedisIndex:
     ) -> tuple[dict[str, list[bytes]], dict[str, list[WorkerLedger]]]:
         """Run the group's batches through their ledgers: one record per changed rank."""
         sinks: dict[WorkerLedger, tuple[bytes, _OpsSink]] = {}
-        changed: set[WorkerLedger] = set()
+        changed: dict[WorkerLedger, int] = {}  # -> block size its batches store with, or 0
         for i, batch in group:
             ledger = await self._ledger(batch.model, WorkerRef(batch.worker_id, batch.dp_rank))
             if ledger not in sinks:
@@ -295,39 +321,47 @@ class RedisIndex:
             outcome = ledger.apply(batch, sinks[ledger][1], self._stats, self.on_resync)
             outcomes[i] = outcome
             if outcome.applied:
-                changed.add(ledger)
+                changed[ledger] = stored_block_size(batch) or changed.get(ledger, 0)
         records: dict[str, list[bytes]] = {}
         sent: dict[str, list[WorkerLedger]] = {}
         for ledger, (expected, sink) in sinks.items():
             if ledger in changed:
-                records.setdefault(ledger.model, []).append(self._record(ledger, expected, sink))
+                records.setdefault(ledger.model, []).append(
+                    self._record(ledger, expected, sink, block_size=changed[ledger]))
                 sent.setdefault(ledger.model, []).append(ledger)
             ledger.journal = None
         return records, sent
 
     async def _run_records(
         self, records: dict[str, list[bytes]], sent: dict[str, list[WorkerLedger]]
-    ) -> None:
-        """One atomic script call per model, in a pipeline."""
+    ) -> list[str]:
+        """One atomic script call per model, in a pipeline; returns the models whose last
+        rank these records removed."""
         if not records:
-            return
+            return []
         pipe = self._redis.pipeline(transaction=False)
         models = list(records)
         for model in models:
             await self._apply_script(keys=[model_prefix(model)],
                                      args=records[model], client=pipe)
         results = await pipe.execute(raise_on_error=False)
+        emptied = []
         for model, reply in zip(models, results, strict=True):
             self._check_statuses(model, records[model], sent[model], reply)
+            if b"emptied" in reply:
+                emptied.append(model)
+        return emptied
 
     def _forget(self, ledger: WorkerLedger) -> None:
         self._ledgers.pop((ledger.model, WorkerRef(ledger.worker_id, ledger.dp_rank)), None)
         self._log_bytes.pop(ledger, None)
 
     def _record(
-        self, ledger: WorkerLedger, expected: bytes, sink: _OpsSink, remove: bool = False
+        self, ledger: WorkerLedger, expected: bytes, sink: _OpsSink, remove: bool = False,
+        block_size: int = 0,
     ) -> bytes:
-        """The packed record apply.lua reads for one rank (layout in apply.lua)."""
+        """The packed record apply.lua reads for one rank (layout in apply.lua); a
+        `block_size` is stored as the model's, in the same atomic call."""
         journal = ledger.journal
         assert journal is not None
         worker = ledger.worker_id.encode()
@@ -339,7 +373,7 @@ class RedisIndex:
         header = _RECORD_HEADER.pack(
             ledger.slot, expected, _position(ledger.epoch, ledger.last_seq), ledger.last_ts,
             flags, *ledger.counts, ledger.dp_rank, len(worker), len(sink.ops),
-            len(log_segment),
+            len(log_segment), block_size,
         )
         return b"".join((header, worker, sink.ops, log_segment))
 
@@ -364,14 +398,13 @@ class RedisIndex:
         return snapshot, True
 
     async def _register_models(self, batches: Sequence[EventBatch]) -> None:
-        """Record new models and changed block sizes (idempotent, outside the scripts)."""
+        """List the models this process had not seen yet (idempotent: a rank created
+        lists its model anyway); cache the block sizes the records stored."""
         last_of_model = {b.model: b for b in batches}
         await self._register_models_named(set(last_of_model))
         for model, batch in last_of_model.items():
-            # One batch per model and call: block sizes change only with a redeploy.
             size = stored_block_size(batch)
-            if size is not None and self._block_sizes.get(model) != size:
-                await self._redis.set(model_prefix(model) + "block_size", size)
+            if size is not None:
                 self._block_sizes[model] = size
 
     async def _register_models_named(self, models: set[str]) -> None:
@@ -403,12 +436,17 @@ class RedisIndex:
     async def _load_ledger(self, model: str, ref: WorkerRef) -> WorkerLedger:
         prefix = model_prefix(model)
         slot_raw, created = await self._slot_script(
-            keys=[prefix], args=[ref.worker_id, ref.dp_rank]
+            keys=[prefix], args=[ref.worker_id, ref.dp_rank, random.getrandbits(62)]
         )
         slot = int(slot_raw)
         ledger = WorkerLedger(model, ref.worker_id, ref.dp_rank, slot,
                               self.config.ghost_capacity)
         if created:
+            # Listed after its rank exists, whatever this process cached: a collection
+            # running meanwhile unlists before it looks for ranks (`_collect_models`),
+            # so a model with a rank is never left unlisted.
+            await self._redis.sadd(MODELS_KEY, model)
+            self._known_models.add(model)
             return ledger
         wp = f"{prefix}w:{slot}:"
         pipe = self._redis.pipeline(transaction=True)
@@ -487,6 +525,10 @@ class RedisIndex:
         pipe.hgetall(prefix + "slots")
         version, slots = await pipe.execute()
         slot_map = _SlotMap(version, slots)
+        if cached is not None and cached.version != version:
+            # Ranks came or went (or the model was collected and started again, maybe
+            # with another block size): read the block size afresh too.
+            self._block_sizes.pop(model, None)
         self._slot_maps[model] = slot_map
         return slot_map
 
@@ -517,10 +559,13 @@ class RedisIndex:
                     records.append(self._record(ledger, expected, sink, remove=remove))
                     ledger.journal = None
                     sent.append(ledger)
-                await self._run_records({model: records} if records else {}, {model: sent})
+                emptied = await self._run_records({model: records} if records else {},
+                                                  {model: sent})
                 if remove:
                     for ledger in sent:
                         self._forget(ledger)
+                if emptied:
+                    await self._collect_models(emptied)
                 return len(refs)
             except RedisError as exc:
                 self._ledgers.clear()
@@ -528,40 +573,78 @@ class RedisIndex:
                 raise BackendError(f"redis clear failed: {exc}") from exc
 
     async def workers(self, model: str | None = None) -> list[WorkerInfo]:
+        """One `workers.lua` call per model, all in one pipeline: after the model list,
+        one round trip however many models there are."""
         try:
-            models = [model] if model else sorted(
-                m.decode() if isinstance(m, bytes) else m
-                for m in await self._redis.smembers(MODELS_KEY)
-            )
-            infos: list[WorkerInfo] = []
-            for name in models:
-                infos.extend(await self._model_workers(name))
+            models = [model] if model else await self._listed_models()
+            replies = await self._eval_each(self._workers_script, models)
         except RedisError as exc:
             raise BackendError(f"redis workers failed: {exc}") from exc
+        infos: list[WorkerInfo] = []
+        for name, reply in zip(models, replies, strict=True):
+            infos.extend(_worker_infos(name, reply))
         infos.sort(key=lambda w: (w.model, w.worker_id, w.dp_rank))
         return infos
 
-    async def _model_workers(self, model: str) -> list[WorkerInfo]:
-        slot_map = await self._slot_map(model, fresh=True)
-        prefix = model_prefix(model)
-        pipe = self._redis.pipeline(transaction=False)
-        slots = sorted(slot_map.by_slot)
-        for slot in slots:
-            pipe.hgetall(f"{prefix}w:{slot}:meta")
-        infos = []
-        for slot, meta in zip(slots, await pipe.execute(), strict=True):
-            if not meta:
+    async def drop_empty_models(self) -> list[str]:
+        async with self._lock:
+            try:
+                return await self._collect_models(await self._listed_models())
+            except RedisError as exc:
+                raise BackendError(f"redis drop_empty_models failed: {exc}") from exc
+
+    async def _listed_models(self) -> list[str]:
+        return sorted(m.decode() if isinstance(m, bytes) else str(m)
+                      for m in await self._redis.smembers(MODELS_KEY))
+
+    async def _collect_models(self, models: list[str]) -> list[str]:
+        """Delete the keys of those `models` that have no rank and unlist them; returns
+        the ones collected. Constant round trips, whatever the number of models.
+
+        gc.lua checks a model has no rank and deletes its keys, atomically. A rank may be
+        created right after (another process): its creator lists the model once the rank
+        exists (`_load_ledger`), so the model is unlisted first, then checked again, and
+        listed again if it has a rank by then. A crash midway leaves a model listed
+        without keys (collected at the next call), or, with a rank created in that very
+        moment, unlisted until its writer restarts and lists it on first use.
+        """
+        ranks = await self._eval_each(self._gc_script, models)
+        empty = [m for m, n in zip(models, ranks, strict=True) if not n]
+        if not empty:
+            return []
+        await self._redis.srem(MODELS_KEY, *empty)
+        again = await self._eval_each(self._gc_script, empty)
+        revived = [m for m, n in zip(empty, again, strict=True) if n]
+        if revived:
+            await self._redis.sadd(MODELS_KEY, *revived)
+        collected = [m for m, n in zip(empty, again, strict=True) if not n]
+        for model in collected:
+            self._slot_maps.pop(model, None)
+            self._block_sizes.pop(model, None)
+            self._known_models.discard(model)
+        if collected:
+            log.info("models_collected", count=len(collected), models=collected[:8])
+        return collected
+
+    async def _eval_each(self, script: AsyncScript, models: Sequence[str]) -> list[Any]:
+        """`script` once per model (KEYS[1] its prefix), pipelined: one round trip. The
+        script is loaded if Redis does not have it (first use, or a restart)."""
+        if not models:
+            return []
+        sha = str(script.sha)
+        for attempt in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            for model in models:
+                pipe.evalsha(sha, 1, model_prefix(model))
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                await self._redis.script_load(str(script.script))
                 continue
-            ref = slot_map.by_slot[slot]
-            counts = [int(meta[f"n{t}".encode()]) for t in range(len(TIERS))]
-            epoch, seq = _POSITION.unpack(meta[b"pos"])
-            infos.append(WorkerInfo(
-                model, ref.worker_id, ref.dp_rank, epoch, seq,
-                meta[b"degraded"] == b"1",
-                {name: n for name, n in zip(TIERS, counts, strict=True) if n},
-                float(meta[b"ts"]),
-            ))
-        return infos
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def stats(self) -> IndexStats:
         return self._stats.snapshot(len(await self.workers()))

@@ -5,6 +5,10 @@ The watcher tracks when each entry was last written. A worker counts as gone whe
 was deleted, or was not refreshed within the bucket TTL; once gone for `grace_s` it is
 removed from the index (all DP ranks). Workers the index holds that never had an entry
 since this process started are treated the same way, from start-up on.
+
+Removing a model's last worker removes the model from the index. Models the index lists
+without any worker (left by older versions, or by a crash in between) are dropped at the
+first sweep and every `EMPTY_MODELS_EVERY_S` after.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ __all__ = ["LivenessWatcher"]
 log = structlog.get_logger("indexer.ingest.liveness")
 
 _DELETE_OPS = {"DEL", "PURGE"}
+EMPTY_MODELS_EVERY_S = 60.0
 
 
 class LivenessWatcher:
@@ -56,6 +61,7 @@ class LivenessWatcher:
         self._seen_at: dict[tuple[str, str], float] = {}
         self._gone_since: dict[tuple[str, str], float] = {}
         self._started = time.monotonic()
+        self._empty_models_due = 0.0  # monotonic time of the next drop_empty_models
 
     async def run(self, stop: asyncio.Event) -> None:
         kv = await ensure_liveness_bucket(self._js, self._ttl_s)
@@ -132,3 +138,8 @@ class LivenessWatcher:
                     self.removed += 1
                     log.info("worker_expired", model=key[0], worker=key[1], ranks=ranks,
                              gone_for_s=round(now - since, 1))
+        if now >= self._empty_models_due:
+            self._empty_models_due = now + EMPTY_MODELS_EVERY_S
+            dropped = await self._index.drop_empty_models()
+            if dropped:
+                log.info("empty_models_dropped", count=len(dropped), models=dropped[:8])

@@ -7,15 +7,20 @@ straight from the request bytes as packed u32 and cut out of them
 (`kvcore._native.take_uint32_field`), and the message parsed from the rest, so its
 `token_ids` is empty. The servicer accepts either form; without the extension the
 generated deserialisers are used as is.
+
+Every request is deserialised inside its handler, from the raw bytes (grpc gets no
+deserialiser): gRPC answers a deserialiser's exception with UNKNOWN, while a request that
+does not parse is the caller's error, INVALID_ARGUMENT naming the message type.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
@@ -77,8 +82,28 @@ def score_request_parser() -> Callable[[bytes], pb.ScoreRequest | WireTokens[pb.
     return pb.ScoreRequest.FromString
 
 
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def _decoding(behavior: Behavior, deserialize: Callable[[bytes], Any],
+              message_name: str) -> Behavior:
+    """`behavior` taking the request's bytes: undecodable ones end INVALID_ARGUMENT."""
+
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            request = deserialize(raw)
+        except (DecodeError, ValueError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request is not a valid {message_name}: {exc}")
+            raise AssertionError("context.abort returned") from exc  # pragma: no cover
+        return await behavior(request, context)
+
+    return handle
+
+
 def add_kv_indexer_service(servicer: pb_grpc.KvIndexerServicer, server: grpc.aio.Server) -> None:
-    """`add_KvIndexerServicer_to_server`, with wire-token deserialisers where they pay."""
+    """`add_KvIndexerServicer_to_server`, with wire-token deserialisers where they pay,
+    every request deserialised in its handler (INVALID_ARGUMENT when it does not parse)."""
     captured: dict[str, grpc.RpcMethodHandler] = {}
 
     class _Capture:
@@ -89,15 +114,16 @@ def add_kv_indexer_service(servicer: pb_grpc.KvIndexerServicer, server: grpc.aio
             captured.update(handlers)
 
     pb_grpc.add_KvIndexerServicer_to_server(servicer, _Capture())  # type: ignore[no-untyped-call]
-    handlers = dict(captured)
-    if NATIVE:
-        for method, (message_type, path) in TOKEN_PATHS.items():
-            generated = handlers[method]
-            handlers[method] = grpc.unary_unary_rpc_method_handler(
-                generated.unary_unary,
-                request_deserializer=_wire_tokens_parser(message_type, path),
-                response_serializer=generated.response_serializer,
-            )
+    methods = pb.DESCRIPTOR.services_by_name["KvIndexer"].methods_by_name
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method, generated in captured.items():
+        deserialize = generated.request_deserializer
+        if NATIVE and method in TOKEN_PATHS:
+            deserialize = _wire_tokens_parser(*TOKEN_PATHS[method])
+        handlers[method] = grpc.unary_unary_rpc_method_handler(
+            _decoding(generated.unary_unary, deserialize, methods[method].input_type.full_name),
+            response_serializer=generated.response_serializer,
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
                                                                           handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -143,7 +143,7 @@ def reader_metrics_address(metrics_listen: str, number: int) -> tuple[str, int]:
 
 async def serve_reader(config: ServiceConfig, listen: str, number: int = 0) -> None:
     """Serve gRPC reads of the Redis index on `listen` until SIGTERM / SIGINT."""
-    from indexer.serve.service import ServiceSettings, start_grpc_server  # noqa: PLC0415
+    from indexer.serve.service import service_settings, start_grpc_server  # noqa: PLC0415
 
     assert config.redis_url is not None and config.nats_url is not None
     stop = asyncio.Event()
@@ -170,7 +170,8 @@ async def serve_reader(config: ServiceConfig, listen: str, number: int = 0) -> N
     async def live_workers(model: str | None) -> list[WorkerInfo]:
         return liveness.live_only(await index.workers(model))
 
-    server, _ = await start_grpc_server(index, listen, settings=ServiceSettings(share_port=True),
+    server, _ = await start_grpc_server(index, listen,
+                                        settings=service_settings(config, share_port=True),
                                         live_workers=live_workers,
                                         rebuilding=lambda: markers.rebuilding)
     log.info("reader_serving", listen=listen)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import resource
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Final, Protocol, TypeVar
@@ -34,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
+from indexer.config import ServiceConfig
 from indexer.errors import BackendError, ConfigError, InvalidQueryError
 from indexer.index.protocol import (
     TIERS,
@@ -51,19 +53,31 @@ from indexer.scheduling import (
 )
 from indexer.serve.directory import CandidateSet, LiveWorkerSource, WorkerDirectory
 from indexer.serve.grpc_handlers import SERVICE_NAME, WireTokens, add_kv_indexer_service, unwrap
+from indexer.serve.limits import (
+    DEFAULT_CONNECTION_IDLE_S,
+    DEFAULT_MAX_BATCH_REQUESTS,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_REQUEST_LOADS,
+    DEFAULT_MAX_REQUEST_WORKERS,
+)
 
 __all__ = [
+    "DEFAULT_CONNECTION_IDLE_S",
     "DEFAULT_LISTEN",
     "DEFAULT_MAX_BATCH_REQUESTS",
     "DEFAULT_MAX_CONCURRENT_QUERIES",
     "DEFAULT_MAX_CONCURRENT_RPCS",
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_MAX_REQUEST_LOADS",
+    "DEFAULT_MAX_REQUEST_WORKERS",
     "DEFAULT_WORKER_CACHE_SECONDS",
     "SERVICE_NAME",
     "KvIndexerService",
     "PipelineStats",
     "ServiceSettings",
     "server_options",
+    "service_settings",
     "start_grpc_server",
 ]
 
@@ -73,7 +87,6 @@ HEALTH_SERVICE_NAME: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].fu
 DEFAULT_LISTEN: Final = "127.0.0.1:50051"
 # A 1M-token ScoreRequest is ~3-5 MB of varints; 16 MiB leaves room for ScoreBatch.
 DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
-DEFAULT_MAX_BATCH_REQUESTS: Final = 1024
 DEFAULT_BATCH_CONCURRENCY: Final = 8
 DEFAULT_WORKER_CACHE_SECONDS: Final = 0.5
 # Index queries in flight at once (redis-py's asyncio pool allows 100 connections); the
@@ -81,6 +94,9 @@ DEFAULT_WORKER_CACHE_SECONDS: Final = 0.5
 DEFAULT_MAX_CONCURRENT_QUERIES: Final = 64
 # RPCs the server accepts at once; more are refused with RESOURCE_EXHAUSTED (load shedding).
 DEFAULT_MAX_CONCURRENT_RPCS: Final = 1024
+# Descriptors a server process keeps for everything but gRPC connections (Redis, NATS,
+# files, the metrics server) when its connection cap is fitted under RLIMIT_NOFILE.
+FD_RESERVE: Final = 256
 
 T = TypeVar("T")
 
@@ -92,6 +108,10 @@ class ServiceSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # Most queries one ScoreBatch may carry.
     max_batch_requests: int = DEFAULT_MAX_BATCH_REQUESTS
+    # Most entries of a query's `workers` (ScoreRequest.workers, in every RPC that has one).
+    max_request_workers: int = DEFAULT_MAX_REQUEST_WORKERS
+    # Most entries of FindBestWorkerRequest.loads.
+    max_request_loads: int = DEFAULT_MAX_REQUEST_LOADS
     # ScoreBatch queries scored at the same time (overlaps backend round trips).
     batch_concurrency: int = DEFAULT_BATCH_CONCURRENCY
     # How long a model's live-worker list is reused; 0 = ask the source on every call.
@@ -103,12 +123,26 @@ class ServiceSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Let other processes bind the same address (SO_REUSEPORT; the kernel spreads
     # connections over them). Off by default: a second server on a port is a mistake.
     share_port: bool = False
+    # A connection without a call in progress for this long is closed (grpc
+    # max_connection_idle_ms); 0 = never.
+    connection_idle_s: float = DEFAULT_CONNECTION_IDLE_S
+    # Connections accepted at once on the address (grpc max_allowed_incoming_connections),
+    # lowered to fit RLIMIT_NOFILE less FD_RESERVE; None = no cap.
+    max_connections: int | None = DEFAULT_MAX_CONNECTIONS
 
     def validate(self) -> None:
         if self.max_message_bytes < 4096:
             raise ConfigError("max_message_bytes must be >= 4096")
         if self.max_batch_requests <= 0:
             raise ConfigError("max_batch_requests must be > 0")
+        if self.max_request_workers <= 0:
+            raise ConfigError("max_request_workers must be > 0")
+        if self.max_request_loads <= 0:
+            raise ConfigError("max_request_loads must be > 0")
+        if not (math.isfinite(self.connection_idle_s) and self.connection_idle_s >= 0):
+            raise ConfigError("connection_idle_s must be a finite number >= 0")
+        if self.max_connections is not None and self.max_connections <= 0:
+            raise ConfigError("max_connections must be > 0 (or None)")
         if self.batch_concurrency <= 0:
             raise ConfigError("batch_concurrency must be > 0")
         if not (math.isfinite(self.worker_cache_seconds) and self.worker_cache_seconds >= 0):
@@ -136,13 +170,48 @@ class PipelineStats(Protocol):
     def last_applied_ts(self) -> float: ...
 
 
+def service_settings(config: ServiceConfig, *, share_port: bool = False) -> ServiceSettings:
+    """The gRPC settings `kv-indexer serve` runs with, in its main and reader processes."""
+    return ServiceSettings(
+        max_batch_requests=config.max_batch_requests,
+        max_request_workers=config.max_request_workers,
+        max_request_loads=config.max_request_loads,
+        connection_idle_s=config.grpc_idle_timeout_s,
+        max_connections=config.grpc_max_connections or None,
+        share_port=share_port,
+    )
+
+
+def connection_cap(settings: ServiceSettings) -> int | None:
+    """The connection cap the server runs with: the configured one, lowered (with a
+    warning) to what RLIMIT_NOFILE leaves after FD_RESERVE descriptors."""
+    cap = settings.max_connections
+    if cap is None:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and cap > soft - FD_RESERVE:
+        fitted = max(1, soft - FD_RESERVE)
+        log.warning("grpc_connection_cap_lowered", configured=cap, cap=fitted,
+                    rlimit_nofile=soft, hint="raise `ulimit -n` to allow more connections")
+        return fitted
+    return cap
+
+
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
-    """Channel arguments of the server: message size limits, port sharing."""
-    return [
+    """Channel arguments of the server: message size limits, port sharing, connection
+    idle timeout and cap."""
+    options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", int(settings.share_port)),
     ]
+    if settings.connection_idle_s > 0:
+        options.append(("grpc.max_connection_idle_ms",
+                        max(1, round(settings.connection_idle_s * 1000))))
+    cap = connection_cap(settings)
+    if cap is not None:
+        options.append(("grpc.max_allowed_incoming_connections", cap))
+    return options
 
 
 # --- errors --------------------------------------------------------------------------
@@ -173,6 +242,12 @@ def _status_of(rpc: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
     log.error("rpc_failed", rpc=rpc, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error in {rpc} ({type(exc).__name__})"
+
+
+def _check_length(field: str, length: int, limit: int, what: str) -> None:
+    """Refuse a repeated field longer than its limit (before anything walks it)."""
+    if length > limit:
+        raise InvalidQueryError(f"{field}: {length} {what} exceed the limit of {limit}")
 
 
 def _token_count(request: pb.ScoreRequest, wire_tokens: bytes | None) -> int:
@@ -287,6 +362,8 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         check_query_shape(request.model, _token_count(request, wire_tokens) or None,
                           len(request.block_keys) or None, block_size=request.block_size,
                           config=self.config, field=field)
+        _check_length(f"{field}workers", len(request.workers),
+                      self.settings.max_request_workers, "worker ids")
 
     def _tier_weights(self, request: pb.ScoreRequest, field: str) -> TierWeights | None:
         """The request's weights over the configured ones; None when it sets none."""
@@ -355,6 +432,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
     ) -> pb.FindBestWorkerResponse:
         query = request.score
         self._check_query(query, "score.", wire_tokens)
+        _check_length("loads", len(request.loads), self.settings.max_request_loads, "entries")
         overlap_weight = (request.overlap_weight if request.HasField("overlap_weight")
                           else DEFAULT_OVERLAP_WEIGHT)
         temperature = (request.temperature if request.HasField("temperature")

@@ -8,17 +8,19 @@
 -- ARGV     one record per rank:
 --   header  <H slot> <c16 expected position> <c16 new position> <d ts> <B flags>
 --           <I4 x4 held blocks per tier> <I4 dp rank> <H worker id length>
---           <I4 presence ops length> <I4 ledger log length>
+--           <I4 presence ops length> <I4 ledger log length> <I4 block size>
 --           positions are (epoch, seq) as big-endian signed 64-bit; flags: 1 the log
 --           segment replaces the rank's log (reset or compaction), 2 degraded, 4 remove
---           the rank after applying
+--           the rank after applying; a block size > 0 is stored as the model's
 --   then    worker id, presence ops, ledger log segment (opaque here; see redis.py)
 --           presence op: <c1 'S'|'C'> <H bit position> <I4 count> count x key (8 bytes)
--- Returns one status per record applied ('ok' | 'removed'), then 'conflict' if one failed.
+-- A record applies only while its rank still owns the record's slot in `slots`.
+-- Returns one status per record applied ('ok' | 'removed' | 'emptied': removed, and the
+-- model has no rank left), then 'conflict' if one failed.
 local p = KEYS[1]
 local blk = p .. 'blk'
 local NOPOS = string.rep('\255', 16)
-local HEADER = '<Hc16c16dBI4I4I4I4I4HI4I4'
+local HEADER = '<Hc16c16dBI4I4I4I4I4HI4I4I4'
 
 local function set_bits(ops, pos, count, byte_i, m)
   local fresh = string.rep('\0', byte_i - 1) .. string.char(m)
@@ -81,21 +83,28 @@ end
 
 local function apply_one(rec)
   local slot, expected, newpos, ts, flags, n0, n1, n2, n3, rank,
-        wlen, olen, llen, pos = struct.unpack(HEADER, rec, 1)
+        wlen, olen, llen, block_size, pos = struct.unpack(HEADER, rec, 1)
   local wp = p .. 'w:' .. slot .. ':'
   local meta = wp .. 'meta'
-  if (redis.call('HGET', meta, 'pos') or NOPOS) ~= expected then
-    return 'conflict'
-  end
   local worker = string.sub(rec, pos, pos + wlen - 1)
   pos = pos + wlen
+  local ref = worker .. '\n' .. rank
+  -- The rank must still own the slot: a writer whose rank was removed (and the slot
+  -- freed, or the whole model collected) meanwhile must not write into it.
+  if tonumber(redis.call('HGET', p .. 'slots', ref)) ~= slot
+      or (redis.call('HGET', meta, 'pos') or NOPOS) ~= expected then
+    return 'conflict'
+  end
   apply_presence(rec, pos, pos + olen)
   pos = pos + olen
   if bit.band(flags, 4) ~= 0 then
     redis.call('DEL', meta, wp .. 'log')
-    redis.call('HDEL', p .. 'slots', worker .. '\n' .. rank)
+    redis.call('HDEL', p .. 'slots', ref)
     redis.call('ZADD', p .. 'free', slot, slot)
     redis.call('INCR', p .. 'slotver')
+    if redis.call('EXISTS', p .. 'slots') == 0 then
+      return 'emptied'  -- the model's last rank: the caller collects the model (gc.lua)
+    end
     return 'removed'
   end
   if bit.band(flags, 1) ~= 0 then
@@ -108,6 +117,9 @@ local function apply_one(rec)
   redis.call('HSET', meta, 'pos', newpos, 'ts', string.format('%.17g', ts),
     'n0', n0, 'n1', n1, 'n2', n2, 'n3', n3, 'degraded', degraded,
     'worker', worker, 'rank', rank)
+  if block_size > 0 then
+    redis.call('SET', p .. 'block_size', block_size)
+  end
   return 'ok'
 end
 

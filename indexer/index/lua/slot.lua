@@ -1,5 +1,7 @@
 -- Find or allocate the slot (bit nibble) of a worker rank within a model.
--- KEYS[1] model prefix; ARGV[1] worker id, ARGV[2] dp rank.
+-- KEYS[1] model prefix; ARGV[1] worker id, ARGV[2] dp rank, ARGV[3] a random integer the
+-- slot map version starts from when the model has none (a model collected and started
+-- again must not repeat a version a reader may have cached with the old slot map).
 -- Returns {slot, created (0|1)}. Freed slots are reused smallest first.
 local p = KEYS[1]
 local ref = ARGV[1] .. '\n' .. ARGV[2]
@@ -14,5 +16,6 @@ else
   s = tostring(redis.call('INCR', p .. 'nextslot') - 1)
 end
 redis.call('HSET', p .. 'slots', ref, s)
+redis.call('SET', p .. 'slotver', ARGV[3], 'NX')
 redis.call('INCR', p .. 'slotver')
 return {s, 1}
