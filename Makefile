@@ -6,7 +6,7 @@ PYTHON  ?= python3
 PKGS    := kvcore publisher indexer kvsim
 PROTO_OUT := indexer/_proto
 
-.PHONY: setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models proto clean
+.PHONY: chaos setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models proto clean
 
 setup: $(STAMP) redis-server
 
@@ -46,6 +46,12 @@ typecheck: lint
 
 pytest: setup
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+# The field-fault suite's long variants: a 60 s NATS outage under 16 workers (~160,000
+# block entries), both backends; prints the figures docs/benchmarks.md quotes.
+chaos: setup
+	KV_CHAOS_OUTAGE_S=60 KV_CHAOS_WORKERS=16 $(VENV)/bin/pytest -q -s -p no:cacheprovider \
+	  tests/test_field_faults.py tests/test_chaos.py tests/test_max_payload.py
 
 test: setup lint pytest
 
