@@ -7,10 +7,10 @@ For each candidate (worker, dp_rank) of a query of `query_blocks` full blocks:
 
 Both terms count KV-cache blocks; at `overlap_weight` 1.0 a block of prompt the candidate
 must prefill and a block its running requests already hold weigh the same. The default is
-32, tuned on the Mooncake conversation trace (`kv-indexer bench routing`, docs/benchmarks.md):
-recomputing a prompt block costs far more than holding one, and 32 reached 0.912 of the
-single-cache bound (1.0 reached 0.648) while weights past ~128 starve workers that lack a
-long shared prefix. Lower it (down to 0, pure load balancing) to favour idle workers.
+32, tuned on the Mooncake conversation trace (`kv-indexer bench routing`; the tuning grid and
+hit ratios are in docs/benchmarks.md): recomputing a prompt block costs far more than
+holding one, while much larger weights starve workers that lack a long shared prefix.
+Lower it (down to 0, pure load balancing) to favour idle workers.
 
 At temperature 0 the lowest cost wins; ties go to more matched blocks, then fewer waiting
 requests, then the smaller (worker_id, dp_rank), so the answer is deterministic. Above 0

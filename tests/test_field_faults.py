@@ -502,3 +502,24 @@ async def behind_the_stream(fleet: Fleet, index: Index, client: aioredis.Redis,
         while_down.start()
 
 
+
+
+async def test_redis_starting_second_is_waited_for(nats_url: str, tmp_path: Path) -> None:
+    """The indexer starts while its Redis is not up yet (a pod scheduled first): it does
+    not exit, says NOT_SERVING, and serves and ingests once Redis is there."""
+    redis_server = RedisServer(tmp_path / "redis", port=free_port())
+    fleet = Fleet(nats_url)
+    try:
+        async with indexer(nats_url, redis_server.url) as service:
+            assert service.index is not None
+            await eventually(lambda: health_is(service.grpc_port, NOT_SERVING), 20)
+            await fleet.start()
+            fleet.store(range(5))
+            await fleet.flush()
+            redis_server.start()
+            await eventually(lambda: caught_up(service.index, fleet.published, MODEL), 60)
+            await eventually(lambda: health_is(service.grpc_port, SERVING), 30)
+            assert await mismatches(service.index, fleet.published, MODEL) == (0, 0, 0)
+    finally:
+        await fleet.close()
+        redis_server.stop()

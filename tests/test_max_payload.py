@@ -51,6 +51,7 @@ from kvsim.mock_engines import (
 from publisher.nats_sink import header_bytes
 from publisher.publisher import KVEventPublisher, RankPublisher
 from publisher.zmq_source import EngineSource
+from tests.support.capture import CapturingSink
 from tests.support.event_path import service_config
 from tests.support.polling import eventually
 from tests.support.reference import ReferenceIndex
@@ -96,17 +97,8 @@ def engine_steps(held: int, *, seed: int, evictions: int = 600) -> Iterator[list
 
 def capture(pub: KVEventPublisher) -> list[EventBatch]:
     """Every batch the publisher's sink accepts, in order."""
-    assert pub.sink is not None
     published: list[EventBatch] = []
-    original = pub.sink.offer
-
-    def offer(batch: EventBatch, **kwargs: bool) -> bool:
-        accepted = original(batch, **kwargs)
-        if accepted:
-            published.append(batch)
-        return accepted
-
-    pub.sink.offer = offer  # type: ignore[method-assign]
+    CapturingSink(pub, published)
     return published
 
 
