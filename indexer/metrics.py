@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from indexer.index.protocol import Index, IndexStats, WorkerInfo
+from indexer.index.protocol import IndexReader, IndexStats, WorkerInfo
 from indexer.ingest.consumer import ConsumerStats
 from indexer.ingest.partitions import PartitionLeases
 from indexer.probes import ProcessProbes
@@ -103,7 +103,7 @@ class _Collector(Collector):
 class MetricsExporter:
     """Serves /metrics; `run()` refreshes the snapshot every `interval_s`."""
 
-    def __init__(self, index: Index, consumer: ConsumerStats,
+    def __init__(self, index: IndexReader, consumer: ConsumerStats,
                  registry: CollectorRegistry | None = None, interval_s: float = 2.0, *,
                  health: ServingHealth | None = None, probes: ProcessProbes | None = None,
                  leases: PartitionLeases | None = None) -> None:

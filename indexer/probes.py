@@ -9,7 +9,7 @@ from typing import Final
 from nats.aio.client import Client as NatsClient
 
 from indexer.errors import BackendError
-from indexer.index.protocol import Index
+from indexer.index.protocol import IndexReader
 from indexer.ingest.consumer import PartitionConsumer
 from indexer.ingest.partitions import PartitionLeases
 from indexer.serve.health import Probe
@@ -23,7 +23,7 @@ NATS_GRACE_S: Final = 3.0
 class ProcessProbes:
     """The probes of one indexer process, and the gauges they measure on the way."""
 
-    def __init__(self, index: Index, nc: NatsClient,
+    def __init__(self, index: IndexReader, nc: NatsClient,
                  consumers: Callable[[], Iterable[PartitionConsumer]],
                  leases: PartitionLeases | None, *, stall_s: float) -> None:
         self.index = index

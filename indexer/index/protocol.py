@@ -25,6 +25,7 @@ __all__ = [
     "ApplyOutcome",
     "Index",
     "IndexConfig",
+    "IndexReader",
     "IndexStats",
     "RankState",
     "ResyncHook",
@@ -215,13 +216,42 @@ class IndexStats(msgspec.Struct):
 
 
 @runtime_checkable
-class Index(Protocol):
-    """Block key -> workers, fed by bus batches, queried by prompt prefix."""
+class IndexReader(Protocol):
+    """What answering routers needs of an index: the query side. Reader processes and the
+    gRPC servicer hold only this."""
 
     @property
     def config(self) -> IndexConfig:
         """The settings it was built with (query limits, tier weights)."""
         ...
+
+    async def score(self, query: ScoreQuery) -> ScoreResult:
+        """Per (worker, dp_rank): consecutive leading query blocks cached in any tier."""
+        ...
+
+    async def ping(self) -> None:
+        """Return when the backend answers; raise BackendError when it does not."""
+        ...
+
+    async def workers(self, model: str | None = None) -> list[WorkerInfo]:
+        ...
+
+    async def block_size(self, model: str) -> int | None:
+        """The block size the model's workers store with (from their events), if known."""
+        ...
+
+    async def stats(self) -> IndexStats:
+        ...
+
+    async def get_marker(self, name: str) -> str | None:
+        """A small named value stored with the index (e.g. which rebuild it reflects)."""
+        ...
+
+
+@runtime_checkable
+class Index(IndexReader, Protocol):
+    """Block key -> workers, fed by bus batches, queried by prompt prefix: the query side
+    and the write / recovery side the consumer uses."""
 
     async def apply(
         self, batches: Sequence[EventBatch], *, validated: bool = False
@@ -231,14 +261,6 @@ class Index(Protocol):
         Every batch is checked first (`kvcore.bus.validate_batch`) and nothing is applied
         if one fails, unless the caller says they were `validated` (`decode_batch` does).
         """
-        ...
-
-    async def score(self, query: ScoreQuery) -> ScoreResult:
-        """Per (worker, dp_rank): consecutive leading query blocks cached in any tier."""
-        ...
-
-    async def ping(self) -> None:
-        """Return when the backend answers; raise BackendError when it does not."""
         ...
 
     async def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
@@ -256,16 +278,6 @@ class Index(Protocol):
         their names. Cheap when there are none: liveness calls it periodically."""
         ...
 
-    async def workers(self, model: str | None = None) -> list[WorkerInfo]:
-        ...
-
-    async def block_size(self, model: str) -> int | None:
-        """The block size the model's workers store with (from their events), if known."""
-        ...
-
-    async def stats(self) -> IndexStats:
-        ...
-
     async def presence(self, model: str) -> dict[int, dict[WorkerRef, int]]:
         """Every block key of a model -> {worker: tier mask} (tests, snapshots, audits)."""
         ...
@@ -281,10 +293,6 @@ class Index(Protocol):
     async def reset_caches(self) -> None:
         """Forget whatever was cached from the backend (it changed underneath, e.g. Redis
         was flushed): the next call reads the backend afresh."""
-        ...
-
-    async def get_marker(self, name: str) -> str | None:
-        """A small named value stored with the index (e.g. which rebuild it reflects)."""
         ...
 
     async def set_marker(self, name: str, value: str | None) -> None:

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from indexer.config import ServiceConfig
 from indexer.index.factory import build_index, served_index
-from indexer.index.protocol import Index, IndexConfig, WorkerInfo
+from indexer.index.protocol import IndexConfig, IndexReader, WorkerInfo
 from indexer.ingest.consumer import marker_is_rebuilding, marker_name
 from indexer.ingest.liveness import LivenessWatcher
 from kvcore.runtime import (
@@ -110,7 +110,7 @@ class ReaderPool:
 class PartitionMarkers:
     """Whether any partition is being rebuilt, as the consumers' markers in the index say."""
 
-    def __init__(self, index: Index, partitions: int) -> None:
+    def __init__(self, index: IndexReader, partitions: int) -> None:
         self.rebuilding = True  # until the first look
         self._index = index
         self._partitions = partitions

@@ -39,7 +39,7 @@ from indexer.config import ServiceConfig
 from indexer.errors import BackendError, ConfigError, InvalidQueryError
 from indexer.index.protocol import (
     TIERS,
-    Index,
+    IndexReader,
     ScoreQuery,
     ScoreResult,
     TierWeights,
@@ -262,11 +262,11 @@ def _age(now: float, ts: float) -> float:
 
 
 class KvIndexerService(pb_grpc.KvIndexerServicer):
-    """`kvindex.v1.KvIndexer` over an `Index`."""
+    """`kvindex.v1.KvIndexer` over an `IndexReader` (the index's query side)."""
 
     def __init__(
         self,
-        index: Index,
+        index: IndexReader,
         *,
         settings: ServiceSettings | None = None,
         live_workers: LiveWorkerSource | None = None,
@@ -530,7 +530,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
 
 
 async def start_grpc_server(
-    index: Index,
+    index: IndexReader,
     listen: str = DEFAULT_LISTEN,
     *,
     settings: ServiceSettings | None = None,
