@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from kvcore.bus import (
     MAX_BLOCKS_PER_EVENT,
     MAX_EVENTS_PER_BATCH,
+    MAX_POSITION,
     SCHEMA_VERSION,
     AllBlocksCleared,
     BlockRemoved,
@@ -101,7 +102,7 @@ def largest_block(events: list[Event]) -> int:
 
 def batch_of(events: list[Event], model: str, worker: str, dp_rank: int) -> EventBatch:
     return EventBatch(schema=SCHEMA_VERSION, model=model, worker_id=worker, dp_rank=dp_rank,
-                      epoch=time.time_ns(), seq=U64, ts=time.time(), events=events)
+                      epoch=time.time_ns(), seq=MAX_POSITION, ts=time.time(), events=events)
 
 
 class TestSplitProperties:
