@@ -10,11 +10,13 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import msgspec
 
 from indexer.errors import ConfigError
 from indexer.index.protocol import DEFAULT_MAX_QUERY_TOKENS
+from kvcore.redact import redact_text
 from kvcore.runtime import uvloop_installed
 from kvcore.topology import DEFAULT_PARTITIONS
 
@@ -77,6 +79,11 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # a misplaced URL is echoed redacted
+        super().error(redact_text(message))
+
+
 def env_name(field: str) -> str:
     return f"KV_INDEXER_{field.upper()}"
 
@@ -85,8 +92,7 @@ def parse_service_config(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> ServiceConfig:
     environ = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(prog="kv-indexer serve",
-                                     description="Run the KV-event indexer service.")
+    parser = _Parser(prog="kv-indexer serve", description="Run the KV-event indexer service.")
     for flag, field, _kind, help_text in SETTINGS:
         parser.add_argument(flag, dest=field, default=None,
                             help=f"{help_text} (env {env_name(field)})")
@@ -111,7 +117,8 @@ def _convert(raw: str, kind: type, source: str) -> object:
     try:
         return kind(raw)
     except ValueError as exc:
-        raise ConfigError(f"{source}: {raw!r} is not a valid {kind.__name__}") from exc
+        raise ConfigError(f"{source}: {redact_text(repr(raw))} is not a valid "
+                          f"{kind.__name__}") from exc
 
 
 def validate(config: ServiceConfig) -> None:

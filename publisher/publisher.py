@@ -45,6 +45,8 @@ from kvcore.bus import (
     pack_tokens,
     validate_event,
 )
+from kvcore.redact import redact_url
+from kvcore.runtime import log_nats_error
 from kvcore.topology import (
     StreamSettings,
     WorkerRecord,
@@ -338,8 +340,11 @@ class KVEventPublisher:
         await self.close()
 
     async def start(self) -> None:
-        self._nc = await nats.connect(self.nats_url, name=f"kv-publisher:{self.worker_id}",
-                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        log.info("nats_connecting", url=redact_url(self.nats_url), worker=self.worker_id)
+        self._nc = await nats.connect(
+            self.nats_url, name=f"kv-publisher:{self.worker_id}",
+            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            error_cb=log_nats_error)
         js = self._nc.jetstream()
         # The indexer owns the stream (its partition count); until it exists the sink
         # buffers (bounded) and retries.
@@ -422,7 +427,7 @@ class KVEventPublisher:
         if self._nc.is_closed:
             return False, "NATS connection closed"
         if not self._nc.is_connected:
-            return False, f"NATS disconnected (reconnecting to {self.nats_url})"
+            return False, f"NATS disconnected (reconnecting to {redact_url(self.nats_url)})"
         stalled = self.sink.stalled_for()
         if stalled > self.stall_s:
             return False, (f"sink stalled: {self.sink.pending} batches pending, none "
