@@ -31,6 +31,7 @@ import nats
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
 
 from kvcore.bus import (
     SCHEMA_VERSION,
@@ -53,6 +54,7 @@ from kvcore.topology import (
     ensure_liveness_bucket,
     liveness_key,
     resync_subject,
+    worker_inbox_prefix,
 )
 from publisher.mirror import BlockMirror
 from publisher.nats_sink import NatsSink
@@ -341,9 +343,12 @@ class KVEventPublisher:
 
     async def start(self) -> None:
         log.info("nats_connecting", url=redact_url(self.nats_url), worker=self.worker_id)
+        # Replies come to an inbox of this worker's own (`worker_inbox_prefix`): with the
+        # NATS permissions `kv-indexer nats-auth` writes, a worker reads no one else's.
         self._nc = await nats.connect(
             self.nats_url, name=f"kv-publisher:{self.worker_id}",
             max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            inbox_prefix=worker_inbox_prefix(self.model, self.worker_id),
             error_cb=log_nats_error)
         js = self._nc.jetstream()
         # The indexer owns the stream (its partition count); until it exists the sink
@@ -461,10 +466,15 @@ class KVEventPublisher:
     async def _keep_alive(self) -> None:
         assert self._nc is not None
         ttl = self._stream.liveness_ttl_s
-        kv = await ensure_liveness_bucket(self._nc.jetstream(), ttl)
+        kv: KeyValue | None = None
         key = liveness_key(self.model, self.worker_id)
         while not self._stop.is_set():
             try:
+                # Looked up until found: NATS may be away at start, and a worker allowed
+                # only its own key (`kv-indexer nats-auth`) waits for the indexer to
+                # create the bucket.
+                if kv is None:
+                    kv = await ensure_liveness_bucket(self._nc.jetstream(), ttl)
                 await kv.put(key, msgspec.json.encode(self.record()))
             except Exception as exc:  # noqa: BLE001 - NATS away: retry next tick
                 log.warning("liveness_put_failed", error=repr(exc))
