@@ -295,8 +295,8 @@ async def test_a_worker_cannot_ask_another_for_a_resync(auth_fleet: AuthFleet) -
 
         service._resync.request(ResyncRequest(MODEL, WORKER_B, 0, pub_b.ranks[0].epoch,
                                               "control"))
-        await eventually(lambda: is_true(pub_b.ranks[0].resyncs == 1), 15)
-        assert pub_b.ranks[0].resyncs == 1
+        await eventually(lambda: is_true(pub_b.ranks[0].resync_requests == 1), 15)
+        assert (pub_b.ranks[0].resyncs, pub_b.resync_requests_invalid) == (1, 0)
 
 
 # --- the generator and the shipped server config -----------------------------------------
