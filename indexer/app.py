@@ -132,7 +132,8 @@ class IndexerService:
         if registry is not None:
             self.metrics = MetricsExporter(self.index, self.stats, registry,
                                            health=self.health, probes=self.probes,
-                                           leases=self.leases)
+                                           leases=self.leases,
+                                           max_worker_series=config.metrics_max_workers)
         self.liveness = LivenessWatcher(self._js, self.index, ttl_s=config.liveness_ttl_s,
                                         grace_s=config.liveness_grace_s)
         self._background("liveness", self.liveness.run)

@@ -30,6 +30,7 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     grpc_listen: str = "127.0.0.1:50051"
     grpc_processes: int = 1  # > 1: extra read-only gRPC server processes (Redis index only)
     metrics_listen: str = "127.0.0.1:9400"  # "" disables /metrics
+    metrics_max_workers: int = 1_000  # worker ranks with series of their own; the rest: _other
     partitions: int = DEFAULT_PARTITIONS
     liveness_ttl_s: float = 10.0
     liveness_grace_s: float = 30.0
@@ -56,6 +57,9 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
     ("--grpc-processes", "grpc_processes", int,
      "processes serving gRPC on that address (Redis index only; >1 adds read-only servers)"),
     ("--metrics-listen", "metrics_listen", str, "Prometheus /metrics address; '' disables"),
+    ("--metrics-max-workers", "metrics_max_workers", int,
+     "worker ranks with per-worker series of their own; the others are summed into "
+     "worker=\"_other\""),
     ("--partitions", "partitions", int, "stream partitions (consumers); same on every process"),
     ("--liveness-ttl", "liveness_ttl_s", float, "seconds a worker entry lives without refresh"),
     ("--liveness-grace", "liveness_grace_s", float,
@@ -124,6 +128,7 @@ def _convert(raw: str, kind: type, source: str) -> object:
 def validate(config: ServiceConfig) -> None:
     checks = (
         (config.partitions >= 1, "--partitions must be >= 1"),
+        (config.metrics_max_workers >= 0, "--metrics-max-workers must be >= 0"),
         (config.grpc_processes >= 1, "--grpc-processes must be >= 1"),
         (config.grpc_processes == 1 or config.redis_url is not None,
          "--grpc-processes > 1 needs --redis-url (the in-memory index lives in one process)"),
