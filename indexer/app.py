@@ -43,9 +43,11 @@ from indexer.metrics import MetricsExporter
 from indexer.probes import ProcessProbes
 from indexer.serve.health import ServingHealth
 from indexer.serve.readers import PartitionMarkers, ReaderPool
+from kvcore.redact import redact_text, redact_url
 from kvcore.runtime import (
     SERVER_GC_THRESHOLDS,
     configure_logging,
+    log_nats_error,
     loop_name,
     run_event_loop,
     settle_gc,
@@ -102,8 +104,10 @@ class IndexerService:
             self.nats_url = self._embedded.url
         else:
             self.nats_url = config.nats_url
+        log.info("nats_connecting", url=redact_url(self.nats_url))
         self._nc = await nats.connect(self.nats_url, name="kv-indexer",
-                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                      error_cb=log_nats_error)
         self._js = self._nc.jetstream()
         settings = StreamSettings(partitions=config.partitions,
                                   max_age_s=config.stream_max_age_s,
@@ -128,7 +132,8 @@ class IndexerService:
         if registry is not None:
             self.metrics = MetricsExporter(self.index, self.stats, registry,
                                            health=self.health, probes=self.probes,
-                                           leases=self.leases)
+                                           leases=self.leases,
+                                           max_worker_series=config.metrics_max_workers)
         self.liveness = LivenessWatcher(self._js, self.index, ttl_s=config.liveness_ttl_s,
                                         grace_s=config.liveness_grace_s)
         self._background("liveness", self.liveness.run)
@@ -251,11 +256,13 @@ class IndexerService:
             self._embedded.stop()
 
     def banner(self) -> str:
-        backend = f"redis {self.config.redis_url}" if self.config.redis_url else "in-memory"
+        """What this process serves, and from where (URL secrets as ***)."""
+        redis_url = self.config.redis_url
+        backend = f"redis {redact_url(redis_url)}" if redis_url else "in-memory"
         nats_kind = "embedded" if self._embedded else "external"
         return (f"kv-indexer serving\n  gRPC     {self.config.grpc_listen} (port "
                 f"{self.grpc_port}, {self.config.grpc_processes} process(es))\n"
-                f"  NATS     {self.nats_url} ({nats_kind})\n"
+                f"  NATS     {redact_url(self.nats_url)} ({nats_kind})\n"
                 f"  metrics  {self.config.metrics_listen or 'off'}\n"
                 f"  index    {backend}\n  partitions {self.config.partitions}\n"
                 f"  loop     {loop_name()}")
@@ -267,7 +274,19 @@ async def serve(config: ServiceConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
     try:
-        await service.start()
+        # A start that waits (NATS unreachable, or refusing our password: the client
+        # retries) still ends on SIGTERM.
+        starting = asyncio.create_task(service.start())
+        stopping = asyncio.create_task(service.wait())
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            log.warning("stopped_before_serving")
+            return
+        stopping.cancel()
+        starting.result()  # raises what start-up raised
         print(service.banner(), flush=True)
         await service.wait()
     finally:
@@ -279,8 +298,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_service_config(argv)
     except ConfigError as exc:
-        print(f"kv-indexer serve: {exc}", file=sys.stderr)
+        print(f"kv-indexer serve: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     configure_logging(config.log_format, config.log_level)
-    run_event_loop(serve(config), config.event_loop)
+    try:
+        run_event_loop(serve(config), config.event_loop)
+    except Exception:  # the traceback goes through the redacting log processors
+        log.exception("serve_failed")
+        return 1
     return 0

@@ -4,6 +4,7 @@
     kv-indexer workers [--model M]
     kv-indexer stats
     kv-indexer serve ...                                            (see `serve --help`)
+    kv-indexer nats-auth --worker MODEL WORKER ... --password-dir D (NATS users: README)
 
 Tables for people by default, `--json` for scripts. `--target` defaults to
 $KV_INDEXER_TARGET, else 127.0.0.1:50051. Exit status: 0 on success, 1 when the call
@@ -192,6 +193,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(kv-indexer rebuild --help)", add_help=False)
     sub.add_parser("bench", help="benchmarks: kv-indexer bench routing --help",
                    add_help=False)
+    sub.add_parser("nats-auth", help="print a nats-server authorization block with one user "
+                   "per worker (kv-indexer nats-auth --help)", add_help=False)
     return parser
 
 
@@ -244,6 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _rebuild(args_list[1:])
     if args_list[:1] == ["bench"]:
         return _bench(args_list[1:])
+    if args_list[:1] == ["nats-auth"]:
+        nats_auth = cast(Callable[[list[str]], int],
+                         importlib.import_module("indexer.nats_auth").main)
+        return nats_auth(args_list[1:])
     parser = _parser()
     args = parser.parse_args(args_list)
     if args.command is None:

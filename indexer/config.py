@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import msgspec
 
@@ -23,6 +24,7 @@ from indexer.serve.limits import (
     DEFAULT_MAX_REQUEST_LOADS,
     DEFAULT_MAX_REQUEST_WORKERS,
 )
+from kvcore.redact import redact_text
 from kvcore.runtime import uvloop_installed
 from kvcore.topology import DEFAULT_PARTITIONS
 
@@ -38,6 +40,7 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     grpc_idle_timeout_s: float = DEFAULT_CONNECTION_IDLE_S  # 0: idle connections stay open
     grpc_max_connections: int = DEFAULT_MAX_CONNECTIONS  # per process; 0: no cap
     metrics_listen: str = "127.0.0.1:9400"  # "" disables /metrics
+    metrics_max_workers: int = 1_000  # worker ranks with series of their own; the rest: _other
     partitions: int = DEFAULT_PARTITIONS
     liveness_ttl_s: float = 10.0
     liveness_grace_s: float = 30.0
@@ -71,6 +74,9 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
     ("--grpc-max-connections", "grpc_max_connections", int,
      "gRPC connections each serving process accepts at once (more are closed); 0: no cap"),
     ("--metrics-listen", "metrics_listen", str, "Prometheus /metrics address; '' disables"),
+    ("--metrics-max-workers", "metrics_max_workers", int,
+     "worker ranks with per-worker series of their own; the others are summed into "
+     "worker=\"_other\""),
     ("--partitions", "partitions", int, "stream partitions (consumers); same on every process"),
     ("--liveness-ttl", "liveness_ttl_s", float, "seconds a worker entry lives without refresh"),
     ("--liveness-grace", "liveness_grace_s", float,
@@ -98,6 +104,11 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # a misplaced URL is echoed redacted
+        super().error(redact_text(message))
+
+
 def env_name(field: str) -> str:
     return f"KV_INDEXER_{field.upper()}"
 
@@ -106,8 +117,7 @@ def parse_service_config(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> ServiceConfig:
     environ = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(prog="kv-indexer serve",
-                                     description="Run the KV-event indexer service.")
+    parser = _Parser(prog="kv-indexer serve", description="Run the KV-event indexer service.")
     for flag, field, _kind, help_text in SETTINGS:
         parser.add_argument(flag, dest=field, default=None,
                             help=f"{help_text} (env {env_name(field)})")
@@ -132,12 +142,14 @@ def _convert(raw: str, kind: type, source: str) -> object:
     try:
         return kind(raw)
     except ValueError as exc:
-        raise ConfigError(f"{source}: {raw!r} is not a valid {kind.__name__}") from exc
+        raise ConfigError(f"{source}: {redact_text(repr(raw))} is not a valid "
+                          f"{kind.__name__}") from exc
 
 
 def validate(config: ServiceConfig) -> None:
     checks = (
         (config.partitions >= 1, "--partitions must be >= 1"),
+        (config.metrics_max_workers >= 0, "--metrics-max-workers must be >= 0"),
         (config.grpc_processes >= 1, "--grpc-processes must be >= 1"),
         (config.grpc_processes == 1 or config.redis_url is not None,
          "--grpc-processes > 1 needs --redis-url (the in-memory index lives in one process)"),

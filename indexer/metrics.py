@@ -2,6 +2,13 @@
 
 The HTTP server runs in prometheus-client's thread; it only reads the latest snapshot, so
 a scrape never touches the index or the event loop.
+
+Per-worker series (`kv_indexer_worker_blocks`, `kv_indexer_worker_degraded`) are bounded:
+at most `max_worker_series` worker ranks have series of their own (the first ones the
+exporter sees, each keeping its series while it stays in the index); every other rank is
+summed into one series labelled `model="_other", worker="_other", dp_rank="_other"`. A
+fleet, or a worker publishing many ranks on its own subject, cannot grow the scrape
+without bound.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Final
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -23,16 +31,46 @@ from indexer.ingest.partitions import PartitionLeases
 from indexer.probes import ProcessProbes
 from indexer.serve.health import ServingHealth
 
-__all__ = ["MetricsExporter"]
+__all__ = ["DEFAULT_MAX_WORKER_SERIES", "OTHER_WORKERS", "MetricsExporter", "WorkerSeries"]
+
+DEFAULT_MAX_WORKER_SERIES: Final = 1_000
+OTHER_WORKERS: Final = "_other"  # the label values of the series the others are summed in
+
+RankKey = tuple[str, str, int]
 
 
 @dataclass
 class _Snapshot:
     index: IndexStats = field(default_factory=IndexStats)
     consumer: ConsumerStats = field(default_factory=ConsumerStats)
-    workers: list[WorkerInfo] = field(default_factory=list)
+    workers: list[WorkerInfo] = field(default_factory=list)  # every rank in the index
+    named: list[WorkerInfo] = field(default_factory=list)  # the ranks with series of their own
+    other_ranks: int = 0  # the ranks summed into worker="_other"
+    other_blocks: dict[str, int] = field(default_factory=dict)  # their blocks per tier
+    other_degraded: int = 0  # how many of them are degraded
     lag_p50: float = 0.0
     lag_p99: float = 0.0
+
+
+class WorkerSeries:
+    """Which worker ranks have series of their own: at most `cap`, the first seen, each
+    keeping its series while it is in the index (no churn as others come and go)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._named: dict[RankKey, None] = {}
+
+    def split(self, workers: list[WorkerInfo]) -> tuple[list[WorkerInfo], list[WorkerInfo]]:
+        """(ranks with series of their own, ranks summed into "_other")."""
+        present = {(w.model, w.worker_id, w.dp_rank): w for w in workers}
+        for key in [k for k in self._named if k not in present]:
+            del self._named[key]
+        room = self.cap - len(self._named)
+        if room > 0:
+            new = sorted(k for k in present if k not in self._named)
+            self._named.update(dict.fromkeys(new[:room]))
+        named = [w for k, w in present.items() if k in self._named]
+        return named, [w for k, w in present.items() if k not in self._named]
 
 
 class _Collector(Collector):
@@ -89,14 +127,23 @@ class _Collector(Collector):
                                    labels=["model", "worker", "dp_rank", "tier"])
         degraded = GaugeMetricFamily("kv_indexer_worker_degraded", "1 while a worker is degraded",
                                      labels=["model", "worker", "dp_rank"])
-        for w in snap.workers:
+        for w in snap.named:
             for tier, n in w.blocks_by_tier.items():
                 blocks.add_metric([w.model, w.worker_id, str(w.dp_rank), tier], n)
             degraded.add_metric([w.model, w.worker_id, str(w.dp_rank)], int(w.degraded))
+        if snap.other_ranks:
+            other = [OTHER_WORKERS] * 3
+            for tier, n in sorted(snap.other_blocks.items()):
+                blocks.add_metric([*other, tier], n)
+            degraded.add_metric(other, snap.other_degraded)  # a count here, not 0 / 1
         yield blocks
         yield degraded
         yield GaugeMetricFamily("kv_indexer_workers", "Worker ranks in the index",
                                 value=len(snap.workers))
+        yield GaugeMetricFamily(
+            "kv_indexer_worker_ranks_aggregated",
+            f'Worker ranks beyond --metrics-max-workers, summed into worker="{OTHER_WORKERS}"',
+            value=snap.other_ranks)
         yield from self._exporter.process_gauges()
 
 
@@ -106,8 +153,10 @@ class MetricsExporter:
     def __init__(self, index: IndexReader, consumer: ConsumerStats,
                  registry: CollectorRegistry | None = None, interval_s: float = 2.0, *,
                  health: ServingHealth | None = None, probes: ProcessProbes | None = None,
-                 leases: PartitionLeases | None = None) -> None:
+                 leases: PartitionLeases | None = None,
+                 max_worker_series: int = DEFAULT_MAX_WORKER_SERIES) -> None:
         self.health = health
+        self.worker_series = WorkerSeries(max_worker_series)
         self.probes = probes
         self.leases = leases
         self.snapshot = _Snapshot()
@@ -152,9 +201,16 @@ class MetricsExporter:
 
     async def refresh(self) -> None:
         lags = list(self._consumer.lag_samples)[-10_000:]
+        workers = await self._index.workers()
+        named, others = self.worker_series.split(workers)
+        other_blocks: dict[str, int] = {}
+        for w in others:
+            for tier, n in w.blocks_by_tier.items():
+                other_blocks[tier] = other_blocks.get(tier, 0) + n
         self.snapshot = _Snapshot(
-            index=await self._index.stats(), consumer=self._consumer,
-            workers=await self._index.workers(),
+            index=await self._index.stats(), consumer=self._consumer, workers=workers,
+            named=named, other_ranks=len(others), other_blocks=other_blocks,
+            other_degraded=sum(w.degraded for w in others),
             lag_p50=statistics.median(lags) if lags else 0.0,
             lag_p99=sorted(lags)[int(0.99 * (len(lags) - 1))] if lags else 0.0,
         )

@@ -14,10 +14,14 @@ from typing import Any, Final, TypeVar
 
 import structlog
 
+from kvcore.redact import redact_text
+
 __all__ = [
     "SERVER_GC_THRESHOLDS",
     "configure_logging",
+    "log_nats_error",
     "loop_name",
+    "redact_event",
     "run_event_loop",
     "scoped_logging",
     "settle_gc",
@@ -56,6 +60,12 @@ def settle_gc(thresholds: tuple[int, int, int] | None = None) -> None:
     gc.freeze()
 
 
+async def log_nats_error(exc: Exception) -> None:
+    """nats-py's `error_cb`: its asynchronous errors (a permissions violation, a refused
+    password while it reconnects) as our structured, redacted logs."""
+    log.warning("nats_error", error=redact_text(repr(exc))[:500])
+
+
 def uvloop_installed() -> bool:
     return importlib.util.find_spec("uvloop") is not None
 
@@ -84,22 +94,58 @@ def loop_name() -> str:
     return "uvloop" if module.startswith("uvloop") else "asyncio"
 
 
+def redact_event(_logger: object, _method: str,
+                 event_dict: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    """structlog processor: URL secrets out of every string value (tracebacks included,
+    so it runs after `format_exc_info`)."""
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[key] = redact_text(value)
+        elif not isinstance(value, int | float | bool | list | tuple | dict | None):
+            text = str(value)  # an exception or other object: replaced only if it held one
+            if (redacted := redact_text(text)) != text:
+                event_dict[key] = redacted
+    return event_dict
+
+
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+
+def _route_stdlib_logging(level: int) -> None:
+    """Libraries' own log records (nats-py's 'encountered error', asyncio's) to stderr
+    through the same redaction, instead of Python's unformatted last-resort handler."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_kv_redacting", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
+    handler._kv_redacting = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(max(level, logging.WARNING))
+
+
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
-    """structlog: JSON lines in containers, readable console output on a terminal."""
+    """structlog: JSON lines in containers, readable console output on a terminal. No
+    URL secret is ever printed (`kvcore.redact`)."""
     json_logs = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
     )
+    level_no = logging.getLevelNamesMapping()[level.upper()]
+    _route_stdlib_logging(level_no)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            redact_event,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]),
+        wrapper_class=structlog.make_filtering_bound_logger(level_no),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
@@ -113,6 +159,7 @@ def scoped_logging(level: str) -> Iterator[None]:
     structlog.configure(
         processors=[structlog.processors.add_log_level,
                     structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    redact_event,
                     structlog.dev.ConsoleRenderer(colors=False)],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]),

@@ -35,6 +35,7 @@ __all__ = [
     "LIVENESS_BUCKET",
     "PARTITION_PREFIX",
     "RESYNC_PREFIX",
+    "WORKER_INBOX_PREFIX",
     "StreamSettings",
     "WorkerRecord",
     "consumer_name",
@@ -47,6 +48,9 @@ __all__ = [
     "resync_subject",
     "server_max_payload",
     "stored_subject_identity",
+    "worker_inbox_prefix",
+    "worker_publish_subjects",
+    "worker_subscribe_subjects",
 ]
 
 PARTITION_PREFIX: Final = "kv.part"
@@ -55,6 +59,10 @@ DEAD_LETTER_STREAM: Final = "KV_DEADLETTER"
 LIVENESS_BUCKET: Final = "kv_workers"
 RESYNC_PREFIX: Final = "kv.resync"
 CONSUMER_PREFIX: Final = "kvidx-p"
+# A publisher's replies (JetStream acks, API answers) come to an inbox of its own, under
+# `_INBOX.kvw.<model>.<worker>`: NATS permissions can then let a worker read its replies
+# and nobody else's.
+WORKER_INBOX_PREFIX: Final = "_INBOX.kvw"
 
 
 class StreamSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,6 +106,27 @@ def consumer_name(partition: int) -> str:
 
 def resync_subject(model: str, worker_id: str) -> str:
     return f"{RESYNC_PREFIX}.{escape_token(model)}.{escape_token(worker_id)}"
+
+
+def worker_inbox_prefix(model: str, worker_id: str) -> str:
+    """The inbox prefix a worker's publisher connects with (nats-py `inbox_prefix`)."""
+    return f"{WORKER_INBOX_PREFIX}.{escape_token(model)}.{escape_token(worker_id)}"
+
+
+def worker_publish_subjects(model: str, worker_id: str) -> list[str]:
+    """Every subject a worker's publisher publishes on, and nothing more: its events, its
+    liveness entry, and the one JetStream API call it makes (looking the bucket up).
+    Replies to the indexer's resync requests need `allow_responses`, not a subject."""
+    return [
+        f"{SUBJECT_PREFIX}.{escape_token(model)}.{escape_token(worker_id)}",
+        f"$KV.{LIVENESS_BUCKET}.{liveness_key(model, worker_id)}",
+        f"$JS.API.STREAM.INFO.KV_{LIVENESS_BUCKET}",
+    ]
+
+
+def worker_subscribe_subjects(model: str, worker_id: str) -> list[str]:
+    """What a worker's publisher subscribes to: its resync requests and its own inbox."""
+    return [resync_subject(model, worker_id), f"{worker_inbox_prefix(model, worker_id)}.>"]
 
 
 def liveness_key(model: str, worker_id: str) -> str:

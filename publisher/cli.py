@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import structlog
 import zmq.asyncio
 
+from kvcore.redact import redact_text, redact_url
 from kvcore.runtime import configure_logging, settle_gc
 from kvcore.topology import StreamSettings
 from publisher.publisher import KVEventPublisher
@@ -42,9 +45,14 @@ BRIDGE_SETTINGS: tuple[tuple[str, str, str | None, str], ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # a misplaced URL is echoed redacted
+        super().error(redact_text(message))
+
+
 def _bridge_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kv-publisher bridge",
-                                     description="Bridge an engine's ZMQ KV events to NATS.")
+    parser = _Parser(prog="kv-publisher bridge",
+                     description="Bridge an engine's ZMQ KV events to NATS.")
     for flag, env, default, help_text in BRIDGE_SETTINGS:
         env_var = f"KV_PUBLISHER_{env}"
         parser.add_argument(flag, default=os.environ.get(env_var, default),
@@ -87,12 +95,24 @@ async def run_bridge(args: argparse.Namespace) -> None:
     publisher = KVEventPublisher(args.model, args.worker_id, block_size=int(args.block_size),
                                  nats_url=args.nats_url, dp_size=int(args.dp_size),
                                  stream=StreamSettings(), max_pending=int(args.max_pending))
-    await publisher.start()
-    ctx = zmq.asyncio.Context()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A start that waits (NATS away, or refusing our password: the client retries) still
+    # ends on SIGTERM.
+    starting = asyncio.create_task(publisher.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        log.warning("stopped_before_publishing")
+        return
+    stopping.cancel()
+    starting.result()
+    ctx = zmq.asyncio.Context()
     sources = [EngineSource(ctx, rank, args.zmq_endpoint, replay_endpoint=args.replay_endpoint,
                             topic=args.topic, flavor=args.flavor) for rank in publisher.ranks]
     http = None
@@ -107,7 +127,8 @@ async def run_bridge(args: argparse.Namespace) -> None:
         served = f"; /metrics and /healthz on {host}:{port}"
     settle_gc()
     print(f"kv-publisher bridge: {args.zmq_endpoint} ({args.dp_size} rank(s)) -> "
-          f"{args.nats_url} as {args.model} / {args.worker_id}{served}", flush=True)
+          f"{redact_url(args.nats_url)} as {args.model} / {args.worker_id}{served}",
+          flush=True)
     try:
         await asyncio.gather(*(source.run(stop) for source in sources))
     finally:
@@ -126,7 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "bridge":
         args = parse_bridge_args(rest)
         configure_logging(args.log_format)
-        asyncio.run(run_bridge(args))
+        try:
+            asyncio.run(run_bridge(args))
+        except Exception:  # the traceback goes through the redacting log processors
+            log.exception("bridge_failed")
+            return 1
         return 0
     print(f"kv-publisher: unknown command {command!r} (bridge; mock engines: kv-sim engines)",
           file=sys.stderr)

@@ -101,6 +101,20 @@ class BridgeCollector(Collector):
         for rank in pub.ranks:
             ranks.add_metric([*ids, str(rank.dp_rank)], rank.resyncs)
         yield ranks
+        requests = CounterMetricFamily(
+            "kv_publisher_resync_requests",
+            "Resync requests received from the indexer: answered at once, or rate-limited "
+            "(merged into one resync at the end of the rank's interval)",
+            labels=[*labels, "dp_rank", "outcome"])
+        for rank in pub.ranks:
+            limited = rank.resync_requests_limited
+            requests.add_metric([*ids, str(rank.dp_rank), "answered"],
+                                rank.resync_requests - limited)
+            requests.add_metric([*ids, str(rank.dp_rank), "rate_limited"], limited)
+        yield requests
+        yield counter("kv_publisher_resync_requests_invalid",
+                      "Resync requests that could not be read or named no rank of this worker",
+                      pub.resync_requests_invalid)
         yield from self._engine_series(labels, ids)
 
     def _engine_series(self, labels: list[str], ids: list[str]) -> Iterator[Metric]:

@@ -31,6 +31,7 @@ import nats
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
 
 from kvcore.bus import (
     SCHEMA_VERSION,
@@ -45,18 +46,22 @@ from kvcore.bus import (
     pack_tokens,
     validate_event,
 )
+from kvcore.redact import redact_url
+from kvcore.runtime import log_nats_error
 from kvcore.topology import (
     StreamSettings,
     WorkerRecord,
     ensure_liveness_bucket,
     liveness_key,
     resync_subject,
+    worker_inbox_prefix,
 )
 from publisher.mirror import BlockMirror
 from publisher.nats_sink import NatsSink
 from publisher.splitter import envelope_bytes, event_bytes, split_events
 
-__all__ = ["KVEventPublisher", "RankPublisher", "SyncKVEventPublisher", "new_epoch"]
+__all__ = ["RESYNC_REQUEST_INTERVAL_S", "KVEventPublisher", "RankPublisher",
+           "SyncKVEventPublisher", "new_epoch"]
 
 log = structlog.get_logger("publisher")
 
@@ -66,6 +71,8 @@ _UNSENDABLE_CAPACITY: Final = 65_536
 # a server limit smaller than a block makes every step drop, and each resync re-sends all.
 _DROP_RESYNC_INTERVAL_S: Final = 5.0
 _TICK_S: Final = 0.5
+# Resyncs asked for over the bus: at most one per rank per this many seconds.
+RESYNC_REQUEST_INTERVAL_S: Final = 5.0
 
 
 def new_epoch() -> int:
@@ -84,6 +91,9 @@ class RankPublisher:
         self.seq = 0
         self.mirror = BlockMirror()
         self.resyncs = 0
+        self.resync_requests = 0  # asked for over the bus (by the indexer)
+        self.resync_requests_limited = 0  # of those, merged into a later resync
+        self._limited_logged = False
         self._sink = sink
         self._envelope = envelope_bytes(model, worker_id, dp_rank)
         self._reserve = sink.header_reserve(worker_id, dp_rank)
@@ -128,6 +138,27 @@ class RankPublisher:
         self._resync_due = True
         self._resync_not_before = 0.0
         self._try_resync()
+
+    def resync_requested(self, reason: str, min_interval_s: float) -> float:
+        """The indexer asked for a resync over the bus. Answered at once unless this rank
+        resynced less than `min_interval_s` ago; then the request is rate-limited: counted
+        (`resync_requests_limited`), and every request of the window is merged into one
+        resync at its end, so a requester, however fast it asks, gets at most one full
+        re-send per interval and rank. Returns the seconds until that resync (0: now)."""
+        self.resync_requests += 1
+        wait = self._last_resync + min_interval_s - time.monotonic()
+        if wait <= 0:
+            self.request_resync(reason)
+            return 0.0
+        self.resync_requests_limited += 1
+        if not self._resync_due:
+            self._resync_due = True
+            self._resync_not_before = self._last_resync + min_interval_s
+        if not self._limited_logged:  # once per window: a flood of requests is counted
+            self._limited_logged = True
+            self._log.info("resync_request_rate_limited", reason=reason,
+                           resync_in_s=round(wait, 3), min_interval_s=min_interval_s)
+        return wait
 
     def batch_dropped(self, epoch: int, seq: int, reason: str) -> None:
         """The sink could not publish batch `seq` (see `NatsSink`): re-send the rank,
@@ -280,6 +311,7 @@ class RankPublisher:
         self._resync_due = self._resync_blocking = False
         self._resync_seq = first
         self._last_resync = time.monotonic()
+        self._limited_logged = False
         self.resyncs += 1
         self._log.info("resync_queued", blocks=len(self.mirror), batches=len(batches),
                        first_seq=first, seconds=round(time.perf_counter() - started, 4))
@@ -312,6 +344,7 @@ class KVEventPublisher:
         max_pending: int = 10_000,
         version: str = "",
         stall_s: float = 30.0,
+        resync_min_interval_s: float = RESYNC_REQUEST_INTERVAL_S,
     ) -> None:
         check_identity(model, worker_id)  # BusError: refused here, not by the indexer
         self.model = model
@@ -323,6 +356,8 @@ class KVEventPublisher:
         self._stream = stream or StreamSettings()
         self._max_pending = max_pending
         self.stall_s = stall_s
+        self.resync_min_interval_s = resync_min_interval_s
+        self.resync_requests_invalid = 0  # undecodable, or naming no rank of ours
         self._nc: NatsClient | None = None
         self.sink: NatsSink | None = None
         self.ranks: list[RankPublisher] = []
@@ -338,8 +373,14 @@ class KVEventPublisher:
         await self.close()
 
     async def start(self) -> None:
-        self._nc = await nats.connect(self.nats_url, name=f"kv-publisher:{self.worker_id}",
-                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        log.info("nats_connecting", url=redact_url(self.nats_url), worker=self.worker_id)
+        # Replies come to an inbox of this worker's own (`worker_inbox_prefix`): with the
+        # NATS permissions `kv-indexer nats-auth` writes, a worker reads no one else's.
+        self._nc = await nats.connect(
+            self.nats_url, name=f"kv-publisher:{self.worker_id}",
+            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            inbox_prefix=worker_inbox_prefix(self.model, self.worker_id),
+            error_cb=log_nats_error)
         js = self._nc.jetstream()
         # The indexer owns the stream (its partition count); until it exists the sink
         # buffers (bounded) and retries.
@@ -422,7 +463,7 @@ class KVEventPublisher:
         if self._nc.is_closed:
             return False, "NATS connection closed"
         if not self._nc.is_connected:
-            return False, f"NATS disconnected (reconnecting to {self.nats_url})"
+            return False, f"NATS disconnected (reconnecting to {redact_url(self.nats_url)})"
         stalled = self.sink.stalled_for()
         if stalled > self.stall_s:
             return False, (f"sink stalled: {self.sink.pending} batches pending, none "
@@ -456,10 +497,15 @@ class KVEventPublisher:
     async def _keep_alive(self) -> None:
         assert self._nc is not None
         ttl = self._stream.liveness_ttl_s
-        kv = await ensure_liveness_bucket(self._nc.jetstream(), ttl)
+        kv: KeyValue | None = None
         key = liveness_key(self.model, self.worker_id)
         while not self._stop.is_set():
             try:
+                # Looked up until found: NATS may be away at start, and a worker allowed
+                # only its own key (`kv-indexer nats-auth`) waits for the indexer to
+                # create the bucket.
+                if kv is None:
+                    kv = await ensure_liveness_bucket(self._nc.jetstream(), ttl)
                 await kv.put(key, msgspec.json.encode(self.record()))
             except Exception as exc:  # noqa: BLE001 - NATS away: retry next tick
                 log.warning("liveness_put_failed", error=repr(exc))
@@ -467,18 +513,27 @@ class KVEventPublisher:
                 await asyncio.wait_for(self._stop.wait(), ttl / 3)
 
     async def _on_resync(self, msg: Msg) -> None:
+        """A resync request (only the indexer may send one: NATS permissions)."""
         try:
             request = msgspec.json.decode(msg.data)
             rank = int(request.get("dp_rank", 0))
             reason = str(request.get("reason", "requested"))
         except (msgspec.DecodeError, AttributeError, TypeError, ValueError):
-            await msg.respond(b'{"ok": false, "error": "bad request"}')
+            self.resync_requests_invalid += 1
+            await _reply(msg, {"ok": False, "error": "bad request"})
             return
         if not 0 <= rank < len(self.ranks):
-            await msg.respond(b'{"ok": false, "error": "unknown dp_rank"}')
+            self.resync_requests_invalid += 1
+            await _reply(msg, {"ok": False, "error": "unknown dp_rank"})
             return
-        self.ranks[rank].request_resync(reason)
-        await msg.respond(b'{"ok": true}')
+        wait = self.ranks[rank].resync_requested(reason[:200], self.resync_min_interval_s)
+        await _reply(msg, {"ok": True} if wait <= 0 else
+                     {"ok": True, "rate_limited": True, "resync_in_s": round(wait, 3)})
+
+
+async def _reply(msg: Msg, answer: dict[str, object]) -> None:
+    if msg.reply:  # a request sent without a reply subject gets no answer
+        await msg.respond(msgspec.json.encode(answer))
 
 
 class SyncKVEventPublisher:

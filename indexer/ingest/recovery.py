@@ -36,6 +36,7 @@ from nats.js.object_store import ObjectStore
 
 from indexer.index.protocol import Index, RankState, WorkerRef
 from kvcore.bus import STREAM_NAME, escape_token
+from kvcore.runtime import log_nats_error
 from kvcore.topology import partition_filter
 
 __all__ = [
@@ -217,7 +218,7 @@ async def request_rebuild(nats_url: str, partitions: int) -> None:
     """`kv-indexer rebuild`: ask every indexer to rebuild every partition."""
     import nats  # noqa: PLC0415 - only this command connects on its own
 
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, error_cb=log_nats_error)
     try:
         store = SnapshotStore(nc.jetstream(), partitions)
         await store.open()

@@ -31,6 +31,7 @@ from indexer.ingest.liveness import LivenessWatcher
 from kvcore.runtime import (
     SERVER_GC_THRESHOLDS,
     configure_logging,
+    log_nats_error,
     run_event_loop,
     settle_gc,
     supervise,
@@ -154,7 +155,8 @@ async def serve_reader(config: ServiceConfig, listen: str, number: int = 0) -> N
     if parent is not None:  # the consumer process died without stopping us: stop too
         loop.add_reader(parent.sentinel, stop.set)
     nc = await nats.connect(config.nats_url, name="kv-indexer-reader",
-                            max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+                            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                            error_cb=log_nats_error)
     registry = CollectorRegistry() if config.metrics_listen else None
     index = served_index(build_index(IndexConfig(max_query_tokens=config.max_query_tokens),
                                      redis_url=config.redis_url), registry)

@@ -1,6 +1,7 @@
 """Private redis-server processes for tests (free ports, temp dirs, killable and
-restartable by the test that owns them), and emptying a shared nats-server's JetStream
-between tests. nats-servers themselves are indexer.embedded.EmbeddedNats."""
+restartable by the test that owns them), nats-servers started from a config file of the
+test's (users, permissions: `ConfiguredNats`), and emptying a shared nats-server's
+JetStream between tests. Plain nats-servers are indexer.embedded.EmbeddedNats."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 import nats
+
+from indexer.embedded import find_nats_server
 
 
 def free_port() -> int:
@@ -32,10 +35,61 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout:
     raise RuntimeError(f"{what} did not listen on {port} within {timeout}s")
 
 
+class ConfiguredNats:
+    """A nats-server run from a config file: `config` (e.g. an `authorization` block)
+    after the listen address and a JetStream store in `workdir`, or a `config_file` of
+    its own, whose address is overridden on the command line (its JetStream store is its
+    own business). Its log, with every permissions violation and refused password, is in
+    `log_text()`."""
+
+    def __init__(self, workdir: Path, config: str = "", port: int | None = None, *,
+                 config_file: Path | None = None) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.log_path = workdir / "nats-server.log"
+        self.argv = ["-c", str(config_file)] if config_file is not None else []
+        if config_file is None:
+            config_path = workdir / "nats-server.conf"
+            config_path.write_text(
+                f'listen: "127.0.0.1:{self.port}"\n'
+                f'jetstream {{ store_dir: "{workdir / "jetstream"}" }}\n{config}')
+            self.argv = ["-c", str(config_path)]
+        else:
+            self.argv += ["-a", "127.0.0.1", "-p", str(self.port)]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, user: str | None = None, password: str | None = None) -> str:
+        """nats://[user:password@]127.0.0.1:port"""
+        auth = f"{user}:{password}@" if user is not None else ""
+        return f"nats://{auth}127.0.0.1:{self.port}"
+
+    def start(self) -> ConfiguredNats:
+        self.proc = subprocess.Popen(
+            [find_nats_server(), *self.argv, "-l", str(self.log_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_port(self.port, self.proc, "nats-server", 10)
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+
 class RedisServer:
     """A redis-server on a free port with its own dir; no persistence unless asked."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *,
+                 password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server not found: run `make setup` (installs it)")
@@ -43,17 +97,20 @@ class RedisServer:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.password = password  # --requirepass; `url` carries it
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.workdir), "--logfile",
-             str(self.workdir / "redis.log"), "--protected-mode", "no"],
+             str(self.workdir / "redis.log"), "--protected-mode", "no",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         _wait_for_port(self.port, self.proc, "redis-server", 10)
