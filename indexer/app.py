@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import msgspec
-import nats
 import structlog
 from grpc_health.v1 import health
 from nats.aio.client import Client as NatsClient
@@ -25,10 +24,10 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
-from indexer.config import ServiceConfig, parse_service_config
+from indexer.config import ServiceConfig, nats_security, parse_service_config
 from indexer.embedded import NATS_DEFAULT_PORT, EmbeddedNats, port_is_free
 from indexer.errors import BackendError, ConfigError
-from indexer.index.factory import build_index, served_index
+from indexer.index.factory import RedisSecurity, build_index, served_index
 from indexer.index.protocol import Index, IndexConfig, WorkerInfo
 from indexer.ingest.consumer import (
     ConsumerSettings,
@@ -41,8 +40,10 @@ from indexer.ingest.partitions import PartitionLeases
 from indexer.ingest.recovery import SnapshotStore
 from indexer.metrics import MetricsExporter
 from indexer.probes import ProcessProbes
+from indexer.serve.auth import GrpcSecurity
 from indexer.serve.health import ServingHealth
 from indexer.serve.readers import PartitionMarkers, ReaderPool
+from kvcore.connect import NatsSetupError, connect_nats
 from kvcore.runtime import (
     SERVER_GC_THRESHOLDS,
     configure_logging,
@@ -102,7 +103,8 @@ class IndexerService:
             self.nats_url = self._embedded.url
         else:
             self.nats_url = config.nats_url
-        self._nc = await nats.connect(self.nats_url, name="kv-indexer",
+        self._nc = await connect_nats(self.nats_url, nats_security(config), name="kv-indexer",
+                                      start_timeout_s=config.nats_start_timeout_s,
                                       max_reconnect_attempts=-1, reconnect_time_wait=0.5)
         self._js = self._nc.jetstream()
         settings = StreamSettings(partitions=config.partitions,
@@ -115,7 +117,8 @@ class IndexerService:
         resync = ResyncRequester(self._nc, 5.0, self.stats)
         registry = CollectorRegistry() if config.metrics_listen else None
         self.index = build_index(IndexConfig(max_query_tokens=config.max_query_tokens),
-                                 redis_url=config.redis_url, on_resync=resync.request)
+                                 redis_url=config.redis_url, on_resync=resync.request,
+                                 redis_security=RedisSecurity.from_config(config))
         self._served_index = served_index(self.index, registry)
         self._resync = resync
         await self._start_grpc()
@@ -155,8 +158,10 @@ class IndexerService:
         self._server, self.grpc_port = await start_grpc_server(
             self._served_index, self.config.grpc_listen, consumer_stats=self.stats,
             health_servicer=self._health_servicer,
-            settings=ServiceSettings(share_port=extra > 0),
-            rebuilding=rebuilding, live_workers=self._live_workers)
+            settings=ServiceSettings(share_port=extra > 0,
+                                     reflection=self.config.grpc_reflection == "on"),
+            rebuilding=rebuilding, live_workers=self._live_workers,
+            security=self.grpc_security)
         if extra:
             host = self.config.grpc_listen.rpartition(":")[0]
             reader_config = msgspec.structs.replace(self.config, nats_url=self.nats_url)
@@ -250,11 +255,18 @@ class IndexerService:
         if self._embedded is not None:
             self._embedded.stop()
 
+    @property
+    def grpc_security(self) -> GrpcSecurity:
+        return GrpcSecurity.from_config(self.config)
+
     def banner(self) -> str:
         backend = f"redis {self.config.redis_url}" if self.config.redis_url else "in-memory"
         nats_kind = "embedded" if self._embedded else "external"
+        if nats_security(self.config).uses_tls:
+            nats_kind += ", TLS"
         return (f"kv-indexer serving\n  gRPC     {self.config.grpc_listen} (port "
-                f"{self.grpc_port}, {self.config.grpc_processes} process(es))\n"
+                f"{self.grpc_port}, {self.config.grpc_processes} process(es), "
+                f"{self.grpc_security.describe()})\n"
                 f"  NATS     {self.nats_url} ({nats_kind})\n"
                 f"  metrics  {self.config.metrics_listen or 'off'}\n"
                 f"  index    {backend}\n  partitions {self.config.partitions}\n"
@@ -262,15 +274,27 @@ class IndexerService:
 
 
 async def serve(config: ServiceConfig) -> None:
+    """Run the service until SIGTERM / SIGINT, which also end a start-up still under way
+    (NATS not reached yet): nothing waits unbounded before the signal handlers are in."""
     service = IndexerService(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
+    starting = asyncio.ensure_future(service.start())
+    stopping = asyncio.ensure_future(service.wait())
     try:
-        await service.start()
-        print(service.banner(), flush=True)
-        await service.wait()
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("stopping_during_startup")
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        else:
+            starting.result()  # a start-up error propagates
+            print(service.banner(), flush=True)
+            await stopping
     finally:
+        stopping.cancel()
         await service.close()
         log.info("stopped")
 
@@ -282,5 +306,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kv-indexer serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_format, config.log_level)
-    run_event_loop(serve(config), config.event_loop)
+    try:
+        run_event_loop(serve(config), config.event_loop)
+    except ConfigError as exc:
+        print(f"kv-indexer serve: {exc}", file=sys.stderr)
+        return 2
+    except NatsSetupError as exc:
+        print(f"kv-indexer serve: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -15,6 +16,12 @@ from collections.abc import Sequence
 import structlog
 import zmq.asyncio
 
+from kvcore.connect import (
+    DEFAULT_START_TIMEOUT_S,
+    NATS_SECURITY_FLAGS,
+    NatsSecurity,
+    NatsSetupError,
+)
 from kvcore.runtime import configure_logging, settle_gc
 from kvcore.topology import StreamSettings
 from publisher.publisher import KVEventPublisher
@@ -39,6 +46,9 @@ BRIDGE_SETTINGS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--metrics-listen", "METRICS_LISTEN", "",
      "HOST:PORT serving Prometheus /metrics and /healthz (empty: off)"),
     ("--log-format", "LOG_FORMAT", "auto", "auto (console on a TTY, else JSON), json, console"),
+    *((flag, field.upper(), None, help_text) for flag, field, help_text in NATS_SECURITY_FLAGS),
+    ("--nats-start-timeout", "NATS_START_TIMEOUT", f"{DEFAULT_START_TIMEOUT_S:g}",
+     "seconds to keep trying to reach NATS at start-up before exiting with an error"),
 )
 
 
@@ -72,7 +82,20 @@ def parse_bridge_args(argv: Sequence[str]) -> argparse.Namespace:
             parse_listen(args.metrics_listen)
         except ValueError as exc:
             parser.error(f"--metrics-listen: {exc}")
+    try:
+        if float(args.nats_start_timeout) <= 0:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--nats-start-timeout must be a number > 0, got {args.nats_start_timeout!r}")
+    try:
+        nats_security(args).check()
+    except NatsSetupError as exc:
+        parser.error(str(exc))
     return args
+
+
+def nats_security(args: argparse.Namespace) -> NatsSecurity:
+    return NatsSecurity.from_values(vars(args))
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -86,13 +109,26 @@ def parse_listen(value: str) -> tuple[str, int]:
 async def run_bridge(args: argparse.Namespace) -> None:
     publisher = KVEventPublisher(args.model, args.worker_id, block_size=int(args.block_size),
                                  nats_url=args.nats_url, dp_size=int(args.dp_size),
-                                 stream=StreamSettings(), max_pending=int(args.max_pending))
-    await publisher.start()
-    ctx = zmq.asyncio.Context()
+                                 stream=StreamSettings(), max_pending=int(args.max_pending),
+                                 nats_security=nats_security(args),
+                                 start_timeout_s=float(args.nats_start_timeout))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A signal while NATS is not reached yet ends the start-up too.
+    starting = asyncio.ensure_future(publisher.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        await publisher.close()
+        return
+    starting.result()  # NatsSetupError: main() prints it
+    ctx = zmq.asyncio.Context()
     sources = [EngineSource(ctx, rank, args.zmq_endpoint, replay_endpoint=args.replay_endpoint,
                             topic=args.topic, flavor=args.flavor) for rank in publisher.ranks]
     http = None
@@ -126,7 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "bridge":
         args = parse_bridge_args(rest)
         configure_logging(args.log_format)
-        asyncio.run(run_bridge(args))
+        try:
+            asyncio.run(run_bridge(args))
+        except NatsSetupError as exc:
+            print(f"kv-publisher bridge: {exc}", file=sys.stderr)
+            return 1
         return 0
     print(f"kv-publisher: unknown command {command!r} (bridge; mock engines: kv-sim engines)",
           file=sys.stderr)

@@ -27,7 +27,6 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, Final, TypeVar
 
 import msgspec
-import nats
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -45,6 +44,7 @@ from kvcore.bus import (
     pack_tokens,
     validate_event,
 )
+from kvcore.connect import NatsSecurity, connect_nats
 from kvcore.topology import (
     StreamSettings,
     WorkerRecord,
@@ -312,6 +312,8 @@ class KVEventPublisher:
         max_pending: int = 10_000,
         version: str = "",
         stall_s: float = 30.0,
+        nats_security: NatsSecurity | None = None,
+        start_timeout_s: float | None = None,
     ) -> None:
         check_identity(model, worker_id)  # BusError: refused here, not by the indexer
         self.model = model
@@ -323,6 +325,10 @@ class KVEventPublisher:
         self._stream = stream or StreamSettings()
         self._max_pending = max_pending
         self.stall_s = stall_s
+        # TLS and credentials for NATS; how long start() may wait for the first connection
+        # (None: until it connects; a set-up that cannot work fails at once either way).
+        self.nats_security = nats_security or NatsSecurity()
+        self.start_timeout_s = start_timeout_s
         self._nc: NatsClient | None = None
         self.sink: NatsSink | None = None
         self.ranks: list[RankPublisher] = []
@@ -338,7 +344,9 @@ class KVEventPublisher:
         await self.close()
 
     async def start(self) -> None:
-        self._nc = await nats.connect(self.nats_url, name=f"kv-publisher:{self.worker_id}",
+        self._nc = await connect_nats(self.nats_url, self.nats_security,
+                                      name=f"kv-publisher:{self.worker_id}",
+                                      start_timeout_s=self.start_timeout_s,
                                       max_reconnect_attempts=-1, reconnect_time_wait=0.5)
         js = self._nc.jetstream()
         # The indexer owns the stream (its partition count); until it exists the sink
