@@ -6,7 +6,7 @@ PYTHON  ?= python3
 PKGS    := kvcore publisher indexer kvsim
 PROTO_OUT := indexer/_proto
 
-.PHONY: setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc proto clean
+.PHONY: setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-tls proto clean
 
 setup: $(STAMP) redis-server
 
@@ -58,7 +58,7 @@ demo: setup
 proto: $(STAMP)
 	$(PY) -m indexer._protogen
 
-bench: bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild
+bench: bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-tls
 
 bench-keys: setup
 	$(PY) -m bench.keys
@@ -78,6 +78,10 @@ bench-grpc: setup libnghttp2-dev
 
 bench-rebuild: setup
 	$(PY) -m bench.rebuild
+
+# What TLS costs: gRPC Score plaintext vs TLS vs mTLS + token, Redis Score redis:// vs rediss://
+bench-tls: setup
+	$(PY) -m bench.tls
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

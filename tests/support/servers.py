@@ -93,11 +93,14 @@ class TlsRedisServer(RedisServer):
     `users`: ACL rules, one user each (`"alice on >pw ~* &* +@all"`)."""
 
     def __init__(self, workdir: Path, *, cert: Path, key: Path, ca: Path,
-                 client_certs: bool = False, users: tuple[str, ...] = ()) -> None:
+                 client_certs: bool = False, users: tuple[str, ...] = (),
+                 plain_port: bool = False) -> None:
         super().__init__(workdir)
         self.cert, self.key, self.ca = cert, key, ca
         self.client_certs = client_certs
         self.users = users
+        # Also plain TCP on another port (bench/tls.py compares the two on one server).
+        self.plain_port = free_port() if plain_port else 0
 
     @property
     def url(self) -> str:
@@ -105,7 +108,7 @@ class TlsRedisServer(RedisServer):
 
     def argv(self) -> list[str]:
         argv = super().argv()
-        argv[argv.index("--port") + 1] = "0"  # no plaintext port
+        argv[argv.index("--port") + 1] = str(self.plain_port)  # 0: no plaintext port
         argv += ["--tls-port", str(self.port), "--tls-cert-file", str(self.cert),
                  "--tls-key-file", str(self.key), "--tls-ca-cert-file", str(self.ca),
                  "--tls-auth-clients", "yes" if self.client_certs else "no"]
