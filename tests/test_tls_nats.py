@@ -124,6 +124,13 @@ def serve_argv(*args: str) -> list[str]:
             "--log-format", "json", *args]
 
 
+def bridge_argv(nats_url: str) -> list[str]:
+    code = "import sys; from publisher.cli import main; sys.exit(main(sys.argv[1:]))"
+    return [sys.executable, "-c", code, "bridge", "--zmq-endpoint",
+            f"tcp://127.0.0.1:{free_port()}", "--model", "m", "--worker-id", "w",
+            "--nats-url", nats_url, "--log-format", "json"]
+
+
 def run_to_exit(argv: list[str]) -> subprocess.CompletedProcess[str]:
     """Run `argv` to its end; TimeoutExpired (a failed test) if it hangs."""
     return subprocess.run(argv, capture_output=True, text=True, timeout=EXIT_BOUND_S,
@@ -159,14 +166,23 @@ class TestStartUpFailures:
         assert "--nats-tls-cert and --nats-tls-key" in last_line(done.stderr)
 
     def test_bridge_without_the_ca_exits_naming_the_flag(self, mtls_nats: EmbeddedNats) -> None:
-        code = "import sys; from publisher.cli import main; sys.exit(main(sys.argv[1:]))"
-        done = run_to_exit([sys.executable, "-c", code, "bridge", "--zmq-endpoint",
-                            f"tcp://127.0.0.1:{free_port()}", "--model", "m", "--worker-id",
-                            "w", "--nats-url", mtls_nats.url, "--log-format", "json"])
+        done = run_to_exit(bridge_argv(mtls_nats.url))
         assert done.returncode == 1, done.stderr
         line = last_line(done.stderr)
         assert line.startswith("kv-publisher bridge: cannot connect to NATS"), line
         assert "--nats-tls-ca" in line
+
+    def test_rebuild_takes_the_same_flags(self, mtls_nats: EmbeddedNats, pki: Pki) -> None:
+        code = "import sys; from indexer.cli import main; sys.exit(main(sys.argv[1:]))"
+        argv = [sys.executable, "-c", code, "rebuild", "--nats-url", mtls_nats.url,
+                "--partitions", "2"]
+        refused = run_to_exit(argv)
+        assert refused.returncode == 1
+        assert "--nats-tls-ca" in last_line(refused.stderr)
+        done = run_to_exit([*argv, "--nats-tls-ca", str(pki.ca), "--nats-tls-cert",
+                            str(pki.client_cert), "--nats-tls-key", str(pki.client_key)])
+        assert done.returncode == 0, done.stderr
+        assert "rebuild requested for 2 partitions" in done.stdout
 
     def test_no_nats_at_all_gives_up_after_the_start_timeout(self) -> None:
         done = run_to_exit(serve_argv("--nats-url", f"nats://127.0.0.1:{free_port()}",
@@ -174,10 +190,12 @@ class TestStartUpFailures:
         assert done.returncode == 1
         assert "within 2 s" in last_line(done.stderr)
 
-    def test_sigterm_during_start_up(self) -> None:
-        """Waiting for a NATS that is not there, the service stops on SIGTERM."""
-        proc = subprocess.Popen(serve_argv("--nats-url", f"nats://127.0.0.1:{free_port()}"),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    @pytest.mark.parametrize("program", ["serve", "bridge"])
+    def test_sigterm_during_start_up(self, program: str) -> None:
+        """Waiting for a NATS that is not there, serve and the bridge stop on SIGTERM."""
+        url = f"nats://127.0.0.1:{free_port()}"
+        argv = serve_argv("--nats-url", url) if program == "serve" else bridge_argv(url)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             assert proc.stderr is not None
@@ -191,7 +209,8 @@ class TestStartUpFailures:
                 proc.kill()
                 proc.wait()
         assert proc.returncode == 0, err
-        assert "stopping_during_startup" in err
+        if program == "serve":
+            assert "stopping_during_startup" in err
 
 
 class TestSettings:
