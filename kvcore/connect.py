@@ -230,7 +230,12 @@ async def connect_nats(
 
 
 async def _abandon(connecting: asyncio.Future[NatsClient]) -> None:
-    connecting.cancel()
-    with contextlib.suppress(BaseException):
-        client = await connecting
-        await client.close()
+    """Stop a connection attempt. A cancel that lands as an asyncio.wait_for inside nats-py
+    completes is lost on Python 3.11 (and the attempt would go on for ever): cancel again
+    until it has ended."""
+    while not connecting.done():
+        connecting.cancel()
+        await asyncio.wait({connecting}, timeout=0.5)
+    if not connecting.cancelled() and connecting.exception() is None:
+        with contextlib.suppress(Exception):
+            await connecting.result().close()
