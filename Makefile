@@ -6,7 +6,7 @@ PYTHON  ?= python3
 PKGS    := kvcore publisher indexer kvsim
 PROTO_OUT := indexer/_proto
 
-.PHONY: chaos setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models proto clean
+.PHONY: chaos setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls proto clean
 
 setup: $(STAMP) redis-server
 
@@ -64,7 +64,7 @@ demo: setup
 proto: $(STAMP)
 	$(PY) -m indexer._protogen
 
-bench: bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models
+bench: bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls
 
 bench-keys: setup
 	$(PY) -m bench.keys
@@ -87,6 +87,10 @@ bench-rebuild: setup
 
 bench-dead-models: setup
 	$(PY) -m bench.dead_models
+
+# What TLS costs: gRPC Score plaintext vs TLS vs mTLS + token, Redis Score redis:// vs rediss://
+bench-tls: setup
+	$(PY) -m bench.tls
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

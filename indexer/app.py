@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import msgspec
-import nats
 import structlog
 from grpc_health.v1 import health
 from nats.aio.client import Client as NatsClient
@@ -25,10 +24,10 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
-from indexer.config import ServiceConfig, parse_service_config
+from indexer.config import ServiceConfig, nats_security, parse_service_config
 from indexer.embedded import NATS_DEFAULT_PORT, EmbeddedNats, port_is_free
 from indexer.errors import BackendError, ConfigError
-from indexer.index.factory import build_index, served_index
+from indexer.index.factory import RedisSecurity, build_index, served_index
 from indexer.index.protocol import Index, IndexConfig, WorkerInfo
 from indexer.ingest.consumer import (
     ConsumerSettings,
@@ -41,13 +40,14 @@ from indexer.ingest.partitions import PartitionLeases
 from indexer.ingest.recovery import SnapshotStore
 from indexer.metrics import MetricsExporter
 from indexer.probes import ProcessProbes
+from indexer.serve.auth import GrpcSecurity
 from indexer.serve.health import ServingHealth
 from indexer.serve.readers import PartitionMarkers, ReaderPool
+from kvcore.connect import NatsSetupError, connect_nats
 from kvcore.redact import redact_text, redact_url
 from kvcore.runtime import (
     SERVER_GC_THRESHOLDS,
     configure_logging,
-    log_nats_error,
     loop_name,
     run_event_loop,
     settle_gc,
@@ -105,9 +105,9 @@ class IndexerService:
         else:
             self.nats_url = config.nats_url
         log.info("nats_connecting", url=redact_url(self.nats_url))
-        self._nc = await nats.connect(self.nats_url, name="kv-indexer",
-                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                      error_cb=log_nats_error)
+        self._nc = await connect_nats(self.nats_url, nats_security(config), name="kv-indexer",
+                                      start_timeout_s=config.nats_start_timeout_s,
+                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5)
         self._js = self._nc.jetstream()
         settings = StreamSettings(partitions=config.partitions,
                                   max_age_s=config.stream_max_age_s,
@@ -119,7 +119,8 @@ class IndexerService:
         resync = ResyncRequester(self._nc, 5.0, self.stats)
         registry = CollectorRegistry() if config.metrics_listen else None
         self.index = build_index(IndexConfig(max_query_tokens=config.max_query_tokens),
-                                 redis_url=config.redis_url, on_resync=resync.request)
+                                 redis_url=config.redis_url, on_resync=resync.request,
+                                 redis_security=RedisSecurity.from_config(config))
         self._served_index = served_index(self.index, registry)
         self._resync = resync
         await self._start_grpc()
@@ -161,7 +162,8 @@ class IndexerService:
             self._served_index, self.config.grpc_listen, consumer_stats=self.stats,
             health_servicer=self._health_servicer,
             settings=service_settings(self.config, share_port=extra > 0),
-            rebuilding=rebuilding, live_workers=self._live_workers)
+            rebuilding=rebuilding, live_workers=self._live_workers,
+            security=self.grpc_security)
         if extra:
             host = self.config.grpc_listen.rpartition(":")[0]
             reader_config = msgspec.structs.replace(self.config, nats_url=self.nats_url)
@@ -255,13 +257,20 @@ class IndexerService:
         if self._embedded is not None:
             self._embedded.stop()
 
+    @property
+    def grpc_security(self) -> GrpcSecurity:
+        return GrpcSecurity.from_config(self.config)
+
     def banner(self) -> str:
         """What this process serves, and from where (URL secrets as ***)."""
         redis_url = self.config.redis_url
         backend = f"redis {redact_url(redis_url)}" if redis_url else "in-memory"
         nats_kind = "embedded" if self._embedded else "external"
+        if nats_security(self.config).uses_tls:
+            nats_kind += ", TLS"
         return (f"kv-indexer serving\n  gRPC     {self.config.grpc_listen} (port "
-                f"{self.grpc_port}, {self.config.grpc_processes} process(es))\n"
+                f"{self.grpc_port}, {self.config.grpc_processes} process(es), "
+                f"{self.grpc_security.describe()})\n"
                 f"  NATS     {redact_url(self.nats_url)} ({nats_kind})\n"
                 f"  metrics  {self.config.metrics_listen or 'off'}\n"
                 f"  index    {backend}\n  partitions {self.config.partitions}\n"
@@ -269,27 +278,27 @@ class IndexerService:
 
 
 async def serve(config: ServiceConfig) -> None:
+    """Run the service until SIGTERM / SIGINT, which also end a start-up still under way
+    (NATS not reached yet): nothing waits unbounded before the signal handlers are in."""
     service = IndexerService(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
+    starting = asyncio.ensure_future(service.start())
+    stopping = asyncio.ensure_future(service.wait())
     try:
-        # A start that waits (NATS unreachable, or refusing our password: the client
-        # retries) still ends on SIGTERM.
-        starting = asyncio.create_task(service.start())
-        stopping = asyncio.create_task(service.wait())
-        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
+            log.info("stopping_during_startup")
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
-            log.warning("stopped_before_serving")
-            return
-        stopping.cancel()
-        starting.result()  # raises what start-up raised
-        print(service.banner(), flush=True)
-        await service.wait()
+        else:
+            starting.result()  # a start-up error propagates
+            print(service.banner(), flush=True)
+            await stopping
     finally:
+        stopping.cancel()
         await service.close()
         log.info("stopped")
 
@@ -303,6 +312,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_format, config.log_level)
     try:
         run_event_loop(serve(config), config.event_loop)
+    except ConfigError as exc:
+        print(f"kv-indexer serve: {redact_text(str(exc))}", file=sys.stderr)
+        return 2
+    except NatsSetupError as exc:
+        print(f"kv-indexer serve: {redact_text(str(exc))}", file=sys.stderr)
+        return 1
     except Exception:  # the traceback goes through the redacting log processors
         log.exception("serve_failed")
         return 1

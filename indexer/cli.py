@@ -7,8 +7,10 @@
     kv-indexer nats-auth --worker MODEL WORKER ... --password-dir D (NATS users: README)
 
 Tables for people by default, `--json` for scripts. `--target` defaults to
-$KV_INDEXER_TARGET, else 127.0.0.1:50051. Exit status: 0 on success, 1 when the call
-failed (the gRPC status and message go to stderr), 2 on a usage error.
+$KV_INDEXER_TARGET, else 127.0.0.1:50051. Against a TLS server: `--tls-ca` (or `--tls`
+for the system's CAs), `--tls-cert` / `--tls-key` for mTLS, `--token-file` for a bearer
+token; each has a KV_INDEXER_* variable (CLIENT_SETTINGS). Exit status: 0 on success,
+1 when the call failed (the gRPC status and message go to stderr), 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -36,10 +38,23 @@ from indexer.client import (
     WorkerStatus,
 )
 from indexer.index.protocol import TIERS
+from kvcore.connect import NATS_SECURITY_FLAGS, NatsSecurity, NatsSetupError
 
 __all__ = ["main"]
 
 TARGET_ENV: Final = "KV_INDEXER_TARGET"
+# (flag, environment variable, help) of the query commands' TLS and token settings
+CLIENT_SETTINGS: Final[tuple[tuple[str, str, str], ...]] = (
+    ("--tls-ca", "KV_INDEXER_TLS_CA",
+     "PEM CA(s) of the server's certificate: connect with TLS"),
+    ("--tls-cert", "KV_INDEXER_TLS_CERT", "PEM client certificate, for mTLS (with --tls-key)"),
+    ("--tls-key", "KV_INDEXER_TLS_KEY", "PEM private key of --tls-cert"),
+    ("--tls-server-name", "KV_INDEXER_TLS_SERVER_NAME",
+     "name to expect in the server's certificate (default: the --target host)"),
+    ("--token-file", "KV_INDEXER_TOKEN_FILE",
+     "file whose first line is the bearer token to send"),
+)
+TLS_ENV: Final = "KV_INDEXER_TLS"
 DEFAULT_CLI_TIMEOUT: Final = 5.0
 _MAX_TOKEN: Final = 2**32 - 1
 
@@ -82,6 +97,33 @@ def read_tokens(path: str) -> list[int]:
         raise UsageError(f"{path} must hold a JSON list of token ids (integers in "
                          f"[0, {_MAX_TOKEN}])")
     return tokens
+
+
+def read_token(path: str) -> str:
+    """The first token line of a token file (as `--grpc-token-file` writes them)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--token-file: cannot read {path}: {exc}") from exc
+    for line in lines:
+        token = line.strip()
+        if token and not token.startswith("#"):
+            return token
+    raise UsageError(f"--token-file: {path} holds no token")
+
+
+def open_client(args: argparse.Namespace) -> IndexerClient:
+    """The client the common options describe (UsageError for a bad TLS or token file)."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    token = read_token(args.token_file) if args.token_file else None
+    try:
+        return IndexerClient(args.target, timeout=args.timeout, tls=args.tls,
+                             root_certificates=args.tls_ca or None,
+                             client_cert=args.tls_cert or None, client_key=args.tls_key or None,
+                             token=token, tls_server_name=args.tls_server_name or None)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def _print_json(value: object) -> None:
@@ -165,6 +207,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--timeout", type=float, default=DEFAULT_CLI_TIMEOUT,
                         help="seconds per call, retries included (default %(default)s)")
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    common.add_argument("--tls", action="store_true",
+                        default=os.environ.get(TLS_ENV, "") in ("1", "on", "true", "yes"),
+                        help=f"connect with TLS, trusting the system's CAs (env {TLS_ENV}=1)")
+    for flag, env, help_text in CLIENT_SETTINGS:
+        common.add_argument(flag, default=os.environ.get(env), help=f"{help_text} (env {env})")
 
     parser = argparse.ArgumentParser(
         prog="kv-indexer", description="Query a running KV-cache indexer, or run one.")
@@ -208,11 +255,20 @@ def _rebuild(argv: list[str]) -> int:
     parser.add_argument("--partitions", type=int,
                         default=int(os.environ.get("KV_INDEXER_PARTITIONS", "8")),
                         help="stream partitions (env KV_INDEXER_PARTITIONS; default 8)")
+    for flag, field, help_text in NATS_SECURITY_FLAGS:  # as `kv-indexer serve` has them
+        env = f"KV_INDEXER_{field.upper()}"
+        parser.add_argument(flag, dest=field, default=os.environ.get(env),
+                            help=f"{help_text} (env {env})")
     args = parser.parse_args(argv)
     if not args.nats_url:
         parser.error("--nats-url is required (or KV_INDEXER_NATS_URL)")
     recovery = importlib.import_module("indexer.ingest.recovery")
-    asyncio.run(recovery.request_rebuild(args.nats_url, args.partitions))
+    security = NatsSecurity.from_values(vars(args))
+    try:
+        asyncio.run(recovery.request_rebuild(args.nats_url, args.partitions, security))
+    except NatsSetupError as exc:
+        print(f"kv-indexer rebuild: {exc}", file=sys.stderr)
+        return 1
     print(f"rebuild requested for {args.partitions} partitions")
     return 0
 
@@ -258,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     run = cast(Callable[[IndexerClient, argparse.Namespace], int], args.run)
     try:
-        with IndexerClient(args.target, timeout=args.timeout) as client:
+        with open_client(args) as client:
             return run(client, args)
     except UsageError as exc:
         print(f"kv-indexer {args.command}: error: {exc}", file=sys.stderr)

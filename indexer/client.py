@@ -6,6 +6,16 @@
         choice = client.find_best_worker(Query(model="m", token_ids=tokens),
                                          loads=[WorkerLoad("w-1", active_blocks=120)])
 
+TLS and credentials (see README, "TLS"):
+
+    IndexerClient("indexer.internal:50051", root_certificates=Path("ca.pem"),   # TLS
+                  client_cert=Path("router.pem"), client_key=Path("router.key"),  # mTLS
+                  token=os.environ["KV_INDEXER_TOKEN"])                         # bearer
+
+`tls=True` alone trusts the system's CAs. PEM material is given as bytes or as a path
+(str or Path). Without a certificate the channel is plaintext; a token then travels in
+clear, so give one only with TLS outside a trusted network.
+
 Every call has a deadline (`timeout`, default 1 s, spanning its retries) and is retried on
 UNAVAILABLE with bounded exponential backoff (all RPCs are reads, so retrying is safe).
 Results are typed structs, never protobuf messages. gRPC errors become:
@@ -16,15 +26,18 @@ Results are typed structs, never protobuf messages. gRPC errors become:
     ├── UnavailableError         no server, or its index backend is down (after retries)
     ├── DeadlineExceededError    the call's timeout passed
     ├── ResourceExhaustedError   a message over the size limit
+    ├── UnauthenticatedError     the server wants a bearer token and this one is wrong
     └── InternalError            a bug on the server (it logged the traceback)
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -53,6 +66,7 @@ __all__ = [
     "RetryPolicy",
     "ScoreAnswer",
     "TierWeightOverride",
+    "UnauthenticatedError",
     "UnavailableError",
     "WorkerChoice",
     "WorkerLoad",
@@ -101,6 +115,10 @@ class InternalError(IndexerClientError):
     """The server failed unexpectedly."""
 
 
+class UnauthenticatedError(IndexerClientError):
+    """The server wants a bearer token (`token=`) and this one is missing or wrong."""
+
+
 _ERRORS: Final[dict[grpc.StatusCode, type[IndexerClientError]]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
@@ -108,6 +126,7 @@ _ERRORS: Final[dict[grpc.StatusCode, type[IndexerClientError]]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.INTERNAL: InternalError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
 }
 
 
@@ -333,6 +352,18 @@ class _Attempts:
 
 # --- the two faces -----------------------------------------------------------------------
 
+Pem = bytes | str | os.PathLike[str]
+
+
+def _pem(value: Pem | None, what: str) -> bytes | None:
+    """PEM bytes as given, or read from a path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot read {value}: {exc.strerror or exc}") from exc
+
 
 class _BaseClient:
     """Settings, channel options and deadlines shared by both faces."""
@@ -345,12 +376,31 @@ class _BaseClient:
         retry: RetryPolicy | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
+        tls: bool = False,
+        root_certificates: Pem | None = None,
+        client_cert: Pem | None = None,
+        client_key: Pem | None = None,
+        token: str | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
+        if (client_cert is None) != (client_key is None):
+            raise ValueError("client_cert and client_key go together")
+        if token is not None and (not token or any(c.isspace() for c in token)):
+            raise ValueError("token must be one non-empty word")
         self.target = target
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
+        self.tls = tls or root_certificates is not None or client_cert is not None
+        self._credentials = grpc.ssl_channel_credentials(
+            root_certificates=_pem(root_certificates, "root_certificates"),
+            private_key=_pem(client_key, "client_key"),
+            certificate_chain=_pem(client_cert, "client_cert"),
+        ) if self.tls else None
+        # Per call, not call credentials: those are sent over TLS channels only, and a
+        # plaintext server behind a TLS-terminating proxy may want the token as well.
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -360,6 +410,8 @@ class _BaseClient:
             ("grpc.max_reconnect_backoff_ms", 2000),
             *options,
         ]
+        if tls_server_name:  # the name the server's certificate holds, if not the target's
+            self._options.append(("grpc.ssl_target_name_override", tls_server_name))
         self._channel = self._open_channel()
         self._stub = pb_grpc.KvIndexerStub(self._channel)  # type: ignore[no-untyped-call]
 
@@ -374,13 +426,15 @@ class IndexerClient(_BaseClient):
     """Blocking client; one channel, safe to share between threads."""
 
     def _open_channel(self) -> Any:
+        if self._credentials is not None:
+            return grpc.secure_channel(self.target, self._credentials, options=self._options)
         return grpc.insecure_channel(self.target, options=self._options)
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         attempts = self._attempts(timeout)
         while True:
             try:
-                return method(request, timeout=attempts.remaining())
+                return method(request, timeout=attempts.remaining(), metadata=self._metadata)
             except grpc.RpcError as exc:
                 delay = attempts.retry_delay(exc)
                 if delay is None:
@@ -441,13 +495,17 @@ class AsyncIndexerClient(_BaseClient):
     """asyncio client; create and use it on one event loop."""
 
     def _open_channel(self) -> Any:
+        if self._credentials is not None:
+            return grpc.aio.secure_channel(self.target, self._credentials,
+                                           options=self._options)
         return grpc.aio.insecure_channel(self.target, options=self._options)
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         attempts = self._attempts(timeout)
         while True:
             try:
-                return await method(request, timeout=attempts.remaining())
+                return await method(request, timeout=attempts.remaining(),
+                                    metadata=self._metadata)
             except grpc.RpcError as exc:
                 delay = attempts.retry_delay(exc)
                 if delay is None:

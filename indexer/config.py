@@ -24,11 +24,17 @@ from indexer.serve.limits import (
     DEFAULT_MAX_REQUEST_LOADS,
     DEFAULT_MAX_REQUEST_WORKERS,
 )
+from kvcore.connect import (
+    DEFAULT_START_TIMEOUT_S,
+    NATS_SECURITY_FLAGS,
+    NatsSecurity,
+    NatsSetupError,
+)
 from kvcore.redact import redact_text
 from kvcore.runtime import uvloop_installed
 from kvcore.topology import DEFAULT_PARTITIONS
 
-__all__ = ["SETTINGS", "ServiceConfig", "parse_service_config"]
+__all__ = ["SETTINGS", "ServiceConfig", "nats_security", "parse_service_config"]
 
 
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -59,6 +65,26 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
     event_loop: str = "auto"  # auto (uvloop when installed) | uvloop | asyncio
+    # gRPC server TLS (cert + key), mTLS (client CA), bearer tokens, reflection
+    grpc_tls_cert: str | None = None
+    grpc_tls_key: str | None = None
+    grpc_tls_client_ca: str | None = None
+    grpc_token_file: str | None = None
+    grpc_reflection: str = "on"  # on | off
+    # NATS TLS and credentials (kvcore.connect.NatsSecurity), start-up bound
+    nats_tls_ca: str | None = None
+    nats_tls_cert: str | None = None
+    nats_tls_key: str | None = None
+    nats_creds: str | None = None
+    nats_nkey_seed: str | None = None
+    nats_user_file: str | None = None
+    nats_password_file: str | None = None
+    nats_start_timeout_s: float = DEFAULT_START_TIMEOUT_S
+    # Redis TLS (rediss:// URLs) and the password of the URL's user, from a file
+    redis_tls_ca: str | None = None
+    redis_tls_cert: str | None = None
+    redis_tls_key: str | None = None
+    redis_password_file: str | None = None
 
 
 # (flag, field, type, help) - the env var is KV_INDEXER_<FIELD upper-case>
@@ -101,6 +127,25 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
     ("--log-level", "log_level", str, "debug, info, warning or error"),
     ("--event-loop", "event_loop", str,
      "auto (uvloop when installed, else asyncio's own), uvloop or asyncio"),
+    ("--grpc-tls-cert", "grpc_tls_cert", str,
+     "PEM certificate (chain) of the gRPC server; with --grpc-tls-key turns on TLS"),
+    ("--grpc-tls-key", "grpc_tls_key", str, "PEM private key of --grpc-tls-cert"),
+    ("--grpc-tls-client-ca", "grpc_tls_client_ca", str,
+     "PEM CA(s) of router client certificates; given: every client must present one (mTLS)"),
+    ("--grpc-token-file", "grpc_token_file", str,
+     "file of bearer tokens (one per line); given: calls need 'authorization: Bearer "
+     "<token>' (health checks stay open)"),
+    ("--grpc-reflection", "grpc_reflection", str, "gRPC server reflection: on or off"),
+    *((flag, field, str, help_text) for flag, field, help_text in NATS_SECURITY_FLAGS),
+    ("--nats-start-timeout", "nats_start_timeout_s", float,
+     "seconds to keep trying to reach NATS at start-up before exiting with an error"),
+    ("--redis-tls-ca", "redis_tls_ca", str,
+     "PEM CA(s) of the Redis server's certificate (rediss:// URLs)"),
+    ("--redis-tls-cert", "redis_tls_cert", str,
+     "PEM client certificate for Redis (with --redis-tls-key; rediss:// URLs)"),
+    ("--redis-tls-key", "redis_tls_key", str, "PEM private key of --redis-tls-cert"),
+    ("--redis-password-file", "redis_password_file", str,
+     "file holding the Redis password (of the URL's user, or of 'default')"),
 )
 
 
@@ -146,7 +191,13 @@ def _convert(raw: str, kind: type, source: str) -> object:
                           f"{kind.__name__}") from exc
 
 
+def nats_security(config: ServiceConfig) -> NatsSecurity:
+    """The NATS TLS and credential settings of `config`."""
+    return NatsSecurity.from_values(msgspec.structs.asdict(config))
+
+
 def validate(config: ServiceConfig) -> None:
+    tls_redis = any((config.redis_tls_ca, config.redis_tls_cert, config.redis_tls_key))
     checks = (
         (config.partitions >= 1, "--partitions must be >= 1"),
         (config.metrics_max_workers >= 0, "--metrics-max-workers must be >= 0"),
@@ -189,10 +240,48 @@ def validate(config: ServiceConfig) -> None:
         (config.redis_url is None or config.redis_url.startswith(("redis://", "rediss://",
                                                                   "unix://")),
          "--redis-url must be a redis://, rediss:// or unix:// URL"),
+        (config.nats_url is not None or nats_security(config) == NatsSecurity(),
+         "--nats-tls-*, --nats-creds, --nats-nkey-seed and --nats-user-file need --nats-url "
+         "(the embedded nats-server is plain and local)"),
+        (config.nats_start_timeout_s > 0, "--nats-start-timeout must be > 0"),
+        (config.grpc_reflection in ("on", "off"), "--grpc-reflection must be on or off"),
+        (bool(config.grpc_tls_cert) == bool(config.grpc_tls_key),
+         "--grpc-tls-cert and --grpc-tls-key go together"),
+        (not config.grpc_tls_client_ca or bool(config.grpc_tls_cert),
+         "--grpc-tls-client-ca needs --grpc-tls-cert and --grpc-tls-key (mTLS is TLS)"),
+        (bool(config.redis_tls_cert) == bool(config.redis_tls_key),
+         "--redis-tls-cert and --redis-tls-key go together"),
+        (not tls_redis or (config.redis_url or "").startswith("rediss://"),
+         "--redis-tls-ca/--redis-tls-cert/--redis-tls-key need a rediss:// --redis-url"),
+        (not config.redis_password_file or config.redis_url is not None,
+         "--redis-password-file needs --redis-url"),
     )
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    for flag, path in (("--grpc-tls-cert", config.grpc_tls_cert),
+                       ("--grpc-tls-key", config.grpc_tls_key),
+                       ("--grpc-tls-client-ca", config.grpc_tls_client_ca),
+                       ("--grpc-token-file", config.grpc_token_file),
+                       ("--redis-tls-ca", config.redis_tls_ca),
+                       ("--redis-tls-cert", config.redis_tls_cert),
+                       ("--redis-tls-key", config.redis_tls_key),
+                       ("--redis-password-file", config.redis_password_file)):
+        if path:
+            check_readable(flag, path)
+    try:
+        nats_security(config).check()
+    except NatsSetupError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def check_readable(flag: str, path: str) -> None:
+    """ConfigError naming `flag` unless `path` is a file this process can read."""
+    try:
+        with Path(path).open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from exc
 
 
 def _is_host_port(value: str) -> bool:

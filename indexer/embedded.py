@@ -91,13 +91,15 @@ class EmbeddedNats:
     """A nats-server child process; `url` is valid once `start()` returns."""
 
     def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1",
-                 *, max_payload: int | None = None):
+                 *, max_payload: int | None = None, config: str = ""):
         self.data_dir = data_dir
         self.host = host
         self.port = port or free_port()
         # The server's max_payload (None: its default, 1 MiB); read at each start, so a test
         # may restart the server with another limit.
         self.max_payload = max_payload
+        # More nats-server configuration (tests: a `tls { ... }` block, users, accounts).
+        self.config = config
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -109,9 +111,12 @@ class EmbeddedNats:
         log_file = self.data_dir / "nats-server.log"
         argv = [find_nats_server(), "-a", self.host, "-p", str(self.port), "-js",
                 "-sd", str(self.data_dir / "jetstream"), "-l", str(log_file)]
+        lines = [self.config] if self.config else []
         if self.max_payload is not None:  # no command-line flag for it: a config file
+            lines.append(f"max_payload: {int(self.max_payload)}")
+        if lines:
             config = self.data_dir / "nats-server.conf"
-            config.write_text(f"max_payload: {int(self.max_payload)}\n")
+            config.write_text("\n".join(lines) + "\n")
             argv += ["-c", str(config)]
         self.proc = subprocess.Popen(
             argv,

@@ -19,7 +19,6 @@ from kvcore.redact import redact_text
 __all__ = [
     "SERVER_GC_THRESHOLDS",
     "configure_logging",
-    "log_nats_error",
     "loop_name",
     "redact_event",
     "run_event_loop",
@@ -58,12 +57,6 @@ def settle_gc(thresholds: tuple[int, int, int] | None = None) -> None:
         gc.set_threshold(*thresholds)
     gc.collect()
     gc.freeze()
-
-
-async def log_nats_error(exc: Exception) -> None:
-    """nats-py's `error_cb`: its asynchronous errors (a permissions violation, a refused
-    password while it reconnects) as our structured, redacted logs."""
-    log.warning("nats_error", error=redact_text(repr(exc))[:500])
 
 
 def uvloop_installed() -> bool:

@@ -17,6 +17,12 @@ from typing import NoReturn
 import structlog
 import zmq.asyncio
 
+from kvcore.connect import (
+    DEFAULT_START_TIMEOUT_S,
+    NATS_SECURITY_FLAGS,
+    NatsSecurity,
+    NatsSetupError,
+)
 from kvcore.redact import redact_text, redact_url
 from kvcore.runtime import configure_logging, settle_gc
 from kvcore.topology import StreamSettings
@@ -42,6 +48,9 @@ BRIDGE_SETTINGS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--metrics-listen", "METRICS_LISTEN", "",
      "HOST:PORT serving Prometheus /metrics and /healthz (empty: off)"),
     ("--log-format", "LOG_FORMAT", "auto", "auto (console on a TTY, else JSON), json, console"),
+    *((flag, field.upper(), None, help_text) for flag, field, help_text in NATS_SECURITY_FLAGS),
+    ("--nats-start-timeout", "NATS_START_TIMEOUT", f"{DEFAULT_START_TIMEOUT_S:g}",
+     "seconds to keep trying to reach NATS at start-up before exiting with an error"),
 )
 
 
@@ -80,7 +89,20 @@ def parse_bridge_args(argv: Sequence[str]) -> argparse.Namespace:
             parse_listen(args.metrics_listen)
         except ValueError as exc:
             parser.error(f"--metrics-listen: {exc}")
+    try:
+        if float(args.nats_start_timeout) <= 0:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--nats-start-timeout must be a number > 0, got {args.nats_start_timeout!r}")
+    try:
+        nats_security(args).check()
+    except NatsSetupError as exc:
+        parser.error(str(exc))
     return args
+
+
+def nats_security(args: argparse.Namespace) -> NatsSecurity:
+    return NatsSecurity.from_values(vars(args))
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -94,24 +116,26 @@ def parse_listen(value: str) -> tuple[str, int]:
 async def run_bridge(args: argparse.Namespace) -> None:
     publisher = KVEventPublisher(args.model, args.worker_id, block_size=int(args.block_size),
                                  nats_url=args.nats_url, dp_size=int(args.dp_size),
-                                 stream=StreamSettings(), max_pending=int(args.max_pending))
+                                 stream=StreamSettings(), max_pending=int(args.max_pending),
+                                 nats_security=nats_security(args),
+                                 start_timeout_s=float(args.nats_start_timeout))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # A start that waits (NATS away, or refusing our password: the client retries) still
-    # ends on SIGTERM.
-    starting = asyncio.create_task(publisher.start())
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    # A signal while NATS is not reached yet ends the start-up too.
+    starting = asyncio.ensure_future(publisher.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
     if not starting.done():
         starting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await starting
         log.warning("stopped_before_publishing")
+        await publisher.close()
         return
-    stopping.cancel()
-    starting.result()
+    starting.result()  # NatsSetupError: main() prints it
     ctx = zmq.asyncio.Context()
     sources = [EngineSource(ctx, rank, args.zmq_endpoint, replay_endpoint=args.replay_endpoint,
                             topic=args.topic, flavor=args.flavor) for rank in publisher.ranks]
@@ -149,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(args.log_format)
         try:
             asyncio.run(run_bridge(args))
+        except NatsSetupError as exc:
+            print(f"kv-publisher bridge: {redact_text(str(exc))}", file=sys.stderr)
+            return 1
         except Exception:  # the traceback goes through the redacting log processors
             log.exception("bridge_failed")
             return 1

@@ -27,7 +27,6 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, Final, TypeVar
 
 import msgspec
-import nats
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -46,8 +45,8 @@ from kvcore.bus import (
     pack_tokens,
     validate_event,
 )
+from kvcore.connect import NatsSecurity, connect_nats
 from kvcore.redact import redact_url
-from kvcore.runtime import log_nats_error
 from kvcore.topology import (
     StreamSettings,
     WorkerRecord,
@@ -345,6 +344,8 @@ class KVEventPublisher:
         version: str = "",
         stall_s: float = 30.0,
         resync_min_interval_s: float = RESYNC_REQUEST_INTERVAL_S,
+        nats_security: NatsSecurity | None = None,
+        start_timeout_s: float | None = None,
     ) -> None:
         check_identity(model, worker_id)  # BusError: refused here, not by the indexer
         self.model = model
@@ -358,6 +359,10 @@ class KVEventPublisher:
         self.stall_s = stall_s
         self.resync_min_interval_s = resync_min_interval_s
         self.resync_requests_invalid = 0  # undecodable, or naming no rank of ours
+        # TLS and credentials for NATS; how long start() may wait for the first connection
+        # (None: until it connects; a set-up that cannot work fails at once either way).
+        self.nats_security = nats_security or NatsSecurity()
+        self.start_timeout_s = start_timeout_s
         self._nc: NatsClient | None = None
         self.sink: NatsSink | None = None
         self.ranks: list[RankPublisher] = []
@@ -376,11 +381,12 @@ class KVEventPublisher:
         log.info("nats_connecting", url=redact_url(self.nats_url), worker=self.worker_id)
         # Replies come to an inbox of this worker's own (`worker_inbox_prefix`): with the
         # NATS permissions `kv-indexer nats-auth` writes, a worker reads no one else's.
-        self._nc = await nats.connect(
-            self.nats_url, name=f"kv-publisher:{self.worker_id}",
-            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            inbox_prefix=worker_inbox_prefix(self.model, self.worker_id),
-            error_cb=log_nats_error)
+        self._nc = await connect_nats(self.nats_url, self.nats_security,
+                                      name=f"kv-publisher:{self.worker_id}",
+                                      start_timeout_s=self.start_timeout_s,
+                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                      inbox_prefix=worker_inbox_prefix(self.model,
+                                                                       self.worker_id))
         js = self._nc.jetstream()
         # The indexer owns the stream (its partition count); until it exists the sink
         # buffers (bounded) and retries.

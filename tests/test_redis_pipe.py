@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from redis.credentials import UsernamePasswordCredentialProvider
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 from indexer.index.redis_pipe import RedisPipe
@@ -127,9 +128,16 @@ def test_pipelined_calls_on_uvloop(redis_server: RedisServer) -> None:
     assert replies == [b"value"] * 20
 
 
-def test_tls_stays_on_redis_py() -> None:
-    assert RedisPipe.for_client(aioredis.Redis.from_url("rediss://127.0.0.1:6380/0")) is None
+def test_what_stays_on_redis_py() -> None:
+    """TLS and Unix sockets are spoken by the pipe (TLS: tests/test_tls_redis.py);
+    credential providers and RESP3 stay on redis-py."""
+    assert RedisPipe.for_client(aioredis.Redis.from_url("rediss://127.0.0.1:6380/0")) is not None
     assert RedisPipe.for_client(aioredis.Redis.from_url("unix:///tmp/r.sock?db=2")) is not None
+    assert RedisPipe.for_client(aioredis.Redis.from_url("redis://127.0.0.1:6380/0",
+                                                        protocol=3)) is None
+    provider = UsernamePasswordCredentialProvider("alice", "pw")
+    assert RedisPipe.for_client(aioredis.Redis.from_url("redis://127.0.0.1:6380/0",
+                                                        credential_provider=provider)) is None
 
 
 async def test_reconnects_after_redis_restarts(tmp_path: Path) -> None:

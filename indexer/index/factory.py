@@ -2,22 +2,66 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
 from prometheus_client import CollectorRegistry
 
+from indexer.errors import ConfigError
 from indexer.index.instrumented import InstrumentedIndex
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, ResyncHook
 from indexer.index.redis import RedisIndex
 
-__all__ = ["build_index", "served_index"]
+if TYPE_CHECKING:
+    from indexer.config import ServiceConfig
+
+__all__ = ["RedisSecurity", "build_index", "served_index"]
+
+
+class RedisSecurity(msgspec.Struct, frozen=True, kw_only=True):
+    """TLS files and a password file for Redis (`--redis-tls-*`, `--redis-password-file`);
+    the user, if not `default`, is the URL's (rediss://USER@host:port/0)."""
+
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    password_file: str | None = None
+
+    @classmethod
+    def from_config(cls, config: ServiceConfig) -> RedisSecurity:
+        return cls(tls_ca=config.redis_tls_ca, tls_cert=config.redis_tls_cert,
+                   tls_key=config.redis_tls_key, password_file=config.redis_password_file)
+
+    def client_options(self) -> dict[str, Any]:
+        """redis-py client keyword arguments (they reach the pipelined query connection
+        too: `RedisPipe.for_client` takes its TLS context from the client's)."""
+        options: dict[str, Any] = {}
+        if self.tls_ca:
+            options["ssl_ca_certs"] = self.tls_ca
+        if self.tls_cert:
+            options["ssl_certfile"] = self.tls_cert
+            options["ssl_keyfile"] = self.tls_key
+        if self.password_file:
+            try:
+                text = Path(self.password_file).read_text()
+            except OSError as exc:
+                raise ConfigError(f"--redis-password-file: cannot read {self.password_file}: "
+                                  f"{exc.strerror or exc}") from exc
+            options["password"] = text.rstrip("\r\n")
+        return options
 
 
 def build_index(
-    config: IndexConfig, *, redis_url: str | None = None, on_resync: ResyncHook | None = None
+    config: IndexConfig, *, redis_url: str | None = None, on_resync: ResyncHook | None = None,
+    redis_security: RedisSecurity | None = None,
 ) -> Index:
-    """The Redis index at `redis_url`, else the in-memory one."""
+    """The Redis index at `redis_url` (with `redis_security`), else the in-memory one."""
     if redis_url:
-        return RedisIndex.from_url(redis_url, config=config, on_resync=on_resync)
+        options = redis_security.client_options() if redis_security is not None else {}
+        return RedisIndex.from_url(redis_url, config=config, on_resync=on_resync,
+                                   redis_options=options)
     return MemoryIndex(config, on_resync=on_resync)
 
 

@@ -36,7 +36,7 @@ import asyncio
 import functools
 import random
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any, Final
 
@@ -214,8 +214,11 @@ class RedisIndex:
         self._lock = asyncio.Lock()
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> RedisIndex:
-        client = aioredis.Redis.from_url(url, decode_responses=False)
+    def from_url(cls, url: str, *, redis_options: Mapping[str, Any] | None = None,
+                 **kwargs: Any) -> RedisIndex:
+        """The index on the Redis at `url`; `redis_options` go to redis-py's client (TLS
+        files, a password), `kwargs` to the index."""
+        client = aioredis.Redis.from_url(url, decode_responses=False, **(redis_options or {}))
         return cls(client, **kwargs)
 
     async def close(self) -> None:

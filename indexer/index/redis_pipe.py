@@ -8,15 +8,18 @@ turn of the event loop leave in one write, and replies resolve the futures in or
 Redis reads (and answers) bursts of concurrent queries with one syscall each way.
 `make bench-redis` compares the two paths ("Score's connection to Redis").
 
-Plain TCP and Unix sockets with a password and a database number are spoken here; anything
-else a URL can ask for (TLS, credential providers, RESP3) stays on redis-py: `for_client`
-returns None and the caller keeps using its client. Every failure is a redis-py exception
+Plain TCP, TLS (rediss://: the TLS context is the one redis-py builds for the client, so
+CA, client certificate and hostname checks are the same) and Unix sockets, with a user,
+a password and a database number, are spoken here; anything else a URL can ask for
+(credential providers, RESP3) stays on redis-py: `for_client` returns None and the caller
+keeps using its client. Every failure is a redis-py exception
 (ConnectionError, TimeoutError, ResponseError, NoScriptError).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from typing import Any, Final, cast
 
@@ -26,7 +29,8 @@ from redis.exceptions import ConnectionError, NoScriptError, ResponseError, Time
 
 __all__ = ["RedisPipe"]
 
-_PLAIN_CLASSES: Final = (aioredis.Connection, aioredis.UnixDomainSocketConnection)
+_SPOKEN_CLASSES: Final = (aioredis.Connection, aioredis.SSLConnection,
+                          aioredis.UnixDomainSocketConnection)
 
 
 class _Protocol(asyncio.Protocol):
@@ -128,8 +132,10 @@ class RedisPipe:
     def __init__(self, address: tuple[str, int] | str, *, db: int = 0,
                  username: str | None = None, password: str | None = None,
                  connect_timeout: float | None = 5.0,
-                 reply_timeout: float | None = None) -> None:
+                 reply_timeout: float | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self._address = address
+        self._ssl = ssl_context
         self._handshake = _handshake_commands(db, username, password)
         self._connect_timeout = connect_timeout
         self._reply_timeout = reply_timeout
@@ -142,14 +148,18 @@ class RedisPipe:
         if it needs what only redis-py speaks."""
         pool = client.connection_pool
         kwargs = pool.connection_kwargs
-        if (pool.connection_class not in _PLAIN_CLASSES or kwargs.get("credential_provider")
+        if (pool.connection_class not in _SPOKEN_CLASSES or kwargs.get("credential_provider")
                 or kwargs.get("protocol") not in (None, 2, "2")):
             return None
+        context: ssl.SSLContext | None = None
+        if pool.connection_class is aioredis.SSLConnection:
+            # The context redis-py would use: same CA, client certificate, checks.
+            context = pool.connection_class(**kwargs).ssl_context.get()
         address = kwargs["path"] if "path" in kwargs else (kwargs["host"], kwargs["port"])
         return cls(address, db=int(kwargs.get("db") or 0), username=kwargs.get("username"),
                    password=kwargs.get("password"),
                    connect_timeout=kwargs.get("socket_connect_timeout", 5.0),
-                   reply_timeout=kwargs.get("socket_timeout"))
+                   reply_timeout=kwargs.get("socket_timeout"), ssl_context=context)
 
     async def call(self, *args: bytes | str | int) -> Any:
         """One command's reply; an error reply raises ResponseError (NoScriptError)."""
@@ -192,7 +202,7 @@ class RedisPipe:
                 else:
                     host, port = self._address
                     _, protocol = await loop.create_connection(
-                        lambda: _Protocol(self._reply_timeout), host, port)
+                        lambda: _Protocol(self._reply_timeout), host, port, ssl=self._ssl)
                 replies = [protocol.send(_pack(c)) for c in self._handshake]
                 for reply in await asyncio.gather(*replies):
                     _raise_if_error(reply)

@@ -75,7 +75,12 @@ class LivenessWatcher:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), self._check_every_s)
         finally:
-            watch_task.cancel()
+            # On Python 3.11 a cancel that lands just as an asyncio.wait_for inside nats-py
+            # completes (the watch's set-up) is lost, and the task would go on watching
+            # for ever, holding up the process's shutdown: cancel until it has ended.
+            while not watch_task.done():
+                watch_task.cancel()
+                await asyncio.wait({watch_task}, timeout=0.5)
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watch_task
 

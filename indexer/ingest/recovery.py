@@ -36,7 +36,7 @@ from nats.js.object_store import ObjectStore
 
 from indexer.index.protocol import Index, RankState, WorkerRef
 from kvcore.bus import STREAM_NAME, escape_token
-from kvcore.runtime import log_nats_error
+from kvcore.connect import NatsSecurity
 from kvcore.topology import partition_filter
 
 __all__ = [
@@ -214,11 +214,13 @@ class SnapshotStore:
         return marker
 
 
-async def request_rebuild(nats_url: str, partitions: int) -> None:
+async def request_rebuild(nats_url: str, partitions: int,
+                          security: NatsSecurity | None = None) -> None:
     """`kv-indexer rebuild`: ask every indexer to rebuild every partition."""
-    import nats  # noqa: PLC0415 - only this command connects on its own
+    from kvcore.connect import connect_nats  # noqa: PLC0415 - only this command connects
 
-    nc = await nats.connect(nats_url, error_cb=log_nats_error)
+    nc = await connect_nats(nats_url, security, name="kv-indexer-rebuild",
+                            start_timeout_s=30.0)
     try:
         store = SnapshotStore(nc.jetstream(), partitions)
         await store.open()

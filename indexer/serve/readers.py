@@ -19,19 +19,19 @@ import signal
 import time
 from multiprocessing.process import BaseProcess
 
-import nats
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
-from indexer.config import ServiceConfig
-from indexer.index.factory import build_index, served_index
+from indexer.config import ServiceConfig, nats_security
+from indexer.index.factory import RedisSecurity, build_index, served_index
 from indexer.index.protocol import IndexConfig, IndexReader, WorkerInfo
 from indexer.ingest.consumer import marker_is_rebuilding, marker_name
 from indexer.ingest.liveness import LivenessWatcher
+from indexer.serve.auth import GrpcSecurity
+from kvcore.connect import connect_nats
 from kvcore.runtime import (
     SERVER_GC_THRESHOLDS,
     configure_logging,
-    log_nats_error,
     run_event_loop,
     settle_gc,
     supervise,
@@ -154,12 +154,13 @@ async def serve_reader(config: ServiceConfig, listen: str, number: int = 0) -> N
     parent = mp.parent_process()
     if parent is not None:  # the consumer process died without stopping us: stop too
         loop.add_reader(parent.sentinel, stop.set)
-    nc = await nats.connect(config.nats_url, name="kv-indexer-reader",
-                            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                            error_cb=log_nats_error)
+    nc = await connect_nats(config.nats_url, nats_security(config), name="kv-indexer-reader",
+                            start_timeout_s=config.nats_start_timeout_s,
+                            max_reconnect_attempts=-1, reconnect_time_wait=0.5)
     registry = CollectorRegistry() if config.metrics_listen else None
     index = served_index(build_index(IndexConfig(max_query_tokens=config.max_query_tokens),
-                                     redis_url=config.redis_url), registry)
+                                     redis_url=config.redis_url,
+                                     redis_security=RedisSecurity.from_config(config)), registry)
     if registry is not None:
         host, port = reader_metrics_address(config.metrics_listen, number)
         start_http_server(port, addr=host, registry=registry)
@@ -172,10 +173,10 @@ async def serve_reader(config: ServiceConfig, listen: str, number: int = 0) -> N
     async def live_workers(model: str | None) -> list[WorkerInfo]:
         return liveness.live_only(await index.workers(model))
 
-    server, _ = await start_grpc_server(index, listen,
-                                        settings=service_settings(config, share_port=True),
-                                        live_workers=live_workers,
-                                        rebuilding=lambda: markers.rebuilding)
+    server, _ = await start_grpc_server(
+        index, listen, live_workers=live_workers, rebuilding=lambda: markers.rebuilding,
+        settings=service_settings(config, share_port=True),
+        security=GrpcSecurity.from_config(config))
     log.info("reader_serving", listen=listen)
     try:
         await stop.wait()

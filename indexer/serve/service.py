@@ -2,7 +2,9 @@
 
 `start_grpc_server` registers three services on one port: `kvindex.v1.KvIndexer`, the
 standard `grpc.health.v1.Health` (SERVING for "" and "kvindex.v1.KvIndexer") and server
-reflection. Requests become `Index` calls; errors are converted here, at the boundary:
+reflection (unless turned off), over plaintext, TLS or mTLS, with or without bearer tokens
+(indexer/serve/auth.py: a missing or wrong token is UNAUTHENTICATED). Requests become
+`Index` calls; errors are converted here, at the boundary:
 
     InvalidQueryError (and request checks)  INVALID_ARGUMENT   message names the field
     no live worker (FindBestWorker)         FAILED_PRECONDITION message names the model
@@ -51,6 +53,7 @@ from indexer.scheduling import (
     Candidate,
     choose_worker,
 )
+from indexer.serve.auth import GrpcSecurity
 from indexer.serve.directory import CandidateSet, LiveWorkerSource, WorkerDirectory
 from indexer.serve.grpc_handlers import SERVICE_NAME, WireTokens, add_kv_indexer_service, unwrap
 from indexer.serve.limits import (
@@ -129,6 +132,8 @@ class ServiceSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Connections accepted at once on the address (grpc max_allowed_incoming_connections),
     # lowered to fit RLIMIT_NOFILE less FD_RESERVE; None = no cap.
     max_connections: int | None = DEFAULT_MAX_CONNECTIONS
+    # Register the server reflection service (`--grpc-reflection on|off`).
+    reflection: bool = True
 
     def validate(self) -> None:
         if self.max_message_bytes < 4096:
@@ -179,6 +184,7 @@ def service_settings(config: ServiceConfig, *, share_port: bool = False) -> Serv
         connection_idle_s=config.grpc_idle_timeout_s,
         max_connections=config.grpc_max_connections or None,
         share_port=share_port,
+        reflection=config.grpc_reflection == "on",
     )
 
 
@@ -538,33 +544,41 @@ async def start_grpc_server(
     rebuilding: Callable[[], bool] | None = None,
     consumer_stats: PipelineStats | None = None,
     health_servicer: health.aio.HealthServicer | None = None,
+    security: GrpcSecurity | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server for `index` on `listen` ("host:0" picks a free port).
 
-    Registers KvIndexer, health and reflection; returns the server and the bound port.
-    Health is `health_servicer`, whose status its owner keeps true (`ServingHealth`);
-    without one, a servicer that always answers SERVING. Stop it with `await server.stop(grace)`.
+    Registers KvIndexer, health and (unless `settings.reflection` is off) reflection;
+    returns the server and the bound port. Health is `health_servicer`, whose status its
+    owner keeps true (`ServingHealth`); without one, a servicer that always answers
+    SERVING. `security`: TLS / mTLS credentials and bearer tokens (indexer/serve/auth.py);
+    None serves plaintext to anyone. Stop it with `await server.stop(grace)`.
     """
     settings = settings or ServiceSettings()
     settings.validate()
+    security = security or GrpcSecurity()
+    credentials = security.credentials() if security.tls else None
     servicer = KvIndexerService(index, settings=settings, live_workers=live_workers,
                                 rebuilding=rebuilding, consumer_stats=consumer_stats)
     server = grpc.aio.server(options=server_options(settings),
-                             maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+                             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+                             interceptors=security.interceptors() or None)
     add_kv_indexer_service(servicer, server)
     if health_servicer is None:  # nobody watches this server's parts: always SERVING
         health_servicer = health.aio.HealthServicer()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        port = int(server.add_insecure_port(listen))
+        port = int(server.add_insecure_port(listen) if credentials is None
+                   else server.add_secure_port(listen, credentials))
     except RuntimeError as exc:
         raise ConfigError(f"cannot listen on {listen}: {exc}") from exc
     if port == 0:
         raise ConfigError(f"cannot listen on {listen}")
     await server.start()
-    log.info("grpc_listening", listen=listen, port=port)
+    log.info("grpc_listening", listen=listen, port=port, security=security.describe())
     return server, port

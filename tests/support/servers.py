@@ -105,14 +105,15 @@ class RedisServer:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
+    def argv(self) -> list[str]:
+        return [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.workdir), "--logfile",
+                str(self.workdir / "redis.log"), "--protected-mode", "no",
+                *(["--requirepass", self.password] if self.password else [])]
+
     def start(self) -> RedisServer:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--logfile",
-             str(self.workdir / "redis.log"), "--protected-mode", "no",
-             *(["--requirepass", self.password] if self.password else [])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
         _wait_for_port(self.port, self.proc, "redis-server", 10)
         return self
 
@@ -131,6 +132,46 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait(10)
         self.proc = None
+
+
+def redis_speaks_tls() -> bool:
+    """Whether this redis-server was built with TLS (Debian's is): it accepts --tls-port."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return False
+    out = subprocess.run([binary, "--port", "0", "--tls-port", "0"], capture_output=True,
+                         text=True, timeout=10, check=False)
+    return "not listen anywhere" in out.stdout + out.stderr
+
+
+class TlsRedisServer(RedisServer):
+    """A redis-server that speaks only TLS (on `port`), with the test PKI's server
+    certificate; `client_certs`: clients must present a certificate signed by `ca`.
+    `users`: ACL rules, one user each (`"alice on >pw ~* &* +@all"`)."""
+
+    def __init__(self, workdir: Path, *, cert: Path, key: Path, ca: Path,
+                 client_certs: bool = False, users: tuple[str, ...] = (),
+                 plain_port: bool = False) -> None:
+        super().__init__(workdir)
+        self.cert, self.key, self.ca = cert, key, ca
+        self.client_certs = client_certs
+        self.users = users
+        # Also plain TCP on another port (bench/tls.py compares the two on one server).
+        self.plain_port = free_port() if plain_port else 0
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0"
+
+    def argv(self) -> list[str]:
+        argv = super().argv()
+        argv[argv.index("--port") + 1] = str(self.plain_port)  # 0: no plaintext port
+        argv += ["--tls-port", str(self.port), "--tls-cert-file", str(self.cert),
+                 "--tls-key-file", str(self.key), "--tls-ca-cert-file", str(self.ca),
+                 "--tls-auth-clients", "yes" if self.client_certs else "no"]
+        for rule in self.users:
+            argv += ["--user", *rule.split()]  # one word an argument: a quoted rule is a name
+        return argv
 
 
 async def empty_jetstream(url: str) -> list[str]:
