@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from indexer.errors import ConfigError
 from indexer.index.protocol import IndexReader, IndexStats, WorkerInfo
 from indexer.ingest.consumer import ConsumerStats
 from indexer.ingest.partitions import PartitionLeases
@@ -195,7 +196,11 @@ class MetricsExporter:
 
     def serve(self, listen: str) -> int:
         host, _, port = listen.rpartition(":")
-        server, _thread = start_http_server(int(port), addr=host, registry=self.registry)
+        try:
+            server, _thread = start_http_server(int(port), addr=host, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(f"--metrics-listen {listen}: cannot listen there "
+                              f"({exc.strerror or exc})") from exc
         self.port = int(server.server_port)
         return self.port
 

@@ -77,3 +77,27 @@ def test_a_killed_indexer_takes_its_nats_server_along(tmp_path: Path) -> None:
         assert exits_within(nats_pid, 10)
     finally:
         _kill_if_left(nats_pid)
+
+
+@pytest.mark.parametrize("flag", ["--grpc-listen", "--metrics-listen"])
+def test_a_busy_port_is_one_line_naming_the_flag(flag: str, nats_url: str,
+                                                 tmp_path: Path) -> None:
+    """A port someone else holds stops start-up with one line on stderr that names the
+    flag (exit status 2, a usage error), not a traceback."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        listen = {"--grpc-listen": "127.0.0.1:0", "--metrics-listen": ""} | {flag: busy}
+        code = "import sys; from indexer.app import main; sys.exit(main(sys.argv[1:]))"
+        done = subprocess.run(
+            [sys.executable, "-c", code, "--nats-url", nats_url, "--data-dir",
+             str(tmp_path), "--log-format", "json", "--grpc-listen", listen["--grpc-listen"],
+             "--metrics-listen", listen["--metrics-listen"]],
+            capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"kv-indexer serve: {flag} {busy}"), last
+    assert "Traceback" not in done.stderr

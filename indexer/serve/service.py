@@ -575,10 +575,11 @@ async def start_grpc_server(
     try:
         port = int(server.add_insecure_port(listen) if credentials is None
                    else server.add_secure_port(listen, credentials))
-    except RuntimeError as exc:
-        raise ConfigError(f"cannot listen on {listen}: {exc}") from exc
+    except RuntimeError as exc:  # gRPC says only "Failed to bind"
+        raise ConfigError(f"--grpc-listen {listen}: cannot listen on {listen} (in use, or "
+                          "not an address of this host)") from exc
     if port == 0:
-        raise ConfigError(f"cannot listen on {listen}")
+        raise ConfigError(f"--grpc-listen {listen}: cannot listen on {listen}")
     await server.start()
     log.info("grpc_listening", listen=listen, port=port, security=security.describe())
     return server, port
