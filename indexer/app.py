@@ -50,6 +50,7 @@ from kvcore.runtime import (
     run_event_loop,
     settle_gc,
     supervise,
+    warn_if_pure_python,
 )
 from kvcore.topology import (
     StreamSettings,
@@ -282,5 +283,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kv-indexer serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_format, config.log_level)
+    warn_if_pure_python()
     run_event_loop(serve(config), config.event_loop)
     return 0

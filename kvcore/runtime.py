@@ -14,6 +14,9 @@ from typing import Any, Final, TypeVar
 
 import structlog
 
+from kvcore.about import NATIVE_MISSING
+from kvcore.keys import NATIVE
+
 __all__ = [
     "SERVER_GC_THRESHOLDS",
     "configure_logging",
@@ -23,6 +26,7 @@ __all__ = [
     "settle_gc",
     "supervise",
     "uvloop_installed",
+    "warn_if_pure_python",
 ]
 
 T = TypeVar("T")
@@ -103,6 +107,16 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def warn_if_pure_python() -> bool:
+    """Log `native_extension_missing` (a warning) when kvcore._native is not in use: an
+    optional extension that failed to build leaves no trace in pip's output. Called once at
+    start, after `configure_logging`. True when the extension is in use."""
+    if NATIVE:
+        return True
+    log.warning("native_extension_missing", detail=NATIVE_MISSING)
+    return False
 
 
 @contextlib.contextmanager
