@@ -11,6 +11,9 @@ Tables for people by default, `--json` for scripts. `--target` defaults to
 $KV_INDEXER_TARGET, else 127.0.0.1:50051. Exit status: 0 on success, 1 when the call
 failed (the gRPC status and message go to stderr), 2 on a usage error; `health` exits 0
 only when the answer is SERVING (a container HEALTHCHECK).
+
+The query commands need only the base install (`pip install kv-indexer`); `serve` needs
+the `server` extra.
 """
 
 from __future__ import annotations
