@@ -168,7 +168,8 @@ def test_each_install_has_what_its_modules_import(extras: tuple[str, ...]) -> No
 
 
 def test_build_tools_are_not_runtime_dependencies() -> None:
-    """grpcio-tools (make proto, tests/test_proto.py) comes with the dev extra only."""
+    """grpcio-tools (make proto, tests/test_proto.py) and the build frontend come with the
+    dev extra only."""
     runtime = distributions(["all"])
-    assert {"grpcio-tools", "pytest"}.isdisjoint(runtime)
-    assert "grpcio-tools" in distributions(["dev"])
+    assert {"grpcio-tools", "build", "setuptools", "pytest"}.isdisjoint(runtime)
+    assert {"grpcio-tools", "build", "setuptools"} <= distributions(["dev"])
