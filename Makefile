@@ -6,7 +6,7 @@ PYTHON  ?= python3
 PKGS    := kvcore publisher indexer kvsim
 PROTO_OUT := indexer/_proto
 
-.PHONY: chaos setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls proto clean
+.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls proto clean
 
 setup: $(STAMP) redis-server
 
@@ -64,6 +64,15 @@ demo: setup
 proto: $(STAMP)
 	$(PY) -m indexer._protogen
 
+# The sdist and a wheel built from it (what `pip install kv-indexer` from source does), in
+# an isolated build environment; PyPI wheels: cibuildwheel ([tool.cibuildwheel]).
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -c "import sys, zipfile, glob; w = glob.glob('dist/*.whl'); \
+	  sys.exit(0 if w and any('kvcore/_native' in n for n in zipfile.ZipFile(w[0]).namelist()) \
+	  else 'the wheel has no kvcore._native (no C compiler?)')"
+
 bench: bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls
 
 bench-keys: setup
@@ -93,4 +102,4 @@ bench-tls: setup
 	$(PY) -m bench.tls
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -52,6 +52,7 @@ from kvcore.runtime import (
     run_event_loop,
     settle_gc,
     supervise,
+    warn_if_pure_python,
 )
 from kvcore.topology import (
     StreamSettings,
@@ -310,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kv-indexer serve: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     configure_logging(config.log_format, config.log_level)
+    warn_if_pure_python()
     try:
         run_event_loop(serve(config), config.event_loop)
     except ConfigError as exc:

@@ -3,14 +3,20 @@
     kv-indexer score --target HOST:PORT --model M --tokens-file F   (F: JSON list of ids)
     kv-indexer workers [--model M]
     kv-indexer stats
+    kv-indexer health [--service NAME]                              (grpc.health.v1 Check)
     kv-indexer serve ...                                            (see `serve --help`)
     kv-indexer nats-auth --worker MODEL WORKER ... --password-dir D (NATS users: README)
+    kv-indexer --version                                            (and the C extension)
 
 Tables for people by default, `--json` for scripts. `--target` defaults to
 $KV_INDEXER_TARGET, else 127.0.0.1:50051. Against a TLS server: `--tls-ca` (or `--tls`
 for the system's CAs), `--tls-cert` / `--tls-key` for mTLS, `--token-file` for a bearer
 token; each has a KV_INDEXER_* variable (CLIENT_SETTINGS). Exit status: 0 on success,
-1 when the call failed (the gRPC status and message go to stderr), 2 on a usage error.
+1 when the call failed (the gRPC status and message go to stderr), 2 on a usage error;
+`health` exits 0 only when the answer is SERVING (a container HEALTHCHECK).
+
+The query commands need only the base install (`pip install kv-indexer`); `serve` needs
+the `server` extra.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Final, cast
 
+import grpc
 import msgspec
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from indexer.client import (
     DEFAULT_TARGET,
@@ -36,11 +44,13 @@ from indexer.client import (
     Query,
     ScoreAnswer,
     WorkerStatus,
+    error_from_rpc,
 )
-from indexer.index.protocol import TIERS
+from kvcore.about import version_line
+from kvcore.bus import TIERS
 from kvcore.connect import NATS_SECURITY_FLAGS, NatsSecurity, NatsSetupError
 
-__all__ = ["main"]
+__all__ = ["health", "main", "parse_health_args"]
 
 TARGET_ENV: Final = "KV_INDEXER_TARGET"
 # (flag, environment variable, help) of the query commands' TLS and token settings
@@ -199,6 +209,50 @@ def _cmd_stats(client: IndexerClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def health(target: str, service: str = "", timeout: float = DEFAULT_CLI_TIMEOUT) -> str:
+    """grpc.health.v1 Check of `service` ("" = the whole server): the status name
+    ("SERVING", "NOT_SERVING", ...). A failed call (no server, deadline, unknown service:
+    NOT_FOUND) raises IndexerClientError."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            answer = stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                timeout=timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
+
+
+def parse_health_args(argv: Sequence[str]) -> argparse.Namespace:
+    """`kv-indexer health`'s arguments (exit 2 on a bad one)."""
+    parser = argparse.ArgumentParser(prog="kv-indexer health", description=(
+        "Ask a running indexer's gRPC health service (grpc.health.v1 Check). Exit status 0 "
+        "when it answers SERVING, 1 otherwise (NOT_SERVING, unreachable, unknown service)."))
+    parser.add_argument("--target", default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
+                        help=f"indexer gRPC address HOST:PORT (env {TARGET_ENV}; "
+                             f"default %(default)s)")
+    parser.add_argument("--service", default="",
+                        help="service name to check (default: the whole server)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_CLI_TIMEOUT,
+                        help="seconds to wait for the answer (default %(default)s)")
+    args = parser.parse_args(argv)
+    if args.timeout <= 0:
+        parser.error("--timeout must be > 0")
+    return args
+
+
+def _health(argv: list[str]) -> int:
+    """`kv-indexer health`: prints the status; exit 0 when SERVING, 1 otherwise."""
+    args = parse_health_args(argv)
+    try:
+        status = health(args.target, args.service, args.timeout)
+    except IndexerClientError as exc:
+        print(f"kv-indexer health: {exc.code.name}: {exc.details}", file=sys.stderr)
+        return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--target", default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
@@ -215,6 +269,8 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="kv-indexer", description="Query a running KV-cache indexer, or run one.")
+    parser.add_argument("-V", "--version", action="version", version=version_line("kv-indexer"),
+                        help="print the version and whether the C extension is in use")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     score = sub.add_parser("score", parents=[common], help="score a prompt against the index")
     score.add_argument("--model", required=True, help="served model name")
@@ -234,6 +290,8 @@ def _parser() -> argparse.ArgumentParser:
     workers.set_defaults(run=_cmd_workers)
     stats = sub.add_parser("stats", parents=[common], help="event pipeline and index counters")
     stats.set_defaults(run=_cmd_stats)
+    sub.add_parser("health", help="grpc.health.v1 check: exit 0 when SERVING "
+                   "(kv-indexer health --help)", add_help=False)
     sub.add_parser("serve", help="run the indexer service (kv-indexer serve --help)",
                    add_help=False)
     sub.add_parser("rebuild", help="make every indexer rebuild from snapshots + stream "
@@ -301,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args_list[1:])
     if args_list[:1] == ["rebuild"]:
         return _rebuild(args_list[1:])
+    if args_list[:1] == ["health"]:
+        return _health(args_list[1:])
     if args_list[:1] == ["bench"]:
         return _bench(args_list[1:])
     if args_list[:1] == ["nats-auth"]:

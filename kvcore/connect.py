@@ -19,13 +19,13 @@ import contextlib
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
-import nats
 import structlog
-from nats.aio.client import Client as NatsClient
-from nats.errors import Error as NatsError
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
 
 from kvcore.redact import redact_text, redact_url
 
@@ -207,6 +207,9 @@ async def connect_nats(
         reason = _explain(exc, security)
         if reason is not None and not fatal.done():
             fatal.set_result(reason)
+
+    import nats  # noqa: PLC0415 - the query CLI imports this module's flags without nats-py
+    from nats.errors import Error as NatsError  # noqa: PLC0415
 
     connecting = asyncio.ensure_future(nats.connect(url, name=name, error_cb=on_error,
                                                     **kwargs))

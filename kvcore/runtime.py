@@ -14,6 +14,8 @@ from typing import Any, Final, TypeVar
 
 import structlog
 
+from kvcore.about import NATIVE_MISSING
+from kvcore.keys import NATIVE
 from kvcore.redact import redact_text
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "settle_gc",
     "supervise",
     "uvloop_installed",
+    "warn_if_pure_python",
 ]
 
 T = TypeVar("T")
@@ -142,6 +145,16 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def warn_if_pure_python() -> bool:
+    """Log `native_extension_missing` (a warning) when kvcore._native is not in use: an
+    optional extension that failed to build leaves no trace in pip's output. Called once at
+    start, after `configure_logging`. True when the extension is in use."""
+    if NATIVE:
+        return True
+    log.warning("native_extension_missing", detail=NATIVE_MISSING)
+    return False
 
 
 @contextlib.contextmanager

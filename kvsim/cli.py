@@ -10,9 +10,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
+from kvcore.about import version_line
+
 __all__ = ["bench_main", "bench_routing", "main"]
 
-_USAGE = "usage: kv-sim {engines,demo,bench routing} [options]  (--help on each)"
+_USAGE = ("usage: kv-sim {engines,demo,bench routing} [options]  (--help on each); "
+          "kv-sim --version")
 
 
 def bench_routing(argv: list[str]) -> int:
@@ -49,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(_USAGE)
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        print(version_line("kv-sim"))
+        return 0
     command = COMMANDS.get(args[0])
     if command is None:
         print(f"kv-sim: unknown command {args[0]!r}\n{_USAGE}", file=sys.stderr)

@@ -17,6 +17,7 @@ from typing import NoReturn
 import structlog
 import zmq.asyncio
 
+from kvcore.about import version_line
 from kvcore.connect import (
     DEFAULT_START_TIMEOUT_S,
     NATS_SECURITY_FLAGS,
@@ -24,7 +25,7 @@ from kvcore.connect import (
     NatsSetupError,
 )
 from kvcore.redact import redact_text, redact_url
-from kvcore.runtime import configure_logging, settle_gc
+from kvcore.runtime import configure_logging, settle_gc, warn_if_pure_python
 from kvcore.topology import StreamSettings
 from publisher.publisher import KVEventPublisher
 from publisher.zmq_source import EngineSource
@@ -165,12 +166,16 @@ async def run_bridge(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: kv-publisher bridge [options]  (--help for them)")
+        print("usage: kv-publisher bridge [options]  (--help for them); kv-publisher --version")
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(version_line("kv-publisher"))
+        return 0
     command, rest = argv[0], argv[1:]
     if command == "bridge":
         args = parse_bridge_args(rest)
         configure_logging(args.log_format)
+        warn_if_pure_python()
         try:
             asyncio.run(run_bridge(args))
         except NatsSetupError as exc:

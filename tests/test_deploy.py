@@ -21,10 +21,12 @@ from urllib.parse import urlsplit
 import pytest
 from prometheus_client import generate_latest
 
+from indexer.cli import parse_health_args
 from indexer.config import SETTINGS, env_name, parse_service_config
 from indexer.index.memory import MemoryIndex
 from indexer.ingest.consumer import ConsumerStats
 from indexer.metrics import MetricsExporter
+from kvcore import __version__
 from kvsim import mock_engines as simulate
 from publisher.cli import BRIDGE_SETTINGS, parse_bridge_args
 
@@ -320,6 +322,22 @@ class TestCompose:
         sim = [n for n in services if n.startswith("sim-")]
         assert len(sim) >= 2 and all(services[n]["profiles"] == ["sim"] for n in sim)
 
+    def test_healthchecks_of_our_image(self) -> None:
+        """The indexer checks itself with `kv-indexer health` (a command the CLI parses);
+        every other container of the image turns off the image's HEALTHCHECK, which asks
+        kv-indexer serve's gRPC port it does not have."""
+        for name, service in compose()["services"].items():
+            if "build" not in service and not str(service.get("image", "")).startswith(
+                    OUR_IMAGE):
+                continue
+            check = service.get("healthcheck", {})
+            if compose_argv(service)[:2] == ["kv-indexer", "serve"]:
+                test = check["test"]
+                assert test[:3] == ["CMD", "kv-indexer", "health"], test
+                parse_health_args(test[3:])
+            else:
+                assert check.get("disable") is True, f"{name} inherits the indexer's check"
+
     def test_programs_found(self) -> None:
         """Compose runs serve, bridge (gpu and sim) and simulate (the checks below see them)."""
         kinds = [p.kind for p in compose_programs()]
@@ -418,16 +436,50 @@ class TestDockerfile:
     """The image installs the package and runs `kv-indexer serve`."""
 
     def test_image(self) -> None:
-        """python:3.11-slim, pip install . with a compiler for the C extension (checked in
-        the build), entrypoint kv-indexer serve."""
+        """python:3.11 slim pinned to a patch release, the server and publisher extras
+        installed with a compiler for the C extension (checked in the build), entrypoint
+        kv-indexer serve."""
         text = DOCKERFILE.read_text()
-        assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
+        assert re.search(r"^FROM python:3\.11\.\d+-slim-\w+$", text, re.M)
         run = re.search(r"^RUN (.*?[^\\])$", text, re.M | re.S)
         assert run is not None
         steps = run.group(1)
         assert re.search(r"apt-get install [^&]*\bgcc\b", steps)
-        assert steps.index("gcc") < steps.index("pip install .") < steps.index("k.NATIVE")
+        install = "pip install '.[server,publisher]'"
+        assert steps.index("gcc") < steps.index(install) < steps.index("k.NATIVE")
         assert image_entrypoint() == ["kv-indexer", "serve"]
+
+    def test_labels(self) -> None:
+        """OCI labels: title, version (kvcore.__version__), licence (pyproject's), the base
+        image as FROM names it."""
+        text = DOCKERFILE.read_text()
+        labels = dict(re.findall(r'(org\.opencontainers\.image\.[a-z.]+)="([^"]*)"', text))
+        assert labels["org.opencontainers.image.title"] == "kv-indexer"
+        assert labels["org.opencontainers.image.version"] == __version__
+        assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
+        base = re.search(r"^FROM (\S+)$", text, re.M)
+        assert base is not None
+        assert labels["org.opencontainers.image.base.name"] == f"docker.io/library/{base[1]}"
+
+    def test_healthcheck(self) -> None:
+        """HEALTHCHECK runs `kv-indexer health` on the gRPC port the image listens on, with
+        arguments the command accepts, and maps every failure to 1 (Docker reserves 2)."""
+        text = DOCKERFILE.read_text().replace("\\\n", " ")
+        check = re.search(r"^HEALTHCHECK (.*)$", text, re.M)
+        assert check is not None
+        options, _, command = check[1].partition(" CMD ")
+        assert re.search(r"--interval=\d+s", options) and re.search(r"--timeout=\d+s", options)
+        argv, _, fallback = command.partition(" || ")
+        assert fallback.strip() == "exit 1"
+        words = shlex.split(argv)
+        assert words[:2] == ["kv-indexer", "health"]
+        env = dict(re.findall(r"(KV_INDEXER_\w+)=(\S+)", text))
+        listen_port = env["KV_INDEXER_GRPC_LISTEN"].rpartition(":")[2]
+        args = [w.replace("${KV_INDEXER_GRPC_LISTEN##*:}", listen_port) for w in words[2:]]
+        parsed = parse_health_args(args)
+        assert parsed.target == f"127.0.0.1:{listen_port}"
+        probe_timeout = float(re.search(r"--timeout=(\d+)s", options)[1])  # type: ignore[index]
+        assert parsed.timeout < probe_timeout
 
     def test_copied_sources_reach_the_build(self) -> None:
         """COPY sources exist, survive .dockerignore, and cover what `pip install .` needs."""
@@ -440,9 +492,11 @@ class TestDockerfile:
         for source in copied:
             assert (ROOT / source).exists(), f"COPY {source}: no such file"
             assert not ignored(source, patterns), f"COPY {source}: excluded by .dockerignore"
-        # readme = README.md; native/ holds the extension's sources
-        needed = {"pyproject.toml", "README.md", "native", "indexer", "publisher"}
-        assert needed <= copied
+        # readme = README.md; license-files; native/ holds the extension's sources; every
+        # package pyproject lists (kv-sim engines runs from the image too)
+        needed = {"pyproject.toml", "README.md", "LICENSE", "NOTICE", "native", "kvcore",
+                  "indexer", "publisher", "kvsim"}
+        assert needed <= copied, needed - copied
 
     def test_container_listen_addresses(self) -> None:
         """The image listens on all interfaces with a valid configuration."""

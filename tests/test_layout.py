@@ -1,5 +1,6 @@
 """The tree reads as the data flow: which package may import which, no cycles, a light
-contract, and a bridge that starts without the indexer's stack."""
+contract, a bridge that starts without the indexer's stack, a client that loads neither,
+and each install (base, extras) with every module its part imports."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.extras import distributions, run_restricted
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCT = ("kvcore", "publisher", "indexer")
@@ -116,3 +119,57 @@ def test_test_modules_do_not_import_each_other() -> None:
              for target in imports(path)
              if target.startswith("tests.test_")]
     assert not wrong, wrong
+
+
+def test_the_client_is_light() -> None:
+    """`import indexer.client` (a router's whole need) loads neither the index package nor
+    the service's or the bridge's dependencies."""
+    code = ("import sys, indexer.client; "
+            "print('\\n'.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "{'redis', 'nats', 'prometheus_client', 'zmq', 'uvloop', 'kvsim', 'publisher'} "
+            "or m.startswith(('indexer.index', 'indexer.ingest', 'indexer.serve')))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, cwd=ROOT).stdout.split()
+    assert loaded == []
+
+
+def _product_modules(*packages: str) -> list[str]:
+    """Every module of `packages` but the dev-only generator and `__main__` scripts."""
+    return [name for package in packages for name, _ in modules(package)
+            if name != "indexer._protogen" and not name.endswith(".__main__")]
+
+
+# extras -> modules that must import with nothing else installed; the code after them runs
+# too. The base install is the router's kit: client, query CLI, contract, embeddable index.
+INSTALLS: dict[tuple[str, ...], tuple[list[str], str]] = {
+    (): (["indexer.client", "indexer.cli", "indexer.index", "kvcore.bus", "kvcore.keys",
+          "kvcore.about", "kvcore.runtime", "kvsim.cli"],
+         "import indexer; indexer.SyncMemoryIndex(); indexer.cli.main(['--version'])"),
+    ("publisher",): (_product_modules("kvcore", "publisher"),
+                     "import publisher.cli as c; c.main(['--version'])"),
+    ("server",): (_product_modules("kvcore", "indexer"),
+                  "import indexer.app"),
+    ("all",): (_product_modules("kvcore", "publisher", "indexer", "kvsim"),
+               "import kvsim.cli as c; c.main(['--version'])"),
+    ("dev",): (["indexer._protogen"], ""),
+}
+
+
+@pytest.mark.parametrize("extras", list(INSTALLS), ids=lambda e: "+".join(e) or "base")
+def test_each_install_has_what_its_modules_import(extras: tuple[str, ...]) -> None:
+    """With only pyproject's requirements for the base install plus these extras (followed
+    through the installed distributions' own requirements) importable, every module of
+    the part they serve imports and its command starts."""
+    names, code = INSTALLS[extras]
+    script = (f"import importlib\nfor name in {names!r}:\n"
+              f"    importlib.import_module(name)\n{code}\n")
+    result = run_restricted(extras, script)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_build_tools_are_not_runtime_dependencies() -> None:
+    """grpcio-tools (make proto, tests/test_proto.py) and the build frontend come with the
+    dev extra only."""
+    runtime = distributions(["all"])
+    assert {"grpcio-tools", "build", "setuptools", "pytest"}.isdisjoint(runtime)
+    assert {"grpcio-tools", "build", "setuptools"} <= distributions(["dev"])
