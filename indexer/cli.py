@@ -1,7 +1,7 @@
 """`kv-indexer`: query a running indexer over gRPC, or run one (`serve`).
 
     kv-indexer score --target HOST:PORT --model M --tokens-file F   (F: JSON list of ids)
-    kv-indexer workers [--model M]
+    kv-indexer workers [--model M] [--role prefill|decode|both]
     kv-indexer stats
     kv-indexer health [--service NAME]                              (grpc.health.v1 Check)
     kv-indexer serve ...                                            (see `serve --help`)
@@ -49,6 +49,7 @@ from indexer.client import (
 from kvcore.about import version_line
 from kvcore.bus import TIERS
 from kvcore.connect import NATS_SECURITY_FLAGS, NatsSecurity, NatsSetupError
+from kvcore.roles import ROLES
 
 __all__ = ["health", "main", "parse_health_args"]
 
@@ -161,9 +162,9 @@ def _show_workers(workers: list[WorkerStatus]) -> None:
         return
     print(_table(
         ["MODEL", "WORKER", "RANK", "EPOCH", "SEQ", "DEGRADED", *(t.upper() for t in TIERS),
-         "AGE_S"],
+         "AGE_S", "ROLE"],
         [[w.model, w.worker_id, w.dp_rank, w.epoch, w.last_seq, "yes" if w.degraded else "no",
-          *_tier_cells(w.blocks_by_tier), round(w.last_event_age_seconds, 1)]
+          *_tier_cells(w.blocks_by_tier), round(w.last_event_age_seconds, 1), w.role]
          for w in workers],
     ))
 
@@ -182,7 +183,7 @@ def _cmd_score(client: IndexerClient, args: argparse.Namespace) -> int:
     query = Query(model=args.model, token_ids=read_tokens(args.tokens_file),
                   lora_name=args.lora_name, cache_salt=args.cache_salt,
                   workers=args.worker or (), include_zero=args.include_zero,
-                  block_size=args.block_size)
+                  block_size=args.block_size, role=args.role)
     answer = client.score(query)
     if args.json:
         _print_json(answer)
@@ -192,7 +193,7 @@ def _cmd_score(client: IndexerClient, args: argparse.Namespace) -> int:
 
 
 def _cmd_workers(client: IndexerClient, args: argparse.Namespace) -> int:
-    workers = client.list_workers(args.model)
+    workers = client.list_workers(args.model, role=args.role)
     if args.json:
         _print_json(workers)
     else:
@@ -284,9 +285,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="tokens per block (default: the model's, as the index knows it)")
     score.add_argument("--include-zero", action="store_true",
                        help="also list workers with no matched block")
+    score.add_argument("--role", choices=ROLES, default="",
+                       help="only workers of this prefill/decode role (prefill and decode "
+                       "include workers of role both; default: every role)")
     score.set_defaults(run=_cmd_score)
     workers = sub.add_parser("workers", parents=[common], help="list the workers of the index")
     workers.add_argument("--model", default=None, help="only this model's workers")
+    workers.add_argument("--role", choices=ROLES, default="",
+                         help="only workers of this role (prefill and decode include "
+                         "workers of role both; default: every role)")
     workers.set_defaults(run=_cmd_workers)
     stats = sub.add_parser("stats", parents=[common], help="event pipeline and index counters")
     stats.set_defaults(run=_cmd_stats)

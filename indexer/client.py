@@ -161,6 +161,9 @@ class Query(msgspec.Struct, frozen=True, kw_only=True):
     tier_weights: TierWeightOverride | None = None
     include_zero: bool = False
     block_size: int = 0  # 0 = the model's block size as the index learnt it
+    # Prefill/decode role filter: "prefill" (prefill or both workers), "decode" (decode or
+    # both), "both"; "" = every role. Anything else: the server answers INVALID_ARGUMENT.
+    role: str = ""
 
 
 class WorkerLoad(msgspec.Struct, frozen=True):
@@ -210,6 +213,7 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     degraded: bool
     blocks_by_tier: dict[str, int]
     last_event_age_seconds: float
+    role: str = "both"  # prefill, decode or both (servers older than roles: both)
 
 
 class IndexerStats(msgspec.Struct, frozen=True):
@@ -234,6 +238,7 @@ def _score_request(query: Query) -> pb.ScoreRequest:
     request = pb.ScoreRequest(
         model=query.model, lora_name=query.lora_name, cache_salt=query.cache_salt,
         workers=query.workers, include_zero=query.include_zero, block_size=query.block_size,
+        role=query.role,
     )
     if query.token_ids is not None:
         request.token_ids.extend(query.token_ids)
@@ -297,7 +302,7 @@ def _worker_choice(msg: pb.FindBestWorkerResponse) -> WorkerChoice:
 
 def _worker_statuses(msg: pb.ListWorkersResponse) -> list[WorkerStatus]:
     return [WorkerStatus(w.model, w.worker_id, w.dp_rank, w.epoch, w.last_seq, w.degraded,
-                         dict(w.blocks_by_tier), w.last_event_age_seconds)
+                         dict(w.blocks_by_tier), w.last_event_age_seconds, w.role or "both")
             for w in msg.workers]
 
 
@@ -468,10 +473,10 @@ class IndexerClient(_BaseClient):
         return [_score_answer(r) for r in response.responses]
 
     def list_workers(
-        self, model: str | None = None, *, timeout: float | None = None
+        self, model: str | None = None, *, role: str = "", timeout: float | None = None
     ) -> list[WorkerStatus]:
-        """The workers the index holds (of one model, or of all)."""
-        request = pb.ListWorkersRequest(model=model or "")
+        """The workers the index holds (of one model, or of all; of one role, or all)."""
+        request = pb.ListWorkersRequest(model=model or "", role=role)
         return _worker_statuses(self._call(self._stub.ListWorkers, request, timeout))
 
     def stats(self, *, timeout: float | None = None) -> IndexerStats:
@@ -539,10 +544,10 @@ class AsyncIndexerClient(_BaseClient):
         return [_score_answer(r) for r in response.responses]
 
     async def list_workers(
-        self, model: str | None = None, *, timeout: float | None = None
+        self, model: str | None = None, *, role: str = "", timeout: float | None = None
     ) -> list[WorkerStatus]:
-        """The workers the index holds (of one model, or of all)."""
-        request = pb.ListWorkersRequest(model=model or "")
+        """The workers the index holds (of one model, or of all; of one role, or all)."""
+        request = pb.ListWorkersRequest(model=model or "", role=role)
         return _worker_statuses(await self._call(self._stub.ListWorkers, request, timeout))
 
     async def stats(self, *, timeout: float | None = None) -> IndexerStats:

@@ -28,6 +28,7 @@ from kvcore.bus import (
     escape_token,
     unescape_token,
 )
+from kvcore.roles import DEFAULT_ROLE
 
 __all__ = [
     "DEAD_LETTER_STREAM",
@@ -150,6 +151,9 @@ class WorkerRecord(msgspec.Struct, kw_only=True):
     epoch: int = 0
     last_seq: dict[str, int] = msgspec.field(default_factory=dict)  # dp rank -> bus seq
     version: str = ""
+    # Prefill/decode disaggregation (kvcore/roles.py): records of publishers older than
+    # roles carry none and decode as "both".
+    role: str = DEFAULT_ROLE
 
 
 def stream_config(settings: StreamSettings) -> js_api.StreamConfig:

@@ -25,6 +25,7 @@ from kvcore.connect import (
     NatsSetupError,
 )
 from kvcore.redact import redact_text, redact_url
+from kvcore.roles import check_role
 from kvcore.runtime import configure_logging, settle_gc, warn_if_pure_python
 from kvcore.topology import StreamSettings
 from publisher.publisher import KVEventPublisher
@@ -45,6 +46,8 @@ BRIDGE_SETTINGS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--nats-url", "NATS_URL", "nats://127.0.0.1:4222", "NATS server URL"),
     ("--block-size", "BLOCK_SIZE", "16", "engine block size in tokens"),
     ("--flavor", "FLAVOR", "vllm", "vllm or sglang"),
+    ("--role", "ROLE", "both",
+     "prefill, decode or both: the worker's part in prefill/decode disaggregation"),
     ("--max-pending", "MAX_PENDING", "10000", "batches buffered while NATS is slow or away"),
     ("--metrics-listen", "METRICS_LISTEN", "",
      "HOST:PORT serving Prometheus /metrics and /healthz (empty: off)"),
@@ -85,6 +88,10 @@ def parse_bridge_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(f"--log-format must be auto, json or console, got {args.log_format!r}")
     if args.flavor not in ("vllm", "sglang"):
         parser.error(f"--flavor must be vllm or sglang, got {args.flavor!r}")
+    try:
+        check_role(args.role, "--role")
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.metrics_listen:
         try:
             parse_listen(args.metrics_listen)
@@ -119,7 +126,8 @@ async def run_bridge(args: argparse.Namespace) -> None:
                                  nats_url=args.nats_url, dp_size=int(args.dp_size),
                                  stream=StreamSettings(), max_pending=int(args.max_pending),
                                  nats_security=nats_security(args),
-                                 start_timeout_s=float(args.nats_start_timeout))
+                                 start_timeout_s=float(args.nats_start_timeout),
+                                 role=args.role)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -152,7 +160,7 @@ async def run_bridge(args: argparse.Namespace) -> None:
         served = f"; /metrics and /healthz on {host}:{port}"
     settle_gc()
     print(f"kv-publisher bridge: {args.zmq_endpoint} ({args.dp_size} rank(s)) -> "
-          f"{redact_url(args.nats_url)} as {args.model} / {args.worker_id}{served}",
+          f"{redact_url(args.nats_url)} as {args.model} / {args.worker_id} ({args.role}){served}",
           flush=True)
     try:
         await asyncio.gather(*(source.run(stop) for source in sources))

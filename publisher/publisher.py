@@ -47,6 +47,7 @@ from kvcore.bus import (
 )
 from kvcore.connect import NatsSecurity, connect_nats
 from kvcore.redact import redact_url
+from kvcore.roles import DEFAULT_ROLE, check_role
 from kvcore.topology import (
     StreamSettings,
     WorkerRecord,
@@ -346,8 +347,11 @@ class KVEventPublisher:
         resync_min_interval_s: float = RESYNC_REQUEST_INTERVAL_S,
         nats_security: NatsSecurity | None = None,
         start_timeout_s: float | None = None,
+        role: str = DEFAULT_ROLE,
     ) -> None:
         check_identity(model, worker_id)  # BusError: refused here, not by the indexer
+        # prefill, decode or both: which requests a disaggregated router sends this worker.
+        self.role = check_role(role)
         self.model = model
         self.worker_id = worker_id
         self.block_size = block_size
@@ -498,7 +502,8 @@ class KVEventPublisher:
         return WorkerRecord(
             model=self.model, worker_id=self.worker_id, block_size=self.block_size,
             dp_size=self.dp_size, epoch=self.ranks[0].epoch if self.ranks else 0,
-            last_seq={str(r.dp_rank): r.seq - 1 for r in self.ranks}, version=self.version)
+            last_seq={str(r.dp_rank): r.seq - 1 for r in self.ranks}, version=self.version,
+            role=self.role)
 
     async def _keep_alive(self) -> None:
         assert self._nc is not None

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 
 import grpc
+import msgspec
 import pytest
 
 from indexer.app import IndexerService
@@ -39,12 +40,12 @@ async def service(nats_url: str,
     await svc.close()
 
 
-async def score_on_new_connection(port: int) -> ScoreAnswer | None:
+async def score_on_new_connection(port: int, query: Query = QUERY) -> ScoreAnswer | None:
     """A Score over a connection of its own (no shared subchannel); None if refused."""
     client = AsyncIndexerClient(f"127.0.0.1:{port}", timeout=2.0,
                                 options=[("grpc.use_local_subchannel_pool", 1)])
     try:
-        return await client.score(QUERY)
+        return await client.score(query)
     except Exception:  # noqa: BLE001 - not serving (yet)
         return None
     finally:
@@ -59,11 +60,12 @@ class TestReaders:
     async def test_readers_answer_alone_from_redis(self, service: IndexerService,
                                                    nats_url: str) -> None:
         """With the consumer process's own server stopped, new connections still get
-        the right scores, freshness and worker list: the readers serve them."""
+        the right scores, freshness and worker list: the readers serve them, with the
+        workers' prefill/decode roles from their own liveness watchers."""
         assert service.readers is not None
         await eventually(lambda: is_true(len(service.readers.pids) == 2))  # type: ignore[union-attr]
         async with publisher(nats_url, "w1") as one, \
-                publisher(nats_url, "w2") as two:
+                publisher(nats_url, "w2", role="decode") as two:
             one.stored(list(range(1, 9)), TOKENS, parent_hash=None)
             two.stored(list(range(1, 4)), TOKENS[: 3 * BS], parent_hash=None)
             assert await one.flush() and await two.flush()
@@ -83,12 +85,23 @@ class TestReaders:
                            for a in answers if a is not None) and any(answers)
 
             await eventually(readers_answer, timeout=20)
+            prefill = msgspec.structs.replace(QUERY, role="prefill")
+
+            async def readers_filter_roles() -> bool:
+                answers = await asyncio.gather(*(score_on_new_connection(
+                    service.grpc_port, prefill) for _ in range(8)))
+                return all(matched(a) == {"w1": 8} for a in answers) and any(answers)
+
+            await eventually(readers_filter_roles, timeout=20)
             client = AsyncIndexerClient(f"127.0.0.1:{service.grpc_port}", timeout=2.0)
             try:
                 workers = await client.list_workers(MODEL)
+                decode = await client.list_workers(MODEL, role="decode")
             finally:
                 await client.close()
-            assert sorted(w.worker_id for w in workers) == ["w1", "w2"]
+            assert sorted((w.worker_id, w.role) for w in workers) == [
+                ("w1", "both"), ("w2", "decode")]
+            assert [w.worker_id for w in decode] == ["w1", "w2"]
 
     async def test_a_dead_reader_is_started_again(self, service: IndexerService) -> None:
         assert service.readers is not None

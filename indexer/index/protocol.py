@@ -16,6 +16,7 @@ import msgspec
 
 from indexer.errors import ConfigError
 from kvcore.bus import TIERS, EventBatch, tier_index
+from kvcore.roles import DEFAULT_ROLE
 
 __all__ = [
     "DEFAULT_GHOST_CAPACITY",
@@ -179,6 +180,9 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     degraded: bool
     blocks_by_tier: dict[str, int]
     last_event_ts: float
+    # Prefill/decode role from the worker's registry entry (kvcore/roles.py); the index
+    # itself does not know it, the live-worker source fills it in.
+    role: str = DEFAULT_ROLE
 
 
 class RankState(msgspec.Struct, frozen=True):

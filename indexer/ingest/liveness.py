@@ -9,6 +9,11 @@ since this process started are treated the same way, from start-up on.
 Removing a model's last worker removes the model from the index. Models the index lists
 without any worker (left by older versions, or by a crash in between) are dropped at the
 first sweep and every `EMPTY_MODELS_EVERY_S` after.
+
+Each entry also declares the worker's prefill/decode role (kvcore/roles.py); `live_only`
+hands it on in the `WorkerInfo`s Score, FindBestWorker and ListWorkers see. An entry
+without one (a publisher older than roles) counts as `both`, and so does one naming a role
+this version does not know (logged once per worker).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from indexer.index.protocol import Index, WorkerInfo
+from kvcore.roles import DEFAULT_ROLE, ROLES
 from kvcore.topology import (
     WorkerRecord,
     ensure_liveness_bucket,
@@ -51,6 +57,8 @@ class LivenessWatcher:
         remove_expired: bool = True,
     ) -> None:
         self.live: dict[tuple[str, str], WorkerRecord] = {}
+        # (model, worker) -> declared role, for workers whose role is not the default.
+        self.roles: dict[tuple[str, str], str] = {}
         self.removed = 0
         self._js = js
         self._index = index
@@ -95,6 +103,7 @@ class LivenessWatcher:
                 continue
             if entry.operation in _DELETE_OPS:
                 self.live.pop(key, None)
+                self.roles.pop(key, None)
                 self._seen_at.pop(key, None)
                 self._gone_since.setdefault(key, time.monotonic())
                 continue
@@ -104,16 +113,38 @@ class LivenessWatcher:
                 log.warning("bad_liveness_entry", key=entry.key)
                 continue
             self.live[key] = record
+            self._set_role(key, record.role)
             self._seen_at[key] = time.monotonic()
             self._gone_since.pop(key, None)
+
+    def _set_role(self, key: tuple[str, str], role: str) -> None:
+        if role not in ROLES:
+            if self.roles.get(key) != role:
+                log.warning("unknown_worker_role", model=key[0], worker=key[1], role=role,
+                            counted_as=DEFAULT_ROLE)
+            self.roles[key] = role  # remembered to log once; role_of answers the default
+        elif role == DEFAULT_ROLE:
+            self.roles.pop(key, None)
+        else:
+            self.roles[key] = role
+
+    def role_of(self, model: str, worker_id: str) -> str:
+        """The worker's declared role; `both` when it declared none (or one unknown)."""
+        role = self.roles.get((model, worker_id), DEFAULT_ROLE)
+        return role if role in ROLES else DEFAULT_ROLE
 
     def is_gone(self, model: str, worker_id: str) -> bool:
         """The worker's entry expired or was deleted (its blocks go after the grace)."""
         return (model, worker_id) in self._gone_since
 
     def live_only(self, workers: list[WorkerInfo]) -> list[WorkerInfo]:
-        """The workers routers may be sent to: not known to be gone."""
-        return [w for w in workers if not self.is_gone(w.model, w.worker_id)]
+        """The workers routers may be sent to: not known to be gone; each with the role
+        its registry entry declares."""
+        live = [w for w in workers if not self.is_gone(w.model, w.worker_id)]
+        if not self.roles:
+            return live
+        return [w if (role := self.role_of(w.model, w.worker_id)) == w.role
+                else msgspec.structs.replace(w, role=role) for w in live]
 
     def is_live(self, model: str, worker_id: str) -> bool:
         seen = self._seen_at.get((model, worker_id))
@@ -125,6 +156,7 @@ class LivenessWatcher:
         for key, seen in list(self._seen_at.items()):
             if now - seen > self._ttl_s:
                 self.live.pop(key, None)
+                self.roles.pop(key, None)
                 del self._seen_at[key]
                 self._gone_since.setdefault(key, seen + self._ttl_s)
         indexed = {(info.model, info.worker_id) for info in await self._index.workers()}

@@ -12,6 +12,7 @@ from typing import Final, NamedTuple
 import structlog
 
 from indexer.index.protocol import WorkerInfo
+from kvcore.roles import role_matches
 
 __all__ = ["CandidateSet", "LiveWorkerSource", "WorkerDirectory"]
 
@@ -30,7 +31,7 @@ _MAX_CACHED_MODELS: Final = 4096
 class CandidateSet:
     """Live (worker, dp_rank)s of one model, with what Score needs of them precomputed."""
 
-    __slots__ = ("degraded", "ids", "newest_ts", "refs", "workers")
+    __slots__ = ("_by_role", "degraded", "ids", "newest_ts", "refs", "workers")
 
     def __init__(self, workers: Sequence[WorkerInfo]) -> None:
         self.workers = tuple(workers)
@@ -38,10 +39,22 @@ class CandidateSet:
         self.refs = frozenset((w.worker_id, w.dp_rank) for w in self.workers)
         self.newest_ts = max((w.last_event_ts for w in self.workers), default=0.0)
         self.degraded = sorted({w.worker_id for w in self.workers if w.degraded})
+        self._by_role: dict[str, CandidateSet] = {}
 
     def restrict(self, worker_ids: Collection[str]) -> CandidateSet:
         """The candidates whose worker id is in `worker_ids`."""
         return CandidateSet([w for w in self.workers if w.worker_id in worker_ids])
+
+    def with_role(self, role: str) -> CandidateSet:
+        """The candidates a role filter admits (kvcore/roles.py; "" = all of them), kept
+        with this set: a cached model's filtered sets are computed once per refresh."""
+        if not role:
+            return self
+        found = self._by_role.get(role)
+        if found is None:
+            found = self._by_role[role] = CandidateSet(
+                [w for w in self.workers if role_matches(w.role, role)])
+        return found
 
     def __len__(self) -> int:
         return len(self.workers)

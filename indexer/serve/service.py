@@ -63,6 +63,7 @@ from indexer.serve.limits import (
     DEFAULT_MAX_REQUEST_LOADS,
     DEFAULT_MAX_REQUEST_WORKERS,
 )
+from kvcore.roles import check_role, role_matches
 
 __all__ = [
     "DEFAULT_CONNECTION_IDLE_S",
@@ -256,6 +257,14 @@ def _check_length(field: str, length: int, limit: int, what: str) -> None:
         raise InvalidQueryError(f"{field}: {length} {what} exceed the limit of {limit}")
 
 
+def _check_role(role: str, field: str) -> None:
+    """Refuse a role filter that is not a role (kvcore/roles.py), naming the field."""
+    try:
+        check_role(role, field, allow_empty=True)
+    except ValueError as exc:
+        raise InvalidQueryError(str(exc)) from None
+
+
 def _token_count(request: pb.ScoreRequest, wire_tokens: bytes | None) -> int:
     return len(wire_tokens) // 4 if wire_tokens is not None else len(request.token_ids)
 
@@ -370,6 +379,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
                           config=self.config, field=field)
         _check_length(f"{field}workers", len(request.workers),
                       self.settings.max_request_workers, "worker ids")
+        _check_role(request.role, f"{field}role")
 
     def _tier_weights(self, request: pb.ScoreRequest, field: str) -> TierWeights | None:
         """The request's weights over the configured ones; None when it sets none."""
@@ -384,8 +394,9 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         return weights
 
     async def _candidates(self, request: pb.ScoreRequest) -> CandidateSet:
-        """The live workers of the request's model, narrowed to `workers` if given."""
-        candidates = await self.directory.candidates(request.model)
+        """The live workers of the request's model, narrowed to `role` and `workers` if
+        given."""
+        candidates = (await self.directory.candidates(request.model)).with_role(request.role)
         if request.workers:
             return candidates.restrict(frozenset(request.workers))
         return candidates
@@ -445,7 +456,10 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
                        else DEFAULT_TEMPERATURE)
         candidates = await self._candidates(query)
         if not candidates:
-            scope = " among the requested workers" if query.workers else ""
+            scopes = [f"of role {query.role!r}"] if query.role else []
+            if query.workers:
+                scopes.append("among the requested workers")
+            scope = "".join(f" {part}" for part in scopes)
             raise _precondition(f"no live workers for model {query.model!r}{scope}")
         result = await self._run_query(query, candidates, "score.", include_zero=False,
                                        wire_tokens=wire_tokens)
@@ -493,14 +507,18 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
     # --- ListWorkers, GetStats -----------------------------------------------------------
 
     async def _list_workers(self, request: pb.ListWorkersRequest) -> pb.ListWorkersResponse:
+        _check_role(request.role, "role")
         infos = await self.directory.listing(request.model or None)
         now = time.time()
         response = pb.ListWorkersResponse()
         add = response.workers.add
         for w in infos:
+            if not role_matches(w.role, request.role):
+                continue
             by_tier = add(model=w.model, worker_id=w.worker_id, dp_rank=w.dp_rank,
                           epoch=max(w.epoch, 0), last_seq=w.last_seq, degraded=w.degraded,
-                          last_event_age_seconds=_age(now, w.last_event_ts)).blocks_by_tier
+                          last_event_age_seconds=_age(now, w.last_event_ts),
+                          role=w.role).blocks_by_tier
             for tier, count in w.blocks_by_tier.items():
                 by_tier[tier] = count
         return response

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("model", "lora_name", "cache_salt", "token_ids", "block_keys", "workers", "tier_weights", "include_zero", "block_size")
+    __slots__ = ("model", "lora_name", "cache_salt", "token_ids", "block_keys", "workers", "tier_weights", "include_zero", "block_size", "role")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LORA_NAME_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class ScoreRequest(_message.Message):
     TIER_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_ZERO_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     model: str
     lora_name: str
     cache_salt: str
@@ -26,7 +27,8 @@ class ScoreRequest(_message.Message):
     tier_weights: TierWeights
     include_zero: bool
     block_size: int
-    def __init__(self, model: _Optional[str] = ..., lora_name: _Optional[str] = ..., cache_salt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., block_keys: _Optional[_Iterable[int]] = ..., workers: _Optional[_Iterable[str]] = ..., tier_weights: _Optional[_Union[TierWeights, _Mapping]] = ..., include_zero: _Optional[bool] = ..., block_size: _Optional[int] = ...) -> None: ...
+    role: str
+    def __init__(self, model: _Optional[str] = ..., lora_name: _Optional[str] = ..., cache_salt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., block_keys: _Optional[_Iterable[int]] = ..., workers: _Optional[_Iterable[str]] = ..., tier_weights: _Optional[_Union[TierWeights, _Mapping]] = ..., include_zero: _Optional[bool] = ..., block_size: _Optional[int] = ..., role: _Optional[str] = ...) -> None: ...
 
 class TierWeights(_message.Message):
     __slots__ = ("gpu", "cpu", "storage", "other")
@@ -154,10 +156,12 @@ class ScoreBatchResponse(_message.Message):
     def __init__(self, responses: _Optional[_Iterable[_Union[ScoreResponse, _Mapping]]] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "role")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    role: str
+    def __init__(self, model: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers",)
@@ -166,7 +170,7 @@ class ListWorkersResponse(_message.Message):
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("model", "worker_id", "dp_rank", "epoch", "last_seq", "degraded", "blocks_by_tier", "last_event_age_seconds")
+    __slots__ = ("model", "worker_id", "dp_rank", "epoch", "last_seq", "degraded", "blocks_by_tier", "last_event_age_seconds", "role")
     class BlocksByTierEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +186,7 @@ class WorkerInfo(_message.Message):
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_BY_TIER_FIELD_NUMBER: _ClassVar[int]
     LAST_EVENT_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     model: str
     worker_id: str
     dp_rank: int
@@ -190,7 +195,8 @@ class WorkerInfo(_message.Message):
     degraded: bool
     blocks_by_tier: _containers.ScalarMap[str, int]
     last_event_age_seconds: float
-    def __init__(self, model: _Optional[str] = ..., worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., epoch: _Optional[int] = ..., last_seq: _Optional[int] = ..., degraded: _Optional[bool] = ..., blocks_by_tier: _Optional[_Mapping[str, int]] = ..., last_event_age_seconds: _Optional[float] = ...) -> None: ...
+    role: str
+    def __init__(self, model: _Optional[str] = ..., worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., epoch: _Optional[int] = ..., last_seq: _Optional[int] = ..., degraded: _Optional[bool] = ..., blocks_by_tier: _Optional[_Mapping[str, int]] = ..., last_event_age_seconds: _Optional[float] = ..., role: _Optional[str] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
