@@ -158,7 +158,11 @@ class EngineSource:
             return
         for skipped in batch.skipped:
             reason = skipped.split(":", 1)[0]
-            self.stats.skipped_events[reason] = self.stats.skipped_events.get(reason, 0) + 1
+            count = self.stats.skipped_events.get(reason, 0) + 1
+            self.stats.skipped_events[reason] = count
+            if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th ... of each reason
+                self._log.warning("engine_event_skipped", reason=reason, detail=skipped,
+                                  seq=seq, count=count)
         self._rank.publish(batch.events, batch.ts)
 
     async def replay(self, start: int, end: int) -> list[tuple[int, bytes]] | None:
