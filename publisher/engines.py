@@ -34,7 +34,9 @@ another tenant's query.
 
 Locality. A store or removal the engine marks `locality: REMOTE` (vLLM 0.26+), or on
 SGLang's `EXTERNAL` medium (a shared pool), is not a block this worker holds: it is left
-out (`remote_block`); shared pools are not indexed.
+out (`remote_block`); shared pools are not indexed. vLLM's `ownership` (0.29+: which
+secondary offloading tier made the event) is returned in `EngineBatch.owners`, for
+`publisher.residency.TierOwners` to keep one owner's removal from clearing another's copy.
 
 Errors:
 
@@ -154,6 +156,8 @@ class EngineBatch(msgspec.Struct, kw_only=True):
     events: list[Event]
     dp_rank: int | None = None
     skipped: list[str] = msgspec.field(default_factory=list)
+    # index in `events` -> the store's or removal's `ownership` (events naming one only)
+    owners: dict[int, str] = msgspec.field(default_factory=dict)
 
 
 class _SkipEventError(Exception):
@@ -181,12 +185,17 @@ def decode_engine_payload(
     ts, raw_events, dp_rank = _split_batch(batch)
     events: list[Event] = []
     skipped: list[str] = []
+    owners: dict[int, str] = {}
     for raw in raw_events:
         try:
-            events.append(_decode_event(raw, stored_fields, flavor))
+            event, owner = _decode_event(raw, stored_fields, flavor)
         except _SkipEventError as skip:
             skipped.append(str(skip.args[0]))
-    return EngineBatch(ts=ts, events=events, dp_rank=dp_rank, skipped=skipped)
+            continue
+        if owner is not None:
+            owners[len(events)] = owner
+        events.append(event)
+    return EngineBatch(ts=ts, events=events, dp_rank=dp_rank, skipped=skipped, owners=owners)
 
 
 def _split_batch(batch: object) -> tuple[float, list[Any], int | None]:
@@ -208,7 +217,9 @@ def _split_batch(batch: object) -> tuple[float, list[Any], int | None]:
     return float(ts), raw_events, dp_rank
 
 
-def _decode_event(raw: object, stored_fields: tuple[str, ...], flavor: Flavor) -> Event:
+def _decode_event(
+    raw: object, stored_fields: tuple[str, ...], flavor: Flavor
+) -> tuple[Event, str | None]:
     if type(raw) is dict:
         return _event_from_fields(raw.get("type"), raw, flavor)
     if type(raw) is list and raw:
@@ -225,16 +236,20 @@ def _decode_event(raw: object, stored_fields: tuple[str, ...], flavor: Flavor) -
     raise _SkipEventError(f"malformed_event:event is a {_kind(raw)}")
 
 
-def _event_from_fields(tag: object, fields: dict[Any, Any], flavor: Flavor) -> Event:
-    if tag == "BlockStored":
-        return _stored(fields, flavor)
-    if tag == "BlockRemoved":
-        return _removed(fields)
+def _event_from_fields(
+    tag: object, fields: dict[Any, Any], flavor: Flavor
+) -> tuple[Event, str | None]:
     if tag == "AllBlocksCleared":
-        return AllBlocksCleared()
-    if type(tag) is str:
+        return AllBlocksCleared(), None
+    if tag == "BlockStored":
+        event: Event = _stored(fields, flavor)
+    elif tag == "BlockRemoved":
+        event = _removed(fields)
+    elif type(tag) is str:
         raise _SkipEventError(f"unknown_event_type:{tag[:_MAX_DETAIL]}")
-    raise _SkipEventError(f"malformed_event:event tag {_detail(tag)}")
+    else:
+        raise _SkipEventError(f"malformed_event:event tag {_detail(tag)}")
+    return event, _name(fields.get("ownership"), f"{tag}.ownership")
 
 
 def _stored(fields: dict[Any, Any], flavor: Flavor) -> BlockStored:

@@ -297,6 +297,14 @@ EXPECTED: dict[str, tuple[str, int | None, list[Event], list[str]]] = {
         ["remote_block:BlockStored locality 'REMOTE'",
          "remote_block:BlockRemoved locality 'REMOTE'"],
     ),
+    "vllm_0_34_owners": (
+        "vllm",
+        0,
+        [BlockStored([H1], medium="cpu"), BlockStored([H1], medium="cpu"),
+         BlockRemoved([H1], medium="cpu")],
+        [],
+    ),
+    "vllm_0_34_owners_removed": ("vllm", 0, [BlockRemoved([H1], medium="cpu")], []),
     # SGLang 0.5.23, encoded as the 0.5.23 wheel's own structs do.
     "sglang_0_5_23_salt": (
         "sglang",
@@ -342,13 +350,18 @@ EXPECTED: dict[str, tuple[str, int | None, list[Event], list[str]]] = {
 }
 
 
+# fixture name -> the `ownership` of its events (by index in the decoded events)
+OWNERS: dict[str, dict[int, str]] = {"vllm_0_34_owners": {1: "kvcr", 2: "kvcr"}}
+
+
 class TestRecordedFrames:
     @pytest.mark.parametrize("name", sorted(EXPECTED))
     def test_fixture_decodes_to_exact_bus_events(self, name: str) -> None:
         """Each recorded release payload decodes to exactly the hand-written bus events."""
         flavor, dp_rank, events, skipped = EXPECTED[name]
         decoded = decode_engine_payload(load(name), flavor=flavor)  # type: ignore[arg-type]
-        assert decoded == EngineBatch(ts=TS, events=events, dp_rank=dp_rank, skipped=skipped)
+        assert decoded == EngineBatch(ts=TS, events=events, dp_rank=dp_rank, skipped=skipped,
+                                      owners=OWNERS.get(name, {}))
 
     def test_every_fixture_file_is_checked(self) -> None:
         """Every committed .bin has expectations here (no fixture goes untested)."""

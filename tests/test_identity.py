@@ -183,6 +183,22 @@ async def test_offloaded_salted_blocks_keep_their_salt(nats_url: str) -> None:
         assert source.stats.skipped_events == {"remote_block": 2}
 
 
+async def test_secondary_tier_removal_keeps_the_primary_copy(nats_url: str) -> None:
+    """A block on CPU for vLLM's primary offloading tier and for a secondary one ("kvcr"):
+    the secondary's eviction leaves the CPU copy indexed; the primary's removes it."""
+    async with bridged(nats_url, "w-owners", "vllm") as (service, source):
+        await source.on_frames(frames("vllm_0_34_salt", 0))
+        await source.on_frames(frames("vllm_0_34_owners", 1))
+        await eventually(lambda: last_seq_is(service, "w-owners", 1))
+        info = await worker_info(service, "w-owners")
+        assert info is not None and info.blocks_by_tier == {"gpu": 2, "cpu": 1}
+        assert source.stats.removals_held_back == 1
+        await source.on_frames(frames("vllm_0_34_owners_removed", 2))
+        await eventually(lambda: last_seq_is(service, "w-owners", 2))
+        info = await worker_info(service, "w-owners")
+        assert info is not None and info.blocks_by_tier == {"gpu": 2}
+
+
 async def test_unplaceable_identity_is_dropped_counted_and_logged(nats_url: str) -> None:
     """A store whose extra keys the bridge cannot place (here: the adapter's slot holds
     something else) never reaches the index; it is counted and logged."""
