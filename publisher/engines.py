@@ -1,4 +1,4 @@
-"""Engine wire forms -> bus events: every vLLM release (0.9 to 0.33) and SGLang.
+"""Engine wire forms -> bus events: every vLLM release (0.9 to 0.34) and SGLang.
 
 Pure functions, no I/O. `decode_engine_payload` turns one engine batch (the third frame
 of a live message, or of a replay answer) into bus events; the frame helpers split the
@@ -11,6 +11,32 @@ ZMQ multipart messages of the live and replay protocols. The wire forms are desc
   (vLLM >= 0.24); unknown map fields and extra trailing array fields are ignored;
 - block hashes are signed ints, unsigned 64-bit ints or raw digest bytes; all of them are
   folded into u64 with `kvcore.bus.engine_hash_to_u64`.
+
+Identity. Everything an engine mixes into its own block hash besides the tokens must
+reach the block key in the place a router's query puts it, or the event is left out
+(`unplaceable_identity`): a block keyed without its tenant, adapter or media would match
+another tenant's query.
+
+- SGLang sends `cache_salt` and `lora_name` as fields: they become the event's
+  `cache_salt` / `lora_name`, which root the chain (`kvcore.keys.root_seed`).
+- vLLM (0.17+) sends them untagged in `extra_keys`, one tuple per block, in the order of
+  `generate_block_hash_extra_keys` / `to_event_extra_keys` (vllm/v1/core/kv_cache_utils.py):
+  the LoRA name (every block of an adapter request; equal to `lora_name`), the
+  `(mm identifier, offset in the block)` pairs, the cache salt (a bare string, on the
+  block that starts the sequence only), then the prompt-embedding digests (bytes). The
+  salt becomes `cache_salt`, the LoRA name is the event's `lora_name`, and the multimodal
+  items and digests become the block's canonical extra key (`kvcore.keys.block_extra_key`).
+  Any other shape (a bare string on a later block, a LoRA slot that does not hold the
+  adapter name, a value of another type, two salts that disagree) is unplaceable.
+- vLLM's offloading connectors (CPU / STORAGE stores with tokens) publish no extra keys
+  even when the request had them: such a store keeps only its engine hashes, so the
+  index resolves it through the keys the GPU store of the same blocks gave them.
+
+Locality. A store or removal the engine marks `locality: REMOTE` (vLLM 0.26+), or on
+SGLang's `EXTERNAL` medium (a shared pool), is not a block this worker holds: it is left
+out (`remote_block`); shared pools are not indexed. vLLM's `ownership` (0.29+: which
+secondary offloading tier made the event) is returned in `EngineBatch.owners`, for
+`publisher.residency.TierOwners` to keep one owner's removal from clearing another's copy.
 
 Errors:
 
@@ -34,13 +60,16 @@ from kvcore.bus import (
     MAX_BLOCKS_PER_EVENT,
     MAX_EVENTS_PER_BATCH,
     MEDIUM_TIERS,
+    TIERS,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     Event,
     engine_hash_to_u64,
     pack_tokens,
+    tier_index,
 )
+from kvcore.keys import block_extra_key
 
 __all__ = [
     "END_MARKER_SEQ",
@@ -69,14 +98,25 @@ SKIP_REASONS: Final = frozenset(
         "malformed_event",  # not an array/map, no tag, or a field of the wrong type
         "token_count_mismatch",  # block_size * len(block_hashes) != len(token_ids)
         "empty_event",  # a store or removal that lists no blocks
+        # an identity input of the engine's hash (salt, LoRA, multimodal, prompt
+        # embeddings) that cannot be placed into the block key unambiguously
+        "unplaceable_identity",
+        "remote_block",  # locality REMOTE or a shared pool (EXTERNAL): not held here
     }
 )
 
 _U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+_I64_MIN: Final = -(2**63)
+_I64_MAX: Final = 2**63 - 1
 _MAX_DETAIL: Final = 64
+_GPU_TIER: Final = TIERS.index("gpu")
+# Media that are not the worker's own memory (SGLang's L4: a shared / remote pool).
+_SHARED_MEDIA: Final = frozenset({"external"})
 
 # Positional field names after the tag. vLLM appends newer fields at the end (group_idx,
-# kv_cache_spec_*: ignored); SGLang's layout is shared up to `medium` only.
+# kv_cache_spec_*: ignored); SGLang's layout is shared up to `medium`, then follows its
+# BlockStored struct (cache_salt, session_id, lora_name). Reading a field of an unknown
+# layout as a salt or an adapter can only isolate blocks, never merge them.
 _STORED_FIELDS: Final[dict[Flavor, tuple[str, ...]]] = {
     "vllm": (
         "block_hashes",
@@ -88,12 +128,21 @@ _STORED_FIELDS: Final[dict[Flavor, tuple[str, ...]]] = {
         "lora_name",
         "extra_keys",
     ),
-    "sglang": ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium"),
+    "sglang": (
+        "block_hashes",
+        "parent_block_hash",
+        "token_ids",
+        "block_size",
+        "lora_id",
+        "medium",
+        "cache_salt",
+        "session_id",
+        "lora_name",
+    ),
 }
 _REMOVED_FIELDS: Final = ("block_hashes", "medium")
 
 _decoder: Final = msgspec.msgpack.Decoder()
-_encoder: Final = msgspec.msgpack.Encoder()
 
 
 class EngineDecodeError(Exception):
@@ -107,6 +156,8 @@ class EngineBatch(msgspec.Struct, kw_only=True):
     events: list[Event]
     dp_rank: int | None = None
     skipped: list[str] = msgspec.field(default_factory=list)
+    # index in `events` -> the store's or removal's `ownership` (events naming one only)
+    owners: dict[int, str] = msgspec.field(default_factory=dict)
 
 
 class _SkipEventError(Exception):
@@ -134,12 +185,17 @@ def decode_engine_payload(
     ts, raw_events, dp_rank = _split_batch(batch)
     events: list[Event] = []
     skipped: list[str] = []
+    owners: dict[int, str] = {}
     for raw in raw_events:
         try:
-            events.append(_decode_event(raw, stored_fields))
+            event, owner = _decode_event(raw, stored_fields, flavor)
         except _SkipEventError as skip:
             skipped.append(str(skip.args[0]))
-    return EngineBatch(ts=ts, events=events, dp_rank=dp_rank, skipped=skipped)
+            continue
+        if owner is not None:
+            owners[len(events)] = owner
+        events.append(event)
+    return EngineBatch(ts=ts, events=events, dp_rank=dp_rank, skipped=skipped, owners=owners)
 
 
 def _split_batch(batch: object) -> tuple[float, list[Any], int | None]:
@@ -161,9 +217,11 @@ def _split_batch(batch: object) -> tuple[float, list[Any], int | None]:
     return float(ts), raw_events, dp_rank
 
 
-def _decode_event(raw: object, stored_fields: tuple[str, ...]) -> Event:
+def _decode_event(
+    raw: object, stored_fields: tuple[str, ...], flavor: Flavor
+) -> tuple[Event, str | None]:
     if type(raw) is dict:
-        return _event_from_fields(raw.get("type"), raw)
+        return _event_from_fields(raw.get("type"), raw, flavor)
     if type(raw) is list and raw:
         tag = raw[0]
         names = (
@@ -174,23 +232,27 @@ def _decode_event(raw: object, stored_fields: tuple[str, ...]) -> Event:
             else ()
         )
         # Positional fields by name; missing trailing fields stay absent, extra ones ignored.
-        return _event_from_fields(tag, dict(zip(names, raw[1:], strict=False)))
+        return _event_from_fields(tag, dict(zip(names, raw[1:], strict=False)), flavor)
     raise _SkipEventError(f"malformed_event:event is a {_kind(raw)}")
 
 
-def _event_from_fields(tag: object, fields: dict[Any, Any]) -> Event:
-    if tag == "BlockStored":
-        return _stored(fields)
-    if tag == "BlockRemoved":
-        return _removed(fields)
+def _event_from_fields(
+    tag: object, fields: dict[Any, Any], flavor: Flavor
+) -> tuple[Event, str | None]:
     if tag == "AllBlocksCleared":
-        return AllBlocksCleared()
-    if type(tag) is str:
+        return AllBlocksCleared(), None
+    if tag == "BlockStored":
+        event: Event = _stored(fields, flavor)
+    elif tag == "BlockRemoved":
+        event = _removed(fields)
+    elif type(tag) is str:
         raise _SkipEventError(f"unknown_event_type:{tag[:_MAX_DETAIL]}")
-    raise _SkipEventError(f"malformed_event:event tag {_detail(tag)}")
+    else:
+        raise _SkipEventError(f"malformed_event:event tag {_detail(tag)}")
+    return event, _name(fields.get("ownership"), f"{tag}.ownership")
 
 
-def _stored(fields: dict[Any, Any]) -> BlockStored:
+def _stored(fields: dict[Any, Any], flavor: Flavor) -> BlockStored:
     hashes = _hashes(fields.get("block_hashes"), "BlockStored")
     tokens = fields.get("token_ids")
     block_size = fields.get("block_size", 0)
@@ -211,22 +273,44 @@ def _stored(fields: dict[Any, Any]) -> BlockStored:
             packed = pack_tokens(tokens)
         except (OverflowError, TypeError) as exc:
             raise _SkipEventError("malformed_event:BlockStored.token_ids not u32") from exc
+    parent = _parent(fields.get("parent_block_hash"))
+    medium = _medium(fields.get("medium"), "BlockStored")
+    _check_local(fields, "BlockStored")
+    raw_lora = fields.get("lora_name")
+    lora = _lora_name(raw_lora, fields.get("lora_id"))
+    salt = _name(fields.get("cache_salt"), "BlockStored.cache_salt")
+    raw_extra = fields.get("extra_keys")
+    if flavor == "vllm" and packed and raw_extra is None and tier_index(medium) != _GPU_TIER:
+        # An offloading connector's store: vLLM's connectors leave out the extra keys
+        # (and some the LoRA name) whatever the request had, so the tokens cannot say
+        # whose blocks these are. Known by engine hash only, like a token-less store.
+        return BlockStored(block_hashes=hashes, medium=medium)
+    extra_salt, extra_keys = _identity_keys(
+        raw_extra, len(hashes), raw_lora if type(raw_lora) is str and raw_lora else None,
+        starts_sequence=parent is None,
+    )
+    if extra_salt is not None:
+        if salt is not None and salt != extra_salt:
+            raise _SkipEventError("unplaceable_identity:cache_salt and the salt in extra_keys "
+                                  "differ")
+        salt = extra_salt
     return BlockStored(
         block_hashes=hashes,
-        parent_hash=_parent(fields.get("parent_block_hash")),
+        parent_hash=parent,
         token_ids=packed,
         block_size=block_size,
-        medium=_medium(fields.get("medium"), "BlockStored"),
-        lora_name=(lora := _lora_name(fields.get("lora_name"), fields.get("lora_id"))),
-        extra_keys=_extra_keys(fields.get("extra_keys"), len(hashes), lora),
+        medium=medium,
+        lora_name=lora,
+        cache_salt=salt,
+        extra_keys=extra_keys,
     )
 
 
 def _removed(fields: dict[Any, Any]) -> BlockRemoved:
-    return BlockRemoved(
-        block_hashes=_hashes(fields.get("block_hashes"), "BlockRemoved"),
-        medium=_medium(fields.get("medium"), "BlockRemoved"),
-    )
+    hashes = _hashes(fields.get("block_hashes"), "BlockRemoved")
+    medium = _medium(fields.get("medium"), "BlockRemoved")
+    _check_local(fields, "BlockRemoved")
+    return BlockRemoved(block_hashes=hashes, medium=medium)
 
 
 def _hashes(raw: object, event: str) -> list[int]:
@@ -280,25 +364,86 @@ def _lora_name(name: object, lora_id: object) -> str | None:
     return f"lora_id:{lora_id}"
 
 
-def _extra_keys(raw: object, n_blocks: int, lora_name: str | None) -> list[bytes] | None:
-    """Per block: msgpack of the block's extra-key tuple, b"" for none; None when all are none.
+def _name(raw: object, field: str) -> str | None:
+    """An optional name field (salt): a string, "" meaning none."""
+    if raw is None or raw == "":
+        return None
+    if type(raw) is not str:
+        raise _SkipEventError(f"malformed_event:{field} is a {_kind(raw)}")
+    return raw
 
-    vLLM puts the LoRA name into every block's extra keys; block keys already root in the
-    LoRA name (so routers can match adapter prompts by tokens), so it is left out here.
+
+def _check_local(fields: dict[Any, Any], event: str) -> None:
+    """Skip events about blocks this worker does not hold itself (see the module doc).
+    The medium has been checked to be None or a string."""
+    locality = fields.get("locality")
+    if locality is not None:
+        if type(locality) is not str:
+            raise _SkipEventError(f"malformed_event:{event}.locality is a {_kind(locality)}")
+        if locality.upper() != "LOCAL":
+            raise _SkipEventError(f"remote_block:{event} locality {_detail(locality)}")
+    medium = fields.get("medium")
+    if medium is not None and medium.lower() in _SHARED_MEDIA:
+        raise _SkipEventError(f"remote_block:{event} medium {medium.lower()}")
+
+
+def _identity_keys(
+    raw: object, n_blocks: int, lora_name: str | None, *, starts_sequence: bool
+) -> tuple[str | None, list[bytes] | None]:
+    """vLLM's per-block extra keys -> (cache salt, canonical extra key per block).
+
+    Each entry is None or a tuple, in this order: the LoRA name (when the event names an
+    adapter), (mm identifier, offset) pairs, the cache salt (first block of a sequence
+    only), prompt-embedding digests (bytes). Anything else is unplaceable.
     """
     if raw is None:
-        return None
-    if type(raw) is not list or len(raw) != n_blocks:
-        raise _SkipEventError(
-            f"malformed_event:BlockStored.extra_keys {_detail(raw)} for {n_blocks} blocks"
-        )
+        return None, None
+    # Details name types and positions, never values: a salt may be in there.
+    if type(raw) is not list:
+        raise _SkipEventError(f"malformed_event:BlockStored.extra_keys is a {_kind(raw)}")
+    if len(raw) != n_blocks:
+        raise _SkipEventError(f"malformed_event:BlockStored.extra_keys has {len(raw)} entries "
+                              f"for {n_blocks} blocks")
+    salt: str | None = None
     out: list[bytes] = []
-    for entry in raw:
-        kept = entry
-        if isinstance(entry, list | tuple) and lora_name is not None:
-            kept = [key for key in entry if key != lora_name]
-        out.append(b"" if kept is None or kept == [] else _encoder.encode(kept))
-    return out if any(out) else None
+    for i, entry in enumerate(raw):
+        if entry is None or entry == []:
+            out.append(b"")
+            continue
+        if type(entry) is not list:
+            raise _SkipEventError(f"malformed_event:BlockStored.extra_keys[{i}] is a "
+                                  f"{_kind(entry)}")
+        pos, n = 0, len(entry)
+        if lora_name is not None:
+            if entry[0] != lora_name:
+                raise _SkipEventError(f"unplaceable_identity:extra_keys[{i}] does not start "
+                                      "with the LoRA name")
+            pos = 1
+        mm: list[tuple[str, int]] = []
+        while pos < n and _is_mm_pair(entry[pos]):
+            mm.append((entry[pos][0], entry[pos][1]))
+            pos += 1
+        if pos < n and type(entry[pos]) is str:
+            if i != 0 or not starts_sequence:
+                raise _SkipEventError(f"unplaceable_identity:bare string in extra_keys[{i}] "
+                                      "of a block that does not start a sequence")
+            salt = entry[pos] or None
+            pos += 1
+        digests: list[bytes] = []
+        while pos < n and type(entry[pos]) is bytes:
+            digests.append(entry[pos])
+            pos += 1
+        if pos < n:
+            raise _SkipEventError(f"unplaceable_identity:extra_keys[{i}][{pos}] is a "
+                                  f"{_kind(entry[pos])} out of place")
+        out.append(block_extra_key(mm, digests))
+    return salt, out if any(out) else None
+
+
+def _is_mm_pair(value: object) -> bool:
+    """(mm identifier, offset in the block): vLLM's `("mm", id, offset)` without the tag."""
+    return (type(value) is list and len(value) == 2 and type(value[0]) is str
+            and type(value[1]) is int and _I64_MIN <= value[1] <= _I64_MAX)
 
 
 def _kind(value: object) -> str:

@@ -130,6 +130,9 @@ class BridgeCollector(Collector):
              "engine_restarts"),
             ("kv_publisher_engine_bad_messages", "Engine messages that could not be decoded",
              "bad_messages"),
+            ("kv_publisher_engine_removals_held_back",
+             "Blocks an owner removed from a tier another owner still holds (not published)",
+             "removals_held_back"),
         )
         for name, doc, attr in series:
             family = CounterMetricFamily(name, doc, labels=rank_labels)

@@ -57,6 +57,11 @@ class BlockMirror:
         self.blocks.clear()
         self.ghosts.clear()
 
+    def holds(self, engine_hash: int, tier: int) -> bool:
+        """Whether the block is held on `tier` (an index into TIERS)."""
+        held = self.blocks.get(engine_hash)
+        return held is not None and bool(held[_TIERS] >> tier & 1)
+
     def forget(self, hashes: Iterable[int]) -> None:
         """Drop blocks entirely (held or ghost): ones that cannot be published. A block
         chaining from a forgotten one reaches no root, so snapshots leave it out too."""

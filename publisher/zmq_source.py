@@ -7,6 +7,9 @@ Live messages are `[topic, seq, payload]`. The next expected seq is tracked per 
 - a seq lower than expected means the engine restarted: a new epoch starts (the index
   forgets the old one; vLLM sends no AllBlocksCleared at start-up);
 - the first message seen with seq > 0 also asks the replay for what came before it.
+
+Removals by one owner of a tier (vLLM's `ownership`) that another owner still holds are
+held back (`publisher.residency.TierOwners`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from publisher.engines import (
     parse_replay_frames,
 )
 from publisher.publisher import RankPublisher
+from publisher.residency import TierOwners
 
 __all__ = ["EngineSource", "SourceStats", "rank_endpoint"]
 
@@ -47,6 +51,8 @@ class SourceStats(msgspec.Struct):
     engine_restarts: int = 0
     bad_messages: int = 0
     skipped_events: dict[str, int] = msgspec.field(default_factory=dict)
+    # blocks an owner removed from a tier another owner still holds (not published)
+    removals_held_back: int = 0
 
 
 def rank_endpoint(endpoint: str, dp_rank: int) -> str:
@@ -81,6 +87,7 @@ class EngineSource:
         self._topic = topic
         self._flavor = flavor
         self._replay_timeout_s = replay_timeout_s
+        self._tier_owners = TierOwners(rank.mirror.holds)
         self._log = log.bind(worker=rank.worker_id, dp_rank=rank.dp_rank)
 
     @property
@@ -126,6 +133,7 @@ class EngineSource:
             self.stats.engine_restarts += 1
             self._log.info("engine_restarted", seq=seq, expected=expected)
             self._rank.restart_epoch()
+            self._tier_owners.clear()
             expected = 0
         elif expected is None:
             expected = 0
@@ -139,6 +147,7 @@ class EngineSource:
         if missing is None:
             self.stats.gaps_unfilled += 1
             self._log.warning("gap_unfilled", start=start, end=end)
+            self._tier_owners.clear()
             self._rank.publish([AllBlocksCleared()])
             return
         self.stats.gaps_filled += 1
@@ -154,12 +163,19 @@ class EngineSource:
             # What the batch did is unknown: treat it as a gap nobody can fill.
             self.stats.bad_messages += 1
             self._log.warning("bad_engine_payload", seq=seq, error=str(exc))
+            self._tier_owners.clear()
             self._rank.publish([AllBlocksCleared()])
             return
         for skipped in batch.skipped:
             reason = skipped.split(":", 1)[0]
-            self.stats.skipped_events[reason] = self.stats.skipped_events.get(reason, 0) + 1
-        self._rank.publish(batch.events, batch.ts)
+            count = self.stats.skipped_events.get(reason, 0) + 1
+            self.stats.skipped_events[reason] = count
+            if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th ... of each reason
+                self._log.warning("engine_event_skipped", reason=reason, detail=skipped,
+                                  seq=seq, count=count)
+        events = self._tier_owners.filter(batch.events, batch.owners)
+        self.stats.removals_held_back = self._tier_owners.held_back
+        self._rank.publish(events, batch.ts)
 
     async def replay(self, start: int, end: int) -> list[tuple[int, bytes]] | None:
         """Batches start..end-1 from the engine's replay buffer, or None if it lacks any."""

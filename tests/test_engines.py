@@ -18,10 +18,19 @@ from hypothesis import strategies as st
 from kvcore.bus import (
     MAX_BLOCKS_PER_EVENT,
     MAX_EVENTS_PER_BATCH,
+    TIERS,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     Event,
+    tier_index,
+)
+from kvcore.keys import (
+    MultimodalItem,
+    block_keys,
+    block_keys_for_tokens,
+    multimodal_extra_keys,
+    root_seed,
 )
 from publisher.engines import (
     END_MARKER_SEQ,
@@ -50,6 +59,23 @@ D0, D1, D2 = (xxhash.xxh3_64_intdigest(bytes([i]) * 32) for i in (1, 2, 3))  # d
 def toks(*ids: int) -> bytes:
     """Token ids as the bus packs them: little-endian u32."""
     return struct.pack(f"<{len(ids)}I", *ids)
+
+
+def mm(identifier: str, offset: int) -> bytes:
+    """A multimodal item's canonical extra-key bytes, from docs/block-keys.md."""
+    raw = identifier.encode()
+    return b"m" + struct.pack("<I", len(raw)) + raw + struct.pack("<q", offset)
+
+
+def embeds(digest: bytes) -> bytes:
+    """A prompt-embeddings digest's canonical extra-key bytes, from docs/block-keys.md."""
+    return b"e" + struct.pack("<I", len(digest)) + digest
+
+
+# The identity fixtures (make_frames.py: PROMPT, H1..H3).
+PROMPT = toks(*range(101, 113))
+H1, H2, H3 = 0x1111_0000_0000_0001, 0x2222_0000_0000_0002, 0xF333_0000_0000_0003
+SG1, SG2, SG3 = 2**64 - 11, 12, 13  # SGLang's signed hashes -11, 12, 13
 
 
 def load(name: str) -> bytes:
@@ -129,21 +155,10 @@ EXPECTED: dict[str, tuple[str, int | None, list[Event], list[str]]] = {
     "vllm_0_17_extra_keys": (
         "vllm",
         0,
-        [
-            BlockStored(
-                [U0, U1, U2],
-                None,
-                toks(*range(12)),
-                4,
-                extra_keys=[
-                    b"\x92\xacmm-hash-a1b2\x00",  # ["mm-hash-a1b2", 0]
-                    b"",  # None
-                    b"\x93\xc4\x02\x00\xff\xa4salt\xfb",  # [b"\x00\xff", "salt", -5]
-                ],
-            ),
-            BlockStored([U0], None, toks(1, 2, 3, 4), 4),  # [None]: no extras at all
-        ],
-        [],
+        # Entries shaped like no vLLM release's: ("mm-hash-a1b2", 0) reads as a salt and
+        # then a bare int, which has no place in a block key: the store is left out.
+        [BlockStored([U0], None, toks(1, 2, 3, 4), 4)],  # [None]: no extras at all
+        ["unplaceable_identity:extra_keys[0][1] is a int out of place"],
     ),
     "vllm_0_20_offload_positional": (
         "vllm",
@@ -182,8 +197,8 @@ EXPECTED: dict[str, tuple[str, int | None, list[Event], list[str]]] = {
     "vllm_0_26_map_locality": (
         "vllm",
         3,
-        [BlockStored([U0], None, toks(1, 2, 3, 4), 4)],
-        [],
+        [],  # a REMOTE block is not held by this worker
+        ["remote_block:BlockStored locality 'remote'"],
     ),
     "vllm_0_28_offload": (
         "vllm",
@@ -199,18 +214,10 @@ EXPECTED: dict[str, tuple[str, int | None, list[Event], list[str]]] = {
     "vllm_0_33_lookahead": (
         "vllm",
         0,
-        [
-            BlockStored(
-                [U0],
-                U2,
-                toks(1, 2, 3, 4),
-                4,
-                lora_name="chat-adapter",
-                extra_keys=[b"\x91\xa6img-9f"],
-            ),
-            BlockRemoved([U0]),
-        ],
-        [],
+        # vLLM lists the adapter's name first in every block's extra keys; this entry
+        # holds something else in that place, so the store cannot be keyed safely.
+        [BlockRemoved([U0])],
+        ["unplaceable_identity:extra_keys[0] does not start with the LoRA name"],
     ),
     "sglang": (
         "sglang",
@@ -220,13 +227,131 @@ EXPECTED: dict[str, tuple[str, int | None, list[Event], list[str]]] = {
             BlockStored([13], 2**64 - 12, toks(9, 10, 11, 12), 4),
             BlockStored([11], medium="cpu"),
             BlockStored([11], medium="storage"),
-            BlockStored([13], medium="storage"),
             BlockRemoved([11], medium="cpu"),
             BlockRemoved([13]),
         ],
+        ["remote_block:BlockStored medium external"],  # EXTERNAL: a shared pool
+    ),
+    # vLLM 0.34, encoded as the 0.34 wheel's own structs and extra-key functions do.
+    "vllm_0_34_salt": (
+        "vllm",
+        0,
+        # extra_keys [("tenant-a",), None]: the salt, on the first block only, roots the chain.
+        [BlockStored([H1, H2], None, PROMPT[:32], 4, cache_salt="tenant-a")],
         [],
     ),
+    "vllm_0_34_salt_child": (
+        "vllm",
+        0,
+        [BlockStored([H3], H2, PROMPT[32:], 4)],  # chains from its (salted) parent
+        [],
+    ),
+    "vllm_0_34_lora": (
+        "vllm",
+        0,
+        # extra_keys [("sql-adapter",), ("sql-adapter",)]: the adapter roots the chain.
+        [BlockStored([H1, H2], None, PROMPT[:32], 4, lora_name="sql-adapter")],
+        [],
+    ),
+    "vllm_0_34_lora_child": (
+        "vllm",
+        0,
+        [BlockStored([H3], H2, PROMPT[32:], 4, lora_name="sql-adapter")],
+        [],
+    ),
+    "vllm_0_34_media": (
+        "vllm",
+        0,
+        # The image fills tokens 2..6: offset 2 in block 0, -2 in block 1.
+        [BlockStored([H1, H2], None, PROMPT[:32], 4,
+                     extra_keys=[mm("img-5f0c", 2), mm("img-5f0c", -2)])],
+        [],
+    ),
+    "vllm_0_34_media_child": (
+        "vllm",
+        0,
+        [BlockStored([H3], H2, PROMPT[32:], 4, extra_keys=[mm("aud-77aa", 1)])],
+        [],
+    ),
+    "vllm_0_34_mixed": (
+        "vllm",
+        0,
+        [BlockStored([H1, H2], None, PROMPT[:32], 4, lora_name="sql-adapter",
+                     cache_salt="tenant-a",
+                     extra_keys=[embeds(b"\xe0" * 32),
+                                 mm("img-5f0c", 1) + embeds(b"\xe1" * 32)])],
+        [],
+    ),
+    "vllm_0_34_mixed_child": (
+        "vllm",
+        0,
+        [BlockStored([H3], H2, PROMPT[32:], 4, lora_name="sql-adapter",
+                     extra_keys=[embeds(b"\xe2" * 32)])],
+        [],
+    ),
+    "vllm_0_34_offload": (
+        "vllm",
+        0,
+        # The connector's CPU store has tokens but no extra keys: kept by engine hash only.
+        [BlockStored([H1, H2], medium="cpu")],
+        ["remote_block:BlockStored locality 'REMOTE'",
+         "remote_block:BlockRemoved locality 'REMOTE'"],
+    ),
+    "vllm_0_34_owners": (
+        "vllm",
+        0,
+        [BlockStored([H1], medium="cpu"), BlockStored([H1], medium="cpu"),
+         BlockRemoved([H1], medium="cpu")],
+        [],
+    ),
+    "vllm_0_34_owners_removed": ("vllm", 0, [BlockRemoved([H1], medium="cpu")], []),
+    # SGLang 0.5.23, encoded as the 0.5.23 wheel's own structs do.
+    "sglang_0_5_23_salt": (
+        "sglang",
+        0,
+        [
+            BlockStored([SG1, SG2], None, PROMPT[:32], 4, cache_salt="tenant-a"),
+            BlockStored([SG1, SG2], None, PROMPT[:32], 4, medium="cpu", cache_salt="tenant-a"),
+        ],
+        [],
+    ),
+    "sglang_0_5_23_salt_child": (
+        "sglang",
+        0,
+        [BlockStored([SG3], SG2, PROMPT[32:], 4, cache_salt="tenant-a")],
+        [],
+    ),
+    "sglang_0_5_23_lora": (
+        "sglang",
+        0,
+        [
+            BlockStored([SG1, SG2], None, PROMPT[:32], 4, lora_name="sql-adapter"),
+            BlockStored([SG1, SG2], None, PROMPT[:32], 4, medium="cpu", lora_name="sql-adapter"),
+        ],
+        [],
+    ),
+    "sglang_0_5_23_lora_child": (
+        "sglang",
+        0,
+        [BlockStored([SG3], SG2, PROMPT[32:], 4, lora_name="sql-adapter")],
+        [],
+    ),
+    "sglang_0_5_23_media": (
+        "sglang",
+        None,
+        [
+            BlockStored([SG1], None, PROMPT[:16], 4),
+            BlockStored([SG1], None, PROMPT[:16], 4, medium="cpu"),  # CPU_PINNED
+            BlockStored([SG1], None, PROMPT[:16], 4, medium="storage"),  # DISK
+            BlockRemoved([SG1], medium="storage"),
+        ],
+        ["remote_block:BlockStored medium external", "remote_block:BlockRemoved medium external"],
+    ),
 }
+
+
+# fixture name -> the `ownership` of its events (by index in the decoded events)
+OWNERS: dict[str, dict[int, str]] = {"vllm_0_34_owners": {1: "kvcr", 2: "kvcr"}}
 
 
 class TestRecordedFrames:
@@ -235,7 +360,8 @@ class TestRecordedFrames:
         """Each recorded release payload decodes to exactly the hand-written bus events."""
         flavor, dp_rank, events, skipped = EXPECTED[name]
         decoded = decode_engine_payload(load(name), flavor=flavor)  # type: ignore[arg-type]
-        assert decoded == EngineBatch(ts=TS, events=events, dp_rank=dp_rank, skipped=skipped)
+        assert decoded == EngineBatch(ts=TS, events=events, dp_rank=dp_rank, skipped=skipped,
+                                      owners=OWNERS.get(name, {}))
 
     def test_every_fixture_file_is_checked(self) -> None:
         """Every committed .bin has expectations here (no fixture goes untested)."""
@@ -254,11 +380,14 @@ class TestRecordedFrames:
         assert decode_engine_payload(memoryview(payload)) == expected
         assert decode_engine_payload(bytearray(payload)) == expected
 
-    def test_sglang_flavor_decodes_vllm_positional_prefix(self) -> None:
-        """The sglang flavor reads vLLM positional events up to medium and ignores the rest."""
+    def test_sglang_flavor_reads_its_own_layout_past_medium(self) -> None:
+        """A vLLM positional frame read with the sglang flavor: field 7 is SGLang's cache_salt,
+        so vLLM's lora_name there becomes a salt. Misreading a name can only isolate blocks
+        (no query without that salt matches them), never merge two namespaces."""
         decoded = decode_engine_payload(load("vllm_0_14_lora_name"), flavor="sglang")
         assert decoded.events == [
-            BlockStored([U0], None, toks(5, 6, 7, 8), 4, lora_name="lora_id:3"),
+            BlockStored([U0], None, toks(5, 6, 7, 8), 4, lora_name="lora_id:3",
+                        cache_salt="sql-adapter"),
             BlockStored([U1], None, toks(5, 6, 7, 8), 4),
         ]
 
@@ -283,13 +412,14 @@ class TestPositionalEvents:
         assert one_event(removed).events == [BlockRemoved([1], medium="cpu")]
         assert one_event(["AllBlocksCleared", "future"]).events == [AllBlocksCleared()]
 
-    def test_sglang_ignores_fields_after_medium(self) -> None:
-        """SGLang shares the layout up to medium only: later fields are not read as lora/extras."""
-        event = ["BlockStored", [1], None, [1, 2], 2, None, "GPU", "not-a-lora", "x"]
-        assert one_event(event, flavor="sglang").events == [BlockStored([1], None, toks(1, 2), 2)]
-        assert one_event(event).skipped == [
-            "malformed_event:BlockStored.extra_keys 'x' for 1 blocks"
+    def test_sglang_positional_layout(self) -> None:
+        """SGLang's positional fields after medium are cache_salt, session_id, lora_name (its
+        BlockStored struct); vLLM's are lora_name, extra_keys."""
+        event = ["BlockStored", [1], None, [1, 2], 2, None, "GPU", "salt-1", "sess", "ad"]
+        assert one_event(event, flavor="sglang").events == [
+            BlockStored([1], None, toks(1, 2), 2, lora_name="ad", cache_salt="salt-1")
         ]
+        assert one_event(event).skipped == ["malformed_event:BlockStored.extra_keys is a str"]
 
 
 class TestMapEvents:
@@ -351,33 +481,95 @@ class TestMedia:
             ("FS", "storage"),
             ("OBJ", "storage"),
             ("DISK", "storage"),
-            ("EXTERNAL", "storage"),
+            ("EXTERNAL", "storage"),  # the name's tier; the decoder leaves such events out
             ("NVMe-oF", "nvme-of"),
         ],
     )
     def test_canonical_names(self, medium: str | None, canonical: str) -> None:
         """Engine media map to the bus names; unknown media are lower-cased as is."""
         assert canonical_medium(medium) == canonical
-        assert one_event(["BlockRemoved", [1], medium]).events == [BlockRemoved([1], canonical)]
+        if medium != "EXTERNAL":  # a shared pool: see test_shared_pool_is_not_held_locally
+            assert one_event(["BlockRemoved", [1], medium]).events == [
+                BlockRemoved([1], canonical)
+            ]
+
+    @pytest.mark.parametrize(
+        ("medium", "tier"),
+        [("GPU", "gpu"), ("CPU", "cpu"), ("STORAGE", "storage"), ("FS", "storage"),
+         ("OBJ", "storage"), ("cpu", "cpu"),  # vLLM's media (Mooncake's store says "cpu")
+         ("CPU_PINNED", "cpu"), ("DISK", "storage"),  # SGLang's
+         ("NVMe-oF", "other")],
+    )
+    def test_every_engine_medium_has_its_tier(self, medium: str, tier: str) -> None:
+        """Each medium either engine sends lands in the tier the index counts it in."""
+        (event,) = one_event({"type": "BlockStored", "block_hashes": [1],
+                              "medium": medium}).events
+        assert isinstance(event, BlockStored)
+        assert TIERS[tier_index(event.medium)] == tier
+
+    @pytest.mark.parametrize("flavor", ["vllm", "sglang"])
+    def test_shared_pool_is_not_held_locally(self, flavor: Any) -> None:
+        """SGLang's EXTERNAL (a shared / remote pool such as Mooncake) is no copy of this
+        worker's: stores and removals there are left out, counted as remote_block."""
+        decoded = decode_engine_payload(batch(
+            {"type": "BlockStored", "block_hashes": [1], "token_ids": [1, 2], "block_size": 2,
+             "medium": "EXTERNAL"},
+            {"type": "BlockRemoved", "block_hashes": [1], "medium": "external"},
+        ), flavor=flavor)
+        assert decoded.events == []
+        assert decoded.skipped == ["remote_block:BlockStored medium external",
+                                   "remote_block:BlockRemoved medium external"]
+
+    @pytest.mark.parametrize(("locality", "kept"), [
+        (None, True), ("LOCAL", True), ("local", True),
+        ("REMOTE", False), ("remote", False), ("PEER", False),  # unknown: not known local
+    ])
+    def test_locality(self, locality: str | None, kept: bool) -> None:
+        """vLLM's locality: LOCAL (or none) is this worker's; REMOTE, or a value this
+        decoder does not know, is never counted as held here (stores and removals)."""
+        for event in ({"type": "BlockStored", "block_hashes": [1], "medium": "CPU"},
+                      {"type": "BlockRemoved", "block_hashes": [1], "medium": "CPU"}):
+            decoded = one_event({**event, "locality": locality})
+            assert bool(decoded.events) is kept
+            assert [r.split(":")[0] for r in decoded.skipped] == ([] if kept else ["remote_block"])
+
+    def test_locality_of_wrong_type(self) -> None:
+        decoded = one_event({"type": "BlockStored", "block_hashes": [1], "locality": 1})
+        assert decoded.skipped == ["malformed_event:BlockStored.locality is a int"]
 
 
 class TestExtraKeys:
-    def test_canonical_bytes_per_block(self) -> None:
-        """Each block's extras become the msgpack of its tuple; none is b""."""
-        event = {
-            "type": "BlockStored",
-            "block_hashes": [1, 2, 3],
-            "token_ids": [1, 2, 3],
-            "block_size": 1,
-            "extra_keys": [["a", 1], None, [b"\x00"]],
-        }
-        stored = one_event(event).events[0]
-        assert isinstance(stored, BlockStored)
-        assert stored.extra_keys == [
-            msgspec.msgpack.encode(("a", 1)),
-            b"",
-            msgspec.msgpack.encode((b"\x00",)),
-        ]
+    """vLLM's untagged per-block extra keys -> salt, adapter and canonical extra keys."""
+
+    @staticmethod
+    def stored(extra_keys: Any, *, n: int = 2, parent: int | None = None,
+               **fields: Any) -> EngineBatch:
+        return one_event({"type": "BlockStored", "block_hashes": list(range(1, n + 1)),
+                          "parent_block_hash": parent, "token_ids": list(range(4 * n)),
+                          "block_size": 4, "extra_keys": extra_keys, **fields})
+
+    def test_mm_pairs_and_digests_become_canonical_bytes(self) -> None:
+        """(identifier, offset) pairs and digest bytes become the block's canonical bytes,
+        in the order sent; a block without extras has b""."""
+        decoded = self.stored([[["img", 3], ["aud", -1], b"\x01\x02"], None])
+        assert decoded.events[0] == BlockStored(
+            [1, 2], None, toks(*range(8)), 4,
+            extra_keys=[mm("img", 3) + mm("aud", -1) + embeds(b"\x01\x02"), b""])
+
+    def test_salt_on_first_block_roots_the_chain(self) -> None:
+        """A bare string after the mm pairs of a sequence's first block is the cache salt."""
+        decoded = self.stored([[["img", 0], "tenant", b"\x09"], None])
+        assert decoded.events[0] == BlockStored(
+            [1, 2], None, toks(*range(8)), 4, cache_salt="tenant",
+            extra_keys=[mm("img", 0) + embeds(b"\x09"), b""])
+
+    def test_lora_name_leads_every_entry(self) -> None:
+        """With lora_name set, each entry starts with it; it roots the chain instead. A salt
+        equal to the adapter name is still a salt (positions, not values, decide)."""
+        decoded = self.stored([["ad", "ad"], ["ad", ["mm-1", 0]]], lora_name="ad", lora_id=3)
+        assert decoded.events[0] == BlockStored(
+            [1, 2], None, toks(*range(8)), 4, lora_name="ad", cache_salt="ad",
+            extra_keys=[b"", mm("mm-1", 0)])
 
     def test_no_extras_is_none(self) -> None:
         """All-None (or empty) per-block extras collapse to extra_keys=None."""
@@ -389,7 +581,136 @@ class TestExtraKeys:
         event = {"type": "BlockStored", "block_hashes": [1, 2], "extra_keys": [["a"]]}
         decoded = one_event(event)
         assert decoded.events == []
-        assert decoded.skipped[0].startswith("malformed_event:BlockStored.extra_keys")
+        assert decoded.skipped == ["malformed_event:BlockStored.extra_keys has 1 entries for "
+                                   "2 blocks"]
+
+    @pytest.mark.parametrize(
+        ("extra_keys", "fields", "reason"),
+        [
+            # a bare string on a later block (a salt is only on block 0; an old-style mm id?)
+            ([None, ["x"]], {}, "bare string in extra_keys[1]"),
+            # a bare string on the first block of an event that continues a sequence
+            ([["x"], None], {"parent_block_hash": 9}, "bare string in extra_keys[0]"),
+            # two salts
+            ([["x", "y"], None], {}, "extra_keys[0][1] is a str out of place"),
+            # the order is lora, mm, salt, digests: an mm pair after the salt is not vLLM's
+            ([["x", ["img", 0]], None], {}, "extra_keys[0][1] is a list out of place"),
+            ([[b"\x01", ["img", 0]], None], {}, "extra_keys[0][1] is a list out of place"),
+            # shapes that are no mm pair
+            ([[["img", "0"]], None], {}, "extra_keys[0][0] is a list out of place"),
+            ([[["img", 0, 1]], None], {}, "extra_keys[0][0] is a list out of place"),
+            ([[["img", 2**63]], None], {}, "extra_keys[0][0] is a list out of place"),
+            ([[7], None], {}, "extra_keys[0][0] is a int out of place"),
+            ([[1.5], None], {}, "extra_keys[0][0] is a float out of place"),
+            ([[None], None], {}, "extra_keys[0][0] is a NoneType out of place"),
+            # the adapter's slot holds something else
+            ([["other"], ["ad"]], {"lora_name": "ad"}, "extra_keys[0] does not start with"),
+            ([[["img", 0]], ["ad"]], {"lora_name": "ad"}, "extra_keys[0] does not start with"),
+            # the salt field and the salt in extra_keys disagree
+            ([["a"], None], {"cache_salt": "b"}, "cache_salt and the salt in extra_keys"),
+        ],
+    )
+    def test_unplaceable_identity_is_skipped(
+        self, extra_keys: Any, fields: dict[str, Any], reason: str
+    ) -> None:
+        """An identity input the bridge cannot place skips the store (never keyed without it),
+        with a detail that names positions and types, never the values (salts are secrets)."""
+        decoded = self.stored(extra_keys, **fields)
+        assert decoded.events == []
+        (skipped,) = decoded.skipped
+        assert skipped.startswith("unplaceable_identity:" + reason)
+        assert "tenant" not in skipped and "'x'" not in skipped
+
+    def test_agreeing_salts(self) -> None:
+        """A cache_salt field equal to the salt in extra_keys is one salt."""
+        decoded = self.stored([["a"], None], cache_salt="a")
+        assert decoded.events[0] == BlockStored([1, 2], None, toks(*range(8)), 4,
+                                                cache_salt="a")
+
+    def test_entry_of_wrong_type(self) -> None:
+        decoded = self.stored(["a", None])
+        assert decoded.skipped == ["malformed_event:BlockStored.extra_keys[0] is a str"]
+
+    def test_salt_of_wrong_type(self) -> None:
+        decoded = self.stored(None, cache_salt=5)
+        assert decoded.skipped == ["malformed_event:BlockStored.cache_salt is a int"]
+
+    def test_offload_store_without_extra_keys_keeps_only_hashes(self) -> None:
+        """vLLM's offloading connectors send tokens but no extra keys (nor, for some, the
+        LoRA name) whatever the request had: such a store names its blocks by engine hash
+        only, so the index takes their keys from the GPU store it saw."""
+        for medium in ("CPU", "cpu", "STORAGE"):
+            decoded = one_event({"type": "BlockStored", "block_hashes": [1], "token_ids": [1, 2],
+                                 "block_size": 2, "medium": medium})
+            assert decoded.events == [BlockStored([1], medium=canonical_medium(medium))]
+        gpu = one_event({"type": "BlockStored", "block_hashes": [1], "token_ids": [1, 2],
+                         "block_size": 2, "medium": "GPU"})
+        assert gpu.events == [BlockStored([1], None, toks(1, 2), 2)]
+        with_extras = one_event({"type": "BlockStored", "block_hashes": [1], "token_ids": [1, 2],
+                                 "block_size": 2, "medium": "CPU", "extra_keys": [["s"]]})
+        assert with_extras.events == [BlockStored([1], None, toks(1, 2), 2, medium="cpu",
+                                                  cache_salt="s")]
+        # SGLang's host-cache stores carry their salt and adapter as fields: kept whole.
+        sglang = one_event({"type": "BlockStored", "block_hashes": [1], "token_ids": [1, 2],
+                            "block_size": 2, "medium": "CPU_PINNED", "cache_salt": "s"},
+                           flavor="sglang")
+        assert sglang.events == [BlockStored([1], None, toks(1, 2), 2, medium="cpu",
+                                             cache_salt="s")]
+
+
+class TestRouterAgreement:
+    """What the bridge makes of vLLM's published extra keys is what a router computes from the
+    same prompt (kvcore.keys), for any media layout, adapter, salt and event split."""
+
+    @fast
+    @given(
+        n_blocks=st.integers(1, 6),
+        block_size=st.sampled_from([1, 2, 4, 16]),
+        gaps=st.lists(st.tuples(st.integers(0, 9), st.integers(1, 20),
+                                st.sampled_from(["img-a", "img-b", "aud-ç"])), max_size=4),
+        lora=st.booleans(),
+        salt=st.one_of(st.none(), st.sampled_from(["tenant-a", "sql-adapter"])),
+        embeds=st.booleans(),
+        split=st.integers(0, 6),
+    )
+    def test_bridge_keys_equal_router_keys(
+        self, *, n_blocks: int, block_size: int, gaps: list[tuple[int, int, str]], lora: bool,
+        salt: str | None, embeds: bool, split: int,
+    ) -> None:
+        """Blocks published in two events (the second a child of the first) get the keys a
+        router derives from tokens + adapter + salt + media items + embedding digests."""
+        frames_module = make_frames_module()
+        n_tokens = n_blocks * block_size
+        items, pos = [], 0
+        for gap, length, identifier in gaps:  # non-overlapping, by position (as vLLM's)
+            items.append(frames_module.MMFeature(identifier, pos + gap, length))
+            pos += gap + length
+        digests = [bytes([i]) * 32 for i in range(n_blocks)] if embeds else None
+        req = frames_module.VllmRequest(
+            list(range(500, 500 + n_tokens)), lora=("sql-adapter", 1, "/a") if lora else None,
+            cache_salt=salt, mm_features=items, embeds_digests=digests)
+        hashes = list(range(1, n_blocks + 1))
+        cut = min(split, n_blocks)
+        events = []
+        if cut:
+            events.append(frames_module.vllm_stored(req, hashes[:cut], 0, block_size))
+        if cut < n_blocks:
+            events.append(frames_module.vllm_stored(req, hashes[cut:], cut, block_size,
+                                                    parent_block_hash=hashes[cut - 1]
+                                                    if cut else None))
+        decoded = decode_engine_payload(msgspec.msgpack.encode([TS, events, 0]))
+        assert decoded.skipped == []
+        keys: list[int] = []
+        for event in decoded.events:
+            assert isinstance(event, BlockStored)
+            seed = (root_seed("m", event.lora_name, event.cache_salt)
+                    if event.parent_hash is None else keys[-1])
+            keys += block_keys(event.token_ids, block_size, seed, event.extra_keys)
+        router_items = [MultimodalItem(f.identifier, f.offset, f.length) for f in items]
+        assert keys == block_keys_for_tokens(
+            req.tokens, block_size, "m", lora_name="sql-adapter" if lora else None,
+            cache_salt=salt,
+            extra_keys=multimodal_extra_keys(router_items, n_tokens, block_size, digests))
 
 
 class TestSkippedEvents:
@@ -616,21 +937,3 @@ class TestReplayFrames:
             encode_replay_request(-1)
         with pytest.raises(ValueError, match="unsigned 64-bit"):
             encode_replay_request(2**64)
-
-
-class TestLoraInExtraKeys:
-    """vLLM's per-block extra keys repeat the LoRA name; block keys root in it instead."""
-
-    def test_lora_name_is_left_out_of_extra_keys(self) -> None:
-        """extra_keys [[lora], [lora, mm]] become [b"", msgpack([mm])] with lora_name kept."""
-        import msgspec as _msgspec
-
-        from publisher.engines import decode_engine_payload as _decode
-
-        event = {"type": "BlockStored", "block_hashes": [1, 2], "parent_block_hash": None,
-                 "token_ids": list(range(8)), "block_size": 4, "lora_name": "ad",
-                 "extra_keys": [["ad"], ["ad", "mm-1"]]}
-        batch = _decode(_msgspec.msgpack.encode([0.5, [event], 0]))
-        (stored,) = batch.events
-        assert stored.lora_name == "ad"  # type: ignore[union-attr]
-        assert stored.extra_keys == [b"", _msgspec.msgpack.encode(["mm-1"])]  # type: ignore[union-attr]

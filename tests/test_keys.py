@@ -15,9 +15,12 @@ from hypothesis import strategies as st
 from kvcore.bus import pack_tokens
 from kvcore.keys import (
     KEY_SCHEME,
+    MultimodalItem,
+    block_extra_key,
     block_keys,
     block_keys_for_tokens,
     block_keys_packed,
+    multimodal_extra_keys,
     pack_keys,
     root_seed,
 )
@@ -105,6 +108,53 @@ class TestVectors:
         # "" and None are the same lora/salt.
         assert by_name["lora_empty_equals_none"]["keys"] == by_name["worked_example"]["keys"]
         assert by_name["lora"]["root_seed"] != by_name["worked_example"]["root_seed"]
+        mm_cases = [c for c in CASES if c["mm_items"]]
+        assert any(c["embeds_digests"] for c in CASES)
+        assert any(len(c["mm_items"]) > 1 for c in mm_cases)
+        assert any(not c["model"].isascii() or not item[0].isascii()
+                   for c in mm_cases for item in c["mm_items"])
+        assert any("f5ffffffffffffff" in x for c in mm_cases for x in c["extra_keys"])  # -11
+
+
+MM_CASES = [c for c in CASES if c["mm_items"] is not None or c["embeds_digests"] is not None]
+
+
+class TestMultimodalExtraKeys:
+    """The canonical extra keys a router derives from its prompt's media (docs/block-keys.md)."""
+
+    @pytest.mark.parametrize("case", MM_CASES, ids=[c["name"] for c in MM_CASES])
+    def test_vectors(self, case: dict[str, Any]) -> None:
+        """multimodal_extra_keys reproduces each vector's extra keys from its media."""
+        items = [MultimodalItem(*item) for item in case["mm_items"] or []]
+        digests = (None if case["embeds_digests"] is None
+                   else [bytes.fromhex(d) for d in case["embeds_digests"]])
+        extra = multimodal_extra_keys(items, len(case["tokens"]), case["block_size"], digests)
+        assert extra is not None and [x.hex() for x in extra] == case["extra_keys"]
+
+    def test_item_bytes(self) -> None:
+        """One item: tag "m", u32 LE byte length, UTF-8 identifier, i64 LE offset; a digest:
+        tag "e", u32 LE length, the digest."""
+        assert block_extra_key([("é", -1)], [b"\x01\x02"]) == (
+            b"m\x02\x00\x00\x00\xc3\xa9" + b"\xff" * 8 + b"e\x02\x00\x00\x00\x01\x02")
+        assert block_extra_key() == b""
+
+    def test_no_media_is_none(self) -> None:
+        """Without media (or with media only in the partial tail) there are no extra keys."""
+        assert multimodal_extra_keys([], 32, 16) is None
+        assert multimodal_extra_keys([MultimodalItem("x", 33, 4)], 40, 16) is None
+
+    def test_identifier_and_offset_are_unambiguous(self) -> None:
+        """Length prefixes keep ("ab", offset) and ("a", ...) apart; item order matters."""
+        a = block_extra_key([("ab", 0)])
+        b = block_extra_key([("a", int.from_bytes(b"b" + bytes(7), "little"))])
+        assert a != b
+        assert block_extra_key([("x", 0), ("y", 1)]) != block_extra_key([("y", 1), ("x", 0)])
+
+    def test_errors(self) -> None:
+        with pytest.raises(ValueError, match="block_size must be > 0"):
+            multimodal_extra_keys([], 4, 0)
+        with pytest.raises(ValueError, match="embeds_digests has 1 entries for 2 blocks"):
+            multimodal_extra_keys([], 8, 4, [b"x"])
 
 
 class TestAgainstReference:

@@ -120,3 +120,29 @@ class TestTiers:
         index.apply([batch(0, BlockStored(block_hashes=[77], medium="cpu"))])
         assert index.stats().dropped == {"unknown_block": 1}
         assert index.presence(MODEL) == {}
+
+
+class TestIdentityChains:
+    """The salt and adapter root a chain; children inherit them through the parent's key."""
+
+    def test_child_inherits_the_root_of_its_parent(self) -> None:
+        """A child stored in a later batch, naming no salt (vLLM sends it on the first block
+        only) or repeating it (SGLang), chains from its salted parent: the whole prompt
+        matches a query with that salt, nothing matches one without."""
+        for child_salt in (None, "tenant-a"):
+            index = SyncMemoryIndex(IndexConfig())
+            root = stored(1, 2)
+            root.cache_salt, root.lora_name = "tenant-a", "ad"
+            child = stored(3, 3, parent=2)
+            child.cache_salt, child.lora_name = child_salt, "ad"
+            index.apply([batch(0, root)])
+            index.apply([batch(1, child)])
+            salted = block_keys_for_tokens(TOKENS[: 3 * BS], BS, MODEL, lora_name="ad",
+                                           cache_salt="tenant-a")
+            assert index.presence(MODEL).keys() == set(salted)
+            for lora, salt, blocks in (("ad", "tenant-a", 3), ("ad", None, 0),
+                                       (None, "tenant-a", 0), ("ad", "tenant-b", 0)):
+                query = ScoreQuery(model=MODEL, token_ids=TOKENS[: 3 * BS], block_size=BS,
+                                   lora_name=lora, cache_salt=salt)
+                scores = index.score(query).scores
+                assert next((s.matched_blocks for s in scores), 0) == blocks, (lora, salt)
