@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -32,9 +32,21 @@ from indexer.ingest.partitions import PartitionLeases
 from indexer.probes import ProcessProbes
 from indexer.serve.health import ServingHealth
 
-__all__ = ["DEFAULT_MAX_WORKER_SERIES", "OTHER_WORKERS", "MetricsExporter", "WorkerSeries"]
+__all__ = [
+    "APPLY_BUCKETS_S",
+    "DEFAULT_MAX_WORKER_SERIES",
+    "LAG_BUCKETS_S",
+    "OTHER_WORKERS",
+    "EventPathMetrics",
+    "MetricsExporter",
+    "WorkerSeries",
+]
 
 DEFAULT_MAX_WORKER_SERIES: Final = 1_000
+LAG_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+APPLY_BUCKETS_S: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                          0.1, 0.25, 0.5, 1.0, 2.5)
 OTHER_WORKERS: Final = "_other"  # the label values of the series the others are summed in
 
 RankKey = tuple[str, str, int]
@@ -51,6 +63,20 @@ class _Snapshot:
     other_degraded: int = 0  # how many of them are degraded
     lag_p50: float = 0.0
     lag_p99: float = 0.0
+
+
+class EventPathMetrics:
+    """The consumers' histograms (`PartitionConsumer(lag_seconds=, apply_seconds=)`):
+    aggregatable across replicas with `histogram_quantile(q, sum by (le) (rate(..)))`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.lag_seconds = Histogram(
+            "kv_indexer_event_lag_seconds",
+            "Batch timestamp (publisher clock) to applied to the index, per applied batch",
+            buckets=LAG_BUCKETS_S, registry=registry)
+        self.apply_seconds = Histogram(
+            "kv_indexer_apply_seconds", "Duration of one index apply call (a chunk of batches)",
+            buckets=APPLY_BUCKETS_S, registry=registry)
 
 
 class WorkerSeries:
@@ -119,7 +145,9 @@ class _Collector(Collector):
             dead.add_metric([reason], count)
         yield dead
         lag = GaugeMetricFamily("kv_indexer_lag_seconds",
-                                "Event timestamp to applied, recent quantiles",
+                                "DEPRECATED (removed in the next release): use the "
+                                "kv_indexer_event_lag_seconds histogram. Event timestamp "
+                                "to applied, recent quantiles",
                                 labels=["quantile"])
         lag.add_metric(["0.5"], snap.lag_p50)
         lag.add_metric(["0.99"], snap.lag_p99)

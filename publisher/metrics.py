@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kvcore.about import register_build_metrics
 from publisher.publisher import KVEventPublisher
 from publisher.zmq_source import EngineSource
 
@@ -151,6 +152,7 @@ class BridgeHttpServer:
     def __init__(self, publisher: KVEventPublisher, sources: Sequence[EngineSource] = ()):
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(BridgeCollector(publisher, sources))
+        register_build_metrics(self.registry, "kv_publisher")
         self._publisher = publisher
         self._server: asyncio.Server | None = None
         self.port = 0
