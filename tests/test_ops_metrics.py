@@ -114,11 +114,15 @@ class TestGrpcMetrics:
                 assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
                 await stub.Score(pb.ScoreRequest(model="m", block_keys=[1]),
                                  metadata=(("authorization", "Bearer s3cret"),))
+                # the same refusing handler answers another method: counted under that one
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await stub.GetStats(pb.GetStatsRequest())
         finally:
             await server.stop(0)
         found = samples(registry)
         assert requests(found, "Score", "UNAUTHENTICATED") == 1
         assert requests(found, "Score", "OK") == 1
+        assert requests(found, "GetStats", "UNAUTHENTICATED") == 1
 
     async def test_no_registry_no_interceptor(self) -> None:
         """Without a registry nothing is wrapped (and nothing registered anywhere)."""

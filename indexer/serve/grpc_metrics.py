@@ -2,7 +2,7 @@
 
 `GrpcMetrics` is a grpc.aio server interceptor (installed first by `start_grpc_server`
 when the process has a metrics registry, so it also sees what the bearer-token check
-refuses). It wraps each unary-unary handler once (cached per handler object) and keeps
+refuses). It wraps each unary-unary handler once (cached per method and handler) and keeps
 the label children of every method pre-resolved, so a call costs two `perf_counter`
 reads, one histogram observe and one counter increment (measured in the README).
 
@@ -85,10 +85,11 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has
             "kv_indexer_grpc_request_seconds",
             "gRPC request handling time on the server, by method",
             ["method"], buckets=GRPC_BUCKETS_S, registry=registry)
-        # id(handler) -> (handler, its measured twin); the handler is kept so its id stays
-        # its own. Handlers are made once per method (and per refusal shape), so this
-        # stays as small as the server's method table.
-        self._wrapped: dict[int, tuple[Handler, Handler]] = {}
+        # (method, id(handler)) -> (handler, its measured twin); the handler is kept so its
+        # id stays its own. Keyed by method too: one handler may serve several methods
+        # (the bearer-token check's refusals). Handlers are made once per method (and
+        # refusal shape), so this stays as small as the server's method table.
+        self._wrapped: dict[tuple[str, int], tuple[Handler, Handler]] = {}
 
     def series(self, method: str) -> _MethodSeries:
         return _MethodSeries(method_label(method), self.requests, self.seconds)
@@ -100,17 +101,19 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        cached = self._wrapped.get(id(handler))
+        method: str = handler_call_details.method
+        key = (method, id(handler))
+        cached = self._wrapped.get(key)
         if cached is not None and cached[0] is handler:
             return cached[1]
         if handler.unary_unary is None:  # streaming: not measured
             wrapped = handler
         else:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                self._measure(handler.unary_unary, self.series(handler_call_details.method)),
+                self._measure(handler.unary_unary, self.series(method)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
-        self._wrapped[id(handler)] = (handler, wrapped)
+        self._wrapped[key] = (handler, wrapped)
         return wrapped
 
     @staticmethod
