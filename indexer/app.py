@@ -38,12 +38,11 @@ from indexer.ingest.consumer import (
 from indexer.ingest.liveness import LivenessWatcher
 from indexer.ingest.partitions import PartitionLeases
 from indexer.ingest.recovery import SnapshotStore
-from indexer.metrics import EventPathMetrics, MetricsExporter
+from indexer.metrics import EventPathMetrics, MetricsExporter, register_process_metrics
 from indexer.probes import ProcessProbes
 from indexer.serve.auth import GrpcSecurity
 from indexer.serve.health import ServingHealth
 from indexer.serve.readers import PartitionMarkers, ReaderPool
-from kvcore.about import register_build_metrics
 from kvcore.connect import NatsSetupError, connect_nats
 from kvcore.redact import redact_text, redact_url
 from kvcore.runtime import (
@@ -123,7 +122,7 @@ class IndexerService:
         resync = ResyncRequester(self._nc, 5.0, self.stats)
         registry = CollectorRegistry() if config.metrics_listen else None
         if registry is not None:
-            register_build_metrics(registry, "kv_indexer")
+            register_process_metrics(registry)
             self.event_metrics = EventPathMetrics(registry)
         self.registry = registry
         self.index = build_index(IndexConfig(max_query_tokens=config.max_query_tokens),

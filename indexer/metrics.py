@@ -21,7 +21,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -31,6 +38,7 @@ from indexer.ingest.consumer import ConsumerStats
 from indexer.ingest.partitions import PartitionLeases
 from indexer.probes import ProcessProbes
 from indexer.serve.health import ServingHealth
+from kvcore.about import build_labels
 
 __all__ = [
     "APPLY_BUCKETS_S",
@@ -40,6 +48,7 @@ __all__ = [
     "EventPathMetrics",
     "MetricsExporter",
     "WorkerSeries",
+    "register_process_metrics",
 ]
 
 DEFAULT_MAX_WORKER_SERIES: Final = 1_000
@@ -63,6 +72,17 @@ class _Snapshot:
     other_degraded: int = 0  # how many of them are degraded
     lag_p50: float = 0.0
     lag_p99: float = 0.0
+
+
+def register_process_metrics(registry: CollectorRegistry) -> None:
+    """`kv_indexer_build_info{version,native}` (always 1) and prometheus_client's `process_*`
+    (CPU, resident memory, open descriptors, start time; Linux) and `python_info` series,
+    in the main process and every reader."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    Gauge("kv_indexer_build_info", "The running version, and whether the C extension "
+          "(kvcore._native) is in use; always 1", ["version", "native"],
+          registry=registry).labels(*build_labels()).set(1)
 
 
 class EventPathMetrics:

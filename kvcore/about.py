@@ -8,15 +8,12 @@ sign of it. `kv-indexer serve` and `kv-publisher bridge` log `NATIVE_MISSING` at
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from kvcore import __version__
 from kvcore.keys import NATIVE
 
-if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
-
-__all__ = ["NATIVE_MISSING", "register_build_metrics", "version_line"]
+__all__ = ["NATIVE_MISSING", "build_labels", "version_line"]
 
 NATIVE_MISSING: Final = (
     "kvcore._native (the C extension) is not installed: block keys, the memory index's "
@@ -33,18 +30,7 @@ def version_line(prog: str) -> str:
     return f"{prog} {__version__} (C extension: {native})"
 
 
-def register_build_metrics(registry: CollectorRegistry, prefix: str) -> None:
-    """`<prefix>_build_info{version,native}` (always 1) and prometheus_client's `process_*`
-    (CPU, resident memory, open descriptors, start time; Linux) and `python_info` series
-    into `registry`. `native` is "true" while the C extension is in use."""
-    from prometheus_client import (  # noqa: PLC0415 - the server and publisher extras
-        Gauge,
-        PlatformCollector,
-        ProcessCollector,
-    )
-
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    Gauge(f"{prefix}_build_info", "The running version, and whether the C extension "
-          "(kvcore._native) is in use; always 1", ["version", "native"],
-          registry=registry).labels(__version__, "true" if NATIVE else "false").set(1)
+def build_labels() -> tuple[str, str]:
+    """(version, native) of the `*_build_info` series: native is "true" while the C
+    extension is in use."""
+    return __version__, "true" if NATIVE else "false"

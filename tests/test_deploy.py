@@ -27,10 +27,9 @@ from indexer.config import SETTINGS, env_name, parse_service_config
 from indexer.index.instrumented import InstrumentedIndex
 from indexer.index.memory import MemoryIndex
 from indexer.ingest.consumer import ConsumerStats
-from indexer.metrics import EventPathMetrics, MetricsExporter
+from indexer.metrics import EventPathMetrics, MetricsExporter, register_process_metrics
 from indexer.serve.grpc_metrics import GrpcMetrics
 from kvcore import __version__
-from kvcore.about import register_build_metrics
 from kvsim import mock_engines as simulate
 from publisher.cli import BRIDGE_SETTINGS, parse_bridge_args
 
@@ -634,7 +633,7 @@ def exported_metrics() -> set[str]:
     EventPathMetrics(exporter.registry)
     GrpcMetrics(exporter.registry)
     InstrumentedIndex(MemoryIndex(), exporter.registry)
-    register_build_metrics(exporter.registry, "kv_indexer")
+    register_process_metrics(exporter.registry)
     names = set()
     for line in generate_latest(exporter.registry).decode().splitlines():
         if line.startswith("# TYPE "):

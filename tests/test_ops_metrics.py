@@ -17,11 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
 from indexer.index.memory import MemoryIndex
+from indexer.metrics import register_process_metrics
 from indexer.serve.auth import GrpcSecurity
 from indexer.serve.grpc_metrics import GrpcMetrics, method_label
 from indexer.serve.service import start_grpc_server
 from kvcore import __version__
-from kvcore.about import register_build_metrics
 from kvcore.keys import NATIVE
 from publisher.metrics import BridgeHttpServer
 from publisher.publisher import KVEventPublisher
@@ -210,7 +210,7 @@ class TestWrapper:
 class TestBuildInfo:
     def test_indexer_build_info_and_process(self) -> None:
         registry = CollectorRegistry()
-        register_build_metrics(registry, "kv_indexer")
+        register_process_metrics(registry)
         found = samples(registry)
         native = "true" if NATIVE else "false"
         assert found[("kv_indexer_build_info",

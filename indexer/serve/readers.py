@@ -27,8 +27,8 @@ from indexer.index.factory import RedisSecurity, build_index, served_index
 from indexer.index.protocol import IndexConfig, IndexReader, WorkerInfo
 from indexer.ingest.consumer import marker_is_rebuilding, marker_name
 from indexer.ingest.liveness import LivenessWatcher
+from indexer.metrics import register_process_metrics
 from indexer.serve.auth import GrpcSecurity
-from kvcore.about import register_build_metrics
 from kvcore.connect import connect_nats
 from kvcore.runtime import (
     SERVER_GC_THRESHOLDS,
@@ -160,7 +160,7 @@ async def serve_reader(config: ServiceConfig, listen: str, number: int = 0) -> N
                             max_reconnect_attempts=-1, reconnect_time_wait=0.5)
     registry = CollectorRegistry() if config.metrics_listen else None
     if registry is not None:
-        register_build_metrics(registry, "kv_indexer")
+        register_process_metrics(registry)
     index = served_index(build_index(IndexConfig(max_query_tokens=config.max_query_tokens),
                                      redis_url=config.redis_url,
                                      redis_security=RedisSecurity.from_config(config)), registry)
