@@ -38,7 +38,7 @@ from indexer.ingest.consumer import (
 from indexer.ingest.liveness import LivenessWatcher
 from indexer.ingest.partitions import PartitionLeases
 from indexer.ingest.recovery import SnapshotStore
-from indexer.metrics import MetricsExporter
+from indexer.metrics import EventPathMetrics, MetricsExporter, register_process_metrics
 from indexer.probes import ProcessProbes
 from indexer.serve.auth import GrpcSecurity
 from indexer.serve.health import ServingHealth
@@ -94,6 +94,8 @@ class IndexerService:
     readers: ReaderPool | None = None
     health: ServingHealth | None = None
     probes: ProcessProbes | None = None
+    registry: CollectorRegistry | None = None  # set while metrics are on
+    event_metrics: EventPathMetrics | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -119,6 +121,10 @@ class IndexerService:
         await ensure_liveness_bucket(self._js, config.liveness_ttl_s)
         resync = ResyncRequester(self._nc, 5.0, self.stats)
         registry = CollectorRegistry() if config.metrics_listen else None
+        if registry is not None:
+            register_process_metrics(registry)
+            self.event_metrics = EventPathMetrics(registry)
+        self.registry = registry
         self.index = build_index(IndexConfig(max_query_tokens=config.max_query_tokens),
                                  redis_url=config.redis_url, on_resync=resync.request,
                                  redis_security=RedisSecurity.from_config(config))
@@ -164,7 +170,7 @@ class IndexerService:
             health_servicer=self._health_servicer,
             settings=service_settings(self.config, share_port=extra > 0),
             rebuilding=rebuilding, live_workers=self._live_workers,
-            security=self.grpc_security)
+            security=self.grpc_security, registry=self.registry)
         if extra:
             host = self.config.grpc_listen.rpartition(":")[0]
             reader_config = msgspec.structs.replace(self.config, nats_url=self.nats_url)
@@ -195,12 +201,15 @@ class IndexerService:
 
     async def _start_partition(self, partition: int) -> None:
         assert self._js is not None and self.index is not None
+        timings = self.event_metrics
         consumer = PartitionConsumer(
             self._js, self.index, partition, resync=self._resync,
             stats=self.stats, snapshots=self.snapshots, settings=ConsumerSettings(
                 fetch_batch=self.config.fetch_batch, apply_chunk=self.config.apply_chunk,
                 snapshot_every_batches=self.config.snapshot_every_batches,
-                snapshot_every_s=self.config.snapshot_every_s))
+                snapshot_every_s=self.config.snapshot_every_s),
+            lag_seconds=timings.lag_seconds if timings is not None else None,
+            apply_seconds=timings.apply_seconds if timings is not None else None)
         stop = asyncio.Event()
         task = asyncio.create_task(supervise(f"partition-{partition}", consumer.run, stop,
                                              on_failure=self._consumer_failed,

@@ -21,7 +21,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -31,10 +38,24 @@ from indexer.ingest.consumer import ConsumerStats
 from indexer.ingest.partitions import PartitionLeases
 from indexer.probes import ProcessProbes
 from indexer.serve.health import ServingHealth
+from kvcore.about import build_labels
 
-__all__ = ["DEFAULT_MAX_WORKER_SERIES", "OTHER_WORKERS", "MetricsExporter", "WorkerSeries"]
+__all__ = [
+    "APPLY_BUCKETS_S",
+    "DEFAULT_MAX_WORKER_SERIES",
+    "LAG_BUCKETS_S",
+    "OTHER_WORKERS",
+    "EventPathMetrics",
+    "MetricsExporter",
+    "WorkerSeries",
+    "register_process_metrics",
+]
 
 DEFAULT_MAX_WORKER_SERIES: Final = 1_000
+LAG_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+APPLY_BUCKETS_S: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                          0.1, 0.25, 0.5, 1.0, 2.5)
 OTHER_WORKERS: Final = "_other"  # the label values of the series the others are summed in
 
 RankKey = tuple[str, str, int]
@@ -51,6 +72,31 @@ class _Snapshot:
     other_degraded: int = 0  # how many of them are degraded
     lag_p50: float = 0.0
     lag_p99: float = 0.0
+
+
+def register_process_metrics(registry: CollectorRegistry) -> None:
+    """`kv_indexer_build_info{version,native}` (always 1) and prometheus_client's `process_*`
+    (CPU, resident memory, open descriptors, start time; Linux) and `python_info` series,
+    in the main process and every reader."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    Gauge("kv_indexer_build_info", "The running version, and whether the C extension "
+          "(kvcore._native) is in use; always 1", ["version", "native"],
+          registry=registry).labels(*build_labels()).set(1)
+
+
+class EventPathMetrics:
+    """The consumers' histograms (`PartitionConsumer(lag_seconds=, apply_seconds=)`):
+    aggregatable across replicas with `histogram_quantile(q, sum by (le) (rate(..)))`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.lag_seconds = Histogram(
+            "kv_indexer_event_lag_seconds",
+            "Batch timestamp (publisher clock) to applied to the index, per applied batch",
+            buckets=LAG_BUCKETS_S, registry=registry)
+        self.apply_seconds = Histogram(
+            "kv_indexer_apply_seconds", "Duration of one index apply call (a chunk of batches)",
+            buckets=APPLY_BUCKETS_S, registry=registry)
 
 
 class WorkerSeries:
@@ -119,7 +165,9 @@ class _Collector(Collector):
             dead.add_metric([reason], count)
         yield dead
         lag = GaugeMetricFamily("kv_indexer_lag_seconds",
-                                "Event timestamp to applied, recent quantiles",
+                                "DEPRECATED (removed in the next release): use the "
+                                "kv_indexer_event_lag_seconds histogram. Event timestamp "
+                                "to applied, recent quantiles",
                                 labels=["quantile"])
         lag.add_metric(["0.5"], snap.lag_p50)
         lag.add_metric(["0.99"], snap.lag_p99)

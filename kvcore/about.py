@@ -13,7 +13,7 @@ from typing import Final
 from kvcore import __version__
 from kvcore.keys import NATIVE
 
-__all__ = ["NATIVE_MISSING", "version_line"]
+__all__ = ["NATIVE_MISSING", "build_labels", "version_line"]
 
 NATIVE_MISSING: Final = (
     "kvcore._native (the C extension) is not installed: block keys, the memory index's "
@@ -28,3 +28,9 @@ def version_line(prog: str) -> str:
     """`<prog> <version> (C extension: yes)`, or `no, pure-Python fallback`."""
     native = "yes" if NATIVE else "no, pure-Python fallback"
     return f"{prog} {__version__} (C extension: {native})"
+
+
+def build_labels() -> tuple[str, str]:
+    """(version, native) of the `*_build_info` series: native is "true" while the C
+    extension is in use."""
+    return __version__, "true" if NATIVE else "false"

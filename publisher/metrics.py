@@ -15,10 +15,18 @@ from collections.abc import Iterator, Sequence
 from typing import Final
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Gauge,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kvcore.about import build_labels
 from publisher.publisher import KVEventPublisher
 from publisher.zmq_source import EngineSource
 
@@ -154,6 +162,12 @@ class BridgeHttpServer:
     def __init__(self, publisher: KVEventPublisher, sources: Sequence[EngineSource] = ()):
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(BridgeCollector(publisher, sources))
+        # kv_publisher_build_info{version,native} and the process_* / python_info series
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        Gauge("kv_publisher_build_info", "The running version, and whether the C extension "
+              "(kvcore._native) is in use; always 1", ["version", "native"],
+              registry=self.registry).labels(*build_labels()).set(1)
         self._publisher = publisher
         self._server: asyncio.Server | None = None
         self.port = 0

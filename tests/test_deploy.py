@@ -15,7 +15,8 @@ import re
 import shlex
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from types import SimpleNamespace
+from typing import Any, NamedTuple, cast
 from urllib.parse import urlsplit
 
 import pytest
@@ -23,9 +24,11 @@ from prometheus_client import generate_latest
 
 from indexer.cli import parse_health_args
 from indexer.config import SETTINGS, env_name, parse_service_config
+from indexer.index.instrumented import InstrumentedIndex
 from indexer.index.memory import MemoryIndex
 from indexer.ingest.consumer import ConsumerStats
-from indexer.metrics import MetricsExporter
+from indexer.metrics import EventPathMetrics, MetricsExporter, register_process_metrics
+from indexer.serve.grpc_metrics import GrpcMetrics
 from kvcore import __version__
 from kvsim import mock_engines as simulate
 from publisher.cli import BRIDGE_SETTINGS, parse_bridge_args
@@ -417,6 +420,21 @@ class TestCompose:
         listen = setting(program, "--metrics-listen", "KV_INDEXER_METRICS_LISTEN") or ""
         assert f"indexer:{listen.rpartition(':')[2]}" in targets
 
+    def test_prometheus_scrapes_bridges(self) -> None:
+        """Every compose bridge serves /metrics, and Prometheus scrapes it (the dashboard's
+        bridge and process rows)."""
+        assert yaml is not None
+        config = yaml.safe_load(PROMETHEUS.read_text())
+        targets = [t for job in config["scrape_configs"] for sc in job["static_configs"]
+                   for t in sc["targets"]]
+        bridges = by_kind(compose_programs(), BRIDGE)
+        assert bridges
+        for program in bridges:
+            listen = setting(program, "--metrics-listen", "KV_PUBLISHER_METRICS_LISTEN")
+            assert listen, program.where
+            service = program.where.rpartition(": ")[2]
+            assert f"{service}:{listen.rpartition(':')[2]}" in targets, program.where
+
 
 # --- Dockerfile ---------------------------------------------------------------------------
 
@@ -606,8 +624,16 @@ class TestKubernetes:
 
 
 def exported_metrics() -> set[str]:
-    """Sample names /metrics exposes, read from the exporter's own exposition."""
+    """Sample names /metrics exposes, read from the exposition of everything `serve`
+    registers (tests/test_dashboard.py checks the same against a live service's scrape)."""
     exporter = MetricsExporter(MemoryIndex(), ConsumerStats())
+    # health and probes as `serve` passes them (their gauges appear only with them)
+    exporter.health = cast(Any, SimpleNamespace(serving=True))
+    exporter.probes = cast(Any, SimpleNamespace(backend_up=True, pending={0: 0}))
+    EventPathMetrics(exporter.registry)
+    GrpcMetrics(exporter.registry)
+    InstrumentedIndex(MemoryIndex(), exporter.registry)
+    register_process_metrics(exporter.registry)
     names = set()
     for line in generate_latest(exporter.registry).decode().splitlines():
         if line.startswith("# TYPE "):
@@ -649,15 +675,18 @@ class TestGrafanaDashboard:
         assert queried_metrics() - exported_metrics() == set()
 
     def test_covers_the_metrics(self) -> None:
-        """Events applied, drops, dead letters, gaps, resyncs, lag, blocks, degraded, workers."""
+        """Events applied, drops, dead letters, gaps, resyncs, lag, blocks, degraded, workers,
+        gRPC requests; lag quantiles from the histogram (not the deprecated gauge)."""
         required = {"kv_indexer_events_applied_total", "kv_indexer_dropped_total",
                     "kv_indexer_dead_letters_total", "kv_indexer_gaps_total",
-                    "kv_indexer_resyncs_requested_total", "kv_indexer_lag_seconds",
+                    "kv_indexer_resyncs_requested_total", "kv_indexer_event_lag_seconds_bucket",
                     "kv_indexer_worker_blocks", "kv_indexer_worker_degraded",
-                    "kv_indexer_workers"}
+                    "kv_indexer_workers", "kv_indexer_grpc_requests_total",
+                    "kv_indexer_grpc_request_seconds_bucket"}
         assert required - queried_metrics() == set()
+        assert "kv_indexer_lag_seconds" not in queried_metrics()
         exprs = " ".join(str(n["expr"]) for n in walk(dashboard()) if "expr" in n)
-        for quantile in ('quantile="0.5"', 'quantile="0.99"'):
+        for quantile in ("histogram_quantile(0.5,", "histogram_quantile(0.99,"):
             assert quantile in exprs
         assert "by (reason)" in exprs and "tier" in exprs
 

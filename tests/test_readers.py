@@ -204,7 +204,8 @@ def free_port_pair() -> int:
 async def test_a_reader_exports_its_score_latency(nats_url: str,
                                                   private_redis: RedisServer) -> None:
     """Reader processes build their index with the same factory as the consumer process:
-    Scores they answer are timed, on the service's metrics port + 1 + reader number."""
+    Scores they answer are timed, on the service's metrics port + 1 + reader number, and
+    counted per gRPC method beside the reader's build info and process metrics."""
     import urllib.request
 
     port = free_port_pair()
@@ -225,12 +226,14 @@ async def test_a_reader_exports_its_score_latency(nats_url: str,
             await eventually(indexed, timeout=20)
             await svc._server.stop(0)  # type: ignore[union-attr]  # only the reader answers
 
-            def reader_score_count() -> float:
+            def reader_scrape() -> str:
                 url = f"http://127.0.0.1:{port + 1}/metrics"
                 with urllib.request.urlopen(url, timeout=2) as reply:
-                    text = reply.read().decode()
-                return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                           if line.startswith("kv_indexer_score_seconds_count"))
+                    return str(reply.read().decode())
+
+            def reader_score_count(prefix: str = "kv_indexer_score_seconds_count") -> float:
+                return sum(float(line.rsplit(" ", 1)[1])
+                           for line in reader_scrape().splitlines() if line.startswith(prefix))
 
             async def reader_timed_a_score() -> bool:
                 await score_on_new_connection(svc.grpc_port)
@@ -240,5 +243,12 @@ async def test_a_reader_exports_its_score_latency(nats_url: str,
                     return False
 
             await eventually(reader_timed_a_score, timeout=20)
+            assert await asyncio.to_thread(
+                reader_score_count,
+                'kv_indexer_grpc_requests_total{code="OK",method="Score"}') > 0
+            assert await asyncio.to_thread(
+                reader_score_count, 'kv_indexer_grpc_request_seconds_count{method="Score"}') > 0
+            text = await asyncio.to_thread(reader_scrape)
+            assert "kv_indexer_build_info{" in text and "process_open_fds " in text
     finally:
         await svc.close()

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final
+from typing import Final, Protocol
 
 import msgspec
 import structlog
@@ -51,6 +51,7 @@ from kvcore.topology import (
 __all__ = [
     "ConsumerSettings",
     "ConsumerStats",
+    "Observer",
     "PartitionConsumer",
     "ResyncRequester",
     "marker_is_rebuilding",
@@ -75,6 +76,12 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     purge_after_snapshot: bool = True
     marker_check_s: float = 1.0
     max_epoch_skew_s: float = 300.0  # epochs further in the future are refused
+
+
+class Observer(Protocol):
+    """Where a duration goes (a prometheus_client Histogram, or its labelled child)."""
+
+    def observe(self, amount: float) -> None: ...
 
 
 class ConsumerStats(msgspec.Struct):
@@ -173,8 +180,14 @@ class PartitionConsumer:
         stats: ConsumerStats,
         settings: ConsumerSettings,
         snapshots: SnapshotStore | None = None,
+        lag_seconds: Observer | None = None,
+        apply_seconds: Observer | None = None,
     ) -> None:
         self.partition = partition
+        # Histograms (when metrics are on): batch timestamp to applied, per applied batch;
+        # the duration of each index.apply call.
+        self._lag_seconds = lag_seconds
+        self._apply_seconds = apply_seconds
         self.rebuilding = False
         self._js = js
         self._index = index
@@ -470,7 +483,15 @@ class PartitionConsumer:
 
     async def _apply_with_retry(self, batches: list[EventBatch], msgs: Sequence[Msg]) -> None:
         async def apply() -> None:
-            self._record(batches, await self._index.apply(batches, validated=True))
+            if self._apply_seconds is None:
+                self._record(batches, await self._index.apply(batches, validated=True))
+                return
+            started = time.perf_counter()
+            try:
+                outcomes = await self._index.apply(batches, validated=True)
+            finally:
+                self._apply_seconds.observe(time.perf_counter() - started)
+            self._record(batches, outcomes)
 
         await self._with_backend_retry(apply, msgs)
 
@@ -498,6 +519,7 @@ class PartitionConsumer:
         stats = self._stats
         now = time.time()
         lags, lag_ts = stats.lag_samples, stats.lag_sample_ts
+        observe_lag = self._lag_seconds.observe if self._lag_seconds is not None else None
         for batch, outcome in zip(batches, outcomes, strict=True):
             if outcome is ApplyOutcome.SEQ_JUMP:  # not applied: a resync restores the rank
                 self._on_gap(batch)
@@ -509,8 +531,11 @@ class PartitionConsumer:
             stats.batches_applied += 1
             stats.last_applied_ts = batch.ts
             stats.last_applied_at = now
-            lags.append(now - batch.ts)
+            lag = now - batch.ts
+            lags.append(lag)
             lag_ts.append(batch.ts)
+            if observe_lag is not None:
+                observe_lag(lag)
             stats.blocks_seen += block_count(batch)
 
     def _on_gap(self, batch: EventBatch) -> None:

@@ -27,6 +27,7 @@ from indexer.index.factory import RedisSecurity, build_index, served_index
 from indexer.index.protocol import IndexConfig, IndexReader, WorkerInfo
 from indexer.ingest.consumer import marker_is_rebuilding, marker_name
 from indexer.ingest.liveness import LivenessWatcher
+from indexer.metrics import register_process_metrics
 from indexer.serve.auth import GrpcSecurity
 from kvcore.connect import connect_nats
 from kvcore.runtime import (
@@ -158,6 +159,8 @@ async def serve_reader(config: ServiceConfig, listen: str, number: int = 0) -> N
                             start_timeout_s=config.nats_start_timeout_s,
                             max_reconnect_attempts=-1, reconnect_time_wait=0.5)
     registry = CollectorRegistry() if config.metrics_listen else None
+    if registry is not None:
+        register_process_metrics(registry)
     index = served_index(build_index(IndexConfig(max_query_tokens=config.max_query_tokens),
                                      redis_url=config.redis_url,
                                      redis_security=RedisSecurity.from_config(config)), registry)
@@ -176,7 +179,7 @@ async def serve_reader(config: ServiceConfig, listen: str, number: int = 0) -> N
     server, _ = await start_grpc_server(
         index, listen, live_workers=live_workers, rebuilding=lambda: markers.rebuilding,
         settings=service_settings(config, share_port=True),
-        security=GrpcSecurity.from_config(config))
+        security=GrpcSecurity.from_config(config), registry=registry)
     log.info("reader_serving", listen=listen)
     try:
         await stop.wait()

@@ -27,7 +27,7 @@ import random
 import resource
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
 import grpc
 import msgspec
@@ -101,6 +101,9 @@ DEFAULT_MAX_CONCURRENT_RPCS: Final = 1024
 # Descriptors a server process keeps for everything but gRPC connections (Redis, NATS,
 # files, the metrics server) when its connection cap is fitted under RLIMIT_NOFILE.
 FD_RESERVE: Final = 256
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 T = TypeVar("T")
 
@@ -563,6 +566,7 @@ async def start_grpc_server(
     consumer_stats: PipelineStats | None = None,
     health_servicer: health.aio.HealthServicer | None = None,
     security: GrpcSecurity | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server for `index` on `listen` ("host:0" picks a free port).
 
@@ -570,7 +574,9 @@ async def start_grpc_server(
     returns the server and the bound port. Health is `health_servicer`, whose status its
     owner keeps true (`ServingHealth`); without one, a servicer that always answers
     SERVING. `security`: TLS / mTLS credentials and bearer tokens (indexer/serve/auth.py);
-    None serves plaintext to anyone. Stop it with `await server.stop(grace)`.
+    None serves plaintext to anyone. `registry`: where per-method request counts and
+    latencies go (indexer/serve/grpc_metrics.py); None measures nothing. Stop it with
+    `await server.stop(grace)`.
     """
     settings = settings or ServiceSettings()
     settings.validate()
@@ -578,9 +584,14 @@ async def start_grpc_server(
     credentials = security.credentials() if security.tls else None
     servicer = KvIndexerService(index, settings=settings, live_workers=live_workers,
                                 rebuilding=rebuilding, consumer_stats=consumer_stats)
+    interceptors = security.interceptors()
+    if registry is not None:  # first, so that it also counts the token check's refusals
+        from indexer.serve.grpc_metrics import GrpcMetrics  # noqa: PLC0415 - server extra
+
+        interceptors.insert(0, GrpcMetrics(registry))
     server = grpc.aio.server(options=server_options(settings),
                              maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-                             interceptors=security.interceptors() or None)
+                             interceptors=interceptors or None)
     add_kv_indexer_service(servicer, server)
     if health_servicer is None:  # nobody watches this server's parts: always SERVING
         health_servicer = health.aio.HealthServicer()
