@@ -63,10 +63,11 @@ class ProcessProbes:
         return f"NATS unreachable for {now - since:.0f} s: the index is frozen"
 
     async def partitions(self) -> str | None:
-        """A process whose fair share is at least one partition but holds none ingests
-        nothing (NATS away, leases lost): its answers age."""
+        """A process whose fair share is at least one partition but holds none, while some
+        partition has no holder, ingests nothing (NATS away, leases lost): its answers
+        age. One holding none because others hold every partition is a spare: fine."""
         assert self.leases is not None
-        if self.leases.held or self.leases.share == 0:
+        if self.leases.held or self.leases.share == 0 or self.leases.all_taken:
             self._unheld_since = None
             return None
         now = time.monotonic()

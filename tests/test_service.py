@@ -856,25 +856,39 @@ class TestHardening:
         settings = ServiceSettings(worker_cache_seconds=0, connection_idle_s=0,
                                    max_connections=2)
         async with serving(index, settings) as (_, port):
-            channels = [grpc.aio.insecure_channel(
-                f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(4)]
+            # A refused channel backs off before it reconnects (1 s, growing to 2 min by
+            # default): short backoffs, so the last one retries promptly once there is room.
+            options = [("grpc.use_local_subchannel_pool", 1),
+                       ("grpc.initial_reconnect_backoff_ms", 100),
+                       ("grpc.min_reconnect_backoff_ms", 100),
+                       ("grpc.max_reconnect_backoff_ms", 200)]
+            channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
+                        for _ in range(4)]
             try:
                 stubs = [pb_grpc.KvIndexerStub(c) for c in channels]
                 for stub in stubs[:2]:
                     await stub.GetStats(pb.GetStatsRequest(), timeout=10)
                 code, _ = await status_of(stubs[2].GetStats(pb.GetStatsRequest(), timeout=10))
                 assert code == grpc.StatusCode.UNAVAILABLE
+                # The refused channel would keep reconnecting in the background and could
+                # take the slot freed next before the fourth does.
+                await channels[2].close()
                 await channels[0].close()
-                deadline = time.monotonic() + 20
+                deadline = time.monotonic() + 60
                 while True:  # the server notices the close by itself
+                    # a fresh channel each try: a refused one's own reconnect backoff
+                    # would otherwise decide when it tries again
+                    fresh = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
                     try:
-                        await stubs[3].GetStats(pb.GetStatsRequest(), timeout=10)
+                        await pb_grpc.KvIndexerStub(fresh).GetStats(pb.GetStatsRequest(),
+                                                                    timeout=10)
                         break
                     except grpc.aio.AioRpcError:
                         if time.monotonic() > deadline:
                             raise
                         await asyncio.sleep(0.1)
+                    finally:
+                        await fresh.close()
             finally:
                 for channel in channels:
                     await channel.close()

@@ -188,9 +188,13 @@ class WorkerLedger:
         expected = self.last_seq + 1 if batch.epoch == self.epoch else 0
         if batch.seq - expected > MAX_SEQ_JUMP and not starts_with_clear(batch):
             stats.drop("seq_jump")
+            self._ask_resync(batch, on_resync, "seq_jump")
             return ApplyOutcome.SEQ_JUMP
         if batch.seq != expected:
             outcome = ApplyOutcome.APPLIED_AFTER_GAP
+            # Asked here, not only by whoever reads the outcome: a call that fails after
+            # Redis committed this batch makes its retry see a duplicate, not the gap.
+            self._ask_resync(batch, on_resync, "sequence_gap")
         if batch.epoch != self.epoch:
             if self.epoch >= 0:
                 log.info("worker_new_epoch", worker=self.worker_id, dp_rank=self.dp_rank,
@@ -373,6 +377,11 @@ class WorkerLedger:
             if on_resync is not None:
                 on_resync(ResyncRequest(self.model, self.worker_id, self.dp_rank, self.epoch,
                                         "unknown_parent"))
+
+    def _ask_resync(self, batch: EventBatch, on_resync: ResyncHook | None, reason: str) -> None:
+        if on_resync is not None:
+            on_resync(ResyncRequest(batch.model, batch.worker_id, batch.dp_rank, batch.epoch,
+                                    reason))
 
     # --- persistence -------------------------------------------------------------------
 

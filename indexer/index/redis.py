@@ -247,6 +247,12 @@ class RedisIndex:
             except (RedisError, _ScriptMissingError) as exc:
                 await self._reset_after_failure(exc)
                 raise BackendError(f"redis apply failed: {exc}") from exc
+            except BaseException:
+                # A refused record (conflict, an error reply) or anything else: ledgers of
+                # every model in this call may be ahead of Redis, not only the failing
+                # one's. Reload them all from Redis before the next call.
+                self._forget_all()
+                raise
 
     async def _reset_after_failure(self, exc: Exception) -> None:
         """Redis holds the truth: forget what was cached; drop sockets a restart killed."""

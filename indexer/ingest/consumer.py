@@ -111,6 +111,10 @@ class ConsumerStats(msgspec.Struct):
 RankKey = tuple[str, str, int]  # model, worker id, dp rank
 
 
+class _StoppedWhileWaitingError(Exception):
+    """Asked to stop while waiting for the index backend: give the fetch up unacked."""
+
+
 class ResyncRequester:
     """Asks a worker's publisher to re-send its state, at most once per interval per rank."""
 
@@ -198,6 +202,7 @@ class PartitionConsumer:
         self._marker: str | None = None
         self._marker_checked = 0.0
         self._last_stream_seq = 0
+        self._stopping: asyncio.Event | None = None  # run()'s stop
         self._acked_seq = 0  # the last stream sequence this consumer acknowledged
         self.last_progress = time.monotonic()  # when a fetch was last applied and acked
         self._batches_since_snapshot = 0
@@ -206,7 +211,16 @@ class PartitionConsumer:
         self._log = log.bind(partition=partition)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Fetch, apply and ack until `stop` is set; the batch in hand is finished first."""
+        """Fetch, apply and ack until `stop` is set; the batch in hand is finished first,
+        unless the backend is away: then it is left unacknowledged (redelivered to whoever
+        consumes the partition next) rather than holding up the stop."""
+        self._stopping = stop
+        try:
+            await self._run(stop)
+        except _StoppedWhileWaitingError:
+            self._log.info("partition_consumer_stopped_unacked")
+
+    async def _run(self, stop: asyncio.Event) -> None:
         sub = await self._subscribe(await self._start_seq())
         self._log.info("partition_consumer_started", rebuilding=self.rebuilding)
         try:
@@ -282,6 +296,8 @@ class PartitionConsumer:
             try:
                 return await self._rebuild_once(reason)
             except BackendError as exc:
+                if self._stopping is not None and self._stopping.is_set():
+                    raise _StoppedWhileWaitingError from exc
                 attempt += 1
                 delay = _RETRY_BACKOFF_S[min(attempt, len(_RETRY_BACKOFF_S)) - 1]
                 self._log.warning("partition_rebuild_failed", error=str(exc), retry_in_s=delay)
@@ -480,6 +496,7 @@ class PartitionConsumer:
             except Exception as exc:  # noqa: BLE001 - this batch, and only it, is refused
                 await self._with_backend_retry(self._index.reset_caches, msgs)
                 await self._dead_letter(msg, "apply_failed", exc)
+                self._on_gap(batch)  # the rank misses this batch: its publisher re-sends
 
     async def _apply_with_retry(self, batches: list[EventBatch], msgs: Sequence[Msg]) -> None:
         async def apply() -> None:
@@ -504,6 +521,8 @@ class PartitionConsumer:
                 await call()
                 return
             except BackendError as exc:
+                if self._stopping is not None and self._stopping.is_set():
+                    raise _StoppedWhileWaitingError from exc
                 attempt += 1
                 self._stats.backend_retries += 1
                 delay = _RETRY_BACKOFF_S[min(attempt, len(_RETRY_BACKOFF_S)) - 1]
@@ -550,13 +569,14 @@ class PartitionConsumer:
         meta = msg.metadata
         self._log.warning("dead_letter", reason=reason, subject=msg.subject,
                           stream_seq=meta.sequence.stream, error=str(exc)[:200])
-        headers = {"Kv-Reason": reason, "Kv-Error": str(exc)[:500],
+        headers = {"Kv-Reason": reason,
+                   "Kv-Error": str(exc).encode()[:500].decode(errors="ignore"),
                    "Kv-Subject": msg.subject, "Kv-Stream-Seq": str(meta.sequence.stream)}
         data = msg.data
         # The copy must fit the server's limit with its headers: a message that barely fit
         # would otherwise make the server close this connection.
         room = server_max_payload(self._js) - _HEADER_ROOM - sum(
-            len(k) + len(v) + 4 for k, v in headers.items())
+            len(k) + len(v.encode()) + 4 for k, v in headers.items())
         if len(data) > room:
             headers["Kv-Truncated-From"] = str(len(data))
             data = data[: max(room, 0)]

@@ -74,6 +74,7 @@ class PartitionLeases:
         self.ttl_s = ttl_s
         self.held: dict[int, int] = {}  # partition -> lease revision
         self.share = 0  # the fair share at the last tick
+        self.all_taken = False  # every partition held (by us or others) at the last tick
         self.tick_failures = 0
         self.last_tick_ok = time.monotonic()
         self._js = js
@@ -98,6 +99,8 @@ class PartitionLeases:
             await self.tick()
         except Exception as exc:  # noqa: BLE001 - NATS away or slow: try again next tick
             self.tick_failures += 1
+            if isinstance(exc, BucketNotFoundError | JsNotFoundError):
+                self._kv = None  # NATS came back without its state: make the bucket again
             unrenewed_s = time.monotonic() - self.last_tick_ok
             self._log.warning("lease_tick_failed", error=repr(exc), held=sorted(self.held),
                               unrenewed_s=round(unrenewed_s, 1))
@@ -120,11 +123,15 @@ class PartitionLeases:
         members = await self._live_members(kv)
         share = self.share = math.ceil(self.partitions / max(1, len(members)))
         await self._renew(kv)
+        taken_by_others = 0
         for partition in range(self.partitions):
             if len(self.held) >= share:
                 break
-            if partition not in self.held:
-                await self._try_acquire(kv, partition)
+            if partition not in self.held and not await self._try_acquire(kv, partition):
+                taken_by_others += 1
+        # ceil(partitions / members) leaves some processes nothing when there are more
+        # processes than partitions allow: holding none is then no fault of ours.
+        self.all_taken = len(self.held) + taken_by_others >= self.partitions
         while len(self.held) > share:
             await self._release(max(self.held))
 
@@ -146,14 +153,16 @@ class PartitionLeases:
                 del self.held[partition]
                 await self._stop(partition)
 
-    async def _try_acquire(self, kv: KeyValue, partition: int) -> None:
+    async def _try_acquire(self, kv: KeyValue, partition: int) -> bool:
+        """Take the lease if it is free; False when someone else holds it."""
         try:
             revision = await kv.create(f"p.{partition}", self.member_id.encode())
         except (KeyWrongLastSequenceError, BadRequestError):
-            return  # someone else holds it
+            return False
         self.held[partition] = revision
         self._log.info("lease_acquired", partition=partition)
         await self._start(partition)
+        return True
 
     async def _release(self, partition: int) -> None:
         await self._stop(partition)  # the consumer finishes its batch in hand first
