@@ -487,16 +487,20 @@ class PartitionConsumer:
 
     async def _apply_one_by_one(self, part: list[tuple[Msg, EventBatch]],
                                 msgs: Sequence[Msg]) -> None:
+        # What the failed call left in memory (a ledger ahead of its backend) goes; each
+        # rank is read afresh from the backend, so nothing applies twice. A batch that
+        # applies leaves the cache true to the backend; only one that raises dirties it.
+        await self._with_backend_retry(self._index.reset_caches, msgs)
         for msg, batch in part:
-            # What the failed call left in memory (a ledger ahead of its backend) goes;
-            # each rank is read afresh from the backend, so nothing applies twice.
-            await self._with_backend_retry(self._index.reset_caches, msgs)
             try:
                 await self._apply_with_retry([batch], msgs)
             except Exception as exc:  # noqa: BLE001 - this batch, and only it, is refused
                 await self._with_backend_retry(self._index.reset_caches, msgs)
                 await self._dead_letter(msg, "apply_failed", exc)
                 self._on_gap(batch)  # the rank misses this batch: its publisher re-sends
+            if msgs:  # a long pass must not outlast the fetch's ack wait
+                with contextlib.suppress(Exception):
+                    await msgs[-1].in_progress()
 
     async def _apply_with_retry(self, batches: list[EventBatch], msgs: Sequence[Msg]) -> None:
         async def apply() -> None:
