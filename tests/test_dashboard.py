@@ -24,6 +24,7 @@ from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
 from indexer.app import IndexerService
 from publisher.metrics import BridgeHttpServer
 from tests.support.event_path import BS, MODEL, TOKENS, matched, publisher, service_config, store
+from tests.support.exposition import exposed_names
 from tests.support.polling import equals, eventually
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / \
@@ -34,22 +35,6 @@ DATASOURCE = "${datasource}"
 # PromQL words that are not metric names.
 KEYWORDS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right", "bool",
                       "and", "or", "unless", "offset", "inf", "nan"})
-
-
-def exposed_names(text: str) -> set[str]:
-    """The series names a Prometheus text scrape can be queried by: histograms as
-    `_bucket` / `_sum` / `_count`, counters by their `_total` samples, gauges as they are
-    (families without samples count, from their TYPE line)."""
-    names: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split()
-            suffixes = {"histogram": ("_bucket", "_sum", "_count"),
-                        "summary": ("", "_sum", "_count")}.get(kind, ("",))
-            names.update(name + s for s in suffixes)
-        elif line and not line.startswith("#"):
-            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
-    return names
 
 
 def metric_names(expr: str) -> set[str]:

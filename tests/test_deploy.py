@@ -32,6 +32,7 @@ from indexer.serve.grpc_metrics import GrpcMetrics
 from kvcore import __version__
 from kvsim import mock_engines as simulate
 from publisher.cli import BRIDGE_SETTINGS, parse_bridge_args
+from tests.support.exposition import exposed_names
 
 try:
     import yaml
@@ -634,16 +635,7 @@ def exported_metrics() -> set[str]:
     GrpcMetrics(exporter.registry)
     InstrumentedIndex(MemoryIndex(), exporter.registry)
     register_process_metrics(exporter.registry)
-    names = set()
-    for line in generate_latest(exporter.registry).decode().splitlines():
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split()
-            suffixes = {"histogram": ("_bucket", "_sum", "_count"),
-                        "summary": ("", "_sum", "_count")}.get(kind, ("",))
-            names.update(name + s for s in suffixes)
-        elif line and not line.startswith("#"):
-            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
-    return names
+    return exposed_names(generate_latest(exporter.registry).decode())
 
 
 def dashboard() -> dict[str, Any]:
