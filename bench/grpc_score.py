@@ -86,12 +86,19 @@ async def _serve_async(index: Any, listen: str, conn: Connection) -> None:
     # Redis index (indexer/serve/readers.py); without NATS here, every indexed worker is live.
     server, port = await start_grpc_server(index, listen,
                                            settings=ServiceSettings(share_port=True))
+    await answer_parent(conn, port)
+    await server.stop(0.5)
+    await index.close()
+
+
+async def answer_parent(conn: Connection, port: int) -> None:
+    """A bench server child's side of its pipe: send the bound port, then answer 'cpu'
+    with this process's CPU time until any other message (stop) arrives."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def on_message() -> None:
-        message = conn.recv()
-        if message == "cpu":
+        if conn.recv() == "cpu":
             conn.send(time.process_time())
         else:
             stop.set()
@@ -100,8 +107,6 @@ async def _serve_async(index: Any, listen: str, conn: Connection) -> None:
     conn.send(port)
     await stop.wait()
     loop.remove_reader(conn.fileno())
-    await server.stop(0.5)
-    await index.close()
 
 
 class ServerProcess:

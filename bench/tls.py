@@ -69,22 +69,11 @@ def _serve(size: tuple[int, int, int], mode: str, pki: Pki, conn: Connection) ->
 
 
 async def _serve_async(index: Any, security: Any, conn: Connection) -> None:
+    from bench.grpc_score import answer_parent
     from indexer.serve.service import start_grpc_server
 
     server, port = await start_grpc_server(index, "127.0.0.1:0", security=security)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_message() -> None:
-        if conn.recv() == "cpu":
-            conn.send(time.process_time())
-        else:
-            stop.set()
-
-    loop.add_reader(conn.fileno(), on_message)
-    conn.send(port)
-    await stop.wait()
-    loop.remove_reader(conn.fileno())
+    await answer_parent(conn, port)
     await server.stop(0.5)
 
 
