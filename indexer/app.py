@@ -29,6 +29,7 @@ from indexer.embedded import NATS_DEFAULT_PORT, EmbeddedNats, port_is_free
 from indexer.errors import BackendError, ConfigError
 from indexer.index.factory import RedisSecurity, build_index, served_index
 from indexer.index.protocol import Index, IndexConfig, WorkerInfo
+from indexer.ingest.activity import EventActivity
 from indexer.ingest.consumer import (
     ConsumerSettings,
     ConsumerStats,
@@ -41,6 +42,7 @@ from indexer.ingest.recovery import SnapshotStore
 from indexer.metrics import EventPathMetrics, MetricsExporter, register_process_metrics
 from indexer.probes import ProcessProbes
 from indexer.serve.auth import GrpcSecurity
+from indexer.serve.diagnose import DoctorSettings, EventPathView
 from indexer.serve.health import ServingHealth
 from indexer.serve.readers import PartitionMarkers, ReaderPool
 from kvcore.connect import NatsSetupError, connect_nats
@@ -56,6 +58,7 @@ from kvcore.runtime import (
 )
 from kvcore.topology import (
     StreamSettings,
+    WorkerRecord,
     ensure_dead_letter_stream,
     ensure_liveness_bucket,
     ensure_stream,
@@ -96,6 +99,9 @@ class IndexerService:
     probes: ProcessProbes | None = None
     registry: CollectorRegistry | None = None  # set while metrics are on
     event_metrics: EventPathMetrics | None = None
+    # What the consumers saw of each rank, and the thresholds of Diagnose's checks.
+    activity: EventActivity = field(default_factory=EventActivity)
+    doctor: DoctorSettings = field(default_factory=DoctorSettings)
 
     async def start(self) -> None:
         config = self.config
@@ -170,13 +176,27 @@ class IndexerService:
             health_servicer=self._health_servicer,
             settings=service_settings(self.config, share_port=extra > 0),
             rebuilding=rebuilding, live_workers=self._live_workers,
-            security=self.grpc_security, registry=self.registry)
+            security=self.grpc_security, registry=self.registry,
+            event_path=self._event_path(), doctor=self.doctor)
         if extra:
             host = self.config.grpc_listen.rpartition(":")[0]
             reader_config = msgspec.structs.replace(self.config, nats_url=self.nats_url)
             self.readers = ReaderPool(reader_config, f"{host}:{self.grpc_port}", extra)
             self.readers.start()
             self._background("readers", self.readers.supervise)
+
+    def _event_path(self) -> EventPathView:
+        """What Diagnose sees of the registry and the event path in this process."""
+
+        def registered() -> dict[tuple[str, str], WorkerRecord]:
+            return dict(self.liveness.live) if self.liveness is not None else {}
+
+        def departed() -> set[tuple[str, str]]:
+            liveness = self.liveness
+            return set() if liveness is None else liveness.registered_once - liveness.live.keys()
+
+        return EventPathView(registered=registered, departed=departed, activity=self.activity,
+                             dead_letters=lambda: self.stats.dead_letters)
 
     async def _live_workers(self, model: str | None) -> list[WorkerInfo]:
         """Workers routers may be sent to: in the index, and not known to be gone."""
@@ -209,7 +229,8 @@ class IndexerService:
                 snapshot_every_batches=self.config.snapshot_every_batches,
                 snapshot_every_s=self.config.snapshot_every_s),
             lag_seconds=timings.lag_seconds if timings is not None else None,
-            apply_seconds=timings.apply_seconds if timings is not None else None)
+            apply_seconds=timings.apply_seconds if timings is not None else None,
+            activity=self.activity)
         stop = asyncio.Event()
         task = asyncio.create_task(supervise(f"partition-{partition}", consumer.run, stop,
                                              on_failure=self._consumer_failed,

@@ -4,6 +4,7 @@
     kv-indexer workers [--model M] [--role prefill|decode|both]
     kv-indexer stats
     kv-indexer health [--service NAME]                              (grpc.health.v1 Check)
+    kv-indexer doctor [--model M]                  (why routing gets no hits; exit 3: errors)
     kv-indexer serve ...                                            (see `serve --help`)
     kv-indexer nats-auth --worker MODEL WORKER ... --password-dir D (NATS users: README)
     kv-indexer --version                                            (and the C extension)
@@ -46,6 +47,7 @@ from indexer.client import (
     WorkerStatus,
     error_from_rpc,
 )
+from indexer.doctor import add_doctor_command
 from kvcore.about import version_line
 from kvcore.bus import TIERS
 from kvcore.connect import NATS_SECURITY_FLAGS, NatsSecurity, NatsSetupError
@@ -297,6 +299,7 @@ def _parser() -> argparse.ArgumentParser:
     workers.set_defaults(run=_cmd_workers)
     stats = sub.add_parser("stats", parents=[common], help="event pipeline and index counters")
     stats.set_defaults(run=_cmd_stats)
+    add_doctor_command(sub, common)
     sub.add_parser("health", help="grpc.health.v1 check: exit 0 when SERVING "
                    "(kv-indexer health --help)", add_help=False)
     sub.add_parser("serve", help="run the indexer service (kv-indexer serve --help)",

@@ -46,6 +46,7 @@ import msgspec
 
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
+from indexer.findings import ERROR, INFO, WARNING, Diagnosis, Finding
 from indexer.scheduling import CandidateCost
 
 __all__ = [
@@ -54,7 +55,9 @@ __all__ = [
     "AsyncIndexerClient",
     "CandidateCost",
     "DeadlineExceededError",
+    "Diagnosis",
     "FailedPreconditionError",
+    "Finding",
     "Freshness",
     "IndexerClient",
     "IndexerClientError",
@@ -312,6 +315,19 @@ def _indexer_stats(msg: pb.GetStatsResponse) -> IndexerStats:
                         msg.resyncs_requested, dict(msg.dropped), msg.workers, msg.lag_seconds)
 
 
+_SEVERITY_NAMES: Final = {pb.SEVERITY_INFO: INFO, pb.SEVERITY_WARNING: WARNING,
+                          pb.SEVERITY_ERROR: ERROR}
+
+
+def _diagnosis(msg: pb.DiagnoseResponse) -> Diagnosis:
+    findings = [Finding(severity=_SEVERITY_NAMES.get(f.severity, INFO), code=f.code,
+                        summary=f.summary, fix=f.fix, model=f.model, worker_id=f.worker_id,
+                        dp_rank=f.dp_rank if f.HasField("dp_rank") else None)
+                for f in msg.findings]
+    return Diagnosis(findings=findings, checks=list(msg.checks),
+                     limitations=list(msg.limitations))
+
+
 # --- retries -----------------------------------------------------------------------------
 
 
@@ -483,6 +499,11 @@ class IndexerClient(_BaseClient):
         """Event pipeline and index counters."""
         return _indexer_stats(self._call(self._stub.GetStats, pb.GetStatsRequest(), timeout))
 
+    def diagnose(self, model: str | None = None, *, timeout: float | None = None) -> Diagnosis:
+        """Why routing may get no hits (of one model, or of all): findings, worst first."""
+        request = pb.DiagnoseRequest(model=model or "")
+        return _diagnosis(self._call(self._stub.Diagnose, request, timeout))
+
     def close(self) -> None:
         self._channel.close()
 
@@ -554,6 +575,12 @@ class AsyncIndexerClient(_BaseClient):
         """Event pipeline and index counters."""
         response = await self._call(self._stub.GetStats, pb.GetStatsRequest(), timeout)
         return _indexer_stats(response)
+
+    async def diagnose(self, model: str | None = None, *,
+                       timeout: float | None = None) -> Diagnosis:
+        """Why routing may get no hits (of one model, or of all): findings, worst first."""
+        request = pb.DiagnoseRequest(model=model or "")
+        return _diagnosis(await self._call(self._stub.Diagnose, request, timeout))
 
     async def close(self) -> None:
         await self._channel.close()

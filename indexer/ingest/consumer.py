@@ -30,6 +30,7 @@ from nats.js.errors import NotFoundError
 
 from indexer.errors import BackendError
 from indexer.index.protocol import ApplyOutcome, Index, ResyncRequest
+from indexer.ingest.activity import EventActivity
 from indexer.ingest.recovery import SnapshotStore, partition_ranks
 from kvcore.bus import (
     DEAD_LETTER_SUBJECT,
@@ -186,8 +187,10 @@ class PartitionConsumer:
         snapshots: SnapshotStore | None = None,
         lag_seconds: Observer | None = None,
         apply_seconds: Observer | None = None,
+        activity: EventActivity | None = None,
     ) -> None:
         self.partition = partition
+        self._activity = activity  # per rank counters for Diagnose (indexer/serve/diagnose.py)
         # Histograms (when metrics are on): batch timestamp to applied, per applied batch;
         # the duration of each index.apply call.
         self._lag_seconds = lag_seconds
@@ -560,9 +563,13 @@ class PartitionConsumer:
             if observe_lag is not None:
                 observe_lag(lag)
             stats.blocks_seen += block_count(batch)
+            if self._activity is not None:
+                self._activity.observe(batch, now)
 
     def _on_gap(self, batch: EventBatch) -> None:
         self._stats.gaps += 1
+        if self._activity is not None:
+            self._activity.gap(batch)
         self._log.warning("sequence_gap", model=batch.model, worker=batch.worker_id,
                           dp_rank=batch.dp_rank, epoch=batch.epoch, seq=batch.seq)
         self._resync.request(ResyncRequest(batch.model, batch.worker_id, batch.dp_rank,

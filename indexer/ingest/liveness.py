@@ -60,6 +60,9 @@ class LivenessWatcher:
         # (model, worker) -> declared role, for workers whose role is not the default.
         self.roles: dict[tuple[str, str], str] = {}
         self.removed = 0
+        # Workers that had an entry since this process started and are still in the index
+        # (Diagnose tells a worker that left from one that never registered).
+        self.registered_once: set[tuple[str, str]] = set()
         self._js = js
         self._index = index
         self._ttl_s = ttl_s
@@ -113,6 +116,7 @@ class LivenessWatcher:
                 log.warning("bad_liveness_entry", key=entry.key)
                 continue
             self.live[key] = record
+            self.registered_once.add(key)
             self._set_role(key, record.role)
             self._seen_at[key] = time.monotonic()
             self._gone_since.pop(key, None)
@@ -166,6 +170,7 @@ class LivenessWatcher:
             # Whoever removes workers does it; forget those no longer in the index.
             for key in self._gone_since.keys() - indexed:
                 del self._gone_since[key]
+            self.registered_once &= indexed | self.live.keys()
             return
         for key, since in list(self._gone_since.items()):
             if now - since >= self._grace_s:
@@ -175,6 +180,7 @@ class LivenessWatcher:
                     self.removed += 1
                     log.info("worker_expired", model=key[0], worker=key[1], ranks=ranks,
                              gone_for_s=round(now - since, 1))
+        self.registered_once &= indexed | self.live.keys()
         if now >= self._empty_models_due:
             self._empty_models_due = now + EMPTY_MODELS_EVERY_S
             dropped = await self._index.drop_empty_models()

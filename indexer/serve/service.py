@@ -54,6 +54,14 @@ from indexer.scheduling import (
     choose_worker,
 )
 from indexer.serve.auth import GrpcSecurity
+from indexer.serve.diagnose import (
+    DoctorSettings,
+    EventPathView,
+    QueryOutcomes,
+    diagnose,
+    take_snapshot,
+    to_proto,
+)
 from indexer.serve.directory import CandidateSet, LiveWorkerSource, WorkerDirectory
 from indexer.serve.grpc_handlers import SERVICE_NAME, WireTokens, add_kv_indexer_service, unwrap
 from indexer.serve.limits import (
@@ -290,6 +298,8 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         live_workers: LiveWorkerSource | None = None,
         rebuilding: Callable[[], bool] | None = None,
         consumer_stats: PipelineStats | None = None,
+        event_path: EventPathView | None = None,
+        doctor: DoctorSettings | None = None,
     ) -> None:
         self.index = index
         self.settings = settings or ServiceSettings()
@@ -302,6 +312,10 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         self.consumer_stats = consumer_stats
         self._rng = random.Random()
         self._query_slots = asyncio.Semaphore(self.settings.max_concurrent_queries)
+        # Diagnose: what this process knows beyond the index; recent query outcomes.
+        self.event_path = event_path or EventPathView()
+        self.doctor = doctor or DoctorSettings()
+        self.outcomes = QueryOutcomes(window_s=self.doctor.window_s)
 
     # --- RPCs (names fixed by the proto) -------------------------------------------------
 
@@ -334,6 +348,11 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetStatsResponse:
         return await self._guarded("GetStats", context, self._get_stats)
+
+    async def Diagnose(  # noqa: N802
+        self, request: pb.DiagnoseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DiagnoseResponse:
+        return await self._guarded("Diagnose", context, lambda: self._diagnose(request))
 
     # --- the boundary ------------------------------------------------------------------
 
@@ -417,6 +436,8 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         if tokens and not block_size:
             block_size = await self.index.block_size(request.model) or 0
         if not candidates:
+            if not (request.workers or request.role):
+                self.outcomes.no_candidates(request.model)
             blocks = n_tokens // block_size if tokens and block_size else len(request.block_keys)
             return ScoreResult(blocks, [])
         if tokens and not block_size:
@@ -435,6 +456,10 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         )
         async with self._query_slots:
             result = await self.index.score(query)
+        if result.query_blocks:
+            hit = bool(result.scores) and (not include_zero or any(
+                s.matched_blocks for s in result.scores))
+            self.outcomes.record(request.model, bool(tokens), request.block_size, hit)
         refs = candidates.refs
         if any((s.worker_id, s.dp_rank) not in refs for s in result.scores):
             result = ScoreResult(result.query_blocks, [
@@ -459,6 +484,8 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
                        else DEFAULT_TEMPERATURE)
         candidates = await self._candidates(query)
         if not candidates:
+            if not (query.workers or query.role):
+                self.outcomes.no_candidates(query.model)
             scopes = [f"of role {query.role!r}"] if query.role else []
             if query.workers:
                 scopes.append("among the requested workers")
@@ -553,6 +580,15 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         return response
 
 
+    # --- Diagnose ---------------------------------------------------------------------
+
+    async def _diagnose(self, request: pb.DiagnoseRequest) -> pb.DiagnoseResponse:
+        snapshot = await take_snapshot(self.index, self.outcomes, self.event_path,
+                                       rebuilding=self.rebuilding(), model=request.model,
+                                       settings=self.doctor)
+        return to_proto(diagnose(snapshot))
+
+
 # --- the server --------------------------------------------------------------------------
 
 
@@ -567,6 +603,8 @@ async def start_grpc_server(
     health_servicer: health.aio.HealthServicer | None = None,
     security: GrpcSecurity | None = None,
     registry: CollectorRegistry | None = None,
+    event_path: EventPathView | None = None,
+    doctor: DoctorSettings | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server for `index` on `listen` ("host:0" picks a free port).
 
@@ -576,14 +614,16 @@ async def start_grpc_server(
     SERVING. `security`: TLS / mTLS credentials and bearer tokens (indexer/serve/auth.py);
     None serves plaintext to anyone. `registry`: where per-method request counts and
     latencies go (indexer/serve/grpc_metrics.py); None measures nothing. Stop it with
-    `await server.stop(grace)`.
+    `await server.stop(grace)`. `event_path` and `doctor`: what Diagnose sees beyond the
+    index, and its thresholds (indexer/serve/diagnose.py).
     """
     settings = settings or ServiceSettings()
     settings.validate()
     security = security or GrpcSecurity()
     credentials = security.credentials() if security.tls else None
     servicer = KvIndexerService(index, settings=settings, live_workers=live_workers,
-                                rebuilding=rebuilding, consumer_stats=consumer_stats)
+                                rebuilding=rebuilding, consumer_stats=consumer_stats,
+                                event_path=event_path, doctor=doctor)
     interceptors = security.interceptors()
     if registry is not None:  # first, so that it also counts the token check's refusals
         from indexer.serve.grpc_metrics import GrpcMetrics  # noqa: PLC0415 - server extra

@@ -1,10 +1,22 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Severity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SEVERITY_UNSPECIFIED: _ClassVar[Severity]
+    SEVERITY_INFO: _ClassVar[Severity]
+    SEVERITY_WARNING: _ClassVar[Severity]
+    SEVERITY_ERROR: _ClassVar[Severity]
+SEVERITY_UNSPECIFIED: Severity
+SEVERITY_INFO: Severity
+SEVERITY_WARNING: Severity
+SEVERITY_ERROR: Severity
 
 class ScoreRequest(_message.Message):
     __slots__ = ("model", "lora_name", "cache_salt", "token_ids", "block_keys", "workers", "tier_weights", "include_zero", "block_size", "role")
@@ -234,3 +246,37 @@ class GetStatsResponse(_message.Message):
     workers: int
     lag_seconds: float
     def __init__(self, batches_applied: _Optional[int] = ..., events_applied: _Optional[int] = ..., blocks_stored: _Optional[int] = ..., blocks_removed: _Optional[int] = ..., duplicates: _Optional[int] = ..., stale: _Optional[int] = ..., gaps: _Optional[int] = ..., resyncs_requested: _Optional[int] = ..., dropped: _Optional[_Mapping[str, int]] = ..., workers: _Optional[int] = ..., lag_seconds: _Optional[float] = ...) -> None: ...
+
+class DiagnoseRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class Finding(_message.Message):
+    __slots__ = ("severity", "code", "summary", "fix", "model", "worker_id", "dp_rank")
+    SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    FIX_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    DP_RANK_FIELD_NUMBER: _ClassVar[int]
+    severity: Severity
+    code: str
+    summary: str
+    fix: str
+    model: str
+    worker_id: str
+    dp_rank: int
+    def __init__(self, severity: _Optional[_Union[Severity, str]] = ..., code: _Optional[str] = ..., summary: _Optional[str] = ..., fix: _Optional[str] = ..., model: _Optional[str] = ..., worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ...) -> None: ...
+
+class DiagnoseResponse(_message.Message):
+    __slots__ = ("findings", "checks", "limitations")
+    FINDINGS_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    LIMITATIONS_FIELD_NUMBER: _ClassVar[int]
+    findings: _containers.RepeatedCompositeFieldContainer[Finding]
+    checks: _containers.RepeatedScalarFieldContainer[str]
+    limitations: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ..., checks: _Optional[_Iterable[str]] = ..., limitations: _Optional[_Iterable[str]] = ...) -> None: ...

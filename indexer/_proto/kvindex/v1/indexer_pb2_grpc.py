@@ -60,6 +60,11 @@ class KvIndexerStub:
                 request_serializer=kvindex_dot_v1_dot_indexer__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=kvindex_dot_v1_dot_indexer__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.Diagnose = channel.unary_unary(
+                '/kvindex.v1.KvIndexer/Diagnose',
+                request_serializer=kvindex_dot_v1_dot_indexer__pb2.DiagnoseRequest.SerializeToString,
+                response_deserializer=kvindex_dot_v1_dot_indexer__pb2.DiagnoseResponse.FromString,
+                _registered_method=True)
 
 
 class KvIndexerServicer:
@@ -101,6 +106,16 @@ class KvIndexerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Diagnose(self, request, context):
+        """Why routing may get no hits: one finding per problem the service can see
+        (silent or unregistered workers, block size or hash scheme mismatches,
+        unknown models, clock skew, degraded workers, a rebuild in progress), each
+        with a fix. No findings = nothing wrong that the service can see.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KvIndexerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +143,11 @@ def add_KvIndexerServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=kvindex_dot_v1_dot_indexer__pb2.GetStatsRequest.FromString,
                     response_serializer=kvindex_dot_v1_dot_indexer__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'Diagnose': grpc.unary_unary_rpc_method_handler(
+                    servicer.Diagnose,
+                    request_deserializer=kvindex_dot_v1_dot_indexer__pb2.DiagnoseRequest.FromString,
+                    response_serializer=kvindex_dot_v1_dot_indexer__pb2.DiagnoseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +286,33 @@ class KvIndexer:
             '/kvindex.v1.KvIndexer/GetStats',
             kvindex_dot_v1_dot_indexer__pb2.GetStatsRequest.SerializeToString,
             kvindex_dot_v1_dot_indexer__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Diagnose(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvindex.v1.KvIndexer/Diagnose',
+            kvindex_dot_v1_dot_indexer__pb2.DiagnoseRequest.SerializeToString,
+            kvindex_dot_v1_dot_indexer__pb2.DiagnoseResponse.FromString,
             options,
             channel_credentials,
             insecure,
