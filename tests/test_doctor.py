@@ -1,0 +1,225 @@
+"""`Diagnose` and `kv-indexer doctor` end to end: publishers on a real nats-server, each
+misconfigured in one way (registered but silent, publishing unregistered, a clock 30 s
+ahead, an LMCache-like tier of 25,000 blocks that never removes, a rank left degraded),
+routers querying with another tokenizer, another block size and a misspelt model, through
+gRPC; the service must name each of them, with the worker it concerns, and nothing on the
+healthy model beside them. The CLI prints the verdicts (exit 3 on errors) and "no problems
+found" (exit 0) on a healthy service. Each check's unit test: tests/test_diagnose.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from indexer import cli
+from indexer.app import IndexerService
+from indexer.client import AsyncIndexerClient, IndexerClient, Query
+from indexer.doctor import ERRORS_FOUND
+from indexer.findings import ERROR, WARNING, Diagnosis
+from indexer.serve.diagnose import DoctorSettings
+from kvcore.bus import BlockStored, pack_tokens
+from kvcore.topology import StreamSettings
+from publisher.publisher import KVEventPublisher
+from tests.support.event_path import BS, PARTITIONS, service_config
+from tests.support.polling import eventually, is_true
+
+pytestmark = pytest.mark.integration
+
+MODEL = "org/model-7b"
+HEALTHY = "org/healthy-1b"
+LMC_BLOCKS = 25_000  # the never-removing tier: a rank's cache at field scale
+MAIN_BLOCKS = 1_200  # the model's other cache, above DoctorSettings.min_model_blocks
+SETTINGS = DoctorSettings(silent_after_s=1.0, no_removal_blocks=20_000)
+
+
+def tokens(blocks: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(1, 50_000) for _ in range(blocks * BS)]
+
+
+def make_publisher(url: str, worker: str, model: str = MODEL) -> KVEventPublisher:
+    return KVEventPublisher(model, worker, block_size=BS, nats_url=url,
+                            stream=StreamSettings(partitions=PARTITIONS, liveness_ttl_s=3.0))
+
+
+def store_chain(pub: KVEventPublisher, ids: Sequence[int], *, first_hash: int = 1,
+                medium: str = "gpu") -> None:
+    blocks = len(ids) // BS
+    pub.stored(list(range(first_hash, first_hash + blocks)), ids, medium=medium)
+
+
+async def noop(*_: object) -> None:
+    return None
+
+
+class Fleet:
+    """Publishers of the two models, each with its one fault (or none)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.pubs: list[KVEventPublisher] = []
+        self.main_tokens = tokens(MAIN_BLOCKS, 1)
+        self.healthy_tokens = tokens(64, 2)
+
+    async def add(self, worker: str, model: str = MODEL, *, registered: bool = True,
+                  answers_resyncs: bool = True) -> KVEventPublisher:
+        pub = make_publisher(self.url, worker, model)
+        if not registered:
+            pub._keep_alive = noop  # type: ignore[method-assign]
+        if not answers_resyncs:
+            pub._on_resync = noop  # type: ignore[method-assign]
+        await pub.start()
+        self.pubs.append(pub)
+        return pub
+
+    async def start_faulty(self) -> None:
+        main = await self.add("w-a")
+        store_chain(main, self.main_tokens)
+        await self.add("w-quiet")  # heartbeats, never an event
+        rogue = await self.add("w-rogue", registered=False)
+        store_chain(rogue, self.main_tokens[: 8 * BS])
+        skewed = await self.add("w-skew")
+        skewed.ranks[0].publish([BlockStored(block_hashes=[1], block_size=BS,
+                                             token_ids=pack_tokens(self.main_tokens[:BS]))],
+                                ts=time.time() + 30)
+        lmcache = await self.add("w-lmc")
+        store_chain(lmcache, tokens(LMC_BLOCKS, 3), medium="cpu")
+        broken = await self.add("w-broken", answers_resyncs=False)
+        broken.stored([500], self.main_tokens[:BS], parent_hash=499)  # a parent never seen
+        for pub in self.pubs:
+            assert await pub.flush(30.0)
+
+    async def start_healthy(self) -> None:
+        for worker in ("h-1", "h-2"):
+            pub = await self.add(worker, HEALTHY)
+            store_chain(pub, self.healthy_tokens)
+            pub.removed([64])  # evictions are published
+            assert await pub.flush(10.0)
+
+    async def close(self) -> None:
+        for pub in self.pubs:
+            await pub.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def service(nats_url: str, request: pytest.FixtureRequest) -> AsyncIterator[IndexerService]:
+    """An IndexerService with gRPC on, over each index backend (a private redis-server)."""
+    redis_url = request.getfixturevalue("private_redis").url if request.param == "redis" else None
+    svc = IndexerService(service_config(nats_url, grpc_listen="127.0.0.1:0", redis_url=redis_url),
+                         doctor=SETTINGS)
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.close()
+
+
+def pairs(diagnosis: Diagnosis, model: str = MODEL) -> set[tuple[str, str]]:
+    return {(f.code, f.worker_id) for f in diagnosis.findings if f.model == model}
+
+
+async def query_like_misconfigured_routers(client: AsyncIndexerClient,
+                                           fleet: Fleet) -> None:
+    other_tokenizer = tokens(16, 99)
+    for _ in range(SETTINGS.min_queries + 5):
+        answer = await client.score(Query(model=MODEL, token_ids=other_tokenizer))
+        assert answer.scores == []
+    for _ in range(12):
+        await client.score(Query(model=MODEL, token_ids=fleet.main_tokens[: 16 * BS],
+                                 block_size=2 * BS))
+    for _ in range(5):
+        answer = await client.score(Query(model="org/model-7B", token_ids=other_tokenizer,
+                                          block_size=BS))
+        assert answer.scores == []
+    for _ in range(30):  # the healthy model's router: hits
+        answer = await client.score(Query(model=HEALTHY, token_ids=fleet.healthy_tokens))
+        assert {s.matched_blocks for s in answer.scores} == {63}  # the 64th was evicted
+
+
+async def test_each_misconfiguration_is_named(service: IndexerService, nats_url: str) -> None:
+    fleet = Fleet(nats_url)
+    target = f"127.0.0.1:{service.grpc_port}"
+    try:
+        await fleet.start_faulty()
+        await fleet.start_healthy()
+        async with AsyncIndexerClient(target, timeout=10.0) as client:
+            async def indexed() -> bool:
+                workers = await client.list_workers()
+                blocks = {w.worker_id: sum(w.blocks_by_tier.values()) for w in workers}
+                return (blocks.get("w-lmc") == LMC_BLOCKS and blocks.get("h-2") == 63
+                        and blocks.get("w-a") == MAIN_BLOCKS and "w-skew" in blocks
+                        and any(w.degraded for w in workers))
+
+            await eventually(indexed, 60.0)
+            await query_like_misconfigured_routers(client, fleet)
+            expected = {("silent_worker", "w-quiet"), ("unregistered_worker", "w-rogue"),
+                        ("clock_skew", "w-skew"), ("stores_without_removals", "w-lmc"),
+                        ("degraded_worker", "w-broken"), ("first_block_misses", ""),
+                        ("block_size_mismatch", "")}
+
+            async def named() -> bool:
+                return pairs(await client.diagnose()) == expected
+
+            await eventually(named, 30.0)
+            diagnosis = await client.diagnose()
+        assert diagnosis.has_errors and diagnosis.limitations == []
+        assert pairs(diagnosis, "org/model-7B") == {("unknown_model", "")}
+        assert "Did you mean 'org/model-7b'" in next(
+            f.fix for f in diagnosis.findings if f.code == "unknown_model")
+        assert pairs(diagnosis, HEALTHY) == set()
+        severities = [f.severity for f in diagnosis.findings]
+        assert severities == sorted(severities, key=[ERROR, WARNING, "info"].index)
+        by_code = {f.code: f for f in diagnosis.findings}
+        assert f"{SETTINGS.min_queries + 5} of {SETTINGS.min_queries + 5} recent token-id" \
+            in by_code["first_block_misses"].summary
+        assert "12 recent queries" in by_code["block_size_mismatch"].summary
+        assert f"holds {LMC_BLOCKS} cpu blocks" in by_code["stores_without_removals"].summary
+        assert by_code["stores_without_removals"].dp_rank == 0
+
+        # one model at a time; the sync face agrees with the async one
+        with IndexerClient(target, timeout=10.0) as sync_client:
+            healthy = await asyncio.to_thread(sync_client.diagnose, HEALTHY)
+            asked = await asyncio.to_thread(sync_client.diagnose, "org/nobody")
+        assert healthy.findings == [] and not healthy.has_errors
+        assert [(f.code, f.model) for f in asked.findings] == [("unknown_model", "org/nobody")]
+
+        # the CLI: verdicts and fixes, exit 3 on errors; --json for scripts
+        assert await asyncio.to_thread(cli.main, ["doctor", "--target", target]) == ERRORS_FOUND
+        assert await asyncio.to_thread(
+            cli.main, ["doctor", "--target", target, "--model", HEALTHY]) == 0
+    finally:
+        await fleet.close()
+
+
+async def test_cli_prints_verdicts(service: IndexerService, nats_url: str,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    fleet = Fleet(nats_url)
+    target = f"127.0.0.1:{service.grpc_port}"
+    try:
+        await fleet.start_healthy()
+        await eventually(lambda: is_true(
+            service.liveness is not None and len(service.liveness.live) == 2
+            and len(service.consumers()) == PARTITIONS and not service.rebuilding), 30.0)
+        assert await asyncio.to_thread(cli.main, ["doctor", "--target", target]) == 0
+        assert "no problems found (10 checks passed)" in capsys.readouterr().out
+        # a worker goes quiet after registering
+        await fleet.add("h-quiet", HEALTHY)
+        await asyncio.sleep(SETTINGS.silent_after_s + 0.5)
+        assert await asyncio.to_thread(cli.main, ["doctor", "--target", target]) == 0
+        out = capsys.readouterr().out
+        assert f"\nWARNING silent_worker (model {HEALTHY}, worker h-quiet)\n" in out
+        assert "fix:" in out and "--kv-events-config" in out and "1 warning(s)" in out
+        code = await asyncio.to_thread(cli.main, ["doctor", "--target", target, "--json",
+                                                  "--model", "org/healthy-1B"])
+        assert code == ERRORS_FOUND
+        printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert printed["ok"] is False
+        assert [(f["severity"], f["code"]) for f in printed["findings"]] == [
+            ("error", "unknown_model")]
+    finally:
+        await fleet.close()
