@@ -6,7 +6,7 @@ PYTHON  ?= python3
 PKGS    := kvcore publisher indexer kvsim
 PROTO_OUT := indexer/_proto
 
-.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-grpc-metrics proto clean
+.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean
 
 setup: $(STAMP) redis-server
 
@@ -100,6 +100,10 @@ bench-dead-models: setup
 # What TLS costs: gRPC Score plaintext vs TLS vs mTLS + token, Redis Score redis:// vs rediss://
 bench-tls: setup
 	$(PY) -m bench.tls
+
+# What Diagnose's bookkeeping costs Score and ingest (an A/B in one process)
+bench-diagnose: setup
+	$(PY) -m bench.diagnose_cost
 
 # What the gRPC metrics interceptor costs per call (a micro-benchmark, seconds)
 bench-grpc-metrics: setup

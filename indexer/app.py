@@ -58,7 +58,6 @@ from kvcore.runtime import (
 )
 from kvcore.topology import (
     StreamSettings,
-    WorkerRecord,
     ensure_dead_letter_stream,
     ensure_liveness_bucket,
     ensure_stream,
@@ -187,16 +186,8 @@ class IndexerService:
 
     def _event_path(self) -> EventPathView:
         """What Diagnose sees of the registry and the event path in this process."""
-
-        def registered() -> dict[tuple[str, str], WorkerRecord]:
-            return dict(self.liveness.live) if self.liveness is not None else {}
-
-        def departed() -> set[tuple[str, str]]:
-            liveness = self.liveness
-            return set() if liveness is None else liveness.registered_once - liveness.live.keys()
-
-        return EventPathView(registered=registered, departed=departed, activity=self.activity,
-                             dead_letters=lambda: self.stats.dead_letters)
+        return EventPathView.watching(lambda: self.liveness, activity=self.activity,
+                                      dead_letters=lambda: self.stats.dead_letters)
 
     async def _live_workers(self, model: str | None) -> list[WorkerInfo]:
         """Workers routers may be sent to: in the index, and not known to be gone."""

@@ -22,6 +22,7 @@ RankKey = tuple[str, str, int]  # model, worker id, dp rank
 
 DEFAULT_MAX_RANKS: Final = 65_536
 DEFAULT_LAG_WINDOW_S: Final = 60.0
+_MAX_MEDIA: Final = 64  # medium names whose tier is remembered (the bus allows any name)
 
 
 class RankActivity:
@@ -54,6 +55,15 @@ class EventActivity:
         self.ranks: dict[RankKey, RankActivity] = {}
         self.max_ranks = max_ranks
         self.lag_window_s = lag_window_s
+        self._tiers: dict[str, int] = {}  # medium name as sent -> tier position
+
+    def _tier(self, medium: str) -> int:
+        tier = self._tiers.get(medium)
+        if tier is None:
+            tier = tier_index(medium)
+            if len(self._tiers) < _MAX_MEDIA:
+                self._tiers[medium] = tier
+        return tier
 
     def _rank(self, batch: EventBatch, now: float) -> RankActivity:
         key = (batch.model, batch.worker_id, batch.dp_rank)
@@ -68,11 +78,12 @@ class EventActivity:
         """An applied batch: its blocks per tier, its lag (`now` - its timestamp)."""
         rank = self._rank(batch, now)
         rank.batches += 1
+        tier = self._tier
         for event in batch.events:
             if isinstance(event, BlockStored):
-                rank.stored[tier_index(event.medium)] += len(event.block_hashes)
+                rank.stored[tier(event.medium)] += len(event.block_hashes)
             elif isinstance(event, BlockRemoved):
-                rank.removed[tier_index(event.medium)] += len(event.block_hashes)
+                rank.removed[tier(event.medium)] += len(event.block_hashes)
             else:
                 rank.clears += 1
         if now - rank.lag_window_start >= self.lag_window_s:

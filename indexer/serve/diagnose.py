@@ -30,6 +30,7 @@ from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer.findings import CODES, ERROR, INFO, WARNING, Diagnosis, Finding, severity_rank
 from indexer.index.protocol import IndexReader, WorkerInfo
 from indexer.ingest.activity import EventActivity, RankActivity, RankKey
+from indexer.ingest.liveness import LivenessWatcher
 from kvcore.bus import TIERS
 from kvcore.topology import WorkerRecord
 
@@ -170,6 +171,24 @@ class EventPathView:
     departed: Callable[[], Iterable[WorkerKey]] | None = None
     activity: EventActivity | None = None
     dead_letters: Callable[[], Mapping[str, int]] | None = None
+
+    @classmethod
+    def watching(cls, liveness: Callable[[], LivenessWatcher | None], *,
+                 activity: EventActivity | None = None,
+                 dead_letters: Callable[[], Mapping[str, int]] | None = None) -> EventPathView:
+        """The view of a process whose liveness watcher `liveness()` returns (None while
+        it has none yet)."""
+
+        def registered() -> Mapping[WorkerKey, WorkerRecord]:
+            watcher = liveness()
+            return {} if watcher is None else watcher.live
+
+        def departed() -> Iterable[WorkerKey]:
+            watcher = liveness()
+            return () if watcher is None else watcher.registered_once - watcher.live.keys()
+
+        return cls(registered=registered, departed=departed, activity=activity,
+                   dead_letters=dead_letters)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ reads, one histogram observe and one counter increment (measured in the README).
     kv_indexer_grpc_request_seconds{method}          histogram (handler time, server side)
 
 `method` is the RPC name for `kvindex.v1.KvIndexer` (`Score`, `FindBestWorker`,
-`ScoreBatch`, `ListWorkers`, `GetStats`) and `Service/Method` for the others
+`ScoreBatch`, `ListWorkers`, `GetStats`, `Diagnose`) and `Service/Method` for the others
 (`grpc.health.v1.Health/Check`). Streaming RPCs (reflection, health Watch) pass
 unmeasured. `code` is the status name (`OK`, `INVALID_ARGUMENT`, `UNAVAILABLE`, ...).
 """

@@ -145,6 +145,7 @@ def reader_metrics_address(metrics_listen: str, number: int) -> tuple[str, int]:
 
 async def serve_reader(config: ServiceConfig, listen: str, number: int = 0) -> None:
     """Serve gRPC reads of the Redis index on `listen` until SIGTERM / SIGINT."""
+    from indexer.serve.diagnose import EventPathView  # noqa: PLC0415
     from indexer.serve.service import service_settings, start_grpc_server  # noqa: PLC0415
 
     assert config.redis_url is not None and config.nats_url is not None
@@ -179,7 +180,8 @@ async def serve_reader(config: ServiceConfig, listen: str, number: int = 0) -> N
     server, _ = await start_grpc_server(
         index, listen, live_workers=live_workers, rebuilding=lambda: markers.rebuilding,
         settings=service_settings(config, share_port=True),
-        security=GrpcSecurity.from_config(config), registry=registry)
+        security=GrpcSecurity.from_config(config), registry=registry,
+        event_path=EventPathView.watching(lambda: liveness))
     log.info("reader_serving", listen=listen)
     try:
         await stop.wait()
