@@ -22,7 +22,15 @@ from indexer.client import AsyncIndexerClient, IndexerClient, Query
 from indexer.doctor import ERRORS_FOUND
 from indexer.findings import ERROR, WARNING, Diagnosis
 from indexer.serve.diagnose import DoctorSettings
-from kvcore.bus import BlockStored, pack_tokens
+from kvcore.bus import (
+    SCHEMA_VERSION,
+    AllBlocksCleared,
+    BlockStored,
+    EventBatch,
+    encode_batch,
+    pack_tokens,
+    subject_for,
+)
 from kvcore.topology import StreamSettings
 from publisher.publisher import KVEventPublisher
 from tests.support.event_path import BS, PARTITIONS, service_config
@@ -93,6 +101,14 @@ class Fleet:
         broken.stored([500], self.main_tokens[:BS], parent_hash=499)  # a parent never seen
         for pub in self.pubs:
             assert await pub.flush(30.0)
+        await self.forge(main)
+
+    async def forge(self, pub: KVEventPublisher) -> None:
+        """A batch naming w-a published on w-rogue's subject: dead-lettered."""
+        assert pub._nc is not None
+        forged = EventBatch(schema=SCHEMA_VERSION, model=MODEL, worker_id="w-a", epoch=1,
+                            seq=0, events=[AllBlocksCleared()], ts=time.time())
+        await pub._nc.jetstream().publish(subject_for(MODEL, "w-rogue"), encode_batch(forged))
 
     async def start_healthy(self) -> None:
         for worker in ("h-1", "h-2"):
@@ -161,9 +177,12 @@ async def test_each_misconfiguration_is_named(service: IndexerService, nats_url:
                         ("clock_skew", "w-skew"), ("stores_without_removals", "w-lmc"),
                         ("degraded_worker", "w-broken"), ("first_block_misses", ""),
                         ("block_size_mismatch", "")}
+            service_wide = {("dead_letters", "")}
 
             async def named() -> bool:
-                return pairs(await client.diagnose()) == expected
+                diagnosis = await client.diagnose()
+                return (pairs(diagnosis) == expected
+                        and pairs(diagnosis, "") == service_wide)
 
             await eventually(named, 30.0)
             diagnosis = await client.diagnose()
@@ -179,6 +198,8 @@ async def test_each_misconfiguration_is_named(service: IndexerService, nats_url:
             in by_code["first_block_misses"].summary
         assert "12 recent queries" in by_code["block_size_mismatch"].summary
         assert f"holds {LMC_BLOCKS} cpu blocks" in by_code["stores_without_removals"].summary
+        assert "identity_mismatch 1" in by_code["dead_letters"].summary
+        assert by_code["dead_letters"].severity == ERROR
         assert by_code["stores_without_removals"].dp_rank == 0
 
         # one model at a time; the sync face agrees with the async one
@@ -204,6 +225,7 @@ async def test_cli_prints_verdicts(service: IndexerService, nats_url: str,
         await fleet.start_healthy()
         await eventually(lambda: is_true(
             service.liveness is not None and len(service.liveness.live) == 2
+            and service.liveness.settled
             and len(service.consumers()) == PARTITIONS and not service.rebuilding), 30.0)
         assert await asyncio.to_thread(cli.main, ["doctor", "--target", target]) == 0
         assert "no problems found (10 checks passed)" in capsys.readouterr().out

@@ -150,6 +150,11 @@ class LivenessWatcher:
         return [w if (role := self.role_of(w.model, w.worker_id)) == w.role
                 else msgspec.structs.replace(w, role=role) for w in live]
 
+    @property
+    def settled(self) -> bool:
+        """Watched for a TTL: every live worker has refreshed its entry since the start."""
+        return time.monotonic() - self._started >= self._ttl_s
+
     def is_live(self, model: str, worker_id: str) -> bool:
         seen = self._seen_at.get((model, worker_id))
         return seen is not None and time.monotonic() - seen <= self._ttl_s

@@ -167,7 +167,8 @@ class EventPathView:
     consumers' per rank activity and dead letters, the rebuild flag. A reader process has
     none of it but the flag."""
 
-    registered: Callable[[], Mapping[WorkerKey, WorkerRecord]] | None = None
+    # None from the callable: no settled view yet (the watcher started less than a TTL ago).
+    registered: Callable[[], Mapping[WorkerKey, WorkerRecord] | None] | None = None
     departed: Callable[[], Iterable[WorkerKey]] | None = None
     activity: EventActivity | None = None
     dead_letters: Callable[[], Mapping[str, int]] | None = None
@@ -179,9 +180,9 @@ class EventPathView:
         """The view of a process whose liveness watcher `liveness()` returns (None while
         it has none yet)."""
 
-        def registered() -> Mapping[WorkerKey, WorkerRecord]:
+        def registered() -> Mapping[WorkerKey, WorkerRecord] | None:
             watcher = liveness()
-            return {} if watcher is None else watcher.live
+            return watcher.live if watcher is not None and watcher.settled else None
 
         def departed() -> Iterable[WorkerKey]:
             watcher = liveness()
@@ -234,7 +235,8 @@ async def take_snapshot(index: IndexReader, outcomes: QueryOutcomes, view: Event
     """Read what the checks need from the index and the service's own records."""
     ranks = await index.workers(None)
     queries, no_candidates = outcomes.snapshot()
-    registered = dict(view.registered()) if view.registered is not None else None
+    found = view.registered() if view.registered is not None else None
+    registered = dict(found) if found is not None else None
     departed = frozenset(view.departed()) if view.departed is not None else frozenset()
     models = {w.model for w in ranks} | set(queries)
     if registered:
@@ -540,8 +542,9 @@ def diagnose(snap: ServiceSnapshot) -> Diagnosis:
                                  f.dp_rank or 0))
     limitations = []
     if snap.registered is None:
-        limitations.append("no view of the worker registry (silent and unregistered workers "
-                           "are not checked here)")
+        limitations.append("no settled view of the worker registry (this process started "
+                           "watching it less than a liveness TTL ago, or has none): silent "
+                           "and unregistered workers are not checked")
     if snap.activity is None:
         limitations.append("no view of the event path (a reader process): removals, clock "
                            "skew and dead letters are checked by the consuming process")
