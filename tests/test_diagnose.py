@@ -10,11 +10,13 @@ import time
 import pytest
 
 from indexer.findings import CODES, ERROR, INFO, WARNING, Finding
+from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import WorkerInfo
 from indexer.ingest.activity import EventActivity
 from indexer.serve.diagnose import (
     CHECKS,
     DoctorSettings,
+    EventPathView,
     QueryOutcomes,
     ServiceSnapshot,
     check_block_size,
@@ -28,6 +30,7 @@ from indexer.serve.diagnose import (
     check_unknown_model,
     check_unregistered_workers,
     diagnose,
+    take_snapshot,
 )
 from kvcore.bus import SCHEMA_VERSION, AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
 from kvcore.topology import WorkerRecord
@@ -259,6 +262,30 @@ def test_a_model_filter_keeps_other_models_out() -> None:
     assert [(f.code, f.model) for f in found] == [("degraded_worker", "other/m")]
 
 
+async def test_a_view_without_a_settled_registry_checks_none_of_it() -> None:
+    """A process whose liveness watcher is missing, or has watched less than a TTL, gives
+    no registry: a worker it has not heard from yet is not called unregistered."""
+    index = MemoryIndex()
+    await index.apply([batches("w-rogue", [stores(1, 4, "gpu")])])
+    for view in (EventPathView.watching(lambda: None),
+                 EventPathView.watching(lambda: _Watcher(settled=False))):
+        snap = await take_snapshot(index, QueryOutcomes(), view, rebuilding=False)
+        assert snap.registered is None
+        assert diagnose(snap).findings == []
+    snap = await take_snapshot(index, QueryOutcomes(), EventPathView.watching(
+        lambda: _Watcher(settled=True)), rebuilding=False)
+    assert codes(diagnose(snap).findings) == ["unregistered_worker"]
+
+
+class _Watcher:
+    """The part of a LivenessWatcher a view reads: nobody registered."""
+
+    def __init__(self, *, settled: bool) -> None:
+        self.settled = settled
+        self.live: dict[tuple[str, str], WorkerRecord] = {}
+        self.registered_once: set[tuple[str, str]] = set()
+
+
 def test_reader_view_says_what_it_cannot_see() -> None:
     diagnosis = diagnose(snapshot([rank("w-a")], registered=None, activity=None,
                                   dead_letters=None))
@@ -285,3 +312,5 @@ def test_query_outcomes_are_bounded_and_rotate(monkeypatch: pytest.MonkeyPatch) 
     clock[0] += 11  # two: gone
     recorded.record("b", True, 0, True)
     assert set(recorded.snapshot()[0]) == {"b"}
+    clock[0] += 25  # idle for two windows: nothing is recent any more, even unasked
+    assert recorded.snapshot() == ({}, {})

@@ -105,7 +105,13 @@ class QueryOutcomes:
         self._prev_no_candidates: dict[str, int] = {}
         self._window_start = time.monotonic()
 
-    def _rotate(self, now: float) -> None:
+    def _catch_up(self, now: float) -> None:
+        """Start a new window when the current one is over; forget both after two."""
+        elapsed = now - self._window_start
+        if elapsed < self.window_s:
+            return
+        if elapsed >= 2 * self.window_s:
+            self._current, self._no_candidates = {}, {}
         self._previous, self._current = self._current, {}
         self._prev_no_candidates, self._no_candidates = self._no_candidates, {}
         self._window_start = now
@@ -115,7 +121,7 @@ class QueryOutcomes:
         first block? `block_size`: what the query asked for (0: the model's own)."""
         now = time.monotonic()
         if now - self._window_start >= self.window_s:
-            self._rotate(now)
+            self._catch_up(now)
         kinds = self._current.get(model)
         if kinds is None:
             if len(self._current) >= self.max_models:
@@ -133,9 +139,7 @@ class QueryOutcomes:
 
     def no_candidates(self, model: str) -> None:
         """A query for which the model had no live worker at all (filters aside)."""
-        now = time.monotonic()
-        if now - self._window_start >= self.window_s:
-            self._rotate(now)
+        self._catch_up(time.monotonic())
         count = self._no_candidates.get(model)
         if count is None and len(self._no_candidates) >= self.max_unknown:
             return
@@ -144,6 +148,7 @@ class QueryOutcomes:
     def snapshot(self) -> tuple[dict[str, ModelQueries], dict[str, int]]:
         """Both windows summed: per model its kinds' counts; per model without candidates
         its query count."""
+        self._catch_up(time.monotonic())
         merged: dict[str, dict[QueryKind, tuple[int, int]]] = {}
         for window in (self._previous, self._current):
             for model, kinds in window.items():
@@ -163,9 +168,9 @@ class QueryOutcomes:
 
 @dataclass(frozen=True)
 class EventPathView:
-    """What the process that consumes knows beyond the index: the liveness registry, the
-    consumers' per rank activity and dead letters, the rebuild flag. A reader process has
-    none of it but the flag."""
+    """What a process knows beyond the index: the liveness registry, and where it consumes,
+    the consumers' per rank activity and dead letters (a reader process has the registry
+    only)."""
 
     # None from the callable: no settled view yet (the watcher started less than a TTL ago).
     registered: Callable[[], Mapping[WorkerKey, WorkerRecord] | None] | None = None

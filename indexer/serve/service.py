@@ -456,14 +456,14 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         )
         async with self._query_slots:
             result = await self.index.score(query)
-        if result.query_blocks:
-            hit = bool(result.scores) and (not include_zero or any(
-                s.matched_blocks for s in result.scores))
-            self.outcomes.record(request.model, bool(tokens), request.block_size, hit)
         refs = candidates.refs
         if any((s.worker_id, s.dp_rank) not in refs for s in result.scores):
             result = ScoreResult(result.query_blocks, [
                 s for s in result.scores if (s.worker_id, s.dp_rank) in refs])
+        if result.query_blocks:  # for Diagnose: did any candidate hold the first block?
+            hit = bool(result.scores) and (not include_zero or any(
+                s.matched_blocks for s in result.scores))
+            self.outcomes.record(request.model, bool(tokens), request.block_size, hit)
         return result
 
     def _freshness(self, candidates: CandidateSet) -> pb.Freshness:
@@ -578,7 +578,6 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
             newest = max(newest, consumer.last_applied_ts)
         response.lag_seconds = _age(time.time(), newest)
         return response
-
 
     # --- Diagnose ---------------------------------------------------------------------
 
