@@ -353,7 +353,8 @@ class TestScoreErrors:
                 redis.kill()
                 for call in (s.Score(pb.ScoreRequest(model=MODEL, token_ids=TOKENS)),
                              s.ListWorkers(pb.ListWorkersRequest()),
-                             s.GetStats(pb.GetStatsRequest())):
+                             s.GetStats(pb.GetStatsRequest()),
+                             s.Diagnose(pb.DiagnoseRequest())):
                     code, details = await status_of(call)
                     assert code == grpc.StatusCode.UNAVAILABLE
                     assert "backend" in details
@@ -620,7 +621,8 @@ class TestHealthAndReflection:
         async with serving(index) as (_, port):
             services, methods = await asyncio.to_thread(discover, port)
         assert SERVICE_NAME in services and "grpc.health.v1.Health" in services
-        assert methods == ["Score", "FindBestWorker", "ScoreBatch", "ListWorkers", "GetStats"]
+        assert methods == ["Score", "FindBestWorker", "ScoreBatch", "ListWorkers", "GetStats",
+                           "Diagnose"]
 
 
 class TestWorkerDirectory:
