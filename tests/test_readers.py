@@ -97,6 +97,15 @@ class TestReaders:
             try:
                 workers = await client.list_workers(MODEL)
                 decode = await client.list_workers(MODEL, role="decode")
+
+                async def reader_diagnoses() -> bool:
+                    """Nothing wrong, and it says it has no view of the event path (once
+                    its registry view has settled, a liveness TTL after its start)."""
+                    diagnosis = await client.diagnose(MODEL)
+                    return (diagnosis.findings == [] and len(diagnosis.limitations) == 1
+                            and "event path" in diagnosis.limitations[0])
+
+                await eventually(reader_diagnoses, timeout=20)
             finally:
                 await client.close()
             assert sorted((w.worker_id, w.role) for w in workers) == [
