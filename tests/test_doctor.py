@@ -1,8 +1,8 @@
 """`Diagnose` and `kv-indexer doctor` end to end: publishers on a real nats-server, each
 misconfigured in one way (registered but silent, publishing unregistered, a clock 30 s
-ahead, an LMCache-like tier of 25,000 blocks that never removes, a rank left degraded),
-routers querying with another tokenizer, another block size and a misspelt model, through
-gRPC; the service must name each of them, with the worker it concerns, and nothing on the
+ahead, an LMCache-like tier of 25,000 blocks that never removes, a rank left degraded, a
+batch forged on another worker's subject), routers querying with another tokenizer, another
+block size, block keys of another hash seed and a misspelt model, through gRPC; the service must name each of them, with the worker it concerns, and nothing on the
 healthy model beside them. The CLI prints the verdicts (exit 3 on errors) and "no problems
 found" (exit 0) on a healthy service. Each check's unit test: tests/test_diagnose.py."""
 
@@ -31,6 +31,7 @@ from kvcore.bus import (
     pack_tokens,
     subject_for,
 )
+from kvcore.keys import block_keys, block_keys_for_tokens
 from kvcore.topology import StreamSettings
 from publisher.publisher import KVEventPublisher
 from tests.support.event_path import BS, PARTITIONS, service_config
@@ -152,9 +153,16 @@ async def query_like_misconfigured_routers(client: AsyncIndexerClient,
         answer = await client.score(Query(model="org/model-7B", token_ids=other_tokenizer,
                                           block_size=BS))
         assert answer.scores == []
-    for _ in range(30):  # the healthy model's router: hits
-        answer = await client.score(Query(model=HEALTHY, token_ids=fleet.healthy_tokens))
-        assert {s.matched_blocks for s in answer.scores} == {63}  # the 64th was evicted
+    seeded_1337 = block_keys(fleet.main_tokens[: 16 * BS], BS, 1337)  # another hash scheme
+    for _ in range(SETTINGS.min_queries):
+        answer = await client.score(Query(model=MODEL, block_keys=seeded_1337))
+        assert answer.scores == []
+    right_keys = block_keys_for_tokens(fleet.healthy_tokens, BS, HEALTHY)
+    for _ in range(30):  # the healthy model's routers: hits, by token ids and by keys
+        for query in (Query(model=HEALTHY, token_ids=fleet.healthy_tokens),
+                      Query(model=HEALTHY, block_keys=right_keys)):
+            answer = await client.score(query)
+            assert {s.matched_blocks for s in answer.scores} == {63}  # the 64th was evicted
 
 
 async def test_each_misconfiguration_is_named(service: IndexerService, nats_url: str) -> None:
@@ -194,8 +202,12 @@ async def test_each_misconfiguration_is_named(service: IndexerService, nats_url:
         severities = [f.severity for f in diagnosis.findings]
         assert severities == sorted(severities, key=[ERROR, WARNING, "info"].index)
         by_code = {f.code: f for f in diagnosis.findings}
-        assert f"{SETTINGS.min_queries + 5} of {SETTINGS.min_queries + 5} recent token-id" \
-            in by_code["first_block_misses"].summary
+        misses = sorted(f.summary for f in diagnosis.findings if f.code == "first_block_misses")
+        assert len(misses) == 2
+        assert misses[0].startswith(f"{SETTINGS.min_queries} of {SETTINGS.min_queries} recent "
+                                    "block-key") and "another scheme or seed" in misses[0]
+        assert misses[1].startswith(f"{SETTINGS.min_queries + 5} of {SETTINGS.min_queries + 5} "
+                                    "recent token-id") and "tokenize differently" in misses[1]
         assert "12 recent queries" in by_code["block_size_mismatch"].summary
         assert f"holds {LMC_BLOCKS} cpu blocks" in by_code["stores_without_removals"].summary
         assert "identity_mismatch 1" in by_code["dead_letters"].summary
