@@ -112,6 +112,15 @@ def test_unknown_model_asked_or_queried() -> None:
     assert len(check_unknown_model(with_queries(healthy(), recorded))) == 1
 
 
+def test_unknown_model_with_no_worker_anywhere_points_at_nats() -> None:
+    """Bridges publishing to another NATS than the indexer's: nothing is known at all."""
+    recorded = outcomes()
+    recorded.no_candidates(MODEL)
+    found = check_unknown_model(with_queries(snapshot([], registered={}), recorded))
+    assert [(f.code, f.model) for f in found] == [("unknown_model", MODEL)]
+    assert "no worker at all" in found[0].summary and "--nats-url" in found[0].fix
+
+
 def test_silent_worker() -> None:
     base = healthy()
     registered = dict(base.registered or {})

@@ -2,9 +2,10 @@
 misconfigured in one way (registered but silent, publishing unregistered, a clock 30 s
 ahead, an LMCache-like tier of 25,000 blocks that never removes, a rank left degraded, a
 batch forged on another worker's subject), routers querying with another tokenizer, another
-block size, block keys of another hash seed and a misspelt model, through gRPC; the service must name each of them, with the worker it concerns, and nothing on the
-healthy model beside them. The CLI prints the verdicts (exit 3 on errors) and "no problems
-found" (exit 0) on a healthy service. Each check's unit test: tests/test_diagnose.py."""
+block size, block keys of another hash seed and a misspelt model, through gRPC; the service
+must name each of them, with the worker it concerns, and nothing on the healthy model
+beside them. The CLI prints the verdicts (exit 3 on errors) and "no problems found" (exit
+0) on a healthy service. Each check's unit test: tests/test_diagnose.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -229,11 +231,23 @@ async def test_each_misconfiguration_is_named(service: IndexerService, nats_url:
         await fleet.close()
 
 
+def printed_json(capsys: pytest.CaptureFixture[str]) -> Any:
+    """The JSON document the CLI printed (the service's log lines share stdout here)."""
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    return json.loads(line)
+
+
 async def test_cli_prints_verdicts(service: IndexerService, nats_url: str,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     fleet = Fleet(nats_url)
     target = f"127.0.0.1:{service.grpc_port}"
     try:
+        # nothing has reached this service yet: as if the bridges used another NATS
+        code = await asyncio.to_thread(cli.main, ["doctor", "--target", target, "--json",
+                                                  "--model", HEALTHY])
+        assert code == ERRORS_FOUND
+        [finding] = [f for f in printed_json(capsys)["findings"] if f["code"] == "unknown_model"]
+        assert "--nats-url" in finding["fix"]
         await fleet.start_healthy()
         await eventually(lambda: is_true(
             service.liveness is not None and len(service.liveness.live) == 2
@@ -251,7 +265,7 @@ async def test_cli_prints_verdicts(service: IndexerService, nats_url: str,
         code = await asyncio.to_thread(cli.main, ["doctor", "--target", target, "--json",
                                                   "--model", "org/healthy-1B"])
         assert code == ERRORS_FOUND
-        printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+        printed = printed_json(capsys)
         assert printed["ok"] is False
         assert [(f["severity"], f["code"]) for f in printed["findings"]] == [
             ("error", "unknown_model")]

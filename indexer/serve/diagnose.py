@@ -274,13 +274,20 @@ def check_unknown_model(snap: ServiceSnapshot) -> list[Finding]:
     findings = []
     names = ", ".join(repr(m) for m in sorted(known)[:8]) or "none"
     for model, count in sorted(asked.items()):
+        queried = f"{count} recent queries asked for it, and each" if count else "Each query"
+        summary = (f"no worker publishes model {model!r}: {queried} reads as a plain cache "
+                   f"miss (known models: {names}).")
+        if not known:
+            findings.append(Finding(
+                severity=ERROR, code="unknown_model", model=model,
+                summary=summary[:-1] + ": no worker at all has registered or published here.",
+                fix=("Point the bridges' --nats-url (KV_PUBLISHER_NATS_URL) at the NATS this "
+                     "indexer uses (its start-up banner prints it), and check they run.")))
+            continue
         close = difflib.get_close_matches(model, sorted(known), n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        queried = f"{count} recent queries asked for it, and each" if count else "Each query"
         findings.append(Finding(
-            severity=ERROR, code="unknown_model", model=model,
-            summary=(f"no worker publishes model {model!r}: {queried} reads as a plain cache "
-                     f"miss (known models: {names})."),
+            severity=ERROR, code="unknown_model", model=model, summary=summary,
             fix=("Send the served model name exactly as the workers publish it (the bridge's "
                  "--model, the engine's served model name)." + hint)))
     return findings
