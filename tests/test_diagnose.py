@@ -323,3 +323,18 @@ def test_query_outcomes_are_bounded_and_rotate(monkeypatch: pytest.MonkeyPatch) 
     assert set(recorded.snapshot()[0]) == {"b"}
     clock[0] += 25  # idle for two windows: nothing is recent any more, even unasked
     assert recorded.snapshot() == ({}, {})
+
+
+def test_a_fleet_of_a_thousand_workers_with_three_faults() -> None:
+    """1,000 workers of 8 DP ranks, 25,000 blocks each, on 4 models: exactly the planted
+    faults come out (a silent worker, an unregistered one, a degraded rank)."""
+    models = [f"org/model-{m}" for m in range(4)]
+    ranks = [rank(f"w-{w}", 25_000, model=models[w % 4], dp_rank=r,
+                  degraded=(w, r) == (500, 7))
+             for w in range(1_000) for r in range(8) if w != 7]
+    registered = {(models[w % 4], f"w-{w}"): record(f"w-{w}", model=models[w % 4])
+                  for w in range(1_000) if w != 3}
+    found = diagnose(snapshot(ranks, registered=registered)).findings
+    assert sorted((f.code, f.worker_id, f.dp_rank) for f in found) == [
+        ("degraded_worker", "w-500", 7), ("silent_worker", "w-7", None),
+        ("unregistered_worker", "w-3", None)]

@@ -19,6 +19,7 @@ the batches of the partitions it consumes.
 from __future__ import annotations
 
 import difflib
+import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -206,7 +207,7 @@ class ServiceSnapshot:
     block_sizes: dict[str, int | None]  # model -> block size its events store with
     queries: dict[str, ModelQueries] = field(default_factory=dict)
     no_candidates: dict[str, int] = field(default_factory=dict)
-    # None: this process has no view of it (a reader process).
+    # None: no settled view of the registry (no watcher, or one younger than a TTL).
     registered: dict[WorkerKey, WorkerRecord] | None = None
     departed: frozenset[WorkerKey] = frozenset()
     activity: dict[RankKey, RankActivity] | None = None
@@ -224,11 +225,25 @@ class ServiceSnapshot:
             known |= {model for model, _ in self.registered}
         return known
 
-    def ranks_of(self, model: str) -> list[WorkerInfo]:
-        return [w for w in self.ranks if w.model == model]
+    @functools.cached_property
+    def _blocks_by_model(self) -> dict[str, int]:
+        blocks: dict[str, int] = {}
+        for w in self.ranks:
+            blocks[w.model] = blocks.get(w.model, 0) + sum(w.blocks_by_tier.values())
+        return blocks
+
+    @functools.cached_property
+    def newest_epochs(self) -> dict[WorkerKey, int]:
+        """Per worker, the newest epoch of its ranks in the index."""
+        epochs: dict[WorkerKey, int] = {}
+        for w in self.ranks:
+            key = (w.model, w.worker_id)
+            epochs[key] = max(epochs.get(key, w.epoch), w.epoch)
+        return epochs
 
     def blocks_of(self, model: str) -> int:
-        return sum(sum(w.blocks_by_tier.values()) for w in self.ranks_of(model))
+        """Blocks the model's ranks hold, all tiers."""
+        return self._blocks_by_model.get(model, 0)
 
     def concerns(self, model: str) -> bool:
         return not self.model or model == self.model
@@ -304,8 +319,7 @@ def check_silent_workers(snap: ServiceSnapshot) -> list[Finding]:
         up_for = snap.now - record.epoch / 1e9
         if up_for < snap.settings.silent_after_s:
             continue
-        ranks = [w for w in snap.ranks_of(model) if w.worker_id == worker]
-        if any(w.epoch >= record.epoch for w in ranks):
+        if snap.newest_epochs.get((model, worker), -1) >= record.epoch:
             continue
         busy = bool(snap.queries.get(model)) or snap.blocks_of(model) > 0
         findings.append(Finding(
