@@ -239,11 +239,17 @@ def test_clock_skew_from_the_smallest_recent_lag() -> None:
         activity.observe(batches("w-backlog", [AllBlocksCleared()],
                                  ts=NOW - (100 if seq < 10 else 0.01), seq=seq), NOW)
         activity.observe(batches("w-ok", [AllBlocksCleared()], ts=NOW - 0.005, seq=seq), NOW)
+        # a rebuild's replay: old batches, not timed
+        activity.observe(batches("w-replayed", [AllBlocksCleared()], ts=NOW - 3600, seq=seq),
+                         NOW, timed=False)
     found = check_clock_skew(snapshot([], activity=activity.ranks))
     assert [(f.worker_id, f.severity) for f in found] == [("w-ahead", WARNING),
                                                           ("w-behind", WARNING)]
     assert "30.0 s in this indexer's future" in found[0].summary
     assert "40.0 s after" in found[1].summary
+    # two windows later with no batch timed since, nothing is recent enough to judge
+    later = snapshot([], activity=activity.ranks, now=NOW + 121)
+    assert check_clock_skew(later) == []
 
 
 def test_degraded_worker_with_why() -> None:

@@ -171,6 +171,9 @@ async def test_each_misconfiguration_is_named(service: IndexerService, nats_url:
     fleet = Fleet(nats_url)
     target = f"127.0.0.1:{service.grpc_port}"
     try:
+        # caught up first: batches applied during the start-up replay are not timed
+        await eventually(lambda: is_true(len(service.consumers()) == PARTITIONS
+                                         and not service.rebuilding), 30.0)
         await fleet.start_faulty()
         await fleet.start_healthy()
         async with AsyncIndexerClient(target, timeout=10.0) as client:

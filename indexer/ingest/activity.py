@@ -16,7 +16,7 @@ from typing import Final
 
 from kvcore.bus import TIERS, BlockRemoved, BlockStored, EventBatch, tier_index
 
-__all__ = ["EventActivity", "RankActivity", "RankKey"]
+__all__ = ["DEFAULT_LAG_WINDOW_S", "EventActivity", "RankActivity", "RankKey"]
 
 RankKey = tuple[str, str, int]  # model, worker id, dp rank
 
@@ -41,8 +41,11 @@ class RankActivity:
         self.min_lag = float("inf")  # smallest lag of the current window
         self.prev_min_lag = float("inf")  # of the window before it
 
-    def lag_floor(self) -> float | None:
-        """The smallest lag of the last one or two windows; None before any batch."""
+    def lag_floor(self, now: float, window_s: float) -> float | None:
+        """The smallest lag of the last one or two windows of `window_s`; None when no
+        batch was timed in them."""
+        if now - self.lag_window_start >= 2 * window_s:
+            return None
         floor = min(self.min_lag, self.prev_min_lag)
         return None if floor == float("inf") else floor
 
@@ -74,8 +77,9 @@ class EventActivity:
             rank = self.ranks[key] = RankActivity(now)
         return rank
 
-    def observe(self, batch: EventBatch, now: float) -> None:
-        """An applied batch: its blocks per tier, its lag (`now` - its timestamp)."""
+    def observe(self, batch: EventBatch, now: float, *, timed: bool = True) -> None:
+        """An applied batch: its blocks per tier and, when `timed`, its lag (`now` - its
+        timestamp). A rebuild's replay is not timed: its lags are the batches' ages."""
         rank = self._rank(batch, now)
         rank.batches += 1
         tier = self._tier
@@ -86,8 +90,12 @@ class EventActivity:
                 rank.removed[tier(event.medium)] += len(event.block_hashes)
             else:
                 rank.clears += 1
+        if not timed:
+            return
         if now - rank.lag_window_start >= self.lag_window_s:
-            rank.prev_min_lag, rank.min_lag = rank.min_lag, float("inf")
+            stale = now - rank.lag_window_start >= 2 * self.lag_window_s
+            rank.prev_min_lag = float("inf") if stale else rank.min_lag
+            rank.min_lag = float("inf")
             rank.lag_window_start = now
         lag = now - batch.ts
         rank.min_lag = min(rank.min_lag, lag)

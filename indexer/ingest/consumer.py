@@ -564,7 +564,7 @@ class PartitionConsumer:
                 observe_lag(lag)
             stats.blocks_seen += block_count(batch)
             if self._activity is not None:
-                self._activity.observe(batch, now)
+                self._activity.observe(batch, now, timed=not self.rebuilding)
 
     def _on_gap(self, batch: EventBatch) -> None:
         self._stats.gaps += 1

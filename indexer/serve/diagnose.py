@@ -30,7 +30,7 @@ import msgspec
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer.findings import CODES, ERROR, INFO, WARNING, Diagnosis, Finding, severity_rank
 from indexer.index.protocol import IndexReader, WorkerInfo
-from indexer.ingest.activity import EventActivity, RankActivity, RankKey
+from indexer.ingest.activity import DEFAULT_LAG_WINDOW_S, EventActivity, RankActivity, RankKey
 from indexer.ingest.liveness import LivenessWatcher
 from kvcore.bus import TIERS
 from kvcore.topology import WorkerRecord
@@ -71,7 +71,8 @@ class DoctorSettings(msgspec.Struct, frozen=True, kw_only=True):
     # stores_without_removals: a rank holding and having stored at least this many blocks
     # of one tier, with not one removal (or clear) of that tier seen.
     no_removal_blocks: int = 50_000
-    # clock_skew: the smallest recent lag of a rank beyond this many seconds either way.
+    # clock_skew: the smallest lag of a rank's batches over EventActivity's last one or two
+    # windows beyond this many seconds either way.
     max_skew_s: float = 2.0
     # QueryOutcomes windows.
     window_s: float = 300.0
@@ -211,6 +212,7 @@ class ServiceSnapshot:
     registered: dict[WorkerKey, WorkerRecord] | None = None
     departed: frozenset[WorkerKey] = frozenset()
     activity: dict[RankKey, RankActivity] | None = None
+    lag_window_s: float = DEFAULT_LAG_WINDOW_S  # EventActivity's
     index_drops: dict[str, int] = field(default_factory=dict)
     dead_letters: dict[str, int] | None = None
     rebuilding: bool = False
@@ -267,6 +269,8 @@ async def take_snapshot(index: IndexReader, outcomes: QueryOutcomes, view: Event
         now=time.time(), ranks=ranks, block_sizes=block_sizes, queries=queries,
         no_candidates=no_candidates, registered=registered, departed=departed,
         activity=dict(view.activity.ranks) if view.activity is not None else None,
+        lag_window_s=(view.activity.lag_window_s if view.activity is not None
+                      else DEFAULT_LAG_WINDOW_S),
         index_drops=dict(stats.dropped),
         dead_letters=dict(view.dead_letters()) if view.dead_letters is not None else None,
         rebuilding=rebuilding, model=model, settings=settings or DoctorSettings())
@@ -469,9 +473,10 @@ def check_clock_skew(snap: ServiceSnapshot) -> list[Finding]:
     if snap.activity is None:
         return []
     limit = snap.settings.max_skew_s
+    window = snap.lag_window_s
     findings = []
     for (model, worker, rank_no), rank in sorted(snap.activity.items()):
-        floor = rank.lag_floor()
+        floor = rank.lag_floor(snap.now, window)
         if floor is None or not snap.concerns(model) or abs(floor) <= limit:
             continue
         if floor < 0:
