@@ -488,12 +488,13 @@ def check_clock_skew(snap: ServiceSnapshot) -> list[Finding]:
             summary = (f"even the freshest batches of rank {rank_no} of {worker!r} arrive "
                        f"{floor:.1f} s after their timestamp: its clock runs behind this "
                        "indexer's, or its batches wait that long on the way.")
+        fix = "Synchronise the clocks of the worker's host and the indexer's (NTP / chrony)"
+        if floor > 0:
+            fix += ("; if they agree, look for a backlog: kv_indexer_consumer_pending, the "
+                    "bridge's kv_publisher_buffered_batches")
         findings.append(Finding(
             severity=WARNING, code="clock_skew", model=model, worker_id=worker,
-            dp_rank=rank_no, summary=summary,
-            fix=("Synchronise the clocks of the worker's host and the indexer's (NTP / "
-                 "chrony); if the clocks agree, check kv_indexer_consumer_pending and the "
-                 "bridge's kv_publisher_buffered_batches for a backlog.")))
+            dp_rank=rank_no, summary=summary, fix=fix + "."))
     return findings
 
 
