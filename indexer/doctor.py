@@ -8,12 +8,14 @@ Exit status: 0 when no finding is an error (warnings and notes are printed), 3 w
 from __future__ import annotations
 
 import argparse
+import sys
 import textwrap
 from typing import Final
 
+import grpc
 import msgspec
 
-from indexer.client import IndexerClient
+from indexer.client import IndexerClient, IndexerClientError
 from indexer.findings import Diagnosis, Finding
 
 __all__ = ["ERRORS_FOUND", "add_doctor_command", "render"]
@@ -68,7 +70,14 @@ def render(diagnosis: Diagnosis) -> str:
 
 
 def run_doctor(client: IndexerClient, args: argparse.Namespace) -> int:
-    diagnosis = client.diagnose(args.model or None)
+    try:
+        diagnosis = client.diagnose(args.model or None)
+    except IndexerClientError as exc:
+        if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        print(f"kv-indexer doctor: the indexer at {args.target} has no Diagnose RPC (a version "
+              "older than kv-indexer doctor): upgrade it", file=sys.stderr)
+        return 1
     if args.json:
         print(msgspec.json.encode({"findings": diagnosis.findings, "checks": diagnosis.checks,
                                    "limitations": diagnosis.limitations,

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import grpc
 import pytest
 
 from indexer import cli
@@ -274,3 +275,17 @@ async def test_cli_prints_verdicts(service: IndexerService, nats_url: str,
             ("error", "unknown_model")]
     finally:
         await fleet.close()
+
+
+async def test_an_indexer_without_diagnose_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    """A server that predates the RPC (here: one with no KvIndexer at all) answers
+    UNIMPLEMENTED; doctor says so in one line, exit 1."""
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        code = await asyncio.to_thread(cli.main, ["doctor", "--target", f"127.0.0.1:{port}"])
+    finally:
+        await server.stop(0)
+    assert code == 1
+    assert "has no Diagnose RPC" in capsys.readouterr().err
