@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,6 +41,7 @@ from indexer.ingest.partitions import PartitionLeases
 from indexer.ingest.recovery import SnapshotStore
 from indexer.metrics import EventPathMetrics, MetricsExporter, register_process_metrics
 from indexer.probes import ProcessProbes
+from indexer.runfile import Endpoints, remove_endpoints, write_endpoints
 from indexer.serve.auth import GrpcSecurity
 from indexer.serve.health import ServingHealth
 from indexer.serve.readers import PartitionMarkers, ReaderPool
@@ -267,6 +269,15 @@ class IndexerService:
         if self._embedded is not None:
             self._embedded.stop()
 
+    def endpoints(self) -> Endpoints:
+        """Where local tools reach this process (the run file, indexer.runfile)."""
+        grpc_target = ""
+        if self.config.grpc_listen:
+            host = self.config.grpc_listen.rpartition(":")[0].strip("[]")
+            host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+            grpc_target = f"{host}:{self.grpc_port}"
+        return Endpoints(self.nats_url, grpc_target, os.getpid())
+
     @property
     def grpc_security(self) -> GrpcSecurity:
         return GrpcSecurity.from_config(self.config)
@@ -306,9 +317,11 @@ async def serve(config: ServiceConfig) -> None:
         else:
             starting.result()  # a start-up error propagates
             print(service.banner(), flush=True)
+            write_endpoints(config.data_dir, service.endpoints())
             await stopping
     finally:
         stopping.cancel()
+        remove_endpoints(config.data_dir)
         await service.close()
         log.info("stopped")
 
