@@ -49,6 +49,7 @@ from indexer.client import (
 from kvcore.about import version_line
 from kvcore.bus import TIERS
 from kvcore.connect import NATS_SECURITY_FLAGS, NatsSecurity, NatsSetupError
+from kvcore.helpfmt import DefaultsArgumentParser, DefaultsHelpFormatter
 from kvcore.roles import ROLES
 
 __all__ = ["health", "main", "parse_health_args"]
@@ -228,7 +229,8 @@ def parse_health_args(argv: Sequence[str]) -> argparse.Namespace:
     """`kv-indexer health`'s arguments (exit 2 on a bad one)."""
     parser = argparse.ArgumentParser(prog="kv-indexer health", description=(
         "Ask a running indexer's gRPC health service (grpc.health.v1 Check). Exit status 0 "
-        "when it answers SERVING, 1 otherwise (NOT_SERVING, unreachable, unknown service)."))
+        "when it answers SERVING, 1 otherwise (NOT_SERVING, unreachable, unknown service)."),
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--target", default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
                         help=f"indexer gRPC address HOST:PORT (env {TARGET_ENV}; "
                              f"default %(default)s)")
@@ -255,7 +257,7 @@ def _health(argv: list[str]) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = DefaultsArgumentParser(add_help=False)
     common.add_argument("--target", default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
                         help=f"indexer gRPC address HOST:PORT (env {TARGET_ENV}; "
                              f"default %(default)s)")
@@ -269,10 +271,12 @@ def _parser() -> argparse.ArgumentParser:
         common.add_argument(flag, default=os.environ.get(env), help=f"{help_text} (env {env})")
 
     parser = argparse.ArgumentParser(
-        prog="kv-indexer", description="Query a running KV-cache indexer, or run one.")
+        prog="kv-indexer", description="Query a running KV-cache indexer, or run one.",
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("-V", "--version", action="version", version=version_line("kv-indexer"),
                         help="print the version and whether the C extension is in use")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                parser_class=DefaultsArgumentParser)
     score = sub.add_parser("score", parents=[common], help="score a prompt against the index")
     score.add_argument("--model", required=True, help="served model name")
     score.add_argument("--tokens-file", required=True,
@@ -314,7 +318,7 @@ def _rebuild(argv: list[str]) -> int:
     """`kv-indexer rebuild`: every indexer on this NATS rebuilds every partition."""
     parser = argparse.ArgumentParser(prog="kv-indexer rebuild", description=(
         "Ask every running indexer (and any started later) to rebuild each partition from "
-        "its newest snapshot and the stream after it."))
+        "its newest snapshot and the stream after it."), formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--nats-url", default=os.environ.get("KV_INDEXER_NATS_URL"),
                         help="NATS the indexers use (env KV_INDEXER_NATS_URL)")
     parser.add_argument("--partitions", type=int,

@@ -60,6 +60,7 @@ from indexer.client import (
 from indexer.config import ServiceConfig, validate
 from indexer.index.protocol import TIERS
 from indexer.scheduling import DEFAULT_TEMPERATURE
+from kvcore.helpfmt import DefaultsHelpFormatter
 from kvcore.runtime import scoped_logging
 from kvsim.bridges import bridges, worker_id
 from kvsim.mock_engines import EngineStats, MockFleet, synthetic_prompts
@@ -110,7 +111,7 @@ class DemoSettings:
 def _parser() -> argparse.ArgumentParser:
     d = DemoSettings()
     parser = argparse.ArgumentParser(
-        prog="kv-sim demo",
+        prog="kv-sim demo", formatter_class=DefaultsHelpFormatter,
         description="The indexer, a simulated fleet with bridges, and KV-aware routing "
                     "(FindBestWorker) against round robin on an identical fleet.")
     parser.add_argument("--workers", type=int, default=d.workers, help="engines per fleet")
@@ -118,10 +119,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="GPU blocks per engine")
     parser.add_argument("--cpu-capacity-blocks", type=int, default=d.cpu_capacity_blocks,
                         help="CPU offload blocks per engine (0: no offload)")
-    parser.add_argument("--block-size", type=int, default=d.block_size)
+    parser.add_argument("--block-size", type=int, default=d.block_size,
+                        help="tokens per KV block")
     parser.add_argument("--prefixes", type=int, default=d.prefixes,
                         help="shared system prompts in the stream")
-    parser.add_argument("--prefix-tokens", type=int, default=d.prefix_tokens)
+    parser.add_argument("--prefix-tokens", type=int, default=d.prefix_tokens,
+                        help="tokens of each shared system prompt")
     parser.add_argument("--max-suffix", type=int, default=d.max_suffix,
                         help="most fresh tokens after the shared prefix")
     parser.add_argument("--rate", type=float, default=d.rate,
@@ -138,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-listen", default=d.metrics_listen,
                         help="serve the indexer's Prometheus /metrics here, e.g. 127.0.0.1:9400")
     parser.add_argument("--log-level", default=d.log_level,
-                        choices=["debug", "info", "warning", "error"])
+                        choices=["debug", "info", "warning", "error"], help="log level")
     return parser
 
 

@@ -29,6 +29,7 @@ from indexer.config import ServiceConfig
 from indexer.runfile import StaleRunFileError, read_endpoints, run_file
 from kvcore.bus import STREAM_NAME
 from kvcore.connect import NatsSetupError, connect_nats
+from kvcore.helpfmt import DefaultsHelpFormatter
 from kvcore.redact import redact_url
 from kvcore.runtime import scoped_logging
 from kvcore.topology import StreamSettings
@@ -62,7 +63,7 @@ class FleetSettings:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kv-sim fleet", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="kv-sim fleet", formatter_class=DefaultsHelpFormatter,
         description="Mock vLLM engines and their bridges feeding a running kv-indexer serve.")
     parser.add_argument("--nats-url", help="the service's NATS (default: the one the "
                         "service started from --data-dir wrote in its run file)")

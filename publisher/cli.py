@@ -24,6 +24,7 @@ from kvcore.connect import (
     NatsSecurity,
     NatsSetupError,
 )
+from kvcore.helpfmt import DefaultsHelpFormatter
 from kvcore.redact import redact_text, redact_url
 from kvcore.roles import check_role
 from kvcore.runtime import configure_logging, settle_gc, warn_if_pure_python
@@ -64,7 +65,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _bridge_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kv-publisher bridge",
+    parser = _Parser(prog="kv-publisher bridge", formatter_class=DefaultsHelpFormatter,
                      description="Bridge an engine's ZMQ KV events to NATS.")
     for flag, env, default, help_text in BRIDGE_SETTINGS:
         env_var = f"KV_PUBLISHER_{env}"
