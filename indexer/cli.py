@@ -142,11 +142,16 @@ def _print_json(value: object) -> None:
     print(msgspec.json.encode(value).decode())
 
 
+def event_age(seconds: float) -> str:
+    """Freshness for people: the wire's 0 means no event seen yet (indexer.proto)."""
+    return f"last event {seconds:.1f} s ago" if seconds > 0 else "no events yet"
+
+
 def _show_score(answer: ScoreAnswer) -> None:
     fresh = answer.freshness
     degraded = ", ".join(fresh.degraded_workers) or "none"
-    print(f"query: {answer.query_blocks} blocks; last event {fresh.last_event_age_seconds:.1f} "
-          f"s ago; degraded: {degraded}" + ("; index REBUILDING" if fresh.rebuilding else ""))
+    print(f"query: {answer.query_blocks} blocks; {event_age(fresh.last_event_age_seconds)}; "
+          f"degraded: {degraded}" + ("; index REBUILDING" if fresh.rebuilding else ""))
     if not answer.scores:
         print("no worker holds any block of the query")
         return
@@ -165,7 +170,8 @@ def _show_workers(workers: list[WorkerStatus]) -> None:
         ["MODEL", "WORKER", "RANK", "EPOCH", "SEQ", "DEGRADED", *(t.upper() for t in TIERS),
          "AGE_S", "ROLE"],
         [[w.model, w.worker_id, w.dp_rank, w.epoch, w.last_seq, "yes" if w.degraded else "no",
-          *_tier_cells(w.blocks_by_tier), round(w.last_event_age_seconds, 1), w.role]
+          *_tier_cells(w.blocks_by_tier),
+          round(w.last_event_age_seconds, 1) if w.last_event_age_seconds > 0 else "-", w.role]
          for w in workers],
     ))
 

@@ -65,7 +65,7 @@ from kvcore.runtime import scoped_logging
 from kvsim.bridges import bridges, worker_id
 from kvsim.mock_engines import EngineStats, MockFleet, synthetic_prompts
 from kvsim.report import pct
-from kvsim.routers import Decision, KvRouter, RoundRobinRouter
+from kvsim.routers import Decision, KvRouter, RoundRobinRouter, describe_fallbacks
 
 __all__ = [
     "DemoSettings",
@@ -278,7 +278,8 @@ class Snapshot:
         return (f"result: requests={self.requests} kv_aware_hit_rate={self.kv_hit_rate:.3f} "
                 f"round_robin_hit_rate={self.rr_hit_rate:.3f} "
                 f"kv_aware_predicted_hit_rate={self.kv_predicted_hit_rate:.3f} "
-                f"(cached prompt tokens / prompt tokens, counted by the engines)")
+                f"(cached prompt tokens / prompt tokens, counted by the engines); "
+                f"fallbacks: {describe_fallbacks(self.fallbacks)}")
 
 
 def _hit_rate(stats: EngineStats) -> float:
@@ -421,7 +422,7 @@ class RichView:
         for column in ("router", "hit rate", "last interval", "requests",
                        "FindBestWorker p50 / p99", "fallbacks"):
             routing.add_column(column, justify="left" if column == "router" else "right")
-        fallbacks = ", ".join(f"{k} {v}" for k, v in sorted(snap.fallbacks.items())) or "0"
+        fallbacks = str(sum(snap.fallbacks.values()))
         routing.add_row("KV-aware (FindBestWorker)", _pct(snap.kv_hit_rate, "green"),
                         _pct(snap.kv_window_hit_rate), str(snap.requests),
                         f"{snap.route_p50_ms:.2f} / {snap.route_p99_ms:.2f} ms", fallbacks)
@@ -429,7 +430,9 @@ class RichView:
                         _pct(snap.rr_window_hit_rate), str(snap.requests), "-", "-")
         routing.caption = (f"index-predicted hit rate of the KV-aware choices: "
                            f"{snap.kv_predicted_hit_rate:.1%}   overlap weight "
-                           f"{s.overlap_weight:g}, requests in flight for {s.lifetime} steps")
+                           f"{s.overlap_weight:g}, requests in flight for {s.lifetime} steps"
+                           f"\nfallbacks (routed without the index's answer): "
+                           f"{describe_fallbacks(snap.fallbacks)}")
 
         pipeline = Text.assemble(
             ("Indexer  ", "bold"),
