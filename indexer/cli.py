@@ -372,6 +372,9 @@ def _serve(argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list in (["-V"], ["--version"]):  # one line, unwrapped (argparse's would wrap)
+        print(version_line("kv-indexer"))
+        return 0
     if args_list[:1] == ["serve"]:
         return _serve(args_list[1:])
     if args_list[:1] == ["rebuild"]:
