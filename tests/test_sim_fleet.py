@@ -158,3 +158,23 @@ def test_stale_run_file(tmp_path: Path) -> None:
     line = one_line(run_fleet([], tmp_path))
     assert f"pid {dead.pid}, which is gone" in line
     assert os.stat(run_dir / "endpoints.json")  # left for the operator to see
+
+
+def test_bridge_without_its_nats_fails_loudly(tmp_path: Path) -> None:
+    """`kv-publisher bridge` pointed at a NATS that is not there says so at the first
+    refused attempt, and gives up after --nats-start-timeout with one line, exit 1: it
+    neither waits silently nor publishes anywhere else."""
+    port = free_port()
+    result = subprocess.run(
+        [str(BIN / "kv-publisher"), "bridge", "--zmq-endpoint", f"tcp://127.0.0.1:{free_port()}",
+         "--model", "m", "--worker-id", "w", "--nats-url", f"nats://127.0.0.1:{port}",
+         "--nats-start-timeout", "2", "--log-format", "json"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert '"nats_connecting"' in lines[0]
+    assert '"nats_connect_failed"' in lines[1]  # said at once, not only at the end
+    assert lines[-1] == (f"kv-publisher bridge: cannot connect to NATS at nats://127.0.0.1:"
+                         f"{port} within 2 s (last error: ConnectionRefusedError(111, "
+                         f"\"Connect call failed ('127.0.0.1', {port})\"))")
+    assert result.stdout == ""  # no "bridge ... ->" line: it never ran
