@@ -214,7 +214,8 @@ class IndexerService:
             stats=self.stats, snapshots=self.snapshots, settings=ConsumerSettings(
                 fetch_batch=self.config.fetch_batch, apply_chunk=self.config.apply_chunk,
                 snapshot_every_batches=self.config.snapshot_every_batches,
-                snapshot_every_s=self.config.snapshot_every_s),
+                snapshot_every_s=self.config.snapshot_every_s,
+                quiet_first_rebuild=not self.config.redis_url),
             lag_seconds=timings.lag_seconds if timings is not None else None,
             apply_seconds=timings.apply_seconds if timings is not None else None)
         stop = asyncio.Event()

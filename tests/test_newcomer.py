@@ -5,6 +5,7 @@ extension is missing, and a README quickstart that shows the local fleet."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,9 +29,12 @@ MAX_START_LINES = 6
 
 
 def make_dry_run(target: str) -> str:
-    """The commands `make TARGET` would run, every prerequisite included (-B)."""
-    return subprocess.run(["make", "-n", "-B", target], cwd=ROOT, capture_output=True,
-                          text=True, check=True, timeout=60).stdout
+    """The commands `make TARGET` would run, every prerequisite included (-B); as a
+    top-level make, also when the suite itself runs under `make test`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return subprocess.run(["make", "--no-print-directory", "-n", "-B", target], cwd=ROOT,
+                          capture_output=True, text=True, check=True, timeout=60,
+                          env=env).stdout
 
 
 @pytest.mark.parametrize("target", ["run", "sim", "demo"])

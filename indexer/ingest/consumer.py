@@ -77,6 +77,8 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     purge_after_snapshot: bool = True
     marker_check_s: float = 1.0
     max_epoch_skew_s: float = 300.0  # epochs further in the future are refused
+    # The in-memory index is empty at every start: its first rebuild is routine (debug).
+    quiet_first_rebuild: bool = False
 
 
 class Observer(Protocol):
@@ -326,8 +328,11 @@ class PartitionConsumer:
         with contextlib.suppress(NotFoundError):
             await self._js.delete_consumer(STREAM_NAME, consumer_name(self.partition))
         self._rebuild_started = started
-        # A first start has no marker: that is routine, not worth a line of its own.
-        emit = self._log.debug if reason == "no marker" else self._log.warning
+        # A first start has no marker: routine, not a warning; in memory, at every start.
+        if reason != "no marker":
+            emit = self._log.warning
+        else:
+            emit = self._log.debug if self._settings.quiet_first_rebuild else self._log.info
         emit("partition_rebuild", reason=reason, from_seq=start,
              snapshot_ranks=len(snapshot.ranks) if snapshot else 0,
              load_s=round(time.monotonic() - started, 3))
