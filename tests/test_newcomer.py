@@ -15,10 +15,13 @@ from typing import Any
 import pytest
 
 import indexer.app
+import publisher.metrics
 from indexer.app import IndexerService
 from indexer.config import ServiceConfig
 from indexer.runfile import read_endpoints
 from kvcore.about import NATIVE_MISSING_SHORT
+from publisher.metrics import BridgeHttpServer
+from publisher.publisher import KVEventPublisher
 from tests.support.servers import terminate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,3 +130,20 @@ def test_version_says_when_the_extension_is_missing(command: str) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=False, timeout=60)
     assert result.stdout.strip().endswith(f"(C extension: {NATIVE_MISSING_SHORT})"), result
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "pure-python"])
+def test_bridge_healthz_says_when_the_extension_is_missing(
+        native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bridge's /healthz (its liveness probe) stays 200, and says the C extension is
+    missing on every check when it is."""
+    monkeypatch.setattr(publisher.metrics, "NATIVE", native)
+    never_connected = KVEventPublisher("m", "w", block_size=4, nats_url="nats://127.0.0.1:1")
+    monkeypatch.setattr(never_connected, "health",
+                        lambda: (True, "ok: NATS connected, 0 batches pending"))
+    server = BridgeHttpServer(never_connected)
+    status, _, body = server.respond("GET", "/healthz")
+    assert status == 200
+    lines = body.decode().splitlines()
+    assert lines[0] == "ok: NATS connected, 0 batches pending"
+    assert lines[1:] == ([] if native else [f"warning: C extension {NATIVE_MISSING_SHORT}"])
