@@ -94,6 +94,16 @@ def test_chart_version_is_the_package_version() -> None:
     assert chart["version"] == chart["appVersion"] == __version__
 
 
+@pytest.mark.parametrize("values", [{}, EVERYTHING_ON], ids=["defaults", "everything-on"])
+def test_helm_lint_is_clean(values: dict[str, Any]) -> None:
+    """`helm lint --strict` finds nothing above info (the chart has no icon: info)."""
+    report = helm.lint(str(CHART), values, strict=True, kube_version=f"v{KUBE_VERSIONS[0]}")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+    broken = helm.lint(str(CHART), {"indexer": {"replicas": "two"}}, strict=True)
+    assert any("replicas" in error for error in broken["errors"])
+
+
 def test_default_objects(defaults: list[Doc]) -> None:
     """Deployment, Service, headless Service, PDB and ServiceAccount; nothing optional."""
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in defaults)
