@@ -7,6 +7,8 @@ at once with one line and exit status 1.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -16,9 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nats import connect as nats_connect
 
 from indexer.client import IndexerClient, Query
 from indexer.runfile import Endpoints, read_endpoints
+from kvcore.topology import StreamSettings, ensure_stream
 from kvsim.mock_engines import synthetic_prompts
 from tests.support.servers import ConfiguredNats, free_port, terminate
 
@@ -166,9 +170,7 @@ def test_bridge_without_its_nats_fails_loudly(tmp_path: Path) -> None:
     neither waits silently nor publishes anywhere else."""
     port = free_port()
     result = subprocess.run(
-        [str(BIN / "kv-publisher"), "bridge", "--zmq-endpoint", f"tcp://127.0.0.1:{free_port()}",
-         "--model", "m", "--worker-id", "w", "--nats-url", f"nats://127.0.0.1:{port}",
-         "--nats-start-timeout", "2", "--log-format", "json"],
+        [*bridge_argv(f"nats://127.0.0.1:{port}"), "--nats-start-timeout", "2"],
         capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
@@ -178,3 +180,52 @@ def test_bridge_without_its_nats_fails_loudly(tmp_path: Path) -> None:
                          f"{port} within 2 s (last error: ConnectionRefusedError(111, "
                          f"\"Connect call failed ('127.0.0.1', {port})\"))")
     assert result.stdout == ""  # no "bridge ... ->" line: it never ran
+
+
+def bridge_argv(nats_url: str) -> list[str]:
+    return [str(BIN / "kv-publisher"), "bridge", "--zmq-endpoint",
+            f"tcp://127.0.0.1:{free_port()}", "--model", "m", "--worker-id", "w",
+            "--nats-url", nats_url, "--log-format", "json"]
+
+
+def bridge_start_output(nats_url: str, tmp_path: Path) -> tuple[str, str]:
+    """(stdout, stderr) of a bridge run until it bridges, then stopped with SIGTERM."""
+    out, err = (tmp_path / "out").open("w+"), (tmp_path / "err").open("w+")
+    proc = subprocess.Popen(bridge_argv(nats_url), stdout=out, stderr=err, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while "kv-publisher bridge:" not in (tmp_path / "out").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "err").read_text()
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    out.seek(0)
+    err.seek(0)
+    return out.read(), err.read()
+
+
+def test_bridge_warns_on_a_nats_no_indexer_uses(tmp_path: Path) -> None:
+    """Another NATS on the port (no KV_EVENTS stream): the bridge says so at once, and
+    keeps its batches for when an indexer creates the stream; with the stream, no word."""
+    nats = ConfiguredNats(tmp_path).start()
+    try:
+        _, stderr = bridge_start_output(nats.url(), tmp_path)
+        warnings = [json.loads(line) for line in stderr.splitlines()
+                    if '"no_event_stream"' in line]
+        assert len(warnings) == 1 and warnings[0]["level"] == "warning", stderr
+        assert warnings[0]["url"] == nats.url()
+        asyncio.run(create_event_stream(nats.url()))
+        _, stderr = bridge_start_output(nats.url(), tmp_path)
+        assert "no_event_stream" not in stderr
+    finally:
+        nats.stop()
+
+
+async def create_event_stream(url: str) -> None:
+    nc = await nats_connect(url)
+    try:
+        await ensure_stream(nc.jetstream(), StreamSettings())
+    finally:
+        await nc.close()
