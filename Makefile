@@ -1,4 +1,6 @@
 # Two commands on a fresh machine: `make run` and `make test`. Both create what they need.
+# Only the tests and the Redis benches need redis-server; `make run`, `make sim` and
+# `make demo` use the in-memory index.
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
@@ -6,9 +8,9 @@ PYTHON  ?= python3
 PKGS    := kvcore publisher indexer kvsim
 PROTO_OUT := indexer/_proto
 
-.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean
+.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim
 
-setup: $(STAMP) redis-server
+setup: $(STAMP)
 
 $(STAMP): pyproject.toml $(wildcard native/*.c native/*.h)
 	$(PYTHON) -m venv $(VENV)
@@ -44,12 +46,12 @@ lint: $(STAMP)
 
 typecheck: lint
 
-pytest: setup
+pytest: setup redis-server
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 # The field-fault suite's long variants: a 60 s NATS outage under 16 workers (~160,000
 # block entries), both backends; prints the figures docs/benchmarks.md quotes.
-chaos: setup
+chaos: setup redis-server
 	KV_CHAOS_OUTAGE_S=60 KV_CHAOS_WORKERS=16 $(VENV)/bin/pytest -q -s -p no:cacheprovider \
 	  tests/test_field_faults.py tests/test_chaos.py tests/test_max_payload.py
 
@@ -57,6 +59,11 @@ test: setup lint pytest
 
 run: setup
 	$(VENV)/bin/kv-indexer serve
+
+# A simulated fleet (mock vLLM engines and their bridges) feeding the service `make run`
+# started from this directory: it finds the service's NATS in .kv-indexer/endpoints.json.
+sim: setup
+	$(VENV)/bin/kv-sim fleet
 
 demo: setup
 	$(VENV)/bin/kv-sim demo
@@ -82,23 +89,23 @@ bench-memory: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench.memory_vs_dynamo
 
-bench-redis: setup
+bench-redis: setup redis-server
 	$(PY) -m bench.redis_backend
 
-bench-events: setup
+bench-events: setup redis-server
 	$(PY) -m bench.event_path
 
-bench-grpc: setup libnghttp2-dev
+bench-grpc: setup redis-server libnghttp2-dev
 	$(PY) -m bench.grpc_score
 
-bench-rebuild: setup
+bench-rebuild: setup redis-server
 	$(PY) -m bench.rebuild
 
-bench-dead-models: setup
+bench-dead-models: setup redis-server
 	$(PY) -m bench.dead_models
 
 # What TLS costs: gRPC Score plaintext vs TLS vs mTLS + token, Redis Score redis:// vs rediss://
-bench-tls: setup
+bench-tls: setup redis-server
 	$(PY) -m bench.tls
 
 # What Diagnose's bookkeeping costs Score and ingest (an A/B in one process)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -41,15 +42,19 @@ from indexer.ingest.partitions import PartitionLeases
 from indexer.ingest.recovery import SnapshotStore
 from indexer.metrics import EventPathMetrics, MetricsExporter, register_process_metrics
 from indexer.probes import ProcessProbes
+from indexer.runfile import Endpoints, remove_endpoints, write_endpoints
 from indexer.serve.auth import GrpcSecurity
 from indexer.serve.diagnose import DoctorSettings, EventPathView
 from indexer.serve.health import ServingHealth
 from indexer.serve.readers import PartitionMarkers, ReaderPool
+from kvcore.about import NATIVE_MISSING_SHORT
 from kvcore.connect import NatsSetupError, connect_nats
+from kvcore.keys import NATIVE
 from kvcore.redact import redact_text, redact_url
 from kvcore.runtime import (
     SERVER_GC_THRESHOLDS,
     configure_logging,
+    json_logs,
     loop_name,
     run_event_loop,
     settle_gc,
@@ -209,6 +214,8 @@ class IndexerService:
         # In memory every partition is ours, and rebuilt at start (the index is empty).
         for partition in range(self.config.partitions):
             await self._start_partition(partition)
+        log.info("consumers_started", partitions=self.config.partitions,
+                 replaying="the retained stream, into the empty in-memory index")
 
     async def _start_partition(self, partition: int) -> None:
         assert self._js is not None and self.index is not None
@@ -218,7 +225,8 @@ class IndexerService:
             stats=self.stats, snapshots=self.snapshots, settings=ConsumerSettings(
                 fetch_batch=self.config.fetch_batch, apply_chunk=self.config.apply_chunk,
                 snapshot_every_batches=self.config.snapshot_every_batches,
-                snapshot_every_s=self.config.snapshot_every_s),
+                snapshot_every_s=self.config.snapshot_every_s,
+                quiet_first_rebuild=not self.config.redis_url),
             lag_seconds=timings.lag_seconds if timings is not None else None,
             apply_seconds=timings.apply_seconds if timings is not None else None,
             activity=self.activity)
@@ -279,24 +287,51 @@ class IndexerService:
         if self._embedded is not None:
             self._embedded.stop()
 
+    def endpoints(self) -> Endpoints:
+        """Where local tools reach this process (the run file, indexer.runfile)."""
+        grpc_target = ""
+        if self.config.grpc_listen:
+            host = self.config.grpc_listen.rpartition(":")[0].strip("[]")
+            host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+            grpc_target = f"{host}:{self.grpc_port}"
+        return Endpoints(self.nats_url, grpc_target, os.getpid())
+
     @property
     def grpc_security(self) -> GrpcSecurity:
         return GrpcSecurity.from_config(self.config)
 
-    def banner(self) -> str:
+    def banner_fields(self) -> dict[str, str]:
         """What this process serves, and from where (URL secrets as ***)."""
         redis_url = self.config.redis_url
         backend = f"redis {redact_url(redis_url)}" if redis_url else "in-memory"
         nats_kind = "embedded" if self._embedded else "external"
         if nats_security(self.config).uses_tls:
             nats_kind += ", TLS"
-        return (f"kv-indexer serving\n  gRPC     {self.config.grpc_listen} (port "
-                f"{self.grpc_port}, {self.config.grpc_processes} process(es), "
-                f"{self.grpc_security.describe()})\n"
-                f"  NATS     {redact_url(self.nats_url)} ({nats_kind})\n"
-                f"  metrics  {self.config.metrics_listen or 'off'}\n"
-                f"  index    {backend}\n  partitions {self.config.partitions}\n"
-                f"  loop     {loop_name()}")
+        return {
+            "gRPC": (f"{self.config.grpc_listen} (port {self.grpc_port}, "
+                     f"{self.config.grpc_processes} process(es), "
+                     f"{self.grpc_security.describe()})"),
+            "NATS": f"{redact_url(self.nats_url)} ({nats_kind})",
+            "metrics": self.config.metrics_listen or "off",
+            "index": backend,
+            "partitions": str(self.config.partitions),
+            "C ext": "yes" if NATIVE else NATIVE_MISSING_SHORT,
+            "loop": loop_name(),
+        }
+
+    def banner(self) -> str:
+        """The start-up banner for a terminal, one field a line (`loop` last)."""
+        return "kv-indexer serving\n" + "\n".join(
+            f"  {name:<8} {value}" for name, value in self.banner_fields().items())
+
+    def announce(self) -> None:
+        """The banner on stdout, or one `serving` log line where logs are JSON."""
+        if json_logs(self.config.log_format):
+            fields = {name.lower().replace(" ", "_"): value
+                      for name, value in self.banner_fields().items()}
+            log.info("serving", **fields)
+        else:
+            print(self.banner(), flush=True)
 
 
 async def serve(config: ServiceConfig) -> None:
@@ -317,10 +352,12 @@ async def serve(config: ServiceConfig) -> None:
                 await starting
         else:
             starting.result()  # a start-up error propagates
-            print(service.banner(), flush=True)
+            service.announce()
+            write_endpoints(config.data_dir, service.endpoints())
             await stopping
     finally:
         stopping.cancel()
+        remove_endpoints(config.data_dir)
         await service.close()
         log.info("stopped")
 

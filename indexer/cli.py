@@ -51,6 +51,7 @@ from indexer.doctor import add_doctor_command
 from kvcore.about import version_line
 from kvcore.bus import TIERS
 from kvcore.connect import NATS_SECURITY_FLAGS, NatsSecurity, NatsSetupError
+from kvcore.helpfmt import DefaultsArgumentParser, DefaultsHelpFormatter
 from kvcore.roles import ROLES
 
 __all__ = ["health", "main", "parse_health_args"]
@@ -143,11 +144,16 @@ def _print_json(value: object) -> None:
     print(msgspec.json.encode(value).decode())
 
 
+def event_age(seconds: float) -> str:
+    """Freshness for people: the wire's 0 means no event seen yet (indexer.proto)."""
+    return f"last event {seconds:.1f} s ago" if seconds > 0 else "no events yet"
+
+
 def _show_score(answer: ScoreAnswer) -> None:
     fresh = answer.freshness
     degraded = ", ".join(fresh.degraded_workers) or "none"
-    print(f"query: {answer.query_blocks} blocks; last event {fresh.last_event_age_seconds:.1f} "
-          f"s ago; degraded: {degraded}" + ("; index REBUILDING" if fresh.rebuilding else ""))
+    print(f"query: {answer.query_blocks} blocks; {event_age(fresh.last_event_age_seconds)}; "
+          f"degraded: {degraded}" + ("; index REBUILDING" if fresh.rebuilding else ""))
     if not answer.scores:
         print("no worker holds any block of the query")
         return
@@ -166,7 +172,8 @@ def _show_workers(workers: list[WorkerStatus]) -> None:
         ["MODEL", "WORKER", "RANK", "EPOCH", "SEQ", "DEGRADED", *(t.upper() for t in TIERS),
          "AGE_S", "ROLE"],
         [[w.model, w.worker_id, w.dp_rank, w.epoch, w.last_seq, "yes" if w.degraded else "no",
-          *_tier_cells(w.blocks_by_tier), round(w.last_event_age_seconds, 1), w.role]
+          *_tier_cells(w.blocks_by_tier),
+          round(w.last_event_age_seconds, 1) if w.last_event_age_seconds > 0 else "-", w.role]
          for w in workers],
     ))
 
@@ -230,7 +237,8 @@ def parse_health_args(argv: Sequence[str]) -> argparse.Namespace:
     """`kv-indexer health`'s arguments (exit 2 on a bad one)."""
     parser = argparse.ArgumentParser(prog="kv-indexer health", description=(
         "Ask a running indexer's gRPC health service (grpc.health.v1 Check). Exit status 0 "
-        "when it answers SERVING, 1 otherwise (NOT_SERVING, unreachable, unknown service)."))
+        "when it answers SERVING, 1 otherwise (NOT_SERVING, unreachable, unknown service)."),
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--target", default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
                         help=f"indexer gRPC address HOST:PORT (env {TARGET_ENV}; "
                              f"default %(default)s)")
@@ -257,7 +265,7 @@ def _health(argv: list[str]) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = DefaultsArgumentParser(add_help=False)
     common.add_argument("--target", default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
                         help=f"indexer gRPC address HOST:PORT (env {TARGET_ENV}; "
                              f"default %(default)s)")
@@ -271,10 +279,12 @@ def _parser() -> argparse.ArgumentParser:
         common.add_argument(flag, default=os.environ.get(env), help=f"{help_text} (env {env})")
 
     parser = argparse.ArgumentParser(
-        prog="kv-indexer", description="Query a running KV-cache indexer, or run one.")
+        prog="kv-indexer", description="Query a running KV-cache indexer, or run one.",
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("-V", "--version", action="version", version=version_line("kv-indexer"),
                         help="print the version and whether the C extension is in use")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                parser_class=DefaultsArgumentParser)
     score = sub.add_parser("score", parents=[common], help="score a prompt against the index")
     score.add_argument("--model", required=True, help="served model name")
     score.add_argument("--tokens-file", required=True,
@@ -317,7 +327,7 @@ def _rebuild(argv: list[str]) -> int:
     """`kv-indexer rebuild`: every indexer on this NATS rebuilds every partition."""
     parser = argparse.ArgumentParser(prog="kv-indexer rebuild", description=(
         "Ask every running indexer (and any started later) to rebuild each partition from "
-        "its newest snapshot and the stream after it."))
+        "its newest snapshot and the stream after it."), formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--nats-url", default=os.environ.get("KV_INDEXER_NATS_URL"),
                         help="NATS the indexers use (env KV_INDEXER_NATS_URL)")
     parser.add_argument("--partitions", type=int,
@@ -365,6 +375,9 @@ def _serve(argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list in (["-V"], ["--version"]):  # one line, unwrapped (argparse's would wrap)
+        print(version_line("kv-indexer"))
+        return 0
     if args_list[:1] == ["serve"]:
         return _serve(args_list[1:])
     if args_list[:1] == ["rebuild"]:

@@ -30,6 +30,7 @@ from kvcore.connect import (
     NatsSecurity,
     NatsSetupError,
 )
+from kvcore.helpfmt import shows_default
 from kvcore.redact import redact_text
 from kvcore.runtime import uvloop_installed
 from kvcore.topology import DEFAULT_PARTITIONS
@@ -163,9 +164,12 @@ def parse_service_config(
 ) -> ServiceConfig:
     environ = os.environ if environ is None else environ
     parser = _Parser(prog="kv-indexer serve", description="Run the KV-event indexer service.")
+    defaults = ServiceConfig()
     for flag, field, _kind, help_text in SETTINGS:
+        default = getattr(defaults, field)  # the flag's own default is None: unset
+        shown = f"; default: {default}" if shows_default(default) else ""
         parser.add_argument(flag, dest=field, default=None,
-                            help=f"{help_text} (env {env_name(field)})")
+                            help=f"{help_text} (env {env_name(field)}{shown})")
     args = parser.parse_args(argv)
     values: dict[str, object] = {}
     for _flag, field, kind, _help in SETTINGS:

@@ -31,6 +31,7 @@ from typing import Final
 import msgspec
 
 from kvcore.bus import BusDecodeError, check_identity
+from kvcore.helpfmt import DefaultsHelpFormatter
 from kvcore.topology import (
     LIVENESS_BUCKET,
     RESYNC_PREFIX,
@@ -161,7 +162,7 @@ def _workers(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kv-indexer nats-auth",
+        prog="kv-indexer nats-auth", formatter_class=DefaultsHelpFormatter,
         description="Print a nats-server authorization block: one user per worker, allowed "
                     "only its own subjects, and the indexer's user.")
     parser.add_argument("--worker", nargs=2, action="append", metavar=("MODEL", "WORKER"),

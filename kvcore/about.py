@@ -13,7 +13,7 @@ from typing import Final
 from kvcore import __version__
 from kvcore.keys import NATIVE
 
-__all__ = ["NATIVE_MISSING", "build_labels", "version_line"]
+__all__ = ["NATIVE_MISSING", "NATIVE_MISSING_SHORT", "build_labels", "version_line"]
 
 NATIVE_MISSING: Final = (
     "kvcore._native (the C extension) is not installed: block keys, the memory index's "
@@ -24,9 +24,14 @@ NATIVE_MISSING: Final = (
 )
 
 
+NATIVE_MISSING_SHORT: Final = (
+    "MISSING: running the pure-Python fallback, several times slower; reinstall with a C "
+    "compiler (README: Is the C extension in use?)")
+
+
 def version_line(prog: str) -> str:
-    """`<prog> <version> (C extension: yes)`, or `no, pure-Python fallback`."""
-    native = "yes" if NATIVE else "no, pure-Python fallback"
+    """`<prog> <version> (C extension: yes)`, or `MISSING: ...` and what to do."""
+    native = "yes" if NATIVE else NATIVE_MISSING_SHORT
     return f"{prog} {__version__} (C extension: {native})"
 
 

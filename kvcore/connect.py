@@ -87,6 +87,11 @@ class NatsSecurity(msgspec.Struct, frozen=True, kw_only=True):
     def uses_tls(self) -> bool:
         return bool(self.nats_tls_ca or self.nats_tls_cert)
 
+    @property
+    def has_credentials(self) -> bool:
+        """A user of its own (creds, NKey or user and password files), with permissions."""
+        return bool(self.nats_creds or self.nats_nkey_seed or self.nats_user_file)
+
     def check(self) -> None:
         """Refuse pairs given by halves, two ways to authenticate, unreadable files."""
         if bool(self.nats_tls_cert) != bool(self.nats_tls_key):

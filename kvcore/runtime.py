@@ -21,6 +21,7 @@ from kvcore.redact import redact_text
 __all__ = [
     "SERVER_GC_THRESHOLDS",
     "configure_logging",
+    "json_logs",
     "loop_name",
     "redact_event",
     "run_event_loop",
@@ -123,12 +124,17 @@ def _route_stdlib_logging(level: int) -> None:
     root.setLevel(max(level, logging.WARNING))
 
 
+def json_logs(log_format: str) -> bool:
+    """Whether `log_format` means JSON lines: "json", or "auto" off a terminal."""
+    return log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+
+
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     """structlog: JSON lines in containers, readable console output on a terminal. No
     URL secret is ever printed (`kvcore.redact`)."""
-    json_logs = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer() if json_logs(log_format)
+        else structlog.dev.ConsoleRenderer()
     )
     level_no = logging.getLevelNamesMapping()[level.upper()]
     _route_stdlib_logging(level_no)

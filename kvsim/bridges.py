@@ -48,7 +48,8 @@ class Bridge:
 
 @contextlib.asynccontextmanager
 async def bridges(fleet: MockFleet, nats_url: str, model: str, block_size: int,
-                  liveness_ttl_s: float) -> AsyncIterator[list[Bridge]]:
+                  liveness_ttl_s: float, *, start_timeout_s: float | None = None,
+                  ) -> AsyncIterator[list[Bridge]]:
     """One bridge per worker (its rank 0), publishing as `worker_id(w)`, for the duration."""
     ctx = zmq.asyncio.Context()
     stop = asyncio.Event()
@@ -60,7 +61,8 @@ async def bridges(fleet: MockFleet, nats_url: str, model: str, block_size: int,
             engine = ranks[0]
             publisher = KVEventPublisher(model, worker_id(w), block_size=block_size,
                                          nats_url=nats_url,
-                                         stream=StreamSettings(liveness_ttl_s=liveness_ttl_s))
+                                         stream=StreamSettings(liveness_ttl_s=liveness_ttl_s),
+                                         start_timeout_s=start_timeout_s)
             await publisher.start()
             publishers.append(publisher)
             source = EngineSource(ctx, publisher.ranks[0], engine.endpoint,

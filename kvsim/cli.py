@@ -1,6 +1,7 @@
 """`kv-sim`: the tools that feed or measure the service without a GPU.
 
     kv-sim engines ...         mock vLLM / SGLang engines on the real ZMQ wire
+    kv-sim fleet ...           mock engines and their bridges feeding a running kv-indexer serve
     kv-sim demo ...            a live fleet, a router and the index side by side
     kv-sim bench routing ...   routing quality on a Mooncake trace (also `kv-indexer bench routing`)
 """
@@ -14,7 +15,7 @@ from kvcore.about import version_line
 
 __all__ = ["bench_main", "bench_routing", "main"]
 
-_USAGE = ("usage: kv-sim {engines,demo,bench routing} [options]  (--help on each); "
+_USAGE = ("usage: kv-sim {engines,fleet,demo,bench routing} [options]  (--help on each); "
           "kv-sim --version")
 
 
@@ -37,6 +38,12 @@ def _engines(argv: list[str]) -> int:
     return engines_main(argv)
 
 
+def _fleet(argv: list[str]) -> int:
+    from kvsim.fleet import main as fleet_main  # noqa: PLC0415
+
+    return fleet_main(argv)
+
+
 def _demo(argv: list[str]) -> int:
     from kvsim.demo import main as demo_main  # noqa: PLC0415
 
@@ -44,7 +51,7 @@ def _demo(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "engines": _engines, "demo": _demo, "bench": bench_main}
+    "engines": _engines, "fleet": _fleet, "demo": _demo, "bench": bench_main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,11 +60,12 @@ from indexer.client import (
 from indexer.config import ServiceConfig, validate
 from indexer.index.protocol import TIERS
 from indexer.scheduling import DEFAULT_TEMPERATURE
+from kvcore.helpfmt import DefaultsHelpFormatter
 from kvcore.runtime import scoped_logging
 from kvsim.bridges import bridges, worker_id
 from kvsim.mock_engines import EngineStats, MockFleet, synthetic_prompts
 from kvsim.report import pct
-from kvsim.routers import Decision, KvRouter, RoundRobinRouter
+from kvsim.routers import Decision, KvRouter, RoundRobinRouter, describe_fallbacks
 
 __all__ = [
     "DemoSettings",
@@ -110,7 +111,7 @@ class DemoSettings:
 def _parser() -> argparse.ArgumentParser:
     d = DemoSettings()
     parser = argparse.ArgumentParser(
-        prog="kv-sim demo",
+        prog="kv-sim demo", formatter_class=DefaultsHelpFormatter,
         description="The indexer, a simulated fleet with bridges, and KV-aware routing "
                     "(FindBestWorker) against round robin on an identical fleet.")
     parser.add_argument("--workers", type=int, default=d.workers, help="engines per fleet")
@@ -118,10 +119,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="GPU blocks per engine")
     parser.add_argument("--cpu-capacity-blocks", type=int, default=d.cpu_capacity_blocks,
                         help="CPU offload blocks per engine (0: no offload)")
-    parser.add_argument("--block-size", type=int, default=d.block_size)
+    parser.add_argument("--block-size", type=int, default=d.block_size,
+                        help="tokens per KV block")
     parser.add_argument("--prefixes", type=int, default=d.prefixes,
                         help="shared system prompts in the stream")
-    parser.add_argument("--prefix-tokens", type=int, default=d.prefix_tokens)
+    parser.add_argument("--prefix-tokens", type=int, default=d.prefix_tokens,
+                        help="tokens of each shared system prompt")
     parser.add_argument("--max-suffix", type=int, default=d.max_suffix,
                         help="most fresh tokens after the shared prefix")
     parser.add_argument("--rate", type=float, default=d.rate,
@@ -138,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-listen", default=d.metrics_listen,
                         help="serve the indexer's Prometheus /metrics here, e.g. 127.0.0.1:9400")
     parser.add_argument("--log-level", default=d.log_level,
-                        choices=["debug", "info", "warning", "error"])
+                        choices=["debug", "info", "warning", "error"], help="log level")
     return parser
 
 
@@ -275,7 +278,8 @@ class Snapshot:
         return (f"result: requests={self.requests} kv_aware_hit_rate={self.kv_hit_rate:.3f} "
                 f"round_robin_hit_rate={self.rr_hit_rate:.3f} "
                 f"kv_aware_predicted_hit_rate={self.kv_predicted_hit_rate:.3f} "
-                f"(cached prompt tokens / prompt tokens, counted by the engines)")
+                f"(cached prompt tokens / prompt tokens, counted by the engines); "
+                f"fallbacks: {describe_fallbacks(self.fallbacks)}")
 
 
 def _hit_rate(stats: EngineStats) -> float:
@@ -418,7 +422,7 @@ class RichView:
         for column in ("router", "hit rate", "last interval", "requests",
                        "FindBestWorker p50 / p99", "fallbacks"):
             routing.add_column(column, justify="left" if column == "router" else "right")
-        fallbacks = ", ".join(f"{k} {v}" for k, v in sorted(snap.fallbacks.items())) or "0"
+        fallbacks = str(sum(snap.fallbacks.values()))
         routing.add_row("KV-aware (FindBestWorker)", _pct(snap.kv_hit_rate, "green"),
                         _pct(snap.kv_window_hit_rate), str(snap.requests),
                         f"{snap.route_p50_ms:.2f} / {snap.route_p99_ms:.2f} ms", fallbacks)
@@ -426,7 +430,9 @@ class RichView:
                         _pct(snap.rr_window_hit_rate), str(snap.requests), "-", "-")
         routing.caption = (f"index-predicted hit rate of the KV-aware choices: "
                            f"{snap.kv_predicted_hit_rate:.1%}   overlap weight "
-                           f"{s.overlap_weight:g}, requests in flight for {s.lifetime} steps")
+                           f"{s.overlap_weight:g}, requests in flight for {s.lifetime} steps"
+                           f"\nfallbacks (routed without the index's answer): "
+                           f"{describe_fallbacks(snap.fallbacks)}")
 
         pipeline = Text.assemble(
             ("Indexer  ", "bold"),

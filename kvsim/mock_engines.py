@@ -42,6 +42,7 @@ import xxhash
 import zmq
 
 from kvcore.bus import engine_hash_to_u64
+from kvcore.helpfmt import DefaultsHelpFormatter
 from kvcore.keys import block_keys
 from publisher.engines import END_MARKER_SEQ
 
@@ -927,25 +928,28 @@ async def run_fleet(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kv-sim engines",
+        prog="kv-sim engines", formatter_class=DefaultsHelpFormatter,
         description="Mock vLLM engines publishing KV events over ZMQ (PUB + replay ROUTER).",
     )
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="engines (workers)")
     parser.add_argument("--dp-size", type=int, default=1, help="DP ranks per worker")
     parser.add_argument("--capacity-blocks", type=int, default=4_096, help="GPU blocks per rank")
     parser.add_argument("--cpu-capacity-blocks", type=int, default=0, help="CPU offload blocks")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--host", default="127.0.0.1", help="address the sockets bind")
     parser.add_argument(
         "--base-port", type=int, default=DEFAULT_BASE_PORT, help="0: any free ports"
     )
-    parser.add_argument("--topic", default="")
-    parser.add_argument("--wire", choices=["map", "positional", "sglang"], default="map")
+    parser.add_argument("--topic", default="", help="ZMQ topic of the events (default: none)")
+    parser.add_argument("--wire", choices=["map", "positional", "sglang"], default="map",
+                        help="event encoding: vLLM >= 0.24 maps, older positional arrays, "
+                        "or SGLang's")
     parser.add_argument("--no-replay", action="store_true", help="no replay ROUTER sockets")
     parser.add_argument("--trace", type=Path, help="Mooncake JSONL trace to replay")
     parser.add_argument("--rate", type=float, help="requests per second (default: trace times)")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
-    parser.add_argument("--max-events-per-batch", type=int)
+    parser.add_argument("--max-events-per-batch", type=int,
+                        help="split larger batches (default: no limit)")
     return parser
 
 

@@ -21,7 +21,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from indexer.client import AsyncIndexerClient, IndexerClientError, Query, WorkerLoad
 from indexer.scheduling import Candidate, choose_worker
@@ -30,12 +30,14 @@ from kvsim.bridges import worker_number
 from kvsim.mock_engines import BlockPool
 
 __all__ = [
+    "FALLBACK_REASONS",
     "Decision",
     "KvRouter",
     "OracleRouter",
     "RandomRouter",
     "RoundRobinRouter",
     "Router",
+    "describe_fallbacks",
     "request_seed",
 ]
 
@@ -73,6 +75,23 @@ class RandomRouter:
 
     async def route(self, index: int, tokens: list[int], loads: list[WorkerLoad]) -> Decision:
         return Decision(self._rng.randrange(self._workers))
+
+
+# Why the KV router decided locally instead of taking FindBestWorker's answer, by the key
+# `KvRouter.fallbacks` counts: the gRPC status code of a refused call, or a reason of its own.
+FALLBACK_REASONS: Final[dict[str, str]] = {
+    "FAILED_PRECONDITION": "no worker of the model indexed yet (the first requests, before "
+                           "any engine's events reached the index)",
+    "unindexed_workers": "some workers not indexed yet: decided over all of them locally",
+    "UNAVAILABLE": "indexer unreachable",
+    "DEADLINE_EXCEEDED": "indexer too slow to answer",
+}
+
+
+def describe_fallbacks(counts: dict[str, int]) -> str:
+    """`6 no worker of the model indexed yet (...)`, one reason per key; "none" for none."""
+    return "; ".join(f"{n} {FALLBACK_REASONS.get(key, key)}"
+                     for key, n in sorted(counts.items())) or "none"
 
 
 def request_seed(seed: int, index: int) -> int:

@@ -13,17 +13,21 @@ import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 import structlog
 import zmq.asyncio
+from nats.errors import Error as NatsError
 
 from kvcore.about import version_line
+from kvcore.bus import STREAM_NAME
 from kvcore.connect import (
     DEFAULT_START_TIMEOUT_S,
     NATS_SECURITY_FLAGS,
     NatsSecurity,
     NatsSetupError,
 )
+from kvcore.helpfmt import DefaultsHelpFormatter
 from kvcore.redact import redact_text, redact_url
 from kvcore.roles import check_role
 from kvcore.runtime import configure_logging, settle_gc, warn_if_pure_python
@@ -64,7 +68,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _bridge_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kv-publisher bridge",
+    parser = _Parser(prog="kv-publisher bridge", formatter_class=DefaultsHelpFormatter,
                      description="Bridge an engine's ZMQ KV events to NATS.")
     for flag, env, default, help_text in BRIDGE_SETTINGS:
         env_var = f"KV_PUBLISHER_{env}"
@@ -145,6 +149,7 @@ async def run_bridge(args: argparse.Namespace) -> None:
         await publisher.close()
         return
     starting.result()  # NatsSetupError: main() prints it
+    await _warn_without_event_stream(publisher, args)
     ctx = zmq.asyncio.Context()
     sources = [EngineSource(ctx, rank, args.zmq_endpoint, replay_endpoint=args.replay_endpoint,
                             topic=args.topic, flavor=args.flavor) for rank in publisher.ranks]
@@ -169,6 +174,21 @@ async def run_bridge(args: argparse.Namespace) -> None:
             await http.close()
         await publisher.close()
         ctx.term()
+
+
+async def _warn_without_event_stream(publisher: KVEventPublisher,
+                                     args: argparse.Namespace) -> None:
+    """A NATS without the indexer's stream (another server on the default port, say):
+    said once at start. Batches still wait in the bounded buffer, since the indexer may
+    start after its bridges. Per-worker users may not look the stream up: not asked."""
+    if urlsplit(args.nats_url).username or nats_security(args).has_credentials:
+        return
+    with contextlib.suppress(TimeoutError, NatsError):
+        if not await publisher.event_stream_exists():
+            log.warning("no_event_stream", url=redact_url(args.nats_url), stream=STREAM_NAME,
+                        detail="no kv-indexer serve uses this NATS (yet): batches wait in "
+                               "the buffer (--max-pending) until one creates the stream; "
+                               "check --nats-url against the URL the service prints")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

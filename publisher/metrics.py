@@ -26,7 +26,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kvcore.about import build_labels
+from kvcore.about import NATIVE_MISSING_SHORT, build_labels
+from kvcore.keys import NATIVE
 from publisher.publisher import KVEventPublisher
 from publisher.zmq_source import EngineSource
 
@@ -195,8 +196,10 @@ class BridgeHttpServer:
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
         if path == "/healthz":
             healthy, reason = self._publisher.health()
+            # Slow, not unhealthy: said on every check, the status left alone.
+            warning = "" if NATIVE else f"warning: C extension {NATIVE_MISSING_SHORT}\n"
             return (200 if healthy else 503), "text/plain; charset=utf-8", (
-                reason + "\n").encode()
+                reason + "\n" + warning).encode()
         return 404, "text/plain; charset=utf-8", b"not found: try /metrics or /healthz\n"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -30,10 +30,13 @@ import msgspec
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from kvcore.bus import (
     SCHEMA_VERSION,
+    STREAM_NAME,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -403,6 +406,16 @@ class KVEventPublisher:
         self._tasks.append(asyncio.create_task(self._tick()))
         await self._nc.subscribe(resync_subject(self.model, self.worker_id),
                                  cb=self._on_resync)
+
+    async def event_stream_exists(self) -> bool:
+        """Whether the NATS this publisher reached holds the indexer's event stream. Ask
+        only where the connection may look it up (no per-worker user: those may not)."""
+        assert self._nc is not None, "start() first"
+        try:
+            await self._nc.jetstream().stream_info(STREAM_NAME)
+        except (NotFoundError, NoRespondersError):  # no such stream; no JetStream at all
+            return False
+        return True
 
     # --- events (collected per rank until end_step / flush) ----------------------------
 

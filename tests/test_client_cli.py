@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import pytest
 
 from indexer import cli
@@ -24,6 +25,7 @@ from indexer.client import (
     CandidateCost,
     DeadlineExceededError,
     FailedPreconditionError,
+    Freshness,
     IndexerClient,
     IndexerClientError,
     InvalidArgumentError,
@@ -34,6 +36,7 @@ from indexer.client import (
     UnavailableError,
     WorkerLoad,
     WorkerMatch,
+    WorkerStatus,
 )
 from indexer.index.protocol import Index
 from indexer.serve.service import start_grpc_server
@@ -246,6 +249,18 @@ class TestCli:
         assert out[2].split() == ["w-a", "0", "4", "4.0", "4", "0", "0", "0"]
         assert out[3].split() == ["w-c", "0", "3", "2.4", "0", "3", "0", "0"]
         assert len(out) == 5
+
+    def test_no_events_is_said(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """The wire's age 0 means no event seen yet: said so, not `0.0 s ago` (issue 19)."""
+        empty = ScoreAnswer(query_blocks=4, scores=[], freshness=Freshness(0.0, [], False))
+        cli._show_score(empty)
+        cli._show_workers([WorkerStatus(MODEL, "w-a", 0, 1, -1, False, {}, 0.0)])
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == "query: 4 blocks; no events yet; degraded: none"
+        assert out[-1].split()[-2:] == ["-", "both"]
+        cli._show_score(msgspec.structs.replace(
+            empty, freshness=Freshness(AGE, [], False)))
+        assert capsys.readouterr().out.startswith(f"query: 4 blocks; last event {AGE:.1f} s ago")
 
     async def test_score_json(self, target: str, tokens_file: Path,
                               capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,14 +21,14 @@ import publisher.cli
 from indexer import cli
 from indexer.index.memory import MemoryIndex
 from kvcore import __version__
-from kvcore.about import NATIVE_MISSING
+from kvcore.about import NATIVE_MISSING, NATIVE_MISSING_SHORT
 from kvcore.keys import NATIVE
 from kvsim import cli as sim_cli
 from tests.support.grpc_scenario import serving
 from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-NATIVE_WORD = "yes" if NATIVE else "no, pure-Python fallback"
+NATIVE_WORD = "yes" if NATIVE else NATIVE_MISSING_SHORT
 MAINS: dict[str, Callable[[Sequence[str]], int]] = {
     "kv-indexer": cli.main, "kv-publisher": publisher.cli.main, "kv-sim": sim_cli.main}
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
+from rich.console import Console
 
-from kvsim.demo import InFlight, main, parse_args
+from kvsim.demo import InFlight, RichView, Snapshot, main, parse_args
+from kvsim.routers import describe_fallbacks
 
 TICK = re.compile(
     r"^t=(?P<t>[\d.]+)s requests=(?P<requests>\d+) kv_aware_hit_rate=(?P<kv>[\d.]+) "
@@ -61,3 +63,22 @@ def test_bad_arguments(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)
     assert exc.value.code == 2
+
+
+def test_fallbacks_are_explained() -> None:
+    """The live view said `FAILED_PRECONDITION 6` with no word on why (issue 19): it now
+    says what each fallback means, in the view and in the plain summary."""
+    counts = {"FAILED_PRECONDITION": 6, "unindexed_workers": 2}
+    text = describe_fallbacks(counts)
+    assert text.startswith("6 no worker of the model indexed yet")
+    assert "2 some workers not indexed yet" in text
+    assert "FAILED_PRECONDITION" not in text
+    assert describe_fallbacks({}) == "none"
+    snap = Snapshot(fallbacks=counts)
+    assert f"fallbacks: {text}" in snap.summary()
+    view = RichView("header", parse_args(["--no-tty"]))
+    console = Console(record=True, width=400)
+    console.print(view._render(snap))
+    shown = " ".join(console.export_text().split())
+    assert "no worker of the model indexed yet" in shown
+    assert "FAILED_PRECONDITION" not in shown

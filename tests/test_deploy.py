@@ -33,6 +33,7 @@ from kvcore import __version__
 from kvsim import mock_engines as simulate
 from publisher.cli import BRIDGE_SETTINGS, parse_bridge_args
 from tests.support.exposition import exposed_names
+from tests.support.pod_security import pod_spec_of, restricted_violations
 
 try:
     import yaml
@@ -603,6 +604,18 @@ class TestKubernetes:
         bridges = [p for p in manifest_programs() if p.where.startswith("vllm-worker.yaml")]
         assert len(bridges) == 1 and bridges[0].kind == BRIDGE
         assert check_engine_bridge(container_argv(engine), bridges[0], "127.0.0.1") == []
+
+    def test_pods_meet_restricted_pod_security(self) -> None:
+        """Every pod passes Pod Security "restricted" (seccomp, non-root, no escalation,
+        capabilities dropped); no image floats on :latest."""
+        pods = {f"{file}: {doc['kind']}/{doc['metadata']['name']}": pod_spec_of(doc)
+                for file, doc in manifests()}
+        pods = {name: spec for name, spec in pods.items() if spec is not None}
+        assert len(pods) >= 3
+        assert {name: restricted_violations(spec) for name, spec in pods.items()} == {
+            name: [] for name in pods}
+        images = [c["image"] for _f, doc in manifests() for c in containers(doc)]
+        assert images and not [i for i in images if i.endswith(":latest") or ":" not in i]
 
     def test_helm_service_names(self) -> None:
         """NATS and Redis URLs name the Services of the Helm releases the README installs."""

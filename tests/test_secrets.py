@@ -192,9 +192,9 @@ def test_no_secret_in_what_the_processes_print(
     bridge = None
     bodies: list[str] = []
     try:
-        serve.wait_for("  loop ")  # the banner's last line
-        assert f"NATS     nats://u:***@127.0.0.1:{nats_server.port} (external)" in serve.text
-        assert f"index    redis redis://:***@127.0.0.1:{redis_server.port}/0" in serve.text
+        serve.wait_for('"serving"')  # the banner, a JSON log line in JSON-log mode
+        assert f'"nats": "nats://u:***@127.0.0.1:{nats_server.port} (external)"' in serve.text
+        assert f'"index": "redis redis://:***@127.0.0.1:{redis_server.port}/0"' in serve.text
         serve.wait_for('"reader_serving"')
         bridge = _spawn("publisher.cli", bridge_args(
             nats_url, "--metrics-listen", f"127.0.0.1:{bridge_port}"))
@@ -250,7 +250,7 @@ def test_no_secret_when_a_password_is_refused(
     outputs["bridge, wrong NATS password"] = out.text
     with running("indexer.app", serve_args(tmp_path / "b", right_nats, wrong_redis,
                                            "--metrics-listen", "")) as out:
-        out.wait_for("kv-indexer serving")
+        out.wait_for('"serving"')
         out.wait_for("invalid username-password pair")
         assert f"redis://:***@127.0.0.1:{redis_server.port}/0" in out.text
     outputs["serve, wrong Redis password"] = out.text

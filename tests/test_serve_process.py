@@ -21,12 +21,9 @@ from tests.support.servers import free_port
 pytestmark = pytest.mark.integration
 
 
-BANNER_LINES = 7  # IndexerService.banner()
-
-
 def _start_serve(tmp_path: Path) -> tuple[subprocess.Popen[str], int, str]:
     """The service in a process group of its own, as a shell runs a foreground job;
-    returns it, its nats-server's pid and its banner once it serves."""
+    returns it, its nats-server's pid and its `serving` line (the banner, as JSON)."""
     code = "import sys; from indexer.app import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "--data-dir", str(tmp_path / "data"), "--grpc-listen",
@@ -39,12 +36,11 @@ def _start_serve(tmp_path: Path) -> tuple[subprocess.Popen[str], int, str]:
     for line in proc.stdout:
         if line.startswith("{") and '"nats_started"' in line:
             nats_pid = int(json.loads(line)["pid"])
-        if "kv-indexer serving" in line:
+        if line.startswith("{") and '"serving"' in line:
             break
         assert time.monotonic() < deadline, "kv-indexer serve did not come up"
     assert nats_pid, "no nats_started line"
-    banner = line + "".join(proc.stdout.readline() for _ in range(BANNER_LINES - 1))
-    return proc, nats_pid, banner
+    return proc, nats_pid, line
 
 
 def _kill_if_left(pid: int) -> None:
@@ -63,7 +59,7 @@ def test_ctrl_c_stops_the_consumers_before_nats(tmp_path: Path) -> None:
         assert "Traceback" not in output, output
         assert exits_within(nats_pid, 10)
         if uvloop_installed():  # the default --event-loop auto serves on it
-            assert "loop     uvloop" in banner, banner
+            assert json.loads(banner)["loop"] == "uvloop", banner
     finally:
         _kill_if_left(nats_pid)
 

@@ -64,6 +64,7 @@ log = structlog.get_logger("indexer.ingest.consumer")
 _RETRY_BACKOFF_S: Final = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 _REBUILDING_PREFIX: Final = "rebuilding-"
 _HEADER_ROOM: Final = 256  # the header block's framing, Nats-Msg-Id and such, with margin
+SLOW_REBUILD_S: Final = 1.0  # a partition rebuild that took longer is logged at info
 
 
 class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -77,6 +78,8 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     purge_after_snapshot: bool = True
     marker_check_s: float = 1.0
     max_epoch_skew_s: float = 300.0  # epochs further in the future are refused
+    # The in-memory index is empty at every start: its first rebuild is routine (debug).
+    quiet_first_rebuild: bool = False
 
 
 class Observer(Protocol):
@@ -225,7 +228,9 @@ class PartitionConsumer:
 
     async def _run(self, stop: asyncio.Event) -> None:
         sub = await self._subscribe(await self._start_seq())
-        self._log.info("partition_consumer_started", rebuilding=self.rebuilding)
+        # One line per partition would be most of a quiet start: the service logs one
+        # `consumers_started` for all of them (indexer.app), the lease holder its own.
+        self._log.debug("partition_consumer_started", rebuilding=self.rebuilding)
         try:
             while not stop.is_set():
                 if await self._lost_marker():
@@ -243,7 +248,7 @@ class PartitionConsumer:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-            self._log.info("partition_consumer_stopped")
+            self._log.debug("partition_consumer_stopped")
 
     # --- start, rebuild ----------------------------------------------------------------
 
@@ -326,8 +331,11 @@ class PartitionConsumer:
         with contextlib.suppress(NotFoundError):
             await self._js.delete_consumer(STREAM_NAME, consumer_name(self.partition))
         self._rebuild_started = started
-        # A first start has no marker: that is routine, not a warning.
-        emit = self._log.info if reason == "no marker" else self._log.warning
+        # A first start has no marker: routine, not a warning; in memory, at every start.
+        if reason != "no marker":
+            emit = self._log.warning
+        else:
+            emit = self._log.debug if self._settings.quiet_first_rebuild else self._log.info
         emit("partition_rebuild", reason=reason, from_seq=start,
              snapshot_ranks=len(snapshot.ranks) if snapshot else 0,
              load_s=round(time.monotonic() - started, 3))
@@ -344,8 +352,10 @@ class PartitionConsumer:
         await self._index.set_marker(self._marker_name, self._marker)
         self.rebuilding = False
         self._marker_checked = time.monotonic()
-        self._log.info("partition_rebuilt",
-                       seconds=round(time.monotonic() - self._rebuild_started, 3))
+        seconds = time.monotonic() - self._rebuild_started
+        # Only a rebuild long enough to be felt (replaying a large retained stream).
+        emit = self._log.info if seconds >= SLOW_REBUILD_S else self._log.debug
+        emit("partition_rebuilt", seconds=round(seconds, 3))
         gc.collect()
         gc.freeze()  # the rebuilt ledgers are long-lived: keep them out of GC passes
         return True

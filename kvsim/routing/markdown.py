@@ -10,6 +10,7 @@ from typing import Final
 from indexer.scheduling import DEFAULT_OVERLAP_WEIGHT as SERVER_OVERLAP_WEIGHT
 from indexer.scheduling import DEFAULT_TEMPERATURE as SERVER_TEMPERATURE
 from kvsim.report import verdict
+from kvsim.routers import FALLBACK_REASONS
 from kvsim.routing.results import RoutingReport, TraceReport, TuningRow
 from kvsim.routing.settings import POLICY_LABELS
 
@@ -76,9 +77,8 @@ def _details(trace: TraceReport) -> list[str]:
 
 
 def _fallbacks(counts: dict[str, int]) -> str:
-    why = {"FAILED_PRECONDITION": "no worker indexed yet: the first step",
-           "unindexed_workers": "some workers not indexed yet, decided locally over all"}
-    return ", ".join(f"{n} ({why.get(k, k)})" for k, n in sorted(counts.items())) or "none"
+    return ", ".join(f"{n} ({FALLBACK_REASONS.get(k, k)})"
+                     for k, n in sorted(counts.items())) or "none"
 
 
 def _targets(report: RoutingReport, trace: TraceReport) -> str:

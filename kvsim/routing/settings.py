@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from kvcore.helpfmt import DefaultsHelpFormatter
 from kvsim.report import DOC
 
 __all__ = [
@@ -83,16 +84,17 @@ def _floats(text: str) -> tuple[float, ...]:
 def _parser() -> argparse.ArgumentParser:
     d = RoutingSettings(trace=Path())
     parser = argparse.ArgumentParser(
-        prog="kv-indexer bench routing",
+        prog="kv-indexer bench routing", formatter_class=DefaultsHelpFormatter,
         description="Replay a Mooncake trace through simulated engines, bridges, JetStream, the "
                     "index and FindBestWorker; report prefix hit ratios per routing policy.")
     parser.add_argument("--trace", type=Path, required=True, help="Mooncake JSONL trace")
     parser.add_argument("--check-trace", type=Path, default=None,
                         help="a second trace run with the same settings (no tuning on it)")
-    parser.add_argument("--workers", type=int, default=d.workers)
+    parser.add_argument("--workers", type=int, default=d.workers, help="engines")
     parser.add_argument("--capacity-blocks", type=int, default=d.capacity_blocks,
                         help="GPU blocks per engine")
-    parser.add_argument("--block-size", type=int, default=d.block_size)
+    parser.add_argument("--block-size", type=int, default=d.block_size,
+                        help="tokens per KV block")
     parser.add_argument("--policy", choices=[*POLICIES, "all"], default="all",
                         help="routing policy (all: kv, oracle, round-robin and random)")
     parser.add_argument("--speedup", type=float, default=d.speedup,
@@ -126,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="do not write docs/benchmarks.md nor the plot")
     parser.add_argument("--json-out", type=Path, default=None, help="write the report as JSON")
     parser.add_argument("--log-level", default=d.log_level,
-                        choices=["debug", "info", "warning", "error"])
+                        choices=["debug", "info", "warning", "error"], help="log level")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
