@@ -17,6 +17,7 @@ import msgspec
 
 from indexer.client import IndexerClient, IndexerClientError
 from indexer.findings import Diagnosis, Finding
+from kvcore.helpfmt import DefaultsArgumentParser
 
 __all__ = ["ERRORS_FOUND", "add_doctor_command", "render"]
 
@@ -24,8 +25,8 @@ ERRORS_FOUND: Final = 3  # exit status when a finding is an error
 _WIDTH: Final = 100
 
 
-def add_doctor_command(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-                       common: argparse.ArgumentParser) -> None:
+def add_doctor_command(sub: argparse._SubParsersAction[DefaultsArgumentParser],
+                       common: DefaultsArgumentParser) -> None:
     """Register `doctor` with the query commands' options (target, TLS, token, --json)."""
     doctor = sub.add_parser(
         "doctor", parents=[common],
