@@ -25,9 +25,11 @@ one; all costs equal means a uniform choice.
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from itertools import islice
 from typing import Final, NamedTuple
 
 import msgspec
@@ -43,6 +45,7 @@ __all__ = [
     "choose_worker",
     "rank_costs",
     "softmax_probabilities",
+    "top_costs",
     "validate_knobs",
 ]
 
@@ -144,3 +147,48 @@ def choose_worker(
     validate_knobs(overlap_weight, temperature)
     ranked = rank_costs(candidates, query_blocks, overlap_weight)
     return choose(ranked, temperature, rng), ranked
+
+
+def top_costs(
+    ordered: Sequence[tuple[str, int]],
+    members: Collection[tuple[str, int]],
+    matched: Mapping[tuple[str, int], int],
+    loads: Mapping[tuple[str, int], tuple[int, int]],
+    *,
+    query_blocks: int,
+    overlap_weight: float,
+    limit: int,
+) -> list[CandidateCost]:
+    """The `limit` cheapest candidates, ranked exactly as `rank_costs` ranks them all, in
+    time linear in the candidates that matched or carry a load plus `limit`.
+
+    `ordered`: every candidate (worker_id, dp_rank), sorted; `members`: the same as a set.
+    `matched`: matched blocks and `loads`: (active_blocks, waiting_requests) of those that
+    have any (entries of other refs are ignored). Every other candidate costs
+    `overlap_weight * query_blocks` and ties with its peers on every key but (worker_id,
+    dp_rank), so they come in `ordered`'s order and only the first `limit` are built.
+    """
+    if limit <= 0:
+        return []
+    special = {ref for ref in (*matched, *loads) if ref in members}
+    costs = [_cost(ref, matched.get(ref, 0), loads.get(ref, (0, 0)), query_blocks,
+                   overlap_weight) for ref in special]
+    costs.sort(key=_rank_key)
+    idle: list[CandidateCost] = []
+    if len(costs) < len(ordered):
+        for ref in ordered:
+            if ref not in special:
+                idle.append(_cost(ref, 0, (0, 0), query_blocks, overlap_weight))
+                if len(idle) == limit:
+                    break
+    if not idle:
+        return costs[:limit]
+    return list(islice(heapq.merge(costs, idle, key=_rank_key), limit))
+
+
+def _cost(ref: tuple[str, int], matched: int, load: tuple[int, int], query_blocks: int,
+          overlap_weight: float) -> CandidateCost:
+    prefill = max(query_blocks - matched, 0)
+    active, waiting = load
+    return CandidateCost(ref[0], ref[1], matched, prefill, active,
+                         overlap_weight * prefill + active, waiting)

@@ -10,7 +10,8 @@ import grpc
 from indexer import _protogen
 from indexer._proto.kvindex.v1 import indexer_pb2, indexer_pb2_grpc
 
-RPCS = ["Score", "FindBestWorker", "ScoreBatch", "ListWorkers", "GetStats", "Diagnose"]
+RPCS = ["Score", "FindBestWorker", "FindBestWorkerStream", "ScoreBatch", "ListWorkers", "GetStats",
+        "Diagnose"]
 
 
 def test_generated_code_is_up_to_date() -> None:

@@ -45,6 +45,10 @@ class _ModelSpace:
         self.block_size: int | None = None
         self._free: list[int] = []
         self._next_slot = 0
+        # The last `candidates` answer: (workers, mask). A router's candidate set is one
+        # frozenset reused for a while (the worker directory's cache), and OR-ing a
+        # thousand ranks' bits per query costs more than the walk. Cleared when slots change.
+        self._candidates_memo: tuple[frozenset[str], int] | None = None
 
     def set_bits(self, keys: list[int], bitpos: int) -> None:
         self.blocks.set_bits(keys, 1 << bitpos)
@@ -64,6 +68,7 @@ class _ModelSpace:
         bits = slot_bits([slot])
         self.all_slots |= bits
         self.slots_of_worker[ref.worker_id] = self.slots_of_worker.get(ref.worker_id, 0) | bits
+        self._candidates_memo = None
         return ledger
 
     def drop_ledger(self, ledger: WorkerLedger) -> None:
@@ -78,6 +83,7 @@ class _ModelSpace:
         else:
             del self.slots_of_worker[ledger.worker_id]
         heapq.heappush(self._free, ledger.slot)
+        self._candidates_memo = None
 
     def ref_of_slot(self, slot: int) -> WorkerRef:
         ledger = self.by_slot[slot]
@@ -86,9 +92,13 @@ class _ModelSpace:
     def candidates(self, workers: frozenset[str] | None) -> int:
         if workers is None:
             return self.all_slots
+        memo = self._candidates_memo
+        if memo is not None and memo[0] is workers:
+            return memo[1]
         mask = 0
         for worker_id in workers:
             mask |= self.slots_of_worker.get(worker_id, 0)
+        self._candidates_memo = (workers, mask)
         return mask
 
 

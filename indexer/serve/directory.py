@@ -31,7 +31,7 @@ _MAX_CACHED_MODELS: Final = 4096
 class CandidateSet:
     """Live (worker, dp_rank)s of one model, with what Score needs of them precomputed."""
 
-    __slots__ = ("_by_role", "degraded", "ids", "newest_ts", "refs", "workers")
+    __slots__ = ("_by_role", "_ordered", "degraded", "ids", "newest_ts", "refs", "workers")
 
     def __init__(self, workers: Sequence[WorkerInfo]) -> None:
         self.workers = tuple(workers)
@@ -40,6 +40,15 @@ class CandidateSet:
         self.newest_ts = max((w.last_event_ts for w in self.workers), default=0.0)
         self.degraded = sorted({w.worker_id for w in self.workers if w.degraded})
         self._by_role: dict[str, CandidateSet] = {}
+        self._ordered: tuple[tuple[str, int], ...] | None = None
+
+    @property
+    def ordered_refs(self) -> tuple[tuple[str, int], ...]:
+        """Every (worker_id, dp_rank), sorted (FindBestWorker's last tie-break), computed
+        once per set."""
+        if self._ordered is None:
+            self._ordered = tuple(sorted(self.refs))
+        return self._ordered
 
     def restrict(self, worker_ids: Collection[str]) -> CandidateSet:
         """The candidates whose worker id is in `worker_ids`."""

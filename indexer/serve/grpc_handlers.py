@@ -29,8 +29,8 @@ from kvcore.keys import NATIVE
 if NATIVE:
     from kvcore._native import take_uint32_field
 
-__all__ = ["SERVICE_NAME", "WireTokens", "add_kv_indexer_service", "score_request_parser",
-           "unwrap"]
+__all__ = ["SERVICE_NAME", "WireTokens", "add_kv_indexer_service", "find_best_worker_parser",
+           "score_request_parser", "unwrap"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KvIndexer"].full_name
 
@@ -82,6 +82,15 @@ def score_request_parser() -> Callable[[bytes], pb.ScoreRequest | WireTokens[pb.
     return pb.ScoreRequest.FromString
 
 
+def find_best_worker_parser() -> Callable[
+        [bytes], pb.FindBestWorkerRequest | WireTokens[pb.FindBestWorkerRequest]]:
+    """What FindBestWorkerStream turns each request message into (in the servicer, so that a
+    message that does not parse is answered INVALID_ARGUMENT and the stream goes on)."""
+    if NATIVE:
+        return _wire_tokens_parser(*TOKEN_PATHS["FindBestWorker"])
+    return pb.FindBestWorkerRequest.FromString
+
+
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
@@ -117,6 +126,10 @@ def add_kv_indexer_service(servicer: pb_grpc.KvIndexerServicer, server: grpc.aio
     methods = pb.DESCRIPTOR.services_by_name["KvIndexer"].methods_by_name
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method, generated in captured.items():
+        if generated.stream_stream is not None:  # messages reach the servicer as bytes
+            handlers[method] = grpc.stream_stream_rpc_method_handler(
+                generated.stream_stream, response_serializer=generated.response_serializer)
+            continue
         deserialize = generated.request_deserializer
         if NATIVE and method in TOKEN_PATHS:
             deserialize = _wire_tokens_parser(*TOKEN_PATHS[method])

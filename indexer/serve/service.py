@@ -26,7 +26,7 @@ import math
 import random
 import resource
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
 import grpc
@@ -47,13 +47,9 @@ from indexer.index.protocol import (
     TierWeights,
 )
 from indexer.index.scoring import check_query_shape, check_tier_weights
-from indexer.scheduling import (
-    DEFAULT_OVERLAP_WEIGHT,
-    DEFAULT_TEMPERATURE,
-    Candidate,
-    choose_worker,
-)
+from indexer.scheduling import DEFAULT_OVERLAP_WEIGHT, DEFAULT_TEMPERATURE
 from indexer.serve.auth import GrpcSecurity
+from indexer.serve.decision import decide
 from indexer.serve.diagnose import (
     DoctorSettings,
     EventPathView,
@@ -63,14 +59,22 @@ from indexer.serve.diagnose import (
     to_proto,
 )
 from indexer.serve.directory import CandidateSet, LiveWorkerSource, WorkerDirectory
-from indexer.serve.grpc_handlers import SERVICE_NAME, WireTokens, add_kv_indexer_service, unwrap
+from indexer.serve.grpc_handlers import (
+    SERVICE_NAME,
+    WireTokens,
+    add_kv_indexer_service,
+    find_best_worker_parser,
+    unwrap,
+)
 from indexer.serve.limits import (
     DEFAULT_CONNECTION_IDLE_S,
     DEFAULT_MAX_BATCH_REQUESTS,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_REQUEST_LOADS,
     DEFAULT_MAX_REQUEST_WORKERS,
+    DEFAULT_STREAM_WINDOW,
 )
+from indexer.serve.stream import DEFAULT_STREAM_CANDIDATES, answer_in_order
 from kvcore.roles import check_role, role_matches
 
 __all__ = [
@@ -83,6 +87,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_MAX_REQUEST_LOADS",
     "DEFAULT_MAX_REQUEST_WORKERS",
+    "DEFAULT_STREAM_WINDOW",
     "DEFAULT_WORKER_CACHE_SECONDS",
     "SERVICE_NAME",
     "KvIndexerService",
@@ -127,6 +132,9 @@ class ServiceSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_request_workers: int = DEFAULT_MAX_REQUEST_WORKERS
     # Most entries of FindBestWorkerRequest.loads.
     max_request_loads: int = DEFAULT_MAX_REQUEST_LOADS
+    # Requests of one FindBestWorkerStream decided or waiting to be sent at once; the
+    # stream reads no further request meanwhile (gRPC flow control holds the client back).
+    stream_window: int = DEFAULT_STREAM_WINDOW
     # ScoreBatch queries scored at the same time (overlaps backend round trips).
     batch_concurrency: int = DEFAULT_BATCH_CONCURRENCY
     # How long a model's live-worker list is reused; 0 = ask the source on every call.
@@ -156,6 +164,8 @@ class ServiceSettings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("max_request_workers must be > 0")
         if self.max_request_loads <= 0:
             raise ConfigError("max_request_loads must be > 0")
+        if self.stream_window <= 0:
+            raise ConfigError("stream_window must be > 0")
         if not (math.isfinite(self.connection_idle_s) and self.connection_idle_s >= 0):
             raise ConfigError("connection_idle_s must be a finite number >= 0")
         if self.max_connections is not None and self.max_connections <= 0:
@@ -316,6 +326,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         self.event_path = event_path or EventPathView()
         self.doctor = doctor or DoctorSettings()
         self.outcomes = QueryOutcomes(window_s=self.doctor.window_s)
+        self._parse_streamed = find_best_worker_parser()
 
     # --- RPCs (names fixed by the proto) -------------------------------------------------
 
@@ -333,6 +344,17 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         message, tokens = unwrap(request)
         return await self._guarded("FindBestWorker", context,
                                    lambda: self._find_best_worker(message, tokens))
+
+    async def FindBestWorkerStream(  # noqa: N802
+        self, request_iterator: AsyncIterable[bytes | pb.FindBestWorkerRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.FindBestWorkerStreamResponse]:
+        async def answer(item: bytes | pb.FindBestWorkerRequest) -> pb.FindBestWorkerStreamResponse:
+            return await self._streamed_decision(item, context)
+
+        async for response in answer_in_order(request_iterator, answer,
+                                              self.settings.stream_window):
+            yield response
 
     async def ScoreBatch(  # noqa: N802
         self, request: pb.ScoreBatchRequest, context: grpc.aio.ServicerContext
@@ -383,9 +405,10 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         result = await self._run_query(request, candidates, field, request.include_zero,
                                        wire_tokens)
         response = pb.ScoreResponse(query_blocks=result.query_blocks,
-                                    freshness=self._freshness(candidates))
+                                    freshness=self._freshness(candidates),
+                                    score_count=len(result.scores))
         add = response.scores.add  # much faster than building WorkerScore(...) with a map
-        for s in result.scores:
+        for s in result.scores[:request.max_scores or None]:
             by_tier = add(worker_id=s.worker_id, dp_rank=s.dp_rank,
                           matched_blocks=s.matched_blocks,
                           weighted_score=s.weighted_score).blocks_by_tier
@@ -473,8 +496,11 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
     # --- FindBestWorker ----------------------------------------------------------------
 
     async def _find_best_worker(
-        self, request: pb.FindBestWorkerRequest, wire_tokens: bytes | None = None
+        self, request: pb.FindBestWorkerRequest, wire_tokens: bytes | None = None,
+        default_limit: int = 0,
     ) -> pb.FindBestWorkerResponse:
+        """`default_limit`: most candidates answered when the request sets no
+        `max_candidates` (0: every one)."""
         query = request.score
         self._check_query(query, "score.", wire_tokens)
         _check_length("loads", len(request.loads), self.settings.max_request_loads, "entries")
@@ -493,28 +519,41 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
             raise _precondition(f"no live workers for model {query.model!r}{scope}")
         result = await self._run_query(query, candidates, "score.", include_zero=False,
                                        wire_tokens=wire_tokens)
-        matched = {(s.worker_id, s.dp_rank): s.matched_blocks for s in result.scores}
-        loads = {(load.worker_id, load.dp_rank): load for load in request.loads}  # last wins
-        idle = pb.WorkerLoad()
-        options = []
-        for w in candidates.workers:
-            ref = (w.worker_id, w.dp_rank)
-            load = loads.get(ref, idle)
-            options.append(Candidate(w.worker_id, w.dp_rank, matched.get(ref, 0),
-                                     load.active_blocks, load.waiting_requests))
+        limit = (request.max_candidates if request.HasField("max_candidates")
+                 else default_limit) or len(candidates)
         rng = random.Random(request.seed) if request.HasField("seed") else self._rng
-        chosen, ranked = choose_worker(options, result.query_blocks,
-                                       overlap_weight=overlap_weight,
-                                       temperature=temperature, rng=rng)
+        chosen, ranked = decide(candidates, result, request.loads, overlap_weight=overlap_weight,
+                                temperature=temperature, limit=limit, rng=rng)
         response = pb.FindBestWorkerResponse(
             worker_id=chosen.worker_id, dp_rank=chosen.dp_rank,
-            matched_blocks=chosen.matched_blocks, freshness=self._freshness(candidates))
+            matched_blocks=chosen.matched_blocks, freshness=self._freshness(candidates),
+            candidate_count=len(candidates))
         add = response.candidates.add
         for c in ranked:
             add(worker_id=c.worker_id, dp_rank=c.dp_rank, matched_blocks=c.matched_blocks,
                 prefill_blocks=c.prefill_blocks, active_blocks=c.active_blocks, cost=c.cost,
                 waiting_requests=c.waiting_requests)
         return response
+
+    async def _streamed_decision(
+        self, item: bytes | pb.FindBestWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FindBestWorkerStreamResponse:
+        """One FindBestWorkerStream answer: the decision, or the status the unary call would
+        have ended with."""
+        try:
+            if isinstance(item, bytes):
+                message, tokens = unwrap(self._parse_streamed(item))
+            else:
+                message, tokens = item, None
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError
+            answer = await self._find_best_worker(message, tokens,
+                                                  default_limit=DEFAULT_STREAM_CANDIDATES)
+        except Exception as exc:  # noqa: BLE001 - the boundary: every error becomes a status
+            code, details = _status_of("FindBestWorkerStream", exc)
+            return pb.FindBestWorkerStreamResponse(code=code.value[0], message=details)
+        return pb.FindBestWorkerStreamResponse(answer=answer)
 
     # --- ScoreBatch --------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ SEVERITY_WARNING: Severity
 SEVERITY_ERROR: Severity
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("model", "lora_name", "cache_salt", "token_ids", "block_keys", "workers", "tier_weights", "include_zero", "block_size", "role")
+    __slots__ = ("model", "lora_name", "cache_salt", "token_ids", "block_keys", "workers", "tier_weights", "include_zero", "block_size", "role", "max_scores")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LORA_NAME_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class ScoreRequest(_message.Message):
     INCLUDE_ZERO_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCORES_FIELD_NUMBER: _ClassVar[int]
     model: str
     lora_name: str
     cache_salt: str
@@ -40,7 +41,8 @@ class ScoreRequest(_message.Message):
     include_zero: bool
     block_size: int
     role: str
-    def __init__(self, model: _Optional[str] = ..., lora_name: _Optional[str] = ..., cache_salt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., block_keys: _Optional[_Iterable[int]] = ..., workers: _Optional[_Iterable[str]] = ..., tier_weights: _Optional[_Union[TierWeights, _Mapping]] = ..., include_zero: _Optional[bool] = ..., block_size: _Optional[int] = ..., role: _Optional[str] = ...) -> None: ...
+    max_scores: int
+    def __init__(self, model: _Optional[str] = ..., lora_name: _Optional[str] = ..., cache_salt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., block_keys: _Optional[_Iterable[int]] = ..., workers: _Optional[_Iterable[str]] = ..., tier_weights: _Optional[_Union[TierWeights, _Mapping]] = ..., include_zero: _Optional[bool] = ..., block_size: _Optional[int] = ..., role: _Optional[str] = ..., max_scores: _Optional[int] = ...) -> None: ...
 
 class TierWeights(_message.Message):
     __slots__ = ("gpu", "cpu", "storage", "other")
@@ -55,14 +57,16 @@ class TierWeights(_message.Message):
     def __init__(self, gpu: _Optional[float] = ..., cpu: _Optional[float] = ..., storage: _Optional[float] = ..., other: _Optional[float] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("query_blocks", "scores", "freshness")
+    __slots__ = ("query_blocks", "scores", "freshness", "score_count")
     QUERY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     FRESHNESS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_COUNT_FIELD_NUMBER: _ClassVar[int]
     query_blocks: int
     scores: _containers.RepeatedCompositeFieldContainer[WorkerScore]
     freshness: Freshness
-    def __init__(self, query_blocks: _Optional[int] = ..., scores: _Optional[_Iterable[_Union[WorkerScore, _Mapping]]] = ..., freshness: _Optional[_Union[Freshness, _Mapping]] = ...) -> None: ...
+    score_count: int
+    def __init__(self, query_blocks: _Optional[int] = ..., scores: _Optional[_Iterable[_Union[WorkerScore, _Mapping]]] = ..., freshness: _Optional[_Union[Freshness, _Mapping]] = ..., score_count: _Optional[int] = ...) -> None: ...
 
 class WorkerScore(_message.Message):
     __slots__ = ("worker_id", "dp_rank", "matched_blocks", "weighted_score", "blocks_by_tier")
@@ -96,18 +100,20 @@ class Freshness(_message.Message):
     def __init__(self, last_event_age_seconds: _Optional[float] = ..., degraded_workers: _Optional[_Iterable[str]] = ..., rebuilding: _Optional[bool] = ...) -> None: ...
 
 class FindBestWorkerRequest(_message.Message):
-    __slots__ = ("score", "loads", "overlap_weight", "temperature", "seed")
+    __slots__ = ("score", "loads", "overlap_weight", "temperature", "seed", "max_candidates")
     SCORE_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
     OVERLAP_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    MAX_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     score: ScoreRequest
     loads: _containers.RepeatedCompositeFieldContainer[WorkerLoad]
     overlap_weight: float
     temperature: float
     seed: int
-    def __init__(self, score: _Optional[_Union[ScoreRequest, _Mapping]] = ..., loads: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ..., overlap_weight: _Optional[float] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    max_candidates: int
+    def __init__(self, score: _Optional[_Union[ScoreRequest, _Mapping]] = ..., loads: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ..., overlap_weight: _Optional[float] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., max_candidates: _Optional[int] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("worker_id", "dp_rank", "active_blocks", "waiting_requests", "prefill_tokens_in_flight")
@@ -124,18 +130,30 @@ class WorkerLoad(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., active_blocks: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., prefill_tokens_in_flight: _Optional[int] = ...) -> None: ...
 
 class FindBestWorkerResponse(_message.Message):
-    __slots__ = ("worker_id", "dp_rank", "matched_blocks", "candidates", "freshness")
+    __slots__ = ("worker_id", "dp_rank", "matched_blocks", "candidates", "freshness", "candidate_count")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DP_RANK_FIELD_NUMBER: _ClassVar[int]
     MATCHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     FRESHNESS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_COUNT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     dp_rank: int
     matched_blocks: int
     candidates: _containers.RepeatedCompositeFieldContainer[CandidateCost]
     freshness: Freshness
-    def __init__(self, worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., matched_blocks: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[CandidateCost, _Mapping]]] = ..., freshness: _Optional[_Union[Freshness, _Mapping]] = ...) -> None: ...
+    candidate_count: int
+    def __init__(self, worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., matched_blocks: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[CandidateCost, _Mapping]]] = ..., freshness: _Optional[_Union[Freshness, _Mapping]] = ..., candidate_count: _Optional[int] = ...) -> None: ...
+
+class FindBestWorkerStreamResponse(_message.Message):
+    __slots__ = ("answer", "code", "message")
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    answer: FindBestWorkerResponse
+    code: int
+    message: str
+    def __init__(self, answer: _Optional[_Union[FindBestWorkerResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class CandidateCost(_message.Message):
     __slots__ = ("worker_id", "dp_rank", "matched_blocks", "prefill_blocks", "active_blocks", "cost", "waiting_requests")

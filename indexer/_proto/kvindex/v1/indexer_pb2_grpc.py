@@ -45,6 +45,11 @@ class KvIndexerStub:
                 request_serializer=kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerRequest.SerializeToString,
                 response_deserializer=kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerResponse.FromString,
                 _registered_method=True)
+        self.FindBestWorkerStream = channel.stream_stream(
+                '/kvindex.v1.KvIndexer/FindBestWorkerStream',
+                request_serializer=kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerRequest.SerializeToString,
+                response_deserializer=kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerStreamResponse.FromString,
+                _registered_method=True)
         self.ScoreBatch = channel.unary_unary(
                 '/kvindex.v1.KvIndexer/ScoreBatch',
                 request_serializer=kvindex_dot_v1_dot_indexer__pb2.ScoreBatchRequest.SerializeToString,
@@ -80,6 +85,15 @@ class KvIndexerServicer:
 
     def FindBestWorker(self, request, context):
         """Score, then pick one worker by combining overlap with router-reported load.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindBestWorkerStream(self, request_iterator, context):
+        """Many FindBestWorker decisions on one stream: one answer per request, in
+        request order. A request that fails is answered with its status code in
+        its answer; the stream goes on. Unset `max_candidates` means 8 here.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +142,11 @@ def add_KvIndexerServicer_to_server(servicer, server):
                     servicer.FindBestWorker,
                     request_deserializer=kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerRequest.FromString,
                     response_serializer=kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerResponse.SerializeToString,
+            ),
+            'FindBestWorkerStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.FindBestWorkerStream,
+                    request_deserializer=kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerRequest.FromString,
+                    response_serializer=kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerStreamResponse.SerializeToString,
             ),
             'ScoreBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.ScoreBatch,
@@ -205,6 +224,33 @@ class KvIndexer:
             '/kvindex.v1.KvIndexer/FindBestWorker',
             kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerRequest.SerializeToString,
             kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindBestWorkerStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvindex.v1.KvIndexer/FindBestWorkerStream',
+            kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerRequest.SerializeToString,
+            kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,57 @@
+"""FindBestWorker's decision over a scored query: the winner and the cheapest candidates.
+
+At temperature 0 only the candidates that matched or carry a load are costed one by one
+(`scheduling.top_costs`); the others all cost the same and are taken in (worker_id,
+dp_rank) order, so a decision over 1,024 ranks builds a few dozen costs, not 1,024.
+Sampling (temperature > 0) needs every cost and ranks them all (`choose_worker`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+
+from indexer._proto.kvindex.v1 import indexer_pb2 as pb
+from indexer.index.protocol import ScoreResult
+from indexer.scheduling import (
+    Candidate,
+    CandidateCost,
+    choose_worker,
+    top_costs,
+    validate_knobs,
+)
+from indexer.serve.directory import CandidateSet
+
+__all__ = ["decide"]
+
+
+def decide(
+    candidates: CandidateSet,
+    result: ScoreResult,
+    loads: Iterable[pb.WorkerLoad],
+    *,
+    overlap_weight: float,
+    temperature: float,
+    limit: int,
+    rng: random.Random,
+) -> tuple[CandidateCost, list[CandidateCost]]:
+    """The chosen candidate and the `limit` cheapest (best first), as `choose_worker` over
+    every candidate would give them. `candidates` is not empty; `result` scored them."""
+    validate_knobs(overlap_weight, temperature)
+    matched = {(s.worker_id, s.dp_rank): s.matched_blocks for s in result.scores}
+    # The last entry of a (worker, dp_rank) wins.
+    load_of = {(load.worker_id, load.dp_rank): (load.active_blocks, load.waiting_requests)
+               for load in loads}
+    if temperature <= 0.0 or len(candidates) == 1:
+        ranked = top_costs(candidates.ordered_refs, candidates.refs, matched, load_of,
+                           query_blocks=result.query_blocks, overlap_weight=overlap_weight,
+                           limit=max(limit, 1))
+        return ranked[0], ranked[:limit]
+    options = []
+    for w in candidates.workers:
+        ref = (w.worker_id, w.dp_rank)
+        active, waiting = load_of.get(ref, (0, 0))
+        options.append(Candidate(w.worker_id, w.dp_rank, matched.get(ref, 0), active, waiting))
+    chosen, ranked = choose_worker(options, result.query_blocks, overlap_weight=overlap_weight,
+                                   temperature=temperature, rng=rng)
+    return chosen, ranked[:limit]
