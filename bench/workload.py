@@ -145,6 +145,22 @@ class Workload:
             seqs[w] += 1
         return out
 
+    def idle_rank_batches(self, model: str, epoch: int = 1) -> list[EventBatch]:
+        """One batch for each worker the steps never served: a block of tokens of its own,
+        so that every one of `n_workers` is a live rank of the index (apply after
+        `batches`)."""
+        served = {step.worker for step in self.steps}
+        size = self.params.block_size
+        out: list[EventBatch] = []
+        for w in range(self.params.n_workers):
+            if w in served:
+                continue
+            tokens = pack_tokens([70_000 + w] * size)  # outside the prompts' [0, 65536)
+            event = BlockStored(block_hashes=[w + 1], token_ids=tokens, block_size=size)
+            out.append(EventBatch(schema=SCHEMA_VERSION, model=model, worker_id=worker_name(w),
+                                  epoch=epoch, seq=0, events=[event], ts=0.0))
+        return out
+
     def describe(self) -> dict[str, str]:
         p = self.params
         kinds = {k: sum(1 for q in self.query_set if q.kind == k) for k in ("full", "partial",

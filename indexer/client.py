@@ -27,14 +27,25 @@ Results are typed structs, never protobuf messages. gRPC errors become:
     ├── DeadlineExceededError    the call's timeout passed
     ├── ResourceExhaustedError   a message over the size limit
     ├── UnauthenticatedError     the server wants a bearer token and this one is wrong
-    └── InternalError            a bug on the server (it logged the traceback)
+    ├── InternalError            a bug on the server (it logged the traceback)
+    └── StreamClosedError        a decision stream ended before this answer (`code`: how)
+
+Many decisions per second go over one stream (FindBestWorkerStream), answers in order:
+
+    with client.decision_stream() as stream:                    # async: async with
+        choice = stream.find_best_worker(Decision(query=q, loads=loads))
+        futures = [stream.submit(Decision(query=q)) for q in queries]  # pipelined (sync)
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import os
+import queue
 import random
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -52,9 +63,12 @@ from indexer.scheduling import CandidateCost
 __all__ = [
     "DEFAULT_TARGET",
     "DEFAULT_TIMEOUT",
+    "AsyncDecisionStream",
     "AsyncIndexerClient",
     "CandidateCost",
     "DeadlineExceededError",
+    "Decision",
+    "DecisionStream",
     "Diagnosis",
     "FailedPreconditionError",
     "Finding",
@@ -68,6 +82,7 @@ __all__ = [
     "ResourceExhaustedError",
     "RetryPolicy",
     "ScoreAnswer",
+    "StreamClosedError",
     "TierWeightOverride",
     "UnauthenticatedError",
     "UnavailableError",
@@ -140,6 +155,21 @@ def error_from_rpc(exc: grpc.RpcError) -> IndexerClientError:
     return _ERRORS.get(code, IndexerClientError)(code, details)
 
 
+_CODES: Final[dict[int, grpc.StatusCode]] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _streamed_error(code: int, message: str) -> IndexerClientError:
+    """The typed error of one FindBestWorkerStream answer that carries a status."""
+    status = _CODES.get(code, grpc.StatusCode.UNKNOWN)
+    return _ERRORS.get(status, IndexerClientError)(status, message)
+
+
+def _streamed_choice(msg: pb.FindBestWorkerStreamResponse) -> WorkerChoice | IndexerClientError:
+    if msg.code:
+        return _streamed_error(msg.code, msg.message)
+    return _worker_choice(msg.answer)
+
+
 # --- requests and results ----------------------------------------------------------------
 
 
@@ -197,14 +227,16 @@ class ScoreAnswer(msgspec.Struct, frozen=True):
     query_blocks: int
     scores: list[WorkerMatch]  # matched_blocks desc, then worker_id, dp_rank
     freshness: Freshness
+    score_count: int = 0  # entries before `max_scores` cut `scores` (0: an older server)
 
 
 class WorkerChoice(msgspec.Struct, frozen=True):
     worker_id: str
     dp_rank: int
     matched_blocks: int
-    candidates: list[CandidateCost]  # cost ascending
+    candidates: list[CandidateCost]  # cost ascending: all, or the cheapest max_candidates
     freshness: Freshness
+    candidate_count: int = 0  # candidates considered (0: an older server)
 
 
 class WorkerStatus(msgspec.Struct, frozen=True):
@@ -233,7 +265,7 @@ class IndexerStats(msgspec.Struct, frozen=True):
     lag_seconds: float
 
 
-def _score_request(query: Query) -> pb.ScoreRequest:
+def _score_request(query: Query, max_scores: int | None = None) -> pb.ScoreRequest:
     if isinstance(query.token_ids, bytes | bytearray | memoryview):
         # A bytes object is a Sequence[int] of bytes, not of token ids: refuse, not guess.
         raise TypeError("Query.token_ids must be a sequence of ints, not bytes "
@@ -247,6 +279,8 @@ def _score_request(query: Query) -> pb.ScoreRequest:
         request.token_ids.extend(query.token_ids)
     if query.block_keys is not None:
         request.block_keys.extend(query.block_keys)
+    if max_scores is not None:
+        request.max_scores = max_scores
     weights = query.tier_weights
     if weights is not None:
         request.tier_weights.SetInParent()
@@ -263,6 +297,8 @@ def _find_request(
     overlap_weight: float | None,
     temperature: float | None,
     seed: int | None,
+    *,
+    max_candidates: int | None = None,
 ) -> pb.FindBestWorkerRequest:
     request = pb.FindBestWorkerRequest(
         score=_score_request(query),
@@ -278,6 +314,8 @@ def _find_request(
         request.temperature = temperature
     if seed is not None:
         request.seed = seed
+    if max_candidates is not None:
+        request.max_candidates = max_candidates
     return request
 
 
@@ -291,6 +329,7 @@ def _score_answer(msg: pb.ScoreResponse) -> ScoreAnswer:
         [WorkerMatch(s.worker_id, s.dp_rank, s.matched_blocks, s.weighted_score,
                      dict(s.blocks_by_tier)) for s in msg.scores],
         _freshness(msg.freshness),
+        msg.score_count,
     )
 
 
@@ -300,6 +339,7 @@ def _worker_choice(msg: pb.FindBestWorkerResponse) -> WorkerChoice:
         [CandidateCost(c.worker_id, c.dp_rank, c.matched_blocks, c.prefill_blocks,
                        c.active_blocks, c.cost, c.waiting_requests) for c in msg.candidates],
         _freshness(msg.freshness),
+        msg.candidate_count,
     )
 
 
@@ -369,6 +409,206 @@ class _Attempts:
         if delay is None or time.monotonic() + delay >= self.deadline:
             return None
         return delay
+
+
+# --- decision streams -------------------------------------------------------------------
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    """One FindBestWorker request for a decision stream (the arguments of
+    `find_best_worker`). `max_candidates` None: the stream's default, the cheapest 8."""
+
+    query: Query
+    loads: Sequence[WorkerLoad] = ()
+    overlap_weight: float | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    max_candidates: int | None = None
+
+    def request(self) -> pb.FindBestWorkerRequest:
+        return _find_request(self.query, self.loads, self.overlap_weight, self.temperature,
+                             self.seed, max_candidates=self.max_candidates)
+
+
+class StreamClosedError(IndexerClientError):
+    """The decision stream ended (closed, or broken: `code` says how) before this answer."""
+
+
+_END: Final = object()
+
+
+class DecisionStream:
+    """Many FindBestWorker decisions over one FindBestWorkerStream (sync face).
+
+    `submit` sends a request at once and returns a Future of its answer (answers come in
+    request order); `find_best_worker` waits for it. Thread-safe. An answer that carries
+    an error raises it (typed as for unary calls) from that Future only; a broken stream
+    fails every unanswered Future with its status, and later submits raise
+    StreamClosedError: open another stream. No deadline on the stream itself; `timeout`
+    bounds each wait.
+    """
+
+    def __init__(self, client: IndexerClient) -> None:
+        self._timeout = client.timeout
+        self._lock = threading.Lock()
+        self._pending: collections.deque[concurrent.futures.Future[WorkerChoice]] = \
+            collections.deque()
+        self._outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._ended: IndexerClientError | None = None
+        self._call = client._stub.FindBestWorkerStream(
+            iter(self._outbox.get, _END), metadata=client._metadata)
+        self._reader = threading.Thread(target=self._read, name="kv-decisions", daemon=True)
+        self._reader.start()
+
+    def submit(self, decision: Decision) -> concurrent.futures.Future[WorkerChoice]:
+        """Send one request; its answer arrives in the returned Future."""
+        request = decision.request()
+        future: concurrent.futures.Future[WorkerChoice] = concurrent.futures.Future()
+        with self._lock:  # the answers' order is the order of the requests in the outbox
+            if self._ended is not None:
+                raise self._ended
+            self._pending.append(future)
+            self._outbox.put(request)
+        return future
+
+    def find_best_worker(self, decision: Decision, *,
+                         timeout: float | None = None) -> WorkerChoice:
+        """Send one request and wait for its answer."""
+        future = self.submit(decision)
+        try:
+            return future.result(self._timeout if timeout is None else timeout)
+        except concurrent.futures.TimeoutError as exc:
+            raise DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        "no answer on the decision stream in time") from exc
+
+    def _read(self) -> None:
+        ended = StreamClosedError(grpc.StatusCode.CANCELLED, "the decision stream was closed")
+        try:
+            for response in self._call:
+                answer = _streamed_choice(response)
+                with self._lock:
+                    future = self._pending.popleft()
+                if isinstance(answer, IndexerClientError):
+                    future.set_exception(answer)
+                else:
+                    future.set_result(answer)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                broken = error_from_rpc(exc)
+                ended = StreamClosedError(broken.code, broken.details)
+        with self._lock:
+            self._ended = ended
+            pending, self._pending = self._pending, collections.deque()
+        for future in pending:
+            future.set_exception(ended)
+
+    def close(self) -> None:
+        """Wait for every answer, then end the stream."""
+        with self._lock:
+            if self._ended is None:
+                self._outbox.put(_END)
+        self._reader.join()
+
+    def cancel(self) -> None:
+        """End the stream now; unanswered Futures fail with StreamClosedError."""
+        self._call.cancel()
+        self._reader.join()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.cancel()
+
+
+class AsyncDecisionStream:
+    """Many FindBestWorker decisions over one FindBestWorkerStream (asyncio face).
+
+    `await find_best_worker(decision)` sends the request and waits for its answer;
+    concurrent callers share the stream (answers come in request order). Errors as in
+    `DecisionStream`. Create and use it on one event loop.
+    """
+
+    def __init__(self, client: AsyncIndexerClient) -> None:
+        self._timeout = client.timeout
+        self._pending: collections.deque[asyncio.Future[WorkerChoice]] = collections.deque()
+        self._write_lock = asyncio.Lock()
+        self._ended: IndexerClientError | None = None
+        self._call = client._stub.FindBestWorkerStream(metadata=client._metadata)
+        self._reader = asyncio.create_task(self._read())
+
+    async def find_best_worker(self, decision: Decision, *,
+                               timeout: float | None = None) -> WorkerChoice:
+        """Send one request and wait for its answer."""
+        request = decision.request()
+        future: asyncio.Future[WorkerChoice] = asyncio.get_running_loop().create_future()
+        async with self._write_lock:  # the answers' order is the order of the writes
+            if self._ended is not None:
+                raise self._ended
+            self._pending.append(future)
+            try:
+                await self._call.write(request)
+            except (grpc.RpcError, asyncio.InvalidStateError) as exc:
+                raise self._ended or StreamClosedError(
+                    grpc.StatusCode.CANCELLED, f"the decision stream ended: {exc}") from exc
+        try:
+            return await asyncio.wait_for(asyncio.shield(future),
+                                          self._timeout if timeout is None else timeout)
+        except TimeoutError as exc:
+            raise DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        "no answer on the decision stream in time") from exc
+
+    async def _read(self) -> None:
+        ended = StreamClosedError(grpc.StatusCode.CANCELLED, "the decision stream was closed")
+        try:
+            async for response in self._call:
+                answer = _streamed_choice(response)
+                future = self._pending.popleft()
+                if future.done():
+                    continue
+                if isinstance(answer, IndexerClientError):
+                    future.set_exception(answer)
+                else:
+                    future.set_result(answer)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                broken = error_from_rpc(exc)
+                ended = StreamClosedError(broken.code, broken.details)
+        self._ended = ended
+        while self._pending:
+            future = self._pending.popleft()
+            if not future.done():
+                future.set_exception(ended)
+
+    async def close(self) -> None:
+        """Wait for every answer, then end the stream."""
+        async with self._write_lock:
+            if self._ended is None:
+                await self._call.done_writing()
+        await self._reader
+
+    async def cancel(self) -> None:
+        """End the stream now; unanswered calls fail with StreamClosedError."""
+        self._call.cancel()
+        await self._reader
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            await self.close()
+        else:
+            await self.cancel()
 
 
 # --- the two faces -----------------------------------------------------------------------
@@ -462,9 +702,12 @@ class IndexerClient(_BaseClient):
                     raise error_from_rpc(exc) from exc
             time.sleep(delay)
 
-    def score(self, query: Query, *, timeout: float | None = None) -> ScoreAnswer:
-        """Per (worker, dp_rank), the leading query blocks it holds."""
-        return _score_answer(self._call(self._stub.Score, _score_request(query), timeout))
+    def score(self, query: Query, *, max_scores: int | None = None,
+              timeout: float | None = None) -> ScoreAnswer:
+        """Per (worker, dp_rank), the leading query blocks it holds (the best `max_scores`
+        of them; None: every one)."""
+        request = _score_request(query, max_scores)
+        return _score_answer(self._call(self._stub.Score, request, timeout))
 
     def find_best_worker(
         self,
@@ -474,10 +717,13 @@ class IndexerClient(_BaseClient):
         overlap_weight: float | None = None,
         temperature: float | None = None,
         seed: int | None = None,
+        max_candidates: int | None = None,
         timeout: float | None = None,
     ) -> WorkerChoice:
-        """The worker with the lowest overlap + load cost (see docs/grpc.md)."""
-        request = _find_request(query, loads, overlap_weight, temperature, seed)
+        """The worker with the lowest overlap + load cost (see docs/grpc.md); `candidates`
+        holds the cheapest `max_candidates` (None or 0: every candidate)."""
+        request = _find_request(query, loads, overlap_weight, temperature, seed,
+                                max_candidates=max_candidates)
         return _worker_choice(self._call(self._stub.FindBestWorker, request, timeout))
 
     def score_batch(
@@ -503,6 +749,10 @@ class IndexerClient(_BaseClient):
         """Why routing may get no hits (of one model, or of all): findings, worst first."""
         request = pb.DiagnoseRequest(model=model or "")
         return _diagnosis(self._call(self._stub.Diagnose, request, timeout))
+
+    def decision_stream(self) -> DecisionStream:
+        """A FindBestWorkerStream for many decisions (`with client.decision_stream() as s:`)."""
+        return DecisionStream(self)
 
     def close(self) -> None:
         self._channel.close()
@@ -538,9 +788,12 @@ class AsyncIndexerClient(_BaseClient):
                     raise error_from_rpc(exc) from exc
             await asyncio.sleep(delay)
 
-    async def score(self, query: Query, *, timeout: float | None = None) -> ScoreAnswer:
-        """Per (worker, dp_rank), the leading query blocks it holds."""
-        return _score_answer(await self._call(self._stub.Score, _score_request(query), timeout))
+    async def score(self, query: Query, *, max_scores: int | None = None,
+                    timeout: float | None = None) -> ScoreAnswer:
+        """Per (worker, dp_rank), the leading query blocks it holds (the best `max_scores`
+        of them; None: every one)."""
+        request = _score_request(query, max_scores)
+        return _score_answer(await self._call(self._stub.Score, request, timeout))
 
     async def find_best_worker(
         self,
@@ -550,10 +803,13 @@ class AsyncIndexerClient(_BaseClient):
         overlap_weight: float | None = None,
         temperature: float | None = None,
         seed: int | None = None,
+        max_candidates: int | None = None,
         timeout: float | None = None,
     ) -> WorkerChoice:
-        """The worker with the lowest overlap + load cost (see docs/grpc.md)."""
-        request = _find_request(query, loads, overlap_weight, temperature, seed)
+        """The worker with the lowest overlap + load cost (see docs/grpc.md); `candidates`
+        holds the cheapest `max_candidates` (None or 0: every candidate)."""
+        request = _find_request(query, loads, overlap_weight, temperature, seed,
+                                max_candidates=max_candidates)
         return _worker_choice(await self._call(self._stub.FindBestWorker, request, timeout))
 
     async def score_batch(
@@ -581,6 +837,11 @@ class AsyncIndexerClient(_BaseClient):
         """Why routing may get no hits (of one model, or of all): findings, worst first."""
         request = pb.DiagnoseRequest(model=model or "")
         return _diagnosis(await self._call(self._stub.Diagnose, request, timeout))
+
+    def decision_stream(self) -> AsyncDecisionStream:
+        """A FindBestWorkerStream for many decisions (`async with client.decision_stream()
+        as s:`); call it on the event loop that uses it."""
+        return AsyncDecisionStream(self)
 
     async def close(self) -> None:
         await self._channel.close()

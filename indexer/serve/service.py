@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 import grpc
 import msgspec
 import structlog
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -542,7 +543,11 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         have ended with."""
         try:
             if isinstance(item, bytes):
-                message, tokens = unwrap(self._parse_streamed(item))
+                try:
+                    message, tokens = unwrap(self._parse_streamed(item))
+                except (DecodeError, ValueError) as exc:
+                    raise InvalidQueryError("request is not a valid "
+                                            f"kvindex.v1.FindBestWorkerRequest: {exc}") from exc
             else:
                 message, tokens = item, None
             remaining = context.time_remaining()
