@@ -8,7 +8,7 @@ PYTHON  ?= python3
 PKGS    := kvcore publisher indexer kvsim
 PROTO_OUT := indexer/_proto
 
-.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim
+.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-decisions bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim
 
 setup: $(STAMP)
 
@@ -97,6 +97,11 @@ bench-events: setup redis-server
 
 bench-grpc: setup redis-server libnghttp2-dev
 	$(PY) -m bench.grpc_score
+
+# FindBestWorker decisions/s from one server process, unary vs FindBestWorkerStream, 1,024
+# ranks, 8k-token prompts, load from bench/grpcload.c (issue 18's gRPC target).
+bench-decisions: setup libnghttp2-dev
+	$(PY) -m bench.decisions
 
 bench-rebuild: setup redis-server
 	$(PY) -m bench.rebuild

@@ -17,6 +17,11 @@
  * seconds of this process and the largest lag of a send behind its schedule. A server that
  * goes away (GOAWAY, closed connection) or calls unanswered 30 s after the end stop the
  * run with exit status 2.
+ *
+ * Modes "sclosed" and "sopen" do the same over one bidirectional stream per connection
+ * (FindBestWorkerStream): each body is one message on it, answers come in order, and a
+ * call is one message and its answer. An answer's status is its `code` field (field 2,
+ * a varint, of FindBestWorkerStreamResponse); a stream that ends early stops the run.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -44,11 +49,30 @@ typedef struct {
   size_t len;
 } Body;
 
+typedef struct Stream Stream;
+
 typedef struct {
   int fd;
   int blocked; /* the last send hit EAGAIN: wait for EPOLLOUT */
   nghttp2_session *session;
+  Stream *stream; /* stream modes: the connection's one stream */
 } Conn;
+
+/* Stream modes: one long-lived stream, its unsent bytes, its unanswered sends (FIFO) and
+ * the answer being read. */
+struct Stream {
+  Conn *conn;
+  int32_t id;
+  int deferred, eof;
+  uint8_t *out;
+  size_t out_len, out_off, out_cap;
+  double *sent, *scheduled;
+  size_t head, count, cap;
+  uint8_t header[5];
+  size_t header_have;
+  uint8_t *msg;
+  size_t msg_len, msg_have, msg_cap;
+};
 
 typedef struct {
   Conn *conn;
@@ -61,7 +85,7 @@ typedef struct {
 static Body *bodies;
 static size_t n_bodies, next_body;
 static Conn conns[MAX_CONNS];
-static int n_conns, next_conn, epfd, closed_loop, measuring;
+static int n_conns, next_conn, epfd, closed_loop, measuring, stream_mode;
 static const char *path;
 static char authority[32];
 static double measure_from, end_time, max_lag;
@@ -98,7 +122,13 @@ static ssize_t read_body(nghttp2_session *session, int32_t stream_id, uint8_t *b
   return (ssize_t)n;
 }
 
+static void enqueue(Conn *conn, double scheduled);
+
 static void submit(Conn *conn, double scheduled) {
+  if (stream_mode) {
+    enqueue(conn, scheduled);
+    return;
+  }
   if (!nghttp2_session_check_request_allowed(conn->session)) {
     errno = 0; /* after GOAWAY every new stream would be refused: stop, do not spin */
     die("the server is going away (GOAWAY)");
@@ -121,6 +151,160 @@ static void submit(Conn *conn, double scheduled) {
   in_flight++;
 }
 
+static ssize_t read_stream(nghttp2_session *session, int32_t stream_id, uint8_t *buf,
+                           size_t length, uint32_t *flags, nghttp2_data_source *source,
+                           void *user_data) {
+  (void)session, (void)stream_id, (void)user_data;
+  Stream *st = source->ptr;
+  size_t left = st->out_len - st->out_off;
+  if (!left) {
+    if (st->eof) {
+      *flags |= NGHTTP2_DATA_FLAG_EOF;
+      return 0;
+    }
+    st->deferred = 1;
+    return NGHTTP2_ERR_DEFERRED;
+  }
+  size_t n = left < length ? left : length;
+  memcpy(buf, st->out + st->out_off, n);
+  st->out_off += n;
+  if (st->out_off == st->out_len) st->out_off = st->out_len = 0;
+  return (ssize_t)n;
+}
+
+static void open_stream(Conn *conn) {
+  Stream *st = calloc(1, sizeof *st);
+  if (!st) die("calloc");
+  st->conn = conn;
+  st->cap = 1024;
+  st->sent = malloc(st->cap * sizeof *st->sent);
+  st->scheduled = malloc(st->cap * sizeof *st->scheduled);
+  if (!st->sent || !st->scheduled) die("malloc");
+  nghttp2_nv headers[] = {
+      header(":method", "POST"),      header(":scheme", "http"),
+      header(":authority", authority), header(":path", path),
+      header("content-type", "application/grpc"), header("te", "trailers"),
+  };
+  nghttp2_data_provider provider = {.source.ptr = st, .read_callback = read_stream};
+  st->id = nghttp2_submit_request(conn->session, NULL, headers, 6, &provider, st);
+  if (st->id < 0) die("nghttp2_submit_request");
+  conn->stream = st;
+}
+
+/* Stream modes: one body more on the connection's stream. */
+static void enqueue(Conn *conn, double scheduled) {
+  Stream *st = conn->stream;
+  const Body *body = &bodies[next_body++ % n_bodies];
+  if (st->out_len + body->len > st->out_cap) {
+    st->out_cap = (st->out_len + body->len) * 2;
+    st->out = realloc(st->out, st->out_cap);
+    if (!st->out) die("realloc");
+  }
+  memcpy(st->out + st->out_len, body->data, body->len);
+  st->out_len += body->len;
+  if (st->count == st->cap) { /* grow the ring, unwrapping it */
+    double *sent = malloc(2 * st->cap * sizeof *sent);
+    double *sched = malloc(2 * st->cap * sizeof *sched);
+    if (!sent || !sched) die("malloc");
+    for (size_t i = 0; i < st->count; i++) {
+      sent[i] = st->sent[(st->head + i) % st->cap];
+      sched[i] = st->scheduled[(st->head + i) % st->cap];
+    }
+    free(st->sent), free(st->scheduled);
+    st->sent = sent, st->scheduled = sched, st->head = 0, st->cap *= 2;
+  }
+  size_t at = (st->head + st->count++) % st->cap;
+  st->sent[at] = now();
+  st->scheduled[at] = scheduled;
+  in_flight++;
+  if (st->deferred) {
+    st->deferred = 0;
+    if (nghttp2_session_resume_data(conn->session, st->id)) die("nghttp2_session_resume_data");
+  }
+}
+
+/* The `code` field (2, varint) of a FindBestWorkerStreamResponse; 0 when absent. */
+static int answer_code(const uint8_t *p, size_t len) {
+  size_t i = 0;
+  while (i < len) {
+    uint64_t key = 0, value = 0;
+    for (int shift = 0; i < len; shift += 7) {
+      key |= (uint64_t)(p[i] & 0x7f) << shift;
+      if (!(p[i++] & 0x80)) break;
+    }
+    int wire = (int)(key & 7);
+    if (wire == 0 || wire == 2) {
+      for (int shift = 0; i < len; shift += 7) {
+        value |= (uint64_t)(p[i] & 0x7f) << shift;
+        if (!(p[i++] & 0x80)) break;
+      }
+      if (wire == 2) i += (size_t)value;
+      else if (key >> 3 == 2) return value >= NO_STATUS ? NO_STATUS : (int)value;
+    } else if (wire == 1) {
+      i += 8;
+    } else if (wire == 5) {
+      i += 4;
+    } else {
+      return NO_STATUS;
+    }
+  }
+  return 0;
+}
+
+static void on_answer(Stream *st) {
+  if (!st->count) {
+    errno = 0;
+    die("an answer with no request outstanding");
+  }
+  double done = now(), sent = st->sent[st->head], scheduled = st->scheduled[st->head];
+  st->head = (st->head + 1) % st->cap;
+  st->count--;
+  in_flight--;
+  int status = answer_code(st->msg, st->msg_len);
+  if (status) {
+    errors[status]++;
+  } else if (measuring && (closed_loop ? sent >= measure_from && done <= end_time
+                                       : scheduled >= measure_from)) {
+    measured++;
+    fprintf(out, "%.1f %.1f\n", (done - sent) * 1e6, (done - scheduled) * 1e6);
+    if (sent - scheduled > max_lag) max_lag = sent - scheduled;
+  }
+  if (closed_loop && measuring && done < end_time) enqueue(st->conn, done);
+}
+
+static int on_data(nghttp2_session *session, uint8_t flags, int32_t stream_id,
+                   const uint8_t *data, size_t len, void *user_data) {
+  (void)flags, (void)user_data;
+  if (!stream_mode) return 0;
+  Stream *st = nghttp2_session_get_stream_user_data(session, stream_id);
+  if (!st) return 0;
+  while (len) {
+    if (st->header_have < 5) {
+      size_t n = 5 - st->header_have < len ? 5 - st->header_have : len;
+      memcpy(st->header + st->header_have, data, n);
+      st->header_have += n, data += n, len -= n;
+      if (st->header_have < 5) break;
+      st->msg_len = (size_t)st->header[1] << 24 | (size_t)st->header[2] << 16 |
+                    (size_t)st->header[3] << 8 | st->header[4];
+      st->msg_have = 0;
+      if (st->msg_len > st->msg_cap) {
+        st->msg_cap = st->msg_len * 2;
+        st->msg = realloc(st->msg, st->msg_cap);
+        if (!st->msg) die("realloc");
+      }
+    }
+    size_t need = st->msg_len - st->msg_have;
+    size_t n = need < len ? need : len;
+    memcpy(st->msg + st->msg_have, data, n);
+    st->msg_have += n, data += n, len -= n;
+    if (st->msg_have == st->msg_len) {
+      st->header_have = 0;
+      on_answer(st);
+    }
+  }
+  return 0;
+}
+
 static ssize_t on_send(nghttp2_session *session, const uint8_t *data, size_t length,
                        int flags, void *user_data) {
   (void)session, (void)flags;
@@ -140,6 +324,10 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
   (void)flags, (void)user_data;
   if (frame->hd.type != NGHTTP2_HEADERS || namelen != 11 || memcmp(name, "grpc-status", 11))
     return 0;
+  if (stream_mode) {
+    if (valuelen != 1 || value[0] != '0') fprintf(stderr, "grpcload: stream ended with grpc-status %.*s\n", (int)valuelen, value);
+    return 0;
+  }
   Call *call = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
   if (!call) return 0;
   int status = 0;
@@ -153,6 +341,14 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
 static int on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t error_code,
                            void *user_data) {
   (void)user_data, (void)error_code;
+  if (stream_mode) {
+    Stream *st = nghttp2_session_get_stream_user_data(session, stream_id);
+    if (st && !st->eof) {
+      errno = 0;
+      die("the server ended a stream before the run did (see its grpc-status)");
+    }
+    return 0;
+  }
   Call *call = nghttp2_session_get_stream_user_data(session, stream_id);
   if (!call) return 0;
   double done = now();
@@ -218,7 +414,9 @@ static void open_conn(Conn *conn, int port) {
   nghttp2_session_callbacks_set_send_callback(cbs, on_send);
   nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
   nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
+  nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data);
   if (nghttp2_session_client_new(&conn->session, cbs, conn)) die("nghttp2_session_client_new");
+  conn->stream = NULL;
   nghttp2_session_callbacks_del(cbs);
   nghttp2_settings_entry settings[] = {
       {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, 4096},
@@ -279,8 +477,11 @@ static double cpu_seconds(void) {
 }
 
 int main(int argc, char **argv) {
-  if (argc != 10 || (strcmp(argv[5], "closed") && strcmp(argv[5], "open"))) {
-    fprintf(stderr, "usage: grpcload PORT PATH BODIES OUT closed|open CONCURRENCY|RATE "
+  const char *mode = argc == 10 ? argv[5] : "";
+  stream_mode = mode[0] == 's';
+  if (stream_mode) mode++;
+  if (argc != 10 || (strcmp(mode, "closed") && strcmp(mode, "open"))) {
+    fprintf(stderr, "usage: grpcload PORT PATH BODIES OUT [s]closed|[s]open CONCURRENCY|RATE "
                     "CONNECTIONS WARMUP DURATION\n");
     return 2;
   }
@@ -289,7 +490,7 @@ int main(int argc, char **argv) {
   load_bodies(argv[3]);
   out = fopen(argv[4], "w");
   if (!out) die(argv[4]);
-  closed_loop = !strcmp(argv[5], "closed");
+  closed_loop = !strcmp(mode, "closed");
   double load = atof(argv[6]), warmup = atof(argv[8]), duration = atof(argv[9]);
   n_conns = atoi(argv[7]);
   if (n_conns < 1 || n_conns > MAX_CONNS || load <= 0) die("bad arguments");
@@ -300,7 +501,10 @@ int main(int argc, char **argv) {
   int timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
   struct epoll_event tev = {.events = EPOLLIN, .data.ptr = NULL};
   if (epfd < 0 || timer < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, timer, &tev)) die("epoll");
-  for (int i = 0; i < n_conns; i++) open_conn(&conns[i], port);
+  for (int i = 0; i < n_conns; i++) {
+    open_conn(&conns[i], port);
+    if (stream_mode) open_stream(&conns[i]);
+  }
   end_time = now();
   for (int i = 0; i < n_conns; i++) submit(&conns[i], now()); /* one unmeasured call each */
   while (in_flight) step(timer, 1000);

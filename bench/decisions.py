@@ -1,0 +1,268 @@
+"""FindBestWorker decisions per second from one server process, unary vs FindBestWorkerStream
+(`python -m bench.decisions`, `make bench-decisions`).
+
+1,024 worker ranks (every one live) hold the shared-prefix workload (bench/workload.py);
+each decision is a FindBestWorker of one 8,192-token prompt as token ids, with the loads
+of 8 ranks and `max_candidates` 8 (the same request bytes on both paths). The real server
+(`start_grpc_server`, in-memory index, uvloop, GC tuned as `kv-indexer serve` runs it)
+runs in a spawned process of its own; the load comes from bench/grpcload.c (C,
+libnghttp2): unary calls, or messages on one bidirectional stream per connection. For
+each path: a closed loop (decisions in flight, for the most decisions/s) and an open loop
+at fixed rates (latency from the scheduled send). Before timing, streamed answers are
+checked equal to unary ones over the same requests.
+
+Targets (issue 18): >= 10,000 decisions/s from one process; p99 <= 5 ms at 5,000/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench import grpcload
+from bench.grpc_score import answer_parent
+from bench.workload import make_workload, worker_name
+from indexer._proto.kvindex.v1 import indexer_pb2 as pb
+from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
+from kvsim.report import pct, verdict, write_section
+
+MODEL = "bench/model"
+UNARY = "/kvindex.v1.KvIndexer/FindBestWorker"
+STREAM = "/kvindex.v1.KvIndexer/FindBestWorkerStream"
+RATE_TARGET = 10_000
+P99_RATE = 5_000
+P99_TARGET_MS = 5.0
+LOADED_RANKS = 8
+CANDIDATES = 8
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    ranks: int
+    blocks: int
+    queries: int
+    stream_window: int
+
+
+def _serve(spec: ServerSpec, conn: Connection) -> None:
+    """Child: build the index, serve it; answer 'cpu' and 'stop' on `conn`."""
+    from indexer.index.memory import MemoryIndex
+    from kvcore.runtime import SERVER_GC_THRESHOLDS, run_event_loop, settle_gc
+
+    index = MemoryIndex()
+    workload = make_workload(spec.ranks, spec.blocks, n_queries=spec.queries)
+    index.sync.apply(workload.batches(MODEL))
+    index.sync.apply(workload.idle_rank_batches(MODEL))
+    del workload
+    settle_gc(SERVER_GC_THRESHOLDS)
+    run_event_loop(_serve_async(index, spec, conn))
+
+
+async def _serve_async(index: Any, spec: ServerSpec, conn: Connection) -> None:
+    from indexer.serve.service import ServiceSettings, start_grpc_server
+
+    settings = ServiceSettings(stream_window=spec.stream_window)
+    server, port = await start_grpc_server(index, "127.0.0.1:0", settings=settings)
+    await answer_parent(conn, port)
+    await server.stop(0.5)
+
+
+class Server:
+    def __init__(self, spec: ServerSpec) -> None:
+        self.conn, child = mp.get_context("spawn").Pipe()
+        self.proc = mp.get_context("spawn").Process(target=_serve, args=(spec, child),
+                                                    daemon=True)
+        self.proc.start()
+        if not self.conn.poll(600):
+            raise RuntimeError("server process did not start")
+        self.port: int = self.conn.recv()
+
+    def cpu(self) -> float:
+        self.conn.send("cpu")
+        return float(self.conn.recv())
+
+    def stop(self) -> None:
+        self.conn.send("stop")
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+def requests(queries: list[list[int]], ranks: int,
+             seed: int = 18) -> list[pb.FindBestWorkerRequest]:
+    rng = random.Random(seed)
+    out = []
+    for tokens in queries:
+        request = pb.FindBestWorkerRequest(score=pb.ScoreRequest(model=MODEL, token_ids=tokens),
+                                           max_candidates=CANDIDATES)
+        for rank in rng.sample(range(ranks), LOADED_RANKS):
+            request.loads.add(worker_id=worker_name(rank), active_blocks=rng.randrange(4096),
+                              waiting_requests=rng.randrange(4))
+        out.append(request)
+    return out
+
+
+async def check_answers(port: int, sample: list[pb.FindBestWorkerRequest]) -> int:
+    """Streamed answers equal the unary ones (event age aside); returns the hits."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.KvIndexerStub(channel)
+        unary = [await stub.FindBestWorker(r, timeout=30) for r in sample]
+
+        async def feed() -> Any:
+            for r in sample:
+                yield r
+
+        streamed = [a async for a in stub.FindBestWorkerStream(feed(), timeout=60)]
+    hits = 0
+    for one, many in zip(unary, streamed, strict=True):
+        one.freshness.last_event_age_seconds = 0.0
+        many.answer.freshness.last_event_age_seconds = 0.0
+        if many.code or one != many.answer:
+            raise AssertionError(f"streamed answer differs: {many} vs {one}")
+        hits += one.matched_blocks > 0
+    return hits
+
+
+@dataclass
+class Row:
+    path: str
+    load: str
+    rate: float
+    p50_ms: float
+    p99_ms: float
+    errors: dict[str, int]
+    server_cpu: float  # share of one core
+    cpu_per_decision_us: float
+
+
+def run_load(server: Server, load: grpcload.GrpcLoad, *, path: str, mode: str, amount: float,
+             connections: int, warmup: float, duration: float) -> Row:
+    streaming = path == "stream"
+    method = STREAM if streaming else UNARY
+    with tempfile.TemporaryDirectory() as tmp:
+        latencies = Path(tmp) / "latencies"
+        cpu0, t0 = server.cpu(), time.perf_counter()
+        proc = grpcload.start(load, latencies, port=server.port, method=method,
+                              mode=("s" if streaming else "") + mode, amount=amount,
+                              connections=connections, warmup=warmup, duration=duration)
+        run = grpcload.finish(proc, latencies, timeout=warmup + duration + 90)
+        cpu, elapsed = server.cpu() - cpu0, time.perf_counter() - t0
+    closed = mode == "closed"
+    samples = run.latencies if closed else run.from_schedule
+    # Open loop: answered calls scheduled in the window, however late (see the p99).
+    rate = len(run.latencies) / duration
+    label = (f"closed, {amount:g} in flight" if closed else f"open, {amount:,.0f}/s")
+    label += f", {connections} conn"
+    per_decision = cpu / max(len(run.latencies) * elapsed / duration, 1) * 1e6
+    return Row(path, label, rate, pct(samples, 0.5) * 1e3, pct(samples, 0.99) * 1e3,
+               run.errors, cpu / elapsed, per_decision)
+
+
+def background_load() -> str:
+    load1, load5, _ = os.getloadavg()
+    return f"load average {load1:.1f} (1 min), {load5:.1f} (5 min) at the start"
+
+
+def report(args: argparse.Namespace, rows: list[Row], hits: int, checked: int,
+           before: str) -> str:
+    lines = [
+        f"One server process (`start_grpc_server`, in-memory index, uvloop), {args.ranks:,} "
+        f"worker ranks holding >= {args.blocks:,} blocks of the shared-prefix workload (every "
+        f"rank live), {args.queries} prompts of 8,192 tokens (16-token blocks) sent as "
+        f"token_ids in turn, each with the loads of {LOADED_RANKS} ranks and max_candidates "
+        f"{CANDIDATES}. Load from bench/grpcload.c on the same host: unary FindBestWorker "
+        "calls, or messages on one FindBestWorkerStream per connection (server stream "
+        f"window {args.stream_window}). Closed loop {args.duration:g} s after "
+        f"{args.warmup:g} s of warm-up; open loop latency from the scheduled send. Before "
+        f"timing, {checked} streamed answers equalled the unary answers ({hits} with a "
+        f"cache hit). The machine has 2 cores shared with other engineers' work "
+        f"({before}; also the load generator): figures are preliminary.",
+        "",
+        "| path | load | decisions/s | p50 ms | p99 ms | errors | server CPU | "
+        "server CPU per decision |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())) or "0"
+        lines.append(f"| {r.path} | {r.load} | {r.rate:,.0f} | {r.p50_ms:.2f} | "
+                     f"{r.p99_ms:.2f} | {errors} | {r.server_cpu:.2f} | "
+                     f"{r.cpu_per_decision_us:.0f} us |")
+    best = max((r.rate for r in rows if r.path == "stream" and r.load.startswith("closed")),
+               default=0.0)
+    at_rate = [r for r in rows if r.path == "stream" and f"{P99_RATE:,}/s" in r.load]
+    p99 = at_rate[0].p99_ms if at_rate else float("nan")
+    lines += [
+        "",
+        f"- >= {RATE_TARGET:,} decisions/s from one process: {verdict(best >= RATE_TARGET)} "
+        f"({best:,.0f}/s on the stream, closed loop).",
+        f"- p99 <= {P99_TARGET_MS:g} ms at {P99_RATE:,}/s: "
+        f"{verdict(p99 <= P99_TARGET_MS)} ({p99:.2f} ms on the stream).",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=1_024)
+    parser.add_argument("--blocks", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--stream-window", type=int, default=1)
+    parser.add_argument("--connections", type=int, default=2)
+    parser.add_argument("--in-flight", type=int, nargs="+", default=[64])
+    parser.add_argument("--rates", type=int, nargs="+", default=[5_000, 10_000])
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--no-write", action="store_true", help="print, do not write the doc")
+    args = parser.parse_args()
+    binary = grpcload.build()
+    if binary is None:
+        raise SystemExit("bench-decisions needs bench/grpcload.c (libnghttp2-dev)")
+    before = background_load()
+    print(f"building {args.ranks} ranks x {args.blocks:,} blocks ({before})", flush=True)
+    queries = make_workload(args.ranks, args.blocks, n_queries=args.queries).queries
+    reqs = requests(queries, args.ranks)
+    spec = ServerSpec(args.ranks, args.blocks, args.queries, args.stream_window)
+    server = Server(spec)
+    rows: list[Row] = []
+    try:
+        checked = min(60, len(reqs))
+        hits = asyncio.run(check_answers(server.port, reqs[:checked]))
+        with tempfile.TemporaryDirectory() as tmp:
+            bodies = Path(tmp) / "bodies"
+            grpcload.write_bodies([r.SerializeToString() for r in reqs], bodies)
+            load = grpcload.GrpcLoad(binary, bodies)
+            runs = [(path, "closed", n) for n in args.in_flight for path in ("unary", "stream")]
+            # Unary calls past the closed loop's rate would only queue up: one open-loop rate.
+            runs += [(path, "open", rate) for rate in args.rates for path in ("unary", "stream")
+                     if path == "stream" or rate <= P99_RATE]
+            for path, mode, amount in runs:
+                row = run_load(server, load, path=path, mode=mode, amount=amount,
+                               connections=args.connections, warmup=args.warmup,
+                               duration=args.duration)
+                print(f"{row.path:6} {row.load:28} {row.rate:8,.0f}/s p50 {row.p50_ms:6.2f} "
+                      f"p99 {row.p99_ms:7.2f} ms errors {row.errors} server CPU "
+                      f"{row.server_cpu:.2f} ({row.cpu_per_decision_us:.0f} us/decision)",
+                      flush=True)
+                rows.append(row)
+    finally:
+        server.stop()
+    body = report(args, rows, hits, checked, before)
+    print(body)
+    if not args.no_write:
+        write_section("decisions", "FindBestWorker decisions/s: unary vs stream (issue 18)",
+                      "make bench-decisions", body)
+
+
+if __name__ == "__main__":
+    main()
