@@ -5,14 +5,17 @@ two stream faces; and the bounded-answer fields (max_candidates, max_scores)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
 from bench.workload import make_workload, worker_name
+from indexer import cli, loadtest
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
 from indexer.client import (
@@ -448,3 +451,35 @@ class TestClientStreams:
         assert [(c.worker_id, c.dp_rank, c.candidates) for c in streamed] == \
             [(c.worker_id, c.dp_rank, c.candidates) for c in unary]
         assert after.candidates == unary[1].candidates
+
+
+class TestBenchCommand:
+    """`kv-indexer bench stream` drives a real server and reports what it measured."""
+
+    @pytest.mark.parametrize("path", ["stream", "unary"])
+    async def test_reports_decisions_and_latency(
+        self, path: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        index = await scenario_index()
+        prompts = tmp_path / "prompts.json"
+        prompts.write_text(json.dumps([TOKENS, TOKENS[:8]]))
+        async with serving(index) as (_, port):
+            argv = ["stream", "--model", MODEL, "--tokens-file", str(prompts),
+                    "--target", f"127.0.0.1:{port}", "--duration", "0.5", "--in-flight", "4",
+                    "--json", *(["--unary"] if path == "unary" else [])]
+            status = await asyncio.to_thread(cli.main, ["bench", *argv])
+        assert status == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert report["path"] == path and report["errors"] == {}
+        assert report["decisions"] > 20 and report["decisions_per_s"] > 0
+        assert 0 < report["p50_ms"] <= report["p99_ms"] <= report["max_ms"]
+
+    async def test_errors_are_counted_by_code(self, capsys: pytest.CaptureFixture[str]) -> None:
+        index = await scenario_index()
+        async with serving(index) as (_, port):
+            status = await asyncio.to_thread(
+                loadtest.main, ["--model", "nobody", "--prompt-tokens", "16", "--json",
+                                "--target", f"127.0.0.1:{port}", "--duration", "0.3"])
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert status == 1 and report["decisions"] == 0
+        assert report["errors"]["FAILED_PRECONDITION"] > 0
