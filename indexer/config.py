@@ -23,6 +23,7 @@ from indexer.serve.limits import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_REQUEST_LOADS,
     DEFAULT_MAX_REQUEST_WORKERS,
+    DEFAULT_STREAM_WINDOW,
 )
 from kvcore.connect import (
     DEFAULT_START_TIMEOUT_S,
@@ -59,6 +60,7 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_request_workers: int = DEFAULT_MAX_REQUEST_WORKERS
     max_request_loads: int = DEFAULT_MAX_REQUEST_LOADS
     max_batch_requests: int = DEFAULT_MAX_BATCH_REQUESTS
+    grpc_stream_window: int = DEFAULT_STREAM_WINDOW
     snapshot_every_batches: int = 100_000
     snapshot_every_s: float = 300.0
     snapshot_keep: int = 3
@@ -117,6 +119,8 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
      "most worker ids in a query's `workers` (Score, FindBestWorker, each ScoreBatch query)"),
     ("--max-request-loads", "max_request_loads", int, "most entries in FindBestWorker's `loads`"),
     ("--max-batch-requests", "max_batch_requests", int, "most queries in one ScoreBatch"),
+    ("--grpc-stream-window", "grpc_stream_window", int,
+     "requests of one FindBestWorkerStream in flight; the stream reads no more meanwhile"),
     ("--snapshot-every-batches", "snapshot_every_batches", int,
      "snapshot a partition after this many batches"),
     ("--snapshot-every", "snapshot_every_s", float, "or after this many seconds"),
@@ -218,6 +222,7 @@ def validate(config: ServiceConfig) -> None:
         (config.max_request_workers >= 1, "--max-request-workers must be >= 1"),
         (config.max_request_loads >= 1, "--max-request-loads must be >= 1"),
         (config.max_batch_requests >= 1, "--max-batch-requests must be >= 1"),
+        (config.grpc_stream_window >= 1, "--grpc-stream-window must be >= 1"),
         (math.isfinite(config.grpc_idle_timeout_s) and config.grpc_idle_timeout_s >= 0,
          "--grpc-idle-timeout must be a number of seconds >= 0"),
         (config.grpc_max_connections >= 0, "--grpc-max-connections must be >= 0"),

@@ -42,14 +42,16 @@ class TestServerLimits:
     def test_flags_and_environment(self) -> None:
         from indexer.serve.service import service_settings
 
-        env = {"KV_INDEXER_MAX_REQUEST_LOADS": "7", "KV_INDEXER_GRPC_IDLE_TIMEOUT_S": "2.5"}
+        env = {"KV_INDEXER_MAX_REQUEST_LOADS": "7", "KV_INDEXER_GRPC_IDLE_TIMEOUT_S": "2.5",
+               "KV_INDEXER_GRPC_STREAM_WINDOW": "5"}
         config = parse_service_config(
             ["--max-request-workers", "9", "--max-batch-requests", "3",
              "--grpc-max-connections", "0"], environ=env)
         settings = service_settings(config, share_port=True)
         assert (settings.max_request_workers, settings.max_request_loads,
                 settings.max_batch_requests, settings.connection_idle_s,
-                settings.max_connections, settings.share_port) == (9, 7, 3, 2.5, None, True)
+                settings.max_connections, settings.share_port,
+                settings.stream_window) == (9, 7, 3, 2.5, None, True, 5)
 
 
 class TestValidation:
@@ -70,6 +72,7 @@ class TestValidation:
             (["--max-request-workers", "0"], {}, "--max-request-workers"),
             ([], {"KV_INDEXER_MAX_REQUEST_LOADS": "0"}, "--max-request-loads"),
             (["--max-batch-requests", "0"], {}, "--max-batch-requests"),
+            (["--grpc-stream-window", "0"], {}, "--grpc-stream-window"),
             (["--grpc-idle-timeout", "-1"], {}, "--grpc-idle-timeout"),
             (["--grpc-idle-timeout", "nan"], {}, "--grpc-idle-timeout"),
             (["--grpc-max-connections", "-1"], {}, "--grpc-max-connections"),

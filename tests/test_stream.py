@@ -13,6 +13,8 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.workload import make_workload, worker_name
 from indexer import cli, loadtest
@@ -483,3 +485,29 @@ class TestBenchCommand:
         report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert status == 1 and report["decisions"] == 0
         assert report["errors"]["FAILED_PRECONDITION"] > 0
+
+
+class TestStreamMetrics:
+    """The metrics interceptor counts each streamed answer by its code."""
+
+    async def test_answers_and_refusals_are_counted(self) -> None:
+        index = await scenario_index()
+        registry = CollectorRegistry()
+        security = GrpcSecurity(tokens=(b"s3cret",))
+        right = (("authorization", "Bearer s3cret"),)
+        requests = [scenario_request(), scenario_request(overlap_weight=-1.0),
+                    scenario_request(), pb.FindBestWorkerRequest(
+                        score=pb.ScoreRequest(model="other", token_ids=TOKENS))]
+        async with serving(index, security=security, registry=registry) as (stub, _):
+            answers = await stream_all(stub, requests, timeout=10, metadata=right)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stream_all(stub, requests, timeout=10)
+        assert [a.code for a in answers] == [OK, INVALID_ARGUMENT, OK, FAILED_PRECONDITION]
+        counts = {s.labels["code"]: s.value
+                  for family in text_string_to_metric_families(
+                      generate_latest(registry).decode())
+                  for s in family.samples
+                  if s.name == "kv_indexer_grpc_requests_total"
+                  and s.labels["method"] == "FindBestWorkerStream"}
+        assert counts == {"OK": 2, "INVALID_ARGUMENT": 1, "FAILED_PRECONDITION": 1,
+                          "UNAUTHENTICATED": 1}

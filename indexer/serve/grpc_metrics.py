@@ -10,16 +10,21 @@ reads, one histogram observe and one counter increment (measured in the README).
     kv_indexer_grpc_request_seconds{method}          histogram (handler time, server side)
 
 `method` is the RPC name for `kvindex.v1.KvIndexer` (`Score`, `FindBestWorker`,
-`ScoreBatch`, `ListWorkers`, `GetStats`, `Diagnose`) and `Service/Method` for the others
-(`grpc.health.v1.Health/Check`). Streaming RPCs (reflection, health Watch) pass
-unmeasured. `code` is the status name (`OK`, `INVALID_ARGUMENT`, `UNAVAILABLE`, ...).
+`ScoreBatch`, `ListWorkers`, `GetStats`, `Diagnose`, `FindBestWorkerStream`) and
+`Service/Method` for the others (`grpc.health.v1.Health/Check`). `code` is the status name
+(`OK`, `INVALID_ARGUMENT`, `UNAVAILABLE`, ...).
+
+FindBestWorkerStream is counted per answer, by the status each answer carries (one
+decision, one count), and once more when the stream itself ends in an error (cancelled,
+a message over the size limit); its answers are not timed (a stream has no per-message
+handler time). Other streaming RPCs (reflection, health Watch) pass unmeasured.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
 import grpc
@@ -33,6 +38,10 @@ _KV_INDEXER_PREFIX: Final = "/kvindex.v1.KvIndexer/"
 
 Handler = Any  # grpc.RpcMethodHandler (grpc ships no type stubs)
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+# An async generator, or a coroutine that aborts (the bearer-token check's refusal).
+StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], Any]
+# Streaming RPCs whose answers carry a `code` each, counted one by one.
+_COUNTED_STREAMS: Final = frozenset({_KV_INDEXER_PREFIX + "FindBestWorkerStream"})
 
 
 def method_label(method: str) -> str:
@@ -106,7 +115,12 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has
         cached = self._wrapped.get(key)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        if handler.unary_unary is None:  # streaming: not measured
+        if handler.stream_stream is not None and method in _COUNTED_STREAMS:
+            wrapped = grpc.stream_stream_rpc_method_handler(
+                self._count_answers(handler.stream_stream, self.series(method)),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        elif handler.unary_unary is None:  # other streaming RPCs: not measured
             wrapped = handler
         else:
             wrapped = grpc.unary_unary_rpc_method_handler(
@@ -115,6 +129,30 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has
                 response_serializer=handler.response_serializer)
         self._wrapped[key] = (handler, wrapped)
         return wrapped
+
+    @staticmethod
+    def _count_answers(behavior: StreamBehavior, series: _MethodSeries) -> StreamBehavior:
+        codes = {code.value[0]: code for code in grpc.StatusCode}
+
+        async def counted(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                answers = behavior(requests, context)
+                if not hasattr(answers, "__aiter__"):  # a refusal (the token check's)
+                    await answers
+                    return
+                async for answer in answers:
+                    code = answer.code
+                    series.count(codes.get(code, grpc.StatusCode.UNKNOWN) if code
+                                 else grpc.StatusCode.OK)
+                    yield answer
+            except grpc.aio.AbortError:
+                series.count(_code_of(context))
+                raise
+            except asyncio.CancelledError:
+                series.count(grpc.StatusCode.CANCELLED)
+                raise
+
+        return counted
 
     @staticmethod
     def _measure(behavior: Behavior, series: _MethodSeries) -> Behavior:

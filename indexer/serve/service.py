@@ -204,6 +204,7 @@ def service_settings(config: ServiceConfig, *, share_port: bool = False) -> Serv
         max_batch_requests=config.max_batch_requests,
         max_request_workers=config.max_request_workers,
         max_request_loads=config.max_request_loads,
+        stream_window=config.grpc_stream_window,
         connection_idle_s=config.grpc_idle_timeout_s,
         max_connections=config.grpc_max_connections or None,
         share_port=share_port,
