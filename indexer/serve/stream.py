@@ -2,8 +2,8 @@
 
 A unary call costs grpc.aio a task, a call object, metadata and a status per decision; on
 a stream each decision is one message read and one written. The servicer decides up to
-`window` requests of a stream at once (the in-flight limit per stream, `kv-indexer serve --grpc-stream-window`)
-and answers them in request order; the stream reads no further request while `window` are
+`window` requests of a stream at once (the in-flight limit per stream, `kv-indexer serve
+--grpc-stream-window`) and answers them in request order; the stream reads no further request while `window` are
 undecided or unsent, so gRPC's flow control holds the client back instead of the server
 buffering without bound. With a synchronous backend (the in-memory index) a window of 1
 costs least: no task per decision.
