@@ -3,10 +3,11 @@
 A unary call costs grpc.aio a task, a call object, metadata and a status per decision; on
 a stream each decision is one message read and one written. The servicer decides up to
 `window` requests of a stream at once (the in-flight limit per stream, `kv-indexer serve
---grpc-stream-window`) and answers them in request order; the stream reads no further request while `window` are
-undecided or unsent, so gRPC's flow control holds the client back instead of the server
-buffering without bound. With a synchronous backend (the in-memory index) a window of 1
-costs least: no task per decision.
+--grpc-stream-window`) and answers them in request order; the stream reads no further
+request while `window` are undecided or unsent, so gRPC's flow control holds the client
+back instead of the server buffering without bound. A window of 1 decides one request at
+a time with no task per decision (enough for the in-memory index, which never waits);
+more overlaps a backend's round trips (Redis).
 
 A request that fails is answered with the status the unary call would have ended with
 (`FindBestWorkerStreamResponse.code`, `.message`) and the stream goes on; a message that
