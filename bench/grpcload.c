@@ -19,9 +19,11 @@
  * run with exit status 2.
  *
  * Modes "sclosed" and "sopen" do the same over one bidirectional stream per connection
- * (FindBestWorkerStream): each body is one message on it, answers come in order, and a
- * call is one message and its answer. An answer's status is its `code` field (field 2,
- * a varint, of FindBestWorkerStreamResponse); a stream that ends early stops the run.
+ * (FindBestWorkerStream): each body is one message on it (one or more decisions),
+ * answers come in order, and a call is one message and its answer. Each decision in an
+ * answer (field 1 of FindBestWorkerStreamResponse) is counted, with its status from its
+ * `code` (field 2, a varint), and gets the message's latency; CONCURRENCY and RATE count
+ * messages. A stream that ends early stops the run.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -223,31 +225,64 @@ static void enqueue(Conn *conn, double scheduled) {
   }
 }
 
-/* The `code` field (2, varint) of a FindBestWorkerStreamResponse; 0 when absent. */
-static int answer_code(const uint8_t *p, size_t len) {
+/* Read a varint at p[*i]; 0 past the end. */
+static uint64_t varint_at(const uint8_t *p, size_t len, size_t *i) {
+  uint64_t value = 0;
+  for (int shift = 0; *i < len && shift < 64; shift += 7) {
+    value |= (uint64_t)(p[*i] & 0x7f) << shift;
+    if (!(p[(*i)++] & 0x80)) break;
+  }
+  return value;
+}
+
+/* Call `each(field, wire, value, start, length)` for the fields of a message; -1 when it
+ * is malformed. */
+static int walk(const uint8_t *p, size_t len, int (*each)(int, int, uint64_t, const uint8_t *,
+                                                          size_t, void *), void *arg) {
   size_t i = 0;
   while (i < len) {
-    uint64_t key = 0, value = 0;
-    for (int shift = 0; i < len; shift += 7) {
-      key |= (uint64_t)(p[i] & 0x7f) << shift;
-      if (!(p[i++] & 0x80)) break;
-    }
-    int wire = (int)(key & 7);
-    if (wire == 0 || wire == 2) {
-      for (int shift = 0; i < len; shift += 7) {
-        value |= (uint64_t)(p[i] & 0x7f) << shift;
-        if (!(p[i++] & 0x80)) break;
-      }
-      if (wire == 2) i += (size_t)value;
-      else if (key >> 3 == 2) return value >= NO_STATUS ? NO_STATUS : (int)value;
+    uint64_t key = varint_at(p, len, &i), value = 0;
+    int wire = (int)(key & 7), field = (int)(key >> 3);
+    size_t start = i, length = 0;
+    if (wire == 0) {
+      value = varint_at(p, len, &i);
+    } else if (wire == 2) {
+      length = (size_t)varint_at(p, len, &i);
+      start = i;
+      i += length;
     } else if (wire == 1) {
       i += 8;
     } else if (wire == 5) {
       i += 4;
     } else {
-      return NO_STATUS;
+      return -1;
     }
+    if (i > len) return -1;
+    if (each(field, wire, value, p + start, length, arg)) return -1;
   }
+  return 0;
+}
+
+static int code_field(int field, int wire, uint64_t value, const uint8_t *p, size_t len,
+                      void *arg) {
+  (void)p, (void)len;
+  if (field == 2 && wire == 0) *(int *)arg = value >= NO_STATUS ? NO_STATUS : (int)value;
+  return 0;
+}
+
+typedef struct {
+  int codes[4096];
+  int n;
+} Codes;
+
+static int answer_field(int field, int wire, uint64_t value, const uint8_t *p, size_t len,
+                        void *arg) {
+  (void)value;
+  Codes *codes = arg;
+  if (field != 1 || wire != 2 || codes->n == 4096) return 0;
+  int code = 0;
+  if (walk(p, len, code_field, &code)) code = NO_STATUS;
+  codes->codes[codes->n++] = code;
   return 0;
 }
 
@@ -260,15 +295,22 @@ static void on_answer(Stream *st) {
   st->head = (st->head + 1) % st->cap;
   st->count--;
   in_flight--;
-  int status = answer_code(st->msg, st->msg_len);
-  if (status) {
-    errors[status]++;
-  } else if (measuring && (closed_loop ? sent >= measure_from && done <= end_time
-                                       : scheduled >= measure_from)) {
-    measured++;
-    fprintf(out, "%.1f %.1f\n", (done - sent) * 1e6, (done - scheduled) * 1e6);
-    if (sent - scheduled > max_lag) max_lag = sent - scheduled;
+  static Codes codes;
+  codes.n = 0;
+  if (walk(st->msg, st->msg_len, answer_field, &codes) || !codes.n) {
+    errors[NO_STATUS]++;
   }
+  int in_window = measuring && (closed_loop ? sent >= measure_from && done <= end_time
+                                            : scheduled >= measure_from);
+  for (int k = 0; k < codes.n; k++) {
+    if (codes.codes[k]) {
+      errors[codes.codes[k]]++;
+    } else if (in_window) {
+      measured++;
+      fprintf(out, "%.1f %.1f\n", (done - sent) * 1e6, (done - scheduled) * 1e6);
+    }
+  }
+  if (in_window && sent - scheduled > max_lag) max_lag = sent - scheduled;
   if (closed_loop && measuring && done < end_time) enqueue(st->conn, done);
 }
 

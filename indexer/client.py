@@ -95,6 +95,8 @@ __all__ = [
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
 DEFAULT_TIMEOUT: Final = 1.0
 DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024  # the server's default limit
+# Most requests a decision stream puts in one message (those queued while it sent the last).
+DEFAULT_STREAM_BATCH: Final = 16
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -164,7 +166,7 @@ def _streamed_error(code: int, message: str) -> IndexerClientError:
     return _ERRORS.get(status, IndexerClientError)(status, message)
 
 
-def _streamed_choice(msg: pb.FindBestWorkerStreamResponse) -> WorkerChoice | IndexerClientError:
+def _streamed_choice(msg: pb.StreamedDecision) -> WorkerChoice | IndexerClientError:
     if msg.code:
         return _streamed_error(msg.code, msg.message)
     return _worker_choice(msg.answer)
@@ -434,34 +436,34 @@ class StreamClosedError(IndexerClientError):
     """The decision stream ended (closed, or broken: `code` says how) before this answer."""
 
 
-_END: Final = object()
-
-
 class DecisionStream:
     """Many FindBestWorker decisions over one FindBestWorkerStream (sync face).
 
-    `submit` sends a request at once and returns a Future of its answer (answers come in
-    request order); `find_best_worker` waits for it. Thread-safe. An answer that carries
+    `submit` queues a request and returns a Future of its answer; `find_best_worker` waits
+    for it. Requests queued while the previous message was being sent go together in the
+    next one (at most `max_batch`), so a busy router pays the per-message cost once for
+    several decisions. Thread-safe; answers come in request order. An answer that carries
     an error raises it (typed as for unary calls) from that Future only; a broken stream
     fails every unanswered Future with its status, and later submits raise
     StreamClosedError: open another stream. No deadline on the stream itself; `timeout`
     bounds each wait.
     """
 
-    def __init__(self, client: IndexerClient) -> None:
+    def __init__(self, client: IndexerClient, max_batch: int = DEFAULT_STREAM_BATCH) -> None:
         self._timeout = client.timeout
+        self._max_batch = max_batch
         self._lock = threading.Lock()
         self._pending: collections.deque[concurrent.futures.Future[WorkerChoice]] = \
             collections.deque()
-        self._outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[pb.FindBestWorkerRequest | None] = queue.SimpleQueue()
         self._ended: IndexerClientError | None = None
-        self._call = client._stub.FindBestWorkerStream(
-            iter(self._outbox.get, _END), metadata=client._metadata)
+        self._call = client._stub.FindBestWorkerStream(self._messages(),
+                                                       metadata=client._metadata)
         self._reader = threading.Thread(target=self._read, name="kv-decisions", daemon=True)
         self._reader.start()
 
     def submit(self, decision: Decision) -> concurrent.futures.Future[WorkerChoice]:
-        """Send one request; its answer arrives in the returned Future."""
+        """Queue one request; its answer arrives in the returned Future."""
         request = decision.request()
         future: concurrent.futures.Future[WorkerChoice] = concurrent.futures.Future()
         with self._lock:  # the answers' order is the order of the requests in the outbox
@@ -481,17 +483,39 @@ class DecisionStream:
             raise DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                         "no answer on the decision stream in time") from exc
 
+    def _messages(self) -> Iterator[pb.FindBestWorkerStreamRequest]:
+        """What the stream sends: every request queued meanwhile, up to `max_batch`."""
+        while True:
+            first = self._outbox.get()
+            if first is None:
+                return
+            batch = [first]
+            ending = False
+            while len(batch) < self._max_batch:
+                try:
+                    item = self._outbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    ending = True
+                    break
+                batch.append(item)
+            yield pb.FindBestWorkerStreamRequest(requests=batch)
+            if ending:
+                return
+
     def _read(self) -> None:
         ended = StreamClosedError(grpc.StatusCode.CANCELLED, "the decision stream was closed")
         try:
             for response in self._call:
-                answer = _streamed_choice(response)
-                with self._lock:
-                    future = self._pending.popleft()
-                if isinstance(answer, IndexerClientError):
-                    future.set_exception(answer)
-                else:
-                    future.set_result(answer)
+                for entry in response.answers:
+                    answer = _streamed_choice(entry)
+                    with self._lock:
+                        future = self._pending.popleft()
+                    if isinstance(answer, IndexerClientError):
+                        future.set_exception(answer)
+                    else:
+                        future.set_result(answer)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 broken = error_from_rpc(exc)
@@ -506,7 +530,7 @@ class DecisionStream:
         """Wait for every answer, then end the stream."""
         with self._lock:
             if self._ended is None:
-                self._outbox.put(_END)
+                self._outbox.put(None)
         self._reader.join()
 
     def cancel(self) -> None:
@@ -530,33 +554,31 @@ class DecisionStream:
 class AsyncDecisionStream:
     """Many FindBestWorker decisions over one FindBestWorkerStream (asyncio face).
 
-    `await find_best_worker(decision)` sends the request and waits for its answer;
-    concurrent callers share the stream (answers come in request order). Errors as in
-    `DecisionStream`. Create and use it on one event loop.
+    `await find_best_worker(decision)` queues the request and waits for its answer;
+    concurrent callers share the stream, and requests queued while a message is being
+    written go together in the next one (at most `max_batch`). Answers come in request
+    order; errors as in `DecisionStream`. Create and use it on one event loop.
     """
 
-    def __init__(self, client: AsyncIndexerClient) -> None:
+    def __init__(self, client: AsyncIndexerClient,
+                 max_batch: int = DEFAULT_STREAM_BATCH) -> None:
         self._timeout = client.timeout
+        self._max_batch = max_batch
         self._pending: collections.deque[asyncio.Future[WorkerChoice]] = collections.deque()
-        self._write_lock = asyncio.Lock()
+        self._outbox: asyncio.Queue[pb.FindBestWorkerRequest | None] = asyncio.Queue()
         self._ended: IndexerClientError | None = None
         self._call = client._stub.FindBestWorkerStream(metadata=client._metadata)
+        self._writer = asyncio.create_task(self._write())
         self._reader = asyncio.create_task(self._read())
 
     async def find_best_worker(self, decision: Decision, *,
                                timeout: float | None = None) -> WorkerChoice:
         """Send one request and wait for its answer."""
-        request = decision.request()
+        if self._ended is not None:
+            raise self._ended
         future: asyncio.Future[WorkerChoice] = asyncio.get_running_loop().create_future()
-        async with self._write_lock:  # the answers' order is the order of the writes
-            if self._ended is not None:
-                raise self._ended
-            self._pending.append(future)
-            try:
-                await self._call.write(request)
-            except (grpc.RpcError, asyncio.InvalidStateError) as exc:
-                raise self._ended or StreamClosedError(
-                    grpc.StatusCode.CANCELLED, f"the decision stream ended: {exc}") from exc
+        self._pending.append(future)  # the answers' order is the order of the outbox
+        self._outbox.put_nowait(decision.request())
         try:
             return await asyncio.wait_for(asyncio.shield(future),
                                           self._timeout if timeout is None else timeout)
@@ -564,23 +586,43 @@ class AsyncDecisionStream:
             raise DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                         "no answer on the decision stream in time") from exc
 
+    async def _write(self) -> None:
+        try:
+            while (first := await self._outbox.get()) is not None:
+                batch = [first]
+                ending = False
+                while len(batch) < self._max_batch and not self._outbox.empty():
+                    item = self._outbox.get_nowait()
+                    if item is None:
+                        ending = True
+                        break
+                    batch.append(item)
+                await self._call.write(pb.FindBestWorkerStreamRequest(requests=batch))
+                if ending:
+                    break
+            await self._call.done_writing()
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            return  # the stream ended: the reader fails what is unanswered
+
     async def _read(self) -> None:
         ended = StreamClosedError(grpc.StatusCode.CANCELLED, "the decision stream was closed")
         try:
             async for response in self._call:
-                answer = _streamed_choice(response)
-                future = self._pending.popleft()
-                if future.done():
-                    continue
-                if isinstance(answer, IndexerClientError):
-                    future.set_exception(answer)
-                else:
-                    future.set_result(answer)
+                for entry in response.answers:
+                    answer = _streamed_choice(entry)
+                    future = self._pending.popleft()
+                    if future.done():
+                        continue
+                    if isinstance(answer, IndexerClientError):
+                        future.set_exception(answer)
+                    else:
+                        future.set_result(answer)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 broken = error_from_rpc(exc)
                 ended = StreamClosedError(broken.code, broken.details)
         self._ended = ended
+        self._writer.cancel()
         while self._pending:
             future = self._pending.popleft()
             if not future.done():
@@ -588,9 +630,8 @@ class AsyncDecisionStream:
 
     async def close(self) -> None:
         """Wait for every answer, then end the stream."""
-        async with self._write_lock:
-            if self._ended is None:
-                await self._call.done_writing()
+        if self._ended is None:
+            self._outbox.put_nowait(None)
         await self._reader
 
     async def cancel(self) -> None:
@@ -750,9 +791,10 @@ class IndexerClient(_BaseClient):
         request = pb.DiagnoseRequest(model=model or "")
         return _diagnosis(self._call(self._stub.Diagnose, request, timeout))
 
-    def decision_stream(self) -> DecisionStream:
-        """A FindBestWorkerStream for many decisions (`with client.decision_stream() as s:`)."""
-        return DecisionStream(self)
+    def decision_stream(self, max_batch: int = DEFAULT_STREAM_BATCH) -> DecisionStream:
+        """A FindBestWorkerStream for many decisions (`with client.decision_stream() as s:`);
+        `max_batch`: most requests per stream message."""
+        return DecisionStream(self, max_batch)
 
     def close(self) -> None:
         self._channel.close()
@@ -838,10 +880,11 @@ class AsyncIndexerClient(_BaseClient):
         request = pb.DiagnoseRequest(model=model or "")
         return _diagnosis(await self._call(self._stub.Diagnose, request, timeout))
 
-    def decision_stream(self) -> AsyncDecisionStream:
+    def decision_stream(self, max_batch: int = DEFAULT_STREAM_BATCH) -> AsyncDecisionStream:
         """A FindBestWorkerStream for many decisions (`async with client.decision_stream()
-        as s:`); call it on the event loop that uses it."""
-        return AsyncDecisionStream(self)
+        as s:`); call it on the event loop that uses it. `max_batch`: most requests per
+        stream message."""
+        return AsyncDecisionStream(self, max_batch)
 
     async def close(self) -> None:
         await self._channel.close()

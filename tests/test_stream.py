@@ -38,6 +38,7 @@ from indexer.serve.auth import GrpcSecurity
 from indexer.serve.grpc_handlers import SERVICE_NAME
 from indexer.serve.service import ServiceSettings
 from tests.support.grpc_scenario import CONFIG, MODEL, TOKENS, scenario, serving
+from tests.support.protobuf_wire import varint
 
 FIELD_MODEL = "field/model"
 FIELD_RANKS = 1_024
@@ -88,13 +89,19 @@ def comparable(response: pb.FindBestWorkerResponse) -> bytes:
     return copy.SerializeToString(deterministic=True)
 
 
-async def stream_all(stub: pb_grpc.KvIndexerStub, requests: list[Any],
-                     **kwargs: Any) -> list[pb.FindBestWorkerStreamResponse]:
-    async def feed() -> AsyncIterator[Any]:
-        for request in requests:
-            yield request
+def message(*requests: pb.FindBestWorkerRequest) -> pb.FindBestWorkerStreamRequest:
+    return pb.FindBestWorkerStreamRequest(requests=requests)
 
-    return [answer async for answer in stub.FindBestWorkerStream(feed(), **kwargs)]
+
+async def stream_all(stub: pb_grpc.KvIndexerStub, requests: list[Any], batch: int = 1,
+                     **kwargs: Any) -> list[pb.StreamedDecision]:
+    """Every answer to `requests` sent `batch` to a message, in order."""
+    async def feed() -> AsyncIterator[pb.FindBestWorkerStreamRequest]:
+        for start in range(0, len(requests), batch):
+            yield message(*requests[start : start + batch])
+
+    return [answer async for response in stub.FindBestWorkerStream(feed(), **kwargs)
+            for answer in response.answers]
 
 
 async def unary_answer(stub: pb_grpc.KvIndexerStub, request: pb.FindBestWorkerRequest
@@ -188,21 +195,21 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
 class TestStreamEqualsUnary:
     """Streamed answers are the unary call's, in request order, on 1,024 ranks."""
 
-    @pytest.mark.parametrize("window", [1, 16])
+    @pytest.mark.parametrize(("window", "batch"), [(1, 1), (16, 1), (4, 7)])
     async def test_random_requests_answer_like_unary_calls(
-        self, field_index: tuple[MemoryIndex, list[list[int]]], window: int
+        self, field_index: tuple[MemoryIndex, list[list[int]]], window: int, batch: int
     ) -> None:
         """300 random requests (loads, filters, knobs, answer sizes, seeded sampling) over
-        8k-token prompts: each streamed answer equals the unary answer to the same request;
-        with a window of 16 over a jittery index, decisions finish out of order but answers
-        keep request order."""
+        8k-token prompts, one or 7 to a message: each streamed answer equals the unary
+        answer to the same request; with a window above 1 over a jittery index, messages
+        finish out of order but answers keep request order."""
         index, prompts = field_index
         rng = random.Random(window)
         requests = [random_request(rng, rng.choice(prompts)) for _ in range(300)]
         served = JitteryScores(index, seed=window) if window > 1 else index
         settings = ServiceSettings(stream_window=window)
         async with serving(served, settings) as (stub, _):
-            streamed = await stream_all(stub, requests, timeout=60)
+            streamed = await stream_all(stub, requests, batch, timeout=60)
             unary = [await unary_answer(stub, r) for r in requests]
         assert len(streamed) == len(requests)
         for request, answer, single in zip(requests, streamed, unary, strict=True):
@@ -302,28 +309,36 @@ class TestStreamErrors:
                 model=MODEL, token_ids=TOKENS, lora_name=FAILING_ADAPTER)),
             scenario_request(),
         ]
-        bodies = [r.SerializeToString() for r in requests]
-        bodies.insert(3, b"\x0a\xff\xff")  # a length past the end: not a request
+        inner = [r.SerializeToString() for r in requests]
+        inner.insert(3, b"\x0a\xff\xff")  # a length past the end: not a request
+        first = b"".join(b"\x0a" + varint(len(body)) + body for body in inner)
+        not_a_message = b"\x0a\xff"  # cannot even be split into requests
+        last = message(scenario_request()).SerializeToString()
         async with serving(index, settings) as (_, port):
             channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
             try:
                 call = channel.stream_stream(STREAM_PATH)
 
                 async def feed() -> AsyncIterator[bytes]:
-                    for body in bodies:
+                    for body in (first, not_a_message, last):
                         yield body
 
                 raw = [answer async for answer in call(feed(), timeout=10)]
             finally:
                 await channel.close()
-        answers = [pb.FindBestWorkerStreamResponse.FromString(body) for body in raw]
+        responses = [pb.FindBestWorkerStreamResponse.FromString(body) for body in raw]
+        assert [len(r.answers) for r in responses] == [len(inner), 1, 1]
+        assert responses[1].answers[0].code == INVALID_ARGUMENT
+        assert "not a valid kvindex.v1.FindBestWorkerStreamRequest" in \
+            responses[1].answers[0].message
+        answers = [*responses[0].answers, responses[2].answers[0]]
         assert [a.code for a in answers] == [OK, INVALID_ARGUMENT, FAILED_PRECONDITION,
                                              INVALID_ARGUMENT, INVALID_ARGUMENT,
-                                             INVALID_ARGUMENT, UNAVAILABLE, OK]
+                                             INVALID_ARGUMENT, UNAVAILABLE, OK, OK]
         assert answers[0].answer.worker_id == answers[-1].answer.worker_id == "w-a"
         assert "score.model" in answers[1].message
         assert "no live workers for model 'other'" in answers[2].message
-        assert "not a valid" in answers[3].message or "parse" in answers[3].message
+        assert "not a valid kvindex.v1.FindBestWorkerRequest" in answers[3].message
         assert "loads: 3 entries exceed the limit of 2" in answers[4].message
         assert "overlap_weight" in answers[5].message
         assert not answers[1].HasField("answer")
@@ -341,13 +356,13 @@ class TestStreamLifecycle:
         async with serving(index, settings) as (stub, _):
             call = stub.FindBestWorkerStream(timeout=20)
             for request in requests:
-                await call.write(request)
+                await call.write(message(request))
             await call.done_writing()
             await eventually(lambda: index.started == 4)
             await asyncio.sleep(0.2)
             assert index.started == 4 and index.most_running == 4
             index.gate.set()
-            answers = [answer async for answer in call]
+            answers = [answer async for response in call for answer in response.answers]
         assert [len(a.answer.candidates) for a in answers] == [1 + i % 3 for i in range(20)]
         assert index.most_running == 4
 
@@ -357,7 +372,7 @@ class TestStreamLifecycle:
         async with serving(index, settings) as (stub, _):
             call = stub.FindBestWorkerStream(timeout=20)
             for _ in range(3):
-                await call.write(scenario_request())
+                await call.write(message(scenario_request()))
             await eventually(lambda: index.started == 3)
             call.cancel()
             await eventually(lambda: index.cancelled == 3)

@@ -91,6 +91,11 @@ def find_best_worker_parser() -> Callable[
     return pb.FindBestWorkerRequest.FromString
 
 
+def _serialize(message: Any) -> bytes:
+    """A streamed answer: a message, or `stream.StreamedAnswers` (bytes made by hand)."""
+    return bytes(message.SerializeToString())
+
+
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
@@ -128,7 +133,7 @@ def add_kv_indexer_service(servicer: pb_grpc.KvIndexerServicer, server: grpc.aio
     for method, generated in captured.items():
         if generated.stream_stream is not None:  # messages reach the servicer as bytes
             handlers[method] = grpc.stream_stream_rpc_method_handler(
-                generated.stream_stream, response_serializer=generated.response_serializer)
+                generated.stream_stream, response_serializer=_serialize)
             continue
         deserialize = generated.request_deserializer
         if NATIVE and method in TOKEN_PATHS:

@@ -140,11 +140,11 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has
                 if not hasattr(answers, "__aiter__"):  # a refusal (the token check's)
                     await answers
                     return
-                async for answer in answers:
-                    code = answer.code
-                    series.count(codes.get(code, grpc.StatusCode.UNKNOWN) if code
-                                 else grpc.StatusCode.OK)
-                    yield answer
+                async for message in answers:
+                    for code in message.codes:  # indexer.serve.stream.StreamedAnswers
+                        series.count(codes.get(code, grpc.StatusCode.UNKNOWN) if code
+                                     else grpc.StatusCode.OK)
+                    yield message
             except grpc.aio.AbortError:
                 series.count(_code_of(context))
                 raise

@@ -75,7 +75,12 @@ from indexer.serve.limits import (
     DEFAULT_MAX_REQUEST_WORKERS,
     DEFAULT_STREAM_WINDOW,
 )
-from indexer.serve.stream import DEFAULT_STREAM_CANDIDATES, answer_in_order
+from indexer.serve.stream import (
+    DEFAULT_STREAM_CANDIDATES,
+    StreamedAnswers,
+    answer_in_order,
+    split_requests,
+)
 from kvcore.roles import check_role, role_matches
 
 __all__ = [
@@ -348,11 +353,11 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
                                    lambda: self._find_best_worker(message, tokens))
 
     async def FindBestWorkerStream(  # noqa: N802
-        self, request_iterator: AsyncIterable[bytes | pb.FindBestWorkerRequest],
+        self, request_iterator: AsyncIterable[bytes | pb.FindBestWorkerStreamRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.FindBestWorkerStreamResponse]:
-        async def answer(item: bytes | pb.FindBestWorkerRequest) -> pb.FindBestWorkerStreamResponse:
-            return await self._streamed_decision(item, context)
+    ) -> AsyncIterator[StreamedAnswers]:
+        async def answer(item: bytes | pb.FindBestWorkerStreamRequest) -> StreamedAnswers:
+            return await self._streamed_decisions(item, context)
 
         async for response in answer_in_order(request_iterator, answer,
                                               self.settings.stream_window):
@@ -537,29 +542,40 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
                 waiting_requests=c.waiting_requests)
         return response
 
-    async def _streamed_decision(
-        self, item: bytes | pb.FindBestWorkerRequest, context: grpc.aio.ServicerContext
-    ) -> pb.FindBestWorkerStreamResponse:
-        """One FindBestWorkerStream answer: the decision, or the status the unary call would
-        have ended with."""
+    async def _streamed_decisions(
+        self, item: bytes | pb.FindBestWorkerStreamRequest, context: grpc.aio.ServicerContext
+    ) -> StreamedAnswers:
+        """The answers to one FindBestWorkerStream message, in request order."""
+        answers = StreamedAnswers()
+        raw = item if isinstance(item, bytes) else item.SerializeToString()
         try:
-            if isinstance(item, bytes):
-                try:
-                    message, tokens = unwrap(self._parse_streamed(item))
-                except (DecodeError, ValueError) as exc:
-                    raise InvalidQueryError("request is not a valid "
-                                            f"kvindex.v1.FindBestWorkerRequest: {exc}") from exc
+            parts = split_requests(raw)
+        except ValueError as exc:
+            answers.add_error(grpc.StatusCode.INVALID_ARGUMENT.value[0], "message is not a "
+                              f"valid kvindex.v1.FindBestWorkerStreamRequest: {exc}")
+            return answers
+        for part in parts:
+            try:
+                answer = await self._streamed_decision(part, context)
+            except Exception as exc:  # noqa: BLE001 - the boundary: every error becomes a status
+                code, details = _status_of("FindBestWorkerStream", exc)
+                answers.add_error(code.value[0], details)
             else:
-                message, tokens = item, None
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError
-            answer = await self._find_best_worker(message, tokens,
-                                                  default_limit=DEFAULT_STREAM_CANDIDATES)
-        except Exception as exc:  # noqa: BLE001 - the boundary: every error becomes a status
-            code, details = _status_of("FindBestWorkerStream", exc)
-            return pb.FindBestWorkerStreamResponse(code=code.value[0], message=details)
-        return pb.FindBestWorkerStreamResponse(answer=answer)
+                answers.add_answer(answer.SerializeToString())
+        return answers
+
+    async def _streamed_decision(self, part: bytes, context: grpc.aio.ServicerContext
+                                 ) -> pb.FindBestWorkerResponse:
+        try:
+            message, tokens = unwrap(self._parse_streamed(part))
+        except (DecodeError, ValueError) as exc:
+            raise InvalidQueryError("request is not a valid "
+                                    f"kvindex.v1.FindBestWorkerRequest: {exc}") from exc
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError
+        return await self._find_best_worker(message, tokens,
+                                            default_limit=DEFAULT_STREAM_CANDIDATES)
 
     # --- ScoreBatch --------------------------------------------------------------------
 

@@ -145,7 +145,19 @@ class FindBestWorkerResponse(_message.Message):
     candidate_count: int
     def __init__(self, worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., matched_blocks: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[CandidateCost, _Mapping]]] = ..., freshness: _Optional[_Union[Freshness, _Mapping]] = ..., candidate_count: _Optional[int] = ...) -> None: ...
 
+class FindBestWorkerStreamRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[FindBestWorkerRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[FindBestWorkerRequest, _Mapping]]] = ...) -> None: ...
+
 class FindBestWorkerStreamResponse(_message.Message):
+    __slots__ = ("answers",)
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    answers: _containers.RepeatedCompositeFieldContainer[StreamedDecision]
+    def __init__(self, answers: _Optional[_Iterable[_Union[StreamedDecision, _Mapping]]] = ...) -> None: ...
+
+class StreamedDecision(_message.Message):
     __slots__ = ("answer", "code", "message")
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]

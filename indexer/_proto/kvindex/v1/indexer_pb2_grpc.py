@@ -47,7 +47,7 @@ class KvIndexerStub:
                 _registered_method=True)
         self.FindBestWorkerStream = channel.stream_stream(
                 '/kvindex.v1.KvIndexer/FindBestWorkerStream',
-                request_serializer=kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerRequest.SerializeToString,
+                request_serializer=kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerStreamRequest.SerializeToString,
                 response_deserializer=kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerStreamResponse.FromString,
                 _registered_method=True)
         self.ScoreBatch = channel.unary_unary(
@@ -91,8 +91,9 @@ class KvIndexerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FindBestWorkerStream(self, request_iterator, context):
-        """Many FindBestWorker decisions on one stream: one answer per request, in
-        request order. A request that fails is answered with its status code in
+        """Many FindBestWorker decisions on one stream: each message carries one or
+        more requests and is answered by one message with one answer per request,
+        in request order. A request that fails is answered with its status code in
         its answer; the stream goes on. Unset `max_candidates` means 8 here.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -145,7 +146,7 @@ def add_KvIndexerServicer_to_server(servicer, server):
             ),
             'FindBestWorkerStream': grpc.stream_stream_rpc_method_handler(
                     servicer.FindBestWorkerStream,
-                    request_deserializer=kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerRequest.FromString,
+                    request_deserializer=kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerStreamRequest.FromString,
                     response_serializer=kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerStreamResponse.SerializeToString,
             ),
             'ScoreBatch': grpc.unary_unary_rpc_method_handler(
@@ -249,7 +250,7 @@ class KvIndexer:
             request_iterator,
             target,
             '/kvindex.v1.KvIndexer/FindBestWorkerStream',
-            kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerRequest.SerializeToString,
+            kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerStreamRequest.SerializeToString,
             kvindex_dot_v1_dot_indexer__pb2.FindBestWorkerStreamResponse.FromString,
             options,
             channel_credentials,
