@@ -120,7 +120,7 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
     ("--max-request-loads", "max_request_loads", int, "most entries in FindBestWorker's `loads`"),
     ("--max-batch-requests", "max_batch_requests", int, "most queries in one ScoreBatch"),
     ("--grpc-stream-window", "grpc_stream_window", int,
-     "requests of one FindBestWorkerStream in flight; the stream reads no more meanwhile"),
+     "messages of one FindBestWorkerStream in flight; the stream reads no more meanwhile"),
     ("--snapshot-every-batches", "snapshot_every_batches", int,
      "snapshot a partition after this many batches"),
     ("--snapshot-every", "snapshot_every_s", float, "or after this many seconds"),

@@ -25,5 +25,5 @@ DEFAULT_MAX_REQUEST_LOADS: Final = 65_536
 DEFAULT_CONNECTION_IDLE_S: Final = 300.0
 # Connections one server process accepts on its address at once; more are closed at accept.
 DEFAULT_MAX_CONNECTIONS: Final = 4096
-# Requests of one FindBestWorkerStream in flight (being decided or waiting to be sent).
+# Messages of one FindBestWorkerStream in flight (being decided or waiting to be sent).
 DEFAULT_STREAM_WINDOW: Final = 16

@@ -138,8 +138,8 @@ class ServiceSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_request_workers: int = DEFAULT_MAX_REQUEST_WORKERS
     # Most entries of FindBestWorkerRequest.loads.
     max_request_loads: int = DEFAULT_MAX_REQUEST_LOADS
-    # Requests of one FindBestWorkerStream decided or waiting to be sent at once; the
-    # stream reads no further request meanwhile (gRPC flow control holds the client back).
+    # Messages of one FindBestWorkerStream decided or waiting to be sent at once; the
+    # stream reads no further message meanwhile (gRPC flow control holds the client back).
     stream_window: int = DEFAULT_STREAM_WINDOW
     # ScoreBatch queries scored at the same time (overlaps backend round trips).
     batch_concurrency: int = DEFAULT_BATCH_CONCURRENCY
