@@ -52,6 +52,7 @@ __all__ = [
 DEFAULT_OVERLAP_WEIGHT: Final = 32.0  # tuned on the conversation trace (see module doc)
 DEFAULT_TEMPERATURE: Final = 0.0
 MAX_KNOB: Final = 1e9  # overlap_weight and temperature above this are refused
+_IDLE: Final = (0, 0)  # (active_blocks, waiting_requests) of a candidate without a load
 
 
 class Candidate(NamedTuple):
@@ -171,24 +172,24 @@ def top_costs(
     if limit <= 0:
         return []
     special = {ref for ref in (*matched, *loads) if ref in members}
-    costs = [_cost(ref, matched.get(ref, 0), loads.get(ref, (0, 0)), query_blocks,
-                   overlap_weight) for ref in special]
-    costs.sort(key=_rank_key)
-    idle: list[CandidateCost] = []
-    if len(costs) < len(ordered):
+    # Rank keys as tuples, (cost, -matched, waiting, worker_id, dp_rank, prefill, active):
+    # unique per candidate, so the trailing fields never decide; structs only for the head.
+    keyed = []
+    for ref in special:
+        held = matched.get(ref, 0)
+        active, waiting = loads.get(ref, _IDLE)
+        prefill = query_blocks - held if query_blocks > held else 0
+        keyed.append((overlap_weight * prefill + active, -held, waiting, ref[0], ref[1],
+                      prefill, active))
+    head = heapq.nsmallest(limit, keyed) if len(keyed) > limit else sorted(keyed)
+    if len(special) < len(ordered):
+        idle_cost = overlap_weight * query_blocks
+        idle = []
         for ref in ordered:
             if ref not in special:
-                idle.append(_cost(ref, 0, (0, 0), query_blocks, overlap_weight))
+                idle.append((idle_cost, 0, 0, ref[0], ref[1], query_blocks, 0))
                 if len(idle) == limit:
                     break
-    if not idle:
-        return costs[:limit]
-    return list(islice(heapq.merge(costs, idle, key=_rank_key), limit))
-
-
-def _cost(ref: tuple[str, int], matched: int, load: tuple[int, int], query_blocks: int,
-          overlap_weight: float) -> CandidateCost:
-    prefill = max(query_blocks - matched, 0)
-    active, waiting = load
-    return CandidateCost(ref[0], ref[1], matched, prefill, active,
-                         overlap_weight * prefill + active, waiting)
+        head = list(islice(heapq.merge(head, idle), limit))
+    return [CandidateCost(worker, rank, -negative_held, prefill, active, cost, waiting)
+            for cost, negative_held, waiting, worker, rank, prefill, active in head]

@@ -33,7 +33,7 @@ from indexer.client import (
 from indexer.errors import BackendError
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, ScoreQuery, ScoreResult
-from indexer.scheduling import Candidate, rank_costs
+from indexer.scheduling import Candidate, rank_costs, top_costs
 from indexer.serve.auth import GrpcSecurity
 from indexer.serve.grpc_handlers import SERVICE_NAME
 from indexer.serve.service import ServiceSettings
@@ -526,3 +526,26 @@ class TestStreamMetrics:
                   and s.labels["method"] == "FindBestWorkerStream"}
         assert counts == {"OK": 2, "INVALID_ARGUMENT": 1, "FAILED_PRECONDITION": 1,
                           "UNAUTHENTICATED": 1}
+
+
+class TestTopCosts:
+    """`top_costs` ranks exactly as `rank_costs` over every candidate, cut to the limit."""
+
+    def test_random_candidate_sets(self) -> None:
+        rng = random.Random(11)
+        for _ in range(400):
+            refs = sorted({(f"w-{rng.randrange(60):02d}", rng.randrange(3))
+                           for _ in range(rng.randrange(1, 120))})
+            query_blocks = rng.choice([0, 1, 5, 512])
+            matched = {ref: rng.randrange(1, query_blocks + 2)
+                       for ref in rng.sample(refs, rng.randrange(len(refs) + 1))}
+            loaded = rng.sample(refs, rng.randrange(len(refs) + 1)) + [("stranger", 0)]
+            loads = {ref: (rng.choice([0, 0, 3, 40]), rng.randrange(3)) for ref in loaded}
+            weight = rng.choice([0.0, 0.5, 1.0, 32.0])
+            limit = rng.choice([1, 2, 8, len(refs), len(refs) + 5])
+            reference = rank_costs(
+                [Candidate(w, r, matched.get((w, r), 0), *loads.get((w, r), (0, 0)))
+                 for w, r in refs], query_blocks, weight)
+            got = top_costs(refs, frozenset(refs), matched, loads, query_blocks=query_blocks,
+                            overlap_weight=weight, limit=limit)
+            assert got == reference[:limit]
