@@ -539,7 +539,7 @@ class TestTopCosts:
             query_blocks = rng.choice([0, 1, 5, 512])
             matched = {ref: rng.randrange(1, query_blocks + 2)
                        for ref in rng.sample(refs, rng.randrange(len(refs) + 1))}
-            loaded = rng.sample(refs, rng.randrange(len(refs) + 1)) + [("stranger", 0)]
+            loaded = [*rng.sample(refs, rng.randrange(len(refs) + 1)), ("stranger", 0)]
             loads = {ref: (rng.choice([0, 0, 3, 40]), rng.randrange(3)) for ref in loaded}
             weight = rng.choice([0.0, 0.5, 1.0, 32.0])
             limit = rng.choice([1, 2, 8, len(refs), len(refs) + 5])
