@@ -143,6 +143,58 @@ async def check_answers(port: int, sample: list[pb.FindBestWorkerRequest]) -> in
     return hits
 
 
+async def breakdown(args: argparse.Namespace, reqs: list[pb.FindBestWorkerRequest]
+                    ) -> dict[str, float]:
+    """Seconds per decision in this process, without transport (median of 5 passes): the
+    request parse, `index.score`, the servicer's decision (parse excluded), and a stream
+    message of `--batch` decisions end to end (split, parse, decide, answer bytes)."""
+    import statistics
+
+    from indexer.index.memory import MemoryIndex
+    from indexer.index.protocol import ScoreQuery
+    from indexer.serve.grpc_handlers import find_best_worker_parser
+    from indexer.serve.service import KvIndexerService
+
+    index = MemoryIndex()
+    workload = make_workload(args.ranks, args.blocks, n_queries=args.queries)
+    index.sync.apply(workload.batches(MODEL))
+    index.sync.apply(workload.idle_rank_batches(MODEL))
+    servicer = KvIndexerService(index)
+    parse = find_best_worker_parser()
+    raws = [r.SerializeToString() for r in reqs]
+    batched = messages(reqs, args.batch)
+    candidates = await servicer._candidates(reqs[0].score)
+    block_size = await index.block_size(MODEL) or 0
+    context = _NoDeadline()
+    steps: dict[str, list[float]] = {"request parse": [], "index.score": [],
+                                     "decision (servicer, parsed)": [],
+                                     f"stream message of {args.batch}, per decision": []}
+    for _ in range(5):
+        t0 = time.perf_counter()
+        parsed = [parse(raw) for raw in raws]
+        t1 = time.perf_counter()
+        for p in parsed:
+            await index.score(ScoreQuery(model=MODEL, token_ids=p.tokens, block_size=block_size,
+                                         workers=candidates.ids))
+        t2 = time.perf_counter()
+        for p in parsed:
+            await servicer._find_best_worker(p.message, p.tokens, default_limit=CANDIDATES)
+        t3 = time.perf_counter()
+        for m in batched:
+            (await servicer._streamed_decisions(m, context)).SerializeToString()
+        t4 = time.perf_counter()
+        for step, seconds, count in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3),
+                                        (len(raws),) * 3 + (len(batched) * args.batch,),
+                                        strict=True):
+            steps[step].append(seconds / count)
+    return {step: statistics.median(times) for step, times in steps.items()}
+
+
+class _NoDeadline:
+    def time_remaining(self) -> None:
+        return None
+
+
 @dataclass
 class Row:
     path: str  # "unary", or "stream, N per message"
@@ -189,8 +241,8 @@ def background_load() -> str:
     return f"load average {load1:.1f} (1 min), {load5:.1f} (5 min) at the start"
 
 
-def report(args: argparse.Namespace, rows: list[Row], hits: int, checked: int,
-           before: str) -> str:
+def report(args: argparse.Namespace, rows: list[Row], *, hits: int, checked: int,
+           before: str, steps: dict[str, float]) -> str:
     lines = [
         f"One server process (`start_grpc_server`, in-memory index, uvloop), {args.ranks:,} "
         f"worker ranks holding >= {args.blocks:,} blocks of the shared-prefix workload (every "
@@ -226,6 +278,13 @@ def report(args: argparse.Namespace, rows: list[Row], hits: int, checked: int,
         f"- p99 <= {P99_TARGET_MS:g} ms at {P99_RATE:,}/s: "
         f"{verdict(p99 <= P99_TARGET_MS)} ({p99:.2f} ms on the stream, the better of the "
         "two message sizes).",
+        "",
+        "Where a decision's time goes: the same requests in one process without transport, "
+        "one at a time (median of 5 passes; the servicer's decision includes `index.score`):",
+        "",
+        "| step | us per decision |",
+        "|---|---:|",
+        *(f"| {step} | {seconds * 1e6:.0f} |" for step, seconds in steps.items()),
     ]
     return "\n".join(lines)
 
@@ -281,7 +340,8 @@ def main() -> None:
                 rows.append(row)
     finally:
         server.stop()
-    body = report(args, rows, hits, checked, before)
+    steps = asyncio.run(breakdown(args, reqs))
+    body = report(args, rows, hits=hits, checked=checked, before=before, steps=steps)
     print(body)
     if not args.no_write:
         write_section("decisions", "FindBestWorker decisions/s: unary vs stream (issue 18)",

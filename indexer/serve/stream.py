@@ -1,16 +1,16 @@
 """FindBestWorkerStream: many decisions on one bidirectional stream, answered in order.
 
 A unary call costs grpc.aio a task, a call object, metadata and a status per decision; on
-a stream each decision is one message read and one written. The servicer decides up to
-`window` requests of a stream at once (the in-flight limit per stream, `kv-indexer serve
---grpc-stream-window`) and answers them in request order; the stream reads no further
-request while `window` are undecided or unsent, so gRPC's flow control holds the client
-back instead of the server buffering without bound. A window of 1 decides one request at
-a time with no task per decision (enough for the in-memory index, which never waits);
-more overlaps a backend's round trips (Redis).
+a stream a message of one or more decisions is one message read and one written. The
+servicer decides up to `window` messages of a stream at once (the in-flight limit per
+stream, `kv-indexer serve --grpc-stream-window`) and answers them in order; the stream
+reads no further message while `window` are undecided or unsent, so gRPC's flow control
+holds the client back instead of the server buffering without bound. A window of 1
+decides one message at a time with no task per message (enough for the in-memory index,
+which never waits); more overlaps a backend's round trips (Redis).
 
 A message carries one or more requests and is answered by one message, one answer per
-request in order (the window counts messages). A request that fails is answered with the
+request in order. A request that fails is answered with the
 status the unary call would have ended with (`StreamedDecision.code`, `.message`) and
 the stream goes on; a request that does not parse is INVALID_ARGUMENT in its answer, a
 message that cannot even be split into requests gets one INVALID_ARGUMENT answer. What
