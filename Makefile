@@ -6,7 +6,7 @@ PYTHON  ?= python3
 PKGS    := kvcore publisher indexer kvsim
 PROTO_OUT := indexer/_proto
 
-.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-grpc-metrics proto clean
+.PHONY: chaos dist setup redis-server libnghttp2-dev test test-redis-cluster lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-grpc-metrics proto clean
 
 setup: $(STAMP) redis-server
 
@@ -54,6 +54,12 @@ chaos: setup
 	  tests/test_field_faults.py tests/test_chaos.py tests/test_max_payload.py
 
 test: setup lint pytest
+
+# The Redis Cluster suites alone (a private 3-master cluster with a replica each, on local
+# ports: slot migration, master failover, lost writes, the index contract); `make test`
+# runs them too, with everything else.
+test-redis-cluster: setup
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m redis_cluster tests/test_redis_cluster.py tests/test_index_contract.py
 
 run: setup
 	$(VENV)/bin/kv-indexer serve

@@ -201,7 +201,7 @@ async def test_master_killed_replica_takes_over(own_cluster: RedisCluster) -> No
 
 
 async def test_writes_lost_in_failover_are_repaired(own_cluster: RedisCluster) -> None:
-    """The replica is frozen while its master acknowledges batches, then the master dies
+    """The replica is cut off while its master acknowledges batches, then the master dies
     and the replica is promoted without them: the index finds the ranks behind what it
     confirmed, clears them (no block they may have dropped is claimed) and asks each for
     a resync; once the resyncs are applied the index is exact again."""
@@ -213,11 +213,13 @@ async def test_writes_lost_in_failover_are_repaired(own_cluster: RedisCluster) -
         replica = own_cluster.replica_of(master)
         await asyncio.sleep(0.3)
         replica.stop_signal(signal.SIGSTOP)
+        # Cut the link while the replica cannot read it: what follows never reaches it.
+        master.cli("CLIENT", "KILL", "TYPE", "replica")
         await ingest.steps(3)  # acknowledged by the master only
         master.kill()
         replica.stop_signal(signal.SIGCONT)
         replica.cli("CLUSTER", "FAILOVER", "TAKEOVER")
-        own_cluster.wait_ok()
+        own_cluster.wait_ok(replicated=False)
         lost_ranks = {(r.model, r.worker_id, r.dp_rank) for r in ingest.fleet.ranks
                       if r.model == victim_model}
         await ingest.steps(1)

@@ -155,6 +155,15 @@ class RedisClusterIndex(RedisIndex):
                 self._confirmed[key] = (ledger.epoch, ledger.last_seq)
         return dropped
 
+    async def _run_records(self, records: dict[str, list[bytes]],
+                           sent: dict[str, list[WorkerLedger]]) -> list[str]:
+        # Admin calls (clear, remove, import) go through a cluster pipeline, which does
+        # not load scripts: load apply.lua on every master first (a promoted replica
+        # lacks it).
+        if records:
+            await self._cluster.script_load(self._apply_script.script)
+        return await super()._run_records(records, sent)
+
     async def import_ranks(self, states: Sequence[RankState]) -> None:
         await super().import_ranks(states)
         for state in states:

@@ -46,7 +46,9 @@ class ClusterNode(RedisServer):
         return [*super().argv(), "--cluster-enabled", "yes",
                 "--cluster-config-file", str(self.workdir / "nodes.conf"),
                 "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS),
-                "--cluster-require-full-coverage", "no"]
+                "--cluster-require-full-coverage", "no",
+                # A replica's first sync at once (the default waits 5 s for others).
+                "--repl-diskless-sync-delay", "0"]
 
     def cli(self, *args: str, timeout: float = 30) -> str:
         """`redis-cli -p PORT args...`, its output (raises on a failed run)."""
@@ -132,14 +134,14 @@ class RedisCluster:
     def by_port(self, port: int) -> ClusterNode:
         return next(n for n in self.nodes if n.port == port)
 
-    def wait_ok(self, timeout: float = 30) -> None:
+    def wait_ok(self, timeout: float = 30, *, replicated: bool = True) -> None:
         """Until every live node says cluster_state:ok, all 16384 slots are served and
-        each master with slots has a live replica."""
+        (if `replicated`) each master with slots has a live, synced replica."""
         deadline = time.monotonic() + timeout
         while True:
             states = [n.cli("CLUSTER", "INFO") for n in self.live_nodes()]
             if all("cluster_state:ok" in s and "cluster_slots_ok:16384" in s
-                   for s in states) and self._replicated():
+                   for s in states) and (not replicated or self._replicated()):
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"cluster not ok: {states[0]}")
@@ -148,8 +150,9 @@ class RedisCluster:
     def _replicated(self) -> bool:
         topology = self.topology()
         masters = [i["id"] for i in topology.values() if i["master"] and i["slots"]]
-        replicated = {i["master_id"] for i in topology.values()
-                      if not i["master"] and not i["fail"]}
+        replicated = {i["master_id"] for port, i in topology.items()
+                      if not i["master"] and not i["fail"]
+                      and "master_link_status:up" in self.by_port(port).cli("INFO", "replication")}
         return len(masters) == self.masters and set(masters) <= replicated
 
     def move_slot(self, slot: int, target: ClusterNode, *, pipeline: int = 10) -> None:
