@@ -6,7 +6,7 @@ PYTHON  ?= python3
 PKGS    := kvcore publisher indexer kvsim
 PROTO_OUT := indexer/_proto
 
-.PHONY: chaos dist setup redis-server libnghttp2-dev test test-redis-cluster lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-grpc-metrics proto clean
+.PHONY: chaos dist setup redis-server libnghttp2-dev test test-redis-cluster lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-redis-cluster bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-grpc-metrics proto clean
 
 setup: $(STAMP) redis-server
 
@@ -90,6 +90,9 @@ bench-memory: setup
 
 bench-redis: setup
 	$(PY) -m bench.redis_backend
+
+bench-redis-cluster: setup
+	$(PY) -m bench.redis_cluster
 
 bench-events: setup
 	$(PY) -m bench.event_path

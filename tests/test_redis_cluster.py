@@ -168,11 +168,15 @@ async def test_slot_migrated_mid_ingest(flushed_cluster: RedisCluster) -> None:
         await ingest.steps(8)
         mover = threading.Thread(
             target=flushed_cluster.move_slot, args=(model_slot(moving), target),
-            kwargs={"pipeline": 1})
+            kwargs={"pipeline": 1, "pause_s": 0.05})
         mover.start()
+        steps_while_moving = 0
         while mover.is_alive():
             await ingest.steps(1)
+            steps_while_moving += 1
         mover.join()
+        assert steps_while_moving >= 3
+        assert ingest.index.retried_calls > 0  # calls met the moving slot (TRYAGAIN, MOVED)
         await ingest.steps(4)
         assert flushed_cluster.node_of_slot(model_slot(moving)) is target
         await ingest.assert_exact()

@@ -20,19 +20,29 @@ and asks the rank's publisher for a resync (`redis_lost_writes`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import structlog
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ConnectionError,
+    MovedError,
+    RedisError,
+    SlotNotCoveredError,
+    TimeoutError,
+    TryAgainError,
+)
 
 from indexer.errors import BackendError
 from indexer.index.ledger import WorkerLedger
 from indexer.index.protocol import ApplyOutcome, RankState, ResyncRequest, WorkerRef
-from indexer.index.redis import _POSITION, RedisIndex, apply_keys, model_prefix
+from indexer.index.redis import _POSITION, RedisIndex, _read_reply, apply_keys, model_prefix
 from kvcore.bus import EventBatch
 
 __all__ = ["CLUSTER_SCHEMES", "RedisClusterIndex", "cluster_url", "is_cluster_node"]
@@ -42,6 +52,9 @@ log = structlog.get_logger("indexer.redis_cluster")
 CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 LOST_WRITES_REASON: Final = "redis_lost_writes"
 _REMOVED: Final = None  # the confirmed "position" of a rank this index removed
+_REDIRECT_ATTEMPTS: Final = 5
+_REDIRECTED: Final = (MovedError, AskError, TryAgainError, ClusterDownError, SlotNotCoveredError)
+_RETRIED: Final = (*_REDIRECTED, ConnectionError, TimeoutError)
 
 Position = tuple[int, int] | None
 
@@ -80,6 +93,8 @@ class RedisClusterIndex(RedisIndex):
         # (model, rank) -> position Redis confirmed for it last (None: removed by us).
         self._confirmed: dict[tuple[str, WorkerRef], Position] = {}
         self._suspect = False  # an apply failed: check the confirmed positions again
+        self._checking = asyncio.Lock()
+        self.retried_calls = 0  # apply calls tried again after a redirection or lost node
 
     @classmethod
     def from_url(cls, url: str, *, redis_options: Mapping[str, Any] | None = None,
@@ -98,37 +113,81 @@ class RedisClusterIndex(RedisIndex):
     async def apply(
         self, batches: Sequence[EventBatch], *, validated: bool = False
     ) -> list[ApplyOutcome]:
-        await self.check_lost_writes()
-        try:
-            return await super().apply(batches, validated=validated)
-        except BaseException:
-            self._suspect = True
-            raise
+        """As `RedisIndex.apply`; a call redirected (MOVED, ASK, TRYAGAIN: a slot moving)
+        or cut (a node lost) is tried again a few times, after the slot map is refreshed,
+        before BackendError. Nothing applies twice: ledgers are reloaded first."""
+        for attempt in range(_REDIRECT_ATTEMPTS):
+            await self.check_lost_writes()
+            try:
+                return await super().apply(batches, validated=validated)
+            except BackendError as exc:
+                self._suspect = True
+                if (attempt == _REDIRECT_ATTEMPTS - 1
+                        or not isinstance(exc.__cause__, _RETRIED)):
+                    raise
+                self.retried_calls += 1
+                log.info("redis_cluster_apply_retried", error=str(exc.__cause__)[:200],
+                         attempt=attempt + 1)
+                await self._refresh_slots({batch.model for batch in batches})
+                await asyncio.sleep(0.05 * (attempt + 1))
+            except BaseException:
+                self._suspect = True
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _refresh_slots(self, models: set[str]) -> None:
+        """One plain command per model through the cluster client, which follows MOVED
+        and refreshes its slot map on a lost node: the next pipelined call is routed
+        right."""
+        for model in models:
+            try:
+                await self._cluster.exists(model_prefix(model) + "slots")
+            except RedisError:
+                log.debug("redis_cluster_refresh_failed", model=model, exc_info=True)
 
     async def _apply(self, batches: Sequence[EventBatch]) -> list[ApplyOutcome]:
-        """The records of all batches, one call per model and group of batches, sent
-        through the cluster pipeline (one write per master, masters in parallel)."""
+        """As `RedisIndex._apply`, one pipelined connection per master: each call goes
+        out as soon as it is built, to the master of its model's slot, so the masters
+        run calls while Python builds the next; replies are read in order per master."""
         sha = await self._script_sha()
+        await self._cluster.initialize()  # the slot map, on first use
         outcomes: dict[int, ApplyOutcome] = {}
         step = max(8, -(-len(batches) // 8))
-        pending: list[tuple[str, list[bytes], list[WorkerLedger]]] = []
-        for start in range(0, len(batches), step):
-            group = list(enumerate(batches[start : start + step], start))
-            records, sent = await self._build_records(group, outcomes)
-            pending += [(model, recs, sent[model]) for model, recs in records.items()]
-        if pending:
-            pipe = self._cluster.pipeline(transaction=False)
-            for model, recs, ledgers in pending:
-                keys = apply_keys(model, [ledger.slot for ledger in ledgers])
-                pipe.evalsha(sha, len(keys), *keys, *recs)
-            replies = await pipe.execute(raise_on_error=False)
-            for (model, recs, ledgers), reply in zip(pending, replies, strict=True):
-                if isinstance(reply, RedisError) and not isinstance(reply, ResponseError):
-                    raise reply  # no answer (a node lost): not a refused record
-                self._check_statuses(model, recs, ledgers, reply)
+        conns: dict[str, tuple[ClusterNode, Any]] = {}
+        pending: list[tuple[str, list[bytes], list[WorkerLedger], Any]] = []
+        try:
+            for start in range(0, len(batches), step):
+                group = list(enumerate(batches[start : start + step], start))
+                records, sent = await self._build_records(group, outcomes)
+                for model, recs in records.items():
+                    keys = apply_keys(model, [ledger.slot for ledger in sent[model]])
+                    conn = self._connection_for(keys[0], conns)
+                    await conn.send_command("EVALSHA", sha, len(keys), *keys, *recs)
+                    pending.append((model, recs, sent[model], conn))
+            replies = [await _read_reply(conn) for *_, conn in pending]
+        except BaseException:
+            for _, conn in conns.values():
+                await conn.disconnect()
+            raise
+        finally:
+            for node, conn in conns.values():
+                node.release(conn)
+        for (model, recs, ledgers, _), reply in zip(pending, replies, strict=True):
+            if isinstance(reply, _REDIRECTED):
+                raise reply  # nothing of this call ran: the slot is elsewhere, or moving
+            self._check_statuses(model, recs, ledgers, reply)
         await self._register_models(batches)
         self._confirm(batches)
         return [outcomes[i] for i in range(len(batches))]
+
+    def _connection_for(self, key: str, conns: dict[str, tuple[ClusterNode, Any]]) -> Any:
+        """This apply's connection to the master serving `key`'s slot."""
+        node = self._cluster.get_node_from_key(key)
+        if node is None:  # pragma: no cover - a primary is always asked for
+            raise SlotNotCoveredError(f"no master serves {key}")
+        if node.name not in conns:
+            conns[node.name] = (node, node.acquire_connection())
+        return conns[node.name][1]
 
     def _confirm(self, batches: Sequence[EventBatch]) -> None:
         """Every call of an apply succeeded: its ranks' ledgers are what Redis holds."""
@@ -185,18 +244,31 @@ class RedisClusterIndex(RedisIndex):
         """If the masters changed (a failover) or an apply failed since the last check:
         the ranks whose confirmed writes Redis no longer holds are cleared and asked for
         a resync. Returns how many; raises BackendError while the cluster cannot say."""
-        masters = self._master_names()
-        if masters == self._masters and not self._suspect:
+        if self._master_names() == self._masters and not self._suspect:
             return 0
+        async with self._checking:
+            masters = self._master_names()
+            if masters == self._masters and not self._suspect:
+                return 0  # another caller checked meanwhile
+            try:
+                lost = await self._ranks_behind()
+                for (model, ref), confirmed in lost:
+                    await self._repair(model, ref, confirmed)
+            except RedisError as exc:
+                raise BackendError(f"redis lost-writes check failed: {exc}") from exc
+            self._masters = masters
+            self._suspect = False
+            return len(lost)
+
+    async def ping(self) -> None:
+        """Every master answers; a failover seen meanwhile gets its lost-writes check
+        here too (health probes ping every second), not only at the next apply."""
         try:
-            lost = await self._ranks_behind()
-            for (model, ref), confirmed in lost:
-                await self._repair(model, ref, confirmed)
+            await self._cluster.ping(target_nodes=RedisCluster.PRIMARIES)
         except RedisError as exc:
-            raise BackendError(f"redis lost-writes check failed: {exc}") from exc
-        self._masters = masters
-        self._suspect = False
-        return len(lost)
+            self._suspect = True
+            raise BackendError(f"redis ping failed: {exc}") from exc
+        await self.check_lost_writes()
 
     async def _ranks_behind(self) -> list[tuple[tuple[str, WorkerRef], Position]]:
         """The remembered ranks whose stored position is behind the confirmed one, or

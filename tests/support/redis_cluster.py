@@ -155,9 +155,11 @@ class RedisCluster:
                       and "master_link_status:up" in self.by_port(port).cli("INFO", "replication")}
         return len(masters) == self.masters and set(masters) <= replicated
 
-    def move_slot(self, slot: int, target: ClusterNode, *, pipeline: int = 10) -> None:
+    def move_slot(self, slot: int, target: ClusterNode, *, pipeline: int = 10,
+                  pause_s: float = 0.0) -> None:
         """Migrate hash slot `slot`'s keys to `target` and assign it there, as
-        `redis-cli --cluster reshard` does (SETSLOT IMPORTING/MIGRATING, MIGRATE, NODE)."""
+        `redis-cli --cluster reshard` does (SETSLOT IMPORTING/MIGRATING, MIGRATE, NODE),
+        `pipeline` keys per MIGRATE, `pause_s` between them (a slow migration)."""
         source = self.node_of_slot(slot)
         if source is target:
             return
@@ -170,6 +172,7 @@ class RedisCluster:
             if not keys:
                 break
             source.cli("MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000", "KEYS", *keys)
+            time.sleep(pause_s)
         for node in (target, source):
             node.cli("CLUSTER", "SETSLOT", str(slot), "NODE", str(target_id))
         for node in self.live_nodes():
