@@ -26,6 +26,7 @@ from typing import Any, Final, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import (
@@ -34,6 +35,7 @@ from redis.exceptions import (
     ConnectionError,
     MovedError,
     RedisError,
+    ResponseError,
     SlotNotCoveredError,
     TimeoutError,
     TryAgainError,
@@ -43,6 +45,7 @@ from indexer.errors import BackendError
 from indexer.index.ledger import WorkerLedger
 from indexer.index.protocol import ApplyOutcome, RankState, ResyncRequest, WorkerRef
 from indexer.index.redis import _POSITION, RedisIndex, _read_reply, apply_keys, model_prefix
+from indexer.index.redis_pipe import RedisPipe
 from kvcore.bus import EventBatch
 
 __all__ = ["CLUSTER_SCHEMES", "RedisClusterIndex", "cluster_url", "is_cluster_node"]
@@ -95,6 +98,8 @@ class RedisClusterIndex(RedisIndex):
         self._suspect = False  # an apply failed: check the confirmed positions again
         self._checking = asyncio.Lock()
         self.retried_calls = 0  # apply calls tried again after a redirection or lost node
+        self._pipes: dict[str, RedisPipe] = {}  # Score's pipelined connection per master
+        self._fast_queries = True
 
     @classmethod
     def from_url(cls, url: str, *, redis_options: Mapping[str, Any] | None = None,
@@ -104,6 +109,11 @@ class RedisClusterIndex(RedisIndex):
         client = RedisCluster.from_url(cluster_url(url) or url, decode_responses=False,
                                        **(redis_options or {}))
         return cls(client, **kwargs)
+
+    async def close(self) -> None:
+        for pipe in self._pipes.values():
+            await pipe.close()
+        await super().close()
 
     def _master_names(self) -> frozenset[str]:
         return frozenset(node.name for node in self._cluster.get_primaries())
@@ -196,6 +206,54 @@ class RedisClusterIndex(RedisIndex):
             ledger = self._ledgers.get(key)
             if ledger is not None:
                 self._confirmed[key] = (ledger.epoch, ledger.last_seq)
+
+    # --- queries -----------------------------------------------------------------------
+
+    async def _masks(self, prefix: str, packed_keys: bytes) -> list[Any]:
+        """score.lua's reply: over a pipelined connection to the master of the model's
+        slot (as a single node's queries are); redirected, cut or unloaded, the call goes
+        through the cluster client instead, which follows MOVED and ASK, refreshes its
+        slot map and loads the script, so the next call finds the right master."""
+        keys = (prefix + "blk", prefix + "slotver")
+        node_pipe = self._pipe_for(keys[0])
+        if node_pipe is not None:
+            name, pipe = node_pipe
+            try:
+                reply: list[Any] = await pipe.call("EVALSHA", str(self._score_script.sha), 2,
+                                                   *keys, packed_keys)
+                return reply
+            except (ConnectionError, TimeoutError):
+                await self._pipes.pop(name, pipe).close()
+            except ResponseError:  # MOVED, ASK, TRYAGAIN, NOSCRIPT, CLUSTERDOWN
+                pass
+        reply = await self._score_script(keys=keys, args=[packed_keys])
+        return reply
+
+    def _pipe_for(self, key: str) -> tuple[str, RedisPipe] | None:
+        """The query pipe to the master serving `key`, as the cluster client knows it;
+        None before the client has a slot map, or for connections only redis-py speaks."""
+        if not self._fast_queries:
+            return None
+        try:
+            node = self._cluster.get_node_from_key(key)
+        except RedisError:
+            return None
+        if node is None:
+            return None
+        pipe = self._pipes.get(node.name)
+        if pipe is None:
+            kwargs = node.connection_kwargs
+            if (node.connection_class is not aioredis.Connection
+                    or kwargs.get("credential_provider")
+                    or kwargs.get("protocol") not in (None, 2, "2")):
+                self._fast_queries = False  # TLS and the like: redis-py's path only
+                return None
+            pipe = RedisPipe((node.host, int(node.port)), username=kwargs.get("username"),
+                             password=kwargs.get("password"),
+                             connect_timeout=kwargs.get("socket_connect_timeout") or 5.0,
+                             reply_timeout=kwargs.get("socket_timeout"))
+            self._pipes[node.name] = pipe
+        return node.name, pipe
 
     async def _reset_after_failure(self, exc: Exception) -> None:
         # The cluster client drops dead connections and refreshes its slot map itself.
