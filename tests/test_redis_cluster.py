@@ -17,13 +17,17 @@ import pytest
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 from redis.crc import key_slot
 
+from indexer.app import IndexerService
 from indexer.errors import BackendError
 from indexer.index.factory import build_index
 from indexer.index.protocol import IndexConfig, ResyncRequest, ScoreQuery, WorkerRef
 from indexer.index.redis import RedisIndex, model_prefix
 from indexer.index.redis_cluster import LOST_WRITES_REASON, RedisClusterIndex
 from kvcore.bus import EventBatch
+from tests.support.event_path import MODEL as EVENT_MODEL
+from tests.support.event_path import matched, publisher, service_config, store
 from tests.support.fleet import Fleet
+from tests.support.polling import equals, eventually
 from tests.support.redis_cluster import RedisCluster
 from tests.support.reference import ReferenceIndex
 from tests.support.servers import RedisServer
@@ -241,3 +245,41 @@ async def test_writes_lost_in_failover_are_repaired(own_cluster: RedisCluster) -
         await ingest.assert_exact()
     finally:
         await ingest.index.close()
+
+
+async def test_serve_on_a_cluster_repairs_writes_lost_in_failover(
+        own_cluster: RedisCluster, nats_url: str) -> None:
+    """The service itself (NATS consumers, markers, positions, snapshots, liveness) on the
+    cluster: it starts on a node's plain URL, ingests; the master of the model's slot
+    dies with writes its replica never got; the service finds them missing, the
+    publisher's resync restores them, and later events apply on the promoted replica."""
+    svc = IndexerService(service_config(nats_url, redis_url=own_cluster.url))
+    await svc.start()
+    try:
+        assert isinstance(svc.index, RedisClusterIndex)
+        async with publisher(nats_url) as pub:
+            store(pub, 1, 4)
+            await pub.flush()
+            await eventually(lambda: equals(matched(svc), 4))
+            master = own_cluster.node_of_slot(model_slot(EVENT_MODEL))
+            replica = own_cluster.replica_of(master)
+            await asyncio.sleep(0.3)
+            replica.stop_signal(signal.SIGSTOP)
+            master.cli("CLIENT", "KILL", "TYPE", "replica")
+            store(pub, 5, 6)
+            await pub.flush()
+            await eventually(lambda: equals(matched(svc), 6))  # on the master only
+            master.kill()
+            replica.stop_signal(signal.SIGCONT)
+            replica.cli("CLUSTER", "FAILOVER", "TAKEOVER")
+            own_cluster.wait_ok(replicated=False)
+
+            async def resynced() -> bool:
+                return pub.ranks[0].resync_requests >= 1 and await matched(svc) == 6
+
+            await eventually(resynced, timeout=30)
+            store(pub, 7, 8)
+            await pub.flush()
+            await eventually(lambda: equals(matched(svc), 8), timeout=20)
+    finally:
+        await svc.close()
