@@ -137,9 +137,13 @@ async def run(args: argparse.Namespace, single: RedisServer, cluster: RedisClust
                       f"{clustered[key] / plain[key]:.2f}x |" for name, key, fmt in rows)
     return f"""One client process, private servers on loopback (the cluster: 3 masters, a replica
 each). `RedisIndex` on one redis-server (its queries pipelined on one connection) against
-`RedisClusterIndex` (redis-py's cluster client) on the cluster; {args.workers} workers,
+`RedisClusterIndex` on the cluster (apply pipelined on one connection per master, Score on
+one pipelined connection per master; topology from redis-py's cluster client);
+{args.workers} workers,
 {args.blocks:,} blocks, chunks of {args.chunk} batches, ingest the median of {args.rounds}
-rounds, Score over {args.reps} passes of {args.queries} queries.
+rounds, Score over {args.reps} passes of {args.queries} queries. Client and servers share
+the machine (the cluster run has 6 redis-servers, masters and replicas), so on a small
+machine replication competes with the client for CPU.
 
 | figure | one node | cluster | cluster / one node |
 |---|---:|---:|---:|
