@@ -292,7 +292,8 @@ class TestRedisClusterIndexContract:
         asyncio.run(run())
 
 
-@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+@pytest.fixture(params=["memory", "redis",
+                        pytest.param("redis-cluster", marks=pytest.mark.redis_cluster)])
 async def any_index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
     """Each backend in turn; the Redis one on a flushed private redis-server."""
     if request.param == "memory":
