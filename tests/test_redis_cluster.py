@@ -18,7 +18,8 @@ from redis.asyncio.cluster import RedisCluster as ClusterClient
 from redis.crc import key_slot
 
 from indexer.app import IndexerService
-from indexer.errors import BackendError
+from indexer.config import parse_service_config, validate
+from indexer.errors import BackendError, ConfigError
 from indexer.index.factory import build_index
 from indexer.index.protocol import IndexConfig, ResyncRequest, ScoreQuery, WorkerRef
 from indexer.index.redis import RedisIndex, model_prefix
@@ -283,3 +284,16 @@ async def test_serve_on_a_cluster_repairs_writes_lost_in_failover(
             await eventually(lambda: equals(matched(svc), 8), timeout=20)
     finally:
         await svc.close()
+
+
+def test_cluster_url_schemes_are_accepted_by_serve(tmp_path: Path) -> None:
+    """`--redis-url redis+cluster://` (and rediss+cluster:// with the TLS flags) pass
+    serve's checks; another scheme is still refused, naming the flag."""
+    config = parse_service_config(["--redis-url", "redis+cluster://node-1:6379"], environ={})
+    validate(config)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read by validate")
+    validate(parse_service_config(["--redis-url", "rediss+cluster://node-1:6379",
+                                   "--redis-tls-ca", str(ca)], environ={}))
+    with pytest.raises(ConfigError, match="--redis-url must be"):
+        validate(parse_service_config(["--redis-url", "cluster://node-1:6379"], environ={}))
