@@ -142,13 +142,15 @@ async def test_a_cluster_node_url_gets_the_cluster_index(
 
 async def test_models_spread_over_masters_exact_at_field_scale(
         flushed_cluster: RedisCluster) -> None:
-    """Six models on three masters, 8 workers each, ~70,000 stored blocks: presence,
-    scores and positions equal the reference, and every master holds models."""
-    ingest = Ingest(flushed_cluster, Fleet(spread_models(per_shard=2), WORKERS))
+    """Three models, one per master, 8 workers each, each rank's cache past 20,000
+    blocks (long prompts, the oldest evicted): presence, scores and positions equal the
+    reference, and every master holds a model."""
+    fleet = Fleet(spread_models(), WORKERS, tail_blocks=192, keep_prompts=125, seed=13)
+    ingest = Ingest(flushed_cluster, fleet)
     try:
-        await ingest.steps(20)
-        assert ingest.held_entries() >= 20_000
-        await ingest.steps(26)  # eviction under way: removals as well as stores
+        await ingest.steps(135)  # eviction from step 126 on: removals as well as stores
+        per_rank = [len(w.held) for w in ingest.reference.workers.values()]
+        assert len(per_rank) == 3 * WORKERS and min(per_rank) >= 20_000
         await ingest.assert_exact()
         assert ingest.retries == 0
         holders = {flushed_cluster.node_of_slot(model_slot(r.model)).port
