@@ -1,5 +1,7 @@
-"""The Redis index on Redis Cluster: the same layout and scripts as `RedisIndex`, over
-redis-py's cluster client (redis.asyncio.cluster.RedisCluster).
+"""The Redis index on Redis Cluster: the same layout and scripts as `RedisIndex`. The slot
+map and the admin paths are redis-py's cluster client's (redis.asyncio.cluster); apply
+and Score pipeline their calls on one connection per master, as `RedisIndex` does on one
+node.
 
 Every key of a model carries the hash tag `{m:<model>}`, so a model is one hash slot and
 each script call goes whole to the master serving it; models spread over the masters.
