@@ -8,7 +8,7 @@ PYTHON  ?= python3
 PKGS    := kvcore publisher indexer kvsim
 PROTO_OUT := indexer/_proto
 
-.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim
+.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim test-redis-cluster bench-redis-cluster
 
 setup: $(STAMP)
 
@@ -57,6 +57,12 @@ chaos: setup redis-server
 
 test: setup lint pytest
 
+# The Redis Cluster suites alone (a private 3-master cluster with a replica each, on local
+# ports: slot migration, master failover, lost writes, the index contract); `make test`
+# runs them too, with everything else.
+test-redis-cluster: setup redis-server
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m redis_cluster tests/test_redis_cluster.py tests/test_index_contract.py
+
 run: setup
 	$(VENV)/bin/kv-indexer serve
 
@@ -91,6 +97,9 @@ bench-memory: setup
 
 bench-redis: setup redis-server
 	$(PY) -m bench.redis_backend
+
+bench-redis-cluster: setup redis-server
+	$(PY) -m bench.redis_cluster
 
 bench-events: setup redis-server
 	$(PY) -m bench.event_path

@@ -241,9 +241,10 @@ def validate(config: ServiceConfig) -> None:
          "--metrics-listen must be host:port or empty"),
         (config.nats_url is None or "://" in config.nats_url,
          "--nats-url must be a URL like nats://host:4222"),
-        (config.redis_url is None or config.redis_url.startswith(("redis://", "rediss://",
-                                                                  "unix://")),
-         "--redis-url must be a redis://, rediss:// or unix:// URL"),
+        (config.redis_url is None or config.redis_url.startswith(
+            ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")),
+         "--redis-url must be a redis://, rediss://, unix://, redis+cluster:// or "
+         "rediss+cluster:// URL"),
         (config.nats_url is not None or nats_security(config) == NatsSecurity(),
          "--nats-tls-*, --nats-creds, --nats-nkey-seed and --nats-user-file need --nats-url "
          "(the embedded nats-server is plain and local)"),
@@ -255,7 +256,7 @@ def validate(config: ServiceConfig) -> None:
          "--grpc-tls-client-ca needs --grpc-tls-cert and --grpc-tls-key (mTLS is TLS)"),
         (bool(config.redis_tls_cert) == bool(config.redis_tls_key),
          "--redis-tls-cert and --redis-tls-key go together"),
-        (not tls_redis or (config.redis_url or "").startswith("rediss://"),
+        (not tls_redis or (config.redis_url or "").startswith(("rediss://", "rediss+cluster://")),
          "--redis-tls-ca/--redis-tls-cert/--redis-tls-key need a rediss:// --redis-url"),
         (not config.redis_password_file or config.redis_url is not None,
          "--redis-password-file needs --redis-url"),

@@ -25,6 +25,7 @@ from indexer.index.block_table import DictBlockTable
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, ScoreQuery, TierWeights, WorkerRef
 from indexer.index.redis import RedisIndex
+from indexer.index.redis_cluster import RedisClusterIndex
 from kvcore.bus import (
     SCHEMA_VERSION,
     AllBlocksCleared,
@@ -35,6 +36,7 @@ from kvcore.bus import (
 )
 from kvcore.keys import block_keys_for_tokens
 from tests.support.prompt_tree import BLOCK, MODEL, event_specs, make_event, path_tokens, paths
+from tests.support.redis_cluster import RedisCluster
 from tests.support.reference import ReferenceIndex
 from tests.support.servers import RedisServer
 
@@ -264,11 +266,45 @@ class TestRedisIndexContract:
         assert asyncio.run(run()) == reference_drops(batches)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.mark.redis_cluster
+class TestRedisClusterIndexContract:
+    """The Redis Cluster backend against the reference model, on a private 3-master
+    cluster with replicas: the same histories, a second instance resuming from Redis."""
+
+    @settings(max_examples=40, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(batches=histories(), chunks=chunk_sizes, queries=queries_st,
+           split=st.one_of(st.none(), st.integers(0, 40)), compact=st.sampled_from([0, 65536]))
+    def test_matches_reference(self, redis_cluster: RedisCluster, batches: list[EventBatch],
+                               chunks: list[int], queries: list[Any], *,
+                               split: int | None, compact: int) -> None:
+        async def run() -> None:
+            admin = RedisClusterIndex.from_url(redis_cluster.url)
+            await admin._cluster.flushall()
+            await admin.close()
+
+            async def make() -> Index:
+                return RedisClusterIndex.from_url(redis_cluster.url, config=CONFIG,
+                                                  log_compact_min_bytes=compact)
+
+            await check_against_reference(make, batches, chunks, queries, split_at=split)
+
+        asyncio.run(run())
+
+
+@pytest.fixture(params=["memory", "redis",
+                        pytest.param("redis-cluster", marks=pytest.mark.redis_cluster)])
 async def any_index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
     """Each backend in turn; the Redis one on a flushed private redis-server."""
     if request.param == "memory":
         yield MemoryIndex(CONFIG)
+        return
+    if request.param == "redis-cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        cluster_index = RedisClusterIndex.from_url(cluster.url, config=CONFIG)
+        await cluster_index._cluster.flushall()
+        yield cluster_index
+        await cluster_index.close()
         return
     server: RedisServer = request.getfixturevalue("redis_server")
     client = aioredis.Redis.from_url(server.url)

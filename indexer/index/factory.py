@@ -13,6 +13,7 @@ from indexer.index.instrumented import InstrumentedIndex
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, ResyncHook
 from indexer.index.redis import RedisIndex
+from indexer.index.redis_cluster import RedisClusterIndex, cluster_url, is_cluster_node
 
 if TYPE_CHECKING:
     from indexer.config import ServiceConfig
@@ -57,9 +58,13 @@ def build_index(
     config: IndexConfig, *, redis_url: str | None = None, on_resync: ResyncHook | None = None,
     redis_security: RedisSecurity | None = None,
 ) -> Index:
-    """The Redis index at `redis_url` (with `redis_security`), else the in-memory one."""
+    """The Redis index at `redis_url` (with `redis_security`), else the in-memory one. A
+    `redis+cluster://` URL, or one whose node runs in cluster mode, gets the cluster index."""
     if redis_url:
         options = redis_security.client_options() if redis_security is not None else {}
+        if cluster_url(redis_url) is not None or is_cluster_node(redis_url, options):
+            return RedisClusterIndex.from_url(redis_url, config=config, on_resync=on_resync,
+                                              redis_options=options)
         return RedisIndex.from_url(redis_url, config=config, on_resync=on_resync,
                                    redis_options=options)
     return MemoryIndex(config, on_resync=on_resync)

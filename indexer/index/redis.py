@@ -101,6 +101,28 @@ def model_prefix(model: str) -> str:
     return f"kvi:{{m:{escape_token(model)}}}:"
 
 
+_APPLY_MODEL_KEYS: Final = ("blk", "slots", "slotver", "free", "block_size")
+_GC_MODEL_KEYS: Final = ("slots", "nextslot", "blk", "slotver", "free", "block_size")
+
+
+def apply_keys(model: str, slots: Sequence[int]) -> list[str]:
+    """The keys `apply.lua` declares for records of ranks in `slots` (in record order):
+    every key it touches, so Redis Cluster can route and guard the call by them."""
+    prefix = model_prefix(model)
+    keys = [prefix + name for name in _APPLY_MODEL_KEYS]
+    for slot in slots:
+        keys += (f"{prefix}w:{slot}:meta", f"{prefix}w:{slot}:log")
+    return keys
+
+
+def _gc_keys(model: str, next_slot: int) -> list[str]:
+    prefix = model_prefix(model)
+    keys = [prefix + name for name in _GC_MODEL_KEYS]
+    for slot in range(next_slot):
+        keys += (f"{prefix}w:{slot}:meta", f"{prefix}w:{slot}:log")
+    return keys
+
+
 class _ScriptMissingError(Exception):
     """Redis answered NOSCRIPT: it lost the script, so nothing of the call ran."""
 
@@ -273,8 +295,8 @@ class RedisIndex:
                 group = list(enumerate(batches[start : start + step], start))
                 records, sent = await self._build_records(group, outcomes)
                 for model, model_records in records.items():
-                    await conn.send_command("EVALSHA", sha, 1, model_prefix(model),
-                                            *model_records)
+                    keys = apply_keys(model, [ledger.slot for ledger in sent[model]])
+                    await conn.send_command("EVALSHA", sha, len(keys), *keys, *model_records)
                     pending.append((model, model_records, sent[model]))
             replies = [await _read_reply(conn) for _ in pending]
         except BaseException:
@@ -351,7 +373,8 @@ class RedisIndex:
         pipe = self._redis.pipeline(transaction=False)
         models = list(records)
         for model in models:
-            await self._apply_script(keys=[model_prefix(model)],
+            slots = [ledger.slot for ledger in sent[model]]
+            await self._apply_script(keys=apply_keys(model, slots),
                                      args=records[model], client=pipe)
         results = await pipe.execute(raise_on_error=False)
         emptied = []
@@ -445,7 +468,8 @@ class RedisIndex:
     async def _load_ledger(self, model: str, ref: WorkerRef) -> WorkerLedger:
         prefix = model_prefix(model)
         slot_raw, created = await self._slot_script(
-            keys=[prefix], args=[ref.worker_id, ref.dp_rank, random.getrandbits(62)]
+            keys=[prefix + "slots", prefix + "free", prefix + "nextslot", prefix + "slotver"],
+            args=[ref.worker_id, ref.dp_rank, random.getrandbits(62)]
         )
         slot = int(slot_raw)
         ledger = WorkerLedger(model, ref.worker_id, ref.dp_rank, slot,
@@ -586,7 +610,8 @@ class RedisIndex:
         one round trip however many models there are."""
         try:
             models = [model] if model else await self._listed_models()
-            replies = await self._eval_each(self._workers_script, models)
+            replies = await self._eval_each(
+                self._workers_script, [([model_prefix(m) + "slots"], []) for m in models])
         except RedisError as exc:
             raise BackendError(f"redis workers failed: {exc}") from exc
         infos: list[WorkerInfo] = []
@@ -617,12 +642,12 @@ class RedisIndex:
         without keys (collected at the next call), or, with a rank created in that very
         moment, unlisted until its writer restarts and lists it on first use.
         """
-        ranks = await self._eval_each(self._gc_script, models)
+        ranks = await self._gc_each(models)
         empty = [m for m, n in zip(models, ranks, strict=True) if not n]
         if not empty:
             return []
         await self._redis.srem(MODELS_KEY, *empty)
-        again = await self._eval_each(self._gc_script, empty)
+        again = await self._gc_each(empty)
         revived = [m for m, n in zip(empty, again, strict=True) if n]
         if revived:
             await self._redis.sadd(MODELS_KEY, *revived)
@@ -635,16 +660,37 @@ class RedisIndex:
             log.info("models_collected", count=len(collected), models=collected[:8])
         return collected
 
-    async def _eval_each(self, script: AsyncScript, models: Sequence[str]) -> list[Any]:
-        """`script` once per model (KEYS[1] its prefix), pipelined: one round trip. The
-        script is loaded if Redis does not have it (first use, or a restart)."""
-        if not models:
+    async def _gc_each(self, models: Sequence[str]) -> list[int]:
+        """`gc.lua` once per model, pipelined: each model's rank count, 0 for one whose
+        keys it deleted. It declares every key it may delete, named from the model's
+        `nextslot`, read first; a model whose `nextslot` grew meanwhile got a rank: its
+        count is read again, and after three tries it is taken as having one."""
+        ranks: list[int] = [-1] * len(models)
+        for _ in range(3):
+            todo = [i for i, n in enumerate(ranks) if n < 0]
+            if not todo:
+                break
+            pipe = self._redis.pipeline(transaction=False)
+            for i in todo:
+                pipe.get(model_prefix(models[i]) + "nextslot")
+            next_slots = [int(raw or 0) for raw in await pipe.execute()]
+            replies = await self._eval_each(self._gc_script, [
+                (_gc_keys(models[i], n), [n]) for i, n in zip(todo, next_slots, strict=True)])
+            for i, reply in zip(todo, replies, strict=True):
+                ranks[i] = int(reply)
+        return [1 if n < 0 else n for n in ranks]
+
+    async def _eval_each(self, script: AsyncScript,
+                         calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """`script` once per (keys, args) call, pipelined: one round trip. The script is
+        loaded if Redis does not have it (first use, or a restart)."""
+        if not calls:
             return []
         sha = str(script.sha)
         for attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
-            for model in models:
-                pipe.evalsha(sha, 1, model_prefix(model))
+            for keys, args in calls:
+                pipe.evalsha(sha, len(keys), *keys, *args)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
                 await self._redis.script_load(str(script.script))

@@ -4,7 +4,10 @@
 -- caller's ledger started from, so replayed or concurrent batches change nothing. The
 -- first record that fails this check stops the call.
 --
--- KEYS[1]  model prefix, "kvi:{m:<model>}:" (every key below shares its hash slot)
+-- KEYS     every key the call touches, declared so Redis Cluster routes the call (and
+--          answers TRYAGAIN while a slot is half migrated) by all of them: the model's
+--          blk, slots, slotver, free, block_size, then each record's rank meta and log
+--          (`w:<slot>:meta`, `w:<slot>:log`), all sharing the hash tag {m:<model>}
 -- ARGV     one record per rank:
 --   header  <H slot> <c16 expected position> <c16 new position> <d ts> <B flags>
 --           <I4 x4 held blocks per tier> <I4 dp rank> <H worker id length>
@@ -17,7 +20,7 @@
 -- A record applies only while its rank still owns the record's slot in `slots`.
 -- Returns one status per record applied ('ok' | 'removed' | 'emptied': removed, and the
 -- model has no rank left), then 'conflict' if one failed.
-local p = KEYS[1]
+local p = string.match(KEYS[1], '^(.*:)')  -- the model prefix, "kvi:{m:<model>}:"
 local blk = p .. 'blk'
 local NOPOS = string.rep('\255', 16)
 local HEADER = '<Hc16c16dBI4I4I4I4I4HI4I4I4'
@@ -81,11 +84,14 @@ local function apply_presence(rec, pos, stop)
   end
 end
 
-local function apply_one(rec)
+local function apply_one(rec, i)
   local slot, expected, newpos, ts, flags, n0, n1, n2, n3, rank,
         wlen, olen, llen, block_size, pos = struct.unpack(HEADER, rec, 1)
   local wp = p .. 'w:' .. slot .. ':'
   local meta = wp .. 'meta'
+  if KEYS[4 + 2 * i] ~= meta or KEYS[5 + 2 * i] ~= wp .. 'log' then
+    error('record ' .. i .. ': its rank keys are not the declared ones')
+  end
   local worker = string.sub(rec, pos, pos + wlen - 1)
   pos = pos + wlen
   local ref = worker .. '\n' .. rank
@@ -123,9 +129,12 @@ local function apply_one(rec)
   return 'ok'
 end
 
+if #KEYS ~= 5 + 2 * #ARGV then
+  return redis.error_reply('apply.lua wants 5 model keys and 2 per record')
+end
 local statuses = {}
 for i = 1, #ARGV do
-  local status = apply_one(ARGV[i])
+  local status = apply_one(ARGV[i], i)
   statuses[#statuses + 1] = status
   if status == 'conflict' then
     break
