@@ -36,13 +36,14 @@ from indexer.ingest.consumer import (
     ResyncRequester,
 )
 from indexer.ingest.liveness import LivenessWatcher
-from indexer.ingest.partitions import PartitionLeases
-from indexer.ingest.recovery import SnapshotStore
+from indexer.ingest.partitions import LEASE_BUCKET, PartitionLeases
+from indexer.ingest.recovery import SNAPSHOT_BUCKET, STATE_BUCKET, SnapshotStore
 from indexer.metrics import EventPathMetrics, MetricsExporter, register_process_metrics
 from indexer.probes import ProcessProbes
 from indexer.serve.auth import GrpcSecurity
 from indexer.serve.health import ServingHealth
 from indexer.serve.readers import PartitionMarkers, ReaderPool
+from kvcore.bus import STREAM_NAME
 from kvcore.connect import NatsSetupError, connect_nats
 from kvcore.redact import redact_text, redact_url
 from kvcore.runtime import (
@@ -55,10 +56,15 @@ from kvcore.runtime import (
     warn_if_pure_python,
 )
 from kvcore.topology import (
+    DEAD_LETTER_STREAM,
+    LIVENESS_BUCKET,
     StreamSettings,
     ensure_dead_letter_stream,
     ensure_liveness_bucket,
     ensure_stream,
+    kv_stream,
+    object_store_stream,
+    reconcile_replicas,
 )
 
 __all__ = ["IndexerService", "main"]
@@ -115,10 +121,12 @@ class IndexerService:
         settings = StreamSettings(partitions=config.partitions,
                                   max_age_s=config.stream_max_age_s,
                                   max_bytes=config.stream_max_bytes,
-                                  liveness_ttl_s=config.liveness_ttl_s)
+                                  liveness_ttl_s=config.liveness_ttl_s,
+                                  replicas=config.stream_replicas)
         await ensure_stream(self._js, settings)
-        await ensure_dead_letter_stream(self._js)
-        await ensure_liveness_bucket(self._js, config.liveness_ttl_s)
+        await ensure_dead_letter_stream(self._js, config.stream_replicas)
+        await ensure_liveness_bucket(self._js, config.liveness_ttl_s, config.stream_replicas)
+        await self._reconcile_replicas()
         resync = ResyncRequester(self._nc, 5.0, self.stats)
         registry = CollectorRegistry() if config.metrics_listen else None
         if registry is not None:
@@ -149,6 +157,17 @@ class IndexerService:
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(config.metrics_listen)
             self._background("metrics", self.metrics.run)
+
+    async def _reconcile_replicas(self) -> None:
+        """Streams and buckets made earlier with another replica count get this one's."""
+        assert self._js is not None
+        streams = [STREAM_NAME, DEAD_LETTER_STREAM, kv_stream(LIVENESS_BUCKET),
+                   kv_stream(LEASE_BUCKET), kv_stream(STATE_BUCKET),
+                   object_store_stream(SNAPSHOT_BUCKET)]
+        for name, old in await reconcile_replicas(self._js, streams,
+                                                  self.config.stream_replicas):
+            log.warning("stream_replicas_changed", stream=name, old=old,
+                        new=self.config.stream_replicas)
 
     async def _start_grpc(self) -> None:
         if not self.config.grpc_listen:
@@ -186,13 +205,14 @@ class IndexerService:
 
     async def _start_consumers(self) -> None:
         assert self._js is not None
+        replicas = self.config.stream_replicas
         self.snapshots = SnapshotStore(self._js, self.config.partitions,
-                                       keep=self.config.snapshot_keep)
+                                       keep=self.config.snapshot_keep, replicas=replicas)
         await self.snapshots.open()
         if self.config.redis_url:
             self.leases = PartitionLeases(self._js, self.config.partitions,
                                           start=self._start_partition,
-                                          stop=self._stop_partition)
+                                          stop=self._stop_partition, replicas=replicas)
             self._background("leases", self.leases.run)
             return
         # In memory every partition is ours, and rebuilt at start (the index is empty).

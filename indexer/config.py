@@ -29,6 +29,7 @@ from kvcore.connect import (
     NATS_SECURITY_FLAGS,
     NatsSecurity,
     NatsSetupError,
+    nats_servers,
 )
 from kvcore.redact import redact_text
 from kvcore.runtime import uvloop_installed
@@ -52,6 +53,7 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     liveness_grace_s: float = 30.0
     stream_max_age_s: float = 3600.0
     stream_max_bytes: int = 1 << 30
+    stream_replicas: int = 1  # JetStream copies of streams, buckets, snapshots (3: cluster)
     fetch_batch: int = 512
     apply_chunk: int = 256
     max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
@@ -109,6 +111,9 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
      "seconds after a worker's entry expires before its blocks are removed"),
     ("--stream-max-age", "stream_max_age_s", float, "seconds events are kept in the stream"),
     ("--stream-max-bytes", "stream_max_bytes", int, "bytes kept in the stream"),
+    ("--stream-replicas", "stream_replicas", int,
+     "copies JetStream keeps of the streams, KV buckets and snapshot store (1 to 5; 3 on a "
+     "NATS cluster); existing ones are changed to it at start"),
     ("--fetch-batch", "fetch_batch", int, "messages fetched per pull"),
     ("--apply-chunk", "apply_chunk", int, "batches per index apply call"),
     ("--max-query-tokens", "max_query_tokens", int, "largest Score query, in tokens"),
@@ -235,8 +240,13 @@ def validate(config: ServiceConfig) -> None:
          "--grpc-listen must be host:port (or empty: no gRPC)"),
         (config.metrics_listen == "" or _is_host_port(config.metrics_listen),
          "--metrics-listen must be host:port or empty"),
-        (config.nats_url is None or "://" in config.nats_url,
-         "--nats-url must be a URL like nats://host:4222"),
+        (config.nats_url is None or (bool(nats_servers(config.nats_url)) and all(
+            "://" in url for url in nats_servers(config.nats_url))),
+         "--nats-url must be a URL like nats://host:4222, or several separated by commas"),
+        (1 <= config.stream_replicas <= 5, "--stream-replicas must be 1 to 5"),
+        (config.stream_replicas == 1 or config.nats_url is not None,
+         "--stream-replicas above 1 needs --nats-url (a NATS cluster; the embedded "
+         "nats-server is one node)"),
         (config.redis_url is None or config.redis_url.startswith(("redis://", "rediss://",
                                                                   "unix://")),
          "--redis-url must be a redis://, rediss:// or unix:// URL"),
