@@ -24,7 +24,7 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
-from indexer.config import ServiceConfig, nats_security, parse_service_config
+from indexer.config import ServiceConfig, nats_security, parse_service_config, redis_read_urls
 from indexer.embedded import NATS_DEFAULT_PORT, EmbeddedNats, port_is_free
 from indexer.errors import BackendError, ConfigError
 from indexer.index.factory import RedisSecurity, build_index, served_index
@@ -135,7 +135,9 @@ class IndexerService:
         self.registry = registry
         self.index = build_index(IndexConfig(max_query_tokens=config.max_query_tokens),
                                  redis_url=config.redis_url, on_resync=resync.request,
-                                 redis_security=RedisSecurity.from_config(config))
+                                 redis_security=RedisSecurity.from_config(config),
+                                 redis_read_urls=redis_read_urls(config),
+                                 max_staleness_s=config.redis_read_max_staleness_s)
         self._served_index = served_index(self.index, registry)
         self._resync = resync
         await self._start_grpc()

@@ -35,13 +35,16 @@ from kvcore.redact import redact_text
 from kvcore.runtime import uvloop_installed
 from kvcore.topology import DEFAULT_PARTITIONS
 
-__all__ = ["SETTINGS", "ServiceConfig", "nats_security", "parse_service_config"]
+__all__ = ["SETTINGS", "ServiceConfig", "nats_security", "parse_service_config",
+           "redis_read_urls"]
 
 
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str | None = None  # None: start an embedded nats-server
     data_dir: Path = Path(".kv-indexer")
     redis_url: str | None = None  # None: in-memory index
+    redis_read_url: str | None = None  # read replicas for Score, comma-separated
+    redis_read_max_staleness_s: float = 1.0  # read_replicas.DEFAULT_MAX_STALENESS_S
     grpc_listen: str = "127.0.0.1:50051"
     grpc_processes: int = 1  # > 1: extra read-only gRPC server processes (Redis index only)
     grpc_idle_timeout_s: float = DEFAULT_CONNECTION_IDLE_S  # 0: idle connections stay open
@@ -94,6 +97,12 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
     ("--nats-url", "nats_url", str, "NATS server URL; unset: start an embedded nats-server"),
     ("--data-dir", "data_dir", Path, "data dir of the embedded nats-server (JetStream files)"),
     ("--redis-url", "redis_url", str, "Redis URL for the index; unset: in-memory index"),
+    ("--redis-read-url", "redis_read_url", str,
+     "Redis read replicas of --redis-url that Score reads from (URLs separated by commas); "
+     "writes stay on the primary"),
+    ("--redis-read-max-staleness", "redis_read_max_staleness_s", float,
+     "seconds a read replica may be behind the primary and still serve Score; beyond, "
+     "Score reads another replica or the primary"),
     ("--grpc-listen", "grpc_listen", str, "gRPC listen address host:port"),
     ("--grpc-processes", "grpc_processes", int,
      "processes serving gRPC on that address (Redis index only; >1 adds read-only servers)"),
@@ -196,6 +205,11 @@ def _convert(raw: str, kind: type, source: str) -> object:
                           f"{kind.__name__}") from exc
 
 
+def redis_read_urls(config: ServiceConfig) -> list[str]:
+    """The read replica URLs of `--redis-read-url`, in order."""
+    return [url.strip() for url in (config.redis_read_url or "").split(",") if url.strip()]
+
+
 def nats_security(config: ServiceConfig) -> NatsSecurity:
     """The NATS TLS and credential settings of `config`."""
     return NatsSecurity.from_values(msgspec.structs.asdict(config))
@@ -265,6 +279,14 @@ def validate(config: ServiceConfig) -> None:
          "--redis-tls-ca/--redis-tls-cert/--redis-tls-key need a rediss:// --redis-url"),
         (not config.redis_password_file or config.redis_url is not None,
          "--redis-password-file needs --redis-url"),
+        (not config.redis_read_url or config.redis_url is not None,
+         "--redis-read-url needs --redis-url (the primary, which takes the writes)"),
+        (all(url.startswith(("redis://", "rediss://", "unix://"))
+             for url in redis_read_urls(config)),
+         "--redis-read-url must be redis://, rediss:// or unix:// URLs separated by commas"),
+        (math.isfinite(config.redis_read_max_staleness_s)
+         and config.redis_read_max_staleness_s > 0,
+         "--redis-read-max-staleness must be a number of seconds > 0"),
     )
     for ok, message in checks:
         if not ok:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ from indexer.errors import ConfigError
 from indexer.index.instrumented import InstrumentedIndex
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, ResyncHook
+from indexer.index.read_replicas import DEFAULT_MAX_STALENESS_S, ReplicaReadIndex
 from indexer.index.redis import RedisIndex
 
 if TYPE_CHECKING:
@@ -55,11 +57,17 @@ class RedisSecurity(msgspec.Struct, frozen=True, kw_only=True):
 
 def build_index(
     config: IndexConfig, *, redis_url: str | None = None, on_resync: ResyncHook | None = None,
-    redis_security: RedisSecurity | None = None,
+    redis_security: RedisSecurity | None = None, redis_read_urls: Sequence[str] = (),
+    max_staleness_s: float = DEFAULT_MAX_STALENESS_S,
 ) -> Index:
-    """The Redis index at `redis_url` (with `redis_security`), else the in-memory one."""
+    """The Redis index at `redis_url` (with `redis_security`; Score from the read replicas
+    `redis_read_urls` while they are within `max_staleness_s`), else the in-memory one."""
     if redis_url:
         options = redis_security.client_options() if redis_security is not None else {}
+        if redis_read_urls:
+            return ReplicaReadIndex.from_urls(redis_url, redis_read_urls, config=config,
+                                              redis_options=options, on_resync=on_resync,
+                                              max_staleness_s=max_staleness_s)
         return RedisIndex.from_url(redis_url, config=config, on_resync=on_resync,
                                    redis_options=options)
     return MemoryIndex(config, on_resync=on_resync)

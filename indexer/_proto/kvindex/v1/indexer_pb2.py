@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvindex/v1/indexer.proto\x12\nkvindex.v1\"\xe3\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tlora_name\x18\x02 \x01(\t\x12\x12\n\ncache_salt\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\n \x03(\r\x12\x12\n\nblock_keys\x18\x0b \x03(\x06\x12\x0f\n\x07workers\x18\x14 \x03(\t\x12-\n\x0ctier_weights\x18\x15 \x01(\x0b\x32\x17.kvindex.v1.TierWeights\x12\x14\n\x0cinclude_zero\x18\x16 \x01(\x08\x12\x12\n\nblock_size\x18\x17 \x01(\r\x12\x0c\n\x04role\x18\x18 \x01(\t\"\x81\x01\n\x0bTierWeights\x12\x10\n\x03gpu\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03\x63pu\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07storage\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05other\x18\x04 \x01(\x01H\x03\x88\x01\x01\x42\x06\n\x04_gpuB\x06\n\x04_cpuB\n\n\x08_storageB\x08\n\x06_other\"x\n\rScoreResponse\x12\x14\n\x0cquery_blocks\x18\x01 \x01(\r\x12\'\n\x06scores\x18\x02 \x03(\x0b\x32\x17.kvindex.v1.WorkerScore\x12(\n\tfreshness\x18\x03 \x01(\x0b\x32\x15.kvindex.v1.Freshness\"\xd9\x01\n\x0bWorkerScore\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x16\n\x0ematched_blocks\x18\x03 \x01(\r\x12\x16\n\x0eweighted_score\x18\x04 \x01(\x01\x12\x41\n\x0e\x62locks_by_tier\x18\x05 \x03(\x0b\x32).kvindex.v1.WorkerScore.BlocksByTierEntry\x1a\x33\n\x11\x42locksByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"Y\n\tFreshness\x12\x1e\n\x16last_event_age_seconds\x18\x01 \x01(\x01\x12\x18\n\x10\x64\x65graded_workers\x18\x02 \x03(\t\x12\x12\n\nrebuilding\x18\x03 \x01(\x08\"\xdd\x01\n\x15\x46indBestWorkerRequest\x12\'\n\x05score\x18\x01 \x01(\x0b\x32\x18.kvindex.v1.ScoreRequest\x12%\n\x05loads\x18\x02 \x03(\x0b\x32\x16.kvindex.v1.WorkerLoad\x12\x1b\n\x0eoverlap_weight\x18\n \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x0b \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x0c \x01(\x04H\x02\x88\x01\x01\x42\x11\n\x0f_overlap_weightB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"\x83\x01\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x15\n\ractive_blocks\x18\x03 \x01(\x04\x12\x18\n\x10waiting_requests\x18\x04 \x01(\r\x12 \n\x18prefill_tokens_in_flight\x18\x05 \x01(\x04\"\xad\x01\n\x16\x46indBestWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x16\n\x0ematched_blocks\x18\x03 \x01(\r\x12-\n\ncandidates\x18\x04 \x03(\x0b\x32\x19.kvindex.v1.CandidateCost\x12(\n\tfreshness\x18\x05 \x01(\x0b\x32\x15.kvindex.v1.Freshness\"\xa2\x01\n\rCandidateCost\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x16\n\x0ematched_blocks\x18\x03 \x01(\r\x12\x16\n\x0eprefill_blocks\x18\x04 \x01(\r\x12\x15\n\ractive_blocks\x18\x05 \x01(\x04\x12\x0c\n\x04\x63ost\x18\x06 \x01(\x01\x12\x18\n\x10waiting_requests\x18\x07 \x01(\r\"?\n\x11ScoreBatchRequest\x12*\n\x08requests\x18\x01 \x03(\x0b\x32\x18.kvindex.v1.ScoreRequest\"B\n\x12ScoreBatchResponse\x12,\n\tresponses\x18\x01 \x03(\x0b\x32\x19.kvindex.v1.ScoreResponse\"1\n\x12ListWorkersRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.kvindex.v1.WorkerInfo\"\x97\x02\n\nWorkerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x10\n\x08last_seq\x18\x05 \x01(\x03\x12\x10\n\x08\x64\x65graded\x18\x06 \x01(\x08\x12@\n\x0e\x62locks_by_tier\x18\x07 \x03(\x0b\x32(.kvindex.v1.WorkerInfo.BlocksByTierEntry\x12\x1e\n\x16last_event_age_seconds\x18\x08 \x01(\x01\x12\x0c\n\x04role\x18\t \x01(\t\x1a\x33\n\x11\x42locksByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x11\n\x0fGetStatsRequest\"\xd0\x02\n\x10GetStatsResponse\x12\x17\n\x0f\x62\x61tches_applied\x18\x01 \x01(\x04\x12\x16\n\x0e\x65vents_applied\x18\x02 \x01(\x04\x12\x15\n\rblocks_stored\x18\x03 \x01(\x04\x12\x16\n\x0e\x62locks_removed\x18\x04 \x01(\x04\x12\x12\n\nduplicates\x18\x05 \x01(\x04\x12\r\n\x05stale\x18\x06 \x01(\x04\x12\x0c\n\x04gaps\x18\x07 \x01(\x04\x12\x19\n\x11resyncs_requested\x18\x08 \x01(\x04\x12:\n\x07\x64ropped\x18\t \x03(\x0b\x32).kvindex.v1.GetStatsResponse.DroppedEntry\x12\x0f\n\x07workers\x18\x14 \x01(\r\x12\x13\n\x0blag_seconds\x18\x15 \x01(\x01\x1a.\n\x0c\x44roppedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\x86\x03\n\tKvIndexer\x12<\n\x05Score\x12\x18.kvindex.v1.ScoreRequest\x1a\x19.kvindex.v1.ScoreResponse\x12W\n\x0e\x46indBestWorker\x12!.kvindex.v1.FindBestWorkerRequest\x1a\".kvindex.v1.FindBestWorkerResponse\x12K\n\nScoreBatch\x12\x1d.kvindex.v1.ScoreBatchRequest\x1a\x1e.kvindex.v1.ScoreBatchResponse\x12N\n\x0bListWorkers\x12\x1e.kvindex.v1.ListWorkersRequest\x1a\x1f.kvindex.v1.ListWorkersResponse\x12\x45\n\x08GetStats\x12\x1b.kvindex.v1.GetStatsRequest\x1a\x1c.kvindex.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvindex/v1/indexer.proto\x12\nkvindex.v1\"\xe3\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tlora_name\x18\x02 \x01(\t\x12\x12\n\ncache_salt\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\n \x03(\r\x12\x12\n\nblock_keys\x18\x0b \x03(\x06\x12\x0f\n\x07workers\x18\x14 \x03(\t\x12-\n\x0ctier_weights\x18\x15 \x01(\x0b\x32\x17.kvindex.v1.TierWeights\x12\x14\n\x0cinclude_zero\x18\x16 \x01(\x08\x12\x12\n\nblock_size\x18\x17 \x01(\r\x12\x0c\n\x04role\x18\x18 \x01(\t\"\x81\x01\n\x0bTierWeights\x12\x10\n\x03gpu\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03\x63pu\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07storage\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05other\x18\x04 \x01(\x01H\x03\x88\x01\x01\x42\x06\n\x04_gpuB\x06\n\x04_cpuB\n\n\x08_storageB\x08\n\x06_other\"x\n\rScoreResponse\x12\x14\n\x0cquery_blocks\x18\x01 \x01(\r\x12\'\n\x06scores\x18\x02 \x03(\x0b\x32\x17.kvindex.v1.WorkerScore\x12(\n\tfreshness\x18\x03 \x01(\x0b\x32\x15.kvindex.v1.Freshness\"\xd9\x01\n\x0bWorkerScore\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x16\n\x0ematched_blocks\x18\x03 \x01(\r\x12\x16\n\x0eweighted_score\x18\x04 \x01(\x01\x12\x41\n\x0e\x62locks_by_tier\x18\x05 \x03(\x0b\x32).kvindex.v1.WorkerScore.BlocksByTierEntry\x1a\x33\n\x11\x42locksByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x90\x01\n\tFreshness\x12\x1e\n\x16last_event_age_seconds\x18\x01 \x01(\x01\x12\x18\n\x10\x64\x65graded_workers\x18\x02 \x03(\t\x12\x12\n\nrebuilding\x18\x03 \x01(\x08\x12\x1f\n\x17index_staleness_seconds\x18\x04 \x01(\x01\x12\x14\n\x0cread_replica\x18\x05 \x01(\t\"\xdd\x01\n\x15\x46indBestWorkerRequest\x12\'\n\x05score\x18\x01 \x01(\x0b\x32\x18.kvindex.v1.ScoreRequest\x12%\n\x05loads\x18\x02 \x03(\x0b\x32\x16.kvindex.v1.WorkerLoad\x12\x1b\n\x0eoverlap_weight\x18\n \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x0b \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x0c \x01(\x04H\x02\x88\x01\x01\x42\x11\n\x0f_overlap_weightB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"\x83\x01\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x15\n\ractive_blocks\x18\x03 \x01(\x04\x12\x18\n\x10waiting_requests\x18\x04 \x01(\r\x12 \n\x18prefill_tokens_in_flight\x18\x05 \x01(\x04\"\xad\x01\n\x16\x46indBestWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x16\n\x0ematched_blocks\x18\x03 \x01(\r\x12-\n\ncandidates\x18\x04 \x03(\x0b\x32\x19.kvindex.v1.CandidateCost\x12(\n\tfreshness\x18\x05 \x01(\x0b\x32\x15.kvindex.v1.Freshness\"\xa2\x01\n\rCandidateCost\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\x12\x16\n\x0ematched_blocks\x18\x03 \x01(\r\x12\x16\n\x0eprefill_blocks\x18\x04 \x01(\r\x12\x15\n\ractive_blocks\x18\x05 \x01(\x04\x12\x0c\n\x04\x63ost\x18\x06 \x01(\x01\x12\x18\n\x10waiting_requests\x18\x07 \x01(\r\"?\n\x11ScoreBatchRequest\x12*\n\x08requests\x18\x01 \x03(\x0b\x32\x18.kvindex.v1.ScoreRequest\"B\n\x12ScoreBatchResponse\x12,\n\tresponses\x18\x01 \x03(\x0b\x32\x19.kvindex.v1.ScoreResponse\"1\n\x12ListWorkersRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.kvindex.v1.WorkerInfo\"\x97\x02\n\nWorkerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x10\n\x08last_seq\x18\x05 \x01(\x03\x12\x10\n\x08\x64\x65graded\x18\x06 \x01(\x08\x12@\n\x0e\x62locks_by_tier\x18\x07 \x03(\x0b\x32(.kvindex.v1.WorkerInfo.BlocksByTierEntry\x12\x1e\n\x16last_event_age_seconds\x18\x08 \x01(\x01\x12\x0c\n\x04role\x18\t \x01(\t\x1a\x33\n\x11\x42locksByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x11\n\x0fGetStatsRequest\"\xd0\x02\n\x10GetStatsResponse\x12\x17\n\x0f\x62\x61tches_applied\x18\x01 \x01(\x04\x12\x16\n\x0e\x65vents_applied\x18\x02 \x01(\x04\x12\x15\n\rblocks_stored\x18\x03 \x01(\x04\x12\x16\n\x0e\x62locks_removed\x18\x04 \x01(\x04\x12\x12\n\nduplicates\x18\x05 \x01(\x04\x12\r\n\x05stale\x18\x06 \x01(\x04\x12\x0c\n\x04gaps\x18\x07 \x01(\x04\x12\x19\n\x11resyncs_requested\x18\x08 \x01(\x04\x12:\n\x07\x64ropped\x18\t \x03(\x0b\x32).kvindex.v1.GetStatsResponse.DroppedEntry\x12\x0f\n\x07workers\x18\x14 \x01(\r\x12\x13\n\x0blag_seconds\x18\x15 \x01(\x01\x1a.\n\x0c\x44roppedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\x86\x03\n\tKvIndexer\x12<\n\x05Score\x12\x18.kvindex.v1.ScoreRequest\x1a\x19.kvindex.v1.ScoreResponse\x12W\n\x0e\x46indBestWorker\x12!.kvindex.v1.FindBestWorkerRequest\x1a\".kvindex.v1.FindBestWorkerResponse\x12K\n\nScoreBatch\x12\x1d.kvindex.v1.ScoreBatchRequest\x1a\x1e.kvindex.v1.ScoreBatchResponse\x12N\n\x0bListWorkers\x12\x1e.kvindex.v1.ListWorkersRequest\x1a\x1f.kvindex.v1.ListWorkersResponse\x12\x45\n\x08GetStats\x12\x1b.kvindex.v1.GetStatsRequest\x1a\x1c.kvindex.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,34 +47,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERSCORE']._serialized_end=742
   _globals['_WORKERSCORE_BLOCKSBYTIERENTRY']._serialized_start=691
   _globals['_WORKERSCORE_BLOCKSBYTIERENTRY']._serialized_end=742
-  _globals['_FRESHNESS']._serialized_start=744
-  _globals['_FRESHNESS']._serialized_end=833
-  _globals['_FINDBESTWORKERREQUEST']._serialized_start=836
-  _globals['_FINDBESTWORKERREQUEST']._serialized_end=1057
-  _globals['_WORKERLOAD']._serialized_start=1060
-  _globals['_WORKERLOAD']._serialized_end=1191
-  _globals['_FINDBESTWORKERRESPONSE']._serialized_start=1194
-  _globals['_FINDBESTWORKERRESPONSE']._serialized_end=1367
-  _globals['_CANDIDATECOST']._serialized_start=1370
-  _globals['_CANDIDATECOST']._serialized_end=1532
-  _globals['_SCOREBATCHREQUEST']._serialized_start=1534
-  _globals['_SCOREBATCHREQUEST']._serialized_end=1597
-  _globals['_SCOREBATCHRESPONSE']._serialized_start=1599
-  _globals['_SCOREBATCHRESPONSE']._serialized_end=1665
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1667
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1716
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1718
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1780
-  _globals['_WORKERINFO']._serialized_start=1783
-  _globals['_WORKERINFO']._serialized_end=2062
-  _globals['_WORKERINFO_BLOCKSBYTIERENTRY']._serialized_start=2011
-  _globals['_WORKERINFO_BLOCKSBYTIERENTRY']._serialized_end=2062
-  _globals['_GETSTATSREQUEST']._serialized_start=2064
-  _globals['_GETSTATSREQUEST']._serialized_end=2081
-  _globals['_GETSTATSRESPONSE']._serialized_start=2084
-  _globals['_GETSTATSRESPONSE']._serialized_end=2420
-  _globals['_GETSTATSRESPONSE_DROPPEDENTRY']._serialized_start=2374
-  _globals['_GETSTATSRESPONSE_DROPPEDENTRY']._serialized_end=2420
-  _globals['_KVINDEXER']._serialized_start=2423
-  _globals['_KVINDEXER']._serialized_end=2813
+  _globals['_FRESHNESS']._serialized_start=745
+  _globals['_FRESHNESS']._serialized_end=889
+  _globals['_FINDBESTWORKERREQUEST']._serialized_start=892
+  _globals['_FINDBESTWORKERREQUEST']._serialized_end=1113
+  _globals['_WORKERLOAD']._serialized_start=1116
+  _globals['_WORKERLOAD']._serialized_end=1247
+  _globals['_FINDBESTWORKERRESPONSE']._serialized_start=1250
+  _globals['_FINDBESTWORKERRESPONSE']._serialized_end=1423
+  _globals['_CANDIDATECOST']._serialized_start=1426
+  _globals['_CANDIDATECOST']._serialized_end=1588
+  _globals['_SCOREBATCHREQUEST']._serialized_start=1590
+  _globals['_SCOREBATCHREQUEST']._serialized_end=1653
+  _globals['_SCOREBATCHRESPONSE']._serialized_start=1655
+  _globals['_SCOREBATCHRESPONSE']._serialized_end=1721
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1723
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1772
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1774
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1836
+  _globals['_WORKERINFO']._serialized_start=1839
+  _globals['_WORKERINFO']._serialized_end=2118
+  _globals['_WORKERINFO_BLOCKSBYTIERENTRY']._serialized_start=2067
+  _globals['_WORKERINFO_BLOCKSBYTIERENTRY']._serialized_end=2118
+  _globals['_GETSTATSREQUEST']._serialized_start=2120
+  _globals['_GETSTATSREQUEST']._serialized_end=2137
+  _globals['_GETSTATSRESPONSE']._serialized_start=2140
+  _globals['_GETSTATSRESPONSE']._serialized_end=2476
+  _globals['_GETSTATSRESPONSE_DROPPEDENTRY']._serialized_start=2430
+  _globals['_GETSTATSRESPONSE_DROPPEDENTRY']._serialized_end=2476
+  _globals['_KVINDEXER']._serialized_start=2479
+  _globals['_KVINDEXER']._serialized_end=2869
 # @@protoc_insertion_point(module_scope)
