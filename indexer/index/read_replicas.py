@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -142,6 +143,7 @@ class ReplicaReadIndex:
         self._primary_probe = primary_probe
         # (asked at, primary offset), oldest first; kept for twice the bound
         self._samples: deque[tuple[float, int]] = deque()
+        self._primary_replid: str | None = None
         self._turn = itertools.count()
         self._monitor: asyncio.Task[None] | None = None
 
@@ -161,56 +163,65 @@ class ReplicaReadIndex:
     # --- the staleness monitor ---------------------------------------------------------
 
     def _ensure_monitor(self) -> None:
+        """Probing starts with the first call in an event loop (the index is built
+        before one runs); until the first round, the primary answers."""
         if self._monitor is None or self._monitor.done():
             self._monitor = asyncio.get_running_loop().create_task(self._run_monitor())
 
     async def _run_monitor(self) -> None:
+        """The primary sampled, and each replica probed, on loops of their own: a replica
+        that does not answer holds up nobody else's bound."""
+        await asyncio.gather(self._every_interval(self._sample_primary),
+                             *(self._every_interval(functools.partial(self._probe_replica, r))
+                               for r in self.replicas))
+
+    async def _every_interval(self, step: Callable[[], Awaitable[None]]) -> None:
         while True:
-            await self.probe()
+            await step()
             await asyncio.sleep(self.probe_interval_s)
 
     async def probe(self) -> None:
-        """One round: the primary's offset, then each replica's; who may serve reads."""
+        """One round, in order: the primary's offset, then each replica's."""
+        await self._sample_primary()
+        for replica in self.replicas:
+            await self._probe_replica(replica)
+
+    async def _sample_primary(self) -> None:
         asked_at = time.monotonic()
         try:
             fields = _info_fields(await asyncio.wait_for(
                 self._primary_probe.info("replication"), _PROBE_TIMEOUT_S))
-            offset, replid = int(fields["master_repl_offset"]), fields["master_replid"]
+            offset, self._primary_replid = (int(fields["master_repl_offset"]),
+                                            fields["master_replid"])
         except (RedisError, OSError, TimeoutError, KeyError, ValueError) as exc:
             log.debug("primary_probe_failed", error=repr(exc))
-            self._judge(time.monotonic())  # no new sample: the bounds age
-            return
+            return  # no new sample: every replica's bound ages
         self._samples.append((asked_at, offset))
         keep_from = asked_at - max(2 * self.max_staleness_s, 2.0)
         while len(self._samples) > 1 and self._samples[0][0] < keep_from:
             self._samples.popleft()
-        await asyncio.gather(*(self._probe_replica(r, replid) for r in self.replicas))
-        self._judge(time.monotonic())
 
-    async def _probe_replica(self, replica: ReadReplica, primary_replid: str) -> None:
+    async def _probe_replica(self, replica: ReadReplica) -> None:
+        if self._primary_replid is None:
+            return  # no primary sample yet
+        samples = list(self._samples)  # those taken before the replica is asked
         try:
-            applied = await asyncio.wait_for(replica.applied_offset(primary_replid),
+            applied = await asyncio.wait_for(replica.applied_offset(self._primary_replid),
                                              _PROBE_TIMEOUT_S)
         except (RedisError, OSError, TimeoutError, RuntimeError, KeyError,
                 ValueError) as exc:
             replica.fresh_as_of = None
             replica.mark(False, str(exc) or type(exc).__name__)
             return
-        held = [asked for asked, offset in self._samples if offset <= applied]
+        held = [asked for asked, offset in samples if offset <= applied]
         if held:
             replica.fresh_as_of = max(held[-1], replica.fresh_as_of or held[-1])
-        elif replica.fresh_as_of is None:
-            replica.mark(False, "behind every primary offset sampled")
-
-    def _judge(self, now: float) -> None:
-        for replica in self.replicas:
-            if replica.fresh_as_of is None:
-                continue  # marked when its probe failed
-            stale = replica.staleness(now)
-            if stale <= self.max_staleness_s:
-                replica.mark(True, "ok")
-            else:
-                replica.mark(False, f"{stale:.3f} s behind the primary")
+        stale = replica.staleness(time.monotonic())
+        if stale <= self.max_staleness_s:
+            replica.mark(True, "ok")
+        else:
+            replica.mark(False, f"{stale:.3f} s behind the primary" if held
+                         else "behind every primary offset sampled")
 
     # --- queries -----------------------------------------------------------------------
 
@@ -251,6 +262,7 @@ class ReplicaReadIndex:
         return await self.primary.apply(batches, validated=validated)
 
     async def ping(self) -> None:
+        self._ensure_monitor()  # health pings every process's index from its start
         await self.primary.ping()
 
     async def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
@@ -263,6 +275,7 @@ class ReplicaReadIndex:
         return await self.primary.drop_empty_models()
 
     async def workers(self, model: str | None = None) -> list[WorkerInfo]:
+        self._ensure_monitor()  # a reader process lists workers from its start
         return await self.primary.workers(model)
 
     async def block_size(self, model: str) -> int | None:
