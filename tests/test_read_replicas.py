@@ -19,6 +19,7 @@ from indexer.client import AsyncIndexerClient, Query, ScoreAnswer
 from indexer.config import ServiceConfig
 from indexer.index.read_replicas import ReadReplica, ReplicaReadIndex
 from indexer.index.redis import RedisIndex
+from indexer.index.replica_metrics import ReadReplicaCollector
 from kvcore.topology import StreamSettings
 from tests.support.capture import caught_up, mismatches
 from tests.support.chain_fleet import ChainFleet
@@ -167,6 +168,17 @@ class TestScoreFromReplicas:
         return answer.freshness.read_replica == address
 
 
+def gauges(index: ReplicaReadIndex) -> dict[tuple[str, str], float]:
+    """The collector's per-replica gauges: (usable | staleness, replica) -> value."""
+    values = {}
+    for family in ReadReplicaCollector(index).collect():
+        kind = family.name.removeprefix("kv_indexer_read_replica_").removesuffix("_seconds")
+        if kind in ("usable", "staleness"):
+            for sample in family.samples:
+                values[(kind, sample.labels["replica"])] = sample.value
+    return values
+
+
 class TestReplicaProbe:
     """What one probe round decides about a replica."""
 
@@ -186,11 +198,15 @@ class TestReplicaProbe:
             await index.probe()
             assert index.replicas[0].usable
             assert index.replicas[0].staleness(time.monotonic()) < 0.3
+            assert gauges(index) == {("usable", replica.address): 1.0,
+                                     ("staleness", replica.address): pytest.approx(0.0, abs=0.3)}
             await replica.detach()
             await writer.set("kvi:test-write", b"1")
             await index.probe()
             assert not index.replicas[0].usable
             assert "not a replica" in index.replicas[0].reason
+            assert gauges(index) == {("usable", replica.address): 0.0,
+                                     ("staleness", replica.address): -1.0}
             async with aioredis.Redis.from_url(replica.url) as client:
                 await client.execute_command("REPLICAOF", "127.0.0.1", str(primary.port))
             await replica.wait_in_sync()

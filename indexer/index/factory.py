@@ -15,6 +15,7 @@ from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, ResyncHook
 from indexer.index.read_replicas import DEFAULT_MAX_STALENESS_S, ReplicaReadIndex
 from indexer.index.redis import RedisIndex
+from indexer.index.replica_metrics import ReadReplicaCollector
 
 if TYPE_CHECKING:
     from indexer.config import ServiceConfig
@@ -75,6 +76,11 @@ def build_index(
 
 def served_index(index: Index, registry: CollectorRegistry | None) -> Index:
     """What a process serves to routers: `index`, its Score calls timed into `registry`
-    when metrics are on. Consumer and reader processes alike serve through this; ingest
-    and in-process callers use the bare index."""
-    return InstrumentedIndex(index, registry) if registry is not None else index
+    when metrics are on (with its read replicas' state, if it has any). Consumer and
+    reader processes alike serve through this; ingest and in-process callers use the bare
+    index."""
+    if registry is None:
+        return index
+    if isinstance(index, ReplicaReadIndex):
+        registry.register(ReadReplicaCollector(index))
+    return InstrumentedIndex(index, registry)

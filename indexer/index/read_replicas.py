@@ -145,6 +145,7 @@ class ReplicaReadIndex:
         self._samples: deque[tuple[float, int]] = deque()
         self._primary_replid: str | None = None
         self._turn = itertools.count()
+        self.reads: dict[str, int] = {}  # Score answers by source: replica address, "primary"
         self._monitor: asyncio.Task[None] | None = None
 
     @classmethod
@@ -191,11 +192,17 @@ class ReplicaReadIndex:
         try:
             fields = _info_fields(await asyncio.wait_for(
                 self._primary_probe.info("replication"), _PROBE_TIMEOUT_S))
-            offset, self._primary_replid = (int(fields["master_repl_offset"]),
-                                            fields["master_replid"])
+            offset, replid = int(fields["master_repl_offset"]), fields["master_replid"]
         except (RedisError, OSError, TimeoutError, KeyError, ValueError) as exc:
             log.debug("primary_probe_failed", error=repr(exc))
             return  # no new sample: every replica's bound ages
+        if replid != self._primary_replid:
+            # Another replication history (a restarted or failed-over primary): offsets
+            # of the old one say nothing about the new one.
+            self._samples.clear()
+            for replica in self.replicas:
+                replica.fresh_as_of = None
+            self._primary_replid = replid
         self._samples.append((asked_at, offset))
         keep_from = asked_at - max(2 * self.max_staleness_s, 2.0)
         while len(self._samples) > 1 and self._samples[0][0] < keep_from:
@@ -247,9 +254,15 @@ class ReplicaReadIndex:
                 replica.fresh_as_of = None
                 continue
             staleness = time.monotonic() - fresh_as_of
+            self._count(replica.address)
             return ScoreResult(result.query_blocks, result.scores,
                                staleness_s=staleness, replica=replica.address)
-        return await self.primary.score(query)
+        result = await self.primary.score(query)
+        self._count("primary")
+        return result
+
+    def _count(self, source: str) -> None:
+        self.reads[source] = self.reads.get(source, 0) + 1
 
     # --- everything else: the primary --------------------------------------------------
 
