@@ -131,7 +131,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> str:
     return f"""{args.workers} library publishers (one per worker) store {args.chains} chains of
 {CHAIN} blocks each ({blocks:,} blocks, one batch per chain) as fast as they go; one
 in-process indexer (in-memory index, {PARTITIONS} partitions) applies them. All servers on
-this machine's loopback.
+this machine's loopback; the cluster's three nats-servers share its 2 cores with the
+publishers and the indexer.
 
 | NATS | stream replicas | end to end, blocks/s |
 |---|---:|---:|
