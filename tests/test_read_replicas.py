@@ -23,6 +23,8 @@ from indexer.index.replica_metrics import ReadReplicaCollector
 from kvcore.topology import StreamSettings
 from tests.support.capture import caught_up, mismatches
 from tests.support.chain_fleet import ChainFleet
+from tests.support.event_path import BS, TOKENS, publisher, service_config
+from tests.support.event_path import MODEL as EVENT_MODEL
 from tests.support.polling import eventually
 from tests.support.redis_replicas import RedisReplica
 from tests.support.servers import RedisServer
@@ -166,6 +168,53 @@ class TestScoreFromReplicas:
                            address: str) -> bool:
         answer = await ask(client, holdings, 0, 0)
         return answer.freshness.read_replica == address
+
+
+class TestReaderProcesses:
+    """`--grpc-processes`: the reader processes score from the replicas too."""
+
+    async def test_readers_answer_from_the_replica(self, nats_url: str,
+                                                   tmp_path: Path) -> None:
+        """With the consumer process's own gRPC server stopped, the reader process
+        answers, exactly, from the replica, and says so."""
+        primary = RedisServer(tmp_path / "primary").start()
+        replica = RedisReplica(tmp_path / "replica", primary).start()
+        service = IndexerService(service_config(
+            nats_url, redis_url=primary.url, redis_read_url=replica.url,
+            grpc_listen="127.0.0.1:0", grpc_processes=2))
+        try:
+            await replica.wait_in_sync()
+            await service.start()
+            async with publisher(nats_url, "w1") as pub:
+                pub.stored(list(range(1, 9)), TOKENS, parent_hash=None)
+                assert await pub.flush()
+                query = Query(model=EVENT_MODEL, token_ids=TOKENS, block_size=BS)
+                await self._answered(service.grpc_port, query, "")  # indexed, whoever answers
+                await service._server.stop(0)  # type: ignore[union-attr]
+                await self._answered(service.grpc_port, query, replica.address)
+        finally:
+            await service.close()
+            replica.stop()
+            primary.stop()
+
+    @staticmethod
+    async def _answered(port: int, query: Query, source: str) -> None:
+        """Until a new connection's Score says w1 holds all 8 blocks and, if `source`
+        is given, that this replica answered."""
+
+        async def answered() -> bool:
+            client = AsyncIndexerClient(f"127.0.0.1:{port}", timeout=2.0,
+                                        options=[("grpc.use_local_subchannel_pool", 1)])
+            try:
+                answer = await client.score(query)
+            except Exception:  # noqa: BLE001 - not serving (yet)
+                return False
+            finally:
+                await client.close()
+            got = {s.worker_id: s.matched_blocks for s in answer.scores}
+            return got == {"w1": 8} and (not source or answer.freshness.read_replica == source)
+
+        await eventually(answered, timeout=30)
 
 
 def gauges(index: ReplicaReadIndex) -> dict[tuple[str, str], float]:
