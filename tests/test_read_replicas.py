@@ -126,11 +126,12 @@ class TestScoreFromReplicas:
                 assert await ask_many(client, holdings, rng, every) == {a.address, b.address}
 
                 # a asleep: removals answered exactly by b
-                sleeping = asyncio.create_task(a.sleep(4.0))
+                sleeping = asyncio.create_task(a.sleep(8.0))
                 await asyncio.sleep(0.2)
                 await self._remove(service, fleet, holdings, range(300, 320))
                 assert await ask_many(client, holdings, rng, list(range(290, 330))) == {
                     b.address}
+                assert not sleeping.done()  # all those answers came while a slept
                 await sleeping
                 await a.wait_in_sync()
                 await eventually(lambda: self._answered_by(client, holdings, a.address), 10)
