@@ -22,6 +22,7 @@ from grpc_health.v1 import health
 from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+from nats.js.errors import APIError as JsApiError
 from prometheus_client import CollectorRegistry
 
 from indexer.config import ServiceConfig, nats_security, parse_service_config, redis_read_urls
@@ -118,15 +119,7 @@ class IndexerService:
                                       start_timeout_s=config.nats_start_timeout_s,
                                       max_reconnect_attempts=-1, reconnect_time_wait=0.5)
         self._js = self._nc.jetstream()
-        settings = StreamSettings(partitions=config.partitions,
-                                  max_age_s=config.stream_max_age_s,
-                                  max_bytes=config.stream_max_bytes,
-                                  liveness_ttl_s=config.liveness_ttl_s,
-                                  replicas=config.stream_replicas)
-        await ensure_stream(self._js, settings)
-        await ensure_dead_letter_stream(self._js, config.stream_replicas)
-        await ensure_liveness_bucket(self._js, config.liveness_ttl_s, config.stream_replicas)
-        await self._reconcile_replicas()
+        await self._ensure_topology()
         resync = ResyncRequester(self._nc, 5.0, self.stats)
         registry = CollectorRegistry() if config.metrics_listen else None
         if registry is not None:
@@ -159,6 +152,28 @@ class IndexerService:
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(config.metrics_listen)
             self._background("metrics", self.metrics.run)
+
+    async def _ensure_topology(self) -> None:
+        """The streams and buckets, with `--stream-replicas` copies (ConfigError if the
+        NATS server cannot place that many: one server, or too few cluster nodes)."""
+        assert self._js is not None
+        config = self.config
+        settings = StreamSettings(partitions=config.partitions,
+                                  max_age_s=config.stream_max_age_s,
+                                  max_bytes=config.stream_max_bytes,
+                                  liveness_ttl_s=config.liveness_ttl_s,
+                                  replicas=config.stream_replicas)
+        try:
+            await ensure_stream(self._js, settings)
+            await ensure_dead_letter_stream(self._js, config.stream_replicas)
+            await ensure_liveness_bucket(self._js, config.liveness_ttl_s,
+                                         config.stream_replicas)
+            await self._reconcile_replicas()
+        except JsApiError as exc:
+            if config.stream_replicas == 1:
+                raise
+            raise ConfigError(f"--stream-replicas {config.stream_replicas}: NATS refused "
+                              f"it: {exc.description or exc}") from exc
 
     async def _reconcile_replicas(self) -> None:
         """Streams and buckets made earlier with another replica count get this one's."""

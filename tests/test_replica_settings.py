@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from indexer.config import parse_service_config
+from indexer.app import IndexerService
+from indexer.config import ServiceConfig, parse_service_config
 from indexer.errors import ConfigError
 from kvcore.connect import nats_servers
 from publisher.cli import parse_bridge_args
@@ -45,6 +46,22 @@ class TestStreamReplicas:
         assert parse_bridge_args([*BRIDGE, "--stream-replicas", "3"]).stream_replicas == "3"
         with pytest.raises(SystemExit):
             parse_bridge_args([*BRIDGE, "--stream-replicas", "7"])
+
+
+class TestRefusedByNats:
+    """A replica count the server cannot place stops start-up with a message."""
+
+    @pytest.mark.integration
+    async def test_one_server_refuses_three(self, nats_url: str) -> None:
+        """A lone nats-server (no cluster) cannot keep 3 copies: ConfigError, which
+        `kv-indexer serve` prints and exits with 2."""
+        service = IndexerService(ServiceConfig(nats_url=nats_url, grpc_listen="",
+                                               metrics_listen="", stream_replicas=3))
+        try:
+            with pytest.raises(ConfigError, match="--stream-replicas 3: NATS refused it"):
+                await service.start()
+        finally:
+            await service.close()
 
 
 class TestNatsUrlList:
