@@ -170,10 +170,12 @@ class IndexerService:
                                          config.stream_replicas)
             await self._reconcile_replicas()
         except JsApiError as exc:
-            if config.stream_replicas == 1:
-                raise
+            reason = (exc.description or "").lower()
+            placing = ("replica", "placement", "insufficient resources")
+            if config.stream_replicas == 1 or not any(word in reason for word in placing):
+                raise  # not about where the copies go: a server not ready, say
             raise ConfigError(f"--stream-replicas {config.stream_replicas}: NATS refused "
-                              f"it: {exc.description or exc}") from exc
+                              f"it: {exc.description}") from exc
 
     async def _reconcile_replicas(self) -> None:
         """Streams and buckets made earlier with another replica count get this one's."""
