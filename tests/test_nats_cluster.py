@@ -7,6 +7,7 @@ leases and snapshots are still there."""
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 import nats
@@ -22,7 +23,6 @@ from kvcore.topology import (
     DEAD_LETTER_STREAM,
     LIVENESS_BUCKET,
     StreamSettings,
-    ensure_liveness_bucket,
     ensure_stream,
     kv_stream,
     object_store_stream,
@@ -30,7 +30,7 @@ from kvcore.topology import (
 from tests.support.capture import caught_up, mismatches
 from tests.support.chain_fleet import ChainFleet
 from tests.support.nats_cluster import NatsCluster
-from tests.support.polling import eventually, is_true
+from tests.support.polling import equals, eventually, is_true
 from tests.support.servers import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
@@ -55,6 +55,11 @@ async def replicas_of(js: JetStreamContext, stream: str) -> tuple[int, str | Non
     return info.config.num_replicas or 1, cluster.leader if cluster else None, current
 
 
+async def first_of(triple: Awaitable[tuple[int, str | None, int]]) -> int:
+    """The configured replicas of a `replicas_of` answer."""
+    return (await triple)[0]
+
+
 async def all_replicated(js: JetStreamContext, replicas: int) -> bool:
     """Every stream the service keeps has `replicas` copies, a leader, and its followers
     caught up."""
@@ -69,10 +74,11 @@ class TestClusterNodeLoss:
     """One node of three lost mid-stream costs nothing."""
 
     async def test_node_killed_mid_stream(self, tmp_path: Path) -> None:
-        """Streams made with 1 replica are scaled to 3 at start; 8 workers store 48,000
-        blocks; the event stream's leader is SIGKILLed while batches are in flight; the
-        index ends equal to the reference, with every lease, snapshot and worker entry
-        still readable, and the node, restarted, catches up."""
+        """The worker registry made by the bridges has 3 copies; the event stream made
+        with 1 is scaled to 3 at the indexer's start; 8 workers store 48,000 blocks; the
+        event stream's leader is SIGKILLed while batches are in flight; the index ends
+        equal to the reference, with every lease, snapshot and worker entry still
+        readable, and the node, restarted, catches up."""
         cluster = NatsCluster(tmp_path / "nats").start()
         redis_server = RedisServer(tmp_path / "redis").start()
         fleet: ChainFleet | None = None
@@ -82,10 +88,15 @@ class TestClusterNodeLoss:
             nc = await nats.connect(cluster.servers, max_reconnect_attempts=-1,
                                     reconnect_time_wait=0.2)
             js = nc.jetstream()
-            # what a version without replicas left behind
+            # what a version without replicas left behind: a one-copy event stream
             await ensure_stream(js, StreamSettings(partitions=PARTITIONS))
-            await ensure_liveness_bucket(js, 3.0)
             assert (await replicas_of(js, STREAM_NAME))[0] == 1
+            # bridges up first: the one that makes the worker registry gives it 3 copies
+            fleet = ChainFleet(cluster.url, MODEL, workers=WORKERS, stream=StreamSettings(
+                partitions=PARTITIONS, liveness_ttl_s=3.0, replicas=3))
+            await fleet.start()
+            registry = kv_stream(LIVENESS_BUCKET)
+            await eventually(lambda: equals(first_of(replicas_of(js, registry)), 3), 30)
             service = IndexerService(ServiceConfig(
                 nats_url=cluster.url, redis_url=redis_server.url, grpc_listen="",
                 metrics_listen="", partitions=PARTITIONS, stream_replicas=3,
@@ -94,9 +105,6 @@ class TestClusterNodeLoss:
             await service.start()
             try:
                 await eventually(lambda: all_replicated(js, 3), 60)
-                fleet = ChainFleet(cluster.url, MODEL, workers=WORKERS, stream=StreamSettings(
-                    partitions=PARTITIONS, liveness_ttl_s=3.0, replicas=3))
-                await fleet.start()
                 fleet.store(range(60))
                 await fleet.flush()
                 await eventually(lambda: caught_up(service.index, fleet.published, MODEL), 120)
