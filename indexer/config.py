@@ -284,6 +284,8 @@ def validate(config: ServiceConfig) -> None:
         (all(url.startswith(("redis://", "rediss://", "unix://"))
              for url in redis_read_urls(config)),
          "--redis-read-url must be redis://, rediss:// or unix:// URLs separated by commas"),
+        (not tls_redis or all(url.startswith("rediss://") for url in redis_read_urls(config)),
+         "--redis-tls-* apply to the read replicas too: --redis-read-url needs rediss:// URLs"),
         (math.isfinite(config.redis_read_max_staleness_s)
          and config.redis_read_max_staleness_s > 0,
          "--redis-read-max-staleness must be a number of seconds > 0"),

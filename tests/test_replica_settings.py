@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from indexer.app import IndexerService
-from indexer.config import ServiceConfig, parse_service_config
+from indexer.config import ServiceConfig, parse_service_config, redis_read_urls
 from indexer.errors import ConfigError
 from kvcore.connect import nats_servers
 from publisher.cli import parse_bridge_args
@@ -46,6 +46,31 @@ class TestStreamReplicas:
         assert parse_bridge_args([*BRIDGE, "--stream-replicas", "3"]).stream_replicas == "3"
         with pytest.raises(SystemExit):
             parse_bridge_args([*BRIDGE, "--stream-replicas", "7"])
+
+
+class TestRedisReadUrl:
+    """--redis-read-url: replicas of a --redis-url, spoken to as the primary is."""
+
+    def test_list_accepted(self) -> None:
+        """Two replicas, comma-separated, with a staleness bound."""
+        config = parse_service_config([
+            "--redis-url", "redis://primary:6379/0",
+            "--redis-read-url", "redis://r1:6379/0, redis://r2:6379/0",
+            "--redis-read-max-staleness", "0.25"], {})
+        assert redis_read_urls(config) == ["redis://r1:6379/0", "redis://r2:6379/0"]
+        assert config.redis_read_max_staleness_s == 0.25
+
+    @pytest.mark.parametrize(("argv", "message"), [
+        (["--redis-read-url", "redis://r1:6379/0"], "needs --redis-url"),
+        (["--redis-url", "redis://p:6379/0", "--redis-read-url", "http://r1"],
+         "must be redis://"),
+        (["--redis-url", "redis://p:6379/0", "--redis-read-url", "redis://r1:6379/0",
+          "--redis-read-max-staleness", "0"], "must be a number of seconds > 0"),
+    ])
+    def test_refused(self, argv: list[str], message: str) -> None:
+        """No primary, not a Redis URL, a bound of 0: each named."""
+        with pytest.raises(ConfigError, match=message):
+            parse_service_config(argv, {})
 
 
 class TestRefusedByNats:

@@ -178,7 +178,10 @@ class ReplicaReadIndex:
 
     async def _every_interval(self, step: Callable[[], Awaitable[None]]) -> None:
         while True:
-            await step()
+            try:
+                await step()
+            except Exception as exc:  # noqa: BLE001 - a probe's bug must not end probing
+                log.warning("read_replica_probe_failed", error=repr(exc))
             await asyncio.sleep(self.probe_interval_s)
 
     async def probe(self) -> None:
