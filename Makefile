@@ -8,7 +8,7 @@ PYTHON  ?= python3
 PKGS    := kvcore publisher indexer kvsim
 PROTO_OUT := indexer/_proto
 
-.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim test-redis-cluster bench-redis-cluster
+.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim test-redis-cluster bench-redis-cluster bench-replicas bench-nats-cluster
 
 setup: $(STAMP)
 
@@ -86,7 +86,7 @@ dist: $(STAMP)
 	  sys.exit(0 if w and any('kvcore/_native' in n for n in zipfile.ZipFile(w[0]).namelist()) \
 	  else 'the wheel has no kvcore._native (no C compiler?)')"
 
-bench: bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls
+bench: bench-keys bench-memory bench-redis bench-redis-cluster bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-replicas bench-nats-cluster
 
 bench-keys: setup
 	$(PY) -m bench.keys
@@ -103,6 +103,14 @@ bench-redis-cluster: setup redis-server
 
 bench-events: setup redis-server
 	$(PY) -m bench.event_path
+
+# Redis read replicas: Score through a replica vs the primary, declared staleness under load
+bench-replicas: setup redis-server
+	$(PY) -m bench.read_replicas
+
+# NATS: end-to-end ingest on one server vs a 3-node cluster with 3 replicas; a leader lost
+bench-nats-cluster: setup redis-server
+	$(PY) -m bench.nats_cluster
 
 bench-grpc: setup redis-server libnghttp2-dev
 	$(PY) -m bench.grpc_score

@@ -153,7 +153,9 @@ def _show_score(answer: ScoreAnswer) -> None:
     fresh = answer.freshness
     degraded = ", ".join(fresh.degraded_workers) or "none"
     print(f"query: {answer.query_blocks} blocks; {event_age(fresh.last_event_age_seconds)}; "
-          f"degraded: {degraded}" + ("; index REBUILDING" if fresh.rebuilding else ""))
+          f"degraded: {degraded}" + ("; index REBUILDING" if fresh.rebuilding else "")
+          + (f"; read replica {fresh.read_replica}, at most "
+             f"{fresh.index_staleness_seconds:.3f} s behind" if fresh.read_replica else ""))
     if not answer.scores:
         print("no worker holds any block of the query")
         return

@@ -183,6 +183,9 @@ class Freshness(msgspec.Struct, frozen=True):
     last_event_age_seconds: float
     degraded_workers: list[str]
     rebuilding: bool
+    # bound on how far the Redis read replica that answered was behind; 0: the primary
+    index_staleness_seconds: float = 0.0
+    read_replica: str = ""  # host:port of that replica; "" for the primary
 
 
 class WorkerMatch(msgspec.Struct, frozen=True):
@@ -282,7 +285,8 @@ def _find_request(
 
 
 def _freshness(msg: pb.Freshness) -> Freshness:
-    return Freshness(msg.last_event_age_seconds, list(msg.degraded_workers), msg.rebuilding)
+    return Freshness(msg.last_event_age_seconds, list(msg.degraded_workers), msg.rebuilding,
+                     msg.index_staleness_seconds, msg.read_replica)
 
 
 def _score_answer(msg: pb.ScoreResponse) -> ScoreAnswer:

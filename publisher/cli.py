@@ -47,7 +47,11 @@ BRIDGE_SETTINGS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--worker-id", "WORKER_ID", None, "this worker's id (unique in the fleet)"),
     ("--dp-size", "DP_SIZE", "1", "data-parallel ranks (ports offset by rank)"),
     ("--topic", "TOPIC", "", "ZMQ topic the engine publishes on"),
-    ("--nats-url", "NATS_URL", "nats://127.0.0.1:4222", "NATS server URL"),
+    ("--nats-url", "NATS_URL", "nats://127.0.0.1:4222",
+     "NATS server URL, or the URLs of a cluster's nodes separated by commas"),
+    ("--stream-replicas", "STREAM_REPLICAS", "1",
+     "copies of the worker registry bucket when this bridge creates it (3 on a NATS "
+     "cluster; the indexer's --stream-replicas governs it once it runs)"),
     ("--block-size", "BLOCK_SIZE", "16", "engine block size in tokens"),
     ("--flavor", "FLAVOR", "vllm", "vllm or sglang"),
     ("--role", "ROLE", "both",
@@ -84,6 +88,8 @@ def parse_bridge_args(argv: Sequence[str]) -> argparse.Namespace:
         name = flag[2:].replace("-", "_")
         if not getattr(args, name):
             parser.error(f"{flag} is required (or KV_PUBLISHER_{name.upper()})")
+    if args.stream_replicas not in ("1", "2", "3", "4", "5"):
+        parser.error(f"--stream-replicas must be 1 to 5, got {args.stream_replicas!r}")
     for flag in ("--dp-size", "--block-size", "--max-pending"):
         value = getattr(args, flag[2:].replace("-", "_"))
         if not str(value).isdigit() or int(value) < 1:
@@ -128,7 +134,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 async def run_bridge(args: argparse.Namespace) -> None:
     publisher = KVEventPublisher(args.model, args.worker_id, block_size=int(args.block_size),
                                  nats_url=args.nats_url, dp_size=int(args.dp_size),
-                                 stream=StreamSettings(), max_pending=int(args.max_pending),
+                                 stream=StreamSettings(replicas=int(args.stream_replicas)),
+                                 max_pending=int(args.max_pending),
                                  nats_security=nats_security(args),
                                  start_timeout_s=float(args.nats_start_timeout),
                                  role=args.role)

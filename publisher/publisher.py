@@ -468,7 +468,8 @@ class KVEventPublisher:
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 kv = await ensure_liveness_bucket(self._nc.jetstream(),
-                                                  self._stream.liveness_ttl_s)
+                                                  self._stream.liveness_ttl_s,
+                                                  self._stream.replicas)
                 await kv.delete(liveness_key(self.model, self.worker_id))
             with contextlib.suppress(Exception):
                 await self._nc.drain()
@@ -529,7 +530,8 @@ class KVEventPublisher:
                 # only its own key (`kv-indexer nats-auth`) waits for the indexer to
                 # create the bucket.
                 if kv is None:
-                    kv = await ensure_liveness_bucket(self._nc.jetstream(), ttl)
+                    kv = await ensure_liveness_bucket(self._nc.jetstream(), ttl,
+                                                      self._stream.replicas)
                 await kv.put(key, msgspec.json.encode(self.record()))
             except Exception as exc:  # noqa: BLE001 - NATS away: retry next tick
                 log.warning("liveness_put_failed", error=repr(exc))

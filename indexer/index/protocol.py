@@ -169,6 +169,10 @@ class WorkerScore(msgspec.Struct, frozen=True):
 class ScoreResult(msgspec.Struct, frozen=True):
     query_blocks: int
     scores: list[WorkerScore]  # by matched_blocks desc, then worker_id, dp_rank
+    # Answered by a Redis read replica (its host:port): at most `staleness_s` behind the
+    # primary. The primary and the in-memory index answer with 0 and "".
+    staleness_s: float = 0.0
+    replica: str = ""
 
 
 class WorkerInfo(msgspec.Struct, frozen=True):

@@ -213,8 +213,13 @@ class RedisIndex:
         on_resync: ResyncHook | None = None,
         log_compact_min_bytes: int = DEFAULT_LOG_COMPACT_MIN_BYTES,
         pipelined_queries: bool = True,
+        *,
+        read_only: bool = False,
     ) -> None:
         self.log_compact_min_bytes = log_compact_min_bytes
+        # A read replica's index: Score runs score.lua with EVALSHA_RO, which a replica
+        # accepts and which can never write.
+        self._score_command = "EVALSHA_RO" if read_only else "EVALSHA"
         self.config = config or IndexConfig()
         self.config.validate()
         self.on_resync = on_resync
@@ -535,15 +540,14 @@ class RedisIndex:
         """score.lua's reply; over the shared query pipe when there is one."""
         keys = (prefix + "blk", prefix + "slotver")
         reply: list[Any]
-        if self._queries is None:
-            reply = await self._score_script(keys=keys, args=[packed_keys])
-            return reply
         sha = str(self._score_script.sha)  # SHA1 of the script text, known before loading
+        call = (self._queries.call if self._queries is not None
+                else self._redis.execute_command)
         try:
-            reply = await self._queries.call("EVALSHA", sha, 2, *keys, packed_keys)
+            reply = await call(self._score_command, sha, 2, *keys, packed_keys)
         except NoScriptError:  # first use, or Redis restarted and lost its scripts
-            await self._queries.call("SCRIPT", "LOAD", str(self._score_script.script))
-            reply = await self._queries.call("EVALSHA", sha, 2, *keys, packed_keys)
+            await call("SCRIPT", "LOAD", str(self._score_script.script))
+            reply = await call(self._score_command, sha, 2, *keys, packed_keys)
         return reply
 
     async def _slot_map(self, model: str, version: bytes | None = None,

@@ -383,7 +383,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         result = await self._run_query(request, candidates, field, request.include_zero,
                                        wire_tokens)
         response = pb.ScoreResponse(query_blocks=result.query_blocks,
-                                    freshness=self._freshness(candidates))
+                                    freshness=self._freshness(candidates, result))
         add = response.scores.add  # much faster than building WorkerScore(...) with a map
         for s in result.scores:
             by_tier = add(worker_id=s.worker_id, dp_rank=s.dp_rank,
@@ -459,16 +459,19 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         refs = candidates.refs
         if any((s.worker_id, s.dp_rank) not in refs for s in result.scores):
             result = ScoreResult(result.query_blocks, [
-                s for s in result.scores if (s.worker_id, s.dp_rank) in refs])
+                s for s in result.scores if (s.worker_id, s.dp_rank) in refs],
+                staleness_s=result.staleness_s, replica=result.replica)
         if result.query_blocks:  # for Diagnose: did any candidate hold the first block?
             hit = bool(result.scores) and (not include_zero or any(
                 s.matched_blocks for s in result.scores))
             self.outcomes.record(request.model, bool(tokens), request.block_size, hit)
         return result
 
-    def _freshness(self, candidates: CandidateSet) -> pb.Freshness:
+    def _freshness(self, candidates: CandidateSet, result: ScoreResult) -> pb.Freshness:
         return pb.Freshness(last_event_age_seconds=_age(time.time(), candidates.newest_ts),
-                            degraded_workers=candidates.degraded, rebuilding=self.rebuilding())
+                            degraded_workers=candidates.degraded, rebuilding=self.rebuilding(),
+                            index_staleness_seconds=result.staleness_s,
+                            read_replica=result.replica)
 
     # --- FindBestWorker ----------------------------------------------------------------
 
@@ -508,7 +511,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
                                        temperature=temperature, rng=rng)
         response = pb.FindBestWorkerResponse(
             worker_id=chosen.worker_id, dp_rank=chosen.dp_rank,
-            matched_blocks=chosen.matched_blocks, freshness=self._freshness(candidates))
+            matched_blocks=chosen.matched_blocks, freshness=self._freshness(candidates, result))
         add = response.candidates.add
         for c in ranked:
             add(worker_id=c.worker_id, dp_rank=c.dp_rank, matched_blocks=c.matched_blocks,

@@ -86,14 +86,18 @@ class WorkerScore(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., matched_blocks: _Optional[int] = ..., weighted_score: _Optional[float] = ..., blocks_by_tier: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class Freshness(_message.Message):
-    __slots__ = ("last_event_age_seconds", "degraded_workers", "rebuilding")
+    __slots__ = ("last_event_age_seconds", "degraded_workers", "rebuilding", "index_staleness_seconds", "read_replica")
     LAST_EVENT_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_WORKERS_FIELD_NUMBER: _ClassVar[int]
     REBUILDING_FIELD_NUMBER: _ClassVar[int]
+    INDEX_STALENESS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    READ_REPLICA_FIELD_NUMBER: _ClassVar[int]
     last_event_age_seconds: float
     degraded_workers: _containers.RepeatedScalarFieldContainer[str]
     rebuilding: bool
-    def __init__(self, last_event_age_seconds: _Optional[float] = ..., degraded_workers: _Optional[_Iterable[str]] = ..., rebuilding: _Optional[bool] = ...) -> None: ...
+    index_staleness_seconds: float
+    read_replica: str
+    def __init__(self, last_event_age_seconds: _Optional[float] = ..., degraded_workers: _Optional[_Iterable[str]] = ..., rebuilding: _Optional[bool] = ..., index_staleness_seconds: _Optional[float] = ..., read_replica: _Optional[str] = ...) -> None: ...
 
 class FindBestWorkerRequest(_message.Message):
     __slots__ = ("score", "loads", "overlap_weight", "temperature", "seed")
