@@ -6,7 +6,7 @@ PYTHON  ?= python3
 PKGS    := kvcore publisher indexer kvsim
 PROTO_OUT := indexer/_proto
 
-.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-grpc-metrics proto clean
+.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-shards proto clean
 
 setup: $(STAMP) redis-server
 
@@ -100,6 +100,11 @@ bench-dead-models: setup
 # What TLS costs: gRPC Score plaintext vs TLS vs mTLS + token, Redis Score redis:// vs rediss://
 bench-tls: setup
 	$(PY) -m bench.tls
+
+# One model larger than a shard: memory and Redis work per shard, 10,000 ranks x 100,000
+# blocks over 1-24 shards (a simulation calibrated on a private redis-server; ~1-2 minutes)
+bench-shards: setup
+	$(PY) -m bench.shard_sim
 
 # What the gRPC metrics interceptor costs per call (a micro-benchmark, seconds)
 bench-grpc-metrics: setup
