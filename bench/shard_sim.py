@@ -45,6 +45,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from redis.crc import key_slot
+
 from bench.shard_calibration import Calibration, calibrate
 from kvsim.report import write_section
 from tests.support.servers import RedisServer
@@ -64,6 +66,7 @@ TODAY_CHUNK = 64  # score.lua's HMGET chunk
 SUBSLOT_FIRST_CHUNK = 4  # proposed: chunks of 4, 8, 16, ... per sub-slot
 TODAY_RECORD_OPS = 4  # slots check, position check, log APPEND, meta HSET
 GB = 1e9
+CLUSTER_SLOTS = 16_384
 
 
 @dataclass(frozen=True)
@@ -388,6 +391,42 @@ def simulate(fleet: Fleet, queries: Sequence[Query], shards: int, layout: str, *
     return load
 
 
+def shard_of_slot(slot: int, shards: int) -> int:
+    """The shard owning a hash slot when the cluster's slots are split evenly in order
+    (what `redis-cli --cluster create` does)."""
+    return slot * shards // CLUSTER_SLOTS
+
+
+def naive_tags(model: str, shards: int) -> list[str]:
+    return [f"m:{model}:{k}" for k in range(shards)]
+
+
+def placed_tags(model: str, shards: int) -> list[str]:
+    """One sub-slot tag per shard: for shard k, the first suffix whose hash slot it owns."""
+    tags: list[str] = []
+    for k in range(shards):
+        suffix = 0
+        while shard_of_slot(key_slot(f"m:{model}:{k}.{suffix}".encode()), shards) != k:
+            suffix += 1
+        tags.append(f"m:{model}:{k}.{suffix}")
+    return tags
+
+
+def placement_rows(model: str) -> str:
+    rows = ["| shards | tags `m:<model>:<k>`: most sub-slots on one shard | shards left without "
+            "one | searched tags `m:<model>:<k>.<suffix>`: sub-slots per shard |",
+            "|---:|---:|---:|---:|"]
+    for shards in SHARD_COUNTS:
+        owners = Counter(shard_of_slot(key_slot(tag.encode()), shards)
+                         for tag in naive_tags(model, shards))
+        placed = Counter(shard_of_slot(key_slot(tag.encode()), shards)
+                         for tag in placed_tags(model, shards))
+        assert sorted(placed) == list(range(shards))
+        rows.append(f"| {shards} | {max(owners.values())} | {shards - len(owners)} "
+                    f"| {max(placed.values())} |")
+    return "\n".join(rows)
+
+
 # --- report ----------------------------------------------------------------------------
 
 LOAD_HEADER = (
@@ -473,7 +512,9 @@ def calibration_rows(cal: Calibration) -> str:
 
 def report(fleets: Sequence[tuple[Fleet, list[Query]]], *, cal: Calibration, rates: Rates,
            budget: Budget, ghosts: int, seed: int) -> str:
-    parts = [calibration_rows(cal)]
+    parts = [calibration_rows(cal), "Sub-slot placement on a Redis Cluster (model "
+             "`deepseek-ai/DeepSeek-V3`): tags left to CRC16 pile up; tags searched per "
+             "shard put one sub-slot on each.\n\n" + placement_rows("deepseek-ai/DeepSeek-V3")]
     for fleet, queries in fleets:
         rng = random.Random(seed)
         parts.append(f"### Routing: {fleet.routing}\n\n" + fleet_rows(fleet, queries, cal, rng))
