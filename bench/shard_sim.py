@@ -18,7 +18,7 @@ How it is computed (a billion (block, rank) entries are never materialised):
 3. Memory: a block class (holders h, count n) costs n fields; a field's bytes are
    measured on a private redis-server by value length (`bench/shard_calibration.py`).
    Today a value is a bitmask up to the highest holder's slot (4 bits per slot; the
-   highest of h random slots is sampled); proposed it is a holder list of 3 bytes per
+   highest of h random slots is sampled); proposed it is a holder list of 4 bytes per
    holder, or the bitmask where shorter. Ledger logs: 18 bytes per mapped engine hash
    (held blocks and ghosts) plus 9 per ghost, at 1.5x the live size on average
    (compaction at 2x). Blocks spread over shards by key: per shard a binomial share.
@@ -29,7 +29,8 @@ How it is computed (a billion (block, rank) entries are never materialised):
    equal masks. CPU = measured per call + per key + per reply byte.
 5. Apply: every rank stores and evicts `--store-rate` blocks/s in `--batches-per-s`
    batches; a store or evict is one field write in the block's shard, each batch adds
-   its position checks (per touched sub-slot) and a ledger append (in the rank's home).
+   its position checks (per touched sub-slot) and a ledger append (in the rank's home);
+   an apply chunk is three script calls per shard (clears, sets, ledgers).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ QUERY_TOKENS = 8_192
 QUERY_BLOCKS = QUERY_TOKENS // BLOCK_TOKENS
 SHARD_COUNTS = (1, 3, 6, 12, 24)
 TIER_BITS = 4
-HOLDER_BYTES = 3  # 20-bit slot + 4 tier bits
+HOLDER_BYTES = 4  # u32: slot id (28 bits, never reused) << 4 | tier bits
 LOG_MAP_BYTES, LOG_HASH_BYTES = 18, 9
 LOG_AVERAGE_SLACK = 1.5
 TODAY_CHUNK = 64  # score.lua's HMGET chunk
@@ -344,7 +345,7 @@ def apply_load(fleet: Fleet, shards: int, layout: str, *, rates: Rates, cal: Cal
     position_ops = batches * touched * 2  # read and write the (rank, sub-slot) position
     ledger_ops = batches * 2  # log APPEND and meta HSET in the rank's home sub-slot
     parts = binomial_shares(rng, writes + position_ops + ledger_ops, shards)
-    calls = [chunks * 2 for _ in range(shards)]  # one presence call, one ledger call
+    calls = [chunks * 3 for _ in range(shards)]  # clears wave, sets wave, ledger wave
     cpu = [(part * cal.write_op_us_at(mean_mask) + c * cal.apply_call_us) / 1e6
            for part, c in zip(parts, calls, strict=True)]
     return parts, calls, cpu
