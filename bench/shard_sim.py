@@ -452,7 +452,7 @@ def load_row(load: ShardLoad, rates: Rates, budget: Budget) -> str:
     fits = total_gb <= budget.memory_gb and cpu <= budget.cpu_cores
     why = [] if fits else (
         (["memory"] if total_gb > budget.memory_gb else [])
-        + ([f"CPU {cpu:.1f} cores"] if cpu > budget.cpu_cores else []))
+        + ([f"CPU {cpu:.2f} cores"] if cpu > budget.cpu_cores else []))
     verdict = "yes" if fits else "no: " + ", ".join(why)
     hmget = "-" if load.layout == "today" else f"{load.hmget_cpu[hot]:.2f}"
     return (f"| {load.layout} | {load.shards} | {load.entries[big]:,.0f} "
