@@ -29,22 +29,47 @@ WIDE_MASK = 2_500  # a mask byte length: one rank's bit at a random slot of 10,0
 FILLER_FIELDS = 4_096
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# The presence writes of apply.lua, reduced to the field operation each block costs.
-SET_NEW = """
-for i = 1, #ARGV do redis.call('HSETNX', KEYS[1], ARGV[i], 'abc') end
-return #ARGV
-"""
-DELETE = """
-for i = 1, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
-return #ARGV
-"""
-# Today's set_bits on a block other ranks hold too: read the mask, splice one byte, write.
-SET_BIT_IN_MASK = """
+# Presence writes, each key stored then evicted in the same call so that every call does
+# real work however often it runs. Proposed: one rank's 5-byte holder entry.
+STORE_EVICT_ENTRY = """
 for i = 1, #ARGV do
-  local v = redis.call('HGET', KEYS[1], ARGV[i])
-  local at = math.floor(#v / 2)
-  redis.call('HSET', KEYS[1], ARGV[i],
-    string.sub(v, 1, at - 1) .. string.char(1) .. string.sub(v, at + 1))
+  redis.call('HSETNX', KEYS[1], ARGV[i], 'abcd\\1')
+  redis.call('HDEL', KEYS[1], ARGV[i])
+end
+return #ARGV
+"""
+# Proposed, a block other ranks hold too: splice one 4-byte entry into a holder list of
+# ARGV[1] bytes, then splice it out (what a holder-list script does besides the lookup).
+SPLICE_ENTRY = """
+local at = math.floor(tonumber(ARGV[1]) / 8) * 4 + 2
+for i = 2, #ARGV do
+  local key = ARGV[i]
+  local v = redis.call('HGET', KEYS[1], key)
+  redis.call('HSET', KEYS[1], key, string.sub(v, 1, at - 1) .. 'wxyz' .. string.sub(v, at))
+  v = redis.call('HGET', KEYS[1], key)
+  redis.call('HSET', KEYS[1], key, string.sub(v, 1, at - 1) .. string.sub(v, at + 4))
+end
+return #ARGV
+"""
+LONG_LIST = 401  # a holder list of 100 ranks
+# Today: apply.lua's code paths for a block one rank holds, its bit at byte ARGV[1] of the
+# mask: set_bits' fresh field, then clear_bits (clear, trim trailing zero bytes, delete).
+STORE_EVICT_MASK_BIT = """
+local byte_i = tonumber(ARGV[1])
+local fresh = string.rep('\\0', byte_i - 1) .. string.char(1)
+for i = 2, #ARGV do
+  local key = ARGV[i]
+  redis.call('HSETNX', KEYS[1], key, fresh)
+  local v = redis.call('HGET', KEYS[1], key)
+  local b = string.byte(v, byte_i)
+  local nv = string.sub(v, 1, byte_i - 1) .. string.char(b - 1) .. string.sub(v, byte_i + 1)
+  local e = #nv
+  while e > 0 and string.byte(nv, e) == 0 do e = e - 1 end
+  if e == 0 then
+    redis.call('HDEL', KEYS[1], key)
+  else
+    redis.call('HSET', KEYS[1], key, string.sub(nv, 1, e))
+  end
 end
 return #ARGV
 """
@@ -58,8 +83,9 @@ class Calibration:
     score_call_us: float  # one score.lua call that stops at its first key
     score_lookup_us: float  # each further key it looks up
     reply_byte_us: float  # each byte of mask it returns
-    write_op_us: float  # HSETNX of a new field / HDEL (the mean of the two)
-    wide_write_op_us: float  # a bit set inside a WIDE_MASK-byte mask
+    write_op_us: float  # a holder entry stored or evicted (the mean of the two)
+    wide_write_op_us: float  # today: a bit set or cleared in a WIDE_MASK-byte mask
+    list_write_op_us: float  # proposed: an entry spliced into or out of a LONG_LIST list
     apply_call_us: float  # one script call carrying writes
     hmget_call_us: float  # a plain HMGET of one key
     hmget_key_us: float  # each further key of a plain HMGET
@@ -79,9 +105,14 @@ class Calibration:
         return self.field_bytes[last] + slope * (value_length - last)
 
     def write_op_us_at(self, mask_length: float) -> float:
-        """A presence write on a value of `mask_length` bytes (linear in the length)."""
+        """Today: a presence write on a mask of `mask_length` bytes (linear in the length)."""
         share = min(1.0, max(0.0, mask_length / WIDE_MASK))
         return self.write_op_us + share * (self.wide_write_op_us - self.write_op_us)
+
+    def entry_write_us_at(self, list_length: float) -> float:
+        """Proposed: a holder-entry write in a list of `list_length` bytes (linear)."""
+        share = max(0.0, (list_length - 5) / (LONG_LIST - 5))
+        return self.write_op_us + share * (self.list_write_op_us - self.write_op_us)
 
 
 def server_cpu_s(pid: int) -> float:
@@ -180,20 +211,23 @@ async def score_costs(client: aioredis.Redis, pid: int,
 
 
 async def write_costs(client: aioredis.Redis, pid: int,
-                      rng: random.Random) -> tuple[float, float, float]:
-    """Per presence write (new field or delete; a bit set in a wide mask) and per call."""
+                      rng: random.Random) -> tuple[float, float, float, float]:
+    """Per presence write (a holder entry; a bit in a wide mask; an entry in a long list)
+    and per script call."""
     await add_filler(client, rng, "calib:blk")
-    batches = [random_fields(rng, 256) for _ in range(64)]
-    set_us = await cpu_per_call(client, pid, SET_NEW, ["calib:blk"], batches)
-    delete_us = await cpu_per_call(client, pid, DELETE, ["calib:blk"], batches)
-    empty_us = await cpu_per_call(client, pid, SET_NEW, ["calib:blk"], [[b"x"]])
-    wide = random_fields(rng, 256)
-    await client.hset("calib:wide", mapping={f: rng.randbytes(WIDE_MASK) for f in wide})
-    wide_us = await cpu_per_call(client, pid, SET_BIT_IN_MASK, ["calib:wide"], [wide])
+    keys = random_fields(rng, 256)
+    entry_us = await cpu_per_call(client, pid, STORE_EVICT_ENTRY, ["calib:blk"], [keys])
+    call_us = await cpu_per_call(client, pid, STORE_EVICT_ENTRY, ["calib:blk"], [[]])
+    byte_i = str(WIDE_MASK).encode()
+    mask_us = await cpu_per_call(client, pid, STORE_EVICT_MASK_BIT, ["calib:blk"],
+                                 [[byte_i, *keys]])
+    await client.hset("calib:blk", mapping={k: rng.randbytes(LONG_LIST) for k in keys})
+    list_us = await cpu_per_call(client, pid, SPLICE_ENTRY, ["calib:blk"],
+                                 [[str(LONG_LIST).encode(), *keys]])
     await client.flushall()
-    call_us = empty_us
-    per_op = ((set_us + delete_us) / 2 - call_us) / 256
-    return per_op, (wide_us - call_us) / 256, call_us
+    # two writes (a store and an evict) per key
+    return ((entry_us - call_us) / 512, (mask_us - call_us) / 512,
+            (list_us - call_us) / 512, call_us)
 
 
 async def calibrate(url: str, pid: int, seed: int) -> Calibration:
@@ -204,10 +238,10 @@ async def calibrate(url: str, pid: int, seed: int) -> Calibration:
         started = time.monotonic()
         sizes = {length: await bytes_per_field(client, rng, length) for length in VALUE_LENGTHS}
         call_us, lookup_us, reply_us = await score_costs(client, pid, rng)
-        op_us, wide_op_us, apply_call_us = await write_costs(client, pid, rng)
+        op_us, wide_op_us, list_op_us, apply_call_us = await write_costs(client, pid, rng)
         hmget_us, hmget_key_us = await hmget_costs(client, pid, rng)
         print(f"calibrated in {time.monotonic() - started:.1f} s")
     finally:
         await client.aclose()
-    return Calibration(sizes, call_us, lookup_us, reply_us, op_us, wide_op_us, apply_call_us,
-                       hmget_us, hmget_key_us)
+    return Calibration(sizes, call_us, lookup_us, reply_us, op_us, wide_op_us, list_op_us,
+                       apply_call_us, hmget_us, hmget_key_us)

@@ -346,7 +346,7 @@ def apply_load(fleet: Fleet, shards: int, layout: str, *, rates: Rates, cal: Cal
     ledger_ops = batches * 2  # log APPEND and meta HSET in the rank's home sub-slot
     parts = binomial_shares(rng, writes + position_ops + ledger_ops, shards)
     calls = [chunks * 3 for _ in range(shards)]  # clears wave, sets wave, ledger wave
-    cpu = [(part * cal.write_op_us_at(mean_mask) + c * cal.apply_call_us) / 1e6
+    cpu = [(part * cal.entry_write_us_at(mean_mask) + c * cal.apply_call_us) / 1e6
            for part, c in zip(parts, calls, strict=True)]
     return parts, calls, cpu
 
@@ -504,8 +504,10 @@ def calibration_rows(cal: Calibration) -> str:
         f"| bytes per HASH field (8-byte field) by value length | {sizes} |",
         f"| score.lua CPU: per call / per key / per reply KB | {cal.score_call_us:.1f} us / "
         f"{cal.score_lookup_us:.2f} us / {cal.reply_byte_us * 1024:.2f} us |",
-        f"| presence write CPU: new field or delete / bit in a 2,500-byte mask / per call "
-        f"| {cal.write_op_us:.2f} / {cal.wide_write_op_us:.2f} / {cal.apply_call_us:.1f} us |",
+        "| presence write CPU: a holder entry alone / in a 100-holder list / a bit in a "
+        "2,500-byte mask (apply.lua's code) / per call "
+        f"| {cal.write_op_us:.2f} / {cal.list_write_op_us:.2f} / {cal.wide_write_op_us:.2f} / "
+        f"{cal.apply_call_us:.1f} us |",
         f"| plain HMGET CPU: per call / per further key | {cal.hmget_call_us:.1f} us / "
         f"{cal.hmget_key_us:.2f} us |",
     ])
