@@ -433,7 +433,7 @@ def placement_rows(model: str) -> str:
 LOAD_HEADER = (
     "| layout | shards | entries, largest shard | presence GB | ledgers GB | total GB "
     "| Score calls/s | Score keys/s | Score reply MB/s | Score CPU | same, plain HMGET "
-    "| apply writes/s | apply CPU | one shard holds it? |\n"
+    "| apply writes/s | apply CPU | within one shard's budget? |\n"
     "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 
 
