@@ -566,8 +566,21 @@ def preamble(args: argparse.Namespace, rates: Rates, trace: Trace) -> str:
         "`today` (one hash slot per model, bitmask values) and `proposed` (one sub-slot per "
         "shard by block key, holder-list values, ledgers by rank; docs/large-models.md). "
         "Figures: the largest shard's memory, the hottest shard's work; CPU is redis-server "
-        "time from the measured costs below. How it is computed: `bench/shard_sim.py`'s "
-        "docstring.")
+        "time from the measured costs below.\n\n" + METHOD)
+
+
+METHOD = """How it is computed (no billion-entry index is built; `bench/shard_sim.py`'s
+docstring has the details). The trace's ids used by at least `--global-min` requests are
+global prefixes (one copy in the fleet); the rest is session content, copied F times, F
+solved so that the fleet holds exactly ranks x blocks entries. Holders per block follow the
+routing: `affinity` keeps a session on one rank and spreads a global prefix over the share
+of ranks its load needs; `random` puts each request on a random rank. A block class
+(holders, count) costs count fields at the bytes measured for its value length, the
+highest holder's slot being sampled for bitmasks; blocks split over shards binomially.
+Score: trace requests of at least 8,192 tokens, cut to 8,192, matched up to their first id
+not seen earlier; keys placed on shards at random per query; each shard reads its keys in
+chunks until its own first unheld key. Apply: stated rates times the measured write costs,
+plus position checks and ledger appends per batch."""
 
 
 def main() -> None:
