@@ -8,7 +8,7 @@ PYTHON  ?= python3
 PKGS    := kvcore publisher indexer kvsim
 PROTO_OUT := indexer/_proto
 
-.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim test-redis-cluster bench-redis-cluster bench-replicas bench-nats-cluster
+.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim test-redis-cluster bench-redis-cluster bench-replicas bench-nats-cluster bench-shards
 
 setup: $(STAMP)
 
@@ -86,7 +86,7 @@ dist: $(STAMP)
 	  sys.exit(0 if w and any('kvcore/_native' in n for n in zipfile.ZipFile(w[0]).namelist()) \
 	  else 'the wheel has no kvcore._native (no C compiler?)')"
 
-bench: bench-keys bench-memory bench-redis bench-redis-cluster bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-replicas bench-nats-cluster
+bench: bench-keys bench-memory bench-redis bench-redis-cluster bench-shards bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-replicas bench-nats-cluster
 
 bench-keys: setup
 	$(PY) -m bench.keys
@@ -128,6 +128,11 @@ bench-tls: setup redis-server
 # What Diagnose's bookkeeping costs Score and ingest (an A/B in one process)
 bench-diagnose: setup
 	$(PY) -m bench.diagnose_cost
+
+# One model larger than a shard: memory and Redis work per shard, 10,000 ranks x 100,000
+# blocks over 1-24 shards (a simulation calibrated on a private redis-server; ~1-2 minutes)
+bench-shards: setup redis-server
+	$(PY) -m bench.shard_sim
 
 # What the gRPC metrics interceptor costs per call (a micro-benchmark, seconds)
 bench-grpc-metrics: setup
