@@ -13,6 +13,14 @@ from collections.abc import Sequence
 
 from indexer.index.block_table import new_block_table
 from indexer.index.ledger import WorkerLedger, stored_block_size
+from indexer.index.pools import (
+    POOL_RANK,
+    PoolCredit,
+    PoolState,
+    apply_pool_events,
+    pool_credit,
+    split_pool_events,
+)
 from indexer.index.protocol import (
     TIER_BITS,
     ApplyOutcome,
@@ -26,7 +34,8 @@ from indexer.index.protocol import (
     WorkerRef,
 )
 from indexer.index.scoring import prefix_match_query, slot_bits, validate_query, worker_scores
-from kvcore.bus import EventBatch, validate_batch
+from kvcore.bus import Event, EventBatch, validate_batch
+from kvcore.pools import KIND_POOL
 
 __all__ = ["MemoryIndex", "SyncMemoryIndex"]
 
@@ -43,6 +52,8 @@ class _ModelSpace:
         self.all_slots = 0  # slot_bits(by_slot), kept current
         self.slots_of_worker: dict[str, int] = {}  # worker id -> slot_bits of its ranks
         self.block_size: int | None = None
+        self.pools: dict[str, PoolState] = {}  # shared storage pools (indexer/index/pools.py)
+        self.pool_writes: dict[WorkerRef, set[str]] = {}  # pools each rank has written into
         self._free: list[int] = []
         self._next_slot = 0
 
@@ -56,8 +67,7 @@ class _ModelSpace:
         found = self.ledgers.get(ref)
         if found is not None:
             return found
-        slot = heapq.heappop(self._free) if self._free else self._next_slot
-        self._next_slot = max(self._next_slot, slot + 1)
+        slot = self._take_slot()
         ledger = WorkerLedger(self.model, ref.worker_id, ref.dp_rank, slot, self.ghost_capacity)
         self.ledgers[ref] = ledger
         self.by_slot[slot] = ledger
@@ -66,9 +76,46 @@ class _ModelSpace:
         self.slots_of_worker[ref.worker_id] = self.slots_of_worker.get(ref.worker_id, 0) | bits
         return ledger
 
+    def _take_slot(self) -> int:
+        slot = heapq.heappop(self._free) if self._free else self._next_slot
+        self._next_slot = max(self._next_slot, slot + 1)
+        return slot
+
+    def pool(self, name: str) -> PoolState:
+        found = self.pools.get(name)
+        if found is None:
+            found = self.pools[name] = PoolState(name, self._take_slot())
+        return found
+
+    def drop_pool(self, name: str) -> bool:
+        pool = self.pools.pop(name, None)
+        if pool is None:
+            return False
+        pool.clear(self)
+        heapq.heappush(self._free, pool.slot)
+        return True
+
+    def apply_pool_writes(self, ref: WorkerRef, ledger: WorkerLedger, pooled: list[Event],
+                          outcome: ApplyOutcome, *, ts: float, stats: IndexStats) -> None:
+        """The pool events of a writer's batch, once the batch itself was applied. After a
+        gap in the writer's batches its lost pool writes (evictions among them) are unknown:
+        the pools it wrote into are wiped rather than left claiming blocks."""
+        if outcome is ApplyOutcome.APPLIED_AFTER_GAP:
+            for name in self.pool_writes.pop(ref, ()):
+                if name in self.pools:
+                    self.pools[name].clear(self)
+                    stats.drop("pool_cleared_after_writer_gap")
+        if not pooled or not outcome.applied:
+            return
+        written = apply_pool_events(pooled, ledger, self.pool, self, stats)
+        self.pool_writes.setdefault(ref, set()).update(written)
+        for name in written:
+            self.pools[name].last_ts = ts
+
     def drop_ledger(self, ledger: WorkerLedger) -> None:
         ledger.clear(self)
         del self.ledgers[WorkerRef(ledger.worker_id, ledger.dp_rank)]
+        self.pool_writes.pop(WorkerRef(ledger.worker_id, ledger.dp_rank), None)
         del self.by_slot[ledger.slot]
         bits = slot_bits([ledger.slot])
         self.all_slots &= ~bits
@@ -117,8 +164,14 @@ class SyncMemoryIndex:
                 space = self._models[batch.model] = _ModelSpace(
                     batch.model, self.config.ghost_capacity
                 )
-            ledger = space.ledger(WorkerRef(batch.worker_id, batch.dp_rank))
-            outcomes.append(ledger.apply(batch, space, self._stats, self.on_resync))
+            ref = WorkerRef(batch.worker_id, batch.dp_rank)
+            ledger = space.ledger(ref)
+            own, pooled = split_pool_events(batch)
+            outcome = ledger.apply(own, space, self._stats, self.on_resync)
+            if pooled or outcome is ApplyOutcome.APPLIED_AFTER_GAP:
+                space.apply_pool_writes(ref, ledger, pooled, outcome, ts=batch.ts,
+                                        stats=self._stats)
+            outcomes.append(outcome)
             space.block_size = stored_block_size(batch) or space.block_size
         return outcomes
 
@@ -128,7 +181,9 @@ class SyncMemoryIndex:
         if space is None:
             return ScoreResult(query.query_blocks, [])
         candidates = space.candidates(query.workers)
-        matches = prefix_match_query(query, space.blocks, candidates, self.config)
+        credits, pool_slots = _pool_credit(space, query, candidates)
+        matches = prefix_match_query(query, space.blocks, candidates, self.config,
+                                     credits=credits, pool_slots=pool_slots)
         return ScoreResult(query.query_blocks, worker_scores(matches, space.ref_of_slot))
 
     def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
@@ -149,6 +204,10 @@ class SyncMemoryIndex:
             del self._models[model]
         return len(ledgers)
 
+    def remove_pool(self, model: str, pool: str) -> bool:
+        space = self._models.get(model)
+        return space is not None and space.drop_pool(pool)
+
     def drop_empty_models(self) -> list[str]:
         """Model spaces without a rank (remove_worker already drops the one it empties)."""
         empty = [name for name, space in self._models.items() if not space.ledgers]
@@ -167,6 +226,8 @@ class SyncMemoryIndex:
             for space in spaces
             for ledger in space.ledgers.values()
         ]
+        infos.extend(_pool_info(space.model, pool) for space in spaces
+                     for pool in space.pools.values())
         infos.sort(key=lambda w: (w.model, w.worker_id, w.dp_rank))
         return infos
 
@@ -212,12 +273,29 @@ class SyncMemoryIndex:
         ]
 
 
+def _pool_credit(
+    space: _ModelSpace, query: ScoreQuery, candidates: int
+) -> tuple[list[PoolCredit], int]:
+    if not query.mounts or not space.pools:
+        return [], 0
+    return pool_credit(space.pools.values(), query.mounts, space.slots_of_worker, candidates)
+
+
+def _pool_info(model: str, pool: PoolState) -> WorkerInfo:
+    held = {"storage": len(pool)} if len(pool) else {}
+    return WorkerInfo(model, pool.name, 0, pool.epoch, -1, False, held, pool.last_ts,
+                      kind=KIND_POOL)
+
+
 def _split_mask(mask: int, space: _ModelSpace) -> dict[WorkerRef, int]:
     out: dict[WorkerRef, int] = {}
+    pool_of_slot = {pool.slot: pool.name for pool in space.pools.values()}
     slot = 0
     while mask:
         nibble = mask & 15
-        if nibble:
+        if nibble and slot in pool_of_slot:
+            out[WorkerRef(pool_of_slot[slot], POOL_RANK)] = nibble
+        elif nibble:
             ledger = space.by_slot[slot]
             out[WorkerRef(ledger.worker_id, ledger.dp_rank)] = nibble
         mask >>= TIER_BITS
@@ -251,6 +329,9 @@ class MemoryIndex:
 
     async def remove_worker(self, model: str, worker_id: str) -> int:
         return self.sync.remove_worker(model, worker_id)
+
+    async def remove_pool(self, model: str, pool: str) -> bool:
+        return self.sync.remove_pool(model, pool)
 
     async def drop_empty_models(self) -> list[str]:
         return self.sync.drop_empty_models()

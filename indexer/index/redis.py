@@ -73,6 +73,7 @@ from indexer.index.protocol import (
     WorkerInfo,
     WorkerRef,
 )
+from indexer.index.pools import split_pool_events
 from indexer.index.redis_pipe import RedisPipe
 from indexer.index.scoring import (
     prefix_match_runs,
@@ -327,7 +328,12 @@ class RedisIndex:
             if ledger not in sinks:
                 sinks[ledger] = (_position(ledger.epoch, ledger.last_seq), _OpsSink())
                 ledger.journal = Journal()
-            outcome = ledger.apply(batch, sinks[ledger][1], self._stats, self.on_resync)
+            own, pooled = split_pool_events(batch)
+            if pooled:
+                # Shared storage pools are indexed by the memory backend only so far: the
+                # pool writes are left out, counted (the writer's own events apply).
+                self._stats.drop("pool_unsupported_backend", len(pooled))
+            outcome = ledger.apply(own, sinks[ledger][1], self._stats, self.on_resync)
             outcomes[i] = outcome
             if outcome.applied:
                 changed[ledger] = stored_block_size(batch) or changed.get(ledger, 0)
@@ -545,6 +551,10 @@ class RedisIndex:
 
     async def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
         return await self._drop(model, worker_id, dp_rank, remove=False)
+
+    async def remove_pool(self, model: str, pool: str) -> bool:
+        """Pools are not stored in Redis yet (their writes are dropped): nothing to forget."""
+        return False
 
     async def remove_worker(self, model: str, worker_id: str) -> int:
         return await self._drop(model, worker_id, None, remove=True)

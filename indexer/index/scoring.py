@@ -20,6 +20,7 @@ from typing import NamedTuple
 from indexer.errors import ConfigError, InvalidQueryError, QueryTooLargeError
 from indexer.index.block_table import BlockMasks
 from indexer.index.ledger import cached_root_seed
+from indexer.index.pools import PoolCredit, credit_masks, credit_runs
 from indexer.index.protocol import (
     TIER_BITS,
     TIERS,
@@ -260,18 +261,26 @@ def prefix_match_runs(
 
 
 def prefix_match_query(
-    query: ScoreQuery, blocks: BlockMasks, candidates: int, config: IndexConfig
+    query: ScoreQuery, blocks: BlockMasks, candidates: int, config: IndexConfig, *,
+    credits: Sequence[PoolCredit] = (), pool_slots: int = 0,
 ) -> list[SlotMatch]:
     """Walk a validated query against `blocks` (key -> mask), whichever form it came in.
 
     Token ids are hashed and looked up by the table in one loop that stops at the first
-    block no candidate holds in any tier (the walk would end there too).
+    block no candidate holds in any tier (the walk would end there too). With pool
+    `credits` (indexer/index/pools.py) a block a mounted pool holds (`pool_slots`) goes on
+    too, and each mask is credited to the pool's mounting candidates before the walk.
     """
     weights = query.tier_weights or config.tier_weights
     if query.block_keys is not None:
-        masks = map(blocks.get, query.block_keys, repeat(0))
+        masks: Iterable[int] = map(blocks.get, query.block_keys, repeat(0))
+        if credits:
+            masks = credit_masks(masks, credits)
         return prefix_match(masks, candidates, weights, query.include_zero)
     assert query.token_ids is not None
     seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
-    runs = blocks.mask_runs(query.token_ids, query.block_size, seed, candidates * 15)
+    runs = blocks.mask_runs(query.token_ids, query.block_size, seed,
+                            (candidates | pool_slots) * 15)
+    if credits:
+        runs = credit_runs(runs, credits)
     return prefix_match_runs(runs, candidates, weights, query.include_zero)

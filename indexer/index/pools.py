@@ -1,0 +1,231 @@
+"""Shared storage pools in the index: pools as owner slots, and their credit at Score.
+
+A pool owns blocks like a worker rank: it has a slot, and a block it holds has the
+storage bit of that slot in its presence mask (so the per-block presence representation
+is the one every backend stores). Pools are written through the batches of the workers
+that declared them (bus schema v2: `pool` on stored / removed / cleared events), so each
+writer's (epoch, seq) keeps ordering and exactly-once application of its own pool writes:
+a pool event is applied exactly when the writer's batch is.
+
+A pool keeps engine hash -> key of what it holds: a block is written under the hash its
+writer's engine gave it, and any writer may evict it by that hash. Writers of one pool
+therefore share the engine's hash function (the store finds blocks by it, so they must).
+
+Score credits a candidate worker with the blocks of the pools it mounts: before the
+prefix walk, each pool-held block's mask gets the storage bit of every candidate slot
+mounting that pool (`PoolCredit`), so the walk continues the worker's own prefix through
+the pool and counts those blocks under storage. Pools are never candidates themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Final, NamedTuple
+
+import msgspec
+
+from indexer.index.ledger import PresenceSink, WorkerLedger, cached_root_seed
+from indexer.index.protocol import TIER_BITS, IndexStats
+from kvcore.bus import AllBlocksCleared, BlockRemoved, BlockStored, Event, EventBatch
+from kvcore.keys import block_keys
+
+__all__ = [
+    "POOL_RANK",
+    "PoolCredit",
+    "PoolState",
+    "apply_pool_events",
+    "credit_masks",
+    "credit_runs",
+    "pool_credit",
+    "split_pool_events",
+]
+
+STORAGE: Final = 2
+# The dp_rank pools take in `presence()` refs: no worker rank is negative.
+POOL_RANK: Final = -1
+
+
+class PoolState:
+    """Blocks of one shared storage pool (one model), and its epoch (clears so far)."""
+
+    __slots__ = ("epoch", "holders", "keys", "last_ts", "name", "slot")
+
+    def __init__(self, name: str, slot: int) -> None:
+        self.name = name
+        self.slot = slot
+        self.keys: dict[int, int] = {}  # engine hash -> key, blocks the pool holds
+        self.holders: dict[int, int] = {}  # key -> hashes naming it (usually 1)
+        self.epoch = 0  # bumped each time the pool is wiped
+        self.last_ts = 0.0
+
+    @property
+    def bitpos(self) -> int:
+        return self.slot * TIER_BITS + STORAGE
+
+    def store(self, hashes: Sequence[int], keys: Sequence[int], sink: PresenceSink) -> int:
+        """Hold `keys` under `hashes`; returns how many blocks the pool did not hold."""
+        added: list[int] = []
+        for h, key in zip(hashes, keys, strict=True):
+            old = self.keys.get(h)
+            if old == key:
+                continue
+            if old is not None:
+                self._release(h, old, sink)
+            self.keys[h] = key
+            count = self.holders.get(key, 0)
+            self.holders[key] = count + 1
+            if not count:
+                added.append(key)
+        if added:
+            sink.set_bits(added, self.bitpos)
+        return len(added)
+
+    def remove(self, hashes: Iterable[int], sink: PresenceSink, stats: IndexStats) -> int:
+        removed = 0
+        for h in hashes:
+            key = self.keys.get(h)
+            if key is None:
+                stats.drop("pool_unknown_block")
+                continue
+            removed += self._release(h, key, sink)
+        return removed
+
+    def _release(self, engine_hash: int, key: int, sink: PresenceSink) -> int:
+        del self.keys[engine_hash]
+        count = self.holders[key] - 1
+        if count:
+            self.holders[key] = count
+            return 0
+        del self.holders[key]
+        sink.clear_bits([key], self.bitpos)
+        return 1
+
+    def clear(self, sink: PresenceSink) -> None:
+        if self.holders:
+            sink.clear_bits(list(self.holders), self.bitpos)
+        self.keys.clear()
+        self.holders.clear()
+        self.epoch += 1
+
+    def __len__(self) -> int:
+        return len(self.holders)
+
+
+def split_pool_events(batch: EventBatch) -> tuple[EventBatch, list[Event]]:
+    """The batch with only the writer's own events, and its pool events in order."""
+    events = batch.events
+    if all(event.pool is None for event in events):
+        return batch, []
+    own = [event for event in events if event.pool is None]
+    pooled = [event for event in events if event.pool is not None]
+    return msgspec.structs.replace(batch, events=own), pooled
+
+
+def apply_pool_events(
+    events: Sequence[Event],
+    writer: WorkerLedger,
+    open_pool: Callable[[str], PoolState],
+    sink: PresenceSink,
+    stats: IndexStats,
+) -> set[str]:
+    """Apply a writer's pool events (its batch was applied); returns the pools written."""
+    written: set[str] = set()
+    for event in events:
+        assert event.pool is not None
+        pool = open_pool(event.pool)
+        written.add(pool.name)
+        if isinstance(event, BlockStored):
+            hashes, keys = _resolve(event, writer, pool, stats)
+            stats.blocks_stored += pool.store(hashes, keys, sink)
+        elif isinstance(event, BlockRemoved):
+            stats.blocks_removed += pool.remove(event.block_hashes, sink, stats)
+        elif isinstance(event, AllBlocksCleared):
+            pool.clear(sink)
+    return written
+
+
+def _resolve(
+    event: BlockStored, writer: WorkerLedger, pool: PoolState, stats: IndexStats
+) -> tuple[list[int], list[int]]:
+    """Keys of a pool write: from its tokens (chained from the parent the writer or the
+    pool knows), else each hash through the writer's ledger, then the pool's own map."""
+    if event.token_ids:
+        if event.parent_hash is None:
+            seed = cached_root_seed(writer.model, event.lora_name, event.cache_salt)
+        else:
+            parent = writer.keys.get(event.parent_hash, pool.keys.get(event.parent_hash))
+            if parent is None:
+                stats.drop("pool_unknown_parent", len(event.block_hashes))
+                return [], []
+            seed = parent
+        keys = block_keys(event.token_ids, event.block_size, seed, event.extra_keys)
+        return list(event.block_hashes), list(keys)
+    hashes: list[int] = []
+    keys = []
+    for h in event.block_hashes:
+        key = writer.keys.get(h, pool.keys.get(h))
+        if key is None:
+            stats.drop("pool_unknown_block")
+            continue
+        hashes.append(h)
+        keys.append(key)
+    return hashes, keys
+
+
+# --- Score: crediting mounting workers ---------------------------------------------------
+
+
+class PoolCredit(NamedTuple):
+    """One pool as the walk sees it: its slot's nibble shift, and the storage bits of the
+    candidate slots that mount it."""
+
+    shift: int
+    mounters: int
+
+
+def pool_credit(
+    pools: Iterable[PoolState],
+    mounts: Mapping[str, frozenset[str]],
+    slots_of_worker: Mapping[str, int],
+    candidates: int,
+) -> tuple[list[PoolCredit], int]:
+    """Credits of the pools some candidate mounts, and their slots in `slot_bits` form
+    (to widen the table's stop mask: a block only a mounted pool holds continues a walk).
+
+    `mounts`: worker id -> pools it mounts; `slots_of_worker`: worker id -> its slots in
+    `slot_bits` form; `candidates`: the query's candidate slots, in that form.
+    """
+    mounters: dict[str, int] = {}
+    for worker_id, names in mounts.items():
+        alive = slots_of_worker.get(worker_id, 0) & candidates
+        if alive:
+            for name in names:
+                mounters[name] = mounters.get(name, 0) | alive
+    credits: list[PoolCredit] = []
+    pool_slots = 0
+    for pool in pools:
+        alive = mounters.get(pool.name, 0)
+        if alive and pool.holders:
+            credits.append(PoolCredit(pool.slot * TIER_BITS, alive << STORAGE))
+            pool_slots |= 1 << (pool.slot * TIER_BITS)
+    return credits, pool_slots
+
+
+def _credited(mask: int, credits: Sequence[PoolCredit]) -> int:
+    for credit in credits:
+        if mask >> credit.shift & 15:
+            mask |= credit.mounters
+    return mask
+
+
+def credit_runs(runs: Sequence[int], credits: Sequence[PoolCredit]) -> list[int]:
+    """Runs `[mask, count, ...]` with each pool-held run credited to the pool's mounters."""
+    out = list(runs)
+    for i in range(0, len(out), 2):
+        out[i] = _credited(out[i], credits)
+    return out
+
+
+def credit_masks(masks: Iterable[int], credits: Sequence[PoolCredit]) -> Iterator[int]:
+    for mask in masks:
+        yield _credited(mask, credits)
