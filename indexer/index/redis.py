@@ -60,6 +60,7 @@ from indexer.index.ledger import (
     pack_log_entries,
     stored_block_size,
 )
+from indexer.index.pools import split_pool_events
 from indexer.index.protocol import (
     TIER_BITS,
     TIERS,
@@ -73,7 +74,6 @@ from indexer.index.protocol import (
     WorkerInfo,
     WorkerRef,
 )
-from indexer.index.pools import split_pool_events
 from indexer.index.redis_pipe import RedisPipe
 from indexer.index.scoring import (
     prefix_match_runs,
