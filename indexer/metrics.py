@@ -150,7 +150,10 @@ class _Collector(Collector):
             yield CounterMetricFamily(name, doc, value=value)
         dropped = CounterMetricFamily("kv_indexer_dropped", "Events or blocks dropped",
                                       labels=["reason"])
-        for reason, count in sorted(idx.dropped.items()):
+        reasons = dict(idx.dropped)
+        for reason, count in con.dropped.items():  # refused before the index (pools)
+            reasons[reason] = reasons.get(reason, 0) + count
+        for reason, count in sorted(reasons.items()):
             dropped.add_metric([reason], count)
         yield dropped
         failures = CounterMetricFamily(

@@ -19,7 +19,7 @@ the pool and counts those blocks under storage. Pools are never candidates thems
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Final, NamedTuple
 
 import msgspec
@@ -37,6 +37,7 @@ __all__ = [
     "credit_masks",
     "credit_runs",
     "pool_credit",
+    "refuse_undeclared",
     "split_pool_events",
 ]
 
@@ -119,6 +120,30 @@ def split_pool_events(batch: EventBatch) -> tuple[EventBatch, list[Event]]:
     own = [event for event in events if event.pool is None]
     pooled = [event for event in events if event.pool is not None]
     return msgspec.structs.replace(batch, events=own), pooled
+
+
+def refuse_undeclared(
+    batch: EventBatch, declared: Collection[str] | None
+) -> tuple[EventBatch, int]:
+    """The batch without the pool events its writer may not make, and how many those were.
+
+    `declared`: the pools the writer's registry entry declares, None while the writer has
+    no entry yet. A declared pool takes every event; an undeclared one none. A writer not
+    known yet keeps its pool removals (they can only take blocks away, never invent
+    one) and loses its stores and wipes.
+    """
+    def allowed(event: Event) -> bool:
+        if event.pool is None:
+            return True
+        if declared is None:
+            return isinstance(event, BlockRemoved)
+        return event.pool in declared
+
+    kept = [event for event in batch.events if allowed(event)]
+    refused = len(batch.events) - len(kept)
+    if not refused:
+        return batch, 0
+    return msgspec.structs.replace(batch, events=kept), refused
 
 
 def apply_pool_events(
