@@ -91,7 +91,7 @@ class _ModelSpace:
         pool = self.pools.pop(name, None)
         if pool is None:
             return False
-        pool.clear(self)
+        pool.drop(self)
         heapq.heappush(self._free, pool.slot)
         return True
 
@@ -103,14 +103,11 @@ class _ModelSpace:
         if outcome is ApplyOutcome.APPLIED_AFTER_GAP:
             for name in self.pool_writes.pop(ref, ()):
                 if name in self.pools:
-                    self.pools[name].clear(self)
-                    stats.drop("pool_cleared_after_writer_gap")
+                    self.pools[name].wipe(ts, self)
         if not pooled or not outcome.applied:
             return
-        written = apply_pool_events(pooled, ledger, self.pool, self, stats)
+        written = apply_pool_events(pooled, ledger, self.pool, self, stats=stats, ts=ts)
         self.pool_writes.setdefault(ref, set()).update(written)
-        for name in written:
-            self.pools[name].last_ts = ts
 
     def drop_ledger(self, ledger: WorkerLedger) -> None:
         ledger.clear(self)
@@ -200,17 +197,22 @@ class SyncMemoryIndex:
         for ledger in ledgers:
             assert space is not None
             space.drop_ledger(ledger)
-        if space is not None and not space.ledgers:
-            del self._models[model]
+        if space is not None and not space.ledgers and not space.pools:
+            del self._models[model]  # its pools go when liveness removes them
         return len(ledgers)
 
     def remove_pool(self, model: str, pool: str) -> bool:
         space = self._models.get(model)
-        return space is not None and space.drop_pool(pool)
+        if space is None or not space.drop_pool(pool):
+            return False
+        if not space.ledgers and not space.pools:
+            del self._models[model]
+        return True
 
     def drop_empty_models(self) -> list[str]:
         """Model spaces without a rank (remove_worker already drops the one it empties)."""
-        empty = [name for name, space in self._models.items() if not space.ledgers]
+        empty = [name for name, space in self._models.items()
+                 if not space.ledgers and not space.pools]
         for name in empty:
             del self._models[name]
         return empty
@@ -278,7 +280,8 @@ def _pool_credit(
 ) -> tuple[list[PoolCredit], int]:
     if not query.mounts or not space.pools:
         return [], 0
-    return pool_credit(space.pools.values(), query.mounts, space.slots_of_worker, candidates)
+    held = {pool.name: pool.slot for pool in space.pools.values() if pool.holders}
+    return pool_credit(held, query.mounts, space.slots_of_worker, candidates)
 
 
 def _pool_info(model: str, pool: PoolState) -> WorkerInfo:

@@ -30,6 +30,7 @@ from kvcore.bus import AllBlocksCleared, BlockRemoved, BlockStored, Event, Event
 from kvcore.keys import block_keys
 
 __all__ = [
+    "MAX_TOMBSTONES",
     "POOL_RANK",
     "PoolCredit",
     "PoolState",
@@ -38,24 +39,42 @@ __all__ = [
     "credit_runs",
     "pool_credit",
     "refuse_undeclared",
+    "resolve_pool_store",
     "split_pool_events",
 ]
 
 STORAGE: Final = 2
 # The dp_rank pools take in `presence()` refs: no worker rank is negative.
 POOL_RANK: Final = -1
+# Removals remembered per pool; past this the pool's floor moves up to the newest one.
+MAX_TOMBSTONES: Final = 65_536
 
 
 class PoolState:
-    """Blocks of one shared storage pool (one model), and its epoch (clears so far)."""
+    """Blocks of one shared storage pool (one model), newest write wins.
 
-    __slots__ = ("epoch", "holders", "keys", "last_ts", "name", "slot")
+    Writers' batches reach the index through different partitions, so one writer's store
+    may be applied after another's later eviction of the same block. Every pool op
+    therefore carries its batch's timestamp, and the newest one wins per engine hash: a
+    store older than the block's last removal (a tombstone), older than the pool's
+    `floor` (its last wipe, or the newest tombstone forgotten when they exceeded
+    `MAX_TOMBSTONES`) is ignored; a removal older than the store holding the block is too.
+    Ignoring a write only ever loses a hit. Writers' clocks are assumed closer than the
+    time between a block's store and its eviction.
+    """
+
+    __slots__ = ("epoch", "floor", "gone", "gone_max", "holders", "keys", "last_ts", "name",
+                 "slot", "stamps")
 
     def __init__(self, name: str, slot: int) -> None:
         self.name = name
         self.slot = slot
         self.keys: dict[int, int] = {}  # engine hash -> key, blocks the pool holds
+        self.stamps: dict[int, float] = {}  # engine hash -> ts of the store holding it
         self.holders: dict[int, int] = {}  # key -> hashes naming it (usually 1)
+        self.gone: dict[int, float] = {}  # engine hash -> ts of its removal (tombstones)
+        self.gone_max = 0.0  # newest tombstone
+        self.floor = 0.0  # stores older than this are ignored
         self.epoch = 0  # bumped each time the pool is wiped
         self.last_ts = 0.0
 
@@ -63,15 +82,25 @@ class PoolState:
     def bitpos(self) -> int:
         return self.slot * TIER_BITS + STORAGE
 
-    def store(self, hashes: Sequence[int], keys: Sequence[int], sink: PresenceSink) -> int:
-        """Hold `keys` under `hashes`; returns how many blocks the pool did not hold."""
+    def store(self, hashes: Sequence[int], keys: Sequence[int], ts: float,
+              sink: PresenceSink) -> int:
+        """Hold `keys` under `hashes` as of `ts`; returns how many blocks are new."""
+        self.last_ts = max(self.last_ts, ts)
+        if ts < self.floor:
+            return 0
         added: list[int] = []
+        gone, stamps = self.gone, self.stamps
         for h, key in zip(hashes, keys, strict=True):
+            if gone.get(h, ts) > ts or stamps.get(h, ts) > ts:
+                continue  # removed, or stored again, after this write
+            gone.pop(h, None)
+            stamps[h] = ts
             old = self.keys.get(h)
             if old == key:
                 continue
             if old is not None:
                 self._release(h, old, sink)
+                stamps[h] = ts
             self.keys[h] = key
             count = self.holders.get(key, 0)
             self.holders[key] = count + 1
@@ -81,18 +110,31 @@ class PoolState:
             sink.set_bits(added, self.bitpos)
         return len(added)
 
-    def remove(self, hashes: Iterable[int], sink: PresenceSink, stats: IndexStats) -> int:
+    def remove(self, hashes: Iterable[int], ts: float, sink: PresenceSink) -> int:
+        """Blocks left the pool as of `ts` (a tombstone each, even for blocks it does not
+        hold yet: their store may be applied later)."""
+        self.last_ts = max(self.last_ts, ts)
+        if ts < self.floor:
+            return 0
         removed = 0
+        gone = self.gone
         for h in hashes:
+            if self.stamps.get(h, ts) > ts:
+                continue  # stored again after this removal
             key = self.keys.get(h)
-            if key is None:
-                stats.drop("pool_unknown_block")
-                continue
-            removed += self._release(h, key, sink)
+            if key is not None:
+                removed += self._release(h, key, sink)
+            if gone.get(h, ts) <= ts:
+                gone[h] = ts
+        self.gone_max = max(self.gone_max, ts)
+        if len(gone) > MAX_TOMBSTONES:
+            self.floor = max(self.floor, self.gone_max)
+            gone.clear()
         return removed
 
     def _release(self, engine_hash: int, key: int, sink: PresenceSink) -> int:
         del self.keys[engine_hash]
+        del self.stamps[engine_hash]
         count = self.holders[key] - 1
         if count:
             self.holders[key] = count
@@ -101,12 +143,23 @@ class PoolState:
         sink.clear_bits([key], self.bitpos)
         return 1
 
-    def clear(self, sink: PresenceSink) -> None:
+    def wipe(self, ts: float, sink: PresenceSink) -> None:
+        """The pool was wiped as of `ts`: blocks stored later stay."""
+        self.last_ts = max(self.last_ts, ts)
+        for h in [h for h, stamp in self.stamps.items() if stamp <= ts]:
+            self._release(h, self.keys[h], sink)
+        self.floor = max(self.floor, ts)
+        self.gone = {h: t for h, t in self.gone.items() if t > self.floor}
+        self.epoch += 1
+
+    def drop(self, sink: PresenceSink) -> None:
+        """Forget everything (the pool is gone)."""
         if self.holders:
             sink.clear_bits(list(self.holders), self.bitpos)
         self.keys.clear()
+        self.stamps.clear()
         self.holders.clear()
-        self.epoch += 1
+        self.gone.clear()
 
     def __len__(self) -> int:
         return len(self.holders)
@@ -151,7 +204,9 @@ def apply_pool_events(
     writer: WorkerLedger,
     open_pool: Callable[[str], PoolState],
     sink: PresenceSink,
+    *,
     stats: IndexStats,
+    ts: float,
 ) -> set[str]:
     """Apply a writer's pool events (its batch was applied); returns the pools written."""
     written: set[str] = set()
@@ -160,25 +215,26 @@ def apply_pool_events(
         pool = open_pool(event.pool)
         written.add(pool.name)
         if isinstance(event, BlockStored):
-            hashes, keys = _resolve(event, writer, pool, stats)
-            stats.blocks_stored += pool.store(hashes, keys, sink)
+            hashes, keys = resolve_pool_store(event, writer, stats)
+            pool.store(hashes, keys, ts, sink)
         elif isinstance(event, BlockRemoved):
-            stats.blocks_removed += pool.remove(event.block_hashes, sink, stats)
+            pool.remove(event.block_hashes, ts, sink)
         elif isinstance(event, AllBlocksCleared):
-            pool.clear(sink)
+            pool.wipe(ts, sink)
     return written
 
 
-def _resolve(
-    event: BlockStored, writer: WorkerLedger, pool: PoolState, stats: IndexStats
+def resolve_pool_store(
+    event: BlockStored, writer: WorkerLedger, stats: IndexStats
 ) -> tuple[list[int], list[int]]:
-    """Keys of a pool write: from its tokens (chained from the parent the writer or the
-    pool knows), else each hash through the writer's ledger, then the pool's own map."""
+    """(hashes, keys) of a pool write: from its tokens (chained from the root, or from a
+    parent the writer's ledger knows), else each hash through the writer's ledger. What
+    the writer cannot name is dropped, counted: a pool holds only blocks a writer keyed."""
     if event.token_ids:
         if event.parent_hash is None:
             seed = cached_root_seed(writer.model, event.lora_name, event.cache_salt)
         else:
-            parent = writer.keys.get(event.parent_hash, pool.keys.get(event.parent_hash))
+            parent = writer.keys.get(event.parent_hash)
             if parent is None:
                 stats.drop("pool_unknown_parent", len(event.block_hashes))
                 return [], []
@@ -187,8 +243,9 @@ def _resolve(
         return list(event.block_hashes), list(keys)
     hashes: list[int] = []
     keys = []
+    writer_keys = writer.keys
     for h in event.block_hashes:
-        key = writer.keys.get(h, pool.keys.get(h))
+        key = writer_keys.get(h)
         if key is None:
             stats.drop("pool_unknown_block")
             continue
@@ -209,7 +266,7 @@ class PoolCredit(NamedTuple):
 
 
 def pool_credit(
-    pools: Iterable[PoolState],
+    pool_slots: Mapping[str, int],
     mounts: Mapping[str, frozenset[str]],
     slots_of_worker: Mapping[str, int],
     candidates: int,
@@ -217,8 +274,9 @@ def pool_credit(
     """Credits of the pools some candidate mounts, and their slots in `slot_bits` form
     (to widen the table's stop mask: a block only a mounted pool holds continues a walk).
 
-    `mounts`: worker id -> pools it mounts; `slots_of_worker`: worker id -> its slots in
-    `slot_bits` form; `candidates`: the query's candidate slots, in that form.
+    `pool_slots`: pool name -> its slot; `mounts`: worker id -> pools it mounts;
+    `slots_of_worker`: worker id -> its slots in `slot_bits` form; `candidates`: the
+    query's candidate slots, in that form.
     """
     mounters: dict[str, int] = {}
     for worker_id, names in mounts.items():
@@ -227,13 +285,13 @@ def pool_credit(
             for name in names:
                 mounters[name] = mounters.get(name, 0) | alive
     credits: list[PoolCredit] = []
-    pool_slots = 0
-    for pool in pools:
-        alive = mounters.get(pool.name, 0)
-        if alive and pool.holders:
-            credits.append(PoolCredit(pool.slot * TIER_BITS, alive << STORAGE))
-            pool_slots |= 1 << (pool.slot * TIER_BITS)
-    return credits, pool_slots
+    pool_bits = 0
+    for name, slot in pool_slots.items():
+        alive = mounters.get(name, 0)
+        if alive:
+            credits.append(PoolCredit(slot * TIER_BITS, alive << STORAGE))
+            pool_bits |= 1 << (slot * TIER_BITS)
+    return credits, pool_bits
 
 
 def _credited(mask: int, credits: Sequence[PoolCredit]) -> int:

@@ -11,7 +11,8 @@ end
 local next_slot = tonumber(redis.call('GET', p .. 'nextslot') or '0')
 for slot = 0, next_slot - 1 do
   local wp = p .. 'w:' .. slot .. ':'
-  redis.call('UNLINK', wp .. 'meta', wp .. 'log')
+  local pp = p .. 'p:' .. slot .. ':'
+  redis.call('UNLINK', wp .. 'meta', wp .. 'log', wp .. 'pools', pp .. 'map', pp .. 'gone')
 end
 redis.call('UNLINK', p .. 'blk', p .. 'slots', p .. 'slotver', p .. 'free', p .. 'nextslot',
   p .. 'block_size')
