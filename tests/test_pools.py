@@ -1,16 +1,21 @@
 """Shared storage pools: pool writes through writers' batches, Score credit to mounting
-workers, evictions and wipes by any writer, refusal of undeclared pools; at field scale
-(pools of 50,000+ blocks). Memory backend (the Redis backend drops pool writes, counted)."""
+workers, evictions and wipes by any writer, out-of-order application across writers,
+refusal of undeclared pools; at field scale (pools of 50,000 blocks), on both backends
+(the memory index and a private redis-server)."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
 
 import msgspec
+import pytest
+import redis.asyncio as aioredis
 
-from indexer.index.memory import SyncMemoryIndex
-from indexer.index.pools import POOL_RANK, refuse_undeclared
-from indexer.index.protocol import ApplyOutcome, ScoreQuery, WorkerRef
+from indexer.index.memory import MemoryIndex
+from indexer.index.pools import MAX_TOMBSTONES, POOL_RANK, refuse_undeclared
+from indexer.index.protocol import ApplyOutcome, Index, ScoreQuery, WorkerRef
+from indexer.index.redis import RedisIndex
 from kvcore.bus import (
     AllBlocksCleared,
     BlockRemoved,
@@ -24,22 +29,38 @@ from kvcore.bus import (
 from kvcore.pools import KIND_POOL
 from publisher.engines import decode_engine_payload
 from publisher.mirror import BlockMirror
+from tests.support.servers import RedisServer
 
 MODEL = "m"
 BS = 16
 POOL_BLOCKS = 50_000
 
 
+@pytest.fixture(params=["memory", "redis"])
+async def index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
+    """Each backend in turn; the Redis one on a flushed private redis-server."""
+    if request.param == "memory":
+        yield MemoryIndex()
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    client = aioredis.Redis.from_url(server.url)
+    await client.flushall()
+    redis_index = RedisIndex(client)
+    yield redis_index
+    await redis_index.close()
+
+
 class _Writer:
-    """One worker rank's batches, seq by seq."""
+    """One worker rank's batches, seq by seq, each a second after the last."""
 
     def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id
         self.seq = 0
 
-    def batch(self, *events: Event) -> EventBatch:
+    def batch(self, *events: Event, ts: float | None = None) -> EventBatch:
         batch = EventBatch(schema=1, model=MODEL, worker_id=self.worker_id, epoch=1,
-                           seq=self.seq, events=list(events))
+                           seq=self.seq, events=list(events),
+                           ts=1000.0 + self.seq if ts is None else ts)
         self.seq += 1
         return batch
 
@@ -61,19 +82,18 @@ def _query(tokens: list[int], mounts: dict[str, frozenset[str]] | None) -> Score
     return ScoreQuery(model=MODEL, token_ids=tokens, block_size=BS, mounts=mounts)
 
 
-def _scores(index: SyncMemoryIndex, query: ScoreQuery) -> dict[str, tuple[int, dict[str, int]]]:
+async def _scores(index: Index, query: ScoreQuery) -> dict[str, tuple[int, dict[str, int]]]:
     return {s.worker_id: (s.matched_blocks, s.blocks_by_tier)
-            for s in index.score(query).scores}
+            for s in (await index.score(query)).scores}
 
 
-def _fleet() -> tuple[SyncMemoryIndex, list[int], list[int], dict[str, _Writer]]:
+async def _fleet(index: Index) -> tuple[list[int], list[int], dict[str, _Writer]]:
     """A holds the whole prompt on GPU and offloads it to pool P, then evicts all but the
     first 10 blocks from GPU; B holds the first 10 on GPU; C the first 5."""
-    index = SyncMemoryIndex()
     tokens = _tokens(POOL_BLOCKS)
     hashes = _hashes(POOL_BLOCKS)
     writers = {w: _Writer(w) for w in "ABC"}
-    outcomes = index.apply([
+    outcomes = await index.apply([
         writers["A"].batch(_gpu_store(hashes, tokens),
                            BlockStored(block_hashes=hashes, medium="storage", pool="P"),
                            BlockRemoved(block_hashes=hashes[10:])),
@@ -81,97 +101,167 @@ def _fleet() -> tuple[SyncMemoryIndex, list[int], list[int], dict[str, _Writer]]
         writers["C"].batch(_gpu_store(hashes[:5], tokens[: 5 * BS])),
     ])
     assert all(o is ApplyOutcome.APPLIED for o in outcomes)
-    return index, tokens, hashes, writers
+    return tokens, hashes, writers
 
 
 MOUNTS = {"A": frozenset({"P"}), "B": frozenset({"P"})}
 
 
-def test_mounting_workers_continue_their_prefix_through_the_pool() -> None:
-    index, tokens, _, _ = _fleet()
-    scores = _scores(index, _query(tokens, MOUNTS))
+async def test_mounting_workers_continue_their_prefix_through_the_pool(index: Index) -> None:
+    tokens, _, _ = await _fleet(index)
+    scores = await _scores(index, _query(tokens, MOUNTS))
     assert scores["A"] == (POOL_BLOCKS, {"gpu": 10, "storage": POOL_BLOCKS - 10})
     assert scores["B"] == (POOL_BLOCKS, {"gpu": 10, "storage": POOL_BLOCKS - 10})
     assert scores["C"] == (5, {"gpu": 5})  # mounts nothing: no credit
     # Without mounts nobody is credited; the pool is never a candidate.
-    plain = _scores(index, _query(tokens, None))
+    plain = await _scores(index, _query(tokens, None))
     assert plain == {"A": (10, {"gpu": 10}), "B": (10, {"gpu": 10}), "C": (5, {"gpu": 5})}
-    assert "P" not in _scores(index, _query(tokens, {"P": frozenset({"P"})}))
+    assert "P" not in await _scores(index, _query(tokens, {"P": frozenset({"P"})}))
 
 
-def test_a_cold_worker_is_credited_only_through_its_mount() -> None:
-    index, tokens, _, writers = _fleet()
-    index.apply([_Writer("D").batch(AllBlocksCleared())])  # a rank with no blocks
+async def test_a_cold_worker_is_credited_only_through_its_mount(index: Index) -> None:
+    tokens, _, writers = await _fleet(index)
+    await index.apply([_Writer("D").batch(AllBlocksCleared())])  # a rank with no blocks
     mounts = {**MOUNTS, "D": frozenset({"P"})}
-    scores = _scores(index, _query(tokens, mounts))
+    scores = await _scores(index, _query(tokens, mounts))
     assert scores["D"] == (POOL_BLOCKS, {"storage": POOL_BLOCKS})
-    assert "D" not in _scores(index, _query(tokens, MOUNTS))
+    assert "D" not in await _scores(index, _query(tokens, MOUNTS))
     assert writers  # keeps the fleet's writers alive for the reader
 
 
-def test_evictions_from_the_pool_by_any_writer_apply() -> None:
-    index, tokens, hashes, writers = _fleet()
+async def test_evictions_from_the_pool_by_any_writer_apply(index: Index) -> None:
+    tokens, hashes, writers = await _fleet(index)
     # B never stored blocks 20.. itself: its eviction resolves through the pool's own map.
-    index.apply([writers["B"].batch(
+    await index.apply([writers["B"].batch(
         BlockRemoved(block_hashes=hashes[20:], medium="storage", pool="P"))])
-    scores = _scores(index, _query(tokens, MOUNTS))
+    scores = await _scores(index, _query(tokens, MOUNTS))
     assert scores["A"] == (20, {"gpu": 10, "storage": 10})
     assert scores["B"] == (20, {"gpu": 10, "storage": 10})
     # A hole in the pool ends the credited prefix there.
-    index.apply([writers["A"].batch(
+    await index.apply([writers["A"].batch(
         BlockRemoved(block_hashes=[hashes[12]], medium="storage", pool="P"))])
-    assert _scores(index, _query(tokens, MOUNTS))["B"] == (12, {"gpu": 10, "storage": 2})
-    assert index.stats().dropped.get("pool_unknown_block", 0) == 0
+    assert (await _scores(index, _query(tokens, MOUNTS)))["B"] == (12, {"gpu": 10, "storage": 2})
+    assert (await index.stats()).dropped.get("pool_unknown_block", 0) == 0
 
 
-def test_a_wiped_pool_is_cleared_and_its_epoch_moves() -> None:
-    index, tokens, _, writers = _fleet()
-    before = next(w for w in index.workers(MODEL) if w.kind == KIND_POOL)
+async def test_a_wiped_pool_is_cleared_and_its_epoch_moves(index: Index) -> None:
+    tokens, _, writers = await _fleet(index)
+    before = next(w for w in (await index.workers(MODEL)) if w.kind == KIND_POOL)
     assert before.blocks_by_tier == {"storage": POOL_BLOCKS}
-    index.apply([writers["B"].batch(AllBlocksCleared(pool="P"))])
-    assert _scores(index, _query(tokens, MOUNTS))["B"] == (10, {"gpu": 10})
-    after = next(w for w in index.workers(MODEL) if w.kind == KIND_POOL)
+    await index.apply([writers["B"].batch(AllBlocksCleared(pool="P"))])
+    assert (await _scores(index, _query(tokens, MOUNTS)))["B"] == (10, {"gpu": 10})
+    after = next(w for w in (await index.workers(MODEL)) if w.kind == KIND_POOL)
     assert after.blocks_by_tier == {} and after.epoch == before.epoch + 1
     # A's own GPU blocks survive the pool's wipe.
-    assert _scores(index, _query(tokens, None))["A"] == (10, {"gpu": 10})
+    assert (await _scores(index, _query(tokens, None)))["A"] == (10, {"gpu": 10})
 
 
-def test_a_gone_pool_is_removed_with_its_blocks() -> None:
-    index, tokens, _, _ = _fleet()
-    assert index.remove_pool(MODEL, "P")
-    assert not index.remove_pool(MODEL, "P")
-    assert _scores(index, _query(tokens, MOUNTS))["B"] == (10, {"gpu": 10})
-    assert all(w.kind != KIND_POOL for w in index.workers(MODEL))
+async def test_a_gone_pool_is_removed_with_its_blocks(index: Index) -> None:
+    tokens, _, _ = await _fleet(index)
+    assert await index.remove_pool(MODEL, "P")
+    assert not await index.remove_pool(MODEL, "P")
+    assert (await _scores(index, _query(tokens, MOUNTS)))["B"] == (10, {"gpu": 10})
+    assert all(w.kind != KIND_POOL for w in (await index.workers(MODEL)))
     assert all(POOL_RANK not in {ref.dp_rank for ref in owners}
-               for owners in index.presence(MODEL).values())
+               for owners in (await index.presence(MODEL)).values())
 
 
-def test_pool_writes_follow_the_writers_sequence() -> None:
-    index, tokens, hashes, writers = _fleet()
+async def test_pool_writes_follow_the_writers_sequence(index: Index) -> None:
+    tokens, hashes, writers = await _fleet(index)
     evict = writers["B"].batch(BlockRemoved(block_hashes=hashes[30:], medium="storage",
                                             pool="P"))
-    assert index.apply([evict]) == [ApplyOutcome.APPLIED]
+    assert await index.apply([evict]) == [ApplyOutcome.APPLIED]
     # A redelivered store by A (seq already applied) changes nothing.
     replay = EventBatch(schema=1, model=MODEL, worker_id="A", epoch=1, seq=0, events=[
         BlockStored(block_hashes=hashes, medium="storage", pool="P")])
-    assert index.apply([replay]) == [ApplyOutcome.DUPLICATE]
-    assert _scores(index, _query(tokens, MOUNTS))["B"] == (30, {"gpu": 10, "storage": 20})
+    assert await index.apply([replay]) == [ApplyOutcome.DUPLICATE]
+    assert (await _scores(index, _query(tokens, MOUNTS)))["B"] == (30, {"gpu": 10, "storage": 20})
 
 
-def test_a_gap_in_a_writers_batches_wipes_the_pools_it_wrote() -> None:
-    index, tokens, _, writers = _fleet()
+async def test_a_gap_in_a_writers_batches_wipes_the_pools_it_wrote(index: Index) -> None:
+    tokens, _, writers = await _fleet(index)
     writers["A"].seq += 1  # one batch of A lost (it may have evicted from P)
-    outcome = index.apply([writers["A"].batch()])
+    outcome = await index.apply([writers["A"].batch()])
     assert outcome == [ApplyOutcome.APPLIED_AFTER_GAP]
-    assert _scores(index, _query(tokens, MOUNTS))["B"] == (10, {"gpu": 10})
+    assert (await _scores(index, _query(tokens, MOUNTS)))["B"] == (10, {"gpu": 10})
 
 
-def test_presence_names_the_pool_as_its_own_owner() -> None:
-    index, _, _, _ = _fleet()
-    presence = index.presence(MODEL)
+async def test_presence_names_the_pool_as_its_own_owner(index: Index) -> None:
+    await _fleet(index)
+    presence = (await index.presence(MODEL))
     holders = [owners for owners in presence.values() if WorkerRef("P", POOL_RANK) in owners]
     assert len(holders) == POOL_BLOCKS
     assert all(owners[WorkerRef("P", POOL_RANK)] == 0b0100 for owners in holders)
+
+
+async def test_a_store_applied_after_a_later_eviction_stays_evicted(index: Index) -> None:
+    """A's offload (t=1000) and B's eviction (t=2000) come through different partitions;
+    B's is applied first. The eviction wins: the pool never claims the block."""
+    tokens = _tokens(20)
+    hashes = _hashes(20)
+    a, b = _Writer("A"), _Writer("B")
+    await index.apply([
+        a.batch(_gpu_store(hashes, tokens), ts=999.0),
+        b.batch(_gpu_store(hashes[:2], tokens[: 2 * BS]), ts=999.0),
+    ])
+    await index.apply([
+        b.batch(BlockRemoved(block_hashes=hashes[5:], medium="storage", pool="P"), ts=2000.0),
+    ])
+    await index.apply([
+        a.batch(BlockStored(block_hashes=hashes, medium="storage", pool="P"),
+                BlockRemoved(block_hashes=hashes[2:]), ts=1000.0),
+    ])
+    assert (await _scores(index, _query(tokens, MOUNTS)))["B"] == (5, {"gpu": 2, "storage": 3})
+    # A store newer than the eviction (the block was offloaded again) holds it again.
+    await index.apply([a.batch(BlockStored(block_hashes=hashes[5:8], medium="storage",
+                                           pool="P"), ts=3000.0)])
+    assert (await _scores(index, _query(tokens, MOUNTS)))["B"] == (8, {"gpu": 2, "storage": 6})
+    # And an eviction older than that store, applied late, does not take it away.
+    await index.apply([b.batch(BlockRemoved(block_hashes=hashes[5:8], medium="storage",
+                                            pool="P"), ts=2500.0)])
+    assert (await _scores(index, _query(tokens, MOUNTS)))["B"] == (8, {"gpu": 2, "storage": 6})
+
+
+async def test_a_wipe_keeps_blocks_stored_after_it_and_refuses_older_stores(
+    index: Index,
+) -> None:
+    tokens = _tokens(20)
+    hashes = _hashes(20)
+    a, b = _Writer("A"), _Writer("B")
+    await index.apply([
+        a.batch(_gpu_store(hashes, tokens), ts=999.0),
+        b.batch(_gpu_store(hashes[:2], tokens[: 2 * BS]), ts=999.0),
+        a.batch(BlockStored(block_hashes=hashes[:10], medium="storage", pool="P"), ts=1000.0),
+    ])
+    await index.apply([b.batch(AllBlocksCleared(pool="P"), ts=2000.0)])
+    await index.apply([
+        a.batch(BlockStored(block_hashes=hashes[:4], medium="storage", pool="P"), ts=3000.0),
+        # applied after the wipe, though stored before it (A's batches in flight)
+        a.batch(BlockStored(block_hashes=hashes[:10], medium="storage", pool="P"), ts=1500.0),
+    ])
+    assert (await _scores(index, _query(tokens, MOUNTS)))["B"] == (4, {"gpu": 2, "storage": 2})
+
+
+async def test_forgotten_tombstones_raise_the_floor(index: Index) -> None:
+    """Past MAX_TOMBSTONES removals the pool forgets them and ignores every store older
+    than the newest: a late store can never resurrect a block evicted meanwhile."""
+    n = MAX_TOMBSTONES + 10  # in two events (a bus event holds at most 65,536 blocks)
+    tokens = _tokens(8)
+    a, b = _Writer("A"), _Writer("B")
+    await index.apply([
+        a.batch(_gpu_store(_hashes(8), tokens), ts=999.0),
+        b.batch(_gpu_store(_hashes(1), tokens[:BS]), ts=999.0),
+        b.batch(*(BlockRemoved(block_hashes=_hashes(n // 2, base=base), medium="storage",
+                               pool="P") for base in (5_000_000, 6_000_000)), ts=2000.0),
+    ])
+    # A's offload of t=1000 is applied after B's evictions (another partition, late).
+    await index.apply([
+        a.batch(BlockStored(block_hashes=_hashes(8), medium="storage", pool="P"), ts=1000.0),
+    ])
+    assert (await _scores(index, _query(tokens, MOUNTS)))["B"] == (1, {"gpu": 1})
+    await index.apply([a.batch(BlockStored(block_hashes=_hashes(8), medium="storage",
+                                           pool="P"), ts=2001.0)])
+    assert (await _scores(index, _query(tokens, MOUNTS)))["B"] == (8, {"gpu": 1, "storage": 7})
 
 
 def test_undeclared_pool_writes_are_refused() -> None:
