@@ -63,11 +63,22 @@ async def test_pool_credit_eviction_and_refusal_end_to_end(nats_url: str) -> Non
             assert await b.flush(10.0)
             want["A"] = want["B"] = (6, {"gpu": 2, "storage": 4})
             await eventually(credited, 20.0)
-            listed = await service._live_workers(MODEL)
-            pools = [w for w in listed if w.kind == KIND_POOL]
-            assert [(p.worker_id, p.blocks_by_tier) for p in pools] == [("P", {"storage": 6})]
-            mounts = {w.worker_id: w.storage_pools for w in listed if w.kind != KIND_POOL}
-            assert mounts == {"A": ("P",), "B": ("P",), "C": (), "X": ("Q",)}
+            pools = await client.list_workers(MODEL, kind=KIND_POOL)
+            assert [(p.worker_id, p.kind, p.blocks_by_tier) for p in pools] == [
+                ("P", KIND_POOL, {"storage": 6})]
+            listed = await client.list_workers(MODEL, kind="worker")
+            assert {w.worker_id: w.storage_pools for w in listed} == {
+                "A": ("P",), "B": ("P",), "C": (), "X": ("Q",)}
+            # FindBestWorker: the pool's blocks cost what loading them is said to cost.
+            query = Query(model=MODEL, token_ids=TOKENS, workers=("B", "C"))
+            free = await client.find_best_worker(query, storage_load_weight=0.0,
+                                                 overlap_weight=1.0)
+            assert (free.worker_id, free.matched_blocks) == ("B", 6)
+            costs = {c.worker_id: (c.cost, c.storage_blocks) for c in free.candidates}
+            assert costs == {"B": (2.0, 4), "C": (6.0, 0)}
+            dear = await client.find_best_worker(query, storage_load_weight=1.0,
+                                                 overlap_weight=1.0)
+            assert {c.worker_id: c.cost for c in dear.candidates} == {"B": 6.0, "C": 6.0}
     finally:
         for pub in pubs:
             await pub.close()
