@@ -192,7 +192,7 @@ class IndexerService:
         """Workers routers may be sent to: in the index, and not known to be gone."""
         assert self.index is not None
         workers = await self.index.workers(model)
-        return workers if self.liveness is None else self.liveness.live_only(workers)
+        return workers if self.liveness is None else self.liveness.live_only(workers, model)
 
     async def _start_consumers(self) -> None:
         assert self._js is not None

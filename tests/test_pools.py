@@ -116,7 +116,23 @@ async def test_mounting_workers_continue_their_prefix_through_the_pool(index: In
     # Without mounts nobody is credited; the pool is never a candidate.
     plain = await _scores(index, _query(tokens, None))
     assert plain == {"A": (10, {"gpu": 10}), "B": (10, {"gpu": 10}), "C": (5, {"gpu": 5})}
-    assert "P" not in await _scores(index, _query(tokens, {"P": frozenset({"P"})}))
+    assert "P" not in scores  # a pool is never a candidate
+
+
+async def test_a_worker_the_index_never_saw_is_credited_through_its_mount(
+    index: Index,
+) -> None:
+    """A worker that has published nothing (just started, empty cache) but mounts P is
+    credited on a slot of its own for the query; not when the query leaves it out."""
+    tokens, _, _ = await _fleet(index)
+    mounts = {**MOUNTS, "new": frozenset({"P"}), "other": frozenset({"Q"})}
+    scores = await _scores(index, _query(tokens, mounts))
+    assert scores["new"] == (POOL_BLOCKS, {"storage": POOL_BLOCKS})
+    assert scores["A"] == (POOL_BLOCKS, {"gpu": 10, "storage": POOL_BLOCKS - 10})
+    assert "other" not in scores  # mounts a pool the index does not have
+    narrowed = ScoreQuery(model=MODEL, token_ids=tokens, block_size=BS, mounts=mounts,
+                          workers=frozenset({"A", "C"}))
+    assert set(await _scores(index, narrowed)) == {"A", "C"}
 
 
 async def test_a_cold_worker_is_credited_only_through_its_mount(index: Index) -> None:

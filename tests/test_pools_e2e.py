@@ -37,13 +37,14 @@ async def test_pool_credit_eviction_and_refusal_end_to_end(nats_url: str) -> Non
     b = publisher(nats_url, "B", storage_pools=["P"])
     c = publisher(nats_url, "C")
     x = publisher(nats_url, "X", storage_pools=["Q"])
-    pubs = [a, b, c, x]
+    d = publisher(nats_url, "D", storage_pools=["P"])  # registered, publishes nothing
+    pubs = [a, b, c, x, d]
     try:
         for pub in pubs:
             await pub.start()
         liveness = service.liveness
         assert liveness is not None
-        await eventually(lambda: is_true(all((MODEL, w) in liveness.live for w in "ABCX")),
+        await eventually(lambda: is_true(all((MODEL, w) in liveness.live for w in "ABCXD")),
                          20.0)
         store(a, 1, 8)
         a.stored(list(range(1, 9)), b"", pool="P")  # offloaded to the shared pool
@@ -59,7 +60,7 @@ async def test_pool_credit_eviction_and_refusal_end_to_end(nats_url: str) -> Non
             assert await pub.flush(10.0)
         async with AsyncIndexerClient(f"127.0.0.1:{service.grpc_port}") as client:
             want = {"A": (8, {"gpu": 2, "storage": 6}), "B": (8, {"gpu": 2, "storage": 6}),
-                    "C": (2, {"gpu": 2}), "X": (2, {"gpu": 2})}
+                    "C": (2, {"gpu": 2}), "X": (2, {"gpu": 2}), "D": (8, {"storage": 8})}
 
             async def credited() -> bool:
                 return await _scores(client) == want
@@ -71,13 +72,14 @@ async def test_pool_credit_eviction_and_refusal_end_to_end(nats_url: str) -> Non
             b.end_step()
             assert await b.flush(10.0)
             want["A"] = want["B"] = (6, {"gpu": 2, "storage": 4})
+            want["D"] = (6, {"storage": 6})
             await eventually(credited, 20.0)
             pools = await client.list_workers(MODEL, kind=KIND_POOL)
             assert [(p.worker_id, p.kind, p.blocks_by_tier) for p in pools] == [
                 ("P", KIND_POOL, {"storage": 6})]
             listed = await client.list_workers(MODEL, kind="worker")
             assert {w.worker_id: w.storage_pools for w in listed} == {
-                "A": ("P",), "B": ("P",), "C": (), "X": ("Q",)}
+                "A": ("P",), "B": ("P",), "C": (), "X": ("Q",), "D": ("P",)}
             # FindBestWorker: the pool's blocks cost what loading them is said to cost.
             query = Query(model=MODEL, token_ids=TOKENS, workers=("B", "C"))
             free = await client.find_best_worker(query, storage_load_weight=0.0,

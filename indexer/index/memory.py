@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from indexer.index.block_table import new_block_table
 from indexer.index.ledger import WorkerLedger, stored_block_size
 from indexer.index.pools import (
+    NO_POOLS,
     POOL_RANK,
-    PoolCredit,
+    PoolPlan,
     PoolState,
     apply_pool_events,
     pool_credit,
@@ -75,6 +76,11 @@ class _ModelSpace:
         self.all_slots |= bits
         self.slots_of_worker[ref.worker_id] = self.slots_of_worker.get(ref.worker_id, 0) | bits
         return ledger
+
+    @property
+    def next_slot(self) -> int:
+        """A slot number above every slot in use."""
+        return self._next_slot
 
     def _take_slot(self) -> int:
         slot = heapq.heappop(self._free) if self._free else self._next_slot
@@ -178,10 +184,16 @@ class SyncMemoryIndex:
         if space is None:
             return ScoreResult(query.query_blocks, [])
         candidates = space.candidates(query.workers)
-        credits, pool_slots = _pool_credit(space, query, candidates)
-        matches = prefix_match_query(query, space.blocks, candidates, self.config,
-                                     credits=credits, pool_slots=pool_slots)
-        return ScoreResult(query.query_blocks, worker_scores(matches, space.ref_of_slot))
+        plan = _pool_plan(space, query, candidates)
+        matches = prefix_match_query(query, space.blocks, candidates | plan.cold, self.config,
+                                     credits=plan.credits, pool_slots=plan.pool_bits)
+        ref_of_slot = space.ref_of_slot
+        if plan.cold_refs:
+            cold, known = plan.cold_refs, space.ref_of_slot
+
+            def ref_of_slot(slot: int) -> WorkerRef:
+                return cold.get(slot) or known(slot)
+        return ScoreResult(query.query_blocks, worker_scores(matches, ref_of_slot))
 
     def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
         ledgers = self._ledgers_of(model, worker_id, dp_rank)
@@ -275,13 +287,12 @@ class SyncMemoryIndex:
         ]
 
 
-def _pool_credit(
-    space: _ModelSpace, query: ScoreQuery, candidates: int
-) -> tuple[list[PoolCredit], int]:
+def _pool_plan(space: _ModelSpace, query: ScoreQuery, candidates: int) -> PoolPlan:
     if not query.mounts or not space.pools:
-        return [], 0
+        return NO_POOLS
     held = {pool.name: pool.slot for pool in space.pools.values() if pool.holders}
-    return pool_credit(held, query.mounts, space.slots_of_worker, candidates)
+    return pool_credit(held, query.mounts, space.slots_of_worker, candidates,
+                       workers=query.workers, next_slot=space.next_slot)
 
 
 def _pool_info(model: str, pool: PoolState) -> WorkerInfo:

@@ -14,7 +14,9 @@ therefore share the engine's hash function (the store finds blocks by it, so the
 Score credits a candidate worker with the blocks of the pools it mounts: before the
 prefix walk, each pool-held block's mask gets the storage bit of every candidate slot
 mounting that pool (`PoolCredit`), so the walk continues the worker's own prefix through
-the pool and counts those blocks under storage. Pools are never candidates themselves.
+the pool and counts those blocks under storage. A cold worker (live, mounting a pool, but
+never indexed: no slot) walks on a slot of its own for the query (`PoolPlan.cold`). Pools
+are never candidates themselves.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ from typing import Final, NamedTuple
 import msgspec
 
 from indexer.index.ledger import PresenceSink, WorkerLedger, cached_root_seed
-from indexer.index.protocol import TIER_BITS, IndexStats
+from indexer.index.protocol import TIER_BITS, IndexStats, WorkerRef
 from kvcore.bus import AllBlocksCleared, BlockRemoved, BlockStored, Event, EventBatch
 from kvcore.keys import block_keys
 
 __all__ = [
     "MAX_TOMBSTONES",
+    "NO_POOLS",
     "POOL_RANK",
     "PoolCredit",
+    "PoolPlan",
     "PoolState",
     "apply_pool_events",
     "credit_masks",
@@ -265,33 +269,63 @@ class PoolCredit(NamedTuple):
     mounters: int
 
 
+class PoolPlan(NamedTuple):
+    """What Score adds for pools: the credits, the mounted pools' slots (`slot_bits`
+    form: the table's walk goes on while one of them holds a block), and cold workers
+    (mounting, but holding nothing the index knows: no slot) as extra candidates on
+    slots of their own past every real one, with the refs those slots stand for."""
+
+    credits: list[PoolCredit]
+    pool_bits: int
+    cold: int
+    cold_refs: dict[int, WorkerRef]
+
+
+NO_POOLS: Final = PoolPlan([], 0, 0, {})
+
+
 def pool_credit(
     pool_slots: Mapping[str, int],
     mounts: Mapping[str, frozenset[str]],
     slots_of_worker: Mapping[str, int],
     candidates: int,
-) -> tuple[list[PoolCredit], int]:
-    """Credits of the pools some candidate mounts, and their slots in `slot_bits` form
-    (to widen the table's stop mask: a block only a mounted pool holds continues a walk).
+    *,
+    workers: frozenset[str] | None,
+    next_slot: int,
+) -> PoolPlan:
+    """The pool plan of one query.
 
     `pool_slots`: pool name -> its slot; `mounts`: worker id -> pools it mounts;
     `slots_of_worker`: worker id -> its slots in `slot_bits` form; `candidates`: the
-    query's candidate slots, in that form.
+    query's candidate slots, in that form; `workers`: the query's candidate ids (None:
+    all); `next_slot`: a slot number above every slot in use.
     """
     mounters: dict[str, int] = {}
-    for worker_id, names in mounts.items():
+    cold = 0
+    cold_refs: dict[int, WorkerRef] = {}
+    for worker_id, mounted in mounts.items():
+        names = mounted & pool_slots.keys()
+        if not names:
+            continue
         alive = slots_of_worker.get(worker_id, 0) & candidates
-        if alive:
-            for name in names:
-                mounters[name] = mounters.get(name, 0) | alive
+        if not alive and worker_id not in slots_of_worker and (
+                workers is None or worker_id in workers):
+            slot = next_slot + len(cold_refs)
+            cold_refs[slot] = WorkerRef(worker_id, 0)
+            alive = 1 << (slot * TIER_BITS)
+            cold |= alive
+        for name in names:
+            mounters[name] = mounters.get(name, 0) | alive
+    if not mounters:
+        return NO_POOLS
     credits: list[PoolCredit] = []
     pool_bits = 0
-    for name, slot in pool_slots.items():
-        alive = mounters.get(name, 0)
+    for name, alive in mounters.items():
         if alive:
+            slot = pool_slots[name]
             credits.append(PoolCredit(slot * TIER_BITS, alive << STORAGE))
             pool_bits |= 1 << (slot * TIER_BITS)
-    return credits, pool_bits
+    return PoolPlan(credits, pool_bits, cold, cold_refs)
 
 
 def _credited(mask: int, credits: Sequence[PoolCredit]) -> int:

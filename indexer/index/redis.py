@@ -61,6 +61,7 @@ from indexer.index.ledger import (
     stored_block_size,
 )
 from indexer.index.pools import (
+    NO_POOLS,
     POOL_RANK,
     credit_runs,
     pool_credit,
@@ -572,16 +573,18 @@ class RedisIndex:
         # Runs of equal masks, flat: [mask bytes, count, ...] (see lua/score.lua).
         runs: list[int] = [int.from_bytes(v, "little") if i % 2 == 0 else v
                            for i, v in enumerate(values)]
+        plan = NO_POOLS
         if query.mounts and slot_map.pools:
-            credits, _ = pool_credit(slot_map.pools, query.mounts, slot_map.slots_of_worker,
-                                     candidates)
-            if credits:
-                runs = credit_runs(runs, credits)
-        matches = prefix_match_runs(runs, candidates,
+            plan = pool_credit(slot_map.pools, query.mounts, slot_map.slots_of_worker,
+                               candidates, workers=query.workers,
+                               next_slot=max(slot_map.by_slot, default=-1) + 1)
+            runs = credit_runs(runs, plan.credits)
+        matches = prefix_match_runs(runs, candidates | plan.cold,
                                     query.tier_weights or self.config.tier_weights,
                                     query.include_zero)
-        return ScoreResult(len(packed_keys) // 8,
-                           worker_scores(matches, slot_map.by_slot.__getitem__))
+        refs = slot_map.by_slot if not plan.cold_refs else {**slot_map.by_slot,
+                                                            **plan.cold_refs}
+        return ScoreResult(len(packed_keys) // 8, worker_scores(matches, refs.__getitem__))
 
     async def _drop_idle_sockets(self) -> None:
         """After a query lost its connection: the next query reconnects the pipe, and

@@ -155,12 +155,24 @@ class LivenessWatcher:
         """The worker's entry expired or was deleted (its blocks go after the grace)."""
         return (model, worker_id) in self._gone_since
 
-    def live_only(self, workers: list[WorkerInfo]) -> list[WorkerInfo]:
+    def live_only(self, workers: list[WorkerInfo], model: str | None = None
+                  ) -> list[WorkerInfo]:
         """The workers routers may be sent to: not known to be gone; each with the role
-        and the storage pools its registry entry declares. Pools pass as they are."""
-        live = [w for w in workers
+        and the storage pools its registry entry declares. Pools pass as they are. `workers`
+        are the index's (of `model`, or of all models): live workers the index holds
+        nothing of that mount a pool are added (rank 0), since a pool's blocks are theirs
+        to load."""
+        live = [self._declared(w) for w in workers
                 if w.kind == KIND_POOL or not self.is_gone(w.model, w.worker_id)]
-        return [self._declared(w) for w in live]
+        return live + self._cold_mounting(workers, model)
+
+    def _cold_mounting(self, indexed: list[WorkerInfo], model: str | None) -> list[WorkerInfo]:
+        known = {(w.model, w.worker_id) for w in indexed}
+        return [WorkerInfo(key[0], key[1], 0, record.epoch, -1, False, {}, 0.0,
+                           role=self.role_of(*key), storage_pools=tuple(record.storage_pools))
+                for key, record in self.live.items()
+                if record.storage_pools and key not in known
+                and (model is None or key[0] == model)]
 
     def _declared(self, info: WorkerInfo) -> WorkerInfo:
         if info.kind == KIND_POOL:
