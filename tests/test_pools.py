@@ -135,6 +135,29 @@ async def test_a_worker_the_index_never_saw_is_credited_through_its_mount(
     assert set(await _scores(index, narrowed)) == {"A", "C"}
 
 
+async def test_many_mounters_each_get_their_own_answer(index: Index) -> None:
+    """Mounters holding nothing of the prompt share one walk; those holding some of it
+    walk on their own; a second pool's mounters are a group of their own."""
+    tokens, hashes, writers = await _fleet(index)
+    # C can name only the 5 blocks it stored: the other 95 are dropped, counted.
+    await index.apply([writers["C"].batch(
+        BlockStored(block_hashes=hashes[:100], medium="storage", pool="Q"))])
+    assert (await index.stats()).dropped == {"pool_unknown_block": 95}
+    cold = {f"n{i}": frozenset({"P"}) for i in range(6)}
+    cold_q = {f"q{i}": frozenset({"Q"}) for i in range(3)}
+    mounts = {**MOUNTS, "C": frozenset({"P", "Q"}), **cold, **cold_q}
+    scores = await _scores(index, _query(tokens, mounts))
+    full = (POOL_BLOCKS, {"gpu": 10, "storage": POOL_BLOCKS - 10})
+    assert scores == {
+        "A": full, "B": full, "C": (POOL_BLOCKS, {"gpu": 5, "storage": POOL_BLOCKS - 5}),
+        **dict.fromkeys(cold, (POOL_BLOCKS, {"storage": POOL_BLOCKS})),
+        **dict.fromkeys(cold_q, (5, {"storage": 5})),
+    }
+    q0 = (await index.score(_query(tokens, mounts))).scores
+    by_tier = [s.blocks_by_tier for s in q0 if s.worker_id.startswith("n")]
+    assert len({id(d) for d in by_tier}) == len(by_tier)  # no dict shared between answers
+
+
 async def test_a_cold_worker_is_credited_only_through_its_mount(index: Index) -> None:
     tokens, _, writers = await _fleet(index)
     await index.apply([_Writer("D").batch(AllBlocksCleared())])  # a rank with no blocks

@@ -50,11 +50,16 @@ class _ModelSpace:
         self.blocks = new_block_table()
         self.ledgers: dict[WorkerRef, WorkerLedger] = {}
         self.by_slot: dict[int, WorkerLedger] = {}
+        self.refs: dict[int, WorkerRef] = {}  # slot -> its rank (Score's answers)
         self.all_slots = 0  # slot_bits(by_slot), kept current
         self.slots_of_worker: dict[str, int] = {}  # worker id -> slot_bits of its ranks
         self.block_size: int | None = None
         self.pools: dict[str, PoolState] = {}  # shared storage pools (indexer/index/pools.py)
         self.pool_writes: dict[WorkerRef, set[str]] = {}  # pools each rank has written into
+        self.slot_version = 0  # bumped when a slot is taken or freed
+        # the last pool plan: ((id(mounts), id(workers), candidates, slot_version), mounts,
+        # plan); `mounts` kept so its id is not reused meanwhile
+        self.plan_cache: tuple[tuple[int, int, int, int], object, PoolPlan] | None = None
         self._free: list[int] = []
         self._next_slot = 0
 
@@ -72,6 +77,7 @@ class _ModelSpace:
         ledger = WorkerLedger(self.model, ref.worker_id, ref.dp_rank, slot, self.ghost_capacity)
         self.ledgers[ref] = ledger
         self.by_slot[slot] = ledger
+        self.refs[slot] = ref
         bits = slot_bits([slot])
         self.all_slots |= bits
         self.slots_of_worker[ref.worker_id] = self.slots_of_worker.get(ref.worker_id, 0) | bits
@@ -85,7 +91,12 @@ class _ModelSpace:
     def _take_slot(self) -> int:
         slot = heapq.heappop(self._free) if self._free else self._next_slot
         self._next_slot = max(self._next_slot, slot + 1)
+        self.slot_version += 1
         return slot
+
+    def _free_slot(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)
+        self.slot_version += 1
 
     def pool(self, name: str) -> PoolState:
         found = self.pools.get(name)
@@ -98,7 +109,7 @@ class _ModelSpace:
         if pool is None:
             return False
         pool.drop(self)
-        heapq.heappush(self._free, pool.slot)
+        self._free_slot(pool.slot)
         return True
 
     def apply_pool_writes(self, ref: WorkerRef, ledger: WorkerLedger, pooled: list[Event],
@@ -120,6 +131,7 @@ class _ModelSpace:
         del self.ledgers[WorkerRef(ledger.worker_id, ledger.dp_rank)]
         self.pool_writes.pop(WorkerRef(ledger.worker_id, ledger.dp_rank), None)
         del self.by_slot[ledger.slot]
+        del self.refs[ledger.slot]
         bits = slot_bits([ledger.slot])
         self.all_slots &= ~bits
         remaining = self.slots_of_worker[ledger.worker_id] & ~bits
@@ -127,11 +139,10 @@ class _ModelSpace:
             self.slots_of_worker[ledger.worker_id] = remaining
         else:
             del self.slots_of_worker[ledger.worker_id]
-        heapq.heappush(self._free, ledger.slot)
+        self._free_slot(ledger.slot)
 
     def ref_of_slot(self, slot: int) -> WorkerRef:
-        ledger = self.by_slot[slot]
-        return WorkerRef(ledger.worker_id, ledger.dp_rank)
+        return self.refs[slot]
 
     def candidates(self, workers: frozenset[str] | None) -> int:
         if workers is None:
@@ -185,15 +196,9 @@ class SyncMemoryIndex:
             return ScoreResult(query.query_blocks, [])
         candidates = space.candidates(query.workers)
         plan = _pool_plan(space, query, candidates)
-        matches = prefix_match_query(query, space.blocks, candidates | plan.cold, self.config,
-                                     credits=plan.credits, pool_slots=plan.pool_bits)
-        ref_of_slot = space.ref_of_slot
-        if plan.cold_refs:
-            cold, known = plan.cold_refs, space.ref_of_slot
-
-            def ref_of_slot(slot: int) -> WorkerRef:
-                return cold.get(slot) or known(slot)
-        return ScoreResult(query.query_blocks, worker_scores(matches, ref_of_slot))
+        matches = prefix_match_query(query, space.blocks, candidates, self.config, plan=plan)
+        refs = space.refs if not plan.cold_refs else {**space.refs, **plan.cold_refs}
+        return ScoreResult(query.query_blocks, worker_scores(matches, refs.__getitem__))
 
     def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
         ledgers = self._ledgers_of(model, worker_id, dp_rank)
@@ -288,11 +293,21 @@ class SyncMemoryIndex:
 
 
 def _pool_plan(space: _ModelSpace, query: ScoreQuery, candidates: int) -> PoolPlan:
-    if not query.mounts or not space.pools:
+    """The query's pool plan; the last one is reused while the slots, the candidates and
+    the (unchanged) mounts and worker-id objects are the same: a router's queries come
+    with the live-worker directory's cached sets."""
+    mounts = query.mounts
+    if not mounts or not space.pools:
         return NO_POOLS
-    held = {pool.name: pool.slot for pool in space.pools.values() if pool.holders}
-    return pool_credit(held, query.mounts, space.slots_of_worker, candidates,
+    key = (id(mounts), id(query.workers), candidates, space.slot_version)
+    cached = space.plan_cache
+    if cached is not None and cached[0] == key and cached[1] is mounts:
+        return cached[2]
+    pool_slots = {pool.name: pool.slot for pool in space.pools.values()}
+    plan = pool_credit(pool_slots, mounts, space.slots_of_worker, candidates,
                        workers=query.workers, next_slot=space.next_slot)
+    space.plan_cache = (key, mounts, plan)
+    return plan
 
 
 def _pool_info(model: str, pool: PoolState) -> WorkerInfo:

@@ -37,11 +37,13 @@ __all__ = [
     "POOL_RANK",
     "PoolCredit",
     "PoolPlan",
+    "PoolRuns",
     "PoolState",
     "apply_pool_events",
     "credit_masks",
     "credit_runs",
     "pool_credit",
+    "pool_runs",
     "refuse_undeclared",
     "resolve_pool_store",
     "split_pool_events",
@@ -50,6 +52,7 @@ __all__ = [
 STORAGE: Final = 2
 # The dp_rank pools take in `presence()` refs: no worker rank is negative.
 POOL_RANK: Final = -1
+_MAX_CACHED_SETS: Final = 256  # PoolPlan.followers
 # Removals remembered per pool; past this the pool's floor moves up to the newest one.
 MAX_TOMBSTONES: Final = 65_536
 
@@ -279,9 +282,14 @@ class PoolPlan(NamedTuple):
     pool_bits: int
     cold: int
     cold_refs: dict[int, WorkerRef]
+    # candidate slots (`slot_bits` form) mounting the same pools, groups of two or more:
+    # those that hold none of a query's blocks themselves all get the same answer
+    groups: list[int]
+    # slots of such a set (`slot_bits` form) -> the slot numbers past its first (cache)
+    followers: dict[int, list[int]]
 
 
-NO_POOLS: Final = PoolPlan([], 0, 0, {})
+NO_POOLS: Final = PoolPlan([], 0, 0, {}, [], {})
 
 
 def pool_credit(
@@ -303,8 +311,9 @@ def pool_credit(
     mounters: dict[str, int] = {}
     cold = 0
     cold_refs: dict[int, WorkerRef] = {}
+    by_mount: dict[frozenset[str], int] = {}
     for worker_id, mounted in mounts.items():
-        names = mounted & pool_slots.keys()
+        names = frozenset(mounted & pool_slots.keys())
         if not names:
             continue
         alive = slots_of_worker.get(worker_id, 0) & candidates
@@ -314,10 +323,12 @@ def pool_credit(
             cold_refs[slot] = WorkerRef(worker_id, 0)
             alive = 1 << (slot * TIER_BITS)
             cold |= alive
+        by_mount[names] = by_mount.get(names, 0) | alive
         for name in names:
             mounters[name] = mounters.get(name, 0) | alive
     if not mounters:
         return NO_POOLS
+    groups = [bits for bits in by_mount.values() if bits & (bits - 1)]
     credits: list[PoolCredit] = []
     pool_bits = 0
     for name, alive in mounters.items():
@@ -325,7 +336,57 @@ def pool_credit(
             slot = pool_slots[name]
             credits.append(PoolCredit(slot * TIER_BITS, alive << STORAGE))
             pool_bits |= 1 << (slot * TIER_BITS)
-    return PoolPlan(credits, pool_bits, cold, cold_refs)
+    return PoolPlan(credits, pool_bits, cold, cold_refs, groups, {})
+
+
+class PoolRuns(NamedTuple):
+    """One query's runs credited, and what the walk then needs: its candidates, and the
+    slots whose answer is another's (`replicas`: representative slot -> the others)."""
+
+    runs: list[int]
+    candidates: int
+    replicas: dict[int, list[int]]
+
+
+def pool_runs(runs: Sequence[int], plan: PoolPlan, candidates: int) -> PoolRuns:
+    """Credit a query's runs `[mask, count, ...]` (candidates in `slot_bits` form, cold
+    ones included) to the pools' mounters.
+
+    Mounters of the same pools that hold none of the query's blocks themselves have the
+    same answer (the pools' own prefix, all storage): one of each group walks, the others
+    copy its answer (`scoring.expand_replicas`), so a pool mounted by many workers costs the walk
+    one slot, not one per worker.
+    """
+    held = 0
+    for i in range(0, len(runs), 2):
+        held |= runs[i]
+    held = (held | held >> 1 | held >> 2 | held >> 3) & candidates
+    replicas: dict[int, list[int]] = {}
+    dropped = 0
+    for group in plan.groups:
+        pure = group & candidates & ~held
+        if pure & (pure - 1):  # two or more
+            first = pure & -pure
+            others = pure ^ first
+            dropped |= others
+            followers = plan.followers.get(pure)
+            if followers is None:
+                if len(plan.followers) >= _MAX_CACHED_SETS:
+                    plan.followers.clear()
+                followers = plan.followers[pure] = [bit // TIER_BITS
+                                                    for bit in _set_bits(others)]
+            replicas[first.bit_length() // TIER_BITS] = followers
+    credits = plan.credits
+    if dropped:
+        credits = [PoolCredit(c.shift, c.mounters & ~(dropped << STORAGE)) for c in credits]
+    return PoolRuns(credit_runs(runs, credits), candidates & ~dropped, replicas)
+
+
+def _set_bits(mask: int) -> Iterator[int]:
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
 
 
 def _credited(mask: int, credits: Sequence[PoolCredit]) -> int:

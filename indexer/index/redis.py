@@ -63,8 +63,8 @@ from indexer.index.ledger import (
 from indexer.index.pools import (
     NO_POOLS,
     POOL_RANK,
-    credit_runs,
     pool_credit,
+    pool_runs,
     resolve_pool_store,
     split_pool_events,
 )
@@ -83,6 +83,7 @@ from indexer.index.protocol import (
 )
 from indexer.index.redis_pipe import RedisPipe
 from indexer.index.scoring import (
+    expand_replicas,
     prefix_match_runs,
     query_keys_packed,
     slot_bits,
@@ -573,15 +574,19 @@ class RedisIndex:
         # Runs of equal masks, flat: [mask bytes, count, ...] (see lua/score.lua).
         runs: list[int] = [int.from_bytes(v, "little") if i % 2 == 0 else v
                            for i, v in enumerate(values)]
+        weights = query.tier_weights or self.config.tier_weights
         plan = NO_POOLS
         if query.mounts and slot_map.pools:
             plan = pool_credit(slot_map.pools, query.mounts, slot_map.slots_of_worker,
                                candidates, workers=query.workers,
                                next_slot=max(slot_map.by_slot, default=-1) + 1)
-            runs = credit_runs(runs, plan.credits)
-        matches = prefix_match_runs(runs, candidates | plan.cold,
-                                    query.tier_weights or self.config.tier_weights,
-                                    query.include_zero)
+        if plan.credits:
+            credited = pool_runs(runs, plan, candidates | plan.cold)
+            matches = expand_replicas(
+                prefix_match_runs(credited.runs, credited.candidates, weights,
+                                  query.include_zero), credited.replicas)
+        else:
+            matches = prefix_match_runs(runs, candidates, weights, query.include_zero)
         refs = slot_map.by_slot if not plan.cold_refs else {**slot_map.by_slot,
                                                             **plan.cold_refs}
         return ScoreResult(len(packed_keys) // 8, worker_scores(matches, refs.__getitem__))
