@@ -5,17 +5,23 @@ refusal of undeclared pools; at field scale (pools of 50,000 blocks), on both ba
 
 from __future__ import annotations
 
+import asyncio
 import random
+import urllib.request
 from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from indexer.index.memory import MemoryIndex
 from indexer.index.pools import MAX_TOMBSTONES, POOL_RANK, refuse_undeclared
 from indexer.index.protocol import ApplyOutcome, Index, ScoreQuery, WorkerRef
 from indexer.index.redis import RedisIndex
+from indexer.ingest.consumer import ConsumerStats
+from indexer.metrics import MetricsExporter
 from kvcore.bus import (
     AllBlocksCleared,
     BlockRemoved,
@@ -352,3 +358,24 @@ def test_the_bridge_turns_shared_tier_events_into_pool_writes() -> None:
     mirror = BlockMirror()
     mirror.apply(with_pools.events)
     assert len(mirror) == 0
+
+
+async def test_pools_have_a_series_of_their_own_not_a_worker_series() -> None:
+    index = MemoryIndex()
+    await _fleet(index)
+    stats = ConsumerStats()
+    stats.dropped["pool_not_declared"] = 3
+    exporter = MetricsExporter(index, stats, CollectorRegistry(), max_worker_series=10)
+    exporter.serve("127.0.0.1:0")
+    await exporter.refresh()
+    url = f"http://127.0.0.1:{exporter.port}/metrics"
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(body.decode())
+               for s in family.samples}
+    assert samples[("kv_indexer_pool_blocks", (("model", MODEL), ("pool", "P")))] == \
+        POOL_BLOCKS
+    assert samples[("kv_indexer_workers", ())] == 3
+    assert {dict(labels)["worker"] for name, labels in samples
+            if name == "kv_indexer_worker_blocks"} == {"A", "B", "C"}
+    assert samples[("kv_indexer_dropped_total", (("reason", "pool_not_declared"),))] == 3
