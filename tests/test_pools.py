@@ -379,3 +379,23 @@ async def test_pools_have_a_series_of_their_own_not_a_worker_series() -> None:
     assert {dict(labels)["worker"] for name, labels in samples
             if name == "kv_indexer_worker_blocks"} == {"A", "B", "C"}
     assert samples[("kv_indexer_dropped_total", (("reason", "pool_not_declared"),))] == 3
+
+
+async def test_after_a_snapshot_import_pools_take_no_write_older_than_it(index: Index) -> None:
+    """A rebuild imports ranks up to their last batch and replays what follows: pool
+    evictions inside the snapshot are not replayed, so an older store that is (another
+    partition's snapshot was older) must not bring a block back."""
+    source = MemoryIndex()
+    tokens = _tokens(8)
+    a, b = _Writer("A"), _Writer("B")
+    early = a.batch(_gpu_store(_hashes(8), tokens), ts=900.0)
+    await source.apply([early, b.batch(_gpu_store(_hashes(1), tokens[:BS]), ts=2000.0)])
+    states = await source.export_ranks([(MODEL, WorkerRef("A", 0)), (MODEL, WorkerRef("B", 0))])
+    await index.import_ranks(states)
+    # Replayed after A's snapshot point: an offload from before B's (snapshotted) eviction.
+    await index.apply([a.batch(BlockStored(block_hashes=_hashes(8), medium="storage",
+                                           pool="P"), ts=1000.0)])
+    assert (await _scores(index, _query(tokens, MOUNTS)))["B"] == (1, {"gpu": 1})
+    await index.apply([a.batch(BlockStored(block_hashes=_hashes(8), medium="storage",
+                                           pool="P"), ts=2500.0)])
+    assert (await _scores(index, _query(tokens, MOUNTS)))["B"] == (8, {"gpu": 1, "storage": 7})

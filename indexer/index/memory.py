@@ -57,6 +57,7 @@ class _ModelSpace:
         self.pools: dict[str, PoolState] = {}  # shared storage pools (indexer/index/pools.py)
         self.pool_writes: dict[WorkerRef, set[str]] = {}  # pools each rank has written into
         self.slot_version = 0  # bumped when a slot is taken or freed
+        self.pool_floor = 0.0  # pools ignore writes older than this (snapshot imports)
         # the last pool plan: ((id(mounts), id(workers), candidates, slot_version), mounts,
         # plan); `mounts` kept so its id is not reused meanwhile
         self.plan_cache: tuple[tuple[int, int, int, int], object, PoolPlan] | None = None
@@ -102,7 +103,16 @@ class _ModelSpace:
         found = self.pools.get(name)
         if found is None:
             found = self.pools[name] = PoolState(name, self._take_slot())
+            found.floor = self.pool_floor
         return found
+
+    def raise_pool_floor(self, ts: float) -> None:
+        """A snapshot up to `ts` was imported: the pool writes it covered (evictions among
+        them) are not replayed, so no pool may take a write older than it."""
+        if ts > self.pool_floor:
+            self.pool_floor = ts
+            for pool in self.pools.values():
+                pool.floor = max(pool.floor, ts)
 
     def drop_pool(self, name: str) -> bool:
         pool = self.pools.pop(name, None)
@@ -273,6 +283,7 @@ class SyncMemoryIndex:
                 space = self._models[state.model] = _ModelSpace(state.model,
                                                                 self.config.ghost_capacity)
             space.ledger(WorkerRef(state.worker_id, state.dp_rank)).restore(state, space)
+            space.raise_pool_floor(state.last_ts)
 
     def presence(self, model: str) -> dict[int, dict[WorkerRef, int]]:
         """Every block key of a model -> {worker: tier mask}; for tests and snapshots."""

@@ -105,6 +105,11 @@ _OP_HEADER: Final = struct.Struct("<cHI")
 _RECORD_HEADER: Final = struct.Struct("<H16s16sdBIIIIIHIII")
 _POSITION: Final = struct.Struct(">qq")
 _NAME_LEN: Final = struct.Struct("<H")
+# KEYS[1] a number; ARGV[1] a candidate: the key keeps the larger of the two.
+_RAISE_FLOOR: Final = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
+"""
 _TS: Final = struct.Struct("<d")
 
 
@@ -255,6 +260,7 @@ class RedisIndex:
         self._ledgers: dict[tuple[str, WorkerRef], WorkerLedger] = {}
         self._pool_slots: dict[tuple[str, str], int] = {}  # (model, pool) -> slot
         self._pool_drop_script = client.register_script(_lua("pool_drop.lua"))
+        self._floor_script = client.register_script(_RAISE_FLOOR)
         self._log_bytes: dict[WorkerLedger, int] = {}  # size of each ledger's log in Redis
         self._slot_maps: dict[str, _SlotMap] = {}
         self._known_models: set[str] = set()
@@ -790,9 +796,21 @@ class RedisIndex:
                     ledger.journal = None
                 await self._register_models_named({s.model for s in states})
                 await self._run_records(records, sent)
+                await self._raise_pool_floors(states)
             except RedisError as exc:
                 await self._reset_after_failure(exc)
                 raise BackendError(f"redis import failed: {exc}") from exc
+
+    async def _raise_pool_floors(self, states: Sequence[RankState]) -> None:
+        """Imported snapshots cover pool writes (evictions among them) that will not be
+        replayed: pools take no write older than the newest imported rank's last batch
+        (`pool_floor`, read by apply.lua)."""
+        floors: dict[str, float] = {}
+        for state in states:
+            floors[state.model] = max(floors.get(state.model, 0.0), state.last_ts)
+        for model, floor in floors.items():
+            await self._floor_script(keys=[model_prefix(model) + "pool_floor"],
+                                     args=[repr(floor)])
 
     async def reset_caches(self) -> None:
         async with self._lock:

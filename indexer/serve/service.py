@@ -177,6 +177,9 @@ class PipelineStats(Protocol):
     def dead_letters(self) -> Mapping[str, int]: ...
 
     @property
+    def dropped(self) -> Mapping[str, int]: ...  # refused before the index (pool writes)
+
+    @property
     def last_applied_ts(self) -> float: ...
 
 
@@ -560,6 +563,8 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
             response.gaps = consumer.gaps
             response.resyncs_requested = consumer.resyncs_requested
             for reason, count in consumer.dead_letters.items():
+                response.dropped[reason] += count
+            for reason, count in consumer.dropped.items():  # pool_not_declared
                 response.dropped[reason] += count
             newest = max(newest, consumer.last_applied_ts)
         response.lag_seconds = _age(time.time(), newest)

@@ -116,7 +116,9 @@ local function pool_open(slot, name)
   return {slot = slot, name = name, meta = meta,
     map = p .. 'p:' .. slot .. ':map', gone = p .. 'p:' .. slot .. ':gone',
     byte_i = math.floor(bitpos / 8) + 1, m = 2 ^ (bitpos % 8),
-    floor = tonumber(st[1]) or 0, gone_max = tonumber(st[2]) or 0,
+    floor = math.max(tonumber(st[1]) or 0,
+      tonumber(redis.call('GET', p .. 'pool_floor') or '0')),
+    gone_max = tonumber(st[2]) or 0,
     epoch = tonumber(st[3]) or 0, ts = tonumber(st[4]) or 0}
 end
 

@@ -15,5 +15,5 @@ for slot = 0, next_slot - 1 do
   redis.call('UNLINK', wp .. 'meta', wp .. 'log', wp .. 'pools', pp .. 'map', pp .. 'gone')
 end
 redis.call('UNLINK', p .. 'blk', p .. 'slots', p .. 'slotver', p .. 'free', p .. 'nextslot',
-  p .. 'block_size')
+  p .. 'block_size', p .. 'pool_floor')
 return 0
