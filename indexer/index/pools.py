@@ -21,6 +21,8 @@ are never candidates themselves.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Final, NamedTuple
 
@@ -357,9 +359,7 @@ def pool_runs(runs: Sequence[int], plan: PoolPlan, candidates: int) -> PoolRuns:
     copy its answer (`scoring.expand_replicas`), so a pool mounted by many workers costs the walk
     one slot, not one per worker.
     """
-    held = 0
-    for i in range(0, len(runs), 2):
-        held |= runs[i]
+    held = functools.reduce(operator.or_, runs[0::2], 0)
     held = (held | held >> 1 | held >> 2 | held >> 3) & candidates
     replicas: dict[int, list[int]] = {}
     dropped = 0
@@ -399,8 +399,8 @@ def _credited(mask: int, credits: Sequence[PoolCredit]) -> int:
 def credit_runs(runs: Sequence[int], credits: Sequence[PoolCredit]) -> list[int]:
     """Runs `[mask, count, ...]` with each pool-held run credited to the pool's mounters."""
     out = list(runs)
-    for i in range(0, len(out), 2):
-        out[i] = _credited(out[i], credits)
+    for shift, mounters in credits:
+        out[0::2] = [mask | mounters if mask >> shift & 15 else mask for mask in out[0::2]]
     return out
 
 
