@@ -218,7 +218,6 @@ class _Walk:
 
     def _tally(self, candidates: int) -> list[SlotMatch]:
         weights = self.weights
-        off_gpu: dict[int, list[int]] = {}
         # Blocks per (tier, slots whose best copy is in that tier), summed over the mixed
         # steps first: many steps share those slot sets (shared prefixes, pool credit), so
         # each set's slots are visited once, not once per step.
@@ -237,27 +236,40 @@ class _Walk:
                         by_set[key] = by_set.get(key, 0) + blocks
                     if not left:
                         break
-        for (tier, chosen), blocks in by_set.items():
-            for bit in _bits(chosen):
-                counts = off_gpu.setdefault(bit, [0] * len(TIERS))
-                counts[tier] += blocks
+        # Slots in the same sets have the same counts: split the slots into those regions
+        # once, then tally each region (and each matched length) once.
+        regions: list[tuple[int, list[int]]] = []
+        if by_set:
+            every = 0
+            for _, chosen in by_set:
+                every |= chosen
+            regions = [(every, [0] * len(TIERS))]
+            for (tier, chosen), blocks in by_set.items():
+                split: list[tuple[int, list[int]]] = []
+                for bits, counts in regions:
+                    if bits & chosen:
+                        inside = counts.copy()
+                        inside[tier] += blocks
+                        split.append((bits & chosen, inside))
+                    if bits & ~chosen:
+                        split.append((bits & ~chosen, counts))
+                regions = split
+        region_of = {bit: i for i, (bits, _) in enumerate(regions) for bit in _bits(bits)}
         results: list[SlotMatch] = []
         gpu_weight = weights[GPU]
-        # Slots with the same tier counts (workers along one shared prefix, or crediting
-        # the same pool) share the weighted sum; each gets its own by-tier dict.
-        tallied: dict[tuple[int, ...], tuple[float, dict[str, int]]] = {}
+        tallied: dict[tuple[int, int], tuple[float, dict[str, int]]] = {}
         for bit, n_matched in self.matched.items():
-            if bit not in off_gpu:
+            region = region_of.get(bit)
+            if region is None:
                 by_gpu = {"gpu": n_matched} if n_matched else {}
                 results.append(SlotMatch(bit // TIER_BITS, n_matched, gpu_weight * n_matched,
                                          by_gpu))
                 continue
-            counts = off_gpu[bit]
-            counts[GPU] = n_matched - sum(counts[1:])
-            signature = tuple(counts)
-            found = tallied.get(signature)
+            found = tallied.get((region, n_matched))
             if found is None:
-                found = tallied[signature] = (
+                counts = regions[region][1].copy()
+                counts[GPU] = n_matched - sum(counts[1:])
+                found = tallied[(region, n_matched)] = (
                     sum(weights[t] * c for t, c in enumerate(counts)),
                     {TIERS[t]: c for t, c in enumerate(counts) if c})
             results.append(SlotMatch(bit // TIER_BITS, n_matched, found[0], dict(found[1])))
