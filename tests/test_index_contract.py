@@ -444,10 +444,11 @@ class _PoolReference:
                 self.held[h] = ts
 
     def remove(self, hashes: list[int], ts: float) -> None:
-        for h in hashes if ts >= self.floor else []:
+        for h in hashes:
             if self.held.get(h, ts) <= ts:
                 self.held.pop(h, None)
-                self.gone[h] = max(self.gone.get(h, ts), ts)
+                if ts >= self.floor:
+                    self.gone[h] = max(self.gone.get(h, ts), ts)
 
     def wipe(self, ts: float) -> None:
         self.held = {h: t for h, t in self.held.items() if t > ts}

@@ -399,3 +399,24 @@ async def test_after_a_snapshot_import_pools_take_no_write_older_than_it(index: 
     await index.apply([a.batch(BlockStored(block_hashes=_hashes(8), medium="storage",
                                            pool="P"), ts=2500.0)])
     assert (await _scores(index, _query(tokens, MOUNTS)))["B"] == (8, {"gpu": 1, "storage": 7})
+
+
+async def test_an_eviction_older_than_the_floor_still_takes_a_block_stored_before_it(
+    index: Index,
+) -> None:
+    """A snapshot import raises the floor to t=1000 but keeps what the pool held: a late
+    eviction (t=800) of blocks stored at t=500 still takes them, though it is older than
+    the floor."""
+    tokens = _tokens(8)
+    a, b = _Writer("A"), _Writer("B")
+    await index.apply([
+        a.batch(_gpu_store(_hashes(8), tokens), ts=400.0),
+        b.batch(_gpu_store(_hashes(1), tokens[:BS]), ts=400.0),
+        a.batch(BlockStored(block_hashes=_hashes(8), medium="storage", pool="P"), ts=500.0),
+    ])
+    source = MemoryIndex()
+    await source.apply([_Writer("Z").batch(_gpu_store(_hashes(1), tokens[:BS]), ts=1000.0)])
+    await index.import_ranks(await source.export_ranks([(MODEL, WorkerRef("Z", 0))]))
+    await index.apply([b.batch(BlockRemoved(block_hashes=_hashes(8)[4:], medium="storage",
+                                            pool="P"), ts=800.0)])
+    assert (await _scores(index, _query(tokens, MOUNTS)))["B"] == (4, {"gpu": 1, "storage": 3})

@@ -67,7 +67,8 @@ class PoolState:
     therefore carries its batch's timestamp, and the newest one wins per engine hash: a
     store older than the block's last removal (a tombstone), older than the pool's
     `floor` (its last wipe, or the newest tombstone forgotten when they exceeded
-    `MAX_TOMBSTONES`) is ignored; a removal older than the store holding the block is too.
+    `MAX_TOMBSTONES`) is ignored; a removal older than the store holding the block is too
+    (a removal is never ignored for the floor: a block stored before it still goes).
     Ignoring a write only ever loses a hit. Writers' clocks are assumed closer than the
     time between a block's store and its eviction.
     """
@@ -123,17 +124,18 @@ class PoolState:
         """Blocks left the pool as of `ts` (a tombstone each, even for blocks it does not
         hold yet: their store may be applied later)."""
         self.last_ts = max(self.last_ts, ts)
-        if ts < self.floor:
-            return 0
         removed = 0
         gone = self.gone
+        # Below the floor no store is taken any more: no tombstone needed (but a block
+        # stored before the floor still goes).
+        remember = ts >= self.floor
         for h in hashes:
             if self.stamps.get(h, ts) > ts:
                 continue  # stored again after this removal
             key = self.keys.get(h)
             if key is not None:
                 removed += self._release(h, key, sink)
-            if gone.get(h, ts) <= ts:
+            if remember and gone.get(h, ts) <= ts:
                 gone[h] = ts
         self.gone_max = max(self.gone_max, ts)
         if len(gone) > MAX_TOMBSTONES:

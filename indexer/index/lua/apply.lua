@@ -156,7 +156,8 @@ local function pool_store(pool, rec, pos, count, ts)
 end
 
 local function pool_remove(pool, rec, pos, count, ts)
-  if ts < pool.floor then return pos + count * 8 end
+  -- below the floor no store is taken: no tombstone needed, but held blocks still go
+  local remember = ts >= pool.floor
   for _ = 1, count do
     local h = string.sub(rec, pos, pos + 7)
     pos = pos + 8
@@ -166,8 +167,8 @@ local function pool_remove(pool, rec, pos, count, ts)
         redis.call('HDEL', pool.map, h)
         clear_bits(string.sub(old, 1, 8), 1, 1, pool.byte_i, pool.m)
       end
-      local gone = redis.call('HGET', pool.gone, h)
-      if not (gone and struct.unpack('<d', gone) > ts) then
+      local gone = remember and redis.call('HGET', pool.gone, h)
+      if remember and not (gone and struct.unpack('<d', gone) > ts) then
         redis.call('HSET', pool.gone, h, struct.pack('<d', ts))
       end
     end
