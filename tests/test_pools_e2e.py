@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 
 async def _scores(client: AsyncIndexerClient) -> dict[str, tuple[int, dict[str, int]]]:
-    answer = await client.score(Query(model=MODEL, token_ids=TOKENS))
+    answer = await client.score(Query(model=MODEL, token_ids=TOKENS, block_size=BS))
     return {s.worker_id: (s.matched_blocks, dict(s.blocks_by_tier)) for s in answer.scores}
 
 
