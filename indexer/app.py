@@ -83,6 +83,10 @@ log = structlog.get_logger("indexer.app")
 OUTAGES: Final = (BackendError, NatsError, TimeoutError, ConnectionError)
 
 
+# How long start-up waits for the registry's current entries before consuming events.
+_REGISTRY_SYNC_S = 5.0
+
+
 @dataclass
 class IndexerService:
     """The running parts of one indexer process (also driven directly by tests)."""
@@ -144,6 +148,11 @@ class IndexerService:
         self._served_index = served_index(self.index, registry)
         self._resync = resync
         await self._start_grpc()
+        # Liveness first: consumers check pool writes against the registry it follows.
+        self.liveness = LivenessWatcher(self._js, self.index, ttl_s=config.liveness_ttl_s,
+                                        grace_s=config.liveness_grace_s)
+        self._background("liveness", self.liveness.run)
+        await self.liveness.wait_synced(_REGISTRY_SYNC_S)
         await self._start_consumers()
         self.probes = ProcessProbes(self.index, self._nc, self.consumers, self.leases,
                                     stall_s=config.ingest_stall_s)
@@ -155,9 +164,6 @@ class IndexerService:
                                            health=self.health, probes=self.probes,
                                            leases=self.leases,
                                            max_worker_series=config.metrics_max_workers)
-        self.liveness = LivenessWatcher(self._js, self.index, ttl_s=config.liveness_ttl_s,
-                                        grace_s=config.liveness_grace_s)
-        self._background("liveness", self.liveness.run)
         settle_gc(SERVER_GC_THRESHOLDS)
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(config.metrics_listen)
@@ -232,11 +238,15 @@ class IndexerService:
         return EventPathView.watching(lambda: self.liveness, activity=self.activity,
                                       dead_letters=lambda: self.stats.dead_letters)
 
+    def _pool_grants(self, model: str, worker_id: str) -> list[str] | None:
+        """The shared storage pools a worker's registry entry declares (None: no entry)."""
+        return None if self.liveness is None else self.liveness.pools_of(model, worker_id)
+
     async def _live_workers(self, model: str | None) -> list[WorkerInfo]:
         """Workers routers may be sent to: in the index, and not known to be gone."""
         assert self.index is not None
         workers = await self.index.workers(model)
-        return workers if self.liveness is None else self.liveness.live_only(workers)
+        return workers if self.liveness is None else self.liveness.live_only(workers, model)
 
     async def _start_consumers(self) -> None:
         assert self._js is not None
@@ -266,6 +276,7 @@ class IndexerService:
                 snapshot_every_batches=self.config.snapshot_every_batches,
                 snapshot_every_s=self.config.snapshot_every_s,
                 quiet_first_rebuild=not self.config.redis_url),
+            pool_grants=self._pool_grants,
             lag_seconds=timings.lag_seconds if timings is not None else None,
             apply_seconds=timings.apply_seconds if timings is not None else None,
             activity=self.activity)

@@ -219,7 +219,9 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     degraded: bool
     blocks_by_tier: dict[str, int]
     last_event_age_seconds: float
-    role: str = "both"  # prefill, decode or both (servers older than roles: both)
+    role: str = "both"  # prefill, decode or both (servers older than roles: both); pools ""
+    kind: str = "worker"  # or "pool": a shared storage pool, never a routing candidate
+    storage_pools: tuple[str, ...] = ()  # the pools a worker mounts
 
 
 class IndexerStats(msgspec.Struct, frozen=True):
@@ -266,6 +268,8 @@ def _find_request(
     overlap_weight: float | None,
     temperature: float | None,
     seed: int | None,
+    *,
+    storage_load_weight: float | None = None,
 ) -> pb.FindBestWorkerRequest:
     request = pb.FindBestWorkerRequest(
         score=_score_request(query),
@@ -281,6 +285,8 @@ def _find_request(
         request.temperature = temperature
     if seed is not None:
         request.seed = seed
+    if storage_load_weight is not None:
+        request.storage_load_weight = storage_load_weight
     return request
 
 
@@ -302,14 +308,17 @@ def _worker_choice(msg: pb.FindBestWorkerResponse) -> WorkerChoice:
     return WorkerChoice(
         msg.worker_id, msg.dp_rank, msg.matched_blocks,
         [CandidateCost(c.worker_id, c.dp_rank, c.matched_blocks, c.prefill_blocks,
-                       c.active_blocks, c.cost, c.waiting_requests) for c in msg.candidates],
+                       c.active_blocks, c.cost, c.waiting_requests, c.storage_blocks)
+         for c in msg.candidates],
         _freshness(msg.freshness),
     )
 
 
 def _worker_statuses(msg: pb.ListWorkersResponse) -> list[WorkerStatus]:
     return [WorkerStatus(w.model, w.worker_id, w.dp_rank, w.epoch, w.last_seq, w.degraded,
-                         dict(w.blocks_by_tier), w.last_event_age_seconds, w.role or "both")
+                         dict(w.blocks_by_tier), w.last_event_age_seconds,
+                         w.role or ("" if w.kind == "pool" else "both"), w.kind or "worker",
+                         tuple(w.storage_pools))
             for w in msg.workers]
 
 
@@ -479,9 +488,11 @@ class IndexerClient(_BaseClient):
         temperature: float | None = None,
         seed: int | None = None,
         timeout: float | None = None,
+        storage_load_weight: float | None = None,
     ) -> WorkerChoice:
         """The worker with the lowest overlap + load cost (see docs/grpc.md)."""
-        request = _find_request(query, loads, overlap_weight, temperature, seed)
+        request = _find_request(query, loads, overlap_weight, temperature, seed,
+                                storage_load_weight=storage_load_weight)
         return _worker_choice(self._call(self._stub.FindBestWorker, request, timeout))
 
     def score_batch(
@@ -493,10 +504,12 @@ class IndexerClient(_BaseClient):
         return [_score_answer(r) for r in response.responses]
 
     def list_workers(
-        self, model: str | None = None, *, role: str = "", timeout: float | None = None
+        self, model: str | None = None, *, role: str = "", timeout: float | None = None,
+        kind: str = "",
     ) -> list[WorkerStatus]:
-        """The workers the index holds (of one model, or of all; of one role, or all)."""
-        request = pb.ListWorkersRequest(model=model or "", role=role)
+        """The workers the index holds (of one model, or of all; of one role, or all), and
+        the shared storage pools (`kind`: "worker", "pool", or "" for both)."""
+        request = pb.ListWorkersRequest(model=model or "", role=role, kind=kind)
         return _worker_statuses(self._call(self._stub.ListWorkers, request, timeout))
 
     def stats(self, *, timeout: float | None = None) -> IndexerStats:
@@ -555,9 +568,11 @@ class AsyncIndexerClient(_BaseClient):
         temperature: float | None = None,
         seed: int | None = None,
         timeout: float | None = None,
+        storage_load_weight: float | None = None,
     ) -> WorkerChoice:
         """The worker with the lowest overlap + load cost (see docs/grpc.md)."""
-        request = _find_request(query, loads, overlap_weight, temperature, seed)
+        request = _find_request(query, loads, overlap_weight, temperature, seed,
+                                storage_load_weight=storage_load_weight)
         return _worker_choice(await self._call(self._stub.FindBestWorker, request, timeout))
 
     async def score_batch(
@@ -569,10 +584,12 @@ class AsyncIndexerClient(_BaseClient):
         return [_score_answer(r) for r in response.responses]
 
     async def list_workers(
-        self, model: str | None = None, *, role: str = "", timeout: float | None = None
+        self, model: str | None = None, *, role: str = "", timeout: float | None = None,
+        kind: str = "",
     ) -> list[WorkerStatus]:
-        """The workers the index holds (of one model, or of all; of one role, or all)."""
-        request = pb.ListWorkersRequest(model=model or "", role=role)
+        """The workers the index holds (of one model, or of all; of one role, or all), and
+        the shared storage pools (`kind`: "worker", "pool", or "" for both)."""
+        request = pb.ListWorkersRequest(model=model or "", role=role, kind=kind)
         return _worker_statuses(await self._call(self._stub.ListWorkers, request, timeout))
 
     async def stats(self, *, timeout: float | None = None) -> IndexerStats:

@@ -59,6 +59,7 @@ class Candidate(NamedTuple):
     matched_blocks: int
     active_blocks: int = 0
     waiting_requests: int = 0
+    storage_blocks: int = 0  # of matched_blocks, those at the storage tier (pools too)
 
 
 class CandidateCost(msgspec.Struct, frozen=True):
@@ -72,6 +73,7 @@ class CandidateCost(msgspec.Struct, frozen=True):
     active_blocks: int
     cost: float
     waiting_requests: int = 0
+    storage_blocks: int = 0
 
 
 def validate_knobs(overlap_weight: float, temperature: float) -> None:
@@ -87,15 +89,19 @@ def _rank_key(cost: CandidateCost) -> tuple[float, int, int, str, int]:
 
 
 def rank_costs(
-    candidates: Iterable[Candidate], query_blocks: int, overlap_weight: float = 1.0
+    candidates: Iterable[Candidate], query_blocks: int, overlap_weight: float = 1.0,
+    storage_load_weight: float = 0.0,
 ) -> list[CandidateCost]:
-    """Every candidate's cost, best first (cost, then the documented tie-breaks)."""
+    """Every candidate's cost, best first (cost, then the documented tie-breaks). A block
+    matched at the storage tier (a shared pool's) costs `storage_load_weight` of a
+    prefilled one."""
     costs = []
     for c in candidates:
         prefill = max(query_blocks - c.matched_blocks, 0)
+        load = prefill + storage_load_weight * c.storage_blocks
         costs.append(CandidateCost(c.worker_id, c.dp_rank, c.matched_blocks, prefill,
-                                   c.active_blocks, overlap_weight * prefill + c.active_blocks,
-                                   c.waiting_requests))
+                                   c.active_blocks, overlap_weight * load + c.active_blocks,
+                                   c.waiting_requests, c.storage_blocks))
     costs.sort(key=_rank_key)
     return costs
 
@@ -139,8 +145,12 @@ def choose_worker(
     overlap_weight: float = DEFAULT_OVERLAP_WEIGHT,
     temperature: float = DEFAULT_TEMPERATURE,
     rng: random.Random | None = None,
+    storage_load_weight: float = 0.0,
 ) -> tuple[CandidateCost, list[CandidateCost]]:
     """The chosen candidate and every candidate's cost (best first)."""
     validate_knobs(overlap_weight, temperature)
-    ranked = rank_costs(candidates, query_blocks, overlap_weight)
+    if not (math.isfinite(storage_load_weight) and 0.0 <= storage_load_weight <= 1.0):
+        raise InvalidQueryError("storage_load_weight must be a finite number in [0, 1], "
+                                f"got {storage_load_weight!r}")
+    ranked = rank_costs(candidates, query_blocks, overlap_weight, storage_load_weight)
     return choose(ranked, temperature, rng), ranked

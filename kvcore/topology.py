@@ -161,6 +161,9 @@ class WorkerRecord(msgspec.Struct, kw_only=True):
     # Prefill/decode disaggregation (kvcore/roles.py): records of publishers older than
     # roles carry none and decode as "both".
     role: str = DEFAULT_ROLE
+    # Shared storage pools the worker mounts (kvcore/pools.py): it is credited with their
+    # blocks and may write into them. Records older than pools carry none.
+    storage_pools: list[str] = msgspec.field(default_factory=list)
 
 
 def stream_config(settings: StreamSettings) -> js_api.StreamConfig:

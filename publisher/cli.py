@@ -28,6 +28,7 @@ from kvcore.connect import (
     NatsSetupError,
 )
 from kvcore.helpfmt import DefaultsHelpFormatter
+from kvcore.pools import check_pools
 from kvcore.redact import redact_text, redact_url
 from kvcore.roles import check_role
 from kvcore.runtime import configure_logging, settle_gc, warn_if_pure_python
@@ -78,6 +79,11 @@ def _bridge_parser() -> argparse.ArgumentParser:
         env_var = f"KV_PUBLISHER_{env}"
         parser.add_argument(flag, default=os.environ.get(env_var, default),
                             help=f"{help_text} (env {env_var})")
+    parser.add_argument("--storage-pool", action="append", dest="storage_pools",
+                        default=None, metavar="NAME",
+                        help="a shared storage pool the worker mounts (repeatable; the first "
+                             "takes its shared-tier offloads) (env KV_PUBLISHER_STORAGE_POOLS, "
+                             "comma-separated)")
     return parser
 
 
@@ -100,6 +106,13 @@ def parse_bridge_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(f"--flavor must be vllm or sglang, got {args.flavor!r}")
     try:
         check_role(args.role, "--role")
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.storage_pools is None:
+        env_pools = os.environ.get("KV_PUBLISHER_STORAGE_POOLS", "")
+        args.storage_pools = [p.strip() for p in env_pools.split(",") if p.strip()]
+    try:
+        args.storage_pools = check_pools(args.storage_pools, "--storage-pool")
     except ValueError as exc:
         parser.error(str(exc))
     if args.metrics_listen:
@@ -138,7 +151,7 @@ async def run_bridge(args: argparse.Namespace) -> None:
                                  max_pending=int(args.max_pending),
                                  nats_security=nats_security(args),
                                  start_timeout_s=float(args.nats_start_timeout),
-                                 role=args.role)
+                                 role=args.role, storage_pools=args.storage_pools)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -159,7 +172,8 @@ async def run_bridge(args: argparse.Namespace) -> None:
     await _warn_without_event_stream(publisher, args)
     ctx = zmq.asyncio.Context()
     sources = [EngineSource(ctx, rank, args.zmq_endpoint, replay_endpoint=args.replay_endpoint,
-                            topic=args.topic, flavor=args.flavor) for rank in publisher.ranks]
+                            topic=args.topic, flavor=args.flavor, pools=args.storage_pools)
+               for rank in publisher.ranks]
     http = None
     served = ""
     if args.metrics_listen:

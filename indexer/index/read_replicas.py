@@ -287,6 +287,9 @@ class ReplicaReadIndex:
     async def remove_worker(self, model: str, worker_id: str) -> int:
         return await self.primary.remove_worker(model, worker_id)
 
+    async def remove_pool(self, model: str, pool: str) -> bool:
+        return await self.primary.remove_pool(model, pool)
+
     async def drop_empty_models(self) -> list[str]:
         return await self.primary.drop_empty_models()
 

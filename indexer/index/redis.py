@@ -60,6 +60,14 @@ from indexer.index.ledger import (
     pack_log_entries,
     stored_block_size,
 )
+from indexer.index.pools import (
+    NO_POOLS,
+    POOL_RANK,
+    pool_credit,
+    pool_runs,
+    resolve_pool_store,
+    split_pool_events,
+)
 from indexer.index.protocol import (
     TIER_BITS,
     TIERS,
@@ -75,14 +83,16 @@ from indexer.index.protocol import (
 )
 from indexer.index.redis_pipe import RedisPipe
 from indexer.index.scoring import (
+    expand_replicas,
     prefix_match_runs,
     query_keys_packed,
     slot_bits,
     validate_query,
     worker_scores,
 )
-from kvcore.bus import EventBatch, escape_token, validate_batch
+from kvcore.bus import BlockRemoved, BlockStored, Event, EventBatch, escape_token, validate_batch
 from kvcore.keys import pack_keys
+from kvcore.pools import KIND_POOL
 
 __all__ = ["DEFAULT_LOG_COMPACT_MIN_BYTES", "RedisIndex"]
 
@@ -94,6 +104,13 @@ _MAX_CALLS: Final = 8  # script calls one apply() is split into, so Python and R
 _OP_HEADER: Final = struct.Struct("<cHI")
 _RECORD_HEADER: Final = struct.Struct("<H16s16sdBIIIIIHIII")
 _POSITION: Final = struct.Struct(">qq")
+_NAME_LEN: Final = struct.Struct("<H")
+# KEYS[1] a number; ARGV[1] a candidate: the key keeps the larger of the two.
+_RAISE_FLOOR: Final = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
+"""
+_TS: Final = struct.Struct("<d")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -159,6 +176,32 @@ class _OpsSink:
         self.ops += _OP_HEADER.pack(b"C", bitpos, len(keys))
         self.ops += pack_keys(keys)
 
+    # Shared storage pools (layout in apply.lua): the pool's slot and name, checked there,
+    # and the batch's ts, by which the newest write wins (indexer/index/pools.py).
+
+    def pool_store(self, pool: tuple[int, bytes], ts: float, hashes: list[int],
+                   keys: list[int]) -> None:
+        self._pool_op(b"P", pool, ts, len(hashes))
+        self.ops += pack_keys([v for pair in zip(hashes, keys, strict=True) for v in pair])
+
+    def pool_remove(self, pool: tuple[int, bytes], ts: float, hashes: list[int]) -> None:
+        self._pool_op(b"R", pool, ts, len(hashes))
+        self.ops += pack_keys(hashes)
+
+    def pool_wipe(self, pool: tuple[int, bytes], ts: float) -> None:
+        self._pool_op(b"W", pool, ts, 0)
+
+    def wipe_written_pools(self, ts: float) -> None:
+        self.ops += _OP_HEADER.pack(b"X", 0, 0)
+        self.ops += _TS.pack(ts)
+
+    def _pool_op(self, kind: bytes, pool: tuple[int, bytes], ts: float, count: int) -> None:
+        slot, name = pool
+        self.ops += _OP_HEADER.pack(kind, slot, count)
+        self.ops += _NAME_LEN.pack(len(name))
+        self.ops += name
+        self.ops += _TS.pack(ts)
+
 
 def _worker_infos(model: str, reply: list[Any]) -> list[WorkerInfo]:
     """The ranks of one `workers.lua` reply that have metadata (a batch applied)."""
@@ -169,10 +212,13 @@ def _worker_infos(model: str, reply: list[Any]) -> list[WorkerInfo]:
             continue
         worker_id, _, rank = ref_raw.decode().rpartition("\n")
         epoch, seq = _POSITION.unpack(pos)
+        held = {name: int(n) for name, n in zip(TIERS, counts, strict=True) if int(n)}
+        if int(rank) == POOL_RANK:
+            infos.append(WorkerInfo(model, worker_id, 0, epoch, -1, False, held, float(ts),
+                                    kind=KIND_POOL))
+            continue
         infos.append(WorkerInfo(
-            model, worker_id, int(rank), epoch, seq, degraded == b"1",
-            {name: int(n) for name, n in zip(TIERS, counts, strict=True) if int(n)},
-            float(ts),
+            model, worker_id, int(rank), epoch, seq, degraded == b"1", held, float(ts),
         ))
     return infos
 
@@ -180,23 +226,29 @@ def _worker_infos(model: str, reply: list[Any]) -> list[WorkerInfo]:
 class _SlotMap:
     """A model's slot -> worker rank map, as of `version`."""
 
-    __slots__ = ("by_slot", "slots_of_worker", "version")
+    __slots__ = ("all_slots", "by_slot", "pools", "slots_of_worker", "version")
 
     def __init__(self, version: bytes | None, slots: dict[bytes, bytes]) -> None:
         self.version = version
-        self.by_slot: dict[int, WorkerRef] = {}
+        self.by_slot: dict[int, WorkerRef] = {}  # pools too, as (name, POOL_RANK)
         self.slots_of_worker: dict[str, int] = {}
+        self.pools: dict[str, int] = {}  # shared storage pool -> slot
         for ref_raw, slot_raw in slots.items():
             worker_id, _, rank = ref_raw.decode().rpartition("\n")
             slot = int(slot_raw)
             self.by_slot[slot] = WorkerRef(worker_id, int(rank))
+            if int(rank) == POOL_RANK:
+                self.pools[worker_id] = slot
+                continue
             self.slots_of_worker[worker_id] = (
                 self.slots_of_worker.get(worker_id, 0) | slot_bits([slot])
             )
+        self.all_slots = slot_bits(s for s, ref in self.by_slot.items()
+                                   if ref.dp_rank != POOL_RANK)
 
     def candidates(self, workers: frozenset[str] | None) -> int:
         if workers is None:
-            return slot_bits(self.by_slot)
+            return self.all_slots
         mask = 0
         for worker_id in workers:
             mask |= self.slots_of_worker.get(worker_id, 0)
@@ -233,6 +285,9 @@ class RedisIndex:
         # None: queries stay on redis-py (asked for, or a URL the pipe does not speak).
         self._queries = RedisPipe.for_client(client) if pipelined_queries else None
         self._ledgers: dict[tuple[str, WorkerRef], WorkerLedger] = {}
+        self._pool_slots: dict[tuple[str, str], int] = {}  # (model, pool) -> slot
+        self._pool_drop_script = client.register_script(_lua("pool_drop.lua"))
+        self._floor_script = client.register_script(_RAISE_FLOOR)
         self._log_bytes: dict[WorkerLedger, int] = {}  # size of each ledger's log in Redis
         self._slot_maps: dict[str, _SlotMap] = {}
         self._known_models: set[str] = set()
@@ -269,6 +324,7 @@ class RedisIndex:
                     # Redis restarted and lost its scripts; none ran, so every cached ledger
                     # may be ahead of Redis: reload them all and run the call again.
                     self._ledgers.clear()
+                    self._pool_slots.clear()
                     self._log_bytes.clear()
                     return await self._apply(batches)
             except (RedisError, _ScriptMissingError) as exc:
@@ -354,7 +410,13 @@ class RedisIndex:
             if ledger not in sinks:
                 sinks[ledger] = (_position(ledger.epoch, ledger.last_seq), _OpsSink())
                 ledger.journal = Journal()
-            outcome = ledger.apply(batch, sinks[ledger][1], self._stats, self.on_resync)
+            own, pooled = split_pool_events(batch)
+            sink = sinks[ledger][1]
+            outcome = ledger.apply(own, sink, self._stats, self.on_resync)
+            if outcome is ApplyOutcome.APPLIED_AFTER_GAP:
+                sink.wipe_written_pools(batch.ts)
+            if pooled and outcome.applied:
+                await self._pool_ops(batch, ledger, pooled, sink)
             outcomes[i] = outcome
             if outcome.applied:
                 changed[ledger] = stored_block_size(batch) or changed.get(ledger, 0)
@@ -367,6 +429,32 @@ class RedisIndex:
                 sent.setdefault(ledger.model, []).append(ledger)
             ledger.journal = None
         return records, sent
+
+    async def _pool_ops(self, batch: EventBatch, writer: WorkerLedger, events: list[Event],
+                        sink: _OpsSink) -> None:
+        """A writer's pool events as pool ops of its record (indexer/index/pools.py)."""
+        for event in events:
+            assert event.pool is not None
+            pool = (await self._pool_slot(batch.model, event.pool), event.pool.encode())
+            if isinstance(event, BlockStored):
+                hashes, keys = resolve_pool_store(event, writer, self._stats)
+                sink.pool_store(pool, batch.ts, hashes, keys)  # even empty: pool listed
+            elif isinstance(event, BlockRemoved):
+                sink.pool_remove(pool, batch.ts, event.block_hashes)
+            else:
+                sink.pool_wipe(pool, batch.ts)
+
+    async def _pool_slot(self, model: str, pool: str) -> int:
+        slot = self._pool_slots.get((model, pool))
+        if slot is None:
+            prefix = model_prefix(model)
+            slot_raw, created = await self._slot_script(
+                keys=[prefix], args=[pool, POOL_RANK, random.getrandbits(62)])
+            slot = self._pool_slots[(model, pool)] = int(slot_raw)
+            if created:
+                await self._redis.sadd(MODELS_KEY, model)
+                self._known_models.add(model)
+        return slot
 
     async def _run_records(
         self, records: dict[str, list[bytes]], sent: dict[str, list[WorkerLedger]]
@@ -521,11 +609,22 @@ class RedisIndex:
         # Runs of equal masks, flat: [mask bytes, count, ...] (see lua/score.lua).
         runs: list[int] = [int.from_bytes(v, "little") if i % 2 == 0 else v
                            for i, v in enumerate(values)]
-        matches = prefix_match_runs(runs, candidates,
-                                    query.tier_weights or self.config.tier_weights,
-                                    query.include_zero)
-        return ScoreResult(len(packed_keys) // 8,
-                           worker_scores(matches, slot_map.by_slot.__getitem__))
+        weights = query.tier_weights or self.config.tier_weights
+        plan = NO_POOLS
+        if query.mounts and slot_map.pools:
+            plan = pool_credit(slot_map.pools, query.mounts, slot_map.slots_of_worker,
+                               candidates, workers=query.workers,
+                               next_slot=max(slot_map.by_slot, default=-1) + 1)
+        if plan.credits:
+            credited = pool_runs(runs, plan, candidates | plan.cold)
+            matches = expand_replicas(
+                prefix_match_runs(credited.runs, credited.candidates, weights,
+                                  query.include_zero), credited.replicas)
+        else:
+            matches = prefix_match_runs(runs, candidates, weights, query.include_zero)
+        refs = slot_map.by_slot if not plan.cold_refs else {**slot_map.by_slot,
+                                                            **plan.cold_refs}
+        return ScoreResult(len(packed_keys) // 8, worker_scores(matches, refs.__getitem__))
 
     async def _drop_idle_sockets(self) -> None:
         """After a query lost its connection: the next query reconnects the pipe, and
@@ -574,6 +673,18 @@ class RedisIndex:
     async def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
         return await self._drop(model, worker_id, dp_rank, remove=False)
 
+    async def remove_pool(self, model: str, pool: str) -> bool:
+        async with self._lock:
+            try:
+                [dropped] = await self._eval_each(
+                    self._pool_drop_script, [([model_prefix(model) + "slots"], [pool])])
+                self._pool_slots.pop((model, pool), None)
+                if dropped == 2:
+                    await self._collect_models([model])
+                return bool(dropped)
+            except RedisError as exc:
+                raise BackendError(f"redis remove_pool failed: {exc}") from exc
+
     async def remove_worker(self, model: str, worker_id: str) -> int:
         return await self._drop(model, worker_id, None, remove=True)
 
@@ -583,7 +694,8 @@ class RedisIndex:
                 slot_map = await self._slot_map(model, fresh=True)
                 refs = [
                     ref for ref in slot_map.by_slot.values()
-                    if ref.worker_id == worker_id and (dp_rank is None or ref.dp_rank == dp_rank)
+                    if ref.worker_id == worker_id and ref.dp_rank != POOL_RANK
+                    and (dp_rank is None or ref.dp_rank == dp_rank)
                 ]
                 records: list[bytes] = []
                 sent: list[WorkerLedger] = []
@@ -706,7 +818,8 @@ class RedisIndex:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def stats(self) -> IndexStats:
-        return self._stats.snapshot(len(await self.workers()))
+        return self._stats.snapshot(
+            sum(1 for w in await self.workers() if w.kind != KIND_POOL))
 
     async def export_ranks(self, ranks: Sequence[tuple[str, WorkerRef]]) -> list[RankState]:
         async with self._lock:
@@ -733,9 +846,21 @@ class RedisIndex:
                     ledger.journal = None
                 await self._register_models_named({s.model for s in states})
                 await self._run_records(records, sent)
+                await self._raise_pool_floors(states)
             except RedisError as exc:
                 await self._reset_after_failure(exc)
                 raise BackendError(f"redis import failed: {exc}") from exc
+
+    async def _raise_pool_floors(self, states: Sequence[RankState]) -> None:
+        """Imported snapshots cover pool writes (evictions among them) that will not be
+        replayed: pools take no write older than the newest imported rank's last batch
+        (`pool_floor`, read by apply.lua)."""
+        floors: dict[str, float] = {}
+        for state in states:
+            floors[state.model] = max(floors.get(state.model, 0.0), state.last_ts)
+        for model, floor in floors.items():
+            await self._floor_script(keys=[model_prefix(model) + "pool_floor"],
+                                     args=[repr(floor)])
 
     async def reset_caches(self) -> None:
         async with self._lock:
@@ -743,6 +868,7 @@ class RedisIndex:
 
     def _forget_all(self) -> None:
         self._ledgers.clear()
+        self._pool_slots.clear()
         self._log_bytes.clear()
         self._slot_maps.clear()
         self._known_models.clear()

@@ -177,7 +177,7 @@ async def serve_reader(config: ServiceConfig, listen: str, number: int = 0) -> N
              asyncio.create_task(supervise("markers", markers.run, stop))]
 
     async def live_workers(model: str | None) -> list[WorkerInfo]:
-        return liveness.live_only(await index.workers(model))
+        return liveness.live_only(await index.workers(model), model)
 
     server, _ = await start_grpc_server(
         index, listen, live_workers=live_workers, rebuilding=lambda: markers.rebuilding,

@@ -71,6 +71,7 @@ from indexer.serve.limits import (
     DEFAULT_MAX_REQUEST_LOADS,
     DEFAULT_MAX_REQUEST_WORKERS,
 )
+from kvcore.pools import KIND_POOL, KINDS
 from kvcore.roles import check_role, role_matches
 
 __all__ = [
@@ -182,6 +183,9 @@ class PipelineStats(Protocol):
 
     @property
     def dead_letters(self) -> Mapping[str, int]: ...
+
+    @property
+    def dropped(self) -> Mapping[str, int]: ...  # refused before the index (pool writes)
 
     @property
     def last_applied_ts(self) -> float: ...
@@ -453,6 +457,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
             workers=candidates.ids,
             tier_weights=weights,
             include_zero=include_zero,
+            mounts=candidates.mounts or None,
         )
         async with self._query_slots:
             result = await self.index.score(query)
@@ -497,6 +502,8 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         result = await self._run_query(query, candidates, "score.", include_zero=False,
                                        wire_tokens=wire_tokens)
         matched = {(s.worker_id, s.dp_rank): s.matched_blocks for s in result.scores}
+        on_storage = {(s.worker_id, s.dp_rank): s.blocks_by_tier.get("storage", 0)
+                      for s in result.scores}
         loads = {(load.worker_id, load.dp_rank): load for load in request.loads}  # last wins
         idle = pb.WorkerLoad()
         options = []
@@ -504,11 +511,13 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
             ref = (w.worker_id, w.dp_rank)
             load = loads.get(ref, idle)
             options.append(Candidate(w.worker_id, w.dp_rank, matched.get(ref, 0),
-                                     load.active_blocks, load.waiting_requests))
+                                     load.active_blocks, load.waiting_requests,
+                                     on_storage.get(ref, 0)))
         rng = random.Random(request.seed) if request.HasField("seed") else self._rng
         chosen, ranked = choose_worker(options, result.query_blocks,
                                        overlap_weight=overlap_weight,
-                                       temperature=temperature, rng=rng)
+                                       temperature=temperature, rng=rng,
+                                       storage_load_weight=request.storage_load_weight)
         response = pb.FindBestWorkerResponse(
             worker_id=chosen.worker_id, dp_rank=chosen.dp_rank,
             matched_blocks=chosen.matched_blocks, freshness=self._freshness(candidates, result))
@@ -516,7 +525,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         for c in ranked:
             add(worker_id=c.worker_id, dp_rank=c.dp_rank, matched_blocks=c.matched_blocks,
                 prefill_blocks=c.prefill_blocks, active_blocks=c.active_blocks, cost=c.cost,
-                waiting_requests=c.waiting_requests)
+                waiting_requests=c.waiting_requests, storage_blocks=c.storage_blocks)
         return response
 
     # --- ScoreBatch --------------------------------------------------------------------
@@ -541,17 +550,24 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
 
     async def _list_workers(self, request: pb.ListWorkersRequest) -> pb.ListWorkersResponse:
         _check_role(request.role, "role")
+        if request.kind not in ("", *KINDS):
+            raise InvalidQueryError(f"kind: {request.kind!r} is not one of {', '.join(KINDS)} "
+                                    "(or empty: both)")
         infos = await self.directory.listing(request.model or None)
         now = time.time()
         response = pb.ListWorkersResponse()
         add = response.workers.add
         for w in infos:
-            if not role_matches(w.role, request.role):
+            if request.kind and w.kind != request.kind:
                 continue
-            by_tier = add(model=w.model, worker_id=w.worker_id, dp_rank=w.dp_rank,
-                          epoch=max(w.epoch, 0), last_seq=w.last_seq, degraded=w.degraded,
-                          last_event_age_seconds=_age(now, w.last_event_ts),
-                          role=w.role).blocks_by_tier
+            if w.kind != KIND_POOL and not role_matches(w.role, request.role):
+                continue
+            entry = add(model=w.model, worker_id=w.worker_id, dp_rank=w.dp_rank,
+                        epoch=max(w.epoch, 0), last_seq=w.last_seq, degraded=w.degraded,
+                        last_event_age_seconds=_age(now, w.last_event_ts),
+                        role="" if w.kind == KIND_POOL else w.role, kind=w.kind,
+                        storage_pools=w.storage_pools)
+            by_tier = entry.blocks_by_tier
             for tier, count in w.blocks_by_tier.items():
                 by_tier[tier] = count
         return response
@@ -577,6 +593,8 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
             response.gaps = consumer.gaps
             response.resyncs_requested = consumer.resyncs_requested
             for reason, count in consumer.dead_letters.items():
+                response.dropped[reason] += count
+            for reason, count in consumer.dropped.items():  # pool_not_declared
                 response.dropped[reason] += count
             newest = max(newest, consumer.last_applied_ts)
         response.lag_seconds = _age(time.time(), newest)

@@ -17,8 +17,9 @@ if next_slot > tonumber(ARGV[1]) or #KEYS ~= 6 + 2 * tonumber(ARGV[1]) then
 end
 for slot = 0, next_slot - 1 do
   local wp = p .. 'w:' .. slot .. ':'
-  redis.call('UNLINK', wp .. 'meta', wp .. 'log')
+  local pp = p .. 'p:' .. slot .. ':'
+  redis.call('UNLINK', wp .. 'meta', wp .. 'log', wp .. 'pools', pp .. 'map', pp .. 'gone')
 end
 redis.call('UNLINK', p .. 'blk', p .. 'slots', p .. 'slotver', p .. 'free', p .. 'nextslot',
-  p .. 'block_size')
+  p .. 'block_size', p .. 'pool_floor')
 return 0
