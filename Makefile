@@ -8,7 +8,7 @@ PYTHON  ?= python3
 PKGS    := kvcore publisher indexer kvsim
 PROTO_OUT := indexer/_proto
 
-.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-decisions bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim
+.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-decisions bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim test-redis-cluster bench-redis-cluster bench-replicas bench-nats-cluster bench-shards
 
 setup: $(STAMP)
 
@@ -57,6 +57,12 @@ chaos: setup redis-server
 
 test: setup lint pytest
 
+# The Redis Cluster suites alone (a private 3-master cluster with a replica each, on local
+# ports: slot migration, master failover, lost writes, the index contract); `make test`
+# runs them too, with everything else.
+test-redis-cluster: setup redis-server
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m redis_cluster tests/test_redis_cluster.py tests/test_index_contract.py
+
 run: setup
 	$(VENV)/bin/kv-indexer serve
 
@@ -80,7 +86,7 @@ dist: $(STAMP)
 	  sys.exit(0 if w and any('kvcore/_native' in n for n in zipfile.ZipFile(w[0]).namelist()) \
 	  else 'the wheel has no kvcore._native (no C compiler?)')"
 
-bench: bench-keys bench-memory bench-redis bench-events bench-grpc bench-rebuild bench-dead-models bench-tls
+bench: bench-keys bench-memory bench-redis bench-redis-cluster bench-shards bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-replicas bench-nats-cluster
 
 bench-keys: setup
 	$(PY) -m bench.keys
@@ -92,8 +98,19 @@ bench-memory: setup
 bench-redis: setup redis-server
 	$(PY) -m bench.redis_backend
 
+bench-redis-cluster: setup redis-server
+	$(PY) -m bench.redis_cluster
+
 bench-events: setup redis-server
 	$(PY) -m bench.event_path
+
+# Redis read replicas: Score through a replica vs the primary, declared staleness under load
+bench-replicas: setup redis-server
+	$(PY) -m bench.read_replicas
+
+# NATS: end-to-end ingest on one server vs a 3-node cluster with 3 replicas; a leader lost
+bench-nats-cluster: setup redis-server
+	$(PY) -m bench.nats_cluster
 
 bench-grpc: setup redis-server libnghttp2-dev
 	$(PY) -m bench.grpc_score
@@ -116,6 +133,11 @@ bench-tls: setup redis-server
 # What Diagnose's bookkeeping costs Score and ingest (an A/B in one process)
 bench-diagnose: setup
 	$(PY) -m bench.diagnose_cost
+
+# One model larger than a shard: memory and Redis work per shard, 10,000 ranks x 100,000
+# blocks over 1-24 shards (a simulation calibrated on a private redis-server; ~1-2 minutes)
+bench-shards: setup redis-server
+	$(PY) -m bench.shard_sim
 
 # What the gRPC metrics interceptor costs per call (a micro-benchmark, seconds)
 bench-grpc-metrics: setup

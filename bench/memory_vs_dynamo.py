@@ -15,11 +15,19 @@ sides did the same work.
 
 It runs 300,000 then 1,000,000 blocks by default (`--blocks 300000` for one scale); the
 first scale given is the headline.
+
+Pool workload (shared storage pools): the same engine steps, each batch also offloading
+the blocks it stores into one shared pool (which ends up holding every stored block), and
+every other worker mounting it; ours scores with the mounts (`ScoreQuery.mounts`), and its
+Score p50 there is held against Dynamo's p50 on the plain workload of the same run. Every
+answer is checked against what the plain answers imply (a mounting worker matches the
+longest prefix any worker holds).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import statistics
 import sys
@@ -38,14 +46,18 @@ from bench.workload import (
     check_prefix_closed,
     dynamo_tokens,
     make_workload,
+    pool_expected,
+    pool_mounts,
     worker_name,
 )
 from indexer.index.memory import SyncMemoryIndex
 from indexer.index.protocol import ScoreQuery
 from kvcore.keys import block_keys_for_tokens
+from kvcore.pools import KIND_POOL
 from kvsim.report import verdict, write_section
 
 MODEL = "bench/model"
+POOL = "shared-fs"
 BLOCK_SIZE = 16
 WARMUP_QUERIES = 50
 
@@ -75,6 +87,18 @@ class Latencies:
 
 
 @dataclass
+class PoolResult:
+    """Ours on the pool workload."""
+
+    ingest_s: float
+    blocks: int  # worker blocks and pool blocks applied
+    pool_blocks: int
+    mounting: int
+    lat: Latencies
+    mismatches: int
+
+
+@dataclass
 class ScaleResult:
     workload: Workload
     ours_ingest_s: list[float]
@@ -85,6 +109,7 @@ class ScaleResult:
     mismatches: int
     examples: list[str]
     gen_s: float
+    pool: PoolResult
 
     @property
     def ours_rate(self) -> float:
@@ -102,6 +127,11 @@ class ScaleResult:
     @property
     def score_ratio(self) -> float:
         return self.ours_lat.p(0.5) / self.dyn_lat.p(0.5)
+
+    @property
+    def pool_score_ratio(self) -> float:
+        """Ours on the pool workload against Dynamo on the plain one."""
+        return self.pool.lat.p(0.5) / self.dyn_lat.p(0.5)
 
 
 @contextmanager
@@ -206,6 +236,49 @@ def run_queries(
     return results, lat
 
 
+# --- the pool workload ------------------------------------------------------------------
+
+
+def run_pool_workload(workload: Workload, numbers: dict[str, int],
+                      plain: list[Counts]) -> PoolResult:
+    """Ingest the pool workload, score it with the mounts, check every answer."""
+    batches = workload.pool_batches(MODEL, POOL)
+    with quiet_gc():
+        t0 = time.perf_counter_ns()
+        index = SyncMemoryIndex()
+        index.apply(batches)
+        ingest_s = (time.perf_counter_ns() - t0) / 1e9
+    stats = index.stats()
+    if stats.dropped:
+        raise SystemExit(f"pool workload: our index dropped {stats.dropped}")
+    del batches
+    pool_blocks = sum(w.blocks_by_tier.get("storage", 0) for w in index.workers(MODEL)
+                      if w.kind == KIND_POOL)
+    mounts = pool_mounts(workload.params.n_workers, POOL)
+    names = {number: name for name, number in numbers.items()}
+
+    def score(tokens: list[int]) -> tuple[Counts, int, int]:
+        t0 = time.perf_counter_ns()
+        result = index.score(ScoreQuery(model=MODEL, token_ids=tokens, block_size=BLOCK_SIZE,
+                                        mounts=mounts))
+        t1 = time.perf_counter_ns()
+        return ({(numbers[s.worker_id], s.dp_rank): s.matched_blocks for s in result.scores},
+                t1 - t0, 0)
+
+    counts, lat = run_queries(score, workload.queries)
+    mismatches = 0
+    for got, base in zip(counts, plain, strict=True):
+        expected = pool_expected({names[w]: n for (w, _), n in base.items()}, mounts)
+        if {names[w]: n for (w, _), n in got.items()} != {k: v for k, v in expected.items()
+                                                            if v}:
+            mismatches += 1
+    print(f"  pool workload: ingest {ingest_s:.2f} s, pool of {pool_blocks:,} blocks, "
+          f"{len(mounts)} of {workload.params.n_workers} workers mount it; score p50 "
+          f"{lat.p(0.5):,.0f} us, p99 {lat.p(0.99):,.0f} us; mismatches {mismatches}")
+    return PoolResult(ingest_s, workload.blocks + pool_blocks, pool_blocks, len(mounts), lat,
+                      mismatches)
+
+
 # --- one scale -------------------------------------------------------------------------
 
 
@@ -244,9 +317,8 @@ def run_scale(n_workers: int, blocks: int, n_queries: int, seed: int, rounds: in
     gc.collect()
 
     queries = workload.queries
-    live_index, live_tree = index, tree
-    ours_counts, ours_lat = run_queries(lambda q: score_ours(live_index, numbers, q),
-                                          queries)
+    live_tree = tree
+    ours_counts, ours_lat = run_queries(functools.partial(score_ours, index, numbers), queries)
     dyn_counts, dyn_lat = run_queries(lambda q: score_dynamo(live_tree, q), queries)
 
     mismatches = 0
@@ -266,8 +338,11 @@ def run_scale(n_workers: int, blocks: int, n_queries: int, seed: int, rounds: in
     print(f"  score mismatches: {mismatches} of {len(queries)}")
     for line in examples:
         print(f"    {line}")
+    index = None  # the plain index goes before the pool workload's is built
+    gc.collect()
+    pool = run_pool_workload(workload, numbers, ours_counts)
     return ScaleResult(workload, ours_s, dyn_s, ours_lat, dyn_lat,
-                       [q.kind for q in workload.query_set], mismatches, examples, gen_s)
+                       [q.kind for q in workload.query_set], mismatches, examples, gen_s, pool)
 
 
 # --- report ----------------------------------------------------------------------------
@@ -303,6 +378,19 @@ def scale_table(res: ScaleResult, headline: bool) -> str:
               _kind_p50(dyn, res.kinds, k), "", "") for k in ("full", "partial", "miss")]
     rows.append(("Queries whose per-worker counts differ", str(res.mismatches), "", "",
                  "must be 0: " + verdict(res.mismatches == 0)))
+    pool = res.pool
+    rows += [
+        (f"Pool workload: Score p50, us (ours with {pool.mounting} workers mounting a pool of "
+         f"{pool.pool_blocks:,} blocks; Dynamo on the plain workload)",
+         f"{pool.lat.p(0.5):,.0f}", f"{dyn.p(0.5):,.0f}", f"{res.pool_score_ratio:.2f}",
+         "ours/Dynamo <= 1.0: " + verdict(res.pool_score_ratio <= 1.0)),
+        ("Pool workload: Score p99, us", f"{pool.lat.p(0.99):,.0f}", f"{dyn.p(0.99):,.0f}",
+         f"{pool.lat.p(0.99) / dyn.p(0.99):.2f}", ""),
+        ("Pool workload: ingest, blocks/s (worker + pool blocks, one round)",
+         f"{pool.blocks / pool.ingest_s:,.0f}", "", "", ""),
+        ("Pool workload: answers differing from the plain answers' implication",
+         str(pool.mismatches), "", "", "must be 0: " + verdict(pool.mismatches == 0)),
+    ]
     head = ("| | ours (SyncMemoryIndex) | Dynamo RadixTree | ratio | target |\n"
             "|---|---:|---:|---:|---|\n")
     body = "".join(f"| {' | '.join(r)} |\n" for r in rows)
@@ -321,6 +409,8 @@ def print_table(res: ScaleResult) -> None:
                           f"{res.ours_lat.p(q) / res.dyn_lat.p(q):.2f}"))
     print(line.format("  hashing p50 us", f"{res.ours_lat.p(0.5, 'hash'):,.0f}",
                       f"{res.dyn_lat.p(0.5, 'hash'):,.0f}", ""))
+    print(line.format("pool workload score p50 us", f"{res.pool.lat.p(0.5):,.0f}",
+                      f"{res.dyn_lat.p(0.5):,.0f}", f"{res.pool_score_ratio:.2f}"))
     for k in ("full", "partial", "miss"):
         print(line.format(f"  p50 {k} us", _kind_p50(res.ours_lat, res.kinds, k),
                           _kind_p50(res.dyn_lat, res.kinds, k), ""))
@@ -346,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAIL: {res.mismatches} queries score differently in the two indexes; "
                   "the comparison is void", file=sys.stderr)
             return 1
+        if res.pool.mismatches:
+            print(f"FAIL: {res.pool.mismatches} pool-workload answers are wrong",
+                  file=sys.stderr)
+            return 1
 
     body = (
         "Same process, same workload (`bench/workload.py`: shared system prompts, multi-turn "
@@ -367,7 +461,13 @@ def main(argv: list[str] | None = None) -> int:
         "- Timed phases run after `gc.collect()` + `gc.freeze()`: neither side pays GC for "
         "the benchmark's own inputs.\n"
         "- Every query's per-(worker, dp_rank) matched block counts agree between the two "
-        "indexes (checked; the run fails otherwise).\n\n"
+        "indexes (checked; the run fails otherwise).\n"
+        "- Pool workload (shared storage pools): the same steps, each bus batch also "
+        f"offloading its blocks into one pool (`{POOL}`, which ends up holding every stored "
+        "block), every other worker mounting it; ours scores with the mounts and is held "
+        "against Dynamo's p50 on the plain workload of the same run (Dynamo has no pools). "
+        "Every answer is checked: a mounting worker matches the longest prefix any worker "
+        "holds, the others what they hold.\n\n"
     )
     body += "\n".join(scale_table(r, i == 0) for i, r in enumerate(results))
     if not args.no_write:

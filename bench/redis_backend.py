@@ -5,6 +5,8 @@ empties again between its rounds, or any database with --flush), ingests a gener
 shared-prefix workload of 64 workers and >= 1M blocks through `RedisIndex.apply` from one
 process, then times Score for 8,192-token queries. Targets (issue 2): ingest >= 300k
 blocks/s, Score p99 <= 1.5 ms, <= 100 bytes of Redis memory per (block, worker) entry.
+Then the pool workload (issue 17): the same steps offloading into one shared pool that
+every other worker mounts, <= 100 bytes per (block, owner) entry.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ import gc
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from bench.workload import make_workload
+from bench.workload import Workload, make_workload, pool_expected, pool_mounts
 from indexer.index.protocol import ScoreQuery
 from indexer.index.redis import RedisIndex
 from kvcore.keys import block_keys_for_tokens
+from kvcore.pools import KIND_POOL
 from kvsim.report import pct, verdict, write_section
 from tests.support.servers import RedisServer
 
@@ -83,6 +87,7 @@ async def run(args: argparse.Namespace, url: str, *, user_url: bool = False) -> 
     score_only: list[float] = []
     with_hash: list[float] = []
     matched = 0
+    plain_answers: list[dict[str, int]] = []
     for rep in range(args.reps + 1):
         for tokens in queries:
             t_hash = time.perf_counter()
@@ -94,11 +99,14 @@ async def run(args: argparse.Namespace, url: str, *, user_url: bool = False) -> 
                 score_only.append((t_end - t_score) * 1e6)
                 with_hash.append((t_end - t_hash) * 1e6)
                 matched += bool(result.scores)
+            else:
+                plain_answers.append({s.worker_id: s.matched_blocks for s in result.scores})
     await index.close()
     await admin.aclose()
     query_cpu = {name: await query_cpu_per_call(url, queries, pipelined)
                  for name, pipelined in (("one pipelined connection", True),
                                          ("redis-py", False))}
+    pool = await pool_workload(args, url, workload, plain_answers)
 
     p50, p99 = statistics.median(score_only), pct(score_only, 0.99)
     h50, h99 = statistics.median(with_hash), pct(with_hash, 0.99)
@@ -125,6 +133,8 @@ pipeline each, one atomic Lua call per batch).
 | Score p99 | {p99:,.0f} us | <= 1,500 us | {verdict(p99 <= 1500)} |
 | Score incl. hashing the prompt, p50 / p99 | {h50:,.0f} / {h99:,.0f} us | | |
 
+{pool_section(pool, args)}
+
 Score's connection to Redis: this process's CPU per `RedisIndex.score` and calls/s, with
 N queries in flight ({QUERY_CPU_CALLS:,} calls each; Redis's own work is not counted):
 
@@ -139,6 +149,87 @@ queries ({args.reps} passes over {len(queries)}), {matched:,} with at least one 
 
 
 QUERY_CPU_CALLS = 3_000
+POOL = "shared-fs"
+
+
+@dataclass
+class PoolFigures:
+    ingest_rate: float  # worker + pool blocks per second
+    pool_blocks: int
+    mounting: int
+    entries: int
+    bytes_per_entry: float
+    p50: float
+    p99: float
+    mismatches: int
+
+
+async def pool_workload(args: argparse.Namespace, url: str, workload: Workload,
+                        plain: list[dict[str, int]]) -> PoolFigures:
+    """The same steps, each batch also offloading its blocks into one shared pool, every
+    other worker mounting it: ingest, memory per (block, owner) entry (the pool is an
+    owner), Score with the mounts; every answer checked against the plain one's
+    implication (a mounting worker matches the longest prefix any worker holds)."""
+    admin = aioredis.Redis.from_url(url)
+    await admin.flushdb()
+    mem_before = int((await admin.info("memory"))["used_memory"])
+    batches = workload.pool_batches(MODEL, POOL)
+    index = RedisIndex.from_url(url)
+    gc.collect()
+    start = time.perf_counter()
+    for i in range(0, len(batches), args.chunk):
+        await index.apply(batches[i : i + args.chunk])
+    elapsed = time.perf_counter() - start
+    mem_after = int((await admin.info("memory"))["used_memory"])
+    listed = await index.workers(MODEL)
+    entries = sum(sum(w.blocks_by_tier.values()) for w in listed)
+    pool_blocks = sum(w.blocks_by_tier.get("storage", 0) for w in listed
+                      if w.kind == KIND_POOL)
+    mounts = pool_mounts(args.workers, POOL)
+    latencies: list[float] = []
+    mismatches = 0
+    for rep in range(args.reps + 1):
+        for tokens, base in zip(workload.queries, plain, strict=True):
+            keys = block_keys_for_tokens(tokens, 16, MODEL)
+            t0 = time.perf_counter()
+            result = await index.score(ScoreQuery(model=MODEL, block_keys=keys,
+                                                  mounts=mounts))
+            t1 = time.perf_counter()
+            if rep:
+                latencies.append((t1 - t0) * 1e6)
+            else:
+                got = {s.worker_id: s.matched_blocks for s in result.scores}
+                want = {k: v for k, v in pool_expected(base, mounts).items() if v}
+                mismatches += got != want
+    await index.close()
+    await admin.flushdb()
+    await admin.aclose()
+    figures = PoolFigures(
+        (workload.blocks + pool_blocks) / elapsed, pool_blocks, len(mounts), entries,
+        (mem_after - mem_before) / max(entries, 1), statistics.median(latencies),
+        pct(latencies, 0.99), mismatches)
+    print(f"pool workload: {figures.ingest_rate:,.0f} blocks/s; pool of {pool_blocks:,} "
+          f"blocks; {figures.bytes_per_entry:.1f} bytes per entry; score p50 "
+          f"{figures.p50:.0f} us, p99 {figures.p99:.0f} us; mismatches {mismatches}")
+    return figures
+
+
+def pool_section(pool: PoolFigures, args: argparse.Namespace) -> str:
+    return f"""Pool workload (shared storage pools): the same steps, each batch also offloading
+its blocks into one pool (`{POOL}`, {pool.pool_blocks:,} blocks: every distinct stored
+block), {pool.mounting} of {args.workers} workers mounting it; the pool is an owner like a
+worker rank ({pool.entries:,} (block, owner, tier) entries). Every answer is checked against
+the plain workload's: {pool.mismatches} differ.
+
+| figure | measured | target | |
+|---|---:|---:|---|
+| ingest, blocks/s (worker + pool blocks, one round) | {pool.ingest_rate:,.0f} | | |
+| Redis memory per (block, owner) entry | {pool.bytes_per_entry:.1f} B | <= 100 B \
+| {verdict(pool.bytes_per_entry <= 100)} |
+| Score p50 / p99 with the mounts (block keys given) | {pool.p50:,.0f} / {pool.p99:,.0f} us \
+| | |
+| answers differing from the plain answers' implication | {pool.mismatches} | 0 \
+| {verdict(pool.mismatches == 0)} |"""
 
 
 async def query_cpu_per_call(url: str, queries: list[list[int]],

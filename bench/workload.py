@@ -51,6 +51,8 @@ __all__ = [
     "check_prefix_closed",
     "dynamo_tokens",
     "make_workload",
+    "pool_expected",
+    "pool_mounts",
     "worker_name",
 ]
 
@@ -159,6 +161,17 @@ class Workload:
             event = BlockStored(block_hashes=[w + 1], token_ids=tokens, block_size=size)
             out.append(EventBatch(schema=SCHEMA_VERSION, model=model, worker_id=worker_name(w),
                                   epoch=epoch, seq=0, events=[event], ts=0.0))
+        return out
+
+    def pool_batches(self, model: str, pool: str, epoch: int = 1) -> list[EventBatch]:
+        """`batches`, each also offloading the blocks it stores into the shared storage
+        pool `pool` (a write-through store, as LMCache's): the pool ends up holding every
+        block any worker stored."""
+        out = self.batches(model, epoch)
+        for batch in out:
+            hashes = [h for event in batch.events if isinstance(event, BlockStored)
+                      for h in event.block_hashes]
+            batch.events.append(BlockStored(block_hashes=hashes, medium="storage", pool=pool))
         return out
 
     def describe(self) -> dict[str, str]:
@@ -344,6 +357,22 @@ def make_workload(
     gen.run()
     return Workload(params, gen.steps, gen.queries(), conversations=gen.conversations,
                     requests=gen.requests)
+
+
+def pool_mounts(n_workers: int, pool: str) -> dict[str, frozenset[str]]:
+    """The pool workload's mounts: every other worker (even numbers) mounts `pool`."""
+    return {worker_name(w): frozenset({pool}) for w in range(0, n_workers, 2)}
+
+
+def pool_expected(plain: dict[str, int], mounts: dict[str, frozenset[str]]) -> dict[str, int]:
+    """Per worker, what Score must answer on the pool workload, from the plain answer: the
+    pool holds every stored block (each worker's blocks are prefix-closed, so their union
+    is too), so a mounting worker matches the longest prefix any worker holds."""
+    best = max(plain.values(), default=0)
+    out = dict(plain)
+    if best:
+        out.update(dict.fromkeys(mounts, best))
+    return out
 
 
 def dynamo_tokens(op: StoreOp) -> list[int]:

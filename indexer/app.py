@@ -23,9 +23,10 @@ from grpc_health.v1 import health
 from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+from nats.js.errors import APIError as JsApiError
 from prometheus_client import CollectorRegistry
 
-from indexer.config import ServiceConfig, nats_security, parse_service_config
+from indexer.config import ServiceConfig, nats_security, parse_service_config, redis_read_urls
 from indexer.embedded import NATS_DEFAULT_PORT, EmbeddedNats, port_is_free
 from indexer.errors import BackendError, ConfigError
 from indexer.index.factory import RedisSecurity, build_index, served_index
@@ -38,8 +39,8 @@ from indexer.ingest.consumer import (
     ResyncRequester,
 )
 from indexer.ingest.liveness import LivenessWatcher
-from indexer.ingest.partitions import PartitionLeases
-from indexer.ingest.recovery import SnapshotStore
+from indexer.ingest.partitions import LEASE_BUCKET, PartitionLeases
+from indexer.ingest.recovery import SNAPSHOT_BUCKET, STATE_BUCKET, SnapshotStore
 from indexer.metrics import EventPathMetrics, MetricsExporter, register_process_metrics
 from indexer.probes import ProcessProbes
 from indexer.runfile import Endpoints, remove_endpoints, write_endpoints
@@ -48,6 +49,7 @@ from indexer.serve.diagnose import DoctorSettings, EventPathView
 from indexer.serve.health import ServingHealth
 from indexer.serve.readers import PartitionMarkers, ReaderPool
 from kvcore.about import NATIVE_MISSING_SHORT
+from kvcore.bus import STREAM_NAME
 from kvcore.connect import NatsSetupError, connect_nats
 from kvcore.keys import NATIVE
 from kvcore.redact import redact_text, redact_url
@@ -62,10 +64,15 @@ from kvcore.runtime import (
     warn_if_pure_python,
 )
 from kvcore.topology import (
+    DEAD_LETTER_STREAM,
+    LIVENESS_BUCKET,
     StreamSettings,
     ensure_dead_letter_stream,
     ensure_liveness_bucket,
     ensure_stream,
+    kv_stream,
+    object_store_stream,
+    reconcile_replicas,
 )
 
 __all__ = ["IndexerService", "main"]
@@ -74,6 +81,10 @@ log = structlog.get_logger("indexer.app")
 
 # A backend or NATS away: background tasks are restarted without a traceback in the log.
 OUTAGES: Final = (BackendError, NatsError, TimeoutError, ConnectionError)
+
+
+# How long start-up waits for the registry's current entries before consuming events.
+_REGISTRY_SYNC_S = 5.0
 
 
 @dataclass
@@ -122,13 +133,7 @@ class IndexerService:
                                       start_timeout_s=config.nats_start_timeout_s,
                                       max_reconnect_attempts=-1, reconnect_time_wait=0.5)
         self._js = self._nc.jetstream()
-        settings = StreamSettings(partitions=config.partitions,
-                                  max_age_s=config.stream_max_age_s,
-                                  max_bytes=config.stream_max_bytes,
-                                  liveness_ttl_s=config.liveness_ttl_s)
-        await ensure_stream(self._js, settings)
-        await ensure_dead_letter_stream(self._js)
-        await ensure_liveness_bucket(self._js, config.liveness_ttl_s)
+        await self._ensure_topology()
         resync = ResyncRequester(self._nc, 5.0, self.stats)
         registry = CollectorRegistry() if config.metrics_listen else None
         if registry is not None:
@@ -137,10 +142,17 @@ class IndexerService:
         self.registry = registry
         self.index = build_index(IndexConfig(max_query_tokens=config.max_query_tokens),
                                  redis_url=config.redis_url, on_resync=resync.request,
-                                 redis_security=RedisSecurity.from_config(config))
+                                 redis_security=RedisSecurity.from_config(config),
+                                 redis_read_urls=redis_read_urls(config),
+                                 max_staleness_s=config.redis_read_max_staleness_s)
         self._served_index = served_index(self.index, registry)
         self._resync = resync
         await self._start_grpc()
+        # Liveness first: consumers check pool writes against the registry it follows.
+        self.liveness = LivenessWatcher(self._js, self.index, ttl_s=config.liveness_ttl_s,
+                                        grace_s=config.liveness_grace_s)
+        self._background("liveness", self.liveness.run)
+        await self.liveness.wait_synced(_REGISTRY_SYNC_S)
         await self._start_consumers()
         self.probes = ProcessProbes(self.index, self._nc, self.consumers, self.leases,
                                     stall_s=config.ingest_stall_s)
@@ -152,13 +164,45 @@ class IndexerService:
                                            health=self.health, probes=self.probes,
                                            leases=self.leases,
                                            max_worker_series=config.metrics_max_workers)
-        self.liveness = LivenessWatcher(self._js, self.index, ttl_s=config.liveness_ttl_s,
-                                        grace_s=config.liveness_grace_s)
-        self._background("liveness", self.liveness.run)
         settle_gc(SERVER_GC_THRESHOLDS)
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(config.metrics_listen)
             self._background("metrics", self.metrics.run)
+
+    async def _ensure_topology(self) -> None:
+        """The streams and buckets, with `--stream-replicas` copies (ConfigError if the
+        NATS server cannot place that many: one server, or too few cluster nodes)."""
+        assert self._js is not None
+        config = self.config
+        settings = StreamSettings(partitions=config.partitions,
+                                  max_age_s=config.stream_max_age_s,
+                                  max_bytes=config.stream_max_bytes,
+                                  liveness_ttl_s=config.liveness_ttl_s,
+                                  replicas=config.stream_replicas)
+        try:
+            await ensure_stream(self._js, settings)
+            await ensure_dead_letter_stream(self._js, config.stream_replicas)
+            await ensure_liveness_bucket(self._js, config.liveness_ttl_s,
+                                         config.stream_replicas)
+            await self._reconcile_replicas()
+        except JsApiError as exc:
+            reason = (exc.description or "").lower()
+            placing = ("replica", "placement", "insufficient resources")
+            if config.stream_replicas == 1 or not any(word in reason for word in placing):
+                raise  # not about where the copies go: a server not ready, say
+            raise ConfigError(f"--stream-replicas {config.stream_replicas}: NATS refused "
+                              f"it: {exc.description}") from exc
+
+    async def _reconcile_replicas(self) -> None:
+        """Streams and buckets made earlier with another replica count get this one's."""
+        assert self._js is not None
+        streams = [STREAM_NAME, DEAD_LETTER_STREAM, kv_stream(LIVENESS_BUCKET),
+                   kv_stream(LEASE_BUCKET), kv_stream(STATE_BUCKET),
+                   object_store_stream(SNAPSHOT_BUCKET)]
+        for name, old in await reconcile_replicas(self._js, streams,
+                                                  self.config.stream_replicas):
+            log.warning("stream_replicas_changed", stream=name, old=old,
+                        new=self.config.stream_replicas)
 
     async def _start_grpc(self) -> None:
         if not self.config.grpc_listen:
@@ -194,21 +238,26 @@ class IndexerService:
         return EventPathView.watching(lambda: self.liveness, activity=self.activity,
                                       dead_letters=lambda: self.stats.dead_letters)
 
+    def _pool_grants(self, model: str, worker_id: str) -> list[str] | None:
+        """The shared storage pools a worker's registry entry declares (None: no entry)."""
+        return None if self.liveness is None else self.liveness.pools_of(model, worker_id)
+
     async def _live_workers(self, model: str | None) -> list[WorkerInfo]:
         """Workers routers may be sent to: in the index, and not known to be gone."""
         assert self.index is not None
         workers = await self.index.workers(model)
-        return workers if self.liveness is None else self.liveness.live_only(workers)
+        return workers if self.liveness is None else self.liveness.live_only(workers, model)
 
     async def _start_consumers(self) -> None:
         assert self._js is not None
+        replicas = self.config.stream_replicas
         self.snapshots = SnapshotStore(self._js, self.config.partitions,
-                                       keep=self.config.snapshot_keep)
+                                       keep=self.config.snapshot_keep, replicas=replicas)
         await self.snapshots.open()
         if self.config.redis_url:
             self.leases = PartitionLeases(self._js, self.config.partitions,
                                           start=self._start_partition,
-                                          stop=self._stop_partition)
+                                          stop=self._stop_partition, replicas=replicas)
             self._background("leases", self.leases.run)
             return
         # In memory every partition is ours, and rebuilt at start (the index is empty).
@@ -227,6 +276,7 @@ class IndexerService:
                 snapshot_every_batches=self.config.snapshot_every_batches,
                 snapshot_every_s=self.config.snapshot_every_s,
                 quiet_first_rebuild=not self.config.redis_url),
+            pool_grants=self._pool_grants,
             lag_seconds=timings.lag_seconds if timings is not None else None,
             apply_seconds=timings.apply_seconds if timings is not None else None,
             activity=self.activity)

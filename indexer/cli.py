@@ -52,6 +52,7 @@ from kvcore.about import version_line
 from kvcore.bus import TIERS
 from kvcore.connect import NATS_SECURITY_FLAGS, NatsSecurity, NatsSetupError
 from kvcore.helpfmt import DefaultsArgumentParser, DefaultsHelpFormatter
+from kvcore.pools import KINDS
 from kvcore.roles import ROLES
 
 __all__ = ["health", "main", "parse_health_args"]
@@ -153,7 +154,9 @@ def _show_score(answer: ScoreAnswer) -> None:
     fresh = answer.freshness
     degraded = ", ".join(fresh.degraded_workers) or "none"
     print(f"query: {answer.query_blocks} blocks; {event_age(fresh.last_event_age_seconds)}; "
-          f"degraded: {degraded}" + ("; index REBUILDING" if fresh.rebuilding else ""))
+          f"degraded: {degraded}" + ("; index REBUILDING" if fresh.rebuilding else "")
+          + (f"; read replica {fresh.read_replica}, at most "
+             f"{fresh.index_staleness_seconds:.3f} s behind" if fresh.read_replica else ""))
     if not answer.scores:
         print("no worker holds any block of the query")
         return
@@ -170,10 +173,11 @@ def _show_workers(workers: list[WorkerStatus]) -> None:
         return
     print(_table(
         ["MODEL", "WORKER", "RANK", "EPOCH", "SEQ", "DEGRADED", *(t.upper() for t in TIERS),
-         "AGE_S", "ROLE"],
+         "AGE_S", "KIND", "POOLS", "ROLE"],
         [[w.model, w.worker_id, w.dp_rank, w.epoch, w.last_seq, "yes" if w.degraded else "no",
           *_tier_cells(w.blocks_by_tier),
-          round(w.last_event_age_seconds, 1) if w.last_event_age_seconds > 0 else "-", w.role]
+          round(w.last_event_age_seconds, 1) if w.last_event_age_seconds > 0 else "-", w.kind,
+          ",".join(w.storage_pools) or "-", w.role or "-"]
          for w in workers],
     ))
 
@@ -202,7 +206,7 @@ def _cmd_score(client: IndexerClient, args: argparse.Namespace) -> int:
 
 
 def _cmd_workers(client: IndexerClient, args: argparse.Namespace) -> int:
-    workers = client.list_workers(args.model, role=args.role)
+    workers = client.list_workers(args.model, role=args.role, kind=args.kind)
     if args.json:
         _print_json(workers)
     else:
@@ -306,6 +310,8 @@ def _parser() -> argparse.ArgumentParser:
     workers.add_argument("--role", choices=ROLES, default="",
                          help="only workers of this role (prefill and decode include "
                          "workers of role both; default: every role)")
+    workers.add_argument("--kind", choices=KINDS, default="",
+                         help="only workers, or only shared storage pools (default: both)")
     workers.set_defaults(run=_cmd_workers)
     stats = sub.add_parser("stats", parents=[common], help="event pipeline and index counters")
     stats.set_defaults(run=_cmd_stats)

@@ -215,6 +215,9 @@ class Freshness(msgspec.Struct, frozen=True):
     last_event_age_seconds: float
     degraded_workers: list[str]
     rebuilding: bool
+    # bound on how far the Redis read replica that answered was behind; 0: the primary
+    index_staleness_seconds: float = 0.0
+    read_replica: str = ""  # host:port of that replica; "" for the primary
 
 
 class WorkerMatch(msgspec.Struct, frozen=True):
@@ -250,7 +253,9 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     degraded: bool
     blocks_by_tier: dict[str, int]
     last_event_age_seconds: float
-    role: str = "both"  # prefill, decode or both (servers older than roles: both)
+    role: str = "both"  # prefill, decode or both (servers older than roles: both); pools ""
+    kind: str = "worker"  # or "pool": a shared storage pool, never a routing candidate
+    storage_pools: tuple[str, ...] = ()  # the pools a worker mounts
 
 
 class IndexerStats(msgspec.Struct, frozen=True):
@@ -301,6 +306,7 @@ def _find_request(
     seed: int | None,
     *,
     max_candidates: int | None = None,
+    storage_load_weight: float | None = None,
 ) -> pb.FindBestWorkerRequest:
     request = pb.FindBestWorkerRequest(
         score=_score_request(query),
@@ -318,11 +324,14 @@ def _find_request(
         request.seed = seed
     if max_candidates is not None:
         request.max_candidates = max_candidates
+    if storage_load_weight is not None:
+        request.storage_load_weight = storage_load_weight
     return request
 
 
 def _freshness(msg: pb.Freshness) -> Freshness:
-    return Freshness(msg.last_event_age_seconds, list(msg.degraded_workers), msg.rebuilding)
+    return Freshness(msg.last_event_age_seconds, list(msg.degraded_workers), msg.rebuilding,
+                     msg.index_staleness_seconds, msg.read_replica)
 
 
 def _score_answer(msg: pb.ScoreResponse) -> ScoreAnswer:
@@ -339,7 +348,8 @@ def _worker_choice(msg: pb.FindBestWorkerResponse) -> WorkerChoice:
     return WorkerChoice(
         msg.worker_id, msg.dp_rank, msg.matched_blocks,
         [CandidateCost(c.worker_id, c.dp_rank, c.matched_blocks, c.prefill_blocks,
-                       c.active_blocks, c.cost, c.waiting_requests) for c in msg.candidates],
+                       c.active_blocks, c.cost, c.waiting_requests, c.storage_blocks)
+         for c in msg.candidates],
         _freshness(msg.freshness),
         msg.candidate_count,
     )
@@ -347,7 +357,9 @@ def _worker_choice(msg: pb.FindBestWorkerResponse) -> WorkerChoice:
 
 def _worker_statuses(msg: pb.ListWorkersResponse) -> list[WorkerStatus]:
     return [WorkerStatus(w.model, w.worker_id, w.dp_rank, w.epoch, w.last_seq, w.degraded,
-                         dict(w.blocks_by_tier), w.last_event_age_seconds, w.role or "both")
+                         dict(w.blocks_by_tier), w.last_event_age_seconds,
+                         w.role or ("" if w.kind == "pool" else "both"), w.kind or "worker",
+                         tuple(w.storage_pools))
             for w in msg.workers]
 
 
@@ -426,10 +438,12 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     temperature: float | None = None
     seed: int | None = None
     max_candidates: int | None = None
+    storage_load_weight: float | None = None
 
     def request(self) -> pb.FindBestWorkerRequest:
         return _find_request(self.query, self.loads, self.overlap_weight, self.temperature,
-                             self.seed, max_candidates=self.max_candidates)
+                             self.seed, max_candidates=self.max_candidates,
+                             storage_load_weight=self.storage_load_weight)
 
 
 class StreamClosedError(IndexerClientError):
@@ -760,11 +774,13 @@ class IndexerClient(_BaseClient):
         seed: int | None = None,
         max_candidates: int | None = None,
         timeout: float | None = None,
+        storage_load_weight: float | None = None,
     ) -> WorkerChoice:
         """The worker with the lowest overlap + load cost (see docs/grpc.md); `candidates`
         holds the cheapest `max_candidates` (None or 0: every candidate)."""
         request = _find_request(query, loads, overlap_weight, temperature, seed,
-                                max_candidates=max_candidates)
+                                max_candidates=max_candidates,
+                                storage_load_weight=storage_load_weight)
         return _worker_choice(self._call(self._stub.FindBestWorker, request, timeout))
 
     def score_batch(
@@ -776,10 +792,12 @@ class IndexerClient(_BaseClient):
         return [_score_answer(r) for r in response.responses]
 
     def list_workers(
-        self, model: str | None = None, *, role: str = "", timeout: float | None = None
+        self, model: str | None = None, *, role: str = "", timeout: float | None = None,
+        kind: str = "",
     ) -> list[WorkerStatus]:
-        """The workers the index holds (of one model, or of all; of one role, or all)."""
-        request = pb.ListWorkersRequest(model=model or "", role=role)
+        """The workers the index holds (of one model, or of all; of one role, or all), and
+        the shared storage pools (`kind`: "worker", "pool", or "" for both)."""
+        request = pb.ListWorkersRequest(model=model or "", role=role, kind=kind)
         return _worker_statuses(self._call(self._stub.ListWorkers, request, timeout))
 
     def stats(self, *, timeout: float | None = None) -> IndexerStats:
@@ -847,11 +865,13 @@ class AsyncIndexerClient(_BaseClient):
         seed: int | None = None,
         max_candidates: int | None = None,
         timeout: float | None = None,
+        storage_load_weight: float | None = None,
     ) -> WorkerChoice:
         """The worker with the lowest overlap + load cost (see docs/grpc.md); `candidates`
         holds the cheapest `max_candidates` (None or 0: every candidate)."""
         request = _find_request(query, loads, overlap_weight, temperature, seed,
-                                max_candidates=max_candidates)
+                                max_candidates=max_candidates,
+                                storage_load_weight=storage_load_weight)
         return _worker_choice(await self._call(self._stub.FindBestWorker, request, timeout))
 
     async def score_batch(
@@ -863,10 +883,12 @@ class AsyncIndexerClient(_BaseClient):
         return [_score_answer(r) for r in response.responses]
 
     async def list_workers(
-        self, model: str | None = None, *, role: str = "", timeout: float | None = None
+        self, model: str | None = None, *, role: str = "", timeout: float | None = None,
+        kind: str = "",
     ) -> list[WorkerStatus]:
-        """The workers the index holds (of one model, or of all; of one role, or all)."""
-        request = pb.ListWorkersRequest(model=model or "", role=role)
+        """The workers the index holds (of one model, or of all; of one role, or all), and
+        the shared storage pools (`kind`: "worker", "pool", or "" for both)."""
+        request = pb.ListWorkersRequest(model=model or "", role=role, kind=kind)
         return _worker_statuses(await self._call(self._stub.ListWorkers, request, timeout))
 
     async def stats(self, *, timeout: float | None = None) -> IndexerStats:

@@ -30,19 +30,23 @@ from kvcore.connect import (
     NATS_SECURITY_FLAGS,
     NatsSecurity,
     NatsSetupError,
+    nats_servers,
 )
 from kvcore.helpfmt import shows_default
 from kvcore.redact import redact_text
 from kvcore.runtime import uvloop_installed
 from kvcore.topology import DEFAULT_PARTITIONS
 
-__all__ = ["SETTINGS", "ServiceConfig", "nats_security", "parse_service_config"]
+__all__ = ["SETTINGS", "ServiceConfig", "nats_security", "parse_service_config",
+           "redis_read_urls"]
 
 
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str | None = None  # None: start an embedded nats-server
     data_dir: Path = Path(".kv-indexer")
     redis_url: str | None = None  # None: in-memory index
+    redis_read_url: str | None = None  # read replicas for Score, comma-separated
+    redis_read_max_staleness_s: float = 1.0  # read_replicas.DEFAULT_MAX_STALENESS_S
     grpc_listen: str = "127.0.0.1:50051"
     grpc_processes: int = 1  # > 1: extra read-only gRPC server processes (Redis index only)
     grpc_idle_timeout_s: float = DEFAULT_CONNECTION_IDLE_S  # 0: idle connections stay open
@@ -54,6 +58,7 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     liveness_grace_s: float = 30.0
     stream_max_age_s: float = 3600.0
     stream_max_bytes: int = 1 << 30
+    stream_replicas: int = 1  # JetStream copies of streams, buckets, snapshots (3: cluster)
     fetch_batch: int = 512
     apply_chunk: int = 256
     max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS
@@ -95,6 +100,12 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
     ("--nats-url", "nats_url", str, "NATS server URL; unset: start an embedded nats-server"),
     ("--data-dir", "data_dir", Path, "data dir of the embedded nats-server (JetStream files)"),
     ("--redis-url", "redis_url", str, "Redis URL for the index; unset: in-memory index"),
+    ("--redis-read-url", "redis_read_url", str,
+     "Redis read replicas of --redis-url that Score reads from (URLs separated by commas); "
+     "writes stay on the primary"),
+    ("--redis-read-max-staleness", "redis_read_max_staleness_s", float,
+     "seconds a read replica may be behind the primary and still serve Score; beyond, "
+     "Score reads another replica or the primary"),
     ("--grpc-listen", "grpc_listen", str, "gRPC listen address host:port"),
     ("--grpc-processes", "grpc_processes", int,
      "processes serving gRPC on that address (Redis index only; >1 adds read-only servers)"),
@@ -112,6 +123,9 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
      "seconds after a worker's entry expires before its blocks are removed"),
     ("--stream-max-age", "stream_max_age_s", float, "seconds events are kept in the stream"),
     ("--stream-max-bytes", "stream_max_bytes", int, "bytes kept in the stream"),
+    ("--stream-replicas", "stream_replicas", int,
+     "copies JetStream keeps of the streams, KV buckets and snapshot store (1 to 5; 3 on a "
+     "NATS cluster); existing ones are changed to it at start"),
     ("--fetch-batch", "fetch_batch", int, "messages fetched per pull"),
     ("--apply-chunk", "apply_chunk", int, "batches per index apply call"),
     ("--max-query-tokens", "max_query_tokens", int, "largest Score query, in tokens"),
@@ -199,6 +213,11 @@ def _convert(raw: str, kind: type, source: str) -> object:
                           f"{kind.__name__}") from exc
 
 
+def redis_read_urls(config: ServiceConfig) -> list[str]:
+    """The read replica URLs of `--redis-read-url`, in order."""
+    return [url.strip() for url in (config.redis_read_url or "").split(",") if url.strip()]
+
+
 def nats_security(config: ServiceConfig) -> NatsSecurity:
     """The NATS TLS and credential settings of `config`."""
     return NatsSecurity.from_values(msgspec.structs.asdict(config))
@@ -244,11 +263,20 @@ def validate(config: ServiceConfig) -> None:
          "--grpc-listen must be host:port (or empty: no gRPC)"),
         (config.metrics_listen == "" or _is_host_port(config.metrics_listen),
          "--metrics-listen must be host:port or empty"),
-        (config.nats_url is None or "://" in config.nats_url,
-         "--nats-url must be a URL like nats://host:4222"),
-        (config.redis_url is None or config.redis_url.startswith(("redis://", "rediss://",
-                                                                  "unix://")),
-         "--redis-url must be a redis://, rediss:// or unix:// URL"),
+        (config.nats_url is None or (bool(nats_servers(config.nats_url)) and all(
+            "://" in url for url in nats_servers(config.nats_url))),
+         "--nats-url must be a URL like nats://host:4222, or several separated by commas"),
+        (1 <= config.stream_replicas <= 5, "--stream-replicas must be 1 to 5"),
+        (config.stream_replicas == 1 or config.nats_url is not None,
+         "--stream-replicas above 1 needs --nats-url (a NATS cluster; the embedded "
+         "nats-server is one node)"),
+        (config.redis_url is None or config.redis_url.startswith(
+            ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")),
+         "--redis-url must be a redis://, rediss://, unix://, redis+cluster:// or "
+         "rediss+cluster:// URL"),
+        (not config.redis_read_url or config.redis_url is None
+         or not config.redis_url.startswith(("redis+cluster://", "rediss+cluster://")),
+         "--redis-read-url is for one Redis primary, not a Redis Cluster"),
         (config.nats_url is not None or nats_security(config) == NatsSecurity(),
          "--nats-tls-*, --nats-creds, --nats-nkey-seed and --nats-user-file need --nats-url "
          "(the embedded nats-server is plain and local)"),
@@ -260,10 +288,20 @@ def validate(config: ServiceConfig) -> None:
          "--grpc-tls-client-ca needs --grpc-tls-cert and --grpc-tls-key (mTLS is TLS)"),
         (bool(config.redis_tls_cert) == bool(config.redis_tls_key),
          "--redis-tls-cert and --redis-tls-key go together"),
-        (not tls_redis or (config.redis_url or "").startswith("rediss://"),
+        (not tls_redis or (config.redis_url or "").startswith(("rediss://", "rediss+cluster://")),
          "--redis-tls-ca/--redis-tls-cert/--redis-tls-key need a rediss:// --redis-url"),
         (not config.redis_password_file or config.redis_url is not None,
          "--redis-password-file needs --redis-url"),
+        (not config.redis_read_url or config.redis_url is not None,
+         "--redis-read-url needs --redis-url (the primary, which takes the writes)"),
+        (all(url.startswith(("redis://", "rediss://", "unix://"))
+             for url in redis_read_urls(config)),
+         "--redis-read-url must be redis://, rediss:// or unix:// URLs separated by commas"),
+        (not tls_redis or all(url.startswith("rediss://") for url in redis_read_urls(config)),
+         "--redis-tls-* apply to the read replicas too: --redis-read-url needs rediss:// URLs"),
+        (math.isfinite(config.redis_read_max_staleness_s)
+         and config.redis_read_max_staleness_s > 0,
+         "--redis-read-max-staleness must be a number of seconds > 0"),
     )
     for ok, message in checks:
         if not ok:

@@ -39,6 +39,7 @@ from indexer.ingest.partitions import PartitionLeases
 from indexer.probes import ProcessProbes
 from indexer.serve.health import ServingHealth
 from kvcore.about import build_labels
+from kvcore.pools import KIND_POOL
 
 __all__ = [
     "APPLY_BUCKETS_S",
@@ -57,6 +58,7 @@ LAG_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 APPLY_BUCKETS_S: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                           0.1, 0.25, 0.5, 1.0, 2.5)
 OTHER_WORKERS: Final = "_other"  # the label values of the series the others are summed in
+MAX_POOL_SERIES: Final = 256  # pools with a kv_indexer_pool_blocks series
 
 RankKey = tuple[str, str, int]
 
@@ -72,6 +74,7 @@ class _Snapshot:
     other_degraded: int = 0  # how many of them are degraded
     lag_p50: float = 0.0
     lag_p99: float = 0.0
+    pools: list[WorkerInfo] = field(default_factory=list)  # shared storage pools (capped)
 
 
 def register_process_metrics(registry: CollectorRegistry) -> None:
@@ -150,7 +153,10 @@ class _Collector(Collector):
             yield CounterMetricFamily(name, doc, value=value)
         dropped = CounterMetricFamily("kv_indexer_dropped", "Events or blocks dropped",
                                       labels=["reason"])
-        for reason, count in sorted(idx.dropped.items()):
+        reasons = dict(idx.dropped)
+        for reason, count in con.dropped.items():  # refused before the index (pools)
+            reasons[reason] = reasons.get(reason, 0) + count
+        for reason, count in sorted(reasons.items()):
             dropped.add_metric([reason], count)
         yield dropped
         failures = CounterMetricFamily(
@@ -189,6 +195,13 @@ class _Collector(Collector):
         yield degraded
         yield GaugeMetricFamily("kv_indexer_workers", "Worker ranks in the index",
                                 value=len(snap.workers))
+        pool_blocks = GaugeMetricFamily(
+            "kv_indexer_pool_blocks", "Blocks held per shared storage pool (the first "
+            f"{MAX_POOL_SERIES} pools)", labels=["model", "pool"])
+        for pool in snap.pools:
+            pool_blocks.add_metric([pool.model, pool.worker_id],
+                                   sum(pool.blocks_by_tier.values()))
+        yield pool_blocks
         yield GaugeMetricFamily(
             "kv_indexer_worker_ranks_aggregated",
             f'Worker ranks beyond --metrics-max-workers, summed into worker="{OTHER_WORKERS}"',
@@ -254,7 +267,9 @@ class MetricsExporter:
 
     async def refresh(self) -> None:
         lags = list(self._consumer.lag_samples)[-10_000:]
-        workers = await self._index.workers()
+        listed = await self._index.workers()
+        workers = [w for w in listed if w.kind != KIND_POOL]
+        pools = [w for w in listed if w.kind == KIND_POOL][:MAX_POOL_SERIES]
         named, others = self.worker_series.split(workers)
         other_blocks: dict[str, int] = {}
         for w in others:
@@ -266,6 +281,7 @@ class MetricsExporter:
             other_degraded=sum(w.degraded for w in others),
             lag_p50=statistics.median(lags) if lags else 0.0,
             lag_p99=sorted(lags)[int(0.99 * (len(lags) - 1))] if lags else 0.0,
+            pools=pools,
         )
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "softmax_probabilities",
     "top_costs",
     "validate_knobs",
+    "validate_storage_load_weight",
 ]
 
 DEFAULT_OVERLAP_WEIGHT: Final = 32.0  # tuned on the conversation trace (see module doc)
@@ -63,6 +64,7 @@ class Candidate(NamedTuple):
     matched_blocks: int
     active_blocks: int = 0
     waiting_requests: int = 0
+    storage_blocks: int = 0  # of matched_blocks, those at the storage tier (pools too)
 
 
 class CandidateCost(msgspec.Struct, frozen=True):
@@ -76,6 +78,7 @@ class CandidateCost(msgspec.Struct, frozen=True):
     active_blocks: int
     cost: float
     waiting_requests: int = 0
+    storage_blocks: int = 0
 
 
 def validate_knobs(overlap_weight: float, temperature: float) -> None:
@@ -86,20 +89,31 @@ def validate_knobs(overlap_weight: float, temperature: float) -> None:
                                     f"got {value!r}")
 
 
+def validate_storage_load_weight(storage_load_weight: float) -> None:
+    """A finite number in [0, 1]; raise InvalidQueryError naming it."""
+    if not (math.isfinite(storage_load_weight) and 0.0 <= storage_load_weight <= 1.0):
+        raise InvalidQueryError("storage_load_weight must be a finite number in [0, 1], "
+                                f"got {storage_load_weight!r}")
+
+
 def _rank_key(cost: CandidateCost) -> tuple[float, int, int, str, int]:
     return (cost.cost, -cost.matched_blocks, cost.waiting_requests, cost.worker_id, cost.dp_rank)
 
 
 def rank_costs(
-    candidates: Iterable[Candidate], query_blocks: int, overlap_weight: float = 1.0
+    candidates: Iterable[Candidate], query_blocks: int, overlap_weight: float = 1.0,
+    storage_load_weight: float = 0.0,
 ) -> list[CandidateCost]:
-    """Every candidate's cost, best first (cost, then the documented tie-breaks)."""
+    """Every candidate's cost, best first (cost, then the documented tie-breaks). A block
+    matched at the storage tier (a shared pool's) costs `storage_load_weight` of a
+    prefilled one."""
     costs = []
     for c in candidates:
         prefill = max(query_blocks - c.matched_blocks, 0)
+        load = prefill + storage_load_weight * c.storage_blocks
         costs.append(CandidateCost(c.worker_id, c.dp_rank, c.matched_blocks, prefill,
-                                   c.active_blocks, overlap_weight * prefill + c.active_blocks,
-                                   c.waiting_requests))
+                                   c.active_blocks, overlap_weight * load + c.active_blocks,
+                                   c.waiting_requests, c.storage_blocks))
     costs.sort(key=_rank_key)
     return costs
 
@@ -143,53 +157,58 @@ def choose_worker(
     overlap_weight: float = DEFAULT_OVERLAP_WEIGHT,
     temperature: float = DEFAULT_TEMPERATURE,
     rng: random.Random | None = None,
+    storage_load_weight: float = 0.0,
 ) -> tuple[CandidateCost, list[CandidateCost]]:
     """The chosen candidate and every candidate's cost (best first)."""
     validate_knobs(overlap_weight, temperature)
-    ranked = rank_costs(candidates, query_blocks, overlap_weight)
+    validate_storage_load_weight(storage_load_weight)
+    ranked = rank_costs(candidates, query_blocks, overlap_weight, storage_load_weight)
     return choose(ranked, temperature, rng), ranked
 
 
 def top_costs(
     ordered: Sequence[tuple[str, int]],
     members: Collection[tuple[str, int]],
-    matched: Mapping[tuple[str, int], int],
+    matched: Mapping[tuple[str, int], tuple[int, int]],
     loads: Mapping[tuple[str, int], tuple[int, int]],
     *,
     query_blocks: int,
     overlap_weight: float,
     limit: int,
+    storage_load_weight: float = 0.0,
 ) -> list[CandidateCost]:
     """The `limit` cheapest candidates, ranked exactly as `rank_costs` ranks them all, in
     time linear in the candidates that matched or carry a load plus `limit`.
 
     `ordered`: every candidate (worker_id, dp_rank), sorted; `members`: the same as a set.
-    `matched`: matched blocks and `loads`: (active_blocks, waiting_requests) of those that
-    have any (entries of other refs are ignored). Every other candidate costs
-    `overlap_weight * query_blocks` and ties with its peers on every key but (worker_id,
-    dp_rank), so they come in `ordered`'s order and only the first `limit` are built.
+    `matched`: (matched blocks, of them on the storage tier) and `loads`: (active_blocks,
+    waiting_requests) of those that have any (entries of other refs are ignored). Every
+    other candidate costs `overlap_weight * query_blocks` and ties with its peers on every
+    key but (worker_id, dp_rank), so they come in `ordered`'s order and only the first
+    `limit` are built.
     """
     if limit <= 0:
         return []
     special = {ref for ref in (*matched, *loads) if ref in members}
-    # Rank keys as tuples, (cost, -matched, waiting, worker_id, dp_rank, prefill, active):
-    # unique per candidate, so the trailing fields never decide; structs only for the head.
+    # Rank keys as tuples, (cost, -matched, waiting, worker_id, dp_rank, prefill, active,
+    # storage): unique per candidate, so the trailing fields never decide; structs only
+    # for the head.
     keyed = []
     for ref in special:
-        held = matched.get(ref, 0)
+        held, stored = matched.get(ref, _IDLE)
         active, waiting = loads.get(ref, _IDLE)
         prefill = query_blocks - held if query_blocks > held else 0
-        keyed.append((overlap_weight * prefill + active, -held, waiting, ref[0], ref[1],
-                      prefill, active))
+        cost = overlap_weight * (prefill + storage_load_weight * stored) + active
+        keyed.append((cost, -held, waiting, ref[0], ref[1], prefill, active, stored))
     head = heapq.nsmallest(limit, keyed) if len(keyed) > limit else sorted(keyed)
     if len(special) < len(ordered):
         idle_cost = overlap_weight * query_blocks
         idle = []
         for ref in ordered:
             if ref not in special:
-                idle.append((idle_cost, 0, 0, ref[0], ref[1], query_blocks, 0))
+                idle.append((idle_cost, 0, 0, ref[0], ref[1], query_blocks, 0, 0))
                 if len(idle) == limit:
                     break
         head = list(islice(heapq.merge(head, idle), limit))
-    return [CandidateCost(worker, rank, -negative_held, prefill, active, cost, waiting)
-            for cost, negative_held, waiting, worker, rank, prefill, active in head]
+    return [CandidateCost(worker, rank, -negative_held, prefill, active, cost, waiting, stored)
+            for cost, negative_held, waiting, worker, rank, prefill, active, stored in head]

@@ -152,6 +152,10 @@ class BlockStored(msgspec.Struct, tag="stored", omit_defaults=True, gc=False):
     # One entry per block (b"" = none): canonical bytes of the block's extra keys
     # (multimodal hashes and the like), mixed into that block's key.
     extra_keys: list[bytes] | None = None
+    # Schema v2: the shared storage pool the blocks were written to (None: the worker's
+    # own cache). A pool write names blocks the writer's ledger resolves (docs/architecture.md,
+    # "Shared storage pools").
+    pool: str | None = None
 
 
 class BlockRemoved(msgspec.Struct, tag="removed", omit_defaults=True, gc=False):
@@ -159,10 +163,13 @@ class BlockRemoved(msgspec.Struct, tag="removed", omit_defaults=True, gc=False):
 
     block_hashes: list[int]
     medium: str = "gpu"
+    pool: str | None = None  # schema v2: the blocks left this shared storage pool
 
 
-class AllBlocksCleared(msgspec.Struct, tag="cleared", gc=False):
-    """The worker (this DP rank) dropped its whole cache."""
+class AllBlocksCleared(msgspec.Struct, tag="cleared", omit_defaults=True, gc=False):
+    """The worker (this DP rank) dropped its whole cache; with `pool`, that pool was wiped."""
+
+    pool: str | None = None  # schema v2
 
 
 Event = BlockStored | BlockRemoved | AllBlocksCleared
@@ -249,6 +256,16 @@ def validate_event(event: Event, *, max_blocks: int | None = MAX_BLOCKS_PER_EVEN
     elif isinstance(event, BlockRemoved):
         _check_hashes(event.block_hashes, max_blocks)
         _check_name("medium", event.medium)
+        _check_pool(event.pool)
+    else:
+        _check_pool(event.pool)
+
+
+def _check_pool(pool: str | None) -> None:
+    if pool is not None:
+        if not pool:
+            raise BusDecodeError("empty pool name")
+        _check_name("pool", pool)
 
 
 def check_identity(model: str, worker_id: str) -> None:
@@ -278,6 +295,7 @@ def _check_stored(event: BlockStored, max_blocks: int | None) -> None:
     _check_name("medium", event.medium)
     _check_name("lora_name", event.lora_name)
     _check_name("cache_salt", event.cache_salt)
+    _check_pool(event.pool)
     if event.parent_hash is not None and not 0 <= event.parent_hash <= _U64:
         raise BusDecodeError(f"parent hash {event.parent_hash} is not an unsigned 64-bit int")
     n_blocks = len(event.block_hashes)

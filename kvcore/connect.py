@@ -36,6 +36,7 @@ __all__ = [
     "NatsSetupError",
     "connect_nats",
     "nats_connect_options",
+    "nats_servers",
 ]
 
 log = structlog.get_logger("kvcore.connect")
@@ -60,6 +61,12 @@ NATS_SECURITY_FLAGS: Final[tuple[tuple[str, str, str], ...]] = (
     ("--nats-password-file", "nats_password_file",
      "file holding the NATS password (with --nats-user-file)"),
 )
+
+
+def nats_servers(url: str) -> list[str]:
+    """The server URLs of a NATS URL setting: one, or several separated by commas (the
+    nodes of a cluster; the client connects to one and fails over to the others)."""
+    return [part.strip() for part in url.split(",") if part.strip()]
 
 
 class NatsSetupError(Exception):
@@ -216,7 +223,8 @@ async def connect_nats(
     import nats  # noqa: PLC0415 - the query CLI imports this module's flags without nats-py
     from nats.errors import Error as NatsError  # noqa: PLC0415
 
-    connecting = asyncio.ensure_future(nats.connect(url, name=name, error_cb=on_error,
+    servers = nats_servers(url)
+    connecting = asyncio.ensure_future(nats.connect(servers, name=name, error_cb=on_error,
                                                     **kwargs))
     waiting: set[asyncio.Future[Any]] = {connecting, fatal}
     try:

@@ -11,6 +11,7 @@ one durable pull consumer, owned by one indexer process at a time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from typing import Final
 
@@ -43,9 +44,12 @@ __all__ = [
     "ensure_dead_letter_stream",
     "ensure_liveness_bucket",
     "ensure_stream",
+    "kv_stream",
     "liveness_key",
+    "object_store_stream",
     "parse_liveness_key",
     "partition_filter",
+    "reconcile_replicas",
     "resync_subject",
     "server_max_payload",
     "stored_subject_identity",
@@ -72,6 +76,9 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_bytes: int = 1 << 30
     duplicate_window_s: float = 120.0
     liveness_ttl_s: float = 10.0
+    # Copies JetStream keeps of every stream, bucket and object store we create: 1 on one
+    # server, 3 on a cluster (one node's loss then loses nothing).
+    replicas: int = 1
 
 
 def partition_filter(partition: int) -> str:
@@ -154,6 +161,9 @@ class WorkerRecord(msgspec.Struct, kw_only=True):
     # Prefill/decode disaggregation (kvcore/roles.py): records of publishers older than
     # roles carry none and decode as "both".
     role: str = DEFAULT_ROLE
+    # Shared storage pools the worker mounts (kvcore/pools.py): it is credited with their
+    # blocks and may write into them. Records older than pools carry none.
+    storage_pools: list[str] = msgspec.field(default_factory=list)
 
 
 def stream_config(settings: StreamSettings) -> js_api.StreamConfig:
@@ -172,6 +182,7 @@ def stream_config(settings: StreamSettings) -> js_api.StreamConfig:
         max_bytes=settings.max_bytes,
         duplicate_window=settings.duplicate_window_s,
         discard=js_api.DiscardPolicy.OLD,
+        num_replicas=settings.replicas,
     )
 
 
@@ -195,10 +206,11 @@ async def ensure_stream(js: JetStreamContext, settings: StreamSettings) -> js_ap
     return info
 
 
-async def ensure_dead_letter_stream(js: JetStreamContext) -> None:
+async def ensure_dead_letter_stream(js: JetStreamContext, replicas: int = 1) -> None:
     config = js_api.StreamConfig(
         name=DEAD_LETTER_STREAM, subjects=[f"{DEAD_LETTER_SUBJECT}.>"],
         storage=js_api.StorageType.FILE, max_msgs=100_000, max_age=7 * 24 * 3600.0,
+        num_replicas=replicas,
     )
     try:
         await js.stream_info(DEAD_LETTER_STREAM)
@@ -207,13 +219,48 @@ async def ensure_dead_letter_stream(js: JetStreamContext) -> None:
             await js.add_stream(config)
 
 
-async def ensure_liveness_bucket(js: JetStreamContext, ttl_s: float) -> KeyValue:
+async def ensure_liveness_bucket(js: JetStreamContext, ttl_s: float,
+                                 replicas: int = 1) -> KeyValue:
+    """The worker registry bucket; created with `replicas` if missing (an existing one is
+    left as it is: `reconcile_replicas` is the indexer's)."""
     try:
         return await js.key_value(LIVENESS_BUCKET)
     except (BucketNotFoundError, NotFoundError):
         try:
             return await js.create_key_value(js_api.KeyValueConfig(
                 bucket=LIVENESS_BUCKET, ttl=ttl_s, history=1,
-                storage=js_api.StorageType.FILE))
+                storage=js_api.StorageType.FILE, replicas=replicas))
         except BadRequestError:
             return await js.key_value(LIVENESS_BUCKET)
+
+
+def kv_stream(bucket: str) -> str:
+    """The stream behind a KV bucket."""
+    return f"KV_{bucket}"
+
+
+def object_store_stream(bucket: str) -> str:
+    """The stream behind an object store."""
+    return f"OBJ_{bucket}"
+
+
+async def reconcile_replicas(js: JetStreamContext, streams: list[str],
+                             replicas: int) -> list[tuple[str, int]]:
+    """Give each existing stream of `streams` (KV buckets and object stores are streams:
+    `kv_stream`, `object_store_stream`) `replicas` copies; returns (stream, old count) of
+    those changed. The server moves the data itself: scaling up copies it to new peers
+    (the stream stays readable), scaling down drops peers. A stream that is missing is
+    skipped; a cluster with fewer JetStream servers than `replicas` refuses the update
+    (BadRequestError, raised)."""
+    changed: list[tuple[str, int]] = []
+    for name in streams:
+        try:
+            info = await js.stream_info(name)
+        except NotFoundError:
+            continue
+        current = info.config.num_replicas or 1
+        if current == replicas:
+            continue
+        await js.update_stream(dataclasses.replace(info.config, num_replicas=replicas))
+        changed.append((name, current))
+    return changed

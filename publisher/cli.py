@@ -28,6 +28,7 @@ from kvcore.connect import (
     NatsSetupError,
 )
 from kvcore.helpfmt import DefaultsHelpFormatter
+from kvcore.pools import check_pools
 from kvcore.redact import redact_text, redact_url
 from kvcore.roles import check_role
 from kvcore.runtime import configure_logging, settle_gc, warn_if_pure_python
@@ -47,7 +48,11 @@ BRIDGE_SETTINGS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--worker-id", "WORKER_ID", None, "this worker's id (unique in the fleet)"),
     ("--dp-size", "DP_SIZE", "1", "data-parallel ranks (ports offset by rank)"),
     ("--topic", "TOPIC", "", "ZMQ topic the engine publishes on"),
-    ("--nats-url", "NATS_URL", "nats://127.0.0.1:4222", "NATS server URL"),
+    ("--nats-url", "NATS_URL", "nats://127.0.0.1:4222",
+     "NATS server URL, or the URLs of a cluster's nodes separated by commas"),
+    ("--stream-replicas", "STREAM_REPLICAS", "1",
+     "copies of the worker registry bucket when this bridge creates it (3 on a NATS "
+     "cluster; the indexer's --stream-replicas governs it once it runs)"),
     ("--block-size", "BLOCK_SIZE", "16", "engine block size in tokens"),
     ("--flavor", "FLAVOR", "vllm", "vllm or sglang"),
     ("--role", "ROLE", "both",
@@ -74,6 +79,11 @@ def _bridge_parser() -> argparse.ArgumentParser:
         env_var = f"KV_PUBLISHER_{env}"
         parser.add_argument(flag, default=os.environ.get(env_var, default),
                             help=f"{help_text} (env {env_var})")
+    parser.add_argument("--storage-pool", action="append", dest="storage_pools",
+                        default=None, metavar="NAME",
+                        help="a shared storage pool the worker mounts (repeatable; the first "
+                             "takes its shared-tier offloads) (env KV_PUBLISHER_STORAGE_POOLS, "
+                             "comma-separated)")
     return parser
 
 
@@ -84,6 +94,8 @@ def parse_bridge_args(argv: Sequence[str]) -> argparse.Namespace:
         name = flag[2:].replace("-", "_")
         if not getattr(args, name):
             parser.error(f"{flag} is required (or KV_PUBLISHER_{name.upper()})")
+    if args.stream_replicas not in ("1", "2", "3", "4", "5"):
+        parser.error(f"--stream-replicas must be 1 to 5, got {args.stream_replicas!r}")
     for flag in ("--dp-size", "--block-size", "--max-pending"):
         value = getattr(args, flag[2:].replace("-", "_"))
         if not str(value).isdigit() or int(value) < 1:
@@ -94,6 +106,13 @@ def parse_bridge_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(f"--flavor must be vllm or sglang, got {args.flavor!r}")
     try:
         check_role(args.role, "--role")
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.storage_pools is None:
+        env_pools = os.environ.get("KV_PUBLISHER_STORAGE_POOLS", "")
+        args.storage_pools = [p.strip() for p in env_pools.split(",") if p.strip()]
+    try:
+        args.storage_pools = check_pools(args.storage_pools, "--storage-pool")
     except ValueError as exc:
         parser.error(str(exc))
     if args.metrics_listen:
@@ -128,10 +147,11 @@ def parse_listen(value: str) -> tuple[str, int]:
 async def run_bridge(args: argparse.Namespace) -> None:
     publisher = KVEventPublisher(args.model, args.worker_id, block_size=int(args.block_size),
                                  nats_url=args.nats_url, dp_size=int(args.dp_size),
-                                 stream=StreamSettings(), max_pending=int(args.max_pending),
+                                 stream=StreamSettings(replicas=int(args.stream_replicas)),
+                                 max_pending=int(args.max_pending),
                                  nats_security=nats_security(args),
                                  start_timeout_s=float(args.nats_start_timeout),
-                                 role=args.role)
+                                 role=args.role, storage_pools=args.storage_pools)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -152,7 +172,8 @@ async def run_bridge(args: argparse.Namespace) -> None:
     await _warn_without_event_stream(publisher, args)
     ctx = zmq.asyncio.Context()
     sources = [EngineSource(ctx, rank, args.zmq_endpoint, replay_endpoint=args.replay_endpoint,
-                            topic=args.topic, flavor=args.flavor) for rank in publisher.ranks]
+                            topic=args.topic, flavor=args.flavor, pools=args.storage_pools)
+               for rank in publisher.ranks]
     http = None
     served = ""
     if args.metrics_listen:

@@ -33,10 +33,14 @@ another tenant's query.
   index resolves it through the keys the GPU store of the same blocks gave them.
 
 Locality. A store or removal the engine marks `locality: REMOTE` (vLLM 0.26+), or on
-SGLang's `EXTERNAL` medium (a shared pool), is not a block this worker holds: it is left
-out (`remote_block`); shared pools are not indexed. vLLM's `ownership` (0.29+: which
-secondary offloading tier made the event) is returned in `EngineBatch.owners`, for
-`publisher.residency.TierOwners` to keep one owner's removal from clearing another's copy.
+SGLang's `EXTERNAL` medium (a shared pool), is not a block this worker holds. When the
+worker declared shared storage pools (`pools`), it is a write into a pool: the event gets
+`pool` (the pool its `ownership` names, else the first declared pool) and the storage
+medium; an event whose `ownership` names a declared pool is one too, whatever its
+locality. Without declared pools such events are left out (`remote_block`). vLLM's
+`ownership` (0.29+: which secondary offloading tier made the event) is returned in
+`EngineBatch.owners`, for `publisher.residency.TierOwners` to keep one owner's removal
+from clearing another's copy.
 
 Errors:
 
@@ -101,7 +105,8 @@ SKIP_REASONS: Final = frozenset(
         # an identity input of the engine's hash (salt, LoRA, multimodal, prompt
         # embeddings) that cannot be placed into the block key unambiguously
         "unplaceable_identity",
-        "remote_block",  # locality REMOTE or a shared pool (EXTERNAL): not held here
+        # locality REMOTE or a shared pool (EXTERNAL), and the worker declared no pool
+        "remote_block",
     }
 )
 
@@ -168,9 +173,13 @@ class _SkipEventError(Exception):
 
 
 def decode_engine_payload(
-    payload: bytes | bytearray | memoryview, *, flavor: Flavor = "vllm"
+    payload: bytes | bytearray | memoryview, *, flavor: Flavor = "vllm",
+    pools: Sequence[str] = (),
 ) -> EngineBatch:
-    """Decode one engine batch (msgpack) into bus events; raise EngineDecodeError if it is none."""
+    """Decode one engine batch (msgpack) into bus events; raise EngineDecodeError if it is none.
+
+    `pools`: the shared storage pools the worker declared (shared-tier events go there).
+    """
     stored_fields = _STORED_FIELDS.get(flavor)
     if stored_fields is None:
         raise ValueError(f"unknown engine flavor {flavor!r} (vllm or sglang)")
@@ -188,7 +197,7 @@ def decode_engine_payload(
     owners: dict[int, str] = {}
     for raw in raw_events:
         try:
-            event, owner = _decode_event(raw, stored_fields, flavor)
+            event, owner = _decode_event(raw, stored_fields, flavor, pools)
         except _SkipEventError as skip:
             skipped.append(str(skip.args[0]))
             continue
@@ -218,10 +227,10 @@ def _split_batch(batch: object) -> tuple[float, list[Any], int | None]:
 
 
 def _decode_event(
-    raw: object, stored_fields: tuple[str, ...], flavor: Flavor
+    raw: object, stored_fields: tuple[str, ...], flavor: Flavor, pools: Sequence[str] = ()
 ) -> tuple[Event, str | None]:
     if type(raw) is dict:
-        return _event_from_fields(raw.get("type"), raw, flavor)
+        return _event_from_fields(raw.get("type"), raw, flavor, pools)
     if type(raw) is list and raw:
         tag = raw[0]
         names = (
@@ -232,27 +241,53 @@ def _decode_event(
             else ()
         )
         # Positional fields by name; missing trailing fields stay absent, extra ones ignored.
-        return _event_from_fields(tag, dict(zip(names, raw[1:], strict=False)), flavor)
+        return _event_from_fields(tag, dict(zip(names, raw[1:], strict=False)), flavor,
+                                  pools)
     raise _SkipEventError(f"malformed_event:event is a {_kind(raw)}")
 
 
 def _event_from_fields(
-    tag: object, fields: dict[Any, Any], flavor: Flavor
+    tag: object, fields: dict[Any, Any], flavor: Flavor, pools: Sequence[str] = ()
 ) -> tuple[Event, str | None]:
     if tag == "AllBlocksCleared":
         return AllBlocksCleared(), None
-    if tag == "BlockStored":
-        event: Event = _stored(fields, flavor)
-    elif tag == "BlockRemoved":
-        event = _removed(fields)
-    elif type(tag) is str:
-        raise _SkipEventError(f"unknown_event_type:{tag[:_MAX_DETAIL]}")
-    else:
+    if tag not in ("BlockStored", "BlockRemoved"):
+        if type(tag) is str:
+            raise _SkipEventError(f"unknown_event_type:{tag[:_MAX_DETAIL]}")
         raise _SkipEventError(f"malformed_event:event tag {_detail(tag)}")
-    return event, _name(fields.get("ownership"), f"{tag}.ownership")
+    owner = _name(fields.get("ownership"), f"{tag}.ownership")
+    pool = _pool_of(fields, str(tag), owner, pools)
+    if tag == "BlockStored":
+        event: Event = _stored(fields, flavor, local=pool is None)
+    else:
+        event = _removed(fields, local=pool is None)
+    if pool is not None:
+        # A write into (or eviction from) a shared pool: not a copy of the worker's own,
+        # so not subject to TierOwners (no owner returned).
+        return msgspec.structs.replace(event, pool=pool, medium="storage"), None
+    return event, owner
 
 
-def _stored(fields: dict[Any, Any], flavor: Flavor) -> BlockStored:
+def _pool_of(
+    fields: dict[Any, Any], event: str, owner: str | None, pools: Sequence[str]
+) -> str | None:
+    """The declared pool a shared-tier event goes to, or None (then `_check_local` decides)."""
+    if not pools:
+        return None
+    if owner is not None and owner in pools:
+        return owner
+    locality = fields.get("locality")
+    medium = fields.get("medium")
+    remote = type(locality) is str and locality.upper() == "REMOTE"
+    shared = type(medium) is str and medium.lower() in _SHARED_MEDIA
+    if not (remote or shared):
+        return None
+    if locality is not None and type(locality) is not str:
+        raise _SkipEventError(f"malformed_event:{event}.locality is a {_kind(locality)}")
+    return pools[0]
+
+
+def _stored(fields: dict[Any, Any], flavor: Flavor, *, local: bool = True) -> BlockStored:
     hashes = _hashes(fields.get("block_hashes"), "BlockStored")
     tokens = fields.get("token_ids")
     block_size = fields.get("block_size", 0)
@@ -275,7 +310,8 @@ def _stored(fields: dict[Any, Any], flavor: Flavor) -> BlockStored:
             raise _SkipEventError("malformed_event:BlockStored.token_ids not u32") from exc
     parent = _parent(fields.get("parent_block_hash"))
     medium = _medium(fields.get("medium"), "BlockStored")
-    _check_local(fields, "BlockStored")
+    if local:
+        _check_local(fields, "BlockStored")
     raw_lora = fields.get("lora_name")
     lora = _lora_name(raw_lora, fields.get("lora_id"))
     salt = _name(fields.get("cache_salt"), "BlockStored.cache_salt")
@@ -306,10 +342,11 @@ def _stored(fields: dict[Any, Any], flavor: Flavor) -> BlockStored:
     )
 
 
-def _removed(fields: dict[Any, Any]) -> BlockRemoved:
+def _removed(fields: dict[Any, Any], *, local: bool = True) -> BlockRemoved:
     hashes = _hashes(fields.get("block_hashes"), "BlockRemoved")
     medium = _medium(fields.get("medium"), "BlockRemoved")
-    _check_local(fields, "BlockRemoved")
+    if local:
+        _check_local(fields, "BlockRemoved")
     return BlockRemoved(block_hashes=hashes, medium=medium)
 
 

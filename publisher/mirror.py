@@ -45,7 +45,10 @@ class BlockMirror:
         return len(self.blocks)
 
     def apply(self, events: Sequence[Event]) -> None:
+        """Apply the rank's own events; writes into shared pools are not its cache."""
         for event in events:
+            if event.pool is not None:
+                continue
             if isinstance(event, BlockStored):
                 self._store(event)
             elif isinstance(event, BlockRemoved):

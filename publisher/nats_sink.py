@@ -27,7 +27,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import structlog
@@ -106,6 +106,13 @@ class _Queued:
     def fits(self, max_payload: int) -> bool:
         return (len(self.payload) <= MAX_MESSAGE_BYTES
                 and len(self.payload) + header_bytes(self.dedup_id) <= max_payload)
+
+
+def _discard_outcome(future: asyncio.Future[Any]) -> None:
+    """Read a publish's outcome nobody waits for any more, so a failure (the stream had no
+    leader for a moment, a lost connection) is not logged as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 class NatsSink:
@@ -247,6 +254,8 @@ class NatsSink:
                 log.warning("publish_unacknowledged", error=repr(exc), pending=len(self._queue))
                 break
             acked += 1
+        for future in futures[acked:]:  # re-sent from the first unacked: outcomes unread
+            future.add_done_callback(_discard_outcome)
         for _ in range(acked):
             item = self._queue.popleft()
             self._queued_bytes -= len(item.payload)

@@ -49,6 +49,7 @@ from kvcore.bus import (
     validate_event,
 )
 from kvcore.connect import NatsSecurity, connect_nats
+from kvcore.pools import check_pools
 from kvcore.redact import redact_url
 from kvcore.roles import DEFAULT_ROLE, check_role
 from kvcore.topology import (
@@ -351,10 +352,13 @@ class KVEventPublisher:
         nats_security: NatsSecurity | None = None,
         start_timeout_s: float | None = None,
         role: str = DEFAULT_ROLE,
+        storage_pools: Sequence[str] = (),
     ) -> None:
         check_identity(model, worker_id)  # BusError: refused here, not by the indexer
         # prefill, decode or both: which requests a disaggregated router sends this worker.
         self.role = check_role(role)
+        # Shared storage pools it mounts and may write into (kvcore/pools.py).
+        self.storage_pools = check_pools(storage_pools)
         self.model = model
         self.worker_id = worker_id
         self.block_size = block_size
@@ -429,21 +433,34 @@ class KVEventPublisher:
         lora_name: str | None = None,
         cache_salt: str | None = None,
         dp_rank: int = 0,
+        pool: str | None = None,
     ) -> None:
+        """Blocks stored; with `pool`, written into that shared storage pool (declared in
+        `storage_pools`), known by the hashes this worker stored them under."""
         tokens = token_ids if isinstance(token_ids, bytes) else pack_tokens(token_ids)
         self._pending[dp_rank].append(BlockStored(
             block_hashes=[engine_hash_to_u64(h) for h in block_hashes],
             parent_hash=None if parent_hash is None else engine_hash_to_u64(parent_hash),
             token_ids=tokens, block_size=self.block_size if tokens else 0,
-            medium=medium.lower(), lora_name=lora_name, cache_salt=cache_salt))
+            medium="storage" if pool else medium.lower(), lora_name=lora_name,
+            cache_salt=cache_salt, pool=self._declared(pool)))
 
     def removed(self, block_hashes: Sequence[int | bytes], *, medium: str = "gpu",
-                dp_rank: int = 0) -> None:
+                dp_rank: int = 0, pool: str | None = None) -> None:
+        """Blocks left a tier; with `pool`, evicted from that shared storage pool."""
         self._pending[dp_rank].append(BlockRemoved(
-            block_hashes=[engine_hash_to_u64(h) for h in block_hashes], medium=medium.lower()))
+            block_hashes=[engine_hash_to_u64(h) for h in block_hashes],
+            medium="storage" if pool else medium.lower(), pool=self._declared(pool)))
 
-    def cleared(self, *, dp_rank: int = 0) -> None:
-        self._pending[dp_rank].append(AllBlocksCleared())
+    def cleared(self, *, dp_rank: int = 0, pool: str | None = None) -> None:
+        """The rank's cache was dropped; with `pool`, that shared pool was wiped."""
+        self._pending[dp_rank].append(AllBlocksCleared(pool=self._declared(pool)))
+
+    def _declared(self, pool: str | None) -> str | None:
+        if pool is not None and pool not in self.storage_pools:
+            raise ValueError(f"pool {pool!r} is not one of this worker's storage_pools "
+                             f"{self.storage_pools}")
+        return pool
 
     def end_step(self) -> None:
         """Close the current batch of every rank (one engine step)."""
@@ -468,7 +485,8 @@ class KVEventPublisher:
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 kv = await ensure_liveness_bucket(self._nc.jetstream(),
-                                                  self._stream.liveness_ttl_s)
+                                                  self._stream.liveness_ttl_s,
+                                                  self._stream.replicas)
                 await kv.delete(liveness_key(self.model, self.worker_id))
             with contextlib.suppress(Exception):
                 await self._nc.drain()
@@ -516,7 +534,7 @@ class KVEventPublisher:
             model=self.model, worker_id=self.worker_id, block_size=self.block_size,
             dp_size=self.dp_size, epoch=self.ranks[0].epoch if self.ranks else 0,
             last_seq={str(r.dp_rank): r.seq - 1 for r in self.ranks}, version=self.version,
-            role=self.role)
+            role=self.role, storage_pools=list(self.storage_pools))
 
     async def _keep_alive(self) -> None:
         assert self._nc is not None
@@ -529,7 +547,8 @@ class KVEventPublisher:
                 # only its own key (`kv-indexer nats-auth`) waits for the indexer to
                 # create the bucket.
                 if kv is None:
-                    kv = await ensure_liveness_bucket(self._nc.jetstream(), ttl)
+                    kv = await ensure_liveness_bucket(self._nc.jetstream(), ttl,
+                                                      self._stream.replicas)
                 await kv.put(key, msgspec.json.encode(self.record()))
             except Exception as exc:  # noqa: BLE001 - NATS away: retry next tick
                 log.warning("liveness_put_failed", error=repr(exc))

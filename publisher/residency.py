@@ -56,7 +56,9 @@ class TierOwners:
         batch: dict[tuple[int, int], bool] = {}
         for i, event in enumerate(events):
             owner = owners.get(i, _PRIMARY)
-            if isinstance(event, AllBlocksCleared):
+            if event.pool is not None:
+                out.append(event)  # a shared pool's, not a copy of this worker's
+            elif isinstance(event, AllBlocksCleared):
                 self._owners.clear()
                 batch.clear()
                 out.append(event)

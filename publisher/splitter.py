@@ -62,11 +62,11 @@ _STORED_FIXED: Final = (1 + _key("type") + _str_bytes("stored") + _key("block_ha
 def _fixed_bytes(event: BlockStored | BlockRemoved) -> int:
     """Bytes of an event (or any piece of it) besides its per-block parts."""
     if isinstance(event, BlockRemoved):
-        size = _REMOVED_FIXED
+        size = _REMOVED_FIXED + _pool_bytes(event.pool)
         if event.medium != "gpu":
             size += _key("medium") + _str_bytes(event.medium)
         return size
-    size = _STORED_FIXED
+    size = _STORED_FIXED + _pool_bytes(event.pool)
     if event.token_ids:
         size += _key("token_ids") + _HEADER
     if event.block_size:
@@ -82,6 +82,10 @@ def _fixed_bytes(event: BlockStored | BlockRemoved) -> int:
     return size
 
 
+def _pool_bytes(pool: str | None) -> int:
+    return 0 if pool is None else _key("pool") + _str_bytes(pool)
+
+
 def _stride(event: BlockStored | BlockRemoved) -> int:
     """Bytes each block adds besides its extra key: its hash and its tokens."""
     if isinstance(event, BlockStored) and event.token_ids:
@@ -92,7 +96,7 @@ def _stride(event: BlockStored | BlockRemoved) -> int:
 def event_bytes(event: Event) -> int:
     """An upper bound of the event's msgpack size."""
     if isinstance(event, AllBlocksCleared):
-        return _CLEARED
+        return _CLEARED + _pool_bytes(event.pool)
     size = _fixed_bytes(event) + _stride(event) * len(event.block_hashes)
     if isinstance(event, BlockStored) and event.extra_keys is not None:
         size += sum(len(extra) + _HEADER for extra in event.extra_keys)
@@ -121,7 +125,7 @@ def _piece(event: BlockStored | BlockRemoved, i: int, j: int) -> BlockStored | B
     if i == 0 and j == len(hashes):
         return event
     if isinstance(event, BlockRemoved):
-        return BlockRemoved(block_hashes=hashes[i:j], medium=event.medium)
+        return BlockRemoved(block_hashes=hashes[i:j], medium=event.medium, pool=event.pool)
     tokens = event.token_ids
     if tokens:
         width = event.block_size * 4
@@ -131,7 +135,8 @@ def _piece(event: BlockStored | BlockRemoved, i: int, j: int) -> BlockStored | B
         parent_hash=event.parent_hash if i == 0 else hashes[i - 1],
         token_ids=tokens, block_size=event.block_size, medium=event.medium,
         lora_name=event.lora_name, cache_salt=event.cache_salt,
-        extra_keys=None if event.extra_keys is None else event.extra_keys[i:j])
+        extra_keys=None if event.extra_keys is None else event.extra_keys[i:j],
+        pool=event.pool)
 
 
 def split_events(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from typing import Final, Literal
 
 import msgspec
@@ -76,7 +77,9 @@ class EngineSource:
         topic: str = "",
         flavor: Literal["vllm", "sglang"] = "vllm",
         replay_timeout_s: float = 2.0,
+        pools: Sequence[str] = (),
     ) -> None:
+        self._pools = tuple(pools)  # declared shared storage pools (publisher/engines.py)
         self.stats = SourceStats()
         self.next_seq: int | None = None
         self._ctx = ctx
@@ -158,7 +161,7 @@ class EngineSource:
         self.next_seq = seq + 1
         self.stats.batches += 1
         try:
-            batch = decode_engine_payload(payload, flavor=self._flavor)
+            batch = decode_engine_payload(payload, flavor=self._flavor, pools=self._pools)
         except EngineDecodeError as exc:
             # What the batch did is unknown: treat it as a gap nobody can fill.
             self.stats.bad_messages += 1

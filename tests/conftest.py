@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from indexer.embedded import EmbeddedNats
 from indexer.index.protocol import Index
 from tests.support.grpc_scenario import make_index, scenario
+from tests.support.redis_cluster import RedisCluster
 from tests.support.servers import RedisServer, empty_jetstream
 
 
@@ -75,3 +76,12 @@ async def index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
     await idx.apply(scenario())
     yield idx
     await idx.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """One private Redis Cluster (3 masters, a replica each) for the session's tests that
+    leave its nodes alone; tests flush it before use. Killers make their own."""
+    cluster = RedisCluster(Path(tmp_path_factory.mktemp("redis-cluster"))).start()
+    yield cluster
+    cluster.stop()

@@ -274,7 +274,8 @@ class TestCli:
         assert [(s["worker_id"], s["dp_rank"], s["matched_blocks"]) for s in doc["scores"]] == [
             ("w-b", 0, 2), ("w-b", 1, 0)]
         assert set(doc["freshness"]) == {"last_event_age_seconds", "degraded_workers",
-                                         "rebuilding"}
+                                         "rebuilding", "index_staleness_seconds",
+                                         "read_replica"}
 
     async def test_workers_table_and_json(self, target: str,
                                           capsys: pytest.CaptureFixture[str]) -> None:

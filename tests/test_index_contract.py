@@ -25,6 +25,7 @@ from indexer.index.block_table import DictBlockTable
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, ScoreQuery, TierWeights, WorkerRef
 from indexer.index.redis import RedisIndex
+from indexer.index.redis_cluster import RedisClusterIndex
 from kvcore.bus import (
     SCHEMA_VERSION,
     AllBlocksCleared,
@@ -35,6 +36,7 @@ from kvcore.bus import (
 )
 from kvcore.keys import block_keys_for_tokens
 from tests.support.prompt_tree import BLOCK, MODEL, event_specs, make_event, path_tokens, paths
+from tests.support.redis_cluster import RedisCluster
 from tests.support.reference import ReferenceIndex
 from tests.support.servers import RedisServer
 
@@ -264,11 +266,45 @@ class TestRedisIndexContract:
         assert asyncio.run(run()) == reference_drops(batches)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.mark.redis_cluster
+class TestRedisClusterIndexContract:
+    """The Redis Cluster backend against the reference model, on a private 3-master
+    cluster with replicas: the same histories, a second instance resuming from Redis."""
+
+    @settings(max_examples=40, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(batches=histories(), chunks=chunk_sizes, queries=queries_st,
+           split=st.one_of(st.none(), st.integers(0, 40)), compact=st.sampled_from([0, 65536]))
+    def test_matches_reference(self, redis_cluster: RedisCluster, batches: list[EventBatch],
+                               chunks: list[int], queries: list[Any], *,
+                               split: int | None, compact: int) -> None:
+        async def run() -> None:
+            admin = RedisClusterIndex.from_url(redis_cluster.url)
+            await admin._cluster.flushall()
+            await admin.close()
+
+            async def make() -> Index:
+                return RedisClusterIndex.from_url(redis_cluster.url, config=CONFIG,
+                                                  log_compact_min_bytes=compact)
+
+            await check_against_reference(make, batches, chunks, queries, split_at=split)
+
+        asyncio.run(run())
+
+
+@pytest.fixture(params=["memory", "redis",
+                        pytest.param("redis-cluster", marks=pytest.mark.redis_cluster)])
 async def any_index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
     """Each backend in turn; the Redis one on a flushed private redis-server."""
     if request.param == "memory":
         yield MemoryIndex(CONFIG)
+        return
+    if request.param == "redis-cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        cluster_index = RedisClusterIndex.from_url(cluster.url, config=CONFIG)
+        await cluster_index._cluster.flushall()
+        yield cluster_index
+        await cluster_index.close()
         return
     server: RedisServer = request.getfixturevalue("redis_server")
     client = aioredis.Redis.from_url(server.url)
@@ -409,3 +445,141 @@ class TestExportImport:
         assert await any_index.get_marker("p.0") == "gen-1"
         await any_index.set_marker("p.0", None)
         assert await any_index.get_marker("p.0") is None
+
+
+# --- shared storage pools --------------------------------------------------------------
+
+POOL_WRITERS = ("A", "B", "C")
+POOL_CHAIN = 12
+pool_ops = st.lists(
+    st.tuples(
+        st.sampled_from(POOL_WRITERS),
+        st.sampled_from(["store", "store", "remove", "wipe", "gap"]),
+        st.lists(st.integers(0, POOL_CHAIN - 1), min_size=1, max_size=6, unique=True),
+        st.integers(0, 6).map(float),  # few distinct times: ties and out-of-order writes
+    ),
+    max_size=25,
+)
+
+
+class _PoolReference:
+    """The pool rule, written from its description (docs/architecture.md): the newest write
+    wins per engine hash; a wipe removes what was stored up to its time and sets a floor;
+    a writer's gap wipes the pools it wrote into."""
+
+    def __init__(self) -> None:
+        self.held: dict[int, float] = {}
+        self.gone: dict[int, float] = {}
+        self.floor = 0.0
+        self.written: set[str] = set()
+
+    def store(self, hashes: list[int], ts: float) -> None:
+        for h in hashes if ts >= self.floor else []:
+            if self.gone.get(h, ts) <= ts and self.held.get(h, ts) <= ts:
+                self.gone.pop(h, None)
+                self.held[h] = ts
+
+    def remove(self, hashes: list[int], ts: float) -> None:
+        for h in hashes:
+            if self.held.get(h, ts) <= ts:
+                self.held.pop(h, None)
+                if ts >= self.floor:
+                    self.gone[h] = max(self.gone.get(h, ts), ts)
+
+    def wipe(self, ts: float) -> None:
+        self.held = {h: t for h, t in self.held.items() if t > ts}
+        self.floor = max(self.floor, ts)
+        self.gone = {h: t for h, t in self.gone.items() if t > self.floor}
+
+
+def _pool_batches(ops: list[tuple[str, str, list[int], float]]
+                  ) -> tuple[list[EventBatch], _PoolReference]:
+    tokens = list(range(POOL_CHAIN * BLOCK))
+    seqs = dict.fromkeys(POOL_WRITERS, 0)
+
+    def batch(writer: str, events: list[Any], ts: float, skip: int = 0) -> EventBatch:
+        seqs[writer] += skip
+        made = EventBatch(schema=SCHEMA_VERSION, model=MODEL, worker_id=writer, epoch=1,
+                          seq=seqs[writer], events=events, ts=ts)
+        seqs[writer] += 1
+        return made
+
+    batches = [batch(w, [BlockStored(block_hashes=list(range(100, 100 + POOL_CHAIN)),
+                                     token_ids=pack_tokens(tokens), block_size=BLOCK)], 0.0)
+               for w in POOL_WRITERS]
+    # D holds nothing itself and mounts P.
+    batches.append(EventBatch(schema=SCHEMA_VERSION, model=MODEL, worker_id="D", epoch=1,
+                              seq=0, events=[AllBlocksCleared()]))
+    reference = _PoolReference()
+    written: dict[str, bool] = dict.fromkeys(POOL_WRITERS, False)
+    for writer, kind, picked, ts in ops:
+        hashes = [100 + i for i in picked]
+        if kind == "gap":
+            batches.append(batch(writer, [], ts, skip=1))
+            if written[writer]:
+                reference.wipe(ts)
+            written[writer] = False
+            continue
+        event: Any = (BlockStored(block_hashes=hashes, medium="storage", pool="P")
+                      if kind == "store" else
+                      BlockRemoved(block_hashes=hashes, medium="storage", pool="P")
+                      if kind == "remove" else AllBlocksCleared(pool="P"))
+        batches.append(batch(writer, [event], ts))
+        written[writer] = True
+        if kind == "store":
+            reference.store(hashes, ts)
+        elif kind == "remove":
+            reference.remove(hashes, ts)
+        else:
+            reference.wipe(ts)
+    return batches, reference
+
+
+async def _check_pool_history(index: Index, ops: list[tuple[str, str, list[int], float]]
+                              ) -> None:
+    batches, reference = _pool_batches(ops)
+    for one in batches:  # one call each: the order the reference applies them in
+        await index.apply([one])
+    keys = block_keys_for_tokens(list(range(POOL_CHAIN * BLOCK)), BLOCK, MODEL)
+    key_of = {100 + i: key for i, key in enumerate(keys)}
+    presence = await index.presence(MODEL)
+    pool = WorkerRef("P", -1)
+    in_pool = {key for key, owners in presence.items() if pool in owners}
+    assert in_pool == {key_of[h] for h in reference.held}
+    expected = 0
+    while expected < POOL_CHAIN and 100 + expected in reference.held:
+        expected += 1
+    result = await index.score(ScoreQuery(model=MODEL, block_keys=keys,
+                                          mounts={"D": frozenset({"P"})}))
+    got = next((s.matched_blocks for s in result.scores if s.worker_id == "D"), 0)
+    assert got == expected
+    assert all(s.worker_id != "P" for s in result.scores)
+
+
+class TestPoolContract:
+    """Random pool histories (stores, evictions, wipes, writer gaps, out-of-order times)
+    from three writers: both backends hold exactly the reference's pool, and credit a
+    mounting worker with its prefix."""
+
+    @settings(max_examples=150, deadline=None)
+    @given(ops=pool_ops)
+    def test_memory_matches_reference(self, ops: list[tuple[str, str, list[int], float]]
+                                      ) -> None:
+        asyncio.run(_check_pool_history(MemoryIndex(CONFIG), ops))
+
+    @settings(max_examples=60, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(ops=pool_ops)
+    def test_redis_matches_reference(self, redis_server: RedisServer,
+                                     ops: list[tuple[str, str, list[int], float]]) -> None:
+        async def run() -> None:
+            admin = aioredis.Redis.from_url(redis_server.url)
+            await admin.flushall()
+            await admin.aclose()
+            index = RedisIndex.from_url(redis_server.url, config=CONFIG)
+            try:
+                await _check_pool_history(index, ops)
+            finally:
+                await index.close()
+
+        asyncio.run(run())

@@ -583,13 +583,14 @@ class TestGetStats:
         """Gaps, dead letters, resyncs sent and the newest batch come from the consumer;
         duplicates and stale batches from the index (the ledger judges them)."""
         consumer = ConsumerStats(gaps=3, resyncs_requested=4,
-                                 dead_letters={"undecodable": 5}, last_applied_ts=time.time())
+                                 dead_letters={"undecodable": 5}, last_applied_ts=time.time(),
+                                 dropped={"pool_not_declared": 2})
         async with serving(index, consumer_stats=consumer) as (s, _):
             stats = await s.GetStats(pb.GetStatsRequest())
             consumer.gaps += 1  # read live, not copied at start
             later = await s.GetStats(pb.GetStatsRequest())
         assert (stats.duplicates, stats.stale, stats.gaps, stats.resyncs_requested) == (0, 0, 3, 4)
-        assert dict(stats.dropped) == {"undecodable": 5}
+        assert dict(stats.dropped) == {"undecodable": 5, "pool_not_declared": 2}
         assert stats.lag_seconds < 2.0
         assert later.gaps == 4
 

@@ -78,6 +78,8 @@ def random_request(rng: random.Random, prompt: list[int]) -> pb.FindBestWorkerRe
     if rng.random() < 0.15:
         request.temperature = 0.7
         request.seed = rng.randrange(1 << 32)
+    if rng.random() < 0.2:
+        request.storage_load_weight = rng.choice([0.0, 0.5, 1.0])
     return request
 
 
@@ -537,15 +539,19 @@ class TestTopCosts:
             refs = sorted({(f"w-{rng.randrange(60):02d}", rng.randrange(3))
                            for _ in range(rng.randrange(1, 120))})
             query_blocks = rng.choice([0, 1, 5, 512])
-            matched = {ref: rng.randrange(1, query_blocks + 2)
-                       for ref in rng.sample(refs, rng.randrange(len(refs) + 1))}
+            matched: dict[tuple[str, int], tuple[int, int]] = {}
+            for ref in rng.sample(refs, rng.randrange(len(refs) + 1)):
+                held = rng.randrange(1, query_blocks + 2)
+                matched[ref] = (held, rng.choice([0, 0, held // 2, held]))
             loaded = [*rng.sample(refs, rng.randrange(len(refs) + 1)), ("stranger", 0)]
             loads = {ref: (rng.choice([0, 0, 3, 40]), rng.randrange(3)) for ref in loaded}
             weight = rng.choice([0.0, 0.5, 1.0, 32.0])
+            on_storage = rng.choice([0.0, 0.25, 1.0])
             limit = rng.choice([1, 2, 8, len(refs), len(refs) + 5])
             reference = rank_costs(
-                [Candidate(w, r, matched.get((w, r), 0), *loads.get((w, r), (0, 0)))
-                 for w, r in refs], query_blocks, weight)
+                [Candidate(w, r, matched.get((w, r), (0, 0))[0],
+                           *loads.get((w, r), (0, 0)), matched.get((w, r), (0, 0))[1])
+                 for w, r in refs], query_blocks, weight, on_storage)
             got = top_costs(refs, frozenset(refs), matched, loads, query_blocks=query_blocks,
-                            overlap_weight=weight, limit=limit)
+                            overlap_weight=weight, limit=limit, storage_load_weight=on_storage)
             assert got == reference[:limit]

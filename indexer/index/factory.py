@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,10 @@ from indexer.errors import ConfigError
 from indexer.index.instrumented import InstrumentedIndex
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, ResyncHook
+from indexer.index.read_replicas import DEFAULT_MAX_STALENESS_S, ReplicaReadIndex
 from indexer.index.redis import RedisIndex
+from indexer.index.redis_cluster import RedisClusterIndex, cluster_url, is_cluster_node
+from indexer.index.replica_metrics import ReadReplicaCollector
 
 if TYPE_CHECKING:
     from indexer.config import ServiceConfig
@@ -55,11 +59,24 @@ class RedisSecurity(msgspec.Struct, frozen=True, kw_only=True):
 
 def build_index(
     config: IndexConfig, *, redis_url: str | None = None, on_resync: ResyncHook | None = None,
-    redis_security: RedisSecurity | None = None,
+    redis_security: RedisSecurity | None = None, redis_read_urls: Sequence[str] = (),
+    max_staleness_s: float = DEFAULT_MAX_STALENESS_S,
 ) -> Index:
-    """The Redis index at `redis_url` (with `redis_security`), else the in-memory one."""
+    """The Redis index at `redis_url` (with `redis_security`; Score from the read replicas
+    `redis_read_urls` while they are within `max_staleness_s`), else the in-memory one. A
+    `redis+cluster://` URL, or one whose node runs in cluster mode, gets the cluster index."""
     if redis_url:
         options = redis_security.client_options() if redis_security is not None else {}
+        if cluster_url(redis_url) is not None or is_cluster_node(redis_url, options):
+            if redis_read_urls:
+                raise ConfigError("--redis-read-url is for one Redis primary; a Redis Cluster "
+                                  "serves reads from its own shards")
+            return RedisClusterIndex.from_url(redis_url, config=config, on_resync=on_resync,
+                                              redis_options=options)
+        if redis_read_urls:
+            return ReplicaReadIndex.from_urls(redis_url, redis_read_urls, config=config,
+                                              redis_options=options, on_resync=on_resync,
+                                              max_staleness_s=max_staleness_s)
         return RedisIndex.from_url(redis_url, config=config, on_resync=on_resync,
                                    redis_options=options)
     return MemoryIndex(config, on_resync=on_resync)
@@ -67,6 +84,11 @@ def build_index(
 
 def served_index(index: Index, registry: CollectorRegistry | None) -> Index:
     """What a process serves to routers: `index`, its Score calls timed into `registry`
-    when metrics are on. Consumer and reader processes alike serve through this; ingest
-    and in-process callers use the bare index."""
-    return InstrumentedIndex(index, registry) if registry is not None else index
+    when metrics are on (with its read replicas' state, if it has any). Consumer and
+    reader processes alike serve through this; ingest and in-process callers use the bare
+    index."""
+    if registry is None:
+        return index
+    if isinstance(index, ReplicaReadIndex):
+        registry.register(ReadReplicaCollector(index))
+    return InstrumentedIndex(index, registry)

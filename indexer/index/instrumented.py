@@ -69,6 +69,9 @@ class InstrumentedIndex:
     async def remove_worker(self, model: str, worker_id: str) -> int:
         return await self.inner.remove_worker(model, worker_id)
 
+    async def remove_pool(self, model: str, pool: str) -> bool:
+        return await self.inner.remove_pool(model, pool)
+
     async def drop_empty_models(self) -> list[str]:
         return await self.inner.drop_empty_models()
 

@@ -13,6 +13,15 @@ from collections.abc import Sequence
 
 from indexer.index.block_table import new_block_table
 from indexer.index.ledger import WorkerLedger, stored_block_size
+from indexer.index.pools import (
+    NO_POOLS,
+    POOL_RANK,
+    PoolPlan,
+    PoolState,
+    apply_pool_events,
+    pool_credit,
+    split_pool_events,
+)
 from indexer.index.protocol import (
     TIER_BITS,
     ApplyOutcome,
@@ -26,7 +35,8 @@ from indexer.index.protocol import (
     WorkerRef,
 )
 from indexer.index.scoring import prefix_match_query, slot_bits, validate_query, worker_scores
-from kvcore.bus import EventBatch, validate_batch
+from kvcore.bus import Event, EventBatch, validate_batch
+from kvcore.pools import KIND_POOL
 
 __all__ = ["MemoryIndex", "SyncMemoryIndex"]
 
@@ -40,9 +50,17 @@ class _ModelSpace:
         self.blocks = new_block_table()
         self.ledgers: dict[WorkerRef, WorkerLedger] = {}
         self.by_slot: dict[int, WorkerLedger] = {}
+        self.refs: dict[int, WorkerRef] = {}  # slot -> its rank (Score's answers)
         self.all_slots = 0  # slot_bits(by_slot), kept current
         self.slots_of_worker: dict[str, int] = {}  # worker id -> slot_bits of its ranks
         self.block_size: int | None = None
+        self.pools: dict[str, PoolState] = {}  # shared storage pools (indexer/index/pools.py)
+        self.pool_writes: dict[WorkerRef, set[str]] = {}  # pools each rank has written into
+        self.slot_version = 0  # bumped when a slot is taken or freed
+        self.pool_floor = 0.0  # pools ignore writes older than this (snapshot imports)
+        # the last pool plan: ((id(mounts), id(workers), candidates, slot_version), mounts,
+        # plan); `mounts` kept so its id is not reused meanwhile
+        self.plan_cache: tuple[tuple[int, int, int, int], object, PoolPlan] | None = None
         self._free: list[int] = []
         self._next_slot = 0
         # The last `candidates` answer: (workers, mask). A router's candidate set is one
@@ -60,21 +78,75 @@ class _ModelSpace:
         found = self.ledgers.get(ref)
         if found is not None:
             return found
-        slot = heapq.heappop(self._free) if self._free else self._next_slot
-        self._next_slot = max(self._next_slot, slot + 1)
+        slot = self._take_slot()
         ledger = WorkerLedger(self.model, ref.worker_id, ref.dp_rank, slot, self.ghost_capacity)
         self.ledgers[ref] = ledger
         self.by_slot[slot] = ledger
+        self.refs[slot] = ref
         bits = slot_bits([slot])
         self.all_slots |= bits
         self.slots_of_worker[ref.worker_id] = self.slots_of_worker.get(ref.worker_id, 0) | bits
         self._candidates_memo = None
         return ledger
 
+    @property
+    def next_slot(self) -> int:
+        """A slot number above every slot in use."""
+        return self._next_slot
+
+    def _take_slot(self) -> int:
+        slot = heapq.heappop(self._free) if self._free else self._next_slot
+        self._next_slot = max(self._next_slot, slot + 1)
+        self.slot_version += 1
+        return slot
+
+    def _free_slot(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)
+        self.slot_version += 1
+
+    def pool(self, name: str) -> PoolState:
+        found = self.pools.get(name)
+        if found is None:
+            found = self.pools[name] = PoolState(name, self._take_slot())
+            found.floor = self.pool_floor
+        return found
+
+    def raise_pool_floor(self, ts: float) -> None:
+        """A snapshot up to `ts` was imported: the pool writes it covered (evictions among
+        them) are not replayed, so no pool may take a write older than it."""
+        if ts > self.pool_floor:
+            self.pool_floor = ts
+            for pool in self.pools.values():
+                pool.floor = max(pool.floor, ts)
+
+    def drop_pool(self, name: str) -> bool:
+        pool = self.pools.pop(name, None)
+        if pool is None:
+            return False
+        pool.drop(self)
+        self._free_slot(pool.slot)
+        return True
+
+    def apply_pool_writes(self, ref: WorkerRef, ledger: WorkerLedger, pooled: list[Event],
+                          outcome: ApplyOutcome, *, ts: float, stats: IndexStats) -> None:
+        """The pool events of a writer's batch, once the batch itself was applied. After a
+        gap in the writer's batches its lost pool writes (evictions among them) are unknown:
+        the pools it wrote into are wiped rather than left claiming blocks."""
+        if outcome is ApplyOutcome.APPLIED_AFTER_GAP:
+            for name in self.pool_writes.pop(ref, ()):
+                if name in self.pools:
+                    self.pools[name].wipe(ts, self)
+        if not pooled or not outcome.applied:
+            return
+        written = apply_pool_events(pooled, ledger, self.pool, self, stats=stats, ts=ts)
+        self.pool_writes.setdefault(ref, set()).update(written)
+
     def drop_ledger(self, ledger: WorkerLedger) -> None:
         ledger.clear(self)
         del self.ledgers[WorkerRef(ledger.worker_id, ledger.dp_rank)]
+        self.pool_writes.pop(WorkerRef(ledger.worker_id, ledger.dp_rank), None)
         del self.by_slot[ledger.slot]
+        del self.refs[ledger.slot]
         bits = slot_bits([ledger.slot])
         self.all_slots &= ~bits
         remaining = self.slots_of_worker[ledger.worker_id] & ~bits
@@ -82,12 +154,11 @@ class _ModelSpace:
             self.slots_of_worker[ledger.worker_id] = remaining
         else:
             del self.slots_of_worker[ledger.worker_id]
-        heapq.heappush(self._free, ledger.slot)
+        self._free_slot(ledger.slot)
         self._candidates_memo = None
 
     def ref_of_slot(self, slot: int) -> WorkerRef:
-        ledger = self.by_slot[slot]
-        return WorkerRef(ledger.worker_id, ledger.dp_rank)
+        return self.refs[slot]
 
     def candidates(self, workers: frozenset[str] | None) -> int:
         if workers is None:
@@ -127,8 +198,14 @@ class SyncMemoryIndex:
                 space = self._models[batch.model] = _ModelSpace(
                     batch.model, self.config.ghost_capacity
                 )
-            ledger = space.ledger(WorkerRef(batch.worker_id, batch.dp_rank))
-            outcomes.append(ledger.apply(batch, space, self._stats, self.on_resync))
+            ref = WorkerRef(batch.worker_id, batch.dp_rank)
+            ledger = space.ledger(ref)
+            own, pooled = split_pool_events(batch)
+            outcome = ledger.apply(own, space, self._stats, self.on_resync)
+            if pooled or outcome is ApplyOutcome.APPLIED_AFTER_GAP:
+                space.apply_pool_writes(ref, ledger, pooled, outcome, ts=batch.ts,
+                                        stats=self._stats)
+            outcomes.append(outcome)
             space.block_size = stored_block_size(batch) or space.block_size
         return outcomes
 
@@ -138,8 +215,10 @@ class SyncMemoryIndex:
         if space is None:
             return ScoreResult(query.query_blocks, [])
         candidates = space.candidates(query.workers)
-        matches = prefix_match_query(query, space.blocks, candidates, self.config)
-        return ScoreResult(query.query_blocks, worker_scores(matches, space.ref_of_slot))
+        plan = _pool_plan(space, query, candidates)
+        matches = prefix_match_query(query, space.blocks, candidates, self.config, plan=plan)
+        refs = space.refs if not plan.cold_refs else {**space.refs, **plan.cold_refs}
+        return ScoreResult(query.query_blocks, worker_scores(matches, refs.__getitem__))
 
     def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
         ledgers = self._ledgers_of(model, worker_id, dp_rank)
@@ -155,13 +234,22 @@ class SyncMemoryIndex:
         for ledger in ledgers:
             assert space is not None
             space.drop_ledger(ledger)
-        if space is not None and not space.ledgers:
-            del self._models[model]
+        if space is not None and not space.ledgers and not space.pools:
+            del self._models[model]  # its pools go when liveness removes them
         return len(ledgers)
+
+    def remove_pool(self, model: str, pool: str) -> bool:
+        space = self._models.get(model)
+        if space is None or not space.drop_pool(pool):
+            return False
+        if not space.ledgers and not space.pools:
+            del self._models[model]
+        return True
 
     def drop_empty_models(self) -> list[str]:
         """Model spaces without a rank (remove_worker already drops the one it empties)."""
-        empty = [name for name, space in self._models.items() if not space.ledgers]
+        empty = [name for name, space in self._models.items()
+                 if not space.ledgers and not space.pools]
         for name in empty:
             del self._models[name]
         return empty
@@ -177,6 +265,8 @@ class SyncMemoryIndex:
             for space in spaces
             for ledger in space.ledgers.values()
         ]
+        infos.extend(_pool_info(space.model, pool) for space in spaces
+                     for pool in space.pools.values())
         infos.sort(key=lambda w: (w.model, w.worker_id, w.dp_rank))
         return infos
 
@@ -203,6 +293,7 @@ class SyncMemoryIndex:
                 space = self._models[state.model] = _ModelSpace(state.model,
                                                                 self.config.ghost_capacity)
             space.ledger(WorkerRef(state.worker_id, state.dp_rank)).restore(state, space)
+            space.raise_pool_floor(state.last_ts)
 
     def presence(self, model: str) -> dict[int, dict[WorkerRef, int]]:
         """Every block key of a model -> {worker: tier mask}; for tests and snapshots."""
@@ -222,12 +313,39 @@ class SyncMemoryIndex:
         ]
 
 
+def _pool_plan(space: _ModelSpace, query: ScoreQuery, candidates: int) -> PoolPlan:
+    """The query's pool plan; the last one is reused while the slots, the candidates and
+    the (unchanged) mounts and worker-id objects are the same: a router's queries come
+    with the live-worker directory's cached sets."""
+    mounts = query.mounts
+    if not mounts or not space.pools:
+        return NO_POOLS
+    key = (id(mounts), id(query.workers), candidates, space.slot_version)
+    cached = space.plan_cache
+    if cached is not None and cached[0] == key and cached[1] is mounts:
+        return cached[2]
+    pool_slots = {pool.name: pool.slot for pool in space.pools.values()}
+    plan = pool_credit(pool_slots, mounts, space.slots_of_worker, candidates,
+                       workers=query.workers, next_slot=space.next_slot)
+    space.plan_cache = (key, mounts, plan)
+    return plan
+
+
+def _pool_info(model: str, pool: PoolState) -> WorkerInfo:
+    held = {"storage": len(pool)} if len(pool) else {}
+    return WorkerInfo(model, pool.name, 0, pool.epoch, -1, False, held, pool.last_ts,
+                      kind=KIND_POOL)
+
+
 def _split_mask(mask: int, space: _ModelSpace) -> dict[WorkerRef, int]:
     out: dict[WorkerRef, int] = {}
+    pool_of_slot = {pool.slot: pool.name for pool in space.pools.values()}
     slot = 0
     while mask:
         nibble = mask & 15
-        if nibble:
+        if nibble and slot in pool_of_slot:
+            out[WorkerRef(pool_of_slot[slot], POOL_RANK)] = nibble
+        elif nibble:
             ledger = space.by_slot[slot]
             out[WorkerRef(ledger.worker_id, ledger.dp_rank)] = nibble
         mask >>= TIER_BITS
@@ -261,6 +379,9 @@ class MemoryIndex:
 
     async def remove_worker(self, model: str, worker_id: str) -> int:
         return self.sync.remove_worker(model, worker_id)
+
+    async def remove_pool(self, model: str, pool: str) -> bool:
+        return self.sync.remove_pool(model, pool)
 
     async def drop_empty_models(self) -> list[str]:
         return self.sync.drop_empty_models()

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final, NamedTuple, Protocol, runtime_checkable
 
 import msgspec
 
 from indexer.errors import ConfigError
 from kvcore.bus import TIERS, EventBatch, tier_index
+from kvcore.pools import KIND_WORKER
 from kvcore.roles import DEFAULT_ROLE
 
 __all__ = [
@@ -148,6 +149,9 @@ class ScoreQuery(msgspec.Struct, frozen=True, kw_only=True):
     workers: frozenset[str] | None = None  # candidate worker ids; None = every worker
     tier_weights: TierWeights | None = None
     include_zero: bool = False
+    # Shared storage pools each candidate mounts (worker id -> pool names; from the
+    # registry): a worker is credited with its pools' blocks at the storage tier.
+    mounts: Mapping[str, frozenset[str]] | None = None
 
     @property
     def query_blocks(self) -> int:
@@ -169,6 +173,10 @@ class WorkerScore(msgspec.Struct, frozen=True):
 class ScoreResult(msgspec.Struct, frozen=True):
     query_blocks: int
     scores: list[WorkerScore]  # by matched_blocks desc, then worker_id, dp_rank
+    # Answered by a Redis read replica (its host:port): at most `staleness_s` behind the
+    # primary. The primary and the in-memory index answer with 0 and "".
+    staleness_s: float = 0.0
+    replica: str = ""
 
 
 class WorkerInfo(msgspec.Struct, frozen=True):
@@ -183,6 +191,11 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     # Prefill/decode role from the worker's registry entry (kvcore/roles.py); the index
     # itself does not know it, the live-worker source fills it in.
     role: str = DEFAULT_ROLE
+    # "worker", or "pool" for a shared storage pool (kvcore/pools.py: an owner of blocks,
+    # never a candidate; dp_rank 0, epoch its wipes so far, last_seq -1).
+    kind: str = KIND_WORKER
+    # The pools a worker mounts (registry); filled in by the live-worker source.
+    storage_pools: tuple[str, ...] = ()
 
 
 class RankState(msgspec.Struct, frozen=True):
@@ -274,6 +287,11 @@ class Index(IndexReader, Protocol):
     async def remove_worker(self, model: str, worker_id: str) -> int:
         """Forget the worker entirely (all DP ranks); returns ranks removed. A model whose
         last rank goes is forgotten with it (blocks, block size, everything it stored)."""
+        ...
+
+    async def remove_pool(self, model: str, pool: str) -> bool:
+        """Forget a shared storage pool of the model (its blocks); True if it was there.
+        Liveness calls it when no live worker declares the pool any more."""
         ...
 
     async def drop_empty_models(self) -> list[str]:

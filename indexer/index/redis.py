@@ -60,6 +60,14 @@ from indexer.index.ledger import (
     pack_log_entries,
     stored_block_size,
 )
+from indexer.index.pools import (
+    NO_POOLS,
+    POOL_RANK,
+    pool_credit,
+    pool_runs,
+    resolve_pool_store,
+    split_pool_events,
+)
 from indexer.index.protocol import (
     TIER_BITS,
     TIERS,
@@ -75,14 +83,16 @@ from indexer.index.protocol import (
 )
 from indexer.index.redis_pipe import RedisPipe
 from indexer.index.scoring import (
+    expand_replicas,
     prefix_match_runs,
     query_keys_packed,
     slot_bits,
     validate_query,
     worker_scores,
 )
-from kvcore.bus import EventBatch, escape_token, validate_batch
+from kvcore.bus import BlockRemoved, BlockStored, Event, EventBatch, escape_token, validate_batch
 from kvcore.keys import pack_keys
+from kvcore.pools import KIND_POOL
 
 __all__ = ["DEFAULT_LOG_COMPACT_MIN_BYTES", "RedisIndex"]
 
@@ -94,11 +104,40 @@ _MAX_CALLS: Final = 8  # script calls one apply() is split into, so Python and R
 _OP_HEADER: Final = struct.Struct("<cHI")
 _RECORD_HEADER: Final = struct.Struct("<H16s16sdBIIIIIHIII")
 _POSITION: Final = struct.Struct(">qq")
+_NAME_LEN: Final = struct.Struct("<H")
+# KEYS[1] a number; ARGV[1] a candidate: the key keeps the larger of the two.
+_RAISE_FLOOR: Final = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
+"""
+_TS: Final = struct.Struct("<d")
 
 
 @functools.lru_cache(maxsize=1024)
 def model_prefix(model: str) -> str:
     return f"kvi:{{m:{escape_token(model)}}}:"
+
+
+_APPLY_MODEL_KEYS: Final = ("blk", "slots", "slotver", "free", "block_size")
+_GC_MODEL_KEYS: Final = ("slots", "nextslot", "blk", "slotver", "free", "block_size")
+
+
+def apply_keys(model: str, slots: Sequence[int]) -> list[str]:
+    """The keys `apply.lua` declares for records of ranks in `slots` (in record order):
+    every key it touches, so Redis Cluster can route and guard the call by them."""
+    prefix = model_prefix(model)
+    keys = [prefix + name for name in _APPLY_MODEL_KEYS]
+    for slot in slots:
+        keys += (f"{prefix}w:{slot}:meta", f"{prefix}w:{slot}:log")
+    return keys
+
+
+def _gc_keys(model: str, next_slot: int) -> list[str]:
+    prefix = model_prefix(model)
+    keys = [prefix + name for name in _GC_MODEL_KEYS]
+    for slot in range(next_slot):
+        keys += (f"{prefix}w:{slot}:meta", f"{prefix}w:{slot}:log")
+    return keys
 
 
 class _ScriptMissingError(Exception):
@@ -137,6 +176,32 @@ class _OpsSink:
         self.ops += _OP_HEADER.pack(b"C", bitpos, len(keys))
         self.ops += pack_keys(keys)
 
+    # Shared storage pools (layout in apply.lua): the pool's slot and name, checked there,
+    # and the batch's ts, by which the newest write wins (indexer/index/pools.py).
+
+    def pool_store(self, pool: tuple[int, bytes], ts: float, hashes: list[int],
+                   keys: list[int]) -> None:
+        self._pool_op(b"P", pool, ts, len(hashes))
+        self.ops += pack_keys([v for pair in zip(hashes, keys, strict=True) for v in pair])
+
+    def pool_remove(self, pool: tuple[int, bytes], ts: float, hashes: list[int]) -> None:
+        self._pool_op(b"R", pool, ts, len(hashes))
+        self.ops += pack_keys(hashes)
+
+    def pool_wipe(self, pool: tuple[int, bytes], ts: float) -> None:
+        self._pool_op(b"W", pool, ts, 0)
+
+    def wipe_written_pools(self, ts: float) -> None:
+        self.ops += _OP_HEADER.pack(b"X", 0, 0)
+        self.ops += _TS.pack(ts)
+
+    def _pool_op(self, kind: bytes, pool: tuple[int, bytes], ts: float, count: int) -> None:
+        slot, name = pool
+        self.ops += _OP_HEADER.pack(kind, slot, count)
+        self.ops += _NAME_LEN.pack(len(name))
+        self.ops += name
+        self.ops += _TS.pack(ts)
+
 
 def _worker_infos(model: str, reply: list[Any]) -> list[WorkerInfo]:
     """The ranks of one `workers.lua` reply that have metadata (a batch applied)."""
@@ -147,10 +212,13 @@ def _worker_infos(model: str, reply: list[Any]) -> list[WorkerInfo]:
             continue
         worker_id, _, rank = ref_raw.decode().rpartition("\n")
         epoch, seq = _POSITION.unpack(pos)
+        held = {name: int(n) for name, n in zip(TIERS, counts, strict=True) if int(n)}
+        if int(rank) == POOL_RANK:
+            infos.append(WorkerInfo(model, worker_id, 0, epoch, -1, False, held, float(ts),
+                                    kind=KIND_POOL))
+            continue
         infos.append(WorkerInfo(
-            model, worker_id, int(rank), epoch, seq, degraded == b"1",
-            {name: int(n) for name, n in zip(TIERS, counts, strict=True) if int(n)},
-            float(ts),
+            model, worker_id, int(rank), epoch, seq, degraded == b"1", held, float(ts),
         ))
     return infos
 
@@ -158,23 +226,29 @@ def _worker_infos(model: str, reply: list[Any]) -> list[WorkerInfo]:
 class _SlotMap:
     """A model's slot -> worker rank map, as of `version`."""
 
-    __slots__ = ("by_slot", "slots_of_worker", "version")
+    __slots__ = ("all_slots", "by_slot", "pools", "slots_of_worker", "version")
 
     def __init__(self, version: bytes | None, slots: dict[bytes, bytes]) -> None:
         self.version = version
-        self.by_slot: dict[int, WorkerRef] = {}
+        self.by_slot: dict[int, WorkerRef] = {}  # pools too, as (name, POOL_RANK)
         self.slots_of_worker: dict[str, int] = {}
+        self.pools: dict[str, int] = {}  # shared storage pool -> slot
         for ref_raw, slot_raw in slots.items():
             worker_id, _, rank = ref_raw.decode().rpartition("\n")
             slot = int(slot_raw)
             self.by_slot[slot] = WorkerRef(worker_id, int(rank))
+            if int(rank) == POOL_RANK:
+                self.pools[worker_id] = slot
+                continue
             self.slots_of_worker[worker_id] = (
                 self.slots_of_worker.get(worker_id, 0) | slot_bits([slot])
             )
+        self.all_slots = slot_bits(s for s, ref in self.by_slot.items()
+                                   if ref.dp_rank != POOL_RANK)
 
     def candidates(self, workers: frozenset[str] | None) -> int:
         if workers is None:
-            return slot_bits(self.by_slot)
+            return self.all_slots
         mask = 0
         for worker_id in workers:
             mask |= self.slots_of_worker.get(worker_id, 0)
@@ -191,8 +265,13 @@ class RedisIndex:
         on_resync: ResyncHook | None = None,
         log_compact_min_bytes: int = DEFAULT_LOG_COMPACT_MIN_BYTES,
         pipelined_queries: bool = True,
+        *,
+        read_only: bool = False,
     ) -> None:
         self.log_compact_min_bytes = log_compact_min_bytes
+        # A read replica's index: Score runs score.lua with EVALSHA_RO, which a replica
+        # accepts and which can never write.
+        self._score_command = "EVALSHA_RO" if read_only else "EVALSHA"
         self.config = config or IndexConfig()
         self.config.validate()
         self.on_resync = on_resync
@@ -206,6 +285,9 @@ class RedisIndex:
         # None: queries stay on redis-py (asked for, or a URL the pipe does not speak).
         self._queries = RedisPipe.for_client(client) if pipelined_queries else None
         self._ledgers: dict[tuple[str, WorkerRef], WorkerLedger] = {}
+        self._pool_slots: dict[tuple[str, str], int] = {}  # (model, pool) -> slot
+        self._pool_drop_script = client.register_script(_lua("pool_drop.lua"))
+        self._floor_script = client.register_script(_RAISE_FLOOR)
         self._log_bytes: dict[WorkerLedger, int] = {}  # size of each ledger's log in Redis
         self._slot_maps: dict[str, _SlotMap] = {}
         self._known_models: set[str] = set()
@@ -242,6 +324,7 @@ class RedisIndex:
                     # Redis restarted and lost its scripts; none ran, so every cached ledger
                     # may be ahead of Redis: reload them all and run the call again.
                     self._ledgers.clear()
+                    self._pool_slots.clear()
                     self._log_bytes.clear()
                     return await self._apply(batches)
             except (RedisError, _ScriptMissingError) as exc:
@@ -273,8 +356,8 @@ class RedisIndex:
                 group = list(enumerate(batches[start : start + step], start))
                 records, sent = await self._build_records(group, outcomes)
                 for model, model_records in records.items():
-                    await conn.send_command("EVALSHA", sha, 1, model_prefix(model),
-                                            *model_records)
+                    keys = apply_keys(model, [ledger.slot for ledger in sent[model]])
+                    await conn.send_command("EVALSHA", sha, len(keys), *keys, *model_records)
                     pending.append((model, model_records, sent[model]))
             replies = [await _read_reply(conn) for _ in pending]
         except BaseException:
@@ -327,7 +410,13 @@ class RedisIndex:
             if ledger not in sinks:
                 sinks[ledger] = (_position(ledger.epoch, ledger.last_seq), _OpsSink())
                 ledger.journal = Journal()
-            outcome = ledger.apply(batch, sinks[ledger][1], self._stats, self.on_resync)
+            own, pooled = split_pool_events(batch)
+            sink = sinks[ledger][1]
+            outcome = ledger.apply(own, sink, self._stats, self.on_resync)
+            if outcome is ApplyOutcome.APPLIED_AFTER_GAP:
+                sink.wipe_written_pools(batch.ts)
+            if pooled and outcome.applied:
+                await self._pool_ops(batch, ledger, pooled, sink)
             outcomes[i] = outcome
             if outcome.applied:
                 changed[ledger] = stored_block_size(batch) or changed.get(ledger, 0)
@@ -341,6 +430,32 @@ class RedisIndex:
             ledger.journal = None
         return records, sent
 
+    async def _pool_ops(self, batch: EventBatch, writer: WorkerLedger, events: list[Event],
+                        sink: _OpsSink) -> None:
+        """A writer's pool events as pool ops of its record (indexer/index/pools.py)."""
+        for event in events:
+            assert event.pool is not None
+            pool = (await self._pool_slot(batch.model, event.pool), event.pool.encode())
+            if isinstance(event, BlockStored):
+                hashes, keys = resolve_pool_store(event, writer, self._stats)
+                sink.pool_store(pool, batch.ts, hashes, keys)  # even empty: pool listed
+            elif isinstance(event, BlockRemoved):
+                sink.pool_remove(pool, batch.ts, event.block_hashes)
+            else:
+                sink.pool_wipe(pool, batch.ts)
+
+    async def _pool_slot(self, model: str, pool: str) -> int:
+        slot = self._pool_slots.get((model, pool))
+        if slot is None:
+            prefix = model_prefix(model)
+            slot_raw, created = await self._slot_script(
+                keys=[prefix], args=[pool, POOL_RANK, random.getrandbits(62)])
+            slot = self._pool_slots[(model, pool)] = int(slot_raw)
+            if created:
+                await self._redis.sadd(MODELS_KEY, model)
+                self._known_models.add(model)
+        return slot
+
     async def _run_records(
         self, records: dict[str, list[bytes]], sent: dict[str, list[WorkerLedger]]
     ) -> list[str]:
@@ -351,7 +466,8 @@ class RedisIndex:
         pipe = self._redis.pipeline(transaction=False)
         models = list(records)
         for model in models:
-            await self._apply_script(keys=[model_prefix(model)],
+            slots = [ledger.slot for ledger in sent[model]]
+            await self._apply_script(keys=apply_keys(model, slots),
                                      args=records[model], client=pipe)
         results = await pipe.execute(raise_on_error=False)
         emptied = []
@@ -445,7 +561,8 @@ class RedisIndex:
     async def _load_ledger(self, model: str, ref: WorkerRef) -> WorkerLedger:
         prefix = model_prefix(model)
         slot_raw, created = await self._slot_script(
-            keys=[prefix], args=[ref.worker_id, ref.dp_rank, random.getrandbits(62)]
+            keys=[prefix + "slots", prefix + "free", prefix + "nextslot", prefix + "slotver"],
+            args=[ref.worker_id, ref.dp_rank, random.getrandbits(62)]
         )
         slot = int(slot_raw)
         ledger = WorkerLedger(model, ref.worker_id, ref.dp_rank, slot,
@@ -492,11 +609,22 @@ class RedisIndex:
         # Runs of equal masks, flat: [mask bytes, count, ...] (see lua/score.lua).
         runs: list[int] = [int.from_bytes(v, "little") if i % 2 == 0 else v
                            for i, v in enumerate(values)]
-        matches = prefix_match_runs(runs, candidates,
-                                    query.tier_weights or self.config.tier_weights,
-                                    query.include_zero)
-        return ScoreResult(len(packed_keys) // 8,
-                           worker_scores(matches, slot_map.by_slot.__getitem__))
+        weights = query.tier_weights or self.config.tier_weights
+        plan = NO_POOLS
+        if query.mounts and slot_map.pools:
+            plan = pool_credit(slot_map.pools, query.mounts, slot_map.slots_of_worker,
+                               candidates, workers=query.workers,
+                               next_slot=max(slot_map.by_slot, default=-1) + 1)
+        if plan.credits:
+            credited = pool_runs(runs, plan, candidates | plan.cold)
+            matches = expand_replicas(
+                prefix_match_runs(credited.runs, credited.candidates, weights,
+                                  query.include_zero), credited.replicas)
+        else:
+            matches = prefix_match_runs(runs, candidates, weights, query.include_zero)
+        refs = slot_map.by_slot if not plan.cold_refs else {**slot_map.by_slot,
+                                                            **plan.cold_refs}
+        return ScoreResult(len(packed_keys) // 8, worker_scores(matches, refs.__getitem__))
 
     async def _drop_idle_sockets(self) -> None:
         """After a query lost its connection: the next query reconnects the pipe, and
@@ -511,15 +639,14 @@ class RedisIndex:
         """score.lua's reply; over the shared query pipe when there is one."""
         keys = (prefix + "blk", prefix + "slotver")
         reply: list[Any]
-        if self._queries is None:
-            reply = await self._score_script(keys=keys, args=[packed_keys])
-            return reply
         sha = str(self._score_script.sha)  # SHA1 of the script text, known before loading
+        call = (self._queries.call if self._queries is not None
+                else self._redis.execute_command)
         try:
-            reply = await self._queries.call("EVALSHA", sha, 2, *keys, packed_keys)
+            reply = await call(self._score_command, sha, 2, *keys, packed_keys)
         except NoScriptError:  # first use, or Redis restarted and lost its scripts
-            await self._queries.call("SCRIPT", "LOAD", str(self._score_script.script))
-            reply = await self._queries.call("EVALSHA", sha, 2, *keys, packed_keys)
+            await call("SCRIPT", "LOAD", str(self._score_script.script))
+            reply = await call(self._score_command, sha, 2, *keys, packed_keys)
         return reply
 
     async def _slot_map(self, model: str, version: bytes | None = None,
@@ -546,6 +673,18 @@ class RedisIndex:
     async def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
         return await self._drop(model, worker_id, dp_rank, remove=False)
 
+    async def remove_pool(self, model: str, pool: str) -> bool:
+        async with self._lock:
+            try:
+                [dropped] = await self._eval_each(
+                    self._pool_drop_script, [([model_prefix(model) + "slots"], [pool])])
+                self._pool_slots.pop((model, pool), None)
+                if dropped == 2:
+                    await self._collect_models([model])
+                return bool(dropped)
+            except RedisError as exc:
+                raise BackendError(f"redis remove_pool failed: {exc}") from exc
+
     async def remove_worker(self, model: str, worker_id: str) -> int:
         return await self._drop(model, worker_id, None, remove=True)
 
@@ -555,7 +694,8 @@ class RedisIndex:
                 slot_map = await self._slot_map(model, fresh=True)
                 refs = [
                     ref for ref in slot_map.by_slot.values()
-                    if ref.worker_id == worker_id and (dp_rank is None or ref.dp_rank == dp_rank)
+                    if ref.worker_id == worker_id and ref.dp_rank != POOL_RANK
+                    and (dp_rank is None or ref.dp_rank == dp_rank)
                 ]
                 records: list[bytes] = []
                 sent: list[WorkerLedger] = []
@@ -586,7 +726,8 @@ class RedisIndex:
         one round trip however many models there are."""
         try:
             models = [model] if model else await self._listed_models()
-            replies = await self._eval_each(self._workers_script, models)
+            replies = await self._eval_each(
+                self._workers_script, [([model_prefix(m) + "slots"], []) for m in models])
         except RedisError as exc:
             raise BackendError(f"redis workers failed: {exc}") from exc
         infos: list[WorkerInfo] = []
@@ -617,12 +758,12 @@ class RedisIndex:
         without keys (collected at the next call), or, with a rank created in that very
         moment, unlisted until its writer restarts and lists it on first use.
         """
-        ranks = await self._eval_each(self._gc_script, models)
+        ranks = await self._gc_each(models)
         empty = [m for m, n in zip(models, ranks, strict=True) if not n]
         if not empty:
             return []
         await self._redis.srem(MODELS_KEY, *empty)
-        again = await self._eval_each(self._gc_script, empty)
+        again = await self._gc_each(empty)
         revived = [m for m, n in zip(empty, again, strict=True) if n]
         if revived:
             await self._redis.sadd(MODELS_KEY, *revived)
@@ -635,16 +776,37 @@ class RedisIndex:
             log.info("models_collected", count=len(collected), models=collected[:8])
         return collected
 
-    async def _eval_each(self, script: AsyncScript, models: Sequence[str]) -> list[Any]:
-        """`script` once per model (KEYS[1] its prefix), pipelined: one round trip. The
-        script is loaded if Redis does not have it (first use, or a restart)."""
-        if not models:
+    async def _gc_each(self, models: Sequence[str]) -> list[int]:
+        """`gc.lua` once per model, pipelined: each model's rank count, 0 for one whose
+        keys it deleted. It declares every key it may delete, named from the model's
+        `nextslot`, read first; a model whose `nextslot` grew meanwhile got a rank: its
+        count is read again, and after three tries it is taken as having one."""
+        ranks: list[int] = [-1] * len(models)
+        for _ in range(3):
+            todo = [i for i, n in enumerate(ranks) if n < 0]
+            if not todo:
+                break
+            pipe = self._redis.pipeline(transaction=False)
+            for i in todo:
+                pipe.get(model_prefix(models[i]) + "nextslot")
+            next_slots = [int(raw or 0) for raw in await pipe.execute()]
+            replies = await self._eval_each(self._gc_script, [
+                (_gc_keys(models[i], n), [n]) for i, n in zip(todo, next_slots, strict=True)])
+            for i, reply in zip(todo, replies, strict=True):
+                ranks[i] = int(reply)
+        return [1 if n < 0 else n for n in ranks]
+
+    async def _eval_each(self, script: AsyncScript,
+                         calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """`script` once per (keys, args) call, pipelined: one round trip. The script is
+        loaded if Redis does not have it (first use, or a restart)."""
+        if not calls:
             return []
         sha = str(script.sha)
         for attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
-            for model in models:
-                pipe.evalsha(sha, 1, model_prefix(model))
+            for keys, args in calls:
+                pipe.evalsha(sha, len(keys), *keys, *args)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
                 await self._redis.script_load(str(script.script))
@@ -656,7 +818,8 @@ class RedisIndex:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def stats(self) -> IndexStats:
-        return self._stats.snapshot(len(await self.workers()))
+        return self._stats.snapshot(
+            sum(1 for w in await self.workers() if w.kind != KIND_POOL))
 
     async def export_ranks(self, ranks: Sequence[tuple[str, WorkerRef]]) -> list[RankState]:
         async with self._lock:
@@ -683,9 +846,21 @@ class RedisIndex:
                     ledger.journal = None
                 await self._register_models_named({s.model for s in states})
                 await self._run_records(records, sent)
+                await self._raise_pool_floors(states)
             except RedisError as exc:
                 await self._reset_after_failure(exc)
                 raise BackendError(f"redis import failed: {exc}") from exc
+
+    async def _raise_pool_floors(self, states: Sequence[RankState]) -> None:
+        """Imported snapshots cover pool writes (evictions among them) that will not be
+        replayed: pools take no write older than the newest imported rank's last batch
+        (`pool_floor`, read by apply.lua)."""
+        floors: dict[str, float] = {}
+        for state in states:
+            floors[state.model] = max(floors.get(state.model, 0.0), state.last_ts)
+        for model, floor in floors.items():
+            await self._floor_script(keys=[model_prefix(model) + "pool_floor"],
+                                     args=[repr(floor)])
 
     async def reset_caches(self) -> None:
         async with self._lock:
@@ -693,6 +868,7 @@ class RedisIndex:
 
     def _forget_all(self) -> None:
         self._ledgers.clear()
+        self._pool_slots.clear()
         self._log_bytes.clear()
         self._slot_maps.clear()
         self._known_models.clear()

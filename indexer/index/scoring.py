@@ -13,13 +13,14 @@ extension is built), so blocks past the last match are never hashed.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import repeat
 from typing import NamedTuple
 
 from indexer.errors import ConfigError, InvalidQueryError, QueryTooLargeError
 from indexer.index.block_table import BlockMasks
 from indexer.index.ledger import cached_root_seed
+from indexer.index.pools import NO_POOLS, PoolPlan, credit_masks, pool_runs
 from indexer.index.protocol import (
     TIER_BITS,
     TIERS,
@@ -35,6 +36,7 @@ __all__ = [
     "SlotMatch",
     "check_query_shape",
     "check_tier_weights",
+    "expand_replicas",
     "prefix_match",
     "prefix_match_query",
     "prefix_match_runs",
@@ -73,6 +75,21 @@ def worker_scores(
     ]
     scores.sort(key=lambda s: (-s.matched_blocks, -s.weighted_score, s.worker_id, s.dp_rank))
     return scores
+
+
+def expand_replicas(matches: list[SlotMatch], replicas: Mapping[int, list[int]]
+                    ) -> list[SlotMatch]:
+    """The walk's matches with each representative slot's answer copied to the slots
+    known to share it (`pools.pool_runs`)."""
+    if not replicas:
+        return matches
+    out = list(matches)
+    for match in matches:
+        followers = replicas.get(match.slot)
+        if followers:
+            _, matched, weighted, by_tier = match
+            out.extend([SlotMatch(slot, matched, weighted, dict(by_tier)) for slot in followers])
+    return out
 
 
 def check_query_shape(model: str, n_tokens: int | None, n_keys: int | None, *,
@@ -143,6 +160,13 @@ def _best_tier_table(weights: tuple[float, ...]) -> tuple[tuple[int, ...], bool]
     return tuple(table), gpu_always_best
 
 
+@functools.lru_cache(maxsize=64)
+def _tier_preference(weights: tuple[float, ...]) -> tuple[int, ...]:
+    """Tiers by preference: the best tier of a copy is the first present in this order
+    (higher weight first, ties to the lower tier: as `_best_tier_table`)."""
+    return tuple(sorted(range(len(TIERS)), key=lambda t: (-weights[t], t)))
+
+
 def _bits(mask: int) -> Iterator[int]:
     while mask:
         low = mask & -mask
@@ -193,30 +217,62 @@ class _Walk:
         return self._tally(candidates)
 
     def _tally(self, candidates: int) -> list[SlotMatch]:
-        best, weights = self.best, self.weights
-        off_gpu: dict[int, list[int]] = {}
+        weights = self.weights
+        # Blocks per (tier, slots whose best copy is in that tier), summed over the mixed
+        # steps first: many steps share those slot sets (shared prefixes, pool credit), so
+        # each set's slots are visited once, not once per step.
+        by_set: dict[tuple[int, int], int] = {}
+        order = _tier_preference(weights)
         for present, blocks in self.mixed:
             anywhere = (present | present >> 1 | present >> 2 | present >> 3) & candidates
             # With GPU always the best tier only slots lacking a GPU copy need a look.
-            slots = anywhere & ~present if self.fast else anywhere
-            for bit in _bits(slots):
-                tier = best[present >> bit & 15]
-                if tier != GPU:
-                    counts = off_gpu.setdefault(bit, [0] * len(TIERS))
-                    counts[tier] += blocks
+            left = anywhere & ~present if self.fast else anywhere
+            for tier in order:
+                chosen = present >> tier & left
+                if chosen:
+                    left ^= chosen
+                    if tier != GPU:
+                        key = (tier, chosen)
+                        by_set[key] = by_set.get(key, 0) + blocks
+                    if not left:
+                        break
+        # Slots in the same sets have the same counts: split the slots into those regions
+        # once, then tally each region (and each matched length) once.
+        regions: list[tuple[int, list[int]]] = []
+        if by_set:
+            every = 0
+            for _, chosen in by_set:
+                every |= chosen
+            regions = [(every, [0] * len(TIERS))]
+            for (tier, chosen), blocks in by_set.items():
+                split: list[tuple[int, list[int]]] = []
+                for bits, counts in regions:
+                    if bits & chosen:
+                        inside = counts.copy()
+                        inside[tier] += blocks
+                        split.append((bits & chosen, inside))
+                    if bits & ~chosen:
+                        split.append((bits & ~chosen, counts))
+                regions = split
+        region_of = {bit: i for i, (bits, _) in enumerate(regions) for bit in _bits(bits)}
         results: list[SlotMatch] = []
         gpu_weight = weights[GPU]
+        tallied: dict[tuple[int, int], tuple[float, dict[str, int]]] = {}
         for bit, n_matched in self.matched.items():
-            if bit not in off_gpu:
+            region = region_of.get(bit)
+            if region is None:
                 by_gpu = {"gpu": n_matched} if n_matched else {}
                 results.append(SlotMatch(bit // TIER_BITS, n_matched, gpu_weight * n_matched,
                                          by_gpu))
                 continue
-            counts = off_gpu[bit]
-            counts[GPU] = n_matched - sum(counts[1:])
-            by_tier = {TIERS[t]: c for t, c in enumerate(counts) if c}
-            weighted = sum(weights[t] * c for t, c in enumerate(counts))
-            results.append(SlotMatch(bit // TIER_BITS, n_matched, weighted, by_tier))
+            found = tallied.get((region, n_matched))
+            if found is None:
+                counts = regions[region][1].copy()
+                counts[GPU] = n_matched - sum(counts[1:])
+                found = tallied[(region, n_matched)] = (
+                    sum(weights[t] * c for t, c in enumerate(counts)),
+                    {TIERS[t]: c for t, c in enumerate(counts) if c})
+            results.append(SlotMatch(bit // TIER_BITS, n_matched, found[0], dict(found[1])))
         return results
 
 
@@ -260,18 +316,30 @@ def prefix_match_runs(
 
 
 def prefix_match_query(
-    query: ScoreQuery, blocks: BlockMasks, candidates: int, config: IndexConfig
+    query: ScoreQuery, blocks: BlockMasks, candidates: int, config: IndexConfig, *,
+    plan: PoolPlan = NO_POOLS,
 ) -> list[SlotMatch]:
     """Walk a validated query against `blocks` (key -> mask), whichever form it came in.
 
     Token ids are hashed and looked up by the table in one loop that stops at the first
-    block no candidate holds in any tier (the walk would end there too).
+    block no candidate holds in any tier (the walk would end there too). With a pool
+    `plan` (indexer/index/pools.py) a block a mounted pool holds goes on too, and the
+    masks are credited to the pools' mounting candidates before the walk.
     """
     weights = query.tier_weights or config.tier_weights
+    candidates |= plan.cold
     if query.block_keys is not None:
-        masks = map(blocks.get, query.block_keys, repeat(0))
+        masks: Iterable[int] = map(blocks.get, query.block_keys, repeat(0))
+        if plan.credits:
+            masks = credit_masks(masks, plan.credits)
         return prefix_match(masks, candidates, weights, query.include_zero)
     assert query.token_ids is not None
     seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
-    runs = blocks.mask_runs(query.token_ids, query.block_size, seed, candidates * 15)
-    return prefix_match_runs(runs, candidates, weights, query.include_zero)
+    runs = blocks.mask_runs(query.token_ids, query.block_size, seed,
+                            (candidates | plan.pool_bits) * 15)
+    if not plan.credits:
+        return prefix_match_runs(runs, candidates, weights, query.include_zero)
+    credited = pool_runs(runs, plan, candidates)
+    matches = prefix_match_runs(credited.runs, credited.candidates, weights,
+                                query.include_zero)
+    return expand_replicas(matches, credited.replicas)

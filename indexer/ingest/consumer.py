@@ -16,7 +16,7 @@ import gc
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Final, Protocol
 
 import msgspec
@@ -29,6 +29,7 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
 from indexer.errors import BackendError
+from indexer.index.pools import refuse_undeclared
 from indexer.index.protocol import ApplyOutcome, Index, ResyncRequest
 from indexer.ingest.activity import EventActivity
 from indexer.ingest.recovery import SnapshotStore, partition_ranks
@@ -106,6 +107,8 @@ class ConsumerStats(msgspec.Struct):
     lag_samples: deque[float] = msgspec.field(default_factory=lambda: deque(maxlen=100_000))
     # the engine timestamps of those batches, index for index
     lag_sample_ts: deque[float] = msgspec.field(default_factory=lambda: deque(maxlen=100_000))
+    # events left out before the index saw them, by reason (pool_not_declared)
+    dropped: dict[str, int] = msgspec.field(default_factory=dict)
 
 
     def task_failed(self, name: str) -> None:
@@ -113,6 +116,7 @@ class ConsumerStats(msgspec.Struct):
 
 
 RankKey = tuple[str, str, int]  # model, worker id, dp rank
+PoolGrants = Callable[[str, str], Collection[str] | None]
 
 
 class _StoppedWhileWaitingError(Exception):
@@ -191,9 +195,13 @@ class PartitionConsumer:
         lag_seconds: Observer | None = None,
         apply_seconds: Observer | None = None,
         activity: EventActivity | None = None,
+        pool_grants: PoolGrants | None = None,
     ) -> None:
         self.partition = partition
         self._activity = activity  # per rank counters for Diagnose (indexer/serve/diagnose.py)
+        # (model, worker) -> the shared storage pools its registry entry declares (None:
+        # no entry seen yet); None here: pool writes are not checked (tests, tools).
+        self._pool_grants = pool_grants
         # Histograms (when metrics are on): batch timestamp to applied, per applied batch;
         # the duration of each index.apply call.
         self._lag_seconds = lag_seconds
@@ -480,6 +488,15 @@ class PartitionConsumer:
                 f"epoch {batch.epoch} is more than {self._settings.max_epoch_skew_s:g} s "
                 "ahead of this clock"))
             return None
+        if self._pool_grants is not None and any(e.pool is not None for e in batch.events):
+            batch, refused = refuse_undeclared(
+                batch, self._pool_grants(batch.model, batch.worker_id))
+            if refused:
+                dropped = self._stats.dropped
+                count = dropped["pool_not_declared"] = dropped.get("pool_not_declared", 0) + 1
+                if count & (count - 1) == 0:  # the 1st, 2nd, 4th ... refused batch
+                    self._log.warning("pool_write_refused", model=batch.model,
+                                      worker=batch.worker_id, events=refused, batches=count)
         return batch
 
     async def _apply_all(self, decoded: list[tuple[Msg, EventBatch]],

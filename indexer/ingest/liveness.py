@@ -28,6 +28,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from indexer.index.protocol import Index, WorkerInfo
+from kvcore.pools import KIND_POOL
 from kvcore.roles import DEFAULT_ROLE, ROLES
 from kvcore.topology import (
     WorkerRecord,
@@ -73,6 +74,20 @@ class LivenessWatcher:
         self._gone_since: dict[tuple[str, str], float] = {}
         self._started = time.monotonic()
         self._empty_models_due = 0.0  # monotonic time of the next drop_empty_models
+        self._synced = asyncio.Event()  # the bucket's current entries have been read
+        # (model, pool) -> monotonic time since when no live entry declares it
+        self._pool_unclaimed: dict[tuple[str, str], float] = {}
+
+    async def wait_synced(self, timeout_s: float) -> bool:
+        """Wait until the registry's current entries are known (at most `timeout_s`)."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._synced.wait(), timeout_s)
+        return self._synced.is_set()
+
+    def pools_of(self, model: str, worker_id: str) -> list[str] | None:
+        """The shared storage pools the worker's entry declares; None without an entry."""
+        record = self.live.get((model, worker_id))
+        return None if record is None else record.storage_pools
 
     async def run(self, stop: asyncio.Event) -> None:
         kv = await ensure_liveness_bucket(self._js, self._ttl_s)
@@ -98,7 +113,10 @@ class LivenessWatcher:
     async def _watch(self, kv: KeyValue) -> None:
         watcher = await kv.watchall()
         async for entry in watcher:
-            if entry is None or entry.key is None:
+            if entry is None:
+                self._synced.set()  # the end of the initial values
+                continue
+            if entry.key is None:
                 continue
             try:
                 key = parse_liveness_key(entry.key)
@@ -141,14 +159,51 @@ class LivenessWatcher:
         """The worker's entry expired or was deleted (its blocks go after the grace)."""
         return (model, worker_id) in self._gone_since
 
-    def live_only(self, workers: list[WorkerInfo]) -> list[WorkerInfo]:
+    def live_only(self, workers: list[WorkerInfo], model: str | None = None
+                  ) -> list[WorkerInfo]:
         """The workers routers may be sent to: not known to be gone; each with the role
-        its registry entry declares."""
-        live = [w for w in workers if not self.is_gone(w.model, w.worker_id)]
-        if not self.roles:
-            return live
-        return [w if (role := self.role_of(w.model, w.worker_id)) == w.role
-                else msgspec.structs.replace(w, role=role) for w in live]
+        and the storage pools its registry entry declares. Pools pass as they are. `workers`
+        are the index's (of `model`, or of all models): live workers the index holds
+        nothing of that mount a pool are added (rank 0), since a pool's blocks are theirs
+        to load."""
+        live = [self._declared(w) for w in workers
+                if w.kind == KIND_POOL or not self.is_gone(w.model, w.worker_id)]
+        return live + self._cold_mounting(workers, model)
+
+    def _cold_mounting(self, indexed: list[WorkerInfo], model: str | None) -> list[WorkerInfo]:
+        known = {(w.model, w.worker_id) for w in indexed}
+        return [WorkerInfo(key[0], key[1], 0, record.epoch, -1, False, {}, 0.0,
+                           role=self.role_of(*key), storage_pools=tuple(record.storage_pools))
+                for key, record in self.live.items()
+                if record.storage_pools and key not in known
+                and (model is None or key[0] == model)]
+
+    def _declared(self, info: WorkerInfo) -> WorkerInfo:
+        if info.kind == KIND_POOL:
+            return info
+        key = (info.model, info.worker_id)
+        role = self.role_of(*key)
+        record = self.live.get(key)
+        pools = tuple(record.storage_pools) if record is not None else ()
+        if role == info.role and pools == info.storage_pools:
+            return info
+        return msgspec.structs.replace(info, role=role, storage_pools=pools)
+
+    async def _sweep_pools(self, listed: list[WorkerInfo], now: float) -> None:
+        """Remove pools no live entry has declared for the grace period (a pool is alive
+        while a worker that mounts or writes it is)."""
+        declared = {(model, pool) for (model, _), record in self.live.items()
+                    for pool in record.storage_pools}
+        pools = {(info.model, info.worker_id) for info in listed if info.kind == KIND_POOL}
+        for key in list(self._pool_unclaimed):
+            if key in declared or key not in pools:
+                del self._pool_unclaimed[key]
+        for key in pools - declared:
+            since = self._pool_unclaimed.setdefault(key, now)
+            if now - since >= self._grace_s and await self._index.remove_pool(*key):
+                del self._pool_unclaimed[key]
+                log.info("pool_expired", model=key[0], pool=key[1],
+                         unclaimed_for_s=round(now - since, 1))
 
     @property
     def settled(self) -> bool:
@@ -168,7 +223,8 @@ class LivenessWatcher:
                 self.roles.pop(key, None)
                 del self._seen_at[key]
                 self._gone_since.setdefault(key, seen + self._ttl_s)
-        indexed = {(info.model, info.worker_id) for info in await self._index.workers()}
+        listed = await self._index.workers()
+        indexed = {(info.model, info.worker_id) for info in listed if info.kind != KIND_POOL}
         for key in indexed - self._seen_at.keys():
             self._gone_since.setdefault(key, max(self._started, now - self._ttl_s))
         if not self._remove_expired:
@@ -186,6 +242,7 @@ class LivenessWatcher:
                     log.info("worker_expired", model=key[0], worker=key[1], ranks=ranks,
                              gone_for_s=round(now - since, 1))
         self.registered_once &= indexed | self.live.keys()
+        await self._sweep_pools(listed, now)
         if now >= self._empty_models_due:
             self._empty_models_due = now + EMPTY_MODELS_EVERY_S
             dropped = await self._index.drop_empty_models()

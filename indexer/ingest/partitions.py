@@ -45,13 +45,14 @@ StartPartition = Callable[[int], Awaitable[None]]
 StopPartition = Callable[[int], Awaitable[None]]
 
 
-async def _lease_bucket(js: JetStreamContext, ttl_s: float) -> KeyValue:
+async def _lease_bucket(js: JetStreamContext, ttl_s: float, replicas: int) -> KeyValue:
     try:
         return await js.key_value(LEASE_BUCKET)
     except (BucketNotFoundError, JsNotFoundError):
         try:
             return await js.create_key_value(js_api.KeyValueConfig(
-                bucket=LEASE_BUCKET, ttl=ttl_s, history=1, storage=js_api.StorageType.FILE))
+                bucket=LEASE_BUCKET, ttl=ttl_s, history=1, storage=js_api.StorageType.FILE,
+                replicas=replicas))
         except BadRequestError:
             return await js.key_value(LEASE_BUCKET)
 
@@ -68,10 +69,12 @@ class PartitionLeases:
         stop: StopPartition,
         ttl_s: float = 6.0,
         member_id: str | None = None,
+        replicas: int = 1,
     ) -> None:
         self.partitions = partitions
         self.member_id = member_id or uuid.uuid4().hex[:12]
         self.ttl_s = ttl_s
+        self.replicas = replicas  # of the lease bucket, when this process creates it
         self.held: dict[int, int] = {}  # partition -> lease revision
         self.share = 0  # the fair share at the last tick
         self.all_taken = False  # every partition held (by us or others) at the last tick
@@ -95,7 +98,7 @@ class PartitionLeases:
     async def _tick_or_wait_out(self) -> None:
         try:
             if self._kv is None:
-                self._kv = await _lease_bucket(self._js, self.ttl_s)
+                self._kv = await _lease_bucket(self._js, self.ttl_s, self.replicas)
             await self.tick()
         except Exception as exc:  # noqa: BLE001 - NATS away or slow: try again next tick
             self.tick_failures += 1

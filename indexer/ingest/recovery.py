@@ -112,9 +112,11 @@ def _name(partition: int, stream_seq: int) -> str:
 class SnapshotStore:
     """Snapshots per partition in an object store bucket; the newest `keep` are kept."""
 
-    def __init__(self, js: JetStreamContext, partitions: int, keep: int = 3) -> None:
+    def __init__(self, js: JetStreamContext, partitions: int, keep: int = 3,
+                 replicas: int = 1) -> None:
         self.partitions = partitions
         self.keep = keep
+        self.replicas = replicas  # of the object store and state bucket, if created here
         self.corrupt_found = 0
         self._js = js
         self._store: ObjectStore | None = None
@@ -127,7 +129,8 @@ class SnapshotStore:
             try:
                 self._store = await self._js.create_object_store(
                     SNAPSHOT_BUCKET, config=js_api.ObjectStoreConfig(
-                        bucket=SNAPSHOT_BUCKET, storage=js_api.StorageType.FILE))
+                        bucket=SNAPSHOT_BUCKET, storage=js_api.StorageType.FILE,
+                        replicas=self.replicas))
             except BadRequestError:
                 self._store = await self._js.object_store(SNAPSHOT_BUCKET)
         try:
@@ -135,7 +138,8 @@ class SnapshotStore:
         except (BucketNotFoundError, NotFoundError):
             try:
                 self._state = await self._js.create_key_value(js_api.KeyValueConfig(
-                    bucket=STATE_BUCKET, history=1, storage=js_api.StorageType.FILE))
+                    bucket=STATE_BUCKET, history=1, storage=js_api.StorageType.FILE,
+                    replicas=self.replicas))
             except BadRequestError:
                 self._state = await self._js.key_value(STATE_BUCKET)
 

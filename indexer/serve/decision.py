@@ -19,6 +19,7 @@ from indexer.scheduling import (
     choose_worker,
     top_costs,
     validate_knobs,
+    validate_storage_load_weight,
 )
 from indexer.serve.directory import CandidateSet
 
@@ -34,24 +35,30 @@ def decide(
     temperature: float,
     limit: int,
     rng: random.Random,
+    storage_load_weight: float = 0.0,
 ) -> tuple[CandidateCost, list[CandidateCost]]:
     """The chosen candidate and the `limit` cheapest (best first), as `choose_worker` over
     every candidate would give them. `candidates` is not empty; `result` scored them."""
     validate_knobs(overlap_weight, temperature)
-    matched = {(s.worker_id, s.dp_rank): s.matched_blocks for s in result.scores}
+    validate_storage_load_weight(storage_load_weight)
+    # (matched blocks, of them at the storage tier: a shared pool's or the worker's disk)
+    matched = {(s.worker_id, s.dp_rank): (s.matched_blocks, s.blocks_by_tier.get("storage", 0))
+               for s in result.scores}
     # The last entry of a (worker, dp_rank) wins.
     load_of = {(load.worker_id, load.dp_rank): (load.active_blocks, load.waiting_requests)
                for load in loads}
     if temperature <= 0.0 or len(candidates) == 1:
         ranked = top_costs(candidates.ordered_refs, candidates.refs, matched, load_of,
                            query_blocks=result.query_blocks, overlap_weight=overlap_weight,
-                           limit=max(limit, 1))
+                           limit=max(limit, 1), storage_load_weight=storage_load_weight)
         return ranked[0], ranked[:limit]
     options = []
     for w in candidates.workers:
         ref = (w.worker_id, w.dp_rank)
         active, waiting = load_of.get(ref, (0, 0))
-        options.append(Candidate(w.worker_id, w.dp_rank, matched.get(ref, 0), active, waiting))
+        held, stored = matched.get(ref, (0, 0))
+        options.append(Candidate(w.worker_id, w.dp_rank, held, active, waiting, stored))
     chosen, ranked = choose_worker(options, result.query_blocks, overlap_weight=overlap_weight,
-                                   temperature=temperature, rng=rng)
+                                   temperature=temperature, rng=rng,
+                                   storage_load_weight=storage_load_weight)
     return chosen, ranked[:limit]

@@ -12,6 +12,7 @@ from typing import Final, NamedTuple
 import structlog
 
 from indexer.index.protocol import WorkerInfo
+from kvcore.pools import KIND_POOL
 from kvcore.roles import role_matches
 
 __all__ = ["CandidateSet", "LiveWorkerSource", "WorkerDirectory"]
@@ -31,10 +32,15 @@ _MAX_CACHED_MODELS: Final = 4096
 class CandidateSet:
     """Live (worker, dp_rank)s of one model, with what Score needs of them precomputed."""
 
-    __slots__ = ("_by_role", "_ordered", "degraded", "ids", "newest_ts", "refs", "workers")
+    __slots__ = ("_by_role", "_ordered", "degraded", "ids", "mounts", "newest_ts", "refs",
+                 "workers")
 
     def __init__(self, workers: Sequence[WorkerInfo]) -> None:
-        self.workers = tuple(workers)
+        # Shared storage pools are listed with the workers but are never candidates.
+        self.workers = tuple(w for w in workers if w.kind != KIND_POOL)
+        # worker id -> the pools it mounts (Score credits their blocks), for those mounting
+        self.mounts = {w.worker_id: frozenset(w.storage_pools)
+                       for w in self.workers if w.storage_pools}
         self.ids = frozenset(w.worker_id for w in self.workers)
         self.refs = frozenset((w.worker_id, w.dp_rank) for w in self.workers)
         self.newest_ts = max((w.last_event_ts for w in self.workers), default=0.0)

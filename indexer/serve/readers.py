@@ -22,7 +22,7 @@ from multiprocessing.process import BaseProcess
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
-from indexer.config import ServiceConfig, nats_security
+from indexer.config import ServiceConfig, nats_security, redis_read_urls
 from indexer.index.factory import RedisSecurity, build_index, served_index
 from indexer.index.protocol import IndexConfig, IndexReader, WorkerInfo
 from indexer.ingest.consumer import marker_is_rebuilding, marker_name
@@ -164,7 +164,9 @@ async def serve_reader(config: ServiceConfig, listen: str, number: int = 0) -> N
         register_process_metrics(registry)
     index = served_index(build_index(IndexConfig(max_query_tokens=config.max_query_tokens),
                                      redis_url=config.redis_url,
-                                     redis_security=RedisSecurity.from_config(config)), registry)
+                                     redis_security=RedisSecurity.from_config(config),
+                                 redis_read_urls=redis_read_urls(config),
+                                 max_staleness_s=config.redis_read_max_staleness_s), registry)
     if registry is not None:
         host, port = reader_metrics_address(config.metrics_listen, number)
         start_http_server(port, addr=host, registry=registry)
@@ -175,7 +177,7 @@ async def serve_reader(config: ServiceConfig, listen: str, number: int = 0) -> N
              asyncio.create_task(supervise("markers", markers.run, stop))]
 
     async def live_workers(model: str | None) -> list[WorkerInfo]:
-        return liveness.live_only(await index.workers(model))
+        return liveness.live_only(await index.workers(model), model)
 
     server, _ = await start_grpc_server(
         index, listen, live_workers=live_workers, rebuilding=lambda: markers.rebuilding,

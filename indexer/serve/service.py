@@ -81,6 +81,7 @@ from indexer.serve.stream import (
     answer_in_order,
     split_requests,
 )
+from kvcore.pools import KIND_POOL, KINDS
 from kvcore.roles import check_role, role_matches
 
 __all__ = [
@@ -198,6 +199,9 @@ class PipelineStats(Protocol):
 
     @property
     def dead_letters(self) -> Mapping[str, int]: ...
+
+    @property
+    def dropped(self) -> Mapping[str, int]: ...  # refused before the index (pool writes)
 
     @property
     def last_applied_ts(self) -> float: ...
@@ -412,7 +416,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         result = await self._run_query(request, candidates, field, request.include_zero,
                                        wire_tokens)
         response = pb.ScoreResponse(query_blocks=result.query_blocks,
-                                    freshness=self._freshness(candidates),
+                                    freshness=self._freshness(candidates, result),
                                     score_count=len(result.scores))
         add = response.scores.add  # much faster than building WorkerScore(...) with a map
         for s in result.scores[:request.max_scores or None]:
@@ -483,22 +487,26 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
             workers=candidates.ids,
             tier_weights=weights,
             include_zero=include_zero,
+            mounts=candidates.mounts or None,
         )
         async with self._query_slots:
             result = await self.index.score(query)
         refs = candidates.refs
         if any((s.worker_id, s.dp_rank) not in refs for s in result.scores):
             result = ScoreResult(result.query_blocks, [
-                s for s in result.scores if (s.worker_id, s.dp_rank) in refs])
+                s for s in result.scores if (s.worker_id, s.dp_rank) in refs],
+                staleness_s=result.staleness_s, replica=result.replica)
         if result.query_blocks:  # for Diagnose: did any candidate hold the first block?
             hit = bool(result.scores) and (not include_zero or any(
                 s.matched_blocks for s in result.scores))
             self.outcomes.record(request.model, bool(tokens), request.block_size, hit)
         return result
 
-    def _freshness(self, candidates: CandidateSet) -> pb.Freshness:
+    def _freshness(self, candidates: CandidateSet, result: ScoreResult) -> pb.Freshness:
         return pb.Freshness(last_event_age_seconds=_age(time.time(), candidates.newest_ts),
-                            degraded_workers=candidates.degraded, rebuilding=self.rebuilding())
+                            degraded_workers=candidates.degraded, rebuilding=self.rebuilding(),
+                            index_staleness_seconds=result.staleness_s,
+                            read_replica=result.replica)
 
     # --- FindBestWorker ----------------------------------------------------------------
 
@@ -530,16 +538,17 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
                  else default_limit) or len(candidates)
         rng = random.Random(request.seed) if request.HasField("seed") else self._rng
         chosen, ranked = decide(candidates, result, request.loads, overlap_weight=overlap_weight,
-                                temperature=temperature, limit=limit, rng=rng)
+                                temperature=temperature, limit=limit, rng=rng,
+                                storage_load_weight=request.storage_load_weight)
         response = pb.FindBestWorkerResponse(
             worker_id=chosen.worker_id, dp_rank=chosen.dp_rank,
-            matched_blocks=chosen.matched_blocks, freshness=self._freshness(candidates),
+            matched_blocks=chosen.matched_blocks, freshness=self._freshness(candidates, result),
             candidate_count=len(candidates))
         add = response.candidates.add
         for c in ranked:
             add(worker_id=c.worker_id, dp_rank=c.dp_rank, matched_blocks=c.matched_blocks,
                 prefill_blocks=c.prefill_blocks, active_blocks=c.active_blocks, cost=c.cost,
-                waiting_requests=c.waiting_requests)
+                waiting_requests=c.waiting_requests, storage_blocks=c.storage_blocks)
         return response
 
     async def _streamed_decisions(
@@ -599,17 +608,24 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
 
     async def _list_workers(self, request: pb.ListWorkersRequest) -> pb.ListWorkersResponse:
         _check_role(request.role, "role")
+        if request.kind not in ("", *KINDS):
+            raise InvalidQueryError(f"kind: {request.kind!r} is not one of {', '.join(KINDS)} "
+                                    "(or empty: both)")
         infos = await self.directory.listing(request.model or None)
         now = time.time()
         response = pb.ListWorkersResponse()
         add = response.workers.add
         for w in infos:
-            if not role_matches(w.role, request.role):
+            if request.kind and w.kind != request.kind:
                 continue
-            by_tier = add(model=w.model, worker_id=w.worker_id, dp_rank=w.dp_rank,
-                          epoch=max(w.epoch, 0), last_seq=w.last_seq, degraded=w.degraded,
-                          last_event_age_seconds=_age(now, w.last_event_ts),
-                          role=w.role).blocks_by_tier
+            if w.kind != KIND_POOL and not role_matches(w.role, request.role):
+                continue
+            entry = add(model=w.model, worker_id=w.worker_id, dp_rank=w.dp_rank,
+                        epoch=max(w.epoch, 0), last_seq=w.last_seq, degraded=w.degraded,
+                        last_event_age_seconds=_age(now, w.last_event_ts),
+                        role="" if w.kind == KIND_POOL else w.role, kind=w.kind,
+                        storage_pools=w.storage_pools)
+            by_tier = entry.blocks_by_tier
             for tier, count in w.blocks_by_tier.items():
                 by_tier[tier] = count
         return response
@@ -635,6 +651,8 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
             response.gaps = consumer.gaps
             response.resyncs_requested = consumer.resyncs_requested
             for reason, count in consumer.dead_letters.items():
+                response.dropped[reason] += count
+            for reason, count in consumer.dropped.items():  # pool_not_declared
                 response.dropped[reason] += count
             newest = max(newest, consumer.last_applied_ts)
         response.lag_seconds = _age(time.time(), newest)

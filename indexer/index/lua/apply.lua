@@ -4,7 +4,10 @@
 -- caller's ledger started from, so replayed or concurrent batches change nothing. The
 -- first record that fails this check stops the call.
 --
--- KEYS[1]  model prefix, "kvi:{m:<model>}:" (every key below shares its hash slot)
+-- KEYS     every key the call touches, declared so Redis Cluster routes the call (and
+--          answers TRYAGAIN while a slot is half migrated) by all of them: the model's
+--          blk, slots, slotver, free, block_size, then each record's rank meta and log
+--          (`w:<slot>:meta`, `w:<slot>:log`), all sharing the hash tag {m:<model>}
 -- ARGV     one record per rank:
 --   header  <H slot> <c16 expected position> <c16 new position> <d ts> <B flags>
 --           <I4 x4 held blocks per tier> <I4 dp rank> <H worker id length>
@@ -14,10 +17,18 @@
 --           the rank after applying; a block size > 0 is stored as the model's
 --   then    worker id, presence ops, ledger log segment (opaque here; see redis.py)
 --           presence op: <c1 'S'|'C'> <H bit position> <I4 count> count x key (8 bytes)
--- A record applies only while its rank still owns the record's slot in `slots`.
+--           pool op (shared storage pools, indexer/index/pools.py), as of <d ts>:
+--             <c1 'P'> <H pool slot> <I4 count> <H name length> name <d ts>,
+--               count x (hash, key): the pool holds these blocks
+--             <c1 'R'> <H pool slot> <I4 count> <H name length> name <d ts>, count x hash:
+--               these blocks left the pool (resolved through its map)
+--             <c1 'W'> <H pool slot> <I4 0> <H name length> name <d ts>: wiped
+--             <c1 'X'> <H 0> <I4 0> <d ts>: wipe every pool this rank wrote into (a gap)
+-- A record applies only while its rank still owns the record's slot in `slots`, and
+-- each pool it names still owns its slot (checked before anything is written).
 -- Returns one status per record applied ('ok' | 'removed' | 'emptied': removed, and the
 -- model has no rank left), then 'conflict' if one failed.
-local p = KEYS[1]
+local p = string.match(KEYS[1], '^(.*:)')  -- the model prefix, "kvi:{m:<model>}:"
 local blk = p .. 'blk'
 local NOPOS = string.rep('\255', 16)
 local HEADER = '<Hc16c16dBI4I4I4I4I4HI4I4I4'
@@ -67,38 +78,210 @@ local function clear_bits(ops, pos, count, byte_i, m)
   return pos
 end
 
-local function apply_presence(rec, pos, stop)
+local POOL_OP = {P = 16, R = 8, W = 0}  -- bytes per block of each pool op
+local MAX_TOMBSTONES = 65536  -- indexer/index/pools.py
+
+local function pool_ref(name)
+  return name .. '\n-1'  -- a pool's entry in `slots` (no worker rank is negative)
+end
+
+-- Whether every pool op of the record names a pool that still owns its slot.
+local function pools_owned(rec, pos, stop)
+  while pos < stop do
+    local kind, slot, count
+    kind, slot, count, pos = struct.unpack('<c1HI4', rec, pos)
+    local per = POOL_OP[kind]
+    if per then
+      local nlen
+      nlen, pos = struct.unpack('<H', rec, pos)
+      local name = string.sub(rec, pos, pos + nlen - 1)
+      pos = pos + nlen + 8
+      if tonumber(redis.call('HGET', p .. 'slots', pool_ref(name))) ~= slot then
+        return false
+      end
+      pos = pos + count * per
+    elseif kind == 'X' then
+      pos = pos + 8
+    else
+      pos = pos + count * 8
+    end
+  end
+  return true
+end
+
+-- A pool: its keys, storage bit and write-order state (newest write wins per engine
+-- hash, as PoolState in indexer/index/pools.py: map values are key .. store ts, `gone`
+-- holds tombstones (removal ts), stores and removals older than `floor` are ignored).
+local function pool_open(slot, name)
+  local bitpos = slot * 4 + 2
+  local meta = p .. 'w:' .. slot .. ':meta'
+  local st = redis.call('HMGET', meta, 'floor', 'gone_max', 'epoch', 'ts')
+  return {slot = slot, name = name, meta = meta,
+    map = p .. 'p:' .. slot .. ':map', gone = p .. 'p:' .. slot .. ':gone',
+    byte_i = math.floor(bitpos / 8) + 1, m = 2 ^ (bitpos % 8),
+    floor = math.max(tonumber(st[1]) or 0,
+      tonumber(redis.call('GET', p .. 'pool_floor') or '0')),
+    gone_max = tonumber(st[2]) or 0,
+    epoch = tonumber(st[3]) or 0, ts = tonumber(st[4]) or 0}
+end
+
+local function pool_close(pool)
+  redis.call('HSET', pool.meta, 'pos', struct.pack('>i8i8', pool.epoch, -1),
+    'ts', string.format('%.17g', pool.ts), 'n0', 0, 'n1', 0,
+    'n2', redis.call('HLEN', pool.map), 'n3', 0, 'degraded', '0', 'worker', pool.name,
+    'rank', -1, 'epoch', pool.epoch, 'floor', string.format('%.17g', pool.floor),
+    'gone_max', string.format('%.17g', pool.gone_max))
+end
+
+local function stamp_of(v)
+  return (struct.unpack('<d', v, 9))
+end
+
+local function pool_store(pool, rec, pos, count, ts)
+  if ts < pool.floor then return pos + count * 16 end
+  for _ = 1, count do
+    local h = string.sub(rec, pos, pos + 7)
+    local key = string.sub(rec, pos + 8, pos + 15)
+    pos = pos + 16
+    local gone = redis.call('HGET', pool.gone, h)
+    local old = redis.call('HGET', pool.map, h)
+    if not ((gone and struct.unpack('<d', gone) > ts) or (old and stamp_of(old) > ts)) then
+      if gone then redis.call('HDEL', pool.gone, h) end
+      redis.call('HSET', pool.map, h, key .. struct.pack('<d', ts))
+      local old_key = old and string.sub(old, 1, 8)
+      if old_key ~= key then
+        if old_key then clear_bits(old_key, 1, 1, pool.byte_i, pool.m) end
+        set_bits(key, 1, 1, pool.byte_i, pool.m)
+      end
+    end
+  end
+  return pos
+end
+
+local function pool_remove(pool, rec, pos, count, ts)
+  -- below the floor no store is taken: no tombstone needed, but held blocks still go
+  local remember = ts >= pool.floor
+  for _ = 1, count do
+    local h = string.sub(rec, pos, pos + 7)
+    pos = pos + 8
+    local old = redis.call('HGET', pool.map, h)
+    if not (old and stamp_of(old) > ts) then
+      if old then
+        redis.call('HDEL', pool.map, h)
+        clear_bits(string.sub(old, 1, 8), 1, 1, pool.byte_i, pool.m)
+      end
+      local gone = remember and redis.call('HGET', pool.gone, h)
+      if remember and not (gone and struct.unpack('<d', gone) > ts) then
+        redis.call('HSET', pool.gone, h, struct.pack('<d', ts))
+      end
+    end
+  end
+  if ts > pool.gone_max then pool.gone_max = ts end
+  if redis.call('HLEN', pool.gone) > MAX_TOMBSTONES then
+    if pool.gone_max > pool.floor then pool.floor = pool.gone_max end
+    redis.call('UNLINK', pool.gone)
+  end
+  return pos
+end
+
+local function pool_wipe(pool, ts)
+  local all = redis.call('HGETALL', pool.map)
+  for i = 1, #all, 2 do
+    local v = all[i + 1]
+    if stamp_of(v) <= ts then
+      redis.call('HDEL', pool.map, all[i])
+      clear_bits(string.sub(v, 1, 8), 1, 1, pool.byte_i, pool.m)
+    end
+  end
+  if ts > pool.floor then pool.floor = ts end
+  local gone = redis.call('HGETALL', pool.gone)
+  for i = 1, #gone, 2 do
+    if struct.unpack('<d', gone[i + 1]) <= pool.floor then
+      redis.call('HDEL', pool.gone, gone[i])
+    end
+  end
+  pool.epoch = pool.epoch + 1
+end
+
+-- After a gap in a writer's batches: its lost evictions are unknown, so the pools it
+-- wrote into (its `pools` set: "slot\nname") are wiped as of the batch's ts, if they
+-- still own their slots.
+local function wipe_written(wp, ts)
+  for _, entry in ipairs(redis.call('SMEMBERS', wp .. 'pools')) do
+    local slot_s, name = string.match(entry, '^(%d+)\n(.*)$')
+    local slot = tonumber(slot_s)
+    if tonumber(redis.call('HGET', p .. 'slots', pool_ref(name))) == slot then
+      local pool = pool_open(slot, name)
+      pool_wipe(pool, ts)
+      pool_close(pool)
+    end
+  end
+  redis.call('DEL', wp .. 'pools')
+end
+
+local function apply_pool_op(rec, pos, kind, slot, count, wp)
+  local nlen, name, ts
+  nlen, pos = struct.unpack('<H', rec, pos)
+  name = string.sub(rec, pos, pos + nlen - 1)
+  ts, pos = struct.unpack('<d', rec, pos + nlen)
+  local pool = pool_open(slot, name)
+  if ts > pool.ts then pool.ts = ts end
+  if kind == 'P' then
+    pos = pool_store(pool, rec, pos, count, ts)
+  elseif kind == 'R' then
+    pos = pool_remove(pool, rec, pos, count, ts)
+  else
+    pool_wipe(pool, ts)
+  end
+  pool_close(pool)
+  redis.call('SADD', wp .. 'pools', slot .. '\n' .. name)
+  return pos
+end
+
+local function apply_presence(rec, pos, stop, wp)
   while pos < stop do
     local kind, bitpos, count
     kind, bitpos, count, pos = struct.unpack('<c1HI4', rec, pos)
-    local byte_i = math.floor(bitpos / 8) + 1
-    local m = 2 ^ (bitpos % 8)
-    if kind == 'S' then
-      pos = set_bits(rec, pos, count, byte_i, m)
+    if kind == 'S' or kind == 'C' then
+      local byte_i = math.floor(bitpos / 8) + 1
+      local m = 2 ^ (bitpos % 8)
+      if kind == 'S' then
+        pos = set_bits(rec, pos, count, byte_i, m)
+      else
+        pos = clear_bits(rec, pos, count, byte_i, m)
+      end
+    elseif kind == 'X' then
+      local ts
+      ts, pos = struct.unpack('<d', rec, pos)
+      wipe_written(wp, ts)
     else
-      pos = clear_bits(rec, pos, count, byte_i, m)
+      pos = apply_pool_op(rec, pos, kind, bitpos, count, wp)
     end
   end
 end
 
-local function apply_one(rec)
+local function apply_one(rec, i)
   local slot, expected, newpos, ts, flags, n0, n1, n2, n3, rank,
         wlen, olen, llen, block_size, pos = struct.unpack(HEADER, rec, 1)
   local wp = p .. 'w:' .. slot .. ':'
   local meta = wp .. 'meta'
+  if KEYS[4 + 2 * i] ~= meta or KEYS[5 + 2 * i] ~= wp .. 'log' then
+    error('record ' .. i .. ': its rank keys are not the declared ones')
+  end
   local worker = string.sub(rec, pos, pos + wlen - 1)
   pos = pos + wlen
   local ref = worker .. '\n' .. rank
   -- The rank must still own the slot: a writer whose rank was removed (and the slot
   -- freed, or the whole model collected) meanwhile must not write into it.
   if tonumber(redis.call('HGET', p .. 'slots', ref)) ~= slot
-      or (redis.call('HGET', meta, 'pos') or NOPOS) ~= expected then
+      or (redis.call('HGET', meta, 'pos') or NOPOS) ~= expected
+      or not pools_owned(rec, pos, pos + olen) then
     return 'conflict'
   end
-  apply_presence(rec, pos, pos + olen)
+  apply_presence(rec, pos, pos + olen, wp)
   pos = pos + olen
   if bit.band(flags, 4) ~= 0 then
-    redis.call('DEL', meta, wp .. 'log')
+    redis.call('DEL', meta, wp .. 'log', wp .. 'pools')
     redis.call('HDEL', p .. 'slots', ref)
     redis.call('ZADD', p .. 'free', slot, slot)
     redis.call('INCR', p .. 'slotver')
@@ -123,9 +306,12 @@ local function apply_one(rec)
   return 'ok'
 end
 
+if #KEYS ~= 5 + 2 * #ARGV then
+  return redis.error_reply('apply.lua wants 5 model keys and 2 per record')
+end
 local statuses = {}
 for i = 1, #ARGV do
-  local status = apply_one(ARGV[i])
+  local status = apply_one(ARGV[i], i)
   statuses[#statuses + 1] = status
   if status == 'conflict' then
     break

@@ -1,18 +1,25 @@
 -- Delete what is left of a model that has no worker rank, or leave it be if it has one.
--- KEYS[1] model prefix, "kvi:{m:<model>}:" (every key below shares its hash slot).
--- Returns the number of ranks the model has: 0 when it had none and its keys are gone.
+-- KEYS: the model's slots, nextslot, blk, slotver, free, block_size, then the meta and
+-- log of every slot below ARGV[1] (the caller's read of nextslot): every key the call may
+-- delete is declared, as Redis Cluster wants (all share the hash tag {m:<model>}).
+-- Returns the number of ranks the model has: 0 when it had none and its keys are gone,
+-- -1 when nextslot grew past ARGV[1] (nothing done: the caller reads it again).
 -- Every key of the model is named from its own structures (slots are numbered below
 -- `nextslot`), so nothing is scanned; big values are freed off the main thread (UNLINK).
-local p = KEYS[1]
+local p = string.match(KEYS[1], '^(.*:)')  -- the model prefix
 local ranks = redis.call('HLEN', p .. 'slots')
 if ranks > 0 then
   return ranks
 end
 local next_slot = tonumber(redis.call('GET', p .. 'nextslot') or '0')
+if next_slot > tonumber(ARGV[1]) or #KEYS ~= 6 + 2 * tonumber(ARGV[1]) then
+  return -1
+end
 for slot = 0, next_slot - 1 do
   local wp = p .. 'w:' .. slot .. ':'
-  redis.call('UNLINK', wp .. 'meta', wp .. 'log')
+  local pp = p .. 'p:' .. slot .. ':'
+  redis.call('UNLINK', wp .. 'meta', wp .. 'log', wp .. 'pools', pp .. 'map', pp .. 'gone')
 end
 redis.call('UNLINK', p .. 'blk', p .. 'slots', p .. 'slotver', p .. 'free', p .. 'nextslot',
-  p .. 'block_size')
+  p .. 'block_size', p .. 'pool_floor')
 return 0

@@ -1,9 +1,9 @@
 -- Find or allocate the slot (bit nibble) of a worker rank within a model.
--- KEYS[1] model prefix; ARGV[1] worker id, ARGV[2] dp rank, ARGV[3] a random integer the
+-- KEYS: the model's slots, free, nextslot, slotver (declared for Redis Cluster); ARGV[1] worker id, ARGV[2] dp rank, ARGV[3] a random integer the
 -- slot map version starts from when the model has none (a model collected and started
 -- again must not repeat a version a reader may have cached with the old slot map).
 -- Returns {slot, created (0|1)}. Freed slots are reused smallest first.
-local p = KEYS[1]
+local p = string.match(KEYS[1], '^(.*:)')  -- the model prefix
 local ref = ARGV[1] .. '\n' .. ARGV[2]
 local s = redis.call('HGET', p .. 'slots', ref)
 if s then

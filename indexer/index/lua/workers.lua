@@ -1,9 +1,11 @@
 -- Every worker rank of one model with its metadata, read in one call (read-only).
--- KEYS[1] model prefix, "kvi:{m:<model>}:".
+-- KEYS[1] the model's slots hash ("kvi:{m:<model>}:slots"). The ranks' meta hashes are
+-- read undeclared (read-only; while the model's hash slot migrates, a rank whose meta
+-- moved first reads as not written yet).
 -- Returns {ranks, then per rank: "worker\nrank", slot, pos, ts, n0, n1, n2, n3, degraded}
 -- where `ranks` counts the model's slot entries (0: the model has no rank left) and a
 -- rank whose metadata is not written yet (allocated, no batch applied) has false fields.
-local p = KEYS[1]
+local p = string.match(KEYS[1], '^(.*:)')  -- the model prefix
 local slots = redis.call('HGETALL', p .. 'slots')
 local out = {#slots / 2}
 for i = 1, #slots, 2 do

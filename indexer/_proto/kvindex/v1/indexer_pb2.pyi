@@ -90,30 +90,36 @@ class WorkerScore(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., matched_blocks: _Optional[int] = ..., weighted_score: _Optional[float] = ..., blocks_by_tier: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class Freshness(_message.Message):
-    __slots__ = ("last_event_age_seconds", "degraded_workers", "rebuilding")
+    __slots__ = ("last_event_age_seconds", "degraded_workers", "rebuilding", "index_staleness_seconds", "read_replica")
     LAST_EVENT_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_WORKERS_FIELD_NUMBER: _ClassVar[int]
     REBUILDING_FIELD_NUMBER: _ClassVar[int]
+    INDEX_STALENESS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    READ_REPLICA_FIELD_NUMBER: _ClassVar[int]
     last_event_age_seconds: float
     degraded_workers: _containers.RepeatedScalarFieldContainer[str]
     rebuilding: bool
-    def __init__(self, last_event_age_seconds: _Optional[float] = ..., degraded_workers: _Optional[_Iterable[str]] = ..., rebuilding: _Optional[bool] = ...) -> None: ...
+    index_staleness_seconds: float
+    read_replica: str
+    def __init__(self, last_event_age_seconds: _Optional[float] = ..., degraded_workers: _Optional[_Iterable[str]] = ..., rebuilding: _Optional[bool] = ..., index_staleness_seconds: _Optional[float] = ..., read_replica: _Optional[str] = ...) -> None: ...
 
 class FindBestWorkerRequest(_message.Message):
-    __slots__ = ("score", "loads", "overlap_weight", "temperature", "seed", "max_candidates")
+    __slots__ = ("score", "loads", "overlap_weight", "temperature", "seed", "storage_load_weight", "max_candidates")
     SCORE_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
     OVERLAP_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_LOAD_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     MAX_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     score: ScoreRequest
     loads: _containers.RepeatedCompositeFieldContainer[WorkerLoad]
     overlap_weight: float
     temperature: float
     seed: int
+    storage_load_weight: float
     max_candidates: int
-    def __init__(self, score: _Optional[_Union[ScoreRequest, _Mapping]] = ..., loads: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ..., overlap_weight: _Optional[float] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., max_candidates: _Optional[int] = ...) -> None: ...
+    def __init__(self, score: _Optional[_Union[ScoreRequest, _Mapping]] = ..., loads: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ..., overlap_weight: _Optional[float] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., storage_load_weight: _Optional[float] = ..., max_candidates: _Optional[int] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("worker_id", "dp_rank", "active_blocks", "waiting_requests", "prefill_tokens_in_flight")
@@ -168,7 +174,7 @@ class StreamedDecision(_message.Message):
     def __init__(self, answer: _Optional[_Union[FindBestWorkerResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class CandidateCost(_message.Message):
-    __slots__ = ("worker_id", "dp_rank", "matched_blocks", "prefill_blocks", "active_blocks", "cost", "waiting_requests")
+    __slots__ = ("worker_id", "dp_rank", "matched_blocks", "prefill_blocks", "active_blocks", "cost", "waiting_requests", "storage_blocks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DP_RANK_FIELD_NUMBER: _ClassVar[int]
     MATCHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +182,7 @@ class CandidateCost(_message.Message):
     ACTIVE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     dp_rank: int
     matched_blocks: int
@@ -183,7 +190,8 @@ class CandidateCost(_message.Message):
     active_blocks: int
     cost: float
     waiting_requests: int
-    def __init__(self, worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., matched_blocks: _Optional[int] = ..., prefill_blocks: _Optional[int] = ..., active_blocks: _Optional[int] = ..., cost: _Optional[float] = ..., waiting_requests: _Optional[int] = ...) -> None: ...
+    storage_blocks: int
+    def __init__(self, worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., matched_blocks: _Optional[int] = ..., prefill_blocks: _Optional[int] = ..., active_blocks: _Optional[int] = ..., cost: _Optional[float] = ..., waiting_requests: _Optional[int] = ..., storage_blocks: _Optional[int] = ...) -> None: ...
 
 class ScoreBatchRequest(_message.Message):
     __slots__ = ("requests",)
@@ -198,12 +206,14 @@ class ScoreBatchResponse(_message.Message):
     def __init__(self, responses: _Optional[_Iterable[_Union[ScoreResponse, _Mapping]]] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
-    __slots__ = ("model", "role")
+    __slots__ = ("model", "role", "kind")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     model: str
     role: str
-    def __init__(self, model: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+    kind: str
+    def __init__(self, model: _Optional[str] = ..., role: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers",)
@@ -212,7 +222,7 @@ class ListWorkersResponse(_message.Message):
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("model", "worker_id", "dp_rank", "epoch", "last_seq", "degraded", "blocks_by_tier", "last_event_age_seconds", "role")
+    __slots__ = ("model", "worker_id", "dp_rank", "epoch", "last_seq", "degraded", "blocks_by_tier", "last_event_age_seconds", "role", "kind", "storage_pools")
     class BlocksByTierEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +239,8 @@ class WorkerInfo(_message.Message):
     BLOCKS_BY_TIER_FIELD_NUMBER: _ClassVar[int]
     LAST_EVENT_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_POOLS_FIELD_NUMBER: _ClassVar[int]
     model: str
     worker_id: str
     dp_rank: int
@@ -238,7 +250,9 @@ class WorkerInfo(_message.Message):
     blocks_by_tier: _containers.ScalarMap[str, int]
     last_event_age_seconds: float
     role: str
-    def __init__(self, model: _Optional[str] = ..., worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., epoch: _Optional[int] = ..., last_seq: _Optional[int] = ..., degraded: _Optional[bool] = ..., blocks_by_tier: _Optional[_Mapping[str, int]] = ..., last_event_age_seconds: _Optional[float] = ..., role: _Optional[str] = ...) -> None: ...
+    kind: str
+    storage_pools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., epoch: _Optional[int] = ..., last_seq: _Optional[int] = ..., degraded: _Optional[bool] = ..., blocks_by_tier: _Optional[_Mapping[str, int]] = ..., last_event_age_seconds: _Optional[float] = ..., role: _Optional[str] = ..., kind: _Optional[str] = ..., storage_pools: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()

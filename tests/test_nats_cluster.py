@@ -1,0 +1,171 @@
+"""A real 3-node NATS JetStream cluster: `--stream-replicas 3` gives the event stream, the
+dead-letter stream, the KV buckets and the snapshot store three copies (streams an older
+version made with one are scaled at start), and one node SIGKILLed while 8 workers keep
+publishing loses nothing: the index ends equal to the reference model, ingest goes on,
+leases and snapshots are still there."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js import JetStreamContext
+
+from indexer.app import IndexerService
+from indexer.config import ServiceConfig
+from indexer.ingest.partitions import LEASE_BUCKET
+from indexer.ingest.recovery import SNAPSHOT_BUCKET, STATE_BUCKET, SnapshotStore
+from kvcore.bus import STREAM_NAME
+from kvcore.topology import (
+    DEAD_LETTER_STREAM,
+    LIVENESS_BUCKET,
+    StreamSettings,
+    ensure_stream,
+    kv_stream,
+    object_store_stream,
+)
+from tests.support.capture import caught_up, mismatches
+from tests.support.chain_fleet import ChainFleet
+from tests.support.nats_cluster import NatsCluster
+from tests.support.polling import equals, eventually, is_true
+from tests.support.servers import RedisServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+
+MODEL = "cluster/model"
+WORKERS = 8
+PARTITIONS = 4
+CHAINS = 120  # of 50 blocks: 6,000 blocks per worker, 48,000 stored in all
+REPLICATED = [STREAM_NAME, DEAD_LETTER_STREAM, kv_stream(LIVENESS_BUCKET),
+              kv_stream(LEASE_BUCKET), kv_stream(STATE_BUCKET),
+              object_store_stream(SNAPSHOT_BUCKET)]
+
+
+async def replicas_of(js: JetStreamContext, stream: str) -> tuple[int, str | None, int]:
+    """(configured replicas, leader, followers that are current) of a stream."""
+    try:
+        info = await js.stream_info(stream)
+    except Exception:  # noqa: BLE001 - not made yet, or mid-election
+        return 0, None, 0
+    cluster = info.cluster
+    current = sum(1 for peer in (cluster.replicas or []) if peer.current) if cluster else 0
+    return info.config.num_replicas or 1, cluster.leader if cluster else None, current
+
+
+async def first_of(triple: Awaitable[tuple[int, str | None, int]]) -> int:
+    """The configured replicas of a `replicas_of` answer."""
+    return (await triple)[0]
+
+
+async def all_replicated(js: JetStreamContext, replicas: int) -> bool:
+    """Every stream the service keeps has `replicas` copies, a leader, and its followers
+    caught up."""
+    for stream in REPLICATED:
+        configured, leader, current = await replicas_of(js, stream)
+        if configured != replicas or leader is None or current != replicas - 1:
+            return False
+    return True
+
+
+class TestClusterNodeLoss:
+    """One node of three lost mid-stream costs nothing."""
+
+    async def test_node_killed_mid_stream(self, tmp_path: Path) -> None:
+        """The worker registry made by the bridges has 3 copies; the event stream made
+        with 1 is scaled to 3 at the indexer's start; 8 workers store 48,000 blocks; the
+        event stream's leader is SIGKILLed while batches are in flight; the index ends
+        equal to the reference, with every lease, snapshot and worker entry still
+        readable, and the node, restarted, catches up."""
+        cluster = NatsCluster(tmp_path / "nats").start()
+        redis_server = RedisServer(tmp_path / "redis").start()
+        fleet: ChainFleet | None = None
+        nc = None
+        try:
+            await cluster.wait_ready(3)
+            nc = await nats.connect(cluster.servers, max_reconnect_attempts=-1,
+                                    reconnect_time_wait=0.2)
+            js = nc.jetstream()
+            # what a version without replicas left behind: a one-copy event stream
+            await ensure_stream(js, StreamSettings(partitions=PARTITIONS))
+            assert (await replicas_of(js, STREAM_NAME))[0] == 1
+            # bridges up first: the one that makes the worker registry gives it 3 copies
+            fleet = ChainFleet(cluster.url, MODEL, workers=WORKERS, stream=StreamSettings(
+                partitions=PARTITIONS, liveness_ttl_s=3.0, replicas=3))
+            await fleet.start()
+            registry = kv_stream(LIVENESS_BUCKET)
+            await eventually(lambda: equals(first_of(replicas_of(js, registry)), 3), 30)
+            service = IndexerService(ServiceConfig(
+                nats_url=cluster.url, redis_url=redis_server.url, grpc_listen="",
+                metrics_listen="", partitions=PARTITIONS, stream_replicas=3,
+                snapshot_every_batches=40, snapshot_every_s=1.0, liveness_ttl_s=3.0,
+                liveness_grace_s=3600.0))
+            await service.start()
+            try:
+                await eventually(lambda: all_replicated(js, 3), 60)
+                fleet.store(range(60))
+                await fleet.flush()
+                await eventually(lambda: caught_up(service.index, fleet.published, MODEL), 120)
+                await eventually(lambda: all_replicated(js, 3), 30)
+                await eventually(lambda: is_true(service.stats.snapshots >= PARTITIONS), 30)
+
+                fleet.store(range(60, 90))  # in flight when the leader dies
+                _, leader, _ = await replicas_of(js, STREAM_NAME)
+                assert leader is not None
+                victim = int(leader.removeprefix("n"))
+                applied_at_kill = service.stats.batches_applied
+                cluster.kill(victim)
+                killed_at = time.monotonic()
+                fleet.store(range(90, CHAINS))
+                fleet.remove(range(100, 110), workers=range(0, WORKERS, 2))
+                await fleet.flush(120)
+                await eventually(lambda: caught_up(service.index, fleet.published, MODEL), 120)
+                recovered_s = time.monotonic() - killed_at
+                assert service.index is not None
+                phantom, missing, differing = await mismatches(service.index,
+                                                               fleet.published, MODEL)
+                entries = sum(sum(w.blocks_by_tier.values())
+                              for w in await service.index.workers(MODEL))
+                _, new_leader, _ = await replicas_of(js, STREAM_NAME)
+                print(f"\nnats cluster: node n{victim} (event stream leader) killed, new "
+                      f"leader {new_leader}, {len(fleet.published)} batches, {entries} "
+                      f"(block, worker) entries, caught up {recovered_s:.1f} s after the "
+                      f"kill, phantom={phantom} missing={missing} differing={differing}")
+                assert (phantom, missing, differing) == (0, 0, 0)
+                assert entries >= WORKERS * (CHAINS - 10) * 50 // 2
+                assert new_leader not in (None, f"n{victim}")
+                assert service.stats.batches_applied > applied_at_kill
+                await self._state_survived(js, service)
+
+                cluster.restart(victim)
+                await eventually(lambda: all_replicated(js, 3), 60)
+            finally:
+                await service.close()
+        finally:
+            if fleet is not None:
+                await fleet.close()
+            if nc is not None:
+                await nc.close()
+            redis_server.stop()
+            cluster.stop()
+
+    @staticmethod
+    async def _state_survived(js: JetStreamContext, service: IndexerService) -> None:
+        """Leases held, every partition's snapshot loadable, every worker registered."""
+        assert service.leases is not None
+        assert sorted(service.leases.held) == list(range(PARTITIONS))
+        leases = await js.key_value(LEASE_BUCKET)
+        assert {f"p.{p}" for p in range(PARTITIONS)} <= set(await leases.keys())
+        store = SnapshotStore(js, PARTITIONS)
+        await store.open()
+        for partition in range(PARTITIONS):
+            snapshot = await store.load_newest(partition)
+            assert snapshot is not None and snapshot.ranks
+        workers = await js.key_value(LIVENESS_BUCKET)
+
+        async def all_registered() -> bool:  # entries live 3 s: one may be mid-refresh
+            return len(await workers.keys()) == WORKERS
+
+        await eventually(all_registered, 15)
