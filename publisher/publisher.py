@@ -33,7 +33,6 @@ from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
 from kvcore.bus import (
-    SCHEMA_VERSION,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -43,6 +42,7 @@ from kvcore.bus import (
     check_identity,
     engine_hash_to_u64,
     pack_tokens,
+    schema_for,
     validate_event,
 )
 from kvcore.connect import NatsSecurity, connect_nats
@@ -288,7 +288,7 @@ class RankPublisher:
             return False
         stamp = time.time() if ts is None else ts
         for events in batches:
-            batch = EventBatch(schema=SCHEMA_VERSION, model=self.model,
+            batch = EventBatch(schema=schema_for(events), model=self.model,
                                worker_id=self.worker_id, dp_rank=self.dp_rank,
                                epoch=self.epoch, seq=self.seq, ts=stamp, events=events)
             accepted = self._sink.offer(batch, force=force)
@@ -416,18 +416,25 @@ class KVEventPublisher:
         lora_name: str | None = None,
         cache_salt: str | None = None,
         dp_rank: int = 0,
+        group: int = 0,
+        group_kind: str | None = None,
+        sliding_window: int = 0,
     ) -> None:
+        """Blocks stored; hybrid-attention engines name the KV-cache `group` and its
+        `group_kind` ("full_attention", "sliding_window", "mamba") and window (tokens)."""
         tokens = token_ids if isinstance(token_ids, bytes) else pack_tokens(token_ids)
         self._pending[dp_rank].append(BlockStored(
             block_hashes=[engine_hash_to_u64(h) for h in block_hashes],
             parent_hash=None if parent_hash is None else engine_hash_to_u64(parent_hash),
             token_ids=tokens, block_size=self.block_size if tokens else 0,
-            medium=medium.lower(), lora_name=lora_name, cache_salt=cache_salt))
+            medium=medium.lower(), lora_name=lora_name, cache_salt=cache_salt, group=group,
+            group_kind=group_kind, sliding_window=sliding_window))
 
     def removed(self, block_hashes: Sequence[int | bytes], *, medium: str = "gpu",
-                dp_rank: int = 0) -> None:
+                dp_rank: int = 0, group: int = 0) -> None:
         self._pending[dp_rank].append(BlockRemoved(
-            block_hashes=[engine_hash_to_u64(h) for h in block_hashes], medium=medium.lower()))
+            block_hashes=[engine_hash_to_u64(h) for h in block_hashes], medium=medium.lower(),
+            group=group))
 
     def cleared(self, *, dp_rank: int = 0) -> None:
         self._pending[dp_rank].append(AllBlocksCleared())
