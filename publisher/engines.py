@@ -118,8 +118,9 @@ _SHARED_MEDIA: Final = frozenset({"external"})
 
 # Positional field names after the tag. vLLM appends newer fields at the end (the KV-cache
 # group of hybrid models from 0.20); SGLang's layout is shared up to `medium`, then follows
-# its BlockStored struct (cache_salt, session_id, lora_name; no groups in 0.5.23). Reading a field of an unknown
-# layout as a salt or an adapter can only isolate blocks, never merge them.
+# its BlockStored struct (cache_salt, session_id, lora_name; no groups in 0.5.23). Reading
+# a field of an unknown layout as a salt or an adapter can only isolate blocks, never merge
+# them.
 _STORED_FIELDS: Final[dict[Flavor, tuple[str, ...]]] = {
     "vllm": (
         "block_hashes",
