@@ -350,6 +350,10 @@ def _group_spec(fields: dict[Any, Any]) -> tuple[int, str | None, int]:
     if type(window) is not int or not 0 <= window <= MAX_SLIDING_WINDOW:
         raise _SkipEventError(
             f"malformed_event:BlockStored.kv_cache_spec_sliding_window {_detail(window)}")
+    if group == 0 and kind == "full_attention" and not window:
+        # What every group-0 store of a plain model says: the default, left out so the
+        # batch stays bus schema 1 (readable by indexers that predate groups).
+        kind = None
     return group, kind or None, window
 
 

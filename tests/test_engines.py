@@ -183,7 +183,7 @@ EXPECTED: dict[str, tuple[str, int | None, list[Event], list[str]]] = {
     "vllm_0_34_hybrid": (
         "vllm",
         0,
-        [BlockStored(HYBRID, None, toks(*range(300, 324)), 4, group_kind="full_attention"),
+        [BlockStored(HYBRID, None, toks(*range(300, 324)), 4),  # group 0, full: the default
          BlockStored(HYBRID, None, toks(*range(300, 324)), 4, group=1,
                      group_kind="sliding_window", sliding_window=8)],
         [],

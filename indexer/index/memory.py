@@ -10,8 +10,18 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
+from itertools import repeat
 
-from indexer.index.block_table import new_block_table
+import msgspec
+
+from indexer.index.block_table import BlockMasks, new_block_table
+from indexer.index.hybrid import (
+    FULL,
+    GroupRule,
+    group_rule,
+    hybrid_matches,
+    query_keys_prefix,
+)
 from indexer.index.ledger import WorkerLedger, stored_block_size
 from indexer.index.protocol import (
     TIER_BITS,
@@ -25,14 +35,46 @@ from indexer.index.protocol import (
     WorkerInfo,
     WorkerRef,
 )
-from indexer.index.scoring import prefix_match_query, slot_bits, validate_query, worker_scores
+from indexer.index.scoring import (
+    SlotMatch,
+    prefix_match_query,
+    slot_bits,
+    validate_query,
+    worker_scores,
+)
 from kvcore.bus import EventBatch, validate_batch
 
 __all__ = ["MemoryIndex", "SyncMemoryIndex"]
 
 
+class _GroupTable:
+    """The PresenceSink of one KV-cache group (> 0) of a hybrid model."""
+
+    __slots__ = ("blocks", "space")
+
+    def __init__(self, space: _ModelSpace) -> None:
+        self.space = space
+        self.blocks = new_block_table()
+
+    def set_bits(self, keys: list[int], bitpos: int) -> None:
+        self.blocks.set_bits(keys, 1 << bitpos)
+
+    def clear_bits(self, keys: list[int], bitpos: int) -> None:
+        self.blocks.clear_bits(keys, ~(1 << bitpos))
+
+    def group_sink(self, group: int) -> _GroupTable:
+        return self.space.group_sink(group)
+
+    def learn_group(self, group: int, kind: str | None, sliding_window: int) -> None:
+        self.space.learn_group(group, kind, sliding_window)
+
+
 class _ModelSpace:
-    """One model's blocks and workers; it is the PresenceSink of its ledgers."""
+    """One model's blocks and workers; it is the PresenceSink of its ledgers.
+
+    `blocks` holds KV-cache group 0, the only one of most models; a hybrid model's other
+    groups each have a table in `groups`, and `group_specs` what their events said.
+    """
 
     def __init__(self, model: str, ghost_capacity: int) -> None:
         self.model = model
@@ -45,6 +87,26 @@ class _ModelSpace:
         self.block_size: int | None = None
         self._free: list[int] = []
         self._next_slot = 0
+        self.groups: dict[int, _GroupTable] = {}
+        self.group_specs: dict[int, tuple[str | None, int]] = {}
+
+    def group_sink(self, group: int) -> _GroupTable:
+        found = self.groups.get(group)
+        if found is None:
+            found = self.groups[group] = _GroupTable(self)
+        return found
+
+    def learn_group(self, group: int, kind: str | None, sliding_window: int) -> None:
+        if kind is not None or sliding_window or group not in self.group_specs:
+            self.group_specs[group] = (kind, sliding_window)
+
+    def group_tables(self) -> tuple[list[BlockMasks], list[GroupRule]]:
+        """Every group's table and reuse rule, group 0 first (hybrid models only)."""
+        groups = sorted(self.groups)
+        tables = [self.blocks, *(self.groups[g].blocks for g in groups)]
+        rules = [group_rule(*self.group_specs.get(g, (None, 0)), self.block_size)
+                 for g in (0, *groups)]
+        return tables, rules
 
     def set_bits(self, keys: list[int], bitpos: int) -> None:
         self.blocks.set_bits(keys, 1 << bitpos)
@@ -128,8 +190,38 @@ class SyncMemoryIndex:
         if space is None:
             return ScoreResult(query.query_blocks, [])
         candidates = space.candidates(query.workers)
-        matches = prefix_match_query(query, space.blocks, candidates, self.config)
+        if space.groups:
+            matches = self._hybrid_matches(query, space, candidates)
+        else:
+            matches = prefix_match_query(query, space.blocks, candidates, self.config)
         return ScoreResult(query.query_blocks, worker_scores(matches, space.ref_of_slot))
+
+    def _hybrid_matches(self, query: ScoreQuery, space: _ModelSpace,
+                        candidates: int) -> list[SlotMatch]:
+        """vLLM's hybrid rule over the model's KV-cache groups (indexer/index/hybrid.py).
+
+        With group 0 under the full-attention rule, its prefix walk (hashing only as far
+        as a candidate matches) bounds every hit, so the other groups are looked up only
+        that far."""
+        tables, rules = space.group_tables()
+        weights = query.tier_weights or self.config.tier_weights
+        n_blocks = query.query_blocks
+        reference: list[SlotMatch] = []
+        if rules[0].rule == FULL:
+            reference = prefix_match_query(
+                msgspec.structs.replace(query, include_zero=True), space.blocks, candidates,
+                self.config)
+            limits: dict[int, int] = {}
+            for match in reference:
+                bit = 1 << (match.slot * TIER_BITS)
+                limits[match.matched_blocks] = limits.get(match.matched_blocks, 0) | bit
+            n_blocks = max(limits, default=0)
+        else:
+            limits = {n_blocks: candidates} if candidates else {}
+        keys = query_keys_prefix(query, n_blocks)
+        masks = [list(map(table.get, keys, repeat(0))) for table in tables]
+        return hybrid_matches(rules, masks, limits, weights=weights,
+                              include_zero=query.include_zero, reference=reference)
 
     def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
         ledgers = self._ledgers_of(model, worker_id, dp_rank)

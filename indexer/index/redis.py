@@ -10,6 +10,8 @@ hash slot and each batch is one atomic Lua call even on Redis Cluster:
     kvi:{m:M}:w:<slot>:meta      HASH  pos (epoch, seq), ts, n0..n3, degraded, worker, rank
     kvi:{m:M}:w:<slot>:log       STR   the rank's ledger as an append-only log (below)
     kvi:{m:M}:block_size         STR   block size the model's workers store with
+    kvi:{m:M}:groups             HASH  KV-cache group > 0 -> "kind\nwindow" (hybrid models)
+    kvi:{m:M}:blk<g>             HASH  the presence masks of KV-cache group g > 0, like blk
     kvi:models                   SET   model names (for listing only)
 
 A model lives while it has a rank: removing its last rank (`remove_worker`, which is also
@@ -22,6 +24,7 @@ A ledger log is a sequence of records, replayed in order on reload:
     b"D" engine hash u64                          the mapping is gone
     b"U" engine hash u64                          no longer a ghost
     b"G" engine hash u64                          now the most recently evicted ghost
+    b"Y" group u64                                what follows is of KV-cache group g
 Each call appends one segment per changed rank; when a log grows past twice its live
 size (and `log_compact_min_bytes`) or the rank is reset, the owner replaces it by a snapshot.
 
@@ -52,6 +55,7 @@ from redis.exceptions import (
 )
 
 from indexer.errors import BackendError
+from indexer.index.hybrid import FULL, group_rule, hybrid_matches, runs_to_masks
 from indexer.index.ledger import (
     LOG_HASH,
     LOG_MAP,
@@ -75,6 +79,7 @@ from indexer.index.protocol import (
 )
 from indexer.index.redis_pipe import RedisPipe
 from indexer.index.scoring import (
+    SlotMatch,
     prefix_match_runs,
     query_keys_packed,
     slot_bits,
@@ -92,6 +97,7 @@ MODELS_KEY: Final = "kvi:models"
 DEFAULT_LOG_COMPACT_MIN_BYTES: Final = 64 * 1024
 _MAX_CALLS: Final = 8  # script calls one apply() is split into, so Python and Redis overlap
 _OP_HEADER: Final = struct.Struct("<cHI")
+_GROUP_OP_HEADER: Final = struct.Struct("<cBHI")
 _RECORD_HEADER: Final = struct.Struct("<H16s16sdBIIIIIHIII")
 _POSITION: Final = struct.Struct(">qq")
 
@@ -124,10 +130,12 @@ def _lua(name: str) -> str:
 class _OpsSink:
     """Collects a ledger's presence changes as the packed ops `apply.lua` reads."""
 
-    __slots__ = ("ops",)
+    __slots__ = ("_groups", "learned", "ops")
 
     def __init__(self) -> None:
         self.ops = bytearray()
+        self.learned: dict[int, tuple[str | None, int]] = {}  # group -> (kind, window)
+        self._groups: dict[int, _GroupOpsSink] = {}
 
     def set_bits(self, keys: list[int], bitpos: int) -> None:
         self.ops += _OP_HEADER.pack(b"S", bitpos, len(keys))
@@ -136,6 +144,52 @@ class _OpsSink:
     def clear_bits(self, keys: list[int], bitpos: int) -> None:
         self.ops += _OP_HEADER.pack(b"C", bitpos, len(keys))
         self.ops += pack_keys(keys)
+
+    def group_sink(self, group: int) -> _GroupOpsSink:
+        found = self._groups.get(group)
+        if found is None:
+            found = self._groups[group] = _GroupOpsSink(self, group)
+        return found
+
+    def learn_group(self, group: int, kind: str | None, sliding_window: int) -> None:
+        if kind is not None or sliding_window or group not in self.learned:
+            self.learned[group] = (kind, sliding_window)
+
+
+class _GroupOpsSink:
+    """The ops of one KV-cache group (> 0), into its owner's ops."""
+
+    __slots__ = ("group", "owner")
+
+    def __init__(self, owner: _OpsSink, group: int) -> None:
+        self.owner = owner
+        self.group = group
+
+    def set_bits(self, keys: list[int], bitpos: int) -> None:
+        self.owner.ops += _GROUP_OP_HEADER.pack(b"T", self.group, bitpos, len(keys))
+        self.owner.ops += pack_keys(keys)
+
+    def clear_bits(self, keys: list[int], bitpos: int) -> None:
+        self.owner.ops += _GROUP_OP_HEADER.pack(b"K", self.group, bitpos, len(keys))
+        self.owner.ops += pack_keys(keys)
+
+    def group_sink(self, group: int) -> _GroupOpsSink:
+        return self.owner.group_sink(group)
+
+    def learn_group(self, group: int, kind: str | None, sliding_window: int) -> None:
+        self.owner.learn_group(group, kind, sliding_window)
+
+
+def _changes(ledger: WorkerLedger, journal: Journal) -> bytes:
+    """The log records of what one batch changed in one ledger (of a rank or a group)."""
+    keys, tiers = ledger.keys, ledger.tiers
+    pack_hash = LOG_HASH.pack
+    parts = [pack_log_entries(journal.dirty, keys, tiers)]
+    ghosts = ledger.ghosts
+    parts.extend(pack_hash(b"U", h) for h in journal.unghosted if h not in ghosts)
+    last_pushes = dict.fromkeys(reversed(journal.ghost_pushed))
+    parts.extend(pack_hash(b"G", h) for h in reversed(last_pushes) if h in ghosts)
+    return b"".join(parts)
 
 
 def _worker_infos(model: str, reply: list[Any]) -> list[WorkerInfo]:
@@ -201,6 +255,7 @@ class RedisIndex:
         self._apply_sha: str | None = None
         self._slot_script = client.register_script(_lua("slot.lua"))
         self._score_script = client.register_script(_lua("score.lua"))
+        self._score_groups_script = client.register_script(_lua("score_groups.lua"))
         self._workers_script = client.register_script(_lua("workers.lua"))
         self._gc_script = client.register_script(_lua("gc.lua"))
         # None: queries stay on redis-py (asked for, or a URL the pipe does not speak).
@@ -210,6 +265,8 @@ class RedisIndex:
         self._slot_maps: dict[str, _SlotMap] = {}
         self._known_models: set[str] = set()
         self._block_sizes: dict[str, int] = {}
+        # model -> KV-cache group -> (kind, window) learned, to write with the records
+        self._unwritten_groups: dict[str, dict[int, tuple[str | None, int]]] = {}
         self._stats = IndexStats()
         self._lock = asyncio.Lock()
 
@@ -268,11 +325,14 @@ class RedisIndex:
         try:
             # RESP pipelining on one connection: each call goes out as soon as it is built,
             # so Redis runs it while Python builds the next; replies come back in order.
-            pending: list[tuple[str, list[bytes], list[WorkerLedger]]] = []
+            pending: list[tuple[str, list[bytes], list[WorkerLedger]] | None] = []
             for start in range(0, len(batches), step):
                 group = list(enumerate(batches[start : start + step], start))
                 records, sent = await self._build_records(group, outcomes)
                 for model, model_records in records.items():
+                    for command in self._group_commands(model):
+                        await conn.send_command(*command)
+                        pending.append(None)
                     await conn.send_command("EVALSHA", sha, 1, model_prefix(model),
                                             *model_records)
                     pending.append((model, model_records, sent[model]))
@@ -282,7 +342,12 @@ class RedisIndex:
             raise
         finally:
             await self._redis.connection_pool.release(conn)
-        for (model, model_records, ledgers), reply in zip(pending, replies, strict=True):
+        for sent_record, reply in zip(pending, replies, strict=True):
+            if sent_record is None:
+                if isinstance(reply, Exception):
+                    raise BackendError(f"redis groups write failed: {reply}")
+                continue
+            model, model_records, ledgers = sent_record
             self._check_statuses(model, model_records, ledgers, reply)
         await self._register_models(batches)
         return [outcomes[i] for i in range(len(batches))]
@@ -326,7 +391,7 @@ class RedisIndex:
             ledger = await self._ledger(batch.model, WorkerRef(batch.worker_id, batch.dp_rank))
             if ledger not in sinks:
                 sinks[ledger] = (_position(ledger.epoch, ledger.last_seq), _OpsSink())
-                ledger.journal = Journal()
+                ledger.start_journal()
             outcome = ledger.apply(batch, sinks[ledger][1], self._stats, self.on_resync)
             outcomes[i] = outcome
             if outcome.applied:
@@ -338,8 +403,25 @@ class RedisIndex:
                 records.setdefault(ledger.model, []).append(
                     self._record(ledger, expected, sink, block_size=changed[ledger]))
                 sent.setdefault(ledger.model, []).append(ledger)
-            ledger.journal = None
+                self._learn_groups(ledger.model, sink.learned)
+            ledger.end_journal()
         return records, sent
+
+    def _learn_groups(self, model: str, learned: dict[int, tuple[str | None, int]]) -> None:
+        """Queue the KV-cache group specs of these records, written in the same pipeline
+        before them, so a group's hash is always listed in `groups` (gc.lua finds it)."""
+        if learned:
+            self._unwritten_groups.setdefault(model, {}).update(learned)
+
+    def _group_commands(self, model: str) -> list[tuple[str, ...]]:
+        """The writes of the KV-cache group specs learned for `model` since the last."""
+        commands: list[tuple[str, ...]] = []
+        for group, (kind, window) in self._unwritten_groups.pop(model, {}).items():
+            # A spec the events named replaces what is known; a bare group only lists.
+            verb = "HSET" if kind is not None or window else "HSETNX"
+            commands.append((verb, model_prefix(model) + "groups", str(group),
+                             f"{kind or ''}\n{window}"))
+        return commands
 
     async def _run_records(
         self, records: dict[str, list[bytes]], sent: dict[str, list[WorkerLedger]]
@@ -350,12 +432,16 @@ class RedisIndex:
             return []
         pipe = self._redis.pipeline(transaction=False)
         models = list(records)
+        at: list[int] = []  # where each model's script reply is in the pipeline's
         for model in models:
+            for command in self._group_commands(model):
+                pipe.execute_command(*command)
+            at.append(len(pipe))
             await self._apply_script(keys=[model_prefix(model)],
                                      args=records[model], client=pipe)
         results = await pipe.execute(raise_on_error=False)
         emptied = []
-        for model, reply in zip(models, results, strict=True):
+        for model, reply in zip(models, (results[i] for i in at), strict=True):
             self._check_statuses(model, records[model], sent[model], reply)
             if b"emptied" in reply:
                 emptied.append(model)
@@ -387,18 +473,24 @@ class RedisIndex:
         return b"".join((header, worker, sink.ops, log_segment))
 
     def _log_segment(self, ledger: WorkerLedger, journal: Journal) -> tuple[bytes, bool]:
-        """What to append to the ledger's log, or a snapshot to replace it (True)."""
-        keys, tiers = ledger.keys, ledger.tiers
-        if not journal.reset:
-            pack_hash = LOG_HASH.pack
-            parts = [pack_log_entries(journal.dirty, keys, tiers)]
-            ghosts = ledger.ghosts
-            parts.extend(pack_hash(b"U", h) for h in journal.unghosted if h not in ghosts)
-            last_pushes = dict.fromkeys(reversed(journal.ghost_pushed))
-            parts.extend(pack_hash(b"G", h) for h in reversed(last_pushes) if h in ghosts)
+        """What to append to the ledger's log, or a snapshot to replace it (True).
+
+        A hybrid rank's groups follow their `Y` records, and the segment switches back to
+        group 0 at its end."""
+        groups = sorted(ledger.groups.items())
+        if not journal.reset and not any(g.journal is not None and g.journal.reset
+                                         for _, g in groups):
+            parts = [_changes(ledger, journal)]
+            for group, group_ledger in groups:
+                if group_ledger.journal is not None:
+                    parts += [LOG_HASH.pack(b"Y", group),
+                              _changes(group_ledger, group_ledger.journal)]
+            if groups:
+                parts.append(LOG_HASH.pack(b"Y", 0))
             segment = b"".join(parts)
             size = self._log_bytes.get(ledger, 0) + len(segment)
-            live = LOG_MAP.size * len(keys) + LOG_HASH.size * len(ledger.ghosts)
+            live = sum(LOG_MAP.size * len(one.keys) + LOG_HASH.size * (len(one.ghosts) + 1)
+                       for one in (ledger, *ledger.groups.values()))
             if size <= max(self.log_compact_min_bytes, 2 * live):
                 self._log_bytes[ledger] = size
                 return segment, False
@@ -482,7 +574,7 @@ class RedisIndex:
         prefix = model_prefix(query.model)
         try:
             # One round trip, one packed argument: the masks up to the first unheld block.
-            version, *values = await self._masks(prefix, packed_keys)
+            version, groups, *values = await self._masks(prefix, packed_keys)
             slot_map = await self._slot_map(query.model, version or None)
         except RedisError as exc:
             if isinstance(exc, ConnectionError | TimeoutError):
@@ -492,11 +584,54 @@ class RedisIndex:
         # Runs of equal masks, flat: [mask bytes, count, ...] (see lua/score.lua).
         runs: list[int] = [int.from_bytes(v, "little") if i % 2 == 0 else v
                            for i, v in enumerate(values)]
-        matches = prefix_match_runs(runs, candidates,
-                                    query.tier_weights or self.config.tier_weights,
-                                    query.include_zero)
+        weights = query.tier_weights or self.config.tier_weights
+        if any(group != b"0" for group in groups[::2]):
+            matches = await self._hybrid_matches(query, packed_keys, groups, runs, candidates)
+        else:
+            matches = prefix_match_runs(runs, candidates, weights, query.include_zero)
         return ScoreResult(len(packed_keys) // 8,
                            worker_scores(matches, slot_map.by_slot.__getitem__))
+
+    async def _hybrid_matches(self, query: ScoreQuery, packed_keys: bytes, groups: list[bytes],
+                              runs: list[int], candidates: int) -> list[SlotMatch]:
+        """vLLM's hybrid rule (indexer/index/hybrid.py) over the model's KV-cache groups:
+        group 0's runs came with the query; the others' masks take a second call, only as
+        far as group 0's prefix reaches when group 0 is under the full-attention rule."""
+        specs: dict[int, tuple[str | None, int]] = {0: (None, 0)}
+        for i in range(0, len(groups), 2):
+            kind, _, window = groups[i + 1].decode().partition("\n")
+            specs[int(groups[i])] = (kind or None, int(window or 0))
+        block_size = query.block_size if query.token_ids is not None else None
+        block_size = block_size or await self.block_size(query.model)
+        numbers = sorted(specs)
+        rules = [group_rule(*specs[g], block_size) for g in numbers]
+        weights = query.tier_weights or self.config.tier_weights
+        n_blocks = len(packed_keys) // 8
+        reference: list[SlotMatch] = []
+        if rules[0].rule == FULL:
+            reference = prefix_match_runs(runs, candidates, weights, True)
+            limits: dict[int, int] = {}
+            for match in reference:
+                bit = 1 << (match.slot * TIER_BITS)
+                limits[match.matched_blocks] = limits.get(match.matched_blocks, 0) | bit
+            n_blocks = max(limits, default=0)
+        else:
+            limits = {n_blocks: candidates} if candidates else {}
+        if not n_blocks:
+            return hybrid_matches(rules, [[] for _ in numbers], limits, weights=weights,
+                                  include_zero=query.include_zero, reference=reference)
+        fetched = numbers[1:] if reference else numbers
+        try:
+            replies = await self._score_groups_script(
+                keys=[model_prefix(query.model)],
+                args=[packed_keys[: n_blocks * 8], *map(str, fetched)])
+        except RedisError as exc:
+            raise BackendError(f"redis score failed: {exc}") from exc
+        masks = [[int.from_bytes(v, "little") if v else 0 for v in reply] for reply in replies]
+        if reference:
+            masks.insert(0, runs_to_masks(runs)[:n_blocks])
+        return hybrid_matches(rules, masks, limits, weights=weights,
+                              include_zero=query.include_zero, reference=reference)
 
     async def _drop_idle_sockets(self) -> None:
         """After a query lost its connection: the next query reconnects the pipe, and
@@ -509,17 +644,17 @@ class RedisIndex:
 
     async def _masks(self, prefix: str, packed_keys: bytes) -> list[Any]:
         """score.lua's reply; over the shared query pipe when there is one."""
-        keys = (prefix + "blk", prefix + "slotver")
+        keys = (prefix + "blk", prefix + "slotver", prefix + "groups")
         reply: list[Any]
         if self._queries is None:
             reply = await self._score_script(keys=keys, args=[packed_keys])
             return reply
         sha = str(self._score_script.sha)  # SHA1 of the script text, known before loading
         try:
-            reply = await self._queries.call("EVALSHA", sha, 2, *keys, packed_keys)
+            reply = await self._queries.call("EVALSHA", sha, 3, *keys, packed_keys)
         except NoScriptError:  # first use, or Redis restarted and lost its scripts
             await self._queries.call("SCRIPT", "LOAD", str(self._score_script.script))
-            reply = await self._queries.call("EVALSHA", sha, 2, *keys, packed_keys)
+            reply = await self._queries.call("EVALSHA", sha, 3, *keys, packed_keys)
         return reply
 
     async def _slot_map(self, model: str, version: bytes | None = None,
@@ -563,10 +698,10 @@ class RedisIndex:
                     ledger = await self._ledger(model, ref)
                     expected = _position(ledger.epoch, ledger.last_seq)
                     sink = _OpsSink()
-                    ledger.journal = Journal()
+                    ledger.start_journal()
                     ledger.clear(sink)
                     records.append(self._record(ledger, expected, sink, remove=remove))
-                    ledger.journal = None
+                    ledger.end_journal()
                     sent.append(ledger)
                 emptied = await self._run_records({model: records} if records else {},
                                                   {model: sent})
@@ -675,12 +810,15 @@ class RedisIndex:
                                                 WorkerRef(state.worker_id, state.dp_rank))
                     expected = _position(ledger.epoch, ledger.last_seq)
                     sink = _OpsSink()
-                    ledger.journal = Journal()
+                    ledger.start_journal()
                     ledger.restore(state, sink)
+                    for group in ledger.groups:
+                        sink.learn_group(group, None, 0)
                     records.setdefault(state.model, []).append(
                         self._record(ledger, expected, sink))
                     sent.setdefault(state.model, []).append(ledger)
-                    ledger.journal = None
+                    self._learn_groups(state.model, sink.learned)
+                    ledger.end_journal()
                 await self._register_models_named({s.model for s in states})
                 await self._run_records(records, sent)
             except RedisError as exc:
@@ -692,6 +830,7 @@ class RedisIndex:
             self._forget_all()
 
     def _forget_all(self) -> None:
+        self._unwritten_groups.clear()
         self._ledgers.clear()
         self._log_bytes.clear()
         self._slot_maps.clear()

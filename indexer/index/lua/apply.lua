@@ -14,6 +14,8 @@
 --           the rank after applying; a block size > 0 is stored as the model's
 --   then    worker id, presence ops, ledger log segment (opaque here; see redis.py)
 --           presence op: <c1 'S'|'C'> <H bit position> <I4 count> count x key (8 bytes)
+--           of KV-cache group 0 (the `blk` hash), or <c1 'T'|'K'> <B group> <H bit
+--           position> <I4 count> keys: set / clear in group g's hash `blk<g>`
 -- A record applies only while its rank still owns the record's slot in `slots`.
 -- Returns one status per record applied ('ok' | 'removed' | 'emptied': removed, and the
 -- model has no rank left), then 'conflict' if one failed.
@@ -22,7 +24,7 @@ local blk = p .. 'blk'
 local NOPOS = string.rep('\255', 16)
 local HEADER = '<Hc16c16dBI4I4I4I4I4HI4I4I4'
 
-local function set_bits(ops, pos, count, byte_i, m)
+local function set_bits(blk, ops, pos, count, byte_i, m)
   local fresh = string.rep('\0', byte_i - 1) .. string.char(m)
   for _ = 1, count do
     local key = string.sub(ops, pos, pos + 7)
@@ -45,7 +47,7 @@ local function set_bits(ops, pos, count, byte_i, m)
   return pos
 end
 
-local function clear_bits(ops, pos, count, byte_i, m)
+local function clear_bits(blk, ops, pos, count, byte_i, m)
   for _ = 1, count do
     local key = string.sub(ops, pos, pos + 7)
     pos = pos + 8
@@ -69,14 +71,21 @@ end
 
 local function apply_presence(rec, pos, stop)
   while pos < stop do
-    local kind, bitpos, count
-    kind, bitpos, count, pos = struct.unpack('<c1HI4', rec, pos)
+    local kind, group, bitpos, count
+    local hash = blk
+    kind = string.sub(rec, pos, pos)
+    if kind == 'S' or kind == 'C' then
+      kind, bitpos, count, pos = struct.unpack('<c1HI4', rec, pos)
+    else
+      kind, group, bitpos, count, pos = struct.unpack('<c1BHI4', rec, pos)
+      hash = blk .. group
+    end
     local byte_i = math.floor(bitpos / 8) + 1
     local m = 2 ^ (bitpos % 8)
-    if kind == 'S' then
-      pos = set_bits(rec, pos, count, byte_i, m)
+    if kind == 'S' or kind == 'T' then
+      pos = set_bits(hash, rec, pos, count, byte_i, m)
     else
-      pos = clear_bits(rec, pos, count, byte_i, m)
+      pos = clear_bits(hash, rec, pos, count, byte_i, m)
     end
   end
 end

@@ -13,6 +13,9 @@ for slot = 0, next_slot - 1 do
   local wp = p .. 'w:' .. slot .. ':'
   redis.call('UNLINK', wp .. 'meta', wp .. 'log')
 end
-redis.call('UNLINK', p .. 'blk', p .. 'slots', p .. 'slotver', p .. 'free', p .. 'nextslot',
+for _, group in ipairs(redis.call('HKEYS', p .. 'groups')) do
+  redis.call('UNLINK', p .. 'blk' .. group)
+end
+redis.call('UNLINK', p .. 'blk', p .. 'groups', p .. 'slots', p .. 'slotver', p .. 'free', p .. 'nextslot',
   p .. 'block_size')
 return 0
