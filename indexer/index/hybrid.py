@@ -18,6 +18,7 @@ per slot).
 
 from __future__ import annotations
 
+import functools
 import sys
 from array import array
 from collections.abc import Iterable, Sequence
@@ -38,6 +39,7 @@ __all__ = [
     "group_rule",
     "hybrid_hits",
     "hybrid_matches",
+    "prefix_limits",
     "query_keys_prefix",
     "runs_to_masks",
 ]
@@ -57,6 +59,7 @@ class GroupRule:
     window_blocks: int = 0  # WINDOW: blocks that must be cached at the hit's end
 
 
+@functools.lru_cache(maxsize=256)
 def group_rule(kind: str | None, sliding_window: int, block_size: int | None) -> GroupRule:
     """The reuse rule of a group from what its events said.
 
@@ -69,6 +72,19 @@ def group_rule(kind: str | None, sliding_window: int, block_size: int | None) ->
     if kind in _WINDOW_KINDS and sliding_window > 0 and block_size:
         return GroupRule(WINDOW, max(1, -(-(sliding_window - 1) // block_size)))
     return GroupRule(FULL)
+
+
+def prefix_limits(reference: Iterable[SlotMatch], others: int = 0) -> dict[int, int]:
+    """Hit length -> slots (slot_bits form) of prefix matches; `others` (slots that match
+    nothing) go under 0."""
+    limits: dict[int, int] = {}
+    for match in reference:
+        bit = 1 << (match.slot * TIER_BITS)
+        limits[match.matched_blocks] = limits.get(match.matched_blocks, 0) | bit
+        others &= ~bit
+    if others:
+        limits[0] = limits.get(0, 0) | others
+    return limits
 
 
 def any_tier(mask: int, slots: int) -> int:
@@ -129,22 +145,34 @@ def _full_limits(masks: Sequence[int], limits: dict[int, int]) -> dict[int, int]
 
 
 def _window_limits(masks: Sequence[int], limits: dict[int, int], window: int) -> dict[int, int]:
-    """Each slot's longest L <= its limit whose `window` blocks ending at L are cached."""
+    """Each slot's longest L <= its limit whose `window` blocks ending at L are cached.
+
+    Right to left like vLLM's manager; after a window fails, the next end tried is the
+    highest block some slot lacked (a window ending above it holds it)."""
     out: dict[int, int] = {}
-    n = len(masks)
     for limit, slots in limits.items():
         left = slots
-        for end in range(min(limit, n), 0, -1):
-            ok = any_tier(masks[end - 1], left)
-            for i in range(end - 2, max(0, end - window) - 1, -1):
-                if not ok:
-                    break
-                ok = any_tier(masks[i], ok)
+        end = min(limit, len(masks))
+        while end > 0 and left:
+            m = masks[end - 1]
+            ok = (m | m >> 1 | m >> 2 | m >> 3) & left if m else 0
+            if not ok:
+                end -= 1
+                continue
+            lacked = end - 1 if ok != left else -1  # the highest block some slot lacks
+            i = end - 2
+            low = max(0, end - window)
+            while i >= low and ok:
+                m = masks[i]
+                held = (m | m >> 1 | m >> 2 | m >> 3) & ok if m else 0
+                if held != ok and lacked < 0:
+                    lacked = i
+                ok = held
+                i -= 1
             if ok:
                 _add(out, end, ok)
                 left &= ~ok
-                if not left:
-                    break
+            end = lacked if lacked >= 0 else end - 1
         _add(out, 0, left)
     return out
 
@@ -173,7 +201,7 @@ def hybrid_matches(
     *,
     weights: TierWeights,
     include_zero: bool,
-    reference: Sequence[SlotMatch] = (),
+    reference: Sequence[SlotMatch] | None = None,
 ) -> list[SlotMatch]:
     """Matches of the candidate slots by vLLM's hybrid rule.
 
@@ -183,11 +211,12 @@ def hybrid_matches(
     hold that group's prefix matches already walked (`limits` then cut to them): a slot
     whose prefix is all on GPU needs no second walk.
     """
-    applied = [g for g, rule in enumerate(rules) if rule.rule == FULL][:1] if reference else []
+    fulls = [g for g, rule in enumerate(rules) if rule.rule == FULL]
+    applied = fulls[:1] if reference is not None else []
     hits = hybrid_hits(rules, masks, limits, applied)
-    ref = next((g for g, rule in enumerate(rules) if rule.rule == FULL), 0)
+    ref = fulls[0] if fulls else 0
     all_gpu = 0
-    for match in reference:
+    for match in reference or ():
         if match.blocks_by_tier.keys() <= {"gpu"}:
             all_gpu |= 1 << (match.slot * TIER_BITS)
     gpu_weight = weights.gpu

@@ -12,17 +12,17 @@ import heapq
 from collections.abc import Sequence
 from itertools import repeat
 
-import msgspec
-
 from indexer.index.block_table import BlockMasks, new_block_table
 from indexer.index.hybrid import (
     FULL,
     GroupRule,
     group_rule,
     hybrid_matches,
+    prefix_limits,
     query_keys_prefix,
+    runs_to_masks,
 )
-from indexer.index.ledger import WorkerLedger, stored_block_size
+from indexer.index.ledger import WorkerLedger, cached_root_seed, stored_block_size
 from indexer.index.protocol import (
     TIER_BITS,
     ApplyOutcome,
@@ -37,7 +37,9 @@ from indexer.index.protocol import (
 )
 from indexer.index.scoring import (
     SlotMatch,
+    prefix_match,
     prefix_match_query,
+    prefix_match_runs,
     slot_bits,
     validate_query,
     worker_scores,
@@ -206,20 +208,26 @@ class SyncMemoryIndex:
         tables, rules = space.group_tables()
         weights = query.tier_weights or self.config.tier_weights
         n_blocks = query.query_blocks
-        reference: list[SlotMatch] = []
+        reference: list[SlotMatch] | None = None
+        group0: list[int] | None = None
         if rules[0].rule == FULL:
-            reference = prefix_match_query(
-                msgspec.structs.replace(query, include_zero=True), space.blocks, candidates,
-                self.config)
-            limits: dict[int, int] = {}
-            for match in reference:
-                bit = 1 << (match.slot * TIER_BITS)
-                limits[match.matched_blocks] = limits.get(match.matched_blocks, 0) | bit
+            if query.token_ids is not None:
+                seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
+                runs = space.blocks.mask_runs(query.token_ids, query.block_size, seed,
+                                              candidates * 15)
+                reference = prefix_match_runs(runs, candidates, weights)
+                group0 = runs_to_masks(runs)
+            else:
+                group0 = list(map(space.blocks.get, query.block_keys or (), repeat(0)))
+                reference = prefix_match(group0, candidates, weights)
+            limits = prefix_limits(reference, candidates if query.include_zero else 0)
             n_blocks = max(limits, default=0)
+            del group0[n_blocks:]
         else:
             limits = {n_blocks: candidates} if candidates else {}
         keys = query_keys_prefix(query, n_blocks)
-        masks = [list(map(table.get, keys, repeat(0))) for table in tables]
+        masks = [group0 if i == 0 and group0 is not None
+                 else list(map(table.get, keys, repeat(0))) for i, table in enumerate(tables)]
         return hybrid_matches(rules, masks, limits, weights=weights,
                               include_zero=query.include_zero, reference=reference)
 

@@ -55,7 +55,13 @@ from redis.exceptions import (
 )
 
 from indexer.errors import BackendError
-from indexer.index.hybrid import FULL, group_rule, hybrid_matches, runs_to_masks
+from indexer.index.hybrid import (
+    FULL,
+    group_rule,
+    hybrid_matches,
+    prefix_limits,
+    runs_to_masks,
+)
 from indexer.index.ledger import (
     LOG_HASH,
     LOG_MAP,
@@ -607,20 +613,17 @@ class RedisIndex:
         rules = [group_rule(*specs[g], block_size) for g in numbers]
         weights = query.tier_weights or self.config.tier_weights
         n_blocks = len(packed_keys) // 8
-        reference: list[SlotMatch] = []
+        reference: list[SlotMatch] | None = None
         if rules[0].rule == FULL:
-            reference = prefix_match_runs(runs, candidates, weights, True)
-            limits: dict[int, int] = {}
-            for match in reference:
-                bit = 1 << (match.slot * TIER_BITS)
-                limits[match.matched_blocks] = limits.get(match.matched_blocks, 0) | bit
+            reference = prefix_match_runs(runs, candidates, weights)
+            limits = prefix_limits(reference, candidates if query.include_zero else 0)
             n_blocks = max(limits, default=0)
         else:
             limits = {n_blocks: candidates} if candidates else {}
         if not n_blocks:
             return hybrid_matches(rules, [[] for _ in numbers], limits, weights=weights,
                                   include_zero=query.include_zero, reference=reference)
-        fetched = numbers[1:] if reference else numbers
+        fetched = numbers[1:] if reference is not None else numbers
         try:
             replies = await self._score_groups_script(
                 keys=[model_prefix(query.model)],
@@ -628,7 +631,7 @@ class RedisIndex:
         except RedisError as exc:
             raise BackendError(f"redis score failed: {exc}") from exc
         masks = [[int.from_bytes(v, "little") if v else 0 for v in reply] for reply in replies]
-        if reference:
+        if reference is not None:
             masks.insert(0, runs_to_masks(runs)[:n_blocks])
         return hybrid_matches(rules, masks, limits, weights=weights,
                               include_zero=query.include_zero, reference=reference)
