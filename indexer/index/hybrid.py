@@ -19,16 +19,12 @@ per slot).
 from __future__ import annotations
 
 import functools
-import sys
-from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-import msgspec
-
-from indexer.index.protocol import TIER_BITS, ScoreQuery, TierWeights
-from indexer.index.scoring import SlotMatch, prefix_match, query_keys_packed
+from indexer.index.protocol import TIER_BITS, TierWeights
+from indexer.index.scoring import SlotMatch, prefix_match
 
 __all__ = [
     "FULL",
@@ -40,7 +36,6 @@ __all__ = [
     "hybrid_hits",
     "hybrid_matches",
     "prefix_limits",
-    "query_keys_prefix",
     "runs_to_masks",
 ]
 
@@ -243,22 +238,6 @@ def _stretched(match: SlotMatch, length: int, weights: TierWeights) -> SlotMatch
     by_tier = dict(match.blocks_by_tier)
     by_tier["gpu"] = by_tier.get("gpu", 0) + missing
     return SlotMatch(match.slot, length, match.weighted_score + weights.gpu * missing, by_tier)
-
-
-def query_keys_prefix(query: ScoreQuery, n_blocks: int) -> list[int]:
-    """The block keys of the query's first `n_blocks` blocks."""
-    if query.block_keys is not None:
-        return list(query.block_keys[:n_blocks])
-    tokens = query.token_ids
-    assert tokens is not None
-    width = 4 if isinstance(tokens, bytes) else 1
-    head = tokens[: n_blocks * query.block_size * width]
-    packed = query_keys_packed(msgspec.structs.replace(query, token_ids=head))
-    keys = array("Q")
-    keys.frombytes(packed)
-    if sys.byteorder == "big":
-        keys.byteswap()
-    return keys.tolist()
 
 
 def runs_to_masks(runs: Sequence[int]) -> list[int]:

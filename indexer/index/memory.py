@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from itertools import repeat
 
 from indexer.index.block_table import BlockMasks, new_block_table
 from indexer.index.hybrid import (
@@ -19,7 +18,6 @@ from indexer.index.hybrid import (
     group_rule,
     hybrid_matches,
     prefix_limits,
-    query_keys_prefix,
     runs_to_masks,
 )
 from indexer.index.ledger import WorkerLedger, cached_root_seed, stored_block_size
@@ -40,11 +38,13 @@ from indexer.index.scoring import (
     prefix_match,
     prefix_match_query,
     prefix_match_runs,
+    query_keys_packed,
     slot_bits,
     validate_query,
     worker_scores,
 )
 from kvcore.bus import EventBatch, validate_batch
+from kvcore.keys import pack_keys
 
 __all__ = ["MemoryIndex", "SyncMemoryIndex"]
 
@@ -207,27 +207,26 @@ class SyncMemoryIndex:
         that far."""
         tables, rules = space.group_tables()
         weights = query.tier_weights or self.config.tier_weights
-        n_blocks = query.query_blocks
-        reference: list[SlotMatch] | None = None
-        group0: list[int] | None = None
-        if rules[0].rule == FULL:
-            if query.token_ids is not None:
-                seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
-                runs = space.blocks.mask_runs(query.token_ids, query.block_size, seed,
-                                              candidates * 15)
-                reference = prefix_match_runs(runs, candidates, weights)
-                group0 = runs_to_masks(runs)
-            else:
-                group0 = list(map(space.blocks.get, query.block_keys or (), repeat(0)))
-                reference = prefix_match(group0, candidates, weights)
-            limits = prefix_limits(reference, candidates if query.include_zero else 0)
-            n_blocks = max(limits, default=0)
-            del group0[n_blocks:]
+        if rules[0].rule != FULL:
+            packed = query_keys_packed(query)
+            limits = {len(packed) // 8: candidates} if candidates else {}
+            return hybrid_matches(rules, [table.get_many(packed) for table in tables], limits,
+                                  weights=weights, include_zero=query.include_zero)
+        if query.token_ids is not None:
+            seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
+            keys = bytearray()
+            runs = space.blocks.mask_runs(query.token_ids, query.block_size, seed,
+                                          candidates * 15, keys)
+            reference = prefix_match_runs(runs, candidates, weights)
+            group0 = runs_to_masks(runs)
         else:
-            limits = {n_blocks: candidates} if candidates else {}
-        keys = query_keys_prefix(query, n_blocks)
-        masks = [group0 if i == 0 and group0 is not None
-                 else list(map(table.get, keys, repeat(0))) for i, table in enumerate(tables)]
+            keys = bytearray(pack_keys(query.block_keys or ()))
+            group0 = space.blocks.get_many(keys)
+            reference = prefix_match(group0, candidates, weights)
+        limits = prefix_limits(reference, candidates if query.include_zero else 0)
+        n_blocks = max(limits, default=0)
+        del group0[n_blocks:], keys[n_blocks * 8 :]
+        masks = [group0, *(table.get_many(keys) for table in tables[1:])]
         return hybrid_matches(rules, masks, limits, weights=weights,
                               include_zero=query.include_zero, reference=reference)
 
