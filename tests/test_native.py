@@ -260,7 +260,7 @@ class TestMaskRuns:
             all_keys = block_keys_python(pack_tokens(tokens), block_size, seed)
             assert len(native_keys) == 8 * sum(runs[1::2])
             assert native_keys == pack_keys(all_keys[: sum(runs[1::2])])
-        packed = pack_keys(block_keys_python(pack_tokens(tokens), block_size, seed) + [7, 8])
+        packed = pack_keys([*block_keys_python(pack_tokens(tokens), block_size, seed), 7, 8])
         expected = [reference.get(k, 0) for k in unpack_keys(packed)]
         assert native.get_many(packed) == reference.get_many(packed) == expected
         with pytest.raises(ValueError, match="8 bytes"):
