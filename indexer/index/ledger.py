@@ -200,8 +200,9 @@ class WorkerLedger:
     def group_ledger(self, group: int) -> WorkerLedger:
         found = self.groups.get(group)
         if found is None:
-            found = WorkerLedger(self.model, self.worker_id, self.dp_rank, self.slot,
-                                 self.ghost_capacity)
+            # No ghosts of its own: a group's child resolves an evicted parent through
+            # the rank's other groups (group 0 keeps its ghosts).
+            found = WorkerLedger(self.model, self.worker_id, self.dp_rank, self.slot, 0)
             found.owner = self
             if self.journal is not None:
                 found.journal = Journal()

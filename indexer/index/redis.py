@@ -625,10 +625,11 @@ class RedisIndex:
                                   include_zero=query.include_zero, reference=reference)
         fetched = numbers[1:] if reference is not None else numbers
         try:
-            replies = await self._score_groups_script(
-                keys=[model_prefix(query.model)],
-                args=[packed_keys[: n_blocks * 8], *map(str, fetched)])
+            replies = await self._group_masks(model_prefix(query.model),
+                                              packed_keys[: n_blocks * 8], fetched)
         except RedisError as exc:
+            if isinstance(exc, ConnectionError | TimeoutError):
+                await self._drop_idle_sockets()
             raise BackendError(f"redis score failed: {exc}") from exc
         masks = [[int.from_bytes(v, "little") if v else 0 for v in reply] for reply in replies]
         if reference is not None:
@@ -658,6 +659,22 @@ class RedisIndex:
         except NoScriptError:  # first use, or Redis restarted and lost its scripts
             await self._queries.call("SCRIPT", "LOAD", str(self._score_script.script))
             reply = await self._queries.call("EVALSHA", sha, 3, *keys, packed_keys)
+        return reply
+
+    async def _group_masks(self, prefix: str, packed_keys: bytes,
+                           groups: Sequence[int]) -> list[Any]:
+        """score_groups.lua's reply; over the shared query pipe when there is one."""
+        script = self._score_groups_script
+        args: list[bytes | str] = [packed_keys, *map(str, groups)]
+        reply: list[Any]
+        if self._queries is None:
+            reply = await script(keys=[prefix], args=args)
+            return reply
+        try:
+            reply = await self._queries.call("EVALSHA", str(script.sha), 1, prefix, *args)
+        except NoScriptError:
+            await self._queries.call("SCRIPT", "LOAD", str(script.script))
+            reply = await self._queries.call("EVALSHA", str(script.sha), 1, prefix, *args)
         return reply
 
     async def _slot_map(self, model: str, version: bytes | None = None,
