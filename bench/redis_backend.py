@@ -196,8 +196,10 @@ as group 0's prefix reaches: a second round trip).
 | figure | measured | target | |
 |---|---:|---:|---|
 | ingest, blocks/s (each block stored in both groups; one round) | {rate:,.0f} | | |
-| Redis memory per (block, worker) entry (group 0 holds {pairs:,}) | {per_pair:.1f} B | <= 100 B | {verdict(per_pair <= 100)} |
-| Redis memory per (block, worker, group) entry ({pairs + window_entries:,}) | {per_entry:.1f} B | | |
+| Redis memory per (block, worker) entry (group 0 holds {pairs:,}) | {per_pair:.1f} B \
+| <= 100 B | {verdict(per_pair <= 100)} |
+| Redis memory per (block, worker, group) entry ({pairs + window_entries:,}) \
+| {per_entry:.1f} B | | |
 | Score p50 / p99 (block keys given) | {p50:,.0f} / {p99:,.0f} us | | |
 | best match per query, mean blocks | {statistics.mean(best):.0f} | | |
 """
