@@ -149,12 +149,15 @@ def _chain_tokens(rng: random.Random, shared: list[int], length: int) -> list[in
 
 def make_history(seed: int, n_workers: int = 3) -> History:
     """Workers store chains of 1,000-2,500 blocks (a shared prefix, then their own) in every
-    group, then each group evicts on its own: the window groups most of each chain (LRU
-    runs, scattered blocks), Mamba all but scattered states, full attention a tail."""
+    group (full attention, a window, maybe a second window or Mamba, in either order),
+    then each group evicts on its own: the window groups most of each chain (LRU runs,
+    scattered blocks), Mamba all but scattered states, full attention a tail."""
     rng = random.Random(seed)
     specs = [FULL_SPEC, swa(rng.randint(8, 16))]
     if rng.random() < 0.4:
         specs.append(rng.choice([swa(rng.randint(8, 32)), Spec("mamba")]))
+    if rng.random() < 0.3:  # vLLM numbers groups by layer order: full attention may not be 0
+        specs.reverse()
     shared = [rng.randrange(1 << 31) for _ in range(rng.randint(100, 400) * BS)]
     batches: list[EventBatch] = []
     chains: dict[str, list[int]] = {}
@@ -171,8 +174,7 @@ def make_history(seed: int, n_workers: int = 3) -> History:
                 events.append(BlockStored(
                     hashes[start:end], hashes[start - 1] if start else None,
                     pack_tokens(tokens[start * BS : end * BS]), BS, group=g,
-                    group_kind=spec.kind if g else None,
-                    sliding_window=spec.sliding_window))
+                    group_kind=spec.kind, sliding_window=spec.sliding_window))
         held = [set(range(length)) for _ in specs]
         removals = _evictions(rng, specs, length)
         for g, gone in enumerate(removals):
@@ -190,8 +192,8 @@ def make_history(seed: int, n_workers: int = 3) -> History:
 
 def _evictions(rng: random.Random, specs: Sequence[Spec], length: int) -> list[set[int]]:
     out: list[set[int]] = []
-    for g, spec in enumerate(specs):
-        if g == 0:
+    for spec in specs:
+        if spec.kind == "full_attention":
             cut = rng.choice((length, length, rng.randint(0, length)))
             out.append(set(range(cut, length)))
             continue
