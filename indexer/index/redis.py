@@ -192,7 +192,8 @@ def _changes(ledger: WorkerLedger, journal: Journal) -> bytes:
     pack_hash = LOG_HASH.pack
     parts = [pack_log_entries(journal.dirty, keys, tiers)]
     ghosts = ledger.ghosts
-    parts.extend(pack_hash(b"U", h) for h in journal.unghosted if h not in ghosts)
+    # A ghost stored again; a trimmed one is gone from the map, and its D record says so.
+    parts.extend(pack_hash(b"U", h) for h in journal.unghosted if h not in ghosts and h in keys)
     last_pushes = dict.fromkeys(reversed(journal.ghost_pushed))
     parts.extend(pack_hash(b"G", h) for h in reversed(last_pushes) if h in ghosts)
     return b"".join(parts)
@@ -497,7 +498,10 @@ class RedisIndex:
             size = self._log_bytes.get(ledger, 0) + len(segment)
             live = sum(LOG_MAP.size * len(one.keys) + LOG_HASH.size * (len(one.ghosts) + 1)
                        for one in (ledger, *ledger.groups.values()))
-            if size <= max(self.log_compact_min_bytes, 2 * live):
+            # A window group stores and frees nearly every block: its churn is most of a
+            # hybrid rank's log, so that log is compacted sooner (memory per entry).
+            limit = live + live // 4 if groups else 2 * live
+            if size <= max(self.log_compact_min_bytes, limit):
                 self._log_bytes[ledger] = size
                 return segment, False
         snapshot = ledger.to_log()
