@@ -105,7 +105,7 @@ async def run(args: argparse.Namespace, url: str, *, user_url: bool = False) -> 
                  for name, pipelined in (("one pipelined connection", True),
                                          ("redis-py", False))}
 
-    hybrid = await run_hybrid(args, url, workload)
+    hybrid = "" if args.no_hybrid else await run_hybrid(args, url, workload)
     p50, p99 = statistics.median(score_only), pct(score_only, 0.99)
     h50, h99 = statistics.median(with_hash), pct(with_hash, 0.99)
     print(f"score: p50 {p50:.0f} us, p99 {p99:.0f} us; with hashing p50 {h50:.0f} us, "
@@ -259,6 +259,9 @@ def main() -> None:
                         help="an empty Redis database to use (default: a private redis-server)")
     parser.add_argument("--flush", action="store_true",
                         help="let the bench empty a --redis-url database that holds keys")
+    parser.add_argument("--no-hybrid", action="store_true",
+                        help="leave out the hybrid-model workload")
+    parser.add_argument("--no-write", action="store_true", help="do not update the docs")
     args = parser.parse_args()
     server = None
     url = args.redis_url
@@ -272,7 +275,9 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
-    write_section("redis", "Redis backend: ingest, Score, memory", "make bench-redis", body)
+    if not args.no_write:
+        write_section("redis", "Redis backend: ingest, Score, memory", "make bench-redis",
+                      body)
 
 
 if __name__ == "__main__":
