@@ -181,11 +181,6 @@ class WorkerLedger:
         self.groups: dict[int, WorkerLedger] = {}  # KV-cache group > 0 -> its ledger
         self.owner: WorkerLedger | None = None  # of a group's ledger: the rank's (group 0)
 
-    @property
-    def hybrid(self) -> bool:
-        """Whether this rank's events name KV-cache groups other than 0."""
-        return bool(self.groups)
-
     def start_journal(self) -> None:
         """Record what the next changes do, for this rank and each of its groups."""
         self.journal = Journal()
