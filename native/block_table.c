@@ -409,6 +409,49 @@ table_get_many(BlockTable *table, PyObject *packed)
     return out;
 }
 
+/* get_present(keys): {position: mask} of the keys (8 bytes little-endian each) held. */
+static PyObject *
+table_get_present(BlockTable *table, PyObject *packed)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(packed, &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (view.len % 8) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "get_present: keys must be 8 bytes each");
+        return NULL;
+    }
+    PyObject *out = PyDict_New();
+    if (out == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    const unsigned char *bytes = view.buf;
+    for (Py_ssize_t i = 0; i < view.len / 8; i++) {
+        uint64_t key = 0;
+        for (int b = 7; b >= 0; b--) {
+            key = key << 8 | bytes[i * 8 + b];
+        }
+        TableEntry *entry = table_find(table, key);
+        if (entry == NULL) {
+            continue;
+        }
+        PyObject *mask = Py_NewRef(entry->mask); /* held across the dict's allocations */
+        PyObject *position = PyLong_FromSsize_t(i);
+        int failed = position == NULL || PyDict_SetItem(out, position, mask) < 0;
+        Py_XDECREF(position);
+        Py_DECREF(mask);
+        if (failed) {
+            Py_DECREF(out);
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+    }
+    PyBuffer_Release(&view);
+    return out;
+}
+
 /* See the method's docstring. Keys are hashed a few blocks ahead of the probes so the
  * table's cache lines are already on their way. */
 static PyObject *
@@ -525,6 +568,9 @@ static PyMethodDef table_methods[] = {
      "keys of those blocks are appended to the bytearray keys_out (8 bytes LE each)."},
     {"get_many", (PyCFunction)table_get_many, METH_O,
      "get_many(keys) -> list[int]: the mask of each key (packed u64 LE), 0 if missing."},
+    {"get_present", (PyCFunction)table_get_present, METH_O,
+     "get_present(keys) -> dict[int, int]: position -> mask of the keys (packed u64 LE)\n"
+     "the table holds."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -116,13 +116,13 @@ class TestRuleAgainstReference:
                                     ) -> None:
         """Bit-parallel over slots, `hybrid_hits` gives every slot vLLM's hit."""
         specs, slots, n = layout
-        masks = [[0] * n for _ in specs]
+        present: list[dict[int, int]] = [{} for _ in specs]
         for slot, groups in enumerate(slots):
             for g, cached in enumerate(groups):
                 for i in cached:
-                    masks[g][i] |= 1 << (slot * 4)
+                    present[g][i] = present[g].get(i, 0) | 1 << (slot * 4)
         candidates = sum(1 << (slot * 4) for slot in range(len(slots)))
-        hits = hybrid_hits([_rule(s) for s in specs], masks, {n: candidates})
+        hits = hybrid_hits([_rule(s) for s in specs], present, {n: candidates})
         got = {slot: length for length, bits in hits.items()
                for slot in range(len(slots)) if bits >> (slot * 4) & 1}
         want = {slot: find_longest_cache_hit(specs, groups, n, BS)

@@ -245,7 +245,8 @@ class TestMaskRuns:
     def test_keys_out_and_get_many_as_dict(
             self, case: tuple[list[int], int, int, list[tuple[int, int]], int]) -> None:
         """`keys_out` gets the keys of exactly the blocks the runs cover, as the dict table
-        gives them; `get_many` looks up packed keys like `get` (0 when missing)."""
+        gives them; `get_many` looks up packed keys like `get` (0 when missing), and
+        `get_present` maps the positions of the held ones to their masks."""
         tokens, block_size, seed, presence, candidates = case
         native, reference = BlockTable(secret=seed), DictBlockTable()
         for key, mask in presence:
@@ -263,8 +264,11 @@ class TestMaskRuns:
         packed = pack_keys([*block_keys_python(pack_tokens(tokens), block_size, seed), 7, 8])
         expected = [reference.get(k, 0) for k in unpack_keys(packed)]
         assert native.get_many(packed) == reference.get_many(packed) == expected
-        with pytest.raises(ValueError, match="8 bytes"):
-            native.get_many(b"\x00" * 9)
+        held = {i: mask for i, mask in enumerate(expected) if mask}
+        assert native.get_present(packed) == reference.get_present(packed) == held
+        for bad in (native.get_many, native.get_present):
+            with pytest.raises(ValueError, match="8 bytes"):
+                bad(b"\x00" * 9)
 
     def test_stops_at_first_missing_block(self) -> None:
         keys = block_keys_python(pack_tokens(range(12)), 4, 9)

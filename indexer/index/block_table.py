@@ -45,6 +45,8 @@ class BlockMasks(Protocol):
 
     def get_many(self, keys: bytes | bytearray, /) -> list[int]: ...
 
+    def get_present(self, keys: bytes | bytearray, /) -> dict[int, int]: ...
+
 
 def new_block_table() -> BlockMasks:
     if NATIVE:
@@ -76,6 +78,11 @@ class DictBlockTable(dict[int, int]):
         """The mask of each key (packed u64 little-endian), 0 when missing."""
         get = self.get
         return [get(key, 0) for key in unpack_keys(keys)]
+
+    def get_present(self, keys: bytes | bytearray, /) -> dict[int, int]:
+        """Position -> mask of the keys (packed u64 little-endian) the table holds."""
+        return {i: mask for i, key in enumerate(unpack_keys(keys))
+                if (mask := self.get(key, 0))}
 
     def mask_runs(self, tokens: Sequence[int] | bytes, block_size: int, seed: int,
                   wanted: int | None, keys_out: bytearray | None = None, /) -> list[int]:

@@ -19,7 +19,7 @@ per slot).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -89,31 +89,29 @@ def any_tier(mask: int, slots: int) -> int:
 
 def hybrid_hits(
     rules: Sequence[GroupRule],
-    masks: Sequence[Sequence[int]],
+    present: Sequence[Mapping[int, int]],
     limits: dict[int, int],
     applied: Iterable[int] = (),
 ) -> dict[int, int]:
     """Hit length -> the slots (slot_bits form) it is for.
 
     `limits` maps each candidate slot's upper bound (the prompt's blocks) to the slots;
-    `masks[g][i]` is the presence mask (nibble form) of block i in group g, a list that
-    may stop early (blocks past its end are held by no candidate). Groups in `applied`
-    are full-attention groups `limits` is already cut to.
+    `present[g]` maps the position of each block group g holds (for some candidate) to
+    its presence mask (nibble form). Groups in `applied` are full-attention groups
+    `limits` is already cut to (their maps are not read).
     """
     done = set(applied)
     for g, rule in enumerate(rules):
         if rule.rule == FULL and g not in done:
             # A cached prefix is downward closed: one cut is final.
-            limits = _full_limits(masks[g], limits)
+            limits = _full_limits(present[g], limits)
     others = [g for g, rule in enumerate(rules) if rule.rule != FULL]
+    descending = {g: sorted(present[g], reverse=True) for g in others}
     while True:
         before = limits
         for g in others:
-            rule = rules[g]
-            if rule.rule == WINDOW:
-                limits = _window_limits(masks[g], limits, rule.window_blocks)
-            else:
-                limits = _mamba_limits(masks[g], limits)
+            window = rules[g].window_blocks if rules[g].rule == WINDOW else 1
+            limits = _window_limits(present[g], descending[g], limits, window)
         if limits == before:
             return limits
 
@@ -123,65 +121,46 @@ def _add(out: dict[int, int], length: int, slots: int) -> None:
         out[length] = out.get(length, 0) | slots
 
 
-def _full_limits(masks: Sequence[int], limits: dict[int, int]) -> dict[int, int]:
+def _full_limits(present: Mapping[int, int], limits: dict[int, int]) -> dict[int, int]:
     """Each slot's limit cut to its cached prefix."""
     out: dict[int, int] = {}
+    get = present.get
     for limit, slots in limits.items():
         alive = slots
         i = 0
-        end = min(limit, len(masks))
-        while i < end and alive:
-            held = any_tier(masks[i], alive)
+        while i < limit and alive:
+            held = any_tier(get(i, 0), alive)
             _add(out, i, alive & ~held)
             alive = held
             i += 1
-        _add(out, i if alive else 0, alive)
+        _add(out, i, alive)
     return out
 
 
-def _window_limits(masks: Sequence[int], limits: dict[int, int], window: int) -> dict[int, int]:
-    """Each slot's longest L <= its limit whose `window` blocks ending at L are cached.
+def _window_limits(present: Mapping[int, int], descending: Sequence[int],
+                   limits: dict[int, int], window: int) -> dict[int, int]:
+    """Each slot's longest L <= its limit whose `window` blocks ending at L (from block 0
+    when L is shorter) are cached; Mamba is a window of 1.
 
-    Right to left like vLLM's manager; after a window fails, the next end tried is the
-    highest block some slot lacked (a window ending above it holds it)."""
+    Right to left like vLLM's managers, over the held blocks only (`descending`: the
+    positions of `present`, highest first)."""
     out: dict[int, int] = {}
+    get = present.get
     for limit, slots in limits.items():
         left = slots
-        end = min(limit, len(masks))
-        while end > 0 and left:
-            m = masks[end - 1]
-            ok = (m | m >> 1 | m >> 2 | m >> 3) & left if m else 0
-            if not ok:
-                end -= 1
+        for last in descending:
+            if last >= limit:
                 continue
-            lacked = end - 1 if ok != left else -1  # the highest block some slot lacks
-            i = end - 2
-            low = max(0, end - window)
-            while i >= low and ok:
-                m = masks[i]
-                held = (m | m >> 1 | m >> 2 | m >> 3) & ok if m else 0
-                if held != ok and lacked < 0:
-                    lacked = i
-                ok = held
+            m = present[last]
+            ok = (m | m >> 1 | m >> 2 | m >> 3) & left
+            i = last - 1
+            low = last + 1 - window
+            while ok and i >= low and i >= 0:
+                m = get(i, 0)
+                ok = (m | m >> 1 | m >> 2 | m >> 3) & ok
                 i -= 1
             if ok:
-                _add(out, end, ok)
-                left &= ~ok
-            end = lacked if lacked >= 0 else end - 1
-        _add(out, 0, left)
-    return out
-
-
-def _mamba_limits(masks: Sequence[int], limits: dict[int, int]) -> dict[int, int]:
-    """Each slot's longest L <= its limit whose block L-1 is cached."""
-    out: dict[int, int] = {}
-    n = len(masks)
-    for limit, slots in limits.items():
-        left = slots
-        for end in range(min(limit, n), 0, -1):
-            ok = any_tier(masks[end - 1], left)
-            if ok:
-                _add(out, end, ok)
+                _add(out, last + 1, ok)
                 left &= ~ok
                 if not left:
                     break
@@ -191,24 +170,26 @@ def _mamba_limits(masks: Sequence[int], limits: dict[int, int]) -> dict[int, int
 
 def hybrid_matches(
     rules: Sequence[GroupRule],
-    masks: Sequence[Sequence[int]],
+    present: Sequence[Mapping[int, int]],
     limits: dict[int, int],
     *,
     weights: TierWeights,
     include_zero: bool,
     reference: Sequence[SlotMatch] | None = None,
+    reference_masks: Sequence[int] | None = None,
 ) -> list[SlotMatch]:
     """Matches of the candidate slots by vLLM's hybrid rule.
 
     The tiers of a hit come from the first full-attention group (group 0 when there is
     none): each block counts at the best tier that group holds it in; blocks it does not
     hold (no group needs them) count as GPU, since nothing is loaded. `reference` may
-    hold that group's prefix matches already walked (`limits` then cut to them): a slot
-    whose prefix is all on GPU needs no second walk.
+    hold group 0's prefix matches already walked when it is that group (`limits` then cut
+    to them, and `reference_masks` its masks block by block): a slot whose prefix is all
+    on GPU needs no second walk.
     """
     fulls = [g for g, rule in enumerate(rules) if rule.rule == FULL]
     applied = fulls[:1] if reference is not None else []
-    hits = hybrid_hits(rules, masks, limits, applied)
+    hits = hybrid_hits(rules, present, limits, applied)
     ref = fulls[0] if fulls else 0
     all_gpu = 0
     for match in reference or ():
@@ -225,8 +206,11 @@ def hybrid_matches(
                    for slot in _slots(slots & all_gpu))
         rest = slots & ~all_gpu
         if rest:
-            out.extend(_stretched(match, length, weights)
-                       for match in prefix_match(masks[ref][:length], rest, weights, True))
+            if reference_masks is None:
+                get = present[ref].get
+                reference_masks = [get(i, 0) for i in range(max(hits))]
+            out.extend(_stretched(match, length, weights) for match in
+                       prefix_match(reference_masks[:length], rest, weights, True))
     return out
 
 

@@ -210,8 +210,8 @@ class SyncMemoryIndex:
         if rules[0].rule != FULL:
             packed = query_keys_packed(query)
             limits = {len(packed) // 8: candidates} if candidates else {}
-            return hybrid_matches(rules, [table.get_many(packed) for table in tables], limits,
-                                  weights=weights, include_zero=query.include_zero)
+            return hybrid_matches(rules, [table.get_present(packed) for table in tables],
+                                  limits, weights=weights, include_zero=query.include_zero)
         if query.token_ids is not None:
             seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
             keys = bytearray()
@@ -224,11 +224,12 @@ class SyncMemoryIndex:
             group0 = space.blocks.get_many(keys)
             reference = prefix_match(group0, candidates, weights)
         limits = prefix_limits(reference, candidates if query.include_zero else 0)
-        n_blocks = max(limits, default=0)
-        del group0[n_blocks:], keys[n_blocks * 8 :]
-        masks = [group0, *(table.get_many(keys) for table in tables[1:])]
-        return hybrid_matches(rules, masks, limits, weights=weights,
-                              include_zero=query.include_zero, reference=reference)
+        del keys[max(limits, default=0) * 8 :]
+        # Group 0's prefix walk is done (`reference`): its map is not read.
+        present = [{}, *(table.get_present(keys) for table in tables[1:])]
+        return hybrid_matches(rules, present, limits, weights=weights,
+                              include_zero=query.include_zero, reference=reference,
+                              reference_masks=group0)
 
     def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
         ledgers = self._ledgers_of(model, worker_id, dp_rank)

@@ -625,7 +625,7 @@ class RedisIndex:
         else:
             limits = {n_blocks: candidates} if candidates else {}
         if not n_blocks:
-            return hybrid_matches(rules, [[] for _ in numbers], limits, weights=weights,
+            return hybrid_matches(rules, [{} for _ in numbers], limits, weights=weights,
                                   include_zero=query.include_zero, reference=reference)
         fetched = numbers[1:] if reference is not None else numbers
         try:
@@ -635,11 +635,15 @@ class RedisIndex:
             if isinstance(exc, ConnectionError | TimeoutError):
                 await self._drop_idle_sockets()
             raise BackendError(f"redis score failed: {exc}") from exc
-        masks = [[int.from_bytes(v, "little") if v else 0 for v in reply] for reply in replies]
-        if reference is not None:
-            masks.insert(0, runs_to_masks(runs)[:n_blocks])
-        return hybrid_matches(rules, masks, limits, weights=weights,
-                              include_zero=query.include_zero, reference=reference)
+        present = [{i: int.from_bytes(v, "little") for i, v in enumerate(reply) if v}
+                   for reply in replies]
+        if reference is None:
+            return hybrid_matches(rules, present, limits, weights=weights,
+                                  include_zero=query.include_zero)
+        # Group 0's prefix walk is done (`reference`): its map is not read.
+        return hybrid_matches(rules, [{}, *present], limits, weights=weights,
+                              include_zero=query.include_zero, reference=reference,
+                              reference_masks=runs_to_masks(runs)[:n_blocks])
 
     async def _drop_idle_sockets(self) -> None:
         """After a query lost its connection: the next query reconnects the pipe, and
