@@ -305,3 +305,30 @@ async def test_redis_ledger_reload_keeps_groups(redis_server: RedisServer) -> No
         assert await second._redis.keys("kvi:{*") == []
     finally:
         await second.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_find_best_worker_costs_what_vllm_reuses(kind: str,
+                                                       request: pytest.FixtureRequest) -> None:
+    """Over gRPC, FindBestWorker's prefill cost counts the hybrid hit: the worker whose
+    window group freed only blocks outside the prompt's last window (it reuses all six)
+    beats the one whose window group lost the blocks the hit needs (it reuses three)."""
+    from indexer._proto.kvindex.v1 import indexer_pb2 as pb
+    from tests.support.grpc_scenario import make_index, serving
+
+    index = await make_index(kind, request)
+    window = stores((0, None, 0), (1, "sliding_window", 2 * BS))
+    await index.apply([
+        batch(0, [*window, BlockRemoved(HASHES[:4], group=1)], worker="kept-window"),
+        batch(0, [*window, BlockRemoved(HASHES[3:], group=1)], worker="lost-window"),
+    ])
+    try:
+        async with serving(index) as (stub, _port):
+            response = await stub.FindBestWorker(pb.FindBestWorkerRequest(
+                score=pb.ScoreRequest(model=MODEL, token_ids=TOKENS, block_size=BS),
+                overlap_weight=1.0))
+    finally:
+        await index.close()
+    assert (response.worker_id, response.matched_blocks) == ("kept-window", 6)
+    assert {(c.worker_id, c.prefill_blocks) for c in response.candidates} == {
+        ("kept-window", 0), ("lost-window", 3)}
