@@ -121,7 +121,11 @@ class TestClusterNodeLoss:
                 fleet.store(range(90, CHAINS))
                 fleet.remove(range(100, 110), workers=range(0, WORKERS, 2))
                 await fleet.flush(120)
-                await eventually(lambda: caught_up(service.index, fleet.published, MODEL), 120)
+                try:
+                    await eventually(lambda: caught_up(service.index, fleet.published, MODEL), 120)
+                except AssertionError:
+                    await _dump(js, service)
+                    raise
                 recovered_s = time.monotonic() - killed_at
                 assert service.index is not None
                 phantom, missing, differing = await mismatches(service.index,
@@ -169,3 +173,19 @@ class TestClusterNodeLoss:
             return len(await workers.keys()) == WORKERS
 
         await eventually(all_registered, 15)
+
+
+async def _dump(js: JetStreamContext, service: IndexerService) -> None:  # TEMP diagnostics
+    from kvcore.topology import consumer_name
+    si = await js.stream_info(STREAM_NAME)
+    print("STREAM", si.state, si.cluster)
+    for p in range(PARTITIONS):
+        try:
+            ci = await js.consumer_info(STREAM_NAME, consumer_name(p))
+            print("CONSUMER", p, ci.config.num_replicas, ci.delivered, ci.ack_floor,
+                  ci.num_ack_pending, ci.num_redelivered, ci.num_waiting, ci.num_pending,
+                  ci.cluster)
+        except Exception as exc:  # noqa: BLE001
+            print("CONSUMER", p, repr(exc))
+    for c in service.consumers():
+        print("LOCAL", c.partition, c._acked_seq, c._last_stream_seq, c.rebuilding)
