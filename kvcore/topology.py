@@ -244,9 +244,10 @@ def object_store_stream(bucket: str) -> str:
 async def reconcile_replicas(js: JetStreamContext, streams: list[str],
                              replicas: int) -> list[tuple[str, int]]:
     """Give each existing stream of `streams` (KV buckets and object stores are streams:
-    `kv_stream`, `object_store_stream`) `replicas` copies; returns (stream, old count) of
-    those changed. The server moves the data itself: scaling up copies it to new peers
-    (the stream stays readable), scaling down drops peers. A stream that is missing is
+    `kv_stream`, `object_store_stream`) `replicas` copies, and their durable consumers
+    with them; returns (stream or stream/consumer, old count) of those changed. The server
+    moves the data itself: scaling up copies it to new peers (the stream stays readable),
+    scaling down drops peers. A stream that is missing is
     skipped; a cluster with fewer JetStream servers than `replicas` refuses the update
     (BadRequestError, raised)."""
     changed: list[tuple[str, int]] = []
@@ -256,8 +257,24 @@ async def reconcile_replicas(js: JetStreamContext, streams: list[str],
         except NotFoundError:
             continue
         current = info.config.num_replicas or 1
-        if current == replicas:
+        if current != replicas:
+            await js.update_stream(dataclasses.replace(info.config, num_replicas=replicas))
+            changed.append((name, current))
+        changed.extend(await _reconcile_consumer_replicas(js, name, replicas))
+    return changed
+
+
+async def _reconcile_consumer_replicas(js: JetStreamContext, stream: str,
+                                       replicas: int) -> list[tuple[str, int]]:
+    """Durable consumers made without a replica count (ours) follow their stream's when
+    it changes; one made with an explicit other count would stay where it is, and with
+    one copy a lost node takes it away: it is given `replicas` too."""
+    changed: list[tuple[str, int]] = []
+    for info in await js.consumers_info(stream):
+        config = info.config
+        if not config.durable_name or config.num_replicas in (None, 0, replicas):
             continue
-        await js.update_stream(dataclasses.replace(info.config, num_replicas=replicas))
-        changed.append((name, current))
+        old = config.num_replicas or 1
+        await js.add_consumer(stream, dataclasses.replace(config, num_replicas=replicas))
+        changed.append((f"{stream}/{config.durable_name}", old))
     return changed
