@@ -223,6 +223,10 @@ class PartitionConsumer:
         # it was not delivering; None when the last look found none
         self._stall_seen: tuple[float, int] | None = None
         self._stall_checked = time.monotonic()
+        # The consumer's delivery sequence of the last message this subscription got, and
+        # the stream sequence a re-created consumer would start from without a hole.
+        self._last_delivery: int | None = None
+        self._replay_from = 1
         self._log = log.bind(partition=partition)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -247,7 +251,14 @@ class PartitionConsumer:
                         await sub.unsubscribe()
                     sub = await self._subscribe(await self._rebuild("index lost its data"))
                 msgs = await self._fetch(sub)
-                if msgs:
+                if msgs and (lost := self._deliveries_lost(msgs)):
+                    # AckAll on these would acknowledge the lost ones unread: start over
+                    # from the last sequence acknowledged, these messages unacked.
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                    sub = await self._subscribe(await self._reset_consumer(
+                        self._replay_from - 1, "deliveries lost in transit", lost))
+                elif msgs:
                     self._stall_seen = None
                     await self.process(msgs, stop)
                 elif self.rebuilding and not await self._finish_rebuild():
@@ -277,6 +288,7 @@ class PartitionConsumer:
             if position >= floor:
                 self._marker = current
                 self._acked_seq = floor
+                self._replay_from = floor + 1
                 return await self._unstranded_start()
             # Restored from an older dump, or a lagging replica promoted: the marker
             # matches but writes the stream saw acknowledged are missing.
@@ -318,6 +330,21 @@ class PartitionConsumer:
             return None
         return await self._reset_consumer(_floor_of(info), "stranded deliveries at start",
                                            int(info.num_ack_pending))
+
+    def _deliveries_lost(self, msgs: Sequence[Msg]) -> int:
+        """How many deliveries the consumer made between the last message this
+        subscription got and these, or among these (each delivery, a redelivery too, takes
+        the next delivery sequence): sent to a pull request whose reply never came back
+        (a NATS node lost with it, a reconnect), they await an ack this process cannot
+        give, and JetStream would send them again only after the ack wait."""
+        previous = self._last_delivery
+        lost = 0
+        for msg in msgs:
+            delivery = msg.metadata.sequence.consumer
+            if previous is not None and delivery > previous + 1:
+                lost += delivery - previous - 1
+            previous = delivery
+        return lost
 
     async def _stalled(self) -> int | None:
         """After an empty fetch, at most every `stall_check_s`: whether the durable
@@ -459,6 +486,8 @@ class PartitionConsumer:
         if start_seq:
             config.deliver_policy = js_api.DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = start_seq
+            self._replay_from = start_seq
+        self._last_delivery = None
         return await self._js.pull_subscribe(
             partition_filter(self.partition), durable=consumer_name(self.partition),
             stream=STREAM_NAME, config=config)
@@ -527,6 +556,8 @@ class PartitionConsumer:
             await self._with_backend_retry(self._record_position, msgs)
             await msgs[-1].ack()  # AckAll: acknowledges the whole fetch
             self._acked_seq = self._last_stream_seq
+            self._replay_from = self._last_stream_seq + 1
+            self._last_delivery = msgs[-1].metadata.sequence.consumer
             self.last_progress = time.monotonic()
 
     async def _decode(self, msg: Msg) -> EventBatch | None:
