@@ -285,7 +285,7 @@ class PartitionConsumer:
         current = await self._index.get_marker(self._marker_name)
         if expected is not None and current == expected:
             position, floor = await self._position(), await self._ack_floor()
-            if position >= floor:
+            if position >= floor or not await self._stored_between(position, floor):
                 self._marker = current
                 self._acked_seq = floor
                 self._replay_from = floor + 1
@@ -308,6 +308,19 @@ class PartitionConsumer:
         """The stream sequence the index says it reflects for this partition."""
         raw = await self._index.get_marker(position_marker_name(self.partition))
         return int(raw) if raw and raw.isdigit() else 0
+
+    async def _stored_between(self, position: int, floor: int) -> bool:
+        """Whether the stream holds a message of this partition after `position` and up
+        to `floor`. A filtered consumer's ack floor follows its scan of the whole stream
+        (with nothing pending it is the last stream sequence looked at), so a floor
+        above the index's position means acknowledged writes are missing only if one of
+        this partition's messages lies between them."""
+        try:
+            msg = await self._js.get_msg(STREAM_NAME, seq=position + 1, next=True,
+                                         subject=partition_filter(self.partition))
+        except NotFoundError:
+            return False
+        return msg.seq is not None and msg.seq <= floor
 
     async def _ack_floor(self) -> int:
         try:
