@@ -93,6 +93,15 @@ async def all_replicated(js: JetStreamContext, replicas: int) -> bool:
     return True
 
 
+async def all_led(js: JetStreamContext, lost: str) -> bool:
+    """Every stream the service keeps has a leader, and not the lost node."""
+    for stream in REPLICATED:
+        _, leader, _ = await replicas_of(js, stream)
+        if leader in (None, lost):
+            return False
+    return True
+
+
 VictimChooser = Callable[[nats.NATS, JetStreamContext], Awaitable[tuple[int, str]]]
 
 
@@ -208,6 +217,8 @@ class TestClusterNodeLoss:
                 if stream_leader_survives:
                     assert new_leader == leader_before
                 assert service.stats.batches_applied > applied_at_kill
+                # ingest may be back before every bucket's election is over
+                await eventually(lambda: all_led(js, f"n{victim}"), 30)
                 await self._state_survived(js, service)
 
                 cluster.restart(victim)
