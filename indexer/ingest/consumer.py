@@ -287,7 +287,9 @@ class PartitionConsumer:
             position, floor = await self._position(), await self._ack_floor()
             if position >= floor or not await self._stored_between(position, floor):
                 self._marker = current
-                self._acked_seq = floor
+                # the index's own position when the floor only scanned past it: the
+                # running check compares that position with this
+                self._acked_seq = min(position, floor)
                 self._replay_from = floor + 1
                 return await self._unstranded_start()
             # Restored from an older dump, or a lagging replica promoted: the marker
