@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 
 import nats
 import pytest
@@ -21,6 +22,7 @@ from kvcore.bus import STREAM_NAME
 from kvcore.topology import consumer_name, partition_filter
 from tests.support.event_path import MODEL, PARTITIONS, matched, publisher, service_config, store
 from tests.support.polling import equals, eventually
+from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +30,7 @@ BLOCKS = 8
 ACK_WAIT_S = 30.0  # ConsumerSettings.ack_wait_s: what a stranded delivery would wait
 
 
-async def steal(nats_url: str, partition: int, ready: asyncio.Event) -> list[Msg]:
+async def steal(nats_url: str, partition: int, ready: asyncio.Event | None = None) -> list[Msg]:
     """Pull from the partition's durable consumer as a second client, then disconnect
     without acknowledging anything."""
     nc = await nats.connect(nats_url)
@@ -37,7 +39,8 @@ async def steal(nats_url: str, partition: int, ready: asyncio.Event) -> list[Msg
             partition_filter(partition), durable=consumer_name(partition), stream=STREAM_NAME)
         fetch = asyncio.create_task(sub.fetch(BLOCKS, timeout=3.0))
         await asyncio.sleep(0.1)  # the pull request is waiting at the server
-        ready.set()
+        if ready is not None:
+            ready.set()
         with contextlib.suppress(NatsTimeoutError, TimeoutError):
             return await fetch
         return []
@@ -77,3 +80,42 @@ class TestStrandedDeliveries:
                 assert svc.stats.consumer_resets >= 1
         finally:
             await svc.close()
+
+    async def test_deliveries_stranded_while_the_indexer_was_away(self, nats_url: str,
+                                                                  tmp_path: Path) -> None:
+        """With the Redis index a restarted indexer resumes its durable consumers: the
+        batches a vanished client took while it was down (7 of 8, unacknowledged) are
+        found awaiting an ack at the start (or, failing that, by the first two idle
+        looks), and the consumer is re-created from its ack floor instead of waiting for
+        JetStream to send them again."""
+        redis_server = RedisServer(tmp_path / "redis").start()
+        config = service_config(nats_url, redis_url=redis_server.url)
+        try:
+            async with publisher(nats_url) as pub:
+                first = IndexerService(config)
+                await first.start()
+                store(pub, 1, 1)
+                await pub.flush()
+                await eventually(lambda: equals(matched(first), 1))
+                await first.close()
+                for block in range(2, BLOCKS + 1):
+                    store(pub, block, block)
+                    await pub.flush()
+                stolen = await steal(nats_url, partition_of(MODEL, "w1", PARTITIONS))
+                assert len(stolen) == BLOCKS - 1
+                second = IndexerService(config)
+                await second.start()
+                try:
+                    loop = asyncio.get_running_loop()
+                    started = loop.time()
+                    await eventually(lambda: equals(matched(second), BLOCKS),
+                                     timeout=ACK_WAIT_S / 3)
+                    print(f"\nstranded at start: {len(stolen)} deliveries, index complete "
+                          f"{loop.time() - started:.1f} s after the start")
+                    assert second.stats.gaps == 0
+                    assert second.stats.consumer_resets >= 1
+                    assert second.stats.rebuilds == 0  # resumed, not rebuilt
+                finally:
+                    await second.close()
+        finally:
+            redis_server.stop()
