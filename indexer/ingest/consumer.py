@@ -5,7 +5,10 @@ them, classifies each batch against the `SequenceTracker` (duplicate, stale, gap
 the rest to the index in chunks and acks the fetch with one AckAll ack, only after the index
 has everything. Poison messages are acked, copied to the dead-letter stream with the
 reason, and counted. A backend failure keeps the fetched messages and retries them (telling
-JetStream the work is in progress), so nothing is acked before it is indexed.
+JetStream the work is in progress), so nothing is acked before it is indexed. Deliveries
+that never reached this process (a NATS node lost, a connection dropped) re-create the
+durable consumer from the last acknowledged sequence, rather than wait out the ack wait or
+be acknowledged unread by the next AckAll.
 """
 
 from __future__ import annotations
