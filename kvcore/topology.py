@@ -10,6 +10,7 @@ one durable pull consumer, owned by one indexer process at a time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -275,6 +276,26 @@ async def _reconcile_consumer_replicas(js: JetStreamContext, stream: str,
         if not config.durable_name or config.num_replicas in (None, 0, replicas):
             continue
         old = config.num_replicas or 1
-        await js.add_consumer(stream, dataclasses.replace(config, num_replicas=replicas))
+        await _update_consumer(js, stream, dataclasses.replace(config, num_replicas=replicas))
         changed.append((f"{stream}/{config.durable_name}", old))
     return changed
+
+
+_CONSUMER_EXCEEDS_STREAM: Final = 10126  # the stream's new peers are not placed yet
+_STREAM_SCALING_WAIT_S: Final = 30.0
+
+
+async def _update_consumer(js: JetStreamContext, stream: str,
+                           config: js_api.ConsumerConfig) -> None:
+    """Update a consumer's config; one given more copies than its stream has yet (the
+    stream's own scaling, just asked for, is still under way) is retried meanwhile."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _STREAM_SCALING_WAIT_S
+    while True:
+        try:
+            await js.add_consumer(stream, config)
+            return
+        except BadRequestError as exc:
+            if exc.err_code != _CONSUMER_EXCEEDS_STREAM or loop.time() > deadline:
+                raise
+        await asyncio.sleep(0.25)

@@ -15,6 +15,7 @@ from pathlib import Path
 import nats
 import pytest
 from nats.js import JetStreamContext
+from nats.js import api as js_api
 
 from indexer.app import IndexerService
 from indexer.config import ServiceConfig
@@ -29,6 +30,7 @@ from kvcore.topology import (
     ensure_stream,
     kv_stream,
     object_store_stream,
+    reconcile_replicas,
 )
 from tests.support.capture import caught_up, mismatches
 from tests.support.chain_fleet import ChainFleet
@@ -131,6 +133,39 @@ async def consumer_leader_only(nc: nats.NATS, js: JetStreamContext) -> tuple[int
                                  f"{consumer_name(partition)}", b"", timeout=5)
         await eventually(lambda: all_replicated(js, 3), 30)
     raise AssertionError("no consumer leader moved off the event stream's leader")
+
+
+class TestConsumerReplicas:
+    async def test_explicit_one_copy_consumer_scaled(self, tmp_path: Path) -> None:
+        """A durable consumer made with an explicit replica count of 1 does not follow its
+        stream when the stream is scaled; `reconcile_replicas` gives it the stream's 3 (one
+        made without a count, as the indexer makes them, follows by itself)."""
+        cluster = NatsCluster(tmp_path / "nats").start()
+        nc = None
+        try:
+            await cluster.wait_ready(3)
+            nc = await nats.connect(cluster.servers)
+            js = nc.jetstream()
+            await ensure_stream(js, StreamSettings(partitions=PARTITIONS))
+            await js.add_consumer(STREAM_NAME, js_api.ConsumerConfig(
+                durable_name="pinned", num_replicas=1, ack_policy=js_api.AckPolicy.ALL))
+            await js.add_consumer(STREAM_NAME, js_api.ConsumerConfig(
+                durable_name="following", ack_policy=js_api.AckPolicy.ALL))
+            changed = await reconcile_replicas(js, [STREAM_NAME], 3)
+            assert changed == [(STREAM_NAME, 1), (f"{STREAM_NAME}/pinned", 1)]
+
+            async def copies(name: str) -> int:
+                info = await js.consumer_info(STREAM_NAME, name)
+                peers = info.cluster.replicas if info.cluster else None
+                return 1 + len(peers or [])
+
+            await eventually(lambda: equals(copies("pinned"), 3), 30)
+            await eventually(lambda: equals(copies("following"), 3), 30)
+            assert await reconcile_replicas(js, [STREAM_NAME], 3) == []
+        finally:
+            if nc is not None:
+                await nc.close()
+            cluster.stop()
 
 
 class TestClusterNodeLoss:
