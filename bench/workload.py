@@ -32,6 +32,7 @@ from typing import Final, Literal
 
 from kvcore.bus import (
     SCHEMA_VERSION,
+    BlockRemoved,
     BlockStored,
     Event,
     EventBatch,
@@ -172,6 +173,43 @@ class Workload:
             hashes = [h for event in batch.events if isinstance(event, BlockStored)
                       for h in event.block_hashes]
             batch.events.append(BlockStored(block_hashes=hashes, medium="storage", pool=pool))
+        return out
+
+    def hybrid_batches(self, model: str, window_blocks: int = 8,
+                       epoch: int = 1) -> list[EventBatch]:
+        """`batches` of a hybrid-attention model: every store is also stored in KV-cache
+        group 1, a sliding window of `window_blocks` blocks, which frees a chain's blocks
+        once they left the window of the blocks that extend the chain (a window group
+        under memory pressure). Group 0 is full attention, as in `batches`."""
+        seqs = [0] * self.params.n_workers
+        names = [worker_name(w) for w in range(self.params.n_workers)]
+        block_size = self.params.block_size
+        window_tokens = window_blocks * block_size
+        # per worker: chain tip -> the window of blocks ending there; group 1's blocks
+        windows: list[dict[int, tuple[int, ...]]] = [{} for _ in names]
+        held: list[set[int]] = [set() for _ in names]
+        out: list[EventBatch] = []
+        for n, step in enumerate(self.steps):
+            w = step.worker
+            events: list[Event] = []
+            for op in step.events:
+                for group in (0, 1):
+                    events.append(BlockStored(
+                        block_hashes=op.block_hashes, parent_hash=op.parent_hash,
+                        token_ids=op.token_ids, block_size=block_size, group=group,
+                        group_kind="sliding_window" if group else None,
+                        sliding_window=window_tokens if group else 0))
+                parent = () if op.parent_hash is None else windows[w].get(op.parent_hash, ())
+                window = [*parent, *op.block_hashes]
+                windows[w][op.block_hashes[-1]] = tuple(window[-window_blocks:])
+                held[w].update(op.block_hashes)
+                gone = [h for h in window[:-window_blocks] if h in held[w]]
+                if gone:
+                    held[w].difference_update(gone)
+                    events.append(BlockRemoved(block_hashes=gone, group=1))
+            out.append(EventBatch(schema=SCHEMA_VERSION, model=model, worker_id=names[w],
+                                  epoch=epoch, seq=seqs[w], events=events, ts=float(n)))
+            seqs[w] += 1
         return out
 
     def describe(self) -> dict[str, str]:

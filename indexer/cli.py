@@ -200,9 +200,23 @@ def _cmd_score(client: IndexerClient, args: argparse.Namespace) -> int:
     answer = client.score(query)
     if args.json:
         _print_json(answer)
-    else:
-        _show_score(answer)
+        return 0
+    _show_score(answer)
+    if not answer.scores:
+        hint = _unknown_model_hint(client, args.model)
+        if hint:
+            print(hint)
     return 0
+
+
+def _unknown_model_hint(client: IndexerClient, model: str) -> str | None:
+    """Why an empty answer may be no miss at all: the index holds no worker of `model`."""
+    known = sorted({w.model for w in client.list_workers()})
+    if model in known:
+        return None
+    names = ", ".join(known[:8]) + (", ..." if len(known) > 8 else "") if known else "none"
+    return (f"the index holds no worker of model {model!r} (models it holds: {names}); "
+            "check the model name, or run `kv-indexer doctor`")
 
 
 def _cmd_workers(client: IndexerClient, args: argparse.Namespace) -> int:

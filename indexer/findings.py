@@ -29,6 +29,7 @@ CODES: Final[dict[str, str]] = {
     "degraded_worker": "a rank's state is known to be incomplete",
     "dead_letters": "batches were refused (dead-lettered) by the consumers",
     "rebuilding": "the index is being rebuilt",
+    "native_missing": "the indexer runs without its C extension (slow path)",
 }
 
 

@@ -148,6 +148,9 @@ class _Collector(Collector):
             ("kv_indexer_snapshots", "Partition snapshots stored", con.snapshots),
             ("kv_indexer_consumer_restarts", "Partition consumers restarted after a failure",
              con.consumer_restarts),
+            ("kv_indexer_consumer_resets",
+             "Durable consumers re-created or resubscribed: deliveries lost in transit",
+             con.consumer_resets),
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)

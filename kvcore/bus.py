@@ -6,7 +6,15 @@ This module is the single definition both packages import. It is deliberately li
 Wire format: msgpack maps (field names on the wire), one `EventBatch` per NATS message.
 Schema evolution follows msgspec's rules: new fields are added with defaults at the end,
 unknown fields are ignored, and a change that old readers cannot ignore bumps
-`SCHEMA_VERSION`, which readers reject with `UnsupportedSchemaError`.
+`SCHEMA_VERSION`; readers reject a version they do not know with `UnsupportedSchemaError`.
+
+Schema 2 adds KV-cache groups (hybrid-attention models): `group`, `group_kind` and
+`sliding_window` on BlockStored, `group` on BlockRemoved; and shared storage pools:
+`pool` on BlockStored, BlockRemoved and AllBlocksCleared. Readers accept 1 and 2; a
+publisher writes 1 when no event of the batch uses a schema-2 field (`schema_for`), so
+workers of plain models keep working with readers that know only schema 1. A schema-1
+batch carrying group fields is refused; one carrying `pool` is accepted (publishers built
+before the schema bump wrote pool fields under schema 1).
 
 Engine block hashes travel as unsigned 64-bit ints: the publisher folds every engine
 form (signed ints, unsigned ints, raw digest bytes) into u64 with `engine_hash_to_u64`.
@@ -31,10 +39,13 @@ __all__ = [
     "MAX_DP_RANK",
     "MAX_EVENTS_PER_BATCH",
     "MAX_EXTRA_KEY_BYTES",
+    "MAX_GROUP",
     "MAX_MESSAGE_BYTES",
     "MAX_NAME_BYTES",
     "MAX_POSITION",
+    "MAX_SLIDING_WINDOW",
     "MEDIUM_TIERS",
+    "SCHEMA_V1",
     "SCHEMA_VERSION",
     "STREAM_NAME",
     "STREAM_SUBJECTS",
@@ -57,15 +68,21 @@ __all__ = [
     "msg_id",
     "pack_tokens",
     "parse_subject",
+    "schema_for",
     "subject_for",
     "tier_index",
     "unescape_token",
     "unpack_tokens",
+    "uses_groups",
+    "uses_pool",
+    "uses_schema2",
     "validate_batch",
     "validate_event",
 ]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # the newest schema this module reads and writes
+SCHEMA_V1: Final = 1  # one KV-cache group per worker: no group fields
+_KNOWN_SCHEMAS: Final = frozenset({SCHEMA_V1, SCHEMA_VERSION})
 
 STREAM_NAME: Final = "KV_EVENTS"
 SUBJECT_PREFIX: Final = "kv.events"
@@ -82,6 +99,8 @@ MAX_NAME_BYTES: Final = 256  # model, worker_id, lora_name, cache_salt, medium (
 MAX_DP_RANK: Final = 65_535
 MAX_POSITION: Final = 2**63 - 1  # epoch and seq
 MAX_EXTRA_KEY_BYTES: Final = 4_096  # one block's extra keys
+MAX_GROUP: Final = 63  # KV-cache group index (hybrid models have a handful)
+MAX_SLIDING_WINDOW: Final = 1 << 24  # tokens
 
 # Storage tiers, in the index's bit order, and the engine medium names (any case) that
 # mean each. A medium not named here belongs to "other".
@@ -129,7 +148,8 @@ class UnsupportedSchemaError(BusError):
 
     def __init__(self, version: object) -> None:
         super().__init__(
-            f"unsupported bus schema version {version!r} (reader knows {SCHEMA_VERSION})"
+            f"unsupported bus schema version {version!r} (reader knows {SCHEMA_V1} and "
+            f"{SCHEMA_VERSION})"
         )
         self.version = version
 
@@ -152,18 +172,25 @@ class BlockStored(msgspec.Struct, tag="stored", omit_defaults=True, gc=False):
     # One entry per block (b"" = none): canonical bytes of the block's extra keys
     # (multimodal hashes and the like), mixed into that block's key.
     extra_keys: list[bytes] | None = None
-    # Schema v2: the shared storage pool the blocks were written to (None: the worker's
+    # Schema 2: the KV-cache group holding the blocks (vLLM's group_idx), the group's
+    # attention kind as the engine names it ("full_attention", "sliding_window",
+    # "mamba", ...) and its sliding window in tokens (0: none).
+    group: int = 0
+    group_kind: str | None = None
+    sliding_window: int = 0
+    # Schema 2: the shared storage pool the blocks were written to (None: the worker's
     # own cache). A pool write names blocks the writer's ledger resolves (docs/architecture.md,
-    # "Shared storage pools").
+    # "Shared storage pools"). A pool's presence lives in group 0.
     pool: str | None = None
 
 
 class BlockRemoved(msgspec.Struct, tag="removed", omit_defaults=True, gc=False):
-    """Blocks left a tier of a worker's cache."""
+    """Blocks left a tier of a worker's cache (of one KV-cache group, schema 2)."""
 
     block_hashes: list[int]
     medium: str = "gpu"
-    pool: str | None = None  # schema v2: the blocks left this shared storage pool
+    group: int = 0
+    pool: str | None = None  # schema 2: the blocks left this shared storage pool
 
 
 class AllBlocksCleared(msgspec.Struct, tag="cleared", omit_defaults=True, gc=False):
@@ -223,13 +250,35 @@ def _raise_if_other_schema(payload: bytes | memoryview) -> None:
         probe = _probe_decoder.decode(payload)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return
-    if probe.schema is not None and probe.schema != SCHEMA_VERSION:
+    if probe.schema is not None and probe.schema not in _KNOWN_SCHEMAS:
         raise UnsupportedSchemaError(probe.schema)
+
+
+def uses_groups(event: Event) -> bool:
+    """Whether the event carries a schema-2 KV-cache group field."""
+    if isinstance(event, BlockStored):
+        return bool(event.group or event.group_kind is not None or event.sliding_window)
+    return isinstance(event, BlockRemoved) and event.group != 0
+
+
+def uses_pool(event: Event) -> bool:
+    """Whether the event names a shared storage pool (a schema-2 field)."""
+    return event.pool is not None
+
+
+def uses_schema2(event: Event) -> bool:
+    """Whether the event carries any schema-2 field (a KV-cache group or a pool)."""
+    return uses_groups(event) or uses_pool(event)
+
+
+def schema_for(events: Sequence[Event]) -> int:
+    """The oldest schema that carries these events: 1 unless one uses a group or pool field."""
+    return SCHEMA_VERSION if any(uses_schema2(e) for e in events) else SCHEMA_V1
 
 
 def validate_batch(batch: EventBatch) -> None:
     """Raise a BusError unless `batch` is one an index may apply (decode_batch calls it)."""
-    if batch.schema != SCHEMA_VERSION:
+    if batch.schema not in _KNOWN_SCHEMAS:
         raise UnsupportedSchemaError(batch.schema)
     check_identity(batch.model, batch.worker_id)
     if batch.seq < 0 or batch.epoch < 0 or batch.dp_rank < 0:
@@ -244,6 +293,8 @@ def validate_batch(batch: EventBatch) -> None:
         raise BusDecodeError(f"{len(batch.events)} events exceed {MAX_EVENTS_PER_BATCH}")
     for event in batch.events:
         validate_event(event)
+        if batch.schema == SCHEMA_V1 and uses_groups(event):
+            raise BusDecodeError("a schema 1 batch carries KV-cache group fields")
 
 
 def validate_event(event: Event, *, max_blocks: int | None = MAX_BLOCKS_PER_EVENT) -> None:
@@ -256,6 +307,7 @@ def validate_event(event: Event, *, max_blocks: int | None = MAX_BLOCKS_PER_EVEN
     elif isinstance(event, BlockRemoved):
         _check_hashes(event.block_hashes, max_blocks)
         _check_name("medium", event.medium)
+        _check_group(event.group)
         _check_pool(event.pool)
     else:
         _check_pool(event.pool)
@@ -290,8 +342,18 @@ def _check_hashes(hashes: list[int], max_blocks: int | None) -> None:
         raise BusDecodeError(f"block hash {bad} is not an unsigned 64-bit int")
 
 
+def _check_group(group: int) -> None:
+    if not 0 <= group <= MAX_GROUP:
+        raise BusDecodeError(f"group {group} is not in 0..{MAX_GROUP}")
+
+
 def _check_stored(event: BlockStored, max_blocks: int | None) -> None:
     _check_hashes(event.block_hashes, max_blocks)
+    _check_group(event.group)
+    _check_name("group_kind", event.group_kind)
+    if not 0 <= event.sliding_window <= MAX_SLIDING_WINDOW:
+        raise BusDecodeError(f"sliding_window {event.sliding_window} is not in "
+                             f"0..{MAX_SLIDING_WINDOW}")
     _check_name("medium", event.medium)
     _check_name("lora_name", event.lora_name)
     _check_name("cache_salt", event.cache_salt)

@@ -10,6 +10,7 @@ one durable pull consumer, owned by one indexer process at a time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -247,9 +248,10 @@ def object_store_stream(bucket: str) -> str:
 async def reconcile_replicas(js: JetStreamContext, streams: list[str],
                              replicas: int) -> list[tuple[str, int]]:
     """Give each existing stream of `streams` (KV buckets and object stores are streams:
-    `kv_stream`, `object_store_stream`) `replicas` copies; returns (stream, old count) of
-    those changed. The server moves the data itself: scaling up copies it to new peers
-    (the stream stays readable), scaling down drops peers. A stream that is missing is
+    `kv_stream`, `object_store_stream`) `replicas` copies, and their durable consumers
+    with them; returns (stream or stream/consumer, old count) of those changed. The server
+    moves the data itself: scaling up copies it to new peers (the stream stays readable),
+    scaling down drops peers. A stream that is missing is
     skipped; a cluster with fewer JetStream servers than `replicas` refuses the update
     (BadRequestError, raised)."""
     changed: list[tuple[str, int]] = []
@@ -259,8 +261,44 @@ async def reconcile_replicas(js: JetStreamContext, streams: list[str],
         except NotFoundError:
             continue
         current = info.config.num_replicas or 1
-        if current == replicas:
-            continue
-        await js.update_stream(dataclasses.replace(info.config, num_replicas=replicas))
-        changed.append((name, current))
+        if current != replicas:
+            await js.update_stream(dataclasses.replace(info.config, num_replicas=replicas))
+            changed.append((name, current))
+        changed.extend(await _reconcile_consumer_replicas(js, name, replicas))
     return changed
+
+
+async def _reconcile_consumer_replicas(js: JetStreamContext, stream: str,
+                                       replicas: int) -> list[tuple[str, int]]:
+    """Durable consumers made without a replica count (ours) follow their stream's when
+    it changes; one made with an explicit other count would stay where it is, and with
+    one copy a lost node takes it away: it is given `replicas` too."""
+    changed: list[tuple[str, int]] = []
+    for info in await js.consumers_info(stream):
+        config = info.config
+        if not config.durable_name or config.num_replicas in (None, 0, replicas):
+            continue
+        old = config.num_replicas or 1
+        await _update_consumer(js, stream, dataclasses.replace(config, num_replicas=replicas))
+        changed.append((f"{stream}/{config.durable_name}", old))
+    return changed
+
+
+_CONSUMER_EXCEEDS_STREAM: Final = 10126  # the stream's new peers are not placed yet
+_STREAM_SCALING_WAIT_S: Final = 30.0
+
+
+async def _update_consumer(js: JetStreamContext, stream: str,
+                           config: js_api.ConsumerConfig) -> None:
+    """Update a consumer's config; one given more copies than its stream has yet (the
+    stream's own scaling, just asked for, is still under way) is retried meanwhile."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _STREAM_SCALING_WAIT_S
+    while True:
+        try:
+            await js.add_consumer(stream, config)
+            return
+        except BadRequestError as exc:
+            if exc.err_code != _CONSUMER_EXCEEDS_STREAM or loop.time() > deadline:
+                raise
+        await asyncio.sleep(0.25)

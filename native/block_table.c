@@ -357,6 +357,101 @@ push_run(PyObject *runs, PyObject *mask, Py_ssize_t count)
     return failed ? -1 : 0;
 }
 
+/* Append a block key to a bytearray, 8 bytes little-endian. */
+static int
+append_key(PyObject *out, uint64_t key)
+{
+    unsigned char bytes[8];
+    for (int b = 0; b < 8; b++) {
+        bytes[b] = (unsigned char)(key >> (8 * b));
+    }
+    Py_ssize_t size = PyByteArray_GET_SIZE(out);
+    if (PyByteArray_Resize(out, size + 8) < 0) {
+        return -1;
+    }
+    memcpy(PyByteArray_AS_STRING(out) + size, bytes, 8);
+    return 0;
+}
+
+/* get_many(keys): the mask of each key (8 bytes little-endian each), 0 when missing. */
+static PyObject *
+table_get_many(BlockTable *table, PyObject *packed)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(packed, &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (view.len % 8) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "get_many: keys must be 8 bytes each");
+        return NULL;
+    }
+    Py_ssize_t n = view.len / 8;
+    PyObject *out = PyList_New(n);
+    PyObject *zero = PyLong_FromLong(0);
+    if (out == NULL || zero == NULL) {
+        Py_XDECREF(out);
+        Py_XDECREF(zero);
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    const unsigned char *bytes = view.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t key = 0;
+        for (int b = 7; b >= 0; b--) {
+            key = key << 8 | bytes[i * 8 + b];
+        }
+        TableEntry *entry = table_find(table, key);
+        PyList_SET_ITEM(out, i, Py_NewRef(entry != NULL ? entry->mask : zero));
+    }
+    Py_DECREF(zero);
+    PyBuffer_Release(&view);
+    return out;
+}
+
+/* get_present(keys): {position: mask} of the keys (8 bytes little-endian each) held. */
+static PyObject *
+table_get_present(BlockTable *table, PyObject *packed)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(packed, &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (view.len % 8) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "get_present: keys must be 8 bytes each");
+        return NULL;
+    }
+    PyObject *out = PyDict_New();
+    if (out == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    const unsigned char *bytes = view.buf;
+    for (Py_ssize_t i = 0; i < view.len / 8; i++) {
+        uint64_t key = 0;
+        for (int b = 7; b >= 0; b--) {
+            key = key << 8 | bytes[i * 8 + b];
+        }
+        TableEntry *entry = table_find(table, key);
+        if (entry == NULL) {
+            continue;
+        }
+        PyObject *mask = Py_NewRef(entry->mask); /* held across the dict's allocations */
+        PyObject *position = PyLong_FromSsize_t(i);
+        int failed = position == NULL || PyDict_SetItem(out, position, mask) < 0;
+        Py_XDECREF(position);
+        Py_DECREF(mask);
+        if (failed) {
+            Py_DECREF(out);
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+    }
+    PyBuffer_Release(&view);
+    return out;
+}
+
 /* See the method's docstring. Keys are hashed a few blocks ahead of the probes so the
  * table's cache lines are already on their way. */
 static PyObject *
@@ -367,12 +462,18 @@ table_mask_runs(BlockTable *table, PyObject *const *args, Py_ssize_t nargs)
     uint64_t ahead[PREFETCH_AHEAD];
     PyObject *run_mask = NULL; /* borrowed from the table while the run grows */
     Py_ssize_t run_count = 0;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "mask_runs(tokens, block_size, seed, wanted)");
+    if (nargs != 4 && nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "mask_runs(tokens, block_size, seed, wanted, keys_out=None)");
         return NULL;
     }
     PyObject *wanted = args[3] == Py_None ? NULL : args[3];
     if (wanted != NULL && require_exact_int(wanted, "wanted") < 0) {
+        return NULL;
+    }
+    PyObject *keys_out = nargs == 5 && args[4] != Py_None ? args[4] : NULL;
+    if (keys_out != NULL && !PyByteArray_CheckExact(keys_out)) {
+        PyErr_SetString(PyExc_TypeError, "keys_out must be a bytearray or None");
         return NULL;
     }
     if (source_from_args(&src, args[0], args[1], args[2], &seed) < 0) {
@@ -409,6 +510,9 @@ table_mask_runs(BlockTable *table, PyObject *const *args, Py_ssize_t nargs)
                     goto fail;
                 }
                 if (same) {
+                    if (keys_out != NULL && append_key(keys_out, ahead[i]) < 0) {
+                        goto fail;
+                    }
                     run_count++;
                     continue;
                 }
@@ -425,6 +529,9 @@ table_mask_runs(BlockTable *table, PyObject *const *args, Py_ssize_t nargs)
                 }
             }
             if (run_mask != NULL && push_run(runs, run_mask, run_count) < 0) {
+                goto fail;
+            }
+            if (keys_out != NULL && append_key(keys_out, ahead[i]) < 0) {
                 goto fail;
             }
             run_mask = mask;
@@ -453,11 +560,17 @@ static PyMethodDef table_methods[] = {
     {"items", (PyCFunction)table_items, METH_NOARGS, "items(): list of (key, mask)."},
     {"clear", (PyCFunction)table_clear, METH_NOARGS, "clear(): drop every entry."},
     {"mask_runs", (PyCFunction)(void (*)(void))table_mask_runs, METH_FASTCALL,
-     "mask_runs(tokens, block_size, seed, wanted) -> list[int]\n\n"
+     "mask_runs(tokens, block_size, seed, wanted, keys_out=None) -> list[int]\n\n"
      "Hash the full blocks of tokens (packed u32 little-endian or ints) into chained keys\n"
      "from seed and look them up, stopping before the first block that is missing or whose\n"
      "mask shares no bit with wanted (None: any mask goes). Returns the masks of the\n"
-     "leading blocks as runs of equal masks, flat: [mask, count, mask, count, ...]."},
+     "leading blocks as runs of equal masks, flat: [mask, count, mask, count, ...]; the\n"
+     "keys of those blocks are appended to the bytearray keys_out (8 bytes LE each)."},
+    {"get_many", (PyCFunction)table_get_many, METH_O,
+     "get_many(keys) -> list[int]: the mask of each key (packed u64 LE), 0 if missing."},
+    {"get_present", (PyCFunction)table_get_present, METH_O,
+     "get_present(keys) -> dict[int, int]: position -> mask of the keys (packed u64 LE)\n"
+     "the table holds."},
     {NULL, NULL, 0, NULL},
 };
 

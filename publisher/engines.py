@@ -63,6 +63,9 @@ import msgspec
 from kvcore.bus import (
     MAX_BLOCKS_PER_EVENT,
     MAX_EVENTS_PER_BATCH,
+    MAX_GROUP,
+    MAX_NAME_BYTES,
+    MAX_SLIDING_WINDOW,
     MEDIUM_TIERS,
     TIERS,
     AllBlocksCleared,
@@ -107,6 +110,9 @@ SKIP_REASONS: Final = frozenset(
         "unplaceable_identity",
         # locality REMOTE or a shared pool (EXTERNAL), and the worker declared no pool
         "remote_block",
+        # a shared-pool store or removal of a KV-cache group other than 0: a pool's
+        # presence lives in group 0 (docs/architecture.md, "Shared storage pools")
+        "pool_group",
     }
 )
 
@@ -118,10 +124,11 @@ _GPU_TIER: Final = TIERS.index("gpu")
 # Media that are not the worker's own memory (SGLang's L4: a shared / remote pool).
 _SHARED_MEDIA: Final = frozenset({"external"})
 
-# Positional field names after the tag. vLLM appends newer fields at the end (group_idx,
-# kv_cache_spec_*: ignored); SGLang's layout is shared up to `medium`, then follows its
-# BlockStored struct (cache_salt, session_id, lora_name). Reading a field of an unknown
-# layout as a salt or an adapter can only isolate blocks, never merge them.
+# Positional field names after the tag. vLLM appends newer fields at the end (the KV-cache
+# group of hybrid models from 0.20); SGLang's layout is shared up to `medium`, then follows
+# its BlockStored struct (cache_salt, session_id, lora_name; no groups in 0.5.23). Reading
+# a field of an unknown layout as a salt or an adapter can only isolate blocks, never merge
+# them.
 _STORED_FIELDS: Final[dict[Flavor, tuple[str, ...]]] = {
     "vllm": (
         "block_hashes",
@@ -132,6 +139,9 @@ _STORED_FIELDS: Final[dict[Flavor, tuple[str, ...]]] = {
         "medium",
         "lora_name",
         "extra_keys",
+        "group_idx",
+        "kv_cache_spec_kind",
+        "kv_cache_spec_sliding_window",
     ),
     "sglang": (
         "block_hashes",
@@ -145,7 +155,10 @@ _STORED_FIELDS: Final[dict[Flavor, tuple[str, ...]]] = {
         "lora_name",
     ),
 }
-_REMOVED_FIELDS: Final = ("block_hashes", "medium")
+_REMOVED_FIELDS: Final[dict[Flavor, tuple[str, ...]]] = {
+    "vllm": ("block_hashes", "medium", "group_idx"),
+    "sglang": ("block_hashes", "medium"),
+}
 
 _decoder: Final = msgspec.msgpack.Decoder()
 
@@ -236,7 +249,7 @@ def _decode_event(
         names = (
             stored_fields
             if tag == "BlockStored"
-            else _REMOVED_FIELDS
+            else _REMOVED_FIELDS[flavor]
             if tag == "BlockRemoved"
             else ()
         )
@@ -263,7 +276,14 @@ def _event_from_fields(
         event = _removed(fields, local=pool is None)
     if pool is not None:
         # A write into (or eviction from) a shared pool: not a copy of the worker's own,
-        # so not subject to TierOwners (no owner returned).
+        # so not subject to TierOwners (no owner returned). A pool's presence lives in
+        # group 0 (the full-attention group of a hybrid model): another group's pool
+        # event is left out, so it can neither add nor take away group 0's presence.
+        assert isinstance(event, BlockStored | BlockRemoved)
+        if event.group != 0:
+            raise _SkipEventError(f"pool_group:{tag} group {event.group} pool {pool}")
+        if isinstance(event, BlockStored):
+            event = msgspec.structs.replace(event, group_kind=None, sliding_window=0)
         return msgspec.structs.replace(event, pool=pool, medium="storage"), None
     return event, owner
 
@@ -320,11 +340,14 @@ def _stored(fields: dict[Any, Any], flavor: Flavor, *, local: bool = True) -> Bl
         # An offloading connector's store: vLLM's connectors leave out the extra keys
         # (and some the LoRA name) whatever the request had, so the tokens cannot say
         # whose blocks these are. Known by engine hash only, like a token-less store.
-        return BlockStored(block_hashes=hashes, medium=medium)
+        group, kind, window = _group_spec(fields)
+        return BlockStored(block_hashes=hashes, medium=medium, group=group, group_kind=kind,
+                           sliding_window=window)
     extra_salt, extra_keys = _identity_keys(
         raw_extra, len(hashes), raw_lora if type(raw_lora) is str and raw_lora else None,
         starts_sequence=parent is None,
     )
+    group, kind, window = _group_spec(fields)
     if extra_salt is not None:
         if salt is not None and salt != extra_salt:
             raise _SkipEventError("unplaceable_identity:cache_salt and the salt in extra_keys "
@@ -339,6 +362,9 @@ def _stored(fields: dict[Any, Any], flavor: Flavor, *, local: bool = True) -> Bl
         lora_name=lora,
         cache_salt=salt,
         extra_keys=extra_keys,
+        group=group,
+        group_kind=kind,
+        sliding_window=window,
     )
 
 
@@ -347,7 +373,35 @@ def _removed(fields: dict[Any, Any], *, local: bool = True) -> BlockRemoved:
     medium = _medium(fields.get("medium"), "BlockRemoved")
     if local:
         _check_local(fields, "BlockRemoved")
-    return BlockRemoved(block_hashes=hashes, medium=medium)
+    return BlockRemoved(block_hashes=hashes, medium=medium,
+                        group=_group_idx(fields.get("group_idx"), "BlockRemoved"))
+
+
+def _group_idx(raw: object, event: str) -> int:
+    if raw is None:
+        return 0
+    if type(raw) is not int or not 0 <= raw <= MAX_GROUP:
+        raise _SkipEventError(f"malformed_event:{event}.group_idx {_detail(raw)}")
+    return raw
+
+
+def _group_spec(fields: dict[Any, Any]) -> tuple[int, str | None, int]:
+    """vLLM's KV-cache group of a store (0.20+), its kind and window in tokens (0.22+)."""
+    group = _group_idx(fields.get("group_idx"), "BlockStored")
+    kind = fields.get("kv_cache_spec_kind")
+    if kind is not None and (type(kind) is not str or len(kind) > MAX_NAME_BYTES):
+        raise _SkipEventError(f"malformed_event:BlockStored.kv_cache_spec_kind {_detail(kind)}")
+    window = fields.get("kv_cache_spec_sliding_window")
+    if window is None:
+        window = 0
+    if type(window) is not int or not 0 <= window <= MAX_SLIDING_WINDOW:
+        raise _SkipEventError(
+            f"malformed_event:BlockStored.kv_cache_spec_sliding_window {_detail(window)}")
+    if group == 0 and kind == "full_attention" and not window:
+        # What every group-0 store of a plain model says: the default, left out so the
+        # batch stays bus schema 1 (readable by indexers that predate groups).
+        kind = None
+    return group, kind or None, window
 
 
 def _hashes(raw: object, event: str) -> list[int]:

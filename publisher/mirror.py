@@ -4,6 +4,10 @@ A resync (the indexer saw a gap or an unknown parent, or the sink overflowed) pu
 AllBlocksCleared followed by the mirror as BlockStored events: the index rebuilds this
 rank exactly. Blocks a live block still chains from, but which were evicted themselves,
 are kept as bounded "ghosts" and re-sent as stored-then-removed, so children resolve.
+
+Hybrid-attention models keep one KV-cache group per attention kind, each evicting on its
+own: every group other than 0 has a mirror of its own (`BlockMirror.groups`), re-sent
+after group 0 with its group, kind and window.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Final
+
+import msgspec
 
 from kvcore.bus import TIERS, AllBlocksCleared, BlockRemoved, BlockStored, Event, tier_index
 
@@ -40,25 +46,38 @@ class BlockMirror:
         self.blocks: dict[int, _Held] = {}
         self.ghosts: OrderedDict[int, _Held] = OrderedDict()
         self._ghost_capacity = ghost_capacity
+        self.groups: dict[int, BlockMirror] = {}  # KV-cache group > 0 -> its mirror
+        self.group_specs: dict[int, tuple[str | None, int]] = {}  # group -> (kind, window)
 
     def __len__(self) -> int:
-        return len(self.blocks)
+        return len(self.blocks) + sum(len(group) for group in self.groups.values())
 
     def apply(self, events: Sequence[Event]) -> None:
         """Apply the rank's own events; writes into shared pools are not its cache."""
         for event in events:
             if event.pool is not None:
                 continue
-            if isinstance(event, BlockStored):
-                self._store(event)
-            elif isinstance(event, BlockRemoved):
-                self._remove(event)
-            elif isinstance(event, AllBlocksCleared):
+            if isinstance(event, AllBlocksCleared):
                 self.clear()
+                continue
+            if isinstance(event, BlockStored) and (event.group_kind or event.sliding_window):
+                self.group_specs[event.group] = (event.group_kind, event.sliding_window)
+            target = self._group(event.group) if event.group else self
+            if isinstance(event, BlockStored):
+                target._store(event)
+            else:
+                target._remove(event)
+
+    def _group(self, group: int) -> BlockMirror:
+        found = self.groups.get(group)
+        if found is None:
+            found = self.groups[group] = BlockMirror(self._ghost_capacity)
+        return found
 
     def clear(self) -> None:
         self.blocks.clear()
         self.ghosts.clear()
+        self.groups.clear()
 
     def holds(self, engine_hash: int, tier: int) -> bool:
         """Whether the block is held on `tier` (an index into TIERS)."""
@@ -69,9 +88,12 @@ class BlockMirror:
         """Drop blocks entirely (held or ghost): ones that cannot be published. A block
         chaining from a forgotten one reaches no root, so snapshots leave it out too."""
         blocks, ghosts = self.blocks, self.ghosts
+        hashes = list(hashes)
         for h in hashes:
             blocks.pop(h, None)
             ghosts.pop(h, None)
+        for group in self.groups.values():
+            group.forget(hashes)
 
     def _store(self, event: BlockStored) -> None:
         bit = 1 << tier_index(event.medium)
@@ -121,11 +143,32 @@ class BlockMirror:
                 ghosts.popitem(last=False)
 
     def snapshot(self, max_blocks_per_event: int = 256) -> Iterator[Event]:
-        """AllBlocksCleared, then events that rebuild every held block on every tier.
+        """AllBlocksCleared, then events that rebuild every held block on every tier, of
+        group 0 then of each other KV-cache group.
 
         Consecutive blocks of one chain (same tier, adapter and salt) share one event.
         """
         yield AllBlocksCleared()
+        yield from self._in_group(0, self._blocks_snapshot(max_blocks_per_event))
+        for group in sorted(self.groups):
+            yield from self._in_group(group,
+                                      self.groups[group]._blocks_snapshot(max_blocks_per_event))
+
+    def _in_group(self, group: int,
+                  events: Iterator[BlockStored | BlockRemoved]) -> Iterator[Event]:
+        """Events of one KV-cache group's snapshot, with the group's fields."""
+        kind, window = self.group_specs.get(group, (None, 0))
+        if not (group or kind or window):
+            yield from events
+            return
+        for event in events:
+            if isinstance(event, BlockStored):
+                yield msgspec.structs.replace(event, group=group, group_kind=kind,
+                                              sliding_window=window)
+            else:
+                yield msgspec.structs.replace(event, group=group)
+
+    def _blocks_snapshot(self, max_blocks_per_event: int) -> Iterator[BlockStored | BlockRemoved]:
         tier_bits = [(tier, 1 << i) for i, tier in enumerate(TIERS)]
         run: BlockStored | None = None
         for h, held, live in self._parents_first():

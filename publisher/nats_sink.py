@@ -37,7 +37,7 @@ from nats.js import JetStreamContext
 
 from kvcore.bus import (
     MAX_MESSAGE_BYTES,
-    SCHEMA_VERSION,
+    SCHEMA_V1,
     AllBlocksCleared,
     EventBatch,
     block_count,
@@ -280,7 +280,7 @@ class NatsSink:
         does not fit. Returns whether a batch is still at i for this seq."""
         item = self._queue[i]
         size = len(item.payload)
-        clear = EventBatch(schema=SCHEMA_VERSION, model=item.model, worker_id=item.worker_id,
+        clear = EventBatch(schema=SCHEMA_V1, model=item.model, worker_id=item.worker_id,
                            dp_rank=item.dp_rank, epoch=item.epoch, seq=item.seq, ts=item.ts,
                            events=[AllBlocksCleared()])
         replacement = _Queued(clear, encode_batch(clear))

@@ -35,7 +35,6 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from kvcore.bus import (
-    SCHEMA_VERSION,
     STREAM_NAME,
     AllBlocksCleared,
     BlockRemoved,
@@ -46,6 +45,7 @@ from kvcore.bus import (
     check_identity,
     engine_hash_to_u64,
     pack_tokens,
+    schema_for,
     validate_event,
 )
 from kvcore.connect import NatsSecurity, connect_nats
@@ -292,7 +292,7 @@ class RankPublisher:
             return False
         stamp = time.time() if ts is None else ts
         for events in batches:
-            batch = EventBatch(schema=SCHEMA_VERSION, model=self.model,
+            batch = EventBatch(schema=schema_for(events), model=self.model,
                                worker_id=self.worker_id, dp_rank=self.dp_rank,
                                epoch=self.epoch, seq=self.seq, ts=stamp, events=events)
             accepted = self._sink.offer(batch, force=force)
@@ -434,23 +434,36 @@ class KVEventPublisher:
         cache_salt: str | None = None,
         dp_rank: int = 0,
         pool: str | None = None,
+        group: int = 0,
+        group_kind: str | None = None,
+        sliding_window: int = 0,
     ) -> None:
         """Blocks stored; with `pool`, written into that shared storage pool (declared in
-        `storage_pools`), known by the hashes this worker stored them under."""
+        `storage_pools`), known by the hashes this worker stored them under. Hybrid-attention
+        engines name the KV-cache `group` and its `group_kind` ("full_attention",
+        "sliding_window", "mamba") and window (tokens). A pool's presence lives in group 0:
+        a pool write names no other group."""
+        if pool is not None and (group or group_kind is not None or sliding_window):
+            raise ValueError("a pool write belongs to KV-cache group 0 (no group fields)")
         tokens = token_ids if isinstance(token_ids, bytes) else pack_tokens(token_ids)
         self._pending[dp_rank].append(BlockStored(
             block_hashes=[engine_hash_to_u64(h) for h in block_hashes],
             parent_hash=None if parent_hash is None else engine_hash_to_u64(parent_hash),
             token_ids=tokens, block_size=self.block_size if tokens else 0,
             medium="storage" if pool else medium.lower(), lora_name=lora_name,
-            cache_salt=cache_salt, pool=self._declared(pool)))
+            cache_salt=cache_salt, group=group, group_kind=group_kind,
+            sliding_window=sliding_window, pool=self._declared(pool)))
 
     def removed(self, block_hashes: Sequence[int | bytes], *, medium: str = "gpu",
-                dp_rank: int = 0, pool: str | None = None) -> None:
-        """Blocks left a tier; with `pool`, evicted from that shared storage pool."""
+                dp_rank: int = 0, pool: str | None = None, group: int = 0) -> None:
+        """Blocks left a tier (of KV-cache `group`); with `pool`, evicted from that shared
+        storage pool (group 0 only)."""
+        if pool is not None and group:
+            raise ValueError("a pool removal belongs to KV-cache group 0")
         self._pending[dp_rank].append(BlockRemoved(
             block_hashes=[engine_hash_to_u64(h) for h in block_hashes],
-            medium="storage" if pool else medium.lower(), pool=self._declared(pool)))
+            medium="storage" if pool else medium.lower(), group=group,
+            pool=self._declared(pool)))
 
     def cleared(self, *, dp_rank: int = 0, pool: str | None = None) -> None:
         """The rank's cache was dropped; with `pool`, that shared pool was wiped."""

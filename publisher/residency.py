@@ -69,7 +69,8 @@ class TierOwners:
                 kept = self._removed(event, owner, batch)
                 if kept:
                     out.append(event if len(kept) == len(event.block_hashes)
-                               else BlockRemoved(block_hashes=kept, medium=event.medium))
+                               else BlockRemoved(block_hashes=kept, medium=event.medium,
+                                                    group=event.group))
         return out
 
     def _stored(self, event: BlockStored, owner: str, batch: dict[tuple[int, int], bool]) -> None:

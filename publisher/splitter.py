@@ -65,6 +65,8 @@ def _fixed_bytes(event: BlockStored | BlockRemoved) -> int:
         size = _REMOVED_FIXED + _pool_bytes(event.pool)
         if event.medium != "gpu":
             size += _key("medium") + _str_bytes(event.medium)
+        if event.group:
+            size += _key("group") + _INT
         return size
     size = _STORED_FIXED + _pool_bytes(event.pool)
     if event.token_ids:
@@ -79,6 +81,12 @@ def _fixed_bytes(event: BlockStored | BlockRemoved) -> int:
         size += _key("cache_salt") + _str_bytes(event.cache_salt)
     if event.extra_keys is not None:
         size += _key("extra_keys") + _HEADER
+    if event.group:
+        size += _key("group") + _INT
+    if event.group_kind is not None:
+        size += _key("group_kind") + _str_bytes(event.group_kind)
+    if event.sliding_window:
+        size += _key("sliding_window") + _INT
     return size
 
 
@@ -125,7 +133,8 @@ def _piece(event: BlockStored | BlockRemoved, i: int, j: int) -> BlockStored | B
     if i == 0 and j == len(hashes):
         return event
     if isinstance(event, BlockRemoved):
-        return BlockRemoved(block_hashes=hashes[i:j], medium=event.medium, pool=event.pool)
+        return BlockRemoved(block_hashes=hashes[i:j], medium=event.medium, group=event.group,
+                            pool=event.pool)
     tokens = event.token_ids
     if tokens:
         width = event.block_size * 4
@@ -136,6 +145,7 @@ def _piece(event: BlockStored | BlockRemoved, i: int, j: int) -> BlockStored | B
         token_ids=tokens, block_size=event.block_size, medium=event.medium,
         lora_name=event.lora_name, cache_salt=event.cache_salt,
         extra_keys=None if event.extra_keys is None else event.extra_keys[i:j],
+        group=event.group, group_kind=event.group_kind, sliding_window=event.sliding_window,
         pool=event.pool)
 
 

@@ -31,6 +31,7 @@ from kvcore.bus import (
     escape_token,
     pack_tokens,
     parse_subject,
+    schema_for,
     subject_for,
     unescape_token,
     unpack_tokens,
@@ -165,7 +166,7 @@ class TestRoundTrip:
 # --- schema versions ------------------------------------------------------------------
 
 class TestSchemaVersion:
-    @pytest.mark.parametrize("version", [0, 2, 99])
+    @pytest.mark.parametrize("version", [0, 3, 99])
     def test_unknown_version_same_shape(self, version: int) -> None:
         """A well-formed batch declaring another schema version raises UnsupportedSchemaError."""
         payload = encode_batch(batch_of(BlockRemoved([1]), schema=version))
@@ -176,16 +177,59 @@ class TestSchemaVersion:
         assert isinstance(info.value, BusError)
 
     @pytest.mark.parametrize("doc", [
-        {"schema": 2, "model": ["m"], "events": {"stored": 1}},
-        {"schema": 2, "payload": b"\x00\x01"},
-        {"schema": 2, "model": "m", "worker_id": "w", "epoch": 1, "seq": 0,
+        {"schema": 3, "model": ["m"], "events": {"stored": 1}},
+        {"schema": 3, "payload": b"\x00\x01"},
+        {"schema": 3, "model": "m", "worker_id": "w", "epoch": 1, "seq": 0,
          "events": [{"type": "compacted", "ranges": [[1, 2]]}]},
     ], ids=["wrong-types", "other-fields", "new-event-type"])
     def test_unknown_version_incompatible_shape(self, doc: dict[str, Any]) -> None:
-        """A schema-2 batch that schema 1 cannot decode still reports the version, not garbage."""
+        """A schema-3 batch that this reader cannot decode still reports the version."""
         with pytest.raises(UnsupportedSchemaError) as info:
             decode_batch(msgspec.msgpack.encode(doc))
-        assert info.value.version == 2
+        assert info.value.version == 3
+
+    def test_v1_and_v2_both_read(self) -> None:
+        """Readers accept schema 1 (no group fields: one KV-cache group) and schema 2."""
+        v1 = decode_batch(encode_batch(batch_of(BlockStored([1]), BlockRemoved([1]), schema=1)))
+        assert v1.schema == 1 and v1.events == [BlockStored([1]), BlockRemoved([1])]
+        hybrid = [BlockStored([1], group=1, group_kind="sliding_window", sliding_window=4096),
+                  BlockRemoved([1], group=1)]
+        v2 = decode_batch(encode_batch(batch_of(*hybrid, schema=2)))
+        assert v2.schema == 2 and v2.events == hybrid
+
+    def test_v1_payload_of_an_old_publisher_decodes(self) -> None:
+        """The bytes a schema-1 publisher wrote (no group keys at all) decode to group 0."""
+        doc = wire_dict()
+        doc["schema"] = 1
+        doc["events"] = [{"type": "stored", "block_hashes": [5]},
+                         {"type": "removed", "block_hashes": [5]}]
+        batch = decode_batch(msgspec.msgpack.encode(doc))
+        assert [e.group for e in batch.events] == [0, 0]  # type: ignore[union-attr]
+
+    def test_schema_for_writes_v1_unless_a_group_field_is_used(self) -> None:
+        """A publisher writes schema 1 for plain models, so old readers keep reading them."""
+        assert schema_for([BlockStored([1]), BlockRemoved([1]), AllBlocksCleared()]) == 1
+        assert schema_for([BlockStored([1], group_kind="full_attention")]) == 2
+        assert schema_for([BlockStored([1], sliding_window=8)]) == 2
+        assert schema_for([BlockRemoved([1], group=1)]) == 2
+        plain = encode_batch(batch_of(BlockStored([1]), schema=1))
+        assert b"group" not in plain and b"sliding_window" not in plain
+
+    def test_v1_batch_with_group_fields_is_refused(self) -> None:
+        """A batch declaring schema 1 cannot carry what only schema 2 defines."""
+        with pytest.raises(BusDecodeError, match="schema 1"):
+            decode_batch(encode_batch(batch_of(BlockRemoved([1], group=2), schema=1)))
+
+    @pytest.mark.parametrize("event", [
+        BlockStored([1], group=64), BlockStored([1], group=-1), BlockRemoved([1], group=64),
+        BlockStored([1], sliding_window=-1), BlockStored([1], sliding_window=(1 << 24) + 1),
+        BlockStored([1], group_kind="k" * 257),
+    ], ids=["group-64", "group-neg", "removed-group-64", "window-neg", "window-huge",
+            "kind-long"])
+    def test_group_fields_bounded(self, event: Any) -> None:
+        """Group index < 64, window <= 2**24 tokens, kind a bounded name."""
+        with pytest.raises(BusDecodeError):
+            decode_batch(encode_batch(batch_of(event, schema=2)))
 
     def test_v1_with_incompatible_shape_is_decode_error(self) -> None:
         """A schema-1 batch that does not decode is a BusDecodeError (not a version problem)."""

@@ -250,6 +250,23 @@ class TestCli:
         assert out[3].split() == ["w-c", "0", "3", "2.4", "0", "3", "0", "0"]
         assert len(out) == 5
 
+    async def test_unknown_model_is_not_a_miss(self, target: str, tokens_file: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+        """A model the index holds no worker of is said, with the models it does hold; a
+        known model's miss is not (issue 19: an unknown model read as a cache miss)."""
+        code = await blocking(cli.main, ["score", "--target", target, "--model", MODEL + "-x",
+                                         "--tokens-file", str(tokens_file)])
+        out = capsys.readouterr().out.splitlines()
+        assert code == 0
+        assert out[1] == "no worker holds any block of the query"
+        assert out[2] == (f"the index holds no worker of model {MODEL + '-x'!r} (models it "
+                          f"holds: {MODEL}); check the model name, or run `kv-indexer doctor`")
+        tokens_file.write_text(json.dumps([t + 100_000 for t in TOKENS]))
+        assert await blocking(cli.main, ["score", "--target", target, "--model", MODEL,
+                                         "--tokens-file", str(tokens_file)]) == 0
+        assert capsys.readouterr().out.splitlines()[1:] == [
+            "no worker holds any block of the query"]
+
     def test_no_events_is_said(self, capsys: pytest.CaptureFixture[str]) -> None:
         """The wire's age 0 means no event seen yet: said so, not `0.0 s ago` (issue 19)."""
         empty = ScoreAnswer(query_blocks=4, scores=[], freshness=Freshness(0.0, [], False))

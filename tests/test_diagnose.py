@@ -24,6 +24,7 @@ from indexer.serve.diagnose import (
     check_dead_letters,
     check_degraded,
     check_first_block_misses,
+    check_native_missing,
     check_rebuilding,
     check_silent_workers,
     check_stores_without_removals,
@@ -269,6 +270,16 @@ def test_dead_letters_and_rebuilding() -> None:
     assert [f.severity for f in forged] == [ERROR]
     assert check_rebuilding(snapshot([], rebuilding=True))[0].code == "rebuilding"
     assert check_rebuilding(snapshot([])) == []
+
+
+def test_native_missing_is_said() -> None:
+    """A process on the pure-Python path is named (issue 19: a compiler-less install was
+    silently slow); one with the extension, or a question about one model, is not."""
+    found = check_native_missing(snapshot([], native=False))
+    assert [(f.code, f.severity) for f in found] == [("native_missing", WARNING)]
+    assert check_native_missing(snapshot([], native=True)) == []
+    assert check_native_missing(snapshot([], native=False, model=MODEL)) == []
+    assert "native_missing" not in [f.code for f in diagnose(healthy()).findings]
 
 
 def test_a_model_filter_keeps_other_models_out() -> None:

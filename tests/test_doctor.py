@@ -258,7 +258,7 @@ async def test_cli_prints_verdicts(service: IndexerService, nats_url: str,
             and service.liveness.settled
             and len(service.consumers()) == PARTITIONS and not service.rebuilding), 30.0)
         assert await asyncio.to_thread(cli.main, ["doctor", "--target", target]) == 0
-        assert "no problems found (10 checks passed)" in capsys.readouterr().out
+        assert "no problems found (11 checks passed)" in capsys.readouterr().out
         # a worker goes quiet after registering
         await fleet.add("h-quiet", HEALTHY)
         await asyncio.sleep(SETTINGS.silent_after_s + 0.5)

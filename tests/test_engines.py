@@ -75,6 +75,7 @@ def embeds(digest: bytes) -> bytes:
 # The identity fixtures (make_frames.py: PROMPT, H1..H3).
 PROMPT = toks(*range(101, 113))
 H1, H2, H3 = 0x1111_0000_0000_0001, 0x2222_0000_0000_0002, 0xF333_0000_0000_0003
+HYBRID = [0xA000_0000_0000_0000 + i for i in range(6)]  # make_frames.HYBRID_HASHES
 SG1, SG2, SG3 = 2**64 - 11, 12, 13  # SGLang's signed hashes -11, 12, 13
 
 
@@ -174,9 +175,20 @@ EXPECTED: dict[str, tuple[str, int | None, list[Event], list[str]]] = {
     "vllm_0_22_hybrid": (
         "vllm",
         0,
-        [BlockStored([U0], None, toks(1, 2, 3, 4), 4), BlockRemoved([U0])],
+        [BlockStored([U0], None, toks(1, 2, 3, 4), 4, group=1, group_kind="sliding_window",
+                     sliding_window=4096),
+         BlockRemoved([U0], group=1)],
         [],
     ),
+    "vllm_0_34_hybrid": (
+        "vllm",
+        0,
+        [BlockStored(HYBRID, None, toks(*range(300, 324)), 4),  # group 0, full: the default
+         BlockStored(HYBRID, None, toks(*range(300, 324)), 4, group=1,
+                     group_kind="sliding_window", sliding_window=8)],
+        [],
+    ),
+    "vllm_0_34_hybrid_evict": ("vllm", 0, [BlockRemoved(HYBRID[:4], group=1)], []),
     "vllm_0_24_map": (
         "vllm",
         0,
@@ -406,7 +418,7 @@ class TestPositionalEvents:
         """Fields after the known ones (newer releases) are ignored."""
         event = ["BlockStored", [1], None, [1, 2], 2, None, "GPU", None, None, 0, "full", None]
         assert one_event([*event, "future", [1, 2, 3]]).events == [
-            BlockStored([1], None, toks(1, 2), 2)
+            BlockStored([1], None, toks(1, 2), 2, group_kind="full")
         ]
         removed = ["BlockRemoved", [1], "CPU", 0, "future"]
         assert one_event(removed).events == [BlockRemoved([1], medium="cpu")]
@@ -428,11 +440,28 @@ class TestMapEvents:
         event = {"type": "BlockStored", "block_hashes": [7], "future": {"a": [1]}, "x": None}
         assert one_event(event).events == [BlockStored([7])]
         assert one_event({"type": "BlockRemoved", "block_hashes": [7], "group_idx": 3}).events == [
-            BlockRemoved([7])
+            BlockRemoved([7], group=3)
         ]
         assert one_event({"type": "AllBlocksCleared", "medium": "GPU"}).events == [
             AllBlocksCleared()
         ]
+
+    def test_group_fields_out_of_bounds_are_skipped(self) -> None:
+        """A group index or window beyond the bus bounds, or of the wrong type, leaves the
+        event out with a reason; it is never folded into group 0."""
+        base = {"type": "BlockStored", "block_hashes": [7]}
+        for bad in ({"group_idx": 64}, {"group_idx": -1}, {"group_idx": "1"},
+                    {"kv_cache_spec_sliding_window": -4},
+                    {"kv_cache_spec_sliding_window": (1 << 24) + 1},
+                    {"kv_cache_spec_kind": 3}):
+            batch = one_event({**base, **bad})
+            assert batch.events == [], bad
+            assert batch.skipped[0].startswith("malformed_event:BlockStored."), bad
+        removed = one_event({"type": "BlockRemoved", "block_hashes": [7], "group_idx": 99})
+        assert removed.events == []
+        assert removed.skipped == ["malformed_event:BlockRemoved.group_idx 99"]
+        assert one_event({**base, "group_idx": 63, "kv_cache_spec_kind": "mamba"}).events == [
+            BlockStored([7], group=63, group_kind="mamba")]
 
     def test_lora_name_wins_over_lora_id(self) -> None:
         """lora_name is used when given; lora_id alone becomes `lora_id:<n>`; neither is None."""

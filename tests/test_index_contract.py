@@ -31,6 +31,7 @@ from kvcore.bus import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
+    Event,
     EventBatch,
     pack_tokens,
 )
@@ -583,3 +584,165 @@ class TestPoolContract:
                 await index.close()
 
         asyncio.run(run())
+
+
+# --- hybrid-attention models ------------------------------------------------------------
+
+HYBRID_MODEL = "google/gemma-3-27b"
+HYBRID_BS = 4
+HYBRID_TOKENS = list(range(300, 300 + 6 * HYBRID_BS))
+HYBRID_HASHES = [0xA0 + i for i in range(6)]
+
+
+def group_stores(*groups: tuple[int, str | None, int]) -> list[Event]:
+    """The six blocks stored in each (group, kind, window)."""
+    return [BlockStored(HYBRID_HASHES, None, pack_tokens(HYBRID_TOKENS), HYBRID_BS, group=g,
+                        group_kind=kind, sliding_window=window) for g, kind, window in groups]
+
+
+def hybrid_batch(seq: int, events: list[Event], worker: str = "w", epoch: int = 1,
+          schema: int = 2) -> EventBatch:
+    return EventBatch(schema=schema, model=HYBRID_MODEL, worker_id=worker, epoch=epoch,
+                      seq=seq, events=events)
+
+
+async def hybrid_hit(index: Index, n: int, worker: str = "w") -> int:
+    result = await index.score(ScoreQuery(model=HYBRID_MODEL, block_size=HYBRID_BS,
+                                          token_ids=HYBRID_TOKENS[: n * HYBRID_BS]))
+    return next((s.matched_blocks for s in result.scores if s.worker_id == worker), 0)
+
+
+HYBRID = group_stores((0, None, 0), (1, "sliding_window", 2 * HYBRID_BS))
+
+
+class TestHybridGroups:
+    """Hybrid-attention models (bus schema 2): presence per KV-cache group, and Score by
+    vLLM's reuse rule (indexer/index/hybrid.py), the same on every backend."""
+
+    async def test_window_group_evicting_its_past_keeps_the_hit(self, any_index: Index) -> None:
+        """The issue's scenario: six blocks in both groups, the window group frees 0..3:
+        a 6-block prompt still hits 6 (vLLM reuses them); its 4-block prefix hits 0."""
+        await any_index.apply([hybrid_batch(0, HYBRID)])
+        assert [await hybrid_hit(any_index, n) for n in (6, 4)] == [6, 4]
+        await any_index.apply([hybrid_batch(1, [BlockRemoved(HYBRID_HASHES[:4], group=1)])])
+        assert [await hybrid_hit(any_index, n) for n in (6, 5, 4, 1)] == [6, 0, 0, 0]
+        # Full attention losing a block cuts the hit there, whatever the window holds.
+        await any_index.apply([hybrid_batch(2, [BlockRemoved(HYBRID_HASHES[5:], group=0)])])
+        assert await hybrid_hit(any_index, 6) == 0
+
+    async def test_a_group_removal_leaves_the_other_groups(self, any_index: Index) -> None:
+        """Group 0's presence, tiers and counts do not move when group 1 evicts."""
+        await any_index.apply([hybrid_batch(0, HYBRID),
+                               hybrid_batch(1, [BlockRemoved(HYBRID_HASHES, group=1)])])
+        [info] = await any_index.workers(HYBRID_MODEL)
+        assert info.blocks_by_tier == {"gpu": 6}
+        assert len(await any_index.presence(HYBRID_MODEL)) == 6
+        assert await hybrid_hit(any_index, 6) == 0  # the window group holds nothing
+
+    async def test_offload_tiers_per_group(self, any_index: Index) -> None:
+        """A CPU copy in full attention counts at the CPU weight; the GPU window group's
+        copies do not make the prefix GPU."""
+        await any_index.apply([hybrid_batch(0, [*HYBRID,
+                                                BlockStored(HYBRID_HASHES[:2], medium="cpu"),
+                                         BlockRemoved(HYBRID_HASHES[:2])])])
+        result = await any_index.score(ScoreQuery(model=HYBRID_MODEL, token_ids=HYBRID_TOKENS,
+                                                  block_size=HYBRID_BS))
+        [score] = result.scores
+        assert (score.matched_blocks, score.blocks_by_tier) == (6, {"gpu": 4, "cpu": 2})
+        assert score.weighted_score == pytest.approx(4 + 2 * 0.8)
+
+    async def test_clear_and_new_epoch_clear_every_group(self, any_index: Index) -> None:
+        """AllBlocksCleared and a restart empty the groups too: no stale window presence
+        turns a later full-attention store into a hit the window group does not hold."""
+        await any_index.apply([hybrid_batch(0, HYBRID)])
+        await any_index.apply([hybrid_batch(0, group_stores((0, None, 0)), epoch=2)])
+        assert await hybrid_hit(any_index, 6) == 0
+
+    async def test_plain_model_with_kind_annotations_scores_as_today(self, any_index: Index
+                                                                     ) -> None:
+        """One group (even one naming a window) is scored by the plain prefix walk."""
+        await any_index.apply([hybrid_batch(0, group_stores((0, "sliding_window", 2 * HYBRID_BS))),
+                               hybrid_batch(1, [BlockRemoved(HYBRID_HASHES[:4])])])
+        assert await hybrid_hit(any_index, 6) == 0
+        assert [await hybrid_hit(any_index, n) for n in (6, 4)] == [0, 0]
+
+    async def test_v1_batches_of_a_plain_model(self, any_index: Index) -> None:
+        """Schema 1 (a publisher that predates groups) is indexed exactly as before."""
+        await any_index.apply([hybrid_batch(0, group_stores((0, None, 0)), schema=1),
+                               hybrid_batch(1, [BlockRemoved(HYBRID_HASHES[4:])], schema=1)])
+        assert [await hybrid_hit(any_index, n) for n in (6, 4)] == [4, 4]
+
+    async def test_chain_resolves_across_groups(self, any_index: Index) -> None:
+        """A window group's child whose parent it evicted resolves through another group
+        (engine hashes name the same content in every group)."""
+        hashes = HYBRID_HASHES
+
+        def block_tokens(first: int, end: int) -> bytes:
+            return pack_tokens(HYBRID_TOKENS[first * HYBRID_BS : end * HYBRID_BS])
+
+        await any_index.apply([hybrid_batch(0, [
+            BlockStored(hashes[:3], None, block_tokens(0, 3), HYBRID_BS),
+            BlockStored(hashes[2:3], hashes[1], block_tokens(2, 3), HYBRID_BS,
+                        group=1, group_kind="sliding_window", sliding_window=2 * HYBRID_BS),
+        ])])
+        assert (await any_index.stats()).dropped == {}
+        assert await hybrid_hit(any_index, 3) == 0  # the window needs blocks 1 and 2: 1 missing
+        await any_index.apply([hybrid_batch(1, [BlockStored(
+            hashes[1:2], hashes[0], block_tokens(1, 2), HYBRID_BS, group=1)])])
+        assert await hybrid_hit(any_index, 3) == 3
+
+
+class TestHybridPools:
+    """Hybrid models and shared storage pools together: a pool's presence lives in KV-cache
+    group 0 (the full-attention group), so its credit lengthens a mounter's full-attention
+    prefix and the hit is still vLLM's rule over every group."""
+
+    @staticmethod
+    async def _setup(index: Index) -> None:
+        tokens = pack_tokens(HYBRID_TOKENS)
+        await index.apply([
+            # w: both groups, and a write-through of its blocks into pool P
+            hybrid_batch(0, [*HYBRID, BlockStored(HYBRID_HASHES, medium="storage",
+                                                  pool="P")]),
+            # m: only the window group holds the blocks (its full-attention copies gone)
+            hybrid_batch(0, [BlockStored(HYBRID_HASHES, None, tokens, HYBRID_BS, group=1,
+                                         group_kind="sliding_window",
+                                         sliding_window=2 * HYBRID_BS)], worker="m"),
+        ])
+
+    @staticmethod
+    async def _hits(index: Index, mounts: dict[str, frozenset[str]] | None,
+                    keys: bool = False) -> dict[str, int]:
+        if keys:
+            query = ScoreQuery(model=HYBRID_MODEL, block_size=HYBRID_BS, mounts=mounts,
+                               block_keys=block_keys_for_tokens(HYBRID_TOKENS, HYBRID_BS,
+                                                                HYBRID_MODEL))
+        else:
+            query = ScoreQuery(model=HYBRID_MODEL, block_size=HYBRID_BS, mounts=mounts,
+                               token_ids=HYBRID_TOKENS)
+        result = await index.score(query)
+        return {s.worker_id: s.matched_blocks for s in result.scores}
+
+    @pytest.mark.parametrize("keys", [False, True])
+    async def test_pool_credit_applies_to_group_0(self, any_index: Index, keys: bool) -> None:
+        await self._setup(any_index)
+        presence = await any_index.presence(HYBRID_MODEL)
+        assert all(WorkerRef("P", -1) in owners for owners in presence.values())
+        assert len(presence) == 6
+        # Without mounts m's full-attention group holds nothing: no hit.
+        assert (await self._hits(any_index, None, keys)).get("m", 0) == 0
+        # Mounting P credits group 0; m's own window group holds the window: a 6-block hit.
+        mounts = {"m": frozenset({"P"}), "c": frozenset({"P"})}
+        hits = await self._hits(any_index, mounts, keys)
+        assert hits["w"] == 6 and hits["m"] == 6
+        # A cold mounter (no cache of its own) has no window group: vLLM reuses nothing.
+        assert hits.get("c", 0) == 0
+        assert "P" not in hits
+
+    async def test_window_eviction_cuts_the_mounter_hit(self, any_index: Index) -> None:
+        await self._setup(any_index)
+        await any_index.apply([hybrid_batch(1, [BlockRemoved(HYBRID_HASHES[4:], group=1)],
+                                            worker="m")])
+        hits = await self._hits(any_index, {"m": frozenset({"P"})})
+        # the window of 2 blocks must end at the hit: blocks 2..3 are held, so L = 4
+        assert hits["m"] == 4

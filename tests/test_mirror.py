@@ -123,3 +123,42 @@ def test_chains_that_reach_no_root_are_left_out() -> None:
     ])
     stored = [e for e in mirror.snapshot() if isinstance(e, BlockStored)]
     assert [e.block_hashes for e in stored] == [[5, 6]]
+
+
+def test_groups_snapshot_rebuilds_every_group() -> None:
+    """A hybrid model's mirror keeps one per KV-cache group: its snapshot re-sends group 0,
+    then each group with its group, kind and window, and an index fed the snapshot scores
+    like one fed the events (the window group's evictions included)."""
+    from indexer.index.memory import SyncMemoryIndex
+    from indexer.index.protocol import ScoreQuery
+    from kvcore.bus import AllBlocksCleared, pack_tokens
+
+    tokens = list(range(500, 500 + 10 * 4))
+    hashes = list(range(1, 11))
+    events: list[Event] = [
+        BlockStored(hashes, None, pack_tokens(tokens), 4),
+        BlockStored(hashes, None, pack_tokens(tokens), 4, group=1,
+                    group_kind="sliding_window", sliding_window=8),
+        BlockRemoved(hashes[:6], group=1),
+        BlockRemoved(hashes[8:9], group=1),
+    ]
+    mirror = BlockMirror()
+    mirror.apply(events)
+    assert len(mirror) == 10 + 3 and mirror.group_specs == {1: ("sliding_window", 8)}
+    snapshot = list(mirror.snapshot())
+    assert isinstance(snapshot[0], AllBlocksCleared)
+    assert {e.group for e in snapshot[1:] if isinstance(e, BlockStored | BlockRemoved)} \
+        == {0, 1}
+    assert all(e.group_kind == "sliding_window" and e.sliding_window == 8
+               for e in snapshot if isinstance(e, BlockStored) and e.group == 1)
+
+    def scores(evs: list[Event]) -> list[int]:
+        index = SyncMemoryIndex()
+        index.apply([EventBatch(schema=SCHEMA_VERSION, model=MODEL, worker_id="w", epoch=1,
+                                seq=0, events=evs)])
+        return [next((s.matched_blocks for s in index.score(ScoreQuery(
+            model=MODEL, token_ids=tokens[: n * 4], block_size=4)).scores), 0)
+            for n in range(1, 11)]
+
+    assert scores(snapshot) == scores(events)
+    assert scores(events) == [0, 0, 0, 0, 0, 0, 0, 8, 8, 8]  # a window of 2 blocks

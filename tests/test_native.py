@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from indexer.index.block_table import DictBlockTable
+from indexer.index.block_table import DictBlockTable, unpack_keys
 from indexer.index.protocol import TIER_BITS, TierWeights
 from indexer.index.scoring import prefix_match, prefix_match_runs, slot_bits
 from kvcore.bus import pack_tokens
@@ -239,6 +239,36 @@ class TestMaskRuns:
             every_block = expand(reference.mask_runs(form, block_size, seed, None))
             assert sorted(prefix_match_runs(runs, candidates, WEIGHTS, include_zero)) == sorted(
                 prefix_match(every_block, candidates, WEIGHTS, include_zero))
+
+    @fast
+    @given(case=stored_prefixes())
+    def test_keys_out_and_get_many_as_dict(
+            self, case: tuple[list[int], int, int, list[tuple[int, int]], int]) -> None:
+        """`keys_out` gets the keys of exactly the blocks the runs cover, as the dict table
+        gives them; `get_many` looks up packed keys like `get` (0 when missing), and
+        `get_present` maps the positions of the held ones to their masks."""
+        tokens, block_size, seed, presence, candidates = case
+        native, reference = BlockTable(secret=seed), DictBlockTable()
+        for key, mask in presence:
+            native.set_bits([key], mask)
+            reference.set_bits([key], mask)
+        for wanted in (candidates * 15, None):
+            native_keys, reference_keys = bytearray(), bytearray()
+            runs = native.mask_runs(tokens, block_size, seed, wanted, native_keys)
+            assert runs == reference.mask_runs(tokens, block_size, seed, wanted,
+                                               reference_keys)
+            assert native_keys == reference_keys
+            all_keys = block_keys_python(pack_tokens(tokens), block_size, seed)
+            assert len(native_keys) == 8 * sum(runs[1::2])
+            assert native_keys == pack_keys(all_keys[: sum(runs[1::2])])
+        packed = pack_keys([*block_keys_python(pack_tokens(tokens), block_size, seed), 7, 8])
+        expected = [reference.get(k, 0) for k in unpack_keys(packed)]
+        assert native.get_many(packed) == reference.get_many(packed) == expected
+        held = {i: mask for i, mask in enumerate(expected) if mask}
+        assert native.get_present(packed) == reference.get_present(packed) == held
+        for bad in (native.get_many, native.get_present):
+            with pytest.raises(ValueError, match="8 bytes"):
+                bad(b"\x00" * 9)
 
     def test_stops_at_first_missing_block(self) -> None:
         keys = block_keys_python(pack_tokens(range(12)), 4, 9)

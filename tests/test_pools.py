@@ -31,6 +31,7 @@ from kvcore.bus import (
     decode_batch,
     encode_batch,
     pack_tokens,
+    schema_for,
 )
 from kvcore.pools import KIND_POOL
 from publisher.engines import decode_engine_payload
@@ -420,3 +421,29 @@ async def test_an_eviction_older_than_the_floor_still_takes_a_block_stored_befor
     await index.apply([b.batch(BlockRemoved(block_hashes=_hashes(8)[4:], medium="storage",
                                             pool="P"), ts=800.0)])
     assert (await _scores(index, _query(tokens, MOUNTS)))["B"] == (4, {"gpu": 1, "storage": 3})
+
+
+def test_pool_events_live_in_group_0() -> None:
+    """A pool's presence lives in KV-cache group 0: the bridge keeps a hybrid model's
+    group-0 pool writes (without the group's kind) and leaves out another group's
+    (`pool_group`), and a batch naming a pool is written as bus schema 2."""
+    group0 = {"type": "BlockStored", "block_hashes": [5, 6], "parent_block_hash": None,
+              "token_ids": [], "block_size": 0, "medium": "STORAGE", "locality": "REMOTE",
+              "group_idx": 0, "kv_cache_spec_kind": "full_attention"}
+    group1 = {**group0, "group_idx": 1, "kv_cache_spec_kind": "sliding_window",
+              "kv_cache_spec_sliding_window": 64}
+    removed1 = {"type": "BlockRemoved", "block_hashes": [5], "medium": "STORAGE",
+                "locality": "REMOTE", "group_idx": 1}
+    decoded = decode_engine_payload(_engine_payload(group0, group1, removed1), pools=("P",))
+    assert [s.split(":")[0] for s in decoded.skipped] == ["pool_group", "pool_group"]
+    [event] = decoded.events
+    assert isinstance(event, BlockStored)
+    assert (event.pool, event.group, event.group_kind, event.sliding_window) == ("P", 0, None, 0)
+    assert schema_for(decoded.events) == 2
+    assert schema_for([BlockRemoved([1], pool="P")]) == 2
+    assert schema_for([AllBlocksCleared(pool="P")]) == 2
+    assert schema_for([BlockStored([1]), BlockRemoved([1]), AllBlocksCleared()]) == 1
+    # Readers still take pool fields in a schema-1 batch (bridges built before the bump).
+    old = _Writer("A").batch(AllBlocksCleared(pool="P"))
+    assert old.schema == 1
+    assert decode_batch(encode_batch(old)).events[0].pool == "P"

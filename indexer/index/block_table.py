@@ -9,6 +9,8 @@ comparison, and every index test runs on whichever this install has.
 from __future__ import annotations
 
 import secrets
+import sys
+from array import array
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -20,7 +22,7 @@ from kvcore.keys import NATIVE
 if NATIVE:
     from kvcore._native import BlockTable
 
-__all__ = ["BlockMasks", "DictBlockTable", "new_block_table"]
+__all__ = ["BlockMasks", "DictBlockTable", "new_block_table", "unpack_keys"]
 
 _PACK_CHUNK_BLOCKS = 32  # token lists are packed this many blocks at a time
 
@@ -39,7 +41,11 @@ class BlockMasks(Protocol):
     def items(self) -> Sequence[tuple[int, int]]: ...
 
     def mask_runs(self, tokens: Sequence[int] | bytes, block_size: int, seed: int,
-                  wanted: int | None, /) -> list[int]: ...
+                  wanted: int | None, keys_out: bytearray | None = None, /) -> list[int]: ...
+
+    def get_many(self, keys: bytes | bytearray, /) -> list[int]: ...
+
+    def get_present(self, keys: bytes | bytearray, /) -> dict[int, int]: ...
 
 
 def new_block_table() -> BlockMasks:
@@ -68,11 +74,22 @@ class DictBlockTable(dict[int, int]):
     def items(self) -> list[tuple[int, int]]:  # type: ignore[override]
         return list(super().items())
 
+    def get_many(self, keys: bytes | bytearray, /) -> list[int]:
+        """The mask of each key (packed u64 little-endian), 0 when missing."""
+        get = self.get
+        return [get(key, 0) for key in unpack_keys(keys)]
+
+    def get_present(self, keys: bytes | bytearray, /) -> dict[int, int]:
+        """Position -> mask of the keys (packed u64 little-endian) the table holds."""
+        return {i: mask for i, key in enumerate(unpack_keys(keys))
+                if (mask := self.get(key, 0))}
+
     def mask_runs(self, tokens: Sequence[int] | bytes, block_size: int, seed: int,
-                  wanted: int | None, /) -> list[int]:
+                  wanted: int | None, keys_out: bytearray | None = None, /) -> list[int]:
         """Masks of the prompt's leading blocks, up to the first one missing or without a
-        wanted bit, as runs of equal masks: [mask, count, mask, count, ...]. Blocks past
-        the stop are never packed or hashed."""
+        wanted bit, as runs of equal masks: [mask, count, mask, count, ...]; their keys
+        go to `keys_out` (u64 little-endian). Blocks past the stop are never packed or
+        hashed."""
         if block_size <= 0:
             raise ValueError(f"block_size must be > 0, got {block_size}")
         runs: list[int] = []
@@ -85,11 +102,22 @@ class DictBlockTable(dict[int, int]):
                 mask = get(seed, 0)
                 if runs and mask == runs[-2]:
                     runs[-1] += 1
-                    continue
-                if not mask or (wanted is not None and not mask & wanted):
+                elif not mask or (wanted is not None and not mask & wanted):
                     return runs
-                runs += (mask, 1)
+                else:
+                    runs += (mask, 1)
+                if keys_out is not None:
+                    keys_out += seed.to_bytes(8, "little")
         return runs
+
+
+def unpack_keys(packed: bytes | bytearray) -> list[int]:
+    """Block keys packed as u64 little-endian, 8 bytes each."""
+    keys = array("Q")
+    keys.frombytes(packed)
+    if sys.byteorder == "big":
+        keys.byteswap()
+    return keys.tolist()
 
 
 def _packed_chunks(tokens: Sequence[int] | bytes, block_size: int) -> Iterator[memoryview]:

@@ -8,6 +8,12 @@ Engine hashes name content within an epoch, so the mapping of a block that left 
 tier is kept as a "ghost": a child stored later still resolves its parent. Ghosts form an
 LRU of evicted blocks (most recently evicted last; a ghost stored again leaves it), trimmed
 to `ghost_capacity` at the end of each batch.
+
+Hybrid-attention models (bus schema 2) store the same engine hashes once per KV-cache
+group, and each group evicts on its own. Group 0 is the ledger itself; every other group
+has a ledger of its own in `groups` (same slot, same sequence position), whose presence
+goes to the sink's `group_sink(group)`. A worker whose events never name a group is
+indexed exactly as before.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from indexer.index.protocol import (
     ResyncRequest,
     tier_index,
 )
-from kvcore.bus import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+from kvcore.bus import MAX_GROUP, AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
 from kvcore.keys import NATIVE, block_keys, root_seed
 
 if NATIVE:
@@ -54,6 +60,8 @@ __all__ = [
 #   b"D" engine hash u64                          the mapping is gone
 #   b"U" engine hash u64                          no longer a ghost
 #   b"G" engine hash u64                          now the most recently evicted ghost
+#   b"Y" group u64                                the records that follow are of this
+#                                                 KV-cache group's ledger (0 at the start)
 LOG_MAP: Final = struct.Struct("<cQQB")
 LOG_HASH: Final = struct.Struct("<cQ")
 
@@ -107,6 +115,15 @@ class PresenceSink(Protocol):
 
     def clear_bits(self, keys: list[int], bitpos: int) -> None: ...
 
+    def group_sink(self, group: int) -> PresenceSink:
+        """The sink of KV-cache group `group` (> 0) of the same model."""
+        ...
+
+    def learn_group(self, group: int, kind: str | None, sliding_window: int) -> None:
+        """A store named its KV-cache group, maybe with the group's attention kind and
+        window (tokens); a group named without them keeps what was learned before."""
+        ...
+
 
 class Journal:
     """What one batch changed in a ledger, for backends that persist ledgers."""
@@ -130,11 +147,13 @@ class WorkerLedger:
         "epoch",
         "ghost_capacity",
         "ghosts",
+        "groups",
         "journal",
         "keys",
         "last_seq",
         "last_ts",
         "model",
+        "owner",
         "slot",
         "tiers",
         "warned",
@@ -159,6 +178,31 @@ class WorkerLedger:
         self.degraded = False
         self.warned = False
         self.journal: Journal | None = None
+        self.groups: dict[int, WorkerLedger] = {}  # KV-cache group > 0 -> its ledger
+        self.owner: WorkerLedger | None = None  # of a group's ledger: the rank's (group 0)
+
+    def start_journal(self) -> None:
+        """Record what the next changes do, for this rank and each of its groups."""
+        self.journal = Journal()
+        for ledger in self.groups.values():
+            ledger.journal = Journal()
+
+    def end_journal(self) -> None:
+        self.journal = None
+        for ledger in self.groups.values():
+            ledger.journal = None
+
+    def group_ledger(self, group: int) -> WorkerLedger:
+        found = self.groups.get(group)
+        if found is None:
+            # No ghosts of its own: a group's child resolves an evicted parent through
+            # the rank's other groups (group 0 keeps its ghosts).
+            found = WorkerLedger(self.model, self.worker_id, self.dp_rank, self.slot, 0)
+            found.owner = self
+            if self.journal is not None:
+                found.journal = Journal()
+            self.groups[group] = found
+        return found
 
     # --- batches -----------------------------------------------------------------------
 
@@ -205,20 +249,36 @@ class WorkerLedger:
             self.last_seq = -1
         for event in batch.events:
             if isinstance(event, BlockStored):
-                self._store(event, sink, stats, on_resync)
+                if event.group or event.group_kind is not None or event.sliding_window:
+                    sink.learn_group(event.group, event.group_kind, event.sliding_window)
+                if event.group:
+                    self.group_ledger(event.group)._store(
+                        event, sink.group_sink(event.group), stats, on_resync)
+                else:
+                    self._store(event, sink, stats, on_resync)
             elif isinstance(event, BlockRemoved):
-                self._remove(event, sink, stats)
+                if event.group:
+                    self.group_ledger(event.group)._remove(
+                        event, sink.group_sink(event.group), stats)
+                else:
+                    self._remove(event, sink, stats)
             elif isinstance(event, AllBlocksCleared):
                 self.clear(sink)
         self.last_seq = batch.seq
         self.last_ts = batch.ts
         self._trim_ghosts()
+        for group_ledger in self.groups.values():
+            group_ledger._trim_ghosts()
         stats.batches_applied += 1
         stats.events_applied += len(batch.events)
         return outcome
 
     def clear(self, sink: PresenceSink) -> None:
-        """Drop every held block and the whole engine-hash map; health starts afresh."""
+        """Drop every held block and the whole engine-hash map; health starts afresh.
+
+        Group ledgers are emptied but kept: the rank stays hybrid (scored by its groups)."""
+        for group, group_ledger in self.groups.items():
+            group_ledger.clear(sink.group_sink(group))
         for tier in range(len(TIERS)):
             if self.counts[tier]:
                 bit = 1 << tier
@@ -251,9 +311,9 @@ class WorkerLedger:
             if event.parent_hash is None:
                 seed = cached_root_seed(self.model, event.lora_name, event.cache_salt)
             else:
-                parent = self.keys.get(event.parent_hash)
+                parent = self._parent_key(event.parent_hash)
                 if parent is None:
-                    self._unknown_parent(event, stats, on_resync)
+                    (self.owner or self)._unknown_parent(event, stats, on_resync)
                     return
                 seed = parent
             new_keys = block_keys(event.token_ids, event.block_size, seed, event.extra_keys)
@@ -276,6 +336,19 @@ class WorkerLedger:
             stats.blocks_stored += len(added)
         if self.journal is not None:
             self.journal.dirty.update(hashes)
+
+    def _parent_key(self, engine_hash: int) -> int | None:
+        """The key of a parent block: engine hashes name the same content in every group
+        of a rank, so a group that evicted the parent resolves it through another."""
+        key = self.keys.get(engine_hash)
+        if key is not None:
+            return key
+        rank = self.owner or self
+        for ledger in (rank, *rank.groups.values()):
+            key = ledger.keys.get(engine_hash)
+            if key is not None:
+                return key
+        return None
 
     def _store_each(
         self, hashes: list[int], new_keys: list[int], bit: int, sink: PresenceSink
@@ -302,8 +375,9 @@ class WorkerLedger:
         """Token-less (offload) stores name blocks by engine hash only."""
         known_hashes: list[int] = []
         known_keys: list[int] = []
+        lookup = self._parent_key if self.owner is not None else self.keys.get
         for h in hashes:
-            key = self.keys.get(h)
+            key = lookup(h)
             if key is None:
                 stats.drop("unknown_block")
             else:
@@ -386,7 +460,15 @@ class WorkerLedger:
     # --- persistence -------------------------------------------------------------------
 
     def to_log(self) -> bytes:
-        """The whole map and ghost order as a log snapshot."""
+        """The whole map and ghost order as a log snapshot, then each group's."""
+        parts = [self._own_log()]
+        for group, ledger in sorted(self.groups.items()):
+            parts += [LOG_HASH.pack(b"Y", group), ledger._own_log()]
+        if self.groups:
+            parts.append(LOG_HASH.pack(b"Y", 0))
+        return b"".join(parts)
+
+    def _own_log(self) -> bytes:
         tiers = self.tiers
         return b"".join(
             [LOG_MAP.pack(b"M", h, key, tiers.get(h, 0)) for h, key in self.keys.items()]
@@ -395,12 +477,21 @@ class WorkerLedger:
 
     def load_log(self, data: bytes) -> None:
         """Replay a log into the map and ghosts (raises LedgerLogError if corrupt)."""
+        target = self
         keys, tiers, ghosts = self.keys, self.tiers, self.ghosts
         view = memoryview(data)
         pos, end = 0, len(view)
         try:
             while pos < end:
                 tag = view[pos]
+                if tag == 0x59:  # Y
+                    _, group = LOG_HASH.unpack_from(view, pos)
+                    if group > MAX_GROUP:
+                        raise LedgerLogError(f"group {group} out of range at byte {pos}")
+                    target = self.group_ledger(group) if group else self
+                    keys, tiers, ghosts = target.keys, target.tiers, target.ghosts
+                    pos += LOG_HASH.size
+                    continue
                 if tag == 0x4D:  # M
                     _, h, key, mask = LOG_MAP.unpack_from(view, pos)
                     keys[h] = key
@@ -436,6 +527,12 @@ class WorkerLedger:
         self.load_log(state.log)
         self.epoch, self.last_seq, self.last_ts = state.epoch, state.last_seq, state.last_ts
         self.degraded = self.warned = state.degraded
+        self._set_held(sink)
+        for group, ledger in self.groups.items():
+            ledger._set_held(sink.group_sink(group))
+
+    def _set_held(self, sink: PresenceSink) -> None:
+        """Presence of every held block, and the counts, from the map (after a load)."""
         for tier in range(len(TIERS)):
             bit = 1 << tier
             held = [self.keys[h] for h, mask in self.tiers.items() if mask & bit]

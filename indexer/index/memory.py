@@ -11,14 +11,24 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
-from indexer.index.block_table import new_block_table
-from indexer.index.ledger import WorkerLedger, stored_block_size
+from indexer.index.block_table import BlockMasks, new_block_table
+from indexer.index.hybrid import (
+    FULL,
+    GroupRule,
+    group_rule,
+    hybrid_matches,
+    prefix_limits,
+    runs_to_masks,
+)
+from indexer.index.ledger import WorkerLedger, cached_root_seed, stored_block_size
 from indexer.index.pools import (
     NO_POOLS,
     POOL_RANK,
     PoolPlan,
     PoolState,
     apply_pool_events,
+    credit_masks,
+    credit_runs,
     pool_credit,
     split_pool_events,
 )
@@ -34,15 +44,51 @@ from indexer.index.protocol import (
     WorkerInfo,
     WorkerRef,
 )
-from indexer.index.scoring import prefix_match_query, slot_bits, validate_query, worker_scores
+from indexer.index.scoring import (
+    SlotMatch,
+    prefix_match,
+    prefix_match_query,
+    prefix_match_runs,
+    query_keys_packed,
+    slot_bits,
+    validate_query,
+    worker_scores,
+)
 from kvcore.bus import Event, EventBatch, validate_batch
+from kvcore.keys import pack_keys
 from kvcore.pools import KIND_POOL
 
 __all__ = ["MemoryIndex", "SyncMemoryIndex"]
 
 
+class _GroupTable:
+    """The PresenceSink of one KV-cache group (> 0) of a hybrid model."""
+
+    __slots__ = ("blocks", "space")
+
+    def __init__(self, space: _ModelSpace) -> None:
+        self.space = space
+        self.blocks = new_block_table()
+
+    def set_bits(self, keys: list[int], bitpos: int) -> None:
+        self.blocks.set_bits(keys, 1 << bitpos)
+
+    def clear_bits(self, keys: list[int], bitpos: int) -> None:
+        self.blocks.clear_bits(keys, ~(1 << bitpos))
+
+    def group_sink(self, group: int) -> _GroupTable:
+        return self.space.group_sink(group)
+
+    def learn_group(self, group: int, kind: str | None, sliding_window: int) -> None:
+        self.space.learn_group(group, kind, sliding_window)
+
+
 class _ModelSpace:
-    """One model's blocks and workers; it is the PresenceSink of its ledgers."""
+    """One model's blocks and workers; it is the PresenceSink of its ledgers.
+
+    `blocks` holds KV-cache group 0, the only one of most models; a hybrid model's other
+    groups each have a table in `groups`, and `group_specs` what their events said.
+    """
 
     def __init__(self, model: str, ghost_capacity: int) -> None:
         self.model = model
@@ -67,6 +113,26 @@ class _ModelSpace:
         # frozenset reused for a while (the worker directory's cache), and OR-ing a
         # thousand ranks' bits per query costs more than the walk. Cleared when slots change.
         self._candidates_memo: tuple[frozenset[str], int] | None = None
+        self.groups: dict[int, _GroupTable] = {}
+        self.group_specs: dict[int, tuple[str | None, int]] = {}
+
+    def group_sink(self, group: int) -> _GroupTable:
+        found = self.groups.get(group)
+        if found is None:
+            found = self.groups[group] = _GroupTable(self)
+        return found
+
+    def learn_group(self, group: int, kind: str | None, sliding_window: int) -> None:
+        if kind is not None or sliding_window or group not in self.group_specs:
+            self.group_specs[group] = (kind, sliding_window)
+
+    def group_tables(self) -> tuple[list[BlockMasks], list[GroupRule]]:
+        """Every group's table and reuse rule, group 0 first (hybrid models only)."""
+        groups = sorted(self.groups)
+        tables = [self.blocks, *(self.groups[g].blocks for g in groups)]
+        rules = [group_rule(*self.group_specs.get(g, (None, 0)), self.block_size)
+                 for g in (0, *groups)]
+        return tables, rules
 
     def set_bits(self, keys: list[int], bitpos: int) -> None:
         self.blocks.set_bits(keys, 1 << bitpos)
@@ -216,9 +282,57 @@ class SyncMemoryIndex:
             return ScoreResult(query.query_blocks, [])
         candidates = space.candidates(query.workers)
         plan = _pool_plan(space, query, candidates)
-        matches = prefix_match_query(query, space.blocks, candidates, self.config, plan=plan)
+        if space.groups:
+            matches = self._hybrid_matches(query, space, candidates, plan)
+        else:
+            matches = prefix_match_query(query, space.blocks, candidates, self.config,
+                                         plan=plan)
         refs = space.refs if not plan.cold_refs else {**space.refs, **plan.cold_refs}
         return ScoreResult(query.query_blocks, worker_scores(matches, refs.__getitem__))
+
+    def _hybrid_matches(self, query: ScoreQuery, space: _ModelSpace,
+                        candidates: int, plan: PoolPlan = NO_POOLS) -> list[SlotMatch]:
+        """vLLM's hybrid rule over the model's KV-cache groups (indexer/index/hybrid.py).
+
+        With group 0 under the full-attention rule, its prefix walk (hashing only as far
+        as a candidate matches) bounds every hit, so the other groups are looked up only
+        that far. A pool's presence lives in group 0: its credit (`plan`) goes to group 0's
+        masks only, so a mounter's hit still needs what the other groups' rules ask of
+        its own cache."""
+        tables, rules = space.group_tables()
+        weights = query.tier_weights or self.config.tier_weights
+        candidates |= plan.cold
+        if rules[0].rule != FULL:
+            packed = query_keys_packed(query)
+            limits = {len(packed) // 8: candidates} if candidates else {}
+            present = [table.get_present(packed) for table in tables]
+            if plan.credits:
+                present[0] = dict(zip(present[0], credit_masks(present[0].values(),
+                                                               plan.credits), strict=True))
+            return hybrid_matches(rules, present, limits, weights=weights,
+                                  include_zero=query.include_zero)
+        if query.token_ids is not None:
+            seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
+            keys = bytearray()
+            runs = space.blocks.mask_runs(query.token_ids, query.block_size, seed,
+                                          (candidates | plan.pool_bits) * 15, keys)
+            if plan.credits:
+                runs = credit_runs(runs, plan.credits)
+            reference = prefix_match_runs(runs, candidates, weights)
+            group0 = runs_to_masks(runs)
+        else:
+            keys = bytearray(pack_keys(query.block_keys or ()))
+            group0 = space.blocks.get_many(keys)
+            if plan.credits:
+                group0 = list(credit_masks(group0, plan.credits))
+            reference = prefix_match(group0, candidates, weights)
+        limits = prefix_limits(reference, candidates if query.include_zero else 0)
+        del keys[max(limits, default=0) * 8 :]
+        # Group 0's prefix walk is done (`reference`): its map is not read.
+        present = [{}, *(table.get_present(keys) for table in tables[1:])]
+        return hybrid_matches(rules, present, limits, weights=weights,
+                              include_zero=query.include_zero, reference=reference,
+                              reference_masks=group0)
 
     def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
         ledgers = self._ledgers_of(model, worker_id, dp_rank)

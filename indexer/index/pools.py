@@ -219,7 +219,11 @@ def apply_pool_events(
     stats: IndexStats,
     ts: float,
 ) -> set[str]:
-    """Apply a writer's pool events (its batch was applied); returns the pools written."""
+    """Apply a writer's pool events (its batch was applied); returns the pools written.
+
+    A pool's presence lives in KV-cache group 0 (the full-attention group of a hybrid
+    model): an event's `group` is not read (bridges send pool events of group 0 only).
+    """
     written: set[str] = set()
     for event in events:
         assert event.pool is not None

@@ -10,7 +10,17 @@ hash slot and each batch is one atomic Lua call even on Redis Cluster:
     kvi:{m:M}:w:<slot>:meta      HASH  pos (epoch, seq), ts, n0..n3, degraded, worker, rank
     kvi:{m:M}:w:<slot>:log       STR   the rank's ledger as an append-only log (below)
     kvi:{m:M}:block_size         STR   block size the model's workers store with
+    kvi:{m:M}:groups             HASH  KV-cache group > 0 -> "kind\nwindow" (hybrid models)
+    kvi:{m:M}:blk<g>             HASH  the presence masks of KV-cache group g > 0, like blk
     kvi:models                   SET   model names (for listing only)
+
+The scripts declare every key they write or read as KEYS (Redis Cluster routes and guards a
+call by them, answering TRYAGAIN while a slot is half migrated instead of letting a script
+miss keys already moved): `apply.lua` the `blk<g>` hash of every KV-cache group its
+records write (`apply_keys`), `gc.lua` the `groups` hash and each group's `blk<g>`
+(`_gc_keys`, named from `groups` read first), `score.lua` the `groups` hash and
+`score_groups.lua` the group hashes it reads. A shared storage pool's presence lives in
+group 0 (`blk`).
 
 A model lives while it has a rank: removing its last rank (`remove_worker`, which is also
 how liveness expiry removes workers) deletes all its keys in one `gc.lua` call, which
@@ -22,6 +32,7 @@ A ledger log is a sequence of records, replayed in order on reload:
     b"D" engine hash u64                          the mapping is gone
     b"U" engine hash u64                          no longer a ghost
     b"G" engine hash u64                          now the most recently evicted ghost
+    b"Y" group u64                                what follows is of KV-cache group g
 Each call appends one segment per changed rank; when a log grows past twice its live
 size (and `log_compact_min_bytes`) or the rank is reset, the owner replaces it by a snapshot.
 
@@ -36,7 +47,7 @@ import asyncio
 import functools
 import random
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from typing import Any, Final
 
@@ -52,6 +63,13 @@ from redis.exceptions import (
 )
 
 from indexer.errors import BackendError
+from indexer.index.hybrid import (
+    FULL,
+    group_rule,
+    hybrid_matches,
+    prefix_limits,
+    runs_to_masks,
+)
 from indexer.index.ledger import (
     LOG_HASH,
     LOG_MAP,
@@ -63,6 +81,9 @@ from indexer.index.ledger import (
 from indexer.index.pools import (
     NO_POOLS,
     POOL_RANK,
+    PoolPlan,
+    credit_masks,
+    credit_runs,
     pool_credit,
     pool_runs,
     resolve_pool_store,
@@ -83,6 +104,7 @@ from indexer.index.protocol import (
 )
 from indexer.index.redis_pipe import RedisPipe
 from indexer.index.scoring import (
+    SlotMatch,
     expand_replicas,
     prefix_match_runs,
     query_keys_packed,
@@ -102,6 +124,7 @@ MODELS_KEY: Final = "kvi:models"
 DEFAULT_LOG_COMPACT_MIN_BYTES: Final = 64 * 1024
 _MAX_CALLS: Final = 8  # script calls one apply() is split into, so Python and Redis overlap
 _OP_HEADER: Final = struct.Struct("<cHI")
+_GROUP_OP_HEADER: Final = struct.Struct("<cBHI")
 _RECORD_HEADER: Final = struct.Struct("<H16s16sdBIIIIIHIII")
 _POSITION: Final = struct.Struct(">qq")
 _NAME_LEN: Final = struct.Struct("<H")
@@ -119,24 +142,33 @@ def model_prefix(model: str) -> str:
 
 
 _APPLY_MODEL_KEYS: Final = ("blk", "slots", "slotver", "free", "block_size")
-_GC_MODEL_KEYS: Final = ("slots", "nextslot", "blk", "slotver", "free", "block_size")
+_GC_MODEL_KEYS: Final = ("slots", "nextslot", "blk", "slotver", "free", "block_size", "groups")
 
 
-def apply_keys(model: str, slots: Sequence[int]) -> list[str]:
-    """The keys `apply.lua` declares for records of ranks in `slots` (in record order):
-    every key it touches, so Redis Cluster can route and guard the call by them."""
+def apply_keys(model: str, slots: Sequence[int], groups: Iterable[int] = ()) -> list[str]:
+    """The keys `apply.lua` declares for records of ranks in `slots` (in record order),
+    then the `blk<g>` hash of each KV-cache group > 0 the records write: every key it
+    touches (a pool's keys aside), so Redis Cluster can route and guard the call by them."""
     prefix = model_prefix(model)
     keys = [prefix + name for name in _APPLY_MODEL_KEYS]
     for slot in slots:
         keys += (f"{prefix}w:{slot}:meta", f"{prefix}w:{slot}:log")
+    keys += group_hash_keys(prefix, sorted(groups))
     return keys
 
 
-def _gc_keys(model: str, next_slot: int) -> list[str]:
+def group_hash_keys(prefix: str, groups: Iterable[int]) -> list[str]:
+    """The presence hash of each KV-cache group: `blk` for group 0, `blk<g>` past it."""
+    return [prefix + "blk" + (str(group) if group else "") for group in groups]
+
+
+def _gc_keys(model: str, next_slot: int, groups: Sequence[int] = ()) -> list[str]:
+    """gc.lua's keys: the model's, each slot's below `next_slot`, each group's hash."""
     prefix = model_prefix(model)
     keys = [prefix + name for name in _GC_MODEL_KEYS]
     for slot in range(next_slot):
         keys += (f"{prefix}w:{slot}:meta", f"{prefix}w:{slot}:log")
+    keys += group_hash_keys(prefix, groups)
     return keys
 
 
@@ -163,10 +195,12 @@ def _lua(name: str) -> str:
 class _OpsSink:
     """Collects a ledger's presence changes as the packed ops `apply.lua` reads."""
 
-    __slots__ = ("ops",)
+    __slots__ = ("_groups", "learned", "ops")
 
     def __init__(self) -> None:
         self.ops = bytearray()
+        self.learned: dict[int, tuple[str | None, int]] = {}  # group -> (kind, window)
+        self._groups: dict[int, _GroupOpsSink] = {}
 
     def set_bits(self, keys: list[int], bitpos: int) -> None:
         self.ops += _OP_HEADER.pack(b"S", bitpos, len(keys))
@@ -175,6 +209,20 @@ class _OpsSink:
     def clear_bits(self, keys: list[int], bitpos: int) -> None:
         self.ops += _OP_HEADER.pack(b"C", bitpos, len(keys))
         self.ops += pack_keys(keys)
+
+    def group_sink(self, group: int) -> _GroupOpsSink:
+        found = self._groups.get(group)
+        if found is None:
+            found = self._groups[group] = _GroupOpsSink(self, group)
+        return found
+
+    def learn_group(self, group: int, kind: str | None, sliding_window: int) -> None:
+        if kind is not None or sliding_window or group not in self.learned:
+            self.learned[group] = (kind, sliding_window)
+
+    def groups_written(self) -> list[int]:
+        """The KV-cache groups > 0 whose hashes these ops write (apply.lua declares them)."""
+        return list(self._groups)
 
     # Shared storage pools (layout in apply.lua): the pool's slot and name, checked there,
     # and the batch's ts, by which the newest write wins (indexer/index/pools.py).
@@ -201,6 +249,43 @@ class _OpsSink:
         self.ops += _NAME_LEN.pack(len(name))
         self.ops += name
         self.ops += _TS.pack(ts)
+
+
+class _GroupOpsSink:
+    """The ops of one KV-cache group (> 0), into its owner's ops."""
+
+    __slots__ = ("group", "owner")
+
+    def __init__(self, owner: _OpsSink, group: int) -> None:
+        self.owner = owner
+        self.group = group
+
+    def set_bits(self, keys: list[int], bitpos: int) -> None:
+        self.owner.ops += _GROUP_OP_HEADER.pack(b"T", self.group, bitpos, len(keys))
+        self.owner.ops += pack_keys(keys)
+
+    def clear_bits(self, keys: list[int], bitpos: int) -> None:
+        self.owner.ops += _GROUP_OP_HEADER.pack(b"K", self.group, bitpos, len(keys))
+        self.owner.ops += pack_keys(keys)
+
+    def group_sink(self, group: int) -> _GroupOpsSink:
+        return self.owner.group_sink(group)
+
+    def learn_group(self, group: int, kind: str | None, sliding_window: int) -> None:
+        self.owner.learn_group(group, kind, sliding_window)
+
+
+def _changes(ledger: WorkerLedger, journal: Journal) -> bytes:
+    """The log records of what one batch changed in one ledger (of a rank or a group)."""
+    keys, tiers = ledger.keys, ledger.tiers
+    pack_hash = LOG_HASH.pack
+    parts = [pack_log_entries(journal.dirty, keys, tiers)]
+    ghosts = ledger.ghosts
+    # A ghost stored again; a trimmed one is gone from the map, and its D record says so.
+    parts.extend(pack_hash(b"U", h) for h in journal.unghosted if h not in ghosts and h in keys)
+    last_pushes = dict.fromkeys(reversed(journal.ghost_pushed))
+    parts.extend(pack_hash(b"G", h) for h in reversed(last_pushes) if h in ghosts)
+    return b"".join(parts)
 
 
 def _worker_infos(model: str, reply: list[Any]) -> list[WorkerInfo]:
@@ -280,6 +365,7 @@ class RedisIndex:
         self._apply_sha: str | None = None
         self._slot_script = client.register_script(_lua("slot.lua"))
         self._score_script = client.register_script(_lua("score.lua"))
+        self._score_groups_script = client.register_script(_lua("score_groups.lua"))
         self._workers_script = client.register_script(_lua("workers.lua"))
         self._gc_script = client.register_script(_lua("gc.lua"))
         # None: queries stay on redis-py (asked for, or a URL the pipe does not speak).
@@ -292,6 +378,10 @@ class RedisIndex:
         self._slot_maps: dict[str, _SlotMap] = {}
         self._known_models: set[str] = set()
         self._block_sizes: dict[str, int] = {}
+        # model -> KV-cache group -> (kind, window) learned, to write with the records
+        self._unwritten_groups: dict[str, dict[int, tuple[str | None, int]]] = {}
+        # model -> KV-cache groups > 0 the records built last write (apply.lua's keys)
+        self._record_groups: dict[str, set[int]] = {}
         self._stats = IndexStats()
         self._lock = asyncio.Lock()
 
@@ -351,12 +441,15 @@ class RedisIndex:
         try:
             # RESP pipelining on one connection: each call goes out as soon as it is built,
             # so Redis runs it while Python builds the next; replies come back in order.
-            pending: list[tuple[str, list[bytes], list[WorkerLedger]]] = []
+            pending: list[tuple[str, list[bytes], list[WorkerLedger]] | None] = []
             for start in range(0, len(batches), step):
                 group = list(enumerate(batches[start : start + step], start))
                 records, sent = await self._build_records(group, outcomes)
                 for model, model_records in records.items():
-                    keys = apply_keys(model, [ledger.slot for ledger in sent[model]])
+                    for command in self._group_commands(model):
+                        await conn.send_command(*command)
+                        pending.append(None)
+                    keys = self._apply_keys(model, sent[model])
                     await conn.send_command("EVALSHA", sha, len(keys), *keys, *model_records)
                     pending.append((model, model_records, sent[model]))
             replies = [await _read_reply(conn) for _ in pending]
@@ -365,7 +458,12 @@ class RedisIndex:
             raise
         finally:
             await self._redis.connection_pool.release(conn)
-        for (model, model_records, ledgers), reply in zip(pending, replies, strict=True):
+        for sent_record, reply in zip(pending, replies, strict=True):
+            if sent_record is None:
+                if isinstance(reply, Exception):
+                    raise BackendError(f"redis groups write failed: {reply}")
+                continue
+            model, model_records, ledgers = sent_record
             self._check_statuses(model, model_records, ledgers, reply)
         await self._register_models(batches)
         return [outcomes[i] for i in range(len(batches))]
@@ -409,7 +507,7 @@ class RedisIndex:
             ledger = await self._ledger(batch.model, WorkerRef(batch.worker_id, batch.dp_rank))
             if ledger not in sinks:
                 sinks[ledger] = (_position(ledger.epoch, ledger.last_seq), _OpsSink())
-                ledger.journal = Journal()
+                ledger.start_journal()
             own, pooled = split_pool_events(batch)
             sink = sinks[ledger][1]
             outcome = ledger.apply(own, sink, self._stats, self.on_resync)
@@ -427,8 +525,15 @@ class RedisIndex:
                 records.setdefault(ledger.model, []).append(
                     self._record(ledger, expected, sink, block_size=changed[ledger]))
                 sent.setdefault(ledger.model, []).append(ledger)
-            ledger.journal = None
+                self._learn_groups(ledger.model, sink.learned)
+            ledger.end_journal()
         return records, sent
+
+    def _apply_keys(self, model: str, ledgers: Sequence[WorkerLedger]) -> list[str]:
+        """apply.lua's keys for a call of these ledgers' records (built last for `model`):
+        with the `blk<g>` hash of every KV-cache group the records write."""
+        return apply_keys(model, [ledger.slot for ledger in ledgers],
+                          self._record_groups.pop(model, ()))
 
     async def _pool_ops(self, batch: EventBatch, writer: WorkerLedger, events: list[Event],
                         sink: _OpsSink) -> None:
@@ -456,6 +561,22 @@ class RedisIndex:
                 self._known_models.add(model)
         return slot
 
+    def _learn_groups(self, model: str, learned: dict[int, tuple[str | None, int]]) -> None:
+        """Queue the KV-cache group specs of these records, written in the same pipeline
+        before them, so a group's hash is always listed in `groups` (gc.lua finds it)."""
+        if learned:
+            self._unwritten_groups.setdefault(model, {}).update(learned)
+
+    def _group_commands(self, model: str) -> list[tuple[str, ...]]:
+        """The writes of the KV-cache group specs learned for `model` since the last."""
+        commands: list[tuple[str, ...]] = []
+        for group, (kind, window) in self._unwritten_groups.pop(model, {}).items():
+            # A spec the events named replaces what is known; a bare group only lists.
+            verb = "HSET" if kind is not None or window else "HSETNX"
+            commands.append((verb, model_prefix(model) + "groups", str(group),
+                             f"{kind or ''}\n{window}"))
+        return commands
+
     async def _run_records(
         self, records: dict[str, list[bytes]], sent: dict[str, list[WorkerLedger]]
     ) -> list[str]:
@@ -465,13 +586,16 @@ class RedisIndex:
             return []
         pipe = self._redis.pipeline(transaction=False)
         models = list(records)
+        at: list[int] = []  # where each model's script reply is in the pipeline's
         for model in models:
-            slots = [ledger.slot for ledger in sent[model]]
-            await self._apply_script(keys=apply_keys(model, slots),
+            for command in self._group_commands(model):
+                pipe.execute_command(*command)
+            at.append(len(pipe))
+            await self._apply_script(keys=self._apply_keys(model, sent[model]),
                                      args=records[model], client=pipe)
         results = await pipe.execute(raise_on_error=False)
         emptied = []
-        for model, reply in zip(models, results, strict=True):
+        for model, reply in zip(models, (results[i] for i in at), strict=True):
             self._check_statuses(model, records[model], sent[model], reply)
             if b"emptied" in reply:
                 emptied.append(model)
@@ -486,7 +610,11 @@ class RedisIndex:
         block_size: int = 0,
     ) -> bytes:
         """The packed record apply.lua reads for one rank (layout in apply.lua); a
-        `block_size` is stored as the model's, in the same atomic call."""
+        `block_size` is stored as the model's, in the same atomic call. The KV-cache
+        groups its ops write are noted for the call's keys (`_apply_keys`)."""
+        groups = sink.groups_written()
+        if groups:
+            self._record_groups.setdefault(ledger.model, set()).update(groups)
         journal = ledger.journal
         assert journal is not None
         worker = ledger.worker_id.encode()
@@ -503,19 +631,28 @@ class RedisIndex:
         return b"".join((header, worker, sink.ops, log_segment))
 
     def _log_segment(self, ledger: WorkerLedger, journal: Journal) -> tuple[bytes, bool]:
-        """What to append to the ledger's log, or a snapshot to replace it (True)."""
-        keys, tiers = ledger.keys, ledger.tiers
-        if not journal.reset:
-            pack_hash = LOG_HASH.pack
-            parts = [pack_log_entries(journal.dirty, keys, tiers)]
-            ghosts = ledger.ghosts
-            parts.extend(pack_hash(b"U", h) for h in journal.unghosted if h not in ghosts)
-            last_pushes = dict.fromkeys(reversed(journal.ghost_pushed))
-            parts.extend(pack_hash(b"G", h) for h in reversed(last_pushes) if h in ghosts)
+        """What to append to the ledger's log, or a snapshot to replace it (True).
+
+        A hybrid rank's groups follow their `Y` records, and the segment switches back to
+        group 0 at its end."""
+        groups = sorted(ledger.groups.items())
+        if not journal.reset and not any(g.journal is not None and g.journal.reset
+                                         for _, g in groups):
+            parts = [_changes(ledger, journal)]
+            for group, group_ledger in groups:
+                if group_ledger.journal is not None:
+                    parts += [LOG_HASH.pack(b"Y", group),
+                              _changes(group_ledger, group_ledger.journal)]
+            if groups:
+                parts.append(LOG_HASH.pack(b"Y", 0))
             segment = b"".join(parts)
             size = self._log_bytes.get(ledger, 0) + len(segment)
-            live = LOG_MAP.size * len(keys) + LOG_HASH.size * len(ledger.ghosts)
-            if size <= max(self.log_compact_min_bytes, 2 * live):
+            live = sum(LOG_MAP.size * len(one.keys) + LOG_HASH.size * (len(one.ghosts) + 1)
+                       for one in (ledger, *ledger.groups.values()))
+            # A window group stores and frees nearly every block: its churn is most of a
+            # hybrid rank's log, so that log is compacted sooner (memory per entry).
+            limit = live + live // 4 if groups else 2 * live
+            if size <= max(self.log_compact_min_bytes, limit):
                 self._log_bytes[ledger] = size
                 return segment, False
         snapshot = ledger.to_log()
@@ -599,7 +736,7 @@ class RedisIndex:
         prefix = model_prefix(query.model)
         try:
             # One round trip, one packed argument: the masks up to the first unheld block.
-            version, *values = await self._masks(prefix, packed_keys)
+            version, groups, *values = await self._masks(prefix, packed_keys)
             slot_map = await self._slot_map(query.model, version or None)
         except RedisError as exc:
             if isinstance(exc, ConnectionError | TimeoutError):
@@ -615,7 +752,11 @@ class RedisIndex:
             plan = pool_credit(slot_map.pools, query.mounts, slot_map.slots_of_worker,
                                candidates, workers=query.workers,
                                next_slot=max(slot_map.by_slot, default=-1) + 1)
-        if plan.credits:
+        if any(group != b"0" for group in groups[::2]):
+            # A pool's presence lives in group 0: its credit goes to group 0's masks.
+            matches = await self._hybrid_matches(query, packed_keys, groups, runs,
+                                                 candidates, plan=plan)
+        elif plan.credits:
             credited = pool_runs(runs, plan, candidates | plan.cold)
             matches = expand_replicas(
                 prefix_match_runs(credited.runs, credited.candidates, weights,
@@ -625,6 +766,57 @@ class RedisIndex:
         refs = slot_map.by_slot if not plan.cold_refs else {**slot_map.by_slot,
                                                             **plan.cold_refs}
         return ScoreResult(len(packed_keys) // 8, worker_scores(matches, refs.__getitem__))
+
+    async def _hybrid_matches(self, query: ScoreQuery, packed_keys: bytes, groups: list[bytes],
+                              runs: list[int], candidates: int, *,
+                              plan: PoolPlan = NO_POOLS) -> list[SlotMatch]:
+        """vLLM's hybrid rule (indexer/index/hybrid.py) over the model's KV-cache groups:
+        group 0's runs came with the query; the others' masks take a second call, only as
+        far as group 0's prefix reaches when group 0 is under the full-attention rule.
+        Pools (`plan`) are credited in group 0 only (where a pool's presence lives)."""
+        candidates |= plan.cold
+        if plan.credits:
+            runs = credit_runs(runs, plan.credits)
+        specs: dict[int, tuple[str | None, int]] = {0: (None, 0)}
+        for i in range(0, len(groups), 2):
+            kind, _, window = groups[i + 1].decode().partition("\n")
+            specs[int(groups[i])] = (kind or None, int(window or 0))
+        block_size = query.block_size if query.token_ids is not None else None
+        block_size = block_size or await self.block_size(query.model)
+        numbers = sorted(specs)
+        rules = [group_rule(*specs[g], block_size) for g in numbers]
+        weights = query.tier_weights or self.config.tier_weights
+        n_blocks = len(packed_keys) // 8
+        reference: list[SlotMatch] | None = None
+        if rules[0].rule == FULL:
+            reference = prefix_match_runs(runs, candidates, weights)
+            limits = prefix_limits(reference, candidates if query.include_zero else 0)
+            n_blocks = max(limits, default=0)
+        else:
+            limits = {n_blocks: candidates} if candidates else {}
+        if not n_blocks:
+            return hybrid_matches(rules, [{} for _ in numbers], limits, weights=weights,
+                                  include_zero=query.include_zero, reference=reference)
+        fetched = numbers[1:] if reference is not None else numbers
+        try:
+            replies = await self._group_masks(model_prefix(query.model),
+                                              packed_keys[: n_blocks * 8], fetched)
+        except RedisError as exc:
+            if isinstance(exc, ConnectionError | TimeoutError):
+                await self._drop_idle_sockets()
+            raise BackendError(f"redis score failed: {exc}") from exc
+        present = [{i: int.from_bytes(v, "little") for i, v in enumerate(reply) if v}
+                   for reply in replies]
+        if reference is None:
+            if plan.credits:
+                present[0] = dict(zip(present[0], credit_masks(present[0].values(),
+                                                               plan.credits), strict=True))
+            return hybrid_matches(rules, present, limits, weights=weights,
+                                  include_zero=query.include_zero)
+        # Group 0's prefix walk is done (`reference`): its map is not read.
+        return hybrid_matches(rules, [{}, *present], limits, weights=weights,
+                              include_zero=query.include_zero, reference=reference,
+                              reference_masks=runs_to_masks(runs)[:n_blocks])
 
     async def _drop_idle_sockets(self) -> None:
         """After a query lost its connection: the next query reconnects the pipe, and
@@ -637,16 +829,36 @@ class RedisIndex:
 
     async def _masks(self, prefix: str, packed_keys: bytes) -> list[Any]:
         """score.lua's reply; over the shared query pipe when there is one."""
-        keys = (prefix + "blk", prefix + "slotver")
+        keys = (prefix + "blk", prefix + "slotver", prefix + "groups")
         reply: list[Any]
         sha = str(self._score_script.sha)  # SHA1 of the script text, known before loading
         call = (self._queries.call if self._queries is not None
                 else self._redis.execute_command)
         try:
-            reply = await call(self._score_command, sha, 2, *keys, packed_keys)
+            reply = await call(self._score_command, sha, 3, *keys, packed_keys)
         except NoScriptError:  # first use, or Redis restarted and lost its scripts
             await call("SCRIPT", "LOAD", str(self._score_script.script))
-            reply = await call(self._score_command, sha, 2, *keys, packed_keys)
+            reply = await call(self._score_command, sha, 3, *keys, packed_keys)
+        return reply
+
+    async def _group_masks(self, prefix: str, packed_keys: bytes,
+                           groups: Sequence[int]) -> list[Any]:
+        """score_groups.lua's reply (read-only: EVALSHA_RO on a replica), over the shared
+        query pipe when there is one. It declares the group hashes it reads."""
+        keys = group_hash_keys(prefix, groups)
+        script = self._score_groups_script
+        sha = str(script.sha)
+        reply: list[Any]
+        if self._queries is None and self._score_command == "EVALSHA":
+            reply = await script(keys=keys, args=[packed_keys])
+            return reply
+        call = (self._queries.call if self._queries is not None
+                else self._redis.execute_command)
+        try:
+            reply = await call(self._score_command, sha, len(keys), *keys, packed_keys)
+        except NoScriptError:
+            await call("SCRIPT", "LOAD", str(script.script))
+            reply = await call(self._score_command, sha, len(keys), *keys, packed_keys)
         return reply
 
     async def _slot_map(self, model: str, version: bytes | None = None,
@@ -703,10 +915,10 @@ class RedisIndex:
                     ledger = await self._ledger(model, ref)
                     expected = _position(ledger.epoch, ledger.last_seq)
                     sink = _OpsSink()
-                    ledger.journal = Journal()
+                    ledger.start_journal()
                     ledger.clear(sink)
                     records.append(self._record(ledger, expected, sink, remove=remove))
-                    ledger.journal = None
+                    ledger.end_journal()
                     sent.append(ledger)
                 emptied = await self._run_records({model: records} if records else {},
                                                   {model: sent})
@@ -779,8 +991,9 @@ class RedisIndex:
     async def _gc_each(self, models: Sequence[str]) -> list[int]:
         """`gc.lua` once per model, pipelined: each model's rank count, 0 for one whose
         keys it deleted. It declares every key it may delete, named from the model's
-        `nextslot`, read first; a model whose `nextslot` grew meanwhile got a rank: its
-        count is read again, and after three tries it is taken as having one."""
+        `nextslot` and `groups` (its KV-cache groups' hashes), read first; a model whose
+        `nextslot` grew (or that gained a group) meanwhile got a rank: its count is read
+        again, and after three tries it is taken as having one."""
         ranks: list[int] = [-1] * len(models)
         for _ in range(3):
             todo = [i for i, n in enumerate(ranks) if n < 0]
@@ -789,9 +1002,13 @@ class RedisIndex:
             pipe = self._redis.pipeline(transaction=False)
             for i in todo:
                 pipe.get(model_prefix(models[i]) + "nextslot")
-            next_slots = [int(raw or 0) for raw in await pipe.execute()]
+                pipe.hkeys(model_prefix(models[i]) + "groups")
+            read = await pipe.execute()
+            next_slots = [int(raw or 0) for raw in read[0::2]]
+            groups = [sorted(int(g) for g in raw) for raw in read[1::2]]
             replies = await self._eval_each(self._gc_script, [
-                (_gc_keys(models[i], n), [n]) for i, n in zip(todo, next_slots, strict=True)])
+                (_gc_keys(models[i], n, g), [n, *g])
+                for i, n, g in zip(todo, next_slots, groups, strict=True)])
             for i, reply in zip(todo, replies, strict=True):
                 ranks[i] = int(reply)
         return [1 if n < 0 else n for n in ranks]
@@ -838,12 +1055,15 @@ class RedisIndex:
                                                 WorkerRef(state.worker_id, state.dp_rank))
                     expected = _position(ledger.epoch, ledger.last_seq)
                     sink = _OpsSink()
-                    ledger.journal = Journal()
+                    ledger.start_journal()
                     ledger.restore(state, sink)
+                    for group in ledger.groups:
+                        sink.learn_group(group, None, 0)
                     records.setdefault(state.model, []).append(
                         self._record(ledger, expected, sink))
                     sent.setdefault(state.model, []).append(ledger)
-                    ledger.journal = None
+                    self._learn_groups(state.model, sink.learned)
+                    ledger.end_journal()
                 await self._register_models_named({s.model for s in states})
                 await self._run_records(records, sent)
                 await self._raise_pool_floors(states)
@@ -867,6 +1087,8 @@ class RedisIndex:
             self._forget_all()
 
     def _forget_all(self) -> None:
+        self._unwritten_groups.clear()
+        self._record_groups.clear()
         self._ledgers.clear()
         self._pool_slots.clear()
         self._log_bytes.clear()

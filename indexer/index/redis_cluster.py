@@ -46,7 +46,7 @@ from redis.exceptions import (
 from indexer.errors import BackendError
 from indexer.index.ledger import WorkerLedger
 from indexer.index.protocol import ApplyOutcome, RankState, ResyncRequest, WorkerRef
-from indexer.index.redis import _POSITION, RedisIndex, _read_reply, apply_keys, model_prefix
+from indexer.index.redis import _POSITION, RedisIndex, _read_reply, model_prefix
 from indexer.index.redis_pipe import RedisPipe
 from kvcore.bus import EventBatch
 
@@ -172,8 +172,13 @@ class RedisClusterIndex(RedisIndex):
                 group = list(enumerate(batches[start : start + step], start))
                 records, sent = await self._build_records(group, outcomes)
                 for model, recs in records.items():
-                    keys = apply_keys(model, [ledger.slot for ledger in sent[model]])
+                    keys = self._apply_keys(model, sent[model])
                     conn = self._connection_for(keys[0], conns)
+                    # The KV-cache group specs first (the `groups` hash, same slot), so
+                    # a group's hash is listed before it is written (gc.lua finds it).
+                    for command in self._group_commands(model):
+                        await conn.send_command(*command)
+                        pending.append((model, [], [], conn))
                     await conn.send_command("EVALSHA", sha, len(keys), *keys, *recs)
                     pending.append((model, recs, sent[model], conn))
             replies = [await _read_reply(conn) for *_, conn in pending]
@@ -187,6 +192,10 @@ class RedisClusterIndex(RedisIndex):
         for (model, recs, ledgers, _), reply in zip(pending, replies, strict=True):
             if isinstance(reply, _REDIRECTED):
                 raise reply  # nothing of this call ran: the slot is elsewhere, or moving
+            if not recs:  # a `groups` write
+                if isinstance(reply, Exception):
+                    raise BackendError(f"redis groups write failed: {reply}")
+                continue
             self._check_statuses(model, recs, ledgers, reply)
         await self._register_models(batches)
         self._confirm(batches)
@@ -216,12 +225,12 @@ class RedisClusterIndex(RedisIndex):
         slot (as a single node's queries are); redirected, cut or unloaded, the call goes
         through the cluster client instead, which follows MOVED and ASK, refreshes its
         slot map and loads the script, so the next call finds the right master."""
-        keys = (prefix + "blk", prefix + "slotver")
+        keys = (prefix + "blk", prefix + "slotver", prefix + "groups")
         node_pipe = self._pipe_for(keys[0])
         if node_pipe is not None:
             name, pipe = node_pipe
             try:
-                reply: list[Any] = await pipe.call("EVALSHA", str(self._score_script.sha), 2,
+                reply: list[Any] = await pipe.call("EVALSHA", str(self._score_script.sha), 3,
                                                    *keys, packed_keys)
                 return reply
             except (ConnectionError, TimeoutError):

@@ -5,7 +5,10 @@ them, classifies each batch against the `SequenceTracker` (duplicate, stale, gap
 the rest to the index in chunks and acks the fetch with one AckAll ack, only after the index
 has everything. Poison messages are acked, copied to the dead-letter stream with the
 reason, and counted. A backend failure keeps the fetched messages and retries them (telling
-JetStream the work is in progress), so nothing is acked before it is indexed.
+JetStream the work is in progress), so nothing is acked before it is indexed. Deliveries
+that never reached this process (a NATS node lost, a connection dropped) re-create the
+durable consumer from the last acknowledged sequence, rather than wait out the ack wait or
+be acknowledged unread by the next AckAll.
 """
 
 from __future__ import annotations
@@ -78,6 +81,9 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     snapshot_every_s: float = 300.0
     purge_after_snapshot: bool = True
     marker_check_s: float = 1.0
+    # An idle partition asks JetStream this often whether its durable consumer holds work
+    # it is not delivering (see PartitionConsumer._stalled).
+    stall_check_s: float = 1.0
     max_epoch_skew_s: float = 300.0  # epochs further in the future are refused
     # The in-memory index is empty at every start: its first rebuild is routine (debug).
     quiet_first_rebuild: bool = False
@@ -99,6 +105,8 @@ class ConsumerStats(msgspec.Struct):
     rebuilds: int = 0
     snapshots: int = 0
     consumer_restarts: int = 0
+    # durable consumers re-created because deliveries were stranded (a NATS node lost)
+    consumer_resets: int = 0
     task_failures: dict[str, int] = msgspec.field(default_factory=dict)  # by task name
     blocks_seen: int = 0  # blocks named by the events of applied batches
     last_applied_ts: float = 0.0  # engine timestamp of the newest batch applied
@@ -222,6 +230,14 @@ class PartitionConsumer:
         self._batches_since_snapshot = 0
         self._last_snapshot = time.monotonic()
         self._rebuild_started = 0.0
+        # (when, ack floor) of the last idle look at the durable consumer that found work
+        # it was not delivering; None when the last look found none
+        self._stall_seen: tuple[float, int] | None = None
+        self._stall_checked = time.monotonic()
+        # The consumer's delivery sequence of the last message this subscription got, and
+        # the stream sequence a re-created consumer would start from without a hole.
+        self._last_delivery: int | None = None
+        self._replay_from = 1
         self._log = log.bind(partition=partition)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -246,12 +262,24 @@ class PartitionConsumer:
                         await sub.unsubscribe()
                     sub = await self._subscribe(await self._rebuild("index lost its data"))
                 msgs = await self._fetch(sub)
-                if msgs:
+                if msgs and (lost := self._deliveries_lost(msgs)):
+                    # AckAll on these would acknowledge the lost ones unread: start over
+                    # from the last sequence acknowledged, these messages unacked.
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                    sub = await self._subscribe(await self._reset_consumer(
+                        self._replay_from - 1, "deliveries lost in transit", lost))
+                elif msgs:
+                    self._stall_seen = None
                     await self.process(msgs, stop)
                 elif self.rebuilding and not await self._finish_rebuild():
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
                     sub = await self._subscribe(await self._rebuild("index lost its data"))
+                elif (reset := await self._stalled()) is not None:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                    sub = await self._subscribe(reset)
                 await self._maybe_snapshot()
         finally:
             with contextlib.suppress(Exception):
@@ -263,15 +291,18 @@ class PartitionConsumer:
     async def _start_seq(self) -> int | None:
         """None: resume the durable consumer; else the stream sequence to replay from."""
         if self._snapshots is None:
-            return None
+            return await self._unstranded_start()
         expected = await self._snapshots.expected_marker(self.partition)
         current = await self._index.get_marker(self._marker_name)
         if expected is not None and current == expected:
             position, floor = await self._position(), await self._ack_floor()
-            if position >= floor:
+            if position >= floor or not await self._stored_between(position, floor):
                 self._marker = current
-                self._acked_seq = floor
-                return None
+                # the index's own position when the floor only scanned past it: the
+                # running check compares that position with this
+                self._acked_seq = min(position, floor)
+                self._replay_from = floor + 1
+                return await self._unstranded_start()
             # Restored from an older dump, or a lagging replica promoted: the marker
             # matches but writes the stream saw acknowledged are missing.
             return await self._rebuild(f"index behind the stream (reflects {position}, "
@@ -291,12 +322,96 @@ class PartitionConsumer:
         raw = await self._index.get_marker(position_marker_name(self.partition))
         return int(raw) if raw and raw.isdigit() else 0
 
+    async def _stored_between(self, position: int, floor: int) -> bool:
+        """Whether the stream holds a message of this partition after `position` and up
+        to `floor`. A filtered consumer's ack floor follows its scan of the whole stream
+        (with nothing pending it is the last stream sequence looked at), so a floor
+        above the index's position means acknowledged writes are missing only if one of
+        this partition's messages lies between them."""
+        try:
+            msg = await self._js.get_msg(STREAM_NAME, seq=position + 1, next=True,
+                                         subject=partition_filter(self.partition))
+        except NotFoundError:
+            return False
+        return msg.seq is not None and msg.seq <= floor
+
     async def _ack_floor(self) -> int:
         try:
             info = await self._js.consumer_info(STREAM_NAME, consumer_name(self.partition))
         except NotFoundError:
             return 0
-        return int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+        return _floor_of(info)
+
+    async def _unstranded_start(self) -> int | None:
+        """None: resume the durable consumer as it is. A start holds no message yet, so
+        deliveries the consumer awaits acks for went to a subscription that is gone (this
+        process's before a restart, or one whose NATS node died): JetStream would give
+        them again only after the ack wait, and in a trickle. Then the consumer is
+        re-created from its ack floor, and the sequence to replay from is returned."""
+        try:
+            info = await self._js.consumer_info(STREAM_NAME, consumer_name(self.partition))
+        except NotFoundError:
+            return None
+        if not info.num_ack_pending:
+            return None
+        return await self._reset_consumer(_floor_of(info), "stranded deliveries at start",
+                                           int(info.num_ack_pending))
+
+    def _deliveries_lost(self, msgs: Sequence[Msg]) -> int:
+        """How many deliveries the consumer made between the last message this
+        subscription got and these, or among these (each delivery, a redelivery too, takes
+        the next delivery sequence): sent to a pull request whose reply never came back
+        (a NATS node lost with it, a reconnect), they await an ack this process cannot
+        give, and JetStream would send them again only after the ack wait."""
+        previous = self._last_delivery
+        lost = 0
+        for msg in msgs:
+            delivery = msg.metadata.sequence.consumer
+            if previous is not None and delivery > previous + 1:
+                lost += delivery - previous - 1
+            previous = delivery
+        return lost
+
+    async def _stalled(self) -> int | None:
+        """After an empty fetch, at most every `stall_check_s`: whether the durable
+        consumer holds work it is not delivering. Every fetch this process makes is acked
+        before the next, so two looks in a row (with no message fetched between them)
+        that find messages awaiting an ack at an unmoved ack floor mean deliveries were
+        stranded (sent to a subscription, or through a NATS node, that is gone); and
+        messages pending while fetches come back empty mean this subscription no longer
+        reaches the consumer. Returns the sequence to re-create the consumer from (the
+        stranded case), or 0 to subscribe again as it is; None when all is well."""
+        now = time.monotonic()
+        if now - self._stall_checked < self._settings.stall_check_s:
+            return None
+        self._stall_checked = now
+        info = await self._js.consumer_info(STREAM_NAME, consumer_name(self.partition))
+        ack_pending, waiting = int(info.num_ack_pending or 0), int(info.num_pending or 0)
+        if not ack_pending and not waiting:
+            self._stall_seen = None
+            return None
+        floor = _floor_of(info)
+        seen, self._stall_seen = self._stall_seen, (now, floor)
+        if seen is None or seen[1] != floor:
+            return None  # first sight, or the floor moves: an ack was on its way
+        self._stall_seen = None
+        if ack_pending:
+            return await self._reset_consumer(floor, "stranded deliveries", ack_pending)
+        self._stats.consumer_resets += 1
+        self._log.warning("partition_consumer_resubscribed", pending=waiting,
+                          idle_s=round(now - seen[0], 1))
+        return 0
+
+    async def _reset_consumer(self, floor: int, reason: str, stranded: int) -> int:
+        """Delete the durable consumer; the next subscription re-creates it from the
+        sequence after its ack floor (what follows is replayed: the index counts what it
+        already has as duplicates, so nothing is applied twice and nothing is skipped)."""
+        self._stats.consumer_resets += 1
+        self._log.warning("partition_consumer_reset", reason=reason, stranded=stranded,
+                          from_seq=floor + 1)
+        with contextlib.suppress(NotFoundError):
+            await self._js.delete_consumer(STREAM_NAME, consumer_name(self.partition))
+        return floor + 1
 
     async def pending(self) -> int:
         """Messages of the partition not yet applied and acked (JetStream's count)."""
@@ -388,13 +503,17 @@ class PartitionConsumer:
         return not self.rebuilding and expected != self._marker
 
     async def _subscribe(self, start_seq: int | None) -> JetStreamContext.PullSubscription:
+        """The pull subscription of the durable consumer; a missing consumer is created
+        to deliver from `start_seq` (None or 0: where an existing one stands)."""
         config = js_api.ConsumerConfig(
             ack_policy=js_api.AckPolicy.ALL, ack_wait=self._settings.ack_wait_s,
             max_ack_pending=self._settings.fetch_batch * 4,
             filter_subject=partition_filter(self.partition))
-        if start_seq is not None:
+        if start_seq:
             config.deliver_policy = js_api.DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = start_seq
+            self._replay_from = start_seq
+        self._last_delivery = None
         return await self._js.pull_subscribe(
             partition_filter(self.partition), durable=consumer_name(self.partition),
             stream=STREAM_NAME, config=config)
@@ -463,6 +582,8 @@ class PartitionConsumer:
             await self._with_backend_retry(self._record_position, msgs)
             await msgs[-1].ack()  # AckAll: acknowledges the whole fetch
             self._acked_seq = self._last_stream_seq
+            self._replay_from = self._last_stream_seq + 1
+            self._last_delivery = msgs[-1].metadata.sequence.consumer
             self.last_progress = time.monotonic()
 
     async def _decode(self, msg: Msg) -> EventBatch | None:
@@ -622,3 +743,8 @@ class PartitionConsumer:
             await self._js.publish(f"{DEAD_LETTER_SUBJECT}.{reason}", data, headers=headers)
         except Exception as pub_exc:  # noqa: BLE001 - counting and logging is the floor
             self._log.error("dead_letter_publish_failed", reason=reason, error=repr(pub_exc))
+
+
+def _floor_of(info: js_api.ConsumerInfo) -> int:
+    """The stream sequence a consumer's acknowledgements cover up to."""
+    return int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0

@@ -33,6 +33,7 @@ from indexer.index.protocol import IndexReader, WorkerInfo
 from indexer.ingest.activity import DEFAULT_LAG_WINDOW_S, EventActivity, RankActivity, RankKey
 from indexer.ingest.liveness import LivenessWatcher
 from kvcore.bus import TIERS
+from kvcore.keys import NATIVE
 from kvcore.topology import WorkerRecord
 
 __all__ = [
@@ -216,6 +217,7 @@ class ServiceSnapshot:
     index_drops: dict[str, int] = field(default_factory=dict)
     dead_letters: dict[str, int] | None = None
     rebuilding: bool = False
+    native: bool = NATIVE  # this process runs the C extension (kvcore._native)
     model: str = ""  # the model asked about; "" = all
     settings: DoctorSettings = field(default_factory=DoctorSettings)
 
@@ -552,6 +554,20 @@ def check_rebuilding(snap: ServiceSnapshot) -> list[Finding]:
         fix="Wait for it to finish (log partition_rebuilt); nothing to change.")]
 
 
+def check_native_missing(snap: ServiceSnapshot) -> list[Finding]:
+    """A process without its C extension answers right, only several times slower."""
+    if snap.native or snap.model:
+        return []
+    return [Finding(
+        severity=WARNING, code="native_missing",
+        summary=("this indexer process runs without its C extension (kvcore._native): block "
+                 "keys, ingest and Score take the pure-Python path, several times slower "
+                 "(docs/benchmarks.md, bench-keys)."),
+        fix=("Install a wheel built with the extension, or reinstall from source where a C "
+             "compiler and the Python headers are present (`kv-indexer --version` says which "
+             "path runs)."))]
+
+
 CHECKS: Final[dict[str, Callable[[ServiceSnapshot], list[Finding]]]] = {
     "unknown_model": check_unknown_model,
     "silent_worker": check_silent_workers,
@@ -563,6 +579,7 @@ CHECKS: Final[dict[str, Callable[[ServiceSnapshot], list[Finding]]]] = {
     "degraded_worker": check_degraded,
     "dead_letters": check_dead_letters,
     "rebuilding": check_rebuilding,
+    "native_missing": check_native_missing,
 }
 assert set(CHECKS) == set(CODES)
 

@@ -17,6 +17,8 @@
 --           the rank after applying; a block size > 0 is stored as the model's
 --   then    worker id, presence ops, ledger log segment (opaque here; see redis.py)
 --           presence op: <c1 'S'|'C'> <H bit position> <I4 count> count x key (8 bytes)
+--           of KV-cache group 0 (the `blk` hash), or <c1 'T'|'K'> <B group> <H bit
+--           position> <I4 count> keys: set / clear in group g's hash `blk<g>`
 --           pool op (shared storage pools, indexer/index/pools.py), as of <d ts>:
 --             <c1 'P'> <H pool slot> <I4 count> <H name length> name <d ts>,
 --               count x (hash, key): the pool holds these blocks
@@ -24,6 +26,10 @@
 --               these blocks left the pool (resolved through its map)
 --             <c1 'W'> <H pool slot> <I4 0> <H name length> name <d ts>: wiped
 --             <c1 'X'> <H 0> <I4 0> <d ts>: wipe every pool this rank wrote into (a gap)
+--           A pool's presence lives in group 0 (its storage bit in `blk`).
+-- KEYS past the records' ones: the `blk<g>` hash of every KV-cache group > 0 the
+--          records' T / K ops name (declared like the others; an op naming an undeclared
+--          group hash is an error, before the record's rank is checked).
 -- A record applies only while its rank still owns the record's slot in `slots`, and
 -- each pool it names still owns its slot (checked before anything is written).
 -- Returns one status per record applied ('ok' | 'removed' | 'emptied': removed, and the
@@ -33,7 +39,7 @@ local blk = p .. 'blk'
 local NOPOS = string.rep('\255', 16)
 local HEADER = '<Hc16c16dBI4I4I4I4I4HI4I4I4'
 
-local function set_bits(ops, pos, count, byte_i, m)
+local function set_bits(blk, ops, pos, count, byte_i, m)
   local fresh = string.rep('\0', byte_i - 1) .. string.char(m)
   for _ = 1, count do
     local key = string.sub(ops, pos, pos + 7)
@@ -56,7 +62,7 @@ local function set_bits(ops, pos, count, byte_i, m)
   return pos
 end
 
-local function clear_bits(ops, pos, count, byte_i, m)
+local function clear_bits(blk, ops, pos, count, byte_i, m)
   for _ = 1, count do
     local key = string.sub(ops, pos, pos + 7)
     pos = pos + 8
@@ -78,6 +84,7 @@ local function clear_bits(ops, pos, count, byte_i, m)
   return pos
 end
 
+local group_hashes = {}  -- the declared blk<g> hashes (KEYS past the records' ones)
 local POOL_OP = {P = 16, R = 8, W = 0}  -- bytes per block of each pool op
 local MAX_TOMBSTONES = 65536  -- indexer/index/pools.py
 
@@ -86,12 +93,27 @@ local function pool_ref(name)
 end
 
 -- Whether every pool op of the record names a pool that still owns its slot.
+-- Group ops must name declared group hashes (checked here, before anything is written:
+-- a script error does not undo what it wrote).
 local function pools_owned(rec, pos, stop)
   while pos < stop do
     local kind, slot, count
-    kind, slot, count, pos = struct.unpack('<c1HI4', rec, pos)
-    local per = POOL_OP[kind]
-    if per then
+    kind = string.sub(rec, pos, pos)
+    local per
+    if kind == 'T' or kind == 'K' then
+      local group
+      kind, group, slot, count, pos = struct.unpack('<c1BHI4', rec, pos)
+      if not group_hashes[blk .. group] then
+        error('a presence op names ' .. blk .. group .. ', not a declared key')
+      end
+      pos = pos + count * 8
+    else
+      kind, slot, count, pos = struct.unpack('<c1HI4', rec, pos)
+      per = POOL_OP[kind]
+    end
+    if kind == 'T' or kind == 'K' then
+      -- done above
+    elseif per then
       local nlen
       nlen, pos = struct.unpack('<H', rec, pos)
       local name = string.sub(rec, pos, pos + nlen - 1)
@@ -150,8 +172,8 @@ local function pool_store(pool, rec, pos, count, ts)
       redis.call('HSET', pool.map, h, key .. struct.pack('<d', ts))
       local old_key = old and string.sub(old, 1, 8)
       if old_key ~= key then
-        if old_key then clear_bits(old_key, 1, 1, pool.byte_i, pool.m) end
-        set_bits(key, 1, 1, pool.byte_i, pool.m)
+        if old_key then clear_bits(blk, old_key, 1, 1, pool.byte_i, pool.m) end
+        set_bits(blk, key, 1, 1, pool.byte_i, pool.m)
       end
     end
   end
@@ -168,7 +190,7 @@ local function pool_remove(pool, rec, pos, count, ts)
     if not (old and stamp_of(old) > ts) then
       if old then
         redis.call('HDEL', pool.map, h)
-        clear_bits(string.sub(old, 1, 8), 1, 1, pool.byte_i, pool.m)
+        clear_bits(blk, string.sub(old, 1, 8), 1, 1, pool.byte_i, pool.m)
       end
       local gone = remember and redis.call('HGET', pool.gone, h)
       if remember and not (gone and struct.unpack('<d', gone) > ts) then
@@ -190,7 +212,7 @@ local function pool_wipe(pool, ts)
     local v = all[i + 1]
     if stamp_of(v) <= ts then
       redis.call('HDEL', pool.map, all[i])
-      clear_bits(string.sub(v, 1, 8), 1, 1, pool.byte_i, pool.m)
+      clear_bits(blk, string.sub(v, 1, 8), 1, 1, pool.byte_i, pool.m)
     end
   end
   if ts > pool.floor then pool.floor = ts end
@@ -240,22 +262,35 @@ end
 
 local function apply_presence(rec, pos, stop, wp)
   while pos < stop do
-    local kind, bitpos, count
-    kind, bitpos, count, pos = struct.unpack('<c1HI4', rec, pos)
-    if kind == 'S' or kind == 'C' then
+    local kind, group, bitpos, count
+    kind = string.sub(rec, pos, pos)
+    if kind == 'T' or kind == 'K' then
+      kind, group, bitpos, count, pos = struct.unpack('<c1BHI4', rec, pos)
+      local hash = blk .. group  -- declared: pools_owned checked
       local byte_i = math.floor(bitpos / 8) + 1
       local m = 2 ^ (bitpos % 8)
-      if kind == 'S' then
-        pos = set_bits(rec, pos, count, byte_i, m)
+      if kind == 'T' then
+        pos = set_bits(hash, rec, pos, count, byte_i, m)
       else
-        pos = clear_bits(rec, pos, count, byte_i, m)
+        pos = clear_bits(hash, rec, pos, count, byte_i, m)
       end
-    elseif kind == 'X' then
-      local ts
-      ts, pos = struct.unpack('<d', rec, pos)
-      wipe_written(wp, ts)
     else
-      pos = apply_pool_op(rec, pos, kind, bitpos, count, wp)
+      kind, bitpos, count, pos = struct.unpack('<c1HI4', rec, pos)
+      if kind == 'S' or kind == 'C' then
+        local byte_i = math.floor(bitpos / 8) + 1
+        local m = 2 ^ (bitpos % 8)
+        if kind == 'S' then
+          pos = set_bits(blk, rec, pos, count, byte_i, m)
+        else
+          pos = clear_bits(blk, rec, pos, count, byte_i, m)
+        end
+      elseif kind == 'X' then
+        local ts
+        ts, pos = struct.unpack('<d', rec, pos)
+        wipe_written(wp, ts)
+      else
+        pos = apply_pool_op(rec, pos, kind, bitpos, count, wp)
+      end
     end
   end
 end
@@ -306,8 +341,11 @@ local function apply_one(rec, i)
   return 'ok'
 end
 
-if #KEYS ~= 5 + 2 * #ARGV then
-  return redis.error_reply('apply.lua wants 5 model keys and 2 per record')
+if #KEYS < 5 + 2 * #ARGV then
+  return redis.error_reply('apply.lua wants 5 model keys, 2 per record, then group hashes')
+end
+for k = 6 + 2 * #ARGV, #KEYS do
+  group_hashes[KEYS[k]] = true
 end
 local statuses = {}
 for i = 1, #ARGV do

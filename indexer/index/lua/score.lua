@@ -1,11 +1,13 @@
 -- Presence masks of a query's blocks, in order, up to the first block nobody holds (no
 -- worker can match past it), after the slot map's version. Consecutive equal masks (the
 -- usual case along a shared prefix) come back as one run, so the reply stays small.
--- KEYS[1] the model's blk hash, KEYS[2] its slotver; ARGV[1] the block keys, 8 bytes each.
--- Returns {slotver or false, mask1, count1, mask2, count2, ...}.
+-- KEYS[1] the model's blk hash, KEYS[2] its slotver, KEYS[3] its groups hash (the KV-cache
+-- groups of a hybrid model: their masks are not looked up here); ARGV[1] the block keys,
+-- 8 bytes each.
+-- Returns {slotver or false, groups as {field, value, ...}, mask1, count1, mask2, ...}.
 local packed = ARGV[1]
 local n = #packed / 8
-local out = {redis.call('GET', KEYS[2])}
+local out = {redis.call('GET', KEYS[2]), redis.call('HGETALL', KEYS[3])}
 -- Small chunks: a query stops paying for lookups soon after its first unheld block.
 local CHUNK = 64
 local FULL_CHUNK = string.rep('c8', CHUNK)

@@ -1,0 +1,239 @@
+"""Hybrid-attention models: what a worker would reuse when its KV-cache groups differ.
+
+vLLM keeps one KV-cache group per attention kind and each evicts on its own, so a block
+can be cached in the full-attention group and gone from a sliding-window group. The hit
+is vLLM's (`HybridKVCacheCoordinator.find_longest_cache_hit`, 0.34): the longest L up to
+the prompt's length that every group accepts, each by its manager's rule:
+
+- full attention (and any kind not named below): blocks 0..L-1 all cached;
+- sliding window of w blocks (`cdiv(sliding_window - 1, block_size)`): the w blocks
+  ending at L are cached (blocks 0..L-1 when L < w; L = 0 always qualifies);
+- Mamba: block L-1 is cached (L = 0 always qualifies).
+
+Each rule gives the longest qualifying L up to a limit; applying them in turn until none
+lowers the limit reaches that fixed point. The walk is bit-parallel over the worker
+slots: slots that share a limit move together (presence in `slot_bits` form, one bit
+per slot).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from indexer.index.protocol import TIER_BITS, TierWeights
+from indexer.index.scoring import SlotMatch, prefix_match
+
+__all__ = [
+    "FULL",
+    "MAMBA",
+    "WINDOW",
+    "GroupRule",
+    "any_tier",
+    "group_rule",
+    "hybrid_hits",
+    "hybrid_matches",
+    "prefix_limits",
+    "runs_to_masks",
+]
+
+Rule = Literal["full", "window", "mamba"]
+FULL: Final[Rule] = "full"
+WINDOW: Final[Rule] = "window"
+MAMBA: Final[Rule] = "mamba"
+
+_WINDOW_KINDS: Final = frozenset({"sliding_window", "sliding_window_mla"})
+_MAMBA_KINDS: Final = frozenset({"mamba"})
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRule:
+    rule: Rule
+    window_blocks: int = 0  # WINDOW: blocks that must be cached at the hit's end
+
+
+@functools.lru_cache(maxsize=256)
+def group_rule(kind: str | None, sliding_window: int, block_size: int | None) -> GroupRule:
+    """The reuse rule of a group from what its events said.
+
+    Kinds this module does not know (and a window without a block size to count it in)
+    get the full-attention rule: it needs every block, so it never claims more than the
+    engine reuses.
+    """
+    if kind in _MAMBA_KINDS:
+        return GroupRule(MAMBA)
+    if kind in _WINDOW_KINDS and sliding_window > 0 and block_size:
+        return GroupRule(WINDOW, max(1, -(-(sliding_window - 1) // block_size)))
+    return GroupRule(FULL)
+
+
+def prefix_limits(reference: Iterable[SlotMatch], others: int = 0) -> dict[int, int]:
+    """Hit length -> slots (slot_bits form) of prefix matches; `others` (slots that match
+    nothing) go under 0."""
+    limits: dict[int, int] = {}
+    for match in reference:
+        bit = 1 << (match.slot * TIER_BITS)
+        limits[match.matched_blocks] = limits.get(match.matched_blocks, 0) | bit
+        others &= ~bit
+    if others:
+        limits[0] = limits.get(0, 0) | others
+    return limits
+
+
+def any_tier(mask: int, slots: int) -> int:
+    """The `slot_bits` form of the slots among `slots` that hold a block in some tier."""
+    return (mask | mask >> 1 | mask >> 2 | mask >> 3) & slots
+
+
+def hybrid_hits(
+    rules: Sequence[GroupRule],
+    present: Sequence[Mapping[int, int]],
+    limits: dict[int, int],
+    applied: Iterable[int] = (),
+) -> dict[int, int]:
+    """Hit length -> the slots (slot_bits form) it is for.
+
+    `limits` maps each candidate slot's upper bound (the prompt's blocks) to the slots;
+    `present[g]` maps the position of each block group g holds (for some candidate) to
+    its presence mask (nibble form). Groups in `applied` are full-attention groups
+    `limits` is already cut to (their maps are not read).
+    """
+    done = set(applied)
+    for g, rule in enumerate(rules):
+        if rule.rule == FULL and g not in done:
+            # A cached prefix is downward closed: one cut is final.
+            limits = _full_limits(present[g], limits)
+    others = [g for g, rule in enumerate(rules) if rule.rule != FULL]
+    descending = {g: sorted(present[g], reverse=True) for g in others}
+    while True:
+        before = limits
+        for g in others:
+            window = rules[g].window_blocks if rules[g].rule == WINDOW else 1
+            limits = _window_limits(present[g], descending[g], limits, window)
+        if limits == before:
+            return limits
+
+
+def _add(out: dict[int, int], length: int, slots: int) -> None:
+    if slots:
+        out[length] = out.get(length, 0) | slots
+
+
+def _full_limits(present: Mapping[int, int], limits: dict[int, int]) -> dict[int, int]:
+    """Each slot's limit cut to its cached prefix."""
+    out: dict[int, int] = {}
+    get = present.get
+    for limit, slots in limits.items():
+        alive = slots
+        i = 0
+        while i < limit and alive:
+            held = any_tier(get(i, 0), alive)
+            _add(out, i, alive & ~held)
+            alive = held
+            i += 1
+        _add(out, i, alive)
+    return out
+
+
+def _window_limits(present: Mapping[int, int], descending: Sequence[int],
+                   limits: dict[int, int], window: int) -> dict[int, int]:
+    """Each slot's longest L <= its limit whose `window` blocks ending at L (from block 0
+    when L is shorter) are cached; Mamba is a window of 1.
+
+    Right to left like vLLM's managers, over the held blocks only (`descending`: the
+    positions of `present`, highest first)."""
+    out: dict[int, int] = {}
+    get = present.get
+    for limit, slots in limits.items():
+        left = slots
+        for last in descending:
+            if last >= limit:
+                continue
+            m = present[last]
+            ok = (m | m >> 1 | m >> 2 | m >> 3) & left
+            i = last - 1
+            low = last + 1 - window
+            while ok and i >= low and i >= 0:
+                m = get(i, 0)
+                ok = (m | m >> 1 | m >> 2 | m >> 3) & ok
+                i -= 1
+            if ok:
+                _add(out, last + 1, ok)
+                left &= ~ok
+                if not left:
+                    break
+        _add(out, 0, left)
+    return out
+
+
+def hybrid_matches(
+    rules: Sequence[GroupRule],
+    present: Sequence[Mapping[int, int]],
+    limits: dict[int, int],
+    *,
+    weights: TierWeights,
+    include_zero: bool,
+    reference: Sequence[SlotMatch] | None = None,
+    reference_masks: Sequence[int] | None = None,
+) -> list[SlotMatch]:
+    """Matches of the candidate slots by vLLM's hybrid rule.
+
+    The tiers of a hit come from the first full-attention group (group 0 when there is
+    none): each block counts at the best tier that group holds it in; blocks it does not
+    hold (no group needs them) count as GPU, since nothing is loaded. `reference` may
+    hold group 0's prefix matches already walked when it is that group (`limits` then cut
+    to them, and `reference_masks` its masks block by block): a slot whose prefix is all
+    on GPU needs no second walk.
+    """
+    fulls = [g for g, rule in enumerate(rules) if rule.rule == FULL]
+    applied = fulls[:1] if reference is not None else []
+    hits = hybrid_hits(rules, present, limits, applied)
+    ref = fulls[0] if fulls else 0
+    all_gpu = 0
+    for match in reference or ():
+        if match.blocks_by_tier.keys() <= {"gpu"}:
+            all_gpu |= 1 << (match.slot * TIER_BITS)
+    gpu_weight = weights.gpu
+    out: list[SlotMatch] = []
+    for length, slots in hits.items():
+        if not length:
+            if include_zero:
+                out.extend(SlotMatch(slot, 0, 0.0, {}) for slot in _slots(slots))
+            continue
+        out.extend(SlotMatch(slot, length, gpu_weight * length, {"gpu": length})
+                   for slot in _slots(slots & all_gpu))
+        rest = slots & ~all_gpu
+        if rest:
+            if reference_masks is None:
+                get = present[ref].get
+                reference_masks = [get(i, 0) for i in range(max(hits))]
+            out.extend(_stretched(match, length, weights) for match in
+                       prefix_match(reference_masks[:length], rest, weights, True))
+    return out
+
+
+def _stretched(match: SlotMatch, length: int, weights: TierWeights) -> SlotMatch:
+    """A reference-group match made `length` long: the blocks past it count as GPU."""
+    missing = length - match.matched_blocks
+    if not missing:
+        return match
+    by_tier = dict(match.blocks_by_tier)
+    by_tier["gpu"] = by_tier.get("gpu", 0) + missing
+    return SlotMatch(match.slot, length, match.weighted_score + weights.gpu * missing, by_tier)
+
+
+def runs_to_masks(runs: Sequence[int]) -> list[int]:
+    """Flat runs [mask, count, ...] as one mask per block."""
+    out: list[int] = []
+    for i in range(0, len(runs), 2):
+        out += [runs[i]] * runs[i + 1]
+    return out
+
+
+def _slots(bits: int) -> Iterable[int]:
+    while bits:
+        low = bits & -bits
+        yield (low.bit_length() - 1) // TIER_BITS
+        bits ^= low
