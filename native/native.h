@@ -33,6 +33,13 @@ NATIVE_INTERNAL extern const char take_uint32_field_doc[];
 NATIVE_INTERNAL PyObject *take_uint32_field(PyObject *module, PyObject *const *args,
                                             Py_ssize_t nargs);
 
+/* tally.c */
+NATIVE_INTERNAL extern const char tally_runs_doc[];
+NATIVE_INTERNAL extern const char scores_from_tally_doc[];
+NATIVE_INTERNAL PyObject *tally_runs(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+NATIVE_INTERNAL PyObject *scores_from_tally(PyObject *module, PyObject *const *args,
+                                            Py_ssize_t nargs);
+
 /* log_pack.c */
 NATIVE_INTERNAL PyObject *pack_log_entries(PyObject *module, PyObject *const *args,
                                            Py_ssize_t nargs);

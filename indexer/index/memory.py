@@ -34,7 +34,7 @@ from indexer.index.protocol import (
     WorkerInfo,
     WorkerRef,
 )
-from indexer.index.scoring import prefix_match_query, slot_bits, validate_query, worker_scores
+from indexer.index.scoring import rank_order, score_query, slot_bits, validate_query
 from kvcore.bus import Event, EventBatch, validate_batch
 from kvcore.pools import KIND_POOL
 
@@ -61,6 +61,8 @@ class _ModelSpace:
         # the last pool plan: ((id(mounts), id(workers), candidates, slot_version), mounts,
         # plan); `mounts` kept so its id is not reused meanwhile
         self.plan_cache: tuple[tuple[int, int, int, int], object, PoolPlan] | None = None
+        # rank_order of the refs Score names: (slot_version, cold refs or None, order)
+        self.order_cache: tuple[int, object, bytes] | None = None
         self._free: list[int] = []
         self._next_slot = 0
 
@@ -154,6 +156,16 @@ class _ModelSpace:
     def ref_of_slot(self, slot: int) -> WorkerRef:
         return self.refs[slot]
 
+    def rank_order(self, refs: dict[int, WorkerRef], cold: object) -> bytes:
+        """`scoring.rank_order(refs)`, kept while the slots and the cold refs (a pool
+        plan's, None without) are the same objects."""
+        cached = self.order_cache
+        if cached is not None and cached[0] == self.slot_version and cached[1] is cold:
+            return cached[2]
+        order = rank_order(refs)
+        self.order_cache = (self.slot_version, cold, order)
+        return order
+
     def candidates(self, workers: frozenset[str] | None) -> int:
         if workers is None:
             return self.all_slots
@@ -206,9 +218,11 @@ class SyncMemoryIndex:
             return ScoreResult(query.query_blocks, [])
         candidates = space.candidates(query.workers)
         plan = _pool_plan(space, query, candidates)
-        matches = prefix_match_query(query, space.blocks, candidates, self.config, plan=plan)
-        refs = space.refs if not plan.cold_refs else {**space.refs, **plan.cold_refs}
-        return ScoreResult(query.query_blocks, worker_scores(matches, refs.__getitem__))
+        cold = plan.cold_refs or None
+        refs = space.refs if cold is None else {**space.refs, **plan.cold_refs}
+        scores = score_query(query, space.blocks, candidates, self.config, refs,
+                             order=lambda: space.rank_order(refs, cold), plan=plan)
+        return ScoreResult(query.query_blocks, scores)
 
     def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
         ledgers = self._ledgers_of(model, worker_id, dp_rank)

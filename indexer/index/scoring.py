@@ -8,11 +8,16 @@ compare; `_Walk.step` does the rest (a slot dropping out, copies in other tiers)
 `prefix_match` walks masks already looked up: Redis fetches them in one round trip, the
 memory index's table hashes token ids and looks them up in one loop (in C when the
 extension is built), so blocks past the last match are never hashed.
+
+`score_query` is the memory index's whole Score: with the C extension the walk and the
+answer are built in C (native/tally.c: `tally_runs`, then `scores_from_tally`), one
+object per returned score and none per slot in between; `_Walk` is its pure-Python twin.
 """
 
 from __future__ import annotations
 
 import functools
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import repeat
 from typing import NamedTuple
@@ -30,7 +35,10 @@ from indexer.index.protocol import (
     WorkerRef,
     WorkerScore,
 )
-from kvcore.keys import block_keys_packed, pack_keys
+from kvcore.keys import NATIVE, block_keys_packed, pack_keys
+
+if NATIVE:
+    from kvcore._native import scores_from_tally, tally_runs
 
 __all__ = [
     "SlotMatch",
@@ -41,12 +49,16 @@ __all__ = [
     "prefix_match_query",
     "prefix_match_runs",
     "query_keys_packed",
+    "rank_order",
+    "score_query",
     "slot_bits",
     "validate_query",
     "worker_scores",
 ]
 
 GPU = 0
+USE_NATIVE_TALLY = NATIVE  # tests turn it off to run the pure-Python twin
+_RECORD = 5  # u32 per tally_runs record: slot, matched, cpu, storage, other
 
 
 class SlotMatch(NamedTuple):
@@ -343,3 +355,76 @@ def prefix_match_query(
     matches = prefix_match_runs(credited.runs, credited.candidates, weights,
                                 query.include_zero)
     return expand_replicas(matches, credited.replicas)
+
+
+def rank_order(refs: Mapping[int, WorkerRef]) -> bytes:
+    """Per slot (u32, indexed by slot) the rank of its (worker_id, dp_rank) among `refs`:
+    `scores_from_tally` breaks ties with it instead of comparing strings."""
+    order = array("I", bytes(4 * (max(refs, default=-1) + 1)))
+    for rank, slot in enumerate(sorted(refs, key=refs.__getitem__)):
+        order[slot] = rank
+    return order.tobytes()
+
+
+def score_query(
+    query: ScoreQuery, blocks: BlockMasks, candidates: int, config: IndexConfig,
+    refs: Mapping[int, WorkerRef], *, order: Callable[[], bytes], plan: PoolPlan = NO_POOLS,
+) -> list[WorkerScore]:
+    """`prefix_match_query` then `worker_scores`; in C when the extension is built.
+
+    `refs` names every candidate slot (cold pool mounters too); `order()` gives
+    `rank_order(refs)`, called only when the C path needs it (callers cache it).
+    """
+    if not USE_NATIVE_TALLY:
+        matches = prefix_match_query(query, blocks, candidates, config, plan=plan)
+        return worker_scores(matches, refs.__getitem__)
+    weights = (query.tier_weights or config.tier_weights).as_tuple()
+    candidates |= plan.cold
+    if query.block_keys is not None:
+        masks: Iterable[int] = map(blocks.get, query.block_keys, repeat(0))
+        if plan.credits:
+            masks = credit_masks(masks, plan.credits)
+        tally = tally_runs(_runs_of(masks, candidates * 15), candidates, weights,
+                           query.include_zero)
+    else:
+        assert query.token_ids is not None
+        seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
+        runs = blocks.mask_runs(query.token_ids, query.block_size, seed,
+                                (candidates | plan.pool_bits) * 15)
+        if plan.credits:
+            credited = pool_runs(runs, plan, candidates)
+            tally = _expand_tally(tally_runs(credited.runs, credited.candidates, weights,
+                                             query.include_zero), credited.replicas)
+        else:
+            tally = tally_runs(runs, candidates, weights, query.include_zero)
+    if not tally:
+        return []
+    return scores_from_tally(tally, refs, order(), weights, TIERS, WorkerScore)
+
+
+def _runs_of(masks: Iterable[int], wanted: int) -> list[int]:
+    """Masks as runs [mask, count, ...], up to the first without a wanted bit (where
+    every candidate's match has ended)."""
+    runs: list[int] = []
+    for mask in masks:
+        if runs and mask == runs[-2]:
+            runs[-1] += 1
+        elif mask & wanted:
+            runs += (mask, 1)
+        else:
+            break
+    return runs
+
+
+def _expand_tally(tally: bytes, replicas: Mapping[int, list[int]]) -> bytes:
+    """`expand_replicas` on `tally_runs` records: each representative's record copied to
+    the slots sharing its answer."""
+    if not replicas:
+        return tally
+    records = array("I", tally)
+    out = array("I", tally)
+    for i in range(0, len(records), _RECORD):
+        for slot in replicas.get(records[i], ()):
+            out.append(slot)
+            out.extend(records[i + 1 : i + _RECORD])
+    return out.tobytes()
