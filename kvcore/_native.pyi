@@ -1,6 +1,6 @@
 """Types of the optional C extension built from native/*.c (module.c lists what is where)."""
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -16,7 +16,7 @@ def tally_runs(
     runs: Sequence[int], candidates: int, weights: Sequence[float], include_zero: bool
 ) -> bytes: ...
 def scores_from_tally(
-    tally: bytes, refs: Mapping[int, tuple[str, int]], order: bytes,
+    tally: bytes, refs: Sequence[tuple[str, int] | None], order: bytes,
     weights: Sequence[float], tiers: tuple[str, ...], make: Callable[..., T],
 ) -> list[T]: ...
 def take_uint32_field(message: bytes, path: tuple[int, ...]) -> tuple[bytes, bytes]: ...

@@ -404,7 +404,7 @@ table_mask_runs(BlockTable *table, PyObject *const *args, Py_ssize_t nargs)
             }
             PyObject *mask = entry->mask;
             if (run_mask != NULL) {
-                int same = mask == run_mask || PyObject_RichCompareBool(mask, run_mask, Py_EQ);
+                int same = masks_equal(mask, run_mask);
                 if (same < 0) {
                     goto fail;
                 }

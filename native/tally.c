@@ -9,7 +9,8 @@
  *   scores_from_tally(tally, refs, order, weights, tiers, make) -> list
  *       One make(worker_id, dp_rank, matched, weighted, blocks_by_tier) per record, best
  *       first: matched desc, weighted desc, then order[slot] (u32 per slot: the rank of
- *       the slot's (worker_id, dp_rank) among all, so ties need no string compares).
+ *       the slot's (worker_id, dp_rank) among all, so ties need no string compares);
+ *       refs[slot] is the slot's (worker_id, dp_rank) (a list, None where no slot is).
  *
  * Masks hold a nibble per slot (bit slot * 4 + tier). At thousands of ranks a mask is a
  * long int of thousands of bits: the walk reads 64 bits (16 slots) at a time straight
@@ -54,6 +55,24 @@ int_digits(PyObject *obj, const char *what, IntDigits *out)
     out->digits = value->ob_digit;
 #endif
     return 0;
+}
+
+/* a == b for two exact ints, by their digits: CPython compares long ints a digit at a
+ * time, ~0.8 us for masks of 4,096 slots, paid per block of a run in mask_runs. */
+NATIVE_INTERNAL int
+masks_equal(PyObject *a, PyObject *b)
+{
+    IntDigits x, y;
+    if (a == b) {
+        return 1;
+    }
+    if (!PyLong_CheckExact(a) || !PyLong_CheckExact(b) || int_digits(a, "a", &x) < 0 ||
+        int_digits(b, "b", &y) < 0) {
+        PyErr_Clear();
+        return PyObject_RichCompareBool(a, b, Py_EQ);
+    }
+    return x.n_digits == y.n_digits &&
+           memcmp(x.digits, y.digits, (size_t)x.n_digits * sizeof(digit)) == 0;
 }
 
 /* Bits 64 * word .. 64 * word + 63 of the int. */
@@ -343,8 +362,9 @@ weighted_score(const uint32_t *record, const double weights[TALLY_TIERS])
     return sum;
 }
 
+/* {tier name: blocks} of the tiers holding some; `matched` is the int of record[1]. */
 static PyObject *
-blocks_by_tier(const uint32_t *record, PyObject *tiers)
+blocks_by_tier(const uint32_t *record, PyObject *tiers, PyObject *matched)
 {
     PyObject *out = PyDict_New();
     if (out == NULL) {
@@ -354,7 +374,8 @@ blocks_by_tier(const uint32_t *record, PyObject *tiers)
                                     record[3], record[4]};
     for (int t = 0; t < TALLY_TIERS; t++) {
         if (counts[t]) {
-            PyObject *count = PyLong_FromUnsignedLong(counts[t]);
+            PyObject *count = counts[t] == record[1] ? Py_NewRef(matched)
+                                                     : PyLong_FromUnsignedLong(counts[t]);
             if (count == NULL ||
                 PyDict_SetItem(out, PyTuple_GET_ITEM(tiers, t), count) < 0) {
                 Py_XDECREF(count);
@@ -367,34 +388,45 @@ blocks_by_tier(const uint32_t *record, PyObject *tiers)
     return out;
 }
 
+/* Objects equal to the previous score's are reused (ints and floats are immutable). */
+typedef struct {
+    PyObject *matched, *weighted;
+} Reuse;
+
 static PyObject *
-make_score(const Ranked *r, PyObject *refs, PyObject *tiers, PyObject *make)
+reuse_int(PyObject **held, uint32_t value)
 {
-    PyObject *slot = PyLong_FromUnsignedLong(r->record[0]);
-    if (slot == NULL) {
-        return NULL;
+    if (*held == NULL || PyLong_AsUnsignedLong(*held) != value) {
+        Py_XSETREF(*held, PyLong_FromUnsignedLong(value));
     }
-    PyObject *ref = PyObject_GetItem(refs, slot);
-    Py_DECREF(slot);
-    if (ref == NULL) {
-        return NULL;
-    }
+    return *held;
+}
+
+static PyObject *
+make_score(const Ranked *r, PyObject *refs, PyObject *tiers, PyObject *make, Reuse *reuse)
+{
+    PyObject *ref = PyList_GET_ITEM(refs, r->record[0]);
     if (!PyTuple_Check(ref) || PyTuple_GET_SIZE(ref) != 2) {
-        PyErr_SetString(PyExc_TypeError, "refs must map a slot to (worker_id, dp_rank)");
-        Py_DECREF(ref);
+        PyErr_SetString(PyExc_TypeError, "refs must give each slot (worker_id, dp_rank)");
         return NULL;
     }
-    PyObject *call[5] = {PyTuple_GET_ITEM(ref, 0), PyTuple_GET_ITEM(ref, 1),
-                         PyLong_FromUnsignedLong(r->matched), PyFloat_FromDouble(r->weighted),
-                         blocks_by_tier(r->record, tiers)};
-    PyObject *out = NULL;
-    if (call[2] && call[3] && call[4]) {
-        out = PyObject_Vectorcall(make, call, 5, NULL);
+    if (reuse_int(&reuse->matched, r->matched) == NULL) {
+        return NULL;
     }
-    Py_XDECREF(call[2]);
-    Py_XDECREF(call[3]);
-    Py_XDECREF(call[4]);
-    Py_DECREF(ref);
+    if (reuse->weighted == NULL || PyFloat_AS_DOUBLE(reuse->weighted) != r->weighted) {
+        Py_XSETREF(reuse->weighted, PyFloat_FromDouble(r->weighted));
+        if (reuse->weighted == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *by_tier = blocks_by_tier(r->record, tiers, reuse->matched);
+    if (by_tier == NULL) {
+        return NULL;
+    }
+    PyObject *call[5] = {PyTuple_GET_ITEM(ref, 0), PyTuple_GET_ITEM(ref, 1), reuse->matched,
+                         reuse->weighted, by_tier};
+    PyObject *out = PyObject_Vectorcall(make, call, 5, NULL);
+    Py_DECREF(by_tier);
     return out;
 }
 
@@ -432,6 +464,14 @@ scores_from_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Ranked *ranked = NULL;
     Py_ssize_t n = tally.len / (RECORD_U32 * (Py_ssize_t)sizeof(uint32_t));
     Py_ssize_t n_order = order.len / (Py_ssize_t)sizeof(uint32_t);
+    Reuse reuse = {NULL, NULL};
+    if (!PyList_Check(refs)) {
+        PyErr_SetString(PyExc_TypeError, "refs must be a list indexed by slot");
+        goto done;
+    }
+    if (PyList_GET_SIZE(refs) < n_order) {
+        n_order = PyList_GET_SIZE(refs); /* a slot must have both an order and a ref */
+    }
     if (tally.len % (RECORD_U32 * sizeof(uint32_t))) {
         PyErr_SetString(PyExc_ValueError, "tally must be whole records of five u32");
         goto done;
@@ -446,8 +486,8 @@ scores_from_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     for (Py_ssize_t i = 0; i < n; i++) {
         const uint32_t *rec = &records[i * RECORD_U32];
         if ((Py_ssize_t)rec[0] >= n_order || (uint64_t)rec[2] + rec[3] + rec[4] > rec[1]) {
-            PyErr_SetString(PyExc_ValueError, "a record's slot has no order, or its tier "
-                                              "counts exceed its matched blocks");
+            PyErr_SetString(PyExc_ValueError, "a record's slot has no order or ref, or its "
+                                              "tier counts exceed its matched blocks");
             goto done;
         }
         ranked[i] = (Ranked){rec[1], orders[rec[0]], weighted_score(rec, weights), rec};
@@ -455,7 +495,7 @@ scores_from_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     qsort(ranked, (size_t)n, sizeof(Ranked), ranked_cmp);
     out = PyList_New(n);
     for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
-        PyObject *score = make_score(&ranked[i], refs, tiers, make);
+        PyObject *score = make_score(&ranked[i], refs, tiers, make, &reuse);
         if (score == NULL) {
             Py_CLEAR(out);
             break;
@@ -463,6 +503,8 @@ scores_from_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyList_SET_ITEM(out, i, score);
     }
 done:
+    Py_XDECREF(reuse.matched);
+    Py_XDECREF(reuse.weighted);
     PyMem_Free(ranked);
     PyBuffer_Release(&tally);
     PyBuffer_Release(&order);

@@ -17,8 +17,8 @@ from indexer.index.protocol import TIER_BITS, TIERS, ScoreQuery, TierWeights, Wo
 from indexer.index.scoring import (
     prefix_match,
     prefix_match_runs,
-    rank_order,
     slot_bits,
+    slot_table,
     worker_scores,
 )
 from kvcore.bus import SCHEMA_VERSION, BlockStored, EventBatch
@@ -72,7 +72,8 @@ def as_runs(masks: list[int], wanted: int) -> list[int]:
 def native_scores(runs: list[int], candidates: int, weights: TierWeights,
                   include_zero: bool, refs: dict[int, WorkerRef]) -> list[WorkerScore]:
     tally = tally_runs(runs, candidates, weights.as_tuple(), include_zero)
-    return scores_from_tally(tally, refs, rank_order(refs), weights.as_tuple(), TIERS,
+    table = slot_table(refs)
+    return scores_from_tally(tally, table.refs, table.order, weights.as_tuple(), TIERS,
                              WorkerScore)
 
 
@@ -121,16 +122,21 @@ class TestTallyTwins:
             tally_runs(*args)
 
     def test_bad_records_raise(self) -> None:
-        refs = {0: WorkerRef("a", 0)}
+        table = slot_table({0: WorkerRef("a", 0)})
         weights = WEIGHT_SETS[0].as_tuple()
         good = array("I", [0, 3, 1, 0, 0]).tobytes()
+        assert scores_from_tally(good, table.refs, table.order, weights, TIERS,
+                                 WorkerScore) == [WorkerScore("a", 0, 3, 2.8, {"gpu": 2,
+                                                                              "cpu": 1})]
         with pytest.raises(ValueError):  # tier counts above matched
-            scores_from_tally(array("I", [0, 1, 1, 1, 0]).tobytes(), refs, rank_order(refs),
+            scores_from_tally(array("I", [0, 1, 1, 1, 0]).tobytes(), table.refs, table.order,
                               weights, TIERS, WorkerScore)
         with pytest.raises(ValueError):  # a slot the order does not cover
-            scores_from_tally(good, refs, b"", weights, TIERS, WorkerScore)
-        with pytest.raises(KeyError):  # a slot without a ref
-            scores_from_tally(good, {}, rank_order(refs), weights, TIERS, WorkerScore)
+            scores_from_tally(good, table.refs, b"", weights, TIERS, WorkerScore)
+        with pytest.raises(ValueError):  # a slot without a ref
+            scores_from_tally(good, [], table.order, weights, TIERS, WorkerScore)
+        with pytest.raises(TypeError):  # a hole in the refs
+            scores_from_tally(good, [None], table.order, weights, TIERS, WorkerScore)
 
 
 # --- memory indexes at thousands of ranks ---------------------------------------------

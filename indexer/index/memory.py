@@ -34,7 +34,13 @@ from indexer.index.protocol import (
     WorkerInfo,
     WorkerRef,
 )
-from indexer.index.scoring import rank_order, score_query, slot_bits, validate_query
+from indexer.index.scoring import (
+    SlotTable,
+    score_query,
+    slot_bits,
+    slot_table,
+    validate_query,
+)
 from kvcore.bus import Event, EventBatch, validate_batch
 from kvcore.pools import KIND_POOL
 
@@ -61,8 +67,8 @@ class _ModelSpace:
         # the last pool plan: ((id(mounts), id(workers), candidates, slot_version), mounts,
         # plan); `mounts` kept so its id is not reused meanwhile
         self.plan_cache: tuple[tuple[int, int, int, int], object, PoolPlan] | None = None
-        # rank_order of the refs Score names: (slot_version, cold refs or None, order)
-        self.order_cache: tuple[int, object, bytes] | None = None
+        # slot_table of the refs Score names: (slot_version, cold refs or None, table)
+        self.table_cache: tuple[int, object, SlotTable] | None = None
         self._free: list[int] = []
         self._next_slot = 0
 
@@ -156,15 +162,15 @@ class _ModelSpace:
     def ref_of_slot(self, slot: int) -> WorkerRef:
         return self.refs[slot]
 
-    def rank_order(self, refs: dict[int, WorkerRef], cold: object) -> bytes:
-        """`scoring.rank_order(refs)`, kept while the slots and the cold refs (a pool
+    def slot_table(self, refs: dict[int, WorkerRef], cold: object) -> SlotTable:
+        """`scoring.slot_table(refs)`, kept while the slots and the cold refs (a pool
         plan's, None without) are the same objects."""
-        cached = self.order_cache
+        cached = self.table_cache
         if cached is not None and cached[0] == self.slot_version and cached[1] is cold:
             return cached[2]
-        order = rank_order(refs)
-        self.order_cache = (self.slot_version, cold, order)
-        return order
+        table = slot_table(refs)
+        self.table_cache = (self.slot_version, cold, table)
+        return table
 
     def candidates(self, workers: frozenset[str] | None) -> int:
         if workers is None:
@@ -221,7 +227,7 @@ class SyncMemoryIndex:
         cold = plan.cold_refs or None
         refs = space.refs if cold is None else {**space.refs, **plan.cold_refs}
         scores = score_query(query, space.blocks, candidates, self.config, refs,
-                             order=lambda: space.rank_order(refs, cold), plan=plan)
+                             table=lambda: space.slot_table(refs, cold), plan=plan)
         return ScoreResult(query.query_blocks, scores)
 
     def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:

@@ -42,6 +42,7 @@ if NATIVE:
 
 __all__ = [
     "SlotMatch",
+    "SlotTable",
     "check_query_shape",
     "check_tier_weights",
     "expand_replicas",
@@ -49,9 +50,9 @@ __all__ = [
     "prefix_match_query",
     "prefix_match_runs",
     "query_keys_packed",
-    "rank_order",
     "score_query",
     "slot_bits",
+    "slot_table",
     "validate_query",
     "worker_scores",
 ]
@@ -357,23 +358,32 @@ def prefix_match_query(
     return expand_replicas(matches, credited.replicas)
 
 
-def rank_order(refs: Mapping[int, WorkerRef]) -> bytes:
-    """Per slot (u32, indexed by slot) the rank of its (worker_id, dp_rank) among `refs`:
-    `scores_from_tally` breaks ties with it instead of comparing strings."""
-    order = array("I", bytes(4 * (max(refs, default=-1) + 1)))
+class SlotTable(NamedTuple):
+    """What `scores_from_tally` names slots with: per slot its ref (None for no rank) and
+    the rank of that ref among all (u32 each: ties are broken without string compares)."""
+
+    refs: list[WorkerRef | None]
+    order: bytes
+
+
+def slot_table(refs: Mapping[int, WorkerRef]) -> SlotTable:
+    by_slot: list[WorkerRef | None] = [None] * (max(refs, default=-1) + 1)
+    order = array("I", bytes(4 * len(by_slot)))
     for rank, slot in enumerate(sorted(refs, key=refs.__getitem__)):
         order[slot] = rank
-    return order.tobytes()
+        by_slot[slot] = refs[slot]
+    return SlotTable(by_slot, order.tobytes())
 
 
 def score_query(
     query: ScoreQuery, blocks: BlockMasks, candidates: int, config: IndexConfig,
-    refs: Mapping[int, WorkerRef], *, order: Callable[[], bytes], plan: PoolPlan = NO_POOLS,
+    refs: Mapping[int, WorkerRef], *, table: Callable[[], SlotTable],
+    plan: PoolPlan = NO_POOLS,
 ) -> list[WorkerScore]:
     """`prefix_match_query` then `worker_scores`; in C when the extension is built.
 
-    `refs` names every candidate slot (cold pool mounters too); `order()` gives
-    `rank_order(refs)`, called only when the C path needs it (callers cache it).
+    `refs` names every candidate slot (cold pool mounters too); `table()` gives
+    `slot_table(refs)`, called only when the C path needs it (callers cache it).
     """
     if not USE_NATIVE_TALLY:
         matches = prefix_match_query(query, blocks, candidates, config, plan=plan)
@@ -399,7 +409,8 @@ def score_query(
             tally = tally_runs(runs, candidates, weights, query.include_zero)
     if not tally:
         return []
-    return scores_from_tally(tally, refs, order(), weights, TIERS, WorkerScore)
+    names = table()
+    return scores_from_tally(tally, names.refs, names.order, weights, TIERS, WorkerScore)
 
 
 def _runs_of(masks: Iterable[int], wanted: int) -> list[int]:
