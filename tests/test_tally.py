@@ -281,3 +281,23 @@ class TestManyRanks:
         queries = [ScoreQuery(model=MODEL, token_ids=block_tokens(p), block_size=BLOCK,
                               tier_weights=rng.choice(WEIGHT_SETS)) for p in prompts]
         assert check_queries(index, ranks, queries, prompts, monkeypatch) >= 12 * 8
+
+
+class TestSharedMasks:
+    def test_one_call_shares_the_updated_mask_and_keeps_values(self) -> None:
+        """Blocks carrying the same mask object get the same updated object (equal masks
+        along a prefix stay one object), and every value is still its own."""
+        from kvcore._native import BlockTable
+
+        table = BlockTable(secret=5)
+        table.set_bits(list(range(10)), 1)
+        table.set_bits(list(range(6)), 1 << 16_000)
+        table.set_bits([3, 4, 5, 6], 1 << 4)
+        assert table.get(3, 0) is table.get(5, 0)
+        expected = {k: 1 | (1 << 16_000 if k < 6 else 0) | (16 if 3 <= k <= 6 else 0)
+                    for k in range(10)}
+        assert dict(table.items()) == expected
+        table.clear_bits([0, 1, 2, 3, 4, 5, 6], ~1)
+        assert table.get(4, 0) is table.get(5, 0)
+        assert dict(table.items()) == {k: v & ~1 for k, v in expected.items() if v & ~1} | {
+            k: v for k, v in expected.items() if k >= 7}
