@@ -6,6 +6,8 @@
  *       The walk of prefix_match_runs: per matched slot, in slot order, five u32 (native
  *       byte order): slot, matched blocks, and the blocks whose best copy is on cpu,
  *       storage, other (gpu is the rest).
+ *   expand_tally(tally, replicas) -> bytes
+ *       Each representative slot's record copied to the slots sharing its answer (pools).
  *   scores_from_tally(tally, refs, order, weights, tiers, make) -> list
  *       One make(worker_id, dp_rank, matched, weighted, blocks_by_tier) per record, best
  *       first: matched desc, weighted desc, then order[slot] (u32 per slot: the rank of
@@ -322,6 +324,87 @@ tally_runs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     walk_free(&walk);
     Py_DECREF(runs);
+    return out;
+}
+
+NATIVE_INTERNAL const char expand_tally_doc[] =
+    "expand_tally(tally, replicas) -> bytes: the records with each representative slot's\n"
+    "record copied to the slots in replicas[slot] (a list of ints).";
+
+NATIVE_INTERNAL PyObject *
+expand_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2 || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "expand_tally(tally, replicas: dict)");
+        return NULL;
+    }
+    Py_buffer tally;
+    if (PyObject_GetBuffer(args[0], &tally, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    const Py_ssize_t size = RECORD_U32 * (Py_ssize_t)sizeof(uint32_t);
+    Py_ssize_t n = tally.len / size;
+    PyObject *out = NULL, *followers = NULL;
+    uint32_t *buf = NULL;
+    Py_ssize_t used = n, room = n + 16;
+    if (tally.len % size) {
+        PyErr_SetString(PyExc_ValueError, "tally must be whole records of five u32");
+        goto done;
+    }
+    buf = PyMem_Malloc((size_t)(room * size));
+    if (buf == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    memcpy(buf, tally.buf, (size_t)tally.len);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *slot = PyLong_FromUnsignedLong(buf[i * RECORD_U32]);
+        if (slot == NULL) {
+            goto done;
+        }
+        PyObject *found = PyDict_GetItemWithError(args[1], slot); /* borrowed */
+        Py_DECREF(slot);
+        if (found == NULL) {
+            if (PyErr_Occurred()) {
+                goto done;
+            }
+            continue;
+        }
+        followers = PySequence_Fast(found, "replicas must map a slot to a list of slots");
+        if (followers == NULL) {
+            goto done;
+        }
+        Py_ssize_t k = PySequence_Fast_GET_SIZE(followers);
+        if (used + k > room) {
+            room = (used + k) * 2;
+            uint32_t *grown = PyMem_Realloc(buf, (size_t)(room * size));
+            if (grown == NULL) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            buf = grown;
+        }
+        for (Py_ssize_t j = 0; j < k; j++) {
+            unsigned long follower = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(followers, j));
+            if (follower == (unsigned long)-1 && PyErr_Occurred()) {
+                goto done;
+            }
+            if (follower > UINT32_MAX) {
+                PyErr_SetString(PyExc_OverflowError, "a slot must fit in a u32");
+                goto done;
+            }
+            uint32_t *rec = &buf[used++ * RECORD_U32];
+            memcpy(rec, &buf[i * RECORD_U32], (size_t)size);
+            rec[0] = (uint32_t)follower;
+        }
+        Py_CLEAR(followers);
+    }
+    out = PyBytes_FromStringAndSize((const char *)buf, used * size);
+done:
+    Py_XDECREF(followers);
+    PyMem_Free(buf);
+    PyBuffer_Release(&tally);
     return out;
 }
 

@@ -38,7 +38,7 @@ from indexer.index.protocol import (
 from kvcore.keys import NATIVE, block_keys_packed, pack_keys
 
 if NATIVE:
-    from kvcore._native import scores_from_tally, tally_runs
+    from kvcore._native import expand_tally, scores_from_tally, tally_runs
 
 __all__ = [
     "SlotMatch",
@@ -403,8 +403,10 @@ def score_query(
                                 (candidates | plan.pool_bits) * 15)
         if plan.credits:
             credited = pool_runs(runs, plan, candidates)
-            tally = _expand_tally(tally_runs(credited.runs, credited.candidates, weights,
-                                             query.include_zero), credited.replicas)
+            tally = tally_runs(credited.runs, credited.candidates, weights,
+                               query.include_zero)
+            if credited.replicas:
+                tally = expand_tally(tally, credited.replicas)
         else:
             tally = tally_runs(runs, candidates, weights, query.include_zero)
     if not tally:
@@ -425,17 +427,3 @@ def _runs_of(masks: Iterable[int], wanted: int) -> list[int]:
         else:
             break
     return runs
-
-
-def _expand_tally(tally: bytes, replicas: Mapping[int, list[int]]) -> bytes:
-    """`expand_replicas` on `tally_runs` records: each representative's record copied to
-    the slots sharing its answer."""
-    if not replicas:
-        return tally
-    records = array("I", tally)
-    out = array("I", tally)
-    for i in range(0, len(records), _RECORD):
-        for slot in replicas.get(records[i], ()):
-            out.append(slot)
-            out.extend(records[i + 1 : i + _RECORD])
-    return out.tobytes()
