@@ -430,8 +430,9 @@ def _rank_scale_notes(results: list[ScaleResult]) -> str:
     notes = []
     if any(r.ingest_ratio < 1.5 for r in results):
         notes.append("ingest: our apply is the per-event Python ledger work (engine-hash "
-                     "maps, checks, one table call per event) around C hashing, about as "
-                     "fast as Dynamo's tree; reaching 1.5x needs the ledger in C")
+                     "maps, checks, one table call per event) around C hashing, and Dynamo's "
+                     "rate varies several-fold between rounds and runs (the rounds rows "
+                     "below); a steady 1.5x needs the ledger in C")
     if any(r.score_ratio > 0.5 for r in results):
         notes.append("Score: the walk and the answer are C; what remains is hashing and "
                      "probing each matched block (mask_runs) and one WorkerScore per matched "
