@@ -1,6 +1,6 @@
 """In-memory index vs Dynamo's RadixTree, in one process, on one workload.
 
-    python -m bench.memory_vs_dynamo [--workers 64 --blocks 300000 --queries 500]
+    python -m bench.memory_vs_dynamo [--workers 64 1024 4096 --blocks 300000 1000000]
 
 Ingest: ours is `SyncMemoryIndex.apply` on bus batches built up front but not keyed (the
 ledger hashes the token bytes into chained keys during apply). Dynamo's is, per event,
@@ -13,8 +13,14 @@ Dynamo's is `compute_block_hash_for_seq` + `find_matches`. Every query's per-wor
 block counts must agree between the two, or the run fails (exit 1): the guard that both
 sides did the same work.
 
-It runs 300,000 then 1,000,000 blocks by default (`--blocks 300000` for one scale); the
-first scale given is the headline.
+It runs 300,000 then 1,000,000 blocks at the first `--workers` count, then the last
+`--blocks` at each other count (64, 1,024 and 4,096 worker ranks by default; the workload's
+64 shared system prompts make a query match ~60-290 ranks at 4,096); the first scale is
+the headline, and a rank-scale table puts the counts side by side against the targets
+(Score p50 <= 0.5x Dynamo's, ingest >= 1.5x).
+
+Memory per (block, rank) entry: RSS growth over `--memory-entries` stored entries (2M),
+each side in a fresh process (`--rss-probe`), at 64 and 1,024 ranks.
 
 Pool workload (shared storage pools): the same engine steps, each batch also offloading
 the blocks it stores into one shared pool (which ends up holding every stored block), and
@@ -35,7 +41,9 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -117,6 +125,7 @@ class ScaleResult:
     gen_s: float
     pool: PoolResult
     counts: list[Counts]
+    matching: float  # ranks matching per query, mean
 
     @property
     def ours_rate(self) -> float:
@@ -349,8 +358,8 @@ def run_scale(n_workers: int, blocks: int, n_queries: int, seed: int, rounds: in
     gc.collect()
     pool = run_pool_workload(workload, numbers, ours_counts)
     return ScaleResult(workload, ours_s, dyn_s, ours_lat, dyn_lat,
-                       [q.kind for q in workload.query_set], mismatches, examples, gen_s,
-                       pool, ours_counts)
+                       [q.kind for q in workload.query_set], mismatches, examples, gen_s, pool,
+                       ours_counts, statistics.mean(len(c) for c in ours_counts))
 
 
 # --- hybrid model ----------------------------------------------------------------------
@@ -416,7 +425,91 @@ def hybrid_table(res: HybridResult, plain: ScaleResult) -> str:
             f"{head}{body}")
 
 
+# --- memory per entry ------------------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_probe(side: str, n_workers: int, entries: int, seed: int) -> float:
+    """Bytes of RSS growth per stored (block, rank) entry, for one side, in this process:
+    inputs are built (and kept) before the first reading."""
+    workload = make_workload(n_workers, entries, seed, n_queries=1)
+    inputs: Any = workload.batches(MODEL) if side == "ours" else dynamo_events(workload)
+    gc.collect()
+    before = rss_bytes()
+    if side == "ours":
+        index = SyncMemoryIndex()
+        index.apply(inputs)
+    else:
+        index, _ = ingest_dynamo(inputs)
+    gc.collect()
+    grown = rss_bytes() - before
+    del inputs
+    return grown / workload.blocks
+
+
+def memory_per_entry(n_workers: int, entries: int, seed: int) -> dict[str, float]:
+    """Each side's bytes per entry, measured in a fresh process each."""
+    out = {}
+    for side in ("ours", "dynamo"):
+        cmd = [sys.executable, "-m", "bench.memory_vs_dynamo", "--rss-probe", side,
+               "--workers", str(n_workers), "--memory-entries", str(entries),
+               "--seed", str(seed)]
+        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out[side] = float(line.split()[-1])
+        print(f"  memory per entry, {n_workers} ranks, {side}: {out[side]:.1f} B")
+    return out
+
+
 # --- report ----------------------------------------------------------------------------
+
+
+def rank_scale_table(results: list[ScaleResult], memory: dict[int, dict[str, float]],
+                     entries: int) -> str:
+    head = ("| worker ranks | blocks | ingest ours/Dynamo (best round) | target >= 1.5 | "
+            "Score p50 ours / Dynamo, us | ratio | target <= 0.5 | ranks matching per "
+            "query (mean) |\n|---:|---:|---:|---|---:|---:|---|---:|\n")
+    rows = ""
+    for res in results:
+        rows += (f"| {res.workload.params.n_workers:,} | {res.workload.blocks:,} | "
+                 f"{res.ingest_ratio:.2f} | {verdict(res.ingest_ratio >= 1.5)} | "
+                 f"{res.ours_lat.p(0.5):,.0f} / {res.dyn_lat.p(0.5):,.0f} | "
+                 f"{res.score_ratio:.2f} | {verdict(res.score_ratio <= 0.5)} | "
+                 f"{res.matching:.1f} |\n")
+    text = "### Rank scale\n\n" + head + rows + _rank_scale_notes(results)
+    if memory:
+        text += (f"\nMemory per (block, rank) entry: RSS growth over {entries:,} stored "
+                 "entries, each side in a fresh process (inputs built first), target <= 64 B "
+                 "for ours.\n\n| worker ranks | ours, B | Dynamo RadixTree, B | target |\n"
+                 "|---:|---:|---:|---|\n")
+        text += "".join(f"| {n:,} | {m['ours']:.1f} | {m['dynamo']:.1f} | "
+                        f"{verdict(m['ours'] <= 64)} |\n" for n, m in memory.items())
+        if any(m["ours"] > 64 for m in memory.values()):
+            text += ("\nWhy missed: most of an entry is the rank's ledger (two dicts keyed by "
+                     "engine hash: block key, held tiers) plus a mask int per block whose size "
+                     "follows the highest slot holding it; a packed presence form and ledger "
+                     "are the cache-model redesign issue 18 depends on, not built here.\n")
+    return text
+
+
+def _rank_scale_notes(results: list[ScaleResult]) -> str:
+    """Why a rank-scale target was missed (the parts of the work that did not change)."""
+    notes = []
+    if any(r.ingest_ratio < 1.5 for r in results):
+        notes.append("ingest: our apply is the per-event Python ledger work (engine-hash "
+                     "maps, checks, one table call per event) around C hashing, and Dynamo's "
+                     "rate varies several-fold between rounds and runs (the rounds rows "
+                     "below); a steady 1.5x needs the ledger in C")
+    if any(r.score_ratio > 0.5 for r in results):
+        notes.append("Score: the walk and the answer are C; what remains is hashing and "
+                     "probing each matched block (mask_runs) and one WorkerScore per matched "
+                     "rank, which the answer returns in full")
+    return "".join(f"\nWhy missed, {n}.\n" for n in notes)
+
+
 
 
 def _kind_p50(lat: Latencies, kinds: list[str], kind: str) -> str:
@@ -465,7 +558,8 @@ def scale_table(res: ScaleResult, headline: bool) -> str:
     head = ("| | ours (SyncMemoryIndex) | Dynamo RadixTree | ratio | target |\n"
             "|---|---:|---:|---:|---|\n")
     body = "".join(f"| {' | '.join(r)} |\n" for r in rows)
-    title = f"### {res.workload.blocks:,} blocks indexed" + (" (headline)" if headline else "")
+    title = (f"### {res.workload.blocks:,} blocks indexed, {res.workload.params.n_workers:,} "
+             "worker ranks" + (" (headline)" if headline else ""))
     params = "".join(f"- {k}: {v}\n" for k, v in res.workload.describe().items())
     return f"{title}\n\n{params}\n{head}{body}"
 
@@ -489,9 +583,14 @@ def print_table(res: ScaleResult) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--workers", type=int, default=64)
+    parser.add_argument("--workers", type=int, nargs="+", default=[64, 1_024, 4_096],
+                        help="worker ranks; counts after the first run the last --blocks")
     parser.add_argument("--blocks", type=int, nargs="+", default=[300_000, 1_000_000],
                         help="blocks to store; several values run several scales")
+    parser.add_argument("--memory-entries", type=int, default=2_000_000,
+                        help="entries stored by the memory-per-entry probes (0: skip)")
+    parser.add_argument("--memory-workers", type=int, nargs="*", default=[64, 1_024])
+    parser.add_argument("--rss-probe", choices=("ours", "dynamo"), help=argparse.SUPPRESS)
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3, help="ingest rounds per side")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
@@ -499,10 +598,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-hybrid", action="store_true",
                         help="leave out the hybrid-model workload")
     args = parser.parse_args(argv)
+    if args.rss_probe:
+        per_entry = rss_probe(args.rss_probe, args.workers[0], args.memory_entries, args.seed)
+        print(f"bytes per entry {per_entry:.1f}")
+        return 0
 
+    scales = [(args.workers[0], b) for b in args.blocks]
+    scales += [(w, args.blocks[-1]) for w in args.workers[1:]]
     results: list[ScaleResult] = []
-    for blocks in args.blocks:
-        res = run_scale(args.workers, blocks, args.queries, args.seed, args.rounds)
+    for workers, blocks in scales:
+        res = run_scale(workers, blocks, args.queries, args.seed, args.rounds)
         print_table(res)
         results.append(res)
         if res.mismatches:
@@ -548,6 +653,12 @@ def main(argv: list[str] | None = None) -> int:
         "Every answer is checked: a mounting worker matches the longest prefix any worker "
         "holds, the others what they hold.\n\n"
     )
+    memory = {}
+    if args.memory_entries:
+        memory = {n: memory_per_entry(n, args.memory_entries, args.seed)
+                  for n in args.memory_workers}
+    rank_rows = [r for r in results if r.workload.params.total_blocks == args.blocks[-1]]
+    body += rank_scale_table(rank_rows, memory, args.memory_entries) + "\n"
     body += "\n".join(scale_table(r, i == 0) for i, r in enumerate(results))
     if hybrid is not None:
         body += "\n" + hybrid_table(hybrid, results[0])

@@ -1,6 +1,9 @@
 """Types of the optional C extension built from native/*.c (module.c lists what is where)."""
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
 
 Tokens = bytes | memoryview | Sequence[int]
 
@@ -9,6 +12,14 @@ def chain_keys_packed(tokens: Tokens, block_size: int, seed: int) -> bytes: ...
 def pack_log_entries(
     hashes: Iterable[int], keys: dict[int, int], tiers: dict[int, int]
 ) -> bytes: ...
+def tally_runs(
+    runs: Sequence[int], candidates: int, weights: Sequence[float], include_zero: bool
+) -> bytes: ...
+def expand_tally(tally: bytes, replicas: dict[int, list[int]]) -> bytes: ...
+def scores_from_tally(
+    tally: bytes, refs: Sequence[tuple[str, int] | None], order: bytes,
+    weights: Sequence[float], tiers: tuple[str, ...], make: Callable[..., T],
+) -> list[T]: ...
 def take_uint32_field(message: bytes, path: tuple[int, ...]) -> tuple[bytes, bytes]: ...
 
 class BlockTable:

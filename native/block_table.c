@@ -221,6 +221,36 @@ keys_and_int(PyObject *const *args, Py_ssize_t nargs, const char *usage, const c
     return PySequence_Fast(args[0], "keys must be a sequence of ints");
 }
 
+/* One call's last mask update, old -> new (both held): the blocks of one event mostly
+ * carry the same mask object, and then share the updated one too, so equal masks along a
+ * prefix stay one object (less memory; mask_runs compares them by identity). */
+typedef struct {
+    PyObject *old;
+    PyObject *updated;
+} MaskMemo;
+
+static PyObject *
+memo_apply(MaskMemo *memo, PyObject *mask, PyObject *operand,
+           PyObject *(*op)(PyObject *, PyObject *))
+{
+    if (mask != memo->old) {
+        PyObject *updated = op(mask, operand);
+        if (updated == NULL) {
+            return NULL;
+        }
+        Py_XSETREF(memo->old, Py_NewRef(mask));
+        Py_XSETREF(memo->updated, updated);
+    }
+    return Py_NewRef(memo->updated);
+}
+
+static void
+memo_clear(MaskMemo *memo)
+{
+    Py_CLEAR(memo->old);
+    Py_CLEAR(memo->updated);
+}
+
 static PyObject *
 table_set_bits(BlockTable *table, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -229,6 +259,7 @@ table_set_bits(BlockTable *table, PyObject *const *args, Py_ssize_t nargs)
     if (keys == NULL) {
         return NULL;
     }
+    MaskMemo memo = {NULL, NULL};
     Py_ssize_t n = PySequence_Fast_GET_SIZE(keys);
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t key;
@@ -244,15 +275,17 @@ table_set_bits(BlockTable *table, PyObject *const *args, Py_ssize_t nargs)
             table->used++;
             continue;
         }
-        PyObject *mask = PyNumber_Or(entry->mask, bit);
+        PyObject *mask = memo_apply(&memo, entry->mask, bit, PyNumber_Or);
         if (mask == NULL) {
             goto fail;
         }
         Py_SETREF(entry->mask, mask);
     }
+    memo_clear(&memo);
     Py_DECREF(keys);
     Py_RETURN_NONE;
 fail:
+    memo_clear(&memo);
     Py_DECREF(keys);
     return NULL;
 }
@@ -265,6 +298,7 @@ table_clear_bits(BlockTable *table, PyObject *const *args, Py_ssize_t nargs)
     if (keys == NULL) {
         return NULL;
     }
+    MaskMemo memo = {NULL, NULL};
     Py_ssize_t n = PySequence_Fast_GET_SIZE(keys);
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t key;
@@ -275,7 +309,7 @@ table_clear_bits(BlockTable *table, PyObject *const *args, Py_ssize_t nargs)
         if (entry == NULL) {
             continue;
         }
-        PyObject *mask = PyNumber_And(entry->mask, keep);
+        PyObject *mask = memo_apply(&memo, entry->mask, keep, PyNumber_And);
         if (mask == NULL) {
             goto fail;
         }
@@ -287,6 +321,7 @@ table_clear_bits(BlockTable *table, PyObject *const *args, Py_ssize_t nargs)
             table_delete(table, entry);
         }
     }
+    memo_clear(&memo);
     Py_DECREF(keys);
     if (table->capacity > TABLE_MIN_CAPACITY * 16 && table->used * 16 < table->capacity &&
         table_resize(table, table->capacity / 4) < 0) {
@@ -294,6 +329,7 @@ table_clear_bits(BlockTable *table, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_RETURN_NONE;
 fail:
+    memo_clear(&memo);
     Py_DECREF(keys);
     return NULL;
 }
@@ -505,7 +541,7 @@ table_mask_runs(BlockTable *table, PyObject *const *args, Py_ssize_t nargs)
             }
             PyObject *mask = entry->mask;
             if (run_mask != NULL) {
-                int same = mask == run_mask || PyObject_RichCompareBool(mask, run_mask, Py_EQ);
+                int same = masks_equal(mask, run_mask);
                 if (same < 0) {
                     goto fail;
                 }

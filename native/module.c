@@ -15,14 +15,17 @@
  *   pack_log_entries(hashes, keys, tiers) -> bytes: the Redis ledger log's M/D records.
  *   BlockTable: block key -> presence mask, the in-memory index's hash table, whose
  *       mask_runs() hashes a prompt and looks its blocks up in one loop.
+ *   tally_runs(runs, candidates, weights, include_zero) -> bytes and
+ *   scores_from_tally(tally, refs, order, weights, tiers, make) -> list: Score's prefix
+ *       walk over the masks and its answer, without an object per slot in between.
  *
  * `tokens` is packed u32 little-endian (bytes, bytearray, memoryview) or a sequence of
  * ints in 0..2**32-1. Only full blocks are hashed.
  *
  * One extension, one C file per concern: this file is the module (its method table and
  * init); chain.c the key loop, block_table.c BlockTable, wire.c take_uint32_field,
- * log_pack.c pack_log_entries; tokens.c/tokens.h and bytebuf.h what more than one of them
- * uses; native.h what this file needs from the others.
+ * log_pack.c pack_log_entries, tally.c the Score walk; tokens.c/tokens.h and bytebuf.h
+ * what more than one of them uses; native.h what this file needs from the others.
  */
 #include "native.h"
 
@@ -48,6 +51,11 @@ static PyMethodDef native_methods[] = {
      take_uint32_field_doc},
     {"pack_log_entries", (PyCFunction)(void (*)(void))pack_log_entries, METH_FASTCALL,
      "pack_log_entries(hashes, keys, tiers) -> bytes: the ledger log's M/D records."},
+    {"tally_runs", (PyCFunction)(void (*)(void))tally_runs, METH_FASTCALL, tally_runs_doc},
+    {"expand_tally", (PyCFunction)(void (*)(void))expand_tally, METH_FASTCALL,
+     expand_tally_doc},
+    {"scores_from_tally", (PyCFunction)(void (*)(void))scores_from_tally, METH_FASTCALL,
+     scores_from_tally_doc},
     {NULL, NULL, 0, NULL},
 };
 

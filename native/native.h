@@ -33,6 +33,16 @@ NATIVE_INTERNAL extern const char take_uint32_field_doc[];
 NATIVE_INTERNAL PyObject *take_uint32_field(PyObject *module, PyObject *const *args,
                                             Py_ssize_t nargs);
 
+/* tally.c */
+NATIVE_INTERNAL extern const char tally_runs_doc[];
+NATIVE_INTERNAL extern const char scores_from_tally_doc[];
+NATIVE_INTERNAL PyObject *tally_runs(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+NATIVE_INTERNAL PyObject *scores_from_tally(PyObject *module, PyObject *const *args,
+                                            Py_ssize_t nargs);
+NATIVE_INTERNAL extern const char expand_tally_doc[];
+NATIVE_INTERNAL PyObject *expand_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+NATIVE_INTERNAL int masks_equal(PyObject *a, PyObject *b); /* -1 on error, as RichCompare */
+
 /* log_pack.c */
 NATIVE_INTERNAL PyObject *pack_log_entries(PyObject *module, PyObject *const *args,
                                            Py_ssize_t nargs);

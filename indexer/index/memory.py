@@ -46,11 +46,13 @@ from indexer.index.protocol import (
 )
 from indexer.index.scoring import (
     SlotMatch,
+    SlotTable,
     prefix_match,
-    prefix_match_query,
     prefix_match_runs,
     query_keys_packed,
+    score_query,
     slot_bits,
+    slot_table,
     validate_query,
     worker_scores,
 )
@@ -107,6 +109,8 @@ class _ModelSpace:
         # the last pool plan: ((id(mounts), id(workers), candidates, slot_version), mounts,
         # plan); `mounts` kept so its id is not reused meanwhile
         self.plan_cache: tuple[tuple[int, int, int, int], object, PoolPlan] | None = None
+        # slot_table of the refs Score names: (slot_version, cold refs or None, table)
+        self.table_cache: tuple[int, object, SlotTable] | None = None
         self._free: list[int] = []
         self._next_slot = 0
         # The last `candidates` answer: (workers, mask). A router's candidate set is one
@@ -226,6 +230,16 @@ class _ModelSpace:
     def ref_of_slot(self, slot: int) -> WorkerRef:
         return self.refs[slot]
 
+    def slot_table(self, refs: dict[int, WorkerRef], cold: object) -> SlotTable:
+        """`scoring.slot_table(refs)`, kept while the slots and the cold refs (a pool
+        plan's, None without) are the same objects."""
+        cached = self.table_cache
+        if cached is not None and cached[0] == self.slot_version and cached[1] is cold:
+            return cached[2]
+        table = slot_table(refs)
+        self.table_cache = (self.slot_version, cold, table)
+        return table
+
     def candidates(self, workers: frozenset[str] | None) -> int:
         if workers is None:
             return self.all_slots
@@ -282,13 +296,14 @@ class SyncMemoryIndex:
             return ScoreResult(query.query_blocks, [])
         candidates = space.candidates(query.workers)
         plan = _pool_plan(space, query, candidates)
+        cold = plan.cold_refs or None
+        refs = space.refs if cold is None else {**space.refs, **plan.cold_refs}
         if space.groups:
             matches = self._hybrid_matches(query, space, candidates, plan)
-        else:
-            matches = prefix_match_query(query, space.blocks, candidates, self.config,
-                                         plan=plan)
-        refs = space.refs if not plan.cold_refs else {**space.refs, **plan.cold_refs}
-        return ScoreResult(query.query_blocks, worker_scores(matches, refs.__getitem__))
+            return ScoreResult(query.query_blocks, worker_scores(matches, refs.__getitem__))
+        scores = score_query(query, space.blocks, candidates, self.config, refs,
+                             table=lambda: space.slot_table(refs, cold), plan=plan)
+        return ScoreResult(query.query_blocks, scores)
 
     def _hybrid_matches(self, query: ScoreQuery, space: _ModelSpace,
                         candidates: int, plan: PoolPlan = NO_POOLS) -> list[SlotMatch]:

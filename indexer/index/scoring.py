@@ -8,11 +8,16 @@ compare; `_Walk.step` does the rest (a slot dropping out, copies in other tiers)
 `prefix_match` walks masks already looked up: Redis fetches them in one round trip, the
 memory index's table hashes token ids and looks them up in one loop (in C when the
 extension is built), so blocks past the last match are never hashed.
+
+`score_query` is the memory index's whole Score: with the C extension the walk and the
+answer are built in C (native/tally.c: `tally_runs`, then `scores_from_tally`), one
+object per returned score and none per slot in between; `_Walk` is its pure-Python twin.
 """
 
 from __future__ import annotations
 
 import functools
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import repeat
 from typing import NamedTuple
@@ -30,10 +35,14 @@ from indexer.index.protocol import (
     WorkerRef,
     WorkerScore,
 )
-from kvcore.keys import block_keys_packed, pack_keys
+from kvcore.keys import NATIVE, block_keys_packed, pack_keys
+
+if NATIVE:
+    from kvcore._native import expand_tally, scores_from_tally, tally_runs
 
 __all__ = [
     "SlotMatch",
+    "SlotTable",
     "check_query_shape",
     "check_tier_weights",
     "expand_replicas",
@@ -41,12 +50,16 @@ __all__ = [
     "prefix_match_query",
     "prefix_match_runs",
     "query_keys_packed",
+    "score_query",
     "slot_bits",
+    "slot_table",
     "validate_query",
     "worker_scores",
 ]
 
 GPU = 0
+USE_NATIVE_TALLY = NATIVE  # tests turn it off to run the pure-Python twin
+_RECORD = 5  # u32 per tally_runs record: slot, matched, cpu, storage, other
 
 
 class SlotMatch(NamedTuple):
@@ -343,3 +356,74 @@ def prefix_match_query(
     matches = prefix_match_runs(credited.runs, credited.candidates, weights,
                                 query.include_zero)
     return expand_replicas(matches, credited.replicas)
+
+
+class SlotTable(NamedTuple):
+    """What `scores_from_tally` names slots with: per slot its ref (None for no rank) and
+    the rank of that ref among all (u32 each: ties are broken without string compares)."""
+
+    refs: list[WorkerRef | None]
+    order: bytes
+
+
+def slot_table(refs: Mapping[int, WorkerRef]) -> SlotTable:
+    by_slot: list[WorkerRef | None] = [None] * (max(refs, default=-1) + 1)
+    order = array("I", bytes(4 * len(by_slot)))
+    for rank, slot in enumerate(sorted(refs, key=refs.__getitem__)):
+        order[slot] = rank
+        by_slot[slot] = refs[slot]
+    return SlotTable(by_slot, order.tobytes())
+
+
+def score_query(
+    query: ScoreQuery, blocks: BlockMasks, candidates: int, config: IndexConfig,
+    refs: Mapping[int, WorkerRef], *, table: Callable[[], SlotTable],
+    plan: PoolPlan = NO_POOLS,
+) -> list[WorkerScore]:
+    """`prefix_match_query` then `worker_scores`; in C when the extension is built.
+
+    `refs` names every candidate slot (cold pool mounters too); `table()` gives
+    `slot_table(refs)`, called only when the C path needs it (callers cache it).
+    """
+    if not USE_NATIVE_TALLY:
+        matches = prefix_match_query(query, blocks, candidates, config, plan=plan)
+        return worker_scores(matches, refs.__getitem__)
+    weights = (query.tier_weights or config.tier_weights).as_tuple()
+    candidates |= plan.cold
+    if query.block_keys is not None:
+        masks: Iterable[int] = map(blocks.get, query.block_keys, repeat(0))
+        if plan.credits:
+            masks = credit_masks(masks, plan.credits)
+        tally = tally_runs(_runs_of(masks, candidates * 15), candidates, weights,
+                           query.include_zero)
+    else:
+        assert query.token_ids is not None
+        seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
+        runs = blocks.mask_runs(query.token_ids, query.block_size, seed,
+                                (candidates | plan.pool_bits) * 15)
+        if plan.credits:
+            credited = pool_runs(runs, plan, candidates)
+            tally = tally_runs(credited.runs, credited.candidates, weights,
+                               query.include_zero)
+            if credited.replicas:
+                tally = expand_tally(tally, credited.replicas)
+        else:
+            tally = tally_runs(runs, candidates, weights, query.include_zero)
+    if not tally:
+        return []
+    names = table()
+    return scores_from_tally(tally, names.refs, names.order, weights, TIERS, WorkerScore)
+
+
+def _runs_of(masks: Iterable[int], wanted: int) -> list[int]:
+    """Masks as runs [mask, count, ...], up to the first without a wanted bit (where
+    every candidate's match has ended)."""
+    runs: list[int] = []
+    for mask in masks:
+        if runs and mask == runs[-2]:
+            runs[-1] += 1
+        elif mask & wanted:
+            runs += (mask, 1)
+        else:
+            break
+    return runs

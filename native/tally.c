@@ -1,0 +1,595 @@
+/* tally.c: Score's prefix walk over presence masks and the building of its answer, in C
+ * (indexer/index/scoring.py: `_Walk` is the pure-Python twin, checked against this in
+ * tests/test_native.py).
+ *
+ *   tally_runs(runs, candidates, weights, include_zero) -> bytes
+ *       The walk of prefix_match_runs: per matched slot, in slot order, five u32 (native
+ *       byte order): slot, matched blocks, and the blocks whose best copy is on cpu,
+ *       storage, other (gpu is the rest).
+ *   expand_tally(tally, replicas) -> bytes
+ *       Each representative slot's record copied to the slots sharing its answer (pools).
+ *   scores_from_tally(tally, refs, order, weights, tiers, make) -> list
+ *       One make(worker_id, dp_rank, matched, weighted, blocks_by_tier) per record, best
+ *       first: matched desc, weighted desc, then order[slot] (u32 per slot: the rank of
+ *       the slot's (worker_id, dp_rank) among all, so ties need no string compares);
+ *       refs[slot] is the slot's (worker_id, dp_rank) (a list, None where no slot is).
+ *
+ * Masks hold a nibble per slot (bit slot * 4 + tier). At thousands of ranks a mask is a
+ * long int of thousands of bits: the walk reads 64 bits (16 slots) at a time straight
+ * from the int's digits, and only the words that still hold a matching slot, so a step
+ * costs a few operations per live word rather than an object per live slot.
+ */
+#include "native.h"
+
+#define TALLY_TIERS 4
+#define RECORD_U32 5 /* slot, matched, cpu, storage, other */
+#define SLOTS_PER_WORD 16
+
+typedef struct {
+    Py_ssize_t n_digits;
+    const digit *digits;
+} IntDigits;
+
+/* The digits of a non-negative exact int (the layout differs from 3.12 on). */
+static int
+int_digits(PyObject *obj, const char *what, IntDigits *out)
+{
+    if (!PyLong_CheckExact(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, not %.100s", what,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyLongObject *value = (PyLongObject *)obj;
+#if PY_VERSION_HEX >= 0x030C0000
+    uintptr_t tag = value->long_value.lv_tag;
+    if ((tag & 3) == 2) { /* sign bits: 0 positive, 1 zero, 2 negative */
+        PyErr_Format(PyExc_ValueError, "%s must be >= 0", what);
+        return -1;
+    }
+    out->n_digits = (Py_ssize_t)(tag >> 3);
+    out->digits = value->long_value.ob_digit;
+#else
+    if (Py_SIZE(value) < 0) {
+        PyErr_Format(PyExc_ValueError, "%s must be >= 0", what);
+        return -1;
+    }
+    out->n_digits = Py_SIZE(value);
+    out->digits = value->ob_digit;
+#endif
+    return 0;
+}
+
+/* a == b for two exact ints, by their digits: CPython compares long ints a digit at a
+ * time, ~0.8 us for masks of 4,096 slots, paid per block of a run in mask_runs. */
+NATIVE_INTERNAL int
+masks_equal(PyObject *a, PyObject *b)
+{
+    IntDigits x, y;
+    if (a == b) {
+        return 1;
+    }
+    if (!PyLong_CheckExact(a) || !PyLong_CheckExact(b) || int_digits(a, "a", &x) < 0 ||
+        int_digits(b, "b", &y) < 0) {
+        PyErr_Clear();
+        return PyObject_RichCompareBool(a, b, Py_EQ);
+    }
+    return x.n_digits == y.n_digits &&
+           memcmp(x.digits, y.digits, (size_t)x.n_digits * sizeof(digit)) == 0;
+}
+
+/* Bits 64 * word .. 64 * word + 63 of the int. */
+static inline uint64_t
+word_at(const IntDigits *v, Py_ssize_t word)
+{
+    Py_ssize_t bit = word * 64;
+    Py_ssize_t i = bit / PyLong_SHIFT;
+    if (i >= v->n_digits) {
+        return 0;
+    }
+    int off = (int)(bit % PyLong_SHIFT);
+    uint64_t out = (uint64_t)v->digits[i] >> off;
+    int filled = PyLong_SHIFT - off;
+    for (i++; filled < 64 && i < v->n_digits; i++) {
+        out |= (uint64_t)v->digits[i] << filled;
+        filled += PyLong_SHIFT;
+    }
+    return out;
+}
+
+static int
+read_weights(PyObject *obj, double weights[TALLY_TIERS])
+{
+    PyObject *seq = PySequence_Fast(obj, "weights must be a sequence of 4 floats");
+    if (seq == NULL) {
+        return -1;
+    }
+    if (PySequence_Fast_GET_SIZE(seq) != TALLY_TIERS) {
+        PyErr_SetString(PyExc_ValueError, "weights must be a sequence of 4 floats");
+        Py_DECREF(seq);
+        return -1;
+    }
+    for (int t = 0; t < TALLY_TIERS; t++) {
+        weights[t] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, t));
+        if (weights[t] == -1.0 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+/* Best tier of each nibble value, ties to the lower tier (scoring._best_tier_table);
+ * returns whether gpu is the best tier of every nibble holding a gpu copy. */
+static int
+best_tier_table(const double weights[TALLY_TIERS], unsigned char best[16])
+{
+    int gpu_always_best = 1;
+    best[0] = 0;
+    for (int nibble = 1; nibble < 16; nibble++) {
+        int chosen = -1;
+        for (int t = 0; t < TALLY_TIERS; t++) {
+            if (nibble >> t & 1 && (chosen < 0 || weights[t] > weights[chosen])) {
+                chosen = t;
+            }
+        }
+        best[nibble] = (unsigned char)chosen;
+        if (nibble & 1 && chosen != 0) {
+            gpu_always_best = 0;
+        }
+    }
+    return gpu_always_best;
+}
+
+typedef struct {
+    Py_ssize_t n_words;
+    uint64_t *alive;    /* per word: bit 0 of each live slot's nibble */
+    Py_ssize_t *live;   /* indexes of the words with a live slot */
+    Py_ssize_t n_live;
+    int64_t *matched;   /* per slot: -1 live or not a candidate, else its matched blocks */
+    uint32_t *counts;   /* per slot: blocks best on cpu, storage, other */
+    unsigned char best[16];
+    int fast;
+    int include_zero;
+} Walk;
+
+static void
+walk_free(Walk *walk)
+{
+    PyMem_Free(walk->alive);
+    PyMem_Free(walk->live);
+    PyMem_Free(walk->matched);
+    PyMem_Free(walk->counts);
+}
+
+static int
+walk_init(Walk *walk, const IntDigits *candidates)
+{
+    Py_ssize_t bits = candidates->n_digits * PyLong_SHIFT;
+    walk->n_words = (bits + 63) / 64;
+    Py_ssize_t n = walk->n_words ? walk->n_words : 1;
+    walk->alive = PyMem_Calloc((size_t)n, sizeof(uint64_t));
+    walk->live = PyMem_Calloc((size_t)n, sizeof(Py_ssize_t));
+    walk->matched = PyMem_Malloc((size_t)n * SLOTS_PER_WORD * sizeof(int64_t));
+    walk->counts = PyMem_Calloc((size_t)n * SLOTS_PER_WORD * (TALLY_TIERS - 1),
+                                sizeof(uint32_t));
+    if (!walk->alive || !walk->live || !walk->matched || !walk->counts) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    walk->n_live = 0;
+    for (Py_ssize_t w = 0; w < walk->n_words; w++) {
+        walk->alive[w] = word_at(candidates, w) & 0x1111111111111111ULL;
+        if (walk->alive[w]) {
+            walk->live[walk->n_live++] = w;
+        }
+    }
+    for (Py_ssize_t s = 0; s < n * SLOTS_PER_WORD; s++) {
+        walk->matched[s] = -1;
+    }
+    return 0;
+}
+
+static inline void
+end_slots(Walk *walk, Py_ssize_t word, uint64_t ended, int64_t depth)
+{
+    int64_t value = depth || walk->include_zero ? depth : -1;
+    while (ended) {
+        int bit = __builtin_ctzll(ended);
+        walk->matched[word * SLOTS_PER_WORD + bit / 4] = value;
+        ended &= ended - 1;
+    }
+}
+
+/* One run of `blocks` blocks with presence `mask` at `depth`; returns the live words left. */
+static Py_ssize_t
+walk_step(Walk *walk, const IntDigits *mask, int64_t depth, uint32_t blocks)
+{
+    Py_ssize_t kept = 0;
+    for (Py_ssize_t i = 0; i < walk->n_live; i++) {
+        Py_ssize_t w = walk->live[i];
+        uint64_t alive = walk->alive[w];
+        uint64_t present = word_at(mask, w) & alive * 15;
+        uint64_t anywhere = (present | present >> 1 | present >> 2 | present >> 3) & alive;
+        if (anywhere != alive) {
+            end_slots(walk, w, alive ^ anywhere, depth);
+            walk->alive[w] = alive = anywhere;
+            present &= alive * 15;
+        }
+        if (!alive) {
+            continue;
+        }
+        walk->live[kept++] = w;
+        uint64_t look = walk->fast ? alive & ~present : alive;
+        while (look) {
+            int bit = __builtin_ctzll(look);
+            int tier = walk->best[present >> bit & 15];
+            if (tier) {
+                walk->counts[(w * SLOTS_PER_WORD + bit / 4) * (TALLY_TIERS - 1) + tier - 1] +=
+                    blocks;
+            }
+            look &= look - 1;
+        }
+    }
+    walk->n_live = kept;
+    return kept;
+}
+
+static int
+walk_runs(Walk *walk, PyObject *runs, int64_t *depth)
+{
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(runs);
+    if (n % 2) {
+        PyErr_SetString(PyExc_ValueError, "runs must be [mask, count, ...]");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n && walk->n_live; i += 2) {
+        IntDigits mask;
+        if (int_digits(PySequence_Fast_GET_ITEM(runs, i), "a run's mask", &mask) < 0) {
+            return -1;
+        }
+        long long blocks = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(runs, i + 1));
+        if (blocks == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        if (blocks < 1 || *depth + blocks > UINT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "a run's count must be >= 1, the total < 2**32");
+            return -1;
+        }
+        if (walk_step(walk, &mask, *depth, (uint32_t)blocks)) {
+            *depth += blocks;
+        }
+    }
+    for (Py_ssize_t i = 0; i < walk->n_live; i++) {
+        end_slots(walk, walk->live[i], walk->alive[walk->live[i]], *depth);
+    }
+    return 0;
+}
+
+static PyObject *
+walk_records(const Walk *walk)
+{
+    Py_ssize_t n_slots = walk->n_words * SLOTS_PER_WORD;
+    Py_ssize_t n = 0;
+    for (Py_ssize_t s = 0; s < n_slots; s++) {
+        n += walk->matched[s] >= 0;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * RECORD_U32 * (Py_ssize_t)sizeof(uint32_t));
+    if (out == NULL) {
+        return NULL;
+    }
+    uint32_t *rec = (uint32_t *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t s = 0; s < n_slots; s++) {
+        if (walk->matched[s] >= 0) {
+            rec[0] = (uint32_t)s;
+            rec[1] = (uint32_t)walk->matched[s];
+            memcpy(&rec[2], &walk->counts[s * (TALLY_TIERS - 1)],
+                   (TALLY_TIERS - 1) * sizeof(uint32_t));
+            rec += RECORD_U32;
+        }
+    }
+    return out;
+}
+
+NATIVE_INTERNAL const char tally_runs_doc[] =
+    "tally_runs(runs, candidates, weights, include_zero) -> bytes: the prefix walk over\n"
+    "runs [mask, count, ...]; per matched slot five u32: slot, matched, cpu, storage, other.";
+
+NATIVE_INTERNAL PyObject *
+tally_runs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "tally_runs(runs, candidates, weights, include_zero)");
+        return NULL;
+    }
+    Walk walk = {0};
+    IntDigits candidates;
+    double weights[TALLY_TIERS];
+    int include_zero = PyObject_IsTrue(args[3]);
+    if (include_zero < 0 || int_digits(args[1], "candidates", &candidates) < 0 ||
+        read_weights(args[2], weights) < 0) {
+        return NULL;
+    }
+    PyObject *runs = PySequence_Fast(args[0], "runs must be a sequence of ints");
+    if (runs == NULL) {
+        return NULL;
+    }
+    PyObject *out = NULL;
+    int64_t depth = 0;
+    walk.fast = best_tier_table(weights, walk.best);
+    walk.include_zero = include_zero;
+    if (walk_init(&walk, &candidates) == 0 && walk_runs(&walk, runs, &depth) == 0) {
+        out = walk_records(&walk);
+    }
+    walk_free(&walk);
+    Py_DECREF(runs);
+    return out;
+}
+
+NATIVE_INTERNAL const char expand_tally_doc[] =
+    "expand_tally(tally, replicas) -> bytes: the records with each representative slot's\n"
+    "record copied to the slots in replicas[slot] (a list of ints).";
+
+NATIVE_INTERNAL PyObject *
+expand_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2 || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "expand_tally(tally, replicas: dict)");
+        return NULL;
+    }
+    Py_buffer tally;
+    if (PyObject_GetBuffer(args[0], &tally, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    const Py_ssize_t size = RECORD_U32 * (Py_ssize_t)sizeof(uint32_t);
+    Py_ssize_t n = tally.len / size;
+    PyObject *out = NULL, *followers = NULL;
+    uint32_t *buf = NULL;
+    Py_ssize_t used = n, room = n + 16;
+    if (tally.len % size) {
+        PyErr_SetString(PyExc_ValueError, "tally must be whole records of five u32");
+        goto done;
+    }
+    buf = PyMem_Malloc((size_t)(room * size));
+    if (buf == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    memcpy(buf, tally.buf, (size_t)tally.len);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *slot = PyLong_FromUnsignedLong(buf[i * RECORD_U32]);
+        if (slot == NULL) {
+            goto done;
+        }
+        PyObject *found = PyDict_GetItemWithError(args[1], slot); /* borrowed */
+        Py_DECREF(slot);
+        if (found == NULL) {
+            if (PyErr_Occurred()) {
+                goto done;
+            }
+            continue;
+        }
+        followers = PySequence_Fast(found, "replicas must map a slot to a list of slots");
+        if (followers == NULL) {
+            goto done;
+        }
+        Py_ssize_t k = PySequence_Fast_GET_SIZE(followers);
+        if (used + k > room) {
+            room = (used + k) * 2;
+            uint32_t *grown = PyMem_Realloc(buf, (size_t)(room * size));
+            if (grown == NULL) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            buf = grown;
+        }
+        for (Py_ssize_t j = 0; j < k; j++) {
+            unsigned long follower = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(followers, j));
+            if (follower == (unsigned long)-1 && PyErr_Occurred()) {
+                goto done;
+            }
+            if (follower > UINT32_MAX) {
+                PyErr_SetString(PyExc_OverflowError, "a slot must fit in a u32");
+                goto done;
+            }
+            uint32_t *rec = &buf[used++ * RECORD_U32];
+            memcpy(rec, &buf[i * RECORD_U32], (size_t)size);
+            rec[0] = (uint32_t)follower;
+        }
+        Py_CLEAR(followers);
+    }
+    out = PyBytes_FromStringAndSize((const char *)buf, used * size);
+done:
+    Py_XDECREF(followers);
+    PyMem_Free(buf);
+    PyBuffer_Release(&tally);
+    return out;
+}
+
+/* --- the answer -------------------------------------------------------------------- */
+
+typedef struct {
+    uint32_t matched;
+    uint32_t order;
+    double weighted;
+    const uint32_t *record;
+} Ranked;
+
+static int
+ranked_cmp(const void *a, const void *b)
+{
+    const Ranked *x = a, *y = b;
+    if (x->matched != y->matched) {
+        return x->matched > y->matched ? -1 : 1;
+    }
+    if (x->weighted != y->weighted) {
+        return x->weighted > y->weighted ? -1 : 1;
+    }
+    return (x->order > y->order) - (x->order < y->order);
+}
+
+/* The weighted score as scoring._Walk._tally sums it (same order of float operations). */
+static double
+weighted_score(const uint32_t *record, const double weights[TALLY_TIERS])
+{
+    uint32_t matched = record[1];
+    if (!(record[2] | record[3] | record[4])) {
+        return weights[0] * matched;
+    }
+    double sum = weights[0] * (double)(matched - record[2] - record[3] - record[4]);
+    for (int t = 1; t < TALLY_TIERS; t++) {
+        sum += weights[t] * record[1 + t];
+    }
+    return sum;
+}
+
+/* {tier name: blocks} of the tiers holding some; `matched` is the int of record[1]. */
+static PyObject *
+blocks_by_tier(const uint32_t *record, PyObject *tiers, PyObject *matched)
+{
+    PyObject *out = PyDict_New();
+    if (out == NULL) {
+        return NULL;
+    }
+    uint32_t counts[TALLY_TIERS] = {record[1] - record[2] - record[3] - record[4], record[2],
+                                    record[3], record[4]};
+    for (int t = 0; t < TALLY_TIERS; t++) {
+        if (counts[t]) {
+            PyObject *count = counts[t] == record[1] ? Py_NewRef(matched)
+                                                     : PyLong_FromUnsignedLong(counts[t]);
+            if (count == NULL ||
+                PyDict_SetItem(out, PyTuple_GET_ITEM(tiers, t), count) < 0) {
+                Py_XDECREF(count);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(count);
+        }
+    }
+    return out;
+}
+
+/* Objects equal to the previous score's are reused (ints and floats are immutable). */
+typedef struct {
+    PyObject *matched, *weighted;
+} Reuse;
+
+static PyObject *
+reuse_int(PyObject **held, uint32_t value)
+{
+    if (*held == NULL || PyLong_AsUnsignedLong(*held) != value) {
+        Py_XSETREF(*held, PyLong_FromUnsignedLong(value));
+    }
+    return *held;
+}
+
+static PyObject *
+make_score(const Ranked *r, PyObject *refs, PyObject *tiers, PyObject *make, Reuse *reuse)
+{
+    PyObject *ref = PyList_GET_ITEM(refs, r->record[0]);
+    if (!PyTuple_Check(ref) || PyTuple_GET_SIZE(ref) != 2) {
+        PyErr_SetString(PyExc_TypeError, "refs must give each slot (worker_id, dp_rank)");
+        return NULL;
+    }
+    if (reuse_int(&reuse->matched, r->matched) == NULL) {
+        return NULL;
+    }
+    if (reuse->weighted == NULL || PyFloat_AS_DOUBLE(reuse->weighted) != r->weighted) {
+        Py_XSETREF(reuse->weighted, PyFloat_FromDouble(r->weighted));
+        if (reuse->weighted == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *by_tier = blocks_by_tier(r->record, tiers, reuse->matched);
+    if (by_tier == NULL) {
+        return NULL;
+    }
+    PyObject *call[5] = {PyTuple_GET_ITEM(ref, 0), PyTuple_GET_ITEM(ref, 1), reuse->matched,
+                         reuse->weighted, by_tier};
+    PyObject *out = PyObject_Vectorcall(make, call, 5, NULL);
+    Py_DECREF(by_tier);
+    return out;
+}
+
+NATIVE_INTERNAL const char scores_from_tally_doc[] =
+    "scores_from_tally(tally, refs, order, weights, tiers, make) -> list: one\n"
+    "make(worker_id, dp_rank, matched, weighted, blocks_by_tier) per record, best first.";
+
+NATIVE_INTERNAL PyObject *
+scores_from_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "scores_from_tally(tally, refs, order, weights, tiers, make)");
+        return NULL;
+    }
+    PyObject *refs = args[1], *tiers = args[4], *make = args[5];
+    double weights[TALLY_TIERS];
+    if (read_weights(args[3], weights) < 0) {
+        return NULL;
+    }
+    if (!PyTuple_Check(tiers) || PyTuple_GET_SIZE(tiers) != TALLY_TIERS) {
+        PyErr_SetString(PyExc_TypeError, "tiers must be a tuple of 4 names");
+        return NULL;
+    }
+    Py_buffer tally, order;
+    if (PyObject_GetBuffer(args[0], &tally, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[2], &order, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&tally);
+        return NULL;
+    }
+    PyObject *out = NULL;
+    Ranked *ranked = NULL;
+    Py_ssize_t n = tally.len / (RECORD_U32 * (Py_ssize_t)sizeof(uint32_t));
+    Py_ssize_t n_order = order.len / (Py_ssize_t)sizeof(uint32_t);
+    Reuse reuse = {NULL, NULL};
+    if (!PyList_Check(refs)) {
+        PyErr_SetString(PyExc_TypeError, "refs must be a list indexed by slot");
+        goto done;
+    }
+    if (PyList_GET_SIZE(refs) < n_order) {
+        n_order = PyList_GET_SIZE(refs); /* a slot must have both an order and a ref */
+    }
+    if (tally.len % (RECORD_U32 * sizeof(uint32_t))) {
+        PyErr_SetString(PyExc_ValueError, "tally must be whole records of five u32");
+        goto done;
+    }
+    ranked = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(Ranked));
+    if (ranked == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const uint32_t *records = tally.buf;
+    const uint32_t *orders = order.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint32_t *rec = &records[i * RECORD_U32];
+        if ((Py_ssize_t)rec[0] >= n_order || (uint64_t)rec[2] + rec[3] + rec[4] > rec[1]) {
+            PyErr_SetString(PyExc_ValueError, "a record's slot has no order or ref, or its "
+                                              "tier counts exceed its matched blocks");
+            goto done;
+        }
+        ranked[i] = (Ranked){rec[1], orders[rec[0]], weighted_score(rec, weights), rec};
+    }
+    qsort(ranked, (size_t)n, sizeof(Ranked), ranked_cmp);
+    out = PyList_New(n);
+    for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
+        PyObject *score = make_score(&ranked[i], refs, tiers, make, &reuse);
+        if (score == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, i, score);
+    }
+done:
+    Py_XDECREF(reuse.matched);
+    Py_XDECREF(reuse.weighted);
+    PyMem_Free(ranked);
+    PyBuffer_Release(&tally);
+    PyBuffer_Release(&order);
+    return out;
+}
