@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import os
 import signal
 import sys
@@ -26,7 +27,13 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError as JsApiError
 from prometheus_client import CollectorRegistry
 
-from indexer.config import ServiceConfig, nats_security, parse_service_config, redis_read_urls
+from indexer.config import (
+    ServiceConfig,
+    nats_security,
+    parse_service_config,
+    pool_writer_patterns,
+    redis_read_urls,
+)
 from indexer.embedded import NATS_DEFAULT_PORT, EmbeddedNats, port_is_free
 from indexer.errors import BackendError, ConfigError
 from indexer.index.factory import RedisSecurity, build_index, served_index
@@ -117,9 +124,11 @@ class IndexerService:
     # What the consumers saw of each rank, and the thresholds of Diagnose's checks.
     activity: EventActivity = field(default_factory=EventActivity)
     doctor: DoctorSettings = field(default_factory=DoctorSettings)
+    _pool_writers: list[str] = field(default_factory=list)  # --pool-writers
 
     async def start(self) -> None:
         config = self.config
+        self._pool_writers = pool_writer_patterns(config)
         self._health_servicer = health.aio.HealthServicer()
         if config.nats_url is None:
             # NATS's usual port when it is free, so a bridge next to `make run` finds it.
@@ -239,8 +248,13 @@ class IndexerService:
                                       dead_letters=lambda: self.stats.dead_letters)
 
     def _pool_grants(self, model: str, worker_id: str) -> list[str] | None:
-        """The shared storage pools a worker's registry entry declares (None: no entry)."""
-        return None if self.liveness is None else self.liveness.pools_of(model, worker_id)
+        """The shared storage pools a worker may write into: those its registry entry
+        declares (None: no entry), none when `--pool-writers` does not name it."""
+        declared = None if self.liveness is None else self.liveness.pools_of(model, worker_id)
+        if declared and self._pool_writers and not any(
+                fnmatch.fnmatchcase(worker_id, p) for p in self._pool_writers):
+            return []
+        return declared
 
     async def _live_workers(self, model: str | None) -> list[WorkerInfo]:
         """Workers routers may be sent to: in the index, and not known to be gone."""

@@ -38,7 +38,7 @@ from kvcore.runtime import uvloop_installed
 from kvcore.topology import DEFAULT_PARTITIONS
 
 __all__ = ["SETTINGS", "ServiceConfig", "nats_security", "parse_service_config",
-           "redis_read_urls"]
+           "pool_writer_patterns", "redis_read_urls"]
 
 
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,6 +47,7 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str | None = None  # None: in-memory index
     redis_read_url: str | None = None  # read replicas for Score, comma-separated
     redis_read_max_staleness_s: float = 1.0  # read_replicas.DEFAULT_MAX_STALENESS_S
+    pool_writers: str | None = None  # worker id patterns that may write pools, comma-separated
     grpc_listen: str = "127.0.0.1:50051"
     grpc_processes: int = 1  # > 1: extra read-only gRPC server processes (Redis index only)
     grpc_idle_timeout_s: float = DEFAULT_CONNECTION_IDLE_S  # 0: idle connections stay open
@@ -106,6 +107,9 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
     ("--redis-read-max-staleness", "redis_read_max_staleness_s", float,
      "seconds a read replica may be behind the primary and still serve Score; beyond, "
      "Score reads another replica or the primary"),
+    ("--pool-writers", "pool_writers", str,
+     "worker id patterns (fnmatch, separated by commas) whose writes into shared storage "
+     "pools are trusted; unset: any worker whose registry entry declares the pool"),
     ("--grpc-listen", "grpc_listen", str, "gRPC listen address host:port"),
     ("--grpc-processes", "grpc_processes", int,
      "processes serving gRPC on that address (Redis index only; >1 adds read-only servers)"),
@@ -211,6 +215,11 @@ def _convert(raw: str, kind: type, source: str) -> object:
     except ValueError as exc:
         raise ConfigError(f"{source}: {redact_text(repr(raw))} is not a valid "
                           f"{kind.__name__}") from exc
+
+
+def pool_writer_patterns(config: ServiceConfig) -> list[str]:
+    """The worker id patterns of `--pool-writers` (empty: no allow-list)."""
+    return [p.strip() for p in (config.pool_writers or "").split(",") if p.strip()]
 
 
 def redis_read_urls(config: ServiceConfig) -> list[str]:

@@ -96,6 +96,48 @@ async def test_pool_credit_eviction_and_refusal_end_to_end(nats_url: str) -> Non
         await service.close()
 
 
+async def test_pool_writers_allow_list(nats_url: str) -> None:
+    """`--pool-writers store-*`: a GPU worker that declares pool P may mount it but not
+    write into it (counted as pool_not_declared); the store's own publisher, whose id
+    matches, writes, and every mounting worker is credited with what it wrote."""
+    service = IndexerService(service_config(nats_url, grpc_listen="127.0.0.1:0",
+                                            pool_writers="store-*"))
+    await service.start()
+    a = publisher(nats_url, "A", storage_pools=["P"])
+    b = publisher(nats_url, "B", storage_pools=["P"])  # mounts P, publishes nothing
+    keeper = publisher(nats_url, "store-1", storage_pools=["P"])
+    pubs = [a, b, keeper]
+    try:
+        for pub in pubs:
+            await pub.start()
+        liveness = service.liveness
+        assert liveness is not None
+        await eventually(lambda: is_true(all(
+            (MODEL, w) in liveness.live for w in ("A", "B", "store-1"))), 20.0)
+        store(a, 1, 2)
+        a.stored(list(range(1, 9)), b"", pool="P")  # not a trusted writer: refused
+        a.end_step()
+        assert await a.flush(10.0)
+        await eventually(lambda: is_true(
+            service.stats.dropped.get("pool_not_declared", 0) >= 1), 20.0)
+        async with AsyncIndexerClient(f"127.0.0.1:{service.grpc_port}") as client:
+            async def scores_are(want: dict[str, tuple[int, dict[str, int]]]) -> bool:
+                return await _scores(client) == want
+
+            await eventually(lambda: scores_are({"A": (2, {"gpu": 2})}), 20.0)
+            keeper.stored(list(range(101, 109)), TOKENS[: 8 * BS], pool="P")
+            keeper.end_step()
+            assert await keeper.flush(10.0)
+            # (the store's publisher is a live registered worker mounting P: credited too)
+            await eventually(lambda: scores_are({"A": (8, {"gpu": 2, "storage": 6}),
+                                                 "B": (8, {"storage": 8}),
+                                                 "store-1": (8, {"storage": 8})}), 20.0)
+    finally:
+        for pub in pubs:
+            await pub.close()
+        await service.close()
+
+
 def _engine_frames(seq: int, *events: dict[str, object]) -> list[bytes]:
     """One live vLLM 0.34 message (map-form events) as the bridge's SUB socket gets it."""
     return [b"kv-events", seq.to_bytes(8, "big"),
