@@ -226,6 +226,7 @@ class PartitionConsumer:
         self._last_stream_seq = 0
         self._stopping: asyncio.Event | None = None  # run()'s stop
         self._acked_seq = 0  # the last stream sequence this consumer acknowledged
+        self._position_suspect = False  # a backend call failed since the last position write
         self.last_progress = time.monotonic()  # when a fetch was last applied and acked
         self._batches_since_snapshot = 0
         self._last_snapshot = time.monotonic()
@@ -314,6 +315,14 @@ class PartitionConsumer:
         return marker_name(self.partition)
 
     async def _record_position(self) -> None:
+        if self._position_suspect and self._marker is not None:
+            # The backend failed since the last write: it may have come back from an older
+            # dump, which a fresh position would hide. Never record one over lost writes:
+            # leave the older one, which the next marker check turns into a rebuild.
+            if await self._position() < self._acked_seq:
+                self._marker_checked = 0.0
+                return
+            self._position_suspect = False
         await self._index.set_marker(position_marker_name(self.partition),
                                      str(self._last_stream_seq))
 
@@ -429,6 +438,7 @@ class PartitionConsumer:
             except BackendError as exc:
                 if self._stopping is not None and self._stopping.is_set():
                     raise _StoppedWhileWaitingError from exc
+                self._position_suspect = True
                 attempt += 1
                 delay = _RETRY_BACKOFF_S[min(attempt, len(_RETRY_BACKOFF_S)) - 1]
                 self._log.warning("partition_rebuild_failed", error=str(exc), retry_in_s=delay)
