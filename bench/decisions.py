@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing as mp
 import os
 import random
 import tempfile
@@ -31,7 +30,7 @@ from typing import Any
 import grpc
 
 from bench import grpcload
-from bench.grpc_score import answer_parent
+from bench.grpc_score import SpawnedServers, answer_parent
 from bench.workload import make_workload, worker_name
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
@@ -81,25 +80,8 @@ async def _serve_async(index: Any, spec: ServerSpec, conn: Connection) -> None:
     await server.stop(0.5)
 
 
-class Server:
-    def __init__(self, spec: ServerSpec) -> None:
-        self.conn, child = mp.get_context("spawn").Pipe()
-        self.proc = mp.get_context("spawn").Process(target=_serve, args=(spec, child),
-                                                    daemon=True)
-        self.proc.start()
-        if not self.conn.poll(600):
-            raise RuntimeError("server process did not start")
-        self.port: int = self.conn.recv()
-
-    def cpu(self) -> float:
-        self.conn.send("cpu")
-        return float(self.conn.recv())
-
-    def stop(self) -> None:
-        self.conn.send("stop")
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
+def start_server(spec: ServerSpec) -> SpawnedServers:
+    return SpawnedServers(_serve, lambda _: (spec,), start_timeout_s=600)
 
 
 def requests(queries: list[list[int]], ranks: int,
@@ -210,7 +192,7 @@ class Row:
     cpu_per_decision_us: float
 
 
-def run_load(server: Server, load: grpcload.GrpcLoad, *, batch: int, mode: str,
+def run_load(server: SpawnedServers, load: grpcload.GrpcLoad, *, batch: int, mode: str,
              amount: float, connections: int, warmup: float, duration: float) -> Row:
     """`batch` 0: unary calls; else stream messages of `batch` decisions. `amount`: calls
     or messages in flight (closed), decisions/s (open)."""
@@ -321,7 +303,7 @@ def main() -> None:
     queries = make_workload(args.ranks, args.blocks, n_queries=args.queries).queries
     reqs = requests(queries, args.ranks)
     spec = ServerSpec(args.ranks, args.blocks, args.queries, args.stream_window)
-    server = Server(spec)
+    server = start_server(spec)
     rows: list[Row] = []
     try:
         checked = min(60, len(reqs))

@@ -109,23 +109,25 @@ async def answer_parent(conn: Connection, port: int) -> None:
     loop.remove_reader(conn.fileno())
 
 
-class ServerProcess:
-    """`procs` servers on one port; `cpu()` is their CPU time so far (seconds).
+class SpawnedServers:
+    """`procs` bench server processes on one port, each `target(*args_of(listen), conn)`
+    answering its pipe with `answer_parent`; `cpu()` is their CPU time so far (seconds).
 
     Servers are spawned, fresh processes like `kv-indexer serve`: forked from the bench,
     they shared its million-block heap copy-on-write and measured 15-20% more CPU per call.
     """
 
-    def __init__(self, source: IndexSource, procs: int = 1) -> None:
+    def __init__(self, target: Callable[..., None], args_of: Callable[[str], tuple[Any, ...]],
+                 procs: int = 1, start_timeout_s: float = 120) -> None:
         self.procs = procs
         self._children: list[tuple[Connection, Any]] = []
         listen = "127.0.0.1:0"
         ctx = mp.get_context("spawn")
         for _ in range(procs):
             conn, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(source, listen, child), daemon=True)
+            proc = ctx.Process(target=target, args=(*args_of(listen), child), daemon=True)
             proc.start()
-            if not conn.poll(120):
+            if not conn.poll(start_timeout_s):
                 raise RuntimeError("server process did not start")
             self.port: int = conn.recv()
             listen = f"127.0.0.1:{self.port}"
@@ -144,6 +146,13 @@ class ServerProcess:
             proc.join(10)
             if proc.is_alive():
                 proc.kill()
+
+
+class ServerProcess(SpawnedServers):
+    """`procs` gRPC Score servers on one port over the index `source` describes."""
+
+    def __init__(self, source: IndexSource, procs: int = 1) -> None:
+        super().__init__(_serve, lambda listen: (source, listen), procs)
 
 
 def _server_loop() -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing as mp
 import tempfile
 import time
 from multiprocessing.connection import Connection
@@ -27,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from bench.grpc_score import SpawnedServers
 from bench.workload import make_workload
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
@@ -77,26 +77,9 @@ async def _serve_async(index: Any, security: Any, conn: Connection) -> None:
     await server.stop(0.5)
 
 
-class Server:
-    def __init__(self, args: argparse.Namespace, mode: str, pki: Pki) -> None:
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=((args.workers, args.blocks, args.queries),
-                                                     mode, pki, child), daemon=True)
-        self.proc.start()
-        if not self.conn.poll(300):
-            raise RuntimeError("server process did not start")
-        self.port: int = self.conn.recv()
-
-    def cpu(self) -> float:
-        self.conn.send("cpu")
-        return float(self.conn.recv())
-
-    def stop(self) -> None:
-        self.conn.send("stop")
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
+def start_server(args: argparse.Namespace, mode: str, pki: Pki) -> SpawnedServers:
+    shape = (args.workers, args.blocks, args.queries)
+    return SpawnedServers(_serve, lambda _: (shape, mode, pki), start_timeout_s=300)
 
 
 def _channel(mode: str, port: int, pki: Pki) -> Any:
@@ -115,7 +98,7 @@ MODES = {"plaintext": "plaintext", "tls": "TLS", "mtls": "mTLS + bearer token"}
 def grpc_rows(args: argparse.Namespace, pki: Pki, queries: list[list[int]]) -> str:
     requests = [pb.ScoreRequest(model=MODEL, token_ids=q, block_size=BLOCK_SIZE)
                 for q in queries]
-    servers = {mode: Server(args, mode, pki) for mode in MODES}
+    servers = {mode: start_server(args, mode, pki) for mode in MODES}
     latencies: dict[str, list[float]] = {mode: [] for mode in MODES}
     cpu: dict[str, float] = dict.fromkeys(MODES, 0.0)
     matched: dict[str, int] = dict.fromkeys(MODES, 0)
