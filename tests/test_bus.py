@@ -231,6 +231,17 @@ class TestSchemaVersion:
         with pytest.raises(BusDecodeError):
             decode_batch(encode_batch(batch_of(event, schema=2)))
 
+    @pytest.mark.parametrize("event", [
+        BlockStored([1], pool=""), BlockRemoved([1], pool=""), AllBlocksCleared(pool=""),
+        BlockStored([1], pool="p" * 257), BlockRemoved([1], pool="p" * 257),
+        AllBlocksCleared(pool="p" * 257),
+    ], ids=["stored-empty", "removed-empty", "cleared-empty", "stored-long", "removed-long",
+            "cleared-long"])
+    def test_pool_names_bounded(self, event: Any) -> None:
+        """A pool is named by 1 to MAX_NAME_BYTES bytes on every event that can carry one."""
+        with pytest.raises(BusDecodeError, match="pool"):
+            decode_batch(encode_batch(batch_of(event, schema=2)))
+
     def test_v1_with_incompatible_shape_is_decode_error(self) -> None:
         """A schema-1 batch that does not decode is a BusDecodeError (not a version problem)."""
         with pytest.raises(BusDecodeError):
