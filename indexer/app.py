@@ -25,6 +25,7 @@ from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import APIError as JsApiError
+from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry
 
 from indexer.config import (
@@ -92,6 +93,8 @@ OUTAGES: Final = (BackendError, NatsError, TimeoutError, ConnectionError)
 
 # How long start-up waits for the registry's current entries before consuming events.
 _REGISTRY_SYNC_S = 5.0
+# How often the event stream's existence is checked (a NATS back without its data).
+_TOPOLOGY_CHECK_S = 2.0
 
 
 @dataclass
@@ -163,6 +166,7 @@ class IndexerService:
         self._background("liveness", self.liveness.run)
         await self.liveness.wait_synced(_REGISTRY_SYNC_S)
         await self._start_consumers()
+        self._background("topology", self._keep_topology)
         self.probes = ProcessProbes(self.index, self._nc, self.consumers, self.leases,
                                     stall_s=config.ingest_stall_s)
         self.health = ServingHealth(self._health_servicer, self.probes.probes())
@@ -201,6 +205,29 @@ class IndexerService:
                 raise  # not about where the copies go: a server not ready, say
             raise ConfigError(f"--stream-replicas {config.stream_replicas}: NATS refused "
                               f"it: {exc.description}") from exc
+
+    async def _keep_topology(self, stop: asyncio.Event) -> None:
+        """Re-create the streams, buckets and snapshot store when the event stream is gone.
+
+        A NATS that comes back without its JetStream data (a fresh volume, a wiped store)
+        has none of them: publishers' writes find no stream and consumers no consumer,
+        for good, since only start-up made them. The consumers then rebuild from the new
+        stream, and the gaps its first batches show ask the workers for resyncs."""
+        assert self._js is not None
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _TOPOLOGY_CHECK_S)
+            if stop.is_set():
+                return
+            try:
+                await self._js.stream_info(STREAM_NAME)
+            except NotFoundError:
+                log.warning("event_stream_missing",
+                            action="re-creating the streams, buckets and snapshot store")
+                await self._ensure_topology()
+                if self.snapshots is not None:
+                    await self.snapshots.open()
+                self.stats.topology_restores += 1
 
     async def _reconcile_replicas(self) -> None:
         """Streams and buckets made earlier with another replica count get this one's."""

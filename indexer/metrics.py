@@ -151,6 +151,9 @@ class _Collector(Collector):
             ("kv_indexer_consumer_resets",
              "Durable consumers re-created or resubscribed: deliveries lost in transit",
              con.consumer_resets),
+            ("kv_indexer_topology_restores",
+             "Event stream found missing (NATS back without its data) and re-created",
+             con.topology_restores),
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -166,6 +167,54 @@ async def test_a_long_nats_outage_ends_exact(backend: str, tmp_path: Path) -> No
             assert (phantom, missing, differing) == (0, 0, 0)
             if service.leases is not None:
                 assert service.leases.held  # taken again after the outage
+    finally:
+        await fleet.close()
+        if redis_server is not None:
+            redis_server.stop()
+        nats_server.stop()
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_nats_back_without_its_data_ends_exact(backend: str, tmp_path: Path) -> None:
+    """NATS SIGKILLed and started again on an empty store (a fresh volume): no event
+    stream, no buckets, no consumers. 8 workers holding 10,000 blocks each keep storing
+    and removing. The indexer re-creates the topology, its partitions rebuild from the new
+    stream, the gaps there ask every worker for a resync, and the index ends exact. Before
+    this, publishers and consumers waited for a stream nobody made again, for good."""
+    nats_server = EmbeddedNats(tmp_path / "nats", port=free_port()).start()
+    redis_server = RedisServer(tmp_path / "redis").start() if backend == "redis" else None
+    fleet = Fleet(nats_server.url)
+    try:
+        async with indexer(nats_server.url, redis_server and redis_server.url) as service:
+            assert service.index is not None
+            await fleet.start()
+            fleet.store(range(200))
+            await fleet.flush()
+            await eventually(lambda: caught_up(service.index, fleet.published, MODEL), 120)
+
+            nats_server.kill()
+            shutil.rmtree(nats_server.data_dir / "jetstream")
+            fleet.store(range(200, 230))  # buffered by the publishers meanwhile
+            fleet.remove(range(10), workers=range(0, WORKERS, 2))
+            await asyncio.sleep(3)
+            nats_server.start()
+            back_at = time.monotonic()
+            await fleet.flush()
+            fleet.store(range(230, 240))
+            await fleet.flush()
+            await eventually(lambda: caught_up(service.index, fleet.published, MODEL), 120)
+            caught_up_s = time.monotonic() - back_at
+            await eventually(lambda: health_is(service.grpc_port, SERVING), 30)
+            phantom, missing, differing = await mismatches(service.index, fleet.published,
+                                                           MODEL)
+            blocks = sum(sum(w.blocks_by_tier.values())
+                         for w in await service.index.workers(MODEL))
+            print(f"\nnats back without its data ({backend}): {blocks} (block, worker) "
+                  f"entries, caught up {caught_up_s:.1f} s after NATS returned, "
+                  f"phantom={phantom} missing={missing} differing={differing}")
+            assert service.stats.topology_restores >= 1
+            assert blocks > 10_000 * WORKERS
+            assert (phantom, missing, differing) == (0, 0, 0)
     finally:
         await fleet.close()
         if redis_server is not None:

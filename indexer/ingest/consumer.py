@@ -107,6 +107,8 @@ class ConsumerStats(msgspec.Struct):
     consumer_restarts: int = 0
     # durable consumers re-created because deliveries were stranded (a NATS node lost)
     consumer_resets: int = 0
+    # the event stream found missing and the topology made again (NATS lost its data)
+    topology_restores: int = 0
     task_failures: dict[str, int] = msgspec.field(default_factory=dict)  # by task name
     blocks_seen: int = 0  # blocks named by the events of applied batches
     last_applied_ts: float = 0.0  # engine timestamp of the newest batch applied
