@@ -4,19 +4,24 @@ into one resync at the end of the interval. With a real nats-server."""
 
 from __future__ import annotations
 
+import asyncio
 import types
 
 import msgspec
 import nats
 import pytest
+from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import publisher.publisher as publisher_module
+from indexer.index.protocol import ResyncRequest
+from indexer.ingest.consumer import ConsumerStats, ResyncRequester
 from kvcore.topology import StreamSettings, ensure_stream, resync_subject
 from publisher.metrics import BridgeCollector
 from publisher.nats_sink import NatsSink
 from publisher.publisher import KVEventPublisher, RankPublisher
+from tests.support.polling import eventually, is_true
 
 pytestmark = pytest.mark.integration
 
@@ -109,5 +114,37 @@ async def test_rate_limited_requests_merge_into_one_resync(
         assert rank.resyncs == 2
         assert rank.resync_requested("gap", 5.0) == 0.0  # a new window: answered at once
         assert rank.resyncs == 3
+    finally:
+        await nc.close()
+
+
+async def test_an_unanswered_resync_request_is_sent_again(nats_url: str) -> None:
+    """The indexer asks for a resync while the worker's publisher is not subscribed (it is
+    reconnecting): the request is repeated until the publisher, back after ~1.5 s, gets it
+    and answers; then no more repeats. A rank nobody ever answers for is given up after
+    the last retry and counted."""
+    nc = await nats.connect(nats_url)
+    try:
+        stats = ConsumerStats()
+        requester = ResyncRequester(nc, 0.0, stats, retry_delays_s=(0.5,) * 8, timeout_s=0.3)
+        requester.request(ResyncRequest(MODEL, WORKER_A, 3, 7, "sequence_gap"))
+        await asyncio.sleep(1.5)
+        received: list[dict[str, object]] = []
+
+        async def answer(msg: Msg) -> None:
+            received.append(msgspec.json.decode(msg.data))
+            await msg.respond(b'{"ok": true}')
+
+        sub = await nc.subscribe(resync_subject(MODEL, WORKER_A), cb=answer)
+        await eventually(lambda: is_true(bool(received)), 10)
+        await asyncio.sleep(1.5)  # a repeat would come within 0.8 s
+        await sub.unsubscribe()
+        assert received == [{"dp_rank": 3, "epoch": 7, "reason": "sequence_gap"}]
+        assert 1 <= stats.resync_retries <= 4
+        assert stats.resyncs_unanswered == 0
+
+        nobody = ResyncRequester(nc, 0.0, stats, retry_delays_s=(0.1, 0.1), timeout_s=0.2)
+        nobody.request(ResyncRequest(MODEL, "worker-gone:1", 0, 1, "sequence_gap"))
+        await eventually(lambda: is_true(stats.resyncs_unanswered == 1), 10)
     finally:
         await nc.close()

@@ -100,6 +100,8 @@ class ConsumerStats(msgspec.Struct):
     batches_applied: int = 0
     gaps: int = 0
     resyncs_requested: int = 0
+    resync_retries: int = 0  # requests sent again because nobody answered
+    resyncs_unanswered: int = 0  # given up after every retry (the worker stays as it is)
     dead_letters: dict[str, int] = msgspec.field(default_factory=dict)
     backend_retries: int = 0
     rebuilds: int = 0
@@ -126,6 +128,8 @@ class ConsumerStats(msgspec.Struct):
 
 
 RankKey = tuple[str, str, int]  # model, worker id, dp rank
+# Waits before each repeat of an unanswered resync request (about 5 minutes in all).
+RESYNC_RETRY_DELAYS_S: Final = (2.0, 5.0, 10.0, 20.0, 40.0, 60.0, 60.0, 60.0)
 PoolGrants = Callable[[str, str], Collection[str] | None]
 
 
@@ -134,12 +138,20 @@ class _StoppedWhileWaitingError(Exception):
 
 
 class ResyncRequester:
-    """Asks a worker's publisher to re-send its state, at most once per interval per rank."""
+    """Asks a worker's publisher to re-send its state, at most once per interval per rank.
 
-    def __init__(self, nc: NatsClient, min_interval_s: float, stats: ConsumerStats) -> None:
+    A request nobody answers (the publisher reconnecting, or not yet subscribed) is sent
+    again after each of `retry_delays_s`: a rank waiting for its resync is otherwise
+    frozen until the worker happens to publish again, which an idle worker does not."""
+
+    def __init__(self, nc: NatsClient, min_interval_s: float, stats: ConsumerStats,
+                 retry_delays_s: Sequence[float] = RESYNC_RETRY_DELAYS_S,
+                 timeout_s: float = 2.0) -> None:
         self._nc = nc
         self._min_interval_s = min_interval_s
         self._stats = stats
+        self._retry_delays_s = tuple(retry_delays_s)
+        self._timeout_s = timeout_s
         self._last: dict[RankKey, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -158,13 +170,23 @@ class ResyncRequester:
         payload = msgspec.json.encode({"dp_rank": request.dp_rank, "epoch": request.epoch,
                                        "reason": request.reason})
         subject = resync_subject(request.model, request.worker_id)
-        try:
-            await self._nc.request(subject, payload, timeout=2.0)
+        key = (request.model, request.worker_id, request.dp_rank)
+        for attempt, delay in enumerate((0.0, *self._retry_delays_s)):
+            if delay:
+                await asyncio.sleep(delay)
+                self._last[key] = time.monotonic()  # a retry is a request too
+                self._stats.resync_retries += 1
+            try:
+                await self._nc.request(subject, payload, timeout=self._timeout_s)
+            except Exception as exc:  # noqa: BLE001 - a missing publisher must not stop ingest
+                log.warning("resync_unanswered", model=request.model, worker=request.worker_id,
+                            dp_rank=request.dp_rank, reason=request.reason, attempt=attempt,
+                            error=repr(exc))
+                continue
             log.info("resync_requested", model=request.model, worker=request.worker_id,
-                     dp_rank=request.dp_rank, reason=request.reason)
-        except Exception as exc:  # noqa: BLE001 - a missing publisher must not stop ingest
-            log.warning("resync_unanswered", model=request.model, worker=request.worker_id,
-                        dp_rank=request.dp_rank, reason=request.reason, error=repr(exc))
+                     dp_rank=request.dp_rank, reason=request.reason, attempt=attempt)
+            return
+        self._stats.resyncs_unanswered += 1
 
 
 def marker_name(partition: int) -> str:
