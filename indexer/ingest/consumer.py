@@ -128,6 +128,8 @@ class ConsumerStats(msgspec.Struct):
 
 
 RankKey = tuple[str, str, int]  # model, worker id, dp rank
+# Times a fetch is applied again when the backend failed while it was being applied.
+_REAPPLY_ROUNDS: Final = 3
 # Waits before each repeat of an unanswered resync request (about 5 minutes in all).
 RESYNC_RETRY_DELAYS_S: Final = (2.0, 5.0, 10.0, 20.0, 40.0, 60.0, 60.0, 60.0)
 PoolGrants = Callable[[str, str], Collection[str] | None]
@@ -608,17 +610,34 @@ class PartitionConsumer:
             batch = await self._decode(msg)
             if batch is not None:
                 decoded.append((msg, batch))
+        failures = self._stats.backend_retries
         await self._apply_all(decoded, msgs)
         if msgs:
             self._last_stream_seq = msgs[-1].metadata.sequence.stream
             # Recorded before the ack: an index that holds every acked message always
             # reflects a position >= the ack floor, so one found below it lost writes.
             await self._with_backend_retry(self._record_position, msgs)
+            for _ in range(_REAPPLY_ROUNDS):
+                if self._stats.backend_retries == failures:
+                    break
+                failures = self._stats.backend_retries
+                await self._reapply(decoded, msgs)
             await msgs[-1].ack()  # AckAll: acknowledges the whole fetch
             self._acked_seq = self._last_stream_seq
             self._replay_from = self._last_stream_seq + 1
             self._last_delivery = msgs[-1].metadata.sequence.consumer
             self.last_progress = time.monotonic()
+
+    async def _reapply(self, decoded: list[tuple[Msg, EventBatch]],
+                       msgs: Sequence[Msg]) -> None:
+        """The backend failed during this fetch: it may have come back from a dump taken
+        after the last position write and before this fetch's apply, which the position
+        cannot show. Apply the fetch again onto what the backend holds (ledgers read
+        afresh): batches it kept are duplicates, lost ones are applied."""
+        self._log.warning("fetch_reapplied", batches=len(decoded),
+                          reason="backend failed during the fetch")
+        await self._with_backend_retry(self._index.reset_caches, msgs)
+        await self._apply_all(decoded, msgs)
 
     async def _decode(self, msg: Msg) -> EventBatch | None:
         """The batch, if it is well formed and may be trusted; else dead-lettered."""
@@ -712,6 +731,7 @@ class PartitionConsumer:
             except BackendError as exc:
                 if self._stopping is not None and self._stopping.is_set():
                     raise _StoppedWhileWaitingError from exc
+                self._position_suspect = True
                 attempt += 1
                 self._stats.backend_retries += 1
                 delay = _RETRY_BACKOFF_S[min(attempt, len(_RETRY_BACKOFF_S)) - 1]

@@ -31,6 +31,7 @@ from nats.js.errors import (
     BucketNotFoundError,
     KeyWrongLastSequenceError,
     NoKeysError,
+    NoStreamResponseError,
 )
 from nats.js.errors import NotFoundError as JsNotFoundError
 from nats.js.kv import KeyValue
@@ -102,7 +103,7 @@ class PartitionLeases:
             await self.tick()
         except Exception as exc:  # noqa: BLE001 - NATS away or slow: try again next tick
             self.tick_failures += 1
-            if isinstance(exc, BucketNotFoundError | JsNotFoundError):
+            if isinstance(exc, BucketNotFoundError | JsNotFoundError | NoStreamResponseError):
                 self._kv = None  # NATS came back without its state: make the bucket again
             unrenewed_s = time.monotonic() - self.last_tick_ok
             self._log.warning("lease_tick_failed", error=repr(exc), held=sorted(self.held),
