@@ -51,7 +51,7 @@ from kvcore.bus import (
 from kvcore.connect import NatsSecurity, connect_nats
 from kvcore.pools import check_pools
 from kvcore.redact import redact_url
-from kvcore.roles import DEFAULT_ROLE, check_role
+from kvcore.roles import DEFAULT_ROLE, check_worker_role
 from kvcore.topology import (
     StreamSettings,
     WorkerRecord,
@@ -355,8 +355,9 @@ class KVEventPublisher:
         storage_pools: Sequence[str] = (),
     ) -> None:
         check_identity(model, worker_id)  # BusError: refused here, not by the indexer
-        # prefill, decode or both: which requests a disaggregated router sends this worker.
-        self.role = check_role(role)
+        # prefill, decode or both: which requests a disaggregated router sends this worker;
+        # store: none (a shared pool's own publisher, never a routing candidate).
+        self.role = check_worker_role(role)
         # Shared storage pools it mounts and may write into (kvcore/pools.py).
         self.storage_pools = check_pools(storage_pools)
         self.model = model

@@ -13,10 +13,11 @@ import pytest
 import zmq.asyncio
 
 from indexer.app import IndexerService
-from indexer.client import AsyncIndexerClient, Query
+from indexer.client import AsyncIndexerClient, Query, WorkerLoad
 from indexer.index.protocol import Index
 from kvcore.bus import BlockRemoved, BlockStored
 from kvcore.pools import KIND_POOL
+from kvcore.roles import STORE
 from publisher.cli import parse_bridge_args
 from publisher.zmq_source import EngineSource
 from tests.support.event_path import BS, MODEL, TOKENS, publisher, service_config, store
@@ -99,13 +100,15 @@ async def test_pool_credit_eviction_and_refusal_end_to_end(nats_url: str) -> Non
 async def test_pool_writers_allow_list(nats_url: str) -> None:
     """`--pool-writers store-*`: a GPU worker that declares pool P may mount it but not
     write into it (counted as pool_not_declared); the store's own publisher, whose id
-    matches, writes, and every mounting worker is credited with what it wrote."""
+    matches, writes, and every mounting worker is credited with what it wrote. The store
+    declares role `store`: it is listed, but never scored or chosen (it serves no
+    requests), even with no load reported for it while the workers are busy."""
     service = IndexerService(service_config(nats_url, grpc_listen="127.0.0.1:0",
                                             pool_writers="store-*"))
     await service.start()
     a = publisher(nats_url, "A", storage_pools=["P"])
     b = publisher(nats_url, "B", storage_pools=["P"])  # mounts P, publishes nothing
-    keeper = publisher(nats_url, "store-1", storage_pools=["P"])
+    keeper = publisher(nats_url, "store-1", storage_pools=["P"], role=STORE)
     pubs = [a, b, keeper]
     try:
         for pub in pubs:
@@ -128,10 +131,17 @@ async def test_pool_writers_allow_list(nats_url: str) -> None:
             keeper.stored(list(range(101, 109)), TOKENS[: 8 * BS], pool="P")
             keeper.end_step()
             assert await keeper.flush(10.0)
-            # (the store's publisher is a live registered worker mounting P: credited too)
             await eventually(lambda: scores_are({"A": (8, {"gpu": 2, "storage": 6}),
-                                                 "B": (8, {"storage": 8}),
-                                                 "store-1": (8, {"storage": 8})}), 20.0)
+                                                 "B": (8, {"storage": 8})}), 20.0)
+            busy = [WorkerLoad(w, active_blocks=10_000, waiting_requests=50)
+                    for w in ("A", "B")]
+            choice = await client.find_best_worker(
+                Query(model=MODEL, token_ids=TOKENS, block_size=BS), busy)
+            assert choice.worker_id in ("A", "B")
+            assert {c.worker_id for c in choice.candidates} == {"A", "B"}
+            listed = {w.worker_id: w.role for w in await client.list_workers(MODEL)}
+            assert listed["store-1"] == STORE
+            assert listed["A"] == "both"
     finally:
         for pub in pubs:
             await pub.close()

@@ -29,7 +29,7 @@ from nats.js.kv import KeyValue
 
 from indexer.index.protocol import Index, WorkerInfo
 from kvcore.pools import KIND_POOL
-from kvcore.roles import DEFAULT_ROLE, ROLES
+from kvcore.roles import DEFAULT_ROLE, WORKER_ROLES
 from kvcore.topology import (
     WorkerRecord,
     ensure_liveness_bucket,
@@ -140,7 +140,7 @@ class LivenessWatcher:
             self._gone_since.pop(key, None)
 
     def _set_role(self, key: tuple[str, str], role: str) -> None:
-        if role not in ROLES:
+        if role not in WORKER_ROLES:
             if self.roles.get(key) != role:
                 log.warning("unknown_worker_role", model=key[0], worker=key[1], role=role,
                             counted_as=DEFAULT_ROLE)
@@ -153,7 +153,7 @@ class LivenessWatcher:
     def role_of(self, model: str, worker_id: str) -> str:
         """The worker's declared role; `both` when it declared none (or one unknown)."""
         role = self.roles.get((model, worker_id), DEFAULT_ROLE)
-        return role if role in ROLES else DEFAULT_ROLE
+        return role if role in WORKER_ROLES else DEFAULT_ROLE
 
     def is_gone(self, model: str, worker_id: str) -> bool:
         """The worker's entry expired or was deleted (its blocks go after the grace)."""

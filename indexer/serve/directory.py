@@ -13,7 +13,7 @@ import structlog
 
 from indexer.index.protocol import WorkerInfo
 from kvcore.pools import KIND_POOL
-from kvcore.roles import role_matches
+from kvcore.roles import STORE, role_matches
 
 __all__ = ["CandidateSet", "LiveWorkerSource", "WorkerDirectory"]
 
@@ -36,8 +36,9 @@ class CandidateSet:
                  "workers")
 
     def __init__(self, workers: Sequence[WorkerInfo]) -> None:
-        # Shared storage pools are listed with the workers but are never candidates.
-        self.workers = tuple(w for w in workers if w.kind != KIND_POOL)
+        # Shared storage pools, and the stores publishing their content, are listed with
+        # the workers but are never candidates.
+        self.workers = tuple(w for w in workers if w.kind != KIND_POOL and w.role != STORE)
         # worker id -> the pools it mounts (Score credits their blocks), for those mounting
         self.mounts = {w.worker_id: frozenset(w.storage_pools)
                        for w in self.workers if w.storage_pools}
