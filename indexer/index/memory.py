@@ -73,10 +73,10 @@ class _GroupTable:
         self.blocks = new_block_table()
 
     def set_bits(self, keys: list[int], bitpos: int) -> None:
-        self.blocks.set_bits(keys, 1 << bitpos)
+        self.blocks.set_bit_at(keys, bitpos)
 
     def clear_bits(self, keys: list[int], bitpos: int) -> None:
-        self.blocks.clear_bits(keys, ~(1 << bitpos))
+        self.blocks.clear_bit_at(keys, bitpos)
 
     def group_sink(self, group: int) -> _GroupTable:
         return self.space.group_sink(group)
@@ -139,10 +139,10 @@ class _ModelSpace:
         return tables, rules
 
     def set_bits(self, keys: list[int], bitpos: int) -> None:
-        self.blocks.set_bits(keys, 1 << bitpos)
+        self.blocks.set_bit_at(keys, bitpos)
 
     def clear_bits(self, keys: list[int], bitpos: int) -> None:
-        self.blocks.clear_bits(keys, ~(1 << bitpos))
+        self.blocks.clear_bit_at(keys, bitpos)
 
     def ledger(self, ref: WorkerRef) -> WorkerLedger:
         found = self.ledgers.get(ref)
