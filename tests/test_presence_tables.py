@@ -224,3 +224,44 @@ class TestLedgerMap:
             native.discard(h)
         assert len(native) == 1_000 and native.nbytes <= 1_000 * 17 * 4 + 200  # <= 1/4 full
         assert all(native.get(h) == h for h in hashes[:1_000])
+
+
+class TestRankNearTwoToTheTwenty:
+    """A model whose ranks sit at slots 0 and near 2**20, through the whole index."""
+
+    def test_score_presence_and_removal_are_exact(self) -> None:
+        """Stores, a cpu offload and removals of a rank at slot 2**20 - 5: Score, presence
+        and the table's bytes are those of a low-slot rank."""
+        from indexer.index.memory import SyncMemoryIndex
+        from indexer.index.protocol import ScoreQuery, WorkerScore
+        from kvcore.bus import BlockRemoved
+        from tests.support.ledger_batches import BS, MODEL, TOKENS, batch, stored
+
+        def scores(index: SyncMemoryIndex) -> list[WorkerScore]:
+            return index.score(ScoreQuery(model=MODEL, token_ids=TOKENS, block_size=BS)).scores
+
+        def build(high_slot: int) -> SyncMemoryIndex:
+            index = SyncMemoryIndex()
+            index.apply([batch(0, stored(1, 6), worker="low")])
+            index._models[MODEL]._next_slot = high_slot
+            index.apply([batch(0, stored(1, 4), worker="high"),
+                         batch(1, stored(1, 2, medium="cpu"), worker="high"),
+                         batch(2, BlockRemoved(block_hashes=[4]), worker="high")])
+            return index
+
+        near, plain = build(HIGH - 5), build(1)
+        assert near._models[MODEL].ledgers.keys() == plain._models[MODEL].ledgers.keys()
+        assert scores(near) == scores(plain) == [
+            WorkerScore("low", 0, 6, 6.0, {"gpu": 6}),
+            WorkerScore("high", 0, 3, 3.0, {"gpu": 3}),
+        ]
+        assert near.presence(MODEL) == plain.presence(MODEL)
+        assert near._models[MODEL].blocks.nbytes == plain._models[MODEL].blocks.nbytes
+        near.apply([batch(3, BlockRemoved(block_hashes=[1, 2, 3]), worker="high")])
+        assert scores(near) == [WorkerScore("low", 0, 6, 6.0, {"gpu": 6}),
+                                WorkerScore("high", 0, 2, 1.6, {"cpu": 2})]  # cpu copies stay
+        near.apply([batch(4, BlockRemoved(block_hashes=[1, 2], medium="cpu"), worker="high")])
+        assert scores(near) == [WorkerScore("low", 0, 6, 6.0, {"gpu": 6})]
+        assert near.presence(MODEL) == {k: {ref: tiers for ref, tiers in held.items()
+                                            if ref.worker_id == "low"}
+                                        for k, held in plain.presence(MODEL).items()}

@@ -469,16 +469,16 @@ def _pool_info(model: str, pool: PoolState) -> WorkerInfo:
 def _split_mask(mask: int, space: _ModelSpace) -> dict[WorkerRef, int]:
     out: dict[WorkerRef, int] = {}
     pool_of_slot = {pool.slot: pool.name for pool in space.pools.values()}
-    slot = 0
     while mask:
-        nibble = mask & 15
-        if nibble and slot in pool_of_slot:
+        # from one set bit to the next: a mask with a slot near 2**20 holds 4M bits
+        slot = ((mask & -mask).bit_length() - 1) // TIER_BITS
+        nibble = mask >> (slot * TIER_BITS) & 15
+        mask ^= nibble << (slot * TIER_BITS)
+        if slot in pool_of_slot:
             out[WorkerRef(pool_of_slot[slot], POOL_RANK)] = nibble
-        elif nibble:
+        else:
             ledger = space.by_slot[slot]
             out[WorkerRef(ledger.worker_id, ledger.dp_rank)] = nibble
-        mask >>= TIER_BITS
-        slot += 1
     return out
 
 
