@@ -608,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bytes per entry {per_entry:.1f}")
         return 0
 
+    load_at_start = os.getloadavg()
     scales = [(args.workers[0], b) for b in args.blocks]
     scales += [(w, args.blocks[-1]) for w in args.workers[1:]]
     results: list[ScaleResult] = []
@@ -656,7 +657,11 @@ def main(argv: list[str] | None = None) -> int:
         "block), every other worker mounting it; ours scores with the mounts and is held "
         "against Dynamo's p50 on the plain workload of the same run (Dynamo has no pools). "
         "Every answer is checked: a mounting worker matches the longest prefix any worker "
-        "holds, the others what they hold.\n\n"
+        "holds, the others what they hold.\n"
+        f"- Machine load (1-minute average, {os.cpu_count()} cores): "
+        f"{load_at_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} before the memory "
+        "probes. Latencies and rates move with it (other jobs share the cores); the memory "
+        "rows (bytes of RSS per entry) do not.\n\n"
     )
     memory = {}
     if args.memory_entries:
