@@ -20,7 +20,7 @@ the headline, and a rank-scale table puts the counts side by side against the ta
 (Score p50 <= 0.5x Dynamo's, ingest >= 1.5x).
 
 Memory per (block, rank) entry: RSS growth over `--memory-entries` stored entries (2M),
-each side in a fresh process (`--rss-probe`), at 64 and 1,024 ranks.
+each side in a fresh process (`--rss-probe`), at 64, 1,024 and 4,096 ranks.
 
 Pool workload (shared storage pools): the same engine steps, each batch also offloading
 the blocks it stores into one shared pool (which ends up holding every stored block), and
@@ -488,10 +488,15 @@ def rank_scale_table(results: list[ScaleResult], memory: dict[int, dict[str, flo
         text += "".join(f"| {n:,} | {m['ours']:.1f} | {m['dynamo']:.1f} | "
                         f"{verdict(m['ours'] <= 64)} |\n" for n, m in memory.items())
         if any(m["ours"] > 64 for m in memory.values()):
-            text += ("\nWhy missed: most of an entry is the rank's ledger (two dicts keyed by "
-                     "engine hash: block key, held tiers) plus a mask int per block whose size "
-                     "follows the highest slot holding it; a packed presence form and ledger "
-                     "are the cache-model redesign issue 18 depends on, not built here.\n")
+            text += ("\nWhy missed: an entry is its rank's ledger slot (`LedgerMap`, 17 B at "
+                     "53-80% load, plus the ghost LRU of evicted blocks) and its share of the "
+                     "block's table entry (16 B at <= 5/8 load) and holders (4 B each past "
+                     "two); a size above the target has more blocks per entry than these "
+                     "leave room for.\n")
+        text += ("\nThe C table stores a block's holders (u32 slot << 4 | tiers), not a "
+                 "mask, so these figures do not depend on slot numbers; "
+                 "tests/test_presence_tables.py holds a rank near slot 2**20 to a low "
+                 "slot's table bytes.\n")
     return text
 
 
@@ -589,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="blocks to store; several values run several scales")
     parser.add_argument("--memory-entries", type=int, default=2_000_000,
                         help="entries stored by the memory-per-entry probes (0: skip)")
-    parser.add_argument("--memory-workers", type=int, nargs="*", default=[64, 1_024])
+    parser.add_argument("--memory-workers", type=int, nargs="*", default=[64, 1_024, 4_096])
     parser.add_argument("--rss-probe", choices=("ours", "dynamo"), help=argparse.SUPPRESS)
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3, help="ingest rounds per side")
@@ -603,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bytes per entry {per_entry:.1f}")
         return 0
 
+    load_at_start = os.getloadavg()
     scales = [(args.workers[0], b) for b in args.blocks]
     scales += [(w, args.blocks[-1]) for w in args.workers[1:]]
     results: list[ScaleResult] = []
@@ -651,7 +657,11 @@ def main(argv: list[str] | None = None) -> int:
         "block), every other worker mounting it; ours scores with the mounts and is held "
         "against Dynamo's p50 on the plain workload of the same run (Dynamo has no pools). "
         "Every answer is checked: a mounting worker matches the longest prefix any worker "
-        "holds, the others what they hold.\n\n"
+        "holds, the others what they hold.\n"
+        f"- Machine load (1-minute average, {os.cpu_count()} cores): "
+        f"{load_at_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} before the memory "
+        "probes. Latencies and rates move with it (other jobs share the cores); the memory "
+        "rows (bytes of RSS per entry) do not.\n\n"
     )
     memory = {}
     if args.memory_entries:

@@ -15,6 +15,7 @@
  *   pack_log_entries(hashes, keys, tiers) -> bytes: the Redis ledger log's M/D records.
  *   BlockTable: block key -> presence mask, the in-memory index's hash table, whose
  *       mask_runs() hashes a prompt and looks its blocks up in one loop.
+ *   LedgerMap: engine hash -> (block key, held tiers), a worker rank's ledger map, packed.
  *   tally_runs(runs, candidates, weights, include_zero) -> bytes and
  *   scores_from_tally(tally, refs, order, weights, tiers, make) -> list: Score's prefix
  *       walk over the masks and its answer, without an object per slot in between.
@@ -23,7 +24,7 @@
  * ints in 0..2**32-1. Only full blocks are hashed.
  *
  * One extension, one C file per concern: this file is the module (its method table and
- * init); chain.c the key loop, block_table.c BlockTable, wire.c take_uint32_field,
+ * init); chain.c the key loop, block_table.c BlockTable, ledger_map.c LedgerMap, wire.c take_uint32_field,
  * log_pack.c pack_log_entries, tally.c the Score walk; tokens.c/tokens.h and bytebuf.h
  * what more than one of them uses; native.h what this file needs from the others.
  */
@@ -32,10 +33,13 @@
 static int
 native_exec(PyObject *module)
 {
-    if (PyType_Ready(&BlockTableType) < 0) {
+    if (PyType_Ready(&BlockTableType) < 0 || PyType_Ready(&LedgerMapType) < 0) {
         return -1;
     }
-    return PyModule_AddObjectRef(module, "BlockTable", (PyObject *)&BlockTableType);
+    if (PyModule_AddObjectRef(module, "BlockTable", (PyObject *)&BlockTableType) < 0) {
+        return -1;
+    }
+    return PyModule_AddObjectRef(module, "LedgerMap", (PyObject *)&LedgerMapType);
 }
 
 static PyModuleDef_Slot native_slots[] = {

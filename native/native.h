@@ -28,6 +28,9 @@ NATIVE_INTERNAL PyObject *chain_keys_packed(PyObject *module, PyObject *const *a
 /* block_table.c */
 NATIVE_INTERNAL extern PyTypeObject BlockTableType;
 
+/* ledger_map.c */
+NATIVE_INTERNAL extern PyTypeObject LedgerMapType;
+
 /* wire.c */
 NATIVE_INTERNAL extern const char take_uint32_field_doc[];
 NATIVE_INTERNAL PyObject *take_uint32_field(PyObject *module, PyObject *const *args,

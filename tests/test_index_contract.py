@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from indexer.index.block_table import DictBlockTable
+from indexer.index.ledger_map import DictLedgerMap
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, ScoreQuery, TierWeights, WorkerRef
 from indexer.index.redis import RedisIndex
@@ -214,10 +215,13 @@ class TestMemoryIndexPurePythonContract:
             return made[-1]
 
         with mock.patch("indexer.index.memory.new_block_table", DictBlockTable), \
+                mock.patch("indexer.index.ledger.new_ledger_map", DictLedgerMap), \
                 mock.patch("kvcore.keys._native", None):
             asyncio.run(check_against_reference(make, batches, chunks, queries))
-        tables = [space.blocks for index in made for space in index.sync._models.values()]
-        assert all(type(table) is DictBlockTable for table in tables)
+        spaces = [space for index in made for space in index.sync._models.values()]
+        assert all(type(space.blocks) is DictBlockTable for space in spaces)
+        assert all(type(ledger.keys) is DictLedgerMap
+                   for space in spaces for ledger in space.ledgers.values())
 
 
 class TestRedisIndexContract:

@@ -22,7 +22,7 @@ from indexer.index.scoring import (
     worker_scores,
 )
 from kvcore.bus import SCHEMA_VERSION, BlockStored, EventBatch
-from kvcore.keys import NATIVE
+from kvcore.keys import NATIVE, pack_keys
 
 if NATIVE:
     from kvcore._native import expand_tally, scores_from_tally, tally_runs
@@ -301,20 +301,20 @@ class TestManyRanks:
 
 
 class TestSharedMasks:
-    def test_one_call_shares_the_updated_mask_and_keeps_values(self) -> None:
-        """Blocks carrying the same mask object get the same updated object (equal masks
-        along a prefix stay one object), and every value is still its own."""
+    def test_equal_presences_give_one_mask_object_and_values_stay_their_own(self) -> None:
+        """The C table stores holders and builds masks on demand: consecutive equal
+        presences in one get_many share one int, and every value is still its own."""
         from kvcore._native import BlockTable
 
         table = BlockTable(secret=5)
         table.set_bits(list(range(10)), 1)
         table.set_bits(list(range(6)), 1 << 16_000)
         table.set_bits([3, 4, 5, 6], 1 << 4)
-        assert table.get(3, 0) is table.get(5, 0)
+        masks = table.get_many(pack_keys([3, 4, 5, 6]))
+        assert masks[0] is masks[1] is masks[2] and masks[2] != masks[3]
         expected = {k: 1 | (1 << 16_000 if k < 6 else 0) | (16 if 3 <= k <= 6 else 0)
                     for k in range(10)}
         assert dict(table.items()) == expected
         table.clear_bits([0, 1, 2, 3, 4, 5, 6], ~1)
-        assert table.get(4, 0) is table.get(5, 0)
         assert dict(table.items()) == {k: v & ~1 for k, v in expected.items() if v & ~1} | {
             k: v for k, v in expected.items() if k >= 7}

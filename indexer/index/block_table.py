@@ -1,8 +1,10 @@
 """The in-memory index's table: block key (u64) -> presence mask (int, a nibble per slot).
 
-`new_block_table()` gives the C table (`kvcore._native.BlockTable`: open addressing with
-the key and mask inline, keyed slot mix, prefetching lookups) when the extension is built,
-else `DictBlockTable`, a dict with the same methods. Both pass tests/test_native.py's
+`new_block_table()` gives the C table (`kvcore._native.BlockTable`: open addressing, each
+block's presence stored as its holders, a u32 per holding slot, inline when one or two,
+so a block costs the same whatever its holders' slot numbers; masks are built as ints on
+demand; keyed slot mix, prefetching lookups) when the extension is built, else
+`DictBlockTable`, a dict of int masks with the same methods. Both pass tests/test_native.py's
 comparison, and every index test runs on whichever this install has.
 """
 
@@ -38,6 +40,10 @@ class BlockMasks(Protocol):
 
     def clear_bits(self, keys: Sequence[int], keep: int, /) -> None: ...
 
+    def set_bit_at(self, keys: Sequence[int], bitpos: int, /) -> None: ...
+
+    def clear_bit_at(self, keys: Sequence[int], bitpos: int, /) -> None: ...
+
     def items(self) -> Sequence[tuple[int, int]]: ...
 
     def mask_runs(self, tokens: Sequence[int] | bytes, block_size: int, seed: int,
@@ -70,6 +76,12 @@ class DictBlockTable(dict[int, int]):
                 self[key] = mask
             else:
                 self.pop(key, None)
+
+    def set_bit_at(self, keys: Sequence[int], bitpos: int, /) -> None:
+        self.set_bits(keys, 1 << bitpos)
+
+    def clear_bit_at(self, keys: Sequence[int], bitpos: int, /) -> None:
+        self.clear_bits(keys, ~(1 << bitpos))
 
     def items(self) -> list[tuple[int, int]]:  # type: ignore[override]
         return list(super().items())

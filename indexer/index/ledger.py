@@ -26,6 +26,7 @@ from typing import Final, Protocol
 
 import structlog
 
+from indexer.index.ledger_map import EngineHashMap, new_ledger_map
 from indexer.index.protocol import (
     MAX_SEQ_JUMP,
     TIER_BITS,
@@ -155,7 +156,6 @@ class WorkerLedger:
         "model",
         "owner",
         "slot",
-        "tiers",
         "warned",
         "worker_id",
     )
@@ -168,8 +168,8 @@ class WorkerLedger:
         self.dp_rank = dp_rank
         self.slot = slot
         self.ghost_capacity = ghost_capacity
-        self.keys: dict[int, int] = {}  # engine hash -> key, held blocks and ghosts
-        self.tiers: dict[int, int] = {}  # engine hash -> mask of tiers holding it
+        # engine hash -> (key, mask of tiers holding it), held blocks and ghosts (mask 0)
+        self.keys: EngineHashMap = new_ledger_map()
         self.ghosts: OrderedDict[int, None] = OrderedDict()  # oldest eviction first
         self.counts = [0] * len(TIERS)  # held blocks per tier
         self.epoch = -1
@@ -281,11 +281,9 @@ class WorkerLedger:
             group_ledger.clear(sink.group_sink(group))
         for tier in range(len(TIERS)):
             if self.counts[tier]:
-                bit = 1 << tier
-                held = [self.keys[h] for h, mask in self.tiers.items() if mask & bit]
+                held = self.keys.held_keys(1 << tier)
                 sink.clear_bits(held, self.slot * TIER_BITS + tier)
         self.keys.clear()
-        self.tiers.clear()
         self.ghosts.clear()
         self.counts = [0] * len(TIERS)
         self.degraded = False
@@ -320,13 +318,9 @@ class WorkerLedger:
         else:
             hashes, new_keys = self._resolve_known(hashes, stats)
         bit = 1 << tier
-        keys = self.keys
-        if (len(hashes) == len(new_keys) and keys.keys().isdisjoint(distinct := set(hashes))
-                and len(distinct) == len(hashes)):
-            # The usual store: every block is new to this rank (neither held nor a ghost;
-            # tiers only holds hashes that keys holds), so each one is simply added.
-            keys.update(zip(hashes, new_keys, strict=True))
-            self.tiers.update(dict.fromkeys(hashes, bit))
+        if len(hashes) == len(new_keys) and self.keys.add_new(hashes, new_keys, bit):
+            # The usual store: every block is new to this rank (neither held nor a ghost),
+            # so each one is simply added.
             added = new_keys
         else:
             added = self._store_each(hashes, new_keys, bit, sink)
@@ -354,20 +348,19 @@ class WorkerLedger:
         self, hashes: list[int], new_keys: list[int], bit: int, sink: PresenceSink
     ) -> list[int]:
         """Store block by block (re-stores, ghosts, changed content); returns keys added."""
-        keys, tiers = self.keys, self.tiers
+        entries = self.keys
         added: list[int] = []
         for h, key in zip(hashes, new_keys, strict=True):
-            old = keys.get(h)
-            mask = tiers.get(h, 0)
+            old = entries.get(h)
+            mask = entries.tiers_of(h)
             if old is not None:
                 if not mask:
                     self._unghost(h)
                 elif old != key:
-                    self._forget(h, old, sink)
+                    self._forget(old, mask, sink)
                     mask = 0
-            keys[h] = key
             if not mask & bit:
-                tiers[h] = mask | bit
+                entries.put(h, key, mask | bit)
                 added.append(key)
         return added
 
@@ -387,35 +380,23 @@ class WorkerLedger:
 
     def _remove(self, event: BlockRemoved, sink: PresenceSink, stats: IndexStats) -> None:
         tier = tier_index(event.medium)
-        bit = 1 << tier
-        keys, tiers = self.keys, self.tiers
-        removed: list[int] = []
+        removed, touched, ghosted, unknown = self.keys.drop_tier(event.block_hashes, 1 << tier)
+        if unknown:
+            stats.drop("unknown_block", unknown)
+        ghosts = self.ghosts
+        for h in ghosted:
+            ghosts[h] = None
         journal = self.journal
-        for h in event.block_hashes:
-            mask = tiers.get(h, 0)
-            if not mask & bit:
-                if h not in keys:
-                    stats.drop("unknown_block")
-                continue
-            mask ^= bit
-            if mask:
-                tiers[h] = mask
-            else:
-                del tiers[h]
-                self.ghosts[h] = None
-                if journal is not None:
-                    journal.ghost_pushed.append(h)
-            removed.append(keys[h])
-            if journal is not None:
-                journal.dirty.add(h)
+        if journal is not None:
+            journal.ghost_pushed += ghosted
+            journal.dirty.update(touched)
         if removed:
             sink.clear_bits(removed, self.slot * TIER_BITS + tier)
             self.counts[tier] -= len(removed)
             stats.blocks_removed += len(removed)
 
-    def _forget(self, engine_hash: int, key: int, sink: PresenceSink) -> None:
-        """The engine hash now names other content: its old presence goes."""
-        mask = self.tiers.pop(engine_hash, 0)
+    def _forget(self, key: int, mask: int, sink: PresenceSink) -> None:
+        """An engine hash now names other content: the old key's presence (`mask`) goes."""
         for tier in range(len(TIERS)):
             if mask & (1 << tier):
                 sink.clear_bits([key], self.slot * TIER_BITS + tier)
@@ -427,11 +408,11 @@ class WorkerLedger:
             self.journal.unghosted.add(engine_hash)
 
     def _trim_ghosts(self) -> None:
-        ghosts, keys = self.ghosts, self.keys
+        ghosts, entries = self.ghosts, self.keys
         journal = self.journal
         while len(ghosts) > self.ghost_capacity:
             h, _ = ghosts.popitem(last=False)
-            del keys[h]
+            entries.discard(h)
             if journal is not None:
                 journal.unghosted.add(h)
                 journal.dirty.add(h)
@@ -469,16 +450,16 @@ class WorkerLedger:
         return b"".join(parts)
 
     def _own_log(self) -> bytes:
-        tiers = self.tiers
-        return b"".join(
-            [LOG_MAP.pack(b"M", h, key, tiers.get(h, 0)) for h, key in self.keys.items()]
-            + [LOG_HASH.pack(b"G", h) for h in self.ghosts]
-        )
+        return b"".join([self.keys.log_records(), *[LOG_HASH.pack(b"G", h) for h in self.ghosts]])
+
+    def pack_log(self, hashes: Iterable[int]) -> bytes:
+        """The log records of these engine hashes: M (mapped, with tiers) or D (gone)."""
+        return self.keys.pack_log(hashes)
 
     def load_log(self, data: bytes) -> None:
         """Replay a log into the map and ghosts (raises LedgerLogError if corrupt)."""
         target = self
-        keys, tiers, ghosts = self.keys, self.tiers, self.ghosts
+        entries, ghosts = self.keys, self.ghosts
         view = memoryview(data)
         pos, end = 0, len(view)
         try:
@@ -489,22 +470,19 @@ class WorkerLedger:
                     if group > MAX_GROUP:
                         raise LedgerLogError(f"group {group} out of range at byte {pos}")
                     target = self.group_ledger(group) if group else self
-                    keys, tiers, ghosts = target.keys, target.tiers, target.ghosts
+                    entries, ghosts = target.keys, target.ghosts
                     pos += LOG_HASH.size
                     continue
                 if tag == 0x4D:  # M
                     _, h, key, mask = LOG_MAP.unpack_from(view, pos)
-                    keys[h] = key
-                    if mask:
-                        tiers[h] = mask
-                    else:
-                        tiers.pop(h, None)
+                    if mask > 0xF:
+                        raise LedgerLogError(f"tier mask {mask} out of range at byte {pos}")
+                    entries.put(h, key, mask)
                     pos += LOG_MAP.size
                     continue
                 _, h = LOG_HASH.unpack_from(view, pos)
                 if tag == 0x44:  # D
-                    keys.pop(h, None)
-                    tiers.pop(h, None)
+                    entries.discard(h)
                     ghosts.pop(h, None)
                 elif tag == 0x55:  # U
                     ghosts.pop(h, None)
@@ -534,8 +512,7 @@ class WorkerLedger:
     def _set_held(self, sink: PresenceSink) -> None:
         """Presence of every held block, and the counts, from the map (after a load)."""
         for tier in range(len(TIERS)):
-            bit = 1 << tier
-            held = [self.keys[h] for h, mask in self.tiers.items() if mask & bit]
+            held = self.keys.held_keys(1 << tier)
             self.counts[tier] = len(held)
             if held:
                 sink.set_bits(held, self.slot * TIER_BITS + tier)

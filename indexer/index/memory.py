@@ -73,10 +73,10 @@ class _GroupTable:
         self.blocks = new_block_table()
 
     def set_bits(self, keys: list[int], bitpos: int) -> None:
-        self.blocks.set_bits(keys, 1 << bitpos)
+        self.blocks.set_bit_at(keys, bitpos)
 
     def clear_bits(self, keys: list[int], bitpos: int) -> None:
-        self.blocks.clear_bits(keys, ~(1 << bitpos))
+        self.blocks.clear_bit_at(keys, bitpos)
 
     def group_sink(self, group: int) -> _GroupTable:
         return self.space.group_sink(group)
@@ -139,10 +139,10 @@ class _ModelSpace:
         return tables, rules
 
     def set_bits(self, keys: list[int], bitpos: int) -> None:
-        self.blocks.set_bits(keys, 1 << bitpos)
+        self.blocks.set_bit_at(keys, bitpos)
 
     def clear_bits(self, keys: list[int], bitpos: int) -> None:
-        self.blocks.clear_bits(keys, ~(1 << bitpos))
+        self.blocks.clear_bit_at(keys, bitpos)
 
     def ledger(self, ref: WorkerRef) -> WorkerLedger:
         found = self.ledgers.get(ref)
@@ -469,16 +469,16 @@ def _pool_info(model: str, pool: PoolState) -> WorkerInfo:
 def _split_mask(mask: int, space: _ModelSpace) -> dict[WorkerRef, int]:
     out: dict[WorkerRef, int] = {}
     pool_of_slot = {pool.slot: pool.name for pool in space.pools.values()}
-    slot = 0
     while mask:
-        nibble = mask & 15
-        if nibble and slot in pool_of_slot:
+        # from one set bit to the next: a mask with a slot near 2**20 holds 4M bits
+        slot = ((mask & -mask).bit_length() - 1) // TIER_BITS
+        nibble = mask >> (slot * TIER_BITS) & 15
+        mask ^= nibble << (slot * TIER_BITS)
+        if slot in pool_of_slot:
             out[WorkerRef(pool_of_slot[slot], POOL_RANK)] = nibble
-        elif nibble:
+        else:
             ledger = space.by_slot[slot]
             out[WorkerRef(ledger.worker_id, ledger.dp_rank)] = nibble
-        mask >>= TIER_BITS
-        slot += 1
     return out
 
 

@@ -75,7 +75,6 @@ from indexer.index.ledger import (
     LOG_MAP,
     Journal,
     WorkerLedger,
-    pack_log_entries,
     stored_block_size,
 )
 from indexer.index.pools import (
@@ -277,9 +276,9 @@ class _GroupOpsSink:
 
 def _changes(ledger: WorkerLedger, journal: Journal) -> bytes:
     """The log records of what one batch changed in one ledger (of a rank or a group)."""
-    keys, tiers = ledger.keys, ledger.tiers
+    keys = ledger.keys
     pack_hash = LOG_HASH.pack
-    parts = [pack_log_entries(journal.dirty, keys, tiers)]
+    parts = [ledger.pack_log(journal.dirty)]
     ghosts = ledger.ghosts
     # A ghost stored again; a trimmed one is gone from the map, and its D record says so.
     parts.extend(pack_hash(b"U", h) for h in journal.unghosted if h not in ghosts and h in keys)

@@ -1,0 +1,169 @@
+"""A worker rank's engine hash -> (block key, held tiers) map, the bulk of a `WorkerLedger`.
+
+`new_ledger_map()` gives the C map (`kvcore._native.LedgerMap`: 17 bytes a slot in packed
+arrays, keyed slot mix) when the extension is built, else `DictLedgerMap`, two dicts with
+the same methods. A hash whose tier mask is 0 is a ghost (evicted, remembered so a child
+stored later resolves it). tests/test_ledger_map.py holds the two equal.
+"""
+
+from __future__ import annotations
+
+import secrets
+import struct
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Final, Protocol
+
+from kvcore.keys import NATIVE
+
+if NATIVE:
+    from kvcore._native import LedgerMap
+
+__all__ = ["DictLedgerMap", "EngineHashMap", "new_ledger_map"]
+
+_LOG_MAP: Final = struct.Struct("<cQQB")  # ledger.LOG_MAP
+_LOG_HASH: Final = struct.Struct("<cQ")  # ledger.LOG_HASH
+
+
+class EngineHashMap(Protocol):
+    """What a `WorkerLedger` needs of its engine-hash map."""
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, engine_hash: object, /) -> bool: ...
+
+    def get(self, engine_hash: int, default: int | None = None, /) -> int | None: ...
+
+    def tiers_of(self, engine_hash: int, /) -> int: ...
+
+    def put(self, engine_hash: int, key: int, tiers: int, /) -> None: ...
+
+    def discard(self, engine_hash: int, /) -> bool: ...
+
+    def add_new(self, hashes: Sequence[int], keys: Sequence[int], tiers: int, /) -> bool: ...
+
+    def drop_tier(
+        self, hashes: Sequence[int], tier_bit: int, /
+    ) -> tuple[list[int], list[int], list[int], int]: ...
+
+    def held_keys(self, tier_bit: int, /) -> list[int]: ...
+
+    def items(self) -> list[tuple[int, int, int]]: ...
+
+    def clear(self) -> None: ...
+
+    def log_records(self) -> bytes: ...
+
+    def pack_log(self, hashes: Iterable[int], /) -> bytes: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+def new_ledger_map() -> EngineHashMap:
+    if NATIVE:
+        return LedgerMap(secret=secrets.randbits(64))
+    return DictLedgerMap()
+
+
+class DictLedgerMap:
+    """`EngineHashMap` on two dicts: the pure-Python fallback and the C map's reference."""
+
+    __slots__ = ("keys", "tiers")
+
+    def __init__(self) -> None:
+        self.keys: dict[int, int] = {}  # engine hash -> key, held blocks and ghosts
+        self.tiers: dict[int, int] = {}  # engine hash -> tier mask, held blocks only
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, engine_hash: object, /) -> bool:
+        return engine_hash in self.keys
+
+    def get(self, engine_hash: int, default: int | None = None, /) -> int | None:
+        return self.keys.get(engine_hash, default)
+
+    def tiers_of(self, engine_hash: int, /) -> int:
+        return self.tiers.get(engine_hash, 0)
+
+    def put(self, engine_hash: int, key: int, tiers: int, /) -> None:
+        self.keys[engine_hash] = key
+        if tiers:
+            self.tiers[engine_hash] = tiers
+        else:
+            self.tiers.pop(engine_hash, None)
+
+    def discard(self, engine_hash: int, /) -> bool:
+        self.tiers.pop(engine_hash, None)
+        return self.keys.pop(engine_hash, None) is not None
+
+    def add_new(self, hashes: Sequence[int], keys: Sequence[int], tiers: int, /) -> bool:
+        """Map each hash to its key, held in `tiers`, when none is known and none repeats;
+        else change nothing and return False."""
+        if len(hashes) != len(keys):
+            raise ValueError("hashes and keys differ in length")
+        distinct = set(hashes)
+        if len(distinct) != len(hashes) or not self.keys.keys().isdisjoint(distinct):
+            return False
+        self.keys.update(zip(hashes, keys, strict=True))
+        if tiers:
+            self.tiers.update(dict.fromkeys(hashes, tiers))
+        return True
+
+    def drop_tier(
+        self, hashes: Sequence[int], tier_bit: int, /
+    ) -> tuple[list[int], list[int], list[int], int]:
+        """Clear `tier_bit` of each hash holding it: (their keys, their hashes, the hashes
+        now in no tier, how many hashes were unknown)."""
+        keys, tiers = self.keys, self.tiers
+        dropped: list[int] = []
+        touched: list[int] = []
+        ghosted: list[int] = []
+        unknown = 0
+        for h in hashes:
+            mask = tiers.get(h, 0)
+            if not mask & tier_bit:
+                unknown += h not in keys
+                continue
+            mask ^= tier_bit
+            if mask:
+                tiers[h] = mask
+            else:
+                del tiers[h]
+                ghosted.append(h)
+            dropped.append(keys[h])
+            touched.append(h)
+        return dropped, touched, ghosted, unknown
+
+    def held_keys(self, tier_bit: int, /) -> list[int]:
+        keys = self.keys
+        return [keys[h] for h, mask in self.tiers.items() if mask & tier_bit]
+
+    def items(self) -> list[tuple[int, int, int]]:
+        tiers = self.tiers
+        return [(h, key, tiers.get(h, 0)) for h, key in self.keys.items()]
+
+    def clear(self) -> None:
+        self.keys.clear()
+        self.tiers.clear()
+
+    def log_records(self) -> bytes:
+        """An M record of the ledger log for every hash."""
+        pack, tiers = _LOG_MAP.pack, self.tiers
+        return b"".join([pack(b"M", h, key, tiers.get(h, 0)) for h, key in self.keys.items()])
+
+    def pack_log(self, hashes: Iterable[int], /) -> bytes:
+        """An M record for each hash mapped, a D record for the rest."""
+        pack_map, pack_hash = _LOG_MAP.pack, _LOG_HASH.pack
+        keys, tiers = self.keys, self.tiers
+        return b"".join([
+            pack_map(b"M", h, key, tiers.get(h, 0)) if (key := keys.get(h)) is not None
+            else pack_hash(b"D", h)
+            for h in hashes
+        ])
+
+    @property
+    def nbytes(self) -> int:
+        """The two dicts' own tables (not the int objects they point to)."""
+        return sys.getsizeof(self.keys) + sys.getsizeof(self.tiers)
