@@ -26,7 +26,7 @@ import math
 import random
 import resource
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
 import grpc
@@ -297,8 +297,29 @@ def _check_role(role: str, field: str) -> None:
         raise InvalidQueryError(str(exc)) from None
 
 
-def _token_count(request: pb.ScoreRequest, wire_tokens: bytes | None) -> int:
-    return len(wire_tokens) // 4 if wire_tokens is not None else len(request.token_ids)
+QueryTokens = bytes | Sequence[int]  # packed u32 little-endian, or the parsed ids
+
+
+def _query_tokens(request: pb.ScoreRequest, wire_tokens: bytes | None,
+                  field: str) -> QueryTokens:
+    """The query's token ids, packed when they came packed (`token_bytes`, or `token_ids`
+    read off the wire: `grpc_handlers.WireTokens`); empty when it has none."""
+    packed = request.token_bytes
+    listed = wire_tokens if wire_tokens is not None else request.token_ids
+    if not packed:
+        return listed
+    if listed:
+        raise InvalidQueryError(f"exactly one of {field}block_keys, {field}token_ids and "
+                                f"{field}token_bytes must be set, got {field}token_ids and "
+                                f"{field}token_bytes")
+    if len(packed) % 4:
+        raise InvalidQueryError(f"{field}token_bytes: {len(packed)} bytes is not a multiple "
+                                "of 4 (token ids as packed u32)")
+    return packed
+
+
+def _token_count(tokens: QueryTokens) -> int:
+    return len(tokens) // 4 if isinstance(tokens, bytes) else len(tokens)
 
 
 def _age(now: float, ts: float) -> float:
@@ -411,10 +432,10 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
 
     async def _score(self, request: pb.ScoreRequest, field: str,
                      wire_tokens: bytes | None = None) -> pb.ScoreResponse:
-        self._check_query(request, field, wire_tokens)
+        tokens = self._check_query(request, field, wire_tokens)
         candidates = await self._candidates(request)
         result = await self._run_query(request, candidates, field, request.include_zero,
-                                       wire_tokens)
+                                       tokens)
         response = pb.ScoreResponse(query_blocks=result.query_blocks,
                                     freshness=self._freshness(candidates, result),
                                     score_count=len(result.scores))
@@ -428,14 +449,17 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         return response
 
     def _check_query(self, request: pb.ScoreRequest, field: str,
-                     wire_tokens: bytes | None = None) -> None:
-        """Refuse a malformed query, naming the field (`field` prefixes nested names)."""
-        check_query_shape(request.model, _token_count(request, wire_tokens) or None,
+                     wire_tokens: bytes | None = None) -> QueryTokens:
+        """Refuse a malformed query, naming the field (`field` prefixes nested names);
+        returns its token ids (`_query_tokens`)."""
+        tokens = _query_tokens(request, wire_tokens, field)
+        check_query_shape(request.model, _token_count(tokens) or None,
                           len(request.block_keys) or None, block_size=request.block_size,
                           config=self.config, field=field)
         _check_length(f"{field}workers", len(request.workers),
                       self.settings.max_request_workers, "worker ids")
         _check_role(request.role, f"{field}role")
+        return tokens
 
     def _tier_weights(self, request: pb.ScoreRequest, field: str) -> TierWeights | None:
         """The request's weights over the configured ones; None when it sets none."""
@@ -459,13 +483,11 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
 
     async def _run_query(
         self, request: pb.ScoreRequest, candidates: CandidateSet, field: str, include_zero: bool,
-        wire_tokens: bytes | None = None,
+        tokens: QueryTokens,
     ) -> ScoreResult:
-        """Score the request; `wire_tokens` are its token ids as packed u32 when the
-        deserialiser read them off the wire (`grpc_handlers.WireTokens`)."""
+        """Score the request, whose token ids (if any) are `tokens` (`_check_query`)."""
         weights = self._tier_weights(request, field)
-        n_tokens = _token_count(request, wire_tokens)
-        tokens = wire_tokens if wire_tokens is not None else request.token_ids
+        n_tokens = _token_count(tokens)
         block_size = request.block_size
         if tokens and not block_size:
             block_size = await self.index.block_size(request.model) or 0
@@ -517,7 +539,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         """`default_limit`: most candidates answered when the request sets no
         `max_candidates` (0: every one)."""
         query = request.score
-        self._check_query(query, "score.", wire_tokens)
+        tokens = self._check_query(query, "score.", wire_tokens)
         _check_length("loads", len(request.loads), self.settings.max_request_loads, "entries")
         overlap_weight = (request.overlap_weight if request.HasField("overlap_weight")
                           else DEFAULT_OVERLAP_WEIGHT)
@@ -532,8 +554,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
                 scopes.append("among the requested workers")
             scope = "".join(f" {part}" for part in scopes)
             raise _precondition(f"no live workers for model {query.model!r}{scope}")
-        result = await self._run_query(query, candidates, "score.", include_zero=False,
-                                       wire_tokens=wire_tokens)
+        result = await self._run_query(query, candidates, "score.", False, tokens)
         limit = (request.max_candidates if request.HasField("max_candidates")
                  else default_limit) or len(candidates)
         rng = random.Random(request.seed) if request.HasField("seed") else self._rng
