@@ -34,6 +34,7 @@ from bench.grpc_score import SpawnedServers, answer_parent
 from bench.workload import make_workload, worker_name
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
+from kvcore.bus import pack_tokens
 from kvsim.report import pct, verdict, write_section
 
 MODEL = "bench/model"
@@ -84,13 +85,16 @@ def start_server(spec: ServerSpec) -> SpawnedServers:
     return SpawnedServers(_serve, lambda _: (spec,), start_timeout_s=600)
 
 
-def requests(queries: list[list[int]], ranks: int,
-             seed: int = 18) -> list[pb.FindBestWorkerRequest]:
+def requests(queries: list[list[int]], ranks: int, seed: int = 18,
+             packed: bool = True) -> list[pb.FindBestWorkerRequest]:
+    """The bench's requests: prompts as `token_bytes` (what the client library sends), or
+    as `token_ids` (`packed` False)."""
     rng = random.Random(seed)
     out = []
     for tokens in queries:
-        request = pb.FindBestWorkerRequest(score=pb.ScoreRequest(model=MODEL, token_ids=tokens),
-                                           max_candidates=CANDIDATES)
+        query = (pb.ScoreRequest(model=MODEL, token_bytes=pack_tokens(tokens)) if packed
+                 else pb.ScoreRequest(model=MODEL, token_ids=tokens))
+        request = pb.FindBestWorkerRequest(score=query, max_candidates=CANDIDATES)
         for rank in rng.sample(range(ranks), LOADED_RANKS):
             request.loads.add(worker_id=worker_name(rank), active_blocks=rng.randrange(4096),
                               waiting_requests=rng.randrange(4))
@@ -159,8 +163,8 @@ async def breakdown(args: argparse.Namespace, reqs: list[pb.FindBestWorkerReques
         parsed = [parse(raw) for raw in raws]
         t1 = time.perf_counter()
         for p in parsed:
-            await index.score(ScoreQuery(model=MODEL, token_ids=p.tokens, block_size=block_size,
-                                         workers=candidates.ids))
+            await index.score(ScoreQuery(model=MODEL, token_ids=p.message.score.token_bytes,
+                                         block_size=block_size, workers=candidates.ids))
         t2 = time.perf_counter()
         for p in parsed:
             await servicer._find_best_worker(p.message, p.tokens, default_limit=CANDIDATES)

@@ -4,6 +4,10 @@ At temperature 0 only the candidates that matched or carry a load are costed one
 (`scheduling.top_costs`); the others all cost the same and are taken in (worker_id,
 dp_rank) order, so a decision over 1,024 ranks builds a few dozen costs, not 1,024.
 Sampling (temperature > 0) needs every cost and ranks them all (`choose_worker`).
+
+With the C extension the temperature-0 ranking runs in C straight from the Score answer
+and the request's loads (native/decision.c), with no dict or tuple per candidate;
+`scheduling.top_costs` is its pure-Python twin, and tests check the two equal.
 """
 
 from __future__ import annotations
@@ -22,8 +26,14 @@ from indexer.scheduling import (
     validate_storage_load_weight,
 )
 from indexer.serve.directory import CandidateSet
+from kvcore.keys import NATIVE
 
-__all__ = ["decide"]
+if NATIVE:
+    from kvcore._native import decision_top_costs
+
+__all__ = ["USE_NATIVE_DECISION", "decide"]
+
+USE_NATIVE_DECISION = NATIVE  # tests turn it off to run the pure-Python twin
 
 
 def decide(
@@ -41,6 +51,12 @@ def decide(
     every candidate would give them. `candidates` is not empty; `result` scored them."""
     validate_knobs(overlap_weight, temperature)
     validate_storage_load_weight(storage_load_weight)
+    if USE_NATIVE_DECISION and (temperature <= 0.0 or len(candidates) == 1):
+        rows = decision_top_costs(result.scores, loads, candidates.ordered_refs,
+                                  candidates.positions, result.query_blocks, overlap_weight,
+                                  storage_load_weight, max(limit, 1))
+        ranked = [CandidateCost(*row) for row in rows]
+        return ranked[0], ranked[:limit]
     # (matched blocks, of them at the storage tier: a shared pool's or the worker's disk)
     matched = {(s.worker_id, s.dp_rank): (s.matched_blocks, s.blocks_by_tier.get("storage", 0))
                for s in result.scores}
