@@ -21,7 +21,7 @@ def scores_from_tally(
     weights: Sequence[float], tiers: tuple[str, ...], make: Callable[..., T],
 ) -> list[T]: ...
 def decision_top_costs(
-    scores: Sequence[object], loads: Sequence[object], ordered: Sequence[tuple[str, int]],
+    scores: Iterable[object], loads: Iterable[object], ordered: Sequence[tuple[str, int]],
     positions: dict[tuple[str, int], int], query_blocks: int, overlap_weight: float,
     storage_load_weight: float, limit: int, /,
 ) -> list[tuple[str, int, int, int, int, float, int, int]]: ...
