@@ -25,6 +25,11 @@ def decision_top_costs(
     positions: dict[tuple[str, int], int], query_blocks: int, overlap_weight: float,
     storage_load_weight: float, limit: int, /,
 ) -> list[tuple[str, int, int, int, int, float, int, int]]: ...
+def encode_decision(
+    chosen: tuple[str, int, int, int, int, float, int, int],
+    ranked: Sequence[tuple[str, int, int, int, int, float, int, int]],
+    freshness: bytes, candidate_count: int, /,
+) -> bytes: ...
 def take_uint32_field(message: bytes, path: tuple[int, ...]) -> tuple[bytes, bytes]: ...
 
 class BlockTable:

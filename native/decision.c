@@ -1,7 +1,10 @@
-/* decision.c: FindBestWorker's cheapest candidates at temperature 0, in C
+/* decision.c: FindBestWorker's cheapest candidates at temperature 0, and its answer, in C
  * (indexer/serve/decision.py; `scheduling.top_costs` is the pure-Python twin, checked
  * against this in tests/test_decision_native.py).
  *
+ *   encode_decision(chosen, ranked, freshness, candidate_count) -> bytes
+ *       The FindBestWorkerResponse of those rows, serialised (no message object per
+ *       candidate; protobuf's own serialiser is the pure-Python twin).
  *   decision_top_costs(scores, loads, ordered, positions, query_blocks, overlap_weight,
  *                      storage_load_weight, limit) -> list[tuple]
  *       scores: the Score answer (objects with worker_id, dp_rank, matched_blocks and
@@ -23,6 +26,7 @@
  * with the candidate count.
  */
 #include "native.h"
+#include "bytebuf.h"
 
 typedef struct {
     Py_ssize_t position; /* in ordered: the (worker_id, dp_rank) order */
@@ -310,4 +314,150 @@ done:
     Py_XDECREF(loads);
     Py_XDECREF(scores);
     return rows;
+}
+
+/* --- the answer's wire form ------------------------------------------------------------ */
+
+#define WIRE_VARINT 0
+#define WIRE_FIXED64 1
+#define WIRE_LEN 2
+
+static int
+put_varint(ByteBuf *buf, unsigned long long value)
+{
+    unsigned char bytes[10];
+    size_t n = 0;
+    do {
+        bytes[n++] = (unsigned char)((value & 0x7F) | (value > 0x7F ? 0x80 : 0));
+        value >>= 7;
+    } while (value);
+    return buf_put(buf, bytes, n);
+}
+
+/* A proto3 scalar with implicit presence: nothing when 0. */
+static int
+put_count(ByteBuf *buf, unsigned field, unsigned long long value)
+{
+    if (value == 0) {
+        return 0;
+    }
+    return put_varint(buf, field << 3 | WIRE_VARINT) < 0 ? -1 : put_varint(buf, value);
+}
+
+static int
+put_bytes(ByteBuf *buf, unsigned field, const char *data, Py_ssize_t len)
+{
+    if (put_varint(buf, field << 3 | WIRE_LEN) < 0 || put_varint(buf, (unsigned long long)len) < 0) {
+        return -1;
+    }
+    return buf_put(buf, (const unsigned char *)data, (size_t)len);
+}
+
+static int
+put_text(ByteBuf *buf, unsigned field, PyObject *text)
+{
+    Py_ssize_t len;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(text, &len);
+    if (utf8 == NULL) {
+        return -1;
+    }
+    return len ? put_bytes(buf, field, utf8, len) : 0;
+}
+
+/* Item i of a cost row as an unsigned count. */
+static int
+row_count(PyObject *row, Py_ssize_t i, unsigned long long *out)
+{
+    *out = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(row, i));
+    return (*out == (unsigned long long)-1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static int
+check_row(PyObject *row)
+{
+    if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 8 ||
+        !PyUnicode_Check(PyTuple_GET_ITEM(row, 0))) {
+        PyErr_SetString(PyExc_TypeError, "a cost row is (worker_id, dp_rank, matched_blocks, "
+                        "prefill_blocks, active_blocks, cost, waiting_requests, "
+                        "storage_blocks)");
+        return -1;
+    }
+    return 0;
+}
+
+/* One CandidateCost message (fields 1-8) from a cost row. */
+static int
+put_candidate(ByteBuf *buf, PyObject *row)
+{
+    static const unsigned count_fields[] = {0, 2, 3, 4, 5, 0, 7, 8};
+    if (check_row(row) < 0 || put_text(buf, 1, PyTuple_GET_ITEM(row, 0)) < 0) {
+        return -1;
+    }
+    for (Py_ssize_t i = 1; i < 8; i++) {
+        unsigned long long value;
+        if (i == 5) {
+            double cost = PyFloat_AsDouble(PyTuple_GET_ITEM(row, 5));
+            uint64_t bits;
+            memcpy(&bits, &cost, 8);
+            if (cost == -1.0 && PyErr_Occurred()) {
+                return -1;
+            }
+            if (bits != 0) {
+                unsigned char le[8];
+                put_u64_le(le, bits);
+                if (put_varint(buf, 6 << 3 | WIRE_FIXED64) < 0 || buf_put(buf, le, 8) < 0) {
+                    return -1;
+                }
+            }
+            continue;
+        }
+        if (row_count(row, i, &value) < 0 || put_count(buf, count_fields[i], value) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+const char encode_decision_doc[] = PyDoc_STR(
+"encode_decision(chosen, ranked, freshness, candidate_count) -> bytes\n\n"
+"A serialised FindBestWorkerResponse: the chosen cost row's worker_id, dp_rank and\n"
+"matched_blocks, `ranked` (cost rows) as candidates, `freshness` (a serialised\n"
+"Freshness) and candidate_count; proto3 zeros are left out, as protobuf does.");
+
+PyObject *
+encode_decision(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyBytes_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "encode_decision(chosen, ranked, freshness: bytes, "
+                        "candidate_count)");
+        return NULL;
+    }
+    PyObject *chosen = args[0], *result = NULL;
+    PyObject *ranked = PySequence_Fast(args[1], "ranked must be a sequence");
+    ByteBuf out = {NULL, 0, 0}, one = {NULL, 0, 0};
+    unsigned long long rank, matched, count = PyLong_AsUnsignedLongLong(args[3]);
+    if (ranked == NULL || PyErr_Occurred() || check_row(chosen) < 0 ||
+        put_text(&out, 1, PyTuple_GET_ITEM(chosen, 0)) < 0 || row_count(chosen, 1, &rank) < 0 ||
+        put_count(&out, 2, rank) < 0 || row_count(chosen, 2, &matched) < 0 ||
+        put_count(&out, 3, matched) < 0) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(ranked); i++) {
+        one.len = 0;
+        if (put_candidate(&one, PySequence_Fast_ITEMS(ranked)[i]) < 0 ||
+            put_bytes(&out, 4, (const char *)one.data, (Py_ssize_t)one.len) < 0) {
+            goto done;
+        }
+    }
+    if (put_bytes(&out, 5, PyBytes_AS_STRING(args[2]), PyBytes_GET_SIZE(args[2])) < 0 ||
+        put_count(&out, 10, count) < 0) {
+        goto done;
+    }
+    result = PyBytes_FromStringAndSize(out.data ? (const char *)out.data : "",
+                                       (Py_ssize_t)out.len);
+done:
+    PyMem_Free(out.data);
+    PyMem_Free(one.data);
+    Py_XDECREF(ranked);
+    return result;
 }

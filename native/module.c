@@ -19,7 +19,8 @@
  *   scores_from_tally(tally, refs, order, weights, tiers, make) -> list: Score's prefix
  *       walk over the masks and its answer, without an object per slot in between.
  *   decision_top_costs(scores, loads, ordered, members, ...) -> list[tuple]:
- *       FindBestWorker's cheapest candidates (cost with the loads, then top-k).
+ *       FindBestWorker's cheapest candidates (cost with the loads, then top-k), and
+ *   encode_decision(chosen, ranked, freshness, candidate_count) -> bytes: its answer.
  *
  * `tokens` is packed u32 little-endian (bytes, bytearray, memoryview) or a sequence of
  * ints in 0..2**32-1. Only full blocks are hashed.
@@ -61,6 +62,8 @@ static PyMethodDef native_methods[] = {
      scores_from_tally_doc},
     {"decision_top_costs", (PyCFunction)(void (*)(void))decision_top_costs, METH_FASTCALL,
      decision_top_costs_doc},
+    {"encode_decision", (PyCFunction)(void (*)(void))encode_decision, METH_FASTCALL,
+     encode_decision_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -91,8 +91,13 @@ def find_best_worker_parser() -> Callable[
     return pb.FindBestWorkerRequest.FromString
 
 
+# Methods whose servicer answers with bytes made by hand (`decision.EncodedAnswer`).
+ENCODED_ANSWERS: frozenset[str] = frozenset({"FindBestWorker"})
+
+
 def _serialize(message: Any) -> bytes:
-    """A streamed answer: a message, or `stream.StreamedAnswers` (bytes made by hand)."""
+    """An answer: a message, or bytes made by hand (`stream.StreamedAnswers`,
+    `decision.EncodedAnswer`), both with SerializeToString."""
     return bytes(message.SerializeToString())
 
 
@@ -140,7 +145,8 @@ def add_kv_indexer_service(servicer: pb_grpc.KvIndexerServicer, server: grpc.aio
             deserialize = _wire_tokens_parser(*TOKEN_PATHS[method])
         handlers[method] = grpc.unary_unary_rpc_method_handler(
             _decoding(generated.unary_unary, deserialize, methods[method].input_type.full_name),
-            response_serializer=generated.response_serializer,
+            response_serializer=(_serialize if method in ENCODED_ANSWERS
+                                 else generated.response_serializer),
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
                                                                           handlers),))

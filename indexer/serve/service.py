@@ -23,10 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import math
+import operator
 import random
 import resource
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
 import grpc
@@ -46,11 +55,12 @@ from indexer.index.protocol import (
     ScoreQuery,
     ScoreResult,
     TierWeights,
+    WorkerScore,
 )
 from indexer.index.scoring import check_query_shape, check_tier_weights
 from indexer.scheduling import DEFAULT_OVERLAP_WEIGHT, DEFAULT_TEMPERATURE
 from indexer.serve.auth import GrpcSecurity
-from indexer.serve.decision import decide
+from indexer.serve.decision import EncodedAnswer, decide, encode_answer
 from indexer.serve.diagnose import (
     DoctorSettings,
     EventPathView,
@@ -322,6 +332,15 @@ def _token_count(tokens: QueryTokens) -> int:
     return len(tokens) // 4 if isinstance(tokens, bytes) else len(tokens)
 
 
+_WORKER_ID = operator.attrgetter("worker_id")
+_DP_RANK = operator.attrgetter("dp_rank")
+
+
+def _refs_of(scores: list[WorkerScore]) -> Iterator[tuple[str, int]]:
+    """Each score's (worker_id, dp_rank), with no Python frame per score."""
+    return zip(map(_WORKER_ID, scores), map(_DP_RANK, scores), strict=True)
+
+
 def _age(now: float, ts: float) -> float:
     return max(now - ts, 0.0) if ts > 0 else 0.0
 
@@ -372,7 +391,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
     async def FindBestWorker(  # noqa: N802
         self, request: pb.FindBestWorkerRequest | WireTokens[pb.FindBestWorkerRequest],
         context: grpc.aio.ServicerContext,
-    ) -> pb.FindBestWorkerResponse:
+    ) -> EncodedAnswer:
         message, tokens = unwrap(request)
         return await self._guarded("FindBestWorker", context,
                                    lambda: self._find_best_worker(message, tokens))
@@ -514,7 +533,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         async with self._query_slots:
             result = await self.index.score(query)
         refs = candidates.refs
-        if any((s.worker_id, s.dp_rank) not in refs for s in result.scores):
+        if not refs.issuperset(_refs_of(result.scores)):
             result = ScoreResult(result.query_blocks, [
                 s for s in result.scores if (s.worker_id, s.dp_rank) in refs],
                 staleness_s=result.staleness_s, replica=result.replica)
@@ -535,7 +554,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
     async def _find_best_worker(
         self, request: pb.FindBestWorkerRequest, wire_tokens: bytes | None = None,
         default_limit: int = 0,
-    ) -> pb.FindBestWorkerResponse:
+    ) -> EncodedAnswer:
         """`default_limit`: most candidates answered when the request sets no
         `max_candidates` (0: every one)."""
         query = request.score
@@ -561,16 +580,8 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         chosen, ranked = decide(candidates, result, request.loads, overlap_weight=overlap_weight,
                                 temperature=temperature, limit=limit, rng=rng,
                                 storage_load_weight=request.storage_load_weight)
-        response = pb.FindBestWorkerResponse(
-            worker_id=chosen.worker_id, dp_rank=chosen.dp_rank,
-            matched_blocks=chosen.matched_blocks, freshness=self._freshness(candidates, result),
-            candidate_count=len(candidates))
-        add = response.candidates.add
-        for c in ranked:
-            add(worker_id=c.worker_id, dp_rank=c.dp_rank, matched_blocks=c.matched_blocks,
-                prefill_blocks=c.prefill_blocks, active_blocks=c.active_blocks, cost=c.cost,
-                waiting_requests=c.waiting_requests, storage_blocks=c.storage_blocks)
-        return response
+        return encode_answer(chosen, ranked, self._freshness(candidates, result),
+                             len(candidates))
 
     async def _streamed_decisions(
         self, item: bytes | pb.FindBestWorkerStreamRequest, context: grpc.aio.ServicerContext
@@ -591,11 +602,11 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
                 code, details = _status_of("FindBestWorkerStream", exc)
                 answers.add_error(code.value[0], details)
             else:
-                answers.add_answer(answer.SerializeToString())
+                answers.add_answer(answer.data)
         return answers
 
     async def _streamed_decision(self, part: bytes, context: grpc.aio.ServicerContext
-                                 ) -> pb.FindBestWorkerResponse:
+                                 ) -> EncodedAnswer:
         try:
             message, tokens = unwrap(self._parse_streamed(part))
         except (DecodeError, ValueError) as exc:
