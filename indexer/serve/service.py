@@ -605,7 +605,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
                 answers.add_answer(answer.data)
         return answers
 
-    async def _streamed_decision(self, part: bytes, context: grpc.aio.ServicerContext
+    async def _streamed_decision(self, part: memoryview, context: grpc.aio.ServicerContext
                                  ) -> EncodedAnswer:
         try:
             message, tokens = unwrap(self._parse_streamed(part))
