@@ -380,3 +380,24 @@ async def _sync_stream(client: IndexerClient, queries: list[Query],
                                             ).candidates for q in queries]
 
     return await asyncio.to_thread(run)
+
+
+@needs_native
+class TestWireTokensWithoutTokenIds:
+    """A request without token_ids (token_bytes) is handed back uncopied by
+    take_uint32_field, views included, and still parses; malformed bytes still raise."""
+
+    def test_message_itself_comes_back(self) -> None:
+        from kvcore._native import take_uint32_field
+
+        request = pb.FindBestWorkerRequest(score=pb.ScoreRequest(
+            model="m", token_bytes=pack_tokens(range(4096)))).SerializeToString()
+        values, rest = take_uint32_field(request, (1, 10))
+        assert values == b"" and rest is request
+        view = memoryview(b"xx" + request)[2:]
+        values, rest = take_uint32_field(view, (1, 10))
+        assert values == b"" and rest is view
+        assert pb.FindBestWorkerRequest.FromString(rest).score.token_bytes == \
+            pack_tokens(range(4096))
+        with pytest.raises(ValueError):
+            take_uint32_field(request[:-3], (1, 10))
