@@ -2,14 +2,17 @@
 (`python -m bench.decisions`, `make bench-decisions`).
 
 1,024 worker ranks (every one live) hold the shared-prefix workload (bench/workload.py);
-each decision is a FindBestWorker of one 8,192-token prompt as token ids, with the loads
-of 8 ranks and `max_candidates` 8 (the same request bytes on both paths). The real server
+each decision is a FindBestWorker of one 8,192-token prompt as `token_bytes` (packed u32,
+what the client library sends), with the loads of 8 ranks and `max_candidates` 8 (the same
+request bytes on both paths). The real server
 (`start_grpc_server`, in-memory index, uvloop, GC tuned as `kv-indexer serve` runs it)
 runs in a spawned process of its own; the load comes from bench/grpcload.c (C,
 libnghttp2): unary calls, or messages on one bidirectional stream per connection. For
 each path: a closed loop (decisions in flight, for the most decisions/s) and an open loop
 at fixed rates (latency from the scheduled send). Before timing, streamed answers are
-checked equal to unary ones over the same requests.
+checked equal to unary ones over the same requests, and in this process the fast path's
+answers (token_bytes, the decision in C) equal to the pure-Python path's (token_ids,
+`scheduling.top_costs`, protobuf's serialiser) over every request.
 
 Targets (issue 18): >= 10,000 decisions/s from one process; p99 <= 5 ms at 5,000/s.
 """
@@ -34,6 +37,7 @@ from bench.grpc_score import SpawnedServers, answer_parent
 from bench.workload import make_workload, worker_name
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
+from kvcore.bus import pack_tokens
 from kvsim.report import pct, verdict, write_section
 
 MODEL = "bench/model"
@@ -84,13 +88,16 @@ def start_server(spec: ServerSpec) -> SpawnedServers:
     return SpawnedServers(_serve, lambda _: (spec,), start_timeout_s=600)
 
 
-def requests(queries: list[list[int]], ranks: int,
-             seed: int = 18) -> list[pb.FindBestWorkerRequest]:
+def requests(queries: list[list[int]], ranks: int, seed: int = 18,
+             packed: bool = True) -> list[pb.FindBestWorkerRequest]:
+    """The bench's requests: prompts as `token_bytes` (what the client library sends), or
+    as `token_ids` (`packed` False)."""
     rng = random.Random(seed)
     out = []
     for tokens in queries:
-        request = pb.FindBestWorkerRequest(score=pb.ScoreRequest(model=MODEL, token_ids=tokens),
-                                           max_candidates=CANDIDATES)
+        query = (pb.ScoreRequest(model=MODEL, token_bytes=pack_tokens(tokens)) if packed
+                 else pb.ScoreRequest(model=MODEL, token_ids=tokens))
+        request = pb.FindBestWorkerRequest(score=query, max_candidates=CANDIDATES)
         for rank in rng.sample(range(ranks), LOADED_RANKS):
             request.loads.add(worker_id=worker_name(rank), active_blocks=rng.randrange(4096),
                               waiting_requests=rng.randrange(4))
@@ -128,11 +135,38 @@ async def check_answers(port: int, sample: list[pb.FindBestWorkerRequest]) -> in
     return hits
 
 
-async def breakdown(args: argparse.Namespace, reqs: list[pb.FindBestWorkerRequest]
-                    ) -> dict[str, float]:
+async def fast_path_check(servicer: Any, reqs: list[pb.FindBestWorkerRequest],
+                          listed: list[pb.FindBestWorkerRequest]) -> int:
+    """Every request's answer on the fast path (token_bytes, the decision and its answer
+    in C) equals the pure-Python path's (token_ids, `scheduling.top_costs`, protobuf's
+    serialiser); returns how many were compared."""
+    from indexer.serve import decision
+
+    def answer(data: bytes) -> pb.FindBestWorkerResponse:
+        response = pb.FindBestWorkerResponse.FromString(data)
+        response.freshness.last_event_age_seconds = 0.0
+        return response
+
+    fast = [answer((await servicer._find_best_worker(r, None, CANDIDATES)).data) for r in reqs]
+    native = decision.USE_NATIVE_DECISION
+    decision.USE_NATIVE_DECISION = False
+    try:
+        slow = [answer((await servicer._find_best_worker(r, None, CANDIDATES)).data)
+                for r in listed]
+    finally:
+        decision.USE_NATIVE_DECISION = native
+    for one, other in zip(fast, slow, strict=True):
+        if one != other:
+            raise AssertionError(f"fast path answer differs: {one} vs {other}")
+    return len(fast)
+
+
+async def breakdown(args: argparse.Namespace, reqs: list[pb.FindBestWorkerRequest],
+                    listed: list[pb.FindBestWorkerRequest]) -> tuple[dict[str, float], int]:
     """Seconds per decision in this process, without transport (median of 5 passes): the
-    request parse, `index.score`, the servicer's decision (parse excluded), and a stream
-    message of `--batch` decisions end to end (split, parse, decide, answer bytes)."""
+    request parse (both token forms), `index.score`, the servicer's decision (parse
+    excluded), and a stream message of the largest `--batches` end to end (split, parse,
+    decide, answer bytes); and how many answers `fast_path_check` compared."""
     import statistics
 
     from indexer.index.memory import MemoryIndex
@@ -145,22 +179,30 @@ async def breakdown(args: argparse.Namespace, reqs: list[pb.FindBestWorkerReques
     index.sync.apply(workload.batches(MODEL))
     index.sync.apply(workload.idle_rank_batches(MODEL))
     servicer = KvIndexerService(index)
+    compared = await fast_path_check(servicer, reqs, listed)
     parse = find_best_worker_parser()
     raws = [r.SerializeToString() for r in reqs]
-    batched = messages(reqs, args.batch)
+    raws_listed = [r.SerializeToString() for r in listed]
+    batch = max(args.batches)
+    batched = messages(reqs, batch)
     candidates = await servicer._candidates(reqs[0].score)
     block_size = await index.block_size(MODEL) or 0
     context = _NoDeadline()
-    steps: dict[str, list[float]] = {"request parse": [], "index.score": [],
+    steps: dict[str, list[float]] = {"request parse (token_bytes)": [],
+                                     "request parse (token_ids, for comparison)": [],
+                                     "index.score": [],
                                      "decision (servicer, parsed)": [],
-                                     f"stream message of {args.batch}, per decision": []}
+                                     f"stream message of {batch}, per decision": []}
     for _ in range(5):
         t0 = time.perf_counter()
         parsed = [parse(raw) for raw in raws]
         t1 = time.perf_counter()
+        for raw in raws_listed:
+            parse(raw)
+        t1b = time.perf_counter()
         for p in parsed:
-            await index.score(ScoreQuery(model=MODEL, token_ids=p.tokens, block_size=block_size,
-                                         workers=candidates.ids))
+            await index.score(ScoreQuery(model=MODEL, token_ids=p.message.score.token_bytes,
+                                         block_size=block_size, workers=candidates.ids))
         t2 = time.perf_counter()
         for p in parsed:
             await servicer._find_best_worker(p.message, p.tokens, default_limit=CANDIDATES)
@@ -168,11 +210,11 @@ async def breakdown(args: argparse.Namespace, reqs: list[pb.FindBestWorkerReques
         for m in batched:
             (await servicer._streamed_decisions(m, context)).SerializeToString()
         t4 = time.perf_counter()
-        for step, seconds, count in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3),
-                                        (len(raws),) * 3 + (len(batched) * args.batch,),
+        for step, seconds, count in zip(steps, (t1 - t0, t1b - t1, t2 - t1b, t3 - t2, t4 - t3),
+                                        (len(raws),) * 4 + (len(batched) * batch,),
                                         strict=True):
             steps[step].append(seconds / count)
-    return {step: statistics.median(times) for step, times in steps.items()}
+    return {step: statistics.median(times) for step, times in steps.items()}, compared
 
 
 class _NoDeadline:
@@ -227,15 +269,16 @@ def background_load() -> str:
 
 
 def report(args: argparse.Namespace, rows: list[Row], *, hits: int, checked: int,
-           before: str, steps: dict[str, float]) -> str:
+           compared: int, before: str, steps: dict[str, float]) -> str:
     lines = [
         f"One server process (`start_grpc_server`, in-memory index, uvloop), {args.ranks:,} "
         f"worker ranks holding >= {args.blocks:,} blocks of the shared-prefix workload (every "
         f"rank live), {args.queries} prompts of 8,192 tokens (16-token blocks) sent as "
-        f"token_ids in turn, each with the loads of {LOADED_RANKS} ranks and max_candidates "
-        f"{CANDIDATES}. Load from bench/grpcload.c on the same host: unary FindBestWorker "
-        "calls, or messages on one FindBestWorkerStream per connection, of 1 or "
-        f"{args.batch} decisions each (server stream window {args.stream_window}; 'in "
+        f"token_bytes (packed u32) in turn, each with the loads of {LOADED_RANKS} ranks and "
+        f"max_candidates {CANDIDATES}. Load from bench/grpcload.c on the same host: unary "
+        "FindBestWorker calls, or messages on one FindBestWorkerStream per connection, of "
+        f"{' or '.join(str(b) for b in (1, *args.batches))} decisions each (server stream "
+        f"window {args.stream_window}; 'in "
         "flight' counts calls or messages, rates count decisions). Closed loop "
         f"{args.duration:g} s after "
         f"{args.warmup:g} s of warm-up; open loop latency from the scheduled send, at half "
@@ -243,7 +286,10 @@ def report(args: argparse.Namespace, rows: list[Row], *, hits: int, checked: int
         f"(those above {OVERLOAD:g}x a path's closed-loop rate are not run: latency there "
         "only grows with the run). Before "
         f"timing, {checked} streamed answers equalled the unary answers ({hits} with a "
-        f"cache hit). The machine has 2 cores shared with other engineers' work "
+        f"cache hit), and in the bench's process the fast path's answers (token_bytes, the "
+        f"decision and its answer in C) equalled the pure-Python path's (token_ids, "
+        f"scheduling.top_costs, protobuf's serialiser) on all {compared} requests. "
+        "The machine has 2 cores shared with other engineers' work "
         f"({before}; also the load generator): figures are preliminary.",
         "",
         "| path | load | decisions/s | p50 ms | p99 ms | errors | server CPU | "
@@ -259,8 +305,8 @@ def report(args: argparse.Namespace, rows: list[Row], *, hits: int, checked: int
     best = max((r.rate for r in streamed if r.load.startswith("closed")), default=0.0)
     at_rate = [r for r in streamed if f"{P99_RATE:,}/s" in r.load]
     p99 = min((r.p99_ms for r in at_rate), default=float("nan"))
-    p99_line = (f"{verdict(p99 <= P99_TARGET_MS)} ({p99:.2f} ms on the stream, the better of "
-                "the two message sizes)" if at_rate else
+    p99_line = (f"{verdict(p99 <= P99_TARGET_MS)} ({p99:.2f} ms on the stream, the best of "
+                "the message sizes)" if at_rate else
                 f"**not measured** (the stream's closed-loop rate on this run, {best:,.0f}/s, "
                 f"is below {P99_RATE:,}/s: the open loop was not run)")
     lines += [
@@ -288,7 +334,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=2)
     parser.add_argument("--in-flight", type=int, default=64,
                         help="closed loop: decisions in flight")
-    parser.add_argument("--batch", type=int, default=8,
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 32],
                         help="decisions per stream message in the batched rows")
     parser.add_argument("--rates", type=int, nargs="+", default=[5_000, 10_000])
     parser.add_argument("--warmup", type=float, default=2.0)
@@ -302,6 +348,7 @@ def main() -> None:
     print(f"building {args.ranks} ranks x {args.blocks:,} blocks ({before})", flush=True)
     queries = make_workload(args.ranks, args.blocks, n_queries=args.queries).queries
     reqs = requests(queries, args.ranks)
+    listed = requests(queries, args.ranks, packed=False)
     spec = ServerSpec(args.ranks, args.blocks, args.queries, args.stream_window)
     server = start_server(spec)
     rows: list[Row] = []
@@ -310,13 +357,14 @@ def main() -> None:
         hits = asyncio.run(check_answers(server.port, reqs[:checked]))
         with tempfile.TemporaryDirectory() as tmp:
             loads = {}
-            for batch in (0, 1, args.batch):
+            paths = (0, 1, *args.batches)
+            for batch in paths:
                 bodies = Path(tmp) / f"bodies-{batch}"
                 grpcload.write_bodies(messages(reqs, batch), bodies)
                 loads[batch] = grpcload.GrpcLoad(binary, bodies)
-            paths = (0, 1, args.batch)
             runs: list[tuple[int, str, float]] = [
-                (batch, "closed", args.in_flight / max(batch, 1)) for batch in paths]
+                (batch, "closed", max(args.in_flight / max(batch, 1), 2 * args.connections))
+                for batch in paths]
             # Latency where every path keeps up: the same rate for all, half the slowest
             # path's closed-loop rate (rounded down to 100/s), filled in once it is known.
             runs += [(batch, "open", 0.0) for batch in paths]
@@ -346,8 +394,9 @@ def main() -> None:
                 rows.append(row)
     finally:
         server.stop()
-    steps = asyncio.run(breakdown(args, reqs))
-    body = report(args, rows, hits=hits, checked=checked, before=before, steps=steps)
+    steps, compared = asyncio.run(breakdown(args, reqs, listed))
+    body = report(args, rows, hits=hits, checked=checked, compared=compared, before=before,
+                  steps=steps)
     print(body)
     if not args.no_write:
         write_section("decisions", "FindBestWorker decisions/s: unary vs stream (issue 18)",

@@ -59,6 +59,7 @@ from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
 from indexer.findings import ERROR, INFO, WARNING, Diagnosis, Finding
 from indexer.scheduling import CandidateCost
+from kvcore.bus import pack_tokens
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -272,7 +273,10 @@ class IndexerStats(msgspec.Struct, frozen=True):
     lag_seconds: float
 
 
-def _score_request(query: Query, max_scores: int | None = None) -> pb.ScoreRequest:
+def _score_request(query: Query, max_scores: int | None = None, *,
+                   packed_tokens: bool = True) -> pb.ScoreRequest:
+    """`packed_tokens`: token ids go as `token_bytes` (packed u32, what the server reads
+    fastest), else as `token_ids` (what servers before `token_bytes` read)."""
     if isinstance(query.token_ids, bytes | bytearray | memoryview):
         # A bytes object is a Sequence[int] of bytes, not of token ids: refuse, not guess.
         raise TypeError("Query.token_ids must be a sequence of ints, not bytes "
@@ -282,7 +286,9 @@ def _score_request(query: Query, max_scores: int | None = None) -> pb.ScoreReque
         workers=query.workers, include_zero=query.include_zero, block_size=query.block_size,
         role=query.role,
     )
-    if query.token_ids is not None:
+    if query.token_ids is not None and packed_tokens:
+        request.token_bytes = _packed(query.token_ids)
+    elif query.token_ids is not None:
         request.token_ids.extend(query.token_ids)
     if query.block_keys is not None:
         request.block_keys.extend(query.block_keys)
@@ -298,6 +304,15 @@ def _score_request(query: Query, max_scores: int | None = None) -> pb.ScoreReque
     return request
 
 
+def _packed(token_ids: Sequence[int]) -> bytes:
+    """Token ids as packed u32 little-endian; ValueError for one outside 0..2**32-1."""
+    try:
+        return pack_tokens(token_ids)
+    except (OverflowError, TypeError) as exc:
+        raise ValueError(f"Query.token_ids: every token id must be an int in 0..2**32-1 "
+                         f"({exc})") from exc
+
+
 def _find_request(
     query: Query,
     loads: Sequence[WorkerLoad],
@@ -307,9 +322,10 @@ def _find_request(
     *,
     max_candidates: int | None = None,
     storage_load_weight: float | None = None,
+    packed_tokens: bool = True,
 ) -> pb.FindBestWorkerRequest:
     request = pb.FindBestWorkerRequest(
-        score=_score_request(query),
+        score=_score_request(query, packed_tokens=packed_tokens),
         loads=[pb.WorkerLoad(worker_id=w.worker_id, dp_rank=w.dp_rank,
                              active_blocks=w.active_blocks,
                              waiting_requests=w.waiting_requests,
@@ -440,10 +456,11 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     max_candidates: int | None = None
     storage_load_weight: float | None = None
 
-    def request(self) -> pb.FindBestWorkerRequest:
+    def request(self, *, packed_tokens: bool = True) -> pb.FindBestWorkerRequest:
         return _find_request(self.query, self.loads, self.overlap_weight, self.temperature,
                              self.seed, max_candidates=self.max_candidates,
-                             storage_load_weight=self.storage_load_weight)
+                             storage_load_weight=self.storage_load_weight,
+                             packed_tokens=packed_tokens)
 
 
 class StreamClosedError(IndexerClientError):
@@ -466,6 +483,7 @@ class DecisionStream:
     def __init__(self, client: IndexerClient, max_batch: int = DEFAULT_STREAM_BATCH) -> None:
         self._timeout = client.timeout
         self._max_batch = max_batch
+        self._packed_tokens = client.packed_tokens
         self._lock = threading.Lock()
         self._pending: collections.deque[concurrent.futures.Future[WorkerChoice]] = \
             collections.deque()
@@ -478,7 +496,7 @@ class DecisionStream:
 
     def submit(self, decision: Decision) -> concurrent.futures.Future[WorkerChoice]:
         """Queue one request; its answer arrives in the returned Future."""
-        request = decision.request()
+        request = decision.request(packed_tokens=self._packed_tokens)
         future: concurrent.futures.Future[WorkerChoice] = concurrent.futures.Future()
         with self._lock:  # the answers' order is the order of the requests in the outbox
             if self._ended is not None:
@@ -578,6 +596,7 @@ class AsyncDecisionStream:
                  max_batch: int = DEFAULT_STREAM_BATCH) -> None:
         self._timeout = client.timeout
         self._max_batch = max_batch
+        self._packed_tokens = client.packed_tokens
         self._pending: collections.deque[asyncio.Future[WorkerChoice]] = collections.deque()
         self._outbox: asyncio.Queue[pb.FindBestWorkerRequest | None] = asyncio.Queue()
         self._ended: IndexerClientError | None = None
@@ -592,7 +611,7 @@ class AsyncDecisionStream:
             raise self._ended
         future: asyncio.Future[WorkerChoice] = asyncio.get_running_loop().create_future()
         self._pending.append(future)  # the answers' order is the order of the outbox
-        self._outbox.put_nowait(decision.request())
+        self._outbox.put_nowait(decision.request(packed_tokens=self._packed_tokens))
         try:
             return await asyncio.wait_for(asyncio.shield(future),
                                           self._timeout if timeout is None else timeout)
@@ -698,6 +717,7 @@ class _BaseClient:
         client_key: Pem | None = None,
         token: str | None = None,
         tls_server_name: str | None = None,
+        packed_tokens: bool = True,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
@@ -707,6 +727,8 @@ class _BaseClient:
             raise ValueError("token must be one non-empty word")
         self.target = target
         self.timeout = timeout
+        # Token ids as ScoreRequest.token_bytes; False: as token_ids, for older servers.
+        self.packed_tokens = packed_tokens
         self.retry = retry or RetryPolicy()
         self.tls = tls or root_certificates is not None or client_cert is not None
         self._credentials = grpc.ssl_channel_credentials(
@@ -761,7 +783,7 @@ class IndexerClient(_BaseClient):
               timeout: float | None = None) -> ScoreAnswer:
         """Per (worker, dp_rank), the leading query blocks it holds (the best `max_scores`
         of them; None: every one)."""
-        request = _score_request(query, max_scores)
+        request = _score_request(query, max_scores, packed_tokens=self.packed_tokens)
         return _score_answer(self._call(self._stub.Score, request, timeout))
 
     def find_best_worker(
@@ -780,14 +802,16 @@ class IndexerClient(_BaseClient):
         holds the cheapest `max_candidates` (None or 0: every candidate)."""
         request = _find_request(query, loads, overlap_weight, temperature, seed,
                                 max_candidates=max_candidates,
-                                storage_load_weight=storage_load_weight)
+                                storage_load_weight=storage_load_weight,
+                                packed_tokens=self.packed_tokens)
         return _worker_choice(self._call(self._stub.FindBestWorker, request, timeout))
 
     def score_batch(
         self, queries: Sequence[Query], *, timeout: float | None = None
     ) -> list[ScoreAnswer]:
         """Several queries in one round trip; answers in query order."""
-        request = pb.ScoreBatchRequest(requests=[_score_request(q) for q in queries])
+        request = pb.ScoreBatchRequest(requests=[
+            _score_request(q, packed_tokens=self.packed_tokens) for q in queries])
         response = self._call(self._stub.ScoreBatch, request, timeout)
         return [_score_answer(r) for r in response.responses]
 
@@ -852,7 +876,7 @@ class AsyncIndexerClient(_BaseClient):
                     timeout: float | None = None) -> ScoreAnswer:
         """Per (worker, dp_rank), the leading query blocks it holds (the best `max_scores`
         of them; None: every one)."""
-        request = _score_request(query, max_scores)
+        request = _score_request(query, max_scores, packed_tokens=self.packed_tokens)
         return _score_answer(await self._call(self._stub.Score, request, timeout))
 
     async def find_best_worker(
@@ -871,14 +895,16 @@ class AsyncIndexerClient(_BaseClient):
         holds the cheapest `max_candidates` (None or 0: every candidate)."""
         request = _find_request(query, loads, overlap_weight, temperature, seed,
                                 max_candidates=max_candidates,
-                                storage_load_weight=storage_load_weight)
+                                storage_load_weight=storage_load_weight,
+                                packed_tokens=self.packed_tokens)
         return _worker_choice(await self._call(self._stub.FindBestWorker, request, timeout))
 
     async def score_batch(
         self, queries: Sequence[Query], *, timeout: float | None = None
     ) -> list[ScoreAnswer]:
         """Several queries in one round trip; answers in query order."""
-        request = pb.ScoreBatchRequest(requests=[_score_request(q) for q in queries])
+        request = pb.ScoreBatchRequest(requests=[
+            _score_request(q, packed_tokens=self.packed_tokens) for q in queries])
         response = await self._call(self._stub.ScoreBatch, request, timeout)
         return [_score_answer(r) for r in response.responses]
 

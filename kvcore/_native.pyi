@@ -20,7 +20,19 @@ def scores_from_tally(
     tally: bytes, refs: Sequence[tuple[str, int] | None], order: bytes,
     weights: Sequence[float], tiers: tuple[str, ...], make: Callable[..., T],
 ) -> list[T]: ...
-def take_uint32_field(message: bytes, path: tuple[int, ...]) -> tuple[bytes, bytes]: ...
+def decision_top_costs(
+    scores: Iterable[object], loads: Iterable[object], ordered: Sequence[tuple[str, int]],
+    positions: dict[tuple[str, int], int], query_blocks: int, overlap_weight: float,
+    storage_load_weight: float, limit: int, /,
+) -> list[tuple[str, int, int, int, int, float, int, int]]: ...
+def encode_decision(
+    chosen: tuple[str, int, int, int, int, float, int, int],
+    ranked: Sequence[tuple[str, int, int, int, int, float, int, int]],
+    freshness: bytes, candidate_count: int, /,
+) -> bytes: ...
+def take_uint32_field(
+    message: bytes | memoryview, path: tuple[int, ...]
+) -> tuple[bytes, bytes | memoryview]: ...
 
 class BlockTable:
     def __init__(self, secret: int = 0) -> None: ...

@@ -19,14 +19,18 @@
  *   tally_runs(runs, candidates, weights, include_zero) -> bytes and
  *   scores_from_tally(tally, refs, order, weights, tiers, make) -> list: Score's prefix
  *       walk over the masks and its answer, without an object per slot in between.
+ *   decision_top_costs(scores, loads, ordered, members, ...) -> list[tuple]:
+ *       FindBestWorker's cheapest candidates (cost with the loads, then top-k), and
+ *   encode_decision(chosen, ranked, freshness, candidate_count) -> bytes: its answer.
  *
  * `tokens` is packed u32 little-endian (bytes, bytearray, memoryview) or a sequence of
  * ints in 0..2**32-1. Only full blocks are hashed.
  *
  * One extension, one C file per concern: this file is the module (its method table and
- * init); chain.c the key loop, block_table.c BlockTable, ledger_map.c LedgerMap, wire.c take_uint32_field,
- * log_pack.c pack_log_entries, tally.c the Score walk; tokens.c/tokens.h and bytebuf.h
- * what more than one of them uses; native.h what this file needs from the others.
+ * init); chain.c the key loop, block_table.c BlockTable, ledger_map.c LedgerMap, wire.c
+ * take_uint32_field, log_pack.c pack_log_entries, tally.c the Score walk, decision.c
+ * FindBestWorker's top-k; tokens.c/tokens.h and bytebuf.h what more than one of them uses;
+ * native.h what this file needs from the others.
  */
 #include "native.h"
 
@@ -60,6 +64,10 @@ static PyMethodDef native_methods[] = {
      expand_tally_doc},
     {"scores_from_tally", (PyCFunction)(void (*)(void))scores_from_tally, METH_FASTCALL,
      scores_from_tally_doc},
+    {"decision_top_costs", (PyCFunction)(void (*)(void))decision_top_costs, METH_FASTCALL,
+     decision_top_costs_doc},
+    {"encode_decision", (PyCFunction)(void (*)(void))encode_decision, METH_FASTCALL,
+     encode_decision_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -46,6 +46,14 @@ NATIVE_INTERNAL extern const char expand_tally_doc[];
 NATIVE_INTERNAL PyObject *expand_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 NATIVE_INTERNAL int masks_equal(PyObject *a, PyObject *b); /* -1 on error, as RichCompare */
 
+/* decision.c */
+NATIVE_INTERNAL extern const char decision_top_costs_doc[];
+NATIVE_INTERNAL PyObject *decision_top_costs(PyObject *module, PyObject *const *args,
+                                             Py_ssize_t nargs);
+NATIVE_INTERNAL extern const char encode_decision_doc[];
+NATIVE_INTERNAL PyObject *encode_decision(PyObject *module, PyObject *const *args,
+                                          Py_ssize_t nargs);
+
 /* log_pack.c */
 NATIVE_INTERNAL PyObject *pack_log_entries(PyObject *module, PyObject *const *args,
                                            Py_ssize_t nargs);

@@ -166,11 +166,68 @@ take_field(FieldTake *take, const unsigned char *pos, const unsigned char *end,
     return 0;
 }
 
+/* Whether the message in [pos, end) has a field at path[depth:]: 1, 0, or -1 with an
+ * exception. Only the enclosing messages on the path are entered. */
+static int
+has_field(const uint32_t *path, Py_ssize_t path_len, const unsigned char *pos,
+          const unsigned char *end, Py_ssize_t depth)
+{
+    while (pos < end) {
+        uint64_t tag, value;
+        if (read_varint(&pos, end, &tag) < 0) {
+            return -1;
+        }
+        int wanted = (tag >> 3) == path[depth];
+        if (wanted && depth == path_len - 1) {
+            return 1;
+        }
+        switch ((int)(tag & 7)) {
+        case 0:
+            if (read_varint(&pos, end, &value) < 0) {
+                return -1;
+            }
+            break;
+        case 1:
+        case 5: {
+            size_t width = (tag & 7) == 1 ? 8 : 4;
+            if ((size_t)(end - pos) < width) {
+                PyErr_SetString(PyExc_ValueError, "truncated fixed-width field");
+                return -1;
+            }
+            pos += width;
+            break;
+        }
+        case 2: {
+            if (read_varint(&pos, end, &value) < 0) {
+                return -1;
+            }
+            if (value > (uint64_t)(end - pos)) {
+                PyErr_SetString(PyExc_ValueError, "length-delimited field runs past the end");
+                return -1;
+            }
+            if (wanted) {
+                int found = has_field(path, path_len, pos, pos + value, depth + 1);
+                if (found != 0) {
+                    return found;
+                }
+            }
+            pos += value;
+            break;
+        }
+        default:
+            PyErr_Format(PyExc_ValueError, "unsupported wire type %d", (int)(tag & 7));
+            return -1;
+        }
+    }
+    return 0;
+}
+
 const char take_uint32_field_doc[] = PyDoc_STR(
 "take_uint32_field(message, path) -> tuple[bytes, bytes]\n\n"
 "The values of the repeated uint32 field at path (field numbers, outermost first; the\n"
 "ones before the last name embedded message fields) of a serialised protobuf message,\n"
-"as packed u32 little-endian, and the message without that field.");
+"as packed u32 little-endian, and the message without that field (the message object\n"
+"itself, not a copy, when it has no such field).");
 
 #define MAX_FIELD_PATH 8
 
@@ -207,7 +264,10 @@ take_uint32_field(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     ByteBuf rest = {NULL, 0, 0};
     const unsigned char *start = view.buf;
     PyObject *result = NULL;
-    if (take_field(&take, start, start + view.len, 0, &rest) == 0) {
+    int found = has_field(path, path_len, start, start + view.len, 0);
+    if (found == 0) { /* nothing to take (a token_bytes request): no copy */
+        result = Py_BuildValue("(y#O)", "", (Py_ssize_t)0, args[0]);
+    } else if (found > 0 && take_field(&take, start, start + view.len, 0, &rest) == 0) {
         /* y# turns a NULL pointer into None: empty buffers are given as "". */
         const char *values = take.values.data ? (const char *)take.values.data : "";
         const char *remainder = rest.data ? (const char *)rest.data : "";

@@ -32,8 +32,8 @@ _MAX_CACHED_MODELS: Final = 4096
 class CandidateSet:
     """Live (worker, dp_rank)s of one model, with what Score needs of them precomputed."""
 
-    __slots__ = ("_by_role", "_ordered", "degraded", "ids", "mounts", "newest_ts", "refs",
-                 "workers")
+    __slots__ = ("_by_role", "_ordered", "_positions", "degraded", "ids", "mounts",
+                 "newest_ts", "refs", "workers")
 
     def __init__(self, workers: Sequence[WorkerInfo]) -> None:
         # Shared storage pools, and the stores publishing their content, are listed with
@@ -48,6 +48,7 @@ class CandidateSet:
         self.degraded = sorted({w.worker_id for w in self.workers if w.degraded})
         self._by_role: dict[str, CandidateSet] = {}
         self._ordered: tuple[tuple[str, int], ...] | None = None
+        self._positions: dict[tuple[str, int], int] | None = None
 
     @property
     def ordered_refs(self) -> tuple[tuple[str, int], ...]:
@@ -56,6 +57,14 @@ class CandidateSet:
         if self._ordered is None:
             self._ordered = tuple(sorted(self.refs))
         return self._ordered
+
+    @property
+    def positions(self) -> dict[tuple[str, int], int]:
+        """(worker_id, dp_rank) -> its index in `ordered_refs` (ties broken by number, not
+        by string compares), computed once per set."""
+        if self._positions is None:
+            self._positions = {ref: i for i, ref in enumerate(self.ordered_refs)}
+        return self._positions
 
     def restrict(self, worker_ids: Collection[str]) -> CandidateSet:
         """The candidates whose worker id is in `worker_ids`."""

@@ -61,10 +61,13 @@ def unwrap(request: M | WireTokens[M]) -> tuple[M, bytes | None]:
     return request, None
 
 
-def _wire_tokens_parser(message_type: type[Any], path: tuple[int, ...]) -> Callable[[bytes], Any]:
+Wire = bytes | memoryview  # a request's bytes, or a view of them in a stream message
+
+
+def _wire_tokens_parser(message_type: type[Any], path: tuple[int, ...]) -> Callable[[Wire], Any]:
     parse = message_type.FromString
 
-    def deserialize(raw: bytes) -> WireTokens[Any]:
+    def deserialize(raw: Wire) -> WireTokens[Any]:
         try:
             tokens, rest = take_uint32_field(raw, path)
         except ValueError:
@@ -83,16 +86,24 @@ def score_request_parser() -> Callable[[bytes], pb.ScoreRequest | WireTokens[pb.
 
 
 def find_best_worker_parser() -> Callable[
-        [bytes], pb.FindBestWorkerRequest | WireTokens[pb.FindBestWorkerRequest]]:
+        [Wire], pb.FindBestWorkerRequest | WireTokens[pb.FindBestWorkerRequest]]:
     """What FindBestWorkerStream turns each request message into (in the servicer, so that a
     message that does not parse is answered INVALID_ARGUMENT and the stream goes on)."""
     if NATIVE:
         return _wire_tokens_parser(*TOKEN_PATHS["FindBestWorker"])
-    return pb.FindBestWorkerRequest.FromString
+    # upb parses any buffer, a memoryview too (its stub says bytes)
+    parse: Callable[[Wire], pb.FindBestWorkerRequest] = (
+        pb.FindBestWorkerRequest.FromString)  # type: ignore[assignment]
+    return parse
+
+
+# Methods whose servicer answers with bytes made by hand (`decision.EncodedAnswer`).
+ENCODED_ANSWERS: frozenset[str] = frozenset({"FindBestWorker"})
 
 
 def _serialize(message: Any) -> bytes:
-    """A streamed answer: a message, or `stream.StreamedAnswers` (bytes made by hand)."""
+    """An answer: a message, or bytes made by hand (`stream.StreamedAnswers`,
+    `decision.EncodedAnswer`), both with SerializeToString."""
     return bytes(message.SerializeToString())
 
 
@@ -140,7 +151,8 @@ def add_kv_indexer_service(servicer: pb_grpc.KvIndexerServicer, server: grpc.aio
             deserialize = _wire_tokens_parser(*TOKEN_PATHS[method])
         handlers[method] = grpc.unary_unary_rpc_method_handler(
             _decoding(generated.unary_unary, deserialize, methods[method].input_type.full_name),
-            response_serializer=generated.response_serializer,
+            response_serializer=(_serialize if method in ENCODED_ANSWERS
+                                 else generated.response_serializer),
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
                                                                           handlers),))

@@ -23,10 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import math
+import operator
 import random
 import resource
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
 import grpc
@@ -46,11 +55,12 @@ from indexer.index.protocol import (
     ScoreQuery,
     ScoreResult,
     TierWeights,
+    WorkerScore,
 )
 from indexer.index.scoring import check_query_shape, check_tier_weights
 from indexer.scheduling import DEFAULT_OVERLAP_WEIGHT, DEFAULT_TEMPERATURE
 from indexer.serve.auth import GrpcSecurity
-from indexer.serve.decision import decide
+from indexer.serve.decision import EncodedAnswer, decide, encode_answer
 from indexer.serve.diagnose import (
     DoctorSettings,
     EventPathView,
@@ -297,8 +307,38 @@ def _check_role(role: str, field: str) -> None:
         raise InvalidQueryError(str(exc)) from None
 
 
-def _token_count(request: pb.ScoreRequest, wire_tokens: bytes | None) -> int:
-    return len(wire_tokens) // 4 if wire_tokens is not None else len(request.token_ids)
+QueryTokens = bytes | Sequence[int]  # packed u32 little-endian, or the parsed ids
+
+
+def _query_tokens(request: pb.ScoreRequest, wire_tokens: bytes | None,
+                  field: str) -> QueryTokens:
+    """The query's token ids, packed when they came packed (`token_bytes`, or `token_ids`
+    read off the wire: `grpc_handlers.WireTokens`); empty when it has none."""
+    packed = request.token_bytes
+    listed = wire_tokens if wire_tokens is not None else request.token_ids
+    if not packed:
+        return listed
+    if listed:
+        raise InvalidQueryError(f"exactly one of {field}block_keys, {field}token_ids and "
+                                f"{field}token_bytes must be set, got {field}token_ids and "
+                                f"{field}token_bytes")
+    if len(packed) % 4:
+        raise InvalidQueryError(f"{field}token_bytes: {len(packed)} bytes is not a multiple "
+                                "of 4 (token ids as packed u32)")
+    return packed
+
+
+def _token_count(tokens: QueryTokens) -> int:
+    return len(tokens) // 4 if isinstance(tokens, bytes) else len(tokens)
+
+
+_WORKER_ID = operator.attrgetter("worker_id")
+_DP_RANK = operator.attrgetter("dp_rank")
+
+
+def _refs_of(scores: list[WorkerScore]) -> Iterator[tuple[str, int]]:
+    """Each score's (worker_id, dp_rank), with no Python frame per score."""
+    return zip(map(_WORKER_ID, scores), map(_DP_RANK, scores), strict=True)
 
 
 def _age(now: float, ts: float) -> float:
@@ -351,7 +391,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
     async def FindBestWorker(  # noqa: N802
         self, request: pb.FindBestWorkerRequest | WireTokens[pb.FindBestWorkerRequest],
         context: grpc.aio.ServicerContext,
-    ) -> pb.FindBestWorkerResponse:
+    ) -> EncodedAnswer:
         message, tokens = unwrap(request)
         return await self._guarded("FindBestWorker", context,
                                    lambda: self._find_best_worker(message, tokens))
@@ -411,10 +451,10 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
 
     async def _score(self, request: pb.ScoreRequest, field: str,
                      wire_tokens: bytes | None = None) -> pb.ScoreResponse:
-        self._check_query(request, field, wire_tokens)
+        tokens = self._check_query(request, field, wire_tokens)
         candidates = await self._candidates(request)
         result = await self._run_query(request, candidates, field, request.include_zero,
-                                       wire_tokens)
+                                       tokens)
         response = pb.ScoreResponse(query_blocks=result.query_blocks,
                                     freshness=self._freshness(candidates, result),
                                     score_count=len(result.scores))
@@ -428,14 +468,17 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         return response
 
     def _check_query(self, request: pb.ScoreRequest, field: str,
-                     wire_tokens: bytes | None = None) -> None:
-        """Refuse a malformed query, naming the field (`field` prefixes nested names)."""
-        check_query_shape(request.model, _token_count(request, wire_tokens) or None,
+                     wire_tokens: bytes | None = None) -> QueryTokens:
+        """Refuse a malformed query, naming the field (`field` prefixes nested names);
+        returns its token ids (`_query_tokens`)."""
+        tokens = _query_tokens(request, wire_tokens, field)
+        check_query_shape(request.model, _token_count(tokens) or None,
                           len(request.block_keys) or None, block_size=request.block_size,
                           config=self.config, field=field)
         _check_length(f"{field}workers", len(request.workers),
                       self.settings.max_request_workers, "worker ids")
         _check_role(request.role, f"{field}role")
+        return tokens
 
     def _tier_weights(self, request: pb.ScoreRequest, field: str) -> TierWeights | None:
         """The request's weights over the configured ones; None when it sets none."""
@@ -459,13 +502,11 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
 
     async def _run_query(
         self, request: pb.ScoreRequest, candidates: CandidateSet, field: str, include_zero: bool,
-        wire_tokens: bytes | None = None,
+        tokens: QueryTokens,
     ) -> ScoreResult:
-        """Score the request; `wire_tokens` are its token ids as packed u32 when the
-        deserialiser read them off the wire (`grpc_handlers.WireTokens`)."""
+        """Score the request, whose token ids (if any) are `tokens` (`_check_query`)."""
         weights = self._tier_weights(request, field)
-        n_tokens = _token_count(request, wire_tokens)
-        tokens = wire_tokens if wire_tokens is not None else request.token_ids
+        n_tokens = _token_count(tokens)
         block_size = request.block_size
         if tokens and not block_size:
             block_size = await self.index.block_size(request.model) or 0
@@ -492,7 +533,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         async with self._query_slots:
             result = await self.index.score(query)
         refs = candidates.refs
-        if any((s.worker_id, s.dp_rank) not in refs for s in result.scores):
+        if not refs.issuperset(_refs_of(result.scores)):
             result = ScoreResult(result.query_blocks, [
                 s for s in result.scores if (s.worker_id, s.dp_rank) in refs],
                 staleness_s=result.staleness_s, replica=result.replica)
@@ -513,11 +554,11 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
     async def _find_best_worker(
         self, request: pb.FindBestWorkerRequest, wire_tokens: bytes | None = None,
         default_limit: int = 0,
-    ) -> pb.FindBestWorkerResponse:
+    ) -> EncodedAnswer:
         """`default_limit`: most candidates answered when the request sets no
         `max_candidates` (0: every one)."""
         query = request.score
-        self._check_query(query, "score.", wire_tokens)
+        tokens = self._check_query(query, "score.", wire_tokens)
         _check_length("loads", len(request.loads), self.settings.max_request_loads, "entries")
         overlap_weight = (request.overlap_weight if request.HasField("overlap_weight")
                           else DEFAULT_OVERLAP_WEIGHT)
@@ -532,24 +573,15 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
                 scopes.append("among the requested workers")
             scope = "".join(f" {part}" for part in scopes)
             raise _precondition(f"no live workers for model {query.model!r}{scope}")
-        result = await self._run_query(query, candidates, "score.", include_zero=False,
-                                       wire_tokens=wire_tokens)
+        result = await self._run_query(query, candidates, "score.", False, tokens)
         limit = (request.max_candidates if request.HasField("max_candidates")
                  else default_limit) or len(candidates)
         rng = random.Random(request.seed) if request.HasField("seed") else self._rng
         chosen, ranked = decide(candidates, result, request.loads, overlap_weight=overlap_weight,
                                 temperature=temperature, limit=limit, rng=rng,
                                 storage_load_weight=request.storage_load_weight)
-        response = pb.FindBestWorkerResponse(
-            worker_id=chosen.worker_id, dp_rank=chosen.dp_rank,
-            matched_blocks=chosen.matched_blocks, freshness=self._freshness(candidates, result),
-            candidate_count=len(candidates))
-        add = response.candidates.add
-        for c in ranked:
-            add(worker_id=c.worker_id, dp_rank=c.dp_rank, matched_blocks=c.matched_blocks,
-                prefill_blocks=c.prefill_blocks, active_blocks=c.active_blocks, cost=c.cost,
-                waiting_requests=c.waiting_requests, storage_blocks=c.storage_blocks)
-        return response
+        return encode_answer(chosen, ranked, self._freshness(candidates, result),
+                             len(candidates))
 
     async def _streamed_decisions(
         self, item: bytes | pb.FindBestWorkerStreamRequest, context: grpc.aio.ServicerContext
@@ -570,11 +602,11 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
                 code, details = _status_of("FindBestWorkerStream", exc)
                 answers.add_error(code.value[0], details)
             else:
-                answers.add_answer(answer.SerializeToString())
+                answers.add_answer(answer.data)
         return answers
 
-    async def _streamed_decision(self, part: bytes, context: grpc.aio.ServicerContext
-                                 ) -> pb.FindBestWorkerResponse:
+    async def _streamed_decision(self, part: memoryview, context: grpc.aio.ServicerContext
+                                 ) -> EncodedAnswer:
         try:
             message, tokens = unwrap(self._parse_streamed(part))
         except (DecodeError, ValueError) as exc:

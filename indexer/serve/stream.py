@@ -107,10 +107,12 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def split_requests(message: bytes) -> list[bytes]:
-    """The serialised FindBestWorkerRequests of a FindBestWorkerStreamRequest (field 1);
-    ValueError when the bytes are not a message."""
-    parts: list[bytes] = []
+def split_requests(message: bytes) -> list[memoryview]:
+    """The serialised FindBestWorkerRequests of a FindBestWorkerStreamRequest (field 1),
+    as views of `message` (a prompt is tens of kB: no copy); ValueError when the bytes
+    are not a message."""
+    parts: list[memoryview] = []
+    view = memoryview(message)
     at = 0
     while at < len(message):
         key, at = _read_varint(message, at)
@@ -124,7 +126,7 @@ def split_requests(message: bytes) -> list[bytes]:
         elif wire == _LEN:
             length, at = _read_varint(message, at)
             if key >> 3 == 1:
-                parts.append(message[at : at + length])
+                parts.append(view[at : at + length])
             at += length
         else:
             raise ValueError(f"wire type {wire}")
