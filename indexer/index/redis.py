@@ -58,7 +58,7 @@ import random
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import redis.asyncio as aioredis
 import structlog
@@ -1216,7 +1216,7 @@ class RedisIndex:
         level, split = await self._redis.hmget(prefix + "bk", "level", "split")
         n_buckets = 2 ** int(level or 0) + int(split or 0)
         out: dict[int, dict[WorkerRef, int]] = {}
-        big: dict[bytes, bytes] = await self._redis.hgetall(prefix + "bx")
+        big = cast("dict[bytes, bytes]", await self._redis.hgetall(prefix + "bx"))
         for bucket in range(n_buckets):
             async for field, value in self._redis.hscan_iter(f"{prefix}b:{bucket}",
                                                              count=1000):

@@ -100,6 +100,39 @@ local function store_get(st, key)
   return v, b, false
 end
 
+-- Split the next bucket (linear hashing): its keys whose next address bit is set move to
+-- bucket split + n. Called as the block count passes the load, so no bucket grows far
+-- past 2 x BUCKET_LOAD fields, even within one call.
+local function split_bucket(st)
+  local n = 2 ^ st.level
+  local from = st.p .. 'b:' .. st.split
+  local moved, names = {}, {}
+  local all = redis.call('HGETALL', from)
+  for i = 1, #all, 2 do
+    if struct.unpack('<I4', all[i]) % (2 * n) ~= st.split then
+      moved[#moved + 1] = all[i]
+      moved[#moved + 1] = all[i + 1]
+      names[#names + 1] = all[i]
+    end
+  end
+  if #names > 0 then
+    redis.call('HSET', st.p .. 'b:' .. (st.split + n), unpack(moved))
+    redis.call('HDEL', from, unpack(names))
+  end
+  st.split = st.split + 1
+  if st.split == n then
+    st.level = st.level + 1
+    st.split = 0
+  end
+end
+
+-- Store the bucket state if it changed.
+local function close_buckets(st)
+  if st.dirty then
+    redis.call('HSET', st.p .. 'bk', 'level', st.level, 'split', st.split, 'count', st.count)
+  end
+end
+
 local function store_put(st, key, where, big, old, new)
   if st.hash then
     if new == '' then
@@ -126,6 +159,9 @@ local function store_put(st, key, where, big, old, new)
   if not old then
     st.count = st.count + 1
     st.dirty = true
+    if st.count > BUCKET_LOAD * (2 ^ st.level + st.split) then
+      split_bucket(st)
+    end
   end
 end
 
@@ -139,36 +175,6 @@ local function clear_holder(st, key, slot, m)
   local v, where, big = store_get(st, key)
   local nv = holders_clear(v, slot, m)
   if nv then store_put(st, key, where, big, v, nv) end
-end
-
--- Split buckets until the load is back under BUCKET_LOAD; store the state if it changed.
-local function close_buckets(st)
-  while st.count > BUCKET_LOAD * (2 ^ st.level + st.split) do
-    local n = 2 ^ st.level
-    local from = st.p .. 'b:' .. st.split
-    local moved, names = {}, {}
-    local all = redis.call('HGETALL', from)
-    for i = 1, #all, 2 do
-      if struct.unpack('<I4', all[i]) % (2 * n) ~= st.split then
-        moved[#moved + 1] = all[i]
-        moved[#moved + 1] = all[i + 1]
-        names[#names + 1] = all[i]
-      end
-    end
-    if #names > 0 then
-      redis.call('HSET', st.p .. 'b:' .. (st.split + n), unpack(moved))
-      redis.call('HDEL', from, unpack(names))
-    end
-    st.split = st.split + 1
-    if st.split == n then
-      st.level = st.level + 1
-      st.split = 0
-    end
-    st.dirty = true
-  end
-  if st.dirty then
-    redis.call('HSET', st.p .. 'bk', 'level', st.level, 'split', st.split, 'count', st.count)
-  end
 end
 
 -- Whether a model's keys are in another layout: it has ranks (or a slot map version)
