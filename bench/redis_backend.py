@@ -83,7 +83,7 @@ async def run(args: argparse.Namespace, url: str, *, user_url: bool = False) -> 
     mem_after = int((await admin.info("memory"))["used_memory"])
     workers = await index.workers(MODEL)
     entries = sum(sum(w.blocks_by_tier.values()) for w in workers)
-    distinct = await admin.hlen(f"kvi:{{m:{_escape(MODEL)}}}:blk")
+    distinct = int(await admin.hget(f"kvi:{{m:{_escape(MODEL)}}}:bk", "count") or 0)
     bytes_per_entry = (mem_after - mem_before) / max(entries, 1)
     print(f"ingest: {ingest_rate:,.0f} blocks/s; {entries:,} entries, {distinct:,} distinct "
           f"blocks; {bytes_per_entry:.1f} bytes per entry")

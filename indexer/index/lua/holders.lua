@@ -10,10 +10,12 @@
 -- one big hash costs ~80 B per field). The bucket of a key is its low 32 bits modulo the
 -- bucket count, grown by linear hashing: state in `bk` (level, split, count of blocks);
 -- n = 2^level buckets plus `split` more, bucket b < split addressed modulo 2n. A value
--- longer than HOLDER_INLINE (a block many ranks hold) lives in `bx` and the bucket holds
--- '' for it, so a bucket keeps its compact encoding. Groups > 0 are plain hashes.
+-- longer than HOLDER_INLINE (a block several ranks hold: a shared prefix) lives in the
+-- plain hash `bx` and the bucket holds '' for it: Score reads those 64 per HMGET (a
+-- bucket costs one HGET per key), and a bucket keeps its compact encoding (values <= 64
+-- bytes). Groups > 0 are plain hashes.
 local LAYOUT = '2'
-local HOLDER_INLINE = 60
+local HOLDER_INLINE = 12  -- 3 holders: a block 4 or more ranks hold is in `bx`
 local BUCKET_LOAD = 40  -- blocks per bucket: unsplit buckets stay below 128 fields
 
 local function holder_find(v, slot)
@@ -68,8 +70,9 @@ end
 -- A presence store: group 0's buckets (`p` the model prefix) or a plain hash.
 local function open_buckets(p)
   local st = redis.call('HMGET', p .. 'bk', 'level', 'split', 'count', 'layout')
-  return {p = p, level = tonumber(st[1]) or 0, split = tonumber(st[2]) or 0,
-    count = tonumber(st[3]) or 0, layout = st[4], dirty = false}
+  local level = tonumber(st[1]) or 0
+  return {p = p, level = level, split = tonumber(st[2]) or 0, n = 2 ^ level,
+    count = tonumber(st[3]) or 0, layout = st[4], dirty = false, names = {}}
 end
 
 local function plain_store(hash)
@@ -78,12 +81,16 @@ end
 
 local function bucket_of(st, key)
   local h = struct.unpack('<I4', key)
-  local n = 2 ^ st.level
-  local b = h % n
+  local b = h % st.n
   if b < st.split then
-    b = h % (2 * n)
+    b = h % (2 * st.n)
   end
-  return st.p .. 'b:' .. b
+  local name = st.names[b]
+  if not name then
+    name = st.p .. 'b:' .. b
+    st.names[b] = name
+  end
+  return name
 end
 
 -- The value of `key` (false when absent), the hash holding its bucket entry, and whether
@@ -122,6 +129,7 @@ local function split_bucket(st)
   st.split = st.split + 1
   if st.split == n then
     st.level = st.level + 1
+    st.n = 2 * n
     st.split = 0
   end
 end
@@ -130,6 +138,15 @@ end
 local function close_buckets(st)
   if st.dirty then
     redis.call('HSET', st.p .. 'bk', 'level', st.level, 'split', st.split, 'count', st.count)
+  end
+end
+
+-- One more block in the buckets: split the next one if the load is passed.
+local function count_new(st)
+  st.count = st.count + 1
+  st.dirty = true
+  if st.count > BUCKET_LOAD * (st.n + st.split) then
+    split_bucket(st)
   end
 end
 
@@ -157,15 +174,17 @@ local function store_put(st, key, where, big, old, new)
     if not big then redis.call('HSET', where, key, '') end
   end
   if not old then
-    st.count = st.count + 1
-    st.dirty = true
-    if st.count > BUCKET_LOAD * (2 ^ st.level + st.split) then
-      split_bucket(st)
-    end
+    count_new(st)
   end
 end
 
 local function set_holder(st, key, slot, m)
+  -- Most stored blocks are new to the index: one call when the field is absent.
+  if not st.hash and redis.call('HSETNX', bucket_of(st, key), key,
+      struct.pack('<I4', slot * 16 + m)) == 1 then
+    count_new(st)
+    return
+  end
   local v, where, big = store_get(st, key)
   local nv = holders_set(v, slot, m)
   if nv then store_put(st, key, where, big, v, nv) end

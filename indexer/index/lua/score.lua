@@ -18,19 +18,36 @@ if old_layout(p, st.layout) then
 end
 local out = {version, redis.call('HGETALL', KEYS[3])}
 local run_value, run_count = nil, 0
-for i = 0, n - 1 do
-  local value = store_get(st, string.sub(packed, i * 8 + 1, i * 8 + 8))
-  if not value then  -- HGET gives false for a missing field
+-- Blocks many ranks hold (a shared prefix) are in `bx`: one HMGET per chunk finds them;
+-- the others cost one HGET each in their bucket.
+local CHUNK = 64
+local bx = p .. 'bx'
+local ended = false
+for first = 0, n - 1, CHUNK do
+  if ended then
     break
   end
-  if value == run_value then
-    run_count = run_count + 1
-  else
-    if run_value then
-      out[#out + 1] = run_value
-      out[#out + 1] = run_count
+  local count = math.min(CHUNK, n - first)
+  local fields = {struct.unpack(string.rep('c8', count), packed, first * 8 + 1)}
+  local shared = redis.call('HMGET', bx, unpack(fields, 1, count))
+  for i = 1, count do
+    local value = shared[i]
+    if not value then
+      value = redis.call('HGET', bucket_of(st, fields[i]), fields[i])
     end
-    run_value, run_count = value, 1
+    if not value then  -- HGET gives false for a missing field
+      ended = true
+      break
+    end
+    if value == run_value then
+      run_count = run_count + 1
+    else
+      if run_value then
+        out[#out + 1] = run_value
+        out[#out + 1] = run_count
+      end
+      run_value, run_count = value, 1
+    end
   end
 end
 if run_value then
