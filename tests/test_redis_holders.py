@@ -209,7 +209,7 @@ class TestOlderLayoutRefused:
         await self.seed_old_model(redis_client)
         before = sorted(await redis_client.keys("*"))
         index = RedisIndex(redis_client)
-        with pytest.raises(BackendError, match="older index layout.*kvi:"):
+        with pytest.raises(BackendError, match=r"older index layout.*kvi:"):
             await index.ping()
         query = ScoreQuery(model=MODEL, block_keys=block_keys_for_tokens(TOKENS, BS, MODEL))
         with pytest.raises(BackendError, match="older presence layout"):
