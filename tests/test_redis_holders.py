@@ -12,7 +12,7 @@ from bench.workload import make_workload
 from indexer.errors import BackendError
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import IndexConfig, ScoreQuery
-from indexer.index.redis import MODELS_KEY, RedisIndex, model_prefix
+from indexer.index.redis import DEFAULT_BUCKET_LOAD, MODELS_KEY, RedisIndex, model_prefix
 from kvcore.bus import BlockRemoved
 from kvcore.keys import block_keys_for_tokens
 from tests.support.ledger_batches import BS, MODEL, TOKENS, batch, stored
@@ -44,19 +44,24 @@ class TestFieldScale:
     """Tens of thousands of blocks per rank, slot ids past 65,535: exact against the
     in-memory index, and bytes per entry that do not depend on slot ids."""
 
-    async def test_high_slot_ids_index_exactly(self, redis_client: aioredis.Redis) -> None:
-        """8 ranks x ~20,000 blocks each with slot ids from 70,000: presence and every
-        Score answer equal the in-memory index's; a removed rank's entries are gone."""
+    @pytest.mark.parametrize("bucket_load", [DEFAULT_BUCKET_LOAD, 0])
+    async def test_high_slot_ids_index_exactly(self, redis_client: aioredis.Redis,
+                                               bucket_load: int) -> None:
+        """8 ranks x ~20,000 blocks each with slot ids from 70,000, in buckets or in one
+        hash (load 0): presence and every Score answer equal the in-memory index's; a
+        removed rank's entries are gone."""
         workload = make_workload(8, 160_000, n_queries=60)
         batches = workload.batches(FIELD_MODEL)
         await start_ids_at(redis_client, FIELD_MODEL, HIGH_SLOT_ID)
-        index = RedisIndex(redis_client)
+        index = RedisIndex(redis_client, bucket_load=bucket_load)
         memory = MemoryIndex(IndexConfig())
         for i in range(0, len(batches), 256):
             await index.apply(batches[i : i + 256])
         await memory.apply(batches)
         ids = await slot_ids(redis_client, FIELD_MODEL)
         assert len(ids) == 8 and min(ids.values()) >= HIGH_SLOT_ID
+        level = await redis_client.hget(model_prefix(FIELD_MODEL) + "bk", "level")
+        assert (int(level) == 0) == (bucket_load == 0)
         entries = sum(sum(w.blocks_by_tier.values()) for w in await index.workers(FIELD_MODEL))
         assert entries / 8 >= 20_000
         assert await index.presence(FIELD_MODEL) == await memory.presence(FIELD_MODEL)

@@ -3,7 +3,7 @@
 Every key of a model shares the hash tag `{m:<model>}`, so one model's index lives in one
 hash slot and each batch is one atomic Lua call even on Redis Cluster:
 
-    kvi:{m:M}:bk                 HASH  layout (2), bucket state: level, split, count
+    kvi:{m:M}:bk                 HASH  layout (2), bucket state: load, level, split, count
     kvi:{m:M}:b:<n>              HASH  group 0's buckets: key (8 B, LE) -> holder list
     kvi:{m:M}:bx                 HASH  key -> holder list, for lists too long for a bucket
     kvi:{m:M}:slots              HASH  "worker\\nrank" -> slot id (never reused)
@@ -125,12 +125,13 @@ from kvcore.bus import BlockRemoved, BlockStored, Event, EventBatch, escape_toke
 from kvcore.keys import pack_keys
 from kvcore.pools import KIND_POOL
 
-__all__ = ["DEFAULT_LOG_COMPACT_MIN_BYTES", "RedisIndex"]
+__all__ = ["DEFAULT_BUCKET_LOAD", "DEFAULT_LOG_COMPACT_MIN_BYTES", "RedisIndex"]
 
 log = structlog.get_logger("indexer.redis")
 
 MODELS_KEY: Final = "kvi:models"
 DEFAULT_LOG_COMPACT_MIN_BYTES: Final = 64 * 1024
+DEFAULT_BUCKET_LOAD: Final = 40
 _MAX_CALLS: Final = 8  # script calls one apply() is split into, so Python and Redis overlap
 _OP_HEADER: Final = struct.Struct("<cII")
 _GROUP_OP_HEADER: Final = struct.Struct("<cBII")
@@ -414,8 +415,12 @@ class RedisIndex:
         pipelined_queries: bool = True,
         *,
         read_only: bool = False,
+        bucket_load: int = DEFAULT_BUCKET_LOAD,
     ) -> None:
         self.log_compact_min_bytes = log_compact_min_bytes
+        # Blocks per bucket of the models this index creates (lua/holders.lua): 0 keeps
+        # one hash per model, faster to read and write, ~30 B more per block.
+        self.bucket_load = bucket_load
         # A read replica's index: Score runs score.lua with EVALSHA_RO, which a replica
         # accepts and which can never write.
         self._score_command = "EVALSHA_RO" if read_only else "EVALSHA"
@@ -618,7 +623,7 @@ class RedisIndex:
             prefix = model_prefix(model)
             slot_raw, created = await self._slot_script(
                 keys=[prefix + name for name in _SLOT_MODEL_KEYS],
-                args=[pool, POOL_RANK, random.getrandbits(62)])
+                args=[pool, POOL_RANK, random.getrandbits(62), self.bucket_load])
             slot = self._pool_slots[(model, pool)] = int(slot_raw)
             if created:
                 await self._redis.sadd(MODELS_KEY, model)
@@ -763,7 +768,7 @@ class RedisIndex:
         prefix = model_prefix(model)
         slot_raw, created = await self._slot_script(
             keys=[prefix + name for name in _SLOT_MODEL_KEYS],
-            args=[ref.worker_id, ref.dp_rank, random.getrandbits(62)]
+            args=[ref.worker_id, ref.dp_rank, random.getrandbits(62), self.bucket_load]
         )
         slot = int(slot_raw)
         ledger = WorkerLedger(model, ref.worker_id, ref.dp_rank, slot,

@@ -9,14 +9,16 @@
 -- they hold <= 128 fields of <= 64-byte values: a few bytes of overhead per field, where
 -- one big hash costs ~80 B per field). The bucket of a key is its low 32 bits modulo the
 -- bucket count, grown by linear hashing: state in `bk` (level, split, count of blocks);
--- n = 2^level buckets plus `split` more, bucket b < split addressed modulo 2n. A value
+-- n = 2^level buckets plus `split` more, bucket b < split addressed modulo 2n. The load
+-- (blocks per bucket) is the model's, set when it is created: 0 keeps one bucket, a
+-- hashtable-encoded hash that Score reads 64 keys per HMGET (faster, ~80 B per block). A value
 -- longer than HOLDER_INLINE (a block several ranks hold: a shared prefix) lives in the
 -- plain hash `bx` and the bucket holds '' for it: Score reads those 64 per HMGET (a
 -- bucket costs one HGET per key), and a bucket keeps its compact encoding (values <= 64
 -- bytes). Groups > 0 are plain hashes.
 local LAYOUT = '2'
 local HOLDER_INLINE = 12  -- 3 holders: a block 4 or more ranks hold is in `bx`
-local BUCKET_LOAD = 40  -- blocks per bucket: unsplit buckets stay below 128 fields
+local DEFAULT_LOAD = 40  -- blocks per bucket: unsplit buckets stay below 128 fields
 
 local function holder_find(v, slot)
   -- The 0-based index of `slot`'s entry and the entry, or the insertion index and nil.
@@ -69,10 +71,11 @@ end
 
 -- A presence store: group 0's buckets (`p` the model prefix) or a plain hash.
 local function open_buckets(p)
-  local st = redis.call('HMGET', p .. 'bk', 'level', 'split', 'count', 'layout')
+  local st = redis.call('HMGET', p .. 'bk', 'level', 'split', 'count', 'layout', 'load')
   local level = tonumber(st[1]) or 0
   return {p = p, level = level, split = tonumber(st[2]) or 0, n = 2 ^ level,
-    count = tonumber(st[3]) or 0, layout = st[4], dirty = false, names = {}}
+    count = tonumber(st[3]) or 0, layout = st[4], load = tonumber(st[5]) or DEFAULT_LOAD,
+    dirty = false, names = {}}
 end
 
 local function plain_store(hash)
@@ -109,7 +112,7 @@ end
 
 -- Split the next bucket (linear hashing): its keys whose next address bit is set move to
 -- bucket split + n. Called as the block count passes the load, so no bucket grows far
--- past 2 x BUCKET_LOAD fields, even within one call.
+-- past 2 x its load in fields, even within one call.
 local function split_bucket(st)
   local n = 2 ^ st.level
   local from = st.p .. 'b:' .. st.split
@@ -145,7 +148,7 @@ end
 local function count_new(st)
   st.count = st.count + 1
   st.dirty = true
-  if st.count > BUCKET_LOAD * (st.n + st.split) then
+  if st.load > 0 and st.count > st.load * (st.n + st.split) then
     split_bucket(st)
   end
 end

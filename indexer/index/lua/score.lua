@@ -19,9 +19,11 @@ end
 local out = {version, redis.call('HGETALL', KEYS[3])}
 local run_value, run_count = nil, 0
 -- Blocks many ranks hold (a shared prefix) are in `bx`: one HMGET per chunk finds them;
--- the others cost one HGET each in their bucket.
+-- the others cost one HGET each in their bucket, or one HMGET when the model keeps one
+-- bucket (load 0).
 local CHUNK = 64
 local bx = p .. 'bx'
+local one_bucket = st.n == 1 and st.split == 0 and bucket_of(st, string.rep('\0', 8))
 local ended = false
 for first = 0, n - 1, CHUNK do
   if ended then
@@ -30,10 +32,15 @@ for first = 0, n - 1, CHUNK do
   local count = math.min(CHUNK, n - first)
   local fields = {struct.unpack(string.rep('c8', count), packed, first * 8 + 1)}
   local shared = redis.call('HMGET', bx, unpack(fields, 1, count))
+  local own = one_bucket and redis.call('HMGET', one_bucket, unpack(fields, 1, count))
   for i = 1, count do
     local value = shared[i]
     if not value then
-      value = redis.call('HGET', bucket_of(st, fields[i]), fields[i])
+      if own then
+        value = own[i]
+      else
+        value = redis.call('HGET', bucket_of(st, fields[i]), fields[i])
+      end
     end
     if not value then  -- HGET gives false for a missing field
       ended = true

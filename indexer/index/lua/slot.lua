@@ -2,7 +2,8 @@
 -- KEYS: the model's slots, nextslot, slotver, bk (declared for Redis Cluster);
 -- ARGV[1] worker id, ARGV[2] dp rank, ARGV[3] a random integer the slot map version
 -- starts from when the model has none (a model collected and started again must not
--- repeat a version a reader may have cached with the old slot map).
+-- repeat a version a reader may have cached with the old slot map), ARGV[4] the bucket
+-- load of a model created here (holders.lua).
 -- Returns {slot id, created (0|1)}. Slot ids come from `nextslot` and are never given
 -- out again (holders.lua): a holder entry always means the rank that wrote it. A model
 -- whose keys are in an older layout is refused (an error reply), never written.
@@ -26,6 +27,6 @@ redis.call('HSET', p .. 'slots', ref, s)
 redis.call('SET', p .. 'slotver', ARGV[3], 'NX')
 redis.call('INCR', p .. 'slotver')
 if layout ~= LAYOUT then
-  redis.call('HSET', p .. 'bk', 'layout', LAYOUT)
+  redis.call('HSET', p .. 'bk', 'layout', LAYOUT, 'load', ARGV[4])
 end
 return {s, 1}
