@@ -452,6 +452,7 @@ class RedisIndex:
         self._stats = IndexStats()
         self._lock = asyncio.Lock()
         self._layout_checked = False
+        self._probe_buckets = False  # Redis Cluster: apply.lua probes buckets first
 
     @classmethod
     def from_url(cls, url: str, *, redis_options: Mapping[str, Any] | None = None,
@@ -691,7 +692,8 @@ class RedisIndex:
         replace = False
         if not remove:
             log_segment, replace = self._log_segment(ledger, journal)
-        flags = (1 if replace else 0) | (2 if ledger.degraded else 0) | (4 if remove else 0)
+        flags = ((1 if replace else 0) | (2 if ledger.degraded else 0) | (4 if remove else 0)
+                 | (8 if self._probe_buckets else 0))
         header = _RECORD_HEADER.pack(
             ledger.slot, expected, _position(ledger.epoch, ledger.last_seq), ledger.last_ts,
             flags, *ledger.counts, ledger.dp_rank, len(worker), len(sink.ops),

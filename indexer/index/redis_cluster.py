@@ -102,6 +102,7 @@ class RedisClusterIndex(RedisIndex):
         self.retried_calls = 0  # apply calls tried again after a redirection or lost node
         self._pipes: dict[str, RedisPipe] = {}  # Score's pipelined connection per master
         self._fast_queries = True
+        self._probe_buckets = True  # a slot migrating moves buckets under apply.lua
 
     @classmethod
     def from_url(cls, url: str, *, redis_options: Mapping[str, Any] | None = None,

@@ -14,7 +14,7 @@
 --           <I4 presence ops length> <I4 ledger log length> <I4 block size>
 --           positions are (epoch, seq) as big-endian signed 64-bit; flags: 1 the log
 --           segment replaces the rank's log (reset or compaction), 2 degraded, 4 remove
---           the rank after applying; a block size > 0 is stored as the model's
+--           the rank after applying, 8 probe the buckets first (Redis Cluster, below); a block size > 0 is stored as the model's
 --   then    worker id, presence ops, ledger log segment (opaque here; see redis.py)
 --           presence op: <c1 'S'|'C'> <I4 bit position> <I4 count> count x key (8 bytes)
 --           of KV-cache group 0 (its buckets, holders.lua), or <c1 'T'|'K'> <B group>
@@ -320,6 +320,78 @@ end
 for k = 6 + 2 * #ARGV, #KEYS do
   group_hashes[KEYS[k]] = true
 end
+-- On Redis Cluster (records flagged 8): while the model's hash slot migrates, a bucket
+-- may be on the target already, or not exist yet, and a script touching it fails there,
+-- half done. So every bucket the records' group-0 ops name, and every bucket the splits
+-- they may cause write, is probed first (a probe of a key not served here fails): one
+-- refused, the call answers TRYAGAIN with nothing written. (Pool removals and wipes
+-- resolve their keys as they run, unprobed, as the pool keys themselves are.)
+local function buckets_here()
+  local seen, ok = {}, true
+  local function probe(name)
+    if ok and not seen[name] then
+      seen[name] = true
+      ok = pcall(redis.call, 'EXISTS', name)
+    end
+  end
+  local added = 0
+  for i = 1, #ARGV do
+    local rec = ARGV[i]
+    local _, _, _, _, flags, _, _, _, _, _, wlen, olen, _, _, pos = struct.unpack(HEADER, rec, 1)
+    if bit.band(flags, 8) == 0 then
+      return true
+    end
+    pos = pos + wlen
+    local stop = pos + olen
+    while pos < stop do
+      local kind = string.sub(rec, pos, pos)
+      local count, per, skip
+      if kind == 'T' or kind == 'K' then
+        _, _, _, count, pos = struct.unpack('<c1BI4I4', rec, pos)
+        pos = pos + count * 8
+      else
+        _, _, count, pos = struct.unpack('<c1I4I4', rec, pos)
+        if kind == 'S' or kind == 'C' or kind == 'P' then
+          per, skip = 8, 0
+          if kind == 'P' then
+            local nlen
+            nlen, pos = struct.unpack('<H', rec, pos)
+            pos = pos + nlen + 8
+            per, skip = 16, 8
+          end
+          for k = 0, count - 1 do
+            probe(bucket_of(buckets, string.sub(rec, pos + k * per + skip,
+              pos + k * per + skip + 7)))
+          end
+          added = added + count
+          pos = pos + count * per
+        elseif kind == 'X' then
+          pos = pos + 8
+        elseif kind == 'R' or kind == 'W' then
+          local nlen
+          nlen, pos = struct.unpack('<H', rec, pos)
+          pos = pos + nlen + 8
+          if kind == 'R' then pos = pos + count * 8 end
+        end
+      end
+    end
+  end
+  -- the splits `added` new blocks may cause, in order
+  local split, n = buckets.split, buckets.n
+  for _ = 0, (buckets.load > 0 and math.ceil(added / buckets.load) or -1) do
+    probe(bucket_name(buckets, split))
+    probe(bucket_name(buckets, split + n))
+    split = split + 1
+    if split == n then
+      split, n = 0, 2 * n
+    end
+  end
+  return ok
+end
+if not buckets_here() then
+  return redis.error_reply('TRYAGAIN a bucket of ' .. p .. ' is not served here (slot migrating)')
+end
+
 local statuses = {}
 -- A script error keeps what ran before it: the bucket state is stored either way, so its
 -- block count stays exact (gc.lua relies on it).

@@ -82,18 +82,22 @@ local function plain_store(hash)
   return {hash = hash}
 end
 
-local function bucket_of(st, key)
-  local h = struct.unpack('<I4', key)
-  local b = h % st.n
-  if b < st.split then
-    b = h % (2 * st.n)
-  end
+local function bucket_name(st, b)
   local name = st.names[b]
   if not name then
     name = st.p .. 'b:' .. b
     st.names[b] = name
   end
   return name
+end
+
+local function bucket_of(st, key)
+  local h = struct.unpack('<I4', key)
+  local b = h % st.n
+  if b < st.split then
+    b = h % (2 * st.n)
+  end
+  return bucket_name(st, b)
 end
 
 -- The value of `key` (false when absent), the hash holding its bucket entry, and whether
