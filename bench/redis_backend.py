@@ -11,6 +11,11 @@ every other worker mounts, <= 100 bytes per (block, owner) entry.
 Then the same workload as a hybrid-attention model (issue 17): every store also in a
 sliding-window group of 8 blocks that frees what left each chain's window
 (`Workload.hybrid_batches`), one ingest round, its memory per entry and its Score.
+
+Then fleet scale (issue 18): the generator at 1,024 and 4,096 ranks (`--scale-workers`),
+each at the default bucket load and at 0 (`--scale-loads`): memory per entry (<= 64 B),
+ingest (>= 400k blocks/s), Score p99 (<= 1 ms), redis-server's own time per block and per
+Score, and every answer of a pass checked against the in-memory index.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import redis.asyncio as aioredis
 from bench.workload import Workload, make_workload, pool_expected, pool_mounts
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import IndexConfig, ScoreQuery
-from indexer.index.redis import RedisIndex
+from indexer.index.redis import DEFAULT_BUCKET_LOAD, RedisIndex
 from kvcore.bus import BlockRemoved, BlockStored
 from kvcore.keys import block_keys_for_tokens
 from kvcore.pools import KIND_POOL
@@ -115,8 +120,8 @@ async def run(args: argparse.Namespace, url: str, *, user_url: bool = False) -> 
     pool = await pool_workload(args, url, workload, plain_answers)
 
     hybrid = "" if args.no_hybrid else await run_hybrid(args, url, workload)
-    scale = scale_section([await scale_row(args, url, n) for n in args.scale_workers],
-                          args) if args.scale_workers else ""
+    scale = scale_section([await scale_row(args, url, n, load) for n in args.scale_workers
+                           for load in args.scale_loads], args) if args.scale_workers else ""
     p50, p99 = statistics.median(score_only), pct(score_only, 0.99)
     h50, h99 = statistics.median(with_hash), pct(with_hash, 0.99)
     print(f"score: p50 {p50:.0f} us, p99 {p99:.0f} us; with hashing p50 {h50:.0f} us, "
@@ -222,6 +227,7 @@ as group 0's prefix reaches: a second round trip).
 @dataclass
 class ScaleRow:
     workers: int
+    bucket_load: int
     ingest_rate: float
     apply_us_per_block: float  # redis-server's time in apply.lua, per block
     bytes_per_entry: float
@@ -234,7 +240,8 @@ class ScaleRow:
     checked: int
 
 
-async def scale_row(args: argparse.Namespace, url: str, workers: int) -> ScaleRow:
+async def scale_row(args: argparse.Namespace, url: str, workers: int,
+                    bucket_load: int) -> ScaleRow:
     """The workload at `workers` ranks, one ingest round into an emptied database: rate,
     redis-server's own time per block and per Score (INFO commandstats, less sensitive
     to the machine's load than wall time), memory per entry, Score latency, and every
@@ -245,7 +252,7 @@ async def scale_row(args: argparse.Namespace, url: str, workers: int) -> ScaleRo
     await admin.flushdb()
     mem_before = int((await admin.info("memory"))["used_memory"])
     await admin.config_resetstat()
-    index = RedisIndex.from_url(url)
+    index = RedisIndex.from_url(url, bucket_load=bucket_load)
     gc.collect()
     start = time.perf_counter()
     for i in range(0, len(batches), args.chunk):
@@ -277,18 +284,19 @@ async def scale_row(args: argparse.Namespace, url: str, workers: int) -> ScaleRo
     await index.close()
     await admin.flushdb()
     await admin.aclose()
-    row = ScaleRow(workers, rate, apply_usec / workload.blocks, mem / max(entries, 1), entries,
-                   distinct, statistics.median(lat), pct(lat, 0.99), score_us, differing,
+    row = ScaleRow(workers, bucket_load, rate, apply_usec / workload.blocks,
+                   mem / max(entries, 1), entries, distinct, statistics.median(lat), pct(lat, 0.99), score_us, differing,
                    len(keys))
-    print(f"{workers} ranks: {rate:,.0f} blocks/s ({row.apply_us_per_block:.2f} us of Redis "
-          f"per block); {row.bytes_per_entry:.1f} bytes per entry; score p50 {row.p50:.0f} "
+    print(f"{workers} ranks, bucket load {bucket_load}: {rate:,.0f} blocks/s "
+          f"({row.apply_us_per_block:.2f} us of Redis per block); {row.bytes_per_entry:.1f} bytes per entry; score p50 {row.p50:.0f} "
           f"us, p99 {row.p99:.0f} us ({score_us:.0f} us of Redis); {differing} differ")
     return row
 
 
 def scale_section(rows: list[ScaleRow], args: argparse.Namespace) -> str:
     lines = "\n".join(
-        f"| {r.workers:,} | {r.entries:,} / {r.distinct:,} | {r.bytes_per_entry:.1f} B "
+        f"| {r.workers:,} | {r.bucket_load} | {r.entries:,} / {r.distinct:,} | "
+        f"{r.bytes_per_entry:.1f} B "
         f"({verdict(r.bytes_per_entry <= 64)}) | {r.ingest_rate:,.0f} "
         f"({verdict(r.ingest_rate >= 400_000)}) | {r.apply_us_per_block:.2f} | "
         f"{r.p50:,.0f} / {r.p99:,.0f} ({verdict(r.p99 <= 1000)}) | {r.score_us:,.0f} | "
@@ -298,14 +306,17 @@ def scale_section(rows: list[ScaleRow], args: argparse.Namespace) -> str:
 
 The same generator at more ranks ({args.blocks:,} blocks stored, {args.queries} queries of
 8,192 tokens, {args.reps} timed passes), one ingest round each into an emptied database.
-Targets: <= 64 B per entry, >= 400,000 blocks/s, Score p99 <= 1,000 us. "Redis µs" is
+Each size runs at bucket loads {", ".join(str(n) for n in args.scale_loads)} (`--redis-bucket-load`;
+0: one presence hash per model). Targets: <= 64 B per entry, >= 400,000 blocks/s, Score
+p99 <= 1,000 us. "Redis µs" is
 redis-server's own time in the script (INFO commandstats), which the machine's load moves
 less than wall time. Every answer of a first pass is compared with the in-memory index fed
 the same batches.
 
-| ranks | entries / distinct blocks | Redis memory per entry | ingest, blocks/s \
-| Redis µs per block (apply) | Score p50 / p99, us | Redis µs per Score | answers differing |
-|---:|---:|---:|---:|---:|---:|---:|---:|
+| ranks | bucket load | entries / distinct blocks | Redis memory per entry \
+| ingest, blocks/s | Redis µs per block (apply) | Score p50 / p99, us | Redis µs per Score \
+| answers differing |
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 {lines}
 """
 
@@ -450,6 +461,9 @@ def main() -> None:
     parser.add_argument("--scale-workers", type=lambda v: [int(n) for n in v.split(",") if n],
                         default=[1024, 4096],
                         help="rank counts of the fleet-scale rows (comma-separated; '' none)")
+    parser.add_argument("--scale-loads", type=lambda v: [int(n) for n in v.split(",") if n],
+                        default=[DEFAULT_BUCKET_LOAD, 0],
+                        help="bucket loads of the fleet-scale rows (--redis-bucket-load)")
     parser.add_argument("--no-write", action="store_true", help="do not update the docs")
     args = parser.parse_args()
     server = None
