@@ -289,7 +289,8 @@ async def scale_row(args: argparse.Namespace, url: str, workers: int,
                    pct(lat, 0.99), score_us, differing, len(keys))
     print(f"{workers} ranks, bucket load {bucket_load}: {rate:,.0f} blocks/s "
           f"({row.apply_us_per_block:.2f} us of Redis per block); "
-          f"{row.bytes_per_entry:.1f} bytes per entry; score p50 {row.p50:.0f} us, p99 {row.p99:.0f} us ({score_us:.0f} us of Redis); {differing} differ")
+          f"{row.bytes_per_entry:.1f} bytes per entry; score p50 {row.p50:.0f} us, "
+          f"p99 {row.p99:.0f} us ({score_us:.0f} us of Redis); {differing} differ")
     return row
 
 
