@@ -17,7 +17,7 @@
 -- bucket costs one HGET per key), and a bucket keeps its compact encoding (values <= 64
 -- bytes). Groups > 0 are plain hashes.
 local LAYOUT = '2'
-local HOLDER_INLINE = 12  -- 3 holders: a block 4 or more ranks hold is in `bx`
+local HOLDER_INLINE = 8  -- 2 holders: a block 3 or more ranks hold is in `bx`
 local DEFAULT_LOAD = 40  -- blocks per bucket: unsplit buckets stay below 128 fields
 
 local function holder_find(v, slot)
