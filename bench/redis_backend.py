@@ -157,7 +157,7 @@ N queries in flight ({QUERY_CPU_CALLS:,} calls each; Redis's own work is not cou
 {query_cpu_rows(query_cpu)}
 
 {entries:,} (block, worker, tier) entries; used_memory grew by {mem_after - mem_before:,} bytes
-(blocks hash, per-worker engine-hash maps and ghost lists together). {len(score_only):,} timed
+(presence buckets, per-worker engine-hash maps and ghost lists together). {len(score_only):,} timed
 queries ({args.reps} passes over {len(queries)}), {matched:,} with at least one hit.
 
 {hybrid}
@@ -303,15 +303,16 @@ def scale_section(rows: list[ScaleRow], args: argparse.Namespace) -> str:
         f"{r.p50:,.0f} / {r.p99:,.0f} ({verdict(r.p99 <= 1000)}) | {r.score_us:,.0f} | "
         f"{r.differing} of {r.checked} |"
         for r in rows)
-    return f"""### Fleet scale (issue 18): {", ".join(f"{r.workers:,}" for r in rows)} ranks
+    sizes = ", ".join(f"{n:,}" for n in sorted({r.workers for r in rows}))
+    return f"""### Fleet scale (issue 18): {sizes} ranks
 
 The same generator at more ranks ({args.blocks:,} blocks stored, {args.queries} queries of
 8,192 tokens, {args.reps} timed passes), one ingest round each into an emptied database.
 Each size runs at bucket loads {", ".join(str(n) for n in args.scale_loads)} (`--redis-bucket-load`;
 0: one presence hash per model). Targets: <= 64 B per entry, >= 400,000 blocks/s, Score
 p99 <= 1,000 us. "Redis µs" is
-redis-server's own time in the script (INFO commandstats), which the machine's load moves
-less than wall time. Every answer of a first pass is compared with the in-memory index fed
+redis-server's own time in the script (INFO commandstats): on a loaded machine it moves
+too, if less than wall time. Every answer of a first pass is compared with the in-memory index fed
 the same batches.
 
 | ranks | bucket load | entries / distinct blocks | Redis memory per entry \
