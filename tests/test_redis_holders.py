@@ -9,13 +9,16 @@ import pytest
 import redis.asyncio as aioredis
 
 from bench.workload import make_workload
-from indexer.errors import BackendError
+from indexer.config import parse_service_config
+from indexer.errors import BackendError, ConfigError
+from indexer.index.factory import build_index
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import IndexConfig, ScoreQuery
 from indexer.index.redis import DEFAULT_BUCKET_LOAD, MODELS_KEY, RedisIndex, model_prefix
 from kvcore.bus import BlockRemoved
 from kvcore.keys import block_keys_for_tokens
 from tests.support.ledger_batches import BS, MODEL, TOKENS, batch, stored
+from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -272,3 +275,26 @@ async def test_removed_blocks_leave_no_bucket_entry(redis_client: aioredis.Redis
     assert await index.presence(MODEL) == {}
     assert {w.worker_id for w in await index.workers(MODEL)} == {"w0", "w1", "w2"}
     await index.close()
+
+
+class TestBucketLoadSetting:
+    """`--redis-bucket-load` reaches the index, within the range a bucket stays compact."""
+
+    def test_range_and_default(self) -> None:
+        """Default 40; 0 and 60 taken; -1 and 61 refused naming the flag."""
+        assert parse_service_config([]).redis_bucket_load == DEFAULT_BUCKET_LOAD == 40
+        for value in ("0", "60"):
+            assert parse_service_config(["--redis-bucket-load", value]).redis_bucket_load == int(
+                value)
+        for value in ("-1", "61"):
+            with pytest.raises(ConfigError, match="--redis-bucket-load"):
+                parse_service_config(["--redis-bucket-load", value])
+
+    async def test_the_factory_passes_it(self, redis_server: RedisServer,
+                                         redis_client: aioredis.Redis) -> None:
+        """build_index gives the RedisIndex the load; a model it creates records it."""
+        index = build_index(IndexConfig(), redis_url=redis_server.url, redis_bucket_load=0)
+        assert isinstance(index, RedisIndex) and index.bucket_load == 0
+        await index.apply([batch(0, stored(1, 6))])
+        assert await redis_client.hget(model_prefix(MODEL) + "bk", "load") == b"0"
+        await index.close()
