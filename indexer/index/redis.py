@@ -5,7 +5,7 @@ hash slot and each batch is one atomic Lua call even on Redis Cluster:
 
     kvi:{m:M}:bk                 HASH  layout (2), bucket state: load, level, split, count
     kvi:{m:M}:b:<n>              HASH  group 0's buckets: key (8 B, LE) -> holder list
-    kvi:{m:M}:bx                 HASH  key -> holder list, for lists too long for a bucket
+    kvi:{m:M}:bx                 HASH  key -> holder list of a block 3 or more ranks hold
     kvi:{m:M}:slots              HASH  "worker\\nrank" -> slot id (never reused)
     kvi:{m:M}:slotver            STR   bumped whenever a slot id is allocated or freed
     kvi:{m:M}:nextslot           STR   the slot id counter
@@ -18,8 +18,9 @@ hash slot and each batch is one atomic Lua call even on Redis Cluster:
 
 A presence value is the sorted list of its holders, u32 `slot id << 4 | tier bits` each
 (lua/holders.lua): its size follows the number of holders, not their slot ids. Group 0's
-values are spread over small hashes by the key's low bits (linear hashing, ~40 per
-bucket), which Redis keeps listpack-encoded. A model whose keys predate this layout (no
+values are spread over small hashes by the key's low bits (linear hashing, the model's
+`load` blocks per bucket, 40 by default), which Redis keeps listpack-encoded; load 0
+keeps one hash. A model whose keys predate this layout (no
 `layout` in `bk`) is refused, never read (`ping()` says so, the scripts answer an error).
 
 The scripts declare every key they write or read as KEYS (Redis Cluster routes and guards a
