@@ -3,6 +3,7 @@ refused (lua/holders.lua, docs/architecture.md "Redis")."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 import pytest
@@ -298,3 +299,39 @@ class TestBucketLoadSetting:
         await index.apply([batch(0, stored(1, 6))])
         assert await redis_client.hget(model_prefix(MODEL) + "bk", "load") == b"0"
         await index.close()
+
+
+async def test_readers_during_removals_never_credit_a_rank_with_anothers_blocks(
+        redis_client: aioredis.Redis) -> None:
+    """A reader scores without pause while a writer removes a (6 blocks) and adds c
+    (1 block) and the reverse, 25 times over: every answer names b with its 3 blocks,
+    a with 6 or nothing, c with 1 or nothing; c, created right after a's removal, is
+    never credited a's blocks, whatever slot map the reader holds."""
+    writer, reader = RedisIndex(redis_client), RedisIndex(redis_client)
+    await writer.apply([batch(0, stored(1, 3), worker="b"), batch(0, stored(1, 6), worker="a")])
+    query = ScoreQuery(model=MODEL, block_keys=block_keys_for_tokens(TOKENS, BS, MODEL))
+    seen: list[dict[str, int]] = []
+    done = False
+
+    async def read() -> None:
+        while not done:
+            result = await reader.score(query)
+            seen.append({s.worker_id: s.matched_blocks for s in result.scores})
+
+    task = asyncio.create_task(read())
+    for epoch in range(1, 26):
+        await writer.remove_worker(MODEL, "a")
+        await writer.apply([batch(0, stored(1, 1), epoch=epoch, worker="c")])
+        await writer.remove_worker(MODEL, "c")
+        await writer.apply([batch(0, stored(1, 6), epoch=epoch, worker="a")])
+        await asyncio.sleep(0)
+    done = True
+    await task
+    assert len(seen) >= 25
+    for answer in seen:
+        assert answer.get("b") == 3, answer
+        assert answer.get("a", 6) == 6 and answer.get("c", 1) == 1, answer
+    ids = await slot_ids(redis_client, MODEL)
+    assert ids["a\n0"] >= 50  # every re-creation took a new id
+    await writer.close()
+    await reader.close()
