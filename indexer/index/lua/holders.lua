@@ -10,12 +10,12 @@
 -- one big hash costs ~80 B per field). The bucket of a key is its low 32 bits modulo the
 -- bucket count, grown by linear hashing: state in `bk` (level, split, count of blocks);
 -- n = 2^level buckets plus `split` more, bucket b < split addressed modulo 2n. The load
--- (blocks per bucket) is the model's, set when it is created: 0 keeps one bucket, a
--- hashtable-encoded hash that Score reads 64 keys per HMGET (faster, ~80 B per block). A value
--- longer than HOLDER_INLINE (a block several ranks hold: a shared prefix) lives in the
--- plain hash `bx` and the bucket holds '' for it: Score reads those 64 per HMGET (a
--- bucket costs one HGET per key), and a bucket keeps its compact encoding (values <= 64
--- bytes). Groups > 0 are plain hashes.
+-- (blocks per bucket, `--redis-bucket-load`) is the model's, set when it is created: 0
+-- keeps one bucket, a hashtable-encoded hash that Score reads 64 keys per HMGET (faster,
+-- ~80 B per block). A value longer than HOLDER_INLINE (a block several ranks hold: a
+-- shared prefix) lives in the plain hash `bx` and the bucket holds '' for it: Score
+-- reads those 64 per HMGET (a bucket costs one HGET per key), and a bucket keeps its
+-- compact encoding (values <= 64 bytes). Groups > 0 are plain hashes.
 local LAYOUT = '2'
 local HOLDER_INLINE = 8  -- 2 holders: a block 3 or more ranks hold is in `bx`
 local DEFAULT_LOAD = 40  -- blocks per bucket: unsplit buckets stay below 128 fields
