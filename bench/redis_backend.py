@@ -11,6 +11,11 @@ every other worker mounts, <= 100 bytes per (block, owner) entry.
 Then the same workload as a hybrid-attention model (issue 17): every store also in a
 sliding-window group of 8 blocks that frees what left each chain's window
 (`Workload.hybrid_batches`), one ingest round, its memory per entry and its Score.
+
+Then fleet scale (issue 18): the generator at 1,024 and 4,096 ranks (`--scale-workers`),
+each at the default bucket load and at 0 (`--scale-loads`): memory per entry (<= 64 B),
+ingest (>= 400k blocks/s), Score p99 (<= 1 ms), redis-server's own time per block and per
+Score, and every answer of a pass checked against the in-memory index.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from bench.workload import Workload, make_workload, pool_expected, pool_mounts
-from indexer.index.protocol import ScoreQuery
-from indexer.index.redis import RedisIndex
+from indexer.index.memory import MemoryIndex
+from indexer.index.protocol import IndexConfig, ScoreQuery
+from indexer.index.redis import DEFAULT_BUCKET_LOAD, RedisIndex
 from kvcore.bus import BlockRemoved, BlockStored
 from kvcore.keys import block_keys_for_tokens
 from kvcore.pools import KIND_POOL
@@ -83,7 +89,7 @@ async def run(args: argparse.Namespace, url: str, *, user_url: bool = False) -> 
     mem_after = int((await admin.info("memory"))["used_memory"])
     workers = await index.workers(MODEL)
     entries = sum(sum(w.blocks_by_tier.values()) for w in workers)
-    distinct = await admin.hlen(f"kvi:{{m:{_escape(MODEL)}}}:blk")
+    distinct = int(await admin.hget(f"kvi:{{m:{_escape(MODEL)}}}:bk", "count") or 0)
     bytes_per_entry = (mem_after - mem_before) / max(entries, 1)
     print(f"ingest: {ingest_rate:,.0f} blocks/s; {entries:,} entries, {distinct:,} distinct "
           f"blocks; {bytes_per_entry:.1f} bytes per entry")
@@ -114,6 +120,8 @@ async def run(args: argparse.Namespace, url: str, *, user_url: bool = False) -> 
     pool = await pool_workload(args, url, workload, plain_answers)
 
     hybrid = "" if args.no_hybrid else await run_hybrid(args, url, workload)
+    scale = scale_section([await scale_row(args, url, n, load) for n in args.scale_workers
+                           for load in args.scale_loads], args) if args.scale_workers else ""
     p50, p99 = statistics.median(score_only), pct(score_only, 0.99)
     h50, h99 = statistics.median(with_hash), pct(with_hash, 0.99)
     print(f"score: p50 {p50:.0f} us, p99 {p99:.0f} us; with hashing p50 {h50:.0f} us, "
@@ -149,10 +157,11 @@ N queries in flight ({QUERY_CPU_CALLS:,} calls each; Redis's own work is not cou
 {query_cpu_rows(query_cpu)}
 
 {entries:,} (block, worker, tier) entries; used_memory grew by {mem_after - mem_before:,} bytes
-(blocks hash, per-worker engine-hash maps and ghost lists together). {len(score_only):,} timed
+(presence buckets, per-worker engine-hash maps and ghost lists together). {len(score_only):,} timed
 queries ({args.reps} passes over {len(queries)}), {matched:,} with at least one hit.
 
-{hybrid}"""
+{hybrid}
+{scale}"""
 
 
 HYBRID_WINDOW_BLOCKS = 8
@@ -212,6 +221,105 @@ as group 0's prefix reaches: a second round trip).
 | {per_entry:.1f} B | | |
 | Score p50 / p99 (block keys given) | {p50:,.0f} / {p99:,.0f} us | | |
 | best match per query, mean blocks | {statistics.mean(best):.0f} | | |
+"""
+
+
+@dataclass
+class ScaleRow:
+    workers: int
+    bucket_load: int
+    ingest_rate: float
+    apply_us_per_block: float  # redis-server's time in apply.lua, per block
+    bytes_per_entry: float
+    entries: int
+    distinct: int
+    p50: float
+    p99: float
+    score_us: float  # redis-server's time in score.lua, per call
+    differing: int  # answers unlike the in-memory index's
+    checked: int
+
+
+async def scale_row(args: argparse.Namespace, url: str, workers: int,
+                    bucket_load: int) -> ScaleRow:
+    """The workload at `workers` ranks, one ingest round into an emptied database: rate,
+    redis-server's own time per block and per Score (INFO commandstats, less sensitive
+    to the machine's load than wall time), memory per entry, Score latency, and every
+    answer of the first pass checked against the in-memory index fed the same batches."""
+    workload = make_workload(workers, args.blocks, n_queries=args.queries)
+    batches = workload.batches(MODEL)
+    admin = aioredis.Redis.from_url(url)
+    await admin.flushdb()
+    mem_before = int((await admin.info("memory"))["used_memory"])
+    await admin.config_resetstat()
+    index = RedisIndex.from_url(url, bucket_load=bucket_load)
+    gc.collect()
+    start = time.perf_counter()
+    for i in range(0, len(batches), args.chunk):
+        await index.apply(batches[i : i + args.chunk])
+    rate = workload.blocks / (time.perf_counter() - start)
+    apply_usec = int((await admin.info("commandstats"))["cmdstat_evalsha"]["usec"])
+    mem = int((await admin.info("memory"))["used_memory"]) - mem_before
+    entries = sum(sum(w.blocks_by_tier.values()) for w in await index.workers(MODEL))
+    distinct = int(await admin.hget(f"kvi:{{m:{_escape(MODEL)}}}:bk", "count") or 0)
+    memory = MemoryIndex(IndexConfig())
+    await memory.apply(batches)
+    keys = [block_keys_for_tokens(tokens, 16, MODEL) for tokens in workload.queries]
+    differing = 0
+    for query_keys in keys:  # the warm-up pass, checked
+        query = ScoreQuery(model=MODEL, block_keys=query_keys)
+        got = {(s.worker_id, s.dp_rank, s.matched_blocks)
+               for s in (await index.score(query)).scores}
+        differing += got != {(s.worker_id, s.dp_rank, s.matched_blocks)
+                             for s in (await memory.score(query)).scores}
+    del memory
+    await admin.config_resetstat()
+    lat: list[float] = []
+    for _ in range(args.reps):
+        for query_keys in keys:
+            t0 = time.perf_counter()
+            await index.score(ScoreQuery(model=MODEL, block_keys=query_keys))
+            lat.append((time.perf_counter() - t0) * 1e6)
+    score_us = float((await admin.info("commandstats"))["cmdstat_evalsha"]["usec_per_call"])
+    await index.close()
+    await admin.flushdb()
+    await admin.aclose()
+    row = ScaleRow(workers, bucket_load, rate, apply_usec / workload.blocks,
+                   mem / max(entries, 1), entries, distinct, statistics.median(lat),
+                   pct(lat, 0.99), score_us, differing, len(keys))
+    print(f"{workers} ranks, bucket load {bucket_load}: {rate:,.0f} blocks/s "
+          f"({row.apply_us_per_block:.2f} us of Redis per block); "
+          f"{row.bytes_per_entry:.1f} bytes per entry; score p50 {row.p50:.0f} us, "
+          f"p99 {row.p99:.0f} us ({score_us:.0f} us of Redis); {differing} differ")
+    return row
+
+
+def scale_section(rows: list[ScaleRow], args: argparse.Namespace) -> str:
+    lines = "\n".join(
+        f"| {r.workers:,} | {r.bucket_load} | {r.entries:,} / {r.distinct:,} | "
+        f"{r.bytes_per_entry:.1f} B "
+        f"({verdict(r.bytes_per_entry <= 64)}) | {r.ingest_rate:,.0f} "
+        f"({verdict(r.ingest_rate >= 400_000)}) | {r.apply_us_per_block:.2f} | "
+        f"{r.p50:,.0f} / {r.p99:,.0f} ({verdict(r.p99 <= 1000)}) | {r.score_us:,.0f} | "
+        f"{r.differing} of {r.checked} |"
+        for r in rows)
+    sizes = ", ".join(f"{n:,}" for n in sorted({r.workers for r in rows}))
+    return f"""### Fleet scale (issue 18): {sizes} ranks
+
+The same generator at more ranks ({args.blocks:,} blocks stored, {args.queries} queries of
+8,192 tokens, {args.reps} timed passes), one ingest round each into an emptied database.
+Each size runs at bucket loads {", ".join(str(n) for n in args.scale_loads)} (`--redis-bucket-load`;
+0: one presence hash per model). Targets: <= 64 B per entry, >= 400,000 blocks/s, Score
+p99 <= 1,000 us. "Redis µs" is
+redis-server's own time in the script (INFO commandstats): on a loaded machine it moves
+too, if less than wall time. Every answer of a first pass is compared with the in-memory index fed
+the same batches.
+
+| ranks | bucket load | entries / distinct blocks | Redis memory per entry \
+| ingest, blocks/s | Redis µs per block (apply) | Score p50 / p99, us | Redis µs per Score \
+| answers differing |
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+{lines}
 """
 
 
@@ -352,6 +460,12 @@ def main() -> None:
                         help="let the bench empty a --redis-url database that holds keys")
     parser.add_argument("--no-hybrid", action="store_true",
                         help="leave out the hybrid-model workload")
+    parser.add_argument("--scale-workers", type=lambda v: [int(n) for n in v.split(",") if n],
+                        default=[1024, 4096],
+                        help="rank counts of the fleet-scale rows (comma-separated; '' none)")
+    parser.add_argument("--scale-loads", type=lambda v: [int(n) for n in v.split(",") if n],
+                        default=[DEFAULT_BUCKET_LOAD, 0],
+                        help="bucket loads of the fleet-scale rows (--redis-bucket-load)")
     parser.add_argument("--no-write", action="store_true", help="do not update the docs")
     args = parser.parse_args()
     server = None

@@ -156,7 +156,8 @@ class IndexerService:
                                  redis_url=config.redis_url, on_resync=resync.request,
                                  redis_security=RedisSecurity.from_config(config),
                                  redis_read_urls=redis_read_urls(config),
-                                 max_staleness_s=config.redis_read_max_staleness_s)
+                                 max_staleness_s=config.redis_read_max_staleness_s,
+                                 redis_bucket_load=config.redis_bucket_load)
         self._served_index = served_index(self.index, registry)
         self._resync = resync
         await self._start_grpc()

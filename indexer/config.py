@@ -47,6 +47,7 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str | None = None  # None: in-memory index
     redis_read_url: str | None = None  # read replicas for Score, comma-separated
     redis_read_max_staleness_s: float = 1.0  # read_replicas.DEFAULT_MAX_STALENESS_S
+    redis_bucket_load: int = 40  # redis.DEFAULT_BUCKET_LOAD; 0: one presence hash per model
     pool_writers: str | None = None  # worker id patterns that may write pools, comma-separated
     grpc_listen: str = "127.0.0.1:50051"
     grpc_processes: int = 1  # > 1: extra read-only gRPC server processes (Redis index only)
@@ -107,6 +108,10 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
     ("--redis-read-max-staleness", "redis_read_max_staleness_s", float,
      "seconds a read replica may be behind the primary and still serve Score; beyond, "
      "Score reads another replica or the primary"),
+    ("--redis-bucket-load", "redis_bucket_load", int,
+     "blocks per presence bucket of each model created in Redis: ~40 holds a (block, rank) "
+     "entry in fewer bytes; 0 keeps one hash per model, ~30 B more per entry but about "
+     "half the Redis time per write and per Score"),
     ("--pool-writers", "pool_writers", str,
      "worker id patterns (fnmatch, separated by commas) whose writes into shared storage "
      "pools are trusted; unset: any worker whose registry entry declares the pool"),
@@ -308,6 +313,8 @@ def validate(config: ServiceConfig) -> None:
          "--redis-read-url must be redis://, rediss:// or unix:// URLs separated by commas"),
         (not tls_redis or all(url.startswith("rediss://") for url in redis_read_urls(config)),
          "--redis-tls-* apply to the read replicas too: --redis-read-url needs rediss:// URLs"),
+        (0 <= config.redis_bucket_load <= 60,
+         "--redis-bucket-load must be 0 (one hash) to 60 (a bucket stays a compact listpack)"),
         (math.isfinite(config.redis_read_max_staleness_s)
          and config.redis_read_max_staleness_s > 0,
          "--redis-read-max-staleness must be a number of seconds > 0"),

@@ -14,7 +14,7 @@ from indexer.index.instrumented import InstrumentedIndex
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, ResyncHook
 from indexer.index.read_replicas import DEFAULT_MAX_STALENESS_S, ReplicaReadIndex
-from indexer.index.redis import RedisIndex
+from indexer.index.redis import DEFAULT_BUCKET_LOAD, RedisIndex
 from indexer.index.redis_cluster import RedisClusterIndex, cluster_url, is_cluster_node
 from indexer.index.replica_metrics import ReadReplicaCollector
 
@@ -60,10 +60,11 @@ class RedisSecurity(msgspec.Struct, frozen=True, kw_only=True):
 def build_index(
     config: IndexConfig, *, redis_url: str | None = None, on_resync: ResyncHook | None = None,
     redis_security: RedisSecurity | None = None, redis_read_urls: Sequence[str] = (),
-    max_staleness_s: float = DEFAULT_MAX_STALENESS_S,
+    max_staleness_s: float = DEFAULT_MAX_STALENESS_S, redis_bucket_load: int = DEFAULT_BUCKET_LOAD,
 ) -> Index:
     """The Redis index at `redis_url` (with `redis_security`; Score from the read replicas
-    `redis_read_urls` while they are within `max_staleness_s`), else the in-memory one. A
+    `redis_read_urls` while they are within `max_staleness_s`; models it creates keep
+    `redis_bucket_load` blocks per presence bucket), else the in-memory one. A
     `redis+cluster://` URL, or one whose node runs in cluster mode, gets the cluster index."""
     if redis_url:
         options = redis_security.client_options() if redis_security is not None else {}
@@ -72,13 +73,16 @@ def build_index(
                 raise ConfigError("--redis-read-url is for one Redis primary; a Redis Cluster "
                                   "serves reads from its own shards")
             return RedisClusterIndex.from_url(redis_url, config=config, on_resync=on_resync,
-                                              redis_options=options)
+                                              redis_options=options,
+                                              bucket_load=redis_bucket_load)
         if redis_read_urls:
+            primary = RedisIndex.from_url(redis_url, config=config, on_resync=on_resync,
+                                          redis_options=options, bucket_load=redis_bucket_load)
             return ReplicaReadIndex.from_urls(redis_url, redis_read_urls, config=config,
-                                              redis_options=options, on_resync=on_resync,
+                                              redis_options=options, primary=primary,
                                               max_staleness_s=max_staleness_s)
         return RedisIndex.from_url(redis_url, config=config, on_resync=on_resync,
-                                   redis_options=options)
+                                   redis_options=options, bucket_load=redis_bucket_load)
     return MemoryIndex(config, on_resync=on_resync)
 
 

@@ -3,24 +3,34 @@
 Every key of a model shares the hash tag `{m:<model>}`, so one model's index lives in one
 hash slot and each batch is one atomic Lua call even on Redis Cluster:
 
-    kvi:{m:M}:blk                HASH  key (8 B, LE) -> presence mask (LE bytes, no trailing 0)
-    kvi:{m:M}:slots              HASH  "worker\\nrank" -> slot
-    kvi:{m:M}:slotver            STR   bumped whenever a slot is allocated or freed
-    kvi:{m:M}:free / nextslot    ZSET / STR  slot allocation
+    kvi:{m:M}:bk                 HASH  layout (2), bucket state: load, level, split, count
+    kvi:{m:M}:b:<n>              HASH  group 0's buckets: key (8 B, LE) -> holder list
+    kvi:{m:M}:bx                 HASH  key -> holder list of a block 3 or more ranks hold
+    kvi:{m:M}:slots              HASH  "worker\\nrank" -> slot id (never reused)
+    kvi:{m:M}:slotver            STR   bumped whenever a slot id is allocated or freed
+    kvi:{m:M}:nextslot           STR   the slot id counter
     kvi:{m:M}:w:<slot>:meta      HASH  pos (epoch, seq), ts, n0..n3, degraded, worker, rank
     kvi:{m:M}:w:<slot>:log       STR   the rank's ledger as an append-only log (below)
     kvi:{m:M}:block_size         STR   block size the model's workers store with
     kvi:{m:M}:groups             HASH  KV-cache group > 0 -> "kind\nwindow" (hybrid models)
-    kvi:{m:M}:blk<g>             HASH  the presence masks of KV-cache group g > 0, like blk
+    kvi:{m:M}:blk<g>             HASH  the holder lists of KV-cache group g > 0
     kvi:models                   SET   model names (for listing only)
+
+A presence value is the sorted list of its holders, u32 `slot id << 4 | tier bits` each
+(lua/holders.lua): its size follows the number of holders, not their slot ids. Group 0's
+values are spread over small hashes by the key's low bits (linear hashing, the model's
+`load` blocks per bucket, 40 by default), which Redis keeps listpack-encoded; load 0
+keeps one hash. A model whose keys predate this layout (no
+`layout` in `bk`) is refused, never read (`ping()` says so, the scripts answer an error).
 
 The scripts declare every key they write or read as KEYS (Redis Cluster routes and guards a
 call by them, answering TRYAGAIN while a slot is half migrated instead of letting a script
-miss keys already moved): `apply.lua` the `blk<g>` hash of every KV-cache group its
-records write (`apply_keys`), `gc.lua` the `groups` hash and each group's `blk<g>`
-(`_gc_keys`, named from `groups` read first), `score.lua` the `groups` hash and
-`score_groups.lua` the group hashes it reads. A shared storage pool's presence lives in
-group 0 (`blk`).
+miss keys already moved), except group 0's bucket hashes and `bx` (named in the scripts
+from `bk`, which is declared) and the pool keys: `apply.lua` the `blk<g>` hash of every
+KV-cache group its records write (`apply_keys`), `gc.lua` the `groups` hash and each
+group's `blk<g>` (`_gc_keys`, named from `groups` read first), `score.lua` the `groups`
+hash and `score_groups.lua` the group stores it reads. A shared storage pool's presence
+lives in group 0.
 
 A model lives while it has a rank: removing its last rank (`remove_worker`, which is also
 how liveness expiry removes workers) deletes all its keys in one `gc.lua` call, which
@@ -49,7 +59,7 @@ import random
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import redis.asyncio as aioredis
 import structlog
@@ -115,16 +125,17 @@ from kvcore.bus import BlockRemoved, BlockStored, Event, EventBatch, escape_toke
 from kvcore.keys import pack_keys
 from kvcore.pools import KIND_POOL
 
-__all__ = ["DEFAULT_LOG_COMPACT_MIN_BYTES", "RedisIndex"]
+__all__ = ["DEFAULT_BUCKET_LOAD", "DEFAULT_LOG_COMPACT_MIN_BYTES", "RedisIndex"]
 
 log = structlog.get_logger("indexer.redis")
 
 MODELS_KEY: Final = "kvi:models"
 DEFAULT_LOG_COMPACT_MIN_BYTES: Final = 64 * 1024
+DEFAULT_BUCKET_LOAD: Final = 40
 _MAX_CALLS: Final = 8  # script calls one apply() is split into, so Python and Redis overlap
-_OP_HEADER: Final = struct.Struct("<cHI")
-_GROUP_OP_HEADER: Final = struct.Struct("<cBHI")
-_RECORD_HEADER: Final = struct.Struct("<H16s16sdBIIIIIHIII")
+_OP_HEADER: Final = struct.Struct("<cII")
+_GROUP_OP_HEADER: Final = struct.Struct("<cBII")
+_RECORD_HEADER: Final = struct.Struct("<I16s16sdBIIIIIHIII")
 _POSITION: Final = struct.Struct(">qq")
 _NAME_LEN: Final = struct.Struct("<H")
 # KEYS[1] a number; ARGV[1] a candidate: the key keeps the larger of the two.
@@ -140,8 +151,13 @@ def model_prefix(model: str) -> str:
     return f"kvi:{{m:{escape_token(model)}}}:"
 
 
-_APPLY_MODEL_KEYS: Final = ("blk", "slots", "slotver", "free", "block_size")
-_GC_MODEL_KEYS: Final = ("slots", "nextslot", "blk", "slotver", "free", "block_size", "groups")
+_APPLY_MODEL_KEYS: Final = ("bk", "bx", "slots", "slotver", "block_size")
+_GC_MODEL_KEYS: Final = ("slots", "nextslot", "bk", "bx", "slotver", "block_size", "groups",
+                         "pool_floor", "blk", "free")
+_SLOT_MODEL_KEYS: Final = ("slots", "nextslot", "slotver", "bk")
+LAYOUT: Final = b"2"  # holders.lua: holder lists in buckets, slot ids never reused
+_DECODED_CACHE: Final = 65536  # holder lists decoded per slot map, kept for the next query
+_ENTRIES: Final = {4 * n: struct.Struct(f"<{n}I").unpack for n in range(1, 17)}
 
 
 def apply_keys(model: str, slots: Sequence[int], groups: Iterable[int] = ()) -> list[str]:
@@ -157,12 +173,19 @@ def apply_keys(model: str, slots: Sequence[int], groups: Iterable[int] = ()) -> 
 
 
 def group_hash_keys(prefix: str, groups: Iterable[int]) -> list[str]:
-    """The presence hash of each KV-cache group: `blk` for group 0, `blk<g>` past it."""
-    return [prefix + "blk" + (str(group) if group else "") for group in groups]
+    """The presence store of each KV-cache group: `bk` (group 0's bucket state, its
+    buckets named from it) for group 0, the hash `blk<g>` past it."""
+    return [prefix + ("blk" + str(group) if group else "bk") for group in groups]
+
+
+def score_keys(prefix: str) -> tuple[str, str, str, str]:
+    """The keys `score.lua` declares."""
+    return (prefix + "bk", prefix + "slotver", prefix + "groups", prefix + "bx")
 
 
 def _gc_keys(model: str, next_slot: int, groups: Sequence[int] = ()) -> list[str]:
-    """gc.lua's keys: the model's, each slot's below `next_slot`, each group's hash."""
+    """gc.lua's keys: the model's, each slot's below `next_slot` (0 for a model in
+    layout 2, whose ranks' keys go with the ranks), each group's hash."""
     prefix = model_prefix(model)
     keys = [prefix + name for name in _GC_MODEL_KEYS]
     for slot in range(next_slot):
@@ -189,6 +212,11 @@ def _position(epoch: int, seq: int) -> bytes:
 
 def _lua(name: str) -> str:
     return resources.files("indexer.index").joinpath(f"lua/{name}").read_text()
+
+
+def _lua_with_holders(name: str) -> str:
+    """A script that reads or writes presence, after the holder-list layout's functions."""
+    return _lua("holders.lua") + "\n" + _lua(name)
 
 
 class _OpsSink:
@@ -308,24 +336,35 @@ def _worker_infos(model: str, reply: list[Any]) -> list[WorkerInfo]:
 
 
 class _SlotMap:
-    """A model's slot -> worker rank map, as of `version`."""
+    """A model's ranks as of `version`, numbered for the walk.
 
-    __slots__ = ("all_slots", "by_slot", "pools", "slots_of_worker", "version")
+    Redis names a rank by its slot id (never reused, up to 2^28); the walk's masks (one
+    nibble per rank, indexer/index/scoring.py) number the ranks densely instead, in slot
+    id order, so a mask's size follows the number of ranks, not the ids. `by_slot`,
+    `slots_of_worker` and `pools` are in that dense numbering; `mask()` turns a holder
+    list from Redis into it. An entry of an id the map does not know (a rank created or
+    removed since) is left out: a miss at worst, never another rank's claim."""
+
+    __slots__ = ("_dense", "_masks", "all_slots", "by_slot", "pools", "slots_of_worker",
+                 "version")
 
     def __init__(self, version: bytes | None, slots: dict[bytes, bytes]) -> None:
         self.version = version
         self.by_slot: dict[int, WorkerRef] = {}  # pools too, as (name, POOL_RANK)
         self.slots_of_worker: dict[str, int] = {}
-        self.pools: dict[str, int] = {}  # shared storage pool -> slot
-        for ref_raw, slot_raw in slots.items():
+        self.pools: dict[str, int] = {}  # shared storage pool -> its walk slot
+        ids = sorted((int(slot_raw), ref_raw) for ref_raw, slot_raw in slots.items())
+        self._dense: dict[int, int] = {}  # slot id -> walk slot
+        self._masks: dict[bytes, int] = {}
+        for dense, (slot_id, ref_raw) in enumerate(ids):
+            self._dense[slot_id] = dense
             worker_id, _, rank = ref_raw.decode().rpartition("\n")
-            slot = int(slot_raw)
-            self.by_slot[slot] = WorkerRef(worker_id, int(rank))
+            self.by_slot[dense] = WorkerRef(worker_id, int(rank))
             if int(rank) == POOL_RANK:
-                self.pools[worker_id] = slot
+                self.pools[worker_id] = dense
                 continue
             self.slots_of_worker[worker_id] = (
-                self.slots_of_worker.get(worker_id, 0) | slot_bits([slot])
+                self.slots_of_worker.get(worker_id, 0) | slot_bits([dense])
             )
         self.all_slots = slot_bits(s for s, ref in self.by_slot.items()
                                    if ref.dp_rank != POOL_RANK)
@@ -336,6 +375,31 @@ class _SlotMap:
         mask = 0
         for worker_id in workers:
             mask |= self.slots_of_worker.get(worker_id, 0)
+        return mask
+
+    def mask(self, value: bytes) -> int:
+        """A holder list (holders.lua) as a walk mask: bit `walk slot * 4 + tier`."""
+        found = self._masks.get(value)
+        if found is not None:
+            return found
+        dense = self._dense
+        unpack = _ENTRIES.get(len(value)) or struct.Struct(f"<{len(value) // 4}I").unpack
+        entries = unpack(value)
+        mask = 0
+        if len(entries) <= 16:
+            for entry in entries:
+                slot = dense.get(entry >> 4)
+                if slot is not None:
+                    mask |= (entry & 15) << (slot * TIER_BITS)
+        else:  # a block many ranks hold: one nibble array, then one int
+            nibbles = bytearray((len(dense) + 1) // 2)
+            for entry in entries:
+                slot = dense.get(entry >> 4)
+                if slot is not None:
+                    nibbles[slot >> 1] |= (entry & 15) << ((slot & 1) * TIER_BITS)
+            mask = int.from_bytes(nibbles, "little")
+        if len(self._masks) < _DECODED_CACHE:
+            self._masks[value] = mask
         return mask
 
 
@@ -351,8 +415,12 @@ class RedisIndex:
         pipelined_queries: bool = True,
         *,
         read_only: bool = False,
+        bucket_load: int = DEFAULT_BUCKET_LOAD,
     ) -> None:
         self.log_compact_min_bytes = log_compact_min_bytes
+        # Blocks per bucket of the models this index creates (lua/holders.lua): 0 keeps
+        # one hash per model, faster to read and write, ~30 B more per block.
+        self.bucket_load = bucket_load
         # A read replica's index: Score runs score.lua with EVALSHA_RO, which a replica
         # accepts and which can never write.
         self._score_command = "EVALSHA_RO" if read_only else "EVALSHA"
@@ -360,18 +428,18 @@ class RedisIndex:
         self.config.validate()
         self.on_resync = on_resync
         self._redis = client
-        self._apply_script = client.register_script(_lua("apply.lua"))
+        self._apply_script = client.register_script(_lua_with_holders("apply.lua"))
         self._apply_sha: str | None = None
-        self._slot_script = client.register_script(_lua("slot.lua"))
-        self._score_script = client.register_script(_lua("score.lua"))
-        self._score_groups_script = client.register_script(_lua("score_groups.lua"))
+        self._slot_script = client.register_script(_lua_with_holders("slot.lua"))
+        self._score_script = client.register_script(_lua_with_holders("score.lua"))
+        self._score_groups_script = client.register_script(_lua_with_holders("score_groups.lua"))
         self._workers_script = client.register_script(_lua("workers.lua"))
-        self._gc_script = client.register_script(_lua("gc.lua"))
+        self._gc_script = client.register_script(_lua_with_holders("gc.lua"))
         # None: queries stay on redis-py (asked for, or a URL the pipe does not speak).
         self._queries = RedisPipe.for_client(client) if pipelined_queries else None
         self._ledgers: dict[tuple[str, WorkerRef], WorkerLedger] = {}
         self._pool_slots: dict[tuple[str, str], int] = {}  # (model, pool) -> slot
-        self._pool_drop_script = client.register_script(_lua("pool_drop.lua"))
+        self._pool_drop_script = client.register_script(_lua_with_holders("pool_drop.lua"))
         self._floor_script = client.register_script(_RAISE_FLOOR)
         self._log_bytes: dict[WorkerLedger, int] = {}  # size of each ledger's log in Redis
         self._slot_maps: dict[str, _SlotMap] = {}
@@ -383,6 +451,8 @@ class RedisIndex:
         self._record_groups: dict[str, set[int]] = {}
         self._stats = IndexStats()
         self._lock = asyncio.Lock()
+        self._layout_checked = False
+        self._probe_buckets = False  # Redis Cluster: apply.lua probes buckets first
 
     @classmethod
     def from_url(cls, url: str, *, redis_options: Mapping[str, Any] | None = None,
@@ -553,7 +623,8 @@ class RedisIndex:
         if slot is None:
             prefix = model_prefix(model)
             slot_raw, created = await self._slot_script(
-                keys=[prefix], args=[pool, POOL_RANK, random.getrandbits(62)])
+                keys=[prefix + name for name in _SLOT_MODEL_KEYS],
+                args=[pool, POOL_RANK, random.getrandbits(62), self.bucket_load])
             slot = self._pool_slots[(model, pool)] = int(slot_raw)
             if created:
                 await self._redis.sadd(MODELS_KEY, model)
@@ -621,7 +692,8 @@ class RedisIndex:
         replace = False
         if not remove:
             log_segment, replace = self._log_segment(ledger, journal)
-        flags = (1 if replace else 0) | (2 if ledger.degraded else 0) | (4 if remove else 0)
+        flags = ((1 if replace else 0) | (2 if ledger.degraded else 0) | (4 if remove else 0)
+                 | (8 if self._probe_buckets else 0))
         header = _RECORD_HEADER.pack(
             ledger.slot, expected, _position(ledger.epoch, ledger.last_seq), ledger.last_ts,
             flags, *ledger.counts, ledger.dp_rank, len(worker), len(sink.ops),
@@ -697,8 +769,8 @@ class RedisIndex:
     async def _load_ledger(self, model: str, ref: WorkerRef) -> WorkerLedger:
         prefix = model_prefix(model)
         slot_raw, created = await self._slot_script(
-            keys=[prefix + "slots", prefix + "free", prefix + "nextslot", prefix + "slotver"],
-            args=[ref.worker_id, ref.dp_rank, random.getrandbits(62)]
+            keys=[prefix + name for name in _SLOT_MODEL_KEYS],
+            args=[ref.worker_id, ref.dp_rank, random.getrandbits(62), self.bucket_load]
         )
         slot = int(slot_raw)
         ledger = WorkerLedger(model, ref.worker_id, ref.dp_rank, slot,
@@ -742,9 +814,10 @@ class RedisIndex:
                 await self._drop_idle_sockets()
             raise BackendError(f"redis score failed: {exc}") from exc
         candidates = slot_map.candidates(query.workers)
-        # Runs of equal masks, flat: [mask bytes, count, ...] (see lua/score.lua).
-        runs: list[int] = [int.from_bytes(v, "little") if i % 2 == 0 else v
-                           for i, v in enumerate(values)]
+        # Runs of equal holder lists, flat: [value, count, ...] (see lua/score.lua), as
+        # walk masks.
+        mask_of = slot_map.mask
+        runs: list[int] = [mask_of(v) if i % 2 == 0 else v for i, v in enumerate(values)]
         weights = query.tier_weights or self.config.tier_weights
         plan = NO_POOLS
         if query.mounts and slot_map.pools:
@@ -754,7 +827,7 @@ class RedisIndex:
         if any(group != b"0" for group in groups[::2]):
             # A pool's presence lives in group 0: its credit goes to group 0's masks.
             matches = await self._hybrid_matches(query, packed_keys, groups, runs,
-                                                 candidates, plan=plan)
+                                                 candidates, slot_map=slot_map, plan=plan)
         elif plan.credits:
             credited = pool_runs(runs, plan, candidates | plan.cold)
             matches = expand_replicas(
@@ -767,7 +840,7 @@ class RedisIndex:
         return ScoreResult(len(packed_keys) // 8, worker_scores(matches, refs.__getitem__))
 
     async def _hybrid_matches(self, query: ScoreQuery, packed_keys: bytes, groups: list[bytes],
-                              runs: list[int], candidates: int, *,
+                              runs: list[int], candidates: int, *, slot_map: _SlotMap,
                               plan: PoolPlan = NO_POOLS) -> list[SlotMatch]:
         """vLLM's hybrid rule (indexer/index/hybrid.py) over the model's KV-cache groups:
         group 0's runs came with the query; the others' masks take a second call, only as
@@ -804,7 +877,7 @@ class RedisIndex:
             if isinstance(exc, ConnectionError | TimeoutError):
                 await self._drop_idle_sockets()
             raise BackendError(f"redis score failed: {exc}") from exc
-        present = [{i: int.from_bytes(v, "little") for i, v in enumerate(reply) if v}
+        present = [{i: slot_map.mask(v) for i, v in enumerate(reply) if v}
                    for reply in replies]
         if reference is None:
             if plan.credits:
@@ -828,16 +901,16 @@ class RedisIndex:
 
     async def _masks(self, prefix: str, packed_keys: bytes) -> list[Any]:
         """score.lua's reply; over the shared query pipe when there is one."""
-        keys = (prefix + "blk", prefix + "slotver", prefix + "groups")
+        keys = score_keys(prefix)
         reply: list[Any]
         sha = str(self._score_script.sha)  # SHA1 of the script text, known before loading
         call = (self._queries.call if self._queries is not None
                 else self._redis.execute_command)
         try:
-            reply = await call(self._score_command, sha, 3, *keys, packed_keys)
+            reply = await call(self._score_command, sha, len(keys), *keys, packed_keys)
         except NoScriptError:  # first use, or Redis restarted and lost its scripts
             await call("SCRIPT", "LOAD", str(self._score_script.script))
-            reply = await call(self._score_command, sha, 3, *keys, packed_keys)
+            reply = await call(self._score_command, sha, len(keys), *keys, packed_keys)
         return reply
 
     async def _group_masks(self, prefix: str, packed_keys: bytes,
@@ -990,7 +1063,8 @@ class RedisIndex:
     async def _gc_each(self, models: Sequence[str]) -> list[int]:
         """`gc.lua` once per model, pipelined: each model's rank count, 0 for one whose
         keys it deleted. It declares every key it may delete, named from the model's
-        `nextslot` and `groups` (its KV-cache groups' hashes), read first; a model whose
+        `nextslot` (an older layout's rank keys; none in layout 2, whose ranks' keys go
+        with the ranks) and `groups` (its KV-cache groups' hashes), read first; a model whose
         `nextslot` grew (or that gained a group) meanwhile got a rank: its count is read
         again, and after three tries it is taken as having one."""
         ranks: list[int] = [-1] * len(models)
@@ -1002,9 +1076,11 @@ class RedisIndex:
             for i in todo:
                 pipe.get(model_prefix(models[i]) + "nextslot")
                 pipe.hkeys(model_prefix(models[i]) + "groups")
+                pipe.hget(model_prefix(models[i]) + "bk", "layout")
             read = await pipe.execute()
-            next_slots = [int(raw or 0) for raw in read[0::2]]
-            groups = [sorted(int(g) for g in raw) for raw in read[1::2]]
+            next_slots = [0 if layout == LAYOUT else int(raw or 0)
+                          for raw, layout in zip(read[0::3], read[2::3], strict=True)]
+            groups = [sorted(int(g) for g in raw) for raw in read[1::3]]
             replies = await self._eval_each(self._gc_script, [
                 (_gc_keys(models[i], n, g), [n, *g])
                 for i, n, g in zip(todo, next_slots, groups, strict=True)])
@@ -1099,8 +1175,31 @@ class RedisIndex:
     async def ping(self) -> None:
         try:
             await self._redis.ping()
+            if not self._layout_checked:
+                await self._check_layout()
         except RedisError as exc:
             raise BackendError(f"redis ping failed: {exc}") from exc
+
+    async def _check_layout(self) -> None:
+        """Refuse a Redis whose models (with ranks) are in an older presence layout: read
+        as holder lists, their bitmasks would name the wrong ranks. Models without a rank
+        are collected by liveness whatever their layout."""
+        models = await self._listed_models()
+        pipe = self._redis.pipeline(transaction=False)
+        for model in models:
+            pipe.exists(model_prefix(model) + "slots")
+            pipe.hget(model_prefix(model) + "bk", "layout")
+        read = await pipe.execute()
+        old = [model for model, ranks, layout in zip(models, read[0::2], read[1::2],
+                                                      strict=True)
+               if ranks and layout != LAYOUT]
+        if old:
+            raise BackendError(
+                f"Redis holds {len(old)} model(s) in an older index layout "
+                f"(e.g. {', '.join(old[:3])}); this version stores presence as holder lists "
+                f"(layout {LAYOUT.decode()}) and will not read them. Delete the index's keys "
+                "(kvi:*) and restart: the index is rebuilt from snapshots and the stream.")
+        self._layout_checked = True
 
     async def get_marker(self, name: str) -> str | None:
         try:
@@ -1120,15 +1219,21 @@ class RedisIndex:
 
     async def presence(self, model: str) -> dict[int, dict[WorkerRef, int]]:
         slot_map = await self._slot_map(model, fresh=True)
+        prefix = model_prefix(model)
+        level, split = await self._redis.hmget(prefix + "bk", "level", "split")
+        n_buckets = 2 ** int(level or 0) + int(split or 0)
         out: dict[int, dict[WorkerRef, int]] = {}
-        async for field, value in self._redis.hscan_iter(model_prefix(model) + "blk", count=1000):
-            mask = int.from_bytes(value, "little")
-            holders: dict[WorkerRef, int] = {}
-            slot = 0
-            while mask:
-                if mask & 15:
-                    holders[slot_map.by_slot[slot]] = mask & 15
-                mask >>= TIER_BITS
-                slot += 1
-            out[int.from_bytes(field, "little")] = holders
+        big = cast("dict[bytes, bytes]", await self._redis.hgetall(prefix + "bx"))
+        for bucket in range(n_buckets):
+            async for field, value in self._redis.hscan_iter(f"{prefix}b:{bucket}",
+                                                             count=1000):
+                mask = slot_map.mask(big[field] if value == b"" else bytes(value))
+                holders: dict[WorkerRef, int] = {}
+                slot = 0
+                while mask:
+                    if mask & 15:
+                        holders[slot_map.by_slot[slot]] = mask & 15
+                    mask >>= TIER_BITS
+                    slot += 1
+                out[int.from_bytes(field, "little")] = holders
         return out

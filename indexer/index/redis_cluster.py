@@ -46,7 +46,7 @@ from redis.exceptions import (
 from indexer.errors import BackendError
 from indexer.index.ledger import WorkerLedger
 from indexer.index.protocol import ApplyOutcome, RankState, ResyncRequest, WorkerRef
-from indexer.index.redis import _POSITION, RedisIndex, _read_reply, model_prefix
+from indexer.index.redis import _POSITION, RedisIndex, _read_reply, model_prefix, score_keys
 from indexer.index.redis_pipe import RedisPipe
 from kvcore.bus import EventBatch
 
@@ -102,6 +102,7 @@ class RedisClusterIndex(RedisIndex):
         self.retried_calls = 0  # apply calls tried again after a redirection or lost node
         self._pipes: dict[str, RedisPipe] = {}  # Score's pipelined connection per master
         self._fast_queries = True
+        self._probe_buckets = True  # a slot migrating moves buckets under apply.lua
 
     @classmethod
     def from_url(cls, url: str, *, redis_options: Mapping[str, Any] | None = None,
@@ -225,13 +226,13 @@ class RedisClusterIndex(RedisIndex):
         slot (as a single node's queries are); redirected, cut or unloaded, the call goes
         through the cluster client instead, which follows MOVED and ASK, refreshes its
         slot map and loads the script, so the next call finds the right master."""
-        keys = (prefix + "blk", prefix + "slotver", prefix + "groups")
+        keys = score_keys(prefix)
         node_pipe = self._pipe_for(keys[0])
         if node_pipe is not None:
             name, pipe = node_pipe
             try:
-                reply: list[Any] = await pipe.call("EVALSHA", str(self._score_script.sha), 3,
-                                                   *keys, packed_keys)
+                reply: list[Any] = await pipe.call("EVALSHA", str(self._score_script.sha),
+                                                   len(keys), *keys, packed_keys)
                 return reply
             except (ConnectionError, TimeoutError):
                 await self._pipes.pop(name, pipe).close()

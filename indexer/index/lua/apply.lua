@@ -6,27 +6,30 @@
 --
 -- KEYS     every key the call touches, declared so Redis Cluster routes the call (and
 --          answers TRYAGAIN while a slot is half migrated) by all of them: the model's
---          blk, slots, slotver, free, block_size, then each record's rank meta and log
+--          bk, bx, slots, slotver, block_size, then each record's rank meta and log
 --          (`w:<slot>:meta`, `w:<slot>:log`), all sharing the hash tag {m:<model>}
 -- ARGV     one record per rank:
---   header  <H slot> <c16 expected position> <c16 new position> <d ts> <B flags>
+--   header  <I4 slot id> <c16 expected position> <c16 new position> <d ts> <B flags>
 --           <I4 x4 held blocks per tier> <I4 dp rank> <H worker id length>
 --           <I4 presence ops length> <I4 ledger log length> <I4 block size>
 --           positions are (epoch, seq) as big-endian signed 64-bit; flags: 1 the log
 --           segment replaces the rank's log (reset or compaction), 2 degraded, 4 remove
---           the rank after applying; a block size > 0 is stored as the model's
+--           the rank after applying, 8 probe the buckets first (Redis Cluster, below); a block size > 0 is stored as the model's
 --   then    worker id, presence ops, ledger log segment (opaque here; see redis.py)
---           presence op: <c1 'S'|'C'> <H bit position> <I4 count> count x key (8 bytes)
---           of KV-cache group 0 (the `blk` hash), or <c1 'T'|'K'> <B group> <H bit
---           position> <I4 count> keys: set / clear in group g's hash `blk<g>`
+--           presence op: <c1 'S'|'C'> <I4 bit position> <I4 count> count x key (8 bytes)
+--           of KV-cache group 0 (its buckets, holders.lua), or <c1 'T'|'K'> <B group>
+--           <I4 bit position> <I4 count> keys: set / clear in group g's hash `blk<g>`;
+--           bit position = slot id * 4 + tier
 --           pool op (shared storage pools, indexer/index/pools.py), as of <d ts>:
---             <c1 'P'> <H pool slot> <I4 count> <H name length> name <d ts>,
+--             <c1 'P'> <I4 pool slot> <I4 count> <H name length> name <d ts>,
 --               count x (hash, key): the pool holds these blocks
---             <c1 'R'> <H pool slot> <I4 count> <H name length> name <d ts>, count x hash:
+--             <c1 'R'> <I4 pool slot> <I4 count> <H name length> name <d ts>, count x hash:
 --               these blocks left the pool (resolved through its map)
---             <c1 'W'> <H pool slot> <I4 0> <H name length> name <d ts>: wiped
---             <c1 'X'> <H 0> <I4 0> <d ts>: wipe every pool this rank wrote into (a gap)
---           A pool's presence lives in group 0 (its storage bit in `blk`).
+--             <c1 'W'> <I4 pool slot> <I4 0> <H name length> name <d ts>: wiped
+--             <c1 'X'> <I4 0> <I4 0> <d ts>: wipe every pool this rank wrote into (a gap)
+--           A pool's presence lives in group 0 (its storage tier in its holder entry).
+-- Bucket hashes `b:<n>` and `bx` (holders.lua) are written undeclared, like the pool keys
+-- (they share the model's hash tag); `bk`, their state, is declared.
 -- KEYS past the records' ones: the `blk<g>` hash of every KV-cache group > 0 the
 --          records' T / K ops name (declared like the others; an op naming an undeclared
 --          group hash is an error, before the record's rank is checked).
@@ -35,51 +38,24 @@
 -- Returns one status per record applied ('ok' | 'removed' | 'emptied': removed, and the
 -- model has no rank left), then 'conflict' if one failed.
 local p = string.match(KEYS[1], '^(.*:)')  -- the model prefix, "kvi:{m:<model>}:"
-local blk = p .. 'blk'
 local NOPOS = string.rep('\255', 16)
-local HEADER = '<Hc16c16dBI4I4I4I4I4HI4I4I4'
+local HEADER = '<I4c16c16dBI4I4I4I4I4HI4I4I4'
+local buckets = open_buckets(p)
 
-local function set_bits(blk, ops, pos, count, byte_i, m)
-  local fresh = string.rep('\0', byte_i - 1) .. string.char(m)
+local function set_bits(st, ops, pos, count, bitpos)
+  local slot, m = math.floor(bitpos / 4), 2 ^ (bitpos % 4)
   for _ = 1, count do
-    local key = string.sub(ops, pos, pos + 7)
+    set_holder(st, string.sub(ops, pos, pos + 7), slot, m)
     pos = pos + 8
-    -- Most stored blocks are new to the index: one call when the field is absent.
-    if redis.call('HSETNX', blk, key, fresh) == 0 then
-      local v = redis.call('HGET', blk, key)
-      local len = #v
-      if byte_i > len then
-        redis.call('HSET', blk, key, v .. string.rep('\0', byte_i - len - 1) .. string.char(m))
-      else
-        local b = string.byte(v, byte_i)
-        if bit.band(b, m) == 0 then
-          redis.call('HSET', blk, key,
-            string.sub(v, 1, byte_i - 1) .. string.char(b + m) .. string.sub(v, byte_i + 1))
-        end
-      end
-    end
   end
   return pos
 end
 
-local function clear_bits(blk, ops, pos, count, byte_i, m)
+local function clear_bits(st, ops, pos, count, bitpos)
+  local slot, m = math.floor(bitpos / 4), 2 ^ (bitpos % 4)
   for _ = 1, count do
-    local key = string.sub(ops, pos, pos + 7)
+    clear_holder(st, string.sub(ops, pos, pos + 7), slot, m)
     pos = pos + 8
-    local v = redis.call('HGET', blk, key)
-    if v and byte_i <= #v then
-      local b = string.byte(v, byte_i)
-      if bit.band(b, m) ~= 0 then
-        local nv = string.sub(v, 1, byte_i - 1) .. string.char(b - m) .. string.sub(v, byte_i + 1)
-        local e = #nv
-        while e > 0 and string.byte(nv, e) == 0 do e = e - 1 end
-        if e == 0 then
-          redis.call('HDEL', blk, key)
-        else
-          redis.call('HSET', blk, key, string.sub(nv, 1, e))
-        end
-      end
-    end
   end
   return pos
 end
@@ -102,13 +78,13 @@ local function pools_owned(rec, pos, stop)
     local per
     if kind == 'T' or kind == 'K' then
       local group
-      kind, group, slot, count, pos = struct.unpack('<c1BHI4', rec, pos)
-      if not group_hashes[blk .. group] then
-        error('a presence op names ' .. blk .. group .. ', not a declared key')
+      kind, group, slot, count, pos = struct.unpack('<c1BI4I4', rec, pos)
+      if not group_hashes[p .. 'blk' .. group] then
+        error('a presence op names ' .. p .. 'blk' .. group .. ', not a declared key')
       end
       pos = pos + count * 8
     else
-      kind, slot, count, pos = struct.unpack('<c1HI4', rec, pos)
+      kind, slot, count, pos = struct.unpack('<c1I4I4', rec, pos)
       per = POOL_OP[kind]
     end
     if kind == 'T' or kind == 'K' then
@@ -135,12 +111,11 @@ end
 -- hash, as PoolState in indexer/index/pools.py: map values are key .. store ts, `gone`
 -- holds tombstones (removal ts), stores and removals older than `floor` are ignored).
 local function pool_open(slot, name)
-  local bitpos = slot * 4 + 2
   local meta = p .. 'w:' .. slot .. ':meta'
   local st = redis.call('HMGET', meta, 'floor', 'gone_max', 'epoch', 'ts')
   return {slot = slot, name = name, meta = meta,
     map = p .. 'p:' .. slot .. ':map', gone = p .. 'p:' .. slot .. ':gone',
-    byte_i = math.floor(bitpos / 8) + 1, m = 2 ^ (bitpos % 8),
+    bitpos = slot * 4 + 2,
     floor = math.max(tonumber(st[1]) or 0,
       tonumber(redis.call('GET', p .. 'pool_floor') or '0')),
     gone_max = tonumber(st[2]) or 0,
@@ -172,8 +147,8 @@ local function pool_store(pool, rec, pos, count, ts)
       redis.call('HSET', pool.map, h, key .. struct.pack('<d', ts))
       local old_key = old and string.sub(old, 1, 8)
       if old_key ~= key then
-        if old_key then clear_bits(blk, old_key, 1, 1, pool.byte_i, pool.m) end
-        set_bits(blk, key, 1, 1, pool.byte_i, pool.m)
+        if old_key then clear_bits(buckets, old_key, 1, 1, pool.bitpos) end
+        set_bits(buckets, key, 1, 1, pool.bitpos)
       end
     end
   end
@@ -190,7 +165,7 @@ local function pool_remove(pool, rec, pos, count, ts)
     if not (old and stamp_of(old) > ts) then
       if old then
         redis.call('HDEL', pool.map, h)
-        clear_bits(blk, string.sub(old, 1, 8), 1, 1, pool.byte_i, pool.m)
+        clear_bits(buckets, string.sub(old, 1, 8), 1, 1, pool.bitpos)
       end
       local gone = remember and redis.call('HGET', pool.gone, h)
       if remember and not (gone and struct.unpack('<d', gone) > ts) then
@@ -212,7 +187,7 @@ local function pool_wipe(pool, ts)
     local v = all[i + 1]
     if stamp_of(v) <= ts then
       redis.call('HDEL', pool.map, all[i])
-      clear_bits(blk, string.sub(v, 1, 8), 1, 1, pool.byte_i, pool.m)
+      clear_bits(buckets, string.sub(v, 1, 8), 1, 1, pool.bitpos)
     end
   end
   if ts > pool.floor then pool.floor = ts end
@@ -265,24 +240,20 @@ local function apply_presence(rec, pos, stop, wp)
     local kind, group, bitpos, count
     kind = string.sub(rec, pos, pos)
     if kind == 'T' or kind == 'K' then
-      kind, group, bitpos, count, pos = struct.unpack('<c1BHI4', rec, pos)
-      local hash = blk .. group  -- declared: pools_owned checked
-      local byte_i = math.floor(bitpos / 8) + 1
-      local m = 2 ^ (bitpos % 8)
+      kind, group, bitpos, count, pos = struct.unpack('<c1BI4I4', rec, pos)
+      local hash = plain_store(p .. 'blk' .. group)  -- declared: pools_owned checked
       if kind == 'T' then
-        pos = set_bits(hash, rec, pos, count, byte_i, m)
+        pos = set_bits(hash, rec, pos, count, bitpos)
       else
-        pos = clear_bits(hash, rec, pos, count, byte_i, m)
+        pos = clear_bits(hash, rec, pos, count, bitpos)
       end
     else
-      kind, bitpos, count, pos = struct.unpack('<c1HI4', rec, pos)
+      kind, bitpos, count, pos = struct.unpack('<c1I4I4', rec, pos)
       if kind == 'S' or kind == 'C' then
-        local byte_i = math.floor(bitpos / 8) + 1
-        local m = 2 ^ (bitpos % 8)
         if kind == 'S' then
-          pos = set_bits(blk, rec, pos, count, byte_i, m)
+          pos = set_bits(buckets, rec, pos, count, bitpos)
         else
-          pos = clear_bits(blk, rec, pos, count, byte_i, m)
+          pos = clear_bits(buckets, rec, pos, count, bitpos)
         end
       elseif kind == 'X' then
         local ts
@@ -317,8 +288,7 @@ local function apply_one(rec, i)
   pos = pos + olen
   if bit.band(flags, 4) ~= 0 then
     redis.call('DEL', meta, wp .. 'log', wp .. 'pools')
-    redis.call('HDEL', p .. 'slots', ref)
-    redis.call('ZADD', p .. 'free', slot, slot)
+    redis.call('HDEL', p .. 'slots', ref)  -- its slot id is never given out again
     redis.call('INCR', p .. 'slotver')
     if redis.call('EXISTS', p .. 'slots') == 0 then
       return 'emptied'  -- the model's last rank: the caller collects the model (gc.lua)
@@ -344,15 +314,98 @@ end
 if #KEYS < 5 + 2 * #ARGV then
   return redis.error_reply('apply.lua wants 5 model keys, 2 per record, then group hashes')
 end
+if old_layout(p, buckets.layout) then
+  return redis.error_reply('KVI_LAYOUT ' .. p .. ' holds an older presence layout')
+end
 for k = 6 + 2 * #ARGV, #KEYS do
   group_hashes[KEYS[k]] = true
 end
-local statuses = {}
-for i = 1, #ARGV do
-  local status = apply_one(ARGV[i], i)
-  statuses[#statuses + 1] = status
-  if status == 'conflict' then
-    break
+-- On Redis Cluster (records flagged 8): while the model's hash slot migrates, a bucket
+-- may be on the target already, or not exist yet, and a script touching it fails there,
+-- half done. So every bucket the records' group-0 ops name, and every bucket the splits
+-- they may cause write, is probed first (a probe of a key not served here fails): one
+-- refused, the call answers TRYAGAIN with nothing written. (Pool removals and wipes
+-- resolve their keys as they run, unprobed, as the pool keys themselves are.)
+local function buckets_here()
+  local seen, ok = {}, true
+  local function probe(name)
+    if ok and not seen[name] then
+      seen[name] = true
+      ok = pcall(redis.call, 'EXISTS', name)
+    end
   end
+  local added = 0
+  for i = 1, #ARGV do
+    local rec = ARGV[i]
+    local _, _, _, _, flags, _, _, _, _, _, wlen, olen, _, _, pos = struct.unpack(HEADER, rec, 1)
+    if bit.band(flags, 8) == 0 then
+      return true
+    end
+    pos = pos + wlen
+    local stop = pos + olen
+    while pos < stop do
+      local kind = string.sub(rec, pos, pos)
+      local count, per, skip
+      if kind == 'T' or kind == 'K' then
+        _, _, _, count, pos = struct.unpack('<c1BI4I4', rec, pos)
+        pos = pos + count * 8
+      else
+        _, _, count, pos = struct.unpack('<c1I4I4', rec, pos)
+        if kind == 'S' or kind == 'C' or kind == 'P' then
+          per, skip = 8, 0
+          if kind == 'P' then
+            local nlen
+            nlen, pos = struct.unpack('<H', rec, pos)
+            pos = pos + nlen + 8
+            per, skip = 16, 8
+          end
+          for k = 0, count - 1 do
+            probe(bucket_of(buckets, string.sub(rec, pos + k * per + skip,
+              pos + k * per + skip + 7)))
+          end
+          added = added + count
+          pos = pos + count * per
+        elseif kind == 'X' then
+          pos = pos + 8
+        elseif kind == 'R' or kind == 'W' then
+          local nlen
+          nlen, pos = struct.unpack('<H', rec, pos)
+          pos = pos + nlen + 8
+          if kind == 'R' then pos = pos + count * 8 end
+        end
+      end
+    end
+  end
+  -- the splits `added` new blocks may cause, in order
+  local split, n = buckets.split, buckets.n
+  for _ = 0, (buckets.load > 0 and math.ceil(added / buckets.load) or -1) do
+    probe(bucket_name(buckets, split))
+    probe(bucket_name(buckets, split + n))
+    split = split + 1
+    if split == n then
+      split, n = 0, 2 * n
+    end
+  end
+  return ok
+end
+if not buckets_here() then
+  return redis.error_reply('TRYAGAIN a bucket of ' .. p .. ' is not served here (slot migrating)')
+end
+
+local statuses = {}
+-- A script error keeps what ran before it: the bucket state is stored either way, so its
+-- block count stays exact (gc.lua relies on it).
+local ran, err = pcall(function()
+  for i = 1, #ARGV do
+    local status = apply_one(ARGV[i], i)
+    statuses[#statuses + 1] = status
+    if status == 'conflict' then
+      break
+    end
+  end
+end)
+close_buckets(buckets)
+if not ran then
+  return redis.error_reply(tostring(err))
 end
 return statuses

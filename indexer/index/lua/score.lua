@@ -1,46 +1,64 @@
--- Presence masks of a query's blocks, in order, up to the first block nobody holds (no
--- worker can match past it), after the slot map's version. Consecutive equal masks (the
--- usual case along a shared prefix) come back as one run, so the reply stays small.
--- KEYS[1] the model's blk hash, KEYS[2] its slotver, KEYS[3] its groups hash (the KV-cache
--- groups of a hybrid model: their masks are not looked up here); ARGV[1] the block keys,
--- 8 bytes each.
--- Returns {slotver or false, groups as {field, value, ...}, mask1, count1, mask2, ...}.
+-- Holder lists of a query's blocks (holders.lua), in order, up to the first block nobody
+-- holds (no worker can match past it), after the slot map's version. Consecutive equal
+-- values (the usual case along a shared prefix) come back as one run, so the reply stays
+-- small. Read-only (replicas run it with EVALSHA_RO).
+-- KEYS[1] the model's bucket state `bk`, KEYS[2] its slotver, KEYS[3] its groups hash
+-- (the KV-cache groups of a hybrid model: their values are not looked up here), KEYS[4]
+-- its `bx` hash; the bucket hashes are read undeclared. ARGV[1] the block keys, 8 bytes
+-- each.
+-- Returns {slotver or false, groups as {field, value, ...}, value1, count1, value2, ...},
+-- or an error reply for a model in an older layout.
+local p = string.match(KEYS[1], '^(.*:)')
 local packed = ARGV[1]
 local n = #packed / 8
-local out = {redis.call('GET', KEYS[2]), redis.call('HGETALL', KEYS[3])}
--- Small chunks: a query stops paying for lookups soon after its first unheld block.
+local st = open_buckets(p)
+local version = redis.call('GET', KEYS[2])
+if old_layout(p, st.layout) then
+  return redis.error_reply('KVI_LAYOUT ' .. p .. ' holds an older presence layout')
+end
+local out = {version, redis.call('HGETALL', KEYS[3])}
+local run_value, run_count = nil, 0
+-- Blocks many ranks hold (a shared prefix) are in `bx`: one HMGET per chunk finds them;
+-- the others cost one HGET each in their bucket, or one HMGET when the model keeps one
+-- bucket (load 0).
 local CHUNK = 64
-local FULL_CHUNK = string.rep('c8', CHUNK)
-local run_mask, run_count = nil, 0
+local bx = p .. 'bx'
+local one_bucket = st.n == 1 and st.split == 0 and bucket_of(st, string.rep('\0', 8))
 local ended = false
 for first = 0, n - 1, CHUNK do
   if ended then
     break
   end
-  -- One struct.unpack per chunk cuts its keys out ~10% cheaper than a string.sub each.
   local count = math.min(CHUNK, n - first)
-  local format = count == CHUNK and FULL_CHUNK or string.rep('c8', count)
-  local fields = {struct.unpack(format, packed, first * 8 + 1)}
-  local values = redis.call('HMGET', KEYS[1], unpack(fields, 1, count))
-  for i = 1, #values do
-    local mask = values[i]
-    if not mask then  -- HMGET gives false for a missing field
+  local fields = {struct.unpack(string.rep('c8', count), packed, first * 8 + 1)}
+  local shared = redis.call('HMGET', bx, unpack(fields, 1, count))
+  local own = one_bucket and redis.call('HMGET', one_bucket, unpack(fields, 1, count))
+  for i = 1, count do
+    local value = shared[i]
+    if not value then
+      if own then
+        value = own[i]
+      else
+        value = redis.call('HGET', bucket_of(st, fields[i]), fields[i])
+      end
+    end
+    if not value then  -- HGET gives false for a missing field
       ended = true
       break
     end
-    if mask == run_mask then
+    if value == run_value then
       run_count = run_count + 1
     else
-      if run_mask then
-        out[#out + 1] = run_mask
+      if run_value then
+        out[#out + 1] = run_value
         out[#out + 1] = run_count
       end
-      run_mask, run_count = mask, 1
+      run_value, run_count = value, 1
     end
   end
 end
-if run_mask then
-  out[#out + 1] = run_mask
+if run_value then
+  out[#out + 1] = run_value
   out[#out + 1] = run_count
 end
 return out
