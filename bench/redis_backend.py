@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from bench.workload import Workload, make_workload, pool_expected, pool_mounts
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import IndexConfig, ScoreQuery
-from indexer.index.redis import DEFAULT_BUCKET_LOAD, RedisIndex
+from indexer.index.redis import COMPACT_BUCKET_LOAD, DEFAULT_BUCKET_LOAD, RedisIndex
 from kvcore.bus import BlockRemoved, BlockStored
 from kvcore.keys import block_keys_for_tokens
 from kvcore.pools import KIND_POOL
@@ -464,7 +464,7 @@ def main() -> None:
                         default=[1024, 4096],
                         help="rank counts of the fleet-scale rows (comma-separated; '' none)")
     parser.add_argument("--scale-loads", type=lambda v: [int(n) for n in v.split(",") if n],
-                        default=[DEFAULT_BUCKET_LOAD, 0],
+                        default=[DEFAULT_BUCKET_LOAD, COMPACT_BUCKET_LOAD],
                         help="bucket loads of the fleet-scale rows (--redis-bucket-load)")
     parser.add_argument("--no-write", action="store_true", help="do not update the docs")
     args = parser.parse_args()

@@ -47,7 +47,7 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str | None = None  # None: in-memory index
     redis_read_url: str | None = None  # read replicas for Score, comma-separated
     redis_read_max_staleness_s: float = 1.0  # read_replicas.DEFAULT_MAX_STALENESS_S
-    redis_bucket_load: int = 40  # redis.DEFAULT_BUCKET_LOAD; 0: one presence hash per model
+    redis_bucket_load: int = 0  # redis.DEFAULT_BUCKET_LOAD: one presence hash per model
     pool_writers: str | None = None  # worker id patterns that may write pools, comma-separated
     grpc_listen: str = "127.0.0.1:50051"
     grpc_processes: int = 1  # > 1: extra read-only gRPC server processes (Redis index only)
@@ -109,9 +109,9 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
      "seconds a read replica may be behind the primary and still serve Score; beyond, "
      "Score reads another replica or the primary"),
     ("--redis-bucket-load", "redis_bucket_load", int,
-     "blocks per presence bucket of each model created in Redis: ~40 holds a (block, rank) "
-     "entry in fewer bytes; 0 keeps one hash per model, ~30 B more per entry but about "
-     "half the Redis time per write and per Score"),
+     "blocks per presence bucket of each model created in Redis: 0 keeps one hash per "
+     "model; ~40 holds a (block, rank) entry in ~30 B less, at ~1.6x the Redis time per "
+     "write and per Score"),
     ("--pool-writers", "pool_writers", str,
      "worker id patterns (fnmatch, separated by commas) whose writes into shared storage "
      "pools are trusted; unset: any worker whose registry entry declares the pool"),

@@ -25,7 +25,7 @@ from indexer.index.block_table import DictBlockTable
 from indexer.index.ledger_map import DictLedgerMap
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, ScoreQuery, TierWeights, WorkerRef
-from indexer.index.redis import RedisIndex
+from indexer.index.redis import COMPACT_BUCKET_LOAD, DEFAULT_BUCKET_LOAD, RedisIndex
 from indexer.index.redis_cluster import RedisClusterIndex
 from kvcore.bus import (
     SCHEMA_VERSION,
@@ -297,16 +297,19 @@ class TestRedisClusterIndexContract:
         asyncio.run(run())
 
 
-@pytest.fixture(params=["memory", "redis",
+@pytest.fixture(params=["memory", "redis", "redis-compact",
                         pytest.param("redis-cluster", marks=pytest.mark.redis_cluster)])
 async def any_index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
-    """Each backend in turn; the Redis one on a flushed private redis-server."""
+    """Each backend in turn; the Redis one on a flushed private redis-server, with one
+    presence hash per model (the default) and with buckets (`--redis-bucket-load 40`), and
+    on a Redis Cluster with buckets."""
     if request.param == "memory":
         yield MemoryIndex(CONFIG)
         return
     if request.param == "redis-cluster":
         cluster: RedisCluster = request.getfixturevalue("redis_cluster")
-        cluster_index = RedisClusterIndex.from_url(cluster.url, config=CONFIG)
+        cluster_index = RedisClusterIndex.from_url(cluster.url, config=CONFIG,
+                                                   bucket_load=COMPACT_BUCKET_LOAD)
         await cluster_index._cluster.flushall()
         yield cluster_index
         await cluster_index.close()
@@ -314,7 +317,8 @@ async def any_index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
     server: RedisServer = request.getfixturevalue("redis_server")
     client = aioredis.Redis.from_url(server.url)
     await client.flushall()
-    index = RedisIndex(client, config=CONFIG)
+    load = COMPACT_BUCKET_LOAD if request.param == "redis-compact" else DEFAULT_BUCKET_LOAD
+    index = RedisIndex(client, config=CONFIG, bucket_load=load)
     yield index
     await index.close()
 

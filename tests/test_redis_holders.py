@@ -15,7 +15,13 @@ from indexer.errors import BackendError, ConfigError
 from indexer.index.factory import build_index
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import IndexConfig, ScoreQuery
-from indexer.index.redis import DEFAULT_BUCKET_LOAD, MODELS_KEY, RedisIndex, model_prefix
+from indexer.index.redis import (
+    COMPACT_BUCKET_LOAD,
+    DEFAULT_BUCKET_LOAD,
+    MODELS_KEY,
+    RedisIndex,
+    model_prefix,
+)
 from kvcore.bus import BlockRemoved
 from kvcore.keys import block_keys_for_tokens
 from tests.support.ledger_batches import BS, MODEL, TOKENS, batch, stored
@@ -48,7 +54,7 @@ class TestFieldScale:
     """Tens of thousands of blocks per rank, slot ids past 65,535: exact against the
     in-memory index, and bytes per entry that do not depend on slot ids."""
 
-    @pytest.mark.parametrize("bucket_load", [DEFAULT_BUCKET_LOAD, 0])
+    @pytest.mark.parametrize("bucket_load", [COMPACT_BUCKET_LOAD, 0])
     async def test_high_slot_ids_index_exactly(self, redis_client: aioredis.Redis,
                                                bucket_load: int) -> None:
         """8 ranks x ~20,000 blocks each with slot ids from 70,000, in buckets or in one
@@ -126,7 +132,7 @@ class TestHolderLists:
         """Thousands of blocks spread over buckets of at most 128 fields, each encoded
         as a listpack; the block count in `bk` is exact."""
         workload = make_workload(4, 20_000, n_queries=1)
-        index = RedisIndex(redis_client)
+        index = RedisIndex(redis_client, bucket_load=COMPACT_BUCKET_LOAD)
         batches = workload.batches(FIELD_MODEL)
         for i in range(0, len(batches), 256):
             await index.apply(batches[i : i + 256])
@@ -283,7 +289,7 @@ class TestBucketLoadSetting:
 
     def test_range_and_default(self) -> None:
         """Default 40; 0 and 60 taken; -1 and 61 refused naming the flag."""
-        assert parse_service_config([]).redis_bucket_load == DEFAULT_BUCKET_LOAD == 40
+        assert parse_service_config([]).redis_bucket_load == DEFAULT_BUCKET_LOAD == 0
         for value in ("0", "60"):
             assert parse_service_config(["--redis-bucket-load", value]).redis_bucket_load == int(
                 value)

@@ -125,13 +125,19 @@ from kvcore.bus import BlockRemoved, BlockStored, Event, EventBatch, escape_toke
 from kvcore.keys import pack_keys
 from kvcore.pools import KIND_POOL
 
-__all__ = ["DEFAULT_BUCKET_LOAD", "DEFAULT_LOG_COMPACT_MIN_BYTES", "RedisIndex"]
+__all__ = [
+    "COMPACT_BUCKET_LOAD", "DEFAULT_BUCKET_LOAD", "DEFAULT_LOG_COMPACT_MIN_BYTES", "RedisIndex",
+]
 
 log = structlog.get_logger("indexer.redis")
 
 MODELS_KEY: Final = "kvi:models"
 DEFAULT_LOG_COMPACT_MIN_BYTES: Final = 64 * 1024
-DEFAULT_BUCKET_LOAD: Final = 40
+# 0: one presence hash per model. COMPACT_BUCKET_LOAD (--redis-bucket-load 40) stores an
+# entry in ~30 B less but costs ~1.6x the Redis time per write and per Score (measured:
+# docs/benchmarks.md), and Redis time is what a model's one hash slot runs out of first.
+DEFAULT_BUCKET_LOAD: Final = 0
+COMPACT_BUCKET_LOAD: Final = 40
 _MAX_CALLS: Final = 8  # script calls one apply() is split into, so Python and Redis overlap
 _OP_HEADER: Final = struct.Struct("<cII")
 _GROUP_OP_HEADER: Final = struct.Struct("<cBII")
