@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -19,7 +19,6 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from indexer.app import IndexerService
-from indexer.config import ServiceConfig
 from indexer.embedded import EmbeddedNats
 from indexer.errors import BackendError
 from indexer.index.protocol import ApplyOutcome, Index
@@ -29,6 +28,7 @@ from kvcore.bus import EventBatch
 from kvcore.topology import StreamSettings
 from publisher.publisher import KVEventPublisher
 from tests.support.capture import CapturingSink, caught_up, mismatches
+from tests.support.event_path import running_service, service_config
 from tests.support.polling import eventually, is_true
 from tests.support.processes import IndexerProcess
 from tests.support.servers import RedisServer, free_port
@@ -109,20 +109,44 @@ async def health_is(port: int, status: int) -> bool:
         return False
 
 
+def indexer(nats_url: str, redis_url: str | None,
+            **overrides: object) -> AbstractAsyncContextManager[IndexerService]:
+    return running_service(service_config(
+        nats_url, redis_url=redis_url, grpc_listen="127.0.0.1:0", partitions=PARTITIONS,
+        liveness_grace_s=3600.0, **overrides))
+
+
 @asynccontextmanager
-async def indexer(nats_url: str, redis_url: str | None,
-                  **overrides: object) -> AsyncIterator[IndexerService]:
-    values: dict[str, object] = {
-        "nats_url": nats_url, "redis_url": redis_url, "grpc_listen": "127.0.0.1:0",
-        "metrics_listen": "", "partitions": PARTITIONS, "liveness_ttl_s": 3.0,
-        "liveness_grace_s": 3600.0}
-    values.update(overrides)
-    service = IndexerService(ServiceConfig(**values))  # type: ignore[arg-type]
-    await service.start()
+async def fleet_on_private_servers(
+        backend: str, tmp_path: Path) -> AsyncIterator[tuple[EmbeddedNats, str | None, Fleet]]:
+    """A private nats-server (to kill and restart), a private redis-server for the Redis
+    backend, and the fleet on that NATS; all stopped at the end."""
+    nats_server = EmbeddedNats(tmp_path / "nats", port=free_port()).start()
+    redis_server = RedisServer(tmp_path / "redis").start() if backend == "redis" else None
+    fleet = Fleet(nats_server.url)
     try:
-        yield service
+        yield nats_server, redis_server and redis_server.url, fleet
     finally:
-        await service.close()
+        await fleet.close()
+        if redis_server is not None:
+            redis_server.stop()
+        nats_server.stop()
+
+
+async def ends_exact(service: IndexerService, fleet: Fleet, back_at: float, what: str) -> None:
+    """The index catches up with everything the fleet published, health says SERVING, and
+    the index equals the reference block by block (more than 10,000 blocks a worker)."""
+    assert service.index is not None
+    await eventually(lambda: caught_up(service.index, fleet.published, MODEL), 120)
+    caught_up_s = time.monotonic() - back_at
+    await eventually(lambda: health_is(service.grpc_port, SERVING), 30)
+    phantom, missing, differing = await mismatches(service.index, fleet.published, MODEL)
+    blocks = sum(sum(w.blocks_by_tier.values()) for w in await service.index.workers(MODEL))
+    print(f"\n{what}: {len(fleet.published)} batches, {blocks} (block, worker) entries, "
+          f"caught up {caught_up_s:.1f} s after NATS returned, "
+          f"phantom={phantom} missing={missing} differing={differing}")
+    assert blocks > 10_000 * WORKERS
+    assert (phantom, missing, differing) == (0, 0, 0)
 
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
@@ -131,48 +155,29 @@ async def test_a_long_nats_outage_ends_exact(backend: str, tmp_path: Path) -> No
     and removing: health says NOT_SERVING during the outage, ingest resumes when NATS is
     back (the lease loop survives with Redis), and the index ends equal to the reference
     with 0 phantom and 0 missing blocks."""
-    nats_server = EmbeddedNats(tmp_path / "nats", port=free_port()).start()
-    redis_server = RedisServer(tmp_path / "redis").start() if backend == "redis" else None
-    fleet = Fleet(nats_server.url)
-    try:
-        async with indexer(nats_server.url, redis_server and redis_server.url) as service:
-            assert service.index is not None
-            await fleet.start()
-            fleet.store(range(200))
-            fleet.remove(range(150, 170))
-            await fleet.flush()
-            await eventually(lambda: caught_up(service.index, fleet.published, MODEL), 120)
-            assert await health(service.grpc_port) == SERVING
+    async with (fleet_on_private_servers(backend, tmp_path) as (nats_server, redis_url, fleet),
+                indexer(nats_server.url, redis_url) as service):
+        assert service.index is not None
+        await fleet.start()
+        fleet.store(range(200))
+        fleet.remove(range(150, 170))
+        await fleet.flush()
+        await eventually(lambda: caught_up(service.index, fleet.published, MODEL), 120)
+        assert await health(service.grpc_port) == SERVING
 
-            nats_server.kill()
-            down_at = time.monotonic()
-            fleet.store(range(200, 260))  # buffered by the publishers meanwhile
-            fleet.remove(range(5), workers=range(0, WORKERS, 2))
-            await eventually(lambda: health_is(service.grpc_port, NOT_SERVING), OUTAGE_S)
-            await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))
-            nats_server.start()
-            back_at = time.monotonic()
-            await fleet.flush()
-            await eventually(lambda: caught_up(service.index, fleet.published, MODEL), 120)
-            caught_up_s = time.monotonic() - back_at
-            await eventually(lambda: health_is(service.grpc_port, SERVING), 30)
-            phantom, missing, differing = await mismatches(service.index, fleet.published,
-                                                           MODEL)
-            blocks = sum(sum(w.blocks_by_tier.values())
-                         for w in await service.index.workers(MODEL))
-            print(f"\nnats outage ({backend}): {OUTAGE_S:.0f} s down, "
-                  f"{len(fleet.published)} batches, {blocks} (block, worker) entries, "
-                  f"caught up {caught_up_s:.1f} s after NATS returned, "
-                  f"phantom={phantom} missing={missing} differing={differing}")
-            assert blocks > 10_000 * WORKERS
-            assert (phantom, missing, differing) == (0, 0, 0)
-            if service.leases is not None:
-                assert service.leases.held  # taken again after the outage
-    finally:
-        await fleet.close()
-        if redis_server is not None:
-            redis_server.stop()
-        nats_server.stop()
+        nats_server.kill()
+        down_at = time.monotonic()
+        fleet.store(range(200, 260))  # buffered by the publishers meanwhile
+        fleet.remove(range(5), workers=range(0, WORKERS, 2))
+        await eventually(lambda: health_is(service.grpc_port, NOT_SERVING), OUTAGE_S)
+        await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))
+        nats_server.start()
+        back_at = time.monotonic()
+        await fleet.flush()
+        await ends_exact(service, fleet, back_at,
+                         f"nats outage ({backend}): {OUTAGE_S:.0f} s down")
+        if service.leases is not None:
+            assert service.leases.held  # taken again after the outage
 
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
@@ -182,45 +187,26 @@ async def test_nats_back_without_its_data_ends_exact(backend: str, tmp_path: Pat
     and removing. The indexer re-creates the topology, its partitions rebuild from the new
     stream, the gaps there ask every worker for a resync, and the index ends exact. Before
     this, publishers and consumers waited for a stream nobody made again, for good."""
-    nats_server = EmbeddedNats(tmp_path / "nats", port=free_port()).start()
-    redis_server = RedisServer(tmp_path / "redis").start() if backend == "redis" else None
-    fleet = Fleet(nats_server.url)
-    try:
-        async with indexer(nats_server.url, redis_server and redis_server.url) as service:
-            assert service.index is not None
-            await fleet.start()
-            fleet.store(range(200))
-            await fleet.flush()
-            await eventually(lambda: caught_up(service.index, fleet.published, MODEL), 120)
+    async with (fleet_on_private_servers(backend, tmp_path) as (nats_server, redis_url, fleet),
+                indexer(nats_server.url, redis_url) as service):
+        assert service.index is not None
+        await fleet.start()
+        fleet.store(range(200))
+        await fleet.flush()
+        await eventually(lambda: caught_up(service.index, fleet.published, MODEL), 120)
 
-            nats_server.kill()
-            shutil.rmtree(nats_server.data_dir / "jetstream")
-            fleet.store(range(200, 230))  # buffered by the publishers meanwhile
-            fleet.remove(range(10), workers=range(0, WORKERS, 2))
-            await asyncio.sleep(3)
-            nats_server.start()
-            back_at = time.monotonic()
-            await fleet.flush()
-            fleet.store(range(230, 240))
-            await fleet.flush()
-            await eventually(lambda: caught_up(service.index, fleet.published, MODEL), 120)
-            caught_up_s = time.monotonic() - back_at
-            await eventually(lambda: health_is(service.grpc_port, SERVING), 30)
-            phantom, missing, differing = await mismatches(service.index, fleet.published,
-                                                           MODEL)
-            blocks = sum(sum(w.blocks_by_tier.values())
-                         for w in await service.index.workers(MODEL))
-            print(f"\nnats back without its data ({backend}): {blocks} (block, worker) "
-                  f"entries, caught up {caught_up_s:.1f} s after NATS returned, "
-                  f"phantom={phantom} missing={missing} differing={differing}")
-            assert service.stats.topology_restores >= 1
-            assert blocks > 10_000 * WORKERS
-            assert (phantom, missing, differing) == (0, 0, 0)
-    finally:
-        await fleet.close()
-        if redis_server is not None:
-            redis_server.stop()
-        nats_server.stop()
+        nats_server.kill()
+        shutil.rmtree(nats_server.data_dir / "jetstream")
+        fleet.store(range(200, 230))  # buffered by the publishers meanwhile
+        fleet.remove(range(10), workers=range(0, WORKERS, 2))
+        await asyncio.sleep(3)
+        nats_server.start()
+        back_at = time.monotonic()
+        await fleet.flush()
+        fleet.store(range(230, 240))
+        await fleet.flush()
+        await ends_exact(service, fleet, back_at, f"nats back without its data ({backend})")
+        assert service.stats.topology_restores >= 1
 
 
 async def test_health_follows_the_redis_backend(nats_url: str, tmp_path: Path) -> None:

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
-from indexer.app import IndexerService
 from indexer.client import AsyncIndexerClient, Query
-from indexer.config import ServiceConfig
 from indexer.embedded import EmbeddedNats
 from kvcore.bus import EventBatch
 from kvcore.topology import StreamSettings
 from publisher.publisher import KVEventPublisher
 from tests.support.capture import CapturingSink, caught_up, mismatches
+from tests.support.event_path import running_service, service_config
 from tests.support.polling import eventually
 from tests.support.servers import RedisServer, free_port
 
@@ -55,18 +52,6 @@ def hashes(worker: int, rank: int, first: int, count: int) -> list[int]:
     return [(worker << 40) | (rank << 24) | i for i in range(first, first + count)]
 
 
-@asynccontextmanager
-async def serving(nats_url: str, redis_url: str | None) -> AsyncIterator[IndexerService]:
-    service = IndexerService(ServiceConfig(
-        nats_url=nats_url, redis_url=redis_url, grpc_listen="127.0.0.1:0", metrics_listen="",
-        partitions=PARTITIONS, liveness_ttl_s=LIVENESS_TTL_S, liveness_grace_s=3600.0))
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.close()
-
-
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 async def test_a_fleet_of_4096_ranks_is_indexed_exactly(backend: str, tmp_path: Path) -> None:
     nats_server = EmbeddedNats(tmp_path / "nats", port=free_port()).start()
@@ -77,7 +62,10 @@ async def test_a_fleet_of_4096_ranks_is_indexed_exactly(backend: str, tmp_path: 
             for w in range(WORKERS)]
     published: list[EventBatch] = []
     try:
-        async with serving(nats_server.url, redis_server and redis_server.url) as service:
+        async with running_service(service_config(
+                nats_server.url, redis_url=redis_server and redis_server.url,
+                grpc_listen="127.0.0.1:0", partitions=PARTITIONS,
+                liveness_ttl_s=LIVENESS_TTL_S, liveness_grace_s=3600.0)) as service:
             assert service.index is not None
             for pub in pubs:
                 await pub.start()

@@ -5,6 +5,9 @@ Shared by the end-to-end suites (event path, recovery, readers, scale-out, bridg
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from indexer.app import IndexerService
 from indexer.config import ServiceConfig
 from indexer.index.protocol import ScoreQuery
@@ -24,6 +27,17 @@ def service_config(nats_url: str, **overrides: object) -> ServiceConfig:
                                  "liveness_grace_s": 60.0}
     values.update(overrides)
     return ServiceConfig(**values)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def running_service(config: ServiceConfig) -> AsyncIterator[IndexerService]:
+    """An IndexerService started on `config`, closed at the end."""
+    service = IndexerService(config)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.close()
 
 
 def publisher(url: str, worker: str = "w1", **kwargs: object) -> KVEventPublisher:
