@@ -1,7 +1,7 @@
 """Types of the optional C extension built from native/*.c (module.c lists what is where)."""
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -25,6 +25,11 @@ def decision_top_costs(
     positions: dict[tuple[str, int], int], query_blocks: int, overlap_weight: float,
     storage_load_weight: float, limit: int, /,
 ) -> list[tuple[str, int, int, int, int, float, int, int]]: ...
+def decision_tally_top_costs(
+    tally: bytes, refs: list[Any], loads: Iterable[object],
+    ordered: Sequence[tuple[str, int]], positions: dict[tuple[str, int], int],
+    query_blocks: int, overlap_weight: float, storage_load_weight: float, limit: int, /,
+) -> tuple[list[tuple[str, int, int, int, int, float, int, int]], int]: ...
 def encode_decision(
     chosen: tuple[str, int, int, int, int, float, int, int],
     ranked: Sequence[tuple[str, int, int, int, int, float, int, int]],

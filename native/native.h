@@ -50,6 +50,9 @@ NATIVE_INTERNAL int masks_equal(PyObject *a, PyObject *b); /* -1 on error, as Ri
 NATIVE_INTERNAL extern const char decision_top_costs_doc[];
 NATIVE_INTERNAL PyObject *decision_top_costs(PyObject *module, PyObject *const *args,
                                              Py_ssize_t nargs);
+NATIVE_INTERNAL extern const char decision_tally_top_costs_doc[];
+NATIVE_INTERNAL PyObject *decision_tally_top_costs(PyObject *module, PyObject *const *args,
+                                                   Py_ssize_t nargs);
 NATIVE_INTERNAL extern const char encode_decision_doc[];
 NATIVE_INTERNAL PyObject *encode_decision(PyObject *module, PyObject *const *args,
                                           Py_ssize_t nargs);

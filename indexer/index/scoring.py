@@ -41,6 +41,7 @@ if NATIVE:
     from kvcore._native import expand_tally, scores_from_tally, tally_runs
 
 __all__ = [
+    "QueryTally",
     "SlotMatch",
     "SlotTable",
     "check_query_shape",
@@ -50,6 +51,7 @@ __all__ = [
     "prefix_match_query",
     "prefix_match_runs",
     "query_keys_packed",
+    "query_tally",
     "score_query",
     "slot_bits",
     "slot_table",
@@ -366,6 +368,15 @@ class SlotTable(NamedTuple):
     order: bytes
 
 
+class QueryTally(NamedTuple):
+    """A query's prefix walk before it becomes WorkerScores: `query_tally`'s records and
+    the slot table's refs that name their slots (FindBestWorker ranks from these)."""
+
+    query_blocks: int
+    tally: bytes
+    refs: list[WorkerRef | None]
+
+
 def slot_table(refs: Mapping[int, WorkerRef]) -> SlotTable:
     by_slot: list[WorkerRef | None] = [None] * (max(refs, default=-1) + 1)
     order = array("I", bytes(4 * len(by_slot)))
@@ -388,6 +399,21 @@ def score_query(
     if not USE_NATIVE_TALLY:
         matches = prefix_match_query(query, blocks, candidates, config, plan=plan)
         return worker_scores(matches, refs.__getitem__)
+    tally = query_tally(query, blocks, candidates, config, plan=plan)
+    if not tally:
+        return []
+    names = table()
+    weights = (query.tier_weights or config.tier_weights).as_tuple()
+    return scores_from_tally(tally, names.refs, names.order, weights, TIERS, WorkerScore)
+
+
+def query_tally(
+    query: ScoreQuery, blocks: BlockMasks, candidates: int, config: IndexConfig, *,
+    plan: PoolPlan = NO_POOLS,
+) -> bytes:
+    """The C prefix walk of a validated query: `tally_runs`'s records (per matched slot:
+    slot, matched, cpu, storage, other blocks), pool replicas expanded. Needs the C
+    extension (`USE_NATIVE_TALLY`)."""
     weights = (query.tier_weights or config.tier_weights).as_tuple()
     candidates |= plan.cold
     if query.block_keys is not None:
@@ -409,10 +435,7 @@ def score_query(
                 tally = expand_tally(tally, credited.replicas)
         else:
             tally = tally_runs(runs, candidates, weights, query.include_zero)
-    if not tally:
-        return []
-    names = table()
-    return scores_from_tally(tally, names.refs, names.order, weights, TIERS, WorkerScore)
+    return tally
 
 
 def _runs_of(masks: Iterable[int], wanted: int) -> list[int]:

@@ -57,10 +57,16 @@ from indexer.index.protocol import (
     TierWeights,
     WorkerScore,
 )
-from indexer.index.scoring import check_query_shape, check_tier_weights
+from indexer.index.scoring import QueryTally, check_query_shape, check_tier_weights
 from indexer.scheduling import DEFAULT_OVERLAP_WEIGHT, DEFAULT_TEMPERATURE
 from indexer.serve.auth import GrpcSecurity
-from indexer.serve.decision import EncodedAnswer, decide, encode_answer
+from indexer.serve.decision import (
+    EncodedAnswer,
+    decide,
+    decide_from_tally,
+    encode_answer,
+    tally_decides,
+)
 from indexer.serve.diagnose import (
     DoctorSettings,
     EventPathView,
@@ -307,6 +313,8 @@ def _check_role(role: str, field: str) -> None:
         raise InvalidQueryError(str(exc)) from None
 
 
+# `MemoryIndex.score_tally`: Score's walk without its answer (None: use `score`).
+TallyScorer = Callable[[ScoreQuery], Awaitable[QueryTally | None]]
 QueryTokens = bytes | Sequence[int]  # packed u32 little-endian, or the parsed ids
 
 
@@ -326,6 +334,15 @@ def _query_tokens(request: pb.ScoreRequest, wire_tokens: bytes | None,
         raise InvalidQueryError(f"{field}token_bytes: {len(packed)} bytes is not a multiple "
                                 "of 4 (token ids as packed u32)")
     return packed
+
+
+def tally_scorer(index: object) -> TallyScorer | None:
+    """The index's `score_tally` when its class has one (a wrapper that only forwards
+    attributes overrides `score` and is asked with `score` alone)."""
+    if not hasattr(type(index), "score_tally"):
+        return None
+    scorer: TallyScorer = getattr(index, "score_tally")  # noqa: B009 - checked on the type
+    return scorer
 
 
 def _token_count(tokens: QueryTokens) -> int:
@@ -378,6 +395,8 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         self.doctor = doctor or DoctorSettings()
         self.outcomes = QueryOutcomes(window_s=self.doctor.window_s)
         self._parse_streamed = find_best_worker_parser()
+        # FindBestWorker's tally path (indexer/serve/decision.py), when the index has one.
+        self._score_tally = tally_scorer(index)
 
     # --- RPCs (names fixed by the proto) -------------------------------------------------
 
@@ -505,31 +524,9 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         tokens: QueryTokens,
     ) -> ScoreResult:
         """Score the request, whose token ids (if any) are `tokens` (`_check_query`)."""
-        weights = self._tier_weights(request, field)
-        n_tokens = _token_count(tokens)
-        block_size = request.block_size
-        if tokens and not block_size:
-            block_size = await self.index.block_size(request.model) or 0
-        if not candidates:
-            if not (request.workers or request.role):
-                self.outcomes.no_candidates(request.model)
-            blocks = n_tokens // block_size if tokens and block_size else len(request.block_keys)
-            return ScoreResult(blocks, [])
-        if tokens and not block_size:
-            raise _precondition(f"block size unknown: no worker of model {request.model!r} has "
-                                f"published tokens yet; set {field}block_size")
-        query = ScoreQuery(
-            model=request.model,
-            token_ids=tokens if tokens else None,
-            block_keys=None if tokens else request.block_keys,
-            block_size=block_size,
-            lora_name=request.lora_name or None,
-            cache_salt=request.cache_salt or None,
-            workers=candidates.ids,
-            tier_weights=weights,
-            include_zero=include_zero,
-            mounts=candidates.mounts or None,
-        )
+        query = await self._index_query(request, candidates, field, include_zero, tokens)
+        if isinstance(query, ScoreResult):
+            return query
         async with self._query_slots:
             result = await self.index.score(query)
         refs = candidates.refs
@@ -543,11 +540,44 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
             self.outcomes.record(request.model, bool(tokens), request.block_size, hit)
         return result
 
-    def _freshness(self, candidates: CandidateSet, result: ScoreResult) -> pb.Freshness:
+    async def _index_query(
+        self, request: pb.ScoreRequest, candidates: CandidateSet, field: str, include_zero: bool,
+        tokens: QueryTokens,
+    ) -> ScoreQuery | ScoreResult:
+        """The index's query for the request, or the empty answer when there are no
+        candidates."""
+        weights = self._tier_weights(request, field)
+        n_tokens = _token_count(tokens)
+        block_size = request.block_size
+        if tokens and not block_size:
+            block_size = await self.index.block_size(request.model) or 0
+        if not candidates:
+            if not (request.workers or request.role):
+                self.outcomes.no_candidates(request.model)
+            blocks = n_tokens // block_size if tokens and block_size else len(request.block_keys)
+            return ScoreResult(blocks, [])
+        if tokens and not block_size:
+            raise _precondition(f"block size unknown: no worker of model {request.model!r} has "
+                                f"published tokens yet; set {field}block_size")
+        return ScoreQuery(
+            model=request.model,
+            token_ids=tokens if tokens else None,
+            block_keys=None if tokens else request.block_keys,
+            block_size=block_size,
+            lora_name=request.lora_name or None,
+            cache_salt=request.cache_salt or None,
+            workers=candidates.ids,
+            tier_weights=weights,
+            include_zero=include_zero,
+            mounts=candidates.mounts or None,
+        )
+
+    def _freshness(self, candidates: CandidateSet, result: ScoreResult | None) -> pb.Freshness:
+        """`result` None: the in-memory index's tally (staleness 0, no replica)."""
         return pb.Freshness(last_event_age_seconds=_age(time.time(), candidates.newest_ts),
                             degraded_workers=candidates.degraded, rebuilding=self.rebuilding(),
-                            index_staleness_seconds=result.staleness_s,
-                            read_replica=result.replica)
+                            index_staleness_seconds=result.staleness_s if result else 0.0,
+                            read_replica=result.replica if result else "")
 
     # --- FindBestWorker ----------------------------------------------------------------
 
@@ -573,14 +603,43 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
                 scopes.append("among the requested workers")
             scope = "".join(f" {part}" for part in scopes)
             raise _precondition(f"no live workers for model {query.model!r}{scope}")
-        result = await self._run_query(query, candidates, "score.", False, tokens)
         limit = (request.max_candidates if request.HasField("max_candidates")
                  else default_limit) or len(candidates)
+        if self._score_tally is not None and tally_decides(candidates, temperature):
+            answer = await self._tally_decision(request, candidates, tokens,
+                                                overlap_weight=overlap_weight,
+                                                temperature=temperature, limit=limit)
+            if answer is not None:
+                return answer
+        result = await self._run_query(query, candidates, "score.", False, tokens)
         rng = random.Random(request.seed) if request.HasField("seed") else self._rng
         chosen, ranked = decide(candidates, result, request.loads, overlap_weight=overlap_weight,
                                 temperature=temperature, limit=limit, rng=rng,
                                 storage_load_weight=request.storage_load_weight)
         return encode_answer(chosen, ranked, self._freshness(candidates, result),
+                             len(candidates))
+
+    async def _tally_decision(
+        self, request: pb.FindBestWorkerRequest, candidates: CandidateSet, tokens: QueryTokens,
+        *, overlap_weight: float, temperature: float, limit: int,
+    ) -> EncodedAnswer | None:
+        """The temperature-0 decision from the index's tally (`decide_from_tally`); None
+        when the index answers this query only with `score`."""
+        assert self._score_tally is not None
+        query = await self._index_query(request.score, candidates, "score.", False, tokens)
+        if isinstance(query, ScoreResult):  # pragma: no cover - candidates is not empty
+            return None
+        async with self._query_slots:
+            tally = await self._score_tally(query)
+        if tally is None:
+            return None
+        chosen, ranked, hit = decide_from_tally(
+            candidates, tally, request.loads, overlap_weight=overlap_weight,
+            temperature=temperature, limit=limit,
+            storage_load_weight=request.storage_load_weight)
+        if tally.query_blocks:  # for Diagnose, as _run_query
+            self.outcomes.record(query.model, bool(tokens), request.score.block_size, hit)
+        return encode_answer(chosen, ranked, self._freshness(candidates, None),
                              len(candidates))
 
     async def _streamed_decisions(
