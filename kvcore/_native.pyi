@@ -15,6 +15,9 @@ def pack_log_entries(
 def tally_runs(
     runs: Sequence[int], candidates: int, weights: Sequence[float], include_zero: bool
 ) -> bytes: ...
+def tally_masks(
+    masks: Sequence[int], candidates: int, weights: Sequence[float], include_zero: bool
+) -> bytes: ...
 def expand_tally(tally: bytes, replicas: dict[int, list[int]]) -> bytes: ...
 def scores_from_tally(
     tally: bytes, refs: Sequence[tuple[str, int] | None], order: bytes,

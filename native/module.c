@@ -62,6 +62,7 @@ static PyMethodDef native_methods[] = {
     {"pack_log_entries", (PyCFunction)(void (*)(void))pack_log_entries, METH_FASTCALL,
      "pack_log_entries(hashes, keys, tiers) -> bytes: the ledger log's M/D records."},
     {"tally_runs", (PyCFunction)(void (*)(void))tally_runs, METH_FASTCALL, tally_runs_doc},
+    {"tally_masks", (PyCFunction)(void (*)(void))tally_masks, METH_FASTCALL, tally_masks_doc},
     {"expand_tally", (PyCFunction)(void (*)(void))expand_tally, METH_FASTCALL,
      expand_tally_doc},
     {"scores_from_tally", (PyCFunction)(void (*)(void))scores_from_tally, METH_FASTCALL,

@@ -17,6 +17,7 @@ object per returned score and none per slot in between; `_Walk` is its pure-Pyth
 from __future__ import annotations
 
 import functools
+import sys
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import repeat
@@ -38,7 +39,7 @@ from indexer.index.protocol import (
 from kvcore.keys import NATIVE, block_keys_packed, pack_keys
 
 if NATIVE:
-    from kvcore._native import expand_tally, scores_from_tally, tally_runs
+    from kvcore._native import expand_tally, scores_from_tally, tally_masks, tally_runs
 
 __all__ = [
     "QueryTally",
@@ -417,11 +418,11 @@ def query_tally(
     weights = (query.tier_weights or config.tier_weights).as_tuple()
     candidates |= plan.cold
     if query.block_keys is not None:
-        masks: Iterable[int] = map(blocks.get, query.block_keys, repeat(0))
+        # Every key is looked up (a few us for 512), the walk stops where matches end.
+        masks = _masks_of_keys(blocks, query.block_keys, (candidates | plan.pool_bits) * 15)
         if plan.credits:
-            masks = credit_masks(masks, plan.credits)
-        tally = tally_runs(_runs_of(masks, candidates * 15), candidates, weights,
-                           query.include_zero)
+            masks = list(credit_masks(masks, plan.credits))
+        tally = tally_masks(masks, candidates, weights, query.include_zero)
     else:
         assert query.token_ids is not None
         seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
@@ -438,15 +439,20 @@ def query_tally(
     return tally
 
 
-def _runs_of(masks: Iterable[int], wanted: int) -> list[int]:
-    """Masks as runs [mask, count, ...], up to the first without a wanted bit (where
-    every candidate's match has ended)."""
-    runs: list[int] = []
-    for mask in masks:
-        if runs and mask == runs[-2]:
-            runs[-1] += 1
-        elif mask & wanted:
-            runs += (mask, 1)
-        else:
-            break
-    return runs
+# Keys looked up at first; twice as many each time the last mask still has a candidate.
+_FIRST_LOOKUPS = 64
+
+
+def _masks_of_keys(blocks: BlockMasks, keys: Sequence[int], wanted: int) -> list[int]:
+    """The masks of the keys from the first up to one without a `wanted` bit (where the
+    walk ends) or a little past it, or to the last."""
+    packed = (keys.tobytes() if isinstance(keys, array) and keys.typecode == "Q"
+              and sys.byteorder == "little" else pack_keys(keys))
+    masks: list[int] = []
+    end = _FIRST_LOOKUPS * 8
+    while True:
+        chunk = blocks.get_many(packed[len(masks) * 8 : end])
+        masks += chunk
+        if end >= len(packed) or not chunk or not chunk[-1] & wanted:
+            return masks
+        end *= 2
