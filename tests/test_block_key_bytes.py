@@ -164,8 +164,6 @@ class TestServerAnswersKeysAsTokens:
              "got score.token_ids and score.block_key_bytes"),
             (score(model=FIELD_MODEL, block_key_bytes=keys, block_keys=[1]),
              "got score.block_keys and score.block_key_bytes"),
-            (score(model=FIELD_MODEL, block_keys=[1], token_bytes=b"\0" * 64),
-             "got score.token_bytes and score.block_keys"),
             (score(model=FIELD_MODEL, block_key_bytes=bytes(8 * (limit + 1))),
              f"exceeds the limit of {limit} blocks"),
             (score(model=FIELD_MODEL, block_key_bytes=bytes(8 * (limit + 1) + 3)),

@@ -349,13 +349,12 @@ def _query_keys(request: pb.ScoreRequest, tokens: QueryTokens, field: str) -> Se
     """The query's block keys: `block_keys`, or `block_key_bytes` (packed u64
     little-endian) as an array; empty when it has none."""
     packed, listed = request.block_key_bytes, request.block_keys
-    if bool(tokens) + bool(listed) + bool(packed) > 1:
-        given = ["token_bytes" if request.token_bytes else "token_ids"] if tokens else []
-        given += [name for name, value in (("block_keys", listed), ("block_key_bytes", packed))
-                  if value]
-        raise _not_one_form(field, given)
     if not packed:
-        return listed
+        return listed  # with token ids too: check_query_shape says so
+    if tokens or listed:
+        given = ["token_bytes" if request.token_bytes else "token_ids"] if tokens else []
+        given += ["block_keys"] if listed else []
+        raise _not_one_form(field, (*given, "block_key_bytes"))
     if len(packed) % 8:
         raise InvalidQueryError(f"{field}block_key_bytes: {len(packed)} bytes is not a "
                                 "multiple of 8 (block keys as packed u64)")
