@@ -357,7 +357,8 @@ def report(args: argparse.Namespace, rows: list[Row], *, hits: int, checked: int
         f"- p99 <= {P99_TARGET_MS:g} ms at {P99_RATE:,}/s: {p99_line}.",
         "",
         "Where a decision's time goes: the same requests in one process without transport, "
-        "one at a time (median of 5 passes; the servicer's decision includes `index.score`):",
+        "one at a time (median of 5 passes; the servicer's decision includes the index's walk, "
+        "`index.score_tally` at temperature 0):",
         "",
         "| step | us per decision |",
         "|---|---:|",
