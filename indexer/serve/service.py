@@ -611,8 +611,8 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         """`result` None: the in-memory index's tally (staleness 0, no replica)."""
         return pb.Freshness(last_event_age_seconds=_age(time.time(), candidates.newest_ts),
                             degraded_workers=candidates.degraded, rebuilding=self.rebuilding(),
-                            index_staleness_seconds=result.staleness_s if result else 0.0,
-                            read_replica=result.replica if result else "")
+                            index_staleness_seconds=0.0 if result is None else result.staleness_s,
+                            read_replica="" if result is None else result.replica)
 
     # --- FindBestWorker ----------------------------------------------------------------
 
