@@ -19,8 +19,7 @@ from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import ScoreQuery
 from kvcore.bus import pack_tokens
 from kvcore.keys import NATIVE, block_keys_packed, root_seed
-from tests.support.grpc_scenario import serving
-from tests.test_fast_decisions import (
+from tests.support.decisions import (
     FIELD_MODEL,
     INVALID_ARGUMENT,
     OK,
@@ -30,13 +29,14 @@ from tests.test_fast_decisions import (
     stream_raw,
     without_age,
 )
+from tests.support.grpc_scenario import serving
 
 if NATIVE:
     from kvcore._native import tally_masks, tally_runs
 
 pytestmark = pytest.mark.skipif(not NATIVE, reason="the C extension is not built")
 
-__all__ = ["field_index"]  # the module fixture, shared with test_fast_decisions
+__all__ = ["field_index"]  # the module fixture (tests/support/decisions.py)
 
 BLOCK = 16
 

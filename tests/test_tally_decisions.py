@@ -22,8 +22,7 @@ from indexer.serve.directory import CandidateSet
 from indexer.serve.service import KvIndexerService, tally_scorer
 from kvcore.bus import TIERS
 from kvcore.keys import NATIVE
-from tests.support.grpc_scenario import serving
-from tests.test_fast_decisions import (
+from tests.support.decisions import (
     FIELD_MODEL,
     candidate_set,
     field_index,
@@ -31,13 +30,14 @@ from tests.test_fast_decisions import (
     request_of,
     without_age,
 )
+from tests.support.grpc_scenario import serving
 
 if NATIVE:
     from kvcore._native import decision_tally_top_costs, scores_from_tally
 
 pytestmark = pytest.mark.skipif(not NATIVE, reason="the C extension is not built")
 
-__all__ = ["field_index"]  # the module fixture, shared with test_fast_decisions
+__all__ = ["field_index"]  # the module fixture (tests/support/decisions.py)
 
 
 def random_tally(candidates: CandidateSet, rng: random.Random, query_blocks: int
