@@ -13,8 +13,9 @@ from typing import Any
 import grpc
 import pytest
 
+from indexer import client as client_module
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
-from indexer.client import AsyncIndexerClient, Decision, Query, _score_request
+from indexer.client import AsyncIndexerClient, Decision, IndexerClient, Query, _score_request
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import ScoreQuery
 from kvcore.bus import pack_tokens
@@ -207,10 +208,21 @@ class TestClientSendsKeys:
                            keys_from_tokens=True)
 
     async def test_answers_as_tokens(
-            self, field_index: tuple[MemoryIndex, list[list[int]]]) -> None:
+            self, field_index: tuple[MemoryIndex, list[list[int]]],
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        """Both faces, unary, Score and streamed: the same answers with keys_from_tokens,
+        and every request of the keyed pass went as keys."""
         index, prompts = field_index
         queries = [Query(model=FIELD_MODEL, token_ids=p, block_size=BLOCK) for p in prompts[:12]]
         answers: dict[bool, list[Any]] = {}
+        keyed_requests: list[Query] = []
+        keys_of_query = client_module._keys_of
+
+        def counted(query: Query) -> bytes:
+            keyed_requests.append(query)
+            return keys_of_query(query)
+
+        monkeypatch.setattr(client_module, "_keys_of", counted)
         async with serving(index) as (_, port):
             for keyed in (False, True):
                 client = AsyncIndexerClient(f"127.0.0.1:{port}", keys_from_tokens=keyed)
@@ -222,10 +234,29 @@ class TestClientSendsKeys:
                         streamed = await asyncio.gather(*(
                             stream.find_best_worker(Decision(query=q, max_candidates=4))
                             for q in queries))
-                answers[keyed] = [(_aged(c), _aged(s), _aged(d))
-                                  for c, s, d in zip(choices, scores, streamed, strict=True)]
+                sync = IndexerClient(f"127.0.0.1:{port}", keys_from_tokens=keyed)
+                try:
+                    synced = await asyncio.to_thread(_sync_answers, sync, queries)
+                finally:
+                    sync.close()
+                answers[keyed] = [(_aged(c), _aged(s), _aged(d), *map(_aged, t))
+                                  for c, s, d, t in zip(choices, scores, streamed, synced,
+                                                        strict=True)]
+                # five requests a query: unary, Score and streamed (async), unary and
+                # streamed (sync)
+                assert len(keyed_requests) == (5 * len(queries) if keyed else 0)
         assert answers[True] == answers[False]
-        assert any(choice.matched_blocks for choice, _, _ in answers[True])
+        assert any(row[0].matched_blocks for row in answers[True])
+
+
+def _sync_answers(client: IndexerClient, queries: list[Query]) -> list[tuple[Any, Any]]:
+    """The sync face's FindBestWorker and streamed decision per query (run in a thread:
+    the server shares the test's loop)."""
+    with client.decision_stream() as stream:
+        streamed = [stream.find_best_worker(Decision(query=q, max_candidates=4))
+                    for q in queries]
+    return [(client.find_best_worker(q, max_candidates=4), d)
+            for q, d in zip(queries, streamed, strict=True)]
 
 
 def _aged(answer: Any) -> Any:
