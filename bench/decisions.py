@@ -38,6 +38,7 @@ from bench.workload import make_workload, worker_name
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
 from kvcore.bus import pack_tokens
+from kvcore.keys import block_keys_packed, root_seed
 from kvsim.report import pct, verdict, write_section
 
 MODEL = "bench/model"
@@ -51,6 +52,8 @@ LOADED_RANKS = 8
 # server cannot keep up, latency only grows with the run's length.
 OVERLOAD = 1.5
 CANDIDATES = 8
+BLOCK_SIZE = 16  # the workload's (bench/workload.py)
+TOKEN_BYTES, TOKEN_IDS, KEY_BYTES = "token_bytes", "token_ids", "block_key_bytes"
 
 
 @dataclass(frozen=True)
@@ -89,14 +92,23 @@ def start_server(spec: ServerSpec) -> SpawnedServers:
 
 
 def requests(queries: list[list[int]], ranks: int, seed: int = 18,
-             packed: bool = True) -> list[pb.FindBestWorkerRequest]:
-    """The bench's requests: prompts as `token_bytes` (what the client library sends), or
-    as `token_ids` (`packed` False)."""
+             form: str = TOKEN_BYTES) -> list[pb.FindBestWorkerRequest]:
+    """The bench's requests, the prompts in `form`: `token_bytes` (what the client library
+    sends by default), `token_ids`, or `block_key_bytes` (with block_size 16: what it
+    sends with keys_from_tokens)."""
     rng = random.Random(seed)
+    seed_key = root_seed(MODEL)
     out = []
     for tokens in queries:
-        query = (pb.ScoreRequest(model=MODEL, token_bytes=pack_tokens(tokens)) if packed
-                 else pb.ScoreRequest(model=MODEL, token_ids=tokens))
+        packed = pack_tokens(tokens)
+        if form == KEY_BYTES:
+            query = pb.ScoreRequest(model=MODEL, block_size=BLOCK_SIZE,
+                                    block_key_bytes=block_keys_packed(packed, BLOCK_SIZE,
+                                                                      seed_key))
+        elif form == TOKEN_BYTES:
+            query = pb.ScoreRequest(model=MODEL, token_bytes=packed)
+        else:
+            query = pb.ScoreRequest(model=MODEL, token_ids=tokens)
         request = pb.FindBestWorkerRequest(score=query, max_candidates=CANDIDATES)
         for rank in rng.sample(range(ranks), LOADED_RANKS):
             request.loads.add(worker_id=worker_name(rank), active_blocks=rng.randrange(4096),
@@ -136,10 +148,12 @@ async def check_answers(port: int, sample: list[pb.FindBestWorkerRequest]) -> in
 
 
 async def fast_path_check(servicer: Any, reqs: list[pb.FindBestWorkerRequest],
-                          listed: list[pb.FindBestWorkerRequest]) -> int:
-    """Every request's answer on the fast path (token_bytes, the decision and its answer
-    in C) equals the pure-Python path's (token_ids, `scheduling.top_costs`, protobuf's
-    serialiser); returns how many were compared."""
+                          listed: list[pb.FindBestWorkerRequest],
+                          keyed: list[pb.FindBestWorkerRequest]) -> int:
+    """Every request's answer on the fast path (token_bytes, the decision from the index's
+    tally and its answer in C) equals the pure-Python path's (token_ids, the Score answer,
+    `scheduling.top_costs`, protobuf's serialiser) and the block-key path's
+    (block_key_bytes); returns how many were compared."""
     from indexer.serve import decision
 
     def answer(data: bytes) -> pb.FindBestWorkerResponse:
@@ -148,6 +162,8 @@ async def fast_path_check(servicer: Any, reqs: list[pb.FindBestWorkerRequest],
         return response
 
     fast = [answer((await servicer._find_best_worker(r, None, CANDIDATES)).data) for r in reqs]
+    by_keys = [answer((await servicer._find_best_worker(r, None, CANDIDATES)).data)
+               for r in keyed]
     native = decision.USE_NATIVE_DECISION
     decision.USE_NATIVE_DECISION = False
     try:
@@ -155,18 +171,22 @@ async def fast_path_check(servicer: Any, reqs: list[pb.FindBestWorkerRequest],
                 for r in listed]
     finally:
         decision.USE_NATIVE_DECISION = native
-    for one, other in zip(fast, slow, strict=True):
+    for one, other, keys in zip(fast, slow, by_keys, strict=True):
         if one != other:
             raise AssertionError(f"fast path answer differs: {one} vs {other}")
+        if keys != one:
+            raise AssertionError(f"block-key answer differs: {keys} vs {one}")
     return len(fast)
 
 
 async def breakdown(args: argparse.Namespace, reqs: list[pb.FindBestWorkerRequest],
-                    listed: list[pb.FindBestWorkerRequest]) -> tuple[dict[str, float], int]:
+                    listed: list[pb.FindBestWorkerRequest],
+                    keyed: list[pb.FindBestWorkerRequest]) -> tuple[dict[str, float], int]:
     """Seconds per decision in this process, without transport (median of 5 passes): the
-    request parse (both token forms), `index.score`, the servicer's decision (parse
-    excluded), and a stream message of the largest `--batches` end to end (split, parse,
-    decide, answer bytes); and how many answers `fast_path_check` compared."""
+    request parse (each prompt form), `index.score` and `index.score_tally`, the
+    servicer's decision (parse excluded; token_bytes and block_key_bytes), and a stream
+    message of the largest `--batches` end to end (split, parse, decide, answer bytes);
+    and how many answers `fast_path_check` compared."""
     import statistics
 
     from indexer.index.memory import MemoryIndex
@@ -179,41 +199,52 @@ async def breakdown(args: argparse.Namespace, reqs: list[pb.FindBestWorkerReques
     index.sync.apply(workload.batches(MODEL))
     index.sync.apply(workload.idle_rank_batches(MODEL))
     servicer = KvIndexerService(index)
-    compared = await fast_path_check(servicer, reqs, listed)
+    compared = await fast_path_check(servicer, reqs, listed, keyed)
     parse = find_best_worker_parser()
-    raws = [r.SerializeToString() for r in reqs]
-    raws_listed = [r.SerializeToString() for r in listed]
+    raws = {form: [r.SerializeToString() for r in rs]
+            for form, rs in ((TOKEN_BYTES, reqs), (TOKEN_IDS, listed), (KEY_BYTES, keyed))}
     batch = max(args.batches)
-    batched = messages(reqs, batch)
+    batched = {form: messages(rs, batch) for form, rs in ((TOKEN_BYTES, reqs),
+                                                          (KEY_BYTES, keyed))}
     candidates = await servicer._candidates(reqs[0].score)
     block_size = await index.block_size(MODEL) or 0
     context = _NoDeadline()
-    steps: dict[str, list[float]] = {"request parse (token_bytes)": [],
-                                     "request parse (token_ids, for comparison)": [],
-                                     "index.score": [],
-                                     "decision (servicer, parsed)": [],
-                                     f"stream message of {batch}, per decision": []}
+    steps: dict[str, list[float]] = {}
+
+    def timed(step: str, started: float, count: int) -> float:
+        now = time.perf_counter()
+        steps.setdefault(step, []).append((now - started) / count)
+        return now
+
     for _ in range(5):
-        t0 = time.perf_counter()
-        parsed = [parse(raw) for raw in raws]
-        t1 = time.perf_counter()
-        for raw in raws_listed:
+        t = time.perf_counter()
+        parsed = {form: [parse(raw) for raw in raws[form]] for form in (TOKEN_BYTES,)}
+        t = timed("request parse (token_bytes)", t, len(reqs))
+        parsed[KEY_BYTES] = [parse(raw) for raw in raws[KEY_BYTES]]
+        t = timed("request parse (block_key_bytes)", t, len(reqs))
+        for raw in raws[TOKEN_IDS]:
             parse(raw)
-        t1b = time.perf_counter()
-        for p in parsed:
-            await index.score(ScoreQuery(model=MODEL, token_ids=p.message.score.token_bytes,
-                                         block_size=block_size, workers=candidates.ids))
-        t2 = time.perf_counter()
-        for p in parsed:
-            await servicer._find_best_worker(p.message, p.tokens, default_limit=CANDIDATES)
-        t3 = time.perf_counter()
-        for m in batched:
-            (await servicer._streamed_decisions(m, context)).SerializeToString()
-        t4 = time.perf_counter()
-        for step, seconds, count in zip(steps, (t1 - t0, t1b - t1, t2 - t1b, t3 - t2, t4 - t3),
-                                        (len(raws),) * 4 + (len(batched) * batch,),
-                                        strict=True):
-            steps[step].append(seconds / count)
+        t = timed("request parse (token_ids, for comparison)", t, len(reqs))
+        queries = [ScoreQuery(model=MODEL, token_ids=p.message.score.token_bytes,
+                              block_size=block_size, workers=candidates.ids)
+                   for p in parsed[TOKEN_BYTES]]
+        t = time.perf_counter()
+        for query in queries:
+            await index.score(query)
+        t = timed("index.score (the Score RPC's)", t, len(reqs))
+        for query in queries:
+            await index.score_tally(query)
+        t = timed("index.score_tally (FindBestWorker's)", t, len(reqs))
+        for form in (TOKEN_BYTES, KEY_BYTES):
+            for p in parsed[form]:
+                await servicer._find_best_worker(p.message, p.tokens,
+                                                 default_limit=CANDIDATES)
+            t = timed(f"decision (servicer, parsed, {form})", t, len(reqs))
+        for form in (TOKEN_BYTES, KEY_BYTES):
+            for m in batched[form]:
+                (await servicer._streamed_decisions(m, context)).SerializeToString()
+            t = timed(f"stream message of {batch} ({form}), per decision", t,
+                      len(batched[form]) * batch)
     return {step: statistics.median(times) for step, times in steps.items()}, compared
 
 
@@ -232,15 +263,18 @@ class Row:
     errors: dict[str, int]
     server_cpu: float  # share of one core
     cpu_per_decision_us: float
+    request_bytes: float  # per decision, as sent (message bodies)
 
 
-def run_load(server: SpawnedServers, load: grpcload.GrpcLoad, *, batch: int, mode: str,
-             amount: float, connections: int, warmup: float, duration: float) -> Row:
-    """`batch` 0: unary calls; else stream messages of `batch` decisions. `amount`: calls
-    or messages in flight (closed), decisions/s (open)."""
+def run_load(server: SpawnedServers, load: grpcload.GrpcLoad, *, batch: int, form: str,
+             request_bytes: float, mode: str, amount: float, connections: int, warmup: float,
+             duration: float) -> Row:
+    """`batch` 0: unary calls; else stream messages of `batch` decisions, prompts in
+    `form`. `amount`: calls or messages in flight (closed), decisions/s (open)."""
     streaming = batch > 0
     method = STREAM if streaming else UNARY
     path = f"stream, {batch} per message" if streaming else "unary"
+    path += ", block keys" if form == KEY_BYTES else ""
     if streaming and mode == "open":
         amount /= batch
     with tempfile.TemporaryDirectory() as tmp:
@@ -260,7 +294,7 @@ def run_load(server: SpawnedServers, load: grpcload.GrpcLoad, *, batch: int, mod
     label += f", {connections} conn"
     per_decision = cpu / max(len(run.latencies) * elapsed / duration, 1) * 1e6
     return Row(path, label, rate, pct(samples, 0.5) * 1e3, pct(samples, 0.99) * 1e3,
-               run.errors, cpu / elapsed, per_decision)
+               run.errors, cpu / elapsed, per_decision, request_bytes)
 
 
 def background_load() -> str:
@@ -274,7 +308,9 @@ def report(args: argparse.Namespace, rows: list[Row], *, hits: int, checked: int
         f"One server process (`start_grpc_server`, in-memory index, uvloop), {args.ranks:,} "
         f"worker ranks holding >= {args.blocks:,} blocks of the shared-prefix workload (every "
         f"rank live), {args.queries} prompts of 8,192 tokens (16-token blocks) sent as "
-        f"token_bytes (packed u32) in turn, each with the loads of {LOADED_RANKS} ranks and "
+        f"token_bytes (packed u32) in turn, or on the 'block keys' rows as block_key_bytes "
+        f"(the prompt's 512 block keys, packed u64, as the client sends them with "
+        f"keys_from_tokens), each with the loads of {LOADED_RANKS} ranks and "
         f"max_candidates {CANDIDATES}. Load from bench/grpcload.c on the same host: unary "
         "FindBestWorker calls, or messages on one FindBestWorkerStream per connection, of "
         f"{' or '.join(str(b) for b in (1, *args.batches))} decisions each (server stream "
@@ -287,36 +323,42 @@ def report(args: argparse.Namespace, rows: list[Row], *, hits: int, checked: int
         "only grows with the run). Before "
         f"timing, {checked} streamed answers equalled the unary answers ({hits} with a "
         f"cache hit), and in the bench's process the fast path's answers (token_bytes, the "
-        f"decision and its answer in C) equalled the pure-Python path's (token_ids, "
-        f"scheduling.top_costs, protobuf's serialiser) on all {compared} requests. "
+        f"decision from the index's tally and its answer in C) equalled the pure-Python "
+        f"path's (token_ids, the Score answer, scheduling.top_costs, protobuf's serialiser) "
+        f"and the block-key path's (block_key_bytes) on all {compared} requests. "
         "The machine has 2 cores shared with other engineers' work "
         f"({before}; also the load generator): figures are preliminary.",
         "",
         "| path | load | decisions/s | p50 ms | p99 ms | errors | server CPU | "
-        "server CPU per decision |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "server CPU per decision | request bytes per decision |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         errors = ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())) or "0"
         lines.append(f"| {r.path} | {r.load} | {r.rate:,.0f} | {r.p50_ms:.2f} | "
                      f"{r.p99_ms:.2f} | {errors} | {r.server_cpu:.2f} | "
-                     f"{r.cpu_per_decision_us:.0f} us |")
+                     f"{r.cpu_per_decision_us:.0f} us | {r.request_bytes:,.0f} |")
     streamed = [r for r in rows if r.path.startswith("stream")]
-    best = max((r.rate for r in streamed if r.load.startswith("closed")), default=0.0)
+    closed = [r for r in streamed if r.load.startswith("closed")]
+    best_row = max(closed, key=lambda r: r.rate, default=None)
+    best = best_row.rate if best_row else 0.0
     at_rate = [r for r in streamed if f"{P99_RATE:,}/s" in r.load]
-    p99 = min((r.p99_ms for r in at_rate), default=float("nan"))
+    best_p99 = min(at_rate, key=lambda r: r.p99_ms, default=None)
+    p99 = best_p99.p99_ms if best_p99 else float("nan")
     p99_line = (f"{verdict(p99 <= P99_TARGET_MS)} ({p99:.2f} ms on the stream, the best of "
-                "the message sizes)" if at_rate else
+                f"the message sizes and forms: {best_p99.path})" if best_p99 else
                 f"**not measured** (the stream's closed-loop rate on this run, {best:,.0f}/s, "
                 f"is below {P99_RATE:,}/s: the open loop was not run)")
     lines += [
         "",
         f"- >= {RATE_TARGET:,} decisions/s from one process: {verdict(best >= RATE_TARGET)} "
-        f"({best:,.0f}/s on the stream, closed loop).",
+        f"({best:,.0f}/s on the stream, closed loop"
+        f"{f': {best_row.path}' if best_row else ''}).",
         f"- p99 <= {P99_TARGET_MS:g} ms at {P99_RATE:,}/s: {p99_line}.",
         "",
         "Where a decision's time goes: the same requests in one process without transport, "
-        "one at a time (median of 5 passes; the servicer's decision includes `index.score`):",
+        "one at a time (median of 5 passes; the servicer's decision includes the index's walk, "
+        "`index.score_tally` at temperature 0):",
         "",
         "| step | us per decision |",
         "|---|---:|",
@@ -348,7 +390,9 @@ def main() -> None:
     print(f"building {args.ranks} ranks x {args.blocks:,} blocks ({before})", flush=True)
     queries = make_workload(args.ranks, args.blocks, n_queries=args.queries).queries
     reqs = requests(queries, args.ranks)
-    listed = requests(queries, args.ranks, packed=False)
+    listed = requests(queries, args.ranks, form=TOKEN_IDS)
+    keyed = requests(queries, args.ranks, form=KEY_BYTES)
+    by_form = {TOKEN_BYTES: reqs, KEY_BYTES: keyed}
     spec = ServerSpec(args.ranks, args.blocks, args.queries, args.stream_window)
     server = start_server(spec)
     rows: list[Row] = []
@@ -357,36 +401,44 @@ def main() -> None:
         hits = asyncio.run(check_answers(server.port, reqs[:checked]))
         with tempfile.TemporaryDirectory() as tmp:
             loads = {}
-            paths = (0, 1, *args.batches)
-            for batch in paths:
-                bodies = Path(tmp) / f"bodies-{batch}"
-                grpcload.write_bodies(messages(reqs, batch), bodies)
-                loads[batch] = grpcload.GrpcLoad(binary, bodies)
-            runs: list[tuple[int, str, float]] = [
-                (batch, "closed", max(args.in_flight / max(batch, 1), 2 * args.connections))
-                for batch in paths]
+            sizes: dict[tuple[int, str], float] = {}
+            # Prompts as token_bytes on every path; as block keys on the batched streams.
+            paths = [(b, TOKEN_BYTES) for b in (0, 1, *args.batches)]
+            paths += [(b, KEY_BYTES) for b in args.batches]
+            for batch, form in paths:
+                bodies = Path(tmp) / f"bodies-{batch}-{form}"
+                written = messages(by_form[form], batch)
+                grpcload.write_bodies(written, bodies)
+                loads[batch, form] = grpcload.GrpcLoad(binary, bodies)
+                sizes[batch, form] = (sum(map(len, written))
+                                      / (len(written) * max(batch, 1)))
+            runs: list[tuple[tuple[int, str], str, float]] = [
+                (path, "closed", max(args.in_flight / max(path[0], 1), 2 * args.connections))
+                for path in paths]
             # Latency where every path keeps up: the same rate for all, half the slowest
             # path's closed-loop rate (rounded down to 100/s), filled in once it is known.
-            runs += [(batch, "open", 0.0) for batch in paths]
+            runs += [(path, "open", 0.0) for path in paths]
             # Unary calls past the closed loop's rate would only queue up: one open-loop rate.
-            runs += [(batch, "open", rate) for rate in args.rates for batch in paths
-                     if batch or rate <= P99_RATE]
-            closed_rate: dict[int, float] = {}
-            for batch, mode, planned in runs:
+            runs += [(path, "open", rate) for rate in args.rates for path in paths
+                     if path[0] or rate <= P99_RATE]
+            closed_rate: dict[tuple[int, str], float] = {}
+            for path, mode, planned in runs:
+                batch, form = path
                 amount = planned or max(100.0, min(closed_rate.values(), default=0.0) // 200 * 100)
-                if mode == "open" and amount > OVERLOAD * closed_rate.get(batch, 0.0):
-                    print(f"skipped: {amount:,.0f}/s open loop, batch {batch}: above "
+                if mode == "open" and amount > OVERLOAD * closed_rate.get(path, 0.0):
+                    print(f"skipped: {amount:,.0f}/s open loop, batch {batch} {form}: above "
                           f"{OVERLOAD:g}x the closed loop's rate", flush=True)
                     continue
                 try:
-                    row = run_load(server, loads[batch], batch=batch, mode=mode,
-                                   amount=amount, connections=args.connections,
-                                   warmup=args.warmup, duration=args.duration)
+                    row = run_load(server, loads[path], batch=batch, form=form,
+                                   request_bytes=sizes[path], mode=mode, amount=amount,
+                                   connections=args.connections, warmup=args.warmup,
+                                   duration=args.duration)
                 except RuntimeError as exc:  # grpcload gave up: calls unanswered long after
-                    print(f"failed: {mode} {amount:g}, batch {batch}: {exc}", flush=True)
+                    print(f"failed: {mode} {amount:g}, batch {batch} {form}: {exc}", flush=True)
                     continue
                 if mode == "closed":
-                    closed_rate[batch] = row.rate
+                    closed_rate[path] = row.rate
                 print(f"{row.path:22} {row.load:28} {row.rate:8,.0f}/s p50 {row.p50_ms:6.2f} "
                       f"p99 {row.p99_ms:7.2f} ms errors {row.errors} server CPU "
                       f"{row.server_cpu:.2f} ({row.cpu_per_decision_us:.0f} us/decision)",
@@ -394,7 +446,7 @@ def main() -> None:
                 rows.append(row)
     finally:
         server.stop()
-    steps, compared = asyncio.run(breakdown(args, reqs, listed))
+    steps, compared = asyncio.run(breakdown(args, reqs, listed, keyed))
     body = report(args, rows, hits=hits, checked=checked, compared=compared, before=before,
                   steps=steps)
     print(body)

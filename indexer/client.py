@@ -60,6 +60,7 @@ from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
 from indexer.findings import ERROR, INFO, WARNING, Diagnosis, Finding
 from indexer.scheduling import CandidateCost
 from kvcore.bus import pack_tokens
+from kvcore.keys import block_keys_packed, root_seed
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -274,9 +275,13 @@ class IndexerStats(msgspec.Struct, frozen=True):
 
 
 def _score_request(query: Query, max_scores: int | None = None, *,
-                   packed_tokens: bool = True) -> pb.ScoreRequest:
+                   packed_tokens: bool = True, keys_from_tokens: bool = False
+                   ) -> pb.ScoreRequest:
     """`packed_tokens`: token ids go as `token_bytes` (packed u32, what the server reads
-    fastest), else as `token_ids` (what servers before `token_bytes` read)."""
+    fastest), else as `token_ids` (what servers before `token_bytes` read).
+    `keys_from_tokens`: a query with token ids and a `block_size` goes as its block keys
+    (`block_key_bytes`, 8 bytes per block: what the server would compute), unless
+    `packed_tokens` is off."""
     if isinstance(query.token_ids, bytes | bytearray | memoryview):
         # A bytes object is a Sequence[int] of bytes, not of token ids: refuse, not guess.
         raise TypeError("Query.token_ids must be a sequence of ints, not bytes "
@@ -286,7 +291,9 @@ def _score_request(query: Query, max_scores: int | None = None, *,
         workers=query.workers, include_zero=query.include_zero, block_size=query.block_size,
         role=query.role,
     )
-    if query.token_ids is not None and packed_tokens:
+    if query.token_ids is not None and packed_tokens and keys_from_tokens and query.block_size:
+        request.block_key_bytes = _keys_of(query)
+    elif query.token_ids is not None and packed_tokens:
         request.token_bytes = _packed(query.token_ids)
     elif query.token_ids is not None:
         request.token_ids.extend(query.token_ids)
@@ -313,6 +320,14 @@ def _packed(token_ids: Sequence[int]) -> bytes:
                          f"({exc})") from exc
 
 
+def _keys_of(query: Query) -> bytes:
+    """The block keys of a query's token ids at its block size, packed u64 (the chained
+    hash the server computes: kvcore/keys.py)."""
+    assert query.token_ids is not None
+    seed = root_seed(query.model, query.lora_name, query.cache_salt)
+    return block_keys_packed(_packed(query.token_ids), query.block_size, seed)
+
+
 def _find_request(
     query: Query,
     loads: Sequence[WorkerLoad],
@@ -323,9 +338,11 @@ def _find_request(
     max_candidates: int | None = None,
     storage_load_weight: float | None = None,
     packed_tokens: bool = True,
+    keys_from_tokens: bool = False,
 ) -> pb.FindBestWorkerRequest:
     request = pb.FindBestWorkerRequest(
-        score=_score_request(query, packed_tokens=packed_tokens),
+        score=_score_request(query, packed_tokens=packed_tokens,
+                             keys_from_tokens=keys_from_tokens),
         loads=[pb.WorkerLoad(worker_id=w.worker_id, dp_rank=w.dp_rank,
                              active_blocks=w.active_blocks,
                              waiting_requests=w.waiting_requests,
@@ -456,11 +473,12 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     max_candidates: int | None = None
     storage_load_weight: float | None = None
 
-    def request(self, *, packed_tokens: bool = True) -> pb.FindBestWorkerRequest:
+    def request(self, *, packed_tokens: bool = True,
+                keys_from_tokens: bool = False) -> pb.FindBestWorkerRequest:
         return _find_request(self.query, self.loads, self.overlap_weight, self.temperature,
                              self.seed, max_candidates=self.max_candidates,
                              storage_load_weight=self.storage_load_weight,
-                             packed_tokens=packed_tokens)
+                             packed_tokens=packed_tokens, keys_from_tokens=keys_from_tokens)
 
 
 class StreamClosedError(IndexerClientError):
@@ -484,6 +502,7 @@ class DecisionStream:
         self._timeout = client.timeout
         self._max_batch = max_batch
         self._packed_tokens = client.packed_tokens
+        self._keys_from_tokens = client.keys_from_tokens
         self._lock = threading.Lock()
         self._pending: collections.deque[concurrent.futures.Future[WorkerChoice]] = \
             collections.deque()
@@ -496,7 +515,8 @@ class DecisionStream:
 
     def submit(self, decision: Decision) -> concurrent.futures.Future[WorkerChoice]:
         """Queue one request; its answer arrives in the returned Future."""
-        request = decision.request(packed_tokens=self._packed_tokens)
+        request = decision.request(packed_tokens=self._packed_tokens,
+                                   keys_from_tokens=self._keys_from_tokens)
         future: concurrent.futures.Future[WorkerChoice] = concurrent.futures.Future()
         with self._lock:  # the answers' order is the order of the requests in the outbox
             if self._ended is not None:
@@ -597,6 +617,7 @@ class AsyncDecisionStream:
         self._timeout = client.timeout
         self._max_batch = max_batch
         self._packed_tokens = client.packed_tokens
+        self._keys_from_tokens = client.keys_from_tokens
         self._pending: collections.deque[asyncio.Future[WorkerChoice]] = collections.deque()
         self._outbox: asyncio.Queue[pb.FindBestWorkerRequest | None] = asyncio.Queue()
         self._ended: IndexerClientError | None = None
@@ -611,7 +632,8 @@ class AsyncDecisionStream:
             raise self._ended
         future: asyncio.Future[WorkerChoice] = asyncio.get_running_loop().create_future()
         self._pending.append(future)  # the answers' order is the order of the outbox
-        self._outbox.put_nowait(decision.request(packed_tokens=self._packed_tokens))
+        self._outbox.put_nowait(decision.request(packed_tokens=self._packed_tokens,
+                                   keys_from_tokens=self._keys_from_tokens))
         try:
             return await asyncio.wait_for(asyncio.shield(future),
                                           self._timeout if timeout is None else timeout)
@@ -718,6 +740,7 @@ class _BaseClient:
         token: str | None = None,
         tls_server_name: str | None = None,
         packed_tokens: bool = True,
+        keys_from_tokens: bool = False,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
@@ -729,6 +752,9 @@ class _BaseClient:
         self.timeout = timeout
         # Token ids as ScoreRequest.token_bytes; False: as token_ids, for older servers.
         self.packed_tokens = packed_tokens
+        # Token ids with an explicit Query.block_size as block_key_bytes (an eighth of the
+        # bytes at 16-token blocks); needs a server that reads block_key_bytes.
+        self.keys_from_tokens = keys_from_tokens
         self.retry = retry or RetryPolicy()
         self.tls = tls or root_certificates is not None or client_cert is not None
         self._credentials = grpc.ssl_channel_credentials(
@@ -783,7 +809,8 @@ class IndexerClient(_BaseClient):
               timeout: float | None = None) -> ScoreAnswer:
         """Per (worker, dp_rank), the leading query blocks it holds (the best `max_scores`
         of them; None: every one)."""
-        request = _score_request(query, max_scores, packed_tokens=self.packed_tokens)
+        request = _score_request(query, max_scores, packed_tokens=self.packed_tokens,
+                                 keys_from_tokens=self.keys_from_tokens)
         return _score_answer(self._call(self._stub.Score, request, timeout))
 
     def find_best_worker(
@@ -803,7 +830,8 @@ class IndexerClient(_BaseClient):
         request = _find_request(query, loads, overlap_weight, temperature, seed,
                                 max_candidates=max_candidates,
                                 storage_load_weight=storage_load_weight,
-                                packed_tokens=self.packed_tokens)
+                                packed_tokens=self.packed_tokens,
+                                keys_from_tokens=self.keys_from_tokens)
         return _worker_choice(self._call(self._stub.FindBestWorker, request, timeout))
 
     def score_batch(
@@ -811,7 +839,8 @@ class IndexerClient(_BaseClient):
     ) -> list[ScoreAnswer]:
         """Several queries in one round trip; answers in query order."""
         request = pb.ScoreBatchRequest(requests=[
-            _score_request(q, packed_tokens=self.packed_tokens) for q in queries])
+            _score_request(q, packed_tokens=self.packed_tokens,
+                           keys_from_tokens=self.keys_from_tokens) for q in queries])
         response = self._call(self._stub.ScoreBatch, request, timeout)
         return [_score_answer(r) for r in response.responses]
 
@@ -876,7 +905,8 @@ class AsyncIndexerClient(_BaseClient):
                     timeout: float | None = None) -> ScoreAnswer:
         """Per (worker, dp_rank), the leading query blocks it holds (the best `max_scores`
         of them; None: every one)."""
-        request = _score_request(query, max_scores, packed_tokens=self.packed_tokens)
+        request = _score_request(query, max_scores, packed_tokens=self.packed_tokens,
+                                 keys_from_tokens=self.keys_from_tokens)
         return _score_answer(await self._call(self._stub.Score, request, timeout))
 
     async def find_best_worker(
@@ -896,7 +926,8 @@ class AsyncIndexerClient(_BaseClient):
         request = _find_request(query, loads, overlap_weight, temperature, seed,
                                 max_candidates=max_candidates,
                                 storage_load_weight=storage_load_weight,
-                                packed_tokens=self.packed_tokens)
+                                packed_tokens=self.packed_tokens,
+                                keys_from_tokens=self.keys_from_tokens)
         return _worker_choice(await self._call(self._stub.FindBestWorker, request, timeout))
 
     async def score_batch(
@@ -904,7 +935,8 @@ class AsyncIndexerClient(_BaseClient):
     ) -> list[ScoreAnswer]:
         """Several queries in one round trip; answers in query order."""
         request = pb.ScoreBatchRequest(requests=[
-            _score_request(q, packed_tokens=self.packed_tokens) for q in queries])
+            _score_request(q, packed_tokens=self.packed_tokens,
+                           keys_from_tokens=self.keys_from_tokens) for q in queries])
         response = await self._call(self._stub.ScoreBatch, request, timeout)
         return [_score_answer(r) for r in response.responses]
 

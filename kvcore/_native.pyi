@@ -1,7 +1,7 @@
 """Types of the optional C extension built from native/*.c (module.c lists what is where)."""
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -15,6 +15,9 @@ def pack_log_entries(
 def tally_runs(
     runs: Sequence[int], candidates: int, weights: Sequence[float], include_zero: bool
 ) -> bytes: ...
+def tally_masks(
+    masks: Sequence[int], candidates: int, weights: Sequence[float], include_zero: bool
+) -> bytes: ...
 def expand_tally(tally: bytes, replicas: dict[int, list[int]]) -> bytes: ...
 def scores_from_tally(
     tally: bytes, refs: Sequence[tuple[str, int] | None], order: bytes,
@@ -25,6 +28,11 @@ def decision_top_costs(
     positions: dict[tuple[str, int], int], query_blocks: int, overlap_weight: float,
     storage_load_weight: float, limit: int, /,
 ) -> list[tuple[str, int, int, int, int, float, int, int]]: ...
+def decision_tally_top_costs(
+    tally: bytes, refs: list[Any], loads: Iterable[object],
+    ordered: Sequence[tuple[str, int]], positions: dict[tuple[str, int], int],
+    query_blocks: int, overlap_weight: float, storage_load_weight: float, limit: int, /,
+) -> tuple[list[tuple[str, int, int, int, int, float, int, int]], int]: ...
 def encode_decision(
     chosen: tuple[str, int, int, int, int, float, int, int],
     ranked: Sequence[tuple[str, int, int, int, int, float, int, int]],

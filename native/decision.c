@@ -15,6 +15,11 @@
  *       ref -> its index in ordered (`CandidateSet.positions`). Returns the `limit`
  *       cheapest candidates, best first, as (worker_id, dp_rank, matched_blocks,
  *       prefill_blocks, active_blocks, cost, waiting_requests, storage_blocks).
+ *   decision_tally_top_costs(tally, refs, loads, ordered, positions, query_blocks, ...)
+ *       -> (rows, hits)
+ *       The same rows from the Score walk's tally (tally.c records: slot, matched, cpu,
+ *       storage, other; refs names the slots) rather than a WorkerScore and its dict per
+ *       matched rank; hits: the candidates with a matched block.
  *
  * The ranking is top_costs's: cost, then more matched blocks, fewer waiting requests,
  * then (worker_id, dp_rank), which is the position in `ordered`, so ties are broken without
@@ -27,6 +32,8 @@
  */
 #include "native.h"
 #include "bytebuf.h"
+
+#define TALLY_RECORD_U32 5 /* tally.c's records: slot, matched, cpu, storage, other */
 
 typedef struct {
     Py_ssize_t position; /* in ordered: the (worker_id, dp_rank) order */
@@ -113,19 +120,10 @@ storage_blocks(PyObject *score, unsigned long long *out)
 /* The entry of obj's (worker_id, dp_rank), added when new; *entry NULL when the ref is
  * not a candidate. -1 with an exception on error. */
 static int
-entry_of(PyObject *obj, Gathered *g, Entry **entry)
+entry_of_ref(PyObject *ref, Gathered *g, Entry **entry)
 {
     *entry = NULL;
-    PyObject *worker = PyObject_GetAttr(obj, name_worker_id);
-    PyObject *rank = worker ? PyObject_GetAttr(obj, name_dp_rank) : NULL;
-    PyObject *key = rank ? PyTuple_Pack(2, worker, rank) : NULL;
-    Py_XDECREF(worker);
-    Py_XDECREF(rank);
-    if (key == NULL) {
-        return -1;
-    }
-    PyObject *found = PyDict_GetItemWithError(g->positions, key); /* borrowed */
-    Py_DECREF(key);
+    PyObject *found = PyDict_GetItemWithError(g->positions, ref); /* borrowed */
     if (found == NULL) {
         return PyErr_Occurred() ? -1 : 0;
     }
@@ -147,9 +145,27 @@ entry_of(PyObject *obj, Gathered *g, Entry **entry)
     return 0;
 }
 
-/* The scores' and the loads' entries (the last of a ref wins); -1 with an exception. */
+/* entry_of_ref of obj's (worker_id, dp_rank). */
 static int
-gather_entries(PyObject *scores, PyObject *loads, Gathered *g)
+entry_of(PyObject *obj, Gathered *g, Entry **entry)
+{
+    *entry = NULL;
+    PyObject *worker = PyObject_GetAttr(obj, name_worker_id);
+    PyObject *rank = worker ? PyObject_GetAttr(obj, name_dp_rank) : NULL;
+    PyObject *key = rank ? PyTuple_Pack(2, worker, rank) : NULL;
+    Py_XDECREF(worker);
+    Py_XDECREF(rank);
+    if (key == NULL) {
+        return -1;
+    }
+    int status = entry_of_ref(key, g, entry);
+    Py_DECREF(key);
+    return status;
+}
+
+/* The scores' entries (the last of a ref wins); -1 with an exception. */
+static int
+gather_scores(PyObject *scores, Gathered *g)
 {
     Entry *e;
     PyObject **items = PySequence_Fast_ITEMS(scores);
@@ -160,7 +176,44 @@ gather_entries(PyObject *scores, PyObject *loads, Gathered *g)
             return -1;
         }
     }
-    items = PySequence_Fast_ITEMS(loads);
+    return 0;
+}
+
+/* The tally records' entries (tally.c: slot, matched, cpu, storage, other; refs names
+ * each slot); *hits counts the candidates among them with a matched block. */
+static int
+gather_tally(const Py_buffer *tally, PyObject *refs, Gathered *g, Py_ssize_t *hits)
+{
+    const uint32_t *records = tally->buf;
+    Py_ssize_t n = tally->len / (TALLY_RECORD_U32 * (Py_ssize_t)sizeof(uint32_t));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint32_t *rec = &records[i * TALLY_RECORD_U32];
+        PyObject *ref = (Py_ssize_t)rec[0] < PyList_GET_SIZE(refs)
+                            ? PyList_GET_ITEM(refs, rec[0]) : Py_None;
+        if (ref == Py_None || (uint64_t)rec[2] + rec[3] + rec[4] > rec[1]) {
+            PyErr_SetString(PyExc_ValueError, "a record's slot has no ref, or its tier "
+                                              "counts exceed its matched blocks");
+            return -1;
+        }
+        Entry *e;
+        if (entry_of_ref(ref, g, &e) < 0) {
+            return -1;
+        }
+        if (e) {
+            e->held = rec[1];
+            e->stored = rec[3];
+            *hits += rec[1] > 0;
+        }
+    }
+    return 0;
+}
+
+/* The loads' entries (the last of a ref wins); -1 with an exception. */
+static int
+gather_loads(PyObject *loads, Gathered *g)
+{
+    Entry *e;
+    PyObject **items = PySequence_Fast_ITEMS(loads);
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(loads); i++) {
         if (entry_of(items[i], g, &e) < 0 ||
             (e && (count_attr(items[i], name_active_blocks, &e->active) < 0 ||
@@ -255,6 +308,65 @@ merged_rows(const Gathered *g, PyObject *ordered, const Knobs *knobs)
     return rows;
 }
 
+/* knobs from args[0..3]: query_blocks, overlap_weight, storage_load_weight, limit. */
+static int
+read_knobs(PyObject *const *args, Knobs *knobs)
+{
+    knobs->query_blocks = PyLong_AsUnsignedLongLong(args[0]);
+    knobs->overlap_weight = PyFloat_AsDouble(args[1]);
+    knobs->storage_load_weight = PyFloat_AsDouble(args[2]);
+    knobs->limit = PyLong_AsSsize_t(args[3]);
+    return PyErr_Occurred() || intern_names() < 0 ? -1 : 0;
+}
+
+/* What gives the scored candidates' entries: the Score answer, or a tally and its refs. */
+typedef struct {
+    PyObject *scores;     /* a PySequence_Fast, or NULL with tally */
+    const Py_buffer *tally;
+    PyObject *refs;
+    Py_ssize_t hits;      /* with tally: candidates matched */
+} ScoreSource;
+
+/* The `limit` cheapest rows of the scored and loaded candidates; NULL with an exception. */
+static PyObject *
+top_rows(ScoreSource *src, Py_ssize_t n_scored, PyObject *loads_arg, PyObject *ordered_arg,
+         PyObject *positions, const Knobs *knobs)
+{
+    PyObject *loads = PySequence_Fast(loads_arg, "loads must be a sequence");
+    PyObject *ordered = loads ? PySequence_Fast(ordered_arg, "ordered must be a sequence")
+                              : NULL;
+    PyObject *rows = NULL;
+    Gathered g = {positions, NULL, 0, NULL, 0};
+    if (ordered == NULL) {
+        goto done;
+    }
+    Py_ssize_t n_ordered = g.n_ordered = PySequence_Fast_GET_SIZE(ordered);
+    if (PyDict_GET_SIZE(positions) != n_ordered) {
+        PyErr_SetString(PyExc_ValueError, "positions must map each ref of ordered");
+        goto done;
+    }
+    Py_ssize_t room = n_scored + PySequence_Fast_GET_SIZE(loads);
+    g.entries = PyMem_Malloc(sizeof *g.entries * (size_t)(room + 1));
+    g.entry_at = PyMem_Calloc((size_t)n_ordered + 1, sizeof *g.entry_at);
+    if (g.entries == NULL || g.entry_at == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int gathered = src->scores != NULL ? gather_scores(src->scores, &g)
+                                       : gather_tally(src->tally, src->refs, &g, &src->hits);
+    if (gathered < 0 || gather_loads(loads, &g) < 0) {
+        goto done;
+    }
+    cost_entries(&g, knobs);
+    rows = merged_rows(&g, ordered, knobs);
+done:
+    PyMem_Free(g.entries);
+    PyMem_Free(g.entry_at);
+    Py_XDECREF(ordered);
+    Py_XDECREF(loads);
+    return rows;
+}
+
 const char decision_top_costs_doc[] = PyDoc_STR(
 "decision_top_costs(scores, loads, ordered, positions, query_blocks, overlap_weight,\n"
 "                   storage_load_weight, limit) -> list[tuple]\n\n"
@@ -272,48 +384,62 @@ decision_top_costs(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
                         "storage_load_weight, limit)");
         return NULL;
     }
-    knobs.query_blocks = PyLong_AsUnsignedLongLong(args[4]);
-    knobs.overlap_weight = PyFloat_AsDouble(args[5]);
-    knobs.storage_load_weight = PyFloat_AsDouble(args[6]);
-    knobs.limit = PyLong_AsSsize_t(args[7]);
-    if (PyErr_Occurred() || intern_names() < 0) {
+    if (read_knobs(args + 4, &knobs) < 0) {
         return NULL;
     }
     if (knobs.limit <= 0) {
         return PyList_New(0);
     }
-    PyObject *scores = PySequence_Fast(args[0], "scores must be a sequence");
-    PyObject *loads = scores ? PySequence_Fast(args[1], "loads must be a sequence") : NULL;
-    PyObject *ordered = loads ? PySequence_Fast(args[2], "ordered must be a sequence") : NULL;
-    PyObject *rows = NULL;
-    Gathered g = {args[3], NULL, 0, NULL, 0};
-    if (ordered == NULL) {
-        goto done;
+    ScoreSource src = {PySequence_Fast(args[0], "scores must be a sequence"), NULL, NULL, 0};
+    if (src.scores == NULL) {
+        return NULL;
     }
-    Py_ssize_t n_ordered = g.n_ordered = PySequence_Fast_GET_SIZE(ordered);
-    if (PyDict_GET_SIZE(args[3]) != n_ordered) {
-        PyErr_SetString(PyExc_ValueError, "positions must map each ref of ordered");
-        goto done;
-    }
-    Py_ssize_t room = PySequence_Fast_GET_SIZE(scores) + PySequence_Fast_GET_SIZE(loads);
-    g.entries = PyMem_Malloc(sizeof *g.entries * (size_t)(room + 1));
-    g.entry_at = PyMem_Calloc((size_t)n_ordered + 1, sizeof *g.entry_at);
-    if (g.entries == NULL || g.entry_at == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (gather_entries(scores, loads, &g) < 0) {
-        goto done;
-    }
-    cost_entries(&g, &knobs);
-    rows = merged_rows(&g, ordered, &knobs);
-done:
-    PyMem_Free(g.entries);
-    PyMem_Free(g.entry_at);
-    Py_XDECREF(ordered);
-    Py_XDECREF(loads);
-    Py_XDECREF(scores);
+    PyObject *rows = top_rows(&src, PySequence_Fast_GET_SIZE(src.scores), args[1], args[2],
+                              args[3], &knobs);
+    Py_DECREF(src.scores);
     return rows;
+}
+
+const char decision_tally_top_costs_doc[] = PyDoc_STR(
+"decision_tally_top_costs(tally, refs, loads, ordered, positions, query_blocks,\n"
+"                         overlap_weight, storage_load_weight, limit)\n"
+"    -> tuple[list[tuple], int]\n\n"
+"decision_top_costs from a Score walk's tally (tally_runs records: slot, matched, cpu,\n"
+"storage, other; refs: the slot table's refs, indexed by slot) instead of WorkerScores;\n"
+"also the number of candidates with a matched block.");
+
+PyObject *
+decision_tally_top_costs(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Knobs knobs;
+    if (nargs != 9 || !PyList_Check(args[1]) || !PyDict_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "decision_tally_top_costs(tally, refs: list, loads, "
+                        "ordered, positions: dict, query_blocks, overlap_weight, "
+                        "storage_load_weight, limit)");
+        return NULL;
+    }
+    if (read_knobs(args + 5, &knobs) < 0) {
+        return NULL;
+    }
+    Py_buffer tally;
+    if (PyObject_GetBuffer(args[0], &tally, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    PyObject *rows = NULL, *out = NULL;
+    const Py_ssize_t record = TALLY_RECORD_U32 * (Py_ssize_t)sizeof(uint32_t);
+    ScoreSource src = {NULL, &tally, args[1], 0};
+    if (tally.len % record) {
+        PyErr_SetString(PyExc_ValueError, "tally must be whole records of five u32");
+    } else if (knobs.limit <= 0) {
+        rows = PyList_New(0);
+    } else {
+        rows = top_rows(&src, tally.len / record, args[2], args[3], args[4], &knobs);
+    }
+    if (rows != NULL) {
+        out = Py_BuildValue("(Nn)", rows, src.hits);
+    }
+    PyBuffer_Release(&tally);
+    return out;
 }
 
 /* --- the answer's wire form ------------------------------------------------------------ */

@@ -20,7 +20,9 @@
  *   scores_from_tally(tally, refs, order, weights, tiers, make) -> list: Score's prefix
  *       walk over the masks and its answer, without an object per slot in between.
  *   decision_top_costs(scores, loads, ordered, members, ...) -> list[tuple]:
- *       FindBestWorker's cheapest candidates (cost with the loads, then top-k), and
+ *       FindBestWorker's cheapest candidates (cost with the loads, then top-k), or
+ *   decision_tally_top_costs(tally, refs, loads, ...) -> (list[tuple], int): the same
+ *       straight from the Score walk's tally (no WorkerScore per matched rank), and
  *   encode_decision(chosen, ranked, freshness, candidate_count) -> bytes: its answer.
  *
  * `tokens` is packed u32 little-endian (bytes, bytearray, memoryview) or a sequence of
@@ -60,12 +62,15 @@ static PyMethodDef native_methods[] = {
     {"pack_log_entries", (PyCFunction)(void (*)(void))pack_log_entries, METH_FASTCALL,
      "pack_log_entries(hashes, keys, tiers) -> bytes: the ledger log's M/D records."},
     {"tally_runs", (PyCFunction)(void (*)(void))tally_runs, METH_FASTCALL, tally_runs_doc},
+    {"tally_masks", (PyCFunction)(void (*)(void))tally_masks, METH_FASTCALL, tally_masks_doc},
     {"expand_tally", (PyCFunction)(void (*)(void))expand_tally, METH_FASTCALL,
      expand_tally_doc},
     {"scores_from_tally", (PyCFunction)(void (*)(void))scores_from_tally, METH_FASTCALL,
      scores_from_tally_doc},
     {"decision_top_costs", (PyCFunction)(void (*)(void))decision_top_costs, METH_FASTCALL,
      decision_top_costs_doc},
+    {"decision_tally_top_costs", (PyCFunction)(void (*)(void))decision_tally_top_costs,
+     METH_FASTCALL, decision_tally_top_costs_doc},
     {"encode_decision", (PyCFunction)(void (*)(void))encode_decision, METH_FASTCALL,
      encode_decision_doc},
     {NULL, NULL, 0, NULL},

@@ -42,6 +42,8 @@ NATIVE_INTERNAL extern const char scores_from_tally_doc[];
 NATIVE_INTERNAL PyObject *tally_runs(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 NATIVE_INTERNAL PyObject *scores_from_tally(PyObject *module, PyObject *const *args,
                                             Py_ssize_t nargs);
+NATIVE_INTERNAL extern const char tally_masks_doc[];
+NATIVE_INTERNAL PyObject *tally_masks(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 NATIVE_INTERNAL extern const char expand_tally_doc[];
 NATIVE_INTERNAL PyObject *expand_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 NATIVE_INTERNAL int masks_equal(PyObject *a, PyObject *b); /* -1 on error, as RichCompare */
@@ -50,6 +52,9 @@ NATIVE_INTERNAL int masks_equal(PyObject *a, PyObject *b); /* -1 on error, as Ri
 NATIVE_INTERNAL extern const char decision_top_costs_doc[];
 NATIVE_INTERNAL PyObject *decision_top_costs(PyObject *module, PyObject *const *args,
                                              Py_ssize_t nargs);
+NATIVE_INTERNAL extern const char decision_tally_top_costs_doc[];
+NATIVE_INTERNAL PyObject *decision_tally_top_costs(PyObject *module, PyObject *const *args,
+                                                   Py_ssize_t nargs);
 NATIVE_INTERNAL extern const char encode_decision_doc[];
 NATIVE_INTERNAL PyObject *encode_decision(PyObject *module, PyObject *const *args,
                                           Py_ssize_t nargs);

@@ -6,6 +6,9 @@
  *       The walk of prefix_match_runs: per matched slot, in slot order, five u32 (native
  *       byte order): slot, matched blocks, and the blocks whose best copy is on cpu,
  *       storage, other (gpu is the rest).
+ *   tally_masks(masks, candidates, weights, include_zero) -> bytes
+ *       The same walk over one mask per block (BlockTable.get_many's list: block-key
+ *       queries), equal neighbours walked as one run.
  *   expand_tally(tally, replicas) -> bytes
  *       Each representative slot's record copied to the slots sharing its answer (pools).
  *   scores_from_tally(tally, refs, order, weights, tiers, make) -> list
@@ -272,6 +275,73 @@ tally_runs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     walk_free(&walk);
     Py_DECREF(runs);
+    return out;
+}
+
+/* walk_runs over one mask per block: equal neighbours are walked as one run. */
+static int
+walk_masks(Walk *walk, PyObject *masks, int64_t *depth)
+{
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(masks);
+    PyObject **items = PySequence_Fast_ITEMS(masks);
+    for (Py_ssize_t i = 0; i < n && walk->n_live;) {
+        Py_ssize_t end = i + 1;
+        int equal = 1;
+        while (end < n && (equal = masks_equal(items[i], items[end])) == 1) {
+            end++;
+        }
+        IntDigits mask;
+        if (equal < 0 || int_digits(items[i], "a mask", &mask) < 0) {
+            return -1;
+        }
+        if (*depth + (end - i) > UINT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "masks must be fewer than 2**32");
+            return -1;
+        }
+        if (walk_step(walk, &mask, *depth, (uint32_t)(end - i))) {
+            *depth += end - i;
+        }
+        i = end;
+    }
+    for (Py_ssize_t i = 0; i < walk->n_live; i++) {
+        end_slots(walk, walk->live[i], walk->alive[walk->live[i]], *depth);
+    }
+    return 0;
+}
+
+NATIVE_INTERNAL const char tally_masks_doc[] =
+    "tally_masks(masks, candidates, weights, include_zero) -> bytes: tally_runs over one\n"
+    "mask per block (a list, as BlockTable.get_many gives them), equal neighbours as runs.";
+
+NATIVE_INTERNAL PyObject *
+tally_masks(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "tally_masks(masks, candidates, weights, include_zero)");
+        return NULL;
+    }
+    Walk walk = {0};
+    IntDigits candidates;
+    double weights[TALLY_TIERS];
+    int include_zero = PyObject_IsTrue(args[3]);
+    if (include_zero < 0 || int_digits(args[1], "candidates", &candidates) < 0 ||
+        read_weights(args[2], weights) < 0) {
+        return NULL;
+    }
+    PyObject *masks = PySequence_Fast(args[0], "masks must be a sequence of ints");
+    if (masks == NULL) {
+        return NULL;
+    }
+    PyObject *out = NULL;
+    int64_t depth = 0;
+    walk.fast = best_tier_table(weights, walk.best);
+    walk.include_zero = include_zero;
+    if (walk_init(&walk, &candidates) == 0 && walk_masks(&walk, masks, &depth) == 0) {
+        out = walk_records(&walk);
+    }
+    walk_free(&walk);
+    Py_DECREF(masks);
     return out;
 }
 

@@ -22,6 +22,7 @@ from indexer.index.protocol import (
     WorkerInfo,
     WorkerRef,
 )
+from indexer.index.scoring import QueryTally
 from kvcore.bus import EventBatch
 
 __all__ = ["SCORE_BUCKETS_S", "InstrumentedIndex"]
@@ -51,6 +52,22 @@ class InstrumentedIndex:
             result = await self.inner.score(query)
             outcome = "ok"
             return result
+        finally:
+            self.score_seconds.labels(self._backend, outcome).observe(
+                time.perf_counter() - started)
+
+    async def score_tally(self, query: ScoreQuery) -> QueryTally | None:
+        """The inner index's `score_tally` (the in-memory index's), timed as Score; None
+        when it has none."""
+        if not hasattr(type(self.inner), "score_tally"):
+            return None
+        inner = getattr(self.inner, "score_tally")  # noqa: B009 - checked on the type
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            tally: QueryTally | None = await inner(query)
+            outcome = "ok"
+            return tally
         finally:
             self.score_seconds.labels(self._backend, outcome).observe(
                 time.perf_counter() - started)

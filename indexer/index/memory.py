@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
+from indexer.index import scoring
 from indexer.index.block_table import BlockMasks, new_block_table
 from indexer.index.hybrid import (
     FULL,
@@ -45,11 +46,13 @@ from indexer.index.protocol import (
     WorkerRef,
 )
 from indexer.index.scoring import (
+    QueryTally,
     SlotMatch,
     SlotTable,
     prefix_match,
     prefix_match_runs,
     query_keys_packed,
+    query_tally,
     score_query,
     slot_bits,
     slot_table,
@@ -305,6 +308,26 @@ class SyncMemoryIndex:
                              table=lambda: space.slot_table(refs, cold), plan=plan)
         return ScoreResult(query.query_blocks, scores)
 
+    def score_tally(self, query: ScoreQuery) -> QueryTally | None:
+        """`score` stopped at the tally (`scoring.query_tally`): no WorkerScore per
+        matched rank. None when only `score` can answer (hybrid KV-cache groups, or no C
+        extension)."""
+        if not scoring.USE_NATIVE_TALLY:
+            return None
+        validate_query(query, self.config)
+        space = self._models.get(query.model)
+        if space is None:
+            return QueryTally(query.query_blocks, b"", [])
+        if space.groups:
+            return None
+        candidates = space.candidates(query.workers)
+        plan = _pool_plan(space, query, candidates)
+        cold = plan.cold_refs or None
+        refs = space.refs if cold is None else {**space.refs, **plan.cold_refs}
+        tally = query_tally(query, space.blocks, candidates, self.config, plan=plan)
+        names = space.slot_table(refs, cold).refs if tally else []
+        return QueryTally(query.query_blocks, tally, names)
+
     def _hybrid_matches(self, query: ScoreQuery, space: _ModelSpace,
                         candidates: int, plan: PoolPlan = NO_POOLS) -> list[SlotMatch]:
         """vLLM's hybrid rule over the model's KV-cache groups (indexer/index/hybrid.py).
@@ -499,6 +522,9 @@ class MemoryIndex:
 
     async def score(self, query: ScoreQuery) -> ScoreResult:
         return self.sync.score(query)
+
+    async def score_tally(self, query: ScoreQuery) -> QueryTally | None:
+        return self.sync.score_tally(query)
 
     async def ping(self) -> None:
         return None

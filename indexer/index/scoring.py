@@ -17,6 +17,7 @@ object per returned score and none per slot in between; `_Walk` is its pure-Pyth
 from __future__ import annotations
 
 import functools
+import sys
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import repeat
@@ -38,9 +39,10 @@ from indexer.index.protocol import (
 from kvcore.keys import NATIVE, block_keys_packed, pack_keys
 
 if NATIVE:
-    from kvcore._native import expand_tally, scores_from_tally, tally_runs
+    from kvcore._native import expand_tally, scores_from_tally, tally_masks, tally_runs
 
 __all__ = [
+    "QueryTally",
     "SlotMatch",
     "SlotTable",
     "check_query_shape",
@@ -50,6 +52,7 @@ __all__ = [
     "prefix_match_query",
     "prefix_match_runs",
     "query_keys_packed",
+    "query_tally",
     "score_query",
     "slot_bits",
     "slot_table",
@@ -366,6 +369,15 @@ class SlotTable(NamedTuple):
     order: bytes
 
 
+class QueryTally(NamedTuple):
+    """A query's prefix walk before it becomes WorkerScores: `query_tally`'s records and
+    the slot table's refs that name their slots (FindBestWorker ranks from these)."""
+
+    query_blocks: int
+    tally: bytes
+    refs: list[WorkerRef | None]
+
+
 def slot_table(refs: Mapping[int, WorkerRef]) -> SlotTable:
     by_slot: list[WorkerRef | None] = [None] * (max(refs, default=-1) + 1)
     order = array("I", bytes(4 * len(by_slot)))
@@ -388,14 +400,29 @@ def score_query(
     if not USE_NATIVE_TALLY:
         matches = prefix_match_query(query, blocks, candidates, config, plan=plan)
         return worker_scores(matches, refs.__getitem__)
+    tally = query_tally(query, blocks, candidates, config, plan=plan)
+    if not tally:
+        return []
+    names = table()
+    weights = (query.tier_weights or config.tier_weights).as_tuple()
+    return scores_from_tally(tally, names.refs, names.order, weights, TIERS, WorkerScore)
+
+
+def query_tally(
+    query: ScoreQuery, blocks: BlockMasks, candidates: int, config: IndexConfig, *,
+    plan: PoolPlan = NO_POOLS,
+) -> bytes:
+    """The C prefix walk of a validated query: `tally_runs`'s records (per matched slot:
+    slot, matched, cpu, storage, other blocks), pool replicas expanded. Needs the C
+    extension (`USE_NATIVE_TALLY`)."""
     weights = (query.tier_weights or config.tier_weights).as_tuple()
     candidates |= plan.cold
     if query.block_keys is not None:
-        masks: Iterable[int] = map(blocks.get, query.block_keys, repeat(0))
+        # Every key is looked up (a few us for 512), the walk stops where matches end.
+        masks = _masks_of_keys(blocks, query.block_keys, (candidates | plan.pool_bits) * 15)
         if plan.credits:
-            masks = credit_masks(masks, plan.credits)
-        tally = tally_runs(_runs_of(masks, candidates * 15), candidates, weights,
-                           query.include_zero)
+            masks = list(credit_masks(masks, plan.credits))
+        tally = tally_masks(masks, candidates, weights, query.include_zero)
     else:
         assert query.token_ids is not None
         seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
@@ -409,21 +436,23 @@ def score_query(
                 tally = expand_tally(tally, credited.replicas)
         else:
             tally = tally_runs(runs, candidates, weights, query.include_zero)
-    if not tally:
-        return []
-    names = table()
-    return scores_from_tally(tally, names.refs, names.order, weights, TIERS, WorkerScore)
+    return tally
 
 
-def _runs_of(masks: Iterable[int], wanted: int) -> list[int]:
-    """Masks as runs [mask, count, ...], up to the first without a wanted bit (where
-    every candidate's match has ended)."""
-    runs: list[int] = []
-    for mask in masks:
-        if runs and mask == runs[-2]:
-            runs[-1] += 1
-        elif mask & wanted:
-            runs += (mask, 1)
-        else:
-            break
-    return runs
+# Keys looked up at first; twice as many each time the last mask still has a candidate.
+_FIRST_LOOKUPS = 64
+
+
+def _masks_of_keys(blocks: BlockMasks, keys: Sequence[int], wanted: int) -> list[int]:
+    """The masks of the keys from the first up to one without a `wanted` bit (where the
+    walk ends) or a little past it, or to the last."""
+    packed = (keys.tobytes() if isinstance(keys, array) and keys.typecode == "Q"
+              and sys.byteorder == "little" else pack_keys(keys))
+    masks: list[int] = []
+    end = _FIRST_LOOKUPS * 8
+    while True:
+        chunk = blocks.get_many(packed[len(masks) * 8 : end])
+        masks += chunk
+        if end >= len(packed) or not chunk or not chunk[-1] & wanted:
+            return masks
+        end *= 2

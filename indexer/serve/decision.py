@@ -8,7 +8,9 @@ Sampling (temperature > 0) needs every cost and ranks them all (`choose_worker`)
 
 With the C extension the temperature-0 ranking runs in C straight from the Score answer
 and the request's loads, and the answer is serialised there from the cost rows
-(native/decision.c), with no dict, tuple or message object per candidate;
+(native/decision.c), with no dict, tuple or message object per candidate; with the
+in-memory index it starts from the Score walk's tally (`decide_from_tally`), with no
+WorkerScore per matched rank either;
 `scheduling.top_costs` and protobuf's serialiser are the pure-Python twins, and tests
 check the two paths equal.
 """
@@ -22,6 +24,7 @@ import msgspec
 
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer.index.protocol import ScoreResult
+from indexer.index.scoring import QueryTally
 from indexer.scheduling import (
     Candidate,
     CandidateCost,
@@ -34,9 +37,10 @@ from indexer.serve.directory import CandidateSet
 from kvcore.keys import NATIVE
 
 if NATIVE:
-    from kvcore._native import decision_top_costs, encode_decision
+    from kvcore._native import decision_tally_top_costs, decision_top_costs, encode_decision
 
-__all__ = ["USE_NATIVE_DECISION", "CostRow", "EncodedAnswer", "decide", "encode_answer"]
+__all__ = ["USE_NATIVE_DECISION", "CostRow", "EncodedAnswer", "decide", "decide_from_tally",
+           "encode_answer", "tally_decides"]
 
 USE_NATIVE_DECISION = NATIVE  # tests turn it off to run the pure-Python twins
 
@@ -100,6 +104,33 @@ def decide(
                                    temperature=temperature, rng=rng,
                                    storage_load_weight=storage_load_weight)
     return _row(chosen), [_row(c) for c in ranked[:limit]]
+
+
+def tally_decides(candidates: CandidateSet, temperature: float) -> bool:
+    """Can `decide_from_tally` make this decision (temperature 0, or one candidate, with
+    the C extension)?"""
+    return USE_NATIVE_DECISION and (temperature <= 0.0 or len(candidates) == 1)
+
+
+def decide_from_tally(
+    candidates: CandidateSet,
+    tally: QueryTally,
+    loads: Sequence[pb.WorkerLoad],
+    *,
+    overlap_weight: float,
+    temperature: float,
+    limit: int,
+    storage_load_weight: float = 0.0,
+) -> tuple[CostRow, list[CostRow], bool]:
+    """`decide` at temperature 0 from the index's tally (`SyncMemoryIndex.score_tally`)
+    rather than its Score answer; also whether any candidate matched a block. Only when
+    `tally_decides`."""
+    validate_knobs(overlap_weight, temperature)
+    validate_storage_load_weight(storage_load_weight)
+    rows, hits = decision_tally_top_costs(
+        tally.tally, tally.refs, loads, candidates.ordered_refs, candidates.positions,
+        tally.query_blocks, overlap_weight, storage_load_weight, max(limit, 1))
+    return rows[0], rows[:limit], hits > 0
 
 
 def _row(cost: CandidateCost) -> CostRow:

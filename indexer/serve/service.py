@@ -26,7 +26,9 @@ import math
 import operator
 import random
 import resource
+import sys
 import time
+from array import array
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -36,7 +38,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from typing import TYPE_CHECKING, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Final, NamedTuple, Protocol, TypeVar
 
 import grpc
 import msgspec
@@ -57,10 +59,16 @@ from indexer.index.protocol import (
     TierWeights,
     WorkerScore,
 )
-from indexer.index.scoring import check_query_shape, check_tier_weights
+from indexer.index.scoring import QueryTally, check_query_shape, check_tier_weights
 from indexer.scheduling import DEFAULT_OVERLAP_WEIGHT, DEFAULT_TEMPERATURE
 from indexer.serve.auth import GrpcSecurity
-from indexer.serve.decision import EncodedAnswer, decide, encode_answer
+from indexer.serve.decision import (
+    EncodedAnswer,
+    decide,
+    decide_from_tally,
+    encode_answer,
+    tally_decides,
+)
 from indexer.serve.diagnose import (
     DoctorSettings,
     EventPathView,
@@ -307,7 +315,18 @@ def _check_role(role: str, field: str) -> None:
         raise InvalidQueryError(str(exc)) from None
 
 
+# `MemoryIndex.score_tally`: Score's walk without its answer (None: use `score`).
+TallyScorer = Callable[[ScoreQuery], Awaitable[QueryTally | None]]
 QueryTokens = bytes | Sequence[int]  # packed u32 little-endian, or the parsed ids
+_FORMS = ("token_ids", "token_bytes", "block_keys", "block_key_bytes")
+
+
+class QueryForm(NamedTuple):
+    """The query's prompt: token ids (`_query_tokens`) or block keys (`_query_keys`); the
+    other is empty."""
+
+    tokens: QueryTokens
+    keys: Sequence[int]
 
 
 def _query_tokens(request: pb.ScoreRequest, wire_tokens: bytes | None,
@@ -319,13 +338,45 @@ def _query_tokens(request: pb.ScoreRequest, wire_tokens: bytes | None,
     if not packed:
         return listed
     if listed:
-        raise InvalidQueryError(f"exactly one of {field}block_keys, {field}token_ids and "
-                                f"{field}token_bytes must be set, got {field}token_ids and "
-                                f"{field}token_bytes")
+        raise _not_one_form(field, ("token_ids", "token_bytes"))
     if len(packed) % 4:
         raise InvalidQueryError(f"{field}token_bytes: {len(packed)} bytes is not a multiple "
                                 "of 4 (token ids as packed u32)")
     return packed
+
+
+def _query_keys(request: pb.ScoreRequest, tokens: QueryTokens, field: str) -> Sequence[int]:
+    """The query's block keys: `block_keys`, or `block_key_bytes` (packed u64
+    little-endian) as an array; empty when it has none."""
+    packed, listed = request.block_key_bytes, request.block_keys
+    if not packed:
+        return listed  # with token ids too: check_query_shape says so
+    if tokens or listed:
+        given = ["token_bytes" if request.token_bytes else "token_ids"] if tokens else []
+        given += ["block_keys"] if listed else []
+        raise _not_one_form(field, (*given, "block_key_bytes"))
+    if len(packed) % 8:
+        raise InvalidQueryError(f"{field}block_key_bytes: {len(packed)} bytes is not a "
+                                "multiple of 8 (block keys as packed u64)")
+    keys = array("Q", packed)
+    if sys.byteorder == "big":
+        keys.byteswap()
+    return keys
+
+
+def _not_one_form(field: str, given: Sequence[str]) -> InvalidQueryError:
+    forms = ", ".join(f"{field}{name}" for name in _FORMS)
+    return InvalidQueryError(f"exactly one of {forms} must be set, got "
+                             + " and ".join(f"{field}{name}" for name in given))
+
+
+def tally_scorer(index: object) -> TallyScorer | None:
+    """The index's `score_tally` when its class has one (a wrapper that only forwards
+    attributes overrides `score` and is asked with `score` alone)."""
+    if not hasattr(type(index), "score_tally"):
+        return None
+    scorer: TallyScorer = getattr(index, "score_tally")  # noqa: B009 - checked on the type
+    return scorer
 
 
 def _token_count(tokens: QueryTokens) -> int:
@@ -378,6 +429,8 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         self.doctor = doctor or DoctorSettings()
         self.outcomes = QueryOutcomes(window_s=self.doctor.window_s)
         self._parse_streamed = find_best_worker_parser()
+        # FindBestWorker's tally path (indexer/serve/decision.py), when the index has one.
+        self._score_tally = tally_scorer(index)
 
     # --- RPCs (names fixed by the proto) -------------------------------------------------
 
@@ -451,10 +504,9 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
 
     async def _score(self, request: pb.ScoreRequest, field: str,
                      wire_tokens: bytes | None = None) -> pb.ScoreResponse:
-        tokens = self._check_query(request, field, wire_tokens)
+        form = self._check_query(request, field, wire_tokens)
         candidates = await self._candidates(request)
-        result = await self._run_query(request, candidates, field, request.include_zero,
-                                       tokens)
+        result = await self._run_query(request, candidates, field, request.include_zero, form)
         response = pb.ScoreResponse(query_blocks=result.query_blocks,
                                     freshness=self._freshness(candidates, result),
                                     score_count=len(result.scores))
@@ -468,17 +520,18 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         return response
 
     def _check_query(self, request: pb.ScoreRequest, field: str,
-                     wire_tokens: bytes | None = None) -> QueryTokens:
+                     wire_tokens: bytes | None = None) -> QueryForm:
         """Refuse a malformed query, naming the field (`field` prefixes nested names);
-        returns its token ids (`_query_tokens`)."""
+        returns its prompt (`_query_tokens`, `_query_keys`)."""
         tokens = _query_tokens(request, wire_tokens, field)
+        keys = _query_keys(request, tokens, field)
         check_query_shape(request.model, _token_count(tokens) or None,
-                          len(request.block_keys) or None, block_size=request.block_size,
+                          len(keys) or None, block_size=request.block_size,
                           config=self.config, field=field)
         _check_length(f"{field}workers", len(request.workers),
                       self.settings.max_request_workers, "worker ids")
         _check_role(request.role, f"{field}role")
-        return tokens
+        return QueryForm(tokens, keys)
 
     def _tier_weights(self, request: pb.ScoreRequest, field: str) -> TierWeights | None:
         """The request's weights over the configured ones; None when it sets none."""
@@ -502,34 +555,12 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
 
     async def _run_query(
         self, request: pb.ScoreRequest, candidates: CandidateSet, field: str, include_zero: bool,
-        tokens: QueryTokens,
+        form: QueryForm,
     ) -> ScoreResult:
-        """Score the request, whose token ids (if any) are `tokens` (`_check_query`)."""
-        weights = self._tier_weights(request, field)
-        n_tokens = _token_count(tokens)
-        block_size = request.block_size
-        if tokens and not block_size:
-            block_size = await self.index.block_size(request.model) or 0
-        if not candidates:
-            if not (request.workers or request.role):
-                self.outcomes.no_candidates(request.model)
-            blocks = n_tokens // block_size if tokens and block_size else len(request.block_keys)
-            return ScoreResult(blocks, [])
-        if tokens and not block_size:
-            raise _precondition(f"block size unknown: no worker of model {request.model!r} has "
-                                f"published tokens yet; set {field}block_size")
-        query = ScoreQuery(
-            model=request.model,
-            token_ids=tokens if tokens else None,
-            block_keys=None if tokens else request.block_keys,
-            block_size=block_size,
-            lora_name=request.lora_name or None,
-            cache_salt=request.cache_salt or None,
-            workers=candidates.ids,
-            tier_weights=weights,
-            include_zero=include_zero,
-            mounts=candidates.mounts or None,
-        )
+        """Score the request, whose prompt is `form` (`_check_query`)."""
+        query = await self._index_query(request, candidates, field, include_zero, form)
+        if isinstance(query, ScoreResult):
+            return query
         async with self._query_slots:
             result = await self.index.score(query)
         refs = candidates.refs
@@ -540,14 +571,48 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         if result.query_blocks:  # for Diagnose: did any candidate hold the first block?
             hit = bool(result.scores) and (not include_zero or any(
                 s.matched_blocks for s in result.scores))
-            self.outcomes.record(request.model, bool(tokens), request.block_size, hit)
+            self.outcomes.record(request.model, bool(form.tokens), request.block_size, hit)
         return result
 
-    def _freshness(self, candidates: CandidateSet, result: ScoreResult) -> pb.Freshness:
+    async def _index_query(
+        self, request: pb.ScoreRequest, candidates: CandidateSet, field: str, include_zero: bool,
+        form: QueryForm,
+    ) -> ScoreQuery | ScoreResult:
+        """The index's query for the request, or the empty answer when there are no
+        candidates."""
+        tokens = form.tokens
+        weights = self._tier_weights(request, field)
+        n_tokens = _token_count(tokens)
+        block_size = request.block_size
+        if tokens and not block_size:
+            block_size = await self.index.block_size(request.model) or 0
+        if not candidates:
+            if not (request.workers or request.role):
+                self.outcomes.no_candidates(request.model)
+            blocks = n_tokens // block_size if tokens and block_size else len(form.keys)
+            return ScoreResult(blocks, [])
+        if tokens and not block_size:
+            raise _precondition(f"block size unknown: no worker of model {request.model!r} has "
+                                f"published tokens yet; set {field}block_size")
+        return ScoreQuery(
+            model=request.model,
+            token_ids=tokens if tokens else None,
+            block_keys=None if tokens else form.keys,
+            block_size=block_size,
+            lora_name=request.lora_name or None,
+            cache_salt=request.cache_salt or None,
+            workers=candidates.ids,
+            tier_weights=weights,
+            include_zero=include_zero,
+            mounts=candidates.mounts or None,
+        )
+
+    def _freshness(self, candidates: CandidateSet, result: ScoreResult | None) -> pb.Freshness:
+        """`result` None: the in-memory index's tally (staleness 0, no replica)."""
         return pb.Freshness(last_event_age_seconds=_age(time.time(), candidates.newest_ts),
                             degraded_workers=candidates.degraded, rebuilding=self.rebuilding(),
-                            index_staleness_seconds=result.staleness_s,
-                            read_replica=result.replica)
+                            index_staleness_seconds=0.0 if result is None else result.staleness_s,
+                            read_replica="" if result is None else result.replica)
 
     # --- FindBestWorker ----------------------------------------------------------------
 
@@ -558,7 +623,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         """`default_limit`: most candidates answered when the request sets no
         `max_candidates` (0: every one)."""
         query = request.score
-        tokens = self._check_query(query, "score.", wire_tokens)
+        form = self._check_query(query, "score.", wire_tokens)
         _check_length("loads", len(request.loads), self.settings.max_request_loads, "entries")
         overlap_weight = (request.overlap_weight if request.HasField("overlap_weight")
                           else DEFAULT_OVERLAP_WEIGHT)
@@ -573,14 +638,43 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
                 scopes.append("among the requested workers")
             scope = "".join(f" {part}" for part in scopes)
             raise _precondition(f"no live workers for model {query.model!r}{scope}")
-        result = await self._run_query(query, candidates, "score.", False, tokens)
         limit = (request.max_candidates if request.HasField("max_candidates")
                  else default_limit) or len(candidates)
+        if self._score_tally is not None and tally_decides(candidates, temperature):
+            answer = await self._tally_decision(request, candidates, form,
+                                                overlap_weight=overlap_weight,
+                                                temperature=temperature, limit=limit)
+            if answer is not None:
+                return answer
+        result = await self._run_query(query, candidates, "score.", False, form)
         rng = random.Random(request.seed) if request.HasField("seed") else self._rng
         chosen, ranked = decide(candidates, result, request.loads, overlap_weight=overlap_weight,
                                 temperature=temperature, limit=limit, rng=rng,
                                 storage_load_weight=request.storage_load_weight)
         return encode_answer(chosen, ranked, self._freshness(candidates, result),
+                             len(candidates))
+
+    async def _tally_decision(
+        self, request: pb.FindBestWorkerRequest, candidates: CandidateSet, form: QueryForm,
+        *, overlap_weight: float, temperature: float, limit: int,
+    ) -> EncodedAnswer | None:
+        """The temperature-0 decision from the index's tally (`decide_from_tally`); None
+        when the index answers this query only with `score`."""
+        assert self._score_tally is not None
+        query = await self._index_query(request.score, candidates, "score.", False, form)
+        if isinstance(query, ScoreResult):  # pragma: no cover - candidates is not empty
+            return None
+        async with self._query_slots:
+            tally = await self._score_tally(query)
+        if tally is None:
+            return None
+        chosen, ranked, hit = decide_from_tally(
+            candidates, tally, request.loads, overlap_weight=overlap_weight,
+            temperature=temperature, limit=limit,
+            storage_load_weight=request.storage_load_weight)
+        if tally.query_blocks:  # for Diagnose, as _run_query
+            self.outcomes.record(query.model, bool(form.tokens), request.score.block_size, hit)
+        return encode_answer(chosen, ranked, self._freshness(candidates, None),
                              len(candidates))
 
     async def _streamed_decisions(

@@ -19,13 +19,14 @@ SEVERITY_WARNING: Severity
 SEVERITY_ERROR: Severity
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("model", "lora_name", "cache_salt", "token_ids", "block_keys", "token_bytes", "workers", "tier_weights", "include_zero", "block_size", "role", "max_scores")
+    __slots__ = ("model", "lora_name", "cache_salt", "token_ids", "block_keys", "token_bytes", "block_key_bytes", "workers", "tier_weights", "include_zero", "block_size", "role", "max_scores")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LORA_NAME_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_KEYS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_KEY_BYTES_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     TIER_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_ZERO_FIELD_NUMBER: _ClassVar[int]
@@ -38,13 +39,14 @@ class ScoreRequest(_message.Message):
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     block_keys: _containers.RepeatedScalarFieldContainer[int]
     token_bytes: bytes
+    block_key_bytes: bytes
     workers: _containers.RepeatedScalarFieldContainer[str]
     tier_weights: TierWeights
     include_zero: bool
     block_size: int
     role: str
     max_scores: int
-    def __init__(self, model: _Optional[str] = ..., lora_name: _Optional[str] = ..., cache_salt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., block_keys: _Optional[_Iterable[int]] = ..., token_bytes: _Optional[bytes] = ..., workers: _Optional[_Iterable[str]] = ..., tier_weights: _Optional[_Union[TierWeights, _Mapping]] = ..., include_zero: _Optional[bool] = ..., block_size: _Optional[int] = ..., role: _Optional[str] = ..., max_scores: _Optional[int] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., lora_name: _Optional[str] = ..., cache_salt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., block_keys: _Optional[_Iterable[int]] = ..., token_bytes: _Optional[bytes] = ..., block_key_bytes: _Optional[bytes] = ..., workers: _Optional[_Iterable[str]] = ..., tier_weights: _Optional[_Union[TierWeights, _Mapping]] = ..., include_zero: _Optional[bool] = ..., block_size: _Optional[int] = ..., role: _Optional[str] = ..., max_scores: _Optional[int] = ...) -> None: ...
 
 class TierWeights(_message.Message):
     __slots__ = ("gpu", "cpu", "storage", "other")
