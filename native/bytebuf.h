@@ -1,6 +1,7 @@
 /* bytebuf.h: little-endian output helpers shared by more than one part of kvcore._native:
  * put_u64_le (chain_keys_packed's keys, pack_log_entries' records) and ByteBuf, the growable
- * output buffer of take_uint32_field and pack_log_entries.
+ * output buffer of take_uint32_field, pack_log_entries and encode_decision, with
+ * buf_put_varint (protobuf's base-128 varint) for the two protobuf writers.
  *
  * Static inline: their callers call them once per value or record, in loops, and inline
  * them (as they did when everything was one file).
@@ -53,6 +54,18 @@ buf_put(ByteBuf *buf, const unsigned char *bytes, size_t n)
     memcpy(buf->data + buf->len, bytes, n);
     buf->len += n;
     return 0;
+}
+
+static inline int
+buf_put_varint(ByteBuf *buf, uint64_t value)
+{
+    unsigned char bytes[10];
+    size_t n = 0;
+    do {
+        bytes[n++] = (unsigned char)((value & 0x7F) | (value > 0x7F ? 0x80 : 0));
+        value >>= 7;
+    } while (value);
+    return buf_put(buf, bytes, n);
 }
 
 #endif /* KVCORE_NATIVE_BYTEBUF_H */

@@ -448,18 +448,6 @@ decision_tally_top_costs(PyObject *Py_UNUSED(module), PyObject *const *args, Py_
 #define WIRE_FIXED64 1
 #define WIRE_LEN 2
 
-static int
-put_varint(ByteBuf *buf, unsigned long long value)
-{
-    unsigned char bytes[10];
-    size_t n = 0;
-    do {
-        bytes[n++] = (unsigned char)((value & 0x7F) | (value > 0x7F ? 0x80 : 0));
-        value >>= 7;
-    } while (value);
-    return buf_put(buf, bytes, n);
-}
-
 /* A proto3 scalar with implicit presence: nothing when 0. */
 static int
 put_count(ByteBuf *buf, unsigned field, unsigned long long value)
@@ -467,13 +455,14 @@ put_count(ByteBuf *buf, unsigned field, unsigned long long value)
     if (value == 0) {
         return 0;
     }
-    return put_varint(buf, field << 3 | WIRE_VARINT) < 0 ? -1 : put_varint(buf, value);
+    return buf_put_varint(buf, field << 3 | WIRE_VARINT) < 0 ? -1 : buf_put_varint(buf, value);
 }
 
 static int
 put_bytes(ByteBuf *buf, unsigned field, const char *data, Py_ssize_t len)
 {
-    if (put_varint(buf, field << 3 | WIRE_LEN) < 0 || put_varint(buf, (unsigned long long)len) < 0) {
+    if (buf_put_varint(buf, field << 3 | WIRE_LEN) < 0 ||
+        buf_put_varint(buf, (unsigned long long)len) < 0) {
         return -1;
     }
     return buf_put(buf, (const unsigned char *)data, (size_t)len);
@@ -531,7 +520,7 @@ put_candidate(ByteBuf *buf, PyObject *row)
             if (bits != 0) {
                 unsigned char le[8];
                 put_u64_le(le, bits);
-                if (put_varint(buf, 6 << 3 | WIRE_FIXED64) < 0 || buf_put(buf, le, 8) < 0) {
+                if (buf_put_varint(buf, 6 << 3 | WIRE_FIXED64) < 0 || buf_put(buf, le, 8) < 0) {
                     return -1;
                 }
             }

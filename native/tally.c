@@ -246,12 +246,16 @@ NATIVE_INTERNAL const char tally_runs_doc[] =
     "tally_runs(runs, candidates, weights, include_zero) -> bytes: the prefix walk over\n"
     "runs [mask, count, ...]; per matched slot five u32: slot, matched, cpu, storage, other.";
 
-NATIVE_INTERNAL PyObject *
-tally_runs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+typedef int (*Walker)(Walk *walk, PyObject *seq, int64_t *depth);
+
+/* The body of tally_runs and tally_masks: parse (seq, candidates, weights, include_zero),
+ * walk `seq` with `walker`, answer the records. */
+static PyObject *
+tally_with(PyObject *const *args, Py_ssize_t nargs, Walker walker, const char *usage,
+           const char *seq_error)
 {
-    (void)module;
     if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "tally_runs(runs, candidates, weights, include_zero)");
+        PyErr_SetString(PyExc_TypeError, usage);
         return NULL;
     }
     Walk walk = {0};
@@ -262,20 +266,29 @@ tally_runs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         read_weights(args[2], weights) < 0) {
         return NULL;
     }
-    PyObject *runs = PySequence_Fast(args[0], "runs must be a sequence of ints");
-    if (runs == NULL) {
+    PyObject *seq = PySequence_Fast(args[0], seq_error);
+    if (seq == NULL) {
         return NULL;
     }
     PyObject *out = NULL;
     int64_t depth = 0;
     walk.fast = best_tier_table(weights, walk.best);
     walk.include_zero = include_zero;
-    if (walk_init(&walk, &candidates) == 0 && walk_runs(&walk, runs, &depth) == 0) {
+    if (walk_init(&walk, &candidates) == 0 && walker(&walk, seq, &depth) == 0) {
         out = walk_records(&walk);
     }
     walk_free(&walk);
-    Py_DECREF(runs);
+    Py_DECREF(seq);
     return out;
+}
+
+NATIVE_INTERNAL PyObject *
+tally_runs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    return tally_with(args, nargs, walk_runs,
+                      "tally_runs(runs, candidates, weights, include_zero)",
+                      "runs must be a sequence of ints");
 }
 
 /* walk_runs over one mask per block: equal neighbours are walked as one run. */
@@ -317,32 +330,9 @@ NATIVE_INTERNAL PyObject *
 tally_masks(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "tally_masks(masks, candidates, weights, include_zero)");
-        return NULL;
-    }
-    Walk walk = {0};
-    IntDigits candidates;
-    double weights[TALLY_TIERS];
-    int include_zero = PyObject_IsTrue(args[3]);
-    if (include_zero < 0 || int_digits(args[1], "candidates", &candidates) < 0 ||
-        read_weights(args[2], weights) < 0) {
-        return NULL;
-    }
-    PyObject *masks = PySequence_Fast(args[0], "masks must be a sequence of ints");
-    if (masks == NULL) {
-        return NULL;
-    }
-    PyObject *out = NULL;
-    int64_t depth = 0;
-    walk.fast = best_tier_table(weights, walk.best);
-    walk.include_zero = include_zero;
-    if (walk_init(&walk, &candidates) == 0 && walk_masks(&walk, masks, &depth) == 0) {
-        out = walk_records(&walk);
-    }
-    walk_free(&walk);
-    Py_DECREF(masks);
-    return out;
+    return tally_with(args, nargs, walk_masks,
+                      "tally_masks(masks, candidates, weights, include_zero)",
+                      "masks must be a sequence of ints");
 }
 
 NATIVE_INTERNAL const char expand_tally_doc[] =

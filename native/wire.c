@@ -20,18 +20,6 @@ buf_put_u32(ByteBuf *buf, uint32_t value)
     return buf_put(buf, le, 4);
 }
 
-static int
-buf_put_varint(ByteBuf *buf, uint64_t value)
-{
-    unsigned char bytes[10];
-    size_t n = 0;
-    do {
-        bytes[n++] = (unsigned char)((value & 0x7F) | (value > 0x7F ? 0x80 : 0));
-        value >>= 7;
-    } while (value);
-    return buf_put(buf, bytes, n);
-}
-
 static inline int
 read_varint(const unsigned char **pos, const unsigned char *end, uint64_t *value)
 {
@@ -67,6 +55,33 @@ read_varint(const unsigned char **pos, const unsigned char *end, uint64_t *value
     return -1;
 }
 
+/* Past a fixed-width value (wire types 1 and 5). */
+static int
+skip_fixed(const unsigned char **pos, const unsigned char *end, uint64_t tag)
+{
+    size_t width = (tag & 7) == 1 ? 8 : 4;
+    if ((size_t)(end - *pos) < width) {
+        PyErr_SetString(PyExc_ValueError, "truncated fixed-width field");
+        return -1;
+    }
+    *pos += width;
+    return 0;
+}
+
+/* A length-delimited field's length, which must fit in what is left. */
+static int
+read_length(const unsigned char **pos, const unsigned char *end, uint64_t *len)
+{
+    if (read_varint(pos, end, len) < 0) {
+        return -1;
+    }
+    if (*len > (uint64_t)(end - *pos)) {
+        PyErr_SetString(PyExc_ValueError, "length-delimited field runs past the end");
+        return -1;
+    }
+    return 0;
+}
+
 typedef struct {
     const uint32_t *path;
     Py_ssize_t path_len;
@@ -99,21 +114,13 @@ take_field(FieldTake *take, const unsigned char *pos, const unsigned char *end,
             }
             break;
         case 1:
-        case 5: {
-            size_t width = (tag & 7) == 1 ? 8 : 4;
-            if ((size_t)(end - pos) < width) {
-                PyErr_SetString(PyExc_ValueError, "truncated fixed-width field");
+        case 5:
+            if (skip_fixed(&pos, end, tag) < 0) {
                 return -1;
             }
-            pos += width;
             break;
-        }
         case 2: {
-            if (read_varint(&pos, end, &value) < 0) {
-                return -1;
-            }
-            if (value > (uint64_t)(end - pos)) {
-                PyErr_SetString(PyExc_ValueError, "length-delimited field runs past the end");
+            if (read_length(&pos, end, &value) < 0) {
                 return -1;
             }
             const unsigned char *stop = pos + value;
@@ -188,21 +195,13 @@ has_field(const uint32_t *path, Py_ssize_t path_len, const unsigned char *pos,
             }
             break;
         case 1:
-        case 5: {
-            size_t width = (tag & 7) == 1 ? 8 : 4;
-            if ((size_t)(end - pos) < width) {
-                PyErr_SetString(PyExc_ValueError, "truncated fixed-width field");
+        case 5:
+            if (skip_fixed(&pos, end, tag) < 0) {
                 return -1;
             }
-            pos += width;
             break;
-        }
         case 2: {
-            if (read_varint(&pos, end, &value) < 0) {
-                return -1;
-            }
-            if (value > (uint64_t)(end - pos)) {
-                PyErr_SetString(PyExc_ValueError, "length-delimited field runs past the end");
+            if (read_length(&pos, end, &value) < 0) {
                 return -1;
             }
             if (wanted) {
