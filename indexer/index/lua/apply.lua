@@ -42,25 +42,31 @@ local NOPOS = string.rep('\255', 16)
 local HEADER = '<I4c16c16dBI4I4I4I4I4HI4I4I4'
 local buckets = open_buckets(p)
 
+-- A plain store reads an op's keys in one HMGET (group 0's were read before the call).
+local function op_keys_read(st, ops, pos, count)
+  if st.hash then
+    local keys = {}
+    for k = 1, count do
+      keys[k] = string.sub(ops, pos + (k - 1) * 8, pos + k * 8 - 1)
+    end
+    prefetch(st, keys)
+  end
+end
+
 local function set_bits(st, ops, pos, count, bitpos)
   local slot, m = math.floor(bitpos / 4), 2 ^ (bitpos % 4)
-  for _ = 1, count do
-    set_holder(st, string.sub(ops, pos, pos + 7), slot, m)
-    pos = pos + 8
-  end
-  return pos
+  op_keys_read(st, ops, pos, count)
+  return set_holders(st, ops, pos, count, slot, m)
 end
 
 local function clear_bits(st, ops, pos, count, bitpos)
   local slot, m = math.floor(bitpos / 4), 2 ^ (bitpos % 4)
-  for _ = 1, count do
-    clear_holder(st, string.sub(ops, pos, pos + 7), slot, m)
-    pos = pos + 8
-  end
-  return pos
+  op_keys_read(st, ops, pos, count)
+  return clear_holders(st, ops, pos, count, slot, m)
 end
 
 local group_hashes = {}  -- the declared blk<g> hashes (KEYS past the records' ones)
+local group_stores = {}  -- blk<g> -> its store (plain_store), written back at the end
 local POOL_OP = {P = 16, R = 8, W = 0}  -- bytes per block of each pool op
 local MAX_TOMBSTONES = 65536  -- indexer/index/pools.py
 
@@ -241,11 +247,16 @@ local function apply_presence(rec, pos, stop, wp)
     kind = string.sub(rec, pos, pos)
     if kind == 'T' or kind == 'K' then
       kind, group, bitpos, count, pos = struct.unpack('<c1BI4I4', rec, pos)
-      local hash = plain_store(p .. 'blk' .. group)  -- declared: pools_owned checked
+      local hash = p .. 'blk' .. group  -- declared: pools_owned checked
+      local store = group_stores[hash]
+      if not store then
+        store = plain_store(hash)
+        group_stores[hash] = store
+      end
       if kind == 'T' then
-        pos = set_bits(hash, rec, pos, count, bitpos)
+        pos = set_bits(store, rec, pos, count, bitpos)
       else
-        pos = clear_bits(hash, rec, pos, count, bitpos)
+        pos = clear_bits(store, rec, pos, count, bitpos)
       end
     else
       kind, bitpos, count, pos = struct.unpack('<c1I4I4', rec, pos)
@@ -320,27 +331,14 @@ end
 for k = 6 + 2 * #ARGV, #KEYS do
   group_hashes[KEYS[k]] = true
 end
--- On Redis Cluster (records flagged 8): while the model's hash slot migrates, a bucket
--- may be on the target already, or not exist yet, and a script touching it fails there,
--- half done. So every bucket the records' group-0 ops name, and every bucket the splits
--- they may cause write, is probed first (a probe of a key not served here fails): one
--- refused, the call answers TRYAGAIN with nothing written. (Pool removals and wipes
--- resolve their keys as they run, unprobed, as the pool keys themselves are.)
-local function buckets_here()
-  local seen, ok = {}, true
-  local function probe(name)
-    if ok and not seen[name] then
-      seen[name] = true
-      ok = pcall(redis.call, 'EXISTS', name)
-    end
-  end
-  local added = 0
+-- The keys of the records' group-0 ops (S, C, P: those known before the call runs), in
+-- order, how many (an upper bound of the blocks they add), and whether the records ask for probes (flag 8).
+local function group0_keys()
+  local keys, n, added, probed = {}, 0, 0, false
   for i = 1, #ARGV do
     local rec = ARGV[i]
     local _, _, _, _, flags, _, _, _, _, _, wlen, olen, _, _, pos = struct.unpack(HEADER, rec, 1)
-    if bit.band(flags, 8) == 0 then
-      return true
-    end
+    probed = probed or bit.band(flags, 8) ~= 0
     pos = pos + wlen
     local stop = pos + olen
     while pos < stop do
@@ -360,8 +358,9 @@ local function buckets_here()
             per, skip = 16, 8
           end
           for k = 0, count - 1 do
-            probe(bucket_of(buckets, string.sub(rec, pos + k * per + skip,
-              pos + k * per + skip + 7)))
+            local at = pos + k * per + skip
+            n = n + 1
+            keys[n] = string.sub(rec, at, at + 7)
           end
           added = added + count
           pos = pos + count * per
@@ -376,6 +375,26 @@ local function buckets_here()
       end
     end
   end
+  return keys, added, probed
+end
+
+-- On Redis Cluster (records flagged 8): while the model's hash slot migrates, a bucket
+-- may be on the target already, or not exist yet, and a script touching it fails there,
+-- half done. So every bucket the records' group-0 ops name, and every bucket the splits
+-- they may cause write, is probed first (a probe of a key not served here fails): one
+-- refused, the call answers TRYAGAIN with nothing written. (Pool removals and wipes
+-- resolve their keys as they run, unprobed, as the pool keys themselves are.)
+local function buckets_here(keys, added)
+  local seen, ok = {}, true
+  local function probe(name)
+    if ok and not seen[name] then
+      seen[name] = true
+      ok = pcall(redis.call, 'EXISTS', name)
+    end
+  end
+  for _, key in ipairs(keys) do
+    probe(bucket_of(buckets, key))
+  end
   -- the splits `added` new blocks may cause, in order
   local split, n = buckets.split, buckets.n
   for _ = 0, (buckets.load > 0 and math.ceil(added / buckets.load) or -1) do
@@ -388,13 +407,15 @@ local function buckets_here()
   end
   return ok
 end
-if not buckets_here() then
+local keys, added, probed = group0_keys()
+if probed and not buckets_here(keys, added) then
   return redis.error_reply('TRYAGAIN a bucket of ' .. p .. ' is not served here (slot migrating)')
 end
+prefetch(buckets, keys)  -- every group-0 key in one read (and one of `bx`)
 
 local statuses = {}
--- A script error keeps what ran before it: the bucket state is stored either way, so its
--- block count stays exact (gc.lua relies on it).
+-- A script error keeps what ran before it: the cached presence and the bucket state are
+-- written either way, so the block count stays exact (gc.lua relies on it).
 local ran, err = pcall(function()
   for i = 1, #ARGV do
     local status = apply_one(ARGV[i], i)
@@ -404,6 +425,9 @@ local ran, err = pcall(function()
     end
   end
 end)
+for _, store in pairs(group_stores) do
+  flush(store)
+end
 close_buckets(buckets)
 if not ran then
   return redis.error_reply(tostring(err))
