@@ -42,27 +42,26 @@ local NOPOS = string.rep('\255', 16)
 local HEADER = '<I4c16c16dBI4I4I4I4I4HI4I4I4'
 local buckets = open_buckets(p)
 
--- A plain store reads an op's keys in one HMGET (group 0's were read before the call).
-local function op_keys_read(st, ops, pos, count)
-  if st.hash then
-    local keys = {}
-    for k = 1, count do
-      keys[k] = string.sub(ops, pos + (k - 1) * 8, pos + k * 8 - 1)
-    end
-    prefetch(st, keys)
+-- The `count` keys (8 bytes each) of `ops` from `pos`, read into `st`'s cache: one
+-- HMGET for the op's keys, not one read per block.
+local function op_keys(st, ops, pos, count)
+  local keys = {}
+  for k = 1, count do
+    keys[k] = string.sub(ops, pos, pos + 7)
+    pos = pos + 8
   end
+  prefetch(st, keys)
+  return keys
 end
 
 local function set_bits(st, ops, pos, count, bitpos)
-  local slot, m = math.floor(bitpos / 4), 2 ^ (bitpos % 4)
-  op_keys_read(st, ops, pos, count)
-  return set_holders(st, ops, pos, count, slot, m)
+  set_holders(st, op_keys(st, ops, pos, count), math.floor(bitpos / 4), 2 ^ (bitpos % 4))
+  return pos + count * 8
 end
 
 local function clear_bits(st, ops, pos, count, bitpos)
-  local slot, m = math.floor(bitpos / 4), 2 ^ (bitpos % 4)
-  op_keys_read(st, ops, pos, count)
-  return clear_holders(st, ops, pos, count, slot, m)
+  clear_holders(st, op_keys(st, ops, pos, count), math.floor(bitpos / 4), 2 ^ (bitpos % 4))
+  return pos + count * 8
 end
 
 local group_hashes = {}  -- the declared blk<g> hashes (KEYS past the records' ones)
@@ -331,14 +330,27 @@ end
 for k = 6 + 2 * #ARGV, #KEYS do
   group_hashes[KEYS[k]] = true
 end
--- The keys of the records' group-0 ops (S, C, P: those known before the call runs), in
--- order, how many (an upper bound of the blocks they add), and whether the records ask for probes (flag 8).
-local function group0_keys()
-  local keys, n, added, probed = {}, 0, 0, false
+-- On Redis Cluster (records flagged 8): while the model's hash slot migrates, a bucket
+-- may be on the target already, or not exist yet, and a script touching it fails there,
+-- half done. So every bucket the records' group-0 ops name, and every bucket the splits
+-- they may cause write, is probed first (a probe of a key not served here fails): one
+-- refused, the call answers TRYAGAIN with nothing written. (Pool removals and wipes
+-- resolve their keys as they run, unprobed, as the pool keys themselves are.)
+local function buckets_here()
+  local seen, ok = {}, true
+  local function probe(name)
+    if ok and not seen[name] then
+      seen[name] = true
+      ok = pcall(redis.call, 'EXISTS', name)
+    end
+  end
+  local added = 0
   for i = 1, #ARGV do
     local rec = ARGV[i]
     local _, _, _, _, flags, _, _, _, _, _, wlen, olen, _, _, pos = struct.unpack(HEADER, rec, 1)
-    probed = probed or bit.band(flags, 8) ~= 0
+    if bit.band(flags, 8) == 0 then
+      return true
+    end
     pos = pos + wlen
     local stop = pos + olen
     while pos < stop do
@@ -358,9 +370,8 @@ local function group0_keys()
             per, skip = 16, 8
           end
           for k = 0, count - 1 do
-            local at = pos + k * per + skip
-            n = n + 1
-            keys[n] = string.sub(rec, at, at + 7)
+            probe(bucket_of(buckets, string.sub(rec, pos + k * per + skip,
+              pos + k * per + skip + 7)))
           end
           added = added + count
           pos = pos + count * per
@@ -375,26 +386,6 @@ local function group0_keys()
       end
     end
   end
-  return keys, added, probed
-end
-
--- On Redis Cluster (records flagged 8): while the model's hash slot migrates, a bucket
--- may be on the target already, or not exist yet, and a script touching it fails there,
--- half done. So every bucket the records' group-0 ops name, and every bucket the splits
--- they may cause write, is probed first (a probe of a key not served here fails): one
--- refused, the call answers TRYAGAIN with nothing written. (Pool removals and wipes
--- resolve their keys as they run, unprobed, as the pool keys themselves are.)
-local function buckets_here(keys, added)
-  local seen, ok = {}, true
-  local function probe(name)
-    if ok and not seen[name] then
-      seen[name] = true
-      ok = pcall(redis.call, 'EXISTS', name)
-    end
-  end
-  for _, key in ipairs(keys) do
-    probe(bucket_of(buckets, key))
-  end
   -- the splits `added` new blocks may cause, in order
   local split, n = buckets.split, buckets.n
   for _ = 0, (buckets.load > 0 and math.ceil(added / buckets.load) or -1) do
@@ -407,11 +398,9 @@ local function buckets_here(keys, added)
   end
   return ok
 end
-local keys, added, probed = group0_keys()
-if probed and not buckets_here(keys, added) then
+if not buckets_here() then
   return redis.error_reply('TRYAGAIN a bucket of ' .. p .. ' is not served here (slot migrating)')
 end
-prefetch(buckets, keys)  -- every group-0 key in one read (and one of `bx`)
 
 local statuses = {}
 -- A script error keeps what ran before it: the cached presence and the bucket state are

@@ -192,9 +192,16 @@ local function prefetch(st, keys)
   if #keys == 0 then
     return
   end
-  local one = only_hash(st)
+  local one, now = only_hash(st), st.now
   if one then
-    read_into(st, one, keys)
+    local fields, n = {}, 0
+    for i = 1, #keys do
+      if now[keys[i]] == nil then
+        n = n + 1
+        fields[n] = keys[i]
+      end
+    end
+    if n > 0 then read_into(st, one, fields) end
     return
   end
   local by = {}
@@ -335,21 +342,17 @@ local function clear_holder(st, key, slot, m)
   if nv then store_put(st, key, v, nv) end
 end
 
--- set_holder of the `count` keys (8 bytes each) of `ops` from `pos`, in order; the
--- position past them. Without splits (a plain hash, load 0) the loop stays in locals.
-local function set_holders(st, ops, pos, count, slot, m)
+-- set_holder of each of `keys`, in order. Without splits (a plain hash, load 0) the loop
+-- stays in locals.
+local function set_holders(st, keys, slot, m)
   if not st.hash and st.load > 0 then
-    for _ = 1, count do
-      set_holder(st, string.sub(ops, pos, pos + 7), slot, m)
-      pos = pos + 8
-    end
-    return pos
+    for _, key in ipairs(keys) do set_holder(st, key, slot, m) end
+    return
   end
   local now, dirty, n, added = st.now, st.dirty, st.n_dirty, 0
   local fresh = struct.pack('<I4', slot * 16 + m)
-  for _ = 1, count do
-    local key = string.sub(ops, pos, pos + 7)
-    pos = pos + 8
+  for i = 1, #keys do
+    local key = keys[i]
     local v = now[key]
     if v == nil then v = cached(st, key) end
     local nv = fresh
@@ -366,16 +369,10 @@ local function set_holders(st, ops, pos, count, slot, m)
     st.count = st.count + added
     st.dirty_count = true
   end
-  return pos
 end
 
--- clear_holder of the `count` keys of `ops` from `pos`; the position past them.
-local function clear_holders(st, ops, pos, count, slot, m)
-  for _ = 1, count do
-    clear_holder(st, string.sub(ops, pos, pos + 7), slot, m)
-    pos = pos + 8
-  end
-  return pos
+local function clear_holders(st, keys, slot, m)
+  for _, key in ipairs(keys) do clear_holder(st, key, slot, m) end
 end
 
 -- Whether a model's keys are in another layout: it has ranks (or a slot map version)
