@@ -268,10 +268,9 @@ end
 
 -- Split the next bucket (linear hashing): its keys whose next address bit is set move to
 -- bucket split + n. Called as the block count passes the load, so no bucket grows far
--- past 2 x its load in fields, even within one call. The cache is written first: the
--- split moves what is stored, and the cached values stay true.
+-- past 2 x its load in fields, even within one call. The split moves what is stored;
+-- what the cache holds unwritten goes to the bucket its key has when it is written.
 local function split_bucket(st)
-  flush(st)
   local n = 2 ^ st.level
   local from = st.p .. 'b:' .. st.split
   local moved, names = {}, {}
@@ -342,14 +341,10 @@ local function clear_holder(st, key, slot, m)
   if nv then store_put(st, key, v, nv) end
 end
 
--- set_holder of each of `keys`, in order. Without splits (a plain hash, load 0) the loop
--- stays in locals.
+-- set_holder of each of `keys`, in order, in locals.
 local function set_holders(st, keys, slot, m)
-  if not st.hash and st.load > 0 then
-    for _, key in ipairs(keys) do set_holder(st, key, slot, m) end
-    return
-  end
   local now, dirty, n, added = st.now, st.dirty, st.n_dirty, 0
+  local splits = not st.hash and st.load > 0
   local fresh = struct.pack('<I4', slot * 16 + m)
   for i = 1, #keys do
     local key = keys[i]
@@ -361,7 +356,9 @@ local function set_holders(st, keys, slot, m)
       now[key] = nv
       n = n + 1
       dirty[n] = key
-      if not v then added = added + 1 end
+      if not v then
+        if splits then count_new(st) else added = added + 1 end
+      end
     end
   end
   st.n_dirty = n
