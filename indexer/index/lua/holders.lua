@@ -76,6 +76,9 @@ end
 -- in `now`). A script reads the keys it will touch with one HMGET per hash (`prefetch`)
 -- and writes them back with a few HSET / HDEL of many fields: a redis.call costs more
 -- than a block's Lua work, and in Lua each table operation counts, hence the plain loops.
+-- This holds while the store is one hash (a plain hash, load 0, a model's first bucket);
+-- in many buckets a cache would cost an HMGET and an HSET per bucket touched, so keys
+-- are read and written one by one there (`cache_writes`).
 local function new_cache(st)
   st.now, st.big, st.dirty, st.n_dirty = {}, {}, {}, 0
   return st
@@ -187,28 +190,20 @@ local function read_into(st, hash, fields)
   end
 end
 
--- Read into the cache the keys of `keys` it does not hold yet.
+-- Read into the cache the keys of `keys` it does not hold yet (a store in one hash).
 local function prefetch(st, keys)
-  if #keys == 0 then
-    return
-  end
   local one, now = only_hash(st), st.now
-  if one then
-    local fields, n = {}, 0
-    for i = 1, #keys do
-      if now[keys[i]] == nil then
-        n = n + 1
-        fields[n] = keys[i]
-      end
-    end
-    if n > 0 then read_into(st, one, fields) end
+  if not one or #keys == 0 then
     return
   end
-  local by = {}
-  for _, key in ipairs(keys) do
-    if st.now[key] == nil then push(by, bucket_of(st, key), key) end
+  local fields, n = {}, 0
+  for i = 1, #keys do
+    if now[keys[i]] == nil then
+      n = n + 1
+      fields[n] = keys[i]
+    end
   end
-  for hash, fields in pairs(by) do read_into(st, hash, fields) end
+  if n > 0 then read_into(st, one, fields) end
 end
 
 -- The cached value of `key` (false when absent).
@@ -264,6 +259,17 @@ local function flush(st)
   for hash, args in pairs(sets) do each_batch('HSET', hash, args, 2) end
   if n_dels > 0 then each_batch('HDEL', one, one_dels, 1) end
   for hash, args in pairs(dels) do each_batch('HDEL', hash, args, 1) end
+end
+
+-- Whether the store's writes go through its cache: while it is one hash. Once a model
+-- is in many buckets the cache is written and emptied, and keys are written one by one.
+local function cache_writes(st)
+  if only_hash(st) then
+    return true
+  end
+  if st.n_dirty > 0 then flush(st) end
+  if next(st.now) then st.now, st.big = {}, {} end
+  return false
 end
 
 -- Split the next bucket (linear hashing): its keys whose next address bit is set move to
@@ -329,25 +335,77 @@ local function store_put(st, key, old, new)
   end
 end
 
+-- Key by key (a model in many buckets): the value read and written at once.
+local function direct_put(st, key, where, big, old, new)
+  if new == '' then
+    redis.call('HDEL', where, key)
+    if big then redis.call('HDEL', st.p .. 'bx', key) end
+    st.count = st.count - 1
+    st.dirty_count = true
+    return
+  end
+  if #new <= HOLDER_INLINE then
+    redis.call('HSET', where, key, new)
+    if big then redis.call('HDEL', st.p .. 'bx', key) end
+  else
+    redis.call('HSET', st.p .. 'bx', key, new)
+    if not big then redis.call('HSET', where, key, '') end
+  end
+  if not old then
+    count_new(st)
+  end
+end
+
+local function direct_set(st, key, slot, m)
+  -- Most stored blocks are new to the index: one call when the field is absent.
+  if redis.call('HSETNX', bucket_of(st, key), key,
+      struct.pack('<I4', slot * 16 + m)) == 1 then
+    count_new(st)
+    return
+  end
+  local v, where, big = store_get(st, key)
+  local nv = holders_set(v, slot, m)
+  if nv then direct_put(st, key, where, big, v, nv) end
+end
+
+local function direct_clear(st, key, slot, m)
+  local v, where, big = store_get(st, key)
+  local nv = holders_clear(v, slot, m)
+  if nv then direct_put(st, key, where, big, v, nv) end
+end
+
 local function set_holder(st, key, slot, m)
+  if not cache_writes(st) then return direct_set(st, key, slot, m) end
   local v = cached(st, key)
   local nv = holders_set(v, slot, m)
   if nv then store_put(st, key, v, nv) end
 end
 
 local function clear_holder(st, key, slot, m)
+  if not cache_writes(st) then return direct_clear(st, key, slot, m) end
   local v = cached(st, key)
   local nv = holders_clear(v, slot, m)
   if nv then store_put(st, key, v, nv) end
 end
 
--- set_holder of each of `keys`, in order, in locals.
+-- set_holder of each of `keys`, in order (in locals while the cache takes them).
 local function set_holders(st, keys, slot, m)
+  if not cache_writes(st) then
+    for i = 1, #keys do direct_set(st, keys[i], slot, m) end
+    return
+  end
   local now, dirty, n, added = st.now, st.dirty, st.n_dirty, 0
   local splits = not st.hash and st.load > 0
   local fresh = struct.pack('<I4', slot * 16 + m)
   for i = 1, #keys do
     local key = keys[i]
+    if splits and not only_hash(st) then
+      -- the first split: the rest of the keys one by one
+      st.n_dirty = n
+      cache_writes(st)
+      for k = i, #keys do direct_set(st, keys[k], slot, m) end
+      return
+    end
     local v = now[key]
     if v == nil then v = cached(st, key) end
     local nv = fresh
@@ -369,7 +427,7 @@ local function set_holders(st, keys, slot, m)
 end
 
 local function clear_holders(st, keys, slot, m)
-  for _, key in ipairs(keys) do clear_holder(st, key, slot, m) end
+  for i = 1, #keys do clear_holder(st, keys[i], slot, m) end
 end
 
 -- Whether a model's keys are in another layout: it has ranks (or a slot map version)
