@@ -597,7 +597,10 @@ class RedisIndex:
         sinks: dict[WorkerLedger, tuple[bytes, _OpsSink]] = {}
         changed: dict[WorkerLedger, int] = {}  # -> block size its batches store with, or 0
         for i, batch in group:
-            ledger = await self._ledger(batch.model, WorkerRef(batch.worker_id, batch.dp_rank))
+            ref = WorkerRef(batch.worker_id, batch.dp_rank)
+            # the cached ledger without a coroutine per batch; loaded when missing
+            ledger = (self._ledgers.get((batch.model, ref))
+                      or await self._ledger(batch.model, ref))
             if ledger not in sinks:
                 sinks[ledger] = (_position(ledger.epoch, ledger.last_seq), _OpsSink())
                 ledger.start_journal()
