@@ -402,6 +402,56 @@ if not buckets_here() then
   return redis.error_reply('TRYAGAIN a bucket of ' .. p .. ' is not served here (slot migrating)')
 end
 
+-- The keys of the records' group-0 ops (S, C, P: those known before the call runs).
+local function group0_keys()
+  local keys, n = {}, 0
+  for i = 1, #ARGV do
+    local rec = ARGV[i]
+    local _, _, _, _, _, _, _, _, _, _, wlen, olen, _, _, pos = struct.unpack(HEADER, rec, 1)
+    pos = pos + wlen
+    local stop = pos + olen
+    while pos < stop do
+      local kind = string.sub(rec, pos, pos)
+      local count, per, skip
+      if kind == 'T' or kind == 'K' then
+        _, _, _, count, pos = struct.unpack('<c1BI4I4', rec, pos)
+        pos = pos + count * 8
+      else
+        _, _, count, pos = struct.unpack('<c1I4I4', rec, pos)
+        if kind == 'S' or kind == 'C' or kind == 'P' then
+          per, skip = 8, 0
+          if kind == 'P' then
+            local nlen
+            nlen, pos = struct.unpack('<H', rec, pos)
+            pos = pos + nlen + 8
+            per, skip = 16, 8
+          end
+          for k = 0, count - 1 do
+            local at = pos + k * per + skip
+            n = n + 1
+            keys[n] = string.sub(rec, at, at + 7)
+          end
+          pos = pos + count * per
+        elseif kind == 'X' then
+          pos = pos + 8
+        elseif kind == 'R' or kind == 'W' then
+          local nlen
+          nlen, pos = struct.unpack('<H', rec, pos)
+          pos = pos + nlen + 8
+          if kind == 'R' then pos = pos + count * 8 end
+        end
+      end
+    end
+  end
+  return keys
+end
+
+-- A model in one bucket: the call's group-0 keys in one HMGET, not one per op (a fleet
+-- of many ranks sends records of a few blocks each).
+if only_hash(buckets) then
+  prefetch(buckets, group0_keys())
+end
+
 local statuses = {}
 -- A script error keeps what ran before it: the cached presence and the bucket state are
 -- written either way, so the block count stays exact (gc.lua relies on it).
