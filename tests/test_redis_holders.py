@@ -341,3 +341,50 @@ async def test_readers_during_removals_never_credit_a_rank_with_anothers_blocks(
     assert ids["a\n0"] >= 50  # every re-creation took a new id
     await writer.close()
     await reader.close()
+
+
+async def _stored_state(client: aioredis.Redis) -> dict[bytes, object]:
+    """Every key's content, bar the random slot map version and the ledger logs (a
+    call's log segment folds what its batches changed)."""
+    state: dict[bytes, object] = {}
+    for key in await client.keys("*"):
+        kind = await client.type(key)
+        if key.endswith((b":slotver", b":log")):
+            continue
+        if kind == b"hash":
+            state[key] = await client.hgetall(key)
+        elif kind == b"set":
+            state[key] = await client.smembers(key)
+        else:
+            state[key] = await client.get(key)
+    return state
+
+
+@pytest.mark.parametrize("bucket_load", [0, COMPACT_BUCKET_LOAD])
+async def test_one_call_stores_what_one_call_per_batch_does(
+        redis_client: aioredis.Redis, bucket_load: int) -> None:
+    """apply.lua writes presence back once per call (and before a bucket split): blocks
+    going to `bx` and back, stored then evicted, split over buckets within one call end
+    exactly as when each batch is its own call, and as the in-memory index says."""
+    shared = [batch(0, stored(1, 3), worker=f"w{w}") for w in range(5)]
+    shared += [batch(1, BlockRemoved(block_hashes=[3]), worker=f"w{w}") for w in range(4)]
+    shared += [batch(0, stored(1, 6), worker="w9"),
+               batch(1, BlockRemoved(block_hashes=[4, 5, 6]), worker="w9")]
+    batches = shared + make_workload(8, 3_000, n_queries=1).batches(MODEL)
+    states = []
+    for calls in ([batches], [[one] for one in batches]):
+        await redis_client.flushall()
+        index = RedisIndex(redis_client, bucket_load=bucket_load)
+        for call in calls:
+            await index.apply(call)
+        memory = MemoryIndex(IndexConfig())
+        await memory.apply(batches)
+        assert await index.presence(MODEL) == await memory.presence(MODEL)
+        states.append(await _stored_state(redis_client))
+        await index.close()
+    one_call, per_batch = states
+    assert one_call == per_batch
+    prefix = model_prefix(MODEL).encode()
+    assert len(one_call[prefix + b"bx"]) == 2  # type: ignore[arg-type]  # blocks 1, 2
+    if bucket_load:
+        assert int(one_call[prefix + b"bk"][b"level"]) >= 5  # type: ignore[index]

@@ -141,6 +141,7 @@ COMPACT_BUCKET_LOAD: Final = 40
 _MAX_CALLS: Final = 8  # script calls one apply() is split into, so Python and Redis overlap
 _OP_HEADER: Final = struct.Struct("<cII")
 _GROUP_OP_HEADER: Final = struct.Struct("<cBII")
+_OP_COUNT: Final = struct.Struct("<I")  # the last field of both op headers
 _RECORD_HEADER: Final = struct.Struct("<I16s16sdBIIIIIHIII")
 _POSITION: Final = struct.Struct(">qq")
 _NAME_LEN: Final = struct.Struct("<H")
@@ -226,22 +227,41 @@ def _lua_with_holders(name: str) -> str:
 
 
 class _OpsSink:
-    """Collects a ledger's presence changes as the packed ops `apply.lua` reads."""
+    """Collects a ledger's presence changes as the packed ops `apply.lua` reads. A keys op
+    following one of the same kind, group and bit position extends it (same keys in the
+    same order, fewer ops for apply.lua to read and prefetch)."""
 
-    __slots__ = ("_groups", "learned", "ops")
+    __slots__ = ("_groups", "_last", "_last_count_at", "_last_end", "learned", "ops")
 
     def __init__(self) -> None:
         self.ops = bytearray()
         self.learned: dict[int, tuple[str | None, int]] = {}  # group -> (kind, window)
         self._groups: dict[int, _GroupOpsSink] = {}
+        self._last: tuple[bytes, int, int] | None = None  # the last keys op: kind, group, bit
+        self._last_count_at = 0  # where its count is in `ops`
+        self._last_end = -1  # len(ops) just after it: anything written since ends it
 
     def set_bits(self, keys: list[int], bitpos: int) -> None:
-        self.ops += _OP_HEADER.pack(b"S", bitpos, len(keys))
-        self.ops += pack_keys(keys)
+        self.keys_op(b"S", 0, bitpos, keys)
 
     def clear_bits(self, keys: list[int], bitpos: int) -> None:
-        self.ops += _OP_HEADER.pack(b"C", bitpos, len(keys))
+        self.keys_op(b"C", 0, bitpos, keys)
+
+    def keys_op(self, kind: bytes, group: int, bitpos: int, keys: list[int]) -> None:
+        """Add an S / C op (group 0) or a T / K op of `group`, or extend the last op."""
+        op = (kind, group, bitpos)
+        if op == self._last and len(self.ops) == self._last_end:
+            count = _OP_COUNT.unpack_from(self.ops, self._last_count_at)[0]
+            _OP_COUNT.pack_into(self.ops, self._last_count_at, count + len(keys))
+        else:
+            if kind in (b"S", b"C"):
+                self.ops += _OP_HEADER.pack(kind, bitpos, len(keys))
+            else:
+                self.ops += _GROUP_OP_HEADER.pack(kind, group, bitpos, len(keys))
+            self._last = op
+            self._last_count_at = len(self.ops) - _OP_COUNT.size
         self.ops += pack_keys(keys)
+        self._last_end = len(self.ops)
 
     def group_sink(self, group: int) -> _GroupOpsSink:
         found = self._groups.get(group)
@@ -294,12 +314,10 @@ class _GroupOpsSink:
         self.group = group
 
     def set_bits(self, keys: list[int], bitpos: int) -> None:
-        self.owner.ops += _GROUP_OP_HEADER.pack(b"T", self.group, bitpos, len(keys))
-        self.owner.ops += pack_keys(keys)
+        self.owner.keys_op(b"T", self.group, bitpos, keys)
 
     def clear_bits(self, keys: list[int], bitpos: int) -> None:
-        self.owner.ops += _GROUP_OP_HEADER.pack(b"K", self.group, bitpos, len(keys))
-        self.owner.ops += pack_keys(keys)
+        self.owner.keys_op(b"K", self.group, bitpos, keys)
 
     def group_sink(self, group: int) -> _GroupOpsSink:
         return self.owner.group_sink(group)
@@ -579,7 +597,10 @@ class RedisIndex:
         sinks: dict[WorkerLedger, tuple[bytes, _OpsSink]] = {}
         changed: dict[WorkerLedger, int] = {}  # -> block size its batches store with, or 0
         for i, batch in group:
-            ledger = await self._ledger(batch.model, WorkerRef(batch.worker_id, batch.dp_rank))
+            ref = WorkerRef(batch.worker_id, batch.dp_rank)
+            # the cached ledger without a coroutine per batch; loaded when missing
+            ledger = (self._ledgers.get((batch.model, ref))
+                      or await self._ledger(batch.model, ref))
             if ledger not in sinks:
                 sinks[ledger] = (_position(ledger.epoch, ledger.last_seq), _OpsSink())
                 ledger.start_journal()

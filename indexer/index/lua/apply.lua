@@ -42,25 +42,30 @@ local NOPOS = string.rep('\255', 16)
 local HEADER = '<I4c16c16dBI4I4I4I4I4HI4I4I4'
 local buckets = open_buckets(p)
 
-local function set_bits(st, ops, pos, count, bitpos)
-  local slot, m = math.floor(bitpos / 4), 2 ^ (bitpos % 4)
-  for _ = 1, count do
-    set_holder(st, string.sub(ops, pos, pos + 7), slot, m)
+-- The `count` keys (8 bytes each) of `ops` from `pos`, read into `st`'s cache: one
+-- HMGET for the op's keys, not one read per block.
+local function op_keys(st, ops, pos, count)
+  local keys = {}
+  for k = 1, count do
+    keys[k] = string.sub(ops, pos, pos + 7)
     pos = pos + 8
   end
-  return pos
+  prefetch(st, keys)
+  return keys
+end
+
+local function set_bits(st, ops, pos, count, bitpos)
+  set_holders(st, op_keys(st, ops, pos, count), math.floor(bitpos / 4), 2 ^ (bitpos % 4))
+  return pos + count * 8
 end
 
 local function clear_bits(st, ops, pos, count, bitpos)
-  local slot, m = math.floor(bitpos / 4), 2 ^ (bitpos % 4)
-  for _ = 1, count do
-    clear_holder(st, string.sub(ops, pos, pos + 7), slot, m)
-    pos = pos + 8
-  end
-  return pos
+  clear_holders(st, op_keys(st, ops, pos, count), math.floor(bitpos / 4), 2 ^ (bitpos % 4))
+  return pos + count * 8
 end
 
 local group_hashes = {}  -- the declared blk<g> hashes (KEYS past the records' ones)
+local group_stores = {}  -- blk<g> -> its store (plain_store), written back at the end
 local POOL_OP = {P = 16, R = 8, W = 0}  -- bytes per block of each pool op
 local MAX_TOMBSTONES = 65536  -- indexer/index/pools.py
 
@@ -241,11 +246,16 @@ local function apply_presence(rec, pos, stop, wp)
     kind = string.sub(rec, pos, pos)
     if kind == 'T' or kind == 'K' then
       kind, group, bitpos, count, pos = struct.unpack('<c1BI4I4', rec, pos)
-      local hash = plain_store(p .. 'blk' .. group)  -- declared: pools_owned checked
+      local hash = p .. 'blk' .. group  -- declared: pools_owned checked
+      local store = group_stores[hash]
+      if not store then
+        store = plain_store(hash)
+        group_stores[hash] = store
+      end
       if kind == 'T' then
-        pos = set_bits(hash, rec, pos, count, bitpos)
+        pos = set_bits(store, rec, pos, count, bitpos)
       else
-        pos = clear_bits(hash, rec, pos, count, bitpos)
+        pos = clear_bits(store, rec, pos, count, bitpos)
       end
     else
       kind, bitpos, count, pos = struct.unpack('<c1I4I4', rec, pos)
@@ -392,9 +402,59 @@ if not buckets_here() then
   return redis.error_reply('TRYAGAIN a bucket of ' .. p .. ' is not served here (slot migrating)')
 end
 
+-- The keys of the records' group-0 ops (S, C, P: those known before the call runs).
+local function group0_keys()
+  local keys, n = {}, 0
+  for i = 1, #ARGV do
+    local rec = ARGV[i]
+    local _, _, _, _, _, _, _, _, _, _, wlen, olen, _, _, pos = struct.unpack(HEADER, rec, 1)
+    pos = pos + wlen
+    local stop = pos + olen
+    while pos < stop do
+      local kind = string.sub(rec, pos, pos)
+      local count, per, skip
+      if kind == 'T' or kind == 'K' then
+        _, _, _, count, pos = struct.unpack('<c1BI4I4', rec, pos)
+        pos = pos + count * 8
+      else
+        _, _, count, pos = struct.unpack('<c1I4I4', rec, pos)
+        if kind == 'S' or kind == 'C' or kind == 'P' then
+          per, skip = 8, 0
+          if kind == 'P' then
+            local nlen
+            nlen, pos = struct.unpack('<H', rec, pos)
+            pos = pos + nlen + 8
+            per, skip = 16, 8
+          end
+          for k = 0, count - 1 do
+            local at = pos + k * per + skip
+            n = n + 1
+            keys[n] = string.sub(rec, at, at + 7)
+          end
+          pos = pos + count * per
+        elseif kind == 'X' then
+          pos = pos + 8
+        elseif kind == 'R' or kind == 'W' then
+          local nlen
+          nlen, pos = struct.unpack('<H', rec, pos)
+          pos = pos + nlen + 8
+          if kind == 'R' then pos = pos + count * 8 end
+        end
+      end
+    end
+  end
+  return keys
+end
+
+-- A model in one bucket: the call's group-0 keys in one HMGET, not one per op (a fleet
+-- of many ranks sends records of a few blocks each).
+if only_hash(buckets) then
+  prefetch(buckets, group0_keys())
+end
+
 local statuses = {}
--- A script error keeps what ran before it: the bucket state is stored either way, so its
--- block count stays exact (gc.lua relies on it).
+-- A script error keeps what ran before it: the cached presence and the bucket state are
+-- written either way, so the block count stays exact (gc.lua relies on it).
 local ran, err = pcall(function()
   for i = 1, #ARGV do
     local status = apply_one(ARGV[i], i)
@@ -404,6 +464,9 @@ local ran, err = pcall(function()
     end
   end
 end)
+for _, store in pairs(group_stores) do
+  flush(store)
+end
 close_buckets(buckets)
 if not ran then
   return redis.error_reply(tostring(err))

@@ -69,17 +69,31 @@ local function holders_clear(v, slot, m)
   return string.sub(v, 1, i * 4) .. struct.pack('<I4', e - m) .. string.sub(v, i * 4 + 5)
 end
 
--- A presence store: group 0's buckets (`p` the model prefix) or a plain hash.
+-- A presence store: group 0's buckets (`p` the model prefix) or a plain hash. Writes go
+-- through the store's cache, in event order: `now` holds a touched key's value (false:
+-- no holder), `big` is true for a key whose stored value is in `bx`, and `dirty` lists
+-- the keys changed since the last `flush` (repeats allowed: each write takes the value
+-- in `now`). A script reads the keys it will touch with one HMGET per hash (`prefetch`)
+-- and writes them back with a few HSET / HDEL of many fields: a redis.call costs more
+-- than a block's Lua work, and in Lua each table operation counts, hence the plain loops.
+-- This holds while the store is one hash (a plain hash, load 0, a model's first bucket);
+-- in many buckets a cache would cost an HMGET and an HSET per bucket touched, so keys
+-- are read and written one by one there (`cache_writes`).
+local function new_cache(st)
+  st.now, st.big, st.dirty, st.n_dirty = {}, {}, {}, 0
+  return st
+end
+
 local function open_buckets(p)
   local st = redis.call('HMGET', p .. 'bk', 'level', 'split', 'count', 'layout', 'load')
   local level = tonumber(st[1]) or 0
-  return {p = p, level = level, split = tonumber(st[2]) or 0, n = 2 ^ level,
+  return new_cache({p = p, level = level, split = tonumber(st[2]) or 0, n = 2 ^ level,
     count = tonumber(st[3]) or 0, layout = st[4], load = tonumber(st[5]) or DEFAULT_LOAD,
-    dirty = false, names = {}}
+    dirty_count = false, names = {}})
 end
 
 local function plain_store(hash)
-  return {hash = hash}
+  return new_cache({hash = hash})
 end
 
 local function bucket_name(st, b)
@@ -100,8 +114,13 @@ local function bucket_of(st, key)
   return bucket_name(st, b)
 end
 
+-- The one hash every key of the store is in (a plain hash, or a single bucket), or false.
+local function only_hash(st)
+  return st.hash or (st.n == 1 and st.split == 0 and bucket_name(st, 0))
+end
+
 -- The value of `key` (false when absent), the hash holding its bucket entry, and whether
--- the value is in `bx`.
+-- the value is in `bx`: read from Redis, not the cache (Score's reads).
 local function store_get(st, key)
   if st.hash then
     return redis.call('HGET', st.hash, key), st.hash, false
@@ -114,9 +133,149 @@ local function store_get(st, key)
   return v, b, false
 end
 
+local BATCH = 1000  -- fields per HMGET / HSET / HDEL (Lua's unpack takes < 8000 values)
+
+-- Run `command` on `hash` with `args` (a flat list), BATCH fields (`per` values each) a
+-- call; the replies of a reading command, concatenated.
+local function each_batch(command, hash, args, per)
+  local step = BATCH * per
+  if #args <= step then
+    return redis.call(command, hash, unpack(args))
+  end
+  local out, n = {}, 0
+  for i = 1, #args, step do
+    local reply = redis.call(command, hash, unpack(args, i, math.min(i + step - 1, #args)))
+    if type(reply) == 'table' then
+      for k = 1, #reply do
+        n = n + 1
+        out[n] = reply[k]
+      end
+    end
+  end
+  return out
+end
+
+-- Append `a` (and `b`) to the list of `hash` in `by` (hash -> list).
+local function push(by, hash, a, b)
+  local list = by[hash]
+  if not list then
+    list = {}
+    by[hash] = list
+  end
+  list[#list + 1] = a
+  if b then list[#list + 1] = b end
+end
+
+-- Read `fields` of `hash` into the cache, bar the keys it holds already.
+local function read_into(st, hash, fields)
+  local now, values = st.now, each_batch('HMGET', hash, fields, 1)
+  local inline, n = {}, 0
+  for i = 1, #fields do
+    local key, v = fields[i], values[i]
+    if now[key] == nil then
+      if v == '' and not st.hash then
+        n = n + 1
+        inline[n] = key
+      else
+        now[key] = v
+      end
+    end
+  end
+  if n > 0 then
+    values = each_batch('HMGET', st.p .. 'bx', inline, 1)
+    for i = 1, n do
+      local key = inline[i]
+      now[key], st.big[key] = values[i], true
+    end
+  end
+end
+
+-- Read into the cache the keys of `keys` it does not hold yet (a store in one hash).
+local function prefetch(st, keys)
+  local one, now = only_hash(st), st.now
+  if not one or #keys == 0 then
+    return
+  end
+  local fields, n = {}, 0
+  for i = 1, #keys do
+    if now[keys[i]] == nil then
+      n = n + 1
+      fields[n] = keys[i]
+    end
+  end
+  if n > 0 then read_into(st, one, fields) end
+end
+
+-- The cached value of `key` (false when absent).
+local function cached(st, key)
+  local v = st.now[key]
+  if v == nil then
+    prefetch(st, {key})
+    v = st.now[key]
+  end
+  return v
+end
+
+-- Write the keys changed since the last flush (HSETs before HDELs: a hash losing its
+-- last fields while gaining others is never deleted and created again). A key set and
+-- cleared again since is written as it is now (an HDEL of an absent field does nothing).
+local function flush(st)
+  local now, big, dirty = st.now, st.big, st.dirty
+  local one, sets, dels = only_hash(st), {}, {}
+  local one_sets, n_sets, one_dels, n_dels = {}, 0, {}, 0  -- those of `one`
+  for i = 1, st.n_dirty do
+    local key = dirty[i]
+    local new, was_big = now[key], big[key]
+    if not was_big and one then
+      if not new then
+        n_dels = n_dels + 1
+        one_dels[n_dels] = key
+      elseif st.hash or #new <= HOLDER_INLINE then
+        one_sets[n_sets + 1], one_sets[n_sets + 2] = key, new
+        n_sets = n_sets + 2
+      else
+        push(sets, st.p .. 'bx', key, new)
+        one_sets[n_sets + 1], one_sets[n_sets + 2] = key, ''
+        n_sets = n_sets + 2
+        big[key] = true
+      end
+    else
+      local where = one or bucket_of(st, key)
+      local new_big = new and not st.hash and #new > HOLDER_INLINE
+      if not new then
+        push(dels, where, key)
+      elseif new_big then
+        push(sets, st.p .. 'bx', key, new)
+        if not was_big then push(sets, where, key, '') end
+      else
+        push(sets, where, key, new)
+      end
+      if was_big and not new_big then push(dels, st.p .. 'bx', key) end
+      big[key] = new_big or nil
+    end
+  end
+  st.dirty, st.n_dirty = {}, 0
+  if n_sets > 0 then each_batch('HSET', one, one_sets, 2) end
+  for hash, args in pairs(sets) do each_batch('HSET', hash, args, 2) end
+  if n_dels > 0 then each_batch('HDEL', one, one_dels, 1) end
+  for hash, args in pairs(dels) do each_batch('HDEL', hash, args, 1) end
+end
+
+-- Whether the store's writes go through its cache: while it is one hash. Once a model
+-- is in many buckets the cache is written and emptied, and keys are written one by one.
+local function cache_writes(st)
+  if only_hash(st) then
+    return true
+  end
+  if st.n_dirty > 0 then flush(st) end
+  if next(st.now) then st.now, st.big = {}, {} end
+  return false
+end
+
 -- Split the next bucket (linear hashing): its keys whose next address bit is set move to
 -- bucket split + n. Called as the block count passes the load, so no bucket grows far
--- past 2 x its load in fields, even within one call.
+-- past 2 x its load in fields, even within one call. The split moves what is stored;
+-- what the cache holds unwritten goes to the bucket its key has when it is written.
 local function split_bucket(st)
   local n = 2 ^ st.level
   local from = st.p .. 'b:' .. st.split
@@ -130,8 +289,8 @@ local function split_bucket(st)
     end
   end
   if #names > 0 then
-    redis.call('HSET', st.p .. 'b:' .. (st.split + n), unpack(moved))
-    redis.call('HDEL', from, unpack(names))
+    each_batch('HSET', st.p .. 'b:' .. (st.split + n), moved, 2)
+    each_batch('HDEL', from, names, 1)
   end
   st.split = st.split + 1
   if st.split == n then
@@ -141,9 +300,10 @@ local function split_bucket(st)
   end
 end
 
--- Store the bucket state if it changed.
+-- Write the cache, then the bucket state if it changed.
 local function close_buckets(st)
-  if st.dirty then
+  flush(st)
+  if st.dirty_count then
     redis.call('HSET', st.p .. 'bk', 'level', st.level, 'split', st.split, 'count', st.count)
   end
 end
@@ -151,26 +311,37 @@ end
 -- One more block in the buckets: split the next one if the load is passed.
 local function count_new(st)
   st.count = st.count + 1
-  st.dirty = true
+  st.dirty_count = true
   if st.load > 0 and st.count > st.load * (st.n + st.split) then
     split_bucket(st)
   end
 end
 
-local function store_put(st, key, where, big, old, new)
+-- Change `key` from `old` to `new` ('' when no holder is left) in the cache.
+local function store_put(st, key, old, new)
+  if new == '' then new = false end
+  st.now[key] = new
+  local n = st.n_dirty + 1
+  st.n_dirty = n
+  st.dirty[n] = key
   if st.hash then
-    if new == '' then
-      redis.call('HDEL', where, key)
-    else
-      redis.call('HSET', where, key, new)
-    end
     return
   end
+  if not new then
+    st.count = st.count - 1
+    st.dirty_count = true
+  elseif not old then
+    count_new(st)
+  end
+end
+
+-- Key by key (a model in many buckets): the value read and written at once.
+local function direct_put(st, key, where, big, old, new)
   if new == '' then
     redis.call('HDEL', where, key)
     if big then redis.call('HDEL', st.p .. 'bx', key) end
     st.count = st.count - 1
-    st.dirty = true
+    st.dirty_count = true
     return
   end
   if #new <= HOLDER_INLINE then
@@ -185,22 +356,78 @@ local function store_put(st, key, where, big, old, new)
   end
 end
 
-local function set_holder(st, key, slot, m)
+local function direct_set(st, key, slot, m)
   -- Most stored blocks are new to the index: one call when the field is absent.
-  if not st.hash and redis.call('HSETNX', bucket_of(st, key), key,
+  if redis.call('HSETNX', bucket_of(st, key), key,
       struct.pack('<I4', slot * 16 + m)) == 1 then
     count_new(st)
     return
   end
   local v, where, big = store_get(st, key)
   local nv = holders_set(v, slot, m)
-  if nv then store_put(st, key, where, big, v, nv) end
+  if nv then direct_put(st, key, where, big, v, nv) end
+end
+
+local function direct_clear(st, key, slot, m)
+  local v, where, big = store_get(st, key)
+  local nv = holders_clear(v, slot, m)
+  if nv then direct_put(st, key, where, big, v, nv) end
+end
+
+local function set_holder(st, key, slot, m)
+  if not cache_writes(st) then return direct_set(st, key, slot, m) end
+  local v = cached(st, key)
+  local nv = holders_set(v, slot, m)
+  if nv then store_put(st, key, v, nv) end
 end
 
 local function clear_holder(st, key, slot, m)
-  local v, where, big = store_get(st, key)
+  if not cache_writes(st) then return direct_clear(st, key, slot, m) end
+  local v = cached(st, key)
   local nv = holders_clear(v, slot, m)
-  if nv then store_put(st, key, where, big, v, nv) end
+  if nv then store_put(st, key, v, nv) end
+end
+
+-- set_holder of each of `keys`, in order (in locals while the cache takes them).
+local function set_holders(st, keys, slot, m)
+  if not cache_writes(st) then
+    for i = 1, #keys do direct_set(st, keys[i], slot, m) end
+    return
+  end
+  local now, dirty, n, added = st.now, st.dirty, st.n_dirty, 0
+  local splits = not st.hash and st.load > 0
+  local fresh = struct.pack('<I4', slot * 16 + m)
+  for i = 1, #keys do
+    local key = keys[i]
+    if splits and not only_hash(st) then
+      -- the first split: the rest of the keys one by one
+      st.n_dirty = n
+      cache_writes(st)
+      for k = i, #keys do direct_set(st, keys[k], slot, m) end
+      return
+    end
+    local v = now[key]
+    if v == nil then v = cached(st, key) end
+    local nv = fresh
+    if v then nv = holders_set(v, slot, m) end
+    if nv then
+      now[key] = nv
+      n = n + 1
+      dirty[n] = key
+      if not v then
+        if splits then count_new(st) else added = added + 1 end
+      end
+    end
+  end
+  st.n_dirty = n
+  if not st.hash and added > 0 then
+    st.count = st.count + added
+    st.dirty_count = true
+  end
+end
+
+local function clear_holders(st, keys, slot, m)
+  for i = 1, #keys do clear_holder(st, keys[i], slot, m) end
 end
 
 -- Whether a model's keys are in another layout: it has ranks (or a slot map version)

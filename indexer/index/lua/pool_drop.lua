@@ -10,9 +10,12 @@ if not slot then
   return 0
 end
 local buckets = open_buckets(p)
-for _, value in ipairs(redis.call('HVALS', p .. 'p:' .. slot .. ':map')) do
-  clear_holder(buckets, string.sub(value, 1, 8), slot, 4)  -- then the store's ts
+local keys = {}
+for i, value in ipairs(redis.call('HVALS', p .. 'p:' .. slot .. ':map')) do
+  keys[i] = string.sub(value, 1, 8)  -- then the store's ts
 end
+prefetch(buckets, keys)
+clear_holders(buckets, keys, slot, 4)
 close_buckets(buckets)
 local map = p .. 'p:' .. slot .. ':map'
 local wp = p .. 'w:' .. slot .. ':'
