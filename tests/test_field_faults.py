@@ -125,7 +125,7 @@ async def fleet_on_private_servers(
     redis_server = RedisServer(tmp_path / "redis").start() if backend == "redis" else None
     fleet = Fleet(nats_server.url)
     try:
-        yield nats_server, redis_server and redis_server.url, fleet
+        yield nats_server, redis_server.url if redis_server else None, fleet
     finally:
         await fleet.close()
         if redis_server is not None:
@@ -488,32 +488,19 @@ async def test_a_restore_between_an_apply_and_its_position_write_loses_nothing(
     redis_server = RedisServer(tmp_path / "redis").start()
     client = aioredis.Redis.from_url(redis_server.url)
     fleet = Fleet(nats_url)
-    dump = tmp_path / "old-dump.rdb"
     try:
         async with indexer(nats_url, redis_server.url) as service:
             index = service.index
             assert isinstance(index, RedisIndex)
             await fleet.start()
-            fleet.store(range(100))
-            await fleet.flush()
-            await eventually(lambda: caught_up(index, fleet.published, MODEL), 120)
-
-            async def trusted() -> bool:
-                return not any([marker_is_rebuilding(await index.get_marker(marker_name(p)))
-                                for p in range(PARTITIONS)])
-
-            await eventually(trusted, 30)
-            await client.save()
-            shutil.copy(tmp_path / "redis" / "dump.rdb", dump)
+            dump = await indexed_and_dumped(fleet, index, client, tmp_path)
             set_marker = index.set_marker
             restored: list[str] = []
 
             async def restore_then_fail(name: str, value: str | None) -> None:
                 if name.startswith("position.") and not restored:
                     restored.append(name)
-                    redis_server.kill()
-                    shutil.copy(dump, tmp_path / "redis" / "dump.rdb")
-                    redis_server.start()
+                    restore_from(redis_server, dump, tmp_path)
                     raise BackendError("injected: redis restored from an older dump")
                 await set_marker(name, value)
 
@@ -565,18 +552,15 @@ async def test_an_indexer_starting_on_an_older_dump_rebuilds(nats_url: str,
         redis_server.stop()
 
 
-async def behind_the_stream(fleet: Fleet, index: Index, client: aioredis.Redis,
-                            redis_server: RedisServer, tmp_path: Path, *,
-                            while_down: IndexerProcess | None = None) -> None:
-    """Index 5,000 blocks per worker, dump Redis, remove 2,000 of them per worker and add
-    1,000, then bring Redis back from the dump (with `while_down` killed meanwhile)."""
-    import shutil
-
+async def indexed_and_dumped(fleet: Fleet, index: Index, client: aioredis.Redis,
+                             tmp_path: Path) -> Path:
+    """Index 5,000 blocks per worker, wait until every partition's first rebuild has
+    finished, and copy Redis's dump of that state aside; its path."""
     fleet.store(range(100))
     await fleet.flush()
     await eventually(lambda: caught_up(index, fleet.published, MODEL), 120)
 
-    async def trusted() -> bool:  # every partition's first rebuild finished
+    async def trusted() -> bool:
         return not any([marker_is_rebuilding(await index.get_marker(marker_name(p)))
                         for p in range(PARTITIONS)])
 
@@ -584,15 +568,29 @@ async def behind_the_stream(fleet: Fleet, index: Index, client: aioredis.Redis,
     await client.save()
     dump = tmp_path / "old-dump.rdb"
     shutil.copy(tmp_path / "redis" / "dump.rdb", dump)
+    return dump
+
+
+def restore_from(redis_server: RedisServer, dump: Path, tmp_path: Path) -> None:
+    """Redis SIGKILLed and started again from `dump`."""
+    redis_server.kill()
+    shutil.copy(dump, tmp_path / "redis" / "dump.rdb")
+    redis_server.start()
+
+
+async def behind_the_stream(fleet: Fleet, index: Index, client: aioredis.Redis,
+                            redis_server: RedisServer, tmp_path: Path, *,
+                            while_down: IndexerProcess | None = None) -> None:
+    """Index 5,000 blocks per worker, dump Redis, remove 2,000 of them per worker and add
+    1,000, then bring Redis back from the dump (with `while_down` killed meanwhile)."""
+    dump = await indexed_and_dumped(fleet, index, client, tmp_path)
     fleet.remove(range(40))
     fleet.store(range(100, 120))
     await fleet.flush()
     await eventually(lambda: caught_up(index, fleet.published, MODEL), 120)
     if while_down is not None:
         while_down.kill()
-    redis_server.kill()
-    shutil.copy(dump, tmp_path / "redis" / "dump.rdb")
-    redis_server.start()
+    restore_from(redis_server, dump, tmp_path)
     if while_down is not None:
         while_down.start()
 
