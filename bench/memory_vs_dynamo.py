@@ -66,6 +66,7 @@ from bench.workload import (
 )
 from indexer.index.memory import SyncMemoryIndex
 from indexer.index.protocol import ScoreQuery
+from kvcore.bus import EventBatch
 from kvcore.keys import block_keys_for_tokens
 from kvcore.pools import KIND_POOL
 from kvsim.report import verdict, write_section
@@ -180,13 +181,17 @@ def dynamo_events(workload: Workload) -> list[DynamoEvent]:
     return out
 
 
-def ingest_ours(workload: Workload) -> tuple[SyncMemoryIndex, float]:
-    batches = workload.batches(MODEL)
+def timed_apply(batches: list[EventBatch]) -> tuple[SyncMemoryIndex, float]:
+    """A fresh index fed `batches`, and the seconds it took (GC quiet)."""
     with quiet_gc():
         t0 = time.perf_counter_ns()
         index = SyncMemoryIndex()
         index.apply(batches)
-        elapsed = (time.perf_counter_ns() - t0) / 1e9
+        return index, (time.perf_counter_ns() - t0) / 1e9
+
+
+def ingest_ours(workload: Workload) -> tuple[SyncMemoryIndex, float]:
+    index, elapsed = timed_apply(workload.batches(MODEL))
     stats = index.stats()
     if stats.blocks_stored != workload.blocks or stats.dropped:
         raise SystemExit(f"our index stored {stats.blocks_stored} of {workload.blocks} blocks, "
@@ -258,16 +263,10 @@ def run_queries(
 def run_pool_workload(workload: Workload, numbers: dict[str, int],
                       plain: list[Counts]) -> PoolResult:
     """Ingest the pool workload, score it with the mounts, check every answer."""
-    batches = workload.pool_batches(MODEL, POOL)
-    with quiet_gc():
-        t0 = time.perf_counter_ns()
-        index = SyncMemoryIndex()
-        index.apply(batches)
-        ingest_s = (time.perf_counter_ns() - t0) / 1e9
+    index, ingest_s = timed_apply(workload.pool_batches(MODEL, POOL))
     stats = index.stats()
     if stats.dropped:
         raise SystemExit(f"pool workload: our index dropped {stats.dropped}")
-    del batches
     pool_blocks = sum(w.blocks_by_tier.get("storage", 0) for w in index.workers(MODEL)
                       if w.kind == KIND_POOL)
     mounts = pool_mounts(workload.params.n_workers, POOL)
@@ -379,16 +378,10 @@ class HybridResult:
 
 def run_hybrid(workload: Workload, plain_counts: list[Counts]) -> HybridResult:
     """Ingest the hybrid form of `workload` and score its queries (timed like ours)."""
-    batches = workload.hybrid_batches(MODEL, HYBRID_WINDOW_BLOCKS)
-    with quiet_gc():
-        t0 = time.perf_counter_ns()
-        index = SyncMemoryIndex()
-        index.apply(batches)
-        ingest_s = (time.perf_counter_ns() - t0) / 1e9
+    index, ingest_s = timed_apply(workload.hybrid_batches(MODEL, HYBRID_WINDOW_BLOCKS))
     stats = index.stats()
     if stats.dropped:
         raise SystemExit(f"the hybrid ingest dropped {stats.dropped}")
-    del batches
     gc.collect()
     numbers = {worker_name(w): w for w in range(workload.params.n_workers)}
     counts, lat = run_queries(lambda q: score_ours(index, numbers, q), workload.queries)
