@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -35,7 +36,7 @@ from bench.workload import Workload, make_workload, pool_expected, pool_mounts
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import IndexConfig, ScoreQuery
 from indexer.index.redis import COMPACT_BUCKET_LOAD, DEFAULT_BUCKET_LOAD, RedisIndex
-from kvcore.bus import BlockRemoved, BlockStored
+from kvcore.bus import BlockRemoved, BlockStored, EventBatch
 from kvcore.keys import block_keys_for_tokens
 from kvcore.pools import KIND_POOL
 from kvsim.report import pct, verdict, write_section
@@ -47,6 +48,21 @@ MODEL = "bench/model"
 class NotEmptyError(RuntimeError):
     """The Redis database the bench was pointed at holds someone else's keys."""
 
+
+
+async def ingest_fresh(admin: aioredis.Redis, url: str, batches: list[EventBatch], chunk: int,
+                       **index_options: Any) -> tuple[RedisIndex, float, int]:
+    """Empty the URL's database (only it: the bench's own keys), then feed `batches` to a
+    fresh RedisIndex in calls of `chunk`: the index, the seconds the calls took, and
+    used_memory before them."""
+    await admin.flushdb()
+    mem_before = int((await admin.info("memory"))["used_memory"])
+    index = RedisIndex.from_url(url, **index_options)
+    gc.collect()
+    start = time.perf_counter()
+    for i in range(0, len(batches), chunk):
+        await index.apply(batches[i : i + chunk])
+    return index, time.perf_counter() - start, mem_before
 
 async def check_empty(admin: aioredis.Redis, url: str) -> None:
     """Refuse a database that holds keys: each ingest round starts with FLUSHDB."""
@@ -73,14 +89,8 @@ async def run(args: argparse.Namespace, url: str, *, user_url: bool = False) -> 
     for _ in range(args.ingest_rounds):  # each round ingests into an empty Redis
         if index is not None:
             await index.close()
-        await admin.flushdb()  # only the URL's database: the bench's own keys
-        mem_before = int((await admin.info("memory"))["used_memory"])
-        index = RedisIndex.from_url(url)
-        gc.collect()
-        start = time.perf_counter()
-        for i in range(0, len(batches), args.chunk):
-            await index.apply(batches[i : i + args.chunk])
-        rates.append(workload.blocks / (time.perf_counter() - start))
+        index, seconds, mem_before = await ingest_fresh(admin, url, batches, args.chunk)
+        rates.append(workload.blocks / seconds)
         print(f"ingest round: {rates[-1]:,.0f} blocks/s")
     assert index is not None
     ingest_rate = statistics.median(rates)
@@ -178,14 +188,8 @@ async def run_hybrid(args: argparse.Namespace, url: str, workload: Workload) -> 
             elif isinstance(event, BlockRemoved):
                 window_entries -= len(event.block_hashes)
     admin = aioredis.Redis.from_url(url)
-    await admin.flushdb()
-    mem_before = int((await admin.info("memory"))["used_memory"])
-    index = RedisIndex.from_url(url)
-    gc.collect()
-    start = time.perf_counter()
-    for i in range(0, len(batches), args.chunk):
-        await index.apply(batches[i : i + args.chunk])
-    rate = workload.blocks / (time.perf_counter() - start)
+    index, seconds, mem_before = await ingest_fresh(admin, url, batches, args.chunk)
+    rate = workload.blocks / seconds
     mem = int((await admin.info("memory"))["used_memory"]) - mem_before
     pairs = sum(sum(w.blocks_by_tier.values()) for w in await index.workers(MODEL))
     per_pair, per_entry = mem / max(pairs, 1), mem / max(pairs + window_entries, 1)
@@ -249,15 +253,10 @@ async def scale_row(args: argparse.Namespace, url: str, workers: int,
     workload = make_workload(workers, args.blocks, n_queries=args.queries)
     batches = workload.batches(MODEL)
     admin = aioredis.Redis.from_url(url)
-    await admin.flushdb()
-    mem_before = int((await admin.info("memory"))["used_memory"])
-    await admin.config_resetstat()
-    index = RedisIndex.from_url(url, bucket_load=bucket_load)
-    gc.collect()
-    start = time.perf_counter()
-    for i in range(0, len(batches), args.chunk):
-        await index.apply(batches[i : i + args.chunk])
-    rate = workload.blocks / (time.perf_counter() - start)
+    await admin.config_resetstat()  # apply.lua's time below is this ingest's
+    index, seconds, mem_before = await ingest_fresh(admin, url, batches, args.chunk,
+                                                    bucket_load=bucket_load)
+    rate = workload.blocks / seconds
     apply_usec = int((await admin.info("commandstats"))["cmdstat_evalsha"]["usec"])
     mem = int((await admin.info("memory"))["used_memory"]) - mem_before
     entries = sum(sum(w.blocks_by_tier.values()) for w in await index.workers(MODEL))
@@ -346,15 +345,8 @@ async def pool_workload(args: argparse.Namespace, url: str, workload: Workload,
     owner), Score with the mounts; every answer checked against the plain one's
     implication (a mounting worker matches the longest prefix any worker holds)."""
     admin = aioredis.Redis.from_url(url)
-    await admin.flushdb()
-    mem_before = int((await admin.info("memory"))["used_memory"])
     batches = workload.pool_batches(MODEL, POOL)
-    index = RedisIndex.from_url(url)
-    gc.collect()
-    start = time.perf_counter()
-    for i in range(0, len(batches), args.chunk):
-        await index.apply(batches[i : i + args.chunk])
-    elapsed = time.perf_counter() - start
+    index, elapsed, mem_before = await ingest_fresh(admin, url, batches, args.chunk)
     mem_after = int((await admin.info("memory"))["used_memory"])
     listed = await index.workers(MODEL)
     entries = sum(sum(w.blocks_by_tier.values()) for w in listed)
