@@ -126,7 +126,8 @@ async def presence_bytes(client: aioredis.Redis, model: str) -> int:
 
 
 class TestHolderLists:
-    """Values hold one u32 per holder; buckets stay compact; long lists move to `bx`."""
+    """Values hold one u32 per holder; buckets stay compact; long lists move to `bx` in a
+    model that splits, and stay in the one bucket at load 0."""
 
     async def test_buckets_split_and_stay_listpack(self, redis_client: aioredis.Redis) -> None:
         """Thousands of blocks spread over buckets of at most 128 fields, each encoded
@@ -151,9 +152,10 @@ class TestHolderLists:
 
     async def test_a_block_many_ranks_hold_moves_to_bx_and_back(
             self, redis_client: aioredis.Redis) -> None:
-        """20 ranks hold the prompt: its values (3 holders or more) live in `bx`, the
-        bucket keeps ''; as ranks drop to 2 they come back; answers stay exact."""
-        index = RedisIndex(redis_client)
+        """At a load > 0, 20 ranks hold the prompt: its values (3 holders or more) live
+        in `bx`, the bucket keeps ''; as ranks drop to 2 they come back; answers stay
+        exact."""
+        index = RedisIndex(redis_client, bucket_load=COMPACT_BUCKET_LOAD)
         memory = MemoryIndex(IndexConfig())
         for w in range(20):
             one = [batch(0, stored(1, 6), worker=f"w{w:02d}")]
@@ -178,6 +180,54 @@ class TestHolderLists:
         assert sorted((s.worker_id, s.matched_blocks) for s in got) == sorted(
             (s.worker_id, s.matched_blocks) for s in want)
         assert len(got) == 2
+        await index.close()
+
+
+    async def test_load_0_keeps_long_lists_in_its_one_hash(
+            self, redis_client: aioredis.Redis) -> None:
+        """At load 0 the values of a prompt 20 ranks hold stay in the model's one hash
+        (Score reads them with one HMGET): no `bx`, answers exact."""
+        index = RedisIndex(redis_client, bucket_load=0)
+        memory = MemoryIndex(IndexConfig())
+        for w in range(20):
+            one = [batch(0, stored(1, 6), worker=f"w{w:02d}")]
+            await index.apply(one)
+            await memory.apply(one)
+        prefix = model_prefix(MODEL)
+        assert not await redis_client.exists(prefix + "bx")
+        keys = block_keys_for_tokens(TOKENS, BS, MODEL)
+        values = await redis_client.hmget(prefix + "b:0", [struct.pack("<Q", k) for k in keys])
+        assert [len(v or b"") for v in values] == [4 * 20] * 6
+        assert await scored(index, MODEL, TOKENS) == await scored(memory, MODEL, TOKENS)
+        await index.close()
+
+    async def test_load_0_reads_lists_earlier_versions_left_in_bx(
+            self, redis_client: aioredis.Redis) -> None:
+        """A load-0 model as earlier versions wrote it (lists of 3 holders or more in
+        `bx`, '' in the bucket) scores and lists presence exactly; a write of such a key
+        moves its list back into the bucket."""
+        index = RedisIndex(redis_client, bucket_load=0)
+        memory = MemoryIndex(IndexConfig())
+        for w in range(5):
+            one = [batch(0, stored(1, 6), worker=f"w{w}")]
+            await index.apply(one)
+            await memory.apply(one)
+        prefix = model_prefix(MODEL)
+        bucket = prefix + "b:0"
+        for field, value in (await redis_client.hgetall(bucket)).items():
+            await redis_client.hset(prefix + "bx", field, value)
+            await redis_client.hset(bucket, field, b"")
+        assert await scored(index, MODEL, TOKENS) == await scored(memory, MODEL, TOKENS)
+        assert await index.presence(MODEL) == await memory.presence(MODEL)
+        gone = [batch(1, BlockRemoved(block_hashes=[5, 6]), worker="w0")]
+        await index.apply(gone)
+        await memory.apply(gone)
+        keys = [struct.pack("<Q", k) for k in block_keys_for_tokens(TOKENS, BS, MODEL)]
+        assert await redis_client.hmget(prefix + "bx", keys[4:]) == [None, None]
+        assert [len(v) for v in await redis_client.hmget(bucket, keys)] == [0] * 4 + [16] * 2
+        for query in (TOKENS, TOKENS[: 5 * BS]):
+            assert await scored(index, MODEL, query) == await scored(memory, MODEL, query)
+        assert await index.presence(MODEL) == await memory.presence(MODEL)
         await index.close()
 
 
@@ -385,6 +435,8 @@ async def test_one_call_stores_what_one_call_per_batch_does(
     one_call, per_batch = states
     assert one_call == per_batch
     prefix = model_prefix(MODEL).encode()
-    assert len(one_call[prefix + b"bx"]) == 2  # type: ignore[arg-type]  # blocks 1, 2
     if bucket_load:
+        assert len(one_call[prefix + b"bx"]) == 2  # type: ignore[arg-type]  # blocks 1, 2
         assert int(one_call[prefix + b"bk"][b"level"]) >= 5  # type: ignore[index]
+    else:  # load 0: every list in the one bucket
+        assert prefix + b"bx" not in one_call

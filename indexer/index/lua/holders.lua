@@ -12,10 +12,13 @@
 -- n = 2^level buckets plus `split` more, bucket b < split addressed modulo 2n. The load
 -- (blocks per bucket, `--redis-bucket-load`) is the model's, set when it is created: 0
 -- keeps one bucket, a hashtable-encoded hash that Score reads 64 keys per HMGET (faster,
--- ~80 B per block). A value longer than HOLDER_INLINE (a block several ranks hold: a
--- shared prefix) lives in the plain hash `bx` and the bucket holds '' for it: Score
--- reads those 64 per HMGET (a bucket costs one HGET per key), and a bucket keeps its
--- compact encoding (values <= 64 bytes). Groups > 0 are plain hashes.
+-- ~80 B per block). In a model that splits (load > 0), a value longer than HOLDER_INLINE
+-- (a block several ranks hold: a shared prefix) lives in the plain hash `bx` and the
+-- bucket holds '' for it: Score reads those 64 per HMGET (a bucket costs one HGET per
+-- key), and a bucket keeps its compact encoding (values <= 64 bytes). At load 0 every
+-- value stays in the one bucket (`inline`); a '' there (written by earlier versions) still
+-- means "in `bx`", and the next write of that key moves it back. Groups > 0 are plain
+-- hashes.
 local LAYOUT = '2'
 local HOLDER_INLINE = 8  -- 2 holders: a block 3 or more ranks hold is in `bx`
 local DEFAULT_LOAD = 40  -- blocks per bucket: unsplit buckets stay below 128 fields
@@ -112,6 +115,13 @@ local function bucket_of(st, key)
     b = h % (2 * st.n)
   end
   return bucket_name(st, b)
+end
+
+-- Whether `value` is stored in its own hash, not in `bx`: in a plain hash, in a model
+-- that never splits (load 0: its one bucket is a hashtable, where a long value costs no
+-- more than in `bx` and Score finds it with the HMGET it does anyway), or when short.
+local function inline(st, value)
+  return st.hash ~= nil or st.load == 0 or #value <= HOLDER_INLINE
 end
 
 -- The one hash every key of the store is in (a plain hash, or a single bucket), or false.
@@ -230,7 +240,7 @@ local function flush(st)
       if not new then
         n_dels = n_dels + 1
         one_dels[n_dels] = key
-      elseif st.hash or #new <= HOLDER_INLINE then
+      elseif inline(st, new) then
         one_sets[n_sets + 1], one_sets[n_sets + 2] = key, new
         n_sets = n_sets + 2
       else
@@ -241,7 +251,7 @@ local function flush(st)
       end
     else
       local where = one or bucket_of(st, key)
-      local new_big = new and not st.hash and #new > HOLDER_INLINE
+      local new_big = new and not inline(st, new)
       if not new then
         push(dels, where, key)
       elseif new_big then

@@ -18,12 +18,51 @@ if old_layout(p, st.layout) then
 end
 local out = {version, redis.call('HGETALL', KEYS[3])}
 local run_value, run_count = nil, 0
--- Blocks many ranks hold (a shared prefix) are in `bx`: one HMGET per chunk finds them;
--- the others cost one HGET each in their bucket, or one HMGET when the model keeps one
--- bucket (load 0).
+-- 64 keys a chunk. A model in one bucket (load 0, or a first bucket): one HMGET of it,
+-- then one of `bx` for the keys whose bucket entry is '' (a shared prefix at load > 0,
+-- or data written at load 0 by earlier versions). In many buckets: one HMGET of `bx`
+-- (where the shared prefix is), then one HGET per other key in its bucket.
 local CHUNK = 64
 local bx = p .. 'bx'
 local one_bucket = st.n == 1 and st.split == 0 and bucket_of(st, string.rep('\0', 8))
+
+-- The values of `fields` (false for a key nobody holds).
+local function one_bucket_values(fields, count)
+  local values = redis.call('HMGET', one_bucket, unpack(fields, 1, count))
+  local elsewhere, at = {}, {}
+  for i = 1, count do
+    local value = values[i]
+    if not value then
+      break  -- the walk ends here
+    end
+    if value == '' then
+      elsewhere[#elsewhere + 1] = fields[i]
+      at[#at + 1] = i
+    end
+  end
+  if #at > 0 then
+    local shared = redis.call('HMGET', bx, unpack(elsewhere))
+    for k = 1, #at do
+      values[at[k]] = shared[k]
+    end
+  end
+  return values
+end
+
+local function bucket_values(fields, count)
+  local values = redis.call('HMGET', bx, unpack(fields, 1, count))
+  for i = 1, count do
+    if not values[i] then
+      values[i] = redis.call('HGET', bucket_of(st, fields[i]), fields[i])
+      if not values[i] then
+        break  -- the walk ends here
+      end
+    end
+  end
+  return values
+end
+
+local values_of = one_bucket and one_bucket_values or bucket_values
 local ended = false
 for first = 0, n - 1, CHUNK do
   if ended then
@@ -31,18 +70,10 @@ for first = 0, n - 1, CHUNK do
   end
   local count = math.min(CHUNK, n - first)
   local fields = {struct.unpack(string.rep('c8', count), packed, first * 8 + 1)}
-  local shared = redis.call('HMGET', bx, unpack(fields, 1, count))
-  local own = one_bucket and redis.call('HMGET', one_bucket, unpack(fields, 1, count))
+  local values = values_of(fields, count)
   for i = 1, count do
-    local value = shared[i]
+    local value = values[i]
     if not value then
-      if own then
-        value = own[i]
-      else
-        value = redis.call('HGET', bucket_of(st, fields[i]), fields[i])
-      end
-    end
-    if not value then  -- HGET gives false for a missing field
       ended = true
       break
     end
