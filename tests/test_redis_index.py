@@ -12,13 +12,16 @@ import pytest
 import redis.asyncio as aioredis
 from redis.cluster import key_slot
 
+from bench.workload import make_workload, pool_mounts
 from indexer.embedded import EmbeddedNats
 from indexer.errors import BackendError
+from indexer.index import scoring
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import ApplyOutcome, IndexConfig, ScoreQuery, WorkerRef
 from indexer.index.redis import MODELS_KEY, RedisIndex, model_prefix
 from indexer.ingest.liveness import LivenessWatcher
-from kvcore.bus import SCHEMA_VERSION, EventBatch, pack_tokens
+from kvcore.bus import SCHEMA_VERSION, BlockRemoved, BlockStored, EventBatch, pack_tokens
+from kvcore.keys import NATIVE, block_keys_for_tokens
 from kvcore.topology import WorkerRecord, ensure_liveness_bucket, liveness_key
 from tests.support.ledger_batches import BS, MODEL, TOKENS, batch, stored
 from tests.support.polling import eventually
@@ -371,6 +374,37 @@ class TestQueryPaths:
         assert sorted((s.worker_id, s.matched_blocks) for s in first.scores) == [
             ("v", 2), ("w", 3)]
         await piped.close()
+
+
+    async def test_c_and_python_walks_agree(self, redis_client: aioredis.Redis,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+        """Score's walk in C (scoring.score_runs with the extension) and its pure-Python
+        twin give the in-memory index's answers: copies on CPU, zero matches, a pool half
+        the workers mount."""
+        workload = make_workload(12, 6_000, n_queries=40)
+        batches = workload.pool_batches(MODEL, "pool-a")
+        for n, one in enumerate(batches[::3]):  # a third of the steps offload to CPU
+            gpu = [h for e in one.events if isinstance(e, BlockStored) and e.pool is None
+                   for h in e.block_hashes]
+            one.events.append(BlockStored(block_hashes=gpu, medium="cpu"))
+            if n % 2:  # and half of those leave the GPU
+                one.events.append(BlockRemoved(block_hashes=gpu))
+        index, memory = RedisIndex(redis_client), MemoryIndex(IndexConfig())
+        await index.apply(batches)
+        await memory.apply(batches)
+        mounts = pool_mounts(12, "pool-a")
+        seen = 0
+        for n, tokens in enumerate(workload.queries):
+            query = ScoreQuery(model=MODEL, block_keys=block_keys_for_tokens(tokens, 16, MODEL),
+                               include_zero=n % 2 == 0, mounts=mounts if n % 3 else None)
+            fast = await index.score(query)
+            monkeypatch.setattr(scoring, "USE_NATIVE_TALLY", False)
+            slow = await index.score(query)
+            monkeypatch.setattr(scoring, "USE_NATIVE_TALLY", NATIVE)
+            assert fast == slow == await memory.score(query)
+            seen += sum(s.blocks_by_tier.get("cpu", 0) > 0 for s in fast.scores)
+        assert seen  # CPU copies were scored
+        await index.close()
 
 
 class TestBenchRedisTarget:

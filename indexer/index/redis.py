@@ -94,7 +94,6 @@ from indexer.index.pools import (
     credit_masks,
     credit_runs,
     pool_credit,
-    pool_runs,
     resolve_pool_store,
     split_pool_events,
 )
@@ -114,10 +113,12 @@ from indexer.index.protocol import (
 from indexer.index.redis_pipe import RedisPipe
 from indexer.index.scoring import (
     SlotMatch,
-    expand_replicas,
+    SlotTable,
     prefix_match_runs,
     query_keys_packed,
+    score_runs,
     slot_bits,
+    slot_table,
     validate_query,
     worker_scores,
 )
@@ -369,8 +370,8 @@ class _SlotMap:
     list from Redis into it. An entry of an id the map does not know (a rank created or
     removed since) is left out: a miss at worst, never another rank's claim."""
 
-    __slots__ = ("_dense", "_masks", "all_slots", "by_slot", "pools", "slots_of_worker",
-                 "version")
+    __slots__ = ("_dense", "_masks", "_table", "all_slots", "by_slot", "pools",
+                 "slots_of_worker", "version")
 
     def __init__(self, version: bytes | None, slots: dict[bytes, bytes]) -> None:
         self.version = version
@@ -392,6 +393,13 @@ class _SlotMap:
             )
         self.all_slots = slot_bits(s for s, ref in self.by_slot.items()
                                    if ref.dp_rank != POOL_RANK)
+        self._table: SlotTable | None = None
+
+    def table(self) -> SlotTable:
+        """`slot_table(by_slot)`, made at the first query that needs it."""
+        if self._table is None:
+            self._table = slot_table(self.by_slot)
+        return self._table
 
     def candidates(self, workers: frozenset[str] | None) -> int:
         if workers is None:
@@ -851,20 +859,18 @@ class RedisIndex:
             plan = pool_credit(slot_map.pools, query.mounts, slot_map.slots_of_worker,
                                candidates, workers=query.workers,
                                next_slot=max(slot_map.by_slot, default=-1) + 1)
+        refs = slot_map.by_slot if not plan.cold_refs else {**slot_map.by_slot,
+                                                            **plan.cold_refs}
         if any(group != b"0" for group in groups[::2]):
             # A pool's presence lives in group 0: its credit goes to group 0's masks.
             matches = await self._hybrid_matches(query, packed_keys, groups, runs,
                                                  candidates, slot_map=slot_map, plan=plan)
-        elif plan.credits:
-            credited = pool_runs(runs, plan, candidates | plan.cold)
-            matches = expand_replicas(
-                prefix_match_runs(credited.runs, credited.candidates, weights,
-                                  query.include_zero), credited.replicas)
+            scores = worker_scores(matches, refs.__getitem__)
         else:
-            matches = prefix_match_runs(runs, candidates, weights, query.include_zero)
-        refs = slot_map.by_slot if not plan.cold_refs else {**slot_map.by_slot,
-                                                            **plan.cold_refs}
-        return ScoreResult(len(packed_keys) // 8, worker_scores(matches, refs.__getitem__))
+            table = slot_map.table if not plan.cold_refs else functools.partial(slot_table, refs)
+            scores = score_runs(runs, candidates, weights, query.include_zero, refs,
+                                table=table, plan=plan)
+        return ScoreResult(len(packed_keys) // 8, scores)
 
     async def _hybrid_matches(self, query: ScoreQuery, packed_keys: bytes, groups: list[bytes],
                               runs: list[int], candidates: int, *, slot_map: _SlotMap,

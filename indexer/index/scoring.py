@@ -54,6 +54,7 @@ __all__ = [
     "query_keys_packed",
     "query_tally",
     "score_query",
+    "score_runs",
     "slot_bits",
     "slot_table",
     "validate_query",
@@ -406,6 +407,35 @@ def score_query(
     names = table()
     weights = (query.tier_weights or config.tier_weights).as_tuple()
     return scores_from_tally(tally, names.refs, names.order, weights, TIERS, WorkerScore)
+
+
+def score_runs(
+    runs: Sequence[int], candidates: int, weights: TierWeights, include_zero: bool,
+    refs: Mapping[int, WorkerRef], *, table: Callable[[], SlotTable],
+    plan: PoolPlan = NO_POOLS,
+) -> list[WorkerScore]:
+    """`prefix_match_runs` of masks given as runs (pools credited by `plan`), then
+    `worker_scores`; in C when the extension is built (as `score_query`)."""
+    candidates |= plan.cold
+    if not USE_NATIVE_TALLY:
+        if not plan.credits:
+            return worker_scores(prefix_match_runs(runs, candidates, weights, include_zero),
+                                 refs.__getitem__)
+        credited = pool_runs(runs, plan, candidates)
+        matches = prefix_match_runs(credited.runs, credited.candidates, weights, include_zero)
+        return worker_scores(expand_replicas(matches, credited.replicas), refs.__getitem__)
+    as_tuple = weights.as_tuple()
+    if plan.credits:
+        credited = pool_runs(runs, plan, candidates)
+        tally = tally_runs(credited.runs, credited.candidates, as_tuple, include_zero)
+        if credited.replicas:
+            tally = expand_tally(tally, credited.replicas)
+    else:
+        tally = tally_runs(runs, candidates, as_tuple, include_zero)
+    if not tally:
+        return []
+    names = table()
+    return scores_from_tally(tally, names.refs, names.order, as_tuple, TIERS, WorkerScore)
 
 
 def query_tally(
