@@ -407,6 +407,36 @@ class TestQueryPaths:
         await index.close()
 
 
+    @pytest.mark.parametrize("bucket_load", [0, 40])
+    async def test_one_bucket_is_read_without_lua(self, redis_client: aioredis.Redis,
+                                                   bucket_load: int) -> None:
+        """A model in one hash (load 0) is scored by one MULTI / EXEC of plain reads, a
+        model in many buckets by score.lua after one look (remembered); both give the
+        in-memory index's answers, as does score.lua over redis-py."""
+        workload = make_workload(8, 4_000, n_queries=30)
+        batches = workload.batches(MODEL)
+        index = RedisIndex(redis_client, bucket_load=bucket_load)
+        plain = RedisIndex(redis_client, pipelined_queries=False)
+        memory = MemoryIndex(IndexConfig())
+        await index.apply(batches)
+        await memory.apply(batches)
+        queries = [ScoreQuery(model=MODEL, block_keys=block_keys_for_tokens(tokens, 16, MODEL))
+                   for tokens in workload.queries]
+        assert await index.score(queries[0]) == await memory.score(queries[0])  # slot map
+        await redis_client.config_resetstat()
+        for query in queries:
+            assert await index.score(query) == await memory.score(query)
+        stats = await redis_client.info("commandstats")
+        scripts = stats.get("cmdstat_evalsha", {}).get("calls", 0)
+        transactions = stats.get("cmdstat_exec", {}).get("calls", 0)
+        n = len(queries)
+        assert (scripts, transactions) == ((0, n) if bucket_load == 0 else (n, 0))
+        for query in queries:
+            assert await plain.score(query) == await memory.score(query)
+        await index.close()
+        await plain.close()
+
+
 class TestBenchRedisTarget:
     """`make bench-redis --redis-url` empties its database each round: only an empty one."""
 

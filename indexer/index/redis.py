@@ -59,6 +59,7 @@ import random
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
+from itertools import groupby
 from typing import Any, Final, cast
 
 import redis.asyncio as aioredis
@@ -110,7 +111,7 @@ from indexer.index.protocol import (
     WorkerInfo,
     WorkerRef,
 )
-from indexer.index.redis_pipe import RedisPipe
+from indexer.index.redis_pipe import RedisPipe, pack
 from indexer.index.scoring import (
     SlotMatch,
     SlotTable,
@@ -164,6 +165,7 @@ _GC_MODEL_KEYS: Final = ("slots", "nextslot", "bk", "bx", "slotver", "block_size
                          "pool_floor", "blk", "free")
 _SLOT_MODEL_KEYS: Final = ("slots", "nextslot", "slotver", "bk")
 LAYOUT: Final = b"2"  # holders.lua: holder lists in buckets, slot ids never reused
+_KEY_FRAME: Final = b"$8\r\n12345678\r\n"  # 14 bytes a key in `_hmget_packed`
 _DECODED_CACHE: Final = 65536  # holder lists decoded per slot map, kept for the next query
 _ENTRIES: Final = {4 * n: struct.Struct(f"<{n}I").unpack for n in range(1, 17)}
 
@@ -360,6 +362,31 @@ def _worker_infos(model: str, reply: list[Any]) -> list[WorkerInfo]:
     return infos
 
 
+def _hmget_packed(hash_name: str, packed_keys: bytes) -> bytes:
+    """`HMGET hash_name key...` of u64 keys packed 8 bytes each, as the pipe sends it:
+    each key framed `$8\\r\\n<key>\\r\\n` by strided copies (no object per key)."""
+    n = len(packed_keys) // 8
+    name = hash_name.encode()
+    head = b"*%d\r\n$5\r\nHMGET\r\n$%d\r\n%s\r\n" % (n + 2, len(name), name)
+    body = bytearray(_KEY_FRAME * n)
+    for i in range(8):
+        body[4 + i :: 14] = packed_keys[i::8]
+    return head + body
+
+
+def _runs_of_values(version: bytes | None, groups: list[Any],
+                    values: list[bytes | None]) -> list[Any] | None:
+    """score.lua's reply from every key's value: runs of equal values up to the first
+    key nobody holds; None if a list up to there is in `bx` ('')."""
+    end = values.index(None) if None in values else len(values)
+    out: list[Any] = [version, groups]
+    for value, run in groupby(values[:end]):
+        if not value:
+            return None
+        out += (value, len(list(run)))
+    return out
+
+
 class _SlotMap:
     """A model's ranks as of `version`, numbered for the walk.
 
@@ -475,6 +502,7 @@ class RedisIndex:
         self._floor_script = client.register_script(_RAISE_FLOOR)
         self._log_bytes: dict[WorkerLedger, int] = {}  # size of each ledger's log in Redis
         self._slot_maps: dict[str, _SlotMap] = {}
+        self._many_buckets: set[str] = set()  # models Score reads with score.lua
         self._known_models: set[str] = set()
         self._block_sizes: dict[str, int] = {}
         # model -> KV-cache group -> (kind, window) learned, to write with the records
@@ -933,6 +961,35 @@ class RedisIndex:
             log.debug("redis_pool_disconnect_failed", exc_info=True)
 
     async def _masks(self, prefix: str, packed_keys: bytes) -> list[Any]:
+        """score.lua's reply, or the same read without Lua where it can be (a model in
+        one bucket, over the shared query pipe: `_one_bucket_masks`)."""
+        if self._queries is not None and prefix not in self._many_buckets:
+            reply = await self._one_bucket_masks(self._queries, prefix, packed_keys)
+            if reply is not None:
+                return reply
+        return await self._score_lua(prefix, packed_keys)
+
+    async def _one_bucket_masks(self, queries: RedisPipe, prefix: str,
+                                packed_keys: bytes) -> list[Any] | None:
+        """score.lua's reply for a model whose presence is one hash (load 0, or a model
+        not split yet), read by one MULTI / EXEC: the bucket state, `slotver`, `groups`
+        and one HMGET of every key, atomic as the script is. Redis spends less than in
+        score.lua, where each value becomes a Lua string (hashed byte by byte). None
+        when the script must answer: another layout, many buckets (remembered: a model
+        never goes back to one), or a key whose list is in `bx` (a '' entry)."""
+        state, version, groups, values = await queries.transaction(
+            pack("HMGET", prefix + "bk", "layout", "level", "split"),
+            pack("GET", prefix + "slotver"), pack("HGETALL", prefix + "groups"),
+            _hmget_packed(prefix + "b:0", packed_keys))
+        layout, level, split = state
+        if layout != LAYOUT:
+            return None
+        if level not in (None, b"0") or split not in (None, b"0"):
+            self._many_buckets.add(prefix)
+            return None
+        return _runs_of_values(version, groups, values)
+
+    async def _score_lua(self, prefix: str, packed_keys: bytes) -> list[Any]:
         """score.lua's reply; over the shared query pipe when there is one."""
         keys = score_keys(prefix)
         reply: list[Any]

@@ -27,7 +27,7 @@ import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
-__all__ = ["RedisPipe"]
+__all__ = ["RedisPipe", "pack"]
 
 _SPOKEN_CLASSES: Final = (aioredis.Connection, aioredis.SSLConnection,
                           aioredis.UnixDomainSocketConnection)
@@ -117,6 +117,15 @@ def _pack(args: tuple[bytes | str | int, ...]) -> bytes:
     return packed
 
 
+def pack(*args: bytes | str | int) -> bytes:
+    """A command as the bytes `RedisPipe.transaction` sends."""
+    return _pack(args)
+
+
+_MULTI: Final = _pack(("MULTI",))
+_EXEC: Final = _pack(("EXEC",))
+
+
 def _raise_if_error(reply: Any) -> Any:
     if isinstance(reply, hiredis.ReplyError):
         message = str(reply)
@@ -168,6 +177,30 @@ class RedisPipe:
                 or protocol.loop is not asyncio.get_running_loop()):
             protocol = await self._connect()
         return _raise_if_error(await protocol.send(_pack(args)))
+
+    async def transaction(self, *commands: bytes) -> list[Any]:
+        """The replies of `commands` (each packed: `pack`), run as one MULTI / EXEC, so
+        no other client's command runs between them. They leave back to back (nothing
+        else of this pipe comes between); an error reply raises ResponseError."""
+        protocol = self._protocol
+        if (protocol is None or protocol.transport is None
+                or protocol.loop is not asyncio.get_running_loop()):
+            protocol = await self._connect()
+        waiters = [protocol.send(packed) for packed in (_MULTI, *commands, _EXEC)]
+        try:
+            await waiters[-1]  # replies come in order: the others are in when EXEC's is
+        finally:
+            for waiter in waiters:  # none left waiting, no exception left unretrieved
+                if not waiter.done():
+                    waiter.cancel()  # a caller's deadline: their replies are dropped
+                elif not waiter.cancelled():
+                    waiter.exception()
+        for waiter in waiters:
+            _raise_if_error(waiter.result())
+        results = cast(list[Any], waiters[-1].result())
+        for result in results:
+            _raise_if_error(result)
+        return results
 
     async def close(self) -> None:
         if self._connecting is not None and not self._connecting.done():
