@@ -6,6 +6,7 @@ hash slot and each batch is one atomic Lua call even on Redis Cluster:
     kvi:{m:M}:bk                 HASH  layout (2), bucket state: load, level, split, count
     kvi:{m:M}:b:<n>              HASH  group 0's buckets: key (8 B, LE) -> holder list
     kvi:{m:M}:bx                 HASH  key -> holder list of a block 3 or more ranks hold
+                                       (load > 0; at load 0 all lists are in `b:0`)
     kvi:{m:M}:slots              HASH  "worker\\nrank" -> slot id (never reused)
     kvi:{m:M}:slotver            STR   bumped whenever a slot id is allocated or freed
     kvi:{m:M}:nextslot           STR   the slot id counter
