@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import msgspec
 import nats
 import pytest
@@ -18,10 +19,10 @@ from indexer.errors import BackendError
 from indexer.index import scoring
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import ApplyOutcome, IndexConfig, ScoreQuery, WorkerRef
-from indexer.index.redis import MODELS_KEY, RedisIndex, model_prefix
+from indexer.index.redis import MODELS_KEY, RedisIndex, _hmget_packed, model_prefix
 from indexer.ingest.liveness import LivenessWatcher
 from kvcore.bus import SCHEMA_VERSION, BlockRemoved, BlockStored, EventBatch, pack_tokens
-from kvcore.keys import NATIVE, block_keys_for_tokens
+from kvcore.keys import NATIVE, block_keys_for_tokens, pack_keys
 from kvcore.topology import WorkerRecord, ensure_liveness_bucket, liveness_key
 from tests.support.ledger_batches import BS, MODEL, TOKENS, batch, stored
 from tests.support.polling import eventually
@@ -406,6 +407,12 @@ class TestQueryPaths:
         assert seen  # CPU copies were scored
         await index.close()
 
+
+    def test_hmget_of_packed_keys_is_framed_as_hiredis_frames_it(self) -> None:
+        keys = [0, 1, 2**64 - 1, 0x0D0A0D0A0D0A0D0A, 12_345]
+        packed = pack_keys(keys)
+        assert _hmget_packed("kvi:{m:x}:b:0", packed) == hiredis.pack_command(
+            ("HMGET", "kvi:{m:x}:b:0", *(packed[i : i + 8] for i in range(0, 40, 8))))
 
     @pytest.mark.parametrize("bucket_load", [0, 40])
     async def test_one_bucket_is_read_without_lua(self, redis_client: aioredis.Redis,

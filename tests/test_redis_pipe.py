@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from redis.credentials import UsernamePasswordCredentialProvider
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
-from indexer.index.redis_pipe import RedisPipe
+from indexer.index.redis_pipe import RedisPipe, pack
 from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -67,6 +67,32 @@ async def test_error_replies_raise(pipe: RedisPipe) -> None:
     with pytest.raises(ResponseError, match="unknown command"):
         await pipe.call("NO-SUCH-COMMAND")
     assert await pipe.call("PING") == b"PONG"  # the connection is still good
+
+
+async def test_transactions_of_concurrent_callers_stay_whole(pipe: RedisPipe) -> None:
+    """A transaction's commands leave back to back: no other caller's command lands
+    inside it (it would be queued there and its caller would get QUEUED)."""
+    async def counted() -> list[object]:
+        return await pipe.transaction(pack("INCR", "n"), pack("GET", "n"))
+
+    replies = await asyncio.gather(*(counted() if i % 2 else pipe.call("INCR", "n")
+                                     for i in range(400)))
+    for reply in replies[1::2]:
+        assert isinstance(reply, list)
+        count, got = reply
+        assert got == str(count).encode()
+    assert all(isinstance(reply, int) for reply in replies[::2])
+    assert int(await pipe.call("GET", "n")) == 400
+
+
+async def test_transaction_errors_raise(pipe: RedisPipe) -> None:
+    with pytest.raises(ResponseError, match="unknown command"):  # EXEC then aborts
+        await pipe.transaction(pack("SET", "k", "v"), pack("NO-SUCH-COMMAND"))
+    assert await pipe.call("GET", "k") is None  # nothing of it ran
+    await pipe.call("SET", "s", "text")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await pipe.transaction(pack("LPUSH", "s", "x"))
+    assert await pipe.transaction(pack("PING")) == [b"PONG"]  # the connection is good
 
 
 async def test_password_and_database_from_the_url(redis_server: RedisServer,
