@@ -160,7 +160,9 @@ pipeline each, one atomic Lua call per batch).
 {pool_section(pool, args)}
 
 Score's connection to Redis: this process's CPU per `RedisIndex.score` and calls/s, with
-N queries in flight ({QUERY_CPU_CALLS:,} calls each; Redis's own work is not counted):
+N queries in flight ({QUERY_CPU_CALLS:,} calls each; Redis's own work is not counted). Over
+the pipe a model in one bucket is read by MULTI / EXEC (every key's value comes back and is
+cut into runs here), through redis-py by score.lua (runs cut in Redis):
 
 | queries go over | CPU µs/call, 1 in flight | 8 in flight | calls/s, 1 in flight | 8 |
 |---|---:|---:|---:|---:|
