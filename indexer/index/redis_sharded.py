@@ -184,7 +184,7 @@ class _Rank:
         self.committed = b""
         self.counter = 0
         self.log_bytes = 0
-        self.reslot_from: tuple[int, list[int]] | None = None
+        self.reslot_from: int | None = None  # the slot id a re-slot leaves
 
 
 class _Part:
@@ -416,7 +416,7 @@ class ShardedRedisIndex:
         old = ledger.slot
         log.warning("rank_torn_reslot", model=model, worker=ref.worker_id,
                     dp_rank=ref.dp_rank, old_slot=old, new_slot=int(new_raw))
-        rank.reslot_from = (old, _held_keys(ledger))
+        rank.reslot_from = old
         ledger.slot = int(new_raw)
         rank.positions = [ABSENT] * len(rank.positions)
         rank.committed = b""
@@ -425,8 +425,8 @@ class ShardedRedisIndex:
         self.reslots += 1
 
     async def _finish_reslot(self, model: str, rank: _Rank) -> None:
-        assert rank.reslot_from is not None
-        old, keys = rank.reslot_from
+        old = rank.reslot_from
+        assert old is not None
         ledger = rank.ledger
         [status] = await self._run([self._dir_call(model, "switch", ledger.worker_id,
                                                    ledger.dp_rank, old, ledger.slot)])
@@ -434,7 +434,7 @@ class ShardedRedisIndex:
             raise BackendError(f"worker {ledger.worker_id}/{ledger.dp_rank} of {model} was "
                                "removed or re-slotted by another process")
         rank.reslot_from = None
-        await self._collect(model, old, keys)
+        await self._collect_retired(model)
 
     async def _list_model(self, model: str, *, force: bool = False) -> None:
         if force or model not in self._known_models:
@@ -667,7 +667,7 @@ class ShardedRedisIndex:
                     [slot] = await self._run([self._dir_call(model, "remove", ref.worker_id,
                                                              ref.dp_rank)])
                     if slot is not None:
-                        await self._collect(model, int(slot), None)
+                        await self._collect(model, int(slot))
                 if refs:
                     self._slot_maps.pop(model, None)
                     await self._collect_model(model)
@@ -679,21 +679,21 @@ class ShardedRedisIndex:
     async def remove_pool(self, model: str, pool: str) -> bool:
         return False  # pools are refused on a sub-slot model: there is none to remove
 
-    async def _collect(self, model: str, slot: int, keys: list[int] | None) -> None:
+    async def _collect(self, model: str, slot: int) -> None:
         """Remove a retired id's entries from every sub-slot (the keys its ledger log
-        names, or `keys`, plus its last parts' `p:<id>`), then its ledger and meta, then
-        its `retired` entry. Idempotent: whoever finds it retired may finish it."""
+        names, plus its last parts' `p:<id>`), then its ledger and meta, then its
+        `retired` entry. Idempotent: whoever finds it retired may finish it. A writer
+        still holding the id conflicts once its positions are gone."""
         info = await self._model(model)
         if info is None:
             return
         home = info.home(slot)
-        if keys is None:
-            [raw] = await self._run([("GET", f"{home}w:{slot}:log")])
-            keys = []
-            if raw:
-                ledger = WorkerLedger(model, "", 0, slot, self.config.ghost_capacity)
-                ledger.load_log(raw)
-                keys = _held_keys(ledger)
+        [raw] = await self._run([("GET", f"{home}w:{slot}:log")])
+        keys = []
+        if raw:
+            ledger = WorkerLedger(model, "", 0, slot, self.config.ghost_capacity)
+            ledger.load_log(raw)
+            keys = _held_keys(ledger)
         commands = [self._eval("collect", [prefix + "blk", prefix + "pos", f"{prefix}p:{slot}"],
                                slot, pack_keys(part))
                     for prefix, part in zip(info.prefixes, _by_subslot(keys, info.subslots),
@@ -703,11 +703,11 @@ class ShardedRedisIndex:
         await self._run([self._dir_call(model, "collected", slot)])
 
     async def _collect_retired(self, model: str) -> None:
-        prefix = directory_prefix(model)
-        retired, pending = await self._run([("HKEYS", prefix + "retired"),
-                                            ("HKEYS", prefix + "pending")])
-        for raw in {*retired, *pending}:
-            await self._collect(model, int(raw), None)
+        """Collect every retired id of the model (not the pending ones: a re-slot may be
+        writing them; the rank's next re-slot or removal retires them)."""
+        retired = await self._redis.hkeys(directory_prefix(model) + "retired")
+        for raw in sorted(int(r) for r in retired):
+            await self._collect(model, raw)
 
     async def _collect_model(self, model: str) -> bool:
         """Collect a model without ranks: its retired ids, then (directory `collecting`)

@@ -10,7 +10,8 @@
 --          rank pending from an interrupted re-slot are retired) -> id
 --   'switch' worker, dp rank, old id, new id: map the rank to the new id and retire the
 --          old -> 'ok', or 'conflict' when the rank is no longer at the old id
---   'remove' worker, dp rank: unmap the rank and retire its id -> id, or false
+--   'remove' worker, dp rank: unmap the rank and retire its id (and any id pending for
+--          it) -> id, or false
 --   'collected' id: the id's keys are gone everywhere -> 1
 --   'gc': a model with no rank and nothing to collect goes to 'collecting' -> the tags,
 --          or false
@@ -34,6 +35,17 @@ local function bump(start)
   redis.call('INCR', slotver)
 end
 
+-- Ids an interrupted re-slot of the rank left pending go to be collected.
+local function retire_pending(ref)
+  local listed = redis.call('HGETALL', pending)
+  for i = 1, #listed, 2 do
+    if listed[i + 1] == ref then
+      redis.call('HDEL', pending, listed[i])
+      redis.call('HSET', retired, listed[i], ref)
+    end
+  end
+end
+
 if op == 'rank' then
   if redis.call('GET', state) == 'collecting' then
     return {'collecting'}
@@ -54,13 +66,7 @@ if op == 'rank' then
   return {s, 1, tags}
 elseif op == 'newid' then
   local ref = ARGV[2] .. '\n' .. ARGV[3]
-  local listed = redis.call('HGETALL', pending)
-  for i = 1, #listed, 2 do
-    if listed[i + 1] == ref then
-      redis.call('HDEL', pending, listed[i])
-      redis.call('HSET', retired, listed[i], ref)
-    end
-  end
+  retire_pending(ref)
   local s = new_id(ref)
   if type(s) == 'table' then
     return s
@@ -79,6 +85,7 @@ elseif op == 'switch' then
   return 'ok'
 elseif op == 'remove' then
   local ref = ARGV[2] .. '\n' .. ARGV[3]
+  retire_pending(ref)
   local s = redis.call('HGET', slots, ref)
   if not s then
     return false

@@ -55,8 +55,10 @@ for i = 2, #ARGV do
         set_keys[#set_keys + 1] = key
       end
     end
-    if wave == '2' then
+    if wave == '2' and #set_keys > 0 then
       redis.call('SET', KEYS[2 + i - 1], table.concat(set_keys))
+    elseif wave == '2' then
+      redis.call('DEL', KEYS[2 + i - 1])
     end
     sub_apply(KEYS[1], id, keys, clears, sets)
     redis.call('HSET', KEYS[2], id, to .. (wave == '1' and 'c' or 'd'))
