@@ -37,15 +37,23 @@ import hashlib
 import os
 import random
 import struct
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
+from itertools import groupby
 from typing import Any, Final
 
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import ConnectionError, NoScriptError, RedisError, TimeoutError
+from redis.exceptions import (
+    ConnectionError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TimeoutError,
+)
 
 from indexer.errors import BackendError
 from indexer.index.ledger import LOG_HASH, LOG_MAP, PresenceSink, WorkerLedger, stored_block_size
@@ -70,6 +78,7 @@ from indexer.index.redis import (
     _worker_infos,
 )
 from indexer.index.redis_cluster import cluster_url
+from indexer.index.redis_pipe import RedisPipe
 from indexer.index.scoring import (
     prefix_match_runs,
     query_keys_packed,
@@ -259,6 +268,9 @@ class ShardedRedisIndex:
         self._known_models: set[str] = set()
         self._stats = IndexStats()
         self._lock = asyncio.Lock()
+        # Score's pipelined connections: one per master (one in all on a single node).
+        self._pipes: dict[str, RedisPipe] = {}
+        self._fast_queries = True
 
     @classmethod
     def from_url(cls, url: str, *, subslots: int, cluster: bool = False,
@@ -276,6 +288,9 @@ class ShardedRedisIndex:
         return cls(client, subslots=subslots, **kwargs)
 
     async def close(self) -> None:
+        for pipe in self._pipes.values():
+            await pipe.close()
+        self._pipes.clear()
         await self._redis.aclose()
 
     # --- Redis calls -------------------------------------------------------------------
@@ -919,6 +934,65 @@ class ShardedRedisIndex:
         matches = prefix_match_runs(mask_runs, candidates, weights, query.include_zero)
         return ScoreResult(n, worker_scores(matches, slot_map.by_slot.__getitem__))
 
+    async def _query(self, routes: list[str], commands: list[Sequence[Any]]) -> list[Any]:
+        """Read-only commands, each on the pipelined connection to the master serving its
+        `routes` key, all in flight at once; redirected, cut or missing a script, they go
+        through the client's pipeline instead (which follows MOVED and ASK, refreshes the
+        slot map and loads the scripts)."""
+        pipes = [self._pipe_for(route) for route in routes]
+        if all(pipe is not None for pipe in pipes):
+            replies = await asyncio.gather(
+                *(pipe.call(*command) for pipe, command in zip(pipes, commands, strict=True)
+                  if pipe is not None), return_exceptions=True)
+            failed = [r for r in replies if isinstance(r, BaseException)]
+            if not failed:
+                return replies
+            if any(isinstance(r, ConnectionError | TimeoutError) for r in failed):
+                await self._close_pipes()
+            elif not all(isinstance(r, ResponseError) for r in failed):
+                raise failed[0]
+        return await self._run(commands)
+
+    def _pipe_for(self, key: str) -> RedisPipe | None:
+        """The query pipe to the master serving `key`; None before the cluster client has
+        a slot map, or for connections only redis-py speaks (TLS on a cluster, ...)."""
+        if not self._fast_queries:
+            return None
+        if not isinstance(self._redis, RedisCluster):
+            pipe = self._pipes.get("")
+            if pipe is None:
+                found = RedisPipe.for_client(self._redis)
+                if found is None:
+                    self._fast_queries = False
+                    return None
+                pipe = self._pipes[""] = found
+            return pipe
+        try:
+            node = self._redis.get_node_from_key(key)
+        except (RedisError, AttributeError, KeyError):
+            return None
+        if node is None:
+            return None
+        pipe = self._pipes.get(node.name)
+        if pipe is None:
+            kwargs = node.connection_kwargs
+            if (node.connection_class is not aioredis.Connection
+                    or kwargs.get("credential_provider")
+                    or kwargs.get("protocol") not in (None, 2, "2")):
+                self._fast_queries = False
+                return None
+            pipe = RedisPipe((node.host, int(node.port)), username=kwargs.get("username"),
+                             password=kwargs.get("password"),
+                             connect_timeout=kwargs.get("socket_connect_timeout") or 5.0,
+                             reply_timeout=kwargs.get("socket_timeout"))
+            self._pipes[node.name] = pipe
+        return pipe
+
+    async def _close_pipes(self) -> None:
+        for pipe in self._pipes.values():
+            await pipe.close()
+        self._pipes.clear()
+
     async def _read_runs(self, model: str, info: _Model,
                          packed: bytes) -> tuple[list[Any], bytes | None]:
         """One pipeline (one per master on a cluster): the slot map's version and each
@@ -926,16 +1000,21 @@ class ShardedRedisIndex:
         first position nobody holds, as runs [value, count, ...]."""
         subslots = info.subslots
         keys = struct.unpack(f"<{len(packed) // 8}Q", packed)
-        positions: list[list[int]] = [[] for _ in range(subslots)]
-        for i, key in enumerate(keys):
-            positions[key % subslots].append(i)
+        subs = [key % subslots for key in keys]
+        order = sorted(range(len(keys)), key=subs.__getitem__)  # stable: positions ascend
+        positions: list[list[int]] = []
+        start = 0
+        for k in range(subslots):
+            count = subs.count(k)
+            positions.append(order[start : start + count])
+            start += count
         used = [k for k in range(subslots) if positions[k]]
-        view = memoryview(packed)
         commands: list[Sequence[Any]] = [("GET", info.dir + "slotver")]
         for k in used:
-            sub_packed = b"".join(view[i * 8 : i * 8 + 8] for i in positions[k])
+            sub_packed = struct.pack(f"<{len(positions[k])}Q", *[keys[i] for i in positions[k]])
             commands.append(self._eval("score", [info.prefixes[k] + "blk"], sub_packed))
-        version, *replies = await self._run(commands)
+        routes = [info.dir + "slotver", *[info.prefixes[k] for k in used]]
+        version, *replies = await self._query(routes, commands)
         end = len(keys)
         values: dict[int, list[bytes]] = {}
         for k, reply in zip(used, replies, strict=True):
@@ -947,15 +1026,11 @@ class ShardedRedisIndex:
                 end = min(end, positions[k][len(expanded)])
         merged: list[bytes | None] = [None] * end
         for k, expanded in values.items():
-            for i, found in zip(positions[k], expanded, strict=False):
-                if i >= end:
-                    break
+            cut = bisect_left(positions[k], end)
+            for i, found in zip(positions[k][:cut], expanded, strict=False):
                 merged[i] = found
+        assert None not in merged, "a sub-slot stopped before the first unheld position"
         runs: list[Any] = []
-        for held in merged:
-            assert held is not None, "a sub-slot stopped before the first unheld position"
-            if runs and runs[-2] == held:
-                runs[-1] += 1
-            else:
-                runs += [held, 1]
+        for value, group in groupby(merged):
+            runs += [value, sum(1 for _ in group)]
         return runs, version
