@@ -393,3 +393,23 @@ class TestConfiguration:
         assert type(plain) is RedisIndex
         await sharded.close()
         await plain.close()
+
+    async def test_layouts_do_not_mix(self, redis_server: RedisServer) -> None:
+        """Each index refuses (at ping) a Redis holding the other layout's models, which it
+        would not see: their workers would vanish from every answer."""
+        backend = Backend(redis_server.url, 4, cluster=False)
+        fleet = Fleet()
+        batch = fleet.batch(RANKS[0], fleet.store(RANKS[0], 0, length=8))
+        for writer_subslots, reader_subslots in ((1, 4), (4, 1)):
+            await backend.flush()
+            writer = build_index(IndexConfig(), redis_url=redis_server.url,
+                                 redis_subslots=writer_subslots)
+            reader = build_index(IndexConfig(), redis_url=redis_server.url,
+                                 redis_subslots=reader_subslots)
+            await writer.ping()
+            await writer.apply([batch])
+            await writer.ping()
+            with pytest.raises(BackendError, match=r"would not see|reads only sub-slot"):
+                await reader.ping()
+            await writer.close()
+            await reader.close()

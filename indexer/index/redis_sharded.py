@@ -77,6 +77,9 @@ from indexer.index.redis import (
     _SlotMap,
     _worker_infos,
 )
+from indexer.index.redis import (
+    MODELS_KEY as SINGLE_SLOT_MODELS,
+)
 from indexer.index.redis_cluster import cluster_url
 from indexer.index.redis_pipe import RedisPipe
 from indexer.index.scoring import (
@@ -271,6 +274,7 @@ class ShardedRedisIndex:
         # Score's pipelined connections: one per master (one in all on a single node).
         self._pipes: dict[str, RedisPipe] = {}
         self._fast_queries = True
+        self._layout_checked = False
 
     @classmethod
     def from_url(cls, url: str, *, subslots: int, cluster: bool = False,
@@ -489,7 +493,22 @@ class ShardedRedisIndex:
         self._known_models.clear()
         self._block_sizes.clear()
 
+    @staticmethod
+    def _refuse_unsupported(batches: Sequence[EventBatch]) -> None:
+        """Pools and KV-cache groups > 0 are not built for sub-slot models: refused before
+        anything is read or written."""
+        for batch in batches:
+            if split_pool_events(batch)[1]:
+                raise BackendError("shared storage pools are not supported on a sub-slot "
+                                   "model (--redis-subslots); serve the model without "
+                                   "sub-slots to index pools")
+            for event in batch.events:
+                group = getattr(event, "group", 0)
+                if group:
+                    _NetSink().group_sink(group)
+
     async def _apply(self, batches: Sequence[EventBatch]) -> list[ApplyOutcome]:
+        self._refuse_unsupported(batches)
         outcomes: list[ApplyOutcome] = []
         sinks: dict[tuple[str, WorkerRef], _NetSink] = {}
         changed: set[tuple[str, WorkerRef]] = set()
@@ -497,11 +516,7 @@ class ShardedRedisIndex:
         for batch in batches:
             ref = WorkerRef(batch.worker_id, batch.dp_rank)
             rank = await self._rank(batch.model, ref)
-            own, pooled = split_pool_events(batch)
-            if pooled:
-                raise BackendError("shared storage pools are not supported on a sub-slot "
-                                   "model (--redis-subslots); serve the model without "
-                                   "sub-slots to index pools")
+            own, _ = split_pool_events(batch)
             sink = sinks.get((batch.model, ref))
             if sink is None:
                 sink = sinks[(batch.model, ref)] = self._start_call(rank)
@@ -828,8 +843,22 @@ class ShardedRedisIndex:
     async def ping(self) -> None:
         try:
             await self._redis.ping()
+            if not self._layout_checked:
+                await self._check_layout()
         except RedisError as exc:
             raise BackendError(f"redis ping failed: {exc}") from exc
+
+    async def _check_layout(self) -> None:
+        """Refuse a Redis holding single-slot models: this index would not see them (no
+        migration into sub-slots yet), so their workers would vanish from every answer."""
+        single = sorted(_text(m) for m in await self._redis.smembers(SINGLE_SLOT_MODELS))
+        if single:
+            raise BackendError(
+                f"Redis holds {len(single)} single-slot model(s) (e.g. {', '.join(single[:3])}) "
+                "and --redis-subslots reads only sub-slot models: start without "
+                "--redis-subslots, or delete the index's keys (kvi:*) and let it be rebuilt "
+                "from snapshots and the stream")
+        self._layout_checked = True
 
     async def get_marker(self, name: str) -> str | None:
         try:
