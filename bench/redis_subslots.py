@@ -1,6 +1,6 @@
 """One model over several hash slots (`--redis-subslots`) on a real 3-master Redis Cluster:
 memory per entry, ingest rate, Score latency and redis-server time per Score, with every
-answer checked against the in-memory index (`python -m bench.redis_subslots`).
+answer checked against the in-memory index (`make bench-redis-subslots`).
 
 Starts a private cluster (3 masters, a replica each, on loopback), ingests one generated
 shared-prefix workload (one model) into it with today's single-slot index

@@ -489,8 +489,8 @@ class TestExportImport:
               suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(batches=histories())
     def test_round_trip(self, redis_server: RedisServer, batches: list[EventBatch]) -> None:
-        """Export every rank from memory; import into memory and into Redis: same presence,
-        same positions, and later batches apply the same way."""
+        """Export every rank from memory; import into memory, into Redis and into Redis
+        sub-slots: same presence, same positions, and later batches apply the same way."""
 
         async def run() -> None:
             source = MemoryIndex(CONFIG)
@@ -503,7 +503,8 @@ class TestExportImport:
             await admin.flushall()
             await admin.aclose()
             targets: list[Index] = [MemoryIndex(CONFIG), RedisIndex.from_url(
-                redis_server.url, config=CONFIG)]
+                redis_server.url, config=CONFIG), ShardedRedisIndex.from_url(
+                redis_server.url, subslots=4, config=CONFIG)]
             await source.apply(batches[half:])
             for target in targets:
                 await target.import_ranks(states)
