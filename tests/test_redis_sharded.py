@@ -413,3 +413,63 @@ class TestConfiguration:
                 await reader.ping()
             await writer.close()
             await reader.close()
+
+
+class TestTwoWriters:
+    async def test_a_second_writer_conflicts_and_its_parts_are_repaired(
+            self, backend: Backend) -> None:
+        """Two processes both think they own a rank (a lease lost unnoticed): the one that
+        writes second conflicts where its parts meet the first's new tokens; what it
+        wrote elsewhere (same call counter, another nonce) makes the rank torn, so the
+        next owner re-slots it, and the index is exact after the stream's batches."""
+        fleet = Fleet()
+        setup = backend.index()
+        await setup.apply(fleet.initial())
+        await setup.close()
+        ref = RANKS[2]
+        first, second, reader = backend.index(), backend.index(), backend.index()
+        await first.workers(MODEL)
+        for index in (first, second):  # both load the rank at the same committed state
+            await index.export_ranks([(MODEL, ref)])
+        before = fleet.reference.presence(MODEL)
+        # The first writer evicts one block (one sub-slot); the second writes the same
+        # batch and more, from the state before it: its parts conflict in that sub-slot
+        # and apply (wave 1) in the others.
+        evict = fleet.record([fleet.batch(ref, BlockRemoved(
+            block_hashes=[fleet.hashes(ref, 2)[-1]]))])
+        batches = evict + fleet.churn(ref)
+        allowed = union(before, fleet.reference.presence(MODEL))
+        await first.apply(evict)
+        with pytest.raises(BackendError, match="written by another process"):
+            await second.apply(batches)
+        await assert_no_false_hit(reader, allowed, fleet.queries())
+        third = backend.index()
+        await third.apply(batches)
+        assert third.reslots == 1
+        await assert_exact(third, fleet)
+        for index in (first, second, third, reader):
+            await index.close()
+
+    async def test_a_part_sent_twice_applies_once(self, backend: Backend) -> None:
+        """A wave's call run again (a reply lost after Redis ran it) skips the parts
+        already at their new token: the presence stays the once-applied one."""
+        fleet = Fleet()
+        index = backend.index()
+        await index.apply(fleet.initial())
+        sent: list[Any] = []
+        run = index._run
+
+        async def twice(commands: Any) -> list[Any]:
+            replies = await run(commands)
+            if commands and commands[0][0] == "EVALSHA" and \
+                    commands[0][1] == index._scripts["part"].sha:
+                again = await run(commands)
+                sent.append(again)
+            return replies
+
+        index._run = twice  # type: ignore[method-assign]
+        await index.apply(fleet.churn(RANKS[0]))
+        index._run = run  # type: ignore[method-assign]
+        assert sent and all(set(reply) == {b"skip"} for replies in sent for reply in replies)
+        await assert_exact(index, fleet)
+        await index.close()
