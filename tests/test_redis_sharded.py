@@ -5,12 +5,17 @@ size: thousands of blocks per rank, on one redis-server (4 sub-slots) and on a r
 A writer stopped between two waves leaves its rank torn; readers compared with the
 reference model at every wave boundary never see a block a rank did not hold before or
 after the call; the next owner re-slots the rank and the index is then exact, with the
-old slot id's entries collected from every sub-slot. Removal and model collection leave
-no key behind; pools and hybrid groups are refused before anything is written."""
+old slot id's entries collected from every sub-slot. A second writer's parts are found
+the same way. Writes a promoted replica never received are found and repaired by a
+resync. Removal and model collection leave no key behind; pools and hybrid groups are
+refused before anything is written."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +26,7 @@ from redis.crc import key_slot
 from indexer.config import parse_service_config
 from indexer.errors import BackendError, ConfigError
 from indexer.index.factory import build_index
-from indexer.index.protocol import IndexConfig, ScoreQuery, WorkerRef
+from indexer.index.protocol import IndexConfig, ResyncRequest, ScoreQuery, WorkerRef
 from indexer.index.redis import RedisIndex
 from indexer.index.redis_sharded import ShardedRedisIndex
 from kvcore.bus import (
@@ -471,5 +476,60 @@ class TestTwoWriters:
         await index.apply(fleet.churn(RANKS[0]))
         index._run = run  # type: ignore[method-assign]
         assert sent and all(set(reply) == {b"skip"} for replies in sent for reply in replies)
+        await assert_exact(index, fleet)
+        await index.close()
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A cluster of the test's own, to kill and stop nodes of."""
+    cluster = RedisCluster(tmp_path / "cluster").start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.redis_cluster
+class TestFailover:
+    async def test_writes_lost_in_failover_are_repaired(self, own_cluster: RedisCluster) -> None:
+        """A sub-slot's replica is cut off while its master acknowledges a rank's call,
+        then the master dies and the replica is promoted without it: the index finds the
+        rank behind what Redis confirmed, clears it (no block it evicted is claimed) and
+        asks for a resync; after the resync the index is exact."""
+        fleet = Fleet()
+        resyncs: list[ResyncRequest] = []
+        index = ShardedRedisIndex.from_url(own_cluster.url, subslots=3, cluster=True,
+                                           config=CONFIG, on_resync=resyncs.append)
+        await index.apply(fleet.initial())
+        info = await index._model(MODEL)
+        assert info is not None
+        master = own_cluster.node_of_slot(key_slot(info.prefixes[0].encode()))
+        replica = own_cluster.replica_of(master)
+        await asyncio.sleep(0.3)  # the initial writes reach the replica
+        replica.stop_signal(signal.SIGSTOP)
+        master.cli("CLIENT", "KILL", "TYPE", "replica")  # what follows never reaches it
+        victim = RANKS[0]
+        await index.apply(fleet.churn(victim))  # acknowledged by the master only
+        master.kill()
+        replica.stop_signal(signal.SIGCONT)
+        replica.cli("CLUSTER", "FAILOVER", "TAKEOVER")
+        own_cluster.wait_ok(replicated=False)
+        for _ in range(50):  # the client learns the new master at its next error
+            try:
+                await index.ping()
+                break
+            except BackendError:
+                await asyncio.sleep(0.2)
+        assert index.lost_write_repairs == 1
+        assert [(r.worker_id, r.dp_rank, r.reason) for r in resyncs] == [
+            (victim.worker_id, victim.dp_rank, "redis_lost_writes")]
+        truth = fleet.reference.presence(MODEL)
+        for key, holders in (await index.presence(MODEL)).items():
+            for ref, bits in holders.items():
+                assert bits & ~truth.get(key, {}).get(ref, 0) == 0
+        resync = fleet.record([fleet.batch(
+            victim, AllBlocksCleared(), fleet.store(victim, 0, length=CHAIN // 2),
+            fleet.store(victim, 1), fleet.store(victim, 1, medium="cpu"),
+            fleet.store(victim, 2), fleet.store(victim, CHAINS))])
+        await index.apply(resync)
         await assert_exact(index, fleet)
         await index.close()

@@ -65,6 +65,7 @@ from indexer.index.protocol import (
     IndexStats,
     RankState,
     ResyncHook,
+    ResyncRequest,
     ScoreQuery,
     ScoreResult,
     WorkerInfo,
@@ -80,7 +81,7 @@ from indexer.index.redis import (
 from indexer.index.redis import (
     MODELS_KEY as SINGLE_SLOT_MODELS,
 )
-from indexer.index.redis_cluster import cluster_url
+from indexer.index.redis_cluster import LOST_WRITES_REASON, cluster_url
 from indexer.index.redis_pipe import RedisPipe
 from indexer.index.scoring import (
     prefix_match_runs,
@@ -228,6 +229,15 @@ def _held_keys(ledger: WorkerLedger) -> list[int]:
     return sorted(keys)
 
 
+def _split_positions(packed: bytes, subslots: int) -> list[bytes]:
+    """The per-sub-slot positions a rank's meta records (ABSENT for a rank never
+    committed)."""
+    if not packed:
+        return [ABSENT] * subslots
+    size = len(ABSENT)
+    return [packed[i : i + size] for i in range(0, len(packed), size)]
+
+
 def _by_subslot(keys: Sequence[int], subslots: int) -> list[list[int]]:
     out: list[list[int]] = [[] for _ in range(subslots)]
     for key in keys:
@@ -275,6 +285,13 @@ class ShardedRedisIndex:
         self._pipes: dict[str, RedisPipe] = {}
         self._fast_queries = True
         self._layout_checked = False
+        # Redis Cluster failovers: (model, rank) -> (slot id, committed token or None
+        # for a rank this process removed, positions) as Redis last confirmed them.
+        self._confirmed: dict[tuple[str, WorkerRef], tuple[int, bytes | None, list[bytes]]] = {}
+        self._masters: frozenset[str] = frozenset()
+        self._suspect = False  # an apply failed: check the confirmed ranks again
+        self._checking = asyncio.Lock()
+        self.lost_write_repairs = 0
 
     @classmethod
     def from_url(cls, url: str, *, subslots: int, cluster: bool = False,
@@ -411,19 +428,12 @@ class ShardedRedisIndex:
             ledger.load_log(log_bytes)
             rank.log_bytes = len(log_bytes)
         rank.positions = [p if p is not None else ABSENT for p in positions]
-        if any(self._torn(rank, p) for p in rank.positions):
+        expected = _split_positions(meta.get(b"subs", b"") if meta else b"", info.subslots)
+        if rank.positions != expected:
+            # A call not committed to the ledger (a writer stopped between waves, or a
+            # second writer), or a part a failed-over master lost: re-slot.
             await self._begin_reslot(model, ref, rank)
         return rank
-
-    @staticmethod
-    def _torn(rank: _Rank, stored: bytes) -> bool:
-        """A sub-slot position no committed call of the rank explains."""
-        if stored == ABSENT:
-            return False
-        counter = _COUNTER.unpack_from(stored)[0]
-        if counter > rank.counter:
-            return True
-        return counter == rank.counter and stored[:16] != rank.committed
 
     async def _begin_reslot(self, model: str, ref: WorkerRef, rank: _Rank) -> None:
         """A torn rank goes to a new slot id: its whole presence is written under it by
@@ -468,13 +478,16 @@ class ShardedRedisIndex:
         if not validated:
             for batch in batches:
                 validate_batch(batch)
+        await self.check_lost_writes()
         async with self._lock:
             try:
                 return await self._apply(batches)
             except RedisError as exc:
+                self._suspect = True
                 await self._reset_after_failure(exc)
                 raise BackendError(f"redis apply failed: {exc}") from exc
             except BaseException:
+                self._suspect = True
                 self._forget_all()
                 raise
 
@@ -582,6 +595,9 @@ class ShardedRedisIndex:
                 self._conflict(rank, "its ledger")
             rank.committed = token
             rank.counter += 1
+            ledger = rank.ledger
+            self._confirmed[(ledger.model, WorkerRef(ledger.worker_id, ledger.dp_rank))] = (
+                ledger.slot, token, list(rank.positions))
 
     @staticmethod
     def _parts(rank: _Rank, sink: _NetSink, token: bytes) -> list[_Part]:
@@ -635,7 +651,8 @@ class ShardedRedisIndex:
             "ledger", [f"{home}w:{ledger.slot}:meta", f"{home}w:{ledger.slot}:log"],
             rank.committed, token, _POSITION.pack(ledger.epoch, ledger.last_seq),
             repr(ledger.last_ts), *ledger.counts, "1" if ledger.degraded else "0",
-            ledger.worker_id, ledger.dp_rank, segment, "1" if replace else "0")
+            ledger.worker_id, ledger.dp_rank, segment, "1" if replace else "0",
+            b"".join(rank.positions))
 
     def _log_segment(self, rank: _Rank) -> tuple[bytes, bool]:
         """What to append to the rank's log, or the whole log (True) after a reset, a
@@ -692,19 +709,25 @@ class ShardedRedisIndex:
         async with self._lock:
             try:
                 refs = await self._refs(model, worker_id, None)
-                for ref in refs:
-                    self._ranks.pop((model, ref), None)
-                    [slot] = await self._run([self._dir_call(model, "remove", ref.worker_id,
-                                                             ref.dp_rank)])
-                    if slot is not None:
-                        await self._collect(model, int(slot))
-                if refs:
-                    self._slot_maps.pop(model, None)
-                    await self._collect_model(model)
+                await self._remove_refs(model, refs)
                 return len(refs)
             except RedisError as exc:
                 await self._reset_after_failure(exc)
                 raise BackendError(f"redis remove_worker failed: {exc}") from exc
+
+    async def _remove_refs(self, model: str, refs: Sequence[WorkerRef]) -> None:
+        """Unmap and retire each rank (directory first), collect its id, then the model
+        if it has no rank left."""
+        for ref in refs:
+            self._ranks.pop((model, ref), None)
+            [slot] = await self._run([self._dir_call(model, "remove", ref.worker_id,
+                                                     ref.dp_rank)])
+            if slot is not None:
+                self._confirmed[(model, ref)] = (int(slot), None, [])
+                await self._collect(model, int(slot))
+        if refs:
+            self._slot_maps.pop(model, None)
+            await self._collect_model(model)
 
     async def remove_pool(self, model: str, pool: str) -> bool:
         return False  # pools are refused on a sub-slot model: there is none to remove
@@ -767,6 +790,8 @@ class ShardedRedisIndex:
         self._known_models.discard(model)
         for key in [key for key in self._ranks if key[0] == model]:
             del self._ranks[key]
+        for key in [key for key in self._confirmed if key[0] == model]:
+            del self._confirmed[key]
         log.info("subslot_model_collected", model=model)
 
     async def drop_empty_models(self) -> list[str]:
@@ -841,12 +866,106 @@ class ShardedRedisIndex:
             self._forget_all()
 
     async def ping(self) -> None:
+        """Redis answers (every master of a cluster), holds no single-slot model, and a
+        failover seen meanwhile has had its lost-writes check."""
         try:
-            await self._redis.ping()
+            if isinstance(self._redis, RedisCluster):
+                await self._redis.ping(target_nodes=RedisCluster.PRIMARIES)
+            else:
+                await self._redis.ping()
             if not self._layout_checked:
                 await self._check_layout()
         except RedisError as exc:
+            self._suspect = True
             raise BackendError(f"redis ping failed: {exc}") from exc
+        await self.check_lost_writes()
+
+    # --- failovers (Redis Cluster) -----------------------------------------------------
+
+    def _master_names(self) -> frozenset[str]:
+        if not isinstance(self._redis, RedisCluster):
+            return frozenset()
+        return frozenset(node.name for node in self._redis.get_primaries())
+
+    async def check_lost_writes(self) -> int:
+        """If the masters changed (a failover) or a call failed since the last check:
+        each rank whose writes Redis confirmed to this process but no longer holds
+        (replication is asynchronous: a promoted replica may lack a master's last
+        writes) is cleared and asked for a resync, and a rank this process removed that
+        came back is removed again. Returns how many; BackendError while the cluster
+        cannot say."""
+        if not isinstance(self._redis, RedisCluster):
+            return 0
+        if self._master_names() == self._masters and not self._suspect:
+            return 0
+        async with self._checking:
+            masters = self._master_names()
+            if masters == self._masters and not self._suspect:
+                return 0
+            try:
+                behind = await self._ranks_behind()
+                for (model, ref), removed in behind:
+                    await self._repair(model, ref, removed=removed)
+            except RedisError as exc:
+                raise BackendError(f"redis lost-writes check failed: {exc}") from exc
+            self._masters = masters
+            self._suspect = False
+            return len(behind)
+
+    async def _ranks_behind(self) -> list[tuple[tuple[str, WorkerRef], bool]]:
+        """The confirmed ranks Redis holds behind what it confirmed (True: removed by
+        this process and mapped again). Slot ids only grow, so a rank at a newer id was
+        re-slotted or created again by another owner: its record is dropped."""
+        items = list(self._confirmed.items())
+        if not items:
+            return []
+        stored = await self._run([("HGET", directory_prefix(model) + "slots",
+                                   f"{ref.worker_id}\n{ref.dp_rank}")
+                                  for (model, ref), _ in items])
+        behind: list[tuple[tuple[str, WorkerRef], bool]] = []
+        same: list[tuple[tuple[str, WorkerRef], int, bytes, list[bytes]]] = []
+        for (key, (slot, token, positions)), raw in zip(items, stored, strict=True):
+            now = None if raw is None else int(raw)
+            if now is None or now > slot:
+                del self._confirmed[key]
+            elif token is None:
+                behind.append((key, True))
+            elif now < slot:
+                behind.append((key, False))
+            else:
+                same.append((key, slot, token, positions))
+        commands: list[Sequence[Any]] = []
+        for (model, _), slot, _, _ in same:
+            info = await self._model(model)
+            assert info is not None
+            commands.append(("HGET", f"{info.home(slot)}w:{slot}:meta", "tok"))
+            commands += [("HGET", prefix + "pos", slot) for prefix in info.prefixes]
+        replies = iter(await self._run(commands))
+        for key, _, token, positions in same:
+            tok = next(replies) or ABSENT
+            now_positions = [next(replies) or ABSENT for _ in positions]
+            counters = [_COUNTER.unpack_from(p)[0] for p in (tok, *now_positions)]
+            confirmed = [_COUNTER.unpack_from(p)[0] for p in (token, *positions)]
+            if any(n < c for n, c in zip(counters, confirmed, strict=True)):
+                behind.append((key, False))
+        return behind
+
+    async def _repair(self, model: str, ref: WorkerRef, *, removed: bool) -> None:
+        log.warning(LOST_WRITES_REASON, model=model, worker=ref.worker_id,
+                    dp_rank=ref.dp_rank, removed=removed)
+        self.lost_write_repairs += 1
+        async with self._lock:
+            self._forget_all()
+            if removed:
+                await self._remove_refs(model, [ref])
+                return
+        await self.clear_worker(model, ref.worker_id, ref.dp_rank)
+        rank = self._ranks.get((model, ref))
+        self._stats.resyncs_requested += 1
+        if self.on_resync is not None:
+            self.on_resync(ResyncRequest(model, ref.worker_id, ref.dp_rank,
+                                         rank.ledger.epoch if rank is not None else 0,
+                                         LOST_WRITES_REASON))
 
     async def _check_layout(self) -> None:
         """Refuse a Redis holding single-slot models: this index would not see them (no
