@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from kvcore.bus import (
     pack_tokens,
 )
 from kvcore.keys import block_keys_for_tokens
+from tests.support.fleet import Fleet as FieldFleet
 from tests.support.redis_cluster import RedisCluster
 from tests.support.reference import ReferenceIndex
 from tests.support.servers import RedisServer
@@ -533,3 +535,57 @@ class TestFailover:
         await index.apply(resync)
         await assert_exact(index, fleet)
         await index.close()
+
+    async def test_a_sub_slot_migrated_mid_ingest(self, redis_cluster: RedisCluster) -> None:
+        """A sub-slot's hash slot moves to another master while batches keep coming: the
+        commands that meet it (MOVED, ASK, TRYAGAIN) are sent again, nothing applies
+        twice, and the index stays exact against the reference model."""
+        backend = Backend(redis_cluster.url, 3, cluster=True)
+        await backend.flush()
+        fleet = FieldFleet([MODEL], 8, seed=11)
+        reference = ReferenceIndex(CONFIG.ghost_capacity)
+        index = backend.index()
+
+        async def steps(count: int) -> None:
+            for _ in range(count):
+                batches = fleet.step()
+                for batch in batches:
+                    reference.apply(batch)
+                for attempt in range(100):  # as the consumer: again while unavailable
+                    try:
+                        await index.apply(batches)
+                        break
+                    except BackendError:
+                        assert attempt < 99, "the cluster did not come back"
+                        await asyncio.sleep(0.2)
+
+        await steps(8)
+        info = await index._model(MODEL)
+        assert info is not None
+        slot = key_slot(info.prefixes[0].encode())
+        source = redis_cluster.node_of_slot(slot)
+        target = next(redis_cluster.by_port(p) for p, i in redis_cluster.topology().items()
+                      if i["master"] and p != source.port)
+        mover = threading.Thread(target=redis_cluster.move_slot, args=(slot, target),
+                                 kwargs={"pipeline": 1, "pause_s": 0.05})
+        try:
+            mover.start()
+            steps_while_moving = 0
+            while mover.is_alive():
+                await steps(1)
+                steps_while_moving += 1
+            mover.join()
+            assert steps_while_moving >= 3
+            assert index.retried_calls > 0  # commands met the moving slot
+            await steps(4)
+            assert redis_cluster.node_of_slot(slot) is target
+            assert await index.presence(MODEL) == reference.presence(MODEL)
+            for keys in fleet.queries(MODEL, 20):
+                got = await index.score(ScoreQuery(model=MODEL, block_keys=keys))
+                assert [(s.worker_id, s.dp_rank, s.matched_blocks, s.weighted_score,
+                         s.blocks_by_tier) for s in got.scores] == reference.score(
+                    MODEL, keys, None, CONFIG.tier_weights, False)
+        finally:
+            await index.close()
+            mover.join()
+            redis_cluster.move_slot(slot, source)

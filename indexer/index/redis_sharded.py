@@ -48,11 +48,17 @@ import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ClusterError,
     ConnectionError,
+    MovedError,
     NoScriptError,
     RedisError,
     ResponseError,
+    SlotNotCoveredError,
     TimeoutError,
+    TryAgainError,
 )
 
 from indexer.errors import BackendError
@@ -105,6 +111,10 @@ _DIR_KEYS: Final = ("slots", "nextslot", "slotver", "subslots", "retired", "pend
                     "block_size")
 _META_FIELDS: Final = ("pos", "ts", "n0", "n1", "n2", "n3", "degraded")
 _MAX_TAG_SEARCH: Final = 1 << 20
+_ATTEMPTS: Final = 5  # tries of a command meeting a moving slot or a lost node
+# ClusterError: redis-py's cluster pipeline gave up following redirections (TTL).
+_RETRIED: Final = (MovedError, AskError, TryAgainError, ClusterDownError, SlotNotCoveredError,
+                   ClusterError, ConnectionError, TimeoutError)
 
 # Called after wave 1 and after wave 2 of each apply with the wave's number (tests stop a
 # writer between waves by raising from it).
@@ -267,6 +277,7 @@ class ShardedRedisIndex:
         self.log_compact_min_bytes = log_compact_min_bytes
         self.wave_hook: WaveHook | None = None
         self.reslots = 0  # ranks found torn and re-slotted by this process
+        self.retried_calls = 0  # pipelines sent again (a moving slot, a lost node)
         self._redis = client
         self._cluster = isinstance(client, RedisCluster)
         self._nonce = os.urandom(8)
@@ -317,24 +328,37 @@ class ShardedRedisIndex:
     # --- Redis calls -------------------------------------------------------------------
 
     async def _run(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        """Commands in one pipeline (on a cluster: one per master, in parallel); scripts
-        are loaded and the pipeline sent again if a node did not have them. Every
-        command here may run twice (the scripts skip what an earlier try did)."""
+        """Commands in one pipeline (on a cluster: one per master, in parallel). Commands
+        that met a moving slot, a lost node or a node without the scripts are sent again
+        (after loading the scripts, or a short wait while the client refreshes its slot
+        map), a few times: every command here may run twice, the scripts skip what an
+        earlier try did."""
         if not commands:
             return []
-        for attempt in range(2):
+        replies: list[Any] = [None] * len(commands)
+        todo = list(range(len(commands)))
+        for attempt in range(_ATTEMPTS):
             pipe = self._redis.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+            for i in todo:
+                pipe.execute_command(*commands[i])
+            try:
+                got: list[Any] = await pipe.execute(raise_on_error=False)
+            except _RETRIED as exc:
+                got = [exc] * len(todo)
+            for i, reply in zip(todo, got, strict=True):
+                replies[i] = reply
+            todo = [i for i in todo if isinstance(replies[i], (NoScriptError, *_RETRIED))]
+            if not todo or attempt == _ATTEMPTS - 1:
+                break
+            if any(isinstance(replies[i], NoScriptError) for i in todo):
                 await self._load_scripts()
-                continue
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-            return replies
-        raise AssertionError("unreachable")  # pragma: no cover
+            if any(isinstance(replies[i], _RETRIED) for i in todo):
+                self.retried_calls += 1
+                await asyncio.sleep(0.05 * (attempt + 1))
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     async def _load_scripts(self) -> None:
         for script in self._scripts.values():
@@ -724,9 +748,7 @@ class ShardedRedisIndex:
                                                      ref.dp_rank)])
             if slot is not None:
                 self._confirmed[(model, ref)] = (int(slot), None, [])
-                await self._collect(model, int(slot))
-        if refs:
-            self._slot_maps.pop(model, None)
+        if refs:  # the retired ids are collected, then the model if it has no rank
             await self._collect_model(model)
 
     async def remove_pool(self, model: str, pool: str) -> bool:

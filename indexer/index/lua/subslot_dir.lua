@@ -9,7 +9,8 @@
 --   'newid' worker, dp rank: a new id for a re-slot, listed in `pending` (ids of the
 --          rank pending from an interrupted re-slot are retired) -> id
 --   'switch' worker, dp rank, old id, new id: map the rank to the new id and retire the
---          old -> 'ok', or 'conflict' when the rank is no longer at the old id
+--          old -> 'ok' (also when an earlier try did), or 'conflict' when the rank is at
+--          neither id
 --   'remove' worker, dp rank: unmap the rank and retire its id (and any id pending for
 --          it) -> id, or false
 --   'collected' id: the id's keys are gone everywhere -> 1
@@ -75,7 +76,11 @@ elseif op == 'newid' then
   return s
 elseif op == 'switch' then
   local ref = ARGV[2] .. '\n' .. ARGV[3]
-  if redis.call('HGET', slots, ref) ~= ARGV[4] then
+  local now = redis.call('HGET', slots, ref)
+  if now == ARGV[5] then
+    return 'ok'  -- an earlier try switched it
+  end
+  if now ~= ARGV[4] then
     return 'conflict'
   end
   redis.call('HSET', slots, ref, ARGV[5])
