@@ -17,14 +17,17 @@ that on Redis Cluster the k-th tag's hash slot is on the (k mod masters)-th mast
 
 Apply runs in three waves (lua/subslot_part.lua, lua/subslot_ledger.lua): per rank and
 sub-slot, the net change of the call is applied iff the sub-slot still holds the token
-the writer started from; clears first, sets after every clear, then the rank's ledger.
-A token is the rank's call counter and the writing process's nonce. A writer stopped
-between waves leaves the rank torn (a sub-slot past the ledger's committed token); the
-next owner sees it when it loads the rank and re-slots it: the rank's whole presence is
-written under a new slot id, the directory switches the rank to it, and the old id is
-collected from the keys its ledger and its last parts (`p:<id>`) name. Slot ids are never
-reused, so a torn rank, an id not yet collected or a stale slot map can make a reader
-miss blocks, never credit one rank with another's.
+the writer started from; clears first, sets after every clear, then the rank's ledger,
+which records the position each sub-slot must now hold. A token is the rank's call
+counter and the writing process's nonce. A writer stopped between waves leaves the rank
+torn (a sub-slot holding another position than its ledger records); the next owner sees
+it when it loads the rank and re-slots it: the rank's whole presence is written under a
+new slot id, the directory switches the rank to it, and the old id is collected from the
+keys its ledger and its last parts (`p:<id>`) name. Slot ids are never reused, so a torn
+rank, an id not yet collected or a stale slot map can make a reader miss blocks, never
+credit one rank with another's. On Redis Cluster, a failover that lost writes Redis had
+confirmed is found as `RedisClusterIndex` finds it (`check_lost_writes`): the rank is
+cleared and asked for a resync.
 
 Not supported on a sub-slot model (refused with a clear error): shared storage pools and
 KV-cache groups > 0 (hybrid models).
@@ -197,7 +200,7 @@ class _Model:
 
 class _Rank:
     """A rank's ledger and, per sub-slot, the position stored there; its committed token
-    and call counter; a re-slot in progress (the old id, its held keys)."""
+    and call counter; a re-slot in progress (the slot id it leaves)."""
 
     __slots__ = ("committed", "counter", "ledger", "log_bytes", "positions", "reslot_from")
 
