@@ -1,5 +1,5 @@
 -- A sub-slot's part of a Score (redis_sharded.py): the holder lists of its keys, in query
--- order, up to its first key nobody holds. Keys are read in chunks of 4, 8, 16, ... so
+-- order, up to its first key nobody holds. Keys are read in chunks of 4, 8, 16, 32, 64, so
 -- a sub-slot reads at most one chunk past that key. Read-only.
 -- KEYS[1] the sub-slot's `blk` hash; ARGV[1] its keys, 8 bytes each.
 -- Returns runs of equal values, flat: {value1, count1, value2, count2, ...}; the counts
@@ -31,7 +31,7 @@ while first < n and not ended do
     end
   end
   first = first + count
-  chunk = math.min(chunk * 2, 256)
+  chunk = math.min(chunk * 2, 64)
 end
 if run_value then
   out[#out + 1] = run_value
