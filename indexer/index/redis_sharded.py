@@ -803,7 +803,9 @@ class ShardedRedisIndex:
             tags = _text(raw).split("\n") if raw else []
         info = _Model(model, tags)
         if info.prefixes:
-            await self._run([("DEL", prefix + "blk", prefix + "pos")
+            # Empty once every id is collected; UNLINK frees what is left off the
+            # main thread.
+            await self._run([("UNLINK", prefix + "blk", prefix + "pos")
                              for prefix in info.prefixes])
         await self._run([self._dir_call(model, "drop")])
         await self._redis.srem(MODELS_KEY, model)
@@ -960,13 +962,17 @@ class ShardedRedisIndex:
             else:
                 same.append((key, slot, token, positions))
         commands: list[Sequence[Any]] = []
-        for (model, _), slot, _, _ in same:
-            info = await self._model(model)
-            assert info is not None
+        read = []
+        for key, slot, token, positions in same:
+            info = await self._model(key[0])
+            if info is None:  # collected meanwhile
+                del self._confirmed[key]
+                continue
+            read.append((key, slot, token, positions))
             commands.append(("HGET", f"{info.home(slot)}w:{slot}:meta", "tok"))
             commands += [("HGET", prefix + "pos", slot) for prefix in info.prefixes]
         replies = iter(await self._run(commands))
-        for key, _, token, positions in same:
+        for key, _, token, positions in read:
             tok = next(replies) or ABSENT
             now_positions = [next(replies) or ABSENT for _ in positions]
             counters = [_COUNTER.unpack_from(p)[0] for p in (tok, *now_positions)]
