@@ -1211,5 +1211,5 @@ class ShardedRedisIndex:
         assert None not in merged, "a sub-slot stopped before the first unheld position"
         runs: list[Any] = []
         for value, group in groupby(merged):
-            runs += [value, sum(1 for _ in group)]
+            runs += [value, len(list(group))]
         return runs, version
