@@ -8,7 +8,7 @@ PYTHON  ?= python3
 PKGS    := kvcore publisher indexer kvsim
 PROTO_OUT := indexer/_proto
 
-.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-decisions bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim test-redis-cluster bench-redis-cluster bench-replicas bench-nats-cluster bench-shards
+.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-decisions bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim test-redis-cluster bench-redis-cluster bench-replicas bench-nats-cluster bench-shards bench-redis-subslots
 
 setup: $(STAMP)
 
@@ -100,6 +100,9 @@ bench-redis: setup redis-server
 
 bench-redis-cluster: setup redis-server
 	$(PY) -m bench.redis_cluster
+
+bench-redis-subslots: setup redis-server
+	$(PY) -m bench.redis_subslots
 
 bench-events: setup redis-server
 	$(PY) -m bench.event_path

@@ -157,7 +157,8 @@ class IndexerService:
                                  redis_security=RedisSecurity.from_config(config),
                                  redis_read_urls=redis_read_urls(config),
                                  max_staleness_s=config.redis_read_max_staleness_s,
-                                 redis_bucket_load=config.redis_bucket_load)
+                                 redis_bucket_load=config.redis_bucket_load,
+                                 redis_subslots=config.redis_subslots)
         self._served_index = served_index(self.index, registry)
         self._resync = resync
         await self._start_grpc()

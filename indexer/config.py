@@ -48,6 +48,7 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     redis_read_url: str | None = None  # read replicas for Score, comma-separated
     redis_read_max_staleness_s: float = 1.0  # read_replicas.DEFAULT_MAX_STALENESS_S
     redis_bucket_load: int = 0  # redis.DEFAULT_BUCKET_LOAD: one presence hash per model
+    redis_subslots: int = 1  # >= 2: models spread over that many hash slots (redis_sharded)
     pool_writers: str | None = None  # worker id patterns that may write pools, comma-separated
     grpc_listen: str = "127.0.0.1:50051"
     grpc_processes: int = 1  # > 1: extra read-only gRPC server processes (Redis index only)
@@ -112,6 +113,11 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
      "blocks per presence bucket of each model created in Redis: 0 keeps one hash per "
      "model; ~40 holds a (block, rank) entry in ~30 B less, at ~1.6x the Redis time per "
      "write and per Score"),
+    ("--redis-subslots", "redis_subslots", int,
+     "hash slots each model is spread over by block key (docs/large-models.md): 1 keeps "
+     "one slot per model; S >= 2 lets one model outgrow a Redis shard (on Redis Cluster, "
+     "sub-slots on distinct masters); shared storage pools and hybrid KV-cache groups are "
+     "refused on such models"),
     ("--pool-writers", "pool_writers", str,
      "worker id patterns (fnmatch, separated by commas) whose writes into shared storage "
      "pools are trusted; unset: any worker whose registry entry declares the pool"),
@@ -313,6 +319,11 @@ def validate(config: ServiceConfig) -> None:
          "--redis-read-url must be redis://, rediss:// or unix:// URLs separated by commas"),
         (not tls_redis or all(url.startswith("rediss://") for url in redis_read_urls(config)),
          "--redis-tls-* apply to the read replicas too: --redis-read-url needs rediss:// URLs"),
+        (1 <= config.redis_subslots <= 1024, "--redis-subslots must be 1 to 1024"),
+        (config.redis_subslots == 1 or config.redis_url is not None,
+         "--redis-subslots needs --redis-url"),
+        (config.redis_subslots == 1 or not config.redis_read_url,
+         "--redis-subslots does not read from --redis-read-url replicas yet"),
         (0 <= config.redis_bucket_load <= 60,
          "--redis-bucket-load must be 0 (one hash) to 60 (a bucket stays a compact listpack)"),
         (math.isfinite(config.redis_read_max_staleness_s)

@@ -68,10 +68,11 @@ async def nats_url(session_nats: EmbeddedNats) -> AsyncIterator[str]:
     await empty_jetstream(session_nats.url)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-subslots"])
 async def index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
     """The gRPC scenario (tests/support/grpc_scenario.py), loaded into each backend in
-    turn: the in-memory index, then the Redis index on the flushed session redis-server."""
+    turn: the in-memory index, then the Redis index on the flushed session redis-server,
+    in one hash slot per model and in 4 sub-slots (`--redis-subslots 4`)."""
     idx = await make_index(request.param, request)
     await idx.apply(scenario())
     yield idx

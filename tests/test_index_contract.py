@@ -27,6 +27,7 @@ from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, ScoreQuery, TierWeights, WorkerRef
 from indexer.index.redis import COMPACT_BUCKET_LOAD, DEFAULT_BUCKET_LOAD, RedisIndex
 from indexer.index.redis_cluster import RedisClusterIndex
+from indexer.index.redis_sharded import ShardedRedisIndex
 from kvcore.bus import (
     SCHEMA_VERSION,
     AllBlocksCleared,
@@ -297,28 +298,97 @@ class TestRedisClusterIndexContract:
         asyncio.run(run())
 
 
-@pytest.fixture(params=["memory", "redis", "redis-compact",
-                        pytest.param("redis-cluster", marks=pytest.mark.redis_cluster)])
-async def any_index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
-    """Each backend in turn; the Redis one on a flushed private redis-server, with one
-    presence hash per model (the default) and with buckets (`--redis-bucket-load 40`), and
-    on a Redis Cluster with buckets."""
-    if request.param == "memory":
-        yield MemoryIndex(CONFIG)
-        return
-    if request.param == "redis-cluster":
+class TestShardedRedisIndexContract:
+    """The sub-slot backend (`--redis-subslots`) against the reference model: 4 sub-slots
+    on one redis-server, 3 on a 3-master cluster (one per master); a second instance
+    resumes from the ledgers and sub-slot positions in Redis."""
+
+    @settings(max_examples=60, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(batches=histories(), chunks=chunk_sizes, queries=queries_st,
+           split=st.one_of(st.none(), st.integers(0, 40)), compact=st.sampled_from([0, 65536]))
+    def test_matches_reference(self, redis_server: RedisServer, batches: list[EventBatch],
+                               chunks: list[int], queries: list[Any], *,
+                               split: int | None, compact: int) -> None:
+        async def run() -> None:
+            admin = aioredis.Redis.from_url(redis_server.url)
+            await admin.flushall()
+            await admin.aclose()
+
+            async def make() -> Index:
+                return ShardedRedisIndex.from_url(redis_server.url, subslots=4, config=CONFIG,
+                                                  log_compact_min_bytes=compact)
+
+            await check_against_reference(make, batches, chunks, queries, split_at=split)
+
+        asyncio.run(run())
+
+    @pytest.mark.redis_cluster
+    @settings(max_examples=30, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(batches=histories(), chunks=chunk_sizes, queries=queries_st,
+           split=st.one_of(st.none(), st.integers(0, 40)))
+    def test_matches_reference_on_a_cluster(self, redis_cluster: RedisCluster,
+                                            batches: list[EventBatch], chunks: list[int],
+                                            queries: list[Any], *, split: int | None) -> None:
+        async def run() -> None:
+            admin = RedisClusterIndex.from_url(redis_cluster.url)
+            await admin._cluster.flushall()
+            await admin.close()
+
+            async def make() -> Index:
+                return ShardedRedisIndex.from_url(redis_cluster.url, subslots=3, cluster=True,
+                                                  config=CONFIG)
+
+            await check_against_reference(make, batches, chunks, queries, split_at=split)
+
+        asyncio.run(run())
+
+
+BACKENDS = ["memory", "redis", "redis-compact",
+            pytest.param("redis-cluster", marks=pytest.mark.redis_cluster)]
+SUBSLOT_BACKENDS = ["redis-subslots",
+                    pytest.param("redis-cluster-subslots", marks=pytest.mark.redis_cluster)]
+
+
+async def open_backend(request: pytest.FixtureRequest) -> Index:
+    """The backend `request.param` names, on a flushed private Redis (or cluster)."""
+    name = request.param
+    if name == "memory":
+        return MemoryIndex(CONFIG)
+    if name in ("redis-cluster", "redis-cluster-subslots"):
         cluster: RedisCluster = request.getfixturevalue("redis_cluster")
         cluster_index = RedisClusterIndex.from_url(cluster.url, config=CONFIG,
                                                    bucket_load=COMPACT_BUCKET_LOAD)
         await cluster_index._cluster.flushall()
-        yield cluster_index
+        if name == "redis-cluster":
+            return cluster_index
         await cluster_index.close()
-        return
+        return ShardedRedisIndex.from_url(cluster.url, subslots=3, cluster=True, config=CONFIG)
     server: RedisServer = request.getfixturevalue("redis_server")
     client = aioredis.Redis.from_url(server.url)
     await client.flushall()
-    load = COMPACT_BUCKET_LOAD if request.param == "redis-compact" else DEFAULT_BUCKET_LOAD
-    index = RedisIndex(client, config=CONFIG, bucket_load=load)
+    if name == "redis-subslots":
+        return ShardedRedisIndex(client, subslots=4, config=CONFIG)
+    load = COMPACT_BUCKET_LOAD if name == "redis-compact" else DEFAULT_BUCKET_LOAD
+    return RedisIndex(client, config=CONFIG, bucket_load=load)
+
+
+@pytest.fixture(params=BACKENDS)
+async def any_index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
+    """Each backend in turn; the Redis one on a flushed private redis-server, with one
+    presence hash per model (the default) and with buckets (`--redis-bucket-load 40`), and
+    on a Redis Cluster with buckets."""
+    index = await open_backend(request)
+    yield index
+    await index.close()
+
+
+@pytest.fixture(params=BACKENDS + SUBSLOT_BACKENDS)
+async def plain_index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
+    """`any_index`'s backends and the sub-slot one (`--redis-subslots`: 4 on one
+    redis-server, 3 on the cluster), for what needs neither pools nor hybrid groups."""
+    index = await open_backend(request)
     yield index
     await index.close()
 
@@ -343,14 +413,14 @@ class TestQueryErrors:
              "tier weight cpu"),
         ],
     )
-    async def test_refused(self, any_index: Index, query: ScoreQuery, message: str) -> None:
+    async def test_refused(self, plain_index: Index, query: ScoreQuery, message: str) -> None:
         """Each malformed query raises InvalidQueryError naming what is wrong."""
         from indexer.errors import InvalidQueryError
 
         with pytest.raises(InvalidQueryError, match=message):
-            await any_index.score(query)
+            await plain_index.score(query)
 
-    async def test_bad_batch_leaves_index_unchanged(self, any_index: Index) -> None:
+    async def test_bad_batch_leaves_index_unchanged(self, plain_index: Index) -> None:
         """A batch list with one invalid batch raises before any batch is applied."""
         from kvcore.bus import BusError
 
@@ -366,29 +436,29 @@ class TestQueryErrors:
                                seq=1, events=[BlockRemoved(block_hashes=[2**64])])
         for bad in (bad_tokens, wrong_schema, huge_hash):
             with pytest.raises(BusError):
-                await any_index.apply([good, bad])
-        assert await any_index.presence(MODEL) == {}
-        assert await any_index.workers() == []
+                await plain_index.apply([good, bad])
+        assert await plain_index.presence(MODEL) == {}
+        assert await plain_index.workers() == []
 
-    async def test_block_size_is_learned(self, any_index: Index) -> None:
+    async def test_block_size_is_learned(self, plain_index: Index) -> None:
         """The model's block size comes from its workers' token-carrying stores."""
-        assert await any_index.block_size(MODEL) is None
-        await any_index.apply([EventBatch(
+        assert await plain_index.block_size(MODEL) is None
+        await plain_index.apply([EventBatch(
             schema=SCHEMA_VERSION, model=MODEL, worker_id="w", epoch=1, seq=0,
             events=[make_event("store", ((0, 1), 0, "gpu", None), 1)])])
-        assert await any_index.block_size(MODEL) == BLOCK
-        assert await any_index.block_size("other") is None
+        assert await plain_index.block_size(MODEL) == BLOCK
+        assert await plain_index.block_size("other") is None
 
-    async def test_unknown_model_scores_nothing(self, any_index: Index) -> None:
+    async def test_unknown_model_scores_nothing(self, plain_index: Index) -> None:
         """A model nobody serves gives no scores, with the query's block count."""
-        result = await any_index.score(ScoreQuery(model="nobody/serves-this", block_keys=[1, 2]))
+        result = await plain_index.score(ScoreQuery(model="nobody/serves-this", block_keys=[1, 2]))
         assert (result.query_blocks, result.scores) == (2, [])
 
 
 class TestModelLifetime:
     """A model lives while it has a worker rank, on every backend."""
 
-    async def test_model_goes_with_its_last_worker(self, any_index: Index) -> None:
+    async def test_model_goes_with_its_last_worker(self, plain_index: Index) -> None:
         """Removing the last worker forgets the model: no blocks, no block size, no
         listing; another model is untouched, and the model can start again afresh."""
         def stores(model: str, worker: str, rank: int = 0) -> EventBatch:
@@ -396,20 +466,20 @@ class TestModelLifetime:
                               dp_rank=rank, epoch=1, seq=0,
                               events=[make_event("store", ((0, 1), 0, "gpu", None), 1)])
 
-        await any_index.apply([stores(MODEL, "a"), stores(MODEL, "b", 0),
+        await plain_index.apply([stores(MODEL, "a"), stores(MODEL, "b", 0),
                                stores(MODEL, "b", 1), stores("other", "c")])
-        assert await any_index.remove_worker(MODEL, "a") == 1
-        assert await any_index.block_size(MODEL) == BLOCK  # b still serves it
-        assert await any_index.remove_worker(MODEL, "b") == 2
-        assert await any_index.workers(MODEL) == []
-        assert await any_index.presence(MODEL) == {}
-        assert await any_index.block_size(MODEL) is None
-        assert [w.model for w in await any_index.workers()] == ["other"]
-        assert await any_index.drop_empty_models() == []  # nothing was left behind
-        assert len(await any_index.presence("other")) == 2
-        await any_index.apply([stores(MODEL, "d")])
-        assert [(w.worker_id, w.last_seq) for w in await any_index.workers(MODEL)] == [("d", 0)]
-        assert await any_index.block_size(MODEL) == BLOCK
+        assert await plain_index.remove_worker(MODEL, "a") == 1
+        assert await plain_index.block_size(MODEL) == BLOCK  # b still serves it
+        assert await plain_index.remove_worker(MODEL, "b") == 2
+        assert await plain_index.workers(MODEL) == []
+        assert await plain_index.presence(MODEL) == {}
+        assert await plain_index.block_size(MODEL) is None
+        assert [w.model for w in await plain_index.workers()] == ["other"]
+        assert await plain_index.drop_empty_models() == []  # nothing was left behind
+        assert len(await plain_index.presence("other")) == 2
+        await plain_index.apply([stores(MODEL, "d")])
+        assert [(w.worker_id, w.last_seq) for w in await plain_index.workers(MODEL)] == [("d", 0)]
+        assert await plain_index.block_size(MODEL) == BLOCK
 
 
 class TestExportImport:
@@ -419,8 +489,8 @@ class TestExportImport:
               suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(batches=histories())
     def test_round_trip(self, redis_server: RedisServer, batches: list[EventBatch]) -> None:
-        """Export every rank from memory; import into memory and into Redis: same presence,
-        same positions, and later batches apply the same way."""
+        """Export every rank from memory; import into memory, into Redis and into Redis
+        sub-slots: same presence, same positions, and later batches apply the same way."""
 
         async def run() -> None:
             source = MemoryIndex(CONFIG)
@@ -433,7 +503,8 @@ class TestExportImport:
             await admin.flushall()
             await admin.aclose()
             targets: list[Index] = [MemoryIndex(CONFIG), RedisIndex.from_url(
-                redis_server.url, config=CONFIG)]
+                redis_server.url, config=CONFIG), ShardedRedisIndex.from_url(
+                redis_server.url, subslots=4, config=CONFIG)]
             await source.apply(batches[half:])
             for target in targets:
                 await target.import_ranks(states)
@@ -447,13 +518,13 @@ class TestExportImport:
 
         asyncio.run(run())
 
-    async def test_markers(self, any_index: Index) -> None:
+    async def test_markers(self, plain_index: Index) -> None:
         """Markers are stored, read back and deleted."""
-        assert await any_index.get_marker("p.0") is None
-        await any_index.set_marker("p.0", "gen-1")
-        assert await any_index.get_marker("p.0") == "gen-1"
-        await any_index.set_marker("p.0", None)
-        assert await any_index.get_marker("p.0") is None
+        assert await plain_index.get_marker("p.0") is None
+        await plain_index.set_marker("p.0", "gen-1")
+        assert await plain_index.get_marker("p.0") == "gen-1"
+        await plain_index.set_marker("p.0", None)
+        assert await plain_index.get_marker("p.0") is None
 
 
 # --- shared storage pools --------------------------------------------------------------

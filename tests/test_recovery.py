@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from indexer.app import IndexerService
 from indexer.index.protocol import RankState
+from indexer.index.redis_sharded import ShardedRedisIndex
 from indexer.ingest.recovery import (
     SNAPSHOT_BUCKET,
     Snapshot,
@@ -141,12 +142,16 @@ class TestRebuild:
 class TestIndexLosesData:
     """Redis emptied under a running indexer: the partition is rebuilt in place."""
 
-    async def test_redis_flushed(self, nats_url: str, tmp_path: Path) -> None:
-        """FLUSHALL while running: markers vanish, partitions rebuild, blocks come back."""
+    @pytest.mark.parametrize("subslots", [1, 4])
+    async def test_redis_flushed(self, nats_url: str, tmp_path: Path, subslots: int) -> None:
+        """FLUSHALL while running: markers vanish, partitions rebuild, blocks come back
+        (one hash slot per model, and 4 sub-slots: `--redis-subslots 4`)."""
         redis_server = RedisServer(tmp_path / "redis").start()
         svc = IndexerService(service_config(nats_url, redis_url=redis_server.url,
-                                            snapshot_every_batches=3))
+                                            snapshot_every_batches=3,
+                                            redis_subslots=subslots))
         await svc.start()
+        assert isinstance(svc.index, ShardedRedisIndex) == (subslots > 1)
         try:
             async with publisher(nats_url) as pub:
                 for block in range(1, 7):

@@ -16,6 +16,7 @@ from indexer.index.protocol import Index, IndexConfig, ResyncHook
 from indexer.index.read_replicas import DEFAULT_MAX_STALENESS_S, ReplicaReadIndex
 from indexer.index.redis import DEFAULT_BUCKET_LOAD, RedisIndex
 from indexer.index.redis_cluster import RedisClusterIndex, cluster_url, is_cluster_node
+from indexer.index.redis_sharded import ShardedRedisIndex
 from indexer.index.replica_metrics import ReadReplicaCollector
 
 if TYPE_CHECKING:
@@ -61,13 +62,23 @@ def build_index(
     config: IndexConfig, *, redis_url: str | None = None, on_resync: ResyncHook | None = None,
     redis_security: RedisSecurity | None = None, redis_read_urls: Sequence[str] = (),
     max_staleness_s: float = DEFAULT_MAX_STALENESS_S, redis_bucket_load: int = DEFAULT_BUCKET_LOAD,
+    redis_subslots: int = 1,
 ) -> Index:
     """The Redis index at `redis_url` (with `redis_security`; Score from the read replicas
     `redis_read_urls` while they are within `max_staleness_s`; models it creates keep
     `redis_bucket_load` blocks per presence bucket), else the in-memory one. A
-    `redis+cluster://` URL, or one whose node runs in cluster mode, gets the cluster index."""
+    `redis+cluster://` URL, or one whose node runs in cluster mode, gets the cluster index.
+    `redis_subslots` >= 2: every model spread over that many hash slots (ShardedRedisIndex)."""
     if redis_url:
         options = redis_security.client_options() if redis_security is not None else {}
+        if redis_subslots >= 2:
+            if redis_read_urls:
+                raise ConfigError("--redis-subslots does not read from --redis-read-url "
+                                  "replicas yet")
+            cluster = cluster_url(redis_url) is not None or is_cluster_node(redis_url, options)
+            return ShardedRedisIndex.from_url(redis_url, subslots=redis_subslots,
+                                              cluster=cluster, config=config,
+                                              on_resync=on_resync, redis_options=options)
         if cluster_url(redis_url) is not None or is_cluster_node(redis_url, options):
             if redis_read_urls:
                 raise ConfigError("--redis-read-url is for one Redis primary; a Redis Cluster "

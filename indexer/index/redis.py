@@ -1290,6 +1290,11 @@ class RedisIndex:
                 f"(e.g. {', '.join(old[:3])}); this version stores presence as holder lists "
                 f"(layout {LAYOUT.decode()}) and will not read them. Delete the index's keys "
                 "(kvi:*) and restart: the index is rebuilt from snapshots and the stream.")
+        sub_slot = await self._redis.scard("kvi:smodels")  # redis_sharded.MODELS_KEY
+        if sub_slot:
+            raise BackendError(
+                f"Redis holds {sub_slot} model(s) spread over sub-slots (--redis-subslots), "
+                "which this index would not see: start with the same --redis-subslots")
         self._layout_checked = True
 
     async def get_marker(self, name: str) -> str | None:

@@ -166,7 +166,8 @@ async def serve_reader(config: ServiceConfig, listen: str, number: int = 0) -> N
                                      redis_url=config.redis_url,
                                      redis_security=RedisSecurity.from_config(config),
                                  redis_read_urls=redis_read_urls(config),
-                                 max_staleness_s=config.redis_read_max_staleness_s), registry)
+                                 max_staleness_s=config.redis_read_max_staleness_s,
+                                 redis_subslots=config.redis_subslots), registry)
     if registry is not None:
         host, port = reader_metrics_address(config.metrics_listen, number)
         start_http_server(port, addr=host, registry=registry)

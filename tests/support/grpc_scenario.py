@@ -28,6 +28,7 @@ from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, ScoreQuery, ScoreResult
 from indexer.index.redis import RedisIndex
+from indexer.index.redis_sharded import ShardedRedisIndex
 from indexer.serve.service import ServiceSettings, start_grpc_server
 from kvcore.bus import SCHEMA_VERSION, Event, EventBatch
 from tests.support.prompt_tree import BLOCK, MODEL, make_event, path_tokens
@@ -61,13 +62,16 @@ def scenario() -> list[EventBatch]:
 
 
 async def make_index(kind: str, request: pytest.FixtureRequest) -> Index:
-    """An empty index of `kind` ("memory", or "redis" on the flushed session redis-server)."""
+    """An empty index of `kind` ("memory"; "redis", or "redis-subslots" with 4 sub-slots,
+    on the flushed session redis-server)."""
     if kind == "memory":
         return MemoryIndex(CONFIG)
     server: RedisServer = request.getfixturevalue("redis_server")
     admin = aioredis.Redis.from_url(server.url)
     await admin.flushall()
     await admin.aclose()
+    if kind == "redis-subslots":
+        return ShardedRedisIndex.from_url(server.url, subslots=4, config=CONFIG)
     return RedisIndex.from_url(server.url, config=CONFIG)
 
 

@@ -1,0 +1,1215 @@
+"""The Redis index of models spread over several hash slots (`--redis-subslots S`, S >= 2).
+
+Design and the reasons for it: docs/large-models.md. A model's directory lives in one
+slot, its presence in S sub-slots by block key (a block in sub-slot `key mod S`), each
+rank's ledger in its home sub-slot (`slot id mod S`):
+
+    kvi:{s:M}:slots, nextslot, slotver, subslots, retired, pending, state, block_size
+                                    the directory (lua/subslot_dir.lua)
+    kvi:{T_k}:blk                   HASH  block key (8 B, LE) -> holder list
+    kvi:{T_k}:pos                   HASH  slot id -> token (16 B) + phase ('c' | 'd')
+    kvi:{T_k}:p:<id>                STR   keys the id's last part here set (collection)
+    kvi:{T_h}:w:<id>:meta, :log     the rank's committed token, position, counts, log
+    kvi:smodels                     SET   sub-slot model names (listing)
+
+`T_k` is sub-slot k's tag `s:<model>:<k>.<suffix>`, the suffix searched at creation so
+that on Redis Cluster the k-th tag's hash slot is on the (k mod masters)-th master.
+
+Apply runs in three waves (lua/subslot_part.lua, lua/subslot_ledger.lua): per rank and
+sub-slot, the net change of the call is applied iff the sub-slot still holds the token
+the writer started from; clears first, sets after every clear, then the rank's ledger,
+which records the position each sub-slot must now hold. A token is the rank's call
+counter and the writing process's nonce. A writer stopped between waves leaves the rank
+torn (a sub-slot holding another position than its ledger records); the next owner sees
+it when it loads the rank and re-slots it: the rank's whole presence is written under a
+new slot id, the directory switches the rank to it, and the old id is collected from the
+keys its ledger and its last parts (`p:<id>`) name. Slot ids are never reused, so a torn
+rank, an id not yet collected or a stale slot map can make a reader miss blocks, never
+credit one rank with another's. On Redis Cluster, a failover that lost writes Redis had
+confirmed is found as `RedisClusterIndex` finds it (`check_lost_writes`): the rank is
+cleared and asked for a resync.
+
+Not supported on a sub-slot model (refused with a clear error): shared storage pools and
+KV-cache groups > 0 (hybrid models).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import struct
+from bisect import bisect_left
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from importlib import resources
+from itertools import groupby
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ClusterError,
+    ConnectionError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+    TimeoutError,
+    TryAgainError,
+)
+
+from indexer.errors import BackendError
+from indexer.index.ledger import LOG_HASH, LOG_MAP, PresenceSink, WorkerLedger, stored_block_size
+from indexer.index.pools import split_pool_events
+from indexer.index.protocol import (
+    TIERS,
+    ApplyOutcome,
+    IndexConfig,
+    IndexStats,
+    RankState,
+    ResyncHook,
+    ResyncRequest,
+    ScoreQuery,
+    ScoreResult,
+    WorkerInfo,
+    WorkerRef,
+)
+from indexer.index.redis import (
+    _POSITION,
+    DEFAULT_LOG_COMPACT_MIN_BYTES,
+    _changes,
+    _SlotMap,
+    _worker_infos,
+)
+from indexer.index.redis import (
+    MODELS_KEY as SINGLE_SLOT_MODELS,
+)
+from indexer.index.redis_cluster import LOST_WRITES_REASON, cluster_url
+from indexer.index.redis_pipe import RedisPipe
+from indexer.index.scoring import (
+    prefix_match_runs,
+    query_keys_packed,
+    validate_query,
+    worker_scores,
+)
+from kvcore.bus import EventBatch, escape_token, validate_batch
+from kvcore.keys import pack_keys
+
+__all__ = ["MODELS_KEY", "ShardedRedisIndex", "WaveHook"]
+
+log = structlog.get_logger("indexer.redis_sharded")
+
+MODELS_KEY: Final = "kvi:smodels"
+ABSENT: Final = b"\0" * 16 + b"-"  # the stored position of a sub-slot a rank never wrote
+_COUNTER: Final = struct.Struct(">Q")
+_PART_HEADER: Final = struct.Struct("<I17s16s")
+_ENTRY: Final = struct.Struct("<QBB")
+_DIR_KEYS: Final = ("slots", "nextslot", "slotver", "subslots", "retired", "pending", "state",
+                    "block_size")
+_META_FIELDS: Final = ("pos", "ts", "n0", "n1", "n2", "n3", "degraded")
+_MAX_TAG_SEARCH: Final = 1 << 20
+_ATTEMPTS: Final = 5  # tries of a command meeting a moving slot or a lost node
+# ClusterError: redis-py's cluster pipeline gave up following redirections (TTL).
+_RETRIED: Final = (MovedError, AskError, TryAgainError, ClusterDownError, SlotNotCoveredError,
+                   ClusterError, ConnectionError, TimeoutError)
+
+# Called after wave 1 and after wave 2 of each apply with the wave's number (tests stop a
+# writer between waves by raising from it).
+WaveHook = Callable[[int], Awaitable[None]]
+
+
+def _lua(name: str) -> str:
+    return resources.files("indexer.index").joinpath(f"lua/{name}").read_text()
+
+
+def _with_holders(name: str) -> str:
+    return _lua("subslot_holders.lua") + "\n" + _lua(name)
+
+
+class _Script:
+    __slots__ = ("sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+
+class _NetSink:
+    """A rank's presence changes over one call, netted per block key: the tier bits to
+    clear and to set (the last change of a bit wins). Refuses hybrid groups."""
+
+    __slots__ = ("changes",)
+
+    def __init__(self) -> None:
+        self.changes: dict[int, list[int]] = {}  # key -> [clear bits, set bits]
+
+    def set_bits(self, keys: list[int], bitpos: int) -> None:
+        bit = 1 << (bitpos & 3)
+        changes = self.changes
+        for key in keys:
+            change = changes.get(key)
+            if change is None:
+                changes[key] = [0, bit]
+            else:
+                change[0] &= ~bit
+                change[1] |= bit
+
+    def clear_bits(self, keys: list[int], bitpos: int) -> None:
+        bit = 1 << (bitpos & 3)
+        changes = self.changes
+        for key in keys:
+            change = changes.get(key)
+            if change is None:
+                changes[key] = [bit, 0]
+            else:
+                change[0] |= bit
+                change[1] &= ~bit
+
+    def group_sink(self, group: int) -> PresenceSink:
+        raise BackendError(f"KV-cache group {group}: hybrid models are not supported on a "
+                           "sub-slot model (--redis-subslots); create it without sub-slots")
+
+    def learn_group(self, group: int, kind: str | None, sliding_window: int) -> None:
+        if group:
+            self.group_sink(group)
+
+
+class _Model:
+    """A model's sub-slot tags and their key prefixes."""
+
+    __slots__ = ("dir", "prefixes", "tags")
+
+    def __init__(self, model: str, tags: list[str]) -> None:
+        self.dir = directory_prefix(model)
+        self.tags = tags
+        self.prefixes = [f"kvi:{{{tag}}}:" for tag in tags]
+
+    @property
+    def subslots(self) -> int:
+        return len(self.tags)
+
+    def home(self, slot_id: int) -> str:
+        return self.prefixes[slot_id % len(self.prefixes)]
+
+
+class _Rank:
+    """A rank's ledger and, per sub-slot, the position stored there; its committed token
+    and call counter; a re-slot in progress (the slot id it leaves)."""
+
+    __slots__ = ("committed", "counter", "ledger", "log_bytes", "positions", "reslot_from")
+
+    def __init__(self, ledger: WorkerLedger, subslots: int) -> None:
+        self.ledger = ledger
+        self.positions = [ABSENT] * subslots
+        self.committed = b""
+        self.counter = 0
+        self.log_bytes = 0
+        self.reslot_from: int | None = None  # the slot id a re-slot leaves
+
+
+class _Part:
+    """One rank's net change in one sub-slot, packed for lua/subslot_part.lua."""
+
+    __slots__ = ("has_clears", "packed", "rank", "subslot", "token")
+
+    def __init__(self, rank: _Rank, subslot: int, token: bytes, has_clears: bool,
+                 packed: bytes) -> None:
+        self.rank = rank
+        self.subslot = subslot
+        self.token = token
+        self.has_clears = has_clears
+        self.packed = packed
+
+
+def directory_prefix(model: str) -> str:
+    return f"kvi:{{s:{escape_token(model)}}}:"
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _held_keys(ledger: WorkerLedger) -> list[int]:
+    keys: set[int] = set()
+    for tier in range(len(TIERS)):
+        keys.update(ledger.keys.held_keys(1 << tier))
+    return sorted(keys)
+
+
+def _split_positions(packed: bytes, subslots: int) -> list[bytes]:
+    """The per-sub-slot positions a rank's meta records (ABSENT for a rank never
+    committed)."""
+    if not packed:
+        return [ABSENT] * subslots
+    size = len(ABSENT)
+    return [packed[i : i + size] for i in range(0, len(packed), size)]
+
+
+def _by_subslot(keys: Sequence[int], subslots: int) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in range(subslots)]
+    for key in keys:
+        out[key % subslots].append(key)
+    return out
+
+
+class ShardedRedisIndex:
+    """The Index on Redis (one node or a cluster) with every model in `subslots`
+    sub-slots; apply() of one rank from one process at a time."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis | RedisCluster,
+        *,
+        subslots: int,
+        config: IndexConfig | None = None,
+        on_resync: ResyncHook | None = None,
+        log_compact_min_bytes: int = DEFAULT_LOG_COMPACT_MIN_BYTES,
+    ) -> None:
+        if subslots < 2:
+            raise BackendError("a sub-slot model needs --redis-subslots >= 2")
+        self.subslots = subslots
+        self.config = config or IndexConfig()
+        self.config.validate()
+        self.on_resync = on_resync
+        self.log_compact_min_bytes = log_compact_min_bytes
+        self.wave_hook: WaveHook | None = None
+        self.reslots = 0  # ranks found torn and re-slotted by this process
+        self.retried_calls = 0  # pipelines sent again (a moving slot, a lost node)
+        self._redis = client
+        self._cluster = isinstance(client, RedisCluster)
+        self._nonce = os.urandom(8)
+        self._scripts = {name: _Script(_with_holders(f"subslot_{name}.lua"))
+                         for name in ("part", "collect")}
+        self._scripts.update({name: _Script(_lua(f"subslot_{name}.lua"))
+                              for name in ("score", "ledger", "dir")})
+        self._models: dict[str, _Model] = {}
+        self._slot_maps: dict[str, _SlotMap] = {}
+        self._ranks: dict[tuple[str, WorkerRef], _Rank] = {}
+        self._block_sizes: dict[str, int] = {}
+        self._known_models: set[str] = set()
+        self._stats = IndexStats()
+        self._lock = asyncio.Lock()
+        # Score's pipelined connections: one per master (one in all on a single node).
+        self._pipes: dict[str, RedisPipe] = {}
+        self._fast_queries = True
+        self._layout_checked = False
+        # Redis Cluster failovers: (model, rank) -> (slot id, committed token or None
+        # for a rank this process removed, positions) as Redis last confirmed them.
+        self._confirmed: dict[tuple[str, WorkerRef], tuple[int, bytes | None, list[bytes]]] = {}
+        self._masters: frozenset[str] = frozenset()
+        self._suspect = False  # an apply failed: check the confirmed ranks again
+        self._checking = asyncio.Lock()
+        self.lost_write_repairs = 0
+
+    @classmethod
+    def from_url(cls, url: str, *, subslots: int, cluster: bool = False,
+                 redis_options: Mapping[str, Any] | None = None,
+                 **kwargs: Any) -> ShardedRedisIndex:
+        """The index on the Redis at `url`; a `redis+cluster://` URL (or `cluster`) gets
+        the cluster client."""
+        options = dict(redis_options or {})
+        plain = cluster_url(url)
+        client: aioredis.Redis | RedisCluster
+        if plain is not None or cluster:
+            client = RedisCluster.from_url(plain or url, decode_responses=False, **options)
+        else:
+            client = aioredis.Redis.from_url(url, decode_responses=False, **options)
+        return cls(client, subslots=subslots, **kwargs)
+
+    async def close(self) -> None:
+        for pipe in self._pipes.values():
+            await pipe.close()
+        self._pipes.clear()
+        await self._redis.aclose()
+
+    # --- Redis calls -------------------------------------------------------------------
+
+    async def _run(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Commands in one pipeline (on a cluster: one per master, in parallel). Commands
+        that met a moving slot, a lost node or a node without the scripts are sent again
+        (after loading the scripts, or a short wait while the client refreshes its slot
+        map), a few times: every command here may run twice, the scripts skip what an
+        earlier try did."""
+        if not commands:
+            return []
+        replies: list[Any] = [None] * len(commands)
+        todo = list(range(len(commands)))
+        for attempt in range(_ATTEMPTS):
+            pipe = self._redis.pipeline(transaction=False)
+            for i in todo:
+                pipe.execute_command(*commands[i])
+            try:
+                got: list[Any] = await pipe.execute(raise_on_error=False)
+            except _RETRIED as exc:
+                got = [exc] * len(todo)
+            for i, reply in zip(todo, got, strict=True):
+                replies[i] = reply
+            todo = [i for i in todo if isinstance(replies[i], (NoScriptError, *_RETRIED))]
+            if not todo or attempt == _ATTEMPTS - 1:
+                break
+            if any(isinstance(replies[i], NoScriptError) for i in todo):
+                await self._load_scripts()
+            if any(isinstance(replies[i], _RETRIED) for i in todo):
+                self.retried_calls += 1
+                await asyncio.sleep(0.05 * (attempt + 1))
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    async def _load_scripts(self) -> None:
+        for script in self._scripts.values():
+            await self._redis.script_load(script.text)
+
+    def _eval(self, name: str, keys: Sequence[str], *args: Any) -> tuple[Any, ...]:
+        return ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+
+    def _dir_call(self, model: str, op: str, *args: Any) -> tuple[Any, ...]:
+        prefix = directory_prefix(model)
+        return self._eval("dir", [prefix + name for name in _DIR_KEYS], op, *args)
+
+    # --- models and ranks --------------------------------------------------------------
+
+    async def _search_tags(self, model: str) -> list[str]:
+        """Sub-slot tags: on a cluster, tag k's hash slot on the (k mod masters)-th master
+        (masters by name), so sub-slots spread evenly; on one node any tags."""
+        base = f"s:{escape_token(model)}"
+        if not isinstance(self._redis, RedisCluster):
+            return [f"{base}:{k}.0" for k in range(self.subslots)]
+        await self._redis.initialize()
+        manager = self._redis.nodes_manager
+        masters = sorted(node.name for node in self._redis.get_primaries())
+        tags = []
+        for k in range(self.subslots):
+            want = masters[k % len(masters)]
+            for suffix in range(_MAX_TAG_SEARCH):
+                tag = f"{base}:{k}.{suffix}"
+                node = manager.get_node_from_slot(key_slot(f"{{{tag}}}".encode()))
+                if node.name == want:
+                    break
+            tags.append(tag)
+        return tags
+
+    async def _model(self, model: str) -> _Model | None:
+        """The model's tags as its directory has them (None: no such model)."""
+        found = self._models.get(model)
+        if found is not None:
+            return found
+        raw = await self._redis.get(directory_prefix(model) + "subslots")
+        if raw is None:
+            return None
+        found = self._models[model] = _Model(model, _text(raw).split("\n"))
+        return found
+
+    async def _rank(self, model: str, ref: WorkerRef) -> _Rank:
+        rank = self._ranks.get((model, ref))
+        if rank is None:
+            rank = await self._load_rank(model, ref)
+            self._ranks[(model, ref)] = rank
+        return rank
+
+    async def _allocate(self, model: str, ref: WorkerRef) -> tuple[int, bool, _Model]:
+        """The rank's slot id in the directory (created if new), finishing the model's
+        collection first if one is under way."""
+        known = self._models.get(model)
+        tags = "\n".join(known.tags if known is not None else await self._search_tags(model))
+        for _ in range(3):
+            [reply] = await self._run([self._dir_call(
+                model, "rank", ref.worker_id, ref.dp_rank, random.getrandbits(62), tags)])
+            if reply[0] == b"collecting":
+                await self._finish_model_gc(model)
+                continue
+            slot_raw, created, tags_raw = reply
+            info = _Model(model, tags_raw.decode().split("\n"))
+            self._models[model] = info
+            return int(slot_raw), bool(created), info
+        raise BackendError(f"model {model} kept being collected while a rank was created")
+
+    async def _load_rank(self, model: str, ref: WorkerRef) -> _Rank:
+        slot, created, info = await self._allocate(model, ref)
+        ledger = WorkerLedger(model, ref.worker_id, ref.dp_rank, slot,
+                              self.config.ghost_capacity)
+        rank = _Rank(ledger, info.subslots)
+        if created:
+            await self._list_model(model, force=True)
+            return rank
+        home = info.home(slot)
+        commands: list[Sequence[Any]] = [("HGETALL", f"{home}w:{slot}:meta"),
+                                         ("GET", f"{home}w:{slot}:log")]
+        commands += [("HGET", prefix + "pos", slot) for prefix in info.prefixes]
+        meta, log_bytes, *positions = await self._run(commands)
+        if meta:
+            ledger.epoch, ledger.last_seq = _POSITION.unpack(meta[b"pos"])
+            ledger.last_ts = float(meta[b"ts"])
+            ledger.counts = [int(meta[f"n{t}".encode()]) for t in range(len(TIERS))]
+            ledger.degraded = ledger.warned = meta[b"degraded"] == b"1"
+            rank.committed = meta[b"tok"]
+            rank.counter = _COUNTER.unpack_from(rank.committed)[0]
+        if log_bytes:
+            ledger.load_log(log_bytes)
+            rank.log_bytes = len(log_bytes)
+        rank.positions = [p if p is not None else ABSENT for p in positions]
+        expected = _split_positions(meta.get(b"subs", b"") if meta else b"", info.subslots)
+        if rank.positions != expected:
+            # A call not committed to the ledger (a writer stopped between waves, or a
+            # second writer), or a part a failed-over master lost: re-slot.
+            await self._begin_reslot(model, ref, rank)
+        return rank
+
+    async def _begin_reslot(self, model: str, ref: WorkerRef, rank: _Rank) -> None:
+        """A torn rank goes to a new slot id: its whole presence is written under it by
+        the next call (from absent), then the directory switches and the old id is
+        collected (`_finish_reslot`)."""
+        [new_raw] = await self._run([self._dir_call(model, "newid", ref.worker_id,
+                                                    ref.dp_rank)])
+        ledger = rank.ledger
+        old = ledger.slot
+        log.warning("rank_torn_reslot", model=model, worker=ref.worker_id,
+                    dp_rank=ref.dp_rank, old_slot=old, new_slot=int(new_raw))
+        rank.reslot_from = old
+        ledger.slot = int(new_raw)
+        rank.positions = [ABSENT] * len(rank.positions)
+        rank.committed = b""
+        rank.counter = 0
+        rank.log_bytes = 0
+        self.reslots += 1
+
+    async def _finish_reslot(self, model: str, rank: _Rank) -> None:
+        old = rank.reslot_from
+        assert old is not None
+        ledger = rank.ledger
+        [status] = await self._run([self._dir_call(model, "switch", ledger.worker_id,
+                                                   ledger.dp_rank, old, ledger.slot)])
+        if status != b"ok":
+            raise BackendError(f"worker {ledger.worker_id}/{ledger.dp_rank} of {model} was "
+                               "removed or re-slotted by another process")
+        rank.reslot_from = None
+        await self._collect_retired(model)
+
+    async def _list_model(self, model: str, *, force: bool = False) -> None:
+        if force or model not in self._known_models:
+            await self._redis.sadd(MODELS_KEY, model)
+            self._known_models.add(model)
+
+    # --- ingest ------------------------------------------------------------------------
+
+    async def apply(
+        self, batches: Sequence[EventBatch], *, validated: bool = False
+    ) -> list[ApplyOutcome]:
+        if not validated:
+            for batch in batches:
+                validate_batch(batch)
+        await self.check_lost_writes()
+        async with self._lock:
+            try:
+                return await self._apply(batches)
+            except RedisError as exc:
+                self._suspect = True
+                await self._reset_after_failure(exc)
+                raise BackendError(f"redis apply failed: {exc}") from exc
+            except BaseException:
+                self._suspect = True
+                self._forget_all()
+                raise
+
+    async def _reset_after_failure(self, exc: Exception) -> None:
+        """Redis holds the truth: forget the cached ranks (a rank left torn is found so
+        and re-slotted when loaded again)."""
+        self._forget_all()
+        if isinstance(exc, ConnectionError | TimeoutError | OSError) and not self._cluster:
+            assert isinstance(self._redis, aioredis.Redis)
+            await self._redis.connection_pool.disconnect()
+
+    def _forget_all(self) -> None:
+        self._ranks.clear()
+        self._slot_maps.clear()
+        self._models.clear()
+        self._known_models.clear()
+        self._block_sizes.clear()
+
+    @staticmethod
+    def _refuse_unsupported(batches: Sequence[EventBatch]) -> None:
+        """Pools and KV-cache groups > 0 are not built for sub-slot models: refused before
+        anything is read or written."""
+        for batch in batches:
+            if split_pool_events(batch)[1]:
+                raise BackendError("shared storage pools are not supported on a sub-slot "
+                                   "model (--redis-subslots); serve the model without "
+                                   "sub-slots to index pools")
+            for event in batch.events:
+                group = getattr(event, "group", 0)
+                if group:
+                    _NetSink().group_sink(group)
+
+    async def _apply(self, batches: Sequence[EventBatch]) -> list[ApplyOutcome]:
+        self._refuse_unsupported(batches)
+        outcomes: list[ApplyOutcome] = []
+        sinks: dict[tuple[str, WorkerRef], _NetSink] = {}
+        changed: set[tuple[str, WorkerRef]] = set()
+        block_sizes: dict[str, int] = {}
+        for batch in batches:
+            ref = WorkerRef(batch.worker_id, batch.dp_rank)
+            rank = await self._rank(batch.model, ref)
+            own, _ = split_pool_events(batch)
+            sink = sinks.get((batch.model, ref))
+            if sink is None:
+                sink = sinks[(batch.model, ref)] = self._start_call(rank)
+            outcome = rank.ledger.apply(own, sink, self._stats, self.on_resync)
+            outcomes.append(outcome)
+            if outcome.applied:
+                changed.add((batch.model, ref))
+                size = stored_block_size(batch)
+                if size is not None:
+                    block_sizes[batch.model] = size
+        await self._write_calls(sinks, changed)
+        await self._store_block_sizes(block_sizes)
+        return outcomes
+
+    def _start_call(self, rank: _Rank) -> _NetSink:
+        sink = _NetSink()
+        rank.ledger.start_journal()
+        if rank.reslot_from is not None:
+            # From absent under the new id: the whole presence first.
+            for tier in range(len(TIERS)):
+                held = rank.ledger.keys.held_keys(1 << tier)
+                if held:
+                    sink.set_bits(held, tier)
+        return sink
+
+    async def _write_calls(self, sinks: Mapping[tuple[str, WorkerRef], _NetSink],
+                           changed: set[tuple[str, WorkerRef]] | None) -> None:
+        """Waves 1-3 for each rank the call changed (`changed`; None: every rank of
+        `sinks`) or that is being re-slotted, then the re-slots' switches."""
+        calls = [(self._ranks[key], sink) for key, sink in sinks.items()
+                 if changed is None or key in changed
+                 or self._ranks[key].reslot_from is not None]
+        try:
+            if calls:
+                await self._waves(calls)
+        finally:
+            for key in sinks:
+                rank = self._ranks.get(key)
+                if rank is not None:
+                    rank.ledger.end_journal()
+        for rank, _ in calls:
+            if rank.reslot_from is not None:
+                await self._finish_reslot(rank.ledger.model, rank)
+
+    async def _waves(self, calls: list[tuple[_Rank, _NetSink]]) -> None:
+        """Clears, then sets, then the ledgers: each wave one pipeline (per master),
+        started after every reply of the one before."""
+        tokens = [_COUNTER.pack(rank.counter + 1) + self._nonce for rank, _ in calls]
+        parts = [part for (rank, sink), token in zip(calls, tokens, strict=True)
+                 for part in self._parts(rank, sink, token)]
+        await self._wave(1, [p for p in parts if p.has_clears])
+        if self.wave_hook is not None:
+            await self.wave_hook(1)
+        await self._wave(2, parts)
+        if self.wave_hook is not None:
+            await self.wave_hook(2)
+        for part in parts:
+            part.rank.positions[part.subslot] = part.token + b"d"
+        statuses = await self._run([self._ledger_call(rank, token)
+                                    for (rank, _), token in zip(calls, tokens, strict=True)])
+        for (rank, _), token, status in zip(calls, tokens, statuses, strict=True):
+            if status == b"conflict":
+                self._conflict(rank, "its ledger")
+            rank.committed = token
+            rank.counter += 1
+            ledger = rank.ledger
+            self._confirmed[(ledger.model, WorkerRef(ledger.worker_id, ledger.dp_rank))] = (
+                ledger.slot, token, list(rank.positions))
+
+    @staticmethod
+    def _parts(rank: _Rank, sink: _NetSink, token: bytes) -> list[_Part]:
+        """The rank's net change, one part per sub-slot it changes."""
+        subslots = len(rank.positions)
+        entries: list[list[bytes]] = [[] for _ in range(subslots)]
+        clears = [False] * subslots
+        pack = _ENTRY.pack
+        for key, (clear, set_) in sink.changes.items():
+            k = key % subslots
+            entries[k].append(pack(key, clear, set_))
+            if clear:
+                clears[k] = True
+        slot = rank.ledger.slot
+        return [_Part(rank, k, token, clears[k],
+                      _PART_HEADER.pack(slot, rank.positions[k], token) + b"".join(entries[k]))
+                for k in range(subslots) if entries[k]]
+
+    async def _wave(self, wave: int, parts: list[_Part]) -> None:
+        """One script call per (model, sub-slot) with that sub-slot's parts, pipelined."""
+        by_target: dict[tuple[str, int], list[_Part]] = {}
+        for part in parts:
+            by_target.setdefault((part.rank.ledger.model, part.subslot), []).append(part)
+        targets = list(by_target.items())
+        commands = []
+        for (model, k), target_parts in targets:
+            prefix = self._models[model].prefixes[k]
+            keys = [prefix + "blk", prefix + "pos",
+                    *[f"{prefix}p:{part.rank.ledger.slot}" for part in target_parts]]
+            commands.append(self._eval("part", keys, str(wave),
+                                       *[part.packed for part in target_parts]))
+        replies = await self._run(commands)
+        for (_, target_parts), reply in zip(targets, replies, strict=True):
+            for part, status in zip(target_parts, reply, strict=True):
+                if status == b"conflict":
+                    self._conflict(part.rank, f"a sub-slot (wave {wave})")
+
+    def _conflict(self, rank: _Rank, where: str) -> None:
+        ledger = rank.ledger
+        log.warning("subslot_conflict", model=ledger.model, worker=ledger.worker_id,
+                    dp_rank=ledger.dp_rank, where=where)
+        raise BackendError(f"worker {ledger.worker_id}/{ledger.dp_rank} of {ledger.model} "
+                           f"was written by another process ({where})")
+
+    def _ledger_call(self, rank: _Rank, token: bytes) -> tuple[Any, ...]:
+        ledger = rank.ledger
+        info = self._models[ledger.model]
+        home = info.home(ledger.slot)
+        segment, replace = self._log_segment(rank)
+        return self._eval(
+            "ledger", [f"{home}w:{ledger.slot}:meta", f"{home}w:{ledger.slot}:log"],
+            rank.committed, token, _POSITION.pack(ledger.epoch, ledger.last_seq),
+            repr(ledger.last_ts), *ledger.counts, "1" if ledger.degraded else "0",
+            ledger.worker_id, ledger.dp_rank, segment, "1" if replace else "0",
+            b"".join(rank.positions))
+
+    def _log_segment(self, rank: _Rank) -> tuple[bytes, bool]:
+        """What to append to the rank's log, or the whole log (True) after a reset, a
+        re-slot or when the log grew past twice its live size."""
+        ledger = rank.ledger
+        journal = ledger.journal
+        assert journal is not None
+        if not journal.reset and rank.committed:
+            segment = _changes(ledger, journal)
+            size = rank.log_bytes + len(segment)
+            live = LOG_MAP.size * len(ledger.keys) + LOG_HASH.size * (len(ledger.ghosts) + 1)
+            if size <= max(self.log_compact_min_bytes, 2 * live):
+                rank.log_bytes = size
+                return segment, False
+        snapshot = ledger.to_log()
+        rank.log_bytes = len(snapshot)
+        return snapshot, True
+
+    async def _store_block_sizes(self, sizes: dict[str, int]) -> None:
+        new = {m: s for m, s in sizes.items() if self._block_sizes.get(m) != s}
+        if new:
+            await self._run([("SET", directory_prefix(m) + "block_size", s)
+                             for m, s in new.items()])
+            self._block_sizes.update(new)
+
+    # --- administration ----------------------------------------------------------------
+
+    async def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
+        async with self._lock:
+            try:
+                refs = await self._refs(model, worker_id, dp_rank)
+                sinks: dict[tuple[str, WorkerRef], _NetSink] = {}
+                for ref in refs:
+                    rank = await self._rank(model, ref)
+                    sink = sinks[(model, ref)] = self._start_call(rank)
+                    rank.ledger.clear(sink)
+                await self._write_calls(sinks, None)
+                return len(refs)
+            except RedisError as exc:
+                await self._reset_after_failure(exc)
+                raise BackendError(f"redis clear failed: {exc}") from exc
+            except BaseException:
+                self._forget_all()
+                raise
+
+    async def _refs(self, model: str, worker_id: str, dp_rank: int | None) -> list[WorkerRef]:
+        slot_map = await self._slot_map(model, fresh=True)
+        if slot_map is None:
+            return []
+        return [ref for ref in slot_map.by_slot.values()
+                if ref.worker_id == worker_id and (dp_rank is None or ref.dp_rank == dp_rank)]
+
+    async def remove_worker(self, model: str, worker_id: str) -> int:
+        async with self._lock:
+            try:
+                refs = await self._refs(model, worker_id, None)
+                await self._remove_refs(model, refs)
+                return len(refs)
+            except RedisError as exc:
+                await self._reset_after_failure(exc)
+                raise BackendError(f"redis remove_worker failed: {exc}") from exc
+
+    async def _remove_refs(self, model: str, refs: Sequence[WorkerRef]) -> None:
+        """Unmap and retire each rank (directory first), collect its id, then the model
+        if it has no rank left."""
+        for ref in refs:
+            self._ranks.pop((model, ref), None)
+            [slot] = await self._run([self._dir_call(model, "remove", ref.worker_id,
+                                                     ref.dp_rank)])
+            if slot is not None:
+                self._confirmed[(model, ref)] = (int(slot), None, [])
+        if refs:  # the retired ids are collected, then the model if it has no rank
+            await self._collect_model(model)
+
+    async def remove_pool(self, model: str, pool: str) -> bool:
+        return False  # pools are refused on a sub-slot model: there is none to remove
+
+    async def _collect(self, model: str, slot: int) -> None:
+        """Remove a retired id's entries from every sub-slot (the keys its ledger log
+        names, plus its last parts' `p:<id>`), then its ledger and meta, then its
+        `retired` entry. Idempotent: whoever finds it retired may finish it. A writer
+        still holding the id conflicts once its positions are gone."""
+        info = await self._model(model)
+        if info is None:
+            return
+        home = info.home(slot)
+        [raw] = await self._run([("GET", f"{home}w:{slot}:log")])
+        keys = []
+        if raw:
+            ledger = WorkerLedger(model, "", 0, slot, self.config.ghost_capacity)
+            ledger.load_log(raw)
+            keys = _held_keys(ledger)
+        commands = [self._eval("collect", [prefix + "blk", prefix + "pos", f"{prefix}p:{slot}"],
+                               slot, pack_keys(part))
+                    for prefix, part in zip(info.prefixes, _by_subslot(keys, info.subslots),
+                                            strict=True)]
+        await self._run(commands)
+        await self._run([("DEL", f"{home}w:{slot}:meta", f"{home}w:{slot}:log")])
+        await self._run([self._dir_call(model, "collected", slot)])
+
+    async def _collect_retired(self, model: str) -> None:
+        """Collect every retired id of the model (not the pending ones: a re-slot may be
+        writing them; the rank's next re-slot or removal retires them)."""
+        retired = await self._redis.hkeys(directory_prefix(model) + "retired")
+        for raw in sorted(int(r) for r in retired):
+            await self._collect(model, raw)
+
+    async def _collect_model(self, model: str) -> bool:
+        """Collect a model without ranks: its retired ids, then (directory `collecting`)
+        its sub-slots' keys, its directory, its listing. True if it went."""
+        await self._collect_retired(model)
+        [tags] = await self._run([self._dir_call(model, "gc")])
+        if tags is None:
+            return False
+        await self._finish_model_gc(model, tags.decode().split("\n"))
+        return True
+
+    async def _finish_model_gc(self, model: str, tags: list[str] | None = None) -> None:
+        if tags is None:
+            raw = await self._redis.get(directory_prefix(model) + "subslots")
+            tags = _text(raw).split("\n") if raw else []
+        info = _Model(model, tags)
+        if info.prefixes:
+            # Empty once every id is collected; UNLINK frees what is left off the
+            # main thread.
+            await self._run([("UNLINK", prefix + "blk", prefix + "pos")
+                             for prefix in info.prefixes])
+        await self._run([self._dir_call(model, "drop")])
+        await self._redis.srem(MODELS_KEY, model)
+        # A rank created meanwhile lists the model again after it exists (_load_rank).
+        if await self._redis.hlen(directory_prefix(model) + "slots"):
+            await self._redis.sadd(MODELS_KEY, model)
+        for cache in (self._models, self._slot_maps, self._block_sizes):
+            cache.pop(model, None)
+        self._known_models.discard(model)
+        for key in [key for key in self._ranks if key[0] == model]:
+            del self._ranks[key]
+        for key in [key for key in self._confirmed if key[0] == model]:
+            del self._confirmed[key]
+        log.info("subslot_model_collected", model=model)
+
+    async def drop_empty_models(self) -> list[str]:
+        async with self._lock:
+            try:
+                dropped = []
+                for model in await self._listed_models():
+                    if await self._collect_model(model):
+                        dropped.append(model)
+                return dropped
+            except RedisError as exc:
+                raise BackendError(f"redis drop_empty_models failed: {exc}") from exc
+
+    async def _listed_models(self) -> list[str]:
+        return sorted(_text(m) for m in await self._redis.smembers(MODELS_KEY))
+
+    async def workers(self, model: str | None = None) -> list[WorkerInfo]:
+        try:
+            models = [model] if model else await self._listed_models()
+            infos: list[WorkerInfo] = []
+            for name in models:
+                infos.extend(await self._model_workers(name))
+        except RedisError as exc:
+            raise BackendError(f"redis workers failed: {exc}") from exc
+        infos.sort(key=lambda w: (w.model, w.worker_id, w.dp_rank))
+        return infos
+
+    async def _model_workers(self, model: str) -> list[WorkerInfo]:
+        info = await self._model(model)
+        if info is None:
+            return []
+        slots = await self._redis.hgetall(directory_prefix(model) + "slots")
+        entries = list(slots.items())
+        metas = await self._run([("HMGET", f"{info.home(int(s))}w:{int(s)}:meta",
+                                  *_META_FIELDS) for _, s in entries])
+        reply: list[Any] = [len(entries)]
+        for (ref_raw, slot_raw), meta in zip(entries, metas, strict=True):
+            reply += [ref_raw, slot_raw, *meta]
+        return _worker_infos(model, reply)
+
+    async def stats(self) -> IndexStats:
+        return self._stats.snapshot(len(await self.workers()))
+
+    async def export_ranks(self, ranks: Sequence[tuple[str, WorkerRef]]) -> list[RankState]:
+        async with self._lock:
+            try:
+                return [(await self._rank(model, ref)).ledger.export() for model, ref in ranks]
+            except RedisError as exc:
+                raise BackendError(f"redis export failed: {exc}") from exc
+
+    async def import_ranks(self, states: Sequence[RankState]) -> None:
+        async with self._lock:
+            try:
+                sinks: dict[tuple[str, WorkerRef], _NetSink] = {}
+                for state in states:
+                    ref = WorkerRef(state.worker_id, state.dp_rank)
+                    rank = await self._rank(state.model, ref)
+                    sink = sinks.get((state.model, ref))
+                    if sink is None:
+                        sink = sinks[(state.model, ref)] = self._start_call(rank)
+                    rank.ledger.restore(state, sink)
+                await self._write_calls(sinks, None)
+            except RedisError as exc:
+                await self._reset_after_failure(exc)
+                raise BackendError(f"redis import failed: {exc}") from exc
+            except BaseException:
+                self._forget_all()
+                raise
+
+    async def reset_caches(self) -> None:
+        async with self._lock:
+            self._forget_all()
+
+    async def ping(self) -> None:
+        """Redis answers (every master of a cluster), holds no single-slot model, and a
+        failover seen meanwhile has had its lost-writes check."""
+        try:
+            if isinstance(self._redis, RedisCluster):
+                await self._redis.ping(target_nodes=RedisCluster.PRIMARIES)
+            else:
+                await self._redis.ping()
+            if not self._layout_checked:
+                await self._check_layout()
+        except RedisError as exc:
+            self._suspect = True
+            raise BackendError(f"redis ping failed: {exc}") from exc
+        await self.check_lost_writes()
+
+    # --- failovers (Redis Cluster) -----------------------------------------------------
+
+    def _master_names(self) -> frozenset[str]:
+        if not isinstance(self._redis, RedisCluster):
+            return frozenset()
+        return frozenset(node.name for node in self._redis.get_primaries())
+
+    async def check_lost_writes(self) -> int:
+        """If the masters changed (a failover) or a call failed since the last check:
+        each rank whose writes Redis confirmed to this process but no longer holds
+        (replication is asynchronous: a promoted replica may lack a master's last
+        writes) is cleared and asked for a resync, and a rank this process removed that
+        came back is removed again. Returns how many; BackendError while the cluster
+        cannot say."""
+        if not isinstance(self._redis, RedisCluster):
+            return 0
+        if self._master_names() == self._masters and not self._suspect:
+            return 0
+        async with self._checking:
+            masters = self._master_names()
+            if masters == self._masters and not self._suspect:
+                return 0
+            try:
+                behind = await self._ranks_behind()
+                for (model, ref), removed in behind:
+                    await self._repair(model, ref, removed=removed)
+            except RedisError as exc:
+                raise BackendError(f"redis lost-writes check failed: {exc}") from exc
+            self._masters = masters
+            self._suspect = False
+            return len(behind)
+
+    async def _ranks_behind(self) -> list[tuple[tuple[str, WorkerRef], bool]]:
+        """The confirmed ranks Redis holds behind what it confirmed (True: removed by
+        this process and mapped again). Slot ids only grow, so a rank at a newer id was
+        re-slotted or created again by another owner: its record is dropped."""
+        items = list(self._confirmed.items())
+        if not items:
+            return []
+        stored = await self._run([("HGET", directory_prefix(model) + "slots",
+                                   f"{ref.worker_id}\n{ref.dp_rank}")
+                                  for (model, ref), _ in items])
+        behind: list[tuple[tuple[str, WorkerRef], bool]] = []
+        same: list[tuple[tuple[str, WorkerRef], int, bytes, list[bytes]]] = []
+        for (key, (slot, token, positions)), raw in zip(items, stored, strict=True):
+            now = None if raw is None else int(raw)
+            if now is None or now > slot:
+                del self._confirmed[key]
+            elif token is None:
+                behind.append((key, True))
+            elif now < slot:
+                behind.append((key, False))
+            else:
+                same.append((key, slot, token, positions))
+        commands: list[Sequence[Any]] = []
+        read = []
+        for key, slot, token, positions in same:
+            info = await self._model(key[0])
+            if info is None:  # collected meanwhile
+                del self._confirmed[key]
+                continue
+            read.append((key, slot, token, positions))
+            commands.append(("HGET", f"{info.home(slot)}w:{slot}:meta", "tok"))
+            commands += [("HGET", prefix + "pos", slot) for prefix in info.prefixes]
+        replies = iter(await self._run(commands))
+        for key, _, token, positions in read:
+            tok = next(replies) or ABSENT
+            now_positions = [next(replies) or ABSENT for _ in positions]
+            counters = [_COUNTER.unpack_from(p)[0] for p in (tok, *now_positions)]
+            confirmed = [_COUNTER.unpack_from(p)[0] for p in (token, *positions)]
+            if any(n < c for n, c in zip(counters, confirmed, strict=True)):
+                behind.append((key, False))
+        return behind
+
+    async def _repair(self, model: str, ref: WorkerRef, *, removed: bool) -> None:
+        log.warning(LOST_WRITES_REASON, model=model, worker=ref.worker_id,
+                    dp_rank=ref.dp_rank, removed=removed)
+        self.lost_write_repairs += 1
+        async with self._lock:
+            self._forget_all()
+            if removed:
+                await self._remove_refs(model, [ref])
+                return
+        await self.clear_worker(model, ref.worker_id, ref.dp_rank)
+        rank = self._ranks.get((model, ref))
+        self._stats.resyncs_requested += 1
+        if self.on_resync is not None:
+            self.on_resync(ResyncRequest(model, ref.worker_id, ref.dp_rank,
+                                         rank.ledger.epoch if rank is not None else 0,
+                                         LOST_WRITES_REASON))
+
+    async def _check_layout(self) -> None:
+        """Refuse a Redis holding single-slot models: this index would not see them (no
+        migration into sub-slots yet), so their workers would vanish from every answer."""
+        single = sorted(_text(m) for m in await self._redis.smembers(SINGLE_SLOT_MODELS))
+        if single:
+            raise BackendError(
+                f"Redis holds {len(single)} single-slot model(s) (e.g. {', '.join(single[:3])}) "
+                "and --redis-subslots reads only sub-slot models: start without "
+                "--redis-subslots, or delete the index's keys (kvi:*) and let it be rebuilt "
+                "from snapshots and the stream")
+        self._layout_checked = True
+
+    async def get_marker(self, name: str) -> str | None:
+        try:
+            raw = await self._redis.get(f"kvi:marker:{name}")
+        except RedisError as exc:
+            raise BackendError(f"redis get_marker failed: {exc}") from exc
+        return None if raw is None else _text(raw)
+
+    async def set_marker(self, name: str, value: str | None) -> None:
+        try:
+            if value is None:
+                await self._redis.delete(f"kvi:marker:{name}")
+            else:
+                await self._redis.set(f"kvi:marker:{name}", value)
+        except RedisError as exc:
+            raise BackendError(f"redis set_marker failed: {exc}") from exc
+
+    async def block_size(self, model: str) -> int | None:
+        cached = self._block_sizes.get(model)
+        if cached is not None:
+            return cached
+        try:
+            raw = await self._redis.get(directory_prefix(model) + "block_size")
+        except RedisError as exc:
+            raise BackendError(f"redis block_size failed: {exc}") from exc
+        if raw is None:
+            return None
+        self._block_sizes[model] = int(raw)
+        return int(raw)
+
+    async def presence(self, model: str) -> dict[int, dict[WorkerRef, int]]:
+        slot_map = await self._slot_map(model, fresh=True)
+        info = await self._model(model)
+        if slot_map is None or info is None:
+            return {}
+        refs = await self._refs_by_id(model)
+        hashes = await self._run([("HGETALL", prefix + "blk") for prefix in info.prefixes])
+        out: dict[int, dict[WorkerRef, int]] = {}
+        for values in hashes:
+            for field, value in values.items():
+                holders: dict[WorkerRef, int] = {}
+                for (entry,) in struct.iter_unpack("<I", value):
+                    ref = refs.get(entry >> 4)
+                    if ref is not None:
+                        holders[ref] = entry & 15
+                if holders:
+                    out[int.from_bytes(field, "little")] = holders
+        return out
+
+    async def _refs_by_id(self, model: str) -> dict[int, WorkerRef]:
+        slots = await self._redis.hgetall(directory_prefix(model) + "slots")
+        out = {}
+        for ref_raw, slot_raw in slots.items():
+            worker_id, _, rank = _text(ref_raw).rpartition("\n")
+            out[int(slot_raw)] = WorkerRef(worker_id, int(rank))
+        return out
+
+    # --- queries -----------------------------------------------------------------------
+
+    async def _slot_map(self, model: str, version: bytes | None = None,
+                        fresh: bool = False) -> _SlotMap | None:
+        cached = self._slot_maps.get(model)
+        if cached is not None and not fresh and cached.version == version:
+            return cached
+        prefix = directory_prefix(model)
+        version, slots, tags = await self._run([("GET", prefix + "slotver"),
+                                                ("HGETALL", prefix + "slots"),
+                                                ("GET", prefix + "subslots")])
+        if tags is None:
+            self._models.pop(model, None)
+            self._slot_maps.pop(model, None)
+            return None
+        self._models[model] = _Model(model, tags.decode().split("\n"))
+        slot_map = self._slot_maps[model] = _SlotMap(version, slots)
+        if cached is not None and cached.version != version:
+            self._block_sizes.pop(model, None)
+        return slot_map
+
+    async def score(self, query: ScoreQuery) -> ScoreResult:
+        validate_query(query, self.config)
+        packed = query_keys_packed(query)
+        n = len(packed) // 8
+        if not n:
+            return ScoreResult(0, [])
+        try:
+            info = self._models.get(query.model)
+            if info is None:
+                await self._slot_map(query.model, fresh=True)
+                info = self._models.get(query.model)
+                if info is None:
+                    return ScoreResult(n, [])
+            runs, version = await self._read_runs(query.model, info, packed)
+            slot_map = await self._slot_map(query.model, version)
+        except RedisError as exc:
+            raise BackendError(f"redis score failed: {exc}") from exc
+        if slot_map is None:
+            return ScoreResult(n, [])
+        candidates = slot_map.candidates(query.workers)
+        mask_of = slot_map.mask
+        mask_runs = [mask_of(v) if i % 2 == 0 else v for i, v in enumerate(runs)]
+        weights = query.tier_weights or self.config.tier_weights
+        matches = prefix_match_runs(mask_runs, candidates, weights, query.include_zero)
+        return ScoreResult(n, worker_scores(matches, slot_map.by_slot.__getitem__))
+
+    async def _query(self, routes: list[str], commands: list[Sequence[Any]]) -> list[Any]:
+        """Read-only commands, each on the pipelined connection to the master serving its
+        `routes` key, all in flight at once; redirected, cut or missing a script, they go
+        through the client's pipeline instead (which follows MOVED and ASK, refreshes the
+        slot map and loads the scripts)."""
+        pipes = [self._pipe_for(route) for route in routes]
+        if all(pipe is not None for pipe in pipes):
+            replies = await asyncio.gather(
+                *(pipe.call(*command) for pipe, command in zip(pipes, commands, strict=True)
+                  if pipe is not None), return_exceptions=True)
+            failed = [r for r in replies if isinstance(r, BaseException)]
+            if not failed:
+                return replies
+            if any(isinstance(r, ConnectionError | TimeoutError) for r in failed):
+                await self._close_pipes()
+            elif not all(isinstance(r, ResponseError) for r in failed):
+                raise failed[0]
+        return await self._run(commands)
+
+    def _pipe_for(self, key: str) -> RedisPipe | None:
+        """The query pipe to the master serving `key`; None before the cluster client has
+        a slot map, or for connections only redis-py speaks (TLS on a cluster, ...)."""
+        if not self._fast_queries:
+            return None
+        if not isinstance(self._redis, RedisCluster):
+            pipe = self._pipes.get("")
+            if pipe is None:
+                found = RedisPipe.for_client(self._redis)
+                if found is None:
+                    self._fast_queries = False
+                    return None
+                pipe = self._pipes[""] = found
+            return pipe
+        try:
+            node = self._redis.get_node_from_key(key)
+        except (RedisError, AttributeError, KeyError):
+            return None
+        if node is None:
+            return None
+        pipe = self._pipes.get(node.name)
+        if pipe is None:
+            kwargs = node.connection_kwargs
+            if (node.connection_class is not aioredis.Connection
+                    or kwargs.get("credential_provider")
+                    or kwargs.get("protocol") not in (None, 2, "2")):
+                self._fast_queries = False
+                return None
+            pipe = RedisPipe((node.host, int(node.port)), username=kwargs.get("username"),
+                             password=kwargs.get("password"),
+                             connect_timeout=kwargs.get("socket_connect_timeout") or 5.0,
+                             reply_timeout=kwargs.get("socket_timeout"))
+            self._pipes[node.name] = pipe
+        return pipe
+
+    async def _close_pipes(self) -> None:
+        for pipe in self._pipes.values():
+            await pipe.close()
+        self._pipes.clear()
+
+    async def _read_runs(self, model: str, info: _Model,
+                         packed: bytes) -> tuple[list[Any], bytes | None]:
+        """One pipeline (one per master on a cluster): the slot map's version and each
+        sub-slot's values up to its first unheld key, merged by query position up to the
+        first position nobody holds, as runs [value, count, ...]."""
+        subslots = info.subslots
+        keys = struct.unpack(f"<{len(packed) // 8}Q", packed)
+        subs = [key % subslots for key in keys]
+        order = sorted(range(len(keys)), key=subs.__getitem__)  # stable: positions ascend
+        positions: list[list[int]] = []
+        start = 0
+        for k in range(subslots):
+            count = subs.count(k)
+            positions.append(order[start : start + count])
+            start += count
+        used = [k for k in range(subslots) if positions[k]]
+        commands: list[Sequence[Any]] = [("GET", info.dir + "slotver")]
+        for k in used:
+            sub_packed = struct.pack(f"<{len(positions[k])}Q", *[keys[i] for i in positions[k]])
+            commands.append(self._eval("score", [info.prefixes[k] + "blk"], sub_packed))
+        routes = [info.dir + "slotver", *[info.prefixes[k] for k in used]]
+        version, *replies = await self._query(routes, commands)
+        end = len(keys)
+        values: dict[int, list[bytes]] = {}
+        for k, reply in zip(used, replies, strict=True):
+            expanded: list[bytes] = []
+            for j in range(0, len(reply), 2):
+                expanded += [reply[j]] * int(reply[j + 1])
+            values[k] = expanded
+            if len(expanded) < len(positions[k]):
+                end = min(end, positions[k][len(expanded)])
+        merged: list[bytes | None] = [None] * end
+        for k, expanded in values.items():
+            cut = bisect_left(positions[k], end)
+            for i, found in zip(positions[k][:cut], expanded, strict=False):
+                merged[i] = found
+        assert None not in merged, "a sub-slot stopped before the first unheld position"
+        runs: list[Any] = []
+        for value, group in groupby(merged):
+            runs += [value, len(list(group))]
+        return runs, version
