@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Final
 
 import msgspec
 
@@ -34,6 +35,7 @@ from indexer.scheduling import (
     validate_storage_load_weight,
 )
 from indexer.serve.directory import CandidateSet
+from indexer.serve.stream import varint
 from kvcore.keys import NATIVE
 
 if NATIVE:
@@ -133,20 +135,29 @@ def decide_from_tally(
     return rows[0], rows[:limit], hits > 0
 
 
+# FindBestWorkerResponse.block_size's key: field number, wire type 0 (varint).
+_BLOCK_SIZE_TAG: Final = bytes(
+    (pb.FindBestWorkerResponse.DESCRIPTOR.fields_by_name["block_size"].number << 3,))
+
+
 def _row(cost: CandidateCost) -> CostRow:
     row: CostRow = msgspec.structs.astuple(cost)
     return row
 
 
 def encode_answer(chosen: CostRow, ranked: Sequence[CostRow], freshness: pb.Freshness,
-                  candidate_count: int) -> EncodedAnswer:
-    """The FindBestWorkerResponse of a decision, serialised."""
+                  candidate_count: int, block_size: int = 0) -> EncodedAnswer:
+    """The FindBestWorkerResponse of a decision, serialised; `block_size`: the model's
+    (0: unknown, not written)."""
     if USE_NATIVE_DECISION:
-        return EncodedAnswer(encode_decision(chosen, ranked, freshness.SerializeToString(),
-                                             candidate_count))
+        data = encode_decision(chosen, ranked, freshness.SerializeToString(), candidate_count)
+        # A field may follow the others in any order: appended, not encoded in C.
+        return EncodedAnswer(data + _BLOCK_SIZE_TAG + varint(block_size) if block_size
+                             else data)
     response = pb.FindBestWorkerResponse(worker_id=chosen[0], dp_rank=chosen[1],
                                          matched_blocks=chosen[2], freshness=freshness,
-                                         candidate_count=candidate_count)
+                                         candidate_count=candidate_count,
+                                         block_size=block_size)
     add = response.candidates.add
     for worker, rank, held, prefill, active, cost, waiting, stored in ranked:
         add(worker_id=worker, dp_rank=rank, matched_blocks=held, prefill_blocks=prefill,

@@ -9,6 +9,8 @@ reflection (unless turned off), over plaintext, TLS or mTLS, with or without bea
     InvalidQueryError (and request checks)  INVALID_ARGUMENT   message names the field
     no live worker (FindBestWorker)         FAILED_PRECONDITION message names the model
     block size unknown (token_ids query)    FAILED_PRECONDITION message names the model
+    keys at another block size than the     FAILED_PRECONDITION message starts with the
+      model's (`keys_block_size`)                               field, `score.keys_block_size:`
     BackendError                            UNAVAILABLE
     deadline passed before / during work    DEADLINE_EXCEEDED
     anything else                           INTERNAL (traceback logged as `rpc_failed`)
@@ -364,6 +366,17 @@ def _query_keys(request: pb.ScoreRequest, tokens: QueryTokens, field: str) -> Se
     return keys
 
 
+def _check_keys_block_size(request: pb.ScoreRequest, form: QueryForm, known: int,
+                           field: str) -> None:
+    """Refuse block keys computed at another block size than the model's (a client that
+    learnt the size before the model restarted with another): they cannot match."""
+    stated = request.keys_block_size
+    if form.keys and stated and known and stated != known:
+        raise _precondition(f"{field}keys_block_size: the block keys were computed at "
+                            f"{stated}-token blocks, model {request.model!r} has {known}-token "
+                            "blocks; send the token ids (or keys at its block size)")
+
+
 def _not_one_form(field: str, given: Sequence[str]) -> InvalidQueryError:
     forms = ", ".join(f"{field}{name}" for name in _FORMS)
     return InvalidQueryError(f"exactly one of {forms} must be set, got "
@@ -505,11 +518,13 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
     async def _score(self, request: pb.ScoreRequest, field: str,
                      wire_tokens: bytes | None = None) -> pb.ScoreResponse:
         form = self._check_query(request, field, wire_tokens)
+        block_size = await self._model_block_size(request, form, field)
         candidates = await self._candidates(request)
-        result = await self._run_query(request, candidates, field, request.include_zero, form)
+        result = await self._run_query(request, candidates, field, request.include_zero, form,
+                                       model_block_size=block_size)
         response = pb.ScoreResponse(query_blocks=result.query_blocks,
                                     freshness=self._freshness(candidates, result),
-                                    score_count=len(result.scores))
+                                    score_count=len(result.scores), block_size=block_size)
         add = response.scores.add  # much faster than building WorkerScore(...) with a map
         for s in result.scores[:request.max_scores or None]:
             by_tier = add(worker_id=s.worker_id, dp_rank=s.dp_rank,
@@ -533,6 +548,14 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         _check_role(request.role, f"{field}role")
         return QueryForm(tokens, keys)
 
+    async def _model_block_size(self, request: pb.ScoreRequest, form: QueryForm,
+                                field: str) -> int:
+        """The model's block size as the index knows it (0: not yet), which answers report;
+        refuses keys computed at another (`_check_keys_block_size`)."""
+        known = await self.index.block_size(request.model) or 0
+        _check_keys_block_size(request, form, known, field)
+        return known
+
     def _tier_weights(self, request: pb.ScoreRequest, field: str) -> TierWeights | None:
         """The request's weights over the configured ones; None when it sets none."""
         if not request.HasField("tier_weights"):
@@ -555,10 +578,11 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
 
     async def _run_query(
         self, request: pb.ScoreRequest, candidates: CandidateSet, field: str, include_zero: bool,
-        form: QueryForm,
+        form: QueryForm, *, model_block_size: int,
     ) -> ScoreResult:
         """Score the request, whose prompt is `form` (`_check_query`)."""
-        query = await self._index_query(request, candidates, field, include_zero, form)
+        query = self._index_query(request, candidates, field, include_zero, form,
+                                  model_block_size=model_block_size)
         if isinstance(query, ScoreResult):
             return query
         async with self._query_slots:
@@ -574,18 +598,16 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
             self.outcomes.record(request.model, bool(form.tokens), request.block_size, hit)
         return result
 
-    async def _index_query(
+    def _index_query(
         self, request: pb.ScoreRequest, candidates: CandidateSet, field: str, include_zero: bool,
-        form: QueryForm,
+        form: QueryForm, *, model_block_size: int,
     ) -> ScoreQuery | ScoreResult:
         """The index's query for the request, or the empty answer when there are no
         candidates."""
         tokens = form.tokens
         weights = self._tier_weights(request, field)
         n_tokens = _token_count(tokens)
-        block_size = request.block_size
-        if tokens and not block_size:
-            block_size = await self.index.block_size(request.model) or 0
+        block_size = request.block_size or (model_block_size if tokens else 0)
         if not candidates:
             if not (request.workers or request.role):
                 self.outcomes.no_candidates(request.model)
@@ -629,6 +651,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
                           else DEFAULT_OVERLAP_WEIGHT)
         temperature = (request.temperature if request.HasField("temperature")
                        else DEFAULT_TEMPERATURE)
+        block_size = await self._model_block_size(query, form, "score.")
         candidates = await self._candidates(query)
         if not candidates:
             if not (query.workers or query.role):
@@ -641,27 +664,29 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         limit = (request.max_candidates if request.HasField("max_candidates")
                  else default_limit) or len(candidates)
         if self._score_tally is not None and tally_decides(candidates, temperature):
-            answer = await self._tally_decision(request, candidates, form,
+            answer = await self._tally_decision(request, candidates, form, block_size,
                                                 overlap_weight=overlap_weight,
                                                 temperature=temperature, limit=limit)
             if answer is not None:
                 return answer
-        result = await self._run_query(query, candidates, "score.", False, form)
+        result = await self._run_query(query, candidates, "score.", False, form,
+                                       model_block_size=block_size)
         rng = random.Random(request.seed) if request.HasField("seed") else self._rng
         chosen, ranked = decide(candidates, result, request.loads, overlap_weight=overlap_weight,
                                 temperature=temperature, limit=limit, rng=rng,
                                 storage_load_weight=request.storage_load_weight)
         return encode_answer(chosen, ranked, self._freshness(candidates, result),
-                             len(candidates))
+                             len(candidates), block_size)
 
     async def _tally_decision(
         self, request: pb.FindBestWorkerRequest, candidates: CandidateSet, form: QueryForm,
-        *, overlap_weight: float, temperature: float, limit: int,
+        model_block_size: int, *, overlap_weight: float, temperature: float, limit: int,
     ) -> EncodedAnswer | None:
         """The temperature-0 decision from the index's tally (`decide_from_tally`); None
         when the index answers this query only with `score`."""
         assert self._score_tally is not None
-        query = await self._index_query(request.score, candidates, "score.", False, form)
+        query = self._index_query(request.score, candidates, "score.", False, form,
+                                  model_block_size=model_block_size)
         if isinstance(query, ScoreResult):  # pragma: no cover - candidates is not empty
             return None
         async with self._query_slots:
@@ -675,7 +700,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         if tally.query_blocks:  # for Diagnose, as _run_query
             self.outcomes.record(query.model, bool(form.tokens), request.score.block_size, hit)
         return encode_answer(chosen, ranked, self._freshness(candidates, None),
-                             len(candidates))
+                             len(candidates), model_block_size)
 
     async def _streamed_decisions(
         self, item: bytes | pb.FindBestWorkerStreamRequest, context: grpc.aio.ServicerContext

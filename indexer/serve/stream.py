@@ -26,7 +26,8 @@ import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Final, TypeVar
 
-__all__ = ["DEFAULT_STREAM_CANDIDATES", "StreamedAnswers", "answer_in_order", "split_requests"]
+__all__ = ["DEFAULT_STREAM_CANDIDATES", "StreamedAnswers", "answer_in_order", "split_requests",
+           "varint"]
 
 # Candidates answered per decision when a streamed request sets no `max_candidates`.
 DEFAULT_STREAM_CANDIDATES: Final = 8
@@ -98,7 +99,8 @@ def _read_varint(data: bytes, at: int) -> tuple[int, int]:
         shift += 7
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """`value` (>= 0) as protobuf's base-128 varint."""
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
@@ -146,14 +148,14 @@ class StreamedAnswers:
         self.codes: list[int] = []
 
     def add_answer(self, answer: bytes) -> None:
-        self._add(b"\x0a" + _varint(len(answer)) + answer, 0)
+        self._add(b"\x0a" + varint(len(answer)) + answer, 0)
 
     def add_error(self, code: int, message: str) -> None:
         text = message.encode()
-        self._add(b"\x10" + _varint(code) + b"\x1a" + _varint(len(text)) + text, code)
+        self._add(b"\x10" + varint(code) + b"\x1a" + varint(len(text)) + text, code)
 
     def _add(self, entry: bytes, code: int) -> None:
-        self.data += b"\x0a" + _varint(len(entry)) + entry
+        self.data += b"\x0a" + varint(len(entry)) + entry
         self.codes.append(code)
 
     def SerializeToString(self) -> bytes:  # noqa: N802 - what grpc's serialiser calls

@@ -19,7 +19,7 @@ SEVERITY_WARNING: Severity
 SEVERITY_ERROR: Severity
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("model", "lora_name", "cache_salt", "token_ids", "block_keys", "token_bytes", "block_key_bytes", "workers", "tier_weights", "include_zero", "block_size", "role", "max_scores")
+    __slots__ = ("model", "lora_name", "cache_salt", "token_ids", "block_keys", "token_bytes", "block_key_bytes", "workers", "tier_weights", "include_zero", "block_size", "role", "keys_block_size", "max_scores")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LORA_NAME_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class ScoreRequest(_message.Message):
     INCLUDE_ZERO_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SCORES_FIELD_NUMBER: _ClassVar[int]
     model: str
     lora_name: str
@@ -45,8 +46,9 @@ class ScoreRequest(_message.Message):
     include_zero: bool
     block_size: int
     role: str
+    keys_block_size: int
     max_scores: int
-    def __init__(self, model: _Optional[str] = ..., lora_name: _Optional[str] = ..., cache_salt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., block_keys: _Optional[_Iterable[int]] = ..., token_bytes: _Optional[bytes] = ..., block_key_bytes: _Optional[bytes] = ..., workers: _Optional[_Iterable[str]] = ..., tier_weights: _Optional[_Union[TierWeights, _Mapping]] = ..., include_zero: _Optional[bool] = ..., block_size: _Optional[int] = ..., role: _Optional[str] = ..., max_scores: _Optional[int] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., lora_name: _Optional[str] = ..., cache_salt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., block_keys: _Optional[_Iterable[int]] = ..., token_bytes: _Optional[bytes] = ..., block_key_bytes: _Optional[bytes] = ..., workers: _Optional[_Iterable[str]] = ..., tier_weights: _Optional[_Union[TierWeights, _Mapping]] = ..., include_zero: _Optional[bool] = ..., block_size: _Optional[int] = ..., role: _Optional[str] = ..., keys_block_size: _Optional[int] = ..., max_scores: _Optional[int] = ...) -> None: ...
 
 class TierWeights(_message.Message):
     __slots__ = ("gpu", "cpu", "storage", "other")
@@ -61,16 +63,18 @@ class TierWeights(_message.Message):
     def __init__(self, gpu: _Optional[float] = ..., cpu: _Optional[float] = ..., storage: _Optional[float] = ..., other: _Optional[float] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("query_blocks", "scores", "freshness", "score_count")
+    __slots__ = ("query_blocks", "scores", "freshness", "score_count", "block_size")
     QUERY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     FRESHNESS_FIELD_NUMBER: _ClassVar[int]
     SCORE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     query_blocks: int
     scores: _containers.RepeatedCompositeFieldContainer[WorkerScore]
     freshness: Freshness
     score_count: int
-    def __init__(self, query_blocks: _Optional[int] = ..., scores: _Optional[_Iterable[_Union[WorkerScore, _Mapping]]] = ..., freshness: _Optional[_Union[Freshness, _Mapping]] = ..., score_count: _Optional[int] = ...) -> None: ...
+    block_size: int
+    def __init__(self, query_blocks: _Optional[int] = ..., scores: _Optional[_Iterable[_Union[WorkerScore, _Mapping]]] = ..., freshness: _Optional[_Union[Freshness, _Mapping]] = ..., score_count: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class WorkerScore(_message.Message):
     __slots__ = ("worker_id", "dp_rank", "matched_blocks", "weighted_score", "blocks_by_tier")
@@ -140,20 +144,22 @@ class WorkerLoad(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., active_blocks: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., prefill_tokens_in_flight: _Optional[int] = ...) -> None: ...
 
 class FindBestWorkerResponse(_message.Message):
-    __slots__ = ("worker_id", "dp_rank", "matched_blocks", "candidates", "freshness", "candidate_count")
+    __slots__ = ("worker_id", "dp_rank", "matched_blocks", "candidates", "freshness", "candidate_count", "block_size")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DP_RANK_FIELD_NUMBER: _ClassVar[int]
     MATCHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     FRESHNESS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     dp_rank: int
     matched_blocks: int
     candidates: _containers.RepeatedCompositeFieldContainer[CandidateCost]
     freshness: Freshness
     candidate_count: int
-    def __init__(self, worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., matched_blocks: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[CandidateCost, _Mapping]]] = ..., freshness: _Optional[_Union[Freshness, _Mapping]] = ..., candidate_count: _Optional[int] = ...) -> None: ...
+    block_size: int
+    def __init__(self, worker_id: _Optional[str] = ..., dp_rank: _Optional[int] = ..., matched_blocks: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[CandidateCost, _Mapping]]] = ..., freshness: _Optional[_Union[Freshness, _Mapping]] = ..., candidate_count: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class FindBestWorkerStreamRequest(_message.Message):
     __slots__ = ("requests",)
