@@ -30,6 +30,15 @@ Results are typed structs, never protobuf messages. gRPC errors become:
     ├── InternalError            a bug on the server (it logged the traceback)
     └── StreamClosedError        a decision stream ended before this answer (`code`: how)
 
+Prompts go as block keys (`block_key_bytes`, an eighth of the bytes of the token ids at
+16-token blocks) once the client knows the model's block size: each answer reports it
+(`block_size`), the client keeps it per model and hashes the next prompts of that model
+itself (kvcore/keys.py, rooted in model, LoRA adapter and cache salt as on the server).
+Until then, or from a server too old to report it, they go as token ids. The keys carry
+the size they were computed at (`keys_block_size`): a server whose model now has another
+block size refuses them, and the client resends that query's token ids and learns the new
+size from the answer (`learn_block_size=False`: always token ids).
+
 Many decisions per second go over one stream (FindBestWorkerStream), answers in order:
 
     with client.decision_stream() as stream:                    # async: async with
@@ -47,10 +56,10 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, NamedTuple, Self
 
 import grpc
 import msgspec
@@ -67,6 +76,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "AsyncDecisionStream",
     "AsyncIndexerClient",
+    "BlockSizes",
     "CandidateCost",
     "DeadlineExceededError",
     "Decision",
@@ -275,13 +285,14 @@ class IndexerStats(msgspec.Struct, frozen=True):
 
 
 def _score_request(query: Query, max_scores: int | None = None, *,
-                   packed_tokens: bool = True, keys_from_tokens: bool = False
-                   ) -> pb.ScoreRequest:
+                   packed_tokens: bool = True, keys_from_tokens: bool = False,
+                   key_block_size: int = 0) -> pb.ScoreRequest:
     """`packed_tokens`: token ids go as `token_bytes` (packed u32, what the server reads
     fastest), else as `token_ids` (what servers before `token_bytes` read).
-    `keys_from_tokens`: a query with token ids and a `block_size` goes as its block keys
-    (`block_key_bytes`, 8 bytes per block: what the server would compute), unless
-    `packed_tokens` is off."""
+    `key_block_size` (a size learnt from the server), or with `keys_from_tokens` the
+    query's `block_size`: a query with token ids goes as its block keys at that size
+    (`block_key_bytes`, 8 bytes per block: what the server would compute; with
+    `keys_block_size`, which the server checks), unless `packed_tokens` is off."""
     if isinstance(query.token_ids, bytes | bytearray | memoryview):
         # A bytes object is a Sequence[int] of bytes, not of token ids: refuse, not guess.
         raise TypeError("Query.token_ids must be a sequence of ints, not bytes "
@@ -291,8 +302,10 @@ def _score_request(query: Query, max_scores: int | None = None, *,
         workers=query.workers, include_zero=query.include_zero, block_size=query.block_size,
         role=query.role,
     )
-    if query.token_ids is not None and packed_tokens and keys_from_tokens and query.block_size:
-        request.block_key_bytes = _keys_of(query)
+    key_block_size = key_block_size or (query.block_size if keys_from_tokens else 0)
+    if query.token_ids is not None and packed_tokens and key_block_size:
+        request.block_key_bytes = _keys_of(query, key_block_size)
+        request.keys_block_size = key_block_size
     elif query.token_ids is not None and packed_tokens:
         request.token_bytes = _packed(query.token_ids)
     elif query.token_ids is not None:
@@ -320,12 +333,79 @@ def _packed(token_ids: Sequence[int]) -> bytes:
                          f"({exc})") from exc
 
 
-def _keys_of(query: Query) -> bytes:
-    """The block keys of a query's token ids at its block size, packed u64 (the chained
+def _keys_of(query: Query, block_size: int) -> bytes:
+    """The block keys of a query's token ids at `block_size`, packed u64 (the chained
     hash the server computes: kvcore/keys.py)."""
     assert query.token_ids is not None
     seed = root_seed(query.model, query.lora_name, query.cache_salt)
-    return block_keys_packed(_packed(query.token_ids), query.block_size, seed)
+    return block_keys_packed(_packed(query.token_ids), block_size, seed)
+
+
+def _batch_request(queries: Sequence[Query], sizes: Sequence[int],
+                   packed_tokens: bool) -> pb.ScoreBatchRequest:
+    return pb.ScoreBatchRequest(requests=[
+        _score_request(q, packed_tokens=packed_tokens, key_block_size=size)
+        for q, size in zip(queries, sizes, strict=True)])
+
+
+def _batch_answers(sizes: BlockSizes, queries: Sequence[Query],
+                   response: pb.ScoreBatchResponse) -> list[ScoreAnswer]:
+    for query, answer in zip(queries, response.responses, strict=False):
+        sizes.update(query.model, answer.block_size)
+    return [_score_answer(r) for r in response.responses]
+
+
+def _forget(sizes: BlockSizes, queries: Sequence[Query]) -> None:
+    for query in queries:
+        sizes.forget(query.model)
+
+
+# What the server's refusal of keys at another block size than the model's starts with
+# (after the field's prefix): the client then resends the token ids.
+_KEYS_REFUSED: Final = "keys_block_size:"
+
+
+def _keys_refused(exc: IndexerClientError) -> bool:
+    return (exc.code == grpc.StatusCode.FAILED_PRECONDITION
+            and _KEYS_REFUSED in exc.details.split(" ", 1)[0])
+
+
+class BlockSizes:
+    """The block size of each model as the server's answers last reported it, and the
+    size a query's keys are computed at. Shared by a client's calls and streams (a dict
+    update is atomic: threads may share it)."""
+
+    def __init__(self, learn: bool, keys_from_tokens: bool, packed_tokens: bool) -> None:
+        self.learn = learn and packed_tokens
+        self.keys_from_tokens = keys_from_tokens and packed_tokens
+        self._sizes: dict[str, int] = {}
+
+    def get(self, model: str) -> int:
+        """The learnt block size of `model`; 0: none."""
+        return self._sizes.get(model, 0)
+
+    def for_keys(self, query: Query) -> int:
+        """The block size to send `query`'s token ids as keys at; 0: send them as they are
+        (none learnt, or the query names another block size than the learnt one)."""
+        if query.token_ids is None:
+            return 0
+        learnt = self._sizes.get(query.model, 0) if self.learn else 0
+        if learnt:
+            return learnt if query.block_size in (0, learnt) else 0
+        return query.block_size if self.keys_from_tokens else 0
+
+    def update(self, model: str, block_size: int) -> None:
+        """What an answer for `model` reported (0: the server does not know it, or is
+        older than the field: nothing learnt)."""
+        if not self.learn:
+            return
+        if block_size:
+            self._sizes[model] = block_size
+        else:
+            self._sizes.pop(model, None)
+
+    def forget(self, model: str) -> None:
+        self._sizes.pop(model, None)
 
 
 def _find_request(
@@ -339,10 +419,11 @@ def _find_request(
     storage_load_weight: float | None = None,
     packed_tokens: bool = True,
     keys_from_tokens: bool = False,
+    key_block_size: int = 0,
 ) -> pb.FindBestWorkerRequest:
     request = pb.FindBestWorkerRequest(
         score=_score_request(query, packed_tokens=packed_tokens,
-                             keys_from_tokens=keys_from_tokens),
+                             keys_from_tokens=keys_from_tokens, key_block_size=key_block_size),
         loads=[pb.WorkerLoad(worker_id=w.worker_id, dp_rank=w.dp_rank,
                              active_blocks=w.active_blocks,
                              waiting_requests=w.waiting_requests,
@@ -473,12 +554,37 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     max_candidates: int | None = None
     storage_load_weight: float | None = None
 
-    def request(self, *, packed_tokens: bool = True,
-                keys_from_tokens: bool = False) -> pb.FindBestWorkerRequest:
+    def request(self, *, packed_tokens: bool = True, keys_from_tokens: bool = False,
+                key_block_size: int = 0) -> pb.FindBestWorkerRequest:
         return _find_request(self.query, self.loads, self.overlap_weight, self.temperature,
                              self.seed, max_candidates=self.max_candidates,
                              storage_load_weight=self.storage_load_weight,
-                             packed_tokens=packed_tokens, keys_from_tokens=keys_from_tokens)
+                             packed_tokens=packed_tokens, keys_from_tokens=keys_from_tokens,
+                             key_block_size=key_block_size)
+
+
+class _Pending(NamedTuple):
+    """A streamed decision awaiting its answer: what to resend as token ids if the server
+    refuses its keys (`key_block_size` > 0: sent as keys at that size)."""
+
+    future: Any  # concurrent.futures.Future or asyncio.Future of a WorkerChoice
+    decision: Decision
+    key_block_size: int
+
+
+def _answered(pending: _Pending, entry: pb.StreamedDecision, sizes: BlockSizes
+              ) -> WorkerChoice | IndexerClientError | None:
+    """A streamed answer, learning the model's block size from it; None when the server
+    refused keys computed at a stale block size (resend the token ids)."""
+    answer = _streamed_choice(entry)
+    model = pending.decision.query.model
+    if isinstance(answer, IndexerClientError):
+        if pending.key_block_size and _keys_refused(answer):
+            sizes.forget(model)
+            return None
+        return answer
+    sizes.update(model, entry.answer.block_size)
+    return answer
 
 
 class StreamClosedError(IndexerClientError):
@@ -502,10 +608,9 @@ class DecisionStream:
         self._timeout = client.timeout
         self._max_batch = max_batch
         self._packed_tokens = client.packed_tokens
-        self._keys_from_tokens = client.keys_from_tokens
+        self._sizes = client.block_sizes
         self._lock = threading.Lock()
-        self._pending: collections.deque[concurrent.futures.Future[WorkerChoice]] = \
-            collections.deque()
+        self._pending: collections.deque[_Pending] = collections.deque()
         self._outbox: queue.SimpleQueue[pb.FindBestWorkerRequest | None] = queue.SimpleQueue()
         self._ended: IndexerClientError | None = None
         self._call = client._stub.FindBestWorkerStream(self._messages(),
@@ -515,15 +620,19 @@ class DecisionStream:
 
     def submit(self, decision: Decision) -> concurrent.futures.Future[WorkerChoice]:
         """Queue one request; its answer arrives in the returned Future."""
-        request = decision.request(packed_tokens=self._packed_tokens,
-                                   keys_from_tokens=self._keys_from_tokens)
         future: concurrent.futures.Future[WorkerChoice] = concurrent.futures.Future()
-        with self._lock:  # the answers' order is the order of the requests in the outbox
+        with self._lock:
             if self._ended is not None:
                 raise self._ended
-            self._pending.append(future)
-            self._outbox.put(request)
+            self._queue(future, decision, self._sizes.for_keys(decision.query))
         return future
+
+    def _queue(self, future: concurrent.futures.Future[WorkerChoice], decision: Decision,
+               key_block_size: int) -> None:
+        """Under the lock: the answers' order is the order of the requests in the outbox."""
+        self._pending.append(_Pending(future, decision, key_block_size))
+        self._outbox.put(decision.request(packed_tokens=self._packed_tokens,
+                                          key_block_size=key_block_size))
 
     def find_best_worker(self, decision: Decision, *,
                          timeout: float | None = None) -> WorkerChoice:
@@ -561,25 +670,32 @@ class DecisionStream:
         try:
             for response in self._call:
                 for entry in response.answers:
-                    answer = _streamed_choice(entry)
                     with self._lock:
-                        future = self._pending.popleft()
+                        pending = self._pending.popleft()
+                        answer = _answered(pending, entry, self._sizes)
+                        if answer is None:  # keys at a stale block size: the token ids
+                            self._queue(pending.future, pending.decision, 0)
+                            continue
                     if isinstance(answer, IndexerClientError):
-                        future.set_exception(answer)
+                        pending.future.set_exception(answer)
                     else:
-                        future.set_result(answer)
+                        pending.future.set_result(answer)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 broken = error_from_rpc(exc)
                 ended = StreamClosedError(broken.code, broken.details)
         with self._lock:
             self._ended = ended
-            pending, self._pending = self._pending, collections.deque()
-        for future in pending:
-            future.set_exception(ended)
+            unanswered, self._pending = self._pending, collections.deque()
+        for entry in unanswered:
+            entry.future.set_exception(ended)
 
     def close(self) -> None:
-        """Wait for every answer, then end the stream."""
+        """Wait for every answer (a request resent as token ids included), then end the
+        stream."""
+        with self._lock:
+            futures = [entry.future for entry in self._pending]
+        concurrent.futures.wait(futures)
         with self._lock:
             if self._ended is None:
                 self._outbox.put(None)
@@ -617,8 +733,8 @@ class AsyncDecisionStream:
         self._timeout = client.timeout
         self._max_batch = max_batch
         self._packed_tokens = client.packed_tokens
-        self._keys_from_tokens = client.keys_from_tokens
-        self._pending: collections.deque[asyncio.Future[WorkerChoice]] = collections.deque()
+        self._sizes = client.block_sizes
+        self._pending: collections.deque[_Pending] = collections.deque()
         self._outbox: asyncio.Queue[pb.FindBestWorkerRequest | None] = asyncio.Queue()
         self._ended: IndexerClientError | None = None
         self._call = client._stub.FindBestWorkerStream(metadata=client._metadata)
@@ -631,15 +747,19 @@ class AsyncDecisionStream:
         if self._ended is not None:
             raise self._ended
         future: asyncio.Future[WorkerChoice] = asyncio.get_running_loop().create_future()
-        self._pending.append(future)  # the answers' order is the order of the outbox
-        self._outbox.put_nowait(decision.request(packed_tokens=self._packed_tokens,
-                                   keys_from_tokens=self._keys_from_tokens))
+        self._queue(future, decision, self._sizes.for_keys(decision.query))
         try:
             return await asyncio.wait_for(asyncio.shield(future),
                                           self._timeout if timeout is None else timeout)
         except TimeoutError as exc:
             raise DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                         "no answer on the decision stream in time") from exc
+
+    def _queue(self, future: asyncio.Future[WorkerChoice], decision: Decision,
+               key_block_size: int) -> None:
+        self._pending.append(_Pending(future, decision, key_block_size))  # the outbox's order
+        self._outbox.put_nowait(decision.request(packed_tokens=self._packed_tokens,
+                                                 key_block_size=key_block_size))
 
     async def _write(self) -> None:
         try:
@@ -664,11 +784,14 @@ class AsyncDecisionStream:
         try:
             async for response in self._call:
                 for entry in response.answers:
-                    answer = _streamed_choice(entry)
-                    future = self._pending.popleft()
-                    if future.done():
+                    pending = self._pending.popleft()
+                    answer = _answered(pending, entry, self._sizes)
+                    future = pending.future
+                    if answer is None:  # keys at a stale block size: the token ids
+                        self._queue(future, pending.decision, 0)
+                    elif future.done():
                         continue
-                    if isinstance(answer, IndexerClientError):
+                    elif isinstance(answer, IndexerClientError):
                         future.set_exception(answer)
                     else:
                         future.set_result(answer)
@@ -679,12 +802,16 @@ class AsyncDecisionStream:
         self._ended = ended
         self._writer.cancel()
         while self._pending:
-            future = self._pending.popleft()
+            future = self._pending.popleft().future
             if not future.done():
                 future.set_exception(ended)
 
     async def close(self) -> None:
-        """Wait for every answer, then end the stream."""
+        """Wait for every answer (a request resent as token ids included), then end the
+        stream."""
+        futures = [entry.future for entry in self._pending]
+        if futures:
+            await asyncio.wait(futures)
         if self._ended is None:
             self._outbox.put_nowait(None)
         await self._reader
@@ -741,6 +868,7 @@ class _BaseClient:
         tls_server_name: str | None = None,
         packed_tokens: bool = True,
         keys_from_tokens: bool = False,
+        learn_block_size: bool = True,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
@@ -755,6 +883,9 @@ class _BaseClient:
         # Token ids with an explicit Query.block_size as block_key_bytes (an eighth of the
         # bytes at 16-token blocks); needs a server that reads block_key_bytes.
         self.keys_from_tokens = keys_from_tokens
+        # Token ids as block_key_bytes at the block size the server's answers report for
+        # the model (learnt per model; a server that reports none gets token ids).
+        self.block_sizes = BlockSizes(learn_block_size, keys_from_tokens, packed_tokens)
         self.retry = retry or RetryPolicy()
         self.tls = tls or root_certificates is not None or client_cert is not None
         self._credentials = grpc.ssl_channel_credentials(
@@ -805,13 +936,29 @@ class IndexerClient(_BaseClient):
                     raise error_from_rpc(exc) from exc
             time.sleep(delay)
 
+    def _prompt_call(self, method: Any, queries: Sequence[Query],
+                     make: Callable[[Sequence[int]], Any], timeout: float | None) -> Any:
+        """`method` with the request `make(sizes)` builds (`sizes`: per query, the block
+        size its keys are computed at, 0 for its token ids); when the server refuses keys
+        at a stale block size, the token ids again."""
+        sizes = [self.block_sizes.for_keys(q) for q in queries]
+        try:
+            return self._call(method, make(sizes), timeout)
+        except IndexerClientError as exc:
+            if not any(sizes) or not _keys_refused(exc):
+                raise
+        _forget(self.block_sizes, queries)
+        return self._call(method, make([0] * len(queries)), timeout)
+
     def score(self, query: Query, *, max_scores: int | None = None,
               timeout: float | None = None) -> ScoreAnswer:
         """Per (worker, dp_rank), the leading query blocks it holds (the best `max_scores`
         of them; None: every one)."""
-        request = _score_request(query, max_scores, packed_tokens=self.packed_tokens,
-                                 keys_from_tokens=self.keys_from_tokens)
-        return _score_answer(self._call(self._stub.Score, request, timeout))
+        response = self._prompt_call(self._stub.Score, [query], lambda sizes: _score_request(
+            query, max_scores, packed_tokens=self.packed_tokens, key_block_size=sizes[0]),
+            timeout)
+        self.block_sizes.update(query.model, response.block_size)
+        return _score_answer(response)
 
     def find_best_worker(
         self,
@@ -827,22 +974,24 @@ class IndexerClient(_BaseClient):
     ) -> WorkerChoice:
         """The worker with the lowest overlap + load cost (see docs/grpc.md); `candidates`
         holds the cheapest `max_candidates` (None or 0: every candidate)."""
-        request = _find_request(query, loads, overlap_weight, temperature, seed,
-                                max_candidates=max_candidates,
-                                storage_load_weight=storage_load_weight,
-                                packed_tokens=self.packed_tokens,
-                                keys_from_tokens=self.keys_from_tokens)
-        return _worker_choice(self._call(self._stub.FindBestWorker, request, timeout))
+        def make(sizes: Sequence[int]) -> pb.FindBestWorkerRequest:
+            return _find_request(query, loads, overlap_weight, temperature, seed,
+                                 max_candidates=max_candidates,
+                                 storage_load_weight=storage_load_weight,
+                                 packed_tokens=self.packed_tokens, key_block_size=sizes[0])
+
+        response = self._prompt_call(self._stub.FindBestWorker, [query], make, timeout)
+        self.block_sizes.update(query.model, response.block_size)
+        return _worker_choice(response)
 
     def score_batch(
         self, queries: Sequence[Query], *, timeout: float | None = None
     ) -> list[ScoreAnswer]:
         """Several queries in one round trip; answers in query order."""
-        request = pb.ScoreBatchRequest(requests=[
-            _score_request(q, packed_tokens=self.packed_tokens,
-                           keys_from_tokens=self.keys_from_tokens) for q in queries])
-        response = self._call(self._stub.ScoreBatch, request, timeout)
-        return [_score_answer(r) for r in response.responses]
+        response = self._prompt_call(
+            self._stub.ScoreBatch, queries,
+            lambda sizes: _batch_request(queries, sizes, self.packed_tokens), timeout)
+        return _batch_answers(self.block_sizes, queries, response)
 
     def list_workers(
         self, model: str | None = None, *, role: str = "", timeout: float | None = None,
@@ -901,13 +1050,28 @@ class AsyncIndexerClient(_BaseClient):
                     raise error_from_rpc(exc) from exc
             await asyncio.sleep(delay)
 
+    async def _prompt_call(self, method: Any, queries: Sequence[Query],
+                           make: Callable[[Sequence[int]], Any], timeout: float | None) -> Any:
+        """`IndexerClient._prompt_call`, awaited."""
+        sizes = [self.block_sizes.for_keys(q) for q in queries]
+        try:
+            return await self._call(method, make(sizes), timeout)
+        except IndexerClientError as exc:
+            if not any(sizes) or not _keys_refused(exc):
+                raise
+        _forget(self.block_sizes, queries)
+        return await self._call(method, make([0] * len(queries)), timeout)
+
     async def score(self, query: Query, *, max_scores: int | None = None,
                     timeout: float | None = None) -> ScoreAnswer:
         """Per (worker, dp_rank), the leading query blocks it holds (the best `max_scores`
         of them; None: every one)."""
-        request = _score_request(query, max_scores, packed_tokens=self.packed_tokens,
-                                 keys_from_tokens=self.keys_from_tokens)
-        return _score_answer(await self._call(self._stub.Score, request, timeout))
+        response = await self._prompt_call(
+            self._stub.Score, [query], lambda sizes: _score_request(
+                query, max_scores, packed_tokens=self.packed_tokens, key_block_size=sizes[0]),
+            timeout)
+        self.block_sizes.update(query.model, response.block_size)
+        return _score_answer(response)
 
     async def find_best_worker(
         self,
@@ -923,22 +1087,24 @@ class AsyncIndexerClient(_BaseClient):
     ) -> WorkerChoice:
         """The worker with the lowest overlap + load cost (see docs/grpc.md); `candidates`
         holds the cheapest `max_candidates` (None or 0: every candidate)."""
-        request = _find_request(query, loads, overlap_weight, temperature, seed,
-                                max_candidates=max_candidates,
-                                storage_load_weight=storage_load_weight,
-                                packed_tokens=self.packed_tokens,
-                                keys_from_tokens=self.keys_from_tokens)
-        return _worker_choice(await self._call(self._stub.FindBestWorker, request, timeout))
+        def make(sizes: Sequence[int]) -> pb.FindBestWorkerRequest:
+            return _find_request(query, loads, overlap_weight, temperature, seed,
+                                 max_candidates=max_candidates,
+                                 storage_load_weight=storage_load_weight,
+                                 packed_tokens=self.packed_tokens, key_block_size=sizes[0])
+
+        response = await self._prompt_call(self._stub.FindBestWorker, [query], make, timeout)
+        self.block_sizes.update(query.model, response.block_size)
+        return _worker_choice(response)
 
     async def score_batch(
         self, queries: Sequence[Query], *, timeout: float | None = None
     ) -> list[ScoreAnswer]:
         """Several queries in one round trip; answers in query order."""
-        request = pb.ScoreBatchRequest(requests=[
-            _score_request(q, packed_tokens=self.packed_tokens,
-                           keys_from_tokens=self.keys_from_tokens) for q in queries])
-        response = await self._call(self._stub.ScoreBatch, request, timeout)
-        return [_score_answer(r) for r in response.responses]
+        response = await self._prompt_call(
+            self._stub.ScoreBatch, queries,
+            lambda sizes: _batch_request(queries, sizes, self.packed_tokens), timeout)
+        return _batch_answers(self.block_sizes, queries, response)
 
     async def list_workers(
         self, model: str | None = None, *, role: str = "", timeout: float | None = None,

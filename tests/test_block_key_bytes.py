@@ -218,14 +218,15 @@ class TestClientSendsKeys:
         keyed_requests: list[Query] = []
         keys_of_query = client_module._keys_of
 
-        def counted(query: Query) -> bytes:
+        def counted(query: Query, block_size: int) -> bytes:
             keyed_requests.append(query)
-            return keys_of_query(query)
+            return keys_of_query(query, block_size)
 
         monkeypatch.setattr(client_module, "_keys_of", counted)
         async with serving(index) as (_, port):
             for keyed in (False, True):
-                client = AsyncIndexerClient(f"127.0.0.1:{port}", keys_from_tokens=keyed)
+                client = AsyncIndexerClient(f"127.0.0.1:{port}", keys_from_tokens=keyed,
+                                            learn_block_size=False)
                 async with client:
                     choices = [await client.find_best_worker(q, max_candidates=4)
                                for q in queries]
@@ -234,7 +235,8 @@ class TestClientSendsKeys:
                         streamed = await asyncio.gather(*(
                             stream.find_best_worker(Decision(query=q, max_candidates=4))
                             for q in queries))
-                sync = IndexerClient(f"127.0.0.1:{port}", keys_from_tokens=keyed)
+                sync = IndexerClient(f"127.0.0.1:{port}", keys_from_tokens=keyed,
+                                     learn_block_size=False)
                 try:
                     synced = await asyncio.to_thread(_sync_answers, sync, queries)
                 finally:
