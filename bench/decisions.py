@@ -3,8 +3,10 @@
 
 1,024 worker ranks (every one live) hold the shared-prefix workload (bench/workload.py);
 each decision is a FindBestWorker of one 8,192-token prompt as `token_bytes` (packed u32,
-what the client library sends), with the loads of 8 ranks and `max_candidates` 8 (the same
-request bytes on both paths). The real server
+what the client library sends until it knows the model's block size), or as
+`block_key_bytes` (what it sends once an answer told it the block size: the bench's client
+learns it from the server first), with the loads of 8 ranks and `max_candidates` 8 (the
+same request bytes on both paths). The real server
 (`start_grpc_server`, in-memory index, uvloop, GC tuned as `kv-indexer serve` runs it)
 runs in a spawned process of its own; the load comes from bench/grpcload.c (C,
 libnghttp2): unary calls, or messages on one bidirectional stream per connection. For
@@ -37,8 +39,8 @@ from bench.grpc_score import SpawnedServers, answer_parent
 from bench.workload import make_workload, worker_name
 from indexer._proto.kvindex.v1 import indexer_pb2 as pb
 from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
+from indexer.client import AsyncIndexerClient, Decision, Query
 from kvcore.bus import pack_tokens
-from kvcore.keys import block_keys_packed, root_seed
 from kvsim.report import pct, verdict, write_section
 
 MODEL = "bench/model"
@@ -92,19 +94,18 @@ def start_server(spec: ServerSpec) -> SpawnedServers:
 
 
 def requests(queries: list[list[int]], ranks: int, seed: int = 18,
-             form: str = TOKEN_BYTES) -> list[pb.FindBestWorkerRequest]:
+             form: str = TOKEN_BYTES, block_size: int = BLOCK_SIZE
+             ) -> list[pb.FindBestWorkerRequest]:
     """The bench's requests, the prompts in `form`: `token_bytes` (what the client library
-    sends by default), `token_ids`, or `block_key_bytes` (with block_size 16: what it
-    sends with keys_from_tokens)."""
+    sends while it does not know the model's block size), `token_ids`, or
+    `block_key_bytes` (what it sends once it learnt `block_size`: its own request)."""
     rng = random.Random(seed)
-    seed_key = root_seed(MODEL)
     out = []
     for tokens in queries:
         packed = pack_tokens(tokens)
         if form == KEY_BYTES:
-            query = pb.ScoreRequest(model=MODEL, block_size=BLOCK_SIZE,
-                                    block_key_bytes=block_keys_packed(packed, BLOCK_SIZE,
-                                                                      seed_key))
+            query = Decision(query=Query(model=MODEL, token_ids=tokens)).request(
+                key_block_size=block_size).score
         elif form == TOKEN_BYTES:
             query = pb.ScoreRequest(model=MODEL, token_bytes=packed)
         else:
@@ -123,6 +124,13 @@ def messages(reqs: list[pb.FindBestWorkerRequest], batch: int) -> list[bytes]:
         return [r.SerializeToString() for r in reqs]
     return [pb.FindBestWorkerStreamRequest(requests=reqs[i : i + batch]).SerializeToString()
             for i in range(0, len(reqs) - batch + 1, batch)]
+
+
+async def learnt_block_size(port: int, prompt: list[int]) -> int:
+    """The model's block size as the client library learns it: from a Score answer."""
+    async with AsyncIndexerClient(f"127.0.0.1:{port}", timeout=30) as client:
+        await client.score(Query(model=MODEL, token_ids=prompt), max_scores=1)
+        return client.block_sizes.get(MODEL)
 
 
 async def check_answers(port: int, sample: list[pb.FindBestWorkerRequest]) -> int:
@@ -309,8 +317,9 @@ def report(args: argparse.Namespace, rows: list[Row], *, hits: int, checked: int
         f"worker ranks holding >= {args.blocks:,} blocks of the shared-prefix workload (every "
         f"rank live), {args.queries} prompts of 8,192 tokens (16-token blocks) sent as "
         f"token_bytes (packed u32) in turn, or on the 'block keys' rows as block_key_bytes "
-        f"(the prompt's 512 block keys, packed u64, as the client sends them with "
-        f"keys_from_tokens), each with the loads of {LOADED_RANKS} ranks and "
+        f"(the prompt's 512 block keys, packed u64, with keys_block_size: the client "
+        f"library's request once it learnt the model's block size from a Score answer, "
+        f"as the bench's client did first), each with the loads of {LOADED_RANKS} ranks and "
         f"max_candidates {CANDIDATES}. Load from bench/grpcload.c on the same host: unary "
         "FindBestWorker calls, or messages on one FindBestWorkerStream per connection, of "
         f"{' or '.join(str(b) for b in (1, *args.batches))} decisions each (server stream "
@@ -391,12 +400,15 @@ def main() -> None:
     queries = make_workload(args.ranks, args.blocks, n_queries=args.queries).queries
     reqs = requests(queries, args.ranks)
     listed = requests(queries, args.ranks, form=TOKEN_IDS)
-    keyed = requests(queries, args.ranks, form=KEY_BYTES)
-    by_form = {TOKEN_BYTES: reqs, KEY_BYTES: keyed}
     spec = ServerSpec(args.ranks, args.blocks, args.queries, args.stream_window)
     server = start_server(spec)
     rows: list[Row] = []
     try:
+        learnt = asyncio.run(learnt_block_size(server.port, queries[0]))
+        if learnt != BLOCK_SIZE:
+            raise SystemExit(f"the client learnt block size {learnt}, not {BLOCK_SIZE}")
+        keyed = requests(queries, args.ranks, form=KEY_BYTES, block_size=learnt)
+        by_form = {TOKEN_BYTES: reqs, KEY_BYTES: keyed}
         checked = min(60, len(reqs))
         hits = asyncio.run(check_answers(server.port, reqs[:checked]))
         with tempfile.TemporaryDirectory() as tmp:

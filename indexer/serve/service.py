@@ -377,6 +377,13 @@ def _check_keys_block_size(request: pb.ScoreRequest, form: QueryForm, known: int
                             "blocks; send the token ids (or keys at its block size)")
 
 
+def _from_tokens(request: pb.ScoreRequest, form: QueryForm) -> bool:
+    """Did the query come from token ids, for Diagnose: token ids, or keys the client
+    computed from them (`keys_block_size`: the client library's, learnt), whose misses
+    mean another tokenizer rather than another hash scheme."""
+    return bool(form.tokens) or bool(request.keys_block_size)
+
+
 def _not_one_form(field: str, given: Sequence[str]) -> InvalidQueryError:
     forms = ", ".join(f"{field}{name}" for name in _FORMS)
     return InvalidQueryError(f"exactly one of {forms} must be set, got "
@@ -595,7 +602,8 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         if result.query_blocks:  # for Diagnose: did any candidate hold the first block?
             hit = bool(result.scores) and (not include_zero or any(
                 s.matched_blocks for s in result.scores))
-            self.outcomes.record(request.model, bool(form.tokens), request.block_size, hit)
+            self.outcomes.record(request.model, _from_tokens(request, form), request.block_size,
+                                 hit)
         return result
 
     def _index_query(
@@ -698,7 +706,8 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
             temperature=temperature, limit=limit,
             storage_load_weight=request.storage_load_weight)
         if tally.query_blocks:  # for Diagnose, as _run_query
-            self.outcomes.record(query.model, bool(form.tokens), request.score.block_size, hit)
+            self.outcomes.record(query.model, _from_tokens(request.score, form),
+                                 request.score.block_size, hit)
         return encode_answer(chosen, ranked, self._freshness(candidates, None),
                              len(candidates), model_block_size)
 
