@@ -78,7 +78,7 @@ class TestDurableLedger:
             seq += 2
         log_key = f"{model_prefix(MODEL)}w:0:log"
         live = 18 * 6 + 9 * 3
-        assert 0 < await redis_client.strlen(log_key) <= 2 * live + 18 * 6
+        assert 0 < len(await log_of(redis_client, log_key)) <= 2 * live + 18 * 6
         reloaded = RedisIndex(redis_client, config=CONFIG)
         final = batch(seq, stored(6, 6, parent=5))
         await reloaded.apply([final])
@@ -86,6 +86,56 @@ class TestDurableLedger:
         assert await reloaded.presence(MODEL) == await memory.presence(MODEL)
         assert (await reloaded.stats()).dropped == {}  # parent 5 is a ghost: it resolved
         assert await matched(reloaded) == 4  # block 5 itself is evicted: the prefix stops
+
+
+    async def test_string_log_of_an_earlier_version_loads_and_is_replaced(
+        self, redis_client: aioredis.Redis
+    ) -> None:
+        """A log an earlier version wrote as one string replays; the next write replaces
+        it by a list that replays to the same ledger."""
+        history = [batch(0, stored(1, 2)), batch(1, stored(3, 4, parent=2))]
+        await RedisIndex(redis_client, config=CONFIG).apply(history)
+        log_key = f"{model_prefix(MODEL)}w:0:log"
+        whole = await log_of(redis_client, log_key)
+        await redis_client.delete(log_key)
+        await redis_client.set(log_key, whole)  # as earlier versions stored it
+        reloaded = RedisIndex(redis_client, config=CONFIG)
+        later = batch(2, stored(5, 5, parent=4))
+        await reloaded.apply([later])
+        assert await redis_client.type(log_key) == b"list"
+        memory = MemoryIndex(CONFIG)
+        await memory.apply([*history, later])
+        again = RedisIndex(redis_client, config=CONFIG)
+        after = batch(3, stored(6, 6, parent=5))  # parent 5 resolves from the new log
+        await again.apply([after])
+        await memory.apply([after])
+        assert await again.presence(MODEL) == await memory.presence(MODEL)
+        assert (await again.stats()).dropped == {}
+
+    async def test_string_log_is_appended_to_by_the_script(
+        self, redis_client: aioredis.Redis
+    ) -> None:
+        """A record appending to a string log (a writer that did not replace it) extends
+        the string instead of failing half-way."""
+        index = RedisIndex(redis_client, config=CONFIG)
+        await index.apply([batch(0, stored(1, 2))])
+        log_key = f"{model_prefix(MODEL)}w:0:log"
+        whole = await log_of(redis_client, log_key)
+        await redis_client.delete(log_key)
+        await redis_client.set(log_key, whole)
+        await index.apply([batch(1, stored(3, 4, parent=2))])  # its cached ledger appends
+        assert await redis_client.type(log_key) == b"string"
+        again = RedisIndex(redis_client, config=CONFIG)
+        await again.apply([batch(2, stored(5, 6, parent=4))])
+        assert (await again.stats()).dropped == {}
+        assert await matched(again) == 6
+
+
+async def log_of(client: aioredis.Redis, log_key: str) -> bytes:
+    """A rank's log as one byte string (its segments joined, or a string log)."""
+    if await client.type(log_key) == b"string":
+        return bytes(await client.get(log_key))
+    return b"".join(await client.lrange(log_key, 0, -1))
 
 
 class TestGuardedWrites:

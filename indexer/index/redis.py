@@ -10,7 +10,8 @@ hash slot and each batch is one atomic Lua call even on Redis Cluster:
     kvi:{m:M}:slotver            STR   bumped whenever a slot id is allocated or freed
     kvi:{m:M}:nextslot           STR   the slot id counter
     kvi:{m:M}:w:<slot>:meta      HASH  pos (epoch, seq), ts, n0..n3, degraded, worker, rank
-    kvi:{m:M}:w:<slot>:log       STR   the rank's ledger as an append-only log (below)
+    kvi:{m:M}:w:<slot>:log       LIST  the rank's ledger as an append-only log (below),
+                                       in segments (a STR in earlier versions)
     kvi:{m:M}:block_size         STR   block size the model's workers store with
     kvi:{m:M}:groups             HASH  KV-cache group > 0 -> "kind\nwindow" (hybrid models)
     kvi:{m:M}:blk<g>             HASH  the holder lists of KV-cache group g > 0
@@ -466,6 +467,7 @@ class RedisIndex:
         self._pool_drop_script = client.register_script(_lua_with_holders("pool_drop.lua"))
         self._floor_script = client.register_script(_RAISE_FLOOR)
         self._log_bytes: dict[WorkerLedger, int] = {}  # size of each ledger's log in Redis
+        self._string_logs: set[WorkerLedger] = set()  # loaded from a string log: replace it
         self._slot_maps: dict[str, _SlotMap] = {}
         self._known_models: set[str] = set()
         self._block_sizes: dict[str, int] = {}
@@ -701,6 +703,7 @@ class RedisIndex:
     def _forget(self, ledger: WorkerLedger) -> None:
         self._ledgers.pop((ledger.model, WorkerRef(ledger.worker_id, ledger.dp_rank)), None)
         self._log_bytes.pop(ledger, None)
+        self._string_logs.discard(ledger)
 
     def _record(
         self, ledger: WorkerLedger, expected: bytes, sink: _OpsSink, remove: bool = False,
@@ -734,8 +737,10 @@ class RedisIndex:
         A hybrid rank's groups follow their `Y` records, and the segment switches back to
         group 0 at its end."""
         groups = sorted(ledger.groups.items())
-        if not journal.reset and not any(g.journal is not None and g.journal.reset
-                                         for _, g in groups):
+        if ledger in self._string_logs:
+            self._string_logs.discard(ledger)
+        elif not journal.reset and not any(g.journal is not None and g.journal.reset
+                                           for _, g in groups):
             parts = [_changes(ledger, journal)]
             for group, group_ledger in groups:
                 if group_ledger.journal is not None:
@@ -809,11 +814,7 @@ class RedisIndex:
             await self._redis.sadd(MODELS_KEY, model)
             self._known_models.add(model)
             return ledger
-        wp = f"{prefix}w:{slot}:"
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hgetall(wp + "meta")
-        pipe.get(wp + "log")
-        meta, log_bytes = await pipe.execute()
+        meta, log_bytes = await self._read_rank(f"{prefix}w:{slot}:", ledger)
         if meta:
             ledger.epoch, ledger.last_seq = _POSITION.unpack(meta[b"pos"])
             ledger.last_ts = float(meta[b"ts"])
@@ -823,6 +824,24 @@ class RedisIndex:
             ledger.load_log(log_bytes)
             self._log_bytes[ledger] = len(log_bytes)
         return ledger
+
+    async def _read_rank(self, wp: str, ledger: WorkerLedger) -> tuple[dict[bytes, bytes], bytes]:
+        """A rank's metadata and its log, read at once: the log's segments joined (a list),
+        or a string an earlier version wrote, which the ledger's next write replaces."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hgetall(wp + "meta")
+        pipe.lrange(wp + "log", 0, -1)
+        meta, segments = await pipe.execute(raise_on_error=False)
+        if not isinstance(segments, ResponseError):
+            if isinstance(meta, Exception):
+                raise meta
+            return meta, b"".join(segments)
+        pipe = self._redis.pipeline(transaction=True)  # WRONGTYPE: a string log
+        pipe.hgetall(wp + "meta")
+        pipe.get(wp + "log")
+        meta, log_bytes = await pipe.execute()
+        self._string_logs.add(ledger)
+        return meta, log_bytes or b""
 
     # --- queries -----------------------------------------------------------------------
 
@@ -1194,6 +1213,7 @@ class RedisIndex:
         self._ledgers.clear()
         self._pool_slots.clear()
         self._log_bytes.clear()
+        self._string_logs.clear()
         self._slot_maps.clear()
         self._known_models.clear()
         self._block_sizes.clear()

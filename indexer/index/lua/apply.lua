@@ -13,7 +13,7 @@
 --           <I4 x4 held blocks per tier> <I4 dp rank> <H worker id length>
 --           <I4 presence ops length> <I4 ledger log length> <I4 block size>
 --           positions are (epoch, seq) as big-endian signed 64-bit; flags: 1 the log
---           segment replaces the rank's log (reset or compaction), 2 degraded, 4 remove
+--           segment replaces the rank's log (reset, compaction, a string log), 2 degraded, 4 remove
 --           the rank after applying, 8 probe the buckets first (Redis Cluster, below); a block size > 0 is stored as the model's
 --   then    worker id, presence ops, ledger log segment (opaque here; see redis.py)
 --           presence op: <c1 'S'|'C'> <I4 bit position> <I4 count> count x key (8 bytes)
@@ -276,6 +276,34 @@ local function apply_presence(rec, pos, stop, wp)
   end
 end
 
+-- A rank's log is a list of segments, read back joined (redis.py `_load_ledger`): a
+-- string grown by APPEND keeps up to as much again in spare capacity, a list's
+-- listpack nodes hold little more than the bytes. LOG_CHUNK bytes per element of a
+-- snapshot keep each in one node. A string log (earlier versions) is appended to
+-- until the writer replaces it (the first write of a ledger loaded from one does).
+local LOG_CHUNK = 4096
+
+local function replace_log(log, rec, pos, llen)
+  redis.call('DEL', log)
+  local chunks, n = {}, 0
+  for at = pos, pos + llen - 1, LOG_CHUNK do
+    n = n + 1
+    chunks[n] = string.sub(rec, at, math.min(at + LOG_CHUNK, pos + llen) - 1)
+    if n == 1000 then
+      redis.call('RPUSH', log, unpack(chunks))
+      chunks, n = {}, 0
+    end
+  end
+  if n > 0 then redis.call('RPUSH', log, unpack(chunks)) end
+end
+
+local function append_log(log, segment)
+  local pushed = redis.pcall('RPUSH', log, segment)
+  if type(pushed) == 'table' and pushed.err then
+    redis.call('APPEND', log, segment)  -- a string log: WRONGTYPE, nothing pushed
+  end
+end
+
 local function apply_one(rec, i)
   local slot, expected, newpos, ts, flags, n0, n1, n2, n3, rank,
         wlen, olen, llen, block_size, pos = struct.unpack(HEADER, rec, 1)
@@ -306,9 +334,9 @@ local function apply_one(rec, i)
     return 'removed'
   end
   if bit.band(flags, 1) ~= 0 then
-    redis.call('SET', wp .. 'log', string.sub(rec, pos, pos + llen - 1))
+    replace_log(wp .. 'log', rec, pos, llen)
   elseif llen > 0 then
-    redis.call('APPEND', wp .. 'log', string.sub(rec, pos, pos + llen - 1))
+    append_log(wp .. 'log', string.sub(rec, pos, pos + llen - 1))
   end
   local degraded = '0'
   if bit.band(flags, 2) ~= 0 then degraded = '1' end
