@@ -39,7 +39,9 @@ names each key from the model's own structures (no scan), and unlists it. Models
 without a rank (left by older versions or a crash) go at `drop_empty_models`.
 
 A ledger log is a sequence of records, replayed in order on reload:
-    b"M" engine hash u64, key u64, tier mask u8   the mapping now is (key, tiers)
+    b"N" tier mask u8, count u16, count x (engine hash u64, key u64)
+                                                  each mapping now is (key, tiers)
+    b"M" engine hash u64, key u64, tier mask u8   one mapping (earlier versions; still read)
     b"D" engine hash u64                          the mapping is gone
     b"U" engine hash u64                          no longer a ghost
     b"G" engine hash u64                          now the most recently evicted ghost
@@ -83,7 +85,7 @@ from indexer.index.hybrid import (
 )
 from indexer.index.ledger import (
     LOG_HASH,
-    LOG_MAP,
+    LOG_RUN_ENTRY,
     Journal,
     WorkerLedger,
     stored_block_size,
@@ -750,7 +752,7 @@ class RedisIndex:
                 parts.append(LOG_HASH.pack(b"Y", 0))
             segment = b"".join(parts)
             size = self._log_bytes.get(ledger, 0) + len(segment)
-            live = sum(LOG_MAP.size * len(one.keys) + LOG_HASH.size * (len(one.ghosts) + 1)
+            live = sum(LOG_RUN_ENTRY.size * len(one.keys) + LOG_HASH.size * (len(one.ghosts) + 1)
                        for one in (ledger, *ledger.groups.values()))
             # A window group stores and frees nearly every block: its churn is most of a
             # hybrid rank's log, so that log is compacted sooner (memory per entry).
