@@ -43,14 +43,15 @@ local HEADER = '<I4c16c16dBI4I4I4I4I4HI4I4I4'
 local buckets = open_buckets(p)
 
 -- The `count` keys (8 bytes each) of `ops` from `pos`, read into `st`'s cache: one
--- HMGET for the op's keys, not one read per block.
+-- HMGET for the op's keys, not one read per block (none when the call's prefetch read
+-- every group-0 key: `all_read`).
 local function op_keys(st, ops, pos, count)
   local keys = {}
   for k = 1, count do
     keys[k] = string.sub(ops, pos, pos + 7)
     pos = pos + 8
   end
-  prefetch(st, keys)
+  if not st.all_read then prefetch(st, keys) end
   return keys
 end
 
@@ -478,6 +479,7 @@ end
 -- of many ranks sends records of a few blocks each).
 if only_hash(buckets) then
   prefetch(buckets, group0_keys())
+  buckets.all_read = true
 end
 
 local statuses = {}
