@@ -42,10 +42,18 @@ local NOPOS = string.rep('\255', 16)
 local HEADER = '<I4c16c16dBI4I4I4I4I4HI4I4I4'
 local buckets = open_buckets(p)
 
+-- The keys of each group-0 S / C op, cut once by `group0_keys`: record -> op position
+-- -> keys.
+local op_tables = {}
+
 -- The `count` keys (8 bytes each) of `ops` from `pos`, read into `st`'s cache: one
 -- HMGET for the op's keys, not one read per block (none when the call's prefetch read
 -- every group-0 key: `all_read`).
 local function op_keys(st, ops, pos, count)
+  local cut = op_tables[ops]
+  if cut and cut[pos] then
+    return cut[pos]
+  end
   local keys = {}
   for k = 1, count do
     keys[k] = string.sub(ops, pos, pos + 7)
@@ -431,11 +439,14 @@ if not buckets_here() then
   return redis.error_reply('TRYAGAIN a bucket of ' .. p .. ' is not served here (slot migrating)')
 end
 
--- The keys of the records' group-0 ops (S, C, P: those known before the call runs).
+-- The keys of the records' group-0 ops (S, C, P: those known before the call runs); each
+-- S / C op's keys also go to `op_tables`, for `op_keys`.
 local function group0_keys()
   local keys, n = {}, 0
   for i = 1, #ARGV do
     local rec = ARGV[i]
+    local cuts = {}
+    op_tables[rec] = cuts
     local _, _, _, _, _, _, _, _, _, _, wlen, olen, _, _, pos = struct.unpack(HEADER, rec, 1)
     pos = pos + wlen
     local stop = pos + olen
@@ -455,11 +466,15 @@ local function group0_keys()
             pos = pos + nlen + 8
             per, skip = 16, 8
           end
+          local cut = {}
           for k = 0, count - 1 do
             local at = pos + k * per + skip
+            local key = string.sub(rec, at, at + 7)
             n = n + 1
-            keys[n] = string.sub(rec, at, at + 7)
+            keys[n] = key
+            cut[k + 1] = key
           end
+          if kind ~= 'P' then cuts[pos] = cut end
           pos = pos + count * per
         elseif kind == 'X' then
           pos = pos + 8
@@ -478,7 +493,8 @@ end
 -- A model in one bucket: the call's group-0 keys in one HMGET, not one per op (a fleet
 -- of many ranks sends records of a few blocks each).
 if only_hash(buckets) then
-  prefetch(buckets, group0_keys())
+  local keys = group0_keys()
+  if #keys > 0 then read_into(buckets, only_hash(buckets), keys) end  -- the cache is empty
   buckets.all_read = true
 end
 
