@@ -108,7 +108,7 @@ def _load_run(entries: EngineHashMap, view: memoryview, pos: int) -> int:
     if mask > 0xF:
         raise LedgerLogError(f"tier mask {mask} out of range at byte {pos}")
     start = pos + LOG_RUN.size
-    end = start + count * LOG_RUN_ENTRY.size
+    end: int = start + int(count) * LOG_RUN_ENTRY.size
     if end > len(view):
         raise LedgerLogError(f"truncated ledger log at byte {pos}")
     put = entries.put
