@@ -131,6 +131,32 @@ class TestDurableLedger:
         assert await matched(again) == 6
 
 
+    async def test_snapshot_is_stored_in_chunks_and_replays(
+        self, redis_client: aioredis.Redis
+    ) -> None:
+        """A log replaced by a snapshot (a resync's clear) larger than one list element
+        is pushed in elements of at most 8,000 bytes, and a reload maps what was stored."""
+        from kvcore.bus import AllBlocksCleared, BlockStored
+
+        blocks = 1_400  # 22,404 bytes of snapshot (16 a block, 4 of run header): three elements
+        big = BlockStored(block_hashes=list(range(1, blocks + 1)), parent_hash=None,
+                          token_ids=pack_tokens(list(range(blocks * BS))), block_size=BS)
+        index = RedisIndex(redis_client, config=CONFIG)
+        await index.apply([batch(0, stored(1, 2)), batch(1, AllBlocksCleared(), big)])
+        log_key = f"{model_prefix(MODEL)}w:0:log"
+        elements = await redis_client.lrange(log_key, 0, -1)
+        assert len(elements) == 3 and max(len(e) for e in elements) <= 8_000
+        memory = MemoryIndex(CONFIG)
+        await memory.apply([batch(0, stored(1, 2)), batch(1, AllBlocksCleared(), big)])
+        reloaded = RedisIndex(redis_client, config=CONFIG)
+        child = BlockStored(block_hashes=[blocks + 1], parent_hash=blocks,
+                            token_ids=pack_tokens(list(range(BS))), block_size=BS)
+        await reloaded.apply([batch(2, child)])  # its parent resolves from the snapshot
+        await memory.apply([batch(2, child)])
+        assert (await reloaded.stats()).dropped == {}
+        assert await reloaded.presence(MODEL) == await memory.presence(MODEL)
+
+
 async def log_of(client: aioredis.Redis, log_key: str) -> bytes:
     """A rank's log as one byte string (its segments joined, or a string log)."""
     if await client.type(log_key) == b"string":
