@@ -134,8 +134,9 @@ class TestDurableLedger:
     async def test_snapshot_is_stored_in_chunks_and_replays(
         self, redis_client: aioredis.Redis
     ) -> None:
-        """A log replaced by a snapshot (a resync's clear) larger than one list element
-        is pushed in elements of at most 8,000 bytes, and a reload maps what was stored."""
+        """A log replaced by a snapshot (a resync's clear), or a segment appended, larger
+        than one list element is pushed in elements of at most 8,000 bytes, and a
+        reload maps what was stored."""
         from kvcore.bus import AllBlocksCleared, BlockStored
 
         blocks = 1_400  # 22,404 bytes of snapshot (16 a block, 4 of run header): three elements
@@ -146,8 +147,12 @@ class TestDurableLedger:
         log_key = f"{model_prefix(MODEL)}w:0:log"
         elements = await redis_client.lrange(log_key, 0, -1)
         assert len(elements) == 3 and max(len(e) for e in elements) <= 8_000
+        await index.apply([batch(0, big, worker="appended")])  # a first batch: appended
+        appended = await redis_client.lrange(f"{model_prefix(MODEL)}w:1:log", 0, -1)
+        assert [len(e) for e in appended] == [len(e) for e in elements]
         memory = MemoryIndex(CONFIG)
-        await memory.apply([batch(0, stored(1, 2)), batch(1, AllBlocksCleared(), big)])
+        await memory.apply([batch(0, stored(1, 2)), batch(1, AllBlocksCleared(), big),
+                            batch(0, big, worker="appended")])
         reloaded = RedisIndex(redis_client, config=CONFIG)
         child = BlockStored(block_hashes=[blocks + 1], parent_hash=blocks,
                             token_ids=pack_tokens(list(range(BS))), block_size=BS)

@@ -287,31 +287,41 @@ end
 
 -- A rank's log is a list of segments, read back joined (redis.py `_load_ledger`): a
 -- string grown by APPEND keeps up to as much again in spare capacity, a list's
--- listpack nodes hold little more than the bytes. A snapshot goes in elements of
+-- listpack nodes hold little more than the bytes. A segment goes in elements of
 -- LOG_CHUNK bytes, one to a node of Redis's default 8 KB listpack limit (one element of
 -- a whole snapshot, or of 4 KB, costs 1.3-2.5x its bytes; 8,000 costs 1.03x). A string
 -- log (earlier versions) is appended to until the writer replaces it (the first write of
 -- a ledger loaded from one does).
 local LOG_CHUNK = 8000
 
-local function replace_log(log, rec, pos, llen)
-  redis.call('DEL', log)
-  local chunks, n = {}, 0
-  for at = pos, pos + llen - 1, LOG_CHUNK do
+-- Push the log bytes rec[pos, pos + llen) to `log` in LOG_CHUNK elements. The first
+-- RPUSH goes through `first_push` (redis.call, or redis.pcall to learn that `log` is a
+-- string: its error reply is returned, nothing pushed), the others through redis.call.
+local function push_log(first_push, log, rec, pos, llen)
+  local chunks, n, push = {}, 0, first_push
+  local stop = pos + llen
+  for at = pos, stop - 1, LOG_CHUNK do
     n = n + 1
-    chunks[n] = string.sub(rec, at, math.min(at + LOG_CHUNK, pos + llen) - 1)
-    if n == 1000 then
-      redis.call('RPUSH', log, unpack(chunks))
-      chunks, n = {}, 0
+    chunks[n] = string.sub(rec, at, math.min(at + LOG_CHUNK, stop) - 1)
+    if n == 1000 or at + LOG_CHUNK >= stop then
+      local reply = push('RPUSH', log, unpack(chunks))
+      if type(reply) == 'table' and reply.err then return reply end
+      chunks, n, push = {}, 0, redis.call
     end
   end
-  if n > 0 then redis.call('RPUSH', log, unpack(chunks)) end
+  return nil
 end
 
-local function append_log(log, segment)
-  local pushed = redis.pcall('RPUSH', log, segment)
+local function replace_log(log, rec, pos, llen)
+  redis.call('DEL', log)
+  push_log(redis.call, log, rec, pos, llen)
+end
+
+local function append_log(log, rec, pos, llen)
+  local pushed = push_log(redis.pcall, log, rec, pos, llen)
   if type(pushed) == 'table' and pushed.err then
-    redis.call('APPEND', log, segment)  -- a string log: WRONGTYPE, nothing pushed
+    -- a string log: WRONGTYPE, nothing pushed
+    redis.call('APPEND', log, string.sub(rec, pos, pos + llen - 1))
   end
 end
 
@@ -347,7 +357,7 @@ local function apply_one(rec, i)
   if bit.band(flags, 1) ~= 0 then
     replace_log(wp .. 'log', rec, pos, llen)
   elseif llen > 0 then
-    append_log(wp .. 'log', string.sub(rec, pos, pos + llen - 1))
+    append_log(wp .. 'log', rec, pos, llen)
   end
   local degraded = '0'
   if bit.band(flags, 2) ~= 0 then degraded = '1' end
