@@ -563,16 +563,28 @@ bytes_of(ByteBuf *buf)
     return result;
 }
 
+/* Every hash, one tier mask after another (ascending), each in table order: one run per
+ * mask (per 65,535 hashes), not one each time the mask changes along the table. */
 static PyObject *
 map_log_records(LedgerMap *map, PyObject *Py_UNUSED(ignored))
 {
     LogRuns runs = {{NULL, 0, 0}, -1, 0};
+    unsigned masks = 0;  /* bit t: some hash has tier mask t */
     for (size_t i = 0; i < map->capacity; i++) {
-        if (map->state[i] != 0 &&
-            runs_put_map(&runs, map->hashes[i], map->keys[i],
-                         map->state[i] & TIER_MASK) < 0) {
-            PyMem_Free(runs.out.data);
-            return NULL;
+        if (map->state[i] != 0) {
+            masks |= 1u << (map->state[i] & TIER_MASK);
+        }
+    }
+    for (unsigned mask = 0; mask <= TIER_MASK; mask++) {
+        if (!(masks & (1u << mask))) {
+            continue;
+        }
+        for (size_t i = 0; i < map->capacity; i++) {
+            if (map->state[i] != 0 && (map->state[i] & TIER_MASK) == mask &&
+                runs_put_map(&runs, map->hashes[i], map->keys[i], (uint8_t)mask) < 0) {
+                PyMem_Free(runs.out.data);
+                return NULL;
+            }
         }
     }
     return bytes_of(&runs.out);
@@ -643,7 +655,7 @@ static PyMethodDef map_methods[] = {
      "items() -> list[(hash, key, tiers)], in table order."},
     {"clear", (PyCFunction)map_clear, METH_NOARGS, "clear(): forget everything."},
     {"log_records", (PyCFunction)map_log_records, METH_NOARGS,
-     "log_records() -> bytes: every hash as N runs of the ledger log, in table order."},
+     "log_records() -> bytes: every hash as N runs of the ledger log, by tier mask."},
     {"pack_log", (PyCFunction)map_pack_log, METH_O,
      "pack_log(hashes) -> bytes: N runs of the hashes mapped, a D record for each other one."},
     {NULL, NULL, 0, NULL},

@@ -116,6 +116,7 @@ def _load_run(entries: EngineHashMap, view: memoryview, pos: int) -> int:
         put(h, key, mask)
     return end
 
+
 log = structlog.get_logger("indexer.ingest")
 
 cached_root_seed: Callable[[str, str | None, str | None], int] = functools.lru_cache(4096)(

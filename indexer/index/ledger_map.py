@@ -151,15 +151,16 @@ class DictLedgerMap:
         self.tiers.clear()
 
     def log_records(self) -> bytes:
-        """Every hash as N runs of the ledger log."""
-        return self.pack_log(self.keys)
+        """Every hash as N runs of the ledger log, one tier mask after another."""
+        tiers = self.tiers
+        return self.pack_log(sorted(self.keys, key=lambda h: tiers.get(h, 0)))
 
     def pack_log(self, hashes: Iterable[int], /) -> bytes:
         """N runs of the hashes mapped (consecutive ones of one tier mask), a D record
         for each other one."""
         keys, tiers = self.keys, self.tiers
         out = bytearray()
-        count_at, run_tiers = -1, -1
+        count_at, run_tiers, run_count = -1, -1, 0  # the open run: where its count is
         for h in hashes:
             key = keys.get(h)
             if key is None:
@@ -167,12 +168,12 @@ class DictLedgerMap:
                 count_at = -1
                 continue
             mask = tiers.get(h, 0)
-            count = out[count_at] | out[count_at + 1] << 8 if count_at >= 0 else _RUN_MAX
-            if mask == run_tiers and count < _RUN_MAX:
-                out[count_at : count_at + 2] = (count + 1).to_bytes(2, "little")
+            if count_at >= 0 and mask == run_tiers and run_count < _RUN_MAX:
+                run_count += 1
+                out[count_at : count_at + 2] = run_count.to_bytes(2, "little")
             else:
                 out += _LOG_RUN.pack(b"N", mask, 1)
-                count_at, run_tiers = len(out) - 2, mask
+                count_at, run_tiers, run_count = len(out) - 2, mask, 1
             out += _LOG_RUN_ENTRY.pack(h, key)
         return bytes(out)
 

@@ -739,7 +739,7 @@ class RedisIndex:
         A hybrid rank's groups follow their `Y` records, and the segment switches back to
         group 0 at its end."""
         groups = sorted(ledger.groups.items())
-        if ledger in self._string_logs:
+        if ledger in self._string_logs:  # loaded from a string log: a list replaces it
             self._string_logs.discard(ledger)
         elif not journal.reset and not any(g.journal is not None and g.journal.reset
                                            for _, g in groups):
