@@ -61,8 +61,13 @@ QUERY_BLOCKS = QUERY_TOKENS // BLOCK_TOKENS
 SHARD_COUNTS = (1, 3, 6, 12, 24)
 TIER_BITS = 4
 HOLDER_BYTES = 4  # u32: slot id (28 bits, never reused) << 4 | tier bits
-LOG_MAP_BYTES, LOG_HASH_BYTES = 18, 9
-LOG_AVERAGE_SLACK = 1.5
+# A ledger log (indexer/index/ledger.py): 16 B a mapped hash in N runs (a 4 B header per
+# tier mask and 65,535 hashes), 9 B a ghost's G record; a list of segments in Redis costs
+# ~1.07x its bytes (docs/benchmarks.md, fleet-scale run note; strings grown by APPEND,
+# before it, 1.5x).
+LOG_RUN_ENTRY_BYTES, LOG_RUN_HEADER_BYTES, LOG_HASH_BYTES = 16, 4, 9
+LOG_RUN_MAX = 65_535
+LOG_AVERAGE_SLACK = 1.07
 TODAY_CHUNK = 64  # score.lua's HMGET chunk
 SUBSLOT_FIRST_CHUNK = 4  # proposed: chunks of 4, 8, 16, ... per sub-slot
 TODAY_RECORD_OPS = 4  # slots check, position check, log APPEND, meta HSET
@@ -214,7 +219,10 @@ def mean_field_bytes(cal: Calibration, layout: str, holders: int, *, ranks: int,
 
 
 def ledger_bytes_per_rank(blocks_per_rank: int, ghosts: int) -> float:
-    live = LOG_MAP_BYTES * (blocks_per_rank + ghosts) + LOG_HASH_BYTES * ghosts
+    """A snapshot's bytes (held blocks in one tier, then ghosts) times the list's slack."""
+    runs = sum(-(-n // LOG_RUN_MAX) for n in (blocks_per_rank, ghosts))
+    live = (LOG_RUN_ENTRY_BYTES * (blocks_per_rank + ghosts) + LOG_RUN_HEADER_BYTES * runs
+            + LOG_HASH_BYTES * ghosts)
     return live * LOG_AVERAGE_SLACK
 
 

@@ -350,14 +350,20 @@ def _check_group(group: int) -> None:
 def _check_stored(event: BlockStored, max_blocks: int | None) -> None:
     _check_hashes(event.block_hashes, max_blocks)
     _check_group(event.group)
-    _check_name("group_kind", event.group_kind)
     if not 0 <= event.sliding_window <= MAX_SLIDING_WINDOW:
         raise BusDecodeError(f"sliding_window {event.sliding_window} is not in "
                              f"0..{MAX_SLIDING_WINDOW}")
-    _check_name("medium", event.medium)
-    _check_name("lora_name", event.lora_name)
-    _check_name("cache_salt", event.cache_salt)
-    _check_pool(event.pool)
+    kind, lora, salt = event.group_kind, event.lora_name, event.cache_salt
+    # One test for the usual short names (the hot path), the exact checks past it.
+    if (len(event.medium) * 4 > MAX_NAME_BYTES
+            or (kind is not None and len(kind) * 4 > MAX_NAME_BYTES)
+            or (lora is not None and len(lora) * 4 > MAX_NAME_BYTES)
+            or (salt is not None and len(salt) * 4 > MAX_NAME_BYTES)):
+        for field, value in (("group_kind", kind), ("medium", event.medium),
+                             ("lora_name", lora), ("cache_salt", salt)):
+            _check_name(field, value)
+    if event.pool is not None:
+        _check_pool(event.pool)
     if event.parent_hash is not None and not 0 <= event.parent_hash <= _U64:
         raise BusDecodeError(f"parent hash {event.parent_hash} is not an unsigned 64-bit int")
     n_blocks = len(event.block_hashes)

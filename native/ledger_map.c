@@ -499,16 +499,59 @@ map_clear(LedgerMap *map, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
-/* b"M" hash key tiers (LOG_MAP of ledger.py: "<cQQB"), 18 bytes. */
+/* Runs of mapped hashes sharing a tier mask (ledger.py LOG_RUN): b"N", the mask (u8),
+ * the count (u16 LE), then count x (hash, key) u64 LE: 16 bytes a hash where an M record
+ * takes 18. `count_at` is where the open run's count is in `out` (-1: none open). */
+typedef struct {
+    ByteBuf out;
+    Py_ssize_t count_at;
+    uint8_t tiers;
+} LogRuns;
+
+/* Extend the open run by one when it has the same mask and room; else open one. */
 static int
-put_map_record(ByteBuf *out, uint64_t hash, uint64_t key, uint8_t tiers)
+runs_open(LogRuns *runs, uint8_t tiers)
 {
-    unsigned char record[18];
-    record[0] = 'M';
+    ByteBuf *out = &runs->out;
+    if (runs->count_at >= 0 && runs->tiers == tiers) {
+        unsigned char *at = out->data + runs->count_at;
+        unsigned count = (unsigned)at[0] | ((unsigned)at[1] << 8);
+        if (count < 0xFFFF) {
+            count++;
+            at[0] = (unsigned char)(count & 0xFF);
+            at[1] = (unsigned char)(count >> 8);
+            return 0;
+        }
+    }
+    unsigned char header[4] = {'N', tiers, 1, 0};
+    if (buf_put(out, header, sizeof(header)) < 0) {
+        return -1;
+    }
+    runs->count_at = (Py_ssize_t)out->len - 2;
+    runs->tiers = tiers;
+    return 0;
+}
+
+static int
+runs_put_map(LogRuns *runs, uint64_t hash, uint64_t key, uint8_t tiers)
+{
+    unsigned char pair[16];
+    if (runs_open(runs, tiers) < 0) {
+        return -1;
+    }
+    put_u64_le(pair, hash);
+    put_u64_le(pair + 8, key);
+    return buf_put(&runs->out, pair, sizeof(pair));
+}
+
+static int
+runs_put_gone(LogRuns *runs, uint64_t hash)
+{
+    unsigned char record[9];
+    record[0] = 'D';
     put_u64_le(record + 1, hash);
-    put_u64_le(record + 9, key);
-    record[17] = tiers;
-    return buf_put(out, record, sizeof(record));
+    runs->count_at = -1;
+    return buf_put(&runs->out, record, sizeof(record));
 }
 
 static PyObject *
@@ -520,19 +563,31 @@ bytes_of(ByteBuf *buf)
     return result;
 }
 
+/* Every hash, one tier mask after another (ascending), each in table order: one run per
+ * mask (per 65,535 hashes), not one each time the mask changes along the table. */
 static PyObject *
 map_log_records(LedgerMap *map, PyObject *Py_UNUSED(ignored))
 {
-    ByteBuf out = {NULL, 0, 0};
+    LogRuns runs = {{NULL, 0, 0}, -1, 0};
+    unsigned masks = 0;  /* bit t: some hash has tier mask t */
     for (size_t i = 0; i < map->capacity; i++) {
-        if (map->state[i] != 0 &&
-            put_map_record(&out, map->hashes[i], map->keys[i],
-                           map->state[i] & TIER_MASK) < 0) {
-            PyMem_Free(out.data);
-            return NULL;
+        if (map->state[i] != 0) {
+            masks |= 1u << (map->state[i] & TIER_MASK);
         }
     }
-    return bytes_of(&out);
+    for (unsigned mask = 0; mask <= TIER_MASK; mask++) {
+        if (!(masks & (1u << mask))) {
+            continue;
+        }
+        for (size_t i = 0; i < map->capacity; i++) {
+            if (map->state[i] != 0 && (map->state[i] & TIER_MASK) == mask &&
+                runs_put_map(&runs, map->hashes[i], map->keys[i], (uint8_t)mask) < 0) {
+                PyMem_Free(runs.out.data);
+                return NULL;
+            }
+        }
+    }
+    return bytes_of(&runs.out);
 }
 
 static PyObject *
@@ -542,7 +597,7 @@ map_pack_log(LedgerMap *map, PyObject *iterable)
     if (iter == NULL) {
         return NULL;
     }
-    ByteBuf out = {NULL, 0, 0};
+    LogRuns runs = {{NULL, 0, 0}, -1, 0};
     PyObject *item;
     while ((item = PyIter_Next(iter)) != NULL) {
         uint64_t hash;
@@ -553,12 +608,9 @@ map_pack_log(LedgerMap *map, PyObject *iterable)
         }
         Py_ssize_t i = map_find(map, hash);
         if (i >= 0) {
-            failed = put_map_record(&out, hash, map->keys[i], map->state[i] & TIER_MASK);
+            failed = runs_put_map(&runs, hash, map->keys[i], map->state[i] & TIER_MASK);
         } else {
-            unsigned char record[9];
-            record[0] = 'D';
-            put_u64_le(record + 1, hash);
-            failed = buf_put(&out, record, sizeof(record));
+            failed = runs_put_gone(&runs, hash);
         }
         if (failed < 0) {
             goto fail;
@@ -568,10 +620,10 @@ map_pack_log(LedgerMap *map, PyObject *iterable)
         goto fail;
     }
     Py_DECREF(iter);
-    return bytes_of(&out);
+    return bytes_of(&runs.out);
 fail:
     Py_DECREF(iter);
-    PyMem_Free(out.data);
+    PyMem_Free(runs.out.data);
     return NULL;
 }
 
@@ -603,9 +655,9 @@ static PyMethodDef map_methods[] = {
      "items() -> list[(hash, key, tiers)], in table order."},
     {"clear", (PyCFunction)map_clear, METH_NOARGS, "clear(): forget everything."},
     {"log_records", (PyCFunction)map_log_records, METH_NOARGS,
-     "log_records() -> bytes: an M record (ledger log) for every hash, in table order."},
+     "log_records() -> bytes: every hash as N runs of the ledger log, by tier mask."},
     {"pack_log", (PyCFunction)map_pack_log, METH_O,
-     "pack_log(hashes) -> bytes: an M record for each hash mapped, a D record for the rest."},
+     "pack_log(hashes) -> bytes: N runs of the hashes mapped, a D record for each other one."},
     {NULL, NULL, 0, NULL},
 };
 

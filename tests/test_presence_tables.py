@@ -14,6 +14,7 @@ import random
 import pytest
 
 from indexer.index.block_table import DictBlockTable
+from indexer.index.ledger import LOG_MAP, LOG_RUN, WorkerLedger
 from indexer.index.ledger_map import DictLedgerMap
 from kvcore.keys import NATIVE, block_keys, pack_keys, pack_tokens
 
@@ -30,6 +31,13 @@ HIGH = 2**20
 # holder's u32 (slot < 2**28).
 SLOTS = [0, 1, 2, 3, 7, 15, 16, 100, 4_095, HIGH - 3, HIGH - 2, HIGH - 1, HIGH,
          2**27 - 1, 2**27, 2**28 - 1]
+
+
+def logged(log: bytes) -> list[tuple[int, int, int]]:
+    """The (hash, key, tiers) a ledger log maps, sorted."""
+    ledger = WorkerLedger("m", "w", 0, 0, 0)
+    ledger.load_log(log)
+    return sorted(ledger.keys.items())
 
 
 def mask_of(holders: dict[int, int]) -> int:
@@ -152,6 +160,34 @@ class TestHolderPresence:
         assert len(table) == 0
 
 
+class TestLedgerLog:
+    """A ledger log's N runs (consecutive mapped hashes of one tier mask)."""
+
+    def test_m_records_of_earlier_versions_load_as_runs_do(self) -> None:
+        """A log of M records (18 bytes a hash, as earlier versions wrote it) maps what
+        the N runs of the same map do, ghosts (mask 0) and mixed masks included."""
+        rng = random.Random(21)
+        reference = DictLedgerMap()
+        for _ in range(500):
+            reference.put(rng.getrandbits(64), rng.getrandbits(64), rng.randrange(16))
+        old = b"".join(LOG_MAP.pack(b"M", h, key, tiers) for h, key, tiers in reference.items())
+        assert logged(old) == logged(reference.log_records()) == sorted(reference.items())
+
+    def test_a_run_holds_at_most_65535_hashes(self) -> None:
+        """70,000 hashes of one mask: two runs (the count is a u16), 16 bytes a hash."""
+        reference = DictLedgerMap()
+        reference.add_new(list(range(1, 70_001)), list(range(70_001, 140_001)), 1)
+        records = reference.log_records()
+        assert len(records) == 16 * 70_000 + 2 * LOG_RUN.size
+        assert logged(records) == sorted(reference.items())
+        native = LedgerMap()
+        native.add_new(list(range(1, 70_001)), list(range(70_001, 140_001)), 1)
+        assert native.pack_log(range(1, 70_001)) == records
+        assert len(native.log_records()) == len(records)
+        assert logged(native.log_records()) == logged(records)
+        assert native.pack_log([1, 2, 99**9, 3]) == reference.pack_log([1, 2, 99**9, 3])
+
+
 class TestLedgerMap:
     """The C ledger map against DictLedgerMap (the two dicts it replaced)."""
 
@@ -195,10 +231,8 @@ class TestLedgerMap:
         assert [native.tiers_of(h) for h in sample] == [reference.tiers_of(h) for h in sample]
         assert [h in native for h in sample] == [h in reference for h in sample]
         assert native.pack_log(sample) == reference.pack_log(sample)
-        records, expected = native.log_records(), reference.log_records()
-        assert len(records) == len(expected) == 18 * len(reference)
-        assert sorted(records[i : i + 18] for i in range(0, len(records), 18)) == sorted(
-            expected[i : i + 18] for i in range(0, len(expected), 18))
+        assert logged(native.log_records()) == logged(reference.log_records()) == sorted(
+            reference.items())
 
     def test_add_new_changes_nothing_when_a_hash_is_known_or_repeats(self) -> None:
         """The all-new fast path is all or nothing: a known hash or a repeat inside the

@@ -82,7 +82,7 @@ class TestDurableLedger:
             seq += 2
         log_key = f"{model_prefix(MODEL)}w:0:log"
         live = 18 * 6 + 9 * 3
-        assert 0 < await redis_client.strlen(log_key) <= 2 * live + 18 * 6
+        assert 0 < len(await log_of(redis_client, log_key)) <= 2 * live + 18 * 6
         reloaded = RedisIndex(redis_client, config=CONFIG)
         final = batch(seq, stored(6, 6, parent=5))
         await reloaded.apply([final])
@@ -90,6 +90,87 @@ class TestDurableLedger:
         assert await reloaded.presence(MODEL) == await memory.presence(MODEL)
         assert (await reloaded.stats()).dropped == {}  # parent 5 is a ghost: it resolved
         assert await matched(reloaded) == 4  # block 5 itself is evicted: the prefix stops
+
+
+    async def test_string_log_of_an_earlier_version_loads_and_is_replaced(
+        self, redis_client: aioredis.Redis
+    ) -> None:
+        """A log an earlier version wrote as one string replays; the next write replaces
+        it by a list that replays to the same ledger."""
+        history = [batch(0, stored(1, 2)), batch(1, stored(3, 4, parent=2))]
+        await RedisIndex(redis_client, config=CONFIG).apply(history)
+        log_key = f"{model_prefix(MODEL)}w:0:log"
+        whole = await log_of(redis_client, log_key)
+        await redis_client.delete(log_key)
+        await redis_client.set(log_key, whole)  # as earlier versions stored it
+        reloaded = RedisIndex(redis_client, config=CONFIG)
+        later = batch(2, stored(5, 5, parent=4))
+        await reloaded.apply([later])
+        assert await redis_client.type(log_key) == b"list"
+        memory = MemoryIndex(CONFIG)
+        await memory.apply([*history, later])
+        again = RedisIndex(redis_client, config=CONFIG)
+        after = batch(3, stored(6, 6, parent=5))  # parent 5 resolves from the new log
+        await again.apply([after])
+        await memory.apply([after])
+        assert await again.presence(MODEL) == await memory.presence(MODEL)
+        assert (await again.stats()).dropped == {}
+
+    async def test_string_log_is_appended_to_by_the_script(
+        self, redis_client: aioredis.Redis
+    ) -> None:
+        """A record appending to a string log (a writer that did not replace it) extends
+        the string instead of failing half-way."""
+        index = RedisIndex(redis_client, config=CONFIG)
+        await index.apply([batch(0, stored(1, 2))])
+        log_key = f"{model_prefix(MODEL)}w:0:log"
+        whole = await log_of(redis_client, log_key)
+        await redis_client.delete(log_key)
+        await redis_client.set(log_key, whole)
+        await index.apply([batch(1, stored(3, 4, parent=2))])  # its cached ledger appends
+        assert await redis_client.type(log_key) == b"string"
+        again = RedisIndex(redis_client, config=CONFIG)
+        await again.apply([batch(2, stored(5, 6, parent=4))])
+        assert (await again.stats()).dropped == {}
+        assert await matched(again) == 6
+
+
+    async def test_snapshot_is_stored_in_chunks_and_replays(
+        self, redis_client: aioredis.Redis
+    ) -> None:
+        """A log replaced by a snapshot (a resync's clear), or a segment appended, larger
+        than one list element is pushed in elements of at most 8,000 bytes, and a
+        reload maps what was stored."""
+        from kvcore.bus import AllBlocksCleared, BlockStored
+
+        blocks = 1_400  # 22,404 bytes of snapshot (16 a block, 4 of run header): three elements
+        big = BlockStored(block_hashes=list(range(1, blocks + 1)), parent_hash=None,
+                          token_ids=pack_tokens(list(range(blocks * BS))), block_size=BS)
+        index = RedisIndex(redis_client, config=CONFIG)
+        await index.apply([batch(0, stored(1, 2)), batch(1, AllBlocksCleared(), big)])
+        log_key = f"{model_prefix(MODEL)}w:0:log"
+        elements = await redis_client.lrange(log_key, 0, -1)
+        assert len(elements) == 3 and max(len(e) for e in elements) <= 8_000
+        await index.apply([batch(0, big, worker="appended")])  # a first batch: appended
+        appended = await redis_client.lrange(f"{model_prefix(MODEL)}w:1:log", 0, -1)
+        assert [len(e) for e in appended] == [len(e) for e in elements]
+        memory = MemoryIndex(CONFIG)
+        await memory.apply([batch(0, stored(1, 2)), batch(1, AllBlocksCleared(), big),
+                            batch(0, big, worker="appended")])
+        reloaded = RedisIndex(redis_client, config=CONFIG)
+        child = BlockStored(block_hashes=[blocks + 1], parent_hash=blocks,
+                            token_ids=pack_tokens(list(range(BS))), block_size=BS)
+        await reloaded.apply([batch(2, child)])  # its parent resolves from the snapshot
+        await memory.apply([batch(2, child)])
+        assert (await reloaded.stats()).dropped == {}
+        assert await reloaded.presence(MODEL) == await memory.presence(MODEL)
+
+
+async def log_of(client: aioredis.Redis, log_key: str) -> bytes:
+    """A rank's log as one byte string (its segments joined, or a string log)."""
+    if await client.type(log_key) == b"string":
+        return bytes(await client.get(log_key))
+    return b"".join(await client.lrange(log_key, 0, -1))
 
 
 class TestGuardedWrites:

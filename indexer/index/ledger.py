@@ -47,6 +47,8 @@ if NATIVE:
 __all__ = [
     "LOG_HASH",
     "LOG_MAP",
+    "LOG_RUN",
+    "LOG_RUN_ENTRY",
     "Journal",
     "LedgerLogError",
     "PresenceSink",
@@ -57,7 +59,10 @@ __all__ = [
 ]
 
 # A ledger as a log (Redis persistence and snapshots), records replayed in order:
-#   b"M" engine hash u64, key u64, tier mask u8   the mapping now is (key, tiers)
+#   b"N" tier mask u8, count u16, count x (engine hash u64, key u64)
+#                                                 each mapping now is (key, tiers)
+#   b"M" engine hash u64, key u64, tier mask u8   the same for one hash (written by earlier
+#                                                 versions: still read)
 #   b"D" engine hash u64                          the mapping is gone
 #   b"U" engine hash u64                          no longer a ghost
 #   b"G" engine hash u64                          now the most recently evicted ghost
@@ -65,6 +70,8 @@ __all__ = [
 #                                                 KV-cache group's ledger (0 at the start)
 LOG_MAP: Final = struct.Struct("<cQQB")
 LOG_HASH: Final = struct.Struct("<cQ")
+LOG_RUN: Final = struct.Struct("<cBH")
+LOG_RUN_ENTRY: Final = struct.Struct("<QQ")
 
 
 def pack_log_entries(hashes: Iterable[int], keys: dict[int, int], tiers: dict[int, int]) -> bytes:
@@ -93,6 +100,22 @@ def starts_with_clear(batch: EventBatch) -> bool:
 
 class LedgerLogError(ValueError):
     """A ledger log that does not parse (corrupt or truncated)."""
+
+
+def _load_run(entries: EngineHashMap, view: memoryview, pos: int) -> int:
+    """Map the hashes of the N record at `pos`; the position after it."""
+    _, mask, count = LOG_RUN.unpack_from(view, pos)
+    if mask > 0xF:
+        raise LedgerLogError(f"tier mask {mask} out of range at byte {pos}")
+    start = pos + LOG_RUN.size
+    end: int = start + int(count) * LOG_RUN_ENTRY.size
+    if end > len(view):
+        raise LedgerLogError(f"truncated ledger log at byte {pos}")
+    put = entries.put
+    for h, key in LOG_RUN_ENTRY.iter_unpack(view[start:end]):
+        put(h, key, mask)
+    return end
+
 
 log = structlog.get_logger("indexer.ingest")
 
@@ -472,6 +495,9 @@ class WorkerLedger:
                     target = self.group_ledger(group) if group else self
                     entries, ghosts = target.keys, target.ghosts
                     pos += LOG_HASH.size
+                    continue
+                if tag == 0x4E:  # N
+                    pos = _load_run(entries, view, pos)
                     continue
                 if tag == 0x4D:  # M
                     _, h, key, mask = LOG_MAP.unpack_from(view, pos)

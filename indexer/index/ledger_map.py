@@ -21,8 +21,10 @@ if NATIVE:
 
 __all__ = ["DictLedgerMap", "EngineHashMap", "new_ledger_map"]
 
-_LOG_MAP: Final = struct.Struct("<cQQB")  # ledger.LOG_MAP
 _LOG_HASH: Final = struct.Struct("<cQ")  # ledger.LOG_HASH
+_LOG_RUN: Final = struct.Struct("<cBH")  # ledger.LOG_RUN
+_LOG_RUN_ENTRY: Final = struct.Struct("<QQ")  # ledger.LOG_RUN_ENTRY
+_RUN_MAX: Final = 0xFFFF
 
 
 class EngineHashMap(Protocol):
@@ -149,19 +151,31 @@ class DictLedgerMap:
         self.tiers.clear()
 
     def log_records(self) -> bytes:
-        """An M record of the ledger log for every hash."""
-        pack, tiers = _LOG_MAP.pack, self.tiers
-        return b"".join([pack(b"M", h, key, tiers.get(h, 0)) for h, key in self.keys.items()])
+        """Every hash as N runs of the ledger log, one tier mask after another."""
+        tiers = self.tiers
+        return self.pack_log(sorted(self.keys, key=lambda h: tiers.get(h, 0)))
 
     def pack_log(self, hashes: Iterable[int], /) -> bytes:
-        """An M record for each hash mapped, a D record for the rest."""
-        pack_map, pack_hash = _LOG_MAP.pack, _LOG_HASH.pack
+        """N runs of the hashes mapped (consecutive ones of one tier mask), a D record
+        for each other one."""
         keys, tiers = self.keys, self.tiers
-        return b"".join([
-            pack_map(b"M", h, key, tiers.get(h, 0)) if (key := keys.get(h)) is not None
-            else pack_hash(b"D", h)
-            for h in hashes
-        ])
+        out = bytearray()
+        count_at, run_tiers, run_count = -1, -1, 0  # the open run: where its count is
+        for h in hashes:
+            key = keys.get(h)
+            if key is None:
+                out += _LOG_HASH.pack(b"D", h)
+                count_at = -1
+                continue
+            mask = tiers.get(h, 0)
+            if count_at >= 0 and mask == run_tiers and run_count < _RUN_MAX:
+                run_count += 1
+                out[count_at : count_at + 2] = run_count.to_bytes(2, "little")
+            else:
+                out += _LOG_RUN.pack(b"N", mask, 1)
+                count_at, run_tiers, run_count = len(out) - 2, mask, 1
+            out += _LOG_RUN_ENTRY.pack(h, key)
+        return bytes(out)
 
     @property
     def nbytes(self) -> int:

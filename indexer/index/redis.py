@@ -11,7 +11,8 @@ hash slot and each batch is one atomic Lua call even on Redis Cluster:
     kvi:{m:M}:slotver            STR   bumped whenever a slot id is allocated or freed
     kvi:{m:M}:nextslot           STR   the slot id counter
     kvi:{m:M}:w:<slot>:meta      HASH  pos (epoch, seq), ts, n0..n3, degraded, worker, rank
-    kvi:{m:M}:w:<slot>:log       STR   the rank's ledger as an append-only log (below)
+    kvi:{m:M}:w:<slot>:log       LIST  the rank's ledger as an append-only log (below),
+                                       in segments (a STR in earlier versions)
     kvi:{m:M}:block_size         STR   block size the model's workers store with
     kvi:{m:M}:groups             HASH  KV-cache group > 0 -> "kind\nwindow" (hybrid models)
     kvi:{m:M}:blk<g>             HASH  the holder lists of KV-cache group g > 0
@@ -39,7 +40,9 @@ names each key from the model's own structures (no scan), and unlists it. Models
 without a rank (left by older versions or a crash) go at `drop_empty_models`.
 
 A ledger log is a sequence of records, replayed in order on reload:
-    b"M" engine hash u64, key u64, tier mask u8   the mapping now is (key, tiers)
+    b"N" tier mask u8, count u16, count x (engine hash u64, key u64)
+                                                  each mapping now is (key, tiers)
+    b"M" engine hash u64, key u64, tier mask u8   one mapping (earlier versions; still read)
     b"D" engine hash u64                          the mapping is gone
     b"U" engine hash u64                          no longer a ghost
     b"G" engine hash u64                          now the most recently evicted ghost
@@ -84,7 +87,7 @@ from indexer.index.hybrid import (
 )
 from indexer.index.ledger import (
     LOG_HASH,
-    LOG_MAP,
+    LOG_RUN_ENTRY,
     Journal,
     WorkerLedger,
     stored_block_size,
@@ -502,6 +505,7 @@ class RedisIndex:
         self._pool_drop_script = client.register_script(_lua_with_holders("pool_drop.lua"))
         self._floor_script = client.register_script(_RAISE_FLOOR)
         self._log_bytes: dict[WorkerLedger, int] = {}  # size of each ledger's log in Redis
+        self._string_logs: set[WorkerLedger] = set()  # loaded from a string log: replace it
         self._slot_maps: dict[str, _SlotMap] = {}
         self._many_buckets: set[str] = set()  # models Score reads with score.lua
         self._known_models: set[str] = set()
@@ -738,6 +742,7 @@ class RedisIndex:
     def _forget(self, ledger: WorkerLedger) -> None:
         self._ledgers.pop((ledger.model, WorkerRef(ledger.worker_id, ledger.dp_rank)), None)
         self._log_bytes.pop(ledger, None)
+        self._string_logs.discard(ledger)
 
     def _record(
         self, ledger: WorkerLedger, expected: bytes, sink: _OpsSink, remove: bool = False,
@@ -771,8 +776,10 @@ class RedisIndex:
         A hybrid rank's groups follow their `Y` records, and the segment switches back to
         group 0 at its end."""
         groups = sorted(ledger.groups.items())
-        if not journal.reset and not any(g.journal is not None and g.journal.reset
-                                         for _, g in groups):
+        if ledger in self._string_logs:  # loaded from a string log: a list replaces it
+            self._string_logs.discard(ledger)
+        elif not journal.reset and not any(g.journal is not None and g.journal.reset
+                                           for _, g in groups):
             parts = [_changes(ledger, journal)]
             for group, group_ledger in groups:
                 if group_ledger.journal is not None:
@@ -782,7 +789,7 @@ class RedisIndex:
                 parts.append(LOG_HASH.pack(b"Y", 0))
             segment = b"".join(parts)
             size = self._log_bytes.get(ledger, 0) + len(segment)
-            live = sum(LOG_MAP.size * len(one.keys) + LOG_HASH.size * (len(one.ghosts) + 1)
+            live = sum(LOG_RUN_ENTRY.size * len(one.keys) + LOG_HASH.size * (len(one.ghosts) + 1)
                        for one in (ledger, *ledger.groups.values()))
             # A window group stores and frees nearly every block: its churn is most of a
             # hybrid rank's log, so that log is compacted sooner (memory per entry).
@@ -846,11 +853,7 @@ class RedisIndex:
             await self._redis.sadd(MODELS_KEY, model)
             self._known_models.add(model)
             return ledger
-        wp = f"{prefix}w:{slot}:"
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hgetall(wp + "meta")
-        pipe.get(wp + "log")
-        meta, log_bytes = await pipe.execute()
+        meta, log_bytes = await self._read_rank(f"{prefix}w:{slot}:", ledger)
         if meta:
             ledger.epoch, ledger.last_seq = _POSITION.unpack(meta[b"pos"])
             ledger.last_ts = float(meta[b"ts"])
@@ -860,6 +863,24 @@ class RedisIndex:
             ledger.load_log(log_bytes)
             self._log_bytes[ledger] = len(log_bytes)
         return ledger
+
+    async def _read_rank(self, wp: str, ledger: WorkerLedger) -> tuple[dict[bytes, bytes], bytes]:
+        """A rank's metadata and its log, read at once: the log's segments joined (a list),
+        or a string an earlier version wrote, which the ledger's next write replaces."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hgetall(wp + "meta")
+        pipe.lrange(wp + "log", 0, -1)
+        meta, segments = await pipe.execute(raise_on_error=False)
+        if not isinstance(segments, ResponseError):
+            if isinstance(meta, Exception):
+                raise meta
+            return meta, b"".join(segments)
+        pipe = self._redis.pipeline(transaction=True)  # WRONGTYPE: a string log
+        pipe.hgetall(wp + "meta")
+        pipe.get(wp + "log")
+        meta, log_bytes = await pipe.execute()
+        self._string_logs.add(ledger)
+        return meta, log_bytes or b""
 
     # --- queries -----------------------------------------------------------------------
 
@@ -1258,6 +1279,7 @@ class RedisIndex:
         self._ledgers.clear()
         self._pool_slots.clear()
         self._log_bytes.clear()
+        self._string_logs.clear()
         self._slot_maps.clear()
         self._known_models.clear()
         self._block_sizes.clear()

@@ -13,7 +13,7 @@
 --           <I4 x4 held blocks per tier> <I4 dp rank> <H worker id length>
 --           <I4 presence ops length> <I4 ledger log length> <I4 block size>
 --           positions are (epoch, seq) as big-endian signed 64-bit; flags: 1 the log
---           segment replaces the rank's log (reset or compaction), 2 degraded, 4 remove
+--           segment replaces the rank's log (reset, compaction, a string log), 2 degraded, 4 remove
 --           the rank after applying, 8 probe the buckets first (Redis Cluster, below); a block size > 0 is stored as the model's
 --   then    worker id, presence ops, ledger log segment (opaque here; see redis.py)
 --           presence op: <c1 'S'|'C'> <I4 bit position> <I4 count> count x key (8 bytes)
@@ -42,15 +42,24 @@ local NOPOS = string.rep('\255', 16)
 local HEADER = '<I4c16c16dBI4I4I4I4I4HI4I4I4'
 local buckets = open_buckets(p)
 
+-- The keys of each group-0 S / C op, cut once by `group0_keys`: record -> op position
+-- -> keys.
+local op_tables = {}
+
 -- The `count` keys (8 bytes each) of `ops` from `pos`, read into `st`'s cache: one
--- HMGET for the op's keys, not one read per block.
+-- HMGET for the op's keys, not one read per block (none when the call's prefetch read
+-- every group-0 key: `all_read`).
 local function op_keys(st, ops, pos, count)
+  local cut = op_tables[ops]
+  if cut and cut[pos] then
+    return cut[pos]
+  end
   local keys = {}
   for k = 1, count do
     keys[k] = string.sub(ops, pos, pos + 7)
     pos = pos + 8
   end
-  prefetch(st, keys)
+  if not st.all_read then prefetch(st, keys) end
   return keys
 end
 
@@ -276,6 +285,46 @@ local function apply_presence(rec, pos, stop, wp)
   end
 end
 
+-- A rank's log is a list of segments, read back joined (redis.py `_load_ledger`): a
+-- string grown by APPEND keeps up to as much again in spare capacity, a list's
+-- listpack nodes hold little more than the bytes. A segment goes in elements of
+-- LOG_CHUNK bytes, one to a node of Redis's default 8 KB listpack limit (one element of
+-- a whole snapshot, or of 4 KB, costs 1.3-2.5x its bytes; 8,000 costs 1.03x). A string
+-- log (earlier versions) is appended to until the writer replaces it (the first write of
+-- a ledger loaded from one does).
+local LOG_CHUNK = 8000
+
+-- Push the log bytes rec[pos, pos + llen) to `log` in LOG_CHUNK elements. The first
+-- RPUSH goes through `first_push` (redis.call, or redis.pcall to learn that `log` is a
+-- string: its error reply is returned, nothing pushed), the others through redis.call.
+local function push_log(first_push, log, rec, pos, llen)
+  local chunks, n, push = {}, 0, first_push
+  local stop = pos + llen
+  for at = pos, stop - 1, LOG_CHUNK do
+    n = n + 1
+    chunks[n] = string.sub(rec, at, math.min(at + LOG_CHUNK, stop) - 1)
+    if n == 1000 or at + LOG_CHUNK >= stop then
+      local reply = push('RPUSH', log, unpack(chunks))
+      if type(reply) == 'table' and reply.err then return reply end
+      chunks, n, push = {}, 0, redis.call
+    end
+  end
+  return nil
+end
+
+local function replace_log(log, rec, pos, llen)
+  redis.call('DEL', log)
+  push_log(redis.call, log, rec, pos, llen)
+end
+
+local function append_log(log, rec, pos, llen)
+  local pushed = push_log(redis.pcall, log, rec, pos, llen)
+  if type(pushed) == 'table' and pushed.err then
+    -- a string log: WRONGTYPE, nothing pushed
+    redis.call('APPEND', log, string.sub(rec, pos, pos + llen - 1))
+  end
+end
+
 local function apply_one(rec, i)
   local slot, expected, newpos, ts, flags, n0, n1, n2, n3, rank,
         wlen, olen, llen, block_size, pos = struct.unpack(HEADER, rec, 1)
@@ -306,9 +355,9 @@ local function apply_one(rec, i)
     return 'removed'
   end
   if bit.band(flags, 1) ~= 0 then
-    redis.call('SET', wp .. 'log', string.sub(rec, pos, pos + llen - 1))
+    replace_log(wp .. 'log', rec, pos, llen)
   elseif llen > 0 then
-    redis.call('APPEND', wp .. 'log', string.sub(rec, pos, pos + llen - 1))
+    append_log(wp .. 'log', rec, pos, llen)
   end
   local degraded = '0'
   if bit.band(flags, 2) ~= 0 then degraded = '1' end
@@ -402,11 +451,14 @@ if not buckets_here() then
   return redis.error_reply('TRYAGAIN a bucket of ' .. p .. ' is not served here (slot migrating)')
 end
 
--- The keys of the records' group-0 ops (S, C, P: those known before the call runs).
+-- The keys of the records' group-0 ops (S, C, P: those known before the call runs); each
+-- S / C op's keys also go to `op_tables`, for `op_keys`.
 local function group0_keys()
   local keys, n = {}, 0
   for i = 1, #ARGV do
     local rec = ARGV[i]
+    local cuts = {}
+    op_tables[rec] = cuts
     local _, _, _, _, _, _, _, _, _, _, wlen, olen, _, _, pos = struct.unpack(HEADER, rec, 1)
     pos = pos + wlen
     local stop = pos + olen
@@ -426,11 +478,15 @@ local function group0_keys()
             pos = pos + nlen + 8
             per, skip = 16, 8
           end
+          local cut = {}
           for k = 0, count - 1 do
             local at = pos + k * per + skip
+            local key = string.sub(rec, at, at + 7)
             n = n + 1
-            keys[n] = string.sub(rec, at, at + 7)
+            keys[n] = key
+            cut[k + 1] = key
           end
+          if kind ~= 'P' then cuts[pos] = cut end
           pos = pos + count * per
         elseif kind == 'X' then
           pos = pos + 8
@@ -449,7 +505,9 @@ end
 -- A model in one bucket: the call's group-0 keys in one HMGET, not one per op (a fleet
 -- of many ranks sends records of a few blocks each).
 if only_hash(buckets) then
-  prefetch(buckets, group0_keys())
+  local keys = group0_keys()
+  if #keys > 0 then read_into(buckets, only_hash(buckets), keys) end  -- the cache is empty
+  buckets.all_read = true
 end
 
 local statuses = {}

@@ -46,6 +46,14 @@ local function holders_set(v, slot, m)
   if not v then
     return struct.pack('<I4', slot * 16 + m)
   end
+  if #v == 4 then  -- one holder (most blocks): no search
+    local s = math.floor(struct.unpack('<I4', v) / 16)
+    if s < slot then
+      return v .. struct.pack('<I4', slot * 16 + m)
+    elseif s > slot then
+      return struct.pack('<I4', slot * 16 + m) .. v
+    end
+  end
   local i, e = holder_find(v, slot)
   if e then
     if math.floor(e / m) % 2 == 1 then
