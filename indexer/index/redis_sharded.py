@@ -40,7 +40,6 @@ import hashlib
 import os
 import random
 import struct
-from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from itertools import groupby
@@ -91,15 +90,17 @@ from indexer.index.redis import (
     MODELS_KEY as SINGLE_SLOT_MODELS,
 )
 from indexer.index.redis_cluster import LOST_WRITES_REASON, cluster_url
-from indexer.index.redis_pipe import RedisPipe
+from indexer.index.redis_pipe import RedisPipe, pack
 from indexer.index.scoring import (
-    prefix_match_runs,
     query_keys_packed,
+    score_runs,
     validate_query,
-    worker_scores,
 )
 from kvcore.bus import EventBatch, escape_token, validate_batch
-from kvcore.keys import pack_keys
+from kvcore.keys import NATIVE, pack_keys
+
+if NATIVE:
+    from kvcore._native import subslot_merge, subslot_split
 
 __all__ = ["MODELS_KEY", "ShardedRedisIndex", "WaveHook"]
 
@@ -1110,26 +1111,39 @@ class ShardedRedisIndex:
         mask_of = slot_map.mask
         mask_runs = [mask_of(v) if i % 2 == 0 else v for i, v in enumerate(runs)]
         weights = query.tier_weights or self.config.tier_weights
-        matches = prefix_match_runs(mask_runs, candidates, weights, query.include_zero)
-        return ScoreResult(n, worker_scores(matches, slot_map.by_slot.__getitem__))
+        return ScoreResult(n, score_runs(mask_runs, candidates, weights, query.include_zero,
+                                         slot_map.by_slot, table=slot_map.table))
 
     async def _query(self, routes: list[str], commands: list[Sequence[Any]]) -> list[Any]:
         """Read-only commands, each on the pipelined connection to the master serving its
-        `routes` key, all in flight at once; redirected, cut or missing a script, they go
-        through the client's pipeline instead (which follows MOVED and ASK, refreshes the
-        slot map and loads the scripts)."""
-        pipes = [self._pipe_for(route) for route in routes]
-        if all(pipe is not None for pipe in pipes):
-            replies = await asyncio.gather(
-                *(pipe.call(*command) for pipe, command in zip(pipes, commands, strict=True)
-                  if pipe is not None), return_exceptions=True)
-            failed = [r for r in replies if isinstance(r, BaseException)]
-            if not failed:
-                return replies
-            if any(isinstance(r, ConnectionError | TimeoutError) for r in failed):
-                await self._close_pipes()
-            elif not all(isinstance(r, ResponseError) for r in failed):
-                raise failed[0]
+        `routes` key: one write per master, all masters in flight at once; redirected,
+        cut or missing a script, they go through the client's pipeline instead (which
+        follows MOVED and ASK, refreshes the slot map and loads the scripts)."""
+        by_pipe: dict[RedisPipe, list[int]] = {}
+        for i, route in enumerate(routes):
+            pipe = self._pipe_for(route)
+            if pipe is None:
+                return await self._run(commands)
+            by_pipe.setdefault(pipe, []).append(i)
+        packed = [pack(*command) for command in commands]
+        groups = list(by_pipe.items())
+        if len(groups) == 1:  # one node: no task
+            pipe, _ = groups[0]
+            answers: list[Any] = [await _replies_or_error(pipe, packed)]
+        else:
+            answers = await asyncio.gather(
+                *(_replies_or_error(pipe, [packed[i] for i in where]) for pipe, where in groups))
+        failed = [a for a in answers if isinstance(a, BaseException)]
+        if not failed:
+            replies: list[Any] = [None] * len(commands)
+            for (_, where), answer in zip(groups, answers, strict=True):
+                for i, reply in zip(where, answer, strict=True):
+                    replies[i] = reply
+            return replies
+        if any(isinstance(a, ConnectionError | TimeoutError) for a in failed):
+            await self._close_pipes()
+        elif not all(isinstance(a, ResponseError) for a in failed):
+            raise failed[0]
         return await self._run(commands)
 
     def _pipe_for(self, key: str) -> RedisPipe | None:
@@ -1177,39 +1191,63 @@ class ShardedRedisIndex:
         """One pipeline (one per master on a cluster): the slot map's version and each
         sub-slot's values up to its first unheld key, merged by query position up to the
         first position nobody holds, as runs [value, count, ...]."""
-        subslots = info.subslots
-        keys = struct.unpack(f"<{len(packed) // 8}Q", packed)
-        subs = [key % subslots for key in keys]
-        order = sorted(range(len(keys)), key=subs.__getitem__)  # stable: positions ascend
-        positions: list[list[int]] = []
-        start = 0
-        for k in range(subslots):
-            count = subs.count(k)
-            positions.append(order[start : start + count])
-            start += count
-        used = [k for k in range(subslots) if positions[k]]
+        parts = _split(packed, info.subslots)
+        used = [k for k, (keys, _) in enumerate(parts) if keys]
         commands: list[Sequence[Any]] = [("GET", info.dir + "slotver")]
-        for k in used:
-            sub_packed = struct.pack(f"<{len(positions[k])}Q", *[keys[i] for i in positions[k]])
-            commands.append(self._eval("score", [info.prefixes[k] + "blk"], sub_packed))
+        commands += [self._eval("score", [info.prefixes[k] + "blk"], parts[k][0]) for k in used]
         routes = [info.dir + "slotver", *[info.prefixes[k] for k in used]]
         version, *replies = await self._query(routes, commands)
-        end = len(keys)
-        values: dict[int, list[bytes]] = {}
-        for k, reply in zip(used, replies, strict=True):
-            expanded: list[bytes] = []
-            for j in range(0, len(reply), 2):
-                expanded += [reply[j]] * int(reply[j + 1])
-            values[k] = expanded
-            if len(expanded) < len(positions[k]):
-                end = min(end, positions[k][len(expanded)])
-        merged: list[bytes | None] = [None] * end
-        for k, expanded in values.items():
-            cut = bisect_left(positions[k], end)
-            for i, found in zip(positions[k][:cut], expanded, strict=False):
-                merged[i] = found
-        assert None not in merged, "a sub-slot stopped before the first unheld position"
-        runs: list[Any] = []
-        for value, group in groupby(merged):
-            runs += [value, len(list(group))]
-        return runs, version
+        return _merge(replies, [parts[k][1] for k in used], len(packed) // 8), version
+
+
+async def _replies_or_error(pipe: RedisPipe, packed: list[bytes]) -> list[Any] | Exception:
+    try:
+        return await pipe.pipeline(*packed)
+    except (RedisError, OSError) as exc:
+        return exc
+
+
+def _split_py(packed: bytes, subslots: int) -> list[tuple[bytes, bytes]]:
+    """`subslot_split` (native/subslot.c) without the extension: per sub-slot its keys
+    (u64 LE, key % subslots) and their query positions (u32 LE)."""
+    keys = struct.unpack(f"<{len(packed) // 8}Q", packed)
+    positions: list[list[int]] = [[] for _ in range(subslots)]
+    for i, key in enumerate(keys):
+        positions[key % subslots].append(i)
+    return [(b"".join(packed[i * 8 : i * 8 + 8] for i in where),
+             struct.pack(f"<{len(where)}I", *where)) for where in positions]
+
+
+def _merge_py(replies: list[list[Any]], positions: list[bytes], n: int) -> list[Any]:
+    """`subslot_merge` (native/subslot.c) without the extension: the sub-slots' runs merged
+    by query position up to the first position nobody holds, as runs."""
+    wheres = [struct.unpack(f"<{len(p) // 4}I", p) for p in positions]
+    expanded: list[list[bytes]] = []
+    end = n
+    for reply, where in zip(replies, wheres, strict=True):
+        values: list[bytes] = []
+        for j in range(0, len(reply), 2):
+            values += [reply[j]] * int(reply[j + 1])
+        if len(values) > len(where):
+            raise ValueError("subslot_merge: a run count out of range")
+        if len(values) < len(where):
+            end = min(end, where[len(values)])
+        expanded.append(values)
+    merged: list[bytes | None] = [None] * end
+    for values, where in zip(expanded, wheres, strict=True):
+        for i, value in zip(where, values, strict=False):
+            if i >= end:
+                break
+            merged[i] = value
+    if None in merged:
+        raise ValueError("subslot_merge: a sub-slot stopped before the first unheld position")
+    runs: list[Any] = []
+    for found, group in groupby(merged):
+        runs += [found, sum(1 for _ in group)]
+    return runs
+
+
+_split: Callable[[bytes, int], list[tuple[bytes, bytes]]] = _split_py
+_merge: Callable[[list[list[Any]], list[bytes], int], list[Any]] = _merge_py
+if NATIVE:
+    _split, _merge = subslot_split, subslot_merge
