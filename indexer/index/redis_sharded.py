@@ -43,7 +43,7 @@ import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from itertools import groupby
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import redis.asyncio as aioredis
 import structlog
@@ -1151,9 +1151,10 @@ class ShardedRedisIndex:
         a slot map, or for connections only redis-py speaks (TLS on a cluster, ...)."""
         if not self._fast_queries:
             return None
-        if not isinstance(self._redis, RedisCluster):
+        if not self._cluster:  # (a plain bool: isinstance of RedisCluster is slow)
             pipe = self._pipes.get("")
             if pipe is None:
+                assert not isinstance(self._redis, RedisCluster)
                 found = RedisPipe.for_client(self._redis)
                 if found is None:
                     self._fast_queries = False
@@ -1161,7 +1162,7 @@ class ShardedRedisIndex:
                 pipe = self._pipes[""] = found
             return pipe
         try:
-            node = self._redis.get_node_from_key(key)
+            node = cast(RedisCluster, self._redis).get_node_from_key(key)
         except (RedisError, AttributeError, KeyError):
             return None
         if node is None:
