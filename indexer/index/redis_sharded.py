@@ -40,10 +40,11 @@ import hashlib
 import os
 import random
 import struct
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from itertools import groupby
-from typing import Any, Final, cast
+from typing import Any, Final, NamedTuple, cast
 
 import redis.asyncio as aioredis
 import structlog
@@ -64,7 +65,8 @@ from redis.exceptions import (
 )
 
 from indexer.errors import BackendError
-from indexer.index.ledger import LOG_HASH, LOG_MAP, PresenceSink, WorkerLedger, stored_block_size
+from indexer.index.hybrid import FULL, group_rule, hybrid_matches, prefix_limits, runs_to_masks
+from indexer.index.ledger import LOG_HASH, LOG_MAP, WorkerLedger, stored_block_size
 from indexer.index.pools import split_pool_events
 from indexer.index.protocol import (
     TIERS,
@@ -92,9 +94,12 @@ from indexer.index.redis import (
 from indexer.index.redis_cluster import LOST_WRITES_REASON, cluster_url
 from indexer.index.redis_pipe import RedisPipe, pack
 from indexer.index.scoring import (
+    SlotMatch,
+    prefix_match_runs,
     query_keys_packed,
     score_runs,
     validate_query,
+    worker_scores,
 )
 from kvcore.bus import EventBatch, escape_token, validate_batch
 from kvcore.keys import NATIVE, pack_keys
@@ -110,9 +115,9 @@ MODELS_KEY: Final = "kvi:smodels"
 ABSENT: Final = b"\0" * 16 + b"-"  # the stored position of a sub-slot a rank never wrote
 _COUNTER: Final = struct.Struct(">Q")
 _PART_HEADER: Final = struct.Struct("<I17s16s")
-_ENTRY: Final = struct.Struct("<QBB")
+_ENTRY: Final = struct.Struct("<QBBB")  # key, KV-cache group, tier bits to clear, to set
 _DIR_KEYS: Final = ("slots", "nextslot", "slotver", "subslots", "retired", "pending", "state",
-                    "block_size")
+                    "block_size", "groups")
 _META_FIELDS: Final = ("pos", "ts", "n0", "n1", "n2", "n3", "degraded")
 _MAX_TAG_SEARCH: Final = 1 << 20
 _ATTEMPTS: Final = 5  # tries of a command meeting a moving slot or a lost node
@@ -143,12 +148,16 @@ class _Script:
 
 class _NetSink:
     """A rank's presence changes over one call, netted per block key: the tier bits to
-    clear and to set (the last change of a bit wins). Refuses hybrid groups."""
+    clear and to set (the last change of a bit wins); each KV-cache group > 0 in a sink
+    of its own (`groups`), the groups' specs learned in the call's (`learned`)."""
 
-    __slots__ = ("changes",)
+    __slots__ = ("changes", "groups", "learned", "root")
 
-    def __init__(self) -> None:
+    def __init__(self, root: _NetSink | None = None) -> None:
         self.changes: dict[int, list[int]] = {}  # key -> [clear bits, set bits]
+        self.groups: dict[int, _NetSink] = {}  # of the call's sink: group > 0 -> its sink
+        self.learned: dict[int, tuple[str | None, int]] = {}  # group -> (kind, window)
+        self.root = root or self
 
     def set_bits(self, keys: list[int], bitpos: int) -> None:
         bit = 1 << (bitpos & 3)
@@ -172,13 +181,23 @@ class _NetSink:
                 change[0] |= bit
                 change[1] &= ~bit
 
-    def group_sink(self, group: int) -> PresenceSink:
-        raise BackendError(f"KV-cache group {group}: hybrid models are not supported on a "
-                           "sub-slot model (--redis-subslots); create it without sub-slots")
+    def group_sink(self, group: int) -> _NetSink:
+        root = self.root
+        if not group:
+            return root
+        found = root.groups.get(group)
+        if found is None:
+            found = root.groups[group] = _NetSink(root)
+        return found
 
     def learn_group(self, group: int, kind: str | None, sliding_window: int) -> None:
-        if group:
-            self.group_sink(group)
+        learned = self.root.learned
+        if kind is not None or sliding_window or group not in learned:
+            learned[group] = (kind, sliding_window)
+
+    def by_group(self) -> list[tuple[int, dict[int, list[int]]]]:
+        """(group, its changes) for group 0 and each group > 0 the call changed."""
+        return [(0, self.changes), *sorted((g, sink.changes) for g, sink in self.groups.items())]
 
 
 class _Model:
@@ -215,17 +234,19 @@ class _Rank:
 
 
 class _Part:
-    """One rank's net change in one sub-slot, packed for lua/subslot_part.lua."""
+    """One rank's net change in one sub-slot, packed for lua/subslot_part.lua, and the
+    KV-cache groups > 0 it changes."""
 
-    __slots__ = ("has_clears", "packed", "rank", "subslot", "token")
+    __slots__ = ("groups", "has_clears", "packed", "rank", "subslot", "token")
 
-    def __init__(self, rank: _Rank, subslot: int, token: bytes, has_clears: bool,
-                 packed: bytes) -> None:
+    def __init__(self, rank: _Rank, subslot: int, token: bytes, *, has_clears: bool,
+                 packed: bytes, groups: set[int]) -> None:
         self.rank = rank
         self.subslot = subslot
         self.token = token
         self.has_clears = has_clears
         self.packed = packed
+        self.groups = groups
 
 
 def directory_prefix(model: str) -> str:
@@ -236,10 +257,17 @@ def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
+def group_hash(group: int) -> str:
+    """A sub-slot's presence hash of KV-cache group `group` (after its key prefix)."""
+    return f"blk{group}" if group else "blk"
+
+
 def _held_keys(ledger: WorkerLedger) -> list[int]:
+    """The keys the rank holds in any tier of any KV-cache group."""
     keys: set[int] = set()
-    for tier in range(len(TIERS)):
-        keys.update(ledger.keys.held_keys(1 << tier))
+    for held in (ledger, *ledger.groups.values()):
+        for tier in range(len(TIERS)):
+            keys.update(held.keys.held_keys(1 << tier))
     return sorted(keys)
 
 
@@ -294,6 +322,8 @@ class ShardedRedisIndex:
         self._ranks: dict[tuple[str, WorkerRef], _Rank] = {}
         self._block_sizes: dict[str, int] = {}
         self._known_models: set[str] = set()
+        # model -> KV-cache group -> spec this process wrote to the directory's `groups`
+        self._groups_written: dict[str, dict[int, tuple[str | None, int]]] = {}
         self._stats = IndexStats()
         self._lock = asyncio.Lock()
         # Score's pipelined connections: one per master (one in all on a single node).
@@ -528,6 +558,7 @@ class ShardedRedisIndex:
             await self._redis.connection_pool.disconnect()
 
     def _forget_all(self) -> None:
+        self._groups_written.clear()
         self._ranks.clear()
         self._slot_maps.clear()
         self._models.clear()
@@ -536,17 +567,13 @@ class ShardedRedisIndex:
 
     @staticmethod
     def _refuse_unsupported(batches: Sequence[EventBatch]) -> None:
-        """Pools and KV-cache groups > 0 are not built for sub-slot models: refused before
-        anything is read or written."""
+        """Pools are not built for sub-slot models: refused before anything is read or
+        written."""
         for batch in batches:
             if split_pool_events(batch)[1]:
                 raise BackendError("shared storage pools are not supported on a sub-slot "
                                    "model (--redis-subslots); serve the model without "
                                    "sub-slots to index pools")
-            for event in batch.events:
-                group = getattr(event, "group", 0)
-                if group:
-                    _NetSink().group_sink(group)
 
     async def _apply(self, batches: Sequence[EventBatch]) -> list[ApplyOutcome]:
         self._refuse_unsupported(batches)
@@ -576,11 +603,14 @@ class ShardedRedisIndex:
         sink = _NetSink()
         rank.ledger.start_journal()
         if rank.reslot_from is not None:
-            # From absent under the new id: the whole presence first.
-            for tier in range(len(TIERS)):
-                held = rank.ledger.keys.held_keys(1 << tier)
-                if held:
-                    sink.set_bits(held, tier)
+            # From absent under the new id: the whole presence first, every group's.
+            ledger = rank.ledger
+            for group, held_by in ((0, ledger), *ledger.groups.items()):
+                group_sink = sink.group_sink(group)
+                for tier in range(len(TIERS)):
+                    held = held_by.keys.held_keys(1 << tier)
+                    if held:
+                        group_sink.set_bits(held, tier)
         return sink
 
     async def _write_calls(self, sinks: Mapping[tuple[str, WorkerRef], _NetSink],
@@ -592,6 +622,7 @@ class ShardedRedisIndex:
                  or self._ranks[key].reslot_from is not None]
         try:
             if calls:
+                await self._write_group_specs(calls)
                 await self._waves(calls)
         finally:
             for key in sinks:
@@ -601,6 +632,27 @@ class ShardedRedisIndex:
         for rank, _ in calls:
             if rank.reslot_from is not None:
                 await self._finish_reslot(rank.ledger.model, rank)
+
+    async def _write_group_specs(self, calls: list[tuple[_Rank, _NetSink]]) -> None:
+        """List every KV-cache group the calls write (and the specs they learned) in the
+        directory's `groups` before any presence of theirs, so collection and model GC
+        name every group hash. A spec the events named replaces what is known; a bare
+        group only lists."""
+        commands = []
+        for rank, sink in calls:
+            model = rank.ledger.model
+            written = self._groups_written.setdefault(model, {})
+            specs = {group: (None, 0) for group in sink.groups} | sink.learned
+            for group, (kind, window) in specs.items():
+                named = kind is not None or window
+                if written.get(group) == (kind, window) or (not named and group in written):
+                    continue
+                commands.append(("HSET" if named else "HSETNX",
+                                 directory_prefix(model) + "groups", group,
+                                 f"{kind or ''}\n{window}"))
+                if named or group not in written:
+                    written[group] = (kind, window)
+        await self._run(commands)
 
     async def _waves(self, calls: list[tuple[_Rank, _NetSink]]) -> None:
         """Clears, then sets, then the ledgers: each wave one pipeline (per master),
@@ -633,15 +685,20 @@ class ShardedRedisIndex:
         subslots = len(rank.positions)
         entries: list[list[bytes]] = [[] for _ in range(subslots)]
         clears = [False] * subslots
+        groups: list[set[int]] = [set() for _ in range(subslots)]
         pack = _ENTRY.pack
-        for key, (clear, set_) in sink.changes.items():
-            k = key % subslots
-            entries[k].append(pack(key, clear, set_))
-            if clear:
-                clears[k] = True
+        for group, changes in sink.by_group():
+            for key, (clear, set_) in changes.items():
+                k = key % subslots
+                entries[k].append(pack(key, group, clear, set_))
+                if clear:
+                    clears[k] = True
+                if group:
+                    groups[k].add(group)
         slot = rank.ledger.slot
-        return [_Part(rank, k, token, clears[k],
-                      _PART_HEADER.pack(slot, rank.positions[k], token) + b"".join(entries[k]))
+        return [_Part(rank, k, token, has_clears=clears[k],
+                      packed=_PART_HEADER.pack(slot, rank.positions[k], token)
+                      + b"".join(entries[k]), groups=groups[k])
                 for k in range(subslots) if entries[k]]
 
     async def _wave(self, wave: int, parts: list[_Part]) -> None:
@@ -653,8 +710,10 @@ class ShardedRedisIndex:
         commands = []
         for (model, k), target_parts in targets:
             prefix = self._models[model].prefixes[k]
+            groups = sorted(set().union(*(part.groups for part in target_parts)))
             keys = [prefix + "blk", prefix + "pos",
-                    *[f"{prefix}p:{part.rank.ledger.slot}" for part in target_parts]]
+                    *[f"{prefix}p:{part.rank.ledger.slot}" for part in target_parts],
+                    *[prefix + group_hash(group) for group in groups]]
             commands.append(self._eval("part", keys, str(wave),
                                        *[part.packed for part in target_parts]))
         replies = await self._run(commands)
@@ -767,13 +826,16 @@ class ShardedRedisIndex:
         if info is None:
             return
         home = info.home(slot)
-        [raw] = await self._run([("GET", f"{home}w:{slot}:log")])
+        raw, group_names = await self._run([("GET", f"{home}w:{slot}:log"),
+                                            ("HKEYS", info.dir + "groups")])
         keys = []
         if raw:
             ledger = WorkerLedger(model, "", 0, slot, self.config.ghost_capacity)
             ledger.load_log(raw)
             keys = _held_keys(ledger)
-        commands = [self._eval("collect", [prefix + "blk", prefix + "pos", f"{prefix}p:{slot}"],
+        hashes = [group_hash(group) for group in sorted({0, *map(int, group_names)})]
+        commands = [self._eval("collect", [prefix + "pos", f"{prefix}p:{slot}",
+                                           *[prefix + name for name in hashes]],
                                slot, pack_keys(part))
                     for prefix, part in zip(info.prefixes, _by_subslot(keys, info.subslots),
                                             strict=True)]
@@ -806,14 +868,16 @@ class ShardedRedisIndex:
         if info.prefixes:
             # Empty once every id is collected; UNLINK frees what is left off the
             # main thread.
-            await self._run([("UNLINK", prefix + "blk", prefix + "pos")
+            groups = await self._redis.hkeys(info.dir + "groups")
+            names = ["pos", *[group_hash(g) for g in sorted({0, *map(int, groups)})]]
+            await self._run([("UNLINK", *[prefix + name for name in names])
                              for prefix in info.prefixes])
         await self._run([self._dir_call(model, "drop")])
         await self._redis.srem(MODELS_KEY, model)
         # A rank created meanwhile lists the model again after it exists (_load_rank).
         if await self._redis.hlen(directory_prefix(model) + "slots"):
             await self._redis.sadd(MODELS_KEY, model)
-        for cache in (self._models, self._slot_maps, self._block_sizes):
+        for cache in (self._models, self._slot_maps, self._block_sizes, self._groups_written):
             cache.pop(model, None)
         self._known_models.discard(model)
         for key in [key for key in self._ranks if key[0] == model]:
@@ -1101,18 +1165,88 @@ class ShardedRedisIndex:
                 info = self._models.get(query.model)
                 if info is None:
                     return ScoreResult(n, [])
-            runs, version = await self._read_runs(query.model, info, packed)
-            slot_map = await self._slot_map(query.model, version)
+            read = await self._read_runs(info, packed)
+            slot_map = await self._slot_map(query.model, read.version)
+            if slot_map is None:
+                return ScoreResult(n, [])
+            candidates = slot_map.candidates(query.workers)
+            mask_of = slot_map.mask
+            mask_runs = [mask_of(v) if i % 2 == 0 else v for i, v in enumerate(read.runs)]
+            weights = query.tier_weights or self.config.tier_weights
+            if any(group != b"0" for group in read.groups):
+                matches = await self._hybrid_matches(query, info, read, mask_runs,
+                                                     candidates=candidates, slot_map=slot_map)
+                return ScoreResult(n, worker_scores(matches, slot_map.by_slot.__getitem__))
         except RedisError as exc:
             raise BackendError(f"redis score failed: {exc}") from exc
-        if slot_map is None:
-            return ScoreResult(n, [])
-        candidates = slot_map.candidates(query.workers)
-        mask_of = slot_map.mask
-        mask_runs = [mask_of(v) if i % 2 == 0 else v for i, v in enumerate(runs)]
-        weights = query.tier_weights or self.config.tier_weights
         return ScoreResult(n, score_runs(mask_runs, candidates, weights, query.include_zero,
                                          slot_map.by_slot, table=slot_map.table))
+
+    async def _hybrid_matches(self, query: ScoreQuery, info: _Model, read: _Read,
+                              runs: list[int], *, candidates: int,
+                              slot_map: _SlotMap) -> list[SlotMatch]:
+        """vLLM's hybrid rule (indexer/index/hybrid.py) over the model's KV-cache groups,
+        as RedisIndex scores it: group 0's runs came with the query; the other groups'
+        values take a second round trip (every sub-slot, in parallel), only as far as
+        group 0's prefix reaches when group 0 is under the full-attention rule."""
+        specs: dict[int, tuple[str | None, int]] = {0: (None, 0)}
+        for group, spec in read.groups.items():
+            kind, _, window = spec.decode().partition("\n")
+            specs[int(group)] = (kind or None, int(window or 0))
+        block_size = query.block_size if query.token_ids is not None else None
+        block_size = block_size or await self.block_size(query.model)
+        numbers = sorted(specs)
+        rules = [group_rule(*specs[g], block_size) for g in numbers]
+        weights = query.tier_weights or self.config.tier_weights
+        n_blocks = read.n
+        reference: list[SlotMatch] | None = None
+        if rules[0].rule == FULL:
+            reference = prefix_match_runs(runs, candidates, weights)
+            limits = prefix_limits(reference, candidates if query.include_zero else 0)
+            n_blocks = max(limits, default=0)
+        else:
+            limits = {n_blocks: candidates} if candidates else {}
+        if not n_blocks:
+            return hybrid_matches(rules, [{} for _ in numbers], limits, weights=weights,
+                                  include_zero=query.include_zero, reference=reference)
+        fetched = numbers[1:] if reference is not None else numbers
+        present = await self._group_masks(info, read.parts, n_blocks, fetched, slot_map)
+        if reference is None:
+            return hybrid_matches(rules, present, limits, weights=weights,
+                                  include_zero=query.include_zero)
+        # Group 0's prefix walk is done (`reference`): its map is not read.
+        return hybrid_matches(rules, [{}, *present], limits, weights=weights,
+                              include_zero=query.include_zero, reference=reference,
+                              reference_masks=runs_to_masks(runs)[:n_blocks])
+
+    async def _group_masks(self, info: _Model, parts: list[tuple[bytes, bytes]],
+                           n_blocks: int, groups: list[int],
+                           slot_map: _SlotMap) -> list[dict[int, int]]:
+        """Per group of `groups`, query position -> walk mask of the first `n_blocks`
+        keys each sub-slot holds in that group's hash (one HMGET per sub-slot and group,
+        one pipeline per master)."""
+        routes: list[str] = []
+        commands: list[Sequence[Any]] = []
+        where: list[tuple[int, tuple[int, ...]]] = []  # per command: group index, positions
+        for k, (packed, packed_positions) in enumerate(parts):
+            positions = struct.unpack(f"<{len(packed_positions) // 4}I", packed_positions)
+            count = bisect_left(positions, n_blocks)
+            if not count:
+                continue
+            keys = [packed[i * 8 : i * 8 + 8] for i in range(count)]
+            for g_index, group in enumerate(groups):
+                routes.append(info.prefixes[k])
+                commands.append(("HMGET", info.prefixes[k] + group_hash(group), *keys))
+                where.append((g_index, positions[:count]))
+        replies = await self._query(routes, commands)
+        present: list[dict[int, int]] = [{} for _ in groups]
+        mask = slot_map.mask
+        for (g_index, positions), values in zip(where, replies, strict=True):
+            found = present[g_index]
+            for position, value in zip(positions, values, strict=True):
+                if value:
+                    found[position] = mask(value)
+        return present
 
     async def _query(self, routes: list[str], commands: list[Sequence[Any]]) -> list[Any]:
         """Read-only commands, each on the pipelined connection to the master serving its
@@ -1187,18 +1321,34 @@ class ShardedRedisIndex:
             await pipe.close()
         self._pipes.clear()
 
-    async def _read_runs(self, model: str, info: _Model,
-                         packed: bytes) -> tuple[list[Any], bytes | None]:
-        """One pipeline (one per master on a cluster): the slot map's version and each
-        sub-slot's values up to its first unheld key, merged by query position up to the
-        first position nobody holds, as runs [value, count, ...]."""
+    async def _read_runs(self, info: _Model, packed: bytes) -> _Read:
+        """One pipeline (one per master on a cluster): the slot map's version, the
+        model's KV-cache groups, and each sub-slot's group-0 values up to its first
+        unheld key, merged by query position up to the first position nobody holds, as
+        runs [value, count, ...]."""
         parts = _split(packed, info.subslots)
         used = [k for k, (keys, _) in enumerate(parts) if keys]
-        commands: list[Sequence[Any]] = [("GET", info.dir + "slotver")]
+        commands: list[Sequence[Any]] = [("GET", info.dir + "slotver"),
+                                         ("HGETALL", info.dir + "groups")]
         commands += [self._eval("score", [info.prefixes[k] + "blk"], parts[k][0]) for k in used]
-        routes = [info.dir + "slotver", *[info.prefixes[k] for k in used]]
-        version, *replies = await self._query(routes, commands)
-        return _merge(replies, [parts[k][1] for k in used], len(packed) // 8), version
+        routes = [info.dir + "slotver", info.dir + "groups",
+                  *[info.prefixes[k] for k in used]]
+        version, groups, *replies = await self._query(routes, commands)
+        n = len(packed) // 8
+        if isinstance(groups, list):  # the query pipe's HGETALL: flat [field, value, ...]
+            groups = dict(zip(groups[::2], groups[1::2], strict=True))
+        return _Read(version, groups, _merge(replies, [parts[k][1] for k in used], n),
+                     parts, n)
+
+
+class _Read(NamedTuple):
+    """What a Score read in its first round trip."""
+
+    version: bytes | None
+    groups: dict[bytes, bytes]  # KV-cache group -> "kind\nwindow"
+    runs: list[Any]  # group 0's values up to the first unheld position, as runs
+    parts: list[tuple[bytes, bytes]]  # per sub-slot: its keys, their query positions
+    n: int  # the query's keys
 
 
 async def _replies_or_error(pipe: RedisPipe, packed: list[bytes]) -> list[Any] | Exception:
