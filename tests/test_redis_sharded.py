@@ -734,3 +734,20 @@ class TestHybridGroups:
         remaining = [k for k in await backend.keys() if not k.startswith(b"kvi:marker")]
         assert remaining == [f"kvi:{{s:{MODEL.replace('/', '~2F')}}}:nextslot".encode()]
         await index.close()
+
+    async def test_groups_listed_again_after_another_process_collected_the_model(
+            self, backend: Backend) -> None:
+        """A writer that listed the model's groups before another process collected the
+        model lists them again when the model starts afresh: its Score is hybrid again
+        and its group hashes are collectable."""
+        fleet = HybridFleet()
+        writer, remover = backend.index(), backend.index()
+        await writer.apply([fleet.batch(RANKS[0], *fleet.both(RANKS[0], 0))])
+        assert await remover.remove_worker(MODEL, RANKS[0].worker_id) == 1
+        groups = f"kvi:{{s:{MODEL.replace('/', '~2F')}}}:groups"
+        assert not await remover._redis.exists(groups)
+        await writer.apply(await fleet.record_both(
+            [fleet.batch(RANKS[2], *fleet.both(RANKS[2], 0))]))
+        assert await remover._redis.hkeys(groups) == [b"1"]
+        await writer.close()
+        await remover.close()

@@ -4,9 +4,11 @@ Design and the reasons for it: docs/large-models.md. A model's directory lives i
 slot, its presence in S sub-slots by block key (a block in sub-slot `key mod S`), each
 rank's ledger in its home sub-slot (`slot id mod S`):
 
-    kvi:{s:M}:slots, nextslot, slotver, subslots, retired, pending, state, block_size
-                                    the directory (lua/subslot_dir.lua)
-    kvi:{T_k}:blk                   HASH  block key (8 B, LE) -> holder list
+    kvi:{s:M}:slots, nextslot, slotver, subslots, retired, pending, state, block_size,
+            groups                  the directory (lua/subslot_dir.lua); `groups`: KV-cache
+                                    group -> "kind\nwindow" (hybrid models)
+    kvi:{T_k}:blk                   HASH  block key (8 B, LE) -> holder list (group 0)
+    kvi:{T_k}:blk<g>                HASH  the same, of KV-cache group g > 0
     kvi:{T_k}:pos                   HASH  slot id -> token (16 B) + phase ('c' | 'd')
     kvi:{T_k}:p:<id>                STR   keys the id's last part here set (collection)
     kvi:{T_h}:w:<id>:meta, :log     the rank's committed token, position, counts, log
@@ -29,8 +31,10 @@ credit one rank with another's. On Redis Cluster, a failover that lost writes Re
 confirmed is found as `RedisClusterIndex` finds it (`check_lost_writes`): the rank is
 cleared and asked for a resync.
 
-Not supported on a sub-slot model (refused with a clear error): shared storage pools and
-KV-cache groups > 0 (hybrid models).
+Hybrid models: a part carries each entry's KV-cache group, applied to that group's hash
+in the same script call; Score applies vLLM's rule (indexer/index/hybrid.py) with the
+other groups' values read in a second round trip. Not supported on a sub-slot model
+(refused with a clear error): shared storage pools (docs/large-models.md says why).
 """
 
 from __future__ import annotations
@@ -468,6 +472,9 @@ class ShardedRedisIndex:
                               self.config.ghost_capacity)
         rank = _Rank(ledger, info.subslots)
         if created:
+            # The model may be new again (collected by another process meanwhile): its
+            # `groups` are written afresh.
+            self._groups_written.pop(model, None)
             await self._list_model(model, force=True)
             return rank
         home = info.home(slot)
