@@ -24,6 +24,8 @@
  *   decision_tally_top_costs(tally, refs, loads, ...) -> (list[tuple], int): the same
  *       straight from the Score walk's tally (no WorkerScore per matched rank), and
  *   encode_decision(chosen, ranked, freshness, candidate_count) -> bytes: its answer.
+ *   subslot_split(packed, subslots) and subslot_merge(replies, positions, n): a sub-slot
+ *       Score's keys grouped by sub-slot and its replies merged back (no object per key).
  *
  * `tokens` is packed u32 little-endian (bytes, bytearray, memoryview) or a sequence of
  * ints in 0..2**32-1. Only full blocks are hashed.
@@ -31,7 +33,8 @@
  * One extension, one C file per concern: this file is the module (its method table and
  * init); chain.c the key loop, block_table.c BlockTable, ledger_map.c LedgerMap, wire.c
  * take_uint32_field, log_pack.c pack_log_entries, tally.c the Score walk, decision.c
- * FindBestWorker's top-k; tokens.c/tokens.h and bytebuf.h what more than one of them uses;
+ * FindBestWorker's top-k; subslot.c the sub-slot Score's split and merge;
+ * tokens.c/tokens.h and bytebuf.h what more than one of them uses;
  * native.h what this file needs from the others.
  */
 #include "native.h"
@@ -73,6 +76,10 @@ static PyMethodDef native_methods[] = {
      METH_FASTCALL, decision_tally_top_costs_doc},
     {"encode_decision", (PyCFunction)(void (*)(void))encode_decision, METH_FASTCALL,
      encode_decision_doc},
+    {"subslot_split", (PyCFunction)(void (*)(void))subslot_split, METH_FASTCALL,
+     subslot_split_doc},
+    {"subslot_merge", (PyCFunction)(void (*)(void))subslot_merge, METH_FASTCALL,
+     subslot_merge_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -63,4 +63,12 @@ NATIVE_INTERNAL PyObject *encode_decision(PyObject *module, PyObject *const *arg
 NATIVE_INTERNAL PyObject *pack_log_entries(PyObject *module, PyObject *const *args,
                                            Py_ssize_t nargs);
 
+/* subslot.c */
+NATIVE_INTERNAL extern const char subslot_split_doc[];
+NATIVE_INTERNAL extern const char subslot_merge_doc[];
+NATIVE_INTERNAL PyObject *subslot_split(PyObject *module, PyObject *const *args,
+                                        Py_ssize_t nargs);
+NATIVE_INTERNAL PyObject *subslot_merge(PyObject *module, PyObject *const *args,
+                                        Py_ssize_t nargs);
+
 #endif /* KVCORE_NATIVE_H */

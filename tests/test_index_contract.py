@@ -387,7 +387,7 @@ async def any_index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
 @pytest.fixture(params=BACKENDS + SUBSLOT_BACKENDS)
 async def plain_index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
     """`any_index`'s backends and the sub-slot one (`--redis-subslots`: 4 on one
-    redis-server, 3 on the cluster), for what needs neither pools nor hybrid groups."""
+    redis-server, 3 on the cluster), for what does not need pools."""
     index = await open_backend(request)
     yield index
     await index.close()
@@ -696,62 +696,64 @@ HYBRID = group_stores((0, None, 0), (1, "sliding_window", 2 * HYBRID_BS))
 
 class TestHybridGroups:
     """Hybrid-attention models (bus schema 2): presence per KV-cache group, and Score by
-    vLLM's reuse rule (indexer/index/hybrid.py), the same on every backend."""
+    vLLM's reuse rule (indexer/index/hybrid.py), the same on every backend (sub-slot
+    models included)."""
 
-    async def test_window_group_evicting_its_past_keeps_the_hit(self, any_index: Index) -> None:
+    async def test_window_group_evicting_its_past_keeps_the_hit(self, plain_index: Index) -> None:
         """The issue's scenario: six blocks in both groups, the window group frees 0..3:
         a 6-block prompt still hits 6 (vLLM reuses them); its 4-block prefix hits 0."""
-        await any_index.apply([hybrid_batch(0, HYBRID)])
-        assert [await hybrid_hit(any_index, n) for n in (6, 4)] == [6, 4]
-        await any_index.apply([hybrid_batch(1, [BlockRemoved(HYBRID_HASHES[:4], group=1)])])
-        assert [await hybrid_hit(any_index, n) for n in (6, 5, 4, 1)] == [6, 0, 0, 0]
+        await plain_index.apply([hybrid_batch(0, HYBRID)])
+        assert [await hybrid_hit(plain_index, n) for n in (6, 4)] == [6, 4]
+        await plain_index.apply([hybrid_batch(1, [BlockRemoved(HYBRID_HASHES[:4], group=1)])])
+        assert [await hybrid_hit(plain_index, n) for n in (6, 5, 4, 1)] == [6, 0, 0, 0]
         # Full attention losing a block cuts the hit there, whatever the window holds.
-        await any_index.apply([hybrid_batch(2, [BlockRemoved(HYBRID_HASHES[5:], group=0)])])
-        assert await hybrid_hit(any_index, 6) == 0
+        await plain_index.apply([hybrid_batch(2, [BlockRemoved(HYBRID_HASHES[5:], group=0)])])
+        assert await hybrid_hit(plain_index, 6) == 0
 
-    async def test_a_group_removal_leaves_the_other_groups(self, any_index: Index) -> None:
+    async def test_a_group_removal_leaves_the_other_groups(self, plain_index: Index) -> None:
         """Group 0's presence, tiers and counts do not move when group 1 evicts."""
-        await any_index.apply([hybrid_batch(0, HYBRID),
-                               hybrid_batch(1, [BlockRemoved(HYBRID_HASHES, group=1)])])
-        [info] = await any_index.workers(HYBRID_MODEL)
+        await plain_index.apply([hybrid_batch(0, HYBRID),
+                                 hybrid_batch(1, [BlockRemoved(HYBRID_HASHES, group=1)])])
+        [info] = await plain_index.workers(HYBRID_MODEL)
         assert info.blocks_by_tier == {"gpu": 6}
-        assert len(await any_index.presence(HYBRID_MODEL)) == 6
-        assert await hybrid_hit(any_index, 6) == 0  # the window group holds nothing
+        assert len(await plain_index.presence(HYBRID_MODEL)) == 6
+        assert await hybrid_hit(plain_index, 6) == 0  # the window group holds nothing
 
-    async def test_offload_tiers_per_group(self, any_index: Index) -> None:
+    async def test_offload_tiers_per_group(self, plain_index: Index) -> None:
         """A CPU copy in full attention counts at the CPU weight; the GPU window group's
         copies do not make the prefix GPU."""
-        await any_index.apply([hybrid_batch(0, [*HYBRID,
-                                                BlockStored(HYBRID_HASHES[:2], medium="cpu"),
-                                         BlockRemoved(HYBRID_HASHES[:2])])])
-        result = await any_index.score(ScoreQuery(model=HYBRID_MODEL, token_ids=HYBRID_TOKENS,
-                                                  block_size=HYBRID_BS))
+        await plain_index.apply([hybrid_batch(0, [*HYBRID,
+                                                  BlockStored(HYBRID_HASHES[:2], medium="cpu"),
+                                           BlockRemoved(HYBRID_HASHES[:2])])])
+        result = await plain_index.score(ScoreQuery(model=HYBRID_MODEL, token_ids=HYBRID_TOKENS,
+                                                    block_size=HYBRID_BS))
         [score] = result.scores
         assert (score.matched_blocks, score.blocks_by_tier) == (6, {"gpu": 4, "cpu": 2})
         assert score.weighted_score == pytest.approx(4 + 2 * 0.8)
 
-    async def test_clear_and_new_epoch_clear_every_group(self, any_index: Index) -> None:
+    async def test_clear_and_new_epoch_clear_every_group(self, plain_index: Index) -> None:
         """AllBlocksCleared and a restart empty the groups too: no stale window presence
         turns a later full-attention store into a hit the window group does not hold."""
-        await any_index.apply([hybrid_batch(0, HYBRID)])
-        await any_index.apply([hybrid_batch(0, group_stores((0, None, 0)), epoch=2)])
-        assert await hybrid_hit(any_index, 6) == 0
+        await plain_index.apply([hybrid_batch(0, HYBRID)])
+        await plain_index.apply([hybrid_batch(0, group_stores((0, None, 0)), epoch=2)])
+        assert await hybrid_hit(plain_index, 6) == 0
 
-    async def test_plain_model_with_kind_annotations_scores_as_today(self, any_index: Index
+    async def test_plain_model_with_kind_annotations_scores_as_today(self, plain_index: Index
                                                                      ) -> None:
         """One group (even one naming a window) is scored by the plain prefix walk."""
-        await any_index.apply([hybrid_batch(0, group_stores((0, "sliding_window", 2 * HYBRID_BS))),
-                               hybrid_batch(1, [BlockRemoved(HYBRID_HASHES[:4])])])
-        assert await hybrid_hit(any_index, 6) == 0
-        assert [await hybrid_hit(any_index, n) for n in (6, 4)] == [0, 0]
+        window = group_stores((0, "sliding_window", 2 * HYBRID_BS))
+        await plain_index.apply([hybrid_batch(0, window),
+                                 hybrid_batch(1, [BlockRemoved(HYBRID_HASHES[:4])])])
+        assert await hybrid_hit(plain_index, 6) == 0
+        assert [await hybrid_hit(plain_index, n) for n in (6, 4)] == [0, 0]
 
-    async def test_v1_batches_of_a_plain_model(self, any_index: Index) -> None:
+    async def test_v1_batches_of_a_plain_model(self, plain_index: Index) -> None:
         """Schema 1 (a publisher that predates groups) is indexed exactly as before."""
-        await any_index.apply([hybrid_batch(0, group_stores((0, None, 0)), schema=1),
-                               hybrid_batch(1, [BlockRemoved(HYBRID_HASHES[4:])], schema=1)])
-        assert [await hybrid_hit(any_index, n) for n in (6, 4)] == [4, 4]
+        await plain_index.apply([hybrid_batch(0, group_stores((0, None, 0)), schema=1),
+                                 hybrid_batch(1, [BlockRemoved(HYBRID_HASHES[4:])], schema=1)])
+        assert [await hybrid_hit(plain_index, n) for n in (6, 4)] == [4, 4]
 
-    async def test_chain_resolves_across_groups(self, any_index: Index) -> None:
+    async def test_chain_resolves_across_groups(self, plain_index: Index) -> None:
         """A window group's child whose parent it evicted resolves through another group
         (engine hashes name the same content in every group)."""
         hashes = HYBRID_HASHES
@@ -759,16 +761,16 @@ class TestHybridGroups:
         def block_tokens(first: int, end: int) -> bytes:
             return pack_tokens(HYBRID_TOKENS[first * HYBRID_BS : end * HYBRID_BS])
 
-        await any_index.apply([hybrid_batch(0, [
+        await plain_index.apply([hybrid_batch(0, [
             BlockStored(hashes[:3], None, block_tokens(0, 3), HYBRID_BS),
             BlockStored(hashes[2:3], hashes[1], block_tokens(2, 3), HYBRID_BS,
                         group=1, group_kind="sliding_window", sliding_window=2 * HYBRID_BS),
         ])])
-        assert (await any_index.stats()).dropped == {}
-        assert await hybrid_hit(any_index, 3) == 0  # the window needs blocks 1 and 2: 1 missing
-        await any_index.apply([hybrid_batch(1, [BlockStored(
+        assert (await plain_index.stats()).dropped == {}
+        assert await hybrid_hit(plain_index, 3) == 0  # the window needs blocks 1 and 2: 1 missing
+        await plain_index.apply([hybrid_batch(1, [BlockStored(
             hashes[1:2], hashes[0], block_tokens(1, 2), HYBRID_BS, group=1)])])
-        assert await hybrid_hit(any_index, 3) == 3
+        assert await hybrid_hit(plain_index, 3) == 3
 
 
 class TestHybridPools:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import struct
 from typing import Any
 
 import pytest
@@ -435,3 +436,64 @@ class TestPackLogEntries:
             pack_log_entries([-1], {}, {})
         with pytest.raises(TypeError):
             pack_log_entries([1], [], {})  # type: ignore[arg-type]
+
+
+# --- sub-slot Score: split and merge (native/subslot.c, indexer/index/redis_sharded.py) ---
+
+subslot_query = st.lists(st.integers(0, 2**64 - 1), max_size=80)
+
+
+def _subslot_replies(parts: list[tuple[bytes, bytes]], held: set[int],
+                     values: dict[int, bytes]) -> list[list[Any]]:
+    """Each sub-slot's reply as subslot_score.lua builds it: runs of its keys' values up to
+    its first key not in `held`."""
+    replies: list[list[Any]] = []
+    for packed, _ in parts:
+        runs: list[Any] = []
+        for (key,) in struct.iter_unpack("<Q", packed):
+            if key not in held:
+                break
+            if runs and runs[-2] == values[key]:
+                runs[-1] += 1
+            else:
+                runs += [values[key], 1]
+        replies.append(runs)
+    return replies
+
+
+@fast
+@given(keys=subslot_query, subslots=st.integers(1, 7), data=st.data())
+def test_subslot_split_and_merge_match_python(keys: list[int], subslots: int,
+                                              data: st.DataObject) -> None:
+    """The C split and merge equal the pure-Python twins, and the merge equals a plain walk
+    of the query's values up to the first key nobody holds."""
+    from indexer.index.redis_sharded import _merge_py, _split_py
+    from kvcore._native import subslot_merge, subslot_split
+
+    packed = pack_keys(keys)
+    parts = subslot_split(packed, subslots)
+    assert parts == _split_py(packed, subslots)
+    assert sorted(key for p, _ in parts for (key,) in struct.iter_unpack("<Q", p)) == sorted(keys)
+    held = {key for key in keys if data.draw(st.booleans())}
+    values = {key: data.draw(st.sampled_from([b"a", b"b", b"ab"])) for key in keys}
+    replies = _subslot_replies(parts, held, values)
+    positions = [where for _, where in parts]
+    merged = subslot_merge(replies, positions, len(keys))
+    assert merged == _merge_py(replies, positions, len(keys))
+    expected: list[Any] = []
+    for key in keys:
+        if key not in held:
+            break
+        if expected and expected[-2] == values[key]:
+            expected[-1] += 1
+        else:
+            expected += [values[key], 1]
+    assert merged == expected
+
+
+def test_subslot_merge_refuses_a_reply_longer_than_its_keys() -> None:
+    from kvcore._native import subslot_merge, subslot_split
+
+    parts = subslot_split(pack_keys([3, 4, 5]), 2)
+    with pytest.raises(ValueError, match="out of range"):
+        subslot_merge([[b"x", 3], [b"y", 1]], [where for _, where in parts], 3)

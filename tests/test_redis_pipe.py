@@ -252,3 +252,12 @@ async def test_a_malformed_reply_drops_the_connection_and_no_caller_gets_it() ->
             await asyncio.wait_for(pipe.call("PING"), 5)
         assert await asyncio.wait_for(pipe.call("PING"), 5) == b"PONG"
         await pipe.close()
+
+
+async def test_a_pipeline_gets_every_reply_in_order(pipe: RedisPipe) -> None:
+    replies = await asyncio.gather(*(pipe.pipeline(pack("SET", f"p{i}", i), pack("INCR", f"p{i}"),
+                                                   pack("GET", f"p{i}")) for i in range(100)))
+    assert replies == [[b"OK", i + 1, str(i + 1).encode()] for i in range(100)]
+    with pytest.raises(NoScriptError):
+        await pipe.pipeline(pack("PING"), pack("EVALSHA", "0" * 40, 0), pack("SET", "q", 1))
+    assert await pipe.call("GET", "q") == b"1"  # not a transaction: the rest ran

@@ -7,12 +7,14 @@ reference model at every wave boundary never see a block a rank did not hold bef
 after the call; the next owner re-slots the rank and the index is then exact, with the
 old slot id's entries collected from every sub-slot. A second writer's parts are found
 the same way. Writes a promoted replica never received are found and repaired by a
-resync. Removal and model collection leave no key behind; pools and hybrid groups are
-refused before anything is written."""
+resync. Removal and model collection leave no key behind; pools are refused before
+anything is written. Hybrid models (KV-cache groups > 0) score as the in-memory index
+does, through torn calls and re-slots too."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -27,6 +29,7 @@ from redis.crc import key_slot
 from indexer.config import parse_service_config
 from indexer.errors import BackendError, ConfigError
 from indexer.index.factory import build_index
+from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import IndexConfig, ResyncRequest, ScoreQuery, WorkerRef
 from indexer.index.redis import RedisIndex
 from indexer.index.redis_sharded import ShardedRedisIndex
@@ -180,12 +183,13 @@ class Backend:
             await client.aclose()
 
     async def entries_of(self, slot: int) -> int:
-        """Holder entries of slot id `slot` in every sub-slot hash (a test-only scan)."""
+        """Holder entries of slot id `slot` in every sub-slot hash, of every KV-cache group
+        (a test-only scan)."""
         client = self.client()
         count = 0
         try:
             for key in await self.keys():
-                if not key.endswith(b":blk"):
+                if not re.search(rb":blk\d*$", key):
                     continue
                 for value in (await client.hgetall(key)).values():
                     for i in range(0, len(value), 4):
@@ -364,18 +368,15 @@ class TestPlacementAndScope:
         await client.aclose()
         await index.close()
 
-    async def test_pools_and_hybrid_groups_are_refused(self, backend: Backend) -> None:
-        """A pool write or a KV-cache group > 0 is a clear error; nothing is written."""
+    async def test_pools_are_refused(self, backend: Backend) -> None:
+        """A pool write is a clear error; nothing is written."""
         fleet = Fleet()
         index = backend.index()
         ref = RANKS[0]
         pool_store = BlockStored(block_hashes=[1], token_ids=pack_tokens([1] * BS),
                                  block_size=BS, medium="storage", pool="shared")
-        group_store = BlockStored(block_hashes=[1], token_ids=pack_tokens([1] * BS),
-                                  block_size=BS, group=1)
-        for event in (pool_store, group_store):
-            with pytest.raises(BackendError, match="not supported on a sub-slot model"):
-                await index.apply([fleet.batch(ref, fleet.store(ref, 0), event)])
+        with pytest.raises(BackendError, match="not supported on a sub-slot model"):
+            await index.apply([fleet.batch(ref, fleet.store(ref, 0), pool_store)])
         assert await index.presence(MODEL) == {}
         assert await index.workers(MODEL) == []
         await index.close()
@@ -589,3 +590,164 @@ class TestFailover:
             await index.close()
             mover.join()
             redis_cluster.move_slot(slot, source)
+
+
+# --- hybrid models (KV-cache groups > 0) ---------------------------------------------------
+
+WINDOW = 2 * BS  # group 1's sliding window, in tokens: the last 2 blocks of a prefix
+
+
+class HybridFleet(Fleet):
+    """The fleet of a hybrid model: every chain in group 0 (full attention) and group 1
+    (a sliding window); the in-memory index fed the same batches is the reference."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.memory = MemoryIndex(CONFIG)
+
+    def store(self, ref: WorkerRef, chain: int, medium: str = "gpu",
+              length: int = CHAIN, group: int = 0) -> BlockStored:
+        return BlockStored(block_hashes=self.hashes(ref, chain, length), parent_hash=None,
+                           token_ids=pack_tokens(self.tokens(ref, chain, length)),
+                           block_size=BS, medium=medium, group=group,
+                           group_kind="sliding_window" if group else None,
+                           sliding_window=WINDOW if group else 0)
+
+    def both(self, ref: WorkerRef, chain: int) -> list[Event]:
+        return [self.store(ref, chain), self.store(ref, chain, group=1)]
+
+    async def record_both(self, batches: list[EventBatch]) -> list[EventBatch]:
+        await self.memory.apply(batches)
+        return batches
+
+    async def initial_hybrid(self) -> list[EventBatch]:
+        return await self.record_both([
+            self.batch(ref, *[e for c in range(CHAINS) for e in self.both(ref, c)])
+            for ref in RANKS])
+
+    async def churn_hybrid(self, ref: WorkerRef) -> list[EventBatch]:
+        """The window group frees the first half of chain 0 (a hit there survives), full
+        attention evicts the tail of chain 1, chain 3 is stored in both groups: clears and
+        sets of both groups in every sub-slot."""
+        hashes = self.hashes(ref, 0)
+        return await self.record_both([
+            self.batch(ref, BlockRemoved(block_hashes=hashes[SHARED : SHARED + CHAIN // 2],
+                                         group=1)),
+            self.batch(ref, BlockRemoved(block_hashes=self.hashes(ref, 1)[-CHAIN // 4 :]),
+                       *self.both(ref, CHAINS)),
+        ])
+
+    def hybrid_queries(self) -> list[list[int]]:
+        """Each chain, and chain 0 cut where the window group's hole begins and a block
+        past it (the hole's blocks are not a hit; the prefix ending past it is)."""
+        out = self.queries()
+        for ref in RANKS:
+            out += [self.keys(ref, 0, CHAIN // 4), self.keys(ref, 0, CHAIN // 2 + 1)]
+        return out
+
+
+def scored(result: Any) -> list[tuple[str, int, int, float, dict[str, int]]]:
+    return [(s.worker_id, s.dp_rank, s.matched_blocks, s.weighted_score, s.blocks_by_tier)
+            for s in result.scores]
+
+
+async def assert_hybrid_exact(index: ShardedRedisIndex, fleet: HybridFleet) -> None:
+    for keys in fleet.hybrid_queries():
+        query = ScoreQuery(model=MODEL, block_keys=keys)
+        assert scored(await index.score(query)) == scored(await fleet.memory.score(query))
+    assert await index.presence(MODEL) == await fleet.memory.presence(MODEL)
+
+
+class TestHybridGroups:
+    async def test_hybrid_model_at_field_size(self, backend: Backend) -> None:
+        """Thousands of blocks per rank in two KV-cache groups: Score equals the in-memory
+        index's (vLLM's rule: the window group's hole is no hit, a prefix ending past it
+        is); each group's presence is in its own hash per sub-slot, by block key."""
+        fleet = HybridFleet()
+        index = backend.index()
+        await index.apply(await fleet.initial_hybrid())
+        await index.apply(await fleet.churn_hybrid(RANKS[0]))
+        await assert_hybrid_exact(index, fleet)
+        hole = fleet.keys(RANKS[0], 0, CHAIN // 4)
+        [score] = [s for s in (await index.score(ScoreQuery(model=MODEL, block_keys=hole))).scores
+                   if (s.worker_id, s.dp_rank) == RANKS[0]]
+        assert score.matched_blocks < len(hole)  # the window group's hole cuts the hit
+        info = await index._model(MODEL)
+        assert info is not None
+        client = backend.client()
+        try:
+            for k, prefix in enumerate(info.prefixes):
+                fields = await client.hgetall(prefix + "blk1")
+                assert len(fields) > CHAIN // 2
+                for field, value in fields.items():
+                    assert int.from_bytes(field, "little") % len(info.prefixes) == k
+                    assert value and len(value) % 4 == 0
+        finally:
+            await client.aclose()
+        await index.close()
+
+    @pytest.mark.parametrize("stop_after", [1, 2])
+    async def test_torn_hybrid_call_is_reslotted(self, backend: Backend,
+                                                 stop_after: int) -> None:
+        """A writer stops between waves of a call changing both groups: readers never
+        credit a block a rank did not hold; the next owner re-slots the rank, Score is
+        exact again, and the old id has no entry left in any group's hash."""
+        fleet = HybridFleet()
+        first, reader = backend.index(), backend.index()
+        await first.apply(await fleet.initial_hybrid())
+        await assert_hybrid_exact(reader, fleet)
+        torn = RANKS[2]
+        before = await fleet.memory.presence(MODEL)
+        old_slot = await slot_of(reader, torn)
+        batches = await fleet.churn_hybrid(torn)
+        allowed = union(before, await fleet.memory.presence(MODEL))
+        queries = fleet.hybrid_queries()
+
+        async def stop(wave: int) -> None:
+            await assert_no_false_hit(reader, allowed, queries)
+            if wave == stop_after:
+                raise _WriterStoppedError
+
+        first.wave_hook = stop
+        with pytest.raises(_WriterStoppedError):
+            await first.apply(batches)
+        await first.close()
+        second = backend.index()
+        await second.apply(batches)
+        assert second.reslots == 1
+        await assert_hybrid_exact(second, fleet)
+        await assert_hybrid_exact(reader, fleet)
+        assert await backend.entries_of(old_slot) == 0
+        await second.close()
+        await reader.close()
+
+    async def test_removal_leaves_no_group_key(self, backend: Backend) -> None:
+        """Removing every worker of a hybrid model deletes every group's hashes and the
+        directory's `groups` (only the id counter stays)."""
+        fleet = HybridFleet()
+        index = backend.index()
+        await index.apply(await fleet.initial_hybrid())
+        assert await index.clear_worker(MODEL, "w-1", 0) == 1
+        assert await backend.entries_of(await slot_of(index, RANKS[2])) == 0
+        for worker in ("w-0", "w-1", "w-2"):
+            assert await index.remove_worker(MODEL, worker) >= 1
+        remaining = [k for k in await backend.keys() if not k.startswith(b"kvi:marker")]
+        assert remaining == [f"kvi:{{s:{MODEL.replace('/', '~2F')}}}:nextslot".encode()]
+        await index.close()
+
+    async def test_groups_listed_again_after_another_process_collected_the_model(
+            self, backend: Backend) -> None:
+        """A writer that listed the model's groups before another process collected the
+        model lists them again when the model starts afresh: its Score is hybrid again
+        and its group hashes are collectable."""
+        fleet = HybridFleet()
+        writer, remover = backend.index(), backend.index()
+        await writer.apply([fleet.batch(RANKS[0], *fleet.both(RANKS[0], 0))])
+        assert await remover.remove_worker(MODEL, RANKS[0].worker_id) == 1
+        groups = f"kvi:{{s:{MODEL.replace('/', '~2F')}}}:groups"
+        assert not await remover._redis.exists(groups)
+        await writer.apply(await fleet.record_both(
+            [fleet.batch(RANKS[2], *fleet.both(RANKS[2], 0))]))
+        assert await remover._redis.hkeys(groups) == [b"1"]
+        await writer.close()
+        await remover.close()

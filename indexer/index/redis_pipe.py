@@ -202,6 +202,28 @@ class RedisPipe:
             _raise_if_error(result)
         return results
 
+    async def pipeline(self, *commands: bytes) -> list[Any]:
+        """The replies of `commands` (each packed: `pack`), sent back to back in one
+        write, one future awaited; not atomic (no MULTI). An error reply raises
+        ResponseError (NoScriptError) once every reply is in."""
+        protocol = self._protocol
+        if (protocol is None or protocol.transport is None
+                or protocol.loop is not asyncio.get_running_loop()):
+            protocol = await self._connect()
+        waiters = [protocol.send(packed) for packed in commands]
+        try:
+            await waiters[-1]  # replies come in order: the others are in when the last is
+        finally:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.cancel()
+                elif not waiter.cancelled():
+                    waiter.exception()
+        replies = [waiter.result() for waiter in waiters]
+        for reply in replies:
+            _raise_if_error(reply)
+        return replies
+
     async def close(self) -> None:
         if self._connecting is not None and not self._connecting.done():
             self._connecting.cancel()

@@ -4,9 +4,11 @@ Design and the reasons for it: docs/large-models.md. A model's directory lives i
 slot, its presence in S sub-slots by block key (a block in sub-slot `key mod S`), each
 rank's ledger in its home sub-slot (`slot id mod S`):
 
-    kvi:{s:M}:slots, nextslot, slotver, subslots, retired, pending, state, block_size
-                                    the directory (lua/subslot_dir.lua)
-    kvi:{T_k}:blk                   HASH  block key (8 B, LE) -> holder list
+    kvi:{s:M}:slots, nextslot, slotver, subslots, retired, pending, state, block_size,
+            groups                  the directory (lua/subslot_dir.lua); `groups`: KV-cache
+                                    group -> "kind\nwindow" (hybrid models)
+    kvi:{T_k}:blk                   HASH  block key (8 B, LE) -> holder list (group 0)
+    kvi:{T_k}:blk<g>                HASH  the same, of KV-cache group g > 0
     kvi:{T_k}:pos                   HASH  slot id -> token (16 B) + phase ('c' | 'd')
     kvi:{T_k}:p:<id>                STR   keys the id's last part here set (collection)
     kvi:{T_h}:w:<id>:meta, :log     the rank's committed token, position, counts, log
@@ -29,8 +31,10 @@ credit one rank with another's. On Redis Cluster, a failover that lost writes Re
 confirmed is found as `RedisClusterIndex` finds it (`check_lost_writes`): the rank is
 cleared and asked for a resync.
 
-Not supported on a sub-slot model (refused with a clear error): shared storage pools and
-KV-cache groups > 0 (hybrid models).
+Hybrid models: a part carries each entry's KV-cache group, applied to that group's hash
+in the same script call; Score applies vLLM's rule (indexer/index/hybrid.py) with the
+other groups' values read in a second round trip. Not supported on a sub-slot model
+(refused with a clear error): shared storage pools (docs/large-models.md says why).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from itertools import groupby
-from typing import Any, Final
+from typing import Any, Final, NamedTuple, cast
 
 import redis.asyncio as aioredis
 import structlog
@@ -65,7 +69,8 @@ from redis.exceptions import (
 )
 
 from indexer.errors import BackendError
-from indexer.index.ledger import LOG_HASH, LOG_MAP, PresenceSink, WorkerLedger, stored_block_size
+from indexer.index.hybrid import FULL, group_rule, hybrid_matches, prefix_limits, runs_to_masks
+from indexer.index.ledger import LOG_HASH, LOG_MAP, WorkerLedger, stored_block_size
 from indexer.index.pools import split_pool_events
 from indexer.index.protocol import (
     TIERS,
@@ -91,15 +96,20 @@ from indexer.index.redis import (
     MODELS_KEY as SINGLE_SLOT_MODELS,
 )
 from indexer.index.redis_cluster import LOST_WRITES_REASON, cluster_url
-from indexer.index.redis_pipe import RedisPipe
+from indexer.index.redis_pipe import RedisPipe, pack
 from indexer.index.scoring import (
+    SlotMatch,
     prefix_match_runs,
     query_keys_packed,
+    score_runs,
     validate_query,
     worker_scores,
 )
 from kvcore.bus import EventBatch, escape_token, validate_batch
-from kvcore.keys import pack_keys
+from kvcore.keys import NATIVE, pack_keys
+
+if NATIVE:
+    from kvcore._native import subslot_merge, subslot_split
 
 __all__ = ["MODELS_KEY", "ShardedRedisIndex", "WaveHook"]
 
@@ -109,9 +119,9 @@ MODELS_KEY: Final = "kvi:smodels"
 ABSENT: Final = b"\0" * 16 + b"-"  # the stored position of a sub-slot a rank never wrote
 _COUNTER: Final = struct.Struct(">Q")
 _PART_HEADER: Final = struct.Struct("<I17s16s")
-_ENTRY: Final = struct.Struct("<QBB")
+_ENTRY: Final = struct.Struct("<QBBB")  # key, KV-cache group, tier bits to clear, to set
 _DIR_KEYS: Final = ("slots", "nextslot", "slotver", "subslots", "retired", "pending", "state",
-                    "block_size")
+                    "block_size", "groups")
 _META_FIELDS: Final = ("pos", "ts", "n0", "n1", "n2", "n3", "degraded")
 _MAX_TAG_SEARCH: Final = 1 << 20
 _ATTEMPTS: Final = 5  # tries of a command meeting a moving slot or a lost node
@@ -142,12 +152,16 @@ class _Script:
 
 class _NetSink:
     """A rank's presence changes over one call, netted per block key: the tier bits to
-    clear and to set (the last change of a bit wins). Refuses hybrid groups."""
+    clear and to set (the last change of a bit wins); each KV-cache group > 0 in a sink
+    of its own (`groups`), the groups' specs learned in the call's (`learned`)."""
 
-    __slots__ = ("changes",)
+    __slots__ = ("changes", "groups", "learned", "root")
 
-    def __init__(self) -> None:
+    def __init__(self, root: _NetSink | None = None) -> None:
         self.changes: dict[int, list[int]] = {}  # key -> [clear bits, set bits]
+        self.groups: dict[int, _NetSink] = {}  # of the call's sink: group > 0 -> its sink
+        self.learned: dict[int, tuple[str | None, int]] = {}  # group -> (kind, window)
+        self.root = root or self
 
     def set_bits(self, keys: list[int], bitpos: int) -> None:
         bit = 1 << (bitpos & 3)
@@ -171,13 +185,23 @@ class _NetSink:
                 change[0] |= bit
                 change[1] &= ~bit
 
-    def group_sink(self, group: int) -> PresenceSink:
-        raise BackendError(f"KV-cache group {group}: hybrid models are not supported on a "
-                           "sub-slot model (--redis-subslots); create it without sub-slots")
+    def group_sink(self, group: int) -> _NetSink:
+        root = self.root
+        if not group:
+            return root
+        found = root.groups.get(group)
+        if found is None:
+            found = root.groups[group] = _NetSink(root)
+        return found
 
     def learn_group(self, group: int, kind: str | None, sliding_window: int) -> None:
-        if group:
-            self.group_sink(group)
+        learned = self.root.learned
+        if kind is not None or sliding_window or group not in learned:
+            learned[group] = (kind, sliding_window)
+
+    def by_group(self) -> list[tuple[int, dict[int, list[int]]]]:
+        """(group, its changes) for group 0 and each group > 0 the call changed."""
+        return [(0, self.changes), *sorted((g, sink.changes) for g, sink in self.groups.items())]
 
 
 class _Model:
@@ -214,17 +238,19 @@ class _Rank:
 
 
 class _Part:
-    """One rank's net change in one sub-slot, packed for lua/subslot_part.lua."""
+    """One rank's net change in one sub-slot, packed for lua/subslot_part.lua, and the
+    KV-cache groups > 0 it changes."""
 
-    __slots__ = ("has_clears", "packed", "rank", "subslot", "token")
+    __slots__ = ("groups", "has_clears", "packed", "rank", "subslot", "token")
 
-    def __init__(self, rank: _Rank, subslot: int, token: bytes, has_clears: bool,
-                 packed: bytes) -> None:
+    def __init__(self, rank: _Rank, subslot: int, token: bytes, *, has_clears: bool,
+                 packed: bytes, groups: set[int]) -> None:
         self.rank = rank
         self.subslot = subslot
         self.token = token
         self.has_clears = has_clears
         self.packed = packed
+        self.groups = groups
 
 
 def directory_prefix(model: str) -> str:
@@ -235,10 +261,17 @@ def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
+def group_hash(group: int) -> str:
+    """A sub-slot's presence hash of KV-cache group `group` (after its key prefix)."""
+    return f"blk{group}" if group else "blk"
+
+
 def _held_keys(ledger: WorkerLedger) -> list[int]:
+    """The keys the rank holds in any tier of any KV-cache group."""
     keys: set[int] = set()
-    for tier in range(len(TIERS)):
-        keys.update(ledger.keys.held_keys(1 << tier))
+    for held in (ledger, *ledger.groups.values()):
+        for tier in range(len(TIERS)):
+            keys.update(held.keys.held_keys(1 << tier))
     return sorted(keys)
 
 
@@ -293,6 +326,8 @@ class ShardedRedisIndex:
         self._ranks: dict[tuple[str, WorkerRef], _Rank] = {}
         self._block_sizes: dict[str, int] = {}
         self._known_models: set[str] = set()
+        # model -> KV-cache group -> spec this process wrote to the directory's `groups`
+        self._groups_written: dict[str, dict[int, tuple[str | None, int]]] = {}
         self._stats = IndexStats()
         self._lock = asyncio.Lock()
         # Score's pipelined connections: one per master (one in all on a single node).
@@ -437,6 +472,9 @@ class ShardedRedisIndex:
                               self.config.ghost_capacity)
         rank = _Rank(ledger, info.subslots)
         if created:
+            # The model may be new again (collected by another process meanwhile): its
+            # `groups` are written afresh.
+            self._groups_written.pop(model, None)
             await self._list_model(model, force=True)
             return rank
         home = info.home(slot)
@@ -527,6 +565,7 @@ class ShardedRedisIndex:
             await self._redis.connection_pool.disconnect()
 
     def _forget_all(self) -> None:
+        self._groups_written.clear()
         self._ranks.clear()
         self._slot_maps.clear()
         self._models.clear()
@@ -535,17 +574,13 @@ class ShardedRedisIndex:
 
     @staticmethod
     def _refuse_unsupported(batches: Sequence[EventBatch]) -> None:
-        """Pools and KV-cache groups > 0 are not built for sub-slot models: refused before
-        anything is read or written."""
+        """Pools are not built for sub-slot models: refused before anything is read or
+        written."""
         for batch in batches:
             if split_pool_events(batch)[1]:
                 raise BackendError("shared storage pools are not supported on a sub-slot "
                                    "model (--redis-subslots); serve the model without "
                                    "sub-slots to index pools")
-            for event in batch.events:
-                group = getattr(event, "group", 0)
-                if group:
-                    _NetSink().group_sink(group)
 
     async def _apply(self, batches: Sequence[EventBatch]) -> list[ApplyOutcome]:
         self._refuse_unsupported(batches)
@@ -575,11 +610,14 @@ class ShardedRedisIndex:
         sink = _NetSink()
         rank.ledger.start_journal()
         if rank.reslot_from is not None:
-            # From absent under the new id: the whole presence first.
-            for tier in range(len(TIERS)):
-                held = rank.ledger.keys.held_keys(1 << tier)
-                if held:
-                    sink.set_bits(held, tier)
+            # From absent under the new id: the whole presence first, every group's.
+            ledger = rank.ledger
+            for group, held_by in ((0, ledger), *ledger.groups.items()):
+                group_sink = sink.group_sink(group)
+                for tier in range(len(TIERS)):
+                    held = held_by.keys.held_keys(1 << tier)
+                    if held:
+                        group_sink.set_bits(held, tier)
         return sink
 
     async def _write_calls(self, sinks: Mapping[tuple[str, WorkerRef], _NetSink],
@@ -591,6 +629,7 @@ class ShardedRedisIndex:
                  or self._ranks[key].reslot_from is not None]
         try:
             if calls:
+                await self._write_group_specs(calls)
                 await self._waves(calls)
         finally:
             for key in sinks:
@@ -600,6 +639,27 @@ class ShardedRedisIndex:
         for rank, _ in calls:
             if rank.reslot_from is not None:
                 await self._finish_reslot(rank.ledger.model, rank)
+
+    async def _write_group_specs(self, calls: list[tuple[_Rank, _NetSink]]) -> None:
+        """List every KV-cache group the calls write (and the specs they learned) in the
+        directory's `groups` before any presence of theirs, so collection and model GC
+        name every group hash. A spec the events named replaces what is known; a bare
+        group only lists."""
+        commands = []
+        for rank, sink in calls:
+            model = rank.ledger.model
+            written = self._groups_written.setdefault(model, {})
+            specs = {group: (None, 0) for group in sink.groups} | sink.learned
+            for group, (kind, window) in specs.items():
+                named = kind is not None or window
+                if written.get(group) == (kind, window) or (not named and group in written):
+                    continue
+                commands.append(("HSET" if named else "HSETNX",
+                                 directory_prefix(model) + "groups", group,
+                                 f"{kind or ''}\n{window}"))
+                if named or group not in written:
+                    written[group] = (kind, window)
+        await self._run(commands)
 
     async def _waves(self, calls: list[tuple[_Rank, _NetSink]]) -> None:
         """Clears, then sets, then the ledgers: each wave one pipeline (per master),
@@ -632,15 +692,20 @@ class ShardedRedisIndex:
         subslots = len(rank.positions)
         entries: list[list[bytes]] = [[] for _ in range(subslots)]
         clears = [False] * subslots
+        groups: list[set[int]] = [set() for _ in range(subslots)]
         pack = _ENTRY.pack
-        for key, (clear, set_) in sink.changes.items():
-            k = key % subslots
-            entries[k].append(pack(key, clear, set_))
-            if clear:
-                clears[k] = True
+        for group, changes in sink.by_group():
+            for key, (clear, set_) in changes.items():
+                k = key % subslots
+                entries[k].append(pack(key, group, clear, set_))
+                if clear:
+                    clears[k] = True
+                if group:
+                    groups[k].add(group)
         slot = rank.ledger.slot
-        return [_Part(rank, k, token, clears[k],
-                      _PART_HEADER.pack(slot, rank.positions[k], token) + b"".join(entries[k]))
+        return [_Part(rank, k, token, has_clears=clears[k],
+                      packed=_PART_HEADER.pack(slot, rank.positions[k], token)
+                      + b"".join(entries[k]), groups=groups[k])
                 for k in range(subslots) if entries[k]]
 
     async def _wave(self, wave: int, parts: list[_Part]) -> None:
@@ -652,8 +717,10 @@ class ShardedRedisIndex:
         commands = []
         for (model, k), target_parts in targets:
             prefix = self._models[model].prefixes[k]
+            groups = sorted(set().union(*(part.groups for part in target_parts)))
             keys = [prefix + "blk", prefix + "pos",
-                    *[f"{prefix}p:{part.rank.ledger.slot}" for part in target_parts]]
+                    *[f"{prefix}p:{part.rank.ledger.slot}" for part in target_parts],
+                    *[prefix + group_hash(group) for group in groups]]
             commands.append(self._eval("part", keys, str(wave),
                                        *[part.packed for part in target_parts]))
         replies = await self._run(commands)
@@ -766,13 +833,16 @@ class ShardedRedisIndex:
         if info is None:
             return
         home = info.home(slot)
-        [raw] = await self._run([("GET", f"{home}w:{slot}:log")])
+        raw, group_names = await self._run([("GET", f"{home}w:{slot}:log"),
+                                            ("HKEYS", info.dir + "groups")])
         keys = []
         if raw:
             ledger = WorkerLedger(model, "", 0, slot, self.config.ghost_capacity)
             ledger.load_log(raw)
             keys = _held_keys(ledger)
-        commands = [self._eval("collect", [prefix + "blk", prefix + "pos", f"{prefix}p:{slot}"],
+        hashes = [group_hash(group) for group in sorted({0, *map(int, group_names)})]
+        commands = [self._eval("collect", [prefix + "pos", f"{prefix}p:{slot}",
+                                           *[prefix + name for name in hashes]],
                                slot, pack_keys(part))
                     for prefix, part in zip(info.prefixes, _by_subslot(keys, info.subslots),
                                             strict=True)]
@@ -805,14 +875,16 @@ class ShardedRedisIndex:
         if info.prefixes:
             # Empty once every id is collected; UNLINK frees what is left off the
             # main thread.
-            await self._run([("UNLINK", prefix + "blk", prefix + "pos")
+            groups = await self._redis.hkeys(info.dir + "groups")
+            names = ["pos", *[group_hash(g) for g in sorted({0, *map(int, groups)})]]
+            await self._run([("UNLINK", *[prefix + name for name in names])
                              for prefix in info.prefixes])
         await self._run([self._dir_call(model, "drop")])
         await self._redis.srem(MODELS_KEY, model)
         # A rank created meanwhile lists the model again after it exists (_load_rank).
         if await self._redis.hlen(directory_prefix(model) + "slots"):
             await self._redis.sadd(MODELS_KEY, model)
-        for cache in (self._models, self._slot_maps, self._block_sizes):
+        for cache in (self._models, self._slot_maps, self._block_sizes, self._groups_written):
             cache.pop(model, None)
         self._known_models.discard(model)
         for key in [key for key in self._ranks if key[0] == model]:
@@ -1100,36 +1172,119 @@ class ShardedRedisIndex:
                 info = self._models.get(query.model)
                 if info is None:
                     return ScoreResult(n, [])
-            runs, version = await self._read_runs(query.model, info, packed)
-            slot_map = await self._slot_map(query.model, version)
+            read = await self._read_runs(info, packed)
+            slot_map = await self._slot_map(query.model, read.version)
+            if slot_map is None:
+                return ScoreResult(n, [])
+            candidates = slot_map.candidates(query.workers)
+            mask_of = slot_map.mask
+            mask_runs = [mask_of(v) if i % 2 == 0 else v for i, v in enumerate(read.runs)]
+            weights = query.tier_weights or self.config.tier_weights
+            if any(group != b"0" for group in read.groups):
+                matches = await self._hybrid_matches(query, info, read, mask_runs,
+                                                     candidates=candidates, slot_map=slot_map)
+                return ScoreResult(n, worker_scores(matches, slot_map.by_slot.__getitem__))
         except RedisError as exc:
             raise BackendError(f"redis score failed: {exc}") from exc
-        if slot_map is None:
-            return ScoreResult(n, [])
-        candidates = slot_map.candidates(query.workers)
-        mask_of = slot_map.mask
-        mask_runs = [mask_of(v) if i % 2 == 0 else v for i, v in enumerate(runs)]
+        return ScoreResult(n, score_runs(mask_runs, candidates, weights, query.include_zero,
+                                         slot_map.by_slot, table=slot_map.table))
+
+    async def _hybrid_matches(self, query: ScoreQuery, info: _Model, read: _Read,
+                              runs: list[int], *, candidates: int,
+                              slot_map: _SlotMap) -> list[SlotMatch]:
+        """vLLM's hybrid rule (indexer/index/hybrid.py) over the model's KV-cache groups,
+        as RedisIndex scores it: group 0's runs came with the query; the other groups'
+        values take a second round trip (every sub-slot, in parallel), only as far as
+        group 0's prefix reaches when group 0 is under the full-attention rule."""
+        specs: dict[int, tuple[str | None, int]] = {0: (None, 0)}
+        for group, spec in read.groups.items():
+            kind, _, window = spec.decode().partition("\n")
+            specs[int(group)] = (kind or None, int(window or 0))
+        block_size = query.block_size if query.token_ids is not None else None
+        block_size = block_size or await self.block_size(query.model)
+        numbers = sorted(specs)
+        rules = [group_rule(*specs[g], block_size) for g in numbers]
         weights = query.tier_weights or self.config.tier_weights
-        matches = prefix_match_runs(mask_runs, candidates, weights, query.include_zero)
-        return ScoreResult(n, worker_scores(matches, slot_map.by_slot.__getitem__))
+        n_blocks = read.n
+        reference: list[SlotMatch] | None = None
+        if rules[0].rule == FULL:
+            reference = prefix_match_runs(runs, candidates, weights)
+            limits = prefix_limits(reference, candidates if query.include_zero else 0)
+            n_blocks = max(limits, default=0)
+        else:
+            limits = {n_blocks: candidates} if candidates else {}
+        if not n_blocks:
+            return hybrid_matches(rules, [{} for _ in numbers], limits, weights=weights,
+                                  include_zero=query.include_zero, reference=reference)
+        fetched = numbers[1:] if reference is not None else numbers
+        present = await self._group_masks(info, read.parts, n_blocks, fetched, slot_map)
+        if reference is None:
+            return hybrid_matches(rules, present, limits, weights=weights,
+                                  include_zero=query.include_zero)
+        # Group 0's prefix walk is done (`reference`): its map is not read.
+        return hybrid_matches(rules, [{}, *present], limits, weights=weights,
+                              include_zero=query.include_zero, reference=reference,
+                              reference_masks=runs_to_masks(runs)[:n_blocks])
+
+    async def _group_masks(self, info: _Model, parts: list[tuple[bytes, bytes]],
+                           n_blocks: int, groups: list[int],
+                           slot_map: _SlotMap) -> list[dict[int, int]]:
+        """Per group of `groups`, query position -> walk mask of the first `n_blocks`
+        keys each sub-slot holds in that group's hash (one HMGET per sub-slot and group,
+        one pipeline per master)."""
+        routes: list[str] = []
+        commands: list[Sequence[Any]] = []
+        where: list[tuple[int, tuple[int, ...]]] = []  # per command: group index, positions
+        for k, (packed, packed_positions) in enumerate(parts):
+            positions = struct.unpack(f"<{len(packed_positions) // 4}I", packed_positions)
+            count = bisect_left(positions, n_blocks)
+            if not count:
+                continue
+            keys = [packed[i * 8 : i * 8 + 8] for i in range(count)]
+            for g_index, group in enumerate(groups):
+                routes.append(info.prefixes[k])
+                commands.append(("HMGET", info.prefixes[k] + group_hash(group), *keys))
+                where.append((g_index, positions[:count]))
+        replies = await self._query(routes, commands)
+        present: list[dict[int, int]] = [{} for _ in groups]
+        mask = slot_map.mask
+        for (g_index, positions), values in zip(where, replies, strict=True):
+            found = present[g_index]
+            for position, value in zip(positions, values, strict=True):
+                if value:
+                    found[position] = mask(value)
+        return present
 
     async def _query(self, routes: list[str], commands: list[Sequence[Any]]) -> list[Any]:
         """Read-only commands, each on the pipelined connection to the master serving its
-        `routes` key, all in flight at once; redirected, cut or missing a script, they go
-        through the client's pipeline instead (which follows MOVED and ASK, refreshes the
-        slot map and loads the scripts)."""
-        pipes = [self._pipe_for(route) for route in routes]
-        if all(pipe is not None for pipe in pipes):
-            replies = await asyncio.gather(
-                *(pipe.call(*command) for pipe, command in zip(pipes, commands, strict=True)
-                  if pipe is not None), return_exceptions=True)
-            failed = [r for r in replies if isinstance(r, BaseException)]
-            if not failed:
-                return replies
-            if any(isinstance(r, ConnectionError | TimeoutError) for r in failed):
-                await self._close_pipes()
-            elif not all(isinstance(r, ResponseError) for r in failed):
-                raise failed[0]
+        `routes` key: one write per master, all masters in flight at once; redirected,
+        cut or missing a script, they go through the client's pipeline instead (which
+        follows MOVED and ASK, refreshes the slot map and loads the scripts)."""
+        by_pipe: dict[RedisPipe, list[int]] = {}
+        for i, route in enumerate(routes):
+            pipe = self._pipe_for(route)
+            if pipe is None:
+                return await self._run(commands)
+            by_pipe.setdefault(pipe, []).append(i)
+        packed = [pack(*command) for command in commands]
+        groups = list(by_pipe.items())
+        if len(groups) == 1:  # one node: no task
+            pipe, _ = groups[0]
+            answers: list[Any] = [await _replies_or_error(pipe, packed)]
+        else:
+            answers = await asyncio.gather(
+                *(_replies_or_error(pipe, [packed[i] for i in where]) for pipe, where in groups))
+        failed = [a for a in answers if isinstance(a, BaseException)]
+        if not failed:
+            replies: list[Any] = [None] * len(commands)
+            for (_, where), answer in zip(groups, answers, strict=True):
+                for i, reply in zip(where, answer, strict=True):
+                    replies[i] = reply
+            return replies
+        if any(isinstance(a, ConnectionError | TimeoutError) for a in failed):
+            await self._close_pipes()
+        elif not all(isinstance(a, ResponseError) for a in failed):
+            raise failed[0]
         return await self._run(commands)
 
     def _pipe_for(self, key: str) -> RedisPipe | None:
@@ -1137,9 +1292,10 @@ class ShardedRedisIndex:
         a slot map, or for connections only redis-py speaks (TLS on a cluster, ...)."""
         if not self._fast_queries:
             return None
-        if not isinstance(self._redis, RedisCluster):
+        if not self._cluster:  # (a plain bool: isinstance of RedisCluster is slow)
             pipe = self._pipes.get("")
             if pipe is None:
+                assert not isinstance(self._redis, RedisCluster)
                 found = RedisPipe.for_client(self._redis)
                 if found is None:
                     self._fast_queries = False
@@ -1147,7 +1303,7 @@ class ShardedRedisIndex:
                 pipe = self._pipes[""] = found
             return pipe
         try:
-            node = self._redis.get_node_from_key(key)
+            node = cast(RedisCluster, self._redis).get_node_from_key(key)
         except (RedisError, AttributeError, KeyError):
             return None
         if node is None:
@@ -1172,44 +1328,84 @@ class ShardedRedisIndex:
             await pipe.close()
         self._pipes.clear()
 
-    async def _read_runs(self, model: str, info: _Model,
-                         packed: bytes) -> tuple[list[Any], bytes | None]:
-        """One pipeline (one per master on a cluster): the slot map's version and each
-        sub-slot's values up to its first unheld key, merged by query position up to the
-        first position nobody holds, as runs [value, count, ...]."""
-        subslots = info.subslots
-        keys = struct.unpack(f"<{len(packed) // 8}Q", packed)
-        subs = [key % subslots for key in keys]
-        order = sorted(range(len(keys)), key=subs.__getitem__)  # stable: positions ascend
-        positions: list[list[int]] = []
-        start = 0
-        for k in range(subslots):
-            count = subs.count(k)
-            positions.append(order[start : start + count])
-            start += count
-        used = [k for k in range(subslots) if positions[k]]
-        commands: list[Sequence[Any]] = [("GET", info.dir + "slotver")]
-        for k in used:
-            sub_packed = struct.pack(f"<{len(positions[k])}Q", *[keys[i] for i in positions[k]])
-            commands.append(self._eval("score", [info.prefixes[k] + "blk"], sub_packed))
-        routes = [info.dir + "slotver", *[info.prefixes[k] for k in used]]
-        version, *replies = await self._query(routes, commands)
-        end = len(keys)
-        values: dict[int, list[bytes]] = {}
-        for k, reply in zip(used, replies, strict=True):
-            expanded: list[bytes] = []
-            for j in range(0, len(reply), 2):
-                expanded += [reply[j]] * int(reply[j + 1])
-            values[k] = expanded
-            if len(expanded) < len(positions[k]):
-                end = min(end, positions[k][len(expanded)])
-        merged: list[bytes | None] = [None] * end
-        for k, expanded in values.items():
-            cut = bisect_left(positions[k], end)
-            for i, found in zip(positions[k][:cut], expanded, strict=False):
-                merged[i] = found
-        assert None not in merged, "a sub-slot stopped before the first unheld position"
-        runs: list[Any] = []
-        for value, group in groupby(merged):
-            runs += [value, len(list(group))]
-        return runs, version
+    async def _read_runs(self, info: _Model, packed: bytes) -> _Read:
+        """One pipeline (one per master on a cluster): the slot map's version, the
+        model's KV-cache groups, and each sub-slot's group-0 values up to its first
+        unheld key, merged by query position up to the first position nobody holds, as
+        runs [value, count, ...]."""
+        parts = _split(packed, info.subslots)
+        used = [k for k, (keys, _) in enumerate(parts) if keys]
+        commands: list[Sequence[Any]] = [("GET", info.dir + "slotver"),
+                                         ("HGETALL", info.dir + "groups")]
+        commands += [self._eval("score", [info.prefixes[k] + "blk"], parts[k][0]) for k in used]
+        routes = [info.dir + "slotver", info.dir + "groups",
+                  *[info.prefixes[k] for k in used]]
+        version, groups, *replies = await self._query(routes, commands)
+        n = len(packed) // 8
+        if isinstance(groups, list):  # the query pipe's HGETALL: flat [field, value, ...]
+            groups = dict(zip(groups[::2], groups[1::2], strict=True))
+        return _Read(version, groups, _merge(replies, [parts[k][1] for k in used], n),
+                     parts, n)
+
+
+class _Read(NamedTuple):
+    """What a Score read in its first round trip."""
+
+    version: bytes | None
+    groups: dict[bytes, bytes]  # KV-cache group -> "kind\nwindow"
+    runs: list[Any]  # group 0's values up to the first unheld position, as runs
+    parts: list[tuple[bytes, bytes]]  # per sub-slot: its keys, their query positions
+    n: int  # the query's keys
+
+
+async def _replies_or_error(pipe: RedisPipe, packed: list[bytes]) -> list[Any] | Exception:
+    try:
+        return await pipe.pipeline(*packed)
+    except (RedisError, OSError) as exc:
+        return exc
+
+
+def _split_py(packed: bytes, subslots: int) -> list[tuple[bytes, bytes]]:
+    """`subslot_split` (native/subslot.c) without the extension: per sub-slot its keys
+    (u64 LE, key % subslots) and their query positions (u32 LE)."""
+    keys = struct.unpack(f"<{len(packed) // 8}Q", packed)
+    positions: list[list[int]] = [[] for _ in range(subslots)]
+    for i, key in enumerate(keys):
+        positions[key % subslots].append(i)
+    return [(b"".join(packed[i * 8 : i * 8 + 8] for i in where),
+             struct.pack(f"<{len(where)}I", *where)) for where in positions]
+
+
+def _merge_py(replies: list[list[Any]], positions: list[bytes], n: int) -> list[Any]:
+    """`subslot_merge` (native/subslot.c) without the extension: the sub-slots' runs merged
+    by query position up to the first position nobody holds, as runs."""
+    wheres = [struct.unpack(f"<{len(p) // 4}I", p) for p in positions]
+    expanded: list[list[bytes]] = []
+    end = n
+    for reply, where in zip(replies, wheres, strict=True):
+        values: list[bytes] = []
+        for j in range(0, len(reply), 2):
+            values += [reply[j]] * int(reply[j + 1])
+        if len(values) > len(where):
+            raise ValueError("subslot_merge: a run count out of range")
+        if len(values) < len(where):
+            end = min(end, where[len(values)])
+        expanded.append(values)
+    merged: list[bytes | None] = [None] * end
+    for values, where in zip(expanded, wheres, strict=True):
+        for i, value in zip(where, values, strict=False):
+            if i >= end:
+                break
+            merged[i] = value
+    if None in merged:
+        raise ValueError("subslot_merge: a sub-slot stopped before the first unheld position")
+    runs: list[Any] = []
+    for found, group in groupby(merged):
+        runs += [found, sum(1 for _ in group)]
+    return runs
+
+
+_split: Callable[[bytes, int], list[tuple[bytes, bytes]]] = _split_py
+_merge: Callable[[list[list[Any]], list[bytes], int], list[Any]] = _merge_py
+if NATIVE:
+    _split, _merge = subslot_split, subslot_merge

@@ -1,7 +1,7 @@
 -- The directory of a sub-slot model (redis_sharded.py): ranks -> slot ids, the id
 -- counter, the slot map version, the sub-slot tags, ids being collected, the model state.
 -- KEYS: the directory's slots, nextslot, slotver, subslots, retired, pending, state,
--- block_size.
+-- block_size, groups (KV-cache group > 0 -> "kind\nwindow", written by redis_sharded.py).
 -- ARGV[1] the operation, then its arguments:
 --   'rank' worker, dp rank, version start, tags: the rank's id (allocated if new; the
 --          tags stored if the model has none yet) -> {id, created, tags}, or
@@ -116,7 +116,7 @@ elseif op == 'gc' then
   return tags
 elseif op == 'drop' then
   if redis.call('GET', state) == 'collecting' then
-    redis.call('DEL', slots, slotver, subslots, retired, pending, state, KEYS[8])
+    redis.call('DEL', slots, slotver, subslots, retired, pending, state, KEYS[8], KEYS[9])
     return 1
   end
   return 0
