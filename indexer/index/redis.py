@@ -208,6 +208,42 @@ def _gc_keys(model: str, next_slot: int, groups: Sequence[int] = ()) -> list[str
     return keys
 
 
+async def get_marker(client: Any, name: str) -> str | None:
+    """The index marker `name` (Index.get_marker) as the Redis indexes keep it."""
+    try:
+        raw = await client.get(f"kvi:marker:{name}")
+    except RedisError as exc:
+        raise BackendError(f"redis get_marker failed: {exc}") from exc
+    return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+async def set_marker(client: Any, name: str, value: str | None) -> None:
+    """Set (or with None delete) the index marker `name`."""
+    try:
+        if value is None:
+            await client.delete(f"kvi:marker:{name}")
+        else:
+            await client.set(f"kvi:marker:{name}", value)
+    except RedisError as exc:
+        raise BackendError(f"redis set_marker failed: {exc}") from exc
+
+
+async def read_block_size(client: Any, key: str, model: str,
+                          known: dict[str, int]) -> int | None:
+    """A model's block size from `key`, remembered in `known` once stored."""
+    cached = known.get(model)
+    if cached is not None:
+        return cached
+    try:
+        raw = await client.get(key)
+    except RedisError as exc:
+        raise BackendError(f"redis block_size failed: {exc}") from exc
+    if raw is None:
+        return None
+    known[model] = int(raw)
+    return int(raw)
+
+
 class _ScriptMissingError(Exception):
     """Redis answered NOSCRIPT: it lost the script, so nothing of the call ran."""
 
@@ -818,17 +854,8 @@ class RedisIndex:
             self._known_models |= new
 
     async def block_size(self, model: str) -> int | None:
-        cached = self._block_sizes.get(model)
-        if cached is not None:
-            return cached
-        try:
-            raw = await self._redis.get(model_prefix(model) + "block_size")
-        except RedisError as exc:
-            raise BackendError(f"redis block_size failed: {exc}") from exc
-        if raw is None:
-            return None
-        self._block_sizes[model] = int(raw)
-        return int(raw)
+        return await read_block_size(self._redis, model_prefix(model) + "block_size", model,
+                                     self._block_sizes)
 
     async def _ledger(self, model: str, ref: WorkerRef) -> WorkerLedger:
         ledger = self._ledgers.get((model, ref))
@@ -1320,20 +1347,10 @@ class RedisIndex:
         self._layout_checked = True
 
     async def get_marker(self, name: str) -> str | None:
-        try:
-            raw = await self._redis.get(f"kvi:marker:{name}")
-        except RedisError as exc:
-            raise BackendError(f"redis get_marker failed: {exc}") from exc
-        return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+        return await get_marker(self._redis, name)
 
     async def set_marker(self, name: str, value: str | None) -> None:
-        try:
-            if value is None:
-                await self._redis.delete(f"kvi:marker:{name}")
-            else:
-                await self._redis.set(f"kvi:marker:{name}", value)
-        except RedisError as exc:
-            raise BackendError(f"redis set_marker failed: {exc}") from exc
+        await set_marker(self._redis, name, value)
 
     async def presence(self, model: str) -> dict[int, dict[WorkerRef, int]]:
         slot_map = await self._slot_map(model, fresh=True)

@@ -28,7 +28,6 @@ from typing import Any, Final, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
-import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import (
@@ -254,16 +253,10 @@ class RedisClusterIndex(RedisIndex):
             return None
         pipe = self._pipes.get(node.name)
         if pipe is None:
-            kwargs = node.connection_kwargs
-            if (node.connection_class is not aioredis.Connection
-                    or kwargs.get("credential_provider")
-                    or kwargs.get("protocol") not in (None, 2, "2")):
+            pipe = RedisPipe.for_cluster_node(node)
+            if pipe is None:
                 self._fast_queries = False  # TLS and the like: redis-py's path only
                 return None
-            pipe = RedisPipe((node.host, int(node.port)), username=kwargs.get("username"),
-                             password=kwargs.get("password"),
-                             connect_timeout=kwargs.get("socket_connect_timeout") or 5.0,
-                             reply_timeout=kwargs.get("socket_timeout"))
             self._pipes[node.name] = pipe
         return node.name, pipe
 

@@ -170,6 +170,20 @@ class RedisPipe:
                    connect_timeout=kwargs.get("socket_connect_timeout", 5.0),
                    reply_timeout=kwargs.get("socket_timeout"), ssl_context=context)
 
+    @classmethod
+    def for_cluster_node(cls, node: Any) -> RedisPipe | None:
+        """A pipe to a Redis Cluster node (redis-py's ClusterNode), or None if its
+        connections need what only redis-py speaks (TLS, a credential provider, RESP3)."""
+        kwargs = node.connection_kwargs
+        if (node.connection_class is not aioredis.Connection
+                or kwargs.get("credential_provider")
+                or kwargs.get("protocol") not in (None, 2, "2")):
+            return None
+        return cls((node.host, int(node.port)), username=kwargs.get("username"),
+                   password=kwargs.get("password"),
+                   connect_timeout=kwargs.get("socket_connect_timeout") or 5.0,
+                   reply_timeout=kwargs.get("socket_timeout"))
+
     async def call(self, *args: bytes | str | int) -> Any:
         """One command's reply; an error reply raises ResponseError (NoScriptError)."""
         protocol = self._protocol

@@ -91,6 +91,9 @@ from indexer.index.redis import (
     _changes,
     _SlotMap,
     _worker_infos,
+    get_marker,
+    read_block_size,
+    set_marker,
 )
 from indexer.index.redis import (
     MODELS_KEY as SINGLE_SLOT_MODELS,
@@ -1083,33 +1086,14 @@ class ShardedRedisIndex:
         self._layout_checked = True
 
     async def get_marker(self, name: str) -> str | None:
-        try:
-            raw = await self._redis.get(f"kvi:marker:{name}")
-        except RedisError as exc:
-            raise BackendError(f"redis get_marker failed: {exc}") from exc
-        return None if raw is None else _text(raw)
+        return await get_marker(self._redis, name)
 
     async def set_marker(self, name: str, value: str | None) -> None:
-        try:
-            if value is None:
-                await self._redis.delete(f"kvi:marker:{name}")
-            else:
-                await self._redis.set(f"kvi:marker:{name}", value)
-        except RedisError as exc:
-            raise BackendError(f"redis set_marker failed: {exc}") from exc
+        await set_marker(self._redis, name, value)
 
     async def block_size(self, model: str) -> int | None:
-        cached = self._block_sizes.get(model)
-        if cached is not None:
-            return cached
-        try:
-            raw = await self._redis.get(directory_prefix(model) + "block_size")
-        except RedisError as exc:
-            raise BackendError(f"redis block_size failed: {exc}") from exc
-        if raw is None:
-            return None
-        self._block_sizes[model] = int(raw)
-        return int(raw)
+        return await read_block_size(self._redis, directory_prefix(model) + "block_size",
+                                     model, self._block_sizes)
 
     async def presence(self, model: str) -> dict[int, dict[WorkerRef, int]]:
         slot_map = await self._slot_map(model, fresh=True)
@@ -1310,16 +1294,10 @@ class ShardedRedisIndex:
             return None
         pipe = self._pipes.get(node.name)
         if pipe is None:
-            kwargs = node.connection_kwargs
-            if (node.connection_class is not aioredis.Connection
-                    or kwargs.get("credential_provider")
-                    or kwargs.get("protocol") not in (None, 2, "2")):
-                self._fast_queries = False
+            pipe = RedisPipe.for_cluster_node(node)
+            if pipe is None:
+                self._fast_queries = False  # TLS and the like: redis-py's path only
                 return None
-            pipe = RedisPipe((node.host, int(node.port)), username=kwargs.get("username"),
-                             password=kwargs.get("password"),
-                             connect_timeout=kwargs.get("socket_connect_timeout") or 5.0,
-                             reply_timeout=kwargs.get("socket_timeout"))
             self._pipes[node.name] = pipe
         return pipe
 
