@@ -80,7 +80,7 @@ class Calibration:
     """Measured costs; CPU in microseconds of redis-server time."""
 
     field_bytes: dict[int, float]  # value length -> used_memory per field of a large HASH
-    score_call_us: float  # one score.lua call that stops at its first key
+    score_call_us: float  # one Score script call that stops at its first key
     score_lookup_us: float  # each further key it looks up
     reply_byte_us: float  # each byte of mask it returns
     write_op_us: float  # a holder entry stored or evicted (the mean of the two)
@@ -184,7 +184,9 @@ async def hmget_costs(client: aioredis.Redis, pid: int,
 
 
 def score_script() -> str:
-    return (Path(indexer.index.__file__).parent / "lua" / "score.lua").read_text()
+    """The sub-slot layout's Score read (one plain presence hash, no bucket state: the
+    one-slot score.lua needs its model's keys and holders.lua)."""
+    return (Path(indexer.index.__file__).parent / "lua" / "subslot_score.lua").read_text()
 
 
 async def add_filler(client: aioredis.Redis, rng: random.Random, key: str) -> None:
@@ -193,7 +195,7 @@ async def add_filler(client: aioredis.Redis, rng: random.Random, key: str) -> No
 
 async def score_costs(client: aioredis.Redis, pid: int,
                       rng: random.Random) -> tuple[float, float, float]:
-    """score.lua's CPU: per call, per key looked up, per reply byte."""
+    """The Score script's CPU: per call, per key looked up, per reply byte."""
     script, keys = score_script(), ["calib:blk", "calib:slotver"]
     await add_filler(client, rng, "calib:blk")
     held = random_fields(rng, 512)

@@ -510,7 +510,8 @@ def calibration_rows(cal: Calibration) -> str:
     return "\n".join([
         "| measured on a private redis-server | |", "|---|---|",
         f"| bytes per HASH field (8-byte field) by value length | {sizes} |",
-        f"| score.lua CPU: per call / per key / per reply KB | {cal.score_call_us:.1f} us / "
+        "| Score script (subslot_score.lua) CPU: per call / per key / per reply KB | "
+        f"{cal.score_call_us:.1f} us / "
         f"{cal.score_lookup_us:.2f} us / {cal.reply_byte_us * 1024:.2f} us |",
         "| presence write CPU: a holder entry alone / in a 100-holder list / a bit in a "
         "2,500-byte mask (apply.lua's code) / per call "
