@@ -127,7 +127,8 @@ _U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 
 def tier_index(medium: str) -> int:
     """Position in TIERS (the index's bit order) of the tier an event's medium names."""
-    return _TIER_SLOTS.get(medium.lower(), _OTHER_SLOT)
+    slot = _TIER_SLOTS.get(medium)  # the usual lower-case name, without a lower() copy
+    return slot if slot is not None else _TIER_SLOTS.get(medium.lower(), _OTHER_SLOT)
 
 
 class BusError(Exception):
@@ -291,10 +292,18 @@ def validate_batch(batch: EventBatch) -> None:
         raise BusDecodeError(f"ts {batch.ts!r} is not a finite number")
     if len(batch.events) > MAX_EVENTS_PER_BATCH:
         raise BusDecodeError(f"{len(batch.events)} events exceed {MAX_EVENTS_PER_BATCH}")
+    schema1 = batch.schema == SCHEMA_V1
     for event in batch.events:
-        validate_event(event)
-        if batch.schema == SCHEMA_V1 and uses_groups(event):
-            raise BusDecodeError("a schema 1 batch carries KV-cache group fields")
+        # validate_event's dispatch inlined: this loop runs once per event on ingest
+        if type(event) is BlockStored:
+            _check_stored(event, MAX_BLOCKS_PER_EVENT)
+            if schema1 and (event.group or event.group_kind is not None
+                            or event.sliding_window):
+                raise BusDecodeError("a schema 1 batch carries KV-cache group fields")
+        else:
+            validate_event(event)
+            if schema1 and uses_groups(event):
+                raise BusDecodeError("a schema 1 batch carries KV-cache group fields")
 
 
 def validate_event(event: Event, *, max_blocks: int | None = MAX_BLOCKS_PER_EVENT) -> None:
@@ -322,6 +331,8 @@ def _check_pool(pool: str | None) -> None:
 
 def check_identity(model: str, worker_id: str) -> None:
     """Raise a BusDecodeError unless (model, worker_id) may name a worker on the bus."""
+    if model and worker_id and (len(model) + len(worker_id)) * 4 <= MAX_NAME_BYTES:
+        return  # the usual short names: both within the limit whatever their encoding
     for field, value in (("model", model), ("worker_id", worker_id)):
         if not value:
             raise BusDecodeError(f"empty {field}")
@@ -348,8 +359,13 @@ def _check_group(group: int) -> None:
 
 
 def _check_stored(event: BlockStored, max_blocks: int | None) -> None:
-    _check_hashes(event.block_hashes, max_blocks)
-    _check_group(event.group)
+    hashes = event.block_hashes
+    # _check_hashes inlined for the hot path: its exact checks when any bound is crossed
+    if ((max_blocks is not None and len(hashes) > max_blocks)
+            or (hashes and (min(hashes) < 0 or max(hashes) > _U64))):
+        _check_hashes(hashes, max_blocks)
+    if not 0 <= event.group <= MAX_GROUP:
+        _check_group(event.group)
     if not 0 <= event.sliding_window <= MAX_SLIDING_WINDOW:
         raise BusDecodeError(f"sliding_window {event.sliding_window} is not in "
                              f"0..{MAX_SLIDING_WINDOW}")

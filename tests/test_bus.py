@@ -18,6 +18,7 @@ from kvcore.bus import (
     MAX_MESSAGE_BYTES,
     SCHEMA_VERSION,
     SUBJECT_PREFIX,
+    TIERS,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -33,6 +34,7 @@ from kvcore.bus import (
     parse_subject,
     schema_for,
     subject_for,
+    tier_index,
     unescape_token,
     unpack_tokens,
     validate_batch,
@@ -446,6 +448,26 @@ class TestLimits:
         over = encode_batch(batch_of(kind(list(range(MAX_BLOCKS_PER_EVENT + 1)))))
         with pytest.raises(BusDecodeError, match=f"{MAX_BLOCKS_PER_EVENT + 1} blocks exceed"):
             decode_batch(over)
+
+
+    @pytest.mark.parametrize(("model", "worker_id", "bad"), [
+        ("m" * 256, "w", None), ("m" * 257, "w", "model of 257 bytes"),
+        ("m", "é" * 128, None), ("m", "é" * 129, "worker_id of 258 bytes"),
+        ("m" * 200, "w" * 200, None),  # past the short-name test, each name within the limit
+    ])
+    def test_identity_name_bytes(self, model: str, worker_id: str, bad: str | None) -> None:
+        """model and worker_id are bounded in UTF-8 bytes, each on its own, at the limit."""
+        batch = batch_of(BlockStored([1]), model=model, worker_id=worker_id)
+        if bad is None:
+            validate_batch(batch)
+        else:
+            with pytest.raises(BusDecodeError, match=bad):
+                validate_batch(batch)
+
+    def test_tier_index_ignores_case(self) -> None:
+        """A medium names its tier in any case; an unknown one is "other"."""
+        names = ("gpu", "GPU", "Cpu_Pinned", "tape")
+        assert [TIERS[tier_index(m)] for m in names] == ["gpu", "gpu", "cpu", "other"]
 
 
 # --- subjects -------------------------------------------------------------------------

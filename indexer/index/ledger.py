@@ -272,11 +272,12 @@ class WorkerLedger:
             self.last_seq = -1
         for event in batch.events:
             if isinstance(event, BlockStored):
-                if event.group or event.group_kind is not None or event.sliding_window:
-                    sink.learn_group(event.group, event.group_kind, event.sliding_window)
-                if event.group:
-                    self.group_ledger(event.group)._store(
-                        event, sink.group_sink(event.group), stats, on_resync)
+                group = event.group
+                if group or event.group_kind is not None or event.sliding_window:
+                    sink.learn_group(group, event.group_kind, event.sliding_window)
+                if group:
+                    self.group_ledger(group)._store(event, sink.group_sink(group), stats,
+                                                    on_resync)
                 else:
                     self._store(event, sink, stats, on_resync)
             elif isinstance(event, BlockRemoved):
@@ -289,7 +290,8 @@ class WorkerLedger:
                 self.clear(sink)
         self.last_seq = batch.seq
         self.last_ts = batch.ts
-        self._trim_ghosts()
+        if len(self.ghosts) > self.ghost_capacity:
+            self._trim_ghosts()
         for group_ledger in self.groups.values():
             group_ledger._trim_ghosts()
         stats.batches_applied += 1
@@ -332,7 +334,9 @@ class WorkerLedger:
             if event.parent_hash is None:
                 seed = cached_root_seed(self.model, event.lora_name, event.cache_salt)
             else:
-                parent = self._parent_key(event.parent_hash)
+                parent = self.keys.get(event.parent_hash)  # the usual case, inlined
+                if parent is None:
+                    parent = self._parent_key(event.parent_hash)
                 if parent is None:
                     (self.owner or self)._unknown_parent(event, stats, on_resync)
                     return

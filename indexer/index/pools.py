@@ -179,7 +179,10 @@ class PoolState:
 def split_pool_events(batch: EventBatch) -> tuple[EventBatch, list[Event]]:
     """The batch with only the writer's own events, and its pool events in order."""
     events = batch.events
-    if all(event.pool is None for event in events):
+    for event in events:  # a plain loop: no generator per batch on the ingest path
+        if event.pool is not None:
+            break
+    else:
         return batch, []
     own = [event for event in events if event.pool is None]
     pooled = [event for event in events if event.pool is not None]

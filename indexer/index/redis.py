@@ -61,6 +61,8 @@ import asyncio
 import functools
 import random
 import struct
+import sys
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from itertools import groupby
@@ -148,6 +150,7 @@ _MAX_CALLS: Final = 8  # script calls one apply() is split into, so Python and R
 _OP_HEADER: Final = struct.Struct("<cII")
 _GROUP_OP_HEADER: Final = struct.Struct("<cBII")
 _OP_COUNT: Final = struct.Struct("<I")  # the last field of both op headers
+_LITTLE_ENDIAN: Final = sys.byteorder == "little"
 _RECORD_HEADER: Final = struct.Struct("<I16s16sdBIIIIIHIII")
 _POSITION: Final = struct.Struct(">qq")
 _NAME_LEN: Final = struct.Struct("<H")
@@ -274,13 +277,16 @@ class _OpsSink:
     following one of the same kind, group and bit position extends it (same keys in the
     same order, fewer ops for apply.lua to read and prefetch)."""
 
-    __slots__ = ("_groups", "_last", "_last_count_at", "_last_end", "learned", "ops")
+    __slots__ = ("_groups", "_last_bitpos", "_last_count", "_last_count_at", "_last_end",
+                 "_last_group", "_last_kind", "learned", "ops")
 
     def __init__(self) -> None:
         self.ops = bytearray()
         self.learned: dict[int, tuple[str | None, int]] = {}  # group -> (kind, window)
         self._groups: dict[int, _GroupOpsSink] = {}
-        self._last: tuple[bytes, int, int] | None = None  # the last keys op: kind, group, bit
+        # the last keys op: kind, group, bit position and key count
+        self._last_kind, self._last_group, self._last_bitpos = b"", -1, -1
+        self._last_count = 0
         self._last_count_at = 0  # where its count is in `ops`
         self._last_end = -1  # len(ops) just after it: anything written since ends it
 
@@ -292,19 +298,24 @@ class _OpsSink:
 
     def keys_op(self, kind: bytes, group: int, bitpos: int, keys: list[int]) -> None:
         """Add an S / C op (group 0) or a T / K op of `group`, or extend the last op."""
-        op = (kind, group, bitpos)
-        if op == self._last and len(self.ops) == self._last_end:
-            count = _OP_COUNT.unpack_from(self.ops, self._last_count_at)[0]
-            _OP_COUNT.pack_into(self.ops, self._last_count_at, count + len(keys))
+        ops = self.ops
+        if (len(ops) == self._last_end and bitpos == self._last_bitpos
+                and kind == self._last_kind and group == self._last_group):
+            self._last_count += len(keys)
+            _OP_COUNT.pack_into(ops, self._last_count_at, self._last_count)
         else:
             if kind in (b"S", b"C"):
-                self.ops += _OP_HEADER.pack(kind, bitpos, len(keys))
+                ops += _OP_HEADER.pack(kind, bitpos, len(keys))
             else:
-                self.ops += _GROUP_OP_HEADER.pack(kind, group, bitpos, len(keys))
-            self._last = op
-            self._last_count_at = len(self.ops) - _OP_COUNT.size
-        self.ops += pack_keys(keys)
-        self._last_end = len(self.ops)
+                ops += _GROUP_OP_HEADER.pack(kind, group, bitpos, len(keys))
+            self._last_kind, self._last_group, self._last_bitpos = kind, group, bitpos
+            self._last_count = len(keys)
+            self._last_count_at = len(ops) - _OP_COUNT.size
+        if _LITTLE_ENDIAN:
+            ops += array("Q", keys)  # the buffer as is: no bytes copy (OverflowError as pack_keys)
+        else:
+            ops += pack_keys(keys)
+        self._last_end = len(ops)
 
     def group_sink(self, group: int) -> _GroupOpsSink:
         found = self._groups.get(group)
