@@ -379,80 +379,9 @@ end
 for k = 6 + 2 * #ARGV, #KEYS do
   group_hashes[KEYS[k]] = true
 end
--- On Redis Cluster (records flagged 8): while the model's hash slot migrates, a bucket
--- may be on the target already, or not exist yet, and a script touching it fails there,
--- half done. So every bucket the records' group-0 ops name, and every bucket the splits
--- they may cause write, is probed first (a probe of a key not served here fails): one
--- refused, the call answers TRYAGAIN with nothing written. (Pool removals and wipes
--- resolve their keys as they run, unprobed, as the pool keys themselves are.)
-local function buckets_here()
-  local seen, ok = {}, true
-  local function probe(name)
-    if ok and not seen[name] then
-      seen[name] = true
-      ok = pcall(redis.call, 'EXISTS', name)
-    end
-  end
-  local added = 0
-  for i = 1, #ARGV do
-    local rec = ARGV[i]
-    local _, _, _, _, flags, _, _, _, _, _, wlen, olen, _, _, pos = struct.unpack(HEADER, rec, 1)
-    if bit.band(flags, 8) == 0 then
-      return true
-    end
-    pos = pos + wlen
-    local stop = pos + olen
-    while pos < stop do
-      local kind = string.sub(rec, pos, pos)
-      local count, per, skip
-      if kind == 'T' or kind == 'K' then
-        _, _, _, count, pos = struct.unpack('<c1BI4I4', rec, pos)
-        pos = pos + count * 8
-      else
-        _, _, count, pos = struct.unpack('<c1I4I4', rec, pos)
-        if kind == 'S' or kind == 'C' or kind == 'P' then
-          per, skip = 8, 0
-          if kind == 'P' then
-            local nlen
-            nlen, pos = struct.unpack('<H', rec, pos)
-            pos = pos + nlen + 8
-            per, skip = 16, 8
-          end
-          for k = 0, count - 1 do
-            probe(bucket_of(buckets, string.sub(rec, pos + k * per + skip,
-              pos + k * per + skip + 7)))
-          end
-          added = added + count
-          pos = pos + count * per
-        elseif kind == 'X' then
-          pos = pos + 8
-        elseif kind == 'R' or kind == 'W' then
-          local nlen
-          nlen, pos = struct.unpack('<H', rec, pos)
-          pos = pos + nlen + 8
-          if kind == 'R' then pos = pos + count * 8 end
-        end
-      end
-    end
-  end
-  -- the splits `added` new blocks may cause, in order
-  local split, n = buckets.split, buckets.n
-  for _ = 0, (buckets.load > 0 and math.ceil(added / buckets.load) or -1) do
-    probe(bucket_name(buckets, split))
-    probe(bucket_name(buckets, split + n))
-    split = split + 1
-    if split == n then
-      split, n = 0, 2 * n
-    end
-  end
-  return ok
-end
-if not buckets_here() then
-  return redis.error_reply('TRYAGAIN a bucket of ' .. p .. ' is not served here (slot migrating)')
-end
 
--- The keys of the records' group-0 ops (S, C, P: those known before the call runs); each
--- S / C op's keys also go to `op_tables`, for `op_keys`.
+-- The keys of the records' group-0 ops (S, C, P: those known before the call runs), in
+-- order; each S / C op's keys also go to `op_tables`, for `op_keys`.
 local function group0_keys()
   local keys, n = {}, 0
   for i = 1, #ARGV do
@@ -502,10 +431,58 @@ local function group0_keys()
   return keys
 end
 
+-- Whether every record carries flag `flag`.
+local function all_flagged(flag)
+  for i = 1, #ARGV do
+    local _, _, _, _, flags = struct.unpack(HEADER, ARGV[i], 1)
+    if bit.band(flags, flag) == 0 then
+      return false
+    end
+  end
+  return true
+end
+
+-- On Redis Cluster (records flagged 8): while the model's hash slot migrates, a bucket
+-- may be on the target already, or not exist yet, and a script touching it fails there,
+-- half done. So the bucket of every group-0 key the records name (`keys`), and every
+-- bucket the splits they may cause write, is probed first (a probe of a key not served
+-- here fails): one refused, the call answers TRYAGAIN with nothing written. (Pool
+-- removals and wipes resolve their keys as they run, unprobed, as the pool keys
+-- themselves are.)
+local function buckets_here(keys)
+  local seen, ok = {}, true
+  local function probe(name)
+    if ok and not seen[name] then
+      seen[name] = true
+      ok = pcall(redis.call, 'EXISTS', name)
+    end
+  end
+  for i = 1, #keys do
+    probe(bucket_of(buckets, keys[i]))
+  end
+  -- the splits #keys new blocks may cause, in order
+  local split, n = buckets.split, buckets.n
+  for _ = 0, (buckets.load > 0 and math.ceil(#keys / buckets.load) or -1) do
+    probe(bucket_name(buckets, split))
+    probe(bucket_name(buckets, split + n))
+    split = split + 1
+    if split == n then
+      split, n = 0, 2 * n
+    end
+  end
+  return ok
+end
+
+-- The group-0 keys are cut once, for the probe and for a model in one bucket.
+local probing = all_flagged(8)
+local keys = (probing or only_hash(buckets)) and group0_keys()
+if probing and not buckets_here(keys) then
+  return redis.error_reply('TRYAGAIN a bucket of ' .. p .. ' is not served here (slot migrating)')
+end
+
 -- A model in one bucket: the call's group-0 keys in one HMGET, not one per op (a fleet
 -- of many ranks sends records of a few blocks each).
 if only_hash(buckets) then
-  local keys = group0_keys()
   if #keys > 0 then read_into(buckets, only_hash(buckets), keys) end  -- the cache is empty
   buckets.all_read = true
 end
