@@ -19,12 +19,12 @@ per slot).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
 from indexer.index.protocol import TIER_BITS, TierWeights
-from indexer.index.scoring import SlotMatch, prefix_match
+from indexer.index.scoring import SlotMatch, prefix_match, prefix_match_runs
 
 __all__ = [
     "FULL",
@@ -33,13 +33,17 @@ __all__ = [
     "GroupRule",
     "any_tier",
     "group_rule",
+    "group_specs",
     "hybrid_hits",
     "hybrid_matches",
+    "hybrid_run_matches",
     "prefix_limits",
     "runs_to_masks",
 ]
 
 Rule = Literal["full", "window", "mamba"]
+# (blocks, groups) -> per group, query position -> walk mask of its first `blocks` keys
+GroupMasks = Callable[[int, list[int]], Awaitable[list[dict[int, int]]]]
 FULL: Final[Rule] = "full"
 WINDOW: Final[Rule] = "window"
 MAMBA: Final[Rule] = "mamba"
@@ -237,3 +241,44 @@ def _slots(bits: int) -> Iterable[int]:
         low = bits & -bits
         yield (low.bit_length() - 1) // TIER_BITS
         bits ^= low
+
+
+def group_specs(stored: Iterable[tuple[bytes, bytes]]) -> dict[int, tuple[str | None, int]]:
+    """A model's KV-cache groups as the Redis layouts store them (group -> "kind\\nwindow"),
+    group 0 included: group -> (kind, sliding window)."""
+    specs: dict[int, tuple[str | None, int]] = {0: (None, 0)}
+    for group, spec in stored:
+        kind, _, window = spec.decode().partition("\n")
+        specs[int(group)] = (kind or None, int(window or 0))
+    return specs
+
+
+async def hybrid_run_matches(
+    specs: Mapping[int, tuple[str | None, int]], runs: list[int], candidates: int,
+    n_blocks: int, *, block_size: int | None, weights: TierWeights, include_zero: bool,
+    group_masks: GroupMasks,
+) -> list[SlotMatch]:
+    """vLLM's hybrid rule over group 0's runs (walk masks and counts, as
+    `prefix_match_runs` takes them) and the other groups' masks, which `group_masks`
+    reads (the Redis layouts: a second round trip) only as far as group 0's prefix reaches
+    when group 0 is under the full-attention rule; group 0's masks too when it is not."""
+    numbers = sorted(specs)
+    rules = [group_rule(*specs[g], block_size) for g in numbers]
+    reference: list[SlotMatch] | None = None
+    if rules[0].rule == FULL:
+        reference = prefix_match_runs(runs, candidates, weights)
+        limits = prefix_limits(reference, candidates if include_zero else 0)
+        n_blocks = max(limits, default=0)
+    else:
+        limits = {n_blocks: candidates} if candidates else {}
+    if not n_blocks:
+        return hybrid_matches(rules, [{} for _ in numbers], limits, weights=weights,
+                              include_zero=include_zero, reference=reference)
+    present = await group_masks(n_blocks, numbers[1:] if reference is not None else numbers)
+    if reference is None:
+        return hybrid_matches(rules, present, limits, weights=weights,
+                              include_zero=include_zero)
+    # Group 0's prefix walk is done (`reference`): its map is not read.
+    return hybrid_matches(rules, [{}, *present], limits, weights=weights,
+                          include_zero=include_zero, reference=reference,
+                          reference_masks=runs_to_masks(runs)[:n_blocks])

@@ -80,13 +80,7 @@ from redis.exceptions import (
 )
 
 from indexer.errors import BackendError
-from indexer.index.hybrid import (
-    FULL,
-    group_rule,
-    hybrid_matches,
-    prefix_limits,
-    runs_to_masks,
-)
+from indexer.index.hybrid import group_specs, hybrid_run_matches
 from indexer.index.ledger import (
     LOG_HASH,
     LOG_RUN_ENTRY,
@@ -121,7 +115,6 @@ from indexer.index.redis_pipe import RedisPipe, pack
 from indexer.index.scoring import (
     SlotMatch,
     SlotTable,
-    prefix_match_runs,
     query_keys_packed,
     score_runs,
     slot_bits,
@@ -963,53 +956,35 @@ class RedisIndex:
     async def _hybrid_matches(self, query: ScoreQuery, packed_keys: bytes, groups: list[bytes],
                               runs: list[int], candidates: int, *, slot_map: _SlotMap,
                               plan: PoolPlan = NO_POOLS) -> list[SlotMatch]:
-        """vLLM's hybrid rule (indexer/index/hybrid.py) over the model's KV-cache groups:
-        group 0's runs came with the query; the others' masks take a second call, only as
-        far as group 0's prefix reaches when group 0 is under the full-attention rule.
-        Pools (`plan`) are credited in group 0 only (where a pool's presence lives)."""
-        candidates |= plan.cold
+        """vLLM's hybrid rule (`hybrid_run_matches`) over the model's KV-cache groups:
+        group 0's runs came with the query; the others' masks take a second call (lua/
+        score_groups.lua). Pools (`plan`) are credited in group 0 only (where a pool's
+        presence lives)."""
         if plan.credits:
             runs = credit_runs(runs, plan.credits)
-        specs: dict[int, tuple[str | None, int]] = {0: (None, 0)}
-        for i in range(0, len(groups), 2):
-            kind, _, window = groups[i + 1].decode().partition("\n")
-            specs[int(groups[i])] = (kind or None, int(window or 0))
         block_size = query.block_size if query.token_ids is not None else None
-        block_size = block_size or await self.block_size(query.model)
-        numbers = sorted(specs)
-        rules = [group_rule(*specs[g], block_size) for g in numbers]
-        weights = query.tier_weights or self.config.tier_weights
-        n_blocks = len(packed_keys) // 8
-        reference: list[SlotMatch] | None = None
-        if rules[0].rule == FULL:
-            reference = prefix_match_runs(runs, candidates, weights)
-            limits = prefix_limits(reference, candidates if query.include_zero else 0)
-            n_blocks = max(limits, default=0)
-        else:
-            limits = {n_blocks: candidates} if candidates else {}
-        if not n_blocks:
-            return hybrid_matches(rules, [{} for _ in numbers], limits, weights=weights,
-                                  include_zero=query.include_zero, reference=reference)
-        fetched = numbers[1:] if reference is not None else numbers
-        try:
-            replies = await self._group_masks(model_prefix(query.model),
-                                              packed_keys[: n_blocks * 8], fetched)
-        except RedisError as exc:
-            if isinstance(exc, ConnectionError | TimeoutError):
-                await self._drop_idle_sockets()
-            raise BackendError(f"redis score failed: {exc}") from exc
-        present = [{i: slot_map.mask(v) for i, v in enumerate(reply) if v}
-                   for reply in replies]
-        if reference is None:
-            if plan.credits:
+
+        async def group_masks(n_blocks: int, numbers: list[int]) -> list[dict[int, int]]:
+            try:
+                replies = await self._group_masks(model_prefix(query.model),
+                                                  packed_keys[: n_blocks * 8], numbers)
+            except RedisError as exc:
+                if isinstance(exc, ConnectionError | TimeoutError):
+                    await self._drop_idle_sockets()
+                raise BackendError(f"redis score failed: {exc}") from exc
+            present = [{i: slot_map.mask(v) for i, v in enumerate(reply) if v}
+                       for reply in replies]
+            if numbers[0] == 0 and plan.credits:
                 present[0] = dict(zip(present[0], credit_masks(present[0].values(),
                                                                plan.credits), strict=True))
-            return hybrid_matches(rules, present, limits, weights=weights,
-                                  include_zero=query.include_zero)
-        # Group 0's prefix walk is done (`reference`): its map is not read.
-        return hybrid_matches(rules, [{}, *present], limits, weights=weights,
-                              include_zero=query.include_zero, reference=reference,
-                              reference_masks=runs_to_masks(runs)[:n_blocks])
+            return present
+
+        return await hybrid_run_matches(
+            group_specs(zip(groups[::2], groups[1::2], strict=True)), runs,
+            candidates | plan.cold, len(packed_keys) // 8,
+            block_size=block_size or await self.block_size(query.model),
+            weights=query.tier_weights or self.config.tier_weights,
+            include_zero=query.include_zero, group_masks=group_masks)
 
     async def _drop_idle_sockets(self) -> None:
         """After a query lost its connection: the next query reconnects the pipe, and

@@ -69,7 +69,7 @@ from redis.exceptions import (
 )
 
 from indexer.errors import BackendError
-from indexer.index.hybrid import FULL, group_rule, hybrid_matches, prefix_limits, runs_to_masks
+from indexer.index.hybrid import group_specs, hybrid_run_matches
 from indexer.index.ledger import LOG_HASH, LOG_MAP, WorkerLedger, stored_block_size
 from indexer.index.pools import split_pool_events
 from indexer.index.protocol import (
@@ -102,7 +102,6 @@ from indexer.index.redis_cluster import LOST_WRITES_REASON, cluster_url
 from indexer.index.redis_pipe import RedisPipe, pack
 from indexer.index.scoring import (
     SlotMatch,
-    prefix_match_runs,
     query_keys_packed,
     score_runs,
     validate_query,
@@ -1176,39 +1175,19 @@ class ShardedRedisIndex:
     async def _hybrid_matches(self, query: ScoreQuery, info: _Model, read: _Read,
                               runs: list[int], *, candidates: int,
                               slot_map: _SlotMap) -> list[SlotMatch]:
-        """vLLM's hybrid rule (indexer/index/hybrid.py) over the model's KV-cache groups,
-        as RedisIndex scores it: group 0's runs came with the query; the other groups'
-        values take a second round trip (every sub-slot, in parallel), only as far as
-        group 0's prefix reaches when group 0 is under the full-attention rule."""
-        specs: dict[int, tuple[str | None, int]] = {0: (None, 0)}
-        for group, spec in read.groups.items():
-            kind, _, window = spec.decode().partition("\n")
-            specs[int(group)] = (kind or None, int(window or 0))
+        """vLLM's hybrid rule (`hybrid_run_matches`) over the model's KV-cache groups, as
+        RedisIndex scores it: group 0's runs came with the query; the other groups'
+        values take a second round trip (every sub-slot, in parallel)."""
         block_size = query.block_size if query.token_ids is not None else None
-        block_size = block_size or await self.block_size(query.model)
-        numbers = sorted(specs)
-        rules = [group_rule(*specs[g], block_size) for g in numbers]
-        weights = query.tier_weights or self.config.tier_weights
-        n_blocks = read.n
-        reference: list[SlotMatch] | None = None
-        if rules[0].rule == FULL:
-            reference = prefix_match_runs(runs, candidates, weights)
-            limits = prefix_limits(reference, candidates if query.include_zero else 0)
-            n_blocks = max(limits, default=0)
-        else:
-            limits = {n_blocks: candidates} if candidates else {}
-        if not n_blocks:
-            return hybrid_matches(rules, [{} for _ in numbers], limits, weights=weights,
-                                  include_zero=query.include_zero, reference=reference)
-        fetched = numbers[1:] if reference is not None else numbers
-        present = await self._group_masks(info, read.parts, n_blocks, fetched, slot_map)
-        if reference is None:
-            return hybrid_matches(rules, present, limits, weights=weights,
-                                  include_zero=query.include_zero)
-        # Group 0's prefix walk is done (`reference`): its map is not read.
-        return hybrid_matches(rules, [{}, *present], limits, weights=weights,
-                              include_zero=query.include_zero, reference=reference,
-                              reference_masks=runs_to_masks(runs)[:n_blocks])
+
+        async def group_masks(n_blocks: int, numbers: list[int]) -> list[dict[int, int]]:
+            return await self._group_masks(info, read.parts, n_blocks, numbers, slot_map)
+
+        return await hybrid_run_matches(
+            group_specs(read.groups.items()), runs, candidates, read.n,
+            block_size=block_size or await self.block_size(query.model),
+            weights=query.tier_weights or self.config.tier_weights,
+            include_zero=query.include_zero, group_masks=group_masks)
 
     async def _group_masks(self, info: _Model, parts: list[tuple[bytes, bytes]],
                            n_blocks: int, groups: list[int],
