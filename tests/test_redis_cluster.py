@@ -200,8 +200,7 @@ async def test_master_killed_replica_takes_over(own_cluster: RedisCluster) -> No
     try:
         await ingest.steps(10)
         master = own_cluster.node_of_slot(model_slot(victim_model))
-        replica = own_cluster.replica_of(master)
-        await asyncio.sleep(0.3)  # let the replica catch up: this test loses nothing
+        replica = own_cluster.wait_replica_synced(master)  # this test loses nothing
         master.kill()
         await ingest.steps(10)
         assert own_cluster.node_of_slot(model_slot(victim_model)) is replica
@@ -221,8 +220,7 @@ async def test_writes_lost_in_failover_are_repaired(own_cluster: RedisCluster) -
     try:
         await ingest.steps(8)
         master = own_cluster.node_of_slot(model_slot(victim_model))
-        replica = own_cluster.replica_of(master)
-        await asyncio.sleep(0.3)
+        replica = own_cluster.wait_replica_synced(master)
         replica.stop_signal(signal.SIGSTOP)
         # Cut the link while the replica cannot read it: what follows never reaches it.
         master.cli("CLIENT", "KILL", "TYPE", "replica")
@@ -267,8 +265,7 @@ async def test_serve_on_a_cluster_repairs_writes_lost_in_failover(
             await pub.flush()
             await eventually(lambda: equals(matched(svc), 4))
             master = own_cluster.node_of_slot(model_slot(EVENT_MODEL))
-            replica = own_cluster.replica_of(master)
-            await asyncio.sleep(0.3)
+            replica = own_cluster.wait_replica_synced(master)
             replica.stop_signal(signal.SIGSTOP)
             master.cli("CLIENT", "KILL", "TYPE", "replica")
             store(pub, 5, 6)

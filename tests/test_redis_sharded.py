@@ -506,8 +506,7 @@ class TestFailover:
         info = await index._model(MODEL)
         assert info is not None
         master = own_cluster.node_of_slot(key_slot(info.prefixes[0].encode()))
-        replica = own_cluster.replica_of(master)
-        await asyncio.sleep(0.3)  # the initial writes reach the replica
+        replica = own_cluster.wait_replica_synced(master)  # the initial writes reach it
         replica.stop_signal(signal.SIGSTOP)
         master.cli("CLIENT", "KILL", "TYPE", "replica")  # what follows never reaches it
         victim = RANKS[0]

@@ -131,6 +131,18 @@ class RedisCluster:
                 return self.by_port(port)
         raise LookupError(f"{master.port} has no live replica")
 
+    def wait_replica_synced(self, master: ClusterNode, timeout: float = 30) -> ClusterNode:
+        """Until `master`'s replica has processed every write `master` had when called
+        (replication offsets); the replica."""
+        replica = self.replica_of(master)
+        target = _repl_offset(master.cli("INFO", "replication"), "master_repl_offset")
+        deadline = time.monotonic() + timeout
+        while _repl_offset(replica.cli("INFO", "replication"), "slave_repl_offset") < target:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"replica {replica.port} behind offset {target}")
+            time.sleep(0.02)
+        return replica
+
     def by_port(self, port: int) -> ClusterNode:
         return next(n for n in self.nodes if n.port == port)
 
@@ -178,3 +190,12 @@ class RedisCluster:
         for node in self.live_nodes():
             if node.port not in (source.port, target.port) and topology[node.port]["master"]:
                 node.cli("CLUSTER", "SETSLOT", str(slot), "NODE", str(target_id))
+
+
+def _repl_offset(info: str, field: str) -> int:
+    """A replication offset from `INFO replication` output (-1 if absent)."""
+    for line in info.splitlines():
+        name, _, value = line.partition(":")
+        if name == field:
+            return int(value)
+    return -1
