@@ -109,6 +109,7 @@ DEFAULT_TIMEOUT: Final = 1.0
 DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024  # the server's default limit
 # Most requests a decision stream puts in one message (those queued while it sent the last).
 DEFAULT_STREAM_BATCH: Final = 16
+LIST_PAGE_SIZE: Final = 5_000  # ListWorkers entries per page list_workers asks for
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -467,6 +468,12 @@ def _worker_choice(msg: pb.FindBestWorkerResponse) -> WorkerChoice:
         _freshness(msg.freshness),
         msg.candidate_count,
     )
+
+
+def _list_request(model: str | None, role: str, kind: str, token: str
+                  ) -> pb.ListWorkersRequest:
+    return pb.ListWorkersRequest(model=model or "", role=role, kind=kind,
+                                 page_size=LIST_PAGE_SIZE, page_token=token)
 
 
 def _worker_statuses(msg: pb.ListWorkersResponse) -> list[WorkerStatus]:
@@ -998,9 +1005,17 @@ class IndexerClient(_BaseClient):
         kind: str = "",
     ) -> list[WorkerStatus]:
         """The workers the index holds (of one model, or of all; of one role, or all), and
-        the shared storage pools (`kind`: "worker", "pool", or "" for both)."""
-        request = pb.ListWorkersRequest(model=model or "", role=role, kind=kind)
-        return _worker_statuses(self._call(self._stub.ListWorkers, request, timeout))
+        the shared storage pools (`kind`: "worker", "pool", or "" for both): every page,
+        asked one after the other, `timeout` per page."""
+        statuses: list[WorkerStatus] = []
+        token = ""
+        while True:  # page by page: one answer of a large fleet passes the message limit
+            response = self._call(self._stub.ListWorkers,
+                                  _list_request(model, role, kind, token), timeout)
+            statuses += _worker_statuses(response)
+            token = response.next_page_token
+            if not token:
+                return statuses
 
     def stats(self, *, timeout: float | None = None) -> IndexerStats:
         """Event pipeline and index counters."""
@@ -1111,9 +1126,17 @@ class AsyncIndexerClient(_BaseClient):
         kind: str = "",
     ) -> list[WorkerStatus]:
         """The workers the index holds (of one model, or of all; of one role, or all), and
-        the shared storage pools (`kind`: "worker", "pool", or "" for both)."""
-        request = pb.ListWorkersRequest(model=model or "", role=role, kind=kind)
-        return _worker_statuses(await self._call(self._stub.ListWorkers, request, timeout))
+        the shared storage pools (`kind`: "worker", "pool", or "" for both): every page,
+        asked one after the other, `timeout` per page."""
+        statuses: list[WorkerStatus] = []
+        token = ""
+        while True:  # page by page: one answer of a large fleet passes the message limit
+            response = await self._call(self._stub.ListWorkers,
+                                        _list_request(model, role, kind, token), timeout)
+            statuses += _worker_statuses(response)
+            token = response.next_page_token
+            if not token:
+                return statuses
 
     async def stats(self, *, timeout: float | None = None) -> IndexerStats:
         """Event pipeline and index counters."""

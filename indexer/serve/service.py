@@ -59,6 +59,7 @@ from indexer.index.protocol import (
     ScoreQuery,
     ScoreResult,
     TierWeights,
+    WorkerInfo,
     WorkerScore,
 )
 from indexer.index.scoring import QueryTally, check_query_shape, check_tier_weights
@@ -95,6 +96,7 @@ from indexer.serve.limits import (
     DEFAULT_MAX_REQUEST_WORKERS,
     DEFAULT_STREAM_WINDOW,
 )
+from indexer.serve.listing import ListingCache, page_of
 from indexer.serve.stream import (
     DEFAULT_STREAM_CANDIDATES,
     StreamedAnswers,
@@ -439,6 +441,7 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         self.config = index.config
         self.directory = WorkerDirectory(live_workers or index.workers,
                                          self.settings.worker_cache_seconds)
+        self._listings = ListingCache()  # ListWorkers' pages after the first
         # Is the index rebuilding (from the bus or a snapshot)? Set by the recovery stage.
         self.rebuilding: Callable[[], bool] = rebuilding or (lambda: False)
         self.consumer_stats = consumer_stats
@@ -771,15 +774,20 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
         if request.kind not in ("", *KINDS):
             raise InvalidQueryError(f"kind: {request.kind!r} is not one of {', '.join(KINDS)} "
                                     "(or empty: both)")
-        infos = await self.directory.listing(request.model or None)
+
+        async def matching() -> list[WorkerInfo]:
+            infos = await self.directory.listing(request.model or None)
+            return [w for w in infos if (not request.kind or w.kind == request.kind)
+                    and (w.kind == KIND_POOL or role_matches(w.role, request.role))]
+
+        listing = await self._listings.sorted_listing(
+            (request.model, request.role, request.kind), bool(request.page_token), matching)
+        page = page_of(listing, model=request.model, role=request.role, kind=request.kind,
+                       page_size=request.page_size, page_token=request.page_token)
         now = time.time()
-        response = pb.ListWorkersResponse()
+        response = pb.ListWorkersResponse(next_page_token=page.next_page_token)
         add = response.workers.add
-        for w in infos:
-            if request.kind and w.kind != request.kind:
-                continue
-            if w.kind != KIND_POOL and not role_matches(w.role, request.role):
-                continue
+        for w in page.entries:
             entry = add(model=w.model, worker_id=w.worker_id, dp_rank=w.dp_rank,
                         epoch=max(w.epoch, 0), last_seq=w.last_seq, degraded=w.degraded,
                         last_event_age_seconds=_age(now, w.last_event_ts),
@@ -788,6 +796,11 @@ class KvIndexerService(pb_grpc.KvIndexerServicer):
             by_tier = entry.blocks_by_tier
             for tier, count in w.blocks_by_tier.items():
                 by_tier[tier] = count
+        if not request.page_size and response.ByteSize() > self.settings.max_message_bytes:
+            raise _StatusError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(page.entries):,} workers do not fit one answer of at most "
+                f"{self.settings.max_message_bytes:,} bytes: ask pages (page_size)")
         return response
 
     async def _get_stats(self) -> pb.GetStatsResponse:
