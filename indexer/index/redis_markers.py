@@ -18,13 +18,11 @@ When the slot map changes, tags change with it: a master that gains its first sl
 whose tag's slot moved away) gets a new tag whose key it does not hold. Such a master
 holds only data migrated from the others, so its copy is written from the copies under
 the tags kept, combined as a read would combine them (and deleted if they do not
-combine). Only a tag this process never used before is written so: a tag that comes
-back (a master's slots missing from the slot map for a while, during a failover) is read
-as it is, or a promoted replica's lag would be papered over. A process only knows the
-changes it saw; one that starts after a slot move finds a copy missing and rebuilds
-(conservative). Tags dropped leave their keys behind on whichever master holds their
-slot now; nothing reads them unless a tag comes back, and then a stale copy is older, so
-it reads as None or as the smaller position: a rebuild, never a hole trusted.
+combine). A tag that left while its slot went unserved in the client's slot map (a
+failover under way) is not written so when it comes back: its copy is read as it is, or
+a promoted replica's lag would be papered over. A process only knows the changes it
+saw; one that starts after a slot move finds a copy missing and rebuilds
+(conservative).
 """
 
 from __future__ import annotations
@@ -51,6 +49,10 @@ def marker_key(tag: str, name: str) -> str:
     return f"kvi:marker:{{{tag}}}:{name}"
 
 
+def tag_slot(tag: str) -> int:
+    return int(key_slot(f"{{{tag}}}".encode()))
+
+
 def marker_tags(slot_masters: Any) -> dict[str, str]:
     """Master name -> its marker tag: the smallest `kvi:mk.<n>` whose slot it serves, in
     `slot_masters` (slot -> nodes, the primary first: redis-py's slots cache)."""
@@ -60,7 +62,7 @@ def marker_tags(slot_masters: Any) -> dict[str, str]:
         if len(tags) == len(masters):
             break
         tag = f"kvi:mk.{n}"
-        nodes = slot_masters.get(key_slot(f"{{{tag}}}".encode()))
+        nodes = slot_masters.get(tag_slot(tag))
         if nodes and nodes[0].name not in tags:
             tags[nodes[0].name] = tag
     return tags
@@ -89,7 +91,8 @@ class ClusterMarkers:
     def __init__(self, client: RedisCluster) -> None:
         self._client = client
         self._tags: frozenset[str] = frozenset()  # the tags of the last call
-        self._seen: set[str] = set()  # every tag this process used
+        # Tags that left while their slot was unserved: read as they are if they return.
+        self._protected: set[str] = set()
         self._names: set[str] = set()  # markers this process read or wrote
         self._lock = asyncio.Lock()
         self.copies_extended = 0  # marker copies written to a master that gained a tag
@@ -128,8 +131,14 @@ class ClusterMarkers:
         return tags
 
     async def _extend(self, tags: list[str]) -> None:
+        slots = self._client.nodes_manager.slots_cache
+        for tag in self._tags - set(tags):
+            if slots.get(tag_slot(tag)):
+                self._protected.discard(tag)  # its slot (and copy) moved to another master
+            else:
+                self._protected.add(tag)
         kept = sorted(self._tags & set(tags))
-        added = sorted(set(tags) - self._seen)
+        added = sorted(set(tags) - self._tags - self._protected)
         if kept and added:
             names = sorted(self._names)
             for name in names:
@@ -139,7 +148,7 @@ class ClusterMarkers:
             log.info("redis_marker_copies_extended", tags=added, from_tags=kept,
                      markers=len(names))
         self._tags = frozenset(tags)
-        self._seen |= self._tags
+        self._protected -= self._tags
 
     async def _read(self, tags: Sequence[str], name: str) -> list[str | None]:
         pipe = self._client.pipeline(transaction=False)
