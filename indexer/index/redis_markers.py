@@ -94,6 +94,8 @@ class ClusterMarkers:
         # Tags that left while their slot was unserved: read as they are if they return.
         self._protected: set[str] = set()
         self._names: set[str] = set()  # markers this process read or wrote
+        self._searched: dict[str, str] = {}  # master name -> tag, as last searched
+        self._searched_in: object = None  # the client's slot map they were searched in
         self._lock = asyncio.Lock()
         self.copies_extended = 0  # marker copies written to a master that gained a tag
 
@@ -121,7 +123,7 @@ class ClusterMarkers:
         that came with a change this process saw."""
         self._names.add(name)
         await self._client.initialize()  # a no-op once the client has a slot map
-        tags = sorted(marker_tags(self._client.nodes_manager.slots_cache).values())
+        tags = self._searched_tags()
         if not tags:
             raise BackendError("redis cluster: no master serves a slot")
         if frozenset(tags) != self._tags:
@@ -129,6 +131,19 @@ class ClusterMarkers:
                 if frozenset(tags) != self._tags:
                     await self._extend(tags)
         return tags
+
+    def _searched_tags(self) -> list[str]:
+        """The tags searched in the client's slot map, searched again (a walk over every
+        slot) only when the client replaced its map or a tag's slot changed master;
+        a slot moved in place (MOVED) that would only change which tag is smallest
+        keeps the earlier choice: at worst another process reads a copy missing."""
+        slots = self._client.nodes_manager.slots_cache
+        if slots is not self._searched_in or any(
+                (nodes := slots.get(tag_slot(tag))) is None or nodes[0].name != master
+                for master, tag in self._searched.items()):
+            self._searched = marker_tags(slots)
+            self._searched_in = slots
+        return sorted(self._searched.values())
 
     async def _extend(self, tags: list[str]) -> None:
         slots = self._client.nodes_manager.slots_cache
