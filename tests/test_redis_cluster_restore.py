@@ -21,8 +21,9 @@ from redis.crc import key_slot
 
 from indexer.app import IndexerService
 from indexer.index.redis import model_prefix
+from indexer.index.redis_sharded import ShardedRedisIndex, directory_prefix
 from indexer.ingest.consumer import marker_is_rebuilding, marker_name, position_marker_name
-from kvcore.bus import EventBatch
+from kvcore.bus import SCHEMA_VERSION, BlockStored, EventBatch, pack_tokens
 from kvcore.topology import StreamSettings
 from publisher.publisher import KVEventPublisher
 from tests.support.capture import CapturingSink, caught_up, mismatches
@@ -176,3 +177,69 @@ async def test_one_master_restored_from_an_older_dump_invents_nothing(
             assert counts == (0, 0, 0)
     finally:
         await fleet.close()
+
+
+def stored(model: str, worker: str, base: int) -> EventBatch:
+    tokens = list(range(base, base + CHAIN * BS))
+    return EventBatch(schema=SCHEMA_VERSION, model=model, worker_id=worker, dp_rank=0,
+                      epoch=1, seq=0, ts=1.0,
+                      events=[BlockStored(block_hashes=list(range(1, CHAIN + 1)),
+                                          parent_hash=None, token_ids=pack_tokens(tokens),
+                                          block_size=BS, medium="gpu")])
+
+
+def model_with_directory_off(cluster: RedisCluster, home: ClusterNode) -> str:
+    """A model name whose sub-slot directory `home` does not serve."""
+    for i in range(1_000):
+        name = f"field/dir-{i}"
+        slot = key_slot((directory_prefix(name) + "slots").encode())
+        if cluster.node_of_slot(slot) is not home:
+            return name
+    raise LookupError("every directory lands on one master")
+
+
+async def test_a_rank_the_restored_directory_maps_again_is_removed(
+        cluster: RedisCluster, tmp_path: Path) -> None:
+    """Sub-slots: the master holding a model's directory comes back from a dump taken
+    before a rank was removed. The directory maps the rank again and that master's
+    sub-slot holds its old entries, while its ledger (home sub-slot on another master)
+    stays gone. The rank is listed (nothing counted), so the partition's rebuild, which
+    removes the ranks `workers()` lists, removes it: none of its entries is credited."""
+    # Sub-slot k sits on the (k mod 3)-th master by name; the first rank's id is 0.
+    names = sorted(f"127.0.0.1:{port}" for port, info in cluster.topology().items()
+                   if info["master"] and info["slots"])
+    model = model_with_directory_off(cluster, cluster.by_port(int(names[0].split(":")[1])))
+    index = ShardedRedisIndex.from_url(cluster.url, subslots=3, cluster=True)
+    try:
+        await index.apply([stored(model, "gone", 1_000), stored(model, "kept", 90_000)])
+        [gone_id] = [i for i, ref in (await index._refs_by_id(model)).items()
+                     if ref.worker_id == "gone"]
+        info = await index._model(model)
+        assert info is not None
+        home = cluster.node_of_slot(key_slot(f"{info.home(gone_id)}w".encode()))
+        directory = cluster.node_of_slot(
+            key_slot((directory_prefix(model) + "slots").encode()))
+        assert home is not directory, "pick a model whose rank's ledger is elsewhere"
+        cluster.replica_of(directory).cli("CONFIG", "SET", "cluster-replica-no-failover",
+                                          "yes")
+        directory.cli("SAVE")
+        dump = tmp_path / "old-dump.rdb"
+        shutil.copy(directory.workdir / "dump.rdb", dump)
+        assert await index.remove_worker(model, "gone") == 1
+    finally:
+        await index.close()
+    restore(directory, dump)
+    cluster.wait_ok(replicated=False, timeout=60)
+    index = ShardedRedisIndex.from_url(cluster.url, subslots=3, cluster=True)
+    try:
+        credited = {ref.worker_id for entry in (await index.presence(model)).values()
+                    for ref in entry}
+        assert credited == {"gone", "kept"}  # the restored sub-slot's old entries
+        listed = {w.worker_id: w for w in await index.workers(model)}
+        assert "gone" in listed and listed["gone"].blocks_by_tier == {}
+        await index.remove_worker(model, "gone")
+        holders = {ref.worker_id for entry in (await index.presence(model)).values()
+                   for ref in entry}
+        assert holders == {"kept"}
+    finally:
+        await index.close()

@@ -936,7 +936,17 @@ class ShardedRedisIndex:
         reply: list[Any] = [len(entries)]
         for (ref_raw, slot_raw), meta in zip(entries, metas, strict=True):
             reply += [ref_raw, slot_raw, *meta]
-        return _worker_infos(model, reply)
+        infos = _worker_infos(model, reply)
+        # A rank the directory maps without a ledger: being created, or its directory's
+        # master restored from a dump taken before the rank was removed or re-slotted
+        # (its ledger, on another master, stays gone while the restored sub-slot holds
+        # its old entries). Listed with nothing counted, so a partition's rebuild (and
+        # liveness) removes it rather than leave those entries credited.
+        for (ref_raw, _), meta in zip(entries, metas, strict=True):
+            if meta[0] is None:
+                worker_id, _, rank = _text(ref_raw).rpartition("\n")
+                infos.append(WorkerInfo(model, worker_id, int(rank), 0, -1, False, {}, 0.0))
+        return infos
 
     async def stats(self) -> IndexStats:
         return self._stats.snapshot(len(await self.workers()))
