@@ -8,7 +8,7 @@ PYTHON  ?= python3
 PKGS    := kvcore publisher indexer kvsim
 PROTO_OUT := indexer/_proto
 
-.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-decisions bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim test-redis-cluster bench-redis-cluster bench-replicas bench-nats-cluster bench-shards bench-redis-subslots
+.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-decisions bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim test-redis-cluster bench-redis-cluster bench-replicas bench-nats-cluster bench-shards bench-redis-subslots bench-redis-markers
 
 setup: $(STAMP)
 
@@ -61,7 +61,8 @@ test: setup lint pytest
 # ports: slot migration, master failover, lost writes, the index contract); `make test`
 # runs them too, with everything else.
 test-redis-cluster: setup redis-server
-	$(VENV)/bin/pytest -q -p no:cacheprovider -m redis_cluster tests/test_redis_cluster.py tests/test_index_contract.py
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m redis_cluster tests/test_redis_cluster.py tests/test_index_contract.py \
+	  tests/test_redis_markers.py tests/test_redis_cluster_restore.py
 
 run: setup
 	$(VENV)/bin/kv-indexer serve
@@ -103,6 +104,9 @@ bench-redis-cluster: setup redis-server
 
 bench-redis-subslots: setup redis-server
 	$(PY) -m bench.redis_subslots
+
+bench-redis-markers: setup redis-server
+	$(PY) -m bench.redis_markers
 
 bench-events: setup redis-server
 	$(PY) -m bench.event_path

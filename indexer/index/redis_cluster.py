@@ -18,6 +18,10 @@ call was confirmed; when the cluster's masters change (or an apply fails), it re
 remembered rank's stored position back and, for each one found behind (or a removal
 found undone), clears the rank, so it claims no block it may have dropped meanwhile,
 and asks the rank's publisher for a resync (`redis_lost_writes`).
+
+Index markers are kept on every master (indexer/index/redis_markers.py), so a master
+restored from an older dump, or a lagging replica promoted, shows in the markers the
+consumers check, whichever master it is: its partitions rebuild.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from indexer.errors import BackendError
 from indexer.index.ledger import WorkerLedger
 from indexer.index.protocol import ApplyOutcome, RankState, ResyncRequest, WorkerRef
 from indexer.index.redis import _POSITION, RedisIndex, _read_reply, model_prefix, score_keys
+from indexer.index.redis_markers import ClusterMarkers
 from indexer.index.redis_pipe import RedisPipe
 from kvcore.bus import EventBatch
 
@@ -102,6 +107,7 @@ class RedisClusterIndex(RedisIndex):
         self._pipes: dict[str, RedisPipe] = {}  # Score's pipelined connection per master
         self._fast_queries = True
         self._probe_buckets = True  # a slot migrating moves buckets under apply.lua
+        self.markers = ClusterMarkers(client)  # a copy per master (redis_markers.py)
 
     @classmethod
     def from_url(cls, url: str, *, redis_options: Mapping[str, Any] | None = None,
@@ -300,6 +306,12 @@ class RedisClusterIndex(RedisIndex):
         for key in [k for k in self._confirmed if k[0] in gone]:
             del self._confirmed[key]
         return collected
+
+    async def get_marker(self, name: str) -> str | None:
+        return await self.markers.get(name)
+
+    async def set_marker(self, name: str, value: str | None) -> None:
+        await self.markers.set(name, value)
 
     # --- failover: writes a promoted replica never got ----------------------------------
 

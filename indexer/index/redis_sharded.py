@@ -29,7 +29,9 @@ keys its ledger and its last parts (`p:<id>`) name. Slot ids are never reused, s
 rank, an id not yet collected or a stale slot map can make a reader miss blocks, never
 credit one rank with another's. On Redis Cluster, a failover that lost writes Redis had
 confirmed is found as `RedisClusterIndex` finds it (`check_lost_writes`): the rank is
-cleared and asked for a resync.
+cleared and asked for a resync; and index markers are kept on every master
+(redis_markers.py), so a master restored from an older dump, or a lagging replica
+promoted, makes its partitions rebuild whichever master it is.
 
 Hybrid models: a part carries each entry's KV-cache group, applied to that group's hash
 in the same script call; Score applies vLLM's rule (indexer/index/hybrid.py) with the
@@ -99,6 +101,7 @@ from indexer.index.redis import (
     MODELS_KEY as SINGLE_SLOT_MODELS,
 )
 from indexer.index.redis_cluster import LOST_WRITES_REASON, cluster_url
+from indexer.index.redis_markers import ClusterMarkers
 from indexer.index.redis_pipe import RedisPipe, pack
 from indexer.index.scoring import (
     SlotMatch,
@@ -343,6 +346,8 @@ class ShardedRedisIndex:
         self._suspect = False  # an apply failed: check the confirmed ranks again
         self._checking = asyncio.Lock()
         self.lost_write_repairs = 0
+        # On a cluster, a marker copy per master (redis_markers.py); one key on one node.
+        self.markers = ClusterMarkers(client) if isinstance(client, RedisCluster) else None
 
     @classmethod
     def from_url(cls, url: str, *, subslots: int, cluster: bool = False,
@@ -931,7 +936,17 @@ class ShardedRedisIndex:
         reply: list[Any] = [len(entries)]
         for (ref_raw, slot_raw), meta in zip(entries, metas, strict=True):
             reply += [ref_raw, slot_raw, *meta]
-        return _worker_infos(model, reply)
+        infos = _worker_infos(model, reply)
+        # A rank the directory maps without a ledger: being created, or its directory's
+        # master restored from a dump taken before the rank was removed or re-slotted
+        # (its ledger, on another master, stays gone while the restored sub-slot holds
+        # its old entries). Listed with nothing counted, so a partition's rebuild (and
+        # liveness) removes it rather than leave those entries credited.
+        for (ref_raw, _), meta in zip(entries, metas, strict=True):
+            if meta[0] is None:
+                worker_id, _, rank = _text(ref_raw).rpartition("\n")
+                infos.append(WorkerInfo(model, worker_id, int(rank), 0, -1, False, {}, 0.0))
+        return infos
 
     async def stats(self) -> IndexStats:
         return self._stats.snapshot(len(await self.workers()))
@@ -1085,10 +1100,15 @@ class ShardedRedisIndex:
         self._layout_checked = True
 
     async def get_marker(self, name: str) -> str | None:
+        if self.markers is not None:
+            return await self.markers.get(name)
         return await get_marker(self._redis, name)
 
     async def set_marker(self, name: str, value: str | None) -> None:
-        await set_marker(self._redis, name, value)
+        if self.markers is not None:
+            await self.markers.set(name, value)
+        else:
+            await set_marker(self._redis, name, value)
 
     async def block_size(self, model: str) -> int | None:
         return await read_block_size(self._redis, directory_prefix(model) + "block_size",
