@@ -118,6 +118,7 @@ typedef struct {
     RedisModuleString **bx_dels;  /* fields deleted from bx */
     size_t n_sets, n_dels, n_bx_dels;
     long long added, deleted;
+    RedisModuleString *fresh;  /* the op's one-holder value, shared by the keys it adds */
 } Changes;
 
 typedef struct {
@@ -153,8 +154,15 @@ static void apply_key(RedisModuleCtx *ctx, const Op *op, RedisModuleString *fiel
     const unsigned char *v = NULL;
     size_t len = 0;
     if (old != NULL) v = (const unsigned char *)RedisModule_StringPtrLen(old, &len);
-    RedisModuleString *now = op->set ? holders_set(ctx, v, len, op->slot, op->m)
-                                     : holders_clear(ctx, v, len, op->slot, op->m);
+    RedisModuleString *now;
+    if (op->set && old == NULL) {  /* most stored blocks are new: one value for all */
+        if (ch->fresh == NULL) ch->fresh = holders_set(ctx, NULL, 0, op->slot, op->m);
+        RedisModule_RetainString(NULL, ch->fresh);
+        now = ch->fresh;
+    } else {
+        now = op->set ? holders_set(ctx, v, len, op->slot, op->m)
+                      : holders_clear(ctx, v, len, op->slot, op->m);
+    }
     if (old != NULL) RedisModule_FreeString(NULL, old);
     if (now == NULL) {
         RedisModule_FreeString(NULL, field);
@@ -205,6 +213,7 @@ static void publish(RedisModuleCtx *ctx, RedisModuleString *hash, RedisModuleStr
     free_all(ch->sets, ch->n_sets);
     free_all(ch->dels, ch->n_dels);
     free_all(ch->bx_dels, ch->n_bx_dels);
+    if (ch->fresh != NULL) RedisModule_FreeString(NULL, ch->fresh);
 }
 
 static int is_hash_or_empty(RedisModuleKey *key) {
