@@ -12,12 +12,14 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from bench.workload import Workload, make_workload, worker_name
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import IndexConfig
 from indexer.index.redis import COMPACT_BUCKET_LOAD, RedisIndex, model_prefix
+from indexer.index.redis_cluster import RedisClusterIndex
 from kvcore.bus import (
     SCHEMA_VERSION,
     AllBlocksCleared,
@@ -26,6 +28,7 @@ from kvcore.bus import (
     Event,
     EventBatch,
 )
+from tests.support.redis_cluster import RedisCluster
 from tests.support.servers import RedisServer, kvi_module
 
 pytestmark = pytest.mark.integration
@@ -213,6 +216,36 @@ async def test_lua_path_after_a_restart_without_the_module(tmp_path: Path) -> No
         await index.close()
     finally:
         server.stop()
+
+
+@pytest.mark.redis_cluster
+async def test_on_a_cluster_and_its_replicas(tmp_path: Path) -> None:
+    """On a Redis Cluster whose nodes load the module: the script calls KVI.HOLDERS on the
+    model's master (the keys it declares route there), the index is exact, and the
+    replica holds the same presence hash (the module replicates HSET / HDEL)."""
+    cluster = RedisCluster(tmp_path / "cluster", modules=(kvi_module(),)).start()
+    try:
+        workload = make_workload(8, 6_000, n_queries=1)
+        batches = workload.batches(ONE_HASH) + Phases(workload, ONE_HASH).all()
+        index = RedisClusterIndex.from_url(cluster.url, bucket_load=0)
+        await apply_all(index, batches)
+        memory = MemoryIndex(IndexConfig())
+        await memory.apply(batches)
+        assert await index.presence(ONE_HASH) == await memory.presence(ONE_HASH)
+        await index.close()
+        bucket = model_prefix(ONE_HASH) + "b:0"
+        master = cluster.node_of_slot(key_slot(bucket.encode()))
+        assert await holders_calls(master.url) > 0
+        replica = cluster.wait_replica_synced(master)
+        on_master, on_replica = (aioredis.Redis.from_url(node.url) for node in (master, replica))
+        await on_replica.execute_command("READONLY")
+        stored = await on_master.hgetall(bucket)
+        assert len(stored) > 1_000
+        assert await on_replica.hgetall(bucket) == stored
+        await on_master.aclose()
+        await on_replica.aclose()
+    finally:
+        cluster.stop()
 
 
 KEY = b"\x01\x02\x03\x04\x05\x06\x07\x08"
