@@ -157,6 +157,12 @@ async def holders_calls(url: str) -> int:
     return int(stats.get("cmdstat_kvi.holders", {}).get("calls", 0))
 
 
+async def error_replies(client: aioredis.Redis) -> int:
+    """Redis's count of error replies (asked on an open connection: opening one costs
+    errors, redis-py's CLIENT SETINFO on Redis 7.0)."""
+    return int((await client.info("stats"))["total_error_replies"])
+
+
 async def test_module_stores_exactly_what_lua_stores(
         redis_server: RedisServer, module_redis_server: RedisServer) -> None:
     """64 ranks x >= 20,000 blocks with shared prefixes, then removals, re-stores, other
@@ -187,6 +193,22 @@ async def test_module_stores_exactly_what_lua_stores(
     assert len(lua[one_hash + b"bx"][1]) in (in_bx - 1, in_bx)
     assert len(lua[hybrid_p + b"blk1"][1]) > 0
     assert int(lua[bucketed_p + b"bk"][1][b"level"]) > 3
+
+
+async def test_asking_for_the_module_is_no_error(redis_server: RedisServer) -> None:
+    """A server without the module: the script's question (once a call) is no error
+    reply in Redis's error counts (which operators watch)."""
+    batches = make_workload(8, 6_000, n_queries=1).batches(ONE_HASH)
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.flushall()
+    index = RedisIndex(client)
+    await index.apply(batches[:16])
+    errors = await error_replies(client)
+    for i in range(16, len(batches), 16):
+        await index.apply(batches[i : i + 16])
+    assert len(batches) > 16 * 10
+    assert await error_replies(client) == errors
+    await index.close()
 
 
 async def test_lua_path_after_a_restart_without_the_module(tmp_path: Path) -> None:

@@ -67,14 +67,15 @@ end
 -- KVI.HOLDERS applies an op's whole run of keys to one hash in C, as holders_set /
 -- holders_clear would key by key, writing each key at once (no cache, no prefetch). It
 -- takes a plain `blk<g>` hash, and group 0 at bucket load 0 (one bucket, every value
--- inline); a model that splits keeps the Lua path. Asked once a call with an empty run,
--- so a server without it (or that lost it in a restart) runs the Lua path.
+-- inline); a model that splits keeps the Lua path. Asked once a call (COMMAND INFO: a
+-- call of an unknown command would count as an error in INFO errorstats), so a server
+-- without it (or that lost it in a restart) runs the Lua path.
 local module_loaded = nil
 
 local function has_module()
   if module_loaded == nil then
-    local reply = redis.pcall('KVI.HOLDERS', KEYS[2], KEYS[2], 'T', 0, '')
-    module_loaded = type(reply) == 'table' and reply.err == nil
+    local info = redis.call('COMMAND', 'INFO', 'kvi.holders')[1]
+    module_loaded = type(info) == 'table' and info[2] == 6  -- its arity: this version
   end
   return module_loaded
 end
