@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml $(wildcard native/*.c native/*.h)
 
 redis-module: $(REDIS_MODULE)
 
+# Written to a new file, then renamed: a server running the module keeps the one it loaded.
 $(REDIS_MODULE): native/redis_module/kvi.c native/redis_module/redismodule.h
-	$(CC) -O2 -Wall -std=c11 -shared -fPIC -o $@ $<
+	$(CC) -O2 -Wall -std=c11 -shared -fPIC -o $@.tmp $<
+	mv $@.tmp $@
 
 # redis-server comes from Debian's package; install it when missing and we can.
 redis-server:

@@ -299,6 +299,11 @@ class TestMalformedInput:
                                  bit: str) -> None:
         await self.refused(module_redis_server, ("h", "bx", op, bit, KEY), "wants op")
 
+    @pytest.mark.parametrize("op", ["S", "C"])
+    async def test_bucket_and_bx_the_same_key(self, module_redis_server: RedisServer,
+                                              op: str) -> None:
+        await self.refused(module_redis_server, ("h", "h", op, "5", KEY), "apart")
+
     @pytest.mark.parametrize("args", [
         ("str", "bx", "S", "5", KEY),  # the hash is a string
         ("h", "str", "C", "5", KEY),  # bx is a string (read by S / C)

@@ -278,6 +278,11 @@ static int holders_command(RedisModuleCtx *ctx, RedisModuleString **argv, int ar
         return RedisModule_ReplyWithError(
             ctx, "ERR KVI.HOLDERS keys must be a run of 8-byte keys");
     }
+    if (bucket && RedisModule_StringCompare(argv[1], argv[2]) == 0) {
+        /* two handles on one key: a field deleted through one could free the hash the
+         * other still points to */
+        return RedisModule_ReplyWithError(ctx, "ERR KVI.HOLDERS wants a bucket and bx apart");
+    }
     int mode = REDISMODULE_READ | REDISMODULE_WRITE;
     op.hash = RedisModule_OpenKey(ctx, argv[1], mode);
     if (bucket) op.bx = RedisModule_OpenKey(ctx, argv[2], mode);
