@@ -7,16 +7,26 @@ STAMP   := $(VENV)/.installed-stamp
 PYTHON  ?= python3
 PKGS    := kvcore publisher indexer kvsim
 PROTO_OUT := indexer/_proto
+CC      ?= cc
+# The optional Redis module (native/redis_module/kvi.c): redis-server --loadmodule it
+REDIS_MODULE := native/redis_module/kvi.so
 
-.PHONY: chaos dist setup redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-decisions bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim test-redis-cluster bench-redis-cluster bench-replicas bench-nats-cluster bench-shards bench-redis-subslots bench-redis-markers
+.PHONY: chaos dist setup redis-module redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-decisions bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim test-redis-cluster bench-redis-cluster bench-replicas bench-nats-cluster bench-shards bench-redis-subslots bench-redis-markers
 
-setup: $(STAMP)
+setup: $(STAMP) $(REDIS_MODULE)
 
 $(STAMP): pyproject.toml $(wildcard native/*.c native/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+redis-module: $(REDIS_MODULE)
+
+# Written to a new file, then renamed: a server running the module keeps the one it loaded.
+$(REDIS_MODULE): native/redis_module/kvi.c native/redis_module/redismodule.h
+	$(CC) -O2 -Wall -std=c11 -shared -fPIC -o $@.tmp $<
+	mv $@.tmp $@
 
 # redis-server comes from Debian's package; install it when missing and we can.
 redis-server:
@@ -151,4 +161,5 @@ bench-grpc-metrics: setup
 	$(PY) -m bench.grpc_metrics
 
 clean:
+	rm -f $(REDIS_MODULE)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -40,7 +40,7 @@ from kvcore.bus import BlockRemoved, BlockStored, EventBatch
 from kvcore.keys import block_keys_for_tokens
 from kvcore.pools import KIND_POOL
 from kvsim.report import pct, verdict, write_section
-from tests.support.servers import RedisServer
+from tests.support.servers import RedisServer, kvi_module
 
 MODEL = "bench/model"
 
@@ -478,15 +478,24 @@ def main() -> None:
     parser.add_argument("--scale-loads", type=lambda v: [int(n) for n in v.split(",") if n],
                         default=[DEFAULT_BUCKET_LOAD, COMPACT_BUCKET_LOAD],
                         help="bucket loads of the fleet-scale rows (--redis-bucket-load)")
+    parser.add_argument("--module", action="store_true",
+                        help="load the Redis module (native/redis_module/kvi.so) into the "
+                             "private redis-server")
     parser.add_argument("--no-write", action="store_true", help="do not update the docs")
     args = parser.parse_args()
+    if args.module and args.redis_url:
+        parser.error("--module starts the private redis-server: not with --redis-url")
     server = None
     url = args.redis_url
     if url is None:
-        server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))).start()
+        modules = (kvi_module(),) if args.module else ()
+        server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-")),
+                             modules=modules).start()
         url = server.url
     try:
         body = asyncio.run(run(args, url, user_url=server is None))
+        if args.module:
+            body = "redis-server ran with the Redis module (`--module`).\n\n" + body
     except NotEmptyError as exc:
         raise SystemExit(f"bench-redis: {exc}") from None
     finally:

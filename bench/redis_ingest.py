@@ -11,7 +11,9 @@ For a same-load A/B of two checkouts, run it from each in turn (it imports the
 checkout in the current directory), e.g.
     (cd /tmp/base && .venv/bin/python /path/to/bench/redis_ingest.py --workers 1024)
 `--cache DIR` keeps the generated batches between runs (pickled, keyed by ranks and
-blocks).
+blocks). `--module` starts the redis-server with the Redis module loaded
+(native/redis_module/kvi.so, `make redis-module`): apply.lua then writes presence with
+KVI.HOLDERS; the A/B is this command with and without it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import redis.asyncio as aioredis
 from bench.workload import make_workload
 from indexer.index.redis import RedisIndex
 from kvcore.bus import EventBatch
-from tests.support.servers import RedisServer
+from tests.support.servers import RedisServer, kvi_module
 
 MODEL = "bench/model"
 
@@ -69,19 +71,25 @@ async def one_round(admin: aioredis.Redis, url: str, batches: list[EventBatch], 
         await index.apply(batches[i : i + args.chunk])
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_before
     redis_main = await redis_cpu(admin) - redis_before
-    script_us = int((await admin.info("commandstats"))["cmdstat_evalsha"]["usec"])
+    stats = await admin.info("commandstats")
+    script_us = int(stats["cmdstat_evalsha"]["usec"])
+    module_us = int(stats.get("cmdstat_kvi.holders", {}).get("usec", 0))
     mem = int((await admin.info("memory"))["used_memory"]) - mem_before
     entries = sum(sum(w.blocks_by_tier.values()) for w in await index.workers(MODEL))
     await index.close()
-    return (f"{args.workers:,} ranks, load {args.load}: {blocks / seconds:,.0f} blocks/s; "
+    module = f", KVI.HOLDERS {module_us / blocks:.2f} us of it" if args.module else ""
+    return (f"{args.workers:,} ranks, load {args.load}{' + module' if args.module else ''}: "
+            f"{blocks / seconds:,.0f} blocks/s; "
             f"per block: Python CPU {cpu * 1e6 / blocks:.2f} us, Redis script "
-            f"{script_us / blocks:.2f} us (main thread CPU {redis_main * 1e6 / blocks:.2f} us); "
+            f"{script_us / blocks:.2f} us{module} "
+            f"(main thread CPU {redis_main * 1e6 / blocks:.2f} us); "
             f"{mem / max(entries, 1):.1f} B per entry ({entries:,} entries)")
 
 
 async def run(args: argparse.Namespace) -> None:
     batches, blocks = batches_of(args.workers, args.blocks, args.cache)
-    server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-ingest-"))).start()
+    modules = (kvi_module(),) if args.module else ()
+    server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-ingest-")), modules=modules).start()
     admin = aioredis.Redis.from_url(server.url)
     try:
         for _ in range(args.rounds):
@@ -99,6 +107,8 @@ def main() -> None:
     parser.add_argument("--load", type=int, default=0, help="bucket load (0: one hash)")
     parser.add_argument("--chunk", type=int, default=256, help="batches per apply() call")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--module", action="store_true",
+                        help="load the Redis module (native/redis_module/kvi.so)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="a directory keeping the generated batches between runs")
     asyncio.run(run(parser.parse_args()))

@@ -10,13 +10,23 @@ from indexer.embedded import EmbeddedNats
 from indexer.index.protocol import Index
 from tests.support.grpc_scenario import make_index, scenario
 from tests.support.redis_cluster import RedisCluster
-from tests.support.servers import RedisServer, empty_jetstream
+from tests.support.servers import RedisServer, empty_jetstream, kvi_module
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One private redis-server for the session; tests flush it before use."""
     server = RedisServer(Path(tmp_path_factory.mktemp("redis"))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def module_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server with the Redis module loaded (`make redis-module`), for the
+    session; tests flush it before use."""
+    server = RedisServer(Path(tmp_path_factory.mktemp("redis-kvi")),
+                         modules=(kvi_module(),)).start()
     yield server
     server.stop()
 

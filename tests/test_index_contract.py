@@ -225,18 +225,26 @@ class TestMemoryIndexPurePythonContract:
                    for space in spaces for ledger in space.ledgers.values())
 
 
-class TestRedisIndexContract:
-    """The Redis backend against the reference model, on a private redis-server."""
+# The private redis-server, and one with the Redis module loaded (native/redis_module)
+REDIS_SERVERS = ["redis_server", "module_redis_server"]
 
+
+class TestRedisIndexContract:
+    """The Redis backend against the reference model, on a private redis-server (and one
+    with the Redis module, whose KVI.HOLDERS then writes presence)."""
+
+    @pytest.mark.parametrize("server_fixture", REDIS_SERVERS)
     @settings(max_examples=80, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(batches=histories(), chunks=chunk_sizes, queries=queries_st,
            split=st.one_of(st.none(), st.integers(0, 40)), compact=st.sampled_from([0, 65536]))
-    def test_matches_reference(self, redis_server: RedisServer, batches: list[EventBatch],
-                               chunks: list[int], queries: list[Any], *,
-                               split: int | None, compact: int) -> None:
+    def test_matches_reference(self, request: pytest.FixtureRequest, server_fixture: str,
+                               batches: list[EventBatch], chunks: list[int],
+                               queries: list[Any], *, split: int | None,
+                               compact: int) -> None:
         """Same as memory, and a second instance resumes from the ledger logs in Redis
         (appended to, or compacted into snapshots)."""
+        redis_server: RedisServer = request.getfixturevalue(server_fixture)
 
         async def run() -> None:
             admin = aioredis.Redis.from_url(redis_server.url)
@@ -251,12 +259,15 @@ class TestRedisIndexContract:
 
         asyncio.run(run())
 
+    @pytest.mark.parametrize("server_fixture", REDIS_SERVERS)
     @settings(max_examples=30, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(batches=histories())
-    def test_drop_counters_match_reference(self, redis_server: RedisServer,
+    def test_drop_counters_match_reference(self, request: pytest.FixtureRequest,
+                                           server_fixture: str,
                                            batches: list[EventBatch]) -> None:
         """Drop counters of the Redis backend equal the reference model's."""
+        redis_server: RedisServer = request.getfixturevalue(server_fixture)
 
         async def run() -> dict[str, int]:
             admin = aioredis.Redis.from_url(redis_server.url)
@@ -345,7 +356,7 @@ class TestShardedRedisIndexContract:
         asyncio.run(run())
 
 
-BACKENDS = ["memory", "redis", "redis-compact",
+BACKENDS = ["memory", "redis", "redis-compact", "redis-module",
             pytest.param("redis-cluster", marks=pytest.mark.redis_cluster)]
 SUBSLOT_BACKENDS = ["redis-subslots",
                     pytest.param("redis-cluster-subslots", marks=pytest.mark.redis_cluster)]
@@ -365,7 +376,8 @@ async def open_backend(request: pytest.FixtureRequest) -> Index:
             return cluster_index
         await cluster_index.close()
         return ShardedRedisIndex.from_url(cluster.url, subslots=3, cluster=True, config=CONFIG)
-    server: RedisServer = request.getfixturevalue("redis_server")
+    server: RedisServer = request.getfixturevalue(
+        "module_redis_server" if name == "redis-module" else "redis_server")
     client = aioredis.Redis.from_url(server.url)
     await client.flushall()
     if name == "redis-subslots":
@@ -377,8 +389,8 @@ async def open_backend(request: pytest.FixtureRequest) -> Index:
 @pytest.fixture(params=BACKENDS)
 async def any_index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
     """Each backend in turn; the Redis one on a flushed private redis-server, with one
-    presence hash per model (the default) and with buckets (`--redis-bucket-load 40`), and
-    on a Redis Cluster with buckets."""
+    presence hash per model (the default) and with buckets (`--redis-bucket-load 40`), one
+    hash on a redis-server with the Redis module, and on a Redis Cluster with buckets."""
     index = await open_backend(request)
     yield index
     await index.close()

@@ -90,13 +90,16 @@ def _tracked(*patterns: str) -> set[str]:
 
 @needs_cc
 def test_sdist_carries_what_the_build_needs(artefacts: Artefacts) -> None:
-    """The C sources with the vendored xxHash and its licence, the .proto, every module,
+    """The C sources with the vendored xxHash and its licence (and the Redis module's, with
+    Redis's module header and its licence), the .proto, every module,
     stub, Lua script and py.typed of the packages, the licences and the changelog; no
     build products and no half test suite."""
     names = artefacts.sdist_names
     needed = {
         "pyproject.toml", "MANIFEST.in", "README.md", "CHANGELOG.md", "LICENSE", "NOTICE",
         "native/xxhash/xxhash.h", "native/xxhash/LICENSE",
+        "native/redis_module/kvi.c", "native/redis_module/redismodule.h",
+        "native/redis_module/LICENSE",
         "protos/kvindex/v1/indexer.proto",
         *_tracked("native/*.c", "native/*.h"),
         *(path for package in PACKAGES

@@ -63,13 +63,15 @@ class ClusterNode(RedisServer):
 
 class RedisCluster:
     """Masters `nodes[0:3]`, their replicas `nodes[3:6]` as `--cluster create` paired them
-    (read back from CLUSTER NODES, which is the truth)."""
+    (read back from CLUSTER NODES, which is the truth); `modules` loaded by every node."""
 
-    def __init__(self, workdir: Path, masters: int = 3) -> None:
+    def __init__(self, workdir: Path, masters: int = 3, *,
+                 modules: tuple[Path, ...] = ()) -> None:
         if shutil.which("redis-cli") is None:
             raise RuntimeError("redis-cli not found: run `make setup` (installs redis-server)")
         ports = cluster_ports(masters * 2)
-        self.nodes = [ClusterNode(workdir / f"node-{port}", port) for port in ports]
+        self.nodes = [ClusterNode(workdir / f"node-{port}", port, modules=modules)
+                      for port in ports]
         self.masters = masters
 
     @property

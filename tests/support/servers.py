@@ -15,6 +15,16 @@ import nats
 
 from indexer.embedded import find_nats_server
 
+# The optional Redis module (native/redis_module/kvi.c), built by `make setup`.
+KVI_MODULE = Path(__file__).resolve().parents[2] / "native" / "redis_module" / "kvi.so"
+
+
+def kvi_module() -> Path:
+    """The built Redis module, or an error saying how to build it."""
+    if not KVI_MODULE.is_file():
+        raise RuntimeError(f"{KVI_MODULE} is missing: run `make redis-module` (or `make setup`)")
+    return KVI_MODULE
+
 
 def terminate(proc: subprocess.Popen[bytes] | None) -> None:
     """SIGTERM, then SIGKILL after 10 s; nothing if it is not running."""
@@ -91,10 +101,11 @@ class ConfiguredNats:
 
 
 class RedisServer:
-    """A redis-server on a free port with its own dir; no persistence unless asked."""
+    """A redis-server on a free port with its own dir; no persistence unless asked;
+    `modules`: loaded at start (`--loadmodule`)."""
 
     def __init__(self, workdir: Path, port: int | None = None, *,
-                 password: str | None = None) -> None:
+                 password: str | None = None, modules: tuple[Path, ...] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server not found: run `make setup` (installs it)")
@@ -103,6 +114,7 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.password = password  # --requirepass; `url` carries it
+        self.modules = modules
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -114,7 +126,8 @@ class RedisServer:
         return [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", str(self.workdir), "--logfile",
                 str(self.workdir / "redis.log"), "--protected-mode", "no",
-                *(["--requirepass", self.password] if self.password else [])]
+                *(["--requirepass", self.password] if self.password else []),
+                *(arg for module in self.modules for arg in ("--loadmodule", str(module)))]
 
     def start(self) -> RedisServer:
         self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL,

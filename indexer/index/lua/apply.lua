@@ -63,12 +63,57 @@ local function op_keys(st, ops, pos, count)
   return keys
 end
 
+-- The Redis module (native/redis_module/kvi.c), when this server has it loaded: its
+-- KVI.HOLDERS applies an op's whole run of keys to one hash in C, as holders_set /
+-- holders_clear would key by key, writing each key at once (no cache, no prefetch). It
+-- takes a plain `blk<g>` hash, and group 0 at bucket load 0 (one bucket, every value
+-- inline); a model that splits keeps the Lua path. Asked once a call (COMMAND INFO: a
+-- call of an unknown command would count as an error in INFO errorstats), so a server
+-- without it (or that lost it in a restart) runs the Lua path.
+local module_loaded = nil
+
+local function has_module()
+  if module_loaded == nil then
+    local info = redis.call('COMMAND', 'INFO', 'kvi.holders')[1]
+    module_loaded = type(info) == 'table' and info[2] == 6  -- its arity: this version
+  end
+  return module_loaded
+end
+
+-- Whether `st`'s ops go to the module: a plain hash, or group 0 in one bucket for good.
+local function module_store(st)
+  if st.hash then
+    return has_module()
+  end
+  return st.load == 0 and only_hash(st) ~= false and has_module()
+end
+
+-- The op's `count` keys from `pos` through KVI.HOLDERS (`kind` S / C: group 0's bucket,
+-- whose '' values are in `bx`; T / K: a plain hash). The bucket's block count follows
+-- the fields it added and deleted.
+local function module_bits(st, kind, ops, pos, count, bitpos)
+  local stop = pos + count * 8
+  local reply = redis.call('KVI.HOLDERS', st.hash or only_hash(st), KEYS[2], kind, bitpos,
+    string.sub(ops, pos, stop - 1))
+  if not st.hash and (reply[1] > 0 or reply[2] > 0) then
+    st.count = st.count + reply[1] - reply[2]
+    st.dirty_count = true
+  end
+  return stop
+end
+
 local function set_bits(st, ops, pos, count, bitpos)
+  if st.module then
+    return module_bits(st, st.hash and 'T' or 'S', ops, pos, count, bitpos)
+  end
   set_holders(st, op_keys(st, ops, pos, count), math.floor(bitpos / 4), 2 ^ (bitpos % 4))
   return pos + count * 8
 end
 
 local function clear_bits(st, ops, pos, count, bitpos)
+  if st.module then
+    return module_bits(st, st.hash and 'K' or 'C', ops, pos, count, bitpos)
+  end
   clear_holders(st, op_keys(st, ops, pos, count), math.floor(bitpos / 4), 2 ^ (bitpos % 4))
   return pos + count * 8
 end
@@ -259,6 +304,7 @@ local function apply_presence(rec, pos, stop, wp)
       local store = group_stores[hash]
       if not store then
         store = plain_store(hash)
+        store.module = module_store(store)
         group_stores[hash] = store
       end
       if kind == 'T' then
@@ -473,16 +519,18 @@ local function buckets_here(keys)
   return ok
 end
 
--- The group-0 keys are cut once, for the probe and for a model in one bucket.
+-- The group-0 keys are cut once, for the probe and for a model in one bucket (unless
+-- the module writes it).
+buckets.module = module_store(buckets)
 local probing = all_flagged(8)
-local keys = (probing or only_hash(buckets)) and group0_keys()
+local keys = (probing or (only_hash(buckets) and not buckets.module)) and group0_keys()
 if probing and not buckets_here(keys) then
   return redis.error_reply('TRYAGAIN a bucket of ' .. p .. ' is not served here (slot migrating)')
 end
 
 -- A model in one bucket: the call's group-0 keys in one HMGET, not one per op (a fleet
 -- of many ranks sends records of a few blocks each).
-if only_hash(buckets) then
+if only_hash(buckets) and not buckets.module then
   if #keys > 0 then read_into(buckets, only_hash(buckets), keys) end  -- the cache is empty
   buckets.all_read = true
 end
