@@ -494,14 +494,19 @@ def main() -> None:
         url = server.url
     try:
         body = asyncio.run(run(args, url, user_url=server is None))
-        if args.module:
-            body = "redis-server ran with the Redis module (`--module`).\n\n" + body
     except NotEmptyError as exc:
         raise SystemExit(f"bench-redis: {exc}") from None
     finally:
         if server is not None:
             server.stop()
-    if not args.no_write:
+    if args.no_write:
+        return
+    if args.module:
+        body = ("redis-server ran with the Redis module (`--module`, README \"Redis module\"); "
+                "the same bench without it is the section above.\n\n" + body)
+        write_section("redis-module", "Redis backend with the Redis module",
+                      "make bench-redis-module", body)
+    else:
         write_section("redis", "Redis backend: ingest, Score, memory", "make bench-redis",
                       body)
 
