@@ -30,6 +30,15 @@ NATIVE_INTERNAL extern PyTypeObject BlockTableType;
 
 /* ledger_map.c */
 NATIVE_INTERNAL extern PyTypeObject LedgerMapType;
+NATIVE_INTERNAL int ledger_map_lookup(PyObject *map, uint64_t hash, uint64_t *key);
+NATIVE_INTERNAL int ledger_map_add_new_raw(PyObject *map, const uint64_t *hashes,
+                                           const uint64_t *keys, Py_ssize_t n, uint8_t tiers);
+
+/* ledger_store.c */
+NATIVE_INTERNAL extern PyTypeObject OpsWriterType;
+NATIVE_INTERNAL extern const char store_plain_doc[];
+NATIVE_INTERNAL PyObject *store_plain(PyObject *module, PyObject *const *args,
+                                      Py_ssize_t nargs);
 
 /* wire.c */
 NATIVE_INTERNAL extern const char take_uint32_field_doc[];

@@ -38,11 +38,24 @@ from indexer.index.protocol import (
     ResyncRequest,
     tier_index,
 )
-from kvcore.bus import MAX_GROUP, AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+from kvcore.bus import (
+    _TIER_SLOTS,
+    MAX_GROUP,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    Event,
+    EventBatch,
+)
 from kvcore.keys import NATIVE, block_keys, root_seed
 
 if NATIVE:
+    from kvcore._native import LedgerMap, store_plain
     from kvcore._native import pack_log_entries as _pack_log_entries
+
+# Whether `WorkerLedger.apply` hands its plain stores to the C loop (kvcore._native
+# store_plain, which does what `_store` does for them); tests turn it off to compare.
+FAST_STORES = NATIVE
 
 __all__ = [
     "LOG_HASH",
@@ -270,24 +283,11 @@ class WorkerLedger:
                 self.clear(sink)
             self.epoch = batch.epoch
             self.last_seq = -1
-        for event in batch.events:
-            if isinstance(event, BlockStored):
-                group = event.group
-                if group or event.group_kind is not None or event.sliding_window:
-                    sink.learn_group(group, event.group_kind, event.sliding_window)
-                if group:
-                    self.group_ledger(group)._store(event, sink.group_sink(group), stats,
-                                                    on_resync)
-                else:
-                    self._store(event, sink, stats, on_resync)
-            elif isinstance(event, BlockRemoved):
-                if event.group:
-                    self.group_ledger(event.group)._remove(
-                        event, sink.group_sink(event.group), stats)
-                else:
-                    self._remove(event, sink, stats)
-            elif isinstance(event, AllBlocksCleared):
-                self.clear(sink)
+        if FAST_STORES and type(self.keys) is LedgerMap:
+            self._apply_events_fast(batch.events, sink, stats, on_resync)
+        else:
+            for event in batch.events:
+                self._apply_event(event, sink, stats, on_resync)
         self.last_seq = batch.seq
         self.last_ts = batch.ts
         if len(self.ghosts) > self.ghost_capacity:
@@ -297,6 +297,46 @@ class WorkerLedger:
         stats.batches_applied += 1
         stats.events_applied += len(batch.events)
         return outcome
+
+    def _apply_event(
+        self, event: Event, sink: PresenceSink, stats: IndexStats, on_resync: ResyncHook | None
+    ) -> None:
+        if isinstance(event, BlockStored):
+            group = event.group
+            if group or event.group_kind is not None or event.sliding_window:
+                sink.learn_group(group, event.group_kind, event.sliding_window)
+            if group:
+                self.group_ledger(group)._store(event, sink.group_sink(group), stats,
+                                                on_resync)
+            else:
+                self._store(event, sink, stats, on_resync)
+        elif isinstance(event, BlockRemoved):
+            if event.group:
+                self.group_ledger(event.group)._remove(
+                    event, sink.group_sink(event.group), stats)
+            else:
+                self._remove(event, sink, stats)
+        elif isinstance(event, AllBlocksCleared):
+            self.clear(sink)
+
+    def _apply_events_fast(
+        self, events: list[Event], sink: PresenceSink, stats: IndexStats,
+        on_resync: ResyncHook | None,
+    ) -> None:
+        """`_apply_event` of each event, the plain stores (group 0, tokens, a root or a
+        known parent, every block new) in C: store_plain stops before any other event,
+        untouched, which `_apply_event` applies, then it goes on after it."""
+        target = getattr(sink, "ops_writer", sink)  # the Redis sink's ops, packed in C
+        dirty = self.journal.dirty if self.journal is not None else None
+        root = cached_root_seed(self.model, None, None)
+        i, n = 0, len(events)
+        while i < n:
+            i, added = store_plain(self.keys, events, i, root, self.slot, target, self.counts,
+                                   dirty, BlockStored, _TIER_SLOTS)
+            stats.blocks_stored += added
+            if i < n:
+                self._apply_event(events[i], sink, stats, on_resync)
+                i += 1
 
     def clear(self, sink: PresenceSink) -> None:
         """Drop every held block and the whole engine-hash map; health starts afresh.

@@ -123,8 +123,11 @@ from indexer.index.scoring import (
     worker_scores,
 )
 from kvcore.bus import BlockRemoved, BlockStored, Event, EventBatch, escape_token, validate_batch
-from kvcore.keys import pack_keys
+from kvcore.keys import NATIVE, pack_keys
 from kvcore.pools import KIND_POOL
+
+if NATIVE:
+    from kvcore._native import OpsWriter
 
 __all__ = [
     "COMPACT_BUCKET_LOAD", "DEFAULT_BUCKET_LOAD", "DEFAULT_LOG_COMPACT_MIN_BYTES", "RedisIndex",
@@ -153,6 +156,8 @@ local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
 """
 _TS: Final = struct.Struct("<d")
+# Whether `_OpsSink` packs its keys ops in C (tests turn it off to compare the two).
+NATIVE_OPS = NATIVE
 
 
 @functools.lru_cache(maxsize=1024)
@@ -268,13 +273,16 @@ def _lua_with_holders(name: str) -> str:
 class _OpsSink:
     """Collects a ledger's presence changes as the packed ops `apply.lua` reads. A keys op
     following one of the same kind, group and bit position extends it (same keys in the
-    same order, fewer ops for apply.lua to read and prefetch)."""
+    same order, fewer ops for apply.lua to read and prefetch). With the C extension the
+    keys ops are packed by `ops_writer` (kvcore._native.OpsWriter, the same bytes), into
+    which the ledger's C store loop writes too."""
 
     __slots__ = ("_groups", "_last_bitpos", "_last_count", "_last_count_at", "_last_end",
-                 "_last_group", "_last_kind", "learned", "ops")
+                 "_last_group", "_last_kind", "learned", "ops", "ops_writer")
 
     def __init__(self) -> None:
         self.ops = bytearray()
+        self.ops_writer = OpsWriter(self.ops) if NATIVE_OPS else None
         self.learned: dict[int, tuple[str | None, int]] = {}  # group -> (kind, window)
         self._groups: dict[int, _GroupOpsSink] = {}
         # the last keys op: kind, group, bit position and key count
@@ -291,6 +299,9 @@ class _OpsSink:
 
     def keys_op(self, kind: bytes, group: int, bitpos: int, keys: list[int]) -> None:
         """Add an S / C op (group 0) or a T / K op of `group`, or extend the last op."""
+        if self.ops_writer is not None:
+            self.ops_writer.keys_op(kind, group, bitpos, keys)
+            return
         ops = self.ops
         if (len(ops) == self._last_end and bitpos == self._last_bitpos
                 and kind == self._last_kind and group == self._last_group):
