@@ -28,6 +28,7 @@
 #include "native.h"
 #include "bytebuf.h"
 #include "tokens.h"
+#include <structmember.h>
 
 #define XXH_INLINE_ALL
 #include "xxhash.h"
@@ -231,131 +232,131 @@ PyTypeObject OpsWriterType = {
     .tp_getset = writer_getset,
 };
 
-/* --- store_plain ------------------------------------------------------------------- */
+/* --- the fields of a BlockStored ------------------------------------------------- */
 
-typedef struct {
-    PyObject *block_hashes, *parent_hash, *token_ids, *block_size, *medium, *lora_name,
-        *cache_salt, *extra_keys, *group, *group_kind, *sliding_window, *set_bits;
-} FieldNames;
+/* kvcore.bus.BlockStored is a msgspec Struct: each field a member descriptor (an object
+ * slot at a fixed offset), read here without an attribute lookup. */
+enum {
+    F_HASHES, F_PARENT, F_TOKENS, F_BLOCK_SIZE, F_MEDIUM, F_LORA, F_SALT, F_EXTRA, F_GROUP,
+    F_KIND, F_WINDOW, F_POOL, N_FIELDS
+};
+static const char *const field_names[N_FIELDS] = {
+    "block_hashes", "parent_hash", "token_ids", "block_size", "medium", "lora_name",
+    "cache_salt", "extra_keys", "group", "group_kind", "sliding_window", "pool",
+};
+static PyObject *layout_type; /* the type whose offsets these are */
+static Py_ssize_t layout_offsets[N_FIELDS];
+static PyObject *set_bits_name;
 
-static FieldNames names;
-
+/* 1: `type`'s fields are object slots (offsets noted); 0: they are not; -1: an error. */
 static int
-intern_names(void)
+layout_of(PyObject *type)
 {
-    if (names.set_bits != NULL) {
+    if (type == layout_type) {
+        return 1;
+    }
+    if (!PyType_Check(type)) {
         return 0;
     }
-#define NAME(field)                                                                    \
-    if ((names.field = PyUnicode_InternFromString(#field)) == NULL) {                  \
-        return -1;                                                                     \
+    Py_ssize_t offsets[N_FIELDS];
+    for (int i = 0; i < N_FIELDS; i++) {
+        PyObject *descr = PyObject_GetAttrString(type, field_names[i]);
+        if (descr == NULL) {
+            PyErr_Clear();
+            return 0;
+        }
+        int slot = Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
+                   ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX;
+        if (slot) {
+            offsets[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
+        }
+        Py_DECREF(descr);
+        if (!slot) {
+            return 0;
+        }
     }
-    NAME(block_hashes) NAME(parent_hash) NAME(token_ids) NAME(block_size) NAME(medium)
-    NAME(lora_name) NAME(cache_salt) NAME(extra_keys) NAME(group) NAME(group_kind)
-    NAME(sliding_window) NAME(set_bits)
-#undef NAME
-    return 0;
+    Py_XSETREF(layout_type, Py_NewRef(type));
+    memcpy(layout_offsets, offsets, sizeof(offsets));
+    return 1;
 }
 
-/* One plain store's inputs, read off the event (borrowed references only where noted). */
+/* A field of an instance of layout_type (borrowed; NULL when unset). */
+static inline PyObject *
+field(PyObject *event, int i)
+{
+    return *(PyObject **)((char *)event + layout_offsets[i]);
+}
+
+static inline int
+is_none(PyObject *value)
+{
+    return value == Py_None;
+}
+
+/* The int 0 (an exact int: bool and other subclasses go to the Python path). */
+static inline int
+is_zero(PyObject *value)
+{
+    return value != NULL && PyLong_CheckExact(value) && PyObject_Not(value) == 1;
+}
+
+/* --- store_plain ------------------------------------------------------------------- */
+
+/* One plain store's inputs, borrowed from the event. */
 typedef struct {
-    PyObject *hashes;            /* the block_hashes list (a new reference) */
-    const unsigned char *tokens; /* into token_ids, which `hashes`' event keeps alive */
+    PyObject *hashes;
+    const unsigned char *tokens;
     Py_ssize_t stride;
     Py_ssize_t n;
     int tier;
     uint64_t seed;
 } PlainStore;
 
-/* 1: `obj` is the int 0; 0: not (any error cleared). */
-static int
-is_zero(PyObject *obj)
-{
-    return PyLong_CheckExact(obj) && PyObject_Not(obj) == 1;
-}
-
-/* An attribute that must be None (1), or not None / missing (0). */
-static int
-attr_is_none(PyObject *event, PyObject *name)
-{
-    PyObject *value = PyObject_GetAttr(event, name);
-    if (value == NULL) {
-        PyErr_Clear();
-        return 0;
-    }
-    int none = value == Py_None;
-    Py_DECREF(value);
-    return none;
-}
-
-static int
-attr_is_zero(PyObject *event, PyObject *name)
-{
-    PyObject *value = PyObject_GetAttr(event, name);
-    if (value == NULL) {
-        PyErr_Clear();
-        return 0;
-    }
-    int zero = is_zero(value);
-    Py_DECREF(value);
-    return zero;
-}
-
 /* The seed of the store's first block: the root, or the key of a parent the map knows.
  * 1: found; 0: not a plain store. */
 static int
 plain_seed(PyObject *event, PyObject *map, uint64_t root_seed, uint64_t *seed)
 {
-    PyObject *parent = PyObject_GetAttr(event, names.parent_hash);
-    if (parent == NULL) {
-        PyErr_Clear();
-        return 0;
-    }
-    if (parent == Py_None) {
-        Py_DECREF(parent);
-        if (!attr_is_none(event, names.lora_name) || !attr_is_none(event, names.cache_salt)) {
+    PyObject *parent = field(event, F_PARENT);
+    if (is_none(parent)) {
+        if (!is_none(field(event, F_LORA)) || !is_none(field(event, F_SALT))) {
             return 0;
         }
         *seed = root_seed;
         return 1;
     }
-    unsigned long long value = PyLong_Check(parent) ? PyLong_AsUnsignedLongLong(parent) : 0;
-    int bad = !PyLong_Check(parent) || (value == (unsigned long long)-1 && PyErr_Occurred());
-    Py_DECREF(parent);
-    if (bad) {
+    if (parent == NULL || !PyLong_CheckExact(parent)) {
+        return 0;
+    }
+    unsigned long long value = PyLong_AsUnsignedLongLong(parent);
+    if (value == (unsigned long long)-1 && PyErr_Occurred()) {
         PyErr_Clear();
         return 0;
     }
     return ledger_map_lookup(map, (uint64_t)value, seed);
 }
 
-/* Whether `event` is a plain store (see the top of the file); fills `store` when it is,
- * with a new reference to its hashes. Never leaves an error set. */
+/* Whether `event` is a plain store (see the top of the file); fills `store` when it is.
+ * Never leaves an error set. */
 static int
 read_plain(PyObject *event, PyObject *map, uint64_t root_seed, PyObject *tier_slots,
            PlainStore *store)
 {
-    if (!attr_is_zero(event, names.group) || !attr_is_none(event, names.group_kind) ||
-        !attr_is_zero(event, names.sliding_window) || !attr_is_none(event, names.extra_keys)) {
+    if (!is_zero(field(event, F_GROUP)) || !is_none(field(event, F_KIND)) ||
+        !is_zero(field(event, F_WINDOW)) || !is_none(field(event, F_EXTRA))) {
         return 0;
     }
-    PyObject *medium = PyObject_GetAttr(event, names.medium);
-    if (medium == NULL) {
-        PyErr_Clear();
-        return 0;
-    }
-    PyObject *tier = PyUnicode_CheckExact(medium) ? PyDict_GetItemWithError(tier_slots, medium)
-                                                  : NULL;
-    Py_DECREF(medium);
+    PyObject *medium = field(event, F_MEDIUM);
+    PyObject *tier = medium != NULL && PyUnicode_CheckExact(medium)
+                         ? PyDict_GetItemWithError(tier_slots, medium) : NULL;
     long tier_value = tier != NULL && PyLong_CheckExact(tier) ? PyLong_AsLong(tier) : -1;
     PyErr_Clear();
     if (tier_value < 0 || tier_value > 3) {
         return 0;
     }
-    PyObject *size_obj = PyObject_GetAttr(event, names.block_size);
+    PyObject *size_obj = field(event, F_BLOCK_SIZE);
     Py_ssize_t block_size = size_obj != NULL && PyLong_CheckExact(size_obj)
                                 ? PyLong_AsSsize_t(size_obj) : -1;
-    Py_XDECREF(size_obj);
     PyErr_Clear();
     if (block_size <= 0 || block_size > PY_SSIZE_T_MAX / 4) {
         return 0;
@@ -363,23 +364,18 @@ read_plain(PyObject *event, PyObject *map, uint64_t root_seed, PyObject *tier_sl
     if (!plain_seed(event, map, root_seed, &store->seed)) {
         return 0;
     }
-    PyObject *tokens = PyObject_GetAttr(event, names.token_ids);
-    PyObject *hashes = PyObject_GetAttr(event, names.block_hashes);
-    PyErr_Clear();
-    /* token_ids stays alive while the event does (a msgspec Struct field) */
-    int plain = tokens != NULL && PyBytes_CheckExact(tokens) && PyBytes_GET_SIZE(tokens) > 0 &&
-                hashes != NULL && PyList_CheckExact(hashes) && PyList_GET_SIZE(hashes) > 0 &&
-                PyList_GET_SIZE(hashes) == PyBytes_GET_SIZE(tokens) / (block_size * 4);
-    if (plain) {
-        store->tokens = (const unsigned char *)PyBytes_AS_STRING(tokens);
-        store->stride = block_size * 4;
-        store->n = PyList_GET_SIZE(hashes);
-        store->tier = (int)tier_value;
-        store->hashes = Py_NewRef(hashes);
+    PyObject *tokens = field(event, F_TOKENS), *hashes = field(event, F_HASHES);
+    if (tokens == NULL || !PyBytes_CheckExact(tokens) || PyBytes_GET_SIZE(tokens) == 0 ||
+        hashes == NULL || !PyList_CheckExact(hashes) || PyList_GET_SIZE(hashes) == 0 ||
+        PyList_GET_SIZE(hashes) != PyBytes_GET_SIZE(tokens) / (block_size * 4)) {
+        return 0;
     }
-    Py_XDECREF(tokens);
-    Py_XDECREF(hashes);
-    return plain;
+    store->tokens = (const unsigned char *)PyBytes_AS_STRING(tokens);
+    store->stride = block_size * 4;
+    store->n = PyList_GET_SIZE(hashes);
+    store->tier = (int)tier_value;
+    store->hashes = hashes;
+    return 1;
 }
 
 /* The keys' bit set in the target: an S op of the OpsWriter, or target.set_bits(). */
@@ -410,7 +406,7 @@ set_bits(PyObject *target, const uint64_t *keys, Py_ssize_t n, uint32_t bitpos)
     }
     PyObject *bit = PyLong_FromUnsignedLong(bitpos);
     PyObject *result = bit == NULL ? NULL
-                                   : PyObject_CallMethodObjArgs(target, names.set_bits, list,
+                                   : PyObject_CallMethodObjArgs(target, set_bits_name, list,
                                                                 bit, NULL);
     Py_DECREF(list);
     Py_XDECREF(bit);
@@ -445,7 +441,7 @@ apply_plain(PlainStore *store, PyObject *map, uint32_t slot, PyObject *target,
 {
     Py_ssize_t n = store->n;
     uint64_t *hashes = buffer, *keys = buffer + n;
-    PyObject **items = PySequence_Fast_ITEMS(store->hashes);
+    PyObject **items = PySequence_Fast_ITEMS(store->hashes); /* a list */
     for (Py_ssize_t j = 0; j < n; j++) {
         unsigned long long value = PyLong_Check(items[j]) ? PyLong_AsUnsignedLongLong(items[j])
                                                            : (unsigned long long)-1;
@@ -499,7 +495,14 @@ store_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t start = PyLong_AsSsize_t(args[2]);
     unsigned long slot = PyLong_AsUnsignedLong(args[4]);
     if ((start == -1 && PyErr_Occurred()) || parse_u64(args[3], "root seed", &root_seed) < 0 ||
-        (slot == (unsigned long)-1 && PyErr_Occurred()) || intern_names() < 0) {
+        (slot == (unsigned long)-1 && PyErr_Occurred())) {
+        return NULL;
+    }
+    if (set_bits_name == NULL && (set_bits_name = PyUnicode_InternFromString("set_bits")) == NULL) {
+        return NULL;
+    }
+    int usable = layout_of(stored_type);
+    if (usable < 0) {
         return NULL;
     }
     if (!Py_IS_TYPE(map, &LedgerMapType) || !PyList_CheckExact(events) ||
@@ -513,7 +516,7 @@ store_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     for (; i < PyList_GET_SIZE(events); i++) {
         PyObject *event = PyList_GET_ITEM(events, i);
         PlainStore store;
-        if ((PyObject *)Py_TYPE(event) != stored_type ||
+        if (!usable || (PyObject *)Py_TYPE(event) != stored_type ||
             !read_plain(event, map, root_seed, tier_slots, &store)) {
             break;
         }
@@ -525,7 +528,6 @@ store_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (buffer != stack) {
             PyMem_Free(buffer);
         }
-        Py_DECREF(store.hashes);
         if (done < 0) {
             return NULL;
         }
@@ -535,4 +537,129 @@ store_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         added += store.n;
     }
     return Py_BuildValue("(nn)", i, added);
+}
+
+/* --- check_plain_stores ------------------------------------------------------------ */
+
+#define MAX_BLOCKS_PER_EVENT 65536
+#define MAX_NAME_BYTES 256
+#define MAX_GROUP 63
+#define MAX_SLIDING_WINDOW (1L << 24)
+
+/* A name kvcore.bus accepts whatever its encoding: a str of at most 64 chars (or None). */
+static int
+short_name(PyObject *value, int may_be_none)
+{
+    return (may_be_none && is_none(value)) ||
+           (value != NULL && PyUnicode_Check(value) &&
+            PyUnicode_GET_LENGTH(value) * 4 <= MAX_NAME_BYTES);
+}
+
+/* An int in lo..hi (0 only, when `zero`). */
+static int
+int_in(PyObject *value, long lo, long hi, int zero)
+{
+    if (value == NULL || !PyLong_Check(value)) {
+        return 0;
+    }
+    long v = PyLong_AsLong(value);
+    if (v == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return v >= lo && v <= hi && (!zero || v == 0);
+}
+
+/* An int in 0..2**64-1 (negative ints and ints past u64 raise OverflowError here). */
+static int
+is_u64(PyObject *value)
+{
+    if (value == NULL || !PyLong_Check(value)) {
+        return 0;
+    }
+    if (PyLong_AsUnsignedLongLong(value) == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
+/* Every hash a u64, at most MAX_BLOCKS_PER_EVENT of them: their count, else -1. */
+static Py_ssize_t
+checked_hashes(PyObject *hashes)
+{
+    if (hashes == NULL || !PyList_CheckExact(hashes) ||
+        PyList_GET_SIZE(hashes) > MAX_BLOCKS_PER_EVENT) {
+        return -1;
+    }
+    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(hashes); j++) {
+        if (!is_u64(PyList_GET_ITEM(hashes, j))) {
+            return -1;
+        }
+    }
+    return PyList_GET_SIZE(hashes);
+}
+
+/* token_ids empty, or n blocks of block_size u32 tokens. */
+static int
+tokens_fit(PyObject *event, Py_ssize_t n)
+{
+    PyObject *tokens = field(event, F_TOKENS), *size = field(event, F_BLOCK_SIZE);
+    if (tokens == NULL || !PyBytes_CheckExact(tokens) || size == NULL || !PyLong_Check(size)) {
+        return 0;
+    }
+    if (PyBytes_GET_SIZE(tokens) == 0) {
+        return 1;
+    }
+    Py_ssize_t block_size = PyLong_AsSsize_t(size);
+    PyErr_Clear();
+    return block_size > 0 && block_size <= MAX_BLOCKS_PER_EVENT * 64 &&
+           PyBytes_GET_SIZE(tokens) == n * block_size * 4;
+}
+
+/* Whether kvcore.bus._check_stored accepts the event (and, for schema 1, it carries no
+ * group field), by checks that never accept what it refuses. */
+static int
+store_passes(PyObject *event, int schema1)
+{
+    Py_ssize_t n = checked_hashes(field(event, F_HASHES));
+    PyObject *kind = field(event, F_KIND), *parent = field(event, F_PARENT);
+    return n >= 0 && int_in(field(event, F_GROUP), 0, MAX_GROUP, schema1) &&
+           int_in(field(event, F_WINDOW), 0, MAX_SLIDING_WINDOW, schema1) &&
+           (schema1 ? is_none(kind) : short_name(kind, 1)) &&
+           short_name(field(event, F_MEDIUM), 0) && short_name(field(event, F_LORA), 1) &&
+           short_name(field(event, F_SALT), 1) && is_none(field(event, F_POOL)) &&
+           is_none(field(event, F_EXTRA)) && (is_none(parent) || is_u64(parent)) &&
+           tokens_fit(event, n);
+}
+
+const char check_plain_stores_doc[] = PyDoc_STR(
+"check_plain_stores(events, stored_type, schema1) -> bool\n\n"
+"True when every event is a stored_type that kvcore.bus.validate_batch accepts, by checks\n"
+"of the usual shapes only (no pool, no extra keys, short names); False says nothing:\n"
+"the Python checks decide.");
+
+PyObject *
+check_plain_stores(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "check_plain_stores(events, stored_type, schema1)");
+        return NULL;
+    }
+    PyObject *events = args[0], *stored_type = args[1];
+    int schema1 = PyObject_IsTrue(args[2]);
+    int usable = schema1 < 0 ? -1 : layout_of(stored_type);
+    if (usable < 0) {
+        return NULL;
+    }
+    if (!usable || !PyList_CheckExact(events)) {
+        Py_RETURN_FALSE;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(events); i++) {
+        PyObject *event = PyList_GET_ITEM(events, i);
+        if ((PyObject *)Py_TYPE(event) != stored_type || !store_passes(event, schema1)) {
+            Py_RETURN_FALSE;
+        }
+    }
+    Py_RETURN_TRUE;
 }

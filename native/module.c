@@ -27,7 +27,8 @@
  *   subslot_split(packed, subslots) and subslot_merge(replies, positions, n): a sub-slot
  *       Score's keys grouped by sub-slot and its replies merged back (no object per key).
  *   store_plain(map, events, ...) and OpsWriter: a ledger's common stores in one loop
- *       (keys, map, presence op, journal), and the Redis record's presence ops.
+ *       (keys, map, presence op, journal), and the Redis record's presence ops;
+ *       check_plain_stores(events, ...): validate_batch's checks of the usual stores.
  *
  * `tokens` is packed u32 little-endian (bytes, bytearray, memoryview) or a sequence of
  * ints in 0..2**32-1. Only full blocks are hashed.
@@ -88,6 +89,8 @@ static PyMethodDef native_methods[] = {
     {"subslot_merge", (PyCFunction)(void (*)(void))subslot_merge, METH_FASTCALL,
      subslot_merge_doc},
     {"store_plain", (PyCFunction)(void (*)(void))store_plain, METH_FASTCALL, store_plain_doc},
+    {"check_plain_stores", (PyCFunction)(void (*)(void))check_plain_stores, METH_FASTCALL,
+     check_plain_stores_doc},
     {NULL, NULL, 0, NULL},
 };
 
