@@ -257,6 +257,37 @@ class WorkerLedger:
         stats: IndexStats,
         on_resync: ResyncHook | None,
     ) -> ApplyOutcome:
+        if batch.epoch == self.epoch and batch.seq == self.last_seq + 1:
+            outcome = ApplyOutcome.APPLIED  # the usual batch: the next of its epoch
+        else:
+            outcome = self._start(batch, sink, stats, on_resync)
+            if not outcome.applied:
+                return outcome
+        if FAST_STORES and type(self.keys) is LedgerMap:
+            self._apply_events_fast(batch.events, sink, stats, on_resync)
+        else:
+            for event in batch.events:
+                self._apply_event(event, sink, stats, on_resync)
+        self.last_seq = batch.seq
+        self.last_ts = batch.ts
+        if len(self.ghosts) > self.ghost_capacity:
+            self._trim_ghosts()
+        if self.groups:
+            for group_ledger in self.groups.values():
+                group_ledger._trim_ghosts()
+        stats.batches_applied += 1
+        stats.events_applied += len(batch.events)
+        return outcome
+
+    def _start(
+        self,
+        batch: EventBatch,
+        sink: PresenceSink,
+        stats: IndexStats,
+        on_resync: ResyncHook | None,
+    ) -> ApplyOutcome:
+        """The outcome of a batch that is not the next of the current epoch; one to apply
+        (after a gap, or the first of an epoch) finds the ledger ready for its events."""
         outcome = self.check(batch)
         if outcome is ApplyOutcome.STALE_EPOCH:
             stats.stale += 1
@@ -283,19 +314,6 @@ class WorkerLedger:
                 self.clear(sink)
             self.epoch = batch.epoch
             self.last_seq = -1
-        if FAST_STORES and type(self.keys) is LedgerMap:
-            self._apply_events_fast(batch.events, sink, stats, on_resync)
-        else:
-            for event in batch.events:
-                self._apply_event(event, sink, stats, on_resync)
-        self.last_seq = batch.seq
-        self.last_ts = batch.ts
-        if len(self.ghosts) > self.ghost_capacity:
-            self._trim_ghosts()
-        for group_ledger in self.groups.values():
-            group_ledger._trim_ghosts()
-        stats.batches_applied += 1
-        stats.events_applied += len(batch.events)
         return outcome
 
     def _apply_event(
