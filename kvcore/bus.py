@@ -27,12 +27,13 @@ import functools
 import math
 import re
 from array import array
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 import msgspec
 import xxhash
 
+_check_plain_stores: Callable[[list[Any], type, bool], bool] | None
 try:
     from kvcore._native import check_plain_stores as _check_plain_stores
 except ImportError:  # installed without a C compiler: the Python checks alone

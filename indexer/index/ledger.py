@@ -264,7 +264,7 @@ class WorkerLedger:
             if not outcome.applied:
                 return outcome
         if FAST_STORES and type(self.keys) is LedgerMap:
-            self._apply_events_fast(batch.events, sink, stats, on_resync)
+            self._apply_events_fast(self.keys, batch.events, sink, stats, on_resync)
         else:
             for event in batch.events:
                 self._apply_event(event, sink, stats, on_resync)
@@ -338,7 +338,7 @@ class WorkerLedger:
             self.clear(sink)
 
     def _apply_events_fast(
-        self, events: list[Event], sink: PresenceSink, stats: IndexStats,
+        self, keys: LedgerMap, events: list[Event], sink: PresenceSink, stats: IndexStats,
         on_resync: ResyncHook | None,
     ) -> None:
         """`_apply_event` of each event, the plain stores (group 0, tokens, a root or a
@@ -349,7 +349,7 @@ class WorkerLedger:
         root = cached_root_seed(self.model, None, None)
         i, n = 0, len(events)
         while i < n:
-            i, added = store_plain(self.keys, events, i, root, self.slot, target, self.counts,
+            i, added = store_plain(keys, events, i, root, self.slot, target, self.counts,
                                    dirty, BlockStored, _TIER_SLOTS)
             stats.blocks_stored += added
             if i < n:

@@ -63,7 +63,7 @@ import random
 import struct
 import sys
 from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
 from itertools import groupby
 from typing import Any, Final, cast
@@ -129,6 +129,7 @@ from kvcore.pools import KIND_POOL
 if NATIVE:
     from kvcore._native import OpsWriter
 
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
 try:
     from hiredis import pack_command as _hiredis_pack
 except ImportError:  # redis-py packs commands itself
@@ -710,12 +711,15 @@ class RedisIndex:
         """Run the group's batches through their ledgers: one record per changed rank."""
         sinks: dict[WorkerLedger, tuple[bytes, _OpsSink]] = {}
         changed: dict[WorkerLedger, int] = {}  # -> block size its batches store with, or 0
-        ledgers, stats, on_resync = self._ledgers, self._stats, self.on_resync
+        # keyed by (model, WorkerRef) as the cache is: a WorkerRef equals its plain tuple
+        ledgers: dict[Any, WorkerLedger] = self._ledgers
+        stats, on_resync = self._stats, self.on_resync
         for i, batch in group:
-            # the cached ledger without a coroutine per batch (a WorkerRef equals the
-            # plain tuple, so none is built either); loaded when missing
-            ledger = (ledgers.get((batch.model, (batch.worker_id, batch.dp_rank)))  # type: ignore[call-overload]
-                      or await self._ledger(batch.model, WorkerRef(batch.worker_id, batch.dp_rank)))
+            # the cached ledger without a coroutine or a WorkerRef per batch; loaded when
+            # missing
+            ledger = (ledgers.get((batch.model, (batch.worker_id, batch.dp_rank)))
+                      or await self._ledger(batch.model,
+                                            WorkerRef(batch.worker_id, batch.dp_rank)))
             entry = sinks.get(ledger)
             if entry is None:
                 entry = sinks[ledger] = (_position(ledger.epoch, ledger.last_seq), _OpsSink())
@@ -908,16 +912,18 @@ class RedisIndex:
     async def _load_ledgers(self, batches: Sequence[EventBatch]) -> None:
         """Load the ledgers of the ranks these batches name that are not cached, their
         slots in one round trip: a rank's first batches cost no round trip of their own."""
+        cached: dict[Any, WorkerLedger] = self._ledgers  # a WorkerRef equals its tuple
         missing: dict[tuple[str, WorkerRef], None] = {}
         for batch in batches:
-            ref = (batch.model, (batch.worker_id, batch.dp_rank))
-            if ref not in self._ledgers and ref not in missing:  # type: ignore[comparison-overlap]
+            rank = (batch.model, (batch.worker_id, batch.dp_rank))
+            if rank not in cached and rank not in missing:
                 missing[(batch.model, WorkerRef(batch.worker_id, batch.dp_rank))] = None
         if len(missing) < 2:
             return  # one is loaded as it comes
         pipe = self._redis.pipeline(transaction=False)
         for model, ref in missing:
-            await self._slot_script(**self._slot_call(model, ref), client=pipe)
+            keys, args = self._slot_call(model, ref)
+            await self._slot_script(keys=keys, args=args, client=pipe)
         replies = await pipe.execute()
         created: dict[tuple[str, WorkerRef], WorkerLedger] = {}
         for (model, ref), (slot_raw, is_new) in zip(missing, replies, strict=True):
@@ -933,17 +939,18 @@ class RedisIndex:
             self._known_models |= models
             self._ledgers.update(created)
 
-    def _slot_call(self, model: str, ref: WorkerRef) -> dict[str, list[Any]]:
+    def _slot_call(self, model: str, ref: WorkerRef) -> tuple[list[str], list[Any]]:
         """slot.lua's keys and arguments for the slot of a rank (taken when it has none)."""
         prefix = model_prefix(model)
-        return {"keys": [prefix + name for name in _SLOT_MODEL_KEYS],
-                "args": [ref.worker_id, ref.dp_rank, random.getrandbits(62), self.bucket_load]}
+        return ([prefix + name for name in _SLOT_MODEL_KEYS],
+                [ref.worker_id, ref.dp_rank, random.getrandbits(62), self.bucket_load])
 
     def _new_ledger(self, model: str, ref: WorkerRef, slot: int) -> WorkerLedger:
         return WorkerLedger(model, ref.worker_id, ref.dp_rank, slot, self.config.ghost_capacity)
 
     async def _load_ledger(self, model: str, ref: WorkerRef) -> WorkerLedger:
-        slot_raw, created = await self._slot_script(**self._slot_call(model, ref))
+        keys, args = self._slot_call(model, ref)
+        slot_raw, created = await self._slot_script(keys=keys, args=args)
         slot = int(slot_raw)
         if created:
             ledger = self._new_ledger(model, ref, slot)
