@@ -191,6 +191,7 @@ class WorkerLedger:
         "last_ts",
         "model",
         "owner",
+        "root",
         "slot",
         "warned",
         "worker_id",
@@ -216,6 +217,7 @@ class WorkerLedger:
         self.journal: Journal | None = None
         self.groups: dict[int, WorkerLedger] = {}  # KV-cache group > 0 -> its ledger
         self.owner: WorkerLedger | None = None  # of a group's ledger: the rank's (group 0)
+        self.root = cached_root_seed(model, None, None)  # the key before a plain root store
 
     def start_journal(self) -> None:
         """Record what the next changes do, for this rank and each of its groups."""
@@ -345,16 +347,17 @@ class WorkerLedger:
         known parent, every block new) in C: store_plain stops before any other event,
         untouched, which `_apply_event` applies, then it goes on after it."""
         target = getattr(sink, "ops_writer", sink)  # the Redis sink's ops, packed in C
-        dirty = self.journal.dirty if self.journal is not None else None
-        root = cached_root_seed(self.model, None, None)
-        i, n = 0, len(events)
+        journal = self.journal
+        dirty = journal.dirty if journal is not None else None
+        i, added = store_plain(keys, events, 0, self.root, self.slot, target, self.counts,
+                               dirty, BlockStored, _TIER_SLOTS)
+        stats.blocks_stored += added
+        n = len(events)
         while i < n:
-            i, added = store_plain(keys, events, i, root, self.slot, target, self.counts,
-                                   dirty, BlockStored, _TIER_SLOTS)
+            self._apply_event(events[i], sink, stats, on_resync)
+            i, added = store_plain(keys, events, i + 1, self.root, self.slot, target,
+                                   self.counts, dirty, BlockStored, _TIER_SLOTS)
             stats.blocks_stored += added
-            if i < n:
-                self._apply_event(events[i], sink, stats, on_resync)
-                i += 1
 
     def clear(self, sink: PresenceSink) -> None:
         """Drop every held block and the whole engine-hash map; health starts afresh.

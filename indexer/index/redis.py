@@ -413,6 +413,15 @@ def _changes(ledger: WorkerLedger, journal: Journal) -> bytes:
     return b"".join(parts)
 
 
+def _block_size(batches: list[EventBatch]) -> int:
+    """The block size the last of these batches that stores tokens stores with, or 0."""
+    for batch in reversed(batches):
+        size = stored_block_size(batch)
+        if size:
+            return size
+    return 0
+
+
 def _live_log_bytes(ledger: WorkerLedger) -> int:
     """The size of a snapshot of one ledger's own log (of a rank or a group)."""
     return LOG_RUN_ENTRY.size * len(ledger.keys) + LOG_HASH.size * (len(ledger.ghosts) + 1)
@@ -710,7 +719,7 @@ class RedisIndex:
     ) -> tuple[dict[str, list[bytes]], dict[str, list[WorkerLedger]]]:
         """Run the group's batches through their ledgers: one record per changed rank."""
         sinks: dict[WorkerLedger, tuple[bytes, _OpsSink]] = {}
-        changed: dict[WorkerLedger, int] = {}  # -> block size its batches store with, or 0
+        changed: dict[WorkerLedger, list[EventBatch]] = {}  # -> its batches applied
         # keyed by (model, WorkerRef) as the cache is: a WorkerRef equals its plain tuple
         ledgers: dict[Any, WorkerLedger] = self._ledgers
         stats, on_resync = self._stats, self.on_resync
@@ -733,13 +742,14 @@ class RedisIndex:
                     sink.wipe_written_pools(batch.ts)
                 if pooled:
                     await self._pool_ops(batch, ledger, pooled, sink)
-                changed[ledger] = stored_block_size(batch) or changed.get(ledger, 0)
+                changed.setdefault(ledger, []).append(batch)
         records: dict[str, list[bytes]] = {}
         sent: dict[str, list[WorkerLedger]] = {}
         for ledger, (expected, sink) in sinks.items():
-            if ledger in changed:
+            applied = changed.get(ledger)
+            if applied is not None:
                 records.setdefault(ledger.model, []).append(
-                    self._record(ledger, expected, sink, block_size=changed[ledger]))
+                    self._record(ledger, expected, sink, block_size=_block_size(applied)))
                 sent.setdefault(ledger.model, []).append(ledger)
                 self._learn_groups(ledger.model, sink.learned)
             ledger.end_journal()
