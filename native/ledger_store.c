@@ -300,6 +300,20 @@ is_zero(PyObject *value)
     return value != NULL && PyLong_CheckExact(value) && PyObject_Not(value) == 1;
 }
 
+/* An int in 0..2**64-1 (1), or anything else (0, no error left set). */
+static inline int
+try_u64(PyObject *value, uint64_t *out)
+{
+    if (value == NULL || !PyLong_Check(value)) {
+        return 0;
+    }
+    if (parse_u64(value, "value", out) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
 /* --- store_plain ------------------------------------------------------------------- */
 
 /* One plain store's inputs, borrowed from the event. */
@@ -325,15 +339,11 @@ plain_seed(PyObject *event, PyObject *map, uint64_t root_seed, uint64_t *seed)
         *seed = root_seed;
         return 1;
     }
-    if (parent == NULL || !PyLong_CheckExact(parent)) {
+    uint64_t value;
+    if (parent == NULL || !PyLong_CheckExact(parent) || !try_u64(parent, &value)) {
         return 0;
     }
-    unsigned long long value = PyLong_AsUnsignedLongLong(parent);
-    if (value == (unsigned long long)-1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return 0;
-    }
-    return ledger_map_lookup(map, (uint64_t)value, seed);
+    return ledger_map_lookup(map, value, seed);
 }
 
 /* Whether `event` is a plain store (see the top of the file); fills `store` when it is.
@@ -443,13 +453,9 @@ apply_plain(PlainStore *store, PyObject *map, uint32_t slot, PyObject *target,
     uint64_t *hashes = buffer, *keys = buffer + n;
     PyObject **items = PySequence_Fast_ITEMS(store->hashes); /* a list */
     for (Py_ssize_t j = 0; j < n; j++) {
-        unsigned long long value = PyLong_Check(items[j]) ? PyLong_AsUnsignedLongLong(items[j])
-                                                           : (unsigned long long)-1;
-        if (!PyLong_Check(items[j]) || (value == (unsigned long long)-1 && PyErr_Occurred())) {
-            PyErr_Clear();
+        if (!try_u64(items[j], &hashes[j])) {
             return 0; /* the Python path says what is wrong with it */
         }
-        hashes[j] = (uint64_t)value;
     }
     uint64_t seed = store->seed;
     for (Py_ssize_t j = 0; j < n; j++) {
@@ -570,18 +576,12 @@ int_in(PyObject *value, long lo, long hi, int zero)
     return v >= lo && v <= hi && (!zero || v == 0);
 }
 
-/* An int in 0..2**64-1 (negative ints and ints past u64 raise OverflowError here). */
+/* An int in 0..2**64-1. */
 static int
 is_u64(PyObject *value)
 {
-    if (value == NULL || !PyLong_Check(value)) {
-        return 0;
-    }
-    if (PyLong_AsUnsignedLongLong(value) == (unsigned long long)-1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return 0;
-    }
-    return 1;
+    uint64_t ignored;
+    return try_u64(value, &ignored);
 }
 
 /* Every hash a u64, at most MAX_BLOCKS_PER_EVENT of them: their count, else -1. */
