@@ -17,8 +17,8 @@
  *   named exactly as in `tier_slots`, a root (no LoRA name, no cache salt: `root_seed`)
  *   or a parent the map knows, and blocks the map does not know (none repeated).
  *
- *   `target` is an OpsWriter (the keys go in as an S op, packed here) or any sink with
- *   set_bits(keys, bitpos).
+ *   `target` is an OpsWriter (the keys go in as an S op, packed here), a BlockTable
+ *   (set_bit_at(keys, bitpos), done here) or any sink with set_bits(keys, bitpos).
  *
  *   OpsWriter(ops: bytearray).keys_op(kind, group, bitpos, keys): appends an S / C op
  *   (group 0) or a T / K op of a group to `ops`, or extends the last op when it was the
@@ -388,10 +388,14 @@ read_plain(PyObject *event, PyObject *map, uint64_t root_seed, PyObject *tier_sl
     return 1;
 }
 
-/* The keys' bit set in the target: an S op of the OpsWriter, or target.set_bits(). */
+/* The keys' bit set in the target: an S op of the OpsWriter, the BlockTable's bits
+ * (set_bit_at), or target.set_bits(). */
 static int
 set_bits(PyObject *target, const uint64_t *keys, Py_ssize_t n, uint32_t bitpos)
 {
+    if (Py_IS_TYPE(target, &BlockTableType)) {
+        return block_table_set_bit_raw(target, keys, n, bitpos);
+    }
     if (Py_IS_TYPE(target, &OpsWriterType)) {
         unsigned char *out;
         if (writer_open((OpsWriter *)target, 'S', 0, bitpos, n, &out) < 0) {

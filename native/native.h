@@ -27,6 +27,8 @@ NATIVE_INTERNAL PyObject *chain_keys_packed(PyObject *module, PyObject *const *a
 
 /* block_table.c */
 NATIVE_INTERNAL extern PyTypeObject BlockTableType;
+NATIVE_INTERNAL int block_table_set_bit_raw(PyObject *table, const uint64_t *keys,
+                                            Py_ssize_t n, uint32_t bitpos);
 
 /* ledger_map.c */
 NATIVE_INTERNAL extern PyTypeObject LedgerMapType;

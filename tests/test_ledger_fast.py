@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 
 import indexer.index.ledger as ledger_module
 import indexer.index.redis as redis_module
-import kvcore.bus as bus
 from indexer.index.ledger import Journal, WorkerLedger
 from indexer.index.memory import SyncMemoryIndex
 from indexer.index.protocol import ApplyOutcome, IndexConfig, IndexStats, ResyncRequest
 from indexer.index.redis import RedisIndex, _OpsSink
+from kvcore import bus
 from kvcore.bus import BlockStored, EventBatch, pack_tokens, validate_batch
 from kvcore.keys import NATIVE
 
@@ -60,7 +60,7 @@ def python_paths() -> Iterator[None]:
 def test_c_paths_are_on() -> None:
     """What the comparisons below compare against the Python paths is the C one."""
     assert ledger_module.FAST_STORES and redis_module.NATIVE_OPS and bus.NATIVE_CHECKS
-    assert _OpsSink().ops_writer is not None
+    assert _OpsSink().presence_target is not None
 
 
 class RecordingSink:

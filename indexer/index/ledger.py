@@ -146,7 +146,9 @@ def stored_block_size(batch: EventBatch) -> int | None:
 
 
 class PresenceSink(Protocol):
-    """Where a ledger's presence changes go (one bit position for many keys)."""
+    """Where a ledger's presence changes go (one bit position for many keys). A sink may
+    also have a `presence_target`, a C object (kvcore._native.OpsWriter or BlockTable)
+    whose bits the C store loop sets as the sink's `set_bits` would."""
 
     def set_bits(self, keys: list[int], bitpos: int) -> None: ...
 
@@ -346,7 +348,9 @@ class WorkerLedger:
         """`_apply_event` of each event, the plain stores (group 0, tokens, a root or a
         known parent, every block new) in C: store_plain stops before any other event,
         untouched, which `_apply_event` applies, then it goes on after it."""
-        target = getattr(sink, "ops_writer", sink)  # the Redis sink's ops, packed in C
+        # where the C loop sets bits itself (the Redis sink's OpsWriter, the memory
+        # index's BlockTable), else the sink's set_bits
+        target = getattr(sink, "presence_target", None) or sink
         journal = self.journal
         dirty = journal.dirty if journal is not None else None
         i, added = store_plain(keys, events, 0, self.root, self.slot, target, self.counts,

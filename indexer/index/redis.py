@@ -288,15 +288,15 @@ class _OpsSink:
     """Collects a ledger's presence changes as the packed ops `apply.lua` reads. A keys op
     following one of the same kind, group and bit position extends it (same keys in the
     same order, fewer ops for apply.lua to read and prefetch). With the C extension the
-    keys ops are packed by `ops_writer` (kvcore._native.OpsWriter, the same bytes), into
-    which the ledger's C store loop writes too."""
+    keys ops are packed by `presence_target` (kvcore._native.OpsWriter, the same bytes),
+    into which the ledger's C store loop writes too."""
 
     __slots__ = ("_groups", "_last_bitpos", "_last_count", "_last_count_at", "_last_end",
-                 "_last_group", "_last_kind", "learned", "ops", "ops_writer")
+                 "_last_group", "_last_kind", "learned", "ops", "presence_target")
 
     def __init__(self) -> None:
         self.ops = bytearray()
-        self.ops_writer = OpsWriter(self.ops) if NATIVE_OPS else None
+        self.presence_target = OpsWriter(self.ops) if NATIVE_OPS else None
         self.learned: dict[int, tuple[str | None, int]] = {}  # group -> (kind, window)
         self._groups: dict[int, _GroupOpsSink] = {}
         # the last keys op: kind, group, bit position and key count
@@ -313,8 +313,8 @@ class _OpsSink:
 
     def keys_op(self, kind: bytes, group: int, bitpos: int, keys: list[int]) -> None:
         """Add an S / C op (group 0) or a T / K op of `group`, or extend the last op."""
-        if self.ops_writer is not None:
-            self.ops_writer.keys_op(kind, group, bitpos, keys)
+        if self.presence_target is not None:
+            self.presence_target.keys_op(kind, group, bitpos, keys)
             return
         ops = self.ops
         if (len(ops) == self._last_end and bitpos == self._last_bitpos
