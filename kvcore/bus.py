@@ -291,7 +291,9 @@ def validate_batch(batch: EventBatch) -> None:
     """Raise a BusError unless `batch` is one an index may apply (decode_batch calls it)."""
     if batch.schema not in _KNOWN_SCHEMAS:
         raise UnsupportedSchemaError(batch.schema)
-    check_identity(batch.model, batch.worker_id)
+    model, worker_id = batch.model, batch.worker_id
+    if not (model and worker_id and (len(model) + len(worker_id)) * 4 <= MAX_NAME_BYTES):
+        check_identity(model, worker_id)  # its short-name test inlined: one call less
     if batch.seq < 0 or batch.epoch < 0 or batch.dp_rank < 0:
         raise BusDecodeError("seq, epoch and dp_rank must be >= 0")
     if batch.seq > MAX_POSITION or batch.epoch > MAX_POSITION:

@@ -930,11 +930,14 @@ class RedisIndex:
                 missing[(batch.model, WorkerRef(batch.worker_id, batch.dp_rank))] = None
         if len(missing) < 2:
             return  # one is loaded as it comes
-        pipe = self._redis.pipeline(transaction=False)
-        for model, ref in missing:
-            keys, args = self._slot_call(model, ref)
-            await self._slot_script(keys=keys, args=args, client=pipe)
-        replies = await pipe.execute()
+        replies = await self._slot_replies(list(missing))
+        if any(isinstance(reply, NoScriptError) for reply in replies):
+            # Not loaded yet (or Redis lost it): no slot was taken, so all again.
+            await self._redis.script_load(self._slot_script.script)
+            replies = await self._slot_replies(list(missing))
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
         created: dict[tuple[str, WorkerRef], WorkerLedger] = {}
         for (model, ref), (slot_raw, is_new) in zip(missing, replies, strict=True):
             if is_new:
@@ -948,6 +951,25 @@ class RedisIndex:
             await self._redis.sadd(MODELS_KEY, *sorted(models))
             self._known_models |= models
             self._ledgers.update(created)
+
+    async def _slot_replies(self, ranks: list[tuple[str, WorkerRef]]) -> list[Any]:
+        """slot.lua's reply for each rank, its calls sent at once on one connection (no
+        pipeline object, no SCRIPT EXISTS first: a NOSCRIPT reply is returned)."""
+        conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            commands = []
+            for model, ref in ranks:
+                keys, args = self._slot_call(model, ref)
+                packed = _pack_command(conn, ("EVALSHA", self._slot_script.sha, len(keys),
+                                              *keys, *args))
+                commands += [packed] if isinstance(packed, bytes) else packed
+            await conn.send_packed_command(commands)
+            return [await _read_reply(conn) for _ in ranks]
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await self._redis.connection_pool.release(conn)
 
     def _slot_call(self, model: str, ref: WorkerRef) -> tuple[list[str], list[Any]]:
         """slot.lua's keys and arguments for the slot of a rank (taken when it has none)."""
