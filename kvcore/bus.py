@@ -34,10 +34,12 @@ import msgspec
 import xxhash
 
 _check_plain_stores: Callable[[list[Any], type, bool], bool] | None
+_check_plain_batch: Callable[[object, type, type], bool] | None
 try:
+    from kvcore._native import check_plain_batch as _check_plain_batch
     from kvcore._native import check_plain_stores as _check_plain_stores
 except ImportError:  # installed without a C compiler: the Python checks alone
-    _check_plain_stores = None
+    _check_plain_stores = _check_plain_batch = None
 
 __all__ = [
     "DEAD_LETTER_SUBJECT",
@@ -130,8 +132,9 @@ _OTHER_SLOT: Final = TIERS.index("other")
 
 _U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 
-# Whether validate_batch lets the C extension pass the usual stores (check_plain_stores,
-# which accepts only what the Python checks accept); tests turn it off to compare.
+# Whether validate_batch lets the C extension pass the usual batches and stores
+# (check_plain_batch, check_plain_stores: they accept only what the Python checks
+# accept); tests turn it off to compare.
 NATIVE_CHECKS = True
 
 
@@ -289,6 +292,9 @@ def schema_for(events: Sequence[Event]) -> int:
 
 def validate_batch(batch: EventBatch) -> None:
     """Raise a BusError unless `batch` is one an index may apply (decode_batch calls it)."""
+    if (NATIVE_CHECKS and _check_plain_batch is not None
+            and _check_plain_batch(batch, EventBatch, BlockStored)):
+        return  # the usual batch of usual stores, which the checks below accept
     if batch.schema not in _KNOWN_SCHEMAS:
         raise UnsupportedSchemaError(batch.schema)
     model, worker_id = batch.model, batch.worker_id

@@ -29,6 +29,8 @@
 #include "bytebuf.h"
 #include "tokens.h"
 #include <structmember.h>
+#include <math.h>
+#include <limits.h>
 
 #define XXH_INLINE_ALL
 #include "xxhash.h"
@@ -234,33 +236,45 @@ PyTypeObject OpsWriterType = {
 
 /* --- the fields of a BlockStored ------------------------------------------------- */
 
-/* kvcore.bus.BlockStored is a msgspec Struct: each field a member descriptor (an object
- * slot at a fixed offset), read here without an attribute lookup. */
+/* kvcore.bus.BlockStored and EventBatch are msgspec Structs: each field a member
+ * descriptor (an object slot at a fixed offset), read here without an attribute lookup. */
 enum {
     F_HASHES, F_PARENT, F_TOKENS, F_BLOCK_SIZE, F_MEDIUM, F_LORA, F_SALT, F_EXTRA, F_GROUP,
     F_KIND, F_WINDOW, F_POOL, N_FIELDS
 };
-static const char *const field_names[N_FIELDS] = {
+static const char *const stored_fields[N_FIELDS] = {
     "block_hashes", "parent_hash", "token_ids", "block_size", "medium", "lora_name",
     "cache_salt", "extra_keys", "group", "group_kind", "sliding_window", "pool",
 };
-static PyObject *layout_type; /* the type whose offsets these are */
-static Py_ssize_t layout_offsets[N_FIELDS];
+enum { B_SCHEMA, B_MODEL, B_WORKER, B_EPOCH, B_SEQ, B_EVENTS, B_RANK, B_TS, N_BATCH_FIELDS };
+static const char *const batch_fields[N_BATCH_FIELDS] = {
+    "schema", "model", "worker_id", "epoch", "seq", "events", "dp_rank", "ts",
+};
+
+typedef struct {
+    PyObject *type; /* the type whose offsets these are */
+    int n;
+    const char *const *names;
+    Py_ssize_t offsets[N_FIELDS];
+} Layout;
+
+static Layout stored_layout = {NULL, N_FIELDS, stored_fields, {0}};
+static Layout batch_layout = {NULL, N_BATCH_FIELDS, batch_fields, {0}};
 static PyObject *set_bits_name;
 
 /* 1: `type`'s fields are object slots (offsets noted); 0: they are not; -1: an error. */
 static int
-layout_of(PyObject *type)
+layout_of(Layout *layout, PyObject *type)
 {
-    if (type == layout_type) {
+    if (type == layout->type) {
         return 1;
     }
     if (!PyType_Check(type)) {
         return 0;
     }
     Py_ssize_t offsets[N_FIELDS];
-    for (int i = 0; i < N_FIELDS; i++) {
-        PyObject *descr = PyObject_GetAttrString(type, field_names[i]);
+    for (int i = 0; i < layout->n; i++) {
+        PyObject *descr = PyObject_GetAttrString(type, layout->names[i]);
         if (descr == NULL) {
             PyErr_Clear();
             return 0;
@@ -275,16 +289,23 @@ layout_of(PyObject *type)
             return 0;
         }
     }
-    Py_XSETREF(layout_type, Py_NewRef(type));
-    memcpy(layout_offsets, offsets, sizeof(offsets));
+    Py_XSETREF(layout->type, Py_NewRef(type));
+    memcpy(layout->offsets, offsets, (size_t)layout->n * sizeof(Py_ssize_t));
     return 1;
 }
 
-/* A field of an instance of layout_type (borrowed; NULL when unset). */
+/* A field of an instance of stored_layout's type (borrowed; NULL when unset). */
 static inline PyObject *
 field(PyObject *event, int i)
 {
-    return *(PyObject **)((char *)event + layout_offsets[i]);
+    return *(PyObject **)((char *)event + stored_layout.offsets[i]);
+}
+
+/* A field of an instance of batch_layout's type (borrowed; NULL when unset). */
+static inline PyObject *
+batch_field(PyObject *batch, int i)
+{
+    return *(PyObject **)((char *)batch + batch_layout.offsets[i]);
 }
 
 static inline int
@@ -511,7 +532,7 @@ store_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (set_bits_name == NULL && (set_bits_name = PyUnicode_InternFromString("set_bits")) == NULL) {
         return NULL;
     }
-    int usable = layout_of(stored_type);
+    int usable = layout_of(&stored_layout, stored_type);
     if (usable < 0) {
         return NULL;
     }
@@ -555,6 +576,8 @@ store_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 #define MAX_NAME_BYTES 256
 #define MAX_GROUP 63
 #define MAX_SLIDING_WINDOW (1L << 24)
+#define MAX_DP_RANK 65535
+#define MAX_EVENTS_PER_BATCH 65536
 
 /* A name kvcore.bus accepts whatever its encoding: a str of at most 64 chars (or None). */
 static int
@@ -652,13 +675,67 @@ check_plain_stores(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *events = args[0], *stored_type = args[1];
     int schema1 = PyObject_IsTrue(args[2]);
-    int usable = schema1 < 0 ? -1 : layout_of(stored_type);
+    int usable = schema1 < 0 ? -1 : layout_of(&stored_layout, stored_type);
     if (usable < 0) {
         return NULL;
     }
     if (!usable || !PyList_CheckExact(events)) {
         Py_RETURN_FALSE;
     }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(events); i++) {
+        PyObject *event = PyList_GET_ITEM(events, i);
+        if ((PyObject *)Py_TYPE(event) != stored_type || !store_passes(event, schema1)) {
+            Py_RETURN_FALSE;
+        }
+    }
+    Py_RETURN_TRUE;
+}
+
+/* kvcore.bus.validate_batch's batch checks, by checks that never accept what it refuses. */
+static int
+batch_passes(PyObject *batch)
+{
+    PyObject *schema = batch_field(batch, B_SCHEMA), *model = batch_field(batch, B_MODEL);
+    PyObject *worker = batch_field(batch, B_WORKER), *ts = batch_field(batch, B_TS);
+    PyObject *events = batch_field(batch, B_EVENTS);
+    long version = schema != NULL && PyLong_CheckExact(schema) ? PyLong_AsLong(schema) : 0;
+    PyErr_Clear();
+    return (version == 1 || version == 2) && model != NULL && PyUnicode_Check(model) &&
+           worker != NULL && PyUnicode_Check(worker) && PyUnicode_GET_LENGTH(model) > 0 &&
+           PyUnicode_GET_LENGTH(worker) > 0 &&
+           (PyUnicode_GET_LENGTH(model) + PyUnicode_GET_LENGTH(worker)) * 4 <= MAX_NAME_BYTES &&
+           int_in(batch_field(batch, B_EPOCH), 0, LONG_MAX, 0) &&
+           int_in(batch_field(batch, B_SEQ), 0, LONG_MAX, 0) &&
+           int_in(batch_field(batch, B_RANK), 0, MAX_DP_RANK, 0) && ts != NULL &&
+           PyFloat_CheckExact(ts) && isfinite(PyFloat_AS_DOUBLE(ts)) && events != NULL &&
+           PyList_CheckExact(events) && PyList_GET_SIZE(events) <= MAX_EVENTS_PER_BATCH;
+}
+
+const char check_plain_batch_doc[] = PyDoc_STR(
+"check_plain_batch(batch, batch_type, stored_type) -> bool\n\n"
+"True when kvcore.bus.validate_batch accepts the batch, every event a usual stored_type\n"
+"(check_plain_stores); False says nothing: the Python checks decide.");
+
+PyObject *
+check_plain_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "check_plain_batch(batch, batch_type, stored_type)");
+        return NULL;
+    }
+    PyObject *batch = args[0], *batch_type = args[1], *stored_type = args[2];
+    int usable = layout_of(&batch_layout, batch_type);
+    if (usable > 0) {
+        usable = layout_of(&stored_layout, stored_type);
+    }
+    if (usable < 0) {
+        return NULL;
+    }
+    if (!usable || (PyObject *)Py_TYPE(batch) != batch_type || !batch_passes(batch)) {
+        Py_RETURN_FALSE;
+    }
+    PyObject *events = batch_field(batch, B_EVENTS);
+    int schema1 = PyLong_AsLong(batch_field(batch, B_SCHEMA)) == 1; /* 1 or 2 by now */
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(events); i++) {
         PyObject *event = PyList_GET_ITEM(events, i);
         if ((PyObject *)Py_TYPE(event) != stored_type || !store_passes(event, schema1)) {

@@ -28,7 +28,8 @@
  *       Score's keys grouped by sub-slot and its replies merged back (no object per key).
  *   store_plain(map, events, ...) and OpsWriter: a ledger's common stores in one loop
  *       (keys, map, presence op, journal), and the Redis record's presence ops;
- *       check_plain_stores(events, ...): validate_batch's checks of the usual stores.
+ *       check_plain_stores(events, ...) and check_plain_batch(batch, ...): validate_batch's
+ *       checks of the usual stores (and batch).
  *
  * `tokens` is packed u32 little-endian (bytes, bytearray, memoryview) or a sequence of
  * ints in 0..2**32-1. Only full blocks are hashed.
@@ -91,6 +92,8 @@ static PyMethodDef native_methods[] = {
     {"store_plain", (PyCFunction)(void (*)(void))store_plain, METH_FASTCALL, store_plain_doc},
     {"check_plain_stores", (PyCFunction)(void (*)(void))check_plain_stores, METH_FASTCALL,
      check_plain_stores_doc},
+    {"check_plain_batch", (PyCFunction)(void (*)(void))check_plain_batch, METH_FASTCALL,
+     check_plain_batch_doc},
     {NULL, NULL, 0, NULL},
 };
 

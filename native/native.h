@@ -41,6 +41,9 @@ NATIVE_INTERNAL extern PyTypeObject OpsWriterType;
 NATIVE_INTERNAL extern const char store_plain_doc[];
 NATIVE_INTERNAL PyObject *store_plain(PyObject *module, PyObject *const *args,
                                       Py_ssize_t nargs);
+NATIVE_INTERNAL extern const char check_plain_batch_doc[];
+NATIVE_INTERNAL PyObject *check_plain_batch(PyObject *module, PyObject *const *args,
+                                            Py_ssize_t nargs);
 NATIVE_INTERNAL extern const char check_plain_stores_doc[];
 NATIVE_INTERNAL PyObject *check_plain_stores(PyObject *module, PyObject *const *args,
                                              Py_ssize_t nargs);

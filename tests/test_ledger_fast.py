@@ -27,7 +27,14 @@ from indexer.index.memory import SyncMemoryIndex
 from indexer.index.protocol import ApplyOutcome, IndexConfig, IndexStats, ResyncRequest
 from indexer.index.redis import RedisIndex, _OpsSink
 from kvcore import bus
-from kvcore.bus import BlockStored, EventBatch, pack_tokens, validate_batch
+from kvcore.bus import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EventBatch,
+    pack_tokens,
+    validate_batch,
+)
 from kvcore.keys import NATIVE
 
 if NATIVE:
@@ -290,11 +297,33 @@ def _verdict(batch: EventBatch) -> str:
     return "accepted"
 
 
-@settings(max_examples=1_500, deadline=None)
-@given(events=st.lists(stored_events(), min_size=1, max_size=2), schema=st.sampled_from([1, 2]))
-def test_validation_paths_agree(events: list[BlockStored], schema: int) -> None:
-    """validate_batch accepts and refuses the same stores, with the same error, in C."""
-    batch = EventBatch(schema=schema, model="m", worker_id="w", epoch=0, seq=0, events=events)
+_BATCH_EDGES: dict[str, list[Any]] = {
+    "schema": [1, 2, 3, True],
+    "model": ["", "x" * 63, "x" * 64, "é" * 100],
+    "worker_id": ["", "w" * 63, "é" * 100],
+    "epoch": [-1, 0, 2**63 - 1, 2**63],
+    "seq": [-1, 0, 2**63 - 1, 2**63],
+    "dp_rank": [-1, 65_535, 65_536],
+    "ts": [0.0, float("inf"), float("nan"), 3],
+    "events": [[], [AllBlocksCleared()], [BlockRemoved(block_hashes=[1])]],
+}
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> EventBatch:
+    """A batch of stores (stored_events) with a few of its own fields at or past a bound."""
+    fields: dict[str, Any] = {"schema": draw(st.sampled_from([1, 2])), "model": "m",
+                              "worker_id": "w", "epoch": 0, "seq": 0, "ts": 1.0,
+                              "events": draw(st.lists(stored_events(), min_size=1, max_size=2))}
+    for name in draw(st.lists(st.sampled_from(sorted(_BATCH_EDGES)), max_size=2)):
+        fields[name] = draw(st.sampled_from(_BATCH_EDGES[name]))
+    return EventBatch(**fields)
+
+
+@settings(max_examples=2_000, deadline=None)
+@given(batch=batches())
+def test_validation_paths_agree(batch: EventBatch) -> None:
+    """validate_batch accepts and refuses the same batches, with the same error, in C."""
     with python_paths():
         expected = _verdict(batch)
     assert _verdict(batch) == expected
@@ -311,6 +340,10 @@ def test_validation_passes_field_batches_in_c() -> None:
     odd = msgspec.structs.replace(plain[0].events[0], block_hashes=[-1])
     assert bus._check_plain_stores is not None
     assert not bus._check_plain_stores([odd], BlockStored, False)
+    assert bus._check_plain_batch is not None
+    assert all(bus._check_plain_batch(b, EventBatch, BlockStored) for b in plain)
+    assert not bus._check_plain_batch(msgspec.structs.replace(plain[0], events=[odd]),
+                                      EventBatch, BlockStored)
 
 
 @settings(max_examples=300, deadline=None)
