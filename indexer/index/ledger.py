@@ -267,10 +267,20 @@ class WorkerLedger:
             outcome = self._start(batch, sink, stats, on_resync)
             if not outcome.applied:
                 return outcome
-        if FAST_STORES and type(self.keys) is LedgerMap:
-            self._apply_events_fast(self.keys, batch.events, sink, stats, on_resync)
+        events, keys = batch.events, self.keys
+        if FAST_STORES and type(keys) is LedgerMap:
+            # The plain stores in C (store_plain: what `_store` does for them), up to the
+            # first other event; `_apply_rest` takes it from there.
+            journal = self.journal
+            i, added = store_plain(keys, events, 0, self.root, self.slot,
+                                   getattr(sink, "presence_target", None) or sink, self.counts,
+                                   journal.dirty if journal is not None else None,
+                                   BlockStored, _TIER_SLOTS)
+            stats.blocks_stored += added
+            if i < len(events):
+                self._apply_rest(keys, events, i, sink, stats, on_resync)
         else:
-            for event in batch.events:
+            for event in events:
                 self._apply_event(event, sink, stats, on_resync)
         self.last_seq = batch.seq
         self.last_ts = batch.ts
@@ -341,22 +351,16 @@ class WorkerLedger:
         elif isinstance(event, AllBlocksCleared):
             self.clear(sink)
 
-    def _apply_events_fast(
-        self, keys: LedgerMap, events: list[Event], sink: PresenceSink, stats: IndexStats,
-        on_resync: ResyncHook | None,
+    def _apply_rest(
+        self, keys: LedgerMap, events: list[Event], start: int, sink: PresenceSink,
+        stats: IndexStats, on_resync: ResyncHook | None,
     ) -> None:
-        """`_apply_event` of each event, the plain stores (group 0, tokens, a root or a
-        known parent, every block new) in C: store_plain stops before any other event,
-        untouched, which `_apply_event` applies, then it goes on after it."""
-        # where the C loop sets bits itself (the Redis sink's OpsWriter, the memory
-        # index's BlockTable), else the sink's set_bits
+        """`_apply_event` of events[start], an event store_plain stopped before (untouched),
+        then store_plain again after it, and so on to the end."""
         target = getattr(sink, "presence_target", None) or sink
         journal = self.journal
         dirty = journal.dirty if journal is not None else None
-        i, added = store_plain(keys, events, 0, self.root, self.slot, target, self.counts,
-                               dirty, BlockStored, _TIER_SLOTS)
-        stats.blocks_stored += added
-        n = len(events)
+        i, n = start, len(events)
         while i < n:
             self._apply_event(events[i], sink, stats, on_resync)
             i, added = store_plain(keys, events, i + 1, self.root, self.slot, target,
