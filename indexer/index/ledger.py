@@ -278,7 +278,7 @@ class WorkerLedger:
                                    BlockStored, _TIER_SLOTS)
             stats.blocks_stored += added
             if i < len(events):
-                self._apply_rest(keys, events, i, sink, stats, on_resync)
+                self._apply_rest(events, i, sink, stats, on_resync)
         else:
             for event in events:
                 self._apply_event(event, sink, stats, on_resync)
@@ -352,11 +352,13 @@ class WorkerLedger:
             self.clear(sink)
 
     def _apply_rest(
-        self, keys: LedgerMap, events: list[Event], start: int, sink: PresenceSink,
-        stats: IndexStats, on_resync: ResyncHook | None,
+        self, events: list[Event], start: int, sink: PresenceSink, stats: IndexStats,
+        on_resync: ResyncHook | None,
     ) -> None:
         """`_apply_event` of events[start], an event store_plain stopped before (untouched),
         then store_plain again after it, and so on to the end."""
+        keys = self.keys
+        assert type(keys) is LedgerMap  # as `apply` found it
         target = getattr(sink, "presence_target", None) or sink
         journal = self.journal
         dirty = journal.dirty if journal is not None else None
