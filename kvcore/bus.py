@@ -27,11 +27,19 @@ import functools
 import math
 import re
 from array import array
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 import msgspec
 import xxhash
+
+_check_plain_stores: Callable[[list[Any], type, bool], bool] | None
+_check_plain_batch: Callable[[object, type, type], bool] | None
+try:
+    from kvcore._native import check_plain_batch as _check_plain_batch
+    from kvcore._native import check_plain_stores as _check_plain_stores
+except ImportError:  # installed without a C compiler: the Python checks alone
+    _check_plain_stores = _check_plain_batch = None
 
 __all__ = [
     "DEAD_LETTER_SUBJECT",
@@ -123,6 +131,11 @@ _TIER_SLOTS: Final = {medium: TIERS.index(tier) for medium, tier in MEDIUM_TIERS
 _OTHER_SLOT: Final = TIERS.index("other")
 
 _U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+
+# Whether validate_batch lets the C extension pass the usual batches and stores
+# (check_plain_batch, check_plain_stores: they accept only what the Python checks
+# accept); tests turn it off to compare.
+NATIVE_CHECKS = True
 
 
 def tier_index(medium: str) -> int:
@@ -279,9 +292,14 @@ def schema_for(events: Sequence[Event]) -> int:
 
 def validate_batch(batch: EventBatch) -> None:
     """Raise a BusError unless `batch` is one an index may apply (decode_batch calls it)."""
+    if (NATIVE_CHECKS and _check_plain_batch is not None
+            and _check_plain_batch(batch, EventBatch, BlockStored)):
+        return  # the usual batch of usual stores, which the checks below accept
     if batch.schema not in _KNOWN_SCHEMAS:
         raise UnsupportedSchemaError(batch.schema)
-    check_identity(batch.model, batch.worker_id)
+    model, worker_id = batch.model, batch.worker_id
+    if not (model and worker_id and (len(model) + len(worker_id)) * 4 <= MAX_NAME_BYTES):
+        check_identity(model, worker_id)  # its short-name test inlined: one call less
     if batch.seq < 0 or batch.epoch < 0 or batch.dp_rank < 0:
         raise BusDecodeError("seq, epoch and dp_rank must be >= 0")
     if batch.seq > MAX_POSITION or batch.epoch > MAX_POSITION:
@@ -293,6 +311,9 @@ def validate_batch(batch: EventBatch) -> None:
     if len(batch.events) > MAX_EVENTS_PER_BATCH:
         raise BusDecodeError(f"{len(batch.events)} events exceed {MAX_EVENTS_PER_BATCH}")
     schema1 = batch.schema == SCHEMA_V1
+    if (NATIVE_CHECKS and _check_plain_stores is not None
+            and _check_plain_stores(batch.events, BlockStored, schema1)):
+        return  # every event a usual store that the checks below accept
     for event in batch.events:
         # validate_event's dispatch inlined: this loop runs once per event on ingest
         if type(event) is BlockStored:

@@ -577,6 +577,24 @@ apply_to_keys(BlockTable *table, PyObject *keys, const SlotChange *changes, Py_s
     return table_maybe_shrink(table);
 }
 
+/* For ledger_store.c: set_bit_at on a C array of keys. */
+int
+block_table_set_bit_raw(PyObject *obj, const uint64_t *keys, Py_ssize_t n, uint32_t bitpos)
+{
+    BlockTable *table = (BlockTable *)obj;
+    if (bitpos / TIER_BITS > MAX_SLOT) {
+        PyErr_Format(PyExc_OverflowError, "slot %u is beyond %u", bitpos / TIER_BITS, MAX_SLOT);
+        return -1;
+    }
+    uint32_t slot = bitpos / TIER_BITS, add = 1u << (bitpos % TIER_BITS);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (table_apply(table, keys[i], slot, add, TIER_NIBBLE) < 0) {
+            return -1;
+        }
+    }
+    return table_maybe_shrink(table);
+}
+
 static PyObject *
 table_set_bit_at(BlockTable *table, PyObject *const *args, Py_ssize_t nargs)
 {

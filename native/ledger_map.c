@@ -388,6 +388,49 @@ fail:
     return NULL;
 }
 
+/* For ledger_store.c: the key of a hash when the map holds it (1), else 0. */
+int
+ledger_map_lookup(PyObject *obj, uint64_t hash, uint64_t *key)
+{
+    LedgerMap *map = (LedgerMap *)obj;
+    Py_ssize_t i = map_find(map, hash);
+    if (i < 0) {
+        return 0;
+    }
+    *key = map->keys[i];
+    return 1;
+}
+
+/* For ledger_store.c: add_new on C arrays. 1: every hash was new and distinct, now mapped
+ * (held in tiers); 0: one was known or repeated, nothing changed; -1: an error. */
+int
+ledger_map_add_new_raw(PyObject *obj, const uint64_t *hashes, const uint64_t *keys,
+                       Py_ssize_t n, uint8_t tiers)
+{
+    LedgerMap *map = (LedgerMap *)obj;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        if (map_find(map, hashes[j]) >= 0) {
+            return 0;
+        }
+    }
+    for (Py_ssize_t j = 0; j < n; j++) {
+        int inserted;
+        Py_ssize_t i = map_find_or_insert(map, hashes[j], &inserted);
+        if (i < 0 || !inserted) { /* an error, or a hash twice in the event */
+            for (Py_ssize_t k = 0; k < j; k++) {
+                Py_ssize_t at = map_find(map, hashes[k]);
+                if (at >= 0) {
+                    map_delete(map, (size_t)at);
+                }
+            }
+            return i < 0 ? -1 : 0;
+        }
+        map->keys[i] = keys[j];
+        map->state[i] = OCCUPIED | tiers;
+    }
+    return 1;
+}
+
 static int
 append_u64(PyObject *list, uint64_t value)
 {

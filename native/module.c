@@ -26,6 +26,10 @@
  *   encode_decision(chosen, ranked, freshness, candidate_count) -> bytes: its answer.
  *   subslot_split(packed, subslots) and subslot_merge(replies, positions, n): a sub-slot
  *       Score's keys grouped by sub-slot and its replies merged back (no object per key).
+ *   store_plain(map, events, ...) and OpsWriter: a ledger's common stores in one loop
+ *       (keys, map, presence op, journal), and the Redis record's presence ops;
+ *       check_plain_stores(events, ...) and check_plain_batch(batch, ...): validate_batch's
+ *       checks of the usual stores (and batch).
  *
  * `tokens` is packed u32 little-endian (bytes, bytearray, memoryview) or a sequence of
  * ints in 0..2**32-1. Only full blocks are hashed.
@@ -33,7 +37,8 @@
  * One extension, one C file per concern: this file is the module (its method table and
  * init); chain.c the key loop, block_table.c BlockTable, ledger_map.c LedgerMap, wire.c
  * take_uint32_field, log_pack.c pack_log_entries, tally.c the Score walk, decision.c
- * FindBestWorker's top-k; subslot.c the sub-slot Score's split and merge;
+ * FindBestWorker's top-k; subslot.c the sub-slot Score's split and merge; ledger_store.c
+ * store_plain and OpsWriter;
  * tokens.c/tokens.h and bytebuf.h what more than one of them uses;
  * native.h what this file needs from the others.
  */
@@ -42,7 +47,11 @@
 static int
 native_exec(PyObject *module)
 {
-    if (PyType_Ready(&BlockTableType) < 0 || PyType_Ready(&LedgerMapType) < 0) {
+    if (PyType_Ready(&BlockTableType) < 0 || PyType_Ready(&LedgerMapType) < 0 ||
+        PyType_Ready(&OpsWriterType) < 0) {
+        return -1;
+    }
+    if (PyModule_AddObjectRef(module, "OpsWriter", (PyObject *)&OpsWriterType) < 0) {
         return -1;
     }
     if (PyModule_AddObjectRef(module, "BlockTable", (PyObject *)&BlockTableType) < 0) {
@@ -80,6 +89,11 @@ static PyMethodDef native_methods[] = {
      subslot_split_doc},
     {"subslot_merge", (PyCFunction)(void (*)(void))subslot_merge, METH_FASTCALL,
      subslot_merge_doc},
+    {"store_plain", (PyCFunction)(void (*)(void))store_plain, METH_FASTCALL, store_plain_doc},
+    {"check_plain_stores", (PyCFunction)(void (*)(void))check_plain_stores, METH_FASTCALL,
+     check_plain_stores_doc},
+    {"check_plain_batch", (PyCFunction)(void (*)(void))check_plain_batch, METH_FASTCALL,
+     check_plain_batch_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -27,9 +27,26 @@ NATIVE_INTERNAL PyObject *chain_keys_packed(PyObject *module, PyObject *const *a
 
 /* block_table.c */
 NATIVE_INTERNAL extern PyTypeObject BlockTableType;
+NATIVE_INTERNAL int block_table_set_bit_raw(PyObject *table, const uint64_t *keys,
+                                            Py_ssize_t n, uint32_t bitpos);
 
 /* ledger_map.c */
 NATIVE_INTERNAL extern PyTypeObject LedgerMapType;
+NATIVE_INTERNAL int ledger_map_lookup(PyObject *map, uint64_t hash, uint64_t *key);
+NATIVE_INTERNAL int ledger_map_add_new_raw(PyObject *map, const uint64_t *hashes,
+                                           const uint64_t *keys, Py_ssize_t n, uint8_t tiers);
+
+/* ledger_store.c */
+NATIVE_INTERNAL extern PyTypeObject OpsWriterType;
+NATIVE_INTERNAL extern const char store_plain_doc[];
+NATIVE_INTERNAL PyObject *store_plain(PyObject *module, PyObject *const *args,
+                                      Py_ssize_t nargs);
+NATIVE_INTERNAL extern const char check_plain_batch_doc[];
+NATIVE_INTERNAL PyObject *check_plain_batch(PyObject *module, PyObject *const *args,
+                                            Py_ssize_t nargs);
+NATIVE_INTERNAL extern const char check_plain_stores_doc[];
+NATIVE_INTERNAL PyObject *check_plain_stores(PyObject *module, PyObject *const *args,
+                                             Py_ssize_t nargs);
 
 /* wire.c */
 NATIVE_INTERNAL extern const char take_uint32_field_doc[];

@@ -40,10 +40,26 @@ source_close(TokenSource *src)
     }
 }
 
-/* An int in 0..2**64-1; `what` names it in the OverflowError. */
+/* An int in 0..2**64-1; `what` names it in the OverflowError. On CPython 3.11 an exact
+ * int of up to three 30-bit digits (every engine hash and block key) is read off its
+ * digits: PyLong_AsUnsignedLongLong goes through _PyLong_AsByteArray past one digit. */
 static inline int
 parse_u64(PyObject *obj, const char *what, uint64_t *out)
 {
+#if PY_VERSION_HEX < 0x030C0000 && PYLONG_BITS_IN_DIGIT == 30
+    if (PyLong_CheckExact(obj)) {
+        Py_ssize_t size = Py_SIZE(obj);
+        const digit *d = ((PyLongObject *)obj)->ob_digit;
+        if (size >= 0 && size <= 3 && (size < 3 || d[2] < (1u << 4))) {
+            uint64_t value = 0;
+            for (Py_ssize_t i = size - 1; i >= 0; i--) {
+                value = (value << 30) | (uint64_t)d[i];
+            }
+            *out = value;
+            return 0;
+        }
+    }
+#endif
     unsigned long long value = PyLong_AsUnsignedLongLong(obj);
     if (value == (unsigned long long)-1 && PyErr_Occurred()) {
         if (PyErr_ExceptionMatches(PyExc_OverflowError)) {

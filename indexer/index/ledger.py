@@ -38,11 +38,24 @@ from indexer.index.protocol import (
     ResyncRequest,
     tier_index,
 )
-from kvcore.bus import MAX_GROUP, AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+from kvcore.bus import (
+    _TIER_SLOTS,
+    MAX_GROUP,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    Event,
+    EventBatch,
+)
 from kvcore.keys import NATIVE, block_keys, root_seed
 
 if NATIVE:
+    from kvcore._native import LedgerMap, store_plain
     from kvcore._native import pack_log_entries as _pack_log_entries
+
+# Whether `WorkerLedger.apply` hands its plain stores to the C loop (kvcore._native
+# store_plain, which does what `_store` does for them); tests turn it off to compare.
+FAST_STORES = NATIVE
 
 __all__ = [
     "LOG_HASH",
@@ -133,7 +146,9 @@ def stored_block_size(batch: EventBatch) -> int | None:
 
 
 class PresenceSink(Protocol):
-    """Where a ledger's presence changes go (one bit position for many keys)."""
+    """Where a ledger's presence changes go (one bit position for many keys). A sink may
+    also have a `presence_target`, a C object (kvcore._native.OpsWriter or BlockTable)
+    whose bits the C store loop sets as the sink's `set_bits` would."""
 
     def set_bits(self, keys: list[int], bitpos: int) -> None: ...
 
@@ -178,6 +193,7 @@ class WorkerLedger:
         "last_ts",
         "model",
         "owner",
+        "root",
         "slot",
         "warned",
         "worker_id",
@@ -203,6 +219,7 @@ class WorkerLedger:
         self.journal: Journal | None = None
         self.groups: dict[int, WorkerLedger] = {}  # KV-cache group > 0 -> its ledger
         self.owner: WorkerLedger | None = None  # of a group's ledger: the rank's (group 0)
+        self.root = cached_root_seed(model, None, None)  # the key before a plain root store
 
     def start_journal(self) -> None:
         """Record what the next changes do, for this rank and each of its groups."""
@@ -244,6 +261,47 @@ class WorkerLedger:
         stats: IndexStats,
         on_resync: ResyncHook | None,
     ) -> ApplyOutcome:
+        if batch.epoch == self.epoch and batch.seq == self.last_seq + 1:
+            outcome = ApplyOutcome.APPLIED  # the usual batch: the next of its epoch
+        else:
+            outcome = self._start(batch, sink, stats, on_resync)
+            if not outcome.applied:
+                return outcome
+        events, keys = batch.events, self.keys
+        if FAST_STORES and type(keys) is LedgerMap:
+            # The plain stores in C (store_plain: what `_store` does for them), up to the
+            # first other event; `_apply_rest` takes it from there.
+            journal = self.journal
+            i, added = store_plain(keys, events, 0, self.root, self.slot,
+                                   getattr(sink, "presence_target", None) or sink, self.counts,
+                                   journal.dirty if journal is not None else None,
+                                   BlockStored, _TIER_SLOTS)
+            stats.blocks_stored += added
+            if i < len(events):
+                self._apply_rest(events, i, sink, stats, on_resync)
+        else:
+            for event in events:
+                self._apply_event(event, sink, stats, on_resync)
+        self.last_seq = batch.seq
+        self.last_ts = batch.ts
+        if len(self.ghosts) > self.ghost_capacity:
+            self._trim_ghosts()
+        if self.groups:
+            for group_ledger in self.groups.values():
+                group_ledger._trim_ghosts()
+        stats.batches_applied += 1
+        stats.events_applied += len(batch.events)
+        return outcome
+
+    def _start(
+        self,
+        batch: EventBatch,
+        sink: PresenceSink,
+        stats: IndexStats,
+        on_resync: ResyncHook | None,
+    ) -> ApplyOutcome:
+        """The outcome of a batch that is not the next of the current epoch; one to apply
+        (after a gap, or the first of an epoch) finds the ledger ready for its events."""
         outcome = self.check(batch)
         if outcome is ApplyOutcome.STALE_EPOCH:
             stats.stale += 1
@@ -270,33 +328,46 @@ class WorkerLedger:
                 self.clear(sink)
             self.epoch = batch.epoch
             self.last_seq = -1
-        for event in batch.events:
-            if isinstance(event, BlockStored):
-                group = event.group
-                if group or event.group_kind is not None or event.sliding_window:
-                    sink.learn_group(group, event.group_kind, event.sliding_window)
-                if group:
-                    self.group_ledger(group)._store(event, sink.group_sink(group), stats,
-                                                    on_resync)
-                else:
-                    self._store(event, sink, stats, on_resync)
-            elif isinstance(event, BlockRemoved):
-                if event.group:
-                    self.group_ledger(event.group)._remove(
-                        event, sink.group_sink(event.group), stats)
-                else:
-                    self._remove(event, sink, stats)
-            elif isinstance(event, AllBlocksCleared):
-                self.clear(sink)
-        self.last_seq = batch.seq
-        self.last_ts = batch.ts
-        if len(self.ghosts) > self.ghost_capacity:
-            self._trim_ghosts()
-        for group_ledger in self.groups.values():
-            group_ledger._trim_ghosts()
-        stats.batches_applied += 1
-        stats.events_applied += len(batch.events)
         return outcome
+
+    def _apply_event(
+        self, event: Event, sink: PresenceSink, stats: IndexStats, on_resync: ResyncHook | None
+    ) -> None:
+        if isinstance(event, BlockStored):
+            group = event.group
+            if group or event.group_kind is not None or event.sliding_window:
+                sink.learn_group(group, event.group_kind, event.sliding_window)
+            if group:
+                self.group_ledger(group)._store(event, sink.group_sink(group), stats,
+                                                on_resync)
+            else:
+                self._store(event, sink, stats, on_resync)
+        elif isinstance(event, BlockRemoved):
+            if event.group:
+                self.group_ledger(event.group)._remove(
+                    event, sink.group_sink(event.group), stats)
+            else:
+                self._remove(event, sink, stats)
+        elif isinstance(event, AllBlocksCleared):
+            self.clear(sink)
+
+    def _apply_rest(
+        self, events: list[Event], start: int, sink: PresenceSink, stats: IndexStats,
+        on_resync: ResyncHook | None,
+    ) -> None:
+        """`_apply_event` of events[start], an event store_plain stopped before (untouched),
+        then store_plain again after it, and so on to the end."""
+        keys = self.keys
+        assert type(keys) is LedgerMap  # as `apply` found it
+        target = getattr(sink, "presence_target", None) or sink
+        journal = self.journal
+        dirty = journal.dirty if journal is not None else None
+        i, n = start, len(events)
+        while i < n:
+            self._apply_event(events[i], sink, stats, on_resync)
+            i, added = store_plain(keys, events, i + 1, self.root, self.slot, target,
+                                   self.counts, dirty, BlockStored, _TIER_SLOTS)
+            stats.blocks_stored += added
 
     def clear(self, sink: PresenceSink) -> None:
         """Drop every held block and the whole engine-hash map; health starts afresh.

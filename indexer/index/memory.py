@@ -60,8 +60,11 @@ from indexer.index.scoring import (
     worker_scores,
 )
 from kvcore.bus import Event, EventBatch, validate_batch
-from kvcore.keys import pack_keys
+from kvcore.keys import NATIVE, pack_keys
 from kvcore.pools import KIND_POOL
+
+if NATIVE:
+    from kvcore._native import BlockTable
 
 __all__ = ["MemoryIndex", "SyncMemoryIndex"]
 
@@ -146,6 +149,12 @@ class _ModelSpace:
 
     def clear_bits(self, keys: list[int], bitpos: int) -> None:
         self.blocks.clear_bit_at(keys, bitpos)
+
+    @property
+    def presence_target(self) -> BlockMasks | None:
+        """What the ledger's C store loop sets bits in as `set_bits` does: group 0's table
+        when it is the C one (None: the loop calls `set_bits`)."""
+        return self.blocks if NATIVE and type(self.blocks) is BlockTable else None
 
     def ledger(self, ref: WorkerRef) -> WorkerLedger:
         found = self.ledgers.get(ref)

@@ -63,7 +63,7 @@ import random
 import struct
 import sys
 from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
 from itertools import groupby
 from typing import Any, Final, cast
@@ -123,8 +123,17 @@ from indexer.index.scoring import (
     worker_scores,
 )
 from kvcore.bus import BlockRemoved, BlockStored, Event, EventBatch, escape_token, validate_batch
-from kvcore.keys import pack_keys
+from kvcore.keys import NATIVE, pack_keys
 from kvcore.pools import KIND_POOL
+
+if NATIVE:
+    from kvcore._native import OpsWriter
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # redis-py packs commands itself
+    _hiredis_pack = None
 
 __all__ = [
     "COMPACT_BUCKET_LOAD", "DEFAULT_BUCKET_LOAD", "DEFAULT_LOG_COMPACT_MIN_BYTES", "RedisIndex",
@@ -153,6 +162,8 @@ local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
 """
 _TS: Final = struct.Struct("<d")
+# Whether `_OpsSink` packs its keys ops in C (tests turn it off to compare the two).
+NATIVE_OPS = NATIVE
 
 
 @functools.lru_cache(maxsize=1024)
@@ -252,6 +263,14 @@ async def _read_reply(conn: Any) -> Any:
         return exc
 
 
+def _pack_command(conn: Any, args: tuple[str | int | bytes, ...]) -> bytes | list[bytes]:
+    """One command in RESP, as `conn.send_command` would send it: by hiredis in one C call
+    when it is installed (redis-py checks and encodes each argument in Python first)."""
+    if _hiredis_pack is not None:
+        return _hiredis_pack(args)
+    return cast(list[bytes], conn.pack_command(*args))
+
+
 def _position(epoch: int, seq: int) -> bytes:
     return _POSITION.pack(epoch, seq)
 
@@ -268,13 +287,16 @@ def _lua_with_holders(name: str) -> str:
 class _OpsSink:
     """Collects a ledger's presence changes as the packed ops `apply.lua` reads. A keys op
     following one of the same kind, group and bit position extends it (same keys in the
-    same order, fewer ops for apply.lua to read and prefetch)."""
+    same order, fewer ops for apply.lua to read and prefetch). With the C extension the
+    keys ops are packed by `presence_target` (kvcore._native.OpsWriter, the same bytes),
+    into which the ledger's C store loop writes too."""
 
     __slots__ = ("_groups", "_last_bitpos", "_last_count", "_last_count_at", "_last_end",
-                 "_last_group", "_last_kind", "learned", "ops")
+                 "_last_group", "_last_kind", "learned", "ops", "presence_target")
 
     def __init__(self) -> None:
         self.ops = bytearray()
+        self.presence_target = OpsWriter(self.ops) if NATIVE_OPS else None
         self.learned: dict[int, tuple[str | None, int]] = {}  # group -> (kind, window)
         self._groups: dict[int, _GroupOpsSink] = {}
         # the last keys op: kind, group, bit position and key count
@@ -291,6 +313,9 @@ class _OpsSink:
 
     def keys_op(self, kind: bytes, group: int, bitpos: int, keys: list[int]) -> None:
         """Add an S / C op (group 0) or a T / K op of `group`, or extend the last op."""
+        if self.presence_target is not None:
+            self.presence_target.keys_op(kind, group, bitpos, keys)
+            return
         ops = self.ops
         if (len(ops) == self._last_end and bitpos == self._last_bitpos
                 and kind == self._last_kind and group == self._last_group):
@@ -375,6 +400,8 @@ class _GroupOpsSink:
 
 def _changes(ledger: WorkerLedger, journal: Journal) -> bytes:
     """The log records of what one batch changed in one ledger (of a rank or a group)."""
+    if not journal.unghosted and not journal.ghost_pushed:  # stores only, the usual
+        return ledger.pack_log(journal.dirty)
     keys = ledger.keys
     pack_hash = LOG_HASH.pack
     parts = [ledger.pack_log(journal.dirty)]
@@ -384,6 +411,20 @@ def _changes(ledger: WorkerLedger, journal: Journal) -> bytes:
     last_pushes = dict.fromkeys(reversed(journal.ghost_pushed))
     parts.extend(pack_hash(b"G", h) for h in reversed(last_pushes) if h in ghosts)
     return b"".join(parts)
+
+
+def _block_size(batches: list[EventBatch]) -> int:
+    """The block size the last of these batches that stores tokens stores with, or 0."""
+    for batch in reversed(batches):
+        size = stored_block_size(batch)
+        if size:
+            return size
+    return 0
+
+
+def _live_log_bytes(ledger: WorkerLedger) -> int:
+    """The size of a snapshot of one ledger's own log (of a rank or a group)."""
+    return LOG_RUN_ENTRY.size * len(ledger.keys) + LOG_HASH.size * (len(ledger.ghosts) + 1)
 
 
 def _worker_infos(model: str, reply: list[Any]) -> list[WorkerInfo]:
@@ -609,6 +650,7 @@ class RedisIndex:
 
     async def _apply(self, batches: Sequence[EventBatch]) -> list[ApplyOutcome]:
         sha = await self._script_sha()
+        await self._load_ledgers(batches)
         outcomes: dict[int, ApplyOutcome] = {}
         step = max(8, -(-len(batches) // _MAX_CALLS))
         conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
@@ -624,7 +666,8 @@ class RedisIndex:
                         await conn.send_command(*command)
                         pending.append(None)
                     keys = self._apply_keys(model, sent[model])
-                    await conn.send_command("EVALSHA", sha, len(keys), *keys, *model_records)
+                    await conn.send_packed_command(
+                        _pack_command(conn, ("EVALSHA", sha, len(keys), *keys, *model_records)))
                     pending.append((model, model_records, sent[model]))
             replies = [await _read_reply(conn) for _ in pending]
         except BaseException:
@@ -676,31 +719,37 @@ class RedisIndex:
     ) -> tuple[dict[str, list[bytes]], dict[str, list[WorkerLedger]]]:
         """Run the group's batches through their ledgers: one record per changed rank."""
         sinks: dict[WorkerLedger, tuple[bytes, _OpsSink]] = {}
-        changed: dict[WorkerLedger, int] = {}  # -> block size its batches store with, or 0
+        changed: dict[WorkerLedger, list[EventBatch]] = {}  # -> its batches applied
+        # keyed by (model, WorkerRef) as the cache is: a WorkerRef equals its plain tuple
+        ledgers: dict[Any, WorkerLedger] = self._ledgers
+        stats, on_resync = self._stats, self.on_resync
         for i, batch in group:
-            ref = WorkerRef(batch.worker_id, batch.dp_rank)
-            # the cached ledger without a coroutine per batch; loaded when missing
-            ledger = (self._ledgers.get((batch.model, ref))
-                      or await self._ledger(batch.model, ref))
-            if ledger not in sinks:
-                sinks[ledger] = (_position(ledger.epoch, ledger.last_seq), _OpsSink())
+            # the cached ledger without a coroutine or a WorkerRef per batch; loaded when
+            # missing
+            ledger = (ledgers.get((batch.model, (batch.worker_id, batch.dp_rank)))
+                      or await self._ledger(batch.model,
+                                            WorkerRef(batch.worker_id, batch.dp_rank)))
+            entry = sinks.get(ledger)
+            if entry is None:
+                entry = sinks[ledger] = (_position(ledger.epoch, ledger.last_seq), _OpsSink())
                 ledger.start_journal()
             own, pooled = split_pool_events(batch)
-            sink = sinks[ledger][1]
-            outcome = ledger.apply(own, sink, self._stats, self.on_resync)
-            if outcome is ApplyOutcome.APPLIED_AFTER_GAP:
-                sink.wipe_written_pools(batch.ts)
-            if pooled and outcome.applied:
-                await self._pool_ops(batch, ledger, pooled, sink)
+            sink = entry[1]
+            outcome = ledger.apply(own, sink, stats, on_resync)
             outcomes[i] = outcome
-            if outcome.applied:
-                changed[ledger] = stored_block_size(batch) or changed.get(ledger, 0)
+            if outcome is ApplyOutcome.APPLIED or outcome is ApplyOutcome.APPLIED_AFTER_GAP:
+                if outcome is ApplyOutcome.APPLIED_AFTER_GAP:
+                    sink.wipe_written_pools(batch.ts)
+                if pooled:
+                    await self._pool_ops(batch, ledger, pooled, sink)
+                changed.setdefault(ledger, []).append(batch)
         records: dict[str, list[bytes]] = {}
         sent: dict[str, list[WorkerLedger]] = {}
         for ledger, (expected, sink) in sinks.items():
-            if ledger in changed:
+            applied = changed.get(ledger)
+            if applied is not None:
                 records.setdefault(ledger.model, []).append(
-                    self._record(ledger, expected, sink, block_size=changed[ledger]))
+                    self._record(ledger, expected, sink, block_size=_block_size(applied)))
                 sent.setdefault(ledger.model, []).append(ledger)
                 self._learn_groups(ledger.model, sink.learned)
             ledger.end_journal()
@@ -815,22 +864,24 @@ class RedisIndex:
 
         A hybrid rank's groups follow their `Y` records, and the segment switches back to
         group 0 at its end."""
-        groups = sorted(ledger.groups.items())
+        groups = sorted(ledger.groups.items()) if ledger.groups else []
         if ledger in self._string_logs:  # loaded from a string log: a list replaces it
             self._string_logs.discard(ledger)
-        elif not journal.reset and not any(g.journal is not None and g.journal.reset
-                                           for _, g in groups):
-            parts = [_changes(ledger, journal)]
-            for group, group_ledger in groups:
-                if group_ledger.journal is not None:
-                    parts += [LOG_HASH.pack(b"Y", group),
-                              _changes(group_ledger, group_ledger.journal)]
+        elif not journal.reset and (not groups or not any(
+                g.journal is not None and g.journal.reset for _, g in groups)):
+            segment = _changes(ledger, journal)
             if groups:
+                parts = [segment]
+                for group, group_ledger in groups:
+                    if group_ledger.journal is not None:
+                        parts += [LOG_HASH.pack(b"Y", group),
+                                  _changes(group_ledger, group_ledger.journal)]
                 parts.append(LOG_HASH.pack(b"Y", 0))
-            segment = b"".join(parts)
+                segment = b"".join(parts)
             size = self._log_bytes.get(ledger, 0) + len(segment)
-            live = sum(LOG_RUN_ENTRY.size * len(one.keys) + LOG_HASH.size * (len(one.ghosts) + 1)
-                       for one in (ledger, *ledger.groups.values()))
+            live = _live_log_bytes(ledger)
+            for _, group_ledger in groups:
+                live += _live_log_bytes(group_ledger)
             # A window group stores and frees nearly every block: its churn is most of a
             # hybrid rank's log, so that log is compacted sooner (memory per entry).
             limit = live + live // 4 if groups else 2 * live
@@ -868,23 +919,85 @@ class RedisIndex:
             self._ledgers[(model, ref)] = ledger
         return ledger
 
-    async def _load_ledger(self, model: str, ref: WorkerRef) -> WorkerLedger:
-        prefix = model_prefix(model)
-        slot_raw, created = await self._slot_script(
-            keys=[prefix + name for name in _SLOT_MODEL_KEYS],
-            args=[ref.worker_id, ref.dp_rank, random.getrandbits(62), self.bucket_load]
-        )
-        slot = int(slot_raw)
-        ledger = WorkerLedger(model, ref.worker_id, ref.dp_rank, slot,
-                              self.config.ghost_capacity)
+    async def _load_ledgers(self, batches: Sequence[EventBatch]) -> None:
+        """Load the ledgers of the ranks these batches name that are not cached, their
+        slots in one round trip: a rank's first batches cost no round trip of their own."""
+        cached: dict[Any, WorkerLedger] = self._ledgers  # a WorkerRef equals its tuple
+        missing: dict[tuple[str, WorkerRef], None] = {}
+        for batch in batches:
+            rank = (batch.model, (batch.worker_id, batch.dp_rank))
+            if rank not in cached and rank not in missing:
+                missing[(batch.model, WorkerRef(batch.worker_id, batch.dp_rank))] = None
+        if len(missing) < 2:
+            return  # one is loaded as it comes
+        replies = await self._slot_replies(list(missing))
+        if any(isinstance(reply, NoScriptError) for reply in replies):
+            # Not loaded yet (or Redis lost it): no slot was taken, so all again.
+            await self._redis.script_load(self._slot_script.script)
+            replies = await self._slot_replies(list(missing))
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        created: dict[tuple[str, WorkerRef], WorkerLedger] = {}
+        for (model, ref), (slot_raw, is_new) in zip(missing, replies, strict=True):
+            if is_new:
+                created[(model, ref)] = self._new_ledger(model, ref, int(slot_raw))
+            else:
+                self._ledgers[(model, ref)] = await self._existing_ledger(model, ref,
+                                                                          int(slot_raw))
         if created:
+            # Listed after their ranks exist, as `_load_ledger` does.
+            models = {model for model, _ in created}
+            await self._redis.sadd(MODELS_KEY, *sorted(models))
+            self._known_models |= models
+            self._ledgers.update(created)
+
+    async def _slot_replies(self, ranks: list[tuple[str, WorkerRef]]) -> list[Any]:
+        """slot.lua's reply for each rank, its calls sent at once on one connection (no
+        pipeline object, no SCRIPT EXISTS first: a NOSCRIPT reply is returned)."""
+        conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            commands = []
+            for model, ref in ranks:
+                keys, args = self._slot_call(model, ref)
+                packed = _pack_command(conn, ("EVALSHA", self._slot_script.sha, len(keys),
+                                              *keys, *args))
+                commands += [packed] if isinstance(packed, bytes) else packed
+            await conn.send_packed_command(commands)
+            return [await _read_reply(conn) for _ in ranks]
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await self._redis.connection_pool.release(conn)
+
+    def _slot_call(self, model: str, ref: WorkerRef) -> tuple[list[str], list[Any]]:
+        """slot.lua's keys and arguments for the slot of a rank (taken when it has none)."""
+        prefix = model_prefix(model)
+        return ([prefix + name for name in _SLOT_MODEL_KEYS],
+                [ref.worker_id, ref.dp_rank, random.getrandbits(62), self.bucket_load])
+
+    def _new_ledger(self, model: str, ref: WorkerRef, slot: int) -> WorkerLedger:
+        return WorkerLedger(model, ref.worker_id, ref.dp_rank, slot, self.config.ghost_capacity)
+
+    async def _load_ledger(self, model: str, ref: WorkerRef) -> WorkerLedger:
+        keys, args = self._slot_call(model, ref)
+        slot_raw, created = await self._slot_script(keys=keys, args=args)
+        slot = int(slot_raw)
+        if created:
+            ledger = self._new_ledger(model, ref, slot)
             # Listed after its rank exists, whatever this process cached: a collection
             # running meanwhile unlists before it looks for ranks (`_collect_models`),
             # so a model with a rank is never left unlisted.
             await self._redis.sadd(MODELS_KEY, model)
             self._known_models.add(model)
             return ledger
-        meta, log_bytes = await self._read_rank(f"{prefix}w:{slot}:", ledger)
+        return await self._existing_ledger(model, ref, slot)
+
+    async def _existing_ledger(self, model: str, ref: WorkerRef, slot: int) -> WorkerLedger:
+        """The ledger of a rank Redis has (its metadata and log read back)."""
+        ledger = self._new_ledger(model, ref, slot)
+        meta, log_bytes = await self._read_rank(f"{model_prefix(model)}w:{slot}:", ledger)
         if meta:
             ledger.epoch, ledger.last_seq = _POSITION.unpack(meta[b"pos"])
             ledger.last_ts = float(meta[b"ts"])
