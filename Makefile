@@ -110,7 +110,7 @@ bench-redis: setup redis-server
 	$(PY) -m bench.redis_backend
 
 bench-redis-module: setup redis-server
-	$(PY) -m bench.redis_backend --module
+	$(PY) -m bench.redis_backend --module --scale-loads 0
 
 bench-redis-cluster: setup redis-server
 	$(PY) -m bench.redis_cluster
