@@ -11,6 +11,7 @@ rank's ledger in its home sub-slot (`slot id mod S`):
     kvi:{T_k}:blk<g>                HASH  the same, of KV-cache group g > 0
     kvi:{T_k}:pos                   HASH  slot id -> token (16 B) + phase ('c' | 'd')
     kvi:{T_k}:p:<id>                STR   keys the id's last part here set (collection)
+    kvi:{T_k}:nextslot              STR   a copy of the id counter (lua/subslot_claim.lua)
     kvi:{T_h}:w:<id>:meta, :log     the rank's committed token, position, counts, log
     kvi:smodels                     SET   sub-slot model names (listing)
 
@@ -27,9 +28,12 @@ it when it loads the rank and re-slots it: the rank's whole presence is written 
 new slot id, the directory switches the rank to it, and the old id is collected from the
 keys its ledger and its last parts (`p:<id>`) name. Slot ids are never reused, so a torn
 rank, an id not yet collected or a stale slot map can make a reader miss blocks, never
-credit one rank with another's. On Redis Cluster, a failover that lost writes Redis had
-confirmed is found as `RedisClusterIndex` finds it (`check_lost_writes`): the rank is
-cleared and asked for a resync; and index markers are kept on every master
+credit one rank with another's. A new id is claimed in every sub-slot (each one's copy
+of the counter raised past it) before the directory takes it, so a directory restored
+from an older dump cannot give out again an id given out after the dump. On Redis
+Cluster, a failover that lost writes Redis had confirmed is found as `RedisClusterIndex`
+finds it (`check_lost_writes`): the rank is cleared and asked for a resync; and index
+markers are kept on every master
 (redis_markers.py), so a master restored from an older dump, or a lagging replica
 promoted, makes its partitions rebuild whichever master it is.
 
