@@ -33,9 +33,8 @@ of the counter raised past it) before the directory takes it, so a directory res
 from an older dump cannot give out again an id given out after the dump. On Redis
 Cluster, a failover that lost writes Redis had confirmed is found as `RedisClusterIndex`
 finds it (`check_lost_writes`): the rank is cleared and asked for a resync; and index
-markers are kept on every master
-(redis_markers.py), so a master restored from an older dump, or a lagging replica
-promoted, makes its partitions rebuild whichever master it is.
+markers are kept on every master (redis_markers.py), so a master restored from an older
+dump, or a lagging replica promoted, makes its partitions rebuild whichever master it is.
 
 Hybrid models: a part carries each entry's KV-cache group, applied to that group's hash
 in the same script call; Score applies vLLM's rule (indexer/index/hybrid.py) with the
