@@ -72,7 +72,7 @@ test: setup lint pytest
 # runs them too, with everything else.
 test-redis-cluster: setup redis-server
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m redis_cluster tests/test_redis_cluster.py tests/test_index_contract.py \
-	  tests/test_redis_markers.py tests/test_redis_cluster_restore.py
+	  tests/test_redis_markers.py tests/test_redis_cluster_restore.py tests/test_redis_subslot_ids.py
 
 run: setup
 	$(VENV)/bin/kv-indexer serve

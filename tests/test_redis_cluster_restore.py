@@ -7,23 +7,31 @@ partitions would live, so only the marker copies on every master
 (indexer/index/redis_markers.py) can show it: the partitions rebuild and the index ends
 exact, no block evicted after the dump reported. Both cluster layouts: sub-slots
 (`--redis-subslots 3`, one per master) and one hash slot per model (the model on the
-restored master)."""
+restored master). Sub-slots also: a rank the restored directory maps again is removed by
+the rebuild, and slot ids given out after the dump are never given out again (16 ranks x
+5,000 blocks; the id counter's copies in every sub-slot)."""
 
 from __future__ import annotations
 
 import shutil
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
+from redis.asyncio.cluster import RedisCluster as ClusterClient
 from redis.crc import key_slot
 
 from indexer.app import IndexerService
+from indexer.errors import BackendError
+from indexer.index.protocol import ScoreQuery
 from indexer.index.redis import model_prefix
 from indexer.index.redis_sharded import ShardedRedisIndex, directory_prefix
 from indexer.ingest.consumer import marker_is_rebuilding, marker_name, position_marker_name
 from kvcore.bus import SCHEMA_VERSION, BlockStored, EventBatch, pack_tokens
+from kvcore.keys import block_keys_for_tokens
 from kvcore.topology import StreamSettings
 from publisher.publisher import KVEventPublisher
 from tests.support.capture import CapturingSink, caught_up, mismatches
@@ -241,5 +249,122 @@ async def test_a_rank_the_restored_directory_maps_again_is_removed(
         holders = {ref.worker_id for entry in (await index.presence(model)).values()
                    for ref in entry}
         assert holders == {"kept"}
+    finally:
+        await index.close()
+
+
+RANK_CHAINS = 5  # chains of 1,000 blocks: 5,000 blocks per rank
+RANK_CHAIN = 1_000
+
+
+def rank_tokens(worker: str, chain: int) -> list[int]:
+    kind, _, number = worker.rpartition("-")
+    seed = (("old", "late", "new").index(kind) * 100 + int(number) + 1) * 1_000_000
+    start = seed + chain * RANK_CHAIN * BS
+    return list(range(start, start + RANK_CHAIN * BS))
+
+
+def rank_batch(model: str, worker: str, chains: range, seq: int = 0) -> EventBatch:
+    return EventBatch(schema=SCHEMA_VERSION, model=model, worker_id=worker, dp_rank=0,
+                      epoch=1, seq=seq, ts=float(seq),
+                      events=[BlockStored(block_hashes=[chain * 100_000 + i + 1
+                                                        for i in range(RANK_CHAIN)],
+                                          parent_hash=None,
+                                          token_ids=pack_tokens(rank_tokens(worker, chain)),
+                                          block_size=BS, medium="gpu")
+                              for chain in chains])
+
+
+async def named_ids(cluster: RedisCluster) -> set[int]:
+    """Every slot id some holder entry names, in any sub-slot of any master (a test-only
+    scan)."""
+    client = ClusterClient.from_url(cluster.url)
+    try:
+        ids: set[int] = set()
+        for key in await client.keys("kvi:*:blk*", target_nodes=ClusterClient.PRIMARIES):
+            for value in (await client.hgetall(key)).values():
+                ids.update(entry >> 4 for (entry,) in struct.iter_unpack("<I", cast(bytes, value)))
+        return ids
+    finally:
+        await client.aclose()
+
+
+class _StoppedError(Exception):
+    """A writer stopped between waves."""
+
+
+async def test_ids_given_out_after_the_dump_are_not_given_again(
+        cluster: RedisCluster, tmp_path: Path) -> None:
+    """Sub-slots: the master holding a model's directory comes back from a dump taken
+    before 8 of its 16 ranks (5,000 blocks each) were created and one was re-slotted.
+    Their entries stay in the sub-slots on the other masters, under ids the restored
+    directory's counter has not reached. Ranks created afterwards get ids no entry
+    names, hold exactly their own blocks, and Score never credits them with the
+    forgotten ranks' blocks. (With the directory's counter alone, the new ranks took
+    those ids and were credited with the forgotten ranks' blocks.)"""
+    model = "field/ids"
+    directory = cluster.node_of_slot(key_slot((directory_prefix(model) + "slots").encode()))
+    cluster.replica_of(directory).cli("CONFIG", "SET", "cluster-replica-no-failover", "yes")
+    index = ShardedRedisIndex.from_url(cluster.url, subslots=3, cluster=True)
+    try:
+        for w in range(8):
+            await index.apply([rank_batch(model, f"old-{w}", range(RANK_CHAINS))])
+        directory.cli("SAVE")
+        dump = tmp_path / "old-dump.rdb"
+        shutil.copy(directory.workdir / "dump.rdb", dump)
+        for w in range(8):
+            await index.apply([rank_batch(model, f"late-{w}", range(RANK_CHAINS))])
+
+        async def stop(wave: int) -> None:
+            if wave == 2:
+                raise _StoppedError
+
+        index.wave_hook = stop
+        torn = rank_batch(model, "old-0", range(RANK_CHAINS, RANK_CHAINS + 1), seq=1)
+        with pytest.raises(_StoppedError):
+            await index.apply([torn])
+    finally:
+        await index.close()
+    index = ShardedRedisIndex.from_url(cluster.url, subslots=3, cluster=True)
+    try:
+        await index.apply([torn])  # the next owner re-slots old-0
+        assert index.reslots == 1
+        forgotten = {ref.worker_id: slot for slot, ref in (await index._refs_by_id(model)).items()
+                     if ref.worker_id.startswith("late-") or ref.worker_id == "old-0"}
+    finally:
+        await index.close()
+    restore(directory, dump)
+    cluster.wait_ok(replicated=False, timeout=60)
+    named = await named_ids(cluster)
+    assert set(forgotten.values()) & named, "the other masters kept no forgotten id"
+
+    index = ShardedRedisIndex.from_url(cluster.url, subslots=3, cluster=True)
+    try:
+        errors = []
+        for w in range(8):
+            try:
+                await index.apply([rank_batch(model, f"new-{w}", range(1))])
+            except BackendError as exc:  # the old holder's positions, met by a reused id
+                errors.append(exc)
+        new = {ref.worker_id: slot for slot, ref in (await index._refs_by_id(model)).items()
+               if ref.worker_id.startswith("new-")}
+        reused = {worker: slot for worker, slot in new.items() if slot in named}
+        print(f"\nforgotten ids {sorted(forgotten.values())}, named after the restore "
+              f"{len(named)}, new ids {sorted(new.values())}, reused {reused}")
+        assert reused == {}
+        credited: dict[str, set[int]] = {}
+        for key, holders in (await index.presence(model)).items():
+            for ref in holders:
+                credited.setdefault(ref.worker_id, set()).add(key)
+        for w in range(8):
+            own = set(block_keys_for_tokens(rank_tokens(f"new-{w}", 0), BS, model))
+            assert credited.get(f"new-{w}") == own
+        for worker in forgotten:
+            for chain in range(RANK_CHAINS):
+                result = await index.score(ScoreQuery(model=model, token_ids=rank_tokens(
+                    worker, chain), block_size=BS))
+                assert not [s.worker_id for s in result.scores
+                            if s.worker_id.startswith("new-")]
+        assert errors == []
     finally:
         await index.close()

@@ -11,6 +11,7 @@ rank's ledger in its home sub-slot (`slot id mod S`):
     kvi:{T_k}:blk<g>                HASH  the same, of KV-cache group g > 0
     kvi:{T_k}:pos                   HASH  slot id -> token (16 B) + phase ('c' | 'd')
     kvi:{T_k}:p:<id>                STR   keys the id's last part here set (collection)
+    kvi:{T_k}:nextslot              STR   a copy of the id counter (lua/subslot_claim.lua)
     kvi:{T_h}:w:<id>:meta, :log     the rank's committed token, position, counts, log
     kvi:smodels                     SET   sub-slot model names (listing)
 
@@ -27,11 +28,13 @@ it when it loads the rank and re-slots it: the rank's whole presence is written 
 new slot id, the directory switches the rank to it, and the old id is collected from the
 keys its ledger and its last parts (`p:<id>`) name. Slot ids are never reused, so a torn
 rank, an id not yet collected or a stale slot map can make a reader miss blocks, never
-credit one rank with another's. On Redis Cluster, a failover that lost writes Redis had
-confirmed is found as `RedisClusterIndex` finds it (`check_lost_writes`): the rank is
-cleared and asked for a resync; and index markers are kept on every master
-(redis_markers.py), so a master restored from an older dump, or a lagging replica
-promoted, makes its partitions rebuild whichever master it is.
+credit one rank with another's. A new id is claimed in every sub-slot (each one's copy
+of the counter raised past it) before the directory takes it, so a directory restored
+from an older dump cannot give out again an id given out after the dump. On Redis
+Cluster, a failover that lost writes Redis had confirmed is found as `RedisClusterIndex`
+finds it (`check_lost_writes`): the rank is cleared and asked for a resync; and index
+markers are kept on every master (redis_markers.py), so a master restored from an older
+dump, or a lagging replica promoted, makes its partitions rebuild whichever master it is.
 
 Hybrid models: a part carries each entry's KV-cache group, applied to that group's hash
 in the same script call; Score applies vLLM's rule (indexer/index/hybrid.py) with the
@@ -116,7 +119,7 @@ from kvcore.keys import NATIVE, pack_keys
 if NATIVE:
     from kvcore._native import subslot_merge, subslot_split
 
-__all__ = ["MODELS_KEY", "ShardedRedisIndex", "WaveHook"]
+__all__ = ["MODELS_KEY", "ClaimHook", "ShardedRedisIndex", "WaveHook"]
 
 log = structlog.get_logger("indexer.redis_sharded")
 
@@ -130,6 +133,8 @@ _DIR_KEYS: Final = ("slots", "nextslot", "slotver", "subslots", "retired", "pend
 _META_FIELDS: Final = ("pos", "ts", "n0", "n1", "n2", "n3", "degraded")
 _MAX_TAG_SEARCH: Final = 1 << 20
 _ATTEMPTS: Final = 5  # tries of a command meeting a moving slot or a lost node
+_CLAIMS: Final = 100  # claims of an id before giving up (each lost to a concurrent one)
+_MAX_SLOT_ID: Final = (1 << 28) - 1
 # ClusterError: redis-py's cluster pipeline gave up following redirections (TTL).
 _RETRIED: Final = (MovedError, AskError, TryAgainError, ClusterDownError, SlotNotCoveredError,
                    ClusterError, ConnectionError, TimeoutError)
@@ -137,6 +142,9 @@ _RETRIED: Final = (MovedError, AskError, TryAgainError, ClusterDownError, SlotNo
 # Called after wave 1 and after wave 2 of each apply with the wave's number (tests stop a
 # writer between waves by raising from it).
 WaveHook = Callable[[int], Awaitable[None]]
+# Called with the id claimed in every sub-slot, before the directory is asked to take it
+# (tests stop an allocation between its two steps by raising from it).
+ClaimHook = Callable[[int], Awaitable[None]]
 
 
 def _lua(name: str) -> str:
@@ -317,6 +325,7 @@ class ShardedRedisIndex:
         self.on_resync = on_resync
         self.log_compact_min_bytes = log_compact_min_bytes
         self.wave_hook: WaveHook | None = None
+        self.claim_hook: ClaimHook | None = None
         self.reslots = 0  # ranks found torn and re-slotted by this process
         self.retried_calls = 0  # pipelines sent again (a moving slot, a lost node)
         self._redis = client
@@ -325,7 +334,7 @@ class ShardedRedisIndex:
         self._scripts = {name: _Script(_with_holders(f"subslot_{name}.lua"))
                          for name in ("part", "collect")}
         self._scripts.update({name: _Script(_lua(f"subslot_{name}.lua"))
-                              for name in ("score", "ledger", "dir")})
+                              for name in ("score", "ledger", "dir", "claim")})
         self._models: dict[str, _Model] = {}
         self._slot_maps: dict[str, _SlotMap] = {}
         self._ranks: dict[tuple[str, WorkerRef], _Rank] = {}
@@ -457,21 +466,64 @@ class ShardedRedisIndex:
         return rank
 
     async def _allocate(self, model: str, ref: WorkerRef) -> tuple[int, bool, _Model]:
-        """The rank's slot id in the directory (created if new), finishing the model's
-        collection first if one is under way."""
+        """The rank's slot id in the directory (a new one claimed first if the rank is
+        new), finishing the model's collection first if one is under way."""
         known = self._models.get(model)
         tags = "\n".join(known.tags if known is not None else await self._search_tags(model))
-        for _ in range(3):
+        version_start = random.getrandbits(62)
+        claimed: tuple[int, ...] = ()
+        for _ in range(_CLAIMS):
             [reply] = await self._run([self._dir_call(
-                model, "rank", ref.worker_id, ref.dp_rank, random.getrandbits(62), tags)])
+                model, "rank", ref.worker_id, ref.dp_rank, version_start, tags, *claimed)])
             if reply[0] == b"collecting":
                 await self._finish_model_gc(model)
+                claimed = ()
                 continue
-            slot_raw, created, tags_raw = reply
+            head, value, tags_raw = reply
             info = _Model(model, tags_raw.decode().split("\n"))
             self._models[model] = info
-            return int(slot_raw), bool(created), info
-        raise BackendError(f"model {model} kept being collected while a rank was created")
+            if head != b"new":
+                return int(head), bool(value), info
+            claimed = (await self._claim(model, info, int(value)),)
+        raise BackendError(f"no slot id could be taken for a rank of {model}")
+
+    async def _new_id(self, model: str, ref: WorkerRef) -> int:
+        """A re-slot's new id: claimed in every sub-slot, then taken in the directory
+        (listed in `pending`)."""
+        info = await self._model(model)
+        if info is None:
+            raise BackendError(f"model {model} was collected while a rank was re-slotted")
+        claimed: tuple[int, ...] = ()
+        for _ in range(_CLAIMS):
+            [reply] = await self._run([self._dir_call(model, "newid", ref.worker_id,
+                                                      ref.dp_rank, *claimed)])
+            if reply[0] != b"new":
+                return int(reply[0])
+            claimed = (await self._claim(model, info, int(reply[1])),)
+        raise BackendError(f"no slot id could be taken for a re-slot in {model}")
+
+    async def _claim(self, model: str, info: _Model, start: int) -> int:
+        """The lowest id >= `start` claimed in every sub-slot: each sub-slot's copy of the
+        id counter raised past it, before the directory takes it and before anything
+        names it. An id the directory takes is then above every copy: a directory
+        restored from an older dump cannot give out again an id given out after the dump
+        while another master keeps its copies. A claim lost to a concurrent one (a copy
+        already past it) is retried above that copy; ids claimed and never taken are
+        skipped, never reused."""
+        want = start
+        for _ in range(_CLAIMS):
+            if want > _MAX_SLOT_ID:
+                raise BackendError(f"model {model} used every slot id (2^28)")
+            claimer = os.urandom(8).hex()
+            floors = await self._run([self._eval("claim", [prefix + "nextslot"], want, claimer)
+                                      for prefix in info.prefixes])
+            passed = [int(floor) for floor in floors if int(floor)]
+            if not passed:
+                if self.claim_hook is not None:
+                    await self.claim_hook(want)
+                return want
+            want = max(passed)
+        raise BackendError(f"no slot id could be claimed in {model}")
 
     async def _load_rank(self, model: str, ref: WorkerRef) -> _Rank:
         slot, created, info = await self._allocate(model, ref)
@@ -511,14 +563,13 @@ class ShardedRedisIndex:
         """A torn rank goes to a new slot id: its whole presence is written under it by
         the next call (from absent), then the directory switches and the old id is
         collected (`_finish_reslot`)."""
-        [new_raw] = await self._run([self._dir_call(model, "newid", ref.worker_id,
-                                                    ref.dp_rank)])
+        new = await self._new_id(model, ref)
         ledger = rank.ledger
         old = ledger.slot
         log.warning("rank_torn_reslot", model=model, worker=ref.worker_id,
-                    dp_rank=ref.dp_rank, old_slot=old, new_slot=int(new_raw))
+                    dp_rank=ref.dp_rank, old_slot=old, new_slot=new)
         rank.reslot_from = old
-        ledger.slot = int(new_raw)
+        ledger.slot = new
         rank.positions = [ABSENT] * len(rank.positions)
         rank.committed = b""
         rank.counter = 0

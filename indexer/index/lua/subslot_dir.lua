@@ -3,11 +3,16 @@
 -- KEYS: the directory's slots, nextslot, slotver, subslots, retired, pending, state,
 -- block_size, groups (KV-cache group > 0 -> "kind\nwindow", written by redis_sharded.py).
 -- ARGV[1] the operation, then its arguments:
---   'rank' worker, dp rank, version start, tags: the rank's id (allocated if new; the
---          tags stored if the model has none yet) -> {id, created, tags}, or
+--   'rank' worker, dp rank, version start, tags[, id]: the rank's id (the tags stored if
+--          the model has none yet) -> {id, 0, tags}; a rank not mapped yet is mapped to
+--          `id` -> {id, 1, tags}; without `id`, or when the counter has passed it,
+--          -> {'new', counter, tags}: the caller claims an id >= counter in every
+--          sub-slot (lua/subslot_claim.lua) and calls again with it.
 --          {'collecting'} while the model is being collected
---   'newid' worker, dp rank: a new id for a re-slot, listed in `pending` (ids of the
---          rank pending from an interrupted re-slot are retired) -> id
+--   'newid' worker, dp rank[, id]: `id`, claimed in every sub-slot, as the rank's new id
+--          for a re-slot, listed in `pending` (ids of the rank pending from an
+--          interrupted re-slot are retired) -> {id}; without `id`, or when the counter
+--          has passed it, -> {'new', counter}, as 'rank'
 --   'switch' worker, dp rank, old id, new id: map the rank to the new id and retire the
 --          old -> 'ok' (also when an earlier try did), or 'conflict' when the rank is at
 --          neither id
@@ -17,18 +22,31 @@
 --   'gc': a model with no rank and nothing to collect goes to 'collecting' -> the tags,
 --          or false
 --   'drop': a collecting model's directory goes (the counter stays: ids never repeat)
--- Ids are never given out twice: a holder entry always means the rank that wrote it.
+-- Ids are never given out twice: a holder entry always means the rank that wrote it. An
+-- id is taken here only after every sub-slot's copy of the counter was raised past it
+-- (claimed), so a directory restored from an older dump (its counter rolled back) meets
+-- copies on the other masters that make the caller claim higher.
 local slots, nextslot, slotver, subslots, retired, pending, state =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local MAX_SLOT_ID = 268435455
 local op = ARGV[1]
 
-local function new_id(ref)
-  local n = redis.call('INCR', nextslot)
-  if n - 1 > MAX_SLOT_ID then
+-- The claimed id ARGV[i] taken (the counter raised past it), or nil when there is none
+-- or the counter passed it: the caller claims from the counter.
+local function take_id(i)
+  local want = tonumber(ARGV[i])
+  if not want or want < tonumber(redis.call('GET', nextslot) or '0') then
+    return nil
+  end
+  if want > MAX_SLOT_ID then
     return redis.error_reply('model ' .. slots .. ' used every slot id (2^28)')
   end
-  return tostring(n - 1)
+  redis.call('SET', nextslot, tostring(want + 1))
+  return tostring(want)
+end
+
+local function counter()
+  return redis.call('GET', nextslot) or '0'
 end
 
 local function bump(start)
@@ -58,8 +76,10 @@ if op == 'rank' then
   if s then
     return {s, 0, tags}
   end
-  s = new_id(ref)
-  if type(s) == 'table' then
+  s = take_id(6)
+  if not s then
+    return {'new', counter(), tags}
+  elseif type(s) == 'table' then
     return s
   end
   redis.call('HSET', slots, ref, s)
@@ -67,13 +87,15 @@ if op == 'rank' then
   return {s, 1, tags}
 elseif op == 'newid' then
   local ref = ARGV[2] .. '\n' .. ARGV[3]
-  retire_pending(ref)
-  local s = new_id(ref)
-  if type(s) == 'table' then
+  local s = take_id(4)
+  if not s then
+    return {'new', counter()}
+  elseif type(s) == 'table' then
     return s
   end
+  retire_pending(ref)
   redis.call('HSET', pending, s, ref)
-  return s
+  return {s}
 elseif op == 'switch' then
   local ref = ARGV[2] .. '\n' .. ARGV[3]
   local now = redis.call('HGET', slots, ref)
