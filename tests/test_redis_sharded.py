@@ -7,9 +7,9 @@ reference model at every wave boundary never see a block a rank did not hold bef
 after the call; the next owner re-slots the rank and the index is then exact, with the
 old slot id's entries collected from every sub-slot. A second writer's parts are found
 the same way. Writes a promoted replica never received are found and repaired by a
-resync. Removal and model collection leave no key behind; pools are refused before
-anything is written. Hybrid models (KV-cache groups > 0) score as the in-memory index
-does, through torn calls and re-slots too."""
+resync. Removal and model collection leave no key behind; pool events are dropped and
+counted, the rest of their batches applied. Hybrid models (KV-cache groups > 0) score as
+the in-memory index does, through torn calls and re-slots too."""
 
 from __future__ import annotations
 
@@ -30,9 +30,10 @@ from indexer.config import parse_service_config
 from indexer.errors import BackendError, ConfigError
 from indexer.index.factory import build_index
 from indexer.index.memory import MemoryIndex
+from indexer.index.pools import split_pool_events
 from indexer.index.protocol import IndexConfig, ResyncRequest, ScoreQuery, WorkerRef
 from indexer.index.redis import RedisIndex
-from indexer.index.redis_sharded import ShardedRedisIndex
+from indexer.index.redis_sharded import POOLS_DROPPED, ShardedRedisIndex
 from kvcore.bus import (
     SCHEMA_VERSION,
     AllBlocksCleared,
@@ -378,17 +379,28 @@ class TestPlacementAndScope:
         await client.aclose()
         await index.close()
 
-    async def test_pools_are_refused(self, backend: Backend) -> None:
-        """A pool write is a clear error; nothing is written."""
+    async def test_pool_events_are_dropped_and_counted(self, backend: Backend) -> None:
+        """Pools are not built on sub-slot models: a batch's pool events are dropped and
+        counted, its own events apply (the partition never wedges on them), and a pool is
+        never credited (misses, not false hits)."""
         fleet = Fleet()
         index = backend.index()
-        ref = RANKS[0]
-        pool_store = BlockStored(block_hashes=[1], token_ids=pack_tokens([1] * BS),
+        pool_store = BlockStored(block_hashes=[900_001], token_ids=pack_tokens([7] * BS),
                                  block_size=BS, medium="storage", pool="shared")
-        with pytest.raises(BackendError, match="not supported on a sub-slot model"):
-            await index.apply([fleet.batch(ref, fleet.store(ref, 0), pool_store)])
-        assert await index.presence(MODEL) == {}
-        assert await index.workers(MODEL) == []
+        pool_remove = BlockRemoved(block_hashes=[900_001], medium="storage", pool="shared")
+        first = [fleet.batch(ref, *[fleet.store(ref, c) for c in range(CHAINS)], pool_store)
+                 for ref in RANKS]
+        for batch in first:  # the reference sees each batch's own events only
+            fleet.reference.apply(split_pool_events(batch)[0])
+        await index.apply(first)
+        await index.apply(first)  # redelivered: duplicates, counted once
+        churn = fleet.churn(RANKS[0])
+        later = fleet.batch(RANKS[0], pool_remove)
+        fleet.reference.apply(split_pool_events(later)[0])
+        await index.apply([*churn, later])
+        await assert_exact(index, fleet)
+        assert (await index.stats()).dropped.get(POOLS_DROPPED) == len(RANKS) + 1
+        assert all(w.kind == "worker" for w in await index.workers(MODEL))
         await index.close()
 
 

@@ -119,10 +119,12 @@ from kvcore.keys import NATIVE, pack_keys
 if NATIVE:
     from kvcore._native import subslot_merge, subslot_split
 
-__all__ = ["MODELS_KEY", "ClaimHook", "ShardedRedisIndex", "WaveHook"]
+__all__ = ["MODELS_KEY", "POOLS_DROPPED", "ClaimHook", "ShardedRedisIndex", "WaveHook"]
 
 log = structlog.get_logger("indexer.redis_sharded")
 
+# The drop reason of pool events on a sub-slot model (pools are not built there).
+POOLS_DROPPED: Final = "pool_on_subslots"
 MODELS_KEY: Final = "kvi:smodels"
 ABSENT: Final = b"\0" * 16 + b"-"  # the stored position of a sub-slot a rank never wrote
 _COUNTER: Final = struct.Struct(">Q")
@@ -339,6 +341,7 @@ class ShardedRedisIndex:
         self._slot_maps: dict[str, _SlotMap] = {}
         self._ranks: dict[tuple[str, WorkerRef], _Rank] = {}
         self._block_sizes: dict[str, int] = {}
+        self._pools_warned: set[str] = set()  # models whose pool events were dropped
         self._known_models: set[str] = set()
         # model -> KV-cache group -> spec this process wrote to the directory's `groups`
         self._groups_written: dict[str, dict[int, tuple[str | None, int]]] = {}
@@ -630,26 +633,16 @@ class ShardedRedisIndex:
         self._known_models.clear()
         self._block_sizes.clear()
 
-    @staticmethod
-    def _refuse_unsupported(batches: Sequence[EventBatch]) -> None:
-        """Pools are not built for sub-slot models: refused before anything is read or
-        written."""
-        for batch in batches:
-            if split_pool_events(batch)[1]:
-                raise BackendError("shared storage pools are not supported on a sub-slot "
-                                   "model (--redis-subslots); serve the model without "
-                                   "sub-slots to index pools")
-
     async def _apply(self, batches: Sequence[EventBatch]) -> list[ApplyOutcome]:
-        self._refuse_unsupported(batches)
         outcomes: list[ApplyOutcome] = []
         sinks: dict[tuple[str, WorkerRef], _NetSink] = {}
         changed: set[tuple[str, WorkerRef]] = set()
         block_sizes: dict[str, int] = {}
+        pool_events = 0
         for batch in batches:
             ref = WorkerRef(batch.worker_id, batch.dp_rank)
             rank = await self._rank(batch.model, ref)
-            own, _ = split_pool_events(batch)
+            own, pooled = split_pool_events(batch)
             sink = sinks.get((batch.model, ref))
             if sink is None:
                 sink = sinks[(batch.model, ref)] = self._start_call(rank)
@@ -660,9 +653,24 @@ class ShardedRedisIndex:
                 size = stored_block_size(batch)
                 if size is not None:
                     block_sizes[batch.model] = size
+                if pooled:
+                    pool_events += len(pooled)
+                    self._warn_pools(batch.model)
         await self._write_calls(sinks, changed)
         await self._store_block_sizes(block_sizes)
+        if pool_events:  # counted once the call applied: a retried call counts them once
+            self._stats.drop(POOLS_DROPPED, pool_events)
         return outcomes
+
+    def _warn_pools(self, model: str) -> None:
+        """Pools are not built for sub-slot models: their events are dropped (a pool's
+        blocks are then never credited: misses, never a false hit) and the rest of each
+        batch applies. Logged once per model and process."""
+        if model not in self._pools_warned:
+            self._pools_warned.add(model)
+            log.warning("pool_events_dropped", model=model, reason=POOLS_DROPPED,
+                        fix="serve the model without --redis-subslots to index its "
+                            "shared storage pools")
 
     def _start_call(self, rank: _Rank) -> _NetSink:
         sink = _NetSink()
