@@ -33,8 +33,8 @@ from indexer.ingest.consumer import marker_is_rebuilding, marker_name, position_
 from kvcore.bus import SCHEMA_VERSION, BlockStored, EventBatch, pack_tokens
 from kvcore.keys import block_keys_for_tokens
 from kvcore.topology import StreamSettings
-from publisher.publisher import KVEventPublisher
-from tests.support.capture import CapturingSink, caught_up, mismatches
+from tests.support.capture import caught_up, mismatches
+from tests.support.chain_fleet import ChainFleet
 from tests.support.event_path import running_service, service_config
 from tests.support.polling import eventually, is_true
 from tests.support.redis_cluster import ClusterNode, RedisCluster
@@ -46,54 +46,6 @@ PARTITIONS = 2
 BS = 16
 CHAIN = 50  # blocks per stored chain: one bus batch
 CHAINS = 100  # 5,000 blocks per worker
-
-
-class Fleet:
-    """WORKERS publishers of one model storing and removing whole chains, every batch
-    recorded."""
-
-    def __init__(self, nats_url: str, model: str) -> None:
-        self.model = model
-        self.pubs = [KVEventPublisher(model, f"w{w}", block_size=BS, nats_url=nats_url,
-                                      stream=StreamSettings(partitions=PARTITIONS,
-                                                            liveness_ttl_s=3.0),
-                                      max_pending=100_000)
-                     for w in range(WORKERS)]
-        self.published: list[EventBatch] = []
-
-    async def start(self) -> None:
-        for pub in self.pubs:
-            await pub.start()
-            CapturingSink(pub, self.published)
-
-    @staticmethod
-    def hashes(worker: int, chain: int) -> list[int]:
-        return [(worker << 40) | (chain << 16) | i for i in range(CHAIN)]
-
-    @staticmethod
-    def tokens(worker: int, chain: int) -> list[int]:
-        start = ((worker + 1) * 1000 + chain) * CHAIN * BS
-        return list(range(start, start + CHAIN * BS))
-
-    def store(self, chains: range) -> None:
-        for w, pub in enumerate(self.pubs):
-            for chain in chains:
-                pub.stored(self.hashes(w, chain), self.tokens(w, chain))
-                pub.end_step()
-
-    def remove(self, chains: range) -> None:
-        for w, pub in enumerate(self.pubs):
-            for chain in chains:
-                pub.removed(self.hashes(w, chain))
-                pub.end_step()
-
-    async def flush(self) -> None:
-        for pub in self.pubs:
-            assert await pub.flush(90.0)
-
-    async def close(self) -> None:
-        for pub in self.pubs:
-            await pub.close()
 
 
 @pytest.fixture
@@ -146,7 +98,8 @@ async def test_one_master_restored_from_an_older_dump_invents_nothing(
     subslots = 3 if layout == "subslots" else 1
     replica = cluster.replica_of(restored)
     replica.cli("CONFIG", "SET", "cluster-replica-no-failover", "yes")
-    fleet = Fleet(nats_url, model)
+    fleet = ChainFleet(nats_url, model, workers=WORKERS, block_size=BS, chain=CHAIN, shared=0,
+                       stream=StreamSettings(partitions=PARTITIONS, liveness_ttl_s=3.0))
     config = service_config(nats_url, redis_url=cluster.url, grpc_listen="127.0.0.1:0",
                             partitions=PARTITIONS, liveness_grace_s=3600.0,
                             redis_subslots=subslots)

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 from redis.crc import key_slot
 
@@ -48,6 +47,7 @@ from tests.support.fleet import Fleet as FieldFleet
 from tests.support.redis_cluster import RedisCluster
 from tests.support.reference import ReferenceIndex
 from tests.support.servers import RedisServer
+from tests.support.subslot_backend import BACKEND_PARAMS, Backend, flushed_backend
 
 MODEL = "org/big-model"
 BS = 4
@@ -149,67 +149,9 @@ async def assert_exact(index: ShardedRedisIndex, fleet: Fleet) -> None:
         assert info.last_seq == fleet.seq[ref]
 
 
-class Backend:
-    """A flushed Redis (one node or the cluster) and sub-slot indexes on it."""
-
-    def __init__(self, url: str, subslots: int, cluster: bool) -> None:
-        self.url, self.subslots, self.cluster = url, subslots, cluster
-
-    def index(self) -> ShardedRedisIndex:
-        return ShardedRedisIndex.from_url(self.url, subslots=self.subslots,
-                                          cluster=self.cluster, config=CONFIG)
-
-    def client(self) -> Any:
-        if self.cluster:
-            return ClusterClient.from_url(self.url)
-        return aioredis.Redis.from_url(self.url)
-
-    async def flush(self) -> None:
-        client = self.client()
-        if self.cluster:
-            await client.flushall(target_nodes=ClusterClient.PRIMARIES)
-        else:
-            await client.flushall()
-        await client.aclose()
-
-    async def keys(self) -> list[bytes]:
-        client = self.client()
-        try:
-            if self.cluster:
-                found = await client.keys("*", target_nodes=ClusterClient.PRIMARIES)
-            else:
-                found = await client.keys("*")
-            return sorted(found)
-        finally:
-            await client.aclose()
-
-    async def entries_of(self, slot: int) -> int:
-        """Holder entries of slot id `slot` in every sub-slot hash, of every KV-cache group
-        (a test-only scan)."""
-        client = self.client()
-        count = 0
-        try:
-            for key in await self.keys():
-                if not re.search(rb":blk\d*$", key):
-                    continue
-                for value in (await client.hgetall(key)).values():
-                    for i in range(0, len(value), 4):
-                        count += int.from_bytes(value[i : i + 4], "little") >> 4 == slot
-        finally:
-            await client.aclose()
-        return count
-
-
-@pytest.fixture(params=["one-node", pytest.param("cluster", marks=pytest.mark.redis_cluster)])
+@pytest.fixture(params=BACKEND_PARAMS)
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    if request.param == "cluster":
-        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
-        found = Backend(cluster.url, 3, cluster=True)
-    else:
-        server: RedisServer = request.getfixturevalue("redis_server")
-        found = Backend(server.url, 4, cluster=False)
-    await found.flush()
-    yield found
+    yield await flushed_backend(request)
 
 
 class _WriterStoppedError(Exception):

@@ -12,13 +12,10 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from indexer.index.redis_sharded import ShardedRedisIndex, directory_prefix
 from kvcore.bus import SCHEMA_VERSION, BlockStored, EventBatch, pack_tokens
-from tests.support.redis_cluster import RedisCluster
-from tests.support.servers import RedisServer
+from tests.support.subslot_backend import BACKEND_PARAMS, Backend, flushed_backend
 
 MODEL = "org/ids-model"
 BS = 4
@@ -30,37 +27,9 @@ class _StoppedError(Exception):
     """An allocation stopped after its claim (a crash, as far as Redis can tell)."""
 
 
-class Backend:
-    """A flushed Redis (one node or the cluster) and sub-slot indexes on it."""
-
-    def __init__(self, url: str, subslots: int, cluster: bool) -> None:
-        self.url, self.subslots, self.cluster = url, subslots, cluster
-
-    def index(self) -> ShardedRedisIndex:
-        return ShardedRedisIndex.from_url(self.url, subslots=self.subslots,
-                                          cluster=self.cluster)
-
-    def client(self) -> aioredis.Redis | ClusterClient:
-        if self.cluster:
-            return ClusterClient.from_url(self.url)
-        return aioredis.Redis.from_url(self.url)
-
-
-@pytest.fixture(params=["one-node", pytest.param("cluster", marks=pytest.mark.redis_cluster)])
+@pytest.fixture(params=BACKEND_PARAMS)
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    if request.param == "cluster":
-        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
-        found = Backend(cluster.url, 3, cluster=True)
-    else:
-        server: RedisServer = request.getfixturevalue("redis_server")
-        found = Backend(server.url, 4, cluster=False)
-    client = found.client()
-    if isinstance(client, ClusterClient):
-        await client.flushall(target_nodes=ClusterClient.PRIMARIES)
-    else:
-        await client.flushall()
-    await client.aclose()
-    yield found
+    yield await flushed_backend(request)
 
 
 def stored(worker: str, seq: int = 0) -> EventBatch:
