@@ -660,6 +660,19 @@ store_passes(PyObject *event, int schema1)
            tokens_fit(event, n);
 }
 
+/* Whether every event of the list `events` is a stored_type that store_passes. */
+static int
+stores_pass(PyObject *events, PyObject *stored_type, int schema1)
+{
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(events); i++) {
+        PyObject *event = PyList_GET_ITEM(events, i);
+        if ((PyObject *)Py_TYPE(event) != stored_type || !store_passes(event, schema1)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 const char check_plain_stores_doc[] = PyDoc_STR(
 "check_plain_stores(events, stored_type, schema1) -> bool\n\n"
 "True when every event is a stored_type that kvcore.bus.validate_batch accepts, by checks\n"
@@ -682,13 +695,7 @@ check_plain_stores(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (!usable || !PyList_CheckExact(events)) {
         Py_RETURN_FALSE;
     }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(events); i++) {
-        PyObject *event = PyList_GET_ITEM(events, i);
-        if ((PyObject *)Py_TYPE(event) != stored_type || !store_passes(event, schema1)) {
-            Py_RETURN_FALSE;
-        }
-    }
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(stores_pass(events, stored_type, schema1));
 }
 
 /* kvcore.bus.validate_batch's batch checks, by checks that never accept what it refuses. */
@@ -736,11 +743,5 @@ check_plain_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *events = batch_field(batch, B_EVENTS);
     int schema1 = PyLong_AsLong(batch_field(batch, B_SCHEMA)) == 1; /* 1 or 2 by now */
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(events); i++) {
-        PyObject *event = PyList_GET_ITEM(events, i);
-        if ((PyObject *)Py_TYPE(event) != stored_type || !store_passes(event, schema1)) {
-            Py_RETURN_FALSE;
-        }
-    }
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(stores_pass(events, stored_type, schema1));
 }
