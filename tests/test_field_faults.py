@@ -26,8 +26,8 @@ from indexer.index.redis import RedisIndex
 from indexer.ingest.consumer import marker_is_rebuilding, marker_name
 from kvcore.bus import EventBatch
 from kvcore.topology import StreamSettings
-from publisher.publisher import KVEventPublisher
-from tests.support.capture import CapturingSink, caught_up, mismatches
+from tests.support.capture import caught_up, mismatches
+from tests.support.chain_fleet import ChainFleet
 from tests.support.event_path import running_service, service_config
 from tests.support.polling import eventually, is_true
 from tests.support.processes import IndexerProcess
@@ -47,51 +47,12 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def chain_tokens(worker: int, chain: int) -> list[int]:
-    owner = 0 if chain < SHARED_CHAINS else worker + 1
-    start = (owner * 1000 + chain) * CHAIN * BS
-    return list(range(start, start + CHAIN * BS))
-
-
-def chain_hashes(worker: int, chain: int) -> list[int]:
-    return [(worker << 40) | (chain << 16) | i for i in range(CHAIN)]
-
-
-class Fleet:
-    """WORKERS library publishers storing and removing whole chains, every batch recorded."""
-
-    def __init__(self, nats_url: str) -> None:
-        self.pubs = [KVEventPublisher(MODEL, f"w{w}", block_size=BS, nats_url=nats_url,
-                                      stream=StreamSettings(partitions=PARTITIONS,
-                                                            liveness_ttl_s=3.0),
-                                      max_pending=100_000)
-                     for w in range(WORKERS)]
-        self.published: list[EventBatch] = []
-
-    async def start(self) -> None:
-        for pub in self.pubs:
-            await pub.start()
-            CapturingSink(pub, self.published)
-
-    def store(self, chains: range) -> None:
-        for w, pub in enumerate(self.pubs):
-            for chain in chains:
-                pub.stored(chain_hashes(w, chain), chain_tokens(w, chain))
-                pub.end_step()
-
-    def remove(self, chains: range, workers: range = range(WORKERS)) -> None:
-        for w in workers:
-            for chain in chains:
-                self.pubs[w].removed(chain_hashes(w, chain))
-                self.pubs[w].end_step()
-
-    async def flush(self, timeout: float = 90.0) -> None:
-        for pub in self.pubs:
-            assert await pub.flush(timeout)
-
-    async def close(self) -> None:
-        for pub in self.pubs:
-            await pub.close()
+def chain_fleet(nats_url: str) -> ChainFleet:
+    """WORKERS library publishers storing and removing whole chains (the first
+    SHARED_CHAINS shared by all), every batch recorded."""
+    return ChainFleet(nats_url, MODEL, workers=WORKERS, block_size=BS, chain=CHAIN,
+                      shared=SHARED_CHAINS,
+                      stream=StreamSettings(partitions=PARTITIONS, liveness_ttl_s=3.0))
 
 
 async def health(port: int) -> int:
@@ -118,12 +79,12 @@ def indexer(nats_url: str, redis_url: str | None,
 
 @asynccontextmanager
 async def fleet_on_private_servers(
-        backend: str, tmp_path: Path) -> AsyncIterator[tuple[EmbeddedNats, str | None, Fleet]]:
+        backend: str, tmp_path: Path) -> AsyncIterator[tuple[EmbeddedNats, str | None, ChainFleet]]:
     """A private nats-server (to kill and restart), a private redis-server for the Redis
     backend, and the fleet on that NATS; all stopped at the end."""
     nats_server = EmbeddedNats(tmp_path / "nats", port=free_port()).start()
     redis_server = RedisServer(tmp_path / "redis").start() if backend == "redis" else None
-    fleet = Fleet(nats_server.url)
+    fleet = chain_fleet(nats_server.url)
     try:
         yield nats_server, redis_server.url if redis_server else None, fleet
     finally:
@@ -133,7 +94,7 @@ async def fleet_on_private_servers(
         nats_server.stop()
 
 
-async def ends_exact(service: IndexerService, fleet: Fleet, back_at: float, what: str) -> None:
+async def ends_exact(service: IndexerService, fleet: ChainFleet, back_at: float, what: str) -> None:
     """The index catches up with everything the fleet published, health says SERVING, and
     the index equals the reference block by block (more than 10,000 blocks a worker)."""
     assert service.index is not None
@@ -239,7 +200,7 @@ async def test_health_says_when_ingest_stalls(nats_url: str, tmp_path: Path) -> 
     --ingest-stall seconds without progress health says NOT_SERVING and names the
     partition; once writes resume the batches are applied and health is SERVING again."""
     redis_server = RedisServer(tmp_path / "redis").start()
-    fleet = Fleet(nats_url)
+    fleet = chain_fleet(nats_url)
     client = aioredis.Redis.from_url(redis_server.url)
     try:
         async with indexer(nats_url, redis_server.url, ingest_stall_s=2.0) as service:
@@ -306,7 +267,7 @@ async def test_forged_batches_cost_nobody_anything(backend: str, nats_url: str,
     from kvcore.bus import subject_for
 
     redis_server = RedisServer(tmp_path / "redis").start() if backend == "redis" else None
-    fleet = Fleet(nats_url)
+    fleet = chain_fleet(nats_url)
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     try:
@@ -389,7 +350,7 @@ async def test_a_batch_the_index_raises_on_costs_only_itself(nats_url: str) -> N
 
     from kvcore.bus import SCHEMA_VERSION, AllBlocksCleared, encode_batch, subject_for
 
-    fleet = Fleet(nats_url)
+    fleet = chain_fleet(nats_url)
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     try:
@@ -436,7 +397,7 @@ async def test_a_poison_message_at_the_size_limit_is_dead_lettered(tmp_path: Pat
 
     limit = 64 * 1024
     nats_server = EmbeddedNats(tmp_path / "nats", max_payload=limit).start()
-    fleet = Fleet(nats_server.url)
+    fleet = chain_fleet(nats_server.url)
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     try:
@@ -467,7 +428,7 @@ async def test_redis_restored_from_an_older_dump_invents_nothing(
     partitions within a check interval. 0 phantom blocks."""
     redis_server = RedisServer(tmp_path / "redis").start()
     client = aioredis.Redis.from_url(redis_server.url)
-    fleet = Fleet(nats_url)
+    fleet = chain_fleet(nats_url)
     try:
         async with indexer(nats_url, redis_server.url) as service:
             assert service.index is not None
@@ -497,7 +458,7 @@ async def test_a_restore_between_an_apply_and_its_position_write_loses_nothing(
     the failure, and the index ends with 0 phantom blocks."""
     redis_server = RedisServer(tmp_path / "redis").start()
     client = aioredis.Redis.from_url(redis_server.url)
-    fleet = Fleet(nats_url)
+    fleet = chain_fleet(nats_url)
     try:
         async with indexer(nats_url, redis_server.url) as service:
             index = service.index
@@ -516,7 +477,7 @@ async def test_a_restore_between_an_apply_and_its_position_write_loses_nothing(
 
             index.set_marker = restore_then_fail  # type: ignore[method-assign]
             for w, pub in enumerate(fleet.pubs):  # one batch per worker, its last
-                pub.removed([h for chain in range(40) for h in chain_hashes(w, chain)])
+                pub.removed([h for chain in range(40) for h in fleet.chain_hashes(w, chain)])
                 pub.end_step()
             await fleet.flush()
             await eventually(lambda: is_true(bool(restored)), 30)
@@ -538,7 +499,7 @@ async def test_an_indexer_starting_on_an_older_dump_rebuilds(nats_url: str,
     and rebuilds. 0 phantom blocks."""
     redis_server = RedisServer(tmp_path / "redis").start()
     client = aioredis.Redis.from_url(redis_server.url)
-    fleet = Fleet(nats_url)
+    fleet = chain_fleet(nats_url)
     child = IndexerProcess(nats_url, redis_server.url, tmp_path, partitions=PARTITIONS)
     index = RedisIndex.from_url(redis_server.url)
     try:
@@ -562,7 +523,7 @@ async def test_an_indexer_starting_on_an_older_dump_rebuilds(nats_url: str,
         redis_server.stop()
 
 
-async def indexed_and_dumped(fleet: Fleet, index: Index, client: aioredis.Redis,
+async def indexed_and_dumped(fleet: ChainFleet, index: Index, client: aioredis.Redis,
                              tmp_path: Path) -> Path:
     """Index 5,000 blocks per worker, wait until every partition's first rebuild has
     finished, and copy Redis's dump of that state aside; its path."""
@@ -588,7 +549,7 @@ def restore_from(redis_server: RedisServer, dump: Path, tmp_path: Path) -> None:
     redis_server.start()
 
 
-async def behind_the_stream(fleet: Fleet, index: Index, client: aioredis.Redis,
+async def behind_the_stream(fleet: ChainFleet, index: Index, client: aioredis.Redis,
                             redis_server: RedisServer, tmp_path: Path, *,
                             while_down: IndexerProcess | None = None) -> None:
     """Index 5,000 blocks per worker, dump Redis, remove 2,000 of them per worker and add
@@ -611,7 +572,7 @@ async def test_redis_starting_second_is_waited_for(nats_url: str, tmp_path: Path
     """The indexer starts while its Redis is not up yet (a pod scheduled first): it does
     not exit, says NOT_SERVING, and serves and ingests once Redis is there."""
     redis_server = RedisServer(tmp_path / "redis", port=free_port())
-    fleet = Fleet(nats_url)
+    fleet = chain_fleet(nats_url)
     try:
         async with indexer(nats_url, redis_server.url) as service:
             assert service.index is not None
