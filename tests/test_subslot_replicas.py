@@ -198,6 +198,13 @@ def replica_index(url: str, read_urls: list[str]) -> ReplicaReadIndex:
     return index
 
 
+async def scores_served(url: str) -> int:
+    """EVALSHA_RO calls the node at `url` has answered (a sub-slot's share of a Score)."""
+    async with aioredis.Redis.from_url(url) as client:
+        stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha_ro", {}).get("calls", 0))
+
+
 async def usable(index: ReplicaReadIndex, addresses: set[str]) -> bool:
     """Exactly `addresses` are usable replicas now."""
     now = time.monotonic()
@@ -224,6 +231,8 @@ class TestOneNode:
             # caught up: the replicas answer, as the primary does
             await agree_with_the_primary(reads)
             assert await reads.sources(range(CHAINS)) == {a.address, b.address}
+            assert await scores_served(a.url) > 0 and await scores_served(b.url) > 0
+            assert await scores_served(primary.url) == 0
 
             # a stopped: it falls behind and is left out, its staleness reported
             assert a.proc is not None
@@ -294,6 +303,9 @@ class TestCluster:
 
             await agree_with_the_primary(reads)
             assert await reads.sources(range(CHAINS)) == replica_addresses
+            for node in cluster.nodes:
+                served = await scores_served(node.url)
+                assert served > 0 if node in replicas else served == 0, node.port
             answer = await reads.ask(0, CHAINS - 1)  # 50 blocks: all 4 sub-slots
             assert set(answer.replica.split(",")) == replica_addresses
 
