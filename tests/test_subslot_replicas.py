@@ -241,6 +241,10 @@ class TestOneNode:
                 await remove(index, fleet, range(300, 320))
                 await remove(index, fleet, range(20, 25))  # shared chains: every rank's
                 await eventually(lambda: usable(index, {b.address}), 10)
+                for _ in range(4):  # a, past the bound, is not even asked (no timeout)
+                    started = time.monotonic()
+                    assert await reads.sources(range(CHAINS), n=1) == {b.address}
+                    assert time.monotonic() - started < index.query_timeout_s * 0.8
                 await asyncio.sleep(1.5)  # past the probe's timeout too
                 left_out = next(r for r in index.replicas if r.address == a.address)
                 assert left_out.staleness(time.monotonic()) > BOUND_S
