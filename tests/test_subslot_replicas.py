@@ -30,9 +30,8 @@ from indexer.index.redis_sharded import ShardedRedisIndex
 from kvcore.bus import SCHEMA_VERSION, BlockRemoved, BlockStored, EventBatch, pack_tokens
 from kvcore.keys import block_keys_for_tokens
 from tests.support.polling import eventually
-from tests.test_read_replicas import gauges
 from tests.support.redis_cluster import RedisCluster
-from tests.support.redis_replicas import RedisReplica
+from tests.support.redis_replicas import RedisReplica, gauges
 from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.integration

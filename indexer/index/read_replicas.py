@@ -213,7 +213,7 @@ class ReplicaReadIndex:
             primary_url, config=config, redis_options=redis_options,
             on_resync=kwargs.pop("on_resync", None))
         subslots = isinstance(primary, ShardedRedisIndex)
-        cluster = subslots and kwargs.pop("cluster", False)
+        cluster = bool(kwargs.pop("cluster", False)) and subslots
         timeout = kwargs.get("query_timeout_s", DEFAULT_QUERY_TIMEOUT_S)
         replicas = [ReadReplica(url, config, redis_options, subslots=subslots, cluster=cluster,
                                 query_timeout_s=timeout) for url in read_urls]
@@ -312,7 +312,7 @@ class ReplicaReadIndex:
             replica.follows = follows
         primary = self._primaries.get(self._master_of(replica))
         if primary is None or primary.replid is None:
-            replica.mark(False, f"follows {follows}, not a master sampled")
+            replica.mark(False, f"follows {follows}: no offsets of it sampled")
             return
         if replid != primary.replid:
             replica.fresh_as_of = None
