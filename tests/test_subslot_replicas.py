@@ -126,8 +126,8 @@ class Reads:
         result = await self.index.score(self.fleet.query(rank, chain))
         got, want = credited(result), self.fleet.expected(rank, chain)
         self.answers += 1
-        if result.replica:
-            assert 0 < result.staleness_s <= BOUND_S + 0.5, result
+        if result.replica:  # picked within the bound after it was asked
+            assert 0 < result.staleness_s <= BOUND_S + time.monotonic() - asked_at, result
         else:
             assert result.staleness_s == 0
         if got != want and chain in self.fleet.removing:
@@ -316,9 +316,9 @@ class TestCluster:
             promoted = cluster.replica_of(masters[0])
             stop = asyncio.Event()
             running = asyncio.create_task(reads.until_quiet(stop))
-            promoted.cli("CLUSTER", "FAILOVER")
+            await asyncio.to_thread(promoted.cli, "CLUSTER", "FAILOVER")
             await eventually(lambda: _is_master(promoted), 30)
-            cluster.wait_ok(60)
+            await asyncio.to_thread(cluster.wait_ok, 60)
             await remove(index, fleet, range(330, 340))  # the client learns the new master
             await asyncio.sleep(1.0)
             stop.set()
