@@ -153,7 +153,7 @@ def main() -> None:
         if args.subslots >= 2:
             write_section("replicas-subslots", f"Redis read replicas with {args.subslots} "
                           "sub-slots: Score cost and declared staleness",
-                          f"python bench/read_replicas.py --subslots {args.subslots}", body)
+                          f"python -m bench.read_replicas --subslots {args.subslots}", body)
         else:
             write_section("replicas", "Redis read replicas: Score cost and declared "
                           "staleness", "make bench-replicas", body)
