@@ -289,7 +289,9 @@ class TestCluster:
             self, own_cluster: RedisCluster) -> None:
         """Every node is listed: the masters are not read (not replicas). After a
         graceful failover of one master to its replica, that shard is read from the old
-        master, now its replica; every answer exact throughout."""
+        master, now its replica; another master's replica killed mid-run, that master
+        reads itself and the others' replicas still serve; every answer exact
+        throughout."""
         cluster = own_cluster
         fleet = FieldFleet()
         nodes = {f"127.0.0.1:{node.port}": node for node in cluster.nodes}
@@ -331,6 +333,22 @@ class TestCluster:
             await agree_with_the_primary(reads, samples=100)
             assert await reads.sources(range(CHAINS)) == now_replicas
             assert set(nodes) >= now_replicas
+
+            # another master's replica killed mid-run: that master reads itself
+            victim = cluster.replica_of(masters[1])
+            stop.clear()
+            running = asyncio.create_task(reads.until_quiet(stop))
+            await asyncio.sleep(0.3)
+            victim.kill()
+            await remove(index, fleet, range(340, 350))
+            await asyncio.sleep(1.0)
+            stop.set()
+            await running
+            left = now_replicas - {f"127.0.0.1:{victim.port}"}
+            await eventually(lambda: usable(index, left), 10)
+            assert await reads.sources(range(CHAINS)) == left
+            answer = await reads.ask(1, CHAINS - 1)
+            assert set(answer.replica.split(",")) == left
         finally:
             await index.close()
 
