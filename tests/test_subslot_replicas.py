@@ -23,12 +23,16 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from indexer.client import AsyncIndexerClient, Query
 from indexer.index.factory import build_index
 from indexer.index.protocol import IndexConfig, ScoreQuery, ScoreResult, WorkerRef
 from indexer.index.read_replicas import ReplicaReadIndex
 from indexer.index.redis_sharded import ShardedRedisIndex
 from kvcore.bus import SCHEMA_VERSION, BlockRemoved, BlockStored, EventBatch, pack_tokens
 from kvcore.keys import block_keys_for_tokens
+from tests.support.event_path import BS as EVENT_BS
+from tests.support.event_path import MODEL as EVENT_MODEL
+from tests.support.event_path import TOKENS, publisher, running_service, service_config
 from tests.support.polling import eventually
 from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_replicas import RedisReplica, gauges
@@ -278,6 +282,35 @@ class TestOneNode:
             await index.close()
             for replica in (a, b):
                 replica.stop()
+            primary.stop()
+
+
+class TestService:
+    """`serve --redis-subslots 4 --redis-read-url ...`: the gRPC answer names the replica."""
+
+    async def test_answer_names_the_replica(self, nats_url: str, tmp_path: Path) -> None:
+        primary = RedisServer(tmp_path / "primary").start()
+        replica = RedisReplica(tmp_path / "replica", primary).start()
+        config = service_config(nats_url, redis_url=primary.url, redis_read_url=replica.url,
+                                redis_subslots=SUBSLOTS, grpc_listen="127.0.0.1:0")
+        try:
+            await replica.wait_in_sync()
+            async with running_service(config) as service, publisher(nats_url, "w1") as pub:
+                pub.stored(list(range(1, 9)), TOKENS, parent_hash=None)
+                assert await pub.flush()
+                query = Query(model=EVENT_MODEL, token_ids=TOKENS, block_size=EVENT_BS)
+                async with AsyncIndexerClient(f"127.0.0.1:{service.grpc_port}") as client:
+
+                    async def from_the_replica() -> bool:
+                        answer = await client.score(query)
+                        got = {s.worker_id: s.matched_blocks for s in answer.scores}
+                        fresh = answer.freshness
+                        return (got == {"w1": 8} and fresh.read_replica == replica.address
+                                and 0 < fresh.index_staleness_seconds <= BOUND_S + 1.0)
+
+                    await eventually(from_the_replica, 30)
+        finally:
+            replica.stop()
             primary.stop()
 
 
