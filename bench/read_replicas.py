@@ -6,7 +6,9 @@ write load: `RedisIndex.apply` ingests a generated shared-prefix workload into t
 as fast as it goes while a `ReplicaReadIndex` answers Score alongside, one query after
 another: the staleness bound each replica answer declares, and the share of answers the
 replica gave. Phase 2, idle: Score p50 / p99 on the primary directly and through the
-replica (same queries, same data, after the replica caught up).
+replica (same queries, same data, after the replica caught up). `--subslots S` (S >= 2):
+the same with every model over S sub-slots (`ShardedRedisIndex`, the replica read through
+its pipe), written to a section of its own.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from bench.workload import make_workload
 from indexer.index.protocol import ScoreQuery
 from indexer.index.read_replicas import DEFAULT_MAX_STALENESS_S, ReplicaReadIndex
 from indexer.index.redis import RedisIndex
+from indexer.index.redis_sharded import ShardedRedisIndex
 from kvcore.keys import block_keys_for_tokens
 from kvsim.report import pct, write_section
 from tests.support.redis_replicas import RedisReplica
@@ -46,7 +49,14 @@ async def score_under_load(index: ReplicaReadIndex, keys: list[list[int]],
     return staleness, len(staleness), primary
 
 
-async def timed_scores(score: RedisIndex | ReplicaReadIndex, keys: list[list[int]],
+def primary_index(url: str, subslots: int) -> RedisIndex | ShardedRedisIndex:
+    if subslots >= 2:
+        return ShardedRedisIndex.from_url(url, subslots=subslots)
+    return RedisIndex.from_url(url)
+
+
+async def timed_scores(score: RedisIndex | ShardedRedisIndex | ReplicaReadIndex,
+                       keys: list[list[int]],
                        reps: int) -> list[float]:
     """Score latencies in µs, `reps` passes over `keys` after one warm-up pass."""
     out = []
@@ -67,9 +77,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> str:
     replica = RedisReplica(workdir / "replica", primary).start()
     try:
         await replica.wait_in_sync()
-        writer = RedisIndex.from_url(primary.url)
-        reader = ReplicaReadIndex.from_urls(primary.url, [replica.url],
-                                            config=writer.config)
+        writer = primary_index(primary.url, args.subslots)
+        reader = ReplicaReadIndex.from_urls(primary.url, [replica.url], config=writer.config,
+                                            primary=primary_index(primary.url, args.subslots))
         await reader.ping()  # starts the probes
         await asyncio.sleep(0.5)
         stop = asyncio.Event()
@@ -96,6 +106,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> str:
     print(f"idle Score p50/p99: primary {statistics.median(on_primary):.0f}/"
           f"{pct(on_primary, 0.99):.0f} us, replica {statistics.median(via_replica):.0f}/"
           f"{pct(via_replica, 0.99):.0f} us; idle reads {reads}")
+    layout = (f"`ShardedRedisIndex`, {args.subslots} sub-slots" if args.subslots >= 2
+              else "`RedisIndex`")
     rate = workload.blocks / ingest_s
     rows = "\n".join(f"| {phase} | {figure} | {value} |" for phase, figure, value in (
         (f"ingest into the primary ({rate:,.0f} blocks/s, {ingest_s:.1f} s), Score "
@@ -104,7 +116,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> str:
          f"{statistics.median(staleness):.1f} / {pct(staleness, 0.99):.1f} / "
          f"{max(staleness):.1f} ms"),
         (f"idle, {args.reps} passes over the queries",
-         "Score p50 / p99 on the primary (`RedisIndex`)",
+         f"Score p50 / p99 on the primary ({layout})",
          f"{statistics.median(on_primary):,.0f} / {pct(on_primary, 0.99):,.0f} µs"),
         ("", "Score p50 / p99 through the replica (`ReplicaReadIndex`, `EVALSHA_RO`)",
          f"{statistics.median(via_replica):,.0f} / {pct(via_replica, 0.99):,.0f} µs")))
@@ -131,13 +143,20 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--subslots", type=int, default=1,
+                        help=">= 2: every model over that many sub-slots")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         body = asyncio.run(run(args, Path(tmp)))
     if not args.no_write:
-        write_section("replicas", "Redis read replicas: Score cost and declared staleness",
-                      "make bench-replicas", body)
+        if args.subslots >= 2:
+            write_section("replicas-subslots", f"Redis read replicas with {args.subslots} "
+                          "sub-slots: Score cost and declared staleness",
+                          f"python -m bench.read_replicas --subslots {args.subslots}", body)
+        else:
+            write_section("replicas", "Redis read replicas: Score cost and declared "
+                          "staleness", "make bench-replicas", body)
 
 
 if __name__ == "__main__":

@@ -230,7 +230,7 @@ class Freshness(msgspec.Struct, frozen=True):
     rebuilding: bool
     # bound on how far the Redis read replica that answered was behind; 0: the primary
     index_staleness_seconds: float = 0.0
-    read_replica: str = ""  # host:port of that replica; "" for the primary
+    read_replica: str = ""  # host:port of that replica (sub-slots: each, by commas); "" primary
 
 
 class WorkerMatch(msgspec.Struct, frozen=True):

@@ -105,7 +105,8 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
     ("--redis-url", "redis_url", str, "Redis URL for the index; unset: in-memory index"),
     ("--redis-read-url", "redis_read_url", str,
      "Redis read replicas of --redis-url that Score reads from (URLs separated by commas); "
-     "writes stay on the primary"),
+     "writes stay on the primary. On a Redis Cluster (with --redis-subslots >= 2), replica "
+     "nodes of its masters: each serves the reads of the master it follows"),
     ("--redis-read-max-staleness", "redis_read_max_staleness_s", float,
      "seconds a read replica may be behind the primary and still serve Score; beyond, "
      "Score reads another replica or the primary"),
@@ -294,9 +295,9 @@ def validate(config: ServiceConfig) -> None:
             ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")),
          "--redis-url must be a redis://, rediss://, unix://, redis+cluster:// or "
          "rediss+cluster:// URL"),
-        (not config.redis_read_url or config.redis_url is None
+        (not config.redis_read_url or config.redis_url is None or config.redis_subslots >= 2
          or not config.redis_url.startswith(("redis+cluster://", "rediss+cluster://")),
-         "--redis-read-url is for one Redis primary, not a Redis Cluster"),
+         "--redis-read-url on a Redis Cluster needs --redis-subslots >= 2"),
         (config.nats_url is not None or nats_security(config) == NatsSecurity(),
          "--nats-tls-*, --nats-creds, --nats-nkey-seed and --nats-user-file need --nats-url "
          "(the embedded nats-server is plain and local)"),
@@ -322,8 +323,6 @@ def validate(config: ServiceConfig) -> None:
         (1 <= config.redis_subslots <= 1024, "--redis-subslots must be 1 to 1024"),
         (config.redis_subslots == 1 or config.redis_url is not None,
          "--redis-subslots needs --redis-url"),
-        (config.redis_subslots == 1 or not config.redis_read_url,
-         "--redis-subslots does not read from --redis-read-url replicas yet"),
         (0 <= config.redis_bucket_load <= 60,
          "--redis-bucket-load must be 0 (one hash) to 60 (a bucket stays a compact listpack)"),
         (math.isfinite(config.redis_read_max_staleness_s)

@@ -19,14 +19,13 @@ from indexer.client import AsyncIndexerClient, Query, ScoreAnswer
 from indexer.config import ServiceConfig
 from indexer.index.read_replicas import ReadReplica, ReplicaReadIndex
 from indexer.index.redis import RedisIndex
-from indexer.index.replica_metrics import ReadReplicaCollector
 from kvcore.topology import StreamSettings
 from tests.support.capture import caught_up, mismatches
 from tests.support.chain_fleet import ChainFleet
 from tests.support.event_path import BS, TOKENS, publisher, service_config
 from tests.support.event_path import MODEL as EVENT_MODEL
 from tests.support.polling import eventually
-from tests.support.redis_replicas import RedisReplica
+from tests.support.redis_replicas import RedisReplica, gauges
 from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -216,17 +215,6 @@ class TestReaderProcesses:
             return got == {"w1": 8} and (not source or answer.freshness.read_replica == source)
 
         await eventually(answered, timeout=30)
-
-
-def gauges(index: ReplicaReadIndex) -> dict[tuple[str, str], float]:
-    """The collector's per-replica gauges: (usable | staleness, replica) -> value."""
-    values = {}
-    for family in ReadReplicaCollector(index).collect():
-        kind = family.name.removeprefix("kv_indexer_read_replica_").removesuffix("_seconds")
-        if kind in ("usable", "staleness"):
-            for sample in family.samples:
-                values[(kind, sample.labels["replica"])] = sample.value
-    return values
 
 
 class TestReplicaProbe:

@@ -10,7 +10,7 @@ import asyncio
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -113,13 +113,6 @@ async def flushed_cluster(redis_cluster: RedisCluster) -> AsyncIterator[RedisClu
     await client.aclose()
     yield redis_cluster
 
-
-@pytest.fixture
-def own_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
-    """A cluster of the test's own, to kill and stop nodes of."""
-    cluster = RedisCluster(tmp_path / "cluster").start()
-    yield cluster
-    cluster.stop()
 
 
 async def test_a_cluster_node_url_gets_the_cluster_index(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -152,12 +152,6 @@ class TestCopies:
             assert await markers.get(NAME) == "901"
             assert await markers.get("partition.3") == "snap-a"
 
-
-@pytest.fixture
-def own_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
-    cluster = RedisCluster(tmp_path / "cluster").start()
-    yield cluster
-    cluster.stop()
 
 
 async def test_a_master_added(own_cluster: RedisCluster, tmp_path: Path) -> None:

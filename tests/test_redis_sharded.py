@@ -17,8 +17,7 @@ import asyncio
 import re
 import signal
 import threading
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -446,13 +445,6 @@ class TestTwoWriters:
         await assert_exact(index, fleet)
         await index.close()
 
-
-@pytest.fixture
-def own_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
-    """A cluster of the test's own, to kill and stop nodes of."""
-    cluster = RedisCluster(tmp_path / "cluster").start()
-    yield cluster
-    cluster.stop()
 
 
 @pytest.mark.redis_cluster

@@ -60,12 +60,22 @@ class TestRedisReadUrl:
         assert redis_read_urls(config) == ["redis://r1:6379/0", "redis://r2:6379/0"]
         assert config.redis_read_max_staleness_s == 0.25
 
+    @pytest.mark.parametrize("url", ["redis://p:6379/0", "redis+cluster://p:7000/0"])
+    def test_with_subslots_accepted(self, url: str) -> None:
+        """Sub-slots read from replicas, on one node or a cluster's replica nodes."""
+        config = parse_service_config([
+            "--redis-url", url, "--redis-subslots", "4",
+            "--redis-read-url", "redis://r1:6379/0,redis://r2:6379/0"], {})
+        assert config.redis_subslots == 4 and len(redis_read_urls(config)) == 2
+
     @pytest.mark.parametrize(("argv", "message"), [
         (["--redis-read-url", "redis://r1:6379/0"], "needs --redis-url"),
         (["--redis-url", "redis://p:6379/0", "--redis-read-url", "http://r1"],
          "must be redis://"),
         (["--redis-url", "redis://p:6379/0", "--redis-read-url", "redis://r1:6379/0",
           "--redis-read-max-staleness", "0"], "must be a number of seconds > 0"),
+        (["--redis-url", "redis+cluster://p:7000/0", "--redis-read-url", "redis://r1:7001/0"],
+         "on a Redis Cluster needs --redis-subslots >= 2"),
     ])
     def test_refused(self, argv: list[str], message: str) -> None:
         """No primary, not a Redis URL, a bound of 0: each named."""

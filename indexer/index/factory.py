@@ -68,21 +68,25 @@ def build_index(
     `redis_read_urls` while they are within `max_staleness_s`; models it creates keep
     `redis_bucket_load` blocks per presence bucket), else the in-memory one. A
     `redis+cluster://` URL, or one whose node runs in cluster mode, gets the cluster index.
-    `redis_subslots` >= 2: every model spread over that many hash slots (ShardedRedisIndex)."""
+    `redis_subslots` >= 2: every model spread over that many hash slots (ShardedRedisIndex),
+    read from `redis_read_urls` (on a cluster: replica nodes, each for its master) too."""
     if redis_url:
         options = redis_security.client_options() if redis_security is not None else {}
         if redis_subslots >= 2:
-            if redis_read_urls:
-                raise ConfigError("--redis-subslots does not read from --redis-read-url "
-                                  "replicas yet")
             cluster = cluster_url(redis_url) is not None or is_cluster_node(redis_url, options)
-            return ShardedRedisIndex.from_url(redis_url, subslots=redis_subslots,
-                                              cluster=cluster, config=config,
-                                              on_resync=on_resync, redis_options=options)
+            sharded = ShardedRedisIndex.from_url(redis_url, subslots=redis_subslots,
+                                                 cluster=cluster, config=config,
+                                                 on_resync=on_resync, redis_options=options)
+            if not redis_read_urls:
+                return sharded
+            return ReplicaReadIndex.from_urls(redis_url, redis_read_urls, config=config,
+                                              redis_options=options, primary=sharded,
+                                              cluster=cluster, max_staleness_s=max_staleness_s)
         if cluster_url(redis_url) is not None or is_cluster_node(redis_url, options):
             if redis_read_urls:
-                raise ConfigError("--redis-read-url is for one Redis primary; a Redis Cluster "
-                                  "serves reads from its own shards")
+                raise ConfigError("--redis-read-url on a Redis Cluster needs "
+                                  "--redis-subslots >= 2 (the single-slot cluster layout "
+                                  "reads from its masters)")
             return RedisClusterIndex.from_url(redis_url, config=config, on_resync=on_resync,
                                               redis_options=options,
                                               bucket_load=redis_bucket_load)

@@ -142,19 +142,20 @@ class RedisPipe:
                  username: str | None = None, password: str | None = None,
                  connect_timeout: float | None = 5.0,
                  reply_timeout: float | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, readonly: bool = False) -> None:
         self._address = address
         self._ssl = ssl_context
-        self._handshake = _handshake_commands(db, username, password)
+        self._handshake = _handshake_commands(db, username, password, readonly)
         self._connect_timeout = connect_timeout
         self._reply_timeout = reply_timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Task[_Protocol] | None = None
 
     @classmethod
-    def for_client(cls, client: aioredis.Redis) -> RedisPipe | None:
+    def for_client(cls, client: aioredis.Redis, *, readonly: bool = False) -> RedisPipe | None:
         """A pipe to where `client` connects, with its timeouts and credentials, or None
-        if it needs what only redis-py speaks."""
+        if it needs what only redis-py speaks. `readonly`: READONLY on connecting (a
+        Redis Cluster replica then serves reads of its master's slots)."""
         pool = client.connection_pool
         kwargs = pool.connection_kwargs
         if (pool.connection_class not in _SPOKEN_CLASSES or kwargs.get("credential_provider")
@@ -168,7 +169,8 @@ class RedisPipe:
         return cls(address, db=int(kwargs.get("db") or 0), username=kwargs.get("username"),
                    password=kwargs.get("password"),
                    connect_timeout=kwargs.get("socket_connect_timeout", 5.0),
-                   reply_timeout=kwargs.get("socket_timeout"), ssl_context=context)
+                   reply_timeout=kwargs.get("socket_timeout"), ssl_context=context,
+                   readonly=readonly)
 
     @classmethod
     def for_cluster_node(cls, node: Any) -> RedisPipe | None:
@@ -288,11 +290,13 @@ class RedisPipe:
         return protocol
 
 
-def _handshake_commands(db: int, username: str | None,
-                        password: str | None) -> list[tuple[str | int, ...]]:
+def _handshake_commands(db: int, username: str | None, password: str | None,
+                        readonly: bool = False) -> list[tuple[str | int, ...]]:
     commands: list[tuple[str | int, ...]] = []
     if password:  # as redis-py: an empty password means no AUTH
         commands.append(("AUTH", username, password) if username else ("AUTH", password))
     if db:
         commands.append(("SELECT", db))
+    if readonly:
+        commands.append(("READONLY",))
     return commands

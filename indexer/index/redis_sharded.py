@@ -119,7 +119,8 @@ from kvcore.keys import NATIVE, pack_keys
 if NATIVE:
     from kvcore._native import subslot_merge, subslot_split
 
-__all__ = ["MODELS_KEY", "POOLS_DROPPED", "ClaimHook", "ShardedRedisIndex", "WaveHook"]
+__all__ = ["MODELS_KEY", "POOLS_DROPPED", "ClaimHook", "ReplicaReadError", "ShardedRedisIndex",
+           "WaveHook"]
 
 log = structlog.get_logger("indexer.redis_sharded")
 
@@ -147,6 +148,15 @@ WaveHook = Callable[[int], Awaitable[None]]
 # Called with the id claimed in every sub-slot, before the directory is asked to take it
 # (tests stop an allocation between its two steps by raising from it).
 ClaimHook = Callable[[int], Awaitable[None]]
+
+
+class ReplicaReadError(BackendError):
+    """A read replica named in a Score's `read_from` did not give its share of the reads
+    (down, too slow, no longer serving those slots); `node`: the master it stood for."""
+
+    def __init__(self, node: str, cause: object) -> None:
+        super().__init__(f"read replica for {node or 'the primary'} failed: {cause!r}")
+        self.node = node
 
 
 def _lua(name: str) -> str:
@@ -1057,7 +1067,9 @@ class ShardedRedisIndex:
 
     # --- failovers (Redis Cluster) -----------------------------------------------------
 
-    def _master_names(self) -> frozenset[str]:
+    def master_names(self) -> frozenset[str]:
+        """The cluster's masters (host:port) as the client last learned them; none on
+        one node."""
         if not isinstance(self._redis, RedisCluster):
             return frozenset()
         return frozenset(node.name for node in self._redis.get_primaries())
@@ -1071,10 +1083,10 @@ class ShardedRedisIndex:
         cannot say."""
         if not isinstance(self._redis, RedisCluster):
             return 0
-        if self._master_names() == self._masters and not self._suspect:
+        if self.master_names() == self._masters and not self._suspect:
             return 0
         async with self._checking:
-            masters = self._master_names()
+            masters = self.master_names()
             if masters == self._masters and not self._suspect:
                 return 0
             try:
@@ -1221,7 +1233,13 @@ class ShardedRedisIndex:
             self._block_sizes.pop(model, None)
         return slot_map
 
-    async def score(self, query: ScoreQuery) -> ScoreResult:
+    async def score(self, query: ScoreQuery, *,
+                    read_from: Mapping[str, RedisPipe] | None = None) -> ScoreResult:
+        """`read_from`: master name ("" on one node) -> a pipe to one of its replicas, which
+        answers that master's share of the reads (EVALSHA_RO); ReplicaReadError if one
+        does not. The directory's slot map may come from the master: slot ids are never
+        reused, so a map newer or older than a replica's holder lists can lose blocks,
+        never give one rank's to another."""
         validate_query(query, self.config)
         packed = query_keys_packed(query)
         n = len(packed) // 8
@@ -1234,7 +1252,7 @@ class ShardedRedisIndex:
                 info = self._models.get(query.model)
                 if info is None:
                     return ScoreResult(n, [])
-            read = await self._read_runs(info, packed)
+            read = await self._read_runs(info, packed, read_from)
             slot_map = await self._slot_map(query.model, read.version)
             if slot_map is None:
                 return ScoreResult(n, [])
@@ -1244,7 +1262,8 @@ class ShardedRedisIndex:
             weights = query.tier_weights or self.config.tier_weights
             if any(group != b"0" for group in read.groups):
                 matches = await self._hybrid_matches(query, info, read, mask_runs,
-                                                     candidates=candidates, slot_map=slot_map)
+                                                     candidates=candidates, slot_map=slot_map,
+                                                     read_from=read_from)
                 return ScoreResult(n, worker_scores(matches, slot_map.by_slot.__getitem__))
         except RedisError as exc:
             raise BackendError(f"redis score failed: {exc}") from exc
@@ -1252,15 +1271,16 @@ class ShardedRedisIndex:
                                          slot_map.by_slot, table=slot_map.table))
 
     async def _hybrid_matches(self, query: ScoreQuery, info: _Model, read: _Read,
-                              runs: list[int], *, candidates: int,
-                              slot_map: _SlotMap) -> list[SlotMatch]:
+                              runs: list[int], *, candidates: int, slot_map: _SlotMap,
+                              read_from: Mapping[str, RedisPipe] | None) -> list[SlotMatch]:
         """vLLM's hybrid rule (`hybrid_run_matches`) over the model's KV-cache groups, as
         RedisIndex scores it: group 0's runs came with the query; the other groups'
         values take a second round trip (every sub-slot, in parallel)."""
         block_size = query.block_size if query.token_ids is not None else None
 
         async def group_masks(n_blocks: int, numbers: list[int]) -> list[dict[int, int]]:
-            return await self._group_masks(info, read.parts, n_blocks, numbers, slot_map)
+            return await self._group_masks(info, read.parts, n_blocks, numbers, slot_map,
+                                           read_from=read_from)
 
         return await hybrid_run_matches(
             group_specs(read.groups.items()), runs, candidates, read.n,
@@ -1269,8 +1289,8 @@ class ShardedRedisIndex:
             include_zero=query.include_zero, group_masks=group_masks)
 
     async def _group_masks(self, info: _Model, parts: list[tuple[bytes, bytes]],
-                           n_blocks: int, groups: list[int],
-                           slot_map: _SlotMap) -> list[dict[int, int]]:
+                           n_blocks: int, groups: list[int], slot_map: _SlotMap, *,
+                           read_from: Mapping[str, RedisPipe] | None) -> list[dict[int, int]]:
         """Per group of `groups`, query position -> walk mask of the first `n_blocks`
         keys each sub-slot holds in that group's hash (one HMGET per sub-slot and group,
         one pipeline per master)."""
@@ -1287,7 +1307,7 @@ class ShardedRedisIndex:
                 routes.append(info.prefixes[k])
                 commands.append(("HMGET", info.prefixes[k] + group_hash(group), *keys))
                 where.append((g_index, positions[:count]))
-        replies = await self._query(routes, commands)
+        replies = await self._query(routes, commands, read_from)
         present: list[dict[int, int]] = [{} for _ in groups]
         mask = slot_map.mask
         for (g_index, positions), values in zip(where, replies, strict=True):
@@ -1297,25 +1317,42 @@ class ShardedRedisIndex:
                     found[position] = mask(value)
         return present
 
-    async def _query(self, routes: list[str], commands: list[Sequence[Any]]) -> list[Any]:
+    async def _query(self, routes: list[str], commands: list[Sequence[Any]],
+                     read_from: Mapping[str, RedisPipe] | None = None) -> list[Any]:
         """Read-only commands, each on the pipelined connection to the master serving its
-        `routes` key: one write per master, all masters in flight at once; redirected,
-        cut or missing a script, they go through the client's pipeline instead (which
-        follows MOVED and ASK, refreshes the slot map and loads the scripts)."""
+        `routes` key (or to that master's replica in `read_from`): one write per node,
+        all nodes in flight at once; redirected, cut or missing a script on a master,
+        they go through the client's pipeline instead (which follows MOVED and ASK,
+        refreshes the slot map and loads the scripts). A replica that fails its share
+        raises ReplicaReadError."""
         by_pipe: dict[RedisPipe, list[int]] = {}
+        replica_of: dict[RedisPipe, str] = {}  # replica pipe -> the master it stands for
         for i, route in enumerate(routes):
-            pipe = self._pipe_for(route)
+            node = self._node_name(route)
+            replica = read_from.get(node) if read_from and node is not None else None
+            if replica is not None:
+                replica_of[replica] = cast(str, node)
+            pipe = replica or self._pipe_for(route)
             if pipe is None:
                 return await self._run(commands)
             by_pipe.setdefault(pipe, []).append(i)
         packed = [pack(*command) for command in commands]
         groups = list(by_pipe.items())
+
+        def share(pipe: RedisPipe, where: list[int]) -> Awaitable[list[Any] | Exception]:
+            mine = [packed[i] for i in where]
+            node = replica_of.get(pipe)
+            if node is None:
+                return _replies_or_error(pipe, mine)
+            return self._replica_replies(node, pipe, mine)
+
         if len(groups) == 1:  # one node: no task
-            pipe, _ = groups[0]
-            answers: list[Any] = [await _replies_or_error(pipe, packed)]
+            answers: list[Any] = [await share(*groups[0])]
         else:
-            answers = await asyncio.gather(
-                *(_replies_or_error(pipe, [packed[i] for i in where]) for pipe, where in groups))
+            answers = await asyncio.gather(*(share(pipe, where) for pipe, where in groups))
+        for answer in answers:
+            if isinstance(answer, ReplicaReadError):
+                raise answer
         failed = [a for a in answers if isinstance(a, BaseException)]
         if not failed:
             replies: list[Any] = [None] * len(commands)
@@ -1328,6 +1365,31 @@ class ShardedRedisIndex:
         elif not all(isinstance(a, ResponseError) for a in failed):
             raise failed[0]
         return await self._run(commands)
+
+    async def _replica_replies(self, node: str, pipe: RedisPipe,
+                               packed: list[bytes]) -> list[Any] | Exception:
+        """A replica's replies (the scripts loaded into it if it lacks them), or the
+        ReplicaReadError that says it did not give them."""
+        try:
+            try:
+                return await pipe.pipeline(*packed)
+            except NoScriptError:
+                for script in self._scripts.values():
+                    await pipe.call("SCRIPT", "LOAD", script.text)
+                return await pipe.pipeline(*packed)
+        except (RedisError, OSError) as exc:
+            return ReplicaReadError(node, exc)
+
+    def _node_name(self, key: str) -> str | None:
+        """The name of the master serving `key` ("" on one node); None before the cluster
+        client has a slot map."""
+        if not self._cluster:
+            return ""
+        try:
+            node = cast(RedisCluster, self._redis).get_node_from_key(key)
+        except (RedisError, AttributeError, KeyError):
+            return None
+        return None if node is None else node.name
 
     def _pipe_for(self, key: str) -> RedisPipe | None:
         """The query pipe to the master serving `key`; None before the cluster client has
@@ -1364,7 +1426,8 @@ class ShardedRedisIndex:
             await pipe.close()
         self._pipes.clear()
 
-    async def _read_runs(self, info: _Model, packed: bytes) -> _Read:
+    async def _read_runs(self, info: _Model, packed: bytes,
+                         read_from: Mapping[str, RedisPipe] | None = None) -> _Read:
         """One pipeline (one per master on a cluster): the slot map's version, the
         model's KV-cache groups, and each sub-slot's group-0 values up to its first
         unheld key, merged by query position up to the first position nobody holds, as
@@ -1373,10 +1436,13 @@ class ShardedRedisIndex:
         used = [k for k, (keys, _) in enumerate(parts) if keys]
         commands: list[Sequence[Any]] = [("GET", info.dir + "slotver"),
                                          ("HGETALL", info.dir + "groups")]
-        commands += [self._eval("score", [info.prefixes[k] + "blk"], parts[k][0]) for k in used]
+        for k in used:
+            score = self._eval("score", [info.prefixes[k] + "blk"], parts[k][0])
+            # a replica takes EVALSHA_RO only (and the script never writes)
+            commands.append(("EVALSHA_RO", *score[1:]) if read_from else score)
         routes = [info.dir + "slotver", info.dir + "groups",
                   *[info.prefixes[k] for k in used]]
-        version, groups, *replies = await self._query(routes, commands)
+        version, groups, *replies = await self._query(routes, commands, read_from)
         n = len(packed) // 8
         if isinstance(groups, list):  # the query pipe's HGETALL: flat [field, value, ...]
             groups = dict(zip(groups[::2], groups[1::2], strict=True))

@@ -37,7 +37,8 @@ class ReadReplicaCollector(Collector):
             staleness.add_metric([replica.address], bound if bound != float("inf") else -1.0)
         reads = CounterMetricFamily(
             "kv_indexer_read_replica_reads", "Score answers by source: a replica's "
-            "host:port, or primary", labels=["source"])
+            "host:port (each replica of a sub-slot answer that read several), or primary",
+            labels=["source"])
         for source, count in sorted(self._index.reads.items()):
             reads.add_metric([source], float(count))
         yield usable

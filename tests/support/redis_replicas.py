@@ -10,9 +10,11 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from indexer.index.read_replicas import ReplicaReadIndex
+from indexer.index.replica_metrics import ReadReplicaCollector
 from tests.support.servers import RedisServer
 
-__all__ = ["RedisReplica"]
+__all__ = ["RedisReplica", "gauges"]
 
 
 class RedisReplica(RedisServer):
@@ -63,3 +65,14 @@ class RedisReplica(RedisServer):
             await client.execute_command("REPLICAOF", "NO", "ONE")
         finally:
             await client.aclose()
+
+
+def gauges(index: ReplicaReadIndex) -> dict[tuple[str, str], float]:
+    """The collector's per-replica gauges: (usable | staleness, replica) -> value."""
+    values = {}
+    for family in ReadReplicaCollector(index).collect():
+        kind = family.name.removeprefix("kv_indexer_read_replica_").removesuffix("_seconds")
+        if kind in ("usable", "staleness"):
+            for sample in family.samples:
+                values[(kind, sample.labels["replica"])] = sample.value
+    return values
