@@ -820,6 +820,100 @@ ranked_cmp(const void *a, const void *b)
     return (x->order > y->order) - (x->order < y->order);
 }
 
+/* Pools widely mounted make answers of thousands of ranks with few distinct (matched,
+ * weighted) pairs; those are ranked in linear time instead of by qsort. */
+#define MAX_PAIRS 32
+
+typedef struct {
+    uint32_t matched;
+    double weighted;
+    Py_ssize_t count; /* records with this pair, then where the next one goes */
+} Pair;
+
+static int
+pair_cmp(const void *a, const void *b)
+{
+    const Pair *x = a, *y = b;
+    if (x->matched != y->matched) {
+        return x->matched > y->matched ? -1 : 1;
+    }
+    return x->weighted > y->weighted ? -1 : x->weighted < y->weighted;
+}
+
+/* ranked_cmp's order for `n` records: the records placed by order (each slot's rank
+ * among all: distinct, below `n_order`), then spread stably over their pairs, best pair
+ * first. Returns 0 when it cannot (too many pairs, orders too sparse, out of range or
+ * repeated), -1 on error. */
+static int
+rank_by_pairs(Ranked *ranked, Py_ssize_t n, Py_ssize_t n_order)
+{
+    if (n < 256 || n_order > 8 * n) {
+        return 0;
+    }
+    Pair pairs[MAX_PAIRS];
+    int n_pairs = 0, last = 0;
+    unsigned char *pair_of = PyMem_Malloc((size_t)n);
+    Py_ssize_t *at = PyMem_Malloc((size_t)n_order * sizeof(Py_ssize_t));
+    Ranked *out = PyMem_Malloc((size_t)n * sizeof(Ranked));
+    int rc = 0;
+    if (pair_of == NULL || at == NULL || out == NULL) {
+        PyErr_NoMemory();
+        rc = -1;
+        goto done;
+    }
+    for (Py_ssize_t o = 0; o < n_order; o++) {
+        at[o] = -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const Ranked *r = &ranked[i];
+        if (r->order >= (uint64_t)n_order || at[r->order] >= 0) {
+            goto done; /* an order out of range or repeated: left to qsort */
+        }
+        at[r->order] = i;
+        if (!n_pairs || pairs[last].matched != r->matched ||
+            pairs[last].weighted != r->weighted) {
+            for (last = 0; last < n_pairs; last++) {
+                if (pairs[last].matched == r->matched && pairs[last].weighted == r->weighted) {
+                    break;
+                }
+            }
+            if (last == n_pairs) {
+                if (n_pairs == MAX_PAIRS) {
+                    goto done;
+                }
+                pairs[n_pairs++] = (Pair){r->matched, r->weighted, 0};
+            }
+        }
+        pairs[last].count++;
+    }
+    qsort(pairs, (size_t)n_pairs, sizeof(Pair), pair_cmp);
+    Py_ssize_t start = 0;
+    for (int p = 0; p < n_pairs; p++) {
+        Py_ssize_t count = pairs[p].count;
+        pairs[p].count = start;
+        start += count;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        for (last = 0; pairs[last].matched != ranked[i].matched ||
+                       pairs[last].weighted != ranked[i].weighted;
+             last++) {
+        }
+        pair_of[i] = (unsigned char)last;
+    }
+    for (Py_ssize_t o = 0; o < n_order; o++) {
+        if (at[o] >= 0) {
+            out[pairs[pair_of[at[o]]].count++] = ranked[at[o]];
+        }
+    }
+    memcpy(ranked, out, (size_t)n * sizeof(Ranked));
+    rc = 1;
+done:
+    PyMem_Free(pair_of);
+    PyMem_Free(at);
+    PyMem_Free(out);
+    return rc;
+}
+
 /* The weighted score as scoring._Walk._tally sums it (same order of float operations). */
 static double
 weighted_score(const uint32_t *record, const double weights[TALLY_TIERS])
@@ -965,7 +1059,13 @@ scores_from_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         ranked[i] = (Ranked){rec[1], orders[rec[0]], weighted_score(rec, weights), rec};
     }
-    qsort(ranked, (size_t)n, sizeof(Ranked), ranked_cmp);
+    int placed = rank_by_pairs(ranked, n, n_order);
+    if (placed < 0) {
+        goto done;
+    }
+    if (!placed) {
+        qsort(ranked, (size_t)n, sizeof(Ranked), ranked_cmp);
+    }
     out = PyList_New(n);
     for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
         PyObject *score = make_score(&ranked[i], refs, tiers, make, &reuse);
