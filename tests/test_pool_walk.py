@@ -11,18 +11,29 @@ import random
 from array import array
 from collections.abc import Mapping
 
+import msgspec
 import pytest
+import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from indexer.index import memory, scoring
 from indexer.index.ledger import cached_root_seed
-from indexer.index.memory import SyncMemoryIndex
+from indexer.index.memory import MemoryIndex, SyncMemoryIndex
 from indexer.index.pools import PoolPlan, credit_masks, pool_credit, pool_runs
-from indexer.index.protocol import TIER_BITS, TIERS, ScoreQuery, TierWeights, WorkerScore
+from indexer.index.protocol import (
+    TIER_BITS,
+    TIERS,
+    Index,
+    ScoreQuery,
+    TierWeights,
+    WorkerScore,
+)
+from indexer.index.redis import RedisIndex
 from indexer.index.scoring import slot_bits
 from kvcore.bus import SCHEMA_VERSION, BlockStored, EventBatch
 from kvcore.keys import NATIVE
+from tests.support.servers import RedisServer
 
 if NATIVE:
     from kvcore._native import (
@@ -197,14 +208,14 @@ def worker_of_rank(n: int) -> str:
     return f"worker-{n // 2 if n < 512 else n - 256:04}"
 
 
-def fleet_batches(rng: random.Random) -> tuple[list[EventBatch], int]:
-    """4,096 ranks (3,840 workers) each holding a random prefix of a prompt
+def fleet_batches(rng: random.Random, ranks: int = RANKS) -> tuple[list[EventBatch], int]:
+    """`ranks` ranks (`worker_of_rank`) each holding a random prefix of a prompt
     (mostly short, some whole), some offloaded to cpu or storage; and the pools, written
     through the ranks' batches, each holding a random prefix of most prompts. Returns
     the batches and the pool blocks."""
     batches: list[EventBatch] = []
     pool_blocks = 0
-    for n in range(RANKS):
+    for n in range(ranks):
         prompt = rng.randrange(PROMPTS)
         held = rng.choice((0, rng.randint(1, 24), rng.randint(1, 96), rng.randint(1, 96),
                            rng.randint(1, 96), PROMPT_BLOCKS))
@@ -227,11 +238,11 @@ def fleet_batches(rng: random.Random) -> tuple[list[EventBatch], int]:
     return batches, pool_blocks
 
 
-def fleet_mounts(rng: random.Random) -> dict[str, frozenset[str]]:
-    """Most workers mount one pool, some several, some none; 256 workers the index never
-    saw (cold) mount pools too, and some mount a pool that does not exist."""
+def fleet_mounts(rng: random.Random, ranks: int = RANKS) -> dict[str, frozenset[str]]:
+    """Most workers mount one pool, some several, some none; the last 256 workers the
+    index never saw (cold) mount pools too, and some mount a pool that does not exist."""
     mounts: dict[str, frozenset[str]] = {}
-    for worker in range(RANKS):
+    for worker in range(ranks):
         draw = rng.random()
         if draw < 0.2:
             continue
@@ -241,8 +252,8 @@ def fleet_mounts(rng: random.Random) -> dict[str, frozenset[str]]:
     return mounts
 
 
-def fleet_queries(rng: random.Random, mounts: Mapping[str, frozenset[str]]
-                  ) -> list[ScoreQuery]:
+def fleet_queries(rng: random.Random, mounts: Mapping[str, frozenset[str]],
+                  ranks: int = RANKS) -> list[ScoreQuery]:
     queries = []
     for n in range(60):
         prompt = rng.randrange(PROMPTS + 4)  # a few prompts nobody holds
@@ -252,7 +263,7 @@ def fleet_queries(rng: random.Random, mounts: Mapping[str, frozenset[str]]
             tokens[cut] = 99_999
         workers = None
         if n % 3 == 1:
-            workers = frozenset(f"worker-{w:04}" for w in range(RANKS + 40)
+            workers = frozenset(f"worker-{w:04}" for w in range(ranks + 40)
                                 if rng.random() < 0.6)
         weights = rng.choice(WEIGHT_SETS) if n % 4 == 3 else None
         include_zero = n % 5 == 4
@@ -309,3 +320,37 @@ def test_fleet_answers_equal_the_credit_paths() -> None:
         assert got == reference_scores(index, query)
         credited = max(credited, sum(1 for s in got if s.blocks_by_tier.get("storage")))
     assert credited >= 2_000  # some query credits most mounters through their pools
+
+
+async def test_redis_answers_equal_the_memory_indexs(redis_server: RedisServer) -> None:
+    """RedisIndex walks the same way (`score_runs`): on a private redis-server, 768 ranks
+    and pools of 100,000+ blocks, every answer is the memory index's (itself the credit
+    path's, above), asked twice (the second time from the kept plan), and again with the
+    mounts in a new object."""
+    rng = random.Random(17)
+    batches, pool_blocks = fleet_batches(rng, ranks=768)
+    assert pool_blocks >= 100_000
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.flushall()
+    redis_index = RedisIndex(client)
+    memory_index = MemoryIndex()
+    try:
+        indexes: tuple[Index, ...] = (memory_index, redis_index)
+        for index in indexes:
+            for start in range(0, len(batches), 64):
+                await index.apply(batches[start : start + 64])
+        mounts = fleet_mounts(rng, ranks=768)
+        queries = fleet_queries(rng, mounts, ranks=768)
+        credited = 0
+        for query in [*queries, *queries[:10]]:
+            want = (await memory_index.score(query)).scores
+            assert (await redis_index.score(query)).scores == want
+            credited = max(credited, sum(1 for s in want if s.blocks_by_tier.get("storage")))
+        assert credited >= 300
+        moved = dict(mounts)
+        for query in queries[:10]:
+            again = msgspec.structs.replace(query, mounts=moved)
+            assert ((await redis_index.score(again)).scores
+                    == (await memory_index.score(again)).scores)
+    finally:
+        await redis_index.close()
