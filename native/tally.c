@@ -9,8 +9,15 @@
  *   tally_masks(masks, candidates, weights, include_zero) -> bytes
  *       The same walk over one mask per block (BlockTable.get_many's list: block-key
  *       queries), equal neighbours walked as one run.
+ *   tally_pool_runs(runs, candidates, weights, include_zero, credits, groups) -> bytes
+ *   tally_pool_masks(masks, ...) -> bytes
+ *       The same walks with shared storage pools: a run a pool holds keeps the pool's
+ *       mounters alive at the storage tier (its `credits` entry's storage bits OR'ed
+ *       into each word read), and of each group of mounters holding none of the runs'
+ *       blocks one walks and the others copy its record (indexer/index/pools.py).
  *   expand_tally(tally, replicas) -> bytes
- *       Each representative slot's record copied to the slots sharing its answer (pools).
+ *       Each representative slot's record copied to the slots sharing its answer (off
+ *       Score's path since tally_pool_runs: tests build the credit path with it).
  *   scores_from_tally(tally, refs, order, weights, tiers, make) -> list
  *       One make(worker_id, dp_rank, matched, weighted, blocks_by_tier) per record, best
  *       first: matched desc, weighted desc, then order[slot] (u32 per slot: the rank of
