@@ -18,6 +18,14 @@ def tally_runs(
 def tally_masks(
     masks: Sequence[int], candidates: int, weights: Sequence[float], include_zero: bool
 ) -> bytes: ...
+def tally_pool_runs(
+    runs: Sequence[int], candidates: int, weights: Sequence[float], include_zero: bool,
+    credits: Sequence[tuple[int, int]], groups: Sequence[int],
+) -> bytes: ...
+def tally_pool_masks(
+    masks: Sequence[int], candidates: int, weights: Sequence[float], include_zero: bool,
+    credits: Sequence[tuple[int, int]], groups: Sequence[int],
+) -> bytes: ...
 def expand_tally(tally: bytes, replicas: dict[int, list[int]]) -> bytes: ...
 def scores_from_tally(
     tally: bytes, refs: Sequence[tuple[str, int] | None], order: bytes,

@@ -16,7 +16,8 @@
  *   BlockTable: block key -> presence mask, the in-memory index's hash table, whose
  *       mask_runs() hashes a prompt and looks its blocks up in one loop.
  *   LedgerMap: engine hash -> (block key, held tiers), a worker rank's ledger map, packed.
- *   tally_runs(runs, candidates, weights, include_zero) -> bytes and
+ *   tally_runs(runs, candidates, weights, include_zero) -> bytes (tally_pool_runs: with
+ *       shared storage pools as wildcard holders for their mounters) and
  *   scores_from_tally(tally, refs, order, weights, tiers, make) -> list: Score's prefix
  *       walk over the masks and its answer, without an object per slot in between.
  *   decision_top_costs(scores, loads, ordered, members, ...) -> list[tuple]:
@@ -75,6 +76,10 @@ static PyMethodDef native_methods[] = {
      "pack_log_entries(hashes, keys, tiers) -> bytes: the ledger log's M/D records."},
     {"tally_runs", (PyCFunction)(void (*)(void))tally_runs, METH_FASTCALL, tally_runs_doc},
     {"tally_masks", (PyCFunction)(void (*)(void))tally_masks, METH_FASTCALL, tally_masks_doc},
+    {"tally_pool_runs", (PyCFunction)(void (*)(void))tally_pool_runs, METH_FASTCALL,
+     tally_pool_runs_doc},
+    {"tally_pool_masks", (PyCFunction)(void (*)(void))tally_pool_masks, METH_FASTCALL,
+     tally_pool_masks_doc},
     {"expand_tally", (PyCFunction)(void (*)(void))expand_tally, METH_FASTCALL,
      expand_tally_doc},
     {"scores_from_tally", (PyCFunction)(void (*)(void))scores_from_tally, METH_FASTCALL,

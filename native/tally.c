@@ -9,8 +9,15 @@
  *   tally_masks(masks, candidates, weights, include_zero) -> bytes
  *       The same walk over one mask per block (BlockTable.get_many's list: block-key
  *       queries), equal neighbours walked as one run.
+ *   tally_pool_runs(runs, candidates, weights, include_zero, credits, groups) -> bytes
+ *   tally_pool_masks(masks, ...) -> bytes
+ *       The same walks with shared storage pools: a run a pool holds keeps the pool's
+ *       mounters alive at the storage tier (its `credits` entry's storage bits OR'ed
+ *       into each word read), and of each group of mounters holding none of the runs'
+ *       blocks one walks and the others copy its record (indexer/index/pools.py).
  *   expand_tally(tally, replicas) -> bytes
- *       Each representative slot's record copied to the slots sharing its answer (pools).
+ *       Each representative slot's record copied to the slots sharing its answer (off
+ *       Score's path since tally_pool_runs: tests build the credit path with it).
  *   scores_from_tally(tally, refs, order, weights, tiers, make) -> list
  *       One make(worker_id, dp_rank, matched, weighted, blocks_by_tier) per record, best
  *       first: matched desc, weighted desc, then order[slot] (u32 per slot: the rank of
@@ -152,15 +159,30 @@ end_slots(Walk *walk, Py_ssize_t word, uint64_t ended, int64_t depth)
     }
 }
 
-/* One run of `blocks` blocks with presence `mask` at `depth`; returns the live words left. */
+/* The storage bits of the mounters of the pools holding a run, in word `w`. */
+static inline uint64_t
+credited_word(const IntDigits *const *credited, Py_ssize_t n_credited, Py_ssize_t w)
+{
+    uint64_t out = 0;
+    for (Py_ssize_t c = 0; c < n_credited; c++) {
+        out |= word_at(credited[c], w);
+    }
+    return out;
+}
+
+/* One run of `blocks` blocks with presence `mask` at `depth`, plus the storage bits of
+ * `credited` (the mounters of the pools holding the run: pools are wildcard holders for
+ * them); returns the live words left. */
 static Py_ssize_t
-walk_step(Walk *walk, const IntDigits *mask, int64_t depth, uint32_t blocks)
+walk_step(Walk *walk, const IntDigits *mask, const IntDigits *const *credited,
+          Py_ssize_t n_credited, int64_t depth, uint32_t blocks)
 {
     Py_ssize_t kept = 0;
     for (Py_ssize_t i = 0; i < walk->n_live; i++) {
         Py_ssize_t w = walk->live[i];
         uint64_t alive = walk->alive[w];
-        uint64_t present = word_at(mask, w) & alive * 15;
+        uint64_t present = (word_at(mask, w) | credited_word(credited, n_credited, w)) &
+                           alive * 15;
         uint64_t anywhere = (present | present >> 1 | present >> 2 | present >> 3) & alive;
         if (anywhere != alive) {
             end_slots(walk, w, alive ^ anywhere, depth);
@@ -207,7 +229,7 @@ walk_runs(Walk *walk, PyObject *runs, int64_t *depth)
             PyErr_SetString(PyExc_ValueError, "a run's count must be >= 1, the total < 2**32");
             return -1;
         }
-        if (walk_step(walk, &mask, *depth, (uint32_t)blocks)) {
+        if (walk_step(walk, &mask, NULL, 0, *depth, (uint32_t)blocks)) {
             *depth += blocks;
         }
     }
@@ -311,7 +333,7 @@ walk_masks(Walk *walk, PyObject *masks, int64_t *depth)
             PyErr_SetString(PyExc_ValueError, "masks must be fewer than 2**32");
             return -1;
         }
-        if (walk_step(walk, &mask, *depth, (uint32_t)(end - i))) {
+        if (walk_step(walk, &mask, NULL, 0, *depth, (uint32_t)(end - i))) {
             *depth += end - i;
         }
         i = end;
@@ -333,6 +355,373 @@ tally_masks(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return tally_with(args, nargs, walk_masks,
                       "tally_masks(masks, candidates, weights, include_zero)",
                       "masks must be a sequence of ints");
+}
+
+/* --- shared storage pools: wildcard holders for their mounters ---------------------- */
+
+typedef struct {
+    IntDigits mask;
+    uint32_t blocks;
+} Run;
+
+typedef struct {
+    Py_ssize_t nibble_word; /* the pool slot's nibble: word and bit offset in it */
+    int nibble_bit;
+    IntDigits mounters;     /* storage bits of the candidate slots mounting the pool */
+} Credit;
+
+/* Mounters of the same pools holding none of the query's blocks: `first` walks, the
+ * others (`n_words` words of slot bits) copy its record. */
+typedef struct {
+    Py_ssize_t first;
+    uint64_t *others;
+} Replica;
+
+typedef struct {
+    Run *runs;
+    Py_ssize_t n_runs;
+    Credit *credits;
+    Py_ssize_t n_credits;
+    const IntDigits **credited; /* scratch: the mounters credited in the current run */
+    Replica *replicas;
+    Py_ssize_t n_replicas;
+    uint64_t *dropped; /* per word: slots whose answer is a replica's */
+} Pooled;
+
+static void
+pooled_free(Pooled *p)
+{
+    for (Py_ssize_t i = 0; i < p->n_replicas; i++) {
+        PyMem_Free(p->replicas[i].others);
+    }
+    PyMem_Free(p->runs);
+    PyMem_Free(p->credits);
+    PyMem_Free(p->credited);
+    PyMem_Free(p->replicas);
+    PyMem_Free(p->dropped);
+}
+
+/* `seq` as runs: [mask, count, ...] when `as_runs`, else one mask per block with equal
+ * neighbours as one run. */
+static int
+collect_runs(Pooled *p, PyObject *seq, int as_runs)
+{
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    if (as_runs && n % 2) {
+        PyErr_SetString(PyExc_ValueError, "runs must be [mask, count, ...]");
+        return -1;
+    }
+    p->runs = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(Run));
+    if (p->runs == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    int64_t total = 0;
+    for (Py_ssize_t i = 0; i < n;) {
+        Run *run = &p->runs[p->n_runs];
+        Py_ssize_t end = i + 1;
+        long long blocks;
+        if (as_runs) {
+            blocks = PyLong_AsLongLong(items[i + 1]);
+            if (blocks == -1 && PyErr_Occurred()) {
+                return -1;
+            }
+            end = i + 2;
+        } else {
+            int equal = 1;
+            while (end < n && (equal = masks_equal(items[i], items[end])) == 1) {
+                end++;
+            }
+            if (equal < 0) {
+                return -1;
+            }
+            blocks = end - i;
+        }
+        if (blocks < 1 || total + blocks > UINT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "a run's count must be >= 1, the total < 2**32");
+            return -1;
+        }
+        if (int_digits(items[i], as_runs ? "a run's mask" : "a mask", &run->mask) < 0) {
+            return -1;
+        }
+        run->blocks = (uint32_t)blocks;
+        total += blocks;
+        p->n_runs++;
+        i = end;
+    }
+    return 0;
+}
+
+/* `credits`: (shift, mounters) per pool, as pools.PoolCredit. */
+static int
+collect_credits(Pooled *p, PyObject *credits)
+{
+    PyObject *seq = PySequence_Fast(credits, "credits must be a sequence of (shift, mounters)");
+    if (seq == NULL) {
+        return -1;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    p->credits = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(Credit));
+    p->credited = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(IntDigits *));
+    if (p->credits == NULL || p->credited == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+            PyErr_SetString(PyExc_TypeError, "a credit must be a (shift, mounters) tuple");
+            Py_DECREF(seq);
+            return -1;
+        }
+        Py_ssize_t shift = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 0));
+        if (shift == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (shift < 0 || shift % 4) {
+            PyErr_SetString(PyExc_ValueError, "a credit's shift must be a slot's (>= 0, * 4)");
+            Py_DECREF(seq);
+            return -1;
+        }
+        Credit *credit = &p->credits[i];
+        credit->nibble_word = shift / 64;
+        credit->nibble_bit = (int)(shift % 64);
+        /* the tuple keeps the int alive, and `credits` the tuple, for the whole call */
+        if (int_digits(PyTuple_GET_ITEM(item, 1), "a credit's mounters", &credit->mounters) < 0) {
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    p->n_credits = n;
+    Py_DECREF(seq);
+    return 0;
+}
+
+static inline uint64_t
+nibble_bits(uint64_t word)
+{
+    return (word | word >> 1 | word >> 2 | word >> 3) & 0x1111111111111111ULL;
+}
+
+static Py_ssize_t
+popcount_words(const uint64_t *words, Py_ssize_t n)
+{
+    Py_ssize_t count = 0;
+    for (Py_ssize_t w = 0; w < n; w++) {
+        count += __builtin_popcountll(words[w]);
+    }
+    return count;
+}
+
+/* The replicas (pools.pool_runs): of each group of candidate slots mounting the same
+ * pools (`groups`, `slot_bits` form), those holding none of the runs' blocks get one
+ * answer; with two or more, the lowest walks and the others copy it. */
+static int
+collect_replicas(Pooled *p, PyObject *groups, const IntDigits *candidates, Py_ssize_t n_words)
+{
+    PyObject *seq = PySequence_Fast(groups, "groups must be a sequence of ints");
+    if (seq == NULL) {
+        return -1;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t words = n_words ? n_words : 1;
+    uint64_t *held = PyMem_Calloc((size_t)words, sizeof(uint64_t));
+    p->dropped = PyMem_Calloc((size_t)words, sizeof(uint64_t));
+    p->replicas = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Replica));
+    int rc = -1;
+    if (held == NULL || p->dropped == NULL || p->replicas == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t w = 0; w < n_words && n; w++) {
+        uint64_t any = 0;
+        for (Py_ssize_t r = 0; r < p->n_runs; r++) {
+            any |= word_at(&p->runs[r].mask, w);
+        }
+        held[w] = nibble_bits(any) & word_at(candidates, w);
+    }
+    for (Py_ssize_t g = 0; g < n; g++) {
+        IntDigits group;
+        if (int_digits(PySequence_Fast_GET_ITEM(seq, g), "a group", &group) < 0) {
+            goto done;
+        }
+        uint64_t *pure = PyMem_Calloc((size_t)words, sizeof(uint64_t));
+        if (pure == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        for (Py_ssize_t w = 0; w < n_words; w++) {
+            pure[w] = word_at(&group, w) & word_at(candidates, w) & ~held[w] &
+                      0x1111111111111111ULL;
+        }
+        if (popcount_words(pure, n_words) < 2) {
+            PyMem_Free(pure);
+            continue;
+        }
+        Py_ssize_t w = 0;
+        while (!pure[w]) {
+            w++;
+        }
+        int bit = __builtin_ctzll(pure[w]);
+        pure[w] &= pure[w] - 1;
+        for (Py_ssize_t v = 0; v < n_words; v++) {
+            p->dropped[v] |= pure[v];
+        }
+        p->replicas[p->n_replicas++] = (Replica){w * SLOTS_PER_WORD + bit / 4, pure};
+    }
+    rc = 0;
+done:
+    PyMem_Free(held);
+    Py_DECREF(seq);
+    return rc;
+}
+
+/* The walk over the runs with the pools credited: a run a pool holds keeps the pool's
+ * mounters alive (storage tier) with no mask built per run. */
+static int
+walk_pooled(Walk *walk, Pooled *p, int64_t *depth)
+{
+    for (Py_ssize_t w = 0; w < walk->n_words; w++) {
+        walk->alive[w] &= ~p->dropped[w];
+    }
+    Py_ssize_t kept = 0;
+    for (Py_ssize_t i = 0; i < walk->n_live; i++) {
+        if (walk->alive[walk->live[i]]) {
+            walk->live[kept++] = walk->live[i];
+        }
+    }
+    walk->n_live = kept;
+    for (Py_ssize_t r = 0; r < p->n_runs && walk->n_live; r++) {
+        const Run *run = &p->runs[r];
+        Py_ssize_t n_credited = 0;
+        for (Py_ssize_t c = 0; c < p->n_credits; c++) {
+            const Credit *credit = &p->credits[c];
+            if (word_at(&run->mask, credit->nibble_word) >> credit->nibble_bit & 15) {
+                p->credited[n_credited++] = &credit->mounters;
+            }
+        }
+        if (walk_step(walk, &run->mask, p->credited, n_credited, *depth, run->blocks)) {
+            *depth += run->blocks;
+        }
+    }
+    for (Py_ssize_t i = 0; i < walk->n_live; i++) {
+        end_slots(walk, walk->live[i], walk->alive[walk->live[i]], *depth);
+    }
+    return 0;
+}
+
+/* walk_records, then each replica's record copied to its other slots (as expand_tally:
+ * after the walk's records, in their order, each one's others in slot order). */
+static PyObject *
+pooled_records(const Walk *walk, const Pooled *p)
+{
+    PyObject *walked = walk_records(walk);
+    if (walked == NULL || !p->n_replicas) {
+        return walked;
+    }
+    Py_ssize_t n_walked = PyBytes_GET_SIZE(walked) / (RECORD_U32 * (Py_ssize_t)sizeof(uint32_t));
+    Py_ssize_t n = n_walked;
+    for (Py_ssize_t i = 0; i < p->n_replicas; i++) {
+        if (walk->matched[p->replicas[i].first] >= 0) {
+            n += popcount_words(p->replicas[i].others, walk->n_words);
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * RECORD_U32 * (Py_ssize_t)sizeof(uint32_t));
+    if (out == NULL) {
+        Py_DECREF(walked);
+        return NULL;
+    }
+    const uint32_t *src = (const uint32_t *)PyBytes_AS_STRING(walked);
+    uint32_t *rec = (uint32_t *)PyBytes_AS_STRING(out);
+    memcpy(rec, src, (size_t)PyBytes_GET_SIZE(walked));
+    uint32_t *next = rec + n_walked * RECORD_U32;
+    for (Py_ssize_t i = 0; i < n_walked; i++) {
+        const uint32_t *record = &src[i * RECORD_U32];
+        for (Py_ssize_t k = 0; k < p->n_replicas; k++) {
+            const Replica *replica = &p->replicas[k];
+            if (replica->first != (Py_ssize_t)record[0]) {
+                continue;
+            }
+            for (Py_ssize_t w = 0; w < walk->n_words; w++) {
+                for (uint64_t bits = replica->others[w]; bits; bits &= bits - 1) {
+                    memcpy(next, record, RECORD_U32 * sizeof(uint32_t));
+                    next[0] = (uint32_t)(w * SLOTS_PER_WORD + __builtin_ctzll(bits) / 4);
+                    next += RECORD_U32;
+                }
+            }
+        }
+    }
+    Py_DECREF(walked);
+    return out;
+}
+
+/* tally_pool_runs / tally_pool_masks: (seq, candidates, weights, include_zero, credits,
+ * groups). */
+static PyObject *
+tally_pooled(PyObject *const *args, Py_ssize_t nargs, int as_runs, const char *usage)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return NULL;
+    }
+    Walk walk = {0};
+    Pooled pooled = {0};
+    IntDigits candidates;
+    double weights[TALLY_TIERS];
+    int include_zero = PyObject_IsTrue(args[3]);
+    if (include_zero < 0 || int_digits(args[1], "candidates", &candidates) < 0 ||
+        read_weights(args[2], weights) < 0) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(args[0], as_runs ? "runs must be a sequence of ints"
+                                                     : "masks must be a sequence of ints");
+    if (seq == NULL) {
+        return NULL;
+    }
+    PyObject *out = NULL;
+    int64_t depth = 0;
+    walk.fast = best_tier_table(weights, walk.best);
+    walk.include_zero = include_zero;
+    if (walk_init(&walk, &candidates) == 0 && collect_runs(&pooled, seq, as_runs) == 0 &&
+        collect_credits(&pooled, args[4]) == 0 &&
+        collect_replicas(&pooled, args[5], &candidates, walk.n_words) == 0 &&
+        walk_pooled(&walk, &pooled, &depth) == 0) {
+        out = pooled_records(&walk, &pooled);
+    }
+    pooled_free(&pooled);
+    walk_free(&walk);
+    Py_DECREF(seq);
+    return out;
+}
+
+NATIVE_INTERNAL const char tally_pool_runs_doc[] =
+    "tally_pool_runs(runs, candidates, weights, include_zero, credits, groups) -> bytes:\n"
+    "tally_runs with shared storage pools: credits are pools.PoolCredit (shift, mounters),\n"
+    "groups the candidate slots mounting the same pools; records as expand_tally's.";
+
+NATIVE_INTERNAL PyObject *
+tally_pool_runs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    return tally_pooled(args, nargs, 1,
+                        "tally_pool_runs(runs, candidates, weights, include_zero, credits, "
+                        "groups)");
+}
+
+NATIVE_INTERNAL const char tally_pool_masks_doc[] =
+    "tally_pool_masks(masks, candidates, weights, include_zero, credits, groups) -> bytes:\n"
+    "tally_pool_runs over one mask per block, equal neighbours as runs.";
+
+NATIVE_INTERNAL PyObject *
+tally_pool_masks(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    return tally_pooled(args, nargs, 0,
+                        "tally_pool_masks(masks, candidates, weights, include_zero, credits, "
+                        "groups)");
 }
 
 NATIVE_INTERNAL const char expand_tally_doc[] =
@@ -436,6 +825,100 @@ ranked_cmp(const void *a, const void *b)
         return x->weighted > y->weighted ? -1 : 1;
     }
     return (x->order > y->order) - (x->order < y->order);
+}
+
+/* Pools widely mounted make answers of thousands of ranks with few distinct (matched,
+ * weighted) pairs; those are ranked in linear time instead of by qsort. */
+#define MAX_PAIRS 32
+
+typedef struct {
+    uint32_t matched;
+    double weighted;
+    Py_ssize_t count; /* records with this pair, then where the next one goes */
+} Pair;
+
+static int
+pair_cmp(const void *a, const void *b)
+{
+    const Pair *x = a, *y = b;
+    if (x->matched != y->matched) {
+        return x->matched > y->matched ? -1 : 1;
+    }
+    return x->weighted > y->weighted ? -1 : x->weighted < y->weighted;
+}
+
+/* ranked_cmp's order for `n` records: the records placed by order (each slot's rank
+ * among all: distinct, below `n_order`), then spread stably over their pairs, best pair
+ * first. Returns 0 when it cannot (too many pairs, orders too sparse, out of range or
+ * repeated), -1 on error. */
+static int
+rank_by_pairs(Ranked *ranked, Py_ssize_t n, Py_ssize_t n_order)
+{
+    if (n < 256 || n_order > 8 * n) {
+        return 0;
+    }
+    Pair pairs[MAX_PAIRS];
+    int n_pairs = 0, last = 0;
+    unsigned char *pair_of = PyMem_Malloc((size_t)n);
+    Py_ssize_t *at = PyMem_Malloc((size_t)n_order * sizeof(Py_ssize_t));
+    Ranked *out = PyMem_Malloc((size_t)n * sizeof(Ranked));
+    int rc = 0;
+    if (pair_of == NULL || at == NULL || out == NULL) {
+        PyErr_NoMemory();
+        rc = -1;
+        goto done;
+    }
+    for (Py_ssize_t o = 0; o < n_order; o++) {
+        at[o] = -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const Ranked *r = &ranked[i];
+        if (r->order >= (uint64_t)n_order || at[r->order] >= 0) {
+            goto done; /* an order out of range or repeated: left to qsort */
+        }
+        at[r->order] = i;
+        if (!n_pairs || pairs[last].matched != r->matched ||
+            pairs[last].weighted != r->weighted) {
+            for (last = 0; last < n_pairs; last++) {
+                if (pairs[last].matched == r->matched && pairs[last].weighted == r->weighted) {
+                    break;
+                }
+            }
+            if (last == n_pairs) {
+                if (n_pairs == MAX_PAIRS) {
+                    goto done;
+                }
+                pairs[n_pairs++] = (Pair){r->matched, r->weighted, 0};
+            }
+        }
+        pairs[last].count++;
+    }
+    qsort(pairs, (size_t)n_pairs, sizeof(Pair), pair_cmp);
+    Py_ssize_t start = 0;
+    for (int p = 0; p < n_pairs; p++) {
+        Py_ssize_t count = pairs[p].count;
+        pairs[p].count = start;
+        start += count;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        for (last = 0; pairs[last].matched != ranked[i].matched ||
+                       pairs[last].weighted != ranked[i].weighted;
+             last++) {
+        }
+        pair_of[i] = (unsigned char)last;
+    }
+    for (Py_ssize_t o = 0; o < n_order; o++) {
+        if (at[o] >= 0) {
+            out[pairs[pair_of[at[o]]].count++] = ranked[at[o]];
+        }
+    }
+    memcpy(ranked, out, (size_t)n * sizeof(Ranked));
+    rc = 1;
+done:
+    PyMem_Free(pair_of);
+    PyMem_Free(at);
+    PyMem_Free(out);
+    return rc;
 }
 
 /* The weighted score as scoring._Walk._tally sums it (same order of float operations). */
@@ -583,7 +1066,13 @@ scores_from_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         ranked[i] = (Ranked){rec[1], orders[rec[0]], weighted_score(rec, weights), rec};
     }
-    qsort(ranked, (size_t)n, sizeof(Ranked), ranked_cmp);
+    int placed = rank_by_pairs(ranked, n, n_order);
+    if (placed < 0) {
+        goto done;
+    }
+    if (!placed) {
+        qsort(ranked, (size_t)n, sizeof(Ranked), ranked_cmp);
+    }
     out = PyList_New(n);
     for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
         PyObject *score = make_score(&ranked[i], refs, tiers, make, &reuse);

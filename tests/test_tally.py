@@ -138,6 +138,40 @@ class TestTallyTwins:
                 expected.extend([follower, *tally[i + 1 : i + 5]])
         assert expand_tally(tally.tobytes(), replicas) == expected.tobytes()
 
+    @settings(max_examples=60, deadline=None)
+    @given(n=st.sampled_from((255, 256, 3_000)), pairs=st.sampled_from((1, 3, 32, 33, 400)),
+           spare=st.sampled_from((0, 7, 30_000)), seed=st.integers(0, 2**32))
+    def test_large_answers_rank_as_the_python_sort(self, n: int, pairs: int, spare: int,
+                                                    seed: int) -> None:
+        """Answers of thousands of records with few (matched, weighted) pairs (a widely
+        mounted pool) are ranked without qsort: same order as `worker_scores`, whatever
+        the number of pairs and of slots without a record."""
+        rng = random.Random(seed)
+        slots = rng.sample(range(n + spare), n)
+        refs = {s: WorkerRef(f"w{rng.randrange(n):05}", s) for s in range(n + spare)}
+        kinds = [(rng.randint(1, 50), rng.randint(0, 1)) for _ in range(pairs)]
+        tally = array("I")
+        for slot in slots:
+            matched, storage = rng.choice(kinds)
+            tally.extend([slot, matched, 0, storage, 0])
+        table = slot_table(refs)
+        weights = WEIGHT_SETS[0].as_tuple()
+        got = scores_from_tally(tally.tobytes(), table.refs, table.order, weights, TIERS,
+                                WorkerScore)
+        assert got == sorted(got, key=lambda s: (-s.matched_blocks, -s.weighted_score,
+                                                 s.worker_id, s.dp_rank))
+        assert len(got) == n
+
+    def test_large_answers_with_odd_orders_are_still_ranked(self) -> None:
+        """Orders repeated or out of range (not a slot table's) fall back to the sort."""
+        tally = array("I", [v for s in range(300) for v in (s, 1 + s % 2, 0, 0, 0)])
+        refs = [("w", s) for s in range(300)]
+        weights = WEIGHT_SETS[0].as_tuple()
+        for order in (array("I", [7] * 300), array("I", [2**31 + s for s in range(300)])):
+            got = scores_from_tally(tally.tobytes(), refs, order.tobytes(), weights, TIERS,
+                                    WorkerScore)
+            assert [s.matched_blocks for s in got] == [2] * 150 + [1] * 150
+
     def test_bad_records_raise(self) -> None:
         table = slot_table({0: WorkerRef("a", 0)})
         weights = WEIGHT_SETS[0].as_tuple()

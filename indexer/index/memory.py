@@ -117,6 +117,8 @@ class _ModelSpace:
         self.plan_cache: tuple[tuple[int, int, int, int], object, PoolPlan] | None = None
         # slot_table of the refs Score names: (slot_version, cold refs or None, table)
         self.table_cache: tuple[int, object, SlotTable] | None = None
+        # the refs with a plan's cold ones: (slot_version, cold refs, refs)
+        self.refs_cache: tuple[int, object, dict[int, WorkerRef]] | None = None
         self._free: list[int] = []
         self._next_slot = 0
         # The last `candidates` answer: (workers, mask). A router's candidate set is one
@@ -242,6 +244,19 @@ class _ModelSpace:
     def ref_of_slot(self, slot: int) -> WorkerRef:
         return self.refs[slot]
 
+    def score_refs(self, cold: dict[int, WorkerRef]) -> dict[int, WorkerRef]:
+        """The refs a Score names: every slot's, and a pool plan's cold slots'; kept
+        while the slots and the cold refs are the same objects (thousands of cold
+        mounters would cost a merge per query)."""
+        if not cold:
+            return self.refs
+        cached = self.refs_cache
+        if cached is not None and cached[0] == self.slot_version and cached[1] is cold:
+            return cached[2]
+        refs = {**self.refs, **cold}
+        self.refs_cache = (self.slot_version, cold, refs)
+        return refs
+
     def slot_table(self, refs: dict[int, WorkerRef], cold: object) -> SlotTable:
         """`scoring.slot_table(refs)`, kept while the slots and the cold refs (a pool
         plan's, None without) are the same objects."""
@@ -309,7 +324,7 @@ class SyncMemoryIndex:
         candidates = space.candidates(query.workers)
         plan = _pool_plan(space, query, candidates)
         cold = plan.cold_refs or None
-        refs = space.refs if cold is None else {**space.refs, **plan.cold_refs}
+        refs = space.score_refs(plan.cold_refs)
         if space.groups:
             matches = self._hybrid_matches(query, space, candidates, plan)
             return ScoreResult(query.query_blocks, worker_scores(matches, refs.__getitem__))
@@ -332,7 +347,7 @@ class SyncMemoryIndex:
         candidates = space.candidates(query.workers)
         plan = _pool_plan(space, query, candidates)
         cold = plan.cold_refs or None
-        refs = space.refs if cold is None else {**space.refs, **plan.cold_refs}
+        refs = space.score_refs(plan.cold_refs)
         tally = query_tally(query, space.blocks, candidates, self.config, plan=plan)
         names = space.slot_table(refs, cold).refs if tally else []
         return QueryTally(query.query_blocks, tally, names)

@@ -11,10 +11,13 @@ A pool keeps engine hash -> key of what it holds: a block is written under the h
 writer's engine gave it, and any writer may evict it by that hash. Writers of one pool
 therefore share the engine's hash function (the store finds blocks by it, so they must).
 
-Score credits a candidate worker with the blocks of the pools it mounts: before the
-prefix walk, each pool-held block's mask gets the storage bit of every candidate slot
-mounting that pool (`PoolCredit`), so the walk continues the worker's own prefix through
-the pool and counts those blocks under storage. A cold worker (live, mounting a pool, but
+Score credits a candidate worker with the blocks of the pools it mounts: the walk
+continues the worker's own prefix through the pool and counts those blocks under storage.
+The C walk (native/tally.c, `tally_pool_runs`) takes each pool as a wildcard holder for
+its mounters (`PoolCredit`: the storage bits of the candidate slots mounting it, OR'ed
+into the words it reads of a run the pool holds); without the C extension, and for
+hybrid models, each pool-held block's mask gets those bits before the Python walk
+(`pool_runs`, `credit_runs`, `credit_masks`). A cold worker (live, mounting a pool, but
 never indexed: no slot) walks on a slot of its own for the query (`PoolPlan.cold`). Pools
 are never candidates themselves.
 """

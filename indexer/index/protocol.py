@@ -162,7 +162,10 @@ class ScoreQuery(msgspec.Struct, frozen=True, kw_only=True):
         return len(self.token_ids) // width // self.block_size
 
 
-class WorkerScore(msgspec.Struct, frozen=True):
+# Not tracked by the cyclic GC (it holds a str, numbers and a dict of str -> int: no
+# cycle): an answer names every matching rank, thousands when a pool is widely mounted,
+# and tracked objects by the thousand per query set off collections inside Score.
+class WorkerScore(msgspec.Struct, frozen=True, gc=False):
     worker_id: str
     dp_rank: int
     matched_blocks: int

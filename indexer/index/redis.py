@@ -482,8 +482,8 @@ class _SlotMap:
     list from Redis into it. An entry of an id the map does not know (a rank created or
     removed since) is left out: a miss at worst, never another rank's claim."""
 
-    __slots__ = ("_dense", "_masks", "_table", "all_slots", "by_slot", "pools",
-                 "slots_of_worker", "version")
+    __slots__ = ("_cold", "_dense", "_masks", "_plan", "_table", "all_slots", "by_slot",
+                 "pools", "slots_of_worker", "version")
 
     def __init__(self, version: bytes | None, slots: dict[bytes, bytes]) -> None:
         self.version = version
@@ -506,12 +506,54 @@ class _SlotMap:
         self.all_slots = slot_bits(s for s, ref in self.by_slot.items()
                                    if ref.dp_rank != POOL_RANK)
         self._table: SlotTable | None = None
+        # The last pool plan: (mounts, workers, candidates, plan), and the refs and slot
+        # table of its cold mounters: (cold refs, refs, table or None).
+        self._plan: tuple[object, object, int, PoolPlan] | None = None
+        self._cold: tuple[object, dict[int, WorkerRef], SlotTable | None] | None = None
 
     def table(self) -> SlotTable:
         """`slot_table(by_slot)`, made at the first query that needs it."""
         if self._table is None:
             self._table = slot_table(self.by_slot)
         return self._table
+
+    def pool_plan(self, query: ScoreQuery, candidates: int) -> PoolPlan:
+        """The query's pool plan; the last one is reused while the (unchanged) mounts and
+        worker-id objects and the candidates are the same: a router's queries come with
+        the live-worker directory's cached sets, and thousands of mounters cost a plan
+        more than the walk."""
+        mounts, workers = query.mounts, query.workers
+        if not mounts or not self.pools:
+            return NO_POOLS
+        cached = self._plan
+        if (cached is not None and cached[0] is mounts and cached[1] is workers
+                and cached[2] == candidates):
+            return cached[3]
+        plan = pool_credit(self.pools, mounts, self.slots_of_worker, candidates,
+                           workers=workers, next_slot=max(self.by_slot, default=-1) + 1)
+        self._plan = (mounts, workers, candidates, plan)
+        return plan
+
+    def refs_with(self, cold: dict[int, WorkerRef]) -> dict[int, WorkerRef]:
+        """The refs a Score names: every slot's, and a pool plan's cold slots'."""
+        if not cold:
+            return self.by_slot
+        cached = self._cold
+        if cached is None or cached[0] is not cold:
+            cached = self._cold = (cold, {**self.by_slot, **cold}, None)
+        return cached[1]
+
+    def table_with(self, cold: dict[int, WorkerRef]) -> SlotTable:
+        """`table()` with a pool plan's cold slots (`refs_with`)."""
+        refs = self.refs_with(cold)
+        if refs is self.by_slot:
+            return self.table()
+        assert self._cold is not None
+        cold_refs, _, table = self._cold
+        if table is None:
+            table = slot_table(refs)
+            self._cold = (cold_refs, refs, table)
+        return table
 
     def candidates(self, workers: frozenset[str] | None) -> int:
         if workers is None:
@@ -1048,22 +1090,17 @@ class RedisIndex:
         mask_of = slot_map.mask
         runs: list[int] = [mask_of(v) if i % 2 == 0 else v for i, v in enumerate(values)]
         weights = query.tier_weights or self.config.tier_weights
-        plan = NO_POOLS
-        if query.mounts and slot_map.pools:
-            plan = pool_credit(slot_map.pools, query.mounts, slot_map.slots_of_worker,
-                               candidates, workers=query.workers,
-                               next_slot=max(slot_map.by_slot, default=-1) + 1)
-        refs = slot_map.by_slot if not plan.cold_refs else {**slot_map.by_slot,
-                                                            **plan.cold_refs}
+        plan = slot_map.pool_plan(query, candidates)
+        refs = slot_map.refs_with(plan.cold_refs)
         if any(group != b"0" for group in groups[::2]):
             # A pool's presence lives in group 0: its credit goes to group 0's masks.
             matches = await self._hybrid_matches(query, packed_keys, groups, runs,
                                                  candidates, slot_map=slot_map, plan=plan)
             scores = worker_scores(matches, refs.__getitem__)
         else:
-            table = slot_map.table if not plan.cold_refs else functools.partial(slot_table, refs)
             scores = score_runs(runs, candidates, weights, query.include_zero, refs,
-                                table=table, plan=plan)
+                                table=functools.partial(slot_map.table_with, plan.cold_refs),
+                                plan=plan)
         return ScoreResult(len(packed_keys) // 8, scores)
 
     async def _hybrid_matches(self, query: ScoreQuery, packed_keys: bytes, groups: list[bytes],

@@ -10,8 +10,9 @@ memory index's table hashes token ids and looks them up in one loop (in C when t
 extension is built), so blocks past the last match are never hashed.
 
 `score_query` is the memory index's whole Score: with the C extension the walk and the
-answer are built in C (native/tally.c: `tally_runs`, then `scores_from_tally`), one
-object per returned score and none per slot in between; `_Walk` is its pure-Python twin.
+answer are built in C (native/tally.c: `tally_runs`, or `tally_pool_runs` with shared
+storage pools, then `scores_from_tally`), one object per returned score and none per slot
+in between; `_Walk` is its pure-Python twin (pools credited by `pools.pool_runs`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,13 @@ from indexer.index.protocol import (
 from kvcore.keys import NATIVE, block_keys_packed, pack_keys
 
 if NATIVE:
-    from kvcore._native import expand_tally, scores_from_tally, tally_masks, tally_runs
+    from kvcore._native import (
+        scores_from_tally,
+        tally_masks,
+        tally_pool_masks,
+        tally_pool_runs,
+        tally_runs,
+    )
 
 __all__ = [
     "QueryTally",
@@ -426,10 +433,8 @@ def score_runs(
         return worker_scores(expand_replicas(matches, credited.replicas), refs.__getitem__)
     as_tuple = weights.as_tuple()
     if plan.credits:
-        credited = pool_runs(runs, plan, candidates)
-        tally = tally_runs(credited.runs, credited.candidates, as_tuple, include_zero)
-        if credited.replicas:
-            tally = expand_tally(tally, credited.replicas)
+        tally = tally_pool_runs(runs, candidates, as_tuple, include_zero, plan.credits,
+                                plan.groups)
     else:
         tally = tally_runs(runs, candidates, as_tuple, include_zero)
     if not tally:
@@ -443,27 +448,29 @@ def query_tally(
     plan: PoolPlan = NO_POOLS,
 ) -> bytes:
     """The C prefix walk of a validated query: `tally_runs`'s records (per matched slot:
-    slot, matched, cpu, storage, other blocks), pool replicas expanded. Needs the C
-    extension (`USE_NATIVE_TALLY`)."""
+    slot, matched, cpu, storage, other blocks). With a pool `plan` the walk is
+    `tally_pool_runs`: a block a mounted pool holds keeps the pool's mounting candidates
+    alive at the storage tier (no mask is credited per block and mounter), and mounters
+    holding none of the query's blocks walk as one slot whose record the others copy.
+    Needs the C extension (`USE_NATIVE_TALLY`)."""
     weights = (query.tier_weights or config.tier_weights).as_tuple()
     candidates |= plan.cold
     if query.block_keys is not None:
         # Every key is looked up (a few us for 512), the walk stops where matches end.
         masks = _masks_of_keys(blocks, query.block_keys, (candidates | plan.pool_bits) * 15)
         if plan.credits:
-            masks = list(credit_masks(masks, plan.credits))
-        tally = tally_masks(masks, candidates, weights, query.include_zero)
+            tally = tally_pool_masks(masks, candidates, weights, query.include_zero,
+                                     plan.credits, plan.groups)
+        else:
+            tally = tally_masks(masks, candidates, weights, query.include_zero)
     else:
         assert query.token_ids is not None
         seed = cached_root_seed(query.model, query.lora_name, query.cache_salt)
         runs = blocks.mask_runs(query.token_ids, query.block_size, seed,
                                 (candidates | plan.pool_bits) * 15)
         if plan.credits:
-            credited = pool_runs(runs, plan, candidates)
-            tally = tally_runs(credited.runs, credited.candidates, weights,
-                               query.include_zero)
-            if credited.replicas:
-                tally = expand_tally(tally, credited.replicas)
+            tally = tally_pool_runs(runs, candidates, weights, query.include_zero,
+                                    plan.credits, plan.groups)
         else:
             tally = tally_runs(runs, candidates, weights, query.include_zero)
     return tally
