@@ -62,7 +62,8 @@ def declared_refusal(declared: bytes | str | None, subslots: int) -> str | None:
         return None
     return (f"Redis was moved to --redis-subslots {int(declared)} (kv-indexer migrate-layout); "
             f"this indexer runs with --redis-subslots {subslots}: restart it with "
-            f"--redis-subslots {int(declared)}")
+            f"--redis-subslots {int(declared)}, or move the Redis with "
+            f"`{migrate_command(subslots)}`")
 
 
 @dataclass
