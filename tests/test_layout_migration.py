@@ -41,6 +41,7 @@ BS = 16
 CHAIN = 50  # blocks per chain: one bus batch
 CHAINS = 100  # 5,000 blocks per worker
 EVICTED = range(20)  # chains every worker removes before the migration
+SPARE = range(CHAINS, CHAINS + 4)  # chains Score is not asked about, removed in the gaps
 MODEL = "field/migrated"
 # Another application's keys in the same Redis, one under a name that mentions a tag.
 FOREIGN = {b"app:session:1": b"alive", b"app:cache:{m:field~2Fmigrated}:x": b"not ours",
@@ -81,8 +82,10 @@ async def put_foreign_keys(url: str, cluster: bool) -> None:
     await client.aclose()
 
 
-def expected_blocks(workers: int, chains_held: int) -> int:
-    return workers * chains_held * CHAIN
+def expected_blocks(workers: int, gaps: int = 0) -> int:
+    """Blocks held: the even workers removed one spare chain in each gap so far."""
+    chains = CHAINS - len(EVICTED) + len(SPARE)
+    return (workers * chains - (workers + 1) // 2 * gaps) * CHAIN
 
 
 async def trusted(service: IndexerService) -> bool:
@@ -92,7 +95,7 @@ async def trusted(service: IndexerService) -> bool:
 
 
 async def exact(service: IndexerService, fleet: ChainFleet, workers: int,
-                chains_held: int = CHAINS - len(EVICTED)) -> None:
+                gaps: int = 0) -> None:
     index = service.index
     assert index is not None
     await eventually(lambda: caught_up(index, fleet.published, MODEL), 180)
@@ -100,7 +103,7 @@ async def exact(service: IndexerService, fleet: ChainFleet, workers: int,
     await eventually(lambda: is_true(not service.rebuilding), 60)
     assert await mismatches(index, fleet.published, MODEL) == (0, 0, 0)
     blocks = sum(sum(w.blocks_by_tier.values()) for w in await index.workers(MODEL))
-    assert blocks == expected_blocks(workers, chains_held)
+    assert blocks == expected_blocks(workers, gaps)
 
 
 class GapScores:
@@ -225,20 +228,16 @@ class Rig:
     cluster: bool
     fleet: ChainFleet
     workers: int
-    traffic: int = 0  # chains beyond CHAINS stored in the gaps (half of them removed)
+    gaps: int = 0  # layout changes so far
 
     async def gap_traffic(self) -> None:
-        """Engines keep working while the indexers refuse: each worker stores 4 chains
-        Score is not asked about and removes 2 of them (the events wait in the stream)."""
-        first = CHAINS + self.traffic
-        self.fleet.store(range(first, first + 4))
-        self.fleet.remove(range(first, first + 2))
+        """Engines keep working while the indexers refuse: the even workers remove a
+        spare chain (the events wait in the stream); the odd ones stay silent, so only a
+        rebuild brings them into the new layout."""
+        chain = SPARE[self.gaps]
+        self.fleet.remove(range(chain, chain + 1), workers=range(0, self.workers, 2))
         await self.fleet.flush()
-        self.traffic += 4
-
-    @property
-    def chains_held(self) -> int:
-        return CHAINS - len(EVICTED) + self.traffic // 2
+        self.gaps += 1
 
 
 async def move(rig: Rig, subslots: int, capsys: pytest.CaptureFixture[str],
@@ -256,7 +255,7 @@ async def move(rig: Rig, subslots: int, capsys: pytest.CaptureFixture[str],
                 await refuses(service, subslots)
                 await asyncio.sleep(1.0)  # its consumers retry, Score keeps being asked
             out = await migrate_with_the_command(url, subslots, capsys)
-            await exact(service, fleet, workers, rig.chains_held)
+            await exact(service, fleet, workers, rig.gaps)
             await service.index.ping()  # type: ignore[union-attr]
         with capsys.disabled():
             print(f"\n-> {subslots}: {scores.asked} Scores in the gap, {scores.rebuilding} "
@@ -276,7 +275,7 @@ async def index_in_one_slot(url: str, cluster: bool, fleet: ChainFleet, config: 
     application's keys written beside it."""
     async with running_service(config) as service:
         await fleet.start()
-        fleet.store(range(CHAINS))
+        fleet.store(range(SPARE.stop))
         fleet.remove(EVICTED)
         await fleet.flush()
         await exact(service, fleet, workers)
