@@ -240,6 +240,17 @@ class Rig:
         self.gaps += 1
 
 
+async def stopped_while_refused(rig: Rig, subslots: int) -> None:
+    """An indexer on the new flag stopped while its consumers wait on the refusal (a
+    rolling restart): the fetch in hand is given up unacked, nothing dead-lettered."""
+    async with running_service(config_for(rig.nats_url, rig.url, subslots)) as service:
+        await refuses(service, subslots)
+        await rig.gap_traffic()
+        await eventually(lambda: is_true(service.stats.backend_retries > 0), 30)
+    assert service.stats.dead_letters == {}
+    assert service.stats.batches_applied == 0
+
+
 async def move(rig: Rig, subslots: int, capsys: pytest.CaptureFixture[str],
                monkeypatch: pytest.MonkeyPatch | None = None) -> str:
     """Indexers restarted on `subslots` refuse; the command (killed halfway first when
@@ -293,6 +304,7 @@ async def test_one_slot_to_four_subslots_and_back(
     try:
         await index_in_one_slot(url, False, fleet, config, workers)
         rig = Rig(nats_url, url, False, fleet, workers)
+        await stopped_while_refused(rig, 4)
         out = await move(rig, 4, capsys, monkeypatch)
         assert f"'{MODEL}': single-slot -> 4 sub-slots" in out
         again = await migrate_with_the_command(url, 4, capsys)
