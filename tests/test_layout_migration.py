@@ -5,7 +5,7 @@ layout from snapshots and the stream, exact against the reference. Score is aske
 along the gap and must never credit a rank with a block it does not hold. Also: a run
 stopped halfway and run again, other applications' keys left as they were, and the way
 back; on one redis-server (32 workers x 5,000 blocks, 1 -> 4 -> 1) and once on a 3-master
-cluster (16 workers x 5,000 blocks, 1 -> 3)."""
+cluster (16 workers x 5,000 blocks, 1 -> 3 -> 1)."""
 
 from __future__ import annotations
 
@@ -169,8 +169,8 @@ async def migrate_with_the_command(url: str, subslots: int,
                                    capsys: pytest.CaptureFixture[str]) -> str:
     status = await asyncio.to_thread(cli.main, ["migrate-layout", "--redis-url", url,
                                                 "--redis-subslots", str(subslots)])
-    out = capsys.readouterr().out
-    assert status == 0, out
+    out, err = capsys.readouterr()
+    assert status == 0, err
     return out
 
 
@@ -316,7 +316,7 @@ async def test_one_slot_to_four_subslots_and_back(
 
 
 @pytest.mark.redis_cluster
-async def test_one_slot_to_three_subslots_on_a_cluster(
+async def test_one_slot_to_three_subslots_and_back_on_a_cluster(
         redis_cluster: RedisCluster, nats_url: str,
         capsys: pytest.CaptureFixture[str]) -> None:
     workers = 16
@@ -328,5 +328,7 @@ async def test_one_slot_to_three_subslots_on_a_cluster(
         rig = Rig(nats_url, url, True, fleet, workers)
         out = await move(rig, 3, capsys)
         assert f"'{MODEL}': single-slot -> 3 sub-slots" in out
+        out = await move(rig, 1, capsys)
+        assert f"'{MODEL}': 3 sub-slots -> single-slot" in out
     finally:
         await fleet.close()

@@ -104,22 +104,11 @@ class _Keys:
 
     def __init__(self, client: Any) -> None:
         self.client = client
-        self.cluster = isinstance(client, RedisCluster)
 
     async def scan(self, pattern: str) -> AsyncIterator[bytes]:
-        if not self.cluster:
-            async for key in self.client.scan_iter(match=pattern, count=_SCAN_COUNT):
-                yield key
-            return
-        for node in self.client.get_primaries():
-            cursor = 0
-            while True:
-                cursor, keys = await self.client.execute_command(
-                    "SCAN", cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT, target_nodes=node)
-                for key in keys:
-                    yield key
-                if int(cursor) == 0:
-                    break
+        # On a cluster redis-py's scan_iter walks every master, a cursor each.
+        async for key in self.client.scan_iter(match=pattern, count=_SCAN_COUNT):
+            yield key
 
     async def unlink(self, keys: Sequence[bytes]) -> None:
         """UNLINK in batches, one command per hash slot."""
