@@ -162,3 +162,16 @@ async def test_dry_run_and_one_model(redis_server: RedisServer,
         await sharded.ping()
     finally:
         await sharded.close()
+
+
+async def test_a_garbled_declaration_is_refused_not_a_crash(
+        redis_server: RedisServer, client: aioredis.Redis) -> None:
+    await client.set(LAYOUT_KEY, "four")
+    index = RedisIndex.from_url(redis_server.url)
+    try:
+        with pytest.raises(BackendError, match="not a --redis-subslots"):
+            await index.ping()
+        await migrate_layout(client, 1, settle_s=0, say=lambda _line: None)
+        await index.ping()
+    finally:
+        await index.close()

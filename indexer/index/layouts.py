@@ -9,7 +9,8 @@ raise BackendError, so its consumers retry and store no snapshot of a half-empty
 `migrate_layout` moves a Redis to a target layout. In order, each step idempotent:
 
 1. declare the target in `kvi:layout`: indexers started with another flag refuse from
-   their next ping (every second) on, even those that passed their check before;
+   their next ping (every second) on, even those that passed their check before; then
+   wait `settle_s` (2 s) for them to see it;
 2. delete the partition markers (`partition.<p>`, `position.<p>`): every indexer
    rebuilds its partitions from snapshots and the stream once nothing refuses it;
 3. for each model in another layout: delete its keys, found by SCAN of its exact hash
@@ -58,11 +59,17 @@ def migrate_command(subslots: int) -> str:
 
 def declared_refusal(declared: bytes | str | None, subslots: int) -> str | None:
     """Why an index on `subslots` refuses a Redis whose `kvi:layout` is `declared`."""
-    if declared is None or int(declared) == subslots:
+    if declared is None:
         return None
-    return (f"Redis was moved to --redis-subslots {int(declared)} (kv-indexer migrate-layout); "
+    text = _text(declared)
+    if not text.isdigit():
+        return (f"Redis's {LAYOUT_KEY} holds {text[:40]!r}, not a --redis-subslots: set it "
+                f"again with `{migrate_command(subslots)}`")
+    if int(text) == subslots:
+        return None
+    return (f"Redis was moved to --redis-subslots {int(text)} (kv-indexer migrate-layout); "
             f"this indexer runs with --redis-subslots {subslots}: restart it with "
-            f"--redis-subslots {int(declared)}, or move the Redis with "
+            f"--redis-subslots {int(text)}, or move the Redis with "
             f"`{migrate_command(subslots)}`")
 
 
