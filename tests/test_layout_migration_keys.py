@@ -154,6 +154,8 @@ async def test_dry_run_and_one_model(redis_server: RedisServer,
     assert await index_keys(client) == before
     await migrate_layout(client, 4, model="a", settle_s=0, say=lines.append)
     assert await client.smembers("kvi:models") == {b"b"}
+    assert await index_keys(client) == {
+        key for key in before if not key.startswith(b"kvi:{m:a}")} | {LAYOUT_KEY.encode()}
     sharded = ShardedRedisIndex.from_url(redis_server.url, subslots=4)
     try:
         with pytest.raises(BackendError, match=r"1 single-slot model\(s\) \(e.g. b\)"):
