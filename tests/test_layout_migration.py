@@ -13,7 +13,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -229,6 +229,7 @@ class Rig:
     fleet: ChainFleet
     workers: int
     gaps: int = 0  # layout changes so far
+    figures: list[str] = field(default_factory=list)  # printed at the end (pytest -s)
 
     async def gap_traffic(self) -> None:
         """Engines keep working while the indexers refuse: the even workers remove a
@@ -268,9 +269,9 @@ async def move(rig: Rig, subslots: int, capsys: pytest.CaptureFixture[str],
             out = await migrate_with_the_command(url, subslots, capsys)
             await exact(service, fleet, workers, rig.gaps)
             await service.index.ping()  # type: ignore[union-attr]
-        with capsys.disabled():
-            print(f"\n-> {subslots}: {scores.asked} Scores in the gap, {scores.rebuilding} "
-                  f"while rebuilding, {scores.credited} blocks credited, none false\n{out}")
+        rig.figures.append(f"-> {subslots}: {scores.asked} Scores in the gap, "
+                           f"{scores.rebuilding} while rebuilding, {scores.credited} blocks "
+                           f"credited, none false\n{out}")
     keys = await all_keys(url, cluster)
     assert {key: keys.get(key) for key in FOREIGN} == FOREIGN
     tags = (b"kvi:{m:", ) if subslots > 1 else (b"kvi:{s:",)
@@ -311,6 +312,7 @@ async def test_one_slot_to_four_subslots_and_back(
         assert "nothing to move: 1 model(s) already in this layout" in again
         out = await move(rig, 1, capsys)
         assert f"'{MODEL}': 4 sub-slots -> single-slot" in out
+        print("\n" + "\n".join(rig.figures))
     finally:
         await fleet.close()
 
@@ -330,5 +332,6 @@ async def test_one_slot_to_three_subslots_and_back_on_a_cluster(
         assert f"'{MODEL}': single-slot -> 3 sub-slots" in out
         out = await move(rig, 1, capsys)
         assert f"'{MODEL}': 3 sub-slots -> single-slot" in out
+        print("\n" + "\n".join(rig.figures))
     finally:
         await fleet.close()
