@@ -6,6 +6,7 @@
     kv-indexer health [--service NAME]                              (grpc.health.v1 Check)
     kv-indexer doctor [--model M]                  (why routing gets no hits; exit 3: errors)
     kv-indexer serve ...                                            (see `serve --help`)
+    kv-indexer migrate-layout --redis-url URL --redis-subslots S    (move the Redis index)
     kv-indexer nats-auth --worker MODEL WORKER ... --password-dir D (NATS users: README)
     kv-indexer --version                                            (and the C extension)
 
@@ -336,6 +337,8 @@ def _parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("rebuild", help="make every indexer rebuild from snapshots + stream "
                    "(kv-indexer rebuild --help)", add_help=False)
+    sub.add_parser("migrate-layout", help="move a Redis index to another --redis-subslots "
+                   "(kv-indexer migrate-layout --help)", add_help=False)
     sub.add_parser("bench", help="benchmarks: kv-indexer bench routing --help",
                    add_help=False)
     sub.add_parser("nats-auth", help="print a nats-server authorization block with one user "
@@ -368,6 +371,54 @@ def _rebuild(argv: list[str]) -> int:
         print(f"kv-indexer rebuild: {exc}", file=sys.stderr)
         return 1
     print(f"rebuild requested for {args.partitions} partitions")
+    return 0
+
+
+def _migrate_layout(argv: list[str]) -> int:
+    """`kv-indexer migrate-layout`: move the Redis index to another sub-slot layout."""
+    parser = argparse.ArgumentParser(prog="kv-indexer migrate-layout", description=(
+        "Move a Redis index to --redis-subslots S (1: one hash slot per model): delete the "
+        "keys of every model in another layout (and only theirs) and the partition markers, "
+        "so the indexers, restarted with the new --redis-subslots first, rebuild them from "
+        "snapshots and the stream. Safe to run again, also after being stopped halfway."),
+        formatter_class=DefaultsHelpFormatter)
+    env = os.environ.get
+    parser.add_argument("--redis-url", default=env("KV_INDEXER_REDIS_URL"),
+                        help="the indexers' Redis (env KV_INDEXER_REDIS_URL; "
+                        "redis+cluster:// or any node of a cluster)")
+    parser.add_argument("--redis-subslots", type=int, required=env(
+        "KV_INDEXER_REDIS_SUBSLOTS") is None, default=env("KV_INDEXER_REDIS_SUBSLOTS"),
+                        help="the layout to move to: the --redis-subslots the indexers now "
+                        "run with (env KV_INDEXER_REDIS_SUBSLOTS)")
+    parser.add_argument("--model", help="move only this model")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the models that would move; change nothing")
+    for flag in ("--redis-tls-ca", "--redis-tls-cert", "--redis-tls-key",
+                 "--redis-password-file"):
+        name = flag[2:].replace("-", "_")
+        parser.add_argument(flag, dest=name, default=env(f"KV_INDEXER_{name.upper()}"),
+                            help=f"as `kv-indexer serve {flag}`")
+    args = parser.parse_args(argv)
+    if not args.redis_url:
+        parser.error("--redis-url is required (or KV_INDEXER_REDIS_URL)")
+    if not 1 <= int(args.redis_subslots) <= 1024:
+        parser.error("--redis-subslots must be 1 to 1024")
+    layouts = importlib.import_module("indexer.index.layouts")
+    factory = importlib.import_module("indexer.index.factory")
+    errors = importlib.import_module("indexer.errors")
+    security = factory.RedisSecurity(tls_ca=args.redis_tls_ca, tls_cert=args.redis_tls_cert,
+                                     tls_key=args.redis_tls_key,
+                                     password_file=args.redis_password_file)
+    try:
+        asyncio.run(layouts.run_migration(args.redis_url, int(args.redis_subslots),
+                                          model=args.model, dry_run=args.dry_run,
+                                          options=security.client_options()))
+    except (errors.BackendError, errors.ConfigError, OSError) as exc:
+        print(f"kv-indexer migrate-layout: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - redis-py's errors: one line, status 1
+        print(f"kv-indexer migrate-layout: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -404,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _rebuild(args_list[1:])
     if args_list[:1] == ["health"]:
         return _health(args_list[1:])
+    if args_list[:1] == ["migrate-layout"]:
+        return _migrate_layout(args_list[1:])
     if args_list[:1] == ["bench"]:
         return _bench(args_list[1:])
     if args_list[:1] == ["nats-auth"]:

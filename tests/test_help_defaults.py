@@ -20,6 +20,7 @@ COMMANDS: list[tuple[Callable[[list[str]], int], list[str]]] = [
     (indexer_cli.main, []), (indexer_cli.main, ["score"]), (indexer_cli.main, ["workers"]),
     (indexer_cli.main, ["stats"]), (indexer_cli.main, ["health"]),
     (indexer_cli.main, ["serve"]), (indexer_cli.main, ["rebuild"]),
+    (indexer_cli.main, ["migrate-layout"]),
     (indexer_cli.main, ["nats-auth"]), (indexer_cli.main, ["bench", "routing"]),
     (publisher_cli.main, ["bridge"]),
     (sim_cli.main, ["engines"]), (sim_cli.main, ["fleet"]), (sim_cli.main, ["demo"]),

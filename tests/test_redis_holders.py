@@ -292,14 +292,14 @@ class TestOlderLayoutRefused:
         await self.seed_old_model(redis_client)
         before = sorted(await redis_client.keys("*"))
         index = RedisIndex(redis_client)
-        with pytest.raises(BackendError, match=r"older index layout.*kvi:"):
+        with pytest.raises(BackendError, match=r"older index layout.*migrate-layout"):
             await index.ping()
         query = ScoreQuery(model=MODEL, block_keys=block_keys_for_tokens(TOKENS, BS, MODEL))
         with pytest.raises(BackendError, match="older presence layout"):
             await index.score(query)
-        with pytest.raises(BackendError, match="older presence layout"):
+        with pytest.raises(BackendError, match="older index layout"):
             await index.apply([batch(1, stored(1, 6), worker="w")])
-        with pytest.raises(BackendError, match="older presence layout"):
+        with pytest.raises(BackendError, match="older index layout"):
             await index.apply([batch(0, stored(1, 6), worker="new")])
         assert sorted(await redis_client.keys("*")) == before
         await index.close()

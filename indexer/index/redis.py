@@ -81,6 +81,7 @@ from redis.exceptions import (
 
 from indexer.errors import BackendError
 from indexer.index.hybrid import group_specs, hybrid_run_matches
+from indexer.index.layouts import LAYOUT_KEY, declared_refusal, migrate_command
 from indexer.index.ledger import (
     LOG_HASH,
     LOG_RUN_ENTRY,
@@ -639,7 +640,8 @@ class RedisIndex:
         self._record_groups: dict[str, set[int]] = {}
         self._stats = IndexStats()
         self._lock = asyncio.Lock()
-        self._layout_checked = False
+        self._layout_checked = False  # the Redis's models were found in this layout
+        self._layout_refusal: str | None = None  # why the Redis's declared layout is refused
         self._probe_buckets = False  # Redis Cluster: apply.lua probes buckets first
 
     @classmethod
@@ -663,6 +665,7 @@ class RedisIndex:
         if not validated:
             for batch in batches:
                 validate_batch(batch)
+        await self._require_layout()
         async with self._lock:
             try:
                 try:
@@ -1389,6 +1392,7 @@ class RedisIndex:
             sum(1 for w in await self.workers() if w.kind != KIND_POOL))
 
     async def export_ranks(self, ranks: Sequence[tuple[str, WorkerRef]]) -> list[RankState]:
+        await self._require_layout()
         async with self._lock:
             try:
                 return [(await self._ledger(model, ref)).export() for model, ref in ranks]
@@ -1396,6 +1400,7 @@ class RedisIndex:
                 raise BackendError(f"redis export failed: {exc}") from exc
 
     async def import_ranks(self, states: Sequence[RankState]) -> None:
+        await self._require_layout()
         async with self._lock:
             try:
                 records: dict[str, list[bytes]] = {}
@@ -1451,15 +1456,32 @@ class RedisIndex:
     async def ping(self) -> None:
         try:
             await self._redis.ping()
-            if not self._layout_checked:
-                await self._check_layout()
+            await self._check_layout()
         except RedisError as exc:
             raise BackendError(f"redis ping failed: {exc}") from exc
 
+    async def _require_layout(self) -> None:
+        """Writes wait while this index refuses the Redis's layout (BackendError, which
+        the consumers retry): nothing is written beside another layout's models, and no
+        snapshot is taken of an index that does not hold them."""
+        if self._layout_checked and self._layout_refusal is None:
+            return
+        try:
+            await self._check_layout()
+        except RedisError as exc:
+            raise BackendError(f"redis layout check failed: {exc}") from exc
+
     async def _check_layout(self) -> None:
-        """Refuse a Redis whose models (with ranks) are in an older presence layout: read
-        as holder lists, their bitmasks would name the wrong ranks. Models without a rank
-        are collected by liveness whatever their layout."""
+        """Refuse a Redis declared in another layout by `kv-indexer migrate-layout`
+        (checked at every ping), or whose models (with ranks) are in an older presence
+        layout (read as holder lists, their bitmasks would name the wrong ranks) or spread
+        over sub-slots (which this index would not see). Models without a rank are
+        collected by liveness whatever their layout."""
+        self._layout_refusal = declared_refusal(await self._redis.get(LAYOUT_KEY), 1)
+        if self._layout_refusal is not None:
+            raise BackendError(self._layout_refusal)
+        if self._layout_checked:
+            return
         models = await self._listed_models()
         pipe = self._redis.pipeline(transaction=False)
         for model in models:
@@ -1473,13 +1495,14 @@ class RedisIndex:
             raise BackendError(
                 f"Redis holds {len(old)} model(s) in an older index layout "
                 f"(e.g. {', '.join(old[:3])}); this version stores presence as holder lists "
-                f"(layout {LAYOUT.decode()}) and will not read them. Delete the index's keys "
-                "(kvi:*) and restart: the index is rebuilt from snapshots and the stream.")
+                f"(layout {LAYOUT.decode()}) and will not read them. Move them with "
+                f"`{migrate_command(1)}`: the index is rebuilt from snapshots and the stream.")
         sub_slot = await self._redis.scard("kvi:smodels")  # redis_sharded.MODELS_KEY
         if sub_slot:
             raise BackendError(
                 f"Redis holds {sub_slot} model(s) spread over sub-slots (--redis-subslots), "
-                "which this index would not see: start with the same --redis-subslots")
+                "which this index would not see: start with the same --redis-subslots, or "
+                f"move them to one slot each with `{migrate_command(1)}`")
         self._layout_checked = True
 
     async def get_marker(self, name: str) -> str | None:

@@ -344,6 +344,10 @@ class RedisClusterIndex(RedisIndex):
             self._suspect = True
             raise BackendError(f"redis ping failed: {exc}") from exc
         await self.check_lost_writes()
+        try:
+            await self._check_layout()  # as on one node
+        except RedisError as exc:
+            raise BackendError(f"redis layout check failed: {exc}") from exc
 
     async def _ranks_behind(self) -> list[tuple[tuple[str, WorkerRef], Position]]:
         """The remembered ranks whose stored position is behind the confirmed one, or

@@ -75,6 +75,7 @@ from redis.exceptions import (
 
 from indexer.errors import BackendError
 from indexer.index.hybrid import group_specs, hybrid_run_matches
+from indexer.index.layouts import LAYOUT_KEY, declared_refusal, migrate_command
 from indexer.index.ledger import LOG_HASH, LOG_MAP, WorkerLedger, stored_block_size
 from indexer.index.pools import split_pool_events
 from indexer.index.protocol import (
@@ -360,7 +361,8 @@ class ShardedRedisIndex:
         # Score's pipelined connections: one per master (one in all on a single node).
         self._pipes: dict[str, RedisPipe] = {}
         self._fast_queries = True
-        self._layout_checked = False
+        self._layout_checked = False  # the Redis's models were found in this layout
+        self._layout_refusal: str | None = None  # why the Redis's declared layout is refused
         # Redis Cluster failovers: (model, rank) -> (slot id, committed token or None
         # for a rank this process removed, positions) as Redis last confirmed them.
         self._confirmed: dict[tuple[str, WorkerRef], tuple[int, bytes | None, list[bytes]]] = {}
@@ -614,6 +616,7 @@ class ShardedRedisIndex:
         if not validated:
             for batch in batches:
                 validate_batch(batch)
+        await self._require_layout()
         await self.check_lost_writes()
         async with self._lock:
             try:
@@ -1021,6 +1024,7 @@ class ShardedRedisIndex:
         return self._stats.snapshot(len(await self.workers()))
 
     async def export_ranks(self, ranks: Sequence[tuple[str, WorkerRef]]) -> list[RankState]:
+        await self._require_layout()
         async with self._lock:
             try:
                 return [(await self._rank(model, ref)).ledger.export() for model, ref in ranks]
@@ -1028,6 +1032,7 @@ class ShardedRedisIndex:
                 raise BackendError(f"redis export failed: {exc}") from exc
 
     async def import_ranks(self, states: Sequence[RankState]) -> None:
+        await self._require_layout()
         async with self._lock:
             try:
                 sinks: dict[tuple[str, WorkerRef], _NetSink] = {}
@@ -1058,8 +1063,7 @@ class ShardedRedisIndex:
                 await self._redis.ping(target_nodes=RedisCluster.PRIMARIES)
             else:
                 await self._redis.ping()
-            if not self._layout_checked:
-                await self._check_layout()
+            await self._check_layout()
         except RedisError as exc:
             self._suspect = True
             raise BackendError(f"redis ping failed: {exc}") from exc
@@ -1158,16 +1162,45 @@ class ShardedRedisIndex:
                                          rank.ledger.epoch if rank is not None else 0,
                                          LOST_WRITES_REASON))
 
+    async def _require_layout(self) -> None:
+        """Writes wait while this index refuses the Redis's layout (BackendError, which
+        the consumers retry): nothing is written beside another layout's models, and no
+        snapshot is taken of an index that does not hold them."""
+        if self._layout_checked and self._layout_refusal is None:
+            return
+        try:
+            await self._check_layout()
+        except RedisError as exc:
+            raise BackendError(f"redis layout check failed: {exc}") from exc
+
     async def _check_layout(self) -> None:
-        """Refuse a Redis holding single-slot models: this index would not see them (no
-        migration into sub-slots yet), so their workers would vanish from every answer."""
+        """Refuse a Redis declared in another layout by `kv-indexer migrate-layout`
+        (checked at every ping), or holding single-slot models or models over another
+        number of sub-slots: this index would not see the first, and would keep writing
+        the second beside the models it creates."""
+        self._layout_refusal = declared_refusal(await self._redis.get(LAYOUT_KEY),
+                                                self.subslots)
+        if self._layout_refusal is not None:
+            raise BackendError(self._layout_refusal)
+        if self._layout_checked:
+            return
+        fix = (f"`{migrate_command(self.subslots)}`: the index is rebuilt from snapshots "
+               "and the stream")
         single = sorted(_text(m) for m in await self._redis.smembers(SINGLE_SLOT_MODELS))
         if single:
             raise BackendError(
                 f"Redis holds {len(single)} single-slot model(s) (e.g. {', '.join(single[:3])}) "
                 "and --redis-subslots reads only sub-slot models: start without "
-                "--redis-subslots, or delete the index's keys (kvi:*) and let it be rebuilt "
-                "from snapshots and the stream")
+                f"--redis-subslots, or move them to {self.subslots} sub-slots with {fix}")
+        models = sorted(_text(m) for m in await self._redis.smembers(MODELS_KEY))
+        counts = await self._run([("GET", directory_prefix(m) + "subslots") for m in models])
+        other = [m for m, raw in zip(models, counts, strict=True)
+                 if raw is not None and len(_text(raw).split("\n")) != self.subslots]
+        if other:
+            raise BackendError(
+                f"Redis holds {len(other)} model(s) over another number of sub-slots than "
+                f"--redis-subslots {self.subslots} (e.g. {', '.join(other[:3])}): start with "
+                f"their --redis-subslots, or move them with {fix}")
         self._layout_checked = True
 
     async def get_marker(self, name: str) -> str | None:

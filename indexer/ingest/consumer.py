@@ -135,8 +135,18 @@ RESYNC_RETRY_DELAYS_S: Final = (2.0, 5.0, 10.0, 20.0, 40.0, 60.0, 60.0, 60.0)
 PoolGrants = Callable[[str, str], Collection[str] | None]
 
 
-class _StoppedWhileWaitingError(Exception):
-    """Asked to stop while waiting for the index backend: give the fetch up unacked."""
+class _GiveUpFetchError(Exception):
+    """Stop waiting for the index backend and give the fetch up unacked."""
+
+
+class _StoppedWhileWaitingError(_GiveUpFetchError):
+    """Asked to stop while waiting for the index backend."""
+
+
+class _LostWhileWaitingError(_GiveUpFetchError):
+    """The index lost its marker while this consumer waited for it (its data deleted:
+    `kv-indexer migrate-layout`, a flush): the partition is rebuilt instead of the fetch
+    being applied onto what is left."""
 
 
 class ResyncRequester:
@@ -285,9 +295,7 @@ class PartitionConsumer:
         try:
             while not stop.is_set():
                 if await self._lost_marker():
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
-                    sub = await self._subscribe(await self._rebuild("index lost its data"))
+                    sub = await self._rebuilt(sub)
                 msgs = await self._fetch(sub)
                 if msgs and (lost := self._deliveries_lost(msgs)):
                     # AckAll on these would acknowledge the lost ones unread: start over
@@ -298,11 +306,12 @@ class PartitionConsumer:
                         self._replay_from - 1, "deliveries lost in transit", lost))
                 elif msgs:
                     self._stall_seen = None
-                    await self.process(msgs, stop)
+                    try:
+                        await self.process(msgs, stop)
+                    except _LostWhileWaitingError:
+                        sub = await self._rebuilt(sub)  # the fetch unacked: replayed
                 elif self.rebuilding and not await self._finish_rebuild():
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
-                    sub = await self._subscribe(await self._rebuild("index lost its data"))
+                    sub = await self._rebuilt(sub)
                 elif (reset := await self._stalled()) is not None:
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
@@ -314,6 +323,13 @@ class PartitionConsumer:
             self._log.debug("partition_consumer_stopped")
 
     # --- start, rebuild ----------------------------------------------------------------
+
+    async def _rebuilt(self, sub: JetStreamContext.PullSubscription,
+                       ) -> JetStreamContext.PullSubscription:
+        """The index lost its data: the partition rebuilt, and a new subscription."""
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        return await self._subscribe(await self._rebuild("index lost its data"))
 
     async def _start_seq(self) -> int | None:
         """None: resume the durable consumer; else the stream sequence to replay from."""
@@ -519,6 +535,15 @@ class PartitionConsumer:
         gc.freeze()  # the rebuilt ledgers are long-lived: keep them out of GC passes
         return True
 
+    async def _marker_lost(self) -> bool:
+        """The index answers, without this consumer's marker (False when it cannot say)."""
+        if self._snapshots is None or self._marker is None:
+            return False
+        try:
+            return await self._index.get_marker(self._marker_name) != self._marker
+        except BackendError:
+            return False
+
     async def _lost_marker(self) -> bool:
         if self._snapshots is None or self._marker is None:
             return False
@@ -684,6 +709,8 @@ class PartitionConsumer:
             part = decoded[start : start + chunk]
             try:
                 await self._apply_with_retry([batch for _, batch in part], msgs)
+            except _GiveUpFetchError:
+                raise
             except Exception as exc:  # noqa: BLE001 - find the batch, keep the others
                 self._log.error("index_apply_raised", error=repr(exc)[:300], batches=len(part))
                 await self._apply_one_by_one(part, msgs)
@@ -698,6 +725,8 @@ class PartitionConsumer:
         for msg, batch in part:
             try:
                 await self._apply_with_retry([batch], msgs)
+            except _GiveUpFetchError:
+                raise
             except Exception as exc:  # noqa: BLE001 - this batch, and only it, is refused
                 await self._with_backend_retry(self._index.reset_caches, msgs)
                 await self._dead_letter(msg, "apply_failed", exc)
@@ -741,6 +770,8 @@ class PartitionConsumer:
                     with contextlib.suppress(Exception):
                         await msgs[-1].in_progress()
                 await asyncio.sleep(delay)
+                if await self._marker_lost():  # checked last: the next try would apply
+                    raise _LostWhileWaitingError from exc
 
     def _record(self, batches: list[EventBatch], outcomes: list[ApplyOutcome]) -> None:
         """Count what the index did with each batch; a gap asks the worker for a resync."""
