@@ -25,6 +25,7 @@ from indexer.app import IndexerService
 from indexer.errors import BackendError
 from indexer.index import layouts
 from indexer.index.protocol import ScoreQuery
+from indexer.ingest import consumer
 from indexer.ingest.consumer import marker_is_rebuilding, marker_name
 from kvcore.topology import StreamSettings
 from tests.support.capture import caught_up, mismatches
@@ -333,5 +334,42 @@ async def test_one_slot_to_three_subslots_and_back_on_a_cluster(
         out = await move(rig, 1, capsys)
         assert f"'{MODEL}': 3 sub-slots -> single-slot" in out
         print("\n" + "\n".join(rig.figures))
+    finally:
+        await fleet.close()
+
+
+async def test_an_indexer_stopping_while_refused_never_rebuilds(
+        redis_server: RedisServer, nats_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An indexer stopped (its lease lost, the process ending) while its consumers wait on
+    a refusal must not rebuild when the refusal ends without a marker: the partition's
+    next owner may be applying into the index already, and the stopping consumer's
+    rebuild would import an older snapshot over it (blocks evicted since: false hits)."""
+    workers = 8
+    url = redis_server.url
+    await flush(url, cluster=False)
+    fleet, config = fleet_and_config(nats_url, url, workers)
+    try:
+        await index_in_one_slot(url, False, fleet, config, workers)
+        rig = Rig(nats_url, url, False, fleet, workers)
+        # every wait on the refusal sleeps 4 s: the migration below lands inside one
+        monkeypatch.setattr(consumer, "_RETRY_BACKOFF_S", (4.0,))
+        async with running_service(config_for(nats_url, url, 4)) as service:
+            await refuses(service, 4)
+            await rig.gap_traffic()
+            await eventually(lambda: is_true(service.stats.backend_retries >= PARTITIONS), 30)
+            retried = service.stats.backend_retries
+            await eventually(lambda: is_true(service.stats.backend_retries > retried), 30)
+            client = aioredis.Redis.from_url(url)
+            try:  # the markers and the single-slot model go: the refusal ends
+                await layouts.migrate_layout(client, 4, settle_s=0.0)
+            finally:
+                await client.aclose()
+            assert service.index is not None
+            await service.index.ping()
+            rebuilds = service.stats.rebuilds
+        assert service.stats.rebuilds == rebuilds
+        keys = await all_keys(url, cluster=False)
+        assert not [key for key in keys if key.startswith(b"kvi:marker:partition.")]
+        assert service.stats.dead_letters == {}
     finally:
         await fleet.close()

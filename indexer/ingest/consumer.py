@@ -470,7 +470,11 @@ class PartitionConsumer:
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
     async def _rebuild(self, reason: str) -> int:
-        """Rebuild the partition (retrying while the backend is unavailable)."""
+        """Rebuild the partition (retrying while the backend is unavailable). A consumer
+        asked to stop (its lease lost, the process ending) never starts an attempt: the
+        partition's next owner may be applying into the index already."""
+        if self._stop_requested():
+            raise _StoppedWhileWaitingError
         self.rebuilding = True
         self._stats.rebuilds += 1
         attempt = 0
@@ -478,13 +482,15 @@ class PartitionConsumer:
             try:
                 return await self._rebuild_once(reason)
             except BackendError as exc:
-                if self._stopping is not None and self._stopping.is_set():
+                if self._stop_requested():
                     raise _StoppedWhileWaitingError from exc
                 self._position_suspect = True
                 attempt += 1
                 delay = _RETRY_BACKOFF_S[min(attempt, len(_RETRY_BACKOFF_S)) - 1]
                 self._log.warning("partition_rebuild_failed", error=str(exc), retry_in_s=delay)
                 await asyncio.sleep(delay)
+                if self._stop_requested():
+                    raise _StoppedWhileWaitingError from exc
 
     async def _rebuild_once(self, reason: str) -> int:
         assert self._snapshots is not None
@@ -534,6 +540,9 @@ class PartitionConsumer:
         gc.collect()
         gc.freeze()  # the rebuilt ledgers are long-lived: keep them out of GC passes
         return True
+
+    def _stop_requested(self) -> bool:
+        return self._stopping is not None and self._stopping.is_set()
 
     async def _marker_lost(self) -> bool:
         """The index answers, without this consumer's marker (False when it cannot say)."""
@@ -758,7 +767,7 @@ class PartitionConsumer:
                 await call()
                 return
             except BackendError as exc:
-                if self._stopping is not None and self._stopping.is_set():
+                if self._stop_requested():
                     raise _StoppedWhileWaitingError from exc
                 self._position_suspect = True
                 attempt += 1
@@ -770,6 +779,8 @@ class PartitionConsumer:
                     with contextlib.suppress(Exception):
                         await msgs[-1].in_progress()
                 await asyncio.sleep(delay)
+                if self._stop_requested():
+                    raise _StoppedWhileWaitingError from exc
                 if await self._marker_lost():  # checked last: the next try would apply
                     raise _LostWhileWaitingError from exc
 
