@@ -386,6 +386,7 @@ typedef struct {
     Replica *replicas;
     Py_ssize_t n_replicas;
     uint64_t *dropped; /* per word: slots whose answer is a replica's */
+    PyObject *credit_seq; /* holds the credit tuples, whose ints `credits` points into */
 } Pooled;
 
 static void
@@ -399,6 +400,7 @@ pooled_free(Pooled *p)
     PyMem_Free(p->credited);
     PyMem_Free(p->replicas);
     PyMem_Free(p->dropped);
+    Py_XDECREF(p->credit_seq);
 }
 
 /* `seq` as runs: [mask, count, ...] when `as_runs`, else one mask per block with equal
@@ -461,11 +463,11 @@ collect_credits(Pooled *p, PyObject *credits)
     if (seq == NULL) {
         return -1;
     }
+    p->credit_seq = seq; /* released by pooled_free, after the walk read the ints */
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     p->credits = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(Credit));
     p->credited = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(IntDigits *));
     if (p->credits == NULL || p->credited == NULL) {
-        Py_DECREF(seq);
         PyErr_NoMemory();
         return -1;
     }
@@ -473,30 +475,25 @@ collect_credits(Pooled *p, PyObject *credits)
         PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
         if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
             PyErr_SetString(PyExc_TypeError, "a credit must be a (shift, mounters) tuple");
-            Py_DECREF(seq);
             return -1;
         }
         Py_ssize_t shift = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 0));
         if (shift == -1 && PyErr_Occurred()) {
-            Py_DECREF(seq);
             return -1;
         }
         if (shift < 0 || shift % 4) {
             PyErr_SetString(PyExc_ValueError, "a credit's shift must be a slot's (>= 0, * 4)");
-            Py_DECREF(seq);
             return -1;
         }
         Credit *credit = &p->credits[i];
         credit->nibble_word = shift / 64;
         credit->nibble_bit = (int)(shift % 64);
-        /* the tuple keeps the int alive, and `credits` the tuple, for the whole call */
+        /* the tuple keeps the int alive, and credit_seq the tuple, for the whole call */
         if (int_digits(PyTuple_GET_ITEM(item, 1), "a credit's mounters", &credit->mounters) < 0) {
-            Py_DECREF(seq);
             return -1;
         }
     }
     p->n_credits = n;
-    Py_DECREF(seq);
     return 0;
 }
 
@@ -873,8 +870,8 @@ rank_by_pairs(Ranked *ranked, Py_ssize_t n, Py_ssize_t n_order)
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         const Ranked *r = &ranked[i];
-        if (r->order >= (uint64_t)n_order || at[r->order] >= 0) {
-            goto done; /* an order out of range or repeated: left to qsort */
+        if (r->order >= (uint64_t)n_order || at[r->order] >= 0 || r->weighted != r->weighted) {
+            goto done; /* an order out of range or repeated, or a NaN: left to qsort */
         }
         at[r->order] = i;
         if (!n_pairs || pairs[last].matched != r->matched ||
@@ -901,8 +898,8 @@ rank_by_pairs(Ranked *ranked, Py_ssize_t n, Py_ssize_t n_order)
         start += count;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        for (last = 0; pairs[last].matched != ranked[i].matched ||
-                       pairs[last].weighted != ranked[i].weighted;
+        for (last = 0; last < n_pairs - 1 && (pairs[last].matched != ranked[i].matched ||
+                                               pairs[last].weighted != ranked[i].weighted);
              last++) {
         }
         pair_of[i] = (unsigned char)last;

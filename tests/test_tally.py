@@ -172,6 +172,18 @@ class TestTallyTwins:
                                     WorkerScore)
             assert [s.matched_blocks for s in got] == [2] * 150 + [1] * 150
 
+    def test_large_answers_with_nan_weights_do_not_read_past_the_pairs(self) -> None:
+        """A NaN weight (refused upstream; the C call does not rely on it) makes weighted
+        scores that equal nothing: the ranking falls back to the sort instead of looking
+        for the record's pair past the end."""
+        # one record with a storage block: its weighted score alone is NaN
+        tally = array("I", [v for s in range(300) for v in (s, 1 + s % 2, 0, int(s == 1), 0)])
+        table = slot_table({s: WorkerRef(f"w{s:03}", 0) for s in range(300)})
+        weights = (1.0, float("nan"), 1.0, 1.0)
+        got = scores_from_tally(tally.tobytes(), table.refs, table.order, weights, TIERS,
+                                WorkerScore)
+        assert sorted(s.matched_blocks for s in got) == [1] * 150 + [2] * 150
+
     def test_bad_records_raise(self) -> None:
         table = slot_table({0: WorkerRef("a", 0)})
         weights = WEIGHT_SETS[0].as_tuple()
