@@ -5,6 +5,7 @@ end-to-end runs (publishers, indexers, rebuilds) are in test_layout_migration.py
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import AsyncIterator
 
@@ -13,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from indexer.errors import BackendError
-from indexer.index.layouts import LAYOUT_KEY, migrate_layout
+from indexer.index.layouts import LAYOUT_KEY, LAYOUT_RECHECK_S, migrate_layout
 from indexer.index.protocol import ScoreQuery, WorkerRef
 from indexer.index.redis import RedisIndex
 from indexer.index.redis_sharded import ShardedRedisIndex
@@ -92,6 +93,30 @@ async def test_an_indexer_left_on_the_old_flag_stops_writing(
         assert await index_keys(client) == {LAYOUT_KEY.encode()}
     finally:
         await single.close()
+
+
+@pytest.mark.parametrize("subslots", [1, 4])
+async def test_a_declared_layout_stops_writes_without_a_ping(
+        redis_server: RedisServer, client: aioredis.Redis, subslots: int) -> None:
+    """An index whose health loop is slow to ping (its probes wait on timeouts) still
+    stops writing within LAYOUT_RECHECK_S of the declaration, well inside the command's
+    settle time: it never writes after the command started deleting."""
+    index: RedisIndex | ShardedRedisIndex = (
+        RedisIndex.from_url(redis_server.url) if subslots == 1
+        else ShardedRedisIndex.from_url(redis_server.url, subslots=subslots))
+    try:
+        await index.ping()
+        await index.apply([batch(0, stored(1, 3))])
+        await client.set(LAYOUT_KEY, "2")  # what migrate-layout declares first
+        await asyncio.sleep(LAYOUT_RECHECK_S + 0.05)
+        before = await index_keys(client)
+        with pytest.raises(BackendError, match="moved to --redis-subslots 2"):
+            await index.apply([batch(1, stored(4, 6))])
+        with pytest.raises(BackendError, match="moved to --redis-subslots 2"):
+            await index.import_ranks([])
+        assert await index_keys(client) == before
+    finally:
+        await index.close()
 
 
 async def test_subslots_to_other_subslots_keep_the_id_counters(

@@ -8,9 +8,10 @@ raise BackendError, so its consumers retry and store no snapshot of a half-empty
 
 `migrate_layout` moves a Redis to a target layout. In order, each step idempotent:
 
-1. declare the target in `kvi:layout`: indexers started with another flag refuse from
-   their next ping (every second) on, even those that passed their check before; then
-   wait `settle_s` (2 s) for them to see it;
+1. declare the target in `kvi:layout`: indexers started with another flag, even those
+   that passed their check before, stop writing within LAYOUT_RECHECK_S (each write
+   reads it again when its last read is older) and refuse from their next ping; then
+   wait `settle_s` (2 s) for writes already under way to end;
 2. delete the partition markers (`partition.<p>`, `position.<p>`): every indexer
    rebuilds its partitions from snapshots and the stream once nothing refuses it;
 3. for each model in another layout: delete its keys, found by SCAN of its exact hash
@@ -38,6 +39,7 @@ from kvcore.bus import escape_token
 
 __all__ = [
     "LAYOUT_KEY",
+    "LAYOUT_RECHECK_S",
     "MigrationReport",
     "declared_refusal",
     "migrate_command",
@@ -45,6 +47,10 @@ __all__ = [
 ]
 
 LAYOUT_KEY: Final = "kvi:layout"  # the sub-slot count migrate-layout last moved to
+# A writing index reads `kvi:layout` again when its last read is older than this: what
+# bounds how long after `migrate-layout` declared a layout an index on another flag
+# may still write (`settle_s` waits longer).
+LAYOUT_RECHECK_S: Final = 0.25
 SINGLE_MODELS: Final = "kvi:models"  # redis.MODELS_KEY
 SUBSLOT_MODELS: Final = "kvi:smodels"  # redis_sharded.MODELS_KEY
 HOLDER_LAYOUT: Final = b"2"  # redis.LAYOUT
@@ -218,7 +224,7 @@ async def migrate_layout(client: Any, target: int, *, model: str | None = None,
     if not moves:
         say(f"nothing to move: {kept} model(s) already in this layout")
         return report
-    await asyncio.sleep(settle_s)  # indexers with another flag see it at their next ping
+    await asyncio.sleep(settle_s)  # writes begun before the declaration end
     report.markers = await _delete_markers(keys)
     say(f"deleted {report.markers} partition marker(s): every indexer rebuilds its "
         "partitions from snapshots and the stream")

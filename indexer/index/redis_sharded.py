@@ -49,6 +49,7 @@ import hashlib
 import os
 import random
 import struct
+import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
@@ -75,7 +76,12 @@ from redis.exceptions import (
 
 from indexer.errors import BackendError
 from indexer.index.hybrid import group_specs, hybrid_run_matches
-from indexer.index.layouts import LAYOUT_KEY, declared_refusal, migrate_command
+from indexer.index.layouts import (
+    LAYOUT_KEY,
+    LAYOUT_RECHECK_S,
+    declared_refusal,
+    migrate_command,
+)
 from indexer.index.ledger import LOG_HASH, LOG_MAP, WorkerLedger, stored_block_size
 from indexer.index.pools import split_pool_events
 from indexer.index.protocol import (
@@ -363,6 +369,7 @@ class ShardedRedisIndex:
         self._fast_queries = True
         self._layout_checked = False  # the Redis's models were found in this layout
         self._layout_refusal: str | None = None  # why the Redis's declared layout is refused
+        self._layout_fresh_until = 0.0  # monotonic: when _require_layout reads it again
         # Redis Cluster failovers: (model, rank) -> (slot id, committed token or None
         # for a rank this process removed, positions) as Redis last confirmed them.
         self._confirmed: dict[tuple[str, WorkerRef], tuple[int, bytes | None, list[bytes]]] = {}
@@ -616,9 +623,9 @@ class ShardedRedisIndex:
         if not validated:
             for batch in batches:
                 validate_batch(batch)
-        await self._require_layout()
         await self.check_lost_writes()
         async with self._lock:
+            await self._require_layout()
             try:
                 return await self._apply(batches)
             except RedisError as exc:
@@ -1032,8 +1039,8 @@ class ShardedRedisIndex:
                 raise BackendError(f"redis export failed: {exc}") from exc
 
     async def import_ranks(self, states: Sequence[RankState]) -> None:
-        await self._require_layout()
         async with self._lock:
+            await self._require_layout()
             try:
                 sinks: dict[tuple[str, WorkerRef], _NetSink] = {}
                 for state in states:
@@ -1165,13 +1172,19 @@ class ShardedRedisIndex:
     async def _require_layout(self) -> None:
         """Writes wait while this index refuses the Redis's layout (BackendError, which
         the consumers retry): nothing is written beside another layout's models, and no
-        snapshot is taken of an index that does not hold them."""
-        if self._layout_checked and self._layout_refusal is None:
+        snapshot is taken of an index that does not hold them. Called under the write
+        lock: the declared layout is read again when its last read is older than
+        LAYOUT_RECHECK_S, so a write starts at most that long after `migrate-layout`
+        declared another layout (which waits longer before deleting anything)."""
+        now = time.monotonic()
+        if (self._layout_checked and self._layout_refusal is None
+                and now < self._layout_fresh_until):
             return
         try:
             await self._check_layout()
         except RedisError as exc:
             raise BackendError(f"redis layout check failed: {exc}") from exc
+        self._layout_fresh_until = now + LAYOUT_RECHECK_S
 
     async def _check_layout(self) -> None:
         """Refuse a Redis declared in another layout by `kv-indexer migrate-layout`
