@@ -22,6 +22,7 @@ from tests.support.ledger_batches import BS, MODEL, TOKENS, batch, stored
 from tests.support.servers import RedisServer
 
 OTHER_APP = {b"app:1": b"one", b"sessions:{m:m}:x": b"two"}
+LEFT = {LAYOUT_KEY.encode(), b"kvi:{m:m}:nextslot"}  # the id counter stays
 
 
 @pytest.fixture
@@ -66,7 +67,7 @@ async def test_a_refusing_index_writes_nothing_until_the_command_ran(
         lines: list[str] = []
         await migrate_layout(client, 4, settle_s=0, say=lines.append)
         assert any("deleted" in line and "'m' (single-slot)" in line for line in lines)
-        assert await index_keys(client) == {LAYOUT_KEY.encode()}
+        assert await index_keys(client) == LEFT
         assert {k: await client.get(k) for k in OTHER_APP} == OTHER_APP
         await sharded.ping()
         await sharded.import_ranks([state])
@@ -89,7 +90,7 @@ async def test_an_indexer_left_on_the_old_flag_stops_writing(
             await single.ping()
         with pytest.raises(BackendError, match="moved to --redis-subslots 4"):
             await single.apply([batch(1, stored(4, 6))])
-        assert await index_keys(client) == {LAYOUT_KEY.encode()}
+        assert await index_keys(client) == LEFT
     finally:
         await single.close()
 
@@ -134,7 +135,7 @@ async def test_an_older_layout_is_moved_out(redis_server: RedisServer,
         lines: list[str] = []
         await migrate_layout(client, 1, settle_s=0, say=lines.append)
         assert "moving 'm': single-slot (older layout) -> single-slot" in lines
-        assert await index_keys(client) == {LAYOUT_KEY.encode()}
+        assert await index_keys(client) == LEFT
         await index.ping()
         assert await held(index) == 0
     finally:
@@ -155,7 +156,8 @@ async def test_dry_run_and_one_model(redis_server: RedisServer,
     await migrate_layout(client, 4, model="a", settle_s=0, say=lines.append)
     assert await client.smembers("kvi:models") == {b"b"}
     assert await index_keys(client) == {
-        key for key in before if not key.startswith(b"kvi:{m:a}")} | {LAYOUT_KEY.encode()}
+        key for key in before if not key.startswith(b"kvi:{m:a}")} | {
+            LAYOUT_KEY.encode(), b"kvi:{m:a}:nextslot"}
     sharded = ShardedRedisIndex.from_url(redis_server.url, subslots=4)
     try:
         with pytest.raises(BackendError, match=r"1 single-slot model\(s\) \(e.g. b\)"):
