@@ -263,7 +263,6 @@ async def test_a_model_created_in_the_target_layout_meanwhile_is_kept(
         report = await migration
         assert (report.kept, report.moved, report.markers) == (1, [], 0)
         assert await client.smembers("kvi:smodels") == {MODEL.encode()}
-        four._models.clear()
         assert await held(four) == 6
     finally:
         await four.close()
