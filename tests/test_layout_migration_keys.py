@@ -282,3 +282,22 @@ async def test_an_unlisted_model_is_refused_before_anything_is_written(
         await single.ping()  # still serving
     finally:
         await single.close()
+
+
+async def test_an_empty_model_of_another_layout_is_only_unlisted(
+        redis_server: RedisServer, client: aioredis.Redis) -> None:
+    """Listed in kvi:smodels with nothing of it left but its counters: a single-slot
+    index would refuse the listing, so it goes; nothing moves, so the markers stay."""
+    await client.sadd("kvi:smodels", "dropped")
+    await client.set("kvi:{s:dropped}:nextslot", 3)
+    markers = await put_markers(client)
+    report = await migrate_layout(client, 1, settle_s=0, say=lambda _line: None)
+    assert (report.unlisted, report.moved, report.markers) == (["dropped"], [], 0)
+    assert await client.scard("kvi:smodels") == 0
+    assert {k: await client.get(k) for k in markers} == markers
+    assert await client.get("kvi:{s:dropped}:nextslot") == b"3"
+    index = RedisIndex.from_url(redis_server.url)
+    try:
+        await index.ping()
+    finally:
+        await index.close()
