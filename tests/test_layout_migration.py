@@ -277,7 +277,7 @@ async def move(rig: Rig, subslots: int, capsys: pytest.CaptureFixture[str],
     assert {key: keys.get(key) for key in FOREIGN} == FOREIGN
     tags = (b"kvi:{m:", ) if subslots > 1 else (b"kvi:{s:",)
     left = sorted(key for key in keys if key.startswith(tags))
-    # a sub-slot model's id counters stay (ids are never given out twice)
+    # the old layout's id counters stay (ids are never given out twice)
     assert all(key.endswith(b"}:nextslot") for key in left), left[:5]
     return out
 

@@ -23,6 +23,7 @@ from tests.support.ledger_batches import BS, MODEL, TOKENS, batch, stored
 from tests.support.servers import RedisServer
 
 OTHER_APP = {b"app:1": b"one", b"sessions:{m:m}:x": b"two"}
+LEFT = {LAYOUT_KEY.encode(), b"kvi:{m:m}:nextslot"}  # the id counter stays
 
 
 @pytest.fixture
@@ -67,7 +68,7 @@ async def test_a_refusing_index_writes_nothing_until_the_command_ran(
         lines: list[str] = []
         await migrate_layout(client, 4, settle_s=0, say=lines.append)
         assert any("deleted" in line and "'m' (single-slot)" in line for line in lines)
-        assert await index_keys(client) == {LAYOUT_KEY.encode()}
+        assert await index_keys(client) == LEFT
         assert {k: await client.get(k) for k in OTHER_APP} == OTHER_APP
         await sharded.ping()
         await sharded.import_ranks([state])
@@ -90,7 +91,7 @@ async def test_an_indexer_left_on_the_old_flag_stops_writing(
             await single.ping()
         with pytest.raises(BackendError, match="moved to --redis-subslots 4"):
             await single.apply([batch(1, stored(4, 6))])
-        assert await index_keys(client) == {LAYOUT_KEY.encode()}
+        assert await index_keys(client) == LEFT
     finally:
         await single.close()
 
@@ -159,7 +160,7 @@ async def test_an_older_layout_is_moved_out(redis_server: RedisServer,
         lines: list[str] = []
         await migrate_layout(client, 1, settle_s=0, say=lines.append)
         assert "moving 'm': single-slot (older layout) -> single-slot" in lines
-        assert await index_keys(client) == {LAYOUT_KEY.encode()}
+        assert await index_keys(client) == LEFT
         await index.ping()
         assert await held(index) == 0
     finally:
@@ -180,7 +181,8 @@ async def test_dry_run_and_one_model(redis_server: RedisServer,
     await migrate_layout(client, 4, model="a", settle_s=0, say=lines.append)
     assert await client.smembers("kvi:models") == {b"b"}
     assert await index_keys(client) == {
-        key for key in before if not key.startswith(b"kvi:{m:a}")} | {LAYOUT_KEY.encode()}
+        key for key in before if not key.startswith(b"kvi:{m:a}")} | {
+            LAYOUT_KEY.encode(), b"kvi:{m:a}:nextslot"}
     sharded = ShardedRedisIndex.from_url(redis_server.url, subslots=4)
     try:
         with pytest.raises(BackendError, match=r"1 single-slot model\(s\) \(e.g. b\)"):
@@ -199,6 +201,127 @@ async def test_a_garbled_declaration_is_refused_not_a_crash(
         with pytest.raises(BackendError, match="not a --redis-subslots"):
             await index.ping()
         await migrate_layout(client, 1, settle_s=0, say=lambda _line: None)
+        await index.ping()
+    finally:
+        await index.close()
+
+
+async def test_a_late_write_left_behind_never_names_a_new_rank(
+        redis_server: RedisServer, client: aioredis.Redis) -> None:
+    """An old-flag indexer's write landing after the command deleted the model leaves
+    holder entries under its tag; the model created again later must not give their
+    slot ids to new ranks (a false hit)."""
+    single = RedisIndex.from_url(redis_server.url)
+    await single.apply([batch(0, stored(1, 6), worker=f"w{i}") for i in range(3)])
+    await single.close()
+    buckets = {key: await client.dump(key) for key in await client.keys("kvi:{m:m}:b:*")}
+    assert buckets
+    await migrate_layout(client, 4, settle_s=0, say=lambda _line: None)
+    for key, dumped in buckets.items():  # the late write: holders of slots 0..2 again
+        await client.restore(key, 0, dumped, replace=True)
+    await migrate_layout(client, 1, settle_s=0, say=lambda _line: None)  # and back
+    again = RedisIndex.from_url(redis_server.url)
+    try:
+        await again.apply([batch(0, stored(1, 1), worker="x")])
+        assert await held(again) == 1  # its own block; never the orphans' 2..6
+    finally:
+        await again.close()
+
+
+async def put_markers(client: aioredis.Redis) -> dict[bytes, bytes]:
+    markers = {f"kvi:marker:{name}.{p}".encode(): b"trusted"
+               for name in ("partition", "position") for p in range(2)}
+    for key, value in markers.items():
+        await client.set(key, value)
+    return markers
+
+
+async def test_a_rerun_in_the_target_layout_deletes_nothing(
+        redis_server: RedisServer, client: aioredis.Redis) -> None:
+    """Models listed without their layout key: one collected between its drop and its
+    SREM (only its counters left), one holding keys of an unknown number of sub-slots, a
+    single-slot one being created; none is another layout's, so nothing is deleted, not
+    even the partition markers."""
+    four = ShardedRedisIndex.from_url(redis_server.url, subslots=4)
+    await four.apply([of_model("a", 0)])  # type: ignore[list-item]
+    await four.close()
+    await client.sadd("kvi:smodels", "dropped", "unknown")
+    await client.set("kvi:{s:dropped}:nextslot", 3)
+    await client.set("kvi:{s:dropped:0.0}:nextslot", "3 x")
+    await client.hset("kvi:{s:unknown:1.0}:pos", "0", b"\x00" * 17)
+    markers = await put_markers(client)
+    await migrate_layout(client, 4, settle_s=0, say=lambda _line: None)
+    before = await index_keys(client)
+    lines: list[str] = []
+    report = await migrate_layout(client, 4, settle_s=0, say=lines.append)
+    assert await index_keys(client) == before
+    assert {k: await client.get(k) for k in markers} == markers
+    assert await client.smembers("kvi:smodels") == {b"a", b"dropped", b"unknown"}
+    assert [move.model for move in report.skipped] == ["unknown"]
+    assert any("skipping 'unknown'" in line for line in lines)
+    assert (report.moved, report.markers) == ([], 0)
+
+    await client.sadd("kvi:models", "creating")  # listed before its first rank
+    await migrate_layout(client, 1, dry_run=True, settle_s=0, say=lines.append)
+    assert "would move 'a': 4 sub-slots -> single-slot" in lines
+    assert not any("'creating'" in line and "move" in line for line in lines)
+
+
+async def test_a_model_created_in_the_target_layout_meanwhile_is_kept(
+        redis_server: RedisServer, client: aioredis.Redis) -> None:
+    """Listed without `subslots` when the command starts; by the end of the settle a
+    target-layout indexer has created it: it is left with its blocks, listed."""
+    await client.sadd("kvi:smodels", MODEL)
+    await client.set("kvi:{s:m:2.0}:p:99", b"left by a collection")
+    declared = asyncio.Event()
+
+    def say(line: str) -> None:
+        if line.startswith("declared layout"):
+            declared.set()
+
+    migration = asyncio.create_task(migrate_layout(client, 4, settle_s=0.5, say=say))
+    await declared.wait()
+    four = ShardedRedisIndex.from_url(redis_server.url, subslots=4)
+    try:
+        await four.apply([batch(0, stored(1, 6))])
+        report = await migration
+        assert (report.kept, report.moved, report.markers) == (1, [], 0)
+        assert await client.smembers("kvi:smodels") == {MODEL.encode()}
+        assert await held(four) == 6
+    finally:
+        await four.close()
+
+
+async def test_an_unlisted_model_is_refused_before_anything_is_written(
+        redis_server: RedisServer, client: aioredis.Redis) -> None:
+    single = RedisIndex.from_url(redis_server.url)
+    await single.apply([batch(0, stored(1, 6))])
+    before = await index_keys(client)
+    try:
+        with pytest.raises(BackendError, match=r"'typo' is not listed .*nothing changed"):
+            await migrate_layout(client, 4, model="typo", settle_s=0,
+                                 say=lambda _line: None)
+        assert await index_keys(client) == before
+        assert await client.get(LAYOUT_KEY) is None
+        await single.ping()  # still serving
+    finally:
+        await single.close()
+
+
+async def test_an_empty_model_of_another_layout_is_only_unlisted(
+        redis_server: RedisServer, client: aioredis.Redis) -> None:
+    """Listed in kvi:smodels with nothing of it left but its counters: a single-slot
+    index would refuse the listing, so it goes; nothing moves, so the markers stay."""
+    await client.sadd("kvi:smodels", "dropped")
+    await client.set("kvi:{s:dropped}:nextslot", 3)
+    markers = await put_markers(client)
+    report = await migrate_layout(client, 1, settle_s=0, say=lambda _line: None)
+    assert (report.unlisted, report.moved, report.markers) == (["dropped"], [], 0)
+    assert await client.scard("kvi:smodels") == 0
+    assert {k: await client.get(k) for k in markers} == markers
+    assert await client.get("kvi:{s:dropped}:nextslot") == b"3"
+    index = RedisIndex.from_url(redis_server.url)
+    try:
         await index.ping()
     finally:
         await index.close()

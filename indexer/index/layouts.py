@@ -8,20 +8,30 @@ raise BackendError, so its consumers retry and store no snapshot of a half-empty
 
 `migrate_layout` moves a Redis to a target layout. In order, each step idempotent:
 
-1. declare the target in `kvi:layout`: indexers started with another flag, even those
+1. classify every listed model (or only `--model M`, which must be listed: otherwise
+   nothing is written): in the target layout (left alone), in another layout (to move),
+   listed in another layout with nothing of it left but id counters (to unlist), or
+   listed without its layout key (`bk`'s layout, `subslots`) holding keys of no provable
+   other layout (skipped and reported: a writer may be creating it);
+2. declare the target in `kvi:layout`: indexers started with another flag, even those
    that passed their check before, stop writing within LAYOUT_RECHECK_S (each write
    reads it again when its last read is older) and refuse from their next ping; then
    wait `settle_s` (2 s) for writes already under way to end;
-2. delete the partition markers (`partition.<p>`, `position.<p>`): every indexer
-   rebuilds its partitions from snapshots and the stream once nothing refuses it;
-3. for each model in another layout: delete its keys, found by SCAN of its exact hash
-   tags on every master, the ones the layout checks read last (a single-slot model's
-   `bk` and `slots`, a sub-slot model's `subslots` and `slots`), then unlist it.
+3. classify again; if a model is to move, delete the partition markers (`partition.<p>`,
+   `position.<p>`): every indexer rebuilds its partitions from snapshots and the stream
+   once nothing refuses it. A rerun on a Redis already in the target layout deletes none;
+4. for each model, classified once more just before (never one in the target layout by
+   then): delete its keys, found by SCAN of its exact hash tags on every master, the
+   ones the layout checks read last (a single-slot model's `bk` and `slots`, a sub-slot
+   model's `subslots` and `slots`) at the end, then unlist it (listed again if a writer
+   created it meanwhile, as a collection does).
 
 A run stopped anywhere leaves the model listed, so indexers keep refusing, and the next
 run starts over from step 1. Only keys under the model's own hash tags, and markers, are
-deleted; a sub-slot model's id counters (`nextslot`, in its directory and each sub-slot)
-are kept, so the ids a rebuilt model gives out never name a leftover entry.
+deleted; a model's id counters (`nextslot`: a single-slot model's, a sub-slot model's in
+its directory and each sub-slot) are kept, and a model created again continues from them
+(slot.lua, subslot_dir.lua), so a late write of an old-flag indexer left behind never
+names a rank of the new model.
 """
 
 from __future__ import annotations
@@ -79,10 +89,18 @@ def declared_refusal(declared: bytes | str | None, subslots: int) -> str | None:
             f"`{migrate_command(subslots)}`")
 
 
+MOVE: Final = "move"  # another layout's keys: deleted, then unlisted
+KEEP: Final = "keep"  # in the target layout (or listed there with nothing of it yet)
+UNLIST: Final = "unlist"  # listed in another layout, nothing of it left but id counters
+SKIP: Final = "skip"  # listed without its layout key, holding keys of no provable layout
+
+
 @dataclass
 class ModelMove:
     model: str
-    layout: str  # "single-slot", "single-slot (older layout)", "S sub-slots"
+    listing: str  # SINGLE_MODELS or SUBSLOT_MODELS: the set it is listed in
+    layout: str  # what was found: "single-slot", "single-slot (older layout)", "S sub-slots"
+    action: str = MOVE
     keys: int = 0
 
 
@@ -92,6 +110,8 @@ class MigrationReport:
     moved: list[ModelMove] = field(default_factory=list)
     kept: int = 0  # models already in the target layout
     markers: int = 0
+    unlisted: list[str] = field(default_factory=list)
+    skipped: list[ModelMove] = field(default_factory=list)
 
 
 def _single_prefix(model: str) -> str:
@@ -132,6 +152,13 @@ class _Keys:
             for start in range(0, len(group), _UNLINK_BATCH):
                 await self.client.unlink(*group[start:start + _UNLINK_BATCH])
 
+    async def holds(self, pattern: str) -> bool:
+        """Whether a key matching `pattern` exists, id counters aside."""
+        async for key in self.scan(pattern):
+            if not _keeps_counter(key):
+                return True
+        return False
+
     async def delete_matching(self, pattern: str, keep: Callable[[bytes], bool],
                               last: Sequence[bytes] = ()) -> int:
         """Delete the keys matching `pattern` but those `keep` holds, `last` at the end
@@ -149,29 +176,51 @@ def _keeps_counter(key: bytes) -> bool:
     return key.endswith(b"}:nextslot")
 
 
-async def _listed(client: Any, name: str) -> list[str]:
-    return sorted(_text(m) for m in await client.smembers(name))
+async def _listed(client: Any) -> list[tuple[str, str]]:
+    """(listing, model) of every listed model, single-slot ones first."""
+    return [(listing, _text(model)) for listing in (SINGLE_MODELS, SUBSLOT_MODELS)
+            for model in sorted(await client.smembers(listing))]
 
 
-async def _foreign_models(client: Any, target: int) -> tuple[list[ModelMove], int]:
-    """The models not in the target layout, and how many are."""
-    moves: list[ModelMove] = []
-    kept = 0
-    for model in await _listed(client, SINGLE_MODELS):
-        layout = await client.hget(_single_prefix(model) + "bk", "layout")
-        if target == 1 and layout == HOLDER_LAYOUT:
-            kept += 1
-        else:
-            older = "" if layout == HOLDER_LAYOUT else " (older layout)"
-            moves.append(ModelMove(model, f"single-slot{older}"))
-    for model in await _listed(client, SUBSLOT_MODELS):
-        raw = await client.get(_directory_prefix(model) + "subslots")
-        count = len(_text(raw).split("\n")) if raw else 0
-        if count == target:
-            kept += 1
-        else:
-            moves.append(ModelMove(model, f"{count} sub-slots"))
-    return moves, kept
+async def _classify(keys: _Keys, listing: str, model: str, target: int) -> ModelMove:
+    if listing == SINGLE_MODELS:
+        return await _classify_single(keys, model, target)
+    return await _classify_subslot(keys, model, target)
+
+
+async def _classify_single(keys: _Keys, model: str, target: int) -> ModelMove:
+    prefix = _single_prefix(model)
+    if await keys.client.hget(prefix + "bk", "layout") == HOLDER_LAYOUT:
+        return ModelMove(model, SINGLE_MODELS, "single-slot", KEEP if target == 1 else MOVE)
+    # holders.lua's old_layout: ranks or pool presence without the layout in `bk`
+    if await keys.client.exists(prefix + "slots") or await keys.client.exists(prefix + "blk"):
+        return ModelMove(model, SINGLE_MODELS, "single-slot (older layout)")
+    if not await keys.holds(prefix + "*"):
+        # Listed before its first rank exists (a writer creating it), or left listed.
+        return ModelMove(model, SINGLE_MODELS, "single-slot, empty",
+                         KEEP if target == 1 else UNLIST)
+    # Keys under its single-slot tag are another layout's for a sub-slot target; for a
+    # single-slot one, neither this layout's nor provably an older one's.
+    return ModelMove(model, SINGLE_MODELS, "single-slot without `bk`",
+                     SKIP if target == 1 else MOVE)
+
+
+async def _classify_subslot(keys: _Keys, model: str, target: int) -> ModelMove:
+    raw = await keys.client.get(_directory_prefix(model) + "subslots")
+    if raw:
+        count = len(_text(raw).split("\n"))
+        return ModelMove(model, SUBSLOT_MODELS, f"{count} sub-slots",
+                         KEEP if count == target else MOVE)
+    held = (await keys.holds(_directory_prefix(model) + "*")
+            or await keys.holds(_subslot_pattern(model)))
+    if not held:
+        # Between a collection's drop and its SREM (redis_sharded._finish_model_gc).
+        return ModelMove(model, SUBSLOT_MODELS, "sub-slots, empty",
+                         KEEP if target > 1 else UNLIST)
+    # Sub-slot keys are another layout's for a single-slot target; for a sub-slot one,
+    # their number of sub-slots is unknown without `subslots`.
+    return ModelMove(model, SUBSLOT_MODELS, "sub-slots without `subslots`",
+                     MOVE if target == 1 else SKIP)
 
 
 async def _delete_markers(keys: _Keys) -> int:
@@ -185,20 +234,65 @@ async def _delete_markers(keys: _Keys) -> int:
 
 
 async def _delete_model(keys: _Keys, move: ModelMove) -> None:
+    """Its keys but the id counters, the ones the layout checks read last at the end."""
     model = move.model
-    if move.layout.startswith("single-slot"):
+    if move.listing == SINGLE_MODELS:
         prefix = _single_prefix(model)
         move.keys = await keys.delete_matching(
-            prefix + "*", lambda _key: False,
+            prefix + "*", _keeps_counter,
             last=[(prefix + "bk").encode(), (prefix + "slots").encode()])
-        await keys.client.srem(SINGLE_MODELS, model)
         return
     prefix = _directory_prefix(model)
     move.keys = await keys.delete_matching(_subslot_pattern(model), _keeps_counter)
     move.keys += await keys.delete_matching(
         prefix + "*", _keeps_counter,
         last=[(prefix + "subslots").encode(), (prefix + "slots").encode()])
-    await keys.client.srem(SUBSLOT_MODELS, model)
+
+
+async def _unlist(client: Any, move: ModelMove) -> bool:
+    """Unlist the model; list it again if a writer created it meanwhile (as a
+    collection does), so its keys never go unseen by the layout checks. True if it
+    stays unlisted."""
+    await client.srem(move.listing, move.model)
+    if move.listing == SINGLE_MODELS:
+        created = await client.exists(_single_prefix(move.model) + "slots")
+    else:
+        created = await client.exists(_directory_prefix(move.model) + "subslots")
+    if created:
+        await client.sadd(move.listing, move.model)
+    return not created
+
+
+def _plan_line(move: ModelMove, target: int, dry_run: bool) -> str:
+    if move.action == MOVE:
+        return (f"{'would move' if dry_run else 'moving'} {move.model!r}: {move.layout} -> "
+                f"{_layout_name(target)}")
+    if move.action == UNLIST:
+        return (f"{'would unlist' if dry_run else 'unlisting'} {move.model!r} "
+                f"({move.layout}): nothing of it left in {move.listing} but id counters")
+    return (f"{'would skip' if dry_run else 'skipping'} {move.model!r}: listed in "
+            f"{move.listing} ({move.layout}) but holding keys of no known layout; left as "
+            "it is: check it, then run again")
+
+
+async def _carry_out(keys: _Keys, move: ModelMove, report: MigrationReport,
+                     say: Callable[[str], None]) -> None:
+    if move.action == KEEP:
+        report.kept += 1
+        say(f"left {move.model!r}: {move.layout}, in {_layout_name(report.target)} by now")
+    elif move.action == SKIP:
+        report.skipped.append(move)
+        say(_plan_line(move, report.target, dry_run=False))
+    elif move.action == UNLIST:
+        if await _unlist(keys.client, move):
+            report.unlisted.append(move.model)
+            say(f"unlisted {move.model!r} ({move.layout})")
+    else:
+        await _delete_model(keys, move)
+        stays_unlisted = await _unlist(keys.client, move)
+        report.moved.append(move)
+        say(f"deleted {move.keys} key(s) of {move.model!r} ({move.layout})"
+            + ("" if stays_unlisted else "; created again meanwhile, listed again"))
 
 
 async def migrate_layout(client: Any, target: int, *, model: str | None = None,
@@ -209,29 +303,41 @@ async def migrate_layout(client: Any, target: int, *, model: str | None = None,
     if target < 1:
         raise BackendError("--redis-subslots must be at least 1")
     keys = _Keys(client)
-    moves, kept = await _foreign_models(client, target)
+    listed = await _listed(client)
     if model is not None:
-        moves = [move for move in moves if move.model == model]
-    report = MigrationReport(target, moves, kept)
-    for move in moves:
-        say(f"{'would move' if dry_run else 'moving'} {move.model!r}: {move.layout} -> "
-            f"{_layout_name(target)}")
+        listed = [(listing, name) for listing, name in listed if name == model]
+        if not listed:
+            raise BackendError(f"model {model!r} is not listed in {SINGLE_MODELS} or "
+                               f"{SUBSLOT_MODELS}: nothing to move, nothing changed")
+    plan = [await _classify(keys, listing, name, target) for listing, name in listed]
+    report = MigrationReport(target, kept=sum(move.action == KEEP for move in plan))
+    todo = [move for move in plan if move.action != KEEP]
+    for move in todo:
+        say(_plan_line(move, target, dry_run))
     if dry_run:
+        report.moved = [move for move in todo if move.action == MOVE]
+        report.unlisted = [move.model for move in todo if move.action == UNLIST]
+        report.skipped = [move for move in todo if move.action == SKIP]
         return report
     await client.set(LAYOUT_KEY, str(target))
     say(f"declared layout: {_layout_name(target)} ({LAYOUT_KEY}); indexers started with "
         "another --redis-subslots now refuse")
-    if not moves:
-        say(f"nothing to move: {kept} model(s) already in this layout")
+    if not todo:
+        say(f"nothing to move: {report.kept} model(s) already in this layout")
         return report
     await asyncio.sleep(settle_s)  # writes begun before the declaration end
-    report.markers = await _delete_markers(keys)
-    say(f"deleted {report.markers} partition marker(s): every indexer rebuilds its "
-        "partitions from snapshots and the stream")
-    for move in moves:
-        await _delete_model(keys, move)
-        say(f"deleted {move.keys} key(s) of {move.model!r} ({move.layout})")
-    say(f"done: {len(moves)} model(s) moved to {_layout_name(target)}, {kept} already there")
+    todo = [await _classify(keys, move.listing, move.model, target) for move in todo]
+    if any(move.action == MOVE for move in todo):
+        report.markers = await _delete_markers(keys)
+        say(f"deleted {report.markers} partition marker(s): every indexer rebuilds its "
+            "partitions from snapshots and the stream")
+    for move in todo:
+        # Again just before: never delete a model a target-layout writer created since.
+        await _carry_out(keys, await _classify(keys, move.listing, move.model, target),
+                         report, say)
+    say(f"done: {len(report.moved)} model(s) moved to {_layout_name(target)}, "
+        f"{len(report.unlisted)} unlisted, {len(report.skipped)} skipped, {report.kept} "
+        "already there")
     return report
 
 
