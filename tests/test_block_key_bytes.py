@@ -31,6 +31,7 @@ from tests.support.decisions import (
     without_age,
 )
 from tests.support.grpc_scenario import serving
+from tests.support.mask_runs import as_runs
 
 if NATIVE:
     from kvcore._native import tally_masks, tally_runs
@@ -61,18 +62,6 @@ def as_keys(request: pb.FindBestWorkerRequest) -> pb.FindBestWorkerRequest:
     return keyed
 
 
-def runs_of(masks: list[int], wanted: int) -> list[int]:
-    """Masks as runs [mask, count, ...] up to the first without a wanted bit."""
-    runs: list[int] = []
-    for mask in masks:
-        if runs and mask == runs[-2]:
-            runs[-1] += 1
-        elif mask & wanted:
-            runs += (mask, 1)
-        else:
-            break
-    return runs
-
 
 class TestTallyMasks:
     @pytest.mark.parametrize("slots", [1_024, 4_096])
@@ -98,7 +87,7 @@ class TestTallyMasks:
                 masks.append(mask if rng.random() > 0.02 else 0)
             weights = rng.choice([(1.0, 0.8, 0.5, 0.3), (0.1, 0.8, 0.5, 2.0)])
             include_zero = rng.random() < 0.3
-            expected = tally_runs(runs_of(masks, candidates * 15), candidates, weights,
+            expected = tally_runs(as_runs(masks, candidates * 15), candidates, weights,
                                   include_zero)
             assert tally_masks(masks, candidates, weights, include_zero) == expected
 

@@ -33,6 +33,7 @@ from indexer.index.redis import RedisIndex
 from indexer.index.scoring import slot_bits
 from kvcore.bus import SCHEMA_VERSION, BlockStored, EventBatch
 from kvcore.keys import NATIVE
+from tests.support.mask_runs import as_runs
 from tests.support.servers import RedisServer
 
 if NATIVE:
@@ -73,19 +74,6 @@ def records(tally: bytes) -> list[tuple[int, ...]]:
     values = array("I", tally)
     return sorted(tuple(values[i : i + 5]) for i in range(0, len(values), 5))
 
-
-def as_runs(masks: list[int], wanted: int) -> list[int]:
-    """Masks as BlockTable.mask_runs gives them: equal neighbours merged, up to the first
-    without a `wanted` bit."""
-    runs: list[int] = []
-    for mask in masks:
-        if runs and mask == runs[-2]:
-            runs[-1] += 1
-        elif mask & wanted:
-            runs += (mask, 1)
-        else:
-            break
-    return runs
 
 
 # --- small random cases ----------------------------------------------------------------

@@ -23,6 +23,7 @@ from indexer.index.scoring import (
 )
 from kvcore.bus import SCHEMA_VERSION, BlockStored, EventBatch
 from kvcore.keys import NATIVE, pack_keys
+from tests.support.mask_runs import as_runs
 
 if NATIVE:
     from kvcore._native import expand_tally, scores_from_tally, tally_runs
@@ -56,17 +57,6 @@ def walks(draw: st.DrawFn) -> tuple[list[int], int, dict[int, WorkerRef]]:
     refs = {s: WorkerRef(ref.worker_id, s) for s, ref in refs.items()}  # unique refs
     return masks, slot_bits(chosen), refs
 
-
-def as_runs(masks: list[int], wanted: int) -> list[int]:
-    runs: list[int] = []
-    for mask in masks:
-        if runs and mask == runs[-2]:
-            runs[-1] += 1
-        elif mask & wanted:
-            runs += (mask, 1)
-        else:
-            break
-    return runs
 
 
 def native_scores(runs: list[int], candidates: int, weights: TierWeights,
