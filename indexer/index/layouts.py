@@ -37,12 +37,14 @@ names a rank of the new model.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import RedisError
 
 from indexer.errors import BackendError
 from kvcore.bus import escape_token
@@ -50,6 +52,7 @@ from kvcore.bus import escape_token
 __all__ = [
     "LAYOUT_KEY",
     "LAYOUT_RECHECK_S",
+    "LayoutGate",
     "MigrationReport",
     "declared_refusal",
     "migrate_command",
@@ -93,6 +96,32 @@ MOVE: Final = "move"  # another layout's keys: deleted, then unlisted
 KEEP: Final = "keep"  # in the target layout (or listed there with nothing of it yet)
 UNLIST: Final = "unlist"  # listed in another layout, nothing of it left but id counters
 SKIP: Final = "skip"  # listed without its layout key, holding keys of no provable layout
+
+
+class LayoutGate:
+    """When a writing index reads the declared layout again: under its write lock, when
+    its last check is older than LAYOUT_RECHECK_S, so a write starts at most that long
+    after `migrate-layout` declared another layout (which waits longer before deleting
+    anything). Writes wait while the index refuses the Redis's layout (BackendError, which
+    the consumers retry): nothing is written beside another layout's models, and no
+    snapshot is taken of an index that does not hold them."""
+
+    __slots__ = ("_fresh_until",)
+
+    def __init__(self) -> None:
+        self._fresh_until = 0.0  # monotonic
+
+    async def require(self, passed: bool, check: Callable[[], Awaitable[None]]) -> None:
+        """`passed`: the index's last check found nothing to refuse; `check()` checks
+        again (raising BackendError or RedisError to refuse)."""
+        now = time.monotonic()
+        if passed and now < self._fresh_until:
+            return
+        try:
+            await check()
+        except RedisError as exc:
+            raise BackendError(f"redis layout check failed: {exc}") from exc
+        self._fresh_until = now + LAYOUT_RECHECK_S
 
 
 @dataclass

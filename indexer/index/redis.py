@@ -62,7 +62,6 @@ import functools
 import random
 import struct
 import sys
-import time
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
@@ -84,7 +83,7 @@ from indexer.errors import BackendError
 from indexer.index.hybrid import group_specs, hybrid_run_matches
 from indexer.index.layouts import (
     LAYOUT_KEY,
-    LAYOUT_RECHECK_S,
+    LayoutGate,
     declared_refusal,
     migrate_command,
 )
@@ -648,7 +647,7 @@ class RedisIndex:
         self._lock = asyncio.Lock()
         self._layout_checked = False  # the Redis's models were found in this layout
         self._layout_refusal: str | None = None  # why the Redis's declared layout is refused
-        self._layout_fresh_until = 0.0  # monotonic: when _require_layout reads it again
+        self._layout_gate = LayoutGate()
         self._probe_buckets = False  # Redis Cluster: apply.lua probes buckets first
 
     @classmethod
@@ -1468,21 +1467,8 @@ class RedisIndex:
             raise BackendError(f"redis ping failed: {exc}") from exc
 
     async def _require_layout(self) -> None:
-        """Writes wait while this index refuses the Redis's layout (BackendError, which
-        the consumers retry): nothing is written beside another layout's models, and no
-        snapshot is taken of an index that does not hold them. Called under the write
-        lock: the declared layout is read again when its last read is older than
-        LAYOUT_RECHECK_S, so a write starts at most that long after `migrate-layout`
-        declared another layout (which waits longer before deleting anything)."""
-        now = time.monotonic()
-        if (self._layout_checked and self._layout_refusal is None
-                and now < self._layout_fresh_until):
-            return
-        try:
-            await self._check_layout()
-        except RedisError as exc:
-            raise BackendError(f"redis layout check failed: {exc}") from exc
-        self._layout_fresh_until = now + LAYOUT_RECHECK_S
+        await self._layout_gate.require(
+            self._layout_checked and self._layout_refusal is None, self._check_layout)
 
     async def _check_layout(self) -> None:
         """Refuse a Redis declared in another layout by `kv-indexer migrate-layout`

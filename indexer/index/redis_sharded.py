@@ -49,7 +49,6 @@ import hashlib
 import os
 import random
 import struct
-import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
@@ -78,7 +77,7 @@ from indexer.errors import BackendError
 from indexer.index.hybrid import group_specs, hybrid_run_matches
 from indexer.index.layouts import (
     LAYOUT_KEY,
-    LAYOUT_RECHECK_S,
+    LayoutGate,
     declared_refusal,
     migrate_command,
 )
@@ -369,7 +368,7 @@ class ShardedRedisIndex:
         self._fast_queries = True
         self._layout_checked = False  # the Redis's models were found in this layout
         self._layout_refusal: str | None = None  # why the Redis's declared layout is refused
-        self._layout_fresh_until = 0.0  # monotonic: when _require_layout reads it again
+        self._layout_gate = LayoutGate()
         # Redis Cluster failovers: (model, rank) -> (slot id, committed token or None
         # for a rank this process removed, positions) as Redis last confirmed them.
         self._confirmed: dict[tuple[str, WorkerRef], tuple[int, bytes | None, list[bytes]]] = {}
@@ -1170,21 +1169,8 @@ class ShardedRedisIndex:
                                          LOST_WRITES_REASON))
 
     async def _require_layout(self) -> None:
-        """Writes wait while this index refuses the Redis's layout (BackendError, which
-        the consumers retry): nothing is written beside another layout's models, and no
-        snapshot is taken of an index that does not hold them. Called under the write
-        lock: the declared layout is read again when its last read is older than
-        LAYOUT_RECHECK_S, so a write starts at most that long after `migrate-layout`
-        declared another layout (which waits longer before deleting anything)."""
-        now = time.monotonic()
-        if (self._layout_checked and self._layout_refusal is None
-                and now < self._layout_fresh_until):
-            return
-        try:
-            await self._check_layout()
-        except RedisError as exc:
-            raise BackendError(f"redis layout check failed: {exc}") from exc
-        self._layout_fresh_until = now + LAYOUT_RECHECK_S
+        await self._layout_gate.require(
+            self._layout_checked and self._layout_refusal is None, self._check_layout)
 
     async def _check_layout(self) -> None:
         """Refuse a Redis declared in another layout by `kv-indexer migrate-layout`
