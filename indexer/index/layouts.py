@@ -50,8 +50,11 @@ from indexer.errors import BackendError
 from kvcore.bus import escape_token
 
 __all__ = [
+    "HOLDER_LAYOUT",
     "LAYOUT_KEY",
     "LAYOUT_RECHECK_S",
+    "SINGLE_MODELS",
+    "SUBSLOT_MODELS",
     "LayoutGate",
     "MigrationReport",
     "declared_refusal",
@@ -64,9 +67,9 @@ LAYOUT_KEY: Final = "kvi:layout"  # the sub-slot count migrate-layout last moved
 # bounds how long after `migrate-layout` declared a layout an index on another flag
 # may still write (`settle_s` waits longer).
 LAYOUT_RECHECK_S: Final = 0.25
-SINGLE_MODELS: Final = "kvi:models"  # redis.MODELS_KEY
-SUBSLOT_MODELS: Final = "kvi:smodels"  # redis_sharded.MODELS_KEY
-HOLDER_LAYOUT: Final = b"2"  # redis.LAYOUT
+SINGLE_MODELS: Final = "kvi:models"  # the single-slot models (redis.MODELS_KEY)
+SUBSLOT_MODELS: Final = "kvi:smodels"  # the sub-slot models (redis_sharded.MODELS_KEY)
+HOLDER_LAYOUT: Final = b"2"  # holders.lua: holder lists in buckets, slot ids never reused
 _MARKER_NAMES: Final = ("partition.", "position.")
 _SCAN_COUNT: Final = 1000
 _UNLINK_BATCH: Final = 500

@@ -82,7 +82,10 @@ from redis.exceptions import (
 from indexer.errors import BackendError
 from indexer.index.hybrid import group_specs, hybrid_run_matches
 from indexer.index.layouts import (
+    HOLDER_LAYOUT,
     LAYOUT_KEY,
+    SINGLE_MODELS,
+    SUBSLOT_MODELS,
     LayoutGate,
     declared_refusal,
     migrate_command,
@@ -147,7 +150,7 @@ __all__ = [
 
 log = structlog.get_logger("indexer.redis")
 
-MODELS_KEY: Final = "kvi:models"
+MODELS_KEY: Final = SINGLE_MODELS
 DEFAULT_LOG_COMPACT_MIN_BYTES: Final = 64 * 1024
 # 0: one presence hash per model. COMPACT_BUCKET_LOAD (--redis-bucket-load 40) stores an
 # entry in ~30 B less but costs ~1.6x the Redis time per write and per Score (measured:
@@ -181,7 +184,7 @@ _APPLY_MODEL_KEYS: Final = ("bk", "bx", "slots", "slotver", "block_size")
 _GC_MODEL_KEYS: Final = ("slots", "nextslot", "bk", "bx", "slotver", "block_size", "groups",
                          "pool_floor", "blk", "free")
 _SLOT_MODEL_KEYS: Final = ("slots", "nextslot", "slotver", "bk")
-LAYOUT: Final = b"2"  # holders.lua: holder lists in buckets, slot ids never reused
+LAYOUT: Final = HOLDER_LAYOUT
 _KEY_FRAME: Final = b"$8\r\n12345678\r\n"  # 14 bytes a key in `_hmget_packed`
 _DECODED_CACHE: Final = 65536  # holder lists decoded per slot map, kept for the next query
 _ENTRIES: Final = {4 * n: struct.Struct(f"<{n}I").unpack for n in range(1, 17)}
@@ -1496,7 +1499,7 @@ class RedisIndex:
                 f"(e.g. {', '.join(old[:3])}); this version stores presence as holder lists "
                 f"(layout {LAYOUT.decode()}) and will not read them. Move them with "
                 f"`{migrate_command(1)}`: the index is rebuilt from snapshots and the stream.")
-        sub_slot = await self._redis.scard("kvi:smodels")  # redis_sharded.MODELS_KEY
+        sub_slot = await self._redis.scard(SUBSLOT_MODELS)
         if sub_slot:
             raise BackendError(
                 f"Redis holds {sub_slot} model(s) spread over sub-slots (--redis-subslots), "

@@ -77,6 +77,7 @@ from indexer.errors import BackendError
 from indexer.index.hybrid import group_specs, hybrid_run_matches
 from indexer.index.layouts import (
     LAYOUT_KEY,
+    SUBSLOT_MODELS,
     LayoutGate,
     declared_refusal,
     migrate_command,
@@ -132,7 +133,7 @@ log = structlog.get_logger("indexer.redis_sharded")
 
 # The drop reason of pool events on a sub-slot model (pools are not built there).
 POOLS_DROPPED: Final = "pool_on_subslots"
-MODELS_KEY: Final = "kvi:smodels"
+MODELS_KEY: Final = SUBSLOT_MODELS
 ABSENT: Final = b"\0" * 16 + b"-"  # the stored position of a sub-slot a rank never wrote
 _COUNTER: Final = struct.Struct(">Q")
 _PART_HEADER: Final = struct.Struct("<I17s16s")
