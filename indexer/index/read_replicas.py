@@ -69,6 +69,9 @@ from kvcore.bus import EventBatch
 
 __all__ = ["DEFAULT_MAX_STALENESS_S", "ReadReplica", "ReplicaReadIndex"]
 
+# The master name a one-node Redis's replicas follow (ShardedRedisIndex._node_name).
+_ONE_NODE: Final = frozenset({""})
+
 log = structlog.get_logger("indexer.read_replicas")
 
 DEFAULT_MAX_STALENESS_S: Final = 1.0
@@ -401,6 +404,8 @@ class ReplicaReadIndex:
             oldest = min(bound for bound in bounds if bound is not None)
             for replica in picked.values():
                 self._count(replica.address)
+            if not (primary.master_names() or _ONE_NODE) <= picked.keys():
+                self._count("primary")  # a master without a usable replica read itself
             return ScoreResult(result.query_blocks, result.scores,
                                staleness_s=time.monotonic() - oldest,
                                replica=",".join(sorted(r.address for r in picked.values())))
