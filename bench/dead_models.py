@@ -38,7 +38,8 @@ from indexer._proto.kvindex.v1 import indexer_pb2_grpc as pb_grpc
 from indexer.app import IndexerService
 from indexer.config import ServiceConfig
 from indexer.embedded import EmbeddedNats
-from indexer.index.redis import MODELS_KEY, RedisIndex, model_prefix
+from indexer.index.layouts import model_prefix
+from indexer.index.redis import MODELS_KEY, RedisIndex
 from kvcore.bus import SCHEMA_VERSION, BlockStored, EventBatch, pack_tokens
 from kvcore.runtime import configure_logging
 from kvcore.topology import WorkerRecord, ensure_liveness_bucket, liveness_key

@@ -36,7 +36,7 @@ def model_names(count: int) -> list[str]:
     (one per master of a fresh 3-master cluster)."""
     from redis.crc import key_slot
 
-    from indexer.index.redis import model_prefix
+    from indexer.index.layouts import model_prefix
 
     picked: dict[int, str] = {}
     i = 0

@@ -21,8 +21,9 @@ from indexer.app import IndexerService
 from indexer.config import parse_service_config, validate
 from indexer.errors import BackendError, ConfigError
 from indexer.index.factory import build_index
+from indexer.index.layouts import model_prefix
 from indexer.index.protocol import IndexConfig, ResyncRequest, ScoreQuery, WorkerRef
-from indexer.index.redis import RedisIndex, model_prefix
+from indexer.index.redis import RedisIndex
 from indexer.index.redis_cluster import LOST_WRITES_REASON, RedisClusterIndex
 from kvcore.bus import EventBatch
 from tests.support.event_path import MODEL as EVENT_MODEL

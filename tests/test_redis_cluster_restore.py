@@ -26,9 +26,9 @@ from redis.crc import key_slot
 
 from indexer.app import IndexerService
 from indexer.errors import BackendError
+from indexer.index.layouts import directory_prefix, model_prefix
 from indexer.index.protocol import ScoreQuery
-from indexer.index.redis import model_prefix
-from indexer.index.redis_sharded import ShardedRedisIndex, directory_prefix
+from indexer.index.redis_sharded import ShardedRedisIndex
 from indexer.ingest.consumer import marker_is_rebuilding, marker_name, position_marker_name
 from kvcore.bus import SCHEMA_VERSION, BlockStored, EventBatch, pack_tokens
 from kvcore.keys import block_keys_for_tokens

@@ -17,9 +17,10 @@ from bench.workload import make_workload, pool_mounts
 from indexer.embedded import EmbeddedNats
 from indexer.errors import BackendError
 from indexer.index import scoring
+from indexer.index.layouts import model_prefix
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import ApplyOutcome, IndexConfig, ScoreQuery, WorkerRef
-from indexer.index.redis import MODELS_KEY, RedisIndex, _hmget_packed, model_prefix
+from indexer.index.redis import MODELS_KEY, RedisIndex, _hmget_packed
 from indexer.ingest.liveness import LivenessWatcher
 from kvcore.bus import SCHEMA_VERSION, BlockRemoved, BlockStored, EventBatch, pack_tokens
 from kvcore.keys import NATIVE, block_keys_for_tokens, pack_keys

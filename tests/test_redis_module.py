@@ -16,9 +16,10 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from bench.workload import Workload, make_workload, worker_name
+from indexer.index.layouts import model_prefix
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import IndexConfig
-from indexer.index.redis import COMPACT_BUCKET_LOAD, RedisIndex, model_prefix
+from indexer.index.redis import COMPACT_BUCKET_LOAD, RedisIndex
 from indexer.index.redis_cluster import RedisClusterIndex
 from kvcore.bus import (
     SCHEMA_VERSION,

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from indexer.index.redis_sharded import ShardedRedisIndex, directory_prefix
+from indexer.index.layouts import directory_prefix
+from indexer.index.redis_sharded import ShardedRedisIndex
 from kvcore.bus import SCHEMA_VERSION, BlockStored, EventBatch, pack_tokens
 from tests.support.subslot_backend import BACKEND_PARAMS, Backend, flushed_backend
 

@@ -37,6 +37,7 @@ names a rank of the new model.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,8 +59,10 @@ __all__ = [
     "LayoutGate",
     "MigrationReport",
     "declared_refusal",
+    "directory_prefix",
     "migrate_command",
     "migrate_layout",
+    "model_prefix",
 ]
 
 LAYOUT_KEY: Final = "kvi:layout"  # the sub-slot count migrate-layout last moved to
@@ -146,11 +149,14 @@ class MigrationReport:
     skipped: list[ModelMove] = field(default_factory=list)
 
 
-def _single_prefix(model: str) -> str:
+@functools.lru_cache(maxsize=1024)  # on every Redis call path
+def model_prefix(model: str) -> str:
+    """The keys of a single-slot model (indexer/index/redis.py), one hash tag."""
     return f"kvi:{{m:{escape_token(model)}}}:"
 
 
-def _directory_prefix(model: str) -> str:
+def directory_prefix(model: str) -> str:
+    """The directory keys of a sub-slot model (indexer/index/redis_sharded.py)."""
     return f"kvi:{{s:{escape_token(model)}}}:"
 
 
@@ -221,7 +227,7 @@ async def _classify(keys: _Keys, listing: str, model: str, target: int) -> Model
 
 
 async def _classify_single(keys: _Keys, model: str, target: int) -> ModelMove:
-    prefix = _single_prefix(model)
+    prefix = model_prefix(model)
     if await keys.client.hget(prefix + "bk", "layout") == HOLDER_LAYOUT:
         return ModelMove(model, SINGLE_MODELS, "single-slot", KEEP if target == 1 else MOVE)
     # holders.lua's old_layout: ranks or pool presence without the layout in `bk`
@@ -238,12 +244,12 @@ async def _classify_single(keys: _Keys, model: str, target: int) -> ModelMove:
 
 
 async def _classify_subslot(keys: _Keys, model: str, target: int) -> ModelMove:
-    raw = await keys.client.get(_directory_prefix(model) + "subslots")
+    raw = await keys.client.get(directory_prefix(model) + "subslots")
     if raw:
         count = len(_text(raw).split("\n"))
         return ModelMove(model, SUBSLOT_MODELS, f"{count} sub-slots",
                          KEEP if count == target else MOVE)
-    held = (await keys.holds(_directory_prefix(model) + "*")
+    held = (await keys.holds(directory_prefix(model) + "*")
             or await keys.holds(_subslot_pattern(model)))
     if not held:
         # Between a collection's drop and its SREM (redis_sharded._finish_model_gc).
@@ -269,12 +275,12 @@ async def _delete_model(keys: _Keys, move: ModelMove) -> None:
     """Its keys but the id counters, the ones the layout checks read last at the end."""
     model = move.model
     if move.listing == SINGLE_MODELS:
-        prefix = _single_prefix(model)
+        prefix = model_prefix(model)
         move.keys = await keys.delete_matching(
             prefix + "*", _keeps_counter,
             last=[(prefix + "bk").encode(), (prefix + "slots").encode()])
         return
-    prefix = _directory_prefix(model)
+    prefix = directory_prefix(model)
     move.keys = await keys.delete_matching(_subslot_pattern(model), _keeps_counter)
     move.keys += await keys.delete_matching(
         prefix + "*", _keeps_counter,
@@ -287,9 +293,9 @@ async def _unlist(client: Any, move: ModelMove) -> bool:
     stays unlisted."""
     await client.srem(move.listing, move.model)
     if move.listing == SINGLE_MODELS:
-        created = await client.exists(_single_prefix(move.model) + "slots")
+        created = await client.exists(model_prefix(move.model) + "slots")
     else:
-        created = await client.exists(_directory_prefix(move.model) + "subslots")
+        created = await client.exists(directory_prefix(move.model) + "subslots")
     if created:
         await client.sadd(move.listing, move.model)
     return not created

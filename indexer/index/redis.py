@@ -89,6 +89,7 @@ from indexer.index.layouts import (
     LayoutGate,
     declared_refusal,
     migrate_command,
+    model_prefix,
 )
 from indexer.index.ledger import (
     LOG_HASH,
@@ -131,7 +132,7 @@ from indexer.index.scoring import (
     validate_query,
     worker_scores,
 )
-from kvcore.bus import BlockRemoved, BlockStored, Event, EventBatch, escape_token, validate_batch
+from kvcore.bus import BlockRemoved, BlockStored, Event, EventBatch, validate_batch
 from kvcore.keys import NATIVE, pack_keys
 from kvcore.pools import KIND_POOL
 
@@ -173,11 +174,6 @@ if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
 _TS: Final = struct.Struct("<d")
 # Whether `_OpsSink` packs its keys ops in C (tests turn it off to compare the two).
 NATIVE_OPS = NATIVE
-
-
-@functools.lru_cache(maxsize=1024)
-def model_prefix(model: str) -> str:
-    return f"kvi:{{m:{escape_token(model)}}}:"
 
 
 _APPLY_MODEL_KEYS: Final = ("bk", "bx", "slots", "slotver", "block_size")

@@ -47,9 +47,10 @@ from redis.exceptions import (
 )
 
 from indexer.errors import BackendError
+from indexer.index.layouts import model_prefix
 from indexer.index.ledger import WorkerLedger
 from indexer.index.protocol import ApplyOutcome, RankState, ResyncRequest, WorkerRef
-from indexer.index.redis import _POSITION, RedisIndex, _read_reply, model_prefix, score_keys
+from indexer.index.redis import _POSITION, RedisIndex, _read_reply, score_keys
 from indexer.index.redis_markers import ClusterMarkers
 from indexer.index.redis_pipe import RedisPipe
 from kvcore.bus import EventBatch

@@ -80,6 +80,7 @@ from indexer.index.layouts import (
     SUBSLOT_MODELS,
     LayoutGate,
     declared_refusal,
+    directory_prefix,
     migrate_command,
 )
 from indexer.index.ledger import LOG_HASH, LOG_MAP, WorkerLedger, stored_block_size
@@ -283,10 +284,6 @@ class _Part:
         self.has_clears = has_clears
         self.packed = packed
         self.groups = groups
-
-
-def directory_prefix(model: str) -> str:
-    return f"kvi:{{s:{escape_token(model)}}}:"
 
 
 def _text(raw: bytes | str) -> str:
