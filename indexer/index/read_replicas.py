@@ -398,14 +398,13 @@ class ReplicaReadIndex:
                 self._failed(failed, exc)
                 tried.add(failed)
                 continue
-            if not picked:
-                self._count("primary")
-                return result
-            oldest = min(bound for bound in bounds if bound is not None)
             for replica in picked.values():
                 self._count(replica.address)
             if not (primary.master_names() or _ONE_NODE) <= picked.keys():
                 self._count("primary")  # a master without a usable replica read itself
+            if not picked:
+                return result
+            oldest = min(bound for bound in bounds if bound is not None)
             return ScoreResult(result.query_blocks, result.scores,
                                staleness_s=time.monotonic() - oldest,
                                replica=",".join(sorted(r.address for r in picked.values())))
