@@ -26,7 +26,6 @@ def tally_pool_masks(
     masks: Sequence[int], candidates: int, weights: Sequence[float], include_zero: bool,
     credits: Sequence[tuple[int, int]], groups: Sequence[int],
 ) -> bytes: ...
-def expand_tally(tally: bytes, replicas: dict[int, list[int]]) -> bytes: ...
 def scores_from_tally(
     tally: bytes, refs: Sequence[tuple[str, int] | None], order: bytes,
     weights: Sequence[float], tiers: tuple[str, ...], make: Callable[..., T],

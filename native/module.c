@@ -80,8 +80,6 @@ static PyMethodDef native_methods[] = {
      tally_pool_runs_doc},
     {"tally_pool_masks", (PyCFunction)(void (*)(void))tally_pool_masks, METH_FASTCALL,
      tally_pool_masks_doc},
-    {"expand_tally", (PyCFunction)(void (*)(void))expand_tally, METH_FASTCALL,
-     expand_tally_doc},
     {"scores_from_tally", (PyCFunction)(void (*)(void))scores_from_tally, METH_FASTCALL,
      scores_from_tally_doc},
     {"decision_top_costs", (PyCFunction)(void (*)(void))decision_top_costs, METH_FASTCALL,

@@ -67,8 +67,6 @@ NATIVE_INTERNAL PyObject *tally_pool_runs(PyObject *module, PyObject *const *arg
 NATIVE_INTERNAL extern const char tally_pool_masks_doc[];
 NATIVE_INTERNAL PyObject *tally_pool_masks(PyObject *module, PyObject *const *args,
                                            Py_ssize_t nargs);
-NATIVE_INTERNAL extern const char expand_tally_doc[];
-NATIVE_INTERNAL PyObject *expand_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 NATIVE_INTERNAL int masks_equal(PyObject *a, PyObject *b); /* -1 on error, as RichCompare */
 
 /* decision.c */

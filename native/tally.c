@@ -15,9 +15,6 @@
  *       mounters alive at the storage tier (its `credits` entry's storage bits OR'ed
  *       into each word read), and of each group of mounters holding none of the runs'
  *       blocks one walks and the others copy its record (indexer/index/pools.py).
- *   expand_tally(tally, replicas) -> bytes
- *       Each representative slot's record copied to the slots sharing its answer (off
- *       Score's path since tally_pool_runs: tests build the credit path with it).
  *   scores_from_tally(tally, refs, order, weights, tiers, make) -> list
  *       One make(worker_id, dp_rank, matched, weighted, blocks_by_tier) per record, best
  *       first: matched desc, weighted desc, then order[slot] (u32 per slot: the rank of
@@ -610,8 +607,8 @@ walk_pooled(Walk *walk, Pooled *p, int64_t *depth)
     return 0;
 }
 
-/* walk_records, then each replica's record copied to its other slots (as expand_tally:
- * after the walk's records, in their order, each one's others in slot order). */
+/* walk_records, then each replica's record copied to its other slots: after the walk's
+ * records, in their order, each one's others in slot order. */
 static PyObject *
 pooled_records(const Walk *walk, const Pooled *p)
 {
@@ -697,7 +694,7 @@ tally_pooled(PyObject *const *args, Py_ssize_t nargs, int as_runs, const char *u
 NATIVE_INTERNAL const char tally_pool_runs_doc[] =
     "tally_pool_runs(runs, candidates, weights, include_zero, credits, groups) -> bytes:\n"
     "tally_runs with shared storage pools: credits are pools.PoolCredit (shift, mounters),\n"
-    "groups the candidate slots mounting the same pools; records as expand_tally's.";
+    "groups the candidate slots mounting the same pools; a replica's record copied to the slots sharing its answer.";
 
 NATIVE_INTERNAL PyObject *
 tally_pool_runs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -719,87 +716,6 @@ tally_pool_masks(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return tally_pooled(args, nargs, 0,
                         "tally_pool_masks(masks, candidates, weights, include_zero, credits, "
                         "groups)");
-}
-
-NATIVE_INTERNAL const char expand_tally_doc[] =
-    "expand_tally(tally, replicas) -> bytes: the records with each representative slot's\n"
-    "record copied to the slots in replicas[slot] (a list of ints).";
-
-NATIVE_INTERNAL PyObject *
-expand_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    (void)module;
-    if (nargs != 2 || !PyDict_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "expand_tally(tally, replicas: dict)");
-        return NULL;
-    }
-    Py_buffer tally;
-    if (PyObject_GetBuffer(args[0], &tally, PyBUF_SIMPLE) < 0) {
-        return NULL;
-    }
-    const Py_ssize_t size = RECORD_U32 * (Py_ssize_t)sizeof(uint32_t);
-    Py_ssize_t n = tally.len / size;
-    PyObject *out = NULL, *followers = NULL;
-    uint32_t *buf = NULL;
-    Py_ssize_t used = n, room = n + 16;
-    if (tally.len % size) {
-        PyErr_SetString(PyExc_ValueError, "tally must be whole records of five u32");
-        goto done;
-    }
-    buf = PyMem_Malloc((size_t)(room * size));
-    if (buf == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    memcpy(buf, tally.buf, (size_t)tally.len);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *slot = PyLong_FromUnsignedLong(buf[i * RECORD_U32]);
-        if (slot == NULL) {
-            goto done;
-        }
-        PyObject *found = PyDict_GetItemWithError(args[1], slot); /* borrowed */
-        Py_DECREF(slot);
-        if (found == NULL) {
-            if (PyErr_Occurred()) {
-                goto done;
-            }
-            continue;
-        }
-        followers = PySequence_Fast(found, "replicas must map a slot to a list of slots");
-        if (followers == NULL) {
-            goto done;
-        }
-        Py_ssize_t k = PySequence_Fast_GET_SIZE(followers);
-        if (used + k > room) {
-            room = (used + k) * 2;
-            uint32_t *grown = PyMem_Realloc(buf, (size_t)(room * size));
-            if (grown == NULL) {
-                PyErr_NoMemory();
-                goto done;
-            }
-            buf = grown;
-        }
-        for (Py_ssize_t j = 0; j < k; j++) {
-            unsigned long follower = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(followers, j));
-            if (follower == (unsigned long)-1 && PyErr_Occurred()) {
-                goto done;
-            }
-            if (follower > UINT32_MAX) {
-                PyErr_SetString(PyExc_OverflowError, "a slot must fit in a u32");
-                goto done;
-            }
-            uint32_t *rec = &buf[used++ * RECORD_U32];
-            memcpy(rec, &buf[i * RECORD_U32], (size_t)size);
-            rec[0] = (uint32_t)follower;
-        }
-        Py_CLEAR(followers);
-    }
-    out = PyBytes_FromStringAndSize((const char *)buf, used * size);
-done:
-    Py_XDECREF(followers);
-    PyMem_Free(buf);
-    PyBuffer_Release(&tally);
-    return out;
 }
 
 /* --- the answer -------------------------------------------------------------------- */

@@ -1,9 +1,9 @@
 """Score's walk with shared storage pools as wildcard holders (native/tally.c:
 `tally_pool_runs`, `tally_pool_masks`) against the credit path it replaced, kept here as
 the reference: each pool-held run's mask OR'ed with its mounters' storage bits
-(`pools.pool_runs` / `pools.credit_masks`), then `tally_runs` / `tally_masks` and
-`expand_tally`. Small random cases (hypothesis), then a memory index of 4,096 ranks with
-more than 2,000 mounters of pools holding more than 100,000 blocks."""
+(`pools.pool_runs` / `pools.credit_masks`), then `tally_runs` / `tally_masks` and the
+replicas' records copied. Small random cases (hypothesis), then a memory index of 4,096
+ranks with more than 2,000 mounters of pools holding more than 100,000 blocks."""
 
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ from tests.support.servers import RedisServer
 
 if NATIVE:
     from kvcore._native import (
-        expand_tally,
         scores_from_tally,
         tally_masks,
         tally_pool_masks,
@@ -61,7 +60,18 @@ def reference_runs(runs: list[int], plan: PoolPlan, candidates: int,
     """The credit path before the wildcard walk (scoring.query_tally's, native)."""
     credited = pool_runs(runs, plan, candidates)
     tally = tally_runs(credited.runs, credited.candidates, weights, include_zero)
-    return expand_tally(tally, credited.replicas) if credited.replicas else tally
+    return expanded(tally, credited.replicas)
+
+
+def expanded(tally: bytes, replicas: dict[int, list[int]]) -> bytes:
+    """The records with each representative slot's copied to its followers, after all
+    the walk's records (the order tally_pool_runs gives them)."""
+    records = array("I", tally)
+    out = array("I", records)
+    for i in range(0, len(records), 5):
+        for follower in replicas.get(records[i], ()):
+            out.extend([follower, *records[i + 1 : i + 5]])
+    return out.tobytes()
 
 
 def reference_masks(masks: list[int], plan: PoolPlan, candidates: int,

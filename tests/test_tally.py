@@ -26,7 +26,7 @@ from kvcore.keys import NATIVE, pack_keys
 from tests.support.mask_runs import as_runs
 
 if NATIVE:
-    from kvcore._native import expand_tally, scores_from_tally, tally_runs
+    from kvcore._native import scores_from_tally, tally_runs
 
 pytestmark = pytest.mark.skipif(not NATIVE, reason="the C extension is not built")
 
@@ -110,23 +110,6 @@ class TestTallyTwins:
     def test_bad_arguments_raise(self, args: tuple[object, ...]) -> None:
         with pytest.raises((TypeError, ValueError, OverflowError)):
             tally_runs(*args)
-
-    @settings(max_examples=100, deadline=None)
-    @given(n=st.integers(0, 40), seed=st.integers(0, 2**32))
-    def test_expand_copies_each_representative(self, n: int, seed: int) -> None:
-        """expand_tally == copying each representative's record to its followers."""
-        rng = random.Random(seed)
-        slots = rng.sample(range(5_000), n)
-        tally = array("I", [v for s in slots for v in (s, rng.randint(0, 9), 0, 1, 0)])
-        others = iter(rng.sample(range(5_000, 9_000), 3 * n))
-        replicas = {s: [next(others) for _ in range(rng.randint(1, 3))]
-                    for s in slots if rng.random() < 0.5}
-        replicas[99_999] = [1]  # a representative that matched nothing copies nothing
-        expected = array("I", tally)
-        for i in range(0, len(tally), 5):
-            for follower in replicas.get(tally[i], ()):
-                expected.extend([follower, *tally[i + 1 : i + 5]])
-        assert expand_tally(tally.tobytes(), replicas) == expected.tobytes()
 
     @settings(max_examples=60, deadline=None)
     @given(n=st.sampled_from((255, 256, 3_000)), pairs=st.sampled_from((1, 3, 32, 33, 400)),
