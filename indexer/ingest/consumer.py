@@ -544,8 +544,10 @@ class PartitionConsumer:
     def _stop_requested(self) -> bool:
         return self._stopping is not None and self._stopping.is_set()
 
-    async def _marker_lost(self) -> bool:
-        """The index answers, without this consumer's marker (False when it cannot say)."""
+    async def _marker_gone(self) -> bool:
+        """The index answers, without this consumer's marker (False when it cannot say):
+        asked at once, of the marker only (`_lost_marker` is the loop's throttled check,
+        which also compares positions and the recorded marker)."""
         if self._snapshots is None or self._marker is None:
             return False
         try:
@@ -781,7 +783,7 @@ class PartitionConsumer:
                 await asyncio.sleep(delay)
                 if self._stop_requested():
                     raise _StoppedWhileWaitingError from exc
-                if await self._marker_lost():  # checked last: the next try would apply
+                if await self._marker_gone():  # checked last: the next try would apply
                     raise _LostWhileWaitingError from exc
 
     def _record(self, batches: list[EventBatch], outcomes: list[ApplyOutcome]) -> None:
