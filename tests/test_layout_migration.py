@@ -214,12 +214,6 @@ def config_for(nats_url: str, url: str, subslots: int) -> Any:
                           snapshot_every_s=1.0)
 
 
-def fleet_and_config(nats_url: str, url: str, workers: int) -> tuple[ChainFleet, Any]:
-    fleet = ChainFleet(nats_url, MODEL, workers=workers, block_size=BS, chain=CHAIN, shared=0,
-                       stream=StreamSettings(partitions=PARTITIONS, liveness_ttl_s=3.0))
-    return fleet, config_for(nats_url, url, 1)
-
-
 @dataclass
 class Rig:
     """Where the fleet publishes and the indexers index."""
@@ -282,60 +276,53 @@ async def move(rig: Rig, subslots: int, capsys: pytest.CaptureFixture[str],
     return out
 
 
-async def index_in_one_slot(url: str, cluster: bool, fleet: ChainFleet, config: Any,
-                            workers: int) -> None:
-    """The fleet indexed single-slot (a snapshot of each partition taken), then another
-    application's keys written beside it."""
-    async with running_service(config) as service:
-        await fleet.start()
-        fleet.store(range(SPARE.stop))
-        fleet.remove(EVICTED)
-        await fleet.flush()
-        await exact(service, fleet, workers)
-        await eventually(lambda: is_true(service.stats.snapshots >= PARTITIONS), 60)
-    await put_foreign_keys(url, cluster)
+@asynccontextmanager
+async def indexed_in_one_slot(nats_url: str, url: str, cluster: bool,
+                              workers: int) -> AsyncIterator[Rig]:
+    """A flushed Redis; the fleet indexed single-slot (a snapshot of each partition
+    taken), then another application's keys written beside it; the fleet closed at the
+    end."""
+    await flush(url, cluster)
+    fleet = ChainFleet(nats_url, MODEL, workers=workers, block_size=BS, chain=CHAIN, shared=0,
+                       stream=StreamSettings(partitions=PARTITIONS, liveness_ttl_s=3.0))
+    try:
+        async with running_service(config_for(nats_url, url, 1)) as service:
+            await fleet.start()
+            fleet.store(range(SPARE.stop))
+            fleet.remove(EVICTED)
+            await fleet.flush()
+            await exact(service, fleet, workers)
+            await eventually(lambda: is_true(service.stats.snapshots >= PARTITIONS), 60)
+        await put_foreign_keys(url, cluster)
+        yield Rig(nats_url, url, cluster, fleet, workers)
+    finally:
+        await fleet.close()
 
 
 async def test_one_slot_to_four_subslots_and_back(
         redis_server: RedisServer, nats_url: str, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    workers = 32
-    url = redis_server.url
-    await flush(url, cluster=False)
-    fleet, config = fleet_and_config(nats_url, url, workers)
-    try:
-        await index_in_one_slot(url, False, fleet, config, workers)
-        rig = Rig(nats_url, url, False, fleet, workers)
+    async with indexed_in_one_slot(nats_url, redis_server.url, False, 32) as rig:
         await stopped_while_refused(rig, 4)
         out = await move(rig, 4, capsys, monkeypatch)
         assert f"'{MODEL}': single-slot -> 4 sub-slots" in out
-        again = await migrate_with_the_command(url, 4, capsys)
+        again = await migrate_with_the_command(rig.url, 4, capsys)
         assert "nothing to move: 1 model(s) already in this layout" in again
         out = await move(rig, 1, capsys)
         assert f"'{MODEL}': 4 sub-slots -> single-slot" in out
         print("\n" + "\n".join(rig.figures))
-    finally:
-        await fleet.close()
 
 
 @pytest.mark.redis_cluster
 async def test_one_slot_to_three_subslots_and_back_on_a_cluster(
         redis_cluster: RedisCluster, nats_url: str,
         capsys: pytest.CaptureFixture[str]) -> None:
-    workers = 16
-    url = redis_cluster.url
-    await flush(url, cluster=True)
-    fleet, config = fleet_and_config(nats_url, url, workers)
-    try:
-        await index_in_one_slot(url, True, fleet, config, workers)
-        rig = Rig(nats_url, url, True, fleet, workers)
+    async with indexed_in_one_slot(nats_url, redis_cluster.url, True, 16) as rig:
         out = await move(rig, 3, capsys)
         assert f"'{MODEL}': single-slot -> 3 sub-slots" in out
         out = await move(rig, 1, capsys)
         assert f"'{MODEL}': 3 sub-slots -> single-slot" in out
         print("\n" + "\n".join(rig.figures))
-    finally:
-        await fleet.close()
 
 
 async def test_an_indexer_stopping_while_refused_never_rebuilds(
@@ -344,13 +331,8 @@ async def test_an_indexer_stopping_while_refused_never_rebuilds(
     a refusal must not rebuild when the refusal ends without a marker: the partition's
     next owner may be applying into the index already, and the stopping consumer's
     rebuild would import an older snapshot over it (blocks evicted since: false hits)."""
-    workers = 8
     url = redis_server.url
-    await flush(url, cluster=False)
-    fleet, config = fleet_and_config(nats_url, url, workers)
-    try:
-        await index_in_one_slot(url, False, fleet, config, workers)
-        rig = Rig(nats_url, url, False, fleet, workers)
+    async with indexed_in_one_slot(nats_url, url, False, 8) as rig:
         # every wait on the refusal sleeps 4 s: the migration below lands inside one
         monkeypatch.setattr(consumer, "_RETRY_BACKOFF_S", (4.0,))
         async with running_service(config_for(nats_url, url, 4)) as service:
@@ -371,5 +353,3 @@ async def test_an_indexer_stopping_while_refused_never_rebuilds(
         keys = await all_keys(url, cluster=False)
         assert not [key for key in keys if key.startswith(b"kvi:marker:partition.")]
         assert service.stats.dead_letters == {}
-    finally:
-        await fleet.close()
