@@ -11,7 +11,7 @@ CC      ?= cc
 # The optional Redis module (native/redis_module/kvi.c): redis-server --loadmodule it
 REDIS_MODULE := native/redis_module/kvi.so
 
-.PHONY: chaos dist setup redis-module redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-decisions bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim test-redis-cluster bench-redis-cluster bench-replicas bench-nats-cluster bench-shards bench-redis-subslots bench-redis-markers bench-redis-module
+.PHONY: chaos dist setup redis-module redis-server libnghttp2-dev test lint typecheck pytest run demo bench bench-keys bench-memory bench-redis bench-events bench-grpc bench-decisions bench-rebuild bench-dead-models bench-tls bench-grpc-metrics bench-diagnose proto clean sim test-redis-cluster bench-redis-cluster bench-replicas bench-nats-cluster bench-shards bench-redis-subslots bench-redis-markers bench-redis-module bench-redis-restart
 
 setup: $(STAMP) $(REDIS_MODULE)
 
@@ -97,7 +97,7 @@ dist: $(STAMP)
 	  sys.exit(0 if w and any('kvcore/_native' in n for n in zipfile.ZipFile(w[0]).namelist()) \
 	  else 'the wheel has no kvcore._native (no C compiler?)')"
 
-bench: bench-keys bench-memory bench-redis bench-redis-module bench-redis-cluster bench-shards bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-replicas bench-nats-cluster
+bench: bench-keys bench-memory bench-redis bench-redis-module bench-redis-restart bench-redis-cluster bench-shards bench-events bench-grpc bench-rebuild bench-dead-models bench-tls bench-replicas bench-nats-cluster
 
 bench-keys: setup
 	$(PY) -m bench.keys
@@ -139,6 +139,9 @@ bench-grpc: setup redis-server libnghttp2-dev
 # ranks, 8k-token prompts, load from bench/grpcload.c (issue 18's gRPC target).
 bench-decisions: setup libnghttp2-dev
 	$(PY) -m bench.decisions
+
+bench-redis-restart: setup redis-server
+	$(PY) -m bench.redis_restart
 
 bench-rebuild: setup redis-server
 	$(PY) -m bench.rebuild

@@ -1,5 +1,5 @@
 /* bytebuf.h: little-endian output helpers shared by more than one part of kvcore._native:
- * put_u64_le (chain_keys_packed's keys, pack_log_entries' records) and ByteBuf, the growable
+ * put_u64_le (chain_keys_packed's keys, pack_log_entries' records), get_u64_le (LedgerMap.load_run) and ByteBuf, the growable
  * output buffer of take_uint32_field, pack_log_entries and encode_decision, with
  * buf_put_varint (protobuf's base-128 varint) for the two protobuf writers.
  *
@@ -17,6 +17,16 @@ put_u64_le(unsigned char *out, uint64_t value)
     for (int i = 0; i < 8; i++) {
         out[i] = (unsigned char)(value >> (8 * i));
     }
+}
+
+static inline uint64_t
+get_u64_le(const unsigned char *in)
+{
+    uint64_t value = 0;
+    for (int i = 7; i >= 0; i--) {
+        value = (value << 8) | in[i];
+    }
+    return value;
 }
 
 typedef struct {

@@ -278,6 +278,64 @@ map_put(LedgerMap *map, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* load_run(data, pos): the ledger log's N record at byte pos of data (tag, tier mask u8,
+ * count u16, then count x (engine hash u64, block key u64), little-endian) put into the
+ * map, each hash held in that mask; the position after it. */
+static PyObject *
+map_load_run(LedgerMap *map, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "load_run(data, pos)");
+        return NULL;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    const unsigned char *data = view.buf;
+    PyObject *result = NULL;
+    if (pos < 0 || pos > view.len - 4) {
+        PyErr_Format(PyExc_ValueError, "truncated ledger log at byte %zd", pos);
+        goto done;
+    }
+    uint8_t mask = data[pos + 1];
+    Py_ssize_t count = (Py_ssize_t)data[pos + 2] | ((Py_ssize_t)data[pos + 3] << 8);
+    if (mask > TIER_MASK) {
+        PyErr_Format(PyExc_ValueError, "tier mask %d out of range at byte %zd", mask, pos);
+        goto done;
+    }
+    Py_ssize_t start = pos + 4, end = start + count * 16;
+    if (end > view.len) {
+        PyErr_Format(PyExc_ValueError, "truncated ledger log at byte %zd", pos);
+        goto done;
+    }
+    /* Grown once for the whole run (at most 4/5 full after it), not step by step. */
+    size_t needed = map->used + (size_t)count;
+    if (needed * 5 > map->capacity * 4) {
+        size_t grown = map->capacity + map->capacity / 2;
+        if (map_resize(map, grown > needed * 5 / 4 + 1 ? grown : needed * 5 / 4 + 1) < 0) {
+            goto done;
+        }
+    }
+    for (const unsigned char *entry = data + start; entry < data + end; entry += 16) {
+        int inserted;
+        Py_ssize_t i = map_find_or_insert(map, get_u64_le(entry), &inserted);
+        if (i < 0) {
+            goto done;
+        }
+        map->keys[i] = get_u64_le(entry + 8);
+        map->state[i] = OCCUPIED | mask;
+    }
+    result = PyLong_FromSsize_t(end);
+done:
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyObject *
 map_discard(LedgerMap *map, PyObject *obj)
 {
@@ -683,6 +741,8 @@ static PyMethodDef map_methods[] = {
      "tiers_of(hash) -> int: the mask of tiers holding it (0: a ghost or unknown)."},
     {"put", (PyCFunction)(void (*)(void))map_put, METH_FASTCALL,
      "put(hash, key, tiers): map the hash to key, held in tiers (0: a ghost)."},
+    {"load_run", (PyCFunction)(void (*)(void))map_load_run, METH_FASTCALL,
+     "load_run(data, pos) -> int: put the ledger log's N record at pos; the position after."},
     {"discard", (PyCFunction)map_discard, METH_O,
      "discard(hash) -> bool: forget the hash; whether it was there."},
     {"add_new", (PyCFunction)(void (*)(void))map_add_new, METH_FASTCALL,

@@ -117,6 +117,53 @@ class TestDurableLedger:
         assert await again.presence(MODEL) == await memory.presence(MODEL)
         assert (await again.stats()).dropped == {}
 
+    async def test_a_restart_restores_many_ranks_at_once(
+        self, redis_client: aioredis.Redis
+    ) -> None:
+        """After a restart, one apply naming 150 ranks (5,000 blocks each, some evicted,
+        some offloaded, one rank degraded, one with an earlier version's string log)
+        restores their ledgers in round trips of many ranks: each continues its chain
+        where it stopped, exactly as the memory index fed the same batches."""
+        blocks, ranks = 5_000, 150
+        tokens = pack_tokens([t % 50_000 for t in range(blocks * BS)])
+        history: list[EventBatch] = []
+        for rank in range(ranks):
+            worker = f"w{rank}"
+            history += [
+                batch(0, BlockStored(block_hashes=list(range(1, blocks + 1)), parent_hash=None,
+                                     token_ids=tokens, block_size=BS), worker=worker),
+                batch(1, BlockRemoved(block_hashes=list(range(blocks - rank, blocks + 1))),
+                      BlockStored(block_hashes=[1, 2], parent_hash=None,
+                                  token_ids=tokens[: 2 * BS * 4], block_size=BS,
+                                  medium="cpu"), worker=worker),
+            ]
+        history.append(batch(2, BlockStored(block_hashes=[77_777], parent_hash=88_888,
+                                            token_ids=tokens[: BS * 4], block_size=BS),
+                             worker="w7"))  # an unknown parent: degraded
+        memory = MemoryIndex(CONFIG)
+        for start in range(0, len(history), 64):
+            await RedisIndex(redis_client, config=CONFIG).apply(history[start : start + 64])
+        await memory.apply(history)
+        string_log = f"{model_prefix(MODEL)}w:3:log"
+        whole = await log_of(redis_client, string_log)
+        await redis_client.delete(string_log)
+        await redis_client.set(string_log, whole)  # as earlier versions stored it
+        children = [batch(3 if rank == 7 else 2,
+                          BlockStored(block_hashes=[blocks + 1], parent_hash=blocks - rank - 1,
+                                      token_ids=tokens[: BS * 4], block_size=BS),
+                          worker=f"w{rank}")
+                    for rank in range(ranks)]
+        reloaded = RedisIndex(redis_client, config=CONFIG)
+        outcomes = await reloaded.apply(children)
+        await memory.apply(children)
+        assert outcomes == [ApplyOutcome.APPLIED] * ranks
+        assert (await reloaded.stats()).dropped == {}  # every parent resolved
+        assert await reloaded.presence(MODEL) == await memory.presence(MODEL)
+        by_worker = {(w.worker_id, w.dp_rank): w for w in await reloaded.workers(MODEL)}
+        assert by_worker == {(w.worker_id, w.dp_rank): w for w in await memory.workers(MODEL)}
+        assert by_worker[("w7", 0)].degraded and not by_worker[("w8", 0)].degraded
+        assert by_worker[("w9", 0)].blocks_by_tier == {"gpu": blocks - 10 + 1, "cpu": 2}
+
     async def test_string_log_is_appended_to_by_the_script(
         self, redis_client: aioredis.Redis
     ) -> None:

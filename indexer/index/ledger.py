@@ -117,17 +117,10 @@ class LedgerLogError(ValueError):
 
 def _load_run(entries: EngineHashMap, view: memoryview, pos: int) -> int:
     """Map the hashes of the N record at `pos`; the position after it."""
-    _, mask, count = LOG_RUN.unpack_from(view, pos)
-    if mask > 0xF:
-        raise LedgerLogError(f"tier mask {mask} out of range at byte {pos}")
-    start = pos + LOG_RUN.size
-    end: int = start + int(count) * LOG_RUN_ENTRY.size
-    if end > len(view):
-        raise LedgerLogError(f"truncated ledger log at byte {pos}")
-    put = entries.put
-    for h, key in LOG_RUN_ENTRY.iter_unpack(view[start:end]):
-        put(h, key, mask)
-    return end
+    try:
+        return entries.load_run(view, pos)
+    except ValueError as exc:
+        raise LedgerLogError(str(exc)) from exc
 
 
 log = structlog.get_logger("indexer.ingest")

@@ -58,6 +58,8 @@ class EngineHashMap(Protocol):
 
     def pack_log(self, hashes: Iterable[int], /) -> bytes: ...
 
+    def load_run(self, data: bytes | memoryview, pos: int, /) -> int: ...
+
     @property
     def nbytes(self) -> int: ...
 
@@ -176,6 +178,23 @@ class DictLedgerMap:
                 count_at, run_tiers, run_count = len(out) - 2, mask, 1
             out += _LOG_RUN_ENTRY.pack(h, key)
         return bytes(out)
+
+    def load_run(self, data: bytes | memoryview, pos: int, /) -> int:
+        """Put the ledger log's N record at `pos` (ValueError if it does not parse); the
+        position after it."""
+        if pos < 0 or pos + _LOG_RUN.size > len(data):
+            raise ValueError(f"truncated ledger log at byte {pos}")
+        _, mask, count = _LOG_RUN.unpack_from(data, pos)
+        if mask > 0xF:
+            raise ValueError(f"tier mask {mask} out of range at byte {pos}")
+        start = pos + _LOG_RUN.size
+        end: int = start + count * _LOG_RUN_ENTRY.size
+        if end > len(data):
+            raise ValueError(f"truncated ledger log at byte {pos}")
+        put = self.put
+        for h, key in _LOG_RUN_ENTRY.iter_unpack(memoryview(data)[start:end]):
+            put(h, key, mask)
+        return end
 
     @property
     def nbytes(self) -> int:

@@ -158,6 +158,7 @@ DEFAULT_LOG_COMPACT_MIN_BYTES: Final = 64 * 1024
 # docs/benchmarks.md), and Redis time is what a model's one hash slot runs out of first.
 DEFAULT_BUCKET_LOAD: Final = 0
 COMPACT_BUCKET_LOAD: Final = 40
+_RANKS_READ_AT_ONCE: Final = 64  # ledgers restored per round trip (their logs come back at once)
 _MAX_CALLS: Final = 8  # script calls one apply() is split into, so Python and Redis overlap
 _OP_HEADER: Final = struct.Struct("<cII")
 _GROUP_OP_HEADER: Final = struct.Struct("<cBII")
@@ -274,6 +275,11 @@ def _pack_command(conn: Any, args: tuple[str | int | bytes, ...]) -> bytes | lis
     if _hiredis_pack is not None:
         return _hiredis_pack(args)
     return cast(list[bytes], conn.pack_command(*args))
+
+
+def _rank_prefix(ledger: WorkerLedger) -> str:
+    """The prefix of a rank's `meta` and `log` keys."""
+    return f"{model_prefix(ledger.model)}w:{ledger.slot}:"
 
 
 def _position(epoch: int, seq: int) -> bytes:
@@ -989,12 +995,16 @@ class RedisIndex:
             if isinstance(reply, Exception):
                 raise reply
         created: dict[tuple[str, WorkerRef], WorkerLedger] = {}
+        existing: list[WorkerLedger] = []
         for (model, ref), (slot_raw, is_new) in zip(missing, replies, strict=True):
             if is_new:
                 created[(model, ref)] = self._new_ledger(model, ref, int(slot_raw))
             else:
-                self._ledgers[(model, ref)] = await self._existing_ledger(model, ref,
-                                                                          int(slot_raw))
+                existing.append(self._new_ledger(model, ref, int(slot_raw)))
+        for start in range(0, len(existing), _RANKS_READ_AT_ONCE):
+            await self._read_ranks(existing[start : start + _RANKS_READ_AT_ONCE])
+        for ledger in existing:
+            self._ledgers[(ledger.model, WorkerRef(ledger.worker_id, ledger.dp_rank))] = ledger
         if created:
             # Listed after their ranks exist, as `_load_ledger` does.
             models = {model for model, _ in created}
@@ -1047,7 +1057,46 @@ class RedisIndex:
     async def _existing_ledger(self, model: str, ref: WorkerRef, slot: int) -> WorkerLedger:
         """The ledger of a rank Redis has (its metadata and log read back)."""
         ledger = self._new_ledger(model, ref, slot)
-        meta, log_bytes = await self._read_rank(f"{model_prefix(model)}w:{slot}:", ledger)
+        meta, log_bytes = await self._read_rank(_rank_prefix(ledger), ledger)
+        self._restore(ledger, meta, log_bytes)
+        return ledger
+
+    async def _read_ranks(self, ledgers: list[WorkerLedger]) -> None:
+        """Restore these ranks' ledgers from Redis in one round trip: each rank's metadata
+        and log read by a MULTI / EXEC of its own, all sent at once on one connection. A
+        rank whose log is a string (an earlier version's) is read again on its own."""
+        conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            commands: list[bytes] = []
+            for ledger in ledgers:
+                wp = _rank_prefix(ledger)
+                for command in (("MULTI",), ("HGETALL", wp + "meta"),
+                                ("LRANGE", wp + "log", 0, -1), ("EXEC",)):
+                    packed = _pack_command(conn, command)
+                    commands += [packed] if isinstance(packed, bytes) else packed
+            await conn.send_packed_command(commands)
+            replies = [await _read_reply(conn) for _ in range(4 * len(ledgers))]
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await self._redis.connection_pool.release(conn)
+        for ledger, executed in zip(ledgers, replies[3::4], strict=True):
+            if isinstance(executed, Exception):
+                raise executed
+            flat_meta, segments = executed
+            if isinstance(flat_meta, Exception):
+                raise flat_meta
+            if isinstance(segments, ResponseError):  # WRONGTYPE: a string log
+                meta, log_bytes = await self._read_rank(_rank_prefix(ledger), ledger)
+            else:
+                meta = (flat_meta if isinstance(flat_meta, dict)  # RESP3; RESP2 gives a flat list
+                        else dict(zip(flat_meta[::2], flat_meta[1::2], strict=True)))
+                log_bytes = b"".join(segments)
+            self._restore(ledger, meta, log_bytes)
+
+    def _restore(self, ledger: WorkerLedger, meta: dict[bytes, bytes], log_bytes: bytes) -> None:
+        """A new ledger set to the rank's stored metadata and log."""
         if meta:
             ledger.epoch, ledger.last_seq = _POSITION.unpack(meta[b"pos"])
             ledger.last_ts = float(meta[b"ts"])
@@ -1056,7 +1105,6 @@ class RedisIndex:
         if log_bytes:
             ledger.load_log(log_bytes)
             self._log_bytes[ledger] = len(log_bytes)
-        return ledger
 
     async def _read_rank(self, wp: str, ledger: WorkerLedger) -> tuple[dict[bytes, bytes], bytes]:
         """A rank's metadata and its log, read at once: the log's segments joined (a list),
