@@ -164,6 +164,39 @@ class TestDurableLedger:
         assert by_worker[("w7", 0)].degraded and not by_worker[("w8", 0)].degraded
         assert by_worker[("w9", 0)].blocks_by_tier == {"gpu": blocks - 10 + 1, "cpu": 2}
 
+    async def test_an_import_over_many_ranks_some_stored(
+        self, redis_client: aioredis.Redis
+    ) -> None:
+        """A rebuild's import of 200 ranks (2,000 blocks each) in one call, half of them
+        already in Redis at an older position: every rank ends at the imported state and
+        later batches apply exactly as in the memory index."""
+        blocks, ranks = 2_000, 200
+        tokens = pack_tokens([t % 50_000 for t in range((blocks + 1) * BS)])
+
+        def chain(rank: int, first: int, count: int, seq: int) -> EventBatch:
+            parent = first - 1 if first > 1 else None
+            return batch(seq, BlockStored(
+                block_hashes=list(range(first, first + count)), parent_hash=parent,
+                token_ids=tokens[(first - 1) * BS * 4 : (first - 1 + count) * BS * 4],
+                block_size=BS), worker=f"w{rank}")
+
+        older = [chain(rank, 1, 500, 0) for rank in range(0, ranks, 2)]
+        newer = [chain(rank, 1, blocks - rank, 0) for rank in range(ranks)]
+        later = [chain(rank, blocks - rank + 1, 1, 1) for rank in range(ranks)]
+        source = MemoryIndex(CONFIG)
+        await source.apply(newer)
+        states = await source.export_ranks([(MODEL, WorkerRef(f"w{r}", 0))
+                                            for r in range(ranks)])
+        await RedisIndex(redis_client, config=CONFIG).apply(older)
+        target = RedisIndex(redis_client, config=CONFIG)
+        await target.import_ranks(states)
+        assert await target.presence(MODEL) == await source.presence(MODEL)
+        again = RedisIndex(redis_client, config=CONFIG)  # the ledgers as Redis has them
+        assert await again.apply(later) == [ApplyOutcome.APPLIED] * ranks
+        await source.apply(later)
+        assert await again.presence(MODEL) == await source.presence(MODEL)
+        assert (await again.stats()).dropped == {}
+
     async def test_string_log_is_appended_to_by_the_script(
         self, redis_client: aioredis.Redis
     ) -> None:

@@ -706,7 +706,7 @@ class RedisIndex:
 
     async def _apply(self, batches: Sequence[EventBatch]) -> list[ApplyOutcome]:
         sha = await self._script_sha()
-        await self._load_ledgers(batches)
+        await self._load_ledgers((b.model, b.worker_id, b.dp_rank) for b in batches)
         outcomes: dict[int, ApplyOutcome] = {}
         step = max(8, -(-len(batches) // _MAX_CALLS))
         conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
@@ -975,15 +975,15 @@ class RedisIndex:
             self._ledgers[(model, ref)] = ledger
         return ledger
 
-    async def _load_ledgers(self, batches: Sequence[EventBatch]) -> None:
-        """Load the ledgers of the ranks these batches name that are not cached, their
+    async def _load_ledgers(self, ranks: Iterable[tuple[str, str, int]]) -> None:
+        """Load the ledgers of these (model, worker id, dp rank) that are not cached, their
         slots in one round trip: a rank's first batches cost no round trip of their own."""
         cached: dict[Any, WorkerLedger] = self._ledgers  # a WorkerRef equals its tuple
         missing: dict[tuple[str, WorkerRef], None] = {}
-        for batch in batches:
-            rank = (batch.model, (batch.worker_id, batch.dp_rank))
+        for model, worker_id, dp_rank in ranks:
+            rank = (model, (worker_id, dp_rank))
             if rank not in cached and rank not in missing:
-                missing[(batch.model, WorkerRef(batch.worker_id, batch.dp_rank))] = None
+                missing[(model, WorkerRef(worker_id, dp_rank))] = None
         if len(missing) < 2:
             return  # one is loaded as it comes
         replies = await self._slot_replies(list(missing))
@@ -1458,6 +1458,7 @@ class RedisIndex:
             try:
                 records: dict[str, list[bytes]] = {}
                 sent: dict[str, list[WorkerLedger]] = {}
+                await self._load_ledgers((s.model, s.worker_id, s.dp_rank) for s in states)
                 for state in states:
                     ledger = await self._ledger(state.model,
                                                 WorkerRef(state.worker_id, state.dp_rank))

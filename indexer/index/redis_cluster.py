@@ -27,7 +27,7 @@ consumers check, whichever master it is: its partitions rebuild.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -292,6 +292,10 @@ class RedisClusterIndex(RedisIndex):
         if records:
             await self._cluster.script_load(self._apply_script.script)
         return await super()._run_records(records, sent)
+
+    async def _load_ledgers(self, ranks: Iterable[tuple[str, str, int]]) -> None:
+        """Nothing ahead: ledgers load one at a time as they are needed (`_ledger`), each
+        from its model's master (no one connection reaches every rank's keys)."""
 
     async def import_ranks(self, states: Sequence[RankState]) -> None:
         await super().import_ranks(states)
