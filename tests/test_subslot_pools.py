@@ -161,6 +161,12 @@ async def test_concurrent_writers_end_exact_and_a_replay_changes_nothing(
                                       for i, index in enumerate(indexers)))
     assert all(o is ApplyOutcome.DUPLICATE for batch_outcomes in replayed for o in batch_outcomes)
     await assert_exact(indexers[0], memory)
+    # A snapshot of every listed entry exports the ranks and creates nothing for the pool.
+    listed = await indexers[0].workers(MODEL)
+    states = await indexers[0].export_ranks([(w.model, WorkerRef(w.worker_id, w.dp_rank))
+                                             for w in listed])
+    assert sorted((s.worker_id, s.dp_rank) for s in states) == sorted(RANKS)
+    assert await indexers[0].workers(MODEL) == listed
     # The pool goes with its entries; the ranks stay.
     slots = await indexers[0]._redis.hgetall(f"kvi:{{s:{MODEL.replace('/', '~2F')}}}:slots")
     pool_slot = int(slots[f"{POOL}\n-1".encode()])

@@ -1253,10 +1253,18 @@ class ShardedRedisIndex:
                 and w.kind != KIND_POOL))
 
     async def export_ranks(self, ranks: Sequence[tuple[str, WorkerRef]]) -> list[RankState]:
+        """The ranks' states; a ref the directory does not map as a rank (a pool, listed by
+        `workers()` under dp rank 0, or a rank removed meanwhile) is left out, as the
+        memory index leaves out what it has no ledger of: exporting never creates one."""
         await self._require_layout()
         async with self._lock:
             try:
-                return [(await self._rank(model, ref)).ledger.export() for model, ref in ranks]
+                mapped: dict[str, set[WorkerRef]] = {}
+                for model in {model for model, _ in ranks}:
+                    slot_map = await self._slot_map(model, fresh=True)
+                    mapped[model] = set(slot_map.by_slot.values()) if slot_map else set()
+                return [(await self._rank(model, ref)).ledger.export() for model, ref in ranks
+                        if ref in mapped[model] and ref.dp_rank != POOL_RANK]
             except RedisError as exc:
                 raise BackendError(f"redis export failed: {exc}") from exc
 
