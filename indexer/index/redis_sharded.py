@@ -12,7 +12,10 @@ rank's ledger in its home sub-slot (`slot id mod S`):
     kvi:{T_k}:pos                   HASH  slot id -> token (16 B) + phase ('c' | 'd')
     kvi:{T_k}:p:<id>                STR   keys the id's last part here set (collection)
     kvi:{T_k}:nextslot              STR   a copy of the id counter (lua/subslot_claim.lua)
-    kvi:{T_h}:w:<id>:meta, :log     the rank's committed token, position, counts, log
+    kvi:{T_h}:w:<id>:meta, :log     the rank's committed token, position, counts, log,
+                                    and the pools it wrote since its last gap
+    kvi:{T_h}:q:<id>:map, gone, st, w, l:<k>
+                                    a pool's state in its home (lua/subslot_pool.lua)
     kvi:smodels                     SET   sub-slot model names (listing)
 
 `T_k` is sub-slot k's tag `s:<model>:<k>.<suffix>`, the suffix searched at creation so
@@ -38,8 +41,13 @@ dump, or a lagging replica promoted, makes its partitions rebuild whichever mast
 
 Hybrid models: a part carries each entry's KV-cache group, applied to that group's hash
 in the same script call; Score applies vLLM's rule (indexer/index/hybrid.py) with the
-other groups' values read in a second round trip. Not supported on a sub-slot model
-(refused with a clear error): shared storage pools (docs/large-models.md says why).
+other groups' values read in a second round trip.
+
+Shared storage pools: a pool is mapped like a rank (dp rank -1); every writer's pool ops
+are decided in the pool's home sub-slot (lua/subslot_pool.lua), which appends the
+presence changes they make, numbered, to a pending list per sub-slot, and each sub-slot
+applies its list in number order, each entry once (lua/subslot_pool_apply.lua), before
+the writer's waves ("shared storage pools" below; docs/large-models.md, "As built").
 """
 
 from __future__ import annotations
