@@ -687,6 +687,28 @@ class TestPoolContract:
 
         asyncio.run(run())
 
+    @pytest.mark.redis_cluster
+    @settings(max_examples=20, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(ops=pool_ops)
+    def test_subslots_on_a_cluster_match_reference(
+            self, redis_cluster: RedisCluster, ops: list[tuple[str, str, list[int], float]]
+    ) -> None:
+        """3 sub-slots on the 3-master cluster: the pool's home on one master, its
+        presence on all three."""
+        async def run() -> None:
+            admin = RedisClusterIndex.from_url(redis_cluster.url)
+            await admin._cluster.flushall()
+            await admin.close()
+            index = ShardedRedisIndex.from_url(redis_cluster.url, subslots=3, cluster=True,
+                                               config=CONFIG)
+            try:
+                await _check_pool_history(index, ops)
+            finally:
+                await index.close()
+
+        asyncio.run(run())
+
 
 # --- hybrid-attention models ------------------------------------------------------------
 
