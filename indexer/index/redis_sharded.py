@@ -9,7 +9,9 @@ rank's ledger in its home sub-slot (`slot id mod S`):
                                     group -> "kind\nwindow" (hybrid models)
     kvi:{T_k}:blk                   HASH  block key (8 B, LE) -> holder list (group 0)
     kvi:{T_k}:blk<g>                HASH  the same, of KV-cache group g > 0
-    kvi:{T_k}:pos                   HASH  slot id -> token (16 B) + phase ('c' | 'd')
+    kvi:{T_k}:pos                   HASH  slot id -> token (16 B) + phase ('c' | 'd'); and
+                                    `q<pool id>` -> the last pool entry applied here
+                                    ('x': the pool is being collected)
     kvi:{T_k}:p:<id>                STR   keys the id's last part here set (collection)
     kvi:{T_k}:nextslot              STR   a copy of the id counter (lua/subslot_claim.lua)
     kvi:{T_h}:w:<id>:meta, :log     the rank's committed token, position, counts, log,
