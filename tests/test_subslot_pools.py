@@ -152,6 +152,7 @@ async def test_concurrent_writers_end_exact_and_a_replay_changes_nothing(
     outcomes = await asyncio.gather(*(apply_chunked(index, fleet.partition(i))
                                       for i, index in enumerate(indexers)))
     assert all(o is ApplyOutcome.APPLIED for batch_outcomes in outcomes for o in batch_outcomes)
+    assert [index.pool_reslots for index in indexers] == [0] * INDEXERS  # no false alarm
     held = pool_entries(await memory.presence(MODEL))
     assert 10_000 < len(held) < CHAINS * CHAIN  # evictions won over the late stores
     for index in indexers:

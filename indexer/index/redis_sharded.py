@@ -171,6 +171,8 @@ _WRITER_POSITION: Final = struct.Struct(">QQQ")  # epoch, seq, op index in the b
 _RAISE_FLOOR: Final = ("if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') "
                        "then redis.call('SET', KEYS[1], ARGV[1]) end return 1")
 _POOL_ATTEMPTS: Final = 3  # a pool found being collected is taken again under a new id
+# a pool's state carried to its new id by a re-slot (not its op counter nor lists' ends)
+_POOL_STATE_KEPT: Final = frozenset({b"floor", b"gone_max", b"epoch", b"ts"})
 _META_FIELDS: Final = ("pos", "ts", "n0", "n1", "n2", "n3", "degraded")
 _MAX_TAG_SEARCH: Final = 1 << 20
 _ATTEMPTS: Final = 5  # tries of a command meeting a moving slot or a lost node
@@ -420,6 +422,7 @@ class ShardedRedisIndex:
         self._block_sizes: dict[str, int] = {}
         self._pool_ids: dict[tuple[str, str], int] = {}  # (model, pool) -> its slot id
         self.pool_hook: PoolHook | None = None
+        self.pool_reslots = 0  # pools found diverged (a failover) and re-slotted
         self._known_models: set[str] = set()
         # model -> KV-cache group -> spec this process wrote to the directory's `groups`
         self._groups_written: dict[str, dict[int, tuple[str | None, int]]] = {}
@@ -863,7 +866,7 @@ class ShardedRedisIndex:
         floors = dict(zip(sorted({model for model, _ in by_pool}), await self._run(
             [("GET", directory_prefix(model) + "pool_floor")
              for model in sorted({model for model, _ in by_pool})]), strict=True))
-        pending: dict[tuple[str, int], list[list[bytes]]] = {}
+        pending: dict[tuple[str, int, str], list[Any]] = {}
         todo = list(by_pool.items())
         for _ in range(_POOL_ATTEMPTS):
             sent = []
@@ -877,11 +880,11 @@ class ShardedRedisIndex:
                                        for (model, pool), pool_ops, pool_id in sent])
             todo = []
             for (key, pool_ops, pool_id), reply in zip(sent, replies, strict=True):
-                if reply == b"dead":  # removed meanwhile: written again under a new id
-                    self._pool_ids.pop(key, None)
+                if reply == b"dead":
+                    await self._pool_gone(key[0], key[1], pool_id)
                     todo.append((key, pool_ops))
                 else:
-                    pending[(key[0], pool_id)] = reply
+                    pending[(key[0], pool_id, key[1])] = reply
             if not todo:
                 break
         else:
@@ -891,31 +894,86 @@ class ShardedRedisIndex:
             await self.pool_hook()
         await self._drain_pools(pending)
 
+    async def _pool_gone(self, model: str, pool: str, pool_id: int) -> None:
+        """The pool's home answered `dead`: removed meanwhile (written again under a new
+        id), or a re-slot of it was stopped before the directory switched (finished here:
+        the directory still maps the dead id)."""
+        self._pool_ids.pop((model, pool), None)
+        raw = await self._redis.hget(directory_prefix(model) + "slots", f"{pool}\n{POOL_RANK}")
+        if raw is not None and int(raw) == pool_id:
+            await self._reslot_pool(model, pool, pool_id)
+
     def _pool_call(self, model: str, pool: tuple[int, str], floor: bytes | None, mode: str,
                    args: Sequence[bytes | int]) -> tuple[Any, ...]:
         pool_id, name = pool
         return self._eval("pool", self._pool_keys(self._models[model], pool_id), pool_id,
                           name, floor or b"0", mode, *args)
 
-    async def _drain_pools(self, pending: Mapping[tuple[str, int], list[list[bytes]]]) -> None:
-        """Apply pools' pending lists in their sub-slots, then trim each list by what its
-        sub-slot has applied."""
-        targets = [(model, pool_id, k, entries)
-                   for (model, pool_id), lists in pending.items()
+    async def _drain_pools(self, pending: Mapping[tuple[str, int, str], list[Any]]) -> None:
+        """Apply pools' pending lists (the home's reply: its op counter, then a list per
+        sub-slot) in their sub-slots, then trim each list by what its sub-slot has
+        applied. A pool whose sub-slots and home disagree (a sub-slot missing entries it
+        had applied, or past the home's current counter: a failover lost writes on one
+        side) is re-slotted."""
+        targets = [(key, k, entries) for key, (_, *lists) in pending.items()
                    for k, entries in enumerate(lists) if entries]
         applied = await self._run([
             self._eval("pool_apply", [self._models[model].prefixes[k] + "blk",
                                       self._models[model].prefixes[k] + "pos"],
                        pool_id, *entries)
-            for model, pool_id, k, entries in targets])
-        done: dict[tuple[str, int], list[int]] = {}
-        for (model, pool_id, k, _), reply in zip(targets, applied, strict=True):
+            for (model, pool_id, _), k, entries in targets])
+        done: dict[tuple[str, int, str], list[int]] = {}
+        diverged: set[tuple[str, int, str]] = set()
+        for (key, k, _), reply in zip(targets, applied, strict=True):
             if reply == b"dead":
                 continue  # being collected: the collection names these keys
-            numbers = done.setdefault((model, pool_id), [0] * self._models[model].subslots)
+            if reply == b"gap":
+                diverged.add(key)
+                continue
+            numbers = done.setdefault(key, [0] * self._models[key[0]].subslots)
             numbers[k] = int(float(reply))
-        await self._run([self._pool_call(model, (pool_id, ""), None, "trim", numbers)
-                         for (model, pool_id), numbers in done.items()])
+        trims = [key for key in done if key not in diverged]
+        replies = await self._run([self._pool_call(key[0], (key[1], ""), None, "trim",
+                                                   done[key]) for key in trims])
+        diverged.update(key for key, reply in zip(trims, replies, strict=True)
+                        if reply == b"diverged")
+        for model, pool_id, name in sorted(diverged):
+            await self._reslot_pool(model, name, pool_id)
+
+    async def _reslot_pool(self, model: str, pool: str, old: int) -> None:
+        """Move a pool whose presence in some sub-slot no longer follows its home to a new
+        id, as a torn rank is: the old id is marked collected everywhere (no op or entry
+        lands on it any more), its home state (map, tombstones, floor, epoch, writers'
+        positions) is copied to the new id's home, every key it holds is written under
+        the new id, the directory switches, and the old id is collected. Entries of the
+        old id its map and lists do not name stay, credited to nobody (ids are never
+        reused)."""
+        info = self._models[model]
+        log.warning("pool_diverged_reslot", model=model, pool=pool, old_slot=old)
+        await self._run([("HSET", prefix + "pos", f"q{old}", "x") for prefix in info.prefixes])
+        old_keys = self._pool_keys(info, old)
+        state = await self._run([("HGETALL", key) for key in old_keys[:4]])
+        new = await self._new_id(model, WorkerRef(pool, POOL_RANK))
+        new_keys = self._pool_keys(info, new)
+        commands: list[Sequence[Any]] = [
+            ("DEL", *[key for key in new_keys if not key.endswith(":pos")])]
+        for key, found in zip(new_keys[:4], state, strict=True):
+            kept = ({f: v for f, v in found.items() if f in _POOL_STATE_KEPT}
+                    if key.endswith(":st") else found)
+            items = [v for pair in kept.items() for v in pair]
+            commands += [("HSET", key, *items[i : i + 2_000])
+                         for i in range(0, len(items), 2_000)]
+        await self._run(commands)
+        [reply] = await self._run([self._pool_call(model, (new, pool), None, "rebuild", [])])
+        await self._drain_pools({(model, new, pool): reply})
+        [status] = await self._run([self._dir_call(model, "switch", pool, POOL_RANK, old,
+                                                   new)])
+        if status != b"ok":
+            raise BackendError(f"pool {pool} of {model} was removed or re-slotted by another "
+                               "process")
+        self._pool_ids[(model, pool)] = new
+        self.pool_reslots += 1
+        await self._collect_retired(model)
 
     async def _write_group_specs(self, calls: list[tuple[_Rank, _NetSink]]) -> None:
         """List every KV-cache group the calls write (and the specs they learned) in the
@@ -1159,7 +1217,7 @@ class ShardedRedisIndex:
         keys = {int.from_bytes(value[:8], "little") for value in map_values}
         for entries in lists:
             for entry in entries:
-                body = entry[9:]  # after the entry's number and kind
+                body = entry[17:]  # after the entry's numbers and kind
                 keys.update(int.from_bytes(body[i : i + 8], "little")
                             for i in range(0, len(body), 8))
         return sorted(keys)
@@ -1319,8 +1377,9 @@ class ShardedRedisIndex:
             replies = await self._run([self._eval("pool", self._pool_keys(info, pool_id),
                                                   pool_id, name, repr(floor), "ops")
                                        for name, pool_id in pools])
-            await self._drain_pools({(model, pool_id): reply
-                                     for (_, pool_id), reply in zip(pools, replies, strict=True)
+            await self._drain_pools({(model, pool_id, name): reply
+                                     for (name, pool_id), reply in zip(pools, replies,
+                                                                       strict=True)
                                      if reply != b"dead"})
 
     async def reset_caches(self) -> None:

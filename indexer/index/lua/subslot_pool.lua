@@ -5,25 +5,31 @@
 -- write wins per engine hash, tombstones, a floor. What an op changes in the pool's
 -- presence is not written to the sub-slots here (another slot): it is appended, in
 -- decision order, to the pool's pending list of each sub-slot the key lives in, as
--- entries numbered by the pool's own op counter `seq`; lua/subslot_pool_apply.lua applies
--- a sub-slot's entries there in that order, each once (the sub-slot keeps the last
--- number it applied), and whoever sends a pool op drains every pending list it reads.
+-- entries numbered by the pool's own op counter `seq`, each naming the number of the
+-- list's entry before it; lua/subslot_pool_apply.lua applies a sub-slot's entries there
+-- in that order, each once (the sub-slot keeps the last number it applied), and whoever
+-- sends a pool op drains every pending list it reads.
 -- KEYS[1] `q:<id>:map` (engine hash -> key .. store ts), KEYS[2] `q:<id>:gone`
---         (hash -> removal ts), KEYS[3] `q:<id>:st` (floor, gone_max, epoch, seq, ts),
+--         (hash -> removal ts), KEYS[3] `q:<id>:st` (floor, gone_max, epoch, seq, ts, and
+--         `l<k>`: the number of sub-slot k's last entry),
 --         KEYS[4] `q:<id>:w` (writer slot id -> its last op position),
 --         KEYS[5] `w:<id>:meta` (the pool's listing, as a rank's), KEYS[6] the home
 --         sub-slot's `pos` (field `q<id>` = 'x' once the pool is being collected),
 --         KEYS[7 ..] `q:<id>:l:<k>`: sub-slot k's pending list, k = 0 .. S - 1
 -- ARGV[1] pool id, ARGV[2] pool name, ARGV[3] the model's pool floor (snapshot
 --         imports), ARGV[4] 'trim' then one applied number per sub-slot: drop the
---         entries each sub-slot has applied, and return nothing; or 'ops' then ops:
+--         entries each sub-slot has applied (returns 1), or 'diverged' when a number is
+--         past the op counter (this home lost ops a sub-slot applied); or 'rebuild' (a pool
+--         re-slotted, its state copied here: every key its map holds becomes a set
+--         entry); or 'ops' then ops:
 --   <c1 'P'|'R'|'W'> <I4 writer slot id> <c24 writer position> <d ts> <I4 count>, then
 --   count x (hash, key) for P, count x hash for R (8 bytes each); the writer position is
 --   (epoch, seq, op index in the batch) as big-endian u64: an op at or below the writer's
 --   stored position was applied by an earlier call and is skipped (replays change
 --   nothing).
--- Returns 'dead' (the pool is being collected: the caller takes a new id), or every
--- pending list, one array per sub-slot.
+-- An entry is <d number> <d number of the list's entry before it> <c1 'S'|'C'> keys.
+-- Returns 'dead' (the pool is being collected or re-slotted), or the op counter and
+-- every pending list, one array per sub-slot.
 local MAX_TOMBSTONES = 65536  -- indexer/index/pools.py
 local STORAGE = 4  -- the storage tier's bit in a holder entry
 local map, gone, st, wpos, meta, hpos = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
@@ -34,15 +40,21 @@ if redis.call('HGET', hpos, 'q' .. id) == 'x' then
   return 'dead'
 end
 
-local function lists()
-  local out = {}
+local function lists(seq)
+  local out = {tostring(seq)}
   for k = 1, S do
-    out[k] = redis.call('LRANGE', KEYS[6 + k], 0, -1)
+    out[k + 1] = redis.call('LRANGE', KEYS[6 + k], 0, -1)
   end
   return out
 end
 
 if ARGV[4] == 'trim' then
+  local seq = tonumber(redis.call('HGET', st, 'seq') or '0')
+  for k = 1, S do
+    if tonumber(ARGV[4 + k]) > seq then
+      return 'diverged'  -- a sub-slot applied entries this home never numbered (lost)
+    end
+  end
   for k = 1, S do
     local done = tonumber(ARGV[4 + k])
     while true do
@@ -62,6 +74,10 @@ local gone_max = tonumber(state[2] or '0')
 local epoch = tonumber(state[3] or '0')
 local seq = tonumber(state[4] or '0')
 local last_ts = tonumber(state[5] or '0')
+local last = {}  -- sub-slot -> the number of its list's last entry
+for k = 1, S do
+  last[k] = tonumber(redis.call('HGET', st, 'l' .. k) or '0')
+end
 
 -- key mod S of an 8-byte little-endian key, by its bytes (Lua numbers are doubles)
 local powers = {1}
@@ -84,8 +100,9 @@ local function flush(k)
   local run = runs[k]
   if run and #run.keys > 0 then
     seq = seq + 1
-    redis.call('RPUSH', KEYS[6 + k], struct.pack('<d', seq) .. run.kind ..
+    redis.call('RPUSH', KEYS[6 + k], struct.pack('<dd', seq, last[k]) .. run.kind ..
       table.concat(run.keys))
+    last[k] = seq
   end
   runs[k] = nil
 end
@@ -178,8 +195,14 @@ local function above(a, b)
   return false
 end
 
+if ARGV[4] == 'rebuild' then
+  local all = redis.call('HVALS', map)
+  for i = 1, #all do
+    change('S', string.sub(all[i], 1, 8))
+  end
+end
 local arg_i = 5
-while arg_i <= #ARGV do
+while ARGV[4] == 'ops' and arg_i <= #ARGV do
   local arg = ARGV[arg_i]
   local kind, writer, wat, ts, count = struct.unpack('<c1I4c24dI4', arg)
   local stored = redis.call('HGET', wpos, writer)
@@ -198,6 +221,7 @@ while arg_i <= #ARGV do
 end
 for k = 1, S do
   flush(k)
+  redis.call('HSET', st, 'l' .. k, string.format('%.17g', last[k]))
 end
 redis.call('HSET', st, 'floor', string.format('%.17g', floor),
   'gone_max', string.format('%.17g', gone_max), 'epoch', epoch, 'seq', seq,
@@ -205,4 +229,4 @@ redis.call('HSET', st, 'floor', string.format('%.17g', floor),
 redis.call('HSET', meta, 'pos', struct.pack('>i8i8', epoch, -1),
   'ts', string.format('%.17g', last_ts), 'n0', 0, 'n1', 0, 'n2', redis.call('HLEN', map),
   'n3', 0, 'degraded', '0', 'worker', name, 'rank', -1)
-return lists()
+return lists(seq)
