@@ -60,6 +60,7 @@ import hashlib
 import os
 import random
 import struct
+import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
@@ -863,9 +864,6 @@ class ShardedRedisIndex:
         for model in {model for model, _ in by_pool}:
             if await self._model(model) is None:
                 raise BackendError(f"model {model} was collected while its pools were written")
-        floors = dict(zip(sorted({model for model, _ in by_pool}), await self._run(
-            [("GET", directory_prefix(model) + "pool_floor")
-             for model in sorted({model for model, _ in by_pool})]), strict=True))
         pending: dict[tuple[str, int, str], list[Any]] = {}
         todo = list(by_pool.items())
         for _ in range(_POOL_ATTEMPTS):
@@ -875,13 +873,19 @@ class ShardedRedisIndex:
                                               create=any(op.create for op in pool_ops))
                 if pool_id is not None:
                     sent.append(((model, pool), pool_ops, pool_id))
-            replies = await self._run([self._pool_call(model, (pool_id, pool), floors[model],
-                                                       "ops", [op.packed() for op in pool_ops])
-                                       for (model, pool), pool_ops, pool_id in sent])
+            floors, applied = await self._pool_floors_and_applied(
+                [(model, pool_id) for (model, _), _, pool_id in sent])
+            replies = await self._run([
+                self._pool_call(model, (pool_id, pool), floors[model], "ops",
+                                [applied[(model, pool_id)], *[op.packed() for op in pool_ops]])
+                for (model, pool), pool_ops, pool_id in sent])
             todo = []
             for (key, pool_ops, pool_id), reply in zip(sent, replies, strict=True):
                 if reply == b"dead":
                     await self._pool_gone(key[0], key[1], pool_id)
+                    todo.append((key, pool_ops))
+                elif reply == b"diverged":
+                    await self._reslot_pool(key[0], key[1], pool_id, lost_ops=True)
                     todo.append((key, pool_ops))
                 else:
                     pending[(key[0], pool_id, key[1])] = reply
@@ -893,6 +897,26 @@ class ShardedRedisIndex:
         if self.pool_hook is not None:
             await self.pool_hook()
         await self._drain_pools(pending)
+
+    async def _pool_floors_and_applied(
+        self, pools: Sequence[tuple[str, int]]
+    ) -> tuple[dict[str, bytes | None], dict[tuple[str, int], int]]:
+        """In one pipeline: each model's pool floor, and per pool the highest number any of
+        its sub-slots has applied (its home, deciding, checks it has not lost them)."""
+        models = sorted({model for model, _ in pools})
+        commands: list[Sequence[Any]] = [("GET", directory_prefix(model) + "pool_floor")
+                                         for model in models]
+        for model, pool_id in pools:
+            commands += [("HGET", prefix + "pos", f"q{pool_id}")
+                         for prefix in self._models[model].prefixes]
+        replies = iter(await self._run(commands))
+        floors = {model: next(replies) for model in models}
+        applied = {}
+        for model, pool_id in pools:
+            numbers = [next(replies) for _ in self._models[model].prefixes]
+            applied[(model, pool_id)] = max(
+                (int(float(n)) for n in numbers if n is not None and n != b"x"), default=0)
+        return floors, applied
 
     async def _pool_gone(self, model: str, pool: str, pool_id: int) -> None:
         """The pool's home answered `dead`: removed meanwhile (written again under a new
@@ -940,14 +964,17 @@ class ShardedRedisIndex:
         for model, pool_id, name in sorted(diverged):
             await self._reslot_pool(model, name, pool_id)
 
-    async def _reslot_pool(self, model: str, pool: str, old: int) -> None:
+    async def _reslot_pool(self, model: str, pool: str, old: int, *,
+                           lost_ops: bool = False) -> None:
         """Move a pool whose presence in some sub-slot no longer follows its home to a new
         id, as a torn rank is: the old id is marked collected everywhere (no op or entry
         lands on it any more), its home state (map, tombstones, floor, epoch, writers'
         positions) is copied to the new id's home, every key it holds is written under
         the new id, the directory switches, and the old id is collected. Entries of the
         old id its map and lists do not name stay, credited to nobody (ids are never
-        reused)."""
+        reused). `lost_ops`: the home itself lost ops (evictions among them, whose
+        batches will not come again), so its map is not trusted: the new id starts
+        wiped, its floor at the newest time the old state or this clock knows."""
         info = self._models[model]
         log.warning("pool_diverged_reslot", model=model, pool=pool, old_slot=old)
         await self._run([("HSET", prefix + "pos", f"q{old}", "x") for prefix in info.prefixes])
@@ -957,6 +984,8 @@ class ShardedRedisIndex:
         new_keys = self._pool_keys(info, new)
         commands: list[Sequence[Any]] = [
             ("DEL", *[key for key in new_keys if not key.endswith(":pos")])]
+        if lost_ops:
+            state = [{}, {}, _wiped_state(state[2]), state[3]]
         for key, found in zip(new_keys[:4], state, strict=True):
             kept = ({f: v for f, v in found.items() if f in _POOL_STATE_KEPT}
                     if key.endswith(":st") else found)
@@ -1375,7 +1404,7 @@ class ShardedRedisIndex:
             if info is None or not pools:
                 continue
             replies = await self._run([self._eval("pool", self._pool_keys(info, pool_id),
-                                                  pool_id, name, repr(floor), "ops")
+                                                  pool_id, name, repr(floor), "ops", 0)
                                        for name, pool_id in pools])
             await self._drain_pools({(model, pool_id, name): reply
                                      for (name, pool_id), reply in zip(pools, replies,
@@ -1816,6 +1845,16 @@ class ShardedRedisIndex:
             groups = dict(zip(groups[::2], groups[1::2], strict=True))
         return _Read(version, groups, _merge(replies, [parts[k][1] for k in used], n),
                      parts, n)
+
+
+def _wiped_state(state: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """A pool's `st` for a new id that starts wiped: its epoch moved, its floor at the
+    newest time the old state or this process's clock knows (no store older than what
+    was lost is taken)."""
+    floor = max([time.time(), *(float(state[f]) for f in (b"floor", b"gone_max", b"ts")
+                                if f in state)])
+    return {**state, b"floor": repr(floor).encode(),
+            b"epoch": str(int(state.get(b"epoch", b"0")) + 1).encode()}
 
 
 class _Read(NamedTuple):

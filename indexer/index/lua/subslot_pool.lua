@@ -21,15 +21,17 @@
 --         entries each sub-slot has applied (returns 1), or 'diverged' when a number is
 --         past the op counter (this home lost ops a sub-slot applied); or 'rebuild' (a pool
 --         re-slotted, its state copied here: every key its map holds becomes a set
---         entry); or 'ops' then ops:
+--         entry); or 'ops', the highest number any sub-slot has applied (read by the
+--         caller just before: one above the op counter means this home lost ops the
+--         sub-slots applied, and 'diverged' is returned, nothing decided), then ops:
 --   <c1 'P'|'R'|'W'> <I4 writer slot id> <c24 writer position> <d ts> <I4 count>, then
 --   count x (hash, key) for P, count x hash for R (8 bytes each); the writer position is
 --   (epoch, seq, op index in the batch) as big-endian u64: an op at or below the writer's
 --   stored position was applied by an earlier call and is skipped (replays change
 --   nothing).
 -- An entry is <d number> <d number of the list's entry before it> <c1 'S'|'C'> keys.
--- Returns 'dead' (the pool is being collected or re-slotted), or the op counter and
--- every pending list, one array per sub-slot.
+-- Returns 'dead' (the pool is being collected or re-slotted), 'diverged', or the op
+-- counter and every pending list, one array per sub-slot.
 local MAX_TOMBSTONES = 65536  -- indexer/index/pools.py
 local STORAGE = 4  -- the storage tier's bit in a holder entry
 local map, gone, st, wpos, meta, hpos = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
@@ -201,7 +203,10 @@ if ARGV[4] == 'rebuild' then
     change('S', string.sub(all[i], 1, 8))
   end
 end
-local arg_i = 5
+if ARGV[4] == 'ops' and tonumber(ARGV[5]) > seq then
+  return 'diverged'
+end
+local arg_i = 6
 while ARGV[4] == 'ops' and arg_i <= #ARGV do
   local arg = ARGV[arg_i]
   local kind, writer, wat, ts, count = struct.unpack('<c1I4c24dI4', arg)
