@@ -4,12 +4,15 @@ writing one pool of 20,000 blocks through three indexers at once, with evictions
 other writers interleaved and applied out of time order. The index ends exactly as the
 memory index fed the same batches; a replay changes nothing; a writer stopped after its
 pool ops were decided (or between waves) leaves readers no false hit, another writer's
-pool op or the redelivery finishes its work, and a removed pool leaves no entry."""
+pool op or the redelivery finishes its work, and a removed pool leaves no entry. Writes a
+failover lost on a sub-slot's side or on the pool's home are found at the next pool op
+and the pool re-slotted (DUMP / RESTORE stands for the promoted replica)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -262,3 +265,92 @@ async def test_a_writer_stopped_between_waves_is_finished_by_the_redelivery(
     await assert_exact(second, memory)
     for one in (index, second):
         await one.close()
+
+
+async def _snapshot(client: Any, keys: list[str]) -> dict[str, bytes | None]:
+    return {key: await client.dump(key) for key in keys}
+
+
+async def _restore(client: Any, saved: dict[str, bytes | None]) -> None:
+    """The keys as they were (a master failed over to a replica that lacked what
+    followed)."""
+    for key, dumped in saved.items():
+        await client.delete(key)
+        if dumped is not None:
+            await client.restore(key, 0, dumped)
+
+
+async def _pooled_fleet(index: ShardedRedisIndex, memory: MemoryIndex,
+                        fleet: PoolFleet) -> tuple[int, Any]:
+    """The pool's chains stored by the writers (each writer's first batch holds nothing
+    of its own: later pool-only batches write no rank part); the pool's id and model."""
+    stores = [fleet.batch(WRITERS[c % len(WRITERS)], 1000.0 + c, fleet.pool_store(c))
+              for c in range(40)]
+    await index.apply(stores)
+    await memory.apply(stores)
+    slots = await index._redis.hgetall(f"kvi:{{s:{MODEL.replace('/', '~2F')}}}:slots")
+    info = await index._model(MODEL)
+    return int(slots[f"{POOL}\n-1".encode()]), info
+
+
+def _evictions(fleet: PoolFleet) -> list[EventBatch]:
+    return [fleet.batch(WRITERS[(c + 1) % len(WRITERS)], 3000.0 + c,
+                        BlockRemoved(block_hashes=chain_hashes(c)[20:], medium="storage",
+                                     pool=POOL)) for c in range(40)]
+
+
+class TestFailovers:
+    """A failover loses writes Redis confirmed (replication is asynchronous): on the
+    sub-slot side (its pool entries and applied number roll back, past what the home
+    already trimmed) or on the home side (ops the sub-slots applied are gone). Either is
+    found at the next pool op, and the pool re-slotted: no block is left credited that
+    a lost eviction took."""
+
+    async def test_a_sub_slot_that_lost_entries_is_repaired(self, redis_server: Any) -> None:
+        backend = Backend(redis_server.url, 4, cluster=False)
+        await backend.flush()
+        fleet, memory, index = PoolFleet(), MemoryIndex(CONFIG), backend.index(CONFIG)
+        pool_id, info = await _pooled_fleet(index, memory, fleet)
+        k = (pool_id + 1) % 4  # not the pool's home
+        client = backend.client()
+        saved = await _snapshot(client, [info.prefixes[k] + "blk", info.prefixes[k] + "pos"])
+        evictions = _evictions(fleet)
+        await index.apply(evictions)
+        await memory.apply(evictions)
+        await assert_exact(index, memory)
+        await _restore(client, saved)  # sub-slot k's master lost the evictions
+        stale = pool_entries(await index.presence(MODEL)) - pool_entries(
+            await memory.presence(MODEL))
+        assert stale  # the hazard: evicted blocks credited again
+        more = [fleet.batch(WRITERS[1], 5000.0 + c, fleet.pool_store(c))
+                for c in range(40, 48)]
+        await index.apply(more)
+        await memory.apply(more)
+        assert index.pool_reslots == 1
+        await assert_exact(index, memory)
+        await client.aclose()
+        await index.close()
+
+    async def test_a_home_that_lost_ops_is_wiped_under_a_new_id(
+            self, redis_server: Any) -> None:
+        backend = Backend(redis_server.url, 4, cluster=False)
+        await backend.flush()
+        fleet, memory, index = PoolFleet(), MemoryIndex(CONFIG), backend.index(CONFIG)
+        pool_id, info = await _pooled_fleet(index, memory, fleet)
+        home = info.home(pool_id)
+        client = backend.client()
+        pool_keys = [key for key in index._pool_keys(info, pool_id) if not key.endswith("pos")]
+        saved = await _snapshot(client, [*pool_keys, home + "blk", home + "pos"])
+        evictions = _evictions(fleet)
+        await index.apply(evictions)
+        await memory.apply(evictions)
+        await _restore(client, saved)  # the home's master lost the evictions' decisions
+        more = [fleet.batch(WRITERS[1], 5000.0 + c, fleet.pool_store(c)) for c in range(2)]
+        await index.apply(more)
+        await memory.apply(more)
+        assert index.pool_reslots == 1
+        # Wiped: what the pool is credited with now is what it held after every write.
+        held = pool_entries(await memory.presence(MODEL))
+        assert pool_entries(await index.presence(MODEL)) <= held
+        await index.close()
+        await client.aclose()
