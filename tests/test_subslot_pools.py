@@ -354,3 +354,23 @@ class TestFailovers:
         assert pool_entries(await index.presence(MODEL)) <= held
         await index.close()
         await client.aclose()
+
+    async def test_a_reslot_stopped_before_the_switch_is_finished_by_the_next_writer(
+            self, redis_server: Any) -> None:
+        """The old id marked collected everywhere, the directory still mapping it (a
+        re-slot stopped there): the next pool op finishes the re-slot, nothing lost."""
+        backend = Backend(redis_server.url, 4, cluster=False)
+        await backend.flush()
+        fleet, memory, index = PoolFleet(), MemoryIndex(CONFIG), backend.index(CONFIG)
+        pool_id, info = await _pooled_fleet(index, memory, fleet)
+        await index._run([("HSET", prefix + "pos", f"q{pool_id}", "x")
+                          for prefix in info.prefixes])
+        other = backend.index(CONFIG)
+        evictions = _evictions(fleet)
+        await other.apply(evictions)
+        await memory.apply(evictions)
+        assert other.pool_reslots == 1
+        await assert_exact(other, memory)
+        assert await backend.entries_of(pool_id) == 0
+        for one in (index, other):
+            await one.close()
