@@ -959,10 +959,11 @@ class ShardedRedisIndex:
         trims = [key for key in done if key not in diverged]
         replies = await self._run([self._pool_call(key[0], (key[1], ""), None, "trim",
                                                    done[key]) for key in trims])
-        diverged.update(key for key, reply in zip(trims, replies, strict=True)
-                        if reply == b"diverged")
-        for model, pool_id, name in sorted(diverged):
-            await self._reslot_pool(model, name, pool_id)
+        lost_ops = {key for key, reply in zip(trims, replies, strict=True)
+                    if reply == b"diverged"}  # the home is behind a sub-slot
+        for model, pool_id, name in sorted(diverged | lost_ops):
+            await self._reslot_pool(model, name, pool_id,
+                                    lost_ops=(model, pool_id, name) in lost_ops)
 
     async def _reslot_pool(self, model: str, pool: str, old: int, *,
                            lost_ops: bool = False) -> None:

@@ -33,7 +33,6 @@
 -- Returns 'dead' (the pool is being collected or re-slotted), 'diverged', or the op
 -- counter and every pending list, one array per sub-slot.
 local MAX_TOMBSTONES = 65536  -- indexer/index/pools.py
-local STORAGE = 4  -- the storage tier's bit in a holder entry
 local map, gone, st, wpos, meta, hpos = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local id, name = ARGV[1], ARGV[2]
 local S = #KEYS - 6
