@@ -386,20 +386,12 @@ async def open_backend(request: pytest.FixtureRequest) -> Index:
     return RedisIndex(client, config=CONFIG, bucket_load=load)
 
 
-@pytest.fixture(params=BACKENDS)
-async def any_index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
-    """Each backend in turn; the Redis one on a flushed private redis-server, with one
-    presence hash per model (the default) and with buckets (`--redis-bucket-load 40`), one
-    hash on a redis-server with the Redis module, and on a Redis Cluster with buckets."""
-    index = await open_backend(request)
-    yield index
-    await index.close()
-
-
 @pytest.fixture(params=BACKENDS + SUBSLOT_BACKENDS)
 async def plain_index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
-    """`any_index`'s backends and the sub-slot one (`--redis-subslots`: 4 on one
-    redis-server, 3 on the cluster), for what does not need pools."""
+    """Each backend in turn; the Redis one on a flushed private redis-server, with one
+    presence hash per model (the default) and with buckets (`--redis-bucket-load 40`), one
+    hash on a redis-server with the Redis module, on a Redis Cluster with buckets, and the
+    sub-slot one (`--redis-subslots`: 4 on one redis-server, 3 on the cluster)."""
     index = await open_backend(request)
     yield index
     await index.close()
@@ -650,7 +642,7 @@ async def _check_pool_history(index: Index, ops: list[tuple[str, str, list[int],
 
 class TestPoolContract:
     """Random pool histories (stores, evictions, wipes, writer gaps, out-of-order times)
-    from three writers: both backends hold exactly the reference's pool, and credit a
+    from three writers: every backend holds exactly the reference's pool, and credit a
     mounting worker with its prefix."""
 
     @settings(max_examples=150, deadline=None)
@@ -669,6 +661,47 @@ class TestPoolContract:
             await admin.flushall()
             await admin.aclose()
             index = RedisIndex.from_url(redis_server.url, config=CONFIG)
+            try:
+                await _check_pool_history(index, ops)
+            finally:
+                await index.close()
+
+        asyncio.run(run())
+
+    @settings(max_examples=60, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(ops=pool_ops)
+    def test_subslots_match_reference(self, redis_server: RedisServer,
+                                      ops: list[tuple[str, str, list[int], float]]) -> None:
+        """The sub-slot backend (4 sub-slots): the pool decided in its home sub-slot, its
+        presence spread over the others."""
+        async def run() -> None:
+            admin = aioredis.Redis.from_url(redis_server.url)
+            await admin.flushall()
+            await admin.aclose()
+            index = ShardedRedisIndex.from_url(redis_server.url, subslots=4, config=CONFIG)
+            try:
+                await _check_pool_history(index, ops)
+            finally:
+                await index.close()
+
+        asyncio.run(run())
+
+    @pytest.mark.redis_cluster
+    @settings(max_examples=20, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(ops=pool_ops)
+    def test_subslots_on_a_cluster_match_reference(
+            self, redis_cluster: RedisCluster, ops: list[tuple[str, str, list[int], float]]
+    ) -> None:
+        """3 sub-slots on the 3-master cluster: the pool's home on one master, its
+        presence on all three."""
+        async def run() -> None:
+            admin = RedisClusterIndex.from_url(redis_cluster.url)
+            await admin._cluster.flushall()
+            await admin.close()
+            index = ShardedRedisIndex.from_url(redis_cluster.url, subslots=3, cluster=True,
+                                               config=CONFIG)
             try:
                 await _check_pool_history(index, ops)
             finally:
@@ -817,25 +850,25 @@ class TestHybridPools:
         return {s.worker_id: s.matched_blocks for s in result.scores}
 
     @pytest.mark.parametrize("keys", [False, True])
-    async def test_pool_credit_applies_to_group_0(self, any_index: Index, keys: bool) -> None:
-        await self._setup(any_index)
-        presence = await any_index.presence(HYBRID_MODEL)
+    async def test_pool_credit_applies_to_group_0(self, plain_index: Index, keys: bool) -> None:
+        await self._setup(plain_index)
+        presence = await plain_index.presence(HYBRID_MODEL)
         assert all(WorkerRef("P", -1) in owners for owners in presence.values())
         assert len(presence) == 6
         # Without mounts m's full-attention group holds nothing: no hit.
-        assert (await self._hits(any_index, None, keys)).get("m", 0) == 0
+        assert (await self._hits(plain_index, None, keys)).get("m", 0) == 0
         # Mounting P credits group 0; m's own window group holds the window: a 6-block hit.
         mounts = {"m": frozenset({"P"}), "c": frozenset({"P"})}
-        hits = await self._hits(any_index, mounts, keys)
+        hits = await self._hits(plain_index, mounts, keys)
         assert hits["w"] == 6 and hits["m"] == 6
         # A cold mounter (no cache of its own) has no window group: vLLM reuses nothing.
         assert hits.get("c", 0) == 0
         assert "P" not in hits
 
-    async def test_window_eviction_cuts_the_mounter_hit(self, any_index: Index) -> None:
-        await self._setup(any_index)
-        await any_index.apply([hybrid_batch(1, [BlockRemoved(HYBRID_HASHES[4:], group=1)],
+    async def test_window_eviction_cuts_the_mounter_hit(self, plain_index: Index) -> None:
+        await self._setup(plain_index)
+        await plain_index.apply([hybrid_batch(1, [BlockRemoved(HYBRID_HASHES[4:], group=1)],
                                             worker="m")])
-        hits = await self._hits(any_index, {"m": frozenset({"P"})})
+        hits = await self._hits(plain_index, {"m": frozenset({"P"})})
         # the window of 2 blocks must end at the hit: blocks 2..3 are held, so L = 4
         assert hits["m"] == 4

@@ -20,6 +20,7 @@ from indexer.index.memory import MemoryIndex
 from indexer.index.pools import MAX_TOMBSTONES, POOL_RANK, refuse_undeclared
 from indexer.index.protocol import ApplyOutcome, Index, ScoreQuery, WorkerRef
 from indexer.index.redis import RedisIndex
+from indexer.index.redis_sharded import ShardedRedisIndex
 from indexer.ingest.consumer import ConsumerStats
 from indexer.metrics import MetricsExporter
 from kvcore.bus import (
@@ -43,16 +44,19 @@ BS = 16
 POOL_BLOCKS = 50_000
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-subslots"])
 async def index(request: pytest.FixtureRequest) -> AsyncIterator[Index]:
-    """Each backend in turn; the Redis one on a flushed private redis-server."""
+    """Each backend in turn; the Redis ones on a flushed private redis-server (the
+    sub-slot one over 4 sub-slots)."""
     if request.param == "memory":
         yield MemoryIndex()
         return
     server: RedisServer = request.getfixturevalue("redis_server")
     client = aioredis.Redis.from_url(server.url)
     await client.flushall()
-    redis_index = RedisIndex(client)
+    redis_index: RedisIndex | ShardedRedisIndex = (
+        ShardedRedisIndex(client, subslots=4) if request.param == "redis-subslots"
+        else RedisIndex(client))
     yield redis_index
     await redis_index.close()
 

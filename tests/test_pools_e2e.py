@@ -2,7 +2,8 @@
 registry entries, write into them through their own batches (from the library, and from
 engines' vLLM events through the bridge's decoding), and Score / FindBestWorker /
 ListWorkers over gRPC credit the workers mounting a pool; a write into an undeclared pool
-is refused and counted."""
+is refused and counted. The service on the memory index, and on a sub-slot Redis model
+(`--redis-subslots 4`) where the pool's ops are decided in its home sub-slot."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Awaitable
 
 import msgspec
 import pytest
+import redis.asyncio as aioredis
 import zmq.asyncio
 
 from indexer.app import IndexerService
@@ -22,8 +24,21 @@ from publisher.cli import parse_bridge_args
 from publisher.zmq_source import EngineSource
 from tests.support.event_path import BS, MODEL, TOKENS, publisher, service_config, store
 from tests.support.polling import eventually, is_true
+from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["memory", "redis-subslots"])
+async def index_options(request: pytest.FixtureRequest) -> dict[str, object]:
+    """The service's index: in memory, or 4 sub-slots on a flushed private redis-server."""
+    if request.param == "memory":
+        return {}
+    server: RedisServer = request.getfixturevalue("redis_server")
+    client = aioredis.Redis.from_url(server.url)
+    await client.flushall()
+    await client.aclose()
+    return {"redis_url": server.url, "redis_subslots": 4}
 
 
 async def _scores(client: AsyncIndexerClient) -> dict[str, tuple[int, dict[str, int]]]:
@@ -31,8 +46,10 @@ async def _scores(client: AsyncIndexerClient) -> dict[str, tuple[int, dict[str, 
     return {s.worker_id: (s.matched_blocks, dict(s.blocks_by_tier)) for s in answer.scores}
 
 
-async def test_pool_credit_eviction_and_refusal_end_to_end(nats_url: str) -> None:
-    service = IndexerService(service_config(nats_url, grpc_listen="127.0.0.1:0"))
+async def test_pool_credit_eviction_and_refusal_end_to_end(
+        nats_url: str, index_options: dict[str, object]) -> None:
+    service = IndexerService(service_config(nats_url, grpc_listen="127.0.0.1:0",
+                                            **index_options))
     await service.start()
     a = publisher(nats_url, "A", storage_pools=["P"])
     b = publisher(nats_url, "B", storage_pools=["P"])
@@ -233,10 +250,11 @@ async def test_engine_offloads_through_the_bridge_credit_mounting_workers(
         await service.close()
 
 
-async def test_a_pool_goes_when_no_live_worker_declares_it(nats_url: str) -> None:
+async def test_a_pool_goes_when_no_live_worker_declares_it(
+        nats_url: str, index_options: dict[str, object]) -> None:
     """The writer leaving does not take the pool while a reader still mounts it; the last
     worker declaring it leaving does, after the grace period."""
-    service = IndexerService(service_config(nats_url, liveness_grace_s=1.0))
+    service = IndexerService(service_config(nats_url, liveness_grace_s=1.0, **index_options))
     await service.start()
     a = publisher(nats_url, "A", storage_pools=["P"])
     b = publisher(nats_url, "B", storage_pools=["P"])

@@ -7,9 +7,10 @@ reference model at every wave boundary never see a block a rank did not hold bef
 after the call; the next owner re-slots the rank and the index is then exact, with the
 old slot id's entries collected from every sub-slot. A second writer's parts are found
 the same way. Writes a promoted replica never received are found and repaired by a
-resync. Removal and model collection leave no key behind; pool events are dropped and
-counted, the rest of their batches applied. Hybrid models (KV-cache groups > 0) score as
-the in-memory index does, through torn calls and re-slots too."""
+resync. Removal and model collection leave no key behind, pools' included; pool writes
+are indexed as the memory index indexes them (tests/test_subslot_pools.py at field
+size). Hybrid models (KV-cache groups > 0) score as the in-memory index does, through
+torn calls and re-slots too."""
 
 from __future__ import annotations
 
@@ -28,10 +29,9 @@ from indexer.config import parse_service_config
 from indexer.errors import BackendError, ConfigError
 from indexer.index.factory import build_index
 from indexer.index.memory import MemoryIndex
-from indexer.index.pools import split_pool_events
 from indexer.index.protocol import IndexConfig, ResyncRequest, ScoreQuery, WorkerRef
 from indexer.index.redis import RedisIndex
-from indexer.index.redis_sharded import POOLS_DROPPED, ShardedRedisIndex
+from indexer.index.redis_sharded import ShardedRedisIndex
 from kvcore.bus import (
     SCHEMA_VERSION,
     AllBlocksCleared,
@@ -320,28 +320,38 @@ class TestPlacementAndScope:
         await client.aclose()
         await index.close()
 
-    async def test_pool_events_are_dropped_and_counted(self, backend: Backend) -> None:
-        """Pools are not built on sub-slot models: a batch's pool events are dropped and
-        counted, its own events apply (the partition never wedges on them), and a pool is
-        never credited (misses, not false hits)."""
+    async def test_pools_are_indexed_and_collected(self, backend: Backend) -> None:
+        """Pool writes on a sub-slot model are indexed as the memory index indexes them
+        (a redelivered call changes nothing), credited to mounters, and a removed pool
+        and its model leave nothing behind but the id counters."""
         fleet = Fleet()
         index = backend.index()
-        pool_store = BlockStored(block_hashes=[900_001], token_ids=pack_tokens([7] * BS),
-                                 block_size=BS, medium="storage", pool="shared")
-        pool_remove = BlockRemoved(block_hashes=[900_001], medium="storage", pool="shared")
+        memory = MemoryIndex(CONFIG)
+        hashes = fleet.hashes(RANKS[0], 0)
+        pool_store = BlockStored(block_hashes=hashes, medium="storage", pool="shared")
+        pool_remove = BlockRemoved(block_hashes=hashes[SHARED + 100 :], medium="storage",
+                                   pool="shared")
         first = [fleet.batch(ref, *[fleet.store(ref, c) for c in range(CHAINS)], pool_store)
                  for ref in RANKS]
-        for batch in first:  # the reference sees each batch's own events only
-            fleet.reference.apply(split_pool_events(batch)[0])
-        await index.apply(first)
-        await index.apply(first)  # redelivered: duplicates, counted once
-        churn = fleet.churn(RANKS[0])
-        later = fleet.batch(RANKS[0], pool_remove)
-        fleet.reference.apply(split_pool_events(later)[0])
-        await index.apply([*churn, later])
-        await assert_exact(index, fleet)
-        assert (await index.stats()).dropped.get(POOLS_DROPPED) == len(RANKS) + 1
-        assert all(w.kind == "worker" for w in await index.workers(MODEL))
+        later = [*fleet.churn(RANKS[0]), fleet.batch(RANKS[1], pool_remove)]
+        for batches in (first, first, later):  # `first` redelivered: duplicates
+            assert await index.apply(batches) == await memory.apply(batches)
+        assert await index.presence(MODEL) == await memory.presence(MODEL)
+        mounts = {"w-0": frozenset({"shared"}), "cold": frozenset({"shared"})}
+        for keys in fleet.queries():
+            query = ScoreQuery(model=MODEL, block_keys=keys, mounts=mounts)
+            assert await index.score(query) == await memory.score(query)
+        pools = [w for w in await index.workers(MODEL) if w.kind == "pool"]
+        assert [(w.worker_id, w.blocks_by_tier) for w in pools] == [
+            ("shared", {"storage": SHARED + 100})]
+        slot = await slot_of(index, WorkerRef("shared", -1))
+        assert await index.remove_pool(MODEL, "shared")
+        assert not await index.remove_pool(MODEL, "shared")
+        assert await backend.entries_of(slot) == 0
+        for worker in ("w-0", "w-1", "w-2"):
+            assert await index.remove_worker(MODEL, worker) >= 1
+        remaining = [k for k in await backend.keys() if not k.startswith(b"kvi:marker")]
+        assert only_id_counters(remaining, backend.subslots)
         await index.close()
 
 

@@ -9,10 +9,15 @@ rank's ledger in its home sub-slot (`slot id mod S`):
                                     group -> "kind\nwindow" (hybrid models)
     kvi:{T_k}:blk                   HASH  block key (8 B, LE) -> holder list (group 0)
     kvi:{T_k}:blk<g>                HASH  the same, of KV-cache group g > 0
-    kvi:{T_k}:pos                   HASH  slot id -> token (16 B) + phase ('c' | 'd')
+    kvi:{T_k}:pos                   HASH  slot id -> token (16 B) + phase ('c' | 'd'); and
+                                    `q<pool id>` -> the last pool entry applied here
+                                    ('x': the pool is being collected)
     kvi:{T_k}:p:<id>                STR   keys the id's last part here set (collection)
     kvi:{T_k}:nextslot              STR   a copy of the id counter (lua/subslot_claim.lua)
-    kvi:{T_h}:w:<id>:meta, :log     the rank's committed token, position, counts, log
+    kvi:{T_h}:w:<id>:meta, :log     the rank's committed token, position, counts, log,
+                                    and the pools it wrote since its last gap
+    kvi:{T_h}:q:<id>:map, gone, st, w, l:<k>
+                                    a pool's state in its home (lua/subslot_pool.lua)
     kvi:smodels                     SET   sub-slot model names (listing)
 
 `T_k` is sub-slot k's tag `s:<model>:<k>.<suffix>`, the suffix searched at creation so
@@ -38,17 +43,24 @@ dump, or a lagging replica promoted, makes its partitions rebuild whichever mast
 
 Hybrid models: a part carries each entry's KV-cache group, applied to that group's hash
 in the same script call; Score applies vLLM's rule (indexer/index/hybrid.py) with the
-other groups' values read in a second round trip. Not supported on a sub-slot model
-(refused with a clear error): shared storage pools (docs/large-models.md says why).
+other groups' values read in a second round trip.
+
+Shared storage pools: a pool is mapped like a rank (dp rank -1); every writer's pool ops
+are decided in the pool's home sub-slot (lua/subslot_pool.lua), which appends the
+presence changes they make, numbered, to a pending list per sub-slot, and each sub-slot
+applies its list in number order, each entry once (lua/subslot_pool_apply.lua), before
+the writer's waves ("shared storage pools" below; docs/large-models.md, "As built").
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import random
 import struct
+import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
@@ -84,7 +96,15 @@ from indexer.index.layouts import (
     migrate_command,
 )
 from indexer.index.ledger import LOG_HASH, LOG_MAP, WorkerLedger, stored_block_size
-from indexer.index.pools import split_pool_events
+from indexer.index.pools import (
+    NO_POOLS,
+    POOL_RANK,
+    PoolPlan,
+    credit_masks,
+    credit_runs,
+    resolve_pool_store,
+    split_pool_events,
+)
 from indexer.index.protocol import (
     TIERS,
     ApplyOutcome,
@@ -121,26 +141,39 @@ from indexer.index.scoring import (
     validate_query,
     worker_scores,
 )
-from kvcore.bus import EventBatch, escape_token, validate_batch
+from kvcore.bus import (
+    BlockRemoved,
+    BlockStored,
+    Event,
+    EventBatch,
+    escape_token,
+    validate_batch,
+)
 from kvcore.keys import NATIVE, pack_keys
+from kvcore.pools import KIND_POOL
 
 if NATIVE:
     from kvcore._native import subslot_merge, subslot_split
 
-__all__ = ["MODELS_KEY", "POOLS_DROPPED", "ClaimHook", "ReplicaReadError", "ShardedRedisIndex",
+__all__ = ["MODELS_KEY", "ClaimHook", "PoolHook", "ReplicaReadError", "ShardedRedisIndex",
            "WaveHook"]
 
 log = structlog.get_logger("indexer.redis_sharded")
 
-# The drop reason of pool events on a sub-slot model (pools are not built there).
-POOLS_DROPPED: Final = "pool_on_subslots"
 MODELS_KEY: Final = SUBSLOT_MODELS
 ABSENT: Final = b"\0" * 16 + b"-"  # the stored position of a sub-slot a rank never wrote
 _COUNTER: Final = struct.Struct(">Q")
 _PART_HEADER: Final = struct.Struct("<I17s16s")
 _ENTRY: Final = struct.Struct("<QBBB")  # key, KV-cache group, tier bits to clear, to set
 _DIR_KEYS: Final = ("slots", "nextslot", "slotver", "subslots", "retired", "pending", "state",
-                    "block_size", "groups")
+                    "block_size", "groups", "pool_floor")
+_POOL_OP: Final = struct.Struct("<cI24sdI")  # kind, writer slot id, writer position, ts, count
+_WRITER_POSITION: Final = struct.Struct(">QQQ")  # epoch, seq, op index in the batch
+_RAISE_FLOOR: Final = ("if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') "
+                       "then redis.call('SET', KEYS[1], ARGV[1]) end return 1")
+_POOL_ATTEMPTS: Final = 3  # a pool found being collected is taken again under a new id
+# a pool's state carried to its new id by a re-slot (not its op counter nor lists' ends)
+_POOL_STATE_KEPT: Final = frozenset({b"floor", b"gone_max", b"epoch", b"ts"})
 _META_FIELDS: Final = ("pos", "ts", "n0", "n1", "n2", "n3", "degraded")
 _MAX_TAG_SEARCH: Final = 1 << 20
 _ATTEMPTS: Final = 5  # tries of a command meeting a moving slot or a lost node
@@ -156,6 +189,9 @@ WaveHook = Callable[[int], Awaitable[None]]
 # Called with the id claimed in every sub-slot, before the directory is asked to take it
 # (tests stop an allocation between its two steps by raising from it).
 ClaimHook = Callable[[int], Awaitable[None]]
+# Called after a call's pool ops were decided in the pools' home sub-slots, before their
+# presence changes are applied in the sub-slots (tests stop a writer there).
+PoolHook = Callable[[], Awaitable[None]]
 
 
 class ReplicaReadError(BackendError):
@@ -259,7 +295,8 @@ class _Rank:
     """A rank's ledger and, per sub-slot, the position stored there; its committed token
     and call counter; a re-slot in progress (the slot id it leaves)."""
 
-    __slots__ = ("committed", "counter", "ledger", "log_bytes", "positions", "reslot_from")
+    __slots__ = ("committed", "counter", "ledger", "log_bytes", "pools_written", "positions",
+                 "reslot_from")
 
     def __init__(self, ledger: WorkerLedger, subslots: int) -> None:
         self.ledger = ledger
@@ -268,6 +305,35 @@ class _Rank:
         self.counter = 0
         self.log_bytes = 0
         self.reslot_from: int | None = None  # the slot id a re-slot leaves
+        # pools written since the rank's last gap (a gap wipes them), committed with the
+        # ledger
+        self.pools_written: set[str] = set()
+
+    @property
+    def mapped_slot(self) -> int:
+        """The id the directory maps the rank to (the old one while a re-slot runs): the
+        rank's name as a pool writer."""
+        return self.ledger.slot if self.reslot_from is None else self.reslot_from
+
+
+class _PoolOp(NamedTuple):
+    """One pool op of a writer's batch, packed for lua/subslot_pool.lua (after its
+    header, `_POOL_OP`): `create` says whether the op may create the pool (a gap's wipe
+    of a pool gone meanwhile is not made)."""
+
+    model: str
+    pool: str
+    kind: bytes
+    writer: int
+    position: bytes
+    ts: float
+    blocks: int
+    payload: bytes
+    create: bool
+
+    def packed(self) -> bytes:
+        return _POOL_OP.pack(self.kind, self.writer, self.position, self.ts,
+                             self.blocks) + self.payload
 
 
 class _Part:
@@ -348,14 +414,16 @@ class ShardedRedisIndex:
         self._cluster = isinstance(client, RedisCluster)
         self._nonce = os.urandom(8)
         self._scripts = {name: _Script(_with_holders(f"subslot_{name}.lua"))
-                         for name in ("part", "collect")}
+                         for name in ("part", "collect", "pool_apply")}
         self._scripts.update({name: _Script(_lua(f"subslot_{name}.lua"))
-                              for name in ("score", "ledger", "dir", "claim")})
+                              for name in ("score", "ledger", "dir", "claim", "pool")})
         self._models: dict[str, _Model] = {}
         self._slot_maps: dict[str, _SlotMap] = {}
         self._ranks: dict[tuple[str, WorkerRef], _Rank] = {}
         self._block_sizes: dict[str, int] = {}
-        self._pools_warned: set[str] = set()  # models whose pool events were dropped
+        self._pool_ids: dict[tuple[str, str], int] = {}  # (model, pool) -> its slot id
+        self.pool_hook: PoolHook | None = None
+        self.pool_reslots = 0  # pools found diverged (a failover) and re-slotted
         self._known_models: set[str] = set()
         # model -> KV-cache group -> spec this process wrote to the directory's `groups`
         self._groups_written: dict[str, dict[int, tuple[str | None, int]]] = {}
@@ -567,6 +635,7 @@ class ShardedRedisIndex:
             ledger.degraded = ledger.warned = meta[b"degraded"] == b"1"
             rank.committed = meta[b"tok"]
             rank.counter = _COUNTER.unpack_from(rank.committed)[0]
+            rank.pools_written = set(filter(None, meta.get(b"pools", b"").decode().split("\n")))
         if log_bytes:
             ledger.load_log(log_bytes)
             rank.log_bytes = len(log_bytes)
@@ -644,6 +713,7 @@ class ShardedRedisIndex:
 
     def _forget_all(self) -> None:
         self._groups_written.clear()
+        self._pool_ids.clear()
         self._ranks.clear()
         self._slot_maps.clear()
         self._models.clear()
@@ -655,7 +725,7 @@ class ShardedRedisIndex:
         sinks: dict[tuple[str, WorkerRef], _NetSink] = {}
         changed: set[tuple[str, WorkerRef]] = set()
         block_sizes: dict[str, int] = {}
-        pool_events = 0
+        pool_ops: list[_PoolOp] = []
         for batch in batches:
             ref = WorkerRef(batch.worker_id, batch.dp_rank)
             rank = await self._rank(batch.model, ref)
@@ -670,24 +740,46 @@ class ShardedRedisIndex:
                 size = stored_block_size(batch)
                 if size is not None:
                     block_sizes[batch.model] = size
-                if pooled:
-                    pool_events += len(pooled)
-                    self._warn_pools(batch.model)
-        await self._write_calls(sinks, changed)
+                pool_ops += self._pool_ops(batch, rank, pooled,
+                                           gap=outcome is ApplyOutcome.APPLIED_AFTER_GAP)
+        await self._write_calls(sinks, changed, pool_ops)
         await self._store_block_sizes(block_sizes)
-        if pool_events:  # counted once the call applied: a retried call counts them once
-            self._stats.drop(POOLS_DROPPED, pool_events)
         return outcomes
 
-    def _warn_pools(self, model: str) -> None:
-        """Pools are not built for sub-slot models: their events are dropped (a pool's
-        blocks are then never credited: misses, never a false hit) and the rest of each
-        batch applies. Logged once per model and process."""
-        if model not in self._pools_warned:
-            self._pools_warned.add(model)
-            log.warning("pool_events_dropped", model=model, reason=POOLS_DROPPED,
-                        fix="serve the model without --redis-subslots to index its "
-                            "shared storage pools")
+    def _pool_ops(self, batch: EventBatch, rank: _Rank, events: list[Event], *,
+                  gap: bool) -> list[_PoolOp]:
+        """A writer's pool ops of one applied batch, as the memory index applies them
+        (`apply_pool_writes`): after a gap, a wipe of each pool the rank wrote into since
+        its last gap (its lost batches may have evicted from them), then the batch's pool
+        events in order. Each op is named by the writer's (epoch, seq) and its index in
+        the batch, so the pool's home applies it once."""
+        names: list[tuple[bytes, str, bool]] = []
+        if gap:
+            names = [(b"W", name, False) for name in sorted(rank.pools_written)]
+            rank.pools_written.clear()
+        ops: list[_PoolOp] = []
+        ledger = rank.ledger
+
+        def op(kind: bytes, pool: str, count: int, payload: bytes, create: bool) -> None:
+            position = _WRITER_POSITION.pack(ledger.epoch, ledger.last_seq, len(ops))
+            ops.append(_PoolOp(batch.model, pool, kind, rank.mapped_slot, position,
+                               batch.ts, count, payload, create))
+
+        for kind, name, create in names:
+            op(kind, name, 0, b"", create)
+        for event in events:
+            assert event.pool is not None
+            rank.pools_written.add(event.pool)
+            if isinstance(event, BlockStored):
+                hashes, keys = resolve_pool_store(event, ledger, self._stats)
+                pairs = [v for pair in zip(hashes, keys, strict=True) for v in pair]
+                op(b"P", event.pool, len(hashes), pack_keys(pairs), True)
+            elif isinstance(event, BlockRemoved):
+                op(b"R", event.pool, len(event.block_hashes), pack_keys(event.block_hashes),
+                   True)
+            else:
+                op(b"W", event.pool, 0, b"", True)
+        return ops
 
     def _start_call(self, rank: _Rank) -> _NetSink:
         sink = _NetSink()
@@ -704,13 +796,18 @@ class ShardedRedisIndex:
         return sink
 
     async def _write_calls(self, sinks: Mapping[tuple[str, WorkerRef], _NetSink],
-                           changed: set[tuple[str, WorkerRef]] | None) -> None:
-        """Waves 1-3 for each rank the call changed (`changed`; None: every rank of
-        `sinks`) or that is being re-slotted, then the re-slots' switches."""
+                           changed: set[tuple[str, WorkerRef]] | None,
+                           pool_ops: Sequence[_PoolOp] = ()) -> None:
+        """The calls' pool ops, then waves 1-3 for each rank the call changed (`changed`;
+        None: every rank of `sinks`) or that is being re-slotted, then the re-slots'
+        switches. Pool ops go first: a batch whose ledger is committed (wave 3) is never
+        redelivered, so its pool ops must be in by then."""
         calls = [(self._ranks[key], sink) for key, sink in sinks.items()
                  if changed is None or key in changed
                  or self._ranks[key].reslot_from is not None]
         try:
+            if pool_ops:
+                await self._pool_writes(pool_ops)
             if calls:
                 await self._write_group_specs(calls)
                 await self._waves(calls)
@@ -722,6 +819,191 @@ class ShardedRedisIndex:
         for rank, _ in calls:
             if rank.reslot_from is not None:
                 await self._finish_reslot(rank.ledger.model, rank)
+
+    # --- shared storage pools ------------------------------------------------------------
+    #
+    # A pool is mapped in the directory as a rank with dp rank -1 (its slot id is never
+    # reused, as a rank's). Its state lives in its home sub-slot (`id mod S`): `q:<id>:map`,
+    # `gone`, `st`, `w` (each writer's last op there), `w:<id>:meta` (its listing), and one
+    # pending list per sub-slot, `q:<id>:l:<k>`. lua/subslot_pool.lua decides every op
+    # there, one call at a time whichever process sends it, and appends the presence
+    # changes it makes, numbered, to the lists; lua/subslot_pool_apply.lua applies a
+    # list's entries in its sub-slot in number order, each once. Whoever sends a pool op
+    # drains every list it reads (its own entries and any a stopped writer left), then
+    # trims what every sub-slot applied.
+
+    def _pool_keys(self, info: _Model, pool_id: int) -> list[str]:
+        home = info.home(pool_id)
+        q = f"{home}q:{pool_id}:"
+        return [q + "map", q + "gone", q + "st", q + "w", f"{home}w:{pool_id}:meta",
+                home + "pos", *[f"{q}l:{k}" for k in range(info.subslots)]]
+
+    async def _pool_id(self, model: str, pool: str, *, create: bool) -> int | None:
+        """The pool's slot id (a new one if `create` and it has none; else None)."""
+        found = self._pool_ids.get((model, pool))
+        if found is not None:
+            return found
+        raw = await self._redis.hget(directory_prefix(model) + "slots", f"{pool}\n{POOL_RANK}")
+        if raw is not None:
+            found = int(raw)
+        elif not create:
+            return None
+        else:
+            found, created, _ = await self._allocate(model, WorkerRef(pool, POOL_RANK))
+            if created:
+                await self._list_model(model, force=True)
+        self._pool_ids[(model, pool)] = found
+        return found
+
+    async def _pool_writes(self, ops: Sequence[_PoolOp]) -> None:
+        """Decide the ops in each pool's home (in order), then apply every pending
+        presence change of those pools in the sub-slots, then trim what was applied."""
+        by_pool: dict[tuple[str, str], list[_PoolOp]] = {}
+        for op in ops:
+            by_pool.setdefault((op.model, op.pool), []).append(op)
+        for model in {model for model, _ in by_pool}:
+            if await self._model(model) is None:
+                raise BackendError(f"model {model} was collected while its pools were written")
+        pending: dict[tuple[str, int, str], list[Any]] = {}
+        todo = list(by_pool.items())
+        for _ in range(_POOL_ATTEMPTS):
+            sent = []
+            for (model, pool), pool_ops in todo:
+                pool_id = await self._pool_id(model, pool,
+                                              create=any(op.create for op in pool_ops))
+                if pool_id is not None:
+                    sent.append(((model, pool), pool_ops, pool_id))
+            floors, applied = await self._pool_floors_and_applied(
+                [(model, pool_id) for (model, _), _, pool_id in sent])
+            replies = await self._run([
+                self._pool_call(model, (pool_id, pool), floors[model], "ops",
+                                [applied[(model, pool_id)], *[op.packed() for op in pool_ops]])
+                for (model, pool), pool_ops, pool_id in sent])
+            todo = []
+            for (key, pool_ops, pool_id), reply in zip(sent, replies, strict=True):
+                if reply == b"dead":
+                    await self._pool_gone(key[0], key[1], pool_id)
+                    todo.append((key, pool_ops))
+                elif reply == b"diverged":
+                    await self._reslot_pool(key[0], key[1], pool_id, lost_ops=True)
+                    todo.append((key, pool_ops))
+                else:
+                    pending[(key[0], pool_id, key[1])] = reply
+            if not todo:
+                break
+        else:
+            raise BackendError(f"pools {[pool for (_, pool), _ in todo]} were removed while "
+                               "written, again and again")
+        if self.pool_hook is not None:
+            await self.pool_hook()
+        await self._drain_pools(pending)
+
+    async def _pool_floors_and_applied(
+        self, pools: Sequence[tuple[str, int]]
+    ) -> tuple[dict[str, bytes | None], dict[tuple[str, int], int]]:
+        """In one pipeline: each model's pool floor, and per pool the highest number any of
+        its sub-slots has applied (its home, deciding, checks it has not lost them)."""
+        models = sorted({model for model, _ in pools})
+        commands: list[Sequence[Any]] = [("GET", directory_prefix(model) + "pool_floor")
+                                         for model in models]
+        for model, pool_id in pools:
+            commands += [("HGET", prefix + "pos", f"q{pool_id}")
+                         for prefix in self._models[model].prefixes]
+        replies = iter(await self._run(commands))
+        floors = {model: next(replies) for model in models}
+        applied = {}
+        for model, pool_id in pools:
+            numbers = [next(replies) for _ in self._models[model].prefixes]
+            applied[(model, pool_id)] = max(
+                (int(float(n)) for n in numbers if n is not None and n != b"x"), default=0)
+        return floors, applied
+
+    async def _pool_gone(self, model: str, pool: str, pool_id: int) -> None:
+        """The pool's home answered `dead`: removed meanwhile (written again under a new
+        id), or a re-slot of it was stopped before the directory switched (finished here:
+        the directory still maps the dead id)."""
+        self._pool_ids.pop((model, pool), None)
+        raw = await self._redis.hget(directory_prefix(model) + "slots", f"{pool}\n{POOL_RANK}")
+        if raw is not None and int(raw) == pool_id:
+            await self._reslot_pool(model, pool, pool_id)
+
+    def _pool_call(self, model: str, pool: tuple[int, str], floor: bytes | None, mode: str,
+                   args: Sequence[bytes | int]) -> tuple[Any, ...]:
+        pool_id, name = pool
+        return self._eval("pool", self._pool_keys(self._models[model], pool_id), pool_id,
+                          name, floor or b"0", mode, *args)
+
+    async def _drain_pools(self, pending: Mapping[tuple[str, int, str], list[Any]]) -> None:
+        """Apply pools' pending lists (the home's reply: its op counter, then a list per
+        sub-slot) in their sub-slots, then trim each list by what its sub-slot has
+        applied. A pool whose sub-slots and home disagree (a sub-slot missing entries it
+        had applied, or past the home's current counter: a failover lost writes on one
+        side) is re-slotted."""
+        targets = [(key, k, entries) for key, (_, *lists) in pending.items()
+                   for k, entries in enumerate(lists) if entries]
+        applied = await self._run([
+            self._eval("pool_apply", [self._models[model].prefixes[k] + "blk",
+                                      self._models[model].prefixes[k] + "pos"],
+                       pool_id, *entries)
+            for (model, pool_id, _), k, entries in targets])
+        done: dict[tuple[str, int, str], list[int]] = {}
+        diverged: set[tuple[str, int, str]] = set()
+        for (key, k, _), reply in zip(targets, applied, strict=True):
+            if reply == b"dead":
+                continue  # being collected: the collection names these keys
+            if reply == b"gap":
+                diverged.add(key)
+                continue
+            numbers = done.setdefault(key, [0] * self._models[key[0]].subslots)
+            numbers[k] = int(float(reply))
+        trims = [key for key in done if key not in diverged]
+        replies = await self._run([self._pool_call(key[0], (key[1], ""), None, "trim",
+                                                   done[key]) for key in trims])
+        lost_ops = {key for key, reply in zip(trims, replies, strict=True)
+                    if reply == b"diverged"}  # the home is behind a sub-slot
+        for model, pool_id, name in sorted(diverged | lost_ops):
+            await self._reslot_pool(model, name, pool_id,
+                                    lost_ops=(model, pool_id, name) in lost_ops)
+
+    async def _reslot_pool(self, model: str, pool: str, old: int, *,
+                           lost_ops: bool = False) -> None:
+        """Move a pool whose presence in some sub-slot no longer follows its home to a new
+        id, as a torn rank is: the old id is marked collected everywhere (no op or entry
+        lands on it any more), its home state (map, tombstones, floor, epoch, writers'
+        positions) is copied to the new id's home, every key it holds is written under
+        the new id, the directory switches, and the old id is collected. Entries of the
+        old id its map and lists do not name stay, credited to nobody (ids are never
+        reused). `lost_ops`: the home itself lost ops (evictions among them, whose
+        batches will not come again), so its map is not trusted: the new id starts
+        wiped, its floor at the newest time the old state or this clock knows."""
+        info = self._models[model]
+        log.warning("pool_diverged_reslot", model=model, pool=pool, old_slot=old)
+        await self._run([("HSET", prefix + "pos", f"q{old}", "x") for prefix in info.prefixes])
+        old_keys = self._pool_keys(info, old)
+        state = await self._run([("HGETALL", key) for key in old_keys[:4]])
+        new = await self._new_id(model, WorkerRef(pool, POOL_RANK))
+        new_keys = self._pool_keys(info, new)
+        commands: list[Sequence[Any]] = [
+            ("DEL", *[key for key in new_keys if not key.endswith(":pos")])]
+        if lost_ops:
+            state = [{}, {}, _wiped_state(state[2]), state[3]]
+        for key, found in zip(new_keys[:4], state, strict=True):
+            kept = ({f: v for f, v in found.items() if f in _POOL_STATE_KEPT}
+                    if key.endswith(":st") else found)
+            items = [v for pair in kept.items() for v in pair]
+            commands += [("HSET", key, *items[i : i + 2_000])
+                         for i in range(0, len(items), 2_000)]
+        await self._run(commands)
+        [reply] = await self._run([self._pool_call(model, (new, pool), None, "rebuild", [])])
+        await self._drain_pools({(model, new, pool): reply})
+        [status] = await self._run([self._dir_call(model, "switch", pool, POOL_RANK, old,
+                                                   new)])
+        if status != b"ok":
+            raise BackendError(f"pool {pool} of {model} was removed or re-slotted by another "
+                               "process")
+        self._pool_ids[(model, pool)] = new
+        self.pool_reslots += 1
+        await self._collect_retired(model)
 
     async def _write_group_specs(self, calls: list[tuple[_Rank, _NetSink]]) -> None:
         """List every KV-cache group the calls write (and the specs they learned) in the
@@ -829,7 +1111,7 @@ class ShardedRedisIndex:
             rank.committed, token, _POSITION.pack(ledger.epoch, ledger.last_seq),
             repr(ledger.last_ts), *ledger.counts, "1" if ledger.degraded else "0",
             ledger.worker_id, ledger.dp_rank, segment, "1" if replace else "0",
-            b"".join(rank.positions))
+            b"".join(rank.positions), "\n".join(sorted(rank.pools_written)))
 
     def _log_segment(self, rank: _Rank) -> tuple[bytes, bool]:
         """What to append to the rank's log, or the whole log (True) after a reset, a
@@ -880,7 +1162,8 @@ class ShardedRedisIndex:
         if slot_map is None:
             return []
         return [ref for ref in slot_map.by_slot.values()
-                if ref.worker_id == worker_id and (dp_rank is None or ref.dp_rank == dp_rank)]
+                if ref.worker_id == worker_id and ref.dp_rank != POOL_RANK
+                and (dp_rank is None or ref.dp_rank == dp_rank)]
 
     async def remove_worker(self, model: str, worker_id: str) -> int:
         async with self._lock:
@@ -905,13 +1188,29 @@ class ShardedRedisIndex:
             await self._collect_model(model)
 
     async def remove_pool(self, model: str, pool: str) -> bool:
-        return False  # pools are refused on a sub-slot model: there is none to remove
+        """Forget a pool: unmapped and retired in the directory, then collected like a
+        retired rank (its holder entries named by its map and pending lists), then the
+        model if nothing is left of it."""
+        async with self._lock:
+            try:
+                self._pool_ids.pop((model, pool), None)
+                [slot] = await self._run([self._dir_call(model, "remove", pool, POOL_RANK)])
+                if slot is None:
+                    return False
+                await self._collect_model(model)
+                return True
+            except RedisError as exc:
+                await self._reset_after_failure(exc)
+                raise BackendError(f"redis remove_pool failed: {exc}") from exc
 
-    async def _collect(self, model: str, slot: int) -> None:
+    async def _collect(self, model: str, slot: int, *, pool: bool = False) -> None:
         """Remove a retired id's entries from every sub-slot (the keys its ledger log
-        names, plus its last parts' `p:<id>`), then its ledger and meta, then its
-        `retired` entry. Idempotent: whoever finds it retired may finish it. A writer
-        still holding the id conflicts once its positions are gone."""
+        names, plus its last parts' `p:<id>`; a pool's: the keys its map and pending
+        lists name), then its ledger and meta (a pool's state), then its `retired`
+        entry. Idempotent: whoever finds it retired may finish it. A writer still holding
+        the id conflicts once its positions are gone; a pool's are marked collected
+        first (`q<id>` 'x' in every sub-slot's `pos`), so no pool op or pending entry
+        lands after its keys were read."""
         info = await self._model(model)
         if info is None:
             return
@@ -923,6 +1222,12 @@ class ShardedRedisIndex:
             ledger = WorkerLedger(model, "", 0, slot, self.config.ghost_capacity)
             ledger.load_log(raw)
             keys = _held_keys(ledger)
+        pool_keys: list[str] = []
+        if pool:
+            pool_keys = self._pool_keys(info, slot)
+            await self._run([("HSET", prefix + "pos", f"q{slot}", "x")
+                             for prefix in info.prefixes])
+            keys = sorted({*keys, *await self._pool_held(pool_keys, info.subslots)})
         hashes = [group_hash(group) for group in sorted({0, *map(int, group_names)})]
         commands = [self._eval("collect", [prefix + "pos", f"{prefix}p:{slot}",
                                            *[prefix + name for name in hashes]],
@@ -930,15 +1235,29 @@ class ShardedRedisIndex:
                     for prefix, part in zip(info.prefixes, _by_subslot(keys, info.subslots),
                                             strict=True)]
         await self._run(commands)
-        await self._run([("DEL", f"{home}w:{slot}:meta", f"{home}w:{slot}:log")])
+        await self._run([("DEL", f"{home}w:{slot}:meta", f"{home}w:{slot}:log",
+                          *[key for key in pool_keys if not key.endswith(":pos")])])
         await self._run([self._dir_call(model, "collected", slot)])
+
+    async def _pool_held(self, pool_keys: list[str], subslots: int) -> list[int]:
+        """Every key a pool's entries may be on: its map's, and its pending lists'."""
+        map_values, *lists = await self._run([("HVALS", pool_keys[0]),
+                                              *[("LRANGE", key, 0, -1)
+                                                for key in pool_keys[-subslots:]]])
+        keys = {int.from_bytes(value[:8], "little") for value in map_values}
+        for entries in lists:
+            for entry in entries:
+                body = entry[17:]  # after the entry's numbers and kind
+                keys.update(int.from_bytes(body[i : i + 8], "little")
+                            for i in range(0, len(body), 8))
+        return sorted(keys)
 
     async def _collect_retired(self, model: str) -> None:
         """Collect every retired id of the model (not the pending ones: a re-slot may be
         writing them; the rank's next re-slot or removal retires them)."""
-        retired = await self._redis.hkeys(directory_prefix(model) + "retired")
-        for raw in sorted(int(r) for r in retired):
-            await self._collect(model, raw)
+        retired = await self._redis.hgetall(directory_prefix(model) + "retired")
+        for raw, ref in sorted((int(r), _text(ref)) for r, ref in retired.items()):
+            await self._collect(model, raw, pool=ref.endswith(f"\n{POOL_RANK}"))
 
     async def _collect_model(self, model: str) -> bool:
         """Collect a model without ranks: its retired ids, then (directory `collecting`)
@@ -974,6 +1293,8 @@ class ShardedRedisIndex:
             del self._ranks[key]
         for key in [key for key in self._confirmed if key[0] == model]:
             del self._confirmed[key]
+        for pool_key in [pool_key for pool_key in self._pool_ids if pool_key[0] == model]:
+            del self._pool_ids[pool_key]
         log.info("subslot_model_collected", model=model)
 
     async def drop_empty_models(self) -> list[str]:
@@ -1019,19 +1340,29 @@ class ShardedRedisIndex:
         # its old entries). Listed with nothing counted, so a partition's rebuild (and
         # liveness) removes it rather than leave those entries credited.
         for (ref_raw, _), meta in zip(entries, metas, strict=True):
-            if meta[0] is None:
-                worker_id, _, rank = _text(ref_raw).rpartition("\n")
+            worker_id, _, rank = _text(ref_raw).rpartition("\n")
+            if meta[0] is None and int(rank) != POOL_RANK:
                 infos.append(WorkerInfo(model, worker_id, int(rank), 0, -1, False, {}, 0.0))
         return infos
 
     async def stats(self) -> IndexStats:
-        return self._stats.snapshot(len(await self.workers()))
+        return self._stats.snapshot(
+            sum(1 for w in await self.workers() if w.dp_rank != POOL_RANK
+                and w.kind != KIND_POOL))
 
     async def export_ranks(self, ranks: Sequence[tuple[str, WorkerRef]]) -> list[RankState]:
+        """The ranks' states; a ref the directory does not map as a rank (a pool, listed by
+        `workers()` under dp rank 0, or a rank removed meanwhile) is left out, as the
+        memory index leaves out what it has no ledger of: exporting never creates one."""
         await self._require_layout()
         async with self._lock:
             try:
-                return [(await self._rank(model, ref)).ledger.export() for model, ref in ranks]
+                mapped: dict[str, set[WorkerRef]] = {}
+                for model in {model for model, _ in ranks}:
+                    slot_map = await self._slot_map(model, fresh=True)
+                    mapped[model] = set(slot_map.by_slot.values()) if slot_map else set()
+                return [(await self._rank(model, ref)).ledger.export() for model, ref in ranks
+                        if ref in mapped[model] and ref.dp_rank != POOL_RANK]
             except RedisError as exc:
                 raise BackendError(f"redis export failed: {exc}") from exc
 
@@ -1048,12 +1379,38 @@ class ShardedRedisIndex:
                         sink = sinks[(state.model, ref)] = self._start_call(rank)
                     rank.ledger.restore(state, sink)
                 await self._write_calls(sinks, None)
+                await self._raise_pool_floors(states)
             except RedisError as exc:
                 await self._reset_after_failure(exc)
                 raise BackendError(f"redis import failed: {exc}") from exc
             except BaseException:
                 self._forget_all()
                 raise
+
+    async def _raise_pool_floors(self, states: Sequence[RankState]) -> None:
+        """Imported snapshots cover pool writes (evictions among them) that will not be
+        replayed: no pool takes a write older than the newest imported rank's last batch.
+        The directory's `pool_floor` first (a pool created later starts from it: it reads
+        the floor after its id is mapped), then every pool mapped by then, in its home."""
+        floors: dict[str, float] = {}
+        for state in states:
+            floors[state.model] = max(floors.get(state.model, 0.0), state.last_ts)
+        for model, floor in floors.items():
+            await self._run([("EVAL", _RAISE_FLOOR, 1, directory_prefix(model) + "pool_floor",
+                              repr(floor))])
+            info = await self._model(model)
+            slots = await self._redis.hgetall(directory_prefix(model) + "slots")
+            pools = [(_text(ref).rpartition("\n")[0], int(slot)) for ref, slot in slots.items()
+                     if _text(ref).endswith(f"\n{POOL_RANK}")]
+            if info is None or not pools:
+                continue
+            replies = await self._run([self._eval("pool", self._pool_keys(info, pool_id),
+                                                  pool_id, name, repr(floor), "ops", 0)
+                                       for name, pool_id in pools])
+            await self._drain_pools({(model, pool_id, name): reply
+                                     for (name, pool_id), reply in zip(pools, replies,
+                                                                       strict=True)
+                                     if reply != b"dead"})
 
     async def reset_caches(self) -> None:
         async with self._lock:
@@ -1290,30 +1647,41 @@ class ShardedRedisIndex:
             mask_of = slot_map.mask
             mask_runs = [mask_of(v) if i % 2 == 0 else v for i, v in enumerate(read.runs)]
             weights = query.tier_weights or self.config.tier_weights
+            plan = slot_map.pool_plan(query, candidates)
+            refs = slot_map.refs_with(plan.cold_refs)
             if any(group != b"0" for group in read.groups):
                 matches = await self._hybrid_matches(query, info, read, mask_runs,
                                                      candidates=candidates, slot_map=slot_map,
-                                                     read_from=read_from)
-                return ScoreResult(n, worker_scores(matches, slot_map.by_slot.__getitem__))
+                                                     read_from=read_from, plan=plan)
+                return ScoreResult(n, worker_scores(matches, refs.__getitem__))
         except RedisError as exc:
             raise BackendError(f"redis score failed: {exc}") from exc
-        return ScoreResult(n, score_runs(mask_runs, candidates, weights, query.include_zero,
-                                         slot_map.by_slot, table=slot_map.table))
+        return ScoreResult(n, score_runs(
+            mask_runs, candidates, weights, query.include_zero, refs,
+            table=functools.partial(slot_map.table_with, plan.cold_refs), plan=plan))
 
     async def _hybrid_matches(self, query: ScoreQuery, info: _Model, read: _Read,
                               runs: list[int], *, candidates: int, slot_map: _SlotMap,
-                              read_from: Mapping[str, RedisPipe] | None) -> list[SlotMatch]:
+                              read_from: Mapping[str, RedisPipe] | None,
+                              plan: PoolPlan = NO_POOLS) -> list[SlotMatch]:
         """vLLM's hybrid rule (`hybrid_run_matches`) over the model's KV-cache groups, as
         RedisIndex scores it: group 0's runs came with the query; the other groups'
-        values take a second round trip (every sub-slot, in parallel)."""
+        values take a second round trip (every sub-slot, in parallel). Pools (`plan`)
+        are credited in group 0 only (where a pool's presence lives)."""
+        if plan.credits:
+            runs = credit_runs(runs, plan.credits)
         block_size = query.block_size if query.token_ids is not None else None
 
         async def group_masks(n_blocks: int, numbers: list[int]) -> list[dict[int, int]]:
-            return await self._group_masks(info, read.parts, n_blocks, numbers, slot_map,
-                                           read_from=read_from)
+            present = await self._group_masks(info, read.parts, n_blocks, numbers, slot_map,
+                                              read_from=read_from)
+            if numbers[0] == 0 and plan.credits:
+                present[0] = dict(zip(present[0], credit_masks(present[0].values(),
+                                                               plan.credits), strict=True))
+            return present
 
         return await hybrid_run_matches(
-            group_specs(read.groups.items()), runs, candidates, read.n,
+            group_specs(read.groups.items()), runs, candidates | plan.cold, read.n,
             block_size=block_size or await self.block_size(query.model),
             weights=query.tier_weights or self.config.tier_weights,
             include_zero=query.include_zero, group_masks=group_masks)
@@ -1478,6 +1846,16 @@ class ShardedRedisIndex:
             groups = dict(zip(groups[::2], groups[1::2], strict=True))
         return _Read(version, groups, _merge(replies, [parts[k][1] for k in used], n),
                      parts, n)
+
+
+def _wiped_state(state: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """A pool's `st` for a new id that starts wiped: its epoch moved, its floor at the
+    newest time the old state or this process's clock knows (no store older than what
+    was lost is taken)."""
+    floor = max([time.time(), *(float(state[f]) for f in (b"floor", b"gone_max", b"ts")
+                                if f in state)])
+    return {**state, b"floor": repr(floor).encode(),
+            b"epoch": str(int(state.get(b"epoch", b"0")) + 1).encode()}
 
 
 class _Read(NamedTuple):

@@ -1,7 +1,9 @@
 -- The directory of a sub-slot model (redis_sharded.py): ranks -> slot ids, the id
 -- counter, the slot map version, the sub-slot tags, ids being collected, the model state.
 -- KEYS: the directory's slots, nextslot, slotver, subslots, retired, pending, state,
--- block_size, groups (KV-cache group > 0 -> "kind\nwindow", written by redis_sharded.py).
+-- block_size, groups (KV-cache group > 0 -> "kind\nwindow", written by redis_sharded.py),
+-- pool_floor (shared storage pools take no write older than it: snapshot imports).
+-- A shared storage pool is mapped as a rank whose dp rank is -1.
 -- ARGV[1] the operation, then its arguments:
 --   'rank' worker, dp rank, version start, tags[, id]: the rank's id (the tags stored if
 --          the model has none yet) -> {id, 0, tags}; a rank not mapped yet is mapped to
@@ -138,7 +140,8 @@ elseif op == 'gc' then
   return tags
 elseif op == 'drop' then
   if redis.call('GET', state) == 'collecting' then
-    redis.call('DEL', slots, slotver, subslots, retired, pending, state, KEYS[8], KEYS[9])
+    redis.call('DEL', slots, slotver, subslots, retired, pending, state, KEYS[8], KEYS[9],
+      KEYS[10])
     return 1
   end
   return 0

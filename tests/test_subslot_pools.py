@@ -1,0 +1,376 @@
+"""Shared storage pools on sub-slot models (indexer/index/redis_sharded.py) at field size:
+256 ranks over 4 sub-slots on one redis-server (3 on the 3-master cluster), half of them
+writing one pool of 20,000 blocks through three indexers at once, with evictions by
+other writers interleaved and applied out of time order. The index ends exactly as the
+memory index fed the same batches; a replay changes nothing; a writer stopped after its
+pool ops were decided (or between waves) leaves readers no false hit, another writer's
+pool op or the redelivery finishes its work, and a removed pool leaves no entry. Writes a
+failover lost on a sub-slot's side or on the pool's home are found at the next pool op
+and the pool re-slotted (DUMP / RESTORE stands for the promoted replica)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pytest
+
+from indexer.index.memory import MemoryIndex
+from indexer.index.protocol import ApplyOutcome, IndexConfig, ScoreQuery, WorkerRef
+from indexer.index.redis_sharded import ShardedRedisIndex
+from kvcore.bus import SCHEMA_VERSION, BlockRemoved, BlockStored, Event, EventBatch, pack_tokens
+from kvcore.keys import block_keys_for_tokens
+from tests.support.subslot_backend import BACKEND_PARAMS, Backend, flushed_backend
+
+MODEL = "org/pooled-model"
+POOL = "fs"
+BS = 4
+RANKS = [WorkerRef(f"w-{i // 2:03d}", i % 2) for i in range(256)]
+WRITERS = RANKS[:128]  # the ranks of the 64 workers mounting the pool
+OWN = 32  # blocks of each rank's own chain
+CHAINS = 160  # pool chains of CHAIN blocks: 20,000 pool blocks
+CHAIN = 125
+INDEXERS = 3
+CONFIG = IndexConfig()
+MOUNTS = {**{ref.worker_id: frozenset({POOL}) for ref in WRITERS}, "cold": frozenset({POOL})}
+Presence = dict[int, dict[WorkerRef, int]]
+
+
+def chain_tokens(chain: int) -> list[int]:
+    return [7_000_000 + chain * 10_000 + i for i in range(CHAIN * BS)]
+
+
+def chain_hashes(chain: int) -> list[int]:
+    return [900_000_000 + chain * 1_000 + i for i in range(CHAIN)]
+
+
+class PoolFleet:
+    """Each rank's batches in seq order. Times: own stores at 1000, the pool's stores at
+    1000 + c, evictions of chain c's second half by another writer at 3000 + c, the
+    storer's late copy of its chain (older than the eviction: must stay evicted) at
+    2000 + c, and for every fourth chain a newer offload of its tail at 4000 + c."""
+
+    def __init__(self) -> None:
+        self.seq = dict.fromkeys(RANKS, -1)
+        self.batches: dict[WorkerRef, list[EventBatch]] = {ref: [] for ref in RANKS}
+
+    def batch(self, ref: WorkerRef, ts: float, *events: Event) -> EventBatch:
+        self.seq[ref] += 1
+        made = EventBatch(schema=SCHEMA_VERSION, model=MODEL, worker_id=ref.worker_id,
+                          dp_rank=ref.dp_rank, epoch=1, seq=self.seq[ref], ts=ts,
+                          events=list(events))
+        self.batches[ref].append(made)
+        return made
+
+    @staticmethod
+    def own_store(i: int) -> BlockStored:
+        tokens = [1_000_000 * (i + 1) + t for t in range(OWN * BS)]
+        return BlockStored(block_hashes=[i * 1_000 + j + 1 for j in range(OWN)],
+                           token_ids=pack_tokens(tokens), block_size=BS)
+
+    @staticmethod
+    def pool_store(chain: int) -> BlockStored:
+        """Chain `chain` offloaded (its tokens from the root, so any writer can name it)."""
+        return BlockStored(block_hashes=chain_hashes(chain),
+                           token_ids=pack_tokens(chain_tokens(chain)), block_size=BS,
+                           medium="storage", pool=POOL)
+
+    def build(self) -> None:
+        for i, ref in enumerate(RANKS):
+            self.batch(ref, 1000.0, self.own_store(i))
+        for c in range(CHAINS):
+            self.batch(WRITERS[c % len(WRITERS)], 1000.0 + c, self.pool_store(c))
+        for c in range(CHAINS):
+            evictor = WRITERS[(c + 1) % len(WRITERS)]
+            tail = chain_hashes(c)[CHAIN // 2 :]
+            self.batch(evictor, 3000.0 + c,
+                       BlockRemoved(block_hashes=tail, medium="storage", pool=POOL))
+        for c in range(CHAINS):
+            self.batch(WRITERS[c % len(WRITERS)], 2000.0 + c, self.pool_store(c))
+        for c in range(0, CHAINS, 4):
+            self.batch(WRITERS[(c + 2) % len(WRITERS)], 4000.0 + c, self.pool_store(c))
+        for i, ref in enumerate(RANKS):
+            if i % 3 == 0:
+                self.batch(ref, 5000.0, BlockRemoved(block_hashes=[i * 1_000 + OWN]))
+
+    def in_order(self) -> list[EventBatch]:
+        return [batch for ref in RANKS for batch in self.batches[ref]]
+
+    def partition(self, indexer: int) -> list[EventBatch]:
+        """The batches of the ranks indexer `indexer` owns, interleaved across its ranks
+        (each rank's in seq order), as a consumer's fetches mix them."""
+        mine = [self.batches[ref] for i, ref in enumerate(RANKS) if i % INDEXERS == indexer]
+        out: list[EventBatch] = []
+        for step in range(max(len(b) for b in mine)):
+            out += [batches[step] for batches in mine if step < len(batches)]
+        return out
+
+
+def queries() -> list[list[int]]:
+    return [block_keys_for_tokens(chain_tokens(c), BS, MODEL) for c in range(0, CHAINS, 7)]
+
+
+async def apply_chunked(index: ShardedRedisIndex, batches: Sequence[EventBatch],
+                        chunk: int = 24) -> list[ApplyOutcome]:
+    outcomes: list[ApplyOutcome] = []
+    for first in range(0, len(batches), chunk):
+        outcomes += await index.apply(batches[first : first + chunk])
+        await asyncio.sleep(0)  # let the other indexers' calls in between
+    return outcomes
+
+
+async def assert_exact(index: ShardedRedisIndex, memory: MemoryIndex) -> None:
+    assert await index.presence(MODEL) == await memory.presence(MODEL)
+    for keys in queries():
+        query = ScoreQuery(model=MODEL, block_keys=keys, mounts=MOUNTS)
+        assert await index.score(query) == await memory.score(query)
+    pools = [(w.worker_id, w.blocks_by_tier) for w in await index.workers(MODEL)
+             if w.kind == "pool"]
+    expected = [(w.worker_id, w.blocks_by_tier) for w in await memory.workers(MODEL)
+                if w.kind == "pool"]
+    assert pools == expected
+
+
+def pool_entries(presence: Presence) -> set[int]:
+    return {key for key, holders in presence.items() if WorkerRef(POOL, -1) in holders}
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    yield await flushed_backend(request)
+
+
+class _StoppedError(Exception):
+    """A writer stopped mid-call (a crash, as far as Redis can tell)."""
+
+
+async def test_concurrent_writers_end_exact_and_a_replay_changes_nothing(
+        backend: Backend) -> None:
+    fleet = PoolFleet()
+    fleet.build()
+    memory = MemoryIndex(CONFIG)
+    await memory.apply(fleet.in_order())
+    indexers = [backend.index(CONFIG) for _ in range(INDEXERS)]
+    outcomes = await asyncio.gather(*(apply_chunked(index, fleet.partition(i))
+                                      for i, index in enumerate(indexers)))
+    assert all(o is ApplyOutcome.APPLIED for batch_outcomes in outcomes for o in batch_outcomes)
+    assert [index.pool_reslots for index in indexers] == [0] * INDEXERS  # no false alarm
+    held = pool_entries(await memory.presence(MODEL))
+    assert 10_000 < len(held) < CHAINS * CHAIN  # evictions won over the late stores
+    for index in indexers:
+        await assert_exact(index, memory)
+    # Redelivered, every batch through another indexer than its owner: nothing moves.
+    replayed = await asyncio.gather(*(apply_chunked(index, fleet.partition((i + 1) % INDEXERS))
+                                      for i, index in enumerate(indexers)))
+    assert all(o is ApplyOutcome.DUPLICATE for batch_outcomes in replayed for o in batch_outcomes)
+    await assert_exact(indexers[0], memory)
+    # A snapshot of every listed entry exports the ranks and creates nothing for the pool.
+    listed = await indexers[0].workers(MODEL)
+    states = await indexers[0].export_ranks([(w.model, WorkerRef(w.worker_id, w.dp_rank))
+                                             for w in listed])
+    assert sorted((s.worker_id, s.dp_rank) for s in states) == sorted(RANKS)
+    assert await indexers[0].workers(MODEL) == listed
+    # The pool goes with its entries; the ranks stay.
+    slots = await indexers[0]._redis.hgetall(f"kvi:{{s:{MODEL.replace('/', '~2F')}}}:slots")
+    pool_slot = int(slots[f"{POOL}\n-1".encode()])
+    assert await indexers[1].remove_pool(MODEL, POOL)
+    assert await backend.entries_of(pool_slot) == 0
+    await memory.remove_pool(MODEL, POOL)
+    await assert_exact(indexers[2], memory)
+    for index in indexers:
+        await index.close()
+
+
+async def test_a_writer_stopped_after_its_pool_ops_leaves_no_false_hit(
+        backend: Backend) -> None:
+    """The eviction's pool op is decided in the pool's home, then the writer stops before
+    any sub-slot applied it: readers see the pool as it was (no entry it never held);
+    another writer's pool op applies the stopped one's pending changes (nothing waits
+    for the stopped process), and the redelivered batch changes nothing more."""
+    fleet = PoolFleet()
+    first = [fleet.batch(WRITERS[c % len(WRITERS)], 1000.0 + c, fleet.pool_store(c))
+             for c in range(CHAINS)]
+    memory = MemoryIndex(CONFIG)
+    index, reader = backend.index(CONFIG), backend.index(CONFIG)
+    await index.apply(first)
+    await memory.apply(first)
+    before = await memory.presence(MODEL)
+    assert await reader.presence(MODEL) == before
+    evict = fleet.batch(WRITERS[5], 3000.0, *[
+        BlockRemoved(block_hashes=chain_hashes(c)[10:], medium="storage", pool=POOL)
+        for c in range(0, CHAINS, 2)])
+
+    async def stop() -> None:
+        raise _StoppedError
+
+    stopped = backend.index(CONFIG)
+    stopped.pool_hook = stop
+    with pytest.raises(_StoppedError):
+        await stopped.apply([evict])
+    await stopped.close()
+    assert await reader.presence(MODEL) == before  # decided, not yet applied anywhere
+    await memory.apply([evict])
+    # Another writer's offload (through another indexer) drains the pending eviction.
+    other = fleet.batch(WRITERS[9], 3500.0, fleet.pool_store(CHAINS - 1))
+    await index.apply([other])
+    await memory.apply([other])
+    assert pool_entries(await reader.presence(MODEL)) == pool_entries(
+        await memory.presence(MODEL))
+    # The stopped writer's batches are redelivered to the next owner: duplicates of the
+    # pool's side, applied once on the rank's own.
+    assert await index.apply([evict]) == [ApplyOutcome.APPLIED]
+    await assert_exact(reader, memory)
+    for one in (index, reader):
+        await one.close()
+
+
+async def test_a_writer_stopped_between_waves_is_finished_by_the_redelivery(
+        backend: Backend) -> None:
+    """Pool ops are in before the rank's waves: a writer stopped after wave 1 has its
+    pool writes applied; the redelivery re-slots the torn rank and writes the pool ops
+    no second time."""
+    fleet = PoolFleet()
+    fleet.build()
+    batches = fleet.in_order()
+    last = [fleet.batches[ref][-1] for ref in WRITERS[:8]]
+    head = [b for b in batches if b not in last]
+    memory = MemoryIndex(CONFIG)
+    await memory.apply(head)
+    index = backend.index(CONFIG)
+    await apply_chunked(index, head, chunk=64)
+    allowed = await memory.presence(MODEL)
+    await memory.apply(last)
+    after = await memory.presence(MODEL)
+    for key, holders in after.items():
+        merged = allowed.setdefault(key, {})
+        for ref, bits in holders.items():
+            merged[ref] = merged.get(ref, 0) | bits
+
+    async def stop(wave: int) -> None:
+        if wave == 1:
+            raise _StoppedError
+
+    stopped = backend.index(CONFIG)
+    stopped.wave_hook = stop
+    with pytest.raises(_StoppedError):
+        await stopped.apply(last)
+    await stopped.close()
+    for key, holders in (await index.presence(MODEL)).items():
+        for ref, bits in holders.items():
+            assert bits & ~allowed.get(key, {}).get(ref, 0) == 0, (key, ref, bits)
+    second = backend.index(CONFIG)
+    assert all(o.applied for o in await second.apply(last))
+    assert second.reslots >= 1
+    await assert_exact(second, memory)
+    for one in (index, second):
+        await one.close()
+
+
+async def _snapshot(client: Any, keys: list[str]) -> dict[str, bytes | None]:
+    return {key: await client.dump(key) for key in keys}
+
+
+async def _restore(client: Any, saved: dict[str, bytes | None]) -> None:
+    """The keys as they were (a master failed over to a replica that lacked what
+    followed)."""
+    for key, dumped in saved.items():
+        await client.delete(key)
+        if dumped is not None:
+            await client.restore(key, 0, dumped)
+
+
+async def _pooled_fleet(index: ShardedRedisIndex, memory: MemoryIndex,
+                        fleet: PoolFleet) -> tuple[int, Any]:
+    """The pool's chains stored by the writers (each writer's first batch holds nothing
+    of its own: later pool-only batches write no rank part); the pool's id and model."""
+    stores = [fleet.batch(WRITERS[c % len(WRITERS)], 1000.0 + c, fleet.pool_store(c))
+              for c in range(40)]
+    await index.apply(stores)
+    await memory.apply(stores)
+    slots = await index._redis.hgetall(f"kvi:{{s:{MODEL.replace('/', '~2F')}}}:slots")
+    info = await index._model(MODEL)
+    return int(slots[f"{POOL}\n-1".encode()]), info
+
+
+def _evictions(fleet: PoolFleet) -> list[EventBatch]:
+    return [fleet.batch(WRITERS[(c + 1) % len(WRITERS)], 3000.0 + c,
+                        BlockRemoved(block_hashes=chain_hashes(c)[20:], medium="storage",
+                                     pool=POOL)) for c in range(40)]
+
+
+class TestFailovers:
+    """A failover loses writes Redis confirmed (replication is asynchronous): on the
+    sub-slot side (its pool entries and applied number roll back, past what the home
+    already trimmed) or on the home side (ops the sub-slots applied are gone). Either is
+    found at the next pool op, and the pool re-slotted: no block is left credited that
+    a lost eviction took."""
+
+    async def test_a_sub_slot_that_lost_entries_is_repaired(self, redis_server: Any) -> None:
+        backend = Backend(redis_server.url, 4, cluster=False)
+        await backend.flush()
+        fleet, memory, index = PoolFleet(), MemoryIndex(CONFIG), backend.index(CONFIG)
+        pool_id, info = await _pooled_fleet(index, memory, fleet)
+        k = (pool_id + 1) % 4  # not the pool's home
+        client = backend.client()
+        saved = await _snapshot(client, [info.prefixes[k] + "blk", info.prefixes[k] + "pos"])
+        evictions = _evictions(fleet)
+        await index.apply(evictions)
+        await memory.apply(evictions)
+        await assert_exact(index, memory)
+        await _restore(client, saved)  # sub-slot k's master lost the evictions
+        stale = pool_entries(await index.presence(MODEL)) - pool_entries(
+            await memory.presence(MODEL))
+        assert stale  # the hazard: evicted blocks credited again
+        more = [fleet.batch(WRITERS[1], 5000.0 + c, fleet.pool_store(c))
+                for c in range(40, 48)]
+        await index.apply(more)
+        await memory.apply(more)
+        assert index.pool_reslots == 1
+        await assert_exact(index, memory)
+        await client.aclose()
+        await index.close()
+
+    async def test_a_home_that_lost_ops_is_wiped_under_a_new_id(
+            self, redis_server: Any) -> None:
+        backend = Backend(redis_server.url, 4, cluster=False)
+        await backend.flush()
+        fleet, memory, index = PoolFleet(), MemoryIndex(CONFIG), backend.index(CONFIG)
+        pool_id, info = await _pooled_fleet(index, memory, fleet)
+        home = info.home(pool_id)
+        client = backend.client()
+        pool_keys = [key for key in index._pool_keys(info, pool_id) if not key.endswith("pos")]
+        saved = await _snapshot(client, [*pool_keys, home + "blk", home + "pos"])
+        evictions = _evictions(fleet)
+        await index.apply(evictions)
+        await memory.apply(evictions)
+        await _restore(client, saved)  # the home's master lost the evictions' decisions
+        more = [fleet.batch(WRITERS[1], 5000.0 + c, fleet.pool_store(c)) for c in range(2)]
+        await index.apply(more)
+        await memory.apply(more)
+        assert index.pool_reslots == 1
+        # Wiped: what the pool is credited with now is what it held after every write.
+        held = pool_entries(await memory.presence(MODEL))
+        assert pool_entries(await index.presence(MODEL)) <= held
+        await index.close()
+        await client.aclose()
+
+    async def test_a_reslot_stopped_before_the_switch_is_finished_by_the_next_writer(
+            self, redis_server: Any) -> None:
+        """The old id marked collected everywhere, the directory still mapping it (a
+        re-slot stopped there): the next pool op finishes the re-slot, nothing lost."""
+        backend = Backend(redis_server.url, 4, cluster=False)
+        await backend.flush()
+        fleet, memory, index = PoolFleet(), MemoryIndex(CONFIG), backend.index(CONFIG)
+        pool_id, info = await _pooled_fleet(index, memory, fleet)
+        await index._run([("HSET", prefix + "pos", f"q{pool_id}", "x")
+                          for prefix in info.prefixes])
+        other = backend.index(CONFIG)
+        evictions = _evictions(fleet)
+        await other.apply(evictions)
+        await memory.apply(evictions)
+        assert other.pool_reslots == 1
+        await assert_exact(other, memory)
+        assert await backend.entries_of(pool_id) == 0
+        for one in (index, other):
+            await one.close()
