@@ -29,6 +29,11 @@
 #include "native.h"
 #include "intbits.h"
 
+#include <structmember.h>
+#ifndef Py_T_OBJECT_EX
+#define Py_T_OBJECT_EX T_OBJECT_EX
+#endif
+
 #define TALLY_TIERS 4
 #define RECORD_U32 5 /* slot, matched, cpu, storage, other */
 #define SLOTS_PER_WORD 16
@@ -889,8 +894,88 @@ reuse_int(PyObject **held, uint32_t value)
     return *held;
 }
 
+/* How a score is made: by calling `make`, or, when `make` is a msgspec Struct type of
+ * the five fields in make's argument order (WorkerScore), by allocating the instance and
+ * storing the fields straight into its slots. Struct.__init__ does nothing more for such a
+ * type (no defaults apply with five positional arguments, no __post_init__), and its
+ * dealloc releases the slots either way; the call's argument checks are what is saved. */
+#define SCORE_FIELDS 5
+
+typedef struct {
+    PyObject *make;
+    PyTypeObject *type; /* NULL: call make */
+    Py_ssize_t offsets[SCORE_FIELDS];
+} Maker;
+
+/* The slot offset of `name` in `type` when it is a plain object slot, else -1. */
+static Py_ssize_t
+slot_offset(PyTypeObject *type, PyObject *name)
+{
+    PyObject *descr = _PyType_Lookup(type, name);
+    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+        return -1;
+    }
+    PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+    if (member->type != Py_T_OBJECT_EX || member->offset < (Py_ssize_t)sizeof(PyObject) ||
+        member->offset > type->tp_basicsize - (Py_ssize_t)sizeof(PyObject *)) {
+        return -1;
+    }
+    return member->offset;
+}
+
+static int
+maker_init(Maker *maker, PyObject *make)
+{
+    maker->make = make;
+    maker->type = NULL;
+    if (!PyType_Check(make)) {
+        return 0;
+    }
+    PyTypeObject *type = (PyTypeObject *)make;
+    PyObject *fields = PyObject_GetAttrString(make, "__struct_fields__");
+    if (fields == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *post_init = PyUnicode_InternFromString("__post_init__");
+    int plain = post_init != NULL && PyTuple_Check(fields) &&
+                PyTuple_GET_SIZE(fields) == SCORE_FIELDS && type->tp_dictoffset == 0 &&
+                type->tp_alloc != NULL && _PyType_Lookup(type, post_init) == NULL;
+    Py_XDECREF(post_init);
+    for (int f = 0; plain && f < SCORE_FIELDS; f++) {
+        PyObject *name = PyTuple_GET_ITEM(fields, f);
+        maker->offsets[f] = PyUnicode_Check(name) ? slot_offset(type, name) : -1;
+        plain = maker->offsets[f] >= 0;
+    }
+    Py_DECREF(fields);
+    if (PyErr_Occurred()) {
+        return -1;
+    }
+    if (plain) {
+        maker->type = type;
+    }
+    return 0;
+}
+
 static PyObject *
-make_score(const Ranked *r, PyObject *refs, PyObject *tiers, PyObject *make, Reuse *reuse)
+maker_make(const Maker *maker, PyObject *const values[SCORE_FIELDS])
+{
+    if (maker->type == NULL) {
+        return PyObject_Vectorcall(maker->make, values, SCORE_FIELDS, NULL);
+    }
+    PyObject *out = maker->type->tp_alloc(maker->type, 0);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (int f = 0; f < SCORE_FIELDS; f++) {
+        *(PyObject **)((char *)out + maker->offsets[f]) = Py_NewRef(values[f]);
+    }
+    return out;
+}
+
+static PyObject *
+make_score(const Ranked *r, PyObject *refs, PyObject *tiers, const Maker *maker,
+           Reuse *reuse)
 {
     PyObject *ref = PyList_GET_ITEM(refs, r->record[0]);
     if (!PyTuple_Check(ref) || PyTuple_GET_SIZE(ref) != 2) {
@@ -910,9 +995,9 @@ make_score(const Ranked *r, PyObject *refs, PyObject *tiers, PyObject *make, Reu
     if (by_tier == NULL) {
         return NULL;
     }
-    PyObject *call[5] = {PyTuple_GET_ITEM(ref, 0), PyTuple_GET_ITEM(ref, 1), reuse->matched,
-                         reuse->weighted, by_tier};
-    PyObject *out = PyObject_Vectorcall(make, call, 5, NULL);
+    PyObject *values[SCORE_FIELDS] = {PyTuple_GET_ITEM(ref, 0), PyTuple_GET_ITEM(ref, 1),
+                                      reuse->matched, reuse->weighted, by_tier};
+    PyObject *out = maker_make(maker, values);
     Py_DECREF(by_tier);
     return out;
 }
@@ -952,6 +1037,10 @@ scores_from_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t n = tally.len / (RECORD_U32 * (Py_ssize_t)sizeof(uint32_t));
     Py_ssize_t n_order = order.len / (Py_ssize_t)sizeof(uint32_t);
     Reuse reuse = {NULL, NULL};
+    Maker maker;
+    if (maker_init(&maker, make) < 0) {
+        goto done;
+    }
     if (!PyList_Check(refs)) {
         PyErr_SetString(PyExc_TypeError, "refs must be a list indexed by slot");
         goto done;
@@ -988,7 +1077,7 @@ scores_from_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     out = PyList_New(n);
     for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
-        PyObject *score = make_score(&ranked[i], refs, tiers, make, &reuse);
+        PyObject *score = make_score(&ranked[i], refs, tiers, &maker, &reuse);
         if (score == NULL) {
             Py_CLEAR(out);
             break;
