@@ -880,9 +880,14 @@ blocks_by_tier(const uint32_t *record, PyObject *tiers, PyObject *matched)
     return out;
 }
 
-/* Objects equal to the previous score's are reused (ints and floats are immutable). */
+/* Objects equal to the previous score's are reused: ints and floats (immutable), and the
+ * blocks_by_tier dict of the same tier counts (`record`: the score that made it). An
+ * answer's scores are read-only (WorkerScore's doc): no caller writes into the dict, so
+ * the two thousand mounters of a pool holding none of the query themselves share one
+ * {storage: n} instead of a dict each. */
 typedef struct {
-    PyObject *matched, *weighted;
+    PyObject *matched, *weighted, *by_tier;
+    const uint32_t *record;
 } Reuse;
 
 static PyObject *
@@ -991,15 +996,19 @@ make_score(const Ranked *r, PyObject *refs, PyObject *tiers, const Maker *maker,
             return NULL;
         }
     }
-    PyObject *by_tier = blocks_by_tier(r->record, tiers, reuse->matched);
-    if (by_tier == NULL) {
-        return NULL;
+    /* matched, cpu, storage, other: the same counts make the same dict */
+    if (reuse->by_tier == NULL ||
+        memcmp(reuse->record + 1, r->record + 1, 4 * sizeof(uint32_t)) != 0) {
+        Py_XSETREF(reuse->by_tier, blocks_by_tier(r->record, tiers, reuse->matched));
+        if (reuse->by_tier == NULL) {
+            return NULL;
+        }
+        reuse->record = r->record;
     }
+    PyObject *by_tier = reuse->by_tier;
     PyObject *values[SCORE_FIELDS] = {PyTuple_GET_ITEM(ref, 0), PyTuple_GET_ITEM(ref, 1),
                                       reuse->matched, reuse->weighted, by_tier};
-    PyObject *out = maker_make(maker, values);
-    Py_DECREF(by_tier);
-    return out;
+    return maker_make(maker, values);
 }
 
 NATIVE_INTERNAL const char scores_from_tally_doc[] =
@@ -1036,7 +1045,7 @@ scores_from_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Ranked *ranked = NULL;
     Py_ssize_t n = tally.len / (RECORD_U32 * (Py_ssize_t)sizeof(uint32_t));
     Py_ssize_t n_order = order.len / (Py_ssize_t)sizeof(uint32_t);
-    Reuse reuse = {NULL, NULL};
+    Reuse reuse = {NULL, NULL, NULL, NULL};
     Maker maker;
     if (maker_init(&maker, make) < 0) {
         goto done;
@@ -1087,6 +1096,7 @@ scores_from_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 done:
     Py_XDECREF(reuse.matched);
     Py_XDECREF(reuse.weighted);
+    Py_XDECREF(reuse.by_tier);
     PyMem_Free(ranked);
     PyBuffer_Release(&tally);
     PyBuffer_Release(&order);
