@@ -900,15 +900,18 @@ reuse_int(PyObject **held, uint32_t value)
 }
 
 /* How a score is made: by calling `make`, or, when `make` is a msgspec Struct type of
- * the five fields in make's argument order (WorkerScore), by allocating the instance and
- * storing the fields straight into its slots. Struct.__init__ does nothing more for such a
- * type (no defaults apply with five positional arguments, no __post_init__), and its
- * dealloc releases the slots either way; the call's argument checks are what is saved. */
+ * five fields without __post_init__ (WorkerScore), by allocating the instance and storing
+ * the fields straight into its slots, which is what its __init__ does with five
+ * positional arguments; the call's argument handling is what is saved. The first score is
+ * still made by the call, and the slots are filled directly only if that call stored each
+ * argument, unchanged, in the slot found for its field (a kw_only Struct, a converting
+ * __init__ or a subclass fails it and keeps being called). */
 #define SCORE_FIELDS 5
 
 typedef struct {
     PyObject *make;
     PyTypeObject *type; /* NULL: call make */
+    int checked;        /* the first call's result matched the slots */
     Py_ssize_t offsets[SCORE_FIELDS];
 } Maker;
 
@@ -933,6 +936,7 @@ maker_init(Maker *maker, PyObject *make)
 {
     maker->make = make;
     maker->type = NULL;
+    maker->checked = 0;
     if (!PyType_Check(make)) {
         return 0;
     }
@@ -962,11 +966,33 @@ maker_init(Maker *maker, PyObject *make)
     return 0;
 }
 
-static PyObject *
-maker_make(const Maker *maker, PyObject *const values[SCORE_FIELDS])
+/* Whether `made` (make's result for `values`) holds each value in its field's slot. */
+static int
+filled_as_slots(const Maker *maker, PyObject *made, PyObject *const values[SCORE_FIELDS])
 {
-    if (maker->type == NULL) {
-        return PyObject_Vectorcall(maker->make, values, SCORE_FIELDS, NULL);
+    if (!Py_IS_TYPE(made, maker->type)) {
+        return 0;
+    }
+    for (int f = 0; f < SCORE_FIELDS; f++) {
+        if (*(PyObject **)((char *)made + maker->offsets[f]) != values[f]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static PyObject *
+maker_make(Maker *maker, PyObject *const values[SCORE_FIELDS])
+{
+    if (maker->type == NULL || !maker->checked) {
+        PyObject *made = PyObject_Vectorcall(maker->make, values, SCORE_FIELDS, NULL);
+        if (made != NULL && maker->type != NULL) {
+            maker->checked = filled_as_slots(maker, made, values);
+            if (!maker->checked) {
+                maker->type = NULL;
+            }
+        }
+        return made;
     }
     PyObject *out = maker->type->tp_alloc(maker->type, 0);
     if (out == NULL) {
@@ -979,7 +1005,7 @@ maker_make(const Maker *maker, PyObject *const values[SCORE_FIELDS])
 }
 
 static PyObject *
-make_score(const Ranked *r, PyObject *refs, PyObject *tiers, const Maker *maker,
+make_score(const Ranked *r, PyObject *refs, PyObject *tiers, Maker *maker,
            Reuse *reuse)
 {
     PyObject *ref = PyList_GET_ITEM(refs, r->record[0]);
