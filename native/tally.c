@@ -20,6 +20,9 @@
  *       first: matched desc, weighted desc, then order[slot] (u32 per slot: the rank of
  *       the slot's (worker_id, dp_rank) among all, so ties need no string compares);
  *       refs[slot] is the slot's (worker_id, dp_rank) (a list, None where no slot is).
+ *       A `make` that is a msgspec Struct type of those five fields (WorkerScore) has its
+ *       instances' slots filled here rather than being called; consecutive scores of the
+ *       same tier counts share one blocks_by_tier dict (answers are read-only).
  *
  * Masks hold a nibble per slot (bit slot * 4 + tier). At thousands of ranks a mask is a
  * long int of thousands of bits: the walk reads 64 bits (16 slots) at a time straight
@@ -912,6 +915,7 @@ typedef struct {
     PyObject *make;
     PyTypeObject *type; /* NULL: call make */
     int checked;        /* the first call's result matched the slots */
+    int raw;            /* not GC, freed by PyObject_Free, nothing but the five slots */
     Py_ssize_t offsets[SCORE_FIELDS];
 } Maker;
 
@@ -937,6 +941,7 @@ maker_init(Maker *maker, PyObject *make)
     maker->make = make;
     maker->type = NULL;
     maker->checked = 0;
+    maker->raw = 0;
     if (!PyType_Check(make)) {
         return 0;
     }
@@ -962,6 +967,16 @@ maker_init(Maker *maker, PyObject *make)
     }
     if (plain) {
         maker->type = type;
+        Py_ssize_t covered = 0; /* the five offsets, distinct, tile the body */
+        for (int f = 0; f < SCORE_FIELDS; f++) {
+            for (int g = 0; g < f; g++) {
+                covered |= maker->offsets[f] == maker->offsets[g];
+            }
+        }
+        maker->raw = !covered && !PyType_IS_GC(type) && type->tp_itemsize == 0 &&
+                     type->tp_free == PyObject_Free &&
+                     type->tp_basicsize ==
+                         (Py_ssize_t)(sizeof(PyObject) + SCORE_FIELDS * sizeof(PyObject *));
     }
     return 0;
 }
@@ -994,9 +1009,18 @@ maker_make(Maker *maker, PyObject *const values[SCORE_FIELDS])
         }
         return made;
     }
-    PyObject *out = maker->type->tp_alloc(maker->type, 0);
-    if (out == NULL) {
-        return NULL;
+    PyObject *out;
+    if (maker->raw) {
+        out = PyObject_Malloc((size_t)maker->type->tp_basicsize);
+        if (out == NULL) {
+            return PyErr_NoMemory();
+        }
+        PyObject_Init(out, maker->type);
+    } else {
+        out = maker->type->tp_alloc(maker->type, 0);
+        if (out == NULL) {
+            return NULL;
+        }
     }
     for (int f = 0; f < SCORE_FIELDS; f++) {
         *(PyObject **)((char *)out + maker->offsets[f]) = Py_NewRef(values[f]);
@@ -1013,7 +1037,8 @@ make_score(const Ranked *r, PyObject *refs, PyObject *tiers, Maker *maker,
         PyErr_SetString(PyExc_TypeError, "refs must give each slot (worker_id, dp_rank)");
         return NULL;
     }
-    if (reuse_int(&reuse->matched, r->matched) == NULL) {
+    if ((reuse->matched == NULL || reuse->record[1] != r->matched) &&
+        reuse_int(&reuse->matched, r->matched) == NULL) {
         return NULL;
     }
     if (reuse->weighted == NULL || PyFloat_AS_DOUBLE(reuse->weighted) != r->weighted) {
@@ -1023,8 +1048,9 @@ make_score(const Ranked *r, PyObject *refs, PyObject *tiers, Maker *maker,
         }
     }
     /* matched, cpu, storage, other: the same counts make the same dict */
-    if (reuse->by_tier == NULL ||
-        memcmp(reuse->record + 1, r->record + 1, 4 * sizeof(uint32_t)) != 0) {
+    const uint32_t *was = reuse->record, *now = r->record;
+    if (reuse->by_tier == NULL || was[1] != now[1] || was[2] != now[2] || was[3] != now[3] ||
+        was[4] != now[4]) {
         Py_XSETREF(reuse->by_tier, blocks_by_tier(r->record, tiers, reuse->matched));
         if (reuse->by_tier == NULL) {
             return NULL;
@@ -1039,7 +1065,8 @@ make_score(const Ranked *r, PyObject *refs, PyObject *tiers, Maker *maker,
 
 NATIVE_INTERNAL const char scores_from_tally_doc[] =
     "scores_from_tally(tally, refs, order, weights, tiers, make) -> list: one\n"
-    "make(worker_id, dp_rank, matched, weighted, blocks_by_tier) per record, best first.";
+    "make(worker_id, dp_rank, matched, weighted, blocks_by_tier) per record, best first\n"
+    "(a Struct make's slots filled directly; equal tier counts in a row share one dict).";
 
 NATIVE_INTERNAL PyObject *
 scores_from_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
