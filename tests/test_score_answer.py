@@ -223,3 +223,15 @@ def test_pool_fleet_answers_equal_the_python_answers(monkeypatch: pytest.MonkeyP
     largest = max(native, key=len)
     assert len(largest) >= 2_000
     assert len({id(s.blocks_by_tier) for s in largest}) < len(largest) // 4  # shared
+
+
+def test_slot_table_refs_are_equal_and_new() -> None:
+    """The table names each slot with an equal ref and worker id made for it (so an
+    answer's objects lie in rank order), and ranks them by (worker_id, dp_rank)."""
+    refs = {s: WorkerRef(f"worker-{(s * 7919) % 1000:04}", s % 3) for s in range(0, 1000, 2)}
+    table = slot_table(refs)
+    assert {s: r for s, r in enumerate(table.refs) if r is not None} == refs
+    assert all(table.refs[s] is not ref and table.refs[s][0] is not ref.worker_id  # type: ignore[index]
+               for s, ref in refs.items())
+    order = array("I", table.order)
+    assert sorted(refs, key=order.__getitem__) == sorted(refs, key=refs.__getitem__)
