@@ -942,7 +942,8 @@ maker_init(Maker *maker, PyObject *make)
     maker->type = NULL;
     maker->checked = 0;
     maker->raw = 0;
-    if (!PyType_Check(make)) {
+    /* msgspec's own Struct types only: another class's __init__ may do more than fill */
+    if (!PyType_Check(make) || strcmp(Py_TYPE(make)->tp_name, "msgspec._core.StructMeta")) {
         return 0;
     }
     PyTypeObject *type = (PyTypeObject *)make;

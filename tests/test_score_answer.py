@@ -235,3 +235,26 @@ def test_slot_table_refs_are_equal_and_new() -> None:
                for s, ref in refs.items())
     order = array("I", table.order)
     assert sorted(refs, key=order.__getitem__) == sorted(refs, key=refs.__getitem__)
+
+
+class Slotted:
+    """Not a msgspec Struct, though laid out as one: its __init__ counts, so it is called
+    for every score."""
+
+    __struct_fields__ = ("worker_id", "dp_rank", "matched_blocks", "weighted_score",
+                         "blocks_by_tier")
+    __slots__ = __struct_fields__
+    made = 0
+
+    def __init__(self, *fields: object) -> None:
+        for name, value in zip(self.__struct_fields__, fields, strict=True):
+            setattr(self, name, value)
+        Slotted.made += 1
+
+
+def test_a_class_laid_out_as_a_struct_is_called() -> None:
+    records = array("I", [s for slot in range(300) for s in (slot, 5, 0, 5, 0)]).tobytes()
+    refs = {s: WorkerRef(f"w{s:04}", 0) for s in range(300)}
+    Slotted.made = 0
+    got = answer(records, refs, Slotted)
+    assert Slotted.made == 300 and [s.worker_id for s in got] == [f"w{s:04}" for s in range(300)]
