@@ -595,6 +595,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="do not update the docs")
     parser.add_argument("--no-hybrid", action="store_true",
                         help="leave out the hybrid-model workload")
+    parser.add_argument("--pool-only", action="store_true",
+                        help="each --workers count at the last --blocks, one ingest round "
+                             "per side, then its tables printed: no hybrid workload, memory "
+                             "probes or docs")
     args = parser.parse_args(argv)
     if args.rss_probe:
         per_entry = rss_probe(args.rss_probe, args.workers[0], args.memory_entries, args.seed)
@@ -604,9 +608,12 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = os.getloadavg()
     scales = [(args.workers[0], b) for b in args.blocks]
     scales += [(w, args.blocks[-1]) for w in args.workers[1:]]
+    if args.pool_only:
+        scales = [(w, args.blocks[-1]) for w in args.workers]
     results: list[ScaleResult] = []
     for workers, blocks in scales:
-        res = run_scale(workers, blocks, args.queries, args.seed, args.rounds)
+        res = run_scale(workers, blocks, args.queries, args.seed,
+                        1 if args.pool_only else args.rounds)
         print_table(res)
         results.append(res)
         if res.mismatches:
@@ -617,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAIL: {res.pool.mismatches} pool-workload answers are wrong",
                   file=sys.stderr)
             return 1
+    if args.pool_only:
+        return 0
     hybrid: HybridResult | None = None
     if not args.no_hybrid:
         hybrid = run_hybrid(results[0].workload, results[0].counts)

@@ -20,6 +20,9 @@
  *       first: matched desc, weighted desc, then order[slot] (u32 per slot: the rank of
  *       the slot's (worker_id, dp_rank) among all, so ties need no string compares);
  *       refs[slot] is the slot's (worker_id, dp_rank) (a list, None where no slot is).
+ *       A `make` that is a msgspec Struct type of those five fields (WorkerScore) has its
+ *       instances' slots filled here rather than being called; consecutive scores of the
+ *       same tier counts share one blocks_by_tier dict (answers are read-only).
  *
  * Masks hold a nibble per slot (bit slot * 4 + tier). At thousands of ranks a mask is a
  * long int of thousands of bits: the walk reads 64 bits (16 slots) at a time straight
@@ -28,6 +31,11 @@
  */
 #include "native.h"
 #include "intbits.h"
+
+#include <structmember.h>
+#ifndef Py_T_OBJECT_EX
+#define Py_T_OBJECT_EX T_OBJECT_EX
+#endif
 
 #define TALLY_TIERS 4
 #define RECORD_U32 5 /* slot, matched, cpu, storage, other */
@@ -875,9 +883,14 @@ blocks_by_tier(const uint32_t *record, PyObject *tiers, PyObject *matched)
     return out;
 }
 
-/* Objects equal to the previous score's are reused (ints and floats are immutable). */
+/* Objects equal to the previous score's are reused: ints and floats (immutable), and the
+ * blocks_by_tier dict of the same tier counts (`record`: the score that made it). An
+ * answer's scores are read-only (WorkerScore's doc): no caller writes into the dict, so
+ * the two thousand mounters of a pool holding none of the query themselves share one
+ * {storage: n} instead of a dict each. */
 typedef struct {
-    PyObject *matched, *weighted;
+    PyObject *matched, *weighted, *by_tier;
+    const uint32_t *record;
 } Reuse;
 
 static PyObject *
@@ -889,15 +902,144 @@ reuse_int(PyObject **held, uint32_t value)
     return *held;
 }
 
+/* How a score is made: by calling `make`, or, when `make` is a msgspec Struct type of
+ * five fields without __post_init__ (WorkerScore), by allocating the instance and storing
+ * the fields straight into its slots, which is what its __init__ does with five
+ * positional arguments; the call's argument handling is what is saved. The first score is
+ * still made by the call, and the slots are filled directly only if that call stored each
+ * argument, unchanged, in the slot found for its field (a kw_only Struct, a converting
+ * __init__ or a subclass fails it and keeps being called). */
+#define SCORE_FIELDS 5
+
+typedef struct {
+    PyObject *make;
+    PyTypeObject *type; /* NULL: call make */
+    int checked;        /* the first call's result matched the slots */
+    int raw;            /* not GC, freed by PyObject_Free, nothing but the five slots */
+    Py_ssize_t offsets[SCORE_FIELDS];
+} Maker;
+
+/* The slot offset of `name` in `type` when it is a plain object slot, else -1. */
+static Py_ssize_t
+slot_offset(PyTypeObject *type, PyObject *name)
+{
+    PyObject *descr = _PyType_Lookup(type, name);
+    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+        return -1;
+    }
+    PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+    if (member->type != Py_T_OBJECT_EX || member->offset < (Py_ssize_t)sizeof(PyObject) ||
+        member->offset > type->tp_basicsize - (Py_ssize_t)sizeof(PyObject *)) {
+        return -1;
+    }
+    return member->offset;
+}
+
+static int
+maker_init(Maker *maker, PyObject *make)
+{
+    maker->make = make;
+    maker->type = NULL;
+    maker->checked = 0;
+    maker->raw = 0;
+    /* msgspec's own Struct types only: another class's __init__ may do more than fill */
+    if (!PyType_Check(make) || strcmp(Py_TYPE(make)->tp_name, "msgspec._core.StructMeta")) {
+        return 0;
+    }
+    PyTypeObject *type = (PyTypeObject *)make;
+    PyObject *fields = PyObject_GetAttrString(make, "__struct_fields__");
+    if (fields == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *post_init = PyUnicode_InternFromString("__post_init__");
+    int plain = post_init != NULL && PyTuple_Check(fields) &&
+                PyTuple_GET_SIZE(fields) == SCORE_FIELDS && type->tp_dictoffset == 0 &&
+                type->tp_alloc != NULL && _PyType_Lookup(type, post_init) == NULL;
+    Py_XDECREF(post_init);
+    for (int f = 0; plain && f < SCORE_FIELDS; f++) {
+        PyObject *name = PyTuple_GET_ITEM(fields, f);
+        maker->offsets[f] = PyUnicode_Check(name) ? slot_offset(type, name) : -1;
+        plain = maker->offsets[f] >= 0;
+    }
+    Py_DECREF(fields);
+    if (PyErr_Occurred()) {
+        return -1;
+    }
+    if (plain) {
+        maker->type = type;
+        Py_ssize_t covered = 0; /* the five offsets, distinct, tile the body */
+        for (int f = 0; f < SCORE_FIELDS; f++) {
+            for (int g = 0; g < f; g++) {
+                covered |= maker->offsets[f] == maker->offsets[g];
+            }
+        }
+        maker->raw = !covered && !PyType_IS_GC(type) && type->tp_itemsize == 0 &&
+                     type->tp_free == PyObject_Free &&
+                     type->tp_basicsize ==
+                         (Py_ssize_t)(sizeof(PyObject) + SCORE_FIELDS * sizeof(PyObject *));
+    }
+    return 0;
+}
+
+/* Whether `made` (make's result for `values`) holds each value in its field's slot. */
+static int
+filled_as_slots(const Maker *maker, PyObject *made, PyObject *const values[SCORE_FIELDS])
+{
+    if (!Py_IS_TYPE(made, maker->type)) {
+        return 0;
+    }
+    for (int f = 0; f < SCORE_FIELDS; f++) {
+        if (*(PyObject **)((char *)made + maker->offsets[f]) != values[f]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 static PyObject *
-make_score(const Ranked *r, PyObject *refs, PyObject *tiers, PyObject *make, Reuse *reuse)
+maker_make(Maker *maker, PyObject *const values[SCORE_FIELDS])
+{
+    if (maker->type == NULL || !maker->checked) {
+        PyObject *made = PyObject_Vectorcall(maker->make, values, SCORE_FIELDS, NULL);
+        if (made != NULL && maker->type != NULL) {
+            maker->checked = filled_as_slots(maker, made, values);
+            if (!maker->checked) {
+                maker->type = NULL;
+            }
+        }
+        return made;
+    }
+    PyObject *out;
+    if (maker->raw) {
+        out = PyObject_Malloc((size_t)maker->type->tp_basicsize);
+        if (out == NULL) {
+            return PyErr_NoMemory();
+        }
+        PyObject_Init(out, maker->type);
+    } else {
+        out = maker->type->tp_alloc(maker->type, 0);
+        if (out == NULL) {
+            return NULL;
+        }
+    }
+    for (int f = 0; f < SCORE_FIELDS; f++) {
+        *(PyObject **)((char *)out + maker->offsets[f]) = Py_NewRef(values[f]);
+    }
+    return out;
+}
+
+static PyObject *
+make_score(const Ranked *r, PyObject *refs, PyObject *tiers, Maker *maker,
+           Reuse *reuse)
 {
     PyObject *ref = PyList_GET_ITEM(refs, r->record[0]);
     if (!PyTuple_Check(ref) || PyTuple_GET_SIZE(ref) != 2) {
         PyErr_SetString(PyExc_TypeError, "refs must give each slot (worker_id, dp_rank)");
         return NULL;
     }
-    if (reuse_int(&reuse->matched, r->matched) == NULL) {
+    if ((reuse->matched == NULL || reuse->record[1] != r->matched) &&
+        reuse_int(&reuse->matched, r->matched) == NULL) {
         return NULL;
     }
     if (reuse->weighted == NULL || PyFloat_AS_DOUBLE(reuse->weighted) != r->weighted) {
@@ -906,20 +1048,26 @@ make_score(const Ranked *r, PyObject *refs, PyObject *tiers, PyObject *make, Reu
             return NULL;
         }
     }
-    PyObject *by_tier = blocks_by_tier(r->record, tiers, reuse->matched);
-    if (by_tier == NULL) {
-        return NULL;
+    /* matched, cpu, storage, other: the same counts make the same dict */
+    const uint32_t *was = reuse->record, *now = r->record;
+    if (reuse->by_tier == NULL || was[1] != now[1] || was[2] != now[2] || was[3] != now[3] ||
+        was[4] != now[4]) {
+        Py_XSETREF(reuse->by_tier, blocks_by_tier(r->record, tiers, reuse->matched));
+        if (reuse->by_tier == NULL) {
+            return NULL;
+        }
+        reuse->record = r->record;
     }
-    PyObject *call[5] = {PyTuple_GET_ITEM(ref, 0), PyTuple_GET_ITEM(ref, 1), reuse->matched,
-                         reuse->weighted, by_tier};
-    PyObject *out = PyObject_Vectorcall(make, call, 5, NULL);
-    Py_DECREF(by_tier);
-    return out;
+    PyObject *by_tier = reuse->by_tier;
+    PyObject *values[SCORE_FIELDS] = {PyTuple_GET_ITEM(ref, 0), PyTuple_GET_ITEM(ref, 1),
+                                      reuse->matched, reuse->weighted, by_tier};
+    return maker_make(maker, values);
 }
 
 NATIVE_INTERNAL const char scores_from_tally_doc[] =
     "scores_from_tally(tally, refs, order, weights, tiers, make) -> list: one\n"
-    "make(worker_id, dp_rank, matched, weighted, blocks_by_tier) per record, best first.";
+    "make(worker_id, dp_rank, matched, weighted, blocks_by_tier) per record, best first\n"
+    "(a Struct make's slots filled directly; equal tier counts in a row share one dict).";
 
 NATIVE_INTERNAL PyObject *
 scores_from_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -951,7 +1099,11 @@ scores_from_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Ranked *ranked = NULL;
     Py_ssize_t n = tally.len / (RECORD_U32 * (Py_ssize_t)sizeof(uint32_t));
     Py_ssize_t n_order = order.len / (Py_ssize_t)sizeof(uint32_t);
-    Reuse reuse = {NULL, NULL};
+    Reuse reuse = {NULL, NULL, NULL, NULL};
+    Maker maker;
+    if (maker_init(&maker, make) < 0) {
+        goto done;
+    }
     if (!PyList_Check(refs)) {
         PyErr_SetString(PyExc_TypeError, "refs must be a list indexed by slot");
         goto done;
@@ -988,7 +1140,7 @@ scores_from_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     out = PyList_New(n);
     for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
-        PyObject *score = make_score(&ranked[i], refs, tiers, make, &reuse);
+        PyObject *score = make_score(&ranked[i], refs, tiers, &maker, &reuse);
         if (score == NULL) {
             Py_CLEAR(out);
             break;
@@ -998,6 +1150,7 @@ scores_from_tally(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 done:
     Py_XDECREF(reuse.matched);
     Py_XDECREF(reuse.weighted);
+    Py_XDECREF(reuse.by_tier);
     PyMem_Free(ranked);
     PyBuffer_Release(&tally);
     PyBuffer_Release(&order);

@@ -166,6 +166,10 @@ class ScoreQuery(msgspec.Struct, frozen=True, kw_only=True):
 # cycle): an answer names every matching rank, thousands when a pool is widely mounted,
 # and tracked objects by the thousand per query set off collections inside Score.
 class WorkerScore(msgspec.Struct, frozen=True, gc=False):
+    """One rank's match. Read-only, `blocks_by_tier` included: the scores of one answer
+    with the same tier counts may share one dict (the thousands of pool mounters holding
+    none of the query themselves share one `{"storage": n}`); copy it to change it."""
+
     worker_id: str
     dp_rank: int
     matched_blocks: int
