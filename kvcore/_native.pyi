@@ -30,6 +30,7 @@ def scores_from_tally(
     tally: bytes, refs: Sequence[tuple[str, int] | None], order: bytes,
     weights: Sequence[float], tiers: tuple[str, ...], make: Callable[..., T],
 ) -> list[T]: ...
+def score_maker_kind(make: object, /) -> str: ...
 def decision_top_costs(
     scores: Iterable[object], loads: Iterable[object], ordered: Sequence[tuple[str, int]],
     positions: dict[tuple[str, int], int], query_blocks: int, overlap_weight: float,

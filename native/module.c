@@ -82,6 +82,7 @@ static PyMethodDef native_methods[] = {
      tally_pool_masks_doc},
     {"scores_from_tally", (PyCFunction)(void (*)(void))scores_from_tally, METH_FASTCALL,
      scores_from_tally_doc},
+    {"score_maker_kind", (PyCFunction)score_maker_kind, METH_O, score_maker_kind_doc},
     {"decision_top_costs", (PyCFunction)(void (*)(void))decision_top_costs, METH_FASTCALL,
      decision_top_costs_doc},
     {"decision_tally_top_costs", (PyCFunction)(void (*)(void))decision_tally_top_costs,

@@ -56,6 +56,8 @@ NATIVE_INTERNAL PyObject *take_uint32_field(PyObject *module, PyObject *const *a
 /* tally.c */
 NATIVE_INTERNAL extern const char tally_runs_doc[];
 NATIVE_INTERNAL extern const char scores_from_tally_doc[];
+NATIVE_INTERNAL extern const char score_maker_kind_doc[];
+NATIVE_INTERNAL PyObject *score_maker_kind(PyObject *module, PyObject *make);
 NATIVE_INTERNAL PyObject *tally_runs(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 NATIVE_INTERNAL PyObject *scores_from_tally(PyObject *module, PyObject *const *args,
                                             Py_ssize_t nargs);

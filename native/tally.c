@@ -1033,6 +1033,11 @@ static PyObject *
 make_score(const Ranked *r, PyObject *refs, PyObject *tiers, Maker *maker,
            Reuse *reuse)
 {
+    /* checked here, not once: a Python make may have shortened the list */
+    if ((Py_ssize_t)r->record[0] >= PyList_GET_SIZE(refs)) {
+        PyErr_SetString(PyExc_ValueError, "refs changed while the answer was made");
+        return NULL;
+    }
     PyObject *ref = PyList_GET_ITEM(refs, r->record[0]);
     if (!PyTuple_Check(ref) || PyTuple_GET_SIZE(ref) != 2) {
         PyErr_SetString(PyExc_TypeError, "refs must give each slot (worker_id, dp_rank)");
@@ -1062,6 +1067,21 @@ make_score(const Ranked *r, PyObject *refs, PyObject *tiers, Maker *maker,
     PyObject *values[SCORE_FIELDS] = {PyTuple_GET_ITEM(ref, 0), PyTuple_GET_ITEM(ref, 1),
                                       reuse->matched, reuse->weighted, by_tier};
     return maker_make(maker, values);
+}
+
+NATIVE_INTERNAL const char score_maker_kind_doc[] =
+    "score_maker_kind(make) -> str: how scores_from_tally makes scores with this make:\n"
+    "'raw' (allocated and slots filled), 'slots' (tp_alloc, slots filled), 'call'\n"
+    "(before its first call's check; tests hold WorkerScore to its fast path).";
+
+NATIVE_INTERNAL PyObject *
+score_maker_kind(PyObject *module, PyObject *make)
+{
+    Maker maker;
+    if (maker_init(&maker, make) < 0) {
+        return NULL;
+    }
+    return PyUnicode_FromString(maker.type == NULL ? "call" : maker.raw ? "raw" : "slots");
 }
 
 NATIVE_INTERNAL const char scores_from_tally_doc[] =

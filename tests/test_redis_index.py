@@ -154,9 +154,18 @@ class TestDurableLedger:
                           worker=f"w{rank}")
                     for rank in range(ranks)]
         reloaded = RedisIndex(redis_client, config=CONFIG)
+        read_alone: list[str] = []  # ranks read by a round trip of their own
+        read_rank = reloaded._read_rank
+
+        async def counted(wp: str, ledger: Any) -> Any:
+            read_alone.append(wp)
+            return await read_rank(wp, ledger)
+
+        reloaded._read_rank = counted  # type: ignore[method-assign]
         outcomes = await reloaded.apply(children)
         await memory.apply(children)
         assert outcomes == [ApplyOutcome.APPLIED] * ranks
+        assert read_alone == [f"{model_prefix(MODEL)}w:3:"]  # only the string log's
         assert (await reloaded.stats()).dropped == {}  # every parent resolved
         assert await reloaded.presence(MODEL) == await memory.presence(MODEL)
         by_worker = {(w.worker_id, w.dp_rank): w for w in await reloaded.workers(MODEL)}
