@@ -337,40 +337,144 @@ class TestFailovers:
         await backend.flush()
         fleet, memory, index = PoolFleet(), MemoryIndex(CONFIG), backend.index(CONFIG)
         pool_id, info = await _pooled_fleet(index, memory, fleet)
-        home = info.home(pool_id)
         client = backend.client()
-        pool_keys = [key for key in index._pool_keys(info, pool_id) if not key.endswith("pos")]
-        saved = await _snapshot(client, [*pool_keys, home + "blk", home + "pos"])
-        evictions = _evictions(fleet)
-        await index.apply(evictions)
-        await memory.apply(evictions)
-        await _restore(client, saved)  # the home's master lost the evictions' decisions
+        await _lose_home_ops(index, memory, fleet, client, pool_id, info)
         more = [fleet.batch(WRITERS[1], 5000.0 + c, fleet.pool_store(c)) for c in range(2)]
         await index.apply(more)
         await memory.apply(more)
         assert index.pool_reslots == 1
-        # Wiped: what the pool is credited with now is what it held after every write.
-        held = pool_entries(await memory.presence(MODEL))
-        assert pool_entries(await index.presence(MODEL)) <= held
-        await index.close()
+        # Wiped: the pool holds what was stored after the re-slot (real times, above
+        # every time the pool and the ranks knew), nothing the lost evictions took.
+        assert pool_entries(await index.presence(MODEL)) == chain_keys(0, 1)
+        later = [fleet.batch(WRITERS[2], 6000.0, fleet.pool_store(2))]
+        reader = backend.index(CONFIG)
+        await reader.apply(later)
+        await memory.apply(later)
+        got = pool_entries(await index.presence(MODEL))
+        assert got == chain_keys(0, 1, 2)
+        assert got <= pool_entries(await memory.presence(MODEL))
+        await _assert_one_pool_id(index, pool_id)
+        for one in (index, reader):
+            await one.close()
         await client.aclose()
 
-    async def test_a_reslot_stopped_before_the_switch_is_finished_by_the_next_writer(
-            self, redis_server: Any) -> None:
-        """The old id marked collected everywhere, the directory still mapping it (a
-        re-slot stopped there): the next pool op finishes the re-slot, nothing lost."""
+    @pytest.mark.parametrize("wiped", [False, True], ids=["lost_entries", "lost_ops"])
+    async def test_a_reslot_stopped_after_its_mark_is_finished_by_the_next_writer(
+            self, redis_server: Any, wiped: bool) -> None:
+        """The old id marked (its re-slot's new id and whether it is wiped set with the
+        mark in its home), the writer stopped there: the next writer through another
+        indexer finishes that same re-slot, wiped if it was to be."""
         backend = Backend(redis_server.url, 4, cluster=False)
         await backend.flush()
         fleet, memory, index = PoolFleet(), MemoryIndex(CONFIG), backend.index(CONFIG)
         pool_id, info = await _pooled_fleet(index, memory, fleet)
-        await index._run([("HSET", prefix + "pos", f"q{pool_id}", "x")
-                          for prefix in info.prefixes])
+        client = backend.client()
+        lose = _lose_home_ops if wiped else _lose_subslot_entries
+        await lose(index, memory, fleet, client, pool_id, info)
+
+        async def stop() -> None:
+            raise _StoppedError
+
+        index.reslot_hook = stop
+        more = [fleet.batch(WRITERS[1], 5000.0, fleet.pool_store(45))]
+        with pytest.raises(_StoppedError):
+            await index.apply(more)
+        await index.close()
         other = backend.index(CONFIG)
-        evictions = _evictions(fleet)
-        await other.apply(evictions)
-        await memory.apply(evictions)
+        await other.apply(more)  # the redelivery
+        await memory.apply(more)
         assert other.pool_reslots == 1
-        await assert_exact(other, memory)
-        assert await backend.entries_of(pool_id) == 0
-        for one in (index, other):
+        if wiped:
+            assert pool_entries(await other.presence(MODEL)) == chain_keys(45)
+        else:
+            await assert_exact(other, memory)
+        await _assert_one_pool_id(other, pool_id)
+        await other.close()
+        await client.aclose()
+
+    @pytest.mark.parametrize("wiped", [False, True], ids=["lost_entries", "lost_ops"])
+    @pytest.mark.parametrize("meet", ["before_the_mark", "after_the_mark"])
+    async def test_two_indexers_reslotting_one_pool_at_once(
+            self, redis_server: Any, wiped: bool, meet: str) -> None:
+        """Both indexers find the failover's damage; the second comes in while the first
+        takes its new id (and runs the whole re-slot) or after the first marked the old
+        id (and finishes the first's re-slot). One re-slot happens, both calls end
+        applied, the pool keeps its tombstones (late stores older than the evictions stay
+        refused), or starts wiped when the home lost ops."""
+        backend = Backend(redis_server.url, 4, cluster=False)
+        await backend.flush()
+        fleet, memory = PoolFleet(), MemoryIndex(CONFIG)
+        first, second = backend.index(CONFIG), backend.index(CONFIG)
+        pool_id, info = await _pooled_fleet(first, memory, fleet)
+        await second._model(MODEL)
+        client = backend.client()
+        lose = _lose_home_ops if wiped else _lose_subslot_entries
+        await lose(first, memory, fleet, client, pool_id, info)
+        theirs = [fleet.batch(WRITERS[2], 5000.0, fleet.pool_store(46))]
+        mine = [fleet.batch(WRITERS[1], 5001.0, fleet.pool_store(45))]
+        met: list[list[ApplyOutcome]] = []
+
+        async def meanwhile(*_: Any) -> None:
+            if not met:
+                met.append(await second.apply(theirs))
+
+        if meet == "before_the_mark":
+            first.claim_hook = meanwhile
+        else:
+            first.reslot_hook = meanwhile
+        assert all(o.applied for o in await first.apply(mine))
+        assert met and all(o.applied for o in met[0])
+        await memory.apply(theirs + mine)
+        assert first.pool_reslots + second.pool_reslots >= 1
+        late = [fleet.batch(WRITERS[c], 2000.0 + c, fleet.pool_store(c)) for c in range(10)]
+        third = backend.index(CONFIG)
+        await third.apply(late)
+        await memory.apply(late)
+        if wiped:
+            assert pool_entries(await third.presence(MODEL)) == chain_keys(45, 46)
+        else:
+            await assert_exact(third, memory)
+        await _assert_one_pool_id(third, pool_id)
+        for one in (first, second, third):
             await one.close()
+        await client.aclose()
+
+
+def chain_keys(*chains: int) -> set[int]:
+    return {key for c in chains for key in block_keys_for_tokens(chain_tokens(c), BS, MODEL)}
+
+
+async def _lose_subslot_entries(index: ShardedRedisIndex, memory: MemoryIndex,
+                                fleet: PoolFleet, client: Any, pool_id: int,
+                                info: Any) -> None:
+    """The evictions applied, then lost by a sub-slot other than the pool's home."""
+    k = (pool_id + 1) % info.subslots
+    saved = await _snapshot(client, [info.prefixes[k] + "blk", info.prefixes[k] + "pos"])
+    evictions = _evictions(fleet)
+    await index.apply(evictions)
+    await memory.apply(evictions)
+    await _restore(client, saved)
+
+
+async def _lose_home_ops(index: ShardedRedisIndex, memory: MemoryIndex, fleet: PoolFleet,
+                         client: Any, pool_id: int, info: Any) -> None:
+    """The evictions applied, then lost by the pool's home (its state and its own
+    sub-slot roll back together; the other sub-slots keep them)."""
+    home = info.home(pool_id)
+    pool_keys = [key for key in index._pool_keys(info, pool_id) if not key.endswith("pos")]
+    saved = await _snapshot(client, [*pool_keys, home + "blk", home + "pos"])
+    evictions = _evictions(fleet)
+    await index.apply(evictions)
+    await memory.apply(evictions)
+    await _restore(client, saved)
+
+
+async def _assert_one_pool_id(index: ShardedRedisIndex, old: int) -> None:
+    """The pool re-slotted: mapped at a new id, the old one collected, no id left pending
+    or retired (entries of the old id a lost eviction left in a sub-slot stay, credited
+    to nobody: its map no longer names their keys)."""
+    prefix = f"kvi:{{s:{MODEL.replace('/', '~2F')}}}:"
+    slots = await index._redis.hgetall(prefix + "slots")
+    assert int(slots[f"{POOL}\n-1".encode()]) != old
+    assert await index._redis.hgetall(prefix + "pending") == {}
+    assert await index._redis.hgetall(prefix + "retired") == {}

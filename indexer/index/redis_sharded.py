@@ -57,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import json
 import os
 import random
 import struct
@@ -635,7 +636,7 @@ class ShardedRedisIndex:
             ledger.degraded = ledger.warned = meta[b"degraded"] == b"1"
             rank.committed = meta[b"tok"]
             rank.counter = _COUNTER.unpack_from(rank.committed)[0]
-            rank.pools_written = set(filter(None, meta.get(b"pools", b"").decode().split("\n")))
+            rank.pools_written = _unpack_pool_names(meta.get(b"pools", b""))
         if log_bytes:
             ledger.load_log(log_bytes)
             rank.log_bytes = len(log_bytes)
@@ -987,6 +988,7 @@ class ShardedRedisIndex:
         info = self._models[model]
         marked = await self._mark_reslot(model, pool, old, lost_ops=lost_ops, dead=dead)
         if marked is None:
+            await self._collect_retired(model)  # an id taken for it and abandoned
             return
         new, wiped = marked
         if self.reslot_hook is not None:
@@ -1152,7 +1154,7 @@ class ShardedRedisIndex:
             rank.committed, token, _POSITION.pack(ledger.epoch, ledger.last_seq),
             repr(ledger.last_ts), *ledger.counts, "1" if ledger.degraded else "0",
             ledger.worker_id, ledger.dp_rank, segment, "1" if replace else "0",
-            b"".join(rank.positions), "\n".join(sorted(rank.pools_written)))
+            b"".join(rank.positions), _pack_pool_names(rank.pools_written))
 
     def _log_segment(self, rank: _Rank) -> tuple[bytes, bool]:
         """What to append to the rank's log, or the whole log (True) after a reset, a
@@ -1890,6 +1892,26 @@ class ShardedRedisIndex:
             groups = dict(zip(groups[::2], groups[1::2], strict=True))
         return _Read(version, groups, _merge(replies, [parts[k][1] for k in used], n),
                      parts, n)
+
+
+def _pack_pool_names(names: set[str]) -> str:
+    """The pools a rank wrote since its last gap, for its ledger: a JSON list (a pool
+    name may hold any character, a line break among them)."""
+    return json.dumps(sorted(names)) if names else ""
+
+
+def _unpack_pool_names(raw: bytes) -> set[str]:
+    """`_pack_pool_names`' list; a value not a JSON list is the older form, one name a
+    line."""
+    text = raw.decode()
+    if text.startswith("["):
+        try:
+            names = json.loads(text)
+        except ValueError:
+            names = None
+        if isinstance(names, list) and all(isinstance(name, str) for name in names):
+            return set(names)
+    return set(filter(None, text.split("\n")))
 
 
 def _wiped_state(state: dict[bytes, bytes], newest_rank_ts: float) -> dict[bytes, bytes]:
