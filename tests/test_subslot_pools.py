@@ -336,9 +336,9 @@ class TestFailovers:
         backend = Backend(redis_server.url, 4, cluster=False)
         await backend.flush()
         fleet, memory, index = PoolFleet(), MemoryIndex(CONFIG), backend.index(CONFIG)
-        pool_id, info = await _pooled_fleet(index, memory, fleet)
+        pool_id, _ = await _pooled_fleet(index, memory, fleet)
         client = backend.client()
-        await _lose_home_ops(index, memory, fleet, client, pool_id, info)
+        await _lose_home_ops(index, memory, fleet, client)
         more = [fleet.batch(WRITERS[1], 5000.0 + c, fleet.pool_store(c)) for c in range(2)]
         await index.apply(more)
         await memory.apply(more)
@@ -367,10 +367,10 @@ class TestFailovers:
         backend = Backend(redis_server.url, 4, cluster=False)
         await backend.flush()
         fleet, memory, index = PoolFleet(), MemoryIndex(CONFIG), backend.index(CONFIG)
-        pool_id, info = await _pooled_fleet(index, memory, fleet)
+        pool_id, _ = await _pooled_fleet(index, memory, fleet)
         client = backend.client()
         lose = _lose_home_ops if wiped else _lose_subslot_entries
-        await lose(index, memory, fleet, client, pool_id, info)
+        await lose(index, memory, fleet, client)
 
         async def stop() -> None:
             raise _StoppedError
@@ -405,11 +405,11 @@ class TestFailovers:
         await backend.flush()
         fleet, memory = PoolFleet(), MemoryIndex(CONFIG)
         first, second = backend.index(CONFIG), backend.index(CONFIG)
-        pool_id, info = await _pooled_fleet(first, memory, fleet)
+        pool_id, _ = await _pooled_fleet(first, memory, fleet)
         await second._model(MODEL)
         client = backend.client()
         lose = _lose_home_ops if wiped else _lose_subslot_entries
-        await lose(first, memory, fleet, client, pool_id, info)
+        await lose(first, memory, fleet, client)
         theirs = [fleet.batch(WRITERS[2], 5000.0, fleet.pool_store(46))]
         mine = [fleet.batch(WRITERS[1], 5001.0, fleet.pool_store(45))]
         met: list[list[ApplyOutcome]] = []
@@ -440,14 +440,73 @@ class TestFailovers:
         await client.aclose()
 
 
+    async def test_an_id_taken_while_another_re_slot_marks_the_pool_is_abandoned(
+            self, redis_server: Any) -> None:
+        """The second indexer found no re-slot and takes a new id; meanwhile the first
+        marks its own and stops. The second's id is abandoned (the mark is the re-slot's
+        one owner: taking an id retires no other pending one), and it finishes the
+        first's re-slot."""
+        backend = Backend(redis_server.url, 4, cluster=False)
+        await backend.flush()
+        fleet, memory = PoolFleet(), MemoryIndex(CONFIG)
+        first, second = backend.index(CONFIG), backend.index(CONFIG)
+        pool_id, _ = await _pooled_fleet(first, memory, fleet)
+        await second._model(MODEL)
+        client = backend.client()
+        await _lose_subslot_entries(first, memory, fleet, client)
+        stopped = [fleet.batch(WRITERS[1], 5000.0, fleet.pool_store(45))]
+        theirs = [fleet.batch(WRITERS[2], 5001.0, fleet.pool_store(46))]
+
+        async def stop() -> None:
+            raise _StoppedError
+
+        async def first_marks_and_stops(_: int) -> None:
+            second.claim_hook = None
+            first.reslot_hook = stop
+            with pytest.raises(_StoppedError):
+                await first.apply(stopped)
+
+        second.claim_hook = first_marks_and_stops
+        assert all(o.applied for o in await second.apply(theirs))
+        await memory.apply(theirs)
+        await second.apply(stopped)  # the redelivery of the stopped call
+        await memory.apply(stopped)
+        await assert_exact(second, memory)
+        await _assert_one_pool_id(second, pool_id)
+        for one in (first, second):
+            await one.close()
+        await client.aclose()
+
+    async def test_an_old_id_dead_without_a_mark_is_re_slotted_wiped(
+            self, redis_server: Any) -> None:
+        """An id marked collected in every sub-slot with no re-slot named in its home
+        while the directory still maps it (a re-slot stopped by an older version): the
+        next writer re-slots it wiped (what the stopped one meant is not known)."""
+        backend = Backend(redis_server.url, 4, cluster=False)
+        await backend.flush()
+        fleet, memory, index = PoolFleet(), MemoryIndex(CONFIG), backend.index(CONFIG)
+        pool_id, info = await _pooled_fleet(index, memory, fleet)
+        await index._run([("HSET", prefix + "pos", f"q{pool_id}", "x")
+                          for prefix in info.prefixes])
+        other = backend.index(CONFIG)
+        more = [fleet.batch(WRITERS[1], 5000.0, fleet.pool_store(45))]
+        await other.apply(more)
+        await memory.apply(more)
+        assert other.pool_reslots == 1
+        assert pool_entries(await other.presence(MODEL)) == chain_keys(45)
+        await _assert_one_pool_id(other, pool_id)
+        for one in (index, other):
+            await one.close()
+
+
 def chain_keys(*chains: int) -> set[int]:
     return {key for c in chains for key in block_keys_for_tokens(chain_tokens(c), BS, MODEL)}
 
 
 async def _lose_subslot_entries(index: ShardedRedisIndex, memory: MemoryIndex,
-                                fleet: PoolFleet, client: Any, pool_id: int,
-                                info: Any) -> None:
+                                fleet: PoolFleet, client: Any) -> None:
     """The evictions applied, then lost by a sub-slot other than the pool's home."""
+    pool_id, info = await _pool_of(index)
     k = (pool_id + 1) % info.subslots
     saved = await _snapshot(client, [info.prefixes[k] + "blk", info.prefixes[k] + "pos"])
     evictions = _evictions(fleet)
@@ -457,9 +516,10 @@ async def _lose_subslot_entries(index: ShardedRedisIndex, memory: MemoryIndex,
 
 
 async def _lose_home_ops(index: ShardedRedisIndex, memory: MemoryIndex, fleet: PoolFleet,
-                         client: Any, pool_id: int, info: Any) -> None:
+                         client: Any) -> None:
     """The evictions applied, then lost by the pool's home (its state and its own
     sub-slot roll back together; the other sub-slots keep them)."""
+    pool_id, info = await _pool_of(index)
     home = info.home(pool_id)
     pool_keys = [key for key in index._pool_keys(info, pool_id) if not key.endswith("pos")]
     saved = await _snapshot(client, [*pool_keys, home + "blk", home + "pos"])
@@ -467,6 +527,11 @@ async def _lose_home_ops(index: ShardedRedisIndex, memory: MemoryIndex, fleet: P
     await index.apply(evictions)
     await memory.apply(evictions)
     await _restore(client, saved)
+
+
+async def _pool_of(index: ShardedRedisIndex) -> tuple[int, Any]:
+    slots = await index._redis.hgetall(f"kvi:{{s:{MODEL.replace('/', '~2F')}}}:slots")
+    return int(slots[f"{POOL}\n-1".encode()]), await index._model(MODEL)
 
 
 async def _assert_one_pool_id(index: ShardedRedisIndex, old: int) -> None:
@@ -478,3 +543,30 @@ async def _assert_one_pool_id(index: ShardedRedisIndex, old: int) -> None:
     assert int(slots[f"{POOL}\n-1".encode()]) != old
     assert await index._redis.hgetall(prefix + "pending") == {}
     assert await index._redis.hgetall(prefix + "retired") == {}
+
+
+async def test_a_gap_after_a_reload_wipes_a_pool_whose_name_holds_a_line_break(
+        backend: Backend) -> None:
+    """The pools a rank wrote since its last gap are kept with its ledger; a name with a
+    line break comes back whole in another process, and the gap wipes that pool (not
+    pools named by its fragments)."""
+    fleet, memory = PoolFleet(), MemoryIndex(CONFIG)
+    name = "fs\nx"
+    writer = WRITERS[0]
+    stored = BlockStored(block_hashes=chain_hashes(0), token_ids=pack_tokens(chain_tokens(0)),
+                         block_size=BS, medium="storage", pool=name)
+    first = [fleet.batch(writer, 1000.0, stored),
+             fleet.batch(WRITERS[1], 1000.0, fleet.pool_store(1))]
+    index = backend.index(CONFIG)
+    await index.apply(first)
+    await memory.apply(first)
+    await index.close()
+    fleet.seq[writer] += 1  # a batch lost on the bus
+    after_gap = [fleet.batch(writer, 2000.0, fleet.own_store(0))]
+    reloaded = backend.index(CONFIG)
+    assert await reloaded.apply(after_gap) == [ApplyOutcome.APPLIED_AFTER_GAP]
+    assert await memory.apply(after_gap) == [ApplyOutcome.APPLIED_AFTER_GAP]
+    held = await reloaded.presence(MODEL)
+    assert not [key for key, holders in held.items() if WorkerRef(name, -1) in holders]
+    assert held == await memory.presence(MODEL)
+    await reloaded.close()
