@@ -11,16 +11,20 @@ and the pool re-slotted (DUMP / RESTORE stands for the promoted replica)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
+from redis.crc import key_slot
 
+from indexer.errors import BackendError
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import ApplyOutcome, IndexConfig, ScoreQuery, WorkerRef
 from indexer.index.redis_sharded import ShardedRedisIndex
 from kvcore.bus import SCHEMA_VERSION, BlockRemoved, BlockStored, Event, EventBatch, pack_tokens
 from kvcore.keys import block_keys_for_tokens
+from tests.support.redis_cluster import RedisCluster
 from tests.support.subslot_backend import BACKEND_PARAMS, Backend, flushed_backend
 
 MODEL = "org/pooled-model"
@@ -570,3 +574,42 @@ async def test_a_gap_after_a_reload_wipes_a_pool_whose_name_holds_a_line_break(
     assert not [key for key, holders in held.items() if WorkerRef(name, -1) in holders]
     assert held == await memory.presence(MODEL)
     await reloaded.close()
+
+
+@pytest.mark.redis_cluster
+async def test_a_failover_that_lost_a_pools_ops_is_found_by_the_lost_writes_check(
+        own_cluster: RedisCluster) -> None:
+    """The pool home's replica is cut off while its master decides evictions, then the
+    master dies and the replica is promoted without them (the home's own sub-slot rolls
+    back with the home: its evicted entries come back). The lost-writes check finds the
+    home behind the op counter Redis confirmed and re-slots the pool wiped, before any
+    further pool op: no evicted block is credited."""
+    fleet, memory = PoolFleet(), MemoryIndex(CONFIG)
+    index = ShardedRedisIndex.from_url(own_cluster.url, subslots=3, cluster=True,
+                                       config=CONFIG)
+    pool_id, info = await _pooled_fleet(index, memory, fleet)
+    master = own_cluster.node_of_slot(key_slot(info.home(pool_id).encode()))
+    replica = own_cluster.wait_replica_synced(master)
+    replica.stop_signal(signal.SIGSTOP)
+    master.cli("CLIENT", "KILL", "TYPE", "replica")  # what follows never reaches it
+    evictions = _evictions(fleet)
+    await index.apply(evictions)  # acknowledged by the master only
+    await memory.apply(evictions)
+    master.kill()
+    replica.stop_signal(signal.SIGCONT)
+    replica.cli("CLUSTER", "FAILOVER", "TAKEOVER")
+    own_cluster.wait_ok(replicated=False)
+    for _ in range(50):  # the client learns the new master at its next error
+        try:
+            await index.ping()
+            break
+        except BackendError:
+            await asyncio.sleep(0.2)
+    assert index.pool_reslots == 1
+    assert pool_entries(await index.presence(MODEL)) <= pool_entries(
+        await memory.presence(MODEL))
+    more = [fleet.batch(WRITERS[1], 5000.0, fleet.pool_store(45))]
+    await index.apply(more)
+    await memory.apply(more)
+    assert pool_entries(await index.presence(MODEL)) == chain_keys(45)
+    await index.close()

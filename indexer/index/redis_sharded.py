@@ -439,6 +439,9 @@ class ShardedRedisIndex:
         # Redis Cluster failovers: (model, rank) -> (slot id, committed token or None
         # for a rank this process removed, positions) as Redis last confirmed them.
         self._confirmed: dict[tuple[str, WorkerRef], tuple[int, bytes | None, list[bytes]]] = {}
+        # ... and (model, pool id, pool) -> (its home's op counter, each sub-slot's last
+        # entry applied) as Redis last confirmed them.
+        self._pool_confirmed: dict[tuple[str, int, str], tuple[int, list[int]]] = {}
         self._masters: frozenset[str] = frozenset()
         self._suspect = False  # an apply failed: check the confirmed ranks again
         self._checking = asyncio.Lock()
@@ -891,6 +894,7 @@ class ShardedRedisIndex:
                     todo.append((key, pool_ops))
                 else:
                     pending[(key[0], pool_id, key[1])] = reply
+                    self._confirm_pool((key[0], pool_id, key[1]), int(reply[0]), [])
             if not todo:
                 break
         else:
@@ -959,6 +963,8 @@ class ShardedRedisIndex:
                 continue
             numbers = done.setdefault(key, [0] * self._models[key[0]].subslots)
             numbers[k] = int(float(reply))
+        for key, numbers in done.items():
+            self._confirm_pool(key, 0, numbers)
         trims = [key for key in done if key not in diverged]
         replies = await self._run([self._pool_call(key[0], (key[1], ""), None, "trim",
                                                    done[key]) for key in trims])
@@ -967,6 +973,16 @@ class ShardedRedisIndex:
         for model, pool_id, name in sorted(diverged | lost_ops):
             await self._reslot_pool(model, name, pool_id,
                                     lost_ops=(model, pool_id, name) in lost_ops)
+
+    def _confirm_pool(self, key: tuple[str, int, str], seq: int, applied: list[int]) -> None:
+        """Redis confirmed the pool's home at op counter `seq` and its sub-slots at least
+        at the numbers `applied` (for `check_lost_writes`)."""
+        was_seq, was_applied = self._pool_confirmed.get(key, (0, []))
+        if len(applied) < len(was_applied):
+            applied = applied + [0] * (len(was_applied) - len(applied))
+        self._pool_confirmed[key] = (max(seq, was_seq), [
+            max(n, was_applied[k] if k < len(was_applied) else 0)
+            for k, n in enumerate(applied)])
 
     async def _reslot_pool(self, model: str, pool: str, old: int, *, lost_ops: bool = False,
                            dead: bool = False) -> None:
@@ -1339,6 +1355,8 @@ class ShardedRedisIndex:
             del self._ranks[key]
         for key in [key for key in self._confirmed if key[0] == model]:
             del self._confirmed[key]
+        for confirmed in [key for key in self._pool_confirmed if key[0] == model]:
+            del self._pool_confirmed[confirmed]
         for pool_key in [pool_key for pool_key in self._pool_ids if pool_key[0] == model]:
             del self._pool_ids[pool_key]
         log.info("subslot_model_collected", model=model)
@@ -1504,11 +1522,57 @@ class ShardedRedisIndex:
                 behind = await self._ranks_behind()
                 for (model, ref), removed in behind:
                     await self._repair(model, ref, removed=removed)
+                pools = await self._pools_behind()
+                for (model, pool_id, pool), lost_ops in pools:
+                    await self._repair_pool(model, pool, pool_id, lost_ops=lost_ops)
             except RedisError as exc:
                 raise BackendError(f"redis lost-writes check failed: {exc}") from exc
             self._masters = masters
             self._suspect = False
-            return len(behind)
+            return len(behind) + len(pools)
+
+    async def _pools_behind(self) -> list[tuple[tuple[str, int, str], bool]]:
+        """The confirmed pools Redis holds behind what it confirmed (True: the home's op
+        counter is behind, it lost ops: re-slotted wiped; False: a sub-slot lost entries
+        it had applied). A pool the directory maps to another id, or whose id is being
+        re-slotted or collected, is no longer followed."""
+        items = list(self._pool_confirmed.items())
+        commands: list[Sequence[Any]] = []
+        read = []
+        for key, confirmed in items:
+            model, pool_id, pool = key
+            info = await self._model(model)
+            if info is None:
+                del self._pool_confirmed[key]
+                continue
+            read.append((key, confirmed, info))
+            commands += [("HGET", info.dir + "slots", f"{pool}\n{POOL_RANK}"),
+                         ("HGET", self._pool_keys(info, pool_id)[2], "seq")]
+            commands += [("HGET", prefix + "pos", f"q{pool_id}") for prefix in info.prefixes]
+        replies = iter(await self._run(commands)) if commands else iter([])
+        behind: list[tuple[tuple[str, int, str], bool]] = []
+        for key, (seq, applied), info in read:
+            mapped, home_seq = next(replies), next(replies)
+            numbers = [next(replies) for _ in info.prefixes]
+            if mapped is None or int(mapped) != key[1] or b"x" in numbers:
+                del self._pool_confirmed[key]
+            elif int(home_seq or 0) < seq:
+                behind.append((key, True))
+            elif any(int(float(now or 0)) < was
+                     for now, was in zip(numbers, applied, strict=False)):
+                behind.append((key, False))
+        return behind
+
+    async def _repair_pool(self, model: str, pool: str, pool_id: int, *,
+                           lost_ops: bool) -> None:
+        log.warning(LOST_WRITES_REASON, model=model, pool=pool, slot=pool_id,
+                    lost_ops=lost_ops)
+        self.lost_write_repairs += 1
+        self._pool_confirmed.pop((model, pool_id, pool), None)
+        async with self._lock:
+            self._forget_all()
+            if await self._model(model) is not None:
+                await self._reslot_pool(model, pool, pool_id, lost_ops=lost_ops)
 
     async def _ranks_behind(self) -> list[tuple[tuple[str, WorkerRef], bool]]:
         """The confirmed ranks Redis holds behind what it confirmed (True: removed by
