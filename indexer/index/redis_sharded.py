@@ -11,13 +11,15 @@ rank's ledger in its home sub-slot (`slot id mod S`):
     kvi:{T_k}:blk<g>                HASH  the same, of KV-cache group g > 0
     kvi:{T_k}:pos                   HASH  slot id -> token (16 B) + phase ('c' | 'd'); and
                                     `q<pool id>` -> the last pool entry applied here
-                                    ('x': the pool is being collected)
+                                    ('x': the pool is being collected or re-slotted,
+                                    or is gone: kept for good)
     kvi:{T_k}:p:<id>                STR   keys the id's last part here set (collection)
     kvi:{T_k}:nextslot              STR   a copy of the id counter (lua/subslot_claim.lua)
     kvi:{T_h}:w:<id>:meta, :log     the rank's committed token, position, counts, log,
-                                    and the pools it wrote since its last gap
+                                    and the pools it wrote since its last gap (JSON)
     kvi:{T_h}:q:<id>:map, gone, st, w, l:<k>
-                                    a pool's state in its home (lua/subslot_pool.lua)
+                                    a pool's state in its home (lua/subslot_pool.lua;
+                                    `st` names a re-slot's new id, `reslot_to`)
     kvi:smodels                     SET   sub-slot model names (listing)
 
 `T_k` is sub-slot k's tag `s:<model>:<k>.<suffix>`, the suffix searched at creation so
