@@ -11,16 +11,20 @@ and the pool re-slotted (DUMP / RESTORE stands for the promoted replica)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
+from redis.crc import key_slot
 
+from indexer.errors import BackendError
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import ApplyOutcome, IndexConfig, ScoreQuery, WorkerRef
 from indexer.index.redis_sharded import ShardedRedisIndex
 from kvcore.bus import SCHEMA_VERSION, BlockRemoved, BlockStored, Event, EventBatch, pack_tokens
 from kvcore.keys import block_keys_for_tokens
+from tests.support.redis_cluster import RedisCluster
 from tests.support.subslot_backend import BACKEND_PARAMS, Backend, flushed_backend
 
 MODEL = "org/pooled-model"
@@ -336,29 +340,152 @@ class TestFailovers:
         backend = Backend(redis_server.url, 4, cluster=False)
         await backend.flush()
         fleet, memory, index = PoolFleet(), MemoryIndex(CONFIG), backend.index(CONFIG)
-        pool_id, info = await _pooled_fleet(index, memory, fleet)
-        home = info.home(pool_id)
+        pool_id, _ = await _pooled_fleet(index, memory, fleet)
         client = backend.client()
-        pool_keys = [key for key in index._pool_keys(info, pool_id) if not key.endswith("pos")]
-        saved = await _snapshot(client, [*pool_keys, home + "blk", home + "pos"])
-        evictions = _evictions(fleet)
-        await index.apply(evictions)
-        await memory.apply(evictions)
-        await _restore(client, saved)  # the home's master lost the evictions' decisions
+        await _lose_home_ops(index, memory, fleet, client)
         more = [fleet.batch(WRITERS[1], 5000.0 + c, fleet.pool_store(c)) for c in range(2)]
         await index.apply(more)
         await memory.apply(more)
         assert index.pool_reslots == 1
-        # Wiped: what the pool is credited with now is what it held after every write.
-        held = pool_entries(await memory.presence(MODEL))
-        assert pool_entries(await index.presence(MODEL)) <= held
-        await index.close()
+        # Wiped: the pool holds what was stored after the re-slot (real times, above
+        # every time the pool and the ranks knew), nothing the lost evictions took.
+        assert pool_entries(await index.presence(MODEL)) == chain_keys(0, 1)
+        later = [fleet.batch(WRITERS[2], 6000.0, fleet.pool_store(2))]
+        reader = backend.index(CONFIG)
+        await reader.apply(later)
+        await memory.apply(later)
+        got = pool_entries(await index.presence(MODEL))
+        assert got == chain_keys(0, 1, 2)
+        assert got <= pool_entries(await memory.presence(MODEL))
+        await _assert_one_pool_id(index, pool_id)
+        for one in (index, reader):
+            await one.close()
         await client.aclose()
 
-    async def test_a_reslot_stopped_before_the_switch_is_finished_by_the_next_writer(
+    @pytest.mark.parametrize("wiped", [False, True], ids=["lost_entries", "lost_ops"])
+    async def test_a_reslot_stopped_after_its_mark_is_finished_by_the_next_writer(
+            self, redis_server: Any, wiped: bool) -> None:
+        """The old id marked (its re-slot's new id and whether it is wiped set with the
+        mark in its home), the writer stopped there: the next writer through another
+        indexer finishes that same re-slot, wiped if it was to be."""
+        backend = Backend(redis_server.url, 4, cluster=False)
+        await backend.flush()
+        fleet, memory, index = PoolFleet(), MemoryIndex(CONFIG), backend.index(CONFIG)
+        pool_id, _ = await _pooled_fleet(index, memory, fleet)
+        client = backend.client()
+        lose = _lose_home_ops if wiped else _lose_subslot_entries
+        await lose(index, memory, fleet, client)
+
+        async def stop() -> None:
+            raise _StoppedError
+
+        index.reslot_hook = stop
+        more = [fleet.batch(WRITERS[1], 5000.0, fleet.pool_store(45))]
+        with pytest.raises(_StoppedError):
+            await index.apply(more)
+        await index.close()
+        other = backend.index(CONFIG)
+        await other.apply(more)  # the redelivery
+        await memory.apply(more)
+        assert other.pool_reslots == 1
+        if wiped:
+            assert pool_entries(await other.presence(MODEL)) == chain_keys(45)
+        else:
+            await assert_exact(other, memory)
+        await _assert_one_pool_id(other, pool_id)
+        await other.close()
+        await client.aclose()
+
+    @pytest.mark.parametrize("wiped", [False, True], ids=["lost_entries", "lost_ops"])
+    @pytest.mark.parametrize("meet", ["before_the_mark", "after_the_mark"])
+    async def test_two_indexers_reslotting_one_pool_at_once(
+            self, redis_server: Any, wiped: bool, meet: str) -> None:
+        """Both indexers find the failover's damage; the second comes in while the first
+        takes its new id (and runs the whole re-slot) or after the first marked the old
+        id (and finishes the first's re-slot). One re-slot happens, both calls end
+        applied, the pool keeps its tombstones (late stores older than the evictions stay
+        refused), or starts wiped when the home lost ops."""
+        backend = Backend(redis_server.url, 4, cluster=False)
+        await backend.flush()
+        fleet, memory = PoolFleet(), MemoryIndex(CONFIG)
+        first, second = backend.index(CONFIG), backend.index(CONFIG)
+        pool_id, _ = await _pooled_fleet(first, memory, fleet)
+        await second._model(MODEL)
+        client = backend.client()
+        lose = _lose_home_ops if wiped else _lose_subslot_entries
+        await lose(first, memory, fleet, client)
+        theirs = [fleet.batch(WRITERS[2], 5000.0, fleet.pool_store(46))]
+        mine = [fleet.batch(WRITERS[1], 5001.0, fleet.pool_store(45))]
+        met: list[list[ApplyOutcome]] = []
+
+        async def meanwhile(*_: Any) -> None:
+            if not met:
+                met.append(await second.apply(theirs))
+
+        if meet == "before_the_mark":
+            first.claim_hook = meanwhile
+        else:
+            first.reslot_hook = meanwhile
+        assert all(o.applied for o in await first.apply(mine))
+        assert met and all(o.applied for o in met[0])
+        await memory.apply(theirs + mine)
+        assert first.pool_reslots + second.pool_reslots >= 1
+        late = [fleet.batch(WRITERS[c], 2000.0 + c, fleet.pool_store(c)) for c in range(10)]
+        third = backend.index(CONFIG)
+        await third.apply(late)
+        await memory.apply(late)
+        if wiped:
+            assert pool_entries(await third.presence(MODEL)) == chain_keys(45, 46)
+        else:
+            await assert_exact(third, memory)
+        await _assert_one_pool_id(third, pool_id)
+        for one in (first, second, third):
+            await one.close()
+        await client.aclose()
+
+
+    async def test_an_id_taken_while_another_re_slot_marks_the_pool_is_abandoned(
             self, redis_server: Any) -> None:
-        """The old id marked collected everywhere, the directory still mapping it (a
-        re-slot stopped there): the next pool op finishes the re-slot, nothing lost."""
+        """The second indexer found no re-slot and takes a new id; meanwhile the first
+        marks its own and stops. The second's id is abandoned (the mark is the re-slot's
+        one owner: taking an id retires no other pending one), and it finishes the
+        first's re-slot."""
+        backend = Backend(redis_server.url, 4, cluster=False)
+        await backend.flush()
+        fleet, memory = PoolFleet(), MemoryIndex(CONFIG)
+        first, second = backend.index(CONFIG), backend.index(CONFIG)
+        pool_id, _ = await _pooled_fleet(first, memory, fleet)
+        await second._model(MODEL)
+        client = backend.client()
+        await _lose_subslot_entries(first, memory, fleet, client)
+        stopped = [fleet.batch(WRITERS[1], 5000.0, fleet.pool_store(45))]
+        theirs = [fleet.batch(WRITERS[2], 5001.0, fleet.pool_store(46))]
+
+        async def stop() -> None:
+            raise _StoppedError
+
+        async def first_marks_and_stops(_: int) -> None:
+            second.claim_hook = None
+            first.reslot_hook = stop
+            with pytest.raises(_StoppedError):
+                await first.apply(stopped)
+
+        second.claim_hook = first_marks_and_stops
+        assert all(o.applied for o in await second.apply(theirs))
+        await memory.apply(theirs)
+        await second.apply(stopped)  # the redelivery of the stopped call
+        await memory.apply(stopped)
+        await assert_exact(second, memory)
+        await _assert_one_pool_id(second, pool_id)
+        for one in (first, second):
+            await one.close()
+        await client.aclose()
+
+    async def test_an_old_id_dead_without_a_mark_is_re_slotted_wiped(
+            self, redis_server: Any) -> None:
+        """An id marked collected in every sub-slot with no re-slot named in its home
+        while the directory still maps it (a re-slot stopped by an older version): the
+        next writer re-slots it wiped (what the stopped one meant is not known)."""
         backend = Backend(redis_server.url, 4, cluster=False)
         await backend.flush()
         fleet, memory, index = PoolFleet(), MemoryIndex(CONFIG), backend.index(CONFIG)
@@ -366,11 +493,123 @@ class TestFailovers:
         await index._run([("HSET", prefix + "pos", f"q{pool_id}", "x")
                           for prefix in info.prefixes])
         other = backend.index(CONFIG)
-        evictions = _evictions(fleet)
-        await other.apply(evictions)
-        await memory.apply(evictions)
+        more = [fleet.batch(WRITERS[1], 5000.0, fleet.pool_store(45))]
+        await other.apply(more)
+        await memory.apply(more)
         assert other.pool_reslots == 1
-        await assert_exact(other, memory)
-        assert await backend.entries_of(pool_id) == 0
+        assert pool_entries(await other.presence(MODEL)) == chain_keys(45)
+        await _assert_one_pool_id(other, pool_id)
         for one in (index, other):
             await one.close()
+
+
+def chain_keys(*chains: int) -> set[int]:
+    return {key for c in chains for key in block_keys_for_tokens(chain_tokens(c), BS, MODEL)}
+
+
+async def _lose_subslot_entries(index: ShardedRedisIndex, memory: MemoryIndex,
+                                fleet: PoolFleet, client: Any) -> None:
+    """The evictions applied, then lost by a sub-slot other than the pool's home."""
+    pool_id, info = await _pool_of(index)
+    k = (pool_id + 1) % info.subslots
+    saved = await _snapshot(client, [info.prefixes[k] + "blk", info.prefixes[k] + "pos"])
+    evictions = _evictions(fleet)
+    await index.apply(evictions)
+    await memory.apply(evictions)
+    await _restore(client, saved)
+
+
+async def _lose_home_ops(index: ShardedRedisIndex, memory: MemoryIndex, fleet: PoolFleet,
+                         client: Any) -> None:
+    """The evictions applied, then lost by the pool's home (its state and its own
+    sub-slot roll back together; the other sub-slots keep them)."""
+    pool_id, info = await _pool_of(index)
+    home = info.home(pool_id)
+    pool_keys = [key for key in index._pool_keys(info, pool_id) if not key.endswith("pos")]
+    saved = await _snapshot(client, [*pool_keys, home + "blk", home + "pos"])
+    evictions = _evictions(fleet)
+    await index.apply(evictions)
+    await memory.apply(evictions)
+    await _restore(client, saved)
+
+
+async def _pool_of(index: ShardedRedisIndex) -> tuple[int, Any]:
+    slots = await index._redis.hgetall(f"kvi:{{s:{MODEL.replace('/', '~2F')}}}:slots")
+    return int(slots[f"{POOL}\n-1".encode()]), await index._model(MODEL)
+
+
+async def _assert_one_pool_id(index: ShardedRedisIndex, old: int) -> None:
+    """The pool re-slotted: mapped at a new id, the old one collected, no id left pending
+    or retired (entries of the old id a lost eviction left in a sub-slot stay, credited
+    to nobody: its map no longer names their keys)."""
+    prefix = f"kvi:{{s:{MODEL.replace('/', '~2F')}}}:"
+    slots = await index._redis.hgetall(prefix + "slots")
+    assert int(slots[f"{POOL}\n-1".encode()]) != old
+    assert await index._redis.hgetall(prefix + "pending") == {}
+    assert await index._redis.hgetall(prefix + "retired") == {}
+
+
+async def test_a_gap_after_a_reload_wipes_a_pool_whose_name_holds_a_line_break(
+        backend: Backend) -> None:
+    """The pools a rank wrote since its last gap are kept with its ledger; a name with a
+    line break comes back whole in another process, and the gap wipes that pool (not
+    pools named by its fragments)."""
+    fleet, memory = PoolFleet(), MemoryIndex(CONFIG)
+    name = "fs\nx"
+    writer = WRITERS[0]
+    stored = BlockStored(block_hashes=chain_hashes(0), token_ids=pack_tokens(chain_tokens(0)),
+                         block_size=BS, medium="storage", pool=name)
+    first = [fleet.batch(writer, 1000.0, stored),
+             fleet.batch(WRITERS[1], 1000.0, fleet.pool_store(1))]
+    index = backend.index(CONFIG)
+    await index.apply(first)
+    await memory.apply(first)
+    await index.close()
+    fleet.seq[writer] += 1  # a batch lost on the bus
+    after_gap = [fleet.batch(writer, 2000.0, fleet.own_store(0))]
+    reloaded = backend.index(CONFIG)
+    assert await reloaded.apply(after_gap) == [ApplyOutcome.APPLIED_AFTER_GAP]
+    assert await memory.apply(after_gap) == [ApplyOutcome.APPLIED_AFTER_GAP]
+    held = await reloaded.presence(MODEL)
+    assert not [key for key, holders in held.items() if WorkerRef(name, -1) in holders]
+    assert held == await memory.presence(MODEL)
+    await reloaded.close()
+
+
+@pytest.mark.redis_cluster
+async def test_a_failover_that_lost_a_pools_ops_is_found_by_the_lost_writes_check(
+        own_cluster: RedisCluster) -> None:
+    """The pool home's replica is cut off while its master decides evictions, then the
+    master dies and the replica is promoted without them (the home's own sub-slot rolls
+    back with the home: its evicted entries come back). The lost-writes check finds the
+    home behind the op counter Redis confirmed and re-slots the pool wiped, before any
+    further pool op: no evicted block is credited."""
+    fleet, memory = PoolFleet(), MemoryIndex(CONFIG)
+    index = ShardedRedisIndex.from_url(own_cluster.url, subslots=3, cluster=True,
+                                       config=CONFIG)
+    pool_id, info = await _pooled_fleet(index, memory, fleet)
+    master = own_cluster.node_of_slot(key_slot(info.home(pool_id).encode()))
+    replica = own_cluster.wait_replica_synced(master)
+    replica.stop_signal(signal.SIGSTOP)
+    master.cli("CLIENT", "KILL", "TYPE", "replica")  # what follows never reaches it
+    evictions = _evictions(fleet)
+    await index.apply(evictions)  # acknowledged by the master only
+    await memory.apply(evictions)
+    master.kill()
+    replica.stop_signal(signal.SIGCONT)
+    replica.cli("CLUSTER", "FAILOVER", "TAKEOVER")
+    own_cluster.wait_ok(replicated=False)
+    for _ in range(50):  # the client learns the new master at its next error
+        try:
+            await index.ping()
+            break
+        except BackendError:
+            await asyncio.sleep(0.2)
+    assert index.pool_reslots == 1
+    assert pool_entries(await index.presence(MODEL)) <= pool_entries(
+        await memory.presence(MODEL))
+    more = [fleet.batch(WRITERS[1], 5000.0, fleet.pool_store(45))]
+    await index.apply(more)
+    await memory.apply(more)
+    assert pool_entries(await index.presence(MODEL)) == chain_keys(45)
+    await index.close()

@@ -11,13 +11,15 @@ rank's ledger in its home sub-slot (`slot id mod S`):
     kvi:{T_k}:blk<g>                HASH  the same, of KV-cache group g > 0
     kvi:{T_k}:pos                   HASH  slot id -> token (16 B) + phase ('c' | 'd'); and
                                     `q<pool id>` -> the last pool entry applied here
-                                    ('x': the pool is being collected)
+                                    ('x': the pool is being collected or re-slotted,
+                                    or is gone: kept for good)
     kvi:{T_k}:p:<id>                STR   keys the id's last part here set (collection)
     kvi:{T_k}:nextslot              STR   a copy of the id counter (lua/subslot_claim.lua)
     kvi:{T_h}:w:<id>:meta, :log     the rank's committed token, position, counts, log,
-                                    and the pools it wrote since its last gap
+                                    and the pools it wrote since its last gap (JSON)
     kvi:{T_h}:q:<id>:map, gone, st, w, l:<k>
-                                    a pool's state in its home (lua/subslot_pool.lua)
+                                    a pool's state in its home (lua/subslot_pool.lua;
+                                    `st` names a re-slot's new id, `reslot_to`)
     kvi:smodels                     SET   sub-slot model names (listing)
 
 `T_k` is sub-slot k's tag `s:<model>:<k>.<suffix>`, the suffix searched at creation so
@@ -57,10 +59,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import json
 import os
 import random
 import struct
-import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
@@ -423,6 +425,7 @@ class ShardedRedisIndex:
         self._block_sizes: dict[str, int] = {}
         self._pool_ids: dict[tuple[str, str], int] = {}  # (model, pool) -> its slot id
         self.pool_hook: PoolHook | None = None
+        self.reslot_hook: PoolHook | None = None  # after a pool re-slot's mark (tests stop there)
         self.pool_reslots = 0  # pools found diverged (a failover) and re-slotted
         self._known_models: set[str] = set()
         # model -> KV-cache group -> spec this process wrote to the directory's `groups`
@@ -438,6 +441,9 @@ class ShardedRedisIndex:
         # Redis Cluster failovers: (model, rank) -> (slot id, committed token or None
         # for a rank this process removed, positions) as Redis last confirmed them.
         self._confirmed: dict[tuple[str, WorkerRef], tuple[int, bytes | None, list[bytes]]] = {}
+        # ... and (model, pool id, pool) -> (its home's op counter, each sub-slot's last
+        # entry applied) as Redis last confirmed them.
+        self._pool_confirmed: dict[tuple[str, int, str], tuple[int, list[int]]] = {}
         self._masters: frozenset[str] = frozenset()
         self._suspect = False  # an apply failed: check the confirmed ranks again
         self._checking = asyncio.Lock()
@@ -635,7 +641,7 @@ class ShardedRedisIndex:
             ledger.degraded = ledger.warned = meta[b"degraded"] == b"1"
             rank.committed = meta[b"tok"]
             rank.counter = _COUNTER.unpack_from(rank.committed)[0]
-            rank.pools_written = set(filter(None, meta.get(b"pools", b"").decode().split("\n")))
+            rank.pools_written = _unpack_pool_names(meta.get(b"pools", b""))
         if log_bytes:
             ledger.load_log(log_bytes)
             rank.log_bytes = len(log_bytes)
@@ -885,10 +891,12 @@ class ShardedRedisIndex:
                     await self._pool_gone(key[0], key[1], pool_id)
                     todo.append((key, pool_ops))
                 elif reply == b"diverged":
+                    self._pool_ids.pop(key, None)
                     await self._reslot_pool(key[0], key[1], pool_id, lost_ops=True)
                     todo.append((key, pool_ops))
                 else:
                     pending[(key[0], pool_id, key[1])] = reply
+                    self._confirm_pool((key[0], pool_id, key[1]), int(reply[0]), [])
             if not todo:
                 break
         else:
@@ -925,7 +933,7 @@ class ShardedRedisIndex:
         self._pool_ids.pop((model, pool), None)
         raw = await self._redis.hget(directory_prefix(model) + "slots", f"{pool}\n{POOL_RANK}")
         if raw is not None and int(raw) == pool_id:
-            await self._reslot_pool(model, pool, pool_id)
+            await self._reslot_pool(model, pool, pool_id, dead=True)
 
     def _pool_call(self, model: str, pool: tuple[int, str], floor: bytes | None, mode: str,
                    args: Sequence[bytes | int]) -> tuple[Any, ...]:
@@ -939,8 +947,9 @@ class ShardedRedisIndex:
         applied. A pool whose sub-slots and home disagree (a sub-slot missing entries it
         had applied, or past the home's current counter: a failover lost writes on one
         side) is re-slotted."""
-        targets = [(key, k, entries) for key, (_, *lists) in pending.items()
-                   for k, entries in enumerate(lists) if entries]
+        # a reply not a list: the pool's home answered `dead` (a concurrent collection)
+        targets = [(key, k, entries) for key, reply in pending.items()
+                   if isinstance(reply, list) for k, entries in enumerate(reply[1:]) if entries]
         applied = await self._run([
             self._eval("pool_apply", [self._models[model].prefixes[k] + "blk",
                                       self._models[model].prefixes[k] + "pos"],
@@ -956,6 +965,8 @@ class ShardedRedisIndex:
                 continue
             numbers = done.setdefault(key, [0] * self._models[key[0]].subslots)
             numbers[k] = int(float(reply))
+        for key, numbers in done.items():
+            self._confirm_pool(key, 0, numbers)
         trims = [key for key in done if key not in diverged]
         replies = await self._run([self._pool_call(key[0], (key[1], ""), None, "trim",
                                                    done[key]) for key in trims])
@@ -965,8 +976,18 @@ class ShardedRedisIndex:
             await self._reslot_pool(model, name, pool_id,
                                     lost_ops=(model, pool_id, name) in lost_ops)
 
-    async def _reslot_pool(self, model: str, pool: str, old: int, *,
-                           lost_ops: bool = False) -> None:
+    def _confirm_pool(self, key: tuple[str, int, str], seq: int, applied: list[int]) -> None:
+        """Redis confirmed the pool's home at op counter `seq` and its sub-slots at least
+        at the numbers `applied` (for `check_lost_writes`)."""
+        was_seq, was_applied = self._pool_confirmed.get(key, (0, []))
+        if len(applied) < len(was_applied):
+            applied = applied + [0] * (len(was_applied) - len(applied))
+        self._pool_confirmed[key] = (max(seq, was_seq), [
+            max(n, was_applied[k] if k < len(was_applied) else 0)
+            for k, n in enumerate(applied)])
+
+    async def _reslot_pool(self, model: str, pool: str, old: int, *, lost_ops: bool = False,
+                           dead: bool = False) -> None:
         """Move a pool whose presence in some sub-slot no longer follows its home to a new
         id, as a torn rank is: the old id is marked collected everywhere (no op or entry
         lands on it any more), its home state (map, tombstones, floor, epoch, writers'
@@ -975,35 +996,75 @@ class ShardedRedisIndex:
         old id its map and lists do not name stay, credited to nobody (ids are never
         reused). `lost_ops`: the home itself lost ops (evictions among them, whose
         batches will not come again), so its map is not trusted: the new id starts
-        wiped, its floor at the newest time the old state or this clock knows."""
+        wiped, its floor at the newest time the pool or the model's ranks know.
+        One re-slot per old id: its new id and whether it is wiped are set once, with
+        the old home's `x` mark (`_mark_reslot`); whoever meets the old id dead resumes
+        that re-slot, and each step is idempotent. `dead`: the old id was found dead
+        without a re-slot mark while the directory maps it (a re-slot stopped by an
+        older version): one is started, wiped. Returns with the directory switched, or
+        (another process switched or removed the pool) for the caller to read it again."""
         info = self._models[model]
-        log.warning("pool_diverged_reslot", model=model, pool=pool, old_slot=old)
+        marked = await self._mark_reslot(model, pool, old, lost_ops=lost_ops, dead=dead)
+        if marked is None:
+            await self._collect_retired(model)  # an id taken for it and abandoned
+            return
+        new, wiped = marked
+        if self.reslot_hook is not None:
+            await self.reslot_hook()
+        log.warning("pool_diverged_reslot", model=model, pool=pool, old_slot=old,
+                    new_slot=new, wiped=wiped)
         await self._run([("HSET", prefix + "pos", f"q{old}", "x") for prefix in info.prefixes])
-        old_keys = self._pool_keys(info, old)
-        state = await self._run([("HGETALL", key) for key in old_keys[:4]])
-        new = await self._new_id(model, WorkerRef(pool, POOL_RANK))
-        new_keys = self._pool_keys(info, new)
-        commands: list[Sequence[Any]] = [
-            ("DEL", *[key for key in new_keys if not key.endswith(":pos")])]
-        if lost_ops:
-            state = [{}, {}, _wiped_state(state[2]), state[3]]
-        for key, found in zip(new_keys[:4], state, strict=True):
-            kept = ({f: v for f, v in found.items() if f in _POOL_STATE_KEPT}
-                    if key.endswith(":st") else found)
-            items = [v for pair in kept.items() for v in pair]
-            commands += [("HSET", key, *items[i : i + 2_000])
-                         for i in range(0, len(items), 2_000)]
-        await self._run(commands)
-        [reply] = await self._run([self._pool_call(model, (new, pool), None, "rebuild", [])])
+        state = await self._run([("HGETALL", key) for key in self._pool_keys(info, old)[:4]])
+        if wiped:
+            state = [{}, {}, _wiped_state(state[2], await self._newest_rank_ts(model)),
+                     state[3]]
+        state[2] = {f: v for f, v in state[2].items() if f in _POOL_STATE_KEPT}
+        counts = [len(found) for found in state]
+        items = [v for found in state for pair in found.items() for v in pair]
+        [reply] = await self._run([self._pool_call(model, (new, pool), None, "build",
+                                                   [*counts, *items])])
         await self._drain_pools({(model, new, pool): reply})
         [status] = await self._run([self._dir_call(model, "switch", pool, POOL_RANK, old,
                                                    new)])
-        if status != b"ok":
-            raise BackendError(f"pool {pool} of {model} was removed or re-slotted by another "
-                               "process")
-        self._pool_ids[(model, pool)] = new
-        self.pool_reslots += 1
+        if status == b"ok":
+            self._pool_ids[(model, pool)] = new
+            self.pool_reslots += 1
+        else:  # switched by another process to another id, or removed: the new id goes
+            await self._run([self._dir_call(model, "abandon", pool, POOL_RANK, new)])
+            if dead:  # a mark this call set on an old id already collected
+                await self._redis.delete(self._pool_keys(info, old)[2])
         await self._collect_retired(model)
+
+    async def _mark_reslot(self, model: str, pool: str, old: int, *, lost_ops: bool,
+                           dead: bool) -> tuple[int, bool] | None:
+        """The old id's re-slot (its new id, wiped or not): the one already marked in its
+        home, else one marked now under a new id taken for it (an id taken and not used,
+        a concurrent mark having won, is abandoned). None: the old id is dead with no
+        re-slot (removed, or re-slotted and collected)."""
+        asked = await self._run([self._pool_call(model, (old, pool), None, "mark", [b"", 0, 0])])
+        reply = asked[0]
+        if reply == b"gone" and not dead:
+            return None
+        if not isinstance(reply, list):
+            new = await self._new_id(model, WorkerRef(pool, POOL_RANK))
+            [reply] = await self._run([self._pool_call(
+                model, (old, pool), None, "mark", [new, int(lost_ops or dead), int(dead)])])
+            if not isinstance(reply, list) or int(reply[0]) != new:
+                await self._run([self._dir_call(model, "abandon", pool, POOL_RANK, new)])
+            if not isinstance(reply, list):
+                return None
+        return int(reply[0]), reply[1] == b"1"
+
+    async def _newest_rank_ts(self, model: str) -> float:
+        """The newest batch time any rank of the model committed (a wiped pool's floor: no
+        store older than an eviction the home lost is taken again)."""
+        info = self._models[model]
+        slots = await self._redis.hgetall(info.dir + "slots")
+        ids = [int(slot) for ref, slot in slots.items()
+               if not _text(ref).endswith(f"\n{POOL_RANK}")]
+        stamps = await self._run([("HGET", f"{info.home(slot)}w:{slot}:meta", "ts")
+                                  for slot in ids]) if ids else []
+        return max((float(ts) for ts in stamps if ts is not None), default=0.0)
 
     async def _write_group_specs(self, calls: list[tuple[_Rank, _NetSink]]) -> None:
         """List every KV-cache group the calls write (and the specs they learned) in the
@@ -1111,7 +1172,7 @@ class ShardedRedisIndex:
             rank.committed, token, _POSITION.pack(ledger.epoch, ledger.last_seq),
             repr(ledger.last_ts), *ledger.counts, "1" if ledger.degraded else "0",
             ledger.worker_id, ledger.dp_rank, segment, "1" if replace else "0",
-            b"".join(rank.positions), "\n".join(sorted(rank.pools_written)))
+            b"".join(rank.positions), _pack_pool_names(rank.pools_written))
 
     def _log_segment(self, rank: _Rank) -> tuple[bytes, bool]:
         """What to append to the rank's log, or the whole log (True) after a reset, a
@@ -1255,9 +1316,12 @@ class ShardedRedisIndex:
     async def _collect_retired(self, model: str) -> None:
         """Collect every retired id of the model (not the pending ones: a re-slot may be
         writing them; the rank's next re-slot or removal retires them)."""
-        retired = await self._redis.hgetall(directory_prefix(model) + "retired")
+        retired, mapped = await self._run([("HGETALL", directory_prefix(model) + "retired"),
+                                           ("HVALS", directory_prefix(model) + "slots")])
+        live = {int(slot) for slot in mapped}  # never collect an id the directory maps
         for raw, ref in sorted((int(r), _text(ref)) for r, ref in retired.items()):
-            await self._collect(model, raw, pool=ref.endswith(f"\n{POOL_RANK}"))
+            if raw not in live:
+                await self._collect(model, raw, pool=ref.endswith(f"\n{POOL_RANK}"))
 
     async def _collect_model(self, model: str) -> bool:
         """Collect a model without ranks: its retired ids, then (directory `collecting`)
@@ -1293,6 +1357,8 @@ class ShardedRedisIndex:
             del self._ranks[key]
         for key in [key for key in self._confirmed if key[0] == model]:
             del self._confirmed[key]
+        for confirmed in [key for key in self._pool_confirmed if key[0] == model]:
+            del self._pool_confirmed[confirmed]
         for pool_key in [pool_key for pool_key in self._pool_ids if pool_key[0] == model]:
             del self._pool_ids[pool_key]
         log.info("subslot_model_collected", model=model)
@@ -1458,11 +1524,57 @@ class ShardedRedisIndex:
                 behind = await self._ranks_behind()
                 for (model, ref), removed in behind:
                     await self._repair(model, ref, removed=removed)
+                pools = await self._pools_behind()
+                for (model, pool_id, pool), lost_ops in pools:
+                    await self._repair_pool(model, pool, pool_id, lost_ops=lost_ops)
             except RedisError as exc:
                 raise BackendError(f"redis lost-writes check failed: {exc}") from exc
             self._masters = masters
             self._suspect = False
-            return len(behind)
+            return len(behind) + len(pools)
+
+    async def _pools_behind(self) -> list[tuple[tuple[str, int, str], bool]]:
+        """The confirmed pools Redis holds behind what it confirmed (True: the home's op
+        counter is behind, it lost ops: re-slotted wiped; False: a sub-slot lost entries
+        it had applied). A pool the directory maps to another id, or whose id is being
+        re-slotted or collected, is no longer followed."""
+        items = list(self._pool_confirmed.items())
+        commands: list[Sequence[Any]] = []
+        read = []
+        for key, confirmed in items:
+            model, pool_id, pool = key
+            info = await self._model(model)
+            if info is None:
+                del self._pool_confirmed[key]
+                continue
+            read.append((key, confirmed, info))
+            commands += [("HGET", info.dir + "slots", f"{pool}\n{POOL_RANK}"),
+                         ("HGET", self._pool_keys(info, pool_id)[2], "seq")]
+            commands += [("HGET", prefix + "pos", f"q{pool_id}") for prefix in info.prefixes]
+        replies = iter(await self._run(commands)) if commands else iter([])
+        behind: list[tuple[tuple[str, int, str], bool]] = []
+        for key, (seq, applied), info in read:
+            mapped, home_seq = next(replies), next(replies)
+            numbers = [next(replies) for _ in info.prefixes]
+            if mapped is None or int(mapped) != key[1] or b"x" in numbers:
+                del self._pool_confirmed[key]
+            elif int(home_seq or 0) < seq:
+                behind.append((key, True))
+            elif any(int(float(now or 0)) < was
+                     for now, was in zip(numbers, applied, strict=False)):
+                behind.append((key, False))
+        return behind
+
+    async def _repair_pool(self, model: str, pool: str, pool_id: int, *,
+                           lost_ops: bool) -> None:
+        log.warning(LOST_WRITES_REASON, model=model, pool=pool, slot=pool_id,
+                    lost_ops=lost_ops)
+        self.lost_write_repairs += 1
+        self._pool_confirmed.pop((model, pool_id, pool), None)
+        async with self._lock:
+            self._forget_all()
+            if await self._model(model) is not None:
+                await self._reslot_pool(model, pool, pool_id, lost_ops=lost_ops)
 
     async def _ranks_behind(self) -> list[tuple[tuple[str, WorkerRef], bool]]:
         """The confirmed ranks Redis holds behind what it confirmed (True: removed by
@@ -1848,12 +1960,33 @@ class ShardedRedisIndex:
                      parts, n)
 
 
-def _wiped_state(state: dict[bytes, bytes]) -> dict[bytes, bytes]:
+def _pack_pool_names(names: set[str]) -> str:
+    """The pools a rank wrote since its last gap, for its ledger: a JSON list (a pool
+    name may hold any character, a line break among them)."""
+    return json.dumps(sorted(names)) if names else ""
+
+
+def _unpack_pool_names(raw: bytes) -> set[str]:
+    """`_pack_pool_names`' list; a value not a JSON list is the older form, one name a
+    line."""
+    text = raw.decode()
+    if text.startswith("["):
+        try:
+            names = json.loads(text)
+        except ValueError:
+            names = None
+        if isinstance(names, list) and all(isinstance(name, str) for name in names):
+            return set(names)
+    return set(filter(None, text.split("\n")))
+
+
+def _wiped_state(state: dict[bytes, bytes], newest_rank_ts: float) -> dict[bytes, bytes]:
     """A pool's `st` for a new id that starts wiped: its epoch moved, its floor at the
-    newest time the old state or this process's clock knows (no store older than what
-    was lost is taken)."""
-    floor = max([time.time(), *(float(state[f]) for f in (b"floor", b"gone_max", b"ts")
-                                if f in state)])
+    newest time the old state or the model's ranks know (no store older than what was
+    lost is taken; not the wall clock, which would refuse every store of a publisher
+    that leaves batch times at 0)."""
+    floor = max([newest_rank_ts, *(float(state[f]) for f in (b"floor", b"gone_max", b"ts")
+                                   if f in state)])
     return {**state, b"floor": repr(floor).encode(),
             b"epoch": str(int(state.get(b"epoch", b"0")) + 1).encode()}
 

@@ -12,12 +12,15 @@
 --          sub-slot (lua/subslot_claim.lua) and calls again with it.
 --          {'collecting'} while the model is being collected
 --   'newid' worker, dp rank[, id]: `id`, claimed in every sub-slot, as the rank's new id
---          for a re-slot, listed in `pending` (ids of the rank pending from an
---          interrupted re-slot are retired) -> {id}; without `id`, or when the counter
---          has passed it, -> {'new', counter}, as 'rank'
---   'switch' worker, dp rank, old id, new id: map the rank to the new id and retire the
---          old -> 'ok' (also when an earlier try did), or 'conflict' when the rank is at
---          neither id
+--          for a re-slot, listed in `pending` (a rank's ids pending from an
+--          interrupted re-slot are retired; a pool's are not: two processes may
+--          re-slot it at once, one of them owns the re-slot) -> {id}; without `id`, or
+--          when the counter has passed it, -> {'new', counter}, as 'rank'
+--   'switch' worker, dp rank, old id, new id: map the rank to the new id (pending for
+--          it) and retire the old and any other id pending for it -> 'ok' (also when an
+--          earlier try did), or 'conflict' when the rank is at neither id or the new id
+--          is no longer pending
+--   'abandon' worker, dp rank, id: a pending id of the rank not used goes to be collected
 --   'remove' worker, dp rank: unmap the rank and retire its id (and any id pending for
 --          it) -> id, or false
 --   'collected' id: the id's keys are gone everywhere -> 1
@@ -95,7 +98,9 @@ elseif op == 'newid' then
   elseif type(s) == 'table' then
     return s
   end
-  retire_pending(ref)
+  if ARGV[3] ~= '-1' then
+    retire_pending(ref)  -- a pool's pending ids may be a live re-slot's: its switch retires them
+  end
   redis.call('HSET', pending, s, ref)
   return {s}
 elseif op == 'switch' then
@@ -104,14 +109,22 @@ elseif op == 'switch' then
   if now == ARGV[5] then
     return 'ok'  -- an earlier try switched it
   end
-  if now ~= ARGV[4] then
+  if now ~= ARGV[4] or redis.call('HGET', pending, ARGV[5]) ~= ref then
     return 'conflict'
   end
   redis.call('HSET', slots, ref, ARGV[5])
   redis.call('HDEL', pending, ARGV[5])
+  retire_pending(ref)
   redis.call('HSET', retired, ARGV[4], ref)
   bump(nil)
   return 'ok'
+elseif op == 'abandon' then
+  local ref = ARGV[2] .. '\n' .. ARGV[3]
+  if redis.call('HGET', pending, ARGV[4]) == ref then
+    redis.call('HDEL', pending, ARGV[4])
+    redis.call('HSET', retired, ARGV[4], ref)
+  end
+  return 1
 elseif op == 'remove' then
   local ref = ARGV[2] .. '\n' .. ARGV[3]
   retire_pending(ref)

@@ -19,9 +19,12 @@
 -- ARGV[1] pool id, ARGV[2] pool name, ARGV[3] the model's pool floor (snapshot
 --         imports), ARGV[4] 'trim' then one applied number per sub-slot: drop the
 --         entries each sub-slot has applied (returns 1), or 'diverged' when a number is
---         past the op counter (this home lost ops a sub-slot applied); or 'rebuild' (a pool
---         re-slotted, its state copied here: every key its map holds becomes a set
---         entry); or 'ops', the highest number any sub-slot has applied (read by the
+--         past the op counter (this home lost ops a sub-slot applied); or 'mark' (on a
+--         re-slot's old id) then the new id ('' only asks) and wiped '0'|'1', and '1' to
+--         mark an id already dead: the old id's re-slot, set once with the `x` mark in
+--         this home -> {new id, wiped}, or 'none' / 'gone' (not re-slotted; dead) when
+--         only asked or refused; or 'build' (a re-slot's new id, below); or 'ops', the
+--         highest number any sub-slot has applied (read by the
 --         caller just before: one above the op counter means this home lost ops the
 --         sub-slots applied, and 'diverged' is returned, nothing decided), then ops:
 --   <c1 'P'|'R'|'W'> <I4 writer slot id> <c24 writer position> <d ts> <I4 count>, then
@@ -36,6 +39,21 @@ local MAX_TOMBSTONES = 65536  -- indexer/index/pools.py
 local map, gone, st, wpos, meta, hpos = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local id, name = ARGV[1], ARGV[2]
 local S = #KEYS - 6
+
+-- A re-slot's mark: one owner per re-slot, found again by whoever meets the old id dead.
+if ARGV[4] == 'mark' then
+  local to = redis.call('HMGET', st, 'reslot_to', 'wiped')
+  if to[1] then
+    return {to[1], to[2]}
+  end
+  local dead = redis.call('HGET', hpos, 'q' .. id) == 'x'
+  if ARGV[5] == '' or (dead and ARGV[7] ~= '1') then
+    return dead and 'gone' or 'none'
+  end
+  redis.call('HSET', st, 'reslot_to', ARGV[5], 'wiped', ARGV[6])
+  redis.call('HSET', hpos, 'q' .. id, 'x')
+  return {ARGV[5], ARGV[6]}
+end
 
 if redis.call('HGET', hpos, 'q' .. id) == 'x' then
   return 'dead'
@@ -67,6 +85,29 @@ if ARGV[4] == 'trim' then
     end
   end
   return 1
+end
+
+-- A re-slot's new id built once: its keys replaced by the old id's state (ARGV[5 .. 8]:
+-- the number of map, gone, st and w pairs, then the pairs), every key its map holds
+-- becoming a set entry. Later calls (another process resuming the re-slot) build nothing.
+local rebuild = false
+if ARGV[4] == 'build' then
+  if redis.call('HEXISTS', st, 'built') == 1 then
+    return lists(tonumber(redis.call('HGET', st, 'seq') or '0'))
+  end
+  redis.call('DEL', map, gone, st, wpos, unpack(KEYS, 7))
+  local first = 9
+  for j, key in ipairs({map, gone, st, wpos}) do
+    local pairs_left = tonumber(ARGV[4 + j])
+    while pairs_left > 0 do
+      local n = math.min(pairs_left, 1000)
+      redis.call('HSET', key, unpack(ARGV, first, first + 2 * n - 1))
+      first = first + 2 * n
+      pairs_left = pairs_left - n
+    end
+  end
+  redis.call('HSET', st, 'built', '1')
+  rebuild = true
 end
 
 local state = redis.call('HMGET', st, 'floor', 'gone_max', 'epoch', 'seq', 'ts')
@@ -196,7 +237,7 @@ local function above(a, b)
   return false
 end
 
-if ARGV[4] == 'rebuild' then
+if rebuild then
   local all = redis.call('HVALS', map)
   for i = 1, #all do
     change('S', string.sub(all[i], 1, 8))
