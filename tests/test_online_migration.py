@@ -1,0 +1,293 @@
+"""Online per-model layout migration (indexer/index/online_migration.py) on one
+redis-server: 64 ranks x 5,000 blocks moved 1 -> 4 sub-slots and back while 8 partition
+writers keep ingesting (each rank storing a chain and removing its oldest every round) and a
+reader of its own asks Score throughout. Never a false hit against the reference (the memory
+index fed the same batches), every held chain a full hit during the migration, exact at the
+end, the old layout's keys gone. Also: a migration killed in its copy and in its switch,
+with its writers replaced, then run again; and one rolled back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from indexer.errors import BackendError
+from indexer.index import online_migration as om
+from indexer.index.layouts import directory_prefix, model_prefix
+from indexer.index.memory import MemoryIndex
+from indexer.index.protocol import Index, ScoreQuery
+from indexer.index.redis import RedisIndex
+from indexer.index.redis_sharded import ShardedRedisIndex
+from indexer.ingest.recovery import partition_of
+from kvcore.bus import SCHEMA_VERSION, BlockRemoved, BlockStored, EventBatch, pack_tokens
+from tests.support.servers import RedisServer
+
+pytestmark = [pytest.mark.integration]
+
+MODEL = "field/online"
+PARTITIONS = 8
+WORKERS, DP = 16, 4  # 64 ranks
+BS = 16
+CHAIN = 50  # blocks per chain, one batch
+HELD = 100  # chains each rank holds: 5,000 blocks
+SETTLE_S = 1.0  # > om.RECHECK_S several times
+RANKS = [(f"w{w:02d}", dp) for w in range(WORKERS) for dp in range(DP)]
+
+
+def chain_tokens(rank: int, chain: int) -> list[int]:
+    """Unique to (rank, chain) by its first block; the keys chain from it."""
+    return [rank, chain] + [7] * (CHAIN * BS - 2)
+
+
+def hashes(rank: int, chain: int) -> list[int]:
+    return [(rank << 40) | (chain * CHAIN + i) for i in range(CHAIN)]
+
+
+def batch(rank: int, seq: int, *events: Any) -> EventBatch:
+    worker, dp = RANKS[rank]
+    return EventBatch(schema=SCHEMA_VERSION, model=MODEL, worker_id=worker, dp_rank=dp,
+                      epoch=1, seq=seq, events=list(events))
+
+
+def store(rank: int, chain: int) -> BlockStored:
+    return BlockStored(block_hashes=hashes(rank, chain), parent_hash=None,
+                       token_ids=pack_tokens(chain_tokens(rank, chain)), block_size=BS)
+
+
+def remove(rank: int, chain: int) -> BlockRemoved:
+    return BlockRemoved(block_hashes=hashes(rank, chain))
+
+
+def open_layout(url: str) -> Callable[[int], Index]:
+    def opened(subslots: int) -> Index:
+        if subslots == 1:
+            return RedisIndex.from_url(url)
+        return ShardedRedisIndex.from_url(url, subslots=subslots)
+    return opened
+
+
+def process(url: str, client: Any) -> om.PerModelLayouts:
+    """What one indexer process (flag 1) holds: a PerModelLayouts over its own indexes."""
+    opener = open_layout(url)
+    return om.PerModelLayouts(client, opener(1), 1, opener, PARTITIONS)
+
+
+@dataclass
+class Fleet:
+    """64 ranks, each its chains [low, high) held; `low`/`high` move only after the apply
+    call that changed them returned (on the index and on the reference)."""
+
+    reference: MemoryIndex = field(default_factory=MemoryIndex)
+    seq: list[int] = field(default_factory=lambda: [0] * len(RANKS))
+    low: list[int] = field(default_factory=lambda: [0] * len(RANKS))
+    high: list[int] = field(default_factory=lambda: [0] * len(RANKS))
+    # chains [low, dropping) are being removed: neither a false hit nor a miss
+    dropping: list[int] = field(default_factory=lambda: [0] * len(RANKS))
+
+    def ranks_of(self, partition: int) -> list[int]:
+        return [r for r, (worker, _) in enumerate(RANKS)
+                if partition_of(MODEL, worker, PARTITIONS) == partition]
+
+    async def fill(self, index: Index) -> None:
+        for r in range(len(RANKS)):
+            batches = [batch(r, chain, store(r, chain)) for chain in range(HELD)]
+            await index.apply(batches)
+            await self.reference.apply(batches)
+            self.seq[r], self.high[r] = HELD, HELD
+
+    async def round(self, index: om.PerModelLayouts, partition: int) -> None:
+        """Each rank of the partition stores its next chain and removes its oldest."""
+        ranks = self.ranks_of(partition)
+        batches = []
+        for r in ranks:
+            batches.append(batch(r, self.seq[r], store(r, self.high[r])))
+            batches.append(batch(r, self.seq[r] + 1, remove(r, self.low[r])))
+            self.dropping[r] = self.low[r] + 1
+        await index.apply(batches)
+        await self.reference.apply(batches)
+        for r in ranks:
+            self.seq[r] += 2
+            self.high[r] += 1
+            self.low[r] += 1
+
+
+@dataclass
+class Asked:
+    scores: int = 0
+    full_hits: int = 0
+    misses: list[str] = field(default_factory=list)
+    false_hits: list[str] = field(default_factory=list)
+
+
+async def ask(reader: om.PerModelLayouts, fleet: Fleet, asked: Asked, rng: random.Random) -> None:
+    """One Score for a chain of a random rank: removed before the call (a false hit if
+    credited), or held from before the call to after it (a miss if not fully matched)."""
+    r = rng.randrange(len(RANKS))
+    low, high = fleet.low[r], fleet.high[r]
+    chain = rng.choice([rng.randrange(max(low - 20, 0), low) if low else high - 1,
+                        rng.randrange(low, high)])
+    result = await reader.score(ScoreQuery(model=MODEL, token_ids=chain_tokens(r, chain),
+                                           block_size=BS))
+    asked.scores += 1
+    worker, dp = RANKS[r]
+    credited = {(s.worker_id, s.dp_rank): s.matched_blocks for s in result.scores}
+    others = {ref: n for ref, n in credited.items() if ref != (worker, dp) and n}
+    if others:
+        asked.false_hits.append(f"rank {r} chain {chain}: others credited {others}")
+    if chain < low and credited.get((worker, dp)):
+        asked.false_hits.append(f"rank {r} chain {chain} (removed below {low}) credited")
+    elif chain >= fleet.dropping[r]:
+        if credited.get((worker, dp)) == CHAIN:
+            asked.full_hits += 1
+        else:
+            asked.misses.append(f"rank {r} chain {chain}: {credited.get((worker, dp))}")
+
+
+class Writers:
+    """One writer process: 8 partition writers on a PerModelLayouts of its own, each
+    tending its partition and applying a round, until stopped."""
+
+    def __init__(self, url: str, client: Any, fleet: Fleet) -> None:
+        self.index = process(url, client)
+        self._fleet = fleet
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._write(p)) for p in range(PARTITIONS)]
+
+    async def _write(self, partition: int) -> None:
+        while not self._stop.is_set():
+            await self.index.tend(partition)
+            await self._fleet.round(self.index, partition)
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+        await self.index.close()
+
+
+@asynccontextmanager
+async def running(url: str, client: Any, fleet: Fleet, reader: om.PerModelLayouts,
+                  asked: Asked) -> AsyncIterator[list[Writers]]:
+    """A writer process (replaceable: the list's item) and a scorer on `reader`, until
+    the block ends."""
+    writers = [Writers(url, client, fleet)]
+    stop = asyncio.Event()
+
+    async def score() -> None:
+        rng = random.Random(7)
+        while not stop.is_set():
+            await ask(reader, fleet, asked, rng)
+            await asyncio.sleep(0)
+
+    scorer = asyncio.create_task(score())
+    try:
+        yield writers
+    finally:
+        stop.set()
+        await scorer
+        await writers[0].stop()
+
+
+async def assert_exact(url: str, client: Any, fleet: Fleet, subslots: int) -> None:
+    checker = process(url, client)
+    try:
+        got = await checker.presence(MODEL)
+        want = await fleet.reference.presence(MODEL)
+        assert len(got) == len(want) == len(RANKS) * HELD * CHAIN
+        assert got == want
+        assert sorted((w.worker_id, w.dp_rank, w.last_seq) for w in await checker.workers(MODEL)) \
+            == sorted((*RANKS[r], fleet.seq[r] - 1) for r in range(len(RANKS)))
+    finally:
+        await checker.close()
+    record = await om.read_layout(client, MODEL)
+    assert record is not None and record.phase == om.DONE and record.target == subslots
+    # the other layout's keys: the single slot's tag, or the directory's and sub-slots'
+    old = model_prefix(MODEL) + "*" if subslots > 1 else directory_prefix(MODEL)[:-2] + "*"
+    left = [k for k in await client.keys(old) if not k.endswith(b"nextslot")]
+    assert left == []
+
+
+@pytest.fixture
+async def setup(private_redis: RedisServer) -> AsyncIterator[tuple[str, Any, Fleet]]:
+    client = aioredis.Redis.from_url(private_redis.url)
+    fleet = Fleet()
+    first = process(private_redis.url, client)
+    await fleet.fill(first)
+    await first.close()
+    yield private_redis.url, client, fleet
+    await client.aclose()
+
+
+async def test_one_slot_to_four_subslots_and_back_while_ingesting(
+        setup: tuple[str, Any, Fleet]) -> None:
+    url, client, fleet = setup
+    reader = process(url, client)
+    asked = Asked()
+    for target in (4, 1):
+        async with running(url, client, fleet, reader, asked):
+            await asyncio.sleep(0.3)
+            before = asked.full_hits
+            await om.migrate_model(client, MODEL, target, partitions=PARTITIONS,
+                                   settle_s=SETTLE_S, say=lambda _: None)
+            await asyncio.sleep(0.3)
+        assert asked.false_hits == []
+        assert asked.misses == []
+        assert asked.full_hits - before > 50
+        await assert_exact(url, client, fleet, target)
+    await reader.close()
+
+
+async def test_killed_in_copy_and_in_switch_then_run_again(
+        setup: tuple[str, Any, Fleet]) -> None:
+    url, client, fleet = setup
+    reader = process(url, client)
+    asked = Asked()
+    async with running(url, client, fleet, reader, asked) as writers:
+        for phase in (om.COPY, om.SWITCHED):
+            run = asyncio.create_task(om.migrate_model(
+                client, MODEL, 4, partitions=PARTITIONS, settle_s=SETTLE_S,
+                say=lambda _: None))
+            while not (record := await om.read_layout(client, MODEL)) or (
+                    record.phase != phase):
+                await asyncio.sleep(0.01)
+            run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run
+            # The writer process stops too; a new one takes its partitions over.
+            await writers[0].stop()
+            writers[0] = Writers(url, client, fleet)
+            await asyncio.sleep(0.5)
+        await om.migrate_model(client, MODEL, 4, partitions=PARTITIONS, settle_s=SETTLE_S,
+                               say=lambda _: None)
+    assert asked.false_hits == [] and asked.misses == []
+    await assert_exact(url, client, fleet, 4)
+    await reader.close()
+
+
+async def test_rolled_back_in_its_switch(setup: tuple[str, Any, Fleet]) -> None:
+    url, client, fleet = setup
+    reader = process(url, client)
+    asked = Asked()
+    async with running(url, client, fleet, reader, asked):
+        run = asyncio.create_task(om.migrate_model(
+            client, MODEL, 4, partitions=PARTITIONS, settle_s=SETTLE_S, say=lambda _: None))
+        while not (record := await om.read_layout(client, MODEL)) or (
+                record.phase != om.SWITCHED):
+            await asyncio.sleep(0.01)
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+        await om.rollback_model(client, MODEL, settle_s=SETTLE_S, say=lambda _: None)
+        with pytest.raises(BackendError):
+            await om.rollback_model(client, MODEL, settle_s=SETTLE_S, say=lambda _: None)
+    assert asked.false_hits == [] and asked.misses == []
+    await assert_exact(url, client, fleet, 1)
+    await reader.close()
