@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from indexer import cli
 from indexer.errors import BackendError
 from indexer.index import online_migration as om
 from indexer.index.layouts import directory_prefix, model_prefix
@@ -28,6 +29,11 @@ from indexer.index.redis import RedisIndex
 from indexer.index.redis_sharded import ShardedRedisIndex
 from indexer.ingest.recovery import partition_of
 from kvcore.bus import SCHEMA_VERSION, BlockRemoved, BlockStored, EventBatch, pack_tokens
+from kvcore.topology import StreamSettings
+from tests.support.capture import caught_up, mismatches
+from tests.support.chain_fleet import ChainFleet
+from tests.support.event_path import running_service, service_config
+from tests.support.polling import eventually
 from tests.support.servers import RedisServer
 
 pytestmark = [pytest.mark.integration]
@@ -74,10 +80,11 @@ def open_layout(url: str) -> Callable[[int], Index]:
     return opened
 
 
-def process(url: str, client: Any) -> om.PerModelLayouts:
-    """What one indexer process (flag 1) holds: a PerModelLayouts over its own indexes."""
+def process(url: str) -> om.PerModelLayouts:
+    """What one indexer process (flag 1) holds: a PerModelLayouts over its own indexes
+    and client."""
     opener = open_layout(url)
-    return om.PerModelLayouts(client, opener(1), 1, opener, PARTITIONS)
+    return om.PerModelLayouts(aioredis.Redis.from_url(url), opener(1), 1, opener, PARTITIONS)
 
 
 @dataclass
@@ -155,8 +162,8 @@ class Writers:
     """One writer process: 8 partition writers on a PerModelLayouts of its own, each
     tending its partition and applying a round, until stopped."""
 
-    def __init__(self, url: str, client: Any, fleet: Fleet) -> None:
-        self.index = process(url, client)
+    def __init__(self, url: str, fleet: Fleet) -> None:
+        self.index = process(url)
         self._fleet = fleet
         self._stop = asyncio.Event()
         self._tasks = [asyncio.create_task(self._write(p)) for p in range(PARTITIONS)]
@@ -174,11 +181,11 @@ class Writers:
 
 
 @asynccontextmanager
-async def running(url: str, client: Any, fleet: Fleet, reader: om.PerModelLayouts,
+async def running(url: str, fleet: Fleet, reader: om.PerModelLayouts,
                   asked: Asked) -> AsyncIterator[list[Writers]]:
     """A writer process (replaceable: the list's item) and a scorer on `reader`, until
     the block ends."""
-    writers = [Writers(url, client, fleet)]
+    writers = [Writers(url, fleet)]
     stop = asyncio.Event()
 
     async def score() -> None:
@@ -197,7 +204,7 @@ async def running(url: str, client: Any, fleet: Fleet, reader: om.PerModelLayout
 
 
 async def assert_exact(url: str, client: Any, fleet: Fleet, subslots: int) -> None:
-    checker = process(url, client)
+    checker = process(url)
     try:
         got = await checker.presence(MODEL)
         want = await fleet.reference.presence(MODEL)
@@ -219,7 +226,7 @@ async def assert_exact(url: str, client: Any, fleet: Fleet, subslots: int) -> No
 async def setup(private_redis: RedisServer) -> AsyncIterator[tuple[str, Any, Fleet]]:
     client = aioredis.Redis.from_url(private_redis.url)
     fleet = Fleet()
-    first = process(private_redis.url, client)
+    first = process(private_redis.url)
     await fleet.fill(first)
     await first.close()
     yield private_redis.url, client, fleet
@@ -229,10 +236,10 @@ async def setup(private_redis: RedisServer) -> AsyncIterator[tuple[str, Any, Fle
 async def test_one_slot_to_four_subslots_and_back_while_ingesting(
         setup: tuple[str, Any, Fleet]) -> None:
     url, client, fleet = setup
-    reader = process(url, client)
+    reader = process(url)
     asked = Asked()
     for target in (4, 1):
-        async with running(url, client, fleet, reader, asked):
+        async with running(url, fleet, reader, asked):
             await asyncio.sleep(0.3)
             before = asked.full_hits
             await om.migrate_model(client, MODEL, target, partitions=PARTITIONS,
@@ -248,9 +255,9 @@ async def test_one_slot_to_four_subslots_and_back_while_ingesting(
 async def test_killed_in_copy_and_in_switch_then_run_again(
         setup: tuple[str, Any, Fleet]) -> None:
     url, client, fleet = setup
-    reader = process(url, client)
+    reader = process(url)
     asked = Asked()
-    async with running(url, client, fleet, reader, asked) as writers:
+    async with running(url, fleet, reader, asked) as writers:
         for phase in (om.COPY, om.SWITCHED):
             run = asyncio.create_task(om.migrate_model(
                 client, MODEL, 4, partitions=PARTITIONS, settle_s=SETTLE_S,
@@ -263,7 +270,7 @@ async def test_killed_in_copy_and_in_switch_then_run_again(
                 await run
             # The writer process stops too; a new one takes its partitions over.
             await writers[0].stop()
-            writers[0] = Writers(url, client, fleet)
+            writers[0] = Writers(url, fleet)
             await asyncio.sleep(0.5)
         await om.migrate_model(client, MODEL, 4, partitions=PARTITIONS, settle_s=SETTLE_S,
                                say=lambda _: None)
@@ -274,9 +281,9 @@ async def test_killed_in_copy_and_in_switch_then_run_again(
 
 async def test_rolled_back_in_its_switch(setup: tuple[str, Any, Fleet]) -> None:
     url, client, fleet = setup
-    reader = process(url, client)
+    reader = process(url)
     asked = Asked()
-    async with running(url, client, fleet, reader, asked):
+    async with running(url, fleet, reader, asked):
         run = asyncio.create_task(om.migrate_model(
             client, MODEL, 4, partitions=PARTITIONS, settle_s=SETTLE_S, say=lambda _: None))
         while not (record := await om.read_layout(client, MODEL)) or (
@@ -291,3 +298,106 @@ async def test_rolled_back_in_its_switch(setup: tuple[str, Any, Fleet]) -> None:
     assert asked.false_hits == [] and asked.misses == []
     await assert_exact(url, client, fleet, 1)
     await reader.close()
+
+
+# --- through `kv-indexer serve` and `kv-indexer migrate-model` ---------------------------
+
+E2E_PARTITIONS = 4
+E2E_WORKERS = 16
+EVICTED = range(20)  # removed before the migration
+MOVING = range(20, 30)  # removed by the traffic during it, one per round
+KEPT = range(30, HELD)  # held all along: a full hit whenever asked
+
+
+class ServiceScores:
+    """Score asked of the service all along: no chain of a worker credited to another,
+    none of EVICTED credited, every KEPT chain a full hit."""
+
+    def __init__(self, index: Index, fleet: ChainFleet) -> None:
+        self.index, self.fleet = index, fleet
+        self.asked = Asked()
+        self._rng = random.Random(3)
+
+    async def ask_once(self) -> None:
+        worker = self._rng.randrange(E2E_WORKERS)
+        chain = self._rng.choice([*EVICTED, *KEPT])
+        result = await self.index.score(ScoreQuery(
+            model=MODEL, block_size=BS, token_ids=self.fleet.chain_tokens(worker, chain)))
+        self.asked.scores += 1
+        credited = {s.worker_id: s.matched_blocks for s in result.scores if s.matched_blocks}
+        mine = credited.pop(f"w{worker}", 0)
+        if credited or (chain in EVICTED and mine):
+            self.asked.false_hits.append(f"w{worker} chain {chain}: {mine}, {credited}")
+        elif chain in KEPT and mine != CHAIN:
+            self.asked.misses.append(f"w{worker} chain {chain}: {mine}")
+        else:
+            self.asked.full_hits += chain in KEPT
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.ask_once()
+            await asyncio.sleep(0.002)
+
+
+async def traffic(fleet: ChainFleet, rounds: range, stop: asyncio.Event) -> None:
+    """Every worker stores a new chain and removes one of MOVING each round."""
+    for k in rounds:
+        if stop.is_set():
+            return
+        fleet.store(range(HELD + k, HELD + k + 1))
+        fleet.remove(range(MOVING[k], MOVING[k] + 1))
+        await fleet.flush()
+        await asyncio.sleep(0.3)
+
+
+async def exact_service(index: Index, fleet: ChainFleet) -> None:
+    await eventually(lambda: caught_up(index, fleet.published, MODEL), 120)
+    assert await mismatches(index, fleet.published, MODEL) == (0, 0, 0)
+
+
+async def migrate_with_the_command(url: str, subslots: int) -> None:
+    status = await asyncio.to_thread(cli.main, [
+        "migrate-model", "--redis-url", url, "--model", MODEL, "--redis-subslots",
+        str(subslots), "--partitions", str(E2E_PARTITIONS), "--settle", "1"])
+    assert status == 0
+
+
+async def test_served_model_moved_by_the_command_while_serving(
+        private_redis: RedisServer, nats_url: str) -> None:
+    """`kv-indexer serve --redis-model-layouts on`: the model moved 1 -> 4 -> 1 by
+    `kv-indexer migrate-model` while its workers keep storing and removing and Score is
+    asked of the service throughout (16 workers x 5,000 blocks)."""
+    url = private_redis.url
+    fleet = ChainFleet(nats_url, MODEL, workers=E2E_WORKERS, block_size=BS, chain=CHAIN,
+                       shared=0, stream=StreamSettings(partitions=E2E_PARTITIONS,
+                                                       liveness_ttl_s=3.0))
+    config = service_config(nats_url, redis_url=url, partitions=E2E_PARTITIONS,
+                            liveness_grace_s=3600.0, redis_model_layouts="on")
+    client = aioredis.Redis.from_url(url)
+    try:
+        async with running_service(config) as service:
+            index = service.index
+            assert isinstance(index, om.PerModelLayouts)
+            await fleet.start()
+            fleet.store(range(HELD))
+            fleet.remove(EVICTED)
+            await fleet.flush()
+            await exact_service(index, fleet)
+            scores = ServiceScores(index, fleet)
+            for target, rounds in ((4, range(0, 5)), (1, range(5, 10))):
+                stop = asyncio.Event()
+                tasks = [asyncio.create_task(scores.run(stop)),
+                         asyncio.create_task(traffic(fleet, rounds, stop))]
+                await migrate_with_the_command(url, target)
+                await tasks[1]
+                stop.set()
+                await asyncio.gather(*tasks)
+                await exact_service(index, fleet)
+                record = await om.read_layout(client, MODEL)
+                assert record is not None and (record.phase, record.target) == (om.DONE, target)
+            assert scores.asked.false_hits == [] and scores.asked.misses == []
+            assert scores.asked.full_hits > 100
+            assert service.stats.dead_letters == {}
+    finally:
+        await fleet.close()
+        await client.aclose()

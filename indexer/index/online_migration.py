@@ -42,6 +42,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from redis.exceptions import RedisError
+
 from indexer.errors import BackendError
 from indexer.index.layouts import (
     MIGRATIONS_KEY,
@@ -79,6 +81,7 @@ __all__ = [
     "read_layout",
     "record_key",
     "rollback_model",
+    "run_model_migration",
 ]
 
 RECHECK_S: Final = 0.25  # longest a process routes by a record older than this
@@ -188,11 +191,14 @@ class PerModelLayouts:
                 return
             started = time.monotonic()
             records: dict[str, ModelLayout] = {}
-            for raw in await self._client.smembers(MIGRATIONS_KEY):
-                model = _text(raw)
-                record = await read_layout(self._client, model)
-                if record is not None:
-                    records[model] = record
+            try:
+                for raw in await self._client.smembers(MIGRATIONS_KEY):
+                    model = _text(raw)
+                    record = await read_layout(self._client, model)
+                    if record is not None:
+                        records[model] = record
+            except RedisError as exc:
+                raise BackendError(f"redis per-model layouts read failed: {exc}") from exc
             self._records = records
             self._fresh_until = started + RECHECK_S
 
@@ -227,10 +233,13 @@ class PerModelLayouts:
             if record is None or record.phase != COPY or partition in record.copied:
                 return
             key = record_key(model)
-            if not await self._client.hexists(key, f"copied.{partition}"):
-                await self._copy(model, record, partition)
-                await self._client.hset(key, f"copied.{partition}", "1")
-                self.copies += 1
+            try:
+                if not await self._client.hexists(key, f"copied.{partition}"):
+                    await self._copy(model, record, partition)
+                    await self._client.hset(key, f"copied.{partition}", "1")
+                    self.copies += 1
+            except RedisError as exc:
+                raise BackendError(f"redis layout copy failed: {exc}") from exc
             self._records[model] = ModelLayout(record.source, record.target, record.phase,
                                                record.partitions, record.copied | {partition})
 
@@ -380,6 +389,7 @@ class PerModelLayouts:
     async def close(self) -> None:
         for index in list(self._indexes.values()):
             await index.close()
+        await self._client.aclose()
 
 
 # --- the migration ---------------------------------------------------------------------
@@ -474,8 +484,9 @@ async def _wait_copied(client: Any, model: str, partitions: int, timeout_s: floa
             return
         if time.monotonic() > deadline:
             raise BackendError(f"{model!r}: {partitions - len(copied)} partition(s) not "
-                               f"copied after {timeout_s:g} s (are their consumers "
-                               "running?); run again to keep waiting")
+                               f"copied after {timeout_s:g} s (are their consumers running, "
+                               "every indexer with --redis-model-layouts on?); run again to "
+                               "keep waiting, or --rollback")
         await asyncio.sleep(0.1)
 
 
@@ -498,3 +509,31 @@ async def rollback_model(client: Any, model: str, *, settle_s: float = 2.0,
     await client.hset(record_key(model), mapping={
         "source": record.source, "target": record.source, "phase": DONE})
     say(f"{model!r}: rolled back to {record.source} sub-slot(s); deleted {deleted} key(s)")
+
+
+async def run_model_migration(url: str, model: str, target: int | None, *, partitions: int,
+                              rollback: bool = False, settle_s: float = 2.0,
+                              options: dict[str, Any] | None = None) -> None:
+    """`kv-indexer migrate-model`: `migrate_model` (or `rollback_model`) on the Redis at
+    `url`, with redis-py client `options` (TLS files, a password)."""
+    import redis.asyncio as aioredis  # noqa: PLC0415 - the server extra
+    from redis.asyncio.cluster import RedisCluster  # noqa: PLC0415
+
+    from indexer.index.redis_cluster import cluster_url, is_cluster_node  # noqa: PLC0415
+
+    options = options or {}
+    plain = cluster_url(url)
+    client: Any
+    if plain is not None or await asyncio.to_thread(is_cluster_node, url, options):
+        client = RedisCluster.from_url(plain or url, **options)
+    else:
+        client = aioredis.Redis.from_url(url, **options)
+    try:
+        if rollback:
+            await rollback_model(client, model, settle_s=settle_s)
+        else:
+            assert target is not None
+            await migrate_model(client, model, target, partitions=partitions,
+                                settle_s=settle_s)
+    finally:
+        await client.aclose()

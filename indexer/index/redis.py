@@ -84,9 +84,9 @@ from indexer.index.hybrid import group_specs, hybrid_run_matches
 from indexer.index.layouts import (
     HOLDER_LAYOUT,
     LAYOUT_KEY,
+    MIGRATIONS_KEY,
     SINGLE_MODELS,
     SUBSLOT_MODELS,
-    MIGRATIONS_KEY,
     LayoutGate,
     declared_refusal,
     migrate_command,

@@ -32,6 +32,7 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
 from indexer.errors import BackendError
+from indexer.index.online_migration import PerModelLayouts
 from indexer.index.pools import refuse_undeclared
 from indexer.index.protocol import ApplyOutcome, Index, ResyncRequest
 from indexer.ingest.activity import EventActivity
@@ -317,6 +318,7 @@ class PartitionConsumer:
                         await sub.unsubscribe()
                     sub = await self._subscribe(reset)
                 await self._maybe_snapshot()
+                await self._tend()
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -589,6 +591,16 @@ class PartitionConsumer:
         return await self._js.pull_subscribe(
             partition_filter(self.partition), durable=consumer_name(self.partition),
             stream=STREAM_NAME, config=config)
+
+    async def _tend(self) -> None:
+        """Per-model layouts (--redis-model-layouts on): copy this partition's ranks of a
+        model being moved, here between fetches, where this consumer is their one writer."""
+        if not isinstance(self._index, PerModelLayouts) or self.rebuilding:
+            return
+        try:
+            await self._index.tend(self.partition)
+        except BackendError as exc:
+            self._log.warning("layout_copy_failed", error=str(exc))  # again next time
 
     # --- snapshots ---------------------------------------------------------------------
 
