@@ -3,30 +3,33 @@ redis-server: 64 ranks x 5,000 blocks moved 1 -> 4 sub-slots and back while 8 pa
 writers keep ingesting (each rank storing a chain and removing its oldest every round) and a
 reader of its own asks Score throughout. Never a false hit against the reference (the memory
 index fed the same batches), every held chain a full hit during the migration, exact at the
-end, the old layout's keys gone. Also: a migration killed in its copy and in its switch,
-with its writers replaced, then run again; and one rolled back."""
+end, the old layout's keys gone; the same 1 -> 3 -> 1 on a real 3-master cluster. Also: a
+migration killed in its copy and in its switch, with its writers replaced, then run again;
+one rolled back; and the service (`--redis-model-layouts on`, real publishers over NATS)
+moved 1 -> 4 -> 1 by `kv-indexer migrate-model` while serving."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from indexer import cli
 from indexer.errors import BackendError
 from indexer.index import online_migration as om
+from indexer.index.factory import build_index
 from indexer.index.layouts import directory_prefix, model_prefix
 from indexer.index.memory import MemoryIndex
-from indexer.index.protocol import Index, ScoreQuery
-from indexer.index.redis import RedisIndex
-from indexer.index.redis_sharded import ShardedRedisIndex
+from indexer.index.protocol import Index, IndexConfig, ScoreQuery
+from indexer.index.redis_cluster import cluster_url
 from indexer.ingest.recovery import partition_of
 from kvcore.bus import SCHEMA_VERSION, BlockRemoved, BlockStored, EventBatch, pack_tokens
 from kvcore.topology import StreamSettings
@@ -34,6 +37,7 @@ from tests.support.capture import caught_up, mismatches
 from tests.support.chain_fleet import ChainFleet
 from tests.support.event_path import running_service, service_config
 from tests.support.polling import eventually
+from tests.support.redis_cluster import RedisCluster
 from tests.support.servers import RedisServer
 
 pytestmark = [pytest.mark.integration]
@@ -44,7 +48,7 @@ WORKERS, DP = 16, 4  # 64 ranks
 BS = 16
 CHAIN = 50  # blocks per chain, one batch
 HELD = 100  # chains each rank holds: 5,000 blocks
-SETTLE_S = 1.0  # > om.RECHECK_S several times
+SETTLE_S = 0.75  # 3 x om.RECHECK_S
 RANKS = [(f"w{w:02d}", dp) for w in range(WORKERS) for dp in range(DP)]
 
 
@@ -72,19 +76,33 @@ def remove(rank: int, chain: int) -> BlockRemoved:
     return BlockRemoved(block_hashes=hashes(rank, chain))
 
 
-def open_layout(url: str) -> Callable[[int], Index]:
-    def opened(subslots: int) -> Index:
-        if subslots == 1:
-            return RedisIndex.from_url(url)
-        return ShardedRedisIndex.from_url(url, subslots=subslots)
-    return opened
-
-
 def process(url: str) -> om.PerModelLayouts:
-    """What one indexer process (flag 1) holds: a PerModelLayouts over its own indexes
-    and client."""
-    opener = open_layout(url)
-    return om.PerModelLayouts(aioredis.Redis.from_url(url), opener(1), 1, opener, PARTITIONS)
+    """What one indexer process (flag 1, --redis-model-layouts on) holds: a
+    PerModelLayouts over its own indexes and client (a redis+cluster:// URL: on the
+    cluster)."""
+    index = build_index(IndexConfig(), redis_url=url, model_layouts_partitions=PARTITIONS)
+    assert isinstance(index, om.PerModelLayouts)
+    return index
+
+
+async def reader_process(url: str) -> om.PerModelLayouts:
+    """A process that scores: pinged first, as the service's health check does (a
+    cluster client learns its slots)."""
+    index = process(url)
+    await index.ping()
+    return index
+
+
+def redis_client(url: str) -> Any:
+    plain = cluster_url(url)
+    return ClusterClient.from_url(plain) if plain else aioredis.Redis.from_url(url)
+
+
+async def keys_matching(client: Any, pattern: str) -> list[bytes]:
+    if isinstance(client, ClusterClient):
+        found: list[bytes] = await client.keys(pattern, target_nodes=ClusterClient.PRIMARIES)
+        return found
+    return list(await client.keys(pattern))
 
 
 @dataclass
@@ -204,7 +222,7 @@ async def running(url: str, fleet: Fleet, reader: om.PerModelLayouts,
 
 
 async def assert_exact(url: str, client: Any, fleet: Fleet, subslots: int) -> None:
-    checker = process(url)
+    checker = await reader_process(url)
     try:
         got = await checker.presence(MODEL)
         want = await fleet.reference.presence(MODEL)
@@ -218,27 +236,50 @@ async def assert_exact(url: str, client: Any, fleet: Fleet, subslots: int) -> No
     assert record is not None and record.phase == om.DONE and record.target == subslots
     # the other layout's keys: the single slot's tag, or the directory's and sub-slots'
     old = model_prefix(MODEL) + "*" if subslots > 1 else directory_prefix(MODEL)[:-2] + "*"
-    left = [k for k in await client.keys(old) if not k.endswith(b"nextslot")]
+    left = [k for k in await keys_matching(client, old) if not k.endswith(b"nextslot")]
     assert left == []
+
+
+async def filled(url: str) -> tuple[str, Any, Fleet]:
+    fleet = Fleet()
+    first = process(url)
+    await fleet.fill(first)
+    await first.close()
+    return url, redis_client(url), fleet
 
 
 @pytest.fixture
 async def setup(private_redis: RedisServer) -> AsyncIterator[tuple[str, Any, Fleet]]:
-    client = aioredis.Redis.from_url(private_redis.url)
-    fleet = Fleet()
-    first = process(private_redis.url)
-    await fleet.fill(first)
-    await first.close()
-    yield private_redis.url, client, fleet
+    url, client, fleet = await filled(private_redis.url)
+    yield url, client, fleet
+    await client.aclose()
+
+
+@pytest.fixture
+async def cluster_setup(redis_cluster: RedisCluster) -> AsyncIterator[tuple[str, Any, Fleet]]:
+    plain = ClusterClient.from_url(redis_cluster.url)
+    await plain.flushall(target_nodes=ClusterClient.PRIMARIES)
+    await plain.aclose()
+    url, client, fleet = await filled("redis+cluster://" + redis_cluster.url.split("://", 1)[1])
+    yield url, client, fleet
     await client.aclose()
 
 
 async def test_one_slot_to_four_subslots_and_back_while_ingesting(
         setup: tuple[str, Any, Fleet]) -> None:
-    url, client, fleet = setup
-    reader = process(url)
+    await there_and_back(*setup, 4)
+
+
+@pytest.mark.redis_cluster
+async def test_one_slot_to_three_subslots_and_back_on_a_cluster(
+        cluster_setup: tuple[str, Any, Fleet]) -> None:
+    await there_and_back(*cluster_setup, 3)
+
+
+async def there_and_back(url: str, client: Any, fleet: Fleet, subslots: int) -> None:
+    reader = await reader_process(url)
     asked = Asked()
-    for target in (4, 1):
+    for target in (subslots, 1):
         async with running(url, fleet, reader, asked):
             await asyncio.sleep(0.3)
             before = asked.full_hits
@@ -255,7 +296,7 @@ async def test_one_slot_to_four_subslots_and_back_while_ingesting(
 async def test_killed_in_copy_and_in_switch_then_run_again(
         setup: tuple[str, Any, Fleet]) -> None:
     url, client, fleet = setup
-    reader = process(url)
+    reader = await reader_process(url)
     asked = Asked()
     async with running(url, fleet, reader, asked) as writers:
         for phase in (om.COPY, om.SWITCHED):
@@ -281,7 +322,7 @@ async def test_killed_in_copy_and_in_switch_then_run_again(
 
 async def test_rolled_back_in_its_switch(setup: tuple[str, Any, Fleet]) -> None:
     url, client, fleet = setup
-    reader = process(url)
+    reader = await reader_process(url)
     asked = Asked()
     async with running(url, fleet, reader, asked):
         run = asyncio.create_task(om.migrate_model(

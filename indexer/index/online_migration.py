@@ -162,6 +162,7 @@ class PerModelLayouts:
         self._records: dict[str, ModelLayout] = {}
         self._fresh_until = 0.0
         self._refreshing = asyncio.Lock()
+        self._opening = asyncio.Lock()
         self._copy_locks: dict[tuple[str, int], asyncio.Lock] = {}
         self.copies = 0  # partitions this process copied
 
@@ -173,12 +174,19 @@ class PerModelLayouts:
     def home(self) -> Index:
         return self._indexes[self._home_subslots]
 
-    def layout(self, subslots: int) -> Index:
+    async def layout(self, subslots: int) -> Index:
+        """The index of layout `subslots`, opened (and pinged: a cluster client learns
+        its slots) at its first use."""
         index = self._indexes.get(subslots)
-        if index is None:
-            index = self._open_layout(subslots)
-            index.checks_layout = False  # type: ignore[attr-defined]
-            self._indexes[subslots] = index
+        if index is not None:
+            return index
+        async with self._opening:
+            index = self._indexes.get(subslots)
+            if index is None:
+                index = self._open_layout(subslots)
+                index.checks_layout = False  # type: ignore[attr-defined]
+                await index.ping()
+                self._indexes[subslots] = index
         return index
 
     # --- records -----------------------------------------------------------------------
@@ -202,9 +210,9 @@ class PerModelLayouts:
             self._records = records
             self._fresh_until = started + RECHECK_S
 
-    def _read_index(self, model: str) -> Index:
+    async def _read_index(self, model: str) -> Index:
         record = self._records.get(model)
-        return self.home if record is None else self.layout(record.read)
+        return self.home if record is None else await self.layout(record.read)
 
     def _write_layouts(self, model: str, worker_id: str) -> tuple[int, ...]:
         record = self._records.get(model)
@@ -251,7 +259,7 @@ class PerModelLayouts:
     async def _copy(self, model: str, record: ModelLayout, partition: int) -> None:
         """The source's ranks of the model in `partition` into the target, until the
         source held still (a removal by liveness may run meanwhile; it goes to both)."""
-        source, target = self.layout(record.source), self.layout(record.target)
+        source, target = await self.layout(record.source), await self.layout(record.target)
         for _ in range(_COPY_TRIES):
             refs = await self._ranks_of(source, model, record.partitions, partition)
             states = await source.export_ranks([(model, ref) for ref in refs])
@@ -289,9 +297,9 @@ class PerModelLayouts:
         outcomes: list[ApplyOutcome | None] = [None] * len(batches)
         for layouts, members in groups.items():
             part = [batches[i] for i in members]
-            answered = await self.layout(layouts[0]).apply(part, validated=True)
+            answered = await (await self.layout(layouts[0])).apply(part, validated=True)
             for layout in layouts[1:]:
-                await self.layout(layout).apply(part, validated=True)
+                await (await self.layout(layout)).apply(part, validated=True)
             for i, outcome in zip(members, answered, strict=True):
                 outcomes[i] = outcome
         return [outcome for outcome in outcomes if outcome is not None]
@@ -299,9 +307,9 @@ class PerModelLayouts:
     async def _each(self, model: str, call: Callable[[Index], Awaitable[Any]]) -> Any:
         await self.refresh()
         layouts = self._removal_layouts(model)
-        first = await call(self.layout(layouts[0]))
+        first = await call(await self.layout(layouts[0]))
         for layout in layouts[1:]:
-            await call(self.layout(layout))
+            await call(await self.layout(layout))
         return first
 
     async def clear_worker(self, model: str, worker_id: str, dp_rank: int | None = None) -> int:
@@ -329,32 +337,32 @@ class PerModelLayouts:
                               []).append(state)
         for layouts, part in groups.items():
             for layout in layouts:
-                await self.layout(layout).import_ranks(part)
+                await (await self.layout(layout)).import_ranks(part)
 
     # --- reads -------------------------------------------------------------------------
 
     async def score(self, query: ScoreQuery) -> ScoreResult:
         await self.refresh()
-        return await self._read_index(query.model).score(query)
+        return await (await self._read_index(query.model)).score(query)
 
     async def workers(self, model: str | None = None) -> list[WorkerInfo]:
         await self.refresh()
         if model is not None:
-            return await self._read_index(model).workers(model)
+            return await (await self._read_index(model)).workers(model)
         elsewhere = {m for m, record in self._records.items()
                      if record.read != self._home_subslots}
         found = [w for w in await self.home.workers() if w.model not in elsewhere]
         for m in sorted(elsewhere):
-            found.extend(await self._read_index(m).workers(m))
+            found.extend(await (await self._read_index(m)).workers(m))
         return found
 
     async def block_size(self, model: str) -> int | None:
         await self.refresh()
-        return await self._read_index(model).block_size(model)
+        return await (await self._read_index(model)).block_size(model)
 
     async def presence(self, model: str) -> dict[int, dict[WorkerRef, int]]:
         await self.refresh()
-        return await self._read_index(model).presence(model)
+        return await (await self._read_index(model)).presence(model)
 
     async def export_ranks(self, ranks: Sequence[tuple[str, WorkerRef]]) -> list[RankState]:
         await self.refresh()
@@ -365,7 +373,7 @@ class PerModelLayouts:
             by_index.setdefault(layout, []).append((model, ref))
         states: list[RankState] = []
         for layout, part in by_index.items():
-            states.extend(await self.layout(layout).export_ranks(part))
+            states.extend(await (await self.layout(layout)).export_ranks(part))
         return states
 
     async def stats(self) -> IndexStats:
