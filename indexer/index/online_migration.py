@@ -27,8 +27,9 @@ by `tend(partition)`, which the consumer calls between fetches.
 
 Every process reads the records again when its last read is older than RECHECK_S
 (`kvi:migrations` and each record), and reads `copied.<p>` afresh before copying a
-partition, so a partition's new writer never misses that it was copied. `migrate_model`
-switches only when every partition is copied, waits `settle_s` (many RECHECK_S) between
+partition; a consumer starting on a partition (its lease just taken) reads the records
+afresh before its first write, so a partition's new writer never misses that its
+predecessor copied it. `migrate_model` switches only when every partition is copied, waits `settle_s` (many RECHECK_S) between
 phases, so no reader still reads the source when writers stop writing it, and no writer
 still writes it when its keys are deleted. Interrupted anywhere, it is run again (it
 resumes from the record) or rolled back (`rollback_model`, before `retired`).
@@ -190,6 +191,12 @@ class PerModelLayouts:
         return index
 
     # --- records -----------------------------------------------------------------------
+
+    def expire(self) -> None:
+        """Read the records again before the next call: a consumer that just took a
+        partition's lease over calls it, so it never writes by a view older than its
+        lease (its predecessor may have copied the partition a moment before)."""
+        self._fresh_until = 0.0
 
     async def refresh(self, force: bool = False) -> None:
         if not force and time.monotonic() < self._fresh_until:

@@ -289,6 +289,8 @@ class PartitionConsumer:
             self._log.info("partition_consumer_stopped_unacked")
 
     async def _run(self, stop: asyncio.Event) -> None:
+        if isinstance(self._index, PerModelLayouts):
+            self._index.expire()  # the lease is new: no write by an older view of layouts
         sub = await self._subscribe(await self._start_seq())
         # One line per partition would be most of a quiet start: the service logs one
         # `consumers_started` for all of them (indexer.app), the lease holder its own.
