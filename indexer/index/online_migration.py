@@ -29,9 +29,10 @@ Every process reads the records again when its last read is older than RECHECK_S
 (`kvi:migrations` and each record), and reads `copied.<p>` afresh before copying a
 partition; a consumer starting on a partition (its lease just taken) reads the records
 afresh before its first write, so a partition's new writer never misses that its
-predecessor copied it. `migrate_model` switches only when every partition is copied, waits `settle_s` (many RECHECK_S) between
-phases, so no reader still reads the source when writers stop writing it, and no writer
-still writes it when its keys are deleted. Interrupted anywhere, it is run again (it
+predecessor copied it. `migrate_model` switches only when every partition is copied,
+and waits `settle_s` (many RECHECK_S) between phases, so no reader still reads the
+source when writers stop writing it, and no writer still writes it when its keys are
+deleted. Interrupted anywhere, it is run again (it
 resumes from the record) or rolled back (`rollback_model`, before `retired`).
 """
 
