@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as ClusterClient
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from indexer import cli
 from indexer.errors import BackendError
@@ -100,8 +101,8 @@ def redis_client(url: str) -> Any:
 
 async def keys_matching(client: Any, pattern: str) -> list[bytes]:
     if isinstance(client, ClusterClient):
-        found: list[bytes] = await client.keys(pattern, target_nodes=ClusterClient.PRIMARIES)
-        return found
+        found = await client.keys(pattern, target_nodes=ClusterClient.PRIMARIES)
+        return [key for key in found if isinstance(key, bytes)]
     return list(await client.keys(pattern))
 
 
@@ -442,3 +443,53 @@ async def test_served_model_moved_by_the_command_while_serving(
     finally:
         await fleet.close()
         await client.aclose()
+
+
+class FailingFlag:
+    """A records client whose HSET of a `copied.<p>` flag fails: a writer dying after
+    importing its partition into the target, before recording it."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def hset(self, key: str, field: str | None = None, value: Any = None,
+                   **kwargs: Any) -> Any:
+        if field is not None and field.startswith("copied."):
+            raise RedisConnectionError("killed before recording the copy")
+        return await self._client.hset(key, field, value, **kwargs)
+
+
+async def test_a_writer_killed_inside_its_copy(setup: tuple[str, Any, Fleet]) -> None:
+    """A copies partition 0 into the target and dies before recording it; a rank of the
+    partition is then removed from the source alone (while uncopied, writes go there
+    only); B takes the partition over, copies it again (the removed rank's copy
+    dropped from the target), and the move ends exact."""
+    url, client, fleet = setup
+    run = asyncio.create_task(om.migrate_model(client, MODEL, 4, partitions=PARTITIONS,
+                                               settle_s=SETTLE_S, say=lambda _: None))
+    while await om.read_layout(client, MODEL) is None:
+        await asyncio.sleep(0.01)
+    first = process(url)
+    first._client = FailingFlag(first._client)
+    with pytest.raises(BackendError, match="killed before recording"):
+        await first.tend(0)
+    target = await first.layout(4)
+    victim = RANKS[fleet.ranks_of(0)[0]][0]
+    assert victim in {w.worker_id for w in await target.workers(MODEL)}
+    await first.home.remove_worker(MODEL, victim)
+    await fleet.reference.remove_worker(MODEL, victim)
+    await first.close()
+    second = process(url)
+    for partition in range(PARTITIONS):
+        await second.tend(partition)
+        if partition:  # the victim's partition: copied, no round (it would come back)
+            await fleet.round(second, partition)
+    await run
+    await second.close()
+    checker = await reader_process(url)
+    assert await checker.presence(MODEL) == await fleet.reference.presence(MODEL)
+    assert victim not in {w.worker_id for w in await checker.workers(MODEL)}
+    await checker.close()

@@ -450,6 +450,8 @@ async def migrate_model(client: Any, model: str, target: int, *, partitions: int
     """Move `model` to `target` sub-slots online (see the module's docstring); resumes an
     interrupted run towards the same target."""
     record = await read_layout(client, model)
+    if record is not None and record.phase == ROLLBACK:
+        raise BackendError(f"{model!r}: a rollback is unfinished: roll it back again first")
     if record is not None and record.phase in (COPY, SWITCHED):
         if record.target != target:
             raise BackendError(f"{model!r} is being moved to {record.target} sub-slot(s): "
