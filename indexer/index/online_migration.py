@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -113,6 +114,7 @@ class ModelLayout:
     phase: str
     partitions: int
     copied: frozenset[int]
+    ident: str = ""  # one run of migrate_model: copies of another run never count
 
     @classmethod
     def parse(cls, fields: dict[bytes, bytes]) -> ModelLayout | None:
@@ -121,7 +123,7 @@ class ModelLayout:
             return None
         copied = frozenset(int(name[7:]) for name in text if name.startswith("copied."))
         return cls(int(text["source"]), int(text["target"]), text["phase"],
-                   int(text["partitions"]), copied)
+                   int(text["partitions"]), copied, text.get("id", ""))
 
     @property
     def read(self) -> int:
@@ -166,6 +168,9 @@ class PerModelLayouts:
         self._refreshing = asyncio.Lock()
         self._opening = asyncio.Lock()
         self._copy_locks: dict[tuple[str, int], asyncio.Lock] = {}
+        # (model, run, partition) known copied here: a refresh that read the record
+        # before this process recorded a copy must not make it write the source alone.
+        self._copied: set[tuple[str, str, int]] = set()
         self.copies = 0  # partitions this process copied
 
     @property
@@ -222,11 +227,17 @@ class PerModelLayouts:
         record = self._records.get(model)
         return self.home if record is None else await self.layout(record.read)
 
+    def _is_copied(self, model: str, record: ModelLayout, partition: int) -> bool:
+        return partition in record.copied or (model, record.ident, partition) in self._copied
+
     def _write_layouts(self, model: str, worker_id: str) -> tuple[int, ...]:
         record = self._records.get(model)
         if record is None:
             return (self._home_subslots,)
-        return record.writes(partition_of(model, worker_id, record.partitions))
+        partition = partition_of(model, worker_id, record.partitions)
+        if record.phase == COPY and self._is_copied(model, record, partition):
+            return (record.source, record.target)
+        return record.writes(partition)
 
     def _removal_layouts(self, model: str) -> tuple[int, ...]:
         record = self._records.get(model)
@@ -239,14 +250,15 @@ class PerModelLayouts:
         consumer of the partition calls it between fetches (it is their one writer)."""
         await self.refresh()
         for model, record in list(self._records.items()):
-            if record.phase == COPY and partition not in record.copied:
+            if record.phase == COPY and not self._is_copied(model, record, partition):
                 await self._ensure_copied(model, partition)
 
     async def _ensure_copied(self, model: str, partition: int) -> None:
         lock = self._copy_locks.setdefault((model, partition), asyncio.Lock())
         async with lock:
             record = self._records.get(model)
-            if record is None or record.phase != COPY or partition in record.copied:
+            if (record is None or record.phase != COPY
+                    or self._is_copied(model, record, partition)):
                 return
             key = record_key(model)
             try:
@@ -256,8 +268,7 @@ class PerModelLayouts:
                     self.copies += 1
             except RedisError as exc:
                 raise BackendError(f"redis layout copy failed: {exc}") from exc
-            self._records[model] = ModelLayout(record.source, record.target, record.phase,
-                                               record.partitions, record.copied | {partition})
+            self._copied.add((model, record.ident, partition))
 
     async def _ranks_of(self, index: Index, model: str, partitions: int,
                         partition: int) -> list[WorkerRef]:
@@ -474,7 +485,8 @@ async def migrate_model(client: Any, model: str, target: int, *, partitions: int
         pipe = client.pipeline(transaction=True)
         pipe.delete(record_key(model))
         pipe.hset(record_key(model), mapping={
-            "source": source, "target": target, "phase": COPY, "partitions": partitions})
+            "source": source, "target": target, "phase": COPY, "partitions": partitions,
+            "id": uuid.uuid4().hex})
         await pipe.execute()
         await client.sadd(MIGRATIONS_KEY, model)
         say(f"{model!r}: copying {source} -> {target} sub-slot(s), partition by partition, "
