@@ -6,7 +6,8 @@ index fed the same batches), every held chain a full hit during the migration, e
 end, the old layout's keys gone; the same 1 -> 3 -> 1 on a real 3-master cluster. Also: a
 migration killed in its copy and in its switch, with its writers replaced, then run again;
 one rolled back; and the service (`--redis-model-layouts on`, real publishers over NATS)
-moved 1 -> 4 -> 1 by `kv-indexer migrate-model` while serving."""
+moved 1 -> 4 -> 1 by `kv-indexer migrate-model` while serving, and two indexers, one
+stopping mid-move, its partitions taken over by the other."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from redis.asyncio.cluster import RedisCluster as ClusterClient
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from indexer import cli
+from indexer.app import IndexerService
 from indexer.errors import BackendError
 from indexer.index import online_migration as om
 from indexer.index.factory import build_index
@@ -37,7 +39,7 @@ from kvcore.topology import StreamSettings
 from tests.support.capture import caught_up, mismatches
 from tests.support.chain_fleet import ChainFleet
 from tests.support.event_path import running_service, service_config
-from tests.support.polling import eventually
+from tests.support.polling import eventually, is_true
 from tests.support.redis_cluster import RedisCluster
 from tests.support.servers import RedisServer
 
@@ -493,3 +495,54 @@ async def test_a_writer_killed_inside_its_copy(setup: tuple[str, Any, Fleet]) ->
     assert await checker.presence(MODEL) == await fleet.reference.presence(MODEL)
     assert victim not in {w.worker_id for w in await checker.workers(MODEL)}
     await checker.close()
+
+
+async def test_an_indexer_leaving_mid_move_hands_its_partitions_over(
+        private_redis: RedisServer, nats_url: str) -> None:
+    """Two indexers share the partitions; one stops while the model is being copied; the
+    other takes its partitions over (reading the records afresh) and the move ends exact,
+    Score asked of the one staying throughout."""
+    url = private_redis.url
+    fleet = ChainFleet(nats_url, MODEL, workers=E2E_WORKERS, block_size=BS, chain=CHAIN,
+                       shared=0, stream=StreamSettings(partitions=E2E_PARTITIONS,
+                                                       liveness_ttl_s=3.0))
+    config = service_config(nats_url, redis_url=url, partitions=E2E_PARTITIONS,
+                            liveness_grace_s=3600.0, redis_model_layouts="on")
+    client = aioredis.Redis.from_url(url)
+    leaving = IndexerService(config)
+    try:
+        async with running_service(config) as staying:
+            await leaving.start()
+            index = staying.index
+            assert index is not None
+            await fleet.start()
+            fleet.store(range(HELD))
+            fleet.remove(EVICTED)
+            await fleet.flush()
+            await exact_service(index, fleet)
+            leases = leaving.leases
+            assert leases is not None
+            await eventually(lambda: is_true(len(leases.held) == E2E_PARTITIONS // 2), 30)
+            scores = ServiceScores(index, fleet)
+            stop = asyncio.Event()
+            tasks = [asyncio.create_task(scores.run(stop)),
+                     asyncio.create_task(traffic(fleet, range(0, 10), stop))]
+            move = asyncio.create_task(migrate_with_the_command(url, 4))
+            while not (record := await om.read_layout(client, MODEL)) or record.phase != om.COPY:
+                await asyncio.sleep(0.01)
+            copied_before = len(record.copied)
+            await leaving.close()
+            await move
+            await tasks[1]
+            stop.set()
+            await asyncio.gather(*tasks)
+            await exact_service(index, fleet)
+            record = await om.read_layout(client, MODEL)
+            assert record is not None and (record.phase, record.target) == (om.DONE, 4)
+            assert scores.asked.false_hits == [] and scores.asked.misses == []
+            assert staying.stats.dead_letters == {}
+            assert copied_before < E2E_PARTITIONS  # some were copied by the one staying
+    finally:
+        await leaving.close()
+        await fleet.close()
+        await client.aclose()
