@@ -546,3 +546,30 @@ async def test_an_indexer_leaving_mid_move_hands_its_partitions_over(
         await leaving.close()
         await fleet.close()
         await client.aclose()
+
+
+async def test_a_move_with_other_partitions_is_refused(setup: tuple[str, Any, Fleet]) -> None:
+    """A record made with another --partitions than the indexers': they copy nothing,
+    refuse the model's writes and fail health, until it is rolled back."""
+    url, client, fleet = setup
+    run = asyncio.create_task(om.migrate_model(client, MODEL, 4, partitions=PARTITIONS - 1,
+                                               settle_s=SETTLE_S, say=lambda _: None))
+    while await om.read_layout(client, MODEL) is None:
+        await asyncio.sleep(0.01)
+    writer = process(url)
+    with pytest.raises(BackendError, match="--partitions"):
+        await writer.tend(0)
+    with pytest.raises(BackendError, match="--partitions"):
+        await fleet.round(writer, 0)
+    with pytest.raises(BackendError, match="--partitions"):
+        await writer.ping()
+    run.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await run
+    record = await om.read_layout(client, MODEL)
+    assert record is not None and record.copied == frozenset()
+    await om.rollback_model(client, MODEL, settle_s=SETTLE_S, say=lambda _: None)
+    await writer.ping()
+    await fleet.round(writer, 0)
+    await writer.close()
+    await assert_exact(url, client, fleet, 1)

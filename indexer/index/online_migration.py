@@ -227,6 +227,17 @@ class PerModelLayouts:
         record = self._records.get(model)
         return self.home if record is None else await self.layout(record.read)
 
+    def _check_partitions(self, model: str, record: ModelLayout) -> None:
+        """A copy is by the stream's partitions: a record made with another count would
+        have this process copy ranks another consumer writes. Refused (the consumers
+        retry, health says why) until the move is rolled back and run again."""
+        if record.phase == COPY and record.partitions != self._partitions:
+            raise BackendError(
+                f"model {model!r} is being moved with --partitions {record.partitions}, "
+                f"this indexer runs with {self._partitions}: roll it back (`kv-indexer "
+                f"migrate-model --model M --rollback`) and run it with --partitions "
+                f"{self._partitions}")
+
     def _is_copied(self, model: str, record: ModelLayout, partition: int) -> bool:
         return partition in record.copied or (model, record.ident, partition) in self._copied
 
@@ -234,6 +245,7 @@ class PerModelLayouts:
         record = self._records.get(model)
         if record is None:
             return (self._home_subslots,)
+        self._check_partitions(model, record)
         partition = partition_of(model, worker_id, record.partitions)
         if record.phase == COPY and self._is_copied(model, record, partition):
             return (record.source, record.target)
@@ -251,6 +263,7 @@ class PerModelLayouts:
         await self.refresh()
         for model, record in list(self._records.items()):
             if record.phase == COPY and not self._is_copied(model, record, partition):
+                self._check_partitions(model, record)
                 await self._ensure_copied(model, partition)
 
     async def _ensure_copied(self, model: str, partition: int) -> None:
@@ -308,6 +321,7 @@ class PerModelLayouts:
         for batch in batches:
             record = self._records.get(batch.model)
             if record is not None and record.phase == COPY:
+                self._check_partitions(batch.model, record)
                 await self._ensure_copied(
                     batch.model, partition_of(batch.model, batch.worker_id, record.partitions))
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -401,6 +415,9 @@ class PerModelLayouts:
     async def ping(self) -> None:
         for index in list(self._indexes.values()):
             await index.ping()
+        await self.refresh()
+        for model, record in self._records.items():
+            self._check_partitions(model, record)
 
     async def get_marker(self, name: str) -> str | None:
         return await self.home.get_marker(name)
