@@ -573,3 +573,63 @@ async def test_a_move_with_other_partitions_is_refused(setup: tuple[str, Any, Fl
     await fleet.round(writer, 0)
     await writer.close()
     await assert_exact(url, client, fleet, 1)
+
+
+# --- shared storage pools: refused ---------------------------------------------------------
+
+def pool_store(rank: int, seq: int, chain: int) -> EventBatch:
+    """Rank `rank` writes a chain it holds into the shared pool `shared`."""
+    return batch(rank, seq, BlockStored(block_hashes=hashes(rank, chain), medium="storage",
+                                        pool="shared"))
+
+
+async def test_a_model_with_a_pool_is_not_moved(setup: tuple[str, Any, Fleet]) -> None:
+    """A model holding a shared storage pool is refused before anything is written: a
+    pool's ops come from every partition and reach the source alone until all are
+    copied, so its copy could keep what a source-only eviction took."""
+    url, client, fleet = setup
+    writer = process(url)
+    write = pool_store(0, fleet.seq[0], fleet.high[0] - 1)
+    await writer.apply([write])
+    await fleet.reference.apply([write])
+    fleet.seq[0] += 1
+    with pytest.raises(BackendError, match="shared storage pools \\(shared\\)"):
+        await om.migrate_model(client, MODEL, 4, partitions=PARTITIONS, settle_s=SETTLE_S,
+                               say=lambda _: None)
+    assert await om.read_layout(client, MODEL) is None
+    assert await writer.presence(MODEL) == await fleet.reference.presence(MODEL)
+    await writer.close()
+
+
+async def test_a_pool_made_during_the_copy_rolls_the_move_back(
+    setup: tuple[str, Any, Fleet]
+) -> None:
+    """A pool written while partitions are being copied: the move is rolled back before
+    its switch (the model stays on one slot, exact, its pool credited there)."""
+    url, client, fleet = setup
+    writer = process(url)
+    run = asyncio.create_task(om.migrate_model(client, MODEL, 4, partitions=PARTITIONS,
+                                               settle_s=SETTLE_S, say=lambda _: None))
+    while await om.read_layout(client, MODEL) is None:
+        await asyncio.sleep(0.01)
+    pooled = fleet.high[0] - 1
+    write = pool_store(0, fleet.seq[0], pooled)
+    await writer.apply([write])
+    await fleet.reference.apply([write])
+    fleet.seq[0] += 1
+    for partition in range(PARTITIONS):
+        await writer.tend(partition)
+    with pytest.raises(BackendError, match="rolled back"):
+        await run
+    record = await om.read_layout(client, MODEL)
+    assert record is not None and record.phase == om.DONE and record.target == 1
+    await fleet.round(writer, 0)
+    assert await writer.presence(MODEL) == await fleet.reference.presence(MODEL)
+    mounter = RANKS[DP][0]  # another worker than rank 0's
+    query = ScoreQuery(model=MODEL, token_ids=chain_tokens(0, pooled), block_size=BS,
+                       mounts={mounter: frozenset({"shared"})})
+    got = (await writer.score(query)).scores
+    assert got == (await fleet.reference.score(query)).scores
+    assert any(s.worker_id == mounter and s.blocks_by_tier.get("storage") == CHAIN
+               for s in got)
+    await writer.close()
