@@ -63,6 +63,7 @@ import json
 import os
 import random
 import struct
+import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
@@ -896,7 +897,7 @@ class ShardedRedisIndex:
                     todo.append((key, pool_ops))
                 elif reply == b"diverged":
                     self._pool_ids.pop(key, None)
-                    await self._reslot_pool(key[0], key[1], pool_id, lost_ops=True)
+                    await self._reslot_pool(key[0], key[1], pool_id)
                     todo.append((key, pool_ops))
                 else:
                     pending[(key[0], pool_id, key[1])] = reply
@@ -945,12 +946,15 @@ class ShardedRedisIndex:
         return self._eval("pool", self._pool_keys(self._models[model], pool_id), pool_id,
                           name, floor or b"0", mode, *args)
 
-    async def _drain_pools(self, pending: Mapping[tuple[str, int, str], list[Any]]) -> None:
+    async def _drain_pools(self, pending: Mapping[tuple[str, int, str], list[Any]], *,
+                           reslot: bool = True) -> None:
         """Apply pools' pending lists (the home's reply: its op counter, then a list per
         sub-slot) in their sub-slots, then trim each list by what its sub-slot has
         applied. A pool whose sub-slots and home disagree (a sub-slot missing entries it
         had applied, or past the home's current counter: a failover lost writes on one
-        side) is re-slotted."""
+        side) is re-slotted, unless `reslot` is False (the drain of a re-slot's own new
+        id, not switched yet: its lists stay untrimmed, and the next write or drain of
+        the pool finds the disagreement again, once the directory maps the new id)."""
         # a reply not a list: the pool's home answered `dead` (a concurrent collection)
         targets = [(key, k, entries) for key, reply in pending.items()
                    if isinstance(reply, list) for k, entries in enumerate(reply[1:]) if entries]
@@ -974,11 +978,12 @@ class ShardedRedisIndex:
         trims = [key for key in done if key not in diverged]
         replies = await self._run([self._pool_call(key[0], (key[1], ""), None, "trim",
                                                    done[key]) for key in trims])
-        lost_ops = {key for key, reply in zip(trims, replies, strict=True)
-                    if reply == b"diverged"}  # the home is behind a sub-slot
-        for model, pool_id, name in sorted(diverged | lost_ops):
-            await self._reslot_pool(model, name, pool_id,
-                                    lost_ops=(model, pool_id, name) in lost_ops)
+        behind = {key for key, reply in zip(trims, replies, strict=True)
+                  if reply == b"diverged"}  # the home is behind a sub-slot
+        if not reslot:
+            return
+        for model, pool_id, name in sorted(diverged | behind):
+            await self._reslot_pool(model, name, pool_id)
 
     def _confirm_pool(self, key: tuple[str, int, str], seq: int, applied: list[int]) -> None:
         """Redis confirmed the pool's home at op counter `seq` and its sub-slots at least
@@ -990,85 +995,86 @@ class ShardedRedisIndex:
             max(n, was_applied[k] if k < len(was_applied) else 0)
             for k, n in enumerate(applied)])
 
-    async def _reslot_pool(self, model: str, pool: str, old: int, *, lost_ops: bool = False,
+    async def _reslot_pool(self, model: str, pool: str, old: int, *,
                            dead: bool = False) -> None:
-        """Move a pool whose presence in some sub-slot no longer follows its home to a new
-        id, as a torn rank is: the old id is marked collected everywhere (no op or entry
-        lands on it any more), its home state (map, tombstones, floor, epoch, writers'
-        positions) is copied to the new id's home, every key it holds is written under
-        the new id, the directory switches, and the old id is collected. Entries of the
-        old id its map and lists do not name stay, credited to nobody (ids are never
-        reused). `lost_ops`: the home itself lost ops (evictions among them, whose
-        batches will not come again), so its map is not trusted: the new id starts
-        wiped, its floor at the newest time the pool or the model's ranks know.
-        One re-slot per old id: its new id and whether it is wiped are set once, with
-        the old home's `x` mark (`_mark_reslot`); whoever meets the old id dead resumes
-        that re-slot, and each step is idempotent. `dead`: the old id was found dead
-        without a re-slot mark while the directory maps it (a re-slot stopped by an
-        older version): one is started, wiped. Returns with the directory switched, or
-        (another process switched or removed the pool) for the caller to read it again."""
+        """Move a pool whose presence in some sub-slot no longer follows its home (a
+        failover lost writes on one side) to a new id, as a torn rank is: the old id is
+        marked collected everywhere (no op or entry lands on it any more), the new id's
+        home starts wiped (no presence; the writers' positions kept, the epoch moved, the
+        floor at `_reslot_floor`: whatever the lost ops were, no store they would have
+        refused is taken), the directory switches, and the old id is collected. Entries
+        of the old id stay, credited to nobody (ids are never reused).
+        One re-slot per old id: its new id is set once, with the old home's `x` mark
+        (`_mark_reslot`); whoever meets the old id dead resumes that re-slot, and each
+        step is idempotent. `dead`: the old id was found dead without a re-slot mark
+        while the directory maps it (a re-slot stopped by an older version): one is
+        started. Returns with the directory switched, or (another process switched or
+        removed the pool) for the caller to read it again."""
         info = self._models[model]
-        marked = await self._mark_reslot(model, pool, old, lost_ops=lost_ops, dead=dead)
+        marked = await self._mark_reslot(model, pool, old, dead=dead)
         if marked is None:
             await self._collect_retired(model)  # an id taken for it and abandoned
             return
-        new, wiped = marked
+        new, marked_here = marked
         if self.reslot_hook is not None:
             await self.reslot_hook()
         log.warning("pool_diverged_reslot", model=model, pool=pool, old_slot=old,
-                    new_slot=new, wiped=wiped)
+                    new_slot=new)
         await self._run([("HSET", prefix + "pos", f"q{old}", "x") for prefix in info.prefixes])
-        state = await self._run([("HGETALL", key) for key in self._pool_keys(info, old)[:4]])
-        if wiped:
-            state = [{}, {}, _wiped_state(state[2], await self._newest_rank_ts(model)),
-                     state[3]]
-        state[2] = {f: v for f, v in state[2].items() if f in _POOL_STATE_KEPT}
+        st, writers = await self._run([("HGETALL", key)
+                                       for key in self._pool_keys(info, old)[2:4]])
+        state = [{}, {}, _reslot_state(st, await self._reslot_floor(model, st)), writers]
         counts = [len(found) for found in state]
         items = [v for found in state for pair in found.items() for v in pair]
         [reply] = await self._run([self._pool_call(model, (new, pool), None, "build",
                                                    [*counts, *items])])
-        await self._drain_pools({(model, new, pool): reply})
+        await self._drain_pools({(model, new, pool): reply}, reslot=False)
         [status] = await self._run([self._dir_call(model, "switch", pool, POOL_RANK, old,
                                                    new)])
         if status == b"ok":
             self._pool_ids[(model, pool)] = new
             self.pool_reslots += 1
-        else:  # switched by another process to another id, or removed: the new id goes
-            await self._run([self._dir_call(model, "abandon", pool, POOL_RANK, new)])
-            if dead:  # a mark this call set on an old id already collected
-                await self._redis.delete(self._pool_keys(info, old)[2])
+        elif dead and marked_here:  # a mark this call set on an old id already collected
+            await self._redis.delete(self._pool_keys(info, old)[2])
+        # else: switched by another process, or the pool removed; the new id (the old
+        # home's reslot_to, never abandoned here) is retired by the pool's next switch
+        # or removal, as any id pending for it
         await self._collect_retired(model)
 
-    async def _mark_reslot(self, model: str, pool: str, old: int, *, lost_ops: bool,
+    async def _mark_reslot(self, model: str, pool: str, old: int, *,
                            dead: bool) -> tuple[int, bool] | None:
-        """The old id's re-slot (its new id, wiped or not): the one already marked in its
-        home, else one marked now under a new id taken for it (an id taken and not used,
-        a concurrent mark having won, is abandoned). None: the old id is dead with no
-        re-slot (removed, or re-slotted and collected)."""
-        asked = await self._run([self._pool_call(model, (old, pool), None, "mark", [b"", 0, 0])])
+        """The old id's re-slot (its new id, and whether this call marked it): the one
+        already marked in its home, else one marked now under a new id taken for it (an
+        id taken and not used, a concurrent mark having won, is abandoned). None: the old
+        id is dead with no re-slot (removed, or re-slotted and collected)."""
+        asked = await self._run([self._pool_call(model, (old, pool), None, "mark", [b"", 0])])
         reply = asked[0]
+        if isinstance(reply, list):
+            return int(reply[0]), False
         if reply == b"gone" and not dead:
             return None
+        new = await self._new_id(model, WorkerRef(pool, POOL_RANK))
+        [reply] = await self._run([self._pool_call(model, (old, pool), None, "mark",
+                                                   [new, int(dead)])])
+        if not isinstance(reply, list) or int(reply[0]) != new:
+            await self._run([self._dir_call(model, "abandon", pool, POOL_RANK, new)])
         if not isinstance(reply, list):
-            new = await self._new_id(model, WorkerRef(pool, POOL_RANK))
-            [reply] = await self._run([self._pool_call(
-                model, (old, pool), None, "mark", [new, int(lost_ops or dead), int(dead)])])
-            if not isinstance(reply, list) or int(reply[0]) != new:
-                await self._run([self._dir_call(model, "abandon", pool, POOL_RANK, new)])
-            if not isinstance(reply, list):
-                return None
-        return int(reply[0]), reply[1] == b"1"
+            return None
+        return int(reply[0]), int(reply[0]) == new
 
-    async def _newest_rank_ts(self, model: str) -> float:
-        """The newest batch time any rank of the model committed (a wiped pool's floor: no
-        store older than an eviction the home lost is taken again)."""
+    async def _reslot_floor(self, model: str, st: Mapping[bytes, bytes]) -> float:
+        """The floor of a re-slot's new id: no store older than an op its old home may
+        have lost is taken. Batch times are not monotone per writer, so the newest of
+        this process's clock, the times the old home knows and the model's ranks' last
+        batch times (writers' clocks are assumed close to each other)."""
         info = self._models[model]
         slots = await self._redis.hgetall(info.dir + "slots")
         ids = [int(slot) for ref, slot in slots.items()
                if not _text(ref).endswith(f"\n{POOL_RANK}")]
         stamps = await self._run([("HGET", f"{info.home(slot)}w:{slot}:meta", "ts")
                                   for slot in ids]) if ids else []
-        return max((float(ts) for ts in stamps if ts is not None), default=0.0)
+        known = [float(st[f]) for f in (b"floor", b"gone_max", b"ts") if f in st]
+        return max([time.time(), *known, *(float(ts) for ts in stamps if ts is not None)])
 
     async def _write_group_specs(self, calls: list[tuple[_Rank, _NetSink]]) -> None:
         """List every KV-cache group the calls write (and the specs they learned) in the
@@ -1539,8 +1545,8 @@ class ShardedRedisIndex:
 
     async def _pools_behind(self) -> list[tuple[tuple[str, int, str], bool]]:
         """The confirmed pools Redis holds behind what it confirmed (True: the home's op
-        counter is behind, it lost ops: re-slotted wiped; False: a sub-slot lost entries
-        it had applied). A pool the directory maps to another id, or whose id is being
+        counter is behind, it lost ops; False: a sub-slot lost entries it had applied;
+        either way re-slotted). A pool the directory maps to another id, or whose id is being
         re-slotted or collected, is no longer followed."""
         items = list(self._pool_confirmed.items())
         commands: list[Sequence[Any]] = []
@@ -1578,7 +1584,7 @@ class ShardedRedisIndex:
         async with self._lock:
             self._forget_all()
             if await self._model(model) is not None:
-                await self._reslot_pool(model, pool, pool_id, lost_ops=lost_ops)
+                await self._reslot_pool(model, pool, pool_id)
 
     async def _ranks_behind(self) -> list[tuple[tuple[str, WorkerRef], bool]]:
         """The confirmed ranks Redis holds behind what it confirmed (True: removed by
@@ -1989,15 +1995,12 @@ def _unpack_pool_names(raw: bytes) -> set[str]:
     return set(filter(None, text.split("\n")))
 
 
-def _wiped_state(state: dict[bytes, bytes], newest_rank_ts: float) -> dict[bytes, bytes]:
-    """A pool's `st` for a new id that starts wiped: its epoch moved, its floor at the
-    newest time the old state or the model's ranks know (no store older than what was
-    lost is taken; not the wall clock, which would refuse every store of a publisher
-    that leaves batch times at 0)."""
-    floor = max([newest_rank_ts, *(float(state[f]) for f in (b"floor", b"gone_max", b"ts")
-                                   if f in state)])
-    return {**state, b"floor": repr(floor).encode(),
-            b"epoch": str(int(state.get(b"epoch", b"0")) + 1).encode()}
+def _reslot_state(st: Mapping[bytes, bytes], floor: float) -> dict[bytes, bytes]:
+    """A re-slot's new `st`: the old one's kept fields, its epoch moved, its floor at
+    `floor` (the new id starts wiped)."""
+    kept = {f: v for f, v in st.items() if f in _POOL_STATE_KEPT}
+    return {**kept, b"floor": repr(floor).encode(),
+            b"epoch": str(int(st.get(b"epoch", b"0")) + 1).encode()}
 
 
 class _Read(NamedTuple):

@@ -20,10 +20,10 @@
 --         imports), ARGV[4] 'trim' then one applied number per sub-slot: drop the
 --         entries each sub-slot has applied (returns 1), or 'diverged' when a number is
 --         past the op counter (this home lost ops a sub-slot applied); or 'mark' (on a
---         re-slot's old id) then the new id ('' only asks) and wiped '0'|'1', and '1' to
---         mark an id already dead: the old id's re-slot, set once with the `x` mark in
---         this home -> {new id, wiped}, or 'none' / 'gone' (not re-slotted; dead) when
---         only asked or refused; or 'build' (a re-slot's new id, below); or 'ops', the
+--         re-slot's old id) then the new id ('' only asks), and '1' to mark an id
+--         already dead: the old id's re-slot, set once with the `x` mark in this home
+--         -> {new id}, or 'none' / 'gone' (not re-slotted; dead) when only asked or
+--         refused; or 'build' (a re-slot's new id, below); or 'ops', the
 --         highest number any sub-slot has applied (read by the
 --         caller just before: one above the op counter means this home lost ops the
 --         sub-slots applied, and 'diverged' is returned, nothing decided), then ops:
@@ -42,17 +42,17 @@ local S = #KEYS - 6
 
 -- A re-slot's mark: one owner per re-slot, found again by whoever meets the old id dead.
 if ARGV[4] == 'mark' then
-  local to = redis.call('HMGET', st, 'reslot_to', 'wiped')
-  if to[1] then
-    return {to[1], to[2]}
+  local to = redis.call('HGET', st, 'reslot_to')
+  if to then
+    return {to}
   end
   local dead = redis.call('HGET', hpos, 'q' .. id) == 'x'
-  if ARGV[5] == '' or (dead and ARGV[7] ~= '1') then
+  if ARGV[5] == '' or (dead and ARGV[6] ~= '1') then
     return dead and 'gone' or 'none'
   end
-  redis.call('HSET', st, 'reslot_to', ARGV[5], 'wiped', ARGV[6])
+  redis.call('HSET', st, 'reslot_to', ARGV[5])
   redis.call('HSET', hpos, 'q' .. id, 'x')
-  return {ARGV[5], ARGV[6]}
+  return {ARGV[5]}
 end
 
 if redis.call('HGET', hpos, 'q' .. id) == 'x' then
