@@ -127,6 +127,7 @@ bench-events: setup redis-server
 # Redis read replicas: Score through a replica vs the primary, declared staleness under load
 bench-replicas: setup redis-server
 	$(PY) -m bench.read_replicas
+	$(PY) -m bench.read_replicas --subslots 4
 
 # NATS: end-to-end ingest on one server vs a 3-node cluster with 3 replicas; a leader lost
 bench-nats-cluster: setup redis-server
