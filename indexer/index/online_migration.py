@@ -57,9 +57,7 @@ from indexer.index.layouts import (
     _Keys,
     _unlist,
     directory_prefix,
-    model_prefix,
 )
-from indexer.index.pools import POOL_RANK
 from indexer.index.protocol import (
     ApplyOutcome,
     Index,
@@ -97,7 +95,6 @@ DONE: Final = "done"
 ROLLBACK: Final = "rollback"
 _PHASES: Final = (COPY, SWITCHED, RETIRED, DONE, ROLLBACK)
 _COPY_TRIES: Final = 20
-_POOL_SUFFIX: Final = f"\n{POOL_RANK}"  # a pool's ref in a model's `slots`: "<name>\n-1"
 
 
 def record_key(model: str) -> str:
@@ -501,7 +498,6 @@ async def migrate_model(client: Any, model: str, target: int, *, partitions: int
             raise BackendError("online migration moves between one slot and S sub-slots: "
                                f"{current} -> {target} takes two runs, through 1")
         source = current
-        await _refuse_pools(client, model, source, None, settle_s=settle_s, say=say)
         # One transaction on one key: a process never reads a record half replaced.
         pipe = client.pipeline(transaction=True)
         pipe.delete(record_key(model))
@@ -516,7 +512,6 @@ async def migrate_model(client: Any, model: str, target: int, *, partitions: int
     assert record is not None
     if record.phase == COPY:
         await _wait_copied(client, model, record.partitions, copy_timeout_s)
-        await _refuse_pools(client, model, source, record, settle_s=settle_s, say=say)
         await _set_phase(client, model, SWITCHED, settle_s, say)
         record = await read_layout(client, model)
     assert record is not None
@@ -525,28 +520,6 @@ async def migrate_model(client: Any, model: str, target: int, *, partitions: int
     deleted = await _delete_layout(client, model, source)
     await client.hset(record_key(model), "phase", DONE)
     say(f"{model!r}: in {target} sub-slot(s); deleted {deleted} key(s) of the old layout")
-
-
-async def _refuse_pools(client: Any, model: str, source: int, record: ModelLayout | None,
-                        *, settle_s: float, say: Callable[[str], None]) -> None:
-    """Refuse to move a model with shared storage pools (rolling a started move back). A
-    pool is written by the writers of every partition, and until every partition is
-    copied some of its ops reach the source alone: its target copy could keep a block a
-    source-only eviction took (a false hit). Pools created once every partition is
-    copied are written to both layouts from their first op, so this runs at the start
-    and again just before the switch."""
-    prefix = model_prefix(model) if source == 1 else directory_prefix(model)
-    pools = sorted(_text(ref)[: -len(_POOL_SUFFIX)]
-                   for ref in await client.hkeys(prefix + "slots")
-                   if _text(ref).endswith(_POOL_SUFFIX))
-    if not pools:
-        return
-    if record is not None:
-        await rollback_model(client, model, settle_s=settle_s, say=say)
-    raise BackendError(
-        f"{model!r} has shared storage pools ({', '.join(pools)}): an online move cannot "
-        "copy them" + (" (rolled back)" if record is not None else "")
-        + "; move it with `kv-indexer migrate-layout`, or remove the pools first")
 
 
 async def _wait_copied(client: Any, model: str, partitions: int, timeout_s: float) -> None:
