@@ -30,7 +30,6 @@ from prometheus_client import CollectorRegistry
 
 from indexer.config import (
     ServiceConfig,
-    model_layouts_partitions,
     nats_security,
     parse_service_config,
     pool_writer_patterns,
@@ -159,8 +158,7 @@ class IndexerService:
                                  redis_read_urls=redis_read_urls(config),
                                  max_staleness_s=config.redis_read_max_staleness_s,
                                  redis_bucket_load=config.redis_bucket_load,
-                                 redis_subslots=config.redis_subslots,
-                                 model_layouts_partitions=model_layouts_partitions(config))
+                                 redis_subslots=config.redis_subslots)
         self._served_index = served_index(self.index, registry)
         self._resync = resync
         await self._start_grpc()

@@ -7,7 +7,6 @@
     kv-indexer doctor [--model M]                  (why routing gets no hits; exit 3: errors)
     kv-indexer serve ...                                            (see `serve --help`)
     kv-indexer migrate-layout --redis-url URL --redis-subslots S    (move the Redis index)
-    kv-indexer migrate-model --redis-url URL --model M --redis-subslots S  (online, one model)
     kv-indexer nats-auth --worker MODEL WORKER ... --password-dir D (NATS users: README)
     kv-indexer --version                                            (and the C extension)
 
@@ -340,8 +339,6 @@ def _parser() -> argparse.ArgumentParser:
                    "(kv-indexer rebuild --help)", add_help=False)
     sub.add_parser("migrate-layout", help="move a Redis index to another --redis-subslots "
                    "(kv-indexer migrate-layout --help)", add_help=False)
-    sub.add_parser("migrate-model", help="move one model to another layout online, "
-                   "indexers serving it (kv-indexer migrate-model --help)", add_help=False)
     sub.add_parser("bench", help="benchmarks: kv-indexer bench routing --help",
                    add_help=False)
     sub.add_parser("nats-auth", help="print a nats-server authorization block with one user "
@@ -425,63 +422,6 @@ def _migrate_layout(argv: list[str]) -> int:
     return 0
 
 
-def _migrate_model(argv: list[str]) -> int:
-    """`kv-indexer migrate-model`: move one model to another layout online."""
-    parser = argparse.ArgumentParser(prog="kv-indexer migrate-model", description=(
-        "Move one model between one hash slot and S sub-slots while the indexers (all "
-        "started with --redis-model-layouts on) keep serving it: its partitions' writers "
-        "copy it and write both layouts, then Score switches to the new one and the old "
-        "one's keys are deleted (docs/large-models.md, \"Migration between layouts\"). "
-        "Run again after an interruption to finish it, or --rollback before its switch "
-        "settled."), formatter_class=DefaultsHelpFormatter)
-    env = os.environ.get
-    parser.add_argument("--redis-url", default=env("KV_INDEXER_REDIS_URL"),
-                        help="the indexers' Redis (env KV_INDEXER_REDIS_URL)")
-    parser.add_argument("--model", required=True, help="the model to move")
-    parser.add_argument("--redis-subslots", type=int, default=None,
-                        help="the layout to move it to: 1, or S >= 2 sub-slots (one of "
-                        "the model's layouts, old or new, must be 1)")
-    parser.add_argument("--partitions", type=int,
-                        default=int(env("KV_INDEXER_PARTITIONS") or 8),
-                        help="the indexers' --partitions (env KV_INDEXER_PARTITIONS)")
-    parser.add_argument("--rollback", action="store_true",
-                        help="undo an unfinished move: Score back on the old layout, the "
-                        "new one's keys deleted")
-    parser.add_argument("--settle", type=float, default=2.0,
-                        help="seconds to wait after each phase change for every process "
-                        "to see it")
-    for flag in ("--redis-tls-ca", "--redis-tls-cert", "--redis-tls-key",
-                 "--redis-password-file"):
-        name = flag[2:].replace("-", "_")
-        parser.add_argument(flag, dest=name, default=env(f"KV_INDEXER_{name.upper()}"),
-                            help=f"as `kv-indexer serve {flag}`")
-    args = parser.parse_args(argv)
-    if not args.redis_url:
-        parser.error("--redis-url is required (or KV_INDEXER_REDIS_URL)")
-    if not args.rollback and not (args.redis_subslots and 1 <= args.redis_subslots <= 1024):
-        parser.error("--redis-subslots (1 to 1024) is required unless --rollback")
-    if args.settle <= 0.5:
-        parser.error("--settle must be above 0.5 s (the processes read the records "
-                     "every 0.25 s)")
-    migration = importlib.import_module("indexer.index.online_migration")
-    factory = importlib.import_module("indexer.index.factory")
-    errors = importlib.import_module("indexer.errors")
-    security = factory.RedisSecurity(tls_ca=args.redis_tls_ca, tls_cert=args.redis_tls_cert,
-                                     tls_key=args.redis_tls_key,
-                                     password_file=args.redis_password_file)
-    try:
-        asyncio.run(migration.run_model_migration(
-            args.redis_url, args.model, args.redis_subslots, partitions=args.partitions,
-            rollback=args.rollback, settle_s=args.settle, options=security.client_options()))
-    except (errors.BackendError, errors.ConfigError, OSError) as exc:
-        print(f"kv-indexer migrate-model: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # noqa: BLE001 - redis-py's errors: one line, status 1
-        print(f"kv-indexer migrate-model: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
 BENCH_ENTRY_POINTS: Final = "kv_indexer.bench"
 
 
@@ -517,8 +457,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _health(args_list[1:])
     if args_list[:1] == ["migrate-layout"]:
         return _migrate_layout(args_list[1:])
-    if args_list[:1] == ["migrate-model"]:
-        return _migrate_model(args_list[1:])
     if args_list[:1] == ["bench"]:
         return _bench(args_list[1:])
     if args_list[:1] == ["nats-auth"]:

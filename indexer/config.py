@@ -37,8 +37,8 @@ from kvcore.redact import redact_text
 from kvcore.runtime import uvloop_installed
 from kvcore.topology import DEFAULT_PARTITIONS
 
-__all__ = ["SETTINGS", "ServiceConfig", "model_layouts_partitions", "nats_security",
-           "parse_service_config", "pool_writer_patterns", "redis_read_urls"]
+__all__ = ["SETTINGS", "ServiceConfig", "nats_security", "parse_service_config",
+           "pool_writer_patterns", "redis_read_urls"]
 
 
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,8 +49,6 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     redis_read_max_staleness_s: float = 1.0  # read_replicas.DEFAULT_MAX_STALENESS_S
     redis_bucket_load: int = 0  # redis.DEFAULT_BUCKET_LOAD: one presence hash per model
     redis_subslots: int = 1  # >= 2: models spread over that many hash slots (redis_sharded)
-    # on: models are routed by their per-model layout records (online_migration.py)
-    redis_model_layouts: str = "off"  # on | off
     pool_writers: str | None = None  # worker id patterns that may write pools, comma-separated
     grpc_listen: str = "127.0.0.1:50051"
     grpc_processes: int = 1  # > 1: extra read-only gRPC server processes (Redis index only)
@@ -121,10 +119,6 @@ SETTINGS: tuple[tuple[str, str, type, str], ...] = (
      "one slot per model; S >= 2 lets one model outgrow a Redis shard (on Redis Cluster, "
      "sub-slots on distinct masters); shared storage pools and hybrid KV-cache groups are "
      "refused on such models"),
-    ("--redis-model-layouts", "redis_model_layouts", str,
-     "on: route each model with a per-model layout record (kv-indexer migrate-model) to "
-     "its layout, so models can be moved between layouts online; on or off, the same on "
-     "every indexer process"),
     ("--pool-writers", "pool_writers", str,
      "worker id patterns (fnmatch, separated by commas) whose writes into shared storage "
      "pools are trusted; unset: any worker whose registry entry declares the pool"),
@@ -309,10 +303,6 @@ def validate(config: ServiceConfig) -> None:
          "(the embedded nats-server is plain and local)"),
         (config.nats_start_timeout_s > 0, "--nats-start-timeout must be > 0"),
         (config.grpc_reflection in ("on", "off"), "--grpc-reflection must be on or off"),
-        (config.redis_model_layouts in ("on", "off"), "--redis-model-layouts must be on or off"),
-        (config.redis_model_layouts == "off" or (config.redis_url is not None
-                                                 and not config.redis_read_url),
-         "--redis-model-layouts on needs --redis-url and no --redis-read-url"),
         (bool(config.grpc_tls_cert) == bool(config.grpc_tls_key),
          "--grpc-tls-cert and --grpc-tls-key go together"),
         (not config.grpc_tls_client_ca or bool(config.grpc_tls_cert),
@@ -370,9 +360,3 @@ def check_readable(flag: str, path: str) -> None:
 def _is_host_port(value: str) -> bool:
     host, _, port = value.rpartition(":")
     return bool(host) and port.isdigit() and 0 <= int(port) <= 65535
-
-
-def model_layouts_partitions(config: ServiceConfig) -> int:
-    """build_index's `model_layouts_partitions`: the stream's partitions with
-    `--redis-model-layouts on`, else 0."""
-    return config.partitions if config.redis_model_layouts == "on" else 0

@@ -7,14 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
-from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from indexer.errors import ConfigError
 from indexer.index.instrumented import InstrumentedIndex
 from indexer.index.memory import MemoryIndex
-from indexer.index.online_migration import PerModelLayouts
 from indexer.index.protocol import Index, IndexConfig, ResyncHook
 from indexer.index.read_replicas import DEFAULT_MAX_STALENESS_S, ReplicaReadIndex
 from indexer.index.redis import DEFAULT_BUCKET_LOAD, RedisIndex
@@ -65,22 +62,14 @@ def build_index(
     config: IndexConfig, *, redis_url: str | None = None, on_resync: ResyncHook | None = None,
     redis_security: RedisSecurity | None = None, redis_read_urls: Sequence[str] = (),
     max_staleness_s: float = DEFAULT_MAX_STALENESS_S, redis_bucket_load: int = DEFAULT_BUCKET_LOAD,
-    redis_subslots: int = 1, model_layouts_partitions: int = 0,
+    redis_subslots: int = 1,
 ) -> Index:
     """The Redis index at `redis_url` (with `redis_security`; Score from the read replicas
     `redis_read_urls` while they are within `max_staleness_s`; models it creates keep
     `redis_bucket_load` blocks per presence bucket), else the in-memory one. A
     `redis+cluster://` URL, or one whose node runs in cluster mode, gets the cluster index.
     `redis_subslots` >= 2: every model spread over that many hash slots (ShardedRedisIndex),
-    read from `redis_read_urls` (on a cluster: replica nodes, each for its master) too.
-    `model_layouts_partitions` > 0 (the stream's partitions; no read replicas): each model
-    routed by its per-model layout record (PerModelLayouts, `--redis-model-layouts on`)."""
-    if redis_url and model_layouts_partitions > 0:
-        if redis_read_urls:
-            raise ConfigError("--redis-model-layouts on needs no --redis-read-url")
-        return _per_model_layouts(config, redis_url, on_resync, redis_security,
-                                  bucket_load=redis_bucket_load, subslots=redis_subslots,
-                                  partitions=model_layouts_partitions)
+    read from `redis_read_urls` (on a cluster: replica nodes, each for its master) too."""
     if redis_url:
         options = redis_security.client_options() if redis_security is not None else {}
         if redis_subslots >= 2:
@@ -110,25 +99,6 @@ def build_index(
         return RedisIndex.from_url(redis_url, config=config, on_resync=on_resync,
                                    redis_options=options, bucket_load=redis_bucket_load)
     return MemoryIndex(config, on_resync=on_resync)
-
-
-def _per_model_layouts(config: IndexConfig, redis_url: str, on_resync: ResyncHook | None,
-                       redis_security: RedisSecurity | None, *, bucket_load: int,
-                       subslots: int, partitions: int) -> PerModelLayouts:
-    options = redis_security.client_options() if redis_security is not None else {}
-    cluster = cluster_url(redis_url) is not None or is_cluster_node(redis_url, options)
-
-    def open_layout(layout: int) -> Index:
-        return build_index(config, redis_url=redis_url, on_resync=on_resync,
-                           redis_security=redis_security, redis_bucket_load=bucket_load,
-                           redis_subslots=layout)
-
-    client: Any
-    if cluster:
-        client = AsyncRedisCluster.from_url(cluster_url(redis_url) or redis_url, **options)
-    else:
-        client = aioredis.Redis.from_url(redis_url, **options)
-    return PerModelLayouts(client, open_layout(subslots), subslots, open_layout, partitions)
 
 
 def served_index(index: Index, registry: CollectorRegistry | None) -> Index:

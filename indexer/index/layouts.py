@@ -54,7 +54,6 @@ __all__ = [
     "HOLDER_LAYOUT",
     "LAYOUT_KEY",
     "LAYOUT_RECHECK_S",
-    "MIGRATIONS_KEY",
     "SINGLE_MODELS",
     "SUBSLOT_MODELS",
     "LayoutGate",
@@ -73,9 +72,6 @@ LAYOUT_KEY: Final = "kvi:layout"  # the sub-slot count migrate-layout last moved
 LAYOUT_RECHECK_S: Final = 0.25
 SINGLE_MODELS: Final = "kvi:models"  # the single-slot models (redis.MODELS_KEY)
 SUBSLOT_MODELS: Final = "kvi:smodels"  # the sub-slot models (redis_sharded.MODELS_KEY)
-# Models with a per-model layout record (indexer/index/online_migration.py): routed by
-# it, so the fleet-wide layout checks do not refuse them.
-MIGRATIONS_KEY: Final = "kvi:migrations"
 HOLDER_LAYOUT: Final = b"2"  # holders.lua: holder lists in buckets, slot ids never reused
 _MARKER_NAMES: Final = ("partition.", "position.")
 _SCAN_COUNT: Final = 1000

@@ -84,7 +84,6 @@ from indexer.index.hybrid import group_specs, hybrid_run_matches
 from indexer.index.layouts import (
     HOLDER_LAYOUT,
     LAYOUT_KEY,
-    MIGRATIONS_KEY,
     SINGLE_MODELS,
     SUBSLOT_MODELS,
     LayoutGate,
@@ -655,9 +654,6 @@ class RedisIndex:
         self._layout_refusal: str | None = None  # why the Redis's declared layout is refused
         self._layout_gate = LayoutGate()
         self._probe_buckets = False  # Redis Cluster: apply.lua probes buckets first
-        # False for an index opened only for the models whose per-model layout record
-        # (indexer/index/online_migration.py) names this layout: the fleet's flag is not its.
-        self.checks_layout = True
 
     @classmethod
     def from_url(cls, url: str, *, redis_options: Mapping[str, Any] | None = None,
@@ -1527,10 +1523,7 @@ class RedisIndex:
         (checked at every ping), or whose models (with ranks) are in an older presence
         layout (read as holder lists, their bitmasks would name the wrong ranks) or spread
         over sub-slots (which this index would not see). Models without a rank are
-        collected by liveness whatever their layout. Models with a per-model layout
-        record (`kvi:migrations`) are routed by it, not refused."""
-        if not self.checks_layout:
-            return
+        collected by liveness whatever their layout."""
         self._layout_refusal = declared_refusal(await self._redis.get(LAYOUT_KEY), 1)
         if self._layout_refusal is not None:
             raise BackendError(self._layout_refusal)
@@ -1551,8 +1544,7 @@ class RedisIndex:
                 f"(e.g. {', '.join(old[:3])}); this version stores presence as holder lists "
                 f"(layout {LAYOUT.decode()}) and will not read them. Move them with "
                 f"`{migrate_command(1)}`: the index is rebuilt from snapshots and the stream.")
-        sub_slot = len(await self._redis.smembers(SUBSLOT_MODELS)
-                       - await self._redis.smembers(MIGRATIONS_KEY))
+        sub_slot = await self._redis.scard(SUBSLOT_MODELS)
         if sub_slot:
             raise BackendError(
                 f"Redis holds {sub_slot} model(s) spread over sub-slots (--redis-subslots), "

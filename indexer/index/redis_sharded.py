@@ -92,7 +92,6 @@ from indexer.errors import BackendError
 from indexer.index.hybrid import group_specs, hybrid_run_matches
 from indexer.index.layouts import (
     LAYOUT_KEY,
-    MIGRATIONS_KEY,
     SUBSLOT_MODELS,
     LayoutGate,
     declared_refusal,
@@ -440,9 +439,6 @@ class ShardedRedisIndex:
         self._layout_checked = False  # the Redis's models were found in this layout
         self._layout_refusal: str | None = None  # why the Redis's declared layout is refused
         self._layout_gate = LayoutGate()
-        # False for an index opened only for the models whose per-model layout record
-        # (indexer/index/online_migration.py) names this layout: the fleet's flag is not its.
-        self.checks_layout = True
         # Redis Cluster failovers: (model, rank) -> (slot id, committed token or None
         # for a rank this process removed, positions) as Redis last confirmed them.
         self._confirmed: dict[tuple[str, WorkerRef], tuple[int, bytes | None, list[bytes]]] = {}
@@ -1653,10 +1649,7 @@ class ShardedRedisIndex:
         """Refuse a Redis declared in another layout by `kv-indexer migrate-layout`
         (checked at every ping), or holding single-slot models or models over another
         number of sub-slots: this index would not see the first, and would keep writing
-        the second beside the models it creates. Models with a per-model layout record
-        (`kvi:migrations`) are routed by it, not refused."""
-        if not self.checks_layout:
-            return
+        the second beside the models it creates."""
         self._layout_refusal = declared_refusal(await self._redis.get(LAYOUT_KEY),
                                                 self.subslots)
         if self._layout_refusal is not None:
@@ -1665,15 +1658,13 @@ class ShardedRedisIndex:
             return
         fix = (f"`{migrate_command(self.subslots)}`: the index is rebuilt from snapshots "
                "and the stream")
-        routed = await self._redis.smembers(MIGRATIONS_KEY)
-        single = sorted(_text(m) for m in await self._redis.smembers(SINGLE_SLOT_MODELS)
-                        - routed)
+        single = sorted(_text(m) for m in await self._redis.smembers(SINGLE_SLOT_MODELS))
         if single:
             raise BackendError(
                 f"Redis holds {len(single)} single-slot model(s) (e.g. {', '.join(single[:3])}) "
                 "and --redis-subslots reads only sub-slot models: start without "
                 f"--redis-subslots, or move them to {self.subslots} sub-slots with {fix}")
-        models = sorted(_text(m) for m in await self._redis.smembers(MODELS_KEY) - routed)
+        models = sorted(_text(m) for m in await self._redis.smembers(MODELS_KEY))
         counts = await self._run([("GET", directory_prefix(m) + "subslots") for m in models])
         other = [m for m, raw in zip(models, counts, strict=True)
                  if raw is not None and len(_text(raw).split("\n")) != self.subslots]

@@ -32,7 +32,6 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
 from indexer.errors import BackendError
-from indexer.index.online_migration import PerModelLayouts
 from indexer.index.pools import refuse_undeclared
 from indexer.index.protocol import ApplyOutcome, Index, ResyncRequest
 from indexer.ingest.activity import EventActivity
@@ -289,8 +288,6 @@ class PartitionConsumer:
             self._log.info("partition_consumer_stopped_unacked")
 
     async def _run(self, stop: asyncio.Event) -> None:
-        if isinstance(self._index, PerModelLayouts):
-            self._index.expire()  # the lease is new: no write by an older view of layouts
         sub = await self._subscribe(await self._start_seq())
         # One line per partition would be most of a quiet start: the service logs one
         # `consumers_started` for all of them (indexer.app), the lease holder its own.
@@ -320,7 +317,6 @@ class PartitionConsumer:
                         await sub.unsubscribe()
                     sub = await self._subscribe(reset)
                 await self._maybe_snapshot()
-                await self._tend()
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -593,16 +589,6 @@ class PartitionConsumer:
         return await self._js.pull_subscribe(
             partition_filter(self.partition), durable=consumer_name(self.partition),
             stream=STREAM_NAME, config=config)
-
-    async def _tend(self) -> None:
-        """Per-model layouts (--redis-model-layouts on): copy this partition's ranks of a
-        model being moved, here between fetches, where this consumer is their one writer."""
-        if not isinstance(self._index, PerModelLayouts) or self.rebuilding:
-            return
-        try:
-            await self._index.tend(self.partition)
-        except BackendError as exc:
-            self._log.warning("layout_copy_failed", error=str(exc))  # again next time
 
     # --- snapshots ---------------------------------------------------------------------
 

@@ -22,12 +22,7 @@ from multiprocessing.process import BaseProcess
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
-from indexer.config import (
-    ServiceConfig,
-    model_layouts_partitions,
-    nats_security,
-    redis_read_urls,
-)
+from indexer.config import ServiceConfig, nats_security, redis_read_urls
 from indexer.index.factory import RedisSecurity, build_index, served_index
 from indexer.index.protocol import IndexConfig, IndexReader, WorkerInfo
 from indexer.ingest.consumer import marker_is_rebuilding, marker_name
@@ -172,9 +167,7 @@ async def serve_reader(config: ServiceConfig, listen: str, number: int = 0) -> N
                                      redis_security=RedisSecurity.from_config(config),
                                  redis_read_urls=redis_read_urls(config),
                                  max_staleness_s=config.redis_read_max_staleness_s,
-                                 redis_subslots=config.redis_subslots,
-                                 model_layouts_partitions=model_layouts_partitions(config)),
-                         registry)
+                                 redis_subslots=config.redis_subslots), registry)
     if registry is not None:
         host, port = reader_metrics_address(config.metrics_listen, number)
         start_http_server(port, addr=host, registry=registry)
