@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import signal
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -472,15 +471,10 @@ class TestFailover:
         info = await index._model(MODEL)
         assert info is not None
         master = own_cluster.node_of_slot(key_slot(info.prefixes[0].encode()))
-        replica = own_cluster.wait_replica_synced(master)  # the initial writes reach it
-        replica.stop_signal(signal.SIGSTOP)
-        master.cli("CLIENT", "KILL", "TYPE", "replica")  # what follows never reaches it
+        replica = own_cluster.cut_off_replica(master)  # the initial writes reach it
         victim = RANKS[0]
         await index.apply(fleet.churn(victim))  # acknowledged by the master only
-        master.kill()
-        replica.stop_signal(signal.SIGCONT)
-        replica.cli("CLUSTER", "FAILOVER", "TAKEOVER")
-        own_cluster.wait_ok(replicated=False)
+        own_cluster.promote_cut_off(master, replica)
         for _ in range(50):  # the client learns the new master at its next error
             try:
                 await index.ping()

@@ -12,7 +12,6 @@ credited (DUMP / RESTORE stands for the promoted replica)."""
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -286,6 +285,20 @@ async def _restore(client: Any, saved: dict[str, bytes | None]) -> None:
             await client.restore(key, 0, dumped)
 
 
+async def _two_indexers(redis_server: Any) -> tuple[
+        Backend, PoolFleet, MemoryIndex, tuple[ShardedRedisIndex, ShardedRedisIndex], int]:
+    """Two indexers on one flushed redis-server (4 sub-slots), the pool's chains stored
+    through the first, the model known to both; the backend, the fleet, the reference,
+    the indexers and the pool's id."""
+    backend = Backend(redis_server.url, 4, cluster=False)
+    await backend.flush()
+    fleet, memory = PoolFleet(), MemoryIndex(CONFIG)
+    first, second = backend.index(CONFIG), backend.index(CONFIG)
+    pool_id, _ = await _pooled_fleet(first, memory, fleet)
+    await second._model(MODEL)
+    return backend, fleet, memory, (first, second), pool_id
+
+
 async def _pooled_fleet(index: ShardedRedisIndex, memory: MemoryIndex,
                         fleet: PoolFleet) -> tuple[int, Any]:
     """The pool's chains stored by the writers (each writer's first batch holds nothing
@@ -401,12 +414,7 @@ class TestFailovers:
         takes its new id (and runs the whole re-slot) or after the first marked the old
         id (and finishes the first's re-slot). One re-slot happens, both calls end
         applied, the pool starts wiped (late stores older than the repair refused)."""
-        backend = Backend(redis_server.url, 4, cluster=False)
-        await backend.flush()
-        fleet, memory = PoolFleet(), MemoryIndex(CONFIG)
-        first, second = backend.index(CONFIG), backend.index(CONFIG)
-        pool_id, _ = await _pooled_fleet(first, memory, fleet)
-        await second._model(MODEL)
+        backend, fleet, memory, (first, second), pool_id = await _two_indexers(redis_server)
         client = backend.client()
         lose = _lose_home_ops if lost_ops else _lose_subslot_entries
         await lose(first, memory, fleet, client)
@@ -444,12 +452,7 @@ class TestFailovers:
         marks its own and stops. The second's id is abandoned (the mark is the re-slot's
         one owner: taking an id retires no other pending one), and it finishes the
         first's re-slot."""
-        backend = Backend(redis_server.url, 4, cluster=False)
-        await backend.flush()
-        fleet, memory = PoolFleet(), MemoryIndex(CONFIG)
-        first, second = backend.index(CONFIG), backend.index(CONFIG)
-        pool_id, _ = await _pooled_fleet(first, memory, fleet)
-        await second._model(MODEL)
+        backend, fleet, memory, (first, second), pool_id = await _two_indexers(redis_server)
         client = backend.client()
         await _lose_subslot_entries(first, memory, fleet, client)
         stopped = [fleet.batch(WRITERS[1], 5000.0, fleet.pool_store(45))]
@@ -660,16 +663,11 @@ async def test_a_failover_that_lost_a_pools_ops_is_found_by_the_lost_writes_chec
                                        config=CONFIG)
     pool_id, info = await _pooled_fleet(index, memory, fleet)
     master = own_cluster.node_of_slot(key_slot(info.home(pool_id).encode()))
-    replica = own_cluster.wait_replica_synced(master)
-    replica.stop_signal(signal.SIGSTOP)
-    master.cli("CLIENT", "KILL", "TYPE", "replica")  # what follows never reaches it
+    replica = own_cluster.cut_off_replica(master)
     evictions = _evictions(fleet)
     await index.apply(evictions)  # acknowledged by the master only
     await memory.apply(evictions)
-    master.kill()
-    replica.stop_signal(signal.SIGCONT)
-    replica.cli("CLUSTER", "FAILOVER", "TAKEOVER")
-    own_cluster.wait_ok(replicated=False)
+    own_cluster.promote_cut_off(master, replica)
     for _ in range(50):  # the client learns the new master at its next error
         try:
             await index.ping()

@@ -145,6 +145,22 @@ class RedisCluster:
             time.sleep(0.02)
         return replica
 
+    def cut_off_replica(self, master: ClusterNode) -> ClusterNode:
+        """`master`'s replica, synced, then stopped and its link cut while it cannot read
+        it: what `master` acknowledges from now on never reaches it. The replica."""
+        replica = self.wait_replica_synced(master)
+        replica.stop_signal(signal.SIGSTOP)
+        master.cli("CLIENT", "KILL", "TYPE", "replica")
+        return replica
+
+    def promote_cut_off(self, master: ClusterNode, replica: ClusterNode) -> None:
+        """Kill `master` and promote its cut-off replica (`cut_off_replica`), without
+        what the master acknowledged since: a failover that loses writes."""
+        master.kill()
+        replica.stop_signal(signal.SIGCONT)
+        replica.cli("CLUSTER", "FAILOVER", "TAKEOVER")
+        self.wait_ok(replicated=False)
+
     def by_port(self, port: int) -> ClusterNode:
         return next(n for n in self.nodes if n.port == port)
 
