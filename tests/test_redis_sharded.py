@@ -42,7 +42,7 @@ from kvcore.bus import (
 )
 from kvcore.keys import block_keys_for_tokens
 from tests.support.fleet import Fleet as FieldFleet
-from tests.support.redis_cluster import RedisCluster
+from tests.support.redis_cluster import RedisCluster, pinged_after_failover
 from tests.support.reference import ReferenceIndex
 from tests.support.servers import RedisServer
 from tests.support.subslot_backend import BACKEND_PARAMS, Backend, flushed_backend
@@ -475,12 +475,7 @@ class TestFailover:
         victim = RANKS[0]
         await index.apply(fleet.churn(victim))  # acknowledged by the master only
         own_cluster.promote_cut_off(master, replica)
-        for _ in range(50):  # the client learns the new master at its next error
-            try:
-                await index.ping()
-                break
-            except BackendError:
-                await asyncio.sleep(0.2)
+        await pinged_after_failover(index)
         assert index.lost_write_repairs == 1
         assert [(r.worker_id, r.dp_rank, r.reason) for r in resyncs] == [
             (victim.worker_id, victim.dp_rank, "redis_lost_writes")]

@@ -19,13 +19,12 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
-from indexer.errors import BackendError
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import ApplyOutcome, IndexConfig, ScoreQuery, WorkerRef
 from indexer.index.redis_sharded import ShardedRedisIndex
 from kvcore.bus import SCHEMA_VERSION, BlockRemoved, BlockStored, Event, EventBatch, pack_tokens
 from kvcore.keys import block_keys_for_tokens
-from tests.support.redis_cluster import RedisCluster
+from tests.support.redis_cluster import RedisCluster, pinged_after_failover
 from tests.support.subslot_backend import BACKEND_PARAMS, Backend, flushed_backend
 
 MODEL = "org/pooled-model"
@@ -668,12 +667,7 @@ async def test_a_failover_that_lost_a_pools_ops_is_found_by_the_lost_writes_chec
     await index.apply(evictions)  # acknowledged by the master only
     await memory.apply(evictions)
     own_cluster.promote_cut_off(master, replica)
-    for _ in range(50):  # the client learns the new master at its next error
-        try:
-            await index.ping()
-            break
-        except BackendError:
-            await asyncio.sleep(0.2)
+    await pinged_after_failover(index)
     assert index.pool_reslots == 1
     assert pool_entries(await index.presence(MODEL)) <= pool_entries(
         await memory.presence(MODEL))

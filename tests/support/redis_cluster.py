@@ -12,7 +12,10 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
+from indexer.errors import BackendError
+from tests.support.polling import eventually
 from tests.support.servers import RedisServer
 
 CLUSTER_NODE_TIMEOUT_MS = 1500
@@ -217,3 +220,16 @@ def _repl_offset(info: str, field: str) -> int:
         if name == field:
             return int(value)
     return -1
+
+
+async def pinged_after_failover(index: Any, timeout: float = 10.0) -> None:
+    """Until `index.ping()` succeeds: its client learns a new master at its next error."""
+
+    async def pinged() -> bool:
+        try:
+            await index.ping()
+        except BackendError:
+            return False
+        return True
+
+    await eventually(pinged, timeout)
