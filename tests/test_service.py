@@ -860,12 +860,16 @@ class TestHardening:
         settings = ServiceSettings(worker_cache_seconds=0, connection_idle_s=0,
                                    max_connections=2)
         async with serving(index, settings) as (_, port):
-            # A refused channel backs off before it reconnects (1 s, growing to 2 min by
-            # default): short backoffs, so the last one retries promptly once there is room.
+            # A refused channel reconnects in the background after its backoff. Long
+            # backoffs: a refused channel is closed before it tries again. With short
+            # ones, a reconnect in flight while the channel closed could complete after
+            # the close, orphaned, and hold the freed slot (this test turns the idle
+            # timeout off, which would reclaim it): under load it did, and every fresh
+            # channel after it was refused.
             options = [("grpc.use_local_subchannel_pool", 1),
-                       ("grpc.initial_reconnect_backoff_ms", 100),
-                       ("grpc.min_reconnect_backoff_ms", 100),
-                       ("grpc.max_reconnect_backoff_ms", 200)]
+                       ("grpc.initial_reconnect_backoff_ms", 30_000),
+                       ("grpc.min_reconnect_backoff_ms", 30_000),
+                       ("grpc.max_reconnect_backoff_ms", 30_000)]
             channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
                         for _ in range(4)]
             try:
