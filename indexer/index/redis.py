@@ -1015,16 +1015,23 @@ class RedisIndex:
     async def _slot_replies(self, ranks: list[tuple[str, WorkerRef]]) -> list[Any]:
         """slot.lua's reply for each rank, its calls sent at once on one connection (no
         pipeline object, no SCRIPT EXISTS first: a NOSCRIPT reply is returned)."""
+        commands = []
+        for model, ref in ranks:
+            keys, args = self._slot_call(model, ref)
+            commands.append(("EVALSHA", self._slot_script.sha, len(keys), *keys, *args))
+        return await self._sent_at_once(commands)
+
+    async def _sent_at_once(self, commands: Sequence[tuple[str | int | bytes, ...]]) -> list[Any]:
+        """Each command's reply (an error reply returned, not raised), the commands sent
+        together on one connection of the pool, packed by hiredis."""
         conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            commands = []
-            for model, ref in ranks:
-                keys, args = self._slot_call(model, ref)
-                packed = _pack_command(conn, ("EVALSHA", self._slot_script.sha, len(keys),
-                                              *keys, *args))
-                commands += [packed] if isinstance(packed, bytes) else packed
-            await conn.send_packed_command(commands)
-            return [await _read_reply(conn) for _ in ranks]
+            packed: list[bytes] = []
+            for command in commands:
+                one = _pack_command(conn, command)
+                packed += [one] if isinstance(one, bytes) else one
+            await conn.send_packed_command(packed)
+            return [await _read_reply(conn) for _ in commands]
         except BaseException:
             await conn.disconnect()
             raise
@@ -1065,22 +1072,12 @@ class RedisIndex:
         """Restore these ranks' ledgers from Redis in one round trip: each rank's metadata
         and log read by a MULTI / EXEC of its own, all sent at once on one connection. A
         rank whose log is a string (an earlier version's) is read again on its own."""
-        conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            commands: list[bytes] = []
-            for ledger in ledgers:
-                wp = _rank_prefix(ledger)
-                for command in (("MULTI",), ("HGETALL", wp + "meta"),
-                                ("LRANGE", wp + "log", 0, -1), ("EXEC",)):
-                    packed = _pack_command(conn, command)
-                    commands += [packed] if isinstance(packed, bytes) else packed
-            await conn.send_packed_command(commands)
-            replies = [await _read_reply(conn) for _ in range(4 * len(ledgers))]
-        except BaseException:
-            await conn.disconnect()
-            raise
-        finally:
-            await self._redis.connection_pool.release(conn)
+        commands: list[tuple[str | int | bytes, ...]] = []
+        for ledger in ledgers:
+            wp = _rank_prefix(ledger)
+            commands += [("MULTI",), ("HGETALL", wp + "meta"), ("LRANGE", wp + "log", 0, -1),
+                         ("EXEC",)]
+        replies = await self._sent_at_once(commands)
         for ledger, executed in zip(ledgers, replies[3::4], strict=True):
             if isinstance(executed, Exception):
                 raise executed
