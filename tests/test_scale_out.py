@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats
@@ -40,18 +41,37 @@ def start_indexer(nats_url: str, redis_url: str, log: Path) -> subprocess.Popen[
 
 
 async def lease_owners(nats_url: str) -> dict[str, str]:
+    """Partition -> the member holding its lease."""
+    leases = await lease_bucket(nats_url)
+    return {key: owner for key, owner in leases.items() if key.startswith("p.")}
+
+
+async def lease_bucket(nats_url: str) -> dict[str, str]:
+    """Every live key of the lease bucket (`m.<member>` and `p.<partition>`)."""
     nc = await nats.connect(nats_url)
     try:
         kv = await nc.jetstream().key_value(LEASE_BUCKET)
-        owners = {}
-        for key in [k for k in await kv.keys() if k.startswith("p.")]:
+        found = {}
+        for key in await kv.keys():
             entry = await kv.get(key)
-            owners[key] = (entry.value or b"").decode()
-        return owners
+            found[key] = (entry.value or b"").decode()
+        return found
     except Exception:  # noqa: BLE001 - bucket or keys not there yet
         return {}
     finally:
         await nc.close()
+
+
+def explainer(nats_url: str, procs: list[subprocess.Popen[bytes]], logs: list[Path],
+              ) -> Callable[[], Awaitable[str]]:
+    """What a failed wait reports: the lease bucket, and each indexer's state and log."""
+    async def explain() -> str:
+        lines = [f"lease bucket: {await lease_bucket(nats_url)}"]
+        for proc, log in zip(procs, logs, strict=True):
+            tail = log.read_text(errors="replace").splitlines()[-40:]
+            lines += [f"--- {log.name}: pid {proc.pid}, exit code {proc.poll()}", *tail]
+        return "\n".join(lines)
+    return explain
 
 
 async def publish_round(pubs: list[KVEventPublisher], first: int, last: int) -> None:
@@ -74,8 +94,9 @@ class TestTwoProcesses:
     async def test_split_and_failover(self, nats_url: str,
                                       private_redis: RedisServer, tmp_path: Path) -> None:
         """2 processes hold 2 partitions each; after one is SIGKILLed the other holds 4."""
-        procs = [start_indexer(nats_url, private_redis.url, tmp_path / f"idx{i}.log")
-                 for i in range(2)]
+        logs = [tmp_path / f"idx{i}.log" for i in range(2)]
+        procs = [start_indexer(nats_url, private_redis.url, log) for log in logs]
+        explain = explainer(nats_url, procs, logs)
         index = RedisIndex.from_url(private_redis.url)
         pubs = [KVEventPublisher(MODEL, worker, block_size=BS, nats_url=nats_url,
                                  stream=StreamSettings(partitions=PARTITIONS))
@@ -88,9 +109,9 @@ class TestTwoProcesses:
                 counts = sorted(list(owners.values()).count(o) for o in set(owners.values()))
                 return len(owners) == PARTITIONS and counts == [2, 2]
 
-            await eventually(split, timeout=30)
+            await eventually(split, timeout=30, explain=explain)
             await publish_round(pubs, 1, 4)
-            await eventually(lambda: all_matched(index, 4), timeout=20)
+            await eventually(lambda: all_matched(index, 4), timeout=20, explain=explain)
 
             procs[0].send_signal(signal.SIGKILL)
             procs[0].wait(10)
@@ -101,8 +122,8 @@ class TestTwoProcesses:
                 return len(owners) == PARTITIONS and len(set(owners.values())) == 1
 
             await publish_round(pubs, 5, 8)
-            await eventually(taken_over, timeout=30)
-            await eventually(lambda: all_matched(index, 8), timeout=30)
+            await eventually(taken_over, timeout=30, explain=explain)
+            await eventually(lambda: all_matched(index, 8), timeout=30, explain=explain)
             print(f"failover took {time.monotonic() - started:.1f}s")
         finally:
             for pub in pubs:

@@ -41,6 +41,7 @@ __all__ = ["LEASE_BUCKET", "PartitionLeases"]
 log = structlog.get_logger("indexer.ingest.partitions")
 
 LEASE_BUCKET: Final = "kv_indexer_leases"
+_MEMBER_LISTINGS: Final = 3  # tries at a member listing that includes this process
 
 StartPartition = Callable[[int], Awaitable[None]]
 StopPartition = Callable[[int], Awaitable[None]]
@@ -140,12 +141,21 @@ class PartitionLeases:
             await self._release(max(self.held))
 
     async def _live_members(self, kv: KeyValue) -> list[str]:
-        # kv.keys(filters=...) raises NoKeysError on nats-py 2.16 even when keys match.
-        try:
-            keys = [k for k in await kv.keys() if k.startswith("m.")]
-        except NoKeysError:
-            keys = []
-        return keys or [f"m.{self.member_id}"]
+        """The `m.` keys, ours among them. Ours was put just before, so a listing without
+        it is incomplete: nats-py's watcher can signal "no more keys" before its first
+        delivery arrives. Such a listing is asked again (the share it gave would be wrong);
+        kv.keys(filters=...) raises NoKeysError on nats-py 2.16 even when keys match."""
+        own = f"m.{self.member_id}"
+        keys: list[str] = []
+        for _ in range(_MEMBER_LISTINGS):
+            try:
+                keys = [k for k in await kv.keys() if k.startswith("m.")]
+            except NoKeysError:
+                keys = []
+            if own in keys:
+                return keys
+        self._log.warning("lease_members_incomplete", listed=len(keys))
+        return [*keys, own]
 
     async def _renew(self, kv: KeyValue) -> None:
         for partition, revision in list(self.held.items()):

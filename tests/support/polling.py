@@ -7,14 +7,17 @@ import time
 from collections.abc import Awaitable, Callable
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """Await `check()` every 50 ms until it returns True; AssertionError after `timeout` s."""
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0, *,
+                     explain: Callable[[], Awaitable[str]] | None = None) -> None:
+    """Await `check()` every 50 ms until it returns True; AssertionError after `timeout` s,
+    with what `explain()` then says of the state (for failures seen only in CI)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if await check():
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s")
+    state = f"\n{await explain()}" if explain is not None else ""
+    raise AssertionError(f"condition not met within {timeout}s{state}")
 
 
 async def equals(value: Awaitable[int], expected: int) -> bool:

@@ -1,0 +1,102 @@
+"""Partition leases on a real JetStream KV bucket: each process takes its fair share, and a
+member listing that comes back incomplete (nats-py's watcher can say "no more keys" before
+its first delivery arrives) does not make a process take more than its share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats
+import pytest
+from nats.js.errors import NoKeysError
+from nats.js.kv import KeyValue
+
+from indexer.ingest.partitions import LEASE_BUCKET, PartitionLeases
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 4
+
+
+class FlakyListing:
+    """A real KeyValue whose first `misses` listings come back empty, as in the race."""
+
+    def __init__(self, kv: KeyValue, misses: int) -> None:
+        self._kv = kv
+        self.misses = misses
+        self.listings = 0
+
+    async def keys(self) -> list[str]:
+        self.listings += 1
+        if self.misses:
+            self.misses -= 1
+            raise NoKeysError
+        return await self._kv.keys()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._kv, name)
+
+
+class Member:
+    """One process's leases, recording which partitions it runs consumers for."""
+
+    def __init__(self, js: Any, member_id: str) -> None:
+        self.running: set[int] = set()
+        self.leases = PartitionLeases(js, PARTITIONS, start=self._start, stop=self._stop,
+                                      member_id=member_id)
+
+    async def _start(self, partition: int) -> None:
+        self.running.add(partition)
+
+    async def _stop(self, partition: int) -> None:
+        self.running.discard(partition)
+
+    async def tick(self) -> None:
+        await self.leases._tick_or_wait_out()
+
+
+async def test_members_split_the_partitions(nats_url: str) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        first, second = Member(nc.jetstream(), "a"), Member(nc.jetstream(), "b")
+        await first.tick()  # alone: it takes every partition
+        assert first.running == set(range(PARTITIONS))
+        await second.tick()  # none free; its announcement lowers the first's share
+        await first.tick()
+        await second.tick()
+        assert (len(first.running), len(second.running)) == (2, 2)
+        assert first.running.isdisjoint(second.running)
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("misses", [1, 2])
+async def test_an_incomplete_member_listing_is_asked_again(nats_url: str,
+                                                           misses: int) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        first, second = Member(nc.jetstream(), "a"), Member(nc.jetstream(), "b")
+        await second.tick()  # makes the bucket; "b" is a member, alone it holds all four
+        await second.leases.release_all()
+        await second.leases._kv.put("m.b", b"1")  # type: ignore[union-attr]  # still one
+        flaky = FlakyListing(await nc.jetstream().key_value(LEASE_BUCKET), misses)
+        first.leases._kv = flaky  # type: ignore[assignment]
+        await first.leases.tick()
+        # Trusting the empty listing, it would count itself alone and take all four.
+        assert first.leases.share == 2 and len(first.running) == 2
+        assert flaky.listings == misses + 1
+    finally:
+        await nc.close()
+
+
+async def test_a_listing_never_complete_counts_this_process(nats_url: str) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        member = Member(nc.jetstream(), "a")
+        await member.tick()  # makes the bucket
+        flaky = FlakyListing(await nc.jetstream().key_value(LEASE_BUCKET), misses=10)
+        member.leases._kv = flaky  # type: ignore[assignment]
+        await member.leases.tick()
+        assert member.leases.share == PARTITIONS and flaky.listings == 3
+    finally:
+        await nc.close()
