@@ -4,11 +4,11 @@ its first delivery arrives) does not make a process take more than its share."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import nats
 import pytest
-from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 
 from indexer.ingest.partitions import LEASE_BUCKET, PartitionLeases
@@ -18,20 +18,42 @@ pytestmark = pytest.mark.integration
 PARTITIONS = 4
 
 
-class FlakyListing:
-    """A real KeyValue whose first `misses` listings come back empty, as in the race."""
+class EndedAtOnce:
+    """A watcher whose "no more keys" comes before its deliveries, as in the race."""
 
-    def __init__(self, kv: KeyValue, misses: int) -> None:
+    async def updates(self, timeout: float) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+class Hanging:
+    """A watcher whose "no more keys" never comes."""
+
+    async def updates(self, timeout: float) -> None:
+        await asyncio.sleep(timeout)
+        raise nats.errors.TimeoutError
+
+    async def stop(self) -> None:
+        return None
+
+
+class FlakyListing:
+    """A real KeyValue whose first `misses` listings go wrong as `watcher` does."""
+
+    def __init__(self, kv: KeyValue, misses: int, watcher: Any = None) -> None:
         self._kv = kv
         self.misses = misses
         self.listings = 0
+        self._watcher = watcher or EndedAtOnce()
 
-    async def keys(self) -> list[str]:
+    async def watchall(self, **kwargs: Any) -> Any:
         self.listings += 1
         if self.misses:
             self.misses -= 1
-            raise NoKeysError
-        return await self._kv.keys()
+            return self._watcher
+        return await self._kv.watchall(**kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._kv, name)
@@ -98,5 +120,26 @@ async def test_a_listing_never_complete_counts_this_process(nats_url: str) -> No
         member.leases._kv = flaky  # type: ignore[assignment]
         await member.leases.tick()
         assert member.leases.share == PARTITIONS and flaky.listings == 3
+    finally:
+        await nc.close()
+
+
+async def test_a_listing_that_never_ends_fails_the_tick(nats_url: str) -> None:
+    """The tick fails (counted, tried again), and leases it could not renew for a TTL
+    stop their consumers."""
+    nc = await nats.connect(nats_url)
+    try:
+        member = Member(nc.jetstream(), "a")
+        member.leases.ttl_s = 0.3
+        await member.tick()
+        assert member.running == set(range(PARTITIONS))
+        flaky = FlakyListing(await nc.jetstream().key_value(LEASE_BUCKET), misses=10,
+                             watcher=Hanging())
+        member.leases._kv = flaky  # type: ignore[assignment]
+        await member.tick()
+        assert member.leases.tick_failures == 1 and member.running
+        await asyncio.sleep(0.3)
+        await member.tick()
+        assert member.leases.tick_failures == 2 and not member.running
     finally:
         await nc.close()

@@ -30,7 +30,6 @@ from nats.js.errors import (
     BadRequestError,
     BucketNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
     NoStreamResponseError,
 )
 from nats.js.errors import NotFoundError as JsNotFoundError
@@ -57,6 +56,20 @@ async def _lease_bucket(js: JetStreamContext, ttl_s: float, replicas: int) -> Ke
                 replicas=replicas))
         except BadRequestError:
             return await js.key_value(LEASE_BUCKET)
+
+
+async def _keys(kv: KeyValue, timeout_s: float) -> list[str]:
+    """The bucket's live keys. kv.keys() waits without a limit for its watcher's "no more
+    keys" signal, and a tick that never ends renews nothing yet stops no consumer: this
+    one raises nats' TimeoutError instead (the tick fails, and is tried again)."""
+    watcher = await kv.watchall(ignore_deletes=True, meta_only=True)
+    try:
+        keys = []
+        while (entry := await watcher.updates(timeout_s)) is not None:  # type: ignore[no-untyped-call]
+            keys.append(entry.key)
+        return keys
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
 
 
 class PartitionLeases:
@@ -143,15 +156,11 @@ class PartitionLeases:
     async def _live_members(self, kv: KeyValue) -> list[str]:
         """The `m.` keys, ours among them. Ours was put just before, so a listing without
         it is incomplete: nats-py's watcher can signal "no more keys" before its first
-        delivery arrives. Such a listing is asked again (the share it gave would be wrong);
-        kv.keys(filters=...) raises NoKeysError on nats-py 2.16 even when keys match."""
+        delivery arrives. Such a listing is asked again (the share it gave would be wrong)."""
         own = f"m.{self.member_id}"
         keys: list[str] = []
         for _ in range(_MEMBER_LISTINGS):
-            try:
-                keys = [k for k in await kv.keys() if k.startswith("m.")]
-            except NoKeysError:
-                keys = []
+            keys = [k for k in await _keys(kv, self.ttl_s / 3) if k.startswith("m.")]
             if own in keys:
                 return keys
         self._log.warning("lease_members_incomplete", listed=len(keys))
