@@ -12,6 +12,7 @@ import pytest
 from nats.js.kv import KeyValue
 
 from indexer.ingest.partitions import LEASE_BUCKET, PartitionLeases
+from tests.support.polling import eventually, is_true
 
 pytestmark = pytest.mark.integration
 
@@ -64,13 +65,17 @@ class Member:
 
     def __init__(self, js: Any, member_id: str) -> None:
         self.running: set[int] = set()
+        self.batch_done = asyncio.Event()  # a consumer being stopped finishes its batch
+        self.batch_done.set()
         self.leases = PartitionLeases(js, PARTITIONS, start=self._start, stop=self._stop,
                                       member_id=member_id)
 
     async def _start(self, partition: int) -> None:
+        assert partition not in self.running, "two consumers of one partition"
         self.running.add(partition)
 
     async def _stop(self, partition: int) -> None:
+        await self.batch_done.wait()
         self.running.discard(partition)
 
     async def tick(self) -> None:
@@ -84,7 +89,8 @@ async def test_members_split_the_partitions(nats_url: str) -> None:
         await first.tick()  # alone: it takes every partition
         assert first.running == set(range(PARTITIONS))
         await second.tick()  # none free; its announcement lowers the first's share
-        await first.tick()
+        await first.tick()  # stops two consumers
+        await first.tick()  # their leases handed back
         await second.tick()
         assert (len(first.running), len(second.running)) == (2, 2)
         assert first.running.isdisjoint(second.running)
@@ -140,6 +146,56 @@ async def test_a_listing_that_never_ends_fails_the_tick(nats_url: str) -> None:
         assert member.leases.tick_failures == 1 and member.running
         await asyncio.sleep(0.3)
         await member.tick()
-        assert member.leases.tick_failures == 2 and not member.running
+        assert member.leases.tick_failures == 2 and not member.leases.held
+        await eventually(lambda: is_true(not member.running))
+    finally:
+        await nc.close()
+
+
+async def test_a_slow_stop_holds_the_lease_and_not_the_tick(nats_url: str) -> None:
+    """A consumer finishing a long batch as its lease is handed back: ticks go on (every
+    lease renewed: none expires under the consumers still running), the lease stays this
+    process's until the consumer has stopped, and only then can another take it."""
+    nc = await nats.connect(nats_url)
+    try:
+        first, second = Member(nc.jetstream(), "a"), Member(nc.jetstream(), "b")
+        first.leases.ttl_s = second.leases.ttl_s = 1.0
+        await first.tick()
+        await second.tick()
+        first.batch_done.clear()
+        await asyncio.wait_for(first.tick(), 5)  # hands two back; their consumers stop
+        assert sorted(first.leases.handing_back) == [2, 3]
+        assert first.running == set(range(PARTITIONS))
+        for _ in range(3):  # three TTLs: each lease is renewed, none is free to take
+            await asyncio.sleep(first.leases.ttl_s / 2)
+            await asyncio.wait_for(first.tick(), 5)
+            await second.tick()
+            assert not second.running and first.leases.tick_failures == 0
+        first.batch_done.set()
+        await eventually(lambda: is_true(first.running == {0, 1}))
+        await first.tick()
+        assert not first.leases.handing_back
+        await second.tick()
+        assert second.running == {2, 3}
+    finally:
+        await nc.close()
+
+
+async def test_a_lost_lease_is_not_taken_again_while_its_consumer_stops(
+        nats_url: str) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        member = Member(nc.jetstream(), "a")
+        await member.tick()
+        kv = await nc.jetstream().key_value(LEASE_BUCKET)
+        await kv.delete("p.0")  # gone from under it (an operator, a NATS restore)
+        member.batch_done.clear()
+        # lost, its consumer stopping; the free lease not taken yet
+        await asyncio.wait_for(member.tick(), 5)
+        assert 0 not in member.leases.held and 0 in member.running
+        member.batch_done.set()
+        await eventually(lambda: is_true(0 not in member.running))
+        await member.tick()
+        assert 0 in member.leases.held and 0 in member.running
     finally:
         await nc.close()

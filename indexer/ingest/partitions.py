@@ -91,6 +91,10 @@ class PartitionLeases:
         self.ttl_s = ttl_s
         self.replicas = replicas  # of the lease bucket, when this process creates it
         self.held: dict[int, int] = {}  # partition -> lease revision
+        # Leases handed back once their consumers have stopped (renewed until then),
+        # and the stops under way: a tick never waits for a consumer's batch in hand.
+        self.handing_back: dict[int, int] = {}  # partition -> lease revision
+        self._stops: dict[int, asyncio.Future[None]] = {}
         self.share = 0  # the fair share at the last tick
         self.all_taken = False  # every partition held (by us or others) at the last tick
         self.tick_failures = 0
@@ -132,7 +136,23 @@ class PartitionLeases:
         for partition in sorted(self.held):
             self._log.warning("lease_expired_unreachable", partition=partition)
             del self.held[partition]
-            await self._stop(partition)
+            self._stopping(partition)
+        self.handing_back.clear()  # their consumers are stopping already
+
+    def _stopping(self, partition: int) -> None:
+        """Stop the partition's consumer in the background (it finishes its batch first)."""
+        self._stops[partition] = asyncio.ensure_future(self._stop(partition))
+
+    def _stopped(self, partition: int) -> bool:
+        task = self._stops.get(partition)
+        if task is None:
+            return True
+        if not task.done():
+            return False
+        del self._stops[partition]
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._log.warning("partition_stop_failed", partition=partition, error=repr(exc))
+        return True
 
     async def tick(self) -> None:
         kv = self._kv
@@ -141,17 +161,24 @@ class PartitionLeases:
         members = await self._live_members(kv)
         share = self.share = math.ceil(self.partitions / max(1, len(members)))
         await self._renew(kv)
-        taken_by_others = 0
+        await self._hand_back_stopped(kv)
+        taken = 0  # by others, or by us while a consumer of ours stops
         for partition in range(self.partitions):
             if len(self.held) >= share:
                 break
-            if partition not in self.held and not await self._try_acquire(kv, partition):
-                taken_by_others += 1
+            if partition in self.held:
+                continue
+            # A consumer of ours that is still stopping must end before another starts.
+            if (partition in self.handing_back or not self._stopped(partition)
+                    or not await self._try_acquire(kv, partition)):
+                taken += 1
         # ceil(partitions / members) leaves some processes nothing when there are more
         # processes than partitions allow: holding none is then no fault of ours.
-        self.all_taken = len(self.held) + taken_by_others >= self.partitions
+        self.all_taken = len(self.held) + taken >= self.partitions
         while len(self.held) > share:
-            await self._release(max(self.held))
+            partition = max(self.held)
+            self.handing_back[partition] = self.held.pop(partition)
+            self._stopping(partition)
 
     async def _live_members(self, kv: KeyValue) -> list[str]:
         """The `m.` keys, ours among them. Ours was put just before, so a listing without
@@ -167,14 +194,25 @@ class PartitionLeases:
         return [*keys, own]
 
     async def _renew(self, kv: KeyValue) -> None:
-        for partition, revision in list(self.held.items()):
-            try:
-                self.held[partition] = await kv.update(f"p.{partition}",
-                                                       self.member_id.encode(), last=revision)
-            except (KeyWrongLastSequenceError, BadRequestError):
-                self._log.warning("lease_lost", partition=partition)
-                del self.held[partition]
-                await self._stop(partition)
+        for leases in (self.held, self.handing_back):
+            for partition, revision in list(leases.items()):
+                try:
+                    leases[partition] = await kv.update(
+                        f"p.{partition}", self.member_id.encode(), last=revision)
+                except (KeyWrongLastSequenceError, BadRequestError):
+                    self._log.warning("lease_lost", partition=partition)
+                    del leases[partition]
+                    if leases is self.held:
+                        self._stopping(partition)
+
+    async def _hand_back_stopped(self, kv: KeyValue) -> None:
+        """Delete the leases handed back whose consumers have stopped."""
+        for partition, revision in list(self.handing_back.items()):
+            if self._stopped(partition):
+                del self.handing_back[partition]
+                with contextlib.suppress(Exception):
+                    await kv.delete(f"p.{partition}", last=revision)
+                self._log.info("lease_released", partition=partition)
 
     async def _try_acquire(self, kv: KeyValue, partition: int) -> bool:
         """Take the lease if it is free; False when someone else holds it."""
@@ -187,17 +225,16 @@ class PartitionLeases:
         await self._start(partition)
         return True
 
-    async def _release(self, partition: int) -> None:
-        await self._stop(partition)  # the consumer finishes its batch in hand first
-        revision = self.held.pop(partition)
-        assert self._kv is not None
-        with contextlib.suppress(Exception):
-            await self._kv.delete(f"p.{partition}", last=revision)
-        self._log.info("lease_released", partition=partition)
-
     async def release_all(self) -> None:
+        """Stop every consumer (each finishes its batch in hand), then hand back the leases."""
         for partition in list(self.held):
-            await self._release(partition)
+            self.handing_back[partition] = self.held.pop(partition)
+            self._stopping(partition)
+        await asyncio.gather(*self._stops.values(), return_exceptions=True)
+        for partition in list(self._stops):
+            self._stopped(partition)
+        if self._kv is not None:
+            await self._hand_back_stopped(self._kv)
         if self._kv is not None:
             with contextlib.suppress(Exception):
                 await self._kv.delete(f"m.{self.member_id}")
