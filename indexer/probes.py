@@ -65,8 +65,13 @@ class ProcessProbes:
     async def partitions(self) -> str | None:
         """A process whose fair share is at least one partition but holds none, while some
         partition has no holder, ingests nothing (NATS away, leases lost): its answers
-        age. One holding none because others hold every partition is a spare: fine."""
+        age. One holding none because others hold every partition is a spare: fine.
+        A consumer stopping (its lease handed back) for longer than `stall_s` holds its
+        partition with nobody ingesting it."""
         assert self.leases is not None
+        if slow := self.leases.slow_stops(self.stall_s):
+            return "; ".join(f"partition {partition}'s consumer has not stopped in {s:.0f} s"
+                             for partition, s in sorted(slow.items()))
         if self.leases.held or self.leases.share == 0 or self.leases.all_taken:
             self._unheld_since = None
             return None

@@ -95,10 +95,11 @@ class PartitionLeases:
         # and the stops under way: a tick never waits for a consumer's batch in hand.
         self.handing_back: dict[int, int] = {}  # partition -> lease revision
         self._stops: dict[int, asyncio.Future[None]] = {}
+        self._stops_began: dict[int, float] = {}
         self.share = 0  # the fair share at the last tick
         self.all_taken = False  # every partition held (by us or others) at the last tick
         self.tick_failures = 0
-        self.last_tick_ok = time.monotonic()
+        self.last_renewed = time.monotonic()  # when the last renewal of every lease began
         self._js = js
         self._start = start
         self._stop = stop
@@ -123,25 +124,35 @@ class PartitionLeases:
             self.tick_failures += 1
             if isinstance(exc, BucketNotFoundError | JsNotFoundError | NoStreamResponseError):
                 self._kv = None  # NATS came back without its state: make the bucket again
-            unrenewed_s = time.monotonic() - self.last_tick_ok
+            unrenewed_s = time.monotonic() - self.last_renewed
             self._log.warning("lease_tick_failed", error=repr(exc), held=sorted(self.held),
                               unrenewed_s=round(unrenewed_s, 1))
-            if self.held and unrenewed_s > self.ttl_s:
+            # Half a TTL: the consumers are told to stop before their leases can expire.
+            if (self.held or self.handing_back) and unrenewed_s > self.ttl_s / 2:
                 await self._abandon_all()
-        else:
-            self.last_tick_ok = time.monotonic()
 
     async def _abandon_all(self) -> None:
-        """Stop the consumers of leases that may have expired; NATS cannot be told."""
+        """Stop the consumers of leases that may soon expire; NATS cannot be told."""
         for partition in sorted(self.held):
             self._log.warning("lease_expired_unreachable", partition=partition)
             del self.held[partition]
             self._stopping(partition)
-        self.handing_back.clear()  # their consumers are stopping already
+        for partition in sorted(self.handing_back):  # their consumers are stopping already
+            self._log.warning("lease_expired_unreachable", partition=partition)
+        self.handing_back.clear()
+        self.all_taken = False  # unknown until a tick succeeds
 
     def _stopping(self, partition: int) -> None:
         """Stop the partition's consumer in the background (it finishes its batch first)."""
+        assert partition not in self._stops, "a consumer is stopped once"
         self._stops[partition] = asyncio.ensure_future(self._stop(partition))
+        self._stops_began[partition] = time.monotonic()
+
+    def slow_stops(self, longer_than_s: float) -> dict[int, float]:
+        """Partition -> seconds its consumer has been stopping, for those stopping longer."""
+        now = time.monotonic()
+        return {partition: now - began for partition, began in self._stops_began.items()
+                if now - began > longer_than_s and not self._stops[partition].done()}
 
     def _stopped(self, partition: int) -> bool:
         task = self._stops.get(partition)
@@ -149,7 +160,7 @@ class PartitionLeases:
             return True
         if not task.done():
             return False
-        del self._stops[partition]
+        del self._stops[partition], self._stops_began[partition]
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._log.warning("partition_stop_failed", partition=partition, error=repr(exc))
         return True
@@ -157,11 +168,13 @@ class PartitionLeases:
     async def tick(self) -> None:
         kv = self._kv
         assert kv is not None
+        renewing = time.monotonic()
+        await self._renew(kv)  # first: nothing else in a tick may delay it
+        self.last_renewed = renewing
+        await self._hand_back_stopped(kv)
         await kv.put(f"m.{self.member_id}", b"1")
         members = await self._live_members(kv)
         share = self.share = math.ceil(self.partitions / max(1, len(members)))
-        await self._renew(kv)
-        await self._hand_back_stopped(kv)
         taken = 0  # by others, or by us while a consumer of ours stops
         for partition in range(self.partitions):
             if len(self.held) >= share:
@@ -230,7 +243,11 @@ class PartitionLeases:
         for partition in list(self.held):
             self.handing_back[partition] = self.held.pop(partition)
             self._stopping(partition)
-        await asyncio.gather(*self._stops.values(), return_exceptions=True)
+        while stopping := [stop for stop in self._stops.values() if not stop.done()]:
+            await asyncio.wait(stopping, timeout=self.ttl_s / 3)
+            if self._kv is not None:  # leases renewed while their consumers finish
+                with contextlib.suppress(Exception):
+                    await self._renew(self._kv)
         for partition in list(self._stops):
             self._stopped(partition)
         if self._kv is not None:
