@@ -56,7 +56,8 @@ lint: $(STAMP)
 
 typecheck: lint
 
-pytest: setup redis-server
+# libnghttp2-dev: so the tests of bench/grpcload.c build and run it (they skip without it).
+pytest: setup redis-server libnghttp2-dev
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 # The field-fault suite's long variants: a 60 s NATS outage under 16 workers (~160,000
