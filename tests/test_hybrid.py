@@ -19,7 +19,15 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from indexer.index.hybrid import FULL, MAMBA, WINDOW, GroupRule, group_rule, hybrid_hits
+from indexer.index.hybrid import (
+    FULL,
+    MAMBA,
+    WINDOW,
+    GroupRule,
+    group_rule,
+    hybrid_hits,
+    merged_spec,
+)
 from indexer.index.memory import MemoryIndex
 from indexer.index.protocol import Index, IndexConfig, ScoreQuery, WorkerRef
 from indexer.index.redis import RedisIndex
@@ -332,3 +340,51 @@ async def test_find_best_worker_costs_what_vllm_reuses(kind: str,
     assert (response.worker_id, response.matched_blocks) == ("kept-window", 6)
     assert {(c.worker_id, c.prefill_blocks) for c in response.candidates} == {
         ("kept-window", 0), ("lost-window", 3)}
+
+
+# --- one worker cannot loosen a group's rule for the others -----------------------------
+
+
+@pytest.mark.parametrize(("known", "named", "kept"), [
+    (None, (None, 0), (None, 0)),  # a bare group is listed
+    ((None, 0), ("mamba", 0), ("mamba", 0)),  # a named spec replaces a bare one
+    (("mamba", 0), (None, 0), ("mamba", 0)),
+    (("sliding_window", 8), ("mamba", 0), ("sliding_window", 8)),  # never looser
+    (("sliding_window", 8), ("sliding_window", 4), ("sliding_window", 8)),
+    (("sliding_window", 8), ("sliding_window", 16), ("sliding_window", 16)),  # stricter
+    (("mamba", 0), ("full_attention", 0), ("full_attention", 0)),
+    (("sliding_window", 8), ("mystery_kind", 0), ("mystery_kind", 0)),  # as strict as full
+    (("full_attention", 0), ("sliding_window", 8), ("full_attention", 0)),
+])
+def test_merged_spec(known: tuple[str | None, int] | None, named: tuple[str | None, int],
+                     kept: tuple[str | None, int]) -> None:
+    assert merged_spec(known, named) == kept
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis", "redis-subslots"])
+@pytest.mark.parametrize("attacker_first", [False, True])
+async def test_a_worker_cannot_loosen_another_workers_group_rule(
+        kind: str, attacker_first: bool, request: pytest.FixtureRequest) -> None:
+    """The victim's window group (2 blocks) kept only the last of its six blocks, so vLLM
+    reuses none of them. Another worker of the model names that group Mamba (under which
+    the last block alone would be a six-block hit), before or after the victim, from
+    another process: the victim still scores 0 (the stricter rule stays)."""
+    from tests.support.grpc_scenario import make_index
+
+    index = await make_index(kind, request)
+    other = index if kind == "memory" else type(index).from_url(  # type: ignore[attr-defined]
+        request.getfixturevalue("redis_server").url, config=CONFIG,
+        **({"subslots": 4} if kind == "redis-subslots" else {}))
+    victim = batch(0, [*stores((0, None, 0), (1, "sliding_window", 2 * BS)),
+                       BlockRemoved(HASHES[:5], group=1)], worker="victim")
+    attacker = batch(0, [BlockStored([0xF0], None, pack_tokens([9] * BS), BS, group=1,
+                                     group_kind="mamba")], worker="attacker")
+    try:
+        for idx, one in ((other, attacker), (index, victim))[:: 1 if attacker_first else -1]:
+            await idx.apply([one])
+        result = await index.score(ScoreQuery(model=MODEL, token_ids=TOKENS, block_size=BS))
+        assert {s.worker_id: s.matched_blocks for s in result.scores}.get("victim", 0) == 0
+    finally:
+        if other is not index:
+            await other.close()
+        await index.close()

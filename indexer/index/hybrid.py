@@ -37,8 +37,10 @@ __all__ = [
     "hybrid_hits",
     "hybrid_matches",
     "hybrid_run_matches",
+    "merged_spec",
     "prefix_limits",
     "runs_to_masks",
+    "spec_strictness",
 ]
 
 Rule = Literal["full", "window", "mamba"]
@@ -71,6 +73,29 @@ def group_rule(kind: str | None, sliding_window: int, block_size: int | None) ->
     if kind in _WINDOW_KINDS and sliding_window > 0 and block_size:
         return GroupRule(WINDOW, max(1, -(-(sliding_window - 1) // block_size)))
     return GroupRule(FULL)
+
+
+def spec_strictness(kind: str | None, sliding_window: int) -> tuple[int, int]:
+    """How much a group's spec demands of a cache, for merging what workers named: a bare
+    group (nothing named yet) least, then Mamba, sliding windows (larger ones more), then
+    full attention and every other kind. lua/group_spec.lua repeats this order."""
+    if kind is None and not sliding_window:
+        return (-1, 0)
+    if kind in _MAMBA_KINDS:
+        return (0, 0)
+    if kind in _WINDOW_KINDS and sliding_window > 0:
+        return (1, sliding_window)
+    return (2, 0)
+
+
+def merged_spec(known: tuple[str | None, int] | None, named: tuple[str | None, int],
+                ) -> tuple[str | None, int]:
+    """A group's spec after a worker names `named`: the stricter of the two. A model's
+    groups are shared by all its workers, so a worker may make a rule stricter (fewer hits
+    for the others) but never looser (hits the others' caches do not hold)."""
+    if known is None or spec_strictness(*named) > spec_strictness(*known):
+        return named
+    return known
 
 
 def prefix_limits(reference: Iterable[SlotMatch], others: int = 0) -> dict[int, int]:

@@ -18,6 +18,7 @@ from indexer.index.hybrid import (
     GroupRule,
     group_rule,
     hybrid_matches,
+    merged_spec,
     prefix_limits,
     runs_to_masks,
 )
@@ -135,8 +136,8 @@ class _ModelSpace:
         return found
 
     def learn_group(self, group: int, kind: str | None, sliding_window: int) -> None:
-        if kind is not None or sliding_window or group not in self.group_specs:
-            self.group_specs[group] = (kind, sliding_window)
+        self.group_specs[group] = merged_spec(self.group_specs.get(group),
+                                              (kind, sliding_window))
 
     def group_tables(self) -> tuple[list[BlockMasks], list[GroupRule]]:
         """Every group's table and reuse rule, group 0 first (hybrid models only)."""

@@ -80,7 +80,7 @@ from redis.exceptions import (
 )
 
 from indexer.errors import BackendError
-from indexer.index.hybrid import group_specs, hybrid_run_matches
+from indexer.index.hybrid import group_specs, hybrid_run_matches, merged_spec
 from indexer.index.layouts import (
     HOLDER_LAYOUT,
     LAYOUT_KEY,
@@ -290,6 +290,17 @@ def _lua(name: str) -> str:
     return resources.files("indexer.index").joinpath(f"lua/{name}").read_text()
 
 
+_GROUP_SPEC_LUA: Final = _lua("group_spec.lua")
+
+
+def group_spec_command(key: str, group: int, spec: tuple[str | None, int],
+                       ) -> tuple[str | int, ...]:
+    """The command that merges a group's spec into a model's `groups` hash (a bare group
+    only lists it; a named spec replaces a looser one, never a stricter one)."""
+    kind, window = spec
+    return ("EVAL", _GROUP_SPEC_LUA, 1, key, str(group), f"{kind or ''}\n{window}")
+
+
 def _lua_with_holders(name: str) -> str:
     """A script that reads or writes presence, after the holder-list layout's functions."""
     return _lua("holders.lua") + "\n" + _lua(name)
@@ -353,8 +364,7 @@ class _OpsSink:
         return found
 
     def learn_group(self, group: int, kind: str | None, sliding_window: int) -> None:
-        if kind is not None or sliding_window or group not in self.learned:
-            self.learned[group] = (kind, sliding_window)
+        self.learned[group] = merged_spec(self.learned.get(group), (kind, sliding_window))
 
     def groups_written(self) -> list[int]:
         """The KV-cache groups > 0 whose hashes these ops write (apply.lua declares them)."""
@@ -847,18 +857,14 @@ class RedisIndex:
     def _learn_groups(self, model: str, learned: dict[int, tuple[str | None, int]]) -> None:
         """Queue the KV-cache group specs of these records, written in the same pipeline
         before them, so a group's hash is always listed in `groups` (gc.lua finds it)."""
-        if learned:
-            self._unwritten_groups.setdefault(model, {}).update(learned)
+        unwritten = self._unwritten_groups.setdefault(model, {})
+        for group, spec in learned.items():
+            unwritten[group] = merged_spec(unwritten.get(group), spec)
 
-    def _group_commands(self, model: str) -> list[tuple[str, ...]]:
+    def _group_commands(self, model: str) -> list[tuple[str | int, ...]]:
         """The writes of the KV-cache group specs learned for `model` since the last."""
-        commands: list[tuple[str, ...]] = []
-        for group, (kind, window) in self._unwritten_groups.pop(model, {}).items():
-            # A spec the events named replaces what is known; a bare group only lists.
-            verb = "HSET" if kind is not None or window else "HSETNX"
-            commands.append((verb, model_prefix(model) + "groups", str(group),
-                             f"{kind or ''}\n{window}"))
-        return commands
+        return [group_spec_command(model_prefix(model) + "groups", group, spec)
+                for group, spec in self._unwritten_groups.pop(model, {}).items()]
 
     async def _run_records(
         self, records: dict[str, list[bytes]], sent: dict[str, list[WorkerLedger]]

@@ -89,7 +89,7 @@ from redis.exceptions import (
 )
 
 from indexer.errors import BackendError
-from indexer.index.hybrid import group_specs, hybrid_run_matches
+from indexer.index.hybrid import group_specs, hybrid_run_matches, merged_spec
 from indexer.index.layouts import (
     LAYOUT_KEY,
     SUBSLOT_MODELS,
@@ -128,6 +128,7 @@ from indexer.index.redis import (
     _SlotMap,
     _worker_infos,
     get_marker,
+    group_spec_command,
     read_block_size,
     set_marker,
 )
@@ -268,8 +269,7 @@ class _NetSink:
 
     def learn_group(self, group: int, kind: str | None, sliding_window: int) -> None:
         learned = self.root.learned
-        if kind is not None or sliding_window or group not in learned:
-            learned[group] = (kind, sliding_window)
+        learned[group] = merged_spec(learned.get(group), (kind, sliding_window))
 
     def by_group(self) -> list[tuple[int, dict[int, list[int]]]]:
         """(group, its changes) for group 0 and each group > 0 the call changed."""
@@ -1082,15 +1082,13 @@ class ShardedRedisIndex:
             model = rank.ledger.model
             written = self._groups_written.setdefault(model, {})
             specs = {group: (None, 0) for group in sink.groups} | sink.learned
-            for group, (kind, window) in specs.items():
-                named = kind is not None or window
-                if written.get(group) == (kind, window) or (not named and group in written):
-                    continue
-                commands.append(("HSET" if named else "HSETNX",
-                                 directory_prefix(model) + "groups", group,
-                                 f"{kind or ''}\n{window}"))
-                if named or group not in written:
-                    written[group] = (kind, window)
+            for group, spec in specs.items():
+                merged = merged_spec(written.get(group), spec)
+                if written.get(group) == merged:
+                    continue  # nothing Redis lacks, as far as this process wrote
+                commands.append(group_spec_command(directory_prefix(model) + "groups",
+                                                   group, spec))
+                written[group] = merged
         await self._run(commands)
 
     async def _waves(self, calls: list[tuple[_Rank, _NetSink]]) -> None:
