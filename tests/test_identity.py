@@ -230,7 +230,7 @@ async def test_hash_lookahead_stores_are_skipped_not_false_hits(nats_url: str) -
             await source.on_frames(frames("vllm_0_34_lookahead", 1))
             await source.on_frames(frames("vllm_0_34_lookahead", 2))
         await eventually(lambda: last_seq_is(service, "w-eagle", 2))
-        for prompt in (PROMPT[:4] + [7, 7] + PROMPT[6:], PROMPT[:8], PROMPT):
+        for prompt in ([*PROMPT[:4], 7, 7, *PROMPT[6:]], PROMPT[:8], PROMPT):
             query = ScoreQuery(token_ids=prompt, block_size=BS, model=MODEL,
                                workers=frozenset({"w-eagle"}))
             assert await matched(service, query) == 0, prompt
