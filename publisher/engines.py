@@ -32,6 +32,15 @@ another tenant's query.
   even when the request had them: such a store keeps only its engine hashes, so the
   index resolves it through the keys the GPU store of the same blocks gave them.
 
+Hash lookahead. With vLLM's hash lookahead (0.33+; on by default with EAGLE speculative
+decoding and prefix caching) each block's engine hash also covers the next L tokens after
+the block (and the media over them), which the store lists in `lookahead_token_ids`, one
+list per block. A block key covers the block's own tokens and its parent only, so keying
+such a block would claim it for a prompt that differs only in those next tokens, which the
+engine would not reuse: a false hit. Such a store is left out (`hash_lookahead`): the
+worker gets no prefix hits instead of false ones. Folding the lookahead tokens into the
+key would need L on the router's query side too.
+
 Locality. A store or removal the engine marks `locality: REMOTE` (vLLM 0.26+), or on
 SGLang's `EXTERNAL` medium (a shared pool), is not a block this worker holds. When the
 worker declared shared storage pools (`pools`), it is a write into a pool: the event gets
@@ -113,6 +122,9 @@ SKIP_REASONS: Final = frozenset(
         # a shared-pool store or removal of a KV-cache group other than 0: a pool's
         # presence lives in group 0 (docs/architecture.md, "Shared storage pools")
         "pool_group",
+        # a vLLM store with `lookahead_token_ids` (hash lookahead, EAGLE): the engine's
+        # hash also covers tokens after the block, which the block key cannot
+        "hash_lookahead",
     }
 )
 
@@ -129,6 +141,8 @@ _SHARED_MEDIA: Final = frozenset({"external"})
 # its BlockStored struct (cache_salt, session_id, lora_name; no groups in 0.5.23). Reading
 # a field of an unknown layout as a salt or an adapter can only isolate blocks, never merge
 # them.
+# Fields newer than the positional form (locality, ownership, session_id,
+# lookahead_token_ids: vLLM 0.26+) only come in the map form and are read by name.
 _STORED_FIELDS: Final[dict[Flavor, tuple[str, ...]]] = {
     "vllm": (
         "block_hashes",
@@ -341,6 +355,7 @@ def _stored(fields: dict[Any, Any], flavor: Flavor, *, local: bool = True) -> Bl
         # (and some the LoRA name) whatever the request had, so the tokens cannot say
         # whose blocks these are. Known by engine hash only, like a token-less store.
         group, kind, window = _group_spec(fields)
+        _check_lookahead(fields.get("lookahead_token_ids"))
         return BlockStored(block_hashes=hashes, medium=medium, group=group, group_kind=kind,
                            sliding_window=window)
     extra_salt, extra_keys = _identity_keys(
@@ -353,6 +368,7 @@ def _stored(fields: dict[Any, Any], flavor: Flavor, *, local: bool = True) -> Bl
             raise _SkipEventError("unplaceable_identity:cache_salt and the salt in extra_keys "
                                   "differ")
         salt = extra_salt
+    _check_lookahead(fields.get("lookahead_token_ids"))
     return BlockStored(
         block_hashes=hashes,
         parent_hash=parent,
@@ -366,6 +382,25 @@ def _stored(fields: dict[Any, Any], flavor: Flavor, *, local: bool = True) -> Bl
         group_kind=kind,
         sliding_window=window,
     )
+
+
+def _check_lookahead(raw: object) -> None:
+    """Skip a store whose engine hashes cover tokens after their blocks (hash lookahead).
+
+    vLLM (0.33+) sends one list of lookahead tokens per block, or None when lookahead
+    hashing is off. Checked after the identity inputs, so an event wrong in both ways keeps
+    its identity reason. Any entry that is not an empty list (a token list, or a value of
+    another shape) means the hash may cover more than the block: never keyed.
+    """
+    if raw is None:
+        return
+    if type(raw) is not list:
+        raise _SkipEventError(f"malformed_event:BlockStored.lookahead_token_ids is a "
+                              f"{_kind(raw)}")
+    for i, entry in enumerate(raw):
+        if entry != []:
+            size = len(entry) if type(entry) is list else 1
+            raise _SkipEventError(f"hash_lookahead:{size} lookahead tokens after block {i}")
 
 
 def _removed(fields: dict[Any, Any], *, local: bool = True) -> BlockRemoved:

@@ -8,6 +8,9 @@ Live messages are `[topic, seq, payload]`. The next expected seq is tracked per 
   forgets the old one; vLLM sends no AllBlocksCleared at start-up);
 - the first message seen with seq > 0 also asks the replay for what came before it.
 
+A worker whose stores carry vLLM's hash lookahead has them all left out
+(`hash_lookahead`, publisher/engines.py): said once per rank, then counted.
+
 Removals by one owner of a tier (vLLM's `ownership`) that another owner still holds are
 held back (`publisher.residency.TierOwners`).
 """
@@ -176,6 +179,14 @@ class EngineSource:
             if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th ... of each reason
                 self._log.warning("engine_event_skipped", reason=reason, detail=skipped,
                                   seq=seq, count=count)
+            if reason == "hash_lookahead" and count == 1:
+                self._log.warning(
+                    "engine_hash_lookahead",
+                    hint="this worker hashes each KV block together with the tokens "
+                    "after it (vLLM hash lookahead, on with EAGLE speculative decoding and "
+                    "prefix caching); block keys cannot cover those tokens, so its stores "
+                    "are not indexed: it gets no prefix hits, instead of false ones",
+                    seq=seq)
         events = self._tier_owners.filter(batch.events, batch.owners)
         self.stats.removals_held_back = self._tier_owners.held_back
         self._rank.publish(events, batch.ts)

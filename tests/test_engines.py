@@ -75,6 +75,7 @@ def embeds(digest: bytes) -> bytes:
 # The identity fixtures (make_frames.py: PROMPT, H1..H3).
 PROMPT = toks(*range(101, 113))
 H1, H2, H3 = 0x1111_0000_0000_0001, 0x2222_0000_0000_0002, 0xF333_0000_0000_0003
+LA2 = 0x5555_0000_0000_0005  # make_frames.LA2
 HYBRID = [0xA000_0000_0000_0000 + i for i in range(6)]  # make_frames.HYBRID_HASHES
 SG1, SG2, SG3 = 2**64 - 11, 12, 13  # SGLang's signed hashes -11, 12, 13
 
@@ -317,6 +318,12 @@ EXPECTED: dict[str, tuple[str, int | None, list[Event], list[str]]] = {
         [],
     ),
     "vllm_0_34_owners_removed": ("vllm", 0, [BlockRemoved([H1], medium="cpu")], []),
+    # hash lookahead: the engine's hashes cover the 2 tokens after each block, the key
+    # could not, so the store is left out; the removal of a block never indexed passes on
+    # (the index counts it unknown_block).
+    "vllm_0_34_lookahead": (
+        "vllm", 0, [BlockRemoved([LA2])], ["hash_lookahead:2 lookahead tokens after block 0"],
+    ),
     # SGLang 0.5.23, encoded as the 0.5.23 wheel's own structs do.
     "sglang_0_5_23_salt": (
         "sglang",
@@ -685,6 +692,52 @@ class TestExtraKeys:
                            flavor="sglang")
         assert sglang.events == [BlockStored([1], None, toks(1, 2), 2, medium="cpu",
                                              cache_salt="s")]
+
+
+class TestHashLookahead:
+    """vLLM's hash lookahead (`lookahead_token_ids`, 0.33+): a store whose engine hashes
+    cover tokens after their blocks is never keyed by its own tokens and parent alone."""
+
+    @staticmethod
+    def stored(lookahead: Any, **fields: Any) -> EngineBatch:
+        return one_event({"type": "BlockStored", "block_hashes": [1, 2], "token_ids":
+                          list(range(8)), "block_size": 4, "lookahead_token_ids": lookahead,
+                          **fields})
+
+    @pytest.mark.parametrize("lookahead", [[[8, 9], [10, 11]], [[], [10]], [[8], []],
+                                           [5, 6, 7], [None, None], [[], "x"]])
+    def test_any_lookahead_token_skips_the_store(self, lookahead: Any) -> None:
+        """Any block with lookahead tokens (or an entry of another shape) skips the store."""
+        decoded = self.stored(lookahead)
+        assert decoded.events == []
+        assert [r.split(":", 1)[0] for r in decoded.skipped] == ["hash_lookahead"]
+
+    @pytest.mark.parametrize("lookahead", [None, [], [[], []]])
+    def test_no_lookahead_tokens_is_keyed(self, lookahead: Any) -> None:
+        """None (lookahead hashing off) or only empty lists: an ordinary store."""
+        decoded = self.stored(lookahead)
+        assert decoded.skipped == []
+        assert decoded.events == [BlockStored([1, 2], None, toks(*range(8)), 4)]
+
+    def test_offload_and_pool_stores_are_skipped_too(self) -> None:
+        """A hash-only offload store and a shared-pool store with lookahead are left out."""
+        assert self.stored([[8]], medium="CPU", token_ids=[], block_size=0).skipped[0] \
+            .startswith("hash_lookahead:")
+        pooled = decode_engine_payload(batch({
+            "type": "BlockStored", "block_hashes": [1], "token_ids": [1, 2, 3, 4],
+            "block_size": 4, "locality": "REMOTE", "lookahead_token_ids": [[5]]}),
+            pools=["nfs"])
+        assert pooled.events == []
+        assert pooled.skipped == ["hash_lookahead:1 lookahead tokens after block 0"]
+
+    def test_wrong_type_is_malformed(self) -> None:
+        assert self.stored(7).skipped == ["malformed_event:BlockStored.lookahead_token_ids "
+                                          "is a int"]
+
+    def test_identity_reason_comes_first(self) -> None:
+        """A store both unplaceable and with lookahead keeps the identity reason."""
+        decoded = self.stored([[8], [9]], extra_keys=[["x"], ["x"]])
+        assert [r.split(":", 1)[0] for r in decoded.skipped] == ["unplaceable_identity"]
 
 
 class TestRouterAgreement:

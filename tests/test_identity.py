@@ -214,3 +214,35 @@ async def test_unplaceable_identity_is_dropped_counted_and_logged(nats_url: str)
         assert info is not None and info.blocks_by_tier == {"gpu": 2}  # the salted two only
         assert await matched(service, PLAIN.query("w-bad")) == 0
         assert await matched(service, SALTED.query("w-bad")) == 2
+
+
+async def test_hash_lookahead_stores_are_skipped_not_false_hits(nats_url: str) -> None:
+    """A vLLM worker with hash lookahead (EAGLE) stores PROMPT's blocks 0-1, each engine
+    hash covering the two tokens after the block, which a block key cannot. A prompt that
+    differs from PROMPT only in block 0's lookahead tokens (4-5) would not reuse block 0 in
+    the engine: it gets no hit from this worker (keyed by block 0's own tokens, the store
+    gave it one). The store is left out and counted, said once (not per event); the removal
+    of a block never indexed is a quiet unknown_block: the rank is not degraded and no
+    resync is asked. The worker's stores without lookahead stay indexed."""
+    async with bridged(nats_url, "w-eagle", "vllm") as (service, source):
+        with capture_logs() as logs:
+            await source.on_frames(frames("vllm_0_34_salt", 0))
+            await source.on_frames(frames("vllm_0_34_lookahead", 1))
+            await source.on_frames(frames("vllm_0_34_lookahead", 2))
+        await eventually(lambda: last_seq_is(service, "w-eagle", 2))
+        for prompt in ([*PROMPT[:4], 7, 7, *PROMPT[6:]], PROMPT[:8], PROMPT):
+            query = ScoreQuery(token_ids=prompt, block_size=BS, model=MODEL,
+                               workers=frozenset({"w-eagle"}))
+            assert await matched(service, query) == 0, prompt
+        assert await matched(service, SALTED.query("w-eagle")) == 2
+        assert source.stats.skipped_events == {"hash_lookahead": 2}
+        said = [e for e in logs if e["event"] == "engine_hash_lookahead"]
+        assert len(said) == 1 and said[0]["log_level"] == "warning"
+        assert "no prefix hits" in said[0]["hint"]
+        info = await worker_info(service, "w-eagle")
+        assert info is not None and info.blocks_by_tier == {"gpu": 2}  # the salted two only
+        assert not info.degraded
+        assert service.index is not None
+        stats = await service.index.stats()
+        assert stats.dropped == {"unknown_block": 2}  # the removals of LA2, never indexed
+        assert (stats.resyncs_requested, service.stats.resyncs_requested) == (0, 0)
