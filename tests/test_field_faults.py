@@ -253,6 +253,8 @@ FORGERIES: list[tuple[str, bytes, str]] = [
     ("mallory", forged("other/model", "w2"), "identity_mismatch"),
     # its own identity, an epoch from the far future
     ("mallory", forged(MODEL, "mallory", epoch=2**63 - 1), "epoch_in_future"),
+    # a batch time from the far future (pools' newest-wins order, the model's freshness)
+    ("mallory", forged(MODEL, "mallory", ts=1e308), "ts_in_future"),
 ]
 
 

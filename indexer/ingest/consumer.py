@@ -698,6 +698,13 @@ class PartitionConsumer:
                 f"epoch {batch.epoch} is more than {self._settings.max_epoch_skew_s:g} s "
                 "ahead of this clock"))
             return None
+        # Batch times order shared pools' writes (the newest wins: one from the future
+        # would outlive every real removal) and are a model's freshness.
+        if batch.ts > time.time() + self._settings.max_epoch_skew_s:
+            await self._dead_letter(msg, "ts_in_future", ValueError(
+                f"ts {batch.ts!r} is more than {self._settings.max_epoch_skew_s:g} s "
+                "ahead of this clock"))
+            return None
         if self._pool_grants is not None and any(e.pool is not None for e in batch.events):
             batch, refused = refuse_undeclared(
                 batch, self._pool_grants(batch.model, batch.worker_id))

@@ -485,7 +485,7 @@ def check_clock_skew(snap: ServiceSnapshot) -> list[Finding]:
             summary = (f"rank {rank_no} of {worker!r} stamps its batches {-floor:.1f} s in "
                        "this indexer's future: its clock runs ahead (lag metrics and "
                        "freshness read wrong; beyond 300 s its batches are dead-lettered as "
-                       "epoch_in_future).")
+                       "epoch_in_future or ts_in_future).")
         else:
             summary = (f"even the freshest batches of rank {rank_no} of {worker!r} arrive "
                        f"{floor:.1f} s after their timestamp: its clock runs behind this "
@@ -533,14 +533,15 @@ def check_dead_letters(snap: ServiceSnapshot) -> list[Finding]:
         return []
     counts = ", ".join(f"{reason} {count}" for reason, count in sorted(snap.dead_letters.items()))
     severe = any(r in snap.dead_letters for r in ("identity_mismatch", "epoch_in_future",
-                                                  "unsupported_schema"))
+                                                  "ts_in_future", "unsupported_schema"))
     return [Finding(
         severity=ERROR if severe else WARNING, code="dead_letters",
         summary=(f"batches were refused and dead-lettered since this process started ({counts}): "
                  "their blocks are missing from the index."),
         fix=("Read them from the KV_DEADLETTER stream (headers Kv-Reason, Kv-Error, "
              "Kv-Subject): identity_mismatch = a publisher names another worker than its "
-             "subject; epoch_in_future = its clock runs ahead; unsupported_schema = a "
+             "subject; epoch_in_future, ts_in_future = its clock runs ahead; "
+             "unsupported_schema = a "
              "publisher newer than this indexer."))]
 
 
