@@ -391,6 +391,9 @@ def _check_stored(event: BlockStored, max_blocks: int | None) -> None:
         raise BusDecodeError(f"sliding_window {event.sliding_window} is not in "
                              f"0..{MAX_SLIDING_WINDOW}")
     kind, lora, salt = event.group_kind, event.lora_name, event.cache_salt
+    if kind is not None and not kind.isprintable():
+        # Stored as "kind\nwindow" in Redis: a newline would let a kind read as another.
+        raise BusDecodeError(f"group_kind {kind[:64]!r} holds unprintable characters")
     # One test for the usual short names (the hot path), the exact checks past it.
     if (len(event.medium) * 4 > MAX_NAME_BYTES
             or (kind is not None and len(kind) * 4 > MAX_NAME_BYTES)

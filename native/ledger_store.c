@@ -588,6 +588,27 @@ short_name(PyObject *value, int may_be_none)
             PyUnicode_GET_LENGTH(value) * 4 <= MAX_NAME_BYTES);
 }
 
+/* None, or a short name of printable characters only (kvcore.bus refuses others: a
+ * group kind is stored as "kind\nwindow"). */
+static int
+printable_name(PyObject *value)
+{
+    if (is_none(value)) {
+        return 1;
+    }
+    if (!short_name(value, 0)) {
+        return 0;
+    }
+    int kind = PyUnicode_KIND(value);
+    const void *data = PyUnicode_DATA(value);
+    for (Py_ssize_t i = 0; i < PyUnicode_GET_LENGTH(value); i++) {
+        if (!Py_UNICODE_ISPRINTABLE(PyUnicode_READ(kind, data, i))) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* An int in lo..hi (0 only, when `zero`). */
 static int
 int_in(PyObject *value, long lo, long hi, int zero)
@@ -653,7 +674,7 @@ store_passes(PyObject *event, int schema1)
     PyObject *kind = field(event, F_KIND), *parent = field(event, F_PARENT);
     return n >= 0 && int_in(field(event, F_GROUP), 0, MAX_GROUP, schema1) &&
            int_in(field(event, F_WINDOW), 0, MAX_SLIDING_WINDOW, schema1) &&
-           (schema1 ? is_none(kind) : short_name(kind, 1)) &&
+           (schema1 ? is_none(kind) : printable_name(kind)) &&
            short_name(field(event, F_MEDIUM), 0) && short_name(field(event, F_LORA), 1) &&
            short_name(field(event, F_SALT), 1) && is_none(field(event, F_POOL)) &&
            is_none(field(event, F_EXTRA)) && (is_none(parent) || is_u64(parent)) &&

@@ -388,19 +388,18 @@ def _check_lookahead(raw: object) -> None:
     """Skip a store whose engine hashes cover tokens after their blocks (hash lookahead).
 
     vLLM (0.33+) sends one list of lookahead tokens per block, or None when lookahead
-    hashing is off. Checked after the identity inputs, so an event wrong in both ways keeps
-    its identity reason. Any entry that is not an empty list (a token list, or a value of
-    another shape) means the hash may cover more than the block: never keyed.
+    hashing is off (vllm/v1/core/block_pool.py: a list whenever it is on, so even an empty
+    entry, a block whose lookahead tokens had not come yet, was hashed the lookahead way).
+    Checked after the identity inputs, so an event wrong in both ways keeps its identity
+    reason.
     """
     if raw is None:
         return
     if type(raw) is not list:
         raise _SkipEventError(f"malformed_event:BlockStored.lookahead_token_ids is a "
                               f"{_kind(raw)}")
-    for i, entry in enumerate(raw):
-        if entry != []:
-            size = len(entry) if type(entry) is list else 1
-            raise _SkipEventError(f"hash_lookahead:{size} lookahead tokens after block {i}")
+    tokens = max((len(entry) if type(entry) is list else 1 for entry in raw), default=0)
+    raise _SkipEventError(f"hash_lookahead:up to {tokens} lookahead tokens per block")
 
 
 def _removed(fields: dict[Any, Any], *, local: bool = True) -> BlockRemoved:
@@ -424,7 +423,8 @@ def _group_spec(fields: dict[Any, Any]) -> tuple[int, str | None, int]:
     """vLLM's KV-cache group of a store (0.20+), its kind and window in tokens (0.22+)."""
     group = _group_idx(fields.get("group_idx"), "BlockStored")
     kind = fields.get("kv_cache_spec_kind")
-    if kind is not None and (type(kind) is not str or len(kind) > MAX_NAME_BYTES):
+    if kind is not None and (type(kind) is not str or len(kind) > MAX_NAME_BYTES
+                             or not kind.isprintable()):
         raise _SkipEventError(f"malformed_event:BlockStored.kv_cache_spec_kind {_detail(kind)}")
     window = fields.get("kv_cache_spec_sliding_window")
     if window is None:

@@ -355,10 +355,24 @@ async def test_find_best_worker_costs_what_vllm_reuses(kind: str,
     (("mamba", 0), ("full_attention", 0), ("full_attention", 0)),
     (("sliding_window", 8), ("mystery_kind", 0), ("mystery_kind", 0)),  # as strict as full
     (("full_attention", 0), ("sliding_window", 8), ("full_attention", 0)),
+    (("", 0), ("mamba", 0), ("mamba", 0)),  # "" is no kind, as the bus reads it
+    (("sliding_window", 8), ("", 8), ("", 8)),  # a window without a kind: full
 ])
 def test_merged_spec(known: tuple[str | None, int] | None, named: tuple[str | None, int],
                      kept: tuple[str | None, int]) -> None:
-    assert merged_spec(known, named) == kept
+    assert merged_spec(1, known, named) == kept
+
+
+@pytest.mark.parametrize(("known", "named", "kept"), [
+    ((None, 0), ("mamba", 0), (None, 0)),  # a bare group 0 is full attention
+    (("mamba", 0), (None, 0), (None, 0)),
+    (("sliding_window", 8), (None, 0), (None, 0)),
+    (None, ("sliding_window", 8), ("sliding_window", 8)),
+])
+def test_merged_spec_of_group_0(known: tuple[str | None, int] | None,
+                                named: tuple[str | None, int],
+                                kept: tuple[str | None, int]) -> None:
+    assert merged_spec(0, known, named) == kept
 
 
 @pytest.mark.parametrize("kind", ["memory", "redis", "redis-subslots"])
@@ -387,4 +401,86 @@ async def test_a_worker_cannot_loosen_another_workers_group_rule(
     finally:
         if other is not index:
             await other.close()
+        await index.close()
+
+
+async def test_the_lua_merge_orders_specs_as_python_does(redis_server: RedisServer) -> None:
+    """lua/group_spec.lua keeps, of every pair of specs, what merged_spec keeps."""
+    from indexer.index.hybrid import group_specs
+    from indexer.index.redis import group_spec_command
+
+    specs: list[tuple[str | None, int]] = [
+        (None, 0), ("", 0), ("", 8), ("mamba", 0), ("mamba", 8), ("sliding_window", 0),
+        ("sliding_window", 4), ("sliding_window", 8), ("sliding_window_mla", 6),
+        ("full_attention", 0), ("mla_attention", 0), ("x y", 3), (None, 5)]
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        for group in (0, 1):
+            for known in specs:
+                for named in specs:
+                    await client.delete("t:groups")
+                    for spec in (known, named):
+                        await client.execute_command(
+                            *group_spec_command("t:groups", group, spec))
+                    [(_, stored)] = (await client.hgetall("t:groups")).items()
+                    kept = group_specs([(str(group).encode(), stored)])[group]
+                    expected = merged_spec(group, merged_spec(group, None, known), named)
+                    assert kept == (expected[0] or None, expected[1]), (group, known, named)
+    finally:
+        await client.aclose()
+
+
+def test_a_kind_with_a_newline_is_undecodable() -> None:
+    """Redis stores a spec as "kind\nwindow": a kind holding a newline could read as
+    another kind there, so the bus refuses it."""
+    from kvcore.bus import BusDecodeError, decode_batch, encode_batch
+
+    bad = batch(0, [BlockStored([1], None, pack_tokens(TOKENS[:BS]), BS, group=1,
+                                group_kind="mamba\n")])
+    with pytest.raises(BusDecodeError, match="unprintable"):
+        decode_batch(encode_batch(bad))
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_another_workers_block_size_does_not_shorten_a_window(
+        kind: str, request: pytest.FixtureRequest) -> None:
+    """A window counts in the query's blocks: another worker naming a larger block size
+    (the model's last-named size) would make the victim's 2-block window 1 block, and
+    its last block alone a six-block hit."""
+    from tests.support.grpc_scenario import make_index
+
+    index = await make_index(kind, request)
+    try:
+        await index.apply([
+            batch(0, [*stores((0, None, 0), (1, "sliding_window", 2 * BS)),
+                      BlockRemoved(HASHES[:5], group=1)], worker="victim"),
+            batch(0, [BlockStored([0xF0], None, pack_tokens([9] * 2 * BS), 2 * BS)],
+                  worker="attacker")])
+        result = await index.score(ScoreQuery(model=MODEL, token_ids=TOKENS, block_size=BS))
+        assert {s.worker_id: s.matched_blocks for s in result.scores}.get("victim", 0) == 0
+    finally:
+        await index.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis", "redis-subslots"])
+@pytest.mark.parametrize("attacker_first", [False, True])
+async def test_a_worker_cannot_loosen_group_0_of_a_hybrid_model(
+        kind: str, attacker_first: bool, request: pytest.FixtureRequest) -> None:
+    """Group 0 of a hybrid model is full attention, which the bridge leaves unnamed. The
+    victim holds its six blocks in its window group but evicted group-0 blocks 0..3, so
+    vLLM reuses none; another worker naming group 0 Mamba (the last block alone a hit)
+    leaves it at 0."""
+    from tests.support.grpc_scenario import make_index
+
+    index = await make_index(kind, request)
+    victim = batch(0, [*stores((0, None, 0), (1, "sliding_window", 2 * BS)),
+                       BlockRemoved(HASHES[:4])], worker="victim")
+    attacker = batch(0, [BlockStored([0xF0], None, pack_tokens([9] * BS), BS,
+                                     group_kind="mamba")], worker="attacker")
+    try:
+        for one in (attacker, victim)[:: 1 if attacker_first else -1]:
+            await index.apply([one])
+        result = await index.score(ScoreQuery(model=MODEL, token_ids=TOKENS, block_size=BS))
+        assert {s.worker_id: s.matched_blocks for s in result.scores}.get("victim", 0) == 0
+    finally:
         await index.close()

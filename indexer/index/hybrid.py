@@ -75,12 +75,14 @@ def group_rule(kind: str | None, sliding_window: int, block_size: int | None) ->
     return GroupRule(FULL)
 
 
-def spec_strictness(kind: str | None, sliding_window: int) -> tuple[int, int]:
+def spec_strictness(group: int, kind: str | None, sliding_window: int) -> tuple[int, int]:
     """How much a group's spec demands of a cache, for merging what workers named: a bare
-    group (nothing named yet) least, then Mamba, sliding windows (larger ones more), then
-    full attention and every other kind. lua/group_spec.lua repeats this order."""
-    if kind is None and not sliding_window:
-        return (-1, 0)
+    group > 0 (listed, nothing named yet) least, then Mamba, sliding windows (larger ones
+    more), then full attention and every other kind. A bare group 0 is full attention: a
+    hybrid rank's GPU stores say so by naming no kind there (ledger._names_full_group0).
+    lua/group_spec.lua repeats this order."""
+    if not kind and not sliding_window:  # the bus reads "" as no kind too
+        return (2, 0) if group == 0 else (-1, 0)
     if kind in _MAMBA_KINDS:
         return (0, 0)
     if kind in _WINDOW_KINDS and sliding_window > 0:
@@ -88,12 +90,13 @@ def spec_strictness(kind: str | None, sliding_window: int) -> tuple[int, int]:
     return (2, 0)
 
 
-def merged_spec(known: tuple[str | None, int] | None, named: tuple[str | None, int],
-                ) -> tuple[str | None, int]:
-    """A group's spec after a worker names `named`: the stricter of the two. A model's
-    groups are shared by all its workers, so a worker may make a rule stricter (fewer hits
-    for the others) but never looser (hits the others' caches do not hold)."""
-    if known is None or spec_strictness(*named) > spec_strictness(*known):
+def merged_spec(group: int, known: tuple[str | None, int] | None,
+                named: tuple[str | None, int]) -> tuple[str | None, int]:
+    """Group `group`'s spec after a worker names `named`: the stricter of the two. A
+    model's groups are shared by all its workers, so a worker may make a rule stricter
+    (fewer hits for the others) but not looser than what another named (hits the others'
+    caches do not hold)."""
+    if known is None or spec_strictness(group, *named) > spec_strictness(group, *known):
         return named
     return known
 
@@ -273,7 +276,7 @@ def group_specs(stored: Iterable[tuple[bytes, bytes]]) -> dict[int, tuple[str | 
     group 0 included: group -> (kind, sliding window)."""
     specs: dict[int, tuple[str | None, int]] = {0: (None, 0)}
     for group, spec in stored:
-        kind, _, window = spec.decode().partition("\n")
+        kind, _, window = spec.decode().rpartition("\n")
         specs[int(group)] = (kind or None, int(window or 0))
     return specs
 

@@ -138,6 +138,16 @@ def stored_block_size(batch: EventBatch) -> int | None:
     return None
 
 
+def _names_full_group0(events: list[Event]) -> bool:
+    """Whether a hybrid rank's batch says its group 0 is full attention: a GPU store of
+    group 0 with tokens and no kind (the bridge leaves out `full_attention` there, so the
+    batch stays bus schema 1 on plain models). Offload stores may omit the kind of any
+    group, so only the engine's own GPU stores count."""
+    return any(type(e) is BlockStored and not e.group and e.group_kind is None
+               and not e.sliding_window and e.token_ids and e.medium == "gpu"
+               for e in events)
+
+
 class PresenceSink(Protocol):
     """Where a ledger's presence changes go (one bit position for many keys). A sink may
     also have a `presence_target`, a C object (kvcore._native.OpsWriter or BlockTable)
@@ -282,6 +292,8 @@ class WorkerLedger:
         if self.groups:
             for group_ledger in self.groups.values():
                 group_ledger._trim_ghosts()
+            if _names_full_group0(events):
+                sink.learn_group(0, None, 0)
         stats.batches_applied += 1
         stats.events_applied += len(batch.events)
         return outcome

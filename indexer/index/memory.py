@@ -136,14 +136,16 @@ class _ModelSpace:
         return found
 
     def learn_group(self, group: int, kind: str | None, sliding_window: int) -> None:
-        self.group_specs[group] = merged_spec(self.group_specs.get(group),
+        self.group_specs[group] = merged_spec(group, self.group_specs.get(group),
                                               (kind, sliding_window))
 
-    def group_tables(self) -> tuple[list[BlockMasks], list[GroupRule]]:
-        """Every group's table and reuse rule, group 0 first (hybrid models only)."""
+    def group_tables(self, block_size: int | None) -> tuple[list[BlockMasks], list[GroupRule]]:
+        """Every group's table and reuse rule, group 0 first (hybrid models only); windows
+        counted in blocks of `block_size` (the query's, as the Redis layouts count them:
+        not the last size a store named, which any worker of the model sets)."""
         groups = sorted(self.groups)
         tables = [self.blocks, *(self.groups[g].blocks for g in groups)]
-        rules = [group_rule(*self.group_specs.get(g, (None, 0)), self.block_size)
+        rules = [group_rule(*self.group_specs.get(g, (None, 0)), block_size)
                  for g in (0, *groups)]
         return tables, rules
 
@@ -362,7 +364,7 @@ class SyncMemoryIndex:
         that far. A pool's presence lives in group 0: its credit (`plan`) goes to group 0's
         masks only, so a mounter's hit still needs what the other groups' rules ask of
         its own cache."""
-        tables, rules = space.group_tables()
+        tables, rules = space.group_tables(query.block_size or space.block_size)
         weights = query.tier_weights or self.config.tier_weights
         candidates |= plan.cold
         if rules[0].rule != FULL:

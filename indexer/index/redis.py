@@ -364,7 +364,8 @@ class _OpsSink:
         return found
 
     def learn_group(self, group: int, kind: str | None, sliding_window: int) -> None:
-        self.learned[group] = merged_spec(self.learned.get(group), (kind, sliding_window))
+        self.learned[group] = merged_spec(group, self.learned.get(group),
+                                          (kind, sliding_window))
 
     def groups_written(self) -> list[int]:
         """The KV-cache groups > 0 whose hashes these ops write (apply.lua declares them)."""
@@ -859,7 +860,7 @@ class RedisIndex:
         before them, so a group's hash is always listed in `groups` (gc.lua finds it)."""
         unwritten = self._unwritten_groups.setdefault(model, {})
         for group, spec in learned.items():
-            unwritten[group] = merged_spec(unwritten.get(group), spec)
+            unwritten[group] = merged_spec(group, unwritten.get(group), spec)
 
     def _group_commands(self, model: str) -> list[tuple[str | int, ...]]:
         """The writes of the KV-cache group specs learned for `model` since the last."""

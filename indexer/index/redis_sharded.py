@@ -269,7 +269,7 @@ class _NetSink:
 
     def learn_group(self, group: int, kind: str | None, sliding_window: int) -> None:
         learned = self.root.learned
-        learned[group] = merged_spec(learned.get(group), (kind, sliding_window))
+        learned[group] = merged_spec(group, learned.get(group), (kind, sliding_window))
 
     def by_group(self) -> list[tuple[int, dict[int, list[int]]]]:
         """(group, its changes) for group 0 and each group > 0 the call changed."""
@@ -1075,15 +1075,15 @@ class ShardedRedisIndex:
     async def _write_group_specs(self, calls: list[tuple[_Rank, _NetSink]]) -> None:
         """List every KV-cache group the calls write (and the specs they learned) in the
         directory's `groups` before any presence of theirs, so collection and model GC
-        name every group hash. A spec the events named replaces what is known; a bare
-        group only lists."""
+        name every group hash. Each spec is merged (hybrid.merged_spec: the stricter
+        stays); a bare group > 0 only lists."""
         commands = []
         for rank, sink in calls:
             model = rank.ledger.model
             written = self._groups_written.setdefault(model, {})
             specs = {group: (None, 0) for group in sink.groups} | sink.learned
             for group, spec in specs.items():
-                merged = merged_spec(written.get(group), spec)
+                merged = merged_spec(group, written.get(group), spec)
                 if written.get(group) == merged:
                     continue  # nothing Redis lacks, as far as this process wrote
                 commands.append(group_spec_command(directory_prefix(model) + "groups",
