@@ -484,3 +484,57 @@ async def test_a_worker_cannot_loosen_group_0_of_a_hybrid_model(
         assert {s.worker_id: s.matched_blocks for s in result.scores}.get("victim", 0) == 0
     finally:
         await index.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis", "redis-subslots"])
+async def test_group_0_learnt_when_the_rank_turns_hybrid_later(
+        kind: str, request: pytest.FixtureRequest) -> None:
+    """The victim's group-0 stores come in a batch of their own, its window group's in the
+    next (a long prompt's events cut into batches): group 0 is still learnt as full
+    attention, so another worker naming it Mamba later gains the victim nothing."""
+    from tests.support.grpc_scenario import make_index
+
+    index = await make_index(kind, request)
+    group0, group1 = stores((0, None, 0), (1, "sliding_window", 2 * BS))
+    try:
+        await index.apply([batch(0, [group0], worker="victim")])
+        await index.apply([batch(1, [group1], worker="victim")])
+        await index.apply([batch(2, [BlockRemoved(HASHES[:4])], worker="victim")])
+        await index.apply([batch(0, [BlockStored([0xF0], None, pack_tokens([9] * BS), BS,
+                                                 group_kind="mamba")], worker="attacker")])
+        result = await index.score(ScoreQuery(model=MODEL, token_ids=TOKENS, block_size=BS))
+        assert {s.worker_id: s.matched_blocks for s in result.scores}.get("victim", 0) == 0
+    finally:
+        await index.close()
+
+
+@pytest.mark.parametrize(("source", "target"), [
+    ("memory", "memory"), ("redis", "redis"), ("redis-subslots", "redis-subslots"),
+    ("memory", "redis")])
+@pytest.mark.parametrize("loosened", [0, 1])
+async def test_imported_ranks_keep_their_group_rules(
+        source: str, target: str, loosened: int, request: pytest.FixtureRequest) -> None:
+    """A rebuild imports ranks from a snapshot: the model's group specs come with them, so
+    another worker naming a group Mamba afterwards (before the victim's next batch names
+    its groups again) gains the victim nothing. The victim's true hit is 0 either way:
+    group 0 lost blocks 0..3 (loosened 0), or its window group kept only block 5 (1)."""
+    from tests.support.grpc_scenario import make_index
+
+    evicted = [BlockRemoved(HASHES[:4])] if loosened == 0 else [
+        BlockRemoved(HASHES[:5], group=1)]
+    exporter = await make_index(source, request)
+    await exporter.apply([batch(0, [*stores((0, None, 0), (1, "sliding_window", 2 * BS)),
+                                    *evicted], worker="victim")])
+    states = await exporter.export_ranks([(MODEL, WorkerRef("victim", 0))])
+    await exporter.close()
+    assert states[0].group_specs
+    index = await make_index(target, request)
+    try:
+        await index.import_ranks(states)
+        await index.apply([batch(0, [BlockStored([0xF0], None, pack_tokens([9] * BS), BS,
+                                                 group=loosened, group_kind="mamba")],
+                                 worker="attacker")])
+        result = await index.score(ScoreQuery(model=MODEL, token_ids=TOKENS, block_size=BS))
+        assert {s.worker_id: s.matched_blocks for s in result.scores}.get("victim", 0) == 0
+    finally:
+        await index.close()

@@ -23,7 +23,9 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from indexer.index.protocol import TIER_BITS, TierWeights
+import msgspec
+
+from indexer.index.protocol import TIER_BITS, RankState, TierWeights
 from indexer.index.scoring import SlotMatch, prefix_match, prefix_match_runs
 
 __all__ = [
@@ -37,10 +39,13 @@ __all__ = [
     "hybrid_hits",
     "hybrid_matches",
     "hybrid_run_matches",
+    "learn_specs",
     "merged_spec",
     "prefix_limits",
     "runs_to_masks",
     "spec_strictness",
+    "stored_specs",
+    "with_specs",
 ]
 
 Rule = Literal["full", "window", "mamba"]
@@ -99,6 +104,18 @@ def merged_spec(group: int, known: tuple[str | None, int] | None,
     if known is None or spec_strictness(group, *named) > spec_strictness(group, *known):
         return named
     return known
+
+
+def with_specs(state: RankState, specs: Iterable[tuple[int, str | None, int]]) -> RankState:
+    """`state` carrying its model's group specs (snapshots keep them with the ranks)."""
+    found = tuple(specs)
+    return msgspec.structs.replace(state, group_specs=found) if found else state
+
+
+def learn_specs(state: RankState, learn: Callable[[int, str | None, int], None]) -> None:
+    """Merge an imported rank's group specs where the index learns them."""
+    for group, kind, window in state.group_specs:
+        learn(group, kind, window)
 
 
 def prefix_limits(reference: Iterable[SlotMatch], others: int = 0) -> dict[int, int]:
@@ -275,10 +292,18 @@ def group_specs(stored: Iterable[tuple[bytes, bytes]]) -> dict[int, tuple[str | 
     """A model's KV-cache groups as the Redis layouts store them (group -> "kind\\nwindow"),
     group 0 included: group -> (kind, sliding window)."""
     specs: dict[int, tuple[str | None, int]] = {0: (None, 0)}
+    for group, kind, window in stored_specs(stored):
+        specs[group] = (kind, window)
+    return specs
+
+
+def stored_specs(stored: Iterable[tuple[bytes, bytes]]) -> tuple[tuple[int, str | None, int], ...]:
+    """The (group, kind, window) of each stored "kind\\nwindow", by group."""
+    found = []
     for group, spec in stored:
         kind, _, window = spec.decode().rpartition("\n")
-        specs[int(group)] = (kind or None, int(window or 0))
-    return specs
+        found.append((int(group), kind or None, int(window or 0)))
+    return tuple(sorted(found, key=lambda spec: spec[0]))
 
 
 async def hybrid_run_matches(

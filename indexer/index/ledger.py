@@ -195,6 +195,7 @@ class WorkerLedger:
         "last_seq",
         "last_ts",
         "model",
+        "named_group0",
         "owner",
         "root",
         "slot",
@@ -222,6 +223,8 @@ class WorkerLedger:
         self.journal: Journal | None = None
         self.groups: dict[int, WorkerLedger] = {}  # KV-cache group > 0 -> its ledger
         self.owner: WorkerLedger | None = None  # of a group's ledger: the rank's (group 0)
+        # This process applied a group-0 store of the rank naming a kind (in memory only).
+        self.named_group0 = False
         self.root = cached_root_seed(model, None, None)  # the key before a plain root store
 
     def start_journal(self) -> None:
@@ -264,6 +267,7 @@ class WorkerLedger:
         stats: IndexStats,
         on_resync: ResyncHook | None,
     ) -> ApplyOutcome:
+        was_hybrid = bool(self.groups)
         if batch.epoch == self.epoch and batch.seq == self.last_seq + 1:
             outcome = ApplyOutcome.APPLIED  # the usual batch: the next of its epoch
         else:
@@ -292,7 +296,11 @@ class WorkerLedger:
         if self.groups:
             for group_ledger in self.groups.values():
                 group_ledger._trim_ghosts()
-            if _names_full_group0(events):
+            # Group 0 is full attention when its GPU stores name no kind: said by this
+            # batch's, or (the first batch of groups > 0 may come after them) by the
+            # group-0 GPU blocks held when the rank turns hybrid, none of them named.
+            if ((not was_hybrid and self.counts[0] and not self.named_group0)
+                    or _names_full_group0(events)):
                 sink.learn_group(0, None, 0)
         stats.batches_applied += 1
         stats.events_applied += len(batch.events)
@@ -342,6 +350,7 @@ class WorkerLedger:
             group = event.group
             if group or event.group_kind is not None or event.sliding_window:
                 sink.learn_group(group, event.group_kind, event.sliding_window)
+                self.named_group0 = self.named_group0 or not group
             if group:
                 self.group_ledger(group)._store(event, sink.group_sink(group), stats,
                                                 on_resync)

@@ -18,9 +18,11 @@ from indexer.index.hybrid import (
     GroupRule,
     group_rule,
     hybrid_matches,
+    learn_specs,
     merged_spec,
     prefix_limits,
     runs_to_masks,
+    with_specs,
 )
 from indexer.index.ledger import WorkerLedger, cached_root_seed, stored_block_size
 from indexer.index.pools import (
@@ -461,8 +463,10 @@ class SyncMemoryIndex:
         for model, ref in ranks:
             space = self._models.get(model)
             ledger = space.ledgers.get(ref) if space is not None else None
-            if ledger is not None:
-                states.append(ledger.export())
+            if space is not None and ledger is not None:
+                states.append(with_specs(ledger.export(), (
+                    (group, kind, window)
+                    for group, (kind, window) in sorted(space.group_specs.items()))))
         return states
 
     def import_ranks(self, states: Sequence[RankState]) -> None:
@@ -472,6 +476,7 @@ class SyncMemoryIndex:
                 space = self._models[state.model] = _ModelSpace(state.model,
                                                                 self.config.ghost_capacity)
             space.ledger(WorkerRef(state.worker_id, state.dp_rank)).restore(state, space)
+            learn_specs(state, space.learn_group)
             space.raise_pool_floor(state.last_ts)
 
     def presence(self, model: str) -> dict[int, dict[WorkerRef, int]]:

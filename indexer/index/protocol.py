@@ -216,6 +216,9 @@ class RankState(msgspec.Struct, frozen=True):
     last_ts: float
     degraded: bool
     log: bytes  # the rank's ledger as a log (indexer/index/ledger.py)
+    # The model's KV-cache group specs (group, kind, sliding window) as the exporting
+    # index knew them, merged again on import (a snapshot's ranks are scored by them).
+    group_specs: tuple[tuple[int, str | None, int], ...] = ()
 
 
 class IndexStats(msgspec.Struct):

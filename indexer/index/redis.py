@@ -80,7 +80,14 @@ from redis.exceptions import (
 )
 
 from indexer.errors import BackendError
-from indexer.index.hybrid import group_specs, hybrid_run_matches, merged_spec
+from indexer.index.hybrid import (
+    group_specs,
+    hybrid_run_matches,
+    learn_specs,
+    merged_spec,
+    stored_specs,
+    with_specs,
+)
 from indexer.index.layouts import (
     HOLDER_LAYOUT,
     LAYOUT_KEY,
@@ -1452,7 +1459,10 @@ class RedisIndex:
         await self._require_layout()
         async with self._lock:
             try:
-                return [(await self._ledger(model, ref)).export() for model, ref in ranks]
+                specs = {model: stored_specs(cast(dict[bytes, bytes], await self._redis.hgetall(
+                    model_prefix(model) + "groups")).items()) for model in {m for m, _ in ranks}}
+                return [with_specs((await self._ledger(model, ref)).export(), specs[model])
+                        for model, ref in ranks]
             except RedisError as exc:
                 raise BackendError(f"redis export failed: {exc}") from exc
 
@@ -1472,6 +1482,7 @@ class RedisIndex:
                     ledger.restore(state, sink)
                     for group in ledger.groups:
                         sink.learn_group(group, None, 0)
+                    learn_specs(state, sink.learn_group)
                     records.setdefault(state.model, []).append(
                         self._record(ledger, expected, sink))
                     sent.setdefault(state.model, []).append(ledger)

@@ -89,7 +89,14 @@ from redis.exceptions import (
 )
 
 from indexer.errors import BackendError
-from indexer.index.hybrid import group_specs, hybrid_run_matches, merged_spec
+from indexer.index.hybrid import (
+    group_specs,
+    hybrid_run_matches,
+    learn_specs,
+    merged_spec,
+    stored_specs,
+    with_specs,
+)
 from indexer.index.layouts import (
     LAYOUT_KEY,
     SUBSLOT_MODELS,
@@ -1431,7 +1438,10 @@ class ShardedRedisIndex:
                 for model in {model for model, _ in ranks}:
                     slot_map = await self._slot_map(model, fresh=True)
                     mapped[model] = set(slot_map.by_slot.values()) if slot_map else set()
-                return [(await self._rank(model, ref)).ledger.export() for model, ref in ranks
+                specs = {model: stored_specs(cast(dict[bytes, bytes], await self._redis.hgetall(
+                    directory_prefix(model) + "groups")).items()) for model in mapped}
+                return [with_specs((await self._rank(model, ref)).ledger.export(), specs[model])
+                        for model, ref in ranks
                         if ref in mapped[model] and ref.dp_rank != POOL_RANK]
             except RedisError as exc:
                 raise BackendError(f"redis export failed: {exc}") from exc
@@ -1448,6 +1458,7 @@ class ShardedRedisIndex:
                     if sink is None:
                         sink = sinks[(state.model, ref)] = self._start_call(rank)
                     rank.ledger.restore(state, sink)
+                    learn_specs(state, sink.learn_group)
                 await self._write_calls(sinks, None)
                 await self._raise_pool_floors(states)
             except RedisError as exc:
