@@ -538,3 +538,27 @@ async def test_imported_ranks_keep_their_group_rules(
         assert {s.worker_id: s.matched_blocks for s in result.scores}.get("victim", 0) == 0
     finally:
         await index.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis", "redis-subslots"])
+async def test_a_snapshot_without_specs_imports_group_0_as_full(
+        kind: str, request: pytest.FixtureRequest) -> None:
+    """A snapshot written before group specs were kept: a rank restored with groups > 0
+    and group-0 GPU blocks still says group 0 is full attention."""
+    import msgspec
+
+    from tests.support.grpc_scenario import make_index
+
+    exporter = MemoryIndex(CONFIG)
+    await exporter.apply([batch(0, [*stores((0, None, 0), (1, "sliding_window", 2 * BS)),
+                                    BlockRemoved(HASHES[:4])], worker="victim")])
+    [state] = await exporter.export_ranks([(MODEL, WorkerRef("victim", 0))])
+    index = await make_index(kind, request)
+    try:
+        await index.import_ranks([msgspec.structs.replace(state, group_specs=())])
+        await index.apply([batch(0, [BlockStored([0xF0], None, pack_tokens([9] * BS), BS,
+                                                 group_kind="mamba")], worker="attacker")])
+        result = await index.score(ScoreQuery(model=MODEL, token_ids=TOKENS, block_size=BS))
+        assert {s.worker_id: s.matched_blocks for s in result.scores}.get("victim", 0) == 0
+    finally:
+        await index.close()

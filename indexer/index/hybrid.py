@@ -112,10 +112,16 @@ def with_specs(state: RankState, specs: Iterable[tuple[int, str | None, int]]) -
     return msgspec.structs.replace(state, group_specs=found) if found else state
 
 
-def learn_specs(state: RankState, learn: Callable[[int, str | None, int], None]) -> None:
-    """Merge an imported rank's group specs where the index learns them."""
+def learn_specs(state: RankState, learn: Callable[[int, str | None, int], None], *,
+                hybrid_on_gpu: bool) -> None:
+    """Merge an imported rank's group specs where the index learns them. A snapshot from
+    before they were kept names none: a rank restored with groups > 0 and group-0 GPU
+    blocks (`hybrid_on_gpu`) then says group 0 is full attention (the ledger's rule,
+    which its next batches would not apply: the rank is hybrid already)."""
     for group, kind, window in state.group_specs:
         learn(group, kind, window)
+    if not state.group_specs and hybrid_on_gpu:
+        learn(0, None, 0)
 
 
 def prefix_limits(reference: Iterable[SlotMatch], others: int = 0) -> dict[int, int]:

@@ -238,6 +238,11 @@ class WorkerLedger:
         for ledger in self.groups.values():
             ledger.journal = None
 
+    @property
+    def hybrid_on_gpu(self) -> bool:
+        """Whether the rank has groups > 0 and holds group-0 blocks on the GPU."""
+        return bool(self.groups) and self.counts[0] > 0
+
     def group_ledger(self, group: int) -> WorkerLedger:
         found = self.groups.get(group)
         if found is None:
@@ -299,7 +304,7 @@ class WorkerLedger:
             # Group 0 is full attention when its GPU stores name no kind: said by this
             # batch's, or (the first batch of groups > 0 may come after them) by the
             # group-0 GPU blocks held when the rank turns hybrid, none of them named.
-            if ((not was_hybrid and self.counts[0] and not self.named_group0)
+            if ((not was_hybrid and self.hybrid_on_gpu and not self.named_group0)
                     or _names_full_group0(events)):
                 sink.learn_group(0, None, 0)
         stats.batches_applied += 1

@@ -475,8 +475,9 @@ class SyncMemoryIndex:
             if space is None:
                 space = self._models[state.model] = _ModelSpace(state.model,
                                                                 self.config.ghost_capacity)
-            space.ledger(WorkerRef(state.worker_id, state.dp_rank)).restore(state, space)
-            learn_specs(state, space.learn_group)
+            ledger = space.ledger(WorkerRef(state.worker_id, state.dp_rank))
+            ledger.restore(state, space)
+            learn_specs(state, space.learn_group, hybrid_on_gpu=ledger.hybrid_on_gpu)
             space.raise_pool_floor(state.last_ts)
 
     def presence(self, model: str) -> dict[int, dict[WorkerRef, int]]:

@@ -1482,7 +1482,7 @@ class RedisIndex:
                     ledger.restore(state, sink)
                     for group in ledger.groups:
                         sink.learn_group(group, None, 0)
-                    learn_specs(state, sink.learn_group)
+                    learn_specs(state, sink.learn_group, hybrid_on_gpu=ledger.hybrid_on_gpu)
                     records.setdefault(state.model, []).append(
                         self._record(ledger, expected, sink))
                     sent.setdefault(state.model, []).append(ledger)

@@ -1458,7 +1458,8 @@ class ShardedRedisIndex:
                     if sink is None:
                         sink = sinks[(state.model, ref)] = self._start_call(rank)
                     rank.ledger.restore(state, sink)
-                    learn_specs(state, sink.learn_group)
+                    learn_specs(state, sink.learn_group,
+                                hybrid_on_gpu=rank.ledger.hybrid_on_gpu)
                 await self._write_calls(sinks, None)
                 await self._raise_pool_floors(states)
             except RedisError as exc:
