@@ -345,6 +345,18 @@ async def test_find_best_worker_costs_what_vllm_reuses(kind: str,
 # --- one worker cannot loosen a group's rule for the others -----------------------------
 
 
+def naming_mamba(group: int) -> EventBatch:
+    """Another worker's batch naming KV-cache group `group` Mamba (under which a group's
+    last block alone is a hit), one block of its own."""
+    return batch(0, [BlockStored([0xF0], None, pack_tokens([9] * BS), BS, group=group,
+                                 group_kind="mamba")], worker="attacker")
+
+
+async def victim_hit(index: Index) -> int:
+    result = await index.score(ScoreQuery(model=MODEL, token_ids=TOKENS, block_size=BS))
+    return {s.worker_id: s.matched_blocks for s in result.scores}.get("victim", 0)
+
+
 @pytest.mark.parametrize(("known", "named", "kept"), [
     (None, (None, 0), (None, 0)),  # a bare group is listed
     ((None, 0), ("mamba", 0), ("mamba", 0)),  # a named spec replaces a bare one
@@ -391,13 +403,11 @@ async def test_a_worker_cannot_loosen_another_workers_group_rule(
         **({"subslots": 4} if kind == "redis-subslots" else {}))
     victim = batch(0, [*stores((0, None, 0), (1, "sliding_window", 2 * BS)),
                        BlockRemoved(HASHES[:5], group=1)], worker="victim")
-    attacker = batch(0, [BlockStored([0xF0], None, pack_tokens([9] * BS), BS, group=1,
-                                     group_kind="mamba")], worker="attacker")
+    attacker = naming_mamba(1)
     try:
         for idx, one in ((other, attacker), (index, victim))[:: 1 if attacker_first else -1]:
             await idx.apply([one])
-        result = await index.score(ScoreQuery(model=MODEL, token_ids=TOKENS, block_size=BS))
-        assert {s.worker_id: s.matched_blocks for s in result.scores}.get("victim", 0) == 0
+        assert await victim_hit(index) == 0
     finally:
         if other is not index:
             await other.close()
@@ -456,8 +466,7 @@ async def test_another_workers_block_size_does_not_shorten_a_window(
                       BlockRemoved(HASHES[:5], group=1)], worker="victim"),
             batch(0, [BlockStored([0xF0], None, pack_tokens([9] * 2 * BS), 2 * BS)],
                   worker="attacker")])
-        result = await index.score(ScoreQuery(model=MODEL, token_ids=TOKENS, block_size=BS))
-        assert {s.worker_id: s.matched_blocks for s in result.scores}.get("victim", 0) == 0
+        assert await victim_hit(index) == 0
     finally:
         await index.close()
 
@@ -475,13 +484,11 @@ async def test_a_worker_cannot_loosen_group_0_of_a_hybrid_model(
     index = await make_index(kind, request)
     victim = batch(0, [*stores((0, None, 0), (1, "sliding_window", 2 * BS)),
                        BlockRemoved(HASHES[:4])], worker="victim")
-    attacker = batch(0, [BlockStored([0xF0], None, pack_tokens([9] * BS), BS,
-                                     group_kind="mamba")], worker="attacker")
+    attacker = naming_mamba(0)
     try:
         for one in (attacker, victim)[:: 1 if attacker_first else -1]:
             await index.apply([one])
-        result = await index.score(ScoreQuery(model=MODEL, token_ids=TOKENS, block_size=BS))
-        assert {s.worker_id: s.matched_blocks for s in result.scores}.get("victim", 0) == 0
+        assert await victim_hit(index) == 0
     finally:
         await index.close()
 
@@ -500,10 +507,8 @@ async def test_group_0_learnt_when_the_rank_turns_hybrid_later(
         await index.apply([batch(0, [group0], worker="victim")])
         await index.apply([batch(1, [group1], worker="victim")])
         await index.apply([batch(2, [BlockRemoved(HASHES[:4])], worker="victim")])
-        await index.apply([batch(0, [BlockStored([0xF0], None, pack_tokens([9] * BS), BS,
-                                                 group_kind="mamba")], worker="attacker")])
-        result = await index.score(ScoreQuery(model=MODEL, token_ids=TOKENS, block_size=BS))
-        assert {s.worker_id: s.matched_blocks for s in result.scores}.get("victim", 0) == 0
+        await index.apply([naming_mamba(0)])
+        assert await victim_hit(index) == 0
     finally:
         await index.close()
 
@@ -531,11 +536,8 @@ async def test_imported_ranks_keep_their_group_rules(
     index = await make_index(target, request)
     try:
         await index.import_ranks(states)
-        await index.apply([batch(0, [BlockStored([0xF0], None, pack_tokens([9] * BS), BS,
-                                                 group=loosened, group_kind="mamba")],
-                                 worker="attacker")])
-        result = await index.score(ScoreQuery(model=MODEL, token_ids=TOKENS, block_size=BS))
-        assert {s.worker_id: s.matched_blocks for s in result.scores}.get("victim", 0) == 0
+        await index.apply([naming_mamba(loosened)])
+        assert await victim_hit(index) == 0
     finally:
         await index.close()
 
@@ -556,9 +558,7 @@ async def test_a_snapshot_without_specs_imports_group_0_as_full(
     index = await make_index(kind, request)
     try:
         await index.import_ranks([msgspec.structs.replace(state, group_specs=())])
-        await index.apply([batch(0, [BlockStored([0xF0], None, pack_tokens([9] * BS), BS,
-                                                 group_kind="mamba")], worker="attacker")])
-        result = await index.score(ScoreQuery(model=MODEL, token_ids=TOKENS, block_size=BS))
-        assert {s.worker_id: s.matched_blocks for s in result.scores}.get("victim", 0) == 0
+        await index.apply([naming_mamba(0)])
+        assert await victim_hit(index) == 0
     finally:
         await index.close()
