@@ -54,9 +54,10 @@ async def test_a_consumer_that_does_not_stop_is_reported() -> None:
     leases._stopping(3)
     probes = probes_with(leases)
     assert await probes.partitions() is None
-    leases._stops_began[3] = time.monotonic() - 31
+    stopping, _ = leases._stops[3]
+    leases._stops[3] = (stopping, time.monotonic() - 31)
     reason = await probes.partitions()
     assert reason is not None and "partition 3's consumer has not stopped in 31 s" in reason
     batch_done.set()
-    await leases._stops[3]
+    await stopping
     assert await probes.partitions() is None

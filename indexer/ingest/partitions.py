@@ -94,8 +94,7 @@ class PartitionLeases:
         # Leases handed back once their consumers have stopped (renewed until then),
         # and the stops under way: a tick never waits for a consumer's batch in hand.
         self.handing_back: dict[int, int] = {}  # partition -> lease revision
-        self._stops: dict[int, asyncio.Future[None]] = {}
-        self._stops_began: dict[int, float] = {}
+        self._stops: dict[int, tuple[asyncio.Future[None], float]] = {}  # and when begun
         self.share = 0  # the fair share at the last tick
         self.all_taken = False  # every partition held (by us or others) at the last tick
         self.tick_failures = 0
@@ -145,22 +144,22 @@ class PartitionLeases:
     def _stopping(self, partition: int) -> None:
         """Stop the partition's consumer in the background (it finishes its batch first)."""
         assert partition not in self._stops, "a consumer is stopped once"
-        self._stops[partition] = asyncio.ensure_future(self._stop(partition))
-        self._stops_began[partition] = time.monotonic()
+        self._stops[partition] = (asyncio.ensure_future(self._stop(partition)),
+                                  time.monotonic())
 
     def slow_stops(self, longer_than_s: float) -> dict[int, float]:
         """Partition -> seconds its consumer has been stopping, for those stopping longer."""
         now = time.monotonic()
-        return {partition: now - began for partition, began in self._stops_began.items()
-                if now - began > longer_than_s and not self._stops[partition].done()}
+        return {partition: now - began for partition, (stop, began) in self._stops.items()
+                if now - began > longer_than_s and not stop.done()}
 
     def _stopped(self, partition: int) -> bool:
-        task = self._stops.get(partition)
+        task, _ = self._stops.get(partition, (None, 0.0))
         if task is None:
             return True
         if not task.done():
             return False
-        del self._stops[partition], self._stops_began[partition]
+        del self._stops[partition]
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._log.warning("partition_stop_failed", partition=partition, error=repr(exc))
         return True
@@ -243,7 +242,7 @@ class PartitionLeases:
         for partition in list(self.held):
             self.handing_back[partition] = self.held.pop(partition)
             self._stopping(partition)
-        while stopping := [stop for stop in self._stops.values() if not stop.done()]:
+        while stopping := [stop for stop, _ in self._stops.values() if not stop.done()]:
             await asyncio.wait(stopping, timeout=self.ttl_s / 3)
             if self._kv is not None:  # leases renewed while their consumers finish
                 with contextlib.suppress(Exception):
@@ -252,6 +251,5 @@ class PartitionLeases:
             self._stopped(partition)
         if self._kv is not None:
             await self._hand_back_stopped(self._kv)
-        if self._kv is not None:
             with contextlib.suppress(Exception):
                 await self._kv.delete(f"m.{self.member_id}")
