@@ -308,6 +308,11 @@ def group_spec_command(key: str, group: int, spec: tuple[str | None, int],
     return ("EVAL", _GROUP_SPEC_LUA, 1, key, str(group), f"{kind or ''}\n{window}")
 
 
+async def stored_group_specs(client: Any, key: str) -> tuple[tuple[int, str | None, int], ...]:
+    """The specs a model's `groups` hash holds (written by `group_spec_command`)."""
+    return stored_specs(cast(dict[bytes, bytes], await client.hgetall(key)).items())
+
+
 def _lua_with_holders(name: str) -> str:
     """A script that reads or writes presence, after the holder-list layout's functions."""
     return _lua("holders.lua") + "\n" + _lua(name)
@@ -1459,8 +1464,9 @@ class RedisIndex:
         await self._require_layout()
         async with self._lock:
             try:
-                specs = {model: stored_specs(cast(dict[bytes, bytes], await self._redis.hgetall(
-                    model_prefix(model) + "groups")).items()) for model in {m for m, _ in ranks}}
+                specs = {model: await stored_group_specs(self._redis,
+                                                         model_prefix(model) + "groups")
+                         for model in {m for m, _ in ranks}}
                 return [with_specs((await self._ledger(model, ref)).export(), specs[model])
                         for model, ref in ranks]
             except RedisError as exc:

@@ -94,7 +94,6 @@ from indexer.index.hybrid import (
     hybrid_run_matches,
     learn_specs,
     merged_spec,
-    stored_specs,
     with_specs,
 )
 from indexer.index.layouts import (
@@ -138,6 +137,7 @@ from indexer.index.redis import (
     group_spec_command,
     read_block_size,
     set_marker,
+    stored_group_specs,
 )
 from indexer.index.redis import (
     MODELS_KEY as SINGLE_SLOT_MODELS,
@@ -1438,8 +1438,9 @@ class ShardedRedisIndex:
                 for model in {model for model, _ in ranks}:
                     slot_map = await self._slot_map(model, fresh=True)
                     mapped[model] = set(slot_map.by_slot.values()) if slot_map else set()
-                specs = {model: stored_specs(cast(dict[bytes, bytes], await self._redis.hgetall(
-                    directory_prefix(model) + "groups")).items()) for model in mapped}
+                specs = {model: await stored_group_specs(self._redis,
+                                                         directory_prefix(model) + "groups")
+                         for model in mapped}
                 return [with_specs((await self._rank(model, ref)).ledger.export(), specs[model])
                         for model, ref in ranks
                         if ref in mapped[model] and ref.dp_rank != POOL_RANK]
